@@ -1,0 +1,232 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
+
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no'], { message: 'expected true or false' })
+  .transform((v) => v === 'true' || v === '1' || v === 'yes');
+
+const seconds = (fallback: number) => z.coerce.number().int().positive().max(31_536_000).default(fallback);
+
+const base64Key32 = z
+  .string()
+  .refine((v) => Buffer.from(v, 'base64').length === 32, { message: 'must be 32 bytes, base64-encoded' });
+
+const postgresUrl = z.string().refine(
+  (v) => {
+    try {
+      const url = new URL(v);
+      return (url.protocol === 'postgres:' || url.protocol === 'postgresql:') && url.hostname !== '';
+    } catch {
+      return false;
+    }
+  },
+  { message: 'must be a postgres:// or postgresql:// URL with a host' },
+);
+
+const optionalString = z
+  .string()
+  .optional()
+  .transform((v) => (v === undefined || v.trim() === '' ? undefined : v));
+
+const EnvSchema = z.object({
+  NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
+  PORT: z.coerce.number().int().min(0).max(65535).default(8000),
+  HOST: z.string().min(1).default('0.0.0.0'),
+  PUBLIC_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  DATABASE_URL: optionalString.pipe(postgresUrl.optional()),
+  DATA_DIR: z.string().min(1).default('.data'),
+  AUTH_PROVIDER: optionalString.pipe(z.enum(['local', 'supabase']).optional()),
+  SUPABASE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  SUPABASE_ANON_KEY: optionalString,
+  SUPABASE_SERVICE_ROLE_KEY: optionalString,
+  SUPABASE_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(5000),
+  KEY_ENCRYPTION_KEY: optionalString.pipe(base64Key32.optional()),
+  SECRET_PEPPER: optionalString.pipe(base64Key32.optional()),
+  SIGNING_ALG: z.enum(['ES256', 'EdDSA']).default('ES256'),
+  REDIS_URL: optionalString.pipe(z.url({ protocol: /^rediss?$/ }).optional()),
+  RATE_LIMIT_ENABLED: bool.default(true),
+  LOGIN_MAX_FAILURES_PER_HOUR: z.coerce.number().int().min(1).max(100).default(20),
+  ACCESS_TOKEN_TTL: seconds(900),
+  REFRESH_TOKEN_IDLE_TTL: seconds(2_592_000),
+  REFRESH_TOKEN_ABSOLUTE_TTL: seconds(7_776_000),
+  REFRESH_REUSE_GRACE_SECONDS: z.coerce.number().int().min(0).max(10).default(10),
+  BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(z.email().optional()),
+  BOOTSTRAP_ADMIN_PASSWORD: optionalString,
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  CORS_ORIGINS: z.string().default(''),
+  TRUST_PROXY: z.string().default(''),
+  BODY_LIMIT: z.coerce.number().int().min(1024).max(10_485_760).default(65_536),
+  DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
+  DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
+  DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
+  SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(9000),
+  PASSWORD_HASH_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(2),
+  PASSWORD_HASH_QUEUE: z.coerce.number().int().min(0).max(10_000).default(64),
+});
+
+type Issue = { path: string; message: string };
+
+/**
+ * Rules across variables. They read the raw strings, so they still run (and are reported in the same
+ * message) when other variables failed to parse.
+ */
+function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
+  const issues: Issue[] = [];
+  const set = (name: string) => (env[name] ?? '').trim() !== '';
+  const production = env.NODE_ENV === 'production';
+  if (production && !set('KEY_ENCRYPTION_KEY'))
+    issues.push({ path: 'KEY_ENCRYPTION_KEY', message: 'is required in production' });
+  if (production && !set('SECRET_PEPPER'))
+    issues.push({ path: 'SECRET_PEPPER', message: 'is required in production' });
+  const provider = set('AUTH_PROVIDER') ? env.AUTH_PROVIDER : set('SUPABASE_URL') ? 'supabase' : 'local';
+  if (provider === 'supabase') {
+    for (const name of ['SUPABASE_URL', 'SUPABASE_ANON_KEY'])
+      if (!set(name)) issues.push({ path: name, message: 'is required when AUTH_PROVIDER=supabase' });
+  }
+  if (set('BOOTSTRAP_ADMIN_EMAIL') && !set('BOOTSTRAP_ADMIN_PASSWORD') && provider === 'local')
+    issues.push({ path: 'BOOTSTRAP_ADMIN_PASSWORD', message: 'is required with BOOTSTRAP_ADMIN_EMAIL' });
+  const idle = Number(env.REFRESH_TOKEN_IDLE_TTL ?? 2_592_000);
+  const absolute = Number(env.REFRESH_TOKEN_ABSOLUTE_TTL ?? 7_776_000);
+  if (idle > absolute)
+    issues.push({ path: 'REFRESH_TOKEN_IDLE_TTL', message: 'must not exceed REFRESH_TOKEN_ABSOLUTE_TTL' });
+  return issues;
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`Invalid configuration:\n${problems.map((p) => `  - ${p}`).join('\n')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export interface Config {
+  readonly env: 'development' | 'production' | 'test';
+  readonly port: number;
+  readonly host: string;
+  readonly publicUrl: string;
+  /** The `iss` claim and the discovery issuer: PUBLIC_URL without a trailing slash. */
+  readonly issuer: string;
+  readonly databaseUrl: string | undefined;
+  readonly dataDir: string;
+  readonly authProvider: 'local' | 'supabase';
+  readonly supabase:
+    | { url: string; anonKey: string; serviceRoleKey: string | undefined; timeoutMs: number }
+    | undefined;
+  readonly keyEncryptionKey: Buffer;
+  readonly secretPepper: Buffer;
+  readonly signingAlg: 'ES256' | 'EdDSA';
+  readonly redisUrl: string | undefined;
+  readonly rateLimit: { enabled: boolean; maxLoginFailuresPerHour: number };
+  readonly tokens: {
+    accessTtl: number;
+    refreshIdleTtl: number;
+    refreshAbsoluteTtl: number;
+    reuseGraceSeconds: number;
+    /** The longest lifetime any access token may have (per-client lifetimes are capped to it). */
+    maxAccessTtl: number;
+  };
+  readonly bootstrapAdmin: { email: string; password: string | undefined } | undefined;
+  readonly logLevel: string;
+  readonly corsOrigins: string[];
+  readonly trustProxy: boolean | string[];
+  readonly bodyLimit: number;
+  readonly db: { poolMax: number; connectTimeoutMs: number; statementTimeoutMs: number };
+  readonly shutdownTimeoutMs: number;
+  readonly passwordHashing: { concurrency: number; queue: number };
+}
+
+export interface LoadConfigOptions {
+  /** Read or create development secrets under DATA_DIR when they are not configured. */
+  generateDevSecrets?: boolean;
+}
+
+function devSecret(dataDir: string, name: string, generate: boolean): Buffer {
+  const file = join(dataDir, 'secrets', name);
+  if (existsSync(file)) return Buffer.from(readFileSync(file, 'utf8').trim(), 'base64');
+  const value = randomBytes(32);
+  if (generate) {
+    mkdirSync(join(dataDir, 'secrets'), { recursive: true, mode: 0o700 });
+    writeFileSync(file, value.toString('base64'), { mode: 0o600 });
+  }
+  return value;
+}
+
+/** Parses the environment once; every bad variable is named in one ConfigError. */
+export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions = {}): Config {
+  const parsed = EnvSchema.safeParse(source);
+  const issues: Issue[] = parsed.success
+    ? []
+    : parsed.error.issues.map((issue) => ({
+        path: issue.path.join('.') || '(environment)',
+        message: issue.message,
+      }));
+  issues.push(...crossChecks(source));
+  // Never echo a value: it may be a secret.
+  if (issues.length > 0 || !parsed.success)
+    throw new ConfigError(issues.map((i) => `${i.path}: ${i.message}`));
+  const e = parsed.data;
+  const publicUrl = (e.PUBLIC_URL ?? `http://localhost:${e.PORT}`).replace(/\/+$/, '');
+  const dataDir = resolve(e.DATA_DIR);
+  const authProvider = e.AUTH_PROVIDER ?? (e.SUPABASE_URL ? 'supabase' : 'local');
+  const generate = options.generateDevSecrets ?? true;
+  const trustProxyRaw = e.TRUST_PROXY.trim();
+  const config: Config = {
+    env: e.NODE_ENV,
+    port: e.PORT,
+    host: e.HOST,
+    publicUrl,
+    issuer: publicUrl,
+    databaseUrl: e.DATABASE_URL,
+    dataDir,
+    authProvider,
+    supabase:
+      authProvider === 'supabase' && e.SUPABASE_URL && e.SUPABASE_ANON_KEY
+        ? {
+            url: e.SUPABASE_URL,
+            anonKey: e.SUPABASE_ANON_KEY,
+            serviceRoleKey: e.SUPABASE_SERVICE_ROLE_KEY,
+            timeoutMs: e.SUPABASE_TIMEOUT_MS,
+          }
+        : undefined,
+    keyEncryptionKey: e.KEY_ENCRYPTION_KEY
+      ? Buffer.from(e.KEY_ENCRYPTION_KEY, 'base64')
+      : devSecret(dataDir, 'key-encryption-key', generate),
+    secretPepper: e.SECRET_PEPPER
+      ? Buffer.from(e.SECRET_PEPPER, 'base64')
+      : devSecret(dataDir, 'secret-pepper', generate),
+    signingAlg: e.SIGNING_ALG,
+    redisUrl: e.REDIS_URL,
+    rateLimit: { enabled: e.RATE_LIMIT_ENABLED, maxLoginFailuresPerHour: e.LOGIN_MAX_FAILURES_PER_HOUR },
+    tokens: {
+      accessTtl: e.ACCESS_TOKEN_TTL,
+      refreshIdleTtl: e.REFRESH_TOKEN_IDLE_TTL,
+      refreshAbsoluteTtl: e.REFRESH_TOKEN_ABSOLUTE_TTL,
+      reuseGraceSeconds: e.REFRESH_REUSE_GRACE_SECONDS,
+      maxAccessTtl: Math.max(e.ACCESS_TOKEN_TTL, 86_400),
+    },
+    bootstrapAdmin: e.BOOTSTRAP_ADMIN_EMAIL
+      ? { email: e.BOOTSTRAP_ADMIN_EMAIL.toLowerCase(), password: e.BOOTSTRAP_ADMIN_PASSWORD }
+      : undefined,
+    logLevel: e.LOG_LEVEL,
+    corsOrigins: e.CORS_ORIGINS.split(',')
+      .map((s) => s.trim())
+      .filter(Boolean),
+    trustProxy:
+      trustProxyRaw === '' || trustProxyRaw === 'false'
+        ? false
+        : trustProxyRaw === 'true'
+          ? true
+          : trustProxyRaw.split(',').map((s) => s.trim()),
+    bodyLimit: e.BODY_LIMIT,
+    db: {
+      poolMax: e.DB_POOL_MAX,
+      connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,
+      statementTimeoutMs: e.DB_STATEMENT_TIMEOUT_MS,
+    },
+    shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
+    passwordHashing: { concurrency: e.PASSWORD_HASH_CONCURRENCY, queue: e.PASSWORD_HASH_QUEUE },
+  };
+  return Object.freeze(config);
+}

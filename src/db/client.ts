@@ -1,0 +1,238 @@
+import { mkdirSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { ExtractTablesWithRelations, SQL } from 'drizzle-orm';
+import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
+import pg from 'pg';
+import type { Logger } from 'pino';
+import * as schema from './schema/index.js';
+
+export type Schema = typeof schema;
+/** One Drizzle type for node-postgres and PGlite, so repositories never care which one runs. */
+export type Database = PgDatabase<PgQueryResultHKT, Schema>;
+export type Transaction = PgTransaction<PgQueryResultHKT, Schema, ExtractTablesWithRelations<Schema>>;
+/** What a repository method runs on: the database, or the transaction it was handed. */
+export type Executor = Database | Transaction;
+
+export interface DatabaseHandle {
+  readonly db: Database;
+  readonly kind: 'postgres' | 'pglite';
+  /** Resolves true when the database answers `SELECT 1` within the timeout. */
+  ping(timeoutMs: number): Promise<boolean>;
+  /** LISTEN on a channel; the handler gets each NOTIFY payload. Reconnects by itself. */
+  listen(channel: string, handler: (payload: string) => void): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface OpenDatabaseOptions {
+  url: string | undefined;
+  dataDir: string;
+  logger: Logger;
+  poolMax?: number;
+  connectTimeoutMs?: number;
+  statementTimeoutMs?: number;
+  /** Apply pending migrations (under an advisory lock) before returning. */
+  migrate?: boolean;
+}
+
+export const MIGRATIONS_FOLDER = resolve(dirname(fileURLToPath(import.meta.url)), '../../drizzle');
+/** An arbitrary constant shared by every instance: the advisory lock that serialises migrations. */
+const MIGRATION_LOCK_KEY = 7_344_021_118;
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  return new Promise<T>((resolveFn, reject) => {
+    const timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
+    promise.then(
+      (v) => {
+        clearTimeout(timer);
+        resolveFn(v);
+      },
+      (e: unknown) => {
+        clearTimeout(timer);
+        reject(e);
+      },
+    );
+  });
+}
+
+export async function openDatabase(options: OpenDatabaseOptions): Promise<DatabaseHandle> {
+  const handle = options.url ? await openPostgres(options.url, options) : await openPglite(options);
+  if (options.migrate ?? true) await runMigrations(handle, options.url, options.logger);
+  return handle;
+}
+
+async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<DatabaseHandle> {
+  const { drizzle } = await import('drizzle-orm/node-postgres');
+  const statementTimeout = options.statementTimeoutMs ?? 5000;
+  const connectionOptions: pg.PoolConfig = {
+    connectionString: url,
+    connectionTimeoutMillis: options.connectTimeoutMs ?? 2000,
+    statement_timeout: statementTimeout,
+    lock_timeout: statementTimeout,
+    idle_in_transaction_session_timeout: statementTimeout * 2,
+    // Client-side backstop for a server that stops answering altogether.
+    query_timeout: statementTimeout + 1000,
+    keepAlive: true,
+    application_name: 'paservices-auth',
+  };
+  const pool = new pg.Pool({ ...connectionOptions, max: options.poolMax ?? 10, idleTimeoutMillis: 30_000 });
+  // A backend killed while idle must not crash the process (node-postgres emits it on the pool).
+  pool.on('error', (err) => options.logger.warn({ err: err.message }, 'idle database connection lost'));
+  const db = drizzle(pool, { schema }) as unknown as Database;
+  const listeners: pg.Client[] = [];
+  let closed = false;
+
+  async function listenLoop(
+    channel: string,
+    handler: (payload: string) => void,
+    onListening: () => void,
+  ): Promise<void> {
+    let delay = 250;
+    let first = true;
+    while (!closed) {
+      const client = new pg.Client({
+        ...connectionOptions,
+        query_timeout: undefined,
+        statement_timeout: undefined,
+      });
+      try {
+        await client.connect();
+        const lost = new Promise<void>((done) => {
+          client.on('error', () => done());
+          client.on('end', () => done());
+        });
+        client.on('notification', (msg) => {
+          if (msg.channel === channel && msg.payload !== undefined) handler(msg.payload);
+        });
+        await client.query(`LISTEN "${channel.replace(/"/g, '')}"`);
+        listeners.push(client);
+        if (first) onListening();
+        // A reconnect may have missed notifications: tell the handler to drop everything cached.
+        if (!first) handler('{"type":"resync"}');
+        first = false;
+        delay = 250;
+        await lost;
+        listeners.splice(listeners.indexOf(client), 1);
+      } catch (err) {
+        if (first) {
+          first = false;
+          await client.end().catch(() => undefined);
+          throw err;
+        }
+        await client.end().catch(() => undefined);
+      }
+      if (closed) return;
+      options.logger.warn({ channel }, 'notification listener lost its connection; reconnecting');
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, 2000);
+    }
+  }
+
+  return {
+    db,
+    kind: 'postgres',
+    async ping(timeoutMs) {
+      try {
+        await withTimeout(pool.query('SELECT 1'), timeoutMs);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    listen(channel, handler) {
+      return new Promise<void>((ready, failed) => {
+        listenLoop(channel, handler, ready).catch(failed);
+      });
+    },
+    async close() {
+      closed = true;
+      await Promise.all(listeners.map((c) => c.end().catch(() => undefined)));
+      await pool.end();
+    },
+  };
+}
+
+async function openPglite(options: OpenDatabaseOptions): Promise<DatabaseHandle> {
+  const { PGlite } = await import('@electric-sql/pglite');
+  const { drizzle } = await import('drizzle-orm/pglite');
+  const dir = join(options.dataDir, 'pglite');
+  mkdirSync(dir, { recursive: true });
+  const client = await PGlite.create(dir);
+  const db = drizzle(client, { schema }) as unknown as Database;
+  return {
+    db,
+    kind: 'pglite',
+    async ping(timeoutMs) {
+      try {
+        await withTimeout(client.query('SELECT 1'), timeoutMs);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    async listen(channel, handler) {
+      await client.listen(channel, handler);
+    },
+    async close() {
+      await client.close();
+    },
+  };
+}
+
+/** Opens an in-memory PGlite database (tests, benchmarks). */
+export async function openMemoryDatabase(logger: Logger): Promise<DatabaseHandle> {
+  const { PGlite } = await import('@electric-sql/pglite');
+  const { drizzle } = await import('drizzle-orm/pglite');
+  const client = await PGlite.create();
+  const db = drizzle(client, { schema }) as unknown as Database;
+  const handle: DatabaseHandle = {
+    db,
+    kind: 'pglite',
+    ping: async () => true,
+    listen: async (channel, handler) => {
+      await client.listen(channel, handler);
+    },
+    close: () => client.close(),
+  };
+  await runMigrations(handle, undefined, logger);
+  return handle;
+}
+
+/**
+ * Applies drizzle/ migrations. On PostgreSQL they run on one dedicated connection holding a session
+ * advisory lock, so instances starting together on an empty database take turns; the later ones
+ * find nothing left to apply.
+ */
+export async function runMigrations(
+  handle: DatabaseHandle,
+  url: string | undefined,
+  logger: Logger,
+): Promise<void> {
+  if (handle.kind === 'pglite' || !url) {
+    const { migrate } = await import('drizzle-orm/pglite/migrator');
+    // biome-ignore lint/suspicious/noExplicitAny: the PGlite migrator wants its own driver type.
+    await migrate(handle.db as any, { migrationsFolder: MIGRATIONS_FOLDER });
+    return;
+  }
+  const { drizzle } = await import('drizzle-orm/node-postgres');
+  const { migrate } = await import('drizzle-orm/node-postgres/migrator');
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 10_000 });
+  await client.connect();
+  try {
+    await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);
+    try {
+      await migrate(drizzle(client), { migrationsFolder: MIGRATIONS_FOLDER });
+      logger.info('database migrations are up to date');
+    } finally {
+      await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK_KEY]).catch(() => undefined);
+    }
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+/** Runs raw SQL and returns its rows (node-postgres and PGlite both answer `{ rows }`). */
+export async function selectRows<T>(db: Executor, query: SQL): Promise<T[]> {
+  const result = (await db.execute(query)) as unknown as { rows: T[] };
+  return result.rows;
+}

@@ -1,0 +1,5 @@
+export * from './audit.js';
+export * from './credentials.js';
+export * from './sessions.js';
+export * from './signing.js';
+export * from './users.js';

@@ -1,0 +1,9 @@
+/** Injected wherever time matters, so tests move time instead of sleeping. */
+export interface Clock {
+  now(): Date;
+}
+
+export const systemClock: Clock = { now: () => new Date() };
+
+export const epochSeconds = (d: Date) => Math.floor(d.getTime() / 1000);
+export const addSeconds = (d: Date, s: number) => new Date(d.getTime() + s * 1000);

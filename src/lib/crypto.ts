@@ -1,0 +1,104 @@
+import { createCipheriv, createDecipheriv, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { crc32 } from 'node:zlib';
+
+const BASE62 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+
+/** `length` base62 characters from the CSPRNG, without modulo bias (rejection sampling). */
+export function randomBase62(length: number): string {
+  let out = '';
+  while (out.length < length) {
+    const bytes = randomBytes(Math.ceil((length - out.length) * 1.3) + 8);
+    for (const b of bytes) {
+      if (b < 248) out += BASE62[b % 62];
+      if (out.length === length) break;
+    }
+  }
+  return out;
+}
+
+export function base62FromNumber(n: number, width: number): string {
+  let out = '';
+  let v = n >>> 0;
+  for (let i = 0; i < width; i++) {
+    out = BASE62[v % 62] + out;
+    v = Math.floor(v / 62);
+  }
+  return out;
+}
+
+/** CRC32 of the text as 6 base62 characters: a typo detector, not a security control. */
+export function checksum(text: string): string {
+  return base62FromNumber(crc32(text), 6);
+}
+
+/** HMAC-SHA-256 under the server pepper, base64url. Right for high-entropy secrets (ASVS 11.5.1). */
+export function keyedHash(pepper: Buffer, value: string): string {
+  return createHmac('sha256', pepper).update(value).digest('base64url');
+}
+
+export function constantTimeEqual(a: string, b: string): boolean {
+  const ab = Buffer.from(a);
+  const bb = Buffer.from(b);
+  if (ab.length !== bb.length) {
+    // Compare anyway so the time does not depend on where the lengths differ.
+    timingSafeEqual(ab, ab);
+    return false;
+  }
+  return timingSafeEqual(ab, bb);
+}
+
+/** AES-256-GCM; the output is base64(iv | tag | ciphertext). */
+export function encrypt(key: Buffer, plaintext: string): string {
+  const iv = randomBytes(12);
+  const cipher = createCipheriv('aes-256-gcm', key, iv);
+  const body = Buffer.concat([cipher.update(plaintext, 'utf8'), cipher.final()]);
+  return Buffer.concat([iv, cipher.getAuthTag(), body]).toString('base64');
+}
+
+export function decrypt(key: Buffer, sealed: string): string {
+  const raw = Buffer.from(sealed, 'base64');
+  const decipher = createDecipheriv('aes-256-gcm', key, raw.subarray(0, 12));
+  decipher.setAuthTag(raw.subarray(12, 28));
+  return Buffer.concat([decipher.update(raw.subarray(28)), decipher.final()]).toString('utf8');
+}
+
+/**
+ * Secrets with a readable type prefix, a public lookup id, a secret and a checksum:
+ * `<prefix>_<lookup>_<secret><crc>`. Secret scanners match the prefix; a typo or a foreign string
+ * fails the checksum before any database read.
+ */
+export interface SecretFormat {
+  prefix: string;
+  lookupLength: number;
+  secretLength: number;
+}
+
+export interface ParsedSecret {
+  lookupId: string;
+  secret: string;
+}
+
+const CHECKSUM_LENGTH = 6;
+
+export function generateSecret(format: SecretFormat, lookupId = randomBase62(format.lookupLength)) {
+  const secret = randomBase62(format.secretLength);
+  const body = `${format.prefix}_${lookupId}_${secret}`;
+  return { token: body + checksum(body), lookupId, secret };
+}
+
+export function parseSecret(format: SecretFormat, token: string): ParsedSecret | undefined {
+  const expectedLength =
+    format.prefix.length + 2 + format.lookupLength + format.secretLength + CHECKSUM_LENGTH;
+  if (token.length !== expectedLength || !token.startsWith(`${format.prefix}_`)) return undefined;
+  const body = token.slice(0, -CHECKSUM_LENGTH);
+  if (!/^[0-9A-Za-z]+$/.test(body.slice(format.prefix.length + 1).replace('_', ''))) return undefined;
+  if (!constantTimeEqual(checksum(body), token.slice(-CHECKSUM_LENGTH))) return undefined;
+  const lookupId = body.slice(format.prefix.length + 1, format.prefix.length + 1 + format.lookupLength);
+  if (body[format.prefix.length + 1 + format.lookupLength] !== '_') return undefined;
+  return { lookupId, secret: body.slice(format.prefix.length + 2 + format.lookupLength) };
+}
+
+/** 32 random bytes ≈ 43 base62 characters (≥ 256 bits; SECURITY.md asks ≥ 128). */
+export const API_KEY_FORMAT: SecretFormat = { prefix: 'pak', lookupLength: 12, secretLength: 43 };
+export const CLIENT_SECRET_FORMAT: SecretFormat = { prefix: 'pcs', lookupLength: 12, secretLength: 43 };
+export const REFRESH_TOKEN_FORMAT: SecretFormat = { prefix: 'prt', lookupLength: 12, secretLength: 43 };

@@ -1,0 +1,121 @@
+/**
+ * The one catalogue of error codes. Every error a client can see is an AppError with one of these
+ * codes; the error handler renders it as RFC 9457 problem+json (or RFC 6749 JSON under /oauth).
+ */
+export const ERROR_CATALOGUE = {
+  validation_failed: { status: 400, title: 'The request is not valid' },
+  invalid_json: { status: 400, title: 'The body is not valid JSON' },
+  bad_request: { status: 400, title: 'Bad request' },
+  authentication_required: { status: 401, title: 'Authentication is required' },
+  invalid_token: { status: 401, title: 'The token is invalid, expired or revoked' },
+  invalid_credentials: { status: 401, title: 'Invalid email or password' },
+  invalid_refresh_token: { status: 401, title: 'The refresh token is invalid, expired or revoked' },
+  invalid_client: { status: 401, title: 'Client authentication failed' },
+  forbidden: { status: 403, title: 'The principal lacks a permission this needs' },
+  not_found: { status: 404, title: 'Not found' },
+  method_not_allowed: { status: 405, title: 'Method not allowed' },
+  conflict: { status: 409, title: 'Conflict' },
+  email_taken: { status: 409, title: 'An account with this email exists' },
+  last_admin: { status: 409, title: 'The last admin cannot lose the admin role' },
+  payload_too_large: { status: 413, title: 'The body is too large' },
+  unsupported_media_type: { status: 415, title: 'Unsupported content type' },
+  weak_password: { status: 422, title: 'The password is too weak' },
+  unprocessable: { status: 422, title: 'The request cannot be processed' },
+  rate_limited: { status: 429, title: 'Too many requests' },
+  internal_error: { status: 500, title: 'Internal server error' },
+  service_unavailable: { status: 503, title: 'The service is temporarily unavailable' },
+  provider_unavailable: { status: 503, title: 'The identity provider is unavailable' },
+  overloaded: { status: 503, title: 'The service is overloaded; retry later' },
+} as const satisfies Record<string, { status: number; title: string }>;
+
+export type ErrorCode = keyof typeof ERROR_CATALOGUE;
+
+export interface FieldError {
+  /** JSON pointer-ish path of the bad field, e.g. `body.email`. */
+  field: string;
+  message: string;
+}
+
+export interface AppErrorOptions {
+  detail?: string;
+  errors?: FieldError[];
+  headers?: Record<string, string>;
+  cause?: unknown;
+  /** Overrides the catalogue status, e.g. 202-less flows never need it; used sparingly. */
+  status?: number;
+  /** RFC 6749 error for the OAuth renderer when it differs from the default mapping. */
+  oauthError?: string;
+}
+
+export class AppError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly title: string;
+  readonly detail: string;
+  readonly errors: FieldError[] | undefined;
+  readonly headers: Record<string, string>;
+  readonly oauthError: string | undefined;
+
+  constructor(code: ErrorCode, options: AppErrorOptions = {}) {
+    const entry = ERROR_CATALOGUE[code];
+    super(options.detail ?? entry.title, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'AppError';
+    this.code = code;
+    this.status = options.status ?? entry.status;
+    this.title = entry.title;
+    this.detail = options.detail ?? entry.title;
+    this.errors = options.errors;
+    this.headers = options.headers ?? {};
+    this.oauthError = options.oauthError;
+  }
+}
+
+export const isAppError = (err: unknown): err is AppError => err instanceof AppError;
+
+export const notFound = (what = 'resource') =>
+  new AppError('not_found', { detail: `The ${what} does not exist` });
+export const forbidden = (detail?: string) => new AppError('forbidden', detail ? { detail } : {});
+
+const TRANSIENT_PG_CODES = new Set([
+  '57P01', // admin_shutdown (backend terminated)
+  '57P02', // crash_shutdown
+  '57P03', // cannot_connect_now
+  '57014', // query_canceled (statement_timeout)
+  '55P03', // lock_not_available (lock_timeout)
+  '25P03', // idle_in_transaction_session_timeout
+  '53300', // too_many_connections
+  '40001', // serialization_failure
+  '40P01', // deadlock_detected
+]);
+
+/** True for failures of the database itself (down, restarting, timing out), not of the query. */
+export function isDatabaseUnavailable(err: unknown): boolean {
+  let cur: unknown = err;
+  for (let depth = 0; cur && depth < 5; depth++) {
+    const e = cur as { code?: unknown; message?: unknown; cause?: unknown };
+    const code = typeof e.code === 'string' ? e.code : '';
+    if (TRANSIENT_PG_CODES.has(code) || code.startsWith('08')) return true;
+    if (['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH'].includes(code))
+      return true;
+    const message = typeof e.message === 'string' ? e.message : '';
+    if (
+      /Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|Client has encountered a connection error|Connection ended|the database system is (starting up|shutting down|in recovery)|terminating connection|Cannot use a pool after calling end/i.test(
+        message,
+      )
+    )
+      return true;
+    cur = e.cause;
+  }
+  return false;
+}
+
+/** The PostgreSQL SQLSTATE of a driver error, looking through Drizzle's wrapping. */
+export function pgErrorCode(err: unknown): string | undefined {
+  let cur: unknown = err;
+  for (let depth = 0; cur && depth < 5; depth++) {
+    const e = cur as { code?: unknown; cause?: unknown };
+    if (typeof e.code === 'string' && /^[0-9A-Z]{5}$/.test(e.code)) return e.code;
+    cur = e.cause;
+  }
+  return undefined;
+}

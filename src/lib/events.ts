@@ -1,0 +1,97 @@
+import { randomUUID } from 'node:crypto';
+import { sql } from 'drizzle-orm';
+import type { Logger } from 'pino';
+import type { Database, DatabaseHandle, Transaction } from '../db/client.js';
+
+/**
+ * Changes that every instance's caches must learn of. They travel by PostgreSQL NOTIFY issued inside
+ * the transaction that made the change, so they are delivered exactly when (and only if) it commits,
+ * to every instance listening on the same database, within milliseconds.
+ */
+export type AuthEvent =
+  | {
+      type: 'revocation';
+      kind: 'jti' | 'session' | 'subject';
+      value: string;
+      revokedAt: number;
+      expiresAt: number;
+    }
+  | { type: 'api_key_changed'; lookupId: string }
+  | { type: 'user_changed'; userId: string }
+  | { type: 'roles_changed' }
+  | { type: 'signing_keys_changed' }
+  | { type: 'client_changed'; clientId: string }
+  /** The listener reconnected and may have missed events: drop or reload everything cached. */
+  | { type: 'resync' };
+
+export type EventHandler = (event: AuthEvent) => void;
+
+export const EVENTS_CHANNEL = 'paservices_auth_events';
+
+export function createEventBus(deps: { database: DatabaseHandle; logger: Logger }) {
+  const handlers: EventHandler[] = [];
+  const instanceId = randomUUID();
+
+  function dispatch(event: AuthEvent) {
+    for (const handler of handlers) {
+      try {
+        handler(event);
+      } catch (err) {
+        deps.logger.error({ err, event: event.type }, 'event handler failed');
+      }
+    }
+  }
+
+  return {
+    instanceId,
+    subscribe(handler: EventHandler) {
+      handlers.push(handler);
+    },
+    /** Starts listening; call once at start-up. */
+    async start() {
+      await deps.database.listen(EVENTS_CHANNEL, (payload) => {
+        try {
+          const message = JSON.parse(payload) as { origin?: string; events?: AuthEvent[]; type?: string };
+          if (message.type === 'resync') return dispatch({ type: 'resync' });
+          // Our own events were applied locally at commit already.
+          if (message.origin === instanceId) return;
+          for (const event of message.events ?? []) dispatch(event);
+        } catch (err) {
+          deps.logger.warn({ err }, 'ignoring a malformed event notification');
+        }
+      });
+    },
+    /** Queues the events in the transaction: other instances receive them when it commits. */
+    async publish(tx: Transaction | Database, events: AuthEvent[]) {
+      if (events.length === 0) return;
+      const payload = JSON.stringify({ origin: instanceId, events });
+      await tx.execute(sql`SELECT pg_notify(${EVENTS_CHANNEL}, ${payload})`);
+    },
+    /** Applies events to this instance's caches right after the commit. */
+    applyLocally(events: AuthEvent[]) {
+      for (const event of events) dispatch(event);
+    },
+  };
+}
+
+export type EventBus = ReturnType<typeof createEventBus>;
+
+/**
+ * Runs `work` in one transaction; the events it emits are published inside it (NOTIFY) and applied
+ * to this instance once it has committed. A change, its audit event and its notification commit
+ * together or not at all.
+ */
+export async function inTransaction<T>(
+  db: Database,
+  bus: EventBus,
+  work: (tx: Transaction, emit: (event: AuthEvent) => void) => Promise<T>,
+): Promise<T> {
+  const emitted: AuthEvent[] = [];
+  const result = await db.transaction(async (tx) => {
+    const value = await work(tx, (event) => emitted.push(event));
+    await bus.publish(tx, emitted);
+    return value;
+  });
+  bus.applyLocally(emitted);
+  return result;
+}

@@ -1,0 +1,30 @@
+import pino, { type Logger } from 'pino';
+
+/** Paths pino blanks out wherever they appear in a logged object (ASVS 16.2.5). */
+export const REDACTED_PATHS = [
+  'req.headers.authorization',
+  'req.headers["x-api-key"]',
+  'req.headers.cookie',
+  'headers.authorization',
+  'headers["x-api-key"]',
+  '*.password',
+  '*.current_password',
+  '*.new_password',
+  '*.refresh_token',
+  '*.access_token',
+  '*.client_secret',
+  '*.token',
+  '*.key',
+  '*.secret',
+  'password',
+  'token',
+  'secret',
+];
+
+export function createLogger(level: string, pretty = false): Logger {
+  return pino({
+    level,
+    redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
+    ...(pretty ? {} : {}),
+  });
+}

@@ -1,0 +1,39 @@
+import { z } from 'zod';
+
+export const ProblemSchema = z
+  .object({
+    type: z.string().describe('A URI naming the problem type'),
+    title: z.string(),
+    status: z.number().int(),
+    detail: z.string(),
+    code: z.string().describe('Stable machine-readable code, e.g. `invalid_credentials`'),
+    instance: z.string().optional(),
+    request_id: z.string().optional(),
+    errors: z.array(z.object({ field: z.string(), message: z.string() })).optional(),
+  })
+  .meta({ id: 'Problem', description: 'RFC 9457 problem details' });
+
+const problem = (description: string) => ProblemSchema.describe(description);
+
+/** Shared error responses, spread into every route's `response`. */
+export const problemResponses = {
+  400: problem('The request is malformed or fails validation'),
+  401: problem('Missing, invalid or expired credentials'),
+  403: problem('Authenticated, but lacking the permission this route needs'),
+  404: problem('Not found (or not visible to the caller)'),
+  409: problem('Conflicts with the current state'),
+  413: problem('Body over the size limit'),
+  415: problem('Unsupported content type'),
+  422: problem('Understood but refused'),
+  429: problem('Too many requests'),
+  503: problem('A dependency is unavailable; retry later'),
+} as const;
+
+/** Picks the listed statuses out of problemResponses. */
+export function problems<K extends keyof typeof problemResponses>(...codes: K[]) {
+  return Object.fromEntries(codes.map((c) => [c, problemResponses[c]])) as Pick<typeof problemResponses, K>;
+}
+
+export const UuidParamSchema = z.object({ id: z.uuid() });
+
+export const isoDate = (d: Date | null | undefined) => (d ? d.toISOString() : null);

@@ -1,0 +1,117 @@
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import fp from 'fastify-plugin';
+import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
+import { AppError, type FieldError, isAppError, isDatabaseUnavailable } from '../lib/errors.js';
+
+/** Renders an AppError for one part of the URL space (RFC 9457 by default; RFC 6749 under /oauth). */
+export type ErrorRenderer = (error: AppError, request: FastifyRequest, reply: FastifyReply) => unknown;
+
+export const PROBLEM_CONTENT_TYPE = 'application/problem+json; charset=utf-8';
+
+export function problemType(code: string) {
+  return `urn:paservices:auth:problem:${code}`;
+}
+
+export const renderProblem: ErrorRenderer = (error, request, reply) => {
+  const body: Record<string, unknown> = {
+    type: problemType(error.code),
+    title: error.title,
+    status: error.status,
+    detail: error.detail,
+    code: error.code,
+    instance: request.url.split('?')[0],
+    request_id: request.id,
+  };
+  if (error.errors) body.errors = error.errors;
+  return reply.status(error.status).type(PROBLEM_CONTENT_TYPE).serializer(JSON.stringify).send(body);
+};
+
+function fieldErrors(err: FastifyError & { validationContext?: string }): FieldError[] {
+  const context = err.validationContext ?? 'body';
+  if (hasZodFastifySchemaValidationErrors(err)) {
+    return err.validation.map((v) => {
+      const path = v.instancePath.replace(/^\//, '').replace(/\//g, '.');
+      return { field: path ? `${context}.${path}` : context, message: v.message ?? 'invalid' };
+    });
+  }
+  return (err.validation ?? []).map((v) => ({
+    field: `${context}${v.instancePath.replace(/\//g, '.')}`,
+    message: v.message ?? 'invalid',
+  }));
+}
+
+/** Turns anything thrown into an AppError; the cause of a 5xx stays in the log, never in the body. */
+export function toAppError(err: unknown, request: FastifyRequest): AppError {
+  if (isAppError(err)) return err;
+  const e = err as FastifyError & { validationContext?: string };
+  if (e && Array.isArray(e.validation)) {
+    return new AppError('validation_failed', {
+      detail: 'One or more fields are invalid',
+      errors: fieldErrors(e),
+    });
+  }
+  if (isResponseSerializationError(err)) {
+    request.log.error({ err, issues: err.cause.issues }, 'response did not match its schema');
+    return new AppError('internal_error');
+  }
+  switch (e?.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return new AppError('payload_too_large');
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
+      return new AppError('unsupported_media_type', {
+        detail: 'Send application/json (or application/x-www-form-urlencoded to /oauth)',
+      });
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+    case 'FST_ERR_CTP_INVALID_JSON_BODY':
+      return new AppError('invalid_json', { detail: 'The body is not valid JSON' });
+  }
+  if (e instanceof SyntaxError || e?.code === 'FST_ERR_CTP_INVALID_TYPE') {
+    return new AppError('invalid_json');
+  }
+  if (isDatabaseUnavailable(err)) {
+    request.log.warn({ err }, 'database unavailable');
+    return new AppError('service_unavailable', { headers: { 'retry-after': '1' }, cause: err });
+  }
+  const status = typeof e?.statusCode === 'number' ? e.statusCode : 500;
+  if (status >= 400 && status < 500) {
+    if (status === 429) return new AppError('rate_limited');
+    if (status === 413) return new AppError('payload_too_large');
+    if (status === 415) return new AppError('unsupported_media_type');
+    if (status === 404) return new AppError('not_found');
+    return new AppError('bad_request', { detail: e.message, status });
+  }
+  request.log.error({ err }, 'unhandled error');
+  return new AppError('internal_error');
+}
+
+export interface ErrorHandlerOptions {
+  /** The first renderer whose prefix the URL starts with wins; the default is problem+json. */
+  renderers?: Array<{ prefix: string; render: ErrorRenderer }>;
+}
+
+async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOptions) {
+  const renderers = options.renderers ?? [];
+  const rendererFor = (url: string) =>
+    renderers.find((r) => url.startsWith(r.prefix))?.render ?? renderProblem;
+
+  app.setErrorHandler((err, request, reply) => {
+    const error = toAppError(err, request);
+    if (error.status >= 500 && error.code === 'internal_error') {
+      // Already logged with the cause above; the body stays generic.
+    } else if (error.status === 401 || error.status === 403) {
+      request.log.info({ code: error.code, status: error.status }, 'request refused');
+    }
+    for (const [name, value] of Object.entries(error.headers)) reply.header(name, value);
+    return rendererFor(request.url)(error, request, reply);
+  });
+
+  app.setNotFoundHandler((request, reply) => {
+    const error = new AppError('not_found', {
+      detail: `No route ${request.method} ${request.url.split('?')[0]}`,
+    });
+    return rendererFor(request.url)(error, request, reply);
+  });
+}
+
+export default fp(errorHandlerPlugin, { name: 'error-handler', fastify: '5.x' });

@@ -1,0 +1,162 @@
+import type { FastifyInstance } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { z } from 'zod';
+import type { DatabaseHandle } from '../../src/db/client.js';
+import { buildTestApp } from '../support/app.js';
+import { testDatabase } from '../support/database.js';
+
+describe('foundation: app, errors, operations', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp({
+      beforeReady: (a) => {
+        a.withTypeProvider<ZodTypeProvider>().post(
+          '/test/echo',
+          {
+            config: { public: true },
+            schema: {
+              body: z.object({ name: z.string().min(1), count: z.number().int() }).strict(),
+              response: { 200: z.object({ name: z.string() }) },
+            },
+          },
+          async (request) => ({ name: request.body.name, secret: 'must not leak' }),
+        );
+      },
+    });
+  });
+
+  it('answers liveness and readiness', async () => {
+    const live = await app.inject({ method: 'GET', url: '/health/live' });
+    expect(live.statusCode).toBe(200);
+    expect(live.json()).toEqual({ status: 'ok' });
+    const ready = await app.inject({ method: 'GET', url: '/health/ready' });
+    expect(ready.statusCode).toBe(200);
+    expect(ready.json()).toMatchObject({ status: 'ok', checks: { database: 'ok' } });
+  });
+
+  it('serves a valid OpenAPI 3 document with both security schemes, and Swagger UI', async () => {
+    const res = await app.inject({ method: 'GET', url: '/openapi.json' });
+    expect(res.statusCode).toBe(200);
+    const doc = res.json();
+    expect(doc.openapi).toMatch(/^3\./);
+    expect(doc.info.title).toBeTruthy();
+    expect(doc.paths['/health/ready'].get.operationId).toBe('healthReady');
+    expect(doc.components.securitySchemes.bearerAuth).toMatchObject({ type: 'http', scheme: 'bearer' });
+    expect(doc.components.securitySchemes.apiKey).toMatchObject({
+      type: 'apiKey',
+      in: 'header',
+      name: 'X-API-Key',
+    });
+    const ui = await app.inject({ method: 'GET', url: '/docs/' });
+    expect(ui.statusCode).toBe(200);
+    expect(ui.headers['content-type']).toContain('text/html');
+    expect(ui.body).toContain('swagger');
+  });
+
+  it('answers malformed JSON with 400 problem+json', async () => {
+    const res = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      headers: { 'content-type': 'application/json' },
+      payload: '{"name": ',
+    });
+    expect(res.statusCode).toBe(400);
+    expect(res.headers['content-type']).toContain('application/problem+json');
+    expect(res.json()).toMatchObject({ status: 400, code: 'invalid_json' });
+  });
+
+  it('names each bad field in a validation error', async () => {
+    const res = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      payload: { name: '', count: 'x', extra: 1 },
+    });
+    expect(res.statusCode).toBe(400);
+    const body = res.json();
+    expect(body.code).toBe('validation_failed');
+    expect(body.type).toBeTruthy();
+    expect(body.title).toBeTruthy();
+    const fields = body.errors.map((e: { field: string }) => e.field);
+    expect(fields).toEqual(expect.arrayContaining(['body.name', 'body.count']));
+  });
+
+  it('refuses a wrong content type with 415 and an oversized body with 413', async () => {
+    const wrongType = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      headers: { 'content-type': 'text/plain' },
+      payload: 'hello',
+    });
+    expect(wrongType.statusCode).toBe(415);
+    expect(wrongType.json().code).toBe('unsupported_media_type');
+    const big = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      payload: { name: 'x'.repeat(200_000), count: 1 },
+    });
+    expect(big.statusCode).toBe(413);
+    expect(big.json().code).toBe('payload_too_large');
+  });
+
+  it('refuses __proto__ keys and answers unknown routes with 404 problem+json', async () => {
+    const proto = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      headers: { 'content-type': 'application/json' },
+      payload: '{"name":"a","count":1,"__proto__":{"admin":true}}',
+    });
+    expect(proto.statusCode).toBe(400);
+    const missing = await app.inject({ method: 'GET', url: '/v1/nothing-here' });
+    expect(missing.statusCode).toBe(404);
+    expect(missing.json()).toMatchObject({ code: 'not_found', status: 404 });
+  });
+
+  it('serializes responses through their schema, so unlisted fields never leave', async () => {
+    const res = await app.inject({ method: 'POST', url: '/test/echo', payload: { name: 'ada', count: 1 } });
+    expect(res.statusCode).toBe(200);
+    expect(res.json()).toEqual({ name: 'ada' });
+  });
+
+  it('sets a request id, security headers and exposes Prometheus metrics', async () => {
+    const res = await app.inject({
+      method: 'GET',
+      url: '/health/live',
+      headers: { 'x-request-id': 'abc-123' },
+    });
+    expect(res.headers['x-request-id']).toBe('abc-123');
+    expect(res.headers['x-content-type-options']).toBe('nosniff');
+    expect(res.headers['content-security-policy']).toContain("default-src 'self'");
+    const metrics = await app.inject({ method: 'GET', url: '/metrics' });
+    expect(metrics.statusCode).toBe(200);
+    expect(metrics.body).toContain('http_requests_total{method="GET",route="/health/live",status="200"}');
+    expect(metrics.body).toContain('http_request_duration_seconds_bucket');
+  });
+});
+
+describe('readiness when the database does not answer, and while shutting down', () => {
+  let app: FastifyInstance;
+  let real: DatabaseHandle;
+  let healthy = true;
+  beforeAll(async () => {
+    real = await testDatabase();
+    const flaky: DatabaseHandle = { ...real, ping: async (ms) => (healthy ? real.ping(ms) : false) };
+    app = await buildTestApp({ deps: { database: flaky } });
+  });
+
+  it('turns 503 when the ping fails and back to 200 when it answers', async () => {
+    healthy = false;
+    const down = await app.inject({ method: 'GET', url: '/health/ready' });
+    expect(down.statusCode).toBe(503);
+    expect((await app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
+    healthy = true;
+    expect((await app.inject({ method: 'GET', url: '/health/ready' })).statusCode).toBe(200);
+  });
+
+  it('turns 503 once shutdown begins', async () => {
+    app.markShuttingDown();
+    const res = await app.inject({ method: 'GET', url: '/health/ready' });
+    expect(res.statusCode).toBe(503);
+    expect(res.json().checks.process).toBe('shutting_down');
+  });
+});

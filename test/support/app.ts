@@ -1,0 +1,52 @@
+import { createHash, randomUUID } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { afterAll } from 'vitest';
+import { type AppDeps, buildApp } from '../../src/app.js';
+import { loadConfig } from '../../src/config.js';
+import { testDatabase } from './database.js';
+
+export interface TestAppOptions {
+  env?: Record<string, string>;
+  deps?: Partial<AppDeps>;
+  /** Runs after buildApp and before ready, e.g. to add a probe route. */
+  beforeReady?: (app: FastifyInstance) => void | Promise<void>;
+}
+
+// Fixed across the run: apps built in different files share the database and its encrypted keys.
+const TEST_KEY_ENCRYPTION_KEY = createHash('sha256').update('paservices-test-kek').digest('base64');
+const TEST_SECRET_PEPPER = createHash('sha256').update('paservices-test-pepper').digest('base64');
+
+export function testConfig(env: Record<string, string> = {}) {
+  return loadConfig(
+    {
+      NODE_ENV: 'test',
+      PUBLIC_URL: 'http://auth.test',
+      KEY_ENCRYPTION_KEY: TEST_KEY_ENCRYPTION_KEY,
+      SECRET_PEPPER: TEST_SECRET_PEPPER,
+      RATE_LIMIT_ENABLED: 'false',
+      LOG_LEVEL: 'silent',
+      ...env,
+    },
+    { generateDevSecrets: false },
+  );
+}
+
+/** Builds the real app on the worker's database; closed after the file's tests. */
+export async function buildTestApp(options: TestAppOptions = {}): Promise<FastifyInstance> {
+  const database = await testDatabase();
+  const app = await buildApp({
+    config: testConfig(options.env),
+    database,
+    logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }),
+    ...options.deps,
+  });
+  await options.beforeReady?.(app);
+  await app.ready();
+  afterAll(async () => {
+    await app.close();
+  });
+  return app;
+}
+
+export const uniqueEmail = (tag = 'user') => `${tag}-${randomUUID().slice(0, 12)}@example.test`;

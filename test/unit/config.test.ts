@@ -1,0 +1,66 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../../src/config.js';
+
+const load = (env: Record<string, string>) => loadConfig(env, { generateDevSecrets: false });
+
+describe('configuration', () => {
+  it('starts with no configuration at all, on the embedded defaults', () => {
+    const config = load({});
+    expect(config.port).toBe(8000);
+    expect(config.host).toBe('0.0.0.0');
+    expect(config.databaseUrl).toBeUndefined();
+    expect(config.authProvider).toBe('local');
+    expect(config.issuer).toBe('http://localhost:8000');
+    expect(config.tokens).toMatchObject({
+      accessTtl: 900,
+      refreshIdleTtl: 2_592_000,
+      refreshAbsoluteTtl: 7_776_000,
+    });
+    expect(config.rateLimit.enabled).toBe(true);
+    expect(config.keyEncryptionKey).toHaveLength(32);
+    expect(Object.isFrozen(config)).toBe(true);
+  });
+
+  it('names every bad variable in one error, without echoing values', () => {
+    try {
+      load({
+        NODE_ENV: 'production',
+        DATABASE_URL: 'mysql://nope',
+        PORT: 'eighty',
+        RATE_LIMIT_ENABLED: 'perhaps',
+        SECRET_PEPPER: 'c2VjcmV0LXZhbHVl',
+      });
+      expect.unreachable();
+    } catch (err) {
+      expect(err).toBeInstanceOf(ConfigError);
+      const message = (err as Error).message;
+      for (const name of [
+        'DATABASE_URL',
+        'PORT',
+        'RATE_LIMIT_ENABLED',
+        'KEY_ENCRYPTION_KEY',
+        'SECRET_PEPPER',
+      ]) {
+        expect(message).toContain(name);
+      }
+      expect(message).not.toContain('c2VjcmV0LXZhbHVl');
+      expect(message).not.toContain('mysql://nope');
+    }
+  });
+
+  it('requires KEY_ENCRYPTION_KEY in production', () => {
+    expect(() =>
+      load({ NODE_ENV: 'production', SECRET_PEPPER: Buffer.alloc(32, 1).toString('base64') }),
+    ).toThrow(/KEY_ENCRYPTION_KEY/);
+  });
+
+  it('chooses supabase when SUPABASE_URL is set, and requires its anon key', () => {
+    expect(() => load({ SUPABASE_URL: 'https://x.supabase.co' })).toThrow(/SUPABASE_ANON_KEY/);
+    const config = load({ SUPABASE_URL: 'https://x.supabase.co', SUPABASE_ANON_KEY: 'anon' });
+    expect(config.authProvider).toBe('supabase');
+  });
+
+  it('derives the issuer from PUBLIC_URL without a trailing slash', () => {
+    expect(load({ PUBLIC_URL: 'https://auth.example.com/' }).issuer).toBe('https://auth.example.com');
+  });
+});
