@@ -7,17 +7,28 @@ import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
 import { type Clock, systemClock } from './lib/clock.js';
-import { createEventBus } from './lib/events.js';
+import type { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import type { IdentityProvider } from './identity/provider.js';
+import { authRoutes } from './modules/auth/auth.routes.js';
+import { discoveryRoutes } from './modules/discovery/discovery.routes.js';
 import { healthRoutes } from './modules/health/health.routes.js';
+import { signingKeysRoutes } from './modules/signing-keys/signing-keys.routes.js';
+import authenticate, { requestContext } from './plugins/authenticate.js';
 import errorHandler from './plugins/error-handler.js';
-import metricsPlugin, { createMetrics } from './plugins/metrics.js';
+import metricsPlugin from './plugins/metrics.js';
 import openapi from './plugins/openapi.js';
+import rateLimit from './plugins/rate-limit.js';
+import { createServices, type Services } from './services.js';
 
 export interface AppDeps {
   config: Config;
   database: DatabaseHandle;
-  logger: FastifyBaseLogger;
+  logger: Logger;
   clock?: Clock;
+  /** Replaces the provider AUTH_PROVIDER would choose (tests use a fake GoTrue through the real one). */
+  identityProvider?: IdentityProvider;
+  redis?: Redis;
 }
 
 export const SERVICE_VERSION = '0.1.0';
@@ -31,7 +42,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   let shuttingDown = false;
 
   const app = Fastify({
-    loggerInstance: deps.logger,
+    loggerInstance: deps.logger as FastifyBaseLogger,
     bodyLimit: config.bodyLimit,
     trustProxy: config.trustProxy,
     requestIdHeader: false,
@@ -59,8 +70,18 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     reply.header('x-request-id', request.id);
   });
 
-  const metrics = createMetrics();
-  const events = createEventBus({ database, logger: deps.logger as never });
+  const services = createServices({
+    config,
+    database,
+    logger: deps.logger,
+    clock,
+    identityProvider: deps.identityProvider,
+    redis: deps.redis,
+  });
+  await services.start();
+  app.addHook('onClose', async () => {
+    await services.stop();
+  });
 
   await app.register(errorHandler, { renderers: [] });
   await app.register(helmet, {
@@ -86,12 +107,35 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     exposedHeaders: ['x-request-id', 'retry-after', 'www-authenticate'],
   });
   await app.register(formbody, { bodyLimit: config.bodyLimit });
-  await app.register(metricsPlugin, { metrics });
+  await app.register(metricsPlugin, { metrics: services.metrics });
+  if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
+  await app.register(authenticate, {
+    tokens: services.tokens,
+    onForbidden: async (request, permission) => {
+      await services.audit.record(services.db, requestContext(request), {
+        type: 'authorization.denied',
+        outcome: 'failure',
+        data: { permission, route: request.routeOptions.url, method: request.method },
+      });
+    },
+  });
   await app.register(openapi, { publicUrl: config.publicUrl, version: SERVICE_VERSION });
 
   await app.register(healthRoutes, { database, isShuttingDown: () => shuttingDown });
+  await app.register(discoveryRoutes, {
+    issuer: config.issuer,
+    audience: services.audience,
+    keys: services.keys,
+  });
+  await app.register(authRoutes, {
+    auth: services.auth,
+    users: services.repos.users,
+    profiles: services.repos.profiles,
+    providerName: services.provider.name,
+  });
+  await app.register(signingKeysRoutes, { keys: services.keys });
 
-  app.decorate('deps', { config, database, clock, metrics, events });
+  app.decorate('services', services);
   app.addHook('onClose', async () => {
     shuttingDown = true;
   });
@@ -100,6 +144,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
 
 declare module 'fastify' {
   interface FastifyInstance {
+    services: Services;
     isShuttingDown(): boolean;
     markShuttingDown(): void;
   }

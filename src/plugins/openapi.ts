@@ -55,6 +55,10 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     transform: jsonSchemaTransform,
   });
 
+  // Swagger UI's own routes (HTML, assets) are public documentation.
+  app.addHook('onRoute', (route) => {
+    if (route.url.startsWith('/docs')) route.config = { ...(route.config ?? {}), public: true };
+  });
   await app.register(swaggerUi, {
     routePrefix: '/docs',
     uiConfig: { persistAuthorization: true, deepLinking: true, tryItOutEnabled: true },

@@ -37,3 +37,6 @@ export function problems<K extends keyof typeof problemResponses>(...codes: K[])
 export const UuidParamSchema = z.object({ id: z.uuid() });
 
 export const isoDate = (d: Date | null | undefined) => (d ? d.toISOString() : null);
+
+/** OpenAPI security of routes that take an access token or an API key. */
+export const bearerOrApiKey: Array<Record<string, string[]>> = [{ bearerAuth: [] }, { apiKey: [] }];

@@ -1,0 +1,51 @@
+import { randomUUID } from 'node:crypto';
+import { AppError } from '../lib/errors.js';
+import type { UsersRepository } from '../modules/users/users.repository.js';
+import type { PasswordHasher } from './passwords.js';
+import type { IdentityProvider, ProviderUser } from './provider.js';
+
+/** Built-in credentials: argon2id hashes in the service's own `users` table. */
+export function createLocalProvider(deps: {
+  users: UsersRepository;
+  hasher: PasswordHasher;
+}): IdentityProvider {
+  return {
+    name: 'local',
+    async signUp(email, password) {
+      // The uniqueness check that matters is the insert's; this one spares an argon2 run.
+      if (await deps.users.findByEmail(email)) throw new AppError('email_taken');
+      const passwordHash = await deps.hasher.hash(password);
+      return {
+        user: { id: randomUUID(), email, emailConfirmedAt: null },
+        passwordHash,
+        confirmed: true,
+      };
+    },
+    async signIn(email, password) {
+      const user = await deps.users.findByEmail(email);
+      if (!user?.passwordHash) {
+        // Same work as a real check, so the answer time does not reveal whether the account exists.
+        await deps.hasher.verifyDummy(password);
+        return undefined;
+      }
+      if (!(await deps.hasher.verify(user.passwordHash, password))) return undefined;
+      return {
+        id: user.id,
+        email: user.email,
+        emailConfirmedAt: user.emailConfirmedAt,
+      } satisfies ProviderUser;
+    },
+    async exchange() {
+      throw new AppError('not_found', {
+        detail: 'Token exchange needs AUTH_PROVIDER=supabase',
+      });
+    },
+    async changePassword(user, currentPassword, newPassword) {
+      const row = await deps.users.findById(user.id);
+      if (!row?.passwordHash || !(await deps.hasher.verify(row.passwordHash, currentPassword)))
+        return undefined;
+      return { passwordHash: await deps.hasher.hash(newPassword) };
+    },
+    async deleteUser() {},
+  };
+}

@@ -1,0 +1,102 @@
+import { readFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import argon2 from 'argon2';
+import { AppError } from '../lib/errors.js';
+
+/** OWASP Password Storage CS: argon2id, m=19 MiB, t=2, p=1 is the floor; we use it exactly. */
+export const ARGON2_OPTIONS = {
+  type: argon2.argon2id,
+  memoryCost: 19_456,
+  timeCost: 2,
+  parallelism: 1,
+} as const;
+
+const COMMON_PASSWORDS_FILE = resolve(
+  dirname(fileURLToPath(import.meta.url)),
+  '../../data/common-passwords.txt',
+);
+let commonPasswords: Set<string> | undefined;
+
+function common(): Set<string> {
+  if (!commonPasswords) {
+    commonPasswords = new Set(
+      readFileSync(COMMON_PASSWORDS_FILE, 'utf8')
+        .split('\n')
+        .filter((l) => l && !l.startsWith('#'))
+        .map((l) => l.trim().toLowerCase()),
+    );
+  }
+  return commonPasswords;
+}
+
+/** ASVS 6.2: 8..128 characters (code points, no truncation), no composition rules, not a common password. */
+export function checkPasswordStrength(password: string, email?: string): void {
+  const length = [...password].length;
+  if (length < 8 || length > 128) {
+    throw new AppError('weak_password', {
+      detail: 'The password must be 8 to 128 characters long',
+      errors: [{ field: 'body.password', message: 'must be 8 to 128 characters' }],
+    });
+  }
+  const lowered = password.toLowerCase();
+  if (common().has(lowered) || (email && lowered === email.toLowerCase())) {
+    throw new AppError('weak_password', {
+      detail: 'This password is too common; choose another',
+      errors: [{ field: 'body.password', message: 'is a commonly used password' }],
+    });
+  }
+}
+
+/**
+ * argon2id with bounded concurrency. argon2 runs on libuv's thread pool, never the event loop; the
+ * bound keeps it from starving other work, and a full queue sheds load with 503 + Retry-After instead
+ * of letting latency grow without limit.
+ */
+export function createPasswordHasher(options: { concurrency: number; queue: number }) {
+  let running = 0;
+  const waiting: Array<() => void> = [];
+
+  async function slot<T>(work: () => Promise<T>): Promise<T> {
+    if (running >= options.concurrency) {
+      if (waiting.length >= options.queue) {
+        throw new AppError('overloaded', {
+          detail: 'Too many sign-ins at once; retry shortly',
+          headers: { 'retry-after': '1' },
+        });
+      }
+      await new Promise<void>((resolveFn) => waiting.push(resolveFn));
+    } else running++;
+    try {
+      return await work();
+    } finally {
+      const next = waiting.shift();
+      if (next) next();
+      else running--;
+    }
+  }
+
+  // A real hash of a random password: verifying against it costs what a real verification costs.
+  const dummyHash = argon2.hash(`dummy-${Math.random()}`, ARGON2_OPTIONS);
+
+  return {
+    hash: (password: string) => slot(() => argon2.hash(password, ARGON2_OPTIONS)),
+    verify: (hash: string, password: string) =>
+      slot(async () => {
+        try {
+          return await argon2.verify(hash, password);
+        } catch {
+          return false;
+        }
+      }),
+    /** Spends the time of a verification when there is no user, so timing does not reveal accounts. */
+    verifyDummy: (password: string) =>
+      slot(async () => {
+        await argon2.verify(await dummyHash, password).catch(() => false);
+        return false as const;
+      }),
+    stats: () => ({ running, waiting: waiting.length }),
+  };
+}
+
+export type PasswordHasher = ReturnType<typeof createPasswordHasher>;

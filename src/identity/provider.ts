@@ -1,0 +1,40 @@
+/**
+ * Where credentials live. `local` keeps argon2id hashes in the service's own `users` table;
+ * `supabase` delegates sign-up and password checks to Supabase Auth over its HTTP API. Either way
+ * the service mints its own sessions and tokens; the provider only answers "who is this?".
+ */
+export interface ProviderUser {
+  /** The user's id: for Supabase, the Supabase user id (the local row takes the same id). */
+  id: string;
+  email: string;
+  emailConfirmedAt: Date | null;
+}
+
+export interface SignUpResult {
+  user: ProviderUser;
+  /** Local argon2id hash to store, or null when the provider keeps the credentials. */
+  passwordHash: string | null;
+  /** False when the provider asks the user to confirm their email before they can sign in. */
+  confirmed: boolean;
+}
+
+export interface IdentityProvider {
+  readonly name: 'local' | 'supabase';
+  /** Throws AppError `email_taken`, `weak_password` or `provider_unavailable`. */
+  signUp(email: string, password: string): Promise<SignUpResult>;
+  /** The user, or undefined for any failure a client may not tell apart (unknown email, wrong password). */
+  signIn(email: string, password: string): Promise<ProviderUser | undefined>;
+  /** Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid. */
+  exchange(accessToken: string): Promise<ProviderUser | undefined>;
+  /**
+   * Changes the password after checking the current one. Returns the new local hash (local) or null
+   * (supabase), or undefined when the current password is wrong.
+   */
+  changePassword(
+    user: ProviderUser,
+    currentPassword: string,
+    newPassword: string,
+  ): Promise<{ passwordHash: string | null } | undefined>;
+  /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
+  deleteUser(userId: string): Promise<void>;
+}

@@ -1,0 +1,220 @@
+import {
+  type AuthError,
+  createClient,
+  isAuthError,
+  isAuthRetryableFetchError,
+  isAuthWeakPasswordError,
+  type SupabaseClient,
+  type User,
+  type WebSocketLikeConstructor,
+} from '@supabase/supabase-js';
+import ws from 'ws';
+import { AppError } from '../lib/errors.js';
+import type { IdentityProvider, ProviderUser } from './provider.js';
+
+export interface SupabaseProviderDeps {
+  url: string;
+  anonKey: string;
+  /** Needed only to delete users; without it deleteUser does nothing. */
+  serviceRoleKey?: string | undefined;
+  /** Bound on every HTTP exchange with Supabase Auth, body included. */
+  timeoutMs: number;
+  fetch?: typeof fetch;
+}
+
+/**
+ * The status of the stand-in response for a request that got no answer at all. auth-js console.errors
+ * every rejected fetch and keeps only its message; answering a local 5xx with a GoTrue error body
+ * instead keeps outages out of stderr and carries the reason through as an AuthApiError.
+ */
+const NO_ANSWER_STATUS = 599;
+
+const RETRY_AFTER = { 'retry-after': '5' };
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function failureReason(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  const cause = err.cause as { code?: unknown; message?: unknown } | undefined;
+  const detail = typeof cause?.code === 'string' ? cause.code : cause?.message;
+  return typeof detail === 'string' ? `${err.message} (${detail})` : err.message;
+}
+
+function boundedFetch(base: typeof fetch, timeoutMs: number): typeof fetch {
+  return async (input, init) => {
+    const timeout = AbortSignal.timeout(timeoutMs);
+    const callerSignal = init?.signal ?? undefined;
+    const signal = callerSignal ? AbortSignal.any([callerSignal, timeout]) : timeout;
+    try {
+      return await base(input, { ...init, signal });
+    } catch (err) {
+      if (callerSignal?.aborted) throw err;
+      const timedOut = timeout.aborted;
+      const body = {
+        code: timedOut ? 'request_timeout' : 'request_failed',
+        message: timedOut
+          ? `Supabase Auth did not answer within ${timeoutMs} ms`
+          : `Supabase Auth is unreachable: ${failureReason(err)}`,
+      };
+      return new Response(JSON.stringify(body), {
+        status: NO_ANSWER_STATUS,
+        headers: { 'content-type': 'application/json', 'x-supabase-api-version': '2024-01-01' },
+      });
+    }
+  };
+}
+
+/** True when Supabase could not give a real answer, as opposed to refusing the request. */
+function isOutage(error: unknown): boolean {
+  if (!isAuthError(error)) return true;
+  // AuthUnknownError: a body that is not GoTrue's JSON, i.e. something else (a proxy) answered.
+  if (isAuthRetryableFetchError(error) || error.name === 'AuthUnknownError') return true;
+  const status = error.status ?? 0;
+  // A 429 from Supabase throttles the whole service, not this user: for us the provider is down.
+  return status >= 500 || status === 429;
+}
+
+function unavailable(cause: unknown): AppError {
+  return new AppError('provider_unavailable', { headers: { ...RETRY_AFTER }, cause });
+}
+
+/** Runs one provider operation so that nothing but an AppError can leave it. */
+async function guarded<T>(operation: () => Promise<T>): Promise<T> {
+  try {
+    return await operation();
+  } catch (err) {
+    if (err instanceof AppError) throw err;
+    throw unavailable(err);
+  }
+}
+
+function signUpFailure(error: AuthError): AppError {
+  if (isOutage(error)) return unavailable(error);
+  if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
+    return new AppError('weak_password', { detail: error.message, cause: error });
+  // Older GoTrue versions answer 400 with no code, only the message.
+  if (
+    error.code === 'user_already_exists' ||
+    error.code === 'email_exists' ||
+    /already (been )?registered/i.test(error.message)
+  )
+    return new AppError('email_taken', { cause: error });
+  if (error.code === 'email_address_invalid' || error.code === 'validation_failed')
+    return new AppError('validation_failed', { detail: error.message, cause: error });
+  return new AppError('unprocessable', { detail: error.message, cause: error });
+}
+
+function toProviderUser(user: User, fallbackEmail: string): ProviderUser {
+  const confirmedAt = user.email_confirmed_at ? new Date(user.email_confirmed_at) : null;
+  return {
+    id: user.id,
+    email: user.email || fallbackEmail,
+    emailConfirmedAt: confirmedAt && !Number.isNaN(confirmedAt.getTime()) ? confirmedAt : null,
+  };
+}
+
+/**
+ * Supabase Auth as the identity provider, through supabase-js. Calls that sign in use a client of their
+ * own, so no Supabase session is ever shared between requests; the sessions they open are revoked at
+ * once in the background, since the service mints its own tokens.
+ */
+export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProvider {
+  const fetchImpl = boundedFetch(deps.fetch ?? globalThis.fetch, deps.timeoutMs);
+  const newClient = (key: string): SupabaseClient =>
+    createClient(deps.url, key, {
+      auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
+      // Node 20 has no global WebSocket and createClient refuses to build without one, though auth never
+      // opens a socket. The cast: @types/ws types its events apart from the DOM's WebSocketLike.
+      realtime: { transport: ws as unknown as WebSocketLikeConstructor },
+      global: { fetch: fetchImpl },
+    });
+  // Only stateless calls (a token or the service role key in each request) go through shared clients.
+  const anon = newClient(deps.anonKey);
+  const admin = deps.serviceRoleKey ? newClient(deps.serviceRoleKey) : undefined;
+
+  const revoke = (client: SupabaseClient, accessToken: string) => {
+    // Best effort: a session left behind only expires on its own; it must not fail or slow the caller.
+    void client.auth.admin.signOut(accessToken, 'local').catch(() => undefined);
+  };
+
+  return {
+    name: 'supabase',
+
+    signUp: (email, password) =>
+      guarded(async () => {
+        const client = newClient(deps.anonKey);
+        const { data, error } = await client.auth.signUp({ email, password });
+        if (error) throw signUpFailure(error);
+        if (!data.user) throw unavailable(new Error('Supabase answered the sign-up without a user'));
+        // With email confirmation on, GoTrue answers a sign-up for a confirmed address with a made-up
+        // user (random id, no identities) rather than an error, so as not to reveal the account.
+        if (data.user.identities?.length === 0) throw new AppError('email_taken');
+        if (data.session) revoke(client, data.session.access_token);
+        return {
+          user: toProviderUser(data.user, email),
+          passwordHash: null,
+          confirmed: data.session !== null,
+        };
+      }),
+
+    signIn: (email, password) =>
+      guarded(async () => {
+        const client = newClient(deps.anonKey);
+        const { data, error } = await client.auth.signInWithPassword({ email, password });
+        if (error) {
+          if (isOutage(error)) throw unavailable(error);
+          // invalid_credentials, email_not_confirmed, user_banned, validation_failed: all a plain "no".
+          return undefined;
+        }
+        revoke(client, data.session.access_token);
+        return toProviderUser(data.user, email);
+      }),
+
+    exchange: (accessToken) =>
+      guarded(async () => {
+        // getUser() without a token would read the (empty) client session instead.
+        if (!accessToken) return undefined;
+        const { data, error } = await anon.auth.getUser(accessToken);
+        if (error) {
+          if (isOutage(error)) throw unavailable(error);
+          return undefined;
+        }
+        // Accounts here are keyed by email; a phone-only Supabase user has nothing to map to.
+        if (!data.user.email) return undefined;
+        return toProviderUser(data.user, data.user.email);
+      }),
+
+    changePassword: (user, currentPassword, newPassword) =>
+      guarded(async () => {
+        const client = newClient(deps.anonKey);
+        const signIn = await client.auth.signInWithPassword({ email: user.email, password: currentPassword });
+        if (signIn.error) {
+          if (isOutage(signIn.error)) throw unavailable(signIn.error);
+          return undefined;
+        }
+        try {
+          // The email now belongs to another Supabase user: changing that one's password would be worse.
+          if (signIn.data.user.id !== user.id) return undefined;
+          const { error } = await client.auth.updateUser({ password: newPassword });
+          // same_password: the account already ends up with the requested password, as with local.
+          if (error && error.code !== 'same_password') {
+            if (isOutage(error)) throw unavailable(error);
+            if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
+              throw new AppError('weak_password', { detail: error.message, cause: error });
+            throw new AppError('unprocessable', { detail: error.message, cause: error });
+          }
+          return { passwordHash: null };
+        } finally {
+          revoke(client, signIn.data.session.access_token);
+        }
+      }),
+
+    deleteUser: (userId) =>
+      guarded(async () => {
+        // auth-js throws a plain Error for a non-UUID id; no Supabase user can have one anyway.
+        if (!admin || !UUID.test(userId)) return;
+        const { error } = await admin.auth.admin.deleteUser(userId);
+        if (error && error.status !== 404) throw unavailable(error);
+      }),
+  };
+}

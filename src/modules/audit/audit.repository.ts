@@ -1,0 +1,41 @@
+import { and, desc, eq, gte, lt, or } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { auditEvents } from '../../db/schema/index.js';
+import type { Cursor } from '../../lib/pagination.js';
+
+export type AuditEventRow = typeof auditEvents.$inferSelect;
+export type NewAuditEvent = typeof auditEvents.$inferInsert;
+
+export function createAuditRepository(db: Executor) {
+  return {
+    async insert(event: NewAuditEvent, tx: Executor = db): Promise<void> {
+      await tx.insert(auditEvents).values(event);
+    },
+    /** Newest first; the cursor continues below the last row of the previous page. */
+    async list(
+      filter: { actorId?: string; type?: string; since?: Date; limit: number; cursor?: Cursor },
+      tx: Executor = db,
+    ): Promise<AuditEventRow[]> {
+      const conditions = [];
+      if (filter.actorId) conditions.push(eq(auditEvents.actorId, filter.actorId));
+      if (filter.type) conditions.push(eq(auditEvents.type, filter.type));
+      if (filter.since) conditions.push(gte(auditEvents.createdAt, filter.since));
+      if (filter.cursor) {
+        conditions.push(
+          or(
+            lt(auditEvents.createdAt, filter.cursor.createdAt),
+            and(eq(auditEvents.createdAt, filter.cursor.createdAt), lt(auditEvents.id, filter.cursor.id)),
+          ),
+        );
+      }
+      return tx
+        .select()
+        .from(auditEvents)
+        .where(conditions.length ? and(...conditions) : undefined)
+        .orderBy(desc(auditEvents.createdAt), desc(auditEvents.id))
+        .limit(filter.limit + 1);
+    },
+  };
+}
+
+export type AuditRepository = ReturnType<typeof createAuditRepository>;

@@ -1,0 +1,261 @@
+import type { FastifyInstance } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { notFound } from '../../lib/errors.js';
+import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
+import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
+import { bearerOrApiKey, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import { type ProfilesRepository, toProfileDto } from '../profiles/profiles.repository.js';
+import type { UsersRepository } from '../users/users.repository.js';
+import {
+  AuthResultSchema,
+  ExchangeBodySchema,
+  LoginBodySchema,
+  LogoutBodySchema,
+  MeSchema,
+  PasswordBodySchema,
+  RefreshBodySchema,
+  RegisterBodySchema,
+  RegisterResultSchema,
+  SessionListSchema,
+  SessionSchema,
+  toUserDto,
+} from './auth.schema.js';
+import type { AuthService } from './auth.service.js';
+
+export interface AuthRoutesDeps {
+  auth: AuthService;
+  users: UsersRepository;
+  profiles: ProfilesRepository;
+  providerName: 'local' | 'supabase';
+}
+
+export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+
+  r.post(
+    '/v1/auth/register',
+    {
+      config: { public: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'register',
+        summary: 'Create an account',
+        description:
+          '201 with a session, or 202 with `session: null` when the provider asks for email confirmation first.',
+        body: RegisterBodySchema,
+        response: {
+          201: RegisterResultSchema,
+          202: RegisterResultSchema,
+          ...problems(400, 409, 422, 429, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      const { user, session } = await deps.auth.register(
+        {
+          email: request.body.email,
+          password: request.body.password,
+          displayName: request.body.display_name,
+        },
+        requestContext(request),
+      );
+      return reply.status(session ? 201 : 202).send({ user: toUserDto(user), session });
+    },
+  );
+
+  r.post(
+    '/v1/auth/login',
+    {
+      config: { public: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'login',
+        summary: 'Sign in with email and password',
+        description: 'Unknown email, wrong password and disabled account all answer the same 401.',
+        body: LoginBodySchema,
+        response: { 200: AuthResultSchema, ...problems(400, 401, 429, 503) },
+      },
+    },
+    async (request) => {
+      const { user, session } = await deps.auth.login(request.body, requestContext(request));
+      return { user: toUserDto(user), session };
+    },
+  );
+
+  r.post(
+    '/v1/auth/refresh',
+    {
+      config: { public: true, rateLimit: REFRESH_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'refresh',
+        summary: 'Exchange a refresh token for new tokens (the refresh token rotates)',
+        description:
+          'A rotated refresh token presented again after a grace of at most 10 s ends the whole session.',
+        body: RefreshBodySchema,
+        response: { 200: z.object({ session: SessionSchema }), ...problems(400, 401, 429, 503) },
+      },
+    },
+    async (request) => ({
+      session: await deps.auth.refresh(request.body.refresh_token, requestContext(request)),
+    }),
+  );
+
+  r.post(
+    '/v1/auth/exchange',
+    {
+      config: { public: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'exchangeProviderToken',
+        summary: 'Exchange a Supabase access token (e.g. after a social login) for a session',
+        description: 'Only with AUTH_PROVIDER=supabase; 404 otherwise.',
+        body: ExchangeBodySchema,
+        response: { 200: AuthResultSchema, ...problems(400, 401, 404, 429, 503) },
+      },
+    },
+    async (request) => {
+      if (deps.providerName !== 'supabase') throw notFound('route');
+      const { user, session } = await deps.auth.exchange(request.body.access_token, requestContext(request));
+      return { user: toUserDto(user), session };
+    },
+  );
+
+  r.post(
+    '/v1/auth/logout',
+    {
+      config: { permission: 'account:read' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'logout',
+        summary: 'End this session (or, with scope "all", every session)',
+        security: bearerOrApiKey,
+        body: LogoutBodySchema.nullish(),
+        response: { 204: z.null().describe('Logged out'), ...problems(400, 401, 403) },
+      },
+    },
+    async (request, reply) => {
+      const principal = principalOf(request);
+      const body = request.body ?? {};
+      await deps.auth.logout(
+        userIdOf(request),
+        principal.kind === 'user' ? principal.sessionId : undefined,
+        { refreshToken: body.refresh_token, scope: body.scope ?? 'session' },
+        requestContext(request),
+      );
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.get(
+    '/v1/auth/me',
+    {
+      config: { permission: 'account:read' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'me',
+        summary: 'The caller: user, roles, permissions and profile',
+        security: bearerOrApiKey,
+        response: { 200: MeSchema, ...problems(401, 403, 404) },
+      },
+    },
+    async (request) => {
+      const principal = principalOf(request);
+      const userId = userIdOf(request);
+      const user = await deps.users.findById(userId);
+      if (!user) throw notFound('user');
+      const [held, profile] = await Promise.all([
+        deps.users.rolesAndPermissions(userId),
+        deps.profiles.findByUserId(userId),
+      ]);
+      return {
+        user: toUserDto(user),
+        roles: held.roles,
+        // What this request may do: the token's scope, or the API key's effective scopes.
+        permissions: principal.permissions,
+        profile: profile ? toProfileDto(profile) : null,
+        principal: {
+          kind: principal.kind,
+          id: principal.id,
+          session_id: principal.kind === 'user' ? (principal.sessionId ?? null) : null,
+        },
+      };
+    },
+  );
+
+  r.post(
+    '/v1/auth/password',
+    {
+      config: { permission: 'account:write', rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'changePassword',
+        summary: 'Change the password; every other session ends',
+        security: bearerOrApiKey,
+        body: PasswordBodySchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 422, 429, 503) },
+      },
+    },
+    async (request, reply) => {
+      const principal = principalOf(request);
+      await deps.auth.changePassword(
+        userIdOf(request),
+        principal.kind === 'user' ? principal.sessionId : undefined,
+        { currentPassword: request.body.current_password, newPassword: request.body.new_password },
+        requestContext(request),
+      );
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.get(
+    '/v1/auth/sessions',
+    {
+      config: { permission: 'account:read' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'listSessions',
+        summary: 'The caller’s live sessions',
+        security: bearerOrApiKey,
+        response: { 200: SessionListSchema, ...problems(401, 403) },
+      },
+    },
+    async (request) => {
+      const principal = principalOf(request);
+      const current = principal.kind === 'user' ? principal.sessionId : undefined;
+      const rows = await deps.auth.listSessions(userIdOf(request));
+      return {
+        data: rows.map((s) => ({
+          id: s.id,
+          created_at: s.createdAt.toISOString(),
+          last_used_at: s.lastUsedAt.toISOString(),
+          // The idle expiry never passes the absolute one (sessions.service caps it).
+          expires_at: s.idleExpiresAt.toISOString(),
+          user_agent: s.userAgent,
+          ip: s.ip,
+          current: s.id === current,
+        })),
+      };
+    },
+  );
+
+  r.delete(
+    '/v1/auth/sessions/:id',
+    {
+      config: { permission: 'account:write' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'endSession',
+        summary: 'End one of the caller’s sessions',
+        security: bearerOrApiKey,
+        params: UuidParamSchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request, reply) => {
+      await deps.auth.endSession(userIdOf(request), request.params.id, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+}

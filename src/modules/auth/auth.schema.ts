@@ -1,0 +1,113 @@
+import { z } from 'zod';
+
+export const EmailSchema = z.string().trim().max(254).pipe(z.email()).describe('Email address');
+/** Length is checked by the service (422 weak_password), so only a hard cap lives here. */
+const PasswordSchema = z
+  .string()
+  .min(1)
+  .max(1024)
+  .describe('8 to 128 characters; common passwords are refused');
+
+export const UserSchema = z
+  .object({
+    id: z.uuid(),
+    email: z.string(),
+    status: z.enum(['active', 'disabled']),
+    email_confirmed_at: z.string().nullable().describe('ISO 8601, null until confirmed'),
+    created_at: z.string(),
+  })
+  .meta({ id: 'User' });
+
+export const SessionSchema = z
+  .object({
+    access_token: z.string().describe('RFC 9068 JWT'),
+    token_type: z.literal('Bearer'),
+    expires_in: z.number().int().describe('Seconds until the access token expires'),
+    refresh_token: z.string().describe('Opaque; rotates on every use'),
+  })
+  .meta({ id: 'Session' });
+
+export const RegisterBodySchema = z
+  .object({
+    email: EmailSchema,
+    password: PasswordSchema,
+    display_name: z.string().trim().min(1).max(100).optional(),
+  })
+  .strict();
+
+export const LoginBodySchema = z.object({ email: EmailSchema, password: PasswordSchema }).strict();
+
+export const RefreshBodySchema = z.object({ refresh_token: z.string().min(1).max(512) }).strict();
+
+export const LogoutBodySchema = z
+  .object({
+    refresh_token: z.string().min(1).max(512).optional(),
+    scope: z.enum(['session', 'all']).optional().describe('`all` ends every session of the user'),
+  })
+  .strict();
+
+export const PasswordBodySchema = z
+  .object({ current_password: PasswordSchema, new_password: PasswordSchema })
+  .strict();
+
+export const ExchangeBodySchema = z
+  .object({ access_token: z.string().min(1).max(8192).describe('A Supabase-issued access token') })
+  .strict();
+
+export const AuthResultSchema = z.object({ user: UserSchema, session: SessionSchema });
+export const RegisterResultSchema = z.object({ user: UserSchema, session: SessionSchema.nullable() });
+
+export const ProfileSchema = z
+  .object({
+    user_id: z.uuid(),
+    display_name: z.string().nullable(),
+    avatar_url: z.string().nullable(),
+    bio: z.string().nullable(),
+    locale: z.string().nullable(),
+    timezone: z.string().nullable(),
+    metadata: z.record(z.string(), z.unknown()),
+    updated_at: z.string(),
+  })
+  .meta({ id: 'Profile' });
+
+export const MeSchema = z.object({
+  user: UserSchema,
+  roles: z.array(z.string()),
+  permissions: z.array(z.string()),
+  profile: ProfileSchema.nullable(),
+  principal: z.object({
+    kind: z.enum(['user', 'service', 'api_key']),
+    id: z.string(),
+    session_id: z.string().nullable(),
+  }),
+});
+
+export const SessionInfoSchema = z
+  .object({
+    id: z.uuid(),
+    created_at: z.string(),
+    last_used_at: z.string(),
+    expires_at: z.string(),
+    user_agent: z.string().nullable(),
+    ip: z.string().nullable(),
+    current: z.boolean(),
+  })
+  .meta({ id: 'SessionInfo' });
+
+export const SessionListSchema = z.object({ data: z.array(SessionInfoSchema) });
+
+export function toUserDto(u: {
+  id: string;
+  email: string;
+  status: 'active' | 'disabled';
+  emailConfirmedAt: Date | null;
+  createdAt: Date;
+}) {
+  return {
+    id: u.id,
+    email: u.email,
+    status: u.status,
+    email_confirmed_at: u.emailConfirmedAt ? u.emailConfirmedAt.toISOString() : null,
+    created_at: u.createdAt.toISOString(),
+  };
+}

@@ -1,0 +1,323 @@
+import type { Database } from '../../db/client.js';
+import { checkPasswordStrength } from '../../identity/passwords.js';
+import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
+import { addSeconds, type Clock } from '../../lib/clock.js';
+import { AppError, notFound } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { FailureCounter } from '../../lib/throttle.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { RevocationList } from '../tokens/revocations.service.js';
+import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { SessionsService, SessionTokens } from './sessions.service.js';
+
+export interface AuthServiceDeps {
+  db: Database;
+  users: UsersRepository;
+  provider: IdentityProvider;
+  sessions: SessionsService;
+  revocations: RevocationList;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  failures: FailureCounter;
+  maxAccessTtl: number;
+  onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
+}
+
+const normalizeEmail = (email: string) => email.trim().toLowerCase();
+
+const invalidCredentials = () =>
+  new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
+
+export function createAuthService(deps: AuthServiceDeps) {
+  /** The local row of a provider user, created (with the `user` role and a profile) when missing. */
+  async function ensureLocalUser(pu: ProviderUser, context: RequestContext): Promise<UserRow> {
+    const existing = await deps.users.findById(pu.id);
+    if (existing) {
+      if (existing.email !== pu.email || +(existing.emailConfirmedAt ?? 0) !== +(pu.emailConfirmedAt ?? 0)) {
+        return (
+          (await deps.users.update(existing.id, {
+            email: pu.email,
+            emailConfirmedAt: pu.emailConfirmedAt,
+          })) ?? existing
+        );
+      }
+      return existing;
+    }
+    return inTransaction(deps.db, deps.events, async (tx) => {
+      const row = await deps.users.insert(
+        { id: pu.id, email: pu.email, provider: deps.provider.name, emailConfirmedAt: pu.emailConfirmedAt },
+        tx,
+      );
+      if (!row) throw new AppError('email_taken', { detail: 'A different account already uses this email' });
+      await deps.users.assignRole(row.id, 'user', null, tx);
+      await deps.users.createProfile(row.id, null, tx);
+      await deps.audit.record(tx, context, {
+        type: 'user.registered',
+        subjectId: row.id,
+        data: { via: 'provider' },
+      });
+      return row;
+    });
+  }
+
+  async function openSession(user: UserRow, context: RequestContext, type: string): Promise<SessionTokens> {
+    const { session, refreshToken } = await inTransaction(deps.db, deps.events, async (tx) => {
+      const started = await deps.sessions.start(tx, user, { ip: context.ip, userAgent: context.userAgent });
+      await deps.audit.record(
+        tx,
+        { ...context, actorType: 'user', actorId: user.id },
+        {
+          type,
+          subjectId: user.id,
+          data: { session_id: started.session.id },
+        },
+      );
+      return started;
+    });
+    return deps.sessions.tokensFor(user, session.id, refreshToken);
+  }
+
+  async function recordLoginFailure(
+    context: RequestContext,
+    email: string,
+    userId: string | null,
+    reason: string,
+  ) {
+    await deps.failures.recordFailure(email);
+    await deps.audit.record(deps.db, context, {
+      type: 'auth.login',
+      outcome: 'failure',
+      subjectId: userId,
+      data: { reason, email_domain: email.split('@')[1] ?? null },
+    });
+    deps.onLogin?.('failure');
+  }
+
+  return {
+    async register(
+      input: { email: string; password: string; displayName?: string | undefined },
+      context: RequestContext,
+    ): Promise<{ user: UserRow; session: SessionTokens | null }> {
+      const email = normalizeEmail(input.email);
+      checkPasswordStrength(input.password, email);
+      const signedUp = await deps.provider.signUp(email, input.password);
+      const { user, refreshToken, sessionId } = await inTransaction(deps.db, deps.events, async (tx) => {
+        const row = await deps.users.insert(
+          {
+            id: signedUp.user.id,
+            email,
+            provider: deps.provider.name,
+            passwordHash: signedUp.passwordHash,
+            emailConfirmedAt: signedUp.user.emailConfirmedAt,
+          },
+          tx,
+        );
+        if (!row) throw new AppError('email_taken');
+        await deps.users.assignRole(row.id, 'user', null, tx);
+        await deps.users.createProfile(row.id, input.displayName ?? null, tx);
+        const actor = { ...context, actorType: 'user' as const, actorId: row.id };
+        await deps.audit.record(tx, actor, {
+          type: 'user.registered',
+          subjectId: row.id,
+          data: { provider: deps.provider.name, confirmed: signedUp.confirmed },
+        });
+        if (!signedUp.confirmed) return { user: row, refreshToken: null, sessionId: null };
+        const started = await deps.sessions.start(tx, row, { ip: context.ip, userAgent: context.userAgent });
+        return { user: row, refreshToken: started.refreshToken, sessionId: started.session.id };
+      });
+      const session =
+        refreshToken && sessionId ? await deps.sessions.tokensFor(user, sessionId, refreshToken) : null;
+      return { user, session };
+    },
+
+    async login(input: { email: string; password: string }, context: RequestContext) {
+      const email = normalizeEmail(input.email);
+      const retryAfter = await deps.failures.retryAfter(email);
+      if (retryAfter > 0) {
+        deps.onLogin?.('locked');
+        throw new AppError('rate_limited', {
+          detail: 'Too many failed sign-ins for this account; try again later',
+          headers: { 'retry-after': String(retryAfter) },
+        });
+      }
+      const identity = await deps.provider.signIn(email, input.password);
+      if (!identity) {
+        const known = await deps.users.findByEmail(email);
+        await recordLoginFailure(
+          context,
+          email,
+          known?.id ?? null,
+          known ? 'wrong_password' : 'unknown_email',
+        );
+        throw invalidCredentials();
+      }
+      const user = await ensureLocalUser(identity, context);
+      if (user.status !== 'active') {
+        await recordLoginFailure(context, email, user.id, 'disabled');
+        throw invalidCredentials();
+      }
+      await deps.failures.reset(email);
+      deps.onLogin?.('success');
+      return { user, session: await openSession(user, context, 'auth.login') };
+    },
+
+    async exchange(accessToken: string, context: RequestContext) {
+      const identity = await deps.provider.exchange(accessToken);
+      if (!identity) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
+      const user = await ensureLocalUser(identity, context);
+      if (user.status !== 'active')
+        throw new AppError('invalid_token', { detail: 'The account is disabled' });
+      return { user, session: await openSession(user, context, 'auth.exchange') };
+    },
+
+    refresh: (refreshToken: string, context: RequestContext) => deps.sessions.refresh(refreshToken, context),
+
+    async logout(
+      userId: string,
+      currentSessionId: string | undefined,
+      input: { refreshToken?: string | undefined; scope: 'session' | 'all' },
+      context: RequestContext,
+    ): Promise<void> {
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        let ended: string[] = [];
+        if (input.scope === 'all') {
+          const events = await deps.sessions.endAllSessions(tx, userId, 'logout_all');
+          events.forEach(emit);
+          ended = events.map((e) => (e.type === 'revocation' ? e.value : ''));
+        } else {
+          let sessionId = currentSessionId;
+          if (input.refreshToken) {
+            const session = await deps.sessions.findByRefreshToken(input.refreshToken);
+            // Someone else's refresh token is treated like an unknown one: nothing happens.
+            if (session && session.userId === userId) sessionId = session.id;
+          }
+          if (sessionId) {
+            const events = await deps.sessions.endSession(tx, sessionId, 'logout');
+            events.forEach(emit);
+            if (events.length) ended = [sessionId];
+          }
+        }
+        await deps.audit.record(tx, context, {
+          type: 'auth.logout',
+          subjectId: userId,
+          data: { scope: input.scope, sessions: ended },
+        });
+      });
+    },
+
+    async changePassword(
+      userId: string,
+      currentSessionId: string | undefined,
+      input: { currentPassword: string; newPassword: string },
+      context: RequestContext,
+    ): Promise<void> {
+      const user = await deps.users.findById(userId);
+      if (!user) throw notFound('user');
+      checkPasswordStrength(input.newPassword, user.email);
+      const changed = await deps.provider.changePassword(
+        { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
+        input.currentPassword,
+        input.newPassword,
+      );
+      if (!changed) {
+        throw new AppError('invalid_credentials', {
+          detail: 'The current password is incorrect',
+          errors: [{ field: 'body.current_password', message: 'is incorrect' }],
+        });
+      }
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        if (changed.passwordHash)
+          await deps.users.update(user.id, { passwordHash: changed.passwordHash }, tx);
+        (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
+        await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
+      });
+    },
+
+    async listSessions(userId: string) {
+      return deps.sessions.listLive(userId);
+    },
+
+    async endSession(userId: string, sessionId: string, context: RequestContext): Promise<void> {
+      const session = await deps.sessions.findSession(sessionId);
+      // Another user's session is indistinguishable from a missing one (ASVS V8 object level).
+      if (!session || session.userId !== userId || session.revokedAt) throw notFound('session');
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        (await deps.sessions.endSession(tx, sessionId, 'ended_by_user')).forEach(emit);
+        await deps.audit.record(tx, context, {
+          type: 'auth.session_ended',
+          subjectId: userId,
+          data: { session_id: sessionId },
+        });
+      });
+    },
+
+    /**
+     * Creates the admin when no admin exists (or always, with `force`; idempotent either way): a new user with the `admin` role, or
+     * the `admin` role for an existing user with that email.
+     */
+    async bootstrapAdmin(
+      input: { email: string; password: string | undefined; force?: boolean },
+      context: RequestContext,
+    ) {
+      const email = normalizeEmail(input.email);
+      if (!input.force && (await deps.users.countWithRole('admin')) > 0) {
+        return { user: await deps.users.findByEmail(email), created: false, granted: false };
+      }
+      const existing = await deps.users.findByEmail(email);
+      if (existing) {
+        const granted = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const added = await deps.users.assignRole(existing.id, 'admin', null, tx);
+          if (added) {
+            await deps.audit.record(tx, context, {
+              type: 'role.granted',
+              subjectId: existing.id,
+              data: { role: 'admin', bootstrap: true },
+            });
+            emit({ type: 'user_changed', userId: existing.id });
+          }
+          return added;
+        });
+        return { user: existing, created: false, granted };
+      }
+      if (!input.password)
+        throw new AppError('validation_failed', { detail: 'A password is needed to create the admin' });
+      checkPasswordStrength(input.password, email);
+      const signedUp = await deps.provider.signUp(email, input.password);
+      const user = await inTransaction(deps.db, deps.events, async (tx) => {
+        const row = await deps.users.insert(
+          {
+            id: signedUp.user.id,
+            email,
+            provider: deps.provider.name,
+            passwordHash: signedUp.passwordHash,
+            emailConfirmedAt: signedUp.user.emailConfirmedAt ?? deps.clock.now(),
+          },
+          tx,
+        );
+        if (!row) throw new AppError('email_taken');
+        await deps.users.assignRole(row.id, 'user', null, tx);
+        await deps.users.assignRole(row.id, 'admin', null, tx);
+        await deps.users.createProfile(row.id, 'Administrator', tx);
+        await deps.audit.record(tx, context, {
+          type: 'user.registered',
+          subjectId: row.id,
+          data: { bootstrap: true },
+        });
+        await deps.audit.record(tx, context, {
+          type: 'role.granted',
+          subjectId: row.id,
+          data: { role: 'admin', bootstrap: true },
+        });
+        return row;
+      });
+      return { user, created: true, granted: true };
+    },
+
+    /** Revokes every token a user holds, on every instance (disable, delete). */
+    subjectRevocation: (tx: Parameters<RevocationList['revoke']>[0], userId: string) =>
+      deps.revocations.revoke(tx, 'subject', userId, addSeconds(deps.clock.now(), deps.maxAccessTtl)),
+  };
+}
+
+export type AuthService = ReturnType<typeof createAuthService>;

@@ -1,0 +1,95 @@
+import { and, desc, eq, gt, isNull, ne } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { refreshTokens, sessions } from '../../db/schema/index.js';
+
+export type SessionRow = typeof sessions.$inferSelect;
+export type RefreshTokenRow = typeof refreshTokens.$inferSelect;
+
+export function createSessionsRepository(db: Executor) {
+  return {
+    async insertSession(row: typeof sessions.$inferInsert, tx: Executor = db): Promise<SessionRow> {
+      const [created] = await tx.insert(sessions).values(row).returning();
+      return created!;
+    },
+    async insertRefreshToken(row: typeof refreshTokens.$inferInsert, tx: Executor = db): Promise<void> {
+      await tx.insert(refreshTokens).values(row);
+    },
+    /** The token and its session, with the token row locked: concurrent refreshes of it take turns. */
+    async findByTokenHashForUpdate(
+      tokenHash: string,
+      tx: Executor,
+    ): Promise<{ token: RefreshTokenRow; session: SessionRow } | undefined> {
+      const [row] = await tx
+        .select({ token: refreshTokens, session: sessions })
+        .from(refreshTokens)
+        .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
+        .where(eq(refreshTokens.tokenHash, tokenHash))
+        .limit(1)
+        .for('update', { of: refreshTokens });
+      return row;
+    },
+    async findByTokenHash(
+      tokenHash: string,
+      tx: Executor = db,
+    ): Promise<{ token: RefreshTokenRow; session: SessionRow } | undefined> {
+      const [row] = await tx
+        .select({ token: refreshTokens, session: sessions })
+        .from(refreshTokens)
+        .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
+        .where(eq(refreshTokens.tokenHash, tokenHash))
+        .limit(1);
+      return row;
+    },
+    async markRotated(tokenId: string, at: Date, tx: Executor): Promise<void> {
+      await tx.update(refreshTokens).set({ rotatedAt: at }).where(eq(refreshTokens.id, tokenId));
+    },
+    async touchSession(id: string, at: Date, idleExpiresAt: Date, tx: Executor): Promise<void> {
+      await tx.update(sessions).set({ lastUsedAt: at, idleExpiresAt }).where(eq(sessions.id, id));
+    },
+    async findSession(id: string, tx: Executor = db): Promise<SessionRow | undefined> {
+      const [row] = await tx.select().from(sessions).where(eq(sessions.id, id)).limit(1);
+      return row;
+    },
+    async listLive(userId: string, now: Date, tx: Executor = db): Promise<SessionRow[]> {
+      return tx
+        .select()
+        .from(sessions)
+        .where(
+          and(
+            eq(sessions.userId, userId),
+            isNull(sessions.revokedAt),
+            gt(sessions.expiresAt, now),
+            gt(sessions.idleExpiresAt, now),
+          ),
+        )
+        .orderBy(desc(sessions.lastUsedAt));
+    },
+    /** Revokes live sessions of a user (all, or all but one); returns the ids it revoked. */
+    async revokeForUser(
+      userId: string,
+      at: Date,
+      reason: string,
+      options: { except?: string } = {},
+      tx: Executor = db,
+    ): Promise<string[]> {
+      const conditions = [eq(sessions.userId, userId), isNull(sessions.revokedAt)];
+      if (options.except) conditions.push(ne(sessions.id, options.except));
+      const rows = await tx
+        .update(sessions)
+        .set({ revokedAt: at, revokedReason: reason })
+        .where(and(...conditions))
+        .returning({ id: sessions.id });
+      return rows.map((r) => r.id);
+    },
+    async revokeSession(id: string, at: Date, reason: string, tx: Executor = db): Promise<boolean> {
+      const rows = await tx
+        .update(sessions)
+        .set({ revokedAt: at, revokedReason: reason })
+        .where(and(eq(sessions.id, id), isNull(sessions.revokedAt)))
+        .returning({ id: sessions.id });
+      return rows.length > 0;
+    },
+  };
+}
+
+export type SessionsRepository = ReturnType<typeof createSessionsRepository>;

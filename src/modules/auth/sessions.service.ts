@@ -1,0 +1,203 @@
+import type { Database, Executor } from '../../db/client.js';
+import { addSeconds, type Clock } from '../../lib/clock.js';
+import { generateSecret, keyedHash, parseSecret, REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
+import { AppError } from '../../lib/errors.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { RevocationList } from '../tokens/revocations.service.js';
+import { FIRST_PARTY_CLIENT_ID, type TokenService } from '../tokens/tokens.service.js';
+import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { SessionRow, SessionsRepository } from './sessions.repository.js';
+
+export interface SessionTokens {
+  access_token: string;
+  token_type: 'Bearer';
+  expires_in: number;
+  refresh_token: string;
+}
+
+export interface SessionsServiceDeps {
+  db: Database;
+  repo: SessionsRepository;
+  users: UsersRepository;
+  tokens: TokenService;
+  revocations: RevocationList;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  pepper: Buffer;
+  audience: string;
+  ttl: {
+    access: number;
+    refreshIdle: number;
+    refreshAbsolute: number;
+    reuseGrace: number;
+    maxAccess: number;
+  };
+  onIssued?: (grant: string) => void;
+}
+
+type RefreshOutcome =
+  | { kind: 'ok'; user: UserRow; session: SessionRow; refreshToken: string }
+  | { kind: 'reused' }
+  | { kind: 'invalid' };
+
+/**
+ * Sessions are refresh-token families. A refresh token is opaque (≥ 256 random bits), stored as an
+ * HMAC under the server pepper, and rotates on every use; presenting a rotated one after the grace
+ * revokes the whole family (RFC 9700 §4.14.2).
+ */
+export function createSessionsService(deps: SessionsServiceDeps) {
+  const hash = (token: string) => keyedHash(deps.pepper, token);
+
+  async function mintRefreshToken(sessionId: string, tx: Executor): Promise<string> {
+    const { token } = generateSecret(REFRESH_TOKEN_FORMAT);
+    await deps.repo.insertRefreshToken(
+      { sessionId, tokenHash: hash(token), createdAt: deps.clock.now() },
+      tx,
+    );
+    return token;
+  }
+
+  /** Events that revoke every token of these sessions on every instance. */
+  async function revocationEvents(tx: Executor, sessionIds: string[]): Promise<AuthEvent[]> {
+    const until = addSeconds(deps.clock.now(), deps.ttl.maxAccess);
+    return Promise.all(sessionIds.map((id) => deps.revocations.revoke(tx, 'session', id, until)));
+  }
+
+  async function accessTokenFor(user: UserRow, sessionId: string) {
+    const { roles, permissions } = await deps.users.rolesAndPermissions(user.id);
+    const issued = await deps.tokens.issue({
+      sub: user.id,
+      audience: deps.audience,
+      ttlSeconds: deps.ttl.access,
+      clientId: FIRST_PARTY_CLIENT_ID,
+      permissions,
+      roles,
+      sessionId,
+      email: user.email,
+    });
+    deps.onIssued?.('session');
+    return issued;
+  }
+
+  return {
+    /** Opens a session on `tx`; the refresh token is returned once and only its hash is kept. */
+    async start(
+      tx: Executor,
+      user: UserRow,
+      meta: { ip: string | null; userAgent: string | null; clientId?: string | null },
+    ): Promise<{ session: SessionRow; refreshToken: string }> {
+      const now = deps.clock.now();
+      const session = await deps.repo.insertSession(
+        {
+          userId: user.id,
+          clientId: meta.clientId ?? null,
+          ip: meta.ip,
+          userAgent: meta.userAgent?.slice(0, 512) ?? null,
+          createdAt: now,
+          lastUsedAt: now,
+          idleExpiresAt: addSeconds(now, Math.min(deps.ttl.refreshIdle, deps.ttl.refreshAbsolute)),
+          expiresAt: addSeconds(now, deps.ttl.refreshAbsolute),
+        },
+        tx,
+      );
+      return { session, refreshToken: await mintRefreshToken(session.id, tx) };
+    },
+
+    /** The `session` object of API.md: a fresh access token with the user's current roles. */
+    async tokensFor(user: UserRow, sessionId: string, refreshToken: string): Promise<SessionTokens> {
+      const access = await accessTokenFor(user, sessionId);
+      return {
+        access_token: access.token,
+        token_type: 'Bearer',
+        expires_in: access.expiresIn,
+        refresh_token: refreshToken,
+      };
+    },
+
+    async refresh(refreshToken: string, context: RequestContext): Promise<SessionTokens> {
+      if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) {
+        throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
+      }
+      const outcome = await inTransaction<RefreshOutcome>(deps.db, deps.events, async (tx, emit) => {
+        const found = await deps.repo.findByTokenHashForUpdate(hash(refreshToken), tx);
+        if (!found) return { kind: 'invalid' };
+        const { token, session } = found;
+        const now = deps.clock.now();
+        if (session.revokedAt || session.expiresAt <= now || session.idleExpiresAt <= now)
+          return { kind: 'invalid' };
+        const user = await deps.users.findById(session.userId, tx);
+        if (user?.status !== 'active') return { kind: 'invalid' };
+        if (token.rotatedAt) {
+          const sinceRotation = now.getTime() - token.rotatedAt.getTime();
+          if (sinceRotation > deps.ttl.reuseGrace * 1000) {
+            // A rotated token came back: it was stolen or replayed. End the whole family.
+            await deps.repo.revokeSession(session.id, now, 'refresh_token_reused', tx);
+            for (const e of await revocationEvents(tx, [session.id])) emit(e);
+            await deps.audit.record(tx, context, {
+              type: 'refresh_token.reused',
+              subjectId: user.id,
+              outcome: 'failure',
+              data: { session_id: session.id },
+            });
+            return { kind: 'reused' };
+          }
+          // Within the grace, a concurrent refresh of the same token gets its own successor in the
+          // same family, instead of a spurious logout.
+        } else {
+          await deps.repo.markRotated(token.id, now, tx);
+        }
+        const idleExpiresAt = new Date(
+          Math.min(addSeconds(now, deps.ttl.refreshIdle).getTime(), session.expiresAt.getTime()),
+        );
+        await deps.repo.touchSession(session.id, now, idleExpiresAt, tx);
+        return { kind: 'ok', user, session, refreshToken: await mintRefreshToken(session.id, tx) };
+      });
+      if (outcome.kind !== 'ok') {
+        throw new AppError('invalid_refresh_token', {
+          detail:
+            outcome.kind === 'reused'
+              ? 'The refresh token was already used; the session has been ended'
+              : 'The refresh token is invalid, expired or revoked',
+          oauthError: 'invalid_grant',
+        });
+      }
+      return this.tokensFor(outcome.user, outcome.session.id, outcome.refreshToken);
+    },
+
+    /** The session a refresh token belongs to (for logout and revocation), if live. */
+    async findByRefreshToken(refreshToken: string): Promise<SessionRow | undefined> {
+      if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) return undefined;
+      return (await deps.repo.findByTokenHash(hash(refreshToken)))?.session;
+    },
+
+    /** Ends one session on `tx`; returns the events to emit (none when it had already ended). */
+    async endSession(tx: Executor, sessionId: string, reason: string): Promise<AuthEvent[]> {
+      const revoked = await deps.repo.revokeSession(sessionId, deps.clock.now(), reason, tx);
+      return revoked ? revocationEvents(tx, [sessionId]) : [];
+    },
+
+    /** Ends every live session of a user (but `except`) on `tx`. */
+    async endAllSessions(
+      tx: Executor,
+      userId: string,
+      reason: string,
+      except?: string,
+    ): Promise<AuthEvent[]> {
+      const ids = await deps.repo.revokeForUser(
+        userId,
+        deps.clock.now(),
+        reason,
+        except ? { except } : {},
+        tx,
+      );
+      return revocationEvents(tx, ids);
+    },
+
+    listLive: (userId: string) => deps.repo.listLive(userId, deps.clock.now()),
+    findSession: (id: string) => deps.repo.findSession(id),
+  };
+}
+
+export type SessionsService = ReturnType<typeof createSessionsService>;

@@ -1,0 +1,120 @@
+import type { FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { PERMISSIONS } from '../../lib/permissions.js';
+import type { SigningKeysService } from '../signing-keys/signing-keys.service.js';
+
+export interface DiscoveryDeps {
+  issuer: string;
+  audience: string;
+  keys: SigningKeysService;
+}
+
+const JwksSchema = z
+  .object({
+    keys: z.array(
+      z
+        .object({
+          kty: z.string(),
+          kid: z.string(),
+          alg: z.string(),
+          use: z.literal('sig'),
+          crv: z.string().optional(),
+          x: z.string().optional(),
+          y: z.string().optional(),
+        })
+        .describe('A public signing key (RFC 7517); private members are never published'),
+    ),
+  })
+  .meta({ id: 'Jwks' });
+
+const MetadataSchema = z
+  .object({
+    issuer: z.string(),
+    jwks_uri: z.string(),
+    token_endpoint: z.string(),
+    introspection_endpoint: z.string(),
+    revocation_endpoint: z.string(),
+    grant_types_supported: z.array(z.string()),
+    response_types_supported: z.array(z.string()),
+    token_endpoint_auth_methods_supported: z.array(z.string()),
+    introspection_endpoint_auth_methods_supported: z.array(z.string()),
+    revocation_endpoint_auth_methods_supported: z.array(z.string()),
+    scopes_supported: z.array(z.string()),
+    access_token_signing_alg_values_supported: z.array(z.string()),
+    subject_types_supported: z.array(z.string()),
+    id_token_signing_alg_values_supported: z.array(z.string()),
+    default_audience: z.string().describe('The `aud` of user access tokens; verify it'),
+    service_documentation: z.string(),
+  })
+  .meta({ id: 'AuthorizationServerMetadata' });
+
+/** Verifiers may cache the key set; a new key is published as `next` long before it signs. */
+const JWKS_CACHE_CONTROL = 'public, max-age=300, stale-while-revalidate=60';
+
+export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps) {
+  // Untyped on purpose: these answers are pre-serialised strings, sent as they are.
+  const r = app;
+  const clientAuth = ['client_secret_basic', 'client_secret_post'];
+  const metadata = {
+    issuer: deps.issuer,
+    jwks_uri: `${deps.issuer}/.well-known/jwks.json`,
+    token_endpoint: `${deps.issuer}/oauth/token`,
+    introspection_endpoint: `${deps.issuer}/oauth/introspect`,
+    revocation_endpoint: `${deps.issuer}/oauth/revoke`,
+    grant_types_supported: ['client_credentials', 'refresh_token'],
+    response_types_supported: ['token'],
+    token_endpoint_auth_methods_supported: clientAuth,
+    introspection_endpoint_auth_methods_supported: clientAuth,
+    revocation_endpoint_auth_methods_supported: clientAuth,
+    scopes_supported: Object.keys(PERMISSIONS),
+    access_token_signing_alg_values_supported: ['ES256', 'EdDSA'],
+    subject_types_supported: ['public'],
+    id_token_signing_alg_values_supported: ['ES256'],
+    default_audience: deps.audience,
+    service_documentation: `${deps.issuer}/docs`,
+  };
+  const metadataJson = JSON.stringify(metadata);
+
+  r.get(
+    '/.well-known/jwks.json',
+    {
+      config: { public: true },
+      schema: {
+        tags: ['discovery'],
+        operationId: 'jwks',
+        summary: 'The public keys that sign access tokens (RFC 7517)',
+        response: { 200: JwksSchema },
+      },
+    },
+    async (_request, reply) =>
+      // Pre-serialised when the key set changes: this is hit by every verifier.
+      reply
+        .header('cache-control', JWKS_CACHE_CONTROL)
+        .type('application/json')
+        .serializer((p) => p as string)
+        .send(deps.keys.jwks()),
+  );
+
+  for (const path of ['/.well-known/openid-configuration', '/.well-known/oauth-authorization-server']) {
+    r.get(
+      path,
+      {
+        config: { public: true },
+        schema: {
+          tags: ['discovery'],
+          operationId: path.endsWith('openid-configuration')
+            ? 'openidConfiguration'
+            : 'authorizationServerMetadata',
+          summary: 'Authorization-server metadata (RFC 8414)',
+          response: { 200: MetadataSchema },
+        },
+      },
+      async (_request, reply) =>
+        reply
+          .header('cache-control', 'public, max-age=3600')
+          .type('application/json')
+          .serializer((p) => p as string)
+          .send(metadataJson),
+    );
+  }
+}

@@ -1,0 +1,53 @@
+import { and, asc, eq, inArray, isNull, lt, or, sql } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { signingKeys } from '../../db/schema/index.js';
+
+export type SigningKeyRow = typeof signingKeys.$inferSelect;
+export type NewSigningKey = typeof signingKeys.$inferInsert;
+
+/** An arbitrary constant: the transaction-scoped advisory lock that serialises key changes. */
+const SIGNING_KEYS_LOCK = 7_344_021_119;
+
+export function createSigningKeysRepository(db: Executor) {
+  return {
+    async lock(tx: Executor): Promise<void> {
+      await tx.execute(sql`SELECT pg_advisory_xact_lock(${SIGNING_KEYS_LOCK})`);
+    },
+    /** Every key still published: next, active, and retiring keys whose tokens may still be alive. */
+    async listPublished(now: Date, tx: Executor = db): Promise<SigningKeyRow[]> {
+      return tx
+        .select()
+        .from(signingKeys)
+        .where(
+          or(
+            inArray(signingKeys.state, ['next', 'active']),
+            and(
+              eq(signingKeys.state, 'retiring'),
+              or(isNull(signingKeys.publishUntil), sql`${signingKeys.publishUntil} > ${now}`),
+            ),
+          ),
+        )
+        .orderBy(asc(signingKeys.createdAt));
+    },
+    async listAll(tx: Executor = db): Promise<SigningKeyRow[]> {
+      return tx.select().from(signingKeys).orderBy(asc(signingKeys.createdAt));
+    },
+    async insert(row: NewSigningKey, tx: Executor = db): Promise<void> {
+      await tx.insert(signingKeys).values(row);
+    },
+    async update(kid: string, patch: Partial<SigningKeyRow>, tx: Executor = db): Promise<void> {
+      await tx.update(signingKeys).set(patch).where(eq(signingKeys.kid, kid));
+    },
+    /** Retiring keys past their publication window become retired. */
+    async retireExpired(now: Date, tx: Executor = db): Promise<number> {
+      const rows = await tx
+        .update(signingKeys)
+        .set({ state: 'retired' })
+        .where(and(eq(signingKeys.state, 'retiring'), lt(signingKeys.publishUntil, now)))
+        .returning({ kid: signingKeys.kid });
+      return rows.length;
+    },
+  };
+}
+
+export type SigningKeysRepository = ReturnType<typeof createSigningKeysRepository>;

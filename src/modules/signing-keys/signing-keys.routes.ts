@@ -1,0 +1,75 @@
+import type { FastifyInstance } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { requestContext } from '../../plugins/authenticate.js';
+import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import type { SigningKeyRow } from './signing-keys.repository.js';
+import type { SigningKeysService } from './signing-keys.service.js';
+
+const SigningKeySchema = z
+  .object({
+    kid: z.string(),
+    alg: z.enum(['ES256', 'EdDSA']),
+    state: z
+      .enum(['next', 'active', 'retiring', 'retired'])
+      .describe(
+        'next: published, signs after the next rotation; retiring: published until its tokens expire',
+      ),
+    public_jwk: z.record(z.string(), z.unknown()),
+    created_at: z.string(),
+    activated_at: z.string().nullable(),
+    retiring_at: z.string().nullable(),
+    published_until: z.string().nullable(),
+  })
+  .meta({ id: 'SigningKey' });
+
+const toDto = (k: SigningKeyRow) => ({
+  kid: k.kid,
+  alg: k.alg,
+  state: k.state,
+  public_jwk: k.publicJwk,
+  created_at: k.createdAt.toISOString(),
+  activated_at: k.activatedAt?.toISOString() ?? null,
+  retiring_at: k.retiringAt?.toISOString() ?? null,
+  published_until: k.state === 'retired' ? null : (k.publishUntil?.toISOString() ?? null),
+});
+
+export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: SigningKeysService }) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+  r.get(
+    '/v1/signing-keys',
+    {
+      config: { permission: 'keys:read' },
+      schema: {
+        tags: ['signing-keys'],
+        operationId: 'listSigningKeys',
+        summary: 'Signing keys: public parts and states',
+        security: bearerOrApiKey,
+        response: { 200: z.object({ data: z.array(SigningKeySchema) }), ...problems(401, 403) },
+      },
+    },
+    async () => ({ data: (await deps.keys.list()).map(toDto) }),
+  );
+
+  r.post(
+    '/v1/signing-keys/rotate',
+    {
+      config: { permission: 'keys:write' },
+      schema: {
+        tags: ['signing-keys'],
+        operationId: 'rotateSigningKey',
+        summary:
+          'Rotate: the published next key starts signing; the old one verifies until its tokens expire',
+        security: bearerOrApiKey,
+        response: {
+          200: z.object({ active_kid: z.string(), previous_kid: z.string().nullable() }),
+          ...problems(401, 403, 503),
+        },
+      },
+    },
+    async (request) => {
+      const result = await deps.keys.rotate(requestContext(request));
+      return { active_kid: result.kid, previous_kid: result.previous };
+    },
+  );
+}

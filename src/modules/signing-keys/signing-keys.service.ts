@@ -1,0 +1,184 @@
+import { createPrivateKey, createPublicKey, type KeyObject, randomUUID } from 'node:crypto';
+import { exportJWK, exportPKCS8, generateKeyPair, type JWK } from 'jose';
+import type { Logger } from 'pino';
+import type { Database, Transaction } from '../../db/client.js';
+import { addSeconds, type Clock } from '../../lib/clock.js';
+import { decrypt, encrypt } from '../../lib/crypto.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { SigningKeyRow, SigningKeysRepository } from './signing-keys.repository.js';
+
+export type SigningAlg = 'ES256' | 'EdDSA';
+
+export interface VerificationKey {
+  kid: string;
+  alg: SigningAlg;
+  key: KeyObject;
+}
+
+export interface ActiveSigningKey extends VerificationKey {
+  privateKey: KeyObject;
+}
+
+/** What the JWKS publishes: public members only (RFC 7517), never d, p, q, dp, dq, qi, oth or k. */
+const PUBLIC_JWK_MEMBERS = ['kty', 'crv', 'x', 'y', 'n', 'e'] as const;
+
+function publicJwk(jwk: JWK, kid: string, alg: SigningAlg): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const m of PUBLIC_JWK_MEMBERS) {
+    const v = jwk[m];
+    if (typeof v === 'string') out[m] = v;
+  }
+  return { ...out, kid, alg, use: 'sig' };
+}
+
+export interface SigningKeysServiceDeps {
+  db: Database;
+  repo: SigningKeysRepository;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  logger: Logger;
+  keyEncryptionKey: Buffer;
+  alg: SigningAlg;
+  /** The longest access-token lifetime: a retiring key stays published this long + 10 minutes. */
+  maxAccessTtl: number;
+}
+
+/** Verifiers cache a JWKS for up to 10 minutes (SECURITY.md); retired keys stay this much longer. */
+export const JWKS_CACHE_SECONDS = 600;
+
+/**
+ * Signing keys: next (published, not signing) → active → retiring (published until its last token
+ * expired + 10 min) → retired. Because the next key is published from its creation, a rotation only
+ * ever starts signing with a key verifiers have already been shown.
+ */
+export function createSigningKeysService(deps: SigningKeysServiceDeps) {
+  let active: ActiveSigningKey | undefined;
+  const verification = new Map<string, VerificationKey>();
+  let jwksJson = '{"keys":[]}';
+  let loaded: SigningKeyRow[] = [];
+
+  async function newKeyRow(state: 'next' | 'active', now: Date) {
+    const kid = randomUUID();
+    const { publicKey, privateKey } = await generateKeyPair(deps.alg, {
+      extractable: true,
+      crv: deps.alg === 'EdDSA' ? 'Ed25519' : undefined,
+    });
+    const jwk = await exportJWK(publicKey);
+    const pem = await exportPKCS8(privateKey);
+    return {
+      kid,
+      alg: deps.alg,
+      state,
+      publicJwk: publicJwk(jwk, kid, deps.alg),
+      privateKeyEncrypted: encrypt(deps.keyEncryptionKey, pem),
+      createdAt: now,
+      activatedAt: state === 'active' ? now : null,
+    };
+  }
+
+  /** Reads the published keys into memory: the only place `kid`s are looked up (never SQL, never files). */
+  async function reload(): Promise<void> {
+    const rows = await deps.repo.listPublished(deps.clock.now());
+    const nextVerification = new Map<string, VerificationKey>();
+    for (const row of rows) {
+      const key = createPublicKey({ key: row.publicJwk as JWK & { kty: string }, format: 'jwk' });
+      nextVerification.set(row.kid, { kid: row.kid, alg: row.alg, key });
+    }
+    const activatedAt = (r: SigningKeyRow) => (r.activatedAt ?? r.createdAt).getTime();
+    const activeRow = rows
+      .filter((r) => r.state === 'active')
+      .sort((a, b) => activatedAt(b) - activatedAt(a))[0];
+    const nextActive = activeRow && {
+      ...nextVerification.get(activeRow.kid)!,
+      privateKey: createPrivateKey(decrypt(deps.keyEncryptionKey, activeRow.privateKeyEncrypted)),
+    };
+    verification.clear();
+    for (const [k, v] of nextVerification) verification.set(k, v);
+    active = nextActive;
+    loaded = rows;
+    jwksJson = JSON.stringify({ keys: rows.map((r) => r.publicJwk) });
+  }
+
+  /** Creates the first active key and a published next key when missing; retires expired keys. */
+  async function ensureKeys(): Promise<void> {
+    await deps.db.transaction(async (tx) => {
+      await deps.repo.lock(tx);
+      const now = deps.clock.now();
+      await deps.repo.retireExpired(now, tx);
+      const rows = await deps.repo.listPublished(now, tx);
+      if (!rows.some((r) => r.state === 'active')) await deps.repo.insert(await newKeyRow('active', now), tx);
+      if (!rows.some((r) => r.state === 'next')) await deps.repo.insert(await newKeyRow('next', now), tx);
+    });
+    await reload();
+  }
+
+  async function rotateIn(
+    tx: Transaction,
+    context: RequestContext,
+  ): Promise<{ kid: string; previous: string | null }> {
+    await deps.repo.lock(tx);
+    const now = deps.clock.now();
+    const rows = await deps.repo.listPublished(now, tx);
+    const current = rows.filter((r) => r.state === 'active');
+    let next = rows.find((r) => r.state === 'next');
+    if (!next) {
+      const row = await newKeyRow('next', now);
+      await deps.repo.insert(row, tx);
+      next = { ...row, retiringAt: null, publishUntil: null } as SigningKeyRow;
+    }
+    for (const c of current) {
+      await deps.repo.update(
+        c.kid,
+        {
+          state: 'retiring',
+          retiringAt: now,
+          publishUntil: addSeconds(now, deps.maxAccessTtl + JWKS_CACHE_SECONDS),
+        },
+        tx,
+      );
+    }
+    await deps.repo.update(next.kid, { state: 'active', activatedAt: now }, tx);
+    await deps.repo.insert(await newKeyRow('next', now), tx);
+    await deps.audit.record(tx, context, {
+      type: 'signing_key.rotated',
+      subjectId: next.kid,
+      data: { previous: current.map((c) => c.kid), alg: next.alg },
+    });
+    return { kid: next.kid, previous: current[0]?.kid ?? null };
+  }
+
+  return {
+    ensureKeys,
+    reload,
+    /** The key new tokens are signed with. */
+    activeKey(): ActiveSigningKey {
+      if (!active) throw new Error('no active signing key loaded');
+      return active;
+    },
+    /** Looks a `kid` up among the published keys, in memory. */
+    verificationKey(kid: string): VerificationKey | undefined {
+      return verification.get(kid);
+    },
+    jwks(): string {
+      return jwksJson;
+    },
+    async rotate(context: RequestContext) {
+      const result = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const r = await rotateIn(tx, context);
+        emit({ type: 'signing_keys_changed' });
+        return r;
+      });
+      await reload();
+      deps.logger.info({ kid: result.kid, previous: result.previous }, 'signing key rotated');
+      return result;
+    },
+    async list() {
+      return deps.repo.listAll();
+    },
+    loadedKeys: () => loaded,
+  };
+}
+
+export type SigningKeysService = ReturnType<typeof createSigningKeysService>;

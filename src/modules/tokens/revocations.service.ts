@@ -1,0 +1,88 @@
+import type { Logger } from 'pino';
+import type { Executor } from '../../db/client.js';
+import type { Clock } from '../../lib/clock.js';
+import type { AuthEvent } from '../../lib/events.js';
+import type { RevocationsRepository } from './revocations.repository.js';
+
+export type RevocationKind = 'jti' | 'session' | 'subject';
+
+interface Entry {
+  revokedAt: number;
+  expiresAt: number;
+}
+
+/**
+ * Revoked access tokens, held in memory by every instance so verification never reads the database:
+ * loaded at start, kept current by the events of every instance, reloaded after a missed-event resync
+ * and every minute as a backstop. Entries expire with the last token they could concern.
+ */
+export function createRevocationList(deps: { repo: RevocationsRepository; clock: Clock; logger: Logger }) {
+  const maps: Record<RevocationKind, Map<string, Entry>> = {
+    jti: new Map(),
+    session: new Map(),
+    subject: new Map(),
+  };
+
+  function apply(kind: RevocationKind, value: string, entry: Entry) {
+    const existing = maps[kind].get(value);
+    if (!existing || existing.revokedAt < entry.revokedAt || existing.expiresAt < entry.expiresAt) {
+      maps[kind].set(value, {
+        revokedAt: Math.max(existing?.revokedAt ?? 0, entry.revokedAt),
+        expiresAt: Math.max(existing?.expiresAt ?? 0, entry.expiresAt),
+      });
+    }
+  }
+
+  async function reload() {
+    const rows = await deps.repo.listLive(deps.clock.now());
+    for (const m of Object.values(maps)) m.clear();
+    for (const r of rows)
+      apply(r.kind, r.value, { revokedAt: r.revokedAt.getTime(), expiresAt: r.expiresAt.getTime() });
+  }
+
+  function prune() {
+    const now = deps.clock.now().getTime();
+    for (const m of Object.values(maps)) for (const [k, v] of m) if (v.expiresAt <= now) m.delete(k);
+  }
+
+  return {
+    reload,
+    prune,
+    /** Writes the revocation on `tx` and returns the event that tells every instance. */
+    async revoke(
+      tx: Executor,
+      kind: RevocationKind,
+      value: string,
+      expiresAt: Date,
+    ): Promise<Extract<AuthEvent, { type: 'revocation' }>> {
+      const revokedAt = deps.clock.now();
+      await deps.repo.upsert({ kind, value, revokedAt, expiresAt }, tx);
+      return {
+        type: 'revocation',
+        kind,
+        value,
+        revokedAt: revokedAt.getTime(),
+        expiresAt: expiresAt.getTime(),
+      };
+    },
+    handle(event: AuthEvent) {
+      if (event.type === 'revocation') apply(event.kind, event.value, event);
+      else if (event.type === 'resync')
+        reload().catch((err: unknown) => deps.logger.warn({ err }, 'could not reload revocations'));
+    },
+    /** True when a token with these claims was revoked: its jti, its session, or its subject since it was issued. */
+    isRevoked(claims: { jti?: string; sid?: string; sub?: string; iat?: number }): boolean {
+      if (claims.jti && maps.jti.has(claims.jti)) return true;
+      if (claims.sid && maps.session.has(claims.sid)) return true;
+      if (claims.sub) {
+        const subject = maps.subject.get(claims.sub);
+        // iat has one-second resolution: a token issued in the second of the revocation is revoked too.
+        if (subject && (claims.iat ?? 0) * 1000 <= subject.revokedAt) return true;
+      }
+      return false;
+    },
+    size: () => maps.jti.size + maps.session.size + maps.subject.size,
+  };
+}
+
+export type RevocationList = ReturnType<typeof createRevocationList>;

@@ -1,0 +1,148 @@
+import { randomUUID } from 'node:crypto';
+import { errors as joseErrors, type JWTPayload, jwtVerify, SignJWT } from 'jose';
+import { LRUCache } from 'lru-cache';
+import { type Clock, epochSeconds } from '../../lib/clock.js';
+import { AppError } from '../../lib/errors.js';
+import type { SigningKeysService } from '../signing-keys/signing-keys.service.js';
+import type { RevocationList } from './revocations.service.js';
+
+/** RFC 9068 access-token claims, plus `roles`, `sid` and `email` for users. */
+export interface AccessTokenClaims extends JWTPayload {
+  iss: string;
+  sub: string;
+  aud: string | string[];
+  exp: number;
+  iat: number;
+  jti: string;
+  client_id: string;
+  scope: string;
+  roles?: string[];
+  sid?: string;
+  email?: string;
+}
+
+export interface IssueAccessToken {
+  sub: string;
+  audience: string | string[];
+  ttlSeconds: number;
+  clientId: string;
+  permissions: string[];
+  roles?: string[];
+  sessionId?: string;
+  email?: string;
+}
+
+/** The client id first-party logins (frontends through /v1/auth) are issued under. */
+export const FIRST_PARTY_CLIENT_ID = 'paservices-frontend';
+/** SECURITY.md: leeway at most 30 s. */
+export const CLOCK_TOLERANCE_SECONDS = 30;
+export const ACCESS_TOKEN_ALGORITHMS = ['ES256', 'EdDSA'];
+
+export function createTokenService(deps: {
+  keys: SigningKeysService;
+  revocations: RevocationList;
+  clock: Clock;
+  issuer: string;
+  /** This service's own audience: what user tokens carry and what it accepts. */
+  audience: string;
+}) {
+  // Signature checks are the expensive part; their result is cached until the token expires.
+  // Revocation is checked on every use, so the cache never outlives one.
+  const verified = new LRUCache<string, AccessTokenClaims>({ max: 10_000 });
+
+  async function verifySignature(token: string, audience: string): Promise<AccessTokenClaims> {
+    const { payload } = await jwtVerify(
+      token,
+      (header) => {
+        // Only our own keys, by kid, from memory; jku, x5u, jwk and x5c are never looked at.
+        const key = typeof header.kid === 'string' ? deps.keys.verificationKey(header.kid) : undefined;
+        if (!key || key.alg !== header.alg) throw new joseErrors.JWKSNoMatchingKey();
+        return key.key;
+      },
+      {
+        algorithms: ACCESS_TOKEN_ALGORITHMS,
+        issuer: deps.issuer,
+        audience,
+        typ: 'at+jwt',
+        clockTolerance: CLOCK_TOLERANCE_SECONDS,
+        currentDate: deps.clock.now(),
+        requiredClaims: ['exp', 'iat', 'jti', 'sub', 'client_id'],
+      },
+    );
+    if (typeof payload.scope !== 'string' || typeof payload.client_id !== 'string') {
+      throw new joseErrors.JWTClaimValidationFailed('missing scope or client_id', payload);
+    }
+    return payload as AccessTokenClaims;
+  }
+
+  return {
+    async issue(input: IssueAccessToken) {
+      const key = deps.keys.activeKey();
+      const now = deps.clock.now();
+      const iat = epochSeconds(now);
+      const exp = iat + input.ttlSeconds;
+      const jti = randomUUID();
+      const claims: Record<string, unknown> = {
+        client_id: input.clientId,
+        scope: input.permissions.join(' '),
+      };
+      if (input.roles) claims.roles = input.roles;
+      if (input.sessionId) claims.sid = input.sessionId;
+      if (input.email) claims.email = input.email;
+      const token = await new SignJWT(claims)
+        .setProtectedHeader({ alg: key.alg, kid: key.kid, typ: 'at+jwt' })
+        .setIssuer(deps.issuer)
+        .setSubject(input.sub)
+        .setAudience(input.audience)
+        .setIssuedAt(iat)
+        .setNotBefore(iat)
+        .setExpirationTime(exp)
+        .setJti(jti)
+        .sign(key.privateKey);
+      return { token, jti, expiresIn: input.ttlSeconds, expiresAt: new Date(exp * 1000) };
+    },
+
+    /**
+     * The one verification of access tokens: explicit algorithms, our keys by kid, exact issuer,
+     * audience, `typ: at+jwt`, ≤ 30 s leeway, then revocation (jti, session, subject).
+     * Throws AppError `invalid_token`.
+     */
+    async verify(token: string, options: { audience?: string } = {}): Promise<AccessTokenClaims> {
+      const audience = options.audience ?? deps.audience;
+      if (token.length > 8192) throw new AppError('invalid_token');
+      const cacheKey = audience === deps.audience ? token : `${audience}\u0000${token}`;
+      let claims = verified.get(cacheKey);
+      if (claims) {
+        if (claims.exp + CLOCK_TOLERANCE_SECONDS <= epochSeconds(deps.clock.now())) {
+          verified.delete(cacheKey);
+          throw new AppError('invalid_token', { detail: 'The access token has expired' });
+        }
+      } else {
+        try {
+          claims = await verifySignature(token, audience);
+        } catch (err) {
+          const expired = err instanceof joseErrors.JWTExpired;
+          throw new AppError('invalid_token', {
+            detail: expired ? 'The access token has expired' : 'The access token is not valid',
+          });
+        }
+        verified.set(cacheKey, claims, { ttl: Math.max(1, claims.exp * 1000 - deps.clock.now().getTime()) });
+      }
+      if (deps.revocations.isRevoked(claims)) {
+        throw new AppError('invalid_token', { detail: 'The access token has been revoked' });
+      }
+      return claims;
+    },
+
+    /** Verifies without throwing (introspection); undefined for anything invalid. */
+    async tryVerify(token: string, audience?: string): Promise<AccessTokenClaims | undefined> {
+      try {
+        return await this.verify(token, audience ? { audience } : {});
+      } catch {
+        return undefined;
+      }
+    },
+  };
+}
+
+export type TokenService = ReturnType<typeof createTokenService>;

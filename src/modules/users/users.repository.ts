@@ -1,0 +1,126 @@
+import { and, asc, count, eq, gt, ilike, inArray, or, sql } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { profiles, roles, userRoles, users } from '../../db/schema/index.js';
+import type { Cursor } from '../../lib/pagination.js';
+
+export type UserRow = typeof users.$inferSelect;
+export type NewUser = typeof users.$inferInsert;
+
+const escapeLike = (s: string) => s.replace(/[\\%_]/g, (c) => `\\${c}`);
+
+export function createUsersRepository(db: Executor) {
+  return {
+    async findById(id: string, tx: Executor = db): Promise<UserRow | undefined> {
+      const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1);
+      return row;
+    },
+    async findByEmail(email: string, tx: Executor = db): Promise<UserRow | undefined> {
+      const [row] = await tx
+        .select()
+        .from(users)
+        .where(sql`lower(${users.email}) = ${email.toLowerCase()}`)
+        .limit(1);
+      return row;
+    },
+    /** Inserts the user; undefined when the email (or id) is taken. */
+    async insert(user: NewUser, tx: Executor = db): Promise<UserRow | undefined> {
+      const [row] = await tx.insert(users).values(user).onConflictDoNothing().returning();
+      return row;
+    },
+    async update(
+      id: string,
+      patch: Partial<Pick<UserRow, 'status' | 'passwordHash' | 'email' | 'emailConfirmedAt'>>,
+      tx: Executor = db,
+    ): Promise<UserRow | undefined> {
+      const [row] = await tx
+        .update(users)
+        .set({ ...patch, updatedAt: new Date() })
+        .where(eq(users.id, id))
+        .returning();
+      return row;
+    },
+    async delete(id: string, tx: Executor = db): Promise<boolean> {
+      const rows = await tx.delete(users).where(eq(users.id, id)).returning({ id: users.id });
+      return rows.length > 0;
+    },
+    async list(
+      options: { query?: string; limit: number; cursor?: Cursor },
+      tx: Executor = db,
+    ): Promise<UserRow[]> {
+      const conditions = [];
+      if (options.query) conditions.push(ilike(users.email, `%${escapeLike(options.query)}%`));
+      if (options.cursor) {
+        conditions.push(
+          or(
+            gt(users.createdAt, options.cursor.createdAt),
+            and(eq(users.createdAt, options.cursor.createdAt), gt(users.id, options.cursor.id)),
+          ),
+        );
+      }
+      return tx
+        .select()
+        .from(users)
+        .where(conditions.length ? and(...conditions) : undefined)
+        .orderBy(asc(users.createdAt), asc(users.id))
+        .limit(options.limit + 1);
+    },
+    /** The user's role names and the union of their permissions. */
+    async rolesAndPermissions(
+      userId: string,
+      tx: Executor = db,
+    ): Promise<{ roles: string[]; permissions: string[] }> {
+      const rows = await tx
+        .select({ name: roles.name, permissions: roles.permissions })
+        .from(userRoles)
+        .innerJoin(roles, eq(userRoles.roleName, roles.name))
+        .where(eq(userRoles.userId, userId))
+        .orderBy(asc(roles.name));
+      const permissions = new Set<string>();
+      for (const r of rows) for (const p of r.permissions) permissions.add(p);
+      return { roles: rows.map((r) => r.name), permissions: [...permissions].sort() };
+    },
+    async assignRole(
+      userId: string,
+      roleName: string,
+      grantedBy: string | null,
+      tx: Executor = db,
+    ): Promise<boolean> {
+      const rows = await tx
+        .insert(userRoles)
+        .values({ userId, roleName, grantedBy })
+        .onConflictDoNothing()
+        .returning({ userId: userRoles.userId });
+      return rows.length > 0;
+    },
+    async removeRole(userId: string, roleName: string, tx: Executor = db): Promise<boolean> {
+      const rows = await tx
+        .delete(userRoles)
+        .where(and(eq(userRoles.userId, userId), eq(userRoles.roleName, roleName)))
+        .returning({ userId: userRoles.userId });
+      return rows.length > 0;
+    },
+    /** Active users holding the role, locked so two concurrent removals cannot both pass a last-admin check. */
+    async lockRoleHolders(roleName: string, tx: Executor): Promise<string[]> {
+      const rows = await tx
+        .select({ userId: userRoles.userId })
+        .from(userRoles)
+        .innerJoin(users, eq(users.id, userRoles.userId))
+        .where(and(eq(userRoles.roleName, roleName), eq(users.status, 'active')))
+        .for('update');
+      return rows.map((r) => r.userId);
+    },
+    async countWithRole(roleName: string, tx: Executor = db): Promise<number> {
+      const [row] = await tx.select({ n: count() }).from(userRoles).where(eq(userRoles.roleName, roleName));
+      return row?.n ?? 0;
+    },
+    async createProfile(userId: string, displayName: string | null, tx: Executor = db): Promise<void> {
+      await tx.insert(profiles).values({ userId, displayName }).onConflictDoNothing();
+    },
+    async findByIds(ids: string[], tx: Executor = db): Promise<UserRow[]> {
+      if (ids.length === 0) return [];
+      return tx.select().from(users).where(inArray(users.id, ids));
+    },
+  };
+}
+
+export type UsersRepository = ReturnType<typeof createUsersRepository>;

@@ -1,0 +1,181 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import fp from 'fastify-plugin';
+import { AppError } from '../lib/errors.js';
+import { hasPermission } from '../lib/permissions.js';
+import type { RequestContext } from '../modules/audit/audit.service.js';
+import type { AccessTokenClaims, TokenService } from '../modules/tokens/tokens.service.js';
+
+/** Whoever a request speaks for: a user (access token), a service (client token) or an API key. */
+export type Principal =
+  | {
+      kind: 'user';
+      id: string;
+      userId: string;
+      permissions: string[];
+      roles: string[];
+      sessionId: string | undefined;
+      clientId: string;
+      claims: AccessTokenClaims;
+    }
+  | {
+      kind: 'service';
+      id: string;
+      userId: undefined;
+      clientId: string;
+      permissions: string[];
+      claims: AccessTokenClaims;
+    }
+  | {
+      kind: 'api_key';
+      /** The key's id. */
+      id: string;
+      /** The key's owner: API keys act for their owner, within the key's scopes. */
+      userId: string;
+      permissions: string[];
+      lookupId: string;
+    };
+
+/** Resolves an API key string to its principal, or undefined when it is not a valid key. */
+export type ApiKeyResolver = (key: string) => Promise<Principal | undefined>;
+
+export const API_KEY_PREFIX = 'pak_';
+
+export interface AuthenticateOptions {
+  tokens: TokenService;
+  /** Filled in by the API-keys module; until then keys are refused like any unknown token. */
+  apiKeys?: { resolve: ApiKeyResolver };
+  /** Records an authorization failure (403) in the audit log. */
+  onForbidden?: (request: FastifyRequest, permission: string) => Promise<void>;
+}
+
+const WWW_AUTHENTICATE_INVALID = 'Bearer realm="paservices", error="invalid_token"';
+const WWW_AUTHENTICATE_MISSING = 'Bearer realm="paservices"';
+
+export function principalFromClaims(claims: AccessTokenClaims): Principal {
+  const permissions = claims.scope ? claims.scope.split(' ').filter(Boolean) : [];
+  if (Array.isArray(claims.roles)) {
+    return {
+      kind: 'user',
+      id: claims.sub,
+      userId: claims.sub,
+      permissions,
+      roles: claims.roles.filter((r): r is string => typeof r === 'string'),
+      sessionId: typeof claims.sid === 'string' ? claims.sid : undefined,
+      clientId: claims.client_id,
+      claims,
+    };
+  }
+  return {
+    kind: 'service',
+    id: claims.sub,
+    userId: undefined,
+    clientId: claims.client_id,
+    permissions,
+    claims,
+  };
+}
+
+/** The credential of a request: a bearer token or an X-API-Key. Tokens are never read from the URL. */
+export function credentialOf(request: FastifyRequest): string | undefined {
+  const apiKey = request.headers['x-api-key'];
+  if (typeof apiKey === 'string' && apiKey.length > 0) return apiKey.trim();
+  const header = request.headers.authorization;
+  if (typeof header !== 'string') return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
+  return match?.[1];
+}
+
+export function requestContext(request: FastifyRequest): RequestContext {
+  const p = request.principal;
+  return {
+    actorType: p ? (p.kind === 'api_key' ? 'api_key' : p.kind) : 'anonymous',
+    actorId: p ? (p.kind === 'api_key' ? p.userId : p.id) : null,
+    ip: request.ip ?? null,
+    userAgent: typeof request.headers['user-agent'] === 'string' ? request.headers['user-agent'] : null,
+    requestId: request.id,
+  };
+}
+
+async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOptions) {
+  app.decorateRequest('principal', undefined);
+
+  async function resolve(request: FastifyRequest): Promise<Principal | undefined> {
+    const credential = credentialOf(request);
+    if (credential === undefined) {
+      if (request.headers.authorization !== undefined) {
+        throw new AppError('invalid_token', {
+          detail: 'Use the Authorization: Bearer scheme',
+          headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+        });
+      }
+      return undefined;
+    }
+    try {
+      if (credential.startsWith(API_KEY_PREFIX)) {
+        const principal = await options.apiKeys?.resolve(credential);
+        if (!principal) throw new AppError('invalid_token', { detail: 'The API key is not valid' });
+        return principal;
+      }
+      return principalFromClaims(await options.tokens.verify(credential));
+    } catch (err) {
+      if (err instanceof AppError && err.code === 'invalid_token') {
+        throw new AppError('invalid_token', {
+          detail: err.detail,
+          headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+        });
+      }
+      throw err;
+    }
+  }
+
+  /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
+  app.decorate('resolvePrincipal', resolve);
+
+  app.addHook('onRequest', async (request) => {
+    const config = request.routeOptions.config;
+    // Unmatched URLs go to the 404 handler; public routes need no principal.
+    if (!request.routeOptions.url || config.public) return;
+    const principal = await resolve(request);
+    if (!principal) {
+      throw new AppError('authentication_required', {
+        detail: 'Send an access token or API key: Authorization: Bearer <token>, or X-API-Key',
+        headers: { 'www-authenticate': WWW_AUTHENTICATE_MISSING },
+      });
+    }
+    request.principal = principal;
+    const permission = config.permission;
+    if (!permission) {
+      // Fail closed: a route that forgot to declare its permission serves nobody.
+      request.log.error({ route: request.routeOptions.url }, 'route declares no permission');
+      throw new AppError('forbidden');
+    }
+    if (!hasPermission(principal.permissions, permission)) {
+      await options.onForbidden?.(request, permission);
+      throw new AppError('forbidden', { detail: `This needs the permission ${permission}` });
+    }
+  });
+}
+
+export default fp(authenticatePlugin, { name: 'authenticate', fastify: '5.x' });
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    principal: Principal | undefined;
+  }
+  interface FastifyInstance {
+    resolvePrincipal(request: FastifyRequest): Promise<Principal | undefined>;
+  }
+}
+
+/** The principal of a route behind `authenticate` (there is always one). */
+export function principalOf(request: FastifyRequest): Principal {
+  if (!request.principal) throw new AppError('authentication_required');
+  return request.principal;
+}
+
+/** The user a self-service route acts for: the token's user or the API key's owner. */
+export function userIdOf(request: FastifyRequest): string {
+  const principal = principalOf(request);
+  if (!principal.userId) throw new AppError('forbidden', { detail: 'This route is for users, not services' });
+  return principal.userId;
+}

@@ -1,0 +1,191 @@
+import { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import type { Config } from './config.js';
+import type { DatabaseHandle } from './db/client.js';
+import { createLocalProvider } from './identity/local.js';
+import { createPasswordHasher } from './identity/passwords.js';
+import type { IdentityProvider } from './identity/provider.js';
+import { createSupabaseProvider } from './identity/supabase.js';
+import type { Clock } from './lib/clock.js';
+import { createEventBus } from './lib/events.js';
+import { createMemoryFailureCounter, createRedisFailureCounter } from './lib/throttle.js';
+import { createAuditRepository } from './modules/audit/audit.repository.js';
+import { createAuditService, systemContext } from './modules/audit/audit.service.js';
+import { createAuthService } from './modules/auth/auth.service.js';
+import { createSessionsRepository } from './modules/auth/sessions.repository.js';
+import { createSessionsService } from './modules/auth/sessions.service.js';
+import { createProfilesRepository } from './modules/profiles/profiles.repository.js';
+import { createSigningKeysRepository } from './modules/signing-keys/signing-keys.repository.js';
+import { createSigningKeysService } from './modules/signing-keys/signing-keys.service.js';
+import { createRevocationsRepository } from './modules/tokens/revocations.repository.js';
+import { createRevocationList } from './modules/tokens/revocations.service.js';
+import { createTokenService } from './modules/tokens/tokens.service.js';
+import { createUsersRepository } from './modules/users/users.repository.js';
+import { createMetrics } from './plugins/metrics.js';
+
+export interface ServicesDeps {
+  config: Config;
+  database: DatabaseHandle;
+  logger: Logger;
+  clock: Clock;
+  identityProvider?: IdentityProvider | undefined;
+  /** A Redis client for shared counters; by default one is made from REDIS_URL when set. */
+  redis?: Redis | undefined;
+}
+
+/** How often caches are checked against the database, as a backstop to the change notifications. */
+const HOUSEKEEPING_INTERVAL_MS = 60_000;
+
+/**
+ * Wires every repository and service once. The HTTP app and the scripts (create-admin,
+ * rotate-signing-key) share it, so a rule lives in one place whichever door it is reached by.
+ */
+export function createServices(deps: ServicesDeps) {
+  const { config, database, logger, clock } = deps;
+  const db = database.db;
+  const metrics = createMetrics();
+  const events = createEventBus({ database, logger });
+  const ownsRedis = !deps.redis && !!config.redisUrl;
+  const redis =
+    deps.redis ??
+    (config.redisUrl
+      ? new Redis(config.redisUrl, {
+          lazyConnect: false,
+          enableOfflineQueue: false,
+          maxRetriesPerRequest: 1,
+          connectTimeout: 1000,
+          commandTimeout: 500,
+        })
+      : undefined);
+  redis?.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis error'));
+
+  const repos = {
+    users: createUsersRepository(db),
+    audit: createAuditRepository(db),
+    sessions: createSessionsRepository(db),
+    signingKeys: createSigningKeysRepository(db),
+    revocations: createRevocationsRepository(db),
+    profiles: createProfilesRepository(db),
+  };
+  const audit = createAuditService({ repo: repos.audit, clock });
+  const keys = createSigningKeysService({
+    db,
+    repo: repos.signingKeys,
+    audit,
+    events,
+    clock,
+    logger,
+    keyEncryptionKey: config.keyEncryptionKey,
+    alg: config.signingAlg,
+    maxAccessTtl: config.tokens.maxAccessTtl,
+  });
+  const revocations = createRevocationList({ repo: repos.revocations, clock, logger });
+  const audience = config.issuer;
+  const tokens = createTokenService({ keys, revocations, clock, issuer: config.issuer, audience });
+  const hasher = createPasswordHasher(config.passwordHashing);
+  const provider: IdentityProvider =
+    deps.identityProvider ??
+    (config.authProvider === 'supabase' && config.supabase
+      ? createSupabaseProvider({
+          url: config.supabase.url,
+          anonKey: config.supabase.anonKey,
+          serviceRoleKey: config.supabase.serviceRoleKey,
+          timeoutMs: config.supabase.timeoutMs,
+        })
+      : createLocalProvider({ users: repos.users, hasher }));
+  const failureOptions = { max: config.rateLimit.maxLoginFailuresPerHour, windowSeconds: 3600, clock };
+  const failures =
+    config.rateLimit.enabled && redis
+      ? createRedisFailureCounter({ ...failureOptions, redis, logger })
+      : createMemoryFailureCounter(
+          config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
+        );
+  const sessions = createSessionsService({
+    db,
+    repo: repos.sessions,
+    users: repos.users,
+    tokens,
+    revocations,
+    audit,
+    events,
+    clock,
+    pepper: config.secretPepper,
+    audience,
+    ttl: {
+      access: config.tokens.accessTtl,
+      refreshIdle: config.tokens.refreshIdleTtl,
+      refreshAbsolute: config.tokens.refreshAbsoluteTtl,
+      reuseGrace: config.tokens.reuseGraceSeconds,
+      maxAccess: config.tokens.maxAccessTtl,
+    },
+    onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
+  });
+  const auth = createAuthService({
+    db,
+    users: repos.users,
+    provider,
+    sessions,
+    revocations,
+    audit,
+    events,
+    clock,
+    failures,
+    maxAccessTtl: config.tokens.maxAccessTtl,
+    onLogin: (outcome) => metrics.logins.inc({ outcome }),
+  });
+
+  events.subscribe((event) => revocations.handle(event));
+  events.subscribe((event) => {
+    if (event.type === 'signing_keys_changed' || event.type === 'resync') {
+      keys.reload().catch((err: unknown) => logger.warn({ err }, 'could not reload signing keys'));
+    }
+  });
+
+  let timer: NodeJS.Timeout | undefined;
+  async function housekeeping() {
+    revocations.prune();
+    await keys.ensureKeys();
+    await revocations.reload();
+  }
+
+  return {
+    config,
+    db,
+    logger,
+    clock,
+    metrics,
+    events,
+    redis,
+    repos,
+    audit,
+    keys,
+    revocations,
+    tokens,
+    hasher,
+    provider,
+    sessions,
+    auth,
+    audience,
+    /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
+    async start() {
+      await keys.ensureKeys();
+      await revocations.reload();
+      await events.start();
+      if (config.bootstrapAdmin) {
+        const result = await auth.bootstrapAdmin(config.bootstrapAdmin, systemContext);
+        if (result.created || result.granted)
+          logger.info({ email: config.bootstrapAdmin.email }, 'bootstrap admin ready');
+      }
+      timer = setInterval(() => {
+        housekeeping().catch((err: unknown) => logger.warn({ err }, 'housekeeping failed; will retry'));
+      }, HOUSEKEEPING_INTERVAL_MS);
+      timer.unref();
+    },
+    async stop() {
+      if (timer) clearInterval(timer);
+      if (ownsRedis) await redis?.quit().catch(() => undefined);
+    },
+  };
+}
+
+export type Services = ReturnType<typeof createServices>;

@@ -1,0 +1,497 @@
+import type { FastifyInstance } from 'fastify';
+import { createRemoteJWKSet, customFetch, decodeProtectedHeader, jwtVerify } from 'jose';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { login, PASSWORD, registerUser } from '../support/factories.js';
+import { bearer, injectFetch } from '../support/http.js';
+
+describe('auth: register, login, me, refresh, logout (local provider)', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp();
+  });
+
+  it('registers, logs in and answers /me with user, roles, permissions and profile', async () => {
+    const email = uniqueEmail('flow');
+    const reg = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: PASSWORD, display_name: 'Ada' },
+    });
+    expect(reg.statusCode).toBe(201);
+    const body = reg.json();
+    expect(body.user).toMatchObject({ email, status: 'active', email_confirmed_at: null });
+    expect(body.user.id).toMatch(/^[0-9a-f-]{36}$/);
+    expect(body.session).toMatchObject({ token_type: 'Bearer', expires_in: 900 });
+    expect(body.session.refresh_token).toMatch(/^prt_/);
+    expect(JSON.stringify(body)).not.toContain('password');
+
+    const loggedIn = await login(app, email);
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(loggedIn.session.access_token),
+    });
+    expect(me.statusCode).toBe(200);
+    expect(me.json()).toMatchObject({
+      user: { id: body.user.id, email },
+      roles: ['user'],
+      profile: { display_name: 'Ada', user_id: body.user.id },
+    });
+    expect(me.json().permissions).toEqual(expect.arrayContaining(['account:read', 'account:write']));
+  });
+
+  it('refuses a duplicate email (409, any case) and weak passwords (422)', async () => {
+    const user = await registerUser(app);
+    const dup = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: user.email.toUpperCase(), password: PASSWORD },
+    });
+    expect(dup.statusCode).toBe(409);
+    expect(dup.json().code).toBe('email_taken');
+    for (const password of ['short', 'password1234', 'x'.repeat(129), 'baseball']) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email: uniqueEmail('weak'), password },
+      });
+      expect(res.statusCode, password).toBe(422);
+      expect(res.json().code).toBe('weak_password');
+    }
+  });
+
+  it('answers unknown email and wrong password identically', async () => {
+    const user = await registerUser(app);
+    const wrong = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: 'not the password at all' },
+    });
+    const unknown = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: uniqueEmail('ghost'), password: 'not the password at all' },
+    });
+    expect(wrong.statusCode).toBe(401);
+    expect(unknown.statusCode).toBe(401);
+    const strip = (b: Record<string, unknown>) => ({ ...b, request_id: undefined });
+    expect(strip(wrong.json())).toEqual(strip(unknown.json()));
+    expect(wrong.json().code).toBe('invalid_credentials');
+  });
+
+  it('rotates the refresh token, and replaying a rotated one kills the whole family', async () => {
+    const user = await registerUser(app);
+    const first = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(first.statusCode).toBe(200);
+    const rotated = first.json().session;
+    expect(rotated.refresh_token).not.toBe(user.refreshToken);
+    const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(rotated.access_token) });
+    expect(me.statusCode).toBe(200);
+
+    // Past the grace window, the old token is a replay.
+    const grace = app.services.config.tokens.reuseGraceSeconds;
+    const clock = app.services.clock as { now(): Date };
+    const realNow = clock.now;
+    clock.now = () => new Date(Date.now() + (grace + 1) * 1000);
+    try {
+      const replay = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: user.refreshToken },
+      });
+      expect(replay.statusCode).toBe(401);
+      expect(replay.json().code).toBe('invalid_refresh_token');
+    } finally {
+      clock.now = realNow;
+    }
+    // The family is dead: the newest refresh token and the access token of the session both fail.
+    const after = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: rotated.refresh_token },
+    });
+    expect(after.statusCode).toBe(401);
+    const meAfter = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(rotated.access_token),
+    });
+    expect(meAfter.statusCode).toBe(401);
+    expect(meAfter.headers['www-authenticate']).toContain('invalid_token');
+    const events = await app.services.audit.list({
+      actorId: undefined,
+      type: 'refresh_token.reused',
+      limit: 200,
+    });
+    expect(events.some((e) => e.subjectId === user.id)).toBe(true);
+  });
+
+  it('lets concurrent refreshes of one token within the grace all succeed in one family', async () => {
+    const user = await registerUser(app);
+    const results = await Promise.all(
+      Array.from({ length: 10 }, () =>
+        app.inject({
+          method: 'POST',
+          url: '/v1/auth/refresh',
+          payload: { refresh_token: user.refreshToken },
+        }),
+      ),
+    );
+    for (const r of results) expect(r.statusCode).toBe(200);
+    const sessions = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(user.accessToken),
+    });
+    expect(sessions.json().data).toHaveLength(1);
+  });
+
+  it('logout ends the session; logout all ends every session', async () => {
+    const user = await registerUser(app);
+    const second = await login(app, user.email);
+    const third = await login(app, user.email);
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+    });
+    expect(out.statusCode).toBe(204);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(401);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(second.session.access_token) }))
+        .statusCode,
+    ).toBe(200);
+
+    const all = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(second.session.access_token),
+      payload: { scope: 'all' },
+    });
+    expect(all.statusCode).toBe(204);
+    for (const s of [second.session, third.session]) {
+      expect(
+        (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(s.access_token) })).statusCode,
+      ).toBe(401);
+      const r = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: s.refresh_token },
+      });
+      expect(r.statusCode).toBe(401);
+    }
+  });
+
+  it('lists sessions with the current one marked, and ends another one (another user’s is 404)', async () => {
+    const user = await registerUser(app);
+    const other = await login(app, user.email);
+    const list = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(user.accessToken),
+    });
+    expect(list.statusCode).toBe(200);
+    const data = list.json().data as Array<{ id: string; current: boolean }>;
+    expect(data).toHaveLength(2);
+    expect(data.filter((s) => s.current)).toHaveLength(1);
+    const otherId = data.find((s) => !s.current)!.id;
+
+    const stranger = await registerUser(app, 'stranger');
+    const idor = await app.inject({
+      method: 'DELETE',
+      url: `/v1/auth/sessions/${otherId}`,
+      headers: bearer(stranger.accessToken),
+    });
+    expect(idor.statusCode).toBe(404);
+
+    const del = await app.inject({
+      method: 'DELETE',
+      url: `/v1/auth/sessions/${otherId}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(del.statusCode).toBe(204);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(other.session.access_token) }))
+        .statusCode,
+    ).toBe(401);
+    const badId = await app.inject({
+      method: 'DELETE',
+      url: '/v1/auth/sessions/not-a-uuid',
+      headers: bearer(user.accessToken),
+    });
+    expect(badId.statusCode).toBe(400);
+  });
+
+  it('changes the password, ending the other sessions but not this one', async () => {
+    const user = await registerUser(app);
+    const other = await login(app, user.email);
+    const wrong = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: 'wrong wrong wrong', new_password: 'a brand new passphrase' },
+    });
+    expect(wrong.statusCode).toBe(401);
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: 'a brand new passphrase' },
+    });
+    expect(res.statusCode).toBe(204);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(200);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(other.session.access_token) }))
+        .statusCode,
+    ).toBe(401);
+    const old = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(old.statusCode).toBe(401);
+    await login(app, user.email, 'a brand new passphrase');
+  });
+
+  it('a disabled user loses every session and their tokens stop at once; login answers like a wrong password', async () => {
+    const user = await registerUser(app);
+    await app.services.db.transaction(async (tx) => {
+      await app.services.repos.users.update(user.id, { status: 'disabled' }, tx);
+      const event = await app.services.auth.subjectRevocation(tx, user.id);
+      app.services.events.applyLocally([event]);
+    });
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(401);
+    const refresh = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(refresh.statusCode).toBe(401);
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(res.statusCode).toBe(401);
+    expect(res.json().code).toBe('invalid_credentials');
+  });
+
+  it('requires credentials on /me (401 with WWW-Authenticate) and refuses garbage tokens', async () => {
+    const none = await app.inject({ method: 'GET', url: '/v1/auth/me' });
+    expect(none.statusCode).toBe(401);
+    expect(none.headers['www-authenticate']).toMatch(/^Bearer/);
+    const garbage = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer('not.a.jwt') });
+    expect(garbage.statusCode).toBe(401);
+    expect(garbage.headers['www-authenticate']).toContain('error="invalid_token"');
+    const basic = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: { authorization: 'Basic Zm9vOmJhcg==' },
+    });
+    expect(basic.statusCode).toBe(401);
+  });
+
+  it('writes audit events for registration, login success and failure, logout and password change', async () => {
+    const user = await registerUser(app);
+    await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: 'wrong password here' },
+    });
+    await login(app, user.email);
+    await app.inject({ method: 'POST', url: '/v1/auth/logout', headers: bearer(user.accessToken) });
+    const events = await app.services.audit.list({ limit: 200 });
+    const mine = events.filter((e) => e.subjectId === user.id).map((e) => `${e.type}:${e.outcome}`);
+    expect(mine).toEqual(
+      expect.arrayContaining([
+        'user.registered:success',
+        'auth.login:failure',
+        'auth.login:success',
+        'auth.logout:success',
+      ]),
+    );
+  });
+});
+
+describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp();
+  });
+
+  it('publishes discovery metadata with the issuer equal to PUBLIC_URL', async () => {
+    for (const path of ['/.well-known/openid-configuration', '/.well-known/oauth-authorization-server']) {
+      const res = await app.inject({ method: 'GET', url: path });
+      expect(res.statusCode).toBe(200);
+      const meta = res.json();
+      expect(meta.issuer).toBe('http://auth.test');
+      expect(meta.jwks_uri).toBe('http://auth.test/.well-known/jwks.json');
+      expect(meta.token_endpoint).toBe('http://auth.test/oauth/token');
+      expect(meta.token_endpoint_auth_methods_supported).toEqual([
+        'client_secret_basic',
+        'client_secret_post',
+      ]);
+      expect(meta.scopes_supported).toContain('users:read');
+    }
+  });
+
+  it('publishes only public key members with kid, alg and use, and a Cache-Control', async () => {
+    const res = await app.inject({ method: 'GET', url: '/.well-known/jwks.json' });
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['cache-control']).toMatch(/max-age=\d+/);
+    const { keys } = res.json();
+    expect(keys.length).toBeGreaterThanOrEqual(2); // active + the published next key
+    for (const k of keys) {
+      expect(k).toMatchObject({ use: 'sig', alg: 'ES256', kty: 'EC', crv: 'P-256' });
+      expect(k.kid).toBeTruthy();
+      for (const secret of ['d', 'p', 'q', 'dp', 'dq', 'qi', 'oth', 'k'])
+        expect(k).not.toHaveProperty(secret);
+    }
+  });
+
+  it('issues RFC 9068 tokens that verify with jose createRemoteJWKSet and the discovered issuer and audience', async () => {
+    const user = await registerUser(app);
+    const meta = (await app.inject({ method: 'GET', url: '/.well-known/openid-configuration' })).json();
+    const jwks = createRemoteJWKSet(new URL(meta.jwks_uri), { [customFetch]: injectFetch(app) });
+    const { payload, protectedHeader } = await jwtVerify(user.accessToken, jwks, {
+      issuer: meta.issuer,
+      audience: meta.default_audience,
+      typ: 'at+jwt',
+      algorithms: ['ES256'],
+    });
+    expect(protectedHeader).toMatchObject({ typ: 'at+jwt', alg: 'ES256' });
+    expect(protectedHeader.kid).toBeTruthy();
+    expect(payload).toMatchObject({ sub: user.id, client_id: 'paservices-frontend', roles: ['user'] });
+    for (const claim of ['iss', 'sub', 'aud', 'exp', 'iat', 'jti', 'client_id', 'scope'])
+      expect(payload).toHaveProperty(claim);
+    expect(String(payload.scope).split(' ')).toContain('account:read');
+  });
+
+  it('refuses forged tokens: alg none, HS256 with the public key, tampered payload, foreign key with our kid, jku', async () => {
+    const { SignJWT, generateKeyPair, exportJWK, UnsecuredJWT } = await import('jose');
+    const user = await registerUser(app);
+    const kid = decodeProtectedHeader(user.accessToken).kid!;
+    const [h, p, s] = user.accessToken.split('.');
+    const claims = JSON.parse(Buffer.from(p!, 'base64url').toString());
+    const forgeries: Record<string, string> = {};
+
+    forgeries.none = new UnsecuredJWT(claims).encode();
+    const noneWithTyp = `${Buffer.from(JSON.stringify({ alg: 'none', typ: 'at+jwt', kid })).toString('base64url')}.${p}.`;
+    forgeries.noneWithTyp = noneWithTyp;
+
+    const jwks = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json();
+    const publicJwk = JSON.stringify(jwks.keys.find((k: { kid: string }) => k.kid === kid));
+    forgeries.hs256 = await new SignJWT(claims)
+      .setProtectedHeader({ alg: 'HS256', typ: 'at+jwt', kid })
+      .sign(new TextEncoder().encode(publicJwk));
+
+    const tampered = Buffer.from(JSON.stringify({ ...claims, scope: '*', roles: ['admin'] })).toString(
+      'base64url',
+    );
+    forgeries.tampered = `${h}.${tampered}.${s}`;
+
+    const foreign = await generateKeyPair('ES256');
+    forgeries.foreignKey = await new SignJWT(claims)
+      .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid })
+      .sign(foreign.privateKey);
+
+    const foreignJwk = await exportJWK(foreign.publicKey);
+    forgeries.jku = await new SignJWT(claims)
+      .setProtectedHeader({
+        alg: 'ES256',
+        typ: 'at+jwt',
+        kid: 'attacker',
+        jku: 'https://attacker.example/jwks.json',
+      })
+      .sign(foreign.privateKey);
+    forgeries.embeddedJwk = await new SignJWT(claims)
+      .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', jwk: foreignJwk })
+      .sign(foreign.privateKey);
+
+    forgeries.wrongTyp = await new SignJWT(claims)
+      .setProtectedHeader({ alg: 'ES256', typ: 'JWT', kid })
+      .sign(foreign.privateKey);
+
+    for (const [name, token] of Object.entries(forgeries)) {
+      const res = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+      expect(res.statusCode, name).toBe(401);
+    }
+    // The genuine token still works.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(200);
+  });
+
+  it('after a rotation, older tokens still verify and new ones carry the new kid, which was published before', async () => {
+    const admin = await registerUser(app, 'keys-admin');
+    await app.services.repos.users.assignRole(admin.id, 'admin', null);
+    const adminSession = await login(app, admin.email);
+    const before = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' }))
+      .json()
+      .keys.map((k: { kid: string }) => k.kid);
+    const oldKid = decodeProtectedHeader(adminSession.session.access_token).kid;
+
+    const rotate = await app.inject({
+      method: 'POST',
+      url: '/v1/signing-keys/rotate',
+      headers: bearer(adminSession.session.access_token),
+    });
+    expect(rotate.statusCode).toBe(200);
+    const { active_kid: newKid } = rotate.json();
+    expect(newKid).not.toBe(oldKid);
+    expect(before).toContain(newKid); // published as `next` before it ever signed
+
+    const fresh = await login(app, admin.email);
+    expect(decodeProtectedHeader(fresh.session.access_token).kid).toBe(newKid);
+    expect(
+      (
+        await app.inject({
+          method: 'GET',
+          url: '/v1/auth/me',
+          headers: bearer(adminSession.session.access_token),
+        })
+      ).statusCode,
+    ).toBe(200);
+
+    const list = await app.inject({
+      method: 'GET',
+      url: '/v1/signing-keys',
+      headers: bearer(fresh.session.access_token),
+    });
+    const states = Object.fromEntries(
+      list.json().data.map((k: { kid: string; state: string }) => [k.kid, k.state]),
+    );
+    expect(states[oldKid!]).toBe('retiring');
+    expect(states[newKid]).toBe('active');
+    expect(Object.values(states)).toContain('next');
+    const after = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' }))
+      .json()
+      .keys.map((k: { kid: string }) => k.kid);
+    expect(after).toContain(oldKid);
+  });
+
+  it('keeps a user without keys:write from rotating (403) and anonymous callers out (401)', async () => {
+    const user = await registerUser(app);
+    expect(
+      (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/signing-keys/rotate',
+          headers: bearer(user.accessToken),
+        })
+      ).statusCode,
+    ).toBe(403);
+    expect((await app.inject({ method: 'POST', url: '/v1/signing-keys/rotate' })).statusCode).toBe(401);
+  });
+});

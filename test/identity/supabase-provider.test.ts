@@ -1,0 +1,288 @@
+import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
+import ws from 'ws';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { IdentityProvider, ProviderUser } from '../../src/identity/provider.js';
+import { createSupabaseProvider } from '../../src/identity/supabase.js';
+import { AppError } from '../../src/lib/errors.js';
+import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+
+let fake: FakeGoTrue;
+let provider: IdentityProvider;
+let seq = 0;
+const email = () => `user${++seq}-${Date.now()}@example.test`;
+
+async function rejection(promise: Promise<unknown>): Promise<AppError> {
+  try {
+    await promise;
+  } catch (err) {
+    expect(err).toBeInstanceOf(AppError);
+    return err as AppError;
+  }
+  throw new Error('expected a rejection');
+}
+
+/** A client of the kind some other app (a social login, a mobile app) would hold the token from. */
+function outsideClient() {
+  return createClient(fake.url, fake.anonKey, {
+    auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
+    realtime: { transport: ws as unknown as WebSocketLikeConstructor },
+  });
+}
+
+async function signedUp(address = email(), password = 'correct horse'): Promise<ProviderUser> {
+  const { user } = await provider.signUp(address, password);
+  return user;
+}
+
+beforeAll(async () => {
+  fake = await startFakeGoTrue();
+  provider = createSupabaseProvider({
+    url: fake.url,
+    anonKey: fake.anonKey,
+    serviceRoleKey: fake.serviceRoleKey,
+    timeoutMs: 2000,
+  });
+});
+
+afterEach(() => {
+  fake.setConfirmEmail(false);
+  fake.setDown(false);
+  fake.setDelayMs(0);
+  fake.setFailWith(undefined);
+});
+
+afterAll(async () => {
+  await fake.close();
+});
+
+describe('signUp', () => {
+  it('creates a confirmed user when Supabase does not ask for email confirmation', async () => {
+    const address = email();
+    const result = await provider.signUp(address, 'correct horse');
+    expect(result.confirmed).toBe(true);
+    expect(result.passwordHash).toBeNull();
+    expect(result.user.email).toBe(address);
+    expect(result.user.emailConfirmedAt).toBeInstanceOf(Date);
+    expect(fake.users.get(result.user.id)?.email).toBe(address);
+  });
+
+  it('reports confirmed: false when Supabase asks for email confirmation', async () => {
+    fake.setConfirmEmail(true);
+    const address = email();
+    const result = await provider.signUp(address, 'correct horse');
+    expect(result.confirmed).toBe(false);
+    expect(result.user.emailConfirmedAt).toBeNull();
+    expect(fake.users.has(result.user.id)).toBe(true);
+  });
+
+  it('answers email_taken for a registered email (autoconfirm: 422 user_already_exists)', async () => {
+    const address = email();
+    await signedUp(address);
+    const err = await rejection(provider.signUp(address, 'another password'));
+    expect(err.code).toBe('email_taken');
+  });
+
+  it('answers email_taken for a confirmed email when confirmation hides it behind a made-up user', async () => {
+    const address = email();
+    await signedUp(address);
+    fake.setConfirmEmail(true);
+    const err = await rejection(provider.signUp(address, 'another password'));
+    expect(err.code).toBe('email_taken');
+  });
+
+  it('answers weak_password for a password Supabase rejects', async () => {
+    const err = await rejection(provider.signUp(email(), 'abc'));
+    expect(err.code).toBe('weak_password');
+    expect(err.detail).toMatch(/at least 6 characters/);
+  });
+
+  it('answers validation_failed for an email Supabase cannot validate', async () => {
+    const err = await rejection(provider.signUp('not-an-email', 'correct horse'));
+    expect(err.code).toBe('validation_failed');
+  });
+});
+
+describe('signIn', () => {
+  it('returns the user for the right password and undefined otherwise', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    await expect(provider.signIn(address, 'correct horse')).resolves.toMatchObject({
+      id: user.id,
+      email: address,
+    });
+    await expect(provider.signIn(address, 'wrong horse')).resolves.toBeUndefined();
+    await expect(provider.signIn(email(), 'correct horse')).resolves.toBeUndefined();
+  });
+
+  it('returns undefined until the email is confirmed', async () => {
+    fake.setConfirmEmail(true);
+    const address = email();
+    const { user } = await provider.signUp(address, 'correct horse');
+    await expect(provider.signIn(address, 'correct horse')).resolves.toBeUndefined();
+    fake.confirm(address);
+    const signedIn = await provider.signIn(address, 'correct horse');
+    expect(signedIn?.id).toBe(user.id);
+    expect(signedIn?.emailConfirmedAt).toBeInstanceOf(Date);
+  });
+
+  it('revokes the Supabase sessions it opens', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    await vi.waitFor(() => expect(fake.activeSessions(user.id)).toBe(0));
+    await provider.signIn(address, 'correct horse');
+    await vi.waitFor(() => expect(fake.activeSessions(user.id)).toBe(0));
+    await provider.changePassword(user, 'correct horse', 'battery staple');
+    await vi.waitFor(() => expect(fake.activeSessions(user.id)).toBe(0));
+  });
+});
+
+describe('exchange', () => {
+  it('returns the user of a token Supabase issued elsewhere', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    const { data, error } = await outsideClient().auth.signInWithPassword({
+      email: address,
+      password: 'correct horse',
+    });
+    expect(error).toBeNull();
+    const token = data.session?.access_token ?? '';
+    await expect(provider.exchange(token)).resolves.toMatchObject({ id: user.id, email: address });
+  });
+
+  it('returns undefined for a garbage, empty, foreign-key or revoked token', async () => {
+    await expect(provider.exchange('garbage')).resolves.toBeUndefined();
+    await expect(provider.exchange('')).resolves.toBeUndefined();
+    // A project key is a valid JWT of the project, but names no user.
+    await expect(provider.exchange(fake.anonKey)).resolves.toBeUndefined();
+
+    const address = email();
+    await signedUp(address);
+    const client = outsideClient();
+    const { data } = await client.auth.signInWithPassword({ email: address, password: 'correct horse' });
+    const token = data.session?.access_token ?? '';
+    await client.auth.signOut();
+    await expect(provider.exchange(token)).resolves.toBeUndefined();
+  });
+
+  it('returns undefined for the token of a deleted user', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    const { data } = await outsideClient().auth.signInWithPassword({
+      email: address,
+      password: 'correct horse',
+    });
+    await provider.deleteUser(user.id);
+    await expect(provider.exchange(data.session?.access_token ?? '')).resolves.toBeUndefined();
+  });
+});
+
+describe('changePassword', () => {
+  it('changes the password after checking the current one', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    await expect(provider.changePassword(user, 'wrong horse', 'battery staple')).resolves.toBeUndefined();
+    await expect(provider.changePassword(user, 'correct horse', 'battery staple')).resolves.toEqual({
+      passwordHash: null,
+    });
+    await expect(provider.signIn(address, 'correct horse')).resolves.toBeUndefined();
+    await expect(provider.signIn(address, 'battery staple')).resolves.toMatchObject({ id: user.id });
+  });
+
+  it('accepts the current password as the new one, and refuses a weak one', async () => {
+    const user = await signedUp();
+    await expect(provider.changePassword(user, 'correct horse', 'correct horse')).resolves.toEqual({
+      passwordHash: null,
+    });
+    const err = await rejection(provider.changePassword(user, 'correct horse', 'abc'));
+    expect(err.code).toBe('weak_password');
+  });
+});
+
+describe('deleteUser', () => {
+  it('deletes the user with the service role key, and ignores one already gone', async () => {
+    const user = await signedUp();
+    await provider.deleteUser(user.id);
+    expect(fake.users.has(user.id)).toBe(false);
+    await expect(provider.deleteUser(user.id)).resolves.toBeUndefined();
+    await expect(provider.deleteUser('not-a-uuid')).resolves.toBeUndefined();
+  });
+
+  it('does nothing without a service role key', async () => {
+    const user = await signedUp();
+    const anonOnly = createSupabaseProvider({ url: fake.url, anonKey: fake.anonKey, timeoutMs: 2000 });
+    const adminRequests = () => fake.requests.filter((r) => r.path.startsWith('/auth/v1/admin/')).length;
+    const before = adminRequests();
+    await anonOnly.deleteUser(user.id);
+    expect(fake.users.has(user.id)).toBe(true);
+    expect(adminRequests()).toBe(before);
+  });
+});
+
+describe('when Supabase is unavailable', () => {
+  const expectUnavailable = (err: AppError) => {
+    expect(err.code).toBe('provider_unavailable');
+    expect(err.status).toBe(503);
+    expect(err.headers['retry-after']).toBe('5');
+  };
+
+  it('answers provider_unavailable at once when the server resets connections', async () => {
+    const user = await signedUp();
+    const consoleError = vi.spyOn(console, 'error');
+    try {
+      fake.setDown(true);
+      const started = Date.now();
+      expectUnavailable(await rejection(provider.signUp(email(), 'correct horse')));
+      expectUnavailable(await rejection(provider.signIn(user.email, 'correct horse')));
+      expectUnavailable(await rejection(provider.exchange('some.token.value')));
+      expectUnavailable(await rejection(provider.changePassword(user, 'correct horse', 'battery staple')));
+      expectUnavailable(await rejection(provider.deleteUser(user.id)));
+      expect(Date.now() - started).toBeLessThan(1000);
+      // auth-js console.errors a rejected fetch; the provider answers those itself.
+      expect(consoleError).not.toHaveBeenCalled();
+    } finally {
+      consoleError.mockRestore();
+    }
+  });
+
+  it('answers provider_unavailable when nothing listens at the URL', async () => {
+    const closed = await startFakeGoTrue();
+    await closed.close();
+    const unreachable = createSupabaseProvider({ url: closed.url, anonKey: closed.anonKey, timeoutMs: 2000 });
+    expectUnavailable(await rejection(unreachable.signIn('a@example.test', 'correct horse')));
+  });
+
+  it('answers provider_unavailable within about timeoutMs when the server is slow', async () => {
+    const timeoutMs = 300;
+    const slow = createSupabaseProvider({
+      url: fake.url,
+      anonKey: fake.anonKey,
+      serviceRoleKey: fake.serviceRoleKey,
+      timeoutMs,
+    });
+    const user = await signedUp();
+    fake.setDelayMs(3000);
+    for (const call of [
+      () => slow.signIn(user.email, 'correct horse'),
+      () => slow.signUp(email(), 'correct horse'),
+      () => slow.exchange('some.token.value'),
+      () => slow.deleteUser(user.id),
+    ]) {
+      const started = Date.now();
+      expectUnavailable(await rejection(call()));
+      const elapsed = Date.now() - started;
+      expect(elapsed).toBeGreaterThanOrEqual(timeoutMs - 50);
+      expect(elapsed).toBeLessThan(timeoutMs + 500);
+    }
+  });
+
+  it('answers provider_unavailable for a 5xx or a 429 from Supabase, not a sign-in failure', async () => {
+    const user = await signedUp();
+    fake.setFailWith({ status: 500 });
+    expectUnavailable(await rejection(provider.signIn(user.email, 'correct horse')));
+    fake.setFailWith({ status: 503, message: 'upstream down' });
+    expectUnavailable(await rejection(provider.exchange('some.token.value')));
+    fake.setFailWith({ status: 429, code: 'over_request_rate_limit', message: 'Request rate limit reached' });
+    expectUnavailable(await rejection(provider.signIn(user.email, 'correct horse')));
+    expectUnavailable(await rejection(provider.signUp(email(), 'correct horse')));
+  });
+});

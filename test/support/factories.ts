@@ -1,0 +1,46 @@
+import type { FastifyInstance } from 'fastify';
+import { expect } from 'vitest';
+import { uniqueEmail } from './app.js';
+
+export const PASSWORD = 'correct horse battery staple';
+
+export interface TestUser {
+  id: string;
+  email: string;
+  password: string;
+  accessToken: string;
+  refreshToken: string;
+}
+
+/** Registers a user through HTTP and returns their tokens. */
+export async function registerUser(
+  app: FastifyInstance,
+  tag = 'user',
+  password = PASSWORD,
+): Promise<TestUser> {
+  const email = uniqueEmail(tag);
+  const res = await app.inject({ method: 'POST', url: '/v1/auth/register', payload: { email, password } });
+  expect(res.statusCode, res.body).toBe(201);
+  const body = res.json();
+  return {
+    id: body.user.id,
+    email,
+    password,
+    accessToken: body.session.access_token,
+    refreshToken: body.session.refresh_token,
+  };
+}
+
+export async function login(app: FastifyInstance, email: string, password = PASSWORD) {
+  const res = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
+  expect(res.statusCode, res.body).toBe(200);
+  return res.json() as { user: { id: string }; session: { access_token: string; refresh_token: string } };
+}
+
+/** A user holding the admin role: registered, granted directly in the database, logged in again. */
+export async function createAdmin(app: FastifyInstance): Promise<TestUser> {
+  const user = await registerUser(app, 'admin');
+  await app.services.repos.users.assignRole(user.id, 'admin', null);
+  const session = await login(app, user.email, user.password);
+  return { ...user, accessToken: session.session.access_token, refreshToken: session.session.refresh_token };
+}
