@@ -11,9 +11,9 @@ export const signingKeys = pgTable('signing_keys', {
   publicJwk: jsonb('public_jwk').$type<Record<string, unknown>>().notNull(),
   /** AES-256-GCM under KEY_ENCRYPTION_KEY: base64(iv | tag | ciphertext of the PKCS#8 PEM). */
   privateKeyEncrypted: text('private_key_encrypted').notNull(),
-  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
-  activatedAt: timestamp('activated_at', { withTimezone: true }),
-  retiringAt: timestamp('retiring_at', { withTimezone: true }),
+  createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
+  activatedAt: timestamp('activated_at', { withTimezone: true, precision: 3 }),
+  retiringAt: timestamp('retiring_at', { withTimezone: true, precision: 3 }),
   /** While retiring: published until this moment (last possible token expiry + 10 minutes). */
-  publishUntil: timestamp('publish_until', { withTimezone: true }),
+  publishUntil: timestamp('publish_until', { withTimezone: true, precision: 3 }),
 });

@@ -21,9 +21,9 @@ export const users = pgTable(
       .default('active'),
     provider: text('provider', { enum: ['local', 'supabase'] }).notNull(),
     passwordHash: text('password_hash'),
-    emailConfirmedAt: timestamp('email_confirmed_at', { withTimezone: true }),
-    createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
-    updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
+    emailConfirmedAt: timestamp('email_confirmed_at', { withTimezone: true, precision: 3 }),
+    createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
+    updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
   },
   (t) => [
     uniqueIndex('users_email_key').on(sql`lower(${t.email})`),
@@ -36,8 +36,8 @@ export const roles = pgTable('roles', {
   description: text('description').notNull().default(''),
   permissions: text('permissions').array().notNull().default(sql`'{}'::text[]`),
   builtin: boolean('builtin').notNull().default(false),
-  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
-  updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
+  createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
+  updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
 });
 
 export const userRoles = pgTable(
@@ -50,7 +50,7 @@ export const userRoles = pgTable(
       .notNull()
       .references(() => roles.name, { onDelete: 'cascade', onUpdate: 'cascade' }),
     grantedBy: uuid('granted_by'),
-    createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+    createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
   },
   (t) => [primaryKey({ columns: [t.userId, t.roleName] }), index('user_roles_role_idx').on(t.roleName)],
 );
@@ -65,6 +65,6 @@ export const profiles = pgTable('profiles', {
   locale: text('locale'),
   timezone: text('timezone'),
   metadata: jsonb('metadata').$type<Record<string, unknown>>().notNull().default(sql`'{}'::jsonb`),
-  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
-  updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
+  createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
+  updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
 });
