@@ -10,10 +10,18 @@ import { type Clock, systemClock } from './lib/clock.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { IdentityProvider } from './identity/provider.js';
+import { apiKeysRoutes, createApiKeyResolver } from './modules/api-keys/api-keys.routes.js';
+import { auditRoutes } from './modules/audit/audit.routes.js';
 import { authRoutes } from './modules/auth/auth.routes.js';
+import { profilesRoutes } from './modules/profiles/profiles.routes.js';
+import { rolesRoutes } from './modules/roles/roles.routes.js';
+import { usersRoutes } from './modules/users/users.routes.js';
 import { discoveryRoutes } from './modules/discovery/discovery.routes.js';
 import { healthRoutes } from './modules/health/health.routes.js';
 import { signingKeysRoutes } from './modules/signing-keys/signing-keys.routes.js';
+import { clientsRoutes } from './modules/clients/clients.routes.js';
+import { renderOAuthError } from './modules/oauth/oauth.errors.js';
+import { oauthRoutes } from './modules/oauth/oauth.routes.js';
 import authenticate, { requestContext } from './plugins/authenticate.js';
 import errorHandler from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
@@ -32,6 +40,13 @@ export interface AppDeps {
 }
 
 export const SERVICE_VERSION = '0.1.0';
+
+export interface RouteEntry {
+  method: string;
+  url: string;
+  public: boolean;
+  permission: string | string[] | undefined;
+}
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
 
@@ -62,6 +77,24 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
 
+  // Every route with its declared access, so a test can prove none was left undeclared.
+  const routeTable: RouteEntry[] = [];
+  app.decorate('routeTable', routeTable);
+  app.addHook('onRoute', (route) => {
+    // CORS preflights carry no credentials by design (the cors plugin answers them).
+    if (route.method === 'OPTIONS') route.config = { ...(route.config ?? {}), public: true };
+    const methods = Array.isArray(route.method) ? route.method : [route.method];
+    for (const method of methods) {
+      if (method === 'HEAD') continue;
+      const config = (route.config ?? {}) as { public?: boolean; permission?: string | string[] };
+      routeTable.push({
+        method,
+        url: route.url,
+        public: config.public === true,
+        permission: config.permission,
+      });
+    }
+  });
   app.decorate('isShuttingDown', () => shuttingDown);
   app.decorate('markShuttingDown', () => {
     shuttingDown = true;
@@ -83,7 +116,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     await services.stop();
   });
 
-  await app.register(errorHandler, { renderers: [] });
+  // RFC 6749 §5.2 errors under /oauth; problem+json everywhere else.
+  await app.register(errorHandler, { renderers: [{ prefix: '/oauth/', render: renderOAuthError }] });
   await app.register(helmet, {
     contentSecurityPolicy: {
       directives: {
@@ -111,6 +145,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
   await app.register(authenticate, {
     tokens: services.tokens,
+    apiKeys: { resolve: createApiKeyResolver(services.apiKeys) },
     onForbidden: async (request, permission) => {
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',
@@ -134,6 +169,13 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     providerName: services.provider.name,
   });
   await app.register(signingKeysRoutes, { keys: services.keys });
+  await app.register(usersRoutes, { users: services.users });
+  await app.register(rolesRoutes, { roles: services.roles });
+  await app.register(profilesRoutes, { profiles: services.profiles });
+  await app.register(auditRoutes, { audit: services.audit });
+  await app.register(apiKeysRoutes, { apiKeys: services.apiKeys });
+  await app.register(clientsRoutes, { clients: services.clients, clock });
+  await app.register(oauthRoutes, { oauth: services.oauth });
 
   app.decorate('services', services);
   app.addHook('onClose', async () => {
@@ -145,13 +187,14 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
 declare module 'fastify' {
   interface FastifyInstance {
     services: Services;
+    routeTable: RouteEntry[];
     isShuttingDown(): boolean;
     markShuttingDown(): void;
   }
   interface FastifyContextConfig {
     /** Reachable without credentials; every other route must declare `permission`. */
     public?: boolean;
-    /** The permission the principal must hold (`resource:action`). */
-    permission?: string;
+    /** The permission the principal must hold (`resource:action`), or a list of which any one will do. */
+    permission?: string | string[];
   }
 }

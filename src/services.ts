@@ -21,6 +21,16 @@ import { createRevocationsRepository } from './modules/tokens/revocations.reposi
 import { createRevocationList } from './modules/tokens/revocations.service.js';
 import { createTokenService } from './modules/tokens/tokens.service.js';
 import { createUsersRepository } from './modules/users/users.repository.js';
+import { createUsersService } from './modules/users/users.service.js';
+import { createRolesRepository } from './modules/roles/roles.repository.js';
+import { createRolesService } from './modules/roles/roles.service.js';
+import { createProfilesService } from './modules/profiles/profiles.service.js';
+import { createApiKeysRepository } from './modules/api-keys/api-keys.repository.js';
+import { createApiKeysService } from './modules/api-keys/api-keys.service.js';
+import { createClientsRepository } from './modules/clients/clients.repository.js';
+import { createClientsService } from './modules/clients/clients.service.js';
+import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
+import { createOAuthService } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
 
 export interface ServicesDeps {
@@ -57,7 +67,23 @@ export function createServices(deps: ServicesDeps) {
           commandTimeout: 500,
         })
       : undefined);
-  redis?.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis error'));
+  // One line when Redis goes away and one when it is back, not one per reconnect attempt. Meanwhile
+  // the rate limits and login-failure counts fall back to this instance's memory (README "Failure
+  // behaviour"); ioredis keeps reconnecting by itself.
+  let redisDown = false;
+  redis?.on('error', (err: Error) => {
+    if (redisDown) return;
+    redisDown = true;
+    logger.warn(
+      { err: err.message },
+      'Redis unavailable: rate limits fall back to in-process counters of this instance until it answers',
+    );
+  });
+  redis?.on('ready', () => {
+    if (!redisDown) return;
+    redisDown = false;
+    logger.warn('Redis answers again: rate limits are shared across instances');
+  });
 
   const repos = {
     users: createUsersRepository(db),
@@ -66,6 +92,9 @@ export function createServices(deps: ServicesDeps) {
     signingKeys: createSigningKeysRepository(db),
     revocations: createRevocationsRepository(db),
     profiles: createProfilesRepository(db),
+    roles: createRolesRepository(db),
+    apiKeys: createApiKeysRepository(db),
+    clients: createClientsRepository(db),
   };
   const audit = createAuditService({ repo: repos.audit, clock });
   const keys = createSigningKeysService({
@@ -134,7 +163,61 @@ export function createServices(deps: ServicesDeps) {
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
   });
 
+  const roles = createRolesService({ db, repo: repos.roles, users: repos.users, audit, events });
+  const users = createUsersService({
+    db,
+    repo: repos.users,
+    roles: repos.roles,
+    sessions,
+    auth,
+    provider,
+    audit,
+    events,
+  });
+  const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
+
+  const apiKeys = createApiKeysService({
+    db,
+    repo: repos.apiKeys,
+    users: repos.users,
+    audit,
+    events,
+    clock,
+    logger,
+    pepper: config.secretPepper,
+  });
+
+  const clients = createClientsService({
+    db,
+    repo: repos.clients,
+    audit,
+    events,
+    revocations,
+    clock,
+    pepper: config.secretPepper,
+    maxAccessTtl: config.tokens.maxAccessTtl,
+  });
+  const oauth = createOAuthService({
+    db,
+    clients,
+    tokens,
+    sessions,
+    revocations,
+    audit,
+    events,
+    clock,
+    audience,
+    accessTtl: config.tokens.accessTtl,
+    maxAccessTtl: config.tokens.maxAccessTtl,
+    apiKeys: apiKeysForOAuth(apiKeys),
+    onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
+  });
+
   events.subscribe((event) => revocations.handle(event));
+  // Key changes, the owners' role and status changes, and resyncs drop cached keys and permissions.
+  events.subscribe((event) => apiKeys.handle(event));
+  // Client changes from any instance drop the cached client rows that client authentication reads.
+  events.subscribe((event) => clients.handle(event));
   events.subscribe((event) => {
     if (event.type === 'signing_keys_changed' || event.type === 'resync') {
       keys.reload().catch((err: unknown) => logger.warn({ err }, 'could not reload signing keys'));
@@ -165,12 +248,19 @@ export function createServices(deps: ServicesDeps) {
     provider,
     sessions,
     auth,
+    roles,
+    users,
+    profiles,
+    apiKeys,
+    clients,
+    oauth,
     audience,
     /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
     async start() {
       await keys.ensureKeys();
       await revocations.reload();
       await events.start();
+      apiKeys.start();
       if (config.bootstrapAdmin) {
         const result = await auth.bootstrapAdmin(config.bootstrapAdmin, systemContext);
         if (result.created || result.granted)
@@ -183,6 +273,8 @@ export function createServices(deps: ServicesDeps) {
     },
     async stop() {
       if (timer) clearInterval(timer);
+      // Buffered API-key last-use times are written before the database goes away.
+      await apiKeys.stop();
       if (ownsRedis) await redis?.quit().catch(() => undefined);
     },
   };

@@ -78,6 +78,13 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
   const pool = new pg.Pool({ ...connectionOptions, max: options.poolMax ?? 10, idleTimeoutMillis: 30_000 });
   // A backend killed while idle must not crash the process (node-postgres emits it on the pool).
   pool.on('error', (err) => options.logger.warn({ err: err.message }, 'idle database connection lost'));
+  // Nor one killed while checked out (inside a transaction, or during a restart): the pool's listener
+  // is detached then, and node-postgres emits 'error' on the client itself, an uncaught exception
+  // without this. The query in flight fails on its own (→ 503), and the pool drops the client on
+  // release because it is no longer queryable.
+  pool.on('connect', (client) => {
+    client.on('error', (err) => options.logger.debug({ err: err.message }, 'database connection lost'));
+  });
   const db = drizzle(pool, { schema }) as unknown as Database;
   const listeners: pg.Client[] = [];
   let closed = false;

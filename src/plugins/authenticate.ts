@@ -149,9 +149,11 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       request.log.error({ route: request.routeOptions.url }, 'route declares no permission');
       throw new AppError('forbidden');
     }
-    if (!hasPermission(principal.permissions, permission)) {
-      await options.onForbidden?.(request, permission);
-      throw new AppError('forbidden', { detail: `This needs the permission ${permission}` });
+    const anyOf = Array.isArray(permission) ? permission : [permission];
+    if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
+      const needed = anyOf.join(' or ');
+      await options.onForbidden?.(request, needed);
+      throw new AppError('forbidden', { detail: `This needs the permission ${needed}` });
     }
   });
 }

@@ -1,19 +1,72 @@
-import rateLimit from '@fastify/rate-limit';
+import rateLimit, { type FastifyRateLimitStore } from '@fastify/rate-limit';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import type { Redis } from 'ioredis';
+import { LRUCache } from 'lru-cache';
 import { AppError } from '../lib/errors.js';
+
+type IncrCallback = (error: Error | null, result?: { current: number; ttl: number }) => void;
+
+/**
+ * Fixed-window counters in Redis, shared by every instance. While Redis does not answer, this
+ * instance counts on its own (the documented policy: the limits stay on, per instance, rather than
+ * failing open), and goes back to Redis as soon as it answers; services.ts logs both transitions.
+ */
+function sharedStoreWithFallback(redis: Redis) {
+  return class SharedRateLimitStore implements FastifyRateLimitStore {
+    private readonly local = new LRUCache<string, { current: number; resetAt: number }>({ max: 10_000 });
+
+    constructor(
+      _options: unknown,
+      private readonly prefix = 'paservices:auth:rl:',
+    ) {}
+
+    incr(key: string, callback: IncrCallback, timeWindow = 60_000): void {
+      const k = this.prefix + key;
+      redis
+        .multi()
+        .incr(k)
+        .pexpire(k, timeWindow, 'NX')
+        .pttl(k)
+        .exec()
+        .then((replies) => {
+          const [current, , ttl] = (replies ?? []).map(([err, value]) => {
+            if (err) throw err;
+            return Number(value);
+          });
+          if (current === undefined || ttl === undefined) throw new Error('rate-limit transaction aborted');
+          callback(null, { current, ttl });
+        })
+        .catch(() => callback(null, this.countLocally(k, timeWindow)));
+    }
+
+    private countLocally(key: string, timeWindow: number) {
+      const now = Date.now();
+      const entry = this.local.get(key);
+      const counter = entry && entry.resetAt > now ? entry : { current: 0, resetAt: now + timeWindow };
+      counter.current++;
+      this.local.set(key, counter);
+      return { current: counter.current, ttl: counter.resetAt - now };
+    }
+
+    child(routeOptions: unknown): SharedRateLimitStore {
+      // Like the plugin's own Redis store: one counter per route, so limits do not add up across routes.
+      const route = (routeOptions as { routeInfo?: { method?: string; url?: string } }).routeInfo;
+      return new SharedRateLimitStore(undefined, `${this.prefix}${route?.method ?? ''}${route?.url ?? ''}-`);
+    }
+  };
+}
 
 /**
  * Per-IP throttling of credential endpoints (routes opt in with `config.rateLimit`). The IP is the
  * socket's unless TRUST_PROXY names the proxies, so X-Forwarded-For cannot dodge it. Counters live in
- * Redis when configured (shared by every instance); if Redis fails, requests are let through
- * (logged) and the per-account failure counter still applies.
+ * Redis when configured (shared by every instance), in this instance's memory otherwise or while Redis
+ * is down; the per-account failure counter applies on top.
  */
 async function rateLimitPlugin(app: FastifyInstance, options: { redis?: Redis | undefined }) {
   await app.register(rateLimit, {
     global: false,
-    ...(options.redis ? { redis: options.redis, nameSpace: 'paservices:auth:rl:' } : {}),
+    ...(options.redis ? { store: sharedStoreWithFallback(options.redis) } : {}),
     skipOnError: true,
     keyGenerator: (request) => request.ip,
     errorResponseBuilder: (_request, context) =>

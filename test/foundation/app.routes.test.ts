@@ -112,6 +112,36 @@ describe('foundation: app, errors, operations', () => {
     expect(missing.json()).toMatchObject({ code: 'not_found', status: 404 });
   });
 
+  it('answers invalid UTF-8, wrong types, unknown methods and absurd URLs with 4xx, never 5xx', async () => {
+    const invalidUtf8 = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      headers: { 'content-type': 'application/json' },
+      payload: Buffer.concat([
+        Buffer.from('{"name":"'),
+        Buffer.from([0xc3, 0x28, 0xff]),
+        Buffer.from('","count":1}'),
+      ]),
+    });
+    expect(invalidUtf8.statusCode).toBeLessThan(500);
+    const wrongType = await app.inject({ method: 'POST', url: '/test/echo', payload: [1, 2, 3] });
+    expect(wrongType.statusCode).toBe(400);
+    const nullBody = await app.inject({
+      method: 'POST',
+      url: '/test/echo',
+      headers: { 'content-type': 'application/json' },
+      payload: 'null',
+    });
+    expect(nullBody.statusCode).toBe(400);
+    const method = await app.inject({ method: 'PROPFIND' as 'GET', url: '/health/live' });
+    expect(method.statusCode).toBeGreaterThanOrEqual(400);
+    expect(method.statusCode).toBeLessThan(500);
+    const longUrl = await app.inject({ method: 'GET', url: `/v1/users/${'a'.repeat(5000)}` });
+    expect(longUrl.statusCode).toBeLessThan(500);
+    const encoded = await app.inject({ method: 'GET', url: '/v1/users/%E0%A4%A' });
+    expect(encoded.statusCode).toBeLessThan(500);
+  });
+
   it('serializes responses through their schema, so unlisted fields never leave', async () => {
     const res = await app.inject({ method: 'POST', url: '/test/echo', payload: { name: 'ada', count: 1 } });
     expect(res.statusCode).toBe(200);

@@ -172,6 +172,28 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       return (await deps.repo.findByTokenHash(hash(refreshToken)))?.session;
     },
 
+    /**
+     * A refresh token that would be accepted now (introspection, RFC 7662): its session is live, its
+     * user active, and it has not been rotated. Undefined for anything else.
+     */
+    async findLiveRefreshToken(
+      refreshToken: string,
+    ): Promise<{ session: SessionRow; issuedAt: Date; expiresAt: Date } | undefined> {
+      if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) return undefined;
+      const found = await deps.repo.findByTokenHash(hash(refreshToken));
+      if (!found || found.token.rotatedAt) return undefined;
+      const { session } = found;
+      const now = deps.clock.now();
+      if (session.revokedAt || session.expiresAt <= now || session.idleExpiresAt <= now) return undefined;
+      const user = await deps.users.findById(session.userId);
+      if (user?.status !== 'active') return undefined;
+      return {
+        session,
+        issuedAt: found.token.createdAt,
+        expiresAt: new Date(Math.min(session.idleExpiresAt.getTime(), session.expiresAt.getTime())),
+      };
+    },
+
     /** Ends one session on `tx`; returns the events to emit (none when it had already ended). */
     async endSession(tx: Executor, sessionId: string, reason: string): Promise<AuthEvent[]> {
       const revoked = await deps.repo.revokeSession(sessionId, deps.clock.now(), reason, tx);

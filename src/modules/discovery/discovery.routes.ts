@@ -65,7 +65,8 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
     response_types_supported: ['token'],
     token_endpoint_auth_methods_supported: clientAuth,
     introspection_endpoint_auth_methods_supported: clientAuth,
-    revocation_endpoint_auth_methods_supported: clientAuth,
+    // First-party (public) refresh and access tokens may be revoked without client authentication.
+    revocation_endpoint_auth_methods_supported: [...clientAuth, 'none'],
     scopes_supported: Object.keys(PERMISSIONS),
     access_token_signing_alg_values_supported: ['ES256', 'EdDSA'],
     subject_types_supported: ['public'],

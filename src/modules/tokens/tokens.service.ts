@@ -50,7 +50,8 @@ export function createTokenService(deps: {
   // Revocation is checked on every use, so the cache never outlives one.
   const verified = new LRUCache<string, AccessTokenClaims>({ max: 10_000 });
 
-  async function verifySignature(token: string, audience: string): Promise<AccessTokenClaims> {
+  /** `audience` undefined skips the audience check (the OAuth introspection and revocation endpoints only). */
+  async function verifySignature(token: string, audience: string | undefined): Promise<AccessTokenClaims> {
     const { payload } = await jwtVerify(
       token,
       (header) => {
@@ -62,7 +63,7 @@ export function createTokenService(deps: {
       {
         algorithms: ACCESS_TOKEN_ALGORITHMS,
         issuer: deps.issuer,
-        audience,
+        ...(audience === undefined ? {} : { audience }),
         typ: 'at+jwt',
         clockTolerance: CLOCK_TOLERANCE_SECONDS,
         currentDate: deps.clock.now(),
@@ -105,12 +106,17 @@ export function createTokenService(deps: {
     /**
      * The one verification of access tokens: explicit algorithms, our keys by kid, exact issuer,
      * audience, `typ: at+jwt`, ≤ 30 s leeway, then revocation (jti, session, subject).
-     * Throws AppError `invalid_token`.
+     * Throws AppError `invalid_token`. `anyAudience` skips the audience check: only the OAuth
+     * endpoints use it (introspection, RFC 7662, and revocation, RFC 7009), since they answer for
+     * tokens meant for any resource server; never use it to authenticate a request.
      */
-    async verify(token: string, options: { audience?: string } = {}): Promise<AccessTokenClaims> {
-      const audience = options.audience ?? deps.audience;
+    async verify(
+      token: string,
+      options: { audience?: string; anyAudience?: boolean } = {},
+    ): Promise<AccessTokenClaims> {
+      const audience = options.anyAudience ? undefined : (options.audience ?? deps.audience);
       if (token.length > 8192) throw new AppError('invalid_token');
-      const cacheKey = audience === deps.audience ? token : `${audience}\u0000${token}`;
+      const cacheKey = audience === deps.audience ? token : `${audience ?? '\u0001any'}\u0000${token}`;
       let claims = verified.get(cacheKey);
       if (claims) {
         if (claims.exp + CLOCK_TOLERANCE_SECONDS <= epochSeconds(deps.clock.now())) {

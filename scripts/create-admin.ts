@@ -1,0 +1,97 @@
+// Creates an admin, or grants `admin` to an existing user, from the command line (idempotent):
+//   npm run create-admin -- --email admin@example.com [--password ...]
+// The password may also come from ADMIN_PASSWORD or, on a terminal, a prompt: a --password flag is
+// visible to other local users in the process list and stays in the shell history.
+import { createInterface } from 'node:readline/promises';
+import { Writable } from 'node:stream';
+import { parseArgs } from 'node:util';
+import { z } from 'zod';
+import { systemContext } from '../src/modules/audit/audit.service.js';
+import { openScriptContext, runScript, UsageError } from './lib/script-context.js';
+
+const USAGE = `usage: npm run create-admin -- --email <email> [--password <password>]
+
+Creates the user with the admin role, or grants admin to the existing user with that email.
+The password is needed only to create the user; it may also come from ADMIN_PASSWORD, or is asked
+for when run on a terminal.`;
+
+function parseInput(): { email: string; password: string | undefined } {
+  let values: { email?: string | undefined; password?: string | undefined; help?: boolean | undefined };
+  try {
+    ({ values } = parseArgs({
+      options: {
+        email: { type: 'string' },
+        password: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: false,
+    }));
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  if (values.help) {
+    process.stdout.write(`${USAGE}\n`);
+    process.exit(0);
+  }
+  const email = values.email?.trim();
+  if (!email) throw new UsageError('--email is required');
+  if (!z.email().safeParse(email).success) throw new UsageError(`not an email address: ${email}`);
+  const password = values.password ?? process.env.ADMIN_PASSWORD;
+  return { email, password: password === '' ? undefined : password };
+}
+
+/** Reads a line from the terminal without echoing it. */
+async function promptHidden(question: string): Promise<string> {
+  process.stdout.write(question);
+  const muted = new Writable({ write: (_chunk, _encoding, done) => done() });
+  const rl = createInterface({ input: process.stdin, output: muted, terminal: true });
+  rl.on('SIGINT', () => {
+    process.stdout.write('\n');
+    process.exit(130);
+  });
+  try {
+    return await rl.question('');
+  } finally {
+    rl.close();
+    process.stdout.write('\n');
+  }
+}
+
+async function askPassword(email: string): Promise<string> {
+  const first = await promptHidden(`Password for ${email}: `);
+  const second = await promptHidden('Repeat the password: ');
+  if (first !== second) throw new UsageError('the passwords do not match');
+  return first;
+}
+
+async function main() {
+  const input = parseInput();
+  const { services, close } = await openScriptContext();
+  try {
+    let password = input.password;
+    if (password === undefined && !(await services.repos.users.findByEmail(input.email.toLowerCase()))) {
+      if (!process.stdin.isTTY)
+        throw new UsageError(
+          `a password is needed to create ${input.email}: pass --password, set ADMIN_PASSWORD or run on a terminal`,
+        );
+      password = await askPassword(input.email);
+    }
+    // The audit trail names the door the change came through.
+    const context = { ...systemContext, userAgent: 'scripts/create-admin' };
+    const result = await services.auth.bootstrapAdmin({ email: input.email, password, force: true }, context);
+    const user = result.user;
+    const who = user ? `${user.email} (id ${user.id})` : input.email;
+    if (result.created) process.stdout.write(`created admin ${who}\n`);
+    else if (result.granted) process.stdout.write(`granted the admin role to the existing user ${who}\n`);
+    else process.stdout.write(`${who} already holds the admin role; nothing changed\n`);
+    if (!result.created && input.password !== undefined)
+      process.stdout.write('the existing password was left unchanged\n');
+    if (user && user.status !== 'active')
+      process.stdout.write(`note: the account is ${user.status}; it cannot sign in until it is activated\n`);
+  } finally {
+    await close();
+  }
+}
+
+await runScript(main, USAGE);

@@ -1,0 +1,45 @@
+// Rotates the token signing key: `npm run rotate-signing-key`. The published `next` key starts
+// signing; the old one keeps verifying until its last token has expired. Running instances learn of
+// it through the NOTIFY sent in the rotation's transaction and reload their keys.
+import { parseArgs } from 'node:util';
+import { systemContext } from '../src/modules/audit/audit.service.js';
+import { openScriptContext, runScript, UsageError } from './lib/script-context.js';
+
+const USAGE = `usage: npm run rotate-signing-key
+
+Makes the published next signing key the active one; the previous key is retiring (still published
+and verifying) until every token it signed has expired.`;
+
+async function main() {
+  try {
+    const { values } = parseArgs({
+      options: { help: { type: 'boolean', short: 'h' } },
+      strict: true,
+      allowPositionals: false,
+    });
+    if (values.help) {
+      process.stdout.write(`${USAGE}\n`);
+      return;
+    }
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  const { services, close } = await openScriptContext();
+  try {
+    // A fresh database has no keys yet; the service would create them at its first start.
+    await services.keys.ensureKeys();
+    const result = await services.keys.rotate({ ...systemContext, userAgent: 'scripts/rotate-signing-key' });
+    process.stdout.write(`active signing key: ${result.kid}\n`);
+    if (result.previous) {
+      const retiring = (await services.keys.list()).find((k) => k.kid === result.previous);
+      const until = retiring?.publishUntil ? `, published until ${retiring.publishUntil.toISOString()}` : '';
+      process.stdout.write(`retiring signing key: ${result.previous}${until}\n`);
+    } else {
+      process.stdout.write('retiring signing key: none (there was no active key)\n');
+    }
+  } finally {
+    await close();
+  }
+}
+
+await runScript(main, USAGE);

@@ -1,0 +1,104 @@
+import { and, asc, eq, gt, isNull, or, sql } from 'drizzle-orm';
+import type { Database, Executor } from '../../db/client.js';
+import { apiKeys } from '../../db/schema/index.js';
+import type { Cursor } from '../../lib/pagination.js';
+
+export type ApiKeyRow = typeof apiKeys.$inferSelect;
+export type NewApiKey = typeof apiKeys.$inferInsert;
+export type ApiKeyPatch = Partial<
+  Pick<
+    ApiKeyRow,
+    | 'name'
+    | 'scopes'
+    | 'expiresAt'
+    | 'secretHash'
+    | 'previousSecretHash'
+    | 'previousSecretExpiresAt'
+    | 'lastFour'
+    | 'revokedAt'
+  >
+>;
+
+/** Rows per UPDATE when flushing last-use times: well under PostgreSQL's 65535 bind parameters. */
+const TOUCH_CHUNK = 5000;
+
+export function createApiKeysRepository(db: Database) {
+  // The cache-miss read of the verification hot path: prepared once per connection.
+  const byLookupId = db
+    .select()
+    .from(apiKeys)
+    .where(eq(apiKeys.lookupId, sql.placeholder('lookupId')))
+    .limit(1)
+    .prepare('api_keys_by_lookup_id');
+
+  return {
+    async insert(row: NewApiKey, tx: Executor = db): Promise<ApiKeyRow> {
+      const [created] = await tx.insert(apiKeys).values(row).returning();
+      return created!;
+    },
+    async findByLookupId(lookupId: string): Promise<ApiKeyRow | undefined> {
+      const [row] = await byLookupId.execute({ lookupId });
+      return row;
+    },
+    async findById(id: string, tx: Executor = db): Promise<ApiKeyRow | undefined> {
+      const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1);
+      return row;
+    },
+    /** The row locked for the rest of `tx`, so concurrent rotations and revocations take turns. */
+    async findByIdForUpdate(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
+      const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('update');
+      return row;
+    },
+    /** Live (unrevoked) keys of an owner, oldest first, `limit + 1` rows for pagination. */
+    async listLiveByOwner(
+      ownerId: string,
+      options: { limit: number; cursor?: Cursor | undefined },
+      tx: Executor = db,
+    ): Promise<ApiKeyRow[]> {
+      const conditions = [eq(apiKeys.ownerId, ownerId), isNull(apiKeys.revokedAt)];
+      if (options.cursor) {
+        const c = options.cursor;
+        conditions.push(
+          or(
+            gt(apiKeys.createdAt, c.createdAt),
+            and(eq(apiKeys.createdAt, c.createdAt), gt(apiKeys.id, c.id)),
+          )!,
+        );
+      }
+      return tx
+        .select()
+        .from(apiKeys)
+        .where(and(...conditions))
+        .orderBy(asc(apiKeys.createdAt), asc(apiKeys.id))
+        .limit(options.limit + 1);
+    },
+    async update(
+      id: string,
+      patch: ApiKeyPatch,
+      at: Date,
+      tx: Executor = db,
+    ): Promise<ApiKeyRow | undefined> {
+      const [row] = await tx
+        .update(apiKeys)
+        .set({ ...patch, updatedAt: at })
+        .where(eq(apiKeys.id, id))
+        .returning();
+      return row;
+    },
+    /** Records last-use times in one statement per chunk; never moves a time backwards. */
+    async touchLastUsed(uses: Array<{ id: string; at: Date }>, tx: Executor = db): Promise<void> {
+      for (let i = 0; i < uses.length; i += TOUCH_CHUNK) {
+        const values = sql.join(
+          uses.slice(i, i + TOUCH_CHUNK).map((u) => sql`(${u.id}::uuid, ${u.at.toISOString()}::timestamptz)`),
+          sql`, `,
+        );
+        await tx.execute(sql`
+          UPDATE ${apiKeys} SET last_used_at = GREATEST(COALESCE(${apiKeys.lastUsedAt}, v.at), v.at)
+          FROM (VALUES ${values}) AS v(id, at)
+          WHERE ${apiKeys.id} = v.id`);
+      }
+    },
+  };
+}
+
+export type ApiKeysRepository = ReturnType<typeof createApiKeysRepository>;

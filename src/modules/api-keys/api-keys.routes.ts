@@ -1,0 +1,230 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { type ApiKeyResolver, principalOf, requestContext } from '../../plugins/authenticate.js';
+import { bearerOrApiKey, isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import type { ApiKeyRow } from './api-keys.repository.js';
+import {
+  ApiKeyPageSchema,
+  ApiKeySchema,
+  ApiKeyWithSecretSchema,
+  CreateApiKeyBodySchema,
+  ListApiKeysQuerySchema,
+  RotateApiKeyBodySchema,
+  UpdateApiKeyBodySchema,
+  VerifyApiKeyBodySchema,
+  VerifyApiKeyResultSchema,
+} from './api-keys.schema.js';
+import type { ApiKeyActor, ApiKeysService } from './api-keys.service.js';
+
+export function toApiKeyDto(k: ApiKeyRow) {
+  return {
+    id: k.id,
+    owner_id: k.ownerId,
+    name: k.name,
+    prefix: k.prefix,
+    last_four: k.lastFour,
+    scopes: k.scopes,
+    expires_at: isoDate(k.expiresAt),
+    last_used_at: isoDate(k.lastUsedAt),
+    created_at: k.createdAt.toISOString(),
+    updated_at: k.updatedAt.toISOString(),
+  };
+}
+
+function actorOf(request: FastifyRequest): ApiKeyActor {
+  const principal = principalOf(request);
+  return { userId: principal.userId, permissions: principal.permissions };
+}
+
+/** The seam of the authenticate plugin: a valid key becomes its owner's principal, within its scopes. */
+export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyResolver {
+  return async (presented) => {
+    const result = await apiKeys.verify(presented);
+    if (!result.valid) return undefined;
+    return {
+      kind: 'api_key',
+      id: result.key.id,
+      userId: result.key.ownerId,
+      permissions: result.scopes,
+      lookupId: result.key.lookupId,
+    };
+  };
+}
+
+// Own keys need api_keys:own; another user's need api_keys:read or api_keys:write (checked per key).
+const READ = ['api_keys:own', 'api_keys:read'];
+const WRITE = ['api_keys:own', 'api_keys:write'];
+const OTHERS = 'Another user’s key needs api_keys:read to see and api_keys:write to change; without it, 404.';
+
+export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKeysService }) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+
+  r.post(
+    '/v1/api-keys',
+    {
+      config: { permission: 'api_keys:own' },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'createApiKey',
+        summary: 'Create an API key for the caller; the key is shown in this response only',
+        description:
+          'Scopes must be within the caller’s permissions (403 otherwise). At every use the key is further ' +
+          'limited to its owner’s current permissions.',
+        security: bearerOrApiKey,
+        body: CreateApiKeyBodySchema,
+        response: { 201: ApiKeyWithSecretSchema, ...problems(400, 401, 403, 503) },
+      },
+    },
+    async (request, reply) => {
+      const { row, key } = await deps.apiKeys.create(
+        actorOf(request),
+        { name: request.body.name, scopes: request.body.scopes, expiresAt: request.body.expires_at },
+        requestContext(request),
+      );
+      return reply.status(201).send({ ...toApiKeyDto(row), key });
+    },
+  );
+
+  r.get(
+    '/v1/api-keys',
+    {
+      config: { permission: READ },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'listApiKeys',
+        summary: 'The caller’s live API keys (or, with api_keys:read, another user’s)',
+        security: bearerOrApiKey,
+        querystring: ListApiKeysQuerySchema,
+        response: { 200: ApiKeyPageSchema, ...problems(400, 401, 403) },
+      },
+    },
+    async (request) => {
+      const { rows, nextCursor } = await deps.apiKeys.list(actorOf(request), {
+        ownerId: request.query.owner_id,
+        limit: request.query.limit,
+        cursor: request.query.cursor,
+      });
+      return { data: rows.map(toApiKeyDto), next_cursor: nextCursor };
+    },
+  );
+
+  r.post(
+    '/v1/api-keys/verify',
+    {
+      config: { permission: 'api_keys:verify' },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'verifyApiKey',
+        summary: 'Verify an API key presented to another service',
+        description:
+          'Always 200 for a well-formed request: `valid: true` with the key’s id, owner, effective scopes ' +
+          'and expiry, or `valid: false` with a reason. A secret replaced by a rotation answers `expired` ' +
+          'once its grace is over.',
+        security: bearerOrApiKey,
+        body: VerifyApiKeyBodySchema,
+        response: { 200: VerifyApiKeyResultSchema, ...problems(400, 401, 403, 503) },
+      },
+    },
+    async (request) => {
+      const result = await deps.apiKeys.verify(request.body.key);
+      if (!result.valid) return { valid: false as const, reason: result.reason };
+      return {
+        valid: true as const,
+        key_id: result.key.id,
+        owner_id: result.key.ownerId,
+        scopes: result.scopes,
+        expires_at: isoDate(result.key.expiresAt),
+      };
+    },
+  );
+
+  r.get(
+    '/v1/api-keys/:id',
+    {
+      config: { permission: READ },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'getApiKey',
+        summary: 'One API key (never its secret)',
+        description: OTHERS,
+        security: bearerOrApiKey,
+        params: UuidParamSchema,
+        response: { 200: ApiKeySchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => toApiKeyDto(await deps.apiKeys.get(actorOf(request), request.params.id)),
+  );
+
+  r.patch(
+    '/v1/api-keys/:id',
+    {
+      config: { permission: WRITE },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'updateApiKey',
+        summary: 'Rename an API key, change its scopes or its expiry',
+        description: `New scopes must be within the caller’s and the owner’s permissions (403). ${OTHERS}`,
+        security: bearerOrApiKey,
+        params: UuidParamSchema,
+        body: UpdateApiKeyBodySchema,
+        response: { 200: ApiKeySchema, ...problems(400, 401, 403, 404, 503) },
+      },
+    },
+    async (request) => {
+      const row = await deps.apiKeys.update(
+        actorOf(request),
+        request.params.id,
+        { name: request.body.name, scopes: request.body.scopes, expiresAt: request.body.expires_at },
+        requestContext(request),
+      );
+      return toApiKeyDto(row);
+    },
+  );
+
+  r.delete(
+    '/v1/api-keys/:id',
+    {
+      config: { permission: WRITE },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'revokeApiKey',
+        summary: 'Revoke an API key: it stops working at once, on every instance within a second',
+        description: OTHERS,
+        security: bearerOrApiKey,
+        params: UuidParamSchema,
+        response: { 204: z.null().describe('Revoked'), ...problems(400, 401, 403, 404, 503) },
+      },
+    },
+    async (request, reply) => {
+      await deps.apiKeys.revoke(actorOf(request), request.params.id, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/api-keys/:id/rotate',
+    {
+      config: { permission: WRITE },
+      schema: {
+        tags: ['api-keys'],
+        operationId: 'rotateApiKey',
+        summary: 'Give an API key a new secret; the old one keeps working for the grace, then stops',
+        description: `The new key is shown in this response only. ${OTHERS}`,
+        security: bearerOrApiKey,
+        params: UuidParamSchema,
+        body: RotateApiKeyBodySchema.nullish(),
+        response: { 200: ApiKeyWithSecretSchema, ...problems(400, 401, 403, 404, 503) },
+      },
+    },
+    async (request) => {
+      const { row, key } = await deps.apiKeys.rotate(
+        actorOf(request),
+        request.params.id,
+        request.body?.grace_seconds ?? 0,
+        requestContext(request),
+      );
+      return { ...toApiKeyDto(row), key };
+    },
+  );
+}

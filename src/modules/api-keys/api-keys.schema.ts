@@ -1,0 +1,108 @@
+import { z } from 'zod';
+import { isPermissionString } from '../../lib/permissions.js';
+import { PaginationQuerySchema } from '../../lib/pagination.js';
+
+/** Longest grace a rotation may give the old secret: a week covers any deployment cycle. */
+export const MAX_GRACE_SECONDS = 7 * 24 * 3600;
+/** Keys longer than this are refused by the schema, before any work (SECURITY.md: cap input length). */
+export const MAX_PRESENTED_KEY_LENGTH = 256;
+
+const ScopeSchema = z
+  .string()
+  .max(100)
+  .refine(isPermissionString, { message: 'not a permission (resource:action, resource:* or *)' })
+  .describe('A permission: `resource:action`, `resource:*` or `*`');
+
+const ScopesSchema = z
+  .array(ScopeSchema)
+  .max(100)
+  .describe('Permissions the key may use; within the creator’s own, and limited at every use to the owner’s');
+
+const NameSchema = z.string().trim().min(1).max(100).describe('A label for people, e.g. "CI deploy"');
+
+const ExpiresAtSchema = z.iso
+  .datetime({ offset: true })
+  .transform((s) => new Date(s))
+  .describe('ISO 8601; the key stops verifying at this instant');
+
+export const CreateApiKeyBodySchema = z
+  .object({
+    name: NameSchema,
+    scopes: ScopesSchema,
+    expires_at: ExpiresAtSchema.optional(),
+  })
+  .strict();
+
+export const UpdateApiKeyBodySchema = z
+  .object({
+    name: NameSchema.optional(),
+    scopes: ScopesSchema.optional(),
+    expires_at: ExpiresAtSchema.nullable().optional().describe('ISO 8601, or null to remove the expiry'),
+  })
+  .strict()
+  .refine((b) => b.name !== undefined || b.scopes !== undefined || b.expires_at !== undefined, {
+    message: 'name, scopes or expires_at is required',
+  });
+
+export const RotateApiKeyBodySchema = z
+  .object({
+    grace_seconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(MAX_GRACE_SECONDS)
+      .optional()
+      .describe('How long the old secret keeps working (default 0: it stops at once)'),
+  })
+  .strict();
+
+export const VerifyApiKeyBodySchema = z
+  .object({ key: z.string().max(MAX_PRESENTED_KEY_LENGTH).describe('The API key presented to the caller') })
+  .strict();
+
+export const ListApiKeysQuerySchema = PaginationQuerySchema.extend({
+  owner_id: z.uuid().optional().describe('Another user’s keys (needs api_keys:read); default the caller’s'),
+}).strict();
+
+/** An allow-list: the hash, the previous hash and the secret can never be serialized. */
+export const ApiKeySchema = z
+  .object({
+    id: z.uuid(),
+    owner_id: z.uuid(),
+    name: z.string(),
+    prefix: z.string().describe('The public start of the key (`pak_` and the lookup id)'),
+    last_four: z.string().describe('The last four characters of the key'),
+    scopes: z.array(z.string()).describe('The scopes as granted; each use is further limited by the owner'),
+    expires_at: z.string().nullable(),
+    last_used_at: z
+      .string()
+      .nullable()
+      .describe('Recorded in batches: may lag actual use by up to a minute across instances'),
+    created_at: z.string(),
+    updated_at: z.string(),
+  })
+  .meta({ id: 'ApiKey' });
+
+export const ApiKeyWithSecretSchema = ApiKeySchema.extend({
+  key: z.string().describe('The full key: shown in this response only, never again'),
+}).meta({ id: 'ApiKeyWithSecret' });
+
+export const ApiKeyPageSchema = z.object({ data: z.array(ApiKeySchema), next_cursor: z.string().nullable() });
+
+export const VerifyApiKeyResultSchema = z
+  .discriminatedUnion('valid', [
+    z.object({
+      valid: z.literal(true),
+      key_id: z.uuid(),
+      owner_id: z.uuid(),
+      scopes: z
+        .array(z.string())
+        .describe('Effective: the key’s scopes within its owner’s current permissions'),
+      expires_at: z.string().nullable(),
+    }),
+    z.object({
+      valid: z.literal(false),
+      reason: z.enum(['not_found', 'expired', 'revoked', 'owner_disabled']),
+    }),
+  ])
+  .meta({ id: 'ApiKeyVerification' });

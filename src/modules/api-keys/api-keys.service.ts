@@ -1,0 +1,438 @@
+import { LRUCache } from 'lru-cache';
+import type { Logger } from 'pino';
+import type { Database, Executor } from '../../db/client.js';
+import { addSeconds, type Clock } from '../../lib/clock.js';
+import {
+  API_KEY_FORMAT,
+  constantTimeEqual,
+  generateSecret,
+  keyedHash,
+  parseSecret,
+} from '../../lib/crypto.js';
+import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import { decodeCursor, paginate } from '../../lib/pagination.js';
+import { hasPermission, intersectPermissions, isSubset } from '../../lib/permissions.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { UsersRepository } from '../users/users.repository.js';
+import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
+
+/** Who asks: the request's principal, reduced to what the rules look at. */
+export interface ApiKeyActor {
+  /** The user the request speaks for; undefined for a service (client-credentials) principal. */
+  userId: string | undefined;
+  permissions: readonly string[];
+}
+
+export type InvalidReason = 'not_found' | 'expired' | 'revoked' | 'owner_disabled';
+
+export type Verification =
+  | { valid: true; key: ApiKeyRow; scopes: string[] }
+  | { valid: false; reason: InvalidReason };
+
+interface OwnerState {
+  active: boolean;
+  permissions: string[];
+}
+
+export interface ApiKeysServiceDeps {
+  db: Database;
+  repo: ApiKeysRepository;
+  users: UsersRepository;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  logger: Logger;
+  pepper: Buffer;
+  /** Cache bounds; the TTL is only a backstop, since every change invalidates by event. */
+  cache?: { max?: number; ttlMs?: number };
+  /** How often buffered last-use times are written (API.md: not a write per request). */
+  flushIntervalMs?: number;
+}
+
+const DEFAULT_CACHE_MAX = 10_000;
+const DEFAULT_CACHE_TTL_MS = 5_000;
+const DEFAULT_FLUSH_INTERVAL_MS = 60_000;
+
+/** Marks a lookup id known to have no key, so repeated unknown keys do not reach the database either. */
+const ABSENT = Symbol('absent');
+type KeyEntry = ApiKeyRow | typeof ABSENT;
+
+const invalid = (reason: InvalidReason): Verification => ({ valid: false, reason });
+const NOT_FOUND = invalid('not_found');
+
+/**
+ * API keys: `pak_<lookup id>_<secret><crc>`, stored as an HMAC of the secret under the server pepper.
+ * Verification runs on every request of every service, so it is built to stay in memory: the
+ * checksum refuses typos and foreign strings before any read, key rows and owners' permissions sit
+ * in bounded LRUs invalidated by events from every instance, and last-use times are written in
+ * batches.
+ */
+export function createApiKeysService(deps: ApiKeysServiceDeps) {
+  const { repo, clock } = deps;
+  const cacheOptions = {
+    max: deps.cache?.max ?? DEFAULT_CACHE_MAX,
+    ttl: deps.cache?.ttlMs ?? DEFAULT_CACHE_TTL_MS,
+    // TTLs follow the injected clock, so tests can step past them; read it on every check rather
+    // than lru-cache's default of one timer per millisecond.
+    perf: { now: () => clock.now().getTime() },
+    ttlResolution: 0,
+  };
+  const keys = new LRUCache<string, { entry: KeyEntry }>(cacheOptions);
+  const owners = new LRUCache<string, OwnerState>(cacheOptions);
+  const loadingKeys = new Map<string, Promise<KeyEntry>>();
+  const loadingOwners = new Map<string, Promise<OwnerState>>();
+  /**
+   * Bumped by every invalidation. A read that started before one may hold the old row, so it
+   * answers its own request but is not cached: a revocation is never undone by a slow read.
+   */
+  let epoch = 0;
+
+  /** Last-use times (ms) waiting for the next flush, by key id. */
+  const usage = new Map<string, number>();
+  let flushing: Promise<void> | undefined;
+  let timer: NodeJS.Timeout | undefined;
+
+  const hash = (secret: string) => keyedHash(deps.pepper, secret);
+
+  function loadOnce<T>(
+    loading: Map<string, Promise<T>>,
+    id: string,
+    read: () => Promise<T>,
+    store: (value: T) => void,
+  ): Promise<T> {
+    const pending = loading.get(id);
+    if (pending) return pending;
+    const started = epoch;
+    const promise = read()
+      .then((value) => {
+        if (epoch === started) store(value);
+        return value;
+      })
+      .finally(() => {
+        if (loading.get(id) === promise) loading.delete(id);
+      });
+    loading.set(id, promise);
+    return promise;
+  }
+
+  async function cachedKey(lookupId: string): Promise<KeyEntry> {
+    const hit = keys.get(lookupId);
+    if (hit) return hit.entry;
+    return loadOnce(
+      loadingKeys,
+      lookupId,
+      async () => (await repo.findByLookupId(lookupId)) ?? ABSENT,
+      (entry) => keys.set(lookupId, { entry }),
+    );
+  }
+
+  async function cachedOwner(userId: string): Promise<OwnerState> {
+    const hit = owners.get(userId);
+    if (hit) return hit;
+    return loadOnce(
+      loadingOwners,
+      userId,
+      async () => {
+        const [user, held] = await Promise.all([
+          deps.users.findById(userId),
+          deps.users.rolesAndPermissions(userId),
+        ]);
+        return { active: user?.status === 'active', permissions: held.permissions };
+      },
+      (state) => owners.set(userId, state),
+    );
+  }
+
+  function invalidate(what: { lookupId?: string; userId?: string; owners?: true; all?: true }) {
+    epoch++;
+    if (what.all) {
+      keys.clear();
+      loadingKeys.clear();
+    }
+    if (what.all || what.owners) {
+      owners.clear();
+      loadingOwners.clear();
+    }
+    if (what.lookupId) {
+      keys.delete(what.lookupId);
+      loadingKeys.delete(what.lookupId);
+    }
+    if (what.userId) {
+      owners.delete(what.userId);
+      loadingOwners.delete(what.userId);
+    }
+  }
+
+  async function verify(presented: string): Promise<Verification> {
+    const parsed = parseSecret(API_KEY_FORMAT, presented);
+    if (!parsed) return NOT_FOUND;
+    const row = await cachedKey(parsed.lookupId);
+    if (row === ABSENT) return NOT_FOUND;
+    const now = clock.now().getTime();
+    const presentedHash = hash(parsed.secret);
+    let rotatedOut = false;
+    if (!constantTimeEqual(presentedHash, row.secretHash)) {
+      // Without the secret, nothing about the key's state is revealed.
+      if (!row.previousSecretHash || !constantTimeEqual(presentedHash, row.previousSecretHash))
+        return NOT_FOUND;
+      rotatedOut = !row.previousSecretExpiresAt || row.previousSecretExpiresAt.getTime() <= now;
+    }
+    if (row.revokedAt) return invalid('revoked');
+    // A secret replaced by a rotation has expired once its grace is over.
+    if (rotatedOut || (row.expiresAt && row.expiresAt.getTime() <= now)) return invalid('expired');
+    const owner = await cachedOwner(row.ownerId);
+    if (!owner.active) return invalid('owner_disabled');
+    usage.set(row.id, now);
+    return { valid: true, key: row, scopes: intersectPermissions(row.scopes, owner.permissions) };
+  }
+
+  async function flush(): Promise<void> {
+    if (flushing) return flushing;
+    if (usage.size === 0) return;
+    const batch = [...usage].map(([id, at]) => ({ id, at: new Date(at) }));
+    usage.clear();
+    flushing = repo
+      .touchLastUsed(batch)
+      .catch((err: unknown) => {
+        // Keep them for the next flush rather than lose them while the database is away.
+        for (const u of batch) if ((usage.get(u.id) ?? 0) < u.at.getTime()) usage.set(u.id, u.at.getTime());
+        deps.logger.warn({ err, keys: batch.length }, 'could not record API key use; will retry');
+      })
+      .finally(() => {
+        flushing = undefined;
+      });
+    return flushing;
+  }
+
+  /** The row with this instance's not-yet-flushed use, so the owner sees their own latest call. */
+  function withPendingUse(row: ApiKeyRow): ApiKeyRow {
+    const pending = usage.get(row.id);
+    if (pending === undefined || (row.lastUsedAt && row.lastUsedAt.getTime() >= pending)) return row;
+    return { ...row, lastUsedAt: new Date(pending) };
+  }
+
+  /** Another user's key is invisible (404, not 403) unless the actor holds `othersPermission`. */
+  function assertVisible(actor: ApiKeyActor, row: ApiKeyRow | undefined, othersPermission: string) {
+    if (!row || row.revokedAt) throw notFound('API key');
+    if (row.ownerId !== actor.userId && !hasPermission(actor.permissions, othersPermission))
+      throw notFound('API key');
+    return row;
+  }
+
+  /** Nobody grants what they do not hold: within the actor's permissions and the owner's current ones. */
+  async function assertGrantable(actor: ApiKeyActor, ownerId: string, scopes: string[], tx: Executor) {
+    if (!isSubset(scopes, actor.permissions))
+      throw forbidden('The scopes go beyond the permissions of the caller');
+    const held = await deps.users.rolesAndPermissions(ownerId, tx);
+    if (!isSubset(scopes, held.permissions))
+      throw forbidden('The scopes go beyond the permissions of the key’s owner');
+  }
+
+  function assertFuture(expiresAt: Date | null | undefined) {
+    if (expiresAt && expiresAt.getTime() <= clock.now().getTime()) {
+      throw new AppError('validation_failed', {
+        detail: 'expires_at must be in the future',
+        errors: [{ field: 'body.expires_at', message: 'must be in the future' }],
+      });
+    }
+  }
+
+  const changed = (row: ApiKeyRow): AuthEvent => ({ type: 'api_key_changed', lookupId: row.lookupId });
+  const unique = (scopes: string[]) => [...new Set(scopes)].sort();
+
+  return {
+    verify,
+
+    async create(
+      actor: ApiKeyActor,
+      input: { name: string; scopes: string[]; expiresAt?: Date | undefined },
+      context: RequestContext,
+    ): Promise<{ row: ApiKeyRow; key: string }> {
+      const ownerId = actor.userId;
+      if (!ownerId) throw forbidden('API keys belong to users; a service principal cannot own one');
+      const scopes = unique(input.scopes);
+      assertFuture(input.expiresAt);
+      const { token, lookupId, secret } = generateSecret(API_KEY_FORMAT);
+      const row = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        await assertGrantable(actor, ownerId, scopes, tx);
+        const now = clock.now();
+        const created = await repo.insert(
+          {
+            lookupId,
+            ownerId,
+            name: input.name,
+            secretHash: hash(secret),
+            prefix: `${API_KEY_FORMAT.prefix}_${lookupId}`,
+            lastFour: token.slice(-4),
+            scopes,
+            expiresAt: input.expiresAt ?? null,
+            createdAt: now,
+            updatedAt: now,
+          },
+          tx,
+        );
+        await deps.audit.record(tx, context, {
+          type: 'api_key.created',
+          subjectId: created.id,
+          data: {
+            owner_id: ownerId,
+            name: created.name,
+            prefix: created.prefix,
+            scopes,
+            expires_at: created.expiresAt?.toISOString() ?? null,
+          },
+        });
+        // Another instance may have cached this lookup id as unknown.
+        emit(changed(created));
+        return created;
+      });
+      return { row, key: token };
+    },
+
+    async list(
+      actor: ApiKeyActor,
+      query: { ownerId?: string | undefined; limit: number; cursor?: string | undefined },
+    ): Promise<{ rows: ApiKeyRow[]; nextCursor: string | null }> {
+      const ownerId = query.ownerId ?? actor.userId;
+      if (!ownerId) throw forbidden('A service principal must name owner_id');
+      if (ownerId !== actor.userId && !hasPermission(actor.permissions, 'api_keys:read'))
+        throw forbidden('Listing another user’s keys needs the permission api_keys:read');
+      const rows = await repo.listLiveByOwner(ownerId, {
+        limit: query.limit,
+        cursor: decodeCursor(query.cursor),
+      });
+      const { page, nextCursor } = paginate(rows, query.limit);
+      return { rows: page.map(withPendingUse), nextCursor };
+    },
+
+    async get(actor: ApiKeyActor, id: string): Promise<ApiKeyRow> {
+      return withPendingUse(assertVisible(actor, await repo.findById(id), 'api_keys:read'));
+    },
+
+    async update(
+      actor: ApiKeyActor,
+      id: string,
+      input: {
+        name?: string | undefined;
+        scopes?: string[] | undefined;
+        expiresAt?: Date | null | undefined;
+      },
+      context: RequestContext,
+    ): Promise<ApiKeyRow> {
+      assertFuture(input.expiresAt);
+      const row = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+        const patch: ApiKeyPatch = {};
+        if (input.name !== undefined) patch.name = input.name;
+        if (input.expiresAt !== undefined) patch.expiresAt = input.expiresAt;
+        if (input.scopes !== undefined) {
+          patch.scopes = unique(input.scopes);
+          await assertGrantable(actor, current.ownerId, patch.scopes, tx);
+        }
+        const updated = (await repo.update(id, patch, clock.now(), tx))!;
+        await deps.audit.record(tx, context, {
+          type: 'api_key.updated',
+          subjectId: id,
+          data: {
+            owner_id: current.ownerId,
+            prefix: current.prefix,
+            changed: Object.keys(patch),
+            ...(patch.scopes ? { scopes: patch.scopes, previous_scopes: current.scopes } : {}),
+            ...(patch.expiresAt !== undefined ? { expires_at: patch.expiresAt?.toISOString() ?? null } : {}),
+          },
+        });
+        emit(changed(updated));
+        return updated;
+      });
+      return withPendingUse(row);
+    },
+
+    async revoke(actor: ApiKeyActor, id: string, context: RequestContext): Promise<void> {
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+        const revoked = (await repo.update(id, { revokedAt: clock.now() }, clock.now(), tx))!;
+        await deps.audit.record(tx, context, {
+          type: 'api_key.revoked',
+          subjectId: id,
+          data: { owner_id: current.ownerId, prefix: current.prefix },
+        });
+        emit(changed(revoked));
+      });
+    },
+
+    /**
+     * A new secret under the same lookup id; the old one keeps verifying until the grace ends and
+     * then answers `expired`. A second rotation within the grace ends the first one's old secret.
+     */
+    async rotate(
+      actor: ApiKeyActor,
+      id: string,
+      graceSeconds: number,
+      context: RequestContext,
+    ): Promise<{ row: ApiKeyRow; key: string }> {
+      return inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+        const { token, secret } = generateSecret(API_KEY_FORMAT, current.lookupId);
+        const now = clock.now();
+        const graceEnds = addSeconds(now, graceSeconds);
+        const rotated = (await repo.update(
+          id,
+          {
+            secretHash: hash(secret),
+            previousSecretHash: current.secretHash,
+            previousSecretExpiresAt: graceEnds,
+            lastFour: token.slice(-4),
+          },
+          now,
+          tx,
+        ))!;
+        await deps.audit.record(tx, context, {
+          type: 'api_key.rotated',
+          subjectId: id,
+          data: {
+            owner_id: current.ownerId,
+            prefix: current.prefix,
+            grace_seconds: graceSeconds,
+            previous_secret_expires_at: graceEnds.toISOString(),
+          },
+        });
+        emit(changed(rotated));
+        return { row: withPendingUse(rotated), key: token };
+      });
+    },
+
+    /** Keeps the caches current with this and every other instance's changes. */
+    handle(event: AuthEvent) {
+      switch (event.type) {
+        case 'api_key_changed':
+          return invalidate({ lookupId: event.lookupId });
+        case 'user_changed':
+          return invalidate({ userId: event.userId });
+        case 'roles_changed':
+          return invalidate({ owners: true });
+        case 'resync':
+          return invalidate({ all: true });
+      }
+    },
+
+    flush,
+    start() {
+      const every = deps.flushIntervalMs ?? DEFAULT_FLUSH_INTERVAL_MS;
+      timer = setInterval(() => void flush(), every);
+      timer.unref();
+    },
+    /** Stops the timer and writes what is buffered (app close). */
+    async stop() {
+      if (timer) clearInterval(timer);
+      timer = undefined;
+      await flush();
+      // A flush that was already running when stop began may have left a retry behind.
+      await flush();
+    },
+    /** For tests and metrics: how much is cached and buffered. */
+    stats: () => ({ keys: keys.size, owners: owners.size, pendingUses: usage.size }),
+  };
+}
+
+export type ApiKeysService = ReturnType<typeof createApiKeysService>;

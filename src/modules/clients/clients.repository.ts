@@ -1,0 +1,84 @@
+import { and, asc, eq, gt, or } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { clients } from '../../db/schema/index.js';
+import type { Cursor } from '../../lib/pagination.js';
+
+export type ClientRow = typeof clients.$inferSelect;
+export type NewClient = typeof clients.$inferInsert;
+export type ClientPatch = Partial<
+  Pick<
+    ClientRow,
+    | 'name'
+    | 'description'
+    | 'scopes'
+    | 'audiences'
+    | 'accessTokenTtl'
+    | 'status'
+    | 'secretHash'
+    | 'previousSecretHash'
+    | 'previousSecretExpiresAt'
+  >
+>;
+
+export function createClientsRepository(db: Executor) {
+  return {
+    async insert(row: NewClient, tx: Executor = db): Promise<ClientRow> {
+      const [created] = await tx.insert(clients).values(row).returning();
+      return created!;
+    },
+    async findById(id: string, tx: Executor = db): Promise<ClientRow | undefined> {
+      const [row] = await tx.select().from(clients).where(eq(clients.id, id)).limit(1);
+      return row;
+    },
+    async findByClientId(clientId: string, tx: Executor = db): Promise<ClientRow | undefined> {
+      const [row] = await tx.select().from(clients).where(eq(clients.clientId, clientId)).limit(1);
+      return row;
+    },
+    /** The row locked for the rest of the transaction, so concurrent changes take turns. */
+    async findByIdForUpdate(id: string, tx: Executor): Promise<ClientRow | undefined> {
+      const [row] = await tx.select().from(clients).where(eq(clients.id, id)).limit(1).for('update');
+      return row;
+    },
+    /** Oldest first; `createdBy` limits the list to one creator's clients. */
+    async list(
+      options: { createdBy?: string; limit: number; cursor?: Cursor },
+      tx: Executor = db,
+    ): Promise<ClientRow[]> {
+      const conditions = [];
+      if (options.createdBy !== undefined) conditions.push(eq(clients.createdBy, options.createdBy));
+      if (options.cursor) {
+        conditions.push(
+          or(
+            gt(clients.createdAt, options.cursor.createdAt),
+            and(eq(clients.createdAt, options.cursor.createdAt), gt(clients.id, options.cursor.id)),
+          ),
+        );
+      }
+      return tx
+        .select()
+        .from(clients)
+        .where(conditions.length ? and(...conditions) : undefined)
+        .orderBy(asc(clients.createdAt), asc(clients.id))
+        .limit(options.limit + 1);
+    },
+    async update(
+      id: string,
+      patch: ClientPatch,
+      at: Date,
+      tx: Executor = db,
+    ): Promise<ClientRow | undefined> {
+      const [row] = await tx
+        .update(clients)
+        .set({ ...patch, updatedAt: at })
+        .where(eq(clients.id, id))
+        .returning();
+      return row;
+    },
+    async delete(id: string, tx: Executor = db): Promise<boolean> {
+      const rows = await tx.delete(clients).where(eq(clients.id, id)).returning({ id: clients.id });
+      return rows.length > 0;
+    },
+  };
+}
+
+export type ClientsRepository = ReturnType<typeof createClientsRepository>;

@@ -1,0 +1,183 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { Clock } from '../../lib/clock.js';
+import { decodeCursor } from '../../lib/pagination.js';
+import { principalOf, requestContext } from '../../plugins/authenticate.js';
+import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import {
+  ClientIdParamSchema,
+  ClientListQuerySchema,
+  ClientPageSchema,
+  ClientSchema,
+  ClientWithSecretSchema,
+  CreateClientBodySchema,
+  RotateSecretBodySchema,
+  toClientDto,
+  UpdateClientBodySchema,
+} from './clients.schema.js';
+import type { ClientCaller, ClientsService } from './clients.service.js';
+
+export interface ClientsRoutesDeps {
+  clients: ClientsService;
+  clock: Clock;
+}
+
+function callerOf(request: FastifyRequest): ClientCaller {
+  const principal = principalOf(request);
+  return { userId: principal.userId, permissions: principal.permissions };
+}
+
+export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDeps) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+  const dto = (row: Parameters<typeof toClientDto>[0]) => toClientDto(row, deps.clock.now());
+
+  r.post(
+    '/v1/clients',
+    {
+      config: { permission: 'clients:write' },
+      schema: {
+        tags: ['clients'],
+        operationId: 'createClient',
+        summary: 'Register an app client (service-to-service); the secret is shown once',
+        description:
+          'The scopes must be permissions the caller holds (403 otherwise). Use `client_id` and ' +
+          '`client_secret` at POST /oauth/token with `grant_type=client_credentials`.',
+        security: bearerOrApiKey,
+        body: CreateClientBodySchema,
+        response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 415, 503) },
+      },
+    },
+    async (request, reply) => {
+      const { client, secret } = await deps.clients.create(
+        callerOf(request),
+        {
+          name: request.body.name,
+          description: request.body.description,
+          scopes: request.body.scopes,
+          audiences: request.body.audiences,
+          accessTokenTtl: request.body.access_token_ttl,
+        },
+        requestContext(request),
+      );
+      return reply.status(201).send({ ...dto(client), client_secret: secret });
+    },
+  );
+
+  r.get(
+    '/v1/clients',
+    {
+      config: { permission: 'clients:read' },
+      schema: {
+        tags: ['clients'],
+        operationId: 'listClients',
+        summary: 'App clients the caller registered (every client for administrators)',
+        security: bearerOrApiKey,
+        querystring: ClientListQuerySchema,
+        response: { 200: ClientPageSchema, ...problems(400, 401, 403) },
+      },
+    },
+    async (request) => {
+      const { page, nextCursor } = await deps.clients.list(callerOf(request), {
+        limit: request.query.limit,
+        cursor: decodeCursor(request.query.cursor),
+      });
+      return { data: page.map(dto), next_cursor: nextCursor };
+    },
+  );
+
+  r.get(
+    '/v1/clients/:id',
+    {
+      config: { permission: 'clients:read' },
+      schema: {
+        tags: ['clients'],
+        operationId: 'getClient',
+        summary: 'One app client (never its secret)',
+        security: bearerOrApiKey,
+        params: ClientIdParamSchema,
+        response: { 200: ClientSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => dto(await deps.clients.get(callerOf(request), request.params.id)),
+  );
+
+  r.patch(
+    '/v1/clients/:id',
+    {
+      config: { permission: 'clients:write' },
+      schema: {
+        tags: ['clients'],
+        operationId: 'updateClient',
+        summary: 'Change an app client: name, description, scopes, audiences, token lifetime, status',
+        description:
+          'Disabling a client refuses its secret at once and revokes the access tokens it holds on every instance.',
+        security: bearerOrApiKey,
+        params: ClientIdParamSchema,
+        body: UpdateClientBodySchema,
+        response: { 200: ClientSchema, ...problems(400, 401, 403, 404, 415, 503) },
+      },
+    },
+    async (request) =>
+      dto(
+        await deps.clients.update(
+          callerOf(request),
+          request.params.id,
+          {
+            name: request.body.name,
+            description: request.body.description,
+            scopes: request.body.scopes,
+            audiences: request.body.audiences,
+            accessTokenTtl: request.body.access_token_ttl,
+            status: request.body.status,
+          },
+          requestContext(request),
+        ),
+      ),
+  );
+
+  r.delete(
+    '/v1/clients/:id',
+    {
+      config: { permission: 'clients:write' },
+      schema: {
+        tags: ['clients'],
+        operationId: 'deleteClient',
+        summary: 'Delete an app client; the access tokens it holds are revoked',
+        security: bearerOrApiKey,
+        params: ClientIdParamSchema,
+        response: { 204: z.null().describe('Deleted'), ...problems(400, 401, 403, 404, 503) },
+      },
+    },
+    async (request, reply) => {
+      await deps.clients.remove(callerOf(request), request.params.id, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/clients/:id/secrets',
+    {
+      config: { permission: 'clients:write' },
+      schema: {
+        tags: ['clients'],
+        operationId: 'rotateClientSecret',
+        summary: 'Rotate the client secret; the new one is shown once',
+        description: 'The current secret keeps working for `grace_seconds` (default 0), then stops.',
+        security: bearerOrApiKey,
+        params: ClientIdParamSchema,
+        body: RotateSecretBodySchema.nullish(),
+        response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 404, 415, 503) },
+      },
+    },
+    async (request, reply) => {
+      const { client, secret } = await deps.clients.rotateSecret(
+        callerOf(request),
+        request.params.id,
+        request.body?.grace_seconds ?? 0,
+        requestContext(request),
+      );
+      return reply.status(201).send({ ...dto(client), client_secret: secret });
+    },
+  );
+}

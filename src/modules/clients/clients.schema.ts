@@ -1,0 +1,128 @@
+import { z } from 'zod';
+import { pageOf, PaginationQuerySchema } from '../../lib/pagination.js';
+import { PERMISSIONS } from '../../lib/permissions.js';
+import { isoDate } from '../shared/shared.schema.js';
+import type { ClientRow } from './clients.repository.js';
+import { CLIENT_ID_PATTERN, MAX_SECRET_GRACE_SECONDS } from './clients.service.js';
+
+const KNOWN_RESOURCES = new Set(Object.keys(PERMISSIONS).map((p) => p.split(':')[0]));
+
+/** A permission of the catalogue, `resource:*` over a catalogued resource, or `*`. */
+export const isKnownPermission = (p: string) =>
+  p === '*' || Object.hasOwn(PERMISSIONS, p) || (p.endsWith(':*') && KNOWN_RESOURCES.has(p.slice(0, -2)));
+
+const ScopeSchema = z
+  .string()
+  .max(100)
+  .refine(isKnownPermission, { message: 'not a permission this service knows (see GET /v1/permissions)' });
+
+const AudienceSchema = z
+  .string()
+  .min(1)
+  .max(255)
+  .regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces')
+  .describe('An audience (`aud`) the client may request, e.g. `https://orders.example.com`');
+
+const ScopesSchema = z
+  .array(ScopeSchema)
+  .max(100)
+  .describe('Permissions the client’s tokens may carry; within the creator’s own permissions');
+const AudiencesSchema = z
+  .array(AudienceSchema)
+  .max(20)
+  .describe('Audiences the client may request; none: its tokens are for this service only');
+const TtlSchema = z
+  .number()
+  .int()
+  .min(60)
+  .describe('Access-token lifetime in seconds (at most the service maximum); null: the service default');
+
+export const ClientIdParamSchema = z.object({
+  id: z
+    .union([z.uuid(), z.string().regex(CLIENT_ID_PATTERN)])
+    .describe('The client’s `id` (UUID) or its `client_id`'),
+});
+
+export const CreateClientBodySchema = z
+  .object({
+    name: z.string().trim().min(1).max(100),
+    description: z.string().trim().max(500).optional(),
+    scopes: ScopesSchema,
+    audiences: AudiencesSchema.optional(),
+    access_token_ttl: TtlSchema.nullable().optional(),
+  })
+  .strict();
+
+export const UpdateClientBodySchema = z
+  .object({
+    name: z.string().trim().min(1).max(100).optional(),
+    description: z.string().trim().max(500).optional(),
+    scopes: ScopesSchema.optional(),
+    audiences: AudiencesSchema.optional(),
+    access_token_ttl: TtlSchema.nullable().optional(),
+    status: z
+      .enum(['active', 'disabled'])
+      .optional()
+      .describe('A disabled client gets no tokens and loses those it has'),
+  })
+  .strict();
+
+export const RotateSecretBodySchema = z
+  .object({
+    grace_seconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(MAX_SECRET_GRACE_SECONDS)
+      .optional()
+      .describe('How long the current secret keeps working (default 0: it stops now)'),
+  })
+  .strict();
+
+export const ClientListQuerySchema = PaginationQuerySchema.strict();
+
+export const ClientSchema = z
+  .object({
+    id: z.uuid(),
+    client_id: z.string().describe('Public identifier, used as the OAuth `client_id` and the tokens’ `sub`'),
+    name: z.string(),
+    description: z.string(),
+    scopes: z.array(z.string()),
+    audiences: z.array(z.string()),
+    access_token_ttl: z.number().int().nullable(),
+    status: z.enum(['active', 'disabled']),
+    created_by: z.uuid().nullable(),
+    created_at: z.string(),
+    updated_at: z.string(),
+    previous_secret_expires_at: z
+      .string()
+      .nullable()
+      .describe('Until when the secret replaced by the last rotation still works'),
+  })
+  .meta({ id: 'Client' });
+
+export const ClientWithSecretSchema = ClientSchema.extend({
+  client_secret: z.string().describe('Shown this once; only a keyed hash is kept'),
+}).meta({ id: 'ClientWithSecret' });
+
+export const ClientPageSchema = pageOf(ClientSchema);
+
+export function toClientDto(c: ClientRow, now: Date) {
+  return {
+    id: c.id,
+    client_id: c.clientId,
+    name: c.name,
+    description: c.description,
+    scopes: c.scopes,
+    audiences: c.audiences,
+    access_token_ttl: c.accessTokenTtl,
+    status: c.status,
+    created_by: c.createdBy,
+    created_at: c.createdAt.toISOString(),
+    updated_at: c.updatedAt.toISOString(),
+    previous_secret_expires_at:
+      c.previousSecretExpiresAt && c.previousSecretExpiresAt > now
+        ? isoDate(c.previousSecretExpiresAt)
+        : null,
+  };
+}

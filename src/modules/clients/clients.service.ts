@@ -1,0 +1,313 @@
+import { LRUCache } from 'lru-cache';
+import type { Database } from '../../db/client.js';
+import { addSeconds, type Clock } from '../../lib/clock.js';
+import {
+  CLIENT_SECRET_FORMAT,
+  constantTimeEqual,
+  generateSecret,
+  keyedHash,
+  parseSecret,
+  randomBase62,
+} from '../../lib/crypto.js';
+import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import { type Cursor, paginate } from '../../lib/pagination.js';
+import { isSubset } from '../../lib/permissions.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { RevocationList } from '../tokens/revocations.service.js';
+import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
+
+/** Public client ids: `pci_` and the same lookup id that the client's secrets carry. */
+export const CLIENT_ID_PREFIX = 'pci_';
+export const CLIENT_ID_PATTERN = new RegExp(
+  `^${CLIENT_ID_PREFIX}[0-9A-Za-z]{${CLIENT_SECRET_FORMAT.lookupLength}}$`,
+);
+/** Caps applied before any work, so an oversized credential costs nothing. */
+const MAX_CLIENT_ID_LENGTH = 64;
+const MAX_SECRET_LENGTH = 256;
+/** The longest grace a rotated-out secret may keep working. */
+export const MAX_SECRET_GRACE_SECONDS = 30 * 86_400;
+
+/** Who manages clients: a user (or their API key) with their permissions, or a service. */
+export interface ClientCaller {
+  userId: string | undefined;
+  permissions: string[];
+}
+
+export interface CreateClientInput {
+  name: string;
+  description?: string | undefined;
+  scopes: string[];
+  audiences?: string[] | undefined;
+  accessTokenTtl?: number | null | undefined;
+}
+
+export interface UpdateClientInput {
+  name?: string | undefined;
+  description?: string | undefined;
+  scopes?: string[] | undefined;
+  audiences?: string[] | undefined;
+  accessTokenTtl?: number | null | undefined;
+  status?: 'active' | 'disabled' | undefined;
+}
+
+export type ClientAuthFailure = 'malformed' | 'unknown_client' | 'disabled' | 'wrong_secret';
+
+export interface ClientsServiceDeps {
+  db: Database;
+  repo: ClientsRepository;
+  audit: AuditService;
+  events: EventBus;
+  revocations: RevocationList;
+  clock: Clock;
+  pepper: Buffer;
+  /** The longest access-token lifetime a client may be given (config.tokens.maxAccessTtl). */
+  maxAccessTtl: number;
+}
+
+const unique = (values: string[]) => [...new Set(values)].sort();
+
+/**
+ * App clients: confidential OAuth clients of other services. The secret is shown once and stored as
+ * an HMAC under the server pepper; a rotation keeps the previous secret valid for a bounded grace.
+ * Clients are visible to whoever registered them, and to administrators (holders of `*`): another
+ * user's client answers 404 (SECURITY.md, object-level authorization).
+ */
+export function createClientsService(deps: ClientsServiceDeps) {
+  const hash = (secret: string) => keyedHash(deps.pepper, secret);
+  // Client authentication sits on the token and introspection paths; rows are cached briefly and
+  // dropped on `client_changed` from any instance (or everything on `resync`).
+  const cache = new LRUCache<string, { row: ClientRow | null }>({ max: 10_000, ttl: 60_000 });
+
+  const isAdministrator = (caller: ClientCaller) => isSubset(['*'], caller.permissions);
+  const visibleTo = (caller: ClientCaller, row: ClientRow) =>
+    isAdministrator(caller) || (caller.userId !== undefined && row.createdBy === caller.userId);
+
+  function assertGrantable(caller: ClientCaller, scopes: string[]) {
+    if (isSubset(scopes, caller.permissions)) return;
+    const missing = scopes.filter((s) => !isSubset([s], caller.permissions));
+    throw forbidden(`A client cannot be given permissions its creator does not hold: ${missing.join(', ')}`);
+  }
+
+  function assertTtl(ttl: number | null | undefined) {
+    if (ttl === null || ttl === undefined || ttl <= deps.maxAccessTtl) return;
+    throw new AppError('validation_failed', {
+      detail: `access_token_ttl may be at most ${deps.maxAccessTtl} seconds`,
+      errors: [{ field: 'body.access_token_ttl', message: `must be at most ${deps.maxAccessTtl}` }],
+    });
+  }
+
+  /** The client an id names, if the caller may see it; 404 otherwise (existence is not confirmed). */
+  async function visibleClient(caller: ClientCaller, idOrClientId: string): Promise<ClientRow> {
+    const row = CLIENT_ID_PATTERN.test(idOrClientId)
+      ? await deps.repo.findByClientId(idOrClientId)
+      : await deps.repo.findById(idOrClientId);
+    if (!row || !visibleTo(caller, row)) throw notFound('client');
+    return row;
+  }
+
+  /** Every token the client holds stops working on every instance (disable, delete). */
+  function revokeTokensOf(tx: Parameters<RevocationList['revoke']>[0], clientId: string) {
+    return deps.revocations.revoke(tx, 'subject', clientId, addSeconds(deps.clock.now(), deps.maxAccessTtl));
+  }
+
+  async function findCached(clientId: string): Promise<ClientRow | undefined> {
+    const hit = cache.get(clientId);
+    if (hit) return hit.row ?? undefined;
+    const row = await deps.repo.findByClientId(clientId);
+    cache.set(clientId, { row: row ?? null });
+    return row;
+  }
+
+  return {
+    async create(caller: ClientCaller, input: CreateClientInput, context: RequestContext) {
+      if (caller.userId === undefined && !isAdministrator(caller)) {
+        throw forbidden('App clients are registered by users (or by administrators)');
+      }
+      const scopes = unique(input.scopes);
+      assertGrantable(caller, scopes);
+      assertTtl(input.accessTokenTtl);
+      const lookupId = randomBase62(CLIENT_SECRET_FORMAT.lookupLength);
+      const clientId = `${CLIENT_ID_PREFIX}${lookupId}`;
+      const { token: secret } = generateSecret(CLIENT_SECRET_FORMAT, lookupId);
+      const now = deps.clock.now();
+      const client = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const row = await deps.repo.insert(
+          {
+            clientId,
+            name: input.name,
+            description: input.description ?? '',
+            secretHash: hash(secret),
+            scopes,
+            audiences: unique(input.audiences ?? []),
+            accessTokenTtl: input.accessTokenTtl ?? null,
+            status: 'active',
+            createdBy: caller.userId ?? null,
+            createdAt: now,
+            updatedAt: now,
+          },
+          tx,
+        );
+        await deps.audit.record(tx, context, {
+          type: 'client.created',
+          subjectId: row.id,
+          data: { client_id: clientId, scopes: row.scopes, audiences: row.audiences },
+        });
+        // A negative lookup of this id may be cached somewhere.
+        emit({ type: 'client_changed', clientId });
+        return row;
+      });
+      return { client, secret };
+    },
+
+    async list(caller: ClientCaller, options: { limit: number; cursor?: Cursor | undefined }) {
+      const rows = await deps.repo.list({
+        ...(isAdministrator(caller)
+          ? {}
+          : { createdBy: caller.userId ?? '00000000-0000-0000-0000-000000000000' }),
+        limit: options.limit,
+        ...(options.cursor ? { cursor: options.cursor } : {}),
+      });
+      return paginate(rows, options.limit);
+    },
+
+    get: visibleClient,
+
+    async update(
+      caller: ClientCaller,
+      idOrClientId: string,
+      input: UpdateClientInput,
+      context: RequestContext,
+    ) {
+      const existing = await visibleClient(caller, idOrClientId);
+      const patch: ClientPatch = {};
+      if (input.name !== undefined) patch.name = input.name;
+      if (input.description !== undefined) patch.description = input.description;
+      if (input.scopes !== undefined) {
+        patch.scopes = unique(input.scopes);
+        assertGrantable(caller, patch.scopes);
+      }
+      if (input.audiences !== undefined) patch.audiences = unique(input.audiences);
+      if (input.accessTokenTtl !== undefined) {
+        assertTtl(input.accessTokenTtl);
+        patch.accessTokenTtl = input.accessTokenTtl;
+      }
+      if (input.status !== undefined) patch.status = input.status;
+      const changed = Object.keys(patch);
+      if (changed.length === 0) return existing;
+      return inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const before = await deps.repo.findByIdForUpdate(existing.id, tx);
+        if (!before) throw notFound('client');
+        const row = await deps.repo.update(existing.id, patch, deps.clock.now(), tx);
+        if (!row) throw notFound('client');
+        if (before.status === 'active' && row.status === 'disabled') {
+          emit(await revokeTokensOf(tx, row.clientId));
+        }
+        await deps.audit.record(tx, context, {
+          type: 'client.updated',
+          subjectId: row.id,
+          data: {
+            client_id: row.clientId,
+            changed,
+            ...(patch.scopes ? { scopes: row.scopes } : {}),
+            ...(patch.status ? { status: row.status } : {}),
+          },
+        });
+        emit({ type: 'client_changed', clientId: row.clientId });
+        return row;
+      });
+    },
+
+    async remove(caller: ClientCaller, idOrClientId: string, context: RequestContext): Promise<void> {
+      const existing = await visibleClient(caller, idOrClientId);
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        if (!(await deps.repo.delete(existing.id, tx))) throw notFound('client');
+        emit(await revokeTokensOf(tx, existing.clientId));
+        await deps.audit.record(tx, context, {
+          type: 'client.deleted',
+          subjectId: existing.id,
+          data: { client_id: existing.clientId, name: existing.name },
+        });
+        emit({ type: 'client_changed', clientId: existing.clientId });
+      });
+    },
+
+    /** A new secret, shown once; the current one keeps working for `graceSeconds` (0: not at all). */
+    async rotateSecret(
+      caller: ClientCaller,
+      idOrClientId: string,
+      graceSeconds: number,
+      context: RequestContext,
+    ) {
+      const existing = await visibleClient(caller, idOrClientId);
+      const lookupId = existing.clientId.slice(CLIENT_ID_PREFIX.length);
+      const { token: secret } = generateSecret(CLIENT_SECRET_FORMAT, lookupId);
+      const now = deps.clock.now();
+      const client = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
+        if (!locked) throw notFound('client');
+        const row = await deps.repo.update(
+          locked.id,
+          {
+            secretHash: hash(secret),
+            // Only the secret being replaced gets a grace; an older one in its grace ends now.
+            previousSecretHash: graceSeconds > 0 ? locked.secretHash : null,
+            previousSecretExpiresAt: graceSeconds > 0 ? addSeconds(now, graceSeconds) : null,
+          },
+          now,
+          tx,
+        );
+        if (!row) throw notFound('client');
+        await deps.audit.record(tx, context, {
+          type: 'client.secret_rotated',
+          subjectId: row.id,
+          data: { client_id: row.clientId, grace_seconds: graceSeconds },
+        });
+        emit({ type: 'client_changed', clientId: row.clientId });
+        return row;
+      });
+      return { client, secret };
+    },
+
+    /**
+     * Client authentication (RFC 6749 §2.3.1): the active client whose current secret, or previous
+     * secret within its grace, this is. The secret carries the client's lookup id and a checksum, so
+     * a mistyped or foreign secret fails before any database read; hashes compare in constant time.
+     */
+    async authenticate(
+      clientId: string,
+      secret: string,
+    ): Promise<
+      { ok: true; client: ClientRow } | { ok: false; reason: ClientAuthFailure; client?: ClientRow }
+    > {
+      if (clientId.length > MAX_CLIENT_ID_LENGTH || secret.length > MAX_SECRET_LENGTH)
+        return { ok: false, reason: 'malformed' };
+      const parsed = parseSecret(CLIENT_SECRET_FORMAT, secret);
+      if (!CLIENT_ID_PATTERN.test(clientId)) return { ok: false, reason: 'unknown_client' };
+      if (!parsed || `${CLIENT_ID_PREFIX}${parsed.lookupId}` !== clientId)
+        return { ok: false, reason: 'malformed' };
+      const client = await findCached(clientId);
+      if (!client) return { ok: false, reason: 'unknown_client' };
+      const presented = hash(secret);
+      const current = constantTimeEqual(presented, client.secretHash);
+      const previous =
+        client.previousSecretHash !== null &&
+        client.previousSecretExpiresAt !== null &&
+        client.previousSecretExpiresAt > deps.clock.now() &&
+        constantTimeEqual(presented, client.previousSecretHash);
+      if (!current && !previous) return { ok: false, reason: 'wrong_secret', client };
+      if (client.status !== 'active') return { ok: false, reason: 'disabled', client };
+      return { ok: true, client };
+    },
+
+    /** The client registered under a client_id (cached), whatever its state. */
+    findByClientId: findCached,
+
+    handle(event: AuthEvent) {
+      if (event.type === 'client_changed') cache.delete(event.clientId);
+      else if (event.type === 'resync') cache.clear();
+    },
+  };
+}
+
+export type ClientsService = ReturnType<typeof createClientsService>;

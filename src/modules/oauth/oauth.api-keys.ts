@@ -1,0 +1,33 @@
+import { isAppError } from '../../lib/errors.js';
+import type { RequestContext } from '../audit/audit.service.js';
+import type { ApiKeysService } from '../api-keys/api-keys.service.js';
+import type { ApiKeyTokenPort } from './oauth.service.js';
+
+/** API keys as introspection and revocation see them, over the API-keys module's own verification. */
+export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke'>): ApiKeyTokenPort {
+  return {
+    async inspect(key: string) {
+      const verified = await apiKeys.verify(key);
+      if (!verified.valid) return undefined;
+      return {
+        keyId: verified.key.id,
+        ownerId: verified.key.ownerId,
+        // What the key may do now: its scopes within its owner's current permissions.
+        scopes: verified.scopes,
+        expiresAt: verified.key.expiresAt,
+        createdAt: verified.key.createdAt,
+      };
+    },
+    async revokeOwned(key: string, ownerId: string, context: RequestContext) {
+      const verified = await apiKeys.verify(key);
+      if (!verified.valid || verified.key.ownerId !== ownerId) return;
+      try {
+        await apiKeys.revoke({ userId: ownerId, permissions: [] }, verified.key.id, context);
+      } catch (err) {
+        // Revoked meanwhile by another request: RFC 7009 answers 200 all the same.
+        if (isAppError(err) && err.code === 'not_found') return;
+        throw err;
+      }
+    },
+  };
+}

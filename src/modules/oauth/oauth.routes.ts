@@ -1,0 +1,223 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { AppError } from '../../lib/errors.js';
+import { requestContext } from '../../plugins/authenticate.js';
+import { REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
+import type { RequestContext } from '../audit/audit.service.js';
+import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
+import { BASIC_CHALLENGE, isBasicAuthorization, parseBasicCredentials } from './oauth.client-auth.js';
+import {
+  IntrospectBodySchema,
+  IntrospectionSchema,
+  oauthErrors,
+  RevokeBodySchema,
+  TokenBodySchema,
+  TokenResponseSchema,
+} from './oauth.schema.js';
+import type { OAuthCaller, OAuthService } from './oauth.service.js';
+
+export interface OAuthRoutesDeps {
+  oauth: OAuthService;
+}
+
+/** Parameters that may legitimately repeat (RFC 8707 §2: several resources). */
+const MULTI_VALUED = new Set(['resource', 'audience']);
+/** Credentials never travel in a URL: it ends up in logs, history and Referer headers. */
+const CREDENTIAL_PARAMS = [
+  'client_secret',
+  'token',
+  'refresh_token',
+  'access_token',
+  'password',
+  'client_assertion',
+];
+
+/** RFC 6749 §3.2 asks for form bodies; JSON is accepted as well. */
+const OAUTH_CONTENT_TYPES = ['application/x-www-form-urlencoded', 'application/json'];
+
+const invalidClient = (detail: string) =>
+  new AppError('invalid_client', { detail, headers: { 'www-authenticate': BASIC_CHALLENGE } });
+const invalidRequest = (detail: string) =>
+  new AppError('bad_request', { detail, oauthError: 'invalid_request' });
+
+/** RFC 6749 §3.1: a parameter sent without a value is treated as if it were omitted. */
+const present = (value: string | undefined) => (value === undefined || value === '' ? undefined : value);
+const asList = (value: string | string[] | undefined) =>
+  (Array.isArray(value) ? value : value === undefined ? [] : [value]).filter((v) => v !== '');
+
+interface ClientParams {
+  client_id?: string | undefined;
+  client_secret?: string | undefined;
+}
+
+export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+
+  // §5.1: token responses (and every other answer here) must not be cached.
+  app.addHook('onSend', async (_request, reply) => {
+    reply.header('cache-control', 'no-store');
+    reply.header('pragma', 'no-cache');
+  });
+  app.addHook('preValidation', async (request) => {
+    const query = request.query as Record<string, unknown> | undefined;
+    const inUrl = CREDENTIAL_PARAMS.filter((p) => query && Object.hasOwn(query, p));
+    if (inUrl.length > 0) {
+      throw invalidRequest(`Send ${inUrl.join(', ')} in the request body, never in the URL`);
+    }
+    const body = request.body;
+    if (body && typeof body === 'object') {
+      for (const [name, value] of Object.entries(body)) {
+        if (Array.isArray(value) && !MULTI_VALUED.has(name)) {
+          throw invalidRequest(`The parameter ${name.slice(0, 64)} is repeated (RFC 6749 §3.1)`);
+        }
+      }
+    }
+  });
+
+  function contextFor(request: FastifyRequest, caller: OAuthCaller): RequestContext {
+    const context = requestContext(request);
+    return caller.kind === 'client'
+      ? { ...context, actorType: 'service', actorId: caller.client.clientId }
+      : context;
+  }
+
+  /**
+   * Who is calling: a client authenticating with HTTP Basic (§2.3.1, form-urlencoded id and secret)
+   * or with client_secret_post, a bearer token or API key (where `bearer` allows it), or nobody —
+   * the first-party public client. More than one method at once is refused (§2.3).
+   */
+  async function callerOf(
+    request: FastifyRequest,
+    params: ClientParams,
+    bearer: boolean,
+  ): Promise<OAuthCaller> {
+    const authorization = request.headers.authorization;
+    const basic = isBasicAuthorization(authorization);
+    const secret = present(params.client_secret);
+    const clientId = present(params.client_id);
+    const otherCredential =
+      !basic && (authorization !== undefined || request.headers['x-api-key'] !== undefined);
+    if ([basic, secret !== undefined, otherCredential].filter(Boolean).length > 1) {
+      throw invalidRequest('Use exactly one client authentication method (RFC 6749 §2.3)');
+    }
+    if (basic) {
+      const credentials = parseBasicCredentials(authorization);
+      if (!credentials) throw invalidClient('The Basic credentials are malformed');
+      if (clientId !== undefined && clientId !== credentials.clientId) {
+        throw invalidRequest('client_id differs from the client in the Authorization header');
+      }
+      return deps.oauth.authenticateClient(credentials.clientId, credentials.secret, requestContext(request));
+    }
+    if (secret !== undefined) {
+      if (clientId === undefined) throw invalidClient('client_secret needs client_id');
+      return deps.oauth.authenticateClient(clientId, secret, requestContext(request));
+    }
+    if (otherCredential) {
+      if (!bearer) throw invalidClient('Authenticate the client with HTTP Basic or client_secret_post');
+      const principal = await app.resolvePrincipal(request);
+      if (!principal) throw invalidClient('Authenticate the client or send a bearer token');
+      request.principal = principal;
+      return { kind: 'principal', principal };
+    }
+    if (clientId !== undefined && clientId !== FIRST_PARTY_CLIENT_ID) {
+      throw invalidClient('This client must authenticate with its secret');
+    }
+    return { kind: 'public', clientId: FIRST_PARTY_CLIENT_ID };
+  }
+
+  r.post(
+    '/oauth/token',
+    {
+      config: { public: true, rateLimit: REFRESH_RATE_LIMIT },
+      schema: {
+        tags: ['oauth'],
+        consumes: OAUTH_CONTENT_TYPES,
+        operationId: 'token',
+        summary: 'OAuth 2.0 token endpoint: client_credentials and refresh_token (RFC 6749)',
+        description:
+          '`application/x-www-form-urlencoded` (or JSON). Client authentication by HTTP Basic ' +
+          '(client_secret_basic, form-urlencoded id and secret) or by `client_id` and `client_secret` ' +
+          'in the body. Errors follow RFC 6749 §5.2.',
+        security: [{ clientBasic: [] }, {}],
+        body: TokenBodySchema,
+        response: { 200: TokenResponseSchema, ...oauthErrors(400, 401, 413, 415, 429, 503) },
+      },
+    },
+    async (request) => {
+      const body = request.body;
+      const caller = await callerOf(request, body, false);
+      return deps.oauth.token(
+        caller,
+        {
+          grantType: present(body.grant_type),
+          scope: present(body.scope),
+          audiences: asList(body.audience),
+          resources: asList(body.resource),
+          refreshToken: present(body.refresh_token),
+        },
+        contextFor(request, caller),
+      );
+    },
+  );
+
+  r.post(
+    '/oauth/introspect',
+    {
+      config: { public: true },
+      schema: {
+        tags: ['oauth'],
+        consumes: OAUTH_CONTENT_TYPES,
+        operationId: 'introspect',
+        summary: 'Token introspection (RFC 7662): access tokens, refresh tokens and API keys',
+        description:
+          'For an authenticated client (it sees the tokens issued to it) or a bearer token / API key ' +
+          'holding tokens:introspect (it sees every token). Anything invalid, expired, revoked or not ' +
+          'the caller’s to see answers `{"active": false}`.',
+        security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }],
+        body: IntrospectBodySchema,
+        response: { 200: IntrospectionSchema, ...oauthErrors(400, 401, 403, 413, 415, 503) },
+      },
+    },
+    async (request) => {
+      const caller = await callerOf(request, request.body, true);
+      const token = present(request.body.token);
+      if (token === undefined) throw invalidRequest('token is required');
+      return deps.oauth.introspect(caller, token);
+    },
+  );
+
+  r.post(
+    '/oauth/revoke',
+    {
+      config: { public: true },
+      schema: {
+        tags: ['oauth'],
+        consumes: OAUTH_CONTENT_TYPES,
+        operationId: 'revoke',
+        summary: 'Token revocation (RFC 7009): refresh tokens, access tokens and API keys',
+        description:
+          'Revokes a refresh token (its whole session), an access token (its `jti`, on every instance, ' +
+          'until it expires) or an API key — only the caller’s own. 200 even for unknown tokens. ' +
+          'First-party refresh and access tokens can be revoked without client authentication.',
+        security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }, {}],
+        body: RevokeBodySchema,
+        response: {
+          200: z.null().describe('Revoked, or nothing to revoke'),
+          ...oauthErrors(400, 401, 413, 415, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      const caller = await callerOf(request, request.body, true);
+      const token = present(request.body.token);
+      if (token === undefined) throw invalidRequest('token is required');
+      await deps.oauth.revoke(caller, token, contextFor(request, caller));
+      // RFC 7009 §2.2: the body is empty (and ignored by clients).
+      return reply
+        .status(200)
+        .serializer(() => '')
+        .send(null);
+    },
+  );
+}

@@ -1,0 +1,389 @@
+import { decodeJwt } from 'jose';
+import type { Database } from '../../db/client.js';
+import type { Clock } from '../../lib/clock.js';
+import { AppError } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import { hasPermission, isSubset } from '../../lib/permissions.js';
+import type { Principal } from '../../plugins/authenticate.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { SessionsService } from '../auth/sessions.service.js';
+import type { ClientRow } from '../clients/clients.repository.js';
+import type { ClientsService } from '../clients/clients.service.js';
+import { BASIC_CHALLENGE } from './oauth.client-auth.js';
+import type { RevocationList } from '../tokens/revocations.service.js';
+import {
+  type AccessTokenClaims,
+  CLOCK_TOLERANCE_SECONDS,
+  FIRST_PARTY_CLIENT_ID,
+  type TokenService,
+} from '../tokens/tokens.service.js';
+
+export const INTROSPECT_PERMISSION = 'tokens:introspect';
+const API_KEY_PREFIX = 'pak_';
+const REFRESH_TOKEN_PREFIX = 'prt_';
+/** Longer than any token this service issues; the body limit bounds it anyway. */
+const MAX_TOKEN_LENGTH = 8192;
+
+/**
+ * What the OAuth endpoints need of API keys. The API-keys module provides it; until it is wired in
+ * services.ts (`oauth.apiKeys`), API keys introspect as `{active: false}` and revoke as a no-op.
+ */
+export interface ApiKeyTokenPort {
+  /** The key a string names when it would be accepted now (unexpired, unrevoked, owner active). */
+  inspect(
+    key: string,
+  ): Promise<
+    { keyId: string; ownerId: string; scopes: string[]; expiresAt: Date | null; createdAt: Date } | undefined
+  >;
+  /** Revokes the key (audit and cross-instance event included) when `ownerId` owns it. */
+  revokeOwned(key: string, ownerId: string, context: RequestContext): Promise<void>;
+}
+
+/** Who is calling an OAuth endpoint. */
+export type OAuthCaller =
+  /** A confidential client that authenticated with its secret. */
+  | { kind: 'client'; client: ClientRow }
+  /** A bearer access token or API key (introspection and revocation only). */
+  | { kind: 'principal'; principal: Principal }
+  /** No credentials: the first-party (public) client, whose refresh tokens need no client secret. */
+  | { kind: 'public'; clientId: string };
+
+export interface TokenRequest {
+  grantType: string | undefined;
+  scope: string | undefined;
+  audiences: string[];
+  resources: string[];
+  refreshToken: string | undefined;
+}
+
+export interface TokenResponse {
+  access_token: string;
+  token_type: 'Bearer';
+  expires_in: number;
+  scope: string;
+  refresh_token?: string;
+}
+
+export interface Introspection {
+  active: boolean;
+  scope?: string;
+  client_id?: string;
+  sub?: string;
+  aud?: string | string[];
+  iss?: string;
+  exp?: number;
+  iat?: number;
+  nbf?: number;
+  jti?: string;
+  token_type?: string;
+  token_use?: 'access_token' | 'refresh_token' | 'api_key';
+  roles?: string[];
+  sid?: string;
+  key_id?: string;
+}
+
+export interface OAuthServiceDeps {
+  db: Database;
+  clients: ClientsService;
+  tokens: TokenService;
+  sessions: SessionsService;
+  revocations: RevocationList;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  /** This service's own audience: what a client with no registered audiences gets. */
+  audience: string;
+  accessTtl: number;
+  maxAccessTtl: number;
+  apiKeys?: ApiKeyTokenPort | undefined;
+  onIssued?: (grant: string) => void;
+}
+
+const INACTIVE: Introspection = { active: false };
+/** RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ). */
+const SCOPE_TOKEN = /^[\x21\x23-\x5b\x5d-\x7e]+$/;
+
+const oauthError = (oauth: string, detail: string) =>
+  new AppError('bad_request', { status: 400, detail, oauthError: oauth });
+
+const epoch = (d: Date) => Math.floor(d.getTime() / 1000);
+
+/** The token endpoint's grants, introspection (RFC 7662) and revocation (RFC 7009). */
+export function createOAuthService(deps: OAuthServiceDeps) {
+  const looksLikeJwt = (token: string) => token.split('.').length === 3;
+
+  function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
+    if (requested === undefined) return client.scopes;
+    const scopes = [...new Set(requested.split(' ').filter(Boolean))];
+    if (!scopes.every((s) => SCOPE_TOKEN.test(s)))
+      throw oauthError('invalid_scope', 'The scope is malformed');
+    const foreign = scopes.filter((s) => !isSubset([s], client.scopes));
+    if (foreign.length > 0) {
+      throw oauthError('invalid_scope', `The client is not registered for: ${foreign.join(' ')}`);
+    }
+    return scopes;
+  }
+
+  function grantedAudience(client: ClientRow, request: TokenRequest): string | string[] {
+    const allowed = client.audiences.length > 0 ? client.audiences : [deps.audience];
+    for (const r of request.resources) {
+      // RFC 8707 §2: an absolute URI without a fragment.
+      if (!URL.canParse(r) || r.includes('#'))
+        throw oauthError('invalid_target', 'A resource must be an absolute URI');
+    }
+    const requested = [...new Set([...request.audiences, ...request.resources])];
+    const foreign = requested.filter((a) => !allowed.includes(a));
+    if (foreign.length > 0) {
+      throw oauthError('invalid_target', `The client may not request the audience ${foreign.join(' ')}`);
+    }
+    const audience = requested.length > 0 ? requested : allowed;
+    return audience.length === 1 ? audience[0]! : audience;
+  }
+
+  async function clientCredentials(caller: OAuthCaller, request: TokenRequest): Promise<TokenResponse> {
+    // §4.4: confidential clients only.
+    if (caller.kind !== 'client') {
+      throw new AppError('invalid_client', {
+        detail: 'client_credentials needs client authentication (HTTP Basic or client_secret_post)',
+        headers: { 'www-authenticate': BASIC_CHALLENGE },
+      });
+    }
+    const { client } = caller;
+    const scopes = grantedScopes(client, request.scope);
+    const audience = grantedAudience(client, request);
+    const ttl = Math.min(client.accessTokenTtl ?? deps.accessTtl, deps.maxAccessTtl);
+    const issued = await deps.tokens.issue({
+      sub: client.clientId,
+      audience,
+      ttlSeconds: ttl,
+      clientId: client.clientId,
+      permissions: scopes,
+    });
+    deps.onIssued?.('client_credentials');
+    return {
+      access_token: issued.token,
+      token_type: 'Bearer',
+      expires_in: issued.expiresIn,
+      scope: scopes.join(' '),
+    };
+  }
+
+  async function refreshGrant(
+    caller: OAuthCaller,
+    request: TokenRequest,
+    context: RequestContext,
+  ): Promise<TokenResponse> {
+    if (!request.refreshToken) throw oauthError('invalid_request', 'refresh_token is required');
+    if (caller.kind === 'principal')
+      throw oauthError('invalid_request', 'Bearer credentials are not a grant');
+    // §6: a refresh token is only good in the hands of the client it was issued to.
+    const session = await deps.sessions.findByRefreshToken(request.refreshToken);
+    const callerId = caller.kind === 'client' ? caller.client.clientId : caller.clientId;
+    if (session && (session.clientId ?? FIRST_PARTY_CLIENT_ID) !== callerId) {
+      throw oauthError('invalid_grant', 'The refresh token was not issued to this client');
+    }
+    const tokens = await deps.sessions.refresh(request.refreshToken, context);
+    const claims = decodeJwt(tokens.access_token);
+    return { ...tokens, scope: typeof claims.scope === 'string' ? claims.scope : '' };
+  }
+
+  /** Whether a caller may see (introspection) everything, not only what was issued to it. */
+  function seesEverything(caller: OAuthCaller): boolean {
+    if (caller.kind === 'client') return hasPermission(caller.client.scopes, INTROSPECT_PERMISSION);
+    if (caller.kind === 'principal')
+      return hasPermission(caller.principal.permissions, INTROSPECT_PERMISSION);
+    return false;
+  }
+
+  /** The client id a caller speaks for, when it is a client. */
+  function clientIdOf(caller: OAuthCaller): string | undefined {
+    if (caller.kind === 'client') return caller.client.clientId;
+    if (caller.kind === 'public') return caller.clientId;
+    return caller.principal.kind === 'service' ? caller.principal.clientId : undefined;
+  }
+
+  /** Whether the caller may revoke an access token: one issued to it, or (users) one of its own. */
+  function ownsAccessToken(caller: OAuthCaller, claims: AccessTokenClaims): boolean {
+    if (caller.kind === 'principal' && caller.principal.kind !== 'service')
+      return claims.sub === caller.principal.userId;
+    return claims.client_id === clientIdOf(caller);
+  }
+
+  async function verifyAccessToken(token: string): Promise<AccessTokenClaims | undefined> {
+    try {
+      return await deps.tokens.verify(token, { anyAudience: true });
+    } catch {
+      return undefined;
+    }
+  }
+
+  return {
+    /** The token endpoint (RFC 6749 §4.4 and §6). */
+    async token(caller: OAuthCaller, request: TokenRequest, context: RequestContext): Promise<TokenResponse> {
+      switch (request.grantType) {
+        case undefined:
+          throw oauthError('invalid_request', 'grant_type is required');
+        case 'client_credentials':
+          return clientCredentials(caller, request);
+        case 'refresh_token':
+          return refreshGrant(caller, request, context);
+        default:
+          throw oauthError(
+            'unsupported_grant_type',
+            `The grant type ${request.grantType.slice(0, 64)} is not supported`,
+          );
+      }
+    },
+
+    /**
+     * RFC 7662. A client sees the tokens issued to it; holders of tokens:introspect see every token.
+     * Anything invalid, expired, revoked or not the caller's to see is only `{active: false}`. The
+     * token's shape decides where it is looked up, so a wrong `token_type_hint` changes nothing.
+     */
+    async introspect(caller: OAuthCaller, token: string): Promise<Introspection> {
+      if (caller.kind === 'public') {
+        throw new AppError('invalid_client', {
+          detail: 'Introspection needs an authenticated caller',
+          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, Bearer realm="paservices"` },
+        });
+      }
+      if (
+        caller.kind === 'principal' &&
+        !hasPermission(caller.principal.permissions, INTROSPECT_PERMISSION)
+      ) {
+        throw new AppError('forbidden', {
+          detail: `Introspection with a bearer credential needs ${INTROSPECT_PERMISSION}`,
+        });
+      }
+      if (token.length > MAX_TOKEN_LENGTH) return INACTIVE;
+      const all = seesEverything(caller);
+      const callerClientId = clientIdOf(caller);
+
+      if (token.startsWith(REFRESH_TOKEN_PREFIX)) {
+        const live = await deps.sessions.findLiveRefreshToken(token);
+        if (!live) return INACTIVE;
+        const clientId = live.session.clientId ?? FIRST_PARTY_CLIENT_ID;
+        if (!all && clientId !== callerClientId) return INACTIVE;
+        return {
+          active: true,
+          client_id: clientId,
+          sub: live.session.userId,
+          exp: epoch(live.expiresAt),
+          iat: epoch(live.issuedAt),
+          sid: live.session.id,
+          token_use: 'refresh_token',
+        };
+      }
+      if (token.startsWith(API_KEY_PREFIX)) {
+        // API keys belong to users, never to clients: only tokens:introspect holders see them.
+        if (!all || !deps.apiKeys) return INACTIVE;
+        const key = await deps.apiKeys.inspect(token);
+        if (!key) return INACTIVE;
+        return {
+          active: true,
+          sub: key.ownerId,
+          scope: key.scopes.join(' '),
+          iat: epoch(key.createdAt),
+          ...(key.expiresAt ? { exp: epoch(key.expiresAt) } : {}),
+          key_id: key.keyId,
+          token_type: 'Bearer',
+          token_use: 'api_key',
+        };
+      }
+      if (!looksLikeJwt(token)) return INACTIVE;
+      const claims = await verifyAccessToken(token);
+      if (!claims) return INACTIVE;
+      if (!all && claims.client_id !== callerClientId) return INACTIVE;
+      return {
+        active: true,
+        scope: claims.scope,
+        client_id: claims.client_id,
+        sub: claims.sub,
+        aud: claims.aud,
+        iss: claims.iss,
+        exp: claims.exp,
+        iat: claims.iat,
+        ...(typeof claims.nbf === 'number' ? { nbf: claims.nbf } : {}),
+        jti: claims.jti,
+        token_type: 'Bearer',
+        token_use: 'access_token',
+        ...(Array.isArray(claims.roles) ? { roles: claims.roles } : {}),
+        ...(typeof claims.sid === 'string' ? { sid: claims.sid } : {}),
+      };
+    },
+
+    /**
+     * RFC 7009. Revokes a refresh token (its whole session), an access token (its jti until it
+     * expires, on every instance) or an API key — only the caller's own; anything else, unknown
+     * tokens included, is silently left alone (§2.2: 200 either way).
+     */
+    async revoke(caller: OAuthCaller, token: string, context: RequestContext): Promise<void> {
+      if (token.length > MAX_TOKEN_LENGTH) return;
+      if (token.startsWith(REFRESH_TOKEN_PREFIX)) {
+        const session = await deps.sessions.findByRefreshToken(token);
+        if (!session || session.revokedAt) return;
+        const mine =
+          caller.kind === 'principal'
+            ? caller.principal.userId === session.userId
+            : (session.clientId ?? FIRST_PARTY_CLIENT_ID) === clientIdOf(caller);
+        if (!mine) return;
+        await inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const events = await deps.sessions.endSession(tx, session.id, 'revoked');
+          if (events.length === 0) return;
+          events.forEach(emit);
+          await deps.audit.record(tx, context, {
+            type: 'refresh_token.revoked',
+            subjectId: session.userId,
+            data: { session_id: session.id },
+          });
+        });
+        return;
+      }
+      if (token.startsWith(API_KEY_PREFIX)) {
+        if (caller.kind !== 'principal' || !caller.principal.userId || !deps.apiKeys) return;
+        await deps.apiKeys.revokeOwned(token, caller.principal.userId, context);
+        return;
+      }
+      if (!looksLikeJwt(token)) return;
+      const claims = await verifyAccessToken(token);
+      if (!claims || !ownsAccessToken(caller, claims)) return;
+      // Until the last moment any instance could still accept it (exp plus the leeway).
+      const until = new Date((claims.exp + CLOCK_TOLERANCE_SECONDS) * 1000);
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        emit(await deps.revocations.revoke(tx, 'jti', claims.jti, until));
+        await deps.audit.record(tx, context, {
+          type: 'access_token.revoked',
+          subjectId: claims.sub,
+          data: { jti: claims.jti, client_id: claims.client_id },
+        });
+      });
+    },
+
+    /**
+     * Client authentication (RFC 6749 §2.3.1). A failure is one `invalid_client` whatever the cause
+     * (unknown, wrong or rotated-out secret, disabled); failures of a registered client are audited.
+     */
+    async authenticateClient(
+      clientId: string,
+      secret: string,
+      context: RequestContext,
+    ): Promise<OAuthCaller> {
+      const result = await deps.clients.authenticate(clientId, secret);
+      if (result.ok) return { kind: 'client', client: result.client };
+      if (result.client) {
+        await deps.audit.record(deps.db, context, {
+          type: 'client.authentication_failed',
+          subjectId: result.client.id,
+          outcome: 'failure',
+          data: { client_id: result.client.clientId, reason: result.reason },
+        });
+      }
+      throw new AppError('invalid_client', {
+        detail: 'Client authentication failed',
+        headers: { 'www-authenticate': BASIC_CHALLENGE },
+      });
+    },
+  };
+}
+
+export type OAuthService = ReturnType<typeof createOAuthService>;

@@ -1,0 +1,48 @@
+import type { Database } from '../../db/client.js';
+import { notFound } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import { hasPermission } from '../../lib/permissions.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { ProfilePatch, ProfileRow, ProfilesRepository } from './profiles.repository.js';
+
+export function createProfilesService(deps: {
+  db: Database;
+  repo: ProfilesRepository;
+  audit: AuditService;
+  events: EventBus;
+}) {
+  return {
+    async getOwn(userId: string): Promise<ProfileRow> {
+      const profile = await deps.repo.findByUserId(userId);
+      if (!profile) throw notFound('profile');
+      return profile;
+    },
+
+    /** Another user's profile needs profiles:read; without it, it does not exist (no IDOR oracle). */
+    async getFor(
+      viewer: { userId: string | undefined; permissions: string[] },
+      userId: string,
+    ): Promise<ProfileRow> {
+      if (viewer.userId !== userId && !hasPermission(viewer.permissions, 'profiles:read'))
+        throw notFound('profile');
+      const profile = await deps.repo.findByUserId(userId);
+      if (!profile) throw notFound('profile');
+      return profile;
+    },
+
+    async update(userId: string, patch: ProfilePatch, context: RequestContext): Promise<ProfileRow> {
+      return inTransaction(deps.db, deps.events, async (tx) => {
+        const profile = await deps.repo.update(userId, patch, tx);
+        if (!profile) throw notFound('profile');
+        await deps.audit.record(tx, context, {
+          type: 'profile.updated',
+          subjectId: userId,
+          data: { fields: Object.keys(patch) },
+        });
+        return profile;
+      });
+    },
+  };
+}
+
+export type ProfilesService = ReturnType<typeof createProfilesService>;

@@ -1,0 +1,43 @@
+import { asc, eq } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { roles } from '../../db/schema/index.js';
+
+export type RoleRow = typeof roles.$inferSelect;
+
+export function createRolesRepository(db: Executor) {
+  return {
+    async list(tx: Executor = db): Promise<RoleRow[]> {
+      return tx.select().from(roles).orderBy(asc(roles.name));
+    },
+    async find(name: string, tx: Executor = db): Promise<RoleRow | undefined> {
+      const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1);
+      return row;
+    },
+    /** Undefined when the name is taken. */
+    async insert(
+      row: { name: string; description: string; permissions: string[] },
+      tx: Executor = db,
+    ): Promise<RoleRow | undefined> {
+      const [created] = await tx.insert(roles).values(row).onConflictDoNothing().returning();
+      return created;
+    },
+    async update(
+      name: string,
+      patch: Partial<Pick<RoleRow, 'description' | 'permissions'>>,
+      tx: Executor = db,
+    ): Promise<RoleRow | undefined> {
+      const [row] = await tx
+        .update(roles)
+        .set({ ...patch, updatedAt: new Date() })
+        .where(eq(roles.name, name))
+        .returning();
+      return row;
+    },
+    async delete(name: string, tx: Executor = db): Promise<boolean> {
+      const rows = await tx.delete(roles).where(eq(roles.name, name)).returning({ name: roles.name });
+      return rows.length > 0;
+    },
+  };
+}
+
+export type RolesRepository = ReturnType<typeof createRolesRepository>;

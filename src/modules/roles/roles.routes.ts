@@ -1,0 +1,167 @@
+import type { FastifyInstance } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { PERMISSIONS } from '../../lib/permissions.js';
+import { principalOf, requestContext } from '../../plugins/authenticate.js';
+import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import { RoleNameSchema } from '../users/users.schema.js';
+import type { RoleRow } from './roles.repository.js';
+import type { RolesService } from './roles.service.js';
+
+const PermissionListSchema = z
+  .array(z.string().min(1).max(100))
+  .max(200)
+  .describe('Permission strings: catalogue entries, `resource:*` or `*`');
+
+const RoleSchema = z
+  .object({
+    name: z.string(),
+    description: z.string(),
+    permissions: z.array(z.string()),
+    builtin: z.boolean(),
+    created_at: z.string(),
+    updated_at: z.string(),
+  })
+  .meta({ id: 'Role' });
+
+const CreateRoleBodySchema = z
+  .object({
+    name: RoleNameSchema,
+    description: z.string().max(500).optional(),
+    permissions: PermissionListSchema,
+  })
+  .strict();
+
+const PatchRoleBodySchema = z
+  .object({ description: z.string().max(500).optional(), permissions: PermissionListSchema.optional() })
+  .strict();
+
+const RoleParamsSchema = z.object({ role: RoleNameSchema });
+
+const toDto = (r: RoleRow) => ({
+  name: r.name,
+  description: r.description,
+  permissions: r.permissions,
+  builtin: r.builtin,
+  created_at: r.createdAt.toISOString(),
+  updated_at: r.updatedAt.toISOString(),
+});
+
+const CATALOGUE = Object.entries(PERMISSIONS).map(([name, description]) => ({ name, description }));
+
+export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesService }) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+  const security = bearerOrApiKey;
+
+  r.get(
+    '/v1/permissions',
+    {
+      config: { permission: 'roles:read' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'listPermissions',
+        summary: 'The catalogue of permissions the service knows',
+        security,
+        response: {
+          200: z.object({ data: z.array(z.object({ name: z.string(), description: z.string() })) }),
+          ...problems(401, 403),
+        },
+      },
+    },
+    async () => ({ data: CATALOGUE }),
+  );
+
+  r.get(
+    '/v1/roles',
+    {
+      config: { permission: 'roles:read' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'listRoles',
+        summary: 'List roles',
+        security,
+        response: { 200: z.object({ data: z.array(RoleSchema) }), ...problems(401, 403) },
+      },
+    },
+    async () => ({ data: (await deps.roles.list()).map(toDto) }),
+  );
+
+  r.get(
+    '/v1/roles/:role',
+    {
+      config: { permission: 'roles:read' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'getRole',
+        summary: 'Read a role',
+        security,
+        params: RoleParamsSchema,
+        response: { 200: RoleSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => toDto(await deps.roles.get(request.params.role)),
+  );
+
+  r.post(
+    '/v1/roles',
+    {
+      config: { permission: 'roles:write' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'createRole',
+        summary: 'Create a role (you must hold every permission it gives)',
+        security,
+        body: CreateRoleBodySchema,
+        response: { 201: RoleSchema, ...problems(400, 401, 403, 409, 422) },
+      },
+    },
+    async (request, reply) => {
+      const role = await deps.roles.create(request.body, principalOf(request), requestContext(request));
+      return reply.status(201).send(toDto(role));
+    },
+  );
+
+  r.patch(
+    '/v1/roles/:role',
+    {
+      config: { permission: 'roles:write' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'updateRole',
+        summary: 'Change a role’s description or permissions (holders get them in their next access token)',
+        security,
+        params: RoleParamsSchema,
+        body: PatchRoleBodySchema,
+        response: { 200: RoleSchema, ...problems(400, 401, 403, 404, 409, 422) },
+      },
+    },
+    async (request) =>
+      toDto(
+        await deps.roles.update(
+          request.params.role,
+          request.body,
+          principalOf(request),
+          requestContext(request),
+        ),
+      ),
+  );
+
+  r.delete(
+    '/v1/roles/:role',
+    {
+      config: { permission: 'roles:write' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'deleteRole',
+        summary: 'Delete a role (built-in roles cannot be deleted: 409)',
+        security,
+        params: RoleParamsSchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 404, 409) },
+      },
+    },
+    async (request, reply) => {
+      await deps.roles.delete(request.params.role, principalOf(request), requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+}

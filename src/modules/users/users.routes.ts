@@ -1,0 +1,176 @@
+import type { FastifyInstance } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { pageOf } from '../../lib/pagination.js';
+import { principalOf, requestContext } from '../../plugins/authenticate.js';
+import { toUserDto } from '../auth/auth.schema.js';
+import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import {
+  AuthzCheckBodySchema,
+  AuthzCheckResultSchema,
+  ListUsersQuerySchema,
+  PatchUserBodySchema,
+  UserIdParamsSchema,
+  UserRoleParamsSchema,
+  UserRolesSchema,
+  UserSchema,
+} from './users.schema.js';
+import type { UsersService } from './users.service.js';
+
+export async function usersRoutes(app: FastifyInstance, deps: { users: UsersService }) {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+  const security = bearerOrApiKey;
+
+  r.get(
+    '/v1/users',
+    {
+      config: { permission: 'users:read' },
+      schema: {
+        tags: ['users'],
+        operationId: 'listUsers',
+        summary: 'List users (search by email, cursor pagination)',
+        security,
+        querystring: ListUsersQuerySchema,
+        response: { 200: pageOf(UserSchema), ...problems(400, 401, 403) },
+      },
+    },
+    async (request) => {
+      const { page, nextCursor } = await deps.users.list(request.query);
+      return { data: page.map(toUserDto), next_cursor: nextCursor };
+    },
+  );
+
+  r.get(
+    '/v1/users/:id',
+    {
+      config: { permission: 'users:read' },
+      schema: {
+        tags: ['users'],
+        operationId: 'getUser',
+        summary: 'Read a user',
+        security,
+        params: UserIdParamsSchema,
+        response: { 200: UserSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => toUserDto(await deps.users.get(request.params.id)),
+  );
+
+  r.patch(
+    '/v1/users/:id',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'updateUser',
+        summary: 'Disable or enable a user',
+        description: 'Disabling ends every session at once and stops the user’s tokens and API keys.',
+        security,
+        params: UserIdParamsSchema,
+        body: PatchUserBodySchema,
+        response: { 200: UserSchema, ...problems(400, 401, 403, 404, 409) },
+      },
+    },
+    async (request) =>
+      toUserDto(await deps.users.setStatus(request.params.id, request.body.status, requestContext(request))),
+  );
+
+  r.delete(
+    '/v1/users/:id',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'deleteUser',
+        summary: 'Delete a user with their profile, sessions, API keys and role grants (the audit log stays)',
+        security,
+        params: UserIdParamsSchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 404, 409, 503) },
+      },
+    },
+    async (request, reply) => {
+      await deps.users.delete(request.params.id, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.get(
+    '/v1/users/:id/roles',
+    {
+      config: { permission: 'users:read' },
+      schema: {
+        tags: ['users'],
+        operationId: 'listUserRoles',
+        summary: 'A user’s roles and the permissions they give',
+        security,
+        params: UserIdParamsSchema,
+        response: { 200: UserRolesSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => deps.users.rolesOf(request.params.id),
+  );
+
+  r.put(
+    '/v1/users/:id/roles/:role',
+    {
+      config: { permission: 'roles:assign' },
+      schema: {
+        tags: ['users'],
+        operationId: 'grantRole',
+        summary: 'Grant a role (idempotent); you must hold every permission it gives',
+        security,
+        params: UserRoleParamsSchema,
+        response: { 200: UserRolesSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => {
+      await deps.users.grantRole(
+        request.params.id,
+        request.params.role,
+        principalOf(request),
+        requestContext(request),
+      );
+      return deps.users.rolesOf(request.params.id);
+    },
+  );
+
+  r.delete(
+    '/v1/users/:id/roles/:role',
+    {
+      config: { permission: 'roles:assign' },
+      schema: {
+        tags: ['users'],
+        operationId: 'removeRole',
+        summary: 'Remove a role from a user (the last admin keeps theirs: 409)',
+        security,
+        params: UserRoleParamsSchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 404, 409) },
+      },
+    },
+    async (request, reply) => {
+      await deps.users.removeRole(
+        request.params.id,
+        request.params.role,
+        principalOf(request),
+        requestContext(request),
+      );
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/authz/check',
+    {
+      config: { permission: 'authz:check' },
+      schema: {
+        tags: ['roles'],
+        operationId: 'checkPermissions',
+        summary: 'Does this user hold these permissions now? For services deciding on a user’s request',
+        security,
+        body: AuthzCheckBodySchema,
+        response: { 200: AuthzCheckResultSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => deps.users.check(request.body.subject_id, request.body.permissions),
+  );
+}

@@ -1,0 +1,36 @@
+import { z } from 'zod';
+import { PaginationQuerySchema } from '../../lib/pagination.js';
+
+export { UserSchema } from '../auth/auth.schema.js';
+
+export const RoleNameSchema = z
+  .string()
+  .regex(
+    /^[a-z][a-z0-9_-]{1,49}$/,
+    'lowercase letters, digits, _ and -, 2–50 characters, starting with a letter',
+  )
+  .describe('Role name');
+
+export const UserIdParamsSchema = z.object({ id: z.uuid() });
+export const UserRoleParamsSchema = z.object({ id: z.uuid(), role: RoleNameSchema });
+
+export const ListUsersQuerySchema = PaginationQuerySchema.extend({
+  query: z.string().trim().min(1).max(254).optional().describe('Substring of the email'),
+}).strict();
+
+export const PatchUserBodySchema = z
+  .object({
+    status: z.enum(['active', 'disabled']).describe('disabled: sessions end, tokens and API keys stop'),
+  })
+  .strict();
+
+export const UserRolesSchema = z.object({ roles: z.array(z.string()), permissions: z.array(z.string()) });
+
+export const AuthzCheckBodySchema = z
+  .object({
+    subject_id: z.uuid().describe('The user the decision is about'),
+    permissions: z.array(z.string().min(1).max(100)).min(1).max(100),
+  })
+  .strict();
+
+export const AuthzCheckResultSchema = z.object({ allowed: z.boolean(), missing: z.array(z.string()) });

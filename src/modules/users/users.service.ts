@@ -1,0 +1,164 @@
+import type { Database, Transaction } from '../../db/client.js';
+import type { IdentityProvider } from '../../identity/provider.js';
+import { AppError, notFound } from '../../lib/errors.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import { decodeCursor, paginate } from '../../lib/pagination.js';
+import { hasPermission } from '../../lib/permissions.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { AuthService } from '../auth/auth.service.js';
+import type { SessionsService } from '../auth/sessions.service.js';
+import type { RolesRepository } from '../roles/roles.repository.js';
+import { assertHolds } from '../roles/roles.service.js';
+import type { UserRow, UsersRepository } from './users.repository.js';
+
+const ADMIN_ROLE = 'admin';
+
+export function createUsersService(deps: {
+  db: Database;
+  repo: UsersRepository;
+  roles: RolesRepository;
+  sessions: SessionsService;
+  auth: AuthService;
+  provider: IdentityProvider;
+  audit: AuditService;
+  events: EventBus;
+}) {
+  async function findOrThrow(id: string): Promise<UserRow> {
+    const user = await deps.repo.findById(id);
+    if (!user) throw notFound('user');
+    return user;
+  }
+
+  /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
+  async function assertNotLastAdmin(tx: Transaction, userId: string): Promise<void> {
+    const admins = await deps.repo.lockRoleHolders(ADMIN_ROLE, tx);
+    if (admins.includes(userId) && admins.length <= 1) {
+      throw new AppError('last_admin', {
+        detail: 'This is the last active admin; grant admin to someone else first',
+      });
+    }
+  }
+
+  /** Ends everything a user holds, on every instance: sessions, access tokens (by subject), cached keys. */
+  async function cutOff(tx: Transaction, userId: string, reason: string, emit: (e: AuthEvent) => void) {
+    (await deps.sessions.endAllSessions(tx, userId, reason)).forEach(emit);
+    emit(await deps.auth.subjectRevocation(tx, userId));
+    emit({ type: 'user_changed', userId });
+  }
+
+  return {
+    async list(options: { query?: string | undefined; limit: number; cursor?: string | undefined }) {
+      const cursor = decodeCursor(options.cursor);
+      const rows = await deps.repo.list({
+        limit: options.limit,
+        ...(options.query ? { query: options.query } : {}),
+        ...(cursor ? { cursor } : {}),
+      });
+      return paginate(rows, options.limit);
+    },
+
+    get: findOrThrow,
+
+    async setStatus(id: string, status: 'active' | 'disabled', context: RequestContext): Promise<UserRow> {
+      const user = await findOrThrow(id);
+      if (user.status === status) return user;
+      return inTransaction(deps.db, deps.events, async (tx, emit) => {
+        if (status === 'disabled') await assertNotLastAdmin(tx, id);
+        const updated = await deps.repo.update(id, { status }, tx);
+        if (!updated) throw notFound('user');
+        if (status === 'disabled') await cutOff(tx, id, 'user_disabled', emit);
+        else emit({ type: 'user_changed', userId: id });
+        await deps.audit.record(tx, context, {
+          type: status === 'disabled' ? 'user.disabled' : 'user.enabled',
+          subjectId: id,
+        });
+        return updated;
+      });
+    },
+
+    async delete(id: string, context: RequestContext): Promise<void> {
+      const user = await findOrThrow(id);
+      await deps.db.transaction(async (tx) => {
+        await assertNotLastAdmin(tx, id);
+      });
+      // The provider first: if Supabase refuses, nothing changed here and the client may retry.
+      if (user.provider === deps.provider.name) await deps.provider.deleteUser(id);
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        await assertNotLastAdmin(tx, id);
+        await cutOff(tx, id, 'user_deleted', emit);
+        // Profile, sessions, refresh tokens, API keys and role grants go with the row (ON DELETE CASCADE);
+        // audit events are kept: they are not foreign keys.
+        await deps.repo.delete(id, tx);
+        await deps.audit.record(tx, context, {
+          type: 'user.deleted',
+          subjectId: id,
+          data: { email_domain: user.email.split('@')[1] },
+        });
+      });
+    },
+
+    async rolesOf(id: string) {
+      await findOrThrow(id);
+      return deps.repo.rolesAndPermissions(id);
+    },
+
+    async grantRole(
+      id: string,
+      roleName: string,
+      caller: { permissions: string[] },
+      context: RequestContext,
+    ) {
+      await findOrThrow(id);
+      const role = await deps.roles.find(roleName);
+      if (!role) throw notFound('role');
+      assertHolds(role.permissions, caller.permissions);
+      return inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const added = await deps.repo.assignRole(id, roleName, context.actorId, tx);
+        if (added) {
+          await deps.audit.record(tx, context, {
+            type: 'role.granted',
+            subjectId: id,
+            data: { role: roleName },
+          });
+          emit({ type: 'user_changed', userId: id });
+        }
+        return { added };
+      });
+    },
+
+    async removeRole(
+      id: string,
+      roleName: string,
+      caller: { permissions: string[] },
+      context: RequestContext,
+    ) {
+      await findOrThrow(id);
+      const role = await deps.roles.find(roleName);
+      if (!role) throw notFound('role');
+      assertHolds(role.permissions, caller.permissions);
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
+        const removed = await deps.repo.removeRole(id, roleName, tx);
+        if (!removed) throw notFound('role assignment');
+        await deps.audit.record(tx, context, {
+          type: 'role.removed',
+          subjectId: id,
+          data: { role: roleName },
+        });
+        emit({ type: 'user_changed', userId: id });
+      });
+    },
+
+    /** For services deciding on a user's request: which of these permissions the user holds now. */
+    async check(subjectId: string, permissions: string[]) {
+      const user = await deps.repo.findById(subjectId);
+      if (!user) throw notFound('user');
+      const held =
+        user.status === 'active' ? (await deps.repo.rolesAndPermissions(subjectId)).permissions : [];
+      const missing = permissions.filter((p) => !hasPermission(held, p));
+      return { allowed: missing.length === 0, missing };
+    },
+  };
+}
+
+export type UsersService = ReturnType<typeof createUsersService>;

@@ -1,0 +1,352 @@
+/**
+ * Verifies the access tokens of the Paservices auth service in the services that consume them —
+ * offline, through the service's published keys, without a call per request.
+ *
+ *   import { fastifyVerifier, requirePermission } from 'paservices-auth/verifier';
+ *   await app.register(fastifyVerifier, { issuer: 'https://auth.example.com', audience: 'https://orders.example.com' });
+ *   app.get('/orders', { onRequest: requirePermission('users:read') }, async (request) => request.auth?.sub);
+ *
+ * A standalone module: it depends on jose, fastify and fastify-plugin only, never on the service.
+ */
+import type {
+  FastifyInstance,
+  FastifyReply,
+  FastifyRequest,
+  onRequestAsyncHookHandler,
+  preHandlerAsyncHookHandler,
+} from 'fastify';
+import fp from 'fastify-plugin';
+import { createRemoteJWKSet, customFetch, errors as joseErrors, type JWTPayload, jwtVerify } from 'jose';
+
+/** The algorithms the auth service signs with; nothing else (never `none`, never HS*) is accepted. */
+export const SUPPORTED_ALGORITHMS = ['ES256', 'EdDSA'] as const;
+export type Algorithm = (typeof SUPPORTED_ALGORITHMS)[number];
+/** RFC 8725 and the service's own rule: at most 30 s of clock leeway. */
+export const MAX_CLOCK_TOLERANCE_SECONDS = 30;
+
+/** A fetch: the global one, or any compatible implementation (a proxy-aware one, a test double). */
+export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>;
+
+export interface VerifierOptions {
+  /** The auth service's issuer (its PUBLIC_URL), compared exactly with the discovered `issuer`. */
+  issuer: string;
+  /** The audience this service accepts: its own identifier, as registered on its clients. */
+  audience: string | string[];
+  /** A subset of ES256 and EdDSA; default both. */
+  algorithms?: Algorithm[];
+  /** Clock leeway in seconds for `exp`, `nbf` and `iat`; 0..30, default 30. */
+  clockTolerance?: number;
+  fetch?: FetchLike;
+  /** Timeout of the discovery and JWKS requests, in milliseconds; default 5000. */
+  timeoutMs?: number;
+}
+
+/** The claims of a verified RFC 9068 access token. */
+export interface AccessTokenClaims {
+  iss: string;
+  /** A user's id, or a service's client_id (client_credentials tokens). */
+  sub: string;
+  aud: string | string[];
+  exp: number;
+  iat: number;
+  nbf?: number;
+  jti: string;
+  client_id: string;
+  /** Space-separated permissions, as in the token. */
+  scope: string;
+  /** `scope` as a list. */
+  permissions: string[];
+  /** Present for users' tokens only. */
+  roles?: string[];
+  sid?: string;
+  email?: string;
+}
+
+/** The token is missing, malformed, expired, not ours or not for this audience: answer 401. */
+export class InvalidTokenError extends Error {
+  readonly code = 'invalid_token';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'InvalidTokenError';
+  }
+}
+
+/** The auth service's metadata or keys could not be fetched: answer 503, not 401. */
+export class VerifierUnavailableError extends Error {
+  readonly code = 'verifier_unavailable';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'VerifierUnavailableError';
+  }
+}
+
+export interface Verifier {
+  /** Verifies an access token (the bare JWT, without `Bearer `); throws the errors above. */
+  verify(token: string): Promise<AccessTokenClaims>;
+  /** The discovered authorization-server metadata (fetched once, on first use). */
+  metadata(): Promise<{ issuer: string; jwks_uri: string; [name: string]: unknown }>;
+}
+
+/** Whether a grant covers a required permission: exact, `resource:*`, or `*` (as the service decides). */
+export function grantCovers(grant: string, required: string): boolean {
+  if (grant === '*' || grant === required) return true;
+  if (grant.endsWith(':*')) return required.startsWith(grant.slice(0, -1));
+  return false;
+}
+
+export function hasPermission(claims: Pick<AccessTokenClaims, 'permissions'>, required: string): boolean {
+  return claims.permissions.some((grant) => grantCovers(grant, required));
+}
+
+const MAX_TOKEN_LENGTH = 8192;
+
+export function createVerifier(options: VerifierOptions): Verifier {
+  const algorithms = options.algorithms ?? [...SUPPORTED_ALGORITHMS];
+  if (
+    algorithms.length === 0 ||
+    !algorithms.every((a) => (SUPPORTED_ALGORITHMS as readonly string[]).includes(a))
+  ) {
+    throw new TypeError(`algorithms must be a non-empty subset of ${SUPPORTED_ALGORITHMS.join(', ')}`);
+  }
+  const clockTolerance = options.clockTolerance ?? MAX_CLOCK_TOLERANCE_SECONDS;
+  if (
+    !Number.isFinite(clockTolerance) ||
+    clockTolerance < 0 ||
+    clockTolerance > MAX_CLOCK_TOLERANCE_SECONDS
+  ) {
+    throw new RangeError(`clockTolerance must be between 0 and ${MAX_CLOCK_TOLERANCE_SECONDS} seconds`);
+  }
+  const audiences = Array.isArray(options.audience) ? options.audience : [options.audience];
+  if (audiences.length === 0 || audiences.some((a) => typeof a !== 'string' || a.length === 0)) {
+    throw new TypeError('audience is required: the identifier this service accepts tokens for');
+  }
+  if (!URL.canParse(options.issuer)) throw new TypeError('issuer must be the auth service’s URL');
+  const fetchImpl: FetchLike = options.fetch ?? ((input, init) => fetch(input, init));
+  const timeoutMs = options.timeoutMs ?? 5000;
+
+  type Discovered = {
+    metadata: Awaited<ReturnType<Verifier['metadata']>>;
+    jwks: ReturnType<typeof createRemoteJWKSet>;
+  };
+  let discovery: Promise<Discovered> | undefined;
+
+  async function discover(): Promise<Discovered> {
+    const url = `${options.issuer.replace(/\/+$/, '')}/.well-known/openid-configuration`;
+    let body: unknown;
+    try {
+      const response = await fetchImpl(url, {
+        headers: { accept: 'application/json' },
+        redirect: 'manual',
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      if (response.status !== 200) throw new Error(`HTTP ${response.status}`);
+      body = await response.json();
+    } catch (err) {
+      throw new VerifierUnavailableError(`Could not discover the auth service at ${url}`, { cause: err });
+    }
+    const metadata = body as { issuer?: unknown; jwks_uri?: unknown };
+    // RFC 8414 §3.3: the metadata must name exactly the issuer it was fetched for.
+    if (metadata?.issuer !== options.issuer) {
+      throw new VerifierUnavailableError(
+        `The discovered issuer ${String(metadata?.issuer)} is not the configured ${options.issuer}`,
+      );
+    }
+    if (typeof metadata.jwks_uri !== 'string' || !URL.canParse(metadata.jwks_uri)) {
+      throw new VerifierUnavailableError('The discovered metadata has no valid jwks_uri');
+    }
+    const jwksUrl = new URL(metadata.jwks_uri);
+    if (jwksUrl.protocol !== 'https:' && new URL(options.issuer).protocol === 'https:') {
+      throw new VerifierUnavailableError('The jwks_uri of an https issuer must be https');
+    }
+    const jwks = createRemoteJWKSet(jwksUrl, {
+      timeoutDuration: timeoutMs,
+      // The service publishes a new key long before it signs with it, and keeps retired keys published.
+      cacheMaxAge: 10 * 60_000,
+      cooldownDuration: 30_000,
+      [customFetch]: (input, init) => fetchImpl(input, init),
+    });
+    return { metadata: metadata as Discovered['metadata'], jwks };
+  }
+
+  function discovered(): Promise<Discovered> {
+    if (!discovery) {
+      discovery = discover();
+      // A failure is not remembered: the next request tries again.
+      discovery.catch(() => {
+        discovery = undefined;
+      });
+    }
+    return discovery;
+  }
+
+  function toClaims(payload: JWTPayload): AccessTokenClaims {
+    const { scope, client_id: clientId, roles } = payload as Record<string, unknown>;
+    if (typeof scope !== 'string' || typeof clientId !== 'string') {
+      throw new InvalidTokenError('The access token lacks scope or client_id');
+    }
+    if (roles !== undefined && !(Array.isArray(roles) && roles.every((r) => typeof r === 'string'))) {
+      throw new InvalidTokenError('The access token has malformed roles');
+    }
+    return {
+      ...(payload as Omit<AccessTokenClaims, 'permissions'>),
+      permissions: scope.split(' ').filter(Boolean),
+    };
+  }
+
+  return {
+    async metadata() {
+      return (await discovered()).metadata;
+    },
+
+    async verify(token: string): Promise<AccessTokenClaims> {
+      if (typeof token !== 'string' || token.length === 0 || token.length > MAX_TOKEN_LENGTH) {
+        throw new InvalidTokenError('The access token is malformed');
+      }
+      const { jwks } = await discovered();
+      try {
+        const { payload } = await jwtVerify(token, jwks, {
+          issuer: options.issuer,
+          audience: audiences,
+          algorithms,
+          // RFC 9068 §4: an ID token, a refresh token or any other JWT is not an access token.
+          typ: 'at+jwt',
+          clockTolerance,
+          requiredClaims: ['iss', 'sub', 'aud', 'exp', 'iat', 'jti', 'client_id'],
+        });
+        return toClaims(payload);
+      } catch (err) {
+        if (err instanceof InvalidTokenError) throw err;
+        if (err instanceof joseErrors.JWKSTimeout || !(err instanceof joseErrors.JOSEError)) {
+          throw new VerifierUnavailableError('Could not fetch the auth service’s keys', { cause: err });
+        }
+        const expired = err instanceof joseErrors.JWTExpired;
+        throw new InvalidTokenError(
+          expired ? 'The access token has expired' : 'The access token is not valid',
+          {
+            cause: err,
+          },
+        );
+      }
+    },
+  };
+}
+
+export interface FastifyVerifierOptions extends Partial<VerifierOptions> {
+  /** A verifier made with createVerifier, instead of the options above. */
+  verifier?: Verifier;
+  /** The realm named in WWW-Authenticate challenges; default `api`. */
+  realm?: string;
+}
+
+interface VerifierState {
+  verifier: Verifier;
+  realm: string;
+}
+
+const STATE = Symbol.for('paservices.verifier');
+const BEARER = /^Bearer[ \t]+([A-Za-z0-9\-._~+/]+=*)[ \t]*$/i;
+
+function problem(reply: FastifyReply, status: number, code: string, title: string, detail: string) {
+  return reply
+    .status(status)
+    .type('application/problem+json; charset=utf-8')
+    .serializer(JSON.stringify)
+    .send({ type: 'about:blank', title, status, detail, code });
+}
+
+function stateOf(request: FastifyRequest): VerifierState {
+  const state = (request.server as unknown as { [STATE]?: VerifierState })[STATE];
+  if (!state) throw new Error('Register fastifyVerifier before using requirePermission()');
+  return state;
+}
+
+/**
+ * Authenticates the request (once) and checks each permission; answers 401 with a Bearer challenge,
+ * 403 with `insufficient_scope`, or 503 when the auth service's keys cannot be fetched.
+ */
+async function guard(request: FastifyRequest, reply: FastifyReply, permissions: string[]) {
+  const { verifier, realm } = stateOf(request);
+  if (!request.auth) {
+    const header = request.headers.authorization;
+    if (header === undefined) {
+      reply.header('www-authenticate', `Bearer realm="${realm}"`);
+      return problem(
+        reply,
+        401,
+        'authentication_required',
+        'Unauthorized',
+        'Send Authorization: Bearer <token>',
+      );
+    }
+    const token = BEARER.exec(header)?.[1];
+    try {
+      if (!token) throw new InvalidTokenError('Use the Authorization: Bearer scheme');
+      request.auth = await verifier.verify(token);
+    } catch (err) {
+      if (err instanceof InvalidTokenError) {
+        reply.header('www-authenticate', `Bearer realm="${realm}", error="invalid_token"`);
+        return problem(reply, 401, 'invalid_token', 'Unauthorized', err.message);
+      }
+      request.log.error({ err }, 'access-token verification unavailable');
+      reply.header('retry-after', '5');
+      return problem(
+        reply,
+        503,
+        'verifier_unavailable',
+        'Service Unavailable',
+        'Authentication is unavailable',
+      );
+    }
+  }
+  const auth = request.auth;
+  const missing = permissions.filter((p) => !hasPermission(auth, p));
+  if (missing.length > 0) {
+    reply.header(
+      'www-authenticate',
+      `Bearer realm="${realm}", error="insufficient_scope", scope="${missing.join(' ')}"`,
+    );
+    return problem(
+      reply,
+      403,
+      'forbidden',
+      'Forbidden',
+      `This needs the permission ${missing.join(' and ')}`,
+    );
+  }
+  return undefined;
+}
+
+/** A guard (onRequest or preHandler) admitting a valid access token that holds every permission named. */
+export function requirePermission(
+  ...permissions: string[]
+): onRequestAsyncHookHandler & preHandlerAsyncHookHandler {
+  // Returning the reply after sending tells Fastify the hook answered the request.
+  return async function requirePermissionHook(request: FastifyRequest, reply: FastifyReply) {
+    return guard(request, reply, permissions);
+  };
+}
+
+/** A guard admitting any valid access token. */
+export const requireAuthentication = () => requirePermission();
+
+async function verifierPlugin(app: FastifyInstance, options: FastifyVerifierOptions) {
+  const { verifier: given, realm, ...verifierOptions } = options;
+  const verifier = given ?? createVerifier(verifierOptions as VerifierOptions);
+  const state: VerifierState = { verifier, realm: (realm ?? 'api').replace(/["\\]/g, '') };
+  app.decorate('verifier', verifier);
+  app.decorate(STATE as unknown as string, state);
+  app.decorateRequest('auth', null);
+}
+
+/** Decorates `app.verifier` and `request.auth` (set by the guards); use with requirePermission(). */
+export const fastifyVerifier = fp(verifierPlugin, { name: 'paservices-verifier', fastify: '5.x' });
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    verifier: Verifier;
+  }
+  interface FastifyRequest {
+    /** The verified access-token claims, once a guard has run; null before (or without a token). */
+    auth: AccessTokenClaims | null;
+  }
+}

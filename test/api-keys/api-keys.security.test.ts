@@ -1,0 +1,370 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { selectRows } from '../../src/db/client.js';
+import { API_KEY_ROUTES } from '../authz/routes.js';
+import { buildTestApp } from '../support/app.js';
+import { authorizationMatrix } from '../support/authz-matrix.js';
+import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+import {
+  createKey,
+  createTestClock,
+  grantRole,
+  removeRole,
+  verifyKey,
+  withKey,
+  withTypo,
+} from './helpers.js';
+
+describe('api keys: security', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+  const clock = createTestClock();
+
+  beforeAll(async () => {
+    app = await buildTestApp({ deps: { clock } });
+    admin = await createAdmin(app);
+  });
+  afterEach(() => {
+    vi.restoreAllMocks();
+  });
+
+  const me = (headers: Record<string, string>, on = app) =>
+    on.inject({ method: 'GET', url: '/v1/auth/me', headers });
+
+  authorizationMatrix(
+    'api keys',
+    () => app,
+    API_KEY_ROUTES,
+    async (a, owner) => ({
+      apiKeyId: (await createKey(a, owner.accessToken, { scopes: ['account:read'] })).id,
+    }),
+  );
+
+  it('keeps the secret nowhere in the database and in no later response', async () => {
+    const user = await registerUser(app, 'aks-secret');
+    const created = await createKey(app, user.accessToken, { name: 'secret scan', scopes: ['account:read'] });
+    const secret = created.key.slice(17, 60);
+    expect(secret).toHaveLength(43);
+    expect((await me(withKey(created.key))).statusCode).toBe(200);
+    const h = bearer(user.accessToken);
+    const later = [
+      await app.inject({ method: 'GET', url: `/v1/api-keys/${created.id}`, headers: h }),
+      await app.inject({ method: 'GET', url: '/v1/api-keys', headers: h }),
+      await app.inject({
+        method: 'PATCH',
+        url: `/v1/api-keys/${created.id}`,
+        headers: h,
+        payload: { name: 'n' },
+      }),
+      await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys/verify',
+        headers: bearer(admin.accessToken),
+        payload: { key: created.key },
+      }),
+      await me(withKey(created.key)),
+      await app.inject({
+        method: 'GET',
+        url: '/v1/audit-events?limit=200',
+        headers: bearer(admin.accessToken),
+      }),
+    ];
+    const rotated = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${created.id}/rotate`,
+      headers: h,
+      payload: { grace_seconds: 60 },
+    });
+    expect(rotated.statusCode).toBe(200);
+    later.push(rotated);
+    for (const [i, res] of later.entries()) expect(res.body, `response ${i}`).not.toContain(secret);
+    await app.services.apiKeys.flush();
+
+    // Every row of every table, as text: neither the old nor the new secret, nor either whole key.
+    const newSecret = (rotated.json().key as string).slice(17, 60);
+    const tables = await selectRows<{ name: string }>(
+      app.services.db,
+      sql`SELECT table_name AS name FROM information_schema.tables
+          WHERE table_schema = 'public' AND table_type = 'BASE TABLE'`,
+    );
+    expect(tables.map((t) => t.name)).toEqual(expect.arrayContaining(['api_keys', 'audit_events']));
+    for (const { name } of tables) {
+      for (const needle of [secret, newSecret]) {
+        const hits = await selectRows<{ n: number }>(
+          app.services.db,
+          sql`SELECT count(*)::int AS n FROM ${sql.identifier(name)} t WHERE t::text LIKE ${`%${needle}%`}`,
+        );
+        expect(hits[0]!.n, `${name} holds a secret`).toBe(0);
+      }
+    }
+  });
+
+  it('refuses scopes beyond the creator’s permissions (403), at creation and on update', async () => {
+    const user = await registerUser(app, 'aks-beyond');
+    for (const scopes of [['users:read'], ['*'], ['api_keys:*'], ['account:read', 'roles:write']]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: bearer(user.accessToken),
+        payload: { name: 'too much', scopes },
+      });
+      expect(res.statusCode, JSON.stringify(scopes)).toBe(403);
+      expect(res.json().code).toBe('forbidden');
+    }
+    const list = await app.inject({ method: 'GET', url: '/v1/api-keys', headers: bearer(user.accessToken) });
+    expect(list.json().data).toEqual([]);
+
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const patch = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(user.accessToken),
+      payload: { scopes: ['users:write'] },
+    });
+    expect(patch.statusCode).toBe(403);
+
+    // An admin changing someone's key still cannot give it more than its owner holds.
+    const byAdmin = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { scopes: ['users:read'] },
+    });
+    expect(byAdmin.statusCode).toBe(403);
+    expect((await me(withKey(created.key))).json().permissions).toEqual(['account:read']);
+  });
+
+  it('a key cannot mint a key with more than the key itself may do', async () => {
+    const user = await registerUser(app, 'aks-mint');
+    const { key } = await createKey(app, user.accessToken, { scopes: ['api_keys:own', 'account:read'] });
+    const wider = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(key),
+      payload: { name: 'wider', scopes: ['account:write'] },
+    });
+    expect(wider.statusCode).toBe(403);
+    const narrower = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(key),
+      payload: { name: 'narrower', scopes: ['account:read'] },
+    });
+    expect(narrower.statusCode, narrower.body).toBe(201);
+    expect(narrower.json().owner_id).toBe(user.id);
+  });
+
+  it('removing a role from the owner removes it from the key', async () => {
+    let user = await registerUser(app, 'aks-role');
+    const role = await grantRole(app, user.id, ['users:read', 'audit:read']);
+    // The creator's permissions are the token's as well as the database's: log in again for the new role.
+    const session = await login(app, user.email, user.password);
+    user = { ...user, accessToken: session.session.access_token };
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read', 'users:read'] });
+    expect((await me(withKey(created.key))).json().permissions).toEqual(['account:read', 'users:read']);
+    expect(await verifyKey(app, admin.accessToken, created.key)).toMatchObject({
+      scopes: ['account:read', 'users:read'],
+    });
+
+    await removeRole(app, user.id, role);
+    expect((await me(withKey(created.key))).json().permissions).toEqual(['account:read']);
+    expect(await verifyKey(app, admin.accessToken, created.key)).toMatchObject({
+      valid: true,
+      scopes: ['account:read'],
+    });
+    // The key keeps its granted scopes; only their effect shrinks.
+    const got = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(got.json().scopes).toEqual(['account:read', 'users:read']);
+  });
+
+  it('even without an event, a change reaches a cached key once the cache entry ages out', async () => {
+    const user = await registerUser(app, 'aks-ttl');
+    const role = await grantRole(app, user.id, ['users:read']);
+    const session = await login(app, user.email, user.password);
+    const created = await createKey(app, session.session.access_token, {
+      scopes: ['account:read', 'users:read'],
+    });
+    expect((await me(withKey(created.key))).json().permissions).toContain('users:read');
+    await removeRole(app, user.id, role, false);
+    clock.advance(6);
+    expect((await me(withKey(created.key))).json().permissions).toEqual(['account:read']);
+  });
+
+  it('another user cannot see, change, rotate or revoke a key (404); api_keys:read/write can', async () => {
+    const owner = await registerUser(app, 'aks-owner');
+    const stranger = await registerUser(app, 'aks-stranger');
+    const created = await createKey(app, owner.accessToken, { scopes: ['account:read'] });
+    const h = bearer(stranger.accessToken);
+    const attempts = [
+      { method: 'GET' as const, url: `/v1/api-keys/${created.id}` },
+      { method: 'PATCH' as const, url: `/v1/api-keys/${created.id}`, payload: { name: 'mine now' } },
+      { method: 'POST' as const, url: `/v1/api-keys/${created.id}/rotate`, payload: { grace_seconds: 0 } },
+      { method: 'DELETE' as const, url: `/v1/api-keys/${created.id}` },
+    ];
+    const unknownId = await app.inject({
+      method: 'GET',
+      url: '/v1/api-keys/00000000-0000-4000-8000-000000000000',
+      headers: h,
+    });
+    for (const a of attempts) {
+      const res = await app.inject({ ...a, headers: h });
+      expect(res.statusCode, `${a.method} ${a.url}`).toBe(404);
+      // Indistinguishable from a key that does not exist.
+      expect({ ...res.json(), instance: undefined, request_id: undefined }).toEqual({
+        ...unknownId.json(),
+        instance: undefined,
+        request_id: undefined,
+      });
+    }
+    const list = await app.inject({ method: 'GET', url: '/v1/api-keys', headers: h });
+    expect(list.json().data).toEqual([]);
+    // Nothing happened to it.
+    expect((await me(withKey(created.key))).statusCode).toBe(200);
+    const got = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(owner.accessToken),
+    });
+    expect(got.json().name).not.toBe('mine now');
+
+    // An administrator (api_keys:read and api_keys:write) may.
+    const seen = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(seen.statusCode).toBe(200);
+    const revoked = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(revoked.statusCode).toBe(204);
+    expect((await me(withKey(created.key))).statusCode).toBe(401);
+  });
+
+  it('refuses a one-character typo, a foreign string or an oversized key without a database read', async () => {
+    const user = await registerUser(app, 'aks-typo');
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const reads = vi.spyOn(app.services.repos.apiKeys, 'findByLookupId');
+    const ownerReads = vi.spyOn(app.services.repos.users, 'rolesAndPermissions');
+
+    // A cold cache reads once; a key seen in the last seconds is not read again (the owner neither).
+    app.services.events.applyLocally([{ type: 'resync' }]);
+    for (let i = 0; i < 3; i++)
+      expect(await verifyKey(app, admin.accessToken, created.key)).toMatchObject({ valid: true });
+    expect(reads).toHaveBeenCalledTimes(1);
+    expect(ownerReads).toHaveBeenCalledTimes(1);
+    expect((await me(withKey(created.key))).statusCode).toBe(200);
+    expect(reads).toHaveBeenCalledTimes(1);
+
+    reads.mockClear();
+    ownerReads.mockClear();
+    app.services.events.applyLocally([{ type: 'resync' }]);
+    const refused = [
+      withTypo(created.key, 30), // in the secret
+      withTypo(created.key, 8), // in the lookup id
+      withTypo(created.key, created.key.length - 1), // in the checksum
+      created.key.slice(0, -1),
+      `pak_${'x'.repeat(10_000)}`,
+      'pak_live_4eC39HqLyjWDarjtT1zdp7dc',
+    ];
+    for (const key of refused) {
+      const res = await me(withKey(key));
+      expect(res.statusCode, key).toBe(401);
+      expect((await me(bearer(key))).statusCode, key).toBe(401);
+      if (key.length <= 256)
+        expect(await verifyKey(app, admin.accessToken, key)).toEqual({ valid: false, reason: 'not_found' });
+    }
+    expect(reads).not.toHaveBeenCalled();
+    expect(ownerReads).not.toHaveBeenCalled();
+  });
+
+  it('an unknown but well-formed key is read once, then answered from the cache', async () => {
+    const user = await registerUser(app, 'aks-unknown');
+    const created = await createKey(app, user.accessToken, { scopes: [] });
+    await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(user.accessToken),
+    });
+    // The owner is deleted: the key row goes with them (ON DELETE CASCADE).
+    await app.services.repos.users.delete(user.id);
+    app.services.events.applyLocally([{ type: 'user_changed', userId: user.id }]);
+    const reads = vi.spyOn(app.services.repos.apiKeys, 'findByLookupId');
+    app.services.events.applyLocally([{ type: 'api_key_changed', lookupId: created.prefix.slice(4) }]);
+    for (let i = 0; i < 3; i++)
+      expect(await verifyKey(app, admin.accessToken, created.key)).toEqual({
+        valid: false,
+        reason: 'not_found',
+      });
+    expect(reads).toHaveBeenCalledTimes(1);
+  });
+
+  it('the verify endpoint needs api_keys:verify (403 otherwise), by token or by key', async () => {
+    const user = await registerUser(app, 'aks-verifier');
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const denied = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys/verify',
+      headers: bearer(user.accessToken),
+      payload: { key: created.key },
+    });
+    expect(denied.statusCode).toBe(403);
+    expect(denied.json().code).toBe('forbidden');
+    const byOwnKey = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys/verify',
+      headers: withKey(created.key),
+      payload: { key: created.key },
+    });
+    expect(byOwnKey.statusCode).toBe(403);
+
+    const verifier = await createKey(app, admin.accessToken, {
+      name: 'gateway',
+      scopes: ['api_keys:verify'],
+    });
+    const allowed = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys/verify',
+      headers: withKey(verifier.key),
+      payload: { key: created.key },
+    });
+    expect(allowed.statusCode).toBe(200);
+    expect(allowed.json()).toEqual({
+      valid: true,
+      key_id: created.id,
+      owner_id: user.id,
+      scopes: ['account:read'],
+      expires_at: null,
+    });
+  });
+
+  it('a revocation on one instance is honoured by another within 1 s', async () => {
+    const other = await buildTestApp();
+    const user = await registerUser(app, 'aks-instances');
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    // Warm the other instance's cache so only the event can tell it.
+    expect((await me(withKey(created.key), other)).statusCode).toBe(200);
+    expect((await me(withKey(created.key), other)).statusCode).toBe(200);
+
+    const res = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${created.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(res.statusCode).toBe(204);
+    const start = performance.now();
+    while ((await me(withKey(created.key), other)).statusCode !== 401) {
+      expect(performance.now() - start).toBeLessThan(1000);
+      await sleep(20);
+    }
+  });
+});

@@ -1,0 +1,78 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { login, registerUser } from '../support/factories.js';
+
+describe('throttling of credential endpoints', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'true', LOGIN_MAX_FAILURES_PER_HOUR: '3' } });
+  });
+
+  it('locks an account after its failures, with Retry-After, even for the right password, from any IP', async () => {
+    const user = await registerUser(app, 'locked');
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        remoteAddress: `10.0.0.${i + 1}`,
+        payload: { email: user.email, password: 'definitely wrong' },
+      });
+      expect(res.statusCode).toBe(401);
+    }
+    const locked = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      remoteAddress: '10.0.0.99',
+      payload: { email: user.email, password: user.password },
+    });
+    expect(locked.statusCode).toBe(429);
+    expect(Number(locked.headers['retry-after'])).toBeGreaterThan(0);
+    expect(locked.json().code).toBe('rate_limited');
+
+    // Other accounts are unaffected; an hour later the account may try again.
+    const other = await registerUser(app, 'free');
+    await login(app, other.email);
+    const clock = app.services.clock as { now(): Date };
+    const realNow = clock.now;
+    clock.now = () => new Date(Date.now() + 3601_000);
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password: user.password },
+      });
+      expect(res.statusCode).toBe(200);
+    } finally {
+      clock.now = realNow;
+    }
+  });
+
+  it('limits requests per IP on credential endpoints; X-Forwarded-For does not dodge it', async () => {
+    const ip = '192.0.2.77';
+    let limited = 0;
+    for (let i = 0; i < 35; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        remoteAddress: ip,
+        headers: { 'x-forwarded-for': `198.51.100.${i}` },
+        payload: { email: uniqueEmail('ip'), password: 'whatever password' },
+      });
+      if (res.statusCode === 429) {
+        limited++;
+        expect(res.headers['retry-after']).toBeTruthy();
+        expect(res.headers['content-type']).toContain('application/problem+json');
+      }
+    }
+    expect(limited).toBeGreaterThan(0);
+    // Another IP is not affected.
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      remoteAddress: '192.0.2.78',
+      payload: { email: uniqueEmail('ip'), password: 'whatever password' },
+    });
+    expect(res.statusCode).toBe(401);
+  });
+});

@@ -1,0 +1,437 @@
+import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
+import ws from 'ws';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { login, PASSWORD, registerUser } from '../support/factories.js';
+import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { bearer } from '../support/http.js';
+
+const SUPABASE_TIMEOUT_MS = 1000;
+
+/** A 503 problem+json naming the provider, as API.md promises for a Supabase outage (never a 500). */
+function expectProviderUnavailable(res: LightMyRequestResponse) {
+  expect(res.statusCode, res.body).toBe(503);
+  expect(res.headers['content-type']).toContain('application/problem+json');
+  expect(res.json()).toMatchObject({ status: 503, code: 'provider_unavailable' });
+  expect(res.headers['retry-after']).toBeDefined();
+}
+
+describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)', () => {
+  let gotrue: FakeGoTrue;
+  let app: FastifyInstance;
+
+  /** Some other client of the same Supabase project, e.g. a frontend after a social login. */
+  const outsideClient = () =>
+    createClient(gotrue.url, gotrue.anonKey, {
+      auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
+      realtime: { transport: ws as unknown as WebSocketLikeConstructor },
+    });
+
+  const me = (accessToken: string) =>
+    app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(accessToken) });
+
+  beforeAll(async () => {
+    gotrue = await startFakeGoTrue();
+    app = await buildTestApp({
+      env: {
+        AUTH_PROVIDER: 'supabase',
+        SUPABASE_URL: gotrue.url,
+        SUPABASE_ANON_KEY: gotrue.anonKey,
+        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        SUPABASE_TIMEOUT_MS: String(SUPABASE_TIMEOUT_MS),
+      },
+    });
+  });
+
+  afterEach(() => {
+    gotrue.setConfirmEmail(false);
+    gotrue.setDown(false);
+    gotrue.setDelayMs(0);
+    gotrue.setFailWith(undefined);
+  });
+
+  afterAll(async () => {
+    await gotrue?.close();
+  });
+
+  it('runs on the Supabase provider', () => {
+    expect(app.services.provider.name).toBe('supabase');
+  });
+
+  it('registers (201) with the local row taking the Supabase user id, then logs in and answers /me', async () => {
+    const email = uniqueEmail('sb-flow');
+    const reg = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: PASSWORD, display_name: 'Grace' },
+    });
+    expect(reg.statusCode, reg.body).toBe(201);
+    const body = reg.json();
+    const supabaseUser = [...gotrue.users.values()].find((u) => u.email === email);
+    expect(supabaseUser).toBeDefined();
+    expect(body.user).toMatchObject({ id: supabaseUser!.id, email, status: 'active' });
+    expect(body.user.email_confirmed_at).not.toBeNull();
+    expect(body.session).toMatchObject({ token_type: 'Bearer', expires_in: 900 });
+    expect(body.session.refresh_token).toMatch(/^prt_/);
+
+    const row = await app.services.repos.users.findById(supabaseUser!.id);
+    expect(row).toMatchObject({ email, provider: 'supabase', passwordHash: null });
+
+    const loggedIn = await login(app, email);
+    expect(loggedIn.user.id).toBe(supabaseUser!.id);
+    const res = await me(loggedIn.session.access_token);
+    expect(res.statusCode).toBe(200);
+    expect(res.json()).toMatchObject({
+      user: { id: supabaseUser!.id, email },
+      roles: ['user'],
+      profile: { display_name: 'Grace', user_id: supabaseUser!.id },
+    });
+  });
+
+  it('with email confirmation on: 202 with session null, login refused until confirmed, then allowed', async () => {
+    gotrue.setConfirmEmail(true);
+    const email = uniqueEmail('sb-confirm');
+    const reg = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: PASSWORD },
+    });
+    expect(reg.statusCode, reg.body).toBe(202);
+    const body = reg.json();
+    expect(body.session).toBeNull();
+    expect(body.user).toMatchObject({ email, email_confirmed_at: null });
+    const supabaseUser = [...gotrue.users.values()].find((u) => u.email === email);
+    expect(body.user.id).toBe(supabaseUser!.id);
+
+    const early = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email, password: PASSWORD },
+    });
+    expect(early.statusCode).toBe(401);
+    expect(early.json().code).toBe('invalid_credentials');
+
+    gotrue.confirm(email);
+    const confirmed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email, password: PASSWORD },
+    });
+    expect(confirmed.statusCode, confirmed.body).toBe(200);
+    expect(confirmed.json().user.id).toBe(body.user.id);
+    expect(confirmed.json().user.email_confirmed_at).not.toBeNull();
+    expect((await me(confirmed.json().session.access_token)).statusCode).toBe(200);
+  });
+
+  it('refuses a duplicate email (409, any case), also when confirmation hides it; weak passwords never reach Supabase', async () => {
+    const user = await registerUser(app, 'sb-dup');
+    const dup = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: user.email.toUpperCase(), password: PASSWORD },
+    });
+    expect(dup.statusCode).toBe(409);
+    expect(dup.json().code).toBe('email_taken');
+
+    // With confirmation on, GoTrue answers a made-up user for a confirmed address instead of an error.
+    gotrue.setConfirmEmail(true);
+    const hidden = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: user.email, password: 'another fine passphrase' },
+    });
+    expect(hidden.statusCode).toBe(409);
+    expect(hidden.json().code).toBe('email_taken');
+
+    const before = gotrue.requests.length;
+    const weak = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: uniqueEmail('sb-weak'), password: 'password1234' },
+    });
+    expect(weak.statusCode).toBe(422);
+    expect(weak.json().code).toBe('weak_password');
+    expect(gotrue.requests.length).toBe(before);
+  });
+
+  it('answers unknown email and wrong password identically', async () => {
+    const user = await registerUser(app, 'sb-creds');
+    const wrong = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: 'not the password at all' },
+    });
+    const unknown = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: uniqueEmail('sb-ghost'), password: 'not the password at all' },
+    });
+    expect(wrong.statusCode).toBe(401);
+    expect(unknown.statusCode).toBe(401);
+    const strip = (b: Record<string, unknown>) => ({ ...b, request_id: undefined });
+    expect(strip(wrong.json())).toEqual(strip(unknown.json()));
+    expect(wrong.json().code).toBe('invalid_credentials');
+  });
+
+  it('login → me → refresh rotates; replaying the old refresh token after the grace kills the family', async () => {
+    const user = await registerUser(app, 'sb-refresh');
+    const session = (await login(app, user.email)).session;
+    expect((await me(session.access_token)).statusCode).toBe(200);
+
+    const first = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: session.refresh_token },
+    });
+    expect(first.statusCode).toBe(200);
+    const rotated = first.json().session;
+    expect(rotated.refresh_token).not.toBe(session.refresh_token);
+    expect((await me(rotated.access_token)).statusCode).toBe(200);
+
+    const grace = app.services.config.tokens.reuseGraceSeconds;
+    const clock = app.services.clock as { now(): Date };
+    const realNow = clock.now;
+    clock.now = () => new Date(Date.now() + (grace + 1) * 1000);
+    try {
+      const replay = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: session.refresh_token },
+      });
+      expect(replay.statusCode).toBe(401);
+      expect(replay.json().code).toBe('invalid_refresh_token');
+    } finally {
+      clock.now = realNow;
+    }
+    const after = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: rotated.refresh_token },
+    });
+    expect(after.statusCode).toBe(401);
+    expect((await me(rotated.access_token)).statusCode).toBe(401);
+    // The registration's own session is another family and lives on.
+    expect((await me(user.accessToken)).statusCode).toBe(200);
+  });
+
+  it('logout ends the session; logout all ends every session', async () => {
+    const user = await registerUser(app, 'sb-logout');
+    const second = await login(app, user.email);
+    const third = await login(app, user.email);
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+    });
+    expect(out.statusCode).toBe(204);
+    expect((await me(user.accessToken)).statusCode).toBe(401);
+    expect((await me(second.session.access_token)).statusCode).toBe(200);
+
+    const all = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(second.session.access_token),
+      payload: { scope: 'all' },
+    });
+    expect(all.statusCode).toBe(204);
+    for (const s of [second.session, third.session]) {
+      expect((await me(s.access_token)).statusCode).toBe(401);
+      const r = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: s.refresh_token },
+      });
+      expect(r.statusCode).toBe(401);
+    }
+  });
+
+  it('exchanges a Supabase access token of a user who never registered here for a session', async () => {
+    const email = uniqueEmail('sb-social');
+    const outside = outsideClient();
+    const signUp = await outside.auth.signUp({ email, password: PASSWORD });
+    expect(signUp.error).toBeNull();
+    const supabaseId = signUp.data.user!.id;
+    const signIn = await outside.auth.signInWithPassword({ email, password: PASSWORD });
+    expect(signIn.error).toBeNull();
+    const supabaseToken = signIn.data.session!.access_token;
+    expect(await app.services.repos.users.findById(supabaseId)).toBeUndefined();
+
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: supabaseToken },
+    });
+    expect(res.statusCode, res.body).toBe(200);
+    const body = res.json();
+    expect(body.user).toMatchObject({ id: supabaseId, email, status: 'active' });
+    expect(body.session).toMatchObject({ token_type: 'Bearer', expires_in: 900 });
+    expect(body.session.refresh_token).toMatch(/^prt_/);
+
+    const row = await app.services.repos.users.findById(supabaseId);
+    expect(row).toMatchObject({ email, provider: 'supabase' });
+    expect((await app.services.repos.users.rolesAndPermissions(supabaseId)).roles).toEqual(['user']);
+    const who = await me(body.session.access_token);
+    expect(who.statusCode).toBe(200);
+    expect(who.json()).toMatchObject({ user: { id: supabaseId }, roles: ['user'] });
+
+    // A second exchange finds the same account; the refresh token works like any other.
+    const again = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: supabaseToken },
+    });
+    expect(again.statusCode).toBe(200);
+    expect(again.json().user.id).toBe(supabaseId);
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: again.json().session.refresh_token },
+    });
+    expect(refreshed.statusCode).toBe(200);
+  });
+
+  it('refuses a garbage or revoked Supabase token on /exchange (401) and a malformed body (400)', async () => {
+    const garbage = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: 'not.a.token' },
+    });
+    expect(garbage.statusCode).toBe(401);
+    expect(garbage.headers['content-type']).toContain('application/problem+json');
+    expect(garbage.json().code).toBe('invalid_token');
+
+    const outside = outsideClient();
+    const email = uniqueEmail('sb-revoked');
+    await outside.auth.signUp({ email, password: PASSWORD });
+    const signIn = await outside.auth.signInWithPassword({ email, password: PASSWORD });
+    const token = signIn.data.session!.access_token;
+    await outside.auth.signOut({ scope: 'global' });
+    const revoked = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: token },
+    });
+    expect(revoked.statusCode).toBe(401);
+
+    for (const payload of [{}, { access_token: '' }, { access_token: 42 }, { access_token: 'x', extra: 1 }]) {
+      const res = await app.inject({ method: 'POST', url: '/v1/auth/exchange', payload });
+      expect(res.statusCode, JSON.stringify(payload)).toBe(400);
+    }
+  });
+
+  it('answers 503 provider_unavailable at once when Supabase is unreachable, never a 500', async () => {
+    const user = await registerUser(app, 'sb-down');
+    gotrue.setDown(true);
+    const started = Date.now();
+    expectProviderUnavailable(
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email: uniqueEmail('sb-down'), password: PASSWORD },
+      }),
+    );
+    expectProviderUnavailable(
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password: PASSWORD },
+      }),
+    );
+    expectProviderUnavailable(
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/exchange',
+        payload: { access_token: 'some.token.value' },
+      }),
+    );
+    expectProviderUnavailable(
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers: bearer(user.accessToken),
+        payload: { current_password: PASSWORD, new_password: 'a brand new passphrase' },
+      }),
+    );
+    expect(Date.now() - started).toBeLessThan(SUPABASE_TIMEOUT_MS);
+
+    // Sessions are ours: an outage of Supabase does not sign anybody out.
+    expect((await me(user.accessToken)).statusCode).toBe(200);
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(refreshed.statusCode).toBe(200);
+
+    gotrue.setDown(false);
+    await login(app, user.email);
+  });
+
+  it('answers 503 within SUPABASE_TIMEOUT_MS when Supabase hangs', async () => {
+    const user = await registerUser(app, 'sb-slow');
+    gotrue.setDelayMs(SUPABASE_TIMEOUT_MS * 3);
+    for (const [url, payload] of [
+      ['/v1/auth/register', { email: uniqueEmail('sb-slow'), password: PASSWORD }],
+      ['/v1/auth/login', { email: user.email, password: PASSWORD }],
+    ] as const) {
+      const started = Date.now();
+      const res = await app.inject({ method: 'POST', url, payload });
+      const elapsed = Date.now() - started;
+      expectProviderUnavailable(res);
+      expect(elapsed, url).toBeGreaterThanOrEqual(SUPABASE_TIMEOUT_MS - 50);
+      expect(elapsed, url).toBeLessThan(SUPABASE_TIMEOUT_MS + 1000);
+    }
+  });
+
+  it('changes the password through Supabase, ending the other sessions but not this one', async () => {
+    const user = await registerUser(app, 'sb-password');
+    const other = await login(app, user.email);
+    const wrong = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: 'wrong wrong wrong', new_password: 'a brand new passphrase' },
+    });
+    expect(wrong.statusCode).toBe(401);
+    expect(wrong.json().code).toBe('invalid_credentials');
+
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: 'a brand new passphrase' },
+    });
+    expect(res.statusCode, res.body).toBe(204);
+    expect(gotrue.users.get(user.id)?.password).toBe('a brand new passphrase');
+    expect((await me(user.accessToken)).statusCode).toBe(200);
+    expect((await me(other.session.access_token)).statusCode).toBe(401);
+
+    const old = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(old.statusCode).toBe(401);
+    await login(app, user.email, 'a brand new passphrase');
+  });
+});
+
+describe('exchange on the local provider', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp();
+  });
+
+  it('answers 404: /v1/auth/exchange exists only with AUTH_PROVIDER=supabase', async () => {
+    expect(app.services.provider.name).toBe('local');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: 'some.token.value' },
+    });
+    expect(res.statusCode).toBe(404);
+    expect(res.headers['content-type']).toContain('application/problem+json');
+    expect(res.json().code).toBe('not_found');
+  });
+});

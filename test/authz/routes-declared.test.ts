@@ -1,0 +1,39 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp } from '../support/app.js';
+import { ALL_ROUTES } from './routes.js';
+
+describe('every route declares its access', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp();
+  });
+
+  const own = (url: string) => !url.startsWith('/docs');
+
+  it('has a permission or an explicit public marker on every route', () => {
+    const undeclared = app.routeTable.filter((r) => own(r.url) && !r.public && !r.permission);
+    expect(undeclared.map((r) => `${r.method} ${r.url}`)).toEqual([]);
+  });
+
+  it('lists every route of the app in the authorization matrix, with the same declaration', () => {
+    const declared = new Map(ALL_ROUTES.map((r) => [`${r.method} ${r.route}`, r.permission]));
+    const problems: string[] = [];
+    for (const r of app.routeTable.filter((x) => own(x.url))) {
+      const key = `${r.method} ${r.url}`;
+      if (!declared.has(key)) problems.push(`${key}: missing from test/authz/routes.ts`);
+      else {
+        const expected = declared.get(key);
+        const actual = r.public ? 'public' : r.permission;
+        if (JSON.stringify(expected) !== JSON.stringify(actual))
+          problems.push(
+            `${key}: declares ${JSON.stringify(actual)}, matrix says ${JSON.stringify(expected)}`,
+          );
+      }
+    }
+    const appRoutes = new Set(app.routeTable.map((r) => `${r.method} ${r.url}`));
+    for (const key of declared.keys())
+      if (!appRoutes.has(key)) problems.push(`${key}: in the matrix but not in the app`);
+    expect(problems).toEqual([]);
+  });
+});

@@ -1,0 +1,174 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { CLIENT_ROUTES } from '../authz/routes.js';
+import { buildTestApp } from '../support/app.js';
+import { authorizationMatrix } from '../support/authz-matrix.js';
+import { createAdmin, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+import { basic, clientToken, createClient, form, introspect, userWith } from './helpers.js';
+
+describe('app clients: security', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+  beforeAll(async () => {
+    app = await buildTestApp();
+    admin = await createAdmin(app);
+  });
+
+  authorizationMatrix('app clients', () => app, CLIENT_ROUTES);
+
+  it('hides another user’s clients (404, never 403) and lists only one’s own', async () => {
+    const owner = await userWith(app, ['clients:read', 'clients:write', 'users:read']);
+    const other = await userWith(app, ['clients:read', 'clients:write', 'users:read']);
+    const client = await createClient(app, owner.accessToken, { scopes: ['users:read'] });
+    const h = bearer(other.accessToken);
+    const attempts = [
+      await app.inject({ method: 'GET', url: `/v1/clients/${client.id}`, headers: h }),
+      await app.inject({ method: 'GET', url: `/v1/clients/${client.client_id}`, headers: h }),
+      await app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${client.id}`,
+        headers: h,
+        payload: { name: 'mine now' },
+      }),
+      await app.inject({
+        method: 'POST',
+        url: `/v1/clients/${client.id}/secrets`,
+        headers: h,
+        payload: { grace_seconds: 60 },
+      }),
+      await app.inject({ method: 'DELETE', url: `/v1/clients/${client.id}`, headers: h }),
+    ];
+    // Exactly what a client that does not exist answers.
+    const strip = (b: Record<string, unknown>) => ({ ...b, instance: undefined, request_id: undefined });
+    const missing = await app.inject({ method: 'GET', url: '/v1/clients/pci_000000000000', headers: h });
+    for (const res of attempts) {
+      expect(res.statusCode, res.body).toBe(404);
+      expect(strip(res.json())).toEqual(strip(missing.json()));
+    }
+    const list = await app.inject({ method: 'GET', url: '/v1/clients', headers: h });
+    expect(list.json().data.map((c: { id: string }) => c.id)).not.toContain(client.id);
+    // Untouched, and still the owner's; an administrator sees every client.
+    const mine = await app.inject({
+      method: 'GET',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(owner.accessToken),
+    });
+    expect(mine.json().name).toBe(client.name);
+    const asAdmin = await app.inject({
+      method: 'GET',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(asAdmin.statusCode).toBe(200);
+    await clientToken(app, client);
+  });
+
+  it('never lets a creator give a client permissions they do not hold (403)', async () => {
+    const creator = await userWith(app, ['clients:read', 'clients:write', 'users:read']);
+    const h = bearer(creator.accessToken);
+    for (const scopes of [['audit:read'], ['users:read', 'users:write'], ['users:*'], ['*']]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/clients',
+        headers: h,
+        payload: { name: 'x', scopes },
+      });
+      expect(res.statusCode, JSON.stringify(scopes)).toBe(403);
+      expect(res.json().code).toBe('forbidden');
+    }
+    const client = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    const widen = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: h,
+      payload: { scopes: ['users:read', 'roles:write'] },
+    });
+    expect(widen.statusCode).toBe(403);
+    expect((await clientToken(app, client)).scope).toBe('users:read');
+    // A wildcard holder may grant what the wildcard covers.
+    const wide = await userWith(app, ['clients:*', 'users:*']);
+    const ok = await createClient(app, wide.accessToken, { scopes: ['users:*', 'users:read'] });
+    expect(ok.scopes).toEqual(['users:*', 'users:read']);
+  });
+
+  it('keeps only a keyed hash of the secret, and shows the secret in no later answer', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: [] });
+    const row = await app.services.repos.clients.findById(client.id);
+    expect(row).toBeDefined();
+    expect(JSON.stringify(row)).not.toContain(client.client_secret);
+    expect(JSON.stringify(row)).not.toContain(client.client_secret.slice(17, 60));
+    expect(row?.secretHash).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    const h = bearer(admin.accessToken);
+    const later = [
+      await app.inject({ method: 'GET', url: `/v1/clients/${client.id}`, headers: h }),
+      await app.inject({ method: 'GET', url: '/v1/clients?limit=200', headers: h }),
+      await app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${client.id}`,
+        headers: h,
+        payload: { name: 'n' },
+      }),
+      await app.inject({ method: 'GET', url: '/v1/audit-events?limit=200', headers: h }),
+    ];
+    for (const res of later) expect(res.body).not.toContain(client.client_secret.slice(17, 60));
+  });
+
+  it('refuses a secret with a typo before any lookup, and a secret of another client', async () => {
+    const a = await createClient(app, admin.accessToken, { scopes: [] });
+    const b = await createClient(app, admin.accessToken, { scopes: [] });
+    const typo = `${a.client_secret.slice(0, 30)}${a.client_secret[30] === 'a' ? 'b' : 'a'}${a.client_secret.slice(31)}`;
+    for (const [id, secret] of [
+      [a.client_id, typo],
+      [a.client_id, b.client_secret],
+      [a.client_id, `${a.client_secret}x`],
+      [a.client_id, 'x'.repeat(5000)],
+      ['pci_000000000000', a.client_secret],
+    ] as const) {
+      const res = await form(app, '/oauth/token', { grant_type: 'client_credentials' }, basic(id, secret));
+      expect(res.statusCode).toBe(401);
+      expect(res.json().error).toBe('invalid_client');
+    }
+  });
+
+  it('audits failed authentications of a registered client, without the secret', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: [] });
+    await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    const res = await form(
+      app,
+      '/oauth/token',
+      { grant_type: 'client_credentials' },
+      basic(client.client_id, client.client_secret),
+    );
+    expect(res.statusCode).toBe(401);
+    const events = await app.services.audit.list({ type: 'client.authentication_failed', limit: 50 });
+    const mine = events.find((e) => e.subjectId === client.id);
+    expect(mine).toMatchObject({
+      outcome: 'failure',
+      data: { client_id: client.client_id, reason: 'disabled' },
+    });
+    expect(JSON.stringify(events)).not.toContain(client.client_secret.slice(17, 60));
+  });
+
+  it('a client’s token is a service principal: it carries no roles and acts within its scopes only', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const { access_token } = await clientToken(app, client);
+    // The token is accepted by this service (its own audience) as a service principal...
+    const someone = await createClient(app, admin.accessToken, { scopes: [] });
+    const other = await clientToken(app, someone);
+    expect(await introspect(app, other.access_token, bearer(access_token))).toMatchObject({
+      active: true,
+      sub: someone.client_id,
+    });
+    // ...and is refused where a permission it lacks is needed.
+    const denied = await app.inject({ method: 'GET', url: '/v1/clients', headers: bearer(access_token) });
+    expect(denied.statusCode).toBe(403);
+    const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(access_token) });
+    expect(me.statusCode).toBe(403);
+  });
+});

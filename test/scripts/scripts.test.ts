@@ -1,0 +1,363 @@
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import pg from 'pg';
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
+import {
+  type Database,
+  type DatabaseHandle,
+  openDatabase,
+  openMemoryDatabase,
+  selectRows,
+} from '../../src/db/client.js';
+import { createSigningKeysRepository } from '../../src/modules/signing-keys/signing-keys.repository.js';
+import { createUsersRepository } from '../../src/modules/users/users.repository.js';
+import { testConfig, uniqueEmail } from '../support/app.js';
+import { PASSWORD } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+const ROOT = resolve(import.meta.dirname, '../..');
+/** Each run starts tsx and opens the database (PGlite takes a few seconds): generous, not slow. */
+const SPAWN_TEST_TIMEOUT = 60_000;
+const logger = pino({ level: 'silent' });
+
+// The scripts and the in-process app must share these: the app decrypts the signing keys a script made.
+const KEY_ENCRYPTION_KEY = randomBytes(32).toString('base64');
+const SECRET_PEPPER = randomBytes(32).toString('base64');
+
+interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * The database the scripts run against, thrown away afterwards: a database of its own on the test
+ * PostgreSQL server (the shared one has other files' admins and keys), or a fresh PGlite directory.
+ * A PGlite directory admits one process at a time, so it is opened here only while no script runs.
+ */
+interface Target {
+  kind: 'postgres' | 'pglite';
+  url: string | undefined;
+  dataDir: string;
+  drop(): Promise<void>;
+}
+
+async function createTarget(): Promise<Target> {
+  const dataDir = mkdtempSync(join(tmpdir(), 'auth-scripts-'));
+  const removeDir = () => rmSync(dataDir, { recursive: true, force: true });
+  const serverUrl = inject('databaseUrl');
+  if (!serverUrl) return { kind: 'pglite', url: undefined, dataDir, drop: async () => removeDir() };
+  const name = `auth_scripts_${randomBytes(6).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: serverUrl });
+  await admin.connect();
+  try {
+    await admin.query(`CREATE DATABASE ${name}`);
+  } finally {
+    await admin.end();
+  }
+  const url = new URL(serverUrl);
+  url.pathname = `/${name}`;
+  return {
+    kind: 'postgres',
+    url: url.toString(),
+    dataDir,
+    async drop() {
+      removeDir();
+      const client = new pg.Client({ connectionString: serverUrl });
+      await client.connect();
+      try {
+        await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      } finally {
+        await client.end();
+      }
+    },
+  };
+}
+
+function run(target: Target, script: string, args: string[], env: Record<string, string> = {}) {
+  return new Promise<RunResult>((done, fail) => {
+    // What `npx tsx scripts/<name>.ts` runs, without npx's lookup (half a second per run).
+    const child = spawn(process.execPath, ['--import', 'tsx', `scripts/${script}.ts`, ...args], {
+      cwd: ROOT,
+      // stdin is not a terminal: create-admin must not wait for a password prompt.
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: {
+        ...process.env,
+        NODE_ENV: 'test',
+        LOG_LEVEL: 'warn',
+        DATABASE_URL: target.url ?? '',
+        DATA_DIR: target.dataDir,
+        KEY_ENCRYPTION_KEY,
+        SECRET_PEPPER,
+        AUTH_PROVIDER: 'local',
+        SUPABASE_URL: '',
+        REDIS_URL: '',
+        BOOTSTRAP_ADMIN_EMAIL: '',
+        BOOTSTRAP_ADMIN_PASSWORD: '',
+        ADMIN_PASSWORD: '',
+        ...env,
+      },
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString();
+    });
+    child.stderr.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString();
+    });
+    child.on('error', fail);
+    child.on('close', (code) => done({ code, stdout, stderr }));
+  });
+}
+
+/** The app on a given database (not the worker's shared one), closed by the caller. */
+async function startApp(database: DatabaseHandle, env: Record<string, string> = {}) {
+  const app = await buildApp({
+    config: testConfig({ KEY_ENCRYPTION_KEY, SECRET_PEPPER, ...env }),
+    database,
+    logger,
+  });
+  await app.ready();
+  return app;
+}
+
+/** Opens the target in this process for the duration of `work`, then closes it. */
+async function withDatabase<T>(target: Target, work: (database: DatabaseHandle) => Promise<T>): Promise<T> {
+  const database = await openDatabase({ url: target.url, dataDir: target.dataDir, logger, migrate: true });
+  try {
+    return await work(database);
+  } finally {
+    await database.close();
+  }
+}
+
+async function withApp<T>(target: Target, work: (app: FastifyInstance) => Promise<T>): Promise<T> {
+  return withDatabase(target, async (database) => {
+    const app = await startApp(database);
+    try {
+      return await work(app);
+    } finally {
+      await app.close();
+    }
+  });
+}
+
+async function countUsers(db: Database, email: string): Promise<number> {
+  const rows = await selectRows<{ n: number | string }>(
+    db,
+    sql`SELECT count(*) AS n FROM users WHERE email = ${email}`,
+  );
+  return Number(rows[0]?.n ?? 0);
+}
+
+async function expectLogin(app: FastifyInstance, email: string, password: string) {
+  const res = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
+  expect(res.statusCode, res.body).toBe(200);
+  const me = await app.inject({
+    method: 'GET',
+    url: '/v1/auth/me',
+    headers: bearer(res.json().session.access_token),
+  });
+  expect(me.statusCode).toBe(200);
+  return {
+    ...(me.json() as { user: { id: string; email: string }; roles: string[] }),
+    accessToken: res.json().session.access_token as string,
+  };
+}
+
+describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
+  let target: Target;
+  beforeAll(async () => {
+    target = await createTarget();
+  });
+  afterAll(async () => {
+    await target?.drop();
+  });
+
+  it(
+    'create-admin creates an admin who can log in; a second run is idempotent',
+    async () => {
+      const email = uniqueEmail('cli-admin');
+      const first = await run(target, 'create-admin', [
+        '--email',
+        email.toUpperCase(),
+        '--password',
+        PASSWORD,
+      ]);
+      expect(first.code, first.stderr).toBe(0);
+      expect(first.stdout).toContain(`created admin ${email}`);
+
+      // The password from ADMIN_PASSWORD this time; the user exists, so nothing changes.
+      const second = await run(target, 'create-admin', ['--email', email], { ADMIN_PASSWORD: PASSWORD });
+      expect(second.code, second.stderr).toBe(0);
+      expect(second.stdout).toContain('already holds the admin role');
+
+      await withApp(target, async (app) => {
+        expect(await countUsers(app.services.db, email)).toBe(1);
+        const me = await expectLogin(app, email, PASSWORD);
+        expect(me.user.email).toBe(email);
+        expect(me.roles).toEqual(expect.arrayContaining(['admin', 'user']));
+        const held = await app.services.repos.users.rolesAndPermissions(me.user.id);
+        expect(held.permissions).toContain('*');
+      });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'create-admin grants admin to an existing user without a password',
+    async () => {
+      const email = uniqueEmail('cli-existing');
+      const userId = await withApp(target, async (app) => {
+        const res = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/register',
+          payload: { email, password: PASSWORD },
+        });
+        expect(res.statusCode, res.body).toBe(201);
+        return res.json().user.id as string;
+      });
+
+      const result = await run(target, 'create-admin', ['--email', email]);
+      expect(result.code, result.stderr).toBe(0);
+      expect(result.stdout).toContain(`granted the admin role to the existing user ${email}`);
+
+      await withDatabase(target, async (database) => {
+        const users = createUsersRepository(database.db);
+        expect((await users.rolesAndPermissions(userId)).roles).toEqual(['admin', 'user']);
+        expect(await countUsers(database.db, email)).toBe(1);
+      });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'create-admin refuses bad input with a message and exit code 1, creating nobody',
+    async () => {
+      const weakEmail = uniqueEmail('cli-weak');
+      const noPasswordEmail = uniqueEmail('cli-nopass');
+      // Usage errors are found before the database is opened, so these two may run side by side.
+      const [missing, malformed] = await Promise.all([
+        run(target, 'create-admin', []),
+        run(target, 'create-admin', ['--email', 'not-an-email', '--password', PASSWORD]),
+      ]);
+      expect(missing.code).toBe(1);
+      expect(missing.stderr).toContain('--email is required');
+      expect(missing.stderr).toContain('usage:');
+      expect(malformed.code).toBe(1);
+      expect(malformed.stderr).toContain('not an email address');
+
+      const weak = await run(target, 'create-admin', ['--email', weakEmail, '--password', 'short']);
+      expect(weak.code).toBe(1);
+      expect(weak.stderr).toContain('weak_password');
+      const noPassword = await run(target, 'create-admin', ['--email', noPasswordEmail]);
+      expect(noPassword.code).toBe(1);
+      expect(noPassword.stderr).toContain('a password is needed');
+      for (const r of [missing, malformed, weak, noPassword]) expect(r.stdout).toBe('');
+
+      await withDatabase(target, async (database) => {
+        expect(await countUsers(database.db, weakEmail)).toBe(0);
+        expect(await countUsers(database.db, noPasswordEmail)).toBe(0);
+      });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'rotate-signing-key makes a new key active and leaves the old one retiring',
+    async () => {
+      // The first run also creates the keys on a database that has none yet.
+      const first = await run(target, 'rotate-signing-key', []);
+      expect(first.code, first.stderr).toBe(0);
+      const firstKid = /active signing key: (\S+)/.exec(first.stdout)?.[1];
+      expect(firstKid).toBeDefined();
+
+      const second = await run(target, 'rotate-signing-key', []);
+      expect(second.code, second.stderr).toBe(0);
+      const secondKid = /active signing key: (\S+)/.exec(second.stdout)?.[1];
+      expect(secondKid).toBeDefined();
+      expect(secondKid).not.toBe(firstKid);
+      expect(second.stdout).toContain(`retiring signing key: ${firstKid}, published until`);
+
+      await withDatabase(target, async (database) => {
+        const keys = await createSigningKeysRepository(database.db).listAll();
+        const state = (kid: string | undefined) => keys.find((k) => k.kid === kid)?.state;
+        expect(keys.filter((k) => k.state === 'active').map((k) => k.kid)).toEqual([secondKid]);
+        expect(state(firstKid)).toBe('retiring');
+        expect(keys.filter((k) => k.state === 'next')).toHaveLength(1);
+        const audited = await selectRows<{ user_agent: string | null }>(
+          database.db,
+          sql`SELECT user_agent FROM audit_events WHERE type = 'signing_key.rotated' AND subject_id = ${secondKid}`,
+        );
+        expect(audited).toEqual([{ user_agent: 'scripts/rotate-signing-key' }]);
+      });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it.skipIf(!inject('databaseUrl'))(
+    'a running instance starts signing with the rotated key through the NOTIFY (PostgreSQL)',
+    async () => {
+      await withApp(target, async (app) => {
+        const before = app.services.keys.activeKey().kid;
+        const result = await run(target, 'rotate-signing-key', []);
+        expect(result.code, result.stderr).toBe(0);
+        const rotated = /active signing key: (\S+)/.exec(result.stdout)?.[1];
+        expect(rotated).not.toBe(before);
+        const deadline = Date.now() + 5000;
+        while (app.services.keys.activeKey().kid !== rotated && Date.now() < deadline)
+          await new Promise((r) => setTimeout(r, 25));
+        expect(app.services.keys.activeKey().kid).toBe(rotated);
+      });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+});
+
+describe('BOOTSTRAP_ADMIN_EMAIL / BOOTSTRAP_ADMIN_PASSWORD', () => {
+  it('creates the first admin at start, once, and does nothing once an admin exists', async () => {
+    // A database of its own: bootstrap acts only when no admin exists, and the shared one has admins.
+    const database = await openMemoryDatabase(logger);
+    const email = uniqueEmail('bootstrap');
+    const env = { BOOTSTRAP_ADMIN_EMAIL: email, BOOTSTRAP_ADMIN_PASSWORD: PASSWORD };
+    try {
+      for (let start = 0; start < 2; start++) {
+        const app = await startApp(database, env);
+        await app.close();
+      }
+      const users = createUsersRepository(database.db);
+      expect(await users.countWithRole('admin')).toBe(1);
+      expect(await countUsers(database.db, email)).toBe(1);
+
+      const other = uniqueEmail('bootstrap-late');
+      const app = await startApp(database, {
+        BOOTSTRAP_ADMIN_EMAIL: other,
+        BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
+      });
+      try {
+        expect(await users.findByEmail(other)).toBeUndefined();
+        const me = await expectLogin(app, email, PASSWORD);
+        expect(me.roles).toEqual(expect.arrayContaining(['admin', 'user']));
+        // The admin's token carries admin-only permissions.
+        const keys = await app.inject({
+          method: 'GET',
+          url: '/v1/signing-keys',
+          headers: bearer(me.accessToken),
+        });
+        expect(keys.statusCode).toBe(200);
+      } finally {
+        await app.close();
+      }
+    } finally {
+      await database.close();
+    }
+  });
+});

@@ -1,0 +1,385 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
+import { buildTestApp } from '../support/app.js';
+import { createAdmin, login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+describe('users and roles administration', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+  beforeAll(async () => {
+    app = await buildTestApp();
+    admin = await createAdmin(app);
+  });
+  const asAdmin = () => bearer(admin.accessToken);
+
+  it('creates a role, grants it, and the user can list users after refreshing — and not after it is removed', async () => {
+    const roleName = `reader-${Date.now().toString(36)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: roleName, description: 'Reads users', permissions: ['users:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    expect(created.json()).toMatchObject({ name: roleName, permissions: ['users:read'], builtin: false });
+
+    const user = await registerUser(app, 'reader');
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/users', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(403);
+
+    const grant = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${roleName}`,
+      headers: asAdmin(),
+    });
+    expect(grant.statusCode).toBe(200);
+    expect(grant.json().roles).toEqual(expect.arrayContaining(['user', roleName]));
+    const again = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${roleName}`,
+      headers: asAdmin(),
+    });
+    expect(again.statusCode).toBe(200); // idempotent
+
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    const session = refreshed.json().session;
+    const list = await app.inject({
+      method: 'GET',
+      url: '/v1/users?limit=5',
+      headers: bearer(session.access_token),
+    });
+    expect(list.statusCode).toBe(200);
+    expect(list.json().data.length).toBeGreaterThan(0);
+
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/roles/${roleName}`,
+      headers: asAdmin(),
+    });
+    expect(removed.statusCode).toBe(204);
+    const refreshed2 = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: session.refresh_token },
+    });
+    const denied = await app.inject({
+      method: 'GET',
+      url: '/v1/users',
+      headers: bearer(refreshed2.json().session.access_token),
+    });
+    expect(denied.statusCode).toBe(403);
+
+    const events = (
+      await app.inject({
+        method: 'GET',
+        url: `/v1/audit-events?type=role.granted&limit=200`,
+        headers: asAdmin(),
+      })
+    ).json();
+    expect(
+      events.data.some(
+        (e: { subject_id: string; data: { role: string } }) =>
+          e.subject_id === user.id && e.data.role === roleName,
+      ),
+    ).toBe(true);
+    const removals = (
+      await app.inject({
+        method: 'GET',
+        url: `/v1/audit-events?type=role.removed&limit=200`,
+        headers: asAdmin(),
+      })
+    ).json();
+    expect(removals.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(true);
+  });
+
+  it('lists users with search and cursor pagination', async () => {
+    const tag = `page${Date.now().toString(36)}`;
+    const made = [];
+    for (let i = 0; i < 3; i++) made.push(await registerUser(app, tag));
+    const first = await app.inject({
+      method: 'GET',
+      url: `/v1/users?query=${tag}&limit=2`,
+      headers: asAdmin(),
+    });
+    expect(first.statusCode).toBe(200);
+    expect(first.json().data).toHaveLength(2);
+    expect(first.json().next_cursor).toBeTruthy();
+    const second = await app.inject({
+      method: 'GET',
+      url: `/v1/users?query=${tag}&limit=2&cursor=${first.json().next_cursor}`,
+      headers: asAdmin(),
+    });
+    expect(second.json().data).toHaveLength(1);
+    expect(second.json().next_cursor).toBeNull();
+    const ids = [...first.json().data, ...second.json().data].map((u: { id: string }) => u.id).sort();
+    expect(ids).toEqual(made.map((u) => u.id).sort());
+    const bad = await app.inject({ method: 'GET', url: '/v1/users?cursor=garbage!!', headers: asAdmin() });
+    expect(bad.statusCode).toBe(400);
+    const tooMany = await app.inject({ method: 'GET', url: '/v1/users?limit=500', headers: asAdmin() });
+    expect(tooMany.statusCode).toBe(400);
+  });
+
+  it('disables a user: sessions end, tokens stop at once, login refused; enabling lets them back in', async () => {
+    const user = await registerUser(app, 'disable');
+    const res = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${user.id}`,
+      headers: asAdmin(),
+      payload: { status: 'disabled' },
+    });
+    expect(res.statusCode).toBe(200);
+    expect(res.json().status).toBe('disabled');
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(401);
+    expect(
+      (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/auth/refresh',
+          payload: { refresh_token: user.refreshToken },
+        })
+      ).statusCode,
+    ).toBe(401);
+    const refused = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(refused.statusCode).toBe(401);
+    const audit = (
+      await app.inject({ method: 'GET', url: `/v1/audit-events?type=user.disabled`, headers: asAdmin() })
+    ).json();
+    expect(audit.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(true);
+    const failed = (
+      await app.inject({
+        method: 'GET',
+        url: `/v1/audit-events?type=auth.login&limit=200`,
+        headers: asAdmin(),
+      })
+    ).json();
+    expect(
+      failed.data.some(
+        (e: { subject_id: string; outcome: string }) => e.subject_id === user.id && e.outcome === 'failure',
+      ),
+    ).toBe(true);
+
+    // A second after the disable, a re-enabled user's new tokens are not caught by the old revocation.
+    const clock = app.services.clock as { now(): Date };
+    const realNow = clock.now;
+    clock.now = () => new Date(Date.now() + 2000);
+    try {
+      const enable = await app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${user.id}`,
+        headers: asAdmin(),
+        payload: { status: 'active' },
+      });
+      expect(enable.statusCode).toBe(200);
+      const back = await login(app, user.email);
+      expect(
+        (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(back.session.access_token) }))
+          .statusCode,
+      ).toBe(200);
+    } finally {
+      clock.now = realNow;
+    }
+  });
+
+  it('deletes a user with their profile, sessions and roles; the audit log keeps the event', async () => {
+    const user = await registerUser(app, 'delete');
+    const del = await app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: asAdmin() });
+    expect(del.statusCode).toBe(204);
+    expect(
+      (await app.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: asAdmin() })).statusCode,
+    ).toBe(404);
+    expect(
+      (await app.inject({ method: 'GET', url: `/v1/profiles/${user.id}`, headers: asAdmin() })).statusCode,
+    ).toBe(404);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(401);
+    expect(await app.services.repos.users.rolesAndPermissions(user.id)).toEqual({
+      roles: [],
+      permissions: [],
+    });
+    const audit = (
+      await app.inject({ method: 'GET', url: `/v1/audit-events?type=user.deleted`, headers: asAdmin() })
+    ).json();
+    expect(audit.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(true);
+    expect(
+      (await app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: asAdmin() })).statusCode,
+    ).toBe(404);
+  });
+
+  it('nobody grants what they do not hold: a role admin without * cannot create or grant wider roles', async () => {
+    const limitedRole = `rolemgr-${Date.now().toString(36)}`;
+    await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: {
+        name: limitedRole,
+        permissions: ['roles:write', 'roles:assign', 'roles:read', 'users:read'],
+      },
+    });
+    const manager = await registerUser(app, 'manager');
+    await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${manager.id}/roles/${limitedRole}`,
+      headers: asAdmin(),
+    });
+    const token = (await login(app, manager.email)).session.access_token;
+    const wider = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(token),
+      payload: { name: `${limitedRole}-x`, permissions: ['users:write'] },
+    });
+    expect(wider.statusCode).toBe(403);
+    const narrower = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(token),
+      payload: { name: `${limitedRole}-y`, permissions: ['users:read'] },
+    });
+    expect(narrower.statusCode).toBe(201);
+    const target = await registerUser(app, 'target');
+    const grantAdmin = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${target.id}/roles/admin`,
+      headers: bearer(token),
+    });
+    expect(grantAdmin.statusCode).toBe(403);
+    const unknown = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: `${limitedRole}-z`, permissions: ['nonsense:perm'] },
+    });
+    expect(unknown.statusCode).toBe(422);
+    const dup = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: limitedRole, permissions: [] },
+    });
+    expect(dup.statusCode).toBe(409);
+  });
+
+  it('protects built-in roles and the last admin', async () => {
+    expect(
+      (await app.inject({ method: 'DELETE', url: '/v1/roles/admin', headers: asAdmin() })).statusCode,
+    ).toBe(409);
+    expect(
+      (await app.inject({ method: 'DELETE', url: '/v1/roles/user', headers: asAdmin() })).statusCode,
+    ).toBe(409);
+    const strip = await app.inject({
+      method: 'PATCH',
+      url: '/v1/roles/admin',
+      headers: asAdmin(),
+      payload: { permissions: ['users:read'] },
+    });
+    expect(strip.statusCode).toBe(409);
+  });
+
+  it('answers 409 when removing the last admin (on a fresh database)', async () => {
+    const pino = (await import('pino')).default;
+    const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const database = await openMemoryDatabase(pino({ level: 'silent' }));
+    const solo = await buildTestApp({ deps: { database } });
+    const only = await createAdmin(solo);
+    const res = await solo.inject({
+      method: 'DELETE',
+      url: `/v1/users/${only.id}/roles/admin`,
+      headers: bearer(only.accessToken),
+    });
+    expect(res.statusCode).toBe(409);
+    expect(res.json().code).toBe('last_admin');
+    const disable = await solo.inject({
+      method: 'PATCH',
+      url: `/v1/users/${only.id}`,
+      headers: bearer(only.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disable.statusCode).toBe(409);
+    const second = await registerUser(solo, 'second-admin');
+    await solo.inject({
+      method: 'PUT',
+      url: `/v1/users/${second.id}/roles/admin`,
+      headers: bearer(only.accessToken),
+    });
+    const now = await solo.inject({
+      method: 'DELETE',
+      url: `/v1/users/${only.id}/roles/admin`,
+      headers: bearer(only.accessToken),
+    });
+    expect(now.statusCode).toBe(204);
+  });
+
+  it('a failure in the middle of a change leaves neither the change nor its event', async () => {
+    const user = await registerUser(app, 'atomic');
+    const spy = vi.spyOn(app.services.audit, 'record').mockImplementationOnce(async () => {
+      throw new Error('disk full');
+    });
+    try {
+      const res = await app.inject({
+        method: 'PUT',
+        url: `/v1/users/${user.id}/roles/admin`,
+        headers: asAdmin(),
+      });
+      expect(res.statusCode).toBe(500);
+      expect(res.json().detail).not.toContain('disk full');
+    } finally {
+      spy.mockRestore();
+    }
+    expect((await app.services.repos.users.rolesAndPermissions(user.id)).roles).toEqual(['user']);
+    const events = (
+      await app.inject({
+        method: 'GET',
+        url: `/v1/audit-events?type=role.granted&limit=200`,
+        headers: asAdmin(),
+      })
+    ).json();
+    expect(events.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(false);
+  });
+
+  it('answers authz checks for services', async () => {
+    const user = await registerUser(app, 'checked');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/authz/check',
+      headers: asAdmin(),
+      payload: { subject_id: user.id, permissions: ['account:read', 'users:read'] },
+    });
+    expect(res.statusCode).toBe(200);
+    expect(res.json()).toEqual({ allowed: false, missing: ['users:read'] });
+    const ok = await app.inject({
+      method: 'POST',
+      url: '/v1/authz/check',
+      headers: asAdmin(),
+      payload: { subject_id: user.id, permissions: ['account:read'] },
+    });
+    expect(ok.json()).toEqual({ allowed: true, missing: [] });
+  });
+
+  it('serves the permission catalogue and the roles', async () => {
+    const perms = await app.inject({ method: 'GET', url: '/v1/permissions', headers: asAdmin() });
+    expect(perms.json().data.map((p: { name: string }) => p.name)).toContain('roles:write');
+    const roles = await app.inject({ method: 'GET', url: '/v1/roles', headers: asAdmin() });
+    expect(roles.json().data.map((r: { name: string }) => r.name)).toEqual(
+      expect.arrayContaining(['admin', 'user']),
+    );
+    const one = await app.inject({ method: 'GET', url: '/v1/roles/admin', headers: asAdmin() });
+    expect(one.json()).toMatchObject({ name: 'admin', permissions: ['*'], builtin: true });
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/roles/Bad Name', headers: asAdmin() })).statusCode,
+    ).toBe(400);
+  });
+});
