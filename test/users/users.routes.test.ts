@@ -261,9 +261,24 @@ describe('users and roles administration', () => {
       method: 'POST',
       url: '/v1/roles',
       headers: asAdmin(),
-      payload: { name: `${limitedRole}-z`, permissions: ['nonsense:perm'] },
+      payload: { name: `${limitedRole}-z`, permissions: ['Not A Permission'] },
     });
-    expect(unknown.statusCode).toBe(422);
+    expect(unknown.statusCode).toBe(400);
+    // Other services' permissions are welcome in roles (for their tokens), within what one holds.
+    const foreign = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: `${limitedRole}-orders`, permissions: ['orders:read', 'orders:*'] },
+    });
+    expect(foreign.statusCode).toBe(201);
+    const notHeld = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(token),
+      payload: { name: `${limitedRole}-o2`, permissions: ['orders:read'] },
+    });
+    expect(notHeld.statusCode).toBe(403);
     const dup = await app.inject({
       method: 'POST',
       url: '/v1/roles',

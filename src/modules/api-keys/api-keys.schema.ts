@@ -1,17 +1,13 @@
 import { z } from 'zod';
-import { isPermissionString } from '../../lib/permissions.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
+import { PermissionSchema } from '../shared/shared.schema.js';
 
 /** Longest grace a rotation may give the old secret: a week covers any deployment cycle. */
 export const MAX_GRACE_SECONDS = 7 * 24 * 3600;
 /** Keys longer than this are refused by the schema, before any work (SECURITY.md: cap input length). */
 export const MAX_PRESENTED_KEY_LENGTH = 256;
 
-const ScopeSchema = z
-  .string()
-  .max(100)
-  .refine(isPermissionString, { message: 'not a permission (resource:action, resource:* or *)' })
-  .describe('A permission: `resource:action`, `resource:*` or `*`');
+const ScopeSchema = PermissionSchema;
 
 const ScopesSchema = z
   .array(ScopeSchema)

@@ -1,20 +1,10 @@
 import { z } from 'zod';
 import { pageOf, PaginationQuerySchema } from '../../lib/pagination.js';
-import { PERMISSIONS } from '../../lib/permissions.js';
-import { isoDate } from '../shared/shared.schema.js';
+import { isoDate, PermissionSchema } from '../shared/shared.schema.js';
 import type { ClientRow } from './clients.repository.js';
 import { CLIENT_ID_PATTERN, MAX_SECRET_GRACE_SECONDS } from './clients.service.js';
 
-const KNOWN_RESOURCES = new Set(Object.keys(PERMISSIONS).map((p) => p.split(':')[0]));
-
-/** A permission of the catalogue, `resource:*` over a catalogued resource, or `*`. */
-export const isKnownPermission = (p: string) =>
-  p === '*' || Object.hasOwn(PERMISSIONS, p) || (p.endsWith(':*') && KNOWN_RESOURCES.has(p.slice(0, -2)));
-
-const ScopeSchema = z
-  .string()
-  .max(100)
-  .refine(isKnownPermission, { message: 'not a permission this service knows (see GET /v1/permissions)' });
+const ScopeSchema = PermissionSchema;
 
 const AudienceSchema = z
   .string()

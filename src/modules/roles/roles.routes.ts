@@ -3,13 +3,13 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { PERMISSIONS } from '../../lib/permissions.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import { bearerOrApiKey, PermissionSchema, problems } from '../shared/shared.schema.js';
 import { RoleNameSchema } from '../users/users.schema.js';
 import type { RoleRow } from './roles.repository.js';
 import type { RolesService } from './roles.service.js';
 
 const PermissionListSchema = z
-  .array(z.string().min(1).max(100))
+  .array(PermissionSchema)
   .max(200)
   .describe('Permission strings: catalogue entries, `resource:*` or `*`');
 

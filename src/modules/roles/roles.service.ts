@@ -1,31 +1,10 @@
 import type { Database } from '../../db/client.js';
 import { AppError, notFound } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
-import { isSubset, PERMISSIONS } from '../../lib/permissions.js';
+import { isSubset } from '../../lib/permissions.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { RoleRow, RolesRepository } from './roles.repository.js';
-
-/** Whether a permission string names something the service knows: an entry, `resource:*`, or `*`. */
-export function isKnownPermission(p: string): boolean {
-  if (p === '*' || p in PERMISSIONS) return true;
-  if (p.endsWith(':*')) {
-    const resource = p.slice(0, -1);
-    return Object.keys(PERMISSIONS).some((k) => k.startsWith(resource));
-  }
-  return false;
-}
-
-export function assertKnownPermissions(permissions: string[], field: string): void {
-  const unknown = permissions.filter((p) => !isKnownPermission(p));
-  if (unknown.length > 0) {
-    throw new AppError('validation_failed', {
-      status: 422,
-      detail: `Unknown permissions: ${unknown.join(', ')} (see GET /v1/permissions)`,
-      errors: unknown.map((p) => ({ field, message: `unknown permission ${p}` })),
-    });
-  }
-}
 
 /** Nobody grants what they do not hold (API.md): roles, key scopes, client scopes. */
 export function assertHolds(granted: string[], held: string[]): void {
@@ -59,7 +38,6 @@ export function createRolesService(deps: {
       context: RequestContext,
     ): Promise<RoleRow> {
       const permissions = [...new Set(input.permissions)].sort();
-      assertKnownPermissions(permissions, 'body.permissions');
       assertHolds(permissions, caller.permissions);
       return inTransaction(deps.db, deps.events, async (tx) => {
         const role = await deps.repo.insert(
@@ -85,8 +63,7 @@ export function createRolesService(deps: {
       const existing = await findOrThrow(name);
       const permissions = input.permissions ? [...new Set(input.permissions)].sort() : undefined;
       if (permissions) {
-        assertKnownPermissions(permissions, 'body.permissions');
-        // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
+          // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
         assertHolds([...permissions, ...existing.permissions], caller.permissions);
         if (existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
           throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });

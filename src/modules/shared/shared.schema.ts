@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { isPermissionString } from '../../lib/permissions.js';
 
 export const ProblemSchema = z
   .object({
@@ -40,3 +41,14 @@ export const isoDate = (d: Date | null | undefined) => (d ? d.toISOString() : nu
 
 /** OpenAPI security of routes that take an access token or an API key. */
 export const bearerOrApiKey: Array<Record<string, string[]>> = [{ bearerAuth: [] }, { apiKey: [] }];
+
+/**
+ * A permission string: `resource:action`, `resource:*` or `*`. Beyond the service's own catalogue
+ * (GET /v1/permissions), other services' permissions (`orders:read`) may be put in roles, keys and
+ * clients, so their tokens carry them; nobody grants what they do not hold still applies.
+ */
+export const PermissionSchema = z
+  .string()
+  .max(100)
+  .refine(isPermissionString, { message: 'not a permission (resource:action, resource:* or *)' })
+  .describe('A permission: `resource:action`, `resource:*` or `*`');
