@@ -1,10 +1,10 @@
 import { mkdirSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import type { ExtractTablesWithRelations, SQL } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
 import pg from 'pg';
 import type { Logger } from 'pino';
+import { PROJECT_ROOT } from '../lib/paths.js';
 import * as schema from './schema/index.js';
 
 export type Schema = typeof schema;
@@ -19,8 +19,11 @@ export interface DatabaseHandle {
   readonly kind: 'postgres' | 'pglite';
   /** Resolves true when the database answers `SELECT 1` within the timeout. */
   ping(timeoutMs: number): Promise<boolean>;
-  /** LISTEN on a channel; the handler gets each NOTIFY payload. Reconnects by itself. */
-  listen(channel: string, handler: (payload: string) => void): Promise<void>;
+  /**
+   * LISTEN on a channel; the handler gets each NOTIFY payload. Reconnects by itself. Resolves, once
+   * listening, to the function that stops it.
+   */
+  listen(channel: string, handler: (payload: string) => void): Promise<() => Promise<void>>;
   close(): Promise<void>;
 }
 
@@ -35,7 +38,7 @@ export interface OpenDatabaseOptions {
   migrate?: boolean;
 }
 
-export const MIGRATIONS_FOLDER = resolve(dirname(fileURLToPath(import.meta.url)), '../../drizzle');
+export const MIGRATIONS_FOLDER = join(PROJECT_ROOT, 'drizzle');
 /** An arbitrary constant shared by every instance: the advisory lock that serialises migrations. */
 const MIGRATION_LOCK_KEY = 7_344_021_118;
 
@@ -93,21 +96,26 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
     channel: string,
     handler: (payload: string) => void,
     onListening: () => void,
+    state: { stopped: boolean; client?: pg.Client },
   ): Promise<void> {
     let delay = 250;
     let first = true;
-    while (!closed) {
+    while (!closed && !state.stopped) {
       const client = new pg.Client({
         ...connectionOptions,
         query_timeout: undefined,
         statement_timeout: undefined,
       });
+      // Listened to before connecting: a backend killed just as the connection starts can send its
+      // error together with the end of the start-up, and an 'error' emitted before anyone listens is
+      // an uncaught exception (reproduced by terminating backends in a loop).
+      const lost = new Promise<void>((done) => {
+        client.on('error', () => done());
+        client.on('end', () => done());
+      });
+      state.client = client;
       try {
         await client.connect();
-        const lost = new Promise<void>((done) => {
-          client.on('error', () => done());
-          client.on('end', () => done());
-        });
         client.on('notification', (msg) => {
           if (msg.channel === channel && msg.payload !== undefined) handler(msg.payload);
         });
@@ -128,7 +136,7 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
         }
         await client.end().catch(() => undefined);
       }
-      if (closed) return;
+      if (closed || state.stopped) return;
       options.logger.warn({ channel }, 'notification listener lost its connection; reconnecting');
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, 2000);
@@ -147,8 +155,13 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
       }
     },
     listen(channel, handler) {
-      return new Promise<void>((ready, failed) => {
-        listenLoop(channel, handler, ready).catch(failed);
+      const state: { stopped: boolean; client?: pg.Client } = { stopped: false };
+      const stop = async () => {
+        state.stopped = true;
+        await state.client?.end().catch(() => undefined);
+      };
+      return new Promise((ready, failed) => {
+        listenLoop(channel, handler, () => ready(stop), state).catch(failed);
       });
     },
     async close() {
@@ -178,7 +191,10 @@ async function openPglite(options: OpenDatabaseOptions): Promise<DatabaseHandle>
       }
     },
     async listen(channel, handler) {
-      await client.listen(channel, handler);
+      const unlisten = await client.listen(channel, handler);
+      return async () => {
+        await unlisten().catch(() => undefined);
+      };
     },
     async close() {
       await client.close();
@@ -197,7 +213,10 @@ export async function openMemoryDatabase(logger: Logger): Promise<DatabaseHandle
     kind: 'pglite',
     ping: async () => true,
     listen: async (channel, handler) => {
-      await client.listen(channel, handler);
+      const unlisten = await client.listen(channel, handler);
+      return async () => {
+        await unlisten().catch(() => undefined);
+      };
     },
     close: () => client.close(),
   };
@@ -224,6 +243,9 @@ export async function runMigrations(
   const { drizzle } = await import('drizzle-orm/node-postgres');
   const { migrate } = await import('drizzle-orm/node-postgres/migrator');
   const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 10_000 });
+  // A connection lost between two statements fails the next one (and the start); without a listener
+  // it would be an uncaught exception instead.
+  client.on('error', (err) => logger.warn({ err: err.message }, 'migration connection lost'));
   await client.connect();
   try {
     await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);

@@ -1,8 +1,8 @@
 import { readFileSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import argon2 from 'argon2';
 import { AppError } from '../lib/errors.js';
+import { PROJECT_ROOT } from '../lib/paths.js';
 
 /** OWASP Password Storage CS: argon2id, m=19 MiB, t=2, p=1 is the floor; we use it exactly. */
 export const ARGON2_OPTIONS = {
@@ -12,10 +12,7 @@ export const ARGON2_OPTIONS = {
   parallelism: 1,
 } as const;
 
-const COMMON_PASSWORDS_FILE = resolve(
-  dirname(fileURLToPath(import.meta.url)),
-  '../../data/common-passwords.txt',
-);
+const COMMON_PASSWORDS_FILE = join(PROJECT_ROOT, 'data/common-passwords.txt');
 let commonPasswords: Set<string> | undefined;
 
 function common(): Set<string> {

@@ -31,6 +31,7 @@ export const EVENTS_CHANNEL = 'paservices_auth_events';
 export function createEventBus(deps: { database: DatabaseHandle; logger: Logger }) {
   const handlers: EventHandler[] = [];
   const instanceId = randomUUID();
+  let stopListening: (() => Promise<void>) | undefined;
 
   function dispatch(event: AuthEvent) {
     for (const handler of handlers) {
@@ -49,7 +50,7 @@ export function createEventBus(deps: { database: DatabaseHandle; logger: Logger 
     },
     /** Starts listening; call once at start-up. */
     async start() {
-      await deps.database.listen(EVENTS_CHANNEL, (payload) => {
+      stopListening = await deps.database.listen(EVENTS_CHANNEL, (payload) => {
         try {
           const message = JSON.parse(payload) as { origin?: string; events?: AuthEvent[]; type?: string };
           if (message.type === 'resync') return dispatch({ type: 'resync' });
@@ -60,6 +61,10 @@ export function createEventBus(deps: { database: DatabaseHandle; logger: Logger 
           deps.logger.warn({ err }, 'ignoring a malformed event notification');
         }
       });
+    },
+    async stop() {
+      await stopListening?.();
+      stopListening = undefined;
     },
     /** Queues the events in the transaction: other instances receive them when it commits. */
     async publish(tx: Transaction | Database, events: AuthEvent[]) {

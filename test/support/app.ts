@@ -1,7 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
-import { afterAll } from 'vitest';
 import { type AppDeps, buildApp } from '../../src/app.js';
 import { loadConfig } from '../../src/config.js';
 import { testDatabase } from './database.js';
@@ -32,6 +31,14 @@ export function testConfig(env: Record<string, string> = {}) {
   );
 }
 
+const openApps: FastifyInstance[] = [];
+
+/** Closes every app built by the file that just ran (test/support/setup.ts calls it after each file). */
+export async function closeTestApps(): Promise<void> {
+  const apps = openApps.splice(0);
+  await Promise.all(apps.map((a) => a.close()));
+}
+
 /** Builds the real app on the worker's database; closed after the file's tests. */
 export async function buildTestApp(options: TestAppOptions = {}): Promise<FastifyInstance> {
   const database = await testDatabase();
@@ -43,9 +50,7 @@ export async function buildTestApp(options: TestAppOptions = {}): Promise<Fastif
   });
   await options.beforeReady?.(app);
   await app.ready();
-  afterAll(async () => {
-    await app.close();
-  });
+  openApps.push(app);
   return app;
 }
 

@@ -1,0 +1,261 @@
+import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { decodeJwt } from 'jose';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { EVENTS_CHANNEL } from '../../src/lib/events.js';
+import { findPostgres, PostgresCluster } from './support/cluster.js';
+import { type Outcome, send } from './support/http.js';
+import { describeOutcome, expectAcknowledgedWritesKept, summarize } from './support/checks.js';
+import { LOAD_PASSWORD, type LoadResult, startLoad, startProbes } from './support/load.js';
+import { FAIL_FAST_MS, type ServiceProcess, startService } from './support/service.js';
+
+/**
+ * SECURITY.md "Faults and load", against the real service (a child process) on a throwaway
+ * PostgreSQL cluster, under load: the process stays up, liveness stays 200, readiness is 503 while the
+ * database is out, requests fail fast with 503 problem+json, the service resumes by itself within
+ * 5 s of the database coming back, and every acknowledged write is there afterwards with its audit
+ * event.
+ */
+
+const RESUME_WITHIN_MS = 5000;
+const DATABASE = 'auth';
+
+const found = findPostgres();
+if ('reason' in found) console.warn(`fault suite not run: ${found.reason}`);
+
+/** A fault's window: when the database went out and when it was back (performance.now()). */
+interface Window {
+  downAt: number;
+  upAt: number;
+}
+
+interface ScenarioResult {
+  load: LoadResult;
+  live: Outcome[];
+  ready: Outcome[];
+  window: Window;
+  /** From the database's return until a register, a login and /me all succeeded again. */
+  resumedMs: number;
+}
+
+const within = (o: Outcome, w: Window) => o.start >= w.downAt && o.end <= w.upAt;
+
+/**
+ * What a request may answer while the database is out: 503, except /me, which may still answer from
+ * memory (the account cache, and the revocation list for a 401): it needs the database only on a miss.
+ */
+const answersDuringOutage = (o: Outcome) => (o.op === 'me' ? [200, 401, 503] : [503]);
+
+describe.runIf(!('reason' in found))('database faults under load (throwaway PostgreSQL cluster)', () => {
+  let cluster: PostgresCluster;
+  let service: ServiceProcess;
+
+  beforeAll(async () => {
+    cluster = await PostgresCluster.create();
+    await cluster.query(`CREATE DATABASE ${DATABASE}`);
+    service = await startService({ DATABASE_URL: cluster.url(DATABASE) });
+  });
+
+  afterAll(async () => {
+    await service?.stop();
+    await cluster?.destroy();
+  });
+
+  /** Polls until a register, a login and /me all succeed; the time since `since`. */
+  async function waitUntilResumed(since: number): Promise<number> {
+    const deadline = since + 3 * RESUME_WITHIN_MS;
+    while (performance.now() < deadline) {
+      const email = `resume-${randomUUID().slice(0, 8)}@example.test`;
+      const reg = await send(service.baseUrl, 'POST', '/v1/auth/register', {
+        body: { email, password: LOAD_PASSWORD },
+      });
+      if (reg.status === 201) {
+        const login = await send(service.baseUrl, 'POST', '/v1/auth/login', {
+          body: { email, password: LOAD_PASSWORD },
+        });
+        const token = (login.body as { session?: { access_token: string } }).session?.access_token;
+        const me = token ? await send(service.baseUrl, 'GET', '/v1/auth/me', { token }) : undefined;
+        const ready = await send(service.baseUrl, 'GET', '/health/ready');
+        if (me?.status === 200 && ready.status === 200) return performance.now() - since;
+      }
+      await sleep(100);
+    }
+    return Number.POSITIVE_INFINITY;
+  }
+
+  /** Runs `fault` under load with probes, then waits for the service to resume. */
+  async function underLoad(fault: () => Promise<Window>): Promise<ScenarioResult> {
+    const probes = startProbes(service.baseUrl);
+    const load = startLoad(service.baseUrl);
+    await sleep(1000);
+    const window = await fault();
+    const resumedMs = await waitUntilResumed(window.upAt);
+    await sleep(500);
+    const result = await load.stop();
+    const { live, ready } = await probes.stop();
+    return { load: result, live, ready, window, resumedMs };
+  }
+
+  /** What every database fault must leave true. */
+  async function expectSurvived(name: string, result: ScenarioResult) {
+    summarize(name, result.load.outcomes, {
+      'fault ms': result.window.upAt - result.window.downAt,
+      'resumed after ms': result.resumedMs,
+      'readiness 503s': result.ready.filter((p) => p.status === 503).length,
+      'acknowledged registrations': result.load.users.length,
+      'acknowledged logins': result.load.logins.length,
+    });
+    expect(service.isRunning(), service.lines.join('\n')).toBe(true);
+    expect(result.live.length).toBeGreaterThan(10);
+    for (const probe of result.live) expect(probe.status, describeOutcome(probe)).toBe(200);
+    for (const probe of result.ready) expect([200, 503], describeOutcome(probe)).toContain(probe.status);
+
+    const { outcomes } = result.load;
+    expect(outcomes.length).toBeGreaterThan(20);
+    for (const o of outcomes) {
+      // Never a 500, a reset or a hang: an answer, and a 401 only for a session a fault cost.
+      const allowed = o.op === 'me' || o.op === 'refresh' ? [200, 401, 503] : [200, 201, 503];
+      expect(allowed, describeOutcome(o)).toContain(o.status);
+      if (o.status === 503) {
+        expect(o.contentType, describeOutcome(o)).toMatch(/^application\/problem\+json/);
+        expect(o.body).toMatchObject({ status: 503, code: 'service_unavailable' });
+        expect(o.headers['retry-after']).toBeTruthy();
+        expect(o.ms, describeOutcome(o)).toBeLessThan(FAIL_FAST_MS);
+      }
+    }
+    expect(result.resumedMs).toBeLessThan(RESUME_WITHIN_MS);
+    await expectAcknowledgedWritesKept(cluster, DATABASE, result.load);
+  }
+
+  /**
+   * Another instance revokes an access token (a row and a NOTIFY in one transaction, as the event
+   * bus does): the service must refuse it, which proves its LISTEN connection is back (or, if it
+   * reconnected after the NOTIFY, that the reconnect resynchronised from the table).
+   */
+  async function msUntilForeignRevocationHonoured(): Promise<number> {
+    const email = `listen-${randomUUID().slice(0, 8)}@example.test`;
+    const reg = await send(service.baseUrl, 'POST', '/v1/auth/register', {
+      body: { email, password: LOAD_PASSWORD },
+    });
+    expect(reg.status, describeOutcome(reg)).toBe(201);
+    const token = (reg.body as { session: { access_token: string } }).session.access_token;
+    const { jti, exp } = decodeJwt(token);
+    const client = await cluster.connect(DATABASE);
+    const start = performance.now();
+    try {
+      await client.query('BEGIN');
+      await client.query(
+        `INSERT INTO revocations (kind, value, revoked_at, expires_at) VALUES ('jti', $1, now(), to_timestamp($2))`,
+        [jti, exp],
+      );
+      const event = {
+        type: 'revocation',
+        kind: 'jti',
+        value: jti,
+        revokedAt: Date.now(),
+        expiresAt: exp! * 1000,
+      };
+      await client.query('SELECT pg_notify($1, $2)', [
+        EVENTS_CHANNEL,
+        JSON.stringify({ origin: 'fault-harness', events: [event] }),
+      ]);
+      await client.query('COMMIT');
+    } finally {
+      await client.end();
+    }
+    while (performance.now() - start < 2 * RESUME_WITHIN_MS) {
+      const me = await send(service.baseUrl, 'GET', '/v1/auth/me', { token });
+      if (me.status === 401) return performance.now() - start;
+      await sleep(50);
+    }
+    return Number.POSITIVE_INFINITY;
+  }
+
+  it('survives a PostgreSQL restart (pg_ctl restart -m fast) under load', async () => {
+    const result = await underLoad(async () => {
+      const downAt = performance.now();
+      await cluster.restart();
+      return { downAt, upAt: performance.now() };
+    });
+    await expectSurvived('restart', result);
+    // Readiness noticed the restart: 503 at some point around it.
+    const around = { downAt: result.window.downAt, upAt: result.window.upAt + RESUME_WITHIN_MS };
+    expect(result.ready.some((p) => p.status === 503 && within(p, around))).toBe(true);
+    expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
+  });
+
+  it('survives PostgreSQL stopped for 10 s under load: readiness 503, database requests a fast 503', async () => {
+    const result = await underLoad(async () => {
+      await cluster.stop('fast');
+      const downAt = performance.now();
+      await sleep(10_000);
+      const upAt = performance.now();
+      await cluster.start();
+      return { downAt, upAt };
+    });
+    await expectSurvived('stop', result);
+    const readyDuring = result.ready.filter((p) => within(p, result.window));
+    expect(readyDuring.length).toBeGreaterThan(10);
+    for (const p of readyDuring) expect(p.status, describeOutcome(p)).toBe(503);
+    const during = result.load.outcomes.filter((o) => within(o, result.window));
+    expect(during.filter((o) => o.status === 503).length).toBeGreaterThan(10);
+    for (const o of during) expect(answersDuringOutage(o), describeOutcome(o)).toContain(o.status);
+    expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
+  });
+
+  it('survives its backends being terminated inside transactions, repeatedly, under load', async () => {
+    let killed = 0;
+    let killedInTransaction = 0;
+    const result = await underLoad(async () => {
+      const downAt = performance.now();
+      for (let round = 0; round < 20; round++) {
+        const { rows } = await cluster.query<{ killed: number; in_transaction: number }>(
+          `WITH victims AS (
+             SELECT pid, xact_start IS NOT NULL AS in_transaction FROM pg_stat_activity
+              WHERE application_name = 'paservices-auth' AND pid <> pg_backend_pid())
+           SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))::int AS killed,
+                  count(*) FILTER (WHERE in_transaction)::int AS in_transaction
+             FROM victims`,
+          [],
+          DATABASE,
+        );
+        killed += rows[0]?.killed ?? 0;
+        killedInTransaction += rows[0]?.in_transaction ?? 0;
+        await sleep(150 + Math.random() * 150);
+      }
+      return { downAt, upAt: performance.now() };
+    });
+    expect(killed).toBeGreaterThan(20);
+    expect(killedInTransaction).toBeGreaterThan(0);
+    await expectSurvived('terminate', result);
+    expect(result.load.outcomes.some((o) => o.status === 503 && within(o, result.window))).toBe(true);
+    expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
+  });
+
+  it('answers 503 within the lock timeout while a lock makes queries on users hang, and recovers on release', async () => {
+    const holder = await cluster.connect(DATABASE);
+    const result = await underLoad(async () => {
+      await holder.query('BEGIN');
+      await holder.query('LOCK TABLE users IN ACCESS EXCLUSIVE MODE');
+      const lockedAt = performance.now();
+      await sleep(6000);
+      // The window closes as the release is sent: a request the release let through is not inside it.
+      const releasedAt = performance.now();
+      await holder.query('COMMIT');
+      return { downAt: lockedAt, upAt: releasedAt };
+    });
+    await holder.end();
+    await expectSurvived('lock', result);
+    // Every call here reads or writes users (but /me on a cache hit): each one that ran inside the
+    // lock waited for the lock timeout (2 s), then answered 503 (checked fast in expectSurvived).
+    const during = result.load.outcomes.filter((o) => within(o, result.window));
+    expect(during.filter((o) => o.status === 503).length).toBeGreaterThanOrEqual(3);
+    for (const o of during) expect(answersDuringOutage(o), describeOutcome(o)).toContain(o.status);
+    // Readiness asks whether PostgreSQL answers (SELECT 1), and it does: a lock on one table is not a
+    // fault of this instance, and taking every instance out of the load balancer would also stop what
+    // needs no table (JWKS, verifying and introspecting JWTs). README "Failure behaviour".
+    const readyDuring = result.ready.filter((p) => within(p, result.window));
+    expect(readyDuring.length).toBeGreaterThan(10);
+    for (const p of readyDuring) expect(p.status, describeOutcome(p)).toBe(200);
+  });
+});

@@ -1,0 +1,470 @@
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { FastifyInstance } from 'fastify';
+import { Redis } from 'ioredis';
+import { decodeProtectedHeader } from 'jose';
+import pg from 'pg';
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { buildApp } from '../../src/app.js';
+import { type DatabaseHandle, MIGRATIONS_FOLDER, openDatabase } from '../../src/db/client.js';
+import { CREDENTIAL_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
+import { basic, createClient, form } from '../clients/helpers.js';
+import { testConfig, uniqueEmail } from '../support/app.js';
+import { testDatabase } from '../support/database.js';
+import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/**
+ * Two instances of the service on one database, as behind a load balancer: what one instance revokes,
+ * the other refuses within 1 s (SECURITY.md "Faults and load"). On PostgreSQL each instance has its own
+ * pool and its own LISTEN connection on a database of their own; on PGlite both share the worker's
+ * database, which delivers a NOTIFY to every listener in the process.
+ */
+
+const PROPAGATION_LIMIT_MS = 1000;
+const POLL_INTERVAL_MS = 50;
+const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+const databaseUrl = inject('databaseUrl');
+const silent = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
+
+/** Milliseconds until `check` holds, polling every 50 ms; Infinity when it does not within 3 s. */
+async function msUntil(check: () => Promise<boolean>): Promise<number> {
+  const start = performance.now();
+  for (;;) {
+    if (await check()) return performance.now() - start;
+    if (performance.now() - start > 3 * PROPAGATION_LIMIT_MS) return Number.POSITIVE_INFINITY;
+    await sleep(POLL_INTERVAL_MS);
+  }
+}
+
+async function openInstanceDatabase(url: string): Promise<DatabaseHandle> {
+  return openDatabase({ url, dataDir: '.data/test', logger: silent, migrate: true, connectTimeoutMs: 5000 });
+}
+
+/** A fresh, empty database on the test server; `drop()` removes it. */
+async function scratchDatabase(): Promise<{ url: string; drop(): Promise<void> }> {
+  const name = `auth_mi_${randomUUID().replace(/-/g, '').slice(0, 16)}`;
+  const onServer = async (statement: string) => {
+    const admin = new pg.Client({ connectionString: databaseUrl });
+    await admin.connect();
+    try {
+      await admin.query(statement);
+    } finally {
+      await admin.end();
+    }
+  };
+  await onServer(`CREATE DATABASE ${name}`);
+  const url = new URL(databaseUrl!);
+  url.pathname = `/${name}`;
+  return { url: url.toString(), drop: () => onServer(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
+}
+
+/**
+ * Two apps on one database; closed after the file. On PostgreSQL the database is their own, so the
+ * key rotations and notifications of test files running in the other worker do not interleave.
+ */
+async function buildInstances(env: Record<string, string> = {}, envA: Record<string, string> = {}) {
+  const scratch = databaseUrl ? await scratchDatabase() : undefined;
+  const handles = scratch
+    ? [await openInstanceDatabase(scratch.url), await openInstanceDatabase(scratch.url)]
+    : await Promise.all([testDatabase(), testDatabase()]);
+  const apps: FastifyInstance[] = [];
+  for (const [i, database] of handles.entries()) {
+    const app = await buildApp({
+      config: testConfig({ ...env, ...(i === 0 ? envA : {}) }),
+      database,
+      logger: silent,
+    });
+    await app.ready();
+    apps.push(app);
+  }
+  cleanups.push(async () => {
+    await Promise.all(apps.map((app) => app.close()));
+    // The worker's shared PGlite handle is not ours to close.
+    if (scratch) {
+      await Promise.all(handles.map((h) => h.close()));
+      await scratch.drop();
+    }
+  });
+  return { a: apps[0]!, b: apps[1]! };
+}
+
+// An afterAll registered while a beforeAll runs is never called (vitest 4), so the instances built in
+// the hooks below leave their cleanup here, for the file's own afterAll.
+const cleanups: Array<() => Promise<void>> = [];
+afterAll(async () => {
+  for (const cleanup of cleanups.splice(0)) await cleanup();
+});
+
+const me = (app: FastifyInstance, token: string) =>
+  app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+
+/** Resolves once the token is refused by `app`; the time it took. */
+const msUntilRefused = (app: FastifyInstance, token: string) =>
+  msUntil(async () => (await me(app, token)).statusCode === 401);
+
+describe('several instances on one database: revocations reach every instance within 1 s', () => {
+  let a: FastifyInstance;
+  let b: FastifyInstance;
+  beforeAll(async () => {
+    // Instance A answers a replayed refresh token at once (no grace), so family revocation is testable.
+    ({ a, b } = await buildInstances({}, { REFRESH_REUSE_GRACE_SECONDS: '0' }));
+  });
+
+  it('a logout on A makes the access token fail on B', async () => {
+    const user = await registerUser(a, 'mi-logout');
+    expect((await me(b, user.accessToken)).statusCode).toBe(200);
+    const out = await a.inject({ method: 'POST', url: '/v1/auth/logout', headers: bearer(user.accessToken) });
+    expect(out.statusCode).toBe(204);
+    expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('a refresh-token replay on A ends the family, and B refuses its access token', async () => {
+    const user = await registerUser(a, 'mi-family');
+    const rotated = await a.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(rotated.statusCode).toBe(200);
+    const accessToken = rotated.json().session.access_token as string;
+    expect((await me(b, accessToken)).statusCode).toBe(200);
+
+    await sleep(5); // past A's zero grace
+    const replay = await a.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(replay.statusCode).toBe(401);
+    expect(await msUntilRefused(b, accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('a logout of every session on A makes every access token of the user fail on B', async () => {
+    const user = await registerUser(a, 'mi-all');
+    const onB = await login(b, user.email);
+    const tokens = [user.accessToken, onB.session.access_token];
+    for (const token of tokens) expect((await me(b, token)).statusCode).toBe(200);
+    const out = await a.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+      payload: { scope: 'all' },
+    });
+    expect(out.statusCode).toBe(204);
+    const elapsed = await msUntil(async () => {
+      const answers = await Promise.all(tokens.map((t) => me(b, t)));
+      return answers.every((r) => r.statusCode === 401);
+    });
+    expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('an access token revoked on A (POST /oauth/revoke, by its jti) is refused by B', async () => {
+    const user = await registerUser(a, 'mi-jti');
+    expect((await me(b, user.accessToken)).statusCode).toBe(200);
+    const revoked = await form(a, '/oauth/revoke', { token: user.accessToken }, bearer(user.accessToken));
+    expect(revoked.statusCode, revoked.body).toBe(200);
+    expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('a user disabled on A (PATCH /v1/users/{id}) is refused by B', async () => {
+    const admin = await createAdmin(a);
+    const user = await registerUser(a, 'mi-disabled');
+    expect((await me(b, user.accessToken)).statusCode).toBe(200);
+    const disabled = await a.inject({
+      method: 'PATCH',
+      url: `/v1/users/${user.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode, disabled.body).toBe(200);
+    expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+    const res = await b.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(res.statusCode).toBe(401);
+  });
+
+  it('an API key revoked on A stops working on B', async () => {
+    const user = await registerUser(a, 'mi-apikey');
+    const created = await a.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'multi-instance', scopes: ['account:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const { id, key } = created.json() as { id: string; key: string };
+    const withKey = () => b.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': key } });
+    expect((await withKey()).statusCode).toBe(200); // B has looked the key up (and cached it)
+    const revoked = await a.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(revoked.statusCode).toBe(204);
+    expect(await msUntil(async () => (await withKey()).statusCode === 401)).toBeLessThan(
+      PROPAGATION_LIMIT_MS,
+    );
+  });
+
+  it('a role removed on A takes its permission from the owner’s API key on B', async () => {
+    const admin = await createAdmin(a);
+    const role = `mi-readers-${randomUUID().slice(0, 8)}`;
+    const made = await a.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name: role, permissions: ['users:read'] },
+    });
+    expect(made.statusCode, made.body).toBe(201);
+    const user = await registerUser(a, 'mi-role');
+    const granted = await a.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(granted.statusCode, granted.body).toBeLessThan(300);
+    const fresh = await login(a, user.email);
+    const created = await a.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(fresh.session.access_token),
+      payload: { name: 'reader', scopes: ['users:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const { key } = created.json() as { key: string };
+    const readOnB = () =>
+      b.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: { 'x-api-key': key } });
+    expect((await readOnB()).statusCode).toBe(200);
+
+    const removed = await a.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode, removed.body).toBe(204);
+    expect(await msUntil(async () => (await readOnB()).statusCode === 403)).toBeLessThan(
+      PROPAGATION_LIMIT_MS,
+    );
+  });
+
+  it('a client secret rotated on A without grace stops working on B', async () => {
+    const admin = await createAdmin(a);
+    const client = await createClient(a, admin.accessToken, { scopes: ['users:read'] });
+    const tokenOnB = () =>
+      form(
+        b,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(client.client_id, client.client_secret),
+      );
+    expect((await tokenOnB()).statusCode).toBe(200); // B has authenticated the client (and cached it)
+    const rotated = await a.inject({
+      method: 'POST',
+      url: `/v1/clients/${client.id}/secrets`,
+      headers: bearer(admin.accessToken),
+      payload: { grace_seconds: 0 },
+    });
+    expect(rotated.statusCode, rotated.body).toBeLessThan(300);
+    expect(await msUntil(async () => (await tokenOnB()).statusCode === 401)).toBeLessThan(
+      PROPAGATION_LIMIT_MS,
+    );
+  });
+
+  it('a signing-key rotation on A: B signs with the new key within 1 s, and only with published keys', async () => {
+    const admin = await createAdmin(a);
+    const jwksKids = async (app: FastifyInstance) =>
+      (
+        (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json().keys as Array<{
+          kid: string;
+        }>
+      )
+        .map((k) => k.kid)
+        .sort();
+    const publishedBefore = await jwksKids(a);
+    // B publishes what A publishes: both read the same keys.
+    expect(await jwksKids(b)).toEqual(publishedBefore);
+
+    // B's tokens come from refreshes on B; each one is signed with B's active key at that moment.
+    let refreshToken = (await login(b, admin.email)).session.refresh_token;
+    const signOnB = async () => {
+      const res = await b.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: refreshToken },
+      });
+      expect(res.statusCode, res.body).toBe(200);
+      refreshToken = res.json().session.refresh_token;
+      return decodeProtectedHeader(res.json().session.access_token).kid!;
+    };
+    const oldKid = await signOnB();
+
+    const rotate = await a.inject({
+      method: 'POST',
+      url: '/v1/signing-keys/rotate',
+      headers: bearer(admin.accessToken),
+    });
+    expect(rotate.statusCode, rotate.body).toBe(200);
+    const newKid = rotate.json().active_kid as string;
+    expect(newKid).not.toBe(oldKid);
+    // The new active key was A's published `next` key before it ever signed.
+    expect(publishedBefore).toContain(newKid);
+
+    const kidsSignedByB: string[] = [];
+    const elapsed = await msUntil(async () => {
+      const kid = await signOnB();
+      kidsSignedByB.push(kid);
+      return kid === newKid;
+    });
+    expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
+    for (const kid of kidsSignedByB) expect(publishedBefore).toContain(kid);
+    const publishedByB = await jwksKids(b);
+    expect(publishedByB).toContain(newKid);
+    expect(publishedByB).toContain(oldKid); // still verifying the tokens it signed
+  });
+});
+
+if (!databaseUrl)
+  console.info(
+    'multi-instance: two instances starting on an empty database is a PostgreSQL case (CREATE DATABASE, ' +
+      'advisory locks); not run on PGlite. Set TEST_DATABASE_URL (or have Docker) to run it.',
+  );
+
+describe.runIf(databaseUrl)('several instances starting together on an empty PostgreSQL database', () => {
+  it('both come up, and the migrations and the first signing keys are made once', async () => {
+    const scratch = await scratchDatabase();
+    const handles: DatabaseHandle[] = [];
+    const apps: FastifyInstance[] = [];
+    try {
+      const start = async () => {
+        const database = await openInstanceDatabase(scratch.url);
+        handles.push(database);
+        const app = await buildApp({ config: testConfig(), database, logger: silent });
+        apps.push(app);
+        await app.ready();
+        return app;
+      };
+      const started = await Promise.all([start(), start()]);
+      for (const app of started) {
+        const ready = await app.inject({ method: 'GET', url: '/health/ready' });
+        expect(ready.statusCode).toBe(200);
+        await registerUser(app, 'mi-empty');
+      }
+
+      const check = new pg.Client({ connectionString: scratch.url });
+      await check.connect();
+      try {
+        const journal = JSON.parse(readFileSync(`${MIGRATIONS_FOLDER}/meta/_journal.json`, 'utf8')) as {
+          entries: unknown[];
+        };
+        const migrations = await check.query('SELECT hash FROM drizzle.__drizzle_migrations');
+        expect(migrations.rowCount).toBe(journal.entries.length);
+        const keys = await check.query<{ state: string; n: number }>(
+          `SELECT state, count(*)::int AS n FROM signing_keys GROUP BY state ORDER BY state`,
+        );
+        expect(keys.rows).toEqual([
+          { state: 'active', n: 1 },
+          { state: 'next', n: 1 },
+        ]);
+      } finally {
+        await check.end();
+      }
+    } finally {
+      await Promise.all(apps.map((app) => app.close()));
+      await Promise.all(handles.map((h) => h.close()));
+      await scratch.drop();
+    }
+  });
+});
+
+/** True when Redis answers a PING within 500 ms. */
+async function redisAnswers(url: string): Promise<boolean> {
+  const client = new Redis(url, {
+    lazyConnect: true,
+    connectTimeout: 500,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  client.on('error', () => undefined);
+  try {
+    return await Promise.race([
+      client.connect().then(async () => (await client.ping()) === 'PONG'),
+      sleep(500).then(() => false),
+    ]);
+  } catch {
+    return false;
+  } finally {
+    client.disconnect();
+  }
+}
+
+const redisAvailable = await redisAnswers(REDIS_URL);
+if (!redisAvailable)
+  console.warn(
+    `multi-instance: Redis does not answer at ${REDIS_URL}; the shared rate-limit test is not run`,
+  );
+
+/** A client address of its own per test, so the per-IP counters other runs left in Redis do not apply. */
+const randomAddress = () => `10.${[0, 0, 0].map(() => Math.floor(Math.random() * 250) + 1).join('.')}`;
+
+describe.runIf(redisAvailable)('several instances share rate-limit counters through Redis', () => {
+  let a: FastifyInstance;
+  let b: FastifyInstance;
+  beforeAll(async () => {
+    ({ a, b } = await buildInstances({
+      REDIS_URL,
+      RATE_LIMIT_ENABLED: 'true',
+      LOGIN_MAX_FAILURES_PER_HOUR: '3',
+    }));
+  });
+
+  it('failed logins for one account spread over A and B lock it on both after 3 in total', async () => {
+    const remoteAddress = randomAddress();
+    const email = uniqueEmail('mi-throttle');
+    const post = (app: FastifyInstance, url: string, payload: Record<string, string>) =>
+      app.inject({ method: 'POST', url, payload, remoteAddress });
+    try {
+      expect((await post(a, '/v1/auth/register', { email, password: PASSWORD })).statusCode).toBe(201);
+      for (const app of [a, b, a]) {
+        const res = await post(app, '/v1/auth/login', { email, password: 'not the right password' });
+        expect(res.statusCode).toBe(401);
+      }
+      for (const app of [a, b]) {
+        // Even the right password: the account is locked for the rest of the window.
+        const res = await post(app, '/v1/auth/login', { email, password: PASSWORD });
+        expect(res.statusCode, res.body).toBe(429);
+        expect(Number(res.headers['retry-after'])).toBeGreaterThan(0);
+        expect(res.json().code).toBe('rate_limited');
+      }
+    } finally {
+      await a.services.redis?.del(`paservices:auth:login-failures:${email}`);
+    }
+  });
+
+  it('the per-IP limit of a credential endpoint counts the calls to A and B together', async () => {
+    const remoteAddress = randomAddress();
+    const attempt = (app: FastifyInstance) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: uniqueEmail('mi-ip'), password: 'not the right password' },
+        remoteAddress,
+      });
+    for (let i = 0; i < CREDENTIAL_RATE_LIMIT.max; i++) {
+      const res = await attempt(i % 2 === 0 ? a : b);
+      expect(res.statusCode, res.body).toBe(401);
+    }
+    for (const app of [a, b]) {
+      const res = await attempt(app);
+      expect(res.statusCode, res.body).toBe(429);
+      expect(Number(res.headers['retry-after'])).toBeGreaterThan(0);
+    }
+  });
+});
