@@ -63,7 +63,7 @@ export function createRolesService(deps: {
       const existing = await findOrThrow(name);
       const permissions = input.permissions ? [...new Set(input.permissions)].sort() : undefined;
       if (permissions) {
-          // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
+        // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
         assertHolds([...permissions, ...existing.permissions], caller.permissions);
         if (existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
           throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
