@@ -21,10 +21,8 @@ export const REDACTED_PATHS = [
   'secret',
 ];
 
-export function createLogger(level: string, pretty = false): Logger {
-  return pino({
-    level,
-    redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
-    ...(pretty ? {} : {}),
-  });
+/** JSON logs to stdout (or `destination`, e.g. a test's capture stream), with secrets redacted. */
+export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
+  const options = { level, redact: { paths: REDACTED_PATHS, censor: '[redacted]' } };
+  return destination ? pino(options, destination) : pino(options);
 }

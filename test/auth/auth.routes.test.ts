@@ -481,6 +481,42 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     expect(after).toContain(oldKid);
   });
 
+  it('retires a retiring key once its last token has expired plus 10 minutes, and unpublishes it', async () => {
+    // Its own database: retiring keys on the shared one would unpublish other files' keys.
+    const pino = (await import('pino')).default;
+    const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const app = await buildTestApp({
+      deps: { database: await openMemoryDatabase(pino({ level: 'silent' })) },
+    });
+    const { keys } = app.services;
+    await keys.ensureKeys();
+    const before = keys.activeKey().kid;
+    const context = {
+      actorType: 'system' as const,
+      actorId: null,
+      ip: null,
+      userAgent: null,
+      requestId: null,
+    };
+    await keys.rotate(context);
+    const retiring = (await keys.list()).find((k) => k.kid === before)!;
+    expect(retiring.state).toBe('retiring');
+    const maxTtl = app.services.config.tokens.maxAccessTtl;
+    expect(retiring.publishUntil!.getTime() - retiring.retiringAt!.getTime()).toBe((maxTtl + 600) * 1000);
+
+    const clock = app.services.clock as { now(): Date };
+    const realNow = clock.now;
+    clock.now = () => new Date(retiring.publishUntil!.getTime() + 1000);
+    try {
+      await keys.ensureKeys();
+    } finally {
+      clock.now = realNow;
+    }
+    expect((await keys.list()).find((k) => k.kid === before)!.state).toBe('retired');
+    const jwks = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json();
+    expect(jwks.keys.map((k: { kid: string }) => k.kid)).not.toContain(before);
+  });
+
   it('keeps a user without keys:write from rotating (403) and anonymous callers out (401)', async () => {
     const user = await registerUser(app);
     expect(

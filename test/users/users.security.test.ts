@@ -42,4 +42,25 @@ describe('a plain user on the administration surface', () => {
       expect(res.statusCode, `${route.method} ${route.route}`).toBe(403);
     }
   });
+
+  it('leaves an audit event for every authorization failure', async () => {
+    const user = await registerUser(app, 'denied');
+    const res = await app.inject({
+      method: 'GET',
+      url: '/v1/audit-events',
+      headers: bearer(user.accessToken),
+    });
+    expect(res.statusCode).toBe(403);
+    const events = await app.services.audit.list({
+      type: 'authorization.denied',
+      actorId: user.id,
+      limit: 10,
+    });
+    expect(events).toHaveLength(1);
+    expect(events[0]).toMatchObject({
+      outcome: 'failure',
+      actorType: 'user',
+      data: { permission: 'audit:read', route: '/v1/audit-events', method: 'GET' },
+    });
+  });
 });

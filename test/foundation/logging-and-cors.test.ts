@@ -1,0 +1,93 @@
+import { Writable } from 'node:stream';
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/lib/logger.js';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { PASSWORD } from '../support/factories.js';
+
+function capture() {
+  const lines: string[] = [];
+  const stream = new Writable({
+    write(chunk, _enc, done) {
+      lines.push(String(chunk));
+      done();
+    },
+  });
+  return { lines, logger: createLogger('debug', stream) };
+}
+
+describe('logs never carry credentials', () => {
+  it('redacts authorization headers, API keys, passwords, tokens and secrets wherever they are logged', () => {
+    const { lines, logger } = capture();
+    logger.info(
+      {
+        req: {
+          headers: { authorization: 'Bearer eyJsecret', 'x-api-key': 'pak_secretkey', cookie: 'sid=1' },
+        },
+        body: { password: 'hunter2hunter2', refresh_token: 'prt_secret', client_secret: 'pcs_secret' },
+        token: 'raw-token',
+      },
+      'something happened',
+    );
+    const out = lines.join('');
+    for (const secret of [
+      'eyJsecret',
+      'pak_secretkey',
+      'sid=1',
+      'hunter2hunter2',
+      'prt_secret',
+      'pcs_secret',
+      'raw-token',
+    ]) {
+      expect(out).not.toContain(secret);
+    }
+    expect(out).toContain('[redacted]');
+  });
+
+  it('logs a register, a login and a refresh with request ids but without the password or tokens', async () => {
+    const { lines, logger } = capture();
+    const app = await buildTestApp({ deps: { logger } });
+    const email = uniqueEmail('logs');
+    const reg = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: PASSWORD },
+    });
+    const { access_token, refresh_token } = reg.json().session;
+    await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { authorization: `Bearer ${access_token}` },
+      payload: { email, password: 'a wrong password for the log' },
+    });
+    await app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: { refresh_token } });
+    const out = lines.join('');
+    expect(out).toContain('"reqId"');
+    for (const secret of [PASSWORD, 'a wrong password for the log', access_token, refresh_token]) {
+      expect(out).not.toContain(secret);
+    }
+  });
+});
+
+describe('CORS from configuration', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { CORS_ORIGINS: 'https://app.example.com' } });
+  });
+
+  it('answers preflights for configured origins only', async () => {
+    const allowed = await app.inject({
+      method: 'OPTIONS',
+      url: '/v1/auth/login',
+      headers: { origin: 'https://app.example.com', 'access-control-request-method': 'POST' },
+    });
+    expect(allowed.statusCode).toBeLessThan(300);
+    expect(allowed.headers['access-control-allow-origin']).toBe('https://app.example.com');
+    const denied = await app.inject({
+      method: 'OPTIONS',
+      url: '/v1/auth/login',
+      headers: { origin: 'https://evil.example.com', 'access-control-request-method': 'POST' },
+    });
+    expect(denied.headers['access-control-allow-origin']).toBeUndefined();
+  });
+});
