@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 
@@ -62,7 +63,7 @@ const EnvSchema = z.object({
   DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
   SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(9000),
-  PASSWORD_HASH_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(2),
+  PASSWORD_HASH_CONCURRENCY: optionalString.pipe(z.coerce.number<string>().int().min(1).max(64).optional()),
   PASSWORD_HASH_QUEUE: z.coerce.number().int().min(0).max(10_000).default(64),
 });
 
@@ -92,6 +93,26 @@ function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
   if (idle > absolute)
     issues.push({ path: 'REFRESH_TOKEN_IDLE_TTL', message: 'must not exceed REFRESH_TOKEN_ABSOLUTE_TTL' });
   return issues;
+}
+
+/** libuv's thread pool size as Node reads it: UV_THREADPOOL_SIZE, 4 when unset or not a number. */
+function threadPoolSize(raw: string | undefined): number {
+  const n = Number.parseInt(raw ?? '', 10);
+  return n >= 1 ? Math.min(n, 1024) : 4;
+}
+
+/**
+ * Concurrent argon2 hashes by default: every core but one, and every libuv pool thread but one. A hash
+ * keeps a core busy for ~17 ms, and the rest of a login (its database round trips, in the service and
+ * in PostgreSQL) costs a third of that again. With as many hashes as cores, that work and every other
+ * request compete with argon2 for every core: logins reach ~0.75× what the hashing alone could do
+ * (measured on 2 cores) and the hot paths' latency suffers while they run. With one core left to
+ * them, logins run at the hashing capacity, the excess queues and is shed with 503, and the hot paths
+ * keep their latency (README "Performance"). The free pool thread is for what else runs there:
+ * WebCrypto (jose's signature checks of new tokens), DNS lookups, fs.
+ */
+export function defaultHashConcurrency(cores: number, threadPool: number): number {
+  return Math.max(1, Math.min(cores - 1, threadPool - 1));
 }
 
 export class ConfigError extends Error {
@@ -226,7 +247,12 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       statementTimeoutMs: e.DB_STATEMENT_TIMEOUT_MS,
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
-    passwordHashing: { concurrency: e.PASSWORD_HASH_CONCURRENCY, queue: e.PASSWORD_HASH_QUEUE },
+    passwordHashing: {
+      concurrency:
+        e.PASSWORD_HASH_CONCURRENCY ??
+        defaultHashConcurrency(availableParallelism(), threadPoolSize(source.UV_THREADPOOL_SIZE)),
+      queue: e.PASSWORD_HASH_QUEUE,
+    },
   };
   return Object.freeze(config);
 }

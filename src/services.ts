@@ -11,6 +11,7 @@ import { createEventBus } from './lib/events.js';
 import { createMemoryFailureCounter, createRedisFailureCounter } from './lib/throttle.js';
 import { createAuditRepository } from './modules/audit/audit.repository.js';
 import { createAuditService, systemContext } from './modules/audit/audit.service.js';
+import { createAccountsCache } from './modules/auth/accounts.cache.js';
 import { createAuthService } from './modules/auth/auth.service.js';
 import { createSessionsRepository } from './modules/auth/sessions.repository.js';
 import { createSessionsService } from './modules/auth/sessions.service.js';
@@ -175,6 +176,7 @@ export function createServices(deps: ServicesDeps) {
     events,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
+  const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
 
   const apiKeys = createApiKeysService({
     db,
@@ -218,6 +220,8 @@ export function createServices(deps: ServicesDeps) {
   events.subscribe((event) => apiKeys.handle(event));
   // Client changes from any instance drop the cached client rows that client authentication reads.
   events.subscribe((event) => clients.handle(event));
+  // User, role and profile changes drop the cached /v1/auth/me views.
+  events.subscribe((event) => accounts.handle(event));
   events.subscribe((event) => {
     if (event.type === 'signing_keys_changed' || event.type === 'resync') {
       keys.reload().catch((err: unknown) => logger.warn({ err }, 'could not reload signing keys'));
@@ -251,6 +255,7 @@ export function createServices(deps: ServicesDeps) {
     roles,
     users,
     profiles,
+    accounts,
     apiKeys,
     clients,
     oauth,
@@ -275,6 +280,7 @@ export function createServices(deps: ServicesDeps) {
       if (timer) clearInterval(timer);
       // Buffered API-key last-use times are written before the database goes away.
       await apiKeys.stop();
+      await events.stop();
       if (ownsRedis) await redis?.quit().catch(() => undefined);
     },
   };

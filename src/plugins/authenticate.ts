@@ -131,10 +131,8 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
-  app.addHook('onRequest', async (request) => {
+  async function authorize(request: FastifyRequest): Promise<void> {
     const config = request.routeOptions.config;
-    // Unmatched URLs go to the 404 handler; public routes need no principal.
-    if (!request.routeOptions.url || config.public) return;
     const principal = await resolve(request);
     if (!principal) {
       throw new AppError('authentication_required', {
@@ -155,6 +153,14 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       await options.onForbidden?.(request, needed);
       throw new AppError('forbidden', { detail: `This needs the permission ${needed}` });
     }
+  }
+
+  // Callback style rather than async: public routes (JWKS, the OAuth endpoints, login) then pass
+  // through without a promise and a microtask turn per request.
+  app.addHook('onRequest', (request, _reply, done) => {
+    // Unmatched URLs go to the 404 handler; public routes need no principal.
+    if (!request.routeOptions.url || request.routeOptions.config.public) return done();
+    authorize(request).then(() => done(), done);
   });
 }
 

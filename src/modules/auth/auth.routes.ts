@@ -5,8 +5,7 @@ import { notFound } from '../../lib/errors.js';
 import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problems, UuidParamSchema } from '../shared/shared.schema.js';
-import { type ProfilesRepository, toProfileDto } from '../profiles/profiles.repository.js';
-import type { UsersRepository } from '../users/users.repository.js';
+import type { AccountsCache } from './accounts.cache.js';
 import {
   AuthResultSchema,
   ExchangeBodySchema,
@@ -25,8 +24,7 @@ import type { AuthService } from './auth.service.js';
 
 export interface AuthRoutesDeps {
   auth: AuthService;
-  users: UsersRepository;
-  profiles: ProfilesRepository;
+  accounts: AccountsCache;
   providerName: 'local' | 'supabase';
 }
 
@@ -162,19 +160,15 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
     },
     async (request) => {
       const principal = principalOf(request);
-      const userId = userIdOf(request);
-      const user = await deps.users.findById(userId);
-      if (!user) throw notFound('user');
-      const [held, profile] = await Promise.all([
-        deps.users.rolesAndPermissions(userId),
-        deps.profiles.findByUserId(userId),
-      ]);
+      // From memory until the user, their roles or their profile change (accounts.cache.ts).
+      const account = await deps.accounts.get(userIdOf(request));
+      if (!account) throw notFound('user');
       return {
-        user: toUserDto(user),
-        roles: held.roles,
+        user: account.user,
+        roles: account.roles,
         // What this request may do: the token's scope, or the API key's effective scopes.
         permissions: principal.permissions,
-        profile: profile ? toProfileDto(profile) : null,
+        profile: account.profile,
         principal: {
           kind: principal.kind,
           id: principal.id,

@@ -35,12 +35,16 @@ export function createAuthService(deps: AuthServiceDeps) {
     const existing = await deps.users.findById(pu.id);
     if (existing) {
       if (existing.email !== pu.email || +(existing.emailConfirmedAt ?? 0) !== +(pu.emailConfirmedAt ?? 0)) {
-        return (
-          (await deps.users.update(existing.id, {
-            email: pu.email,
-            emailConfirmedAt: pu.emailConfirmedAt,
-          })) ?? existing
-        );
+        // Every instance's cached /v1/auth/me view shows the email and its confirmation.
+        return inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const updated = await deps.users.update(
+            existing.id,
+            { email: pu.email, emailConfirmedAt: pu.emailConfirmedAt },
+            tx,
+          );
+          emit({ type: 'user_changed', userId: existing.id });
+          return updated ?? existing;
+        });
       }
       return existing;
     }

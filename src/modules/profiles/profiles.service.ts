@@ -31,9 +31,11 @@ export function createProfilesService(deps: {
     },
 
     async update(userId: string, patch: ProfilePatch, context: RequestContext): Promise<ProfileRow> {
-      return inTransaction(deps.db, deps.events, async (tx) => {
+      return inTransaction(deps.db, deps.events, async (tx, emit) => {
         const profile = await deps.repo.update(userId, patch, tx);
         if (!profile) throw notFound('profile');
+        // Every instance's cached /v1/auth/me view shows the profile.
+        emit({ type: 'user_changed', userId });
         await deps.audit.record(tx, context, {
           type: 'profile.updated',
           subjectId: userId,

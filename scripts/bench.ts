@@ -1,0 +1,956 @@
+/*
+ * `npm run bench`: the hot paths of the service against a bare Fastify hello world on this machine.
+ *
+ * It starts the service (`node --import tsx src/server.ts`) on a fresh database and the baseline
+ * (scripts/bench-baseline.ts) as child processes on loopback, seeds through the HTTP API, then measures
+ * each endpoint right after a baseline run, so a ratio compares two runs seconds apart. Then the
+ * argon2id capacity of the machine with the service's parameters, logins against it, and logins at
+ * twice that capacity while introspection runs alongside. It prints a table and writes it as JSON and
+ * Markdown under bench-results/. It is a measurement, not a gate: a missed target is a FAIL row, and
+ * the exit code is 0 unless the run itself could not be made.
+ *
+ * Besides req/s and latency it reports the server's CPU time per request (from /proc, all its
+ * threads) and how busy the rest of the machine was: on a shared 2-core machine a neighbour's load
+ * moves the ratios by tens of percent, while CPU per request says what the code costs.
+ */
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import { createServer } from 'node:net';
+import os from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+import argon2 from 'argon2';
+import autocannon from 'autocannon';
+import pg from 'pg';
+import { loadConfig } from '../src/config.js';
+import { ARGON2_OPTIONS } from '../src/identity/passwords.js';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const CONNECTIONS = 10;
+const MEASURE_SECONDS = 5;
+const WARMUP_SECONDS = 1;
+const ARGON2_SECONDS = 3;
+/** Logins alone first, so the hashing queue is full and shedding when introspection is measured. */
+const OVERLOAD_LEAD_SECONDS = 2;
+const OVERLOAD_SECONDS = 6;
+
+/** Issue 7, at 10 connections on a 2-core machine. */
+const targets = {
+  jwks: 0.7,
+  introspect: 0.5,
+  verify: 0.5,
+  me: 0.4,
+  clientCredentials: 0.25,
+  login: 0.9,
+  hotP99Ms: 10,
+  overloadP99Ms: 20,
+};
+
+// ——— processes ———
+
+interface Child {
+  name: string;
+  process: ChildProcess;
+  /** The last lines it wrote, shown when it fails. */
+  tail: string[];
+  exited: Promise<number | null>;
+}
+
+function startChild(name: string, args: string[], env: NodeJS.ProcessEnv): Child {
+  const child = spawn(process.execPath, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const tail: string[] = [];
+  const keep = (chunk: Buffer) => {
+    for (const line of chunk.toString('utf8').split('\n')) {
+      if (!line.trim()) continue;
+      tail.push(line);
+      if (tail.length > 40) tail.shift();
+    }
+  };
+  child.stdout?.on('data', keep);
+  child.stderr?.on('data', keep);
+  const exited = new Promise<number | null>((done) => child.on('exit', (code) => done(code)));
+  return { name, process: child, tail, exited };
+}
+
+async function stopChild(child: Child | undefined) {
+  if (!child || child.process.exitCode !== null) return;
+  child.process.kill('SIGTERM');
+  const timer = setTimeout(() => child.process.kill('SIGKILL'), 10_000);
+  await child.exited;
+  clearTimeout(timer);
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((done, fail) => {
+    const server = createServer();
+    server.once('error', fail);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      const port = typeof address === 'object' && address ? address.port : 0;
+      server.close(() => done(port));
+    });
+  });
+}
+
+async function waitFor(child: Child, url: string, timeoutMs = 90_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (child.process.exitCode !== null) break;
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
+      if (res.ok) return;
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error(`${child.name} did not come up at ${url}:\n${child.tail.join('\n')}`);
+}
+
+// ——— database ———
+
+interface FreshDatabase {
+  kind: 'postgres' | 'pglite';
+  env: Record<string, string>;
+  drop(): Promise<void>;
+}
+
+/** A new PostgreSQL database for this run when the server answers; an embedded PGlite otherwise. */
+async function freshDatabase(): Promise<FreshDatabase> {
+  const adminUrl = process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+  const name = `auth_bench_${randomBytes(6).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: adminUrl, connectionTimeoutMillis: 2000 });
+  try {
+    await admin.connect();
+    await admin.query(`CREATE DATABASE "${name}"`);
+    await admin.end();
+    const url = new URL(adminUrl);
+    url.pathname = `/${name}`;
+    return {
+      kind: 'postgres',
+      env: { DATABASE_URL: url.toString() },
+      async drop() {
+        const client = new pg.Client({ connectionString: adminUrl, connectionTimeoutMillis: 2000 });
+        await client.connect();
+        try {
+          await client.query(`DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`);
+        } finally {
+          await client.end();
+        }
+      },
+    };
+  } catch (err) {
+    await admin.end().catch(() => undefined);
+    const dataDir = mkdtempSync(join(os.tmpdir(), 'auth-bench-'));
+    progress(`PostgreSQL at ${redactUrl(adminUrl)} unavailable (${(err as Error).message}); using PGlite`);
+    return {
+      kind: 'pglite',
+      env: { DATA_DIR: dataDir },
+      async drop() {
+        rmSync(dataDir, { recursive: true, force: true });
+      },
+    };
+  }
+}
+
+function redactUrl(url: string) {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return '(unparseable URL)';
+  }
+}
+
+// ——— measuring ———
+
+interface Measurement {
+  rps: number;
+  p50: number;
+  p99: number;
+  non2xx: number;
+  errors: number;
+  requests: number;
+  /** CPU time of the server process (all its threads) per request, in µs; Linux only. */
+  cpuUsPerRequest: number | null;
+  /**
+   * Cores kept busy meanwhile by everything but the server and this process (PostgreSQL included);
+   * anything well above what the endpoint itself makes PostgreSQL do means a neighbour disturbed the run.
+   */
+  otherCores: number | null;
+}
+
+/** Busy and total jiffies of the whole machine, from /proc/stat (undefined elsewhere). */
+function machineJiffies(): { busy: number; total: number } | undefined {
+  try {
+    const cpu = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+    const total = cpu.slice(0, 8).reduce((a, b) => a + b, 0);
+    const idle = (cpu[3] ?? 0) + (cpu[4] ?? 0);
+    return { busy: total - idle, total };
+  } catch {
+    return undefined;
+  }
+}
+
+const CLOCK_TICKS = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/** User plus system CPU seconds a process has used so far, from /proc (undefined elsewhere). */
+function cpuSeconds(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th fields.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
+  } catch {
+    return undefined;
+  }
+}
+
+interface Target {
+  method?: 'GET' | 'POST';
+  path: string;
+  headers?: Record<string, string>;
+  body?: string;
+}
+
+function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
+}
+
+/** One autocannon run; latencies are kept at full precision (autocannon's histogram keeps whole ms). */
+async function load(base: string, target: Target, seconds: number, server?: Child) {
+  const latencies: number[] = [];
+  const pid = server?.process.pid;
+  const cpuBefore = cpuSeconds(pid);
+  const machineBefore = machineJiffies();
+  const selfBefore = process.cpuUsage();
+  const started = performance.now();
+  const result = await new Promise<autocannon.Result>((done, fail) => {
+    const instance = autocannon(
+      {
+        url: base + target.path,
+        method: target.method ?? 'GET',
+        headers: target.headers ?? {},
+        ...(target.body !== undefined ? { body: target.body } : {}),
+        connections: CONNECTIONS,
+        pipelining: 1,
+        duration: seconds,
+        timeout: 10,
+      },
+      (err: Error | null, res: autocannon.Result) => (err ? fail(err) : done(res)),
+    );
+    instance.on('response', (_client, _status, _bytes, responseTime) => {
+      latencies.push(responseTime);
+    });
+  });
+  const elapsed = (performance.now() - started) / 1000;
+  const cpuAfter = cpuSeconds(pid);
+  const machineAfter = machineJiffies();
+  const self = process.cpuUsage(selfBefore);
+  const sorted = Float64Array.from(latencies).sort();
+  const serverCpu = cpuBefore === undefined || cpuAfter === undefined ? undefined : cpuAfter - cpuBefore;
+  return {
+    otherCores:
+      machineBefore === undefined || machineAfter === undefined || serverCpu === undefined
+        ? null
+        : Math.max(
+            0,
+            ((machineAfter.busy - machineBefore.busy) / CLOCK_TICKS -
+              serverCpu -
+              (self.user + self.system) / 1e6) /
+              elapsed,
+          ),
+    cpuUsPerRequest:
+      serverCpu === undefined || latencies.length === 0 ? null : (serverCpu * 1e6) / latencies.length,
+    rps: latencies.length / elapsed,
+    p50: percentile(sorted, 50),
+    p99: percentile(sorted, 99),
+    non2xx: result.non2xx,
+    errors: result.errors,
+    requests: latencies.length,
+  } satisfies Measurement;
+}
+
+interface LoginOverload {
+  offeredRate: number;
+  sent: number;
+  ok: number;
+  shed: number;
+  shedWithoutRetryAfter: number;
+  otherStatus: number;
+  errors: number;
+  okRps: number;
+  okP50: number;
+  okP99: number;
+}
+
+/**
+ * Logins at a fixed rate, whatever the answers' latency (open loop). autocannon's rate limit is per
+ * connection and waits for each answer, so once answers slow down it offers less than asked and a
+ * queue never overflows; a real crowd of users does not wait for each other.
+ */
+async function openLoopLogins(base: string, body: string, rate: number, seconds: number) {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1024 });
+  const url = new URL('/v1/auth/login', base);
+  const stats: LoginOverload = {
+    offeredRate: rate,
+    sent: 0,
+    ok: 0,
+    shed: 0,
+    shedWithoutRetryAfter: 0,
+    otherStatus: 0,
+    errors: 0,
+    okRps: 0,
+    okP50: 0,
+    okP99: 0,
+  };
+  const okLatencies: number[] = [];
+  const inFlight = new Set<Promise<void>>();
+  const send = () => {
+    const start = performance.now();
+    stats.sent++;
+    const done = new Promise<void>((finish) => {
+      const req = http.request(
+        url,
+        {
+          method: 'POST',
+          agent,
+          headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+          timeout: 30_000,
+        },
+        (res) => {
+          res.resume();
+          res.on('end', () => {
+            if (res.statusCode === 200) {
+              stats.ok++;
+              okLatencies.push(performance.now() - start);
+            } else if (res.statusCode === 503) {
+              stats.shed++;
+              if (!res.headers['retry-after']) stats.shedWithoutRetryAfter++;
+            } else stats.otherStatus++;
+            finish();
+          });
+        },
+      );
+      req.on('timeout', () => req.destroy(new Error('timeout')));
+      req.on('error', () => {
+        stats.errors++;
+        finish();
+      });
+      req.end(body);
+    });
+    inFlight.add(done);
+    void done.then(() => inFlight.delete(done));
+  };
+  const started = performance.now();
+  const interval = 1000 / rate;
+  await new Promise<void>((finished) => {
+    const tick = () => {
+      const now = performance.now();
+      if (now - started >= seconds * 1000) return finished();
+      // Catch up on every send that is due, so a busy event loop does not lower the offered rate.
+      while (stats.sent < Math.floor((now - started) / interval) + 1) send();
+      setTimeout(tick, Math.max(1, interval / 2));
+    };
+    tick();
+  });
+  await Promise.all(inFlight);
+  const elapsed = (performance.now() - started) / 1000;
+  agent.destroy();
+  const sorted = Float64Array.from(okLatencies).sort();
+  stats.okRps = stats.ok / elapsed;
+  stats.okP50 = percentile(sorted, 50);
+  stats.okP99 = percentile(sorted, 99);
+  return stats;
+}
+
+/** Hashes per second this machine does with the service's argon2id parameters and concurrency. */
+async function argon2Capacity(concurrency: number, seconds: number): Promise<number> {
+  const password = randomBytes(12).toString('base64url');
+  const hash = await argon2.hash(password, ARGON2_OPTIONS);
+  // Login verifies, so that is what is timed; a verification costs one hash.
+  await argon2.verify(hash, password);
+  let done = 0;
+  const started = performance.now();
+  const end = started + seconds * 1000;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (performance.now() < end) {
+        await argon2.verify(hash, password);
+        done++;
+      }
+    }),
+  );
+  return done / ((performance.now() - started) / 1000);
+}
+
+// ——— HTTP seeding ———
+
+async function call<T>(
+  base: string,
+  method: string,
+  path: string,
+  options: { token?: string; json?: unknown; headers?: Record<string, string>; body?: string } = {},
+): Promise<{ status: number; body: T }> {
+  const headers: Record<string, string> = { ...(options.headers ?? {}) };
+  if (options.token) headers.authorization = `Bearer ${options.token}`;
+  let body = options.body;
+  if (options.json !== undefined) {
+    headers['content-type'] = 'application/json';
+    body = JSON.stringify(options.json);
+  }
+  const res = await fetch(base + path, { method, headers, ...(body !== undefined ? { body } : {}) });
+  const text = await res.text();
+  let parsed: unknown = text;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    // not JSON
+  }
+  return { status: res.status, body: parsed as T };
+}
+
+async function expectStatus<T>(what: string, response: Promise<{ status: number; body: T }>, status: number) {
+  const res = await response;
+  if (res.status !== status) {
+    throw new Error(`${what}: expected ${status}, got ${res.status} ${JSON.stringify(res.body)}`);
+  }
+  return res.body;
+}
+
+// ——— reporting ———
+
+interface Row {
+  endpoint: string;
+  rps: number;
+  p50: number | null;
+  p99: number | null;
+  non2xx: number | null;
+  errors: number | null;
+  /** Against the adjacent baseline run (or the argon2 capacity for login). */
+  ratio: number | null;
+  /** CPU time of the server per request (all its threads), in µs. */
+  cpuUsPerRequest?: number | null;
+  target: string;
+  pass: boolean | null;
+  note?: string;
+}
+
+const progressStart = performance.now();
+function progress(message: string) {
+  const t = ((performance.now() - progressStart) / 1000).toFixed(0).padStart(3);
+  process.stdout.write(`[bench ${t}s] ${message}\n`);
+}
+
+const fmt = {
+  rps: (n: number) => Math.round(n).toLocaleString('en-US'),
+  ms: (n: number | null) => (n === null || Number.isNaN(n) ? '–' : n.toFixed(2)),
+  ratio: (n: number | null) => (n === null ? '–' : `${n.toFixed(2)}×`),
+  count: (n: number | null) => (n === null ? '–' : String(n)),
+  pass: (p: boolean | null) => (p === null ? '' : p ? 'PASS' : 'FAIL'),
+  cpu: (m: Measurement) =>
+    (m.cpuUsPerRequest === null ? 'server CPU n/a' : `server CPU ${m.cpuUsPerRequest.toFixed(1)} µs/req`) +
+    (m.otherCores === null ? '' : `, other processes ${m.otherCores.toFixed(2)} cores`),
+};
+
+function tableRows(rows: Row[]): string[][] {
+  return rows.map((r) => [
+    r.endpoint,
+    fmt.rps(r.rps),
+    fmt.ms(r.p50),
+    fmt.ms(r.p99),
+    fmt.count(r.non2xx),
+    fmt.count(r.errors),
+    fmt.ratio(r.ratio),
+    r.cpuUsPerRequest === undefined || r.cpuUsPerRequest === null ? '–' : r.cpuUsPerRequest.toFixed(1),
+    r.target,
+    fmt.pass(r.pass),
+  ]);
+}
+
+const HEADER = [
+  'endpoint',
+  'req/s',
+  'p50 ms',
+  'p99 ms',
+  'non-2xx',
+  'errors',
+  'ratio',
+  'server CPU µs/req',
+  'target',
+  'result',
+];
+/** Text columns; the others are figures, aligned right. */
+const TEXT_COLUMNS = new Set([0, 8, 9]);
+
+function markdownTable(rows: Row[]): string {
+  const lines = [
+    `| ${HEADER.join(' | ')} |`,
+    `|${HEADER.map((_, i) => (TEXT_COLUMNS.has(i) ? '---' : '---:')).join('|')}|`,
+  ];
+  for (const cells of tableRows(rows)) lines.push(`| ${cells.join(' | ')} |`);
+  return lines.join('\n');
+}
+
+function textTable(rows: Row[]): string {
+  const all = [HEADER, ...tableRows(rows)];
+  const widths = HEADER.map((_, i) => Math.max(...all.map((r) => r[i]!.length)));
+  return all
+    .map((cells, line) => {
+      const text = cells.map((c, i) => (TEXT_COLUMNS.has(i) ? c.padEnd(widths[i]!) : c.padStart(widths[i]!)));
+      return line === 0
+        ? `${text.join('  ')}\n${widths.map((w) => '-'.repeat(w)).join('  ')}`
+        : text.join('  ');
+    })
+    .join('\n');
+}
+
+// ——— the run ———
+
+interface Servers {
+  service: Child;
+  baseline: Child;
+  base: string;
+  baselineBase: string;
+  passwordHashing: { concurrency: number; queue: number };
+  admin: { email: string; password: string };
+}
+
+/** The service on a fresh database and the baseline, both listening on loopback. */
+async function startServers(database: FreshDatabase, cleanups: Cleanups): Promise<Servers> {
+  const [servicePort, baselinePort] = [await freePort(), await freePort()];
+  const admin = { email: 'bench-admin@example.com', password: randomBytes(18).toString('base64url') };
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const name of ['DATABASE_URL', 'DATA_DIR', 'REDIS_URL', 'SUPABASE_URL', 'NODE_ENV', 'PUBLIC_URL'])
+    delete env[name];
+  Object.assign(env, database.env, {
+    PORT: String(servicePort),
+    HOST: '127.0.0.1',
+    AUTH_PROVIDER: 'local',
+    KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
+    SECRET_PEPPER: randomBytes(32).toString('base64'),
+    RATE_LIMIT_ENABLED: 'false',
+    LOG_LEVEL: 'warn',
+    BOOTSTRAP_ADMIN_EMAIL: admin.email,
+    BOOTSTRAP_ADMIN_PASSWORD: admin.password,
+  });
+  // The hashing concurrency and queue are the service's own (defaults unless set in the environment).
+  const { passwordHashing } = loadConfig(env, { generateDevSecrets: false });
+
+  // BENCH_CPU_PROF=<dir> writes a V8 CPU profile of the service (open it in Chrome DevTools).
+  const profile = process.env.BENCH_CPU_PROF
+    ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`]
+    : [];
+  const service = startChild('service', [...profile, '--import', 'tsx', 'src/server.ts'], env);
+  cleanups.push(() => stopChild(service));
+  const baseline = startChild('baseline', ['--import', 'tsx', 'scripts/bench-baseline.ts'], {
+    ...process.env,
+    PORT: String(baselinePort),
+  });
+  cleanups.push(() => stopChild(baseline));
+  const base = `http://127.0.0.1:${servicePort}`;
+  const baselineBase = `http://127.0.0.1:${baselinePort}`;
+  await Promise.all([waitFor(service, `${base}/health/ready`), waitFor(baseline, `${baselineBase}/`)]);
+  return { service, baseline, base, baselineBase, passwordHashing, admin };
+}
+
+interface Seed {
+  /** HTTP Basic credentials of an app client holding tokens:introspect and api_keys:verify. */
+  basic: string;
+  /** A client_credentials token of that client. */
+  serviceToken: string;
+  /** An API key of the admin, scoped to account:read. */
+  apiKey: string;
+  user: { email: string; password: string };
+  userToken: string;
+}
+
+/** Everything the measured requests need, made through the API as a client would. */
+async function seed({ base, admin }: Servers): Promise<Seed> {
+  type Session = { session: { access_token: string } };
+  const adminToken = (
+    await expectStatus('admin login', call<Session>(base, 'POST', '/v1/auth/login', { json: admin }), 200)
+  ).session.access_token;
+  const client = await expectStatus(
+    'create client',
+    call<{ client_id: string; client_secret: string }>(base, 'POST', '/v1/clients', {
+      token: adminToken,
+      json: { name: 'bench', scopes: ['tokens:introspect', 'api_keys:verify'] },
+    }),
+    201,
+  );
+  // RFC 6749 §2.3.1: id and secret are form-urlencoded before they are joined.
+  const basic = `Basic ${Buffer.from(
+    `${encodeURIComponent(client.client_id)}:${encodeURIComponent(client.client_secret)}`,
+  ).toString('base64')}`;
+  const apiKey = await expectStatus(
+    'create API key',
+    call<{ key: string }>(base, 'POST', '/v1/api-keys', {
+      token: adminToken,
+      json: { name: 'bench', scopes: ['account:read'] },
+    }),
+    201,
+  );
+  const user = { email: 'bench-user@example.com', password: randomBytes(18).toString('base64url') };
+  const registered = await expectStatus(
+    'register user',
+    call<Session>(base, 'POST', '/v1/auth/register', { json: user }),
+    201,
+  );
+  const serviceToken = await expectStatus(
+    'client_credentials token',
+    call<{ access_token: string }>(base, 'POST', '/oauth/token', {
+      headers: { ...FORM, authorization: basic },
+      body: 'grant_type=client_credentials',
+    }),
+    200,
+  );
+  return {
+    basic,
+    serviceToken: serviceToken.access_token,
+    apiKey: apiKey.key,
+    user,
+    userToken: registered.session.access_token,
+  };
+}
+
+const FORM = { 'content-type': 'application/x-www-form-urlencoded' };
+
+interface Endpoint {
+  name: string;
+  target: Target;
+  /** The least req/s, as a share of the adjacent baseline run. */
+  minRatio: number;
+  maxP99Ms?: number;
+  /** What a correct answer looks like; checked once before the run, so a 200 of the wrong kind fails. */
+  check: (body: unknown) => boolean;
+}
+
+function endpoints(s: Seed, adminEmail: string): Endpoint[] {
+  const userEmailIs = (email: string) => (b: unknown) =>
+    (b as { user?: { email?: string } }).user?.email === email;
+  return [
+    {
+      name: 'GET /.well-known/jwks.json',
+      target: { path: '/.well-known/jwks.json' },
+      minRatio: targets.jwks,
+      check: (b) => Array.isArray((b as { keys?: unknown }).keys),
+    },
+    {
+      name: 'POST /oauth/introspect',
+      target: {
+        method: 'POST',
+        path: '/oauth/introspect',
+        headers: { ...FORM, authorization: s.basic },
+        body: `token=${encodeURIComponent(s.userToken)}`,
+      },
+      minRatio: targets.introspect,
+      maxP99Ms: targets.hotP99Ms,
+      check: (b) => (b as { active?: boolean }).active === true,
+    },
+    {
+      name: 'POST /v1/api-keys/verify',
+      target: {
+        method: 'POST',
+        path: '/v1/api-keys/verify',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${s.serviceToken}` },
+        body: JSON.stringify({ key: s.apiKey }),
+      },
+      minRatio: targets.verify,
+      maxP99Ms: targets.hotP99Ms,
+      check: (b) => (b as { valid?: boolean }).valid === true,
+    },
+    {
+      name: 'GET /v1/auth/me (JWT)',
+      target: { path: '/v1/auth/me', headers: { authorization: `Bearer ${s.userToken}` } },
+      minRatio: targets.me,
+      check: userEmailIs(s.user.email),
+    },
+    {
+      name: 'GET /v1/auth/me (API key)',
+      target: { path: '/v1/auth/me', headers: { 'x-api-key': s.apiKey } },
+      minRatio: targets.me,
+      check: userEmailIs(adminEmail),
+    },
+    {
+      name: 'POST /oauth/token (client_credentials)',
+      target: {
+        method: 'POST',
+        path: '/oauth/token',
+        headers: { ...FORM, authorization: s.basic },
+        body: 'grant_type=client_credentials',
+      },
+      minRatio: targets.clientCredentials,
+      check: (b) => typeof (b as { access_token?: unknown }).access_token === 'string',
+    },
+  ];
+}
+
+const HELLO_WORLD: Target = { path: '/' };
+
+/** Each endpoint right after a baseline run, so the ratio compares two runs seconds apart. */
+async function measureEndpoints(servers: Servers, list: Endpoint[], report: Report) {
+  progress('warming up the baseline');
+  await load(servers.baselineBase, HELLO_WORLD, WARMUP_SECONDS);
+  for (const e of list) {
+    const step = report.step();
+    const sample = await call(servers.base, e.target.method ?? 'GET', e.target.path, {
+      headers: e.target.headers ?? {},
+      ...(e.target.body !== undefined ? { body: e.target.body } : {}),
+    });
+    if (sample.status !== 200 || !e.check(sample.body)) {
+      throw new Error(`${e.name} answered ${sample.status} ${JSON.stringify(sample.body)}`);
+    }
+    const before = await load(servers.baselineBase, HELLO_WORLD, MEASURE_SECONDS, servers.baseline);
+    report.baselines.push(before);
+    progress(`${step} baseline: ${fmt.rps(before.rps)} req/s, ${fmt.cpu(before)}`);
+    await load(servers.base, e.target, WARMUP_SECONDS);
+    const m = await load(servers.base, e.target, MEASURE_SECONDS, servers.service);
+    report.disturbance.push(m.otherCores);
+    const ratio = m.rps / before.rps;
+    report.rows.push({
+      endpoint: e.name,
+      ...m,
+      ratio,
+      target: `≥ ${e.minRatio}× baseline${e.maxP99Ms !== undefined ? `, p99 ≤ ${e.maxP99Ms} ms` : ''}`,
+      pass:
+        ratio >= e.minRatio &&
+        (e.maxP99Ms === undefined || m.p99 <= e.maxP99Ms) &&
+        m.non2xx === 0 &&
+        m.errors === 0,
+    });
+    report.raw[e.name] = { ...m, baselineRps: before.rps, baselineCpuUsPerRequest: before.cpuUsPerRequest };
+    progress(
+      `${step} ${e.name}: ${fmt.rps(m.rps)} req/s, p99 ${fmt.ms(m.p99)} ms, ${fmt.ratio(ratio)} baseline, ` +
+        `non-2xx ${m.non2xx}, errors ${m.errors}, ${fmt.cpu(m)}`,
+    );
+  }
+}
+
+/** argon2id capacity around a login run, then logins at twice that capacity beside introspection. */
+async function measureLogins(servers: Servers, s: Seed, introspect: Endpoint, report: Report) {
+  const { concurrency } = servers.passwordHashing;
+  let step = report.step();
+  const params = `m=${ARGON2_OPTIONS.memoryCost} KiB, t=${ARGON2_OPTIONS.timeCost}, p=${ARGON2_OPTIONS.parallelism}`;
+  progress(`${step} argon2id capacity (${params}) with ${concurrency} in parallel`);
+  const capacityBefore = await argon2Capacity(concurrency, ARGON2_SECONDS);
+  progress(`${step} argon2id: ${capacityBefore.toFixed(1)} verifications/s`);
+
+  step = report.step();
+  const login: Target = {
+    method: 'POST',
+    path: '/v1/auth/login',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(s.user),
+  };
+  await load(servers.base, login, WARMUP_SECONDS);
+  const logins = await load(servers.base, login, MEASURE_SECONDS, servers.service);
+  report.disturbance.push(logins.otherCores);
+  // Measured on both sides of the logins, like the baseline beside an endpoint: the reference is what
+  // the machine could hash during those seconds, not a minute earlier.
+  const capacityAfter = await argon2Capacity(concurrency, ARGON2_SECONDS);
+  const capacity = (capacityBefore + capacityAfter) / 2;
+  const loginRatio = logins.rps / capacity;
+  progress(
+    `${step} POST /v1/auth/login: ${logins.rps.toFixed(1)} req/s; argon2id ${capacityAfter.toFixed(1)}/s after ` +
+      `it; ${fmt.ratio(loginRatio)} their mean capacity; ${fmt.cpu(logins)}`,
+  );
+
+  step = report.step();
+  const rate = Math.max(1, Math.round(2 * capacity));
+  progress(
+    `${step} overload: logins at ${rate}/s (2× capacity), introspection at ${CONNECTIONS} connections`,
+  );
+  const offered = openLoopLogins(servers.base, login.body!, rate, OVERLOAD_LEAD_SECONDS + OVERLOAD_SECONDS);
+  await new Promise((r) => setTimeout(r, OVERLOAD_LEAD_SECONDS * 1000));
+  const beside = await load(servers.base, introspect.target, OVERLOAD_SECONDS, servers.service);
+  const overload = await offered;
+  report.disturbance.push(beside.otherCores);
+  progress(
+    `${step} overload: introspection p99 ${fmt.ms(beside.p99)} ms; logins ${overload.ok} served, ` +
+      `${overload.shed} shed with 503, ${overload.otherStatus} other statuses, ${overload.errors} errors`,
+  );
+
+  report.rows.push(
+    {
+      endpoint: `argon2id capacity, ${concurrency} in parallel (hashes/s)`,
+      rps: capacity,
+      p50: null,
+      p99: null,
+      non2xx: null,
+      errors: null,
+      ratio: null,
+      target: '',
+      pass: null,
+    },
+    {
+      endpoint: 'POST /v1/auth/login',
+      ...logins,
+      ratio: loginRatio,
+      target: `≥ ${targets.login}× argon2 capacity`,
+      pass: loginRatio >= targets.login && logins.non2xx === 0 && logins.errors === 0,
+    },
+    {
+      endpoint: 'POST /oauth/introspect beside logins at 2× capacity',
+      ...beside,
+      // The server's CPU went mostly to argon2 here; per introspection it would mean nothing.
+      cpuUsPerRequest: null,
+      ratio: null,
+      target: `p99 ≤ ${targets.overloadP99Ms} ms`,
+      pass: beside.p99 <= targets.overloadP99Ms && beside.non2xx === 0 && beside.errors === 0,
+    },
+    {
+      endpoint: `POST /v1/auth/login offered at ${rate}/s (2× capacity)`,
+      rps: overload.okRps,
+      p50: overload.okP50,
+      p99: overload.okP99,
+      // Shed logins (503 with Retry-After) are the expected answer here, not errors.
+      non2xx: overload.otherStatus,
+      errors: overload.errors,
+      ratio: overload.okRps / capacity,
+      target: 'excess shed: 503 + Retry-After',
+      pass:
+        overload.shed > 0 &&
+        overload.shedWithoutRetryAfter === 0 &&
+        overload.otherStatus === 0 &&
+        overload.errors === 0,
+      note:
+        `${overload.shed} of ${overload.sent} shed with 503 (${overload.shedWithoutRetryAfter} without ` +
+        'Retry-After); the ratio is the served logins against the argon2 capacity',
+    },
+  );
+  report.raw.argon2 = { capacityBefore, capacityAfter, ...ARGON2_OPTIONS, concurrency };
+  report.raw.login = logins;
+  report.raw.overload = { introspection: beside, logins: overload };
+}
+
+type Cleanups = Array<() => Promise<void>>;
+
+class Report {
+  rows: Row[] = [];
+  baselines: Measurement[] = [];
+  /** The cores other processes kept busy during each measured run. */
+  disturbance: Array<number | null> = [];
+  raw: Record<string, unknown> = {};
+  private done = 0;
+  constructor(private readonly steps: number) {}
+  step() {
+    this.done++;
+    return `${this.done}/${this.steps}`;
+  }
+}
+
+/** Above this many cores busy elsewhere during a run, the figures say more about the neighbours. */
+const DISTURBED_CORES = 0.25;
+
+function writeReport(report: Report, database: FreshDatabase) {
+  const meanBaseline = report.baselines.reduce((a, b) => a + b.rps, 0) / Math.max(1, report.baselines.length);
+  const others = report.disturbance.filter((d): d is number => d !== null);
+  const meanOthers = others.length ? others.reduce((a, b) => a + b, 0) / others.length : null;
+  const date = new Date().toISOString();
+  const machine = {
+    cpus: os.availableParallelism(),
+    cpuModel: os.cpus()[0]?.model ?? 'unknown',
+    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
+    node: process.version,
+    platform: `${os.platform()} ${os.release()}`,
+    database: database.kind,
+  };
+  const notes = report.rows.filter((r) => r.note).map((r) => `${r.endpoint}: ${r.note}`);
+  if (meanOthers !== null && meanOthers > DISTURBED_CORES) {
+    notes.push(
+      `Other processes kept ${meanOthers.toFixed(2)} of ${machine.cpus} cores busy on average during the ` +
+        'runs: the machine was not quiet, and the figures are lower and noisier than it can do.',
+    );
+  }
+  const summary =
+    `${date.slice(0, 10)}, ${machine.cpus} × ${machine.cpuModel}, Node ${machine.node}, ` +
+    `${machine.database === 'postgres' ? 'PostgreSQL' : 'PGlite'}; ${CONNECTIONS} connections, ` +
+    `${MEASURE_SECONDS} s per run; baseline (bare Fastify hello world) ${fmt.rps(meanBaseline)} req/s on average.`;
+
+  process.stdout.write(`\n${summary}\n\n${textTable(report.rows)}\n`);
+  for (const note of notes) process.stdout.write(`  ${note}\n`);
+  const failed = report.rows.filter((r) => r.pass === false);
+  process.stdout.write(
+    failed.length === 0
+      ? '\nEvery target met.\n'
+      : `\nFAIL: ${failed.length} target(s) missed: ${failed.map((r) => r.endpoint).join('; ')}\n`,
+  );
+
+  const dir = join(ROOT, 'bench-results');
+  mkdirSync(dir, { recursive: true });
+  const stamp = date.replace(/[:.]/g, '-');
+  const json = JSON.stringify(
+    {
+      date,
+      machine,
+      connections: CONNECTIONS,
+      seconds: MEASURE_SECONDS,
+      meanBaseline,
+      meanOtherCores: meanOthers,
+      targets,
+      rows: report.rows,
+      raw: report.raw,
+    },
+    null,
+    2,
+  );
+  const markdown = `${summary}\n\n${markdownTable(report.rows)}\n${notes.map((n) => `\n- ${n}`).join('')}\n`;
+  for (const name of [`bench-${stamp}`, 'latest']) {
+    writeFileSync(join(dir, `${name}.json`), `${json}\n`);
+    writeFileSync(join(dir, `${name}.md`), markdown);
+  }
+  progress(`written to bench-results/latest.json and bench-results/latest.md (and bench-${stamp}.*)`);
+}
+
+async function main() {
+  const cleanups: Cleanups = [];
+  const cleanup = async () => {
+    for (let next = cleanups.pop(); next; next = cleanups.pop()) await next().catch(() => undefined);
+  };
+  process.once('SIGINT', () => {
+    void cleanup().then(() => process.exit(130));
+  });
+  try {
+    const database = await freshDatabase();
+    cleanups.push(() => database.drop());
+    progress(`database: ${database.kind === 'postgres' ? 'a fresh PostgreSQL database' : 'PGlite'}`);
+    progress('starting the service and the baseline');
+    const servers = await startServers(database, cleanups);
+    progress('seeding through the API: admin login, app client, API key, user');
+    const s = await seed(servers);
+    const all = endpoints(s, servers.admin.email);
+    // BENCH_ONLY=introspect,me runs only the endpoints whose name contains one of the words ('login'
+    // for the argon2, login and overload steps): for working on one path, never for the README.
+    const only = process.env.BENCH_ONLY?.split(',').filter(Boolean);
+    const selected = all.filter((e) => !only || only.some((o) => e.name.includes(o)));
+    const withLogins = !only || only.includes('login');
+    const report = new Report(selected.length + (withLogins ? 3 : 0));
+    await measureEndpoints(servers, selected, report);
+    if (withLogins) await measureLogins(servers, s, all.find((e) => e.name.includes('introspect'))!, report);
+    writeReport(report, database);
+  } finally {
+    progress('stopping the children and dropping the database');
+    await cleanup();
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    process.stderr.write(`bench failed: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  },
+);
