@@ -54,25 +54,28 @@ interface ClientParams {
 export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
-  // §5.1: token responses (and every other answer here) must not be cached.
-  app.addHook('onSend', async (_request, reply) => {
+  // §5.1: token responses (and every other answer here, errors included) must not be cached. Set
+  // before anything can fail; synchronous hooks, since these routes are on other services' hot path.
+  app.addHook('onRequest', (_request, reply, done) => {
     reply.header('cache-control', 'no-store');
     reply.header('pragma', 'no-cache');
+    done();
   });
-  app.addHook('preValidation', async (request) => {
+  app.addHook('preValidation', (request, _reply, done) => {
     const query = request.query as Record<string, unknown> | undefined;
     const inUrl = CREDENTIAL_PARAMS.filter((p) => query && Object.hasOwn(query, p));
     if (inUrl.length > 0) {
-      throw invalidRequest(`Send ${inUrl.join(', ')} in the request body, never in the URL`);
+      return done(invalidRequest(`Send ${inUrl.join(', ')} in the request body, never in the URL`));
     }
     const body = request.body;
     if (body && typeof body === 'object') {
-      for (const [name, value] of Object.entries(body)) {
-        if (Array.isArray(value) && !MULTI_VALUED.has(name)) {
-          throw invalidRequest(`The parameter ${name.slice(0, 64)} is repeated (RFC 6749 §3.1)`);
+      for (const name in body) {
+        if (Array.isArray((body as Record<string, unknown>)[name]) && !MULTI_VALUED.has(name)) {
+          return done(invalidRequest(`The parameter ${name.slice(0, 64)} is repeated (RFC 6749 §3.1)`));
         }
       }
     }
+    done();
   });
 
   function contextFor(request: FastifyRequest, caller: OAuthCaller): RequestContext {
