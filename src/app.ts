@@ -133,6 +133,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
           connectSrc: ["'self'"],
           frameAncestors: ["'none'"],
           formAction: ["'self'"],
+          // Not helmet's upgrade-insecure-requests: on a plain-http address other than localhost (a
+          // development box on the LAN) it rewrote Swagger UI's own assets to https and broke /docs;
+          // HSTS keeps deployments behind TLS on https.
+          upgradeInsecureRequests: null,
         },
       },
       crossOriginResourcePolicy: { policy: 'same-site' },

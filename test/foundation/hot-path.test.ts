@@ -14,7 +14,7 @@ const SECURITY_HEADERS = {
   'content-security-policy':
     "default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';" +
     "frame-ancestors 'none';img-src 'self' data:;object-src 'none';script-src 'self';" +
-    "script-src-attr 'none';style-src 'self' 'unsafe-inline';upgrade-insecure-requests;connect-src 'self'",
+    "script-src-attr 'none';style-src 'self' 'unsafe-inline';connect-src 'self'",
   'cross-origin-opener-policy': 'same-origin',
   'cross-origin-resource-policy': 'same-site',
   'origin-agent-cluster': '?1',
