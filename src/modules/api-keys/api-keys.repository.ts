@@ -1,6 +1,7 @@
-import { and, asc, eq, gt, isNull, or, sql } from 'drizzle-orm';
+import { and, asc, eq, isNull, sql } from 'drizzle-orm';
 import type { Database, Executor } from '../../db/client.js';
 import { apiKeys } from '../../db/schema/index.js';
+import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
 
 export type ApiKeyRow = typeof apiKeys.$inferSelect;
@@ -56,15 +57,7 @@ export function createApiKeysRepository(db: Database) {
       tx: Executor = db,
     ): Promise<ApiKeyRow[]> {
       const conditions = [eq(apiKeys.ownerId, ownerId), isNull(apiKeys.revokedAt)];
-      if (options.cursor) {
-        const c = options.cursor;
-        conditions.push(
-          or(
-            gt(apiKeys.createdAt, c.createdAt),
-            and(eq(apiKeys.createdAt, c.createdAt), gt(apiKeys.id, c.id)),
-          )!,
-        );
-      }
+      if (options.cursor) conditions.push(pastCursor(apiKeys.createdAt, apiKeys.id, options.cursor, 'asc'));
       return tx
         .select()
         .from(apiKeys)

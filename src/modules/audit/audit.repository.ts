@@ -1,6 +1,7 @@
-import { and, desc, eq, gte, lt, or } from 'drizzle-orm';
+import { and, desc, eq, gte } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { auditEvents } from '../../db/schema/index.js';
+import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
 
 export type AuditEventRow = typeof auditEvents.$inferSelect;
@@ -20,14 +21,8 @@ export function createAuditRepository(db: Executor) {
       if (filter.actorId) conditions.push(eq(auditEvents.actorId, filter.actorId));
       if (filter.type) conditions.push(eq(auditEvents.type, filter.type));
       if (filter.since) conditions.push(gte(auditEvents.createdAt, filter.since));
-      if (filter.cursor) {
-        conditions.push(
-          or(
-            lt(auditEvents.createdAt, filter.cursor.createdAt),
-            and(eq(auditEvents.createdAt, filter.cursor.createdAt), lt(auditEvents.id, filter.cursor.id)),
-          ),
-        );
-      }
+      if (filter.cursor)
+        conditions.push(pastCursor(auditEvents.createdAt, auditEvents.id, filter.cursor, 'desc'));
       return tx
         .select()
         .from(auditEvents)

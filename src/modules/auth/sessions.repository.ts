@@ -14,30 +14,22 @@ export function createSessionsRepository(db: Executor) {
     async insertRefreshToken(row: typeof refreshTokens.$inferInsert, tx: Executor = db): Promise<void> {
       await tx.insert(refreshTokens).values(row);
     },
-    /** The token and its session, with the token row locked: concurrent refreshes of it take turns. */
-    async findByTokenHashForUpdate(
-      tokenHash: string,
-      tx: Executor,
-    ): Promise<{ token: RefreshTokenRow; session: SessionRow } | undefined> {
-      const [row] = await tx
-        .select({ token: refreshTokens, session: sessions })
-        .from(refreshTokens)
-        .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
-        .where(eq(refreshTokens.tokenHash, tokenHash))
-        .limit(1)
-        .for('update', { of: refreshTokens });
-      return row;
-    },
+    /**
+     * The token and its session. With `lock` (inside a transaction) the token row is locked, so
+     * concurrent refreshes of one token take turns.
+     */
     async findByTokenHash(
       tokenHash: string,
+      options: { lock?: boolean } = {},
       tx: Executor = db,
     ): Promise<{ token: RefreshTokenRow; session: SessionRow } | undefined> {
-      const [row] = await tx
+      const query = tx
         .select({ token: refreshTokens, session: sessions })
         .from(refreshTokens)
         .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
         .where(eq(refreshTokens.tokenHash, tokenHash))
         .limit(1);
+      const [row] = options.lock ? await query.for('update', { of: refreshTokens }) : await query;
       return row;
     },
     async markRotated(tokenId: string, at: Date, tx: Executor): Promise<void> {

@@ -121,7 +121,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
       }
       const outcome = await inTransaction<RefreshOutcome>(deps.db, deps.events, async (tx, emit) => {
-        const found = await deps.repo.findByTokenHashForUpdate(hash(refreshToken), tx);
+        const found = await deps.repo.findByTokenHash(hash(refreshToken), { lock: true }, tx);
         if (!found) return { kind: 'invalid' };
         const { token, session } = found;
         const now = deps.clock.now();

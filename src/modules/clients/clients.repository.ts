@@ -1,6 +1,7 @@
-import { and, asc, eq, gt, or } from 'drizzle-orm';
+import { and, asc, eq } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { clients } from '../../db/schema/index.js';
+import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
 
 export type ClientRow = typeof clients.$inferSelect;
@@ -46,14 +47,7 @@ export function createClientsRepository(db: Executor) {
     ): Promise<ClientRow[]> {
       const conditions = [];
       if (options.createdBy !== undefined) conditions.push(eq(clients.createdBy, options.createdBy));
-      if (options.cursor) {
-        conditions.push(
-          or(
-            gt(clients.createdAt, options.cursor.createdAt),
-            and(eq(clients.createdAt, options.cursor.createdAt), gt(clients.id, options.cursor.id)),
-          ),
-        );
-      }
+      if (options.cursor) conditions.push(pastCursor(clients.createdAt, clients.id, options.cursor, 'asc'));
       return tx
         .select()
         .from(clients)

@@ -1,6 +1,7 @@
-import { and, asc, count, eq, gt, ilike, inArray, or, sql } from 'drizzle-orm';
+import { and, asc, count, eq, ilike, inArray, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { profiles, roles, userRoles, users } from '../../db/schema/index.js';
+import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
 
 export type UserRow = typeof users.$inferSelect;
@@ -49,14 +50,7 @@ export function createUsersRepository(db: Executor) {
     ): Promise<UserRow[]> {
       const conditions = [];
       if (options.query) conditions.push(ilike(users.email, `%${escapeLike(options.query)}%`));
-      if (options.cursor) {
-        conditions.push(
-          or(
-            gt(users.createdAt, options.cursor.createdAt),
-            and(eq(users.createdAt, options.cursor.createdAt), gt(users.id, options.cursor.id)),
-          ),
-        );
-      }
+      if (options.cursor) conditions.push(pastCursor(users.createdAt, users.id, options.cursor, 'asc'));
       return tx
         .select()
         .from(users)

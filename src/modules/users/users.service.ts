@@ -29,6 +29,14 @@ export function createUsersService(deps: {
     return user;
   }
 
+  /** Granting or removing a role: the user and the role exist, and the caller holds all it gives. */
+  async function assertMayChangeGrant(id: string, roleName: string, caller: { permissions: string[] }) {
+    await findOrThrow(id);
+    const role = await deps.roles.find(roleName);
+    if (!role) throw notFound('role');
+    assertHolds(role.permissions, caller.permissions);
+  }
+
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
   async function assertNotLastAdmin(tx: Transaction, userId: string): Promise<void> {
     const admins = await deps.repo.lockRoleHolders(ADMIN_ROLE, tx);
@@ -108,10 +116,7 @@ export function createUsersService(deps: {
       caller: { permissions: string[] },
       context: RequestContext,
     ) {
-      await findOrThrow(id);
-      const role = await deps.roles.find(roleName);
-      if (!role) throw notFound('role');
-      assertHolds(role.permissions, caller.permissions);
+      await assertMayChangeGrant(id, roleName, caller);
       return inTransaction(deps.db, deps.events, async (tx, emit) => {
         const added = await deps.repo.assignRole(id, roleName, context.actorId, tx);
         if (added) {
@@ -132,10 +137,7 @@ export function createUsersService(deps: {
       caller: { permissions: string[] },
       context: RequestContext,
     ) {
-      await findOrThrow(id);
-      const role = await deps.roles.find(roleName);
-      if (!role) throw notFound('role');
-      assertHolds(role.permissions, caller.permissions);
+      await assertMayChangeGrant(id, roleName, caller);
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
         const removed = await deps.repo.removeRole(id, roleName, tx);
