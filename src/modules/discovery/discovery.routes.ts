@@ -62,13 +62,15 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
     introspection_endpoint: `${deps.issuer}/oauth/introspect`,
     revocation_endpoint: `${deps.issuer}/oauth/revoke`,
     grant_types_supported: ['client_credentials', 'refresh_token'],
-    response_types_supported: ['token'],
+    // No authorization endpoint, so no response type: the member is required (RFC 8414 §2), empty here.
+    response_types_supported: [],
     token_endpoint_auth_methods_supported: clientAuth,
     introspection_endpoint_auth_methods_supported: clientAuth,
     // First-party (public) refresh and access tokens may be revoked without client authentication.
     revocation_endpoint_auth_methods_supported: [...clientAuth, 'none'],
     scopes_supported: Object.keys(PERMISSIONS),
     access_token_signing_alg_values_supported: ['ES256', 'EdDSA'],
+    // OpenID discovery parsers require these two; no ID tokens are issued.
     subject_types_supported: ['public'],
     id_token_signing_alg_values_supported: ['ES256'],
     default_audience: deps.audience,
