@@ -4,7 +4,7 @@
  *
  *   import { fastifyVerifier, requirePermission } from 'paservices-auth/verifier';
  *   await app.register(fastifyVerifier, { issuer: 'https://auth.example.com', audience: 'https://orders.example.com' });
- *   app.get('/orders', { onRequest: requirePermission('users:read') }, async (request) => request.auth?.sub);
+ *   app.get('/orders', { onRequest: requirePermission('orders:read') }, async (request) => request.auth?.sub);
  *
  * A standalone module: it depends on jose, fastify and fastify-plugin only, never on the service.
  */
