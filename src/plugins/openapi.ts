@@ -2,7 +2,7 @@ import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
-import { jsonSchemaTransform } from 'fastify-type-provider-zod';
+import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 
 export interface OpenApiOptions {
   publicUrl: string;
@@ -53,6 +53,8 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
       ],
     },
     transform: jsonSchemaTransform,
+    // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
+    transformObject: jsonSchemaTransformObject,
   });
 
   // Swagger UI's own routes (HTML, assets) are public documentation.
