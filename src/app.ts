@@ -165,7 +165,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   await app.register(openapi, { publicUrl: config.publicUrl, version: SERVICE_VERSION });
 
-  await app.register(healthRoutes, { database, isShuttingDown: () => shuttingDown });
+  await app.register(healthRoutes, {
+    database,
+    probeData: () => services.repos.users.probe(),
+    isShuttingDown: () => shuttingDown,
+  });
   await app.register(discoveryRoutes, {
     issuer: config.issuer,
     audience: services.audience,

@@ -42,7 +42,8 @@ export const MIGRATIONS_FOLDER = join(PROJECT_ROOT, 'drizzle');
 /** An arbitrary constant shared by every instance: the advisory lock that serialises migrations. */
 const MIGRATION_LOCK_KEY = 7_344_021_118;
 
-function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+/** Rejects when the promise has not settled within `ms` (the promise itself runs on). */
+export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   return new Promise<T>((resolveFn, reject) => {
     const timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
     promise.then(

@@ -1,12 +1,16 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import type { DatabaseHandle } from '../../db/client.js';
+import { type DatabaseHandle, withTimeout } from '../../db/client.js';
 
 export interface HealthDeps {
   database: DatabaseHandle;
+  /** Reads the table nearly every request needs; fails while it is locked or unreadable. */
+  probeData: () => Promise<void>;
   isShuttingDown: () => boolean;
 }
+
+const READY_TIMEOUT_MS = 1000;
 
 const HealthSchema = z.object({
   status: z.enum(['ok', 'unavailable']),
@@ -36,7 +40,8 @@ export async function healthRoutes(app: FastifyInstance, deps: HealthDeps) {
       schema: {
         tags: ['operations'],
         operationId: 'healthReady',
-        summary: 'Readiness: the database answers within 1 s and the process is not shutting down',
+        summary:
+          'Readiness: the database answers and its users table can be read within 1 s, and the process is not shutting down',
         response: { 200: HealthSchema, 503: HealthSchema },
       },
     },
@@ -44,9 +49,18 @@ export async function healthRoutes(app: FastifyInstance, deps: HealthDeps) {
       if (deps.isShuttingDown()) {
         return reply.status(503).send({ status: 'unavailable', checks: { process: 'shutting_down' } });
       }
-      const ok = await deps.database.ping(1000);
-      if (!ok) return reply.status(503).send({ status: 'unavailable', checks: { database: 'failing' } });
-      return { status: 'ok' as const, checks: { database: 'ok' as const } };
+      // Both within the same second: PostgreSQL answering is not enough when the table every login,
+      // refresh and key lookup reads is locked or unreadable (requests would only get 503s).
+      const [database, data] = await Promise.all([
+        deps.database.ping(READY_TIMEOUT_MS),
+        withTimeout(deps.probeData(), READY_TIMEOUT_MS).then(
+          () => true,
+          () => false,
+        ),
+      ]);
+      const checks = { database: database ? 'ok' : 'failing', data: data ? 'ok' : 'failing' } as const;
+      if (!database || !data) return reply.status(503).send({ status: 'unavailable', checks });
+      return { status: 'ok' as const, checks };
     },
   );
 }

@@ -11,6 +11,10 @@ const escapeLike = (s: string) => s.replace(/[\\%_]/g, (c) => `\\${c}`);
 
 export function createUsersRepository(db: Executor) {
   return {
+    /** Reads a row of `users`: it waits when the table is locked, which `SELECT 1` would not notice. */
+    async probe(tx: Executor = db): Promise<void> {
+      await tx.select({ one: sql`1` }).from(users).limit(1);
+    },
     async findById(id: string, tx: Executor = db): Promise<UserRow | undefined> {
       const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1);
       return row;
