@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { createRemoteJWKSet, customFetch, decodeProtectedHeader, jwtVerify } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, PASSWORD, registerUser } from '../support/factories.js';
 import { bearer, injectFetch } from '../support/http.js';
@@ -95,10 +96,7 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
 
     // Past the grace window, the old token is a replay.
     const grace = app.services.config.tokens.reuseGraceSeconds;
-    const clock = app.services.clock as { now(): Date };
-    const realNow = clock.now;
-    clock.now = () => new Date(Date.now() + (grace + 1) * 1000);
-    try {
+    await atTime(app, new Date(Date.now() + (grace + 1) * 1000), async () => {
       const replay = await app.inject({
         method: 'POST',
         url: '/v1/auth/refresh',
@@ -106,9 +104,7 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
       });
       expect(replay.statusCode).toBe(401);
       expect(replay.json().code).toBe('invalid_refresh_token');
-    } finally {
-      clock.now = realNow;
-    }
+    });
     // The family is dead: the newest refresh token and the access token of the session both fail.
     const after = await app.inject({
       method: 'POST',
@@ -504,14 +500,9 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     const maxTtl = app.services.config.tokens.maxAccessTtl;
     expect(retiring.publishUntil!.getTime() - retiring.retiringAt!.getTime()).toBe((maxTtl + 600) * 1000);
 
-    const clock = app.services.clock as { now(): Date };
-    const realNow = clock.now;
-    clock.now = () => new Date(retiring.publishUntil!.getTime() + 1000);
-    try {
+    await atTime(app, new Date(retiring.publishUntil!.getTime() + 1000), async () => {
       await keys.ensureKeys();
-    } finally {
-      clock.now = realNow;
-    }
+    });
     expect((await keys.list()).find((k) => k.kid === before)!.state).toBe('retired');
     const jwks = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json();
     expect(jwks.keys.map((k: { kid: string }) => k.kid)).not.toContain(before);

@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, registerUser } from '../support/factories.js';
 
@@ -33,19 +34,14 @@ describe('throttling of credential endpoints', () => {
     // Other accounts are unaffected; an hour later the account may try again.
     const other = await registerUser(app, 'free');
     await login(app, other.email);
-    const clock = app.services.clock as { now(): Date };
-    const realNow = clock.now;
-    clock.now = () => new Date(Date.now() + 3601_000);
-    try {
+    await atTime(app, new Date(Date.now() + 3601_000), async () => {
       const res = await app.inject({
         method: 'POST',
         url: '/v1/auth/login',
         payload: { email: user.email, password: user.password },
       });
       expect(res.statusCode).toBe(200);
-    } finally {
-      clock.now = realNow;
-    }
+    });
   });
 
   it('limits requests per IP on credential endpoints; X-Forwarded-For does not dodge it', async () => {

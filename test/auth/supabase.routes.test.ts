@@ -2,6 +2,7 @@ import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, PASSWORD, registerUser } from '../support/factories.js';
 import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
@@ -190,10 +191,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect((await me(rotated.access_token)).statusCode).toBe(200);
 
     const grace = app.services.config.tokens.reuseGraceSeconds;
-    const clock = app.services.clock as { now(): Date };
-    const realNow = clock.now;
-    clock.now = () => new Date(Date.now() + (grace + 1) * 1000);
-    try {
+    await atTime(app, new Date(Date.now() + (grace + 1) * 1000), async () => {
       const replay = await app.inject({
         method: 'POST',
         url: '/v1/auth/refresh',
@@ -201,9 +199,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       });
       expect(replay.statusCode).toBe(401);
       expect(replay.json().code).toBe('invalid_refresh_token');
-    } finally {
-      clock.now = realNow;
-    }
+    });
     const after = await app.inject({
       method: 'POST',
       url: '/v1/auth/refresh',

@@ -3,21 +3,11 @@ import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
 import { expect } from 'vitest';
 import { roles } from '../../src/db/schema/index.js';
-import type { Clock } from '../../src/lib/clock.js';
 import { basicAuthorization } from '../../src/modules/oauth/oauth.client-auth.js';
 import { login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
-/** The wall clock plus an offset the test moves, instead of sleeping. */
-export function createTestClock(): Clock & { advance(seconds: number): void } {
-  let offsetMs = 0;
-  return {
-    now: () => new Date(Date.now() + offsetMs),
-    advance(seconds: number) {
-      offsetMs += seconds * 1000;
-    },
-  };
-}
+export { createTestClock } from '../support/clock.js';
 
 /** A registered user who also holds a fresh role with exactly these permissions (logged in again). */
 export async function userWith(

@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
+import { atTime } from '../support/clock.js';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin, login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -171,10 +172,7 @@ describe('users and roles administration', () => {
     ).toBe(true);
 
     // A second after the disable, a re-enabled user's new tokens are not caught by the old revocation.
-    const clock = app.services.clock as { now(): Date };
-    const realNow = clock.now;
-    clock.now = () => new Date(Date.now() + 2000);
-    try {
+    await atTime(app, new Date(Date.now() + 2000), async () => {
       const enable = await app.inject({
         method: 'PATCH',
         url: `/v1/users/${user.id}`,
@@ -187,9 +185,7 @@ describe('users and roles administration', () => {
         (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(back.session.access_token) }))
           .statusCode,
       ).toBe(200);
-    } finally {
-      clock.now = realNow;
-    }
+    });
   });
 
   it('deletes a user with their profile, sessions and roles; the audit log keeps the event', async () => {

@@ -1,0 +1,26 @@
+import type { FastifyInstance } from 'fastify';
+import type { Clock } from '../../src/lib/clock.js';
+
+/** The wall clock plus an offset the test moves, instead of sleeping (pass as `deps.clock`). */
+export function createTestClock(): Clock & { advance(seconds: number): void } {
+  let offsetMs = 0;
+  return {
+    now: () => new Date(Date.now() + offsetMs),
+    advance(seconds: number) {
+      offsetMs += seconds * 1000;
+    },
+  };
+}
+
+/** Runs `work` while the app's clock says `at`, then gives the clock back. */
+export async function atTime<T>(app: FastifyInstance, at: Date, work: () => Promise<T>): Promise<T> {
+  const clock = app.services.clock as { now(): Date };
+  const realNow = clock.now;
+  const offsetMs = at.getTime() - Date.now();
+  clock.now = () => new Date(Date.now() + offsetMs);
+  try {
+    return await work();
+  } finally {
+    clock.now = realNow;
+  }
+}
