@@ -120,8 +120,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
 
   // RFC 6749 §5.2 errors under /oauth; problem+json everywhere else.
   await app.register(errorHandler, { renderers: [{ prefix: '/oauth/', render: renderOAuthError }] });
-  // helmet's header set, computed once at start rather than by helmet on every request.
+  // The REST header set on API answers, helmet's on Swagger UI's pages; both computed once at start.
   await app.register(securityHeaders, {
+    documentsPrefix: '/docs',
     helmet: {
       contentSecurityPolicy: {
         directives: {

@@ -24,16 +24,40 @@ export async function helmetHeaders(options: FastifyHelmetOptions): Promise<Reco
 }
 
 /**
- * Security headers on every response (404s and errors included). @fastify/helmet runs helmet's
- * middleware factory on every request — CSP directives parsed, a dozen middlewares built, ~8% of the
- * CPU of a hot endpoint — to produce a set of headers that depends only on configuration. So the set is
- * computed once at start and copied onto each reply by a synchronous hook. Routes needing per-request
- * CSP nonces would need helmet back; none does (Swagger UI runs with `staticCSP: false`).
+ * The set for API answers (JSON, problem+json, JWKS, metrics): the OWASP REST Security Cheat Sheet's
+ * list. A JSON document loads nothing and must never be framed, sniffed into HTML or read cross-site
+ * by a no-cors request; helmet's other headers (COOP, Origin-Agent-Cluster, DNS prefetch, IE download
+ * options, Flash/PDF cross-domain policies) only mean something to an HTML page.
  */
-async function securityHeadersPlugin(app: FastifyInstance, options: { helmet: FastifyHelmetOptions }) {
-  const headers = await helmetHeaders(options.helmet);
-  app.addHook('onRequest', (_request, reply, done) => {
-    reply.headers(headers);
+export const API_SECURITY_HEADERS: Readonly<Record<string, string>> = Object.freeze({
+  'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
+  'cross-origin-resource-policy': 'same-site',
+  'referrer-policy': 'no-referrer',
+  'strict-transport-security': 'max-age=31536000; includeSubDomains',
+  'x-content-type-options': 'nosniff',
+  'x-frame-options': 'DENY',
+});
+
+export interface SecurityHeadersOptions {
+  /** helmet's configuration for the HTML pages (Swagger UI). */
+  helmet: FastifyHelmetOptions;
+  /** URL prefix of the HTML pages; everything else is an API answer. */
+  documentsPrefix: string;
+}
+
+/**
+ * Security headers on every response (404s and errors included): helmet's full set on the HTML pages
+ * under `documentsPrefix`, the REST set everywhere else. @fastify/helmet runs helmet's middleware
+ * factory on every request — CSP directives parsed, a dozen middlewares built — to produce headers that
+ * depend only on configuration, so both sets are computed once at start and copied onto each reply by
+ * a synchronous hook. Routes needing per-request CSP nonces would need helmet back; none does
+ * (Swagger UI runs with `staticCSP: false`).
+ */
+async function securityHeadersPlugin(app: FastifyInstance, options: SecurityHeadersOptions) {
+  const documents = await helmetHeaders(options.helmet);
+  const prefix = options.documentsPrefix;
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.headers(request.url.startsWith(prefix) ? documents : API_SECURITY_HEADERS);
     done();
   });
 }
