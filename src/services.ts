@@ -31,7 +31,7 @@ import { createApiKeysService } from './modules/api-keys/api-keys.service.js';
 import { createClientsRepository } from './modules/clients/clients.repository.js';
 import { createClientsService } from './modules/clients/clients.service.js';
 import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
-import { createOAuthService } from './modules/oauth/oauth.service.js';
+import { CLIENT_AUTH_MAX_FAILURES_PER_MINUTE, createOAuthService } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
 
 export interface ServicesDeps {
@@ -212,6 +212,12 @@ export function createServices(deps: ServicesDeps) {
     accessTtl: config.tokens.accessTtl,
     maxAccessTtl: config.tokens.maxAccessTtl,
     apiKeys: apiKeysForOAuth(apiKeys),
+    // Per instance, in memory: a shared counter would put a Redis round trip on every introspection.
+    clientAuthFailures: createMemoryFailureCounter({
+      max: config.rateLimit.enabled ? CLIENT_AUTH_MAX_FAILURES_PER_MINUTE : Number.MAX_SAFE_INTEGER,
+      windowSeconds: 60,
+      clock,
+    }),
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
   });
 

@@ -179,7 +179,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           'the caller’s to see answers `{"active": false}`.',
         security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }],
         body: IntrospectBodySchema,
-        response: { 200: IntrospectionSchema, ...oauthErrors(400, 401, 403, 413, 415, 503) },
+        response: { 200: IntrospectionSchema, ...oauthErrors(400, 401, 403, 413, 415, 429, 503) },
       },
     },
     async (request) => {
@@ -207,7 +207,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
         body: RevokeBodySchema,
         response: {
           200: z.null().describe('Revoked, or nothing to revoke'),
-          ...oauthErrors(400, 401, 413, 415, 503),
+          ...oauthErrors(400, 401, 413, 415, 429, 503),
         },
       },
     },

@@ -2,6 +2,7 @@ import { decodeJwt } from 'jose';
 import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { AppError } from '../../lib/errors.js';
+import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, isSubset } from '../../lib/permissions.js';
 import type { Principal } from '../../plugins/authenticate.js';
@@ -19,6 +20,8 @@ import {
 } from '../tokens/tokens.service.js';
 
 export const INTROSPECT_PERMISSION = 'tokens:introspect';
+/** Failed client authentications an IP may make per minute on one instance before it gets 429. */
+export const CLIENT_AUTH_MAX_FAILURES_PER_MINUTE = 30;
 const API_KEY_PREFIX = 'pak_';
 const REFRESH_TOKEN_PREFIX = 'prt_';
 /** Longer than any token this service issues; the body limit bounds it anyway. */
@@ -96,6 +99,12 @@ export interface OAuthServiceDeps {
   accessTtl: number;
   maxAccessTtl: number;
   apiKeys?: ApiKeyTokenPort | undefined;
+  /**
+   * Failed client authentications per caller IP (every /oauth endpoint). Only failures count, so a
+   * resource server introspecting on every request is never slowed; past the limit the IP gets 429
+   * before any lookup, which also bounds the audit rows failures write.
+   */
+  clientAuthFailures: FailureCounter;
   onIssued?: (grant: string) => void;
 }
 
@@ -368,8 +377,17 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       secret: string,
       context: RequestContext,
     ): Promise<OAuthCaller> {
+      const source = context.ip ?? 'unknown';
+      const wait = await deps.clientAuthFailures.retryAfter(source);
+      if (wait > 0) {
+        throw new AppError('rate_limited', {
+          detail: `Too many failed client authentications from this address; retry in ${wait} s`,
+          headers: { 'retry-after': String(wait) },
+        });
+      }
       const result = await deps.clients.authenticate(clientId, secret);
       if (result.ok) return { kind: 'client', client: result.client };
+      await deps.clientAuthFailures.recordFailure(source);
       if (result.client) {
         await deps.audit.record(deps.db, context, {
           type: 'client.authentication_failed',
