@@ -36,6 +36,13 @@ export interface OpenDatabaseOptions {
   statementTimeoutMs?: number;
   /** Apply pending migrations (under an advisory lock) before returning. */
   migrate?: boolean;
+  /**
+   * How often the LISTEN connection proves it is alive with a round trip (default 5 s); one that has
+   * not answered within the same time is dropped and replaced, with a resync. Without it a connection
+   * whose peer vanished silently (a NAT or a failover that sent no RST) stays "connected" and deaf
+   * until TCP keepalive gives up, minutes later, while other instances' revocations go unheard.
+   */
+  listenHeartbeatMs?: number;
 }
 
 export const MIGRATIONS_FOLDER = join(PROJECT_ROOT, 'drizzle');
@@ -93,6 +100,25 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
   const listeners: pg.Client[] = [];
   let closed = false;
 
+  const heartbeatMs = options.listenHeartbeatMs ?? 5000;
+  /** Resolves true once a round trip on `client` has gone unanswered for `heartbeatMs`; never otherwise. */
+  async function heartbeat(client: pg.Client, lost: Promise<void>): Promise<boolean> {
+    let gone = false;
+    void lost.then(() => {
+      gone = true;
+    });
+    while (!gone && !closed) {
+      await new Promise((r) => setTimeout(r, heartbeatMs).unref());
+      if (gone || closed) break;
+      const answered = await withTimeout(client.query('SELECT 1'), heartbeatMs).then(
+        () => true,
+        () => gone,
+      );
+      if (!answered) return true;
+    }
+    return new Promise<boolean>(() => undefined);
+  }
+
   async function listenLoop(
     channel: string,
     handler: (payload: string) => void,
@@ -115,6 +141,7 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
         client.on('end', () => done());
       });
       state.client = client;
+      let deaf = false;
       try {
         await client.connect();
         client.on('notification', (msg) => {
@@ -127,8 +154,10 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
         if (!first) handler('{"type":"resync"}');
         first = false;
         delay = 250;
-        await lost;
+        deaf = await Promise.race([lost.then(() => false), heartbeat(client, lost)]);
         listeners.splice(listeners.indexOf(client), 1);
+        // Not awaited: ending a connection whose peer is gone can hang until TCP gives up.
+        if (deaf) client.end().catch(() => undefined);
       } catch (err) {
         if (first) {
           first = false;
@@ -138,7 +167,12 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
         await client.end().catch(() => undefined);
       }
       if (closed || state.stopped) return;
-      options.logger.warn({ channel }, 'notification listener lost its connection; reconnecting');
+      options.logger.warn(
+        { channel },
+        deaf
+          ? 'notification listener stopped answering; replacing its connection'
+          : 'notification listener lost its connection; reconnecting',
+      );
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, 2000);
     }
