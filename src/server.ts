@@ -2,7 +2,7 @@ import 'dotenv/config';
 import closeWithGrace from 'close-with-grace';
 import { buildApp } from './app.js';
 import { ConfigError, loadConfig } from './config.js';
-import { openDatabase } from './db/client.js';
+import { DatabaseLockedError, openDatabase } from './db/client.js';
 import { createLogger } from './lib/logger.js';
 
 async function main() {
@@ -51,6 +51,11 @@ async function main() {
 }
 
 main().catch((err: unknown) => {
+  // A known condition with its remedy in the message: no stack trace.
+  if (err instanceof DatabaseLockedError) {
+    process.stderr.write(`failed to start: ${err.message}\n`);
+    process.exit(1);
+  }
   process.stderr.write(
     `failed to start: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`,
   );

@@ -43,6 +43,8 @@ export interface OpenDatabaseOptions {
    * until TCP keepalive gives up, minutes later, while other instances' revocations go unheard.
    */
   listenHeartbeatMs?: number;
+  /** PGlite: how long to wait for another process's lock on the directory (default 12 s). */
+  lockWaitMs?: number;
 }
 
 export const MIGRATIONS_FOLDER = join(PROJECT_ROOT, 'drizzle');
@@ -212,7 +214,14 @@ async function openPglite(options: OpenDatabaseOptions): Promise<DatabaseHandle>
   const { drizzle } = await import('drizzle-orm/pglite');
   const dir = join(options.dataDir, 'pglite');
   mkdirSync(dir, { recursive: true });
-  const client = await PGlite.create(dir);
+  const release = await lockDataDirectory(dir, options);
+  let client: Awaited<ReturnType<typeof PGlite.create>>;
+  try {
+    client = await PGlite.create(dir);
+  } catch (err) {
+    await release().catch(() => undefined);
+    throw err;
+  }
   const db = drizzle(client, { schema }) as unknown as Database;
   return {
     db,
@@ -233,8 +242,53 @@ async function openPglite(options: OpenDatabaseOptions): Promise<DatabaseHandle>
     },
     async close() {
       await client.close();
+      await release().catch(() => undefined);
     },
   };
+}
+
+/** The embedded database's directory is held by another process. */
+export class DatabaseLockedError extends Error {
+  override name = 'DatabaseLockedError';
+}
+
+/**
+ * PGlite is PostgreSQL in this process: a second process opening the same directory (a second
+ * `npm start`) would run its own server on the same files, and the last one to close would silently
+ * overwrite the other's writes. So the directory is locked for as long as it is open. The lock's
+ * mtime is refreshed every few seconds, so one left by a crashed process goes stale within 10 s; a
+ * start finding it held waits that long before giving up.
+ */
+async function lockDataDirectory(dir: string, options: OpenDatabaseOptions): Promise<() => Promise<void>> {
+  const { lock } = await import('proper-lockfile');
+  const lockOptions = {
+    lockfilePath: `${dir}.lock`,
+    realpath: false,
+    stale: 10_000,
+    update: 2_000,
+    onCompromised: (err: Error) =>
+      options.logger.error({ err: err.message }, `lost the lock on ${dir}: another process may have opened it`),
+  };
+  try {
+    return await lock(dir, lockOptions);
+  } catch (err) {
+    if ((err as { code?: string }).code !== 'ELOCKED') throw err;
+  }
+  const waitMs = options.lockWaitMs ?? 12_000;
+  options.logger.warn(`${dir} is locked by another process; waiting up to ${Math.round(waitMs / 1000)} s`);
+  const retries = Math.floor(waitMs / 500);
+  try {
+    return await lock(dir, {
+      ...lockOptions,
+      retries: { retries, factor: 1, minTimeout: 500, maxTimeout: 500 },
+    });
+  } catch (err) {
+    if ((err as { code?: string }).code !== 'ELOCKED') throw err;
+    throw new DatabaseLockedError(
+      `Another process is using the embedded database in ${dir} (the lock ${dir}.lock is held). ` +
+        'Stop it, or give this one its own DATA_DIR or a DATABASE_URL.',
+    );
+  }
 }
 
 /** Opens an in-memory PGlite database (tests, benchmarks). */
