@@ -267,7 +267,10 @@ async function lockDataDirectory(dir: string, options: OpenDatabaseOptions): Pro
     stale: 10_000,
     update: 2_000,
     onCompromised: (err: Error) =>
-      options.logger.error({ err: err.message }, `lost the lock on ${dir}: another process may have opened it`),
+      options.logger.error(
+        { err: err.message },
+        `lost the lock on ${dir}: another process may have opened it`,
+      ),
   };
   try {
     return await lock(dir, lockOptions);
