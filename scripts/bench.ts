@@ -99,12 +99,16 @@ async function freePort(): Promise<number> {
 }
 
 async function waitFor(child: Child, url: string, timeoutMs = 90_000) {
+  return waitForStatus(child, url, 200, timeoutMs);
+}
+
+async function waitForStatus(child: Child, url: string, status: number, timeoutMs = 90_000) {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (child.process.exitCode !== null) break;
     try {
       const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
-      if (res.ok) return;
+      if (res.status === status) return;
     } catch {
       // not listening yet
     }
@@ -444,6 +448,8 @@ interface Row {
   errors: number | null;
   /** Against the adjacent baseline run (or the argon2 capacity for login). */
   ratio: number | null;
+  /** The floor's ratio: bare Fastify answering the same request with the same recorded answer. */
+  floorRatio?: number | null;
   /** CPU time of the server per request (all its threads), in µs. */
   cpuUsPerRequest?: number | null;
   target: string;
@@ -477,6 +483,7 @@ function tableRows(rows: Row[]): string[][] {
     fmt.count(r.non2xx),
     fmt.count(r.errors),
     fmt.ratio(r.ratio),
+    fmt.ratio(r.floorRatio ?? null),
     r.cpuUsPerRequest === undefined || r.cpuUsPerRequest === null ? '–' : r.cpuUsPerRequest.toFixed(1),
     r.target,
     fmt.pass(r.pass),
@@ -491,12 +498,13 @@ const HEADER = [
   'non-2xx',
   'errors',
   'ratio',
+  'floor',
   'server CPU µs/req',
   'target',
   'result',
 ];
 /** Text columns; the others are figures, aligned right. */
-const TEXT_COLUMNS = new Set([0, 8, 9]);
+const TEXT_COLUMNS = new Set([0, 9, 10]);
 
 function markdownTable(rows: Row[]): string {
   const lines = [
@@ -525,15 +533,17 @@ function textTable(rows: Row[]): string {
 interface Servers {
   service: Child;
   baseline: Child;
+  floor: Child;
   base: string;
   baselineBase: string;
+  floorBase: string;
   passwordHashing: { concurrency: number; queue: number };
   admin: { email: string; password: string };
 }
 
 /** The service on a fresh database and the baseline, both listening on loopback. */
 async function startServers(database: FreshDatabase, cleanups: Cleanups): Promise<Servers> {
-  const [servicePort, baselinePort] = [await freePort(), await freePort()];
+  const [servicePort, baselinePort, floorPort] = [await freePort(), await freePort(), await freePort()];
   const admin = { email: 'bench-admin@example.com', password: randomBytes(18).toString('base64url') };
   const env: NodeJS.ProcessEnv = { ...process.env };
   for (const name of ['DATABASE_URL', 'DATA_DIR', 'REDIS_URL', 'SUPABASE_URL', 'NODE_ENV', 'PUBLIC_URL'])
@@ -563,10 +573,21 @@ async function startServers(database: FreshDatabase, cleanups: Cleanups): Promis
     PORT: String(baselinePort),
   });
   cleanups.push(() => stopChild(baseline));
+  const floor = startChild('floor', ['--import', 'tsx', 'scripts/bench-floor.ts'], {
+    ...process.env,
+    PORT: String(floorPort),
+  });
+  cleanups.push(() => stopChild(floor));
   const base = `http://127.0.0.1:${servicePort}`;
   const baselineBase = `http://127.0.0.1:${baselinePort}`;
-  await Promise.all([waitFor(service, `${base}/health/ready`), waitFor(baseline, `${baselineBase}/`)]);
-  return { service, baseline, base, baselineBase, passwordHashing, admin };
+  const floorBase = `http://127.0.0.1:${floorPort}`;
+  await Promise.all([
+    waitFor(service, `${base}/health/ready`),
+    waitFor(baseline, `${baselineBase}/`),
+    // Unknown names answer 404; anything else means it is not up yet.
+    waitForStatus(floor, `${floorBase}/_floor/none`, 404),
+  ]);
+  return { service, baseline, floor, base, baselineBase, floorBase, passwordHashing, admin };
 }
 
 interface Seed {
@@ -703,32 +724,87 @@ function endpoints(s: Seed, adminEmail: string): Endpoint[] {
 
 const HELLO_WORLD: Target = { path: '/' };
 
-/** Each endpoint right after a baseline run, so the ratio compares two runs seconds apart. */
+/** Headers Node writes by itself; everything else of the service's answer is replayed by the floor. */
+const TRANSPORT_HEADERS = new Set([
+  'content-length',
+  'date',
+  'connection',
+  'keep-alive',
+  'transfer-encoding',
+]);
+
+/**
+ * Records the service's answer to an endpoint on the floor server (scripts/bench-floor.ts) and
+ * returns the same request aimed at the floor, which replays that answer: the endpoint's shape with
+ * none of its work.
+ */
+async function recordFloor(servers: Servers, e: Endpoint, sample: Response, body: string): Promise<Target> {
+  const headers: Record<string, string> = {};
+  sample.headers.forEach((value, name) => {
+    if (!TRANSPORT_HEADERS.has(name)) headers[name] = value;
+  });
+  const path = `/_floor/${encodeURIComponent(e.name.replace(/[^A-Za-z0-9]+/g, '-'))}`;
+  const put = await fetch(servers.floorBase + path, {
+    method: 'PUT',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ status: sample.status, headers, body }),
+  });
+  if (put.status !== 204) throw new Error(`the floor refused ${e.name}: ${put.status}`);
+  const target = { ...e.target, path };
+  const check = await fetch(servers.floorBase + path, {
+    method: target.method ?? 'GET',
+    headers: target.headers ?? {},
+    ...(target.body !== undefined ? { body: target.body } : {}),
+  });
+  if (check.status !== sample.status || (await check.text()) !== body) {
+    throw new Error(`the floor does not replay ${e.name}`);
+  }
+  return target;
+}
+
+/**
+ * Each endpoint in rounds of (baseline, endpoint, floor), so ratios compare runs seconds apart. The
+ * floor is bare Fastify answering the same request with the endpoint's recorded answer.
+ */
 async function measureEndpoints(servers: Servers, list: Endpoint[], report: Report) {
   progress('warming up the baseline');
   await load(servers.baselineBase, HELLO_WORLD, WARMUP_SECONDS);
   for (const e of list) {
     const step = report.step();
-    const sample = await call(servers.base, e.target.method ?? 'GET', e.target.path, {
+    const sample = await fetch(servers.base + e.target.path, {
+      method: e.target.method ?? 'GET',
       headers: e.target.headers ?? {},
       ...(e.target.body !== undefined ? { body: e.target.body } : {}),
     });
-    if (sample.status !== 200 || !e.check(sample.body)) {
-      throw new Error(`${e.name} answered ${sample.status} ${JSON.stringify(sample.body)}`);
+    const text = await sample.text();
+    let parsed: unknown = text;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      // reported below
     }
+    if (sample.status !== 200 || !e.check(parsed)) {
+      throw new Error(`${e.name} answered ${sample.status} ${text.slice(0, 500)}`);
+    }
+    const floor = await recordFloor(servers, e, sample, text);
     // ROUNDS pairs of (baseline, endpoint), back to back; the row is the pair with the median ratio.
     // On a shared VM a neighbour's burst can halve one run: one pair is an anecdote, three a figure.
     await load(servers.base, e.target, WARMUP_SECONDS);
-    const pairs: { before: Measurement; m: Measurement; ratio: number }[] = [];
+    await load(servers.floorBase, floor, WARMUP_SECONDS);
+    const pairs: { before: Measurement; m: Measurement; ratio: number; floorRatio: number }[] = [];
     for (let round = 1; round <= ROUNDS; round++) {
       const before = await load(servers.baselineBase, HELLO_WORLD, MEASURE_SECONDS, servers.baseline);
       const m = await load(servers.base, e.target, MEASURE_SECONDS, servers.service);
-      pairs.push({ before, m, ratio: m.rps / before.rps });
+      const f = await load(servers.floorBase, floor, MEASURE_SECONDS, servers.floor);
+      pairs.push({ before, m, ratio: m.rps / before.rps, floorRatio: f.rps / before.rps });
       progress(
         `${step} round ${round}/${ROUNDS}: baseline ${fmt.rps(before.rps)} req/s, ${e.name} ` +
-          `${fmt.rps(m.rps)} req/s, ${fmt.ratio(m.rps / before.rps)}, ${fmt.cpu(m)}`,
+          `${fmt.rps(m.rps)} req/s, ${fmt.ratio(m.rps / before.rps)}, ${fmt.cpu(m)}; floor ` +
+          `${fmt.rps(f.rps)} req/s, ${fmt.ratio(f.rps / before.rps)}, ${fmt.cpu(f)}`,
       );
     }
+    const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+    const floorRatio = median(pairs.map((p) => p.floorRatio));
     const { before, m, ratio } = [...pairs].sort((a, b) => a.ratio - b.ratio)[Math.floor(ROUNDS / 2)]!;
     report.baselines.push(before);
     report.disturbance.push(m.otherCores);
@@ -741,6 +817,7 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
       non2xx,
       errors,
       ratio,
+      floorRatio,
       target: `≥ ${e.minRatio}× baseline${e.maxP99Ms !== undefined ? `, p99 ≤ ${e.maxP99Ms} ms` : ''}`,
       pass:
         ratio >= e.minRatio &&
@@ -754,11 +831,16 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
       errors,
       baselineRps: before.rps,
       baselineCpuUsPerRequest: before.cpuUsPerRequest,
-      rounds: pairs.map((p) => ({ baselineRps: p.before.rps, rps: p.m.rps, ratio: p.ratio })),
+      rounds: pairs.map((p) => ({
+        baselineRps: p.before.rps,
+        rps: p.m.rps,
+        ratio: p.ratio,
+        floorRatio: p.floorRatio,
+      })),
     };
     progress(
       `${step} ${e.name}: median ${fmt.ratio(ratio)} baseline (${fmt.rps(m.rps)} req/s, p99 ` +
-        `${fmt.ms(m.p99)} ms), non-2xx ${non2xx}, errors ${errors}, ${fmt.cpu(m)}`,
+        `${fmt.ms(m.p99)} ms), floor ${fmt.ratio(floorRatio)}, non-2xx ${non2xx}, errors ${errors}, ${fmt.cpu(m)}`,
     );
   }
 }
