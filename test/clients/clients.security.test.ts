@@ -131,6 +131,31 @@ describe('app clients: security', () => {
     }
   });
 
+  it('a client that authenticated a moment ago is refused at once when disabled, and served when enabled', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: [] });
+    const token = () =>
+      form(
+        app,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(client.client_id, client.client_secret),
+      );
+    // Authenticated, so this instance remembers the secret's digest.
+    expect((await token()).statusCode).toBe(200);
+    expect((await token()).statusCode).toBe(200);
+    const setStatus = (status: string) =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${client.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status },
+      });
+    expect((await setStatus('disabled')).statusCode).toBe(200);
+    expect((await token()).statusCode).toBe(401);
+    expect((await setStatus('active')).statusCode).toBe(200);
+    expect((await token()).statusCode).toBe(200);
+  });
+
   it('audits failed authentications of a registered client, without the secret', async () => {
     const client = await createClient(app, admin.accessToken, { scopes: [] });
     await app.inject({

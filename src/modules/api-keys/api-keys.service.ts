@@ -13,6 +13,7 @@ import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, isSubset } from '../../lib/permissions.js';
+import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
@@ -94,6 +95,8 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   let timer: NodeJS.Timeout | undefined;
 
   const hash = (secret: string) => keyedHash(deps.pepper, secret);
+  // Keys that matched, by digest: a key presented on every request costs no parse, checksum or HMAC.
+  const verifiedKeys = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
   function loadOnce<T>(
     loading: Map<string, Promise<T>>,
@@ -149,6 +152,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     if (what.all) {
       keys.clear();
       loadingKeys.clear();
+      verifiedKeys.clear();
     }
     if (what.all || what.owners) {
       owners.clear();
@@ -157,6 +161,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     if (what.lookupId) {
       keys.delete(what.lookupId);
       loadingKeys.delete(what.lookupId);
+      verifiedKeys.forget(what.lookupId);
     }
     if (what.userId) {
       owners.delete(what.userId);
@@ -164,22 +169,44 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     }
   }
 
-  async function verify(presented: string): Promise<Verification> {
-    const parsed = parseSecret(API_KEY_FORMAT, presented);
-    if (!parsed) return NOT_FOUND;
-    const row = await cachedKey(parsed.lookupId);
-    if (row === ABSENT) return NOT_FOUND;
-    const now = clock.now().getTime();
-    const presentedHash = hash(parsed.secret);
-    let rotatedOut = false;
-    if (!constantTimeEqual(presentedHash, row.secretHash)) {
-      // Without the secret, nothing about the key's state is revealed.
-      if (!row.previousSecretHash || !constantTimeEqual(presentedHash, row.previousSecretHash))
-        return NOT_FOUND;
-      rotatedOut = !row.previousSecretExpiresAt || row.previousSecretExpiresAt.getTime() <= now;
+  /** The key a presented string is the current or previous secret of, or undefined. */
+  async function match(
+    presented: string,
+    now: number,
+  ): Promise<{ row: ApiKeyRow; previous: boolean } | undefined> {
+    const credential = verifiedKeys.keyOf(presented);
+    const known = verifiedKeys.get(credential, now);
+    if (known) {
+      const row = await cachedKey(known.owner);
+      if (row !== ABSENT) return { row, previous: known.previous };
     }
-    if (row.revokedAt) return invalid('revoked');
+    const generation = verifiedKeys.generation;
+    const parsed = parseSecret(API_KEY_FORMAT, presented);
+    if (!parsed) return undefined;
+    const row = await cachedKey(parsed.lookupId);
+    if (row === ABSENT) return undefined;
+    const presentedHash = hash(parsed.secret);
+    let previous = false;
+    if (!constantTimeEqual(presentedHash, row.secretHash)) {
+      if (!row.previousSecretHash || !constantTimeEqual(presentedHash, row.previousSecretHash))
+        return undefined;
+      previous = true;
+    }
+    // Only "whose secret this is" is remembered; its state is checked on every use below.
+    verifiedKeys.remember(credential, { owner: parsed.lookupId, previous }, generation, now);
+    return { row, previous };
+  }
+
+  async function verify(presented: string): Promise<Verification> {
+    const now = clock.now().getTime();
+    const matched = await match(presented, now);
+    // Without the secret, nothing about the key's state is revealed.
+    if (!matched) return NOT_FOUND;
+    const { row } = matched;
     // A secret replaced by a rotation has expired once its grace is over.
+    const rotatedOut =
+      matched.previous && (!row.previousSecretExpiresAt || row.previousSecretExpiresAt.getTime() <= now);
+    if (row.revokedAt) return invalid('revoked');
     if (rotatedOut || (row.expiresAt && row.expiresAt.getTime() <= now)) return invalid('expired');
     const owner = await cachedOwner(row.ownerId);
     if (!owner.active) return invalid('owner_disabled');

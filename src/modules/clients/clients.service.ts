@@ -13,6 +13,7 @@ import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { type Cursor, paginate } from '../../lib/pagination.js';
 import { isSubset } from '../../lib/permissions.js';
+import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
@@ -78,6 +79,10 @@ export function createClientsService(deps: ClientsServiceDeps) {
   // Client authentication sits on the token and introspection paths; rows are cached briefly and
   // dropped on `client_changed` from any instance (or everything on `resync`).
   const cache = new LRUCache<string, { row: ClientRow | null }>({ max: 10_000, ttl: 60_000 });
+  /** Bumped by every change event: a row read while one came in is not cached. */
+  let epoch = 0;
+  // Secrets that matched, by digest, so a client authenticating on every request costs no HMAC.
+  const verified = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
   const isAdministrator = (caller: ClientCaller) => isSubset(['*'], caller.permissions);
   const visibleTo = (caller: ClientCaller, row: ClientRow) =>
@@ -114,8 +119,9 @@ export function createClientsService(deps: ClientsServiceDeps) {
   async function findCached(clientId: string): Promise<ClientRow | undefined> {
     const hit = cache.get(clientId);
     if (hit) return hit.row ?? undefined;
+    const started = epoch;
     const row = await deps.repo.findByClientId(clientId);
-    cache.set(clientId, { row: row ?? null });
+    if (epoch === started) cache.set(clientId, { row: row ?? null });
     return row;
   }
 
@@ -282,6 +288,15 @@ export function createClientsService(deps: ClientsServiceDeps) {
     > {
       if (clientId.length > MAX_CLIENT_ID_LENGTH || secret.length > MAX_SECRET_LENGTH)
         return { ok: false, reason: 'malformed' };
+      const now = deps.clock.now();
+      const credential = verified.keyOf(clientId, secret);
+      const known = verified.get(credential, now.getTime());
+      if (known?.owner === clientId) {
+        const client = await findCached(clientId);
+        // A previous secret's entry ends with its grace; the client's state is checked every time.
+        if (client?.status === 'active') return { ok: true, client };
+      }
+      const generation = verified.generation;
       const parsed = parseSecret(CLIENT_SECRET_FORMAT, secret);
       if (!CLIENT_ID_PATTERN.test(clientId)) return { ok: false, reason: 'unknown_client' };
       if (!parsed || `${CLIENT_ID_PREFIX}${parsed.lookupId}` !== clientId)
@@ -293,10 +308,20 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const previous =
         client.previousSecretHash !== null &&
         client.previousSecretExpiresAt !== null &&
-        client.previousSecretExpiresAt > deps.clock.now() &&
+        client.previousSecretExpiresAt > now &&
         constantTimeEqual(presented, client.previousSecretHash);
       if (!current && !previous) return { ok: false, reason: 'wrong_secret', client };
       if (client.status !== 'active') return { ok: false, reason: 'disabled', client };
+      verified.remember(
+        credential,
+        {
+          owner: clientId,
+          previous: !current,
+          endsAtMs: current ? undefined : client.previousSecretExpiresAt?.getTime(),
+        },
+        generation,
+        now.getTime(),
+      );
       return { ok: true, client };
     },
 
@@ -304,8 +329,15 @@ export function createClientsService(deps: ClientsServiceDeps) {
     findByClientId: findCached,
 
     handle(event: AuthEvent) {
-      if (event.type === 'client_changed') cache.delete(event.clientId);
-      else if (event.type === 'resync') cache.clear();
+      if (event.type === 'client_changed') {
+        epoch++;
+        cache.delete(event.clientId);
+        verified.forget(event.clientId);
+      } else if (event.type === 'resync') {
+        epoch++;
+        cache.clear();
+        verified.clear();
+      }
     },
   };
 }
