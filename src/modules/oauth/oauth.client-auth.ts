@@ -6,6 +6,8 @@
 
 /** application/x-www-form-urlencoded decoding of one value; undefined when the escapes are malformed. */
 export function formUrlDecode(value: string): string | undefined {
+  // Generated ids and secrets are plain base62: nothing to decode.
+  if (!value.includes('%') && !value.includes('+')) return value;
   try {
     return decodeURIComponent(value.replace(/\+/g, ' '));
   } catch {
