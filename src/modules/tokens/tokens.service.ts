@@ -71,6 +71,9 @@ export function createTokenService(deps: {
   // Signature checks are the expensive part; their result is cached until the token expires.
   // Revocation is checked on every use, so the cache never outlives one.
   const verified = new LRUCache<string, AccessTokenClaims>({ max: 10_000 });
+  // Tokens checked for any audience (introspection, revocation) in a cache of their own, keyed by the
+  // token as received: no per-request key built by concatenating a 700-character string.
+  const verifiedAnyAudience = new LRUCache<string, AccessTokenClaims>({ max: 10_000 });
 
   /** `audience` undefined skips the audience check (the OAuth introspection and revocation endpoints only). */
   async function verifySignature(token: string, audience: string | undefined): Promise<AccessTokenClaims> {
@@ -138,11 +141,13 @@ export function createTokenService(deps: {
     ): Promise<AccessTokenClaims> {
       const audience = options.anyAudience ? undefined : (options.audience ?? deps.audience);
       if (token.length > 8192) throw new AppError('invalid_token');
-      const cacheKey = audience === deps.audience ? token : `${audience ?? '\u0001any'}\u0000${token}`;
-      let claims = verified.get(cacheKey);
+      const cache = audience === undefined ? verifiedAnyAudience : verified;
+      const cacheKey =
+        audience === undefined || audience === deps.audience ? token : `${audience}\u0000${token}`;
+      let claims = cache.get(cacheKey);
       if (claims) {
         if (claims.exp + CLOCK_TOLERANCE_SECONDS <= epochSeconds(deps.clock.now())) {
-          verified.delete(cacheKey);
+          cache.delete(cacheKey);
           throw new AppError('invalid_token', { detail: 'The access token has expired' });
         }
       } else {
@@ -154,7 +159,7 @@ export function createTokenService(deps: {
             detail: expired ? 'The access token has expired' : 'The access token is not valid',
           });
         }
-        verified.set(cacheKey, claims, { ttl: Math.max(1, claims.exp * 1000 - deps.clock.now().getTime()) });
+        cache.set(cacheKey, claims, { ttl: Math.max(1, claims.exp * 1000 - deps.clock.now().getTime()) });
       }
       if (deps.revocations.isRevoked(claims)) {
         throw new AppError('invalid_token', { detail: 'The access token has been revoked' });
