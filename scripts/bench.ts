@@ -3,7 +3,7 @@
  *
  * It starts the service (`node --import tsx src/server.ts`) on a fresh database and the baseline
  * (scripts/bench-baseline.ts) as child processes on loopback, seeds through the HTTP API, then measures
- * each endpoint in three rounds, each right after a baseline run, so a ratio compares two runs seconds
+ * each endpoint in five rounds, each right after a baseline run, so a ratio compares two runs seconds
  * apart, and reports the round with the median ratio. Then the
  * argon2id capacity of the machine with the service's parameters, logins against it, and logins at
  * twice that capacity while introspection runs alongside. It prints a table and writes it as JSON and
@@ -31,9 +31,11 @@ import { ARGON2_OPTIONS } from '../src/identity/passwords.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const CONNECTIONS = 10;
-const MEASURE_SECONDS = 3;
+const MEASURE_SECONDS = 2;
+/** Logins run at ~30–60/s here: long enough for a few hundred. */
+const LOGIN_SECONDS = 5;
 /** Baseline-then-endpoint pairs per endpoint; the median pair is reported. Odd. */
-const ROUNDS = 3;
+const ROUNDS = 5;
 const WARMUP_SECONDS = 1;
 const ARGON2_SECONDS = 3;
 /** Logins alone first, so the hashing queue is full and shedding when introspection is measured. */
@@ -862,7 +864,7 @@ async function measureLogins(servers: Servers, s: Seed, introspect: Endpoint, re
     body: JSON.stringify(s.user),
   };
   await load(servers.base, login, WARMUP_SECONDS);
-  const logins = await load(servers.base, login, MEASURE_SECONDS, servers.service);
+  const logins = await load(servers.base, login, LOGIN_SECONDS, servers.service);
   report.disturbance.push(logins.otherCores);
   // Measured on both sides of the logins, like the baseline beside an endpoint: the reference is what
   // the machine could hash during those seconds, not a minute earlier.
