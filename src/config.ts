@@ -63,6 +63,7 @@ const EnvSchema = z.object({
   DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
   SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(9000),
+  SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(60_000).default(0),
   PASSWORD_HASH_CONCURRENCY: optionalString.pipe(z.coerce.number<string>().int().min(1).max(64).optional()),
   PASSWORD_HASH_QUEUE: z.coerce.number().int().min(0).max(10_000).default(64),
 });
@@ -92,6 +93,14 @@ function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
   const absolute = Number(env.REFRESH_TOKEN_ABSOLUTE_TTL ?? 7_776_000);
   if (idle > absolute)
     issues.push({ path: 'REFRESH_TOKEN_IDLE_TTL', message: 'must not exceed REFRESH_TOKEN_ABSOLUTE_TTL' });
+  // The drain comes out of the shutdown timeout: leave at least a second for the requests in flight.
+  const drain = Number(env.SHUTDOWN_DRAIN_MS ?? 0);
+  const timeout = Number(env.SHUTDOWN_TIMEOUT_MS ?? 9000);
+  if (drain > 0 && drain > timeout - 1000)
+    issues.push({
+      path: 'SHUTDOWN_DRAIN_MS',
+      message: 'must be at least 1000 less than SHUTDOWN_TIMEOUT_MS',
+    });
   return issues;
 }
 
@@ -155,6 +164,8 @@ export interface Config {
   readonly bodyLimit: number;
   readonly db: { poolMax: number; connectTimeoutMs: number; statementTimeoutMs: number };
   readonly shutdownTimeoutMs: number;
+  /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
+  readonly shutdownDrainMs: number;
   readonly passwordHashing: { concurrency: number; queue: number };
 }
 
@@ -247,6 +258,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       statementTimeoutMs: e.DB_STATEMENT_TIMEOUT_MS,
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
+    shutdownDrainMs: e.SHUTDOWN_DRAIN_MS,
     passwordHashing: {
       concurrency:
         e.PASSWORD_HASH_CONCURRENCY ??

@@ -28,12 +28,17 @@ async function main() {
   });
   const app = await buildApp({ config, database, logger });
 
-  // SIGTERM: readiness turns 503 at once, the server stops accepting, in-flight requests finish,
-  // then the pool closes and the process exits 0.
+  // SIGTERM: readiness turns 503 at once; for SHUTDOWN_DRAIN_MS the service keeps serving while the
+  // load balancer notices and stops sending; then the server stops accepting, in-flight requests
+  // finish, the pool closes and the process exits 0.
   closeWithGrace({ delay: config.shutdownTimeoutMs, logger }, async ({ signal, err }) => {
     if (err) logger.error({ err }, 'shutting down after an error');
-    else logger.info({ signal }, 'shutting down');
+    else logger.info({ signal, drainMs: config.shutdownDrainMs }, 'shutting down');
     app.markShuttingDown();
+    if (!err && config.shutdownDrainMs > 0) {
+      await new Promise((r) => setTimeout(r, config.shutdownDrainMs));
+      logger.info('drained; closing the listener');
+    }
     await app.close();
     await database.close();
   });

@@ -115,4 +115,50 @@ describe.runIf(!('reason' in found))('SIGTERM under load', () => {
       });
     await expectAcknowledgedWritesKept(cluster, DATABASE, { users: [...users, ...acknowledged], logins });
   });
+
+  it('with SHUTDOWN_DRAIN_MS, keeps answering everything (readiness 503) until the drain ends, then exits 0', async () => {
+    const drainMs = 1500;
+    // A database of its own: the first service's signing keys are sealed with its own generated key.
+    await cluster.query('CREATE DATABASE auth_drain');
+    const draining = await startService({
+      DATABASE_URL: cluster.url('auth_drain'),
+      LOG_LEVEL: 'info',
+      SHUTDOWN_DRAIN_MS: String(drainMs),
+    });
+    try {
+      const handled = draining.waitForLine(/"msg":"shutting down"/);
+      const signalledAt = performance.now();
+      draining.child.kill('SIGTERM');
+      const handledAt = await handled;
+      // What a balancer and its clients see during the drain: not ready, but served.
+      const during: Outcome[] = [];
+      while (performance.now() < handledAt + drainMs - 300) {
+        during.push(await send(draining.baseUrl, 'GET', '/health/ready', { timeoutMs: 2000 }));
+        during.push(
+          await send(draining.baseUrl, 'POST', '/v1/auth/register', {
+            op: 'register while draining',
+            body: { email: `drain-${randomUUID().slice(0, 8)}@example.test`, password: LOAD_PASSWORD },
+            timeoutMs: 5000,
+          }),
+        );
+      }
+      const exit = await draining.exited;
+      const exitMs = performance.now() - signalledAt;
+      expect(exit.code, draining.lines.join('\n')).toBe(0);
+      expect(exitMs).toBeGreaterThanOrEqual(drainMs);
+      expect(exitMs).toBeLessThan(EXIT_WITHIN_MS);
+      expect(during.length).toBeGreaterThan(2);
+      for (const o of during) {
+        if (o.op === 'register while draining') expect(o.status, describeOutcome(o)).toBe(201);
+        else expect(o.status, describeOutcome(o)).toBe(503);
+      }
+      // The writes acknowledged during the drain are there.
+      const registered = during
+        .filter((o) => o.status === 201)
+        .map((o) => (o.body as { user: { id: string; email: string } }).user);
+      await expectAcknowledgedWritesKept(cluster, 'auth_drain', { users: registered, logins: [] });
+    } finally {
+      await draining.stop();
+    }
+  });
 });

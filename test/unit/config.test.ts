@@ -48,6 +48,13 @@ describe('configuration', () => {
     }
   });
 
+  it('takes a shutdown drain only when it leaves the requests in flight a second of the timeout', () => {
+    expect(load({}).shutdownDrainMs).toBe(0);
+    expect(load({ SHUTDOWN_DRAIN_MS: '5000' }).shutdownDrainMs).toBe(5000);
+    expect(() => load({ SHUTDOWN_DRAIN_MS: '8500' })).toThrow(/SHUTDOWN_DRAIN_MS/);
+    expect(load({ SHUTDOWN_DRAIN_MS: '8500', SHUTDOWN_TIMEOUT_MS: '15000' }).shutdownDrainMs).toBe(8500);
+  });
+
   it('requires KEY_ENCRYPTION_KEY in production', () => {
     expect(() =>
       load({ NODE_ENV: 'production', SECRET_PEPPER: Buffer.alloc(32, 1).toString('base64') }),
