@@ -452,6 +452,8 @@ interface Row {
   ratio: number | null;
   /** The floor's ratio: bare Fastify answering the same request with the same recorded answer. */
   floorRatio?: number | null;
+  /** The floor's CPU time per request in the same round, in µs: what Node and Fastify alone cost. */
+  floorCpuUsPerRequest?: number | null;
   /** CPU time of the server per request (all its threads), in µs. */
   cpuUsPerRequest?: number | null;
   target: string;
@@ -487,6 +489,9 @@ function tableRows(rows: Row[]): string[][] {
     fmt.ratio(r.ratio),
     fmt.ratio(r.floorRatio ?? null),
     r.cpuUsPerRequest === undefined || r.cpuUsPerRequest === null ? '–' : r.cpuUsPerRequest.toFixed(1),
+    r.floorCpuUsPerRequest === undefined || r.floorCpuUsPerRequest === null
+      ? '–'
+      : r.floorCpuUsPerRequest.toFixed(1),
     r.target,
     fmt.pass(r.pass),
   ]);
@@ -502,11 +507,12 @@ const HEADER = [
   'ratio',
   'floor',
   'server CPU µs/req',
+  'floor CPU µs/req',
   'target',
   'result',
 ];
 /** Text columns; the others are figures, aligned right. */
-const TEXT_COLUMNS = new Set([0, 9, 10]);
+const TEXT_COLUMNS = new Set([0, 10, 11]);
 
 function markdownTable(rows: Row[]): string {
   const lines = [
@@ -793,12 +799,24 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
     // On a shared VM a neighbour's burst can halve one run: one pair is an anecdote, three a figure.
     await load(servers.base, e.target, WARMUP_SECONDS);
     await load(servers.floorBase, floor, WARMUP_SECONDS);
-    const pairs: { before: Measurement; m: Measurement; ratio: number; floorRatio: number }[] = [];
+    const pairs: {
+      before: Measurement;
+      m: Measurement;
+      ratio: number;
+      floorRatio: number;
+      floorCpu: number | null;
+    }[] = [];
     for (let round = 1; round <= ROUNDS; round++) {
       const before = await load(servers.baselineBase, HELLO_WORLD, MEASURE_SECONDS, servers.baseline);
       const m = await load(servers.base, e.target, MEASURE_SECONDS, servers.service);
       const f = await load(servers.floorBase, floor, MEASURE_SECONDS, servers.floor);
-      pairs.push({ before, m, ratio: m.rps / before.rps, floorRatio: f.rps / before.rps });
+      pairs.push({
+        before,
+        m,
+        ratio: m.rps / before.rps,
+        floorRatio: f.rps / before.rps,
+        floorCpu: f.cpuUsPerRequest,
+      });
       progress(
         `${step} round ${round}/${ROUNDS}: baseline ${fmt.rps(before.rps)} req/s, ${e.name} ` +
           `${fmt.rps(m.rps)} req/s, ${fmt.ratio(m.rps / before.rps)}, ${fmt.cpu(m)}; floor ` +
@@ -807,7 +825,9 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
     }
     const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
     const floorRatio = median(pairs.map((p) => p.floorRatio));
-    const { before, m, ratio } = [...pairs].sort((a, b) => a.ratio - b.ratio)[Math.floor(ROUNDS / 2)]!;
+    const { before, m, ratio, floorCpu } = [...pairs].sort((a, b) => a.ratio - b.ratio)[
+      Math.floor(ROUNDS / 2)
+    ]!;
     report.baselines.push(before);
     report.disturbance.push(m.otherCores);
     // Any failed request in any round fails the row.
@@ -820,6 +840,7 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
       errors,
       ratio,
       floorRatio,
+      floorCpuUsPerRequest: floorCpu,
       target: `≥ ${e.minRatio}× baseline${e.maxP99Ms !== undefined ? `, p99 ≤ ${e.maxP99Ms} ms` : ''}`,
       pass:
         ratio >= e.minRatio &&
