@@ -219,6 +219,7 @@ export function createServices(deps: ServicesDeps) {
       clock,
     }),
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
+    onClientAuthFailure: (reason) => metrics.clientAuthFailures.inc({ reason }),
   });
 
   events.subscribe((event) => revocations.handle(event));

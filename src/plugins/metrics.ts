@@ -33,6 +33,12 @@ export function createMetrics() {
       labelNames: ['grant'] as const,
       registers: [registry],
     }),
+    clientAuthFailures: new Counter({
+      name: 'auth_client_authentication_failures_total',
+      help: 'Failed OAuth client authentications by reason (throttled: refused before any check)',
+      labelNames: ['reason'] as const,
+      registers: [registry],
+    }),
   };
 }
 

@@ -72,6 +72,17 @@ describe('throttling of failed client authentication', () => {
     }
     expect((await failuresAudited()) - auditedBefore).toBe(CLIENT_AUTH_MAX_FAILURES_PER_MINUTE);
 
+    // Operators see both in the metrics.
+    const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+    const count = (reason: string) =>
+      Number(
+        new RegExp(`auth_client_authentication_failures_total\\{reason="${reason}"\\} (\\d+)`).exec(
+          metrics,
+        )?.[1] ?? 0,
+      );
+    expect(count('wrong_secret')).toBeGreaterThanOrEqual(CLIENT_AUTH_MAX_FAILURES_PER_MINUTE);
+    expect(count('throttled')).toBeGreaterThanOrEqual(4);
+
     // Another address is not affected, and a minute later the first may try again.
     expect((await introspectFrom('203.0.113.10', client.client_secret)).statusCode).toBe(200);
     clock.advance(61);

@@ -106,6 +106,8 @@ export interface OAuthServiceDeps {
    */
   clientAuthFailures: FailureCounter;
   onIssued?: (grant: string) => void;
+  /** A client authentication failed: its reason, or `throttled` when refused before any check. */
+  onClientAuthFailure?: (reason: string) => void;
 }
 
 const INACTIVE: Introspection = { active: false };
@@ -380,6 +382,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       const source = context.ip ?? 'unknown';
       const wait = await deps.clientAuthFailures.retryAfter(source);
       if (wait > 0) {
+        deps.onClientAuthFailure?.('throttled');
         throw new AppError('rate_limited', {
           detail: `Too many failed client authentications from this address; retry in ${wait} s`,
           headers: { 'retry-after': String(wait) },
@@ -388,6 +391,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       const result = await deps.clients.authenticate(clientId, secret);
       if (result.ok) return { kind: 'client', client: result.client };
       await deps.clientAuthFailures.recordFailure(source);
+      deps.onClientAuthFailure?.(result.reason);
       if (result.client) {
         await deps.audit.record(deps.db, context, {
           type: 'client.authentication_failed',
