@@ -161,6 +161,7 @@ export function createServices(deps: ServicesDeps) {
     clock,
     failures,
     maxAccessTtl: config.tokens.maxAccessTtl,
+    logger,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
   });
 

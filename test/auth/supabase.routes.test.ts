@@ -2,6 +2,7 @@ import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { AppError } from '../../src/lib/errors.js';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, PASSWORD, registerUser } from '../support/factories.js';
@@ -88,6 +89,63 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       roles: ['user'],
       profile: { display_name: 'Grace', user_id: supabaseUser!.id },
     });
+  });
+
+  it('a sign-up whose local account does not commit leaves no Supabase user behind, so it can be retried', async () => {
+    const email = uniqueEmail('sb-orphan');
+    const users = app.services.repos.users;
+    const insert = users.insert;
+    // The database fails at the worst moment: after Supabase created the user, before ours commits.
+    users.insert = async () => {
+      throw new AppError('service_unavailable', { detail: 'injected' });
+    };
+    try {
+      const failed = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email, password: PASSWORD },
+      });
+      expect(failed.statusCode, failed.body).toBe(503);
+    } finally {
+      users.insert = insert;
+    }
+    expect([...gotrue.users.values()].some((u) => u.email === email)).toBe(false);
+
+    const again = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: PASSWORD },
+    });
+    expect(again.statusCode, again.body).toBe(201);
+    const id = again.json().user.id;
+    expect(gotrue.users.get(id)?.email).toBe(email);
+    expect((await login(app, email)).user.id).toBe(id);
+  });
+
+  it('keeps the Supabase user when this database has that user after all (never deletes a live account)', async () => {
+    const email = uniqueEmail('sb-known');
+    const provider = app.services.provider;
+    const signUp = provider.signUp;
+    // The local row appears between the two steps (as after a commit whose answer was lost): the
+    // registration's own insert then finds it taken, and the rollback path must leave Supabase alone.
+    provider.signUp = async (...args) => {
+      const result = await signUp.apply(provider, args);
+      await app.services.repos.users.insert({ id: result.user.id, email, provider: 'supabase' });
+      return result;
+    };
+    try {
+      const failed = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email, password: PASSWORD },
+      });
+      expect(failed.statusCode, failed.body).toBe(409);
+    } finally {
+      provider.signUp = signUp;
+    }
+    const remote = [...gotrue.users.values()].find((u) => u.email === email);
+    expect(remote).toBeDefined();
+    expect((await login(app, email)).user.id).toBe(remote?.id);
   });
 
   it('with email confirmation on: 202 with session null, login refused until confirmed, then allowed', async () => {

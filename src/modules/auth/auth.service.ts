@@ -5,6 +5,7 @@ import { addSeconds, type Clock } from '../../lib/clock.js';
 import { AppError, notFound } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { FailureCounter } from '../../lib/throttle.js';
+import type { Logger } from 'pino';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
@@ -21,6 +22,7 @@ export interface AuthServiceDeps {
   clock: Clock;
   failures: FailureCounter;
   maxAccessTtl: number;
+  logger?: Pick<Logger, 'warn'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
 }
 
@@ -30,6 +32,28 @@ const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
 
 export function createAuthService(deps: AuthServiceDeps) {
+  /**
+   * A sign-up the provider accepted but whose local account did not commit (the database failed, or
+   * the email is taken here): the provider's new user is removed again, so the address can register
+   * once more instead of meeting an account that exists on one side only. Only when this database
+   * surely has no such user: if it cannot say (it is the one failing), or the row is there after all
+   * (a commit whose answer was lost), the provider's user stays — a sign-in re-creates the local row.
+   */
+  async function discardProviderUser(userId: string) {
+    let known: boolean;
+    try {
+      known = (await deps.users.findById(userId)) !== undefined;
+    } catch {
+      return;
+    }
+    if (known) return;
+    try {
+      await deps.provider.deleteUser(userId);
+    } catch (err) {
+      deps.logger?.warn({ err, userId }, 'could not remove the provider user of a failed sign-up');
+    }
+  }
+
   /** The local row of a provider user, created (with the `user` role and a profile) when missing. */
   async function ensureLocalUser(pu: ProviderUser, context: RequestContext): Promise<UserRow> {
     const existing = await deps.users.findById(pu.id);
@@ -106,7 +130,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       const email = normalizeEmail(input.email);
       checkPasswordStrength(input.password, email);
       const signedUp = await deps.provider.signUp(email, input.password);
-      const { user, refreshToken, sessionId } = await inTransaction(deps.db, deps.events, async (tx) => {
+      const local = inTransaction(deps.db, deps.events, async (tx) => {
         const row = await deps.users.insert(
           {
             id: signedUp.user.id,
@@ -129,6 +153,11 @@ export function createAuthService(deps: AuthServiceDeps) {
         if (!signedUp.confirmed) return { user: row, refreshToken: null, sessionId: null };
         const started = await deps.sessions.start(tx, row, { ip: context.ip, userAgent: context.userAgent });
         return { user: row, refreshToken: started.refreshToken, sessionId: started.session.id };
+      });
+      const { user, refreshToken, sessionId } = await local.catch(async (err: unknown) => {
+        // The local provider keeps nothing outside this database; another one may have.
+        if (deps.provider.name !== 'local') await discardProviderUser(signedUp.user.id);
+        throw err;
       });
       const session =
         refreshToken && sessionId ? await deps.sessions.tokensFor(user, sessionId, refreshToken) : null;
