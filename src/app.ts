@@ -145,13 +145,17 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       crossOriginResourcePolicy: { policy: 'same-site' },
     },
   });
-  await app.register(cors, {
-    origin: config.corsOrigins.length === 0 ? false : config.corsOrigins,
-    credentials: true,
-    methods: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'],
-    allowedHeaders: ['authorization', 'content-type', 'x-api-key', 'x-request-id'],
-    exposedHeaders: ['x-request-id', 'retry-after', 'www-authenticate'],
-  });
+  // Browsers on the configured origins only. With none, there is no CORS at all: no headers, no
+  // preflight route (OPTIONS answers 404 like any unknown route), and no per-request CORS work.
+  if (config.corsOrigins.length > 0) {
+    await app.register(cors, {
+      origin: config.corsOrigins,
+      credentials: true,
+      methods: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'],
+      allowedHeaders: ['authorization', 'content-type', 'x-api-key', 'x-request-id'],
+      exposedHeaders: ['x-request-id', 'retry-after', 'www-authenticate'],
+    });
+  }
   await app.register(formbody, { bodyLimit: config.bodyLimit });
   await app.register(metricsPlugin, { metrics: services.metrics });
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });

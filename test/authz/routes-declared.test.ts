@@ -6,7 +6,8 @@ import { ALL_ROUTES } from './routes.js';
 describe('every route declares its access', () => {
   let app: FastifyInstance;
   beforeAll(async () => {
-    app = await buildTestApp();
+    // With CORS origins, so the preflight route exists too.
+    app = await buildTestApp({ env: { CORS_ORIGINS: 'https://app.example.test' } });
   });
 
   const own = (url: string) => !url.startsWith('/docs');
