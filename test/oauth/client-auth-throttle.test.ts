@@ -7,13 +7,16 @@ import { createAdmin } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 /**
- * Failed client authentications are throttled per IP on every /oauth endpoint, so an attacker with a
- * real client_id cannot make each request write an audit row; callers that authenticate are never
- * counted, whatever their rate.
+ * Failed client authentications are throttled per IP and client_id on every /oauth endpoint, so an
+ * attacker with a real client_id cannot make each request write an audit row; callers that
+ * authenticate are never counted, whatever their rate, and other clients behind the same address
+ * (one NAT, one proxy) are not locked out by one client retrying a stale secret.
  */
 describe('throttling of failed client authentication', () => {
   let app: FastifyInstance;
   let client: CreatedClient;
+  /** Another client calling from the same address. */
+  let neighbour: CreatedClient;
   /** A well-formed secret of `client` that no longer authenticates: a failure of a registered client. */
   let oldSecret: string;
   const clock = createTestClock();
@@ -22,6 +25,7 @@ describe('throttling of failed client authentication', () => {
     app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'true' }, deps: { clock } });
     const admin = await createAdmin(app);
     client = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    neighbour = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
     oldSecret = client.client_secret;
     const rotated = await app.inject({
       method: 'POST',
@@ -49,7 +53,7 @@ describe('throttling of failed client authentication', () => {
       (e) => e.subjectId === client.id,
     ).length;
 
-  it('answers 429 with Retry-After once an IP has failed too often, before any lookup or audit row', async () => {
+  it('answers 429 with Retry-After once a client has failed too often from an IP, before any lookup or audit row', async () => {
     const attacker = '203.0.113.9';
     const auditedBefore = await failuresAudited();
     for (let i = 0; i < CLIENT_AUTH_MAX_FAILURES_PER_MINUTE; i++) {
@@ -83,7 +87,19 @@ describe('throttling of failed client authentication', () => {
     expect(count('wrong_secret')).toBeGreaterThanOrEqual(CLIENT_AUTH_MAX_FAILURES_PER_MINUTE);
     expect(count('throttled')).toBeGreaterThanOrEqual(4);
 
-    // Another address is not affected, and a minute later the first may try again.
+    // Another client from the same address and the same client from another address are not
+    // affected, and a minute later the first may try again.
+    const fromNeighbour = await app.inject({
+      method: 'POST',
+      url: '/oauth/introspect',
+      remoteAddress: attacker,
+      headers: {
+        'content-type': 'application/x-www-form-urlencoded',
+        ...basic(neighbour.client_id, neighbour.client_secret),
+      },
+      payload: 'token=x.y.z',
+    });
+    expect(fromNeighbour.statusCode).toBe(200);
     expect((await introspectFrom('203.0.113.10', client.client_secret)).statusCode).toBe(200);
     clock.advance(61);
     expect((await introspectFrom(attacker, client.client_secret)).statusCode).toBe(200);

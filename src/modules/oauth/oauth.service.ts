@@ -20,7 +20,7 @@ import {
 } from '../tokens/tokens.service.js';
 
 export const INTROSPECT_PERMISSION = 'tokens:introspect';
-/** Failed client authentications an IP may make per minute on one instance before it gets 429. */
+/** Failed authentications of one client_id from one IP per minute, on one instance, before 429. */
 export const CLIENT_AUTH_MAX_FAILURES_PER_MINUTE = 30;
 const API_KEY_PREFIX = 'pak_';
 const REFRESH_TOKEN_PREFIX = 'prt_';
@@ -100,9 +100,11 @@ export interface OAuthServiceDeps {
   maxAccessTtl: number;
   apiKeys?: ApiKeyTokenPort | undefined;
   /**
-   * Failed client authentications per caller IP (every /oauth endpoint). Only failures count, so a
-   * resource server introspecting on every request is never slowed; past the limit the IP gets 429
-   * before any lookup, which also bounds the audit rows failures write.
+   * Failed client authentications per caller IP and client_id (every /oauth endpoint). Only failures
+   * count, so a resource server introspecting on every request is never slowed; past the limit that
+   * client_id from that IP gets 429 before any lookup, which also bounds the audit rows failures
+   * write. Keyed by the pair, not the IP alone: services behind one NAT or proxy share an address, and
+   * one of them retrying a stale secret must not lock the others out.
    */
   clientAuthFailures: FailureCounter;
   onIssued?: (grant: string) => void;
@@ -379,12 +381,12 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       secret: string,
       context: RequestContext,
     ): Promise<OAuthCaller> {
-      const source = context.ip ?? 'unknown';
+      const source = `${context.ip ?? 'unknown'} ${clientId.slice(0, 64)}`;
       const wait = await deps.clientAuthFailures.retryAfter(source);
       if (wait > 0) {
         deps.onClientAuthFailure?.('throttled');
         throw new AppError('rate_limited', {
-          detail: `Too many failed client authentications from this address; retry in ${wait} s`,
+          detail: `Too many failed authentications of this client from this address; retry in ${wait} s`,
           headers: { 'retry-after': String(wait) },
         });
       }
