@@ -1,4 +1,3 @@
-import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
@@ -13,6 +12,7 @@ import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, isSubset } from '../../lib/permissions.js';
+import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
@@ -55,10 +55,6 @@ const DEFAULT_CACHE_MAX = 10_000;
 const DEFAULT_CACHE_TTL_MS = 5_000;
 const DEFAULT_FLUSH_INTERVAL_MS = 60_000;
 
-/** Marks a lookup id known to have no key, so repeated unknown keys do not reach the database either. */
-const ABSENT = Symbol('absent');
-type KeyEntry = ApiKeyRow | typeof ABSENT;
-
 const invalid = (reason: InvalidReason): Verification => ({ valid: false, reason });
 const NOT_FOUND = invalid('not_found');
 
@@ -73,21 +69,24 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   const { repo, clock } = deps;
   const cacheOptions = {
     max: deps.cache?.max ?? DEFAULT_CACHE_MAX,
-    ttl: deps.cache?.ttlMs ?? DEFAULT_CACHE_TTL_MS,
-    // TTLs follow the injected clock, so tests can step past them; read it on every check rather
-    // than lru-cache's default of one timer per millisecond.
-    perf: { now: () => clock.now().getTime() },
-    ttlResolution: 0,
+    ttlMs: deps.cache?.ttlMs ?? DEFAULT_CACHE_TTL_MS,
+    clock,
   };
-  const keys = new LRUCache<string, { entry: KeyEntry }>(cacheOptions);
-  const owners = new LRUCache<string, OwnerState>(cacheOptions);
-  const loadingKeys = new Map<string, Promise<KeyEntry>>();
-  const loadingOwners = new Map<string, Promise<OwnerState>>();
-  /**
-   * Bumped by every invalidation. A read that started before one may hold the old row, so it
-   * answers its own request but is not cached: a revocation is never undone by a slow read.
-   */
-  let epoch = 0;
+  // A lookup id with no key is cached too (undefined), so repeated unknown keys stay off the database.
+  const keys = createReadThroughCache<ApiKeyRow | undefined>({
+    ...cacheOptions,
+    load: (lookupId) => repo.findByLookupId(lookupId),
+  });
+  const owners = createReadThroughCache<OwnerState>({
+    ...cacheOptions,
+    load: async (userId) => {
+      const [user, held] = await Promise.all([
+        deps.users.findById(userId),
+        deps.users.rolesAndPermissions(userId),
+      ]);
+      return { active: user?.status === 'active', permissions: held.permissions };
+    },
+  });
 
   /** Last-use times (ms) waiting for the next flush, by key id. */
   const usage = new Map<string, number>();
@@ -98,75 +97,17 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   // Keys that matched, by digest: a key presented on every request costs no parse, checksum or HMAC.
   const verifiedKeys = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
-  function loadOnce<T>(
-    loading: Map<string, Promise<T>>,
-    id: string,
-    read: () => Promise<T>,
-    store: (value: T) => void,
-  ): Promise<T> {
-    const pending = loading.get(id);
-    if (pending) return pending;
-    const started = epoch;
-    const promise = read()
-      .then((value) => {
-        if (epoch === started) store(value);
-        return value;
-      })
-      .finally(() => {
-        if (loading.get(id) === promise) loading.delete(id);
-      });
-    loading.set(id, promise);
-    return promise;
-  }
-
-  async function cachedKey(lookupId: string): Promise<KeyEntry> {
-    const hit = keys.get(lookupId);
-    if (hit) return hit.entry;
-    return loadOnce(
-      loadingKeys,
-      lookupId,
-      async () => (await repo.findByLookupId(lookupId)) ?? ABSENT,
-      (entry) => keys.set(lookupId, { entry }),
-    );
-  }
-
-  async function cachedOwner(userId: string): Promise<OwnerState> {
-    const hit = owners.get(userId);
-    if (hit) return hit;
-    return loadOnce(
-      loadingOwners,
-      userId,
-      async () => {
-        const [user, held] = await Promise.all([
-          deps.users.findById(userId),
-          deps.users.rolesAndPermissions(userId),
-        ]);
-        return { active: user?.status === 'active', permissions: held.permissions };
-      },
-      (state) => owners.set(userId, state),
-    );
-  }
-
   function invalidate(what: { lookupId?: string; userId?: string; owners?: true; all?: true }) {
-    epoch++;
     if (what.all) {
       keys.clear();
-      loadingKeys.clear();
       verifiedKeys.clear();
     }
-    if (what.all || what.owners) {
-      owners.clear();
-      loadingOwners.clear();
-    }
+    if (what.all || what.owners) owners.clear();
     if (what.lookupId) {
       keys.delete(what.lookupId);
-      loadingKeys.delete(what.lookupId);
       verifiedKeys.forget(what.lookupId);
     }
-    if (what.userId) {
-      owners.delete(what.userId);
-      loadingOwners.delete(what.userId);
-    }
+    if (what.userId) owners.delete(what.userId);
   }
 
   /** The key a presented string is the current or previous secret of, or undefined. */
@@ -177,14 +118,14 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const credential = verifiedKeys.keyOf(presented);
     const known = verifiedKeys.get(credential, now);
     if (known) {
-      const row = await cachedKey(known.owner);
-      if (row !== ABSENT) return { row, previous: known.previous };
+      const row = await keys.get(known.owner);
+      if (row) return { row, previous: known.previous };
     }
     const generation = verifiedKeys.generation;
     const parsed = parseSecret(API_KEY_FORMAT, presented);
     if (!parsed) return undefined;
-    const row = await cachedKey(parsed.lookupId);
-    if (row === ABSENT) return undefined;
+    const row = await keys.get(parsed.lookupId);
+    if (!row) return undefined;
     const presentedHash = hash(parsed.secret);
     let previous = false;
     if (!constantTimeEqual(presentedHash, row.secretHash)) {
@@ -208,7 +149,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       matched.previous && (!row.previousSecretExpiresAt || row.previousSecretExpiresAt.getTime() <= now);
     if (row.revokedAt) return invalid('revoked');
     if (rotatedOut || (row.expiresAt && row.expiresAt.getTime() <= now)) return invalid('expired');
-    const owner = await cachedOwner(row.ownerId);
+    const owner = await owners.get(row.ownerId);
     if (!owner.active) return invalid('owner_disabled');
     usage.set(row.id, now);
     return { valid: true, key: row, scopes: intersectPermissions(row.scopes, owner.permissions) };

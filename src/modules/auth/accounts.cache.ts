@@ -1,6 +1,6 @@
-import { LRUCache } from 'lru-cache';
 import type { Clock } from '../../lib/clock.js';
 import type { AuthEvent } from '../../lib/events.js';
+import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { type ProfilesRepository, toProfileDto } from '../profiles/profiles.repository.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import { toUserDto } from './auth.schema.js';
@@ -33,20 +33,6 @@ const ABSENT = null;
  * every instance. So the view is read once (three queries) and served from memory until then.
  */
 export function createAccountsCache(deps: AccountsCacheDeps) {
-  const cache = new LRUCache<string, { view: AccountView | typeof ABSENT }>({
-    max: deps.max ?? DEFAULT_MAX,
-    ttl: deps.ttlMs ?? DEFAULT_TTL_MS,
-    // The injected clock drives expiry, so tests can step past it.
-    perf: { now: () => deps.clock.now().getTime() },
-    ttlResolution: 0,
-  });
-  const loading = new Map<string, Promise<AccountView | typeof ABSENT>>();
-  /**
-   * Bumped by every invalidation. A read that started before one may hold the old rows: it answers its
-   * own request but is not cached, so a change is never undone by a slow read.
-   */
-  let epoch = 0;
-
   async function read(userId: string): Promise<AccountView | typeof ABSENT> {
     const user = await deps.users.findById(userId);
     if (!user) return ABSENT;
@@ -62,40 +48,27 @@ export function createAccountsCache(deps: AccountsCacheDeps) {
     });
   }
 
+  const cache = createReadThroughCache({
+    load: read,
+    max: deps.max ?? DEFAULT_MAX,
+    ttlMs: deps.ttlMs ?? DEFAULT_TTL_MS,
+    clock: deps.clock,
+  });
+
   return {
     /** The account's view, or undefined when there is no such user. */
     async get(userId: string): Promise<AccountView | undefined> {
-      const hit = cache.get(userId);
-      if (hit) return hit.view ?? undefined;
-      let pending = loading.get(userId);
-      if (!pending) {
-        const started = epoch;
-        const promise = read(userId)
-          .then((view) => {
-            if (epoch === started) cache.set(userId, { view });
-            return view;
-          })
-          .finally(() => {
-            if (loading.get(userId) === promise) loading.delete(userId);
-          });
-        loading.set(userId, promise);
-        pending = promise;
-      }
-      return (await pending) ?? undefined;
+      return (await cache.get(userId)) ?? undefined;
     },
 
     handle(event: AuthEvent) {
       switch (event.type) {
         case 'user_changed':
-          epoch++;
           cache.delete(event.userId);
-          loading.delete(event.userId);
           return;
         case 'roles_changed':
         case 'resync':
-          epoch++;
           cache.clear();
-          loading.clear();
           return;
       }
     },

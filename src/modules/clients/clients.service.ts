@@ -1,4 +1,3 @@
-import { LRUCache } from 'lru-cache';
 import type { Database } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import {
@@ -13,6 +12,7 @@ import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { type Cursor, paginate } from '../../lib/pagination.js';
 import { isSubset } from '../../lib/permissions.js';
+import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
@@ -78,9 +78,12 @@ export function createClientsService(deps: ClientsServiceDeps) {
   const hash = (secret: string) => keyedHash(deps.pepper, secret);
   // Client authentication sits on the token and introspection paths; rows are cached briefly and
   // dropped on `client_changed` from any instance (or everything on `resync`).
-  const cache = new LRUCache<string, { row: ClientRow | null }>({ max: 10_000, ttl: 60_000 });
-  /** Bumped by every change event: a row read while one came in is not cached. */
-  let epoch = 0;
+  const cache = createReadThroughCache<ClientRow | undefined>({
+    load: (clientId) => deps.repo.findByClientId(clientId),
+    max: 10_000,
+    ttlMs: 60_000,
+    clock: deps.clock,
+  });
   // Secrets that matched, by digest, so a client authenticating on every request costs no HMAC.
   const verified = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
@@ -116,14 +119,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
     return deps.revocations.revoke(tx, 'subject', clientId, addSeconds(deps.clock.now(), deps.maxAccessTtl));
   }
 
-  async function findCached(clientId: string): Promise<ClientRow | undefined> {
-    const hit = cache.get(clientId);
-    if (hit) return hit.row ?? undefined;
-    const started = epoch;
-    const row = await deps.repo.findByClientId(clientId);
-    if (epoch === started) cache.set(clientId, { row: row ?? null });
-    return row;
-  }
+  const findCached = (clientId: string) => cache.get(clientId);
 
   return {
     async create(caller: ClientCaller, input: CreateClientInput, context: RequestContext) {
@@ -330,11 +326,9 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
     handle(event: AuthEvent) {
       if (event.type === 'client_changed') {
-        epoch++;
         cache.delete(event.clientId);
         verified.forget(event.clientId);
       } else if (event.type === 'resync') {
-        epoch++;
         cache.clear();
         verified.clear();
       }

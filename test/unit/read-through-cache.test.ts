@@ -1,0 +1,62 @@
+import { describe, expect, it } from 'vitest';
+import { createReadThroughCache } from '../../src/lib/read-through-cache.js';
+import { createTestClock } from '../support/clock.js';
+
+describe('read-through cache (the hot paths’ rows, dropped by change events)', () => {
+  function setup() {
+    const reads: string[] = [];
+    const pending: Array<(value: string | undefined) => void> = [];
+    const clock = createTestClock();
+    const cache = createReadThroughCache<string | undefined>({
+      load: (key) => {
+        reads.push(key);
+        return new Promise((resolve) => pending.push(resolve));
+      },
+      max: 10,
+      ttlMs: 5_000,
+      clock,
+    });
+    return { cache, reads, pending, clock };
+  }
+
+  it('reads once for concurrent callers, then serves from memory, absent values included', async () => {
+    const { cache, reads, pending } = setup();
+    const a = cache.get('k');
+    const b = cache.get('k');
+    pending.shift()?.(undefined);
+    expect(await a).toBeUndefined();
+    expect(await b).toBeUndefined();
+    expect(await cache.get('k')).toBeUndefined();
+    expect(reads).toEqual(['k']);
+  });
+
+  it('does not cache a read that was in flight when the key was invalidated', async () => {
+    const { cache, reads, pending } = setup();
+    const stale = cache.get('k');
+    cache.delete('k');
+    pending.shift()?.('old');
+    expect(await stale).toBe('old');
+    const fresh = cache.get('k');
+    pending.shift()?.('new');
+    expect(await fresh).toBe('new');
+    expect(await cache.get('k')).toBe('new');
+    expect(reads).toEqual(['k', 'k']);
+  });
+
+  it('expires entries by the injected clock, and clear() drops everything', async () => {
+    const { cache, reads, pending, clock } = setup();
+    const first = cache.get('k');
+    pending.shift()?.('v');
+    await first;
+    clock.advance(6);
+    const again = cache.get('k');
+    pending.shift()?.('v2');
+    expect(await again).toBe('v2');
+    cache.clear();
+    expect(cache.size).toBe(0);
+    const third = cache.get('k');
+    pending.shift()?.('v3');
+    expect(await third).toBe('v3');
+    expect(reads).toEqual(['k', 'k', 'k']);
+  });
+});
