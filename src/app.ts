@@ -25,7 +25,7 @@ import { oauthRoutes } from './modules/oauth/oauth.routes.js';
 import authenticate, { requestContext } from './plugins/authenticate.js';
 import errorHandler from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
-import openapi from './plugins/openapi.js';
+import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
 import securityHeaders from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
@@ -124,7 +124,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(errorHandler, { renderers: [{ prefix: '/oauth/', render: renderOAuthError }] });
   // The REST header set on API answers, helmet's on Swagger UI's pages; both computed once at start.
   await app.register(securityHeaders, {
-    documentsPrefix: '/docs',
+    documentsPrefix: DOCS_PREFIX,
     helmet: {
       contentSecurityPolicy: {
         directives: {

@@ -1,5 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
+import { API_KEY_FORMAT } from '../lib/crypto.js';
 import { AppError } from '../lib/errors.js';
 import { hasPermission } from '../lib/permissions.js';
 import type { RequestContext } from '../modules/audit/audit.service.js';
@@ -38,7 +39,8 @@ export type Principal =
 /** Resolves an API key string to its principal, or undefined when it is not a valid key. */
 export type ApiKeyResolver = (key: string) => Promise<Principal | undefined>;
 
-export const API_KEY_PREFIX = 'pak_';
+/** How an API key begins (the format is in lib/crypto.ts), as against an access token. */
+export const API_KEY_PREFIX = `${API_KEY_FORMAT.prefix}_`;
 
 export interface AuthenticateOptions {
   tokens: TokenService;

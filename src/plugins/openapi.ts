@@ -4,6 +4,9 @@ import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 
+/** Where Swagger UI and its assets are served: HTML pages, unlike every other route. */
+export const DOCS_PREFIX = '/docs';
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -59,10 +62,10 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
 
   // Swagger UI's own routes (HTML, assets) are public documentation.
   app.addHook('onRoute', (route) => {
-    if (route.url.startsWith('/docs')) route.config = { ...(route.config ?? {}), public: true };
+    if (route.url.startsWith(DOCS_PREFIX)) route.config = { ...(route.config ?? {}), public: true };
   });
   await app.register(swaggerUi, {
-    routePrefix: '/docs',
+    routePrefix: DOCS_PREFIX,
     uiConfig: { persistAuthorization: true, deepLinking: true, tryItOutEnabled: true },
     staticCSP: false,
   });

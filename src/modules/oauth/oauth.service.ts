@@ -1,11 +1,12 @@
 import { decodeJwt } from 'jose';
 import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
+import { REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, isSubset } from '../../lib/permissions.js';
-import type { Principal } from '../../plugins/authenticate.js';
+import { API_KEY_PREFIX, type Principal } from '../../plugins/authenticate.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
@@ -22,8 +23,7 @@ import {
 export const INTROSPECT_PERMISSION = 'tokens:introspect';
 /** Failed authentications of one client_id from one IP per minute, on one instance, before 429. */
 export const CLIENT_AUTH_MAX_FAILURES_PER_MINUTE = 30;
-const API_KEY_PREFIX = 'pak_';
-const REFRESH_TOKEN_PREFIX = 'prt_';
+const REFRESH_TOKEN_PREFIX = `${REFRESH_TOKEN_FORMAT.prefix}_`;
 /** Longer than any token this service issues; the body limit bounds it anyway. */
 const MAX_TOKEN_LENGTH = 8192;
 

@@ -166,15 +166,6 @@ export function createTokenService(deps: {
       }
       return claims;
     },
-
-    /** Verifies without throwing (introspection); undefined for anything invalid. */
-    async tryVerify(token: string, audience?: string): Promise<AccessTokenClaims | undefined> {
-      try {
-        return await this.verify(token, audience ? { audience } : {});
-      } catch {
-        return undefined;
-      }
-    },
   };
 }
 
