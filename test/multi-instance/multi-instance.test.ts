@@ -213,6 +213,30 @@ describe('several instances on one database: revocations reach every instance wi
     );
   });
 
+  it('an API key rotated on A without grace: B refuses the old secret (it had remembered) and takes the new', async () => {
+    const user = await registerUser(a, 'mi-apikey-rotate');
+    const created = await a.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'multi-instance rotation', scopes: ['account:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const { id, key } = created.json() as { id: string; key: string };
+    const onB = (k: string) => b.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': k } });
+    // B verifies the secret and remembers that it matched.
+    expect((await onB(key)).statusCode).toBe(200);
+    expect((await onB(key)).statusCode).toBe(200);
+    const rotated = await a.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${id}/rotate`,
+      headers: bearer(user.accessToken),
+    });
+    expect(rotated.statusCode, rotated.body).toBe(200);
+    expect(await msUntil(async () => (await onB(key)).statusCode === 401)).toBeLessThan(PROPAGATION_LIMIT_MS);
+    expect((await onB(rotated.json().key)).statusCode).toBe(200);
+  });
+
   it('a role removed on A takes its permission from the owner’s API key on B', async () => {
     const admin = await createAdmin(a);
     const role = `mi-readers-${randomUUID().slice(0, 8)}`;
