@@ -2,19 +2,9 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { expect } from 'vitest';
 import { roles } from '../../src/db/schema/index.js';
-import type { Clock } from '../../src/lib/clock.js';
 import { bearer } from '../support/http.js';
 
-/** The wall clock plus an offset the test moves forward, instead of sleeping. */
-export function createTestClock(): Clock & { advance(seconds: number): void } {
-  let offsetMs = 0;
-  return {
-    now: () => new Date(Date.now() + offsetMs),
-    advance(seconds: number) {
-      offsetMs += seconds * 1000;
-    },
-  };
-}
+export { createTestClock } from '../support/clock.js';
 
 export interface CreatedKey {
   id: string;
