@@ -13,6 +13,11 @@ describe('users and roles administration', () => {
     admin = await createAdmin(app);
   });
   const asAdmin = () => bearer(admin.accessToken);
+  /** The newest audit events of a type, through the API as an administrator reads them. */
+  const auditEventsOf = async (type: string) =>
+    (
+      await app.inject({ method: 'GET', url: `/v1/audit-events?type=${type}&limit=200`, headers: asAdmin() })
+    ).json().data as Array<{ subject_id: string; outcome: string; data: Record<string, unknown> }>;
 
   it('creates a role, grants it, and the user can list users after refreshing — and not after it is removed', async () => {
     const roleName = `reader-${Date.now().toString(36)}`;
@@ -76,27 +81,10 @@ describe('users and roles administration', () => {
     });
     expect(denied.statusCode).toBe(403);
 
-    const events = (
-      await app.inject({
-        method: 'GET',
-        url: `/v1/audit-events?type=role.granted&limit=200`,
-        headers: asAdmin(),
-      })
-    ).json();
-    expect(
-      events.data.some(
-        (e: { subject_id: string; data: { role: string } }) =>
-          e.subject_id === user.id && e.data.role === roleName,
-      ),
-    ).toBe(true);
-    const removals = (
-      await app.inject({
-        method: 'GET',
-        url: `/v1/audit-events?type=role.removed&limit=200`,
-        headers: asAdmin(),
-      })
-    ).json();
-    expect(removals.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(true);
+    const events = await auditEventsOf('role.granted');
+    expect(events.some((e) => e.subject_id === user.id && e.data.role === roleName)).toBe(true);
+    const removals = await auditEventsOf('role.removed');
+    expect(removals.some((e) => e.subject_id === user.id)).toBe(true);
   });
 
   it('lists users with search and cursor pagination', async () => {
@@ -154,22 +142,10 @@ describe('users and roles administration', () => {
       payload: { email: user.email, password: PASSWORD },
     });
     expect(refused.statusCode).toBe(401);
-    const audit = (
-      await app.inject({ method: 'GET', url: `/v1/audit-events?type=user.disabled`, headers: asAdmin() })
-    ).json();
-    expect(audit.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(true);
-    const failed = (
-      await app.inject({
-        method: 'GET',
-        url: `/v1/audit-events?type=auth.login&limit=200`,
-        headers: asAdmin(),
-      })
-    ).json();
-    expect(
-      failed.data.some(
-        (e: { subject_id: string; outcome: string }) => e.subject_id === user.id && e.outcome === 'failure',
-      ),
-    ).toBe(true);
+    const audit = await auditEventsOf('user.disabled');
+    expect(audit.some((e) => e.subject_id === user.id)).toBe(true);
+    const failed = await auditEventsOf('auth.login');
+    expect(failed.some((e) => e.subject_id === user.id && e.outcome === 'failure')).toBe(true);
 
     // A second after the disable, a re-enabled user's new tokens are not caught by the old revocation.
     await atTime(app, new Date(Date.now() + 2000), async () => {
@@ -205,10 +181,8 @@ describe('users and roles administration', () => {
       roles: [],
       permissions: [],
     });
-    const audit = (
-      await app.inject({ method: 'GET', url: `/v1/audit-events?type=user.deleted`, headers: asAdmin() })
-    ).json();
-    expect(audit.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(true);
+    const audit = await auditEventsOf('user.deleted');
+    expect(audit.some((e) => e.subject_id === user.id)).toBe(true);
     expect(
       (await app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: asAdmin() })).statusCode,
     ).toBe(404);
@@ -351,14 +325,8 @@ describe('users and roles administration', () => {
       spy.mockRestore();
     }
     expect((await app.services.repos.users.rolesAndPermissions(user.id)).roles).toEqual(['user']);
-    const events = (
-      await app.inject({
-        method: 'GET',
-        url: `/v1/audit-events?type=role.granted&limit=200`,
-        headers: asAdmin(),
-      })
-    ).json();
-    expect(events.data.some((e: { subject_id: string }) => e.subject_id === user.id)).toBe(false);
+    const events = await auditEventsOf('role.granted');
+    expect(events.some((e) => e.subject_id === user.id)).toBe(false);
   });
 
   it('answers authz checks for services', async () => {
