@@ -1,12 +1,14 @@
 import { randomUUID } from 'node:crypto';
 import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
+import { parse as parseForm } from 'fast-querystring';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
 import { type Clock, systemClock } from './lib/clock.js';
 import { lazyChildLogger } from './lib/logger.js';
+import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { IdentityProvider } from './identity/provider.js';
@@ -27,7 +29,7 @@ import errorHandler from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
-import securityHeaders from './plugins/security-headers.js';
+import securityHeaders, { API_SECURITY_HEADERS } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
 
 export interface AppDeps {
@@ -57,7 +59,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const clock = deps.clock ?? systemClock;
   let shuttingDown = false;
 
-  const app = Fastify({
+  const app: FastifyInstance = Fastify({
     loggerInstance: deps.logger as FastifyBaseLogger,
     childLoggerFactory: (logger, bindings, options) => lazyChildLogger(logger as Logger, bindings, options),
     bodyLimit: config.bodyLimit,
@@ -73,9 +75,26 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     return503OnClosing: true,
     forceCloseConnections: 'idle',
     routerOptions: { maxParamLength: 200 },
+    // A URL the router refuses before any route runs (bad percent-encoding, a path parameter over
+    // maxParamLength) is answered by the service's own error handler, in its error format, with the
+    // headers every API answer carries: no hook runs for it.
+    frameworkErrors: (error, request, reply) => {
+      reply.headers(API_SECURITY_HEADERS).header('x-request-id', request.id);
+      return app.errorHandler(error, request, reply);
+    },
   });
   // JSON everywhere (and form bodies for /oauth, below); anything else is a 415.
   app.removeContentTypeParser('text/plain');
+  // Fastify's own JSON parser (with the poisoning checks above), then the NUL check of lib/nul-characters.
+  const parseJson = app.getDefaultJsonParser('error', 'error');
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, text, done) => {
+    parseJson(request, text as string, (err, value) => {
+      if (err || !jsonMayHoldNul(text as string)) return done(err, value);
+      const fields = nulFields(value, 'body');
+      return fields.length > 0 ? done(nulError(fields)) : done(null, value);
+    });
+  });
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
 
@@ -104,6 +123,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // Synchronous: an async hook costs a promise and a microtask turn on every request.
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id);
+    if (urlEncodedMayHoldNul(request.url)) {
+      const fields = [...nulFields(request.params, 'path'), ...nulFields(request.query, 'query')];
+      if (fields.length > 0) return done(nulError(fields));
+    }
     done();
   });
 
@@ -156,7 +179,15 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       exposedHeaders: ['x-request-id', 'retry-after', 'www-authenticate'],
     });
   }
-  await app.register(formbody, { bodyLimit: config.bodyLimit });
+  await app.register(formbody, {
+    bodyLimit: config.bodyLimit,
+    parser: (text) => {
+      const value = parseForm(text);
+      const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
+      if (fields.length > 0) throw nulError(fields);
+      return value;
+    },
+  });
   await app.register(metricsPlugin, { metrics: services.metrics });
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
   await app.register(authenticate, {

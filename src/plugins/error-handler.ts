@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
-import { AppError, type FieldError, isAppError, isDatabaseUnavailable } from '../lib/errors.js';
+import { AppError, type FieldError, isAppError, isDatabaseUnavailable, pgErrorCode } from '../lib/errors.js';
 
 /** Renders an AppError for one part of the URL space (RFC 9457 by default; RFC 6749 under /oauth). */
 export type ErrorRenderer = (error: AppError, request: FastifyRequest, reply: FastifyReply) => unknown;
@@ -68,6 +68,12 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   }
   if (e instanceof SyntaxError || e?.code === 'FST_ERR_CTP_INVALID_TYPE') {
     return new AppError('invalid_json');
+  }
+  // Text PostgreSQL cannot store (a NUL, refused at the boundary already: lib/nul-characters.ts).
+  const sqlState = pgErrorCode(err);
+  if (sqlState === '22021' || sqlState === '22P05') {
+    request.log.warn({ err }, 'input the database cannot store');
+    return new AppError('bad_request', { detail: 'The request holds characters that cannot be stored' });
   }
   if (isDatabaseUnavailable(err)) {
     request.log.warn({ err }, 'database unavailable');

@@ -1,0 +1,373 @@
+import { randomUUID } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import type { InjectOptions } from 'light-my-request';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp } from '../support/app.js';
+import { createAdmin } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/*
+ * API.md: "No 500 for bad input". Every operation of the OpenAPI document is sent, as an
+ * administrator, bodies, path parameters, query strings and content types it must refuse (or accept),
+ * generated from its own schema: wrong types, NUL bytes and lone surrogates in every string field,
+ * oversized strings, numbers out of range, malformed JSON, foreign content types, junk ids. Each answer
+ * must be below 500 and, when an error, in the endpoint's documented error format.
+ */
+
+type JsonSchema = {
+  type?: string | string[];
+  properties?: Record<string, JsonSchema>;
+  required?: string[];
+  items?: JsonSchema;
+  anyOf?: JsonSchema[];
+  oneOf?: JsonSchema[];
+  enum?: unknown[];
+  format?: string;
+  pattern?: string;
+  minLength?: number;
+  minimum?: number;
+  minItems?: number;
+};
+
+interface Operation {
+  method: string;
+  path: string;
+  parameters: { in: string; name: string; schema?: JsonSchema }[];
+  bodies: { contentType: string; schema: JsonSchema }[];
+}
+
+/** A value the schema accepts, as plain as possible (used as the base every mutation starts from). */
+function sample(schema: JsonSchema, name = ''): unknown {
+  const options = schema.anyOf ?? schema.oneOf;
+  if (options) return sample(options.find((o) => o.type !== 'null') ?? options[0]!, name);
+  if (schema.enum) return schema.enum[0];
+  const type = Array.isArray(schema.type) ? schema.type[0] : schema.type;
+  switch (type) {
+    case 'object': {
+      const out: Record<string, unknown> = {};
+      for (const key of schema.required ?? []) out[key] = sample(schema.properties?.[key] ?? {}, key);
+      return out;
+    }
+    case 'array':
+      return Array.from({ length: schema.minItems ?? 0 }, () => sample(schema.items ?? {}, name));
+    case 'integer':
+    case 'number':
+      return schema.minimum ?? 1;
+    case 'boolean':
+      return true;
+    case 'null':
+      return null;
+    default:
+      if (schema.format === 'uuid') return randomUUID();
+      if (schema.format === 'uri') return 'https://example.test/a.png';
+      if (name === 'email') return `bad-input-${randomUUID().slice(0, 8)}@example.test`;
+      if (name.includes('password')) return 'a long enough passphrase 42';
+      if (schema.pattern) return 'bad-input-role';
+      return 'x'.repeat(Math.max(1, schema.minLength ?? 1));
+  }
+}
+
+const STRINGS = [
+  '\u0000',
+  'a\u0000b',
+  '\ud800',
+  'x'.repeat(100_000),
+  '',
+  ' ',
+  "'; select pg_sleep(1); --",
+  '%00',
+  '{"$gt":""}',
+  '../../etc/passwd',
+];
+const NON_STRINGS = [null, true, 0, -1, 1.5, 1e308, [], {}, ['x'], { a: 1 }];
+const NUMBERS = [-1, 1.5, 1e308, -1e308, 2 ** 53 + 1, '1', '', null, true, []];
+
+/** Bodies derived from the base: every property replaced by every hostile value of its kind. */
+function mutations(schema: JsonSchema): unknown[] {
+  const base = sample(schema);
+  const object = (schema.anyOf ?? schema.oneOf ?? [schema]).find((s) => s.type === 'object') ?? schema;
+  const out: unknown[] = [base, null, [], 'text', 42, { ...(base as object), unknown_field: 1 }];
+  for (const [key, property] of Object.entries(object.properties ?? {})) {
+    const types = (property.anyOf ?? property.oneOf ?? [property]).map((s) => s.type);
+    const numeric = types.includes('integer') || types.includes('number');
+    const values: unknown[] = [...(numeric ? NUMBERS : [...STRINGS, ...NON_STRINGS])];
+    if (types.includes('array')) values.push([...STRINGS], Array(1000).fill('x:y'), [null]);
+    for (const value of values) {
+      if (value === null && types.includes('null')) continue;
+      out.push({ ...(base as object), [key]: value });
+    }
+  }
+  return out;
+}
+
+const RAW_BODIES = [
+  '{',
+  '{"a":',
+  '\u0000',
+  '{"__proto__":{"polluted":true}}',
+  '{"constructor":{"prototype":{"polluted":true}}}',
+  '['.repeat(5000) + ']'.repeat(5000),
+  `{"k":"${'x'.repeat(70_000)}"}`,
+];
+const PATH_VALUES = [randomUUID(), 'not-a-uuid', '%00', '%E0%A4%A', 'x'.repeat(3000), '..', 'Admin!', '%20'];
+const QUERY_VALUES = [
+  '',
+  '-1',
+  '0',
+  '1e9',
+  'abc',
+  '%00',
+  'x'.repeat(3000),
+  'not-a-date',
+  'eyJ4IjoxfQ',
+  '%E0%A4%A',
+];
+
+function operations(document: {
+  paths: Record<string, Record<string, { parameters?: Operation['parameters']; requestBody?: unknown }>>;
+}): Operation[] {
+  const out: Operation[] = [];
+  for (const [path, methods] of Object.entries(document.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      const content = (op.requestBody as { content?: Record<string, { schema: JsonSchema }> } | undefined)
+        ?.content;
+      out.push({
+        method: method.toUpperCase(),
+        path,
+        parameters: op.parameters ?? [],
+        bodies: Object.entries(content ?? {}).map(([contentType, c]) => ({ contentType, schema: c.schema })),
+      });
+    }
+  }
+  return out;
+}
+
+/** Form encoding; a lone surrogate, which UTF-8 cannot carry, goes as the invalid bytes it would be. */
+function formComponent(value: string): string {
+  return value.replace(/[\s\S]/gu, (c) => {
+    try {
+      return encodeURIComponent(c);
+    } catch {
+      return '%ED%A0%80';
+    }
+  });
+}
+
+function encodeForm(value: unknown): string {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return String(value);
+  return Object.entries(value as Record<string, unknown>)
+    .map(([k, v]) => `${formComponent(k)}=${formComponent(typeof v === 'string' ? v : JSON.stringify(v))}`)
+    .join('&');
+}
+
+describe('bad input never gets a 500 (API.md)', () => {
+  let app: FastifyInstance;
+  let documentOperations: Operation[];
+  let basic: string;
+
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'false' } });
+    const admin = await createAdmin(app);
+    const client = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'bad-input', scopes: ['tokens:introspect'] },
+    });
+    expect(client.statusCode, client.body).toBe(201);
+    const { client_id, client_secret } = client.json();
+    basic = `Basic ${Buffer.from(`${client_id}:${client_secret}`).toString('base64')}`;
+    const doc = await app.inject({ method: 'GET', url: '/openapi.json' });
+    documentOperations = operations(doc.json());
+    expect(documentOperations.length).toBeGreaterThan(40);
+  });
+
+  /** Sends each request; collects every answer that breaks the rule instead of stopping at the first. */
+  async function probe(requests: InjectOptions[], oauth: boolean): Promise<string[]> {
+    const failures: string[] = [];
+    for (const request of requests) {
+      const res = await app.inject(request);
+      const type = String(res.headers['content-type'] ?? '');
+      const errorFormat = oauth
+        ? type.startsWith('application/json')
+        : type.startsWith('application/problem+json');
+      if (res.statusCode >= 500 || (res.statusCode >= 400 && !errorFormat)) {
+        const payload =
+          typeof request.payload === 'string' ? request.payload : JSON.stringify(request.payload);
+        failures.push(
+          `${request.method} ${String(request.url).slice(0, 120)} [${(payload ?? '').slice(0, 120)}] -> ` +
+            `${res.statusCode} ${type} ${res.body.slice(0, 200)}`,
+        );
+      }
+    }
+    return failures;
+  }
+
+  it('answers every operation’s hostile bodies, paths and queries below 500, in its error format', async () => {
+    const failures: string[] = [];
+    for (const op of documentOperations) {
+      const oauth = op.path.startsWith('/oauth/');
+      // A fresh administrator per operation: logout or a password change must not starve the rest.
+      const admin = await createAdmin(app);
+      const auth = oauth ? { authorization: basic } : bearer(admin.accessToken);
+      const pathParams = op.parameters.filter((p) => p.in === 'path');
+      const url = (value: (name: string) => string) =>
+        op.path.replace(/\{(\w+)\}/g, (_m, name: string) => value(name));
+      const validUrl = url((name) => (name === 'role' ? 'bad-input-role' : randomUUID()));
+      const requests: InjectOptions[] = [];
+
+      for (const value of PATH_VALUES) {
+        if (pathParams.length > 0)
+          requests.push({ method: op.method as 'GET', url: url(() => value), headers: auth });
+      }
+      for (const param of op.parameters.filter((p) => p.in === 'query')) {
+        for (const value of QUERY_VALUES) {
+          requests.push({
+            method: op.method as 'GET',
+            url: `${validUrl}?${param.name}=${value}`,
+            headers: auth,
+          });
+        }
+        requests.push({
+          method: op.method as 'GET',
+          url: `${validUrl}?${param.name}=1&${param.name}=2`,
+          headers: auth,
+        });
+      }
+      for (const body of op.bodies) {
+        const form = body.contentType === 'application/x-www-form-urlencoded';
+        for (const payload of mutations(body.schema)) {
+          requests.push({
+            method: op.method as 'POST',
+            url: validUrl,
+            headers: { ...auth, 'content-type': body.contentType },
+            payload: form ? encodeForm(payload) : JSON.stringify(payload),
+          });
+        }
+        for (const payload of RAW_BODIES) {
+          requests.push({
+            method: op.method as 'POST',
+            url: validUrl,
+            headers: { ...auth, 'content-type': body.contentType },
+            payload,
+          });
+        }
+      }
+      if (op.method !== 'GET' && op.method !== 'DELETE') {
+        for (const contentType of [
+          'text/plain',
+          'application/xml',
+          'application/json; charset=utf-16',
+          'multipart/form-data; boundary=x',
+        ]) {
+          requests.push({
+            method: op.method as 'POST',
+            url: validUrl,
+            headers: { ...auth, 'content-type': contentType },
+            payload: '{}',
+          });
+        }
+      }
+      failures.push(...(await probe(requests, oauth)));
+    }
+    expect(failures).toEqual([]);
+  }, 180_000);
+
+  it('answers hostile credentials below 500, in the error format', async () => {
+    const junk = [
+      '',
+      'Bearer',
+      'Bearer ',
+      'Bearer x.y.z',
+      'Bearer \u0000',
+      `Bearer ${'a'.repeat(9000)}`,
+      'Basic',
+      'Basic !!!',
+      'Basic Og==',
+      `Basic ${Buffer.from('\u0000:\u0000').toString('base64')}`,
+      'pak_',
+      'pak_x_y',
+      'Negotiate abc',
+    ];
+    const requests: InjectOptions[] = [];
+    for (const value of junk) {
+      requests.push({ method: 'GET', url: '/v1/auth/me', headers: { authorization: value } });
+      requests.push({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': value } });
+    }
+    const oauthRequests: InjectOptions[] = junk.map((value) => ({
+      method: 'POST',
+      url: '/oauth/introspect',
+      headers: { authorization: value, 'content-type': 'application/x-www-form-urlencoded' },
+      payload: 'token=abc',
+    }));
+    expect([...(await probe(requests, false)), ...(await probe(oauthRequests, true))]).toEqual([]);
+  });
+
+  it('refuses a NUL anywhere in a body, query or path with a 400 naming the field, and changes nothing', async () => {
+    const admin = await createAdmin(app);
+    const auth = bearer(admin.accessToken);
+    const before = await app.inject({ method: 'GET', url: '/v1/profiles/me', headers: auth });
+
+    const body = await app.inject({
+      method: 'PATCH',
+      url: '/v1/profiles/me',
+      headers: auth,
+      payload: { display_name: 'Ada\u0000', bio: 'fine', metadata: { 'k\u0000': 'v' } },
+    });
+    expect(body.statusCode).toBe(400);
+    expect(body.headers['content-type']).toMatch(/^application\/problem\+json/);
+    expect(body.json()).toMatchObject({ code: 'validation_failed' });
+    expect(
+      body
+        .json()
+        .errors.map((e: { field: string }) => e.field)
+        .sort(),
+    ).toEqual(['body.display_name', 'body.metadata.k\\u0000']);
+    const after = await app.inject({ method: 'GET', url: '/v1/profiles/me', headers: auth });
+    expect(after.json()).toEqual(before.json());
+
+    const query = await app.inject({ method: 'GET', url: '/v1/audit-events?type=login%00', headers: auth });
+    expect(query.statusCode).toBe(400);
+    expect(query.json().errors).toEqual([{ field: 'query.type', message: expect.stringContaining('NUL') }]);
+
+    const path = await app.inject({ method: 'GET', url: '/v1/roles/admin%00', headers: auth });
+    expect(path.statusCode).toBe(400);
+    expect(path.json().errors).toEqual([{ field: 'path.role', message: expect.stringContaining('NUL') }]);
+
+    const form = await app.inject({
+      method: 'POST',
+      url: '/oauth/introspect',
+      headers: { authorization: basic, 'content-type': 'application/x-www-form-urlencoded' },
+      payload: 'token=abc%00def',
+    });
+    expect(form.statusCode).toBe(400);
+    expect(form.json()).toMatchObject({ error: 'invalid_request' });
+  });
+
+  it('takes an escaped backslash before u0000, or %2500, as the text it is', async () => {
+    const admin = await createAdmin(app);
+    const auth = bearer(admin.accessToken);
+    const text = await app.inject({
+      method: 'PATCH',
+      url: '/v1/profiles/me',
+      headers: { ...auth, 'content-type': 'application/json' },
+      payload: '{"bio":"C: \\\\u0000 is not a NUL"}',
+    });
+    expect(text.statusCode, text.body).toBe(200);
+    expect(text.json().bio).toBe('C: \\u0000 is not a NUL');
+    const query = await app.inject({ method: 'GET', url: '/v1/audit-events?type=%2500', headers: auth });
+    expect(query.statusCode, query.body).toBe(200);
+  });
+
+  it('answers URLs the router refuses in problem+json, with the API headers', async () => {
+    const admin = await createAdmin(app);
+    for (const url of ['/v1/users/%E0%A4%A', `/v1/users/${'x'.repeat(3000)}`]) {
+      const res = await app.inject({ method: 'GET', url, headers: bearer(admin.accessToken) });
+      expect(res.statusCode).toBeGreaterThanOrEqual(400);
+      expect(res.statusCode).toBeLessThan(500);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.headers['x-content-type-options']).toBe('nosniff');
+      expect(res.headers['x-request-id']).toBe(res.json().request_id);
+    }
+  });
+});

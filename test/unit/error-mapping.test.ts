@@ -1,0 +1,23 @@
+import type { FastifyRequest } from 'fastify';
+import pino from 'pino';
+import { describe, expect, it } from 'vitest';
+import { toAppError } from '../../src/plugins/error-handler.js';
+
+const request = { log: pino({ level: 'silent' }) } as unknown as FastifyRequest;
+
+describe('toAppError', () => {
+  it('answers text the database cannot store with a 400, looking through the driver’s wrapping', () => {
+    for (const code of ['22021', '22P05']) {
+      const driverError = Object.assign(new Error('invalid byte sequence for encoding "UTF8": 0x00'), {
+        code,
+      });
+      const wrapped = new Error('Failed query: insert into ...', { cause: driverError });
+      expect(toAppError(wrapped, request)).toMatchObject({ status: 400, code: 'bad_request' });
+    }
+  });
+
+  it('keeps a failed query it cannot attribute to the input a 500', () => {
+    const driverError = Object.assign(new Error('relation "x" does not exist'), { code: '42P01' });
+    expect(toAppError(driverError, request)).toMatchObject({ status: 500, code: 'internal_error' });
+  });
+});
