@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { AppError } from './errors.js';
+import { InstantSchema } from './instant.js';
 
 export const PaginationQuerySchema = z.object({
   limit: z.coerce.number().int().min(1).max(200).default(50).describe('Page size (1–200, default 50)'),
@@ -23,7 +24,7 @@ export function decodeCursor(raw: string | undefined): Cursor | undefined {
   if (raw === undefined) return undefined;
   try {
     const parsed: unknown = JSON.parse(Buffer.from(raw, 'base64url').toString('utf8'));
-    const tuple = z.tuple([z.iso.datetime(), z.string().max(200)]).parse(parsed);
+    const tuple = z.tuple([InstantSchema, z.uuid()]).parse(parsed);
     return { createdAt: new Date(tuple[0]), id: tuple[1] };
   } catch {
     throw new AppError('validation_failed', {

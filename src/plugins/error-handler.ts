@@ -26,8 +26,11 @@ export const renderProblem: ErrorRenderer = (error, request, reply) => {
   return reply.status(error.status).type(PROBLEM_CONTENT_TYPE).serializer(JSON.stringify).send(body);
 };
 
+/** Fastify's names of the request's parts, as a client reads them in `errors[].field`. */
+const PART_NAMES: Record<string, string> = { querystring: 'query', params: 'path' };
+
 function fieldErrors(err: FastifyError & { validationContext?: string }): FieldError[] {
-  const context = err.validationContext ?? 'body';
+  const context = PART_NAMES[err.validationContext ?? 'body'] ?? err.validationContext ?? 'body';
   if (hasZodFastifySchemaValidationErrors(err)) {
     return err.validation.map((v) => {
       const path = v.instancePath.replace(/^\//, '').replace(/\//g, '.');
@@ -39,6 +42,17 @@ function fieldErrors(err: FastifyError & { validationContext?: string }): FieldE
     message: v.message ?? 'invalid',
   }));
 }
+
+/** SQLSTATEs of class 22 that only a value from the request can cause. */
+const INPUT_DATA_EXCEPTIONS = new Set([
+  '22001', // string_data_right_truncation
+  '22003', // numeric_value_out_of_range
+  '22007', // invalid_datetime_format
+  '22008', // datetime_field_overflow
+  '22021', // character_not_in_repertoire (a NUL)
+  '22P02', // invalid_text_representation (e.g. not a UUID)
+  '22P05', // untranslatable_character
+]);
 
 /** Turns anything thrown into an AppError; the cause of a 5xx stays in the log, never in the body. */
 export function toAppError(err: unknown, request: FastifyRequest): AppError {
@@ -69,11 +83,12 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   if (e instanceof SyntaxError || e?.code === 'FST_ERR_CTP_INVALID_TYPE') {
     return new AppError('invalid_json');
   }
-  // Text PostgreSQL cannot store (a NUL, refused at the boundary already: lib/nul-characters.ts).
+  // A value PostgreSQL refuses as data (the schemas and lib/nul-characters.ts refuse these first; this
+  // keeps one that slips past them a 400, and the log says which).
   const sqlState = pgErrorCode(err);
-  if (sqlState === '22021' || sqlState === '22P05') {
+  if (sqlState !== undefined && INPUT_DATA_EXCEPTIONS.has(sqlState)) {
     request.log.warn({ err }, 'input the database cannot store');
-    return new AppError('bad_request', { detail: 'The request holds characters that cannot be stored' });
+    return new AppError('bad_request', { detail: 'The request holds a value that cannot be stored' });
   }
   if (isDatabaseUnavailable(err)) {
     request.log.warn({ err }, 'database unavailable');

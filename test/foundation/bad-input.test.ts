@@ -80,6 +80,17 @@ const STRINGS = [
   '../../etc/passwd',
 ];
 const NON_STRINGS = [null, true, 0, -1, 1.5, 1e308, [], {}, ['x'], { a: 1 }];
+/** Instants at the edges of what the date-time pattern allows (year 0, year 9999 with a negative offset). */
+const DATE_TIMES = [
+  '0000-01-01T00:00:00Z',
+  '0001-01-01T00:00:00+23:59',
+  '1969-12-31T23:59:59.999999999Z',
+  '9999-12-31T23:59:59.999Z',
+  '9999-12-31T23:59:59-23:59',
+  '2024-02-29T12:00:00+01:00',
+  '2026-02-30T00:00:00Z',
+  '2026-01-01T24:00:00Z',
+];
 const NUMBERS = [-1, 1.5, 1e308, -1e308, 2 ** 53 + 1, '1', '', null, true, []];
 
 /** Bodies derived from the base: every property replaced by every hostile value of its kind. */
@@ -91,6 +102,8 @@ function mutations(schema: JsonSchema): unknown[] {
     const types = (property.anyOf ?? property.oneOf ?? [property]).map((s) => s.type);
     const numeric = types.includes('integer') || types.includes('number');
     const values: unknown[] = [...(numeric ? NUMBERS : [...STRINGS, ...NON_STRINGS])];
+    if ((property.anyOf ?? property.oneOf ?? [property]).some((s) => s.format === 'date-time'))
+      values.push(...DATE_TIMES);
     if (types.includes('array')) values.push([...STRINGS], Array(1000).fill('x:y'), [null]);
     for (const value of values) {
       if (value === null && types.includes('null')) continue;
@@ -121,6 +134,13 @@ const QUERY_VALUES = [
   'not-a-date',
   'eyJ4IjoxfQ',
   '%E0%A4%A',
+  // Cursors shaped like the service's own (base64url JSON [created_at, id]) with values out of range.
+  ...[
+    ['0000-01-01T00:00:00Z', randomUUID()],
+    ['9999-12-31T23:59:59-23:59', randomUUID()],
+    ['2026-01-01T00:00:00Z', 'not-a-uuid'],
+    ['2026-01-01T00:00:00Z', 'x'.repeat(150)],
+  ].map((tuple) => Buffer.from(JSON.stringify(tuple)).toString('base64url')),
 ];
 
 function operations(document: {
@@ -221,7 +241,8 @@ describe('bad input never gets a 500 (API.md)', () => {
           requests.push({ method: op.method as 'GET', url: url(() => value), headers: auth });
       }
       for (const param of op.parameters.filter((p) => p.in === 'query')) {
-        for (const value of QUERY_VALUES) {
+        const dates = param.schema?.format === 'date-time' ? DATE_TIMES.map(encodeURIComponent) : [];
+        for (const value of [...QUERY_VALUES, ...dates]) {
           requests.push({
             method: op.method as 'GET',
             url: `${validUrl}?${param.name}=${value}`,
@@ -369,5 +390,46 @@ describe('bad input never gets a 500 (API.md)', () => {
       expect(res.headers['x-content-type-options']).toBe('nosniff');
       expect(res.headers['x-request-id']).toBe(res.json().request_id);
     }
+  });
+
+  it('refuses instants outside years 0001–9999 UTC, and cursors it did not issue, naming the field', async () => {
+    const admin = await createAdmin(app);
+    const auth = bearer(admin.accessToken);
+    const fieldsOf = (res: { json(): { errors?: { field: string }[] } }) =>
+      (res.json().errors ?? []).map((e) => e.field);
+
+    const since = await app.inject({
+      method: 'GET',
+      url: `/v1/audit-events?since=${encodeURIComponent('9999-12-31T23:59:59-23:59')}`,
+      headers: auth,
+    });
+    expect(since.statusCode).toBe(400);
+    expect(since.json().code).toBe('validation_failed');
+    expect(fieldsOf(since)).toEqual(['query.since']);
+
+    for (const expires_at of ['0000-06-01T00:00:00Z', '9999-12-31T23:59:59-23:59']) {
+      const key = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: auth,
+        payload: { name: 'edge', scopes: [], expires_at },
+      });
+      expect(key.statusCode, expires_at).toBe(400);
+      expect(fieldsOf(key)).toEqual(['body.expires_at']);
+    }
+    const edge = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: auth,
+      payload: { name: 'edge', scopes: [], expires_at: '9999-12-31T23:59:59+01:00' },
+    });
+    expect(edge.statusCode, edge.body).toBe(201);
+    expect(edge.json().expires_at).toBe('9999-12-31T22:59:59.000Z');
+
+    const cursor = Buffer.from(JSON.stringify(['2026-01-01T00:00:00Z', 'not-a-uuid'])).toString('base64url');
+    const page = await app.inject({ method: 'GET', url: `/v1/users?cursor=${cursor}`, headers: auth });
+    expect(page.statusCode).toBe(400);
+    expect(page.json().code).toBe('validation_failed');
+    expect(fieldsOf(page)).toEqual(['query.cursor']);
   });
 });

@@ -6,8 +6,8 @@ import { toAppError } from '../../src/plugins/error-handler.js';
 const request = { log: pino({ level: 'silent' }) } as unknown as FastifyRequest;
 
 describe('toAppError', () => {
-  it('answers text the database cannot store with a 400, looking through the driver’s wrapping', () => {
-    for (const code of ['22021', '22P05']) {
+  it('answers a value the database refuses as data with a 400, looking through the driver’s wrapping', () => {
+    for (const code of ['22001', '22003', '22007', '22008', '22021', '22P02', '22P05']) {
       const driverError = Object.assign(new Error('invalid byte sequence for encoding "UTF8": 0x00'), {
         code,
       });

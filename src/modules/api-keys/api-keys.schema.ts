@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { InstantSchema } from '../../lib/instant.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { PermissionSchema } from '../shared/shared.schema.js';
 
@@ -16,10 +17,9 @@ const ScopesSchema = z
 
 const NameSchema = z.string().trim().min(1).max(100).describe('A label for people, e.g. "CI deploy"');
 
-const ExpiresAtSchema = z.iso
-  .datetime({ offset: true })
-  .transform((s) => new Date(s))
-  .describe('ISO 8601; the key stops verifying at this instant');
+const ExpiresAtSchema = InstantSchema.transform((s) => new Date(s)).describe(
+  'ISO 8601; the key stops verifying at this instant',
+);
 
 export const CreateApiKeyBodySchema = z
   .object({

@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+import { InstantSchema } from '../../lib/instant.js';
 import { decodeCursor, PaginationQuerySchema, pageOf, paginate } from '../../lib/pagination.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import type { AuditService } from './audit.service.js';
@@ -24,7 +25,7 @@ const AuditEventSchema = z
 const AuditQuerySchema = PaginationQuerySchema.extend({
   actor_id: z.string().min(1).max(200).optional(),
   type: z.string().min(1).max(100).optional(),
-  since: z.iso.datetime({ offset: true }).optional().describe('ISO 8601; events at or after'),
+  since: InstantSchema.optional().describe('ISO 8601; events at or after'),
 }).strict();
 
 export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditService }) {
