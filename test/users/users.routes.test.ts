@@ -361,4 +361,43 @@ describe('users and roles administration', () => {
       (await app.inject({ method: 'GET', url: '/v1/roles/Bad Name', headers: asAdmin() })).statusCode,
     ).toBe(400);
   });
+
+  it('lets one of several identical concurrent deletions or disables happen, audited once', async () => {
+    const concurrently = (n: number, request: Parameters<typeof app.inject>[0]) =>
+      Promise.all(Array.from({ length: n }, () => app.inject(request))).then((r) =>
+        r.map((res) => res.statusCode).sort(),
+      );
+
+    const disabled = await registerUser(app, 'disable-race');
+    expect(
+      await concurrently(6, {
+        method: 'PATCH',
+        url: `/v1/users/${disabled.id}`,
+        headers: asAdmin(),
+        payload: { status: 'disabled' },
+      }),
+    ).toEqual([200, 200, 200, 200, 200, 200]);
+    expect((await auditEventsOf('user.disabled')).filter((e) => e.subject_id === disabled.id)).toHaveLength(
+      1,
+    );
+
+    const deleted = await registerUser(app, 'delete-race');
+    expect(
+      await concurrently(6, { method: 'DELETE', url: `/v1/users/${deleted.id}`, headers: asAdmin() }),
+    ).toEqual([204, 404, 404, 404, 404, 404]);
+    expect((await auditEventsOf('user.deleted')).filter((e) => e.subject_id === deleted.id)).toHaveLength(1);
+
+    const roleName = `race-${Date.now().toString(36)}`;
+    const role = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: roleName, permissions: ['users:read'] },
+    });
+    expect(role.statusCode).toBe(201);
+    expect(
+      await concurrently(6, { method: 'DELETE', url: `/v1/roles/${roleName}`, headers: asAdmin() }),
+    ).toEqual([204, 404, 404, 404, 404, 404]);
+    expect((await auditEventsOf('role.deleted')).filter((e) => e.subject_id === roleName)).toHaveLength(1);
+  });
 });

@@ -96,7 +96,7 @@ export function createRolesService(deps: {
       assertHolds(role.permissions, caller.permissions);
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         const holders = await deps.users.countWithRole(name, tx);
-        await deps.repo.delete(name, tx);
+        if (!(await deps.repo.delete(name, tx))) throw notFound('role');
         await deps.audit.record(tx, context, { type: 'role.deleted', subjectId: name, data: { holders } });
         emit({ type: 'roles_changed' });
       });

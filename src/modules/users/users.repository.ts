@@ -1,4 +1,4 @@
-import { and, asc, count, eq, ilike, inArray, sql } from 'drizzle-orm';
+import { and, asc, count, eq, ilike, inArray, ne, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { profiles, roles, userRoles, users } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -41,6 +41,15 @@ export function createUsersRepository(db: Executor) {
         .update(users)
         .set({ ...patch, updatedAt: new Date() })
         .where(eq(users.id, id))
+        .returning();
+      return row;
+    },
+    /** Sets the status if it differs; undefined when the user is gone or already had it. */
+    async changeStatus(id: string, status: UserRow['status'], tx: Executor = db): Promise<UserRow | undefined> {
+      const [row] = await tx
+        .update(users)
+        .set({ status, updatedAt: new Date() })
+        .where(and(eq(users.id, id), ne(users.status, status)))
         .returning();
       return row;
     },

@@ -70,10 +70,12 @@ export function createUsersService(deps: {
     async setStatus(id: string, status: 'active' | 'disabled', context: RequestContext): Promise<UserRow> {
       const user = await findOrThrow(id);
       if (user.status === status) return user;
-      return inTransaction(deps.db, deps.events, async (tx, emit) => {
+      const changed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (status === 'disabled') await assertNotLastAdmin(tx, id);
-        const updated = await deps.repo.update(id, { status }, tx);
-        if (!updated) throw notFound('user');
+        // Conditional, so of concurrent identical requests one changes the user (and is audited), and
+        // the others find it done.
+        const updated = await deps.repo.changeStatus(id, status, tx);
+        if (!updated) return undefined;
         if (status === 'disabled') await cutOff(tx, id, 'user_disabled', emit);
         else emit({ type: 'user_changed', userId: id });
         await deps.audit.record(tx, context, {
@@ -82,6 +84,7 @@ export function createUsersService(deps: {
         });
         return updated;
       });
+      return changed ?? findOrThrow(id);
     },
 
     async delete(id: string, context: RequestContext): Promise<void> {
@@ -95,8 +98,9 @@ export function createUsersService(deps: {
         await assertNotLastAdmin(tx, id);
         await cutOff(tx, id, 'user_deleted', emit);
         // Profile, sessions, refresh tokens, API keys and role grants go with the row (ON DELETE CASCADE);
-        // audit events are kept: they are not foreign keys.
-        await deps.repo.delete(id, tx);
+        // audit events are kept: they are not foreign keys. A concurrent deletion that got there first
+        // makes this one a 404, its revocations and event rolled back.
+        if (!(await deps.repo.delete(id, tx))) throw notFound('user');
         await deps.audit.record(tx, context, {
           type: 'user.deleted',
           subjectId: id,
