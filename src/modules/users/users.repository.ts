@@ -45,7 +45,11 @@ export function createUsersRepository(db: Executor) {
       return row;
     },
     /** Sets the status if it differs; undefined when the user is gone or already had it. */
-    async changeStatus(id: string, status: UserRow['status'], tx: Executor = db): Promise<UserRow | undefined> {
+    async changeStatus(
+      id: string,
+      status: UserRow['status'],
+      tx: Executor = db,
+    ): Promise<UserRow | undefined> {
       const [row] = await tx
         .update(users)
         .set({ status, updatedAt: new Date() })
