@@ -1,4 +1,5 @@
 import type { FastifyInstance } from 'fastify';
+import type { InjectOptions } from 'light-my-request';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp } from '../support/app.js';
@@ -363,7 +364,7 @@ describe('users and roles administration', () => {
   });
 
   it('lets one of several identical concurrent deletions or disables happen, audited once', async () => {
-    const concurrently = (n: number, request: Parameters<typeof app.inject>[0]) =>
+    const concurrently = (n: number, request: InjectOptions) =>
       Promise.all(Array.from({ length: n }, () => app.inject(request))).then((r) =>
         r.map((res) => res.statusCode).sort(),
       );
