@@ -63,6 +63,13 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     loggerInstance: deps.logger as FastifyBaseLogger,
     childLoggerFactory: (logger, bindings, options) => lazyChildLogger(logger as Logger, bindings, options),
     bodyLimit: config.bodyLimit,
+    // A client that trickles its request in (slowloris) gets a 408 and its connection closed, instead
+    // of holding a socket forever: Fastify's default is no limit. Node checks every second.
+    requestTimeout: config.requestTimeoutMs,
+    http: {
+      headersTimeout: Math.min(60_000, config.requestTimeoutMs),
+      connectionsCheckingInterval: 1000,
+    },
     trustProxy: config.trustProxy,
     requestIdHeader: false,
     genReqId: (req) => {

@@ -59,6 +59,7 @@ const EnvSchema = z.object({
   CORS_ORIGINS: z.string().default(''),
   TRUST_PROXY: z.string().default(''),
   BODY_LIMIT: z.coerce.number().int().min(1024).max(10_485_760).default(65_536),
+  REQUEST_TIMEOUT_MS: z.coerce.number().int().min(1000).max(600_000).default(30_000),
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
   DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
@@ -162,6 +163,8 @@ export interface Config {
   readonly corsOrigins: string[];
   readonly trustProxy: boolean | string[];
   readonly bodyLimit: number;
+  /** Longest a client may take to send a whole request (headers and body) before a 408. */
+  readonly requestTimeoutMs: number;
   readonly db: { poolMax: number; connectTimeoutMs: number; statementTimeoutMs: number };
   readonly shutdownTimeoutMs: number;
   /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
@@ -252,6 +255,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
           ? true
           : trustProxyRaw.split(',').map((s) => s.trim()),
     bodyLimit: e.BODY_LIMIT,
+    requestTimeoutMs: e.REQUEST_TIMEOUT_MS,
     db: {
       poolMax: e.DB_POOL_MAX,
       connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,
