@@ -25,7 +25,7 @@ import { clientsRoutes } from './modules/clients/clients.routes.js';
 import { renderOAuthError } from './modules/oauth/oauth.errors.js';
 import { oauthRoutes } from './modules/oauth/oauth.routes.js';
 import authenticate, { requestContext } from './plugins/authenticate.js';
-import errorHandler from './plugins/error-handler.js';
+import errorHandler, { answerClientError } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
@@ -85,6 +85,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // A URL the router refuses before any route runs (bad percent-encoding, a path parameter over
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
+    clientErrorHandler: answerClientError,
     frameworkErrors: (error, request, reply) => {
       reply.headers(API_SECURITY_HEADERS).header('x-request-id', request.id);
       return app.errorHandler(error, request, reply);

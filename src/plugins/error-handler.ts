@@ -1,7 +1,17 @@
+import { STATUS_CODES } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
-import { AppError, type FieldError, isAppError, isDatabaseUnavailable, pgErrorCode } from '../lib/errors.js';
+import {
+  AppError,
+  type ErrorCode,
+  type FieldError,
+  isAppError,
+  isDatabaseUnavailable,
+  pgErrorCode,
+} from '../lib/errors.js';
+import { API_SECURITY_HEADERS } from './security-headers.js';
 
 /** Renders an AppError for one part of the URL space (RFC 9457 by default; RFC 6749 under /oauth). */
 export type ErrorRenderer = (error: AppError, request: FastifyRequest, reply: FastifyReply) => unknown;
@@ -104,6 +114,44 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   }
   request.log.error({ err }, 'unhandled error');
   return new AppError('internal_error');
+}
+
+const CLIENT_ERRORS: Record<string, ErrorCode> = {
+  ERR_HTTP_REQUEST_TIMEOUT: 'request_timeout',
+  HPE_HEADER_OVERFLOW: 'headers_too_large',
+};
+
+/**
+ * Fastify's `clientErrorHandler`: what Node's HTTP parser refuses before there is a request (bad HTTP
+ * syntax, headers over 16 KiB, REQUEST_TIMEOUT_MS passed) gets a problem+json answer with the API's
+ * security headers, like every other error, and the connection is closed. Fastify's default writes
+ * its own JSON shape.
+ */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return;
+  const code = CLIENT_ERRORS[err.code ?? ''] ?? 'bad_request';
+  const error = new AppError(
+    code,
+    code === 'bad_request' ? { detail: 'The request is not valid HTTP/1.1' } : {},
+  );
+  const body = JSON.stringify({
+    type: problemType(error.code),
+    title: error.title,
+    status: error.status,
+    detail: error.detail,
+    code: error.code,
+  });
+  if (socket.writable) {
+    const headers = Object.entries(API_SECURITY_HEADERS)
+      .map(([name, value]) => `${name}: ${value}\r\n`)
+      .join('');
+    socket.write(
+      `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\n${headers}` +
+        `content-type: ${PROBLEM_CONTENT_TYPE}\r\ncontent-length: ${Buffer.byteLength(body)}\r\n` +
+        `connection: close\r\n\r\n${body}`,
+    );
+  }
+  socket.destroy(err);
 }
 
 export interface ErrorHandlerOptions {

@@ -29,7 +29,17 @@ function trickle(
   });
 }
 
-describe('slow clients (REQUEST_TIMEOUT_MS)', () => {
+/** The status line, headers and JSON body of a raw HTTP answer. */
+function parseAnswer(raw: string) {
+  const [head = '', body = ''] = raw.split('\r\n\r\n');
+  const [statusLine = '', ...lines] = head.split('\r\n');
+  const headers = Object.fromEntries(
+    lines.map((l) => [l.slice(0, l.indexOf(':')).toLowerCase(), l.slice(l.indexOf(':') + 1).trim()]),
+  );
+  return { status: Number(statusLine.split(' ')[1]), headers, body: body ? JSON.parse(body) : undefined };
+}
+
+describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', () => {
   let app: FastifyInstance;
   let port: number;
   beforeAll(async () => {
@@ -49,6 +59,10 @@ describe('slow clients (REQUEST_TIMEOUT_MS)', () => {
     expect(closed).toBe(true);
     expect(received).toMatch(/^HTTP\/1\.1 408/);
     expect(Date.now() - started).toBeLessThan(3500);
+    const answer = parseAnswer(received);
+    expect(answer.headers['content-type']).toMatch(/^application\/problem\+json/);
+    expect(answer.headers['x-content-type-options']).toBe('nosniff');
+    expect(answer.body).toMatchObject({ status: 408, code: 'request_timeout' });
   });
 
   it('does the same to one whose headers never finish', async () => {
@@ -65,5 +79,34 @@ describe('slow clients (REQUEST_TIMEOUT_MS)', () => {
     const { received } = await trickle(port, 'GET /health/live HTTP/1.1\r\nHost: auth.test\r\n\r\n', 2500);
     expect(received).toMatch(/^HTTP\/1\.1 200/);
     expect(received).not.toMatch(/408/);
+  });
+
+  it('answers what the HTTP parser refuses in problem+json and closes the connection', async () => {
+    const cases = [
+      {
+        raw: 'GET /health/live HTTP/1.1\r\nHost: auth.test\r\nX-Bad: a\u0001b\r\n\r\n',
+        status: 400,
+        code: 'bad_request',
+      },
+      { raw: 'NOT HTTP AT ALL\r\n\r\n', status: 400, code: 'bad_request' },
+      {
+        raw: 'GET / HTTP/1.1\r\nHost: auth.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n',
+        status: 400,
+        code: 'bad_request',
+      },
+      {
+        raw: `GET /health/live HTTP/1.1\r\nHost: auth.test\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`,
+        status: 431,
+        code: 'headers_too_large',
+      },
+    ];
+    for (const { raw, status, code } of cases) {
+      const { received, closed } = await trickle(port, raw, 3000);
+      expect(closed).toBe(true);
+      const answer = parseAnswer(received);
+      expect(answer.status).toBe(status);
+      expect(answer.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(answer.body).toMatchObject({ status, code, type: `urn:paservices:auth:problem:${code}` });
+    }
   });
 });
