@@ -3,9 +3,42 @@ import swaggerUi from '@fastify/swagger-ui';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
+import type { ZodType } from 'zod';
+import { ProblemSchema } from '../modules/shared/shared.schema.js';
 
 /** Where Swagger UI and its assets are served: HTML pages, unlike every other route. */
 export const DOCS_PREFIX = '/docs';
+
+interface DocumentedSchema {
+  hide?: boolean;
+  body?: unknown;
+  params?: unknown;
+  response?: Record<string, unknown>;
+}
+
+/**
+ * The errors Fastify itself answers before a handler runs, declared on every operation they can reach,
+ * so clients generated from the document expect them: 413 (body over BODY_LIMIT) and 415 (not JSON,
+ * or form data to /oauth) wherever a body may come, 414 (a path segment over 200 characters) wherever
+ * there is a path parameter. Every method but GET and HEAD may carry a body, declared or not, so
+ * those two (and 400, for a body that is not JSON) go on all the others. They take the route's own 400 shape: problem+json, or RFC 6749 under
+ * /oauth. test/foundation/bad-input.test.ts checks every status it provokes is declared.
+ */
+function declareFrameworkErrors(method: string | string[], schema: DocumentedSchema | undefined) {
+  const responses = schema?.response;
+  if (!schema || schema.hide || !responses) return;
+  const errorShape = responses[400] ?? ProblemSchema;
+  const declare = (status: number, description: string) => {
+    if (!(status in responses)) responses[status] = (errorShape as ZodType).describe(description);
+  };
+  const methods = Array.isArray(method) ? method : [method];
+  if (methods.some((m) => m !== 'GET' && m !== 'HEAD')) {
+    declare(400, 'The body is not valid JSON');
+    declare(413, 'Body over the size limit');
+    declare(415, 'Unsupported content type');
+  }
+  if (schema.params) declare(414, 'A path segment over 200 characters');
+}
 
 export interface OpenApiOptions {
   publicUrl: string;
@@ -63,6 +96,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
   // Swagger UI's own routes (HTML, assets) are public documentation.
   app.addHook('onRoute', (route) => {
     if (route.url.startsWith(DOCS_PREFIX)) route.config = { ...(route.config ?? {}), public: true };
+    declareFrameworkErrors(route.method, route.schema as DocumentedSchema | undefined);
   });
   await app.register(swaggerUi, {
     routePrefix: DOCS_PREFIX,
