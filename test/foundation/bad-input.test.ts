@@ -2,6 +2,8 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { basicAuthorization } from '../../src/modules/oauth/oauth.client-auth.js';
+import { createClient } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -191,15 +193,11 @@ describe('bad input never gets a 500 (API.md)', () => {
   beforeAll(async () => {
     app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'false' } });
     const admin = await createAdmin(app);
-    const client = await app.inject({
-      method: 'POST',
-      url: '/v1/clients',
-      headers: bearer(admin.accessToken),
-      payload: { name: 'bad-input', scopes: ['tokens:introspect'] },
+    const client = await createClient(app, admin.accessToken, {
+      name: 'bad-input',
+      scopes: ['tokens:introspect'],
     });
-    expect(client.statusCode, client.body).toBe(201);
-    const { client_id, client_secret } = client.json();
-    basic = `Basic ${Buffer.from(`${client_id}:${client_secret}`).toString('base64')}`;
+    basic = basicAuthorization(client.client_id, client.client_secret);
     const doc = await app.inject({ method: 'GET', url: '/openapi.json' });
     documentOperations = operations(doc.json());
     expect(documentOperations.length).toBeGreaterThan(40);
