@@ -87,13 +87,22 @@ export function credentialOf(request: FastifyRequest): string | undefined {
   return match?.[1];
 }
 
+/**
+ * What is kept of the client's own description of itself on sessions and audit events: a User-Agent
+ * can be 16 KiB (Node's header limit) and an address taken from X-Forwarded-For (TRUST_PROXY=true)
+ * is whatever the client wrote, so a client could otherwise make every audit row it causes that big.
+ */
+export const MAX_USER_AGENT_LENGTH = 512;
+const MAX_IP_LENGTH = 64;
+
 export function requestContext(request: FastifyRequest): RequestContext {
   const p = request.principal;
+  const userAgent = request.headers['user-agent'];
   return {
     actorType: p ? (p.kind === 'api_key' ? 'api_key' : p.kind) : 'anonymous',
     actorId: p ? (p.kind === 'api_key' ? p.userId : p.id) : null,
-    ip: request.ip ?? null,
-    userAgent: typeof request.headers['user-agent'] === 'string' ? request.headers['user-agent'] : null,
+    ip: request.ip ? request.ip.slice(0, MAX_IP_LENGTH) : null,
+    userAgent: typeof userAgent === 'string' ? userAgent.slice(0, MAX_USER_AGENT_LENGTH) : null,
     requestId: request.id,
   };
 }

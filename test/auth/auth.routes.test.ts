@@ -185,6 +185,31 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     }
   });
 
+  it('keeps at most 512 characters of a User-Agent on the session and the audit event', async () => {
+    const user = await registerUser(app, 'long-agent');
+    const agent = `agent/${'x'.repeat(10_000)}`;
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { 'user-agent': agent },
+      payload: { email: user.email, password: user.password },
+    });
+    expect(res.statusCode).toBe(200);
+    const sessions = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(res.json().session.access_token),
+    });
+    const current = (sessions.json().data as Array<{ current: boolean; user_agent: string | null }>).find(
+      (s) => s.current,
+    );
+    expect(current?.user_agent).toBe(agent.slice(0, 512));
+    const events = await app.services.audit.list({ type: 'auth.login', limit: 50 });
+    expect(events.find((e) => e.subjectId === user.id && e.userAgent?.startsWith('agent/'))?.userAgent).toBe(
+      agent.slice(0, 512),
+    );
+  });
+
   it('lists sessions with the current one marked, and ends another one (another user’s is 404)', async () => {
     const user = await registerUser(app);
     const other = await login(app, user.email);
