@@ -88,9 +88,9 @@ export function credentialOf(request: FastifyRequest): string | undefined {
 }
 
 /**
- * What is kept of the client's own description of itself on sessions and audit events: a User-Agent
- * can be 16 KiB (Node's header limit) and an address taken from X-Forwarded-For (TRUST_PROXY=true)
- * is whatever the client wrote, so a client could otherwise make every audit row it causes that big.
+ * What sessions and audit events keep of the client's own description of itself, cut here once for
+ * both: a User-Agent can be 16 KiB (Node's header limit), and an address taken from X-Forwarded-For
+ * under TRUST_PROXY=true is whatever the client wrote there.
  */
 export const MAX_USER_AGENT_LENGTH = 512;
 const MAX_IP_LENGTH = 64;

@@ -547,3 +547,31 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     expect((await app.inject({ method: 'POST', url: '/v1/signing-keys/rotate' })).statusCode).toBe(401);
   });
 });
+
+describe('client address behind a proxy (TRUST_PROXY)', () => {
+  const loginFrom = async (app: FastifyInstance, forwardedFor: string) => {
+    const user = await registerUser(app, 'proxied');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { 'x-forwarded-for': forwardedFor },
+      payload: { email: user.email, password: user.password },
+    });
+    expect(res.statusCode).toBe(200);
+    const sessions = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(res.json().session.access_token),
+    });
+    return (sessions.json().data as Array<{ current: boolean; ip: string | null }>).find((s) => s.current)
+      ?.ip;
+  };
+
+  it('takes the address from X-Forwarded-For only when told to, and keeps at most 64 characters of it', async () => {
+    const direct = await buildTestApp();
+    expect(await loginFrom(direct, '203.0.113.7')).toBe('127.0.0.1');
+    const proxied = await buildTestApp({ env: { TRUST_PROXY: 'true' } });
+    expect(await loginFrom(proxied, '203.0.113.7')).toBe('203.0.113.7');
+    expect(await loginFrom(proxied, 'x'.repeat(5000))).toBe('x'.repeat(64));
+  });
+});

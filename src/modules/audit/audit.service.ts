@@ -38,7 +38,7 @@ export function createAuditService(deps: { repo: AuditRepository; clock: Clock }
           subjectId: record.subjectId ?? null,
           outcome: record.outcome ?? 'success',
           ip: context.ip,
-          userAgent: context.userAgent?.slice(0, 512) ?? null,
+          userAgent: context.userAgent,
           requestId: context.requestId,
           data: record.data ?? {},
           createdAt: deps.clock.now(),

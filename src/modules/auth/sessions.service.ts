@@ -94,7 +94,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           userId: user.id,
           clientId: meta.clientId ?? null,
           ip: meta.ip,
-          userAgent: meta.userAgent?.slice(0, 512) ?? null,
+          userAgent: meta.userAgent,
           createdAt: now,
           lastUsedAt: now,
           idleExpiresAt: addSeconds(now, Math.min(deps.ttl.refreshIdle, deps.ttl.refreshAbsolute)),
