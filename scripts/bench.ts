@@ -226,6 +226,20 @@ function cpuSeconds(pid: number | undefined): number | undefined {
   }
 }
 
+/** Resident set now and at its peak (VmRSS, VmHWM) of a process, in MiB, from /proc (undefined elsewhere). */
+function memoryMiB(pid: number | undefined): { rss: number; peak: number } | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1]);
+    const rss = kib('VmRSS');
+    const peak = kib('VmHWM');
+    return Number.isFinite(rss) && Number.isFinite(peak) ? { rss: rss / 1024, peak: peak / 1024 } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 interface Target {
   method?: 'GET' | 'POST';
   path: string;
@@ -514,27 +528,30 @@ const HEADER = [
 /** Text columns; the others are figures, aligned right. */
 const TEXT_COLUMNS = new Set([0, 10, 11]);
 
-function markdownTable(rows: Row[]): string {
+function markdownGrid(header: string[], cells: string[][], textColumns: Set<number>): string {
   const lines = [
-    `| ${HEADER.join(' | ')} |`,
-    `|${HEADER.map((_, i) => (TEXT_COLUMNS.has(i) ? '---' : '---:')).join('|')}|`,
+    `| ${header.join(' | ')} |`,
+    `|${header.map((_, i) => (textColumns.has(i) ? '---' : '---:')).join('|')}|`,
   ];
-  for (const cells of tableRows(rows)) lines.push(`| ${cells.join(' | ')} |`);
+  for (const row of cells) lines.push(`| ${row.join(' | ')} |`);
   return lines.join('\n');
 }
 
-function textTable(rows: Row[]): string {
-  const all = [HEADER, ...tableRows(rows)];
-  const widths = HEADER.map((_, i) => Math.max(...all.map((r) => r[i]!.length)));
+function alignedTable(header: string[], cells: string[][], textColumns: Set<number>): string {
+  const all = [header, ...cells];
+  const widths = header.map((_, i) => Math.max(...all.map((r) => r[i]!.length)));
   return all
-    .map((cells, line) => {
-      const text = cells.map((c, i) => (TEXT_COLUMNS.has(i) ? c.padEnd(widths[i]!) : c.padStart(widths[i]!)));
+    .map((row, line) => {
+      const text = row.map((c, i) => (textColumns.has(i) ? c.padEnd(widths[i]!) : c.padStart(widths[i]!)));
       return line === 0
         ? `${text.join('  ')}\n${widths.map((w) => '-'.repeat(w)).join('  ')}`
         : text.join('  ');
     })
     .join('\n');
 }
+
+const markdownTable = (rows: Row[]) => markdownGrid(HEADER, tableRows(rows), TEXT_COLUMNS);
+const textTable = (rows: Row[]) => alignedTable(HEADER, tableRows(rows), TEXT_COLUMNS);
 
 // ——— the run ———
 
@@ -865,6 +882,7 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
       `${step} ${e.name}: median ${fmt.ratio(ratio)} baseline (${fmt.rps(m.rps)} req/s, p99 ` +
         `${fmt.ms(m.p99)} ms), floor ${fmt.ratio(floorRatio)}, non-2xx ${non2xx}, errors ${errors}, ${fmt.cpu(m)}`,
     );
+    sampleMemory(report, servers, `after ${e.name}`);
   }
 }
 
@@ -967,12 +985,61 @@ async function measureLogins(servers: Servers, s: Seed, introspect: Endpoint, re
 
 type Cleanups = Array<() => Promise<void>>;
 
+type ProcessName = 'service' | 'baseline' | 'floor';
+
+/** Samples the three servers' memory after a stage of the run. */
+function sampleMemory(report: Report, servers: Servers, stage: string) {
+  report.memory.push({
+    stage,
+    service: memoryMiB(servers.service.process.pid),
+    baseline: memoryMiB(servers.baseline.process.pid),
+    floor: memoryMiB(servers.floor.process.pid),
+  });
+}
+
+/**
+ * The memory table: each server's resident set after seeding (idle), after the last endpoint and at
+ * the end, and its peak; the service's against the baseline's. The service's caches are bounded LRUs
+ * and argon2 takes its memory cost per hash in flight, so the figures should level off, not grow.
+ */
+function memoryTable(report: Report): string[][] {
+  const first = report.memory[0];
+  const last = report.memory[report.memory.length - 1];
+  const lastEndpoint = [...report.memory]
+    .reverse()
+    .find((m) => m.stage.startsWith('after ') && !m.stage.includes('login'));
+  const mib = (m: { rss: number } | undefined) => (m ? m.rss.toFixed(0) : '–');
+  return (['service', 'baseline', 'floor'] as const).map((name) => {
+    const peak = last?.[name]?.peak;
+    const baselinePeak = last?.baseline?.peak;
+    return [
+      name === 'service' ? 'service' : name === 'baseline' ? 'baseline (hello world)' : 'floor',
+      mib(first?.[name]),
+      mib(lastEndpoint?.[name]),
+      mib(last?.[name]),
+      peak === undefined ? '–' : peak.toFixed(0),
+      peak === undefined || baselinePeak === undefined ? '–' : `${(peak / baselinePeak).toFixed(2)}×`,
+    ];
+  });
+}
+
+const MEMORY_HEADER = [
+  'process',
+  'RSS after seeding, MiB',
+  'RSS after the endpoints',
+  'RSS at the end',
+  'peak RSS',
+  'peak vs baseline',
+];
+
 class Report {
   rows: Row[] = [];
   baselines: Measurement[] = [];
   /** The cores other processes kept busy during each measured run. */
   disturbance: Array<number | null> = [];
   raw: Record<string, unknown> = {};
+  /** Each process's memory after each stage (after seeding, after each endpoint, after the logins). */
+  memory: Array<{ stage: string } & Record<ProcessName, { rss: number; peak: number } | undefined>> = [];
   private done = 0;
   constructor(private readonly steps: number) {}
   step() {
@@ -1010,7 +1077,10 @@ function writeReport(report: Report, database: FreshDatabase) {
     `${ROUNDS} rounds of ${MEASURE_SECONDS} s per endpoint, each after a baseline run, median round shown; ` +
     `baseline (bare Fastify hello world) ${fmt.rps(meanBaseline)} req/s on average.`;
 
-  process.stdout.write(`\n${summary}\n\n${textTable(report.rows)}\n`);
+  const memory = memoryTable(report);
+  process.stdout.write(
+    `\n${summary}\n\n${textTable(report.rows)}\n\n${alignedTable(MEMORY_HEADER, memory, new Set([0]))}\n`,
+  );
   for (const note of notes) process.stdout.write(`  ${note}\n`);
   const failed = report.rows.filter((r) => r.pass === false);
   process.stdout.write(
@@ -1033,12 +1103,15 @@ function writeReport(report: Report, database: FreshDatabase) {
       meanOtherCores: meanOthers,
       targets,
       rows: report.rows,
+      memoryMiB: report.memory,
       raw: report.raw,
     },
     null,
     2,
   );
-  const markdown = `${summary}\n\n${markdownTable(report.rows)}\n${notes.map((n) => `\n- ${n}`).join('')}\n`;
+  const markdown =
+    `${summary}\n\n${markdownTable(report.rows)}\n${notes.map((n) => `\n- ${n}`).join('')}\n\n` +
+    `Memory (resident set, MiB):\n\n${markdownGrid(MEMORY_HEADER, memory, new Set([0]))}\n`;
   for (const name of [`bench-${stamp}`, 'latest']) {
     writeFileSync(join(dir, `${name}.json`), `${json}\n`);
     writeFileSync(join(dir, `${name}.md`), markdown);
@@ -1069,8 +1142,12 @@ async function main() {
     const selected = all.filter((e) => !only || only.some((o) => e.name.includes(o)));
     const withLogins = !only || only.includes('login');
     const report = new Report(selected.length + (withLogins ? 3 : 0));
+    sampleMemory(report, servers, 'seeded');
     await measureEndpoints(servers, selected, report);
-    if (withLogins) await measureLogins(servers, s, all.find((e) => e.name.includes('introspect'))!, report);
+    if (withLogins) {
+      await measureLogins(servers, s, all.find((e) => e.name.includes('introspect'))!, report);
+      sampleMemory(report, servers, 'after the logins');
+    }
     writeReport(report, database);
   } finally {
     progress('stopping the children and dropping the database');
