@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
+import { sql } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { basicAuthorization } from '../../src/modules/oauth/oauth.client-auth.js';
 import { createClient } from '../clients/helpers.js';
@@ -94,6 +95,19 @@ const DATE_TIMES = [
   '2024-02-29T12:00:00+01:00',
   '2026-02-30T00:00:00Z',
   '2026-01-01T24:00:00Z',
+];
+/** The tables whose rows a refused request must leave as they were. */
+const STATE_TABLES = [
+  'users',
+  'roles',
+  'user_roles',
+  'profiles',
+  'api_keys',
+  'clients',
+  'sessions',
+  'refresh_tokens',
+  'revocations',
+  'signing_keys',
 ];
 const NUMBERS = [-1, 1.5, 1e308, -1e308, 2 ** 53 + 1, '1', '', null, true, []];
 
@@ -204,13 +218,38 @@ describe('bad input never gets a 500 (API.md)', () => {
   });
 
   /**
+   * Every row of the tables a request can change, as one digest. Audit events are left out: refusing a
+   * login or a permission is itself audited.
+   */
+  async function stateDigest(): Promise<string> {
+    const digests = STATE_TABLES.map(
+      (t) => `(select md5(coalesce(string_agg(x::text, '|' order by x::text), '')) from ${t} x)`,
+    );
+    const result = (await app.services.db.execute(
+      sql.raw(`select ${digests.join(' || ')} as digest`),
+    )) as unknown as {
+      rows: Array<{ digest: string }>;
+    };
+    return result.rows[0]!.digest;
+  }
+
+  /**
    * Sends each request; collects every answer that breaks the rule instead of stopping at the first.
-   * With `declared`, a status the operation's document does not list breaks it too.
+   * With `declared`, a status the operation's document does not list breaks it too. A 4xx that
+   * changed any row breaks it as well (API.md: bad input changes nothing).
    */
   async function probe(requests: InjectOptions[], oauth: boolean, declared?: string[]): Promise<string[]> {
     const failures: string[] = [];
+    let before = await stateDigest();
     for (const request of requests) {
       const res = await app.inject(request);
+      const after = await stateDigest();
+      if (res.statusCode >= 400 && res.statusCode < 500 && after !== before) {
+        failures.push(
+          `${request.method} ${String(request.url).slice(0, 120)} -> ${res.statusCode}, but changed rows`,
+        );
+      }
+      before = after;
       if (declared && !declared.includes(String(res.statusCode))) {
         failures.push(
           `${request.method} ${String(request.url).slice(0, 120)} -> ${res.statusCode}, not declared`,
