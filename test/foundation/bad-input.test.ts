@@ -2,10 +2,11 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
 import { sql } from 'drizzle-orm';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { basicAuthorization } from '../../src/modules/oauth/oauth.client-auth.js';
 import { createClient } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
+import { ownDatabase } from '../support/database.js';
 import { createAdmin } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
@@ -204,8 +205,12 @@ describe('bad input never gets a 500 (API.md)', () => {
   let documentOperations: Operation[];
   let basic: string;
 
+  let own: Awaited<ReturnType<typeof ownDatabase>>;
+
+  // A database of its own: the row digest below must see only what this file's requests do.
   beforeAll(async () => {
-    app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'false' } });
+    own = await ownDatabase('auth_bad_input');
+    app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'false' }, deps: { database: own.database } });
     const admin = await createAdmin(app);
     const client = await createClient(app, admin.accessToken, {
       name: 'bad-input',
@@ -215,6 +220,11 @@ describe('bad input never gets a 500 (API.md)', () => {
     const doc = await app.inject({ method: 'GET', url: '/openapi.json' });
     documentOperations = operations(doc.json());
     expect(documentOperations.length).toBeGreaterThan(40);
+  });
+
+  afterAll(async () => {
+    await app.close();
+    await own.dispose();
   });
 
   /**

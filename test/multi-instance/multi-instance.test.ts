@@ -12,7 +12,7 @@ import { type DatabaseHandle, MIGRATIONS_FOLDER, openDatabase } from '../../src/
 import { CREDENTIAL_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
 import { basic, createClient, form } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
-import { testDatabase } from '../support/database.js';
+import { scratchDatabase, testDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
@@ -44,30 +44,12 @@ async function openInstanceDatabase(url: string): Promise<DatabaseHandle> {
   return openDatabase({ url, dataDir: '.data/test', logger: silent, migrate: true, connectTimeoutMs: 5000 });
 }
 
-/** A fresh, empty database on the test server; `drop()` removes it. */
-async function scratchDatabase(): Promise<{ url: string; drop(): Promise<void> }> {
-  const name = `auth_mi_${randomUUID().replace(/-/g, '').slice(0, 16)}`;
-  const onServer = async (statement: string) => {
-    const admin = new pg.Client({ connectionString: databaseUrl });
-    await admin.connect();
-    try {
-      await admin.query(statement);
-    } finally {
-      await admin.end();
-    }
-  };
-  await onServer(`CREATE DATABASE ${name}`);
-  const url = new URL(databaseUrl!);
-  url.pathname = `/${name}`;
-  return { url: url.toString(), drop: () => onServer(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
-}
-
 /**
  * Two apps on one database; closed after the file. On PostgreSQL the database is their own, so the
  * key rotations and notifications of test files running in the other worker do not interleave.
  */
 async function buildInstances(env: Record<string, string> = {}, envA: Record<string, string> = {}) {
-  const scratch = databaseUrl ? await scratchDatabase() : undefined;
+  const scratch = await scratchDatabase('auth_mi');
   const handles = scratch
     ? [await openInstanceDatabase(scratch.url), await openInstanceDatabase(scratch.url)]
     : await Promise.all([testDatabase(), testDatabase()]);
@@ -362,7 +344,7 @@ if (!databaseUrl)
 
 describe.runIf(databaseUrl)('several instances starting together on an empty PostgreSQL database', () => {
   it('both come up, and the migrations and the first signing keys are made once', async () => {
-    const scratch = await scratchDatabase();
+    const scratch = (await scratchDatabase('auth_mi'))!;
     const handles: DatabaseHandle[] = [];
     const apps: FastifyInstance[] = [];
     try {

@@ -5,7 +5,6 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import pg from 'pg';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
@@ -19,6 +18,7 @@ import {
 import { createSigningKeysRepository } from '../../src/modules/signing-keys/signing-keys.repository.js';
 import { createUsersRepository } from '../../src/modules/users/users.repository.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
+import { scratchDatabase } from '../support/database.js';
 import { PASSWORD } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
@@ -54,29 +54,14 @@ async function createTarget(): Promise<Target> {
   const removeDir = () => rmSync(dataDir, { recursive: true, force: true });
   const serverUrl = inject('databaseUrl');
   if (!serverUrl) return { kind: 'pglite', url: undefined, dataDir, drop: async () => removeDir() };
-  const name = `auth_scripts_${randomBytes(6).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: serverUrl });
-  await admin.connect();
-  try {
-    await admin.query(`CREATE DATABASE ${name}`);
-  } finally {
-    await admin.end();
-  }
-  const url = new URL(serverUrl);
-  url.pathname = `/${name}`;
+  const scratch = (await scratchDatabase('auth_scripts'))!;
   return {
     kind: 'postgres',
-    url: url.toString(),
+    url: scratch.url,
     dataDir,
     async drop() {
       removeDir();
-      const client = new pg.Client({ connectionString: serverUrl });
-      await client.connect();
-      try {
-        await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-      } finally {
-        await client.end();
-      }
+      await scratch.drop();
     },
   };
 }

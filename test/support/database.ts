@@ -1,3 +1,5 @@
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
 import pino from 'pino';
 import { inject } from 'vitest';
 import { type DatabaseHandle, openDatabase, openMemoryDatabase } from '../../src/db/client.js';
@@ -17,3 +19,58 @@ export function testDatabase(): Promise<DatabaseHandle> {
 }
 
 export const databaseSource = () => inject('databaseSource');
+
+/**
+ * A new, empty database on the test PostgreSQL server, named `<prefix>_<random>`; `drop()` removes it
+ * (connections and all). Undefined when the tests run on PGlite.
+ */
+export async function scratchDatabase(
+  prefix: string,
+): Promise<{ url: string; drop(): Promise<void> } | undefined> {
+  const serverUrl = inject('databaseUrl');
+  if (!serverUrl) return undefined;
+  const name = `${prefix}_${randomBytes(6).toString('hex')}`;
+  const onServer = async (statement: string) => {
+    const admin = new pg.Client({ connectionString: serverUrl });
+    await admin.connect();
+    try {
+      await admin.query(statement);
+    } finally {
+      await admin.end();
+    }
+  };
+  await onServer(`CREATE DATABASE ${name}`);
+  const url = new URL(serverUrl);
+  url.pathname = `/${name}`;
+  return { url: url.toString(), drop: () => onServer(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
+}
+
+/**
+ * A migrated database nobody else writes to, for a test that reads the whole database (the worker's is
+ * shared with the files other workers run at the same time on PostgreSQL): a scratch database there, a
+ * new in-memory PGlite otherwise. `dispose()` closes it (and drops the scratch database).
+ */
+export async function ownDatabase(
+  prefix: string,
+): Promise<{ database: DatabaseHandle; dispose(): Promise<void> }> {
+  const logger = pino({ level: 'silent' });
+  const scratch = await scratchDatabase(prefix);
+  if (!scratch) {
+    const database = await openMemoryDatabase(logger);
+    return { database, dispose: () => database.close() };
+  }
+  const database = await openDatabase({
+    url: scratch.url,
+    dataDir: '.data/test',
+    logger,
+    migrate: true,
+    connectTimeoutMs: 5000,
+  });
+  return {
+    database,
+    async dispose() {
+      await database.close();
+      await scratch.drop();
+    },
+  };
+}
