@@ -1,7 +1,8 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { notFound } from '../../lib/errors.js';
+import { forbidden, notFound } from '../../lib/errors.js';
+import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problems, UuidParamSchema } from '../shared/shared.schema.js';
@@ -130,12 +131,23 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         summary: 'End this session (or, with scope "all", every session)',
         security: bearerOrApiKey,
         body: LogoutBodySchema.nullish(),
+        description:
+          'With `scope: "all"` every session of the user ends; an API key needs `account:write` for that.',
         response: { 204: z.null().describe('Logged out'), ...problems(400, 401, 403) },
       },
     },
     async (request, reply) => {
       const principal = principalOf(request);
       const body = request.body ?? {};
+      // Every user token may end its own sessions; an API key reaches them all only with account:write,
+      // so a read-only key cannot sign its owner out everywhere.
+      if (
+        body.scope === 'all' &&
+        principal.kind !== 'user' &&
+        !hasPermission(principal.permissions, 'account:write')
+      ) {
+        throw forbidden('Ending every session with an API key needs account:write');
+      }
       await deps.auth.logout(
         userIdOf(request),
         principal.kind === 'user' ? principal.sessionId : undefined,
