@@ -3,7 +3,7 @@ import { createRemoteJWKSet, customFetch, decodeProtectedHeader, jwtVerify } fro
 import { beforeAll, describe, expect, it } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
-import { login, PASSWORD, registerUser } from '../support/factories.js';
+import { login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer, injectFetch } from '../support/http.js';
 
 describe('auth: register, login, me, refresh, logout (local provider)', () => {
@@ -188,22 +188,8 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
   it('keeps at most 512 characters of a User-Agent on the session and the audit event', async () => {
     const user = await registerUser(app, 'long-agent');
     const agent = `agent/${'x'.repeat(10_000)}`;
-    const res = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/login',
-      headers: { 'user-agent': agent },
-      payload: { email: user.email, password: user.password },
-    });
-    expect(res.statusCode).toBe(200);
-    const sessions = await app.inject({
-      method: 'GET',
-      url: '/v1/auth/sessions',
-      headers: bearer(res.json().session.access_token),
-    });
-    const current = (sessions.json().data as Array<{ current: boolean; user_agent: string | null }>).find(
-      (s) => s.current,
-    );
-    expect(current?.user_agent).toBe(agent.slice(0, 512));
+    const current = await sessionOfLogin(app, user, { 'user-agent': agent });
+    expect(current.user_agent).toBe(agent.slice(0, 512));
     const events = await app.services.audit.list({ type: 'auth.login', limit: 50 });
     expect(events.find((e) => e.subjectId === user.id && e.userAgent?.startsWith('agent/'))?.userAgent).toBe(
       agent.slice(0, 512),
@@ -548,24 +534,31 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
   });
 });
 
+/** Logs the user in with these headers and returns the session that login opened, as listed. */
+async function sessionOfLogin(app: FastifyInstance, user: TestUser, headers: Record<string, string>) {
+  const res = await app.inject({
+    method: 'POST',
+    url: '/v1/auth/login',
+    headers,
+    payload: { email: user.email, password: user.password },
+  });
+  expect(res.statusCode).toBe(200);
+  const sessions = await app.inject({
+    method: 'GET',
+    url: '/v1/auth/sessions',
+    headers: bearer(res.json().session.access_token),
+  });
+  const listed = sessions.json().data as Array<{
+    current: boolean;
+    ip: string | null;
+    user_agent: string | null;
+  }>;
+  return listed.find((s) => s.current)!;
+}
+
 describe('client address behind a proxy (TRUST_PROXY)', () => {
-  const loginFrom = async (app: FastifyInstance, forwardedFor: string) => {
-    const user = await registerUser(app, 'proxied');
-    const res = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/login',
-      headers: { 'x-forwarded-for': forwardedFor },
-      payload: { email: user.email, password: user.password },
-    });
-    expect(res.statusCode).toBe(200);
-    const sessions = await app.inject({
-      method: 'GET',
-      url: '/v1/auth/sessions',
-      headers: bearer(res.json().session.access_token),
-    });
-    return (sessions.json().data as Array<{ current: boolean; ip: string | null }>).find((s) => s.current)
-      ?.ip;
-  };
+  const loginFrom = async (app: FastifyInstance, forwardedFor: string) =>
+    (await sessionOfLogin(app, await registerUser(app, 'proxied'), { 'x-forwarded-for': forwardedFor })).ip;
 
   it('takes the address from X-Forwarded-For only when told to, and keeps at most 64 characters of it', async () => {
     const direct = await buildTestApp();
