@@ -31,6 +31,9 @@ const NO_ANSWER_STATUS = 599;
 
 const RETRY_AFTER = { 'retry-after': '5' };
 
+/** A JWT as Supabase issues it: three base64url parts (the last, the signature, never empty). */
+const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 function failureReason(err: unknown): string {
@@ -172,8 +175,9 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
 
     exchange: (accessToken) =>
       guarded(async () => {
-        // getUser() without a token would read the (empty) client session instead.
-        if (!accessToken) return undefined;
+        // getUser() without a token would read the (empty) client session instead, and one that is not
+        // a compact JWS (a character a header cannot carry, say) would fail in fetch, not at Supabase.
+        if (!COMPACT_JWS.test(accessToken)) return undefined;
         const { data, error } = await anon.auth.getUser(accessToken);
         if (error) {
           if (isOutage(error)) throw unavailable(error);
