@@ -60,6 +60,8 @@ const EnvSchema = z.object({
   TRUST_PROXY: z.string().default(''),
   BODY_LIMIT: z.coerce.number().int().min(1024).max(10_485_760).default(65_536),
   REQUEST_TIMEOUT_MS: z.coerce.number().int().min(1000).max(600_000).default(30_000),
+  SESSION_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(7),
+  AUDIT_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(0),
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
   DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
@@ -165,6 +167,8 @@ export interface Config {
   readonly bodyLimit: number;
   /** Longest a client may take to send a whole request (headers and body) before a 408. */
   readonly requestTimeoutMs: number;
+  /** Days ended sessions and (when above 0) audit events are kept before housekeeping deletes them. */
+  readonly retention: { sessionRetentionDays: number; auditRetentionDays: number };
   readonly db: { poolMax: number; connectTimeoutMs: number; statementTimeoutMs: number };
   readonly shutdownTimeoutMs: number;
   /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
@@ -256,6 +260,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
           : trustProxyRaw.split(',').map((s) => s.trim()),
     bodyLimit: e.BODY_LIMIT,
     requestTimeoutMs: e.REQUEST_TIMEOUT_MS,
+    retention: { sessionRetentionDays: e.SESSION_RETENTION_DAYS, auditRetentionDays: e.AUDIT_RETENTION_DAYS },
     db: {
       poolMax: e.DB_POOL_MAX,
       connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,

@@ -30,6 +30,7 @@ import { createApiKeysRepository } from './modules/api-keys/api-keys.repository.
 import { createApiKeysService } from './modules/api-keys/api-keys.service.js';
 import { createClientsRepository } from './modules/clients/clients.repository.js';
 import { createClientsService } from './modules/clients/clients.service.js';
+import { createRetention } from './modules/housekeeping/retention.js';
 import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
 import { CLIENT_AUTH_MAX_FAILURES_PER_MINUTE, createOAuthService } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
@@ -46,6 +47,8 @@ export interface ServicesDeps {
 
 /** How often caches are checked against the database, as a backstop to the change notifications. */
 const HOUSEKEEPING_INTERVAL_MS = 60_000;
+/** How often expired rows are deleted (modules/housekeeping/retention.ts). */
+const PURGE_INTERVAL_MS = 3600_000;
 
 /**
  * Wires every repository and service once. The HTTP app and the scripts (create-admin,
@@ -236,11 +239,21 @@ export function createServices(deps: ServicesDeps) {
     }
   });
 
+  const retention = createRetention({ db, clock, logger, options: config.retention });
+  let lastPurge = Number.NEGATIVE_INFINITY;
   let timer: NodeJS.Timeout | undefined;
   async function housekeeping() {
     revocations.prune();
     await keys.ensureKeys();
     await revocations.reload();
+    // By the wall clock, not the injectable one: a test that moves its app's clock days ahead must
+    // not purge, from a timer, the rows other tests on the same database wrote moments ago.
+    // (In production the two are the same clock.)
+    const wallNow = Date.now();
+    if (wallNow - lastPurge >= PURGE_INTERVAL_MS) {
+      lastPurge = wallNow;
+      await retention.purge(new Date(wallNow));
+    }
   }
 
   return {
@@ -255,6 +268,7 @@ export function createServices(deps: ServicesDeps) {
     audit,
     keys,
     revocations,
+    retention,
     tokens,
     hasher,
     provider,

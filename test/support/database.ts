@@ -52,12 +52,12 @@ export async function scratchDatabase(
  */
 export async function ownDatabase(
   prefix: string,
-): Promise<{ database: DatabaseHandle; dispose(): Promise<void> }> {
+): Promise<{ database: DatabaseHandle; url: string | undefined; dispose(): Promise<void> }> {
   const logger = pino({ level: 'silent' });
   const scratch = await scratchDatabase(prefix);
   if (!scratch) {
     const database = await openMemoryDatabase(logger);
-    return { database, dispose: () => database.close() };
+    return { database, url: undefined, dispose: () => database.close() };
   }
   const database = await openDatabase({
     url: scratch.url,
@@ -68,6 +68,7 @@ export async function ownDatabase(
   });
   return {
     database,
+    url: scratch.url,
     async dispose() {
       await database.close();
       await scratch.drop();

@@ -1,0 +1,116 @@
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { selectRows } from '../../src/db/client.js';
+import { buildTestApp } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import { ownDatabase } from '../support/database.js';
+import { login, registerUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+const DAY = 24 * 3600;
+
+/*
+ * Housekeeping deletes what nothing reads any more (modules/housekeeping/retention.ts). On a database
+ * of its own: the purge deletes by age across every table, and the clock here runs days ahead.
+ */
+describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
+  let own: Awaited<ReturnType<typeof ownDatabase>>;
+  const clock = createTestClock();
+  let app: FastifyInstance;
+
+  beforeAll(async () => {
+    own = await ownDatabase('auth_retention');
+    app = await buildTestApp({
+      env: { SESSION_RETENTION_DAYS: '7', AUDIT_RETENTION_DAYS: '30' },
+      deps: { database: own.database, clock },
+    });
+  });
+
+  afterAll(async () => {
+    await app.close();
+    await own.dispose();
+  });
+
+  const count = async (query: ReturnType<typeof sql>) =>
+    (await selectRows<{ n: number }>(app.services.db, query))[0]!.n;
+  const sessionsOf = (userId: string) =>
+    count(sql`select count(*)::int as n from sessions where user_id = ${userId}`);
+  const refreshTokensOf = (userId: string) =>
+    count(
+      sql`select count(*)::int as n from refresh_tokens r join sessions s on s.id = r.session_id where s.user_id = ${userId}`,
+    );
+
+  it('deletes sessions ended longer ago than the retention (with their refresh tokens), expired revocations and old audit events; keeps the rest', async () => {
+    const user = await registerUser(app, 'retention');
+    const second = await login(app, user.email);
+    // One rotation, so the session that ends has two refresh tokens.
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: second.session.refresh_token },
+    });
+    expect(refreshed.statusCode).toBe(200);
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(refreshed.json().session.access_token),
+      payload: {},
+    });
+    expect(out.statusCode).toBe(204);
+    expect(await sessionsOf(user.id)).toBe(2);
+    expect(await refreshTokensOf(user.id)).toBe(3);
+    const revocationsBefore = await count(sql`select count(*)::int as n from revocations`);
+    expect(revocationsBefore).toBeGreaterThan(0);
+
+    // Six days on, nothing has been ended long enough; the revocations (15 min) have expired.
+    clock.advance(6 * DAY);
+    const early = await app.services.retention.purge();
+    expect(early).toMatchObject({ skipped: false, sessions: 0, auditEvents: 0 });
+    expect(early.revocations).toBe(revocationsBefore);
+    expect(await sessionsOf(user.id)).toBe(2);
+
+    // Eight days on, the logged-out session goes with its two refresh tokens; the live one stays.
+    clock.advance(2 * DAY);
+    const auditBefore = await count(sql`select count(*)::int as n from audit_events`);
+    expect(await app.services.retention.purge()).toMatchObject({ sessions: 1, auditEvents: 0 });
+    expect(await sessionsOf(user.id)).toBe(1);
+    expect(await refreshTokensOf(user.id)).toBe(1);
+    expect(await count(sql`select count(*)::int as n from audit_events`)).toBe(auditBefore);
+    const stillIn = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(user.accessToken),
+    });
+    expect(stillIn.statusCode).toBe(401); // the access token expired days ago; the session itself lives on
+    const refreshedAgain = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(refreshedAgain.statusCode, refreshedAgain.body).toBe(200);
+    await login(app, user.email);
+
+    // Thirty-one days after the first events they go; the login just now is recent and stays.
+    clock.advance(23 * DAY + 3600);
+    const late = await app.services.retention.purge();
+    expect(late.auditEvents).toBe(auditBefore);
+    expect(await count(sql`select count(*)::int as n from audit_events`)).toBeGreaterThan(0);
+  });
+
+  it.runIf(inject('databaseUrl'))('skips when another instance holds the purge lock', async () => {
+    const dbUrl = own.url!;
+    const other = new pg.Client({ connectionString: dbUrl });
+    await other.connect();
+    try {
+      await other.query('begin');
+      await other.query('select pg_advisory_xact_lock(7344021131)');
+      expect(await app.services.retention.purge()).toMatchObject({ skipped: true });
+      await other.query('rollback');
+      expect(await app.services.retention.purge()).toMatchObject({ skipped: false });
+    } finally {
+      await other.end();
+    }
+  });
+});
