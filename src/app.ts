@@ -82,10 +82,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     return503OnClosing: true,
     forceCloseConnections: 'idle',
     routerOptions: { maxParamLength: 200 },
+    // What Node's HTTP parser refuses (bad syntax, oversized headers, REQUEST_TIMEOUT_MS) in problem+json.
+    clientErrorHandler: answerClientError,
     // A URL the router refuses before any route runs (bad percent-encoding, a path parameter over
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
-    clientErrorHandler: answerClientError,
     frameworkErrors: (error, request, reply) => {
       reply.headers(API_SECURITY_HEADERS).header('x-request-id', request.id);
       return app.errorHandler(error, request, reply);

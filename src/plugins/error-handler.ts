@@ -141,7 +141,10 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     detail: error.detail,
     code: error.code,
   });
-  if (socket.writable) {
+  // As Node's own handler does: no answer into a connection whose current response has started
+  // (a malformed request pipelined behind a good one), which would corrupt that response.
+  const inFlight = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
+  if (socket.writable && !inFlight?.headersSent) {
     const headers = Object.entries(API_SECURITY_HEADERS)
       .map(([name, value]) => `${name}: ${value}\r\n`)
       .join('');
