@@ -115,6 +115,34 @@ describe('users and roles administration', () => {
     expect(tooMany.statusCode).toBe(400);
   });
 
+  it('searches emails for the text as written: % and _ are not wildcards', async () => {
+    const tag = Date.now().toString(36);
+    const register = async (local: string) => {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email: `${local}@example.test`, password: 'correct horse battery staple' },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      return res.json().user.id as string;
+    };
+    const dash = await register(`wild-${tag}`);
+    const underscore = await register(`wild_${tag}`);
+    const search = async (text: string) =>
+      (
+        await app.inject({
+          method: 'GET',
+          url: `/v1/users?query=${encodeURIComponent(text)}`,
+          headers: asAdmin(),
+        })
+      )
+        .json()
+        .data.map((u: { id: string }) => u.id);
+    expect(await search(`wild_${tag}`)).toEqual([underscore]);
+    expect(await search(`wild-${tag}`)).toEqual([dash]);
+    expect(await search(`wild%${tag}`)).toEqual([]);
+  });
+
   it('disables a user: sessions end, tokens stop at once, login refused; enabling lets them back in', async () => {
     const user = await registerUser(app, 'disable');
     const res = await app.inject({
