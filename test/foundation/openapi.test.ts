@@ -2,6 +2,8 @@ import { Validator } from '@seriousme/openapi-schema-validator';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
+import { createAdmin } from '../support/factories.js';
+import { bearer } from '../support/http.js';
 
 describe('the OpenAPI document', () => {
   let app: FastifyInstance;
@@ -48,5 +50,37 @@ describe('the OpenAPI document', () => {
     ]) {
       expect(doc.paths[path], path).toBeTruthy();
     }
+  });
+
+  it('has request examples Swagger UI can send as they are: none is refused as invalid', async () => {
+    const admin = await createAdmin(app);
+    type Schema = { properties?: Record<string, { example?: unknown }>; required?: string[] };
+    let tried = 0;
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const [method, op] of Object.entries(item) as [string, { requestBody?: unknown }][]) {
+        const schema = (op.requestBody as { content?: Record<string, { schema: Schema }> } | undefined)
+          ?.content?.['application/json']?.schema;
+        const properties = Object.entries(schema?.properties ?? {}).filter(
+          ([, p]) => p.example !== undefined,
+        );
+        if (properties.length === 0) continue;
+        // Only operations whose required fields all have examples, and no path parameters.
+        if ((schema?.required ?? []).some((name) => !properties.some(([key]) => key === name))) continue;
+        if (path.includes('{')) continue;
+        const body = Object.fromEntries(properties.map(([key, p]) => [key, p.example]));
+        const res = await app.inject({
+          method: method.toUpperCase() as 'POST',
+          url: path,
+          headers: bearer(admin.accessToken),
+          payload: body,
+        });
+        tried++;
+        expect(
+          [400, 422],
+          `${method.toUpperCase()} ${path} ${JSON.stringify(body)}: ${res.body}`,
+        ).not.toContain(res.statusCode);
+      }
+    }
+    expect(tried).toBeGreaterThanOrEqual(6);
   });
 });

@@ -13,13 +13,20 @@ const ScopeSchema = PermissionSchema;
 const ScopesSchema = z
   .array(ScopeSchema)
   .max(100)
-  .describe('Permissions the key may use; within the creator’s own, and limited at every use to the owner’s');
+  .describe('Permissions the key may use; within the creator’s own, and limited at every use to the owner’s')
+  .meta({ example: ['account:read'] });
 
-const NameSchema = z.string().trim().min(1).max(100).describe('A label for people, e.g. "CI deploy"');
+const NameSchema = z
+  .string()
+  .trim()
+  .min(1)
+  .max(100)
+  .describe('A label for people, e.g. "CI deploy"')
+  .meta({ example: 'CI deploy' });
 
-const ExpiresAtSchema = InstantSchema.transform((s) => new Date(s)).describe(
-  'ISO 8601; the key stops verifying at this instant',
-);
+const ExpiresAtSchema = InstantSchema.transform((s) => new Date(s))
+  .describe('ISO 8601; the key stops verifying at this instant')
+  .meta({ example: '2030-01-01T00:00:00Z' });
 
 export const CreateApiKeyBodySchema = z
   .object({

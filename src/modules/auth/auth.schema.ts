@@ -1,12 +1,19 @@
 import { z } from 'zod';
 
-export const EmailSchema = z.string().trim().max(254).pipe(z.email()).describe('Email address');
+export const EmailSchema = z
+  .string()
+  .trim()
+  .max(254)
+  .pipe(z.email())
+  .describe('Email address')
+  .meta({ example: 'ada@example.com' });
 /** Length is checked by the service (422 weak_password), so only a hard cap lives here. */
 const PasswordSchema = z
   .string()
   .min(1)
   .max(1024)
-  .describe('8 to 128 characters; common passwords are refused');
+  .describe('8 to 128 characters; common passwords are refused')
+  .meta({ example: 'plum lantern velvet 42' });
 
 export const UserSchema = z
   .object({
@@ -31,7 +38,7 @@ export const RegisterBodySchema = z
   .object({
     email: EmailSchema,
     password: PasswordSchema,
-    display_name: z.string().trim().min(1).max(100).optional(),
+    display_name: z.string().trim().min(1).max(100).optional().meta({ example: 'Ada Lovelace' }),
   })
   .strict();
 

@@ -16,7 +16,8 @@ const AudienceSchema = z
 const ScopesSchema = z
   .array(ScopeSchema)
   .max(100)
-  .describe('Permissions the client’s tokens may carry; within the creator’s own permissions');
+  .describe('Permissions the client’s tokens may carry; within the creator’s own permissions')
+  .meta({ example: ['tokens:introspect', 'api_keys:verify'] });
 const AudiencesSchema = z
   .array(AudienceSchema)
   .max(20)
@@ -35,7 +36,7 @@ export const ClientIdParamSchema = z.object({
 
 export const CreateClientBodySchema = z
   .object({
-    name: z.string().trim().min(1).max(100),
+    name: z.string().trim().min(1).max(100).meta({ example: 'orders-service' }),
     description: z.string().trim().max(500).optional(),
     scopes: ScopesSchema,
     audiences: AudiencesSchema.optional(),

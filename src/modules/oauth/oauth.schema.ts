@@ -14,7 +14,12 @@ const ClientAuthFields = {
 const OneOrMany = z.union([z.string().max(2048), z.array(z.string().max(2048)).max(10)]);
 
 export const TokenBodySchema = z.object({
-  grant_type: z.string().max(128).optional().describe('`client_credentials` or `refresh_token`'),
+  grant_type: z
+    .string()
+    .max(128)
+    .optional()
+    .describe('`client_credentials` or `refresh_token`')
+    .meta({ example: 'client_credentials' }),
   scope: z
     .string()
     .max(4000)

@@ -23,26 +23,29 @@ function depth(value: unknown): number {
 
 export const PatchProfileBodySchema = z
   .object({
-    display_name: z.string().trim().min(1).max(100).nullable().optional(),
+    display_name: z.string().trim().min(1).max(100).nullable().optional().meta({ example: 'Ada Lovelace' }),
     avatar_url: z
       .url({ protocol: /^https$/, message: 'must be an https URL' })
       .max(2048)
       .nullable()
       .optional()
-      .describe('An https URL'),
+      .describe('An https URL')
+      .meta({ example: 'https://example.com/ada.png' }),
     bio: z.string().max(1000).nullable().optional(),
     locale: z
       .string()
       .max(35)
       .refine(isBcp47, 'must be a BCP 47 language tag, e.g. en-GB')
       .nullable()
-      .optional(),
+      .optional()
+      .meta({ example: 'en-GB' }),
     timezone: z
       .string()
       .max(64)
       .refine((tz) => TIMEZONES.has(tz), 'must be an IANA time zone, e.g. Europe/Paris')
       .nullable()
-      .optional(),
+      .optional()
+      .meta({ example: 'Europe/London' }),
     metadata: z
       .record(z.string().max(100), z.unknown())
       .refine(

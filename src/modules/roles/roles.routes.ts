@@ -11,7 +11,8 @@ import type { RolesService } from './roles.service.js';
 const PermissionListSchema = z
   .array(PermissionSchema)
   .max(200)
-  .describe('Permission strings: catalogue entries, `resource:*` or `*`');
+  .describe('Permission strings: catalogue entries, `resource:*` or `*`')
+  .meta({ example: ['users:read', 'audit:read'] });
 
 const RoleSchema = z
   .object({

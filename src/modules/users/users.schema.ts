@@ -9,7 +9,8 @@ export const RoleNameSchema = z
     /^[a-z][a-z0-9_-]{1,49}$/,
     'lowercase letters, digits, _ and -, 2–50 characters, starting with a letter',
   )
-  .describe('Role name');
+  .describe('Role name')
+  .meta({ example: 'support' });
 
 export const UserIdParamsSchema = z.object({ id: z.uuid() });
 export const UserRoleParamsSchema = z.object({ id: z.uuid(), role: RoleNameSchema });
