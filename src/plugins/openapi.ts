@@ -40,6 +40,29 @@ function declareFrameworkErrors(method: string | string[], schema: DocumentedSch
   if (schema.params) declare(414, 'A path segment over 200 characters');
 }
 
+/**
+ * The document without the `$id` and `$schema` keywords zod writes into each component schema
+ * (`"$id": "#/components/schemas/Problem"`). In OpenAPI 3.1 a schema's `$id` starts a new JSON Schema
+ * resource, so Swagger UI resolved the document's `#/components/...` references inside that schema
+ * and showed "Could not resolve reference" errors on every operation it expanded. A component is
+ * named by its key under `components.schemas`; the dialect is the document's.
+ */
+function withoutSchemaIds<T>(document: T): T {
+  const walk = (node: unknown): void => {
+    if (Array.isArray(node)) {
+      for (const item of node) walk(item);
+    } else if (node !== null && typeof node === 'object') {
+      const record = node as Record<string, unknown>;
+      for (const keyword of ['$id', '$schema'])
+        if (typeof record[keyword] === 'string') delete record[keyword];
+      for (const value of Object.values(record)) walk(value);
+    }
+  };
+  walk((document as { components?: unknown }).components);
+  walk((document as { paths?: unknown }).paths);
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -90,7 +113,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     },
     transform: jsonSchemaTransform,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
-    transformObject: jsonSchemaTransformObject,
+    transformObject: (input) => withoutSchemaIds(jsonSchemaTransformObject(input)),
   });
 
   // Swagger UI's own routes (HTML, assets) are public documentation.

@@ -27,6 +27,24 @@ describe('the OpenAPI document', () => {
     expect(validator.version).toBe('3.1');
   });
 
+  it('carries no $id or $schema in its schemas, so references resolve from the document root', () => {
+    // A schema's $id starts a new JSON Schema resource in OpenAPI 3.1: Swagger UI then resolved
+    // `#/components/schemas/Problem` inside that schema and showed "Could not resolve reference".
+    const found: string[] = [];
+    const walk = (node: unknown, at: string) => {
+      if (Array.isArray(node)) {
+        for (const [i, item] of node.entries()) walk(item, `${at}/${i}`);
+      } else if (node !== null && typeof node === 'object') {
+        for (const [key, value] of Object.entries(node)) {
+          if ((key === '$id' || key === '$schema') && typeof value === 'string') found.push(`${at}/${key}`);
+          walk(value, `${at}/${key}`);
+        }
+      }
+    };
+    walk(doc, '#');
+    expect(found).toEqual([]);
+  });
+
   it('gives every operation a unique operationId, a tag, a summary and its responses', () => {
     const ids = new Set<string>();
     for (const [path, item] of Object.entries(doc.paths)) {

@@ -29,7 +29,7 @@ export const SessionSchema = z
   .object({
     access_token: z.string().describe('RFC 9068 JWT'),
     token_type: z.literal('Bearer'),
-    expires_in: z.number().int().describe('Seconds until the access token expires'),
+    expires_in: z.number().int().describe('Seconds until the access token expires').meta({ example: 900 }),
     refresh_token: z.string().describe('Opaque; rotates on every use'),
   })
   .meta({ id: 'Session' });

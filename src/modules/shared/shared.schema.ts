@@ -5,7 +5,7 @@ export const ProblemSchema = z
   .object({
     type: z.string().describe('A URI naming the problem type'),
     title: z.string(),
-    status: z.number().int(),
+    status: z.number().int().meta({ example: 400 }),
     detail: z.string(),
     code: z.string().describe('Stable machine-readable code, e.g. `invalid_credentials`'),
     instance: z.string().optional(),
