@@ -1,3 +1,4 @@
+import { STATUS_CODES } from 'node:http';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import type { FastifyInstance } from 'fastify';
@@ -63,6 +64,33 @@ function withoutSchemaIds<T>(document: T): T {
   return document;
 }
 
+type ResponseObject = { description?: string; content?: Record<string, { schema?: { $ref?: string } }> };
+
+/**
+ * Every answer described: @fastify/swagger writes "Default Response" where the schema has no
+ * description of its own, which is every answer whose schema is a named component (a bare `$ref`).
+ * Those take their component's description, the others their HTTP meaning ("No Content").
+ */
+function withResponseDescriptions<T>(document: T): T {
+  const doc = document as {
+    paths?: Record<string, Record<string, { responses?: Record<string, ResponseObject> }>>;
+    components?: { schemas?: Record<string, { description?: string }> };
+  };
+  for (const item of Object.values(doc.paths ?? {})) {
+    for (const operation of Object.values(item)) {
+      for (const [status, response] of Object.entries(operation.responses ?? {})) {
+        if (response.description && response.description !== 'Default Response') continue;
+        const ref = Object.values(response.content ?? {})[0]?.schema?.$ref;
+        const component = ref?.startsWith('#/components/schemas/')
+          ? doc.components?.schemas?.[ref.slice('#/components/schemas/'.length)]
+          : undefined;
+        response.description = component?.description ?? STATUS_CODES[status] ?? 'Response';
+      }
+    }
+  }
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -113,7 +141,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     },
     transform: jsonSchemaTransform,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
-    transformObject: (input) => withoutSchemaIds(jsonSchemaTransformObject(input)),
+    transformObject: (input) => withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
   });
 
   // Swagger UI's own routes (HTML, assets) are public documentation.

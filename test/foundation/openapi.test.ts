@@ -45,6 +45,21 @@ describe('the OpenAPI document', () => {
     expect(found).toEqual([]);
   });
 
+  it('describes every response (no "Default Response")', () => {
+    const undescribed: string[] = [];
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const [method, op] of Object.entries(item)) {
+        for (const [status, response] of Object.entries(
+          (op.responses ?? {}) as Record<string, { description?: string }>,
+        )) {
+          if (!response.description || response.description === 'Default Response')
+            undescribed.push(`${method.toUpperCase()} ${path} ${status}`);
+        }
+      }
+    }
+    expect(undescribed).toEqual([]);
+  });
+
   it('gives every operation a unique operationId, a tag, a summary and its responses', () => {
     const ids = new Set<string>();
     for (const [path, item] of Object.entries(doc.paths)) {

@@ -79,5 +79,18 @@ export const OAuthErrorSchema = z
   .object({ error: z.string(), error_description: z.string().optional() })
   .meta({ id: 'OAuthError', description: 'RFC 6749 §5.2' });
 
+/** What each status means on the OAuth endpoints (RFC 6749 §5.2, RFC 7662, RFC 7009). */
+const OAUTH_ERROR_MEANINGS: Record<number, string> = {
+  400: '`invalid_request`, `invalid_grant`, `invalid_scope` or `unsupported_grant_type`',
+  401: '`invalid_client`: client authentication failed (`WWW-Authenticate: Basic` when Basic was used)',
+  403: 'Authenticated, but not allowed to introspect',
+  413: '`invalid_request`: body over the size limit',
+  415: '`invalid_request`: send application/x-www-form-urlencoded (or JSON)',
+  429: '`temporarily_unavailable`: too many failed client authentications; see `Retry-After`',
+  503: '`temporarily_unavailable`: a dependency is down; see `Retry-After`',
+};
+
 export const oauthErrors = <K extends number>(...codes: K[]) =>
-  Object.fromEntries(codes.map((c) => [c, OAuthErrorSchema])) as Record<K, typeof OAuthErrorSchema>;
+  Object.fromEntries(
+    codes.map((c) => [c, OAuthErrorSchema.describe(OAUTH_ERROR_MEANINGS[c] ?? 'An RFC 6749 error')]),
+  ) as Record<K, typeof OAuthErrorSchema>;
