@@ -44,8 +44,10 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           '201 with a session, or 202 with `session: null` when the provider asks for email confirmation first.',
         body: RegisterBodySchema,
         response: {
-          201: RegisterResultSchema,
-          202: RegisterResultSchema,
+          201: RegisterResultSchema.describe('Registered and signed in'),
+          202: RegisterResultSchema.describe(
+            'Registered; the provider asks for the email to be confirmed first (`session: null`)',
+          ),
           ...problems(400, 409, 422, 429, 503),
         },
       },
