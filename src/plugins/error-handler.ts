@@ -22,13 +22,20 @@ export function problemType(code: string) {
   return `urn:paservices:auth:problem:${code}`;
 }
 
-export const renderProblem: ErrorRenderer = (error, request, reply) => {
-  const body: Record<string, unknown> = {
+/** The RFC 9457 members every problem carries; a request adds where it happened. */
+function problemBody(error: AppError): Record<string, unknown> {
+  return {
     type: problemType(error.code),
     title: error.title,
     status: error.status,
     detail: error.detail,
     code: error.code,
+  };
+}
+
+export const renderProblem: ErrorRenderer = (error, request, reply) => {
+  const body: Record<string, unknown> = {
+    ...problemBody(error),
     instance: request.url.split('?')[0],
     request_id: request.id,
   };
@@ -134,13 +141,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     code,
     code === 'bad_request' ? { detail: 'The request is not valid HTTP/1.1' } : {},
   );
-  const body = JSON.stringify({
-    type: problemType(error.code),
-    title: error.title,
-    status: error.status,
-    detail: error.detail,
-    code: error.code,
-  });
+  const body = JSON.stringify(problemBody(error));
   // As Node's own handler does: no answer into a connection whose current response has started
   // (a malformed request pipelined behind a good one), which would corrupt that response.
   const inFlight = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
