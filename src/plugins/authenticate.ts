@@ -92,7 +92,7 @@ export function credentialOf(request: FastifyRequest): string | undefined {
  * both: a User-Agent can be 16 KiB (Node's header limit), and an address taken from X-Forwarded-For
  * under TRUST_PROXY=true is whatever the client wrote there.
  */
-export const MAX_USER_AGENT_LENGTH = 512;
+const MAX_USER_AGENT_LENGTH = 512;
 const MAX_IP_LENGTH = 64;
 
 export function requestContext(request: FastifyRequest): RequestContext {

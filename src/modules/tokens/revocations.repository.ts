@@ -1,4 +1,4 @@
-import { gt, lt, sql } from 'drizzle-orm';
+import { gt, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { revocations } from '../../db/schema/index.js';
 
@@ -21,9 +21,6 @@ export function createRevocationsRepository(db: Executor) {
     },
     async listLive(now: Date, tx: Executor = db): Promise<RevocationRow[]> {
       return tx.select().from(revocations).where(gt(revocations.expiresAt, now));
-    },
-    async deleteExpired(now: Date, tx: Executor = db): Promise<void> {
-      await tx.delete(revocations).where(lt(revocations.expiresAt, now));
     },
   };
 }
