@@ -8,11 +8,11 @@ import pg from 'pg';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
-import { type DatabaseHandle, MIGRATIONS_FOLDER, openDatabase } from '../../src/db/client.js';
+import { type DatabaseHandle, MIGRATIONS_FOLDER } from '../../src/db/client.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
 import { basic, createClient, form } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
-import { scratchDatabase, testDatabase } from '../support/database.js';
+import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
@@ -40,10 +40,6 @@ async function msUntil(check: () => Promise<boolean>): Promise<number> {
   }
 }
 
-async function openInstanceDatabase(url: string): Promise<DatabaseHandle> {
-  return openDatabase({ url, dataDir: '.data/test', logger: silent, migrate: true, connectTimeoutMs: 5000 });
-}
-
 /**
  * Two apps on one database; closed after the file. On PostgreSQL the database is their own, so the
  * key rotations and notifications of test files running in the other worker do not interleave.
@@ -51,7 +47,7 @@ async function openInstanceDatabase(url: string): Promise<DatabaseHandle> {
 async function buildInstances(env: Record<string, string> = {}, envA: Record<string, string> = {}) {
   const scratch = await scratchDatabase('auth_mi');
   const handles = scratch
-    ? [await openInstanceDatabase(scratch.url), await openInstanceDatabase(scratch.url)]
+    ? [await openTestDatabase(scratch.url), await openTestDatabase(scratch.url)]
     : await Promise.all([testDatabase(), testDatabase()]);
   const apps: FastifyInstance[] = [];
   for (const [i, database] of handles.entries()) {
@@ -349,7 +345,7 @@ describe.runIf(databaseUrl)('several instances starting together on an empty Pos
     const apps: FastifyInstance[] = [];
     try {
       const start = async () => {
-        const database = await openInstanceDatabase(scratch.url);
+        const database = await openTestDatabase(scratch.url);
         handles.push(database);
         const app = await buildApp({ config: testConfig(), database, logger: silent });
         apps.push(app);

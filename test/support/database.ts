@@ -5,15 +5,18 @@ import { inject } from 'vitest';
 import { type DatabaseHandle, openDatabase, openMemoryDatabase } from '../../src/db/client.js';
 
 let shared: Promise<DatabaseHandle> | undefined;
+const silent = pino({ level: 'silent' });
+
+/** A PostgreSQL database as the tests open it: migrated, with a connect timeout for a loaded CI machine. */
+export function openTestDatabase(url: string): Promise<DatabaseHandle> {
+  return openDatabase({ url, dataDir: '.data/test', logger: silent, migrate: true, connectTimeoutMs: 5000 });
+}
 
 /** The worker's database: shared by every test file the worker runs (tests use their own rows). */
 export function testDatabase(): Promise<DatabaseHandle> {
   if (!shared) {
     const url = inject('databaseUrl');
-    const logger = pino({ level: 'silent' });
-    shared = url
-      ? openDatabase({ url, dataDir: '.data/test', logger, migrate: true, connectTimeoutMs: 5000 })
-      : openMemoryDatabase(logger);
+    shared = url ? openTestDatabase(url) : openMemoryDatabase(silent);
   }
   return shared;
 }
@@ -53,19 +56,12 @@ export async function scratchDatabase(
 export async function ownDatabase(
   prefix: string,
 ): Promise<{ database: DatabaseHandle; url: string | undefined; dispose(): Promise<void> }> {
-  const logger = pino({ level: 'silent' });
   const scratch = await scratchDatabase(prefix);
   if (!scratch) {
-    const database = await openMemoryDatabase(logger);
+    const database = await openMemoryDatabase(silent);
     return { database, url: undefined, dispose: () => database.close() };
   }
-  const database = await openDatabase({
-    url: scratch.url,
-    dataDir: '.data/test',
-    logger,
-    migrate: true,
-    connectTimeoutMs: 5000,
-  });
+  const database = await openTestDatabase(scratch.url);
   return {
     database,
     url: scratch.url,
