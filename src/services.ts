@@ -8,7 +8,11 @@ import type { IdentityProvider } from './identity/provider.js';
 import { createSupabaseProvider } from './identity/supabase.js';
 import type { Clock } from './lib/clock.js';
 import { createEventBus } from './lib/events.js';
-import { createMemoryFailureCounter, createRedisFailureCounter } from './lib/throttle.js';
+import {
+  createMemoryFailureCounter,
+  createRedisFailureCounter,
+  createSharedFailureCounter,
+} from './lib/throttle.js';
 import { createAuditRepository } from './modules/audit/audit.repository.js';
 import { createAuditService, systemContext } from './modules/audit/audit.service.js';
 import { createAccountsCache } from './modules/auth/accounts.cache.js';
@@ -54,6 +58,9 @@ const PURGE_INTERVAL_MS = 3600_000;
  * Wires every repository and service once. The HTTP app and the scripts (create-admin,
  * rotate-signing-key) share it, so a rule lives in one place whichever door it is reached by.
  */
+/** Redis key prefix of the shared counts of failed client authentications, per IP and client_id. */
+export const CLIENT_AUTH_FAILURES_PREFIX = 'paservices:auth:client-auth-failures:';
+
 export function createServices(deps: ServicesDeps) {
   const { config, database, logger, clock } = deps;
   const db = database.db;
@@ -216,12 +223,25 @@ export function createServices(deps: ServicesDeps) {
     accessTtl: config.tokens.accessTtl,
     maxAccessTtl: config.tokens.maxAccessTtl,
     apiKeys: apiKeysForOAuth(apiKeys),
-    // Per instance, in memory: a shared counter would put a Redis round trip on every introspection.
-    clientAuthFailures: createMemoryFailureCounter({
-      max: config.rateLimit.enabled ? CLIENT_AUTH_MAX_FAILURES_PER_MINUTE : Number.MAX_SAFE_INTEGER,
-      windowSeconds: 60,
-      clock,
-    }),
+    // Shared through Redis when there is one, but read from memory: only failures reach Redis, so
+    // introspections that authenticate never wait for it.
+    clientAuthFailures:
+      config.rateLimit.enabled && redis
+        ? createSharedFailureCounter({
+            redis,
+            max: CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
+            windowSeconds: 60,
+            clock,
+            logger,
+            prefix: CLIENT_AUTH_FAILURES_PREFIX,
+            fallbackMessage:
+              'Redis unavailable: counting failed client authentications in this instance only',
+          })
+        : createMemoryFailureCounter({
+            max: config.rateLimit.enabled ? CLIENT_AUTH_MAX_FAILURES_PER_MINUTE : Number.MAX_SAFE_INTEGER,
+            windowSeconds: 60,
+            clock,
+          }),
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     onClientAuthFailure: (reason) => metrics.clientAuthFailures.inc({ reason }),
   });

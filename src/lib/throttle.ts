@@ -98,3 +98,73 @@ export function createRedisFailureCounter(options: {
       ),
   };
 }
+
+/**
+ * A failure counter shared through Redis that costs nothing while nothing fails: it is read from this
+ * instance's memory, and only a failure goes to Redis (INCR, and the window's remaining time), whose
+ * answer — the count of every instance together — is kept here. So checks on the hot path (client
+ * authentication on every introspection) never wait for Redis, and a source spreading failures over
+ * N instances is stopped after at most `max` + N − 1 of them in a window: each instance blocks it once
+ * its own next failure reports the shared count over the limit. When Redis does not answer, failures
+ * are counted in this instance's memory (logged once) and still block.
+ */
+export function createSharedFailureCounter(options: {
+  redis: Redis;
+  max: number;
+  windowSeconds: number;
+  clock: Clock;
+  logger: Logger;
+  /** Redis key prefix, under which each source's count lives for one window. */
+  prefix: string;
+  /** The log line when Redis does not answer. */
+  fallbackMessage: string;
+}): FailureCounter {
+  const known = new LRUCache<string, { count: number; until: number }>({ max: 100_000 });
+  const windowMs = options.windowSeconds * 1000;
+  const now = () => options.clock.now().getTime();
+  const current = (key: string) => {
+    const e = known.get(key);
+    return e && now() < e.until ? e : undefined;
+  };
+  let warned = false;
+  return {
+    async retryAfter(key) {
+      const e = current(key);
+      if (!e || e.count < options.max) return 0;
+      return Math.max(1, Math.ceil((e.until - now()) / 1000));
+    },
+    async recordFailure(key) {
+      const k = options.prefix + key;
+      try {
+        const result = await options.redis
+          .multi()
+          .incr(k)
+          .expire(k, options.windowSeconds, 'NX')
+          .pttl(k)
+          .exec();
+        const count = result?.[0]?.[1];
+        const ttl = result?.[2]?.[1];
+        if (!result || result.some(([err]) => err) || typeof count !== 'number' || typeof ttl !== 'number')
+          throw new Error('transaction aborted');
+        warned = false;
+        known.set(key, { count, until: now() + (ttl > 0 ? ttl : windowMs) });
+      } catch (err) {
+        if (!warned) {
+          options.logger.warn({ err }, options.fallbackMessage);
+          warned = true;
+        }
+        const e = current(key);
+        if (e) e.count++;
+        else known.set(key, { count: 1, until: now() + windowMs });
+      }
+    },
+    async reset(key) {
+      known.delete(key);
+      try {
+        await options.redis.del(options.prefix + key);
+      } catch {
+        // The shared count ends with its window.
+      }
+    },
+  };
+}

@@ -9,7 +9,9 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { type DatabaseHandle, MIGRATIONS_FOLDER } from '../../src/db/client.js';
+import { CLIENT_AUTH_MAX_FAILURES_PER_MINUTE } from '../../src/modules/oauth/oauth.service.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
+import { CLIENT_AUTH_FAILURES_PREFIX } from '../../src/services.js';
 import { basic, createClient, form } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
 import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
@@ -447,6 +449,45 @@ describe.runIf(redisAvailable)('several instances share rate-limit counters thro
       }
     } finally {
       await a.services.redis?.del(`paservices:auth:login-failures:${email}`);
+    }
+  });
+
+  it('failed client authentications spread over A and B are counted together: each stops the source at its next failure past the limit', async () => {
+    const remoteAddress = randomAddress();
+    const admin = await createAdmin(a);
+    const client = await createClient(a, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const introspect = (app: FastifyInstance, secret: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/oauth/introspect',
+        remoteAddress,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...basic(client.client_id, secret) },
+        payload: 'token=x.y.z',
+      });
+    const wrong = 'not-the-secret';
+    const half = CLIENT_AUTH_MAX_FAILURES_PER_MINUTE / 2;
+    try {
+      // Authenticated calls are not counted, and never reach Redis.
+      expect((await introspect(a, client.client_secret)).statusCode).toBe(200);
+      expect(
+        await a.services.redis?.exists(`${CLIENT_AUTH_FAILURES_PREFIX}${remoteAddress} ${client.client_id}`),
+      ).toBe(0);
+      for (const app of [a, b]) {
+        for (let i = 0; i < half; i++) expect((await introspect(app, wrong)).statusCode).toBe(401);
+      }
+      // B's last failure brought the shared count to the limit: B refuses before any check.
+      const onB = await introspect(b, client.client_secret);
+      expect(onB.statusCode, onB.body).toBe(429);
+      expect(Number(onB.headers['retry-after'])).toBeGreaterThan(0);
+      // A last heard the count at half the limit: one more failure there tells it the shared count.
+      expect((await introspect(a, wrong)).statusCode).toBe(401);
+      for (const secret of [wrong, client.client_secret]) {
+        const onA = await introspect(a, secret);
+        expect(onA.statusCode, onA.body).toBe(429);
+        expect(onA.json().error).toBe('temporarily_unavailable');
+      }
+    } finally {
+      await a.services.redis?.del(`${CLIENT_AUTH_FAILURES_PREFIX}${remoteAddress} ${client.client_id}`);
     }
   });
 
