@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
+import { SESSION_END } from '../../src/modules/housekeeping/retention.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { ownDatabase } from '../support/database.js';
@@ -112,5 +113,18 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     } finally {
       await other.end();
     }
+  });
+
+  it('finds ended sessions through sessions_ended_idx: the purge asks for the index’s very expression', async () => {
+    const plan = await app.services.db.transaction(async (tx) => {
+      // On a table this small a scan is cheaper, so the planner is told to use an index if one fits.
+      await tx.execute(sql`set local enable_seqscan = off`);
+      const [row] = await selectRows<{ 'QUERY PLAN': unknown }>(
+        tx,
+        sql`explain (format json) select ctid from sessions where ${SESSION_END} < now() limit 2000`,
+      );
+      return JSON.stringify(row?.['QUERY PLAN']);
+    });
+    expect(plan).toContain('sessions_ended_idx');
   });
 });

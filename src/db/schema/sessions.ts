@@ -1,3 +1,4 @@
+import { sql } from 'drizzle-orm';
 import { index, pgTable, primaryKey, text, timestamp, uuid } from 'drizzle-orm/pg-core';
 import { users } from './users.js';
 
@@ -19,7 +20,14 @@ export const sessions = pgTable(
     revokedAt: timestamp('revoked_at', { withTimezone: true, precision: 3 }),
     revokedReason: text('revoked_reason'),
   },
-  (t) => [index('sessions_user_idx').on(t.userId)],
+  (t) => [
+    index('sessions_user_idx').on(t.userId),
+    // When the session ended (the first of its revocation, idle expiry and absolute expiry): what the
+    // hourly retention purge looks for (src/modules/housekeeping/retention.ts), without a scan.
+    index('sessions_ended_idx').on(
+      sql`least(coalesce(${t.revokedAt}, 'infinity'::timestamptz), ${t.idleExpiresAt}, ${t.expiresAt})`,
+    ),
+  ],
 );
 
 export const refreshTokens = pgTable(

@@ -9,6 +9,13 @@ const PURGE_LOCK = 7_344_021_131;
 const BATCH = 2000;
 const DAY_MS = 24 * 3600 * 1000;
 
+/**
+ * When a session ended: the first of its revocation, its idle expiry and its absolute expiry. The very
+ * expression of the `sessions_ended_idx` index (src/db/schema/sessions.ts), so the purge finds them
+ * without a scan of the table.
+ */
+export const SESSION_END = sql`least(coalesce(revoked_at, 'infinity'::timestamptz), idle_expires_at, expires_at)`;
+
 export interface RetentionOptions {
   /** Days an ended session (revoked, or past its idle or absolute expiry) is kept; its refresh tokens go with it. */
   sessionRetentionDays: number;
@@ -74,13 +81,8 @@ export function createRetention(deps: {
       if (revocations === undefined) return { ...result, skipped: true };
       result.revocations = revocations;
 
-      // A session ends at the first of its revocation, its idle expiry and its absolute expiry.
       const sessionsBefore = instant(now - deps.options.sessionRetentionDays * DAY_MS);
-      result.sessions =
-        (await deleteAll(
-          'sessions',
-          sql`least(coalesce(revoked_at, 'infinity'::timestamptz), idle_expires_at, expires_at) < ${sessionsBefore}`,
-        )) ?? 0;
+      result.sessions = (await deleteAll('sessions', sql`${SESSION_END} < ${sessionsBefore}`)) ?? 0;
 
       if (deps.options.auditRetentionDays > 0) {
         const auditBefore = instant(now - deps.options.auditRetentionDays * DAY_MS);

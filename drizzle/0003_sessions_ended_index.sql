@@ -1,0 +1,1 @@
+CREATE INDEX IF NOT EXISTS "sessions_ended_idx" ON "sessions" USING btree (least(coalesce("revoked_at", 'infinity'::timestamptz), "idle_expires_at", "expires_at"));
