@@ -271,8 +271,9 @@ export function createServices(deps: ServicesDeps) {
     // (In production the two are the same clock.)
     const wallNow = Date.now();
     if (wallNow - lastPurge >= PURGE_INTERVAL_MS) {
-      lastPurge = wallNow;
+      // Only once it is done: a purge the database refused is tried again on the next run, not in an hour.
       await retention.purge(new Date(wallNow));
+      lastPurge = wallNow;
     }
   }
 
@@ -302,6 +303,8 @@ export function createServices(deps: ServicesDeps) {
     clients,
     oauth,
     audience,
+    /** One run of what the service does every minute (HOUSEKEEPING_INTERVAL_MS), for tests. */
+    housekeeping,
     /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
     async start() {
       await keys.ensureKeys();

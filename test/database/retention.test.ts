@@ -1,7 +1,7 @@
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { SESSION_END } from '../../src/modules/housekeeping/retention.js';
 import { buildTestApp } from '../support/app.js';
@@ -126,5 +126,34 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       return JSON.stringify(row?.['QUERY PLAN']);
     });
     expect(plan).toContain('sessions_ended_idx');
+  });
+
+  it('housekeeping purges at most once an hour by the wall clock, and tries a failed purge again on its next run', async () => {
+    const purge = vi.spyOn(app.services.retention, 'purge');
+    const wallClock = vi.spyOn(Date, 'now');
+    const start = Date.now() + 1000 * DAY;
+    try {
+      wallClock.mockReturnValue(start);
+      await app.services.housekeeping();
+      await app.services.housekeeping();
+      expect(purge).toHaveBeenCalledTimes(1);
+      expect(purge).toHaveBeenLastCalledWith(new Date(start));
+
+      wallClock.mockReturnValue(start + 3600_000 - 1);
+      await app.services.housekeeping();
+      expect(purge).toHaveBeenCalledTimes(1);
+
+      wallClock.mockReturnValue(start + 3600_000);
+      purge.mockRejectedValueOnce(new Error('connection terminated'));
+      await expect(app.services.housekeeping()).rejects.toThrow('connection terminated');
+      expect(purge).toHaveBeenCalledTimes(2);
+      await app.services.housekeeping();
+      expect(purge).toHaveBeenCalledTimes(3);
+      await app.services.housekeeping();
+      expect(purge).toHaveBeenCalledTimes(3);
+    } finally {
+      wallClock.mockRestore();
+      purge.mockRestore();
+    }
   });
 });
