@@ -44,7 +44,7 @@ export function createLocalProvider(deps: {
       const row = await deps.users.findById(user.id);
       if (!row?.passwordHash || !(await deps.hasher.verify(row.passwordHash, currentPassword)))
         return undefined;
-      return { passwordHash: await deps.hasher.hash(newPassword) };
+      return { passwordHash: await deps.hasher.hash(newPassword), replaces: row.passwordHash };
     },
     async deleteUser() {},
   };

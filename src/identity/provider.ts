@@ -27,14 +27,15 @@ export interface IdentityProvider {
   /** Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid. */
   exchange(accessToken: string): Promise<ProviderUser | undefined>;
   /**
-   * Changes the password after checking the current one. Returns the new local hash (local) or null
-   * (supabase), or undefined when the current password is wrong.
+   * Changes the password after checking the current one. Returns the new local hash and the hash it
+   * checked the current password against (local), or nulls (supabase); undefined when the current
+   * password is wrong.
    */
   changePassword(
     user: ProviderUser,
     currentPassword: string,
     newPassword: string,
-  ): Promise<{ passwordHash: string | null } | undefined>;
+  ): Promise<{ passwordHash: string | null; replaces: string | null } | undefined>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
 }

@@ -207,7 +207,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
               throw new AppError('weak_password', { detail: error.message, cause: error });
             throw new AppError('unprocessable', { detail: error.message, cause: error });
           }
-          return { passwordHash: null };
+          return { passwordHash: null, replaces: null };
         } finally {
           revoke(client, signIn.data.session.access_token);
         }

@@ -269,6 +269,49 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     await login(app, user.email, 'a brand new passphrase');
   });
 
+  it('of concurrent password changes that give the same current password, one wins; the others are refused and leave nothing', async () => {
+    const user = await registerUser(app);
+    const sessions = [user.accessToken];
+    for (let i = 0; i < 2; i++) sessions.push((await login(app, user.email)).session.access_token);
+    const newPasswords = ['first new passphrase', 'second new passphrase', 'third new passphrase'];
+    const results = await Promise.all(
+      newPasswords.map((newPassword, i) =>
+        app.inject({
+          method: 'POST',
+          url: '/v1/auth/password',
+          headers: bearer(sessions[i]!),
+          payload: { current_password: PASSWORD, new_password: newPassword },
+        }),
+      ),
+    );
+    const statuses = results.map((r) => r.statusCode);
+    expect(
+      statuses.filter((s) => s === 204),
+      JSON.stringify(statuses),
+    ).toHaveLength(1);
+    expect(statuses.filter((s) => s === 401)).toHaveLength(2);
+    const winner = statuses.indexOf(204);
+    // The winner's password is the password; the winner's session alone is left.
+    await login(app, user.email, newPasswords[winner]);
+    for (const [i, password] of newPasswords.entries()) {
+      if (i === winner) continue;
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password },
+      });
+      expect(res.statusCode).toBe(401);
+    }
+    for (const [i, token] of sessions.entries()) {
+      const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+      expect(me.statusCode).toBe(i === winner ? 200 : 401);
+    }
+    const changes = (await app.services.audit.list({ type: 'auth.password_changed', limit: 100 })).filter(
+      (e) => e.subjectId === user.id,
+    );
+    expect(changes).toHaveLength(1);
+  });
+
   it('a disabled user loses every session and their tokens stop at once; login answers like a wrong password', async () => {
     const user = await registerUser(app);
     await app.services.db.transaction(async (tx) => {

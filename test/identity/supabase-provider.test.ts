@@ -183,6 +183,7 @@ describe('changePassword', () => {
     await expect(provider.changePassword(user, 'wrong horse', 'battery staple')).resolves.toBeUndefined();
     await expect(provider.changePassword(user, 'correct horse', 'battery staple')).resolves.toEqual({
       passwordHash: null,
+      replaces: null,
     });
     await expect(provider.signIn(address, 'correct horse')).resolves.toBeUndefined();
     await expect(provider.signIn(address, 'battery staple')).resolves.toMatchObject({ id: user.id });
@@ -192,6 +193,7 @@ describe('changePassword', () => {
     const user = await signedUp();
     await expect(provider.changePassword(user, 'correct horse', 'correct horse')).resolves.toEqual({
       passwordHash: null,
+      replaces: null,
     });
     const err = await rejection(provider.changePassword(user, 'correct horse', 'abc'));
     expect(err.code).toBe('weak_password');

@@ -253,15 +253,21 @@ export function createAuthService(deps: AuthServiceDeps) {
         input.currentPassword,
         input.newPassword,
       );
-      if (!changed) {
-        throw new AppError('invalid_credentials', {
+      const incorrect = () =>
+        new AppError('invalid_credentials', {
           detail: 'The current password is incorrect',
           errors: [{ field: 'body.current_password', message: 'is incorrect' }],
         });
-      }
+      if (!changed) throw incorrect();
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        if (changed.passwordHash)
+        // Compare and swap: of concurrent changes that checked the same current password, the first to
+        // commit wins; for the others it is no longer the current password, and nothing of theirs stays.
+        if (changed.passwordHash && changed.replaces) {
+          if (!(await deps.users.replacePasswordHash(user.id, changed.replaces, changed.passwordHash, tx)))
+            throw incorrect();
+        } else if (changed.passwordHash) {
           await deps.users.update(user.id, { passwordHash: changed.passwordHash }, tx);
+        }
         (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });

@@ -44,6 +44,23 @@ export function createUsersRepository(db: Executor) {
         .returning();
       return row;
     },
+    /**
+     * Replaces the password hash only if it is still `current` (the one the current password was
+     * checked against): false when another change came first.
+     */
+    async replacePasswordHash(
+      id: string,
+      current: string,
+      next: string,
+      tx: Executor = db,
+    ): Promise<boolean> {
+      const rows = await tx
+        .update(users)
+        .set({ passwordHash: next, updatedAt: new Date() })
+        .where(and(eq(users.id, id), eq(users.passwordHash, current)))
+        .returning({ id: users.id });
+      return rows.length > 0;
+    },
     /** Sets the status if it differs; undefined when the user is gone or already had it. */
     async changeStatus(
       id: string,
