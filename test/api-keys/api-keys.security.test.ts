@@ -157,6 +157,56 @@ describe('api keys: security', () => {
     expect(narrower.json().owner_id).toBe(user.id);
   });
 
+  it('rotation gives the new secret only to a caller who holds everything the key gives', async () => {
+    let user = await registerUser(app, 'aks-rotate');
+    const role = await grantRole(app, user.id, ['users:read', 'audit:read']);
+    const session = await login(app, user.email, user.password);
+    user = { ...user, accessToken: session.session.access_token };
+    const narrow = await createKey(app, user.accessToken, { scopes: ['api_keys:own', 'account:read'] });
+    const broad = await createKey(app, user.accessToken, {
+      scopes: ['api_keys:own', 'users:read', 'audit:read'],
+    });
+    const rotate = (id: string, headers: Record<string, string>) =>
+      app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${id}/rotate`,
+        headers,
+        payload: { grace_seconds: 0 },
+      });
+
+    // The narrow key may see its sibling, but not take its secret, and the sibling is untouched.
+    const refused = await rotate(broad.id, withKey(narrow.key));
+    expect(refused.statusCode, refused.body).toBe(403);
+    expect(refused.json().code).toBe('forbidden');
+    expect(await verifyKey(app, admin.accessToken, broad.key)).toMatchObject({ valid: true });
+    // It may rotate itself, and its owner may rotate either.
+    const itself = await rotate(narrow.id, withKey(narrow.key));
+    expect(itself.statusCode, itself.body).toBe(200);
+    expect((await rotate(broad.id, bearer(user.accessToken))).statusCode).toBe(200);
+
+    // A holder of api_keys:write who lacks what an administrator's key gives may not rotate it.
+    const keyManager = await registerUser(app, 'aks-rotate-manager');
+    await grantRole(app, keyManager.id, ['api_keys:read', 'api_keys:write']);
+    const managerSession = await login(app, keyManager.email, keyManager.password);
+    const adminKey = await createKey(app, admin.accessToken, { scopes: ['users:write'] });
+    const escalation = await rotate(adminKey.id, bearer(managerSession.session.access_token));
+    expect(escalation.statusCode, escalation.body).toBe(403);
+    expect(await verifyKey(app, admin.accessToken, adminKey.key)).toMatchObject({ valid: true });
+    // Revoking it stays theirs to do.
+    const revoked = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${adminKey.id}`,
+      headers: bearer(managerSession.session.access_token),
+    });
+    expect(revoked.statusCode).toBe(204);
+
+    // What the owner no longer holds the key no longer gives: the owner may still rotate it.
+    await removeRole(app, user.id, role);
+    const after = await login(app, user.email, user.password);
+    const rotated = await rotate(broad.id, bearer(after.session.access_token));
+    expect(rotated.statusCode, rotated.body).toBe(200);
+  });
+
   it('removing a role from the owner removes it from the key', async () => {
     let user = await registerUser(app, 'aks-role');
     const role = await grantRole(app, user.id, ['users:read', 'audit:read']);

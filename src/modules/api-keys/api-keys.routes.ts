@@ -210,7 +210,9 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         tags: ['api-keys'],
         operationId: 'rotateApiKey',
         summary: 'Give an API key a new secret; the old one keeps working for the grace, then stops',
-        description: `The new key is shown in this response only. ${OTHERS}`,
+        description:
+          'The new key is shown in this response only. The caller must hold every permission the key ' +
+          `gives (its scopes within its owner’s current permissions; 403 otherwise). ${OTHERS}`,
         security: bearerOrApiKey,
         params: UuidParamSchema,
         body: RotateApiKeyBodySchema.nullish(),

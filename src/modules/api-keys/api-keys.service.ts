@@ -341,6 +341,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     ): Promise<{ row: ApiKeyRow; key: string }> {
       return inTransaction(deps.db, deps.events, async (tx, emit) => {
         const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+        // The new secret goes to the caller, so the caller must already hold what it gives: otherwise a
+        // narrow key could rotate a broader sibling, or a holder of api_keys:write an admin's key, and
+        // come away with more than they have.
+        const owner = await deps.users.rolesAndPermissions(current.ownerId, tx);
+        if (!isSubset(intersectPermissions(current.scopes, owner.permissions), actor.permissions))
+          throw forbidden('The key’s scopes go beyond the permissions of the caller');
         const { token, secret } = generateSecret(API_KEY_FORMAT, current.lookupId);
         const now = clock.now();
         const graceEnds = addSeconds(now, graceSeconds);
