@@ -3,7 +3,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { CLIENT_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
-import { createAdmin, type TestUser } from '../support/factories.js';
+import { grantRole, removeRole } from '../api-keys/helpers.js';
+import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { basic, clientToken, createClient, form, introspect, userWith } from './helpers.js';
 
@@ -90,6 +91,33 @@ describe('app clients: security', () => {
     const wide = await userWith(app, ['clients:*', 'users:*']);
     const ok = await createClient(app, wide.accessToken, { scopes: ['users:*', 'users:read'] });
     expect(ok.scopes).toEqual(['users:*', 'users:read']);
+  });
+
+  it('a creator who has lost a permission the client holds cannot rotate its secret (403), and the secret stays', async () => {
+    const creator = await registerUser(app, 'clients-demoted');
+    const full = await grantRole(app, creator.id, ['clients:read', 'clients:write', 'users:read']);
+    const client = await createClient(app, (await login(app, creator.email)).session.access_token, {
+      scopes: ['users:read'],
+    });
+    await grantRole(app, creator.id, ['clients:read', 'clients:write']);
+    await removeRole(app, creator.id, full);
+    const demoted = (await login(app, creator.email)).session.access_token;
+    const rotate = await app.inject({
+      method: 'POST',
+      url: `/v1/clients/${client.id}/secrets`,
+      headers: bearer(demoted),
+      payload: { grace_seconds: 0 },
+    });
+    expect(rotate.statusCode, rotate.body).toBe(403);
+    expect(rotate.json().detail).toContain('users:read');
+    expect((await clientToken(app, client)).scope).toBe('users:read');
+    // Still theirs to see, and to disable.
+    const get = await app.inject({
+      method: 'GET',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(demoted),
+    });
+    expect(get.statusCode).toBe(200);
   });
 
   it('keeps only a keyed hash of the secret, and shows the secret in no later answer', async () => {

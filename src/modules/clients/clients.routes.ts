@@ -163,7 +163,9 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         tags: ['clients'],
         operationId: 'rotateClientSecret',
         summary: 'Rotate the client secret; the new one is shown once',
-        description: 'The current secret keeps working for `grace_seconds` (default 0), then stops.',
+        description:
+          'The current secret keeps working for `grace_seconds` (default 0), then stops. The caller must ' +
+          'hold every scope of the client (403 otherwise): the new secret is shown to the caller.',
         security: bearerOrApiKey,
         params: ClientIdParamSchema,
         body: RotateSecretBodySchema.nullish(),

@@ -91,10 +91,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
   const visibleTo = (caller: ClientCaller, row: ClientRow) =>
     isAdministrator(caller) || (caller.userId !== undefined && row.createdBy === caller.userId);
 
-  function assertGrantable(caller: ClientCaller, scopes: string[]) {
+  function assertGrantable(
+    caller: ClientCaller,
+    scopes: string[],
+    refusal = 'A client cannot be given permissions its creator does not hold',
+  ) {
     if (isSubset(scopes, caller.permissions)) return;
     const missing = scopes.filter((s) => !isSubset([s], caller.permissions));
-    throw forbidden(`A client cannot be given permissions its creator does not hold: ${missing.join(', ')}`);
+    throw forbidden(`${refusal}: ${missing.join(', ')}`);
   }
 
   function assertTtl(ttl: number | null | undefined) {
@@ -242,6 +246,9 @@ export function createClientsService(deps: ClientsServiceDeps) {
       context: RequestContext,
     ) {
       const existing = await visibleClient(caller, idOrClientId);
+      // The new secret goes to the caller: a creator who has since lost a permission the client holds
+      // does not get it back through a fresh secret.
+      assertGrantable(caller, existing.scopes, 'The client holds permissions the caller does not');
       const lookupId = existing.clientId.slice(CLIENT_ID_PREFIX.length);
       const { token: secret } = generateSecret(CLIENT_SECRET_FORMAT, lookupId);
       const now = deps.clock.now();
