@@ -34,6 +34,8 @@ export type Principal =
       userId: string;
       permissions: string[];
       lookupId: string;
+      /** When the key expires (null: never); a key it creates or changes may not outlive it. */
+      expiresAt: Date | null;
     };
 
 /** Resolves an API key string to its principal, or undefined when it is not a valid key. */

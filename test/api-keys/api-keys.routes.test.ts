@@ -42,6 +42,7 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
       scopes: ['account:read', 'api_keys:own'],
       expires_at: null,
       last_used_at: null,
+      parent_id: null,
     });
     expect(Object.keys(created).sort()).toEqual(
       [
@@ -53,6 +54,7 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
         'last_used_at',
         'name',
         'owner_id',
+        'parent_id',
         'prefix',
         'scopes',
         'updated_at',

@@ -157,6 +157,71 @@ describe('api keys: security', () => {
     expect(narrower.json().owner_id).toBe(user.id);
   });
 
+  it('a key cannot outlive itself through the keys it mints: they expire with it and are revoked with it', async () => {
+    const user = await registerUser(app, 'aks-lineage');
+    const expiresAt = new Date(clock.now().getTime() + 30 * 86_400_000).toISOString();
+    const parent = await createKey(app, user.accessToken, {
+      scopes: ['api_keys:own', 'account:read'],
+      expires_at: expiresAt,
+    });
+    const mint = (payload: Record<string, unknown>) =>
+      app.inject({ method: 'POST', url: '/v1/api-keys', headers: withKey(parent.key), payload });
+
+    // Without expires_at the child expires with its parent; later, or never, is refused.
+    const child = await mint({ name: 'child', scopes: ['api_keys:own', 'account:read'] });
+    expect(child.statusCode, child.body).toBe(201);
+    expect(child.json()).toMatchObject({ parent_id: parent.id, expires_at: expiresAt });
+    const later = new Date(Date.parse(expiresAt) + 1000).toISOString();
+    expect((await mint({ name: 'later', scopes: ['account:read'], expires_at: later })).statusCode).toBe(403);
+    const patch = (
+      id: string,
+      body: Record<string, unknown>,
+      headers: Record<string, string> = withKey(parent.key),
+    ) => app.inject({ method: 'PATCH', url: `/v1/api-keys/${id}`, headers, payload: body });
+    for (const expires_at of [later, null]) {
+      const res = await patch(child.json().id, { expires_at });
+      expect(res.statusCode, res.body).toBe(403);
+      expect((await patch(parent.id, { expires_at })).statusCode).toBe(403);
+    }
+    // Sooner is fine; the owner's session is not bound by any key.
+    expect(
+      (await patch(child.json().id, { expires_at: new Date(Date.parse(expiresAt) - 1000).toISOString() }))
+        .statusCode,
+    ).toBe(200);
+    expect((await patch(parent.id, { expires_at: later }, bearer(user.accessToken))).statusCode).toBe(200);
+
+    // A grandchild, then revoking the parent revokes the whole line, each audited.
+    const grandchild = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(child.json().key),
+      payload: { name: 'grandchild', scopes: ['account:read'] },
+    });
+    expect(grandchild.statusCode, grandchild.body).toBe(201);
+    expect(grandchild.json().parent_id).toBe(child.json().id);
+    const sibling = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    for (const k of [child.json().key, grandchild.json().key])
+      expect((await me(withKey(k))).statusCode).toBe(200);
+
+    const revoked = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${parent.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(revoked.statusCode).toBe(204);
+    for (const k of [parent.key, child.json().key, grandchild.json().key]) {
+      expect(await verifyKey(app, admin.accessToken, k)).toMatchObject({ valid: false, reason: 'revoked' });
+      expect((await me(withKey(k))).statusCode).toBe(401);
+    }
+    // A key the owner made with a session is no one's child.
+    expect((await me(withKey(sibling.key))).statusCode).toBe(200);
+    const events = await app.services.audit.list({ type: 'api_key.revoked', limit: 100 });
+    const audited = events.filter((e) =>
+      [parent.id, child.json().id, grandchild.json().id].includes(e.subjectId ?? ''),
+    );
+    expect(audited).toHaveLength(3);
+  });
+
   it('rotation gives the new secret only to a caller who holds everything the key gives', async () => {
     let user = await registerUser(app, 'aks-rotate');
     const role = await grantRole(app, user.id, ['users:read', 'audit:read']);

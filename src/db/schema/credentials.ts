@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { index, integer, pgTable, text, timestamp, uuid } from 'drizzle-orm/pg-core';
+import { type AnyPgColumn, index, integer, pgTable, text, timestamp, uuid } from 'drizzle-orm/pg-core';
 import { users } from './users.js';
 
 export const apiKeys = pgTable(
@@ -23,8 +23,10 @@ export const apiKeys = pgTable(
     lastUsedAt: timestamp('last_used_at', { withTimezone: true, precision: 3 }),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
     updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
+    /** The key that created this one (a request authenticated by an API key); revoking it revokes this. */
+    parentId: uuid('parent_id').references((): AnyPgColumn => apiKeys.id, { onDelete: 'set null' }),
   },
-  (t) => [index('api_keys_owner_idx').on(t.ownerId)],
+  (t) => [index('api_keys_owner_idx').on(t.ownerId), index('api_keys_parent_idx').on(t.parentId)],
 );
 
 export const clients = pgTable('clients', {

@@ -78,6 +78,27 @@ export function createApiKeysRepository(db: Database) {
         .returning();
       return row;
     },
+    /**
+     * Revokes every live key descended from `id` (created by it, or by one it created, …): a key that
+     * is revoked takes the keys it minted with it. The revoked rows.
+     */
+    async revokeDescendants(id: string, at: Date, tx: Executor = db): Promise<ApiKeyRow[]> {
+      return tx
+        .update(apiKeys)
+        .set({ revokedAt: at, updatedAt: at })
+        .where(
+          and(
+            isNull(apiKeys.revokedAt),
+            sql`${apiKeys.id} in (
+              with recursive tree(id) as (
+                select id from api_keys where parent_id = ${id}
+                union
+                select k.id from api_keys k join tree t on k.parent_id = t.id
+              ) select id from tree)`,
+          ),
+        )
+        .returning();
+    },
     /** Records last-use times in one statement per chunk; never moves a time backwards. */
     async touchLastUsed(uses: Array<{ id: string; at: Date }>, tx: Executor = db): Promise<void> {
       for (let i = 0; i < uses.length; i += TOUCH_CHUNK) {

@@ -27,6 +27,7 @@ export function toApiKeyDto(k: ApiKeyRow) {
     scopes: k.scopes,
     expires_at: isoDate(k.expiresAt),
     last_used_at: isoDate(k.lastUsedAt),
+    parent_id: k.parentId,
     created_at: k.createdAt.toISOString(),
     updated_at: k.updatedAt.toISOString(),
   };
@@ -34,7 +35,11 @@ export function toApiKeyDto(k: ApiKeyRow) {
 
 function actorOf(request: FastifyRequest): ApiKeyActor {
   const principal = principalOf(request);
-  return { userId: principal.userId, permissions: principal.permissions };
+  return {
+    userId: principal.userId,
+    permissions: principal.permissions,
+    ...(principal.kind === 'api_key' ? { key: { id: principal.id, expiresAt: principal.expiresAt } } : {}),
+  };
 }
 
 /** The seam of the authenticate plugin: a valid key becomes its owner's principal, within its scopes. */
@@ -48,6 +53,7 @@ export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyResolver {
       userId: result.key.ownerId,
       permissions: result.scopes,
       lookupId: result.key.lookupId,
+      expiresAt: result.key.expiresAt,
     };
   };
 }

@@ -81,6 +81,13 @@ export const ApiKeySchema = z
       .string()
       .nullable()
       .describe('Recorded in batches: may lag actual use by up to a minute across instances'),
+    parent_id: z
+      .uuid()
+      .nullable()
+      .describe(
+        'The key that created this one, when it was created by a request authenticated with an API key: ' +
+          'revoking that key revokes this one, and this one expires no later than it',
+      ),
     created_at: z.string(),
     updated_at: z.string(),
   })

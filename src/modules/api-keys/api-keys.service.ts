@@ -23,6 +23,8 @@ export interface ApiKeyActor {
   /** The user the request speaks for; undefined for a service (client-credentials) principal. */
   userId: string | undefined;
   permissions: readonly string[];
+  /** The API key the request was authenticated with, if it was. */
+  key?: { id: string; expiresAt: Date | null };
 }
 
 export type InvalidReason = 'not_found' | 'expired' | 'revoked' | 'owner_disabled';
@@ -197,6 +199,18 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       throw forbidden('The scopes go beyond the permissions of the key’s owner');
   }
 
+  /**
+   * A request authenticated by a key that expires cannot give any key a longer life (nor none): a
+   * leaked key could otherwise outlive itself. 403 otherwise.
+   */
+  function assertWithinCallerLife(actor: ApiKeyActor, expiresAt: Date | null) {
+    const limit = actor.key?.expiresAt;
+    if (!limit || (expiresAt && expiresAt.getTime() <= limit.getTime())) return;
+    throw forbidden(
+      `The calling API key expires at ${limit.toISOString()}: a key it creates or changes must expire by then`,
+    );
+  }
+
   function assertFuture(expiresAt: Date | null | undefined) {
     if (expiresAt && expiresAt.getTime() <= clock.now().getTime()) {
       throw new AppError('validation_failed', {
@@ -221,6 +235,9 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       if (!ownerId) throw forbidden('API keys belong to users; a service principal cannot own one');
       const scopes = unique(input.scopes);
       assertFuture(input.expiresAt);
+      // Created by a key: it expires with its parent unless told sooner, and is revoked with it.
+      const expiresAt = input.expiresAt ?? actor.key?.expiresAt ?? null;
+      assertWithinCallerLife(actor, expiresAt);
       const { token, lookupId, secret } = generateSecret(API_KEY_FORMAT);
       const row = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         await assertGrantable(actor, ownerId, scopes, tx);
@@ -234,7 +251,8 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             prefix: `${API_KEY_FORMAT.prefix}_${lookupId}`,
             lastFour: token.slice(-4),
             scopes,
-            expiresAt: input.expiresAt ?? null,
+            expiresAt,
+            parentId: actor.key?.id ?? null,
             createdAt: now,
             updatedAt: now,
           },
@@ -249,6 +267,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             prefix: created.prefix,
             scopes,
             expires_at: created.expiresAt?.toISOString() ?? null,
+            ...(created.parentId ? { parent_id: created.parentId } : {}),
           },
         });
         // Another instance may have cached this lookup id as unknown.
@@ -293,7 +312,10 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
         const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
         const patch: ApiKeyPatch = {};
         if (input.name !== undefined) patch.name = input.name;
-        if (input.expiresAt !== undefined) patch.expiresAt = input.expiresAt;
+        if (input.expiresAt !== undefined) {
+          assertWithinCallerLife(actor, input.expiresAt);
+          patch.expiresAt = input.expiresAt;
+        }
         if (input.scopes !== undefined) {
           patch.scopes = unique(input.scopes);
           await assertGrantable(actor, current.ownerId, patch.scopes, tx);
@@ -319,13 +341,23 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     async revoke(actor: ApiKeyActor, id: string, context: RequestContext): Promise<void> {
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
-        const revoked = (await repo.update(id, { revokedAt: clock.now() }, clock.now(), tx))!;
+        const now = clock.now();
+        const revoked = (await repo.update(id, { revokedAt: now }, now, tx))!;
         await deps.audit.record(tx, context, {
           type: 'api_key.revoked',
           subjectId: id,
           data: { owner_id: current.ownerId, prefix: current.prefix },
         });
         emit(changed(revoked));
+        // The keys it minted (and theirs) go with it: a leaked key cannot outlive its revocation.
+        for (const child of await repo.revokeDescendants(id, now, tx)) {
+          await deps.audit.record(tx, context, {
+            type: 'api_key.revoked',
+            subjectId: child.id,
+            data: { owner_id: child.ownerId, prefix: child.prefix, with_ancestor: id },
+          });
+          emit(changed(child));
+        }
       });
     },
 
