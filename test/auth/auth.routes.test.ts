@@ -483,6 +483,38 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     ).toBe(200);
   });
 
+  it('refuses a tampered payload under the signature of a token it has already verified and cached', async () => {
+    const user = await registerUser(app, 'cached-signature');
+    const admin = await registerUser(app, 'cached-signature-admin');
+    await app.services.repos.users.assignRole(admin.id, 'admin', null);
+    const adminToken = (await login(app, admin.email)).session.access_token;
+    const introspect = (token: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/oauth/introspect',
+        headers: { ...bearer(adminToken), 'content-type': 'application/x-www-form-urlencoded' },
+        payload: `token=${encodeURIComponent(token)}`,
+      });
+    // Verified once through each path, so both caches hold it.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(200);
+    expect((await introspect(user.accessToken)).json().active).toBe(true);
+    const [h, p, s] = user.accessToken.split('.');
+    const claims = JSON.parse(Buffer.from(p!, 'base64url').toString());
+    const payload = Buffer.from(JSON.stringify({ ...claims, scope: '*', roles: ['admin'] })).toString(
+      'base64url',
+    );
+    const tampered = `${h}.${payload}.${s}`;
+    const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(tampered) });
+    expect(me.statusCode).toBe(401);
+    expect((await introspect(tampered)).json()).toEqual({ active: false });
+    // The genuine token is still the one cached.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(200);
+  });
+
   it('after a rotation, older tokens still verify and new ones carry the new kid, which was published before', async () => {
     const admin = await registerUser(app, 'keys-admin');
     await app.services.repos.users.assignRole(admin.id, 'admin', null);
