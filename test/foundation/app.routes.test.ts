@@ -22,6 +22,33 @@ describe('foundation: app, errors, operations', () => {
           },
           async (request) => ({ name: request.body.name, secret: 'must not leak' }),
         );
+        a.withTypeProvider<ZodTypeProvider>().get(
+          '/test/nested',
+          {
+            config: { public: true },
+            schema: {
+              response: {
+                200: z.object({
+                  items: z.array(z.object({ id: z.string(), tags: z.array(z.string()) })),
+                  owner: z.object({ email: z.string() }).nullable(),
+                }),
+              },
+            },
+          },
+          async () => ({
+            items: [{ id: 'a', tags: ['x'], passwordHash: '$argon2id$…' }],
+            owner: { email: 'ada@example.test', secretHash: 'deadbeef' },
+          }),
+        );
+        a.withTypeProvider<ZodTypeProvider>().get(
+          '/test/incomplete',
+          {
+            config: { public: true },
+            schema: { response: { 200: z.object({ name: z.string(), count: z.number().int() }) } },
+          },
+          // A handler bug: a required field is missing.
+          async () => ({ name: 'ada', secret: 'must not leak' }) as never,
+        );
       },
     });
   });
@@ -146,6 +173,17 @@ describe('foundation: app, errors, operations', () => {
     const res = await app.inject({ method: 'POST', url: '/test/echo', payload: { name: 'ada', count: 1 } });
     expect(res.statusCode).toBe(200);
     expect(res.json()).toEqual({ name: 'ada' });
+  });
+
+  it('writes only what the response schema lists, at every depth, and never an answer missing a field', async () => {
+    const nested = await app.inject({ method: 'GET', url: '/test/nested' });
+    expect(nested.statusCode).toBe(200);
+    expect(nested.body).toBe('{"items":[{"id":"a","tags":["x"]}],"owner":{"email":"ada@example.test"}}');
+    const incomplete = await app.inject({ method: 'GET', url: '/test/incomplete' });
+    expect(incomplete.statusCode).toBe(500);
+    expect(incomplete.headers['content-type']).toContain('application/problem+json');
+    expect(incomplete.body).not.toContain('must not leak');
+    expect(incomplete.body).not.toContain('ada');
   });
 
   it('sets a request id, security headers and exposes Prometheus metrics', async () => {
