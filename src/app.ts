@@ -112,8 +112,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const routeTable: RouteEntry[] = [];
   app.decorate('routeTable', routeTable);
   app.addHook('onRoute', (route) => {
-    // CORS preflights carry no credentials by design (the cors plugin answers them).
-    if (route.method === 'OPTIONS') route.config = { ...(route.config ?? {}), public: true };
+    // CORS preflights carry no credentials by design (the cors plugin answers them), and Swagger UI's
+    // own routes (HTML, assets) are public documentation. Marked here, in the first onRoute hook, so
+    // the authenticate plugin sees it.
+    if (route.method === 'OPTIONS' || route.url.startsWith(DOCS_PREFIX))
+      route.config = { ...(route.config ?? {}), public: true };
     const methods = Array.isArray(route.method) ? route.method : [route.method];
     for (const method of methods) {
       if (method === 'HEAD') continue;

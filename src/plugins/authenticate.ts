@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify';
 import fp from 'fastify-plugin';
 import { API_KEY_FORMAT } from '../lib/crypto.js';
 import { AppError } from '../lib/errors.js';
@@ -144,8 +144,10 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
-  async function authorize(request: FastifyRequest): Promise<void> {
-    const config = request.routeOptions.config;
+  async function authorize(
+    request: FastifyRequest,
+    permission: string | string[] | undefined,
+  ): Promise<void> {
     const principal = await resolve(request);
     if (!principal) {
       throw new AppError('authentication_required', {
@@ -154,7 +156,6 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       });
     }
     request.principal = principal;
-    const permission = config.permission;
     if (!permission) {
       // Fail closed: a route that forgot to declare its permission serves nobody.
       request.log.error({ route: request.routeOptions.url }, 'route declares no permission');
@@ -168,12 +169,36 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     }
   }
 
-  // Callback style rather than async: public routes (JWKS, the OAuth endpoints, login) then pass
-  // through without a promise and a microtask turn per request.
-  app.addHook('onRequest', (request, _reply, done) => {
-    // Unmatched URLs go to the 404 handler; public routes need no principal.
-    if (!request.routeOptions.url || request.routeOptions.config.public) return done();
-    authorize(request).then(() => done(), done);
+  // Decided once per route, when it is registered: a protected route gets an onRequest hook bound to
+  // the permission it declares, and a public one (JWKS, the OAuth endpoints, login) none at all, so
+  // the paths other services call on every request pay nothing for a check that does not apply.
+  // Callback style rather than async: no promise and microtask turn beyond the check's own.
+  const protectedRoutes = new Set<string>();
+  app.addHook('onRoute', (route) => {
+    const config = (route.config ?? {}) as { public?: boolean; permission?: string | string[] };
+    if (config.public === true) return;
+    const permission = config.permission;
+    const check: onRequestHookHandler = (request, _reply, done) => {
+      authorize(request, permission).then(() => done(), done);
+    };
+    const existing = route.onRequest;
+    route.onRequest =
+      existing === undefined ? [check] : [...(Array.isArray(existing) ? existing : [existing]), check];
+    for (const method of Array.isArray(route.method) ? route.method : [route.method])
+      protectedRoutes.add(`${method} ${route.url}`);
+  });
+  // Fail closed at start: a route registered before this plugin never got its check.
+  app.addHook('onReady', (done) => {
+    const unchecked = app.routeTable.filter((r) => !r.public && !protectedRoutes.has(`${r.method} ${r.url}`));
+    done(
+      unchecked.length > 0
+        ? new Error(
+            `routes registered before the authenticate plugin have no credential check: ${unchecked
+              .map((r) => `${r.method} ${r.url}`)
+              .join(', ')}`,
+          )
+        : undefined,
+    );
   });
 }
 

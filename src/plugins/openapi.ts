@@ -144,9 +144,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     transformObject: (input) => withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
   });
 
-  // Swagger UI's own routes (HTML, assets) are public documentation.
   app.addHook('onRoute', (route) => {
-    if (route.url.startsWith(DOCS_PREFIX)) route.config = { ...(route.config ?? {}), public: true };
     declareFrameworkErrors(route.method, route.schema as DocumentedSchema | undefined);
   });
   await app.register(swaggerUi, {

@@ -1,5 +1,6 @@
-import type { FastifyInstance } from 'fastify';
+import Fastify, { type FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
+import authenticate from '../../src/plugins/authenticate.js';
 import { buildTestApp } from '../support/app.js';
 import { ALL_ROUTES } from './routes.js';
 
@@ -13,8 +14,20 @@ describe('every route declares its access', () => {
   const own = (url: string) => !url.startsWith('/docs');
 
   it('has a permission or an explicit public marker on every route', () => {
-    const undeclared = app.routeTable.filter((r) => own(r.url) && !r.public && !r.permission);
+    const undeclared = app.routeTable.filter((r) => !r.public && !r.permission);
     expect(undeclared.map((r) => `${r.method} ${r.url}`)).toEqual([]);
+    // Swagger UI's pages are public by the docs prefix, not by accident.
+    expect(app.routeTable.filter((r) => r.url.startsWith('/docs')).every((r) => r.public)).toBe(true);
+  });
+
+  it('refuses to start when a protected route was registered before the credential check', async () => {
+    const bare = Fastify({ logger: false });
+    // As buildApp's route table records it: a route nobody marked public, registered too early.
+    bare.decorate('routeTable', [{ method: 'GET', url: '/early', public: false, permission: 'users:read' }]);
+    bare.get('/early', async () => 'unchecked');
+    await bare.register(authenticate, { tokens: app.services.tokens });
+    await expect(bare.ready()).rejects.toThrow(/no credential check: GET \/early/);
+    await bare.close().catch(() => {});
   });
 
   it('lists every route of the app in the authorization matrix, with the same declaration', () => {
