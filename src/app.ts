@@ -24,13 +24,13 @@ import { healthRoutes } from './modules/health/health.routes.js';
 import { signingKeysRoutes } from './modules/signing-keys/signing-keys.routes.js';
 import { clientsRoutes } from './modules/clients/clients.routes.js';
 import { renderOAuthError } from './modules/oauth/oauth.errors.js';
-import { oauthRoutes } from './modules/oauth/oauth.routes.js';
+import { OAUTH_RESPONSE_HEADERS, oauthRoutes } from './modules/oauth/oauth.routes.js';
 import authenticate, { requestContext } from './plugins/authenticate.js';
 import errorHandler, { answerClientError } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
-import securityHeaders, { API_SECURITY_HEADERS } from './plugins/security-headers.js';
+import { responseHeaders } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
 
 export interface AppDeps {
@@ -89,7 +89,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
     frameworkErrors: (error, request, reply) => {
-      reply.headers(API_SECURITY_HEADERS).header('x-request-id', request.id);
+      reply.header('x-request-id', request.id).headers(headersFor(request.url));
       return app.errorHandler(error, request, reply);
     },
   });
@@ -133,9 +133,36 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('markShuttingDown', () => {
     shuttingDown = true;
   });
-  // Synchronous: an async hook costs a promise and a microtask turn on every request.
+  // The REST header set on API answers (with no-store on the OAuth endpoints), helmet's on Swagger
+  // UI's pages; all computed once at start.
+  const headersFor = await responseHeaders({
+    documentsPrefix: DOCS_PREFIX,
+    extra: [{ prefix: '/oauth/', headers: OAUTH_RESPONSE_HEADERS }],
+    helmet: {
+      contentSecurityPolicy: {
+        directives: {
+          defaultSrc: ["'self'"],
+          // Swagger UI's bundle applies inline styles and data: images; it needs nothing else.
+          styleSrc: ["'self'", "'unsafe-inline'"],
+          imgSrc: ["'self'", 'data:'],
+          scriptSrc: ["'self'"],
+          connectSrc: ["'self'"],
+          frameAncestors: ["'none'"],
+          formAction: ["'self'"],
+          // Not helmet's upgrade-insecure-requests: on a plain-http address other than localhost (a
+          // development box on the LAN) it rewrote Swagger UI's own assets to https and broke /docs;
+          // HSTS keeps deployments behind TLS on https.
+          upgradeInsecureRequests: null,
+        },
+      },
+      crossOriginResourcePolicy: { policy: 'same-site' },
+    },
+  });
+  // Everything every request gets, in one synchronous hook: an async hook costs a promise and a
+  // microtask turn on every request, and each hook a turn through Fastify's hook runner.
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id);
+    reply.headers(headersFor(request.url));
     if (urlEncodedMayHoldNul(request.url)) {
       const fields = [...nulFields(request.params, 'path'), ...nulFields(request.query, 'query')];
       if (fields.length > 0) return done(nulError(fields));
@@ -158,29 +185,6 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
 
   // RFC 6749 §5.2 errors under /oauth; problem+json everywhere else.
   await app.register(errorHandler, { renderers: [{ prefix: '/oauth/', render: renderOAuthError }] });
-  // The REST header set on API answers, helmet's on Swagger UI's pages; both computed once at start.
-  await app.register(securityHeaders, {
-    documentsPrefix: DOCS_PREFIX,
-    helmet: {
-      contentSecurityPolicy: {
-        directives: {
-          defaultSrc: ["'self'"],
-          // Swagger UI's bundle applies inline styles and data: images; it needs nothing else.
-          styleSrc: ["'self'", "'unsafe-inline'"],
-          imgSrc: ["'self'", 'data:'],
-          scriptSrc: ["'self'"],
-          connectSrc: ["'self'"],
-          frameAncestors: ["'none'"],
-          formAction: ["'self'"],
-          // Not helmet's upgrade-insecure-requests: on a plain-http address other than localhost (a
-          // development box on the LAN) it rewrote Swagger UI's own assets to https and broke /docs;
-          // HSTS keeps deployments behind TLS on https.
-          upgradeInsecureRequests: null,
-        },
-      },
-      crossOriginResourcePolicy: { policy: 'same-site' },
-    },
-  });
   // Browsers on the configured origins only. With none, there is no CORS at all: no headers, no
   // preflight route (OPTIONS answers 404 like any unknown route), and no per-request CORS work.
   if (config.corsOrigins.length > 0) {

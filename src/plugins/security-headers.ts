@@ -1,6 +1,5 @@
 import helmet, { type FastifyHelmetOptions } from '@fastify/helmet';
-import Fastify, { type FastifyInstance } from 'fastify';
-import fp from 'fastify-plugin';
+import Fastify from 'fastify';
 
 /**
  * The headers helmet sets for a configuration, computed by helmet itself on a throwaway instance, so
@@ -38,28 +37,36 @@ export const API_SECURITY_HEADERS: Readonly<Record<string, string>> = Object.fre
   'x-frame-options': 'DENY',
 });
 
-export interface SecurityHeadersOptions {
+export interface ResponseHeadersOptions {
   /** helmet's configuration for the HTML pages (Swagger UI). */
   helmet: FastifyHelmetOptions;
   /** URL prefix of the HTML pages; everything else is an API answer. */
   documentsPrefix: string;
+  /** Headers added to the API set under a URL prefix (the OAuth endpoints' no-store, RFC 6749 §5.1). */
+  extra?: Array<{ prefix: string; headers: Readonly<Record<string, string>> }>;
 }
 
 /**
- * Security headers on every response (404s and errors included): helmet's full set on the HTML pages
- * under `documentsPrefix`, the REST set everywhere else. @fastify/helmet runs helmet's middleware
- * factory on every request — CSP directives parsed, a dozen middlewares built — to produce headers that
- * depend only on configuration, so both sets are computed once at start and copied onto each reply by
- * a synchronous hook. Routes needing per-request CSP nonces would need helmet back; none does
- * (Swagger UI runs with `staticCSP: false`).
+ * The security headers of every response (404s and errors included), by URL: helmet's full set on
+ * the HTML pages under `documentsPrefix`, the REST set everywhere else, with any `extra` headers of
+ * its prefix. @fastify/helmet runs helmet's middleware factory on every request — CSP directives
+ * parsed, a dozen middlewares built — to produce headers that depend only on configuration, so every
+ * set is computed once at start and the app's one onRequest hook copies the one a URL gets onto its
+ * reply. Routes needing per-request CSP nonces would need helmet back; none does (Swagger UI runs
+ * with `staticCSP: false`).
  */
-async function securityHeadersPlugin(app: FastifyInstance, options: SecurityHeadersOptions) {
+export async function responseHeaders(
+  options: ResponseHeadersOptions,
+): Promise<(url: string) => Readonly<Record<string, string>>> {
   const documents = await helmetHeaders(options.helmet);
   const prefix = options.documentsPrefix;
-  app.addHook('onRequest', (request, reply, done) => {
-    reply.headers(request.url.startsWith(prefix) ? documents : API_SECURITY_HEADERS);
-    done();
-  });
+  const extra = (options.extra ?? []).map((e) => ({
+    prefix: e.prefix,
+    headers: Object.freeze({ ...API_SECURITY_HEADERS, ...e.headers }),
+  }));
+  return (url) => {
+    if (url.startsWith(prefix)) return documents;
+    for (const e of extra) if (url.startsWith(e.prefix)) return e.headers;
+    return API_SECURITY_HEADERS;
+  };
 }
-
-export default fp(securityHeadersPlugin, { name: 'security-headers', fastify: '5.x' });

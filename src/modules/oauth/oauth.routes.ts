@@ -33,6 +33,15 @@ const CREDENTIAL_PARAMS = [
   'client_assertion',
 ];
 
+/**
+ * §5.1: token responses (and every other answer here, errors and 404s included) must not be cached.
+ * app.ts puts them on every response under /oauth/ in its one onRequest hook, before anything can fail.
+ */
+export const OAUTH_RESPONSE_HEADERS: Readonly<Record<string, string>> = Object.freeze({
+  'cache-control': 'no-store',
+  pragma: 'no-cache',
+});
+
 /** RFC 6749 §3.2 asks for form bodies; JSON is accepted as well. */
 const OAUTH_CONTENT_TYPES = ['application/x-www-form-urlencoded', 'application/json'];
 
@@ -54,13 +63,7 @@ interface ClientParams {
 export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
-  // §5.1: token responses (and every other answer here, errors included) must not be cached. Set
-  // before anything can fail; synchronous hooks, since these routes are on other services' hot path.
-  app.addHook('onRequest', (_request, reply, done) => {
-    reply.header('cache-control', 'no-store');
-    reply.header('pragma', 'no-cache');
-    done();
-  });
+  // Synchronous, since these routes are on other services' hot path.
   app.addHook('preValidation', (request, _reply, done) => {
     const query = request.query as Record<string, unknown> | undefined;
     const inUrl = CREDENTIAL_PARAMS.filter((p) => query && Object.hasOwn(query, p));
