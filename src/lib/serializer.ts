@@ -21,10 +21,28 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
     cycles: 'ref',
     reused: 'inline',
   });
-  return fastJsonStringify(withoutClosedObjects(jsonSchema) as Parameters<typeof fastJsonStringify>[0]) as (
-    data: unknown,
-  ) => string;
+  const stringify = fastJsonStringify(
+    withoutClosedObjects(jsonSchema) as Parameters<typeof fastJsonStringify>[0],
+  ) as (data: unknown) => string;
+  return (data) => {
+    try {
+      return stringify(data);
+    } catch (cause) {
+      throw new ResponseSchemaError(`${method} ${url}`, cause);
+    }
+  };
 };
+
+/** An answer its route's response schema cannot write (a handler bug): a generic 500, the cause logged. */
+export class ResponseSchemaError extends Error {
+  constructor(
+    readonly route: string,
+    cause: unknown,
+  ) {
+    super(`The answer of ${route} does not match its response schema`, { cause });
+    this.name = 'ResponseSchemaError';
+  }
+}
 
 /**
  * zod's output schemas close every object (`additionalProperties: false`). fast-json-stringify writes

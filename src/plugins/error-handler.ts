@@ -2,7 +2,7 @@ import { STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
-import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
+import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import {
   AppError,
   type ErrorCode,
@@ -12,6 +12,7 @@ import {
   pgErrorCode,
 } from '../lib/errors.js';
 import { API_SECURITY_HEADERS } from './security-headers.js';
+import { ResponseSchemaError } from '../lib/serializer.js';
 
 /** Renders an AppError for one part of the URL space (RFC 9457 by default; RFC 6749 under /oauth). */
 export type ErrorRenderer = (error: AppError, request: FastifyRequest, reply: FastifyReply) => unknown;
@@ -81,8 +82,8 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
       errors: fieldErrors(e),
     });
   }
-  if (isResponseSerializationError(err)) {
-    request.log.error({ err, issues: err.cause.issues }, 'response did not match its schema');
+  if (err instanceof ResponseSchemaError) {
+    request.log.error({ err }, 'response did not match its schema');
     return new AppError('internal_error');
   }
   switch (e?.code) {

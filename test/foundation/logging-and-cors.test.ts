@@ -1,6 +1,8 @@
 import { Writable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { z } from 'zod';
 import { createLogger } from '../../src/lib/logger.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { PASSWORD } from '../support/factories.js';
@@ -66,6 +68,32 @@ describe('logs never carry credentials', () => {
     for (const secret of [PASSWORD, 'a wrong password for the log', access_token, refresh_token]) {
       expect(out).not.toContain(secret);
     }
+  });
+});
+
+describe('an answer its schema cannot write', () => {
+  it('is a generic 500 and an error log naming the route and the missing field', async () => {
+    const { lines, logger } = capture();
+    const app = await buildTestApp({
+      deps: { logger },
+      beforeReady: (a) => {
+        a.withTypeProvider<ZodTypeProvider>().get(
+          '/test/incomplete',
+          {
+            config: { public: true },
+            schema: { response: { 200: z.object({ name: z.string(), count: z.number().int() }) } },
+          },
+          async () => ({ name: 'ada' }) as never,
+        );
+      },
+    });
+    const res = await app.inject({ method: 'GET', url: '/test/incomplete' });
+    expect(res.statusCode).toBe(500);
+    expect(res.json()).toMatchObject({ code: 'internal_error', request_id: res.headers['x-request-id'] });
+    const logged = lines.map((l) => JSON.parse(l)).find((l) => l.msg === 'response did not match its schema');
+    expect(logged).toMatchObject({ level: 50, reqId: res.headers['x-request-id'] });
+    expect(JSON.stringify(logged.err)).toContain('GET /test/incomplete');
+    expect(JSON.stringify(logged.err)).toContain('count');
   });
 });
 
