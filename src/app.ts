@@ -63,6 +63,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const app: FastifyInstance = Fastify({
     loggerInstance: deps.logger as FastifyBaseLogger,
     childLoggerFactory: (logger, bindings, options) => lazyChildLogger(logger as Logger, bindings, options),
+    // Fastify's own "incoming request" / "request completed" lines are info; below that level they
+    // would be dropped anyway, so Fastify is told not to build them on every request.
+    disableRequestLogging: !deps.logger.isLevelEnabled('info'),
     bodyLimit: config.bodyLimit,
     // A client that trickles its request in (slowloris) gets a 408 and its connection closed, instead
     // of holding a socket forever: Fastify's default is no limit. Node checks every second.

@@ -129,7 +129,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
         if (!principal) throw new AppError('invalid_token', { detail: 'The API key is not valid' });
         return principal;
       }
-      return principalFromClaims(await options.tokens.verify(credential));
+      return principalOfToken(await options.tokens.verify(credential));
     } catch (err) {
       if (err instanceof AppError && err.code === 'invalid_token') {
         throw new AppError('invalid_token', {
@@ -141,13 +141,25 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     }
   }
 
+  // The token service hands back the same claims object for a token as long as it stays cached, so
+  // its principal (the scope split into permissions, the roles filtered) is made once per token and
+  // frozen, since every request with that token shares it.
+  const principals = new WeakMap<AccessTokenClaims, Principal>();
+  function principalOfToken(claims: AccessTokenClaims): Principal {
+    let principal = principals.get(claims);
+    if (!principal) {
+      principal = principalFromClaims(claims);
+      Object.freeze(principal.permissions);
+      if (principal.kind === 'user') Object.freeze(principal.roles);
+      principals.set(claims, Object.freeze(principal));
+    }
+    return principal;
+  }
+
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
-  async function authorize(
-    request: FastifyRequest,
-    permission: string | string[] | undefined,
-  ): Promise<void> {
+  async function authorize(request: FastifyRequest, anyOf: readonly string[]): Promise<void> {
     const principal = await resolve(request);
     if (!principal) {
       throw new AppError('authentication_required', {
@@ -156,12 +168,11 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       });
     }
     request.principal = principal;
-    if (!permission) {
+    if (anyOf.length === 0) {
       // Fail closed: a route that forgot to declare its permission serves nobody.
       request.log.error({ route: request.routeOptions.url }, 'route declares no permission');
       throw new AppError('forbidden');
     }
-    const anyOf = Array.isArray(permission) ? permission : [permission];
     if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
       const needed = anyOf.join(' or ');
       await options.onForbidden?.(request, needed);
@@ -177,9 +188,11 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   app.addHook('onRoute', (route) => {
     const config = (route.config ?? {}) as { public?: boolean; permission?: string | string[] };
     if (config.public === true) return;
-    const permission = config.permission;
+    const anyOf = Object.freeze(
+      config.permission === undefined ? [] : ([] as string[]).concat(config.permission),
+    );
     const check: onRequestHookHandler = (request, _reply, done) => {
-      authorize(request, permission).then(() => done(), done);
+      authorize(request, anyOf).then(() => done(), done);
     };
     const existing = route.onRequest;
     route.onRequest =
