@@ -21,9 +21,9 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
     cycles: 'ref',
     reused: 'inline',
   });
-  const stringify = fastJsonStringify(
-    withoutClosedObjects(jsonSchema) as Parameters<typeof fastJsonStringify>[0],
-  ) as (data: unknown) => string;
+  const stringify = fastJsonStringify(shapeOnly(jsonSchema) as Parameters<typeof fastJsonStringify>[0]) as (
+    data: unknown,
+  ) => string;
   return (data) => {
     try {
       return stringify(data);
@@ -45,20 +45,42 @@ export class ResponseSchemaError extends Error {
 }
 
 /**
- * zod's output schemas close every object (`additionalProperties: false`). fast-json-stringify writes
- * only the listed properties of an object anyway, but it picks the branch of a union (`anyOf`, `oneOf`,
- * nullable objects) by validating the value against each, and a closed branch refuses the very values
- * whose extra fields it would have left out. Without the closing keyword, the allow-list is the same.
+ * What fast-json-stringify needs of a JSON Schema: the shapes, not the value checks. It picks the
+ * branch of a union (`anyOf`, `oneOf`, nullable objects) by validating the value against each with
+ * ajv, so a closed branch (zod closes every object: `additionalProperties: false`) refused the very
+ * values whose extra fields it would have left out, and the patterns and formats of the branches
+ * (a UUID's, twice, in every API-key verification) were tested on every answer for nothing: they
+ * change nothing in what is written. Without them the allow-list is the same.
  */
-function withoutClosedObjects(schema: unknown): unknown {
-  if (Array.isArray(schema)) return schema.map(withoutClosedObjects);
+const VALUE_CHECKS = new Set([
+  'pattern',
+  'format',
+  'minLength',
+  'maxLength',
+  'minimum',
+  'maximum',
+  'exclusiveMinimum',
+  'exclusiveMaximum',
+  'multipleOf',
+  'minItems',
+  'maxItems',
+  'uniqueItems',
+]);
+
+function shapeOnly(schema: unknown, names = false): unknown {
+  if (Array.isArray(schema)) return schema.map((s) => shapeOnly(s));
   if (schema === null || typeof schema !== 'object') return schema;
-  const open: Record<string, unknown> = {};
+  const shape: Record<string, unknown> = {};
   for (const [key, value] of Object.entries(schema)) {
-    if (key === 'additionalProperties' && value === false) continue;
-    open[key] = withoutClosedObjects(value);
+    // Under `properties` and `definitions` the keys are names, each holding a schema.
+    if (names) {
+      shape[key] = shapeOnly(value);
+      continue;
+    }
+    if ((key === 'additionalProperties' && value === false) || VALUE_CHECKS.has(key)) continue;
+    shape[key] = shapeOnly(value, key === 'properties' || key === 'definitions');
   }
-  return open;
+  return shape;
 }
 
 function zodSchemaOf(schema: unknown): $ZodType | undefined {

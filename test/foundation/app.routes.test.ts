@@ -6,6 +6,8 @@ import type { DatabaseHandle } from '../../src/db/client.js';
 import { buildTestApp } from '../support/app.js';
 import { testDatabase } from '../support/database.js';
 
+const ITEM_ID = '6f1c1f8e-3f0a-4c55-9d5e-0b8c2f4a7e21';
+
 describe('foundation: app, errors, operations', () => {
   let app: FastifyInstance;
   beforeAll(async () => {
@@ -29,15 +31,16 @@ describe('foundation: app, errors, operations', () => {
             schema: {
               response: {
                 200: z.object({
-                  items: z.array(z.object({ id: z.string(), tags: z.array(z.string()) })),
-                  owner: z.object({ email: z.string() }).nullable(),
+                  // Fields named like JSON Schema keywords are fields all the same.
+                  items: z.array(z.object({ id: z.uuid(), tags: z.array(z.string()), format: z.string() })),
+                  owner: z.object({ email: z.email(), pattern: z.string().min(1) }).nullable(),
                 }),
               },
             },
           },
           async () => ({
-            items: [{ id: 'a', tags: ['x'], passwordHash: '$argon2id$…' }],
-            owner: { email: 'ada@example.test', secretHash: 'deadbeef' },
+            items: [{ id: ITEM_ID, tags: ['x'], format: 'png', passwordHash: '$argon2id$…' }],
+            owner: { email: 'ada@example.test', pattern: 'dots', secretHash: 'deadbeef' },
           }),
         );
         a.withTypeProvider<ZodTypeProvider>().get(
@@ -178,7 +181,9 @@ describe('foundation: app, errors, operations', () => {
   it('writes only what the response schema lists, at every depth, and never an answer missing a field', async () => {
     const nested = await app.inject({ method: 'GET', url: '/test/nested' });
     expect(nested.statusCode).toBe(200);
-    expect(nested.body).toBe('{"items":[{"id":"a","tags":["x"]}],"owner":{"email":"ada@example.test"}}');
+    expect(nested.body).toBe(
+      `{"items":[{"id":"${ITEM_ID}","tags":["x"],"format":"png"}],"owner":{"email":"ada@example.test","pattern":"dots"}}`,
+    );
     const incomplete = await app.inject({ method: 'GET', url: '/test/incomplete' });
     expect(incomplete.statusCode).toBe(500);
     expect(incomplete.headers['content-type']).toContain('application/problem+json');
