@@ -123,7 +123,12 @@ const epoch = (d: Date) => Math.floor(d.getTime() / 1000);
 
 /** The token endpoint's grants, introspection (RFC 7662) and revocation (RFC 7009). */
 export function createOAuthService(deps: OAuthServiceDeps) {
-  const looksLikeJwt = (token: string) => token.split('.').length === 3;
+  // Two dots, no more: a compact JWS, without splitting a 700-character string to count its parts.
+  const looksLikeJwt = (token: string) => {
+    const first = token.indexOf('.');
+    const second = first < 0 ? -1 : token.indexOf('.', first + 1);
+    return second > 0 && token.indexOf('.', second + 1) < 0;
+  };
 
   function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
     if (requested === undefined) return client.scopes;
@@ -222,6 +227,33 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     return claims.client_id === clientIdOf(caller);
   }
 
+  // The token service hands back the same claims object for a token while it stays cached, so its
+  // answer is built once per token; every introspection of it shares the (frozen) object.
+  const answers = new WeakMap<AccessTokenClaims, Introspection>();
+  function activeAccessToken(claims: AccessTokenClaims): Introspection {
+    let answer = answers.get(claims);
+    if (!answer) {
+      answer = Object.freeze({
+        active: true,
+        scope: claims.scope,
+        client_id: claims.client_id,
+        sub: claims.sub,
+        aud: claims.aud,
+        iss: claims.iss,
+        exp: claims.exp,
+        iat: claims.iat,
+        ...(typeof claims.nbf === 'number' ? { nbf: claims.nbf } : {}),
+        jti: claims.jti,
+        token_type: 'Bearer',
+        token_use: 'access_token' as const,
+        ...(Array.isArray(claims.roles) ? { roles: claims.roles } : {}),
+        ...(typeof claims.sid === 'string' ? { sid: claims.sid } : {}),
+      });
+      answers.set(claims, answer);
+    }
+    return answer;
+  }
+
   async function verifyAccessToken(token: string): Promise<AccessTokenClaims | undefined> {
     try {
       return await deps.tokens.verify(token, { anyAudience: true });
@@ -307,22 +339,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       const claims = await verifyAccessToken(token);
       if (!claims) return INACTIVE;
       if (!all && claims.client_id !== callerClientId) return INACTIVE;
-      return {
-        active: true,
-        scope: claims.scope,
-        client_id: claims.client_id,
-        sub: claims.sub,
-        aud: claims.aud,
-        iss: claims.iss,
-        exp: claims.exp,
-        iat: claims.iat,
-        ...(typeof claims.nbf === 'number' ? { nbf: claims.nbf } : {}),
-        jti: claims.jti,
-        token_type: 'Bearer',
-        token_use: 'access_token',
-        ...(Array.isArray(claims.roles) ? { roles: claims.roles } : {}),
-        ...(typeof claims.sid === 'string' ? { sid: claims.sid } : {}),
-      };
+      return activeAccessToken(claims);
     },
 
     /**
