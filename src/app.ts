@@ -212,7 +212,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
   await app.register(authenticate, {
     tokens: services.tokens,
-    apiKeys: { resolve: createApiKeyResolver(services.apiKeys) },
+    apiKeys: createApiKeyResolver(services.apiKeys),
     onForbidden: async (request, permission) => {
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',

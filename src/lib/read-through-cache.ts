@@ -10,6 +10,8 @@ import type { Clock } from './clock.js';
 export interface ReadThroughCache<V> {
   /** The cached value, or the value read once for every caller waiting on it. */
   get(key: string): Promise<V>;
+  /** The cached value (boxed, since it may be undefined) when there is one; never reads. */
+  peek(key: string): { value: V } | undefined;
   delete(key: string): void;
   clear(): void;
   readonly size: number;
@@ -51,6 +53,9 @@ export function createReadThroughCache<V>(options: {
         });
       loading.set(key, promise);
       return promise;
+    },
+    peek(key) {
+      return entries.get(key);
     },
     delete(key) {
       generation++;

@@ -41,13 +41,19 @@ export type Principal =
 /** Resolves an API key string to its principal, or undefined when it is not a valid key. */
 export type ApiKeyResolver = (key: string) => Promise<Principal | undefined>;
 
+export interface ApiKeyPrincipals {
+  resolve: ApiKeyResolver;
+  /** The principal when the key's answer is already in memory (valid or not: undefined means ask `resolve`). */
+  resolveCached?: (key: string) => Principal | undefined;
+}
+
 /** How an API key begins (the format is in lib/crypto.ts), as against an access token. */
 export const API_KEY_PREFIX = `${API_KEY_FORMAT.prefix}_`;
 
 export interface AuthenticateOptions {
   tokens: TokenService;
   /** Filled in by the API-keys module; until then keys are refused like any unknown token. */
-  apiKeys?: { resolve: ApiKeyResolver };
+  apiKeys?: ApiKeyPrincipals;
   /** Records an authorization failure (403) in the audit log. */
   onForbidden?: (request: FastifyRequest, permission: string) => Promise<void>;
 }
@@ -156,6 +162,15 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     return principal;
   }
 
+  /** The principal of a request whose credential this instance has verified and cached, or undefined. */
+  function knownPrincipal(request: FastifyRequest): Principal | undefined {
+    const credential = credentialOf(request);
+    if (credential === undefined) return undefined;
+    if (credential.startsWith(API_KEY_PREFIX)) return options.apiKeys?.resolveCached?.(credential);
+    const claims = options.tokens.verifyCached(credential);
+    return claims && principalOfToken(claims);
+  }
+
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
@@ -192,6 +207,13 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       config.permission === undefined ? [] : ([] as string[]).concat(config.permission),
     );
     const check: onRequestHookHandler = (request, _reply, done) => {
+      // A credential verified before and allowed here is settled without a promise; anything else
+      // (a new, expired or revoked token or key, a refusal) takes the full path.
+      const known = knownPrincipal(request);
+      if (known && anyOf.some((p) => hasPermission(known.permissions, p))) {
+        request.principal = known;
+        return done();
+      }
       authorize(request, anyOf).then(() => done(), done);
     };
     const existing = route.onRequest;

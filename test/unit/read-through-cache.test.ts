@@ -30,6 +30,25 @@ describe('read-through cache (the hot paths’ rows, dropped by change events)',
     expect(reads).toEqual(['k']);
   });
 
+  it('peeks at what is cached without ever reading, absent values boxed, and nothing once dropped or expired', async () => {
+    const { cache, reads, pending, clock } = setup();
+    expect(cache.peek('k')).toBeUndefined();
+    const loading = cache.get('k');
+    expect(cache.peek('k')).toBeUndefined();
+    pending.shift()?.(undefined);
+    await loading;
+    expect(cache.peek('k')).toEqual({ value: undefined });
+    cache.delete('k');
+    expect(cache.peek('k')).toBeUndefined();
+    const again = cache.get('k');
+    pending.shift()?.('v');
+    await again;
+    expect(cache.peek('k')).toEqual({ value: 'v' });
+    clock.advance(6);
+    expect(cache.peek('k')).toBeUndefined();
+    expect(reads).toEqual(['k', 'k']);
+  });
+
   it('does not cache a read that was in flight when the key was invalidated', async () => {
     const { cache, reads, pending } = setup();
     const stale = cache.get('k');

@@ -1,7 +1,12 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { type ApiKeyResolver, principalOf, requestContext } from '../../plugins/authenticate.js';
+import {
+  type ApiKeyPrincipals,
+  type Principal,
+  principalOf,
+  requestContext,
+} from '../../plugins/authenticate.js';
 import { bearerOrApiKey, isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { ApiKeyRow } from './api-keys.repository.js';
 import {
@@ -15,7 +20,7 @@ import {
   VerifyApiKeyBodySchema,
   VerifyApiKeyResultSchema,
 } from './api-keys.schema.js';
-import type { ApiKeyActor, ApiKeysService } from './api-keys.service.js';
+import type { ApiKeyActor, ApiKeysService, Verification } from './api-keys.service.js';
 
 export function toApiKeyDto(k: ApiKeyRow) {
   return {
@@ -42,19 +47,28 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
   };
 }
 
-/** The seam of the authenticate plugin: a valid key becomes its owner's principal, within its scopes. */
-export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyResolver {
-  return async (presented) => {
-    const result = await apiKeys.verify(presented);
-    if (!result.valid) return undefined;
-    return {
-      kind: 'api_key',
-      id: result.key.id,
-      userId: result.key.ownerId,
-      permissions: result.scopes,
-      lookupId: result.key.lookupId,
-      expiresAt: result.key.expiresAt,
-    };
+/**
+ * The seam of the authenticate plugin: a valid key becomes its owner's principal, within its scopes.
+ * `resolveCached` answers without waiting when the key's rows are in memory, and undefined otherwise.
+ */
+export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyPrincipals {
+  const principal = (result: Verification): Principal | undefined =>
+    result.valid
+      ? {
+          kind: 'api_key',
+          id: result.key.id,
+          userId: result.key.ownerId,
+          permissions: result.scopes,
+          lookupId: result.key.lookupId,
+          expiresAt: result.key.expiresAt,
+        }
+      : undefined;
+  return {
+    resolve: async (presented) => principal(await apiKeys.verify(presented)),
+    resolveCached: (presented) => {
+      const result = apiKeys.verifyCached(presented);
+      return result && principal(result);
+    },
   };
 }
 
