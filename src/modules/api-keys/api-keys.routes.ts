@@ -38,6 +38,17 @@ export function toApiKeyDto(k: ApiKeyRow) {
   };
 }
 
+function verificationDto(result: Verification) {
+  if (!result.valid) return { valid: false as const, reason: result.reason };
+  return {
+    valid: true as const,
+    key_id: result.key.id,
+    owner_id: result.key.ownerId,
+    scopes: result.scopes,
+    expires_at: isoDate(result.key.expiresAt),
+  };
+}
+
 function actorOf(request: FastifyRequest): ApiKeyActor {
   const principal = principalOf(request);
   return {
@@ -146,16 +157,11 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         response: { 200: VerifyApiKeyResultSchema, ...problems(400, 401, 403, 503) },
       },
     },
-    async (request) => {
-      const result = await deps.apiKeys.verify(request.body.key);
-      if (!result.valid) return { valid: false as const, reason: result.reason };
-      return {
-        valid: true as const,
-        key_id: result.key.id,
-        owner_id: result.key.ownerId,
-        scopes: result.scopes,
-        expires_at: isoDate(result.key.expiresAt),
-      };
+    // Not async: a key verified before is answered from memory in the same turn (Fastify sends a
+    // handler's plain return value); anything else waits for the full verification.
+    (request) => {
+      const cached = deps.apiKeys.verifyCached(request.body.key);
+      return cached ? verificationDto(cached) : deps.apiKeys.verify(request.body.key).then(verificationDto);
     },
   );
 
