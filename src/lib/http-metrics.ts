@@ -37,7 +37,13 @@ interface MetricView {
 
 export class HttpRequestMetrics {
   /** Bounded: routes come from the route table (or `unmatched`), methods from the parser, statuses are codes. */
-  private readonly series = new Map<string, Series>();
+  private readonly series: Series[] = [];
+  /**
+   * The series by route, method and status: looked up with the strings the request already holds
+   * (their hashes cached), where a `method status route` key was a new string to build and hash on
+   * every request.
+   */
+  private readonly index = new Map<string, Map<string, Map<number, Series>>>();
   private readonly bounds: readonly number[];
 
   constructor(registry: Registry, bounds: readonly number[]) {
@@ -49,17 +55,17 @@ export class HttpRequestMetrics {
       aggregator: 'sum',
       get: () => ({
         ...requests,
-        values: [...this.series.values()].map((s) => ({ labels: s.labels, value: s.count })),
+        values: this.series.map((s) => ({ labels: s.labels, value: s.count })),
       }),
-      reset: () => this.series.clear(),
+      reset: () => this.reset(),
     };
     const duration: MetricView = {
       name: 'http_request_duration_seconds',
       help: 'HTTP request latency by method, route and status',
       type: 'histogram',
       aggregator: 'sum',
-      get: () => ({ ...duration, values: [...this.series.values()].flatMap((s) => this.histogramValues(s)) }),
-      reset: () => this.series.clear(),
+      get: () => ({ ...duration, values: this.series.flatMap((s) => this.histogramValues(s)) }),
+      reset: () => this.reset(),
     };
     // prom-client's Metric type is its own classes; the registry only reads the members above.
     registry.registerMetric(requests as never);
@@ -68,8 +74,17 @@ export class HttpRequestMetrics {
 
   /** Counts one answered request. */
   record(method: string, route: string, status: number, seconds: number): void {
-    const key = `${method} ${status} ${route}`;
-    let s = this.series.get(key);
+    let byMethod = this.index.get(route);
+    if (!byMethod) {
+      byMethod = new Map();
+      this.index.set(route, byMethod);
+    }
+    let byStatus = byMethod.get(method);
+    if (!byStatus) {
+      byStatus = new Map();
+      byMethod.set(method, byStatus);
+    }
+    let s = byStatus.get(status);
     if (!s) {
       s = {
         labels: { method, route, status: String(status) },
@@ -77,7 +92,8 @@ export class HttpRequestMetrics {
         sum: 0,
         buckets: new Float64Array(this.bounds.length + 1),
       };
-      this.series.set(key, s);
+      byStatus.set(status, s);
+      this.series.push(s);
     }
     s.count += 1;
     s.sum += seconds;
@@ -85,6 +101,11 @@ export class HttpRequestMetrics {
     let i = 0;
     while (i < bounds.length && seconds > bounds[i]!) i++;
     s.buckets[i]! += 1;
+  }
+
+  private reset() {
+    this.series.length = 0;
+    this.index.clear();
   }
 
   private histogramValues(s: Series) {
