@@ -11,6 +11,11 @@ import type { Clock } from './clock.js';
 export interface FailureCounter {
   /** Seconds until the key may try again, or 0 when it may try now. */
   retryAfter(key: string): Promise<number>;
+  /**
+   * The same answer without waiting, where the counter holds it in memory; absent where it must ask
+   * Redis (the login counter), so the caller takes `retryAfter`.
+   */
+  retryAfterNow?(key: string): number;
   recordFailure(key: string): Promise<void>;
   reset(key: string): Promise<void>;
 }
@@ -27,11 +32,15 @@ export function createMemoryFailureCounter(options: {
     if (!e || options.clock.now().getTime() - e.start >= windowMs) return undefined;
     return e;
   };
+  const retryAfterNow = (key: string) => {
+    const e = current(key);
+    if (!e || e.count < options.max) return 0;
+    return Math.max(1, Math.ceil((e.start + windowMs - options.clock.now().getTime()) / 1000));
+  };
   return {
+    retryAfterNow,
     async retryAfter(key) {
-      const e = current(key);
-      if (!e || e.count < options.max) return 0;
-      return Math.max(1, Math.ceil((e.start + windowMs - options.clock.now().getTime()) / 1000));
+      return retryAfterNow(key);
     },
     async recordFailure(key) {
       const e = current(key);
@@ -127,11 +136,15 @@ export function createSharedFailureCounter(options: {
     return e && now() < e.until ? e : undefined;
   };
   let warned = false;
+  const retryAfterNow = (key: string) => {
+    const e = current(key);
+    if (!e || e.count < options.max) return 0;
+    return Math.max(1, Math.ceil((e.until - now()) / 1000));
+  };
   return {
+    retryAfterNow,
     async retryAfter(key) {
-      const e = current(key);
-      if (!e || e.count < options.max) return 0;
-      return Math.max(1, Math.ceil((e.until - now()) / 1000));
+      return retryAfterNow(key);
     },
     async recordFailure(key) {
       const k = options.prefix + key;

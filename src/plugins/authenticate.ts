@@ -103,13 +103,17 @@ export function credentialOf(request: FastifyRequest): string | undefined {
 const MAX_USER_AGENT_LENGTH = 512;
 const MAX_IP_LENGTH = 64;
 
+/** The client's address as sessions, audit events and throttles keep it. */
+export const clientAddress = (request: FastifyRequest): string | null =>
+  request.ip ? request.ip.slice(0, MAX_IP_LENGTH) : null;
+
 export function requestContext(request: FastifyRequest): RequestContext {
   const p = request.principal;
   const userAgent = request.headers['user-agent'];
   return {
     actorType: p ? (p.kind === 'api_key' ? 'api_key' : p.kind) : 'anonymous',
     actorId: p ? (p.kind === 'api_key' ? p.userId : p.id) : null,
-    ip: request.ip ? request.ip.slice(0, MAX_IP_LENGTH) : null,
+    ip: clientAddress(request),
     userAgent: typeof userAgent === 'string' ? userAgent.slice(0, MAX_USER_AGENT_LENGTH) : null,
     requestId: request.id,
   };

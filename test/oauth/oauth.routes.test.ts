@@ -494,6 +494,23 @@ describe('POST /oauth/introspect', () => {
     expect(await introspect(app, user.refreshToken, as(mine))).toEqual({ active: false });
   });
 
+  it('answers from memory as it would from scratch: same visibility, and a revocation at once', async () => {
+    const theirsToken = (await clientToken(app, theirs)).access_token;
+    // Each client authenticates and the token is verified once, so every answer below comes from the
+    // remembered header and the cached token.
+    const first = await introspect(app, theirsToken, as(theirs));
+    expect(first).toMatchObject({ active: true, client_id: theirs.client_id });
+    expect(await introspect(app, theirsToken, as(theirs))).toEqual(first);
+    expect(await introspect(app, theirsToken, as(mine))).toEqual({ active: false });
+    expect(await introspect(app, theirsToken, as(mine))).toEqual({ active: false });
+    expect(await introspect(app, theirsToken, as(auditor))).toEqual(first);
+    expect(await introspect(app, theirsToken, as(auditor))).toEqual(first);
+    const revoked = await form(app, '/oauth/revoke', { token: theirsToken }, as(theirs));
+    expect(revoked.statusCode).toBe(200);
+    expect(await introspect(app, theirsToken, as(theirs))).toEqual({ active: false });
+    expect(await introspect(app, theirsToken, as(auditor))).toEqual({ active: false });
+  });
+
   it('finds the token whatever token_type_hint says', async () => {
     const user = await registerUser(app, 'hint');
     for (const hint of ['access_token', 'refresh_token', 'api_key', 'nonsense']) {

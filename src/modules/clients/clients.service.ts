@@ -67,6 +67,8 @@ export interface ClientsServiceDeps {
 }
 
 const unique = (values: string[]) => [...new Set(values)].sort();
+/** Distinguishes a remembered Basic header from a remembered (client id, secret) pair. */
+const BASIC_KEY = 'basic';
 
 /**
  * App clients: confidential OAuth clients of other services. The secret is shown once and stored as
@@ -283,9 +285,23 @@ export function createClientsService(deps: ClientsServiceDeps) {
      * secret within its grace, this is. The secret carries the client's lookup id and a checksum, so
      * a mistyped or foreign secret fails before any database read; hashes compare in constant time.
      */
+    /**
+     * The active client an HTTP Basic header authenticated before, from memory alone: the header's
+     * digest remembered by `authenticate` (given the header), and the client's cached row. A service
+     * that sends the same header on every request is known without parsing it, without an HMAC and
+     * without a promise; undefined for anything else, which `authenticate` answers.
+     */
+    rememberedBasic(header: string): ClientRow | undefined {
+      const known = verified.get(verified.keyOf(BASIC_KEY, header), deps.clock.now().getTime());
+      const client = known && cache.peek(known.owner)?.value;
+      return client?.status === 'active' ? client : undefined;
+    },
+
+    /** `basicHeader`: the Authorization header the id and secret came in, remembered with them. */
     async authenticate(
       clientId: string,
       secret: string,
+      basicHeader?: string,
     ): Promise<
       { ok: true; client: ClientRow } | { ok: false; reason: ClientAuthFailure; client?: ClientRow }
     > {
@@ -315,16 +331,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
         constantTimeEqual(presented, client.previousSecretHash);
       if (!current && !previous) return { ok: false, reason: 'wrong_secret', client };
       if (client.status !== 'active') return { ok: false, reason: 'disabled', client };
-      verified.remember(
-        credential,
-        {
-          owner: clientId,
-          previous: !current,
-          endsAtMs: current ? undefined : client.previousSecretExpiresAt?.getTime(),
-        },
-        generation,
-        now.getTime(),
-      );
+      const entry = {
+        owner: clientId,
+        previous: !current,
+        endsAtMs: current ? undefined : client.previousSecretExpiresAt?.getTime(),
+      };
+      verified.remember(credential, entry, generation, now.getTime());
+      if (basicHeader !== undefined)
+        verified.remember(verified.keyOf(BASIC_KEY, basicHeader), entry, generation, now.getTime());
       return { ok: true, client };
     },
 

@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { AppError } from '../../lib/errors.js';
-import { requestContext } from '../../plugins/authenticate.js';
+import { clientAddress, requestContext } from '../../plugins/authenticate.js';
 import { REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
@@ -93,27 +93,44 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
    * or with client_secret_post, a bearer token or API key (where `bearer` allows it), or nobody —
    * the first-party public client. More than one method at once is refused (§2.3).
    */
-  async function callerOf(
+  async function principalCaller(request: FastifyRequest): Promise<OAuthCaller> {
+    const principal = await app.resolvePrincipal(request);
+    if (!principal) throw invalidClient('Authenticate the client or send a bearer token');
+    request.principal = principal;
+    return { kind: 'principal', principal };
+  }
+
+  function callerOf(
     request: FastifyRequest,
     params: ClientParams,
     bearer: boolean,
-  ): Promise<OAuthCaller> {
+  ): OAuthCaller | Promise<OAuthCaller> {
     const authorization = request.headers.authorization;
     const basic = isBasicAuthorization(authorization);
     const secret = present(params.client_secret);
     const clientId = present(params.client_id);
     const otherCredential =
       !basic && (authorization !== undefined || request.headers['x-api-key'] !== undefined);
-    if ([basic, secret !== undefined, otherCredential].filter(Boolean).length > 1) {
+    if ((basic ? 1 : 0) + (secret !== undefined ? 1 : 0) + (otherCredential ? 1 : 0) > 1) {
       throw invalidRequest('Use exactly one client authentication method (RFC 6749 §2.3)');
     }
     if (basic) {
+      // A header that authenticated before is known from memory, in this turn (RFC 6749 §2.3.1
+      // does not change: it was parsed and checked the first time).
+      const known = deps.oauth.knownBasicClient(authorization, clientAddress(request));
+      const knownId = known?.kind === 'client' ? known.client.clientId : undefined;
+      if (known && (clientId === undefined || clientId === knownId)) return known;
       const credentials = parseBasicCredentials(authorization);
       if (!credentials) throw invalidClient('The Basic credentials are malformed');
       if (clientId !== undefined && clientId !== credentials.clientId) {
         throw invalidRequest('client_id differs from the client in the Authorization header');
       }
-      return deps.oauth.authenticateClient(credentials.clientId, credentials.secret, requestContext(request));
+      return deps.oauth.authenticateClient(
+        credentials.clientId,
+        credentials.secret,
+        requestContext(request),
+        authorization,
+      );
     }
     if (secret !== undefined) {
       if (clientId === undefined) throw invalidClient('client_secret needs client_id');
@@ -121,10 +138,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     }
     if (otherCredential) {
       if (!bearer) throw invalidClient('Authenticate the client with HTTP Basic or client_secret_post');
-      const principal = await app.resolvePrincipal(request);
-      if (!principal) throw invalidClient('Authenticate the client or send a bearer token');
-      request.principal = principal;
-      return { kind: 'principal', principal };
+      return principalCaller(request);
     }
     if (clientId !== undefined && clientId !== FIRST_PARTY_CLIENT_ID) {
       throw invalidClient('This client must authenticate with its secret');
@@ -185,11 +199,16 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
         response: { 200: IntrospectionSchema, ...oauthErrors(400, 401, 403, 413, 415, 429, 503) },
       },
     },
-    async (request) => {
-      const caller = await callerOf(request, request.body, true);
-      const token = present(request.body.token);
-      if (token === undefined) throw invalidRequest('token is required');
-      return deps.oauth.introspect(caller, token);
+    // Not async: a known client asking about a token this instance has verified is answered in the
+    // same turn (Fastify sends a handler's plain return value); anything else waits.
+    (request) => {
+      const caller = callerOf(request, request.body, true);
+      const introspect = (c: OAuthCaller) => {
+        const token = present(request.body.token);
+        if (token === undefined) throw invalidRequest('token is required');
+        return deps.oauth.introspectKnown(c, token) ?? deps.oauth.introspect(c, token);
+      };
+      return caller instanceof Promise ? caller.then(introspect) : introspect(caller);
     },
   );
 

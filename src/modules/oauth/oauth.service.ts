@@ -120,6 +120,9 @@ const oauthError = (oauth: string, detail: string) =>
   new AppError('bad_request', { status: 400, detail, oauthError: oauth });
 
 const epoch = (d: Date) => Math.floor(d.getTime() / 1000);
+/** Whose failures a client authentication counts against: the caller's address and the client id. */
+const sourceOf = (ip: string | null | undefined, clientId: string) =>
+  `${ip ?? 'unknown'} ${clientId.slice(0, 64)}`;
 
 /** The token endpoint's grants, introspection (RFC 7662) and revocation (RFC 7009). */
 export function createOAuthService(deps: OAuthServiceDeps) {
@@ -338,8 +341,22 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       if (!looksLikeJwt(token)) return INACTIVE;
       const claims = await verifyAccessToken(token);
       if (!claims) return INACTIVE;
-      if (!all && claims.client_id !== callerClientId) return INACTIVE;
-      return activeAccessToken(claims);
+      return all || claims.client_id === callerClientId ? activeAccessToken(claims) : INACTIVE;
+    },
+
+    /**
+     * `introspect`'s answer, without waiting, for a client asking about an access token this instance
+     * has verified and cached (a resource server introspecting the tokens it is sent); undefined for
+     * any other caller or token, which `introspect` answers.
+     */
+    introspectKnown(caller: OAuthCaller, token: string): Introspection | undefined {
+      if (caller.kind !== 'client' || token.length > MAX_TOKEN_LENGTH || !looksLikeJwt(token))
+        return undefined;
+      const claims = deps.tokens.verifyCached(token, { anyAudience: true });
+      if (!claims) return undefined;
+      return seesEverything(caller) || claims.client_id === caller.client.clientId
+        ? activeAccessToken(claims)
+        : INACTIVE;
     },
 
     /**
@@ -393,12 +410,25 @@ export function createOAuthService(deps: OAuthServiceDeps) {
      * Client authentication (RFC 6749 §2.3.1). A failure is one `invalid_client` whatever the cause
      * (unknown, wrong or rotated-out secret, disabled); failures of a registered client are audited.
      */
+    /**
+     * The client an HTTP Basic header authenticated before, when memory alone says so and its source
+     * is not throttled: no parse, no promise. Undefined for anything else (`authenticateClient`).
+     */
+    knownBasicClient(header: string, ip: string | null): OAuthCaller | undefined {
+      const client = deps.clients.rememberedBasic(header);
+      if (!client) return undefined;
+      const wait = deps.clientAuthFailures.retryAfterNow?.(sourceOf(ip, client.clientId));
+      return wait === 0 ? { kind: 'client', client } : undefined;
+    },
+
+    /** `basicHeader`: the Authorization header the credentials came in, for `knownBasicClient`. */
     async authenticateClient(
       clientId: string,
       secret: string,
       context: RequestContext,
+      basicHeader?: string,
     ): Promise<OAuthCaller> {
-      const source = `${context.ip ?? 'unknown'} ${clientId.slice(0, 64)}`;
+      const source = sourceOf(context.ip, clientId);
       const wait = await deps.clientAuthFailures.retryAfter(source);
       if (wait > 0) {
         deps.onClientAuthFailure?.('throttled');
@@ -407,7 +437,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
           headers: { 'retry-after': String(wait) },
         });
       }
-      const result = await deps.clients.authenticate(clientId, secret);
+      const result = await deps.clients.authenticate(clientId, secret, basicHeader);
       if (result.ok) return { kind: 'client', client: result.client };
       await deps.clientAuthFailures.recordFailure(source);
       deps.onClientAuthFailure?.(result.reason);

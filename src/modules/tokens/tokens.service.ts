@@ -183,10 +183,15 @@ export function createTokenService(deps: {
      * unrevoked), without waiting for anything; undefined for anything else, which `verify` answers.
      * For the request hooks: a token presented on every request is checked without a promise.
      */
-    verifyCached(token: string, options: { audience?: string } = {}): AccessTokenClaims | undefined {
-      const audience = options.audience ?? deps.audience;
+    verifyCached(
+      token: string,
+      options: { audience?: string; anyAudience?: boolean } = {},
+    ): AccessTokenClaims | undefined {
       if (token.length > 8192) return undefined;
-      const claims = verified.get(audience === deps.audience ? '' : audience, token);
+      const audience = options.audience ?? deps.audience;
+      const claims = options.anyAudience
+        ? verifiedAnyAudience.get('', token)
+        : verified.get(audience === deps.audience ? '' : audience, token);
       if (!claims || claims.exp + CLOCK_TOLERANCE_SECONDS <= epochSeconds(deps.clock.now())) return undefined;
       return deps.revocations.isRevoked(claims) ? undefined : claims;
     },
