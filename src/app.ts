@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
 import { parse as parseForm } from 'fast-querystring';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, LogController } from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
@@ -64,8 +64,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     loggerInstance: deps.logger as FastifyBaseLogger,
     childLoggerFactory: (logger, bindings, options) => lazyChildLogger(logger as Logger, bindings, options),
     // Fastify's own "incoming request" / "request completed" lines are info; below that level they
-    // would be dropped anyway, so Fastify is told not to build them on every request.
-    disableRequestLogging: !deps.logger.isLevelEnabled('info'),
+    // would be dropped anyway, so Fastify is told not to build them on every request. (Through its
+    // log controller: the top-level `disableRequestLogging` option is deprecated since Fastify 5.12.)
+    logController: new LogController({ disableRequestLogging: !deps.logger.isLevelEnabled('info') }),
     bodyLimit: config.bodyLimit,
     // A client that trickles its request in (slowloris) gets a 408 and its connection closed, instead
     // of holding a socket forever: Fastify's default is no limit. Node checks every second.

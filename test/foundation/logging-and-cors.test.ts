@@ -7,7 +7,7 @@ import { createLogger } from '../../src/lib/logger.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { PASSWORD } from '../support/factories.js';
 
-function capture() {
+function capture(level = 'debug') {
   const lines: string[] = [];
   const stream = new Writable({
     write(chunk, _enc, done) {
@@ -15,7 +15,7 @@ function capture() {
       done();
     },
   });
-  return { lines, logger: createLogger('debug', stream) };
+  return { lines, logger: createLogger(level, stream) };
 }
 
 describe('logs never carry credentials', () => {
@@ -68,6 +68,35 @@ describe('logs never carry credentials', () => {
     for (const secret of [PASSWORD, 'a wrong password for the log', access_token, refresh_token]) {
       expect(out).not.toContain(secret);
     }
+  });
+});
+
+describe("Fastify's request lines", () => {
+  const messagesOf = (lines: string[]) => lines.map((l) => (JSON.parse(l) as { msg: string }).msg);
+
+  it('are logged at info and not at warn, through the log controller (no deprecation warning)', async () => {
+    const warnings: string[] = [];
+    const onWarning = (w: Error & { code?: string }) => warnings.push(`${w.code ?? ''} ${w.message}`);
+    process.on('warning', onWarning);
+    try {
+      const info = capture('info');
+      const verbose = await buildTestApp({ deps: { logger: info.logger } });
+      await verbose.inject({ method: 'GET', url: '/.well-known/jwks.json' });
+      expect(messagesOf(info.lines)).toEqual(
+        expect.arrayContaining(['incoming request', 'request completed']),
+      );
+
+      const warn = capture('warn');
+      const quiet = await buildTestApp({ deps: { logger: warn.logger } });
+      await quiet.inject({ method: 'GET', url: '/.well-known/jwks.json' });
+      expect(messagesOf(warn.lines)).not.toContain('incoming request');
+      expect(messagesOf(warn.lines)).not.toContain('request completed');
+      // Warnings are emitted on the next tick.
+      await new Promise((r) => setImmediate(r));
+    } finally {
+      process.off('warning', onWarning);
+    }
+    expect(warnings.filter((w) => w.includes('FSTDEP'))).toEqual([]);
   });
 });
 
