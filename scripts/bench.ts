@@ -598,7 +598,10 @@ async function startServers(database: FreshDatabase, cleanups: Cleanups): Promis
     PORT: String(baselinePort),
   });
   cleanups.push(() => stopChild(baseline));
-  const floor = startChild('floor', ['--import', 'tsx', 'scripts/bench-floor.ts'], {
+  const floorProfile = process.env.BENCH_CPU_PROF
+    ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}/floor`]
+    : [];
+  const floor = startChild('floor', [...floorProfile, '--import', 'tsx', 'scripts/bench-floor.ts'], {
     ...process.env,
     PORT: String(floorPort),
   });

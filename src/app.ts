@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
-import { parse as parseForm } from 'fast-querystring';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, LogController } from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
@@ -9,6 +8,7 @@ import type { DatabaseHandle } from './db/client.js';
 import { type Clock, systemClock } from './lib/clock.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
+import { parseForm } from './lib/form.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';

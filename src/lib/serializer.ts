@@ -24,12 +24,26 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
   const stringify = fastJsonStringify(shapeOnly(jsonSchema) as Parameters<typeof fastJsonStringify>[0]) as (
     data: unknown,
   ) => string;
-  return (data) => {
+  const write = (data: unknown) => {
     try {
       return stringify(data);
     } catch (cause) {
       throw new ResponseSchemaError(`${method} ${url}`, cause);
     }
+  };
+  // An answer handed over frozen is one the service built once and shares between requests (the
+  // introspection of a cached token, the verification of a cached API key, a cached account view):
+  // it is written once per route and status, and its text reused. Frozen means immutable all the way
+  // down here: whatever freezes an answer freezes the arrays and objects it holds too.
+  const written = new WeakMap<object, string>();
+  return (data) => {
+    if (typeof data !== 'object' || data === null || !Object.isFrozen(data)) return write(data);
+    let text = written.get(data);
+    if (text === undefined) {
+      text = write(data);
+      written.set(data, text);
+    }
+    return text;
   };
 };
 

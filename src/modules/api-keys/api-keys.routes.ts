@@ -20,7 +20,7 @@ import {
   VerifyApiKeyBodySchema,
   VerifyApiKeyResultSchema,
 } from './api-keys.schema.js';
-import type { ApiKeyActor, ApiKeysService, Verification } from './api-keys.service.js';
+import type { ApiKeyActor, ApiKeysService, InvalidReason, Verification } from './api-keys.service.js';
 
 export function toApiKeyDto(k: ApiKeyRow) {
   return {
@@ -38,15 +38,28 @@ export function toApiKeyDto(k: ApiKeyRow) {
   };
 }
 
-function verificationDto(result: Verification) {
-  if (!result.valid) return { valid: false as const, reason: result.reason };
-  return {
-    valid: true as const,
-    key_id: result.key.id,
-    owner_id: result.key.ownerId,
-    scopes: result.scopes,
-    expires_at: isoDate(result.key.expiresAt),
-  };
+type VerificationDto =
+  | { valid: false; reason: InvalidReason }
+  | { valid: true; key_id: string; owner_id: string; scopes: string[]; expires_at: string | null };
+
+// A key presented on every request gets the same verification object while its row and owner stay
+// cached (see `accept`), so its answer is built once and shared, frozen: the serializer writes a
+// frozen answer once (src/lib/serializer.ts).
+const verificationDtos = new WeakMap<Verification, VerificationDto>();
+function verificationDto(result: Verification): VerificationDto {
+  if (!result.valid) return { valid: false, reason: result.reason };
+  let dto = verificationDtos.get(result);
+  if (!dto) {
+    dto = Object.freeze({
+      valid: true as const,
+      key_id: result.key.id,
+      owner_id: result.key.ownerId,
+      scopes: result.scopes,
+      expires_at: isoDate(result.key.expiresAt),
+    });
+    if (Object.isFrozen(result)) verificationDtos.set(result, dto);
+  }
+  return dto;
 }
 
 function actorOf(request: FastifyRequest): ApiKeyActor {

@@ -150,10 +150,19 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     return undefined;
   }
 
+  // A key's answer is made once per pair of its cached row and its owner's cached state, and shared,
+  // frozen, by every use until either is reloaded (a change drops them from their caches, and neither
+  // is ever changed in place); the API-key answer of the verify route is derived from it once, too.
+  const acceptedBy = new WeakMap<ApiKeyRow, { owner: OwnerState; result: Verification }>();
   function accept(row: ApiKeyRow, owner: OwnerState, now: number): Verification {
     if (!owner.active) return invalid('owner_disabled');
     usage.set(row.id, now);
-    return { valid: true, key: row, scopes: intersectPermissions(row.scopes, owner.permissions) };
+    const accepted = acceptedBy.get(row);
+    if (accepted?.owner === owner) return accepted.result;
+    const scopes = Object.freeze(intersectPermissions(row.scopes, owner.permissions)) as string[];
+    const result: Verification = Object.freeze({ valid: true, key: row, scopes });
+    acceptedBy.set(row, { owner, result });
+    return result;
   }
 
   /**

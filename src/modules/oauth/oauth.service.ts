@@ -112,7 +112,7 @@ export interface OAuthServiceDeps {
   onClientAuthFailure?: (reason: string) => void;
 }
 
-const INACTIVE: Introspection = { active: false };
+const INACTIVE: Introspection = Object.freeze({ active: false });
 /** RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ). */
 const SCOPE_TOKEN = /^[\x21\x23-\x5b\x5d-\x7e]+$/;
 
@@ -241,7 +241,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         scope: claims.scope,
         client_id: claims.client_id,
         sub: claims.sub,
-        aud: claims.aud,
+        aud: Array.isArray(claims.aud) ? (Object.freeze([...claims.aud]) as string[]) : claims.aud,
         iss: claims.iss,
         exp: claims.exp,
         iat: claims.iat,
@@ -249,7 +249,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         jti: claims.jti,
         token_type: 'Bearer',
         token_use: 'access_token' as const,
-        ...(Array.isArray(claims.roles) ? { roles: claims.roles } : {}),
+        ...(Array.isArray(claims.roles) ? { roles: Object.freeze([...claims.roles]) as string[] } : {}),
         ...(typeof claims.sid === 'string' ? { sid: claims.sid } : {}),
       });
       answers.set(claims, answer);
