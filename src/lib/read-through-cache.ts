@@ -28,7 +28,7 @@ export function createReadThroughCache<V>(options: {
   const entries = new LRUCache<string, { value: V }>({
     max: options.max,
     ttl: options.ttlMs,
-    perf: { now: () => options.clock.now().getTime() },
+    perf: { now: () => options.clock.nowMs() },
     ttlResolution: 0,
   });
   const loading = new Map<string, Promise<V>>();

@@ -29,13 +29,13 @@ export function createMemoryFailureCounter(options: {
   const windowMs = options.windowSeconds * 1000;
   const current = (key: string) => {
     const e = entries.get(key);
-    if (!e || options.clock.now().getTime() - e.start >= windowMs) return undefined;
+    if (!e || options.clock.nowMs() - e.start >= windowMs) return undefined;
     return e;
   };
   const retryAfterNow = (key: string) => {
     const e = current(key);
     if (!e || e.count < options.max) return 0;
-    return Math.max(1, Math.ceil((e.start + windowMs - options.clock.now().getTime()) / 1000));
+    return Math.max(1, Math.ceil((e.start + windowMs - options.clock.nowMs()) / 1000));
   };
   return {
     retryAfterNow,
@@ -45,7 +45,7 @@ export function createMemoryFailureCounter(options: {
     async recordFailure(key) {
       const e = current(key);
       if (e) e.count++;
-      else entries.set(key, { count: 1, start: options.clock.now().getTime() });
+      else entries.set(key, { count: 1, start: options.clock.nowMs() });
     },
     async reset(key) {
       entries.delete(key);
@@ -130,7 +130,7 @@ export function createSharedFailureCounter(options: {
 }): FailureCounter {
   const known = new LRUCache<string, { count: number; until: number }>({ max: 100_000 });
   const windowMs = options.windowSeconds * 1000;
-  const now = () => options.clock.now().getTime();
+  const now = () => options.clock.nowMs();
   const current = (key: string) => {
     const e = known.get(key);
     return e && now() < e.until ? e : undefined;

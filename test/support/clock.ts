@@ -6,6 +6,7 @@ export function createTestClock(): Clock & { advance(seconds: number): void } {
   let offsetMs = 0;
   return {
     now: () => new Date(Date.now() + offsetMs),
+    nowMs: () => Date.now() + offsetMs,
     advance(seconds: number) {
       offsetMs += seconds * 1000;
     },
@@ -14,13 +15,14 @@ export function createTestClock(): Clock & { advance(seconds: number): void } {
 
 /** Runs `work` while the app's clock says `at`, then gives the clock back. */
 export async function atTime<T>(app: FastifyInstance, at: Date, work: () => Promise<T>): Promise<T> {
-  const clock = app.services.clock as { now(): Date };
-  const realNow = clock.now;
+  const clock = app.services.clock as Clock;
+  const { now, nowMs } = clock;
   const offsetMs = at.getTime() - Date.now();
   clock.now = () => new Date(Date.now() + offsetMs);
+  clock.nowMs = () => Date.now() + offsetMs;
   try {
     return await work();
   } finally {
-    clock.now = realNow;
+    Object.assign(clock, { now, nowMs });
   }
 }

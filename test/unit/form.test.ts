@@ -35,8 +35,8 @@ describe('parseForm', () => {
 
   it('has no prototype, so a field named like an Object method is just a field', () => {
     const fields = parseForm('constructor=x&__proto__=y&toString=z');
-    expect(Object.getPrototypeOf(fields)).toBeNull();
-    expect((parseForm('a=1') as Record<string, unknown>).toString).toBeUndefined();
+    expect('toString' in parseForm('a=1')).toBe(false);
+    expect('hasOwnProperty' in parseForm('a=1')).toBe(false);
     expect(plain(fields)).toEqual({ constructor: 'x', ['__proto__']: 'y', toString: 'z' });
   });
 

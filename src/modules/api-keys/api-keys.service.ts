@@ -171,7 +171,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
    * when anything must be read, checked or parsed; `verify` answers that.
    */
   function verifyCached(presented: string): Verification | undefined {
-    const now = clock.now().getTime();
+    const now = clock.nowMs();
     const known = verifiedKeys.get(verifiedKeys.keyOf(presented), now);
     const row = known && keys.peek(known.owner)?.value;
     if (!known || !row) return undefined;
@@ -184,7 +184,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   async function verify(presented: string): Promise<Verification> {
     const cached = verifyCached(presented);
     if (cached) return cached;
-    const now = clock.now().getTime();
+    const now = clock.nowMs();
     const matched = await match(presented, now);
     // Without the secret, nothing about the key's state is revealed.
     if (!matched) return NOT_FOUND;
@@ -249,7 +249,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   }
 
   function assertFuture(expiresAt: Date | null | undefined) {
-    if (expiresAt && expiresAt.getTime() <= clock.now().getTime()) {
+    if (expiresAt && expiresAt.getTime() <= clock.nowMs()) {
       throw new AppError('validation_failed', {
         detail: 'expires_at must be in the future',
         errors: [{ field: 'body.expires_at', message: 'must be in the future' }],

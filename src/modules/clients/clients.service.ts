@@ -292,7 +292,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
      * without a promise; undefined for anything else, which `authenticate` answers.
      */
     rememberedBasic(header: string): ClientRow | undefined {
-      const known = verified.get(verified.keyOf(BASIC_KEY, header), deps.clock.now().getTime());
+      const known = verified.get(verified.keyOf(BASIC_KEY, header), deps.clock.nowMs());
       const client = known && cache.peek(known.owner)?.value;
       return client?.status === 'active' ? client : undefined;
     },

@@ -32,6 +32,7 @@ const CREDENTIAL_PARAMS = [
   'password',
   'client_assertion',
 ];
+const CREDENTIAL_PARAM_SET = new Set(CREDENTIAL_PARAMS);
 
 /**
  * §5.1: token responses (and every other answer here, errors and 404s included) must not be cached.
@@ -66,8 +67,10 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
   // Synchronous, since these routes are on other services' hot path.
   app.addHook('preValidation', (request, _reply, done) => {
     const query = request.query as Record<string, unknown> | undefined;
-    const inUrl = CREDENTIAL_PARAMS.filter((p) => query && Object.hasOwn(query, p));
-    if (inUrl.length > 0) {
+    // Most calls have no query string at all: the list is only made when one names a credential.
+    for (const name in query) {
+      if (!CREDENTIAL_PARAM_SET.has(name)) continue;
+      const inUrl = CREDENTIAL_PARAMS.filter((p) => Object.hasOwn(query, p));
       return done(invalidRequest(`Send ${inUrl.join(', ')} in the request body, never in the URL`));
     }
     const body = request.body;
@@ -98,6 +101,12 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     if (!principal) throw invalidClient('Authenticate the client or send a bearer token');
     request.principal = principal;
     return { kind: 'principal', principal };
+  }
+
+  function introspect(caller: OAuthCaller, presented: string | undefined) {
+    const token = present(presented);
+    if (token === undefined) throw invalidRequest('token is required');
+    return deps.oauth.introspectKnown(caller, token) ?? deps.oauth.introspect(caller, token);
   }
 
   function callerOf(
@@ -203,12 +212,8 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     // same turn (Fastify sends a handler's plain return value); anything else waits.
     (request) => {
       const caller = callerOf(request, request.body, true);
-      const introspect = (c: OAuthCaller) => {
-        const token = present(request.body.token);
-        if (token === undefined) throw invalidRequest('token is required');
-        return deps.oauth.introspectKnown(c, token) ?? deps.oauth.introspect(c, token);
-      };
-      return caller instanceof Promise ? caller.then(introspect) : introspect(caller);
+      const token = request.body.token;
+      return caller instanceof Promise ? caller.then((c) => introspect(c, token)) : introspect(caller, token);
     },
   );
 

@@ -41,7 +41,7 @@ export function createRevocationList(deps: { repo: RevocationsRepository; clock:
   }
 
   function prune() {
-    const now = deps.clock.now().getTime();
+    const now = deps.clock.nowMs();
     for (const m of Object.values(maps)) for (const [k, v] of m) if (v.expiresAt <= now) m.delete(k);
   }
 

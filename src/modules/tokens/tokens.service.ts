@@ -192,7 +192,8 @@ export function createTokenService(deps: {
       const claims = options.anyAudience
         ? verifiedAnyAudience.get('', token)
         : verified.get(audience === deps.audience ? '' : audience, token);
-      if (!claims || claims.exp + CLOCK_TOLERANCE_SECONDS <= epochSeconds(deps.clock.now())) return undefined;
+      if (!claims || claims.exp + CLOCK_TOLERANCE_SECONDS <= Math.floor(deps.clock.nowMs() / 1000))
+        return undefined;
       return deps.revocations.isRevoked(claims) ? undefined : claims;
     },
 
@@ -207,7 +208,7 @@ export function createTokenService(deps: {
       const scope = audience === undefined || audience === deps.audience ? '' : audience;
       let claims = cache.get(scope, token);
       if (claims) {
-        if (claims.exp + CLOCK_TOLERANCE_SECONDS <= epochSeconds(deps.clock.now())) {
+        if (claims.exp + CLOCK_TOLERANCE_SECONDS <= Math.floor(deps.clock.nowMs() / 1000)) {
           cache.delete(scope, token);
           throw new AppError('invalid_token', { detail: 'The access token has expired' });
         }
@@ -220,7 +221,7 @@ export function createTokenService(deps: {
             detail: expired ? 'The access token has expired' : 'The access token is not valid',
           });
         }
-        cache.set(scope, token, claims, Math.max(1, claims.exp * 1000 - deps.clock.now().getTime()));
+        cache.set(scope, token, claims, Math.max(1, claims.exp * 1000 - deps.clock.nowMs()));
       }
       if (deps.revocations.isRevoked(claims)) {
         throw new AppError('invalid_token', { detail: 'The access token has been revoked' });
