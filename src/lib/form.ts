@@ -4,6 +4,14 @@ import { parse as parseEncoded } from 'fast-querystring';
 export type FormFields = Record<string, string | string[]>;
 
 /**
+ * Fields inherit from an object with no prototype, so a name like `constructor` or `__proto__` is a
+ * plain field; made with `new` rather than `Object.create(null)`, which V8 keeps in dictionary mode
+ * (every lookup and `for…in` over the fields — the OAuth routes' checks — is then slower).
+ */
+const Fields = function (this: FormFields) {} as unknown as new () => FormFields;
+Fields.prototype = Object.create(null);
+
+/**
  * `application/x-www-form-urlencoded` (the OAuth endpoints' bodies), as fast-querystring parses it,
  * with one shortcut: a body with nothing to decode — no `%` and no `+`, which is what a token, a
  * client id or a grant type is made of — is split with `indexOf` and `slice` instead of being read
@@ -13,14 +21,6 @@ export type FormFields = Record<string, string | string[]>;
  * format: the shortcut gives the same fields for every input (test/unit/form.test.ts compares the
  * two on generated bodies).
  */
-/**
- * Fields inherit from an object with no prototype, so a name like `constructor` or `__proto__` is a
- * plain field; made with `new` rather than `Object.create(null)`, which V8 keeps in dictionary mode
- * (every lookup and `for…in` over the fields — the OAuth routes' checks — is then slower).
- */
-const Fields = function (this: FormFields) {} as unknown as new () => FormFields;
-Fields.prototype = Object.create(null);
-
 export function parseForm(text: string): FormFields {
   if (text.includes('%') || text.includes('+')) return parseEncoded(text) as FormFields;
   const fields = new Fields();

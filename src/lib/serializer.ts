@@ -32,8 +32,8 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
     }
   };
   // An answer handed over frozen is one the service built once and shares between requests (the
-  // introspection of a cached token, the verification of a cached API key, a cached account view):
-  // it is written once per route and status, and its text reused. Frozen means immutable all the way
+  // introspection of a cached token, the verification of a cached API key): it is written once per
+  // route and status, and its text reused. Frozen means immutable all the way
   // down here: whatever freezes an answer freezes the arrays and objects it holds too.
   const written = new WeakMap<object, string>();
   return (data) => {
