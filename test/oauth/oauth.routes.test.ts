@@ -360,6 +360,33 @@ describe('POST /oauth/token', () => {
     expect(introspection.statusCode).toBe(400);
   });
 
+  it('refuses a repeated parameter (RFC 6749 §3.1), whether or not the body has anything to decode', async () => {
+    for (const payload of [
+      'grant_type=client_credentials&grant_type=client_credentials',
+      'grant_type=client_credentials&scope=users%3Aread&scope=audit%3Aread',
+    ]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+        payload,
+      });
+      expect(res.statusCode, payload).toBe(400);
+      expect(res.json().error, payload).toBe('invalid_request');
+      expect(res.json().error_description, payload).toMatch(/is repeated/);
+    }
+    // A token is all base64url and dots: the parser's shortcut, which must keep both values.
+    const issued = (await clientToken(app, client)).access_token;
+    const introspection = await app.inject({
+      method: 'POST',
+      url: '/oauth/introspect',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+      payload: `token=${issued}&token=${issued}`,
+    });
+    expect(introspection.statusCode).toBe(400);
+    expect(introspection.json().error_description).toMatch(/token is repeated/);
+  });
+
   it('refuses malformed bodies with invalid_request and unknown /oauth paths in OAuth form', async () => {
     const json = await app.inject({
       method: 'POST',

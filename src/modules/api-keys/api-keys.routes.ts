@@ -57,7 +57,7 @@ function verificationDto(result: Verification): VerificationDto {
       scopes: result.scopes,
       expires_at: isoDate(result.key.expiresAt),
     });
-    if (Object.isFrozen(result)) verificationDtos.set(result, dto);
+    verificationDtos.set(result, dto);
   }
   return dto;
 }
