@@ -457,6 +457,26 @@ describe.each(['local', 'supabase'] as const)(
     );
 
     it.runIf(provider === 'local')(
+      'refuses a raw NUL in a form body as it refuses %00 (the form parser’s no-decoding path)',
+      async () => {
+        // No `%` and no `+`: src/lib/form.ts splits such a body itself instead of fast-querystring.
+        for (const [url, payload] of [
+          ['/oauth/introspect', 'token=abc\u0000def'],
+          ['/oauth/token', 'grant_type=client_credentials&scope=tokens:introspect\u0000'],
+        ] as const) {
+          const res = await app.inject({
+            method: 'POST',
+            url,
+            headers: { authorization: basic, 'content-type': 'application/x-www-form-urlencoded' },
+            payload,
+          });
+          expect(res.statusCode, url).toBe(400);
+          expect(res.json(), url).toMatchObject({ error: 'invalid_request' });
+        }
+      },
+    );
+
+    it.runIf(provider === 'local')(
       'takes an escaped backslash before u0000, or %2500, as the text it is',
       async () => {
         const admin = await createAdmin(app);
