@@ -117,6 +117,9 @@ export function createTokenService(deps: {
   // audience (introspection, revocation) have a cache of their own.
   const verified = createVerifiedTokens(10_000);
   const verifiedAnyAudience = createVerifiedTokens(10_000);
+  /** A cached token past its expiry (with jwtVerify's tolerance), by the clock read as a number. */
+  const expired = (claims: AccessTokenClaims) =>
+    claims.exp + CLOCK_TOLERANCE_SECONDS <= Math.floor(deps.clock.nowMs() / 1000);
 
   /** `audience` undefined skips the audience check (the OAuth introspection and revocation endpoints only). */
   async function verifySignature(token: string, audience: string | undefined): Promise<AccessTokenClaims> {
@@ -192,8 +195,7 @@ export function createTokenService(deps: {
       const claims = options.anyAudience
         ? verifiedAnyAudience.get('', token)
         : verified.get(audience === deps.audience ? '' : audience, token);
-      if (!claims || claims.exp + CLOCK_TOLERANCE_SECONDS <= Math.floor(deps.clock.nowMs() / 1000))
-        return undefined;
+      if (!claims || expired(claims)) return undefined;
       return deps.revocations.isRevoked(claims) ? undefined : claims;
     },
 
@@ -208,7 +210,7 @@ export function createTokenService(deps: {
       const scope = audience === undefined || audience === deps.audience ? '' : audience;
       let claims = cache.get(scope, token);
       if (claims) {
-        if (claims.exp + CLOCK_TOLERANCE_SECONDS <= Math.floor(deps.clock.nowMs() / 1000)) {
+        if (expired(claims)) {
           cache.delete(scope, token);
           throw new AppError('invalid_token', { detail: 'The access token has expired' });
         }
