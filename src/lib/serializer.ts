@@ -1,6 +1,7 @@
 import fastJsonStringify from 'fast-json-stringify';
 import type { FastifySerializerCompiler } from 'fastify/types/schema.js';
 import { $ZodType, toJSONSchema } from 'zod/v4/core';
+import { isSharedAnswer } from './shared-answer.js';
 
 /**
  * Responses are written by fast-json-stringify from each route's response schema: the zod schema,
@@ -31,13 +32,10 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
       throw new ResponseSchemaError(`${method} ${url}`, cause);
     }
   };
-  // An answer handed over frozen is one the service built once and shares between requests (the
-  // introspection of a cached token, the verification of a cached API key): it is written once per
-  // route and status, and its text reused. Frozen means immutable all the way
-  // down here: whatever freezes an answer freezes the arrays and objects it holds too.
+  // A shared answer (see `sharedAnswer`) is written once per route and status, and its text reused.
   const written = new WeakMap<object, string>();
   return (data) => {
-    if (typeof data !== 'object' || data === null || !Object.isFrozen(data)) return write(data);
+    if (!isSharedAnswer(data)) return write(data);
     let text = written.get(data);
     if (text === undefined) {
       text = write(data);

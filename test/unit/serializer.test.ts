@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import { ResponseSchemaError, serializerCompiler } from '../../src/lib/serializer.js';
+import { sharedAnswer } from '../../src/lib/shared-answer.js';
 
 const Answer = z.object({ name: z.string(), scopes: z.array(z.string()), note: z.string().optional() });
 const compile = () =>
@@ -9,7 +10,7 @@ const compile = () =>
   ) => string;
 
 /** An answer whose `name` counts how often it is read, i.e. how often the answer is written. */
-function counted(freeze: boolean) {
+function counted(how: 'shared' | 'frozen' | 'plain') {
   const reads = { count: 0 };
   const answer = {
     get name() {
@@ -18,7 +19,9 @@ function counted(freeze: boolean) {
     },
     scopes: ['a:read'],
   };
-  return { answer: freeze ? Object.freeze(answer) : answer, reads };
+  const made = how === 'shared' ? sharedAnswer(answer) : how === 'frozen' ? Object.freeze(answer) : answer;
+  reads.count = 0; // freezing all the way down reads every property once; only writes are counted
+  return { answer: made, reads };
 }
 
 describe('serializerCompiler', () => {
@@ -28,9 +31,9 @@ describe('serializerCompiler', () => {
     expect(() => write({ scopes: [] })).toThrow(ResponseSchemaError);
   });
 
-  it('writes a frozen answer once and reuses its text', () => {
+  it('writes a shared answer once and reuses its text', () => {
     const write = compile();
-    const { answer, reads } = counted(true);
+    const { answer, reads } = counted('shared');
     const first = write(answer);
     expect(write(answer)).toBe(first);
     expect(write(answer)).toBe(first);
@@ -40,28 +43,43 @@ describe('serializerCompiler', () => {
 
   it('writes an answer that is not frozen anew every time, so a change shows', () => {
     const write = compile();
-    const { answer, reads } = counted(false);
+    const { answer, reads } = counted('plain');
     write(answer);
     (answer as { note?: string }).note = 'changed';
     expect(JSON.parse(write(answer))).toMatchObject({ note: 'changed' });
     expect(reads.count).toBe(2);
   });
 
-  it('keeps each route’s text apart: the same frozen answer under another schema is written by that one', () => {
+  it('writes an answer frozen for another reason anew every time: only shared answers are remembered', () => {
+    const write = compile();
+    const { answer, reads } = counted('frozen');
+    write(answer);
+    write(answer);
+    expect(reads.count).toBe(2);
+  });
+
+  it('freezes a shared answer all the way down, so its remembered text cannot go stale', () => {
+    const answer = sharedAnswer({ name: 'n', scopes: ['a:read'], nested: { list: [{ x: 1 }] } });
+    expect(Object.isFrozen(answer.scopes)).toBe(true);
+    expect(Object.isFrozen(answer.nested.list[0])).toBe(true);
+    expect(() => answer.scopes.push('b:write')).toThrow(TypeError);
+  });
+
+  it('keeps each route’s text apart: the same shared answer under another schema is written by that one', () => {
     const other = serializerCompiler({
       schema: z.object({ scopes: z.array(z.string()) }),
       method: 'GET',
       url: '/u',
       httpStatus: '200',
     }) as (data: unknown) => string;
-    const { answer } = counted(true);
+    const { answer } = counted('shared');
     expect(JSON.parse(compile()(answer))).toHaveProperty('name');
     expect(JSON.parse(other(answer))).toEqual({ scopes: ['a:read'] });
   });
 
-  it('does not remember a frozen answer it refused', () => {
+  it('does not remember a shared answer it refused', () => {
     const write = compile();
-    const broken = Object.freeze({ scopes: [] });
+    const broken = sharedAnswer({ scopes: [] });
     expect(() => write(broken)).toThrow(ResponseSchemaError);
     expect(() => write(broken)).toThrow(ResponseSchemaError);
   });

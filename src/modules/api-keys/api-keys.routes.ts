@@ -20,6 +20,7 @@ import {
   VerifyApiKeyBodySchema,
   VerifyApiKeyResultSchema,
 } from './api-keys.schema.js';
+import { sharedAnswer } from '../../lib/shared-answer.js';
 import type { ApiKeyActor, ApiKeysService, InvalidReason, Verification } from './api-keys.service.js';
 
 export function toApiKeyDto(k: ApiKeyRow) {
@@ -43,14 +44,14 @@ type VerificationDto =
   | { valid: true; key_id: string; owner_id: string; scopes: string[]; expires_at: string | null };
 
 // A key presented on every request gets the same verification object while its row and owner stay
-// cached (see `accept`), so its answer is built once and shared, frozen: the serializer writes a
-// frozen answer once (src/lib/serializer.ts).
+// cached (see `accept`), so its answer is built once and shared (`sharedAnswer`: frozen, and
+// written once per route).
 const verificationDtos = new WeakMap<Verification, VerificationDto>();
 function verificationDto(result: Verification): VerificationDto {
   if (!result.valid) return { valid: false, reason: result.reason };
   let dto = verificationDtos.get(result);
   if (!dto) {
-    dto = Object.freeze({
+    dto = sharedAnswer({
       valid: true as const,
       key_id: result.key.id,
       owner_id: result.key.ownerId,

@@ -6,6 +6,7 @@ import { AppError } from '../../lib/errors.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, isSubset } from '../../lib/permissions.js';
+import { sharedAnswer } from '../../lib/shared-answer.js';
 import { API_KEY_PREFIX, type Principal } from '../../plugins/authenticate.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
@@ -112,7 +113,7 @@ export interface OAuthServiceDeps {
   onClientAuthFailure?: (reason: string) => void;
 }
 
-const INACTIVE: Introspection = Object.freeze({ active: false });
+const INACTIVE: Introspection = sharedAnswer({ active: false });
 /** RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ). */
 const SCOPE_TOKEN = /^[\x21\x23-\x5b\x5d-\x7e]+$/;
 
@@ -231,17 +232,17 @@ export function createOAuthService(deps: OAuthServiceDeps) {
   }
 
   // The token service hands back the same claims object for a token while it stays cached, so its
-  // answer is built once per token; every introspection of it shares the (frozen) object.
+  // answer is built once per token; every introspection of it shares the object (a shared answer: frozen, and written once).
   const answers = new WeakMap<AccessTokenClaims, Introspection>();
   function activeAccessToken(claims: AccessTokenClaims): Introspection {
     let answer = answers.get(claims);
     if (!answer) {
-      answer = Object.freeze({
+      answer = sharedAnswer({
         active: true,
         scope: claims.scope,
         client_id: claims.client_id,
         sub: claims.sub,
-        aud: Array.isArray(claims.aud) ? (Object.freeze([...claims.aud]) as string[]) : claims.aud,
+        aud: Array.isArray(claims.aud) ? [...claims.aud] : claims.aud,
         iss: claims.iss,
         exp: claims.exp,
         iat: claims.iat,
@@ -249,7 +250,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         jti: claims.jti,
         token_type: 'Bearer',
         token_use: 'access_token' as const,
-        ...(Array.isArray(claims.roles) ? { roles: Object.freeze([...claims.roles]) as string[] } : {}),
+        ...(Array.isArray(claims.roles) ? { roles: [...claims.roles] } : {}),
         ...(typeof claims.sid === 'string' ? { sid: claims.sid } : {}),
       });
       answers.set(claims, answer);
