@@ -81,6 +81,29 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(wrong.json().code).toBe('invalid_credentials');
   });
 
+  it('refuses an access token past its expiry and the 30 s leeway, whether it was seen before or not', async () => {
+    const user = await registerUser(app);
+    const seen = user.accessToken;
+    const unseen = (await login(app, user.email)).session.access_token;
+    // The first is verified now, so it is in the verified-token cache when its expiry comes.
+    const now = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(seen) });
+    expect(now.statusCode).toBe(200);
+
+    const ttl = app.services.config.tokens.accessTtl;
+    // Inside the leeway both are still accepted; past it, both are refused as expired.
+    await atTime(app, new Date(Date.now() + (ttl + 20) * 1000), async () => {
+      const within = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(seen) });
+      expect(within.statusCode).toBe(200);
+    });
+    await atTime(app, new Date(Date.now() + (ttl + 31) * 1000), async () => {
+      for (const token of [seen, unseen]) {
+        const res = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+        expect(res.statusCode).toBe(401);
+        expect(res.json()).toMatchObject({ code: 'invalid_token', detail: 'The access token has expired' });
+      }
+    });
+  });
+
   it('rotates the refresh token, and replaying a rotated one kills the whole family', async () => {
     const user = await registerUser(app);
     const first = await app.inject({
