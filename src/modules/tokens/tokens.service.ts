@@ -218,9 +218,11 @@ export function createTokenService(deps: {
         try {
           claims = await verifySignature(token, audience);
         } catch (err) {
-          const expired = err instanceof joseErrors.JWTExpired;
           throw new AppError('invalid_token', {
-            detail: expired ? 'The access token has expired' : 'The access token is not valid',
+            detail:
+              err instanceof joseErrors.JWTExpired
+                ? 'The access token has expired'
+                : 'The access token is not valid',
           });
         }
         cache.set(scope, token, claims, Math.max(1, claims.exp * 1000 - deps.clock.nowMs()));
