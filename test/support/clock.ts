@@ -1,14 +1,19 @@
 import type { FastifyInstance } from 'fastify';
 import type { Clock } from '../../src/lib/clock.js';
 
+/** A clock that reads the wall clock plus `offsetMs()`: `now` is derived from `nowMs`, so they agree. */
+function offsetClock(offsetMs: () => number): Clock {
+  const nowMs = () => Date.now() + offsetMs();
+  return { now: () => new Date(nowMs()), nowMs };
+}
+
 /** The wall clock plus an offset the test moves, instead of sleeping (pass as `deps.clock`). */
 export function createTestClock(): Clock & { advance(seconds: number): void } {
-  let offsetMs = 0;
+  let offset = 0;
   return {
-    now: () => new Date(Date.now() + offsetMs),
-    nowMs: () => Date.now() + offsetMs,
+    ...offsetClock(() => offset),
     advance(seconds: number) {
-      offsetMs += seconds * 1000;
+      offset += seconds * 1000;
     },
   };
 }
@@ -17,9 +22,11 @@ export function createTestClock(): Clock & { advance(seconds: number): void } {
 export async function atTime<T>(app: FastifyInstance, at: Date, work: () => Promise<T>): Promise<T> {
   const clock = app.services.clock as Clock;
   const { now, nowMs } = clock;
-  const offsetMs = at.getTime() - Date.now();
-  clock.now = () => new Date(Date.now() + offsetMs);
-  clock.nowMs = () => Date.now() + offsetMs;
+  const offset = at.getTime() - Date.now();
+  Object.assign(
+    clock,
+    offsetClock(() => offset),
+  );
   try {
     return await work();
   } finally {
