@@ -127,7 +127,10 @@ describe('OAuth 2.0 as a standard client library sees it (openid-client)', () =>
   });
 
   it('answers a wrong secret with invalid_client, 401 and a Basic challenge', async () => {
-    const config = await configure(oidc.ClientSecretBasic(`${client.client_secret.slice(0, -1)}x`));
+    // The last character changed, always to a different one (a secret ending in `x` stays wrong too).
+    const secret = client.client_secret;
+    const wrongSecret = `${secret.slice(0, -1)}${secret.endsWith('x') ? 'y' : 'x'}`;
+    const config = await configure(oidc.ClientSecretBasic(wrongSecret));
     const err = await oidc.clientCredentialsGrant(config).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(oidc.WWWAuthenticateChallengeError);
     const challenge = err as oidc.WWWAuthenticateChallengeError;
