@@ -13,10 +13,11 @@
  * Besides req/s and latency it reports the server's CPU time per request (from /proc, all its
  * threads) and how busy the rest of the machine was: on a shared 2-core machine a neighbour's load
  * moves the ratios by tens of percent, while CPU per request says what the code costs.
+ * BENCH_CALLGRIND=<dir> counts instructions per request instead (see CALLGRIND_DIR below).
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { createServer } from 'node:net';
 import os from 'node:os';
@@ -62,10 +63,40 @@ interface Child {
   /** The last lines it wrote, shown when it fails. */
   tail: string[];
   exited: Promise<number | null>;
+  env: NodeJS.ProcessEnv;
+  /** The callgrind output file when it runs under `BENCH_CALLGRIND`, with `%p` for its pid. */
+  callgrindOut?: string;
 }
 
+/**
+ * BENCH_CALLGRIND=<dir>: the service, the baseline and the floor run under valgrind's callgrind,
+ * instrumented only while a measured batch of requests runs, and each endpoint is measured in
+ * instructions per request instead of req/s. Instructions do not depend on what else the machine is
+ * doing (V8's state still does, on the order things happened: see the README). `--perf-basic-prof`
+ * writes /tmp/perf-<pid>.map, which names the JIT code in the callgrind files.
+ */
+const CALLGRIND_DIR = process.env.BENCH_CALLGRIND ? resolve(process.env.BENCH_CALLGRIND) : undefined;
+
 function startChild(name: string, args: string[], env: NodeJS.ProcessEnv): Child {
-  const child = spawn(process.execPath, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const callgrindOut = CALLGRIND_DIR ? join(CALLGRIND_DIR, `${name}.%p`) : undefined;
+  const [command, argv] = callgrindOut
+    ? [
+        'valgrind',
+        [
+          '--tool=callgrind',
+          '--instr-atstart=no',
+          '--smc-check=all-non-file',
+          `--callgrind-out-file=${callgrindOut}`,
+          process.execPath,
+          '--perf-basic-prof',
+          // V8's memory reducer starts major GCs when allocation looks slow by the wall clock, which
+          // under callgrind (~40× slower) it always does; at full speed none runs during the rounds.
+          '--no-memory-reducer',
+          ...args,
+        ],
+      ]
+    : [process.execPath, args];
+  const child = spawn(command, argv, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   const tail: string[] = [];
   const keep = (chunk: Buffer) => {
     for (const line of chunk.toString('utf8').split('\n')) {
@@ -77,7 +108,7 @@ function startChild(name: string, args: string[], env: NodeJS.ProcessEnv): Child
   child.stdout?.on('data', keep);
   child.stderr?.on('data', keep);
   const exited = new Promise<number | null>((done) => child.on('exit', (code) => done(code)));
-  return { name, process: child, tail, exited };
+  return { name, process: child, tail, exited, env, ...(callgrindOut ? { callgrindOut } : {}) };
 }
 
 async function stopChild(child: Child | undefined) {
@@ -100,11 +131,14 @@ async function freePort(): Promise<number> {
   });
 }
 
-async function waitFor(child: Child, url: string, timeoutMs = 90_000) {
+/** Under callgrind a start takes several times longer. */
+const START_TIMEOUT_MS = CALLGRIND_DIR ? 600_000 : 90_000;
+
+async function waitFor(child: Child, url: string, timeoutMs = START_TIMEOUT_MS) {
   return waitForStatus(child, url, 200, timeoutMs);
 }
 
-async function waitForStatus(child: Child, url: string, status: number, timeoutMs = 90_000) {
+async function waitForStatus(child: Child, url: string, status: number, timeoutMs = START_TIMEOUT_MS) {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (child.process.exitCode !== null) break;
@@ -253,6 +287,18 @@ function percentile(sorted: Float64Array, p: number): number {
 }
 
 /** One autocannon run; latencies are kept at full precision (autocannon's histogram keeps whole ms). */
+/** autocannon's options for `target` at CONNECTIONS connections, one request at a time on each. */
+function requestOptions(base: string, target: Target) {
+  return {
+    url: base + target.path,
+    method: target.method ?? 'GET',
+    headers: target.headers ?? {},
+    ...(target.body !== undefined ? { body: target.body } : {}),
+    connections: CONNECTIONS,
+    pipelining: 1,
+  } satisfies autocannon.Options;
+}
+
 async function load(base: string, target: Target, seconds: number, server?: Child) {
   const latencies: number[] = [];
   const pid = server?.process.pid;
@@ -262,16 +308,7 @@ async function load(base: string, target: Target, seconds: number, server?: Chil
   const started = performance.now();
   const result = await new Promise<autocannon.Result>((done, fail) => {
     const instance = autocannon(
-      {
-        url: base + target.path,
-        method: target.method ?? 'GET',
-        headers: target.headers ?? {},
-        ...(target.body !== undefined ? { body: target.body } : {}),
-        connections: CONNECTIONS,
-        pipelining: 1,
-        duration: seconds,
-        timeout: 10,
-      },
+      { ...requestOptions(base, target), duration: seconds, timeout: 10 },
       (err: Error | null, res: autocannon.Result) => (err ? fail(err) : done(res)),
     );
     instance.on('response', (_client, _status, _bytes, responseTime) => {
@@ -790,6 +827,26 @@ async function recordFloor(servers: Servers, e: Endpoint, sample: Response, body
   return target;
 }
 
+/** Checks the service's answer to an endpoint, records it on the floor, and returns the floor's request. */
+async function checkedFloor(servers: Servers, e: Endpoint): Promise<Target> {
+  const sample = await fetch(servers.base + e.target.path, {
+    method: e.target.method ?? 'GET',
+    headers: e.target.headers ?? {},
+    ...(e.target.body !== undefined ? { body: e.target.body } : {}),
+  });
+  const text = await sample.text();
+  let parsed: unknown = text;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    // reported below
+  }
+  if (sample.status !== 200 || !e.check(parsed)) {
+    throw new Error(`${e.name} answered ${sample.status} ${text.slice(0, 500)}`);
+  }
+  return recordFloor(servers, e, sample, text);
+}
+
 /**
  * Each endpoint in rounds of (baseline, endpoint, floor), so ratios compare runs seconds apart. The
  * floor is bare Fastify answering the same request with the endpoint's recorded answer.
@@ -799,22 +856,7 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
   await load(servers.baselineBase, HELLO_WORLD, WARMUP_SECONDS);
   for (const e of list) {
     const step = report.step();
-    const sample = await fetch(servers.base + e.target.path, {
-      method: e.target.method ?? 'GET',
-      headers: e.target.headers ?? {},
-      ...(e.target.body !== undefined ? { body: e.target.body } : {}),
-    });
-    const text = await sample.text();
-    let parsed: unknown = text;
-    try {
-      parsed = JSON.parse(text);
-    } catch {
-      // reported below
-    }
-    if (sample.status !== 200 || !e.check(parsed)) {
-      throw new Error(`${e.name} answered ${sample.status} ${text.slice(0, 500)}`);
-    }
-    const floor = await recordFloor(servers, e, sample, text);
+    const floor = await checkedFloor(servers, e);
     // ROUNDS pairs of (baseline, endpoint), back to back; the row is the pair with the median ratio.
     // On a shared VM a neighbour's burst can halve one run: one pair is an anecdote, three a figure.
     await load(servers.base, e.target, WARMUP_SECONDS);
@@ -887,6 +929,186 @@ async function measureEndpoints(servers: Servers, list: Endpoint[], report: Repo
     );
     sampleMemory(report, servers, `after ${e.name}`);
   }
+}
+
+// ——— instructions per request (BENCH_CALLGRIND) ———
+
+/** Requests per measured batch under callgrind (each process runs ~40× slower there). */
+const CALLGRIND_REQUESTS = 3000;
+/** Counted batches per server and endpoint; the lowest is reported. */
+const CALLGRIND_BATCHES = 3;
+
+/** Exactly `count` requests at CONNECTIONS connections; any non-2xx or error fails the run. */
+async function requests(base: string, target: Target, count: number) {
+  const result = await autocannon({ ...requestOptions(base, target), amount: count, timeout: 60 });
+  if (result.non2xx > 0 || result.errors > 0 || result.timeouts > 0) {
+    throw new Error(`${base}${target.path}: ${result.non2xx} non-2xx, ${result.errors} errors`);
+  }
+}
+
+/** Instructions per request of one server answering `target`, counted by callgrind in all its threads. */
+async function instructionsPerRequest(child: Child, base: string, target: Target, label: string) {
+  const pid = child.process.pid;
+  if (!child.callgrindOut || pid === undefined) throw new Error(`${child.name} is not under callgrind`);
+  const control = (...args: string[]) =>
+    execFileSync('callgrind_control', [...args, String(pid)], { env: child.env, stdio: 'pipe' });
+  // Warm with instrumentation off (the JIT's tiers settle; functions run once per connection take
+  // longest), then on (valgrind translates the hot code), then count batches from zero.
+  await requests(base, target, 4 * CALLGRIND_REQUESTS);
+  control('--instr=on');
+  await requests(base, target, CALLGRIND_REQUESTS);
+  const batches: Array<{ instructions: number; file: string }> = [];
+  for (let batch = 1; batch <= CALLGRIND_BATCHES; batch++) {
+    control('--zero');
+    await requests(base, target, CALLGRIND_REQUESTS);
+    control(`--dump=${label}-${batch}`);
+    const dumps = (callgrindDumps.get(child) ?? 0) + 1;
+    callgrindDumps.set(child, dumps);
+    const file = `${child.callgrindOut.replace('%p', String(pid))}.${dumps}`;
+    // callgrind_control exits 0 even when it could not reach the process: no file is the sign.
+    if (!existsSync(file))
+      throw new Error(`callgrind wrote no ${file}: callgrind_control could not reach ${pid}`);
+    const summary = /^summary:\s+(\d+)/m.exec(readFileSync(file, 'utf8'));
+    if (!summary) throw new Error(`no instruction count in ${file}`);
+    batches.push({ instructions: Number(summary[1]) / CALLGRIND_REQUESTS, file });
+  }
+  control('--instr=off');
+  // A major GC's marking and sweeping, or a function compiled again, lands in some batches and not
+  // others (one batch read 2.3× another): the lowest is the request path itself.
+  const lowest = batches.reduce((a, b) => (b.instructions < a.instructions ? b : a));
+  return { ...lowest, batches: batches.map((b) => b.instructions) };
+}
+const callgrindDumps = new Map<Child, number>();
+
+/**
+ * Self instructions per request of each function in a callgrind dump, by name: callgrind_annotate's
+ * list, with JIT code (an address to callgrind) named from the process's --perf-basic-prof map.
+ */
+function functionsPerRequest(file: string, pid: number): Map<string, number> {
+  const jit: Array<[start: number, end: number, name: string]> = [];
+  try {
+    for (const line of readFileSync(`/tmp/perf-${pid}.map`, 'utf8').split('\n')) {
+      const [start, size, ...name] = line.split(' ');
+      if (start && size)
+        jit.push([
+          Number.parseInt(start, 16),
+          Number.parseInt(start, 16) + Number.parseInt(size, 16),
+          name.join(' '),
+        ]);
+    }
+  } catch {
+    // no map: JIT code stays an address
+  }
+  // Code is written at reused addresses as the JIT goes; the latest entry covering an address wins.
+  const nameAt = (address: number) => jit.findLast(([start, end]) => start <= address && address < end)?.[2];
+  const annotated = execFileSync('callgrind_annotate', ['--threshold=100', file], {
+    encoding: 'utf8',
+    maxBuffer: 64 * 2 ** 20,
+  });
+  const perFunction = new Map<string, number>();
+  for (const line of annotated.split('\n')) {
+    const m = /^\s*([\d,]+) \([\s\d.]+%\)\s+(.+)$/.exec(line);
+    if (!m || m[2]!.includes('PROGRAM TOTALS')) continue;
+    const address = /^\?\?\?:0x([0-9a-f]+) \[\?\?\?\]$/.exec(m[2]!);
+    const name = address
+      ? (nameAt(Number.parseInt(address[1]!, 16)) ?? m[2]!)
+      : m[2]!.replace(/^\?\?\?:/, '').replace(/\(.*$/, '');
+    perFunction.set(
+      name,
+      (perFunction.get(name) ?? 0) + Number(m[1]!.replaceAll(',', '')) / CALLGRIND_REQUESTS,
+    );
+  }
+  return perFunction;
+}
+
+/** Where the service's instructions per request differ most from the floor's, function by function. */
+function functionDifferences(service: Map<string, number>, floor: Map<string, number>, top = 30): string {
+  const names = [...new Set([...service.keys(), ...floor.keys()])];
+  const diff = (name: string) => (service.get(name) ?? 0) - (floor.get(name) ?? 0);
+  names.sort((a, b) => diff(b) - diff(a));
+  const row = (name: string) => [
+    name.slice(0, 140),
+    Math.round(service.get(name) ?? 0).toLocaleString('en-US'),
+    Math.round(floor.get(name) ?? 0).toLocaleString('en-US'),
+    `${diff(name) >= 0 ? '+' : ''}${Math.round(diff(name)).toLocaleString('en-US')}`,
+  ];
+  const header = ['function (self instructions per request)', 'service', 'floor', 'difference'];
+  return [
+    'The service more than the floor:',
+    alignedTable(header, names.slice(0, top).map(row), new Set([0])),
+    '',
+    'The floor more than the service:',
+    alignedTable(header, names.slice(-10).reverse().map(row), new Set([0])),
+    '',
+  ].join('\n');
+}
+
+async function measureInstructions(servers: Servers, list: Endpoint[]) {
+  const rows: Array<{
+    endpoint: string;
+    service: number;
+    floor: number;
+    baseline: number;
+    batches: { service: number[]; floor: number[] };
+    files: string[];
+  }> = [];
+  const n = (x: number) => Math.round(x).toLocaleString('en-US');
+  progress('hello world under callgrind');
+  const baseline = await instructionsPerRequest(servers.baseline, servers.baselineBase, HELLO_WORLD, 'hello');
+  for (const [i, e] of list.entries()) {
+    const floorTarget = await checkedFloor(servers, e);
+    const label = e.name.replace(/[^A-Za-z0-9]+/g, '-');
+    const service = await instructionsPerRequest(servers.service, servers.base, e.target, label);
+    const floor = await instructionsPerRequest(servers.floor, servers.floorBase, floorTarget, label);
+    writeFileSync(
+      join(CALLGRIND_DIR!, `${label}.functions.txt`),
+      `${e.name}\n\n${functionDifferences(
+        functionsPerRequest(service.file, servers.service.process.pid!),
+        functionsPerRequest(floor.file, servers.floor.process.pid!),
+      )}`,
+    );
+    rows.push({
+      endpoint: e.name,
+      service: service.instructions,
+      floor: floor.instructions,
+      baseline: baseline.instructions,
+      batches: { service: service.batches, floor: floor.batches },
+      files: [service.file, floor.file],
+    });
+    progress(
+      `${i + 1}/${list.length} ${e.name}: ${n(service.instructions)} instructions/request, floor ${n(floor.instructions)}`,
+    );
+  }
+  const header = [
+    'endpoint',
+    'service instr/req',
+    'floor instr/req',
+    'service / floor',
+    'service / hello world',
+    'floor / hello world',
+  ];
+  const cells = [
+    ['hello world (baseline)', n(baseline.instructions), '–', '–', '1.00×', '–'],
+    ...rows.map((r) => [
+      r.endpoint,
+      n(r.service),
+      n(r.floor),
+      `${(r.service / r.floor).toFixed(2)}×`,
+      `${(r.service / r.baseline).toFixed(2)}×`,
+      `${(r.floor / r.baseline).toFixed(2)}×`,
+    ]),
+  ];
+  const date = new Date().toISOString();
+  process.stdout.write(
+    `\n${date}, the lowest of ${CALLGRIND_BATCHES} batches of ${CALLGRIND_REQUESTS} requests at ${CONNECTIONS} connections; user-space instructions of all threads\n\n` +
+      `${alignedTable(header, cells, new Set([0]))}\n\n`,
+  );
+  const out = join(CALLGRIND_DIR!, 'instructions.json');
+  writeFileSync(
+    out,
+    `${JSON.stringify({ date, requests: CALLGRIND_REQUESTS, batches: CALLGRIND_BATCHES, baseline: baseline.instructions, rows }, null, 2)}\n`,
+  );
+  progress(`written to ${out}`);
 }
 
 /** argon2id capacity around a login run, then logins at twice that capacity beside introspection. */
@@ -1131,6 +1353,16 @@ async function main() {
     void cleanup().then(() => process.exit(130));
   });
   try {
+    if (CALLGRIND_DIR) {
+      try {
+        execFileSync('valgrind', ['--version'], { stdio: 'pipe' });
+      } catch {
+        throw new Error(
+          'BENCH_CALLGRIND needs valgrind (Debian package valgrind), which is not on this machine',
+        );
+      }
+      mkdirSync(CALLGRIND_DIR, { recursive: true });
+    }
     const database = await freshDatabase();
     cleanups.push(() => database.drop());
     progress(`database: ${database.kind === 'postgres' ? 'a fresh PostgreSQL database' : 'PGlite'}`);
@@ -1145,6 +1377,10 @@ async function main() {
     const selected = all.filter((e) => !only || only.some((o) => e.name.includes(o)));
     const withLogins = !only || only.includes('login');
     const report = new Report(selected.length + (withLogins ? 3 : 0));
+    if (CALLGRIND_DIR) {
+      await measureInstructions(servers, selected);
+      return;
+    }
     sampleMemory(report, servers, 'seeded');
     await measureEndpoints(servers, selected, report);
     if (withLogins) {
