@@ -519,7 +519,8 @@ function progress(message: string) {
 }
 
 const fmt = {
-  rps: (n: number) => Math.round(n).toLocaleString('en-US'),
+  integer: (n: number) => Math.round(n).toLocaleString('en-US'),
+  rps: (n: number) => fmt.integer(n),
   ms: (n: number | null) => (n === null || Number.isNaN(n) ? '–' : n.toFixed(2)),
   ratio: (n: number | null) => (n === null ? '–' : `${n.toFixed(2)}×`),
   count: (n: number | null) => (n === null ? '–' : String(n)),
@@ -798,6 +799,9 @@ const TRANSPORT_HEADERS = new Set([
   'transfer-encoding',
 ]);
 
+/** An endpoint's name as a path segment or file name: `POST /oauth/introspect` → `POST-oauth-introspect`. */
+const slug = (name: string) => name.replace(/[^A-Za-z0-9]+/g, '-');
+
 /**
  * Records the service's answer to an endpoint on the floor server (scripts/bench-floor.ts) and
  * returns the same request aimed at the floor, which replays that answer: the endpoint's shape with
@@ -808,7 +812,7 @@ async function recordFloor(servers: Servers, e: Endpoint, sample: Response, body
   sample.headers.forEach((value, name) => {
     if (!TRANSPORT_HEADERS.has(name)) headers[name] = value;
   });
-  const path = `/_floor/${encodeURIComponent(e.name.replace(/[^A-Za-z0-9]+/g, '-'))}`;
+  const path = `/_floor/${encodeURIComponent(slug(e.name))}`;
   const put = await fetch(servers.floorBase + path, {
     method: 'PUT',
     headers: { 'content-type': 'application/json' },
@@ -946,6 +950,9 @@ async function requests(base: string, target: Target, count: number) {
   }
 }
 
+/** How many dumps callgrind has written for each process: its files are numbered in that order. */
+const callgrindDumps = new Map<Child, number>();
+
 /** Instructions per request of one server answering `target`, counted by callgrind in all its threads. */
 async function instructionsPerRequest(child: Child, base: string, target: Target, label: string) {
   const pid = child.process.pid;
@@ -978,7 +985,6 @@ async function instructionsPerRequest(child: Child, base: string, target: Target
   const lowest = batches.reduce((a, b) => (b.instructions < a.instructions ? b : a));
   return { ...lowest, batches: batches.map((b) => b.instructions) };
 }
-const callgrindDumps = new Map<Child, number>();
 
 /**
  * Self instructions per request of each function in a callgrind dump, by name: callgrind_annotate's
@@ -1028,9 +1034,9 @@ function functionDifferences(service: Map<string, number>, floor: Map<string, nu
   names.sort((a, b) => diff(b) - diff(a));
   const row = (name: string) => [
     name.slice(0, 140),
-    Math.round(service.get(name) ?? 0).toLocaleString('en-US'),
-    Math.round(floor.get(name) ?? 0).toLocaleString('en-US'),
-    `${diff(name) >= 0 ? '+' : ''}${Math.round(diff(name)).toLocaleString('en-US')}`,
+    fmt.integer(service.get(name) ?? 0),
+    fmt.integer(floor.get(name) ?? 0),
+    `${diff(name) >= 0 ? '+' : ''}${fmt.integer(diff(name))}`,
   ];
   const header = ['function (self instructions per request)', 'service', 'floor', 'difference'];
   return [
@@ -1048,16 +1054,14 @@ async function measureInstructions(servers: Servers, list: Endpoint[]) {
     endpoint: string;
     service: number;
     floor: number;
-    baseline: number;
     batches: { service: number[]; floor: number[] };
     files: string[];
   }> = [];
-  const n = (x: number) => Math.round(x).toLocaleString('en-US');
   progress('hello world under callgrind');
   const baseline = await instructionsPerRequest(servers.baseline, servers.baselineBase, HELLO_WORLD, 'hello');
   for (const [i, e] of list.entries()) {
     const floorTarget = await checkedFloor(servers, e);
-    const label = e.name.replace(/[^A-Za-z0-9]+/g, '-');
+    const label = slug(e.name);
     const service = await instructionsPerRequest(servers.service, servers.base, e.target, label);
     const floor = await instructionsPerRequest(servers.floor, servers.floorBase, floorTarget, label);
     writeFileSync(
@@ -1071,12 +1075,11 @@ async function measureInstructions(servers: Servers, list: Endpoint[]) {
       endpoint: e.name,
       service: service.instructions,
       floor: floor.instructions,
-      baseline: baseline.instructions,
       batches: { service: service.batches, floor: floor.batches },
       files: [service.file, floor.file],
     });
     progress(
-      `${i + 1}/${list.length} ${e.name}: ${n(service.instructions)} instructions/request, floor ${n(floor.instructions)}`,
+      `${i + 1}/${list.length} ${e.name}: ${fmt.integer(service.instructions)} instructions/request, floor ${fmt.integer(floor.instructions)}`,
     );
   }
   const header = [
@@ -1088,14 +1091,14 @@ async function measureInstructions(servers: Servers, list: Endpoint[]) {
     'floor / hello world',
   ];
   const cells = [
-    ['hello world (baseline)', n(baseline.instructions), '–', '–', '1.00×', '–'],
+    ['hello world (baseline)', fmt.integer(baseline.instructions), '–', '–', '1.00×', '–'],
     ...rows.map((r) => [
       r.endpoint,
-      n(r.service),
-      n(r.floor),
+      fmt.integer(r.service),
+      fmt.integer(r.floor),
       `${(r.service / r.floor).toFixed(2)}×`,
-      `${(r.service / r.baseline).toFixed(2)}×`,
-      `${(r.floor / r.baseline).toFixed(2)}×`,
+      `${(r.service / baseline.instructions).toFixed(2)}×`,
+      `${(r.floor / baseline.instructions).toFixed(2)}×`,
     ]),
   ];
   const date = new Date().toISOString();

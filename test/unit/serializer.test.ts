@@ -41,7 +41,7 @@ describe('serializerCompiler', () => {
     expect(JSON.parse(first)).toEqual({ name: 'n', scopes: ['a:read'] });
   });
 
-  it('writes an answer that is not frozen anew every time, so a change shows', () => {
+  it('writes an answer that is not shared anew every time, so a change shows', () => {
     const write = compile();
     const { answer, reads } = counted('plain');
     write(answer);

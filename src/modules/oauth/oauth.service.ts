@@ -232,7 +232,8 @@ export function createOAuthService(deps: OAuthServiceDeps) {
   }
 
   // The token service hands back the same claims object for a token while it stays cached, so its
-  // answer is built once per token; every introspection of it shares the object (a shared answer: frozen, and written once).
+  // answer is built once per token; every introspection of it shares that object (`sharedAnswer`:
+  // frozen, and written once per route).
   const answers = new WeakMap<AccessTokenClaims, Introspection>();
   function activeAccessToken(claims: AccessTokenClaims): Introspection {
     let answer = answers.get(claims);
