@@ -28,6 +28,7 @@ import { createTokenService } from './modules/tokens/tokens.service.js';
 import { createUsersRepository } from './modules/users/users.repository.js';
 import { createUsersService } from './modules/users/users.service.js';
 import { createRolesRepository } from './modules/roles/roles.repository.js';
+import { createGrantCeiling } from './modules/roles/grant-ceiling.js';
 import { createRolesService } from './modules/roles/roles.service.js';
 import { createProfilesService } from './modules/profiles/profiles.service.js';
 import { createApiKeysRepository } from './modules/api-keys/api-keys.repository.js';
@@ -175,7 +176,15 @@ export function createServices(deps: ServicesDeps) {
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
   });
 
-  const roles = createRolesService({ db, repo: repos.roles, users: repos.users, audit, events });
+  const grants = createGrantCeiling({
+    db,
+    users: repos.users,
+    clients: repos.clients,
+    apiKeys: repos.apiKeys,
+    audit,
+    clock,
+  });
+  const roles = createRolesService({ db, repo: repos.roles, users: repos.users, audit, events, grants });
   const users = createUsersService({
     db,
     repo: repos.users,
@@ -185,6 +194,7 @@ export function createServices(deps: ServicesDeps) {
     provider,
     audit,
     events,
+    grants,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
@@ -195,6 +205,7 @@ export function createServices(deps: ServicesDeps) {
     users: repos.users,
     audit,
     events,
+    grants,
     clock,
     logger,
     pepper: config.secretPepper,
@@ -205,6 +216,7 @@ export function createServices(deps: ServicesDeps) {
     repo: repos.clients,
     audit,
     events,
+    grants,
     revocations,
     clock,
     pepper: config.secretPepper,

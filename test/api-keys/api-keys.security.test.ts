@@ -272,6 +272,66 @@ describe('api keys: security', () => {
     expect(rotated.statusCode, rotated.body).toBe(200);
   });
 
+  it('a key manager who lost a permission cannot hand it out with their old token: scopes or rotation (403, audited)', async () => {
+    const owner = await registerUser(app, 'aks-held-owner');
+    await grantRole(app, owner.id, ['users:write']);
+    const key = await createKey(app, (await login(app, owner.email)).session.access_token, {
+      scopes: ['users:write'],
+    });
+    const narrow = await createKey(app, (await login(app, owner.email)).session.access_token, {
+      scopes: ['account:read'],
+    });
+    const manager = await registerUser(app, 'aks-held-manager');
+    const full = await grantRole(app, manager.id, ['api_keys:read', 'api_keys:write', 'users:write']);
+    const token = (await login(app, manager.email)).session.access_token;
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${manager.id}/roles/${full}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode).toBe(204);
+    await grantRole(app, manager.id, ['api_keys:read', 'api_keys:write']);
+
+    // The token still says users:write; the manager no longer holds it.
+    const widen = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${narrow.id}`,
+      headers: bearer(token),
+      payload: { scopes: ['account:read', 'users:write'] },
+    });
+    expect(widen.statusCode, widen.body).toBe(403);
+    expect(widen.json().detail).toContain('users:write');
+    const rotate = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${key.id}/rotate`,
+      headers: bearer(token),
+      payload: { grace_seconds: 0 },
+    });
+    expect(rotate.statusCode, rotate.body).toBe(403);
+    // Nothing changed: the old secret works and the narrow key keeps its scopes.
+    expect(await verifyKey(app, admin.accessToken, key.key)).toMatchObject({ valid: true });
+    expect((await app.services.repos.apiKeys.findById(narrow.id))?.scopes).toEqual(['account:read']);
+    // What is still held can still be done.
+    const rename = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${key.id}`,
+      headers: bearer(token),
+      payload: { name: 'renamed' },
+    });
+    expect(rename.statusCode, rename.body).toBe(200);
+
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      actorId: manager.id,
+      limit: 10,
+    });
+    expect(denied.map((e) => [e.subjectId, e.data])).toEqual([
+      [key.id, expect.objectContaining({ action: 'api_key.rotate', missing: ['users:write'] })],
+      [narrow.id, expect.objectContaining({ action: 'api_key.update', missing: ['users:write'] })],
+    ]);
+    expect(JSON.stringify(denied)).not.toContain(key.key.slice(17, 60));
+  });
+
   it('removing a role from the owner removes it from the key', async () => {
     let user = await registerUser(app, 'aks-role');
     const role = await grantRole(app, user.id, ['users:read', 'audit:read']);

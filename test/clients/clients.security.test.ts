@@ -120,6 +120,99 @@ describe('app clients: security', () => {
     expect(get.statusCode).toBe(200);
   });
 
+  it('a creator who lost a scope cannot rotate the secret with their old token either (403, audited)', async () => {
+    const creator = await registerUser(app, 'clients-old-token');
+    const full = await grantRole(app, creator.id, ['clients:read', 'clients:write', 'orders:read']);
+    const token = (await login(app, creator.email)).session.access_token;
+    const client = await createClient(app, token, { scopes: ['orders:read'] });
+    const narrower = await grantRole(app, creator.id, ['clients:read', 'clients:write']);
+    // Through the API, as an administrator does it; the token still says orders:read.
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}/roles/${full}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode).toBe(204);
+    const rotate = await app.inject({
+      method: 'POST',
+      url: `/v1/clients/${client.id}/secrets`,
+      headers: bearer(token),
+      payload: { grace_seconds: 0 },
+    });
+    expect(rotate.statusCode, rotate.body).toBe(403);
+    expect(rotate.json().detail).toContain('orders:read');
+    // The old secret still works: nothing changed.
+    expect((await clientToken(app, client)).scope).toBe('orders:read');
+    const widen = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(token),
+      payload: { scopes: ['orders:read'] },
+    });
+    expect(widen.statusCode, widen.body).toBe(403);
+    const create = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: bearer(token),
+      payload: { name: 'again', scopes: ['orders:read'] },
+    });
+    expect(create.statusCode, create.body).toBe(403);
+
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      actorId: creator.id,
+      limit: 10,
+    });
+    expect(denied.map((e) => e.data)).toEqual([
+      expect.objectContaining({ action: 'client.create', rule: 'grant_ceiling', missing: ['orders:read'] }),
+      expect.objectContaining({ action: 'client.update', rule: 'grant_ceiling', missing: ['orders:read'] }),
+      expect.objectContaining({
+        action: 'client.rotate_secret',
+        rule: 'grant_ceiling',
+        missing: ['orders:read'],
+      }),
+    ]);
+    expect(denied[2]).toMatchObject({ outcome: 'failure', subjectId: client.id });
+    expect(JSON.stringify(denied)).not.toContain(client.client_secret);
+    expect(
+      await app.services.audit.list({ type: 'client.secret_rotated', actorId: creator.id, limit: 10 }),
+    ).toEqual([]);
+    // With the narrower role alone, what is still held can be given.
+    expect(narrower).toBeTruthy();
+    const held = await createClient(app, token, { scopes: ['clients:read'] });
+    expect(held.scopes).toEqual(['clients:read']);
+  });
+
+  it('a service principal grants within its client’s current scopes, not its token’s', async () => {
+    const service = await createClient(app, admin.accessToken, { scopes: ['*'] });
+    const token = (await clientToken(app, service)).access_token;
+    const narrowed = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${service.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { scopes: ['clients:read', 'clients:write'] },
+    });
+    expect(narrowed.statusCode).toBe(200);
+    // The token still says `*`, so the route admits it; the client no longer holds users:read.
+    const create = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: bearer(token),
+      payload: { name: 'from a service', scopes: ['users:read'] },
+    });
+    expect(create.statusCode, create.body).toBe(403);
+    expect(create.json().detail).toContain('users:read');
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      actorId: service.client_id,
+      limit: 10,
+    });
+    expect(denied[0]).toMatchObject({
+      actorType: 'service',
+      data: { action: 'client.create', missing: ['users:read'] },
+    });
+  });
+
   it('keeps only a keyed hash of the secret, and shows the secret in no later answer', async () => {
     const client = await createClient(app, admin.accessToken, { scopes: [] });
     const row = await app.services.repos.clients.findById(client.id);

@@ -3,7 +3,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { ADMIN_ROUTES, AUTH_ROUTES, PROFILE_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
 import { authorizationMatrix, urlOf } from '../support/authz-matrix.js';
-import { login, registerUser } from '../support/factories.js';
+import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 let app: FastifyInstance;
@@ -62,5 +62,135 @@ describe('a plain user on the administration surface', () => {
       actorType: 'user',
       data: { permission: 'audit:read', route: '/v1/audit-events', method: 'GET' },
     });
+  });
+});
+
+describe('the grant ceiling: what the caller holds now, not what their token said', () => {
+  let admin: TestUser;
+  beforeAll(async () => {
+    admin = await createAdmin(app);
+  });
+  const deniedOf = async (actorId: string) =>
+    app.services.audit.list({ type: 'authorization.denied', actorId, limit: 10 });
+  const rolesOf = async (userId: string) =>
+    (await app.services.repos.users.rolesAndPermissions(userId)).roles;
+
+  /** A fresh role with these permissions, granted to a fresh user, whose token then carries them. */
+  async function holderOf(permissions: string[], tag: string) {
+    const role = `${tag}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name: role, permissions },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const user = await registerUser(app, tag);
+    const granted = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(granted.statusCode, granted.body).toBe(200);
+    const token = (await login(app, user.email)).session.access_token;
+    return { user, role, token };
+  }
+
+  it('a user whose role was removed cannot grant it back to themself with their old token (403, audited)', async () => {
+    const { user, role, token } = await holderOf(['roles:assign', 'users:read'], 'assigner');
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode).toBe(204);
+
+    // A plain read with the still-valid token keeps the token's permissions until it expires.
+    const read = await app.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: bearer(token) });
+    expect(read.statusCode).toBe(200);
+    const regrant = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(token),
+    });
+    expect(regrant.statusCode, regrant.body).toBe(403);
+    expect(regrant.json()).toMatchObject({ code: 'forbidden' });
+    expect(regrant.json().detail).toContain('roles:assign');
+    expect(await rolesOf(user.id)).not.toContain(role);
+
+    const denied = await deniedOf(user.id);
+    expect(denied).toHaveLength(1);
+    expect(denied[0]).toMatchObject({
+      outcome: 'failure',
+      actorType: 'user',
+      subjectId: user.id,
+      data: {
+        action: 'role.grant',
+        role,
+        rule: 'grant_ceiling',
+        missing: ['roles:assign', 'users:read'],
+      },
+    });
+    expect(await app.services.audit.list({ type: 'role.granted', actorId: user.id, limit: 10 })).toEqual([]);
+  });
+
+  it('a disabled caller holds nothing: their still-cached token grants no role', async () => {
+    const { user, role, token } = await holderOf(['roles:assign', 'users:read'], 'assigner-off');
+    const target = await registerUser(app, 'target');
+    // Disabled in the database alone, as another instance would have done it before this one hears.
+    await app.services.repos.users.changeStatus(user.id, 'disabled');
+    const grant = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${target.id}/roles/${role}`,
+      headers: bearer(token),
+    });
+    expect(grant.statusCode, grant.body).toBe(403);
+    expect(await rolesOf(target.id)).not.toContain(role);
+  });
+
+  it('refuses and audits role changes beyond what the caller holds now, and changes nothing', async () => {
+    const { user, role, token } = await holderOf(['roles:read', 'roles:write', 'users:read'], 'rolemgr');
+    // Still held: allowed.
+    const ok = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(token),
+      payload: { name: `${role}-a`, permissions: ['users:read'] },
+    });
+    expect(ok.statusCode, ok.body).toBe(201);
+    // users:read taken from the role: the old token still says users:read.
+    const narrowed = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${role}`,
+      headers: bearer(admin.accessToken),
+      payload: { permissions: ['roles:read', 'roles:write'] },
+    });
+    expect(narrowed.statusCode).toBe(200);
+    const create = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(token),
+      payload: { name: `${role}-b`, permissions: ['users:read'] },
+    });
+    expect(create.statusCode, create.body).toBe(403);
+    const patch = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${role}-a`,
+      headers: bearer(token),
+      payload: { permissions: [] },
+    });
+    expect(patch.statusCode, patch.body).toBe(403);
+    const remove = await app.inject({ method: 'DELETE', url: `/v1/roles/${role}-a`, headers: bearer(token) });
+    expect(remove.statusCode, remove.body).toBe(403);
+
+    expect((await app.services.repos.roles.find(`${role}-b`)) ?? null).toBeNull();
+    expect((await app.services.repos.roles.find(`${role}-a`))?.permissions).toEqual(['users:read']);
+    const denied = await deniedOf(user.id);
+    expect(denied.map((e) => e.data)).toEqual([
+      expect.objectContaining({ action: 'role.delete', missing: ['users:read'] }),
+      expect.objectContaining({ action: 'role.update', missing: ['users:read'] }),
+      expect.objectContaining({ action: 'role.create', missing: ['users:read'] }),
+    ]);
+    expect(denied.map((e) => e.subjectId)).toEqual([`${role}-a`, `${role}-a`, `${role}-b`]);
   });
 });

@@ -69,6 +69,7 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
     userId: principal.userId,
     permissions: principal.permissions,
     ...(principal.kind === 'api_key' ? { key: { id: principal.id, expiresAt: principal.expiresAt } } : {}),
+    grantor: principal,
   };
 }
 

@@ -15,6 +15,7 @@ import { hasPermission, intersectPermissions, isSubset } from '../../lib/permiss
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import { type GrantCeiling, GrantRefused, type Grantor } from '../roles/grant-ceiling.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
 
@@ -25,6 +26,8 @@ export interface ApiKeyActor {
   permissions: readonly string[];
   /** The API key the request was authenticated with, if it was. */
   key?: { id: string; expiresAt: Date | null };
+  /** The request's principal, for what it may grant: what it holds now (roles/grant-ceiling.ts). */
+  grantor: Grantor;
 }
 
 export type InvalidReason = 'not_found' | 'expired' | 'revoked' | 'owner_disabled';
@@ -44,6 +47,7 @@ export interface ApiKeysServiceDeps {
   users: UsersRepository;
   audit: AuditService;
   events: EventBus;
+  grants: GrantCeiling;
   clock: Clock;
   logger: Logger;
   pepper: Buffer;
@@ -227,13 +231,21 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     return row;
   }
 
-  /** Nobody grants what they do not hold: within the actor's permissions and the owner's current ones. */
+  /**
+   * Nobody grants what they do not hold: within what the actor holds now (not what their token said
+   * when it was issued) and the owner's current permissions.
+   */
   async function assertGrantable(actor: ApiKeyActor, ownerId: string, scopes: string[], tx: Executor) {
-    if (!isSubset(scopes, actor.permissions))
-      throw forbidden('The scopes go beyond the permissions of the caller');
+    await deps.grants.assertHolds(
+      actor.grantor,
+      scopes,
+      tx,
+      'The scopes go beyond the permissions of the caller',
+    );
     const held = await deps.users.rolesAndPermissions(ownerId, tx);
-    if (!isSubset(scopes, held.permissions))
-      throw forbidden('The scopes go beyond the permissions of the key’s owner');
+    const beyondOwner = scopes.filter((s) => !isSubset([s], held.permissions));
+    if (beyondOwner.length > 0)
+      throw new GrantRefused('The scopes go beyond the permissions of the key’s owner', beyondOwner);
   }
 
   /**
@@ -275,43 +287,46 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       assertFuture(input.expiresAt);
       // Created by a key: it expires with its parent unless told sooner, and is revoked with it.
       const expiresAt = input.expiresAt ?? actor.key?.expiresAt ?? null;
-      assertWithinCallerLife(actor, expiresAt);
       const { token, lookupId, secret } = generateSecret(API_KEY_FORMAT);
-      const row = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        await assertGrantable(actor, ownerId, scopes, tx);
-        const now = clock.now();
-        const created = await repo.insert(
-          {
-            lookupId,
-            ownerId,
-            name: input.name,
-            secretHash: hash(secret),
-            prefix: `${API_KEY_FORMAT.prefix}_${lookupId}`,
-            lastFour: token.slice(-4),
-            scopes,
-            expiresAt,
-            parentId: actor.key?.id ?? null,
-            createdAt: now,
-            updatedAt: now,
-          },
-          tx,
-        );
-        await deps.audit.record(tx, context, {
-          type: 'api_key.created',
-          subjectId: created.id,
-          data: {
-            owner_id: ownerId,
-            name: created.name,
-            prefix: created.prefix,
-            scopes,
-            expires_at: created.expiresAt?.toISOString() ?? null,
-            ...(created.parentId ? { parent_id: created.parentId } : {}),
-          },
-        });
-        // Another instance may have cached this lookup id as unknown.
-        emit(changed(created));
-        return created;
-      });
+      const refused = { action: 'api_key.create', subjectId: ownerId, data: { scopes } };
+      const row = await deps.grants.audited(context, refused, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          assertWithinCallerLife(actor, expiresAt);
+          await assertGrantable(actor, ownerId, scopes, tx);
+          const now = clock.now();
+          const created = await repo.insert(
+            {
+              lookupId,
+              ownerId,
+              name: input.name,
+              secretHash: hash(secret),
+              prefix: `${API_KEY_FORMAT.prefix}_${lookupId}`,
+              lastFour: token.slice(-4),
+              scopes,
+              expiresAt,
+              parentId: actor.key?.id ?? null,
+              createdAt: now,
+              updatedAt: now,
+            },
+            tx,
+          );
+          await deps.audit.record(tx, context, {
+            type: 'api_key.created',
+            subjectId: created.id,
+            data: {
+              owner_id: ownerId,
+              name: created.name,
+              prefix: created.prefix,
+              scopes,
+              expires_at: created.expiresAt?.toISOString() ?? null,
+              ...(created.parentId ? { parent_id: created.parentId } : {}),
+            },
+          });
+          // Another instance may have cached this lookup id as unknown.
+          emit(changed(created));
+          return created;
+        }),
+      );
       return { row, key: token };
     },
 
@@ -346,33 +361,37 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       context: RequestContext,
     ): Promise<ApiKeyRow> {
       assertFuture(input.expiresAt);
-      const row = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
-        const patch: ApiKeyPatch = {};
-        if (input.name !== undefined) patch.name = input.name;
-        if (input.expiresAt !== undefined) {
-          assertWithinCallerLife(actor, input.expiresAt);
-          patch.expiresAt = input.expiresAt;
-        }
-        if (input.scopes !== undefined) {
-          patch.scopes = unique(input.scopes);
-          await assertGrantable(actor, current.ownerId, patch.scopes, tx);
-        }
-        const updated = (await repo.update(id, patch, clock.now(), tx))!;
-        await deps.audit.record(tx, context, {
-          type: 'api_key.updated',
-          subjectId: id,
-          data: {
-            owner_id: current.ownerId,
-            prefix: current.prefix,
-            changed: Object.keys(patch),
-            ...(patch.scopes ? { scopes: patch.scopes, previous_scopes: current.scopes } : {}),
-            ...(patch.expiresAt !== undefined ? { expires_at: patch.expiresAt?.toISOString() ?? null } : {}),
-          },
-        });
-        emit(changed(updated));
-        return updated;
-      });
+      const row = await deps.grants.audited(context, { action: 'api_key.update', subjectId: id }, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          const patch: ApiKeyPatch = {};
+          if (input.name !== undefined) patch.name = input.name;
+          if (input.expiresAt !== undefined) {
+            assertWithinCallerLife(actor, input.expiresAt);
+            patch.expiresAt = input.expiresAt;
+          }
+          if (input.scopes !== undefined) {
+            patch.scopes = unique(input.scopes);
+            await assertGrantable(actor, current.ownerId, patch.scopes, tx);
+          }
+          const updated = (await repo.update(id, patch, clock.now(), tx))!;
+          await deps.audit.record(tx, context, {
+            type: 'api_key.updated',
+            subjectId: id,
+            data: {
+              owner_id: current.ownerId,
+              prefix: current.prefix,
+              changed: Object.keys(patch),
+              ...(patch.scopes ? { scopes: patch.scopes, previous_scopes: current.scopes } : {}),
+              ...(patch.expiresAt !== undefined
+                ? { expires_at: patch.expiresAt?.toISOString() ?? null }
+                : {}),
+            },
+          });
+          emit(changed(updated));
+          return updated;
+        }),
+      );
       return withPendingUse(row);
     },
 
@@ -409,41 +428,47 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       graceSeconds: number,
       context: RequestContext,
     ): Promise<{ row: ApiKeyRow; key: string }> {
-      return inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
-        // The new secret goes to the caller, so the caller must already hold what it gives: otherwise a
-        // narrow key could rotate a broader sibling, or a holder of api_keys:write an admin's key, and
-        // come away with more than they have.
-        const owner = await deps.users.rolesAndPermissions(current.ownerId, tx);
-        if (!isSubset(intersectPermissions(current.scopes, owner.permissions), actor.permissions))
-          throw forbidden('The key’s scopes go beyond the permissions of the caller');
-        const { token, secret } = generateSecret(API_KEY_FORMAT, current.lookupId);
-        const now = clock.now();
-        const graceEnds = addSeconds(now, graceSeconds);
-        const rotated = (await repo.update(
-          id,
-          {
-            secretHash: hash(secret),
-            previousSecretHash: current.secretHash,
-            previousSecretExpiresAt: graceEnds,
-            lastFour: token.slice(-4),
-          },
-          now,
-          tx,
-        ))!;
-        await deps.audit.record(tx, context, {
-          type: 'api_key.rotated',
-          subjectId: id,
-          data: {
-            owner_id: current.ownerId,
-            prefix: current.prefix,
-            grace_seconds: graceSeconds,
-            previous_secret_expires_at: graceEnds.toISOString(),
-          },
-        });
-        emit(changed(rotated));
-        return { row: withPendingUse(rotated), key: token };
-      });
+      return deps.grants.audited(context, { action: 'api_key.rotate', subjectId: id }, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          // The new secret goes to the caller, so the caller must already hold what it gives: otherwise a
+          // narrow key could rotate a broader sibling, or a holder of api_keys:write an admin's key, and
+          // come away with more than they have.
+          const owner = await deps.users.rolesAndPermissions(current.ownerId, tx);
+          await deps.grants.assertHolds(
+            actor.grantor,
+            intersectPermissions(current.scopes, owner.permissions),
+            tx,
+            'The key’s scopes go beyond the permissions of the caller',
+          );
+          const { token, secret } = generateSecret(API_KEY_FORMAT, current.lookupId);
+          const now = clock.now();
+          const graceEnds = addSeconds(now, graceSeconds);
+          const rotated = (await repo.update(
+            id,
+            {
+              secretHash: hash(secret),
+              previousSecretHash: current.secretHash,
+              previousSecretExpiresAt: graceEnds,
+              lastFour: token.slice(-4),
+            },
+            now,
+            tx,
+          ))!;
+          await deps.audit.record(tx, context, {
+            type: 'api_key.rotated',
+            subjectId: id,
+            data: {
+              owner_id: current.ownerId,
+              prefix: current.prefix,
+              grace_seconds: graceSeconds,
+              previous_secret_expires_at: graceEnds.toISOString(),
+            },
+          });
+          emit(changed(rotated));
+          return { row: withPendingUse(rotated), key: token };
+        }),
+      );
     },
 
     /** Keeps the caches current with this and every other instance's changes. */

@@ -1,4 +1,4 @@
-import type { Database } from '../../db/client.js';
+import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import {
   CLIENT_SECRET_FORMAT,
@@ -15,6 +15,7 @@ import { isSubset } from '../../lib/permissions.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
 
@@ -32,7 +33,9 @@ export const MAX_SECRET_GRACE_SECONDS = 30 * 86_400;
 /** Who manages clients: a user (or their API key) with their permissions, or a service. */
 export interface ClientCaller {
   userId: string | undefined;
-  permissions: string[];
+  permissions: readonly string[];
+  /** The request's principal, for what it may grant: what it holds now (roles/grant-ceiling.ts). */
+  grantor: Grantor;
 }
 
 export interface CreateClientInput {
@@ -59,6 +62,7 @@ export interface ClientsServiceDeps {
   repo: ClientsRepository;
   audit: AuditService;
   events: EventBus;
+  grants: GrantCeiling;
   revocations: RevocationList;
   clock: Clock;
   pepper: Buffer;
@@ -93,14 +97,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
   const visibleTo = (caller: ClientCaller, row: ClientRow) =>
     isAdministrator(caller) || (caller.userId !== undefined && row.createdBy === caller.userId);
 
+  /** Nobody grants what they do not hold: within what the caller holds now, read on `tx`. */
   function assertGrantable(
     caller: ClientCaller,
     scopes: string[],
+    tx: Executor,
     refusal = 'A client cannot be given permissions its creator does not hold',
   ) {
-    if (isSubset(scopes, caller.permissions)) return;
-    const missing = scopes.filter((s) => !isSubset([s], caller.permissions));
-    throw forbidden(`${refusal}: ${missing.join(', ')}`);
+    return deps.grants.assertHolds(caller.grantor, scopes, tx, refusal);
   }
 
   function assertTtl(ttl: number | null | undefined) {
@@ -133,38 +137,41 @@ export function createClientsService(deps: ClientsServiceDeps) {
         throw forbidden('App clients are registered by users (or by administrators)');
       }
       const scopes = unique(input.scopes);
-      assertGrantable(caller, scopes);
       assertTtl(input.accessTokenTtl);
       const lookupId = randomBase62(CLIENT_SECRET_FORMAT.lookupLength);
       const clientId = `${CLIENT_ID_PREFIX}${lookupId}`;
       const { token: secret } = generateSecret(CLIENT_SECRET_FORMAT, lookupId);
       const now = deps.clock.now();
-      const client = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const row = await deps.repo.insert(
-          {
-            clientId,
-            name: input.name,
-            description: input.description ?? '',
-            secretHash: hash(secret),
-            scopes,
-            audiences: unique(input.audiences ?? []),
-            accessTokenTtl: input.accessTokenTtl ?? null,
-            status: 'active',
-            createdBy: caller.userId ?? null,
-            createdAt: now,
-            updatedAt: now,
-          },
-          tx,
-        );
-        await deps.audit.record(tx, context, {
-          type: 'client.created',
-          subjectId: row.id,
-          data: { client_id: clientId, scopes: row.scopes, audiences: row.audiences },
-        });
-        // A negative lookup of this id may be cached somewhere.
-        emit({ type: 'client_changed', clientId });
-        return row;
-      });
+      const refused = { action: 'client.create', data: { scopes } };
+      const client = await deps.grants.audited(context, refused, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          await assertGrantable(caller, scopes, tx);
+          const row = await deps.repo.insert(
+            {
+              clientId,
+              name: input.name,
+              description: input.description ?? '',
+              secretHash: hash(secret),
+              scopes,
+              audiences: unique(input.audiences ?? []),
+              accessTokenTtl: input.accessTokenTtl ?? null,
+              status: 'active',
+              createdBy: caller.userId ?? null,
+              createdAt: now,
+              updatedAt: now,
+            },
+            tx,
+          );
+          await deps.audit.record(tx, context, {
+            type: 'client.created',
+            subjectId: row.id,
+            data: { client_id: clientId, scopes: row.scopes, audiences: row.audiences },
+          });
+          // A negative lookup of this id may be cached somewhere.
+          emit({ type: 'client_changed', clientId });
+          return row;
+        }),
+      );
       return { client, secret };
     },
 
@@ -191,10 +198,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const patch: ClientPatch = {};
       if (input.name !== undefined) patch.name = input.name;
       if (input.description !== undefined) patch.description = input.description;
-      if (input.scopes !== undefined) {
-        patch.scopes = unique(input.scopes);
-        assertGrantable(caller, patch.scopes);
-      }
+      if (input.scopes !== undefined) patch.scopes = unique(input.scopes);
       if (input.audiences !== undefined) patch.audiences = unique(input.audiences);
       if (input.accessTokenTtl !== undefined) {
         assertTtl(input.accessTokenTtl);
@@ -203,27 +207,30 @@ export function createClientsService(deps: ClientsServiceDeps) {
       if (input.status !== undefined) patch.status = input.status;
       const changed = Object.keys(patch);
       if (changed.length === 0) return existing;
-      return inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const before = await deps.repo.findByIdForUpdate(existing.id, tx);
-        if (!before) throw notFound('client');
-        const row = await deps.repo.update(existing.id, patch, deps.clock.now(), tx);
-        if (!row) throw notFound('client');
-        if (before.status === 'active' && row.status === 'disabled') {
-          emit(await revokeTokensOf(tx, row.clientId));
-        }
-        await deps.audit.record(tx, context, {
-          type: 'client.updated',
-          subjectId: row.id,
-          data: {
-            client_id: row.clientId,
-            changed,
-            ...(patch.scopes ? { scopes: row.scopes } : {}),
-            ...(patch.status ? { status: row.status } : {}),
-          },
-        });
-        emit({ type: 'client_changed', clientId: row.clientId });
-        return row;
-      });
+      return deps.grants.audited(context, { action: 'client.update', subjectId: existing.id }, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const before = await deps.repo.findByIdForUpdate(existing.id, tx);
+          if (!before) throw notFound('client');
+          if (patch.scopes) await assertGrantable(caller, patch.scopes, tx);
+          const row = await deps.repo.update(existing.id, patch, deps.clock.now(), tx);
+          if (!row) throw notFound('client');
+          if (before.status === 'active' && row.status === 'disabled') {
+            emit(await revokeTokensOf(tx, row.clientId));
+          }
+          await deps.audit.record(tx, context, {
+            type: 'client.updated',
+            subjectId: row.id,
+            data: {
+              client_id: row.clientId,
+              changed,
+              ...(patch.scopes ? { scopes: row.scopes } : {}),
+              ...(patch.status ? { status: row.status } : {}),
+            },
+          });
+          emit({ type: 'client_changed', clientId: row.clientId });
+          return row;
+        }),
+      );
     },
 
     async remove(caller: ClientCaller, idOrClientId: string, context: RequestContext): Promise<void> {
@@ -248,35 +255,43 @@ export function createClientsService(deps: ClientsServiceDeps) {
       context: RequestContext,
     ) {
       const existing = await visibleClient(caller, idOrClientId);
-      // The new secret goes to the caller: a creator who has since lost a permission the client holds
-      // does not get it back through a fresh secret.
-      assertGrantable(caller, existing.scopes, 'The client holds permissions the caller does not');
       const lookupId = existing.clientId.slice(CLIENT_ID_PREFIX.length);
       const { token: secret } = generateSecret(CLIENT_SECRET_FORMAT, lookupId);
       const now = deps.clock.now();
-      const client = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
-        if (!locked) throw notFound('client');
-        const row = await deps.repo.update(
-          locked.id,
-          {
-            secretHash: hash(secret),
-            // Only the secret being replaced gets a grace; an older one in its grace ends now.
-            previousSecretHash: graceSeconds > 0 ? locked.secretHash : null,
-            previousSecretExpiresAt: graceSeconds > 0 ? addSeconds(now, graceSeconds) : null,
-          },
-          now,
-          tx,
-        );
-        if (!row) throw notFound('client');
-        await deps.audit.record(tx, context, {
-          type: 'client.secret_rotated',
-          subjectId: row.id,
-          data: { client_id: row.clientId, grace_seconds: graceSeconds },
-        });
-        emit({ type: 'client_changed', clientId: row.clientId });
-        return row;
-      });
+      const refused = { action: 'client.rotate_secret', subjectId: existing.id };
+      const client = await deps.grants.audited(context, refused, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
+          if (!locked) throw notFound('client');
+          // The new secret goes to the caller: a creator who has since lost a permission the client
+          // holds does not get it back through a fresh secret.
+          await assertGrantable(
+            caller,
+            locked.scopes,
+            tx,
+            'The client holds permissions the caller does not',
+          );
+          const row = await deps.repo.update(
+            locked.id,
+            {
+              secretHash: hash(secret),
+              // Only the secret being replaced gets a grace; an older one in its grace ends now.
+              previousSecretHash: graceSeconds > 0 ? locked.secretHash : null,
+              previousSecretExpiresAt: graceSeconds > 0 ? addSeconds(now, graceSeconds) : null,
+            },
+            now,
+            tx,
+          );
+          if (!row) throw notFound('client');
+          await deps.audit.record(tx, context, {
+            type: 'client.secret_rotated',
+            subjectId: row.id,
+            data: { client_id: row.clientId, grace_seconds: graceSeconds },
+          });
+          emit({ type: 'client_changed', clientId: row.clientId });
+          return row;
+        }),
+      );
       return { client, secret };
     },
 

@@ -22,7 +22,11 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
       const verified = await apiKeys.verify(key);
       if (!verified.valid || verified.key.ownerId !== ownerId) return;
       try {
-        await apiKeys.revoke({ userId: ownerId, permissions: [] }, verified.key.id, context);
+        await apiKeys.revoke(
+          { userId: ownerId, permissions: [], grantor: { kind: 'user', userId: ownerId, permissions: [] } },
+          verified.key.id,
+          context,
+        );
       } catch (err) {
         // Revoked meanwhile by another request: RFC 7009 answers 200 all the same.
         if (isAppError(err) && err.code === 'not_found') return;

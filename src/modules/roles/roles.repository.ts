@@ -13,6 +13,11 @@ export function createRolesRepository(db: Executor) {
       const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1);
       return row;
     },
+    /** The row locked for the rest of `tx`, so the permissions a change checks are the ones it replaces. */
+    async findForUpdate(name: string, tx: Executor): Promise<RoleRow | undefined> {
+      const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1).for('update');
+      return row;
+    },
     /** Undefined when the name is taken. */
     async insert(
       row: { name: string; description: string; permissions: string[] },

@@ -1,17 +1,13 @@
 import type { Database } from '../../db/client.js';
 import { AppError, notFound } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
-import { isSubset } from '../../lib/permissions.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
+import type { GrantCeiling, Grantor } from './grant-ceiling.js';
 import type { RoleRow, RolesRepository } from './roles.repository.js';
 
-/** Nobody grants what they do not hold (API.md): roles, key scopes, client scopes. */
-export function assertHolds(granted: string[], held: string[]): void {
-  if (!isSubset(granted, held)) {
-    throw new AppError('forbidden', { detail: 'You cannot grant permissions you do not hold yourself' });
-  }
-}
+/** The refusal of the grant ceiling for roles: creating, changing, deleting, granting, removing. */
+export const ROLE_REFUSAL = 'You cannot grant permissions you do not hold yourself';
 
 const BUILTIN_ADMIN = 'admin';
 
@@ -21,6 +17,7 @@ export function createRolesService(deps: {
   users: UsersRepository;
   audit: AuditService;
   events: EventBus;
+  grants: GrantCeiling;
 }) {
   async function findOrThrow(name: string): Promise<RoleRow> {
     const role = await deps.repo.find(name);
@@ -34,72 +31,87 @@ export function createRolesService(deps: {
 
     async create(
       input: { name: string; description?: string | undefined; permissions: string[] },
-      caller: { permissions: string[] },
+      caller: Grantor,
       context: RequestContext,
     ): Promise<RoleRow> {
       const permissions = [...new Set(input.permissions)].sort();
-      assertHolds(permissions, caller.permissions);
-      return inTransaction(deps.db, deps.events, async (tx) => {
-        const role = await deps.repo.insert(
-          { name: input.name, description: input.description ?? '', permissions },
-          tx,
-        );
-        if (!role) throw new AppError('conflict', { detail: `A role named ${input.name} exists` });
-        await deps.audit.record(tx, context, {
-          type: 'role.created',
-          subjectId: role.name,
-          data: { permissions },
-        });
-        return role;
-      });
+      return deps.grants.audited(context, { action: 'role.create', subjectId: input.name }, () =>
+        inTransaction(deps.db, deps.events, async (tx) => {
+          await deps.grants.assertHolds(caller, permissions, tx, ROLE_REFUSAL);
+          const role = await deps.repo.insert(
+            { name: input.name, description: input.description ?? '', permissions },
+            tx,
+          );
+          if (!role) throw new AppError('conflict', { detail: `A role named ${input.name} exists` });
+          await deps.audit.record(tx, context, {
+            type: 'role.created',
+            subjectId: role.name,
+            data: { permissions },
+          });
+          return role;
+        }),
+      );
     },
 
     async update(
       name: string,
       input: { description?: string | undefined; permissions?: string[] | undefined },
-      caller: { permissions: string[] },
+      caller: Grantor,
       context: RequestContext,
     ): Promise<RoleRow> {
-      const existing = await findOrThrow(name);
       const permissions = input.permissions ? [...new Set(input.permissions)].sort() : undefined;
-      if (permissions) {
-        // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
-        assertHolds([...permissions, ...existing.permissions], caller.permissions);
-        if (existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
-          throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
-        }
-      }
-      return inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const role = await deps.repo.update(
-          name,
-          {
-            ...(input.description !== undefined ? { description: input.description } : {}),
-            ...(permissions ? { permissions } : {}),
-          },
-          tx,
-        );
-        if (!role) throw notFound('role');
-        await deps.audit.record(tx, context, {
-          type: 'role.updated',
-          subjectId: name,
-          data: { before: existing.permissions, after: role.permissions },
-        });
-        emit({ type: 'roles_changed' });
-        return role;
-      });
+      return deps.grants.audited(context, { action: 'role.update', subjectId: name }, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          // Locked, so the permissions checked below are the ones this change replaces.
+          const existing = await deps.repo.findForUpdate(name, tx);
+          if (!existing) throw notFound('role');
+          if (permissions) {
+            // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
+            await deps.grants.assertHolds(
+              caller,
+              [...permissions, ...existing.permissions],
+              tx,
+              ROLE_REFUSAL,
+            );
+            if (existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
+              throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
+            }
+          }
+          const role = await deps.repo.update(
+            name,
+            {
+              ...(input.description !== undefined ? { description: input.description } : {}),
+              ...(permissions ? { permissions } : {}),
+            },
+            tx,
+          );
+          if (!role) throw notFound('role');
+          await deps.audit.record(tx, context, {
+            type: 'role.updated',
+            subjectId: name,
+            data: { before: existing.permissions, after: role.permissions },
+          });
+          emit({ type: 'roles_changed' });
+          return role;
+        }),
+      );
     },
 
-    async delete(name: string, caller: { permissions: string[] }, context: RequestContext): Promise<void> {
-      const role = await findOrThrow(name);
-      if (role.builtin)
-        throw new AppError('conflict', { detail: `The built-in role ${name} cannot be deleted` });
-      assertHolds(role.permissions, caller.permissions);
-      await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const holders = await deps.users.countWithRole(name, tx);
-        if (!(await deps.repo.delete(name, tx))) throw notFound('role');
-        await deps.audit.record(tx, context, { type: 'role.deleted', subjectId: name, data: { holders } });
-        emit({ type: 'roles_changed' });
-      });
+    async delete(name: string, caller: Grantor, context: RequestContext): Promise<void> {
+      await deps.grants.audited(context, { action: 'role.delete', subjectId: name }, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const role = await deps.repo.findForUpdate(name, tx);
+          if (!role) throw notFound('role');
+          if (role.builtin)
+            throw new AppError('conflict', { detail: `The built-in role ${name} cannot be deleted` });
+          // Deleting a role takes its permissions from everyone who holds it.
+          await deps.grants.assertHolds(caller, role.permissions, tx, ROLE_REFUSAL);
+          const holders = await deps.users.countWithRole(name, tx);
+          if (!(await deps.repo.delete(name, tx))) throw notFound('role');
+          await deps.audit.record(tx, context, { type: 'role.deleted', subjectId: name, data: { holders } });
+          emit({ type: 'roles_changed' });
+        }),
+      );
     },
   };
 }

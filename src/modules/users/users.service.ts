@@ -7,8 +7,9 @@ import { hasPermission } from '../../lib/permissions.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { AuthService } from '../auth/auth.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
+import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RolesRepository } from '../roles/roles.repository.js';
-import { assertHolds } from '../roles/roles.service.js';
+import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
 
 const ADMIN_ROLE = 'admin';
@@ -22,6 +23,7 @@ export function createUsersService(deps: {
   provider: IdentityProvider;
   audit: AuditService;
   events: EventBus;
+  grants: GrantCeiling;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -29,12 +31,15 @@ export function createUsersService(deps: {
     return user;
   }
 
-  /** Granting or removing a role: the user and the role exist, and the caller holds all it gives. */
-  async function assertMayChangeGrant(id: string, roleName: string, caller: { permissions: string[] }) {
-    await findOrThrow(id);
-    const role = await deps.roles.find(roleName);
+  /**
+   * Granting or removing a role, on the transaction of the change: the user and the role exist, and
+   * the caller holds, now, all it gives.
+   */
+  async function assertMayChangeGrant(tx: Transaction, id: string, roleName: string, caller: Grantor) {
+    if (!(await deps.repo.findById(id, tx))) throw notFound('user');
+    const role = await deps.roles.find(roleName, tx);
     if (!role) throw notFound('role');
-    assertHolds(role.permissions, caller.permissions);
+    await deps.grants.assertHolds(caller, role.permissions, tx, ROLE_REFUSAL);
   }
 
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
@@ -114,45 +119,45 @@ export function createUsersService(deps: {
       return deps.repo.rolesAndPermissions(id);
     },
 
-    async grantRole(
-      id: string,
-      roleName: string,
-      caller: { permissions: string[] },
-      context: RequestContext,
-    ) {
-      await assertMayChangeGrant(id, roleName, caller);
-      return inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const added = await deps.repo.assignRole(id, roleName, context.actorId, tx);
-        if (added) {
-          await deps.audit.record(tx, context, {
-            type: 'role.granted',
-            subjectId: id,
-            data: { role: roleName },
-          });
-          emit({ type: 'user_changed', userId: id });
-        }
-        return { added };
-      });
+    async grantRole(id: string, roleName: string, caller: Grantor, context: RequestContext) {
+      return deps.grants.audited(
+        context,
+        { action: 'role.grant', subjectId: id, data: { role: roleName } },
+        () =>
+          inTransaction(deps.db, deps.events, async (tx, emit) => {
+            await assertMayChangeGrant(tx, id, roleName, caller);
+            const added = await deps.repo.assignRole(id, roleName, context.actorId, tx);
+            if (added) {
+              await deps.audit.record(tx, context, {
+                type: 'role.granted',
+                subjectId: id,
+                data: { role: roleName },
+              });
+              emit({ type: 'user_changed', userId: id });
+            }
+            return { added };
+          }),
+      );
     },
 
-    async removeRole(
-      id: string,
-      roleName: string,
-      caller: { permissions: string[] },
-      context: RequestContext,
-    ) {
-      await assertMayChangeGrant(id, roleName, caller);
-      await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
-        const removed = await deps.repo.removeRole(id, roleName, tx);
-        if (!removed) throw notFound('role assignment');
-        await deps.audit.record(tx, context, {
-          type: 'role.removed',
-          subjectId: id,
-          data: { role: roleName },
-        });
-        emit({ type: 'user_changed', userId: id });
-      });
+    async removeRole(id: string, roleName: string, caller: Grantor, context: RequestContext) {
+      await deps.grants.audited(
+        context,
+        { action: 'role.remove', subjectId: id, data: { role: roleName } },
+        () =>
+          inTransaction(deps.db, deps.events, async (tx, emit) => {
+            await assertMayChangeGrant(tx, id, roleName, caller);
+            if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
+            const removed = await deps.repo.removeRole(id, roleName, tx);
+            if (!removed) throw notFound('role assignment');
+            await deps.audit.record(tx, context, {
+              type: 'role.removed',
+              subjectId: id,
+              data: { role: roleName },
+            });
+            emit({ type: 'user_changed', userId: id });
+          }),
+      );
     },
 
     /** For services deciding on a user's request: which of these permissions the user holds now. */

@@ -1,0 +1,120 @@
+import type { Database, Executor } from '../../db/client.js';
+import type { Clock } from '../../lib/clock.js';
+import { AppError, isAppError } from '../../lib/errors.js';
+import { intersectPermissions, isSubset } from '../../lib/permissions.js';
+import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { ClientsRepository } from '../clients/clients.repository.js';
+import type { UsersRepository } from '../users/users.repository.js';
+
+/**
+ * Who asks to grant, as the ceiling looks at them: the request's principal (a `Principal` fits).
+ * `permissions` are what the credential carries: a token's scope, or an API key's effective scopes.
+ */
+export type Grantor =
+  | { kind: 'user'; userId: string; permissions: readonly string[] }
+  | { kind: 'service'; clientId: string; permissions: readonly string[] }
+  | { kind: 'api_key'; id: string; userId: string; permissions: readonly string[] };
+
+/** A 403 of the grant ceiling: carries what was missing, for the audit event. */
+export class GrantRefused extends AppError {
+  readonly missing: string[];
+  constructor(refusal: string, missing: string[]) {
+    super('forbidden', { detail: `${refusal}: ${missing.join(', ')}` });
+    this.missing = missing;
+  }
+}
+
+/** What a refused change was, for its `authorization.denied` event. */
+export interface RefusedAction {
+  /** e.g. `role.create`, `api_key.rotate`. */
+  action: string;
+  subjectId?: string | null | undefined;
+  /** What else identifies it (never a secret), e.g. the role being granted. */
+  data?: Record<string, unknown> | undefined;
+}
+
+export interface GrantCeilingDeps {
+  db: Database;
+  users: Pick<UsersRepository, 'findById' | 'rolesAndPermissions'>;
+  clients: Pick<ClientsRepository, 'findByClientId'>;
+  apiKeys: Pick<ApiKeysRepository, 'findById'>;
+  audit: AuditService;
+  clock: Clock;
+}
+
+/**
+ * Nobody grants what they do not hold (API.md), decided on what the caller holds now rather than on
+ * what their credential said when it was issued: an access token keeps its permissions until it
+ * expires, but one of them taken away since must not be handed back out (a role re-granted to
+ * oneself, a client's secret rotated). What is held now, read on the transaction of the change:
+ * - a user: the token's permissions within the user's current ones (nothing once disabled or gone);
+ * - an API key: the key's scopes within its owner's current permissions (nothing once revoked,
+ *   expired, or its owner disabled or gone);
+ * - a service: the token's scopes within the client's current scopes (nothing once disabled or gone).
+ */
+export function createGrantCeiling(deps: GrantCeilingDeps) {
+  async function ownerHolds(userId: string, within: readonly string[], tx: Executor): Promise<string[]> {
+    const user = await deps.users.findById(userId, tx);
+    if (user?.status !== 'active') return [];
+    return intersectPermissions(within, (await deps.users.rolesAndPermissions(userId, tx)).permissions);
+  }
+
+  async function held(grantor: Grantor, tx: Executor): Promise<string[]> {
+    switch (grantor.kind) {
+      case 'user':
+        return ownerHolds(grantor.userId, grantor.permissions, tx);
+      case 'api_key': {
+        const key = await deps.apiKeys.findById(grantor.id, tx);
+        const expired = key?.expiresAt != null && key.expiresAt.getTime() <= deps.clock.nowMs();
+        if (!key || key.revokedAt || expired || key.ownerId !== grantor.userId) return [];
+        return ownerHolds(key.ownerId, key.scopes, tx);
+      }
+      case 'service': {
+        const client = await deps.clients.findByClientId(grantor.clientId, tx);
+        if (client?.status !== 'active') return [];
+        return intersectPermissions(grantor.permissions, client.scopes);
+      }
+    }
+  }
+
+  return {
+    held,
+
+    /** Throws GrantRefused (403) unless the grantor holds, now, everything `granted` gives. */
+    async assertHolds(grantor: Grantor, granted: readonly string[], tx: Executor, refusal: string) {
+      if (granted.length === 0) return;
+      const holds = await held(grantor, tx);
+      const missing = [...new Set(granted.filter((p) => !isSubset([p], holds)))].sort();
+      if (missing.length > 0) throw new GrantRefused(refusal, missing);
+    },
+
+    /**
+     * Runs a change (its own transaction inside `work`) and, when it is refused (403), writes the
+     * `authorization.denied` event once that transaction has rolled back: written inside it, the event
+     * would be lost with the change it refused.
+     */
+    async audited<T>(context: RequestContext, refused: RefusedAction, work: () => Promise<T>): Promise<T> {
+      try {
+        return await work();
+      } catch (err) {
+        if (isAppError(err) && err.code === 'forbidden') {
+          await deps.audit.record(deps.db, context, {
+            type: 'authorization.denied',
+            outcome: 'failure',
+            subjectId: refused.subjectId ?? null,
+            data: {
+              action: refused.action,
+              ...refused.data,
+              ...(err instanceof GrantRefused ? { rule: 'grant_ceiling', missing: err.missing } : {}),
+              reason: err.detail,
+            },
+          });
+        }
+        throw err;
+      }
+    },
+  };
+}
+
+export type GrantCeiling = ReturnType<typeof createGrantCeiling>;
