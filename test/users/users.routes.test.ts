@@ -377,6 +377,30 @@ describe('users and roles administration', () => {
     expect(ok.json()).toEqual({ allowed: true, missing: [] });
   });
 
+  it('authz/check refuses a malformed permission as POST /v1/roles does (400 naming the field)', async () => {
+    const user = await registerUser(app, 'checked-bad');
+    for (const permission of ['not a perm', 'Users:Read', 'users:', '']) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/authz/check',
+        headers: asAdmin(),
+        payload: { subject_id: user.id, permissions: ['account:read', permission] },
+      });
+      expect(res.statusCode, permission).toBe(400);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+      expect(res.json().code).toBe('validation_failed');
+      expect(res.json().errors).toEqual([expect.objectContaining({ field: 'body.permissions.1' })]);
+    }
+    // Wildcards are permissions too.
+    const wildcard = await app.inject({
+      method: 'POST',
+      url: '/v1/authz/check',
+      headers: asAdmin(),
+      payload: { subject_id: user.id, permissions: ['account:*'] },
+    });
+    expect(wildcard.json()).toEqual({ allowed: false, missing: ['account:*'] });
+  });
+
   it('serves the permission catalogue and the roles', async () => {
     const perms = await app.inject({ method: 'GET', url: '/v1/permissions', headers: asAdmin() });
     expect(perms.json().data.map((p: { name: string }) => p.name)).toContain('roles:write');

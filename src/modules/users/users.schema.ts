@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
+import { PermissionSchema } from '../shared/shared.schema.js';
 
 export { UserSchema } from '../auth/auth.schema.js';
 
@@ -30,7 +31,7 @@ export const UserRolesSchema = z.object({ roles: z.array(z.string()), permission
 export const AuthzCheckBodySchema = z
   .object({
     subject_id: z.uuid().describe('The user the decision is about'),
-    permissions: z.array(z.string().min(1).max(100)).min(1).max(100),
+    permissions: z.array(PermissionSchema).min(1).max(100),
   })
   .strict();
 
