@@ -189,6 +189,12 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
       'api_key.updated',
       'api_key.updated',
     ]);
+    // Fields are named as in the API (snake_case), not as in the row.
+    const changed = audit
+      .filter((e) => e.type === 'api_key.updated')
+      .map((e) => (e.data as { changed: string[] }).changed.sort());
+    expect(changed).toEqual(expect.arrayContaining([['expires_at', 'name', 'scopes'], ['expires_at']]));
+    expect(changed).toHaveLength(2);
   });
 
   it('rotates: a new secret under the same id; the old one works for the grace, then answers expired', async () => {

@@ -14,7 +14,7 @@ import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, isSubset } from '../../lib/permissions.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
 import { type GrantCeiling, GrantRefused, type Grantor } from '../roles/grant-ceiling.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
@@ -381,7 +381,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             data: {
               owner_id: current.ownerId,
               prefix: current.prefix,
-              changed: Object.keys(patch),
+              changed: changedFields(patch),
               ...(patch.scopes ? { scopes: patch.scopes, previous_scopes: current.scopes } : {}),
               ...(patch.expiresAt !== undefined
                 ? { expires_at: patch.expiresAt?.toISOString() ?? null }

@@ -19,6 +19,13 @@ export const systemContext: RequestContext = {
   requestId: null,
 };
 
+/**
+ * The fields a change touched, named as the API names them (snake_case: `expires_at`, not the
+ * row's `expiresAt`), for an event's `changed` or `fields` list.
+ */
+export const changedFields = (patch: object): string[] =>
+  Object.keys(patch).map((k) => k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`));
+
 export interface AuditRecord {
   type: string;
   subjectId?: string | null;

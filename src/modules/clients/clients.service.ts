@@ -14,7 +14,7 @@ import { type Cursor, paginate } from '../../lib/pagination.js';
 import { isSubset } from '../../lib/permissions.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
@@ -205,7 +205,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
         patch.accessTokenTtl = input.accessTokenTtl;
       }
       if (input.status !== undefined) patch.status = input.status;
-      const changed = Object.keys(patch);
+      const changed = changedFields(patch);
       if (changed.length === 0) return existing;
       return deps.grants.audited(context, { action: 'client.update', subjectId: existing.id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {

@@ -2,7 +2,7 @@ import type { Database } from '../../db/client.js';
 import { notFound } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission } from '../../lib/permissions.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
 import type { ProfilePatch, ProfileRow, ProfilesRepository } from './profiles.repository.js';
 
 export function createProfilesService(deps: {
@@ -39,7 +39,7 @@ export function createProfilesService(deps: {
         await deps.audit.record(tx, context, {
           type: 'profile.updated',
           subjectId: userId,
-          data: { fields: Object.keys(patch) },
+          data: { fields: changedFields(patch) },
         });
         return profile;
       });
