@@ -135,6 +135,32 @@ describe('api keys: security', () => {
     });
     expect(byAdmin.statusCode).toBe(403);
     expect((await me(withKey(created.key))).json().permissions).toEqual(['account:read']);
+
+    // Every refusal is audited with what was missing; the admin's with the owner's missing permission.
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      actorId: user.id,
+      limit: 10,
+    });
+    expect(denied.map((e) => (e.data as { action: string }).action)).toEqual([
+      'api_key.update',
+      ...Array(4).fill('api_key.create'),
+    ]);
+    expect(denied.at(-1)).toMatchObject({
+      outcome: 'failure',
+      subjectId: user.id,
+      data: { rule: 'grant_ceiling', missing: ['users:read'], scopes: ['users:read'] },
+    });
+    expect(denied[0]?.data).toMatchObject({ missing: ['users:write'] });
+    const byAdminDenied = await app.services.audit.list({
+      type: 'authorization.denied',
+      actorId: admin.id,
+      limit: 1,
+    });
+    expect(byAdminDenied[0]).toMatchObject({
+      subjectId: created.id,
+      data: { action: 'api_key.update', missing: ['users:read'] },
+    });
   });
 
   it('a key cannot mint a key with more than the key itself may do', async () => {
