@@ -5,15 +5,18 @@ import { parseArgs } from 'node:util';
 import { systemContext } from '../src/modules/audit/audit.service.js';
 import { openScriptContext, runScript, UsageError } from './lib/script-context.js';
 
-const USAGE = `usage: npm run rotate-signing-key
+const USAGE = `usage: npm run rotate-signing-key [-- --force]
 
 Makes the published next signing key the active one; the previous key is retiring (still published
-and verifying) until every token it signed has expired.`;
+and verifying) until every token it signed has expired. Refused (exit code 1, nothing changes) while
+the next key has been published for less than 10 minutes, as verifiers may cache the JWKS that long;
+--force rotates anyway (a compromised key).`;
 
 async function main() {
+  let force = false;
   try {
     const { values } = parseArgs({
-      options: { help: { type: 'boolean', short: 'h' } },
+      options: { help: { type: 'boolean', short: 'h' }, force: { type: 'boolean' } },
       strict: true,
       allowPositionals: false,
     });
@@ -21,6 +24,7 @@ async function main() {
       process.stdout.write(`${USAGE}\n`);
       return;
     }
+    force = values.force === true;
   } catch (err) {
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
@@ -28,7 +32,10 @@ async function main() {
   try {
     // A fresh database has no keys yet; the service would create them at its first start.
     await services.keys.ensureKeys();
-    const result = await services.keys.rotate({ ...systemContext, userAgent: 'scripts/rotate-signing-key' });
+    const result = await services.keys.rotate(
+      { ...systemContext, userAgent: 'scripts/rotate-signing-key' },
+      { force },
+    );
     process.stdout.write(`active signing key: ${result.kid}\n`);
     if (result.previous) {
       const retiring = (await services.keys.list()).find((k) => k.kid === result.previous);

@@ -547,10 +547,12 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
       .keys.map((k: { kid: string }) => k.kid);
     const oldKid = decodeProtectedHeader(adminSession.session.access_token).kid;
 
+    // Forced: on this shared database the next key may have been published only seconds ago.
     const rotate = await app.inject({
       method: 'POST',
       url: '/v1/signing-keys/rotate',
       headers: bearer(adminSession.session.access_token),
+      payload: { force: true },
     });
     expect(rotate.statusCode).toBe(200);
     const { active_kid: newKid } = rotate.json();
@@ -603,7 +605,7 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
       userAgent: null,
       requestId: null,
     };
-    await keys.rotate(context);
+    await keys.rotate(context, { force: true });
     const retiring = (await keys.list()).find((k) => k.kid === before)!;
     expect(retiring.state).toBe('retiring');
     const maxTtl = app.services.config.tokens.maxAccessTtl;
@@ -615,6 +617,65 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     expect((await keys.list()).find((k) => k.kid === before)!.state).toBe('retired');
     const jwks = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json();
     expect(jwks.keys.map((k: { kid: string }) => k.kid)).not.toContain(before);
+  });
+
+  it('refuses a rotation until the next key has been published for 10 minutes (409, Retry-After), unless forced', async () => {
+    // Its own database, so the next key's age is known: created by ensureKeys just now.
+    const pino = (await import('pino')).default;
+    const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const own = await buildTestApp({
+      deps: { database: await openMemoryDatabase(pino({ level: 'silent' })) },
+    });
+    const { keys } = own.services;
+    await keys.ensureKeys();
+    const admin = await registerUser(own, 'spacing-admin');
+    await own.services.repos.users.assignRole(admin.id, 'admin', null);
+    const { session } = await login(own, admin.email);
+    const rotate = (payload?: object) =>
+      own.inject({
+        method: 'POST',
+        url: '/v1/signing-keys/rotate',
+        headers: bearer(session.access_token),
+        ...(payload ? { payload } : {}),
+      });
+    const rotations = async () =>
+      (
+        await own.inject({
+          method: 'GET',
+          url: '/v1/audit-events?type=signing_key.rotated',
+          headers: bearer(session.access_token),
+        })
+      ).json().data as { data: { forced: boolean } }[];
+    const activeBefore = keys.activeKey().kid;
+    const next = (await keys.list()).find((k) => k.state === 'next')!;
+
+    const refused = await rotate();
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.headers['content-type']).toContain('application/problem+json');
+    expect(refused.json().code).toBe('rotation_too_soon');
+    const wait = Number(refused.headers['retry-after']);
+    expect(wait).toBeGreaterThan(590);
+    expect(wait).toBeLessThanOrEqual(600);
+    expect(keys.activeKey().kid).toBe(activeBefore);
+    expect((await keys.list()).find((k) => k.kid === next.kid)!.state).toBe('next');
+    expect(await rotations()).toEqual([]);
+    expect((await rotate({ force: 'yes' })).statusCode).toBe(400);
+    expect((await rotate({ forced: true })).statusCode).toBe(400);
+
+    // Ten minutes after the next key was published, it may sign.
+    await atTime(own, new Date(next.createdAt.getTime() + 600_000), async () => {
+      const ok = await rotate();
+      expect(ok.statusCode, ok.body).toBe(200);
+      expect(ok.json()).toEqual({ active_kid: next.kid, previous_kid: activeBefore });
+    });
+    expect(keys.activeKey().kid).toBe(next.kid);
+
+    // The new next key is seconds old: refused again, and forcing it through is audited as forced.
+    expect((await rotate()).statusCode).toBe(409);
+    const forced = await rotate({ force: true });
+    expect(forced.statusCode, forced.body).toBe(200);
+    expect(keys.activeKey().kid).toBe(forced.json().active_kid);
+    expect((await rotations()).map((e) => e.data.forced).sort()).toEqual([false, true]);
   });
 
   it('keeps a user without keys:write from rotating (403) and anonymous callers out (401)', async () => {

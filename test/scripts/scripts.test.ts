@@ -260,12 +260,17 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
     'rotate-signing-key makes a new key active and leaves the old one retiring',
     async () => {
       // The first run also creates the keys on a database that has none yet.
-      const first = await run(target, 'rotate-signing-key', []);
+      const first = await run(target, 'rotate-signing-key', ['--force']);
       expect(first.code, first.stderr).toBe(0);
       const firstKid = /active signing key: (\S+)/.exec(first.stdout)?.[1];
       expect(firstKid).toBeDefined();
 
-      const second = await run(target, 'rotate-signing-key', []);
+      // Unforced, right after: the new next key has been published for seconds only.
+      const refused = await run(target, 'rotate-signing-key', []);
+      expect(refused.code).toBe(1);
+      expect(refused.stderr).toContain('(rotation_too_soon)');
+
+      const second = await run(target, 'rotate-signing-key', ['--force']);
       expect(second.code, second.stderr).toBe(0);
       const secondKid = /active signing key: (\S+)/.exec(second.stdout)?.[1];
       expect(secondKid).toBeDefined();
@@ -293,7 +298,7 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
     async () => {
       await withApp(target, async (app) => {
         const before = app.services.keys.activeKey().kid;
-        const result = await run(target, 'rotate-signing-key', []);
+        const result = await run(target, 'rotate-signing-key', ['--force']);
         expect(result.code, result.stderr).toBe(0);
         const rotated = /active signing key: (\S+)/.exec(result.stdout)?.[1];
         expect(rotated).not.toBe(before);

@@ -34,6 +34,19 @@ const toDto = (k: SigningKeyRow) => ({
   published_until: k.state === 'retired' ? null : (k.publishUntil?.toISOString() ?? null),
 });
 
+const RotateSigningKeyBodySchema = z
+  .object({
+    force: z
+      .boolean()
+      .optional()
+      .describe(
+        'Rotate even though the next key has been published for less than 10 minutes (a compromised key): ' +
+          'verifiers holding an older cached JWKS must refetch it to accept the new tokens',
+      ),
+  })
+  .strict()
+  .meta({ id: 'RotateSigningKeyBody' });
+
 export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: SigningKeysService }) {
   const r = app.withTypeProvider<ZodTypeProvider>();
   r.get(
@@ -60,15 +73,19 @@ export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: Sign
         operationId: 'rotateSigningKey',
         summary:
           'Rotate: the published next key starts signing; the old one verifies until its tokens expire',
+        description:
+          'The next key must have been in the JWKS for 10 minutes (verifiers cache it that long): before ' +
+          'that, 409 `rotation_too_soon` with `Retry-After`, and nothing changes, unless `force: true`.',
         security: bearerOrApiKey,
+        body: RotateSigningKeyBodySchema.nullish(),
         response: {
           200: z.object({ active_kid: z.string(), previous_kid: z.string().nullable() }),
-          ...problems(401, 403, 503),
+          ...problems(400, 401, 403, 409, 503),
         },
       },
     },
     async (request) => {
-      const result = await deps.keys.rotate(requestContext(request));
+      const result = await deps.keys.rotate(requestContext(request), { force: request.body?.force });
       return { active_kid: result.kid, previous_kid: result.previous };
     },
   );

@@ -4,6 +4,7 @@ import type { Logger } from 'pino';
 import type { Database, Transaction } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import { decrypt, encrypt } from '../../lib/crypto.js';
+import { AppError } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SigningKeyRow, SigningKeysRepository } from './signing-keys.repository.js';
@@ -51,7 +52,9 @@ export const JWKS_CACHE_SECONDS = 600;
 /**
  * Signing keys: next (published, not signing) → active → retiring (published until its last token
  * expired + 10 min) → retired. Because the next key is published from its creation, a rotation only
- * ever starts signing with a key verifiers have already been shown.
+ * ever starts signing with a key verifiers have already been shown; and a rotation waits until the
+ * next key has been published for JWKS_CACHE_SECONDS, so that no verifier's cached JWKS lacks it,
+ * unless it is forced (a compromised key must stop signing now).
  */
 export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   let active: ActiveSigningKey | undefined;
@@ -114,20 +117,24 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     await reload();
   }
 
-  async function rotateIn(
-    tx: Transaction,
-    context: RequestContext,
-  ): Promise<{ kid: string; previous: string | null }> {
+  type Rotation = { kid: string; previous: string | null } | { tooSoonBy: number; createdNext: boolean };
+
+  async function rotateIn(tx: Transaction, context: RequestContext, force: boolean): Promise<Rotation> {
     await deps.repo.lock(tx);
     const now = deps.clock.now();
     const rows = await deps.repo.listPublished(now, tx);
     const current = rows.filter((r) => r.state === 'active');
     let next = rows.find((r) => r.state === 'next');
+    const createdNext = !next;
     if (!next) {
       const row = await newKeyRow('next', now);
       await deps.repo.insert(row, tx);
       next = { ...row, retiringAt: null, publishUntil: null } as SigningKeyRow;
     }
+    const publishedFor = Math.floor((now.getTime() - next.createdAt.getTime()) / 1000);
+    // Refused, not thrown: a next key created just now is kept (committed) for the later rotation.
+    if (!force && publishedFor < JWKS_CACHE_SECONDS)
+      return { tooSoonBy: JWKS_CACHE_SECONDS - publishedFor, createdNext };
     for (const c of current) {
       await deps.repo.update(
         c.kid,
@@ -144,7 +151,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     await deps.audit.record(tx, context, {
       type: 'signing_key.rotated',
       subjectId: next.kid,
-      data: { previous: current.map((c) => c.kid), alg: next.alg },
+      data: {
+        previous: current.map((c) => c.kid),
+        alg: next.alg,
+        forced: force,
+        published_for: publishedFor,
+      },
     });
     return { kid: next.kid, previous: current[0]?.kid ?? null };
   }
@@ -164,14 +176,30 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     jwks(): string {
       return jwksJson;
     },
-    async rotate(context: RequestContext) {
+    /**
+     * Promotes the next key. Refused with 409 `rotation_too_soon` (and Retry-After) while the next
+     * key has been published for less than JWKS_CACHE_SECONDS, unless `force`.
+     */
+    async rotate(context: RequestContext, options: { force?: boolean } = {}) {
+      const force = options.force === true;
       const result = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const r = await rotateIn(tx, context);
-        emit({ type: 'signing_keys_changed' });
+        const r = await rotateIn(tx, context, force);
+        if (!('tooSoonBy' in r) || r.createdNext) emit({ type: 'signing_keys_changed' });
         return r;
       });
       await reload();
-      deps.logger.info({ kid: result.kid, previous: result.previous }, 'signing key rotated');
+      if ('tooSoonBy' in result) {
+        throw new AppError('rotation_too_soon', {
+          detail:
+            `The next signing key has been published for less than ${JWKS_CACHE_SECONDS / 60} minutes, and ` +
+            `verifiers may cache the JWKS that long: rotate again in ${result.tooSoonBy} s, or with ` +
+            '`force: true` (the script’s --force) to sign with it now, for a compromised key.',
+          headers: { 'retry-after': String(result.tooSoonBy) },
+        });
+      }
+      if (force)
+        deps.logger.warn({ kid: result.kid, previous: result.previous }, 'signing key rotated (forced)');
+      else deps.logger.info({ kid: result.kid, previous: result.previous }, 'signing key rotated');
       return result;
     },
     async list() {
