@@ -60,6 +60,7 @@ export interface AuthenticateOptions {
 
 const WWW_AUTHENTICATE_INVALID = 'Bearer realm="paservices", error="invalid_token"';
 const WWW_AUTHENTICATE_MISSING = 'Bearer realm="paservices"';
+const WWW_AUTHENTICATE_INVALID_REQUEST = 'Bearer realm="paservices", error="invalid_request"';
 
 export function principalFromClaims(claims: AccessTokenClaims): Principal {
   const permissions = claims.scope ? claims.scope.split(' ').filter(Boolean) : [];
@@ -85,14 +86,48 @@ export function principalFromClaims(claims: AccessTokenClaims): Principal {
   };
 }
 
-/** The credential of a request: a bearer token or an X-API-Key. Tokens are never read from the URL. */
+/**
+ * The credential of a request: a bearer token (an access token or an API key) or an API key in
+ * X-API-Key. Undefined when there is none, when both headers are sent (one method per request, RFC
+ * 6750 §2), when X-API-Key holds anything but an API key, or when Authorization is not Bearer;
+ * `refusal` says which. Tokens are never read from the URL.
+ */
 export function credentialOf(request: FastifyRequest): string | undefined {
   const apiKey = request.headers['x-api-key'];
-  if (typeof apiKey === 'string' && apiKey.length > 0) return apiKey.trim();
+  if (typeof apiKey === 'string' && apiKey.length > 0) {
+    if (request.headers.authorization !== undefined) return undefined;
+    const key = apiKey.trim();
+    return key.startsWith(API_KEY_PREFIX) ? key : undefined;
+  }
   const header = request.headers.authorization;
   if (typeof header !== 'string') return undefined;
   const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
   return match?.[1];
+}
+
+/** Why a request that sent a credential header has no credential by `credentialOf`, or undefined. */
+function refusal(request: FastifyRequest): AppError | undefined {
+  const apiKey = request.headers['x-api-key'];
+  const hasApiKey = typeof apiKey === 'string' ? apiKey.length > 0 : apiKey !== undefined;
+  if (hasApiKey && request.headers.authorization !== undefined) {
+    return new AppError('bad_request', {
+      detail: 'Send one credential: an Authorization header or an X-API-Key header, not both',
+      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID_REQUEST },
+    });
+  }
+  if (hasApiKey) {
+    return new AppError('invalid_token', {
+      detail: `X-API-Key carries an API key (${API_KEY_PREFIX}…); send access tokens as Authorization: Bearer`,
+      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+    });
+  }
+  if (request.headers.authorization !== undefined) {
+    return new AppError('invalid_token', {
+      detail: 'Use the Authorization: Bearer scheme',
+      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+    });
+  }
+  return undefined;
 }
 
 /**
@@ -125,12 +160,8 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   async function resolve(request: FastifyRequest): Promise<Principal | undefined> {
     const credential = credentialOf(request);
     if (credential === undefined) {
-      if (request.headers.authorization !== undefined) {
-        throw new AppError('invalid_token', {
-          detail: 'Use the Authorization: Bearer scheme',
-          headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
-        });
-      }
+      const refused = refusal(request);
+      if (refused) throw refused;
       return undefined;
     }
     try {

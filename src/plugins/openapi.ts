@@ -15,6 +15,7 @@ interface DocumentedSchema {
   body?: unknown;
   params?: unknown;
   response?: Record<string, unknown>;
+  security?: unknown[];
 }
 
 /**
@@ -22,7 +23,8 @@ interface DocumentedSchema {
  * so clients generated from the document expect them: 413 (body over BODY_LIMIT) and 415 (not JSON,
  * or form data to /oauth) wherever a body may come, 414 (a path segment over 200 characters) wherever
  * there is a path parameter. Every method but GET and HEAD may carry a body, declared or not, so
- * those two (and 400, for a body that is not JSON) go on all the others. They take the route's own 400 shape: problem+json, or RFC 6749 under
+ * those two (and 400, for a body that is not JSON) go on all the others; and 400 on every operation
+ * that takes a credential (two at once). They take the route's own 400 shape: problem+json, or RFC 6749 under
  * /oauth. test/foundation/bad-input.test.ts checks every status it provokes is declared.
  */
 function declareFrameworkErrors(method: string | string[], schema: DocumentedSchema | undefined) {
@@ -39,6 +41,9 @@ function declareFrameworkErrors(method: string | string[], schema: DocumentedSch
     declare(415, 'Unsupported content type');
   }
   if (schema.params) declare(414, 'A path segment over 200 characters');
+  // The authenticate plugin refuses Authorization and X-API-Key sent together (RFC 6750 §2).
+  if (schema.security && schema.security.length > 0)
+    declare(400, 'Two credentials at once: Authorization and X-API-Key');
 }
 
 /**

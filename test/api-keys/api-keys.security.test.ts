@@ -102,6 +102,46 @@ describe('api keys: security', () => {
     }
   });
 
+  it('takes one credential per request: X-API-Key carries API keys only, and both headers at once are a 400', async () => {
+    const user = await registerUser(app, 'aks-one-credential');
+    const other = await registerUser(app, 'aks-one-credential-other');
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read', 'account:write'] });
+
+    // A JWT in X-API-Key is not an API key.
+    const jwtAsKey = await me(withKey(user.accessToken));
+    expect(jwtAsKey.statusCode).toBe(401);
+    expect(jwtAsKey.json().code).toBe('invalid_token');
+    expect(jwtAsKey.headers['www-authenticate']).toContain('error="invalid_token"');
+
+    // A key and another user's token: neither silently wins (RFC 6750 §2: one method per request).
+    for (const headers of [
+      { ...withKey(created.key), ...bearer(other.accessToken) },
+      { ...withKey(created.key), ...bearer(created.key) },
+      { ...withKey(created.key), authorization: 'Basic Og==' },
+    ]) {
+      const both = await me(headers);
+      expect(both.statusCode, both.body).toBe(400);
+      expect(both.headers['content-type']).toContain('application/problem+json');
+      expect(both.json().code).toBe('bad_request');
+      expect(both.headers['www-authenticate']).toContain('error="invalid_request"');
+    }
+    // Nothing changes under an ambiguous request either.
+    const logout = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: { ...withKey(created.key), ...bearer(other.accessToken) },
+      payload: { scope: 'all' },
+    });
+    expect(logout.statusCode).toBe(400);
+    expect((await me(bearer(other.accessToken))).statusCode).toBe(200);
+
+    const document = (await app.inject({ method: 'GET', url: '/openapi.json' })).json();
+    expect(Object.keys(document.paths['/v1/auth/me'].get.responses)).toContain('400');
+    // Each alone still works, and an empty X-API-Key counts as absent.
+    expect((await me(withKey(created.key))).json().user.id).toBe(user.id);
+    expect((await me({ ...bearer(other.accessToken), 'x-api-key': '' })).json().user.id).toBe(other.id);
+  });
+
   it('refuses scopes beyond the creator’s permissions (403), at creation and on update', async () => {
     const user = await registerUser(app, 'aks-beyond');
     for (const scopes of [['users:read'], ['*'], ['api_keys:*'], ['account:read', 'roles:write']]) {
