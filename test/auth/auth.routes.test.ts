@@ -62,6 +62,42 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     }
   });
 
+  it('refuses a password that is not well-formed Unicode (400), which would hash like a different one', async () => {
+    // A lone surrogate is encoded as U+FFFD for hashing: '\ud800', '\udfff' and '\ufffd' would all match.
+    const email = uniqueEmail('surrogate');
+    const lone = 'correct horse \ud800 battery';
+    const register = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: lone },
+    });
+    expect(register.statusCode, register.body).toBe(400);
+    expect(register.json().errors).toEqual([expect.objectContaining({ field: 'body.password' })]);
+    const user = await registerUser(app);
+    const surrogateLogin = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: `${PASSWORD}\udfff` },
+    });
+    expect(surrogateLogin.statusCode).toBe(400);
+    const change = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: lone },
+    });
+    expect(change.statusCode).toBe(400);
+    expect(change.json().errors).toEqual([expect.objectContaining({ field: 'body.new_password' })]);
+    // Nothing was created or changed: the email is free, the old password still works.
+    const later = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: 'correct horse \u{1F40E} battery' },
+    });
+    expect(later.statusCode, later.body).toBe(201);
+    expect((await login(app, user.email)).session.access_token).toBeTruthy();
+  });
+
   it('answers unknown email and wrong password identically', async () => {
     const user = await registerUser(app);
     const wrong = await app.inject({

@@ -7,11 +7,18 @@ export const EmailSchema = z
   .pipe(z.email())
   .describe('Email address')
   .meta({ example: 'ada@example.com' });
-/** Length is checked by the service (422 weak_password), so only a hard cap lives here. */
+/**
+ * Length is checked by the service (422 weak_password), so only a hard cap lives here, and well-formed
+ * Unicode: a lone surrogate (`\ud800`) is hashed as U+FFFD, so two different passwords would match.
+ */
+const LONE_SURROGATE = /\p{Cs}/u; // in u-mode a surrogate pair is one code point, so only lone ones match
 const PasswordSchema = z
   .string()
   .min(1)
   .max(1024)
+  .refine((p) => !LONE_SURROGATE.test(p), {
+    message: 'must be well-formed Unicode (a lone surrogate is not)',
+  })
   .describe('8 to 128 characters; common passwords are refused')
   .meta({ example: 'plum lantern velvet 42' });
 
