@@ -62,7 +62,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
   /** Events that revoke every token of these sessions on every instance. */
   async function revocationEvents(tx: Executor, sessionIds: string[]): Promise<AuthEvent[]> {
     const until = addSeconds(deps.clock.now(), deps.ttl.maxAccess);
-    return Promise.all(sessionIds.map((id) => deps.revocations.revoke(tx, 'session', id, until)));
+    return deps.revocations.revokeAll(tx, 'session', sessionIds, until);
   }
 
   async function accessTokenFor(user: UserRow, sessionId: string) {

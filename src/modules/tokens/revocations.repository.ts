@@ -6,11 +6,12 @@ export type RevocationRow = typeof revocations.$inferSelect;
 
 export function createRevocationsRepository(db: Executor) {
   return {
-    /** Records (or moves forward) a revocation. */
-    async upsert(row: RevocationRow, tx: Executor = db): Promise<void> {
+    /** Records (or moves forward) revocations, in one statement; the (kind, value) pairs must differ. */
+    async upsert(rows: RevocationRow[], tx: Executor = db): Promise<void> {
+      if (rows.length === 0) return;
       await tx
         .insert(revocations)
-        .values(row)
+        .values(rows)
         .onConflictDoUpdate({
           target: [revocations.kind, revocations.value],
           set: {

@@ -6,6 +6,8 @@ import type { RevocationsRepository } from './revocations.repository.js';
 
 export type RevocationKind = 'jti' | 'session' | 'subject';
 
+type RevocationEvent = Extract<AuthEvent, { type: 'revocation' }>;
+
 interface Entry {
   revokedAt: number;
   expiresAt: number;
@@ -45,6 +47,32 @@ export function createRevocationList(deps: { repo: RevocationsRepository; clock:
     for (const m of Object.values(maps)) for (const [k, v] of m) if (v.expiresAt <= now) m.delete(k);
   }
 
+  /**
+   * Writes the revocations of several values on `tx` in one statement, and returns their events. One
+   * statement, not one per value in parallel: a transaction is one connection, which runs one query
+   * at a time (node-postgres queues the others, deprecated, an error from pg 9).
+   */
+  async function revokeAll(
+    tx: Executor,
+    kind: RevocationKind,
+    values: readonly string[],
+    expiresAt: Date,
+  ): Promise<RevocationEvent[]> {
+    const unique = [...new Set(values)];
+    const revokedAt = deps.clock.now();
+    await deps.repo.upsert(
+      unique.map((value) => ({ kind, value, revokedAt, expiresAt })),
+      tx,
+    );
+    return unique.map((value) => ({
+      type: 'revocation',
+      kind,
+      value,
+      revokedAt: revokedAt.getTime(),
+      expiresAt: expiresAt.getTime(),
+    }));
+  }
+
   return {
     reload,
     prune,
@@ -54,17 +82,11 @@ export function createRevocationList(deps: { repo: RevocationsRepository; clock:
       kind: RevocationKind,
       value: string,
       expiresAt: Date,
-    ): Promise<Extract<AuthEvent, { type: 'revocation' }>> {
-      const revokedAt = deps.clock.now();
-      await deps.repo.upsert({ kind, value, revokedAt, expiresAt }, tx);
-      return {
-        type: 'revocation',
-        kind,
-        value,
-        revokedAt: revokedAt.getTime(),
-        expiresAt: expiresAt.getTime(),
-      };
+    ): Promise<RevocationEvent> {
+      const [event] = await revokeAll(tx, kind, [value], expiresAt);
+      return event!;
     },
+    revokeAll,
     handle(event: AuthEvent) {
       if (event.type === 'revocation') apply(event.kind, event.value, event);
       else if (event.type === 'resync')
