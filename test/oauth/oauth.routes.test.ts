@@ -584,6 +584,35 @@ describe('POST /oauth/introspect', () => {
     expect((await introspect(app, own.access_token, as(mine))).active).toBe(true);
   });
 
+  it('answers active:false from exp on, without the verification leeway, cached or not (RFC 7662 §2.2)', async () => {
+    const cached = await clientToken(app, mine);
+    const fresh = await clientToken(app, mine);
+    const user = await registerUser(app, 'leeway');
+    // Verified and remembered by this instance: later answers come from memory.
+    expect((await introspect(app, cached.access_token, as(mine))).active).toBe(true);
+    // The last of the three to expire (they were issued within a second or two of each other).
+    const exp = Math.max(
+      ...[cached.access_token, fresh.access_token, user.accessToken].map((t) => decodeJwt(t).exp!),
+    );
+    const offset = exp * 1000 - Date.now();
+    clock.advance(offset / 1000);
+    try {
+      // At exp exactly, and a second past it: inactive, from memory and from scratch alike.
+      expect(await introspect(app, cached.access_token, as(mine))).toEqual({ active: false });
+      expect(await introspect(app, fresh.access_token, as(auditor))).toEqual({ active: false });
+      expect(await introspect(app, user.accessToken, as(auditor))).toEqual({ active: false });
+      clock.advance(1);
+      expect(await introspect(app, cached.access_token, as(mine))).toEqual({ active: false });
+      expect(await introspect(app, fresh.access_token, as(mine))).toEqual({ active: false });
+      // This service's own endpoints keep the documented leeway (≤ 30 s), like offline verifiers.
+      const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) });
+      expect(me.statusCode).toBe(200);
+    } finally {
+      clock.advance(-(offset / 1000) - 1);
+    }
+    expect((await introspect(app, cached.access_token, as(mine))).active).toBe(true);
+  });
+
   it('introspects API keys for tokens:introspect holders only', async () => {
     const user = await registerUser(app, 'keyholder');
     const created = await app.inject({

@@ -259,6 +259,14 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     return answer;
   }
 
+  /**
+   * Introspection answers for the issuer, which needs no allowance for other clocks: a token is
+   * inactive from its `exp` on (RFC 7662 §2.2, RFC 7519 §4.1.4), not `exp` plus the 30 s leeway the
+   * verification grants offline verifiers and this service's own endpoints. (`nbf` and `iat` keep the
+   * leeway: another instance's clock may run slightly ahead of this one's.)
+   */
+  const expiredNow = (claims: AccessTokenClaims) => claims.exp * 1000 <= deps.clock.nowMs();
+
   async function verifyAccessToken(token: string): Promise<AccessTokenClaims | undefined> {
     try {
       return await deps.tokens.verify(token, { anyAudience: true });
@@ -342,7 +350,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       }
       if (!looksLikeJwt(token)) return INACTIVE;
       const claims = await verifyAccessToken(token);
-      if (!claims) return INACTIVE;
+      if (!claims || expiredNow(claims)) return INACTIVE;
       return all || claims.client_id === callerClientId ? activeAccessToken(claims) : INACTIVE;
     },
 
@@ -356,6 +364,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         return undefined;
       const claims = deps.tokens.verifyCached(token, { anyAudience: true });
       if (!claims) return undefined;
+      if (expiredNow(claims)) return INACTIVE;
       return seesEverything(caller) || claims.client_id === caller.client.clientId
         ? activeAccessToken(claims)
         : INACTIVE;
