@@ -446,6 +446,39 @@ describe('POST /oauth/token', () => {
     const next = await token({ grant_type: 'refresh_token', refresh_token: publicId.json().refresh_token });
     expect(next.statusCode).toBe(200);
   });
+  it('refresh_token grant honours a narrower scope for the access token and refuses a wider one (RFC 6749 §6)', async () => {
+    const user = await registerUser(app, 'oauth-scope');
+    // Beyond the grant (users:write), malformed, or a wildcard wider than the grant: invalid_scope,
+    // and nothing changes — the refresh token is not rotated and stays good.
+    for (const scope of ['users:write', 'account:read users:write', 'account:*', 'bad\\scope']) {
+      const wider = await token({ grant_type: 'refresh_token', refresh_token: user.refreshToken, scope });
+      expect(wider.statusCode, scope).toBe(400);
+      expect(wider.json().error, scope).toBe('invalid_scope');
+      expect(wider.headers['cache-control']).toBe('no-store');
+    }
+    const narrow = await token({
+      grant_type: 'refresh_token',
+      refresh_token: user.refreshToken,
+      scope: 'account:read',
+    });
+    expect(narrow.statusCode, narrow.body).toBe(200);
+    expect(narrow.json().scope).toBe('account:read');
+    const narrowToken = narrow.json().access_token as string;
+    expect(decodeJwt(narrowToken).scope).toBe('account:read');
+    const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(narrowToken) });
+    expect(me.statusCode).toBe(200);
+    const password = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(narrowToken),
+      payload: { current_password: user.password, new_password: 'another long passphrase 42' },
+    });
+    expect(password.statusCode).toBe(403);
+    // The refresh token keeps the original grant: the next refresh without scope has all of it.
+    const full = await token({ grant_type: 'refresh_token', refresh_token: narrow.json().refresh_token });
+    expect(full.statusCode, full.body).toBe(200);
+    expect(full.json().scope.split(' ').sort()).toEqual(['account:read', 'account:write', 'api_keys:own']);
+  });
 });
 
 describe('POST /oauth/introspect', () => {

@@ -2,6 +2,7 @@ import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import { generateSecret, keyedHash, parseSecret, REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
+import { isSubset } from '../../lib/permissions.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
@@ -37,10 +38,13 @@ export interface SessionsServiceDeps {
   onIssued?: (grant: string) => void;
 }
 
+type Held = { roles: string[]; permissions: string[] };
+
 type RefreshOutcome =
-  | { kind: 'ok'; user: UserRow; session: SessionRow; refreshToken: string }
+  | { kind: 'ok'; user: UserRow; session: SessionRow; refreshToken: string; held: Held }
   | { kind: 'reused' }
-  | { kind: 'invalid' };
+  | { kind: 'invalid' }
+  | { kind: 'scope'; foreign: string[] };
 
 /**
  * Sessions are refresh-token families. A refresh token is opaque (≥ 256 random bits), stored as an
@@ -65,8 +69,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     return deps.revocations.revokeAll(tx, 'session', sessionIds, until);
   }
 
-  async function accessTokenFor(user: UserRow, sessionId: string) {
-    const { roles, permissions } = await deps.users.rolesAndPermissions(user.id);
+  async function accessTokenFor(user: UserRow, sessionId: string, held?: Held) {
+    const { roles, permissions } = held ?? (await deps.users.rolesAndPermissions(user.id));
     const issued = await deps.tokens.issue({
       sub: user.id,
       audience: deps.audience,
@@ -106,8 +110,13 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     },
 
     /** The `session` object of API.md: a fresh access token with the user's current roles. */
-    async tokensFor(user: UserRow, sessionId: string, refreshToken: string): Promise<SessionTokens> {
-      const access = await accessTokenFor(user, sessionId);
+    async tokensFor(
+      user: UserRow,
+      sessionId: string,
+      refreshToken: string,
+      held?: Held,
+    ): Promise<SessionTokens> {
+      const access = await accessTokenFor(user, sessionId, held);
       return {
         access_token: access.token,
         token_type: 'Bearer',
@@ -116,7 +125,17 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       };
     },
 
-    async refresh(refreshToken: string, context: RequestContext): Promise<SessionTokens> {
+    /**
+     * Rotates the refresh token and issues an access token with the user's current permissions, or
+     * with `scope` (RFC 6749 §6, the OAuth refresh grant): a subset of them, for this access token
+     * only — the session keeps its whole grant. A scope beyond it is `invalid_scope` and changes
+     * nothing (the token is not rotated).
+     */
+    async refresh(
+      refreshToken: string,
+      context: RequestContext,
+      options: { scope?: readonly string[] } = {},
+    ): Promise<SessionTokens> {
       if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) {
         throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
       }
@@ -145,15 +164,26 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           }
           // Within the grace, a concurrent refresh of the same token gets its own successor in the
           // same family, instead of a spurious logout.
-        } else {
-          await deps.repo.markRotated(token.id, now, tx);
         }
+        const held = await deps.users.rolesAndPermissions(user.id, tx);
+        if (options.scope) {
+          const foreign = options.scope.filter((s) => !isSubset([s], held.permissions));
+          if (foreign.length > 0) return { kind: 'scope', foreign };
+          held.permissions = [...options.scope];
+        }
+        if (!token.rotatedAt) await deps.repo.markRotated(token.id, now, tx);
         const idleExpiresAt = new Date(
           Math.min(addSeconds(now, deps.ttl.refreshIdle).getTime(), session.expiresAt.getTime()),
         );
         await deps.repo.touchSession(session.id, now, idleExpiresAt, tx);
-        return { kind: 'ok', user, session, refreshToken: await mintRefreshToken(session.id, tx) };
+        return { kind: 'ok', user, session, held, refreshToken: await mintRefreshToken(session.id, tx) };
       });
+      if (outcome.kind === 'scope') {
+        throw new AppError('bad_request', {
+          detail: `The scope exceeds what the refresh token grants: ${outcome.foreign.join(' ')}`.slice(0, 300),
+          oauthError: 'invalid_scope',
+        });
+      }
       if (outcome.kind !== 'ok') {
         throw new AppError('invalid_refresh_token', {
           detail:
@@ -163,7 +193,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           oauthError: 'invalid_grant',
         });
       }
-      return this.tokensFor(outcome.user, outcome.session.id, outcome.refreshToken);
+      return this.tokensFor(outcome.user, outcome.session.id, outcome.refreshToken, outcome.held);
     },
 
     /** The session a refresh token belongs to (for logout and revocation), if live. */

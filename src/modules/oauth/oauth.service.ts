@@ -134,11 +134,17 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     return second > 0 && token.indexOf('.', second + 1) < 0;
   };
 
-  function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
-    if (requested === undefined) return client.scopes;
+  /** RFC 6749 §3.3: space-delimited scope tokens, deduplicated. */
+  function parseScope(requested: string): string[] {
     const scopes = [...new Set(requested.split(' ').filter(Boolean))];
     if (!scopes.every((s) => SCOPE_TOKEN.test(s)))
       throw oauthError('invalid_scope', 'The scope is malformed');
+    return scopes;
+  }
+
+  function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
+    if (requested === undefined) return client.scopes;
+    const scopes = parseScope(requested);
     const foreign = scopes.filter((s) => !isSubset([s], client.scopes));
     if (foreign.length > 0) {
       throw oauthError('invalid_scope', `The client is not registered for: ${foreign.join(' ')}`);
@@ -204,7 +210,9 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     if (session && (session.clientId ?? FIRST_PARTY_CLIENT_ID) !== callerId) {
       throw oauthError('invalid_grant', 'The refresh token was not issued to this client');
     }
-    const tokens = await deps.sessions.refresh(request.refreshToken, context);
+    // §6: a narrower scope for this access token; never one beyond the original grant.
+    const scope = request.scope === undefined ? undefined : parseScope(request.scope);
+    const tokens = await deps.sessions.refresh(request.refreshToken, context, scope ? { scope } : {});
     const claims = decodeJwt(tokens.access_token);
     return { ...tokens, scope: typeof claims.scope === 'string' ? claims.scope : '' };
   }
