@@ -180,7 +180,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       });
       if (outcome.kind === 'scope') {
         throw new AppError('bad_request', {
-          detail: `The scope exceeds what the refresh token grants: ${outcome.foreign.join(' ')}`.slice(0, 300),
+          detail: `The scope exceeds what the refresh token grants: ${outcome.foreign.join(' ')}`,
           oauthError: 'invalid_scope',
         });
       }
