@@ -37,7 +37,11 @@ import { createClientsRepository } from './modules/clients/clients.repository.js
 import { createClientsService } from './modules/clients/clients.service.js';
 import { createRetention } from './modules/housekeeping/retention.js';
 import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
-import { CLIENT_AUTH_MAX_FAILURES_PER_MINUTE, createOAuthService } from './modules/oauth/oauth.service.js';
+import {
+  CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
+  CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
+  createOAuthService,
+} from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
 
 export interface ServicesDeps {
@@ -61,6 +65,7 @@ const PURGE_INTERVAL_MS = 3600_000;
  */
 /** Redis key prefix of the shared counts of failed client authentications, per IP and client_id. */
 export const CLIENT_AUTH_FAILURES_PREFIX = 'paservices:auth:client-auth-failures:';
+export const CLIENT_AUTH_IP_FAILURES_PREFIX = 'paservices:auth:client-auth-ip-failures:';
 
 export function createServices(deps: ServicesDeps) {
   const { config, database, logger, clock } = deps;
@@ -222,6 +227,22 @@ export function createServices(deps: ServicesDeps) {
     pepper: config.secretPepper,
     maxAccessTtl: config.tokens.maxAccessTtl,
   });
+  const clientAuthFailureCounter = (max: number, prefix: string) =>
+    config.rateLimit.enabled && redis
+      ? createSharedFailureCounter({
+          redis,
+          max,
+          windowSeconds: 60,
+          clock,
+          logger,
+          prefix,
+          fallbackMessage: 'Redis unavailable: counting failed client authentications in this instance only',
+        })
+      : createMemoryFailureCounter({
+          max: config.rateLimit.enabled ? max : Number.MAX_SAFE_INTEGER,
+          windowSeconds: 60,
+          clock,
+        });
   const oauth = createOAuthService({
     db,
     clients,
@@ -237,23 +258,14 @@ export function createServices(deps: ServicesDeps) {
     apiKeys: apiKeysForOAuth(apiKeys),
     // Shared through Redis when there is one, but read from memory: only failures reach Redis, so
     // introspections that authenticate never wait for it.
-    clientAuthFailures:
-      config.rateLimit.enabled && redis
-        ? createSharedFailureCounter({
-            redis,
-            max: CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
-            windowSeconds: 60,
-            clock,
-            logger,
-            prefix: CLIENT_AUTH_FAILURES_PREFIX,
-            fallbackMessage:
-              'Redis unavailable: counting failed client authentications in this instance only',
-          })
-        : createMemoryFailureCounter({
-            max: config.rateLimit.enabled ? CLIENT_AUTH_MAX_FAILURES_PER_MINUTE : Number.MAX_SAFE_INTEGER,
-            windowSeconds: 60,
-            clock,
-          }),
+    clientAuthFailures: clientAuthFailureCounter(
+      CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
+      CLIENT_AUTH_FAILURES_PREFIX,
+    ),
+    clientAuthFailuresByIp: clientAuthFailureCounter(
+      CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
+      CLIENT_AUTH_IP_FAILURES_PREFIX,
+    ),
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     onClientAuthFailure: (reason) => metrics.clientAuthFailures.inc({ reason }),
   });

@@ -1,5 +1,5 @@
 import rateLimit, { type FastifyRateLimitStore } from '@fastify/rate-limit';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import type { Redis } from 'ioredis';
 import { LRUCache } from 'lru-cache';
@@ -75,6 +75,11 @@ async function rateLimitPlugin(app: FastifyInstance, options: { redis?: Redis | 
         headers: { 'retry-after': String(Math.ceil(context.ttl / 1000)) },
       }),
   });
+  // One counter for both routes: refreshing at /oauth/token must not dodge /v1/auth/refresh's limit.
+  app.decorate(
+    'refreshRateLimit',
+    app.rateLimit({ ...REFRESH_RATE_LIMIT, keyGenerator: (request) => `refresh-${request.ip}` }),
+  );
 }
 
 export default fp(rateLimitPlugin, { name: 'rate-limit', fastify: '5.x' });
@@ -82,3 +87,14 @@ export default fp(rateLimitPlugin, { name: 'rate-limit', fastify: '5.x' });
 /** Limits for credential endpoints, per IP per minute. */
 export const CREDENTIAL_RATE_LIMIT = { max: 30, timeWindow: '1 minute' } as const;
 export const REFRESH_RATE_LIMIT = { max: 120, timeWindow: '1 minute' } as const;
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * The per-IP budget of refresh-token redemptions (REFRESH_RATE_LIMIT), one counter shared by every
+     * route that redeems them (/v1/auth/refresh, the refresh_token grant); a hook that answers 429
+     * past it. Absent when rate limits are off.
+     */
+    refreshRateLimit?: (request: FastifyRequest, reply: FastifyReply) => Promise<unknown>;
+  }
+}

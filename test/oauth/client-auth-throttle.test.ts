@@ -1,9 +1,13 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { CLIENT_AUTH_MAX_FAILURES_PER_MINUTE } from '../../src/modules/oauth/oauth.service.js';
+import {
+  CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
+  CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
+} from '../../src/modules/oauth/oauth.service.js';
+import { REFRESH_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
 import { basic, type CreatedClient, createClient, createTestClock } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
-import { createAdmin } from '../support/factories.js';
+import { createAdmin, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 /**
@@ -114,5 +118,117 @@ describe('throttling of failed client authentication', () => {
       const res = await introspectFrom(resourceServer, client.client_secret);
       expect(res.statusCode).toBe(200);
     }
+  });
+
+  it('throttles failed client authentications per IP too, so varying the client_id does not dodge it', async () => {
+    const sprayer = '203.0.113.50';
+    const token = (
+      ip: string,
+      authorization: Record<string, string>,
+      payload = 'grant_type=client_credentials',
+    ) =>
+      app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        remoteAddress: ip,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...authorization },
+        payload,
+      });
+    // A different unknown client_id each time: the per-client limit never trips.
+    for (let i = 0; i < CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE; i++) {
+      const res = await token(sprayer, basic(`pci_sprayed${String(i).padStart(8, '0')}`, 'pcs_wrong'));
+      expect(res.statusCode, `attempt ${i}`).toBe(401);
+    }
+    const blocked = await token(sprayer, basic('pci_sprayedlast0', 'pcs_wrong'));
+    expect(blocked.statusCode).toBe(429);
+    expect(blocked.json()).toMatchObject({ error: 'temporarily_unavailable' });
+    expect(Number(blocked.headers['retry-after'])).toBeGreaterThan(0);
+    // Every client from that address, the right secret included, at every endpoint that authenticates
+    // clients (known headers too: no oracle while throttled) — until the window ends.
+    expect((await token(sprayer, basic(neighbour.client_id, neighbour.client_secret))).statusCode).toBe(429);
+    expect(
+      (await postFrom(sprayer, '/oauth/introspect', client.client_secret, 'token=x.y.z')).statusCode,
+    ).toBe(429);
+    expect((await postFrom(sprayer, '/oauth/revoke', client.client_secret, 'token=x')).statusCode).toBe(429);
+    // Other addresses are unaffected.
+    expect(
+      (await token('203.0.113.51', basic(neighbour.client_id, neighbour.client_secret))).statusCode,
+    ).toBe(200);
+    clock.advance(61);
+    expect((await token(sprayer, basic(neighbour.client_id, neighbour.client_secret))).statusCode).toBe(200);
+  });
+
+  it('takes client_credentials tokens from one IP at any rate: only failures are counted', async () => {
+    const service = '198.51.100.30';
+    for (let i = 0; i < REFRESH_RATE_LIMIT.max + 10; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        remoteAddress: service,
+        headers: {
+          'content-type': 'application/x-www-form-urlencoded',
+          ...basic(neighbour.client_id, neighbour.client_secret),
+        },
+        payload: 'grant_type=client_credentials',
+      });
+      expect(res.statusCode, `request ${i}`).toBe(200);
+    }
+  });
+
+  it('spends one per-IP refresh budget across /v1/auth/refresh and the refresh_token grant', async () => {
+    const user = await registerUser(app, 'refresh-budget');
+    const ip = '198.51.100.40';
+    const grant = (refreshToken: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        remoteAddress: ip,
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+        payload: `grant_type=refresh_token&refresh_token=${refreshToken}`,
+      });
+    const half = REFRESH_RATE_LIMIT.max / 2;
+    // Garbage refresh tokens at the grant, then at /v1/auth/refresh: one budget.
+    for (let i = 0; i < half; i++) expect((await grant(`prt_garbage${i}`)).statusCode).toBe(400);
+    for (let i = 0; i < REFRESH_RATE_LIMIT.max - half; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        remoteAddress: ip,
+        payload: { refresh_token: `prt_garbage${i}` },
+      });
+      expect(res.statusCode).toBe(401);
+    }
+    const api = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      remoteAddress: ip,
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(api.statusCode).toBe(429);
+    expect(api.headers['content-type']).toContain('application/problem+json');
+    const oauth = await grant(user.refreshToken);
+    expect(oauth.statusCode).toBe(429);
+    expect(oauth.json()).toMatchObject({ error: 'temporarily_unavailable' });
+    expect(Number(oauth.headers['retry-after'])).toBeGreaterThan(0);
+    // client_credentials from that address does not spend (nor is refused by) the refresh budget.
+    const service = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      remoteAddress: ip,
+      headers: {
+        'content-type': 'application/x-www-form-urlencoded',
+        ...basic(neighbour.client_id, neighbour.client_secret),
+      },
+      payload: 'grant_type=client_credentials',
+    });
+    expect(service.statusCode).toBe(200);
+    // The refresh token itself was never spent: from another address it still works.
+    const elsewhere = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      remoteAddress: '198.51.100.41',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(elsewhere.statusCode).toBe(200);
   });
 });

@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { forbidden, notFound } from '../../lib/errors.js';
 import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
-import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
+import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { AccountsCache } from './accounts.cache.js';
 import {
@@ -87,7 +87,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/refresh',
     {
-      config: { public: true, rateLimit: REFRESH_RATE_LIMIT },
+      config: { public: true },
+      ...(app.refreshRateLimit ? { onRequest: app.refreshRateLimit } : {}),
       schema: {
         tags: ['auth'],
         operationId: 'refresh',

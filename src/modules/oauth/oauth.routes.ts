@@ -1,9 +1,8 @@
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { AppError } from '../../lib/errors.js';
 import { clientAddress, requestContext } from '../../plugins/authenticate.js';
-import { REFRESH_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
 import { BASIC_CHALLENGE, isBasicAuthorization, parseBasicCredentials } from './oauth.client-auth.js';
@@ -155,10 +154,23 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     return { kind: 'public', clientId: FIRST_PARTY_CLIENT_ID };
   }
 
+  // No per-IP limit on every request here: services legitimately take client_credentials tokens many
+  // times a second from one address. Failed client authentications are throttled per IP and per
+  // client (the service), and the refresh_token grant spends the per-IP refresh budget it shares with
+  // /v1/auth/refresh (checked once the body says which grant it is).
+  const refreshRateLimit = app.refreshRateLimit;
   r.post(
     '/oauth/token',
     {
-      config: { public: true, rateLimit: REFRESH_RATE_LIMIT },
+      config: { public: true },
+      ...(refreshRateLimit
+        ? {
+            preHandler: (request: FastifyRequest, reply: FastifyReply) =>
+              (request.body as { grant_type?: unknown }).grant_type === 'refresh_token'
+                ? refreshRateLimit(request, reply)
+                : Promise.resolve(),
+          }
+        : {}),
       schema: {
         tags: ['oauth'],
         consumes: OAUTH_CONTENT_TYPES,

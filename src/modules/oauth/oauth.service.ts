@@ -24,6 +24,12 @@ import {
 export const INTROSPECT_PERMISSION = 'tokens:introspect';
 /** Failed authentications of one client_id from one IP per minute, on one instance, before 429. */
 export const CLIENT_AUTH_MAX_FAILURES_PER_MINUTE = 30;
+/**
+ * Failed client authentications from one IP per minute, whatever the client_id, before 429: twice the
+ * per-client limit, so one client retrying a stale secret (stopped at 30) never locks out the other
+ * clients behind its NAT or proxy, while varying the client_id no longer dodges the throttle.
+ */
+export const CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE = 60;
 const REFRESH_TOKEN_PREFIX = `${REFRESH_TOKEN_FORMAT.prefix}_`;
 /** Longer than any token this service issues; the body limit bounds it anyway. */
 const MAX_TOKEN_LENGTH = 8192;
@@ -108,6 +114,8 @@ export interface OAuthServiceDeps {
    * one of them retrying a stale secret must not lock the others out.
    */
   clientAuthFailures: FailureCounter;
+  /** Failed client authentications per caller IP, any client_id: the same rules, a higher limit. */
+  clientAuthFailuresByIp: FailureCounter;
   onIssued?: (grant: string) => void;
   /** A client authentication failed: its reason, or `throttled` when refused before any check. */
   onClientAuthFailure?: (reason: string) => void;
@@ -437,7 +445,8 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       const client = deps.clients.rememberedBasic(header);
       if (!client) return undefined;
       const wait = deps.clientAuthFailures.retryAfterNow?.(sourceOf(ip, client.clientId));
-      return wait === 0 ? { kind: 'client', client } : undefined;
+      if (wait !== 0 || deps.clientAuthFailuresByIp.retryAfterNow?.(ip ?? 'unknown') !== 0) return undefined;
+      return { kind: 'client', client };
     },
 
     /** `basicHeader`: the Authorization header the credentials came in, for `knownBasicClient`. */
@@ -448,17 +457,25 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       basicHeader?: string,
     ): Promise<OAuthCaller> {
       const source = sourceOf(context.ip, clientId);
+      const address = context.ip ?? 'unknown';
+      // Either throttle answers 429 even for the right secret: otherwise guessing could go on, the
+      // success showing through.
       const wait = await deps.clientAuthFailures.retryAfter(source);
-      if (wait > 0) {
+      const addressWait = wait > 0 ? 0 : await deps.clientAuthFailuresByIp.retryAfter(address);
+      if (wait > 0 || addressWait > 0) {
         deps.onClientAuthFailure?.('throttled');
         throw new AppError('rate_limited', {
-          detail: `Too many failed authentications of this client from this address; retry in ${wait} s`,
-          headers: { 'retry-after': String(wait) },
+          detail:
+            wait > 0
+              ? `Too many failed authentications of this client from this address; retry in ${wait} s`
+              : `Too many failed client authentications from this address; retry in ${addressWait} s`,
+          headers: { 'retry-after': String(Math.max(wait, addressWait)) },
         });
       }
       const result = await deps.clients.authenticate(clientId, secret, basicHeader);
       if (result.ok) return { kind: 'client', client: result.client };
       await deps.clientAuthFailures.recordFailure(source);
+      await deps.clientAuthFailuresByIp.recordFailure(address);
       deps.onClientAuthFailure?.(result.reason);
       if (result.client) {
         await deps.audit.record(deps.db, context, {
