@@ -10,22 +10,18 @@ export const PaginationQuerySchema = z.object({
 export const pageOf = <T extends z.ZodType>(item: T) =>
   z.object({ data: z.array(item), next_cursor: z.string().nullable() });
 
-/** Keyset cursor over (created_at, id): stable while rows are added. */
-export interface Cursor {
-  createdAt: Date;
-  id: string;
+/**
+ * A cursor is the sort key of the last row served, as base64url JSON: opaque to clients, and checked
+ * against the list's key schema when it comes back (anything else is 400 naming query.cursor).
+ */
+function encodeKey(key: readonly string[]): string {
+  return Buffer.from(JSON.stringify(key)).toString('base64url');
 }
 
-export function encodeCursor(c: Cursor): string {
-  return Buffer.from(JSON.stringify([c.createdAt.toISOString(), c.id])).toString('base64url');
-}
-
-export function decodeCursor(raw: string | undefined): Cursor | undefined {
+function decodeKey<T>(raw: string | undefined, schema: z.ZodType<T>): T | undefined {
   if (raw === undefined) return undefined;
   try {
-    const parsed: unknown = JSON.parse(Buffer.from(raw, 'base64url').toString('utf8'));
-    const tuple = z.tuple([InstantSchema, z.uuid()]).parse(parsed);
-    return { createdAt: new Date(tuple[0]), id: tuple[1] };
+    return schema.parse(JSON.parse(Buffer.from(raw, 'base64url').toString('utf8')));
   } catch {
     throw new AppError('validation_failed', {
       detail: 'The cursor is not one this service issued',
@@ -34,12 +30,46 @@ export function decodeCursor(raw: string | undefined): Cursor | undefined {
   }
 }
 
-/** Given `limit + 1` rows, the page and the cursor of the next one. */
-export function paginate<T extends { createdAt: Date; id: string }>(rows: T[], limit: number) {
+/**
+ * Keyset cursor over (an instant, a unique id): (created_at, id) for most lists, stable while rows are
+ * added; the id breaks ties between rows of the same millisecond.
+ */
+export interface Cursor {
+  at: Date;
+  id: string;
+}
+
+export function encodeCursor(c: Cursor): string {
+  return encodeKey([c.at.toISOString(), c.id]);
+}
+
+/** `id` checks the tie-breaking key: a UUID, unless the list's rows are keyed otherwise (a signing key's kid). */
+export function decodeCursor(raw: string | undefined, id: z.ZodType<string> = z.uuid()): Cursor | undefined {
+  const key = decodeKey(raw, z.tuple([InstantSchema, id]));
+  return key && { at: new Date(key[0]), id: key[1] };
+}
+
+/** Cursor of a list ordered by a unique name (roles, the permission catalogue): the last name served. */
+export function encodeNameCursor(name: string): string {
+  return encodeKey([name]);
+}
+
+/** `name` checks the name: any short string, or one of a fixed list's names. */
+export function decodeNameCursor(
+  raw: string | undefined,
+  name: z.ZodType<string> = z.string().min(1).max(200),
+): string | undefined {
+  return decodeKey(raw, z.tuple([name]))?.[0];
+}
+
+/** Given up to `limit + 1` rows in list order, the page and the cursor after its last row (null at the end). */
+export function pageBy<T>(rows: T[], limit: number, cursorOf: (last: T) => string) {
   const page = rows.slice(0, limit);
   const last = page[page.length - 1];
-  return {
-    page,
-    nextCursor: rows.length > limit && last ? encodeCursor({ createdAt: last.createdAt, id: last.id }) : null,
-  };
+  return { page, nextCursor: rows.length > limit && last !== undefined ? cursorOf(last) : null };
+}
+
+/** pageBy for lists in (created_at, id) order. */
+export function paginate<T extends { createdAt: Date; id: string }>(rows: T[], limit: number) {
+  return pageBy(rows, limit, (last) => encodeCursor({ at: last.createdAt, id: last.id }));
 }
