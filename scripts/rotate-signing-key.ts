@@ -38,7 +38,7 @@ async function main() {
     );
     process.stdout.write(`active signing key: ${result.kid}\n`);
     if (result.previous) {
-      const retiring = (await services.keys.list()).find((k) => k.kid === result.previous);
+      const retiring = await services.keys.find(result.previous);
       const until = retiring?.publishUntil ? `, published until ${retiring.publishUntil.toISOString()}` : '';
       process.stdout.write(`retiring signing key: ${result.previous}${until}\n`);
     } else {

@@ -32,6 +32,10 @@ export function createSigningKeysRepository(db: Executor) {
     async listAll(tx: Executor = db): Promise<SigningKeyRow[]> {
       return tx.select().from(signingKeys).orderBy(asc(signingKeys.createdAt));
     },
+    async find(kid: string, tx: Executor = db): Promise<SigningKeyRow | undefined> {
+      const [row] = await tx.select().from(signingKeys).where(eq(signingKeys.kid, kid)).limit(1);
+      return row;
+    },
     async insert(row: NewSigningKey, tx: Executor = db): Promise<void> {
       await tx.insert(signingKeys).values(row);
     },

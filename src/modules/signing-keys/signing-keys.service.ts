@@ -202,6 +202,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       else deps.logger.info({ kid: result.kid, previous: result.previous }, 'signing key rotated');
       return result;
     },
+    find: (kid: string) => deps.repo.find(kid),
     async list() {
       return deps.repo.listAll();
     },
