@@ -30,3 +30,28 @@ export function injectFetch(app: FastifyInstance) {
 }
 
 export const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+
+/**
+ * Every item of a paginated list (`{data, next_cursor}`), following `next_cursor` until it is null;
+ * for tests that look for their own rows in a list other files add to on the shared database.
+ */
+export async function allPages<T>(
+  app: FastifyInstance,
+  url: string,
+  headers: Record<string, string>,
+): Promise<T[]> {
+  const items: T[] = [];
+  let cursor: string | null = null;
+  do {
+    const page = await app.inject({
+      method: 'GET',
+      url: `${url}${url.includes('?') ? '&' : '?'}limit=200${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`,
+      headers,
+    });
+    if (page.statusCode !== 200) throw new Error(`GET ${url}: ${page.statusCode} ${page.body}`);
+    const body = page.json() as { data: T[]; next_cursor: string | null };
+    items.push(...body.data);
+    cursor = body.next_cursor;
+  } while (cursor);
+  return items;
+}

@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { forbidden, notFound } from '../../lib/errors.js';
+import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
@@ -225,17 +226,18 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       schema: {
         tags: ['auth'],
         operationId: 'listSessions',
-        summary: 'The caller’s live sessions',
+        summary: 'The caller’s live sessions, most recently used first',
         security: bearerOrApiKey,
-        response: { 200: SessionListSchema, ...problems(401, 403) },
+        querystring: PaginationQuerySchema.strict(),
+        response: { 200: SessionListSchema, ...problems(400, 401, 403) },
       },
     },
     async (request) => {
       const principal = principalOf(request);
       const current = principal.kind === 'user' ? principal.sessionId : undefined;
-      const rows = await deps.auth.listSessions(userIdOf(request));
+      const { page, nextCursor } = await deps.auth.listSessions(userIdOf(request), request.query);
       return {
-        data: rows.map((s) => ({
+        data: page.map((s) => ({
           id: s.id,
           created_at: s.createdAt.toISOString(),
           last_used_at: s.lastUsedAt.toISOString(),
@@ -245,6 +247,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           ip: s.ip,
           current: s.id === current,
         })),
+        next_cursor: nextCursor,
       };
     },
   );

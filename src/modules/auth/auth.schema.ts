@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { pageOf } from '../../lib/pagination.js';
 
 export const EmailSchema = z
   .string()
@@ -108,7 +109,7 @@ export const SessionInfoSchema = z
   })
   .meta({ id: 'SessionInfo' });
 
-export const SessionListSchema = z.object({ data: z.array(SessionInfoSchema) });
+export const SessionListSchema = pageOf(SessionInfoSchema);
 
 export function toUserDto(u: {
   id: string;

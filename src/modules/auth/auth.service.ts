@@ -273,8 +273,8 @@ export function createAuthService(deps: AuthServiceDeps) {
       });
     },
 
-    async listSessions(userId: string) {
-      return deps.sessions.listLive(userId);
+    async listSessions(userId: string, options: { limit: number; cursor?: string | undefined }) {
+      return deps.sessions.listLive(userId, options);
     },
 
     async endSession(userId: string, sessionId: string, context: RequestContext): Promise<void> {

@@ -1,6 +1,8 @@
 import { and, desc, eq, gt, isNull, ne } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
+import { pastCursor } from '../../db/keyset.js';
 import { refreshTokens, sessions } from '../../db/schema/index.js';
+import type { Cursor } from '../../lib/pagination.js';
 
 export type SessionRow = typeof sessions.$inferSelect;
 export type RefreshTokenRow = typeof refreshTokens.$inferSelect;
@@ -42,7 +44,16 @@ export function createSessionsRepository(db: Executor) {
       const [row] = await tx.select().from(sessions).where(eq(sessions.id, id)).limit(1);
       return row;
     },
-    async listLive(userId: string, now: Date, tx: Executor = db): Promise<SessionRow[]> {
+    /**
+     * Most recently used first, id breaking ties; `limit + 1` rows past the cursor, so the caller knows
+     * whether a page follows.
+     */
+    async listLive(
+      userId: string,
+      now: Date,
+      options: { limit: number; cursor?: Cursor | undefined },
+      tx: Executor = db,
+    ): Promise<SessionRow[]> {
       return tx
         .select()
         .from(sessions)
@@ -52,9 +63,11 @@ export function createSessionsRepository(db: Executor) {
             isNull(sessions.revokedAt),
             gt(sessions.expiresAt, now),
             gt(sessions.idleExpiresAt, now),
+            options.cursor ? pastCursor(sessions.lastUsedAt, sessions.id, options.cursor, 'desc') : undefined,
           ),
         )
-        .orderBy(desc(sessions.lastUsedAt));
+        .orderBy(desc(sessions.lastUsedAt), desc(sessions.id))
+        .limit(options.limit + 1);
     },
     /** Revokes live sessions of a user (all, or all but one); returns the ids it revoked. */
     async revokeForUser(

@@ -4,6 +4,7 @@ import { generateSecret, keyedHash, parseSecret, REFRESH_TOKEN_FORMAT } from '..
 import { AppError } from '../../lib/errors.js';
 import { isSubset } from '../../lib/permissions.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import { FIRST_PARTY_CLIENT_ID, type TokenService } from '../tokens/tokens.service.js';
@@ -247,7 +248,14 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       return revocationEvents(tx, ids);
     },
 
-    listLive: (userId: string) => deps.repo.listLive(userId, deps.clock.now()),
+    /** The user's live sessions, most recently used first, a page at a time. */
+    async listLive(userId: string, options: { limit: number; cursor?: string | undefined }) {
+      const rows = await deps.repo.listLive(userId, deps.clock.now(), {
+        limit: options.limit,
+        cursor: decodeCursor(options.cursor),
+      });
+      return pageBy(rows, options.limit, (last) => encodeCursor({ at: last.lastUsedAt, id: last.id }));
+    },
     findSession: (id: string) => deps.repo.findSession(id),
   };
 }

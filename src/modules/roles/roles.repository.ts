@@ -1,4 +1,4 @@
-import { asc, eq } from 'drizzle-orm';
+import { asc, eq, gt } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { roles } from '../../db/schema/index.js';
 
@@ -6,8 +6,17 @@ export type RoleRow = typeof roles.$inferSelect;
 
 export function createRolesRepository(db: Executor) {
   return {
-    async list(tx: Executor = db): Promise<RoleRow[]> {
-      return tx.select().from(roles).orderBy(asc(roles.name));
+    /** By name; `limit + 1` rows after the name `after`, so the caller knows whether a page follows. */
+    async list(
+      options: { limit: number; after?: string | undefined },
+      tx: Executor = db,
+    ): Promise<RoleRow[]> {
+      return tx
+        .select()
+        .from(roles)
+        .where(options.after === undefined ? undefined : gt(roles.name, options.after))
+        .orderBy(asc(roles.name))
+        .limit(options.limit + 1);
     },
     async find(name: string, tx: Executor = db): Promise<RoleRow | undefined> {
       const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1);

@@ -1,6 +1,13 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+import {
+  decodeNameCursor,
+  encodeNameCursor,
+  PaginationQuerySchema,
+  pageBy,
+  pageOf,
+} from '../../lib/pagination.js';
 import { PERMISSIONS } from '../../lib/permissions.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, PermissionSchema, problems } from '../shared/shared.schema.js';
@@ -49,6 +56,17 @@ const toDto = (r: RoleRow) => ({
 });
 
 const CATALOGUE = Object.entries(PERMISSIONS).map(([name, description]) => ({ name, description }));
+const CatalogueNameSchema = z.enum(CATALOGUE.map((p) => p.name));
+
+/** The catalogue in its declared order (grouped by resource); a page starts after the cursor's name. */
+function cataloguePage(query: { limit: number; cursor?: string | undefined }) {
+  const after = decodeNameCursor(query.cursor, CatalogueNameSchema);
+  const start = after === undefined ? 0 : CATALOGUE.findIndex((p) => p.name === after) + 1;
+  const rows = CATALOGUE.slice(start, start + query.limit + 1);
+  return pageBy(rows, query.limit, (last) => encodeNameCursor(last.name));
+}
+
+const ListQuerySchema = PaginationQuerySchema.strict();
 
 export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesService }) {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -61,15 +79,19 @@ export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesServ
       schema: {
         tags: ['roles'],
         operationId: 'listPermissions',
-        summary: 'The catalogue of permissions the service knows',
+        summary: 'The catalogue of permissions the service knows, in its fixed order (grouped by resource)',
         security,
+        querystring: ListQuerySchema,
         response: {
-          200: z.object({ data: z.array(z.object({ name: z.string(), description: z.string() })) }),
-          ...problems(401, 403),
+          200: pageOf(z.object({ name: z.string(), description: z.string() })),
+          ...problems(400, 401, 403),
         },
       },
     },
-    async () => ({ data: CATALOGUE }),
+    async (request) => {
+      const { page, nextCursor } = cataloguePage(request.query);
+      return { data: page, next_cursor: nextCursor };
+    },
   );
 
   r.get(
@@ -79,12 +101,16 @@ export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesServ
       schema: {
         tags: ['roles'],
         operationId: 'listRoles',
-        summary: 'List roles',
+        summary: 'List roles, by name',
         security,
-        response: { 200: z.object({ data: z.array(RoleSchema) }), ...problems(401, 403) },
+        querystring: ListQuerySchema,
+        response: { 200: pageOf(RoleSchema), ...problems(400, 401, 403) },
       },
     },
-    async () => ({ data: (await deps.roles.list()).map(toDto) }),
+    async (request) => {
+      const { page, nextCursor } = await deps.roles.list(request.query);
+      return { data: page.map(toDto), next_cursor: nextCursor };
+    },
   );
 
   r.get(

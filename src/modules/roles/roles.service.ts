@@ -1,6 +1,7 @@
 import type { Database } from '../../db/client.js';
 import { AppError, notFound } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
+import { decodeNameCursor, encodeNameCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { GrantCeiling, Grantor } from './grant-ceiling.js';
@@ -26,7 +27,11 @@ export function createRolesService(deps: {
   }
 
   return {
-    list: () => deps.repo.list(),
+    /** Roles by name, a page at a time. */
+    async list(options: { limit: number; cursor?: string | undefined }) {
+      const rows = await deps.repo.list({ limit: options.limit, after: decodeNameCursor(options.cursor) });
+      return pageBy(rows, options.limit, (last) => encodeNameCursor(last.name));
+    },
     get: findOrThrow,
 
     async create(

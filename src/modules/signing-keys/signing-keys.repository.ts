@@ -1,6 +1,8 @@
 import { and, asc, eq, inArray, isNull, lt, or, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
+import { pastCursor } from '../../db/keyset.js';
 import { signingKeys } from '../../db/schema/index.js';
+import type { Cursor } from '../../lib/pagination.js';
 
 export type SigningKeyRow = typeof signingKeys.$inferSelect;
 export type NewSigningKey = typeof signingKeys.$inferInsert;
@@ -29,8 +31,21 @@ export function createSigningKeysRepository(db: Executor) {
         )
         .orderBy(asc(signingKeys.createdAt));
     },
-    async listAll(tx: Executor = db): Promise<SigningKeyRow[]> {
-      return tx.select().from(signingKeys).orderBy(asc(signingKeys.createdAt));
+    /** Oldest first, kid breaking ties; `limit + 1` rows past the cursor, so the caller knows whether a page follows. */
+    async list(
+      options: { limit: number; cursor?: Cursor | undefined },
+      tx: Executor = db,
+    ): Promise<SigningKeyRow[]> {
+      return tx
+        .select()
+        .from(signingKeys)
+        .where(
+          options.cursor
+            ? pastCursor(signingKeys.createdAt, signingKeys.kid, options.cursor, 'asc')
+            : undefined,
+        )
+        .orderBy(asc(signingKeys.createdAt), asc(signingKeys.kid))
+        .limit(options.limit + 1);
     },
     async find(kid: string, tx: Executor = db): Promise<SigningKeyRow | undefined> {
       const [row] = await tx.select().from(signingKeys).where(eq(signingKeys.kid, kid)).limit(1);

@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+import { PaginationQuerySchema, pageOf } from '../../lib/pagination.js';
 import { requestContext } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import type { SigningKeyRow } from './signing-keys.repository.js';
@@ -56,12 +57,16 @@ export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: Sign
       schema: {
         tags: ['signing-keys'],
         operationId: 'listSigningKeys',
-        summary: 'Signing keys: public parts and states',
+        summary: 'Signing keys: public parts and states, oldest first',
         security: bearerOrApiKey,
-        response: { 200: z.object({ data: z.array(SigningKeySchema) }), ...problems(401, 403) },
+        querystring: PaginationQuerySchema.strict(),
+        response: { 200: pageOf(SigningKeySchema), ...problems(400, 401, 403) },
       },
     },
-    async () => ({ data: (await deps.keys.list()).map(toDto) }),
+    async (request) => {
+      const { page, nextCursor } = await deps.keys.list(request.query);
+      return { data: page.map(toDto), next_cursor: nextCursor };
+    },
   );
 
   r.post(

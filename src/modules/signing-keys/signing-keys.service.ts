@@ -1,11 +1,13 @@
 import { createPrivateKey, createPublicKey, type KeyObject, randomUUID } from 'node:crypto';
 import { exportJWK, exportPKCS8, generateKeyPair, type JWK } from 'jose';
 import type { Logger } from 'pino';
+import { z } from 'zod';
 import type { Database, Transaction } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import { decrypt, encrypt } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
+import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SigningKeyRow, SigningKeysRepository } from './signing-keys.repository.js';
 
@@ -20,6 +22,9 @@ export interface VerificationKey {
 export interface ActiveSigningKey extends VerificationKey {
   privateKey: KeyObject;
 }
+
+/** A kid in a list cursor: new keys get a UUID, but the column takes any text. */
+const KidSchema = z.string().min(1).max(200);
 
 /** What the JWKS publishes: public members only (RFC 7517), never d, p, q, dp, dq, qi, oth or k. */
 const PUBLIC_JWK_MEMBERS = ['kty', 'crv', 'x', 'y', 'n', 'e'] as const;
@@ -203,8 +208,13 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       return result;
     },
     find: (kid: string) => deps.repo.find(kid),
-    async list() {
-      return deps.repo.listAll();
+    /** Every key, oldest first, a page at a time. */
+    async list(options: { limit: number; cursor?: string | undefined }) {
+      const rows = await deps.repo.list({
+        limit: options.limit,
+        cursor: decodeCursor(options.cursor, KidSchema),
+      });
+      return pageBy(rows, options.limit, (last) => encodeCursor({ at: last.createdAt, id: last.kid }));
     },
     loadedKeys: () => loaded,
   };
