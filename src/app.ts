@@ -9,6 +9,7 @@ import { type Clock, systemClock } from './lib/clock.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
+import { jsonBodyError } from './lib/json-body.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
@@ -99,12 +100,16 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   // JSON everywhere (and form bodies for /oauth, below); anything else is a 415.
   app.removeContentTypeParser('text/plain');
-  // Fastify's own JSON parser (with the poisoning checks above), then the NUL check of lib/nul-characters.
+  // Fastify's own JSON parser (with the poisoning checks above), then the depth and number checks of
+  // lib/json-body (before anything that recurses reads the value) and the NUL check of lib/nul-characters.
   const parseJson = app.getDefaultJsonParser('error', 'error');
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, text, done) => {
     parseJson(request, text as string, (err, value) => {
-      if (err || !jsonMayHoldNul(text as string)) return done(err, value);
+      if (err) return done(err, value);
+      const invalid = jsonBodyError(value);
+      if (invalid) return done(invalid);
+      if (!jsonMayHoldNul(text as string)) return done(null, value);
       const fields = nulFields(value, 'body');
       return fields.length > 0 ? done(nulError(fields)) : done(null, value);
     });

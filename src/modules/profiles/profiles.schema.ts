@@ -15,10 +15,16 @@ function isBcp47(tag: string): boolean {
 const MAX_METADATA_BYTES = 4096;
 const MAX_METADATA_DEPTH = 4;
 
-function depth(value: unknown): number {
-  if (value === null || typeof value !== 'object') return 0;
-  const children = Array.isArray(value) ? value : Object.values(value);
-  return 1 + Math.max(0, ...children.map(depth));
+/**
+ * Whether a value nests objects or arrays deeper than `levels`. It looks no further than that, so it
+ * cannot overflow the stack whatever it is given (the JSON parser bounds bodies too: lib/json-body.ts).
+ */
+function nestsDeeperThan(value: unknown, levels: number): boolean {
+  if (value === null || typeof value !== 'object') return false;
+  if (levels === 0) return true;
+  for (const child of Array.isArray(value) ? value : Object.values(value))
+    if (nestsDeeperThan(child, levels - 1)) return true;
+  return false;
 }
 
 export const PatchProfileBodySchema = z
@@ -48,11 +54,13 @@ export const PatchProfileBodySchema = z
       .meta({ example: 'Europe/London' }),
     metadata: z
       .record(z.string().max(100), z.unknown())
-      .refine(
-        (m) => Buffer.byteLength(JSON.stringify(m)) <= MAX_METADATA_BYTES,
-        `must be at most ${MAX_METADATA_BYTES} bytes of JSON`,
-      )
-      .refine((m) => depth(m) <= MAX_METADATA_DEPTH, `must nest at most ${MAX_METADATA_DEPTH} levels`)
+      // The depth first: only a value known to be shallow is written out to measure it.
+      .superRefine((m, ctx) => {
+        if (nestsDeeperThan(m, MAX_METADATA_DEPTH))
+          ctx.addIssue({ code: 'custom', message: `must nest at most ${MAX_METADATA_DEPTH} levels` });
+        else if (Buffer.byteLength(JSON.stringify(m)) > MAX_METADATA_BYTES)
+          ctx.addIssue({ code: 'custom', message: `must be at most ${MAX_METADATA_BYTES} bytes of JSON` });
+      })
       .optional()
       .describe('A JSON object (≤ 4 KiB, ≤ 4 levels) for the frontend’s own use'),
   })

@@ -1,0 +1,68 @@
+import { AppError, type FieldError } from './errors.js';
+
+/*
+ * What a JSON body must be beyond valid JSON, checked once where it is parsed (app.ts), before any
+ * schema or handler sees it. V8's JSON.parse builds a value of any depth without recursion, but nearly
+ * everything after it recurses (JSON.stringify, zod, a walk over the value), so a body of [[[[…]]]]
+ * nested 10 000 deep — 20 KB, well under BODY_LIMIT — overflowed the stack wherever it was next read
+ * and answered 500. Numbers too large for a double (`1e400`) parse as Infinity, which no field means
+ * and JSON.stringify writes back as null.
+ */
+
+/** The deepest a body may nest objects and arrays (the body itself is level 1); no field needs 10. */
+export const MAX_JSON_DEPTH = 32;
+
+interface Found {
+  /** Keys from the bad value up to the body (reversed once, on failure only). */
+  path: string[];
+  message: string;
+}
+
+const TOO_DEEP = `must nest objects and arrays at most ${MAX_JSON_DEPTH} levels deep`;
+const NOT_FINITE = 'must be a finite number';
+
+/**
+ * The first value breaking the rules. The recursion stops at MAX_JSON_DEPTH levels whatever the body
+ * holds, so it cannot overflow the stack, and it allocates nothing unless it finds something.
+ */
+function find(value: unknown, level: number): Found | undefined {
+  if (typeof value === 'number')
+    return Number.isFinite(value) ? undefined : { path: [], message: NOT_FINITE };
+  if (value === null || typeof value !== 'object') return undefined;
+  if (level > MAX_JSON_DEPTH) return { path: [], message: TOO_DEEP };
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      const item: unknown = value[i];
+      if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;
+      const found = find(item, level + 1);
+      if (found) {
+        found.path.push(String(i));
+        return found;
+      }
+    }
+  } else {
+    for (const key in value) {
+      const item: unknown = (value as Record<string, unknown>)[key];
+      if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;
+      const found = find(item, level + 1);
+      if (found) {
+        found.path.push(key);
+        return found;
+      }
+    }
+  }
+  return undefined;
+}
+
+/**
+ * A 400 `validation_failed` for a parsed JSON body nested deeper than MAX_JSON_DEPTH (named as `body`:
+ * the limit is the body's) or holding a number that is not finite (named by its path); else undefined.
+ */
+export function jsonBodyError(value: unknown): AppError | undefined {
+  const found = find(value, 1);
+  if (!found) return undefined;
+  const field =
+    found.message === TOO_DEEP || found.path.length === 0 ? 'body' : `body.${found.path.reverse().join('.')}`;
+  const errors: FieldError[] = [{ field, message: found.message }];
+  return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+}

@@ -1,0 +1,99 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { MAX_JSON_DEPTH } from '../../src/lib/json-body.js';
+import { buildTestApp } from '../support/app.js';
+import { registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/** `levels` objects ({"a":{"a":…}}) or arrays ([[…]]) inside one another, as JSON text. */
+const nested = (levels: number, kind: 'object' | 'array') =>
+  kind === 'object'
+    ? `${'{"a":'.repeat(levels)}1${'}'.repeat(levels)}`
+    : `${'['.repeat(levels)}${']'.repeat(levels)}`;
+
+describe('request bodies', () => {
+  let app: FastifyInstance;
+  let user: TestUser;
+  // A body limit that lets 50 000 levels of objects in: the depth, not the size, must refuse them.
+  const BODY_LIMIT = 1_048_576;
+
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { BODY_LIMIT: String(BODY_LIMIT) } });
+    user = await registerUser(app, 'bodies');
+  });
+
+  const profile = async () =>
+    (await app.inject({ method: 'GET', url: '/v1/profiles/me', headers: bearer(user.accessToken) })).json();
+
+  const patchProfile = (payload: string) =>
+    app.inject({
+      method: 'PATCH',
+      url: '/v1/profiles/me',
+      headers: { ...bearer(user.accessToken), 'content-type': 'application/json' },
+      payload,
+    });
+
+  it.each([
+    [10_000, 'object'],
+    [50_000, 'object'],
+    [10_000, 'array'],
+    [50_000, 'array'],
+  ] as const)(
+    'refuses %i levels of nested %ss with a 400 (not a stack overflow) and changes nothing',
+    async (levels, kind) => {
+      const before = await profile();
+      const payload = `{"display_name":"Deep","metadata":{"x":${nested(levels, kind)}}}`;
+      expect(payload.length).toBeLessThan(BODY_LIMIT);
+      const res = await patchProfile(payload);
+      expect(res.statusCode, res.body.slice(0, 300)).toBe(400);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json()).toMatchObject({
+        code: 'validation_failed',
+        errors: [{ field: 'body', message: expect.stringContaining(`${MAX_JSON_DEPTH} levels`) }],
+      });
+      expect(await profile()).toEqual(before);
+    },
+  );
+
+  it('refuses a body nested deeper than the limit on any endpoint, and takes one at the limit', async () => {
+    for (const kind of ['object', 'array'] as const) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        headers: { 'content-type': 'application/json' },
+        payload: `{"email":${nested(20_000, kind)}}`,
+      });
+      expect(res.statusCode, res.body).toBe(400);
+      expect(res.json().code).toBe('validation_failed');
+    }
+    // The body is level 1, metadata 2, so metadata at the limit nests MAX - 1 levels: refused by its own
+    // schema (at most 4 levels), not by the parser.
+    const atLimit = await patchProfile(`{"metadata":${nested(MAX_JSON_DEPTH - 1, 'object')}}`);
+    expect(atLimit.statusCode).toBe(400);
+    expect(atLimit.json().errors).toEqual([
+      { field: 'body.metadata', message: 'must nest at most 4 levels' },
+    ]);
+    const overLimit = await patchProfile(`{"metadata":${nested(MAX_JSON_DEPTH, 'object')}}`);
+    expect(overLimit.json().errors).toEqual([{ field: 'body', message: expect.stringContaining('levels') }]);
+  });
+
+  it('refuses a number too large for a double (it would be stored as null) naming the field', async () => {
+    const before = await profile();
+    for (const [payload, field] of [
+      ['{"metadata":{"a":1e400}}', 'body.metadata.a'],
+      ['{"metadata":{"list":[1,-1e999]}}', 'body.metadata.list.1'],
+    ] as const) {
+      const res = await patchProfile(payload);
+      expect(res.statusCode, payload).toBe(400);
+      expect(res.json()).toMatchObject({
+        code: 'validation_failed',
+        errors: [{ field, message: 'must be a finite number' }],
+      });
+    }
+    expect(await profile()).toEqual(before);
+    // Large but finite numbers, and ones that round to zero, are numbers like any other.
+    const fine = await patchProfile('{"metadata":{"big":1e308,"tiny":1e-400}}');
+    expect(fine.statusCode, fine.body).toBe(200);
+    expect(fine.json().metadata).toEqual({ big: 1e308, tiny: 0 });
+  });
+});
