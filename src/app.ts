@@ -98,7 +98,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       return app.errorHandler(error, request, reply);
     },
   });
-  // JSON everywhere (and form bodies for /oauth, below); anything else is a 415.
+  // JSON everywhere (and form bodies under /oauth, in its scope below); anything else is a 415.
   app.removeContentTypeParser('text/plain');
   // Fastify's own JSON parser (with the poisoning checks above), then the depth and number checks of
   // lib/json-body (before anything that recurses reads the value) and the NUL check of lib/nul-characters.
@@ -205,15 +205,6 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       exposedHeaders: ['x-request-id', 'retry-after', 'www-authenticate'],
     });
   }
-  await app.register(formbody, {
-    bodyLimit: config.bodyLimit,
-    parser: (text) => {
-      const value = parseForm(text);
-      const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
-      if (fields.length > 0) throw nulError(fields);
-      return value;
-    },
-  });
   await app.register(metricsPlugin, { metrics: services.metrics });
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
   await app.register(authenticate, {
@@ -251,7 +242,21 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(auditRoutes, { audit: services.audit });
   await app.register(apiKeysRoutes, { apiKeys: services.apiKeys });
   await app.register(clientsRoutes, { clients: services.clients, clock });
-  await app.register(oauthRoutes, { oauth: services.oauth });
+  // Form bodies (RFC 6749 §3.2) are parsed in the OAuth routes' own scope and nowhere else: every
+  // other route answers one with 415, so a cross-site HTML form (which posts without a CORS preflight)
+  // cannot log in, register or change anything.
+  await app.register(async (scope) => {
+    await scope.register(formbody, {
+      bodyLimit: config.bodyLimit,
+      parser: (text) => {
+        const value = parseForm(text);
+        const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
+        if (fields.length > 0) throw nulError(fields);
+        return value;
+      },
+    });
+    await scope.register(oauthRoutes, { oauth: services.oauth });
+  });
 
   app.decorate('services', services);
   app.addHook('onClose', async () => {

@@ -1,8 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { MAX_JSON_DEPTH } from '../../src/lib/json-body.js';
-import { buildTestApp } from '../support/app.js';
-import { registerUser, type TestUser } from '../support/factories.js';
+import { clientToken, createClient, form } from '../clients/helpers.js';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { createAdmin, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 /** `levels` objects ({"a":{"a":…}}) or arrays ([[…]]) inside one another, as JSON text. */
@@ -95,5 +96,74 @@ describe('request bodies', () => {
     const fine = await patchProfile('{"metadata":{"big":1e308,"tiny":1e-400}}');
     expect(fine.statusCode, fine.body).toBe(200);
     expect(fine.json().metadata).toEqual({ big: 1e308, tiny: 0 });
+  });
+
+  it('refuses form bodies outside /oauth with 415 problem+json, changing nothing (no login CSRF)', async () => {
+    const admin = await createAdmin(app);
+    const victim = await registerUser(app, 'form-victim');
+    const before = await profile();
+    const newEmail = uniqueEmail('form-register');
+    const cases: Array<[method: 'POST' | 'PATCH', url: string, token: string | undefined, body: string]> = [
+      ['POST', '/v1/auth/login', undefined, `email=${encodeURIComponent(victim.email)}&password=${PASSWORD}`],
+      ['POST', '/v1/auth/register', undefined, `email=${encodeURIComponent(newEmail)}&password=${PASSWORD}`],
+      ['POST', '/v1/auth/refresh', undefined, `refresh_token=${victim.refreshToken}`],
+      ['POST', '/v1/auth/logout', victim.accessToken, 'scope=all'],
+      ['PATCH', `/v1/users/${victim.id}`, admin.accessToken, 'status=disabled'],
+      ['PATCH', '/v1/profiles/me', user.accessToken, 'display_name=Forged'],
+      ['POST', '/v1/api-keys/verify', admin.accessToken, 'key=pak_x'],
+      ['POST', '/v1/roles', admin.accessToken, 'name=form-role&permissions=*'],
+    ];
+    for (const [method, url, token, payload] of cases) {
+      const res = await app.inject({
+        method,
+        url,
+        headers: { ...(token ? bearer(token) : {}), 'content-type': 'application/x-www-form-urlencoded' },
+        payload,
+      });
+      expect(res.statusCode, `${method} ${url}: ${res.body}`).toBe(415);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json().code).toBe('unsupported_media_type');
+    }
+    // The victim is still active and signed in, with the same refresh token; nothing was created.
+    const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(victim.accessToken) });
+    expect(me.statusCode).toBe(200);
+    expect(me.json().user.status).toBe('active');
+    expect(await profile()).toEqual(before);
+    const role = await app.inject({
+      method: 'GET',
+      url: '/v1/roles/form-role',
+      headers: bearer(admin.accessToken),
+    });
+    expect(role.statusCode).toBe(404);
+    const registered = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: newEmail, password: PASSWORD },
+    });
+    expect(registered.statusCode).toBe(401);
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: victim.refreshToken },
+    });
+    expect(refreshed.statusCode, refreshed.body).toBe(200);
+  });
+
+  it('still takes form bodies at /oauth/*, answering errors there in RFC 6749 form', async () => {
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const token = await clientToken(app, client);
+    expect(token.token_type).toBe('Bearer');
+    const introspection = await form(
+      app,
+      '/oauth/introspect',
+      { token: token.access_token },
+      { authorization: `Bearer ${admin.accessToken}` },
+    );
+    expect(introspection.statusCode, introspection.body).toBe(200);
+    expect(introspection.json().active).toBe(true);
+    const missing = await form(app, '/oauth/token', {});
+    expect(missing.statusCode).toBe(400);
+    expect(missing.json()).toMatchObject({ error: expect.any(String) });
   });
 });
