@@ -27,20 +27,23 @@ function common(): Set<string> {
   return commonPasswords;
 }
 
-/** ASVS 6.2: 8..128 characters (code points, no truncation), no composition rules, not a common password. */
-export function checkPasswordStrength(password: string, email?: string): void {
+/**
+ * ASVS 6.2: 8..128 characters (code points, no truncation), no composition rules, not a common password.
+ * `field` names the password in the 422's `errors` (`body.new_password` for a change).
+ */
+export function checkPasswordStrength(password: string, email?: string, field = 'body.password'): void {
   const length = [...password].length;
   if (length < 8 || length > 128) {
     throw new AppError('weak_password', {
       detail: 'The password must be 8 to 128 characters long',
-      errors: [{ field: 'body.password', message: 'must be 8 to 128 characters' }],
+      errors: [{ field, message: 'must be 8 to 128 characters' }],
     });
   }
   const lowered = password.toLowerCase();
   if (common().has(lowered) || (email && lowered === email.toLowerCase())) {
     throw new AppError('weak_password', {
       detail: 'This password is too common; choose another',
-      errors: [{ field: 'body.password', message: 'is a commonly used password' }],
+      errors: [{ field, message: 'is a commonly used password' }],
     });
   }
 }

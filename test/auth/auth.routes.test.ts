@@ -328,6 +328,27 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     await login(app, user.email, 'a brand new passphrase');
   });
 
+  it('names new_password, the field at fault, when the new password is weak', async () => {
+    const user = await registerUser(app);
+    for (const [newPassword, message] of [
+      ['short', 'must be 8 to 128 characters'],
+      ['baseball', 'is a commonly used password'],
+    ]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers: bearer(user.accessToken),
+        payload: { current_password: PASSWORD, new_password: newPassword },
+      });
+      expect(res.statusCode, newPassword).toBe(422);
+      expect(res.json()).toMatchObject({
+        code: 'weak_password',
+        errors: [{ field: 'body.new_password', message }],
+      });
+    }
+    await login(app, user.email, PASSWORD);
+  });
+
   it('of concurrent password changes that give the same current password, one wins; the others are refused and leave nothing', async () => {
     const user = await registerUser(app);
     const sessions = [user.accessToken];

@@ -247,7 +247,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     ): Promise<void> {
       const user = await deps.users.findById(userId);
       if (!user) throw notFound('user');
-      checkPasswordStrength(input.newPassword, user.email);
+      checkPasswordStrength(input.newPassword, user.email, 'body.new_password');
       const changed = await deps.provider.changePassword(
         { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
         input.currentPassword,
