@@ -1,7 +1,12 @@
 import { randomUUID } from 'node:crypto';
 import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, LogController } from 'fastify';
+import Fastify, {
+  type FastifyBaseLogger,
+  type FastifyInstance,
+  LogController,
+  type onRequestHookHandler,
+} from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
@@ -31,7 +36,7 @@ import errorHandler, { answerClientError } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
-import { responseHeaders } from './plugins/security-headers.js';
+import { NO_STORE_HEADERS, responseHeaders } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
 
 export interface AppDeps {
@@ -51,9 +56,16 @@ export interface RouteEntry {
   url: string;
   public: boolean;
   permission: string | string[] | undefined;
+  /** Answered with `Cache-Control: no-store` (config.noStore). */
+  noStore?: boolean;
 }
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
+
+const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
+  reply.headers(NO_STORE_HEADERS);
+  done();
+};
 
 /** Builds the whole service without listening and without reading the environment. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
@@ -126,15 +138,25 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // the authenticate plugin sees it.
     if (route.method === 'OPTIONS' || route.url.startsWith(DOCS_PREFIX))
       route.config = { ...(route.config ?? {}), public: true };
+    const config = (route.config ?? {}) as {
+      public?: boolean;
+      permission?: string | string[];
+      noStore?: boolean;
+    };
+    // A route answering with a credential gets no-store from a hook of its own (nothing on the others).
+    if (config.noStore === true) {
+      const hooks = route.onRequest === undefined ? [] : [route.onRequest].flat();
+      route.onRequest = [...hooks, sendNoStore];
+    }
     const methods = Array.isArray(route.method) ? route.method : [route.method];
     for (const method of methods) {
       if (method === 'HEAD') continue;
-      const config = (route.config ?? {}) as { public?: boolean; permission?: string | string[] };
       routeTable.push({
         method,
         url: route.url,
         public: config.public === true,
         permission: config.permission,
+        noStore: config.noStore === true,
       });
     }
   });
@@ -277,5 +299,7 @@ declare module 'fastify' {
     public?: boolean;
     /** The permission the principal must hold (`resource:action`), or a list of which any one will do. */
     permission?: string | string[];
+    /** The answer holds a credential (tokens, a secret, a key): sent with `Cache-Control: no-store`. */
+    noStore?: boolean;
   }
 }

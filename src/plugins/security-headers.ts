@@ -37,6 +37,16 @@ export const API_SECURITY_HEADERS: Readonly<Record<string, string>> = Object.fre
   'x-frame-options': 'DENY',
 });
 
+/**
+ * RFC 6749 §5.1 for every answer holding a credential (a token, a client secret, an API key): never
+ * stored by a browser or a proxy. Under /oauth on every answer (app.ts, by prefix); elsewhere on the
+ * routes declaring `config.noStore`.
+ */
+export const NO_STORE_HEADERS: Readonly<Record<string, string>> = Object.freeze({
+  'cache-control': 'no-store',
+  pragma: 'no-cache',
+});
+
 export interface ResponseHeadersOptions {
   /** helmet's configuration for the HTML pages (Swagger UI). */
   helmet: FastifyHelmetOptions;

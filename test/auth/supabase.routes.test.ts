@@ -317,6 +317,9 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       payload: { access_token: supabaseToken },
     });
     expect(res.statusCode, res.body).toBe(200);
+    // A session: never stored by a browser or a proxy (RFC 6749 §5.1).
+    expect(res.headers['cache-control']).toBe('no-store');
+    expect(res.headers.pragma).toBe('no-cache');
     const body = res.json();
     expect(body.user).toMatchObject({ id: supabaseId, email, status: 'active' });
     expect(body.session).toMatchObject({ token_type: 'Bearer', expires_in: 900 });

@@ -109,7 +109,7 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
   r.post(
     '/v1/api-keys',
     {
-      config: { permission: 'api_keys:own' },
+      config: { permission: 'api_keys:own', noStore: true },
       schema: {
         tags: ['api-keys'],
         operationId: 'createApiKey',
@@ -246,7 +246,7 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
   r.post(
     '/v1/api-keys/:id/rotate',
     {
-      config: { permission: WRITE },
+      config: { permission: WRITE, noStore: true },
       schema: {
         tags: ['api-keys'],
         operationId: 'rotateApiKey',

@@ -36,7 +36,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/register',
     {
-      config: { public: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['auth'],
         operationId: 'register',
@@ -69,7 +69,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/login',
     {
-      config: { public: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['auth'],
         operationId: 'login',
@@ -88,7 +88,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/refresh',
     {
-      config: { public: true },
+      config: { public: true, noStore: true },
       ...(app.refreshRateLimit ? { onRequest: app.refreshRateLimit } : {}),
       schema: {
         tags: ['auth'],
@@ -108,7 +108,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/exchange',
     {
-      config: { public: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['auth'],
         operationId: 'exchangeProviderToken',

@@ -35,7 +35,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
   r.post(
     '/v1/clients',
     {
-      config: { permission: 'clients:write' },
+      config: { permission: 'clients:write', noStore: true },
       schema: {
         tags: ['clients'],
         operationId: 'createClient',
@@ -158,7 +158,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
   r.post(
     '/v1/clients/:id/secrets',
     {
-      config: { permission: 'clients:write' },
+      config: { permission: 'clients:write', noStore: true },
       schema: {
         tags: ['clients'],
         operationId: 'rotateClientSecret',

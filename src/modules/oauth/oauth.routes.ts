@@ -3,6 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { AppError } from '../../lib/errors.js';
 import { clientAddress, requestContext } from '../../plugins/authenticate.js';
+import { NO_STORE_HEADERS } from '../../plugins/security-headers.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
 import { BASIC_CHALLENGE, isBasicAuthorization, parseBasicCredentials } from './oauth.client-auth.js';
@@ -37,10 +38,7 @@ const CREDENTIAL_PARAM_SET = new Set(CREDENTIAL_PARAMS);
  * §5.1: token responses (and every other answer here, errors and 404s included) must not be cached.
  * app.ts puts them on every response under /oauth/ in its one onRequest hook, before anything can fail.
  */
-export const OAUTH_RESPONSE_HEADERS: Readonly<Record<string, string>> = Object.freeze({
-  'cache-control': 'no-store',
-  pragma: 'no-cache',
-});
+export const OAUTH_RESPONSE_HEADERS: Readonly<Record<string, string>> = NO_STORE_HEADERS;
 
 /** RFC 6749 §3.2 asks for form bodies; JSON is accepted as well. */
 const OAUTH_CONTENT_TYPES = ['application/x-www-form-urlencoded', 'application/json'];
