@@ -2,7 +2,7 @@ import { AppError, type FieldError } from './errors.js';
 
 /*
  * What a JSON body must be beyond valid JSON, checked once where it is parsed (app.ts), before any
- * schema or handler sees it. V8's JSON.parse builds a value of any depth without recursion, but nearly
+ * schema or handler sees it: an object, not too deep, with finite numbers. V8's JSON.parse builds a value of any depth without recursion, but nearly
  * everything after it recurses (JSON.stringify, zod, a walk over the value), so a body of [[[[…]]]]
  * nested 10 000 deep — 20 KB, well under BODY_LIMIT — overflowed the stack wherever it was next read
  * and answered 500. Numbers too large for a double (`1e400`) parse as Infinity, which no field means
@@ -20,6 +20,7 @@ interface Found {
 
 const TOO_DEEP = `must nest objects and arrays at most ${MAX_JSON_DEPTH} levels deep`;
 const NOT_FINITE = 'must be a finite number';
+const NOT_AN_OBJECT = 'must be a JSON object';
 
 /**
  * The first value breaking the rules. The recursion stops at MAX_JSON_DEPTH levels whatever the body
@@ -55,11 +56,17 @@ function find(value: unknown, level: number): Found | undefined {
 }
 
 /**
- * A 400 `validation_failed` for a parsed JSON body nested deeper than MAX_JSON_DEPTH (named as `body`:
- * the limit is the body's) or holding a number that is not finite (named by its path); else undefined.
+ * A 400 `validation_failed` for a parsed JSON body that is not an object (every body of this API is
+ * one), nests deeper than MAX_JSON_DEPTH (both named as `body`) or holds a number that is not finite
+ * (named by its path); else undefined. Fastify hands an absent body to the route as null, so the body
+ * `null` must be refused here, where the two still differ: a route whose body is optional took it for
+ * no body at all.
  */
 export function jsonBodyError(value: unknown): AppError | undefined {
-  const found = find(value, 1);
+  const found =
+    value === null || typeof value !== 'object' || Array.isArray(value)
+      ? { path: [], message: NOT_AN_OBJECT }
+      : find(value, 1);
   if (!found) return undefined;
   const field =
     found.message === TOO_DEEP || found.path.length === 0 ? 'body' : `body.${found.path.reverse().join('.')}`;

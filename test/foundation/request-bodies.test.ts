@@ -166,4 +166,58 @@ describe('request bodies', () => {
     expect(missing.statusCode).toBe(400);
     expect(missing.json()).toMatchObject({ error: expect.any(String) });
   });
+
+  it('takes an optional body as absent or an object, never JSON null (which logged out)', async () => {
+    const admin = await createAdmin(app);
+    const victim = await registerUser(app, 'null-body');
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'null-body', scopes: ['account:read'] },
+    });
+    expect(key.statusCode).toBe(201);
+    for (const [url, token] of [
+      ['/v1/auth/logout', victim.accessToken],
+      [`/v1/api-keys/${key.json().id}/rotate`, admin.accessToken],
+      [`/v1/clients/${client.id}/secrets`, admin.accessToken],
+    ] as const) {
+      const res = await app.inject({
+        method: 'POST',
+        url,
+        headers: { ...bearer(token), 'content-type': 'application/json' },
+        payload: 'null',
+      });
+      expect(res.statusCode, `${url}: ${res.body}`).toBe(400);
+      expect(res.json()).toMatchObject({
+        code: 'validation_failed',
+        errors: [{ field: 'body', message: 'must be a JSON object' }],
+      });
+    }
+    // Still signed in; the key and the secret did not rotate.
+    const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(victim.accessToken) });
+    expect(me.statusCode).toBe(200);
+    const verified = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys/verify',
+      headers: bearer(admin.accessToken),
+      payload: { key: key.json().key },
+    });
+    expect(verified.json()).toMatchObject({ valid: true });
+    await clientToken(app, client);
+    // No body at all is still the default.
+    const logout = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(victim.accessToken),
+    });
+    expect(logout.statusCode, logout.body).toBe(204);
+    const after = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(victim.accessToken),
+    });
+    expect(after.statusCode).toBe(401);
+  });
 });
