@@ -11,6 +11,7 @@ import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
 import { type Clock, systemClock } from './lib/clock.js';
+import { AppError } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
@@ -61,6 +62,16 @@ export interface RouteEntry {
 }
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
+
+/** No content coding at all, or `identity`: the only ones the body parsers read. */
+const IDENTITY = /^\s*(?:identity)?\s*$/i;
+
+/** RFC 9110 §15.5.16: an unsupported content coding is a 415, with the codings that would do. */
+const unsupportedContentCoding = () =>
+  new AppError('unsupported_media_type', {
+    detail: 'Send the body without a Content-Encoding: compressed bodies are not accepted',
+    headers: { 'accept-encoding': 'identity' },
+  });
 
 const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
   reply.headers(NO_STORE_HEADERS);
@@ -198,6 +209,14 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       const fields = [...nulFields(request.params, 'path'), ...nulFields(request.query, 'query')];
       if (fields.length > 0) return done(nulError(fields));
     }
+    const coding = request.headers['content-encoding'];
+    if (
+      coding !== undefined &&
+      request.method !== 'GET' &&
+      request.method !== 'HEAD' &&
+      !IDENTITY.test(coding)
+    )
+      return done(unsupportedContentCoding());
     done();
   });
 

@@ -1,3 +1,4 @@
+import { gzipSync } from 'node:zlib';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { MAX_JSON_DEPTH } from '../../src/lib/json-body.js';
@@ -219,5 +220,40 @@ describe('request bodies', () => {
       headers: bearer(victim.accessToken),
     });
     expect(after.statusCode).toBe(401);
+  });
+
+  it('answers a compressed body with 415 (RFC 9110 §15.5.16), in each endpoint’s error format', async () => {
+    const victim = await registerUser(app, 'gzip');
+    const login = JSON.stringify({ email: victim.email, password: PASSWORD });
+    const gzipped = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' },
+      payload: gzipSync(login),
+    });
+    expect(gzipped.statusCode, gzipped.body).toBe(415);
+    expect(gzipped.headers['content-type']).toMatch(/^application\/problem\+json/);
+    expect(gzipped.headers['accept-encoding']).toBe('identity');
+    expect(gzipped.json()).toMatchObject({
+      code: 'unsupported_media_type',
+      detail: expect.stringMatching(/Content-Encoding/),
+    });
+    const oauth = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', 'content-encoding': 'gzip' },
+      payload: gzipSync('grant_type=client_credentials'),
+    });
+    expect(oauth.statusCode, oauth.body).toBe(415);
+    expect(oauth.headers['content-type']).toMatch(/^application\/json/);
+    expect(oauth.json()).toMatchObject({ error: 'invalid_request' });
+    // The identity coding is no coding at all.
+    const identity = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { 'content-type': 'application/json', 'content-encoding': 'identity' },
+      payload: login,
+    });
+    expect(identity.statusCode, identity.body).toBe(200);
   });
 });
