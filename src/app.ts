@@ -15,7 +15,7 @@ import { AppError } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
-import { jsonBodyError } from './lib/json-body.js';
+import { forbiddenKeyError, jsonBodyError } from './lib/json-body.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
@@ -105,7 +105,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       const incoming = req.headers['x-request-id'];
       return typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
     },
-    // `__proto__` and `constructor.prototype` keys are refused with a 400 (ASVS V2).
+    // `__proto__` and `constructor.prototype` keys are refused with a 400 naming the key (ASVS V2;
+    // lib/json-body.ts says where, since Fastify's error calls the body invalid JSON).
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
@@ -129,6 +130,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, text, done) => {
     parseJson(request, text as string, (err, value) => {
+      // Fastify calls a forbidden key invalid JSON; the answer says what it is.
+      if ((err as { code?: string } | null)?.code === 'FST_ERR_CTP_INVALID_JSON_BODY')
+        return done(forbiddenKeyError(text as string) ?? err);
       if (err) return done(err, value);
       const invalid = jsonBodyError(value);
       if (invalid) return done(invalid);

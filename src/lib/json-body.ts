@@ -73,3 +73,48 @@ export function jsonBodyError(value: unknown): AppError | undefined {
   const errors: FieldError[] = [{ field, message: found.message }];
   return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
 }
+
+const FORBIDDEN = 'is a forbidden key (it could pollute object prototypes)';
+
+/** The first `__proto__` key, or `constructor` object with a `prototype` key: what secure-json-parse refuses. */
+function findForbidden(value: unknown): Found | undefined {
+  if (value === null || typeof value !== 'object') return undefined;
+  if (!Array.isArray(value)) {
+    if (Object.hasOwn(value, '__proto__')) return { path: ['__proto__'], message: FORBIDDEN };
+    const ctor: unknown = Object.hasOwn(value, 'constructor')
+      ? (value as Record<string, unknown>).constructor
+      : undefined;
+    if (ctor !== null && typeof ctor === 'object' && Object.hasOwn(ctor, 'prototype'))
+      return { path: ['prototype', 'constructor'], message: FORBIDDEN };
+  }
+  for (const key in value) {
+    const found = findForbidden((value as Record<string, unknown>)[key]);
+    if (found) {
+      found.path.push(key);
+      return found;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Why Fastify's JSON parser refused a body that is valid JSON: a forbidden key (`onProtoPoisoning`,
+ * `onConstructorPoisoning`), which its error calls "not valid JSON". A 400 `validation_failed` naming
+ * the key (or jsonBodyError's, when the body breaks one of its rules first); undefined when the text
+ * is not JSON after all. Only on that error path: the text is parsed again to find where.
+ */
+export function forbiddenKeyError(text: string): AppError | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text);
+  } catch {
+    return undefined;
+  }
+  // Within MAX_JSON_DEPTH once this passes, so the walk below cannot overflow the stack.
+  const invalid = jsonBodyError(value);
+  if (invalid) return invalid;
+  const found = findForbidden(value);
+  if (!found) return undefined;
+  const errors: FieldError[] = [{ field: `body.${found.path.reverse().join('.')}`, message: found.message }];
+  return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+}

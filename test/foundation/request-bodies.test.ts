@@ -256,4 +256,40 @@ describe('request bodies', () => {
     });
     expect(identity.statusCode, identity.body).toBe(200);
   });
+
+  it('refuses __proto__ and constructor.prototype keys with a 400 saying so, not "not valid JSON"', async () => {
+    const before = await profile();
+    for (const [payload, field] of [
+      ['{"display_name":"x","__proto__":{"admin":true}}', 'body.__proto__'],
+      [
+        '{"metadata":{"x":{"constructor":{"prototype":{"admin":true}}}}}',
+        'body.metadata.x.constructor.prototype',
+      ],
+      ['{"metadata":{"list":[1,{"\\u005f_proto__":1}]}}', 'body.metadata.list.1.__proto__'],
+    ] as const) {
+      const res = await patchProfile(payload);
+      expect(res.statusCode, payload).toBe(400);
+      expect(res.json(), payload).toMatchObject({
+        code: 'validation_failed',
+        errors: [{ field, message: expect.stringContaining('forbidden key') }],
+      });
+    }
+    expect(await profile()).toEqual(before);
+    const oauth = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json' },
+      payload: '{"grant_type":"client_credentials","__proto__":{}}',
+    });
+    expect(oauth.statusCode).toBe(400);
+    expect(oauth.json()).toMatchObject({
+      error: 'invalid_request',
+      error_description: expect.stringContaining('__proto__ is a forbidden key'),
+    });
+    // Malformed JSON is still invalid_json, and a constructor that is no object is only a field.
+    const malformed = await patchProfile('{"__proto__":');
+    expect(malformed.json()).toMatchObject({ status: 400, code: 'invalid_json' });
+    const plain = await patchProfile('{"metadata":{"constructor":"x"}}');
+    expect(plain.statusCode, plain.body).toBe(200);
+  });
 });
