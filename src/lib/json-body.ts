@@ -2,11 +2,11 @@ import { AppError, type FieldError } from './errors.js';
 
 /*
  * What a JSON body must be beyond valid JSON, checked once where it is parsed (app.ts), before any
- * schema or handler sees it: an object, not too deep, with finite numbers. V8's JSON.parse builds a value of any depth without recursion, but nearly
- * everything after it recurses (JSON.stringify, zod, a walk over the value), so a body of [[[[…]]]]
- * nested 10 000 deep — 20 KB, well under BODY_LIMIT — overflowed the stack wherever it was next read
- * and answered 500. Numbers too large for a double (`1e400`) parse as Infinity, which no field means
- * and JSON.stringify writes back as null.
+ * schema or handler sees it: an object, not too deep, with finite numbers. V8's JSON.parse builds a
+ * value of any depth without recursion, but nearly everything after it recurses (JSON.stringify, zod,
+ * a walk over the value), so a body of [[[[…]]]] nested 10 000 deep — 20 KB, well under BODY_LIMIT —
+ * overflowed the stack wherever it was next read and answered 500. Numbers too large for a double
+ * (`1e400`) parse as Infinity, which no field means and JSON.stringify writes back as null.
  */
 
 /** The deepest a body may nest objects and arrays (the body itself is level 1); no field needs 10. */
