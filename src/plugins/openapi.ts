@@ -96,6 +96,35 @@ function withResponseDescriptions<T>(document: T): T {
   return document;
 }
 
+interface RequestBodyObject {
+  required?: boolean;
+  content?: Record<string, { schema?: { anyOf?: { type?: string }[] } & Record<string, unknown> }>;
+}
+
+/**
+ * Optional bodies as optional: a route takes an optional body as `Schema.nullish()`, because Fastify
+ * hands an absent body to the route as null, and the generator writes that as a required body that
+ * may be the JSON `null`. The parser refuses a JSON `null` (lib/json-body.ts) and an absent body is
+ * fine, so the document says `required: false` with the object schema alone.
+ */
+function withOptionalBodies<T>(document: T): T {
+  const doc = document as { paths?: Record<string, Record<string, { requestBody?: RequestBodyObject }>> };
+  for (const item of Object.values(doc.paths ?? {})) {
+    for (const operation of Object.values(item)) {
+      const body = operation.requestBody;
+      for (const media of Object.values(body?.content ?? {})) {
+        const anyOf = media.schema?.anyOf;
+        if (!body || !anyOf?.some((s) => s.type === 'null')) continue;
+        const rest = anyOf.filter((s) => s.type !== 'null');
+        if (rest.length !== 1) continue;
+        media.schema = rest[0] as typeof media.schema;
+        body.required = false;
+      }
+    }
+  }
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -146,7 +175,8 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     },
     transform: jsonSchemaTransform,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
-    transformObject: (input) => withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
+    transformObject: (input) =>
+      withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
   });
 
   app.addHook('onRoute', (route) => {

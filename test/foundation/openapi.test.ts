@@ -2,7 +2,7 @@ import { Validator } from '@seriousme/openapi-schema-validator';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
-import { createAdmin } from '../support/factories.js';
+import { createAdmin, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 describe('the OpenAPI document', () => {
@@ -43,6 +43,42 @@ describe('the OpenAPI document', () => {
     };
     walk(doc, '#');
     expect(found).toEqual([]);
+  });
+
+  it('marks optional bodies optional, never as a required body that may be null (the parser refuses null)', async () => {
+    const nullable: string[] = [];
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const [method, op] of Object.entries(item)) {
+        const body = (op as { requestBody?: { content?: Record<string, { schema?: { anyOf?: object[] } }> } })
+          .requestBody;
+        for (const media of Object.values(body?.content ?? {}))
+          if (media.schema?.anyOf?.some((s) => (s as { type?: string }).type === 'null'))
+            nullable.push(`${method.toUpperCase()} ${path}`);
+      }
+    }
+    expect(nullable).toEqual([]);
+    const optional = [
+      '/v1/auth/logout',
+      '/v1/signing-keys/rotate',
+      '/v1/api-keys/{id}/rotate',
+      '/v1/clients/{id}/secrets',
+    ];
+    for (const path of optional)
+      expect(
+        (doc.paths[path]!.post as { requestBody?: { required?: boolean } }).requestBody?.required,
+        path,
+      ).toBe(false);
+    // As documented: no body at all is accepted, and the JSON null is not.
+    const user = await registerUser(app);
+    const logout = (payload?: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/logout',
+        headers: { ...bearer(user.accessToken), ...(payload ? { 'content-type': 'application/json' } : {}) },
+        ...(payload ? { payload } : {}),
+      });
+    expect((await logout('null')).statusCode).toBe(400);
+    expect((await logout()).statusCode).toBe(204);
   });
 
   it('describes every response (no "Default Response")', () => {
