@@ -91,10 +91,19 @@ async function guarded<T>(operation: () => Promise<T>): Promise<T> {
   }
 }
 
+/** Supabase's own password policy refused it: a 422 naming the field, as the service's own check does. */
+function weakPassword(error: AuthError, field: string): AppError {
+  return new AppError('weak_password', {
+    detail: error.message,
+    errors: [{ field, message: error.message }],
+    cause: error,
+  });
+}
+
 function signUpFailure(error: AuthError): AppError {
   if (isOutage(error)) return unavailable(error);
   if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
-    return new AppError('weak_password', { detail: error.message, cause: error });
+    return weakPassword(error, 'body.password');
   // Older GoTrue versions answer 400 with no code, only the message.
   if (
     error.code === 'user_already_exists' ||
@@ -204,7 +213,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
           if (error && error.code !== 'same_password') {
             if (isOutage(error)) throw unavailable(error);
             if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
-              throw new AppError('weak_password', { detail: error.message, cause: error });
+              throw weakPassword(error, 'body.new_password');
             throw new AppError('unprocessable', { detail: error.message, cause: error });
           }
           return { passwordHash: null, replaces: null };

@@ -94,6 +94,7 @@ describe('signUp', () => {
     const err = await rejection(provider.signUp(email(), 'abc'));
     expect(err.code).toBe('weak_password');
     expect(err.detail).toMatch(/at least 6 characters/);
+    expect(err.errors).toEqual([{ field: 'body.password', message: err.detail }]);
   });
 
   it('answers validation_failed for an email Supabase cannot validate', async () => {
@@ -197,6 +198,7 @@ describe('changePassword', () => {
     });
     const err = await rejection(provider.changePassword(user, 'correct horse', 'abc'));
     expect(err.code).toBe('weak_password');
+    expect(err.errors).toEqual([{ field: 'body.new_password', message: err.detail }]);
   });
 });
 
