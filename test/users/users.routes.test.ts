@@ -287,6 +287,37 @@ describe('users and roles administration', () => {
     expect(dup.statusCode).toBe(409);
   });
 
+  it('a PATCH that changes nothing writes nothing: no updated_at bump, no role.updated event', async () => {
+    const roleName = `noop-${Date.now().toString(36)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: roleName, description: 'Same', permissions: ['users:read', 'roles:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const patch = (payload: object) =>
+      app.inject({ method: 'PATCH', url: `/v1/roles/${roleName}`, headers: asAdmin(), payload });
+    const eventsOfRole = async () =>
+      (await auditEventsOf('role.updated')).filter((e) => e.subject_id === roleName);
+
+    for (const payload of [
+      {},
+      { description: 'Same' },
+      { permissions: ['roles:read', 'users:read', 'users:read'] },
+    ]) {
+      const res = await patch(payload);
+      expect(res.statusCode, res.body).toBe(200);
+      expect(res.json().updated_at).toBe(created.json().updated_at);
+    }
+    expect(await eventsOfRole()).toEqual([]);
+
+    const changed = await patch({ description: 'Different', permissions: ['roles:read', 'users:read'] });
+    expect(changed.statusCode).toBe(200);
+    expect(changed.json().description).toBe('Different');
+    expect((await eventsOfRole()).map((e) => e.data.changed)).toEqual([['description']]);
+  });
+
   it('protects built-in roles and the last admin', async () => {
     expect(
       (await app.inject({ method: 'DELETE', url: '/v1/roles/admin', headers: asAdmin() })).statusCode,

@@ -82,11 +82,21 @@ export function createRolesService(deps: {
               throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
             }
           }
+          const changed = [
+            ...(input.description !== undefined && input.description !== existing.description
+              ? ['description']
+              : []),
+            ...(permissions && permissions.join(' ') !== [...existing.permissions].sort().join(' ')
+              ? ['permissions']
+              : []),
+          ];
+          // Nothing to change: no write, no `updated_at` bump, no event that says a role changed.
+          if (changed.length === 0) return existing;
           const role = await deps.repo.update(
             name,
             {
-              ...(input.description !== undefined ? { description: input.description } : {}),
-              ...(permissions ? { permissions } : {}),
+              ...(changed.includes('description') ? { description: input.description } : {}),
+              ...(changed.includes('permissions') ? { permissions } : {}),
             },
             tx,
           );
@@ -94,7 +104,7 @@ export function createRolesService(deps: {
           await deps.audit.record(tx, context, {
             type: 'role.updated',
             subjectId: name,
-            data: { before: existing.permissions, after: role.permissions },
+            data: { changed, before: existing.permissions, after: role.permissions },
           });
           emit({ type: 'roles_changed' });
           return role;
