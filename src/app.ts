@@ -263,6 +263,23 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       });
     },
   });
+  // Every authorization failure is audited (SECURITY.md): the route's permission check and the grant
+  // ceiling write their own, richer event and mark the error; any other 403 a service raises (a key
+  // that may not log out every session, a service that may not own keys) gets one here. Runs only for
+  // requests that failed, after the change's transaction has rolled back.
+  app.addHook('onError', async (request, _reply, error) => {
+    if (!(error instanceof AppError) || error.status !== 403 || error.audited) return;
+    try {
+      await services.audit.record(services.db, requestContext(request), {
+        type: 'authorization.denied',
+        outcome: 'failure',
+        data: { route: request.routeOptions.url, method: request.method, reason: error.detail },
+      });
+      error.audited = true;
+    } catch (err) {
+      request.log.warn({ err }, 'the audit event of a refusal could not be written');
+    }
+  });
   await app.register(openapi, { publicUrl: config.publicUrl, version: SERVICE_VERSION });
 
   await app.register(healthRoutes, {

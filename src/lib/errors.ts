@@ -58,6 +58,11 @@ export class AppError extends Error {
   readonly errors: FieldError[] | undefined;
   readonly headers: Record<string, string>;
   readonly oauthError: string | undefined;
+  /**
+   * Set by whoever wrote this refusal's audit event (a 403's `authorization.denied`), so the app's
+   * onError hook, which audits every other 403, does not write a second one.
+   */
+  audited = false;
 
   constructor(code: ErrorCode, options: AppErrorOptions = {}) {
     const entry = ERROR_CATALOGUE[code];

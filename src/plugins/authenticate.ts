@@ -225,8 +225,12 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     }
     if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
       const needed = anyOf.join(' or ');
-      await options.onForbidden?.(request, needed);
-      throw new AppError('forbidden', { detail: `This needs the permission ${needed}` });
+      const refusal = new AppError('forbidden', { detail: `This needs the permission ${needed}` });
+      if (options.onForbidden) {
+        await options.onForbidden(request, needed);
+        refusal.audited = true;
+      }
+      throw refusal;
     }
   }
 

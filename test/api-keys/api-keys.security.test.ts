@@ -142,6 +142,42 @@ describe('api keys: security', () => {
     expect((await me({ ...bearer(other.accessToken), 'x-api-key': '' })).json().user.id).toBe(other.id);
   });
 
+  it('audits every 403 once: a service’s own refusal (a read-only key ending all sessions) and a route’s', async () => {
+    const user = await registerUser(app, 'aks-audited-403');
+    const readOnly = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const denials = async () =>
+      (
+        await app.inject({
+          method: 'GET',
+          url: `/v1/audit-events?type=authorization.denied&actor_id=${user.id}`,
+          headers: bearer(admin.accessToken),
+        })
+      ).json().data as { outcome: string; data: Record<string, unknown> }[];
+
+    const logoutAll = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: withKey(readOnly.key),
+      payload: { scope: 'all' },
+    });
+    expect(logoutAll.statusCode).toBe(403);
+    expect(await denials()).toEqual([
+      expect.objectContaining({
+        outcome: 'failure',
+        data: expect.objectContaining({ route: '/v1/auth/logout', reason: logoutAll.json().detail }),
+      }),
+    ]);
+    expect((await me(bearer(user.accessToken))).statusCode).toBe(200); // nothing was ended
+
+    // A route's own permission check writes its event once, not a second one from the fallback.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/users', headers: withKey(readOnly.key) })).statusCode,
+    ).toBe(403);
+    const after = await denials();
+    expect(after).toHaveLength(2);
+    expect(after.filter((e) => e.data.permission === 'users:read')).toHaveLength(1);
+  });
+
   it('refuses scopes beyond the creator’s permissions (403), at creation and on update', async () => {
     const user = await registerUser(app, 'aks-beyond');
     for (const scopes of [['users:read'], ['*'], ['api_keys:*'], ['account:read', 'roles:write']]) {

@@ -110,6 +110,7 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
               reason: err.detail,
             },
           });
+          err.audited = true;
         }
         throw err;
       }
