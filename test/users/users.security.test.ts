@@ -134,6 +134,57 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
     expect(await app.services.audit.list({ type: 'role.granted', actorId: user.id, limit: 10 })).toEqual([]);
   });
 
+  it('a demoted role manager’s old token manages no roles: no removal, creation, change or deletion', async () => {
+    const { user, role, token } = await holderOf(['roles:assign', 'roles:write', 'roles:read'], 'manager');
+    const victim = await registerUser(app, 'victim');
+    const spare = `spare-${Date.now().toString(36)}`;
+    expect(
+      (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/roles',
+          headers: bearer(admin.accessToken),
+          payload: { name: spare, description: 'as it was', permissions: ['account:read'] },
+        })
+      ).statusCode,
+    ).toBe(201);
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode).toBe(204);
+
+    // Each change is about permissions the demoted user still holds (account:read as a user): only
+    // the management permission they lost refuses it.
+    const attempts = [
+      { method: 'DELETE' as const, url: `/v1/users/${victim.id}/roles/user` },
+      {
+        method: 'POST' as const,
+        url: '/v1/roles',
+        payload: { name: `${spare}-2`, permissions: ['account:read'] },
+      },
+      { method: 'PATCH' as const, url: `/v1/roles/${spare}`, payload: { description: 'changed' } },
+      { method: 'DELETE' as const, url: `/v1/roles/${spare}` },
+    ];
+    for (const attempt of attempts) {
+      const res = await app.inject({ ...attempt, headers: bearer(token) });
+      expect(res.statusCode, `${attempt.method} ${attempt.url}: ${res.body}`).toBe(403);
+    }
+    expect(await rolesOf(victim.id)).toContain('user');
+    const roles = await app.inject({
+      method: 'GET',
+      url: `/v1/roles/${spare}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(roles.json().description).toBe('as it was');
+    expect(
+      (await app.inject({ method: 'GET', url: `/v1/roles/${spare}-2`, headers: bearer(admin.accessToken) }))
+        .statusCode,
+    ).toBe(404);
+    expect(await deniedOf(user.id)).toHaveLength(attempts.length);
+  });
+
   it('a disabled caller holds nothing: their still-cached token grants no role', async () => {
     const { user, role, token } = await holderOf(['roles:assign', 'users:read'], 'assigner-off');
     const target = await registerUser(app, 'target');

@@ -97,14 +97,17 @@ export function createClientsService(deps: ClientsServiceDeps) {
   const visibleTo = (caller: ClientCaller, row: ClientRow) =>
     isAdministrator(caller) || (caller.userId !== undefined && row.createdBy === caller.userId);
 
-  /** Nobody grants what they do not hold: within what the caller holds now, read on `tx`. */
+  /**
+   * Nobody grants what they do not hold: within what the caller holds now, read on `tx`, and with
+   * clients:write still held (a token issued before it was taken away does not go on granting).
+   */
   function assertGrantable(
     caller: ClientCaller,
     scopes: string[],
     tx: Executor,
     refusal = 'A client cannot be given permissions its creator does not hold',
   ) {
-    return deps.grants.assertHolds(caller.grantor, scopes, tx, refusal);
+    return deps.grants.assertHolds(caller.grantor, ['clients:write', ...scopes], tx, refusal);
   }
 
   function assertTtl(ttl: number | null | undefined) {

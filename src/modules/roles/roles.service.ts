@@ -7,6 +7,12 @@ import type { UsersRepository } from '../users/users.repository.js';
 import type { GrantCeiling, Grantor } from './grant-ceiling.js';
 import type { RoleRow, RolesRepository } from './roles.repository.js';
 
+/**
+ * Managing roles needs roles:write held now, like the permissions at stake: a token issued before
+ * its holder lost roles:write must not go on creating, changing or deleting roles until it expires.
+ */
+const MANAGE_ROLES = 'roles:write';
+
 /** The refusal of the grant ceiling for roles: creating, changing, deleting, granting, removing. */
 export const ROLE_REFUSAL = 'You cannot grant permissions you do not hold yourself';
 
@@ -42,7 +48,7 @@ export function createRolesService(deps: {
       const permissions = [...new Set(input.permissions)].sort();
       return deps.grants.audited(context, { action: 'role.create', subjectId: input.name }, () =>
         inTransaction(deps.db, deps.events, async (tx) => {
-          await deps.grants.assertHolds(caller, permissions, tx, ROLE_REFUSAL);
+          await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...permissions], tx, ROLE_REFUSAL);
           const role = await deps.repo.insert(
             { name: input.name, description: input.description ?? '', permissions },
             tx,
@@ -70,17 +76,15 @@ export function createRolesService(deps: {
           // Locked, so the permissions checked below are the ones this change replaces.
           const existing = await deps.repo.findForUpdate(name, tx);
           if (!existing) throw notFound('role');
-          if (permissions) {
-            // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
-            await deps.grants.assertHolds(
-              caller,
-              [...permissions, ...existing.permissions],
-              tx,
-              ROLE_REFUSAL,
-            );
-            if (existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
-              throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
-            }
+          // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
+          await deps.grants.assertHolds(
+            caller,
+            [MANAGE_ROLES, ...(permissions ? [...permissions, ...existing.permissions] : [])],
+            tx,
+            ROLE_REFUSAL,
+          );
+          if (permissions && existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
+            throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
           }
           const changed = [
             ...(input.description !== undefined && input.description !== existing.description
@@ -120,7 +124,7 @@ export function createRolesService(deps: {
           if (role.builtin)
             throw new AppError('conflict', { detail: `The built-in role ${name} cannot be deleted` });
           // Deleting a role takes its permissions from everyone who holds it.
-          await deps.grants.assertHolds(caller, role.permissions, tx, ROLE_REFUSAL);
+          await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...role.permissions], tx, ROLE_REFUSAL);
           const holders = await deps.users.countWithRole(name, tx);
           if (!(await deps.repo.delete(name, tx))) throw notFound('role');
           await deps.audit.record(tx, context, { type: 'role.deleted', subjectId: name, data: { holders } });

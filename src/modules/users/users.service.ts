@@ -33,13 +33,13 @@ export function createUsersService(deps: {
 
   /**
    * Granting or removing a role, on the transaction of the change: the user and the role exist, and
-   * the caller holds, now, all it gives.
+   * the caller holds, now, roles:assign and all the role gives.
    */
   async function assertMayChangeGrant(tx: Transaction, id: string, roleName: string, caller: Grantor) {
     if (!(await deps.repo.findById(id, tx))) throw notFound('user');
     const role = await deps.roles.find(roleName, tx);
     if (!role) throw notFound('role');
-    await deps.grants.assertHolds(caller, role.permissions, tx, ROLE_REFUSAL);
+    await deps.grants.assertHolds(caller, ['roles:assign', ...role.permissions], tx, ROLE_REFUSAL);
   }
 
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
