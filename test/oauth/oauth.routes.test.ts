@@ -794,6 +794,30 @@ describe('POST /oauth/revoke', () => {
     expect(await active(other.accessToken)).toBe(true);
   });
 
+  it('refuses Basic and X-API-Key together (invalid_request) instead of ignoring the key', async () => {
+    const user = await registerUser(app, 'basic-and-key');
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'beside basic', scopes: ['account:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const both = { ...as(mine), 'x-api-key': created.json().key as string };
+    for (const url of ['/oauth/revoke', '/oauth/introspect']) {
+      const res = await form(app, url, { token: user.accessToken }, both);
+      expect(res.statusCode, url).toBe(400);
+      expect(res.json().error).toBe('invalid_request');
+    }
+    const token = await form(app, '/oauth/token', { grant_type: 'client_credentials' }, both);
+    expect(token.statusCode).toBe(400);
+    expect(token.json().error).toBe('invalid_request');
+    expect(await active(user.accessToken)).toBe(true); // the revocation did not happen
+    // An empty X-API-Key counts as absent, as on /v1.
+    const empty = await form(app, '/oauth/revoke', { token: 'unknown' }, { ...as(mine), 'x-api-key': '' });
+    expect(empty.statusCode).toBe(200);
+  });
+
   it('refuses bad client credentials with invalid_client and a missing token with invalid_request', async () => {
     const own = await clientToken(app, mine);
     const wrong = await revoke({ token: own.access_token }, basic(mine.client_id, theirs.client_secret));

@@ -115,9 +115,15 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     const basic = isBasicAuthorization(authorization);
     const secret = present(params.client_secret);
     const clientId = present(params.client_id);
-    const otherCredential =
-      !basic && (authorization !== undefined || request.headers['x-api-key'] !== undefined);
-    if ((basic ? 1 : 0) + (secret !== undefined ? 1 : 0) + (otherCredential ? 1 : 0) > 1) {
+    // Every credential counts, X-API-Key beside Basic too: one that is ignored would let a revocation
+    // answer 200 for a caller the request did not mean (an empty header counts as absent, as on /v1).
+    const apiKey = request.headers['x-api-key'];
+    const hasApiKey = typeof apiKey === 'string' ? apiKey.length > 0 : apiKey !== undefined;
+    const otherAuthorization = !basic && authorization !== undefined;
+    const otherCredential = otherAuthorization || hasApiKey;
+    const methods =
+      (basic ? 1 : 0) + (secret !== undefined ? 1 : 0) + (otherAuthorization ? 1 : 0) + (hasApiKey ? 1 : 0);
+    if (methods > 1) {
       throw invalidRequest('Use exactly one client authentication method (RFC 6749 §2.3)');
     }
     if (basic) {
