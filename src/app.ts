@@ -15,7 +15,7 @@ import { AppError } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
-import { forbiddenKeyError, jsonBodyError } from './lib/json-body.js';
+import { forbiddenKeyError, jsonBodyError, jsonBodyText } from './lib/json-body.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
@@ -125,18 +125,21 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // JSON everywhere (and form bodies under /oauth, in its scope below); anything else is a 415.
   app.removeContentTypeParser('text/plain');
   // Fastify's own JSON parser (with the poisoning checks above), then the depth and number checks of
-  // lib/json-body (before anything that recurses reads the value) and the NUL check of lib/nul-characters.
+  // lib/json-body (before anything that recurses reads the value) and the NUL check of lib/nul-characters,
+  // on the body's bytes checked as UTF-8 first (lib/json-body's jsonBodyText).
   const parseJson = app.getDefaultJsonParser('error', 'error');
   app.removeContentTypeParser('application/json');
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, text, done) => {
-    parseJson(request, text as string, (err, value) => {
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, raw, done) => {
+    const text = jsonBodyText(raw as Buffer, request.headers['content-type']);
+    if (typeof text !== 'string') return done(text);
+    parseJson(request, text, (err, value) => {
       // Fastify calls a forbidden key invalid JSON; the answer says what it is.
       if ((err as { code?: string } | null)?.code === 'FST_ERR_CTP_INVALID_JSON_BODY')
-        return done(forbiddenKeyError(text as string) ?? err);
+        return done(forbiddenKeyError(text) ?? err);
       if (err) return done(err, value);
       const invalid = jsonBodyError(value);
       if (invalid) return done(invalid);
-      if (!jsonMayHoldNul(text as string)) return done(null, value);
+      if (!jsonMayHoldNul(text)) return done(null, value);
       const fields = nulFields(value, 'body');
       return fields.length > 0 ? done(nulError(fields)) : done(null, value);
     });

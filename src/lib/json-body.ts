@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer';
 import { AppError, type FieldError } from './errors.js';
 
 /*
@@ -117,4 +118,24 @@ export function forbiddenKeyError(text: string): AppError | undefined {
   if (!found) return undefined;
   const errors: FieldError[] = [{ field: `body.${found.path.reverse().join('.')}`, message: found.message }];
   return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+}
+
+const CHARSET = /;\s*charset\s*=\s*"?([^";\s]*)/i;
+
+/**
+ * The text of a JSON body, or the error that refuses it. JSON between systems is UTF-8 (RFC 8259
+ * §8.1): another declared charset is a 415, and bytes that are not UTF-8 a 400. Decoded leniently,
+ * every invalid sequence became U+FFFD, so passwords differing only in such bytes (a Latin-1 ü and
+ * é, or a stray 0xFF) hashed alike and matched one another.
+ */
+export function jsonBodyText(raw: Buffer, contentType: string | undefined): string | AppError {
+  const charset = contentType?.includes('charset') ? CHARSET.exec(contentType)?.[1] : undefined;
+  if (charset !== undefined && charset.toLowerCase() !== 'utf-8' && charset.toLowerCase() !== 'utf8') {
+    return new AppError('unsupported_media_type', {
+      detail: 'JSON bodies are UTF-8 (RFC 8259 §8.1): send charset=utf-8, or no charset',
+    });
+  }
+  if (!isUtf8(raw))
+    return new AppError('invalid_json', { detail: 'The body is not valid UTF-8 (RFC 8259 §8.1)' });
+  return raw.toString('utf8');
 }

@@ -257,6 +257,51 @@ describe('request bodies', () => {
     expect(identity.statusCode, identity.body).toBe(200);
   });
 
+  it('takes JSON as UTF-8 only: invalid bytes are a 400 and another charset a 415 (they matched other passwords)', async () => {
+    const email = uniqueEmail('latin');
+    const body = (password: Buffer) =>
+      Buffer.concat([Buffer.from(`{"email":"${email}","password":"`), password, Buffer.from('"}')]);
+    const latin1 = Buffer.from('Grüße aus München', 'latin1'); // ü, ß as single bytes: not UTF-8
+    const register = (payload: Buffer, contentType: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        headers: { 'content-type': contentType },
+        payload,
+      });
+
+    const declared = await register(body(latin1), 'application/json; charset=iso-8859-1');
+    expect(declared.statusCode, declared.body).toBe(415);
+    expect(declared.json().code).toBe('unsupported_media_type');
+    const undeclared = await register(body(latin1), 'application/json');
+    expect(undeclared.statusCode, undeclared.body).toBe(400);
+    expect(undeclared.json()).toMatchObject({
+      code: 'invalid_json',
+      detail: expect.stringContaining('UTF-8'),
+    });
+    const stray = await register(
+      body(Buffer.from([0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0xff])),
+      'application/json',
+    );
+    expect(stray.statusCode).toBe(400);
+    // Under /oauth too, in its own error form.
+    const oauth = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json' },
+      payload: Buffer.from('{"grant_type":"client_credentials","client_id":"\xff"}', 'latin1'),
+    });
+    expect(oauth.statusCode).toBe(400);
+    expect(oauth.json().error).toBe('invalid_request');
+
+    // Nothing was created; the same password in UTF-8, declared or not, is a registration.
+    const utf8 = await register(
+      body(Buffer.from('Grüße aus München', 'utf8')),
+      'application/json; charset=UTF-8',
+    );
+    expect(utf8.statusCode, utf8.body).toBe(201);
+  });
+
   it('refuses __proto__ and constructor.prototype keys with a 400 saying so, not "not valid JSON"', async () => {
     const before = await profile();
     for (const [payload, field] of [
