@@ -12,7 +12,8 @@ export const pageOf = <T extends z.ZodType>(item: T) =>
 
 /**
  * A cursor is the sort key of the last row served, as base64url JSON: opaque to clients, and checked
- * against the list's key schema when it comes back (anything else is 400 naming query.cursor).
+ * against the list's key schema when it comes back (anything else is 400 naming query.cursor). It is
+ * not signed: a well-formed key the service did not issue just starts the page elsewhere.
  */
 function encodeKey(key: readonly string[]): string {
   return Buffer.from(JSON.stringify(key)).toString('base64url');
@@ -21,7 +22,12 @@ function encodeKey(key: readonly string[]): string {
 function decodeKey<T>(raw: string | undefined, schema: z.ZodType<T>): T | undefined {
   if (raw === undefined) return undefined;
   try {
-    return schema.parse(JSON.parse(Buffer.from(raw, 'base64url').toString('utf8')));
+    const key: unknown = JSON.parse(Buffer.from(raw, 'base64url').toString('utf8'));
+    // No key this service issues holds a NUL, which PostgreSQL text cannot hold either: a forged one
+    // is refused here, not by the database in the query it is compared in.
+    if (Array.isArray(key) && key.some((part) => typeof part === 'string' && part.includes('\u0000')))
+      throw new Error('NUL in a cursor');
+    return schema.parse(key);
   } catch {
     throw new AppError('validation_failed', {
       detail: 'The cursor is not one this service issued',
