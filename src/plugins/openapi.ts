@@ -125,6 +125,30 @@ function withOptionalBodies<T>(document: T): T {
   return document;
 }
 
+/**
+ * Errors as they are sent: a Problem outside /oauth is `application/problem+json` (RFC 9457), which the
+ * generator writes as `application/json`; /oauth answers RFC 6749 errors as `application/json`, and
+ * /health/ready its own status object.
+ */
+const PROBLEM_REF = '#/components/schemas/Problem';
+
+function withProblemMediaType<T>(document: T): T {
+  const doc = document as {
+    paths?: Record<string, Record<string, { responses?: Record<string, ResponseObject> }>>;
+  };
+  for (const [path, item] of Object.entries(doc.paths ?? {})) {
+    if (path.startsWith('/oauth/')) continue;
+    for (const operation of Object.values(item)) {
+      for (const [status, response] of Object.entries(operation.responses ?? {})) {
+        const json = response.content?.['application/json'];
+        if (Number(status) < 400 || json?.schema?.$ref !== PROBLEM_REF || !response.content) continue;
+        response.content = { 'application/problem+json': json };
+      }
+    }
+  }
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -176,7 +200,9 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     transform: jsonSchemaTransform,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
     transformObject: (input) =>
-      withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+      withProblemMediaType(
+        withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+      ),
   });
 
   app.addHook('onRoute', (route) => {

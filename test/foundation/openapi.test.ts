@@ -81,6 +81,30 @@ describe('the OpenAPI document', () => {
     expect((await logout()).statusCode).toBe(204);
   });
 
+  it('declares errors in the media type they are sent in: problem+json, and RFC 6749 JSON under /oauth', async () => {
+    const declared = new Set<string>();
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const op of Object.values(item)) {
+        for (const [status, response] of Object.entries(
+          (op.responses ?? {}) as Record<
+            string,
+            { content?: Record<string, { schema?: { $ref?: string } }> }
+          >,
+        )) {
+          if (Number(status) < 400) continue;
+          for (const [type, media] of Object.entries(response.content ?? {}))
+            if (media.schema?.$ref === '#/components/schemas/Problem' || path.startsWith('/oauth/'))
+              declared.add(`${path.startsWith('/oauth/') ? 'oauth' : 'api'} ${type}`);
+        }
+      }
+    }
+    expect([...declared].sort()).toEqual(['api application/problem+json', 'oauth application/json']);
+    const missing = await app.inject({ method: 'GET', url: '/v1/users/not-a-uuid', headers: bearer('x') });
+    expect(missing.headers['content-type']).toMatch(/^application\/problem\+json/);
+    const oauth = await app.inject({ method: 'POST', url: '/oauth/token', payload: {} });
+    expect(oauth.headers['content-type']).toMatch(/^application\/json/);
+  });
+
   it('describes every response (no "Default Response")', () => {
     const undescribed: string[] = [];
     for (const [path, item] of Object.entries(doc.paths)) {
