@@ -465,6 +465,7 @@ describe('POST /oauth/token', () => {
     expect(narrow.json().scope).toBe('account:read');
     const narrowToken = narrow.json().access_token as string;
     expect(decodeJwt(narrowToken).scope).toBe('account:read');
+    expect(decodeJwt(narrowToken).roles).toEqual([]); // `user` would say more than account:read
     const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(narrowToken) });
     expect(me.statusCode).toBe(200);
     const password = await app.inject({
@@ -478,6 +479,14 @@ describe('POST /oauth/token', () => {
     const full = await token({ grant_type: 'refresh_token', refresh_token: narrow.json().refresh_token });
     expect(full.statusCode, full.body).toBe(200);
     expect(full.json().scope.split(' ').sort()).toEqual(['account:read', 'account:write', 'api_keys:own']);
+    expect(decodeJwt(full.json().access_token).roles).toEqual(['user']);
+    // Asking for all of it is no narrowing: the roles stay.
+    const all = await token({
+      grant_type: 'refresh_token',
+      refresh_token: full.json().refresh_token,
+      scope: 'api_keys:own account:write account:read',
+    });
+    expect(decodeJwt(all.json().access_token).roles).toEqual(['user']);
   });
 });
 

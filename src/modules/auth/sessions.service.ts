@@ -170,6 +170,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         if (options.scope) {
           const foreign = options.scope.filter((s) => !isSubset([s], held.permissions));
           if (foreign.length > 0) return { kind: 'scope', foreign };
+          // A narrowed token names no roles: a service deciding by role would read more than its scope.
+          if (!isSubset(held.permissions, options.scope)) held.roles = [];
           held.permissions = [...options.scope];
         }
         if (!token.rotatedAt) await deps.repo.markRotated(token.id, now, tx);
