@@ -80,6 +80,10 @@ export class AppError extends Error {
 
 export const isAppError = (err: unknown): err is AppError => err instanceof AppError;
 
+/** The 400 of a request with bad fields, each named in `errors` (API.md). */
+export const invalidFields = (errors: FieldError[]) =>
+  new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+
 export const notFound = (what = 'resource') =>
   new AppError('not_found', { detail: `The ${what} does not exist` });
 export const forbidden = (detail?: string) => new AppError('forbidden', detail ? { detail } : {});

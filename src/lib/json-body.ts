@@ -1,5 +1,5 @@
 import { isUtf8 } from 'node:buffer';
-import { AppError, type FieldError } from './errors.js';
+import { AppError, invalidFields } from './errors.js';
 
 /*
  * What a JSON body must be beyond valid JSON, checked once where it is parsed (app.ts), before any
@@ -71,8 +71,7 @@ export function jsonBodyError(value: unknown): AppError | undefined {
   if (!found) return undefined;
   const field =
     found.message === TOO_DEEP || found.path.length === 0 ? 'body' : `body.${found.path.reverse().join('.')}`;
-  const errors: FieldError[] = [{ field, message: found.message }];
-  return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+  return invalidFields([{ field, message: found.message }]);
 }
 
 const FORBIDDEN = 'is a forbidden key (it could pollute object prototypes)';
@@ -116,8 +115,7 @@ export function forbiddenKeyError(text: string): AppError | undefined {
   if (invalid) return invalid;
   const found = findForbidden(value);
   if (!found) return undefined;
-  const errors: FieldError[] = [{ field: `body.${found.path.reverse().join('.')}`, message: found.message }];
-  return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+  return invalidFields([{ field: `body.${found.path.reverse().join('.')}`, message: found.message }]);
 }
 
 const CHARSET = /;\s*charset\s*=\s*"?([^";\s]*)/i;

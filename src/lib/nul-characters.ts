@@ -1,4 +1,4 @@
-import { AppError, type FieldError } from './errors.js';
+import { type AppError, invalidFields } from './errors.js';
 
 /*
  * PostgreSQL text cannot hold U+0000: a NUL that reaches a query fails it (SQLSTATE 22021), so a
@@ -30,11 +30,12 @@ export function nulFields(value: unknown, root: string): string[] {
 }
 
 export function nulError(fields: string[]): AppError {
-  const errors: FieldError[] = fields.map((field) => ({
-    field: field.replaceAll(NUL, '\\u0000'),
-    message: 'must not contain NUL (U+0000) characters',
-  }));
-  return new AppError('validation_failed', { detail: 'One or more fields are invalid', errors });
+  return invalidFields(
+    fields.map((field) => ({
+      field: field.replaceAll(NUL, '\\u0000'),
+      message: 'must not contain NUL (U+0000) characters',
+    })),
+  );
 }
 
 /** Could this JSON text hold a NUL? (Only as the escape `\u0000`: a raw control character is invalid JSON.) */

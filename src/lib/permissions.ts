@@ -55,6 +55,12 @@ export function isSubset(requested: Iterable<string>, held: Iterable<string>): b
   return true;
 }
 
+/** The permissions of `requested` that `held` does not fully cover, in their order: what a refusal names. */
+export function notHeld(requested: Iterable<string>, held: Iterable<string>): string[] {
+  const heldList = [...held];
+  return [...requested].filter((r) => !holdsFully(heldList, r));
+}
+
 /**
  * What a credential limited to `scopes` may do when its owner holds `held`: each scope survives
  * only as far as the owner still holds it. Used for API keys at every use.

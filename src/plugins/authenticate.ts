@@ -105,10 +105,15 @@ export function credentialOf(request: FastifyRequest): string | undefined {
   return match?.[1];
 }
 
+/** Whether the request sent an X-API-Key header; an empty one counts as absent, as in `credentialOf`. */
+export function sentApiKey(request: FastifyRequest): boolean {
+  const apiKey = request.headers['x-api-key'];
+  return typeof apiKey === 'string' ? apiKey.length > 0 : apiKey !== undefined;
+}
+
 /** Why a request that sent a credential header has no credential by `credentialOf`, or undefined. */
 function refusal(request: FastifyRequest): AppError | undefined {
-  const apiKey = request.headers['x-api-key'];
-  const hasApiKey = typeof apiKey === 'string' ? apiKey.length > 0 : apiKey !== undefined;
+  const hasApiKey = sentApiKey(request);
   if (hasApiKey && request.headers.authorization !== undefined) {
     return new AppError('bad_request', {
       detail: 'Send one credential: an Authorization header or an X-API-Key header, not both',

@@ -7,6 +7,7 @@ import {
   AppError,
   type ErrorCode,
   type FieldError,
+  invalidFields,
   isAppError,
   isDatabaseUnavailable,
   pgErrorCode,
@@ -77,10 +78,7 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   if (isAppError(err)) return err;
   const e = err as FastifyError & { validationContext?: string };
   if (e && Array.isArray(e.validation)) {
-    return new AppError('validation_failed', {
-      detail: 'One or more fields are invalid',
-      errors: fieldErrors(e),
-    });
+    return invalidFields(fieldErrors(e));
   }
   if (err instanceof ResponseSchemaError) {
     request.log.error({ err }, 'response did not match its schema');

@@ -67,7 +67,6 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
   const principal = principalOf(request);
   return {
     userId: principal.userId,
-    permissions: principal.permissions,
     ...(principal.kind === 'api_key' ? { key: { id: principal.id, expiresAt: principal.expiresAt } } : {}),
     grantor: principal,
   };

@@ -11,7 +11,7 @@ import {
 import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
-import { hasPermission, intersectPermissions, isSubset } from '../../lib/permissions.js';
+import { hasPermission, intersectPermissions, notHeld } from '../../lib/permissions.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
@@ -23,10 +23,12 @@ import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repos
 export interface ApiKeyActor {
   /** The user the request speaks for; undefined for a service (client-credentials) principal. */
   userId: string | undefined;
-  permissions: readonly string[];
   /** The API key the request was authenticated with, if it was. */
   key?: { id: string; expiresAt: Date | null };
-  /** The request's principal, for what it may grant: what it holds now (roles/grant-ceiling.ts). */
+  /**
+   * The request's principal: its `permissions` decide what it may see and change; what it may grant
+   * is what it holds now (roles/grant-ceiling.ts).
+   */
   grantor: Grantor;
 }
 
@@ -226,7 +228,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   /** Another user's key is invisible (404, not 403) unless the actor holds `othersPermission`. */
   function assertVisible(actor: ApiKeyActor, row: ApiKeyRow | undefined, othersPermission: string) {
     if (!row || row.revokedAt) throw notFound('API key');
-    if (row.ownerId !== actor.userId && !hasPermission(actor.permissions, othersPermission))
+    if (row.ownerId !== actor.userId && !hasPermission(actor.grantor.permissions, othersPermission))
       throw notFound('API key');
     return row;
   }
@@ -243,7 +245,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       'The scopes go beyond the permissions of the caller',
     );
     const held = await deps.users.rolesAndPermissions(ownerId, tx);
-    const beyondOwner = scopes.filter((s) => !isSubset([s], held.permissions));
+    const beyondOwner = notHeld(scopes, held.permissions);
     if (beyondOwner.length > 0)
       throw new GrantRefused('The scopes go beyond the permissions of the key’s owner', beyondOwner);
   }
@@ -336,7 +338,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     ): Promise<{ rows: ApiKeyRow[]; nextCursor: string | null }> {
       const ownerId = query.ownerId ?? actor.userId;
       if (!ownerId) throw forbidden('A service principal must name owner_id');
-      if (ownerId !== actor.userId && !hasPermission(actor.permissions, 'api_keys:read'))
+      if (ownerId !== actor.userId && !hasPermission(actor.grantor.permissions, 'api_keys:read'))
         throw forbidden('Listing another user’s keys needs the permission api_keys:read');
       const rows = await repo.listLiveByOwner(ownerId, {
         limit: query.limit,

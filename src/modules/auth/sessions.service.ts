@@ -2,7 +2,7 @@ import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import { generateSecret, keyedHash, parseSecret, REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
-import { isSubset } from '../../lib/permissions.js';
+import { isSubset, notHeld } from '../../lib/permissions.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
@@ -168,7 +168,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         }
         const held = await deps.users.rolesAndPermissions(user.id, tx);
         if (options.scope) {
-          const foreign = options.scope.filter((s) => !isSubset([s], held.permissions));
+          const foreign = notHeld(options.scope, held.permissions);
           if (foreign.length > 0) return { kind: 'scope', foreign };
           // A narrowed token names no roles: a service deciding by role would read more than its scope.
           if (!isSubset(held.permissions, options.scope)) held.roles = [];

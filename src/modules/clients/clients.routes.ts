@@ -25,7 +25,7 @@ export interface ClientsRoutesDeps {
 
 function callerOf(request: FastifyRequest): ClientCaller {
   const principal = principalOf(request);
-  return { userId: principal.userId, permissions: principal.permissions, grantor: principal };
+  return { userId: principal.userId, grantor: principal };
 }
 
 export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDeps) {

@@ -33,8 +33,10 @@ export const MAX_SECRET_GRACE_SECONDS = 30 * 86_400;
 /** Who manages clients: a user (or their API key) with their permissions, or a service. */
 export interface ClientCaller {
   userId: string | undefined;
-  permissions: readonly string[];
-  /** The request's principal, for what it may grant: what it holds now (roles/grant-ceiling.ts). */
+  /**
+   * The request's principal: its `permissions` decide what it may see; what it may grant is what it
+   * holds now (roles/grant-ceiling.ts).
+   */
   grantor: Grantor;
 }
 
@@ -93,7 +95,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
   // Secrets that matched, by digest, so a client authenticating on every request costs no HMAC.
   const verified = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
-  const isAdministrator = (caller: ClientCaller) => isSubset(['*'], caller.permissions);
+  const isAdministrator = (caller: ClientCaller) => isSubset(['*'], caller.grantor.permissions);
   const visibleTo = (caller: ClientCaller, row: ClientRow) =>
     isAdministrator(caller) || (caller.userId !== undefined && row.createdBy === caller.userId);
 

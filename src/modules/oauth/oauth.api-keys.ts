@@ -23,7 +23,7 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
       if (!verified.valid || verified.key.ownerId !== ownerId) return;
       try {
         await apiKeys.revoke(
-          { userId: ownerId, permissions: [], grantor: { kind: 'user', userId: ownerId, permissions: [] } },
+          { userId: ownerId, grantor: { kind: 'user', userId: ownerId, permissions: [] } },
           verified.key.id,
           context,
         );

@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { AppError } from '../../lib/errors.js';
-import { clientAddress, requestContext } from '../../plugins/authenticate.js';
+import { clientAddress, requestContext, sentApiKey } from '../../plugins/authenticate.js';
 import { NO_STORE_HEADERS } from '../../plugins/security-headers.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
@@ -117,8 +117,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     const clientId = present(params.client_id);
     // Every credential counts, X-API-Key beside Basic too: one that is ignored would let a revocation
     // answer 200 for a caller the request did not mean (an empty header counts as absent, as on /v1).
-    const apiKey = request.headers['x-api-key'];
-    const hasApiKey = typeof apiKey === 'string' ? apiKey.length > 0 : apiKey !== undefined;
+    const hasApiKey = sentApiKey(request);
     const otherAuthorization = !basic && authorization !== undefined;
     const otherCredential = otherAuthorization || hasApiKey;
     const methods =

@@ -5,7 +5,7 @@ import { REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
-import { hasPermission, isSubset } from '../../lib/permissions.js';
+import { hasPermission, notHeld } from '../../lib/permissions.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
 import { API_KEY_PREFIX, type Principal } from '../../plugins/authenticate.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
@@ -130,8 +130,10 @@ const oauthError = (oauth: string, detail: string) =>
 
 const epoch = (d: Date) => Math.floor(d.getTime() / 1000);
 /** Whose failures a client authentication counts against: the caller's address and the client id. */
+/** The keys of the failure counters: the caller's address, and that address with the client_id. */
+const addressOf = (ip: string | null | undefined) => ip ?? 'unknown';
 const sourceOf = (ip: string | null | undefined, clientId: string) =>
-  `${ip ?? 'unknown'} ${clientId.slice(0, 64)}`;
+  `${addressOf(ip)} ${clientId.slice(0, 64)}`;
 
 /** The token endpoint's grants, introspection (RFC 7662) and revocation (RFC 7009). */
 export function createOAuthService(deps: OAuthServiceDeps) {
@@ -153,7 +155,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
   function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
     if (requested === undefined) return client.scopes;
     const scopes = parseScope(requested);
-    const foreign = scopes.filter((s) => !isSubset([s], client.scopes));
+    const foreign = notHeld(scopes, client.scopes);
     if (foreign.length > 0) {
       throw oauthError('invalid_scope', `The client is not registered for: ${foreign.join(' ')}`);
     }
@@ -445,7 +447,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       const client = deps.clients.rememberedBasic(header);
       if (!client) return undefined;
       const wait = deps.clientAuthFailures.retryAfterNow?.(sourceOf(ip, client.clientId));
-      if (wait !== 0 || deps.clientAuthFailuresByIp.retryAfterNow?.(ip ?? 'unknown') !== 0) return undefined;
+      if (wait !== 0 || deps.clientAuthFailuresByIp.retryAfterNow?.(addressOf(ip)) !== 0) return undefined;
       return { kind: 'client', client };
     },
 
@@ -457,7 +459,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       basicHeader?: string,
     ): Promise<OAuthCaller> {
       const source = sourceOf(context.ip, clientId);
-      const address = context.ip ?? 'unknown';
+      const address = addressOf(context.ip);
       // Either throttle answers 429 even for the right secret: otherwise guessing could go on, the
       // success showing through.
       const wait = await deps.clientAuthFailures.retryAfter(source);

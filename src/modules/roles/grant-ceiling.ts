@@ -1,7 +1,7 @@
 import type { Database, Executor } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { AppError, isAppError } from '../../lib/errors.js';
-import { intersectPermissions, isSubset } from '../../lib/permissions.js';
+import { intersectPermissions, notHeld } from '../../lib/permissions.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
@@ -85,7 +85,7 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
     async assertHolds(grantor: Grantor, granted: readonly string[], tx: Executor, refusal: string) {
       if (granted.length === 0) return;
       const holds = await held(grantor, tx);
-      const missing = [...new Set(granted.filter((p) => !isSubset([p], holds)))].sort();
+      const missing = [...new Set(notHeld(granted, holds))].sort();
       if (missing.length > 0) throw new GrantRefused(refusal, missing);
     },
 
