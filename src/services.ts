@@ -43,6 +43,7 @@ import {
   createOAuthService,
 } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
+import { createSigner } from './lib/signer.js';
 
 export interface ServicesDeps {
   config: Config;
@@ -127,7 +128,11 @@ export function createServices(deps: ServicesDeps) {
   });
   const revocations = createRevocationList({ repo: repos.revocations, clock, logger });
   const audience = config.issuer;
-  const tokens = createTokenService({ keys, revocations, clock, issuer: config.issuer, audience });
+  const signer = createSigner({
+    onThreadFailure: (err) =>
+      logger.error({ err }, 'the token-signing thread failed: signing on libuv’s pool'),
+  });
+  const tokens = createTokenService({ keys, signer, revocations, clock, issuer: config.issuer, audience });
   const hasher = createPasswordHasher(config.passwordHashing);
   const provider: IdentityProvider =
     deps.identityProvider ??
@@ -350,6 +355,7 @@ export function createServices(deps: ServicesDeps) {
       // Buffered API-key last-use times are written before the database goes away.
       await apiKeys.stop();
       await events.stop();
+      await signer.stop();
       if (ownsRedis) await redis?.quit().catch(() => undefined);
     },
   };

@@ -1,8 +1,9 @@
-import { type KeyObject, randomUUID, sign } from 'node:crypto';
+import { type KeyObject, randomUUID } from 'node:crypto';
 import { errors as joseErrors, type JWTPayload, jwtVerify } from 'jose';
 import { LRUCache } from 'lru-cache';
 import { type Clock, epochSeconds } from '../../lib/clock.js';
 import { AppError } from '../../lib/errors.js';
+import type { Signer } from '../../lib/signer.js';
 import type { SigningAlg, SigningKeysService } from '../signing-keys/signing-keys.service.js';
 import type { RevocationList } from './revocations.service.js';
 
@@ -53,27 +54,18 @@ function headerSegment(header: { alg: SigningAlg; kid: string; typ: string }): s
 }
 
 /**
- * A JWS in compact serialization (RFC 7515 §7.1), signed with node:crypto on libuv's thread pool (the
- * callback form of crypto.sign): an ES256 signature costs ~20 µs of CPU, the largest single cost of a
- * login or a client_credentials grant, and on the pool it runs beside the event loop instead of in it,
- * which keeps ~15 µs per token off the thread every other request waits for. jose signs through
- * WebCrypto instead: a KeyObject converted to a CryptoKey per token on top of the same round trip.
- * ES256 signatures are R‖S (RFC 7518 §3.4), hence `ieee-p1363`; Ed25519 hashes internally (RFC 8037).
- * Verification stays with jose (jwtVerify), where the checks are.
+ * A JWS in compact serialization (RFC 7515 §7.1), signed with node:crypto by the signer (its own
+ * thread, lib/signer.ts): jose signs through WebCrypto instead, a KeyObject converted to a CryptoKey
+ * per token. Verification stays with jose (jwtVerify), where the checks are.
  */
-function signCompact(
+async function signCompact(
+  signer: Signer,
   header: { alg: SigningAlg; kid: string; typ: string },
   payload: Record<string, unknown>,
   key: { privateKey: KeyObject },
 ): Promise<string> {
   const input = `${headerSegment(header)}.${segment(payload)}`;
-  return new Promise((resolve, reject) => {
-    const done = (err: Error | null, signature: Buffer) =>
-      err ? reject(err) : resolve(`${input}.${signature.toString('base64url')}`);
-    if (header.alg === 'ES256')
-      sign('sha256', Buffer.from(input), { key: key.privateKey, dsaEncoding: 'ieee-p1363' }, done);
-    else sign(null, Buffer.from(input), key.privateKey, done);
-  });
+  return `${input}.${await signer.sign(header.alg, key.privateKey, input)}`;
 }
 
 /**
@@ -106,6 +98,8 @@ function createVerifiedTokens(max: number) {
 
 export function createTokenService(deps: {
   keys: SigningKeysService;
+  /** Makes the signatures (lib/signer.ts). */
+  signer: Signer;
   revocations: RevocationList;
   clock: Clock;
   issuer: string;
@@ -170,7 +164,12 @@ export function createTokenService(deps: {
         exp,
         jti,
       });
-      const token = await signCompact({ alg: key.alg, kid: key.kid, typ: 'at+jwt' }, claims, key);
+      const token = await signCompact(
+        deps.signer,
+        { alg: key.alg, kid: key.kid, typ: 'at+jwt' },
+        claims,
+        key,
+      );
       return { token, jti, expiresIn: input.ttlSeconds, expiresAt: new Date(exp * 1000) };
     },
 
