@@ -32,7 +32,7 @@ import { signingKeysRoutes } from './modules/signing-keys/signing-keys.routes.js
 import { clientsRoutes } from './modules/clients/clients.routes.js';
 import { renderOAuthError } from './modules/oauth/oauth.errors.js';
 import { OAUTH_RESPONSE_HEADERS, oauthRoutes } from './modules/oauth/oauth.routes.js';
-import authenticate, { requestContext } from './plugins/authenticate.js';
+import authenticate, { decidedOnHeldNow, requestContext } from './plugins/authenticate.js';
 import errorHandler, { answerClientError } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
@@ -59,6 +59,8 @@ export interface RouteEntry {
   permission: string | string[] | undefined;
   /** Answered with `Cache-Control: no-store` (config.noStore). */
   noStore?: boolean;
+  /** Decided on what the caller holds now, not only on their credential (config.heldNow). */
+  heldNow?: boolean;
 }
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -79,6 +81,10 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
 };
 
 /** Builds the whole service without listening and without reading the environment. */
+/** A non-empty plain object (route params). */
+const hasKeys = (value: unknown) =>
+  typeof value === 'object' && value !== null && Object.keys(value).length > 0;
+
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const { config, database } = deps;
   const clock = deps.clock ?? systemClock;
@@ -160,6 +166,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       public?: boolean;
       permission?: string | string[];
       noStore?: boolean;
+      heldNow?: boolean;
     };
     // A route answering with a credential gets no-store from a hook of its own (nothing on the others).
     if (config.noStore === true) {
@@ -175,6 +182,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
         public: config.public === true,
         permission: config.permission,
         noStore: config.noStore === true,
+        heldNow: config.public !== true && decidedOnHeldNow(method, config.heldNow),
       });
     }
   });
@@ -258,13 +266,21 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(authenticate, {
     tokens: services.tokens,
     apiKeys: createApiKeyResolver(services.apiKeys),
-    onForbidden: async (request, permission) => {
+    onForbidden: async (request, permission, reason) => {
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',
         outcome: 'failure',
-        data: { permission, route: request.routeOptions.url, method: request.method },
+        data: {
+          permission,
+          route: request.routeOptions.url,
+          method: request.method,
+          // The path's ids (a user, a role, a client): what the refused request was about.
+          ...(hasKeys(request.params) ? { params: request.params } : {}),
+          ...(reason ? { reason } : {}),
+        },
       });
     },
+    heldNow: (principal) => services.grants.held(principal, services.db),
   });
   // Every authorization failure is audited (SECURITY.md): the route's permission check and the grant
   // ceiling write their own, richer event and mark the error; any other 403 a service raises (a key
@@ -342,6 +358,13 @@ declare module 'fastify' {
     public?: boolean;
     /** The permission the principal must hold (`resource:action`), or a list of which any one will do. */
     permission?: string | string[];
+    /**
+     * `false`: decided on the credential's own permissions, as reads are. Every POST, PUT, PATCH and
+     * DELETE is otherwise decided on what the caller holds now (plugins/authenticate.ts); `false` is
+     * for those that change nothing (a verification, a question) or only end the caller's own access
+     * (logout, ending one of one's sessions), which a permission taken away must not block.
+     */
+    heldNow?: boolean;
     /** The answer holds a credential (tokens, a secret, a key): sent with `Cache-Control: no-store`. */
     noStore?: boolean;
   }

@@ -325,6 +325,8 @@ export function createServices(deps: ServicesDeps) {
     sessions,
     auth,
     roles,
+    /** The grant ceiling: what a principal holds now. */
+    grants,
     users,
     profiles,
     accounts,

@@ -54,9 +54,25 @@ export interface AuthenticateOptions {
   tokens: TokenService;
   /** Filled in by the API-keys module; until then keys are refused like any unknown token. */
   apiKeys?: ApiKeyPrincipals;
-  /** Records an authorization failure (403) in the audit log. */
-  onForbidden?: (request: FastifyRequest, permission: string) => Promise<void>;
+  /** Records an authorization failure (403) in the audit log; `reason` when it is not the credential's scope. */
+  onForbidden?: (request: FastifyRequest, permission: string, reason?: string) => Promise<void>;
+  /**
+   * What the principal holds now (a user's current permissions within the token's, an API key's
+   * within its owner's, a service token's within its client's): routes that change something are
+   * decided on it, not only on what the credential said when it was issued.
+   */
+  heldNow?: (principal: Principal) => Promise<readonly string[]>;
 }
+
+/** Methods that read: a route with only these is decided on its credential's permissions alone. */
+const READ_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/**
+ * Whether a protected route with this method is decided on what its caller holds now: every method
+ * that changes something, unless the route declares `heldNow: false`.
+ */
+export const decidedOnHeldNow = (method: string, heldNow: boolean | undefined) =>
+  heldNow !== false && !READ_METHODS.has(method);
 
 const WWW_AUTHENTICATE_INVALID = 'Bearer realm="paservices", error="invalid_token"';
 const WWW_AUTHENTICATE_MISSING = 'Bearer realm="paservices"';
@@ -214,7 +230,25 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
-  async function authorize(request: FastifyRequest, anyOf: readonly string[]): Promise<void> {
+  async function refuse(
+    request: FastifyRequest,
+    needed: string,
+    detail: string,
+    reason?: string,
+  ): Promise<never> {
+    const refusal = new AppError('forbidden', { detail });
+    if (options.onForbidden) {
+      await options.onForbidden(request, needed, reason);
+      refusal.audited = true;
+    }
+    throw refusal;
+  }
+
+  async function authorize(
+    request: FastifyRequest,
+    anyOf: readonly string[],
+    changes: boolean,
+  ): Promise<void> {
     const principal = await resolve(request);
     if (!principal) {
       throw new AppError('authentication_required', {
@@ -228,14 +262,25 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       request.log.error({ route: request.routeOptions.url }, 'route declares no permission');
       throw new AppError('forbidden');
     }
+    const needed = anyOf.join(' or ');
     if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
-      const needed = anyOf.join(' or ');
-      const refusal = new AppError('forbidden', { detail: `This needs the permission ${needed}` });
-      if (options.onForbidden) {
-        await options.onForbidden(request, needed);
-        refusal.audited = true;
+      await refuse(request, needed, `This needs the permission ${needed}`);
+    }
+    // An access token keeps its permissions until it expires (15 minutes at most), and an API key
+    // its scopes while its owner's roles change: a change is decided on what is held now, and the
+    // handler sees only that, so a demoted administrator's earlier token disables, renames, revokes
+    // or deletes nothing of anyone's.
+    if (changes && options.heldNow) {
+      const now = await options.heldNow(principal);
+      if (!anyOf.some((p) => hasPermission(now, p))) {
+        await refuse(
+          request,
+          needed,
+          `This needs the permission ${needed}, which has been taken away since this credential was issued`,
+          'no_longer_held',
+        );
       }
-      throw refusal;
+      request.principal = Object.freeze({ ...principal, permissions: Object.freeze([...now]) as string[] });
     }
   }
 
@@ -245,26 +290,33 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   // Callback style rather than async: no promise and microtask turn beyond the check's own.
   const protectedRoutes = new Set<string>();
   app.addHook('onRoute', (route) => {
-    const config = (route.config ?? {}) as { public?: boolean; permission?: string | string[] };
+    const config = (route.config ?? {}) as {
+      public?: boolean;
+      permission?: string | string[];
+      heldNow?: boolean;
+    };
     if (config.public === true) return;
     const anyOf = Object.freeze(
       config.permission === undefined ? [] : ([] as string[]).concat(config.permission),
     );
+    const methods = Array.isArray(route.method) ? route.method : [route.method];
+    // A route that changes something (any method but a read, unless it declares `heldNow: false`) is
+    // decided on what its caller holds now.
+    const changes = methods.some((m) => decidedOnHeldNow(m, config.heldNow));
     const check: onRequestHookHandler = (request, _reply, done) => {
       // A credential verified before and allowed here is settled without a promise; anything else
-      // (a new, expired or revoked token or key, a refusal) takes the full path.
-      const known = knownPrincipal(request);
+      // (a new, expired or revoked token or key, a refusal, a change) takes the full path.
+      const known = changes ? undefined : knownPrincipal(request);
       if (known && anyOf.some((p) => hasPermission(known.permissions, p))) {
         request.principal = known;
         return done();
       }
-      authorize(request, anyOf).then(() => done(), done);
+      authorize(request, anyOf, changes).then(() => done(), done);
     };
     const existing = route.onRequest;
     route.onRequest =
       existing === undefined ? [check] : [...(Array.isArray(existing) ? existing : [existing]), check];
-    for (const method of Array.isArray(route.method) ? route.method : [route.method])
-      protectedRoutes.add(`${method} ${route.url}`);
+    for (const method of methods) protectedRoutes.add(`${method} ${route.url}`);
   });
   // Fail closed at start: a route registered before this plugin never got its check.
   app.addHook('onReady', (done) => {

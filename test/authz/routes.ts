@@ -21,7 +21,7 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
 ];
 
 export const AUTH_ROUTES: MatrixRoute[] = [
-  { method: 'POST', route: '/v1/auth/logout', permission: 'account:read' },
+  { method: 'POST', route: '/v1/auth/logout', permission: 'account:read', heldNow: false },
   { method: 'GET', route: '/v1/auth/me', permission: 'account:read' },
   {
     method: 'POST',
@@ -36,6 +36,7 @@ export const AUTH_ROUTES: MatrixRoute[] = [
     permission: 'account:write',
     url: (c) => `/v1/auth/sessions/${c.fixtures.sessionId}`,
     foreignObject: true,
+    heldNow: false,
   },
 ];
 
@@ -94,6 +95,7 @@ export const ADMIN_ROUTES: MatrixRoute[] = [
     method: 'POST',
     route: '/v1/authz/check',
     permission: 'authz:check',
+    heldNow: false,
     body: (c) => ({ subject_id: c.owner.id, permissions: ['users:read'] }),
   },
   { method: 'GET', route: '/v1/audit-events', permission: 'audit:read' },
@@ -134,6 +136,7 @@ export const API_KEY_ROUTES: MatrixRoute[] = [
     method: 'POST',
     route: '/v1/api-keys/verify',
     permission: 'api_keys:verify',
+    heldNow: false,
     body: () => ({ key: 'pak_not_a_key' }),
   },
   {

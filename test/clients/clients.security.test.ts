@@ -183,9 +183,10 @@ describe('app clients: security', () => {
     expect(held.scopes).toEqual(['clients:read']);
   });
 
-  it('a service principal grants within its client’s current scopes, not its token’s', async () => {
+  it('a service principal acts within its client’s current scopes, not its token’s', async () => {
     const service = await createClient(app, admin.accessToken, { scopes: ['*'] });
     const token = (await clientToken(app, service)).access_token;
+    const other = await createClient(app, admin.accessToken, { scopes: ['clients:read'] });
     const narrowed = await app.inject({
       method: 'PATCH',
       url: `/v1/clients/${service.id}`,
@@ -193,7 +194,8 @@ describe('app clients: security', () => {
       payload: { scopes: ['clients:read', 'clients:write'] },
     });
     expect(narrowed.statusCode).toBe(200);
-    // The token still says `*`, so the route admits it; the client no longer holds users:read.
+    // The token still says `*`; the client holds clients:write but is no administrator any more, so
+    // it registers nothing and sees no one else's client to change.
     const create = await app.inject({
       method: 'POST',
       url: '/v1/clients',
@@ -201,16 +203,20 @@ describe('app clients: security', () => {
       payload: { name: 'from a service', scopes: ['users:read'] },
     });
     expect(create.statusCode, create.body).toBe(403);
-    expect(create.json().detail).toContain('users:read');
+    const disable = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${other.id}`,
+      headers: bearer(token),
+      payload: { status: 'disabled' },
+    });
+    expect(disable.statusCode, disable.body).toBe(404);
+    expect((await app.services.repos.clients.findById(other.id))?.status).toBe('active');
     const denied = await app.services.audit.list({
       type: 'authorization.denied',
       actorId: service.client_id,
       limit: 10,
     });
-    expect(denied[0]).toMatchObject({
-      actorType: 'service',
-      data: { action: 'client.create', missing: ['users:read'] },
-    });
+    expect(denied[0]).toMatchObject({ actorType: 'service', data: { route: '/v1/clients', method: 'POST' } });
   });
 
   it('keeps only a keyed hash of the secret, and shows the secret in no later answer', async () => {

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { login, registerUser, type TestUser } from './factories.js';
+import { createAdmin, login, registerUser, type TestUser } from './factories.js';
 import { bearer } from './http.js';
 
 type Method = 'OPTIONS' | 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
@@ -25,7 +25,17 @@ export interface MatrixRoute {
   body?: (ctx: MatrixContext) => InjectOptions['payload'];
   /** For routes on an object that belongs to someone: the owner's object, requested by another user → 404. */
   foreignObject?: boolean;
+  /**
+   * `false` for a changing route decided on its credential alone (config.heldNow: a verification, a
+   * question, ending one's own access); every other POST, PUT, PATCH and DELETE is decided on what
+   * the caller holds now.
+   */
+  heldNow?: false;
 }
+
+/** Whether the app decides this route on what its caller holds now (as plugins/authenticate.ts does). */
+export const decidedOnHeldNow = (route: MatrixRoute) =>
+  route.permission !== 'public' && route.heldNow !== false && !['GET', 'OPTIONS'].includes(route.method);
 
 const fillParams = (pattern: string) =>
   pattern.replace(/:([a-z_]+)/g, (_m, name: string) => (name === 'role' ? 'nonexistent-role' : randomUUID()));
@@ -36,7 +46,8 @@ export function urlOf(route: MatrixRoute, ctx: MatrixContext) {
 
 /**
  * The authorization matrix every module's *.security.test.ts runs over its routes: without
- * credentials → 401; a principal without the permission → 403; another user's object → 404.
+ * credentials → 401; a principal without the permission → 403; another user's object → 404; on a
+ * changing route, a token whose permissions were all taken away after it was issued → 403.
  */
 export function authorizationMatrix(
   name: string,
@@ -49,6 +60,7 @@ export function authorizationMatrix(
     let ctx: MatrixContext;
     let powerless: TestUser;
     let stranger: TestUser;
+    let demoted: TestUser;
 
     beforeAll(async () => {
       app = getApp();
@@ -60,6 +72,9 @@ export function authorizationMatrix(
       await app.services.repos.users.removeRole(powerless.id, 'user');
       const fresh = await login(app, powerless.email, powerless.password);
       powerless = { ...powerless, accessToken: fresh.session.access_token };
+      // An administrator's token (scope `*`) whose every role was removed after it was issued.
+      demoted = await createAdmin(app);
+      for (const role of ['admin', 'user']) await app.services.repos.users.removeRole(demoted.id, role);
     });
 
     const protectedRoutes = routes.filter((r) => r.permission !== 'public');
@@ -91,6 +106,36 @@ export function authorizationMatrix(
         expect(res.json().code).toBe('forbidden');
       },
     );
+
+    const changing = protectedRoutes.filter(decidedOnHeldNow);
+    if (changing.length > 0) {
+      it.each(changing.map((r) => [`${r.method} ${r.route}`, r] as const))(
+        '%s → 403 for a token whose permission was taken away since it was issued, audited',
+        async (_label, route) => {
+          const res = await app.inject({
+            method: route.method,
+            url: urlOf(route, ctx),
+            headers: bearer(demoted.accessToken),
+            payload: route.body?.(ctx),
+          });
+          expect(res.statusCode, res.body).toBe(403);
+          expect(res.json()).toMatchObject({
+            code: 'forbidden',
+            detail: expect.stringContaining('taken away'),
+          });
+          const [event] = await app.services.audit.list({
+            type: 'authorization.denied',
+            actorId: demoted.id,
+            limit: 1,
+          });
+          expect(event?.data).toMatchObject({
+            reason: 'no_longer_held',
+            route: route.route,
+            method: route.method,
+          });
+        },
+      );
+    }
 
     const foreign = routes.filter((r) => r.foreignObject);
     if (foreign.length > 0) {

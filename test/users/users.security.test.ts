@@ -118,20 +118,71 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
     expect(regrant.json().detail).toContain('roles:assign');
     expect(await rolesOf(user.id)).not.toContain(role);
 
+    expect(regrant.json().detail).toContain('taken away');
+    // Refused before the handler, on what the user holds now: once, with the ids the path named.
     const denied = await deniedOf(user.id);
     expect(denied).toHaveLength(1);
     expect(denied[0]).toMatchObject({
       outcome: 'failure',
       actorType: 'user',
-      subjectId: user.id,
       data: {
-        action: 'role.grant',
-        role,
-        rule: 'grant_ceiling',
-        missing: ['roles:assign', 'users:read'],
+        permission: 'roles:assign',
+        reason: 'no_longer_held',
+        method: 'PUT',
+        route: '/v1/users/:id/roles/:role',
+        params: { id: user.id, role },
       },
     });
     expect(await app.services.audit.list({ type: 'role.granted', actorId: user.id, limit: 10 })).toEqual([]);
+  });
+
+  it('a demoted administrator’s old token still reads and ends its own sessions, and changes nothing of anyone’s', async () => {
+    const exAdmin = await createAdmin(app);
+    const victim = await registerUser(app, 'victim-of-ex-admin');
+    const second = await login(app, exAdmin.email, exAdmin.password);
+    for (const role of ['admin', 'user']) await app.services.repos.users.removeRole(exAdmin.id, role);
+
+    // Reads are decided on the token (it says `*` until it expires)...
+    const read = await app.inject({
+      method: 'GET',
+      url: `/v1/users/${victim.id}`,
+      headers: bearer(exAdmin.accessToken),
+    });
+    expect(read.statusCode).toBe(200);
+    // ...changes on what is held now: nothing.
+    const disable = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${victim.id}`,
+      headers: bearer(exAdmin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disable.statusCode, disable.body).toBe(403);
+    expect((await app.services.repos.users.findById(victim.id))?.status).toBe('active');
+    // Ending one's own access is never refused for a permission taken away.
+    const sessions = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(exAdmin.accessToken),
+    });
+    const other = (sessions.json().data as Array<{ id: string; current: boolean }>).find((x) => !x.current)!;
+    const ended = await app.inject({
+      method: 'DELETE',
+      url: `/v1/auth/sessions/${other.id}`,
+      headers: bearer(exAdmin.accessToken),
+    });
+    expect(ended.statusCode, ended.body).toBe(204);
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: second.session.refresh_token },
+    });
+    expect(refreshed.statusCode).toBe(401);
+    const logout = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(exAdmin.accessToken),
+    });
+    expect(logout.statusCode, logout.body).toBe(204);
   });
 
   it('a demoted role manager’s old token manages no roles: no removal, creation, change or deletion', async () => {

@@ -157,7 +157,7 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
   r.post(
     '/v1/api-keys/verify',
     {
-      config: { permission: 'api_keys:verify' },
+      config: { permission: 'api_keys:verify', heldNow: false },
       schema: {
         tags: ['api-keys'],
         operationId: 'verifyApiKey',

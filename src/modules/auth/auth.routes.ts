@@ -128,7 +128,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/logout',
     {
-      config: { permission: 'account:read' },
+      config: { permission: 'account:read', heldNow: false },
       schema: {
         tags: ['auth'],
         operationId: 'logout',
@@ -255,7 +255,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.delete(
     '/v1/auth/sessions/:id',
     {
-      config: { permission: 'account:write' },
+      config: { permission: 'account:write', heldNow: false },
       schema: {
         tags: ['auth'],
         operationId: 'endSession',

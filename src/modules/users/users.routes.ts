@@ -161,7 +161,7 @@ export async function usersRoutes(app: FastifyInstance, deps: { users: UsersServ
   r.post(
     '/v1/authz/check',
     {
-      config: { permission: 'authz:check' },
+      config: { permission: 'authz:check', heldNow: false },
       schema: {
         tags: ['roles'],
         operationId: 'checkPermissions',
