@@ -14,7 +14,12 @@ import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, notHeld } from '../../lib/permissions.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
-import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
+import {
+  type AuditService,
+  changedFields,
+  effectivePatch,
+  type RequestContext,
+} from '../audit/audit.service.js';
 import { type GrantCeiling, GrantRefused, type Grantor } from '../roles/grant-ceiling.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
@@ -366,16 +371,15 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       const row = await deps.grants.audited(context, { action: 'api_key.update', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
-          const patch: ApiKeyPatch = {};
-          if (input.name !== undefined) patch.name = input.name;
-          if (input.expiresAt !== undefined) {
-            assertWithinCallerLife(actor, input.expiresAt);
-            patch.expiresAt = input.expiresAt;
-          }
-          if (input.scopes !== undefined) {
-            patch.scopes = unique(input.scopes);
-            await assertGrantable(actor, current.ownerId, patch.scopes, tx);
-          }
+          const requested: ApiKeyPatch = {};
+          if (input.name !== undefined) requested.name = input.name;
+          if (input.expiresAt !== undefined) requested.expiresAt = input.expiresAt;
+          if (input.scopes !== undefined) requested.scopes = unique(input.scopes);
+          // What is already so is no change: nothing written, no event, nothing granted.
+          const patch = effectivePatch(requested, current);
+          if (changedFields(patch).length === 0) return current;
+          if (patch.expiresAt !== undefined) assertWithinCallerLife(actor, patch.expiresAt);
+          if (patch.scopes !== undefined) await assertGrantable(actor, current.ownerId, patch.scopes, tx);
           const updated = (await repo.update(id, patch, clock.now(), tx))!;
           await deps.audit.record(tx, context, {
             type: 'api_key.updated',

@@ -26,6 +26,36 @@ export const systemContext: RequestContext = {
 export const changedFields = (patch: object): string[] =>
   Object.keys(patch).map((k) => k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`));
 
+const sameValue = (a: unknown, b: unknown): boolean => {
+  if (Array.isArray(a) && Array.isArray(b))
+    return a.length === b.length && [...a].sort().join('\u0000') === [...b].sort().join('\u0000');
+  if (a instanceof Date || b instanceof Date)
+    return a instanceof Date && b instanceof Date && a.getTime() === b.getTime();
+  return canonicalJson(a) === canonicalJson(b);
+};
+
+/** JSON with every object's keys in order: jsonb keeps its own key order, not the order sent. */
+const canonicalJson = (value: unknown): string =>
+  JSON.stringify(value, (_key, v: unknown) =>
+    v !== null && typeof v === 'object' && !Array.isArray(v)
+      ? Object.fromEntries(Object.entries(v).sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0)))
+      : v,
+  );
+
+/**
+ * The part of `patch` that would change `current` (the row it applies to, with the same field
+ * names): lists of strings (scopes, audiences) are compared as sets, dates by time, the rest by
+ * value. An empty result means the change is a no-op: no write, no `updated_at` bump, no event.
+ */
+export function effectivePatch<P extends object>(patch: P, current: object): Partial<P> {
+  const out: Partial<P> = {};
+  for (const key of Object.keys(patch) as (keyof P & string)[]) {
+    const value = patch[key];
+    if (value !== undefined && !sameValue(value, (current as Record<string, unknown>)[key])) out[key] = value;
+  }
+  return out;
+}
+
 export interface AuditRecord {
   type: string;
   subjectId?: string | null;

@@ -14,7 +14,12 @@ import { type Cursor, paginate } from '../../lib/pagination.js';
 import { isSubset } from '../../lib/permissions.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
-import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
+import {
+  type AuditService,
+  changedFields,
+  effectivePatch,
+  type RequestContext,
+} from '../audit/audit.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
@@ -210,14 +215,17 @@ export function createClientsService(deps: ClientsServiceDeps) {
         patch.accessTokenTtl = input.accessTokenTtl;
       }
       if (input.status !== undefined) patch.status = input.status;
-      const changed = changedFields(patch);
-      if (changed.length === 0) return existing;
+      if (changedFields(patch).length === 0) return existing;
       return deps.grants.audited(context, { action: 'client.update', subjectId: existing.id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           const before = await deps.repo.findByIdForUpdate(existing.id, tx);
           if (!before) throw notFound('client');
-          if (patch.scopes) await assertGrantable(caller, patch.scopes, tx);
-          const row = await deps.repo.update(existing.id, patch, deps.clock.now(), tx);
+          // What is already so is no change: nothing written, no event, nothing granted.
+          const effective = effectivePatch(patch, before);
+          const changed = changedFields(effective);
+          if (changed.length === 0) return before;
+          if (effective.scopes) await assertGrantable(caller, effective.scopes, tx);
+          const row = await deps.repo.update(existing.id, effective, deps.clock.now(), tx);
           if (!row) throw notFound('client');
           if (before.status === 'active' && row.status === 'disabled') {
             emit(await revokeTokensOf(tx, row.clientId));
@@ -228,8 +236,8 @@ export function createClientsService(deps: ClientsServiceDeps) {
             data: {
               client_id: row.clientId,
               changed,
-              ...(patch.scopes ? { scopes: row.scopes } : {}),
-              ...(patch.status ? { status: row.status } : {}),
+              ...(effective.scopes ? { scopes: row.scopes } : {}),
+              ...(effective.status ? { status: row.status } : {}),
             },
           });
           emit({ type: 'client_changed', clientId: row.clientId });

@@ -13,6 +13,16 @@ export function createProfilesRepository(db: Executor) {
       const [row] = await tx.select().from(profiles).where(eq(profiles.userId, userId)).limit(1);
       return row;
     },
+    /** The profile, locked until the transaction ends (a change decided on what it was). */
+    async findByUserIdForUpdate(userId: string, tx: Executor): Promise<ProfileRow | undefined> {
+      const [row] = await tx
+        .select()
+        .from(profiles)
+        .where(eq(profiles.userId, userId))
+        .limit(1)
+        .for('update');
+      return row;
+    },
     async update(userId: string, patch: ProfilePatch, tx: Executor = db): Promise<ProfileRow | undefined> {
       const [row] = await tx
         .update(profiles)

@@ -2,7 +2,12 @@ import type { Database } from '../../db/client.js';
 import { notFound } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission } from '../../lib/permissions.js';
-import { type AuditService, changedFields, type RequestContext } from '../audit/audit.service.js';
+import {
+  type AuditService,
+  changedFields,
+  effectivePatch,
+  type RequestContext,
+} from '../audit/audit.service.js';
 import type { ProfilePatch, ProfileRow, ProfilesRepository } from './profiles.repository.js';
 
 export function createProfilesService(deps: {
@@ -32,14 +37,19 @@ export function createProfilesService(deps: {
 
     async update(userId: string, patch: ProfilePatch, context: RequestContext): Promise<ProfileRow> {
       return inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const profile = await deps.repo.update(userId, patch, tx);
+        const current = await deps.repo.findByUserIdForUpdate(userId, tx);
+        if (!current) throw notFound('profile');
+        // What is already so is no change: nothing written, no event.
+        const effective = effectivePatch(patch, current);
+        if (changedFields(effective).length === 0) return current;
+        const profile = await deps.repo.update(userId, effective, tx);
         if (!profile) throw notFound('profile');
         // Every instance's cached /v1/auth/me view shows the profile.
         emit({ type: 'user_changed', userId });
         await deps.audit.record(tx, context, {
           type: 'profile.updated',
           subjectId: userId,
-          data: { fields: changedFields(patch) },
+          data: { fields: changedFields(effective) },
         });
         return profile;
       });
