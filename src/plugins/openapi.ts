@@ -149,6 +149,42 @@ function withProblemMediaType<T>(document: T): T {
   return document;
 }
 
+/**
+ * `Retry-After` where it is sent: on every 429 (rate limits, failed client authentications) and every
+ * 503 (password hashing full, database or provider unavailable) but /health's, and on the signing-key
+ * rotation's 409 when the next key has not been published long enough.
+ */
+const RETRY_AFTER_ALSO: Record<string, Record<string, string>> = {
+  '/v1/signing-keys/rotate': {
+    409: 'With `rotation_too_soon`: seconds until the next key has been published for 10 minutes',
+  },
+};
+
+function withRetryAfter<T>(document: T): T {
+  const doc = document as {
+    paths?: Record<
+      string,
+      Record<string, { responses?: Record<string, ResponseObject & { headers?: object }> }>
+    >;
+  };
+  for (const [path, item] of Object.entries(doc.paths ?? {})) {
+    if (path.startsWith('/health/')) continue;
+    for (const operation of Object.values(item)) {
+      for (const [status, response] of Object.entries(operation.responses ?? {})) {
+        const description =
+          RETRY_AFTER_ALSO[path]?.[status] ??
+          (status === '429' || status === '503' ? 'Seconds to wait before retrying' : undefined);
+        if (description === undefined) continue;
+        response.headers = {
+          ...response.headers,
+          'Retry-After': { description, schema: { type: 'integer', minimum: 0 } },
+        };
+      }
+    }
+  }
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -200,8 +236,10 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     transform: jsonSchemaTransform,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
     transformObject: (input) =>
-      withProblemMediaType(
-        withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+      withRetryAfter(
+        withProblemMediaType(
+          withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+        ),
       ),
   });
 

@@ -105,6 +105,31 @@ describe('the OpenAPI document', () => {
     expect(oauth.headers['content-type']).toMatch(/^application\/json/);
   });
 
+  it('declares Retry-After on every 429 and 503 but /health’s, and on the too-soon signing-key rotation', () => {
+    const declared: string[] = [];
+    const missing: string[] = [];
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const [method, operation] of Object.entries(item)) {
+        const responses = (operation.responses ?? {}) as Record<
+          string,
+          { headers?: Record<string, unknown> }
+        >;
+        for (const [status, response] of Object.entries(responses)) {
+          const has = response.headers?.['Retry-After'] !== undefined;
+          const expected = (status === '429' || status === '503') && !path.startsWith('/health/');
+          if (has) declared.push(`${method.toUpperCase()} ${path} ${status}`);
+          else if (expected) missing.push(`${method.toUpperCase()} ${path} ${status}`);
+        }
+      }
+    }
+    expect(missing).toEqual([]);
+    expect(declared).toContain('POST /v1/auth/login 429');
+    expect(declared).toContain('POST /v1/auth/login 503');
+    expect(declared).toContain('POST /oauth/token 429');
+    expect(declared).toContain('POST /v1/signing-keys/rotate 409');
+    expect(declared.filter((d) => d.startsWith('GET /health/'))).toEqual([]);
+  });
+
   it('describes every response (no "Default Response")', () => {
     const undescribed: string[] = [];
     for (const [path, item] of Object.entries(doc.paths)) {
