@@ -9,9 +9,12 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { type DatabaseHandle, MIGRATIONS_FOLDER } from '../../src/db/client.js';
-import { CLIENT_AUTH_MAX_FAILURES_PER_MINUTE } from '../../src/modules/oauth/oauth.service.js';
-import { CREDENTIAL_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
-import { CLIENT_AUTH_FAILURES_PREFIX } from '../../src/services.js';
+import {
+  CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
+  CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
+} from '../../src/modules/oauth/oauth.service.js';
+import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
+import { CLIENT_AUTH_FAILURES_PREFIX, CLIENT_AUTH_IP_FAILURES_PREFIX } from '../../src/services.js';
 import { basic, createClient, form } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
 import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
@@ -489,6 +492,87 @@ describe.runIf(redisAvailable)('several instances share rate-limit counters thro
       }
     } finally {
       await a.services.redis?.del(`${CLIENT_AUTH_FAILURES_PREFIX}${remoteAddress} ${client.client_id}`);
+    }
+  });
+
+  it('failed client authentications from one address, each for another client, are counted together on A and B', async () => {
+    const remoteAddress = randomAddress();
+    const admin = await createAdmin(a);
+    const client = await createClient(a, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const introspect = (app: FastifyInstance, clientId: string, secret: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/oauth/introspect',
+        remoteAddress,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...basic(clientId, secret) },
+        payload: 'token=x.y.z',
+      });
+    try {
+      // Each failure names a client of its own, so only the per-address count can add up.
+      for (let i = 0; i < CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE; i++) {
+        const res = await introspect(i % 2 === 0 ? a : b, `pci_unknown${i}`, 'not-a-secret');
+        expect(res.statusCode, res.body).toBe(401);
+      }
+      expect(Number(await a.services.redis?.get(`${CLIENT_AUTH_IP_FAILURES_PREFIX}${remoteAddress}`))).toBe(
+        CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
+      );
+      // B heard the last failure bring the shared count to the limit: even the right secret waits.
+      const onB = await introspect(b, client.client_id, client.client_secret);
+      expect(onB.statusCode, onB.body).toBe(429);
+      expect(Number(onB.headers['retry-after'])).toBeGreaterThan(0);
+      // A last heard one short of it; its next failure tells it the shared count.
+      expect((await introspect(a, 'pci_unknown-last', 'not-a-secret')).statusCode).toBe(401);
+      const onA = await introspect(a, client.client_id, client.client_secret);
+      expect(onA.statusCode, onA.body).toBe(429);
+      expect(onA.json().error).toBe('temporarily_unavailable');
+      // Another address is not held back.
+      const elsewhere = await a.inject({
+        method: 'POST',
+        url: '/oauth/introspect',
+        remoteAddress: randomAddress(),
+        headers: {
+          'content-type': 'application/x-www-form-urlencoded',
+          ...basic(client.client_id, client.client_secret),
+        },
+        payload: 'token=x.y.z',
+      });
+      expect(elsewhere.statusCode, elsewhere.body).toBe(200);
+    } finally {
+      await a.services.redis?.del(`${CLIENT_AUTH_IP_FAILURES_PREFIX}${remoteAddress}`);
+    }
+  });
+
+  it('one per-address refresh budget on A and B, across /v1/auth/refresh and the refresh_token grant', async () => {
+    const remoteAddress = randomAddress();
+    const refresh = (app: FastifyInstance, i: number) =>
+      i % 2 === 0
+        ? app.inject({
+            method: 'POST',
+            url: '/v1/auth/refresh',
+            remoteAddress,
+            payload: { refresh_token: `prt_garbage${i}` },
+          })
+        : app.inject({
+            method: 'POST',
+            url: '/oauth/token',
+            remoteAddress,
+            headers: { 'content-type': 'application/x-www-form-urlencoded' },
+            payload: `grant_type=refresh_token&refresh_token=prt_garbage${i}`,
+          });
+    // Alternating instances and routes: A takes the /v1 calls, B the grants.
+    for (let i = 0; i < REFRESH_RATE_LIMIT.max; i++) {
+      const res = await refresh(i % 2 === 0 ? a : b, i);
+      expect(res.statusCode, res.body).toBe(i % 2 === 0 ? 401 : 400);
+    }
+    for (const [app, i] of [
+      [a, 0],
+      [a, 1],
+      [b, 0],
+      [b, 1],
+    ] as const) {
+      const res = await refresh(app, i);
+      expect(res.statusCode, res.body).toBe(429);
+      expect(Number(res.headers['retry-after'])).toBeGreaterThan(0);
     }
   });
 
