@@ -81,6 +81,13 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
 };
 
 /** Builds the whole service without listening and without reading the environment. */
+/** A request that arrived once the server began closing (in-flight ones finish). */
+const shuttingDownError = () =>
+  new AppError('service_unavailable', {
+    detail: 'This instance is shutting down; retry, and another instance will answer',
+    headers: { 'retry-after': '1' },
+  });
+
 /** A non-empty plain object (route params). */
 const hasKeys = (value: unknown) =>
   typeof value === 'object' && value !== null && Object.keys(value).length > 0;
@@ -115,7 +122,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // lib/json-body.ts says where, since Fastify's error calls the body invalid JSON).
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
-    return503OnClosing: true,
+    // A request that arrives on an open connection once the server is closing is answered 503 by the
+    // onRequest hook below, in problem+json with Retry-After (Fastify's own 503 is a fixed JSON body).
+    return503OnClosing: false,
     forceCloseConnections: 'idle',
     routerOptions: { maxParamLength: 200 },
     // What Node's HTTP parser refuses (bad syntax, oversized headers, REQUEST_TIMEOUT_MS) in problem+json.
@@ -217,9 +226,16 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   // Everything every request gets, in one synchronous hook: an async hook costs a promise and a
   // microtask turn on every request, and each hook a turn through Fastify's hook runner.
+  let closing = false;
+  app.addHook('preClose', (done) => {
+    closing = true;
+    done();
+  });
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id);
     reply.headers(headersFor(request.url));
+    // Fastify has set `Connection: close`; the request goes to another instance.
+    if (closing) return done(shuttingDownError());
     if (urlEncodedMayHoldNul(request.url)) {
       const fields = [...nulFields(request.params, 'path'), ...nulFields(request.query, 'query')];
       if (fields.length > 0) return done(nulError(fields));

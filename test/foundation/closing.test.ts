@@ -1,0 +1,46 @@
+import { type AddressInfo, connect } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { expect, it } from 'vitest';
+import { buildTestApp } from '../support/app.js';
+
+/**
+ * A request that arrives on an open connection while the server closes (after the drain, SIGTERM)
+ * is refused as every other 503 is: problem+json with Retry-After, and the connection closed, while
+ * the request in flight before it finishes.
+ */
+it('answers a request arriving while the server closes with a 503 problem+json, Retry-After and Connection: close', async () => {
+  const app = await buildTestApp();
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const { port } = app.server.address() as AddressInfo;
+
+  const body = JSON.stringify({ email: 'nobody@example.test', password: 'not the right password' });
+  const socket = connect(port, '127.0.0.1');
+  let received = '';
+  socket.on('data', (chunk) => {
+    received += chunk.toString();
+  });
+  const ended = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+  // In flight: the headers are read, the body is still coming.
+  socket.write(
+    `POST /v1/auth/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body.slice(0, 10)}`,
+  );
+  await sleep(100);
+  const closed = app.close();
+  await sleep(100);
+  // The rest of the body, and a second request behind it on the same connection.
+  socket.write(`${body.slice(10)}GET /v1/auth/me HTTP/1.1\r\nHost: localhost\r\n\r\n`);
+  await Promise.race([ended, sleep(5000)]);
+  await closed;
+  socket.destroy();
+
+  const responses = received.split(/(?=HTTP\/1\.1 )/);
+  expect(responses, received).toHaveLength(2);
+  // The login in flight got its real answer (no such account).
+  expect(responses[0]).toMatch(/^HTTP\/1\.1 401 /);
+  const [head, payload] = responses[1]!.split('\r\n\r\n') as [string, string];
+  expect(head).toMatch(/^HTTP\/1\.1 503 /);
+  expect(head).toMatch(/\r\ncontent-type: application\/problem\+json/i);
+  expect(head).toMatch(/\r\nretry-after: 1\r\n/i);
+  expect(head).toMatch(/\r\nconnection: close\r\n/i);
+  expect(JSON.parse(payload)).toMatchObject({ status: 503, code: 'service_unavailable' });
+});
