@@ -6,12 +6,13 @@ import Fastify, {
   type FastifyInstance,
   LogController,
   type onRequestHookHandler,
+  type preValidationHookHandler,
 } from 'fastify';
 import { validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
 import { type Clock, systemClock } from './lib/clock.js';
-import { AppError } from './lib/errors.js';
+import { AppError, invalidFields } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
@@ -81,6 +82,24 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
 };
 
 /** Builds the whole service without listening and without reading the environment. */
+/** Methods whose requests carry no body by their definition. */
+const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** preValidation of an operation without a body: a body with fields is a 400 naming them. */
+const refuseBody: preValidationHookHandler = (request, _reply, done) => {
+  // The body parsers hand over an object or nothing (lib/json-body.ts refuses any other JSON).
+  const fields = request.body == null ? [] : Object.keys(request.body);
+  if (fields.length === 0) return done();
+  done(
+    invalidFields(
+      fields.map((key) => ({
+        field: `body.${key}`,
+        message: 'is not accepted: this operation takes no body',
+      })),
+    ),
+  );
+};
+
 /** A request that arrived once the server began closing (in-flight ones finish). */
 const shuttingDownError = () =>
   new AppError('service_unavailable', {
@@ -183,6 +202,12 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       route.onRequest = [...hooks, sendNoStore];
     }
     const methods = Array.isArray(route.method) ? route.method : [route.method];
+    // An operation that declares no body refuses one with fields, rather than ignoring what the
+    // client meant by it (`{}` and no body at all are the same thing).
+    if (route.schema?.body === undefined && methods.some((m) => !BODILESS_METHODS.has(m))) {
+      const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
+      route.preValidation = [...hooks, refuseBody];
+    }
     for (const method of methods) {
       if (method === 'HEAD') continue;
       routeTable.push({

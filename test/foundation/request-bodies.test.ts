@@ -302,6 +302,44 @@ describe('request bodies', () => {
     expect(utf8.statusCode, utf8.body).toBe(201);
   });
 
+  it('refuses a body with fields where the operation takes none (PUT, DELETE), changing nothing; {} is no body', async () => {
+    const admin = await createAdmin(app);
+    const target = await registerUser(app, 'no-body');
+    const role = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${target.id}/roles/admin`,
+      headers: bearer(admin.accessToken),
+      payload: { expires_at: '2030-01-01T00:00:00Z' },
+    });
+    expect(role.statusCode, role.body).toBe(400);
+    expect(role.headers['content-type']).toContain('application/problem+json');
+    expect(role.json().errors).toEqual([
+      { field: 'body.expires_at', message: 'is not accepted: this operation takes no body' },
+    ]);
+    expect((await app.services.repos.users.rolesAndPermissions(target.id)).roles).not.toContain('admin');
+
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'kept', scopes: ['account:read'] },
+    });
+    const keyId = created.json().id as string;
+    const revoke = (payload?: string) =>
+      app.inject({
+        method: 'DELETE',
+        url: `/v1/api-keys/${keyId}`,
+        headers: { ...bearer(user.accessToken), ...(payload ? { 'content-type': 'application/json' } : {}) },
+        ...(payload ? { payload } : {}),
+      });
+    const withReason = await revoke('{"reason":"leaked"}');
+    expect(withReason.statusCode, withReason.body).toBe(400);
+    expect(withReason.json().errors[0].field).toBe('body.reason');
+    expect((await app.services.repos.apiKeys.findById(keyId))?.revokedAt).toBeNull();
+    // An empty object says nothing: the same as no body.
+    expect((await revoke('{}')).statusCode).toBe(204);
+  });
+
   it('refuses __proto__ and constructor.prototype keys with a 400 saying so, not "not valid JSON"', async () => {
     const before = await profile();
     for (const [payload, field] of [
