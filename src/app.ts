@@ -34,7 +34,7 @@ import { clientsRoutes } from './modules/clients/clients.routes.js';
 import { renderOAuthError } from './modules/oauth/oauth.errors.js';
 import { OAUTH_RESPONSE_HEADERS, oauthRoutes } from './modules/oauth/oauth.routes.js';
 import authenticate, { decidedOnHeldNow, requestContext } from './plugins/authenticate.js';
-import errorHandler, { answerClientError } from './plugins/error-handler.js';
+import errorHandler, { answerClientError, routePathOf } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
@@ -258,7 +258,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id);
-    reply.headers(headersFor(request.url));
+    reply.headers(headersFor(routePathOf(request)));
     // Fastify has set `Connection: close`; the request goes to another instance.
     if (closing) return done(shuttingDownError());
     if (urlEncodedMayHoldNul(request.url)) {

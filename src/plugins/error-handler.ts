@@ -157,6 +157,18 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
   socket.destroy(err);
 }
 
+/**
+ * The path a request's route was matched on, for decisions by prefix (the /oauth error format and
+ * headers). The router matches the decoded path, so `/%6Fauth/token` and the absolute form
+ * `http://host/oauth/token` reach /oauth/token too, and must be answered as it is. A URL that is a
+ * plain path already is what was matched, and is taken as it is: no object made per request.
+ */
+export function routePathOf(request: FastifyRequest): string {
+  const url = request.url;
+  if (url.charCodeAt(0) === 47 && !url.includes('%')) return url;
+  return request.routeOptions.url ?? url;
+}
+
 export interface ErrorHandlerOptions {
   /** The first renderer whose prefix the URL starts with wins; the default is problem+json. */
   renderers?: Array<{ prefix: string; render: ErrorRenderer }>;
@@ -175,7 +187,7 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
       request.log.info({ code: error.code, status: error.status }, 'request refused');
     }
     for (const [name, value] of Object.entries(error.headers)) reply.header(name, value);
-    return rendererFor(request.url)(error, request, reply);
+    return rendererFor(routePathOf(request))(error, request, reply);
   });
 
   app.setNotFoundHandler((request, reply) => {

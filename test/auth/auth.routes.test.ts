@@ -471,6 +471,7 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
       expect(meta.token_endpoint_auth_methods_supported).toEqual([
         'client_secret_basic',
         'client_secret_post',
+        'none',
       ]);
       expect(meta.scopes_supported).toContain('users:read');
     }

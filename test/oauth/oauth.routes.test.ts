@@ -66,7 +66,11 @@ describe('OAuth 2.0 as a standard client library sees it (openid-client)', () =>
       expect.arrayContaining(['client_credentials', 'refresh_token']),
     );
     expect(meta.grant_types_supported).not.toContain('password');
-    expect(meta.token_endpoint_auth_methods_supported).toEqual(['client_secret_basic', 'client_secret_post']);
+    expect(meta.token_endpoint_auth_methods_supported).toEqual([
+      'client_secret_basic',
+      'client_secret_post',
+      'none',
+    ]);
     expect(meta.scopes_supported).toEqual(expect.arrayContaining(['users:read', 'tokens:introspect']));
     const rfc8414 = await app.inject({ method: 'GET', url: '/.well-known/oauth-authorization-server' });
     expect(rfc8414.json()).toEqual(meta);
@@ -240,6 +244,27 @@ describe('POST /oauth/token', () => {
     expect(claims.sub).toBe(client.client_id);
     const verified = await app.services.tokens.verify(body.access_token);
     expect(verified.client_id).toBe(client.client_id);
+  });
+
+  it('answers a path the router decodes to /oauth/token (%-escaped, absolute form) as /oauth/token: no-store, RFC 6749 errors', async () => {
+    for (const url of ['/%6Fauth/token', 'http://localhost/oauth/token']) {
+      const send = (payload: string, headers: Record<string, string> = {}) =>
+        app.inject({
+          method: 'POST',
+          url,
+          headers: { 'content-type': 'application/x-www-form-urlencoded', ...headers },
+          payload,
+        });
+      const ok = await send('grant_type=client_credentials', asClient());
+      expect(ok.statusCode, `${url}: ${ok.body}`).toBe(200);
+      expect(ok.headers['cache-control']).toBe('no-store');
+      expect(ok.headers.pragma).toBe('no-cache');
+      const refused = await send('grant_type=bogus', asClient());
+      expect(refused.statusCode).toBe(400);
+      expect(refused.headers['content-type']).toContain('application/json');
+      expect(refused.json()).toMatchObject({ error: 'unsupported_grant_type' });
+      expect(refused.headers['cache-control']).toBe('no-store');
+    }
   });
 
   it('takes JSON bodies too', async () => {

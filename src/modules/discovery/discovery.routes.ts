@@ -64,7 +64,8 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
     grant_types_supported: ['client_credentials', 'refresh_token'],
     // No authorization endpoint, so no response type: the member is required (RFC 8414 §2), empty here.
     response_types_supported: [],
-    token_endpoint_auth_methods_supported: clientAuth,
+    // `none`: the first-party frontend (a public client) redeems its refresh tokens unauthenticated.
+    token_endpoint_auth_methods_supported: [...clientAuth, 'none'],
     introspection_endpoint_auth_methods_supported: clientAuth,
     // First-party (public) refresh and access tokens may be revoked without client authentication.
     revocation_endpoint_auth_methods_supported: [...clientAuth, 'none'],
