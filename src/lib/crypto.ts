@@ -3,18 +3,20 @@ import { crc32 } from 'node:zlib';
 
 const BASE62 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
 
-/** `length` base62 characters from the CSPRNG, without modulo bias (rejection sampling). */
-export function randomBase62(length: number): string {
+/** `length` base62 characters from a byte source, without modulo bias (rejection sampling). */
+function base62From(length: number, more: (size: number) => Buffer): string {
   let out = '';
   while (out.length < length) {
-    const bytes = randomBytes(Math.ceil((length - out.length) * 1.3) + 8);
-    for (const b of bytes) {
+    for (const b of more(Math.ceil((length - out.length) * 1.3) + 8)) {
       if (b < 248) out += BASE62[b % 62];
       if (out.length === length) break;
     }
   }
   return out;
 }
+
+/** `length` base62 characters from the CSPRNG. */
+export const randomBase62 = (length: number): string => base62From(length, randomBytes);
 
 export function base62FromNumber(n: number, width: number): string {
   let out = '';
@@ -84,6 +86,19 @@ export function generateSecret(format: SecretFormat, lookupId = randomBase62(for
   const secret = randomBase62(format.secretLength);
   const body = `${format.prefix}_${lookupId}_${secret}`;
   return { token: body + checksum(body), lookupId, secret };
+}
+
+/**
+ * A secret of `format` derived from `seed` under `key` (HMAC-SHA-512 blocks): the same seed gives the
+ * same secret, and without the key nothing about it can be told from the seed.
+ */
+export function derivedSecret(format: SecretFormat, key: Buffer, seed: string): string {
+  let block = 0;
+  const text = base62From(format.lookupLength + format.secretLength, () =>
+    createHmac('sha512', key).update(`${block++}:${seed}`).digest(),
+  );
+  const body = `${format.prefix}_${text.slice(0, format.lookupLength)}_${text.slice(format.lookupLength)}`;
+  return body + checksum(body);
 }
 
 export function parseSecret(format: SecretFormat, token: string): ParsedSecret | undefined {

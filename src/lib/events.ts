@@ -1,7 +1,9 @@
 import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { sql } from 'drizzle-orm';
 import type { Logger } from 'pino';
 import type { Database, DatabaseHandle, Transaction } from '../db/client.js';
+import { pgErrorCode } from './errors.js';
 
 /**
  * Changes that every instance's caches must learn of. They travel by PostgreSQL NOTIFY issued inside
@@ -81,22 +83,37 @@ export function createEventBus(deps: { database: DatabaseHandle; logger: Logger 
 
 export type EventBus = ReturnType<typeof createEventBus>;
 
+/** deadlock_detected and serialization_failure: the transaction may simply run again. */
+const RETRYABLE_STATES = new Set(['40P01', '40001']);
+const TRANSACTION_ATTEMPTS = 3;
+
 /**
  * Runs `work` in one transaction; the events it emits are published inside it (NOTIFY) and applied
  * to this instance once it has committed. A change, its audit event and its notification commit
- * together or not at all.
+ * together or not at all. `work` may run again (up to three times) when PostgreSQL ends the
+ * transaction for a deadlock or a serialization failure: it must do nothing outside the transaction.
  */
 export async function inTransaction<T>(
   db: Database,
   bus: EventBus,
   work: (tx: Transaction, emit: (event: AuthEvent) => void) => Promise<T>,
 ): Promise<T> {
-  const emitted: AuthEvent[] = [];
-  const result = await db.transaction(async (tx) => {
-    const value = await work(tx, (event) => emitted.push(event));
-    await bus.publish(tx, emitted);
-    return value;
-  });
-  bus.applyLocally(emitted);
-  return result;
+  for (let attempt = 1; ; attempt++) {
+    const emitted: AuthEvent[] = [];
+    try {
+      const result = await db.transaction(async (tx) => {
+        const value = await work(tx, (event) => emitted.push(event));
+        await bus.publish(tx, emitted);
+        return value;
+      });
+      bus.applyLocally(emitted);
+      return result;
+    } catch (err) {
+      // PostgreSQL ended this transaction to let a concurrent one through (a deadlock, e.g. a refresh
+      // and the deletion of its user taking the same rows in opposite orders): nothing of it was
+      // kept, so it runs again, seeing what the other committed.
+      if (attempt >= TRANSACTION_ATTEMPTS || !RETRYABLE_STATES.has(pgErrorCode(err) ?? '')) throw err;
+      await sleep(attempt * 5 + Math.random() * 10);
+    }
+  }
 }

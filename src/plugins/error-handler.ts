@@ -106,6 +106,14 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
     request.log.warn({ err }, 'input the database cannot store');
     return new AppError('bad_request', { detail: 'The request holds a value that cannot be stored' });
   }
+  // A row the change refers to was removed by a concurrent request (the services lock what they
+  // refer to; this keeps any race they miss a 409 rather than a 500).
+  if (sqlState === '23503') {
+    request.log.warn({ err }, 'a row the change refers to was removed meanwhile');
+    return new AppError('conflict', {
+      detail: 'Something this request refers to was removed meanwhile; read it again and retry',
+    });
+  }
   if (isDatabaseUnavailable(err)) {
     request.log.warn({ err }, 'database unavailable');
     return new AppError('service_unavailable', { headers: { 'retry-after': '1' }, cause: err });

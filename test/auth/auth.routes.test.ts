@@ -198,12 +198,35 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
       ),
     );
     for (const r of results) expect(r.statusCode).toBe(200);
+    // One successor, whoever asked: the family has one live chain, not ten.
+    expect(new Set(results.map((r) => r.json().session.refresh_token)).size).toBe(1);
     const sessions = await app.inject({
       method: 'GET',
       url: '/v1/auth/sessions',
       headers: bearer(user.accessToken),
     });
     expect(sessions.json().data).toHaveLength(1);
+  });
+
+  it('a refresh token replayed within the grace gets the successor already handed out, so a thief never holds a chain of their own', async () => {
+    const user = await registerUser(app);
+    const refresh = (token: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: { refresh_token: token } });
+    const client = (await refresh(user.refreshToken)).json().session;
+    // A second redemption a moment later (the thief, within the grace): the same successor.
+    const thief = await refresh(user.refreshToken);
+    expect(thief.statusCode).toBe(200);
+    expect(thief.json().session.refresh_token).toBe(client.refresh_token);
+    expect(thief.json().session.access_token).not.toBe(client.access_token);
+    // The client rotates on; past the grace the thief's copy is a used token, and ends the family.
+    const next = (await refresh(client.refresh_token)).json().session;
+    const grace = app.services.config.tokens.reuseGraceSeconds;
+    await atTime(app, new Date(Date.now() + (grace + 1) * 1000), async () => {
+      const replay = await refresh(thief.json().session.refresh_token);
+      expect(replay.statusCode).toBe(401);
+      expect(replay.json().detail).toContain('already used');
+    });
+    expect((await refresh(next.refresh_token)).statusCode).toBe(401);
   });
 
   it('logout ends the session; logout all ends every session', async () => {

@@ -13,12 +13,14 @@ export function createSessionsRepository(db: Executor) {
       const [created] = await tx.insert(sessions).values(row).returning();
       return created!;
     },
+    /** A token already there (the same successor handed out again) is left as it is. */
     async insertRefreshToken(row: typeof refreshTokens.$inferInsert, tx: Executor = db): Promise<void> {
-      await tx.insert(refreshTokens).values(row);
+      await tx.insert(refreshTokens).values(row).onConflictDoNothing({ target: refreshTokens.tokenHash });
     },
     /**
-     * The token and its session. With `lock` (inside a transaction) the token row is locked, so
-     * concurrent refreshes of one token take turns.
+     * The token and its session. With `lock` (inside a transaction) the session row is locked, so
+     * concurrent refreshes of its tokens take turns, and in the order a logout or a user's deletion
+     * takes them (the session, then its tokens): the other way round, they deadlocked.
      */
     async findByTokenHash(
       tokenHash: string,
@@ -31,11 +33,15 @@ export function createSessionsRepository(db: Executor) {
         .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
         .where(eq(refreshTokens.tokenHash, tokenHash))
         .limit(1);
-      const [row] = options.lock ? await query.for('update', { of: refreshTokens }) : await query;
+      const [row] = options.lock ? await query.for('update', { of: sessions }) : await query;
       return row;
     },
+    /** Once: a token rotated again (within its grace) keeps the time of its first rotation. */
     async markRotated(tokenId: string, at: Date, tx: Executor): Promise<void> {
-      await tx.update(refreshTokens).set({ rotatedAt: at }).where(eq(refreshTokens.id, tokenId));
+      await tx
+        .update(refreshTokens)
+        .set({ rotatedAt: at })
+        .where(and(eq(refreshTokens.id, tokenId), isNull(refreshTokens.rotatedAt)));
     },
     async touchSession(id: string, at: Date, idleExpiresAt: Date, tx: Executor): Promise<void> {
       await tx.update(sessions).set({ lastUsedAt: at, idleExpiresAt }).where(eq(sessions.id, id));

@@ -1,6 +1,13 @@
+import { createHmac } from 'node:crypto';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
-import { generateSecret, keyedHash, parseSecret, REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
+import {
+  derivedSecret,
+  generateSecret,
+  keyedHash,
+  parseSecret,
+  REFRESH_TOKEN_FORMAT,
+} from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import { isSubset, notHeld } from '../../lib/permissions.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
@@ -55,14 +62,26 @@ type RefreshOutcome =
 export function createSessionsService(deps: SessionsServiceDeps) {
   const hash = (token: string) => keyedHash(deps.pepper, token);
 
-  async function mintRefreshToken(sessionId: string, tx: Executor): Promise<string> {
-    const { token } = generateSecret(REFRESH_TOKEN_FORMAT);
+  async function mintRefreshToken(
+    sessionId: string,
+    tx: Executor,
+    token = generateSecret(REFRESH_TOKEN_FORMAT).token,
+  ) {
     await deps.repo.insertRefreshToken(
       { sessionId, tokenHash: hash(token), createdAt: deps.clock.now() },
       tx,
     );
     return token;
   }
+
+  /**
+   * The token a refresh token rotates to, derived from it under a key of the pepper's: the same for
+   * every redemption of one token. So a refresh repeated within the grace (two tabs, a retry, or a
+   * thief) gets the successor already handed out, and a family never has two live chains: whoever
+   * rotates it first leaves the other holding a used token, which ends the family when it comes back.
+   */
+  const successorKey = createHmac('sha256', deps.pepper).update('refresh-token successor').digest();
+  const successorOf = (token: string) => derivedSecret(REFRESH_TOKEN_FORMAT, successorKey, token);
 
   /** Events that revoke every token of these sessions on every instance. */
   async function revocationEvents(tx: Executor, sessionIds: string[]): Promise<AuthEvent[]> {
@@ -163,8 +182,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
             });
             return { kind: 'reused' };
           }
-          // Within the grace, a concurrent refresh of the same token gets its own successor in the
-          // same family, instead of a spurious logout.
+          // Within the grace, a repeated refresh of the same token gets the same successor again
+          // (successorOf), instead of a spurious logout or a second chain.
         }
         const held = await deps.users.rolesAndPermissions(user.id, tx);
         if (options.scope) {
@@ -179,7 +198,9 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           Math.min(addSeconds(now, deps.ttl.refreshIdle).getTime(), session.expiresAt.getTime()),
         );
         await deps.repo.touchSession(session.id, now, idleExpiresAt, tx);
-        return { kind: 'ok', user, session, held, refreshToken: await mintRefreshToken(session.id, tx) };
+        // A successor handed out before (within the grace) is already stored; it is not stored again.
+        const successor = await mintRefreshToken(session.id, tx, successorOf(refreshToken));
+        return { kind: 'ok', user, session, held, refreshToken: successor };
       });
       if (outcome.kind === 'scope') {
         throw new AppError('bad_request', {

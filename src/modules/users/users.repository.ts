@@ -15,6 +15,14 @@ export function createUsersRepository(db: Executor) {
     async probe(tx: Executor = db): Promise<void> {
       await tx.select({ one: sql`1` }).from(users).limit(1);
     },
+    /**
+     * The user, with a key-share lock until the transaction ends: rows that refer to it (a role grant)
+     * can be added, and a concurrent deletion waits, or has happened and this finds nothing.
+     */
+    async findByIdForKeyShare(id: string, tx: Executor): Promise<UserRow | undefined> {
+      const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1).for('key share');
+      return row;
+    },
     async findById(id: string, tx: Executor = db): Promise<UserRow | undefined> {
       const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1);
       return row;

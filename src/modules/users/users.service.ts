@@ -36,7 +36,9 @@ export function createUsersService(deps: {
    * the caller holds, now, roles:assign and all the role gives.
    */
   async function assertMayChangeGrant(tx: Transaction, id: string, roleName: string, caller: Grantor) {
-    if (!(await deps.repo.findById(id, tx))) throw notFound('user');
+    // Locked: a deletion racing the grant either waits for it or has happened (404), never leaving
+    // the grant to refer to a user who is gone.
+    if (!(await deps.repo.findByIdForKeyShare(id, tx))) throw notFound('user');
     const role = await deps.roles.find(roleName, tx);
     if (!role) throw notFound('role');
     await deps.grants.assertHolds(caller, ['roles:assign', ...role.permissions], tx, ROLE_REFUSAL);

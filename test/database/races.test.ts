@@ -1,0 +1,107 @@
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { type AuthEvent, inTransaction } from '../../src/lib/events.js';
+import { buildTestApp } from '../support/app.js';
+import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/**
+ * Requests that race over the same rows: PostgreSQL may end one transaction (a deadlock) or find a
+ * row gone; the client gets an answer about the data (200, 204, 401, 404), never a 5xx.
+ */
+let app: FastifyInstance;
+let admin: TestUser;
+beforeAll(async () => {
+  app = await buildTestApp();
+  admin = await createAdmin(app);
+});
+
+const pgError = (code: string) => Object.assign(new Error(`simulated ${code}`), { code });
+
+describe('inTransaction', () => {
+  it('runs the work again when PostgreSQL ends the transaction for a deadlock or a serialization failure', async () => {
+    const { db, events } = app.services;
+    for (const code of ['40P01', '40001']) {
+      let runs = 0;
+      const applied: AuthEvent[] = [];
+      let collecting = true;
+      events.subscribe((e) => {
+        if (collecting) applied.push(e);
+      });
+      const result = await inTransaction(db, events, async (tx, emit) => {
+        runs++;
+        emit({ type: 'roles_changed' });
+        await tx.execute(sql`select 1`);
+        if (runs === 1) throw pgError(code);
+        return 'done';
+      });
+      collecting = false;
+      expect(result).toBe('done');
+      expect(runs).toBe(2);
+      // The failed run's events went with it: one applied, from the run that committed.
+      expect(applied.filter((e) => e.type === 'roles_changed')).toHaveLength(1);
+    }
+  });
+
+  it('gives up after three runs, and never runs again for any other error', async () => {
+    const { db, events } = app.services;
+    let runs = 0;
+    await expect(
+      inTransaction(db, events, async () => {
+        runs++;
+        throw pgError('40P01');
+      }),
+    ).rejects.toThrow('simulated 40P01');
+    expect(runs).toBe(3);
+    runs = 0;
+    await expect(
+      inTransaction(db, events, async () => {
+        runs++;
+        throw pgError('23505');
+      }),
+    ).rejects.toThrow('simulated 23505');
+    expect(runs).toBe(1);
+  });
+});
+
+describe('races through HTTP', () => {
+  it('role grants racing the user’s deletion: each grant is 200 or 404, never a 500', async () => {
+    for (let round = 0; round < 5; round++) {
+      const user = await registerUser(app, `race-grant-${round}`);
+      const [deletion, ...grants] = await Promise.all([
+        app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) }),
+        ...Array.from({ length: 4 }, () =>
+          app.inject({
+            method: 'PUT',
+            url: `/v1/users/${user.id}/roles/user`,
+            headers: bearer(admin.accessToken),
+          }),
+        ),
+      ]);
+      expect(deletion!.statusCode, deletion!.body).toBe(204);
+      for (const g of grants) {
+        expect([200, 404], g.body).toContain(g.statusCode);
+      }
+      expect(await app.services.repos.users.findById(user.id)).toBeUndefined();
+    }
+  });
+
+  it('refreshes racing the user’s deletion: 200 or 401, the deletion 204, never a 5xx', async () => {
+    for (let round = 0; round < 5; round++) {
+      const user = await registerUser(app, `race-refresh-${round}`);
+      const [deletion, ...refreshes] = await Promise.all([
+        app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) }),
+        ...Array.from({ length: 4 }, () =>
+          app.inject({
+            method: 'POST',
+            url: '/v1/auth/refresh',
+            payload: { refresh_token: user.refreshToken },
+          }),
+        ),
+      ]);
+      expect(deletion!.statusCode, deletion!.body).toBe(204);
+      for (const r of refreshes) expect([200, 401], r.body).toContain(r.statusCode);
+    }
+  });
+});
