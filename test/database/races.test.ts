@@ -105,3 +105,86 @@ describe('races through HTTP', () => {
     }
   });
 });
+
+describe('races that must leave nothing live behind', () => {
+  it('keys made by a key while it is revoked are revoked with it, or refused', async () => {
+    const owner = await registerUser(app, 'race-children');
+    for (let round = 0; round < 5; round++) {
+      const parent = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: bearer(owner.accessToken),
+        payload: { name: `parent-${round}`, scopes: ['api_keys:own', 'account:read'] },
+      });
+      const { id, key } = parent.json() as { id: string; key: string };
+      const [, ...children] = await Promise.all([
+        app.inject({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: bearer(owner.accessToken) }),
+        ...Array.from({ length: 6 }, (_, i) =>
+          app.inject({
+            method: 'POST',
+            url: '/v1/api-keys',
+            headers: { 'x-api-key': key },
+            payload: { name: `child-${round}-${i}`, scopes: ['account:read'] },
+          }),
+        ),
+      ]);
+      for (const child of children) {
+        expect([201, 401], child.body).toContain(child.statusCode);
+        if (child.statusCode !== 201) continue;
+        const row = await app.services.repos.apiKeys.findById(child.json().id);
+        expect(row?.revokedAt, `child of a revoked key, round ${round}`).not.toBeNull();
+      }
+    }
+  });
+
+  it('a session is not started for a user disabled after the login read them (the window of that race)', async () => {
+    const user = await registerUser(app, 'race-window');
+    const readBeforeDisabling = (await app.services.repos.users.findById(user.id))!;
+    const disabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${user.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode).toBe(200);
+    await expect(
+      inTransaction(app.services.db, app.services.events, (tx) =>
+        app.services.sessions.start(tx, readBeforeDisabling, { ip: null, userAgent: null }),
+      ),
+    ).rejects.toMatchObject({ code: 'invalid_credentials' });
+  });
+
+  it('a login racing the account’s disabling leaves no session that works once it is enabled again', async () => {
+    for (let round = 0; round < 3; round++) {
+      const user = await registerUser(app, `race-disable-${round}`);
+      const disable = (status: 'active' | 'disabled') =>
+        app.inject({
+          method: 'PATCH',
+          url: `/v1/users/${user.id}`,
+          headers: bearer(admin.accessToken),
+          payload: { status },
+        });
+      const [, ...logins] = await Promise.all([
+        disable('disabled'),
+        ...Array.from({ length: 6 }, () =>
+          app.inject({
+            method: 'POST',
+            url: '/v1/auth/login',
+            payload: { email: user.email, password: user.password },
+          }),
+        ),
+      ]);
+      expect((await disable('active')).statusCode).toBe(200);
+      for (const login of logins) {
+        expect([200, 401], login.body).toContain(login.statusCode);
+        if (login.statusCode !== 200) continue;
+        const refreshed = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/refresh',
+          payload: { refresh_token: login.json().session.refresh_token },
+        });
+        expect(refreshed.statusCode, `a session from before the disabling, round ${round}`).toBe(401);
+      }
+    }
+  });
+});

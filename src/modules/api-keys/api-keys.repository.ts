@@ -46,6 +46,11 @@ export function createApiKeysRepository(db: Database) {
       return row;
     },
     /** The row locked for the rest of `tx`, so concurrent rotations and revocations take turns. */
+    /** Share-locked: a revocation waits for what is decided on it (a key it creates), or is read here. */
+    async findByIdForShare(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
+      const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('share');
+      return row;
+    },
     async findByIdForUpdate(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
       const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('update');
       return row;

@@ -299,8 +299,18 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       const row = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           assertWithinCallerLife(actor, expiresAt);
-          await assertGrantable(actor, ownerId, scopes, tx);
           const now = clock.now();
+          // Made by a key: that key, locked, is still live. A revocation racing this either waits and
+          // then revokes the new key with its parent, or has committed and this one is refused.
+          if (actor.key) {
+            const parent = await repo.findByIdForShare(actor.key.id, tx);
+            if (!parent || parent.revokedAt || (parent.expiresAt && parent.expiresAt <= now)) {
+              throw new AppError('invalid_token', {
+                detail: 'The API key was revoked while this request ran',
+              });
+            }
+          }
+          await assertGrantable(actor, ownerId, scopes, tx);
           const created = await repo.insert(
             {
               lookupId,

@@ -112,6 +112,11 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       user: UserRow,
       meta: { ip: string | null; userAgent: string | null; clientId?: string | null },
     ): Promise<{ session: SessionRow; refreshToken: string }> {
+      // A disable racing the login either waits for this session (and ends it) or has committed,
+      // and the login fails as it would for a disabled account.
+      if ((await deps.users.findByIdForShare(user.id, tx))?.status !== 'active') {
+        throw new AppError('invalid_credentials');
+      }
       const now = deps.clock.now();
       const session = await deps.repo.insertSession(
         {

@@ -16,6 +16,14 @@ export function createUsersRepository(db: Executor) {
       await tx.select({ one: sql`1` }).from(users).limit(1);
     },
     /**
+     * The user, share-locked until the transaction ends: a status change (disable) waits for what is
+     * decided on the status read here (a session started), or has happened and is read here.
+     */
+    async findByIdForShare(id: string, tx: Executor): Promise<UserRow | undefined> {
+      const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1).for('share');
+      return row;
+    },
+    /**
      * The user, with a key-share lock until the transaction ends: rows that refer to it (a role grant)
      * can be added, and a concurrent deletion waits, or has happened and this finds nothing.
      */
