@@ -16,7 +16,7 @@ import { AppError, invalidFields } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
-import { forbiddenKeyError, jsonBodyError, jsonBodyText } from './lib/json-body.js';
+import { duplicateMemberError, forbiddenKeyError, jsonBodyError, jsonBodyText } from './lib/json-body.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
@@ -159,7 +159,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // JSON everywhere (and form bodies under /oauth, in its scope below); anything else is a 415.
   app.removeContentTypeParser('text/plain');
   // Fastify's own JSON parser (with the poisoning checks above), then the depth and number checks of
-  // lib/json-body (before anything that recurses reads the value) and the NUL check of lib/nul-characters,
+  // lib/json-body (before anything that recurses reads the value), no member twice in one object, and
+  // the NUL check of lib/nul-characters,
   // on the body's bytes checked as UTF-8 first (lib/json-body's jsonBodyText).
   const parseJson = app.getDefaultJsonParser('error', 'error');
   app.removeContentTypeParser('application/json');
@@ -171,7 +172,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       if ((err as { code?: string } | null)?.code === 'FST_ERR_CTP_INVALID_JSON_BODY')
         return done(forbiddenKeyError(text) ?? err);
       if (err) return done(err, value);
-      const invalid = jsonBodyError(value);
+      const invalid = jsonBodyError(value) ?? duplicateMemberError(value, text);
       if (invalid) return done(invalid);
       if (!jsonMayHoldNul(text)) return done(null, value);
       const fields = nulFields(value, 'body');

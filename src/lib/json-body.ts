@@ -137,3 +137,85 @@ export function jsonBodyText(raw: Buffer, contentType: string | undefined): stri
     return new AppError('invalid_json', { detail: 'The body is not valid UTF-8 (RFC 8259 §8.1)' });
   return raw.toString('utf8');
 }
+
+const DUPLICATE = 'appears more than once (each member once: RFC 8259 §4 leaves which one counts open)';
+
+/** Members of every object in a value whose depth jsonBodyError has bounded. */
+function countMembers(value: unknown): number {
+  if (value === null || typeof value !== 'object') return 0;
+  let n = 0;
+  if (Array.isArray(value)) for (const item of value) n += countMembers(item);
+  else
+    for (const key in value) {
+      n += 1 + countMembers((value as Record<string, unknown>)[key]);
+    }
+  return n;
+}
+
+/** The number of `:` in the text: one per member, plus those inside strings. */
+function countColons(text: string): number {
+  let n = 0;
+  for (let at = text.indexOf(':'); at !== -1; at = text.indexOf(':', at + 1)) n++;
+  return n;
+}
+
+interface Level {
+  /** Keys seen in this object (undefined for an array). */
+  keys: Set<string> | undefined;
+  /** The current member's key, or the current item's index. */
+  at: string;
+}
+
+/** The path of the first member whose key its object already had, walking the JSON text. */
+function findDuplicate(text: string): string[] | undefined {
+  const stack: Level[] = [];
+  let lastString: string | undefined;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22) {
+      // A string: to its closing quote, past escaped characters.
+      let end = i + 1;
+      let escaped = false;
+      while (end < text.length) {
+        const d = text.charCodeAt(end);
+        if (d === 0x5c) escaped = true;
+        else if (d === 0x22) break;
+        end += d === 0x5c ? 2 : 1;
+      }
+      const raw = text.slice(i + 1, end);
+      lastString = escaped ? (JSON.parse(`"${raw}"`) as string) : raw;
+      i = end;
+    } else if (c === 0x3a) {
+      const level = stack[stack.length - 1];
+      if (level?.keys && lastString !== undefined) {
+        if (level.keys.has(lastString)) return [...stack.slice(0, -1).map((l) => l.at), lastString];
+        level.keys.add(lastString);
+        level.at = lastString;
+      }
+      lastString = undefined;
+    } else if (c === 0x7b) {
+      stack.push({ keys: new Set(), at: '' });
+    } else if (c === 0x5b) {
+      stack.push({ keys: undefined, at: '0' });
+    } else if (c === 0x7d || c === 0x5d) {
+      stack.pop();
+    } else if (c === 0x2c) {
+      const level = stack[stack.length - 1];
+      if (level && !level.keys) level.at = String(Number(level.at) + 1);
+    }
+  }
+  return undefined;
+}
+
+/**
+ * A 400 `validation_failed` naming a member that appears twice in one object of a parsed, valid
+ * body, or undefined. JSON.parse keeps the last, another parser (a proxy, a WAF) may keep the first:
+ * `{"client_secret":"wrong","client_secret":"right"}` must not mean one thing to one of them and
+ * another to the other. The text is walked only when it has more `:` than the value has members
+ * (so, for most bodies, never).
+ */
+export function duplicateMemberError(value: unknown, text: string): AppError | undefined {
+  if (countColons(text) <= countMembers(value)) return undefined;
+  const path = findDuplicate(text);
+  return path ? invalidFields([{ field: `body.${path.join('.')}`, message: DUPLICATE }]) : undefined;
+}

@@ -340,6 +340,37 @@ describe('request bodies', () => {
     expect((await revoke('{}')).statusCode).toBe(204);
   });
 
+  it('refuses a member twice in one object, naming it, at /v1 and at /oauth (where the last one won)', async () => {
+    const login = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { 'content-type': 'application/json' },
+      payload: `{"email":"${user.email}","password":"wrong password here","password":${JSON.stringify(user.password)}}`,
+    });
+    expect(login.statusCode, login.body).toBe(400);
+    expect(login.json().errors).toEqual([
+      { field: 'body.password', message: expect.stringContaining('more than once') },
+    ]);
+
+    const before = await profile();
+    const nested = await patchProfile('{"metadata":{"theme":"dark","theme":"light"}}');
+    expect(nested.statusCode).toBe(400);
+    expect(nested.json().errors[0].field).toBe('body.metadata.theme');
+    expect(await profile()).toEqual(before);
+
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const token = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json' },
+      payload: `{"grant_type":"client_credentials","client_id":"${client.client_id}","client_secret":"wrong","client_secret":"${client.client_secret}"}`,
+    });
+    expect(token.statusCode, token.body).toBe(400);
+    expect(token.json()).toMatchObject({ error: 'invalid_request' });
+    expect(token.json().error_description).toContain('client_secret');
+  });
+
   it('refuses __proto__ and constructor.prototype keys with a 400 saying so, not "not valid JSON"', async () => {
     const before = await profile();
     for (const [payload, field] of [
