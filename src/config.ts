@@ -3,6 +3,8 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
+import { checkPasswordStrength } from './identity/passwords.js';
+import { AppError } from './lib/errors.js';
 
 const bool = z
   .enum(['true', 'false', '1', '0', 'yes', 'no'], { message: 'expected true or false' })
@@ -92,6 +94,17 @@ function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
   }
   if (set('BOOTSTRAP_ADMIN_EMAIL') && !set('BOOTSTRAP_ADMIN_PASSWORD') && provider === 'local')
     issues.push({ path: 'BOOTSTRAP_ADMIN_PASSWORD', message: 'is required with BOOTSTRAP_ADMIN_EMAIL' });
+  // The password rules a registration meets, at start rather than as a stack trace after migrating.
+  if (set('BOOTSTRAP_ADMIN_PASSWORD')) {
+    try {
+      checkPasswordStrength(env.BOOTSTRAP_ADMIN_PASSWORD!, env.BOOTSTRAP_ADMIN_EMAIL?.trim().toLowerCase());
+    } catch (err) {
+      issues.push({
+        path: 'BOOTSTRAP_ADMIN_PASSWORD',
+        message: err instanceof AppError && err.detail ? err.detail : 'is not an acceptable password',
+      });
+    }
+  }
   const idle = Number(env.REFRESH_TOKEN_IDLE_TTL ?? 2_592_000);
   const absolute = Number(env.REFRESH_TOKEN_ABSOLUTE_TTL ?? 7_776_000);
   if (idle > absolute)

@@ -48,6 +48,32 @@ describe('configuration', () => {
     }
   });
 
+  it('names a bootstrap admin password that breaks the password rules, beside a bad email, without echoing either', () => {
+    for (const [password, rule] of [
+      ['short', '8 to 128 characters'],
+      ['password123', 'too common'],
+    ] as const) {
+      try {
+        load({ BOOTSTRAP_ADMIN_EMAIL: 'not-an-email', BOOTSTRAP_ADMIN_PASSWORD: password });
+        expect.unreachable();
+      } catch (err) {
+        expect(err).toBeInstanceOf(ConfigError);
+        const message = (err as Error).message;
+        expect(message).toContain('BOOTSTRAP_ADMIN_EMAIL');
+        expect(message).toMatch(new RegExp(`BOOTSTRAP_ADMIN_PASSWORD[^\n]*${rule}`));
+        expect(message).not.toContain(password);
+        expect(message).not.toContain('not-an-email');
+      }
+    }
+    expect(
+      load({ BOOTSTRAP_ADMIN_EMAIL: 'a@example.test', BOOTSTRAP_ADMIN_PASSWORD: 'a long enough passphrase' })
+        .bootstrapAdmin,
+    ).toEqual({
+      email: 'a@example.test',
+      password: 'a long enough passphrase',
+    });
+  });
+
   it('takes a shutdown drain only when it leaves the requests in flight a second of the timeout', () => {
     expect(load({}).shutdownDrainMs).toBe(0);
     expect(load({ SHUTDOWN_DRAIN_MS: '5000' }).shutdownDrainMs).toBe(5000);
