@@ -18,6 +18,7 @@ export const ERROR_CATALOGUE = {
   conflict: { status: 409, title: 'Conflict' },
   email_taken: { status: 409, title: 'An account with this email exists' },
   last_admin: { status: 409, title: 'The last admin cannot lose the admin role' },
+  rotation_in_progress: { status: 409, title: 'The previous secret is still in its grace period' },
   rotation_too_soon: { status: 409, title: 'The next signing key has not been published long enough' },
   payload_too_large: { status: 413, title: 'The body is too large' },
   unsupported_media_type: { status: 415, title: 'Unsupported content type' },

@@ -151,10 +151,17 @@ function withProblemMediaType<T>(document: T): T {
 
 /**
  * `Retry-After` where it is sent: on every 429 (rate limits, failed client authentications) and every
- * 503 (password hashing full, database or provider unavailable) but /health's, and on the signing-key
- * rotation's 409 when the next key has not been published long enough.
+ * 503 (password hashing full, database or provider unavailable) but /health's, on the signing-key
+ * rotation's 409 when the next key has not been published long enough, and on a secret rotation's
+ * 409 while the previous secret is in its grace.
  */
 const RETRY_AFTER_ALSO: Record<string, Record<string, string>> = {
+  '/v1/api-keys/{id}/rotate': {
+    409: 'With `rotation_in_progress`: seconds until the secret the last rotation replaced stops working',
+  },
+  '/v1/clients/{id}/secrets': {
+    409: 'With `rotation_in_progress`: seconds until the secret the last rotation replaced stops working',
+  },
   '/v1/signing-keys/rotate': {
     409: 'With `rotation_too_soon`: seconds until the next key has been published for 10 minutes',
   },

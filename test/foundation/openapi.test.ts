@@ -127,6 +127,8 @@ describe('the OpenAPI document', () => {
     expect(declared).toContain('POST /v1/auth/login 503');
     expect(declared).toContain('POST /oauth/token 429');
     expect(declared).toContain('POST /v1/signing-keys/rotate 409');
+    expect(declared).toContain('POST /v1/api-keys/{id}/rotate 409');
+    expect(declared).toContain('POST /v1/clients/{id}/secrets 409');
     expect(declared.filter((d) => d.startsWith('GET /health/'))).toEqual([]);
   });
 

@@ -256,7 +256,7 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         security: bearerOrApiKey,
         params: UuidParamSchema,
         body: RotateApiKeyBodySchema.nullish(),
-        response: { 200: ApiKeyWithSecretSchema, ...problems(400, 401, 403, 404, 503) },
+        response: { 200: ApiKeyWithSecretSchema, ...problems(400, 401, 403, 404, 409, 503) },
       },
     },
     async (request) => {
@@ -265,6 +265,7 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         request.params.id,
         request.body?.grace_seconds ?? 0,
         requestContext(request),
+        request.body?.force ?? false,
       );
       return { ...toApiKeyDto(row), key };
     },

@@ -56,6 +56,12 @@ export const RotateApiKeyBodySchema = z
       .max(MAX_GRACE_SECONDS)
       .optional()
       .describe('How long the old secret keeps working (default 0: it stops at once)'),
+    force: z
+      .boolean()
+      .optional()
+      .describe(
+        'Rotate even while the secret the last rotation replaced is in its grace, ending that grace now',
+      ),
   })
   .strict();
 

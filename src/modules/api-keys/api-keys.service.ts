@@ -9,6 +9,7 @@ import {
   parseSecret,
 } from '../../lib/crypto.js';
 import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, notHeld } from '../../lib/permissions.js';
@@ -436,17 +437,24 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
 
     /**
      * A new secret under the same lookup id; the old one keeps verifying until the grace ends and
-     * then answers `expired`. A second rotation within the grace ends the first one's old secret.
+     * then answers `expired`. A second rotation within that grace is refused unless forced
+     * (lib/rotation.ts), since it would end the first one's old secret.
      */
     async rotate(
       actor: ApiKeyActor,
       id: string,
       graceSeconds: number,
       context: RequestContext,
+      force = false,
     ): Promise<{ row: ApiKeyRow; key: string }> {
       return deps.grants.audited(context, { action: 'api_key.rotate', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          assertNoGraceRunning(
+            { hash: current.previousSecretHash, expiresAt: current.previousSecretExpiresAt },
+            clock.now(),
+            force,
+          );
           // The new secret goes to the caller, so the caller must already hold what it gives: otherwise a
           // narrow key could rotate a broader sibling, or a holder of api_keys:write an admin's key, and
           // come away with more than they have.

@@ -169,7 +169,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         security: bearerOrApiKey,
         params: ClientIdParamSchema,
         body: RotateSecretBodySchema.nullish(),
-        response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 404, 415, 503) },
+        response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 404, 409, 415, 503) },
       },
     },
     async (request, reply) => {
@@ -178,6 +178,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         request.params.id,
         request.body?.grace_seconds ?? 0,
         requestContext(request),
+        request.body?.force ?? false,
       );
       return reply.status(201).send({ ...dto(client), client_secret: secret });
     },

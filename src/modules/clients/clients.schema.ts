@@ -67,6 +67,12 @@ export const RotateSecretBodySchema = z
       .max(MAX_SECRET_GRACE_SECONDS)
       .optional()
       .describe('How long the current secret keeps working (default 0: it stops now)'),
+    force: z
+      .boolean()
+      .optional()
+      .describe(
+        'Rotate even while the secret the last rotation replaced is in its grace, ending that grace now',
+      ),
   })
   .strict();
 

@@ -12,6 +12,7 @@ import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { type Cursor, paginate } from '../../lib/pagination.js';
 import { isSubset } from '../../lib/permissions.js';
+import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import {
@@ -266,6 +267,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       idOrClientId: string,
       graceSeconds: number,
       context: RequestContext,
+      force = false,
     ) {
       const existing = await visibleClient(caller, idOrClientId);
       const lookupId = existing.clientId.slice(CLIENT_ID_PREFIX.length);
@@ -276,6 +278,11 @@ export function createClientsService(deps: ClientsServiceDeps) {
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
           if (!locked) throw notFound('client');
+          assertNoGraceRunning(
+            { hash: locked.previousSecretHash, expiresAt: locked.previousSecretExpiresAt },
+            now,
+            force,
+          );
           // The new secret goes to the caller: a creator who has since lost a permission the client
           // holds does not get it back through a fresh secret.
           await assertGrantable(
@@ -288,7 +295,8 @@ export function createClientsService(deps: ClientsServiceDeps) {
             locked.id,
             {
               secretHash: hash(secret),
-              // Only the secret being replaced gets a grace; an older one in its grace ends now.
+              // Only the secret being replaced gets a grace; an older one in its grace ends now (a
+              // forced rotation: otherwise it was refused above).
               previousSecretHash: graceSeconds > 0 ? locked.secretHash : null,
               previousSecretExpiresAt: graceSeconds > 0 ? addSeconds(now, graceSeconds) : null,
             },
