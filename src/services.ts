@@ -231,6 +231,7 @@ export function createServices(deps: ServicesDeps) {
     clock,
     pepper: config.secretPepper,
     maxAccessTtl: config.tokens.maxAccessTtl,
+    users: repos.users,
   });
   const clientAuthFailureCounter = (max: number, prefix: string) =>
     config.rateLimit.enabled && redis

@@ -110,7 +110,8 @@ describe('app clients: security', () => {
     });
     expect(rotate.statusCode, rotate.body).toBe(403);
     expect(rotate.json().detail).toContain('users:read');
-    expect((await clientToken(app, client)).scope).toBe('users:read');
+    // The secret stays; the client acts for its creator, so its tokens no longer carry users:read.
+    expect((await clientToken(app, client)).scope).toBe('');
     // Still theirs to see, and to disable.
     const get = await app.inject({
       method: 'GET',
@@ -141,8 +142,8 @@ describe('app clients: security', () => {
     });
     expect(rotate.statusCode, rotate.body).toBe(403);
     expect(rotate.json().detail).toContain('orders:read');
-    // The old secret still works: nothing changed.
-    expect((await clientToken(app, client)).scope).toBe('orders:read');
+    // The old secret still works (nothing changed), within what its creator holds now.
+    expect((await clientToken(app, client)).scope).toBe('');
     const widen = await app.inject({
       method: 'PATCH',
       url: `/v1/clients/${client.id}`,
@@ -324,5 +325,71 @@ describe('app clients: security', () => {
     expect(denied.statusCode).toBe(403);
     const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(access_token) });
     expect(me.statusCode).toBe(403);
+  });
+
+  it('a client registered by a user who is not an administrator acts for them: within what they hold now, nothing once they are disabled or deleted', async () => {
+    const creator = await registerUser(app, 'clients-acting');
+    const role = await grantRole(app, creator.id, [
+      'clients:read',
+      'clients:write',
+      'users:read',
+      'roles:read',
+    ]);
+    const token = (await login(app, creator.email)).session.access_token;
+    const client = await createClient(app, token, { scopes: ['users:read', 'roles:read'] });
+    expect(client).toMatchObject({ created_by: creator.id, acts_for_creator: true });
+    const grant = (scope?: string) =>
+      form(
+        app,
+        '/oauth/token',
+        { grant_type: 'client_credentials', ...(scope ? { scope } : {}) },
+        basic(client.client_id, client.client_secret),
+      );
+    expect((await grant()).json().scope).toBe('roles:read users:read');
+    const serviceToken = (await grant()).json().access_token as string;
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/users', headers: bearer(serviceToken) })).statusCode,
+    ).toBe(200);
+
+    // The creator loses users:read (through the API, as an administrator does it).
+    await grantRole(app, creator.id, ['clients:read', 'clients:write', 'roles:read']);
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode).toBe(204);
+    expect((await grant()).json().scope).toBe('roles:read');
+    const wider = await grant('users:read');
+    expect(wider.statusCode).toBe(400);
+    expect(wider.json().error).toBe('invalid_scope');
+
+    // Disabled: the client acts for nobody; deleted: the same.
+    const disabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${creator.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode).toBe(200);
+    expect((await grant()).json().scope).toBe('');
+    const deleted = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(deleted.statusCode).toBe(204);
+    const after = await grant();
+    expect(after.statusCode).toBe(200);
+    expect(after.json().scope).toBe('');
+  });
+
+  it('a client registered by an administrator is the organisation’s: it keeps its scopes whatever becomes of them', async () => {
+    const exAdmin = await createAdmin(app);
+    const client = await createClient(app, exAdmin.accessToken, { scopes: ['users:read'] });
+    expect(client.acts_for_creator).toBe(false);
+    await app.services.repos.users.removeRole(exAdmin.id, 'admin');
+    app.services.events.applyLocally([{ type: 'user_changed', userId: exAdmin.id }]);
+    expect((await clientToken(app, client)).scope).toBe('users:read');
   });
 });

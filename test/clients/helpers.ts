@@ -34,6 +34,7 @@ export interface CreatedClient {
   access_token_ttl: number | null;
   status: 'active' | 'disabled';
   created_by: string | null;
+  acts_for_creator: boolean;
   created_at: string;
   updated_at: string;
   previous_secret_expires_at: string | null;

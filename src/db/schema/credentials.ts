@@ -1,5 +1,14 @@
 import { sql } from 'drizzle-orm';
-import { type AnyPgColumn, index, integer, pgTable, text, timestamp, uuid } from 'drizzle-orm/pg-core';
+import {
+  type AnyPgColumn,
+  boolean,
+  index,
+  integer,
+  pgTable,
+  text,
+  timestamp,
+  uuid,
+} from 'drizzle-orm/pg-core';
 import { users } from './users.js';
 
 export const apiKeys = pgTable(
@@ -44,6 +53,11 @@ export const clients = pgTable('clients', {
     .notNull()
     .default('active'),
   createdBy: uuid('created_by').references(() => users.id, { onDelete: 'set null' }),
+  /**
+   * Registered by a user who is not an administrator: the client acts within its creator's current
+   * permissions (nothing once the creator is disabled or deleted), as an API key does.
+   */
+  actsForCreator: boolean('acts_for_creator').notNull().default(false),
   createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
 });

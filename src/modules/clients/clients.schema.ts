@@ -89,6 +89,11 @@ export const ClientSchema = z
     access_token_ttl: z.number().int().nullable(),
     status: z.enum(['active', 'disabled']),
     created_by: z.uuid().nullable(),
+    acts_for_creator: z
+      .boolean()
+      .describe(
+        'Registered by a user who is not an administrator: its tokens carry only the scopes its creator still holds (none once the creator is disabled or deleted)',
+      ),
     created_at: z.string(),
     updated_at: z.string(),
     previous_secret_expires_at: z
@@ -115,6 +120,7 @@ export function toClientDto(c: ClientRow, now: Date) {
     access_token_ttl: c.accessTokenTtl,
     status: c.status,
     created_by: c.createdBy,
+    acts_for_creator: c.actsForCreator,
     created_at: c.createdAt.toISOString(),
     updated_at: c.updatedAt.toISOString(),
     previous_secret_expires_at:

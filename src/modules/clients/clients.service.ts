@@ -11,7 +11,7 @@ import {
 import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { type Cursor, paginate } from '../../lib/pagination.js';
-import { isSubset } from '../../lib/permissions.js';
+import { intersectPermissions, isSubset } from '../../lib/permissions.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
@@ -23,6 +23,7 @@ import {
 } from '../audit/audit.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
+import type { UsersRepository } from '../users/users.repository.js';
 import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
 
 /** Public client ids: `pci_` and the same lookup id that the client's secrets carry. */
@@ -76,6 +77,8 @@ export interface ClientsServiceDeps {
   pepper: Buffer;
   /** The longest access-token lifetime a client may be given (config.tokens.maxAccessTtl). */
   maxAccessTtl: number;
+  /** Creators' current state, for the clients that act for them. */
+  users: Pick<UsersRepository, 'findById' | 'rolesAndPermissions'>;
 }
 
 const unique = (values: string[]) => [...new Set(values)].sort();
@@ -100,6 +103,41 @@ export function createClientsService(deps: ClientsServiceDeps) {
   });
   // Secrets that matched, by digest, so a client authenticating on every request costs no HMAC.
   const verified = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
+
+  // What the creators of clients that act for them hold now (null: disabled or gone), cached like
+  // the rows and dropped on `user_changed` and `roles_changed` from any instance.
+  const creators = createReadThroughCache<readonly string[] | null>({
+    load: async (userId) => {
+      const user = await deps.users.findById(userId);
+      if (user?.status !== 'active') return null;
+      return Object.freeze((await deps.users.rolesAndPermissions(userId)).permissions);
+    },
+    max: 10_000,
+    ttlMs: 60_000,
+    clock: deps.clock,
+  });
+  // A client acting for its creator is seen by authentication with its scopes within what the creator
+  // holds: one frozen view per pair of cached row and creator state, shared by every request.
+  const views = new WeakMap<ClientRow, { holds: readonly string[] | null; view: ClientRow }>();
+  function viewWith(row: ClientRow, holds: readonly string[] | null): ClientRow {
+    const known = views.get(row);
+    if (known?.holds === holds) return known.view;
+    const view = Object.freeze({ ...row, scopes: holds ? intersectPermissions(row.scopes, holds) : [] });
+    views.set(row, { holds, view });
+    return view;
+  }
+  /** The client as it may act now: itself, or, acting for its creator, within what they hold. */
+  async function acting(row: ClientRow): Promise<ClientRow> {
+    if (!row.actsForCreator) return row;
+    return viewWith(row, row.createdBy ? await creators.get(row.createdBy) : null);
+  }
+  /** `acting` from memory alone; undefined when the creator's state is not in memory. */
+  function actingNow(row: ClientRow): ClientRow | undefined {
+    if (!row.actsForCreator) return row;
+    if (!row.createdBy) return viewWith(row, null);
+    const held = creators.peek(row.createdBy);
+    return held && viewWith(row, held.value);
+  }
 
   const isAdministrator = (caller: ClientCaller) => isSubset(['*'], caller.grantor.permissions);
   const visibleTo = (caller: ClientCaller, row: ClientRow) =>
@@ -168,6 +206,9 @@ export function createClientsService(deps: ClientsServiceDeps) {
               accessTokenTtl: input.accessTokenTtl ?? null,
               status: 'active',
               createdBy: caller.userId ?? null,
+              // A user who is not an administrator registers a client that acts for them: it holds
+              // no more than they do, and nothing once they are disabled or deleted.
+              actsForCreator: caller.userId !== undefined && !isAdministrator(caller),
               createdAt: now,
               updatedAt: now,
             },
@@ -330,7 +371,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
     rememberedBasic(header: string): ClientRow | undefined {
       const known = verified.get(verified.keyOf(BASIC_KEY, header), deps.clock.nowMs());
       const client = known && cache.peek(known.owner)?.value;
-      return client?.status === 'active' ? client : undefined;
+      return client?.status === 'active' ? actingNow(client) : undefined;
     },
 
     /** `basicHeader`: the Authorization header the id and secret came in, remembered with them. */
@@ -349,7 +390,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       if (known?.owner === clientId) {
         const client = await findCached(clientId);
         // A previous secret's entry ends with its grace; the client's state is checked every time.
-        if (client?.status === 'active') return { ok: true, client };
+        if (client?.status === 'active') return { ok: true, client: await acting(client) };
       }
       const generation = verified.generation;
       const parsed = parseSecret(CLIENT_SECRET_FORMAT, secret);
@@ -375,7 +416,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       verified.remember(credential, entry, generation, now.getTime());
       if (basicHeader !== undefined)
         verified.remember(verified.keyOf(BASIC_KEY, basicHeader), entry, generation, now.getTime());
-      return { ok: true, client };
+      return { ok: true, client: await acting(client) };
     },
 
     /** The client registered under a client_id (cached), whatever its state. */
@@ -385,9 +426,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
       if (event.type === 'client_changed') {
         cache.delete(event.clientId);
         verified.forget(event.clientId);
+      } else if (event.type === 'user_changed') {
+        creators.delete(event.userId);
+      } else if (event.type === 'roles_changed') {
+        creators.clear();
       } else if (event.type === 'resync') {
         cache.clear();
         verified.clear();
+        creators.clear();
       }
     },
   };

@@ -51,7 +51,8 @@ export interface GrantCeilingDeps {
  * - a user: the token's permissions within the user's current ones (nothing once disabled or gone);
  * - an API key: the key's scopes within its owner's current permissions (nothing once revoked,
  *   expired, or its owner disabled or gone);
- * - a service: the token's scopes within the client's current scopes (nothing once disabled or gone).
+ * - a service: the token's scopes within the client's current scopes (nothing once disabled or gone),
+ *   and within its creator's current permissions when it acts for them.
  */
 export function createGrantCeiling(deps: GrantCeilingDeps) {
   async function ownerHolds(userId: string, within: readonly string[], tx: Executor): Promise<string[]> {
@@ -73,7 +74,13 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
       case 'service': {
         const client = await deps.clients.findByClientId(grantor.clientId, tx);
         if (client?.status !== 'active') return [];
-        return intersectPermissions(grantor.permissions, client.scopes);
+        // A client acting for its creator holds what they hold now, within its scopes.
+        const scopes = !client.actsForCreator
+          ? client.scopes
+          : client.createdBy
+            ? await ownerHolds(client.createdBy, client.scopes, tx)
+            : [];
+        return intersectPermissions(grantor.permissions, scopes);
       }
     }
   }

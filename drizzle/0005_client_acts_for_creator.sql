@@ -1,0 +1,1 @@
+ALTER TABLE "clients" ADD COLUMN "acts_for_creator" boolean DEFAULT false NOT NULL;
