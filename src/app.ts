@@ -81,7 +81,6 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
   done();
 };
 
-/** Builds the whole service without listening and without reading the environment. */
 /** Methods whose requests carry no body by their definition. */
 const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 
@@ -111,6 +110,7 @@ const shuttingDownError = () =>
 const hasKeys = (value: unknown) =>
   typeof value === 'object' && value !== null && Object.keys(value).length > 0;
 
+/** Builds the whole service without listening and without reading the environment. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const { config, database } = deps;
   const clock = deps.clock ?? systemClock;

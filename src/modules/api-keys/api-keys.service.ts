@@ -22,6 +22,7 @@ import {
   type RequestContext,
 } from '../audit/audit.service.js';
 import { type GrantCeiling, GrantRefused, type Grantor } from '../roles/grant-ceiling.js';
+import { createOwnerStates, type OwnerState } from '../users/owner-states.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
 
@@ -43,11 +44,6 @@ export type InvalidReason = 'not_found' | 'expired' | 'revoked' | 'owner_disable
 export type Verification =
   | { valid: true; key: ApiKeyRow; scopes: string[] }
   | { valid: false; reason: InvalidReason };
-
-interface OwnerState {
-  active: boolean;
-  permissions: string[];
-}
 
 export interface ApiKeysServiceDeps {
   db: Database;
@@ -91,16 +87,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     ...cacheOptions,
     load: (lookupId) => repo.findByLookupId(lookupId),
   });
-  const owners = createReadThroughCache<OwnerState>({
-    ...cacheOptions,
-    load: async (userId) => {
-      const [user, held] = await Promise.all([
-        deps.users.findById(userId),
-        deps.users.rolesAndPermissions(userId),
-      ]);
-      return { active: user?.status === 'active', permissions: held.permissions };
-    },
-  });
+  const owners = createOwnerStates({ ...cacheOptions, users: deps.users });
 
   /** Last-use times (ms) waiting for the next flush, by key id. */
   const usage = new Map<string, number>();
@@ -111,17 +98,15 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   // Keys that matched, by digest: a key presented on every request costs no parse, checksum or HMAC.
   const verifiedKeys = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
-  function invalidate(what: { lookupId?: string; userId?: string; owners?: true; all?: true }) {
+  function invalidate(what: { lookupId?: string; all?: true }) {
     if (what.all) {
       keys.clear();
       verifiedKeys.clear();
     }
-    if (what.all || what.owners) owners.clear();
     if (what.lookupId) {
       keys.delete(what.lookupId);
       verifiedKeys.forget(what.lookupId);
     }
-    if (what.userId) owners.delete(what.userId);
   }
 
   /** The key a presented string is the current or previous secret of, or undefined. */
@@ -189,7 +174,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     if (!known || !row) return undefined;
     const refused = refusal(row, known.previous, now);
     if (refused) return refused;
-    const owner = owners.peek(row.ownerId)?.value;
+    const owner = owners.peek(row.ownerId);
     return owner && accept(row, owner, now);
   }
 
@@ -497,16 +482,9 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
 
     /** Keeps the caches current with this and every other instance's changes. */
     handle(event: AuthEvent) {
-      switch (event.type) {
-        case 'api_key_changed':
-          return invalidate({ lookupId: event.lookupId });
-        case 'user_changed':
-          return invalidate({ userId: event.userId });
-        case 'roles_changed':
-          return invalidate({ owners: true });
-        case 'resync':
-          return invalidate({ all: true });
-      }
+      owners.handle(event);
+      if (event.type === 'api_key_changed') invalidate({ lookupId: event.lookupId });
+      else if (event.type === 'resync') invalidate({ all: true });
     },
 
     flush,

@@ -23,6 +23,7 @@ import {
 } from '../audit/audit.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
+import { createOwnerStates, type OwnerState } from '../users/owner-states.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ClientPatch, ClientRow, ClientsRepository } from './clients.repository.js';
 
@@ -104,39 +105,30 @@ export function createClientsService(deps: ClientsServiceDeps) {
   // Secrets that matched, by digest, so a client authenticating on every request costs no HMAC.
   const verified = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
 
-  // What the creators of clients that act for them hold now (null: disabled or gone), cached like
-  // the rows and dropped on `user_changed` and `roles_changed` from any instance.
-  const creators = createReadThroughCache<readonly string[] | null>({
-    load: async (userId) => {
-      const user = await deps.users.findById(userId);
-      if (user?.status !== 'active') return null;
-      return Object.freeze((await deps.users.rolesAndPermissions(userId)).permissions);
-    },
-    max: 10_000,
-    ttlMs: 60_000,
-    clock: deps.clock,
-  });
+  // What the creators of clients that act for them hold now, dropped by event from any instance.
+  const creators = createOwnerStates({ users: deps.users, max: 10_000, ttlMs: 60_000, clock: deps.clock });
   // A client acting for its creator is seen by authentication with its scopes within what the creator
   // holds: one frozen view per pair of cached row and creator state, shared by every request.
-  const views = new WeakMap<ClientRow, { holds: readonly string[] | null; view: ClientRow }>();
-  function viewWith(row: ClientRow, holds: readonly string[] | null): ClientRow {
+  const views = new WeakMap<ClientRow, { creator: OwnerState | undefined; view: ClientRow }>();
+  function viewWith(row: ClientRow, creator: OwnerState | undefined): ClientRow {
     const known = views.get(row);
-    if (known?.holds === holds) return known.view;
-    const view = Object.freeze({ ...row, scopes: holds ? intersectPermissions(row.scopes, holds) : [] });
-    views.set(row, { holds, view });
+    if (known && known.creator === creator) return known.view;
+    const scopes = creator?.active ? intersectPermissions(row.scopes, creator.permissions) : [];
+    const view = Object.freeze({ ...row, scopes });
+    views.set(row, { creator, view });
     return view;
   }
   /** The client as it may act now: itself, or, acting for its creator, within what they hold. */
   async function acting(row: ClientRow): Promise<ClientRow> {
     if (!row.actsForCreator) return row;
-    return viewWith(row, row.createdBy ? await creators.get(row.createdBy) : null);
+    return viewWith(row, row.createdBy ? await creators.get(row.createdBy) : undefined);
   }
   /** `acting` from memory alone; undefined when the creator's state is not in memory. */
   function actingNow(row: ClientRow): ClientRow | undefined {
     if (!row.actsForCreator) return row;
-    if (!row.createdBy) return viewWith(row, null);
-    const held = creators.peek(row.createdBy);
-    return held && viewWith(row, held.value);
+    if (!row.createdBy) return viewWith(row, undefined);
+    const creator = creators.peek(row.createdBy);
+    return creator && viewWith(row, creator);
   }
 
   const isAdministrator = (caller: ClientCaller) => isSubset(['*'], caller.grantor.permissions);
@@ -423,17 +415,13 @@ export function createClientsService(deps: ClientsServiceDeps) {
     findByClientId: findCached,
 
     handle(event: AuthEvent) {
+      creators.handle(event);
       if (event.type === 'client_changed') {
         cache.delete(event.clientId);
         verified.forget(event.clientId);
-      } else if (event.type === 'user_changed') {
-        creators.delete(event.userId);
-      } else if (event.type === 'roles_changed') {
-        creators.clear();
       } else if (event.type === 'resync') {
         cache.clear();
         verified.clear();
-        creators.clear();
       }
     },
   };
