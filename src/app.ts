@@ -322,7 +322,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
         },
       });
     },
-    heldNow: (principal) => services.grants.held(principal, services.db),
+    heldNow: (principal) => services.grants.standing(principal, services.db),
   });
   // Every authorization failure is audited (SECURITY.md): the route's permission check and the grant
   // ceiling write their own, richer event and mark the error; any other 403 a service raises (a key

@@ -59,9 +59,10 @@ export interface AuthenticateOptions {
   /**
    * What the principal holds now (a user's current permissions within the token's, an API key's
    * within its owner's, a service token's within its client's): routes that change something are
-   * decided on it, not only on what the credential said when it was issued.
+   * decided on it, not only on what the credential said when it was issued. Null when the
+   * credential itself no longer stands (revoked, expired, its user or client disabled or gone).
    */
-  heldNow?: (principal: Principal) => Promise<readonly string[]>;
+  heldNow?: (principal: Principal) => Promise<readonly string[] | null>;
 }
 
 /** Methods that read: a route with only these is decided on its credential's permissions alone. */
@@ -272,6 +273,14 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     // or deletes nothing of anyone's.
     if (changes && options.heldNow) {
       const now = await options.heldNow(principal);
+      // Dead since it was cached or issued (the revocation's notification not yet here): a 401, as
+      // the same credential gets once every instance has heard, not a 403 that says to ask for a role.
+      if (now === null) {
+        throw new AppError('invalid_token', {
+          detail: 'This credential has been revoked or its account disabled',
+          headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+        });
+      }
       if (!anyOf.some((p) => hasPermission(now, p))) {
         await refuse(
           request,

@@ -1,6 +1,10 @@
 import type { FastifyInstance } from 'fastify';
+import { eq } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { apiKeys, clients, users } from '../../src/db/schema/index.js';
+import { createKey, withKey } from '../api-keys/helpers.js';
 import { ADMIN_ROUTES, AUTH_ROUTES, PROFILE_ROUTES } from '../authz/routes.js';
+import { clientToken, createClient } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
 import { authorizationMatrix, urlOf } from '../support/authz-matrix.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
@@ -236,7 +240,7 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
     expect(await deniedOf(user.id)).toHaveLength(attempts.length);
   });
 
-  it('a disabled caller holds nothing: their still-cached token grants no role', async () => {
+  it('a disabled caller holds nothing: their still-cached token grants no role (401, it no longer stands)', async () => {
     const { user, role, token } = await holderOf(['roles:assign', 'users:read'], 'assigner-off');
     const target = await registerUser(app, 'target');
     // Disabled in the database alone, as another instance would have done it before this one hears.
@@ -246,7 +250,8 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
       url: `/v1/users/${target.id}/roles/${role}`,
       headers: bearer(token),
     });
-    expect(grant.statusCode, grant.body).toBe(403);
+    expect(grant.statusCode, grant.body).toBe(401);
+    expect(grant.json()).toMatchObject({ code: 'invalid_token' });
     expect(await rolesOf(target.id)).not.toContain(role);
   });
 
@@ -294,5 +299,66 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
       expect.objectContaining({ action: 'role.create', missing: ['users:read'] }),
     ]);
     expect(denied.map((e) => e.subjectId)).toEqual([`${role}-a`, `${role}-a`, `${role}-b`]);
+  });
+});
+
+describe('a credential that stopped standing before its notification arrived', () => {
+  // The row is changed directly, with no event: what another instance sees in the moment between a
+  // revocation's commit and its notification. Reads may still go by the cached credential; a change
+  // re-reads it, and a dead credential is a 401 (as it is everywhere once the news arrives), not a
+  // 403 that sends the caller off to ask for a role.
+  const expectInvalidToken = (res: {
+    statusCode: number;
+    body: string;
+    headers: Record<string, unknown>;
+  }) => {
+    expect(res.statusCode, res.body).toBe(401);
+    expect(JSON.parse(res.body)).toMatchObject({ code: 'invalid_token' });
+    expect(res.headers['www-authenticate']).toMatch(/error="invalid_token"/);
+  };
+
+  it('a disabled user’s token, a revoked API key and a disabled client’s token change nothing: 401', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'standing');
+    const key = await createKey(app, user.accessToken, { scopes: ['api_keys:own'] });
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:write'] });
+    const service = await clientToken(app, client);
+    const target = await registerUser(app, 'standing-target');
+
+    // Each works before.
+    const keyCreates = () =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: withKey(key.key),
+        payload: { name: 'k', scopes: [] },
+      });
+    expect((await keyCreates()).statusCode).toBe(201);
+
+    await app.services.db.update(apiKeys).set({ revokedAt: new Date() }).where(eq(apiKeys.id, key.id));
+    expectInvalidToken(await keyCreates());
+
+    await app.services.db.update(users).set({ status: 'disabled' }).where(eq(users.id, user.id));
+    expectInvalidToken(
+      await app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: { display_name: 'still here' },
+      }),
+    );
+
+    await app.services.db.update(clients).set({ status: 'disabled' }).where(eq(clients.id, client.id));
+    expectInvalidToken(
+      await app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${target.id}`,
+        headers: bearer(service.access_token),
+        payload: { status: 'disabled' },
+      }),
+    );
+    expect((await app.services.repos.users.findById(target.id))?.status).toBe('active');
+    // The key made before the revocation and the revoked key itself, nothing after.
+    expect(await app.services.db.select().from(apiKeys).where(eq(apiKeys.ownerId, user.id))).toHaveLength(2);
   });
 });

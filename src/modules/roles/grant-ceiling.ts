@@ -55,38 +55,49 @@ export interface GrantCeilingDeps {
  *   and within its creator's current permissions when it acts for them.
  */
 export function createGrantCeiling(deps: GrantCeilingDeps) {
-  async function ownerHolds(userId: string, within: readonly string[], tx: Executor): Promise<string[]> {
+  /** A user's current permissions within `within`; null once the user is disabled or gone. */
+  async function ownerHolds(userId: string, within: readonly string[], tx: Executor) {
     const user = await deps.users.findById(userId, tx);
-    if (user?.status !== 'active') return [];
+    if (user?.status !== 'active') return null;
     return intersectPermissions(within, (await deps.users.rolesAndPermissions(userId, tx)).permissions);
   }
 
-  async function held(grantor: Grantor, tx: Executor): Promise<string[]> {
+  /**
+   * What the grantor holds now, or null when the credential itself no longer stands: the user
+   * disabled or gone, the API key revoked, expired or its owner disabled, the client disabled or
+   * gone. A client acting for a creator who is disabled still stands, holding nothing (its tokens
+   * are issued with an empty scope).
+   */
+  async function standing(grantor: Grantor, tx: Executor): Promise<string[] | null> {
     switch (grantor.kind) {
       case 'user':
         return ownerHolds(grantor.userId, grantor.permissions, tx);
       case 'api_key': {
         const key = await deps.apiKeys.findById(grantor.id, tx);
         const expired = key?.expiresAt != null && key.expiresAt.getTime() <= deps.clock.nowMs();
-        if (!key || key.revokedAt || expired || key.ownerId !== grantor.userId) return [];
+        if (!key || key.revokedAt || expired || key.ownerId !== grantor.userId) return null;
         return ownerHolds(key.ownerId, key.scopes, tx);
       }
       case 'service': {
         const client = await deps.clients.findByClientId(grantor.clientId, tx);
-        if (client?.status !== 'active') return [];
+        if (client?.status !== 'active') return null;
         // A client acting for its creator holds what they hold now, within its scopes.
         const scopes = !client.actsForCreator
           ? client.scopes
           : client.createdBy
-            ? await ownerHolds(client.createdBy, client.scopes, tx)
+            ? ((await ownerHolds(client.createdBy, client.scopes, tx)) ?? [])
             : [];
         return intersectPermissions(grantor.permissions, scopes);
       }
     }
   }
 
+  /** What the grantor holds now: nothing when the credential no longer stands. */
+  const held = async (grantor: Grantor, tx: Executor) => (await standing(grantor, tx)) ?? [];
+
   return {
     held,
+    standing,
 
     /** Throws GrantRefused (403) unless the grantor holds, now, everything `granted` gives. */
     async assertHolds(grantor: Grantor, granted: readonly string[], tx: Executor, refusal: string) {
