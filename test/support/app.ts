@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { type AppDeps, buildApp } from '../../src/app.js';
 import { loadConfig } from '../../src/config.js';
+import { recordContract } from './contract.js';
 import { testDatabase } from './database.js';
 
 export interface TestAppOptions {
@@ -48,6 +49,7 @@ export async function buildTestApp(options: TestAppOptions = {}): Promise<Fastif
     logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }),
     ...options.deps,
   });
+  recordContract(app);
   await options.beforeReady?.(app);
   await app.ready();
   openApps.push(app);
