@@ -49,6 +49,8 @@ export interface AppDeps {
   /** Replaces the provider AUTH_PROVIDER would choose (tests use a fake GoTrue through the real one). */
   identityProvider?: IdentityProvider;
   redis?: Redis;
+  /** How often the bootstrap admin is tried again while the identity provider is down at start. */
+  bootstrapRetryMs?: number;
 }
 
 export const SERVICE_VERSION = '0.1.0';
@@ -284,6 +286,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     clock,
     identityProvider: deps.identityProvider,
     redis: deps.redis,
+    bootstrapRetryMs: deps.bootstrapRetryMs,
   });
   await services.start();
   app.addHook('onClose', async () => {

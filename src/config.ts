@@ -89,7 +89,9 @@ function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
     issues.push({ path: 'SECRET_PEPPER', message: 'is required in production' });
   const provider = set('AUTH_PROVIDER') ? env.AUTH_PROVIDER : set('SUPABASE_URL') ? 'supabase' : 'local';
   if (provider === 'supabase') {
-    for (const name of ['SUPABASE_URL', 'SUPABASE_ANON_KEY'])
+    // The service-role key too: without it a user deleted here stays in Supabase, and their next
+    // sign-in would bring them back.
+    for (const name of ['SUPABASE_URL', 'SUPABASE_ANON_KEY', 'SUPABASE_SERVICE_ROLE_KEY'])
       if (!set(name)) issues.push({ path: name, message: 'is required when AUTH_PROVIDER=supabase' });
   }
   if (set('BOOTSTRAP_ADMIN_EMAIL') && !set('BOOTSTRAP_ADMIN_PASSWORD') && provider === 'local')
@@ -157,9 +159,7 @@ export interface Config {
   readonly databaseUrl: string | undefined;
   readonly dataDir: string;
   readonly authProvider: 'local' | 'supabase';
-  readonly supabase:
-    | { url: string; anonKey: string; serviceRoleKey: string | undefined; timeoutMs: number }
-    | undefined;
+  readonly supabase: { url: string; anonKey: string; serviceRoleKey: string; timeoutMs: number } | undefined;
   readonly keyEncryptionKey: Buffer;
   readonly secretPepper: Buffer;
   readonly signingAlg: 'ES256' | 'EdDSA';
@@ -234,7 +234,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
     dataDir,
     authProvider,
     supabase:
-      authProvider === 'supabase' && e.SUPABASE_URL && e.SUPABASE_ANON_KEY
+      authProvider === 'supabase' && e.SUPABASE_URL && e.SUPABASE_ANON_KEY && e.SUPABASE_SERVICE_ROLE_KEY
         ? {
             url: e.SUPABASE_URL,
             anonKey: e.SUPABASE_ANON_KEY,

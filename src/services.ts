@@ -7,6 +7,7 @@ import { createPasswordHasher } from './identity/passwords.js';
 import type { IdentityProvider } from './identity/provider.js';
 import { createSupabaseProvider } from './identity/supabase.js';
 import type { Clock } from './lib/clock.js';
+import { isAppError } from './lib/errors.js';
 import { createEventBus } from './lib/events.js';
 import {
   createMemoryFailureCounter,
@@ -53,10 +54,14 @@ export interface ServicesDeps {
   identityProvider?: IdentityProvider | undefined;
   /** A Redis client for shared counters; by default one is made from REDIS_URL when set. */
   redis?: Redis | undefined;
+  /** How often the bootstrap admin is tried again while the provider is down (default 15 s). */
+  bootstrapRetryMs?: number | undefined;
 }
 
 /** How often caches are checked against the database, as a backstop to the change notifications. */
 const HOUSEKEEPING_INTERVAL_MS = 60_000;
+/** How often the bootstrap admin is tried again while the identity provider is unavailable at start. */
+const BOOTSTRAP_RETRY_MS = 15_000;
 /** How often expired rows are deleted (modules/housekeeping/retention.ts). */
 const PURGE_INTERVAL_MS = 3600_000;
 
@@ -292,6 +297,7 @@ export function createServices(deps: ServicesDeps) {
   const retention = createRetention({ db, clock, logger, options: config.retention });
   let lastPurge = Number.NEGATIVE_INFINITY;
   let timer: NodeJS.Timeout | undefined;
+  let bootstrapTimer: NodeJS.Timeout | undefined;
   async function housekeeping() {
     revocations.prune();
     await keys.ensureKeys();
@@ -344,9 +350,32 @@ export function createServices(deps: ServicesDeps) {
       await events.start();
       apiKeys.start();
       if (config.bootstrapAdmin) {
-        const result = await auth.bootstrapAdmin(config.bootstrapAdmin, systemContext);
-        if (result.created || result.granted)
-          logger.info({ email: config.bootstrapAdmin.email }, 'bootstrap admin ready');
+        const bootstrap = config.bootstrapAdmin;
+        const retryMs = deps.bootstrapRetryMs ?? BOOTSTRAP_RETRY_MS;
+        const attempt = async () => {
+          const result = await auth.bootstrapAdmin(bootstrap, systemContext);
+          if (result.created || result.granted)
+            logger.info({ email: bootstrap.email }, 'bootstrap admin ready');
+        };
+        // The identity provider down at start (Supabase unreachable) does not keep the service down:
+        // everything else works, and the admin is made once the provider answers.
+        const retry = () => {
+          bootstrapTimer = setTimeout(() => {
+            attempt().catch((err: unknown) => {
+              if (isAppError(err) && err.code === 'provider_unavailable') return retry();
+              logger.error({ err }, 'bootstrap admin failed; it will not be retried');
+            });
+          }, retryMs);
+          bootstrapTimer.unref();
+        };
+        await attempt().catch((err: unknown) => {
+          if (!(isAppError(err) && err.code === 'provider_unavailable')) throw err;
+          logger.warn(
+            { err, retryInMs: retryMs },
+            'bootstrap admin postponed: the identity provider is unavailable; retrying until it answers',
+          );
+          retry();
+        });
       }
       timer = setInterval(() => {
         housekeeping().catch((err: unknown) => logger.warn({ err }, 'housekeeping failed; will retry'));
@@ -355,6 +384,7 @@ export function createServices(deps: ServicesDeps) {
     },
     async stop() {
       if (timer) clearInterval(timer);
+      if (bootstrapTimer) clearTimeout(bootstrapTimer);
       // Buffered API-key last-use times are written before the database goes away.
       await apiKeys.stop();
       await events.stop();

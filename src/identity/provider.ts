@@ -36,6 +36,11 @@ export interface IdentityProvider {
     currentPassword: string,
     newPassword: string,
   ): Promise<{ passwordHash: string | null; replaces: string | null } | undefined>;
+  /**
+   * Creates a user whose email counts as confirmed, as an administrator does (the bootstrap admin):
+   * no confirmation mail, and sign-in works at once. Throws like signUp.
+   */
+  createConfirmedUser(email: string, password: string): Promise<SignUpResult>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
 }

@@ -15,8 +15,8 @@ import type { IdentityProvider, ProviderUser } from './provider.js';
 export interface SupabaseProviderDeps {
   url: string;
   anonKey: string;
-  /** Needed only to delete users; without it deleteUser does nothing. */
-  serviceRoleKey?: string | undefined;
+  /** For the admin calls: deleting a user, creating the bootstrap admin already confirmed. */
+  serviceRoleKey: string;
   /** Bound on every HTTP exchange with Supabase Auth, body included. */
   timeoutMs: number;
   fetch?: typeof fetch;
@@ -67,18 +67,50 @@ function boundedFetch(base: typeof fetch, timeoutMs: number): typeof fetch {
   };
 }
 
-/** True when Supabase could not give a real answer, as opposed to refusing the request. */
+/**
+ * GoTrue's refusals of a user's own token or account. Any other 401 or 403 is Supabase refusing the
+ * service itself: the API gateway's "Invalid API key" (which carries no code), or GoTrue's `not_admin`
+ * for a service-role key that is not one.
+ */
+const USER_REFUSALS = new Set([
+  'no_authorization',
+  'bad_jwt',
+  'user_not_found',
+  'session_not_found',
+  'session_expired',
+  'user_banned',
+]);
+
+/** Supabase refused the service's own key: a configuration fault, never the user's. */
+function isRefusedKey(error: AuthError): boolean {
+  const status = error.status ?? 0;
+  return (status === 401 || status === 403) && !USER_REFUSALS.has(error.code ?? '');
+}
+
+/**
+ * True when Supabase could not give a real answer about the user, as opposed to refusing the request:
+ * no answer, an answer that is not GoTrue's, a 5xx, a 429, or a refusal of the service's own key. A
+ * login then must not count as a wrong password (or lock the account): the fault is ours.
+ */
 function isOutage(error: unknown): boolean {
   if (!isAuthError(error)) return true;
   // AuthUnknownError: a body that is not GoTrue's JSON, i.e. something else (a proxy) answered.
   if (isAuthRetryableFetchError(error) || error.name === 'AuthUnknownError') return true;
   const status = error.status ?? 0;
   // A 429 from Supabase throttles the whole service, not this user: for us the provider is down.
-  return status >= 500 || status === 429;
+  return status >= 500 || status === 429 || isRefusedKey(error);
 }
 
 function unavailable(cause: unknown): AppError {
-  return new AppError('provider_unavailable', { headers: { ...RETRY_AFTER }, cause });
+  // The log says which: the error handler logs a 503's cause with the request id.
+  const reason =
+    isAuthError(cause) && isRefusedKey(cause)
+      ? new Error(
+          `Supabase refused the service's key (${cause.status} ${cause.message}): check SUPABASE_ANON_KEY and SUPABASE_SERVICE_ROLE_KEY`,
+          { cause },
+        )
+      : cause;
+  return new AppError('provider_unavailable', { headers: { ...RETRY_AFTER }, cause: reason });
 }
 
 /** Runs one provider operation so that nothing but an AppError can leave it. */
@@ -100,6 +132,13 @@ function weakPassword(error: AuthError, field: string): AppError {
   });
 }
 
+/** Sign-up closed in the Supabase project's settings. */
+const SIGN_UP_CLOSED = new Set(['signup_disabled', 'email_provider_disabled']);
+
+/**
+ * What a refused sign-up tells the client, in the service's own words: GoTrue's messages are for
+ * operators (they name settings and SMTP restrictions), and go to the log as the error's cause.
+ */
 function signUpFailure(error: AuthError): AppError {
   if (isOutage(error)) return unavailable(error);
   if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
@@ -112,8 +151,20 @@ function signUpFailure(error: AuthError): AppError {
   )
     return new AppError('email_taken', { cause: error });
   if (error.code === 'email_address_invalid' || error.code === 'validation_failed')
-    return new AppError('validation_failed', { detail: error.message, cause: error });
-  return new AppError('unprocessable', { detail: error.message, cause: error });
+    return new AppError('validation_failed', {
+      detail: 'The identity provider does not accept this email address',
+      errors: [{ field: 'body.email', message: 'is not accepted by the identity provider' }],
+      cause: error,
+    });
+  if (SIGN_UP_CLOSED.has(error.code ?? '') || /signups not allowed/i.test(error.message))
+    return new AppError('registration_closed', { cause: error });
+  if (error.code === 'email_address_not_authorized')
+    return new AppError('unprocessable', {
+      detail: 'The identity provider cannot send mail to this address',
+      errors: [{ field: 'body.email', message: 'cannot receive mail from the identity provider' }],
+      cause: error,
+    });
+  return new AppError('unprocessable', { detail: 'The identity provider refused the sign-up', cause: error });
 }
 
 function toProviderUser(user: User, fallbackEmail: string): ProviderUser {
@@ -142,7 +193,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
     });
   // Only stateless calls (a token or the service role key in each request) go through shared clients.
   const anon = newClient(deps.anonKey);
-  const admin = deps.serviceRoleKey ? newClient(deps.serviceRoleKey) : undefined;
+  const admin = newClient(deps.serviceRoleKey);
 
   const revoke = (client: SupabaseClient, accessToken: string) => {
     // Best effort: a session left behind only expires on its own; it must not fail or slow the caller.
@@ -214,7 +265,10 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
             if (isOutage(error)) throw unavailable(error);
             if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
               throw weakPassword(error, 'body.new_password');
-            throw new AppError('unprocessable', { detail: error.message, cause: error });
+            throw new AppError('unprocessable', {
+              detail: 'The identity provider refused the new password',
+              cause: error,
+            });
           }
           return { passwordHash: null, replaces: null };
         } finally {
@@ -222,10 +276,18 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         }
       }),
 
+    createConfirmedUser: (email, password) =>
+      guarded(async () => {
+        const { data, error } = await admin.auth.admin.createUser({ email, password, email_confirm: true });
+        if (error) throw signUpFailure(error);
+        if (!data.user) throw unavailable(new Error('Supabase created the user without answering it'));
+        return { user: toProviderUser(data.user, email), passwordHash: null, confirmed: true };
+      }),
+
     deleteUser: (userId) =>
       guarded(async () => {
         // auth-js throws a plain Error for a non-UUID id; no Supabase user can have one anyway.
-        if (!admin || !UUID.test(userId)) return;
+        if (!UUID.test(userId)) return;
         const { error } = await admin.auth.admin.deleteUser(userId);
         if (error && error.status !== 404) throw unavailable(error);
       }),

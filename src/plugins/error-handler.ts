@@ -108,6 +108,14 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   }
   // A row the change refers to was removed by a concurrent request (the services lock what they
   // refer to; this keeps any race they miss a 409 rather than a 500).
+  // A row the change would duplicate was made meanwhile by a concurrent request (unique_violation):
+  // as above, a 409 rather than a 500 for a race a service misses.
+  if (sqlState === '23505') {
+    request.log.warn({ err }, 'a row the change would duplicate was made meanwhile');
+    return new AppError('conflict', {
+      detail: 'Something this request would create exists already; read it again and retry',
+    });
+  }
   if (sqlState === '23503') {
     request.log.warn({ err }, 'a row the change refers to was removed meanwhile');
     return new AppError('conflict', {
@@ -191,6 +199,10 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
     const error = toAppError(err, request);
     if (error.status >= 500 && error.code === 'internal_error') {
       // Already logged with the cause above; the body stays generic.
+    } else if (error.status >= 500 && err === error && error.cause !== undefined) {
+      // A dependency's failure a service turned into a 503 (the identity provider down, or refusing
+      // the service's key): the body stays generic, the log says why.
+      request.log.warn({ err: error.cause, code: error.code }, 'dependency failed');
     } else if (error.status === 401 || error.status === 403) {
       request.log.info({ code: error.code, status: error.status }, 'request refused');
     }

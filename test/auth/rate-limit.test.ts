@@ -44,6 +44,34 @@ describe('throttling of credential endpoints', () => {
     });
   });
 
+  it('counts a password change’s wrong current password like a failed sign-in: no oracle through a stolen token', async () => {
+    const user = await registerUser(app, 'pw-oracle');
+    const change = (current: string, address: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        remoteAddress: address,
+        headers: { authorization: `Bearer ${user.accessToken}` },
+        payload: { current_password: current, new_password: 'a brand new passphrase 7' },
+      });
+    for (let i = 0; i < 3; i++)
+      expect((await change(`wrong guess ${i}`, `10.1.0.${i + 1}`)).statusCode).toBe(401);
+    // Locked for the password change, even with the right password, and for sign-in.
+    const locked = await change(user.password, '10.1.0.99');
+    expect(locked.statusCode, locked.body).toBe(429);
+    expect(Number(locked.headers['retry-after'])).toBeGreaterThan(0);
+    const signIn = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      remoteAddress: '10.1.0.98',
+      payload: { email: user.email, password: user.password },
+    });
+    expect(signIn.statusCode).toBe(429);
+    // Each wrong guess is in the audit log.
+    const failures = await app.services.audit.list({ type: 'auth.password_changed', limit: 50 });
+    expect(failures.filter((e) => e.subjectId === user.id && e.outcome === 'failure')).toHaveLength(3);
+  });
+
   it('limits requests per IP on credential endpoints; X-Forwarded-For does not dodge it', async () => {
     const ip = '192.0.2.77';
     let limited = 0;

@@ -5,9 +5,11 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { ownDatabase } from '../support/database.js';
 import { login, PASSWORD, registerUser } from '../support/factories.js';
 import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
+import { captureLogs } from '../support/logs.js';
 
 const SUPABASE_TIMEOUT_MS = 1000;
 
@@ -439,6 +441,182 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       expect(elapsed, url).toBeGreaterThanOrEqual(SUPABASE_TIMEOUT_MS - 50);
       expect(elapsed, url).toBeLessThan(SUPABASE_TIMEOUT_MS + 1000);
     }
+  });
+
+  /** A user who signed up at Supabase (e.g. another app of the project) and has no account here yet. */
+  async function supabaseOnlyUser(tag: string) {
+    const email = uniqueEmail(tag);
+    const signUp = await outsideClient().auth.signUp({ email, password: PASSWORD });
+    expect(signUp.error).toBeNull();
+    return { email, id: signUp.data.user!.id };
+  }
+
+  const loginAs = (email: string, password = PASSWORD) =>
+    app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
+
+  it('Supabase refusing the service’s own key is an outage (503, logged), never a wrong password: nothing locks', async () => {
+    const user = await registerUser(app, 'sb-badkey');
+    const { lines, logger } = captureLogs();
+    const misconfigured = await buildTestApp({
+      env: {
+        AUTH_PROVIDER: 'supabase',
+        SUPABASE_URL: gotrue.url,
+        SUPABASE_ANON_KEY: 'a-rotated-anon-key',
+        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        RATE_LIMIT_ENABLED: 'true',
+        LOGIN_MAX_FAILURES_PER_HOUR: '2',
+      },
+      deps: { logger },
+    });
+    for (let i = 0; i < 4; i++) {
+      expectProviderUnavailable(
+        await misconfigured.inject({
+          method: 'POST',
+          url: '/v1/auth/login',
+          remoteAddress: `10.9.0.${i + 1}`,
+          payload: { email: user.email, password: PASSWORD },
+        }),
+      );
+    }
+    const logins = await misconfigured.services.audit.list({ type: 'auth.login', limit: 200 });
+    expect(logins.filter((e) => e.subjectId === user.id && e.outcome === 'failure')).toEqual([]);
+    const logged = lines.map(
+      (l) => JSON.parse(l) as { msg: string; level: number; err?: { message?: string } },
+    );
+    const warned = logged.filter((l) => l.msg === 'dependency failed');
+    expect(warned.length).toBeGreaterThanOrEqual(4);
+    expect(warned[0]!.err?.message).toMatch(/refused the service's key.*SUPABASE_ANON_KEY/);
+    // With the right key the same account signs in: it was never locked.
+    expect((await loginAs(user.email)).statusCode).toBe(200);
+  });
+
+  it('concurrent first sign-ins of a Supabase-only user all succeed, onto one local account', async () => {
+    const { email, id } = await supabaseOnlyUser('sb-race');
+    const answers = await Promise.all(Array.from({ length: 6 }, () => loginAs(email)));
+    expect(answers.map((a) => a.statusCode)).toEqual([200, 200, 200, 200, 200, 200]);
+    expect(new Set(answers.map((a) => a.json().user.id))).toEqual(new Set([id]));
+    const registered = await app.services.audit.list({ type: 'user.registered', limit: 200 });
+    expect(registered.filter((e) => e.subjectId === id)).toHaveLength(1);
+  });
+
+  it('an account recreated in Supabase under an email an older account here holds: 409 account_conflict, audited, nothing merged', async () => {
+    const old = await registerUser(app, 'sb-recreated');
+    // Deleted and made again in Supabase's dashboard: a new Supabase id for the same email.
+    gotrue.users.delete(old.id);
+    const again = await outsideClient().auth.signUp({ email: old.email, password: 'another passphrase 9' });
+    expect(again.error).toBeNull();
+    const res = await loginAs(old.email, 'another passphrase 9');
+    expect(res.statusCode, res.body).toBe(409);
+    expect(res.json()).toMatchObject({ code: 'account_conflict' });
+    expect(await app.services.repos.users.findById(again.data.user!.id)).toBeUndefined();
+    expect((await app.services.repos.users.findById(old.id))?.email).toBe(old.email);
+    const events = await app.services.audit.list({ type: 'auth.login', limit: 200 });
+    expect(
+      events.some(
+        (e) =>
+          e.outcome === 'failure' &&
+          (e.data as { reason?: string; provider_user_id?: string }).reason === 'account_conflict' &&
+          (e.data as { provider_user_id?: string }).provider_user_id === again.data.user!.id,
+      ),
+    ).toBe(true);
+  });
+
+  it('a Supabase email changed to one another account here holds: 409 account_conflict, not a 500', async () => {
+    const stale = await registerUser(app, 'sb-stale');
+    const mover = await registerUser(app, 'sb-mover');
+    gotrue.users.delete(stale.id);
+    gotrue.users.get(mover.id)!.email = stale.email;
+    const res = await loginAs(stale.email);
+    expect(res.statusCode, res.body).toBe(409);
+    expect(res.json()).toMatchObject({ code: 'account_conflict' });
+    expect((await app.services.repos.users.findById(mover.id))?.email).toBe(mover.email);
+  });
+
+  it('a sign-up the project does not allow is 403 registration_closed, in the service’s own words', async () => {
+    gotrue.setFailWith({
+      status: 422,
+      code: 'signup_disabled',
+      message: 'Signups not allowed for this instance',
+    });
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: uniqueEmail('sb-closed'), password: PASSWORD },
+    });
+    expect(res.statusCode, res.body).toBe(403);
+    expect(res.json()).toMatchObject({ code: 'registration_closed', detail: 'Sign-up is closed' });
+    gotrue.setFailWith({ status: 400, code: 'something_new', message: 'Internal detail: SECRET' });
+    const odd = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: uniqueEmail('sb-odd'), password: PASSWORD },
+    });
+    expect(odd.statusCode).toBe(422);
+    expect(odd.body).not.toContain('SECRET');
+  });
+
+  describe('the bootstrap admin', () => {
+    const bootstrapEnv = (email: string) => ({
+      AUTH_PROVIDER: 'supabase',
+      SUPABASE_URL: gotrue.url,
+      SUPABASE_ANON_KEY: gotrue.anonKey,
+      SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+      BOOTSTRAP_ADMIN_EMAIL: email,
+      BOOTSTRAP_ADMIN_PASSWORD: 'bootstrap passphrase 42',
+    });
+    // The bootstrap runs only on a database without an admin: each test has a database of its own.
+    const disposals: Array<() => Promise<void>> = [];
+    afterEach(async () => {
+      for (const dispose of disposals.splice(0)) await dispose();
+    });
+    const boot = async (env: Record<string, string>) => {
+      const own = await ownDatabase('auth_bootstrap');
+      const booted = await buildTestApp({ env, deps: { database: own.database, bootstrapRetryMs: 50 } });
+      disposals.push(async () => {
+        await booted.close();
+        await own.dispose();
+      });
+      return booted;
+    };
+    const rolesOf = async (on: FastifyInstance, email: string) => {
+      const row = await on.services.repos.users.findByEmail(email);
+      return row ? (await on.services.repos.users.rolesAndPermissions(row.id)).roles : undefined;
+    };
+
+    it('is created confirmed, so they sign in at once even while the project asks sign-ups to confirm', async () => {
+      gotrue.setConfirmEmail(true);
+      const email = uniqueEmail('sb-boot');
+      const booted = await boot(bootstrapEnv(email));
+      expect(await rolesOf(booted, email)).toEqual(expect.arrayContaining(['admin']));
+      const res = await booted.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email, password: 'bootstrap passphrase 42' },
+      });
+      expect(res.statusCode, res.body).toBe(200);
+    });
+
+    it('already in Supabase (a new database on an existing project): its local account is made, and made admin', async () => {
+      const email = uniqueEmail('sb-boot-existing');
+      const signUp = await outsideClient().auth.signUp({ email, password: 'bootstrap passphrase 42' });
+      expect(signUp.error).toBeNull();
+      const booted = await boot(bootstrapEnv(email));
+      const row = await booted.services.repos.users.findByEmail(email);
+      expect(row?.id).toBe(signUp.data.user!.id);
+      expect(await rolesOf(booted, email)).toEqual(expect.arrayContaining(['admin', 'user']));
+    });
+
+    it('Supabase down at start does not keep the service down: the admin is made once it answers', async () => {
+      const email = uniqueEmail('sb-boot-down');
+      gotrue.setDown(true);
+      const booted = await boot(bootstrapEnv(email));
+      expect((await booted.inject({ method: 'GET', url: '/health/ready' })).statusCode).toBe(200);
+      expect(await rolesOf(booted, email)).toBeUndefined();
+      gotrue.setDown(false);
+      await expect
+        .poll(() => rolesOf(booted, email), { timeout: 5000, interval: 50 })
+        .toEqual(expect.arrayContaining(['admin']));
+    });
   });
 
   it('changes the password through Supabase, ending the other sessions but not this one', async () => {

@@ -1,22 +1,12 @@
-import { Writable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { createLogger } from '../../src/lib/logger.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { PASSWORD } from '../support/factories.js';
+import { captureLogs } from '../support/logs.js';
 
-function capture(level = 'debug') {
-  const lines: string[] = [];
-  const stream = new Writable({
-    write(chunk, _enc, done) {
-      lines.push(String(chunk));
-      done();
-    },
-  });
-  return { lines, logger: createLogger(level, stream) };
-}
+const capture = captureLogs;
 
 describe('logs never carry credentials', () => {
   it('redacts authorization headers, API keys, passwords, tokens and secrets wherever they are logged', () => {

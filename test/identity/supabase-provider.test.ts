@@ -97,9 +97,31 @@ describe('signUp', () => {
     expect(err.errors).toEqual([{ field: 'body.password', message: err.detail }]);
   });
 
-  it('answers validation_failed for an email Supabase cannot validate', async () => {
+  it('answers validation_failed for an email Supabase cannot validate, naming the field', async () => {
     const err = await rejection(provider.signUp('not-an-email', 'correct horse'));
     expect(err.code).toBe('validation_failed');
+    expect(err.errors).toEqual([
+      { field: 'body.email', message: 'is not accepted by the identity provider' },
+    ]);
+  });
+
+  it('answers registration_closed (403) when the project allows no sign-ups', async () => {
+    fake.setFailWith({
+      status: 422,
+      code: 'signup_disabled',
+      message: 'Signups not allowed for this instance',
+    });
+    const err = await rejection(provider.signUp(email(), 'correct horse'));
+    expect(err.code).toBe('registration_closed');
+    expect(err.status).toBe(403);
+  });
+
+  it('says what went wrong in its own words: GoTrue’s message goes to the log, not the client', async () => {
+    fake.setFailWith({ status: 400, code: 'something_new', message: 'Internal detail: SECRET' });
+    const err = await rejection(provider.signUp(email(), 'correct horse'));
+    expect(err.code).toBe('unprocessable');
+    expect(err.detail).toBe('The identity provider refused the sign-up');
+    expect((err.cause as Error).message).toContain('SECRET');
   });
 });
 
@@ -210,15 +232,19 @@ describe('deleteUser', () => {
     await expect(provider.deleteUser(user.id)).resolves.toBeUndefined();
     await expect(provider.deleteUser('not-a-uuid')).resolves.toBeUndefined();
   });
+});
 
-  it('does nothing without a service role key', async () => {
-    const user = await signedUp();
-    const anonOnly = createSupabaseProvider({ url: fake.url, anonKey: fake.anonKey, timeoutMs: 2000 });
-    const adminRequests = () => fake.requests.filter((r) => r.path.startsWith('/auth/v1/admin/')).length;
-    const before = adminRequests();
-    await anonOnly.deleteUser(user.id);
-    expect(fake.users.has(user.id)).toBe(true);
-    expect(adminRequests()).toBe(before);
+describe('createConfirmedUser', () => {
+  it('creates a user who signs in at once, even while Supabase asks sign-ups to confirm their email', async () => {
+    fake.setConfirmEmail(true);
+    const address = email();
+    const created = await provider.createConfirmedUser(address, 'correct horse');
+    expect(created.confirmed).toBe(true);
+    expect(created.user.emailConfirmedAt).toBeInstanceOf(Date);
+    expect((await provider.signIn(address, 'correct horse'))?.id).toBe(created.user.id);
+    expect((await rejection(provider.createConfirmedUser(address, 'correct horse'))).code).toBe(
+      'email_taken',
+    );
   });
 });
 
@@ -251,7 +277,12 @@ describe('when Supabase is unavailable', () => {
   it('answers provider_unavailable when nothing listens at the URL', async () => {
     const closed = await startFakeGoTrue();
     await closed.close();
-    const unreachable = createSupabaseProvider({ url: closed.url, anonKey: closed.anonKey, timeoutMs: 2000 });
+    const unreachable = createSupabaseProvider({
+      url: closed.url,
+      anonKey: closed.anonKey,
+      serviceRoleKey: closed.serviceRoleKey,
+      timeoutMs: 2000,
+    });
     expectUnavailable(await rejection(unreachable.signIn('a@example.test', 'correct horse')));
   });
 
@@ -277,6 +308,35 @@ describe('when Supabase is unavailable', () => {
       expect(elapsed).toBeGreaterThanOrEqual(timeoutMs - 50);
       expect(elapsed).toBeLessThan(timeoutMs + 500);
     }
+  });
+
+  it('answers provider_unavailable when Supabase refuses the service’s own keys, never a wrong password', async () => {
+    const user = await signedUp();
+    const wrongKeys = createSupabaseProvider({
+      url: fake.url,
+      anonKey: 'not-the-anon-key',
+      serviceRoleKey: 'not-the-service-role-key',
+      timeoutMs: 2000,
+    });
+    for (const attempt of [
+      () => wrongKeys.signIn(user.email, 'correct horse'),
+      () => wrongKeys.signUp(email(), 'correct horse'),
+      () => wrongKeys.exchange('some.token.value'),
+      () => wrongKeys.changePassword(user, 'correct horse', 'battery staple'),
+      () => wrongKeys.deleteUser(user.id),
+      () => wrongKeys.createConfirmedUser(email(), 'correct horse'),
+    ]) {
+      const err = await rejection(attempt());
+      expectUnavailable(err);
+      expect((err.cause as Error).message).toMatch(/refused the service's key \(401 Invalid API key\)/);
+    }
+    expect(fake.users.has(user.id)).toBe(true);
+    // GoTrue's not_admin: a service-role key that is a user's token.
+    fake.setFailWith({ status: 403, code: 'not_admin', message: 'User not allowed' });
+    expectUnavailable(await rejection(provider.deleteUser(user.id)));
+    // A user's own token refused (bad_jwt, 403) stays a plain "no".
+    fake.setFailWith({ status: 403, code: 'bad_jwt', message: 'invalid JWT' });
+    expect(await provider.exchange('some.token.value')).toBeUndefined();
   });
 
   it('answers provider_unavailable for a 5xx or a 429 from Supabase, not a sign-in failure', async () => {

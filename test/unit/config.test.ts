@@ -87,10 +87,21 @@ describe('configuration', () => {
     ).toThrow(/KEY_ENCRYPTION_KEY/);
   });
 
-  it('chooses supabase when SUPABASE_URL is set, and requires its anon key', () => {
-    expect(() => load({ SUPABASE_URL: 'https://x.supabase.co' })).toThrow(/SUPABASE_ANON_KEY/);
-    const config = load({ SUPABASE_URL: 'https://x.supabase.co', SUPABASE_ANON_KEY: 'anon' });
+  it('chooses supabase when SUPABASE_URL is set, and requires its anon and service-role keys', () => {
+    expect(() => load({ SUPABASE_URL: 'https://x.supabase.co' })).toThrow(
+      /SUPABASE_ANON_KEY[\s\S]*SUPABASE_SERVICE_ROLE_KEY/,
+    );
+    // Without the service-role key a user deleted here would come back at their next sign-in.
+    expect(() => load({ SUPABASE_URL: 'https://x.supabase.co', SUPABASE_ANON_KEY: 'anon' })).toThrow(
+      /SUPABASE_SERVICE_ROLE_KEY: is required when AUTH_PROVIDER=supabase/,
+    );
+    const config = load({
+      SUPABASE_URL: 'https://x.supabase.co',
+      SUPABASE_ANON_KEY: 'anon',
+      SUPABASE_SERVICE_ROLE_KEY: 'service',
+    });
     expect(config.authProvider).toBe('supabase');
+    expect(config.supabase?.serviceRoleKey).toBe('service');
   });
 
   it('derives the issuer from PUBLIC_URL without a trailing slash', () => {

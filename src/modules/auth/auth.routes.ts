@@ -6,7 +6,7 @@ import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
-import { bearerOrApiKey, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { AccountsCache } from './accounts.cache.js';
 import {
   AuthResultSchema,
@@ -50,6 +50,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
             'Registered; the provider asks for the email to be confirmed first (`session: null`)',
           ),
           ...problems(400, 409, 422, 429, 503),
+          403: problemResponses[403].describe(
+            '`registration_closed`: the identity provider accepts no sign-ups',
+          ),
         },
       },
     },
@@ -74,9 +77,17 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         tags: ['auth'],
         operationId: 'login',
         summary: 'Sign in with email and password',
-        description: 'Unknown email, wrong password and disabled account all answer the same 401.',
+        description:
+          'Unknown email, wrong password and disabled account all answer the same 401. With Supabase, ' +
+          '409 `account_conflict` when the provider’s account has an email another account here holds.',
         body: LoginBodySchema,
-        response: { 200: AuthResultSchema, ...problems(400, 401, 429, 503) },
+        response: {
+          200: AuthResultSchema,
+          ...problems(400, 401, 429, 503),
+          409: problemResponses[409].describe(
+            '`account_conflict`: the provider’s account has an email another account here holds',
+          ),
+        },
       },
     },
     async (request) => {
@@ -115,7 +126,13 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         summary: 'Exchange a Supabase access token (e.g. after a social login) for a session',
         description: 'Only with AUTH_PROVIDER=supabase; 404 otherwise.',
         body: ExchangeBodySchema,
-        response: { 200: AuthResultSchema, ...problems(400, 401, 404, 429, 503) },
+        response: {
+          200: AuthResultSchema,
+          ...problems(400, 401, 404, 429, 503),
+          409: problemResponses[409].describe(
+            '`account_conflict`: the provider’s account has an email another account here holds',
+          ),
+        },
       },
     },
     async (request) => {

@@ -56,7 +56,14 @@ export const RefreshBodySchema = z.object({ refresh_token: z.string().min(1).max
 
 export const LogoutBodySchema = z
   .object({
-    refresh_token: z.string().min(1).max(512).optional(),
+    refresh_token: z
+      .string()
+      .min(1)
+      .max(512)
+      .optional()
+      .describe(
+        'Which of the caller’s sessions to end; without it (or when it is not one of theirs), the session of the access token',
+      ),
     scope: z.enum(['session', 'all']).optional().describe('`all` ends every session of the user'),
   })
   .strict();

@@ -2,7 +2,7 @@ import type { Database } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
-import { AppError, notFound } from '../../lib/errors.js';
+import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { Logger } from 'pino';
@@ -22,7 +22,7 @@ export interface AuthServiceDeps {
   clock: Clock;
   failures: FailureCounter;
   maxAccessTtl: number;
-  logger?: Pick<Logger, 'warn'>;
+  logger?: Pick<Logger, 'warn' | 'info'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
 }
 
@@ -54,8 +54,25 @@ export function createAuthService(deps: AuthServiceDeps) {
     }
   }
 
+  /**
+   * The provider's account and the local one disagree: the provider user's email is held here by
+   * another account (a user deleted or recreated in Supabase's dashboard, an email changed there to
+   * one an older local account still has). Nothing is merged or overwritten automatically: an
+   * administrator decides (delete the stale local account, or change its email).
+   */
+  const accountConflict = (pu: ProviderUser, cause?: unknown) => {
+    deps.logger?.warn(
+      { providerUserId: pu.id, emailDomain: pu.email.split('@')[1] ?? null, err: cause },
+      'the identity provider and this service disagree about an account: its email is held by another local account',
+    );
+    return new AppError('account_conflict', {
+      detail: 'This account cannot sign in until an administrator resolves a conflict with another account',
+      cause,
+    });
+  };
+
   /** The local row of a provider user, created (with the `user` role and a profile) when missing. */
-  async function ensureLocalUser(pu: ProviderUser, context: RequestContext): Promise<UserRow> {
+  async function ensureLocalUser(pu: ProviderUser, context: RequestContext, again = true): Promise<UserRow> {
     const existing = await deps.users.findById(pu.id);
     if (existing) {
       if (existing.email !== pu.email || +(existing.emailConfirmedAt ?? 0) !== +(pu.emailConfirmedAt ?? 0)) {
@@ -68,16 +85,20 @@ export function createAuthService(deps: AuthServiceDeps) {
           );
           emit({ type: 'user_changed', userId: existing.id });
           return updated ?? existing;
+        }).catch((err: unknown) => {
+          // The new email is another local account's (unique_violation).
+          if (pgErrorCode(err) === '23505') throw accountConflict(pu, err);
+          throw err;
         });
       }
       return existing;
     }
-    return inTransaction(deps.db, deps.events, async (tx) => {
+    const created = await inTransaction(deps.db, deps.events, async (tx) => {
       const row = await deps.users.insert(
         { id: pu.id, email: pu.email, provider: deps.provider.name, emailConfirmedAt: pu.emailConfirmedAt },
         tx,
       );
-      if (!row) throw new AppError('email_taken', { detail: 'A different account already uses this email' });
+      if (!row) return undefined;
       await deps.users.assignRole(row.id, 'user', null, tx);
       await deps.users.createProfile(row.id, null, tx);
       await deps.audit.record(tx, context, {
@@ -87,6 +108,34 @@ export function createAuthService(deps: AuthServiceDeps) {
       });
       return row;
     });
+    if (created) return created;
+    // Not inserted: either a concurrent first sign-in of the same user created the row (read it, once),
+    // or the email belongs to another local account.
+    if (again) return ensureLocalUser(pu, context, false);
+    throw accountConflict(pu);
+  }
+
+  /** ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. */
+  async function signInUser(pu: ProviderUser, context: RequestContext, email: string): Promise<UserRow> {
+    try {
+      return await ensureLocalUser(pu, context);
+    } catch (err) {
+      if (isAppError(err) && err.code === 'account_conflict') {
+        // Not a guessed password (the provider accepted it): audited, not counted toward the lockout.
+        await deps.audit.record(deps.db, context, {
+          type: 'auth.login',
+          outcome: 'failure',
+          subjectId: null,
+          data: {
+            reason: 'account_conflict',
+            provider_user_id: pu.id,
+            email_domain: email.split('@')[1] ?? null,
+          },
+        });
+        deps.onLogin?.('failure');
+      }
+      throw err;
+    }
   }
 
   async function openSession(user: UserRow, context: RequestContext, type: string): Promise<SessionTokens> {
@@ -120,6 +169,34 @@ export function createAuthService(deps: AuthServiceDeps) {
       data: { reason, email_domain: email.split('@')[1] ?? null },
     });
     deps.onLogin?.('failure');
+  }
+
+  /** The `admin` role for an existing user (bootstrap), audited; false when they had it. */
+  async function grantAdmin(user: UserRow, context: RequestContext): Promise<boolean> {
+    return inTransaction(deps.db, deps.events, async (tx, emit) => {
+      const added = await deps.users.assignRole(user.id, 'admin', null, tx);
+      if (added) {
+        await deps.audit.record(tx, context, {
+          type: 'role.granted',
+          subjectId: user.id,
+          data: { role: 'admin', bootstrap: true },
+        });
+        emit({ type: 'user_changed', userId: user.id });
+      }
+      return added;
+    });
+  }
+
+  /** 429 while the account is locked by failed sign-ins (login, or a password change's current password). */
+  async function assertNotLocked(email: string) {
+    const retryAfter = await deps.failures.retryAfter(email);
+    if (retryAfter > 0) {
+      deps.onLogin?.('locked');
+      throw new AppError('rate_limited', {
+        detail: 'Too many failed sign-ins for this account; try again later',
+        headers: { 'retry-after': String(retryAfter) },
+      });
+    }
   }
 
   return {
@@ -166,14 +243,7 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     async login(input: { email: string; password: string }, context: RequestContext) {
       const email = normalizeEmail(input.email);
-      const retryAfter = await deps.failures.retryAfter(email);
-      if (retryAfter > 0) {
-        deps.onLogin?.('locked');
-        throw new AppError('rate_limited', {
-          detail: 'Too many failed sign-ins for this account; try again later',
-          headers: { 'retry-after': String(retryAfter) },
-        });
-      }
+      await assertNotLocked(email);
       const identity = await deps.provider.signIn(email, input.password);
       if (!identity) {
         const known = await deps.users.findByEmail(email);
@@ -185,7 +255,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         );
         throw invalidCredentials();
       }
-      const user = await ensureLocalUser(identity, context);
+      const user = await signInUser(identity, context, email);
       if (user.status !== 'active') {
         await recordLoginFailure(context, email, user.id, 'disabled');
         throw invalidCredentials();
@@ -198,7 +268,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     async exchange(accessToken: string, context: RequestContext) {
       const identity = await deps.provider.exchange(accessToken);
       if (!identity) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
-      const user = await ensureLocalUser(identity, context);
+      const user = await signInUser(identity, context, identity.email);
       if (user.status !== 'active')
         throw new AppError('invalid_token', { detail: 'The account is disabled' });
       return { user, session: await openSession(user, context, 'auth.exchange') };
@@ -222,7 +292,9 @@ export function createAuthService(deps: AuthServiceDeps) {
           let sessionId = currentSessionId;
           if (input.refreshToken) {
             const session = await deps.sessions.findByRefreshToken(input.refreshToken);
-            // Someone else's refresh token is treated like an unknown one: nothing happens.
+            // The refresh token names which of the caller's sessions to end. Someone else's is treated
+            // like an unknown one, and never revealed as either: the caller's current session ends, as
+            // it would without one.
             if (session && session.userId === userId) sessionId = session.id;
           }
           if (sessionId) {
@@ -248,6 +320,9 @@ export function createAuthService(deps: AuthServiceDeps) {
       const user = await deps.users.findById(userId);
       if (!user) throw notFound('user');
       checkPasswordStrength(input.newPassword, user.email, 'body.new_password');
+      // The current password is a password guess like a login's: the same per-account lockout counts
+      // and stops it, so a stolen access token or API key is no oracle for the password.
+      await assertNotLocked(user.email);
       const changed = await deps.provider.changePassword(
         { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
         input.currentPassword,
@@ -258,7 +333,16 @@ export function createAuthService(deps: AuthServiceDeps) {
           detail: 'The current password is incorrect',
           errors: [{ field: 'body.current_password', message: 'is incorrect' }],
         });
-      if (!changed) throw incorrect();
+      if (!changed) {
+        await deps.failures.recordFailure(user.email);
+        await deps.audit.record(deps.db, context, {
+          type: 'auth.password_changed',
+          outcome: 'failure',
+          subjectId: user.id,
+          data: { reason: 'wrong_password' },
+        });
+        throw incorrect();
+      }
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         // Compare and swap: of concurrent changes that checked the same current password, the first to
         // commit wins; for the others it is no longer the current password, and nothing of theirs stays.
@@ -271,6 +355,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
+      await deps.failures.reset(user.email);
     },
 
     async listSessions(userId: string, options: { limit: number; cursor?: string | undefined }) {
@@ -304,25 +389,32 @@ export function createAuthService(deps: AuthServiceDeps) {
         return { user: await deps.users.findByEmail(email), created: false, granted: false };
       }
       const existing = await deps.users.findByEmail(email);
-      if (existing) {
-        const granted = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-          const added = await deps.users.assignRole(existing.id, 'admin', null, tx);
-          if (added) {
-            await deps.audit.record(tx, context, {
-              type: 'role.granted',
-              subjectId: existing.id,
-              data: { role: 'admin', bootstrap: true },
-            });
-            emit({ type: 'user_changed', userId: existing.id });
-          }
-          return added;
-        });
-        return { user: existing, created: false, granted };
-      }
+      if (existing) return { user: existing, created: false, granted: await grantAdmin(existing, context) };
       if (!input.password)
         throw new AppError('validation_failed', { detail: 'A password is needed to create the admin' });
       checkPasswordStrength(input.password, email);
-      const signedUp = await deps.provider.signUp(email, input.password);
+      // Confirmed at once: the first admin has nobody to send them a confirmation mail.
+      const signedUp = await deps.provider
+        .createConfirmedUser(email, input.password)
+        .catch(async (err: unknown) => {
+          if (!(isAppError(err) && err.code === 'email_taken')) throw err;
+          // The provider has the account and this database does not (a new database on an existing
+          // Supabase project): with its password, the local account is made for it and made admin.
+          const identity = await deps.provider.signIn(email, input.password!);
+          if (!identity)
+            throw new AppError('validation_failed', {
+              detail:
+                'BOOTSTRAP_ADMIN_EMAIL has an account at the identity provider, and BOOTSTRAP_ADMIN_PASSWORD is not its password',
+            });
+          return { existing: await ensureLocalUser(identity, context) };
+        });
+      if ('existing' in signedUp) {
+        return {
+          user: signedUp.existing,
+          created: false,
+          granted: await grantAdmin(signedUp.existing, context),
+        };
+      }
       const user = await inTransaction(deps.db, deps.events, async (tx) => {
         const row = await deps.users.insert(
           {
