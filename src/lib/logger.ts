@@ -22,9 +22,59 @@ export const REDACTED_PATHS = [
   'secret',
 ];
 
+/** Query parameters whose values are never logged: tokens, secrets, passwords, keys, codes. */
+const SENSITIVE_PARAMETER = /token|secret|passw|key|code|assertion|credential|auth|signature|session/i;
+
+/**
+ * A request URL as it may be logged: the value of every query parameter named like a credential is
+ * `[redacted]`. Credentials belong in headers or bodies, and the service refuses them in the query,
+ * but a client that sends `?access_token=…` anyway must not leave a live token in the logs.
+ */
+export function loggableUrl(url: string): string {
+  const query = url.indexOf('?');
+  if (query < 0) return url;
+  const parameters = url
+    .slice(query + 1)
+    .split('&')
+    .map((parameter) => {
+      const equals = parameter.indexOf('=');
+      if (equals < 0) return parameter;
+      const raw = parameter.slice(0, equals);
+      let name: string;
+      try {
+        name = decodeURIComponent(raw.replace(/\+/g, ' '));
+      } catch {
+        name = raw;
+      }
+      return SENSITIVE_PARAMETER.test(name) ? `${raw}=[redacted]` : parameter;
+    });
+  return `${url.slice(0, query)}?${parameters.join('&')}`;
+}
+
+/** Fastify's request serializer (method, url, host, address, port), with the URL made loggable. */
+function serializeRequest(request: {
+  method?: string;
+  url?: string;
+  host?: string;
+  ip?: string;
+  socket?: { remotePort?: number | undefined } | null;
+}) {
+  return {
+    method: request.method,
+    url: typeof request.url === 'string' ? loggableUrl(request.url) : request.url,
+    host: request.host,
+    remoteAddress: request.ip,
+    remotePort: request.socket?.remotePort,
+  };
+}
+
 /** JSON logs to stdout (or `destination`, e.g. a test's capture stream), with secrets redacted. */
 export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
-  const options = { level, redact: { paths: REDACTED_PATHS, censor: '[redacted]' } };
+  const options = {
+    level,
+    redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
+    serializers: { req: serializeRequest },
+  };
   return destination ? pino(options, destination) : pino(options);
 }
 

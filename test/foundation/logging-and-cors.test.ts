@@ -53,7 +53,20 @@ describe('logs never carry credentials', () => {
       payload: { email, password: 'a wrong password for the log' },
     });
     await app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: { refresh_token } });
+    // Credentials a client wrongly puts in the query string: the request line keeps the path and
+    // the harmless parameters, and blanks the values named like credentials.
+    await app.inject({
+      method: 'GET',
+      url: `/v1/auth/me?access_token=${access_token}&view=full&client_secret=s3cr3t-in-query&api%5Fkey=pak_in_query`,
+    });
     const out = lines.join('');
+    const logged = lines.map((l) => JSON.parse(l) as { msg: string; req?: { url?: string } });
+    const meLine = logged.find((l) => l.msg === 'incoming request' && l.req?.url?.startsWith('/v1/auth/me'));
+    expect(meLine?.req?.url).toBe(
+      '/v1/auth/me?access_token=[redacted]&view=full&client_secret=[redacted]&api%5Fkey=[redacted]',
+    );
+    expect(out).not.toContain('s3cr3t-in-query');
+    expect(out).not.toContain('pak_in_query');
     expect(out).toContain('"reqId"');
     for (const secret of [PASSWORD, 'a wrong password for the log', access_token, refresh_token]) {
       expect(out).not.toContain(secret);
