@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
@@ -75,6 +76,47 @@ const EnvSchema = z.object({
 
 type Issue = { path: string; message: string };
 
+/** A comma-separated variable's entries, trimmed, empty ones dropped. */
+const listOf = (value: string | undefined) =>
+  (value ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+
+/**
+ * What Fastify's trustProxy (proxy-addr) accepts in a list: an address, an address with a prefix
+ * length or a netmask, or one of its named ranges. Checked here, so a typo is a configuration error
+ * naming the variable rather than a stack trace after the database was opened.
+ */
+function isProxyAddress(entry: string): boolean {
+  if (['loopback', 'linklocal', 'uniquelocal'].includes(entry)) return true;
+  const [address = '', range, ...rest] = entry.split('/');
+  const family = isIP(address);
+  if (family === 0 || rest.length > 0) return false;
+  if (range === undefined) return true;
+  if (/^\d{1,3}$/.test(range)) return Number(range) <= (family === 4 ? 32 : 128);
+  return family === 4 && isIP(range) === 4;
+}
+
+/** A browser origin as the Origin header carries it: scheme, host and port, nothing else. */
+function isOrigin(entry: string): boolean {
+  try {
+    const url = new URL(entry);
+    return (
+      (url.protocol === 'http:' || url.protocol === 'https:') &&
+      url.pathname === '/' &&
+      !url.search &&
+      !url.hash &&
+      !url.username &&
+      !url.password &&
+      !entry.endsWith('?') &&
+      !entry.endsWith('#')
+    );
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Rules across variables. They read the raw strings, so they still run (and are reported in the same
  * message) when other variables failed to parse.
@@ -107,6 +149,26 @@ function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
       });
     }
   }
+  for (const entry of listOf(env.TRUST_PROXY))
+    if (!['true', 'false'].includes(entry) && !isProxyAddress(entry))
+      issues.push({
+        path: 'TRUST_PROXY',
+        message: `"${entry}" is not an IP address, a CIDR range, loopback, linklocal or uniquelocal`,
+      });
+  if (
+    listOf(env.TRUST_PROXY).length > 1 &&
+    listOf(env.TRUST_PROXY).some((e) => e === 'true' || e === 'false')
+  )
+    issues.push({ path: 'TRUST_PROXY', message: 'is true, false, or a list of addresses, not a mix' });
+  for (const entry of listOf(env.CORS_ORIGINS))
+    if (!isOrigin(entry))
+      issues.push({
+        path: 'CORS_ORIGINS',
+        message:
+          entry === '*'
+            ? 'must list the origins: * is refused, since browsers are allowed to send credentials'
+            : `"${entry}" is not an origin (scheme://host[:port], no path)`,
+      });
   const idle = Number(env.REFRESH_TOKEN_IDLE_TTL ?? 2_592_000);
   const absolute = Number(env.REFRESH_TOKEN_ABSOLUTE_TTL ?? 7_776_000);
   if (idle > absolute)
@@ -262,9 +324,8 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       ? { email: e.BOOTSTRAP_ADMIN_EMAIL.toLowerCase(), password: e.BOOTSTRAP_ADMIN_PASSWORD }
       : undefined,
     logLevel: e.LOG_LEVEL,
-    corsOrigins: e.CORS_ORIGINS.split(',')
-      .map((s) => s.trim())
-      .filter(Boolean),
+    // As browsers send them: lower-case host, no default port, no trailing slash.
+    corsOrigins: listOf(e.CORS_ORIGINS).map((o) => new URL(o).origin),
     trustProxy:
       trustProxyRaw === '' || trustProxyRaw === 'false'
         ? false

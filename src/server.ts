@@ -4,6 +4,7 @@ import { buildApp } from './app.js';
 import { ConfigError, loadConfig } from './config.js';
 import { DatabaseLockedError, openDatabase } from './db/client.js';
 import { createLogger } from './lib/logger.js';
+import { KeyEncryptionKeyMismatchError } from './modules/signing-keys/signing-keys.service.js';
 
 async function main() {
   let config: ReturnType<typeof loadConfig>;
@@ -43,6 +44,19 @@ async function main() {
     await database.close();
   });
 
+  if (config.env === 'production') {
+    // Allowed, but rarely what is meant: say so where an operator looks first.
+    if (!process.env.PUBLIC_URL?.trim())
+      logger.warn(
+        { publicUrl: config.publicUrl },
+        'PUBLIC_URL is not set: tokens carry this issuer and discovery points here; set it to the URL clients use',
+      );
+    if (database.kind !== 'postgres')
+      logger.warn(
+        { dataDir: config.dataDir },
+        'no DATABASE_URL: running on the embedded database, which one process alone can open; its files must be on a volume that outlives the container',
+      );
+  }
   await app.listen({ port: config.port, host: config.host });
   logger.info(
     {
@@ -57,7 +71,7 @@ async function main() {
 
 main().catch((err: unknown) => {
   // A known condition with its remedy in the message: no stack trace.
-  if (err instanceof DatabaseLockedError) {
+  if (err instanceof DatabaseLockedError || err instanceof KeyEncryptionKeyMismatchError) {
     process.stderr.write(`failed to start: ${err.message}\n`);
     process.exit(1);
   }

@@ -104,6 +104,33 @@ describe('configuration', () => {
     expect(config.supabase?.serviceRoleKey).toBe('service');
   });
 
+  it('checks TRUST_PROXY entries as Fastify reads them, naming each bad one', () => {
+    for (const good of [
+      '',
+      'true',
+      'false',
+      '10.0.0.1',
+      '10.0.0.0/8, 192.168.0.0/255.255.0.0',
+      'loopback, ::1',
+      'fd00::/8',
+    ])
+      expect(() => load({ TRUST_PROXY: good }), good).not.toThrow();
+    expect(load({ TRUST_PROXY: '10.0.0.0/8,loopback' }).trustProxy).toEqual(['10.0.0.0/8', 'loopback']);
+    for (const bad of ['garbage', '10.0.0.0/33', '10.0.0.1/8/1', 'true,10.0.0.1', 'fd00::/129'])
+      expect(() => load({ TRUST_PROXY: bad }), bad).toThrow(/TRUST_PROXY: /);
+    expect(() => load({ TRUST_PROXY: 'garbage' })).toThrow(/"garbage" is not an IP address/);
+  });
+
+  it('takes CORS_ORIGINS as origins, normalized as browsers send them; refuses * and paths', () => {
+    expect(
+      load({ CORS_ORIGINS: 'https://App.example.com/, http://localhost:5173,https://x.test:443' })
+        .corsOrigins,
+    ).toEqual(['https://app.example.com', 'http://localhost:5173', 'https://x.test']);
+    expect(() => load({ CORS_ORIGINS: '*' })).toThrow(/CORS_ORIGINS: must list the origins/);
+    for (const bad of ['not a url', 'https://app.example.com/path', 'ftp://x.test', 'https://x.test?a=1'])
+      expect(() => load({ CORS_ORIGINS: bad }), bad).toThrow(/CORS_ORIGINS: ".*" is not an origin/);
+  });
+
   it('derives the issuer from PUBLIC_URL without a trailing slash', () => {
     expect(load({ PUBLIC_URL: 'https://auth.example.com/' }).issuer).toBe('https://auth.example.com');
   });

@@ -61,6 +61,32 @@ export const JWKS_CACHE_SECONDS = 600;
  * next key has been published for JWKS_CACHE_SECONDS, so that no verifier's cached JWKS lacks it,
  * unless it is forced (a compromised key must stop signing now).
  */
+/**
+ * The stored private signing key cannot be decrypted: KEY_ENCRYPTION_KEY is not the key it was
+ * encrypted with (set for the first time after running on a generated one, or changed). The message
+ * says so and what to do; the server and the scripts print it without a stack trace.
+ */
+export class KeyEncryptionKeyMismatchError extends Error {
+  override name = 'KeyEncryptionKeyMismatchError';
+}
+
+function decryptPrivateKey(
+  keyEncryptionKey: Buffer,
+  row: Pick<SigningKeyRow, 'kid' | 'privateKeyEncrypted'>,
+) {
+  try {
+    return decrypt(keyEncryptionKey, row.privateKeyEncrypted);
+  } catch (err) {
+    throw new KeyEncryptionKeyMismatchError(
+      `the signing key ${row.kid} cannot be decrypted with KEY_ENCRYPTION_KEY: it is not the key the ` +
+        'signing keys were encrypted with. Set KEY_ENCRYPTION_KEY to that key (a development setup ' +
+        'generated one into DATA_DIR/secrets/key-encryption-key), or, to start over with new keys, ' +
+        'delete the rows of signing_keys (every token issued so far stops verifying)',
+      { cause: err },
+    );
+  }
+}
+
 export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   let active: ActiveSigningKey | undefined;
   const verification = new Map<string, VerificationKey>();
@@ -100,7 +126,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       .sort((a, b) => activatedAt(b) - activatedAt(a))[0];
     const nextActive = activeRow && {
       ...nextVerification.get(activeRow.kid)!,
-      privateKey: createPrivateKey(decrypt(deps.keyEncryptionKey, activeRow.privateKeyEncrypted)),
+      privateKey: createPrivateKey(decryptPrivateKey(deps.keyEncryptionKey, activeRow)),
     };
     verification.clear();
     for (const [k, v] of nextVerification) verification.set(k, v);
