@@ -167,6 +167,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const parseJson = app.getDefaultJsonParser('error', 'error');
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, raw, done) => {
+    // No bytes at all is no body, whatever the header says: HTTP clients configured to send
+    // `Content-Type: application/json` on every request do so on a DELETE too. An operation that
+    // needs a body still says it is missing.
+    if ((raw as Buffer).length === 0) return done(null, undefined);
     const text = jsonBodyText(raw as Buffer, request.headers['content-type']);
     if (typeof text !== 'string') return done(text);
     parseJson(request, text, (err, value) => {

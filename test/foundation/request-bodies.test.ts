@@ -340,6 +340,46 @@ describe('request bodies', () => {
     expect((await revoke('{}')).statusCode).toBe(204);
   });
 
+  it('takes no bytes under Content-Type: application/json as no body: a DELETE goes through, a POST needing one says it is missing', async () => {
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'header-only', scopes: ['account:read'] },
+    });
+    const keyId = created.json().id as string;
+    const json = { ...bearer(user.accessToken), 'content-type': 'application/json' };
+    const revoked = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${keyId}`,
+      headers: json,
+      payload: '',
+    });
+    expect(revoked.statusCode, revoked.body).toBe(204);
+    expect((await app.services.repos.apiKeys.findById(keyId))?.revokedAt).not.toBeNull();
+    // Logout's body is optional: no bytes ends the session of the token.
+    const session = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: user.password },
+    });
+    const token = session.json().session.access_token as string;
+    const logout = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: { ...bearer(token), 'content-type': 'application/json' },
+      payload: '',
+    });
+    expect(logout.statusCode, logout.body).toBe(204);
+    const create = await app.inject({ method: 'POST', url: '/v1/api-keys', headers: json, payload: '' });
+    expect(create.statusCode).toBe(400);
+    expect(create.json()).toMatchObject({ code: 'validation_failed' });
+    // Whitespace is not nothing: it is not JSON.
+    const blank = await app.inject({ method: 'POST', url: '/v1/api-keys', headers: json, payload: ' ' });
+    expect(blank.statusCode).toBe(400);
+    expect(blank.json()).toMatchObject({ code: 'invalid_json' });
+  });
+
   it('refuses a member twice in one object, naming it, at /v1 and at /oauth (where the last one won)', async () => {
     const login = await app.inject({
       method: 'POST',
