@@ -300,7 +300,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // RFC 6749 §5.2 errors under /oauth; problem+json everywhere else.
   await app.register(errorHandler, { renderers: [{ prefix: '/oauth/', render: renderOAuthError }] });
   // Browsers on the configured origins only. With none, there is no CORS at all: no headers, no
-  // preflight route (OPTIONS answers 404 like any unknown route), and no per-request CORS work.
+  // preflight route (OPTIONS answers 405, a method no route takes), and no per-request CORS work.
   if (config.corsOrigins.length > 0) {
     await app.register(cors, {
       origin: config.corsOrigins,

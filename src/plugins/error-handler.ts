@@ -185,6 +185,9 @@ export function routePathOf(request: FastifyRequest): string {
   return request.routeOptions.url ?? url;
 }
 
+/** The methods a route of this API may take, in the order an Allow header lists them. */
+const ROUTABLE_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'] as const;
+
 export interface ErrorHandlerOptions {
   /** The first renderer whose prefix the URL starts with wins; the default is problem+json. */
   renderers?: Array<{ prefix: string; render: ErrorRenderer }>;
@@ -210,10 +213,22 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
     return rendererFor(routePathOf(request))(error, request, reply);
   });
 
+  // A path that exists under other methods is a 405 with Allow (RFC 9110 §15.5.6), not a 404: the
+  // router is asked for each method, on unmatched requests only.
   app.setNotFoundHandler((request, reply) => {
-    const error = new AppError('not_found', {
-      detail: `No route ${request.method} ${request.url.split('?')[0]}`,
-    });
+    const path = request.url.split('?')[0] ?? '/';
+    const allowed = ROUTABLE_METHODS.filter(
+      (method) => method !== request.method && app.findRoute({ method, url: path }) !== null,
+    );
+    if (allowed.length > 0) {
+      const error = new AppError('method_not_allowed', {
+        detail: `${request.method} is not allowed on ${path}; it takes ${allowed.join(', ')}`,
+        headers: { allow: allowed.join(', ') },
+      });
+      for (const [name, value] of Object.entries(error.headers)) reply.header(name, value);
+      return rendererFor(request.url)(error, request, reply);
+    }
+    const error = new AppError('not_found', { detail: `No route ${request.method} ${path}` });
     return rendererFor(request.url)(error, request, reply);
   });
 }

@@ -142,6 +142,28 @@ describe('foundation: app, errors, operations', () => {
     expect(missing.json()).toMatchObject({ code: 'not_found', status: 404 });
   });
 
+  it('answers a method a path does not take with 405 and Allow (RFC 9110 §15.5.6), in the path’s error format', async () => {
+    const jwks = await app.inject({ method: 'DELETE', url: '/.well-known/jwks.json' });
+    expect(jwks.statusCode).toBe(405);
+    expect(jwks.headers.allow).toBe('GET, HEAD');
+    expect(jwks.headers['content-type']).toContain('application/problem+json');
+    expect(jwks.json()).toMatchObject({ code: 'method_not_allowed', status: 405 });
+    const user = await app.inject({ method: 'PUT', url: `/v1/users/${ITEM_ID}?x=1` });
+    expect(user.statusCode).toBe(405);
+    expect(user.headers.allow).toBe('GET, HEAD, PATCH, DELETE');
+    expect(user.json().detail).toBe(
+      `PUT is not allowed on /v1/users/${ITEM_ID}; it takes GET, HEAD, PATCH, DELETE`,
+    );
+    // Under /oauth, RFC 6749's error format, and never stored.
+    const token = await app.inject({ method: 'GET', url: '/oauth/token' });
+    expect(token.statusCode).toBe(405);
+    expect(token.headers.allow).toBe('POST');
+    expect(token.json()).toMatchObject({ error: 'invalid_request' });
+    expect(token.headers['cache-control']).toBe('no-store');
+    // A path no method takes is still a 404.
+    expect((await app.inject({ method: 'DELETE', url: '/v1/nothing-here' })).statusCode).toBe(404);
+  });
+
   it('answers invalid UTF-8, wrong types, unknown methods and absurd URLs with 4xx, never 5xx', async () => {
     const invalidUtf8 = await app.inject({
       method: 'POST',

@@ -151,14 +151,15 @@ describe('CORS from configuration', () => {
     expect(denied.headers['access-control-allow-origin']).toBeUndefined();
   });
 
-  it('without CORS_ORIGINS there is no CORS at all: no headers, and a preflight is an unknown route', async () => {
+  it('without CORS_ORIGINS there is no CORS at all: no headers, and a preflight is a method the path does not take', async () => {
     const closed = await buildTestApp();
     const preflight = await closed.inject({
       method: 'OPTIONS',
       url: '/v1/auth/login',
       headers: { origin: 'https://app.example.com', 'access-control-request-method': 'POST' },
     });
-    expect(preflight.statusCode).toBe(404);
+    expect(preflight.statusCode).toBe(405);
+    expect(preflight.headers.allow).toBe('POST');
     expect(preflight.headers['content-type']).toContain('application/problem+json');
     expect(preflight.headers['access-control-allow-origin']).toBeUndefined();
     const jwks = await closed.inject({

@@ -37,9 +37,9 @@ export function oauthErrorOf(error: AppError): { error: string; status: number }
     BY_CODE[error.code] ??
     (error.status >= 500 ? 'temporarily_unavailable' : 'invalid_request');
   if (name === 'invalid_client') return { error: name, status: 401 };
-  // 413 and 415 say more than 400 does; every other §5.2 error is a 400.
-  if (TOKEN_ENDPOINT_ERRORS.has(name) && error.status !== 413 && error.status !== 415)
-    return { error: name, status: error.status === 404 ? 404 : 400 };
+  // 404, 405, 413 and 415 say more than 400 does; every other §5.2 error is a 400.
+  if (TOKEN_ENDPOINT_ERRORS.has(name) && ![404, 405, 413, 415].includes(error.status))
+    return { error: name, status: 400 };
   return { error: name, status: error.status };
 }
 
