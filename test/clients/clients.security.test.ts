@@ -1,5 +1,7 @@
+import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { clients, roles as rolesTable } from '../../src/db/schema/index.js';
 import { CLIENT_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
@@ -391,5 +393,67 @@ describe('app clients: security', () => {
     await app.services.repos.users.removeRole(exAdmin.id, 'admin');
     app.services.events.applyLocally([{ type: 'user_changed', userId: exAdmin.id }]);
     expect((await clientToken(app, client)).scope).toBe('users:read');
+  });
+
+  it('a client made before it could be bound (migration 0005) is bound by PATCH acts_for_creator: its old tokens go, new ones carry what its creator holds', async () => {
+    const creator = await userWith(
+      app,
+      ['clients:read', 'clients:write', 'users:read', 'roles:read'],
+      'unbound',
+    );
+    const client = await createClient(app, creator.accessToken, { scopes: ['users:read', 'roles:read'] });
+    // As migration 0005 left the clients that existed before it.
+    await app.services.db.update(clients).set({ actsForCreator: false }).where(eq(clients.id, client.id));
+    app.services.events.applyLocally([{ type: 'client_changed', clientId: client.client_id }]);
+    const old = await clientToken(app, client);
+    // The creator's role is narrowed: an unbound client does not notice.
+    const { roles } = await app.services.repos.users.rolesAndPermissions(creator.id);
+    const role = roles.find((r) => r.startsWith('test-'))!;
+    await app.services.db
+      .update(rolesTable)
+      .set({ permissions: ['clients:read', 'clients:write', 'roles:read'] })
+      .where(eq(rolesTable.name, role));
+    app.services.events.applyLocally([{ type: 'roles_changed' }]);
+    expect((await clientToken(app, client)).scope).toBe('roles:read users:read');
+
+    // Its creator may not unbind it; an administrator decides that.
+    const bind = (token: string, actsForCreator: boolean) =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${client.id}`,
+        headers: bearer(token),
+        payload: { acts_for_creator: actsForCreator },
+      });
+    const bound = await bind(admin.accessToken, true);
+    expect(bound.statusCode, bound.body).toBe(200);
+    expect(bound.json().acts_for_creator).toBe(true);
+    expect(
+      (await introspect(app, old.access_token, basic(client.client_id, client.client_secret))).active,
+    ).toBe(false);
+    expect((await clientToken(app, client)).scope).toBe('roles:read');
+    const creatorToken = (await login(app, creator.email)).session.access_token;
+    const unbind = await bind(creatorToken, false);
+    expect(unbind.statusCode, unbind.body).toBe(403);
+    expect((await app.services.repos.clients.findByClientId(client.client_id))?.actsForCreator).toBe(true);
+    const updated = await app.services.audit.list({ type: 'client.updated', limit: 20 });
+    expect(updated.find((e) => e.subjectId === client.id)?.data).toMatchObject({
+      changed: ['acts_for_creator'],
+      acts_for_creator: true,
+    });
+    // An administrator makes it the organisation's again.
+    expect((await bind(admin.accessToken, false)).json().acts_for_creator).toBe(false);
+  });
+
+  it('a client with no recorded creator cannot be bound to one (409)', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    await app.services.db.update(clients).set({ createdBy: null }).where(eq(clients.id, client.id));
+    const res = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { acts_for_creator: true },
+    });
+    expect(res.statusCode, res.body).toBe(409);
+    expect(res.json().detail).toBe('This client has no recorded creator to act for');
   });
 });

@@ -15,6 +15,7 @@ export type ClientPatch = Partial<
     | 'audiences'
     | 'accessTokenTtl'
     | 'status'
+    | 'actsForCreator'
     | 'secretHash'
     | 'previousSecretHash'
     | 'previousSecretExpiresAt'

@@ -109,13 +109,14 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
       schema: {
         tags: ['clients'],
         operationId: 'updateClient',
-        summary: 'Change an app client: name, description, scopes, audiences, token lifetime, status',
+        summary:
+          'Change an app client: name, description, scopes, audiences, token lifetime, status, whom it acts for',
         description:
-          'Disabling a client refuses its secret at once and revokes the access tokens it holds on every instance.',
+          'Disabling a client refuses its secret at once and revokes the access tokens it holds on every instance; so does binding it to its creator (`acts_for_creator: true`).',
         security: bearerOrApiKey,
         params: ClientIdParamSchema,
         body: UpdateClientBodySchema,
-        response: { 200: ClientSchema, ...problems(400, 401, 403, 404, 415, 503) },
+        response: { 200: ClientSchema, ...problems(400, 401, 403, 404, 409, 415, 503) },
       },
     },
     async (request) =>
@@ -130,6 +131,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
             audiences: request.body.audiences,
             accessTokenTtl: request.body.access_token_ttl,
             status: request.body.status,
+            actsForCreator: request.body.acts_for_creator,
           },
           requestContext(request),
         ),

@@ -55,6 +55,12 @@ export const UpdateClientBodySchema = z
       .enum(['active', 'disabled'])
       .optional()
       .describe('A disabled client gets no tokens and loses those it has'),
+    acts_for_creator: z
+      .boolean()
+      .optional()
+      .describe(
+        '`true` binds the client to its creator: its tokens carry only what they still hold, and those it has are revoked (anyone who may change it). `false` makes it the organisation’s, acting on its own scopes (administrators only)',
+      ),
   })
   .strict();
 

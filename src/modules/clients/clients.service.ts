@@ -63,6 +63,7 @@ export interface UpdateClientInput {
   audiences?: string[] | undefined;
   accessTokenTtl?: number | null | undefined;
   status?: 'active' | 'disabled' | undefined;
+  actsForCreator?: boolean | undefined;
 }
 
 export type ClientAuthFailure = 'malformed' | 'unknown_client' | 'disabled' | 'wrong_secret';
@@ -249,6 +250,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
         patch.accessTokenTtl = input.accessTokenTtl;
       }
       if (input.status !== undefined) patch.status = input.status;
+      if (input.actsForCreator !== undefined) patch.actsForCreator = input.actsForCreator;
       if (changedFields(patch).length === 0) return existing;
       return deps.grants.audited(context, { action: 'client.update', subjectId: existing.id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
@@ -259,9 +261,22 @@ export function createClientsService(deps: ClientsServiceDeps) {
           const changed = changedFields(effective);
           if (changed.length === 0) return before;
           if (effective.scopes) await assertGrantable(caller, effective.scopes, tx);
+          // Bound to its creator: it can act for nobody without one recorded.
+          if (effective.actsForCreator === true && !before.createdBy)
+            throw new AppError('conflict', { detail: 'This client has no recorded creator to act for' });
+          // Unbound: it acts on its own scopes in full, as an administrator's client does.
+          if (effective.actsForCreator === false && !isAdministrator(caller))
+            throw forbidden(
+              'Only an administrator makes a client act on its own scopes (acts_for_creator: false)',
+            );
           const row = await deps.repo.update(existing.id, effective, deps.clock.now(), tx);
           if (!row) throw notFound('client');
-          if (before.status === 'active' && row.status === 'disabled') {
+          // Disabled, or newly bound (its tokens may carry more than its creator holds now): the tokens
+          // it holds are revoked on every instance.
+          if (
+            (before.status === 'active' && row.status === 'disabled') ||
+            effective.actsForCreator === true
+          ) {
             emit(await revokeTokensOf(tx, row.clientId));
           }
           await deps.audit.record(tx, context, {
@@ -272,6 +287,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
               changed,
               ...(effective.scopes ? { scopes: row.scopes } : {}),
               ...(effective.status ? { status: row.status } : {}),
+              ...(effective.actsForCreator !== undefined ? { acts_for_creator: row.actsForCreator } : {}),
             },
           });
           emit({ type: 'client_changed', clientId: row.clientId });
