@@ -16,7 +16,6 @@ import { BASIC_CHALLENGE } from './oauth.client-auth.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import {
   type AccessTokenClaims,
-  CLOCK_TOLERANCE_SECONDS,
   FIRST_PARTY_CLIENT_ID,
   type TokenService,
 } from '../tokens/tokens.service.js';
@@ -423,10 +422,9 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       if (!looksLikeJwt(token)) return;
       const claims = await verifyAccessToken(token);
       if (!claims || !ownsAccessToken(caller, claims)) return;
-      // Until the last moment any instance could still accept it (exp plus the leeway).
-      const until = new Date((claims.exp + CLOCK_TOLERANCE_SECONDS) * 1000);
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        emit(await deps.revocations.revoke(tx, 'jti', claims.jti, until));
+        // Until the last moment any instance could still accept it (exp plus the leeway).
+        emit(await deps.revocations.revokeToken(tx, claims));
         await deps.audit.record(tx, context, {
           type: 'access_token.revoked',
           subjectId: claims.sub,
