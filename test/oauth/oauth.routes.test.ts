@@ -370,6 +370,54 @@ describe('POST /oauth/token', () => {
     expect(res.json().scope).toBe('audit:read users:read');
   });
 
+  it('refuses a scope that is present but not scope tokens separated by single spaces (RFC 6749 §3.3)', async () => {
+    const malformed = [
+      ' ',
+      '   ',
+      '\t',
+      ' users:read',
+      'users:read ',
+      'users:read  audit:read',
+      'users:read\taudit:read',
+      'users:read\naudit:read',
+      'users:"read"',
+      'users:read\\',
+      'users:réad',
+    ];
+    for (const scope of malformed) {
+      const res = await token({ grant_type: 'client_credentials', scope }, asClient());
+      expect(res.statusCode, JSON.stringify(scope)).toBe(400);
+      expect(res.json().error, JSON.stringify(scope)).toBe('invalid_scope');
+    }
+    // Percent-encoded on the wire, as a client sends `scope=%20`.
+    const encoded = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+      payload: 'grant_type=client_credentials&scope=%20',
+    });
+    expect(encoded.statusCode, encoded.body).toBe(400);
+    expect(encoded.json().error).toBe('invalid_scope');
+    const json = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json', ...asClient() },
+      payload: { grant_type: 'client_credentials', scope: ' ' },
+    });
+    expect(json.statusCode, json.body).toBe(400);
+    expect(json.json().error).toBe('invalid_scope');
+    // Well-formed: one token, several, a token repeated (the same scope, once).
+    for (const [scope, granted] of [
+      ['users:read', 'users:read'],
+      ['users:read audit:read', 'users:read audit:read'],
+      ['audit:read audit:read', 'audit:read'],
+    ] as const) {
+      const res = await token({ grant_type: 'client_credentials', scope }, asClient());
+      expect(res.statusCode, scope).toBe(200);
+      expect(res.json().scope, scope).toBe(granted);
+    }
+  });
+
   it('never accepts credentials in the URL', async () => {
     const res = await app.inject({
       method: 'POST',
@@ -475,7 +523,17 @@ describe('POST /oauth/token', () => {
     const user = await registerUser(app, 'oauth-scope');
     // Beyond the grant (users:write), malformed, or a wildcard wider than the grant: invalid_scope,
     // and nothing changes — the refresh token is not rotated and stays good.
-    for (const scope of ['users:write', 'account:read users:write', 'account:*', 'bad\\scope']) {
+    for (const scope of [
+      'users:write',
+      'account:read users:write',
+      'account:*',
+      'bad\\scope',
+      // Present but no scope token, or not separated by single spaces: malformed, not "no scope".
+      ' ',
+      'account:read  account:write',
+      ' account:read',
+      'account:read ',
+    ]) {
       const wider = await token({ grant_type: 'refresh_token', refresh_token: user.refreshToken, scope });
       expect(wider.statusCode, scope).toBe(400);
       expect(wider.json().error, scope).toBe('invalid_scope');

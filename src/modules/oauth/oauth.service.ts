@@ -121,8 +121,11 @@ export interface OAuthServiceDeps {
 }
 
 const INACTIVE: Introspection = sharedAnswer({ active: false });
-/** RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ). */
-const SCOPE_TOKEN = /^[\x21\x23-\x5b\x5d-\x7e]+$/;
+/**
+ * RFC 6749 §3.3: scope = scope-token *( SP scope-token ), scope-token = 1*( %x21 / %x23-5B / %x5D-7E ):
+ * at least one token, separated by single spaces, with no space before or after.
+ */
+const SCOPE = /^[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*$/;
 
 const oauthError = (oauth: string, detail: string) =>
   new AppError('bad_request', { status: 400, detail, oauthError: oauth });
@@ -143,12 +146,20 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     return second > 0 && token.indexOf('.', second + 1) < 0;
   };
 
-  /** RFC 6749 §3.3: space-delimited scope tokens, deduplicated. */
+  /**
+   * RFC 6749 §3.3: scope tokens separated by single spaces, deduplicated. A scope that is present but
+   * not that — only spaces, a space too many, a character outside the scope-token set — is malformed:
+   * `invalid_scope` (§5.2), never an empty scope. Only an absent or empty parameter (§3.1) means the
+   * default, and the routes pass it on as undefined.
+   */
   function parseScope(requested: string): string[] {
-    const scopes = [...new Set(requested.split(' ').filter(Boolean))];
-    if (!scopes.every((s) => SCOPE_TOKEN.test(s)))
-      throw oauthError('invalid_scope', 'The scope is malformed');
-    return scopes;
+    if (!SCOPE.test(requested)) {
+      throw oauthError(
+        'invalid_scope',
+        'The scope is malformed: scope tokens separated by single spaces (RFC 6749 section 3.3)',
+      );
+    }
+    return [...new Set(requested.split(' '))];
   }
 
   function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
