@@ -463,6 +463,48 @@ describe('POST /oauth/token', () => {
     expect(introspection.json().error_description).toMatch(/token is repeated/);
   });
 
+  it('ignores a parameter it does not recognise even when repeated (RFC 6749 §3.2), on every endpoint', async () => {
+    const post = (url: string, payload: string, headers: Record<string, string> = asClient()) =>
+      app.inject({
+        method: 'POST',
+        url,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...headers },
+        payload,
+      });
+    const issued = await post('/oauth/token', 'grant_type=client_credentials&foo=bar&foo=baz&x=%201&x=2');
+    expect(issued.statusCode, issued.body).toBe(200);
+    expect(issued.json().scope).toBe('audit:read users:read');
+    const json = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json', ...asClient() },
+      payload: { grant_type: 'client_credentials', foo: ['bar', 'baz'] },
+    });
+    expect(json.statusCode, json.body).toBe(200);
+    const accessToken = issued.json().access_token as string;
+    // What another endpoint recognises is unrecognised here: grant_type means nothing to introspection.
+    const introspection = await post(
+      '/oauth/introspect',
+      `token=${accessToken}&foo=1&foo=2&grant_type=a&grant_type=b`,
+    );
+    expect(introspection.statusCode, introspection.body).toBe(200);
+    expect(introspection.json()).toMatchObject({ active: true, client_id: client.client_id });
+    const revocation = await post('/oauth/revoke', `token=${accessToken}&foo=1&foo=2&scope=a&scope=b`);
+    expect(revocation.statusCode, revocation.body).toBe(200);
+    expect((await post('/oauth/introspect', `token=${accessToken}`)).json()).toEqual({ active: false });
+    // A recognised one repeated is still refused, on each endpoint.
+    for (const [url, payload] of [
+      ['/oauth/token', 'grant_type=client_credentials&foo=1&foo=2&scope=users%3Aread&scope=audit%3Aread'],
+      ['/oauth/introspect', `token=${accessToken}&token_type_hint=a&token_type_hint=b`],
+      ['/oauth/revoke', `token=${accessToken}&token=${accessToken}`],
+    ] as const) {
+      const res = await post(url, payload);
+      expect(res.statusCode, `${url} ${payload}`).toBe(400);
+      expect(res.json().error).toBe('invalid_request');
+      expect(res.json().error_description).toMatch(/is repeated/);
+    }
+  });
+
   it('refuses malformed bodies with invalid_request and unknown /oauth paths in OAuth form', async () => {
     const json = await app.inject({
       method: 'POST',

@@ -23,6 +23,27 @@ export interface OAuthRoutesDeps {
 
 /** Parameters that may legitimately repeat (RFC 8707 §2: several resources). */
 const MULTI_VALUED = new Set(['resource', 'audience']);
+
+/**
+ * RFC 6749 §3.1: a parameter the endpoint recognises must not be sent more than once, and §3.2: one it
+ * does not recognise is ignored, repeated or not. A preValidation hook for a route whose body is
+ * `schema`: it refuses a repeated parameter of that schema (a form field sent twice, or a JSON array)
+ * unless it is multi-valued, and lets every other name through to be ignored.
+ */
+function refuseRepeated(schema: z.ZodObject) {
+  const singleValued = new Set(Object.keys(schema.shape).filter((name) => !MULTI_VALUED.has(name)));
+  return (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void) => {
+    const body = request.body as Record<string, unknown> | null | undefined;
+    if (body && typeof body === 'object') {
+      for (const name of singleValued) {
+        if (Array.isArray(body[name])) {
+          return done(invalidRequest(`The parameter ${name} is repeated (RFC 6749 §3.1)`));
+        }
+      }
+    }
+    done();
+  };
+}
 /** Credentials never travel in a URL: it ends up in logs, history and Referer headers. */
 const CREDENTIAL_PARAMS = [
   'client_secret',
@@ -61,7 +82,8 @@ interface ClientParams {
 export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
-  // Synchronous, since these routes are on other services' hot path.
+  // Synchronous, since these routes are on other services' hot path; each route refuses its own
+  // repeated parameters after this (refuseRepeated).
   app.addHook('preValidation', (request, _reply, done) => {
     const query = request.query as Record<string, unknown> | undefined;
     // Most calls have no query string at all: the list is only made when one names a credential.
@@ -69,14 +91,6 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
       if (!CREDENTIAL_PARAM_SET.has(name)) continue;
       const inUrl = CREDENTIAL_PARAMS.filter((p) => Object.hasOwn(query, p));
       return done(invalidRequest(`Send ${inUrl.join(', ')} in the request body, never in the URL`));
-    }
-    const body = request.body;
-    if (body && typeof body === 'object') {
-      for (const name in body) {
-        if (Array.isArray((body as Record<string, unknown>)[name]) && !MULTI_VALUED.has(name)) {
-          return done(invalidRequest(`The parameter ${name.slice(0, 64)} is repeated (RFC 6749 §3.1)`));
-        }
-      }
     }
     done();
   });
@@ -166,6 +180,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     '/oauth/token',
     {
       config: { public: true },
+      preValidation: refuseRepeated(TokenBodySchema),
       ...(refreshRateLimit
         ? {
             preHandler: (request: FastifyRequest, reply: FastifyReply) =>
@@ -209,6 +224,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     '/oauth/introspect',
     {
       config: { public: true },
+      preValidation: refuseRepeated(IntrospectBodySchema),
       schema: {
         tags: ['oauth'],
         consumes: OAUTH_CONTENT_TYPES,
@@ -236,6 +252,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     '/oauth/revoke',
     {
       config: { public: true },
+      preValidation: refuseRepeated(RevokeBodySchema),
       schema: {
         tags: ['oauth'],
         consumes: OAUTH_CONTENT_TYPES,

@@ -2,8 +2,8 @@ import { z } from 'zod';
 
 /*
  * Request bodies are form-encoded (or JSON) and deliberately not closed: RFC 6749 §3.2 requires the
- * server to ignore parameters it does not recognise. Repeated single-valued parameters are refused
- * before validation (oauth.routes.ts), as §3.1 requires.
+ * server to ignore parameters it does not recognise, repeated or not. Repeated single-valued
+ * parameters of these schemas are refused before validation (oauth.routes.ts), as §3.1 requires.
  */
 
 const ClientAuthFields = {
