@@ -328,7 +328,12 @@ interface VerifierState {
 }
 
 const STATE = Symbol.for('paservices.verifier');
-const BEARER = /^Bearer[ \t]+([A-Za-z0-9\-._~+/]+=*)[ \t]*$/i;
+/** `Authorization: Bearer…` by its scheme, whatever follows. */
+const BEARER_SCHEME = /^Bearer(?:[ \t]|$)/i;
+/** The Bearer scheme with one token. */
+const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
+/** RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=". */
+const B64TOKEN = /^[A-Za-z0-9\-._~+/]+=*$/;
 
 function problem(reply: FastifyReply, status: number, code: string, title: string, detail: string) {
   return reply
@@ -345,14 +350,18 @@ function stateOf(request: FastifyRequest): VerifierState {
 }
 
 /**
- * Authenticates the request (once) and checks each permission; answers 401 with a Bearer challenge,
- * 403 with `insufficient_scope`, or 503 when the auth service's keys cannot be fetched.
+ * Authenticates the request (once) and checks each permission; answers 401 with a Bearer challenge
+ * (no error code without Bearer credentials, `invalid_token` for a bad token), 400 `invalid_request`
+ * for a Bearer header without one token, 403 with `insufficient_scope`, or 503 when the auth
+ * service's keys cannot be fetched.
  */
 async function guard(request: FastifyRequest, reply: FastifyReply, permissions: string[]) {
   const { verifier, realm } = stateOf(request);
   if (!request.auth) {
     const header = request.headers.authorization;
-    if (header === undefined) {
+    // RFC 6750 §3.1: no authentication information — no header, or one of another scheme — is a
+    // challenge without an error code; a Bearer header without one token is a malformed request.
+    if (header === undefined || !BEARER_SCHEME.test(header)) {
       reply.header('www-authenticate', `Bearer realm="${realm}"`);
       return problem(
         reply,
@@ -363,8 +372,18 @@ async function guard(request: FastifyRequest, reply: FastifyReply, permissions: 
       );
     }
     const token = BEARER.exec(header)?.[1];
+    if (token === undefined) {
+      reply.header('www-authenticate', `Bearer realm="${realm}", error="invalid_request"`);
+      return problem(
+        reply,
+        400,
+        'invalid_request',
+        'Bad Request',
+        'Authorization: Bearer carries one token: Bearer <token>',
+      );
+    }
     try {
-      if (!token) throw new InvalidTokenError('Use the Authorization: Bearer scheme');
+      if (!B64TOKEN.test(token)) throw new InvalidTokenError('The access token is malformed');
       request.auth = await verifier.verify(token);
     } catch (err) {
       if (err instanceof InvalidTokenError) {

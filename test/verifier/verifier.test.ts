@@ -119,10 +119,35 @@ describe('the bundled verifier', () => {
       expect(res.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_token"');
       expect(res.json().code).toBe('invalid_token');
     }
-    const notBearer = await call('/orders', {
-      authorization: `Basic ${Buffer.from('a:b').toString('base64')}`,
-    });
-    expect(notBearer.statusCode).toBe(401);
+    // A token outside RFC 6750's b64token syntax is a token, and not a valid one.
+    const oddToken = await call('/orders', { authorization: 'Bearer a!b' });
+    expect(oddToken.statusCode).toBe(401);
+    expect(oddToken.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_token"');
+  });
+
+  it('challenges a request without Bearer credentials without an error code, and a malformed Bearer header with invalid_request (RFC 6750 §3.1)', async () => {
+    // Another scheme, or an empty header: no authentication information, so no error code.
+    for (const authorization of [
+      `Basic ${Buffer.from('a:b').toString('base64')}`,
+      'Negotiate abc',
+      'Bearerx y',
+      '',
+    ]) {
+      const res = await call('/orders', { authorization });
+      expect(res.statusCode, authorization).toBe(401);
+      expect(res.headers['www-authenticate'], authorization).toBe('Bearer realm="api"');
+      expect(res.json(), authorization).toMatchObject({ status: 401, code: 'authentication_required' });
+    }
+    // The Bearer scheme without one token: a malformed request.
+    for (const authorization of ['Bearer', 'Bearer ', 'bearer \t', 'Bearer a b']) {
+      const res = await call('/orders', { authorization });
+      expect(res.statusCode, authorization).toBe(400);
+      expect(res.headers['www-authenticate'], authorization).toBe(
+        'Bearer realm="api", error="invalid_request"',
+      );
+      expect(res.headers['content-type']).toContain('application/problem+json');
+      expect(res.json(), authorization).toMatchObject({ status: 400, code: 'invalid_request' });
+    }
   });
 
   it('refuses an expired token', async () => {

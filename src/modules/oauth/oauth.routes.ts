@@ -1,8 +1,8 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { AppError } from '../../lib/errors.js';
-import { clientAddress, requestContext, sentApiKey } from '../../plugins/authenticate.js';
+import { AppError, isAppError } from '../../lib/errors.js';
+import { BEARER_CHALLENGE, clientAddress, requestContext, sentApiKey } from '../../plugins/authenticate.js';
 import { NO_STORE_HEADERS } from '../../plugins/security-headers.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
@@ -108,7 +108,17 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
    * the first-party public client. More than one method at once is refused (§2.3).
    */
   async function principalCaller(request: FastifyRequest): Promise<OAuthCaller> {
-    const principal = await app.resolvePrincipal(request);
+    const principal = await app.resolvePrincipal(request).catch((err: unknown) => {
+      // An Authorization scheme that is neither Basic nor Bearer: no authentication this endpoint
+      // takes (RFC 6749 §5.2), and the challenges say which ones it does.
+      if (isAppError(err) && err.code === 'authentication_required') {
+        throw new AppError('invalid_client', {
+          detail: 'Authenticate the client with HTTP Basic, or send Authorization: Bearer <token>',
+          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, ${BEARER_CHALLENGE}` },
+        });
+      }
+      throw err;
+    });
     if (!principal) throw invalidClient('Authenticate the client or send a bearer token');
     request.principal = principal;
     return { kind: 'principal', principal };

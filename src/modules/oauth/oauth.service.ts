@@ -7,7 +7,7 @@ import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, notHeld } from '../../lib/permissions.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
-import { API_KEY_PREFIX, type Principal } from '../../plugins/authenticate.js';
+import { API_KEY_PREFIX, BEARER_CHALLENGE, type Principal } from '../../plugins/authenticate.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
@@ -330,7 +330,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       if (caller.kind === 'public') {
         throw new AppError('invalid_client', {
           detail: 'Introspection needs an authenticated caller',
-          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, Bearer realm="paservices"` },
+          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, ${BEARER_CHALLENGE}` },
         });
       }
       if (
