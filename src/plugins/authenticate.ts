@@ -81,6 +81,13 @@ export const BEARER_CHALLENGE = 'Bearer realm="paservices"';
 const WWW_AUTHENTICATE_MISSING = BEARER_CHALLENGE;
 const WWW_AUTHENTICATE_INVALID_REQUEST = 'Bearer realm="paservices", error="invalid_request"';
 
+/**
+ * The challenge of a bearer credential that lacks a permission (RFC 6750 §3, §3.1): `scope` names the
+ * permissions that would do, space-separated (where a route takes any one of several, each is one).
+ */
+export const insufficientScope = (permissions: readonly string[]) =>
+  `${BEARER_CHALLENGE}, error="insufficient_scope", scope="${permissions.join(' ')}"`;
+
 export function principalFromClaims(claims: AccessTokenClaims): Principal {
   const permissions = claims.scope ? claims.scope.split(' ').filter(Boolean) : [];
   if (Array.isArray(claims.roles)) {
@@ -252,13 +259,23 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
+  /**
+   * The 403 of a credential lacking the route's permission (`anyOf`: any one of them will do). A
+   * bearer credential (an access token, or an API key sent as `Authorization: Bearer`) gets the
+   * RFC 6750 §3.1 challenge naming what it lacks; `X-API-Key` is no HTTP authentication scheme, so
+   * it gets none, and the problem's `detail` names the permission.
+   */
   async function refuse(
     request: FastifyRequest,
-    needed: string,
+    anyOf: readonly string[],
     detail: string,
     reason?: string,
   ): Promise<never> {
-    const refusal = new AppError('forbidden', { detail });
+    const needed = anyOf.join(' or ');
+    const refusal = new AppError('forbidden', {
+      detail,
+      headers: sentApiKey(request) ? {} : { 'www-authenticate': insufficientScope(anyOf) },
+    });
     if (options.onForbidden) {
       await options.onForbidden(request, needed, reason);
       refusal.audited = true;
@@ -285,7 +302,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     }
     const needed = anyOf.join(' or ');
     if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
-      await refuse(request, needed, `This needs the permission ${needed}`);
+      await refuse(request, anyOf, `This needs the permission ${needed}`);
     }
     // An access token keeps its permissions until it expires (15 minutes at most), and an API key
     // its scopes while its owner's roles change: a change is decided on what is held now, and the
@@ -304,7 +321,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       if (!anyOf.some((p) => hasPermission(now, p))) {
         await refuse(
           request,
-          needed,
+          anyOf,
           `This needs the permission ${needed}, which has been taken away since this credential was issued`,
           'no_longer_held',
         );

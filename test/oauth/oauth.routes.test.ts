@@ -800,7 +800,7 @@ describe('POST /oauth/introspect', () => {
     expect(await introspect(app, key, as(mine))).toEqual({ active: false });
   });
 
-  it('needs an authenticated caller: 401 invalid_client without one, 403 for a bearer lacking the permission', async () => {
+  it('needs an authenticated caller: 401 invalid_client without one, 401 insufficient_scope for a bearer lacking the permission', async () => {
     const own = await clientToken(app, mine);
     const anonymous = await form(app, '/oauth/introspect', { token: own.access_token });
     expect(anonymous.statusCode).toBe(401);
@@ -815,8 +815,12 @@ describe('POST /oauth/introspect', () => {
     expect(wrong.statusCode).toBe(401);
     const user = await registerUser(app, 'nosy');
     const nosy = await form(app, '/oauth/introspect', { token: own.access_token }, bearer(user.accessToken));
-    expect(nosy.statusCode).toBe(403);
+    // RFC 7662 §2.3: 401 as in RFC 6750 §3, with the challenge naming the permission.
+    expect(nosy.statusCode).toBe(401);
     expect(nosy.json().error).toBe('insufficient_scope');
+    expect(nosy.headers['www-authenticate']).toBe(
+      'Bearer realm="paservices", error="insufficient_scope", scope="tokens:introspect"',
+    );
     const badBearer = await form(
       app,
       '/oauth/introspect',

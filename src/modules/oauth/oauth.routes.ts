@@ -10,6 +10,7 @@ import { BASIC_CHALLENGE, isBasicAuthorization, parseBasicCredentials } from './
 import {
   IntrospectBodySchema,
   IntrospectionSchema,
+  OAuthErrorSchema,
   oauthErrors,
   RevokeBodySchema,
   TokenBodySchema,
@@ -246,7 +247,14 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           'the caller’s to see answers `{"active": false}`.',
         security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }],
         body: IntrospectBodySchema,
-        response: { 200: IntrospectionSchema, ...oauthErrors(400, 401, 403, 413, 415, 429, 503) },
+        response: {
+          200: IntrospectionSchema,
+          ...oauthErrors(400, 401, 413, 415, 429, 503),
+          401: OAuthErrorSchema.describe(
+            '`invalid_client`: no caller, or client authentication failed; `invalid_token`: the bearer ' +
+              'credential does not verify; `insufficient_scope`: it lacks tokens:introspect (RFC 7662 §2.3)',
+          ),
+        },
       },
     },
     // Not async: a known client asking about a token this instance has verified is answered in the

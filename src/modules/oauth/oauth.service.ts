@@ -7,7 +7,12 @@ import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, notHeld } from '../../lib/permissions.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
-import { API_KEY_PREFIX, BEARER_CHALLENGE, type Principal } from '../../plugins/authenticate.js';
+import {
+  API_KEY_PREFIX,
+  BEARER_CHALLENGE,
+  insufficientScope,
+  type Principal,
+} from '../../plugins/authenticate.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
@@ -337,8 +342,13 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         caller.kind === 'principal' &&
         !hasPermission(caller.principal.permissions, INTROSPECT_PERMISSION)
       ) {
+        // RFC 7662 §2.3: a bearer credential without the privileges is answered 401 as in RFC 6750
+        // §3, with the challenge naming what it lacks. Still an authorization failure, audited.
         throw new AppError('forbidden', {
+          status: 401,
+          oauthError: 'insufficient_scope',
           detail: `Introspection with a bearer credential needs ${INTROSPECT_PERMISSION}`,
+          headers: { 'www-authenticate': insufficientScope([INTROSPECT_PERMISSION]) },
         });
       }
       if (token.length > MAX_TOKEN_LENGTH) return INACTIVE;
