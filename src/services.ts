@@ -131,7 +131,12 @@ export function createServices(deps: ServicesDeps) {
     alg: config.signingAlg,
     maxAccessTtl: config.tokens.maxAccessTtl,
   });
-  const revocations = createRevocationList({ repo: repos.revocations, clock, logger });
+  const revocations = createRevocationList({
+    repo: repos.revocations,
+    clock,
+    logger,
+    maxAccessTtl: config.tokens.maxAccessTtl,
+  });
   const audience = config.issuer;
   const signer = createSigner({
     onThreadFailure: (err) =>
@@ -172,7 +177,6 @@ export function createServices(deps: ServicesDeps) {
       refreshIdle: config.tokens.refreshIdleTtl,
       refreshAbsolute: config.tokens.refreshAbsoluteTtl,
       reuseGrace: config.tokens.reuseGraceSeconds,
-      maxAccess: config.tokens.maxAccessTtl,
     },
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
   });
@@ -186,7 +190,6 @@ export function createServices(deps: ServicesDeps) {
     events,
     clock,
     failures,
-    maxAccessTtl: config.tokens.maxAccessTtl,
     logger,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
   });

@@ -76,8 +76,17 @@ export const decidedOnHeldNow = (method: string, heldNow: boolean | undefined) =
   heldNow !== false && !READ_METHODS.has(method);
 
 const WWW_AUTHENTICATE_INVALID = 'Bearer realm="paservices", error="invalid_token"';
-const WWW_AUTHENTICATE_MISSING = 'Bearer realm="paservices"';
+/** The challenge without an error code: no credential, or one of another scheme (RFC 6750 §3.1). */
+export const BEARER_CHALLENGE = 'Bearer realm="paservices"';
+const WWW_AUTHENTICATE_MISSING = BEARER_CHALLENGE;
 const WWW_AUTHENTICATE_INVALID_REQUEST = 'Bearer realm="paservices", error="invalid_request"';
+
+/**
+ * The challenge of a bearer credential that lacks a permission (RFC 6750 §3, §3.1): `scope` names the
+ * permissions that would do, space-separated (where a route takes any one of several, each is one).
+ */
+export const insufficientScope = (permissions: readonly string[]) =>
+  `${BEARER_CHALLENGE}, error="insufficient_scope", scope="${permissions.join(' ')}"`;
 
 export function principalFromClaims(claims: AccessTokenClaims): Principal {
   const permissions = claims.scope ? claims.scope.split(' ').filter(Boolean) : [];
@@ -128,7 +137,22 @@ export function sentApiKey(request: FastifyRequest): boolean {
   return typeof apiKey === 'string' ? apiKey.length > 0 : apiKey !== undefined;
 }
 
-/** Why a request that sent a credential header has no credential by `credentialOf`, or undefined. */
+/** `Authorization: Bearer…` by its scheme, whatever follows (RFC 9110 §11.1: case-insensitive). */
+const BEARER_SCHEME = /^Bearer(?:\s|$)/i;
+
+/** The 401 of a request without authentication information: RFC 6750 §3.1, a challenge with no error. */
+const authenticationRequired = (detail: string) =>
+  new AppError('authentication_required', {
+    detail,
+    headers: { 'www-authenticate': WWW_AUTHENTICATE_MISSING },
+  });
+
+/**
+ * Why a request that sent a credential header has no credential by `credentialOf`, or undefined.
+ * RFC 6750 §3.1: an Authorization header of another scheme (or an empty one) is no authentication
+ * information for this service — a 401 whose challenge carries no error code; the Bearer scheme with
+ * no token, or more than one, is a malformed request — 400 `invalid_request`.
+ */
 function refusal(request: FastifyRequest): AppError | undefined {
   const hasApiKey = sentApiKey(request);
   if (hasApiKey && request.headers.authorization !== undefined) {
@@ -143,13 +167,17 @@ function refusal(request: FastifyRequest): AppError | undefined {
       headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
     });
   }
-  if (request.headers.authorization !== undefined) {
-    return new AppError('invalid_token', {
-      detail: 'Use the Authorization: Bearer scheme',
-      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+  const authorization = request.headers.authorization;
+  if (authorization === undefined) return undefined;
+  if (BEARER_SCHEME.test(authorization)) {
+    return new AppError('bad_request', {
+      detail: 'Authorization: Bearer carries one token: Bearer <token> (RFC 6750 §2.1)',
+      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID_REQUEST },
     });
   }
-  return undefined;
+  return authenticationRequired(
+    'Authorization uses a scheme this service does not take: send Authorization: Bearer <token>, or X-API-Key',
+  );
 }
 
 /**
@@ -231,13 +259,23 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   /** Resolves the principal for routes that authenticate optionally (e.g. /oauth). */
   app.decorate('resolvePrincipal', resolve);
 
+  /**
+   * The 403 of a credential lacking the route's permission (`anyOf`: any one of them will do). A
+   * bearer credential (an access token, or an API key sent as `Authorization: Bearer`) gets the
+   * RFC 6750 §3.1 challenge naming what it lacks; `X-API-Key` is no HTTP authentication scheme, so
+   * it gets none, and the problem's `detail` names the permission.
+   */
   async function refuse(
     request: FastifyRequest,
-    needed: string,
+    anyOf: readonly string[],
     detail: string,
     reason?: string,
   ): Promise<never> {
-    const refusal = new AppError('forbidden', { detail });
+    const needed = anyOf.join(' or ');
+    const refusal = new AppError('forbidden', {
+      detail,
+      headers: sentApiKey(request) ? {} : { 'www-authenticate': insufficientScope(anyOf) },
+    });
     if (options.onForbidden) {
       await options.onForbidden(request, needed, reason);
       refusal.audited = true;
@@ -252,10 +290,9 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
   ): Promise<void> {
     const principal = await resolve(request);
     if (!principal) {
-      throw new AppError('authentication_required', {
-        detail: 'Send an access token or API key: Authorization: Bearer <token>, or X-API-Key',
-        headers: { 'www-authenticate': WWW_AUTHENTICATE_MISSING },
-      });
+      throw authenticationRequired(
+        'Send an access token or API key: Authorization: Bearer <token>, or X-API-Key',
+      );
     }
     request.principal = principal;
     if (anyOf.length === 0) {
@@ -265,7 +302,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     }
     const needed = anyOf.join(' or ');
     if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
-      await refuse(request, needed, `This needs the permission ${needed}`);
+      await refuse(request, anyOf, `This needs the permission ${needed}`);
     }
     // An access token keeps its permissions until it expires (15 minutes at most), and an API key
     // its scopes while its owner's roles change: a change is decided on what is held now, and the
@@ -284,7 +321,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       if (!anyOf.some((p) => hasPermission(now, p))) {
         await refuse(
           request,
-          needed,
+          anyOf,
           `This needs the permission ${needed}, which has been taken away since this credential was issued`,
           'no_longer_held',
         );

@@ -198,6 +198,74 @@ function withRetryAfter<T>(document: T): T {
   return document;
 }
 
+type SecuredOperation = {
+  security?: Array<Record<string, unknown>>;
+  responses?: Record<string, ResponseObject & { headers?: object }>;
+};
+
+/** What the `WWW-Authenticate` of an operation's answer says, when it sends one. */
+function challengeOf(path: string, status: string, schemes: Set<string>): string | undefined {
+  const bearer = schemes.has('bearerAuth');
+  const basic = schemes.has('clientBasic');
+  if (status === '401' && bearer && basic) {
+    return (
+      '`Basic realm="paservices", Bearer realm="paservices"` when no caller authenticated, or with a ' +
+      'scheme that is neither; `Basic realm="paservices"` for a client whose authentication failed ' +
+      '(RFC 6749 §5.2); `Bearer realm="paservices", error="invalid_token"` for a bearer credential that ' +
+      'does not verify (RFC 6750 §3)' +
+      (path === '/oauth/introspect'
+        ? ', and `Bearer realm="paservices", error="insufficient_scope", scope="tokens:introspect"` for ' +
+          'one that lacks that permission (RFC 7662 §2.3)'
+        : '')
+    );
+  }
+  if (status === '401' && basic) return '`Basic realm="paservices"`, with `invalid_client` (RFC 6749 §5.2)';
+  if (status === '401' && bearer) {
+    return (
+      '`Bearer realm="paservices"` (RFC 6750 §3): with `error="invalid_token"` when the credential sent ' +
+      'does not verify, has expired or was revoked; without an error code when none was sent, or an ' +
+      '`Authorization` header of another scheme (§3.1)'
+    );
+  }
+  if (status === '400' && bearer) {
+    return (
+      '`Bearer realm="paservices", error="invalid_request"` when `Authorization: Bearer` carries no ' +
+      'single token, or is sent with X-API-Key (RFC 6750 §3.1)'
+    );
+  }
+  if (status === '403' && bearer && !path.startsWith('/oauth/')) {
+    return (
+      '`Bearer realm="paservices", error="insufficient_scope", scope="<permission>"` naming the ' +
+      'permission this needs, when the credential was sent as `Authorization: Bearer` (RFC 6750 §3.1); ' +
+      'no challenge for X-API-Key'
+    );
+  }
+  return undefined;
+}
+
+/**
+ * `WWW-Authenticate` where it is sent: on the 401 of every operation that takes credentials, on the
+ * 400 of a malformed Bearer header, and on the 403 of a bearer credential lacking the permission.
+ */
+function withWwwAuthenticate<T>(document: T): T {
+  const doc = document as { paths?: Record<string, Record<string, SecuredOperation>> };
+  for (const [path, item] of Object.entries(doc.paths ?? {})) {
+    for (const operation of Object.values(item)) {
+      const schemes = new Set((operation.security ?? []).flatMap((requirement) => Object.keys(requirement)));
+      if (schemes.size === 0) continue;
+      for (const [status, response] of Object.entries(operation.responses ?? {})) {
+        const description = challengeOf(path, status, schemes);
+        if (description === undefined) continue;
+        response.headers = {
+          ...response.headers,
+          'WWW-Authenticate': { description, schema: { type: 'string' } },
+        };
+      }
+    }
+  }
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -249,9 +317,11 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     transform: jsonSchemaTransform,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
     transformObject: (input) =>
-      withRetryAfter(
-        withProblemMediaType(
-          withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+      withWwwAuthenticate(
+        withRetryAfter(
+          withProblemMediaType(
+            withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+          ),
         ),
       ),
   });

@@ -16,13 +16,36 @@ import type {
   preHandlerAsyncHookHandler,
 } from 'fastify';
 import fp from 'fastify-plugin';
-import { createRemoteJWKSet, customFetch, errors as joseErrors, type JWTPayload, jwtVerify } from 'jose';
+import {
+  type CryptoKey,
+  createLocalJWKSet,
+  createRemoteJWKSet,
+  customFetch,
+  type ExportedJWKSCache,
+  type JWKSCacheInput,
+  type JWSHeaderParameters,
+  type JWTPayload,
+  errors as joseErrors,
+  jwksCache,
+  jwtVerify,
+} from 'jose';
 
 /** The algorithms the auth service signs with; nothing else (never `none`, never HS*) is accepted. */
 export const SUPPORTED_ALGORITHMS = ['ES256', 'EdDSA'] as const;
 export type Algorithm = (typeof SUPPORTED_ALGORITHMS)[number];
 /** RFC 8725 and the service's own rule: at most 30 s of clock leeway. */
 export const MAX_CLOCK_TOLERANCE_SECONDS = 30;
+
+/**
+ * How long after it was fetched the last good key set keeps verifying while refetching it fails (an
+ * answer that is not 200, a body that is not a key set, a timeout, no connection): one hour. The
+ * service publishes a new key 10 minutes before it signs with it and keeps a retired key published
+ * until its tokens have expired, so a brief outage of the JWKS costs nothing; past the hour the
+ * verifier answers 503.
+ */
+export const STALE_KEYS_MAX_AGE_MS = 60 * 60_000;
+/** After a failed refetch, the last good key set is used without asking again for this long. */
+const REFETCH_BACKOFF_MS = 30_000;
 
 /** A fetch: the global one, or any compatible implementation (a proxy-aware one, a test double). */
 export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>;
@@ -100,6 +123,21 @@ export function hasPermission(claims: Pick<AccessTokenClaims, 'permissions'>, re
 
 const MAX_TOKEN_LENGTH = 8192;
 
+/**
+ * Whether jose failed for want of the keys rather than over the token: the JWKS request timed out or
+ * failed (no connection: not a JOSEError), answered other than 200 or with a body that is not JSON
+ * (a plain JOSEError, ERR_JOSE_GENERIC — a load balancer's 502 page), or with JSON that is not a key
+ * set (JWKSInvalid). Each is the auth service unreachable for its keys, a 503; never the token's fault.
+ */
+function keysUnavailable(err: unknown): boolean {
+  if (!(err instanceof joseErrors.JOSEError)) return true;
+  return (
+    err instanceof joseErrors.JWKSTimeout ||
+    err instanceof joseErrors.JWKSInvalid ||
+    err.code === joseErrors.JOSEError.code
+  );
+}
+
 export function createVerifier(options: VerifierOptions): Verifier {
   const algorithms = options.algorithms ?? [...SUPPORTED_ALGORITHMS];
   if (
@@ -124,9 +162,10 @@ export function createVerifier(options: VerifierOptions): Verifier {
   const fetchImpl: FetchLike = options.fetch ?? ((input, init) => fetch(input, init));
   const timeoutMs = options.timeoutMs ?? 5000;
 
+  type KeyResolver = (header: JWSHeaderParameters) => Promise<CryptoKey>;
   type Discovered = {
     metadata: Awaited<ReturnType<Verifier['metadata']>>;
-    jwks: ReturnType<typeof createRemoteJWKSet>;
+    jwks: KeyResolver;
   };
   let discovery: Promise<Discovered> | undefined;
 
@@ -158,14 +197,59 @@ export function createVerifier(options: VerifierOptions): Verifier {
     if (jwksUrl.protocol !== 'https:' && new URL(options.issuer).protocol === 'https:') {
       throw new VerifierUnavailableError('The jwks_uri of an https issuer must be https');
     }
-    const jwks = createRemoteJWKSet(jwksUrl, {
+    // jose records every successful fetch here (the key set and when it came), and only then.
+    const lastGood: JWKSCacheInput = {};
+    const remote = createRemoteJWKSet(jwksUrl, {
       timeoutDuration: timeoutMs,
       // The service publishes a new key long before it signs with it, and keeps retired keys published.
       cacheMaxAge: 10 * 60_000,
       cooldownDuration: 30_000,
       [customFetch]: (input, init) => fetchImpl(input, init),
+      [jwksCache]: lastGood,
     });
-    return { metadata: metadata as Discovered['metadata'], jwks };
+    return { metadata: metadata as Discovered['metadata'], jwks: withLastGoodKeys(remote, lastGood) };
+  }
+
+  /**
+   * jose's remote key set, which fails every verification while a refetch fails (its cache past
+   * `cacheMaxAge`, or an unknown `kid`), falling back on the last key set it fetched, for up to
+   * STALE_KEYS_MAX_AGE_MS after that fetch. A `kid` the last good set does not hold stays unanswerable
+   * while the keys cannot be fetched (it may be a key published since): the fetch's failure, a 503.
+   */
+  function withLastGoodKeys(remote: ReturnType<typeof createRemoteJWKSet>, cache: JWKSCacheInput) {
+    let stale: { uat: number; keys: ReturnType<typeof createLocalJWKSet> } | undefined;
+    let failed: { at: number; error: unknown } | undefined;
+    const lastGoodKeys = () => {
+      const { uat, jwks } = cache as Partial<ExportedJWKSCache>;
+      if (uat === undefined || jwks === undefined || Date.now() - uat > STALE_KEYS_MAX_AGE_MS)
+        return undefined;
+      if (stale?.uat !== uat) stale = { uat, keys: createLocalJWKSet(jwks) };
+      return stale.keys;
+    };
+    const fromLastGood = async (header: JWSHeaderParameters, cause: unknown) => {
+      const keys = lastGoodKeys();
+      if (!keys) throw cause;
+      try {
+        return await keys(header);
+      } catch (err) {
+        throw err instanceof joseErrors.JWKSNoMatchingKey ? cause : err;
+      }
+    };
+    return async (header: JWSHeaderParameters): Promise<CryptoKey> => {
+      // Right after a failed refetch, the next requests do not each wait for another one.
+      if (failed && Date.now() - failed.at < REFETCH_BACKOFF_MS && !remote.fresh && lastGoodKeys()) {
+        return fromLastGood(header, failed.error);
+      }
+      try {
+        const key = await remote(header);
+        failed = undefined;
+        return key;
+      } catch (err) {
+        if (!keysUnavailable(err)) throw err;
+        failed = { at: Date.now(), error: err };
+        return fromLastGood(header, err);
+      }
+    };
   }
 
   function discovered(): Promise<Discovered> {
@@ -216,7 +300,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
         return toClaims(payload);
       } catch (err) {
         if (err instanceof InvalidTokenError) throw err;
-        if (err instanceof joseErrors.JWKSTimeout || !(err instanceof joseErrors.JOSEError)) {
+        if (keysUnavailable(err)) {
           throw new VerifierUnavailableError('Could not fetch the auth service’s keys', { cause: err });
         }
         const expired = err instanceof joseErrors.JWTExpired;
@@ -244,7 +328,12 @@ interface VerifierState {
 }
 
 const STATE = Symbol.for('paservices.verifier');
-const BEARER = /^Bearer[ \t]+([A-Za-z0-9\-._~+/]+=*)[ \t]*$/i;
+/** `Authorization: Bearer…` by its scheme, whatever follows. */
+const BEARER_SCHEME = /^Bearer(?:[ \t]|$)/i;
+/** The Bearer scheme with one token. */
+const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
+/** RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=". */
+const B64TOKEN = /^[A-Za-z0-9\-._~+/]+=*$/;
 
 function problem(reply: FastifyReply, status: number, code: string, title: string, detail: string) {
   return reply
@@ -261,14 +350,18 @@ function stateOf(request: FastifyRequest): VerifierState {
 }
 
 /**
- * Authenticates the request (once) and checks each permission; answers 401 with a Bearer challenge,
- * 403 with `insufficient_scope`, or 503 when the auth service's keys cannot be fetched.
+ * Authenticates the request (once) and checks each permission; answers 401 with a Bearer challenge
+ * (no error code without Bearer credentials, `invalid_token` for a bad token), 400 `invalid_request`
+ * for a Bearer header without one token, 403 with `insufficient_scope`, or 503 when the auth
+ * service's keys cannot be fetched.
  */
 async function guard(request: FastifyRequest, reply: FastifyReply, permissions: string[]) {
   const { verifier, realm } = stateOf(request);
   if (!request.auth) {
     const header = request.headers.authorization;
-    if (header === undefined) {
+    // RFC 6750 §3.1: no authentication information — no header, or one of another scheme — is a
+    // challenge without an error code; a Bearer header without one token is a malformed request.
+    if (header === undefined || !BEARER_SCHEME.test(header)) {
       reply.header('www-authenticate', `Bearer realm="${realm}"`);
       return problem(
         reply,
@@ -279,8 +372,18 @@ async function guard(request: FastifyRequest, reply: FastifyReply, permissions: 
       );
     }
     const token = BEARER.exec(header)?.[1];
+    if (token === undefined) {
+      reply.header('www-authenticate', `Bearer realm="${realm}", error="invalid_request"`);
+      return problem(
+        reply,
+        400,
+        'invalid_request',
+        'Bad Request',
+        'Authorization: Bearer carries one token: Bearer <token>',
+      );
+    }
     try {
-      if (!token) throw new InvalidTokenError('Use the Authorization: Bearer scheme');
+      if (!B64TOKEN.test(token)) throw new InvalidTokenError('The access token is malformed');
       request.auth = await verifier.verify(token);
     } catch (err) {
       if (err instanceof InvalidTokenError) {

@@ -132,6 +132,37 @@ describe('the OpenAPI document', () => {
     expect(declared.filter((d) => d.startsWith('GET /health/'))).toEqual([]);
   });
 
+  it('declares WWW-Authenticate on every 401 of an operation that takes credentials, and on a bearer credential’s 400 and 403', () => {
+    const missing: string[] = [];
+    const declared = new Map<string, string>();
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const [method, operation] of Object.entries(item)) {
+        const { security = [], responses = {} } = operation as {
+          security?: Array<Record<string, unknown>>;
+          responses?: Record<string, { headers?: Record<string, { description?: string }> }>;
+        };
+        const schemes = new Set(security.flatMap((s) => Object.keys(s)));
+        for (const [status, response] of Object.entries(responses)) {
+          const header = response.headers?.['WWW-Authenticate'];
+          const label = `${method.toUpperCase()} ${path} ${status}`;
+          if (header?.description) declared.set(label, header.description);
+          const expected =
+            (status === '401' && schemes.size > 0) ||
+            (status === '403' && schemes.has('bearerAuth') && !path.startsWith('/oauth/'));
+          if (expected && !header) missing.push(label);
+        }
+      }
+    }
+    expect(missing).toEqual([]);
+    expect(declared.get('GET /v1/users 403')).toMatch(/insufficient_scope/);
+    expect(declared.get('GET /v1/users 401')).toMatch(/invalid_token/);
+    expect(declared.get('GET /v1/users 400')).toMatch(/invalid_request/);
+    expect(declared.get('POST /oauth/introspect 401')).toMatch(/scope="tokens:introspect"/);
+    expect(declared.get('POST /oauth/token 401')).toMatch(/^`Basic/);
+    // Public operations send none.
+    expect([...declared.keys()].filter((k) => k.startsWith('POST /v1/auth/login '))).toEqual([]);
+  });
+
   it('describes every response (no "Default Response")', () => {
     const undescribed: string[] = [];
     for (const [path, item] of Object.entries(doc.paths)) {

@@ -370,6 +370,54 @@ describe('POST /oauth/token', () => {
     expect(res.json().scope).toBe('audit:read users:read');
   });
 
+  it('refuses a scope that is present but not scope tokens separated by single spaces (RFC 6749 §3.3)', async () => {
+    const malformed = [
+      ' ',
+      '   ',
+      '\t',
+      ' users:read',
+      'users:read ',
+      'users:read  audit:read',
+      'users:read\taudit:read',
+      'users:read\naudit:read',
+      'users:"read"',
+      'users:read\\',
+      'users:réad',
+    ];
+    for (const scope of malformed) {
+      const res = await token({ grant_type: 'client_credentials', scope }, asClient());
+      expect(res.statusCode, JSON.stringify(scope)).toBe(400);
+      expect(res.json().error, JSON.stringify(scope)).toBe('invalid_scope');
+    }
+    // Percent-encoded on the wire, as a client sends `scope=%20`.
+    const encoded = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+      payload: 'grant_type=client_credentials&scope=%20',
+    });
+    expect(encoded.statusCode, encoded.body).toBe(400);
+    expect(encoded.json().error).toBe('invalid_scope');
+    const json = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json', ...asClient() },
+      payload: { grant_type: 'client_credentials', scope: ' ' },
+    });
+    expect(json.statusCode, json.body).toBe(400);
+    expect(json.json().error).toBe('invalid_scope');
+    // Well-formed: one token, several, a token repeated (the same scope, once).
+    for (const [scope, granted] of [
+      ['users:read', 'users:read'],
+      ['users:read audit:read', 'users:read audit:read'],
+      ['audit:read audit:read', 'audit:read'],
+    ] as const) {
+      const res = await token({ grant_type: 'client_credentials', scope }, asClient());
+      expect(res.statusCode, scope).toBe(200);
+      expect(res.json().scope, scope).toBe(granted);
+    }
+  });
+
   it('never accepts credentials in the URL', async () => {
     const res = await app.inject({
       method: 'POST',
@@ -413,6 +461,48 @@ describe('POST /oauth/token', () => {
     });
     expect(introspection.statusCode).toBe(400);
     expect(introspection.json().error_description).toMatch(/token is repeated/);
+  });
+
+  it('ignores a parameter it does not recognise even when repeated (RFC 6749 §3.2), on every endpoint', async () => {
+    const post = (url: string, payload: string, headers: Record<string, string> = asClient()) =>
+      app.inject({
+        method: 'POST',
+        url,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...headers },
+        payload,
+      });
+    const issued = await post('/oauth/token', 'grant_type=client_credentials&foo=bar&foo=baz&x=%201&x=2');
+    expect(issued.statusCode, issued.body).toBe(200);
+    expect(issued.json().scope).toBe('audit:read users:read');
+    const json = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/json', ...asClient() },
+      payload: { grant_type: 'client_credentials', foo: ['bar', 'baz'] },
+    });
+    expect(json.statusCode, json.body).toBe(200);
+    const accessToken = issued.json().access_token as string;
+    // What another endpoint recognises is unrecognised here: grant_type means nothing to introspection.
+    const introspection = await post(
+      '/oauth/introspect',
+      `token=${accessToken}&foo=1&foo=2&grant_type=a&grant_type=b`,
+    );
+    expect(introspection.statusCode, introspection.body).toBe(200);
+    expect(introspection.json()).toMatchObject({ active: true, client_id: client.client_id });
+    const revocation = await post('/oauth/revoke', `token=${accessToken}&foo=1&foo=2&scope=a&scope=b`);
+    expect(revocation.statusCode, revocation.body).toBe(200);
+    expect((await post('/oauth/introspect', `token=${accessToken}`)).json()).toEqual({ active: false });
+    // A recognised one repeated is still refused, on each endpoint.
+    for (const [url, payload] of [
+      ['/oauth/token', 'grant_type=client_credentials&foo=1&foo=2&scope=users%3Aread&scope=audit%3Aread'],
+      ['/oauth/introspect', `token=${accessToken}&token_type_hint=a&token_type_hint=b`],
+      ['/oauth/revoke', `token=${accessToken}&token=${accessToken}`],
+    ] as const) {
+      const res = await post(url, payload);
+      expect(res.statusCode, `${url} ${payload}`).toBe(400);
+      expect(res.json().error).toBe('invalid_request');
+      expect(res.json().error_description).toMatch(/is repeated/);
+    }
   });
 
   it('refuses malformed bodies with invalid_request and unknown /oauth paths in OAuth form', async () => {
@@ -475,7 +565,17 @@ describe('POST /oauth/token', () => {
     const user = await registerUser(app, 'oauth-scope');
     // Beyond the grant (users:write), malformed, or a wildcard wider than the grant: invalid_scope,
     // and nothing changes — the refresh token is not rotated and stays good.
-    for (const scope of ['users:write', 'account:read users:write', 'account:*', 'bad\\scope']) {
+    for (const scope of [
+      'users:write',
+      'account:read users:write',
+      'account:*',
+      'bad\\scope',
+      // Present but no scope token, or not separated by single spaces: malformed, not "no scope".
+      ' ',
+      'account:read  account:write',
+      ' account:read',
+      'account:read ',
+    ]) {
       const wider = await token({ grant_type: 'refresh_token', refresh_token: user.refreshToken, scope });
       expect(wider.statusCode, scope).toBe(400);
       expect(wider.json().error, scope).toBe('invalid_scope');
@@ -700,7 +800,7 @@ describe('POST /oauth/introspect', () => {
     expect(await introspect(app, key, as(mine))).toEqual({ active: false });
   });
 
-  it('needs an authenticated caller: 401 invalid_client without one, 403 for a bearer lacking the permission', async () => {
+  it('needs an authenticated caller: 401 invalid_client without one, 401 insufficient_scope for a bearer lacking the permission', async () => {
     const own = await clientToken(app, mine);
     const anonymous = await form(app, '/oauth/introspect', { token: own.access_token });
     expect(anonymous.statusCode).toBe(401);
@@ -715,8 +815,12 @@ describe('POST /oauth/introspect', () => {
     expect(wrong.statusCode).toBe(401);
     const user = await registerUser(app, 'nosy');
     const nosy = await form(app, '/oauth/introspect', { token: own.access_token }, bearer(user.accessToken));
-    expect(nosy.statusCode).toBe(403);
+    // RFC 7662 §2.3: 401 as in RFC 6750 §3, with the challenge naming the permission.
+    expect(nosy.statusCode).toBe(401);
     expect(nosy.json().error).toBe('insufficient_scope');
+    expect(nosy.headers['www-authenticate']).toBe(
+      'Bearer realm="paservices", error="insufficient_scope", scope="tokens:introspect"',
+    );
     const badBearer = await form(
       app,
       '/oauth/introspect',

@@ -1,12 +1,14 @@
 import Fastify, { type FastifyInstance } from 'fastify';
 import { generateKeyPair, SignJWT } from 'jose';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import {
   type AccessTokenClaims,
   createVerifier,
+  type FetchLike,
   fastifyVerifier,
   InvalidTokenError,
   requirePermission,
+  STALE_KEYS_MAX_AGE_MS,
   VerifierUnavailableError,
 } from '../../src/verifier/index.js';
 import {
@@ -117,10 +119,35 @@ describe('the bundled verifier', () => {
       expect(res.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_token"');
       expect(res.json().code).toBe('invalid_token');
     }
-    const notBearer = await call('/orders', {
-      authorization: `Basic ${Buffer.from('a:b').toString('base64')}`,
-    });
-    expect(notBearer.statusCode).toBe(401);
+    // A token outside RFC 6750's b64token syntax is a token, and not a valid one.
+    const oddToken = await call('/orders', { authorization: 'Bearer a!b' });
+    expect(oddToken.statusCode).toBe(401);
+    expect(oddToken.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_token"');
+  });
+
+  it('challenges a request without Bearer credentials without an error code, and a malformed Bearer header with invalid_request (RFC 6750 §3.1)', async () => {
+    // Another scheme, or an empty header: no authentication information, so no error code.
+    for (const authorization of [
+      `Basic ${Buffer.from('a:b').toString('base64')}`,
+      'Negotiate abc',
+      'Bearerx y',
+      '',
+    ]) {
+      const res = await call('/orders', { authorization });
+      expect(res.statusCode, authorization).toBe(401);
+      expect(res.headers['www-authenticate'], authorization).toBe('Bearer realm="api"');
+      expect(res.json(), authorization).toMatchObject({ status: 401, code: 'authentication_required' });
+    }
+    // The Bearer scheme without one token: a malformed request.
+    for (const authorization of ['Bearer', 'Bearer ', 'bearer \t', 'Bearer a b']) {
+      const res = await call('/orders', { authorization });
+      expect(res.statusCode, authorization).toBe(400);
+      expect(res.headers['www-authenticate'], authorization).toBe(
+        'Bearer realm="api", error="invalid_request"',
+      );
+      expect(res.headers['content-type']).toContain('application/problem+json');
+      expect(res.json(), authorization).toMatchObject({ status: 400, code: 'invalid_request' });
+    }
   });
 
   it('refuses an expired token', async () => {
@@ -200,6 +227,118 @@ describe('the bundled verifier', () => {
     expect(res.statusCode).toBe(503);
     expect(res.headers['retry-after']).toBe('5');
     await service.close();
+  });
+
+  describe('when the JWKS cannot be fetched', () => {
+    // What a load balancer or a broken deployment answers for the key set instead of the keys.
+    const failures: Array<[string, () => Response]> = [
+      [
+        '502 with an HTML page',
+        () =>
+          new Response('<html><body><h1>502 Bad Gateway</h1></body></html>', {
+            status: 502,
+            headers: { 'content-type': 'text/html' },
+          }),
+      ],
+      ['503 with no body', () => new Response(null, { status: 503 })],
+      [
+        '200 with a body that is not JSON',
+        () =>
+          new Response('<html>maintenance</html>', { status: 200, headers: { 'content-type': 'text/html' } }),
+      ],
+      [
+        '200 with JSON that is not a key set',
+        () =>
+          new Response('{"error":"upstream"}', {
+            status: 200,
+            headers: { 'content-type': 'application/json' },
+          }),
+      ],
+    ];
+    const JWKS_PATH = '/.well-known/jwks.json';
+    /** The auth service, except that the JWKS answers `broken()` whenever one is set. */
+    const flaky = () => {
+      const state: { broken: (() => Response) | undefined; jwksRequests: number } = {
+        broken: undefined,
+        jwksRequests: 0,
+      };
+      const real = injectFetch(auth);
+      const fetch: FetchLike = async (input, init) => {
+        if (new URL(input).pathname === JWKS_PATH) {
+          state.jwksRequests++;
+          if (state.broken) return state.broken();
+        }
+        return real(input, init);
+      };
+      return { state, fetch };
+    };
+    afterEach(() => {
+      vi.restoreAllMocks();
+    });
+
+    it.each(failures)(
+      'never fetched: %s is a 503 (VerifierUnavailableError), not an invalid token',
+      async (_label, answer) => {
+        const { state, fetch } = flaky();
+        state.broken = answer;
+        const verifier = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch });
+        const { access_token } = await clientToken(auth, reader);
+        await expect(verifier.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
+
+        const service = Fastify();
+        await service.register(fastifyVerifier, { verifier });
+        service.get('/x', { onRequest: requirePermission('users:read') }, async () => ({ ok: true }));
+        const res = await service.inject({ method: 'GET', url: '/x', headers: bearer(access_token) });
+        expect(res.statusCode, res.body).toBe(503);
+        expect(res.headers['www-authenticate']).toBeUndefined();
+        expect(res.json()).toMatchObject({ status: 503, code: 'verifier_unavailable' });
+        await service.close();
+
+        // Once the keys can be fetched again, the same token verifies.
+        state.broken = undefined;
+        expect((await verifier.verify(access_token)).sub).toBe(reader.client_id);
+      },
+    );
+
+    it.each(failures)(
+      'fetched before: a refetch answered %s keeps verifying with the last good keys',
+      async (_label, answer) => {
+        const long = await createClient(auth, admin.accessToken, {
+          scopes: ['users:read'],
+          audiences: [ORDERS],
+          access_token_ttl: 3 * 3600,
+        });
+        const { state, fetch } = flaky();
+        const verifier = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch });
+        const { access_token } = await clientToken(auth, long);
+        expect((await verifier.verify(access_token)).sub).toBe(long.client_id);
+        expect(state.jwksRequests).toBe(1);
+
+        // Past jose's 10-minute cache: the next verification refetches, and the refetch fails.
+        state.broken = answer;
+        const start = Date.now();
+        const now = vi.spyOn(Date, 'now').mockReturnValue(start + 11 * 60_000);
+        expect((await verifier.verify(access_token)).sub).toBe(long.client_id);
+        expect(state.jwksRequests).toBe(2);
+        // Within the backoff, no request waits for another refetch.
+        expect((await verifier.verify(access_token)).sub).toBe(long.client_id);
+        expect(state.jwksRequests).toBe(2);
+        // A kid the last good set does not know cannot be decided while the keys cannot be fetched.
+        const unknownKid = `${Buffer.from(JSON.stringify({ alg: 'ES256', typ: 'at+jwt', kid: 'not-yet-seen' })).toString('base64url')}.${access_token.split('.').slice(1).join('.')}`;
+        await expect(verifier.verify(unknownKid)).rejects.toBeInstanceOf(VerifierUnavailableError);
+
+        // After the backoff it asks again; the keys are back, and are used.
+        now.mockReturnValue(start + 12 * 60_000);
+        state.broken = undefined;
+        expect((await verifier.verify(access_token)).sub).toBe(long.client_id);
+        expect(state.jwksRequests).toBeGreaterThanOrEqual(3);
+
+        // The last good keys are not used for ever: past STALE_KEYS_MAX_AGE_MS after their fetch, 503.
+        state.broken = answer;
+        now.mockReturnValue(start + 12 * 60_000 + STALE_KEYS_MAX_AGE_MS + 60_000);
+        await expect(verifier.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
+      },
+    );
   });
 
   it('pins its options: ES256/EdDSA only, at most 30 s of leeway, an audience', () => {

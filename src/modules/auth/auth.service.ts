@@ -1,7 +1,7 @@
 import type { Database } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
-import { addSeconds, type Clock } from '../../lib/clock.js';
+import type { Clock } from '../../lib/clock.js';
 import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { FailureCounter } from '../../lib/throttle.js';
@@ -21,7 +21,6 @@ export interface AuthServiceDeps {
   events: EventBus;
   clock: Clock;
   failures: FailureCounter;
-  maxAccessTtl: number;
   logger?: Pick<Logger, 'warn' | 'info'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
 }
@@ -447,7 +446,7 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     /** Revokes every token a user holds, on every instance (disable, delete). */
     subjectRevocation: (tx: Parameters<RevocationList['revoke']>[0], userId: string) =>
-      deps.revocations.revoke(tx, 'subject', userId, addSeconds(deps.clock.now(), deps.maxAccessTtl)),
+      deps.revocations.revoke(tx, 'subject', userId),
   };
 }
 

@@ -41,7 +41,6 @@ export interface SessionsServiceDeps {
     refreshIdle: number;
     refreshAbsolute: number;
     reuseGrace: number;
-    maxAccess: number;
   };
   onIssued?: (grant: string) => void;
 }
@@ -85,8 +84,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
 
   /** Events that revoke every token of these sessions on every instance. */
   async function revocationEvents(tx: Executor, sessionIds: string[]): Promise<AuthEvent[]> {
-    const until = addSeconds(deps.clock.now(), deps.ttl.maxAccess);
-    return deps.revocations.revokeAll(tx, 'session', sessionIds, until);
+    return deps.revocations.revokeAll(tx, 'session', sessionIds);
   }
 
   async function accessTokenFor(user: UserRow, sessionId: string, held?: Held) {

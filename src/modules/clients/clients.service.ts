@@ -168,7 +168,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
   /** Every token the client holds stops working on every instance (disable, delete). */
   function revokeTokensOf(tx: Parameters<RevocationList['revoke']>[0], clientId: string) {
-    return deps.revocations.revoke(tx, 'subject', clientId, addSeconds(deps.clock.now(), deps.maxAccessTtl));
+    return deps.revocations.revoke(tx, 'subject', clientId);
   }
 
   const findCached = (clientId: string) => cache.get(clientId);

@@ -1,8 +1,8 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { AppError } from '../../lib/errors.js';
-import { clientAddress, requestContext, sentApiKey } from '../../plugins/authenticate.js';
+import { AppError, isAppError } from '../../lib/errors.js';
+import { BEARER_CHALLENGE, clientAddress, requestContext, sentApiKey } from '../../plugins/authenticate.js';
 import { NO_STORE_HEADERS } from '../../plugins/security-headers.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
@@ -10,6 +10,7 @@ import { BASIC_CHALLENGE, isBasicAuthorization, parseBasicCredentials } from './
 import {
   IntrospectBodySchema,
   IntrospectionSchema,
+  OAuthErrorSchema,
   oauthErrors,
   RevokeBodySchema,
   TokenBodySchema,
@@ -23,6 +24,27 @@ export interface OAuthRoutesDeps {
 
 /** Parameters that may legitimately repeat (RFC 8707 §2: several resources). */
 const MULTI_VALUED = new Set(['resource', 'audience']);
+
+/**
+ * RFC 6749 §3.1: a parameter the endpoint recognises must not be sent more than once, and §3.2: one it
+ * does not recognise is ignored, repeated or not. A preValidation hook for a route whose body is
+ * `schema`: it refuses a repeated parameter of that schema (a form field sent twice, or a JSON array)
+ * unless it is multi-valued, and lets every other name through to be ignored.
+ */
+function refuseRepeated(schema: z.ZodObject) {
+  const singleValued = new Set(Object.keys(schema.shape).filter((name) => !MULTI_VALUED.has(name)));
+  return (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void) => {
+    const body = request.body as Record<string, unknown> | null | undefined;
+    if (body && typeof body === 'object') {
+      for (const name of singleValued) {
+        if (Array.isArray(body[name])) {
+          return done(invalidRequest(`The parameter ${name} is repeated (RFC 6749 §3.1)`));
+        }
+      }
+    }
+    done();
+  };
+}
 /** Credentials never travel in a URL: it ends up in logs, history and Referer headers. */
 const CREDENTIAL_PARAMS = [
   'client_secret',
@@ -61,7 +83,8 @@ interface ClientParams {
 export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
-  // Synchronous, since these routes are on other services' hot path.
+  // Synchronous, since these routes are on other services' hot path; each route refuses its own
+  // repeated parameters after this (refuseRepeated).
   app.addHook('preValidation', (request, _reply, done) => {
     const query = request.query as Record<string, unknown> | undefined;
     // Most calls have no query string at all: the list is only made when one names a credential.
@@ -69,14 +92,6 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
       if (!CREDENTIAL_PARAM_SET.has(name)) continue;
       const inUrl = CREDENTIAL_PARAMS.filter((p) => Object.hasOwn(query, p));
       return done(invalidRequest(`Send ${inUrl.join(', ')} in the request body, never in the URL`));
-    }
-    const body = request.body;
-    if (body && typeof body === 'object') {
-      for (const name in body) {
-        if (Array.isArray((body as Record<string, unknown>)[name]) && !MULTI_VALUED.has(name)) {
-          return done(invalidRequest(`The parameter ${name.slice(0, 64)} is repeated (RFC 6749 §3.1)`));
-        }
-      }
     }
     done();
   });
@@ -94,7 +109,17 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
    * the first-party public client. More than one method at once is refused (§2.3).
    */
   async function principalCaller(request: FastifyRequest): Promise<OAuthCaller> {
-    const principal = await app.resolvePrincipal(request);
+    const principal = await app.resolvePrincipal(request).catch((err: unknown) => {
+      // An Authorization scheme that is neither Basic nor Bearer: no authentication this endpoint
+      // takes (RFC 6749 §5.2), and the challenges say which ones it does.
+      if (isAppError(err) && err.code === 'authentication_required') {
+        throw new AppError('invalid_client', {
+          detail: 'Authenticate the client with HTTP Basic, or send Authorization: Bearer <token>',
+          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, ${BEARER_CHALLENGE}` },
+        });
+      }
+      throw err;
+    });
     if (!principal) throw invalidClient('Authenticate the client or send a bearer token');
     request.principal = principal;
     return { kind: 'principal', principal };
@@ -166,6 +191,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     '/oauth/token',
     {
       config: { public: true },
+      preValidation: refuseRepeated(TokenBodySchema),
       ...(refreshRateLimit
         ? {
             preHandler: (request: FastifyRequest, reply: FastifyReply) =>
@@ -209,6 +235,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     '/oauth/introspect',
     {
       config: { public: true },
+      preValidation: refuseRepeated(IntrospectBodySchema),
       schema: {
         tags: ['oauth'],
         consumes: OAUTH_CONTENT_TYPES,
@@ -220,7 +247,14 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           'the caller’s to see answers `{"active": false}`.',
         security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }],
         body: IntrospectBodySchema,
-        response: { 200: IntrospectionSchema, ...oauthErrors(400, 401, 403, 413, 415, 429, 503) },
+        response: {
+          200: IntrospectionSchema,
+          ...oauthErrors(400, 401, 413, 415, 429, 503),
+          401: OAuthErrorSchema.describe(
+            '`invalid_client`: no caller, or client authentication failed; `invalid_token`: the bearer ' +
+              'credential does not verify; `insufficient_scope`: it lacks tokens:introspect (RFC 7662 §2.3)',
+          ),
+        },
       },
     },
     // Not async: a known client asking about a token this instance has verified is answered in the
@@ -236,6 +270,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     '/oauth/revoke',
     {
       config: { public: true },
+      preValidation: refuseRepeated(RevokeBodySchema),
       schema: {
         tags: ['oauth'],
         consumes: OAUTH_CONTENT_TYPES,

@@ -2,8 +2,8 @@ import { z } from 'zod';
 
 /*
  * Request bodies are form-encoded (or JSON) and deliberately not closed: RFC 6749 §3.2 requires the
- * server to ignore parameters it does not recognise. Repeated single-valued parameters are refused
- * before validation (oauth.routes.ts), as §3.1 requires.
+ * server to ignore parameters it does not recognise, repeated or not. Repeated single-valued
+ * parameters of these schemas are refused before validation (oauth.routes.ts), as §3.1 requires.
  */
 
 const ClientAuthFields = {
@@ -83,7 +83,6 @@ export const OAuthErrorSchema = z
 const OAUTH_ERROR_MEANINGS: Record<number, string> = {
   400: '`invalid_request`, `invalid_grant`, `invalid_scope` or `unsupported_grant_type`',
   401: '`invalid_client`: client authentication failed (`WWW-Authenticate: Basic` when Basic was used)',
-  403: 'Authenticated, but not allowed to introspect',
   413: '`invalid_request`: body over the size limit',
   415: '`invalid_request`: send application/x-www-form-urlencoded (or JSON)',
   429: '`temporarily_unavailable`: too many failed client authentications; see `Retry-After`',

@@ -7,7 +7,12 @@ import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, notHeld } from '../../lib/permissions.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
-import { API_KEY_PREFIX, type Principal } from '../../plugins/authenticate.js';
+import {
+  API_KEY_PREFIX,
+  BEARER_CHALLENGE,
+  insufficientScope,
+  type Principal,
+} from '../../plugins/authenticate.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
@@ -16,7 +21,6 @@ import { BASIC_CHALLENGE } from './oauth.client-auth.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import {
   type AccessTokenClaims,
-  CLOCK_TOLERANCE_SECONDS,
   FIRST_PARTY_CLIENT_ID,
   type TokenService,
 } from '../tokens/tokens.service.js';
@@ -122,8 +126,11 @@ export interface OAuthServiceDeps {
 }
 
 const INACTIVE: Introspection = sharedAnswer({ active: false });
-/** RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ). */
-const SCOPE_TOKEN = /^[\x21\x23-\x5b\x5d-\x7e]+$/;
+/**
+ * RFC 6749 §3.3: scope = scope-token *( SP scope-token ), scope-token = 1*( %x21 / %x23-5B / %x5D-7E ):
+ * at least one token, separated by single spaces, with no space before or after.
+ */
+const SCOPE = /^[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*$/;
 
 const oauthError = (oauth: string, detail: string) =>
   new AppError('bad_request', { status: 400, detail, oauthError: oauth });
@@ -144,12 +151,20 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     return second > 0 && token.indexOf('.', second + 1) < 0;
   };
 
-  /** RFC 6749 §3.3: space-delimited scope tokens, deduplicated. */
+  /**
+   * RFC 6749 §3.3: scope tokens separated by single spaces, deduplicated. A scope that is present but
+   * not that — only spaces, a space too many, a character outside the scope-token set — is malformed:
+   * `invalid_scope` (§5.2), never an empty scope. Only an absent or empty parameter (§3.1) means the
+   * default, and the routes pass it on as undefined.
+   */
   function parseScope(requested: string): string[] {
-    const scopes = [...new Set(requested.split(' ').filter(Boolean))];
-    if (!scopes.every((s) => SCOPE_TOKEN.test(s)))
-      throw oauthError('invalid_scope', 'The scope is malformed');
-    return scopes;
+    if (!SCOPE.test(requested)) {
+      throw oauthError(
+        'invalid_scope',
+        'The scope is malformed: scope tokens separated by single spaces (RFC 6749 section 3.3)',
+      );
+    }
+    return [...new Set(requested.split(' '))];
   }
 
   function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
@@ -320,15 +335,20 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       if (caller.kind === 'public') {
         throw new AppError('invalid_client', {
           detail: 'Introspection needs an authenticated caller',
-          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, Bearer realm="paservices"` },
+          headers: { 'www-authenticate': `${BASIC_CHALLENGE}, ${BEARER_CHALLENGE}` },
         });
       }
       if (
         caller.kind === 'principal' &&
         !hasPermission(caller.principal.permissions, INTROSPECT_PERMISSION)
       ) {
+        // RFC 7662 §2.3: a bearer credential without the privileges is answered 401 as in RFC 6750
+        // §3, with the challenge naming what it lacks. Still an authorization failure, audited.
         throw new AppError('forbidden', {
+          status: 401,
+          oauthError: 'insufficient_scope',
           detail: `Introspection with a bearer credential needs ${INTROSPECT_PERMISSION}`,
+          headers: { 'www-authenticate': insufficientScope([INTROSPECT_PERMISSION]) },
         });
       }
       if (token.length > MAX_TOKEN_LENGTH) return INACTIVE;
@@ -423,10 +443,9 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       if (!looksLikeJwt(token)) return;
       const claims = await verifyAccessToken(token);
       if (!claims || !ownsAccessToken(caller, claims)) return;
-      // Until the last moment any instance could still accept it (exp plus the leeway).
-      const until = new Date((claims.exp + CLOCK_TOLERANCE_SECONDS) * 1000);
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        emit(await deps.revocations.revoke(tx, 'jti', claims.jti, until));
+        // Until the last moment any instance could still accept it (exp plus the leeway).
+        emit(await deps.revocations.revokeToken(tx, claims));
         await deps.audit.record(tx, context, {
           type: 'access_token.revoked',
           subjectId: claims.sub,

@@ -1,10 +1,13 @@
 import type { Logger } from 'pino';
 import type { Executor } from '../../db/client.js';
-import type { Clock } from '../../lib/clock.js';
+import { type Clock, epochSeconds } from '../../lib/clock.js';
 import type { AuthEvent } from '../../lib/events.js';
 import type { RevocationsRepository } from './revocations.repository.js';
+import { acceptedUntil } from './tokens.service.js';
 
 export type RevocationKind = 'jti' | 'session' | 'subject';
+/** Revocations of every token of a session or a subject (a user or a client) issued up to then. */
+export type GroupRevocationKind = Exclude<RevocationKind, 'jti'>;
 
 type RevocationEvent = Extract<AuthEvent, { type: 'revocation' }>;
 
@@ -18,7 +21,13 @@ interface Entry {
  * loaded at start, kept current by the events of every instance, reloaded after a missed-event resync
  * and every minute as a backstop. Entries expire with the last token they could concern.
  */
-export function createRevocationList(deps: { repo: RevocationsRepository; clock: Clock; logger: Logger }) {
+export function createRevocationList(deps: {
+  repo: RevocationsRepository;
+  clock: Clock;
+  logger: Logger;
+  /** The longest access-token lifetime (config.tokens.maxAccessTtl): how long a token can live. */
+  maxAccessTtl: number;
+}) {
   const maps: Record<RevocationKind, Map<string, Entry>> = {
     jti: new Map(),
     session: new Map(),
@@ -50,16 +59,18 @@ export function createRevocationList(deps: { repo: RevocationsRepository; clock:
   /**
    * Writes the revocations of several values on `tx` in one statement, and returns their events. One
    * statement, not one per value in parallel: a transaction is one connection, which runs one query
-   * at a time (node-postgres queues the others, deprecated, an error from pg 9).
+   * at a time (node-postgres queues the others, deprecated, an error from pg 9). `until` says, from
+   * the moment of the revocation, when it may be forgotten.
    */
-  async function revokeAll(
+  async function write(
     tx: Executor,
     kind: RevocationKind,
     values: readonly string[],
-    expiresAt: Date,
+    until: (revokedAt: Date) => Date,
   ): Promise<RevocationEvent[]> {
     const unique = [...new Set(values)];
     const revokedAt = deps.clock.now();
+    const expiresAt = until(revokedAt);
     await deps.repo.upsert(
       unique.map((value) => ({ kind, value, revokedAt, expiresAt })),
       tx,
@@ -73,17 +84,30 @@ export function createRevocationList(deps: { repo: RevocationsRepository; clock:
     }));
   }
 
+  /**
+   * A session's or a subject's revocation covers every token issued up to it (`iat` in or before its
+   * second), the longest-lived included: one issued in that second with the maximum lifetime expires
+   * `maxAccessTtl` later and is accepted for the leeway after that, and the revocation lasts as long.
+   */
+  const coversEveryTokenUpTo = (revokedAt: Date) =>
+    acceptedUntil(epochSeconds(revokedAt) + deps.maxAccessTtl);
+
+  /** Revokes every token of these sessions or subjects issued until now; the events tell every instance. */
+  function revokeAll(tx: Executor, kind: GroupRevocationKind, values: readonly string[]) {
+    return write(tx, kind, values, coversEveryTokenUpTo);
+  }
+
   return {
     reload,
     prune,
-    /** Writes the revocation on `tx` and returns the event that tells every instance. */
-    async revoke(
-      tx: Executor,
-      kind: RevocationKind,
-      value: string,
-      expiresAt: Date,
-    ): Promise<RevocationEvent> {
-      const [event] = await revokeAll(tx, kind, [value], expiresAt);
+    /** Revokes every token of a session or subject issued until now; returns the event that tells every instance. */
+    async revoke(tx: Executor, kind: GroupRevocationKind, value: string): Promise<RevocationEvent> {
+      const [event] = await revokeAll(tx, kind, [value]);
+      return event!;
+    },
+    /** Revokes one access token, until the last moment it could be accepted (its `exp` plus the leeway). */
+    async revokeToken(tx: Executor, claims: { jti: string; exp: number }): Promise<RevocationEvent> {
+      const [event] = await write(tx, 'jti', [claims.jti], () => acceptedUntil(claims.exp));
       return event!;
     },
     revokeAll,

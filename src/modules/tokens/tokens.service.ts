@@ -37,6 +37,13 @@ export interface IssueAccessToken {
 export const FIRST_PARTY_CLIENT_ID = 'paservices-frontend';
 /** SECURITY.md: leeway at most 30 s. */
 export const CLOCK_TOLERANCE_SECONDS = 30;
+
+/**
+ * The moment from which a token expiring at `exp` (epoch seconds) is refused everywhere: this service
+ * and verifiers accept it until `exp` plus the leeway. A revocation must last until then, or the
+ * token it covers is good again for the rest of the leeway.
+ */
+export const acceptedUntil = (exp: number): Date => new Date((exp + CLOCK_TOLERANCE_SECONDS) * 1000);
 export const ACCESS_TOKEN_ALGORITHMS = ['ES256', 'EdDSA'];
 
 const segment = (value: unknown) => Buffer.from(JSON.stringify(value)).toString('base64url');

@@ -1,0 +1,123 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { CLOCK_TOLERANCE_SECONDS } from '../../src/modules/tokens/tokens.service.js';
+import { basic, clientToken, createClient, createTestClock, form, userWith } from '../clients/helpers.js';
+import { buildTestApp } from '../support/app.js';
+import { createAdmin, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/*
+ * A revocation by session (logout) or by subject (a disabled user, a disabled or deleted client)
+ * covers tokens of the longest lifetime, which this service accepts until their `exp` plus the
+ * leeway. It must last that long too: forgotten at `exp`, it would hand the token back for the rest
+ * of the leeway.
+ */
+describe('a revocation outlives every token it covers, leeway included', () => {
+  const clock = createTestClock();
+  let app: FastifyInstance;
+  let admin: TestUser;
+  let maxTtl: number;
+
+  beforeAll(async () => {
+    // Users' tokens live as long as clients' may: the longest lifetime the service issues.
+    app = await buildTestApp({ env: { ACCESS_TOKEN_TTL: '86400' }, deps: { clock } });
+    maxTtl = app.services.config.tokens.maxAccessTtl;
+    expect(maxTtl).toBe(86_400);
+    admin = await createAdmin(app);
+  });
+
+  const read = (token: string) =>
+    app.inject({ method: 'GET', url: '/v1/users?limit=1', headers: bearer(token) });
+  const longClient = () =>
+    createClient(app, admin.accessToken, { scopes: ['users:read'], access_token_ttl: maxTtl });
+
+  it('logout, a disabled user, a disabled or deleted client and /oauth/revoke: refused until exp + leeway', async () => {
+    const disabled = await longClient();
+    const deleted = await longClient();
+    const revokedByJti = await longClient();
+    const untouched = await longClient();
+    const loggedOut = await userWith(app, ['users:read'], 'logout');
+    const disabledUser = await userWith(app, ['users:read'], 'disabled');
+    const activeUser = await userWith(app, ['users:read'], 'active');
+
+    const tokens = {
+      disabledClient: (await clientToken(app, disabled)).access_token,
+      deletedClient: (await clientToken(app, deleted)).access_token,
+      revokedByJti: (await clientToken(app, revokedByJti)).access_token,
+      loggedOut: loggedOut.accessToken,
+      disabledUser: disabledUser.accessToken,
+    };
+    const controls = {
+      client: (await clientToken(app, untouched)).access_token,
+      user: activeUser.accessToken,
+    };
+    for (const token of [...Object.values(tokens), ...Object.values(controls)])
+      expect((await read(token)).statusCode).toBe(200);
+
+    const ok = (res: { statusCode: number; body: string }, status: number) =>
+      expect(res.statusCode, res.body).toBe(status);
+    ok(
+      await app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${disabled.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: 'disabled' },
+      }),
+      200,
+    );
+    ok(
+      await app.inject({
+        method: 'DELETE',
+        url: `/v1/clients/${deleted.id}`,
+        headers: bearer(admin.accessToken),
+      }),
+      204,
+    );
+    ok(
+      await form(
+        app,
+        '/oauth/revoke',
+        { token: tokens.revokedByJti },
+        basic(revokedByJti.client_id, revokedByJti.client_secret),
+      ),
+      200,
+    );
+    ok(
+      await app.inject({ method: 'POST', url: '/v1/auth/logout', headers: bearer(loggedOut.accessToken) }),
+      204,
+    );
+    ok(
+      await app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${disabledUser.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: 'disabled' },
+      }),
+      200,
+    );
+    for (const [name, token] of Object.entries(tokens))
+      expect((await read(token)).statusCode, name).toBe(401);
+
+    // The tokens expired 10 s ago: within the leeway, so an unrevoked one is still accepted...
+    clock.advance(maxTtl + 10);
+    // ...and the revocations are still held after the housekeeping drops the expired ones, in memory
+    // and from the database (what every instance reloads).
+    app.services.revocations.prune();
+    await app.services.revocations.reload();
+    for (const token of Object.values(controls)) expect((await read(token)).statusCode).toBe(200);
+    for (const [name, token] of Object.entries(tokens)) {
+      const res = await read(token);
+      expect(res.statusCode, `${name}: ${res.body}`).toBe(401);
+      expect(res.json().detail, name).toBe('The access token has been revoked');
+    }
+
+    // Past the leeway, every one of them has expired, and the revocations may go.
+    clock.advance(CLOCK_TOLERANCE_SECONDS);
+    app.services.revocations.prune();
+    for (const token of [...Object.values(tokens), ...Object.values(controls)]) {
+      const res = await read(token);
+      expect(res.statusCode).toBe(401);
+      expect(res.json().detail).toBe('The access token has expired');
+    }
+  });
+});
