@@ -334,11 +334,12 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // Every authorization failure is audited (SECURITY.md): the route's permission check and the grant
   // ceiling write their own, richer event and mark the error; any other 403 a service raises (a key
   // that may not log out every session, a service that may not own keys), and a `forbidden` answered
-  // with another status (introspection's 401, RFC 7662 §2.3), gets one here. Runs only for requests
-  // that failed, after the change's transaction has rolled back.
+  // with another status (introspection's 401, RFC 7662 §2.3), gets one here. A 403 that is no
+  // authorization decision (`registration_closed`: the provider takes no sign-ups) is not one. Runs
+  // only for requests that failed, after the change's transaction has rolled back.
   app.addHook('onError', async (request, _reply, error) => {
     if (!(error instanceof AppError) || error.audited) return;
-    if (error.status !== 403 && error.code !== 'forbidden') return;
+    if (error.code !== 'forbidden') return;
     try {
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',

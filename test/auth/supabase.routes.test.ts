@@ -533,6 +533,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
   });
 
   it('a sign-up the project does not allow is 403 registration_closed, in the service’s own words', async () => {
+    const started = new Date();
     gotrue.setFailWith({
       status: 422,
       code: 'signup_disabled',
@@ -545,6 +546,13 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     });
     expect(res.statusCode, res.body).toBe(403);
     expect(res.json()).toMatchObject({ code: 'registration_closed', detail: 'Sign-up is closed' });
+    // A policy of the provider's, not an authorization decision: no authorization.denied event.
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      since: started,
+      limit: 200,
+    });
+    expect(denied.filter((e) => (e.data as { route?: string }).route === '/v1/auth/register')).toEqual([]);
     gotrue.setFailWith({ status: 400, code: 'something_new', message: 'Internal detail: SECRET' });
     const odd = await app.inject({
       method: 'POST',
