@@ -67,6 +67,9 @@ const EnvSchema = z.object({
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
   DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
+  DB_MIGRATION_LOCK_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
+  DB_MIGRATION_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(1000).max(86_400_000).default(600_000),
+  DB_MIGRATION_RETRY_MS: z.coerce.number().int().min(0).max(3_600_000).default(60_000),
   SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(9000),
   SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(60_000).default(0),
   PASSWORD_HASH_CONCURRENCY: optionalString.pipe(z.coerce.number<string>().int().min(1).max(64).optional()),
@@ -182,7 +185,13 @@ export interface Config {
   readonly requestTimeoutMs: number;
   /** Days ended sessions and (when above 0) audit events are kept before housekeeping deletes them. */
   readonly retention: { sessionRetentionDays: number; auditRetentionDays: number };
-  readonly db: { poolMax: number; connectTimeoutMs: number; statementTimeoutMs: number };
+  readonly db: {
+    poolMax: number;
+    connectTimeoutMs: number;
+    statementTimeoutMs: number;
+    /** The migration connection's lock and statement timeouts, and how long lock conflicts are retried. */
+    migrations: { lockTimeoutMs: number; statementTimeoutMs: number; retryBudgetMs: number };
+  };
   readonly shutdownTimeoutMs: number;
   /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
   readonly shutdownDrainMs: number;
@@ -278,6 +287,11 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       poolMax: e.DB_POOL_MAX,
       connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,
       statementTimeoutMs: e.DB_STATEMENT_TIMEOUT_MS,
+      migrations: {
+        lockTimeoutMs: e.DB_MIGRATION_LOCK_TIMEOUT_MS,
+        statementTimeoutMs: e.DB_MIGRATION_STATEMENT_TIMEOUT_MS,
+        retryBudgetMs: e.DB_MIGRATION_RETRY_MS,
+      },
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
     shutdownDrainMs: e.SHUTDOWN_DRAIN_MS,

@@ -38,6 +38,7 @@ export async function openScriptContext(): Promise<ScriptContext> {
     connectTimeoutMs: config.db.connectTimeoutMs,
     statementTimeoutMs: config.db.statementTimeoutMs,
     migrate: true,
+    migrations: config.db.migrations,
   });
   // start() is deliberately not called: it would LISTEN, run timers and bootstrap BOOTSTRAP_ADMIN_*,
   // none of which a one-shot command wants. Each script calls only what it needs.
