@@ -82,13 +82,13 @@ type Issue = { path: string; message: string };
  * Rules across variables. They read the raw strings, so they still run (and are reported in the same
  * message) when other variables failed to parse.
  */
-function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
+function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
   const issues: Issue[] = [];
   const set = (name: string) => (env[name] ?? '').trim() !== '';
-  const production = env.NODE_ENV === 'production';
-  if (production && !set('KEY_ENCRYPTION_KEY'))
+  const secretsRequired = env.NODE_ENV === 'production' && needsSecrets;
+  if (secretsRequired && !set('KEY_ENCRYPTION_KEY'))
     issues.push({ path: 'KEY_ENCRYPTION_KEY', message: 'is required in production' });
-  if (production && !set('SECRET_PEPPER'))
+  if (secretsRequired && !set('SECRET_PEPPER'))
     issues.push({ path: 'SECRET_PEPPER', message: 'is required in production' });
   const provider = set('AUTH_PROVIDER') ? env.AUTH_PROVIDER : set('SUPABASE_URL') ? 'supabase' : 'local';
   if (provider === 'supabase') {
@@ -201,6 +201,12 @@ export interface Config {
 export interface LoadConfigOptions {
   /** Read or create development secrets under DATA_DIR when they are not configured. */
   generateDevSecrets?: boolean;
+  /**
+   * False for a command that never encrypts, hashes or signs anything with them (`db:migrate`,
+   * `openapi`): production does not demand KEY_ENCRYPTION_KEY and SECRET_PEPPER, and missing ones
+   * are random and in memory only, never written under DATA_DIR. Default true.
+   */
+  needsSecrets?: boolean;
 }
 
 function devSecret(dataDir: string, name: string, generate: boolean): Buffer {
@@ -223,7 +229,8 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
         path: issue.path.join('.') || '(environment)',
         message: issue.message,
       }));
-  issues.push(...crossChecks(source));
+  const needsSecrets = options.needsSecrets ?? true;
+  issues.push(...crossChecks(source, needsSecrets));
   // Never echo a value: it may be a secret.
   if (issues.length > 0 || !parsed.success)
     throw new ConfigError(issues.map((i) => `${i.path}: ${i.message}`));
@@ -231,7 +238,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
   const publicUrl = (e.PUBLIC_URL ?? `http://localhost:${e.PORT}`).replace(/\/+$/, '');
   const dataDir = resolve(e.DATA_DIR);
   const authProvider = e.AUTH_PROVIDER ?? (e.SUPABASE_URL ? 'supabase' : 'local');
-  const generate = options.generateDevSecrets ?? true;
+  const generate = needsSecrets && (options.generateDevSecrets ?? true);
   const trustProxyRaw = e.TRUST_PROXY.trim();
   const config: Config = {
     env: e.NODE_ENV,

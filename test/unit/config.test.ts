@@ -106,6 +106,17 @@ describe('configuration', () => {
     ).toThrow(/KEY_ENCRYPTION_KEY/);
   });
 
+  it('does not demand the production secrets of a command that uses none (needsSecrets: false)', () => {
+    const config = loadConfig(
+      { NODE_ENV: 'production', DATA_DIR: '/nonexistent/data' },
+      { needsSecrets: false },
+    );
+    expect(config.env).toBe('production');
+    // Random, in memory: nothing was written under the (unwritable) DATA_DIR.
+    expect(config.keyEncryptionKey).toHaveLength(32);
+    expect(config.secretPepper).toHaveLength(32);
+  });
+
   it('chooses supabase when SUPABASE_URL is set, and requires its anon and service-role keys', () => {
     expect(() => load({ SUPABASE_URL: 'https://x.supabase.co' })).toThrow(
       /SUPABASE_ANON_KEY[\s\S]*SUPABASE_SERVICE_ROLE_KEY/,
