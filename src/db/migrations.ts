@@ -199,6 +199,8 @@ export async function runMigrations(
 
 const LOCK_NOT_AVAILABLE = '55P03';
 const DEADLOCK_DETECTED = '40P01';
+/** statement_timeout (and a cancel by pg_cancel_backend). */
+const QUERY_CANCELED = '57014';
 
 function definedOnly<T extends object>(options: T): Partial<T> {
   return Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as Partial<T>;
@@ -266,7 +268,11 @@ function failure(err: unknown, pending: JournalEntry[], folder: string): Migrati
     : pending.length
       ? `database migrations (${pending.map((e) => e.tag).join(', ')}) failed`
       : 'database migrations failed';
-  return new MigrationError(`${what}: ${message.split('\n')[0]}`, { cause: err });
+  const hint =
+    cause?.code === QUERY_CANCELED
+      ? ': a statement ran longer than DB_MIGRATION_STATEMENT_TIMEOUT_MS; apply it at low traffic with a higher one'
+      : '';
+  return new MigrationError(`${what}: ${message.split('\n')[0]}${hint}`, { cause: err });
 }
 
 /**

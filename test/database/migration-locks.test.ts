@@ -217,6 +217,29 @@ describe.runIf(databaseUrl)('migrations against live traffic (PostgreSQL)', () =
     expect((await runMigrations(handle, url, silent, fast)).applied).toEqual(['0001_alter_both']);
   }, 30_000);
 
+  it('a statement running past the statement timeout fails the run (not retried), naming the migration and the setting', async () => {
+    const { url, handle } = await baseDatabase();
+    const slow = migrationsFolder('slow', [
+      tables,
+      { tag: '0001_slow', sql: ['ALTER TABLE "widgets" ADD COLUMN "note" text;\n', 'SELECT pg_sleep(5);\n'] },
+    ]);
+    const { lines, logger } = captureLogs('info');
+    const started = Date.now();
+    const error = await runMigrations(handle, url, logger, { folder: slow, statementTimeoutMs: 300 }).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    expect(Date.now() - started).toBeLessThan(3000);
+    expect(error).toBeInstanceOf(MigrationError);
+    expect((error as Error).message).toBe(
+      'database migration 0001_slow failed: canceling statement due to statement timeout (57014): a statement ' +
+        'ran longer than DB_MIGRATION_STATEMENT_TIMEOUT_MS; apply it at low traffic with a higher one',
+    );
+    expect(warnings(lines)).toEqual([]);
+    const check = await connect(url, 'check');
+    expect(await columns(check, 'widgets')).toEqual(['id']);
+  });
+
   it('instances starting together still take turns: the second waits for the first and finds nothing pending', async () => {
     const { url, handle } = await baseDatabase();
     const holder = await connect(url, 'long-transaction');
