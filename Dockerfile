@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1.7
-# Build stage: dev dependencies, TypeScript compile.
+# Build stage: dev dependencies, TypeScript compile of the service (dist/src) and of the operator
+# scripts (dist/scripts: migrate, create-admin, rotate-signing-key, verify-migrations, export-openapi).
 FROM node:20-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json ./
 COPY src ./src
+COPY scripts ./scripts
 RUN npm run build
 
 # Production dependencies only.
@@ -15,6 +17,7 @@ COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund
 
 # Final image: compiled JavaScript, production node_modules, migrations; runs as the non-root `node` user.
+# Operator scripts run from it too: `docker run --rm --env-file .env paservices-auth node dist/scripts/migrate.js`.
 FROM node:20-bookworm-slim
 ENV NODE_ENV=production PORT=8000 HOST=0.0.0.0 DATA_DIR=/app/.data
 WORKDIR /app

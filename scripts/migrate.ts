@@ -1,17 +1,54 @@
-// Applies pending migrations in drizzle/ to DATABASE_URL (or the embedded database under .data/),
-// under the same advisory lock the service takes at start.
+// Applies pending migrations in drizzle/ to DATABASE_URL (or the embedded database under DATA_DIR),
+// under the same advisory lock, timeouts and retries as the service at start: `npm run db:migrate`.
 import 'dotenv/config';
+import { parseArgs } from 'node:util';
 import { loadConfig } from '../src/config.js';
-import { openDatabase } from '../src/db/client.js';
-import { createLogger } from '../src/lib/logger.js';
+import { openDatabase, runMigrations } from '../src/db/client.js';
+import { runScript, scriptLogger, UsageError } from './lib/script-context.js';
 
-const config = loadConfig(process.env);
-const logger = createLogger('info');
-const database = await openDatabase({
-  url: config.databaseUrl,
-  dataDir: config.dataDir,
-  logger,
-  migrate: true,
-});
-logger.info({ database: database.kind }, 'migrations applied');
-await database.close();
+const USAGE = `usage: npm run db:migrate
+
+Applies the pending migrations of drizzle/ to DATABASE_URL (or the embedded database under DATA_DIR)
+and says how many it applied. Waits for another instance applying them; a migration that cannot take
+its locks within DB_MIGRATION_RETRY_MS fails with exit code 1 (see MIGRATIONS.md).`;
+
+async function main() {
+  try {
+    const { values } = parseArgs({ options: { help: { type: 'boolean', short: 'h' } }, strict: true });
+    if (values.help) {
+      process.stdout.write(`${USAGE}\n`);
+      return;
+    }
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  // Migrating encrypts and hashes nothing: production's secrets are not needed for it.
+  const config = loadConfig(process.env, { needsSecrets: false });
+  const logger = scriptLogger(config.logLevel);
+  const database = await openDatabase({
+    url: config.databaseUrl,
+    dataDir: config.dataDir,
+    logger,
+    poolMax: 1,
+    connectTimeoutMs: config.db.connectTimeoutMs,
+    statementTimeoutMs: config.db.statementTimeoutMs,
+    migrate: false,
+  });
+  try {
+    const { applied, total } = await runMigrations(
+      database,
+      config.databaseUrl,
+      logger,
+      config.db.migrations,
+    );
+    process.stdout.write(
+      applied.length === 0
+        ? `no migrations pending (${total} applied, ${database.kind})\n`
+        : `applied ${applied.length} migration${applied.length === 1 ? '' : 's'} (${database.kind}): ${applied.join(', ')}\n`,
+    );
+  } finally {
+    await database.close();
+  }
+}
+
+await runScript(main, USAGE);

@@ -1,119 +1,162 @@
-// Checks that the Drizzle schema in src/db/schema and the SQL migrations in drizzle/ agree:
+// `npm run db:verify`: checks that the Drizzle schema in src/db/schema, the SQL migrations in drizzle/
+// and, with DATABASE_URL set, a live database agree:
 // 1. drizzle-kit would generate nothing new (the committed snapshot matches the code);
-// 2. every migration file is journaled;
-// 3. the migrations, applied to an empty database, create the tables, columns and indexes the code declares.
+// 2. every migration file is journaled, and the journal's `when` values strictly increase;
+// 3. the migrations, applied to an empty database, create the tables, columns (type, nullability,
+//    default), indexes and constraints the code declares;
+// 4. with DATABASE_URL: every journaled migration is applied there, and its schema (columns, index
+//    definitions and validity, constraints) is what the migrations make on a fresh database.
 // The successor of the Python service's verify_migrations.py. Exit 1 on any disagreement.
+import 'dotenv/config';
 import { spawnSync } from 'node:child_process';
-import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { sql } from 'drizzle-orm';
+import { parseArgs } from 'node:util';
 import pino from 'pino';
-import { MIGRATIONS_FOLDER, openMemoryDatabase, selectRows } from '../src/db/client.js';
+import { loadConfig } from '../src/config.js';
+import { MIGRATIONS_FOLDER, openMemoryDatabase } from '../src/db/client.js';
+import { readJournal } from '../src/db/migrations.js';
+import { PROJECT_ROOT } from '../src/lib/paths.js';
+import {
+  type Catalog,
+  checkJournal,
+  checkLiveDatabase,
+  compareWithSnapshot,
+  readCatalog,
+  readLatestSnapshot,
+} from './lib/schema-check.js';
+import { runScript, UsageError } from './lib/script-context.js';
+
+const USAGE = `usage: npm run db:verify
+
+Checks that src/db/schema, the migrations in drizzle/ and, with DATABASE_URL set, that database agree
+(see MIGRATIONS.md). Exit code 1 on any disagreement.`;
 
 let failed = false;
-
-// 1. Snapshot drift: generate into a scratch copy of drizzle/ and see whether a file appears.
-const scratch = mkdtempSync(join(tmpdir(), 'verify-migrations-'));
-try {
-  cpSync(MIGRATIONS_FOLDER, scratch, { recursive: true });
-  const before = new Set(readdirSync(scratch));
-  const run = spawnSync(
-    'npx',
-    [
-      'drizzle-kit',
-      'generate',
-      '--dialect',
-      'postgresql',
-      '--schema',
-      'src/db/schema/index.ts',
-      '--out',
-      scratch,
-    ],
-    { encoding: 'utf8' },
-  );
-  if (run.status !== 0) {
-    console.error(run.stdout, run.stderr);
-    console.error('✗ drizzle-kit generate failed');
-    failed = true;
-  } else {
-    const added = readdirSync(scratch).filter((f) => !before.has(f) && f.endsWith('.sql'));
-    if (added.length > 0) {
-      console.error(
-        `✗ the schema has changes with no migration; run \`npm run db:generate\` (would add ${added.join(', ')})`,
-      );
-      failed = true;
-    } else console.log('✓ drizzle/ snapshot matches src/db/schema');
-  }
-} finally {
-  rmSync(scratch, { recursive: true, force: true });
-}
-
-// 2. Every migration file is in the journal and the other way round.
-const journal = JSON.parse(readFileSync(join(MIGRATIONS_FOLDER, 'meta/_journal.json'), 'utf8')) as {
-  entries: Array<{ tag: string }>;
-};
-const journalTags = new Set(journal.entries.map((e) => e.tag));
-const sqlTags = new Set(
-  readdirSync(MIGRATIONS_FOLDER)
-    .filter((f) => f.endsWith('.sql'))
-    .map((f) => f.slice(0, -4)),
-);
-const unjournaled = [...sqlTags].filter((t) => !journalTags.has(t));
-const missing = [...journalTags].filter((t) => !sqlTags.has(t));
-if (unjournaled.length || missing.length) {
-  console.error(
-    `✗ journal and files disagree: not journaled ${unjournaled.join(', ') || '-'}; missing ${missing.join(', ') || '-'}`,
-  );
+const pass = (line: string) => process.stdout.write(`✓ ${line}\n`);
+const note = (line: string) => process.stdout.write(`- ${line}\n`);
+function fail(line: string, problems: string[] = []) {
   failed = true;
-} else console.log(`✓ ${sqlTags.size} migrations, all journaled`);
-
-// 3. The migrations, applied to an empty database, create exactly the tables, columns and indexes of
-//    the latest snapshot (which step 1 showed equal to the code).
-const latest = journal.entries.at(-1)?.tag.split('_')[0];
-const snapshot = JSON.parse(
-  readFileSync(join(MIGRATIONS_FOLDER, `meta/${latest}_snapshot.json`), 'utf8'),
-) as {
-  tables: Record<
-    string,
-    { name: string; columns: Record<string, { notNull: boolean }>; indexes: Record<string, unknown> }
-  >;
-};
-const database = await openMemoryDatabase(pino({ level: 'silent' }));
-try {
-  const rows = await selectRows<{ table_name: string; column_name: string; is_nullable: string }>(
-    database.db,
-    sql`SELECT table_name, column_name, is_nullable FROM information_schema.columns WHERE table_schema = 'public'`,
-  );
-  const indexes = await selectRows<{ tablename: string; indexname: string }>(
-    database.db,
-    sql`SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'`,
-  );
-  const actual = new Map<string, string>();
-  for (const r of rows)
-    actual.set(`${r.table_name}.${r.column_name}`, r.is_nullable === 'NO' ? 'not null' : 'null');
-  const expected = new Map<string, string>();
-  const expectedIndexes = new Set<string>();
-  for (const table of Object.values(snapshot.tables)) {
-    for (const [name, col] of Object.entries(table.columns))
-      expected.set(`${table.name}.${name}`, col.notNull ? 'not null' : 'null');
-    for (const name of Object.keys(table.indexes)) expectedIndexes.add(`${table.name}.${name}`);
-  }
-  const problems: string[] = [];
-  for (const [k, v] of expected)
-    if (actual.get(k) !== v) problems.push(`${k}: expected ${v}, found ${actual.get(k) ?? 'nothing'}`);
-  for (const k of actual.keys())
-    if (!expected.has(k)) problems.push(`${k}: in the database but not in the code`);
-  const actualIndexes = new Set(indexes.map((r) => `${r.tablename}.${r.indexname}`));
-  for (const k of expectedIndexes)
-    if (!actualIndexes.has(k)) problems.push(`index ${k}: missing after migration`);
-  if (problems.length) {
-    console.error('✗ the migrated database differs from the code schema:');
-    for (const p of problems) console.error(`    ${p}`);
-    failed = true;
-  } else console.log(`✓ migrations applied to an empty database match the code (${expected.size} columns)`);
-} finally {
-  await database.close();
+  process.stderr.write(`✗ ${line}\n`);
+  for (const p of problems) process.stderr.write(`    ${p}\n`);
 }
 
-process.exit(failed ? 1 : 0);
+/** 1. Snapshot drift: generate into a scratch copy of drizzle/ and see whether a file appears. */
+function checkSnapshot() {
+  const drizzleKit = join(PROJECT_ROOT, 'node_modules/.bin/drizzle-kit');
+  const schema = join(PROJECT_ROOT, 'src/db/schema/index.ts');
+  // The compiled scripts (the Docker image) have neither the TypeScript schema nor drizzle-kit.
+  if (!existsSync(drizzleKit) || !existsSync(schema)) {
+    note('snapshot check skipped: it needs the source tree and drizzle-kit (a dev dependency)');
+    return;
+  }
+  const scratch = mkdtempSync(join(tmpdir(), 'verify-migrations-'));
+  try {
+    cpSync(MIGRATIONS_FOLDER, scratch, { recursive: true });
+    const before = new Set(readdirSync(scratch));
+    const run = spawnSync(
+      drizzleKit,
+      ['generate', '--dialect', 'postgresql', '--schema', 'src/db/schema/index.ts', '--out', scratch],
+      { cwd: PROJECT_ROOT, encoding: 'utf8' },
+    );
+    if (run.status !== 0) {
+      fail('drizzle-kit generate failed', [run.stdout, run.stderr].filter(Boolean));
+      return;
+    }
+    const added = readdirSync(scratch).filter((f) => !before.has(f) && f.endsWith('.sql'));
+    if (added.length > 0)
+      fail(
+        `the schema has changes with no migration; run \`npm run db:generate\` (would add ${added.join(', ')})`,
+      );
+    else pass('drizzle/ snapshot matches src/db/schema');
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
+function redact(url: string): string {
+  const u = new URL(url);
+  if (u.password) u.password = '***';
+  return u.toString();
+}
+
+async function main() {
+  try {
+    const { values } = parseArgs({ options: { help: { type: 'boolean', short: 'h' } }, strict: true });
+    if (values.help) {
+      process.stdout.write(`${USAGE}\n`);
+      return;
+    }
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  // Only DATABASE_URL (and the connect timeout) matter here; no secret is used.
+  const config = loadConfig(process.env, { needsSecrets: false });
+
+  checkSnapshot();
+
+  // 2. The journal.
+  const entries = readJournal();
+  const journalProblems = checkJournal(
+    entries,
+    readdirSync(MIGRATIONS_FOLDER).filter((f) => f.endsWith('.sql')),
+  );
+  if (journalProblems.length)
+    fail('the journal (drizzle/meta/_journal.json) is not in order:', journalProblems);
+  else pass(`${entries.length} migrations, all journaled, their \`when\` strictly increasing`);
+
+  // 3. The migrations applied to an empty database against the code's schema (the latest snapshot,
+  //    which step 1 showed equal to the code).
+  const fresh = await openMemoryDatabase(pino({ level: 'silent' }));
+  let freshCatalog: Catalog;
+  try {
+    freshCatalog = await readCatalog(fresh.db);
+  } finally {
+    await fresh.close();
+  }
+  const snapshotProblems = compareWithSnapshot(readLatestSnapshot(entries), freshCatalog);
+  if (snapshotProblems.length) fail('the migrated database differs from the code schema:', snapshotProblems);
+  else
+    pass(
+      `migrations applied to an empty database match the code (${freshCatalog.columns.length} columns with ` +
+        `types, nullability and defaults; ${freshCatalog.indexes.length} indexes; ${freshCatalog.constraints.length} constraints)`,
+    );
+
+  // 4. The live database.
+  if (!config.databaseUrl) {
+    note('DATABASE_URL is not set: no live database checked');
+  } else {
+    const where = redact(config.databaseUrl);
+    const live = await checkLiveDatabase(config.databaseUrl, {
+      entries,
+      fallback: async () => freshCatalog,
+      connectTimeoutMs: Math.max(config.db.connectTimeoutMs, 5000),
+    });
+    if (live.appliedProblems.length)
+      fail(
+        `${where}: ${live.applied} of ${entries.length} journaled migrations applied:`,
+        live.appliedProblems,
+      );
+    else pass(`${where}: all ${entries.length} journaled migrations applied`);
+    if (live.comparedWith !== 'a scratch database on the same server')
+      note(
+        `could not create a scratch database on that server (no CREATEDB); compared with ${live.comparedWith} ` +
+          'instead, whose definitions may be spelled differently by another PostgreSQL version',
+      );
+    if (live.schemaProblems.length)
+      fail(
+        `${where}: the schema differs from what the migrations make (${live.comparedWith}):`,
+        live.schemaProblems,
+      );
+    else
+      pass(
+        `${where}: the schema is what the migrations make (${live.counts.columns} columns, ` +
+          `${live.counts.indexes} indexes, all valid, ${live.counts.constraints} constraints)`,
+      );
+    for (const n of live.notes) note(n);
+  }
+  if (failed) process.exitCode = 1;
+}
+
+await runScript(main, USAGE);

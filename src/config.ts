@@ -68,6 +68,9 @@ const EnvSchema = z.object({
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
   DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
+  DB_MIGRATION_LOCK_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
+  DB_MIGRATION_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(1000).max(86_400_000).default(600_000),
+  DB_MIGRATION_RETRY_MS: z.coerce.number().int().min(0).max(3_600_000).default(60_000),
   SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(9000),
   SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(60_000).default(0),
   PASSWORD_HASH_CONCURRENCY: optionalString.pipe(z.coerce.number<string>().int().min(1).max(64).optional()),
@@ -121,13 +124,13 @@ function isOrigin(entry: string): boolean {
  * Rules across variables. They read the raw strings, so they still run (and are reported in the same
  * message) when other variables failed to parse.
  */
-function crossChecks(env: NodeJS.ProcessEnv): Issue[] {
+function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
   const issues: Issue[] = [];
   const set = (name: string) => (env[name] ?? '').trim() !== '';
-  const production = env.NODE_ENV === 'production';
-  if (production && !set('KEY_ENCRYPTION_KEY'))
+  const secretsRequired = env.NODE_ENV === 'production' && needsSecrets;
+  if (secretsRequired && !set('KEY_ENCRYPTION_KEY'))
     issues.push({ path: 'KEY_ENCRYPTION_KEY', message: 'is required in production' });
-  if (production && !set('SECRET_PEPPER'))
+  if (secretsRequired && !set('SECRET_PEPPER'))
     issues.push({ path: 'SECRET_PEPPER', message: 'is required in production' });
   const provider = set('AUTH_PROVIDER') ? env.AUTH_PROVIDER : set('SUPABASE_URL') ? 'supabase' : 'local';
   if (provider === 'supabase') {
@@ -244,7 +247,13 @@ export interface Config {
   readonly requestTimeoutMs: number;
   /** Days ended sessions and (when above 0) audit events are kept before housekeeping deletes them. */
   readonly retention: { sessionRetentionDays: number; auditRetentionDays: number };
-  readonly db: { poolMax: number; connectTimeoutMs: number; statementTimeoutMs: number };
+  readonly db: {
+    poolMax: number;
+    connectTimeoutMs: number;
+    statementTimeoutMs: number;
+    /** The migration connection's lock and statement timeouts, and how long lock conflicts are retried. */
+    migrations: { lockTimeoutMs: number; statementTimeoutMs: number; retryBudgetMs: number };
+  };
   readonly shutdownTimeoutMs: number;
   /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
   readonly shutdownDrainMs: number;
@@ -254,6 +263,12 @@ export interface Config {
 export interface LoadConfigOptions {
   /** Read or create development secrets under DATA_DIR when they are not configured. */
   generateDevSecrets?: boolean;
+  /**
+   * False for a command that never encrypts, hashes or signs anything with them (`db:migrate`,
+   * `openapi`): production does not demand KEY_ENCRYPTION_KEY and SECRET_PEPPER, and missing ones
+   * are random and in memory only, never written under DATA_DIR. Default true.
+   */
+  needsSecrets?: boolean;
 }
 
 function devSecret(dataDir: string, name: string, generate: boolean): Buffer {
@@ -276,7 +291,8 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
         path: issue.path.join('.') || '(environment)',
         message: issue.message,
       }));
-  issues.push(...crossChecks(source));
+  const needsSecrets = options.needsSecrets ?? true;
+  issues.push(...crossChecks(source, needsSecrets));
   // Never echo a value: it may be a secret.
   if (issues.length > 0 || !parsed.success)
     throw new ConfigError(issues.map((i) => `${i.path}: ${i.message}`));
@@ -284,7 +300,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
   const publicUrl = (e.PUBLIC_URL ?? `http://localhost:${e.PORT}`).replace(/\/+$/, '');
   const dataDir = resolve(e.DATA_DIR);
   const authProvider = e.AUTH_PROVIDER ?? (e.SUPABASE_URL ? 'supabase' : 'local');
-  const generate = options.generateDevSecrets ?? true;
+  const generate = needsSecrets && (options.generateDevSecrets ?? true);
   const trustProxyRaw = e.TRUST_PROXY.trim();
   const config: Config = {
     env: e.NODE_ENV,
@@ -339,6 +355,11 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       poolMax: e.DB_POOL_MAX,
       connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,
       statementTimeoutMs: e.DB_STATEMENT_TIMEOUT_MS,
+      migrations: {
+        lockTimeoutMs: e.DB_MIGRATION_LOCK_TIMEOUT_MS,
+        statementTimeoutMs: e.DB_MIGRATION_STATEMENT_TIMEOUT_MS,
+        retryBudgetMs: e.DB_MIGRATION_RETRY_MS,
+      },
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,
     shutdownDrainMs: e.SHUTDOWN_DRAIN_MS,

@@ -2,7 +2,7 @@ import 'dotenv/config';
 import closeWithGrace from 'close-with-grace';
 import { buildApp } from './app.js';
 import { ConfigError, loadConfig } from './config.js';
-import { DatabaseLockedError, openDatabase } from './db/client.js';
+import { DatabaseLockedError, MigrationError, openDatabase } from './db/client.js';
 import { createLogger } from './lib/logger.js';
 import { KeyEncryptionKeyMismatchError } from './modules/signing-keys/signing-keys.service.js';
 
@@ -26,6 +26,7 @@ async function main() {
     connectTimeoutMs: config.db.connectTimeoutMs,
     statementTimeoutMs: config.db.statementTimeoutMs,
     migrate: true,
+    migrations: config.db.migrations,
   });
   const app = await buildApp({ config, database, logger });
 
@@ -71,7 +72,11 @@ async function main() {
 
 main().catch((err: unknown) => {
   // A known condition with its remedy in the message: no stack trace.
-  if (err instanceof DatabaseLockedError || err instanceof KeyEncryptionKeyMismatchError) {
+  if (
+    err instanceof DatabaseLockedError ||
+    err instanceof MigrationError ||
+    err instanceof KeyEncryptionKeyMismatchError
+  ) {
     process.stderr.write(`failed to start: ${err.message}\n`);
     process.exit(1);
   }

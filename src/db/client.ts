@@ -4,7 +4,7 @@ import type { ExtractTablesWithRelations, SQL } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
 import pg from 'pg';
 import type { Logger } from 'pino';
-import { PROJECT_ROOT } from '../lib/paths.js';
+import { type MigrationOptions, runMigrations } from './migrations.js';
 import * as schema from './schema/index.js';
 
 export type Schema = typeof schema;
@@ -36,6 +36,8 @@ export interface OpenDatabaseOptions {
   statementTimeoutMs?: number;
   /** Apply pending migrations (under an advisory lock) before returning. */
   migrate?: boolean;
+  /** Lock and statement timeouts and the retry budget of that migration run (src/db/migrations.ts). */
+  migrations?: MigrationOptions;
   /**
    * How often the LISTEN connection proves it is alive with a round trip (default 5 s); one that has
    * not answered within the same time is dropped and replaced, with a resync. Without it a connection
@@ -47,9 +49,7 @@ export interface OpenDatabaseOptions {
   lockWaitMs?: number;
 }
 
-export const MIGRATIONS_FOLDER = join(PROJECT_ROOT, 'drizzle');
-/** An arbitrary constant shared by every instance: the advisory lock that serialises migrations. */
-const MIGRATION_LOCK_KEY = 7_344_021_118;
+export { MIGRATIONS_FOLDER, MigrationError, type MigrationOptions, runMigrations } from './migrations.js';
 
 /** Rejects when the promise has not settled within `ms` (the promise itself runs on). */
 export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
@@ -70,7 +70,14 @@ export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
 
 export async function openDatabase(options: OpenDatabaseOptions): Promise<DatabaseHandle> {
   const handle = options.url ? await openPostgres(options.url, options) : await openPglite(options);
-  if (options.migrate ?? true) await runMigrations(handle, options.url, options.logger);
+  if (options.migrate ?? true) {
+    try {
+      await runMigrations(handle, options.url, options.logger, options.migrations);
+    } catch (err) {
+      await handle.close().catch(() => undefined);
+      throw err;
+    }
+  }
   return handle;
 }
 
@@ -314,42 +321,6 @@ export async function openMemoryDatabase(logger: Logger): Promise<DatabaseHandle
   };
   await runMigrations(handle, undefined, logger);
   return handle;
-}
-
-/**
- * Applies drizzle/ migrations. On PostgreSQL they run on one dedicated connection holding a session
- * advisory lock, so instances starting together on an empty database take turns; the later ones
- * find nothing left to apply.
- */
-export async function runMigrations(
-  handle: DatabaseHandle,
-  url: string | undefined,
-  logger: Logger,
-): Promise<void> {
-  if (handle.kind === 'pglite' || !url) {
-    const { migrate } = await import('drizzle-orm/pglite/migrator');
-    // biome-ignore lint/suspicious/noExplicitAny: the PGlite migrator wants its own driver type.
-    await migrate(handle.db as any, { migrationsFolder: MIGRATIONS_FOLDER });
-    return;
-  }
-  const { drizzle } = await import('drizzle-orm/node-postgres');
-  const { migrate } = await import('drizzle-orm/node-postgres/migrator');
-  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 10_000 });
-  // A connection lost between two statements fails the next one (and the start); without a listener
-  // it would be an uncaught exception instead.
-  client.on('error', (err) => logger.warn({ err: err.message }, 'migration connection lost'));
-  await client.connect();
-  try {
-    await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);
-    try {
-      await migrate(drizzle(client), { migrationsFolder: MIGRATIONS_FOLDER });
-      logger.info('database migrations are up to date');
-    } finally {
-      await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK_KEY]).catch(() => undefined);
-    }
-  } finally {
-    await client.end().catch(() => undefined);
-  }
 }
 
 /** Runs raw SQL and returns its rows (node-postgres and PGlite both answer `{ rows }`). */

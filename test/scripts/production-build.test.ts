@@ -1,17 +1,22 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { readJournal } from '../../src/db/migrations.js';
+import { scratchDatabase } from '../support/database.js';
 
 /*
- * The Docker image runs what `npm run build` compiles (`node dist/src/server.js`) with production
- * dependencies only; there is no Docker engine here to build it, so this checks the two things that
- * image depends on: every package the compiled code imports is a runtime dependency (not only a dev
- * one, which `npm ci --omit=dev` leaves out), and the compiled server starts, answers and stops.
+ * The Docker image runs what `npm run build` compiles (`node dist/src/server.js`, and the operator
+ * scripts under dist/scripts) with production dependencies only; there is no Docker engine here to
+ * build it, so this checks what that image depends on: every package the compiled code imports is a
+ * runtime dependency (not only a dev one, which `npm ci --omit=dev` leaves out), the compiled server
+ * starts, answers and stops, and the compiled scripts run from a directory laid out as the image is
+ * (dist, drizzle, data, package*.json and `npm ci --omit=dev`: no tsx, no TypeScript, no source).
+ * That last one runs `npm ci`, so it needs the npm registry or a warm npm cache.
  */
 
 const ROOT = resolve(import.meta.dirname, '../..');
@@ -30,25 +35,28 @@ const packageOf = (specifier: string) =>
     .slice(0, specifier.startsWith('@') ? 2 : 1)
     .join('/');
 
+// What `npm run build` writes, once for the file. Inside the project, so the compiled code finds
+// package.json, drizzle/ and node_modules above it.
+const outDir = join(ROOT, '.data', `build-${randomBytes(4).toString('hex')}`);
+
+beforeAll(async () => {
+  await run(
+    process.execPath,
+    [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json', '--outDir', outDir],
+    { cwd: ROOT },
+  );
+}, 120_000);
+
+afterAll(() => {
+  rmSync(outDir, { recursive: true, force: true });
+});
+
 describe('the production build (what the Docker image runs)', () => {
-  // Inside the project, so the compiled code finds package.json, drizzle/ and node_modules above it.
-  const outDir = join(ROOT, '.data', `build-${randomBytes(4).toString('hex')}`);
   const dataDir = mkdtempSync(join(tmpdir(), 'auth-build-'));
   let server: ChildProcess | undefined;
 
-  beforeAll(async () => {
-    await run(
-      process.execPath,
-      [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json', '--outDir', outDir],
-      {
-        cwd: ROOT,
-      },
-    );
-  }, 120_000);
-
   afterAll(() => {
     server?.kill('SIGKILL');
-    rmSync(outDir, { recursive: true, force: true });
     rmSync(dataDir, { recursive: true, force: true });
   });
 
@@ -70,6 +78,34 @@ describe('the production build (what the Docker image runs)', () => {
     }
     expect(imported.size).toBeGreaterThan(10);
     expect([...imported].filter((name) => !(name in manifest.dependencies))).toEqual([]);
+  });
+
+  it('compiles the operator scripts too, and the image copies them', () => {
+    for (const script of [
+      'migrate',
+      'create-admin',
+      'rotate-signing-key',
+      'verify-migrations',
+      'export-openapi',
+    ])
+      expect(existsSync(join(outDir, `scripts/${script}.js`)), script).toBe(true);
+    // The benchmark is a development tool on dev dependencies (autocannon): not built.
+    expect(existsSync(join(outDir, 'scripts/bench.js'))).toBe(false);
+    const dockerfile = readFileSync(join(ROOT, 'Dockerfile'), 'utf8');
+    expect(dockerfile).toMatch(/^COPY scripts \.\/scripts\nRUN npm run build$/m);
+    expect(dockerfile).toMatch(/^COPY --from=build --chown=node:node \/app\/dist \.\/dist$/m);
+    const ignored = readFileSync(join(ROOT, '.dockerignore'), 'utf8').split('\n');
+    for (const entry of [
+      '.git',
+      'node_modules',
+      '.data',
+      '.env',
+      'dist',
+      'coverage',
+      'bench-results',
+      '*.log',
+    ])
+      expect(ignored, entry).toContain(entry);
   });
 
   it('starts the compiled server on PGlite, answers, and exits 0 on SIGTERM', async () => {
@@ -126,4 +162,100 @@ describe('the production build (what the Docker image runs)', () => {
     expect(await exited, output).toBe(0);
     server = undefined;
   }, 60_000);
+});
+
+describe('the operator scripts in a production install (dist + drizzle + data + npm ci --omit=dev)', () => {
+  const app = mkdtempSync(join(tmpdir(), 'auth-prod-'));
+  let database: { url: string | undefined; drop(): Promise<void> } = {
+    url: undefined,
+    drop: async () => undefined,
+  };
+  const keys = {
+    KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
+    SECRET_PEPPER: randomBytes(32).toString('base64'),
+  };
+  /** The environment of the image: no npm_* of the test run, NODE_ENV=production. */
+  const env = (): NodeJS.ProcessEnv => ({
+    ...Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('npm_'))),
+    NODE_ENV: 'production',
+    LOG_LEVEL: 'warn',
+    DATABASE_URL: database.url ?? '',
+    DATA_DIR: join(app, '.data'),
+    AUTH_PROVIDER: 'local',
+    SUPABASE_URL: '',
+    REDIS_URL: '',
+    BOOTSTRAP_ADMIN_EMAIL: '',
+    BOOTSTRAP_ADMIN_PASSWORD: '',
+    ADMIN_PASSWORD: '',
+    ...keys,
+  });
+  const inApp = (command: string, args: string[], extra: Record<string, string> = {}) =>
+    run(command, args, { cwd: app, env: { ...env(), ...extra }, timeout: 60_000 });
+
+  beforeAll(async () => {
+    // What the image holds: the build, the migrations, the data files, the manifest.
+    cpSync(outDir, join(app, 'dist'), { recursive: true });
+    for (const entry of ['drizzle', 'data', 'package.json', 'package-lock.json'])
+      cpSync(join(ROOT, entry), join(app, entry), { recursive: true });
+    await run('npm', ['ci', '--omit=dev', '--prefer-offline', '--no-audit', '--no-fund'], {
+      cwd: app,
+      env: env(),
+      timeout: 300_000,
+    });
+    if (inject('databaseUrl')) database = (await scratchDatabase('auth_prod_scripts'))!;
+  }, 400_000);
+
+  afterAll(async () => {
+    await database.drop();
+    rmSync(app, { recursive: true, force: true });
+  });
+
+  it('has no dev dependency and no source to fall back on', () => {
+    for (const dev of ['tsx', 'typescript', 'vitest', 'drizzle-kit', '@biomejs/biome'])
+      expect(existsSync(join(app, 'node_modules', dev)), dev).toBe(false);
+    expect(existsSync(join(app, 'src'))).toBe(false);
+    expect(existsSync(join(app, 'scripts'))).toBe(false);
+  });
+
+  it('migrates, creates an admin and rotates the signing key, by node dist/scripts/… and by npm run …:prod', async () => {
+    const journaled = readJournal().length;
+    const migrated = await inApp(process.execPath, ['dist/scripts/migrate.js']);
+    expect(migrated.stdout).toMatch(
+      new RegExp(`^applied ${journaled} migrations \\((postgres|pglite)\\): 0000_init, `),
+    );
+
+    const again = await inApp('npm', ['run', '--silent', 'db:migrate:prod']);
+    expect(again.stdout).toBe(
+      `no migrations pending (${journaled} applied, ${database.url ? 'postgres' : 'pglite'})\n`,
+    );
+
+    const email = `prod-admin-${randomBytes(4).toString('hex')}@example.test`;
+    const created = await inApp(process.execPath, ['dist/scripts/create-admin.js', '--email', email], {
+      ADMIN_PASSWORD: 'a long enough passphrase 7',
+    });
+    expect(created.stdout).toMatch(/^created admin \S+ \(id [0-9a-f-]{36}\)\n$/);
+    expect(created.stdout).toContain(`created admin ${email} `);
+    const granted = await inApp('npm', ['run', '--silent', 'create-admin:prod', '--', '--email', email]);
+    expect(granted.stdout).toContain(`${email} (id `);
+    expect(granted.stdout).toContain('already holds the admin role; nothing changed');
+
+    const rotated = await inApp('npm', ['run', '--silent', 'rotate-signing-key:prod', '--', '--force']);
+    expect(rotated.stdout).toMatch(/^active signing key: \S+\n/);
+
+    // A failure is one line and exit code 1 here too.
+    const refused = await inApp(process.execPath, ['dist/scripts/create-admin.js', '--email', 'nope']).then(
+      () => undefined,
+      (err: { code?: number; stderr?: string }) => err,
+    );
+    expect(refused?.code).toBe(1);
+    expect(refused?.stderr).toMatch(/^not an email address: nope\n/);
+  }, 120_000);
+
+  it('verifies the database it migrated (the snapshot check needs the source, and says it skipped)', async () => {
+    await inApp(process.execPath, ['dist/scripts/migrate.js']);
+    const verified = await inApp('npm', ['run', '--silent', 'db:verify:prod']);
+    expect(verified.stdout).toContain('- snapshot check skipped');
+    expect(verified.stdout).toMatch(/✓ migrations applied to an empty database match the code/);
+    if (database.url) expect(verified.stdout).toMatch(/: the schema is what the migrations make/);
+  }, 120_000);
 });

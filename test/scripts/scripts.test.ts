@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { sql } from 'drizzle-orm';
@@ -11,6 +11,7 @@ import { buildApp } from '../../src/app.js';
 import {
   type Database,
   type DatabaseHandle,
+  MIGRATIONS_FOLDER,
   openDatabase,
   openMemoryDatabase,
   selectRows,
@@ -308,6 +309,122 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
           await new Promise((r) => setTimeout(r, 25));
         expect(app.services.keys.activeKey().kid).toBe(rotated);
       });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+});
+
+describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
+  const journaled = (
+    JSON.parse(readFileSync(join(MIGRATIONS_FOLDER, 'meta/_journal.json'), 'utf8')) as { entries: unknown[] }
+  ).entries.length;
+  const scratchDirs: string[] = [];
+  const scratchDir = () => {
+    const dir = mkdtempSync(join(tmpdir(), 'auth-scripts-'));
+    scratchDirs.push(dir);
+    return dir;
+  };
+  afterAll(() => {
+    for (const dir of scratchDirs) rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** The failure is one line on stderr (no stack trace), nothing on stdout, exit code 1. */
+  function expectOneLineFailure(result: RunResult, pattern: RegExp) {
+    expect(result.code, result.stderr).toBe(1);
+    expect(result.stdout).toBe('');
+    expect(result.stderr.trim().split('\n'), result.stderr).toHaveLength(1);
+    expect(result.stderr).toMatch(pattern);
+    expect(result.stderr).not.toMatch(/^\s+at /m);
+  }
+
+  it(
+    'db:migrate says how many migrations it applied, then that none were pending; logs go to stderr; production secrets are not needed',
+    async () => {
+      const target = await createTarget();
+      try {
+        // NODE_ENV=production without KEY_ENCRYPTION_KEY or SECRET_PEPPER: migrating uses neither.
+        const env = { LOG_LEVEL: 'info', NODE_ENV: 'production', KEY_ENCRYPTION_KEY: '', SECRET_PEPPER: '' };
+        const first = await run(target, 'migrate', [], env);
+        expect(first.code, first.stderr).toBe(0);
+        expect(first.stdout).toMatch(
+          new RegExp(`^applied ${journaled} migrations \\(${target.kind}\\): 0000_init, `),
+        );
+        expect(first.stdout.trim().split('\n')).toHaveLength(1);
+        // The log lines (JSON) are on stderr, and say the same.
+        expect(first.stderr).toContain(`"msg":"applied ${journaled} database migrations: 0000_init`);
+        expect(first.stderr).not.toContain('up to date');
+
+        const second = await run(target, 'migrate', [], env);
+        expect(second.code, second.stderr).toBe(0);
+        expect(second.stdout).toBe(`no migrations pending (${journaled} applied, ${target.kind})\n`);
+        expect(second.stderr).toContain('"msg":"database migrations: none pending"');
+        // Nothing was generated into DATA_DIR/secrets either.
+        expect(existsSync(join(target.dataDir, 'secrets'))).toBe(false);
+      } finally {
+        await target.drop();
+      }
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'db:migrate and openapi report ordinary failures in one line with exit code 1, never a stack trace',
+    async () => {
+      const target: Target = {
+        kind: 'pglite',
+        url: undefined,
+        dataDir: scratchDir(),
+        drop: async () => undefined,
+      };
+      const serverUrl = inject('databaseUrl');
+      const missingDatabase = serverUrl ? new URL(serverUrl) : undefined;
+      if (missingDatabase) missingDatabase.pathname = `/auth_missing_${randomBytes(4).toString('hex')}`;
+      const unwritable = join(scratchDir(), 'no-such-directory', 'openapi.json');
+      // None of these opens the embedded database, so they may run side by side.
+      const [badUrl, refused, missing, badPort, openapiPort, openapiPath] = await Promise.all([
+        run(target, 'migrate', [], { DATABASE_URL: 'mysql://db.example.test/auth' }),
+        run(target, 'migrate', [], { DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth' }),
+        missingDatabase
+          ? run(target, 'migrate', [], { DATABASE_URL: missingDatabase.toString() })
+          : undefined,
+        run(target, 'migrate', [], { PORT: 'abc' }),
+        run(target, 'export-openapi', [join(scratchDir(), 'openapi.json')], { PORT: 'abc' }),
+        run(target, 'export-openapi', [unwritable]),
+      ]);
+      expectOneLineFailure(badUrl, /^invalid configuration: DATABASE_URL: must be a postgres:\/\//);
+      expectOneLineFailure(
+        refused,
+        /^error: cannot connect to the database: connect ECONNREFUSED 127\.0\.0\.1:1$/m,
+      );
+      if (missing)
+        expectOneLineFailure(missing, /^error: database "auth_missing_\w+" does not exist \(3D000\)$/m);
+      expectOneLineFailure(badPort, /^invalid configuration: PORT: /);
+      expectOneLineFailure(openapiPort, /^invalid configuration: PORT: /);
+      expectOneLineFailure(
+        openapiPath,
+        /^error: ENOENT: no such file or directory, open '.*no-such-directory/,
+      );
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'openapi writes the document with NODE_ENV=production and no production secrets',
+    async () => {
+      const dataDir = scratchDir();
+      const out = join(dataDir, 'openapi.json');
+      const target: Target = { kind: 'pglite', url: undefined, dataDir, drop: async () => undefined };
+      const result = await run(target, 'export-openapi', [out], {
+        NODE_ENV: 'production',
+        KEY_ENCRYPTION_KEY: '',
+        SECRET_PEPPER: '',
+      });
+      expect(result.code, result.stderr).toBe(0);
+      const document = JSON.parse(readFileSync(out, 'utf8')) as { openapi: string; paths: object };
+      expect(document.openapi).toMatch(/^3\./);
+      expect(result.stdout).toBe(`wrote ${out} (${Object.keys(document.paths).length} paths)\n`);
+      expect(Object.keys(document.paths).length).toBeGreaterThan(20);
+      expect(existsSync(join(dataDir, 'secrets'))).toBe(false);
     },
     SPAWN_TEST_TIMEOUT,
   );

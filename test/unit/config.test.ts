@@ -17,6 +17,11 @@ describe('configuration', () => {
       refreshAbsoluteTtl: 7_776_000,
     });
     expect(config.rateLimit.enabled).toBe(true);
+    expect(config.db.migrations).toEqual({
+      lockTimeoutMs: 5000,
+      statementTimeoutMs: 600_000,
+      retryBudgetMs: 60_000,
+    });
     expect(config.keyEncryptionKey).toHaveLength(32);
     expect(Object.isFrozen(config)).toBe(true);
   });
@@ -81,10 +86,35 @@ describe('configuration', () => {
     expect(load({ SHUTDOWN_DRAIN_MS: '8500', SHUTDOWN_TIMEOUT_MS: '15000' }).shutdownDrainMs).toBe(8500);
   });
 
+  it('takes the migration timeouts and retry budget, and refuses a lock timeout of 0 (no timeout)', () => {
+    const config = load({
+      DB_MIGRATION_LOCK_TIMEOUT_MS: '2000',
+      DB_MIGRATION_STATEMENT_TIMEOUT_MS: '3600000',
+      DB_MIGRATION_RETRY_MS: '0',
+    });
+    expect(config.db.migrations).toEqual({
+      lockTimeoutMs: 2000,
+      statementTimeoutMs: 3_600_000,
+      retryBudgetMs: 0,
+    });
+    expect(() => load({ DB_MIGRATION_LOCK_TIMEOUT_MS: '0' })).toThrow(/DB_MIGRATION_LOCK_TIMEOUT_MS/);
+  });
+
   it('requires KEY_ENCRYPTION_KEY in production', () => {
     expect(() =>
       load({ NODE_ENV: 'production', SECRET_PEPPER: Buffer.alloc(32, 1).toString('base64') }),
     ).toThrow(/KEY_ENCRYPTION_KEY/);
+  });
+
+  it('does not demand the production secrets of a command that uses none (needsSecrets: false)', () => {
+    const config = loadConfig(
+      { NODE_ENV: 'production', DATA_DIR: '/nonexistent/data' },
+      { needsSecrets: false },
+    );
+    expect(config.env).toBe('production');
+    // Random, in memory: nothing was written under the (unwritable) DATA_DIR.
+    expect(config.keyEncryptionKey).toHaveLength(32);
+    expect(config.secretPepper).toHaveLength(32);
   });
 
   it('chooses supabase when SUPABASE_URL is set, and requires its anon and service-role keys', () => {
