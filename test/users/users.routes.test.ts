@@ -193,6 +193,58 @@ describe('users and roles administration', () => {
     });
   });
 
+  it('answers what happened to one user: the audit log by subject_id and outcome, newest first, page by page', async () => {
+    const user = await registerUser(app, 'audit-subject');
+    const wrong = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: 'not the password at all' },
+    });
+    expect(wrong.statusCode).toBe(401);
+    await login(app, user.email);
+    for (const status of ['disabled', 'active']) {
+      const res = await app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${user.id}`,
+        headers: asAdmin(),
+        payload: { status },
+      });
+      expect(res.statusCode).toBe(200);
+    }
+    type Event = { type: string; outcome: string; subject_id: string; created_at: string };
+    const about = await allPages<Event>(app, `/v1/audit-events?subject_id=${user.id}`, asAdmin());
+    expect(about.every((e) => e.subject_id === user.id)).toBe(true);
+    expect(about.map((e) => e.type)).toEqual([
+      'user.enabled',
+      'user.disabled',
+      'auth.login',
+      'auth.login',
+      'user.registered',
+    ]);
+    const sorted = [...about].sort((a, b) => b.created_at.localeCompare(a.created_at));
+    expect(about.map((e) => e.created_at)).toEqual(sorted.map((e) => e.created_at));
+    // Two pages of two and one, through the cursor.
+    const first = await app.inject({
+      method: 'GET',
+      url: `/v1/audit-events?subject_id=${user.id}&limit=2`,
+      headers: asAdmin(),
+    });
+    expect(first.json().data).toHaveLength(2);
+    expect(first.json().next_cursor).toEqual(expect.any(String));
+    const failures = await allPages<Event>(
+      app,
+      `/v1/audit-events?subject_id=${user.id}&outcome=failure`,
+      asAdmin(),
+    );
+    expect(failures.map((e) => e.type)).toEqual(['auth.login']);
+    const bad = await app.inject({
+      method: 'GET',
+      url: '/v1/audit-events?outcome=maybe',
+      headers: asAdmin(),
+    });
+    expect(bad.statusCode).toBe(400);
+  });
+
   it('deletes a user with their profile, sessions and roles; the audit log keeps the event', async () => {
     const user = await registerUser(app, 'delete');
     const del = await app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: asAdmin() });

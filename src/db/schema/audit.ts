@@ -22,5 +22,7 @@ export const auditEvents = pgTable(
     index('audit_events_created_idx').on(t.createdAt, t.id),
     index('audit_events_actor_idx').on(t.actorId, t.createdAt),
     index('audit_events_type_idx').on(t.type, t.createdAt),
+    // "What happened to this user, key or client": the subject's events, newest first.
+    index('audit_events_subject_idx').on(t.subjectId, t.createdAt),
   ],
 );

@@ -14,11 +14,21 @@ export function createAuditRepository(db: Executor) {
     },
     /** Newest first; the cursor continues below the last row of the previous page. */
     async list(
-      filter: { actorId?: string; type?: string; since?: Date; limit: number; cursor?: Cursor },
+      filter: {
+        actorId?: string;
+        subjectId?: string;
+        type?: string;
+        outcome?: 'success' | 'failure';
+        since?: Date;
+        limit: number;
+        cursor?: Cursor;
+      },
       tx: Executor = db,
     ): Promise<AuditEventRow[]> {
       const conditions = [];
       if (filter.actorId) conditions.push(eq(auditEvents.actorId, filter.actorId));
+      if (filter.subjectId) conditions.push(eq(auditEvents.subjectId, filter.subjectId));
+      if (filter.outcome) conditions.push(eq(auditEvents.outcome, filter.outcome));
       if (filter.type) conditions.push(eq(auditEvents.type, filter.type));
       if (filter.since) conditions.push(gte(auditEvents.createdAt, filter.since));
       if (filter.cursor)

@@ -24,6 +24,13 @@ const AuditEventSchema = z
 
 const AuditQuerySchema = PaginationQuerySchema.extend({
   actor_id: z.string().min(1).max(200).optional(),
+  subject_id: z
+    .string()
+    .min(1)
+    .max(200)
+    .optional()
+    .describe('Events about this user, API key or client (its id)'),
+  outcome: z.enum(['success', 'failure']).optional(),
   type: z.string().min(1).max(100).optional(),
   since: InstantSchema.optional().describe('ISO 8601; events at or after'),
 }).strict();
@@ -48,6 +55,8 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
       const rows = await deps.audit.list({
         limit: q.limit,
         ...(q.actor_id ? { actorId: q.actor_id } : {}),
+        ...(q.subject_id ? { subjectId: q.subject_id } : {}),
+        ...(q.outcome ? { outcome: q.outcome } : {}),
         ...(q.type ? { type: q.type } : {}),
         ...(q.since ? { since: new Date(q.since) } : {}),
         ...(cursor ? { cursor } : {}),

@@ -1,0 +1,1 @@
+CREATE INDEX IF NOT EXISTS "audit_events_subject_idx" ON "audit_events" USING btree ("subject_id","created_at");
