@@ -1,10 +1,9 @@
 // Applies pending migrations in drizzle/ to DATABASE_URL (or the embedded database under DATA_DIR),
 // under the same advisory lock, timeouts and retries as the service at start: `npm run db:migrate`.
 import 'dotenv/config';
-import { parseArgs } from 'node:util';
 import { loadConfig } from '../src/config.js';
 import { openDatabase, runMigrations } from '../src/db/client.js';
-import { runScript, scriptLogger, UsageError } from './lib/script-context.js';
+import { askedForHelpOnly, runScript, scriptLogger } from './lib/script-context.js';
 
 const USAGE = `usage: npm run db:migrate
 
@@ -13,15 +12,7 @@ and says how many it applied. Waits for another instance applying them; a migrat
 its locks within DB_MIGRATION_RETRY_MS fails with exit code 1 (see MIGRATIONS.md).`;
 
 async function main() {
-  try {
-    const { values } = parseArgs({ options: { help: { type: 'boolean', short: 'h' } }, strict: true });
-    if (values.help) {
-      process.stdout.write(`${USAGE}\n`);
-      return;
-    }
-  } catch (err) {
-    throw new UsageError(err instanceof Error ? err.message : String(err));
-  }
+  if (askedForHelpOnly(USAGE)) return;
   // Migrating encrypts and hashes nothing: production's secrets are not needed for it.
   const config = loadConfig(process.env, { needsSecrets: false });
   const logger = scriptLogger(config.logLevel);

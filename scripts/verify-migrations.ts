@@ -12,7 +12,6 @@ import { spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseArgs } from 'node:util';
 import pino from 'pino';
 import { loadConfig } from '../src/config.js';
 import { MIGRATIONS_FOLDER, openMemoryDatabase } from '../src/db/client.js';
@@ -26,7 +25,7 @@ import {
   readCatalog,
   readLatestSnapshot,
 } from './lib/schema-check.js';
-import { runScript, UsageError } from './lib/script-context.js';
+import { askedForHelpOnly, runScript } from './lib/script-context.js';
 
 const USAGE = `usage: npm run db:verify
 
@@ -82,15 +81,7 @@ function redact(url: string): string {
 }
 
 async function main() {
-  try {
-    const { values } = parseArgs({ options: { help: { type: 'boolean', short: 'h' } }, strict: true });
-    if (values.help) {
-      process.stdout.write(`${USAGE}\n`);
-      return;
-    }
-  } catch (err) {
-    throw new UsageError(err instanceof Error ? err.message : String(err));
-  }
+  if (askedForHelpOnly(USAGE)) return;
   // Only DATABASE_URL (and the connect timeout) matter here; no secret is used.
   const config = loadConfig(process.env, { needsSecrets: false });
 

@@ -2,6 +2,7 @@
 // on stderr, and for create-admin and rotate-signing-key the configuration, the migrated database and
 // the services wired exactly as the HTTP app wires them, so a rule holds whichever door it is reached by.
 import 'dotenv/config';
+import { parseArgs } from 'node:util';
 import pino, { type Logger } from 'pino';
 import { ConfigError, type Config, loadConfig } from '../../src/config.js';
 import { type DatabaseHandle, MigrationError, openDatabase } from '../../src/db/client.js';
@@ -13,6 +14,21 @@ import { createServices, type Services } from '../../src/services.js';
 /** Bad command-line input: reported with the usage text, exit code 1. */
 export class UsageError extends Error {
   override name = 'UsageError';
+}
+
+/**
+ * For a script that takes no arguments but `--help`: prints the usage and answers true for `--help`,
+ * refuses anything else as a usage error.
+ */
+export function askedForHelpOnly(usage: string): boolean {
+  let help: boolean | undefined;
+  try {
+    ({ help } = parseArgs({ options: { help: { type: 'boolean', short: 'h' } }, strict: true }).values);
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  if (help) process.stdout.write(`${usage}\n`);
+  return help === true;
 }
 
 export interface ScriptContext {
