@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify';
 import fp from 'fastify-plugin';
 import { API_KEY_FORMAT } from '../lib/crypto.js';
-import { AppError } from '../lib/errors.js';
+import { AppError, credentialNoLongerStands } from '../lib/errors.js';
 import { hasPermission } from '../lib/permissions.js';
 import type { RequestContext } from '../modules/audit/audit.service.js';
 import type { AccessTokenClaims, TokenService } from '../modules/tokens/tokens.service.js';
@@ -312,12 +312,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       const now = await options.heldNow(principal);
       // Dead since it was cached or issued (the revocation's notification not yet here): a 401, as
       // the same credential gets once every instance has heard, not a 403 that says to ask for a role.
-      if (now === null) {
-        throw new AppError('invalid_token', {
-          detail: 'This credential has been revoked or its account disabled',
-          headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
-        });
-      }
+      if (now === null) throw credentialNoLongerStands();
       if (!anyOf.some((p) => hasPermission(now, p))) {
         await refuse(
           request,

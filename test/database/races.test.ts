@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
-import { sql } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
+import { profiles, users } from '../../src/db/schema/index.js';
 import { type AuthEvent, inTransaction } from '../../src/lib/events.js';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
@@ -189,5 +190,52 @@ describe('races that must leave nothing live behind', () => {
         expect(refreshed.statusCode, `a session from before the disabling, round ${round}`).toBe(401);
       }
     }
+  });
+});
+
+describe('the grant ceiling against a user deleted while it reads', () => {
+  it('a credential whose user is gone is a 401, never a 403 for a permission they held', async () => {
+    const user = await registerUser(app, 'ceiling-gone');
+    const grantor = { kind: 'user' as const, userId: user.id, permissions: ['account:read', 'api_keys:own'] };
+    // Deleted between the two reads of the ceiling: after their permissions, before their row.
+    const repo = app.services.repos.users;
+    const original = repo.rolesAndPermissions.bind(repo);
+    const spy = vi.spyOn(repo, 'rolesAndPermissions').mockImplementationOnce(async (id, tx) => {
+      const answer = await original(id, tx);
+      await app.services.db.delete(users).where(eq(users.id, user.id));
+      return answer;
+    });
+    try {
+      const refusal = await app.services.grants
+        .assertHolds(grantor, ['account:read'], app.services.db, 'refused')
+        .then(
+          () => undefined,
+          (err: unknown) => err,
+        );
+      expect(refusal).toMatchObject({ code: 'invalid_token', status: 401 });
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
+  it('a user being deleted waits for a change the ceiling allowed, so the change never fails on its foreign key', async () => {
+    const user = await registerUser(app, 'ceiling-lock');
+    const grantor = { kind: 'user' as const, userId: user.id, permissions: ['account:read', 'api_keys:own'] };
+    let deleted = false;
+    await app.services.db.transaction(async (tx) => {
+      await app.services.grants.assertHolds(grantor, ['account:read'], tx, 'refused');
+      // The deletion, on another connection, waits for this transaction's key-share lock.
+      const deletion = app.services.db
+        .delete(users)
+        .where(eq(users.id, user.id))
+        .then(() => {
+          deleted = true;
+        });
+      await new Promise((r) => setTimeout(r, 200));
+      expect(deleted).toBe(false);
+      await tx.insert(profiles).values({ userId: user.id }).onConflictDoNothing();
+      void deletion;
+    });
+    await expect.poll(() => deleted, { timeout: 5000 }).toBe(true);
   });
 });

@@ -1,6 +1,6 @@
 import type { Database, Executor } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
-import { AppError, isAppError } from '../../lib/errors.js';
+import { AppError, credentialNoLongerStands, isAppError } from '../../lib/errors.js';
 import { intersectPermissions, notHeld } from '../../lib/permissions.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
@@ -36,7 +36,7 @@ export interface RefusedAction {
 
 export interface GrantCeilingDeps {
   db: Database;
-  users: Pick<UsersRepository, 'findById' | 'rolesAndPermissions'>;
+  users: Pick<UsersRepository, 'findByIdForKeyShare' | 'rolesAndPermissions'>;
   clients: Pick<ClientsRepository, 'findByClientId'>;
   apiKeys: Pick<ApiKeysRepository, 'findById'>;
   audit: AuditService;
@@ -55,11 +55,18 @@ export interface GrantCeilingDeps {
  *   and within its creator's current permissions when it acts for them.
  */
 export function createGrantCeiling(deps: GrantCeilingDeps) {
-  /** A user's current permissions within `within`; null once the user is disabled or gone. */
+  /**
+   * A user's current permissions within `within`; null once the user is disabled or gone. Their
+   * permissions are read before their row, so a deletion committing between the two reads finds the
+   * user gone (null: 401), never "active and holding nothing" (a 403 for a permission they had). In a
+   * change's transaction the row is key-share locked, so the user cannot be deleted before the change
+   * commits (it would otherwise fail on its foreign key to them).
+   */
   async function ownerHolds(userId: string, within: readonly string[], tx: Executor) {
-    const user = await deps.users.findById(userId, tx);
+    const { permissions } = await deps.users.rolesAndPermissions(userId, tx);
+    const user = await deps.users.findByIdForKeyShare(userId, tx);
     if (user?.status !== 'active') return null;
-    return intersectPermissions(within, (await deps.users.rolesAndPermissions(userId, tx)).permissions);
+    return intersectPermissions(within, permissions);
   }
 
   /**
@@ -92,17 +99,17 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
     }
   }
 
-  /** What the grantor holds now: nothing when the credential no longer stands. */
-  const held = async (grantor: Grantor, tx: Executor) => (await standing(grantor, tx)) ?? [];
-
   return {
-    held,
     standing,
 
-    /** Throws GrantRefused (403) unless the grantor holds, now, everything `granted` gives. */
+    /**
+     * Throws GrantRefused (403) unless the grantor holds, now, everything `granted` gives; a 401 when
+     * the grantor's credential no longer stands at all.
+     */
     async assertHolds(grantor: Grantor, granted: readonly string[], tx: Executor, refusal: string) {
       if (granted.length === 0) return;
-      const holds = await held(grantor, tx);
+      const holds = await standing(grantor, tx);
+      if (holds === null) throw credentialNoLongerStands();
       const missing = [...new Set(notHeld(granted, holds))].sort();
       if (missing.length > 0) throw new GrantRefused(refusal, missing);
     },
