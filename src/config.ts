@@ -107,6 +107,7 @@ function isOrigin(entry: string): boolean {
     const url = new URL(entry);
     return (
       (url.protocol === 'http:' || url.protocol === 'https:') &&
+      !entry.includes('*') &&
       url.pathname === '/' &&
       !url.search &&
       !url.hash &&
@@ -170,7 +171,9 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
         message:
           entry === '*'
             ? 'must list the origins: * is refused, since browsers are allowed to send credentials'
-            : `"${entry}" is not an origin (scheme://host[:port], no path)`,
+            : entry.includes('*')
+              ? `"${entry}" has a wildcard: list each origin (scheme://host[:port])`
+              : `"${entry}" is not an origin (scheme://host[:port], no path)`,
       });
   const idle = Number(env.REFRESH_TOKEN_IDLE_TTL ?? 2_592_000);
   const absolute = Number(env.REFRESH_TOKEN_ABSOLUTE_TTL ?? 7_776_000);
@@ -347,7 +350,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
         ? false
         : trustProxyRaw === 'true'
           ? true
-          : trustProxyRaw.split(',').map((s) => s.trim()),
+          : listOf(trustProxyRaw),
     bodyLimit: e.BODY_LIMIT,
     requestTimeoutMs: e.REQUEST_TIMEOUT_MS,
     retention: { sessionRetentionDays: e.SESSION_RETENTION_DAYS, auditRetentionDays: e.AUDIT_RETENTION_DAYS },

@@ -146,6 +146,8 @@ describe('configuration', () => {
     ])
       expect(() => load({ TRUST_PROXY: good }), good).not.toThrow();
     expect(load({ TRUST_PROXY: '10.0.0.0/8,loopback' }).trustProxy).toEqual(['10.0.0.0/8', 'loopback']);
+    // Empty entries (a trailing comma) are no entries, here as in the check.
+    expect(load({ TRUST_PROXY: '10.0.0.1,,loopback,' }).trustProxy).toEqual(['10.0.0.1', 'loopback']);
     for (const bad of ['garbage', '10.0.0.0/33', '10.0.0.1/8/1', 'true,10.0.0.1', 'fd00::/129'])
       expect(() => load({ TRUST_PROXY: bad }), bad).toThrow(/TRUST_PROXY: /);
     expect(() => load({ TRUST_PROXY: 'garbage' })).toThrow(/"garbage" is not an IP address/);
@@ -157,6 +159,7 @@ describe('configuration', () => {
         .corsOrigins,
     ).toEqual(['https://app.example.com', 'http://localhost:5173', 'https://x.test']);
     expect(() => load({ CORS_ORIGINS: '*' })).toThrow(/CORS_ORIGINS: must list the origins/);
+    expect(() => load({ CORS_ORIGINS: 'https://*.example.com' })).toThrow(/has a wildcard/);
     for (const bad of ['not a url', 'https://app.example.com/path', 'ftp://x.test', 'https://x.test?a=1'])
       expect(() => load({ CORS_ORIGINS: bad }), bad).toThrow(/CORS_ORIGINS: ".*" is not an origin/);
   });
