@@ -3,7 +3,13 @@ import { AppError } from './errors.js';
 import { InstantSchema } from './instant.js';
 
 export const PaginationQuerySchema = z.object({
-  limit: z.coerce.number().int().min(1).max(200).default(50).describe('Page size (1–200, default 50)'),
+  // Decimal digits only: Number() would also take `0x10`, `1e1` and ` 1` (refused as not a number).
+  limit: z
+    .preprocess(
+      (v) => (typeof v === 'string' && !/^[0-9]{1,3}$/.test(v) ? Number.NaN : v),
+      z.coerce.number().int().min(1).max(200).default(50),
+    )
+    .describe('Page size (1–200, default 50)'),
   cursor: z.string().max(512).optional().describe('Opaque cursor from the previous page’s `next_cursor`'),
 });
 

@@ -160,7 +160,8 @@ describe('paginated lists: roles, permissions, signing keys, sessions', () => {
     });
 
     it('refuses a limit outside 1–200 or not an integer: 400 naming query.limit', async () => {
-      for (const limit of ['abc', '0', '201', '-1', '1.5', '']) {
+      // Decimal digits only: what Number() would also read (hex, exponents, spaces) is refused.
+      for (const limit of ['abc', '0', '201', '-1', '1.5', '', '0x10', '1e1', '%201', '10%20']) {
         const res = await get(`${url}?limit=${limit}`, headers());
         expect(res.statusCode, `limit=${limit}`).toBe(400);
         expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
