@@ -213,6 +213,7 @@ export function createServices(deps: ServicesDeps) {
     audit,
     events,
     grants,
+    clients: repos.clients,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });

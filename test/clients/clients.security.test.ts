@@ -456,4 +456,52 @@ describe('app clients: security', () => {
     expect(res.statusCode, res.body).toBe(409);
     expect(res.json().detail).toBe('This client has no recorded creator to act for');
   });
+
+  it('disabling or deleting a creator ends the tokens their clients already hold, as it ends their own', async () => {
+    const creator = await userWith(app, ['clients:read', 'clients:write', 'users:read'], 'creator-cut');
+    const client = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    expect(client.acts_for_creator).toBe(true);
+    const introspector = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const asIntrospector = basic(introspector.client_id, introspector.client_secret);
+    const before = await clientToken(app, client);
+    const organisations = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${organisations.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { acts_for_creator: false },
+    });
+    const unbound = await clientToken(app, organisations);
+
+    const disabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${creator.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode).toBe(200);
+    expect((await introspect(app, before.access_token, asIntrospector)).active).toBe(false);
+    const read = await app.inject({ method: 'GET', url: '/v1/users', headers: bearer(before.access_token) });
+    expect(read.statusCode).toBe(401);
+    // A client made the organisation's keeps its tokens.
+    expect((await introspect(app, unbound.access_token, asIntrospector)).active).toBe(true);
+
+    // Enabled again: new tokens carry what the creator holds, and work.
+    await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${creator.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'active' },
+    });
+    const after = await clientToken(app, client);
+    expect(after.scope).toBe('users:read');
+    expect((await introspect(app, after.access_token, asIntrospector)).active).toBe(true);
+    const deleted = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(deleted.statusCode).toBe(204);
+    expect((await introspect(app, after.access_token, asIntrospector)).active).toBe(false);
+  });
 });

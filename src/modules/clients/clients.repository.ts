@@ -41,6 +41,14 @@ export function createClientsRepository(db: Executor) {
       const [row] = await tx.select().from(clients).where(eq(clients.id, id)).limit(1).for('update');
       return row;
     },
+    /** The client ids of the clients that act for this user (acts_for_creator). */
+    async clientIdsActingFor(userId: string, tx: Executor = db): Promise<string[]> {
+      const rows = await tx
+        .select({ clientId: clients.clientId })
+        .from(clients)
+        .where(and(eq(clients.createdBy, userId), eq(clients.actsForCreator, true)));
+      return rows.map((r) => r.clientId);
+    },
     /** Oldest first; `createdBy` limits the list to one creator's clients. */
     async list(
       options: { createdBy?: string; limit: number; cursor?: Cursor },

@@ -11,6 +11,7 @@ import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RolesRepository } from '../roles/roles.repository.js';
 import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
+import type { ClientsRepository } from '../clients/clients.repository.js';
 
 const ADMIN_ROLE = 'admin';
 
@@ -24,6 +25,7 @@ export function createUsersService(deps: {
   audit: AuditService;
   events: EventBus;
   grants: GrantCeiling;
+  clients: Pick<ClientsRepository, 'clientIdsActingFor'>;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -54,10 +56,16 @@ export function createUsersService(deps: {
     }
   }
 
-  /** Ends everything a user holds, on every instance: sessions, access tokens (by subject), cached keys. */
+  /**
+   * Ends everything a user holds, on every instance: sessions, access tokens (by subject), cached keys,
+   * and the access tokens of the clients that act for them (their scopes were what the user held when
+   * issued; new ones carry none).
+   */
   async function cutOff(tx: Transaction, userId: string, reason: string, emit: (e: AuthEvent) => void) {
     (await deps.sessions.endAllSessions(tx, userId, reason)).forEach(emit);
     emit(await deps.auth.subjectRevocation(tx, userId));
+    for (const clientId of await deps.clients.clientIdsActingFor(userId, tx))
+      emit(await deps.auth.subjectRevocation(tx, clientId));
     emit({ type: 'user_changed', userId });
   }
 
