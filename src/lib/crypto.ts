@@ -117,3 +117,26 @@ export function parseSecret(format: SecretFormat, token: string): ParsedSecret |
 export const API_KEY_FORMAT: SecretFormat = { prefix: 'pak', lookupLength: 12, secretLength: 43 };
 export const CLIENT_SECRET_FORMAT: SecretFormat = { prefix: 'pcs', lookupLength: 12, secretLength: 43 };
 export const REFRESH_TOKEN_FORMAT: SecretFormat = { prefix: 'prt', lookupLength: 12, secretLength: 43 };
+
+/**
+ * A UUID version 7 (RFC 9562 §5.7): the millisecond `ms` in its first 48 bits, then random bits. An
+ * access token's `jti`, so the token carries when it was issued to the millisecond, where `iat` has
+ * whole seconds: a revocation at 12:00:00.400 then covers the tokens issued before it, and not one
+ * issued at 12:00:00.600, after a user or client is re-enabled.
+ */
+export function uuidV7(ms: number): string {
+  const bytes = randomBytes(16);
+  bytes.writeUIntBE(ms, 0, 6);
+  bytes[6] = (bytes[6]! & 0x0f) | 0x70;
+  bytes[8] = (bytes[8]! & 0x3f) | 0x80;
+  const hex = bytes.toString('hex');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/** The millisecond a UUID version 7 was made at; undefined for any other string (a v4 `jti`). */
+export function uuidV7Ms(id: string): number | undefined {
+  if (id.length !== 36 || id.charCodeAt(14) !== 55 /* '7' */ || id.charCodeAt(8) !== 45 /* '-' */)
+    return undefined;
+  const ms = Number.parseInt(id.slice(0, 8) + id.slice(9, 13), 16);
+  return Number.isSafeInteger(ms) ? ms : undefined;
+}

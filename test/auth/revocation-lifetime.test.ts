@@ -3,7 +3,8 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { CLOCK_TOLERANCE_SECONDS } from '../../src/modules/tokens/tokens.service.js';
 import { basic, clientToken, createClient, createTestClock, form, userWith } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
-import { createAdmin, type TestUser } from '../support/factories.js';
+import { atTime } from '../support/clock.js';
+import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 /*
@@ -119,5 +120,38 @@ describe('a revocation outlives every token it covers, leeway included', () => {
       expect(res.statusCode).toBe(401);
       expect(res.json().detail).toBe('The access token has expired');
     }
+  });
+});
+
+describe('a revocation covers the tokens issued before it, to the millisecond', () => {
+  it('disabled and enabled again within one second: the token from before is revoked, the one after works', async () => {
+    const app = await buildTestApp();
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'same-second');
+    const me = (token: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+    const setStatus = async (status: 'active' | 'disabled') =>
+      expect(
+        (
+          await app.inject({
+            method: 'PATCH',
+            url: `/v1/users/${user.id}`,
+            headers: bearer(admin.accessToken),
+            payload: { status },
+          })
+        ).statusCode,
+      ).toBe(200);
+    // All of it at the start of one second of the service's clock (whole-second `iat`s then agree).
+    const second = new Date(Math.ceil(Date.now() / 1000) * 1000 + 10_000);
+    await atTime(app, second, async () => {
+      const before = (await login(app, user.email)).session.access_token;
+      await setStatus('disabled');
+      await setStatus('active');
+      const after = (await login(app, user.email)).session.access_token;
+      expect((await me(before)).statusCode).toBe(401);
+      expect((await me(after)).statusCode, 'a token issued after the re-enabling').toBe(200);
+      const iat = (token: string) =>
+        JSON.parse(Buffer.from(token.split('.')[1]!, 'base64url').toString()).iat;
+      expect(iat(before)).toBe(iat(after));
+    });
   });
 });

@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import type { Executor } from '../../db/client.js';
 import { type Clock, epochSeconds } from '../../lib/clock.js';
+import { uuidV7Ms } from '../../lib/crypto.js';
 import type { AuthEvent } from '../../lib/events.js';
 import type { RevocationsRepository } from './revocations.repository.js';
 import { acceptedUntil } from './tokens.service.js';
@@ -122,8 +123,12 @@ export function createRevocationList(deps: {
       if (claims.sid && maps.session.has(claims.sid)) return true;
       if (claims.sub) {
         const subject = maps.subject.get(claims.sub);
-        // iat has one-second resolution: a token issued in the second of the revocation is revoked too.
-        if (subject && (claims.iat ?? 0) * 1000 <= subject.revokedAt) return true;
+        // When it was issued: to the millisecond from a version 7 jti; else from iat, whose one-second
+        // resolution revokes a token issued in the second of the revocation too.
+        if (subject) {
+          const issuedMs = (claims.jti ? uuidV7Ms(claims.jti) : undefined) ?? (claims.iat ?? 0) * 1000;
+          if (issuedMs <= subject.revokedAt) return true;
+        }
       }
       return false;
     },

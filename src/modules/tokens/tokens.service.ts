@@ -1,4 +1,4 @@
-import { type KeyObject, randomUUID } from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
 import { errors as joseErrors, type JWTPayload, jwtVerify } from 'jose';
 import { LRUCache } from 'lru-cache';
 import { type Clock, epochSeconds } from '../../lib/clock.js';
@@ -6,6 +6,7 @@ import { AppError } from '../../lib/errors.js';
 import type { Signer } from '../../lib/signer.js';
 import type { SigningAlg, SigningKeysService } from '../signing-keys/signing-keys.service.js';
 import type { RevocationList } from './revocations.service.js';
+import { uuidV7 } from '../../lib/crypto.js';
 
 /** RFC 9068 access-token claims, plus `roles`, `sid` and `email` for users. */
 export interface AccessTokenClaims extends JWTPayload {
@@ -154,7 +155,8 @@ export function createTokenService(deps: {
       const now = deps.clock.now();
       const iat = epochSeconds(now);
       const exp = iat + input.ttlSeconds;
-      const jti = randomUUID();
+      // Issued when, to the millisecond: what a subject's revocation is compared with.
+      const jti = uuidV7(now.getTime());
       const claims: Record<string, unknown> = {
         client_id: input.clientId,
         scope: input.permissions.join(' '),
