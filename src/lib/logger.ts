@@ -23,7 +23,14 @@ export const REDACTED_PATHS = [
 ];
 
 /** Query parameters whose values are never logged: tokens, secrets, passwords, keys, codes. */
-const SENSITIVE_PARAMETER = /token|secret|passw|key|code|assertion|credential|auth|signature|session/i;
+const SENSITIVE_PARAMETER = /token|secret|passw|key|code|assertion|credential|auth|signature|session|jwt/i;
+
+/**
+ * Values that are credentials whatever their parameter is called: a JWT (`eyJ…`, also
+ * percent-encoded) or a secret of this service (`pak_` API keys, `prt_` refresh tokens, `pcs_` client
+ * secrets).
+ */
+const CREDENTIAL_VALUE = /^(?:eyJ|ey%4A|pak_|prt_|pcs_)/i;
 
 /**
  * A request URL as it may be logged: the value of every query parameter named like a credential is
@@ -33,22 +40,19 @@ const SENSITIVE_PARAMETER = /token|secret|passw|key|code|assertion|credential|au
 export function loggableUrl(url: string): string {
   const query = url.indexOf('?');
   if (query < 0) return url;
+  // Each `name=value`, between `&` or `;` (which some parsers take as a separator too), kept as sent.
   const parameters = url
     .slice(query + 1)
-    .split('&')
-    .map((parameter) => {
-      const equals = parameter.indexOf('=');
-      if (equals < 0) return parameter;
-      const raw = parameter.slice(0, equals);
+    .replace(/([^&;=]*)=([^&;]*)/g, (whole, raw: string, value: string) => {
       let name: string;
       try {
         name = decodeURIComponent(raw.replace(/\+/g, ' '));
       } catch {
         name = raw;
       }
-      return SENSITIVE_PARAMETER.test(name) ? `${raw}=[redacted]` : parameter;
+      return SENSITIVE_PARAMETER.test(name) || CREDENTIAL_VALUE.test(value) ? `${raw}=[redacted]` : whole;
     });
-  return `${url.slice(0, query)}?${parameters.join('&')}`;
+  return `${url.slice(0, query)}?${parameters}`;
 }
 
 /** Fastify's request serializer (method, url, host, address, port), with the URL made loggable. */

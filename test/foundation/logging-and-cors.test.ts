@@ -67,6 +67,18 @@ describe('logs never carry credentials', () => {
     );
     expect(out).not.toContain('s3cr3t-in-query');
     expect(out).not.toContain('pak_in_query');
+    // Named harmlessly, a credential is known by its look: a JWT or a secret of this service; and
+    // `;` separates parameters as `&` does.
+    await app.inject({
+      method: 'GET',
+      url: `/v1/auth/me?q=${access_token}&page=2;jwt=abc.def.ghi;x=pak_hidden&y=${encodeURIComponent(refresh_token)}`,
+    });
+    const second = lines
+      .map((l) => JSON.parse(l) as { msg: string; req?: { url?: string } })
+      .filter((l) => l.msg === 'incoming request' && l.req?.url?.startsWith('/v1/auth/me?q='));
+    expect(second.at(-1)?.req?.url).toBe(
+      '/v1/auth/me?q=[redacted]&page=2;jwt=[redacted];x=[redacted]&y=[redacted]',
+    );
     expect(out).toContain('"reqId"');
     for (const secret of [PASSWORD, 'a wrong password for the log', access_token, refresh_token]) {
       expect(out).not.toContain(secret);
