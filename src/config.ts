@@ -153,16 +153,14 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
       });
     }
   }
-  for (const entry of listOf(env.TRUST_PROXY))
+  const proxies = listOf(env.TRUST_PROXY);
+  for (const entry of proxies)
     if (!['true', 'false'].includes(entry) && !isProxyAddress(entry))
       issues.push({
         path: 'TRUST_PROXY',
         message: `"${entry}" is not an IP address, a CIDR range, loopback, linklocal or uniquelocal`,
       });
-  if (
-    listOf(env.TRUST_PROXY).length > 1 &&
-    listOf(env.TRUST_PROXY).some((e) => e === 'true' || e === 'false')
-  )
+  if (proxies.length > 1 && proxies.some((e) => e === 'true' || e === 'false'))
     issues.push({ path: 'TRUST_PROXY', message: 'is true, false, or a list of addresses, not a mix' });
   for (const entry of listOf(env.CORS_ORIGINS))
     if (!isOrigin(entry))

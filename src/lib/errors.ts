@@ -94,17 +94,6 @@ export const notFound = (what = 'resource') =>
   new AppError('not_found', { detail: `The ${what} does not exist` });
 export const forbidden = (detail?: string) => new AppError('forbidden', detail ? { detail } : {});
 
-/**
- * A credential that was good when this instance last heard and no longer stands (revoked, expired,
- * its user or client disabled or gone), found on the way to a change: the 401 it gets everywhere
- * once the news has arrived, not a 403 that sends the caller off to ask for a permission.
- */
-export const credentialNoLongerStands = () =>
-  new AppError('invalid_token', {
-    detail: 'This credential has been revoked or its account disabled',
-    headers: { 'www-authenticate': 'Bearer realm="paservices", error="invalid_token"' },
-  });
-
 const TRANSIENT_PG_CODES = new Set([
   '57P01', // admin_shutdown (backend terminated)
   '57P02', // crash_shutdown

@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify';
 import fp from 'fastify-plugin';
 import { API_KEY_FORMAT } from '../lib/crypto.js';
-import { AppError, credentialNoLongerStands } from '../lib/errors.js';
+import { AppError } from '../lib/errors.js';
 import { hasPermission } from '../lib/permissions.js';
 import type { RequestContext } from '../modules/audit/audit.service.js';
 import type { AccessTokenClaims, TokenService } from '../modules/tokens/tokens.service.js';
@@ -78,7 +78,6 @@ export const decidedOnHeldNow = (method: string, heldNow: boolean | undefined) =
 const WWW_AUTHENTICATE_INVALID = 'Bearer realm="paservices", error="invalid_token"';
 /** The challenge without an error code: no credential, or one of another scheme (RFC 6750 §3.1). */
 export const BEARER_CHALLENGE = 'Bearer realm="paservices"';
-const WWW_AUTHENTICATE_MISSING = BEARER_CHALLENGE;
 const WWW_AUTHENTICATE_INVALID_REQUEST = 'Bearer realm="paservices", error="invalid_request"';
 
 /**
@@ -87,6 +86,18 @@ const WWW_AUTHENTICATE_INVALID_REQUEST = 'Bearer realm="paservices", error="inva
  */
 export const insufficientScope = (permissions: readonly string[]) =>
   `${BEARER_CHALLENGE}, error="insufficient_scope", scope="${permissions.join(' ')}"`;
+
+/**
+ * A credential that was good when this instance last heard and no longer stands (revoked, expired,
+ * its user or client disabled or gone), found on the way to a change (the held-now check, the grant
+ * ceiling): the 401 it gets everywhere once the news has arrived, not a 403 that sends the caller off
+ * to ask for a permission.
+ */
+export const credentialNoLongerStands = () =>
+  new AppError('invalid_token', {
+    detail: 'This credential has been revoked or its account disabled',
+    headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
+  });
 
 export function principalFromClaims(claims: AccessTokenClaims): Principal {
   const permissions = claims.scope ? claims.scope.split(' ').filter(Boolean) : [];
@@ -144,7 +155,7 @@ const BEARER_SCHEME = /^Bearer(?:\s|$)/i;
 const authenticationRequired = (detail: string) =>
   new AppError('authentication_required', {
     detail,
-    headers: { 'www-authenticate': WWW_AUTHENTICATE_MISSING },
+    headers: { 'www-authenticate': BEARER_CHALLENGE },
   });
 
 /**

@@ -4,7 +4,7 @@ import { CLOCK_TOLERANCE_SECONDS } from '../../src/modules/tokens/tokens.service
 import { basic, clientToken, createClient, createTestClock, form, userWith } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
 import { atTime } from '../support/clock.js';
-import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
+import { createAdmin, login, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 /*
@@ -130,16 +130,7 @@ describe('a revocation covers the tokens issued before it, to the millisecond', 
     const user = await registerUser(app, 'same-second');
     const me = (token: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
     const setStatus = async (status: 'active' | 'disabled') =>
-      expect(
-        (
-          await app.inject({
-            method: 'PATCH',
-            url: `/v1/users/${user.id}`,
-            headers: bearer(admin.accessToken),
-            payload: { status },
-          })
-        ).statusCode,
-      ).toBe(200);
+      expect((await setUserStatus(app, admin.accessToken, user.id, status)).statusCode).toBe(200);
     // All of it at the start of one second of the service's clock (whole-second `iat`s then agree).
     const second = new Date(Math.ceil(Date.now() / 1000) * 1000 + 10_000);
     await atTime(app, second, async () => {

@@ -6,7 +6,7 @@ import { CLIENT_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { grantRole, removeRole } from '../api-keys/helpers.js';
-import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
+import { createAdmin, login, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { basic, clientToken, createClient, form, introspect, userWith } from './helpers.js';
 
@@ -473,12 +473,7 @@ describe('app clients: security', () => {
     });
     const unbound = await clientToken(app, organisations);
 
-    const disabled = await app.inject({
-      method: 'PATCH',
-      url: `/v1/users/${creator.id}`,
-      headers: bearer(admin.accessToken),
-      payload: { status: 'disabled' },
-    });
+    const disabled = await setUserStatus(app, admin.accessToken, creator.id, 'disabled');
     expect(disabled.statusCode).toBe(200);
     expect((await introspect(app, before.access_token, asIntrospector)).active).toBe(false);
     const read = await app.inject({ method: 'GET', url: '/v1/users', headers: bearer(before.access_token) });
@@ -487,12 +482,7 @@ describe('app clients: security', () => {
     expect((await introspect(app, unbound.access_token, asIntrospector)).active).toBe(true);
 
     // Enabled again: new tokens carry what the creator holds, and work.
-    await app.inject({
-      method: 'PATCH',
-      url: `/v1/users/${creator.id}`,
-      headers: bearer(admin.accessToken),
-      payload: { status: 'active' },
-    });
+    await setUserStatus(app, admin.accessToken, creator.id, 'active');
     const after = await clientToken(app, client);
     expect(after.scope).toBe('users:read');
     expect((await introspect(app, after.access_token, asIntrospector)).active).toBe(true);

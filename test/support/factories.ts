@@ -37,6 +37,21 @@ export async function login(app: FastifyInstance, email: string, password = PASS
   return res.json() as { user: { id: string }; session: { access_token: string; refresh_token: string } };
 }
 
+/** An administrator disables or enables a user through the API; the answer, for its status. */
+export function setUserStatus(
+  app: FastifyInstance,
+  adminToken: string,
+  userId: string,
+  status: 'active' | 'disabled',
+) {
+  return app.inject({
+    method: 'PATCH',
+    url: `/v1/users/${userId}`,
+    headers: { authorization: `Bearer ${adminToken}` },
+    payload: { status },
+  });
+}
+
 /** A user holding the admin role: registered, granted directly in the database, logged in again. */
 export async function createAdmin(app: FastifyInstance): Promise<TestUser> {
   const user = await registerUser(app, 'admin');

@@ -3,7 +3,14 @@ import type { InjectOptions } from 'light-my-request';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp } from '../support/app.js';
-import { createAdmin, login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
+import {
+  createAdmin,
+  login,
+  PASSWORD,
+  registerUser,
+  setUserStatus,
+  type TestUser,
+} from '../support/factories.js';
 import { allPages, bearer } from '../support/http.js';
 
 describe('users and roles administration', () => {
@@ -202,13 +209,8 @@ describe('users and roles administration', () => {
     });
     expect(wrong.statusCode).toBe(401);
     await login(app, user.email);
-    for (const status of ['disabled', 'active']) {
-      const res = await app.inject({
-        method: 'PATCH',
-        url: `/v1/users/${user.id}`,
-        headers: asAdmin(),
-        payload: { status },
-      });
+    for (const status of ['disabled', 'active'] as const) {
+      const res = await setUserStatus(app, admin.accessToken, user.id, status);
       expect(res.statusCode).toBe(200);
     }
     type Event = { type: string; outcome: string; subject_id: string; created_at: string };

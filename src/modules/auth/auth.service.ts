@@ -121,17 +121,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     } catch (err) {
       if (isAppError(err) && err.code === 'account_conflict') {
         // Not a guessed password (the provider accepted it): audited, not counted toward the lockout.
-        await deps.audit.record(deps.db, context, {
-          type: 'auth.login',
-          outcome: 'failure',
-          subjectId: null,
-          data: {
-            reason: 'account_conflict',
-            provider_user_id: pu.id,
-            email_domain: email.split('@')[1] ?? null,
-          },
+        await recordLoginFailure(context, email, null, 'account_conflict', {
+          counted: false,
+          data: { provider_user_id: pu.id },
         });
-        deps.onLogin?.('failure');
       }
       throw err;
     }
@@ -159,13 +152,15 @@ export function createAuthService(deps: AuthServiceDeps) {
     email: string,
     userId: string | null,
     reason: string,
+    options: { counted?: boolean; data?: Record<string, unknown> } = {},
   ) {
-    await deps.failures.recordFailure(email);
+    // Counted toward the account lockout unless it was no password guess.
+    if (options.counted !== false) await deps.failures.recordFailure(email);
     await deps.audit.record(deps.db, context, {
       type: 'auth.login',
       outcome: 'failure',
       subjectId: userId,
-      data: { reason, email_domain: email.split('@')[1] ?? null },
+      data: { reason, ...options.data, email_domain: email.split('@')[1] ?? null },
     });
     deps.onLogin?.('failure');
   }
@@ -444,9 +439,12 @@ export function createAuthService(deps: AuthServiceDeps) {
       return { user, created: true, granted: true };
     },
 
-    /** Revokes every token a user holds, on every instance (disable, delete). */
-    subjectRevocation: (tx: Parameters<RevocationList['revoke']>[0], userId: string) =>
-      deps.revocations.revoke(tx, 'subject', userId),
+    /**
+     * Revokes every token issued so far to a subject (a user, or a client acting for one), on every
+     * instance (disable, delete).
+     */
+    subjectRevocation: (tx: Parameters<RevocationList['revoke']>[0], subject: string) =>
+      deps.revocations.revoke(tx, 'subject', subject),
   };
 }
 

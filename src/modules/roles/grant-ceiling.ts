@@ -1,6 +1,7 @@
 import type { Database, Executor } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
-import { AppError, credentialNoLongerStands, isAppError } from '../../lib/errors.js';
+import { AppError, isAppError } from '../../lib/errors.js';
+import { credentialNoLongerStands } from '../../plugins/authenticate.js';
 import { intersectPermissions, notHeld } from '../../lib/permissions.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
