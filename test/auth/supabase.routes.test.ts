@@ -481,11 +481,13 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const logins = await misconfigured.services.audit.list({ type: 'auth.login', limit: 200 });
     expect(logins.filter((e) => e.subjectId === user.id && e.outcome === 'failure')).toEqual([]);
     const logged = lines.map(
-      (l) => JSON.parse(l) as { msg: string; level: number; err?: { message?: string } },
+      (l) => JSON.parse(l) as { msg: string; level: number; reqId?: string; err?: { message?: string } },
     );
     const warned = logged.filter((l) => l.msg === 'dependency failed');
     expect(warned.length).toBeGreaterThanOrEqual(4);
     expect(warned[0]!.err?.message).toMatch(/refused the service's key.*SUPABASE_ANON_KEY/);
+    // SECURITY.md: a 5xx's cause is in the log with the request id.
+    expect(warned.every((l) => typeof l.reqId === 'string' && l.reqId.length > 0)).toBe(true);
     // With the right key the same account signs in: it was never locked.
     expect((await loginAs(user.email)).statusCode).toBe(200);
   });
