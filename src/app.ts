@@ -40,6 +40,7 @@ import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
 import { NO_STORE_HEADERS, responseHeaders } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
+import type { Mailer } from './lib/mailer.js';
 
 export interface AppDeps {
   config: Config;
@@ -49,6 +50,8 @@ export interface AppDeps {
   /** Replaces the provider AUTH_PROVIDER would choose (tests use a fake GoTrue through the real one). */
   identityProvider?: IdentityProvider;
   redis?: Redis;
+  /** Where the service's mail goes; by default SMTP_URL's server (services.ts). */
+  mailer?: Mailer;
   /** How often the bootstrap admin is tried again while the identity provider is down at start. */
   bootstrapRetryMs?: number;
 }
@@ -291,6 +294,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     identityProvider: deps.identityProvider,
     redis: deps.redis,
     bootstrapRetryMs: deps.bootstrapRetryMs,
+    mailer: deps.mailer,
   });
   await services.start();
   app.addHook('onClose', async () => {
@@ -365,6 +369,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   await app.register(authRoutes, {
     auth: services.auth,
+    passwordReset: services.passwordReset,
     accounts: services.accounts,
     providerName: services.provider.name,
   });

@@ -75,6 +75,18 @@ const EnvSchema = z.object({
   SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(60_000).default(0),
   PASSWORD_HASH_CONCURRENCY: optionalString.pipe(z.coerce.number<string>().int().min(1).max(64).optional()),
   PASSWORD_HASH_QUEUE: z.coerce.number().int().min(0).max(10_000).default(64),
+  SMTP_URL: optionalString.pipe(z.url({ protocol: /^smtps?$/ }).optional()),
+  MAIL_FROM: optionalString.pipe(
+    z
+      .string()
+      .regex(/^[^\r\n]*[^\s@<>]+@[^\s@<>]+\.[^\s@<>]+>?$/, {
+        message: 'must be an address, e.g. "Name <no-reply@example.com>"',
+      })
+      .optional(),
+  ),
+  SMTP_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(10_000),
+  PASSWORD_RESET_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  PASSWORD_RESET_TTL: z.coerce.number().int().min(60).max(86_400).default(1800),
 });
 
 type Issue = { path: string; message: string };
@@ -140,6 +152,8 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
     for (const name of ['SUPABASE_URL', 'SUPABASE_ANON_KEY', 'SUPABASE_SERVICE_ROLE_KEY'])
       if (!set(name)) issues.push({ path: name, message: 'is required when AUTH_PROVIDER=supabase' });
   }
+  if (set('SMTP_URL') && !set('MAIL_FROM'))
+    issues.push({ path: 'MAIL_FROM', message: 'is required with SMTP_URL' });
   if (set('BOOTSTRAP_ADMIN_EMAIL') && !set('BOOTSTRAP_ADMIN_PASSWORD') && provider === 'local')
     issues.push({ path: 'BOOTSTRAP_ADMIN_PASSWORD', message: 'is required with BOOTSTRAP_ADMIN_EMAIL' });
   // The password rules a registration meets, at start rather than as a stack trace after migrating.
@@ -259,6 +273,10 @@ export interface Config {
   /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
   readonly shutdownDrainMs: number;
   readonly passwordHashing: { concurrency: number; queue: number };
+  /** The SMTP server the built-in provider's mail (password reset links) goes through. */
+  readonly mail: { smtpUrl: string; from: string; timeoutMs: number } | undefined;
+  /** The page a reset link opens (the token follows in its fragment), and the link's lifetime. */
+  readonly passwordReset: { url: string | undefined; ttlSeconds: number };
 }
 
 export interface LoadConfigOptions {
@@ -370,6 +388,11 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
         defaultHashConcurrency(availableParallelism(), threadPoolSize(source.UV_THREADPOOL_SIZE)),
       queue: e.PASSWORD_HASH_QUEUE,
     },
+    mail:
+      e.SMTP_URL && e.MAIL_FROM
+        ? { smtpUrl: e.SMTP_URL, from: e.MAIL_FROM, timeoutMs: e.SMTP_TIMEOUT_MS }
+        : undefined,
+    passwordReset: { url: e.PASSWORD_RESET_URL, ttlSeconds: e.PASSWORD_RESET_TTL },
   };
   return Object.freeze(config);
 }

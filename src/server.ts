@@ -57,6 +57,10 @@ async function main() {
         { dataDir: config.dataDir },
         'no DATABASE_URL: running on the embedded database, which one process alone can open; its files must be on a volume that outlives the container',
       );
+    if (config.authProvider === 'local' && !config.mail)
+      logger.warn(
+        'no SMTP_URL: password recovery is off (POST /v1/auth/password/forgot answers 404); set SMTP_URL and MAIL_FROM to mail reset links',
+      );
   }
   await app.listen({ port: config.port, host: config.host });
   logger.info(

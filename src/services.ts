@@ -44,6 +44,9 @@ import {
   createOAuthService,
 } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
+import { createLogMailer, createSmtpMailer, type Mailer } from './lib/mailer.js';
+import { createPasswordResetsRepository } from './modules/auth/password-resets.repository.js';
+import { createPasswordResetService } from './modules/auth/password-reset.service.js';
 import { createSigner } from './lib/signer.js';
 
 export interface ServicesDeps {
@@ -54,6 +57,11 @@ export interface ServicesDeps {
   identityProvider?: IdentityProvider | undefined;
   /** A Redis client for shared counters; by default one is made from REDIS_URL when set. */
   redis?: Redis | undefined;
+  /**
+   * Where the service's own mail goes (password reset links). By default: SMTP_URL's server; without
+   * it, the log in development and nowhere in production (password recovery is then off).
+   */
+  mailer?: Mailer | undefined;
   /** How often the bootstrap admin is tried again while the provider is down (default 15 s). */
   bootstrapRetryMs?: number | undefined;
 }
@@ -118,6 +126,7 @@ export function createServices(deps: ServicesDeps) {
     roles: createRolesRepository(db),
     apiKeys: createApiKeysRepository(db),
     clients: createClientsRepository(db),
+    passwordResets: createPasswordResetsRepository(db),
   };
   const audit = createAuditService({ repo: repos.audit, clock });
   const keys = createSigningKeysService({
@@ -152,6 +161,7 @@ export function createServices(deps: ServicesDeps) {
           anonKey: config.supabase.anonKey,
           serviceRoleKey: config.supabase.serviceRoleKey,
           timeoutMs: config.supabase.timeoutMs,
+          recoveryMaxAgeSeconds: config.passwordReset.ttlSeconds,
         })
       : createLocalProvider({ users: repos.users, hasher }));
   const failureOptions = { max: config.rateLimit.maxLoginFailuresPerHour, windowSeconds: 3600, clock };
@@ -192,6 +202,35 @@ export function createServices(deps: ServicesDeps) {
     failures,
     logger,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
+    passwordResets: repos.passwordResets,
+  });
+  const ownsMailer = !deps.mailer;
+  const mailer =
+    deps.mailer ??
+    (config.mail
+      ? createSmtpMailer({
+          url: config.mail.smtpUrl,
+          from: config.mail.from,
+          timeoutMs: config.mail.timeoutMs,
+        })
+      : config.env === 'production'
+        ? undefined
+        : createLogMailer(logger));
+  const passwordReset = createPasswordResetService({
+    db,
+    users: repos.users,
+    resets: repos.passwordResets,
+    provider,
+    sessions,
+    audit,
+    events,
+    clock,
+    failures,
+    mailer,
+    pepper: config.secretPepper,
+    url: config.passwordReset.url,
+    ttlSeconds: config.passwordReset.ttlSeconds,
+    logger,
   });
 
   const grants = createGrantCeiling({
@@ -214,6 +253,7 @@ export function createServices(deps: ServicesDeps) {
     events,
     grants,
     clients: repos.clients,
+    passwordResets: repos.passwordResets,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
@@ -335,6 +375,7 @@ export function createServices(deps: ServicesDeps) {
     provider,
     sessions,
     auth,
+    passwordReset,
     roles,
     /** The grant ceiling: what a principal holds now. */
     grants,
@@ -394,6 +435,7 @@ export function createServices(deps: ServicesDeps) {
       await events.stop();
       await signer.stop();
       if (ownsRedis) await redis?.quit().catch(() => undefined);
+      if (ownsMailer) mailer?.close();
     },
   };
 }

@@ -49,6 +49,9 @@ export function createLocalProvider(deps: {
         return undefined;
       return { passwordHash: await deps.hasher.hash(newPassword), replaces: row.passwordHash };
     },
+    async setPassword(_user, newPassword) {
+      return { passwordHash: await deps.hasher.hash(newPassword) };
+    },
     async deleteUser() {},
   };
 }

@@ -41,6 +41,22 @@ export interface IdentityProvider {
    * no confirmation mail, and sign-in works at once. Throws like signUp.
    */
   createConfirmedUser(email: string, password: string): Promise<SignUpResult>;
+  /**
+   * Sets a new password without the current one, once the user has proved they hold the email (a
+   * password reset). Returns the new local hash (local) or null (the provider keeps it). Throws
+   * AppError `weak_password` or `provider_unavailable`.
+   */
+  setPassword(user: ProviderUser, newPassword: string): Promise<{ passwordHash: string | null }>;
+  /**
+   * Providers that mail reset links themselves (Supabase): asks for one to be sent to `email`, the
+   * link leading to `redirectTo`. Without it, the service mails its own (modules/auth/password-reset).
+   */
+  requestPasswordRecovery?(email: string, redirectTo: string | undefined): Promise<void>;
+  /**
+   * With requestPasswordRecovery: the user a recovery link's token was issued to, or undefined when it
+   * is not a valid recovery token. The token stops working once read.
+   */
+  recoveryIdentity?(token: string): Promise<ProviderUser | undefined>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
 }

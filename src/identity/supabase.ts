@@ -19,6 +19,8 @@ export interface SupabaseProviderDeps {
   serviceRoleKey: string;
   /** Bound on every HTTP exchange with Supabase Auth, body included. */
   timeoutMs: number;
+  /** How recent the mailed link behind a recovery session must be (PASSWORD_RESET_TTL; 1800 s). */
+  recoveryMaxAgeSeconds?: number;
   fetch?: typeof fetch;
 }
 
@@ -33,6 +35,31 @@ const RETRY_AFTER = { 'retry-after': '5' };
 
 /** A JWT as Supabase issues it: three base64url parts (the last, the signature, never empty). */
 const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+
+/**
+ * True when the JWT's `amr` (GoTrue's list of how the session was opened, unverified here: getUser
+ * then verifies the token itself) has a mailed-link method no older than `maxAgeSeconds`.
+ */
+function provedMailboxRecently(jwt: string, maxAgeSeconds: number): boolean {
+  try {
+    const payload = JSON.parse(Buffer.from(jwt.split('.')[1] ?? '', 'base64url').toString('utf8')) as {
+      amr?: unknown;
+    };
+    if (!Array.isArray(payload.amr)) return false;
+    const now = Date.now() / 1000;
+    return payload.amr.some((entry: unknown) => {
+      const { method, timestamp } = (entry ?? {}) as { method?: unknown; timestamp?: unknown };
+      return (
+        (method === 'recovery' || method === 'otp' || method === 'magiclink') &&
+        typeof timestamp === 'number' &&
+        timestamp <= now + 30 &&
+        now - timestamp <= maxAgeSeconds
+      );
+    });
+  } catch {
+    return false;
+  }
+}
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -282,6 +309,53 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         if (error) throw signUpFailure(error);
         if (!data.user) throw unavailable(new Error('Supabase created the user without answering it'));
         return { user: toProviderUser(data.user, email), passwordHash: null, confirmed: true };
+      }),
+
+    setPassword: (user, newPassword) =>
+      guarded(async () => {
+        const { error } = await admin.auth.admin.updateUserById(user.id, { password: newPassword });
+        if (error && error.code !== 'same_password') {
+          if (isOutage(error)) throw unavailable(error);
+          if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
+            throw weakPassword(error, 'body.new_password');
+          throw new AppError('unprocessable', {
+            detail: 'The identity provider refused the new password',
+            cause: error,
+          });
+        }
+        return { passwordHash: null };
+      }),
+
+    requestPasswordRecovery: (email, redirectTo) =>
+      guarded(async () => {
+        const { error } = await anon.auth.resetPasswordForEmail(email, redirectTo ? { redirectTo } : {});
+        // An address Supabase has no user for is no error here either: nothing is sent, alike.
+        if (!error || error.code === 'user_not_found') return;
+        if (isOutage(error)) throw unavailable(error);
+        // GoTrue answers an unknown address alike; what else it refuses is the project's settings.
+        throw new AppError('unprocessable', {
+          detail: 'The identity provider refused to send a reset mail to this address',
+          errors: [{ field: 'body.email', message: 'is refused by the identity provider' }],
+          cause: error,
+        });
+      }),
+
+    recoveryIdentity: (token) =>
+      guarded(async () => {
+        if (!COMPACT_JWS.test(token)) return undefined;
+        // A session opened by a mailed link (a recovery or magic link: amr `recovery`, or `otp` in the
+        // implicit flow) within the reset lifetime: the mailbox was proved just now, as with a built-in
+        // link. A session opened with the password is no licence to skip the current one.
+        if (!provedMailboxRecently(token, deps.recoveryMaxAgeSeconds ?? 1800)) return undefined;
+        const { data, error } = await anon.auth.getUser(token);
+        if (error) {
+          if (isOutage(error)) throw unavailable(error);
+          return undefined;
+        }
+        if (!data.user.email) return undefined;
+        // Used once: the recovery session ends before the password is set.
+        await admin.auth.admin.signOut(token, 'local').catch(() => undefined);
+        return toProviderUser(data.user, data.user.email);
       }),
 
     deleteUser: (userId) =>

@@ -6,6 +6,7 @@ export const ERROR_CATALOGUE = {
   validation_failed: { status: 400, title: 'The request is not valid' },
   invalid_json: { status: 400, title: 'The body is not valid JSON' },
   bad_request: { status: 400, title: 'Bad request' },
+  invalid_reset_token: { status: 400, title: 'The password reset token is invalid, expired or used' },
   authentication_required: { status: 401, title: 'Authentication is required' },
   invalid_token: { status: 401, title: 'The token is invalid, expired or revoked' },
   invalid_credentials: { status: 401, title: 'Invalid email or password' },

@@ -18,6 +18,8 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
   { method: 'POST', route: '/v1/auth/login', permission: 'public' },
   { method: 'POST', route: '/v1/auth/refresh', permission: 'public' },
   { method: 'POST', route: '/v1/auth/exchange', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/password/forgot', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/password/reset', permission: 'public' },
 ];
 
 export const AUTH_ROUTES: MatrixRoute[] = [

@@ -65,10 +65,23 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     const revocationsBefore = await count(sql`select count(*)::int as n from revocations`);
     expect(revocationsBefore).toBeGreaterThan(0);
 
-    // Six days on, nothing has been ended long enough; the revocations (15 min) have expired.
+    // A password reset token, expired by the time of the purge below.
+    await app.services.repos.passwordResets.replace(
+      {
+        userId: user.id,
+        tokenHash: `retention-${user.id}`,
+        createdAt: clock.now(),
+        expiresAt: new Date(clock.nowMs() + 1800_000),
+      },
+      app.services.db,
+    );
+
+    // Six days on, nothing has been ended long enough; the revocations (15 min) and the reset token
+    // (30 min) have expired.
     clock.advance(6 * DAY);
     const early = await app.services.retention.purge();
-    expect(early).toMatchObject({ skipped: false, sessions: 0, auditEvents: 0 });
+    expect(early).toMatchObject({ skipped: false, sessions: 0, passwordResets: 1, auditEvents: 0 });
+    expect(await app.services.repos.passwordResets.latestFor(user.id)).toBeUndefined();
     expect(early.revocations).toBe(revocationsBefore);
     expect(await sessionsOf(user.id)).toBe(2);
 

@@ -226,6 +226,9 @@ describe('the OpenAPI document', () => {
           payload: body,
         });
         tried++;
+        // A one-time secret's example (a reset token) cannot be a live one: its refusal is not the
+        // request's shape being refused.
+        if (res.statusCode === 400 && res.json().code === 'invalid_reset_token') continue;
         expect(
           [400, 422],
           `${method.toUpperCase()} ${path} ${JSON.stringify(body)}: ${res.body}`,

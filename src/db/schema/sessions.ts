@@ -60,3 +60,26 @@ export const revocations = pgTable(
   },
   (t) => [primaryKey({ columns: [t.kind, t.value] }), index('revocations_expires_idx').on(t.expiresAt)],
 );
+
+/**
+ * A password reset link's token (built-in provider): one live token per user, since a new request
+ * replaces the previous one; used once, then kept with `used_at` until the retention purge. Only its
+ * HMAC under the server pepper is stored, as for refresh tokens.
+ */
+export const passwordResets = pgTable(
+  'password_resets',
+  {
+    id: uuid('id').primaryKey().defaultRandom(),
+    userId: uuid('user_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    tokenHash: text('token_hash').notNull().unique(),
+    createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
+    expiresAt: timestamp('expires_at', { withTimezone: true, precision: 3 }).notNull(),
+    usedAt: timestamp('used_at', { withTimezone: true, precision: 3 }),
+  },
+  (t) => [
+    index('password_resets_user_idx').on(t.userId),
+    index('password_resets_expires_idx').on(t.expiresAt),
+  ],
+);

@@ -11,6 +11,7 @@ import type { AccountsCache } from './accounts.cache.js';
 import {
   AuthResultSchema,
   ExchangeBodySchema,
+  ForgotPasswordBodySchema,
   LoginBodySchema,
   LogoutBodySchema,
   MeSchema,
@@ -18,14 +19,17 @@ import {
   RefreshBodySchema,
   RegisterBodySchema,
   RegisterResultSchema,
+  ResetPasswordBodySchema,
   SessionListSchema,
   SessionSchema,
   toUserDto,
 } from './auth.schema.js';
 import type { AuthService } from './auth.service.js';
+import type { PasswordResetService } from './password-reset.service.js';
 
 export interface AuthRoutesDeps {
   auth: AuthService;
+  passwordReset: PasswordResetService;
   accounts: AccountsCache;
   providerName: 'local' | 'supabase';
 }
@@ -232,6 +236,55 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         { currentPassword: request.body.current_password, newPassword: request.body.new_password },
         requestContext(request),
       );
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/auth/password/forgot',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'forgotPassword',
+        summary: 'Mail a password reset link',
+        description:
+          '204 whether or not the address has an account, and at most one mail per account a minute. ' +
+          'Built-in provider: the service mails a link to `PASSWORD_RESET_URL#token=prs_…` (or the bare ' +
+          'token without it), valid for `PASSWORD_RESET_TTL` seconds and once; a newer one replaces it. 404 ' +
+          'when the service has no `SMTP_URL` in production. Supabase: Supabase mails its recovery link, ' +
+          'leading to `PASSWORD_RESET_URL`.',
+        body: ForgotPasswordBodySchema,
+        response: {
+          204: z.null().describe('If the address has an active account, a reset link is on its way'),
+          ...problems(400, 404, 429, 503),
+          422: problemResponses[422].describe('Supabase refuses to mail a reset link to this address'),
+        },
+      },
+    },
+    async (request, reply) => {
+      await deps.passwordReset.request(request.body.email, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/auth/password/reset',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'resetPassword',
+        summary: 'Choose a new password with a reset link’s token; every session ends',
+        description:
+          'The token works once. Every session of the account ends, and a sign-in lockout is lifted. 400 ' +
+          '`invalid_reset_token` for a token that is unknown, expired, used or for a disabled account.',
+        body: ResetPasswordBodySchema,
+        response: { 204: z.null().describe('The password is changed'), ...problems(400, 422, 429, 503) },
+      },
+    },
+    async (request, reply) => {
+      await deps.passwordReset.reset(request.body.token, request.body.new_password, requestContext(request));
       return reply.status(204).send(null);
     },
   );

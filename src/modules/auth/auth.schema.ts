@@ -72,6 +72,23 @@ export const PasswordBodySchema = z
   .object({ current_password: PasswordSchema, new_password: PasswordSchema })
   .strict();
 
+export const ForgotPasswordBodySchema = z.object({ email: EmailSchema }).strict();
+
+export const ResetPasswordBodySchema = z
+  .object({
+    token: z
+      .string()
+      .min(1)
+      .max(8192)
+      .describe(
+        'From the reset link: the `token` in its fragment (built-in provider, `prs_…`), or with Supabase the ' +
+          'access token of the recovery session its link opened',
+      )
+      .meta({ example: 'prs_3kTMd2x0aPq7_…' }),
+    new_password: PasswordSchema,
+  })
+  .strict();
+
 export const ExchangeBodySchema = z
   .object({ access_token: z.string().min(1).max(8192).describe('A Supabase-issued access token') })
   .strict();

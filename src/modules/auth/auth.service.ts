@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { PasswordResetsRepository } from './password-resets.repository.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
 
 export interface AuthServiceDeps {
@@ -23,6 +24,8 @@ export interface AuthServiceDeps {
   failures: FailureCounter;
   logger?: Pick<Logger, 'warn' | 'info'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
+  /** Reset links already mailed stop working when the password changes. */
+  passwordResets?: Pick<PasswordResetsRepository, 'discardUnused'>;
 }
 
 const normalizeEmail = (email: string) => email.trim().toLowerCase();
@@ -347,6 +350,7 @@ export function createAuthService(deps: AuthServiceDeps) {
           await deps.users.update(user.id, { passwordHash: changed.passwordHash }, tx);
         }
         (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
+        await deps.passwordResets?.discardUnused(user.id, tx);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
       await deps.failures.reset(user.email);

@@ -12,6 +12,7 @@ import type { RolesRepository } from '../roles/roles.repository.js';
 import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
+import type { PasswordResetsRepository } from '../auth/password-resets.repository.js';
 
 const ADMIN_ROLE = 'admin';
 
@@ -26,6 +27,8 @@ export function createUsersService(deps: {
   events: EventBus;
   grants: GrantCeiling;
   clients: Pick<ClientsRepository, 'clientIdsActingFor'>;
+  /** Password reset links already mailed stop working when the user is cut off. */
+  passwordResets?: Pick<PasswordResetsRepository, 'discardUnused'>;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -58,11 +61,12 @@ export function createUsersService(deps: {
 
   /**
    * Ends everything a user holds, on every instance: sessions, access tokens (by subject), cached keys,
-   * and the access tokens of the clients that act for them (their scopes were what the user held when
-   * issued; new ones carry none).
+   * password reset links already mailed, and the access tokens of the clients that act for them (their
+   * scopes were what the user held when issued; new ones carry none).
    */
   async function cutOff(tx: Transaction, userId: string, reason: string, emit: (e: AuthEvent) => void) {
     (await deps.sessions.endAllSessions(tx, userId, reason)).forEach(emit);
+    await deps.passwordResets?.discardUnused(userId, tx);
     emit(await deps.auth.subjectRevocation(tx, userId));
     for (const clientId of await deps.clients.clientIdsActingFor(userId, tx))
       emit(await deps.auth.subjectRevocation(tx, clientId));

@@ -1,0 +1,73 @@
+import nodemailer from 'nodemailer';
+import type { Logger } from 'pino';
+import { AppError } from './errors.js';
+
+/** A message the service sends: plain text, to one address. */
+export interface MailMessage {
+  to: string;
+  subject: string;
+  text: string;
+}
+
+export interface Mailer {
+  /** `smtp` hands messages to a mail server; `log` writes them to the log (development only). */
+  readonly kind: 'smtp' | 'log';
+  /** Resolves once the mail server accepted the message; throws AppError `service_unavailable` otherwise. */
+  send(message: MailMessage): Promise<void>;
+  close(): void;
+}
+
+export interface SmtpMailerOptions {
+  /** `smtp://` or `smtps://`, with the user and password in it when the server asks for them. */
+  url: string;
+  /** The From header, e.g. `Paservices <no-reply@example.com>`. */
+  from: string;
+  /** Bound on connecting, on the server's greeting and on each exchange with it. */
+  timeoutMs: number;
+}
+
+/** Mail through an SMTP server (nodemailer), with pooled connections. */
+export function createSmtpMailer(options: SmtpMailerOptions): Mailer {
+  const transport = nodemailer.createTransport({
+    url: options.url,
+    pool: true,
+    maxConnections: 2,
+    connectionTimeout: options.timeoutMs,
+    greetingTimeout: options.timeoutMs,
+    socketTimeout: options.timeoutMs,
+  });
+  return {
+    kind: 'smtp',
+    async send(message) {
+      try {
+        await transport.sendMail({ from: options.from, ...message });
+      } catch (err) {
+        // The cause (the server's answer, a refused connection) is logged by the error handler with
+        // the request id; the client learns only that mail cannot go out now.
+        throw new AppError('service_unavailable', {
+          detail: 'The mail server is unavailable; try again later',
+          headers: { 'retry-after': '30' },
+          cause: err,
+        });
+      }
+    },
+    close: () => transport.close(),
+  };
+}
+
+/**
+ * Development without SMTP_URL: each message goes to the log instead, so a reset link can be
+ * followed from the terminal. Never used in production (the message carries a secret).
+ */
+export function createLogMailer(logger: Logger): Mailer {
+  return {
+    kind: 'log',
+    async send(message) {
+      logger.warn(
+        { mail: { to: message.to, subject: message.subject } },
+        `mail not sent (no SMTP_URL; development only); its text follows\n${message.text}`,
+      );
+    },
+    close() {},
+  };
+}

@@ -1,0 +1,220 @@
+import type { Logger } from 'pino';
+import type { Database, Transaction } from '../../db/client.js';
+import { checkPasswordStrength } from '../../identity/passwords.js';
+import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
+import type { Clock } from '../../lib/clock.js';
+import { generateSecret, keyedHash, PASSWORD_RESET_FORMAT, parseSecret } from '../../lib/crypto.js';
+import { AppError } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { Mailer } from '../../lib/mailer.js';
+import type { FailureCounter } from '../../lib/throttle.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { PasswordResetsRepository } from './password-resets.repository.js';
+import type { SessionsService } from './sessions.service.js';
+
+export interface PasswordResetDeps {
+  db: Database;
+  users: UsersRepository;
+  resets: PasswordResetsRepository;
+  provider: IdentityProvider;
+  sessions: SessionsService;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  failures: FailureCounter;
+  /** Undefined: the service has no way to send mail (production without SMTP_URL). */
+  mailer: Mailer | undefined;
+  pepper: Buffer;
+  /** The page a reset link opens; the token follows in the fragment. */
+  url: string | undefined;
+  ttlSeconds: number;
+  logger?: Pick<Logger, 'warn' | 'info'>;
+}
+
+/** At most one reset mail per account in this long, whatever the number of requests. */
+export const RESET_MAIL_INTERVAL_MS = 60_000;
+
+const normalizeEmail = (email: string) => email.trim().toLowerCase();
+
+const invalidResetToken = () =>
+  new AppError('invalid_reset_token', {
+    detail: 'The password reset link is invalid, has expired or was used already; ask for a new one',
+    errors: [{ field: 'body.token', message: 'is invalid, expired or used' }],
+  });
+
+function minutes(seconds: number): string {
+  const m = Math.round(seconds / 60);
+  return m === 1 ? '1 minute' : `${m} minutes`;
+}
+
+/**
+ * "Forgot password": a reset link by mail, then a new password with the link's token. With the
+ * built-in provider the service makes the token (`prs_…`, 256 random bits, stored as an HMAC under
+ * the pepper, one live per account, used once) and mails it; a provider that mails its own links
+ * (Supabase) is asked to, and its recovery token is what the reset takes. Either way a reset ends every
+ * session of the account, lifts a sign-in lockout, and is audited.
+ */
+export function createPasswordResetService(deps: PasswordResetDeps) {
+  const hash = (token: string) => keyedHash(deps.pepper, token);
+
+  function resetMail(email: string, token: string) {
+    const lifetime = minutes(deps.ttlSeconds);
+    let where: string;
+    if (deps.url) {
+      const link = new URL(deps.url);
+      // In the fragment: browsers send it neither to the page's server nor in a Referer.
+      link.hash = `token=${token}`;
+      where = `Open this link within ${lifetime} to choose a new password:\n\n${link.href}\n`;
+    } else {
+      where = `Use this reset code within ${lifetime} to choose a new password:\n\n${token}\n`;
+    }
+    return {
+      to: email,
+      subject: 'Reset your password',
+      text:
+        `Someone, hopefully you, asked to reset the password of the account ${email}.\n\n${where}\n` +
+        'The link works once. If you did not ask for this, ignore this mail: your password stays as it is.\n',
+    };
+  }
+
+  async function recordRequest(
+    context: RequestContext,
+    email: string,
+    userId: string | null,
+    outcome: 'success' | 'failure',
+    data: Record<string, unknown>,
+  ) {
+    await deps.audit.record(deps.db, context, {
+      type: 'auth.password_reset_requested',
+      outcome,
+      subjectId: userId,
+      data: { ...data, email_domain: email.split('@')[1] ?? null },
+    });
+  }
+
+  const active = (user: UserRow | undefined) => user?.status === 'active';
+
+  /** The parts of the reset after the new password is known to be acceptable: one transaction. */
+  async function applyReset(
+    user: UserRow,
+    passwordHash: string | null,
+    context: RequestContext,
+    consume: ((tx: Transaction) => Promise<boolean>) | undefined,
+  ) {
+    await inTransaction(deps.db, deps.events, async (tx, emit) => {
+      if (consume && !(await consume(tx))) throw invalidResetToken();
+      // Read under a share lock: a disable committed meanwhile wins, and the reset does not apply.
+      const current = await deps.users.findByIdForShare(user.id, tx);
+      if (!active(current)) throw invalidResetToken();
+      if (passwordHash) await deps.users.update(user.id, { passwordHash }, tx);
+      await deps.resets.discardUnused(user.id, tx);
+      const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
+      ended.forEach(emit);
+      await deps.audit.record(
+        tx,
+        { ...context, actorType: 'user', actorId: user.id },
+        { type: 'auth.password_reset', subjectId: user.id, data: { provider: deps.provider.name } },
+      );
+    });
+    // Whoever holds the mailbox is the owner: a lockout someone else caused no longer stands.
+    await deps.failures.reset(user.email);
+  }
+
+  return {
+    /**
+     * Sends a reset link to `email` when it has an active account. Answers alike whether it has one or
+     * not; a second request within a minute sends nothing.
+     */
+    async request(rawEmail: string, context: RequestContext): Promise<void> {
+      const email = normalizeEmail(rawEmail);
+      const user = await deps.users.findByEmail(email);
+      if (deps.provider.requestPasswordRecovery) {
+        if (user && !active(user))
+          return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
+        await deps.provider.requestPasswordRecovery(email, deps.url);
+        return recordRequest(context, email, user?.id ?? null, 'success', { delivery: deps.provider.name });
+      }
+      const mailer = deps.mailer;
+      if (!mailer)
+        throw new AppError('not_found', {
+          detail: 'Password recovery is off: the service has no SMTP_URL to send mail through',
+        });
+      if (!user) return recordRequest(context, email, null, 'failure', { reason: 'unknown_email' });
+      if (!active(user)) return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
+      const now = deps.clock.now();
+      const latest = await deps.resets.latestFor(user.id);
+      if (latest && now.getTime() - latest.createdAt.getTime() < RESET_MAIL_INTERVAL_MS)
+        return recordRequest(context, email, user.id, 'failure', { reason: 'too_soon' });
+
+      const { token } = generateSecret(PASSWORD_RESET_FORMAT);
+      const row = await inTransaction(deps.db, deps.events, async (tx) =>
+        deps.resets.replace(
+          {
+            userId: user.id,
+            tokenHash: hash(token),
+            createdAt: now,
+            expiresAt: new Date(now.getTime() + deps.ttlSeconds * 1000),
+          },
+          tx,
+        ),
+      );
+      try {
+        await mailer.send(resetMail(user.email, token));
+      } catch (err) {
+        // Not sent: the token goes, so the next request is not held back by the one-a-minute rule.
+        await deps.resets.deleteById(row.id).catch(() => undefined);
+        await recordRequest(context, email, user.id, 'failure', { reason: 'mail_failed' }).catch(
+          () => undefined,
+        );
+        throw err;
+      }
+      await recordRequest(context, email, user.id, 'success', { delivery: mailer.kind });
+    },
+
+    /** Sets `newPassword` for the account the token was issued to; ends every session of it. */
+    async reset(token: string, newPassword: string, context: RequestContext): Promise<void> {
+      if (deps.provider.recoveryIdentity) {
+        const identity = await deps.provider.recoveryIdentity(token);
+        if (!identity) throw invalidResetToken();
+        const user = await deps.users.findById(identity.id);
+        if (user && !active(user)) throw invalidResetToken();
+        checkPasswordStrength(newPassword, identity.email, 'body.new_password');
+        await deps.provider.setPassword(identity, newPassword);
+        // A user Supabase knows and this database does not yet: their first sign-in creates the row.
+        if (user) await applyReset(user, null, context, undefined);
+        return;
+      }
+      const invalid = async (reason: string, userId: string | null) => {
+        await deps.audit.record(deps.db, context, {
+          type: 'auth.password_reset',
+          outcome: 'failure',
+          subjectId: userId,
+          data: { reason },
+        });
+        return invalidResetToken();
+      };
+      if (!parseSecret(PASSWORD_RESET_FORMAT, token)) throw await invalid('malformed_token', null);
+      const now = deps.clock.now();
+      const row = await deps.resets.findLive(hash(token), now);
+      if (!row) throw await invalid('unknown_token', null);
+      const user = await deps.users.findById(row.userId);
+      if (!user || !active(user)) throw await invalid('disabled', row.userId);
+      checkPasswordStrength(newPassword, user.email, 'body.new_password');
+      const identity: ProviderUser = {
+        id: user.id,
+        email: user.email,
+        emailConfirmedAt: user.emailConfirmedAt,
+      };
+      const { passwordHash } = await deps.provider.setPassword(identity, newPassword);
+      await applyReset(
+        user,
+        passwordHash,
+        context,
+        async (tx) => (await deps.resets.consume(row.id, deps.clock.now(), tx)) !== undefined,
+      );
+    },
+  };
+}
+
+export type PasswordResetService = ReturnType<typeof createPasswordResetService>;

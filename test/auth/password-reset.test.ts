@@ -1,0 +1,305 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { AppError } from '../../src/lib/errors.js';
+import type { MailMessage, Mailer } from '../../src/lib/mailer.js';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
+
+const NEW_PASSWORD = 'a fresh and long passphrase';
+const RESET_URL = 'https://app.example.test/reset-password';
+
+/** Keeps every message instead of sending it; `failing` makes the next sends throw like a dead server. */
+function capturingMailer() {
+  const sent: MailMessage[] = [];
+  const mailer: Mailer & { sent: MailMessage[]; failing: boolean } = {
+    kind: 'smtp',
+    sent,
+    failing: false,
+    async send(message) {
+      if (this.failing)
+        throw new AppError('service_unavailable', {
+          detail: 'The mail server is unavailable; try again later',
+        });
+      sent.push(message);
+    },
+    close() {},
+  };
+  return mailer;
+}
+
+/** The token of the newest reset mail to `email`, read out of its link. */
+function tokenMailedTo(mailer: { sent: MailMessage[] }, email: string): string {
+  const mail = mailer.sent.filter((m) => m.to === email).at(-1);
+  expect(mail, `a reset mail to ${email}`).toBeDefined();
+  const link = /https:\/\/app\.example\.test\/reset-password#token=(prs_[0-9A-Za-z_]+)/.exec(mail!.text);
+  expect(link, mail!.text).not.toBeNull();
+  return link![1]!;
+}
+
+describe('password reset (built-in provider)', () => {
+  let app: FastifyInstance;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+
+  beforeAll(async () => {
+    app = await buildTestApp({
+      env: { PASSWORD_RESET_URL: RESET_URL, PASSWORD_RESET_TTL: '1800' },
+      deps: { mailer, clock },
+    });
+  });
+
+  const forgot = (email: string) =>
+    app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email } });
+  const reset = (token: string, newPassword = NEW_PASSWORD) =>
+    app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token, new_password: newPassword },
+    });
+  const since = () => new Date(clock.nowMs() - 1000);
+
+  it('mails a link whose token sets a new password once, ends every session and is audited', async () => {
+    const from = since();
+    const user = await registerUser(app, 'reset');
+    const other = await login(app, user.email);
+    expect((await forgot(`  ${user.email.toUpperCase()} `)).statusCode).toBe(204);
+    const mail = mailer.sent.at(-1)!;
+    expect(mail).toMatchObject({ to: user.email, subject: 'Reset your password' });
+    expect(mail.text).toContain('within 30 minutes');
+    const token = tokenMailedTo(mailer, user.email);
+
+    const done = await reset(token);
+    expect(done.statusCode, done.body).toBe(204);
+    // The old password is gone, the new one signs in.
+    const old = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(old.statusCode).toBe(401);
+    await login(app, user.email, NEW_PASSWORD);
+    // Every session ended: refresh tokens and access tokens of before stop working.
+    for (const refresh of [user.refreshToken, other.session.refresh_token]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: refresh },
+      });
+      expect(res.statusCode).toBe(401);
+    }
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: { authorization: `Bearer ${user.accessToken}` },
+    });
+    expect(me.statusCode).toBe(401);
+    // Once only.
+    const again = await reset(token, 'yet another long passphrase');
+    expect(again.statusCode).toBe(400);
+    expect(again.headers['content-type']).toContain('application/problem+json');
+    expect(again.json()).toMatchObject({
+      code: 'invalid_reset_token',
+      errors: [{ field: 'body.token', message: 'is invalid, expired or used' }],
+    });
+
+    const events = await app.services.audit.list({ subjectId: user.id, since: from, limit: 50 });
+    expect(events.find((e) => e.type === 'auth.password_reset_requested')).toMatchObject({
+      outcome: 'success',
+      data: { delivery: 'smtp', email_domain: 'example.test' },
+    });
+    expect(events.find((e) => e.type === 'auth.password_reset' && e.outcome === 'success')).toMatchObject({
+      actorId: user.id,
+    });
+  });
+
+  it('answers an unknown address as a known one, sends nothing and audits the attempt', async () => {
+    const from = since();
+    const before = mailer.sent.length;
+    const email = uniqueEmail('nobody');
+    const res = await forgot(email);
+    expect(res.statusCode).toBe(204);
+    expect(res.body).toBe('');
+    expect(mailer.sent.length).toBe(before);
+    const events = await app.services.audit.list({
+      type: 'auth.password_reset_requested',
+      since: from,
+      limit: 50,
+    });
+    expect(
+      events.some(
+        (e) => e.outcome === 'failure' && (e.data as { reason?: string }).reason === 'unknown_email',
+      ),
+    ).toBe(true);
+  });
+
+  it('sends one mail a minute per account, and a newer link replaces the older', async () => {
+    const user = await registerUser(app, 'reset-twice');
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    const first = tokenMailedTo(mailer, user.email);
+    const count = () => mailer.sent.filter((m) => m.to === user.email).length;
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    expect(count()).toBe(1);
+    clock.advance(61);
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    expect(count()).toBe(2);
+    const second = tokenMailedTo(mailer, user.email);
+    expect(second).not.toBe(first);
+    expect((await reset(first)).statusCode).toBe(400);
+    expect((await reset(second)).statusCode).toBe(204);
+  });
+
+  it('refuses a token past its lifetime', async () => {
+    const user = await registerUser(app, 'reset-late');
+    await forgot(user.email);
+    const token = tokenMailedTo(mailer, user.email);
+    clock.advance(1801);
+    expect((await reset(token)).json()).toMatchObject({ code: 'invalid_reset_token' });
+    await login(app, user.email, PASSWORD);
+  });
+
+  it('refuses a weak new password with 422 and keeps the token for a better one', async () => {
+    const user = await registerUser(app, 'reset-weak');
+    await forgot(user.email);
+    const token = tokenMailedTo(mailer, user.email);
+    const weak = await reset(token, 'password');
+    expect(weak.statusCode).toBe(422);
+    expect(weak.json().errors).toEqual([
+      { field: 'body.new_password', message: 'is a commonly used password' },
+    ]);
+    const same = await reset(token, user.email);
+    expect(same.statusCode).toBe(422);
+    expect((await reset(token)).statusCode).toBe(204);
+  });
+
+  it('refuses malformed tokens and bodies with 400, naming the field', async () => {
+    for (const token of [
+      '',
+      'prs_short',
+      'x'.repeat(8193),
+      `prs_${'a'.repeat(12)}_${'b'.repeat(43)}zzzzzz`,
+    ]) {
+      const res = await reset(token);
+      expect(res.statusCode, token.slice(0, 20)).toBe(400);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+    }
+    const extra = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token: 'prs_x', new_password: NEW_PASSWORD, email: 'a@b.c' },
+    });
+    expect(extra.statusCode).toBe(400);
+    const noEmail = await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: {} });
+    expect(noEmail.statusCode).toBe(400);
+    expect(noEmail.json().errors[0].field).toBe('body.email');
+    const badEmail = await forgot('not-an-address');
+    expect(badEmail.statusCode).toBe(400);
+  });
+
+  it('lets exactly one of concurrent resets with one token through', async () => {
+    const user = await registerUser(app, 'reset-race');
+    await forgot(user.email);
+    const token = tokenMailedTo(mailer, user.email);
+    const answers = await Promise.all(
+      Array.from({ length: 6 }, (_, i) => reset(token, `concurrent passphrase number ${i}`)),
+    );
+    const statuses = answers.map((a) => a.statusCode).sort();
+    expect(statuses).toEqual([204, 400, 400, 400, 400, 400]);
+    const winner = answers.findIndex((a) => a.statusCode === 204);
+    await login(app, user.email, `concurrent passphrase number ${winner}`);
+  });
+
+  it('sends nothing to a disabled account, and a link mailed before the disable stops working', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'reset-disabled');
+    await forgot(user.email);
+    const token = tokenMailedTo(mailer, user.email);
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+    clock.advance(61);
+    const before = mailer.sent.length;
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    expect(mailer.sent.length).toBe(before);
+    expect((await reset(token)).statusCode).toBe(400);
+    // Enabled again, the old link still does not reset: disabling voided it.
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'active')).statusCode).toBe(200);
+    expect((await reset(token)).statusCode).toBe(400);
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    expect((await reset(tokenMailedTo(mailer, user.email))).statusCode).toBe(204);
+  });
+
+  it('voids links already mailed when the password is changed with the current one', async () => {
+    const user = await registerUser(app, 'reset-changed');
+    await forgot(user.email);
+    const token = tokenMailedTo(mailer, user.email);
+    const changed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: { authorization: `Bearer ${user.accessToken}` },
+      payload: { current_password: PASSWORD, new_password: NEW_PASSWORD },
+    });
+    expect(changed.statusCode).toBe(204);
+    expect((await reset(token, 'an attacker passphrase here')).statusCode).toBe(400);
+    await login(app, user.email, NEW_PASSWORD);
+  });
+
+  it('answers 503 when the mail server fails, keeps nothing, and a retry goes through at once', async () => {
+    const user = await registerUser(app, 'reset-mailfail');
+    mailer.failing = true;
+    try {
+      const res = await forgot(user.email);
+      expect(res.statusCode).toBe(503);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+    } finally {
+      mailer.failing = false;
+    }
+    expect(await app.services.repos.passwordResets.latestFor(user.id)).toBeUndefined();
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    expect((await reset(tokenMailedTo(mailer, user.email))).statusCode).toBe(204);
+  });
+});
+
+describe('password reset lifts a sign-in lockout', () => {
+  it('lets the mailbox owner back in after someone else locked the account', async () => {
+    const mailer = capturingMailer();
+    const app = await buildTestApp({
+      env: { PASSWORD_RESET_URL: RESET_URL, RATE_LIMIT_ENABLED: 'true', LOGIN_MAX_FAILURES_PER_HOUR: '2' },
+      deps: { mailer },
+    });
+    const user = await registerUser(app, 'reset-locked');
+    for (let i = 0; i < 3; i++)
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password: 'wrong guess number one' },
+      });
+    const locked = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(locked.statusCode).toBe(429);
+    await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email: user.email } });
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token: tokenMailedTo(mailer, user.email), new_password: NEW_PASSWORD },
+    });
+    expect(res.statusCode).toBe(204);
+    await login(app, user.email, NEW_PASSWORD);
+  });
+});
+
+describe('password reset without a mail server', () => {
+  it('is off in production without SMTP_URL: 404, and nothing is kept', async () => {
+    const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
+    const user = await registerUser(app, 'reset-nomail');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/forgot',
+      payload: { email: user.email },
+    });
+    expect(res.statusCode).toBe(404);
+    expect(res.json().detail).toContain('SMTP_URL');
+    expect(await app.services.repos.passwordResets.latestFor(user.id)).toBeUndefined();
+  });
+});
