@@ -645,3 +645,63 @@ describe('api keys: security', () => {
     }
   });
 });
+
+describe('api keys: expiry is final', () => {
+  let app: FastifyInstance;
+  const clock = createTestClock();
+
+  beforeAll(async () => {
+    app = await buildTestApp({ deps: { clock } });
+  });
+
+  it('an expired key stays expired, and only a caller holding what a key gives may lengthen its life', async () => {
+    const admin = await createAdmin(app);
+    const keyManager = await registerUser(app, 'aks-expiry-manager');
+    await grantRole(app, keyManager.id, ['api_keys:read', 'api_keys:write']);
+    let manager = bearer((await login(app, keyManager.email, keyManager.password)).session.access_token);
+    const patch = (id: string, headers: Record<string, string>, body: Record<string, unknown>) =>
+      app.inject({ method: 'PATCH', url: `/v1/api-keys/${id}`, headers, payload: body });
+    const inDays = (days: number) => new Date(clock.nowMs() + days * 86_400_000).toISOString();
+
+    // An administrator's broad key, expiring in a day.
+    const adminKey = await createKey(app, admin.accessToken, { scopes: ['*'], expires_at: inDays(1) });
+    // A holder of api_keys:write lacking what it gives may not lengthen its life, nor remove its expiry…
+    for (const expires_at of [null, inDays(30)]) {
+      const refused = await patch(adminKey.id, manager, { expires_at });
+      expect(refused.statusCode, refused.body).toBe(403);
+    }
+    // …but may shorten it, and rename it.
+    expect((await patch(adminKey.id, manager, { expires_at: inDays(0.5) })).statusCode).toBe(200);
+    expect((await patch(adminKey.id, manager, { name: 'renamed by the manager' })).statusCode).toBe(200);
+
+    // Once expired, nobody brings it back: not the manager, not its owner, not with a later date.
+    clock.advance(86_400);
+    // Signed in again: their tokens of a day ago have expired too.
+    admin.accessToken = (await login(app, admin.email, admin.password)).session.access_token;
+    manager = bearer((await login(app, keyManager.email, keyManager.password)).session.access_token);
+    expect((await verifyKey(app, admin.accessToken, adminKey.key)).valid).toBe(false);
+    for (const [headers, expires_at] of [
+      [manager, null],
+      [bearer(admin.accessToken), null],
+      [bearer(admin.accessToken), inDays(30)],
+    ] as const) {
+      const revived = await patch(adminKey.id, headers, { expires_at });
+      expect(revived.statusCode, revived.body).toBe(409);
+      expect(revived.json()).toMatchObject({
+        code: 'conflict',
+        errors: [{ field: 'body.expires_at', message: 'cannot change once the key has expired' }],
+      });
+    }
+    const escalation = await app.inject({
+      method: 'GET',
+      url: '/v1/users',
+      headers: withKey(adminKey.key),
+    });
+    expect(escalation.statusCode).toBe(401);
+    expect((await verifyKey(app, admin.accessToken, adminKey.key)).valid).toBe(false);
+    // Its owner may still rename it or revoke it.
+    expect((await patch(adminKey.id, bearer(admin.accessToken), { name: 'expired, kept' })).statusCode).toBe(
+      200,
+    );
+  });
+});

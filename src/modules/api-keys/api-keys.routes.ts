@@ -7,7 +7,7 @@ import {
   principalOf,
   requestContext,
 } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import { bearerOrApiKey, problemResponses, isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { ApiKeyRow } from './api-keys.repository.js';
 import {
   ApiKeyPageSchema,
@@ -204,11 +204,17 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         tags: ['api-keys'],
         operationId: 'updateApiKey',
         summary: 'Rename an API key, change its scopes or its expiry',
-        description: `New scopes must be within the caller’s and the owner’s permissions (403). ${OTHERS}`,
+        description:
+          'New scopes must be within the caller’s and the owner’s permissions, and a later expiry (or none) ' +
+          `within the caller’s (403); an expired key’s expiry cannot change (409). ${OTHERS}`,
         security: bearerOrApiKey,
         params: UuidParamSchema,
         body: UpdateApiKeyBodySchema,
-        response: { 200: ApiKeySchema, ...problems(400, 401, 403, 404, 503) },
+        response: {
+          200: ApiKeySchema,
+          ...problems(400, 401, 403, 404, 503),
+          409: problemResponses[409].describe('`expires_at` of a key that has expired: expiry is final'),
+        },
       },
     },
     async (request) => {

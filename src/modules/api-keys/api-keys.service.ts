@@ -253,6 +253,10 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     );
   }
 
+  /** True when an expiry of `next` ends later than `previous` (null: never). */
+  const outlives = (next: Date | null, previous: Date | null) =>
+    previous !== null && (next === null || next.getTime() > previous.getTime());
+
   function assertFuture(expiresAt: Date | null | undefined) {
     if (expiresAt && expiresAt.getTime() <= clock.nowMs()) {
       throw new AppError('validation_failed', {
@@ -374,7 +378,24 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           // What is already so is no change: nothing written, no event, nothing granted.
           const patch = effectivePatch(requested, current);
           if (changedFields(patch).length === 0) return current;
-          if (patch.expiresAt !== undefined) assertWithinCallerLife(actor, patch.expiresAt);
+          if (patch.expiresAt !== undefined) {
+            // Expiry is final: an expired secret found in an old log or backup stays harmless.
+            if (current.expiresAt && current.expiresAt.getTime() <= clock.nowMs())
+              throw new AppError('conflict', {
+                detail: 'The key has expired, and an expired key stays expired: create a new one',
+                errors: [{ field: 'body.expires_at', message: 'cannot change once the key has expired' }],
+              });
+            assertWithinCallerLife(actor, patch.expiresAt);
+            // A longer life is access granted anew: the caller must hold what the key gives, as for a
+            // rotation (else a holder of api_keys:write could keep an administrator's key alive).
+            if (outlives(patch.expiresAt, current.expiresAt))
+              await deps.grants.assertHolds(
+                actor.grantor,
+                patch.scopes ?? current.scopes,
+                tx,
+                'Extending the life of a key needs the permissions it gives',
+              );
+          }
           if (patch.scopes !== undefined) await assertGrantable(actor, current.ownerId, patch.scopes, tx);
           const updated = (await repo.update(id, patch, clock.now(), tx))!;
           await deps.audit.record(tx, context, {
