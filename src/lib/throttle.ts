@@ -77,18 +77,22 @@ export function createRedisFailureCounter(options: {
     }
   }
   return {
-    retryAfter: (key) =>
-      attempt(
+    retryAfter: async (key) => {
+      // Failures counted here while Redis was away still block when it is back: a lockout reached
+      // during an outage lasts its hour, and an outage is no fresh allowance of guesses.
+      const local = await fallback.retryAfter(key);
+      return attempt(
         async () => {
           const [count, ttl] = await Promise.all([
             options.redis.get(redisKey(key)),
             options.redis.ttl(redisKey(key)),
           ]);
-          if (!count || Number(count) < options.max) return 0;
-          return Math.max(1, ttl);
+          if (!count || Number(count) < options.max) return local;
+          return Math.max(1, ttl, local);
         },
-        () => fallback.retryAfter(key),
-      ),
+        async () => local,
+      );
+    },
     recordFailure: (key) =>
       attempt(
         async () => {
@@ -98,13 +102,15 @@ export function createRedisFailureCounter(options: {
         },
         () => fallback.recordFailure(key),
       ),
-    reset: (key) =>
-      attempt(
+    reset: async (key) => {
+      await fallback.reset(key);
+      await attempt(
         async () => {
           await options.redis.del(redisKey(key));
         },
-        () => fallback.reset(key),
-      ),
+        async () => undefined,
+      );
+    },
   };
 }
 

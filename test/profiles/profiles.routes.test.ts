@@ -48,8 +48,12 @@ describe('profiles', () => {
     const bad: Array<[string, unknown]> = [
       ['avatar_url', 'http://insecure.example.com/a.png'],
       ['avatar_url', 'javascript:alert(1)'],
+      ['avatar_url', 'https://user:secret@example.com/a.png'],
+      ['avatar_url', `https://example.com/${'a'.repeat(2048)}`],
       ['locale', 'not a locale!'],
       ['timezone', 'Mars/Olympus'],
+      ['timezone', '+05:30'],
+      ['timezone', '../../etc/passwd'],
       ['display_name', 'x'.repeat(101)],
       ['metadata', 'not an object'],
       ['metadata', { big: 'x'.repeat(5000) }],
@@ -71,6 +75,64 @@ describe('profiles', () => {
     }
     const roles = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) });
     expect(roles.json().roles).toEqual(['user']);
+  });
+
+  it('takes every IANA time zone name, links included, as browsers report them', async () => {
+    const user = await registerUser(app, 'tz');
+    // Names ICU resolves but Node 20's list spells otherwise (Asia/Calcutta, Europe/Kiev), links, Etc.
+    const cases: Array<[string, string]> = [
+      ['Asia/Kolkata', 'Asia/Kolkata'],
+      ['Europe/Kyiv', 'Europe/Kyiv'],
+      ['America/Argentina/Buenos_Aires', 'America/Argentina/Buenos_Aires'],
+      ['Etc/GMT+5', 'Etc/GMT+5'],
+      ['US/Pacific', 'US/Pacific'],
+      ['GMT', 'GMT'],
+      ['europe/paris', 'Europe/Paris'],
+    ];
+    for (const [sent, stored] of cases) {
+      const res = await app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: { timezone: sent },
+      });
+      expect(res.statusCode, `${sent}: ${res.body}`).toBe(200);
+      expect(res.json().timezone).toBe(stored);
+    }
+  });
+
+  it('stores an avatar URL as the URL parser writes it out', async () => {
+    const user = await registerUser(app, 'avatar');
+    for (const [sent, stored] of [
+      ['https:example.com', 'https://example.com/'],
+      ['HTTPS://Example.COM/a b"><x>', 'https://example.com/a%20b%22%3E%3Cx%3E'],
+    ]) {
+      const res = await app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: { avatar_url: sent },
+      });
+      expect(res.statusCode, res.body).toBe(200);
+      expect(res.json().avatar_url).toBe(stored);
+    }
+  });
+
+  it('reads user ids in any case (RFC 9562 §4)', async () => {
+    const user = await registerUser(app, 'upper');
+    const res = await app.inject({
+      method: 'GET',
+      url: `/v1/profiles/${user.id.toUpperCase()}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(res.statusCode, res.body).toBe(200);
+    expect(res.json().user_id).toBe(user.id);
+    const keys = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys?owner_id=${user.id.toUpperCase()}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(keys.statusCode, keys.body).toBe(200);
   });
 
   it('hides another user’s profile (404) unless the caller holds profiles:read', async () => {

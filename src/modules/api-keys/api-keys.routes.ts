@@ -7,7 +7,13 @@ import {
   principalOf,
   requestContext,
 } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, problemResponses, isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import {
+  bearerOrApiKey,
+  problemResponses,
+  isoDate,
+  problems,
+  UuidParamSchema,
+} from '../shared/shared.schema.js';
 import type { ApiKeyRow } from './api-keys.repository.js';
 import {
   ApiKeyPageSchema,

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { InstantSchema } from '../../lib/instant.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
-import { PermissionSchema } from '../shared/shared.schema.js';
+import { PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 
 /** Longest grace a rotation may give the old secret: a week covers any deployment cycle. */
 export const MAX_GRACE_SECONDS = 7 * 24 * 3600;
@@ -70,7 +70,9 @@ export const VerifyApiKeyBodySchema = z
   .strict();
 
 export const ListApiKeysQuerySchema = PaginationQuerySchema.extend({
-  owner_id: z.uuid().optional().describe('Another user’s keys (needs api_keys:read); default the caller’s'),
+  owner_id: uuidInput()
+    .optional()
+    .describe('Another user’s keys (needs api_keys:read); default the caller’s'),
 }).strict();
 
 /** An allow-list: the hash, the previous hash and the secret can never be serialized. */

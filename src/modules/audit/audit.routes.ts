@@ -22,14 +22,18 @@ const AuditEventSchema = z
   })
   .meta({ id: 'AuditEvent' });
 
-const AuditQuerySchema = PaginationQuerySchema.extend({
-  actor_id: z.string().min(1).max(200).optional(),
-  subject_id: z
+/** An id as audit events record it: a UUID (lower-cased, as stored) or a client's `client_id`. */
+const UUID_SHAPE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const auditId = () =>
+  z
     .string()
     .min(1)
     .max(200)
-    .optional()
-    .describe('Events about this user, API key or client (its id)'),
+    .overwrite((id) => (UUID_SHAPE.test(id) ? id.toLowerCase() : id));
+
+const AuditQuerySchema = PaginationQuerySchema.extend({
+  actor_id: auditId().optional(),
+  subject_id: auditId().optional().describe('Events about this user, API key or client (its id)'),
   outcome: z.enum(['success', 'failure']).optional(),
   type: z.string().min(1).max(100).optional(),
   since: InstantSchema.optional().describe('ISO 8601; events at or after'),

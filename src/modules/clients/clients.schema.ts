@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { pageOf, PaginationQuerySchema } from '../../lib/pagination.js';
-import { isoDate, PermissionSchema } from '../shared/shared.schema.js';
+import { isoDate, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 import type { ClientRow } from './clients.repository.js';
 import { CLIENT_ID_PATTERN, MAX_SECRET_GRACE_SECONDS } from './clients.service.js';
 
@@ -30,7 +30,7 @@ const TtlSchema = z
 
 export const ClientIdParamSchema = z.object({
   id: z
-    .union([z.uuid(), z.string().regex(CLIENT_ID_PATTERN)])
+    .union([uuidInput(), z.string().regex(CLIENT_ID_PATTERN)])
     .describe('The client’s `id` (UUID) or its `client_id`'),
 });
 

@@ -1,8 +1,31 @@
 import { z } from 'zod';
+import { uuidInput } from '../shared/shared.schema.js';
 
 export { ProfileSchema } from '../auth/auth.schema.js';
 
-const TIMEZONES = new Set(Intl.supportedValuesOf('timeZone').concat(['UTC', 'Etc/UTC']));
+/** The zone names this Node's ICU lists, by their lower case: to spell a name given in any case. */
+const KNOWN_ZONES = new Map(
+  Intl.supportedValuesOf('timeZone')
+    .concat(['UTC', 'Etc/UTC'])
+    .map((tz) => [tz.toLowerCase(), tz]),
+);
+/** What a zone name of the IANA database looks like: `Area/Location`, `UTC`, `Etc/GMT+5`, `EST5EDT`. */
+const ZONE_NAME = /^[A-Za-z][A-Za-z0-9_+-]*(\/[A-Za-z0-9_+-]+){0,2}$/;
+
+/**
+ * Any name of the IANA time zone database, its links included (`Asia/Kolkata`, `Europe/Kyiv`,
+ * `US/Pacific`): what ICU resolves, not only the names it lists (on Node 20 the list has the older
+ * spellings, `Asia/Calcutta`, while browsers report the newer). Offsets (`+05:30`) are not zone names.
+ */
+function isTimeZone(name: string): boolean {
+  if (!ZONE_NAME.test(name)) return false;
+  try {
+    new Intl.DateTimeFormat('en', { timeZone: name });
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 function isBcp47(tag: string): boolean {
   try {
@@ -31,8 +54,16 @@ export const PatchProfileBodySchema = z
   .object({
     display_name: z.string().trim().min(1).max(100).nullable().optional().meta({ example: 'Ada Lovelace' }),
     avatar_url: z
-      .url({ protocol: /^https$/, message: 'must be an https URL' })
+      .string()
       .max(2048)
+      .pipe(z.url({ protocol: /^https$/, message: 'must be an https URL' }))
+      .refine((v) => {
+        const url = new URL(v);
+        return url.username === '' && url.password === '';
+      }, 'must not carry a user name or password')
+      // Stored as the URL parser writes it out (`https:example.com` → `https://example.com/`, spaces
+      // and quotes percent-encoded), so a frontend may put it in an attribute as it comes.
+      .overwrite((v) => new URL(v).href)
       .nullable()
       .optional()
       .describe('An https URL')
@@ -48,7 +79,9 @@ export const PatchProfileBodySchema = z
     timezone: z
       .string()
       .max(64)
-      .refine((tz) => TIMEZONES.has(tz), 'must be an IANA time zone, e.g. Europe/Paris')
+      .refine(isTimeZone, 'must be an IANA time zone, e.g. Europe/Paris')
+      // A listed name in its own spelling (`europe/paris` → `Europe/Paris`); another as it was sent.
+      .overwrite((tz) => KNOWN_ZONES.get(tz.toLowerCase()) ?? tz)
       .nullable()
       .optional()
       .meta({ example: 'Europe/London' }),
@@ -67,4 +100,4 @@ export const PatchProfileBodySchema = z
   .strict()
   .describe('Only these fields; `id`, `user_id`, `roles`, `status` and the like are refused (closed schema)');
 
-export const ProfileParamsSchema = z.object({ user_id: z.uuid() });
+export const ProfileParamsSchema = z.object({ user_id: uuidInput() });

@@ -35,7 +35,13 @@ export function problems<K extends keyof typeof problemResponses>(...codes: K[])
   return Object.fromEntries(codes.map((c) => [c, problemResponses[c]])) as Pick<typeof problemResponses, K>;
 }
 
-export const UuidParamSchema = z.object({ id: z.uuid() });
+/**
+ * A UUID a client sends (a path, a query, a body): any case, lower-cased (RFC 9562 §4: UUIDs are read
+ * case-insensitively), so it compares equal to the ids the service stores and answers.
+ */
+export const uuidInput = () => z.uuid().toLowerCase();
+
+export const UuidParamSchema = z.object({ id: uuidInput() });
 
 export const isoDate = (d: Date | null | undefined) => (d ? d.toISOString() : null);
 

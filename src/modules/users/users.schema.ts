@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
-import { PermissionSchema } from '../shared/shared.schema.js';
+import { PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 
 export { UserSchema } from '../auth/auth.schema.js';
 
@@ -13,8 +13,8 @@ export const RoleNameSchema = z
   .describe('Role name')
   .meta({ example: 'support' });
 
-export const UserIdParamsSchema = z.object({ id: z.uuid() });
-export const UserRoleParamsSchema = z.object({ id: z.uuid(), role: RoleNameSchema });
+export const UserIdParamsSchema = z.object({ id: uuidInput() });
+export const UserRoleParamsSchema = z.object({ id: uuidInput(), role: RoleNameSchema });
 
 export const ListUsersQuerySchema = PaginationQuerySchema.extend({
   query: z.string().trim().min(1).max(254).optional().describe('Substring of the email'),
@@ -30,8 +30,14 @@ export const UserRolesSchema = z.object({ roles: z.array(z.string()), permission
 
 export const AuthzCheckBodySchema = z
   .object({
-    subject_id: z.uuid().describe('The user the decision is about'),
-    permissions: z.array(PermissionSchema).min(1).max(100),
+    subject_id: uuidInput()
+      .describe('The user the decision is about')
+      .meta({ example: '0193a1f2-7c3e-7b4a-9d2e-5f6a7b8c9d0e' }),
+    permissions: z
+      .array(PermissionSchema)
+      .min(1)
+      .max(100)
+      .meta({ example: ['users:read', 'profiles:read'] }),
   })
   .strict();
 
