@@ -134,7 +134,8 @@ export function credentialOf(request: FastifyRequest): string | undefined {
   if (typeof apiKey === 'string' && apiKey.length > 0) {
     if (request.headers.authorization !== undefined) return undefined;
     const key = apiKey.trim();
-    return key.startsWith(API_KEY_PREFIX) ? key : undefined;
+    // A comma: Node joined two X-API-Key headers (refused in `refusal`); keys never have one.
+    return key.startsWith(API_KEY_PREFIX) && !key.includes(',') ? key : undefined;
   }
   const header = request.headers.authorization;
   if (typeof header !== 'string') return undefined;
@@ -169,6 +170,12 @@ function refusal(request: FastifyRequest): AppError | undefined {
   if (hasApiKey && request.headers.authorization !== undefined) {
     return new AppError('bad_request', {
       detail: 'Send one credential: an Authorization header or an X-API-Key header, not both',
+      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID_REQUEST },
+    });
+  }
+  if (hasApiKey && String(request.headers['x-api-key']).includes(',')) {
+    return new AppError('bad_request', {
+      detail: 'Send one X-API-Key header with one API key',
       headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID_REQUEST },
     });
   }

@@ -329,8 +329,19 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
   app.addHook('onRoute', (route) => {
     declareFrameworkErrors(route.method, route.schema as DocumentedSchema | undefined);
   });
+  // Swagger UI sends "Try it out" to the document's first server. The page's own origin comes first,
+  // so the docs work wherever they are opened (127.0.0.1, a pod's address, a tunnel) and not only at
+  // PUBLIC_URL: another origin would be refused by the page's `connect-src 'self'` and by CORS.
+  const basePath = new URL(options.publicUrl).pathname.replace(/\/+$/, '') || '/';
   await app.register(swaggerUi, {
     routePrefix: DOCS_PREFIX,
+    transformSpecification: (spec) => ({
+      ...spec,
+      servers: [
+        { url: basePath, description: 'This server, where these docs are open' },
+        { url: options.publicUrl, description: 'PUBLIC_URL' },
+      ],
+    }),
     uiConfig: { persistAuthorization: true, deepLinking: true, tryItOutEnabled: true },
     staticCSP: false,
   });

@@ -125,6 +125,14 @@ describe('api keys: security', () => {
       expect(both.json().code).toBe('bad_request');
       expect(both.headers['www-authenticate']).toContain('error="invalid_request"');
     }
+    // Two X-API-Key headers (which Node joins with a comma) are as ambiguous.
+    const second = await createKey(app, other.accessToken, { scopes: ['account:read'] });
+    for (const value of [[created.key, second.key], `${created.key}, ${second.key}`]) {
+      const two = await me({ 'x-api-key': value as string });
+      expect(two.statusCode, two.body).toBe(400);
+      expect(two.json().detail).toBe('Send one X-API-Key header with one API key');
+      expect(two.headers['www-authenticate']).toContain('error="invalid_request"');
+    }
     // Nothing changes under an ambiguous request either.
     const logout = await app.inject({
       method: 'POST',

@@ -78,6 +78,11 @@ describe('foundation: app, errors, operations', () => {
       in: 'header',
       name: 'X-API-Key',
     });
+    expect(doc.servers).toEqual([{ url: 'http://auth.test' }]);
+    // Swagger UI's copy sends "Try it out" to the origin the page is open at, PUBLIC_URL second.
+    const uiDoc = (await app.inject({ method: 'GET', url: '/docs/json' })).json();
+    expect(uiDoc.servers.map((s: { url: string }) => s.url)).toEqual(['/', 'http://auth.test']);
+    expect(uiDoc.paths).toEqual(doc.paths);
     const ui = await app.inject({ method: 'GET', url: '/docs/' });
     expect(ui.statusCode).toBe(200);
     expect(ui.headers['content-type']).toContain('text/html');

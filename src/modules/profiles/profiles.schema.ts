@@ -35,6 +35,15 @@ function isBcp47(tag: string): boolean {
   }
 }
 
+/** `URL.parse` (Node ≥ 20.18), for the Node 20 releases before it. */
+function parseUrl(text: string): URL | undefined {
+  try {
+    return new URL(text);
+  } catch {
+    return undefined;
+  }
+}
+
 const MAX_METADATA_BYTES = 4096;
 const MAX_METADATA_DEPTH = 4;
 
@@ -57,13 +66,14 @@ export const PatchProfileBodySchema = z
       .string()
       .max(2048)
       .pipe(z.url({ protocol: /^https$/, message: 'must be an https URL' }))
+      // Zod runs these after a failed check too: a string that is no URL must not throw in them.
       .refine((v) => {
-        const url = new URL(v);
-        return url.username === '' && url.password === '';
+        const url = parseUrl(v);
+        return !url || (url.username === '' && url.password === '');
       }, 'must not carry a user name or password')
       // Stored as the URL parser writes it out (`https:example.com` → `https://example.com/`, spaces
       // and quotes percent-encoded), so a frontend may put it in an attribute as it comes.
-      .overwrite((v) => new URL(v).href)
+      .overwrite((v) => parseUrl(v)?.href ?? v)
       .nullable()
       .optional()
       .describe('An https URL')
