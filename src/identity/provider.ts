@@ -50,8 +50,9 @@ export interface IdentityProvider {
   /**
    * Providers that mail reset links themselves (Supabase): asks for one to be sent to `email`, the
    * link leading to `redirectTo`. Without it, the service mails its own (modules/auth/password-reset).
+   * `too_soon`: the provider sent this address a link moments ago and sends no other yet.
    */
-  requestPasswordRecovery?(email: string, redirectTo: string | undefined): Promise<void>;
+  requestPasswordRecovery?(email: string, redirectTo: string | undefined): Promise<'sent' | 'too_soon'>;
   /**
    * With requestPasswordRecovery: the user a recovery link's token was issued to, or undefined when it
    * is not a valid recovery token. The token stops working once read.

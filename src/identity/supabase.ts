@@ -330,7 +330,13 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       guarded(async () => {
         const { error } = await anon.auth.resetPasswordForEmail(email, redirectTo ? { redirectTo } : {});
         // An address Supabase has no user for is no error here either: nothing is sent, alike.
-        if (!error || error.code === 'user_not_found') return;
+        if (!error || error.code === 'user_not_found') return 'sent';
+        // GoTrue mails a user at most once per SMTP_MAX_FREQUENCY (60 s) and answers a second request
+        // within it 429, which for any other call means Supabase throttles the service. Here it means
+        // a link is already on its way; as an outage, it would answer a known address 503 and an
+        // unknown one 204. The project-wide mail limit shares the code, not the message: an outage.
+        if (error.code === 'over_email_send_rate_limit' && /for security purposes/i.test(error.message))
+          return 'too_soon';
         if (isOutage(error)) throw unavailable(error);
         // GoTrue answers an unknown address alike; what else it refuses is the project's settings.
         throw new AppError('unprocessable', {

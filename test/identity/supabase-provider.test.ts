@@ -224,6 +224,64 @@ describe('changePassword', () => {
   });
 });
 
+describe('password recovery', () => {
+  it('asks Supabase to mail a link to redirectTo; within its minute a second request sends nothing', async () => {
+    const user = await signedUp();
+    await expect(provider.requestPasswordRecovery!(user.email, 'https://app.test/reset')).resolves.toBe(
+      'sent',
+    );
+    await expect(provider.requestPasswordRecovery!(user.email, 'https://app.test/reset')).resolves.toBe(
+      'too_soon',
+    );
+    expect(fake.recoveries.filter((r) => r.email === user.email)).toEqual([
+      expect.objectContaining({ redirectTo: 'https://app.test/reset', flow: 'implicit' }),
+    ]);
+    await expect(provider.requestPasswordRecovery!(email(), undefined)).resolves.toBe('sent');
+  });
+
+  it('reads a recent recovery session once, and no password-login session', async () => {
+    const user = await signedUp();
+    await provider.requestPasswordRecovery!(user.email, undefined);
+    const token = await fake.completeRecovery(user.email);
+    await expect(provider.recoveryIdentity!(token)).resolves.toMatchObject({
+      id: user.id,
+      email: user.email,
+    });
+    await expect(provider.recoveryIdentity!(token)).resolves.toBeUndefined();
+
+    const signIn = await outsideClient().auth.signInWithPassword({
+      email: user.email,
+      password: 'correct horse',
+    });
+    await expect(provider.recoveryIdentity!(signIn.data.session!.access_token)).resolves.toBeUndefined();
+  });
+
+  it('refuses a recovery session older than recoveryMaxAgeSeconds', async () => {
+    const strict = createSupabaseProvider({
+      url: fake.url,
+      anonKey: fake.anonKey,
+      serviceRoleKey: fake.serviceRoleKey,
+      timeoutMs: 2000,
+      recoveryMaxAgeSeconds: 300,
+    });
+    const user = await signedUp();
+    await strict.requestPasswordRecovery!(user.email, undefined);
+    const token = await fake.completeRecovery(user.email, { openedSecondsAgo: 301 });
+    await expect(strict.recoveryIdentity!(token)).resolves.toBeUndefined();
+  });
+
+  it('sets a password with the service role key, ending every Supabase session; refuses a weak one', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    await expect(provider.setPassword(user, 'battery staple')).resolves.toEqual({ passwordHash: null });
+    expect(fake.activeSessions(user.id)).toBe(0);
+    await expect(provider.signIn(address, 'battery staple')).resolves.toMatchObject({ id: user.id });
+    const err = await rejection(provider.setPassword(user, 'abc'));
+    expect(err.code).toBe('weak_password');
+    expect(err.errors).toEqual([{ field: 'body.new_password', message: err.detail }]);
+  });
+});
+
 describe('deleteUser', () => {
   it('deletes the user with the service role key, and ignores one already gone', async () => {
     const user = await signedUp();

@@ -40,6 +40,26 @@ export interface FakeGoTrueOptions {
   accessTokenTtl?: number;
   /** GoTrue's PASSWORD_MIN_LENGTH. Default 6. */
   minPasswordLength?: number;
+  /** GoTrue's SMTP_MAX_FREQUENCY, in seconds: one recovery mail per user in this long. Default 60. */
+  mailMaxFrequencySeconds?: number;
+}
+
+/** A recovery mail GoTrue sent (`POST /recover`), with the state of its link. */
+export interface FakeGoTrueRecovery {
+  email: string;
+  userId: string;
+  /** The `redirect_to` query parameter as sent; null without one (GoTrue then uses its SITE_URL). */
+  redirectTo: string | null;
+  /** `pkce` when the request carried a code_challenge (supabase-js with flowType 'pkce'). */
+  flow: 'implicit' | 'pkce';
+  sentAt: string;
+  /** `used` once opened; `void` when a newer mail replaced it or the password changed meanwhile. */
+  state: 'sent' | 'used' | 'void';
+}
+
+export interface CompleteRecoveryOptions {
+  /** Backdates the session, as if the link had been opened this many seconds ago. Default 0. */
+  openedSecondsAgo?: number;
 }
 
 export interface FakeGoTrue {
@@ -62,12 +82,29 @@ export interface FakeGoTrue {
   confirm(email: string): void;
   /** How many of the user's sessions are not revoked. */
   activeSessions(userId: string): number;
+  /** Every recovery mail sent, oldest first. */
+  recoveries: FakeGoTrueRecovery[];
+  /**
+   * Opens the newest recovery link mailed to `email`, as GoTrue's `GET /verify?type=recovery` does: the
+   * link is used up and a new session of the user is opened, whose access token this returns. Its `amr`
+   * is `[{ method: 'otp' }]` in the implicit flow and `[{ method: 'recovery' }]` in PKCE (where the
+   * frontend would exchange a code for it). Throws when there is no live link, as the verify endpoint
+   * answers an invalid or used one with an error in the redirect.
+   */
+  completeRecovery(email: string, options?: CompleteRecoveryOptions): Promise<string>;
+}
+
+interface AmrEntry {
+  method: string;
+  timestamp: number;
 }
 
 interface Session {
   id: string;
   userId: string;
   revoked: boolean;
+  /** How the session was opened; every access token of the session carries it (GoTrue's amr claims). */
+  amr: AmrEntry[];
 }
 
 interface RefreshToken {
@@ -138,6 +175,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   const secret = randomBytes(32);
   const accessTokenTtl = options.accessTokenTtl ?? 3600;
   const minPasswordLength = options.minPasswordLength ?? 6;
+  const mailMaxFrequencyMs = (options.mailMaxFrequencySeconds ?? 60) * 1000;
   let confirmEmail = options.confirmEmail ?? false;
   let failWith = options.failWith;
   let down = false;
@@ -147,6 +185,9 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   const sessions = new Map<string, Session>();
   const refreshTokens = new Map<string, RefreshToken>();
   const requests: FakeGoTrue['requests'] = [];
+  const recoveries: FakeGoTrueRecovery[] = [];
+  /** GoTrue's users.recovery_sent_at, in ms. */
+  const recoverySentAt = new Map<string, number>();
   const sockets = new Set<Socket>();
   let baseUrl = '';
 
@@ -239,12 +280,22 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     return user;
   }
 
-  async function issueSession(user: FakeGoTrueUser, existing?: Session) {
-    const session = existing ?? { id: randomUUID(), userId: user.id, revoked: false };
+  /** A new session opened with `method` (or `existing` refreshed), `ageSeconds` in the past. */
+  async function issueSession(
+    user: FakeGoTrueUser,
+    existing?: Session,
+    { method = 'password', ageSeconds = 0 }: { method?: string; ageSeconds?: number } = {},
+  ) {
+    const iat = Math.floor(Date.now() / 1000) - ageSeconds;
+    const session = existing ?? {
+      id: randomUUID(),
+      userId: user.id,
+      revoked: false,
+      amr: [{ method, timestamp: iat }],
+    };
     sessions.set(session.id, session);
     const refreshToken = randomBytes(9).toString('base64url');
     refreshTokens.set(refreshToken, { sessionId: session.id, revoked: false });
-    const iat = Math.floor(Date.now() / 1000);
     const accessToken = await new SignJWT({
       email: user.email,
       phone: '',
@@ -252,7 +303,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       user_metadata: user.userMetadata,
       role: 'authenticated',
       aal: 'aal1',
-      amr: [{ method: 'password', timestamp: iat }],
+      amr: session.amr,
       session_id: session.id,
       is_anonymous: false,
     })
@@ -415,6 +466,41 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     return userJson(user);
   }
 
+  /** GoTrue's Recover: answers alike whether the address has a user or not. */
+  function recover(url: URL, body: Record<string, unknown>) {
+    if (!str(body, 'email'))
+      throw new HttpError(400, 'validation_failed', 'Password recovery requires an email');
+    const email = validateEmail(str(body, 'email'));
+    const user = findByEmail(email);
+    if (!user) return {};
+    const last = recoverySentAt.get(user.id);
+    if (last !== undefined && Date.now() - last < mailMaxFrequencyMs) {
+      const left = Math.floor((last + mailMaxFrequencyMs - Date.now()) / 1000);
+      throw new HttpError(
+        429,
+        'over_email_send_rate_limit',
+        `For security purposes, you can only request this after ${left} seconds.`,
+      );
+    }
+    // One recovery token per user: a newer mail replaces the older link.
+    voidRecoveries(user.id);
+    const at = Date.now();
+    recoverySentAt.set(user.id, at);
+    recoveries.push({
+      email: user.email,
+      userId: user.id,
+      redirectTo: url.searchParams.get('redirect_to'),
+      flow: str(body, 'code_challenge') ? 'pkce' : 'implicit',
+      sentAt: new Date(at).toISOString(),
+      state: 'sent',
+    });
+    return {};
+  }
+
+  function voidRecoveries(userId: string) {
+    for (const r of recoveries) if (r.userId === userId && r.state === 'sent') r.state = 'void';
+  }
+
   async function logout(req: IncomingMessage, url: URL) {
     const { user, session } = await authenticatedUser(req);
     const scope = url.searchParams.get('scope') ?? 'global';
@@ -450,6 +536,29 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     return userJson(user);
   }
 
+  /** GoTrue's adminUserUpdate, for what the service uses: the password, confirmation and metadata. */
+  function adminUpdateUser(user: FakeGoTrueUser, body: Record<string, unknown>) {
+    if (body.email !== undefined && body.email !== user.email)
+      throw new HttpError(400, 'validation_failed', 'The fake GoTrue does not support email changes');
+    if (body.password !== undefined) {
+      if (typeof body.password !== 'string')
+        throw new HttpError(400, 'bad_json', 'Could not parse request body as JSON');
+      validatePassword(body.password);
+    }
+    if (body.email_confirm === true && !user.emailConfirmedAt) user.emailConfirmedAt = now();
+    if (isRecord(body.user_metadata)) user.userMetadata = { ...user.userMetadata, ...body.user_metadata };
+    if (isRecord(body.app_metadata)) user.appMetadata = { ...user.appMetadata, ...body.app_metadata };
+    if (typeof body.password === 'string') {
+      // models.User.UpdatePassword(tx, nil): the links mailed are voided and every session ends.
+      user.password = body.password;
+      recoverySentAt.delete(user.id);
+      voidRecoveries(user.id);
+      revokeUserSessions(user.id);
+    }
+    user.updatedAt = now();
+    return userJson(user);
+  }
+
   function adminUser(id: string) {
     if (!UUID.test(id)) throw new HttpError(404, 'user_not_found', 'User not found');
     const user = users.get(id);
@@ -465,6 +574,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     if (method === 'POST' && path === '/auth/v1/token') return token(url, body);
     if (method === 'GET' && path === '/auth/v1/user') return userJson((await authenticatedUser(req)).user);
     if (method === 'PUT' && path === '/auth/v1/user') return updateUser(req, body);
+    if (method === 'POST' && path === '/auth/v1/recover') return recover(url, body);
     if (method === 'POST' && path === '/auth/v1/logout') {
       await logout(req, url);
       return null;
@@ -479,6 +589,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       await requireAdmin(req);
       const user = adminUser(decodeURIComponent(adminMatch[1]));
       if (method === 'GET') return userJson(user);
+      if (method === 'PUT') return adminUpdateUser(user, body);
       if (method === 'DELETE') {
         revokeUserSessions(user.id);
         users.delete(user.id);
@@ -611,6 +722,18 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     },
     activeSessions(userId) {
       return [...sessions.values()].filter((s) => s.userId === userId && !s.revoked).length;
+    },
+    recoveries,
+    async completeRecovery(email, { openedSecondsAgo = 0 } = {}) {
+      const link = recoveries.filter((r) => r.email === email.toLowerCase()).at(-1);
+      const user = link && users.get(link.userId);
+      if (link?.state !== 'sent' || !user) throw new Error(`fake GoTrue: no live recovery link for ${email}`);
+      link.state = 'used';
+      // Opening the link proves the mailbox: an unconfirmed address counts as confirmed from then on.
+      user.emailConfirmedAt ??= now();
+      const method = link.flow === 'pkce' ? 'recovery' : 'otp';
+      const session = await issueSession(user, undefined, { method, ageSeconds: openedSecondsAgo });
+      return session.access_token;
     },
   };
 }

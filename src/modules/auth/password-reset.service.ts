@@ -132,7 +132,9 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       if (deps.provider.requestPasswordRecovery) {
         if (user && !active(user))
           return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
-        await deps.provider.requestPasswordRecovery(email, deps.url);
+        const sent = await deps.provider.requestPasswordRecovery(email, deps.url);
+        if (sent === 'too_soon')
+          return recordRequest(context, email, user?.id ?? null, 'failure', { reason: 'too_soon' });
         return recordRequest(context, email, user?.id ?? null, 'success', { delivery: deps.provider.name });
       }
       const mailer = deps.mailer;
@@ -174,17 +176,6 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
 
     /** Sets `newPassword` for the account the token was issued to; ends every session of it. */
     async reset(token: string, newPassword: string, context: RequestContext): Promise<void> {
-      if (deps.provider.recoveryIdentity) {
-        const identity = await deps.provider.recoveryIdentity(token);
-        if (!identity) throw invalidResetToken();
-        const user = await deps.users.findById(identity.id);
-        if (user && !active(user)) throw invalidResetToken();
-        checkPasswordStrength(newPassword, identity.email, 'body.new_password');
-        await deps.provider.setPassword(identity, newPassword);
-        // A user Supabase knows and this database does not yet: their first sign-in creates the row.
-        if (user) await applyReset(user, null, context, undefined);
-        return;
-      }
       const invalid = async (reason: string, userId: string | null) => {
         await deps.audit.record(deps.db, context, {
           type: 'auth.password_reset',
@@ -194,6 +185,21 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         });
         return invalidResetToken();
       };
+      if (deps.provider.recoveryIdentity) {
+        // recoveryIdentity ends the recovery session, so whatever can be checked without the account
+        // (length, the common list) is checked first: a weak password must not use the link up. Only
+        // the rule against the email itself has to wait for the account.
+        checkPasswordStrength(newPassword, undefined, 'body.new_password');
+        const identity = await deps.provider.recoveryIdentity(token);
+        if (!identity) throw await invalid('invalid_recovery_token', null);
+        const user = await deps.users.findById(identity.id);
+        if (user && !active(user)) throw await invalid('disabled', user.id);
+        checkPasswordStrength(newPassword, identity.email, 'body.new_password');
+        await deps.provider.setPassword(identity, newPassword);
+        // A user Supabase knows and this database does not yet: their first sign-in creates the row.
+        if (user) await applyReset(user, null, context, undefined);
+        return;
+      }
       if (!parseSecret(PASSWORD_RESET_FORMAT, token)) throw await invalid('malformed_token', null);
       const now = deps.clock.now();
       const row = await deps.resets.findLive(hash(token), now);
