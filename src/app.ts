@@ -370,6 +370,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(authRoutes, {
     auth: services.auth,
     passwordReset: services.passwordReset,
+    emailConfirmation: services.emailConfirmation,
     accounts: services.accounts,
     providerName: services.provider.name,
   });

@@ -87,6 +87,9 @@ const EnvSchema = z.object({
   SMTP_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(10_000),
   PASSWORD_RESET_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   PASSWORD_RESET_TTL: z.coerce.number().int().min(60).max(86_400).default(1800),
+  EMAIL_CONFIRMATION_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  EMAIL_CONFIRMATION_TTL: z.coerce.number().int().min(300).max(604_800).default(86_400),
+  REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
 });
 
 type Issue = { path: string; message: string };
@@ -152,6 +155,18 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
     for (const name of ['SUPABASE_URL', 'SUPABASE_ANON_KEY', 'SUPABASE_SERVICE_ROLE_KEY'])
       if (!set(name)) issues.push({ path: name, message: 'is required when AUTH_PROVIDER=supabase' });
   }
+  const requireConfirmation = ['true', '1', 'yes'].includes((env.REQUIRE_EMAIL_CONFIRMATION ?? '').trim());
+  if (requireConfirmation && provider === 'supabase')
+    issues.push({
+      path: 'REQUIRE_EMAIL_CONFIRMATION',
+      message:
+        'applies to the built-in provider: with Supabase, the project\'s "Confirm email" setting decides',
+    });
+  else if (requireConfirmation && env.NODE_ENV === 'production' && !set('SMTP_URL'))
+    issues.push({
+      path: 'REQUIRE_EMAIL_CONFIRMATION',
+      message: 'needs SMTP_URL: without mail, nobody could confirm an address, nor sign in',
+    });
   if (set('SMTP_URL') && !set('MAIL_FROM'))
     issues.push({ path: 'MAIL_FROM', message: 'is required with SMTP_URL' });
   if (set('BOOTSTRAP_ADMIN_EMAIL') && !set('BOOTSTRAP_ADMIN_PASSWORD') && provider === 'local')
@@ -277,6 +292,11 @@ export interface Config {
   readonly mail: { smtpUrl: string; from: string; timeoutMs: number } | undefined;
   /** The page a reset link opens (the token follows in its fragment), and the link's lifetime. */
   readonly passwordReset: { url: string | undefined; ttlSeconds: number };
+  /**
+   * Built-in provider: the page a confirmation link opens, the link's lifetime, and whether sign-in
+   * waits for the address to be confirmed.
+   */
+  readonly emailConfirmation: { url: string | undefined; ttlSeconds: number; required: boolean };
 }
 
 export interface LoadConfigOptions {
@@ -393,6 +413,11 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
         ? { smtpUrl: e.SMTP_URL, from: e.MAIL_FROM, timeoutMs: e.SMTP_TIMEOUT_MS }
         : undefined,
     passwordReset: { url: e.PASSWORD_RESET_URL, ttlSeconds: e.PASSWORD_RESET_TTL },
+    emailConfirmation: {
+      url: e.EMAIL_CONFIRMATION_URL,
+      ttlSeconds: e.EMAIL_CONFIRMATION_TTL,
+      required: e.REQUIRE_EMAIL_CONFIRMATION,
+    },
   };
   return Object.freeze(config);
 }

@@ -45,8 +45,9 @@ import {
 } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
 import { createLogMailer, createSmtpMailer, type Mailer } from './lib/mailer.js';
-import { createPasswordResetsRepository } from './modules/auth/password-resets.repository.js';
+import { createEmailTokensRepository } from './modules/auth/email-tokens.repository.js';
 import { createPasswordResetService } from './modules/auth/password-reset.service.js';
+import { createEmailConfirmationService } from './modules/auth/email-confirmation.service.js';
 import { createSigner } from './lib/signer.js';
 
 export interface ServicesDeps {
@@ -58,8 +59,8 @@ export interface ServicesDeps {
   /** A Redis client for shared counters; by default one is made from REDIS_URL when set. */
   redis?: Redis | undefined;
   /**
-   * Where the service's own mail goes (password reset links). By default: SMTP_URL's server; without
-   * it, the log in development and nowhere in production (password recovery is then off).
+   * Where the service's own mail goes (password reset and confirmation links). By default: SMTP_URL's
+   * server; without it, the log in development, and nowhere otherwise (password recovery is then off).
    */
   mailer?: Mailer | undefined;
   /** How often the bootstrap admin is tried again while the provider is down (default 15 s). */
@@ -126,7 +127,7 @@ export function createServices(deps: ServicesDeps) {
     roles: createRolesRepository(db),
     apiKeys: createApiKeysRepository(db),
     clients: createClientsRepository(db),
-    passwordResets: createPasswordResetsRepository(db),
+    emailTokens: createEmailTokensRepository(db),
   };
   const audit = createAuditService({ repo: repos.audit, clock });
   const keys = createSigningKeysService({
@@ -163,7 +164,11 @@ export function createServices(deps: ServicesDeps) {
           timeoutMs: config.supabase.timeoutMs,
           recoveryMaxAgeSeconds: config.passwordReset.ttlSeconds,
         })
-      : createLocalProvider({ users: repos.users, hasher }));
+      : createLocalProvider({
+          users: repos.users,
+          hasher,
+          requireEmailConfirmation: config.emailConfirmation.required,
+        }));
   const failureOptions = { max: config.rateLimit.maxLoginFailuresPerHour, windowSeconds: 3600, clock };
   const failures =
     config.rateLimit.enabled && redis
@@ -202,7 +207,8 @@ export function createServices(deps: ServicesDeps) {
     failures,
     logger,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
-    passwordResets: repos.passwordResets,
+    emailTokens: repos.emailTokens,
+    requireEmailConfirmation: config.emailConfirmation.required && provider.name === 'local',
   });
   const ownsMailer = !deps.mailer;
   const mailer =
@@ -213,13 +219,27 @@ export function createServices(deps: ServicesDeps) {
           from: config.mail.from,
           timeoutMs: config.mail.timeoutMs,
         })
-      : config.env === 'production'
-        ? undefined
-        : createLogMailer(logger));
+      : config.env === 'development'
+        ? createLogMailer(logger)
+        : undefined);
+  const emailConfirmation = createEmailConfirmationService({
+    db,
+    users: repos.users,
+    tokens: repos.emailTokens,
+    audit,
+    events,
+    clock,
+    pepper: config.secretPepper,
+    providerName: provider.name,
+    mailer,
+    url: config.emailConfirmation.url,
+    ttlSeconds: config.emailConfirmation.ttlSeconds,
+    logger,
+  });
   const passwordReset = createPasswordResetService({
     db,
     users: repos.users,
-    resets: repos.passwordResets,
+    tokens: repos.emailTokens,
     provider,
     sessions,
     audit,
@@ -253,7 +273,7 @@ export function createServices(deps: ServicesDeps) {
     events,
     grants,
     clients: repos.clients,
-    passwordResets: repos.passwordResets,
+    emailTokens: repos.emailTokens,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
@@ -376,6 +396,7 @@ export function createServices(deps: ServicesDeps) {
     sessions,
     auth,
     passwordReset,
+    emailConfirmation,
     roles,
     /** The grant ceiling: what a principal holds now. */
     grants,

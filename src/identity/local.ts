@@ -8,6 +8,8 @@ import type { IdentityProvider, ProviderUser } from './provider.js';
 export function createLocalProvider(deps: {
   users: UsersRepository;
   hasher: PasswordHasher;
+  /** REQUIRE_EMAIL_CONFIRMATION: a sign-up opens no session until the address is confirmed. */
+  requireEmailConfirmation?: boolean;
 }): IdentityProvider {
   const signUp: IdentityProvider['signUp'] = async (email, password) => {
     // The uniqueness check that matters is the insert's; this one spares an argon2 run.
@@ -16,14 +18,14 @@ export function createLocalProvider(deps: {
     return {
       user: { id: randomUUID(), email, emailConfirmedAt: null },
       passwordHash,
-      confirmed: true,
+      confirmed: !deps.requireEmailConfirmation,
     };
   };
   return {
     name: 'local',
     signUp,
-    // No confirmation mail here: every sign-up can sign in at once.
-    createConfirmedUser: signUp,
+    // Made by an administrator (the bootstrap admin): signs in at once, no confirmation mail.
+    createConfirmedUser: async (email, password) => ({ ...(await signUp(email, password)), confirmed: true }),
     async signIn(email, password) {
       const user = await deps.users.findByEmail(email);
       if (!user?.passwordHash) {

@@ -7,6 +7,10 @@ export const ERROR_CATALOGUE = {
   invalid_json: { status: 400, title: 'The body is not valid JSON' },
   bad_request: { status: 400, title: 'Bad request' },
   invalid_reset_token: { status: 400, title: 'The password reset token is invalid, expired or used' },
+  invalid_confirmation_token: {
+    status: 400,
+    title: 'The email confirmation token is invalid, expired or used',
+  },
   authentication_required: { status: 401, title: 'Authentication is required' },
   invalid_token: { status: 401, title: 'The token is invalid, expired or revoked' },
   invalid_credentials: { status: 401, title: 'Invalid email or password' },
@@ -14,6 +18,7 @@ export const ERROR_CATALOGUE = {
   invalid_client: { status: 401, title: 'Client authentication failed' },
   forbidden: { status: 403, title: 'The principal lacks a permission this needs' },
   registration_closed: { status: 403, title: 'Sign-up is closed' },
+  email_not_confirmed: { status: 403, title: 'The email address is not confirmed yet' },
   not_found: { status: 404, title: 'Not found' },
   method_not_allowed: { status: 405, title: 'Method not allowed' },
   request_timeout: { status: 408, title: 'The request took too long to arrive' },

@@ -20,6 +20,8 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
   { method: 'POST', route: '/v1/auth/exchange', permission: 'public' },
   { method: 'POST', route: '/v1/auth/password/forgot', permission: 'public' },
   { method: 'POST', route: '/v1/auth/password/reset', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/email/confirm', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/email/resend', permission: 'public' },
 ];
 
 export const AUTH_ROUTES: MatrixRoute[] = [

@@ -66,9 +66,11 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect(revocationsBefore).toBeGreaterThan(0);
 
     // A password reset token, expired by the time of the purge below.
-    await app.services.repos.passwordResets.replace(
+    await app.services.repos.emailTokens.replace(
       {
         userId: user.id,
+        purpose: 'password_reset',
+        email: user.email,
         tokenHash: `retention-${user.id}`,
         createdAt: clock.now(),
         expiresAt: new Date(clock.nowMs() + 1800_000),
@@ -80,8 +82,8 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     // (30 min) have expired.
     clock.advance(6 * DAY);
     const early = await app.services.retention.purge();
-    expect(early).toMatchObject({ skipped: false, sessions: 0, passwordResets: 1, auditEvents: 0 });
-    expect(await app.services.repos.passwordResets.latestFor(user.id)).toBeUndefined();
+    expect(early).toMatchObject({ skipped: false, sessions: 0, emailTokens: 1, auditEvents: 0 });
+    expect(await app.services.repos.emailTokens.latestFor(user.id, 'password_reset')).toBeUndefined();
     expect(early.revocations).toBe(revocationsBefore);
     expect(await sessionsOf(user.id)).toBe(2);
 

@@ -62,24 +62,27 @@ export const revocations = pgTable(
 );
 
 /**
- * A password reset link's token (built-in provider): one live token per user, since a new request
- * replaces the previous one; used once, then kept with `used_at` until the retention purge. Only its
- * HMAC under the server pepper is stored, as for refresh tokens.
+ * A token mailed to a user's address (built-in provider): a password reset link's, or an email
+ * confirmation link's. One live per user and purpose, since a new mail replaces the previous one;
+ * used once, then kept with `used_at` until the retention purge. Only its HMAC under the server
+ * pepper is stored, as for refresh tokens; `email` is the address it was mailed to.
  */
-export const passwordResets = pgTable(
-  'password_resets',
+export const emailTokens = pgTable(
+  'email_tokens',
   {
     id: uuid('id').primaryKey().defaultRandom(),
     userId: uuid('user_id')
       .notNull()
       .references(() => users.id, { onDelete: 'cascade' }),
+    purpose: text('purpose', { enum: ['password_reset', 'email_confirmation'] }).notNull(),
     tokenHash: text('token_hash').notNull().unique(),
+    email: text('email').notNull(),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
     expiresAt: timestamp('expires_at', { withTimezone: true, precision: 3 }).notNull(),
     usedAt: timestamp('used_at', { withTimezone: true, precision: 3 }),
   },
   (t) => [
-    index('password_resets_user_idx').on(t.userId),
-    index('password_resets_expires_idx').on(t.expiresAt),
+    index('email_tokens_user_idx').on(t.userId, t.purpose),
+    index('email_tokens_expires_idx').on(t.expiresAt),
   ],
 );

@@ -10,6 +10,7 @@ import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../
 import type { AccountsCache } from './accounts.cache.js';
 import {
   AuthResultSchema,
+  ConfirmEmailBodySchema,
   ExchangeBodySchema,
   ForgotPasswordBodySchema,
   LoginBodySchema,
@@ -23,13 +24,16 @@ import {
   SessionListSchema,
   SessionSchema,
   toUserDto,
+  UserSchema,
 } from './auth.schema.js';
 import type { AuthService } from './auth.service.js';
+import type { EmailConfirmationService } from './email-confirmation.service.js';
 import type { PasswordResetService } from './password-reset.service.js';
 
 export interface AuthRoutesDeps {
   auth: AuthService;
   passwordReset: PasswordResetService;
+  emailConfirmation: EmailConfirmationService;
   accounts: AccountsCache;
   providerName: 'local' | 'supabase';
 }
@@ -46,7 +50,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         operationId: 'register',
         summary: 'Create an account',
         description:
-          '201 with a session, or 202 with `session: null` when the provider asks for email confirmation first.',
+          '201 with a session, or 202 with `session: null` when the provider asks for email confirmation first ' +
+          '(Supabase’s “Confirm email”, or REQUIRE_EMAIL_CONFIRMATION). The built-in provider mails a ' +
+          'confirmation link when it can send mail (`POST /v1/auth/email/confirm`).',
         body: RegisterBodySchema,
         response: {
           201: RegisterResultSchema.describe('Registered and signed in'),
@@ -69,6 +75,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         },
         requestContext(request),
       );
+      // Not awaited: the account is made whatever the mail server does (the user may ask again).
+      void deps.emailConfirmation.afterRegistration(user, requestContext(request));
       return reply.status(session ? 201 : 202).send({ user: toUserDto(user), session });
     },
   );
@@ -88,6 +96,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         response: {
           200: AuthResultSchema,
           ...problems(400, 401, 429, 503),
+          403: problemResponses[403].describe(
+            '`email_not_confirmed` (REQUIRE_EMAIL_CONFIRMATION), after the right password only',
+          ),
           409: problemResponses[409].describe(
             '`account_conflict`: the provider’s account has an email another account here holds',
           ),
@@ -285,6 +296,51 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
     },
     async (request, reply) => {
       await deps.passwordReset.reset(request.body.token, request.body.new_password, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/auth/email/confirm',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'confirmEmail',
+        summary: 'Confirm the email address with a confirmation link’s token',
+        description:
+          'Built-in provider. The token works once, for `EMAIL_CONFIRMATION_TTL` seconds; a newer link replaces ' +
+          'it. 400 `invalid_confirmation_token` for one that is unknown, expired, used or for a disabled account.',
+        body: ConfirmEmailBodySchema,
+        response: { 200: z.object({ user: UserSchema }), ...problems(400, 429, 503) },
+      },
+    },
+    async (request) => ({
+      user: toUserDto(await deps.emailConfirmation.confirm(request.body.token, requestContext(request))),
+    }),
+  );
+
+  r.post(
+    '/v1/auth/email/resend',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'resendConfirmation',
+        summary: 'Mail a new email confirmation link',
+        description:
+          '204 whether or not the address has an unconfirmed account, and at most one mail per account a ' +
+          'minute. Built-in provider; 404 with Supabase (supabase-js `auth.resend()`) or without `SMTP_URL` in ' +
+          'production.',
+        body: ForgotPasswordBodySchema,
+        response: {
+          204: z.null().describe('If the address has an unconfirmed account, a link is on its way'),
+          ...problems(400, 404, 429, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      await deps.emailConfirmation.resend(request.body.email, requestContext(request));
       return reply.status(204).send(null);
     },
   );

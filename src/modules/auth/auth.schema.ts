@@ -89,6 +89,17 @@ export const ResetPasswordBodySchema = z
   })
   .strict();
 
+export const ConfirmEmailBodySchema = z
+  .object({
+    token: z
+      .string()
+      .min(1)
+      .max(512)
+      .describe('From the confirmation link: the `token` in its fragment (`pec_…`)')
+      .meta({ example: 'pec_7Qw2ZmN4rT1x_…' }),
+  })
+  .strict();
+
 export const ExchangeBodySchema = z
   .object({ access_token: z.string().min(1).max(8192).describe('A Supabase-issued access token') })
   .strict();

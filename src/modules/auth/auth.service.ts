@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
-import type { PasswordResetsRepository } from './password-resets.repository.js';
+import type { EmailTokensRepository } from './email-tokens.repository.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
 
 export interface AuthServiceDeps {
@@ -25,7 +25,9 @@ export interface AuthServiceDeps {
   logger?: Pick<Logger, 'warn' | 'info'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
   /** Reset links already mailed stop working when the password changes. */
-  passwordResets?: Pick<PasswordResetsRepository, 'discardUnused'>;
+  emailTokens?: Pick<EmailTokensRepository, 'discardUnused'>;
+  /** REQUIRE_EMAIL_CONFIRMATION (built-in provider): sign-in waits for a confirmed address. */
+  requireEmailConfirmation?: boolean;
 }
 
 const normalizeEmail = (email: string) => email.trim().toLowerCase();
@@ -257,6 +259,14 @@ export function createAuthService(deps: AuthServiceDeps) {
         await recordLoginFailure(context, email, user.id, 'disabled');
         throw invalidCredentials();
       }
+      if (deps.requireEmailConfirmation && !user.emailConfirmedAt) {
+        // Said only after the right password: it tells nobody else whether the account exists.
+        await recordLoginFailure(context, email, user.id, 'email_not_confirmed', { counted: false });
+        throw new AppError('email_not_confirmed', {
+          detail:
+            'Confirm your email address first: follow the link mailed to it, or ask for another with POST /v1/auth/email/resend',
+        });
+      }
       await deps.failures.reset(email);
       deps.onLogin?.('success');
       return { user, session: await openSession(user, context, 'auth.login') };
@@ -350,7 +360,7 @@ export function createAuthService(deps: AuthServiceDeps) {
           await deps.users.update(user.id, { passwordHash: changed.passwordHash }, tx);
         }
         (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
-        await deps.passwordResets?.discardUnused(user.id, tx);
+        await deps.emailTokens?.discardUnused(user.id, 'password_reset', tx);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
       await deps.failures.reset(user.email);

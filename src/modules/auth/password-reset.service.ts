@@ -3,20 +3,21 @@ import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
-import { generateSecret, keyedHash, PASSWORD_RESET_FORMAT, parseSecret } from '../../lib/crypto.js';
+import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { Mailer } from '../../lib/mailer.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
-import type { PasswordResetsRepository } from './password-resets.repository.js';
+import type { EmailTokensRepository } from './email-tokens.repository.js';
+import { createMailedTokens, tokenParagraph } from './mailed-tokens.js';
 import type { SessionsService } from './sessions.service.js';
 
 export interface PasswordResetDeps {
   db: Database;
   users: UsersRepository;
-  resets: PasswordResetsRepository;
+  tokens: EmailTokensRepository;
   provider: IdentityProvider;
   sessions: SessionsService;
   audit: AuditService;
@@ -32,9 +33,6 @@ export interface PasswordResetDeps {
   logger?: Pick<Logger, 'warn' | 'info'>;
 }
 
-/** At most one reset mail per account in this long, whatever the number of requests. */
-export const RESET_MAIL_INTERVAL_MS = 60_000;
-
 const normalizeEmail = (email: string) => email.trim().toLowerCase();
 
 const invalidResetToken = () =>
@@ -42,11 +40,6 @@ const invalidResetToken = () =>
     detail: 'The password reset link is invalid, has expired or was used already; ask for a new one',
     errors: [{ field: 'body.token', message: 'is invalid, expired or used' }],
   });
-
-function minutes(seconds: number): string {
-  const m = Math.round(seconds / 60);
-  return m === 1 ? '1 minute' : `${m} minutes`;
-}
 
 /**
  * "Forgot password": a reset link by mail, then a new password with the link's token. With the
@@ -56,27 +49,22 @@ function minutes(seconds: number): string {
  * session of the account, lifts a sign-in lockout, and is audited.
  */
 export function createPasswordResetService(deps: PasswordResetDeps) {
-  const hash = (token: string) => keyedHash(deps.pepper, token);
+  const mailed = createMailedTokens({
+    db: deps.db,
+    events: deps.events,
+    tokens: deps.tokens,
+    clock: deps.clock,
+    pepper: deps.pepper,
+  });
 
-  function resetMail(email: string, token: string) {
-    const lifetime = minutes(deps.ttlSeconds);
-    let where: string;
-    if (deps.url) {
-      const link = new URL(deps.url);
-      // In the fragment: browsers send it neither to the page's server nor in a Referer.
-      link.hash = `token=${token}`;
-      where = `Open this link within ${lifetime} to choose a new password:\n\n${link.href}\n`;
-    } else {
-      where = `Use this reset code within ${lifetime} to choose a new password:\n\n${token}\n`;
-    }
-    return {
-      to: email,
-      subject: 'Reset your password',
-      text:
-        `Someone, hopefully you, asked to reset the password of the account ${email}.\n\n${where}\n` +
-        'The link works once. If you did not ask for this, ignore this mail: your password stays as it is.\n',
-    };
-  }
+  const resetMail = (email: string, token: string) => ({
+    to: email,
+    subject: 'Reset your password',
+    text:
+      `Someone, hopefully you, asked to reset the password of the account ${email}.\n\n` +
+      `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'choose a new password')}\n` +
+      'The link works once. If you did not ask for this, ignore this mail: your password stays as it is.\n',
+  });
 
   async function recordRequest(
     context: RequestContext,
@@ -106,9 +94,14 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       if (consume && !(await consume(tx))) throw invalidResetToken();
       // Read under a share lock: a disable committed meanwhile wins, and the reset does not apply.
       const current = await deps.users.findByIdForShare(user.id, tx);
-      if (!active(current)) throw invalidResetToken();
-      if (passwordHash) await deps.users.update(user.id, { passwordHash }, tx);
-      await deps.resets.discardUnused(user.id, tx);
+      if (!current || !active(current)) throw invalidResetToken();
+      // The link proved the mailbox, as a confirmation link does.
+      const confirm = current.emailConfirmedAt ? {} : { emailConfirmedAt: deps.clock.now() };
+      if (passwordHash || !current.emailConfirmedAt) {
+        await deps.users.update(user.id, { ...(passwordHash ? { passwordHash } : {}), ...confirm }, tx);
+        emit({ type: 'user_changed', userId: user.id });
+      }
+      await deps.tokens.discardUnused(user.id, 'password_reset', tx);
       const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
       ended.forEach(emit);
       await deps.audit.record(
@@ -144,33 +137,22 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         });
       if (!user) return recordRequest(context, email, null, 'failure', { reason: 'unknown_email' });
       if (!active(user)) return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
-      const now = deps.clock.now();
-      const latest = await deps.resets.latestFor(user.id);
-      if (latest && now.getTime() - latest.createdAt.getTime() < RESET_MAIL_INTERVAL_MS)
-        return recordRequest(context, email, user.id, 'failure', { reason: 'too_soon' });
-
-      const { token } = generateSecret(PASSWORD_RESET_FORMAT);
-      const row = await inTransaction(deps.db, deps.events, async (tx) =>
-        deps.resets.replace(
-          {
-            userId: user.id,
-            tokenHash: hash(token),
-            createdAt: now,
-            expiresAt: new Date(now.getTime() + deps.ttlSeconds * 1000),
-          },
-          tx,
-        ),
-      );
+      let sent: 'sent' | 'too_soon';
       try {
-        await mailer.send(resetMail(user.email, token));
+        sent = await mailed.send(
+          user,
+          'password_reset',
+          { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
+          (token) => resetMail(user.email, token),
+        );
       } catch (err) {
-        // Not sent: the token goes, so the next request is not held back by the one-a-minute rule.
-        await deps.resets.deleteById(row.id).catch(() => undefined);
         await recordRequest(context, email, user.id, 'failure', { reason: 'mail_failed' }).catch(
           () => undefined,
         );
         throw err;
       }
+      if (sent === 'too_soon')
+        return recordRequest(context, email, user.id, 'failure', { reason: 'too_soon' });
       await recordRequest(context, email, user.id, 'success', { delivery: mailer.kind });
     },
 
@@ -200,9 +182,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         if (user) await applyReset(user, null, context, undefined);
         return;
       }
-      if (!parseSecret(PASSWORD_RESET_FORMAT, token)) throw await invalid('malformed_token', null);
-      const now = deps.clock.now();
-      const row = await deps.resets.findLive(hash(token), now);
+      const row = await mailed.find(token, 'password_reset', PASSWORD_RESET_FORMAT);
+      if (row === 'malformed') throw await invalid('malformed_token', null);
       if (!row) throw await invalid('unknown_token', null);
       const user = await deps.users.findById(row.userId);
       if (!user || !active(user)) throw await invalid('disabled', row.userId);
@@ -217,7 +198,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         user,
         passwordHash,
         context,
-        async (tx) => (await deps.resets.consume(row.id, deps.clock.now(), tx)) !== undefined,
+        async (tx) => (await deps.tokens.consume(row.id, deps.clock.now(), tx)) !== undefined,
       );
     },
   };

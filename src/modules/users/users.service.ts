@@ -12,7 +12,7 @@ import type { RolesRepository } from '../roles/roles.repository.js';
 import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
-import type { PasswordResetsRepository } from '../auth/password-resets.repository.js';
+import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 
 const ADMIN_ROLE = 'admin';
 
@@ -27,8 +27,8 @@ export function createUsersService(deps: {
   events: EventBus;
   grants: GrantCeiling;
   clients: Pick<ClientsRepository, 'clientIdsActingFor'>;
-  /** Password reset links already mailed stop working when the user is cut off. */
-  passwordResets?: Pick<PasswordResetsRepository, 'discardUnused'>;
+  /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
+  emailTokens?: Pick<EmailTokensRepository, 'discardUnused'>;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -66,7 +66,7 @@ export function createUsersService(deps: {
    */
   async function cutOff(tx: Transaction, userId: string, reason: string, emit: (e: AuthEvent) => void) {
     (await deps.sessions.endAllSessions(tx, userId, reason)).forEach(emit);
-    await deps.passwordResets?.discardUnused(userId, tx);
+    await deps.emailTokens?.discardUnused(userId, undefined, tx);
     emit(await deps.auth.subjectRevocation(tx, userId));
     for (const clientId of await deps.clients.clientIdsActingFor(userId, tx))
       emit(await deps.auth.subjectRevocation(tx, clientId));

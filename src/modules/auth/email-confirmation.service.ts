@@ -1,0 +1,160 @@
+import type { Logger } from 'pino';
+import type { Database } from '../../db/client.js';
+import type { Clock } from '../../lib/clock.js';
+import { EMAIL_CONFIRMATION_FORMAT } from '../../lib/crypto.js';
+import { AppError } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { Mailer } from '../../lib/mailer.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { EmailTokensRepository } from './email-tokens.repository.js';
+import { createMailedTokens, tokenParagraph } from './mailed-tokens.js';
+
+export interface EmailConfirmationDeps {
+  db: Database;
+  users: UsersRepository;
+  tokens: EmailTokensRepository;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  pepper: Buffer;
+  /** Only the built-in provider's addresses are confirmed here; Supabase confirms its own. */
+  providerName: 'local' | 'supabase';
+  mailer: Mailer | undefined;
+  url: string | undefined;
+  ttlSeconds: number;
+  logger?: Pick<Logger, 'warn'>;
+}
+
+const normalizeEmail = (email: string) => email.trim().toLowerCase();
+
+const invalidConfirmationToken = () =>
+  new AppError('invalid_confirmation_token', {
+    detail: 'The confirmation link is invalid, has expired or was used already; ask for a new one',
+    errors: [{ field: 'body.token', message: 'is invalid, expired or used' }],
+  });
+
+/**
+ * Email confirmation for the built-in provider: a link mailed at registration (and on request), whose
+ * token (`pec_…`, one live per account, at most one mail a minute) marks the address confirmed. With
+ * REQUIRE_EMAIL_CONFIRMATION, sign-in waits for it (auth.service). A password reset confirms the
+ * address too: it proves the same mailbox.
+ */
+export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
+  const mailed = createMailedTokens(deps);
+
+  const confirmationMail = (email: string, token: string) => ({
+    to: email,
+    subject: 'Confirm your email address',
+    text:
+      `Someone, hopefully you, made an account with the address ${email}.\n\n` +
+      `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'confirm it')}\n` +
+      'If it was not you, ignore this mail: nothing more will come of it.\n',
+  });
+
+  async function record(
+    context: RequestContext,
+    user: UserRow | undefined,
+    email: string,
+    outcome: 'success' | 'failure',
+    data: Record<string, unknown>,
+  ) {
+    await deps.audit.record(deps.db, context, {
+      type: 'auth.email_confirmation_sent',
+      outcome,
+      subjectId: user?.id ?? null,
+      data: { ...data, email_domain: email.split('@')[1] ?? null },
+    });
+  }
+
+  /** Mails a confirmation link to the user's address, audited; throws when the mail server fails. */
+  async function send(user: UserRow, mailer: Mailer, context: RequestContext) {
+    try {
+      const sent = await mailed.send(
+        user,
+        'email_confirmation',
+        { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
+        (token) => confirmationMail(user.email, token),
+      );
+      if (sent === 'too_soon') return record(context, user, user.email, 'failure', { reason: 'too_soon' });
+      await record(context, user, user.email, 'success', { delivery: mailer.kind });
+    } catch (err) {
+      await record(context, user, user.email, 'failure', { reason: 'mail_failed' }).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  const applies = (user: UserRow) =>
+    deps.providerName === 'local' && user.status === 'active' && !user.emailConfirmedAt;
+
+  return {
+    /**
+     * After a registration: the confirmation mail, when there is a way to send one. Best effort: the
+     * account is made either way, and a failed mail is logged; the user may ask for another.
+     */
+    async afterRegistration(user: UserRow, context: RequestContext): Promise<void> {
+      if (!deps.mailer || !applies(user)) return;
+      await send(user, deps.mailer, context).catch((err: unknown) =>
+        deps.logger?.warn({ err, userId: user.id }, 'the confirmation mail of a registration was not sent'),
+      );
+    },
+
+    /** Mails a new link to `email` when it has an unconfirmed account; answers alike otherwise. */
+    async resend(rawEmail: string, context: RequestContext): Promise<void> {
+      if (deps.providerName !== 'local')
+        throw new AppError('not_found', {
+          detail: 'With Supabase, Supabase sends confirmation mails: ask it with supabase-js auth.resend()',
+        });
+      const mailer = deps.mailer;
+      if (!mailer)
+        throw new AppError('not_found', {
+          detail: 'Email confirmation is off: the service has no SMTP_URL to send mail through',
+        });
+      const email = normalizeEmail(rawEmail);
+      const user = await deps.users.findByEmail(email);
+      if (!user) return record(context, undefined, email, 'failure', { reason: 'unknown_email' });
+      if (user.status !== 'active') return record(context, user, email, 'failure', { reason: 'disabled' });
+      if (user.emailConfirmedAt)
+        return record(context, user, email, 'failure', { reason: 'already_confirmed' });
+      await send(user, mailer, context);
+    },
+
+    /** Marks the address the token was mailed to as confirmed; the user as they are now. */
+    async confirm(token: string, context: RequestContext): Promise<UserRow> {
+      const invalid = async (reason: string, userId: string | null) => {
+        await deps.audit.record(deps.db, context, {
+          type: 'user.email_confirmed',
+          outcome: 'failure',
+          subjectId: userId,
+          data: { reason },
+        });
+        return invalidConfirmationToken();
+      };
+      const row = await mailed.find(token, 'email_confirmation', EMAIL_CONFIRMATION_FORMAT);
+      if (row === 'malformed') throw await invalid('malformed_token', null);
+      if (!row) throw await invalid('unknown_token', null);
+      return inTransaction(deps.db, deps.events, async (tx, emit) => {
+        const user = await deps.users.findByIdForShare(row.userId, tx);
+        // The address it was mailed to must still be the account's.
+        if (user?.status !== 'active' || user.email !== row.email) throw invalidConfirmationToken();
+        if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) throw invalidConfirmationToken();
+        const confirmed = user.emailConfirmedAt
+          ? user
+          : ((await deps.users.update(user.id, { emailConfirmedAt: deps.clock.now() }, tx)) ?? user);
+        await deps.audit.record(
+          tx,
+          { ...context, actorType: 'user', actorId: user.id },
+          {
+            type: 'user.email_confirmed',
+            subjectId: user.id,
+            data: { email_domain: user.email.split('@')[1] },
+          },
+        );
+        emit({ type: 'user_changed', userId: user.id });
+        return confirmed;
+      });
+    },
+  };
+}
+
+export type EmailConfirmationService = ReturnType<typeof createEmailConfirmationService>;

@@ -1,0 +1,82 @@
+import { and, desc, eq, gt, isNull } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { emailTokens } from '../../db/schema/index.js';
+
+export type EmailTokenRow = typeof emailTokens.$inferSelect;
+export type EmailTokenPurpose = EmailTokenRow['purpose'];
+
+/** Tokens mailed to users (password reset, email confirmation): one live per user and purpose. */
+export function createEmailTokensRepository(db: Executor) {
+  return {
+    /** The user's newest token for `purpose`, used or not (what the one-mail-a-minute rule looks at). */
+    async latestFor(
+      userId: string,
+      purpose: EmailTokenPurpose,
+      tx: Executor = db,
+    ): Promise<EmailTokenRow | undefined> {
+      const [row] = await tx
+        .select()
+        .from(emailTokens)
+        .where(and(eq(emailTokens.userId, userId), eq(emailTokens.purpose, purpose)))
+        .orderBy(desc(emailTokens.createdAt))
+        .limit(1);
+      return row;
+    },
+    /** Replaces every unused token of the user for this purpose with this one: only the newest works. */
+    async replace(row: typeof emailTokens.$inferInsert, tx: Executor): Promise<EmailTokenRow> {
+      await this.discardUnused(row.userId, row.purpose, tx);
+      const [created] = await tx.insert(emailTokens).values(row).returning();
+      return created!;
+    },
+    /** Unused tokens of the user stop working: of one purpose, or (undefined) of every purpose. */
+    async discardUnused(
+      userId: string,
+      purpose: EmailTokenPurpose | undefined,
+      tx: Executor = db,
+    ): Promise<void> {
+      await tx
+        .delete(emailTokens)
+        .where(
+          and(
+            eq(emailTokens.userId, userId),
+            isNull(emailTokens.usedAt),
+            purpose ? eq(emailTokens.purpose, purpose) : undefined,
+          ),
+        );
+    },
+    async findLive(
+      tokenHash: string,
+      purpose: EmailTokenPurpose,
+      at: Date,
+      tx: Executor = db,
+    ): Promise<EmailTokenRow | undefined> {
+      const [row] = await tx
+        .select()
+        .from(emailTokens)
+        .where(
+          and(
+            eq(emailTokens.tokenHash, tokenHash),
+            eq(emailTokens.purpose, purpose),
+            isNull(emailTokens.usedAt),
+            gt(emailTokens.expiresAt, at),
+          ),
+        )
+        .limit(1);
+      return row;
+    },
+    /** Marks the token used, once: of concurrent redemptions only one gets the row back. */
+    async consume(id: string, at: Date, tx: Executor): Promise<EmailTokenRow | undefined> {
+      const [row] = await tx
+        .update(emailTokens)
+        .set({ usedAt: at })
+        .where(and(eq(emailTokens.id, id), isNull(emailTokens.usedAt), gt(emailTokens.expiresAt, at)))
+        .returning();
+      return row;
+    },
+    async deleteById(id: string, tx: Executor = db): Promise<void> {
+      await tx.delete(emailTokens).where(eq(emailTokens.id, id));
+    },
+  };
+}
+
+export type EmailTokensRepository = ReturnType<typeof createEmailTokensRepository>;

@@ -1,0 +1,96 @@
+import type { Database } from '../../db/client.js';
+import type { Clock } from '../../lib/clock.js';
+import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../../lib/crypto.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { MailMessage, Mailer } from '../../lib/mailer.js';
+import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
+
+/** At most one mail of a purpose per account in this long, whatever the number of requests. */
+export const MAIL_INTERVAL_MS = 60_000;
+
+function minutes(seconds: number): string {
+  if (seconds >= 7200 && seconds % 3600 === 0) return `${seconds / 3600} hours`;
+  const m = Math.round(seconds / 60);
+  return m === 1 ? '1 minute' : `${m} minutes`;
+}
+
+/**
+ * The part of a mail that carries the token: a link to `url` with the token in its fragment (which
+ * browsers send neither to the page's server nor in a Referer), or the bare token without a page.
+ */
+export function tokenParagraph(
+  url: string | undefined,
+  token: string,
+  ttlSeconds: number,
+  action: string,
+): string {
+  const lifetime = minutes(ttlSeconds);
+  if (!url) return `Use this code within ${lifetime} to ${action}:\n\n${token}\n`;
+  const link = new URL(url);
+  link.hash = `token=${token}`;
+  return `Open this link within ${lifetime} to ${action}:\n\n${link.href}\n`;
+}
+
+/**
+ * One-time tokens mailed to a user (`email_tokens`): made with 256 random bits in a `SecretFormat`,
+ * stored only as an HMAC under the pepper, one live per user and purpose, at most one mail a minute.
+ */
+export function createMailedTokens(deps: {
+  db: Database;
+  events: EventBus;
+  tokens: EmailTokensRepository;
+  clock: Clock;
+  pepper: Buffer;
+}) {
+  const hash = (token: string) => keyedHash(deps.pepper, token);
+  return {
+    /**
+     * Mails `compose(token)` to the user with a new token of `purpose`, replacing any earlier one;
+     * `too_soon` (nothing sent) within a minute of the last. When the mail fails, the token goes and
+     * the error is thrown, so a retry is not held back.
+     */
+    async send(
+      user: { id: string; email: string },
+      purpose: EmailTokenPurpose,
+      options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer },
+      compose: (token: string) => MailMessage,
+    ): Promise<'sent' | 'too_soon'> {
+      const now = deps.clock.now();
+      const latest = await deps.tokens.latestFor(user.id, purpose);
+      if (latest && now.getTime() - latest.createdAt.getTime() < MAIL_INTERVAL_MS) return 'too_soon';
+      const { token } = generateSecret(options.format);
+      const row = await inTransaction(deps.db, deps.events, async (tx) =>
+        deps.tokens.replace(
+          {
+            userId: user.id,
+            purpose,
+            email: user.email,
+            tokenHash: hash(token),
+            createdAt: now,
+            expiresAt: new Date(now.getTime() + options.ttlSeconds * 1000),
+          },
+          tx,
+        ),
+      );
+      try {
+        await options.mailer.send(compose(token));
+      } catch (err) {
+        await deps.tokens.deleteById(row.id).catch(() => undefined);
+        throw err;
+      }
+      return 'sent';
+    },
+
+    /** The live token row `token` names: undefined when malformed, unknown, expired, used or replaced. */
+    async find(
+      token: string,
+      purpose: EmailTokenPurpose,
+      format: SecretFormat,
+    ): Promise<EmailTokenRow | 'malformed' | undefined> {
+      if (!parseSecret(format, token)) return 'malformed';
+      return deps.tokens.findLive(hash(token), purpose, deps.clock.now());
+    },
+  };
+}
+
+export type MailedTokens = ReturnType<typeof createMailedTokens>;
