@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
@@ -53,6 +54,13 @@ export function createMemoryFailureCounter(options: {
   };
 }
 
+/**
+ * The Redis key of an account's failed sign-ins: the address's SHA-256, so whoever can list Redis's
+ * keys does not read who is being guessed at (or who signs in at all).
+ */
+export const loginFailuresKey = (email: string) =>
+  `paservices:auth:login-failures:${createHash('sha256').update(email).digest('base64url')}`;
+
 export function createRedisFailureCounter(options: {
   redis: Redis;
   max: number;
@@ -61,7 +69,7 @@ export function createRedisFailureCounter(options: {
   logger: Logger;
 }): FailureCounter {
   const fallback = createMemoryFailureCounter(options);
-  const redisKey = (key: string) => `paservices:auth:login-failures:${key}`;
+  const redisKey = loginFailuresKey;
   let warned = false;
   async function attempt<T>(work: () => Promise<T>, onFallback: () => Promise<T>): Promise<T> {
     try {

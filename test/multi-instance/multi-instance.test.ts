@@ -14,6 +14,7 @@ import {
   CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
 } from '../../src/modules/oauth/oauth.service.js';
 import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
+import { loginFailuresKey } from '../../src/lib/throttle.js';
 import { CLIENT_AUTH_FAILURES_PREFIX, CLIENT_AUTH_IP_FAILURES_PREFIX } from '../../src/services.js';
 import { basic, createClient, form } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
@@ -451,8 +452,12 @@ describe.runIf(redisAvailable)('several instances share rate-limit counters thro
         expect(Number(res.headers['retry-after'])).toBeGreaterThan(0);
         expect(res.json().code).toBe('rate_limited');
       }
+      // The count lives under the address's hash, not the address.
+      expect(Number(await a.services.redis?.get(loginFailuresKey(email)))).toBeGreaterThanOrEqual(1);
+      const keys = (await a.services.redis?.keys('paservices:auth:login-failures:*')) ?? [];
+      expect(keys.some((k) => k.includes(email) || k.includes(email.split('@')[0]!))).toBe(false);
     } finally {
-      await a.services.redis?.del(`paservices:auth:login-failures:${email}`);
+      await a.services.redis?.del(loginFailuresKey(email));
     }
   });
 
