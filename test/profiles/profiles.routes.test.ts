@@ -118,6 +118,24 @@ describe('profiles', () => {
     }
   });
 
+  it('clears metadata with null, as the other fields', async () => {
+    const user = await registerUser(app, 'meta-null');
+    const patch = (body: Record<string, unknown>) =>
+      app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: body,
+      });
+    expect((await patch({ metadata: { theme: 'dark' }, bio: 'hello' })).json()).toMatchObject({
+      metadata: { theme: 'dark' },
+      bio: 'hello',
+    });
+    const cleared = await patch({ metadata: null, bio: null });
+    expect(cleared.statusCode, cleared.body).toBe(200);
+    expect(cleared.json()).toMatchObject({ metadata: {}, bio: null });
+  });
+
   it('reads user ids in any case (RFC 9562 §4)', async () => {
     const user = await registerUser(app, 'upper');
     const res = await app.inject({

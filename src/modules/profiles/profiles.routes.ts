@@ -48,7 +48,8 @@ export async function profilesRoutes(app: FastifyInstance, deps: { profiles: Pro
           ? { locale: b.locale === null ? null : Intl.getCanonicalLocales(b.locale)[0]! }
           : {}),
         ...(b.timezone !== undefined ? { timezone: b.timezone } : {}),
-        ...(b.metadata !== undefined ? { metadata: b.metadata } : {}),
+        // null clears it, as it clears the other fields: metadata is always an object, so {}.
+        ...(b.metadata !== undefined ? { metadata: b.metadata ?? {} } : {}),
       };
       return toProfileDto(await deps.profiles.update(userIdOf(request), patch, requestContext(request)));
     },

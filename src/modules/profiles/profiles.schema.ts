@@ -104,8 +104,9 @@ export const PatchProfileBodySchema = z
         else if (Buffer.byteLength(JSON.stringify(m)) > MAX_METADATA_BYTES)
           ctx.addIssue({ code: 'custom', message: `must be at most ${MAX_METADATA_BYTES} bytes of JSON` });
       })
+      .nullable()
       .optional()
-      .describe('A JSON object (≤ 4 KiB, ≤ 4 levels) for the frontend’s own use'),
+      .describe('A JSON object (≤ 4 KiB, ≤ 4 levels) for the frontend’s own use; null clears it to {}'),
   })
   .strict()
   .describe('Only these fields; `id`, `user_id`, `roles`, `status` and the like are refused (closed schema)');
