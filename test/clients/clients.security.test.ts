@@ -374,7 +374,15 @@ describe('app clients: security', () => {
       payload: { status: 'disabled' },
     });
     expect(disabled.statusCode).toBe(200);
-    expect((await grant()).json().scope).toBe('');
+    // It still authenticates, but gets no token: not even one with no scope, which would still say
+    // "this is that service" to whoever checks only signatures and audiences.
+    const refused = await grant();
+    expect(refused.statusCode, refused.body).toBe(400);
+    expect(refused.json()).toMatchObject({ error: 'unauthorized_client' });
+    expect(refused.json().error_description).toContain('disabled or deleted');
+    // Enabled again, it is served within what they hold.
+    await setUserStatus(app, admin.accessToken, creator.id, 'active');
+    expect((await grant()).json().scope).toBe('roles:read');
     const deleted = await app.inject({
       method: 'DELETE',
       url: `/v1/users/${creator.id}`,
@@ -382,8 +390,8 @@ describe('app clients: security', () => {
     });
     expect(deleted.statusCode).toBe(204);
     const after = await grant();
-    expect(after.statusCode).toBe(200);
-    expect(after.json().scope).toBe('');
+    expect(after.statusCode).toBe(400);
+    expect(after.json().error).toBe('unauthorized_client');
   });
 
   it('a client registered by an administrator is the organisation’s: it keeps its scopes whatever becomes of them', async () => {

@@ -93,6 +93,15 @@ const BASIC_KEY = 'basic';
  * Clients are visible to whoever registered them, and to administrators (holders of `*`): another
  * user's client answers 404 (SECURITY.md, object-level authorization).
  */
+/** Views of clients that act for a creator who is disabled or gone (see `actsForNobody`). */
+const withoutCreator = new WeakSet<ClientRow>();
+
+/**
+ * True for a client, as authentication sees it, that acts for a creator who is disabled or deleted:
+ * it authenticates, but acts for nobody, and gets no tokens (`unauthorized_client`).
+ */
+export const actsForNobody = (client: ClientRow): boolean => withoutCreator.has(client);
+
 export function createClientsService(deps: ClientsServiceDeps) {
   const hash = (secret: string) => keyedHash(deps.pepper, secret);
   // Client authentication sits on the token and introspection paths; rows are cached briefly and
@@ -116,6 +125,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
     if (known && known.creator === creator) return known.view;
     const scopes = creator?.active ? intersectPermissions(row.scopes, creator.permissions) : [];
     const view = Object.freeze({ ...row, scopes });
+    if (!creator?.active) withoutCreator.add(view);
     views.set(row, { creator, view });
     return view;
   }

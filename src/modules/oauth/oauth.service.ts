@@ -16,7 +16,7 @@ import {
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
-import type { ClientsService } from '../clients/clients.service.js';
+import { actsForNobody, type ClientsService } from '../clients/clients.service.js';
 import { BASIC_CHALLENGE } from './oauth.client-auth.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import {
@@ -202,6 +202,13 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       });
     }
     const { client } = caller;
+    // A token with no scope would still say "this is that service" to whoever checks only its
+    // signature and audience: a client acting for a departed user gets none.
+    if (actsForNobody(client))
+      throw oauthError(
+        'unauthorized_client',
+        'The user this client acts for is disabled or deleted: it gets no tokens until they are active again',
+      );
     const scopes = grantedScopes(client, request.scope);
     const audience = grantedAudience(client, request);
     const ttl = Math.min(client.accessTokenTtl ?? deps.accessTtl, deps.maxAccessTtl);
