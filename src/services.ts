@@ -261,7 +261,16 @@ export function createServices(deps: ServicesDeps) {
     audit,
     clock,
   });
-  const roles = createRolesService({ db, repo: repos.roles, users: repos.users, audit, events, grants });
+  const roles = createRolesService({
+    db,
+    repo: repos.roles,
+    users: repos.users,
+    audit,
+    events,
+    grants,
+    clients: repos.clients,
+    subjectRevocation: auth.subjectRevocation,
+  });
   const users = createUsersService({
     db,
     repo: repos.users,

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -463,6 +464,82 @@ describe('app clients: security', () => {
     });
     expect(res.statusCode, res.body).toBe(409);
     expect(res.json().detail).toBe('This client has no recorded creator to act for');
+  });
+
+  it('a creator who loses a permission (a role removed, changed or deleted) ends their clients’ tokens', async () => {
+    const asAdmin = bearer(admin.accessToken);
+    const introspector = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const asIntrospector = basic(introspector.client_id, introspector.client_secret);
+    const active = async (token: string) => (await introspect(app, token, asIntrospector)).active;
+    const newRole = async (permissions: string[]) => {
+      const name = `creator-${randomUUID().slice(0, 8)}`;
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/roles',
+        headers: asAdmin,
+        payload: { name, permissions },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      return name;
+    };
+    const creator = await registerUser(app, 'creator-demoted');
+    const base = await newRole(['clients:read', 'clients:write']);
+    const reader = await newRole(['users:read', 'roles:read']);
+    for (const role of [base, reader])
+      expect(
+        (await app.inject({ method: 'PUT', url: `/v1/users/${creator.id}/roles/${role}`, headers: asAdmin }))
+          .statusCode,
+      ).toBe(200);
+    const creatorToken = (await login(app, creator.email)).session.access_token;
+    const client = await createClient(app, creatorToken, {
+      scopes: ['users:read', 'roles:read'],
+      access_token_ttl: 86_400,
+    });
+
+    // A role that gives more ends nothing.
+    const first = await clientToken(app, client);
+    const widened = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${reader}`,
+      headers: asAdmin,
+      payload: { permissions: ['users:read', 'roles:read', 'profiles:read'] },
+    });
+    expect(widened.statusCode, widened.body).toBe(200);
+    expect(await active(first.access_token)).toBe(true);
+
+    // The role gives less: the day-long token ends; a new one carries what is left.
+    const narrowed = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${reader}`,
+      headers: asAdmin,
+      payload: { permissions: ['roles:read'] },
+    });
+    expect(narrowed.statusCode, narrowed.body).toBe(200);
+    expect(await active(first.access_token)).toBe(false);
+    const second = await clientToken(app, client);
+    expect(second.scope).toBe('roles:read');
+
+    // The role removed from them: the same.
+    const removed = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}/roles/${reader}`,
+      headers: asAdmin,
+    });
+    expect(removed.statusCode).toBe(204);
+    expect(await active(second.access_token)).toBe(false);
+    expect((await clientToken(app, client)).scope).toBe('');
+
+    // A role deleted: the same.
+    expect(
+      (await app.inject({ method: 'PUT', url: `/v1/users/${creator.id}/roles/${reader}`, headers: asAdmin }))
+        .statusCode,
+    ).toBe(200);
+    const third = await clientToken(app, client);
+    expect(third.scope).toBe('roles:read');
+    expect(
+      (await app.inject({ method: 'DELETE', url: `/v1/roles/${reader}`, headers: asAdmin })).statusCode,
+    ).toBe(204);
+    expect(await active(third.access_token)).toBe(false);
   });
 
   it('disabling or deleting a creator ends the tokens their clients already hold, as it ends their own', async () => {

@@ -1,6 +1,6 @@
-import { and, asc, eq } from 'drizzle-orm';
+import { and, asc, eq, inArray } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
-import { clients } from '../../db/schema/index.js';
+import { clients, userRoles } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
 
@@ -47,6 +47,18 @@ export function createClientsRepository(db: Executor) {
         .select({ clientId: clients.clientId })
         .from(clients)
         .where(and(eq(clients.createdBy, userId), eq(clients.actsForCreator, true)));
+      return rows.map((r) => r.clientId);
+    },
+    /** The clients acting for someone who holds `role` (whose tokens a change of the role affects). */
+    async clientIdsActingForHoldersOf(role: string, tx: Executor = db): Promise<string[]> {
+      const holders = tx
+        .select({ userId: userRoles.userId })
+        .from(userRoles)
+        .where(eq(userRoles.roleName, role));
+      const rows = await tx
+        .select({ clientId: clients.clientId })
+        .from(clients)
+        .where(and(eq(clients.actsForCreator, true), inArray(clients.createdBy, holders)));
       return rows.map((r) => r.clientId);
     },
     /** Oldest first; `createdBy` limits the list to one creator's clients. */

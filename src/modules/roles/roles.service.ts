@@ -1,6 +1,7 @@
-import type { Database } from '../../db/client.js';
+import type { Database, Transaction } from '../../db/client.js';
 import { AppError, notFound } from '../../lib/errors.js';
-import { type EventBus, inTransaction } from '../../lib/events.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import type { ClientsRepository } from '../clients/clients.repository.js';
 import { decodeNameCursor, encodeNameCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
@@ -25,7 +26,22 @@ export function createRolesService(deps: {
   audit: AuditService;
   events: EventBus;
   grants: GrantCeiling;
+  /** The clients acting for the role's holders, whose tokens end when the role gives less. */
+  clients?: Pick<ClientsRepository, 'clientIdsActingForHoldersOf'>;
+  /** Revokes every token issued so far to a subject, on every instance (auth.subjectRevocation). */
+  subjectRevocation?: (tx: Transaction, subject: string) => Promise<AuthEvent>;
 }) {
+  /**
+   * A role about to give less: the tokens of the clients acting for its holders end (they carry what
+   * the holders held when issued, for up to a day; new ones carry what they hold now), as a disable
+   * ends them. The holders' own access tokens go by what they carry for their few minutes.
+   */
+  async function revokeActingClients(tx: Transaction, role: string, emit: (e: AuthEvent) => void) {
+    if (!deps.clients || !deps.subjectRevocation) return;
+    for (const clientId of await deps.clients.clientIdsActingForHoldersOf(role, tx))
+      emit(await deps.subjectRevocation(tx, clientId));
+  }
+
   async function findOrThrow(name: string): Promise<RoleRow> {
     const role = await deps.repo.find(name);
     if (!role) throw notFound('role');
@@ -105,6 +121,8 @@ export function createRolesService(deps: {
             tx,
           );
           if (!role) throw notFound('role');
+          if (permissions && existing.permissions.some((p) => !permissions.includes(p)))
+            await revokeActingClients(tx, name, emit);
           await deps.audit.record(tx, context, {
             type: 'role.updated',
             subjectId: name,
@@ -126,6 +144,8 @@ export function createRolesService(deps: {
           // Deleting a role takes its permissions from everyone who holds it.
           await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...role.permissions], tx, ROLE_REFUSAL);
           const holders = await deps.users.countWithRole(name, tx);
+          // Before the deletion: it takes the holders' assignments with it.
+          await revokeActingClients(tx, name, emit);
           if (!(await deps.repo.delete(name, tx))) throw notFound('role');
           await deps.audit.record(tx, context, { type: 'role.deleted', subjectId: name, data: { holders } });
           emit({ type: 'roles_changed' });

@@ -164,6 +164,9 @@ export function createUsersService(deps: {
             if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
             const removed = await deps.repo.removeRole(id, roleName, tx);
             if (!removed) throw notFound('role assignment');
+            // The clients acting for them carry what they held in tokens of up to a day: those end.
+            for (const clientId of await deps.clients.clientIdsActingFor(id, tx))
+              emit(await deps.auth.subjectRevocation(tx, clientId));
             await deps.audit.record(tx, context, {
               type: 'role.removed',
               subjectId: id,
