@@ -355,7 +355,13 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       request.log.warn({ err }, 'the audit event of a refusal could not be written');
     }
   });
-  await app.register(openapi, { publicUrl: config.publicUrl, version: SERVICE_VERSION });
+  await app.register(openapi, {
+    publicUrl: config.publicUrl,
+    version: SERVICE_VERSION,
+    // Keeping what was entered under Authorize across reloads is a developer's convenience; in
+    // production a token or key typed into the docs stays in that tab only, not in localStorage.
+    persistAuthorization: config.env !== 'production',
+  });
 
   await app.register(healthRoutes, {
     database,

@@ -269,6 +269,8 @@ function withWwwAuthenticate<T>(document: T): T {
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
+  /** Swagger UI keeps the credentials entered under Authorize in localStorage (default true). */
+  persistAuthorization?: boolean;
 }
 
 async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
@@ -342,7 +344,11 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
         { url: options.publicUrl, description: 'PUBLIC_URL' },
       ],
     }),
-    uiConfig: { persistAuthorization: true, deepLinking: true, tryItOutEnabled: true },
+    uiConfig: {
+      persistAuthorization: options.persistAuthorization ?? true,
+      deepLinking: true,
+      tryItOutEnabled: true,
+    },
     staticCSP: false,
   });
 

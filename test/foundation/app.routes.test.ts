@@ -83,6 +83,9 @@ describe('foundation: app, errors, operations', () => {
     const uiDoc = (await app.inject({ method: 'GET', url: '/docs/json' })).json();
     expect(uiDoc.servers.map((s: { url: string }) => s.url)).toEqual(['/', 'http://auth.test']);
     expect(uiDoc.paths).toEqual(doc.paths);
+    // Outside production, what is entered under Authorize survives a reload (localStorage).
+    const initializer = await app.inject({ method: 'GET', url: '/docs/static/swagger-initializer.js' });
+    expect(initializer.body).toMatch(/"persistAuthorization":\s*true/);
     const ui = await app.inject({ method: 'GET', url: '/docs/' });
     expect(ui.statusCode).toBe(200);
     expect(ui.headers['content-type']).toContain('text/html');
@@ -258,5 +261,14 @@ describe('readiness when the database does not answer, and while shutting down',
     const res = await app.inject({ method: 'GET', url: '/health/ready' });
     expect(res.statusCode).toBe(503);
     expect(res.json().checks.process).toBe('shutting_down');
+  });
+});
+
+describe('Swagger UI in production', () => {
+  it('keeps what is entered under Authorize in the tab only, not in localStorage', async () => {
+    const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
+    const initializer = await app.inject({ method: 'GET', url: '/docs/static/swagger-initializer.js' });
+    expect(initializer.statusCode).toBe(200);
+    expect(initializer.body).toMatch(/"persistAuthorization":\s*false/);
   });
 });
