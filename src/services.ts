@@ -251,6 +251,11 @@ export function createServices(deps: ServicesDeps) {
     url: config.passwordReset.url,
     ttlSeconds: config.passwordReset.ttlSeconds,
     logger,
+    unproven: {
+      apiKeys: repos.apiKeys,
+      clients: repos.clients,
+      subjectRevocation: auth.subjectRevocation,
+    },
   });
 
   const grants = createGrantCeiling({

@@ -96,6 +96,15 @@ describe('email confirmation (built-in provider)', () => {
     expect(mailer.sent.some((m) => m.to === nobody)).toBe(false);
   });
 
+  it('confirms once for concurrent uses of one link (a scanner and a click): the others 400, quickly', async () => {
+    const user = await registerUser(app, 'confirm-race');
+    const token = await confirmationToken(mailer, user.email);
+    const started = Date.now();
+    const answers = await Promise.all(Array.from({ length: 8 }, () => confirm(token)));
+    expect(answers.map((a) => a.statusCode).sort()).toEqual([200, 400, 400, 400, 400, 400, 400, 400]);
+    expect(Date.now() - started).toBeLessThan(3000);
+  });
+
   it('refuses a token past its lifetime, and malformed ones', async () => {
     const user = await registerUser(app, 'confirm-late');
     const token = await confirmationToken(mailer, user.email);

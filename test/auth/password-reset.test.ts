@@ -1,3 +1,5 @@
+import { sql } from 'drizzle-orm';
+import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
@@ -210,6 +212,65 @@ describe('password reset (built-in provider)', () => {
     expect(statuses).toEqual([204, 400, 400, 400, 400, 400]);
     const winner = answers.findIndex((a) => a.statusCode === 204);
     await login(app, user.email, `concurrent passphrase number ${winner}`);
+  });
+
+  it('sends one mail and keeps one live link for concurrent requests', async () => {
+    const user = await registerUser(app, 'reset-burst');
+    clock.advance(61);
+    const answers = await Promise.all(Array.from({ length: 10 }, () => forgot(user.email)));
+    expect(answers.map((a) => a.statusCode)).toEqual(Array(10).fill(204));
+    expect(resetMailsTo(mailer, user.email).length).toBe(1);
+    const [live] = await selectRows<{ n: number }>(
+      app.services.db,
+      sql`select count(*)::int as n from email_tokens where user_id = ${user.id} and purpose = 'password_reset' and used_at is null`,
+    );
+    expect(live?.n).toBe(1);
+  });
+
+  it('the reset that first proves the mailbox ends the API keys and acting clients made before it', async () => {
+    const admin = await createAdmin(app);
+    // Someone registers the address before its owner does, and makes a key (pre-hijacking).
+    const squatter = await registerUser(app, 'reset-squatted');
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: { authorization: `Bearer ${squatter.accessToken}` },
+      payload: { name: 'backdoor', scopes: ['account:read', 'account:write'] },
+    });
+    expect(key.statusCode, key.body).toBe(201);
+    const withKey = { 'x-api-key': key.json().key as string };
+    expect((await app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey })).statusCode).toBe(200);
+    // The owner resets the password through their mailbox: the key goes with the sessions.
+    clock.advance(61);
+    await forgot(squatter.email);
+    expect((await reset(tokenMailedTo(mailer, squatter.email))).statusCode).toBe(204);
+    expect((await app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey })).statusCode).toBe(401);
+    const events = await app.services.audit.list({
+      type: 'api_key.revoked',
+      subjectId: key.json().id,
+      limit: 5,
+    });
+    expect(events[0]?.data).toMatchObject({ reason: 'first_mailbox_proof' });
+
+    // A later reset, of an address already proven, leaves the owner's keys alone.
+    const own = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: {
+        authorization: `Bearer ${(await login(app, squatter.email, NEW_PASSWORD)).session.access_token}`,
+      },
+      payload: { name: 'mine', scopes: ['account:read'] },
+    });
+    clock.advance(61);
+    await forgot(squatter.email);
+    expect((await reset(tokenMailedTo(mailer, squatter.email), 'a third long passphrase')).statusCode).toBe(
+      204,
+    );
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': own.json().key } }))
+        .statusCode,
+    ).toBe(200);
+    expect(admin.id).toBeTruthy();
   });
 
   it('sends nothing to a disabled account, and a link mailed before the disable stops working', async () => {

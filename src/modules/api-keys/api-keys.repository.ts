@@ -83,6 +83,14 @@ export function createApiKeysRepository(db: Database) {
         .returning();
       return row;
     },
+    /** Revokes every live key of the owner; the revoked rows. */
+    async revokeAllOfOwner(ownerId: string, at: Date, tx: Executor): Promise<ApiKeyRow[]> {
+      return tx
+        .update(apiKeys)
+        .set({ revokedAt: at, updatedAt: at })
+        .where(and(eq(apiKeys.ownerId, ownerId), isNull(apiKeys.revokedAt)))
+        .returning();
+    },
     /**
      * Revokes every live key descended from `id` (created by it, or by one it created, …): a key that
      * is revoked takes the keys it minted with it. The revoked rows.

@@ -133,11 +133,13 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
       const row = await mailed.find(token, 'email_confirmation', EMAIL_CONFIRMATION_FORMAT);
       if (row === 'malformed') throw await invalid('malformed_token', null);
       if (!row) throw await invalid('unknown_token', null);
-      return inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const user = await deps.users.findByIdForShare(row.userId, tx);
+      const confirmed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        // The token first: of concurrent confirmations (a link scanner and a click) one takes it and
+        // the others find it used, without all holding the user row and waiting on each other.
+        if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
+        const user = await deps.users.findByIdForUpdate(row.userId, tx);
         // The address it was mailed to must still be the account's.
-        if (user?.status !== 'active' || user.email !== row.email) throw invalidConfirmationToken();
-        if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) throw invalidConfirmationToken();
+        if (user?.status !== 'active' || user.email !== row.email) return 'disabled' as const;
         const confirmed = user.emailConfirmedAt
           ? user
           : ((await deps.users.update(user.id, { emailConfirmedAt: deps.clock.now() }, tx)) ?? user);
@@ -153,6 +155,10 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         emit({ type: 'user_changed', userId: user.id });
         return confirmed;
       });
+      // Refused inside the transaction: audited here, on its own.
+      if (confirmed === 'used') throw await invalid('used_token', row.userId);
+      if (confirmed === 'disabled') throw await invalid('disabled', row.userId);
+      return confirmed;
     },
   };
 }

@@ -1,3 +1,4 @@
+import { sql } from 'drizzle-orm';
 import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../../lib/crypto.js';
@@ -55,12 +56,17 @@ export function createMailedTokens(deps: {
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'too_soon'> {
-      const now = deps.clock.now();
-      const latest = await deps.tokens.latestFor(user.id, purpose);
-      if (latest && now.getTime() - latest.createdAt.getTime() < MAIL_INTERVAL_MS) return 'too_soon';
       const { token } = generateSecret(options.format);
-      const row = await inTransaction(deps.db, deps.events, async (tx) =>
-        deps.tokens.replace(
+      const row = await inTransaction(deps.db, deps.events, async (tx) => {
+        // One at a time per account and purpose, on every instance: of concurrent requests the first
+        // makes the token and the others see it and send nothing (one mail, one live link).
+        await tx.execute(
+          sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
+        );
+        const now = deps.clock.now();
+        const latest = await deps.tokens.latestFor(user.id, purpose, tx);
+        if (latest && now.getTime() - latest.createdAt.getTime() < MAIL_INTERVAL_MS) return undefined;
+        return deps.tokens.replace(
           {
             userId: user.id,
             purpose,
@@ -70,8 +76,9 @@ export function createMailedTokens(deps: {
             expiresAt: new Date(now.getTime() + options.ttlSeconds * 1000),
           },
           tx,
-        ),
-      );
+        );
+      });
+      if (!row) return 'too_soon';
       try {
         await options.mailer.send(compose(token));
       } catch (err) {

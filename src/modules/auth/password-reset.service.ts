@@ -4,8 +4,10 @@ import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
-import { AppError } from '../../lib/errors.js';
-import { type EventBus, inTransaction } from '../../lib/events.js';
+import { AppError, isAppError } from '../../lib/errors.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
+import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { Mailer } from '../../lib/mailer.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
@@ -31,6 +33,16 @@ export interface PasswordResetDeps {
   url: string | undefined;
   ttlSeconds: number;
   logger?: Pick<Logger, 'warn' | 'info'>;
+  /**
+   * What an account holds besides sessions, ended by the reset that first proves its mailbox: an
+   * account whose address nobody had proven may have been made by someone else, in wait for its
+   * owner (pre-hijacking), with keys and clients that would outlive the owner's reset.
+   */
+  unproven?: {
+    apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
+    clients: Pick<ClientsRepository, 'disableActingFor'>;
+    subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
+  };
 }
 
 const normalizeEmail = (email: string) => email.trim().toLowerCase();
@@ -83,6 +95,38 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
 
   const active = (user: UserRow | undefined) => user?.status === 'active';
 
+  /**
+   * The API keys and acting clients of an account whose mailbox is proven for the first time: made
+   * before anyone had shown they hold the address, they may be someone else's, and go (keys revoked,
+   * clients disabled and their tokens revoked; the owner may make new ones or enable their clients).
+   */
+  async function endUnproven(
+    tx: Transaction,
+    userId: string,
+    actor: RequestContext,
+    emit: (event: AuthEvent) => void,
+  ) {
+    const unproven = deps.unproven!;
+    const now = deps.clock.now();
+    for (const key of await unproven.apiKeys.revokeAllOfOwner(userId, now, tx)) {
+      await deps.audit.record(tx, actor, {
+        type: 'api_key.revoked',
+        subjectId: key.id,
+        data: { owner_id: userId, prefix: key.prefix, reason: 'first_mailbox_proof' },
+      });
+      emit({ type: 'api_key_changed', lookupId: key.lookupId });
+    }
+    for (const client of await unproven.clients.disableActingFor(userId, now, tx)) {
+      await deps.audit.record(tx, actor, {
+        type: 'client.updated',
+        subjectId: client.clientId,
+        data: { changed: ['status'], status: 'disabled', reason: 'first_mailbox_proof' },
+      });
+      emit({ type: 'client_changed', clientId: client.clientId });
+      emit(await unproven.subjectRevocation(tx, client.clientId));
+    }
+  }
+
   /** The parts of the reset after the new password is known to be acceptable: one transaction. */
   async function applyReset(
     user: UserRow,
@@ -92,23 +136,34 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   ) {
     await inTransaction(deps.db, deps.events, async (tx, emit) => {
       if (consume && !(await consume(tx))) throw invalidResetToken();
-      // Read under a share lock: a disable committed meanwhile wins, and the reset does not apply.
-      const current = await deps.users.findByIdForShare(user.id, tx);
+      // Locked as the update below locks it: a disable committed meanwhile wins, and the reset does
+      // not apply; concurrent resets and confirmations take turns.
+      const current = await deps.users.findByIdForUpdate(user.id, tx);
       if (!current || !active(current)) throw invalidResetToken();
+      const actor = { ...context, actorType: 'user' as const, actorId: user.id };
       // The link proved the mailbox, as a confirmation link does.
-      const confirm = current.emailConfirmedAt ? {} : { emailConfirmedAt: deps.clock.now() };
-      if (passwordHash || !current.emailConfirmedAt) {
-        await deps.users.update(user.id, { ...(passwordHash ? { passwordHash } : {}), ...confirm }, tx);
+      const firstProof = !current.emailConfirmedAt;
+      if (passwordHash || firstProof) {
+        await deps.users.update(
+          user.id,
+          {
+            ...(passwordHash ? { passwordHash } : {}),
+            ...(firstProof ? { emailConfirmedAt: deps.clock.now() } : {}),
+          },
+          tx,
+        );
         emit({ type: 'user_changed', userId: user.id });
       }
-      await deps.tokens.discardUnused(user.id, 'password_reset', tx);
+      if (firstProof && deps.unproven) await endUnproven(tx, user.id, actor, emit);
+      // Every link mailed before goes: reset links, and confirmation links of an address now proven.
+      await deps.tokens.discardUnused(user.id, undefined, tx);
       const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
       ended.forEach(emit);
-      await deps.audit.record(
-        tx,
-        { ...context, actorType: 'user', actorId: user.id },
-        { type: 'auth.password_reset', subjectId: user.id, data: { provider: deps.provider.name } },
-      );
+      await deps.audit.record(tx, actor, {
+        type: 'auth.password_reset',
+        subjectId: user.id,
+        data: { provider: deps.provider.name, first_mailbox_proof: firstProof },
+      });
     });
     // Whoever holds the mailbox is the owner: a lockout someone else caused no longer stands.
     await deps.failures.reset(user.email);
@@ -199,7 +254,12 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         passwordHash,
         context,
         async (tx) => (await deps.tokens.consume(row.id, deps.clock.now(), tx)) !== undefined,
-      );
+      ).catch(async (err: unknown) => {
+        // Used meanwhile by a concurrent reset, or the account disabled: refused in the transaction.
+        if (isAppError(err) && err.code === 'invalid_reset_token')
+          throw await invalid('used_or_disabled', user.id);
+        throw err;
+      });
     },
   };
 }

@@ -89,6 +89,16 @@ export function createClientsRepository(db: Executor) {
         .returning();
       return row;
     },
+    /** Disables the active clients acting for the user; the disabled rows. */
+    async disableActingFor(userId: string, at: Date, tx: Executor): Promise<ClientRow[]> {
+      return tx
+        .update(clients)
+        .set({ status: 'disabled', updatedAt: at })
+        .where(
+          and(eq(clients.createdBy, userId), eq(clients.actsForCreator, true), eq(clients.status, 'active')),
+        )
+        .returning();
+    },
     async delete(id: string, tx: Executor = db): Promise<boolean> {
       const rows = await tx.delete(clients).where(eq(clients.id, id)).returning({ id: clients.id });
       return rows.length > 0;

@@ -31,6 +31,15 @@ export function createUsersRepository(db: Executor) {
       const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1).for('key share');
       return row;
     },
+    /**
+     * The user, locked as an update of it locks it (FOR NO KEY UPDATE), for a transaction that is
+     * about to change the row: two of them take turns instead of both holding a share lock and each
+     * waiting for the other's to upgrade (a deadlock).
+     */
+    async findByIdForUpdate(id: string, tx: Executor): Promise<UserRow | undefined> {
+      const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1).for('no key update');
+      return row;
+    },
     async findById(id: string, tx: Executor = db): Promise<UserRow | undefined> {
       const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1);
       return row;
