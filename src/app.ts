@@ -381,7 +381,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     providerName: services.provider.name,
   });
   await app.register(signingKeysRoutes, { keys: services.keys });
-  await app.register(usersRoutes, { users: services.users });
+  await app.register(usersRoutes, { users: services.users, passwordReset: services.passwordReset });
   await app.register(rolesRoutes, { roles: services.roles });
   await app.register(profilesRoutes, { profiles: services.profiles });
   await app.register(auditRoutes, { audit: services.audit });

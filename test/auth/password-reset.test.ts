@@ -306,6 +306,41 @@ describe('password reset (built-in provider)', () => {
     await login(app, user.email, NEW_PASSWORD);
   });
 
+  it('lets an administrator have a reset link mailed to a user, never seeing it; audited', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'reset-by-admin');
+    const send = (id: string, token = admin.accessToken) =>
+      app.inject({
+        method: 'POST',
+        url: `/v1/users/${id}/password-reset`,
+        headers: { authorization: `Bearer ${token}` },
+      });
+    const res = await send(user.id);
+    expect(res.statusCode, res.body).toBe(204);
+    expect(res.body).toBe('');
+    expect((await reset(tokenMailedTo(mailer, user.email))).statusCode).toBe(204);
+    const events = await app.services.audit.list({
+      type: 'auth.password_reset_requested',
+      subjectId: user.id,
+      limit: 5,
+    });
+    expect(events[0]).toMatchObject({ actorId: admin.id, data: { by_administrator: true } });
+
+    // A second within the minute, a disabled user, an unknown one, a caller without users:write.
+    const again = await send(user.id);
+    expect(again.statusCode).toBe(409);
+    expect(again.json().detail).toContain('less than a minute ago');
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+    clock.advance(61);
+    expect((await send(user.id)).json()).toMatchObject({
+      status: 409,
+      detail: 'The user is disabled: enable them first',
+    });
+    expect((await send('00000000-0000-4000-8000-000000000000')).statusCode).toBe(404);
+    const other = await registerUser(app, 'reset-by-nobody');
+    expect((await send(other.id, other.accessToken)).statusCode).toBe(403);
+  });
+
   it('answers 503 when the mail server fails, keeps nothing, and a retry goes through at once', async () => {
     const user = await registerUser(app, 'reset-mailfail');
     mailer.failing = true;

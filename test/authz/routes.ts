@@ -61,6 +61,12 @@ export const ADMIN_ROUTES: MatrixRoute[] = [
     url: (c) => `/v1/users/${c.owner.id}`,
   },
   {
+    method: 'POST',
+    route: '/v1/users/:id/password-reset',
+    permission: 'users:write',
+    url: (c) => `/v1/users/${c.owner.id}/password-reset`,
+  },
+  {
     method: 'GET',
     route: '/v1/users/:id/roles',
     permission: 'users:read',

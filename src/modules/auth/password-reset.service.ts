@@ -4,7 +4,7 @@ import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
-import { AppError, isAppError } from '../../lib/errors.js';
+import { AppError, isAppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
@@ -209,6 +209,54 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       if (sent === 'too_soon')
         return recordRequest(context, email, user.id, 'failure', { reason: 'too_soon' });
       await recordRequest(context, email, user.id, 'success', { delivery: mailer.kind });
+    },
+
+    /**
+     * An administrator has a reset link mailed to a user (who called support, locked out): 404 for no
+     * such user, 409 for a disabled one, a recovery that is off, or a link mailed less than a minute ago.
+     */
+    async requestFor(userId: string, context: RequestContext): Promise<void> {
+      const user = await deps.users.findById(userId);
+      if (!user) throw notFound('user');
+      const refuse = (detail: string, reason: string) =>
+        recordRequest(context, user.email, user.id, 'failure', { reason, by_administrator: true }).then(
+          () => {
+            throw new AppError('conflict', { detail });
+          },
+        );
+      if (!active(user)) return refuse('The user is disabled: enable them first', 'disabled');
+      let sent: 'sent' | 'too_soon';
+      if (deps.provider.requestPasswordRecovery) {
+        sent = await deps.provider.requestPasswordRecovery(user.email, deps.url);
+      } else {
+        const mailer = deps.mailer;
+        if (!mailer)
+          return refuse(
+            'Password recovery is off: the service has no SMTP_URL to send mail through',
+            'no_mailer',
+          );
+        sent = await mailed
+          .send(
+            user,
+            'password_reset',
+            { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
+            (token) => resetMail(user.email, token),
+          )
+          .catch(async (err: unknown) => {
+            await recordRequest(context, user.email, user.id, 'failure', {
+              reason: 'mail_failed',
+              by_administrator: true,
+            }).catch(() => undefined);
+            throw err;
+          });
+      }
+      if (sent === 'too_soon')
+        return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon');
+      await recordRequest(context, user.email, user.id, 'success', {
+        delivery:
+          deps.mailer && !deps.provider.requestPasswordRecovery ? deps.mailer.kind : deps.provider.name,
+        by_administrator: true,
+      });
     },
 
     /** Sets `newPassword` for the account the token was issued to; ends every session of it. */

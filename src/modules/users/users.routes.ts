@@ -16,8 +16,12 @@ import {
   UserSchema,
 } from './users.schema.js';
 import type { UsersService } from './users.service.js';
+import type { PasswordResetService } from '../auth/password-reset.service.js';
 
-export async function usersRoutes(app: FastifyInstance, deps: { users: UsersService }) {
+export async function usersRoutes(
+  app: FastifyInstance,
+  deps: { users: UsersService; passwordReset: PasswordResetService },
+) {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const security = bearerOrApiKey;
 
@@ -90,6 +94,32 @@ export async function usersRoutes(app: FastifyInstance, deps: { users: UsersServ
     },
     async (request, reply) => {
       await deps.users.delete(request.params.id, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/users/:id/password-reset',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'sendPasswordReset',
+        summary: 'Mail the user a password reset link (for support: a user who cannot sign in)',
+        description:
+          'The link the user would get from `POST /v1/auth/password/forgot`; the administrator never sees ' +
+          'it. 409 for a disabled user, when recovery is off (no `SMTP_URL`), or when a link was mailed less ' +
+          'than a minute ago.',
+        security,
+        params: UserIdParamsSchema,
+        response: {
+          204: z.null().describe('The reset link is on its way to the user'),
+          ...problems(400, 401, 403, 404, 409, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      await deps.passwordReset.requestFor(request.params.id, requestContext(request));
       return reply.status(204).send(null);
     },
   );
