@@ -159,6 +159,17 @@ function weakPassword(error: AuthError, field: string): AppError {
   });
 }
 
+/** Supabase did not set a new password (a change or a reset): why, in the service's words. */
+function newPasswordRefused(error: AuthError): AppError {
+  if (isOutage(error)) return unavailable(error);
+  if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
+    return weakPassword(error, 'body.new_password');
+  return new AppError('unprocessable', {
+    detail: 'The identity provider refused the new password',
+    cause: error,
+  });
+}
+
 /** Sign-up closed in the Supabase project's settings. */
 const SIGN_UP_CLOSED = new Set(['signup_disabled', 'email_provider_disabled']);
 
@@ -288,15 +299,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
           if (signIn.data.user.id !== user.id) return undefined;
           const { error } = await client.auth.updateUser({ password: newPassword });
           // same_password: the account already ends up with the requested password, as with local.
-          if (error && error.code !== 'same_password') {
-            if (isOutage(error)) throw unavailable(error);
-            if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
-              throw weakPassword(error, 'body.new_password');
-            throw new AppError('unprocessable', {
-              detail: 'The identity provider refused the new password',
-              cause: error,
-            });
-          }
+          if (error && error.code !== 'same_password') throw newPasswordRefused(error);
           return { passwordHash: null, replaces: null };
         } finally {
           revoke(client, signIn.data.session.access_token);
@@ -314,15 +317,8 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
     setPassword: (user, newPassword) =>
       guarded(async () => {
         const { error } = await admin.auth.admin.updateUserById(user.id, { password: newPassword });
-        if (error && error.code !== 'same_password') {
-          if (isOutage(error)) throw unavailable(error);
-          if (isAuthWeakPasswordError(error) || error.code === 'weak_password')
-            throw weakPassword(error, 'body.new_password');
-          throw new AppError('unprocessable', {
-            detail: 'The identity provider refused the new password',
-            cause: error,
-          });
-        }
+        // same_password: the account already ends up with the requested password.
+        if (error && error.code !== 'same_password') throw newPasswordRefused(error);
         return { passwordHash: null };
       }),
 

@@ -2,24 +2,13 @@ import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { ConfigError, loadConfig } from '../../src/config.js';
 import type { MailMessage, Mailer } from '../../src/lib/mailer.js';
+import { capturingMailer } from '../support/mail.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { PASSWORD, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 const CONFIRM_URL = 'https://app.example.test/confirm';
-
-function capturingMailer(): Mailer & { sent: MailMessage[] } {
-  const sent: MailMessage[] = [];
-  return {
-    kind: 'smtp',
-    sent,
-    async send(message) {
-      sent.push(message);
-    },
-    close() {},
-  };
-}
 
 const confirmationsTo = (mailer: { sent: MailMessage[] }, email: string) =>
   mailer.sent.filter((m) => m.to === email && m.subject === 'Confirm your email address');

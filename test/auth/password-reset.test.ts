@@ -2,33 +2,14 @@ import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { AppError } from '../../src/lib/errors.js';
-import type { MailMessage, Mailer } from '../../src/lib/mailer.js';
+import type { MailMessage } from '../../src/lib/mailer.js';
+import { capturingMailer } from '../support/mail.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
 
 const NEW_PASSWORD = 'a fresh and long passphrase';
 const RESET_URL = 'https://app.example.test/reset-password';
-
-/** Keeps every message instead of sending it; `failing` makes the next sends throw like a dead server. */
-function capturingMailer() {
-  const sent: MailMessage[] = [];
-  const mailer: Mailer & { sent: MailMessage[]; failing: boolean } = {
-    kind: 'smtp',
-    sent,
-    failing: false,
-    async send(message) {
-      if (this.failing)
-        throw new AppError('service_unavailable', {
-          detail: 'The mail server is unavailable; try again later',
-        });
-      sent.push(message);
-    },
-    close() {},
-  };
-  return mailer;
-}
 
 /** The reset mails sent to `email` (registration sends a confirmation mail too). */
 const resetMailsTo = (mailer: { sent: MailMessage[] }, email: string) =>

@@ -1,6 +1,9 @@
 import { z } from 'zod';
 import { pageOf } from '../../lib/pagination.js';
 
+/** An address as accounts are keyed by it: trimmed, lower case. */
+export const normalizeEmail = (email: string) => email.trim().toLowerCase();
+
 export const EmailSchema = z
   .string()
   .trim()

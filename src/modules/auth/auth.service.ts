@@ -10,6 +10,7 @@ import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
+import { normalizeEmail } from './auth.schema.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
 
 export interface AuthServiceDeps {
@@ -29,8 +30,6 @@ export interface AuthServiceDeps {
   /** REQUIRE_EMAIL_CONFIRMATION (built-in provider): sign-in waits for a confirmed address. */
   requireEmailConfirmation?: boolean;
 }
-
-const normalizeEmail = (email: string) => email.trim().toLowerCase();
 
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });

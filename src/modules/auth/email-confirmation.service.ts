@@ -8,6 +8,7 @@ import type { Mailer } from '../../lib/mailer.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
+import { normalizeEmail } from './auth.schema.js';
 import { createMailedTokens, tokenParagraph } from './mailed-tokens.js';
 
 export interface EmailConfirmationDeps {
@@ -25,8 +26,6 @@ export interface EmailConfirmationDeps {
   ttlSeconds: number;
   logger?: Pick<Logger, 'warn'>;
 }
-
-const normalizeEmail = (email: string) => email.trim().toLowerCase();
 
 const invalidConfirmationToken = () =>
   new AppError('invalid_confirmation_token', {

@@ -13,6 +13,7 @@ import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
+import { normalizeEmail } from './auth.schema.js';
 import { createMailedTokens, tokenParagraph } from './mailed-tokens.js';
 import type { SessionsService } from './sessions.service.js';
 
@@ -44,8 +45,6 @@ export interface PasswordResetDeps {
     subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
   };
 }
-
-const normalizeEmail = (email: string) => email.trim().toLowerCase();
 
 const invalidResetToken = () =>
   new AppError('invalid_reset_token', {
