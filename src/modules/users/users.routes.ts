@@ -114,7 +114,7 @@ export async function usersRoutes(
         params: UserIdParamsSchema,
         response: {
           204: z.null().describe('The reset link is on its way to the user'),
-          ...problems(400, 401, 403, 404, 409, 503),
+          ...problems(400, 401, 403, 404, 409, 422, 503),
         },
       },
     },
