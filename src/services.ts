@@ -263,6 +263,7 @@ export function createServices(deps: ServicesDeps) {
     users: repos.users,
     clients: repos.clients,
     apiKeys: repos.apiKeys,
+    sessions: repos.sessions,
     audit,
     clock,
   });

@@ -707,9 +707,74 @@ describe('api keys: expiry is final', () => {
     });
     expect(escalation.statusCode).toBe(401);
     expect((await verifyKey(app, admin.accessToken, adminKey.key)).valid).toBe(false);
+    // Nor its scopes, nor a new secret for it (dead on arrival).
+    const rescoped = await patch(adminKey.id, bearer(admin.accessToken), { scopes: ['account:read'] });
+    expect(rescoped.statusCode).toBe(409);
+    expect(rescoped.json().errors).toEqual([
+      { field: 'body.scopes', message: 'cannot change once the key has expired' },
+    ]);
+    const rotated = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${adminKey.id}/rotate`,
+      headers: bearer(admin.accessToken),
+      payload: {},
+    });
+    expect(rotated.statusCode, rotated.body).toBe(409);
     // Its owner may still rename it or revoke it.
     expect((await patch(adminKey.id, bearer(admin.accessToken), { name: 'expired, kept' })).statusCode).toBe(
       200,
     );
+  });
+});
+
+describe('api keys: a request that outlives its session', () => {
+  let app: FastifyInstance;
+  let reached: () => void = () => {};
+  let release: () => void = () => {};
+
+  beforeAll(async () => {
+    app = await buildTestApp({
+      // Holds a request marked x-test-pause after authentication, before its handler: the request
+      // authenticated while its session was live, and reaches the change after the session ended.
+      beforeReady: (a) => {
+        a.addHook('preHandler', async (request) => {
+          if (request.headers['x-test-pause'] === undefined) return;
+          reached();
+          await new Promise<void>((resolve) => {
+            release = resolve;
+          });
+        });
+      },
+    });
+  });
+
+  it('makes no key once the session its token belongs to has ended (logout everywhere, reset)', async () => {
+    const user = await registerUser(app, 'aks-late');
+    const arrived = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    const creating = app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: { ...bearer(user.accessToken), 'x-test-pause': '1' },
+      payload: { name: 'late', scopes: ['account:read'] },
+    });
+    await arrived;
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+      payload: { scope: 'all' },
+    });
+    expect(out.statusCode).toBe(204);
+    release();
+    const res = await creating;
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.json().code).toBe('invalid_token');
+    const [keys] = await selectRows<{ n: number }>(
+      app.services.db,
+      sql`select count(*)::int as n from api_keys where owner_id = ${user.id}`,
+    );
+    expect(keys?.n).toBe(0);
   });
 });

@@ -502,7 +502,8 @@ describe('app clients: security', () => {
       method: 'PATCH',
       url: `/v1/roles/${reader}`,
       headers: asAdmin,
-      payload: { permissions: ['users:read', 'roles:read', 'profiles:read'] },
+      // `users:*` covers the `users:read` it replaces: more, not less.
+      payload: { permissions: ['users:*', 'roles:read', 'profiles:read'] },
     });
     expect(widened.statusCode, widened.body).toBe(200);
     expect(await active(first.access_token)).toBe(true);

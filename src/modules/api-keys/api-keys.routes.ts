@@ -212,14 +212,16 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         summary: 'Rename an API key, change its scopes or its expiry',
         description:
           'New scopes must be within the caller’s and the owner’s permissions, and a later expiry (or none) ' +
-          `within the caller’s (403); an expired key’s expiry cannot change (409). ${OTHERS}`,
+          `within the caller’s (403); an expired key’s expiry and scopes cannot change (409). ${OTHERS}`,
         security: bearerOrApiKey,
         params: UuidParamSchema,
         body: UpdateApiKeyBodySchema,
         response: {
           200: ApiKeySchema,
           ...problems(400, 401, 403, 404, 503),
-          409: problemResponses[409].describe('`expires_at` of a key that has expired: expiry is final'),
+          409: problemResponses[409].describe(
+            '`expires_at` or `scopes` of a key that has expired: expiry is final',
+          ),
         },
       },
     },

@@ -253,6 +253,13 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     );
   }
 
+  const hasExpired = (key: ApiKeyRow) => key.expiresAt !== null && key.expiresAt.getTime() <= clock.nowMs();
+  const expiredKey = (error?: { field: string; message: string }) =>
+    new AppError('conflict', {
+      detail: 'The key has expired, and an expired key stays expired: create a new one',
+      ...(error ? { errors: [error] } : {}),
+    });
+
   /** True when an expiry of `next` ends later than `previous` (null: never). */
   const outlives = (next: Date | null, previous: Date | null) =>
     previous !== null && (next === null || next.getTime() > previous.getTime());
@@ -378,13 +385,19 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           // What is already so is no change: nothing written, no event, nothing granted.
           const patch = effectivePatch(requested, current);
           if (changedFields(patch).length === 0) return current;
+          // Expiry is final: an expired secret found in an old log or backup stays harmless. Its name
+          // may still change; what it would give, or until when, may not.
+          if (hasExpired(current)) {
+            const field =
+              patch.expiresAt !== undefined
+                ? 'expires_at'
+                : patch.scopes !== undefined
+                  ? 'scopes'
+                  : undefined;
+            if (field)
+              throw expiredKey({ field: `body.${field}`, message: 'cannot change once the key has expired' });
+          }
           if (patch.expiresAt !== undefined) {
-            // Expiry is final: an expired secret found in an old log or backup stays harmless.
-            if (current.expiresAt && current.expiresAt.getTime() <= clock.nowMs())
-              throw new AppError('conflict', {
-                detail: 'The key has expired, and an expired key stays expired: create a new one',
-                errors: [{ field: 'body.expires_at', message: 'cannot change once the key has expired' }],
-              });
             assertWithinCallerLife(actor, patch.expiresAt);
             // A longer life is access granted anew: the caller must hold what the key gives, as for a
             // rotation (else a holder of api_keys:write could keep an administrator's key alive).
@@ -456,6 +469,8 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       return deps.grants.audited(context, { action: 'api_key.rotate', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          // A new secret for an expired key would be dead on arrival.
+          if (hasExpired(current)) throw expiredKey();
           assertNoGraceRunning(
             { hash: current.previousSecretHash, expiresAt: current.previousSecretExpiresAt },
             clock.now(),

@@ -107,22 +107,30 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   ) {
     const unproven = deps.unproven!;
     const now = deps.clock.now();
-    for (const key of await unproven.apiKeys.revokeAllOfOwner(userId, now, tx)) {
-      await deps.audit.record(tx, actor, {
-        type: 'api_key.revoked',
-        subjectId: key.id,
-        data: { owner_id: userId, prefix: key.prefix, reason: 'first_mailbox_proof' },
-      });
-      emit({ type: 'api_key_changed', lookupId: key.lookupId });
-    }
-    for (const client of await unproven.clients.disableActingFor(userId, now, tx)) {
-      await deps.audit.record(tx, actor, {
-        type: 'client.updated',
-        subjectId: client.clientId,
-        data: { changed: ['status'], status: 'disabled', reason: 'first_mailbox_proof' },
-      });
-      emit({ type: 'client_changed', clientId: client.clientId });
-      emit(await unproven.subjectRevocation(tx, client.clientId));
+    // Until a pass finds nothing: a statement that waited for a concurrent creation's lock (a key
+    // minted by a key holds its parent) does not see the row that creation inserted; the next does,
+    // and a creation that comes later finds its parent or its session already ended.
+    for (let pass = 0; pass < 5; pass++) {
+      const keys = await unproven.apiKeys.revokeAllOfOwner(userId, now, tx);
+      const clients = await unproven.clients.disableActingFor(userId, now, tx);
+      for (const key of keys) {
+        await deps.audit.record(tx, actor, {
+          type: 'api_key.revoked',
+          subjectId: key.id,
+          data: { owner_id: userId, prefix: key.prefix, reason: 'first_mailbox_proof' },
+        });
+        emit({ type: 'api_key_changed', lookupId: key.lookupId });
+      }
+      for (const client of clients) {
+        await deps.audit.record(tx, actor, {
+          type: 'client.updated',
+          subjectId: client.clientId,
+          data: { changed: ['status'], status: 'disabled', reason: 'first_mailbox_proof' },
+        });
+        emit({ type: 'client_changed', clientId: client.clientId });
+        emit(await unproven.subjectRevocation(tx, client.clientId));
+      }
+      if (keys.length === 0 && clients.length === 0) return;
     }
   }
 
@@ -153,11 +161,13 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         );
         emit({ type: 'user_changed', userId: user.id });
       }
-      if (firstProof && deps.unproven) await endUnproven(tx, user.id, actor, emit);
       // Every link mailed before goes: reset links, and confirmation links of an address now proven.
       await deps.tokens.discardUnused(user.id, undefined, tx);
+      // The sessions first: ending them waits for the changes their requests are making (which hold
+      // the session: grant-ceiling.ts), so the keys and clients those make are there to be ended next.
       const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
       ended.forEach(emit);
+      if (firstProof && deps.unproven) await endUnproven(tx, user.id, actor, emit);
       await deps.audit.record(tx, actor, {
         type: 'auth.password_reset',
         subjectId: user.id,

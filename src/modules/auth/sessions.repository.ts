@@ -46,6 +46,14 @@ export function createSessionsRepository(db: Executor) {
     async touchSession(id: string, at: Date, idleExpiresAt: Date, tx: Executor): Promise<void> {
       await tx.update(sessions).set({ lastUsedAt: at, idleExpiresAt }).where(eq(sessions.id, id));
     },
+    /**
+     * The session, share-locked until the transaction ends: a change made with one of its tokens
+     * commits before the session can end (logout, password change or reset), or sees it ended.
+     */
+    async findSessionForShare(id: string, tx: Executor): Promise<SessionRow | undefined> {
+      const [row] = await tx.select().from(sessions).where(eq(sessions.id, id)).limit(1).for('share');
+      return row;
+    },
     async findSession(id: string, tx: Executor = db): Promise<SessionRow | undefined> {
       const [row] = await tx.select().from(sessions).where(eq(sessions.id, id)).limit(1);
       return row;

@@ -7,13 +7,14 @@ import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { UsersRepository } from '../users/users.repository.js';
+import type { SessionsRepository } from '../auth/sessions.repository.js';
 
 /**
  * Who asks to grant, as the ceiling looks at them: the request's principal (a `Principal` fits).
  * `permissions` are what the credential carries: a token's scope, or an API key's effective scopes.
  */
 export type Grantor =
-  | { kind: 'user'; userId: string; permissions: readonly string[] }
+  | { kind: 'user'; userId: string; permissions: readonly string[]; sessionId?: string | undefined }
   | { kind: 'service'; clientId: string; permissions: readonly string[] }
   | { kind: 'api_key'; id: string; userId: string; permissions: readonly string[] };
 
@@ -40,6 +41,8 @@ export interface GrantCeilingDeps {
   users: Pick<UsersRepository, 'findByIdForKeyShare' | 'rolesAndPermissions'>;
   clients: Pick<ClientsRepository, 'findByClientId'>;
   apiKeys: Pick<ApiKeysRepository, 'findById'>;
+  /** The session a user's token belongs to, which must still be live (absent: not checked). */
+  sessions?: Pick<SessionsRepository, 'findSessionForShare'>;
   audit: AuditService;
   clock: Clock;
 }
@@ -78,8 +81,24 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
    */
   async function standing(grantor: Grantor, tx: Executor): Promise<string[] | null> {
     switch (grantor.kind) {
-      case 'user':
+      case 'user': {
+        // The token's session, share-locked: a request that authenticated before its session ended
+        // (a logout, a password change or reset committing while its body was still arriving) finds
+        // it ended, or commits first and is seen by what ends it; it never makes a key or a client
+        // that outlives the session.
+        if (grantor.sessionId && deps.sessions) {
+          const session = await deps.sessions.findSessionForShare(grantor.sessionId, tx);
+          const now = deps.clock.nowMs();
+          if (
+            !session ||
+            session.revokedAt ||
+            session.idleExpiresAt.getTime() <= now ||
+            session.expiresAt.getTime() <= now
+          )
+            return null;
+        }
         return ownerHolds(grantor.userId, grantor.permissions, tx);
+      }
       case 'api_key': {
         const key = await deps.apiKeys.findById(grantor.id, tx);
         const expired = key?.expiresAt != null && key.expiresAt.getTime() <= deps.clock.nowMs();

@@ -3,6 +3,7 @@ import { AppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import { decodeNameCursor, encodeNameCursor, pageBy } from '../../lib/pagination.js';
+import { notHeld } from '../../lib/permissions.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { GrantCeiling, Grantor } from './grant-ceiling.js';
@@ -121,7 +122,9 @@ export function createRolesService(deps: {
             tx,
           );
           if (!role) throw notFound('role');
-          if (permissions && existing.permissions.some((p) => !permissions.includes(p)))
+          // Gives less: something it gave is not covered by what it gives now (`orders:*` covers
+          // `orders:read`).
+          if (permissions && notHeld(existing.permissions, permissions).length > 0)
             await revokeActingClients(tx, name, emit);
           await deps.audit.record(tx, context, {
             type: 'role.updated',
