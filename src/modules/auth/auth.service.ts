@@ -26,7 +26,7 @@ export interface AuthServiceDeps {
   logger?: Pick<Logger, 'warn' | 'info'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
   /** Reset links already mailed stop working when the password changes. */
-  emailTokens?: Pick<EmailTokensRepository, 'discardUnused'>;
+  emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
   /** REQUIRE_EMAIL_CONFIRMATION (built-in provider): sign-in waits for a confirmed address. */
   requireEmailConfirmation?: boolean;
 }
@@ -359,7 +359,7 @@ export function createAuthService(deps: AuthServiceDeps) {
           await deps.users.update(user.id, { passwordHash: changed.passwordHash }, tx);
         }
         (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
-        await deps.emailTokens?.discardUnused(user.id, 'password_reset', tx);
+        await deps.emailTokens.discardUnused(user.id, 'password_reset', tx);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
       await deps.failures.reset(user.email);

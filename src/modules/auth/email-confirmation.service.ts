@@ -120,15 +120,8 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
 
     /** Marks the address the token was mailed to as confirmed; the user as they are now. */
     async confirm(token: string, context: RequestContext): Promise<UserRow> {
-      const invalid = async (reason: string, userId: string | null) => {
-        await deps.audit.record(deps.db, context, {
-          type: 'user.email_confirmed',
-          outcome: 'failure',
-          subjectId: userId,
-          data: { reason },
-        });
-        return invalidConfirmationToken();
-      };
+      const invalid = (reason: string, userId: string | null) =>
+        mailed.refused(context, { type: 'user.email_confirmed', reason, userId }, invalidConfirmationToken());
       const row = await mailed.find(token, 'email_confirmation', EMAIL_CONFIRMATION_FORMAT);
       if (row === 'malformed') throw await invalid('malformed_token', null);
       if (!row) throw await invalid('unknown_token', null);

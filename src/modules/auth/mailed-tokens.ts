@@ -3,7 +3,9 @@ import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../../lib/crypto.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { AppError } from '../../lib/errors.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
 
 /** At most one mail of a purpose per account in this long, whatever the number of requests. */
@@ -42,6 +44,7 @@ export function createMailedTokens(deps: {
   tokens: EmailTokensRepository;
   clock: Clock;
   pepper: Buffer;
+  audit: AuditService;
 }) {
   const hash = (token: string) => keyedHash(deps.pepper, token);
   return {
@@ -86,6 +89,21 @@ export function createMailedTokens(deps: {
         throw err;
       }
       return 'sent';
+    },
+
+    /** Audits a link refused (`type`, a failure, with why) and gives back `error`, to throw. */
+    async refused(
+      context: RequestContext,
+      event: { type: string; reason: string; userId: string | null },
+      error: AppError,
+    ): Promise<AppError> {
+      await deps.audit.record(deps.db, context, {
+        type: event.type,
+        outcome: 'failure',
+        subjectId: event.userId,
+        data: { reason: event.reason },
+      });
+      return error;
     },
 
     /** The live token row `token` names: undefined when malformed, unknown, expired, used or replaced. */

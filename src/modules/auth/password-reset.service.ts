@@ -39,7 +39,7 @@ export interface PasswordResetDeps {
    * account whose address nobody had proven may have been made by someone else, in wait for its
    * owner (pre-hijacking), with keys and clients that would outlive the owner's reset.
    */
-  unproven?: {
+  unproven: {
     apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
     clients: Pick<ClientsRepository, 'disableActingFor'>;
     subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
@@ -66,6 +66,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     tokens: deps.tokens,
     clock: deps.clock,
     pepper: deps.pepper,
+    audit: deps.audit,
   });
 
   const resetMail = (email: string, token: string) => ({
@@ -105,7 +106,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     actor: RequestContext,
     emit: (event: AuthEvent) => void,
   ) {
-    const unproven = deps.unproven!;
+    const { unproven } = deps;
     const now = deps.clock.now();
     // Until a pass finds nothing: a statement that waited for a concurrent creation's lock (a key
     // minted by a key holds its parent) does not see the row that creation inserted; the next does,
@@ -167,7 +168,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       // the session: grant-ceiling.ts), so the keys and clients those make are there to be ended next.
       const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
       ended.forEach(emit);
-      if (firstProof && deps.unproven) await endUnproven(tx, user.id, actor, emit);
+      if (firstProof) await endUnproven(tx, user.id, actor, emit);
       await deps.audit.record(tx, actor, {
         type: 'auth.password_reset',
         subjectId: user.id,
@@ -178,6 +179,39 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     await deps.failures.reset(user.email);
   }
 
+  /**
+   * Has a reset link mailed to `email`: by the provider when it mails its own, else by the service,
+   * to the account `user` (callers check there is one, and a mailer). A failed mail is audited.
+   */
+  async function deliver(
+    email: string,
+    user: UserRow | undefined,
+    context: RequestContext,
+    extra: Record<string, unknown>,
+  ): Promise<{ sent: 'sent' | 'too_soon'; delivery: string }> {
+    if (deps.provider.requestPasswordRecovery)
+      return {
+        sent: await deps.provider.requestPasswordRecovery(email, deps.url),
+        delivery: deps.provider.name,
+      };
+    const account = user!;
+    const mailer = deps.mailer!;
+    try {
+      const sent = await mailed.send(
+        account,
+        'password_reset',
+        { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
+        (token) => resetMail(account.email, token),
+      );
+      return { sent, delivery: mailer.kind };
+    } catch (err) {
+      await recordRequest(context, email, account.id, 'failure', { reason: 'mail_failed', ...extra }).catch(
+        () => undefined,
+      );
+      throw err;
+    }
+  }
+
   return {
     /**
      * Sends a reset link to `email` when it has an active account. Answers alike whether it has one or
@@ -186,38 +220,20 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     async request(rawEmail: string, context: RequestContext): Promise<void> {
       const email = normalizeEmail(rawEmail);
       const user = await deps.users.findByEmail(email);
-      if (deps.provider.requestPasswordRecovery) {
-        if (user && !active(user))
-          return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
-        const sent = await deps.provider.requestPasswordRecovery(email, deps.url);
-        if (sent === 'too_soon')
-          return recordRequest(context, email, user?.id ?? null, 'failure', { reason: 'too_soon' });
-        return recordRequest(context, email, user?.id ?? null, 'success', { delivery: deps.provider.name });
-      }
-      const mailer = deps.mailer;
-      if (!mailer)
+      const ownMail = !deps.provider.requestPasswordRecovery;
+      if (ownMail && !deps.mailer)
         throw new AppError('not_found', {
           detail: 'Password recovery is off: the service has no SMTP_URL to send mail through',
         });
-      if (!user) return recordRequest(context, email, null, 'failure', { reason: 'unknown_email' });
-      if (!active(user)) return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
-      let sent: 'sent' | 'too_soon';
-      try {
-        sent = await mailed.send(
-          user,
-          'password_reset',
-          { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
-          (token) => resetMail(user.email, token),
-        );
-      } catch (err) {
-        await recordRequest(context, email, user.id, 'failure', { reason: 'mail_failed' }).catch(
-          () => undefined,
-        );
-        throw err;
-      }
+      // The provider may know an address this database does not yet; the service's own mail needs one.
+      if (ownMail && !user)
+        return recordRequest(context, email, null, 'failure', { reason: 'unknown_email' });
+      if (user && !active(user))
+        return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
+      const { sent, delivery } = await deliver(email, user, context, {});
       if (sent === 'too_soon')
-        return recordRequest(context, email, user.id, 'failure', { reason: 'too_soon' });
-      await recordRequest(context, email, user.id, 'success', { delivery: mailer.kind });
+        return recordRequest(context, email, user?.id ?? null, 'failure', { reason: 'too_soon' });
+      await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
     },
 
     /**
@@ -227,58 +243,27 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     async requestFor(userId: string, context: RequestContext): Promise<void> {
       const user = await deps.users.findById(userId);
       if (!user) throw notFound('user');
-      const refuse = (detail: string, reason: string) =>
-        recordRequest(context, user.email, user.id, 'failure', { reason, by_administrator: true }).then(
-          () => {
-            throw new AppError('conflict', { detail });
-          },
-        );
+      const extra = { by_administrator: true };
+      const refuse = async (detail: string, reason: string) => {
+        await recordRequest(context, user.email, user.id, 'failure', { reason, ...extra });
+        throw new AppError('conflict', { detail });
+      };
       if (!active(user)) return refuse('The user is disabled: enable them first', 'disabled');
-      let sent: 'sent' | 'too_soon';
-      if (deps.provider.requestPasswordRecovery) {
-        sent = await deps.provider.requestPasswordRecovery(user.email, deps.url);
-      } else {
-        const mailer = deps.mailer;
-        if (!mailer)
-          return refuse(
-            'Password recovery is off: the service has no SMTP_URL to send mail through',
-            'no_mailer',
-          );
-        sent = await mailed
-          .send(
-            user,
-            'password_reset',
-            { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
-            (token) => resetMail(user.email, token),
-          )
-          .catch(async (err: unknown) => {
-            await recordRequest(context, user.email, user.id, 'failure', {
-              reason: 'mail_failed',
-              by_administrator: true,
-            }).catch(() => undefined);
-            throw err;
-          });
-      }
+      if (!deps.provider.requestPasswordRecovery && !deps.mailer)
+        return refuse(
+          'Password recovery is off: the service has no SMTP_URL to send mail through',
+          'no_mailer',
+        );
+      const { sent, delivery } = await deliver(user.email, user, context, extra);
       if (sent === 'too_soon')
         return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon');
-      await recordRequest(context, user.email, user.id, 'success', {
-        delivery:
-          deps.mailer && !deps.provider.requestPasswordRecovery ? deps.mailer.kind : deps.provider.name,
-        by_administrator: true,
-      });
+      await recordRequest(context, user.email, user.id, 'success', { delivery, ...extra });
     },
 
     /** Sets `newPassword` for the account the token was issued to; ends every session of it. */
     async reset(token: string, newPassword: string, context: RequestContext): Promise<void> {
-      const invalid = async (reason: string, userId: string | null) => {
-        await deps.audit.record(deps.db, context, {
-          type: 'auth.password_reset',
-          outcome: 'failure',
-          subjectId: userId,
-          data: { reason },
-        });
-        return invalidResetToken();
-      };
+      const invalid = (reason: string, userId: string | null) =>
+        mailed.refused(context, { type: 'auth.password_reset', reason, userId }, invalidResetToken());
       if (deps.provider.recoveryIdentity) {
         // recoveryIdentity ends the recovery session, so whatever can be checked without the account
         // (length, the common list) is checked first: a weak password must not use the link up. Only

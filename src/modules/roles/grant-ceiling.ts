@@ -41,8 +41,8 @@ export interface GrantCeilingDeps {
   users: Pick<UsersRepository, 'findByIdForKeyShare' | 'rolesAndPermissions'>;
   clients: Pick<ClientsRepository, 'findByClientId'>;
   apiKeys: Pick<ApiKeysRepository, 'findById'>;
-  /** The session a user's token belongs to, which must still be live (absent: not checked). */
-  sessions?: Pick<SessionsRepository, 'findSessionForShare'>;
+  /** The session a user's token belongs to, which must still be live. */
+  sessions: Pick<SessionsRepository, 'findSessionForShare'>;
   audit: AuditService;
   clock: Clock;
 }
@@ -76,8 +76,8 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
   /**
    * What the grantor holds now, or null when the credential itself no longer stands: the user
    * disabled or gone, the API key revoked, expired or its owner disabled, the client disabled or
-   * gone. A client acting for a creator who is disabled still stands, holding nothing (its tokens
-   * are issued with an empty scope).
+   * gone. A client acting for a creator who is disabled still stands, holding nothing (the token
+   * endpoint gives it no tokens: `unauthorized_client`, oauth.service.ts).
    */
   async function standing(grantor: Grantor, tx: Executor): Promise<string[] | null> {
     switch (grantor.kind) {
@@ -86,7 +86,7 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
         // (a logout, a password change or reset committing while its body was still arriving) finds
         // it ended, or commits first and is seen by what ends it; it never makes a key or a client
         // that outlives the session.
-        if (grantor.sessionId && deps.sessions) {
+        if (grantor.sessionId) {
           const session = await deps.sessions.findSessionForShare(grantor.sessionId, tx);
           const now = deps.clock.nowMs();
           if (

@@ -28,9 +28,9 @@ export function createRolesService(deps: {
   events: EventBus;
   grants: GrantCeiling;
   /** The clients acting for the role's holders, whose tokens end when the role gives less. */
-  clients?: Pick<ClientsRepository, 'clientIdsActingForHoldersOf'>;
+  clients: Pick<ClientsRepository, 'clientIdsActingForHoldersOf'>;
   /** Revokes every token issued so far to a subject, on every instance (auth.subjectRevocation). */
-  subjectRevocation?: (tx: Transaction, subject: string) => Promise<AuthEvent>;
+  subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
 }) {
   /**
    * A role about to give less: the tokens of the clients acting for its holders end (they carry what
@@ -38,7 +38,6 @@ export function createRolesService(deps: {
    * ends them. The holders' own access tokens go by what they carry for their few minutes.
    */
   async function revokeActingClients(tx: Transaction, role: string, emit: (e: AuthEvent) => void) {
-    if (!deps.clients || !deps.subjectRevocation) return;
     for (const clientId of await deps.clients.clientIdsActingForHoldersOf(role, tx))
       emit(await deps.subjectRevocation(tx, clientId));
   }

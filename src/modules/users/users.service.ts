@@ -28,7 +28,7 @@ export function createUsersService(deps: {
   grants: GrantCeiling;
   clients: Pick<ClientsRepository, 'clientIdsActingFor'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
-  emailTokens?: Pick<EmailTokensRepository, 'discardUnused'>;
+  emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -66,7 +66,7 @@ export function createUsersService(deps: {
    */
   async function cutOff(tx: Transaction, userId: string, reason: string, emit: (e: AuthEvent) => void) {
     (await deps.sessions.endAllSessions(tx, userId, reason)).forEach(emit);
-    await deps.emailTokens?.discardUnused(userId, undefined, tx);
+    await deps.emailTokens.discardUnused(userId, undefined, tx);
     emit(await deps.auth.subjectRevocation(tx, userId));
     for (const clientId of await deps.clients.clientIdsActingFor(userId, tx))
       emit(await deps.auth.subjectRevocation(tx, clientId));
