@@ -1,10 +1,11 @@
+import { createHmac } from 'node:crypto';
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
-import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
 
@@ -55,6 +56,15 @@ describe('password reset (built-in provider)', () => {
     expect(mail).toMatchObject({ to: user.email, subject: 'Reset your password' });
     expect(mail.text).toContain('within 30 minutes');
     const token = tokenMailedTo(mailer, user.email);
+    // SECURITY.md: at least 128 random bits, stored only as HMAC-SHA-256 under the pepper.
+    expect(token).toMatch(/^prs_[0-9A-Za-z]{12}_[0-9A-Za-z]{43}[0-9A-Za-z]{6}$/);
+    const [stored] = await selectRows<{ token_hash: string }>(
+      app.services.db,
+      sql`select token_hash from email_tokens where user_id = ${user.id} and purpose = 'password_reset'`,
+    );
+    expect(stored?.token_hash).toBe(
+      createHmac('sha256', testConfig().secretPepper).update(token).digest('base64url'),
+    );
 
     const done = await reset(token);
     expect(done.statusCode, done.body).toBe(204);
