@@ -24,6 +24,7 @@ import type { IdentityProvider } from './identity/provider.js';
 import { apiKeysRoutes, createApiKeyResolver } from './modules/api-keys/api-keys.routes.js';
 import { auditRoutes } from './modules/audit/audit.routes.js';
 import { authRoutes } from './modules/auth/auth.routes.js';
+import { mfaRoutes } from './modules/auth/mfa.routes.js';
 import { profilesRoutes } from './modules/profiles/profiles.routes.js';
 import { rolesRoutes } from './modules/roles/roles.routes.js';
 import { usersRoutes } from './modules/users/users.routes.js';
@@ -380,6 +381,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     accounts: services.accounts,
     providerName: services.provider.name,
   });
+  await app.register(mfaRoutes, { mfa: services.mfa });
   await app.register(signingKeysRoutes, { keys: services.keys });
   await app.register(usersRoutes, { users: services.users, passwordReset: services.passwordReset });
   await app.register(rolesRoutes, { roles: services.roles });

@@ -90,6 +90,16 @@ const EnvSchema = z.object({
   EMAIL_CONFIRMATION_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   EMAIL_CONFIRMATION_TTL: z.coerce.number().int().min(300).max(604_800).default(86_400),
   REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
+  MFA_ISSUER: optionalString.pipe(
+    z
+      .string()
+      .max(64)
+      .refine((name) => !/[:\p{Cc}]/u.test(name), {
+        message: 'must be a name without ":" or control characters',
+      })
+      .optional(),
+  ),
+  MFA_CHALLENGE_TTL: z.coerce.number().int().min(60).max(1800).default(300),
 });
 
 type Issue = { path: string; message: string };
@@ -297,6 +307,8 @@ export interface Config {
    * waits for the address to be confirmed.
    */
   readonly emailConfirmation: { url: string | undefined; ttlSeconds: number; required: boolean };
+  /** Two-step verification: the name authenticator apps show, and how long a sign-in waits for a code. */
+  readonly mfa: { issuer: string; challengeTtlSeconds: number };
 }
 
 export interface LoadConfigOptions {
@@ -418,6 +430,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       ttlSeconds: e.EMAIL_CONFIRMATION_TTL,
       required: e.REQUIRE_EMAIL_CONFIRMATION,
     },
+    mfa: { issuer: e.MFA_ISSUER ?? 'Paservices', challengeTtlSeconds: e.MFA_CHALLENGE_TTL },
   };
   return Object.freeze(config);
 }

@@ -45,6 +45,8 @@ import {
 } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
 import { createLogMailer, createSmtpMailer, type Mailer } from './lib/mailer.js';
+import { createMfaRepository } from './modules/auth/mfa.repository.js';
+import { createMfaService } from './modules/auth/mfa.service.js';
 import { createEmailTokensRepository } from './modules/auth/email-tokens.repository.js';
 import { createPasswordResetService } from './modules/auth/password-reset.service.js';
 import { createEmailConfirmationService } from './modules/auth/email-confirmation.service.js';
@@ -128,6 +130,7 @@ export function createServices(deps: ServicesDeps) {
     apiKeys: createApiKeysRepository(db),
     clients: createClientsRepository(db),
     emailTokens: createEmailTokensRepository(db),
+    mfa: createMfaRepository(db),
   };
   const audit = createAuditService({ repo: repos.audit, clock });
   const keys = createSigningKeysService({
@@ -195,6 +198,20 @@ export function createServices(deps: ServicesDeps) {
     },
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
   });
+  const mfa = createMfaService({
+    db,
+    repo: repos.mfa,
+    users: repos.users,
+    sessions,
+    audit,
+    events,
+    clock,
+    pepper: config.secretPepper,
+    keyEncryptionKey: config.keyEncryptionKey,
+    issuer: config.mfa.issuer,
+    challengeTtlSeconds: config.mfa.challengeTtlSeconds,
+    onLogin: (outcome) => metrics.logins.inc({ outcome }),
+  });
   const auth = createAuthService({
     db,
     users: repos.users,
@@ -208,6 +225,7 @@ export function createServices(deps: ServicesDeps) {
     logger,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
     emailTokens: repos.emailTokens,
+    mfa,
     requireEmailConfirmation: config.emailConfirmation.required && provider.name === 'local',
   });
   const ownsMailer = !deps.mailer;
@@ -255,6 +273,7 @@ export function createServices(deps: ServicesDeps) {
       apiKeys: repos.apiKeys,
       clients: repos.clients,
       subjectRevocation: auth.subjectRevocation,
+      mfa,
     },
   });
 
@@ -412,6 +431,7 @@ export function createServices(deps: ServicesDeps) {
     auth,
     passwordReset,
     emailConfirmation,
+    mfa,
     roles,
     /** The grant ceiling: what a principal holds now. */
     grants,

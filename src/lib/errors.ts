@@ -11,14 +11,17 @@ export const ERROR_CATALOGUE = {
     status: 400,
     title: 'The email confirmation token is invalid, expired or used',
   },
+  invalid_mfa_code: { status: 400, title: 'The verification code is incorrect, expired or used' },
   authentication_required: { status: 401, title: 'Authentication is required' },
   invalid_token: { status: 401, title: 'The token is invalid, expired or revoked' },
   invalid_credentials: { status: 401, title: 'Invalid email or password' },
   invalid_refresh_token: { status: 401, title: 'The refresh token is invalid, expired or revoked' },
   invalid_client: { status: 401, title: 'Client authentication failed' },
+  invalid_mfa_token: { status: 401, title: 'The sign-in challenge is invalid, expired or used' },
   forbidden: { status: 403, title: 'The principal lacks a permission this needs' },
   registration_closed: { status: 403, title: 'Sign-up is closed' },
   email_not_confirmed: { status: 403, title: 'The email address is not confirmed yet' },
+  mfa_required: { status: 403, title: 'A second factor is needed to finish signing in' },
   not_found: { status: 404, title: 'Not found' },
   method_not_allowed: { status: 405, title: 'Method not allowed' },
   request_timeout: { status: 408, title: 'The request took too long to arrive' },
@@ -60,6 +63,8 @@ export interface AppErrorOptions {
   status?: number;
   /** RFC 6749 error for the OAuth renderer when it differs from the default mapping. */
   oauthError?: string;
+  /** RFC 9457 §3.2 extension members of the problem (e.g. `mfa_token`), beside the standard ones. */
+  extensions?: Record<string, unknown>;
 }
 
 export class AppError extends Error {
@@ -70,6 +75,7 @@ export class AppError extends Error {
   readonly errors: FieldError[] | undefined;
   readonly headers: Record<string, string>;
   readonly oauthError: string | undefined;
+  readonly extensions: Record<string, unknown> | undefined;
   /**
    * Set by whoever wrote this refusal's audit event (a 403's `authorization.denied`), so the app's
    * onError hook, which audits every other 403, does not write a second one.
@@ -87,6 +93,7 @@ export class AppError extends Error {
     this.errors = options.errors;
     this.headers = options.headers ?? {};
     this.oauthError = options.oauthError;
+    this.extensions = options.extensions;
   }
 }
 

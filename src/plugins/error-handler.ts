@@ -37,6 +37,7 @@ function problemBody(error: AppError): Record<string, unknown> {
 
 export const renderProblem: ErrorRenderer = (error, request, reply) => {
   const body: Record<string, unknown> = {
+    ...error.extensions,
     ...problemBody(error),
     instance: request.url.split('?')[0],
     request_id: request.id,

@@ -137,6 +137,8 @@ function withOptionalBodies<T>(document: T): T {
  * /health/ready its own status object.
  */
 const PROBLEM_REF = '#/components/schemas/Problem';
+/** The problem schemas: RFC 9457's, and the sign-in's with its second-factor challenge. */
+const PROBLEM_REFS = new Set([PROBLEM_REF, '#/components/schemas/MfaRequired']);
 
 function withProblemMediaType<T>(document: T): T {
   const doc = document as {
@@ -147,7 +149,8 @@ function withProblemMediaType<T>(document: T): T {
     for (const operation of Object.values(item)) {
       for (const [status, response] of Object.entries(operation.responses ?? {})) {
         const json = response.content?.['application/json'];
-        if (Number(status) < 400 || json?.schema?.$ref !== PROBLEM_REF || !response.content) continue;
+        const ref = json?.schema?.$ref;
+        if (Number(status) < 400 || !ref || !PROBLEM_REFS.has(ref) || !response.content) continue;
         response.content = { 'application/problem+json': json };
       }
     }
@@ -304,6 +307,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
       },
       tags: [
         { name: 'auth', description: 'Sign-up, login, sessions (frontends)' },
+        { name: 'mfa', description: 'Two-step verification (TOTP authenticator apps and recovery codes)' },
         { name: 'oauth', description: 'OAuth 2.0 token, introspection and revocation endpoints' },
         { name: 'discovery', description: 'JWKS and authorization-server metadata' },
         { name: 'users', description: 'User administration' },

@@ -2,6 +2,7 @@ import { createHmac } from 'node:crypto';
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
+import { Secret, TOTP } from 'otpauth';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
@@ -262,6 +263,53 @@ describe('password reset (built-in provider)', () => {
         .statusCode,
     ).toBe(200);
     expect(admin.id).toBeTruthy();
+  });
+
+  it('the reset that first proves the mailbox removes a second factor set up before it; later ones do not', async () => {
+    const squatter = await registerUser(app, 'reset-squatted-mfa');
+    const headers = { authorization: `Bearer ${squatter.accessToken}` };
+    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    const totp = () =>
+      new TOTP({ secret: Secret.fromBase32(enrol.json().secret) }).generate({ timestamp: clock.nowMs() });
+    const on = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers,
+      payload: { code: totp() },
+    });
+    expect(on.statusCode, on.body).toBe(200);
+    const signIn = (password: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email: squatter.email, password } });
+    expect((await signIn(PASSWORD)).json().code).toBe('mfa_required');
+    // The owner proves the mailbox: the squatter's authenticator no longer stands between them and it.
+    clock.advance(61);
+    await forgot(squatter.email);
+    expect((await reset(tokenMailedTo(mailer, squatter.email))).statusCode).toBe(204);
+    const owner = await signIn(NEW_PASSWORD);
+    expect(owner.statusCode, owner.body).toBe(200);
+    const events = await app.services.audit.list({ type: 'mfa.disabled', subjectId: squatter.id, limit: 5 });
+    expect(events[0]?.data).toMatchObject({ reason: 'first_mailbox_proof' });
+
+    // The owner's own second factor survives their later resets.
+    const ownHeaders = { authorization: `Bearer ${owner.json().session.access_token}` };
+    const ownEnrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: ownHeaders });
+    const ownOn = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers: ownHeaders,
+      payload: {
+        code: new TOTP({ secret: Secret.fromBase32(ownEnrol.json().secret) }).generate({
+          timestamp: clock.nowMs(),
+        }),
+      },
+    });
+    expect(ownOn.statusCode).toBe(200);
+    clock.advance(61);
+    await forgot(squatter.email);
+    expect((await reset(tokenMailedTo(mailer, squatter.email), 'a third long passphrase')).statusCode).toBe(
+      204,
+    );
+    expect((await signIn('a third long passphrase')).json().code).toBe('mfa_required');
   });
 
   it('sends nothing to a disabled account, and a link mailed before the disable stops working', async () => {

@@ -1,5 +1,7 @@
 import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
+import { decodeJwt } from 'jose';
+import { Secret, TOTP } from 'otpauth';
 import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
@@ -348,6 +350,52 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       payload: { refresh_token: again.json().session.refresh_token },
     });
     expect(refreshed.statusCode).toBe(200);
+  });
+
+  it('asks for the second factor set up here at both login and exchange (two-step verification is the service’s)', async () => {
+    const user = await registerUser(app, 'sb-mfa');
+    const headers = bearer(user.accessToken);
+    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    const secret = Secret.fromBase32(enrol.json().secret);
+    const code = (steps: number) => new TOTP({ secret }).generate({ timestamp: Date.now() + steps * 30_000 });
+    const on = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers,
+      payload: { code: code(-1) },
+    });
+    expect(on.statusCode, on.body).toBe(200);
+
+    const password = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(password.statusCode).toBe(403);
+    expect(password.json().code).toBe('mfa_required');
+    const signIn = await outsideClient().auth.signInWithPassword({ email: user.email, password: PASSWORD });
+    const exchanged = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: signIn.data.session!.access_token },
+    });
+    expect(exchanged.statusCode, exchanged.body).toBe(403);
+    expect(exchanged.json().code).toBe('mfa_required');
+    const done = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: exchanged.json().mfa_token, code: code(0) },
+    });
+    expect(done.statusCode, done.body).toBe(200);
+    expect(decodeJwt(done.json().session.access_token).amr).toEqual(['otp', 'mfa']);
+    const viaPassword = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: password.json().mfa_token, code: code(1) },
+    });
+    expect(viaPassword.statusCode, viaPassword.body).toBe(200);
+    expect(decodeJwt(viaPassword.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
   });
 
   it('refuses a garbage or revoked Supabase token on /exchange (401) and a malformed body (400)', async () => {

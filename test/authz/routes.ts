@@ -22,6 +22,7 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
   { method: 'POST', route: '/v1/auth/password/reset', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/confirm', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/resend', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/mfa/verify', permission: 'public' },
 ];
 
 export const AUTH_ROUTES: MatrixRoute[] = [
@@ -42,6 +43,26 @@ export const AUTH_ROUTES: MatrixRoute[] = [
     foreignObject: true,
     heldNow: false,
   },
+  { method: 'GET', route: '/v1/auth/mfa', permission: 'account:read' },
+  { method: 'POST', route: '/v1/auth/mfa/totp', permission: 'account:write' },
+  {
+    method: 'POST',
+    route: '/v1/auth/mfa/totp/activate',
+    permission: 'account:write',
+    body: () => ({ code: '123456' }),
+  },
+  {
+    method: 'POST',
+    route: '/v1/auth/mfa/totp/deactivate',
+    permission: 'account:write',
+    body: () => ({ code: '123456' }),
+  },
+  {
+    method: 'POST',
+    route: '/v1/auth/mfa/recovery-codes',
+    permission: 'account:write',
+    body: () => ({ code: '123456' }),
+  },
 ];
 
 export const ADMIN_ROUTES: MatrixRoute[] = [
@@ -59,6 +80,12 @@ export const ADMIN_ROUTES: MatrixRoute[] = [
     route: '/v1/users/:id',
     permission: 'users:write',
     url: (c) => `/v1/users/${c.owner.id}`,
+  },
+  {
+    method: 'DELETE',
+    route: '/v1/users/:id/mfa',
+    permission: 'users:write',
+    url: (c) => `/v1/users/${c.owner.id}/mfa`,
   },
   {
     method: 'POST',

@@ -153,7 +153,7 @@ describe('races that must leave nothing live behind', () => {
     expect(disabled.statusCode).toBe(200);
     await expect(
       inTransaction(app.services.db, app.services.events, (tx) =>
-        app.services.sessions.start(tx, readBeforeDisabling, { ip: null, userAgent: null }),
+        app.services.sessions.start(tx, readBeforeDisabling, { ip: null, userAgent: null, amr: [] }),
       ),
     ).rejects.toMatchObject({ code: 'invalid_credentials' });
   });

@@ -78,11 +78,24 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       app.services.db,
     );
 
-    // Six days on, nothing has been ended long enough; the revocations (15 min) and the reset token
-    // (30 min) have expired.
+    // A sign-in waiting for a second factor (5 min).
+    const challenge = await app.services.repos.mfa.insertChallenge({
+      userId: user.id,
+      tokenHash: `retention-${user.id}`,
+      via: 'auth.login',
+      createdAt: clock.now(),
+      expiresAt: new Date(clock.nowMs() + 300_000),
+    });
+
+    // Six days on, nothing has been ended long enough; the revocations (15 min), the reset token
+    // (30 min) and the challenge have expired.
     clock.advance(6 * DAY);
     const early = await app.services.retention.purge();
     expect(early).toMatchObject({ skipped: false, sessions: 0, emailTokens: 1, auditEvents: 0 });
+    expect(early.mfaChallenges).toBeGreaterThanOrEqual(1);
+    expect(await count(sql`select count(*)::int as n from mfa_challenges where id = ${challenge.id}`)).toBe(
+      0,
+    );
     expect(await app.services.repos.emailTokens.latestFor(user.id, 'password_reset')).toBeUndefined();
     expect(early.revocations).toBe(revocationsBefore);
     expect(await sessionsOf(user.id)).toBe(2);

@@ -3,3 +3,4 @@ export * from './credentials.js';
 export * from './sessions.js';
 export * from './signing.js';
 export * from './users.js';
+export * from './mfa.js';

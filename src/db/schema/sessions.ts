@@ -19,6 +19,11 @@ export const sessions = pgTable(
     expiresAt: timestamp('expires_at', { withTimezone: true, precision: 3 }).notNull(),
     revokedAt: timestamp('revoked_at', { withTimezone: true, precision: 3 }),
     revokedReason: text('revoked_reason'),
+    /**
+     * How the user authenticated when the session opened (RFC 8176 values: `pwd`, `otp`, `mfa`…),
+     * carried as the `amr` claim of every access token the session issues.
+     */
+    amr: text('amr').array().notNull().default(sql`'{}'::text[]`),
   },
   (t) => [
     index('sessions_user_idx').on(t.userId),

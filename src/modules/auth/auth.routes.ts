@@ -8,6 +8,7 @@ import { principalOf, requestContext, userIdOf } from '../../plugins/authenticat
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { AccountsCache } from './accounts.cache.js';
+import { MfaRequiredSchema } from './mfa.routes.js';
 import {
   AuthResultSchema,
   ConfirmEmailBodySchema,
@@ -96,8 +97,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         response: {
           200: AuthResultSchema,
           ...problems(400, 401, 429, 503),
-          403: problemResponses[403].describe(
-            '`email_not_confirmed` (REQUIRE_EMAIL_CONFIRMATION), after the right password only',
+          403: MfaRequiredSchema.describe(
+            '`mfa_required` (two-step verification is on: finish at `POST /v1/auth/mfa/verify` with ' +
+              '`mfa_token`), or `email_not_confirmed` (REQUIRE_EMAIL_CONFIRMATION); after the right password only',
           ),
           409: problemResponses[409].describe(
             '`account_conflict`: the provider’s account has an email another account here holds',
@@ -144,6 +146,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         response: {
           200: AuthResultSchema,
           ...problems(400, 401, 404, 429, 503),
+          403: MfaRequiredSchema.describe(
+            '`mfa_required`: two-step verification is on; finish at `POST /v1/auth/mfa/verify` with `mfa_token`',
+          ),
           409: problemResponses[409].describe(
             '`account_conflict`: the provider’s account has an email another account here holds',
           ),

@@ -10,6 +10,7 @@ import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
+import type { MfaService } from './mfa.service.js';
 import { normalizeEmail } from './auth.schema.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
 
@@ -27,9 +28,14 @@ export interface AuthServiceDeps {
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
   /** Reset links already mailed stop working when the password changes. */
   emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
+  /** A user with a second factor gets a challenge at sign-in instead of a session. */
+  mfa: Pick<MfaService, 'isEnabled' | 'challenge'>;
   /** REQUIRE_EMAIL_CONFIRMATION (built-in provider): sign-in waits for a confirmed address. */
   requireEmailConfirmation?: boolean;
 }
+
+/** RFC 8176: the session began with a password. */
+const PASSWORD_AMR = ['pwd'] as const;
 
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
@@ -134,9 +140,18 @@ export function createAuthService(deps: AuthServiceDeps) {
     }
   }
 
-  async function openSession(user: UserRow, context: RequestContext, type: string): Promise<SessionTokens> {
+  async function openSession(
+    user: UserRow,
+    context: RequestContext,
+    type: string,
+    amr: readonly string[],
+  ): Promise<SessionTokens> {
     const { session, refreshToken } = await inTransaction(deps.db, deps.events, async (tx) => {
-      const started = await deps.sessions.start(tx, user, { ip: context.ip, userAgent: context.userAgent });
+      const started = await deps.sessions.start(tx, user, {
+        ip: context.ip,
+        userAgent: context.userAgent,
+        amr,
+      });
       await deps.audit.record(
         tx,
         { ...context, actorType: 'user', actorId: user.id },
@@ -148,7 +163,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       );
       return started;
     });
-    return deps.sessions.tokensFor(user, session.id, refreshToken);
+    return deps.sessions.tokensFor(user, session, refreshToken);
   }
 
   async function recordLoginFailure(
@@ -225,17 +240,25 @@ export function createAuthService(deps: AuthServiceDeps) {
           subjectId: row.id,
           data: { provider: deps.provider.name, confirmed: signedUp.confirmed },
         });
-        if (!signedUp.confirmed) return { user: row, refreshToken: null, sessionId: null };
-        const started = await deps.sessions.start(tx, row, { ip: context.ip, userAgent: context.userAgent });
-        return { user: row, refreshToken: started.refreshToken, sessionId: started.session.id };
+        if (!signedUp.confirmed) return { user: row, refreshToken: null, session: null };
+        const started = await deps.sessions.start(tx, row, {
+          ip: context.ip,
+          userAgent: context.userAgent,
+          amr: PASSWORD_AMR,
+        });
+        return { user: row, refreshToken: started.refreshToken, session: started.session };
       });
-      const { user, refreshToken, sessionId } = await local.catch(async (err: unknown) => {
+      const {
+        user,
+        refreshToken,
+        session: opened,
+      } = await local.catch(async (err: unknown) => {
         // The local provider keeps nothing outside this database; another one may have.
         if (deps.provider.name !== 'local') await discardProviderUser(signedUp.user.id);
         throw err;
       });
       const session =
-        refreshToken && sessionId ? await deps.sessions.tokensFor(user, sessionId, refreshToken) : null;
+        refreshToken && opened ? await deps.sessions.tokensFor(user, opened, refreshToken) : null;
       return { user, session };
     },
 
@@ -267,8 +290,10 @@ export function createAuthService(deps: AuthServiceDeps) {
         });
       }
       await deps.failures.reset(email);
+      // The password was right; the session waits for the second factor (its own lockout counts codes).
+      if (await deps.mfa.isEnabled(user.id)) throw await deps.mfa.challenge(user, 'auth.login', context);
       deps.onLogin?.('success');
-      return { user, session: await openSession(user, context, 'auth.login') };
+      return { user, session: await openSession(user, context, 'auth.login', PASSWORD_AMR) };
     },
 
     async exchange(accessToken: string, context: RequestContext) {
@@ -277,7 +302,8 @@ export function createAuthService(deps: AuthServiceDeps) {
       const user = await signInUser(identity, context, identity.email);
       if (user.status !== 'active')
         throw new AppError('invalid_token', { detail: 'The account is disabled' });
-      return { user, session: await openSession(user, context, 'auth.exchange') };
+      if (await deps.mfa.isEnabled(user.id)) throw await deps.mfa.challenge(user, 'auth.exchange', context);
+      return { user, session: await openSession(user, context, 'auth.exchange', []) };
     },
 
     refresh: (refreshToken: string, context: RequestContext) => deps.sessions.refresh(refreshToken, context),

@@ -12,6 +12,7 @@ import type { Mailer } from '../../lib/mailer.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { MfaService } from './mfa.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
 import { normalizeEmail } from './auth.schema.js';
 import { createMailedTokens, tokenParagraph } from './mailed-tokens.js';
@@ -43,6 +44,8 @@ export interface PasswordResetDeps {
     apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
     clients: Pick<ClientsRepository, 'disableActingFor'>;
     subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
+    /** A second factor set up before the mailbox was proven would keep its owner out. */
+    mfa: Pick<MfaService, 'remove'>;
   };
 }
 
@@ -96,9 +99,10 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   const active = (user: UserRow | undefined) => user?.status === 'active';
 
   /**
-   * The API keys and acting clients of an account whose mailbox is proven for the first time: made
-   * before anyone had shown they hold the address, they may be someone else's, and go (keys revoked,
-   * clients disabled and their tokens revoked; the owner may make new ones or enable their clients).
+   * The second factor, API keys and acting clients of an account whose mailbox is proven for the first
+   * time: made before anyone had shown they hold the address, they may be someone else's, and go (the
+   * factor removed, keys revoked, clients disabled and their tokens revoked; the owner may make new
+   * ones or enable their clients).
    */
   async function endUnproven(
     tx: Transaction,
@@ -108,6 +112,13 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   ) {
     const { unproven } = deps;
     const now = deps.clock.now();
+    if (await unproven.mfa.remove(tx, userId)) {
+      await deps.audit.record(tx, actor, {
+        type: 'mfa.disabled',
+        subjectId: userId,
+        data: { reason: 'first_mailbox_proof' },
+      });
+    }
     // Until a pass finds nothing: a statement that waited for a concurrent creation's lock (a key
     // minted by a key holds its parent) does not see the row that creation inserted; the next does,
     // and a creation that comes later finds its parent or its session already ended.

@@ -87,7 +87,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     return deps.revocations.revokeAll(tx, 'session', sessionIds);
   }
 
-  async function accessTokenFor(user: UserRow, sessionId: string, held?: Held) {
+  async function accessTokenFor(user: UserRow, sessionId: string, amr: readonly string[], held?: Held) {
     const { roles, permissions } = held ?? (await deps.users.rolesAndPermissions(user.id));
     const issued = await deps.tokens.issue({
       sub: user.id,
@@ -98,6 +98,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       roles,
       sessionId,
       email: user.email,
+      amr,
     });
     deps.onIssued?.('session');
     return issued;
@@ -108,7 +109,13 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     async start(
       tx: Executor,
       user: UserRow,
-      meta: { ip: string | null; userAgent: string | null; clientId?: string | null },
+      meta: {
+        ip: string | null;
+        userAgent: string | null;
+        clientId?: string | null;
+        /** How the user authenticated (RFC 8176), carried by the session's access tokens. */
+        amr: readonly string[];
+      },
     ): Promise<{ session: SessionRow; refreshToken: string }> {
       // A disable racing the login either waits for this session (and ends it) or has committed,
       // and the login fails as it would for a disabled account.
@@ -126,6 +133,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           lastUsedAt: now,
           idleExpiresAt: addSeconds(now, Math.min(deps.ttl.refreshIdle, deps.ttl.refreshAbsolute)),
           expiresAt: addSeconds(now, deps.ttl.refreshAbsolute),
+          amr: [...meta.amr],
         },
         tx,
       );
@@ -135,11 +143,11 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     /** The `session` object of API.md: a fresh access token with the user's current roles. */
     async tokensFor(
       user: UserRow,
-      sessionId: string,
+      session: Pick<SessionRow, 'id' | 'amr'>,
       refreshToken: string,
       held?: Held,
     ): Promise<SessionTokens> {
-      const access = await accessTokenFor(user, sessionId, held);
+      const access = await accessTokenFor(user, session.id, session.amr, held);
       return {
         access_token: access.token,
         token_type: 'Bearer',
@@ -220,7 +228,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           oauthError: 'invalid_grant',
         });
       }
-      return this.tokensFor(outcome.user, outcome.session.id, outcome.refreshToken, outcome.held);
+      return this.tokensFor(outcome.user, outcome.session, outcome.refreshToken, outcome.held);
     },
 
     /** The session a refresh token belongs to (for logout and revocation), if live. */

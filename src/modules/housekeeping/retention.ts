@@ -30,13 +30,15 @@ export interface PurgeResult {
   revocations: number;
   /** Mailed tokens (password reset, email confirmation) past their expiry, used or not. */
   emailTokens: number;
+  /** Sign-ins that waited for a second factor, past their expiry, completed or not. */
+  mfaChallenges: number;
   auditEvents: number;
 }
 
 /**
  * Deletes what nothing reads any more, so the tables do not grow with every login and refresh for
  * ever: revocations past their expiry (every token they could refuse has expired), mailed tokens (password
- * reset, email confirmation) past theirs, sessions ended
+ * reset, email confirmation) and second-factor challenges past theirs, sessions ended
  * longer ago than SESSION_RETENTION_DAYS (with their refresh tokens, by cascade), and audit events
  * older than AUDIT_RETENTION_DAYS when that is set. Run from the services' housekeeping at most once
  * an hour; on several instances, whichever takes the advisory lock first does it and the others skip.
@@ -83,6 +85,7 @@ export function createRetention(deps: {
         sessions: 0,
         revocations: 0,
         emailTokens: 0,
+        mfaChallenges: 0,
         auditEvents: 0,
       };
 
@@ -94,12 +97,20 @@ export function createRetention(deps: {
       result.sessions = (await deleteAll('sessions', sql`${SESSION_END} < ${sessionsBefore}`)) ?? 0;
 
       result.emailTokens = (await deleteAll('email_tokens', sql`expires_at < ${instant(now)}`)) ?? 0;
+      result.mfaChallenges = (await deleteAll('mfa_challenges', sql`expires_at < ${instant(now)}`)) ?? 0;
 
       if (deps.options.auditRetentionDays > 0) {
         const auditBefore = instant(now - deps.options.auditRetentionDays * DAY_MS);
         result.auditEvents = (await deleteAll('audit_events', sql`created_at < ${auditBefore}`)) ?? 0;
       }
-      if (result.sessions + result.revocations + result.emailTokens + result.auditEvents > 0) {
+      if (
+        result.sessions +
+          result.revocations +
+          result.emailTokens +
+          result.mfaChallenges +
+          result.auditEvents >
+        0
+      ) {
         deps.logger.info(result, 'retention: deleted rows past their retention');
       }
       return result;

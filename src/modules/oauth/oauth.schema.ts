@@ -71,6 +71,10 @@ export const IntrospectionSchema = z
     token_use: z.enum(['access_token', 'refresh_token', 'api_key']).optional(),
     roles: z.array(z.string()).optional(),
     sid: z.string().optional(),
+    amr: z
+      .array(z.string())
+      .optional()
+      .describe('RFC 8176: how the user signed in (`mfa` after a second factor)'),
     key_id: z.string().optional(),
   })
   .meta({ id: 'Introspection', description: 'RFC 7662 §2.2; only `{active: false}` for anything inactive' });

@@ -93,6 +93,7 @@ export interface Introspection {
   token_use?: 'access_token' | 'refresh_token' | 'api_key';
   roles?: string[];
   sid?: string;
+  amr?: string[];
   key_id?: string;
 }
 
@@ -293,6 +294,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         token_use: 'access_token' as const,
         ...(Array.isArray(claims.roles) ? { roles: [...claims.roles] } : {}),
         ...(typeof claims.sid === 'string' ? { sid: claims.sid } : {}),
+        ...(Array.isArray(claims.amr) ? { amr: [...claims.amr] } : {}),
       });
       answers.set(claims, answer);
     }
@@ -374,6 +376,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
           exp: epoch(live.expiresAt),
           iat: epoch(live.issuedAt),
           sid: live.session.id,
+          ...(live.session.amr.length ? { amr: [...live.session.amr] } : {}),
           token_use: 'refresh_token',
         };
       }

@@ -8,7 +8,7 @@ import type { SigningAlg, SigningKeysService } from '../signing-keys/signing-key
 import type { RevocationList } from './revocations.service.js';
 import { uuidV7 } from '../../lib/crypto.js';
 
-/** RFC 9068 access-token claims, plus `roles`, `sid` and `email` for users. */
+/** RFC 9068 access-token claims, plus `roles`, `sid`, `email` and `amr` (RFC 8176) for users. */
 export interface AccessTokenClaims extends JWTPayload {
   iss: string;
   sub: string;
@@ -21,6 +21,7 @@ export interface AccessTokenClaims extends JWTPayload {
   roles?: string[];
   sid?: string;
   email?: string;
+  amr?: string[];
 }
 
 export interface IssueAccessToken {
@@ -32,6 +33,8 @@ export interface IssueAccessToken {
   roles?: string[];
   sessionId?: string;
   email?: string;
+  /** How the session's user authenticated (RFC 8176); absent when unknown. */
+  amr?: readonly string[];
 }
 
 /** The client id first-party logins (frontends through /v1/auth) are issued under. */
@@ -164,6 +167,7 @@ export function createTokenService(deps: {
       if (input.roles) claims.roles = input.roles;
       if (input.sessionId) claims.sid = input.sessionId;
       if (input.email) claims.email = input.email;
+      if (input.amr?.length) claims.amr = [...input.amr];
       Object.assign(claims, {
         iss: deps.issuer,
         sub: input.sub,

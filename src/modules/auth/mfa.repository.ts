@@ -1,0 +1,116 @@
+import { and, eq, gt, isNotNull, isNull, sql } from 'drizzle-orm';
+import type { Executor } from '../../db/client.js';
+import { mfaChallenges, mfaFactors, mfaRecoveryCodes } from '../../db/schema/index.js';
+
+export type MfaFactorRow = typeof mfaFactors.$inferSelect;
+export type MfaChallengeRow = typeof mfaChallenges.$inferSelect;
+
+/** Second factors (TOTP), their recovery codes, and the sign-ins waiting for one. */
+export function createMfaRepository(db: Executor) {
+  return {
+    async findFactor(
+      userId: string,
+      options: { lock?: boolean } = {},
+      tx: Executor = db,
+    ): Promise<MfaFactorRow | undefined> {
+      const query = tx.select().from(mfaFactors).where(eq(mfaFactors.userId, userId)).limit(1);
+      const [row] = options.lock ? await query.for('update') : await query;
+      return row;
+    },
+    /** True when the user's sign-ins ask for a second factor (an enrolment proven by a code). */
+    async hasVerifiedFactor(userId: string, tx: Executor = db): Promise<boolean> {
+      const [row] = await tx
+        .select({ id: mfaFactors.id })
+        .from(mfaFactors)
+        .where(and(eq(mfaFactors.userId, userId), isNotNull(mfaFactors.verifiedAt)))
+        .limit(1);
+      return row !== undefined;
+    },
+    /** A new, unverified factor in place of an unverified one; none when a verified one exists. */
+    async replacePending(
+      row: typeof mfaFactors.$inferInsert,
+      tx: Executor,
+    ): Promise<MfaFactorRow | undefined> {
+      await tx
+        .delete(mfaFactors)
+        .where(and(eq(mfaFactors.userId, row.userId), isNull(mfaFactors.verifiedAt)));
+      const [created] = await tx.insert(mfaFactors).values(row).onConflictDoNothing().returning();
+      return created;
+    },
+    async updateFactor(
+      id: string,
+      patch: Partial<
+        Pick<MfaFactorRow, 'verifiedAt' | 'lastUsedAt' | 'lastUsedStep' | 'failedAttempts' | 'lockedUntil'>
+      >,
+      tx: Executor,
+    ): Promise<void> {
+      await tx.update(mfaFactors).set(patch).where(eq(mfaFactors.id, id));
+    },
+    /** Removes the user's factor, recovery codes and waiting sign-ins; whether a factor was there. */
+    async removeAll(userId: string, tx: Executor): Promise<boolean> {
+      const removed = await tx
+        .delete(mfaFactors)
+        .where(eq(mfaFactors.userId, userId))
+        .returning({ id: mfaFactors.id });
+      await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));
+      await tx.delete(mfaChallenges).where(eq(mfaChallenges.userId, userId));
+      return removed.length > 0;
+    },
+    async replaceRecoveryCodes(userId: string, codeHashes: string[], at: Date, tx: Executor): Promise<void> {
+      await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));
+      await tx
+        .insert(mfaRecoveryCodes)
+        .values(codeHashes.map((codeHash) => ({ userId, codeHash, createdAt: at })));
+    },
+    /** Marks one unused recovery code used; false when the user has no such unused code. */
+    async useRecoveryCode(userId: string, codeHash: string, at: Date, tx: Executor): Promise<boolean> {
+      const used = await tx
+        .update(mfaRecoveryCodes)
+        .set({ usedAt: at })
+        .where(
+          and(
+            eq(mfaRecoveryCodes.userId, userId),
+            eq(mfaRecoveryCodes.codeHash, codeHash),
+            isNull(mfaRecoveryCodes.usedAt),
+          ),
+        )
+        .returning({ id: mfaRecoveryCodes.id });
+      return used.length > 0;
+    },
+    async countUnusedRecoveryCodes(userId: string, tx: Executor = db): Promise<number> {
+      const [row] = await tx
+        .select({ n: sql<number>`count(*)::int` })
+        .from(mfaRecoveryCodes)
+        .where(and(eq(mfaRecoveryCodes.userId, userId), isNull(mfaRecoveryCodes.usedAt)));
+      return row?.n ?? 0;
+    },
+    async insertChallenge(
+      row: typeof mfaChallenges.$inferInsert,
+      tx: Executor = db,
+    ): Promise<MfaChallengeRow> {
+      const [created] = await tx.insert(mfaChallenges).values(row).returning();
+      return created!;
+    },
+    /** The live (unused, unexpired) challenge of this token, locked for the verification. */
+    async findLiveChallenge(tokenHash: string, at: Date, tx: Executor): Promise<MfaChallengeRow | undefined> {
+      const [row] = await tx
+        .select()
+        .from(mfaChallenges)
+        .where(
+          and(
+            eq(mfaChallenges.tokenHash, tokenHash),
+            isNull(mfaChallenges.usedAt),
+            gt(mfaChallenges.expiresAt, at),
+          ),
+        )
+        .limit(1)
+        .for('update');
+      return row;
+    },
+    async completeChallenge(id: string, at: Date, sessionId: string, tx: Executor): Promise<void> {
+      await tx.update(mfaChallenges).set({ usedAt: at, sessionId }).where(eq(mfaChallenges.id, id));
+    },
+  };
+}
+
+export type MfaRepository = ReturnType<typeof createMfaRepository>;

@@ -1,0 +1,481 @@
+import { randomInt } from 'node:crypto';
+import { sql } from 'drizzle-orm';
+import { Secret, TOTP } from 'otpauth';
+import type { Database, Executor } from '../../db/client.js';
+import { addSeconds, type Clock } from '../../lib/clock.js';
+import {
+  decrypt,
+  encrypt,
+  generateSecret,
+  keyedHash,
+  MFA_TOKEN_FORMAT,
+  parseSecret,
+} from '../../lib/crypto.js';
+import { AppError, notFound } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
+import type { SessionsService, SessionTokens } from './sessions.service.js';
+
+/** RFC 6238 as every authenticator app reads it: SHA-1, six digits, 30-second steps. */
+const TOTP_PARAMETERS = { algorithm: 'SHA1', digits: 6, period: 30 } as const;
+/** Codes one step either side of now are accepted (RFC 6238 §5.2: clock drift, typing time). */
+const TOTP_WINDOW = 1;
+/** 160 bits, RFC 4226 §4's recommended secret length. */
+const TOTP_SECRET_BYTES = 20;
+export const RECOVERY_CODE_COUNT = 10;
+/** Crockford's base32 without look-alikes: 10 characters are 50 bits, shown as `xxxxx-xxxxx`. */
+const RECOVERY_ALPHABET = '0123456789abcdefghjkmnpqrstvwxyz';
+const RECOVERY_CODE_LENGTH = 10;
+/** Wrong codes in a row that lock nothing; each further one locks the factor, for longer every time. */
+export const MFA_FREE_ATTEMPTS = 5;
+const MFA_MAX_LOCK_SECONDS = 3600;
+
+export type SecondFactor = 'totp' | 'recovery_code';
+
+export interface MfaServiceDeps {
+  db: Database;
+  repo: MfaRepository;
+  users: UsersRepository;
+  sessions: SessionsService;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  pepper: Buffer;
+  keyEncryptionKey: Buffer;
+  /** The name authenticator apps show beside the account (MFA_ISSUER). */
+  issuer: string;
+  /** How long a sign-in waits for its second factor (MFA_CHALLENGE_TTL). */
+  challengeTtlSeconds: number;
+  onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
+}
+
+export interface MfaStatus {
+  enabled: boolean;
+  /** An enrolment begun and not yet proven by a code. */
+  pending: boolean;
+  factor: {
+    id: string;
+    type: 'totp';
+    created_at: Date;
+    verified_at: Date | null;
+    last_used_at: Date | null;
+  } | null;
+  recovery_codes_remaining: number;
+}
+
+/** A code as people type it: spaces and dashes dropped, letters in lower case. */
+const normalizeCode = (code: string) => code.replace(/[\s-]/g, '').toLowerCase();
+
+/** Seconds a factor stays locked after its `failures`-th wrong code in a row (0: not locked). */
+export function lockSeconds(failures: number): number {
+  if (failures <= MFA_FREE_ATTEMPTS) return 0;
+  return Math.min(60 * 2 ** (failures - MFA_FREE_ATTEMPTS - 1), MFA_MAX_LOCK_SECONDS);
+}
+
+function newRecoveryCode(): string {
+  let code = '';
+  for (let i = 0; i < RECOVERY_CODE_LENGTH; i++)
+    code += RECOVERY_ALPHABET[randomInt(RECOVERY_ALPHABET.length)];
+  return `${code.slice(0, 5)}-${code.slice(5)}`;
+}
+
+const invalidCode = (detail = 'The code is incorrect, expired or already used') =>
+  new AppError('invalid_mfa_code', { detail, errors: [{ field: 'body.code', message: 'is incorrect' }] });
+
+const invalidMfaToken = () =>
+  new AppError('invalid_mfa_token', {
+    detail: 'The sign-in challenge is invalid, expired or used; sign in again',
+    errors: [{ field: 'body.mfa_token', message: 'is invalid, expired or used' }],
+  });
+
+type CheckOutcome =
+  | { ok: true; used: SecondFactor; step: number | null }
+  | { ok: false; retryAfter: number }
+  | { ok: false; locked: number };
+
+/**
+ * TOTP second factors (RFC 6238) for every sign-in, whichever provider checked the first factor: a
+ * user with a verified factor gets a challenge (`mfa_token`) instead of a session, and the session
+ * opens at `verify` with a code from their app or one of their recovery codes.
+ *
+ * Guessing is bounded per factor, in the database (so across instances and restarts): five wrong
+ * codes in a row lock nothing, each further one locks the factor for twice as long as the one before
+ * (1 minute, 2, 4… up to an hour), whichever route the code came to. So a thief who has the password
+ * gets about 30 guesses a day at a million codes (three of them good at a time). A TOTP code is good once: the newest
+ * step used is kept and older or equal ones are refused (RFC 6238 §5.2).
+ */
+export function createMfaService(deps: MfaServiceDeps) {
+  const recoveryHash = (code: string) => keyedHash(deps.pepper, `mfa-recovery:${normalizeCode(code)}`);
+  const challengeHash = (token: string) => keyedHash(deps.pepper, `mfa-challenge:${token}`);
+
+  const totpOf = (factor: Pick<MfaFactorRow, 'secretEncrypted'>, label: string) =>
+    new TOTP({
+      ...TOTP_PARAMETERS,
+      issuer: deps.issuer,
+      label,
+      secret: Secret.fromBase32(decrypt(deps.keyEncryptionKey, factor.secretEncrypted)),
+    });
+
+  /** The TOTP step a code belongs to, if it is one of the window's and newer than the last used. */
+  function totpStep(factor: MfaFactorRow, code: string, at: number): number | null {
+    if (!/^\d{6}$/.test(code)) return null;
+    const delta = totpOf(factor, '').validate({ token: code, timestamp: at, window: TOTP_WINDOW });
+    if (delta === null) return null;
+    const step = Math.floor(at / 1000 / TOTP_PARAMETERS.period) + delta;
+    if (factor.lastUsedStep !== null && step <= factor.lastUsedStep) return null;
+    return step;
+  }
+
+  /**
+   * Checks a code against the user's factor (locked FOR UPDATE by the caller), counting a wrong one.
+   * Whatever it returns is to be committed: a wrong code's count must stay even though the request fails.
+   */
+  async function check(
+    tx: Executor,
+    factor: MfaFactorRow,
+    rawCode: string,
+    accept: { recoveryCodes: boolean },
+  ): Promise<CheckOutcome> {
+    const now = deps.clock.now();
+    if (factor.lockedUntil && factor.lockedUntil > now) {
+      return {
+        ok: false,
+        locked: Math.max(1, Math.ceil((factor.lockedUntil.getTime() - now.getTime()) / 1000)),
+      };
+    }
+    const code = normalizeCode(rawCode);
+    const step = totpStep(factor, code, now.getTime());
+    let used: SecondFactor | null = step !== null ? 'totp' : null;
+    if (
+      used === null &&
+      accept.recoveryCodes &&
+      code.length === RECOVERY_CODE_LENGTH &&
+      (await deps.repo.useRecoveryCode(factor.userId, recoveryHash(code), now, tx))
+    ) {
+      used = 'recovery_code';
+    }
+    if (used === null) {
+      const failures = factor.failedAttempts + 1;
+      const lock = lockSeconds(failures);
+      await deps.repo.updateFactor(
+        factor.id,
+        { failedAttempts: failures, lockedUntil: lock ? addSeconds(now, lock) : null },
+        tx,
+      );
+      return { ok: false, retryAfter: lock };
+    }
+    await deps.repo.updateFactor(
+      factor.id,
+      {
+        failedAttempts: 0,
+        lockedUntil: null,
+        lastUsedAt: now,
+        ...(step !== null ? { lastUsedStep: step } : {}),
+      },
+      tx,
+    );
+    return { ok: true, used, step };
+  }
+
+  /** The error of a failed check: 429 while locked, else 400 naming the code. */
+  function refusal(outcome: Exclude<CheckOutcome, { ok: true }>): AppError {
+    if ('locked' in outcome) {
+      return new AppError('rate_limited', {
+        detail: 'Too many wrong codes; try again later',
+        headers: { 'retry-after': String(outcome.locked) },
+      });
+    }
+    return invalidCode();
+  }
+
+  /** Serializes one user's MFA changes (two enrolments at once would both find no factor). */
+  const lockUser = (tx: Executor, userId: string) =>
+    tx.execute(sql`select pg_advisory_xact_lock(hashtext(${`mfa:${userId}`}))`);
+
+  async function removeFactor(tx: Executor, userId: string): Promise<boolean> {
+    await lockUser(tx, userId);
+    return deps.repo.removeAll(userId, tx);
+  }
+
+  async function newRecoveryCodes(tx: Executor, userId: string): Promise<string[]> {
+    const codes = Array.from({ length: RECOVERY_CODE_COUNT }, newRecoveryCode);
+    await deps.repo.replaceRecoveryCodes(userId, codes.map(recoveryHash), deps.clock.now(), tx);
+    return codes;
+  }
+
+  /**
+   * Runs a management change that needs a current code: `work` runs only after the code passed, in
+   * the same transaction; a wrong code is counted (committed) and refused.
+   */
+  async function withCode<T>(
+    userId: string,
+    code: string,
+    accept: { recoveryCodes: boolean; verified: boolean },
+    context: RequestContext,
+    action: string,
+    work: (tx: Executor, factor: MfaFactorRow, used: SecondFactor) => Promise<T>,
+  ): Promise<T> {
+    const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
+      await lockUser(tx, userId);
+      const factor = await deps.repo.findFactor(userId, { lock: true }, tx);
+      if (!factor || (factor.verifiedAt !== null) !== accept.verified)
+        return { kind: 'state' as const, factor };
+      const checked = await check(tx, factor, code, accept);
+      if (!checked.ok) {
+        await deps.audit.record(tx, context, {
+          type: action,
+          outcome: 'failure',
+          subjectId: userId,
+          data: { reason: 'locked' in checked ? 'locked' : 'wrong_code' },
+        });
+        return { kind: 'refused' as const, checked };
+      }
+      return { kind: 'done' as const, value: await work(tx, factor, checked.used) };
+    });
+    if (outcome.kind === 'done') return outcome.value;
+    if (outcome.kind === 'refused') throw refusal(outcome.checked);
+    throw new AppError('conflict', {
+      detail: accept.verified
+        ? 'Two-step verification is not on for this account'
+        : outcome.factor
+          ? 'Two-step verification is on already'
+          : 'Begin the set-up first: POST /v1/auth/mfa/totp',
+    });
+  }
+
+  return {
+    async status(userId: string): Promise<MfaStatus> {
+      const factor = await deps.repo.findFactor(userId);
+      const enabled = factor?.verifiedAt != null;
+      return {
+        enabled,
+        pending: factor !== undefined && !enabled,
+        factor: factor
+          ? {
+              id: factor.id,
+              type: factor.type,
+              created_at: factor.createdAt,
+              verified_at: factor.verifiedAt,
+              last_used_at: factor.lastUsedAt,
+            }
+          : null,
+        recovery_codes_remaining: enabled ? await deps.repo.countUnusedRecoveryCodes(userId) : 0,
+      };
+    },
+
+    /** Whether the user's sign-ins ask for a second factor. */
+    isEnabled: (userId: string) => deps.repo.hasVerifiedFactor(userId),
+
+    /**
+     * Begins a TOTP enrolment: a new secret for the user's app (replacing one begun before and not
+     * proven). The secret is shown this once; sign-ins ask for codes only after `activate`.
+     */
+    async enroll(userId: string) {
+      const user = await deps.users.findById(userId);
+      if (!user) throw notFound('user');
+      const secret = new Secret({ size: TOTP_SECRET_BYTES });
+      const factor = await inTransaction(deps.db, deps.events, async (tx) => {
+        await lockUser(tx, user.id);
+        return deps.repo.replacePending(
+          {
+            userId: user.id,
+            type: 'totp',
+            secretEncrypted: encrypt(deps.keyEncryptionKey, secret.base32),
+            createdAt: deps.clock.now(),
+          },
+          tx,
+        );
+      });
+      if (!factor) {
+        throw new AppError('conflict', {
+          detail: 'Two-step verification is on already; turn it off first to set up another app',
+        });
+      }
+      const totp = new TOTP({ ...TOTP_PARAMETERS, issuer: deps.issuer, label: user.email, secret });
+      return {
+        factor_id: factor.id,
+        type: 'totp' as const,
+        secret: secret.base32,
+        otpauth_uri: totp.toString(),
+        algorithm: TOTP_PARAMETERS.algorithm,
+        digits: TOTP_PARAMETERS.digits,
+        period: TOTP_PARAMETERS.period,
+      };
+    },
+
+    /** Proves the enrolment with a code from the app: sign-ins ask for codes from now on. */
+    async activate(userId: string, code: string, context: RequestContext): Promise<string[]> {
+      return withCode(
+        userId,
+        code,
+        { recoveryCodes: false, verified: false },
+        context,
+        'mfa.enabled',
+        async (tx, factor) => {
+          await deps.repo.updateFactor(factor.id, { verifiedAt: deps.clock.now() }, tx);
+          const codes = await newRecoveryCodes(tx, userId);
+          await deps.audit.record(tx, context, {
+            type: 'mfa.enabled',
+            subjectId: userId,
+            data: { factor_id: factor.id, type: factor.type },
+          });
+          return codes;
+        },
+      );
+    },
+
+    /** Turns two-step verification off, with a current code (from the app, or a recovery code). */
+    async deactivate(userId: string, code: string, context: RequestContext): Promise<void> {
+      await withCode(
+        userId,
+        code,
+        { recoveryCodes: true, verified: true },
+        context,
+        'mfa.disabled',
+        async (tx, factor, used) => {
+          await deps.repo.removeAll(userId, tx);
+          await deps.audit.record(tx, context, {
+            type: 'mfa.disabled',
+            subjectId: userId,
+            data: { factor_id: factor.id, with: used },
+          });
+        },
+      );
+    },
+
+    /** A new set of recovery codes (the old ones stop working), with a code from the app. */
+    async regenerateRecoveryCodes(userId: string, code: string, context: RequestContext): Promise<string[]> {
+      return withCode(
+        userId,
+        code,
+        { recoveryCodes: false, verified: true },
+        context,
+        'mfa.recovery_codes_regenerated',
+        async (tx, factor) => {
+          const codes = await newRecoveryCodes(tx, userId);
+          await deps.audit.record(tx, context, {
+            type: 'mfa.recovery_codes_regenerated',
+            subjectId: userId,
+            data: { factor_id: factor.id },
+          });
+          return codes;
+        },
+      );
+    },
+
+    /**
+     * Removes the user's second factor without a code (an administrator, for a user who lost their
+     * app and codes; or the reset that first proves the mailbox). True when there was one.
+     */
+    remove: (tx: Executor, userId: string) => removeFactor(tx, userId),
+
+    /**
+     * An administrator turns a user's two-step verification off (they lost their app and their
+     * recovery codes). Audited whether or not there was one; 404 for an unknown user.
+     */
+    async resetByAdministrator(userId: string, context: RequestContext): Promise<void> {
+      await inTransaction(deps.db, deps.events, async (tx) => {
+        if (!(await deps.users.findById(userId, tx))) throw notFound('user');
+        const removed = await removeFactor(tx, userId);
+        await deps.audit.record(tx, context, {
+          type: 'mfa.disabled',
+          subjectId: userId,
+          data: { by_administrator: true, had_factor: removed },
+        });
+      });
+    },
+
+    /**
+     * The sign-in's first factor passed and the user has a second: the `mfa_required` refusal, with the
+     * token that `verify` takes with a code. Audited; no session exists yet.
+     */
+    async challenge(
+      user: UserRow,
+      via: 'auth.login' | 'auth.exchange',
+      context: RequestContext,
+    ): Promise<AppError> {
+      const { token } = generateSecret(MFA_TOKEN_FORMAT);
+      const now = deps.clock.now();
+      await inTransaction(deps.db, deps.events, async (tx) => {
+        await deps.repo.insertChallenge(
+          {
+            userId: user.id,
+            tokenHash: challengeHash(token),
+            via,
+            ip: context.ip,
+            userAgent: context.userAgent,
+            createdAt: now,
+            expiresAt: addSeconds(now, deps.challengeTtlSeconds),
+          },
+          tx,
+        );
+        await deps.audit.record(
+          tx,
+          { ...context, actorType: 'user', actorId: user.id },
+          { type: 'auth.mfa_challenge', subjectId: user.id, data: { via } },
+        );
+      });
+      return new AppError('mfa_required', {
+        detail: 'Enter a code from your authenticator app (or a recovery code) at POST /v1/auth/mfa/verify',
+        extensions: {
+          mfa_token: token,
+          mfa_token_expires_in: deps.challengeTtlSeconds,
+          mfa_methods: ['totp', 'recovery_code'],
+        },
+      });
+    },
+
+    /** Completes a sign-in with its challenge's token and a code: the session opens. */
+    async verify(
+      mfaToken: string,
+      code: string,
+      context: RequestContext,
+    ): Promise<{ user: UserRow; session: SessionTokens }> {
+      if (!parseSecret(MFA_TOKEN_FORMAT, mfaToken)) throw invalidMfaToken();
+      const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
+        const now = deps.clock.now();
+        const challenge = await deps.repo.findLiveChallenge(challengeHash(mfaToken), now, tx);
+        if (!challenge) return { kind: 'token' as const };
+        const subject = { ...context, actorType: 'user' as const, actorId: challenge.userId };
+        const user = await deps.users.findByIdForShare(challenge.userId, tx);
+        const factor = await deps.repo.findFactor(challenge.userId, { lock: true }, tx);
+        if (user?.status !== 'active' || !factor?.verifiedAt) return { kind: 'token' as const };
+        const checked = await check(tx, factor, code, { recoveryCodes: true });
+        if (!checked.ok) {
+          await deps.audit.record(tx, subject, {
+            type: challenge.via,
+            outcome: 'failure',
+            subjectId: user.id,
+            data: { reason: 'locked' in checked ? 'mfa_locked' : 'wrong_mfa_code' },
+          });
+          return { kind: 'refused' as const, checked };
+        }
+        const factors = checked.used === 'totp' ? ['otp', 'mfa'] : ['mfa'];
+        const started = await deps.sessions.start(tx, user, {
+          ip: context.ip,
+          userAgent: context.userAgent,
+          amr: challenge.via === 'auth.login' ? ['pwd', ...factors] : factors,
+        });
+        await deps.repo.completeChallenge(challenge.id, now, started.session.id, tx);
+        await deps.audit.record(tx, subject, {
+          type: challenge.via,
+          subjectId: user.id,
+          data: { session_id: started.session.id, mfa: checked.used },
+        });
+        return { kind: 'ok' as const, user, started };
+      });
+      if (outcome.kind === 'token') throw invalidMfaToken();
+      if (outcome.kind === 'refused') {
+        deps.onLogin?.('locked' in outcome.checked ? 'locked' : 'failure');
+        throw refusal(outcome.checked);
+      }
+      deps.onLogin?.('success');
+      const { user, started } = outcome;
+      return { user, session: await deps.sessions.tokensFor(user, started.session, started.refreshToken) };
+    },
+  };
+}
+
+export type MfaService = ReturnType<typeof createMfaService>;

@@ -1,0 +1,361 @@
+import type { FastifyInstance } from 'fastify';
+import { decodeJwt } from 'jose';
+import { Secret, TOTP } from 'otpauth';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+describe('two-step verification (TOTP)', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+  const clock = createTestClock();
+
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { MFA_ISSUER: 'Paservices Test' }, deps: { clock } });
+    admin = await createAdmin(app);
+  });
+
+  /** The code the user's app shows now (or `steps` periods from now), from the enrolment's secret. */
+  const codeOf = (secret: string, steps = 0) =>
+    new TOTP({ secret: Secret.fromBase32(secret), algorithm: 'SHA1', digits: 6, period: 30 }).generate({
+      timestamp: clock.nowMs() + steps * 30_000,
+    });
+  /** A code that is none of the window's (now and one step either side). */
+  const wrongCodeOf = (secret: string) => {
+    const good = new Set([-1, 0, 1].map((s) => codeOf(secret, s)));
+    let code = 0;
+    while (good.has(String(code).padStart(6, '0'))) code++;
+    return String(code).padStart(6, '0');
+  };
+
+  const post = (url: string, token: string | null, payload?: unknown) =>
+    app.inject({
+      method: 'POST',
+      url,
+      ...(token ? { headers: bearer(token) } : {}),
+      payload: payload as object,
+    });
+  const loginRes = (user: TestUser) =>
+    app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: user.password },
+    });
+  const status = async (user: TestUser) =>
+    (await app.inject({ method: 'GET', url: '/v1/auth/mfa', headers: bearer(user.accessToken) })).json();
+  const verify = (mfaToken: string, code: string) =>
+    post('/v1/auth/mfa/verify', null, { mfa_token: mfaToken, code });
+  /** The `mfa_token` of a sign-in that asks for a second factor. */
+  async function challenge(user: TestUser): Promise<string> {
+    const res = await loginRes(user);
+    expect(res.statusCode, res.body).toBe(403);
+    expect(res.headers['content-type']).toContain('application/problem+json');
+    const body = res.json();
+    expect(body).toMatchObject({ code: 'mfa_required', mfa_methods: ['totp', 'recovery_code'] });
+    expect(body.mfa_token).toMatch(/^pmf_/);
+    return body.mfa_token;
+  }
+
+  /** A user with two-step verification on: their secret and recovery codes. */
+  async function enrolled(tag: string) {
+    const user = await registerUser(app, tag);
+    const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    const { secret } = enrol.json();
+    const activated = await post('/v1/auth/mfa/totp/activate', user.accessToken, { code: codeOf(secret) });
+    expect(activated.statusCode, activated.body).toBe(200);
+    // Codes are good once: the next sign-in's code is from the next step.
+    clock.advance(30);
+    return { user, secret: secret as string, recoveryCodes: activated.json().recovery_codes as string[] };
+  }
+
+  it('sets up an app in two steps; sign-ins then ask for a code and open the session with it', async () => {
+    const user = await registerUser(app, 'mfa');
+    expect(await status(user)).toMatchObject({ enabled: false, pending: false, factor: null });
+
+    const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    expect(enrol.headers['cache-control']).toContain('no-store');
+    const body = enrol.json();
+    expect(body).toMatchObject({ type: 'totp', algorithm: 'SHA1', digits: 6, period: 30 });
+    expect(body.secret).toMatch(/^[A-Z2-7]{32}$/);
+    const uri = new URL(body.otpauth_uri);
+    expect(uri.protocol).toBe('otpauth:');
+    expect(uri.host).toBe('totp');
+    expect(decodeURIComponent(uri.pathname)).toBe(`/Paservices Test:${user.email}`);
+    expect(uri.searchParams.get('secret')).toBe(body.secret);
+    expect(uri.searchParams.get('issuer')).toBe('Paservices Test');
+
+    // Begun, not confirmed: sign-ins are as before.
+    expect(await status(user)).toMatchObject({ enabled: false, pending: true });
+    expect((await loginRes(user)).statusCode).toBe(200);
+
+    const wrong = await post('/v1/auth/mfa/totp/activate', user.accessToken, {
+      code: wrongCodeOf(body.secret),
+    });
+    expect(wrong.statusCode).toBe(400);
+    expect(wrong.json()).toMatchObject({ code: 'invalid_mfa_code', errors: [{ field: 'body.code' }] });
+    expect(await status(user)).toMatchObject({ enabled: false, pending: true });
+
+    const activationCode = codeOf(body.secret);
+    const activated = await post('/v1/auth/mfa/totp/activate', user.accessToken, { code: activationCode });
+    expect(activated.statusCode, activated.body).toBe(200);
+    const codes: string[] = activated.json().recovery_codes;
+    expect(codes).toHaveLength(10);
+    expect(new Set(codes).size).toBe(10);
+    for (const c of codes) expect(c).toMatch(/^[0-9a-z]{5}-[0-9a-z]{5}$/);
+    expect(await status(user)).toMatchObject({ enabled: true, pending: false, recovery_codes_remaining: 10 });
+    // On already: a second app is not set up beside it.
+    expect((await post('/v1/auth/mfa/totp', user.accessToken)).statusCode).toBe(409);
+
+    // The sign-in stops at the password: no session yet.
+    const sessionsBefore = (
+      await app.inject({ method: 'GET', url: '/v1/auth/sessions', headers: bearer(user.accessToken) })
+    ).json().data.length;
+    const mfaToken = await challenge(user);
+    const sessionsAfter = (
+      await app.inject({ method: 'GET', url: '/v1/auth/sessions', headers: bearer(user.accessToken) })
+    ).json().data.length;
+    expect(sessionsAfter).toBe(sessionsBefore);
+
+    // The activation's code was used: it does not open a session (RFC 6238 §5.2).
+    const replay = await verify(mfaToken, activationCode);
+    expect(replay.statusCode).toBe(400);
+    expect(replay.json().code).toBe('invalid_mfa_code');
+
+    clock.advance(30);
+    const done = await verify(mfaToken, codeOf(body.secret));
+    expect(done.statusCode, done.body).toBe(200);
+    expect(done.json().user.id).toBe(user.id);
+    const claims = decodeJwt(done.json().session.access_token);
+    expect(claims.amr).toEqual(['pwd', 'otp', 'mfa']);
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(done.json().session.access_token),
+    });
+    expect(me.statusCode).toBe(200);
+
+    // Introspection tells the same, of the access token and of the refresh token.
+    for (const token of [done.json().session.access_token, done.json().session.refresh_token]) {
+      const introspected = await app.inject({
+        method: 'POST',
+        url: '/oauth/introspect',
+        headers: bearer(admin.accessToken),
+        payload: { token },
+      });
+      expect(introspected.json()).toMatchObject({ active: true, amr: ['pwd', 'otp', 'mfa'] });
+    }
+
+    // The refreshed tokens of the session say the same.
+    const refreshed = await post('/v1/auth/refresh', null, {
+      refresh_token: done.json().session.refresh_token,
+    });
+    expect(refreshed.statusCode).toBe(200);
+    expect(decodeJwt(refreshed.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
+
+    // The challenge is used up.
+    clock.advance(30);
+    const again = await verify(mfaToken, codeOf(body.secret));
+    expect(again.statusCode).toBe(401);
+    expect(again.json().code).toBe('invalid_mfa_token');
+
+    const events = await app.services.audit.list({ subjectId: user.id, limit: 50 });
+    expect(events.map((e) => `${e.type}:${e.outcome}`)).toEqual(
+      expect.arrayContaining([
+        'mfa.enabled:failure',
+        'mfa.enabled:success',
+        'auth.mfa_challenge:success',
+        'auth.login:failure',
+        'auth.login:success',
+      ]),
+    );
+    const opened = events.find((e) => e.type === 'auth.login' && e.data?.mfa === 'totp');
+    expect(opened?.outcome).toBe('success');
+  });
+
+  it('a password sign-in carries amr ["pwd"]; a TOTP code in a wrong format is refused like a wrong one', async () => {
+    const user = await registerUser(app, 'mfa-pwd');
+    const res = await loginRes(user);
+    expect(decodeJwt(res.json().session.access_token).amr).toEqual(['pwd']);
+    const { user: withMfa } = await enrolled('mfa-format');
+    const token = await challenge(withMfa);
+    for (const code of ['12345', 'abcdef', '1234567']) {
+      const r = await verify(token, code);
+      expect(r.statusCode, code).toBe(400);
+    }
+    const bad = await verify(token, 'x'.repeat(33));
+    expect(bad.statusCode).toBe(400);
+    expect(bad.json().code).toBe('validation_failed');
+    expect((await verify('pmf_not-a-token', '123456')).statusCode).toBe(401);
+  });
+
+  it('a recovery code opens one session, once, typed in any case with or without its dash', async () => {
+    const { user, recoveryCodes } = await enrolled('mfa-recovery');
+    const code = recoveryCodes[3]!;
+    const res = await verify(await challenge(user), code.replace('-', '').toUpperCase());
+    expect(res.statusCode, res.body).toBe(200);
+    expect(decodeJwt(res.json().session.access_token).amr).toEqual(['pwd', 'mfa']);
+    const again = await verify(await challenge(user), code);
+    expect(again.statusCode).toBe(400);
+    const signedIn = { ...user, accessToken: res.json().session.access_token };
+    expect(await status(signedIn)).toMatchObject({ enabled: true, recovery_codes_remaining: 9 });
+  });
+
+  it('wrong codes in a row lock the factor for longer each time, whatever the challenge; a right code resets it', async () => {
+    const { user, secret } = await enrolled('mfa-lock');
+    let token = await challenge(user);
+    for (let i = 1; i <= 5; i++) {
+      const r = await verify(token, wrongCodeOf(secret));
+      expect(r.statusCode, `wrong code ${i}`).toBe(400);
+      // A fresh sign-in is no fresh allowance.
+      if (i === 3) token = await challenge(user);
+    }
+    // The sixth wrong code locks for a minute: even the right one waits.
+    expect((await verify(token, wrongCodeOf(secret))).statusCode).toBe(400);
+    const locked = await verify(token, codeOf(secret));
+    expect(locked.statusCode).toBe(429);
+    expect(locked.json().code).toBe('rate_limited');
+    const retryAfter = Number(locked.headers['retry-after']);
+    expect(retryAfter).toBeGreaterThan(50);
+    expect(retryAfter).toBeLessThanOrEqual(60);
+
+    clock.advance(61);
+    // The next wrong code locks for two minutes.
+    expect((await verify(token, wrongCodeOf(secret))).statusCode).toBe(400);
+    const longer = await verify(token, codeOf(secret));
+    expect(longer.statusCode).toBe(429);
+    expect(Number(longer.headers['retry-after'])).toBeGreaterThan(110);
+
+    clock.advance(121);
+    const ok = await verify(token, codeOf(secret));
+    expect(ok.statusCode, ok.body).toBe(200);
+    // The count starts again: five wrong codes lock nothing.
+    clock.advance(30);
+    const next = await challenge(user);
+    for (let i = 0; i < 5; i++) expect((await verify(next, wrongCodeOf(secret))).statusCode).toBe(400);
+    expect((await verify(next, codeOf(secret))).statusCode).toBe(200);
+    const failures = await app.services.audit.list({ subjectId: user.id, type: 'auth.login', limit: 50 });
+    expect(failures.filter((e) => e.data?.reason === 'mfa_locked')).toHaveLength(2);
+  });
+
+  it('a challenge expires after MFA_CHALLENGE_TTL (300 s)', async () => {
+    const { user, secret } = await enrolled('mfa-expiry');
+    const res = await loginRes(user);
+    expect(res.json().mfa_token_expires_in).toBe(300);
+    clock.advance(301);
+    const late = await verify(res.json().mfa_token, codeOf(secret));
+    expect(late.statusCode).toBe(401);
+    expect(late.json().code).toBe('invalid_mfa_token');
+  });
+
+  it('concurrent verifications of one challenge open one session', async () => {
+    const { user, secret } = await enrolled('mfa-race');
+    const token = await challenge(user);
+    const code = codeOf(secret);
+    const answers = await Promise.all(Array.from({ length: 5 }, () => verify(token, code)));
+    expect(answers.filter((a) => a.statusCode === 200)).toHaveLength(1);
+    for (const a of answers.filter((x) => x.statusCode !== 200)) expect([400, 401]).toContain(a.statusCode);
+  });
+
+  it('a user disabled while a challenge waits gets no session', async () => {
+    const { user, secret } = await enrolled('mfa-disabled');
+    const token = await challenge(user);
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+    expect((await verify(token, codeOf(secret))).statusCode).toBe(401);
+  });
+
+  it('is managed with a signed-in session only: an API key gets 403', async () => {
+    const user = await registerUser(app, 'mfa-key');
+    const key = await post('/v1/api-keys', user.accessToken, {
+      name: 'k',
+      scopes: ['account:read', 'account:write'],
+    });
+    expect(key.statusCode, key.body).toBe(201);
+    const headers = { 'x-api-key': key.json().key };
+    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    expect(enrol.statusCode).toBe(403);
+    expect((await app.inject({ method: 'GET', url: '/v1/auth/mfa', headers })).statusCode).toBe(403);
+    expect((await app.inject({ method: 'GET', url: '/v1/auth/mfa' })).statusCode).toBe(401);
+  });
+
+  it('turns off with a current code or a recovery code, not a wrong one; sign-ins are password-only again', async () => {
+    const { user, secret, recoveryCodes } = await enrolled('mfa-off');
+    const session = await verify(await challenge(user), codeOf(secret));
+    const token = session.json().session.access_token;
+    clock.advance(30);
+    const wrong = await post('/v1/auth/mfa/totp/deactivate', token, { code: wrongCodeOf(secret) });
+    expect(wrong.statusCode).toBe(400);
+    expect(await status({ ...user, accessToken: token })).toMatchObject({ enabled: true });
+    const off = await post('/v1/auth/mfa/totp/deactivate', token, { code: recoveryCodes[0] });
+    expect(off.statusCode, off.body).toBe(204);
+    expect(await status({ ...user, accessToken: token })).toMatchObject({ enabled: false, factor: null });
+    expect((await loginRes(user)).statusCode).toBe(200);
+    expect((await post('/v1/auth/mfa/totp/deactivate', token, { code: codeOf(secret) })).statusCode).toBe(
+      409,
+    );
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 10 });
+    expect(events.map((e) => e.outcome).sort()).toEqual(['failure', 'success']);
+  });
+
+  it('new recovery codes take a code from the app, and the old ones stop working', async () => {
+    const { user, secret, recoveryCodes } = await enrolled('mfa-regen');
+    const session = await verify(await challenge(user), codeOf(secret));
+    const token = session.json().session.access_token;
+    clock.advance(30);
+    const byRecovery = await post('/v1/auth/mfa/recovery-codes', token, { code: recoveryCodes[0] });
+    expect(byRecovery.statusCode).toBe(400);
+    const fresh = await post('/v1/auth/mfa/recovery-codes', token, { code: codeOf(secret) });
+    expect(fresh.statusCode, fresh.body).toBe(200);
+    const codes: string[] = fresh.json().recovery_codes;
+    expect(codes).toHaveLength(10);
+    expect((await verify(await challenge(user), recoveryCodes[1]!)).statusCode).toBe(400);
+    expect((await verify(await challenge(user), codes[0]!)).statusCode).toBe(200);
+  });
+
+  it('an administrator turns it off for a user who lost their app (users:write), audited', async () => {
+    const { user } = await enrolled('mfa-admin');
+    const other = await registerUser(app, 'mfa-nobody');
+    const denied = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/mfa`,
+      headers: bearer(other.accessToken),
+    });
+    expect(denied.statusCode).toBe(403);
+    expect((await loginRes(user)).statusCode).toBe(403);
+    const res = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id.toUpperCase()}/mfa`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(res.statusCode, res.body).toBe(204);
+    const signedIn = await loginRes(user);
+    expect(signedIn.statusCode).toBe(200);
+    expect(decodeJwt(signedIn.json().session.access_token).amr).toEqual(['pwd']);
+    const missing = await app.inject({
+      method: 'DELETE',
+      url: '/v1/users/00000000-0000-4000-8000-000000000000/mfa',
+      headers: bearer(admin.accessToken),
+    });
+    expect(missing.statusCode).toBe(404);
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 10 });
+    expect(events[0]).toMatchObject({
+      outcome: 'success',
+      actorId: admin.id,
+      data: { by_administrator: true },
+    });
+  });
+
+  it('the wrong password still answers 401 for a user with a second factor, and reveals nothing of it', async () => {
+    const { user } = await enrolled('mfa-wrong-password');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: `${PASSWORD}x` },
+    });
+    expect(res.statusCode).toBe(401);
+    expect(res.json().mfa_token).toBeUndefined();
+  });
+});
