@@ -198,6 +198,18 @@ export function createServices(deps: ServicesDeps) {
     },
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
   });
+  const ownsMailer = !deps.mailer;
+  const mailer =
+    deps.mailer ??
+    (config.mail
+      ? createSmtpMailer({
+          url: config.mail.smtpUrl,
+          from: config.mail.from,
+          timeoutMs: config.mail.timeoutMs,
+        })
+      : config.env === 'development'
+        ? createLogMailer(logger)
+        : undefined);
   const mfa = createMfaService({
     db,
     repo: repos.mfa,
@@ -211,6 +223,9 @@ export function createServices(deps: ServicesDeps) {
     issuer: config.mfa.issuer,
     challengeTtlSeconds: config.mfa.challengeTtlSeconds,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
+    requireConfirmedEmail: provider.name === 'supabase' || mailer !== undefined,
+    mailer,
+    logger,
   });
   const auth = createAuthService({
     db,
@@ -228,18 +243,6 @@ export function createServices(deps: ServicesDeps) {
     mfa,
     requireEmailConfirmation: config.emailConfirmation.required && provider.name === 'local',
   });
-  const ownsMailer = !deps.mailer;
-  const mailer =
-    deps.mailer ??
-    (config.mail
-      ? createSmtpMailer({
-          url: config.mail.smtpUrl,
-          from: config.mail.from,
-          timeoutMs: config.mail.timeoutMs,
-        })
-      : config.env === 'development'
-        ? createLogMailer(logger)
-        : undefined);
   const emailConfirmation = createEmailConfirmationService({
     db,
     users: repos.users,

@@ -213,8 +213,10 @@ describe('two-step verification (TOTP)', () => {
       // A fresh sign-in is no fresh allowance.
       if (i === 3) token = await challenge(user);
     }
-    // The sixth wrong code locks for a minute: even the right one waits.
-    expect((await verify(token, wrongCodeOf(secret))).statusCode).toBe(400);
+    // The sixth wrong code locks for a minute (and says so): even the right one waits.
+    const locking = await verify(token, wrongCodeOf(secret));
+    expect(locking.statusCode).toBe(429);
+    expect(Number(locking.headers['retry-after'])).toBe(60);
     const locked = await verify(token, codeOf(secret));
     expect(locked.statusCode).toBe(429);
     expect(locked.json().code).toBe('rate_limited');
@@ -224,7 +226,9 @@ describe('two-step verification (TOTP)', () => {
 
     clock.advance(61);
     // The next wrong code locks for two minutes.
-    expect((await verify(token, wrongCodeOf(secret))).statusCode).toBe(400);
+    const again = await verify(token, wrongCodeOf(secret));
+    expect(again.statusCode).toBe(429);
+    expect(Number(again.headers['retry-after'])).toBe(120);
     const longer = await verify(token, codeOf(secret));
     expect(longer.statusCode).toBe(429);
     expect(Number(longer.headers['retry-after'])).toBeGreaterThan(110);
@@ -239,6 +243,60 @@ describe('two-step verification (TOTP)', () => {
     expect((await verify(next, codeOf(secret))).statusCode).toBe(200);
     const failures = await app.services.audit.list({ subjectId: user.id, type: 'auth.login', limit: 50 });
     expect(failures.filter((e) => e.data?.reason === 'mfa_locked')).toHaveLength(2);
+    expect(failures.filter((e) => e.data?.locked_for_seconds).map((e) => e.data?.locked_for_seconds)).toEqual(
+      [120, 60],
+    );
+  });
+
+  it('a right code sent again (a double submit) is refused without counting toward the lock', async () => {
+    const { user, secret } = await enrolled('mfa-double');
+    const code = codeOf(secret);
+    const first = await verify(await challenge(user), code);
+    expect(first.statusCode).toBe(200);
+    const token = await challenge(user);
+    for (let i = 0; i < 8; i++) {
+      const r = await verify(token, code);
+      expect(r.statusCode).toBe(400);
+      expect(r.json().detail).toContain('used already');
+    }
+    clock.advance(30);
+    expect((await verify(token, codeOf(secret))).statusCode).toBe(200);
+  });
+
+  it('a sign-in waiting for its code stops waiting when the user logs out everywhere', async () => {
+    const { user, secret } = await enrolled('mfa-logout-all');
+    const session = await verify(await challenge(user), codeOf(secret));
+    const waiting = await challenge(user);
+    const out = await post('/v1/auth/logout', session.json().session.access_token, { scope: 'all' });
+    expect(out.statusCode).toBe(204);
+    clock.advance(30);
+    expect((await verify(waiting, codeOf(secret))).statusCode).toBe(401);
+  });
+
+  it('turning it on ends the other sessions; the one that gave the code carries mfa from its next refresh', async () => {
+    const user = await registerUser(app, 'mfa-others');
+    const other = await loginRes(user);
+    expect(other.statusCode).toBe(200);
+    const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+    const on = await post('/v1/auth/mfa/totp/activate', user.accessToken, {
+      code: codeOf(enrol.json().secret),
+    });
+    expect(on.statusCode).toBe(200);
+    const otherRefresh = await post('/v1/auth/refresh', null, {
+      refresh_token: other.json().session.refresh_token,
+    });
+    expect(otherRefresh.statusCode).toBe(401);
+    const otherMe = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(other.json().session.access_token),
+    });
+    expect(otherMe.statusCode).toBe(401);
+    const mine = await post('/v1/auth/refresh', null, { refresh_token: user.refreshToken });
+    expect(mine.statusCode, mine.body).toBe(200);
+    expect(decodeJwt(mine.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.enabled', limit: 5 });
+    expect(events[0]?.data).toMatchObject({ other_sessions_ended: true });
   });
 
   it('a challenge expires after MFA_CHALLENGE_TTL (300 s)', async () => {
@@ -317,6 +375,8 @@ describe('two-step verification (TOTP)', () => {
 
   it('an administrator turns it off for a user who lost their app (users:write), audited', async () => {
     const { user } = await enrolled('mfa-admin');
+    // A fresh token: the clock has moved on past the one of beforeAll.
+    admin = { ...admin, accessToken: (await loginRes(admin)).json().session.access_token };
     const other = await registerUser(app, 'mfa-nobody');
     const denied = await app.inject({
       method: 'DELETE',
@@ -340,6 +400,20 @@ describe('two-step verification (TOTP)', () => {
       headers: bearer(admin.accessToken),
     });
     expect(missing.statusCode).toBe(404);
+    // Never one's own, whatever the credential holds: that is what the code is for.
+    const own = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${admin.id}/mfa`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(own.statusCode).toBe(403);
+    const key = await post('/v1/api-keys', admin.accessToken, { name: 'support', scopes: ['users:write'] });
+    const byKey = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${admin.id}/mfa`,
+      headers: { 'x-api-key': key.json().key },
+    });
+    expect(byKey.statusCode).toBe(403);
     const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 10 });
     expect(events[0]).toMatchObject({
       outcome: 'success',

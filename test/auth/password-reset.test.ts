@@ -3,7 +3,7 @@ import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
 import { Secret, TOTP } from 'otpauth';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
@@ -26,6 +26,9 @@ function tokenMailedTo(mailer: { sent: MailMessage[] }, email: string): string {
   return link![1]!;
 }
 
+/** The code an authenticator app with this secret shows now (the app's clock: `clock`). */
+let totpCode: (secret: string) => string;
+
 describe('password reset (built-in provider)', () => {
   let app: FastifyInstance;
   const mailer = capturingMailer();
@@ -47,6 +50,8 @@ describe('password reset (built-in provider)', () => {
       payload: { token, new_password: newPassword },
     });
   const since = () => new Date(clock.nowMs() - 1000);
+  totpCode = (secret) =>
+    new TOTP({ secret: Secret.fromBase32(secret) }).generate({ timestamp: clock.nowMs() });
 
   it('mails a link whose token sets a new password once, ends every session and is audited', async () => {
     const from = since();
@@ -265,23 +270,27 @@ describe('password reset (built-in provider)', () => {
     expect(admin.id).toBeTruthy();
   });
 
-  it('the reset that first proves the mailbox removes a second factor set up before it; later ones do not', async () => {
+  it('a second factor needs a proven address; one set up before it is removed by the reset that proves it', async () => {
     const squatter = await registerUser(app, 'reset-squatted-mfa');
     const headers = { authorization: `Bearer ${squatter.accessToken}` };
+    // Someone who registered an address they do not hold cannot lock its owner out with their app.
+    const refused = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    expect(refused.statusCode).toBe(403);
+    expect(refused.json().code).toBe('email_not_confirmed');
+    // One set up while the service could not confirm addresses (no SMTP_URL then) goes at the first proof.
+    await app.services.repos.users.update(squatter.id, { emailConfirmedAt: new Date() });
     const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
-    const totp = () =>
-      new TOTP({ secret: Secret.fromBase32(enrol.json().secret) }).generate({ timestamp: clock.nowMs() });
     const on = await app.inject({
       method: 'POST',
       url: '/v1/auth/mfa/totp/activate',
       headers,
-      payload: { code: totp() },
+      payload: { code: totpCode(enrol.json().secret) },
     });
     expect(on.statusCode, on.body).toBe(200);
+    await app.services.repos.users.update(squatter.id, { emailConfirmedAt: null });
     const signIn = (password: string) =>
       app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email: squatter.email, password } });
     expect((await signIn(PASSWORD)).json().code).toBe('mfa_required');
-    // The owner proves the mailbox: the squatter's authenticator no longer stands between them and it.
     clock.advance(61);
     await forgot(squatter.email);
     expect((await reset(tokenMailedTo(mailer, squatter.email))).statusCode).toBe(204);
@@ -289,27 +298,78 @@ describe('password reset (built-in provider)', () => {
     expect(owner.statusCode, owner.body).toBe(200);
     const events = await app.services.audit.list({ type: 'mfa.disabled', subjectId: squatter.id, limit: 5 });
     expect(events[0]?.data).toMatchObject({ reason: 'first_mailbox_proof' });
+  });
 
-    // The owner's own second factor survives their later resets.
-    const ownHeaders = { authorization: `Bearer ${owner.json().session.access_token}` };
-    const ownEnrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: ownHeaders });
-    const ownOn = await app.inject({
+  it('the owner’s own second factor survives a reset, which lifts the lock of wrong codes; notices are mailed', async () => {
+    const user = await registerUser(app, 'reset-mfa-owner');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
+    const headers = { authorization: `Bearer ${user.accessToken}` };
+    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    const secret: string = enrol.json().secret;
+    const on = await app.inject({
       method: 'POST',
       url: '/v1/auth/mfa/totp/activate',
-      headers: ownHeaders,
-      payload: {
-        code: new TOTP({ secret: Secret.fromBase32(ownEnrol.json().secret) }).generate({
-          timestamp: clock.nowMs(),
-        }),
-      },
+      headers,
+      payload: { code: totpCode(secret) },
     });
-    expect(ownOn.statusCode).toBe(200);
-    clock.advance(61);
-    await forgot(squatter.email);
-    expect((await reset(tokenMailedTo(mailer, squatter.email), 'a third long passphrase')).statusCode).toBe(
-      204,
+    expect(on.statusCode).toBe(200);
+    await vi.waitFor(() =>
+      expect(
+        mailer.sent.some((m) => m.to === user.email && m.subject === 'Two-step verification is on'),
+      ).toBe(true),
     );
-    expect((await signIn('a third long passphrase')).json().code).toBe('mfa_required');
+    clock.advance(30);
+    // Someone with the password sends wrong codes until the factor locks.
+    const challenge = async (password: string) =>
+      (
+        await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email: user.email, password } })
+      ).json().mfa_token as string;
+    const stolen = await challenge(PASSWORD);
+    let last = 0;
+    for (let i = 0; i < 6; i++) {
+      last = (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/auth/mfa/verify',
+          payload: {
+            mfa_token: stolen,
+            code: String((Number(totpCode(secret)) + 500_000) % 1_000_000).padStart(6, '0'),
+          },
+        })
+      ).statusCode;
+    }
+    expect(last).toBe(429);
+    // The owner resets through their mailbox, within the minute's lock: the lock goes, the factor stays.
+    await forgot(user.email);
+    expect((await reset(tokenMailedTo(mailer, user.email))).statusCode).toBe(204);
+    const mine = await challenge(NEW_PASSWORD);
+    const done = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: mine, code: totpCode(secret) },
+    });
+    expect(done.statusCode, done.body).toBe(200);
+    // The waiting sign-in of the old password ended with the reset.
+    clock.advance(30);
+    const old = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: stolen, code: totpCode(secret) },
+    });
+    expect(old.statusCode).toBe(401);
+    // Turned off by an administrator: the user hears of it.
+    const admin = await createAdmin(app);
+    const off = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/mfa`,
+      headers: { authorization: `Bearer ${admin.accessToken}` },
+    });
+    expect(off.statusCode).toBe(204);
+    await vi.waitFor(() =>
+      expect(
+        mailer.sent.find((m) => m.to === user.email && m.subject === 'Two-step verification is off')?.text,
+      ).toContain('by an administrator'),
+    );
   });
 
   it('sends nothing to a disabled account, and a link mailed before the disable stops working', async () => {

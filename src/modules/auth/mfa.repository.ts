@@ -91,9 +91,14 @@ export function createMfaRepository(db: Executor) {
       const [created] = await tx.insert(mfaChallenges).values(row).returning();
       return created!;
     },
-    /** The live (unused, unexpired) challenge of this token, locked for the verification. */
-    async findLiveChallenge(tokenHash: string, at: Date, tx: Executor): Promise<MfaChallengeRow | undefined> {
-      const [row] = await tx
+    /** The live (unused, unexpired) challenge of this token, locked for the verification with `lock`. */
+    async findLiveChallenge(
+      tokenHash: string,
+      at: Date,
+      tx: Executor,
+      options: { lock: boolean },
+    ): Promise<MfaChallengeRow | undefined> {
+      const query = tx
         .select()
         .from(mfaChallenges)
         .where(
@@ -103,9 +108,15 @@ export function createMfaRepository(db: Executor) {
             gt(mfaChallenges.expiresAt, at),
           ),
         )
-        .limit(1)
-        .for('update');
+        .limit(1);
+      const [row] = options.lock ? await query.for('update') : await query;
       return row;
+    },
+    async clearLock(userId: string, tx: Executor): Promise<void> {
+      await tx
+        .update(mfaFactors)
+        .set({ failedAttempts: 0, lockedUntil: null })
+        .where(eq(mfaFactors.userId, userId));
     },
     async completeChallenge(id: string, at: Date, sessionId: string, tx: Executor): Promise<void> {
       await tx.update(mfaChallenges).set({ usedAt: at, sessionId }).where(eq(mfaChallenges.id, id));

@@ -86,13 +86,14 @@ export const MfaRequiredSchema = z
   });
 
 /** Two-step verification is the user's own, set up and turned off from a signed-in session. */
-function sessionUserId(request: FastifyRequest): string {
+function sessionOf(request: FastifyRequest): { userId: string; sessionId: string } {
   const principal = principalOf(request);
   if (principal.kind !== 'user' || !principal.sessionId) {
     throw forbidden('Two-step verification is managed with a signed-in user’s access token, not an API key');
   }
-  return principal.userId;
+  return { userId: principal.userId, sessionId: principal.sessionId };
 }
+const sessionUserId = (request: FastifyRequest) => sessionOf(request).userId;
 
 const userBearer: Array<Record<string, string[]>> = [{ bearerAuth: [] }];
 
@@ -136,7 +137,8 @@ export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService })
         description:
           'A new secret, shown once, as an `otpauth://` URI for a QR code. Nothing changes for sign-ins ' +
           'until a code from the app confirms it (`POST /v1/auth/mfa/totp/activate`); asking again ' +
-          'replaces a set-up not yet confirmed. 409 when two-step verification is on already.',
+          'replaces a set-up not yet confirmed. 409 when two-step verification is on already; 403 ' +
+          '`email_not_confirmed` where the service can confirm addresses and this one is not confirmed yet.',
         security: userBearer,
         response: { 201: EnrollmentSchema, ...problems(401, 403, 409) },
       },
@@ -153,7 +155,8 @@ export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService })
         operationId: 'activateTotp',
         summary: 'Confirm the set-up with a code from the app: sign-ins ask for codes from now on',
         description:
-          `Answers ${RECOVERY_CODE_COUNT} recovery codes, shown this once. A wrong code is 400 ` +
+          `Answers ${RECOVERY_CODE_COUNT} recovery codes, shown this once. Every other session of the user ` +
+          'ends; this one carries `mfa` in `amr` from its next refresh. A wrong code is 400 ' +
           '`invalid_mfa_code`; after five wrong codes in a row each further one locks for longer (429).',
         security: userBearer,
         body: CodeBodySchema,
@@ -162,7 +165,8 @@ export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService })
     },
     async (request) => ({
       recovery_codes: await deps.mfa.activate(
-        sessionUserId(request),
+        sessionOf(request).userId,
+        sessionOf(request).sessionId,
         request.body.code,
         requestContext(request),
       ),
@@ -260,7 +264,11 @@ export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService })
       },
     },
     async (request, reply) => {
-      await deps.mfa.resetByAdministrator(request.params.id, requestContext(request));
+      await deps.mfa.resetByAdministrator(
+        request.params.id,
+        principalOf(request).userId,
+        requestContext(request),
+      );
       return reply.status(204).send(null);
     },
   );

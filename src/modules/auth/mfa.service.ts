@@ -11,8 +11,10 @@ import {
   MFA_TOKEN_FORMAT,
   parseSecret,
 } from '../../lib/crypto.js';
-import { AppError, notFound } from '../../lib/errors.js';
-import { type EventBus, inTransaction } from '../../lib/events.js';
+import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
+import type { Logger } from 'pino';
+import type { Mailer } from '../../lib/mailer.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
@@ -49,6 +51,15 @@ export interface MfaServiceDeps {
   /** How long a sign-in waits for its second factor (MFA_CHALLENGE_TTL). */
   challengeTtlSeconds: number;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
+  /**
+   * Whether the service can prove an address (Supabase does, or a mailer sends confirmation links):
+   * then a second factor needs a confirmed address, so whoever registered someone else's address
+   * first cannot lock its owner out with an authenticator of their own.
+   */
+  requireConfirmedEmail: boolean;
+  /** Notices to the user when two-step verification is turned on or off (not awaited). */
+  mailer: Mailer | undefined;
+  logger?: Pick<Logger, 'warn'>;
 }
 
 export interface MfaStatus {
@@ -92,8 +103,13 @@ const invalidMfaToken = () =>
 
 type CheckOutcome =
   | { ok: true; used: SecondFactor; step: number | null }
-  | { ok: false; retryAfter: number }
-  | { ok: false; locked: number };
+  | {
+      ok: false;
+      /** `reused`: a right code already used (a double submit), refused but not counted. */
+      reason: 'wrong_code' | 'code_reused' | 'locked';
+      /** Seconds the factor is locked for now (0: not locked). */
+      lockSeconds: number;
+    };
 
 /**
  * TOTP second factors (RFC 6238) for every sign-in, whichever provider checked the first factor: a
@@ -118,13 +134,16 @@ export function createMfaService(deps: MfaServiceDeps) {
       secret: Secret.fromBase32(decrypt(deps.keyEncryptionKey, factor.secretEncrypted)),
     });
 
-  /** The TOTP step a code belongs to, if it is one of the window's and newer than the last used. */
-  function totpStep(factor: MfaFactorRow, code: string, at: number): number | null {
+  /**
+   * The TOTP step a code belongs to, if it is one of the window's and newer than the last used;
+   * `reused` for one of the window's already used (or older than the last used).
+   */
+  function totpStep(factor: MfaFactorRow, code: string, at: number): number | 'reused' | null {
     if (!/^\d{6}$/.test(code)) return null;
     const delta = totpOf(factor, '').validate({ token: code, timestamp: at, window: TOTP_WINDOW });
     if (delta === null) return null;
     const step = Math.floor(at / 1000 / TOTP_PARAMETERS.period) + delta;
-    if (factor.lastUsedStep !== null && step <= factor.lastUsedStep) return null;
+    if (factor.lastUsedStep !== null && step <= factor.lastUsedStep) return 'reused';
     return step;
   }
 
@@ -140,13 +159,13 @@ export function createMfaService(deps: MfaServiceDeps) {
   ): Promise<CheckOutcome> {
     const now = deps.clock.now();
     if (factor.lockedUntil && factor.lockedUntil > now) {
-      return {
-        ok: false,
-        locked: Math.max(1, Math.ceil((factor.lockedUntil.getTime() - now.getTime()) / 1000)),
-      };
+      const left = Math.max(1, Math.ceil((factor.lockedUntil.getTime() - now.getTime()) / 1000));
+      return { ok: false, reason: 'locked', lockSeconds: left };
     }
     const code = normalizeCode(rawCode);
-    const step = totpStep(factor, code, now.getTime());
+    const found = totpStep(factor, code, now.getTime());
+    if (found === 'reused') return { ok: false, reason: 'code_reused', lockSeconds: 0 };
+    const step = found;
     let used: SecondFactor | null = step !== null ? 'totp' : null;
     if (
       used === null &&
@@ -164,7 +183,7 @@ export function createMfaService(deps: MfaServiceDeps) {
         { failedAttempts: failures, lockedUntil: lock ? addSeconds(now, lock) : null },
         tx,
       );
-      return { ok: false, retryAfter: lock };
+      return { ok: false, reason: 'wrong_code', lockSeconds: lock };
     }
     await deps.repo.updateFactor(
       factor.id,
@@ -179,16 +198,50 @@ export function createMfaService(deps: MfaServiceDeps) {
     return { ok: true, used, step };
   }
 
-  /** The error of a failed check: 429 while locked, else 400 naming the code. */
+  /** The error of a failed check: 429 while locked (the code that locks included), else 400 naming the code. */
   function refusal(outcome: Exclude<CheckOutcome, { ok: true }>): AppError {
-    if ('locked' in outcome) {
+    if (outcome.lockSeconds > 0) {
       return new AppError('rate_limited', {
         detail: 'Too many wrong codes; try again later',
-        headers: { 'retry-after': String(outcome.locked) },
+        headers: { 'retry-after': String(outcome.lockSeconds) },
       });
     }
-    return invalidCode();
+    return outcome.reason === 'code_reused'
+      ? invalidCode('This code was used already; wait for the next one')
+      : invalidCode();
   }
+
+  /** What a refused check's audit event says: why, and how long it locked the factor. */
+  const refusalData = (outcome: Exclude<CheckOutcome, { ok: true }>, prefix = '') => ({
+    reason: `${prefix}${outcome.reason}`,
+    ...(outcome.reason === 'wrong_code' && outcome.lockSeconds > 0
+      ? { locked_for_seconds: outcome.lockSeconds }
+      : {}),
+  });
+
+  /** A notice to the user about their second factor, not awaited: a mail server failing is logged. */
+  function notify(user: Pick<UserRow, 'email'> | undefined, subject: string, text: string) {
+    if (!deps.mailer || !user) return;
+    deps.mailer.send({ to: user.email, subject, text }).catch((err: unknown) => {
+      deps.logger?.warn({ err }, 'a two-step verification notice could not be mailed');
+    });
+  }
+  const notice = {
+    enabled: (user: Pick<UserRow, 'email'> | undefined) =>
+      notify(
+        user,
+        'Two-step verification is on',
+        'Two-step verification was turned on for your account: signing in now asks for a code from your ' +
+          'authenticator app. If this was not you, reset your password and contact support.',
+      ),
+    disabled: (user: Pick<UserRow, 'email'> | undefined, byAdministrator: boolean) =>
+      notify(
+        user,
+        'Two-step verification is off',
+        `Two-step verification was turned off for your account${byAdministrator ? ' by an administrator' : ''}: ` +
+          'signing in asks for your password only. If this was not you, reset your password and contact support.',
+      ),
+  };
 
   /** Serializes one user's MFA changes (two enrolments at once would both find no factor). */
   const lockUser = (tx: Executor, userId: string) =>
@@ -215,9 +268,14 @@ export function createMfaService(deps: MfaServiceDeps) {
     accept: { recoveryCodes: boolean; verified: boolean },
     context: RequestContext,
     action: string,
-    work: (tx: Executor, factor: MfaFactorRow, used: SecondFactor) => Promise<T>,
+    work: (
+      tx: Executor,
+      factor: MfaFactorRow,
+      used: SecondFactor,
+      emit: (event: AuthEvent) => void,
+    ) => Promise<T>,
   ): Promise<T> {
-    const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
+    const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       await lockUser(tx, userId);
       const factor = await deps.repo.findFactor(userId, { lock: true }, tx);
       if (!factor || (factor.verifiedAt !== null) !== accept.verified)
@@ -228,11 +286,11 @@ export function createMfaService(deps: MfaServiceDeps) {
           type: action,
           outcome: 'failure',
           subjectId: userId,
-          data: { reason: 'locked' in checked ? 'locked' : 'wrong_code' },
+          data: refusalData(checked),
         });
         return { kind: 'refused' as const, checked };
       }
-      return { kind: 'done' as const, value: await work(tx, factor, checked.used) };
+      return { kind: 'done' as const, value: await work(tx, factor, checked.used, emit) };
     });
     if (outcome.kind === 'done') return outcome.value;
     if (outcome.kind === 'refused') throw refusal(outcome.checked);
@@ -275,6 +333,11 @@ export function createMfaService(deps: MfaServiceDeps) {
     async enroll(userId: string) {
       const user = await deps.users.findById(userId);
       if (!user) throw notFound('user');
+      if (deps.requireConfirmedEmail && !user.emailConfirmedAt) {
+        throw new AppError('email_not_confirmed', {
+          detail: 'Confirm your email address before setting up two-step verification',
+        });
+      }
       const secret = new Secret({ size: TOTP_SECRET_BYTES });
       const factor = await inTransaction(deps.db, deps.events, async (tx) => {
         await lockUser(tx, user.id);
@@ -305,25 +368,39 @@ export function createMfaService(deps: MfaServiceDeps) {
       };
     },
 
-    /** Proves the enrolment with a code from the app: sign-ins ask for codes from now on. */
-    async activate(userId: string, code: string, context: RequestContext): Promise<string[]> {
-      return withCode(
+    /**
+     * Proves the enrolment with a code from the app: sign-ins ask for codes from now on. Every other
+     * session of the user ends (they were opened without the second factor); this one, which just
+     * gave a code, carries `otp` and `mfa` in its `amr` from its next refresh.
+     */
+    async activate(
+      userId: string,
+      sessionId: string,
+      code: string,
+      context: RequestContext,
+    ): Promise<string[]> {
+      const codes = await withCode(
         userId,
         code,
         { recoveryCodes: false, verified: false },
         context,
         'mfa.enabled',
-        async (tx, factor) => {
+        async (tx, factor, _used, emit) => {
           await deps.repo.updateFactor(factor.id, { verifiedAt: deps.clock.now() }, tx);
           const codes = await newRecoveryCodes(tx, userId);
+          const ended = await deps.sessions.endAllSessions(tx, userId, 'mfa_enabled', sessionId);
+          ended.forEach(emit);
+          await deps.sessions.strengthen(tx, sessionId, ['otp', 'mfa']);
           await deps.audit.record(tx, context, {
             type: 'mfa.enabled',
             subjectId: userId,
-            data: { factor_id: factor.id, type: factor.type },
+            data: { factor_id: factor.id, type: factor.type, other_sessions_ended: ended.length > 0 },
           });
           return codes;
         },
       );
+      notice.enabled(await deps.users.findById(userId));
+      return codes;
     },
 
     /** Turns two-step verification off, with a current code (from the app, or a recovery code). */
@@ -343,6 +420,7 @@ export function createMfaService(deps: MfaServiceDeps) {
           });
         },
       );
+      notice.disabled(await deps.users.findById(userId), false);
     },
 
     /** A new set of recovery codes (the old ones stop working), with a code from the app. */
@@ -375,17 +453,38 @@ export function createMfaService(deps: MfaServiceDeps) {
      * An administrator turns a user's two-step verification off (they lost their app and their
      * recovery codes). Audited whether or not there was one; 404 for an unknown user.
      */
-    async resetByAdministrator(userId: string, context: RequestContext): Promise<void> {
-      await inTransaction(deps.db, deps.events, async (tx) => {
-        if (!(await deps.users.findById(userId, tx))) throw notFound('user');
+    async resetByAdministrator(
+      userId: string,
+      callerUserId: string | undefined,
+      context: RequestContext,
+    ): Promise<void> {
+      // Never one's own: a credential that holds users:write (an API key made before the second
+      // factor, say) is no way around it. One's own is turned off with a code.
+      if (callerUserId === userId) {
+        throw forbidden(
+          'Turn your own two-step verification off with a code: POST /v1/auth/mfa/totp/deactivate',
+        );
+      }
+      const user = await inTransaction(deps.db, deps.events, async (tx) => {
+        const user = await deps.users.findById(userId, tx);
+        if (!user) throw notFound('user');
         const removed = await removeFactor(tx, userId);
         await deps.audit.record(tx, context, {
           type: 'mfa.disabled',
           subjectId: userId,
           data: { by_administrator: true, had_factor: removed },
         });
+        return removed ? user : undefined;
       });
+      notice.disabled(user, true);
     },
+
+    /**
+     * A password reset lifts the lock of wrong codes: whoever holds the mailbox is the owner, and the
+     * one who sent them had the old password. (A change with the current password does not: with a
+     * key made before the second factor and the password, it would be a way to guess on.)
+     */
+    clearLock: (tx: Executor, userId: string) => deps.repo.clearLock(userId, tx),
 
     /**
      * The sign-in's first factor passed and the user has a second: the `mfa_required` refusal, with the
@@ -436,10 +535,14 @@ export function createMfaService(deps: MfaServiceDeps) {
       if (!parseSecret(MFA_TOKEN_FORMAT, mfaToken)) throw invalidMfaToken();
       const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
         const now = deps.clock.now();
-        const challenge = await deps.repo.findLiveChallenge(challengeHash(mfaToken), now, tx);
+        const tokenHash = challengeHash(mfaToken);
+        // The user's row before the challenge's, the order a reset or a disable takes them in.
+        const seen = await deps.repo.findLiveChallenge(tokenHash, now, tx, { lock: false });
+        if (!seen) return { kind: 'token' as const };
+        const user = await deps.users.findByIdForShare(seen.userId, tx);
+        const challenge = await deps.repo.findLiveChallenge(tokenHash, now, tx, { lock: true });
         if (!challenge) return { kind: 'token' as const };
         const subject = { ...context, actorType: 'user' as const, actorId: challenge.userId };
-        const user = await deps.users.findByIdForShare(challenge.userId, tx);
         const factor = await deps.repo.findFactor(challenge.userId, { lock: true }, tx);
         if (user?.status !== 'active' || !factor?.verifiedAt) return { kind: 'token' as const };
         const checked = await check(tx, factor, code, { recoveryCodes: true });
@@ -448,7 +551,7 @@ export function createMfaService(deps: MfaServiceDeps) {
             type: challenge.via,
             outcome: 'failure',
             subjectId: user.id,
-            data: { reason: 'locked' in checked ? 'mfa_locked' : 'wrong_mfa_code' },
+            data: refusalData(checked, 'mfa_'),
           });
           return { kind: 'refused' as const, checked };
         }
@@ -468,7 +571,7 @@ export function createMfaService(deps: MfaServiceDeps) {
       });
       if (outcome.kind === 'token') throw invalidMfaToken();
       if (outcome.kind === 'refused') {
-        deps.onLogin?.('locked' in outcome.checked ? 'locked' : 'failure');
+        deps.onLogin?.(outcome.checked.reason === 'locked' ? 'locked' : 'failure');
         throw refusal(outcome.checked);
       }
       deps.onLogin?.('success');

@@ -44,8 +44,11 @@ export interface PasswordResetDeps {
     apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
     clients: Pick<ClientsRepository, 'disableActingFor'>;
     subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
-    /** A second factor set up before the mailbox was proven would keep its owner out. */
-    mfa: Pick<MfaService, 'remove'>;
+    /**
+     * A second factor set up before the mailbox was proven would keep its owner out, and is removed;
+     * an owner's own stays, its lock of wrong codes lifted.
+     */
+    mfa: Pick<MfaService, 'remove' | 'clearLock'>;
   };
 }
 
@@ -180,6 +183,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
       ended.forEach(emit);
       if (firstProof) await endUnproven(tx, user.id, actor, emit);
+      // Whoever holds the mailbox is the owner: wrong codes someone else sent lock their factor no more.
+      else await deps.unproven.mfa.clearLock(tx, user.id);
       await deps.audit.record(tx, actor, {
         type: 'auth.password_reset',
         subjectId: user.id,

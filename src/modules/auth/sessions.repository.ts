@@ -1,7 +1,7 @@
 import { and, desc, eq, gt, isNull, ne } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { pastCursor } from '../../db/keyset.js';
-import { refreshTokens, sessions } from '../../db/schema/index.js';
+import { mfaChallenges, refreshTokens, sessions } from '../../db/schema/index.js';
 import type { Cursor } from '../../lib/pagination.js';
 
 export type SessionRow = typeof sessions.$inferSelect;
@@ -99,6 +99,24 @@ export function createSessionsRepository(db: Executor) {
         .where(and(...conditions))
         .returning({ id: sessions.id });
       return rows.map((r) => r.id);
+    },
+    /** Adds authentication methods to a live session's `amr` (its next access tokens carry them). */
+    async addAmr(id: string, methods: readonly string[], tx: Executor): Promise<void> {
+      const [row] = await tx
+        .select({ amr: sessions.amr })
+        .from(sessions)
+        .where(eq(sessions.id, id))
+        .limit(1)
+        .for('update');
+      if (!row) return;
+      const amr = [...row.amr, ...methods.filter((m) => !row.amr.includes(m))];
+      await tx.update(sessions).set({ amr }).where(eq(sessions.id, id));
+    },
+    /** Sign-ins of the user still waiting for a second factor stop waiting: they are half a session. */
+    async discardMfaChallenges(userId: string, tx: Executor): Promise<void> {
+      await tx
+        .delete(mfaChallenges)
+        .where(and(eq(mfaChallenges.userId, userId), isNull(mfaChallenges.usedAt)));
     },
     async revokeSession(id: string, at: Date, reason: string, tx: Executor = db): Promise<boolean> {
       const rows = await tx

@@ -279,8 +279,13 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         except ? { except } : {},
         tx,
       );
+      await deps.repo.discardMfaChallenges(userId, tx);
       return revocationEvents(tx, ids);
     },
+
+    /** The session's user proved more (a second factor): its next access tokens say so in `amr`. */
+    strengthen: (tx: Executor, sessionId: string, methods: readonly string[]) =>
+      deps.repo.addAmr(sessionId, methods, tx),
 
     /** The user's live sessions, most recently used first, a page at a time. */
     async listLive(userId: string, options: { limit: number; cursor?: string | undefined }) {
