@@ -383,7 +383,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   await app.register(mfaRoutes, { mfa: services.mfa });
   await app.register(signingKeysRoutes, { keys: services.keys });
-  await app.register(usersRoutes, { users: services.users, passwordReset: services.passwordReset });
+  await app.register(usersRoutes, {
+    users: services.users,
+    passwordReset: services.passwordReset,
+    mfa: services.mfa,
+  });
   await app.register(rolesRoutes, { roles: services.roles });
   await app.register(profilesRoutes, { profiles: services.profiles });
   await app.register(auditRoutes, { audit: services.audit });

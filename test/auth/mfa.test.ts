@@ -295,6 +295,15 @@ describe('two-step verification (TOTP)', () => {
     const mine = await post('/v1/auth/refresh', null, { refresh_token: user.refreshToken });
     expect(mine.statusCode, mine.body).toBe(200);
     expect(decodeJwt(mine.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
+    // The user sees which of their sessions gave the second factor.
+    const list = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(mine.json().session.access_token),
+    });
+    expect(list.json().data).toEqual([
+      expect.objectContaining({ current: true, amr: ['pwd', 'otp', 'mfa'] }),
+    ]);
     const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.enabled', limit: 5 });
     expect(events[0]?.data).toMatchObject({ other_sessions_ended: true });
   });
@@ -385,12 +394,16 @@ describe('two-step verification (TOTP)', () => {
     });
     expect(denied.statusCode).toBe(403);
     expect((await loginRes(user)).statusCode).toBe(403);
+    const read = () =>
+      app.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) });
+    expect((await read()).json()).toMatchObject({ id: user.id, mfa_enabled: true });
     const res = await app.inject({
       method: 'DELETE',
       url: `/v1/users/${user.id.toUpperCase()}/mfa`,
       headers: bearer(admin.accessToken),
     });
     expect(res.statusCode, res.body).toBe(204);
+    expect((await read()).json().mfa_enabled).toBe(false);
     const signedIn = await loginRes(user);
     expect(signedIn.statusCode).toBe(200);
     expect(decodeJwt(signedIn.json().session.access_token).amr).toEqual(['pwd']);

@@ -376,6 +376,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           expires_at: s.idleExpiresAt.toISOString(),
           user_agent: s.userAgent,
           ip: s.ip,
+          amr: s.amr,
           current: s.id === current,
         })),
         next_cursor: nextCursor,

@@ -143,6 +143,11 @@ export const SessionInfoSchema = z
     expires_at: z.string(),
     user_agent: z.string().nullable(),
     ip: z.string().nullable(),
+    amr: z
+      .array(z.string())
+      .describe(
+        'How the session began (RFC 8176): `pwd`, and `otp`/`mfa` after a second factor; empty if unknown',
+      ),
     current: z.boolean(),
   })
   .meta({ id: 'SessionInfo' });

@@ -13,14 +13,16 @@ import {
   UserIdParamsSchema,
   UserRoleParamsSchema,
   UserRolesSchema,
+  UserDetailSchema,
   UserSchema,
 } from './users.schema.js';
 import type { UsersService } from './users.service.js';
 import type { PasswordResetService } from '../auth/password-reset.service.js';
+import type { MfaService } from '../auth/mfa.service.js';
 
 export async function usersRoutes(
   app: FastifyInstance,
-  deps: { users: UsersService; passwordReset: PasswordResetService },
+  deps: { users: UsersService; passwordReset: PasswordResetService; mfa: Pick<MfaService, 'isEnabled'> },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const security = bearerOrApiKey;
@@ -54,10 +56,13 @@ export async function usersRoutes(
         summary: 'Read a user',
         security,
         params: UserIdParamsSchema,
-        response: { 200: UserSchema, ...problems(400, 401, 403, 404) },
+        response: { 200: UserDetailSchema, ...problems(400, 401, 403, 404) },
       },
     },
-    async (request) => toUserDto(await deps.users.get(request.params.id)),
+    async (request) => ({
+      ...toUserDto(await deps.users.get(request.params.id)),
+      mfa_enabled: await deps.mfa.isEnabled(request.params.id),
+    }),
   );
 
   r.patch(

@@ -3,6 +3,12 @@ import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 
 export { UserSchema } from '../auth/auth.schema.js';
+import { UserSchema as BaseUserSchema } from '../auth/auth.schema.js';
+
+/** A user as an administrator reads one: with whether their sign-ins ask for a second factor. */
+export const UserDetailSchema = BaseUserSchema.extend({
+  mfa_enabled: z.boolean().describe('Two-step verification is on: sign-ins ask for a code'),
+}).meta({ id: 'UserDetail' });
 
 export const RoleNameSchema = z
   .string()
