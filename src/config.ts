@@ -100,6 +100,7 @@ const EnvSchema = z.object({
       .optional(),
   ),
   MFA_CHALLENGE_TTL: z.coerce.number().int().min(60).max(1800).default(300),
+  MFA_REQUIRED_ROLES: z.string().default(''),
 });
 
 type Issue = { path: string; message: string };
@@ -201,6 +202,14 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
       });
   if (proxies.length > 1 && proxies.some((e) => e === 'true' || e === 'false'))
     issues.push({ path: 'TRUST_PROXY', message: 'is true, false, or a list of addresses, not a mix' });
+  for (const entry of listOf(env.MFA_REQUIRED_ROLES))
+    if (!/^[a-z][a-z0-9_-]{1,49}$/.test(entry))
+      issues.push({ path: 'MFA_REQUIRED_ROLES', message: `"${entry}" is not a role name` });
+    else if (entry === 'user')
+      issues.push({
+        path: 'MFA_REQUIRED_ROLES',
+        message: 'cannot name "user": a session without a second factor needs it to set one up',
+      });
   for (const entry of listOf(env.CORS_ORIGINS))
     if (!isOrigin(entry))
       issues.push({
@@ -307,8 +316,11 @@ export interface Config {
    * waits for the address to be confirmed.
    */
   readonly emailConfirmation: { url: string | undefined; ttlSeconds: number; required: boolean };
-  /** Two-step verification: the name authenticator apps show, and how long a sign-in waits for a code. */
-  readonly mfa: { issuer: string; challengeTtlSeconds: number };
+  /**
+   * Two-step verification: the name authenticator apps show, how long a sign-in waits for a code, and
+   * the roles whose permissions count only in a session that gave a second factor.
+   */
+  readonly mfa: { issuer: string; challengeTtlSeconds: number; requiredRoles: string[] };
 }
 
 export interface LoadConfigOptions {
@@ -430,7 +442,11 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       ttlSeconds: e.EMAIL_CONFIRMATION_TTL,
       required: e.REQUIRE_EMAIL_CONFIRMATION,
     },
-    mfa: { issuer: e.MFA_ISSUER ?? 'Paservices', challengeTtlSeconds: e.MFA_CHALLENGE_TTL },
+    mfa: {
+      issuer: e.MFA_ISSUER ?? 'Paservices',
+      challengeTtlSeconds: e.MFA_CHALLENGE_TTL,
+      requiredRoles: listOf(e.MFA_REQUIRED_ROLES),
+    },
   };
   return Object.freeze(config);
 }

@@ -197,6 +197,7 @@ export function createServices(deps: ServicesDeps) {
       reuseGrace: config.tokens.reuseGraceSeconds,
     },
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
+    mfaRequiredRoles: config.mfa.requiredRoles,
   });
   const ownsMailer = !deps.mailer;
   const mailer =

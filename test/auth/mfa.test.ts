@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import { Secret, TOTP } from 'otpauth';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { buildTestApp } from '../support/app.js';
+import { buildTestApp, testConfig } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -444,5 +444,77 @@ describe('two-step verification (TOTP)', () => {
     });
     expect(res.statusCode).toBe(401);
     expect(res.json().mfa_token).toBeUndefined();
+  });
+});
+
+describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a second factor', () => {
+  let app: FastifyInstance;
+  const clock = createTestClock();
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { MFA_REQUIRED_ROLES: 'admin' }, deps: { clock } });
+  });
+
+  const code = (secret: string) =>
+    new TOTP({ secret: Secret.fromBase32(secret) }).generate({ timestamp: clock.nowMs() });
+  const users = (token: string) => app.inject({ method: 'GET', url: '/v1/users', headers: bearer(token) });
+
+  it('a password-only session of an admin holds only their other roles, until it gives a code', async () => {
+    const user = await registerUser(app, 'mfa-required');
+    await app.services.repos.users.assignRole(user.id, 'admin', null);
+    const pwd = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: user.password },
+    });
+    expect(pwd.statusCode).toBe(200);
+    const claims = decodeJwt(pwd.json().session.access_token);
+    expect(claims.roles).toEqual(['user']);
+    expect(String(claims.scope).split(' ')).not.toContain('*');
+    expect((await users(pwd.json().session.access_token)).statusCode).toBe(403);
+
+    // The user role is enough to set up the second factor; the session that gives it gets the role.
+    const token = pwd.json().session.access_token;
+    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: bearer(token) });
+    expect(enrol.statusCode).toBe(201);
+    const on = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers: bearer(token),
+      payload: { code: code(enrol.json().secret) },
+    });
+    expect(on.statusCode).toBe(200);
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: pwd.json().session.refresh_token },
+    });
+    expect(refreshed.statusCode).toBe(200);
+    expect(decodeJwt(refreshed.json().session.access_token).roles).toEqual(['admin', 'user']);
+    expect((await users(refreshed.json().session.access_token)).statusCode).toBe(200);
+
+    // A later sign-in gets the role with its code, and a recovery code counts as one.
+    clock.advance(30);
+    const login = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: user.password },
+    });
+    const verified = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: login.json().mfa_token, code: on.json().recovery_codes[0] },
+    });
+    expect(verified.statusCode).toBe(200);
+    expect(decodeJwt(verified.json().session.access_token).roles).toEqual(['admin', 'user']);
+  });
+
+  it('refuses a role name that is not one, and the user role', () => {
+    for (const value of ['Admin!', 'user', 'admin,user']) {
+      expect(() => testConfig({ MFA_REQUIRED_ROLES: value }), value).toThrow(/MFA_REQUIRED_ROLES/);
+    }
+    expect(testConfig({ MFA_REQUIRED_ROLES: 'admin, support' }).mfa.requiredRoles).toEqual([
+      'admin',
+      'support',
+    ]);
   });
 });

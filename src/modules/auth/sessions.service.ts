@@ -43,6 +43,8 @@ export interface SessionsServiceDeps {
     reuseGrace: number;
   };
   onIssued?: (grant: string) => void;
+  /** MFA_REQUIRED_ROLES: roles whose permissions count only in a session that gave a second factor. */
+  mfaRequiredRoles?: readonly string[];
 }
 
 type Held = { roles: string[]; permissions: string[] };
@@ -87,8 +89,14 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     return deps.revocations.revokeAll(tx, 'session', sessionIds);
   }
 
+  /** What a session holds: the user's roles, less those it has not given the second factor for. */
+  const heldBy = (userId: string, amr: readonly string[], tx?: Executor) =>
+    deps.users.rolesAndPermissions(userId, tx, { except: rolesWithheld(amr) });
+  const rolesWithheld = (amr: readonly string[]) =>
+    amr.includes('mfa') ? [] : (deps.mfaRequiredRoles ?? []);
+
   async function accessTokenFor(user: UserRow, sessionId: string, amr: readonly string[], held?: Held) {
-    const { roles, permissions } = held ?? (await deps.users.rolesAndPermissions(user.id));
+    const { roles, permissions } = held ?? (await heldBy(user.id, amr));
     const issued = await deps.tokens.issue({
       sub: user.id,
       audience: deps.audience,
@@ -196,7 +204,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           // Within the grace, a repeated refresh of the same token gets the same successor again
           // (successorOf), instead of a spurious logout or a second chain.
         }
-        const held = await deps.users.rolesAndPermissions(user.id, tx);
+        const held = await heldBy(user.id, session.amr, tx);
         if (options.scope) {
           const foreign = notHeld(options.scope, held.permissions);
           if (foreign.length > 0) return { kind: 'scope', foreign };

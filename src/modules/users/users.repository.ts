@@ -118,16 +118,22 @@ export function createUsersRepository(db: Executor) {
         .limit(options.limit + 1);
     },
     /** The user's role names and the union of their permissions. */
+    /**
+     * The user's roles and the permissions they give; `except` leaves roles out (those that count only
+     * in a session that gave a second factor, MFA_REQUIRED_ROLES).
+     */
     async rolesAndPermissions(
       userId: string,
       tx: Executor = db,
+      options: { except?: readonly string[] } = {},
     ): Promise<{ roles: string[]; permissions: string[] }> {
-      const rows = await tx
+      const all = await tx
         .select({ name: roles.name, permissions: roles.permissions })
         .from(userRoles)
         .innerJoin(roles, eq(userRoles.roleName, roles.name))
         .where(eq(userRoles.userId, userId))
         .orderBy(asc(roles.name));
+      const rows = options.except?.length ? all.filter((r) => !options.except!.includes(r.name)) : all;
       const permissions = new Set<string>();
       for (const r of rows) for (const p of r.permissions) permissions.add(p);
       return { roles: rows.map((r) => r.name), permissions: [...permissions].sort() };
