@@ -22,6 +22,7 @@ CREATE TABLE "mfa_factors" (
 	"last_used_at" timestamp (3) with time zone,
 	"last_used_step" bigint,
 	"failed_attempts" integer DEFAULT 0 NOT NULL,
+	"last_failed_at" timestamp (3) with time zone,
 	"locked_until" timestamp (3) with time zone
 );
 --> statement-breakpoint

@@ -227,6 +227,7 @@ export function createServices(deps: ServicesDeps) {
     requireConfirmedEmail: provider.name === 'supabase' || mailer !== undefined,
     mailer,
     logger,
+    clients: repos.clients,
   });
   const auth = createAuthService({
     db,

@@ -1,7 +1,8 @@
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import { Secret, TOTP } from 'otpauth';
-import { beforeAll, describe, expect, it } from 'vitest';
+import pg from 'pg';
+import { beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildTestApp, testConfig } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
@@ -248,6 +249,42 @@ describe('two-step verification (TOTP)', () => {
     );
   });
 
+  it('wrong codes a day old count no more toward the lock', async () => {
+    const { user, secret } = await enrolled('mfa-decay');
+    const first = await challenge(user);
+    for (let i = 0; i < 5; i++) expect((await verify(first, wrongCodeOf(secret))).statusCode).toBe(400);
+    clock.advance(24 * 3600 + 1);
+    const next = await challenge(user);
+    // A sixth in a row would lock; a day on, it is the first.
+    expect((await verify(next, wrongCodeOf(secret))).statusCode).toBe(400);
+    expect((await verify(next, codeOf(secret))).statusCode).toBe(200);
+  });
+
+  it.skipIf(!inject('databaseUrl'))(
+    'a sign-in whose password passed while the factor was being activated asks for a code',
+    async () => {
+      const user = await registerUser(app, 'mfa-activation-race');
+      const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+      expect(enrol.statusCode).toBe(201);
+      // Another connection holds the user's row as an activation does, and activates meanwhile.
+      const other = new pg.Client({ connectionString: inject('databaseUrl') });
+      await other.connect();
+      try {
+        await other.query('begin');
+        await other.query('select 1 from users where id = $1 for no key update', [user.id]);
+        const login = loginRes(user);
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        await other.query('update mfa_factors set verified_at = now() where user_id = $1', [user.id]);
+        await other.query('commit');
+        const res = await login;
+        expect(res.statusCode, res.body).toBe(403);
+        expect(res.json().code).toBe('mfa_required');
+      } finally {
+        await other.end();
+      }
+    },
+  );
+
   it('a right code sent again (a double submit) is refused without counting toward the lock', async () => {
     const { user, secret } = await enrolled('mfa-double');
     const code = codeOf(secret);
@@ -329,6 +366,7 @@ describe('two-step verification (TOTP)', () => {
 
   it('a user disabled while a challenge waits gets no session', async () => {
     const { user, secret } = await enrolled('mfa-disabled');
+    admin = { ...admin, accessToken: (await loginRes(admin)).json().session.access_token };
     const token = await challenge(user);
     expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
     expect((await verify(token, codeOf(secret))).statusCode).toBe(401);
@@ -427,6 +465,39 @@ describe('two-step verification (TOTP)', () => {
       headers: { 'x-api-key': key.json().key },
     });
     expect(byKey.statusCode).toBe(403);
+    // Nor an app client the caller registered, acting for them or on its own scopes.
+    for (const actsForCreator of [false, true]) {
+      const client = await post('/v1/clients', admin.accessToken, {
+        name: 'support tool',
+        scopes: ['users:write'],
+      });
+      expect(client.statusCode, client.body).toBe(201);
+      if (actsForCreator) {
+        const bound = await app.inject({
+          method: 'PATCH',
+          url: `/v1/clients/${client.json().id}`,
+          headers: bearer(admin.accessToken),
+          payload: { acts_for_creator: true },
+        });
+        expect(bound.statusCode, bound.body).toBe(200);
+      }
+      const issued = await app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        payload: {
+          grant_type: 'client_credentials',
+          client_id: client.json().client_id,
+          client_secret: client.json().client_secret,
+        },
+      });
+      expect(issued.statusCode, issued.body).toBe(200);
+      const byClient = await app.inject({
+        method: 'DELETE',
+        url: `/v1/users/${admin.id}/mfa`,
+        headers: bearer(issued.json().access_token),
+      });
+      expect(byClient.statusCode).toBe(403);
+    }
     const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 10 });
     expect(events[0]).toMatchObject({
       outcome: 'success',

@@ -23,6 +23,8 @@ export const mfaFactors = pgTable(
     lastUsedStep: bigint('last_used_step', { mode: 'number' }),
     /** Wrong codes in a row (sign-in and management alike); each past the fifth locks for longer. */
     failedAttempts: integer('failed_attempts').notNull().default(0),
+    /** The last wrong code: a count a day older starts again. */
+    lastFailedAt: timestamp('last_failed_at', { withTimezone: true, precision: 3 }),
     lockedUntil: timestamp('locked_until', { withTimezone: true, precision: 3 }),
   },
   (t) => [uniqueIndex('mfa_factors_user_key').on(t.userId)],

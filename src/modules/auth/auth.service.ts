@@ -140,13 +140,20 @@ export function createAuthService(deps: AuthServiceDeps) {
     }
   }
 
+  /**
+   * Opens a session for a sign-in that gave its first factor only; `second_factor` when the user has a
+   * second (checked under the user's row, share-locked: an activation locks it before ending sessions,
+   * so a session opened meanwhile is either ended by it or not opened).
+   */
   async function openSession(
     user: UserRow,
     context: RequestContext,
     type: string,
     amr: readonly string[],
-  ): Promise<SessionTokens> {
-    const { session, refreshToken } = await inTransaction(deps.db, deps.events, async (tx) => {
+  ): Promise<SessionTokens | 'second_factor'> {
+    const opened = await inTransaction(deps.db, deps.events, async (tx) => {
+      await deps.users.findByIdForShare(user.id, tx);
+      if (await deps.mfa.isEnabled(user.id, tx)) return 'second_factor' as const;
       const started = await deps.sessions.start(tx, user, {
         ip: context.ip,
         userAgent: context.userAgent,
@@ -163,7 +170,8 @@ export function createAuthService(deps: AuthServiceDeps) {
       );
       return started;
     });
-    return deps.sessions.tokensFor(user, session, refreshToken);
+    if (opened === 'second_factor') return opened;
+    return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
   }
 
   async function recordLoginFailure(
@@ -291,9 +299,10 @@ export function createAuthService(deps: AuthServiceDeps) {
       }
       await deps.failures.reset(email);
       // The password was right; the session waits for the second factor (its own lockout counts codes).
-      if (await deps.mfa.isEnabled(user.id)) throw await deps.mfa.challenge(user, 'auth.login', context);
+      const session = await openSession(user, context, 'auth.login', PASSWORD_AMR);
+      if (session === 'second_factor') throw await deps.mfa.challenge(user, 'auth.login', context);
       deps.onLogin?.('success');
-      return { user, session: await openSession(user, context, 'auth.login', PASSWORD_AMR) };
+      return { user, session };
     },
 
     async exchange(accessToken: string, context: RequestContext) {
@@ -302,8 +311,9 @@ export function createAuthService(deps: AuthServiceDeps) {
       const user = await signInUser(identity, context, identity.email);
       if (user.status !== 'active')
         throw new AppError('invalid_token', { detail: 'The account is disabled' });
-      if (await deps.mfa.isEnabled(user.id)) throw await deps.mfa.challenge(user, 'auth.exchange', context);
-      return { user, session: await openSession(user, context, 'auth.exchange', []) };
+      const session = await openSession(user, context, 'auth.exchange', []);
+      if (session === 'second_factor') throw await deps.mfa.challenge(user, 'auth.exchange', context);
+      return { user, session };
     },
 
     refresh: (refreshToken: string, context: RequestContext) => deps.sessions.refresh(refreshToken, context),

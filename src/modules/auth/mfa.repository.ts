@@ -40,7 +40,10 @@ export function createMfaRepository(db: Executor) {
     async updateFactor(
       id: string,
       patch: Partial<
-        Pick<MfaFactorRow, 'verifiedAt' | 'lastUsedAt' | 'lastUsedStep' | 'failedAttempts' | 'lockedUntil'>
+        Pick<
+          MfaFactorRow,
+          'verifiedAt' | 'lastUsedAt' | 'lastUsedStep' | 'failedAttempts' | 'lastFailedAt' | 'lockedUntil'
+        >
       >,
       tx: Executor,
     ): Promise<void> {
@@ -111,12 +114,6 @@ export function createMfaRepository(db: Executor) {
         .limit(1);
       const [row] = options.lock ? await query.for('update') : await query;
       return row;
-    },
-    async clearLock(userId: string, tx: Executor): Promise<void> {
-      await tx
-        .update(mfaFactors)
-        .set({ failedAttempts: 0, lockedUntil: null })
-        .where(eq(mfaFactors.userId, userId));
     },
     async completeChallenge(id: string, at: Date, sessionId: string, tx: Executor): Promise<void> {
       await tx.update(mfaChallenges).set({ usedAt: at, sessionId }).where(eq(mfaChallenges.id, id));

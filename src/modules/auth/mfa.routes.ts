@@ -264,9 +264,12 @@ export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService })
       },
     },
     async (request, reply) => {
+      const principal = principalOf(request);
       await deps.mfa.resetByAdministrator(
         request.params.id,
-        principalOf(request).userId,
+        principal.kind === 'service'
+          ? { kind: 'service', clientId: principal.clientId }
+          : { kind: principal.kind, userId: principal.userId },
         requestContext(request),
       );
       return reply.status(204).send(null);

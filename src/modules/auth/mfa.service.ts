@@ -16,6 +16,7 @@ import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.j
 import type { Logger } from 'pino';
 import type { Mailer } from '../../lib/mailer.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
@@ -33,8 +34,13 @@ const RECOVERY_CODE_LENGTH = 10;
 /** Wrong codes in a row that lock nothing; each further one locks the factor, for longer every time. */
 export const MFA_FREE_ATTEMPTS = 5;
 const MFA_MAX_LOCK_SECONDS = 3600;
+/** How long a wrong code counts toward the lock. */
+const FAILURE_MEMORY_MS = 24 * 3600_000;
 
 export type SecondFactor = 'totp' | 'recovery_code';
+
+/** Who a credential is: a user's (token or API key), or an app client's. */
+export type CredentialOf = { kind: 'user' | 'api_key'; userId: string } | { kind: 'service'; clientId: string };
 
 export interface MfaServiceDeps {
   db: Database;
@@ -60,6 +66,8 @@ export interface MfaServiceDeps {
   /** Notices to the user when two-step verification is turned on or off (not awaited). */
   mailer: Mailer | undefined;
   logger?: Pick<Logger, 'warn'>;
+  /** Who registered an app client: its creator may not turn their own factor off with it. */
+  clients: Pick<ClientsRepository, 'findByClientId'>;
 }
 
 export interface MfaStatus {
@@ -176,11 +184,16 @@ export function createMfaService(deps: MfaServiceDeps) {
       used = 'recovery_code';
     }
     if (used === null) {
-      const failures = factor.failedAttempts + 1;
+      // A count whose last wrong code is a day old starts again: an old typo is no step toward a lock.
+      const counted =
+        factor.lastFailedAt && now.getTime() - factor.lastFailedAt.getTime() < FAILURE_MEMORY_MS
+          ? factor.failedAttempts
+          : 0;
+      const failures = counted + 1;
       const lock = lockSeconds(failures);
       await deps.repo.updateFactor(
         factor.id,
-        { failedAttempts: failures, lockedUntil: lock ? addSeconds(now, lock) : null },
+        { failedAttempts: failures, lastFailedAt: now, lockedUntil: lock ? addSeconds(now, lock) : null },
         tx,
       );
       return { ok: false, reason: 'wrong_code', lockSeconds: lock };
@@ -244,8 +257,12 @@ export function createMfaService(deps: MfaServiceDeps) {
   };
 
   /** Serializes one user's MFA changes (two enrolments at once would both find no factor). */
-  const lockUser = (tx: Executor, userId: string) =>
-    tx.execute(sql`select pg_advisory_xact_lock(hashtext(${`mfa:${userId}`}))`);
+  /**
+   * Serializes one user's changes of their factor, and orders them with sign-ins: the user's row
+   * first (FOR NO KEY UPDATE), as a sign-in opening a session takes it (FOR SHARE), so a session a
+   * concurrent sign-in opens is either there to be ended or sees the factor and asks for a code.
+   */
+  const lockUser = (tx: Executor, userId: string) => deps.users.findByIdForUpdate(userId, tx);
 
   async function removeFactor(tx: Executor, userId: string): Promise<boolean> {
     await lockUser(tx, userId);
@@ -324,7 +341,7 @@ export function createMfaService(deps: MfaServiceDeps) {
     },
 
     /** Whether the user's sign-ins ask for a second factor. */
-    isEnabled: (userId: string) => deps.repo.hasVerifiedFactor(userId),
+    isEnabled: (userId: string, tx?: Executor) => deps.repo.hasVerifiedFactor(userId, tx),
 
     /**
      * Begins a TOTP enrolment: a new secret for the user's app (replacing one begun before and not
@@ -455,12 +472,16 @@ export function createMfaService(deps: MfaServiceDeps) {
      */
     async resetByAdministrator(
       userId: string,
-      callerUserId: string | undefined,
+      caller: CredentialOf,
       context: RequestContext,
     ): Promise<void> {
-      // Never one's own: a credential that holds users:write (an API key made before the second
-      // factor, say) is no way around it. One's own is turned off with a code.
-      if (callerUserId === userId) {
+      // Never one's own, whatever credential holds users:write (an API key, or an app client, made
+      // before the second factor): one's own is turned off with a code.
+      const behind =
+        caller.kind === 'service'
+          ? (await deps.clients.findByClientId(caller.clientId))?.createdBy
+          : caller.userId;
+      if (behind === userId) {
         throw forbidden(
           'Turn your own two-step verification off with a code: POST /v1/auth/mfa/totp/deactivate',
         );
@@ -479,12 +500,8 @@ export function createMfaService(deps: MfaServiceDeps) {
       notice.disabled(user, true);
     },
 
-    /**
-     * A password reset lifts the lock of wrong codes: whoever holds the mailbox is the owner, and the
-     * one who sent them had the old password. (A change with the current password does not: with a
-     * key made before the second factor and the password, it would be a way to guess on.)
-     */
-    clearLock: (tx: Executor, userId: string) => deps.repo.clearLock(userId, tx),
+    /** The notice of a factor removed without the user (the reset that first proves the mailbox). */
+    noticeRemoved: (user: Pick<UserRow, 'email'>) => notice.disabled(user, false),
 
     /**
      * The sign-in's first factor passed and the user has a second: the `mfa_required` refusal, with the

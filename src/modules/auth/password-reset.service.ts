@@ -44,11 +44,8 @@ export interface PasswordResetDeps {
     apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
     clients: Pick<ClientsRepository, 'disableActingFor'>;
     subjectRevocation: (tx: Transaction, subject: string) => Promise<AuthEvent>;
-    /**
-     * A second factor set up before the mailbox was proven would keep its owner out, and is removed;
-     * an owner's own stays, its lock of wrong codes lifted.
-     */
-    mfa: Pick<MfaService, 'remove' | 'clearLock'>;
+    /** A second factor set up before the mailbox was proven would keep its owner out, and is removed. */
+    mfa: Pick<MfaService, 'remove' | 'noticeRemoved'>;
   };
 }
 
@@ -115,12 +112,14 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   ) {
     const { unproven } = deps;
     const now = deps.clock.now();
+    let mfaRemoved = false;
     if (await unproven.mfa.remove(tx, userId)) {
       await deps.audit.record(tx, actor, {
         type: 'mfa.disabled',
         subjectId: userId,
         data: { reason: 'first_mailbox_proof' },
       });
+      mfaRemoved = true;
     }
     // Until a pass finds nothing: a statement that waited for a concurrent creation's lock (a key
     // minted by a key holds its parent) does not see the row that creation inserted; the next does,
@@ -145,8 +144,9 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         emit({ type: 'client_changed', clientId: client.clientId });
         emit(await unproven.subjectRevocation(tx, client.clientId));
       }
-      if (keys.length === 0 && clients.length === 0) return;
+      if (keys.length === 0 && clients.length === 0) return { mfaRemoved };
     }
+    return { mfaRemoved };
   }
 
   /** The parts of the reset after the new password is known to be acceptable: one transaction. */
@@ -156,7 +156,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     context: RequestContext,
     consume: ((tx: Transaction) => Promise<boolean>) | undefined,
   ) {
-    await inTransaction(deps.db, deps.events, async (tx, emit) => {
+    const { mfaRemoved } = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       if (consume && !(await consume(tx))) throw invalidResetToken();
       // Locked as the update below locks it: a disable committed meanwhile wins, and the reset does
       // not apply; concurrent resets and confirmations take turns.
@@ -182,15 +182,15 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       // the session: grant-ceiling.ts), so the keys and clients those make are there to be ended next.
       const ended = await deps.sessions.endAllSessions(tx, user.id, 'password_reset');
       ended.forEach(emit);
-      if (firstProof) await endUnproven(tx, user.id, actor, emit);
-      // Whoever holds the mailbox is the owner: wrong codes someone else sent lock their factor no more.
-      else await deps.unproven.mfa.clearLock(tx, user.id);
+      const unproven = firstProof ? await endUnproven(tx, user.id, actor, emit) : { mfaRemoved: false };
       await deps.audit.record(tx, actor, {
         type: 'auth.password_reset',
         subjectId: user.id,
         data: { provider: deps.provider.name, first_mailbox_proof: firstProof },
       });
+      return unproven;
     });
+    if (mfaRemoved) deps.unproven.mfa.noticeRemoved(user);
     // Whoever holds the mailbox is the owner: a lockout someone else caused no longer stands.
     await deps.failures.reset(user.email);
   }

@@ -280,6 +280,9 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       reason: string,
       except?: string,
     ): Promise<AuthEvent[]> {
+      // The user's row first: a sign-in opening a session holds it (share-locked) until it commits, so
+      // that session is there to be ended; one of a second factor's verification too.
+      await deps.users.findByIdForUpdate(userId, tx);
       const ids = await deps.repo.revokeForUser(
         userId,
         deps.clock.now(),
