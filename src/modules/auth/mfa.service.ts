@@ -1,5 +1,4 @@
 import { randomInt } from 'node:crypto';
-import { sql } from 'drizzle-orm';
 import { Secret, TOTP } from 'otpauth';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
@@ -40,7 +39,9 @@ const FAILURE_MEMORY_MS = 24 * 3600_000;
 export type SecondFactor = 'totp' | 'recovery_code';
 
 /** Who a credential is: a user's (token or API key), or an app client's. */
-export type CredentialOf = { kind: 'user' | 'api_key'; userId: string } | { kind: 'service'; clientId: string };
+export type CredentialOf =
+  | { kind: 'user' | 'api_key'; userId: string }
+  | { kind: 'service'; clientId: string };
 
 export interface MfaServiceDeps {
   db: Database;
@@ -470,11 +471,7 @@ export function createMfaService(deps: MfaServiceDeps) {
      * An administrator turns a user's two-step verification off (they lost their app and their
      * recovery codes). Audited whether or not there was one; 404 for an unknown user.
      */
-    async resetByAdministrator(
-      userId: string,
-      caller: CredentialOf,
-      context: RequestContext,
-    ): Promise<void> {
+    async resetByAdministrator(userId: string, caller: CredentialOf, context: RequestContext): Promise<void> {
       // Never one's own, whatever credential holds users:write (an API key, or an app client, made
       // before the second factor): one's own is turned off with a code.
       const behind =
