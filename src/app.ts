@@ -16,7 +16,13 @@ import { AppError, invalidFields } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseForm } from './lib/form.js';
-import { duplicateMemberError, forbiddenKeyError, jsonBodyError, jsonBodyText } from './lib/json-body.js';
+import {
+  declaredCharset,
+  duplicateMemberError,
+  forbiddenKeyError,
+  jsonBodyError,
+  jsonBodyText,
+} from './lib/json-body.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
@@ -397,6 +403,18 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // other route answers one with 415, so a cross-site HTML form (which posts without a CORS preflight)
   // cannot log in, register or change anything.
   await app.register(async (scope) => {
+    // A form body in another charset would be read as UTF-8 and mean something else (a client id or
+    // secret in Latin-1): refused, as a JSON body's is.
+    scope.addHook('onRequest', async (request) => {
+      const type = request.headers['content-type'];
+      if (!type?.toLowerCase().startsWith('application/x-www-form-urlencoded')) return;
+      const charset = declaredCharset(type);
+      if (charset !== undefined && !['utf-8', 'utf8', 'us-ascii'].includes(charset)) {
+        throw new AppError('unsupported_media_type', {
+          detail: 'Form bodies are UTF-8: send charset=utf-8, or no charset',
+        });
+      }
+    });
     await scope.register(formbody, {
       bodyLimit: config.bodyLimit,
       parser: (text) => {

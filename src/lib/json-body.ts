@@ -120,6 +120,10 @@ export function forbiddenKeyError(text: string): AppError | undefined {
 
 const CHARSET = /;\s*charset\s*=\s*"?([^";\s]*)/i;
 
+/** The charset a Content-Type declares, lower-cased; undefined when it declares none. */
+export const declaredCharset = (contentType: string | undefined): string | undefined =>
+  contentType?.includes('charset') ? CHARSET.exec(contentType)?.[1]?.toLowerCase() : undefined;
+
 /**
  * The text of a JSON body, or the error that refuses it. JSON between systems is UTF-8 (RFC 8259
  * §8.1): another declared charset is a 415, and bytes that are not UTF-8 a 400. Decoded leniently,
@@ -127,8 +131,8 @@ const CHARSET = /;\s*charset\s*=\s*"?([^";\s]*)/i;
  * é, or a stray 0xFF) hashed alike and matched one another.
  */
 export function jsonBodyText(raw: Buffer, contentType: string | undefined): string | AppError {
-  const charset = contentType?.includes('charset') ? CHARSET.exec(contentType)?.[1] : undefined;
-  if (charset !== undefined && charset.toLowerCase() !== 'utf-8' && charset.toLowerCase() !== 'utf8') {
+  const charset = declaredCharset(contentType);
+  if (charset !== undefined && charset !== 'utf-8' && charset !== 'utf8') {
     return new AppError('unsupported_media_type', {
       detail: 'JSON bodies are UTF-8 (RFC 8259 §8.1): send charset=utf-8, or no charset',
     });

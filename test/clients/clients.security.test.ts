@@ -9,7 +9,15 @@ import { authorizationMatrix } from '../support/authz-matrix.js';
 import { grantRole, removeRole } from '../api-keys/helpers.js';
 import { createAdmin, login, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
-import { basic, clientToken, createClient, form, introspect, userWith } from './helpers.js';
+import {
+  basic,
+  clientToken,
+  createClient,
+  expectNoClientToken,
+  form,
+  introspect,
+  userWith,
+} from './helpers.js';
 
 describe('app clients: security', () => {
   let app: FastifyInstance;
@@ -113,8 +121,8 @@ describe('app clients: security', () => {
     });
     expect(rotate.statusCode, rotate.body).toBe(403);
     expect(rotate.json().detail).toContain('users:read');
-    // The secret stays; the client acts for its creator, so its tokens no longer carry users:read.
-    expect((await clientToken(app, client)).scope).toBe('');
+    // The secret stays; the client acts for its creator, who holds none of its scopes now: no token.
+    await expectNoClientToken(app, client);
     // Still theirs to see, and to disable.
     const get = await app.inject({
       method: 'GET',
@@ -146,7 +154,7 @@ describe('app clients: security', () => {
     expect(rotate.statusCode, rotate.body).toBe(403);
     expect(rotate.json().detail).toContain('orders:read');
     // The old secret still works (nothing changed), within what its creator holds now.
-    expect((await clientToken(app, client)).scope).toBe('');
+    await expectNoClientToken(app, client);
     const widen = await app.inject({
       method: 'PATCH',
       url: `/v1/clients/${client.id}`,
@@ -366,6 +374,9 @@ describe('app clients: security', () => {
     const wider = await grant('users:read');
     expect(wider.statusCode).toBe(400);
     expect(wider.json().error).toBe('invalid_scope');
+    expect(wider.json().error_description).toBe('The user this client acts for no longer holds: users:read');
+    const unregistered = await grant('audit:read');
+    expect(unregistered.json().error_description).toBe('The client is not registered for: audit:read');
 
     // Disabled: the client acts for nobody; deleted: the same.
     const disabled = await app.inject({
@@ -528,7 +539,7 @@ describe('app clients: security', () => {
     });
     expect(removed.statusCode).toBe(204);
     expect(await active(second.access_token)).toBe(false);
-    expect((await clientToken(app, client)).scope).toBe('');
+    await expectNoClientToken(app, client);
 
     // A role deleted: the same.
     expect(

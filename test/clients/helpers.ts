@@ -109,3 +109,24 @@ export async function introspect(
   expect(res.statusCode, res.body).toBe(200);
   return res.json() as Record<string, unknown>;
 }
+
+/**
+ * A client acting for a creator who holds none of its scopes now gets no token (an empty one would
+ * still say "this is that service").
+ */
+export async function expectNoClientToken(
+  app: FastifyInstance,
+  client: { client_id: string; client_secret: string },
+) {
+  const res = await form(
+    app,
+    '/oauth/token',
+    { grant_type: 'client_credentials' },
+    basic(client.client_id, client.client_secret),
+  );
+  expect(res.statusCode, res.body).toBe(400);
+  expect(res.json()).toMatchObject({
+    error: 'invalid_scope',
+    error_description: 'The user this client acts for holds none of its scopes now',
+  });
+}

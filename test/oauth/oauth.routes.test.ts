@@ -228,6 +228,39 @@ describe('POST /oauth/token', () => {
     expect(again.statusCode, again.body).toBe(200);
   });
 
+  it('refuses a scope that is no permission (invalid_scope), even under a wildcard that would cover it', async () => {
+    const wide = await createClient(app, admin.accessToken, { scopes: ['*'] });
+    const asWide = basic(wide.client_id, wide.client_secret);
+    for (const scope of ['openid', 'users:x!y', 'users:read openid']) {
+      const res = await token({ grant_type: 'client_credentials', scope }, asWide);
+      expect(res.statusCode, scope).toBe(400);
+      expect(res.json()).toMatchObject({ error: 'invalid_scope' });
+    }
+    const ok = await token({ grant_type: 'client_credentials', scope: 'users:read orders:read' }, asWide);
+    expect(ok.statusCode, ok.body).toBe(200);
+  });
+
+  it('refuses a form body in a charset other than UTF-8 (415), as a JSON body', async () => {
+    for (const charset of ['utf-16', 'iso-8859-1']) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        headers: { 'content-type': `application/x-www-form-urlencoded; charset=${charset}`, ...asClient() },
+        payload: 'grant_type=client_credentials',
+      });
+      expect(res.statusCode, charset).toBe(415);
+      expect(res.json().error).toBe('invalid_request');
+      expect(res.headers['cache-control']).toBe('no-store');
+    }
+    const utf8 = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded; charset=UTF-8', ...asClient() },
+      payload: 'grant_type=client_credentials',
+    });
+    expect(utf8.statusCode, utf8.body).toBe(200);
+  });
+
   it('answers RFC 6749 §5.1: Bearer, expires_in, scope; no-store; a service token, no refresh token', async () => {
     const res = await token({ grant_type: 'client_credentials' }, asClient());
     expect(res.statusCode).toBe(200);
@@ -551,6 +584,9 @@ describe('POST /oauth/token', () => {
     );
     expect(stolen.statusCode).toBe(400);
     expect(stolen.json().error).toBe('invalid_grant');
+    // Answered as an unknown token is: another client learns nothing of whether it exists.
+    const unknown = await token({ grant_type: 'refresh_token', refresh_token: 'prt_nope' }, asClient());
+    expect(stolen.json().error_description).toBe(unknown.json().error_description);
     const unknownClient = await token({
       grant_type: 'refresh_token',
       refresh_token: publicId.json().refresh_token,
@@ -561,6 +597,26 @@ describe('POST /oauth/token', () => {
     const next = await token({ grant_type: 'refresh_token', refresh_token: publicId.json().refresh_token });
     expect(next.statusCode).toBe(200);
   });
+  it('refresh_token grant refuses an audience or resource other than this service (RFC 8707 invalid_target), rotating nothing', async () => {
+    const user = await registerUser(app, 'oauth-refresh-target');
+    const targets: Record<string, string>[] = [
+      { resource: 'https://evil.example.com' },
+      { audience: 'https://orders.example.com' },
+    ];
+    for (const params of targets) {
+      const res = await token({ grant_type: 'refresh_token', refresh_token: user.refreshToken, ...params });
+      expect(res.statusCode, JSON.stringify(params)).toBe(400);
+      expect(res.json().error).toBe('invalid_target');
+    }
+    const own = await token({
+      grant_type: 'refresh_token',
+      refresh_token: user.refreshToken,
+      resource: app.services.audience,
+    });
+    expect(own.statusCode, own.body).toBe(200);
+    expect(decodeJwt(own.json().access_token).aud).toBe(app.services.audience);
+  });
+
   it('refresh_token grant honours a narrower scope for the access token and refuses a wider one (RFC 6749 §6)', async () => {
     const user = await registerUser(app, 'oauth-scope');
     // Beyond the grant (users:write), malformed, or a wildcard wider than the grant: invalid_scope,

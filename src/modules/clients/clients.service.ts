@@ -102,6 +102,10 @@ const withoutCreator = new WeakSet<ClientRow>();
  */
 export const actsForNobody = (client: ClientRow): boolean => withoutCreator.has(client);
 
+/** The scopes a client view was registered with, before its creator's permissions bounded them. */
+const registeredOf = new WeakMap<ClientRow, string[]>();
+export const registeredScopes = (client: ClientRow): string[] => registeredOf.get(client) ?? client.scopes;
+
 export function createClientsService(deps: ClientsServiceDeps) {
   const hash = (secret: string) => keyedHash(deps.pepper, secret);
   // Client authentication sits on the token and introspection paths; rows are cached briefly and
@@ -126,6 +130,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
     const scopes = creator?.active ? intersectPermissions(row.scopes, creator.permissions) : [];
     const view = Object.freeze({ ...row, scopes });
     if (!creator?.active) withoutCreator.add(view);
+    registeredOf.set(view, row.scopes);
     views.set(row, { creator, view });
     return view;
   }

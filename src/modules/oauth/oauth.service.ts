@@ -5,7 +5,7 @@ import { REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
-import { hasPermission, notHeld } from '../../lib/permissions.js';
+import { hasPermission, isPermissionString, notHeld } from '../../lib/permissions.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
 import {
   API_KEY_PREFIX,
@@ -16,7 +16,7 @@ import {
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
-import { actsForNobody, type ClientsService } from '../clients/clients.service.js';
+import { actsForNobody, type ClientsService, registeredScopes } from '../clients/clients.service.js';
 import { BASIC_CHALLENGE } from './oauth.client-auth.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import {
@@ -165,15 +165,35 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         'The scope is malformed: scope tokens separated by single spaces (RFC 6749 section 3.3)',
       );
     }
-    return [...new Set(requested.split(' '))];
+    const scopes = [...new Set(requested.split(' '))];
+    // Scopes are permissions (`resource:action`, `resource:*`, `*`): anything else is no scope this
+    // server grants, even under a wildcard that would otherwise cover it.
+    const unknown = scopes.filter((scope) => !isPermissionString(scope));
+    if (unknown.length > 0) {
+      throw oauthError('invalid_scope', `Not a scope this server grants: ${unknown.join(' ')}`);
+    }
+    return scopes;
   }
 
   function grantedScopes(client: ClientRow, requested: string | undefined): string[] {
-    if (requested === undefined) return client.scopes;
+    const registered = registeredScopes(client);
+    if (requested === undefined) {
+      // A client registered with scopes, acting for a creator who now holds none of them, gets no
+      // token rather than an empty one (a client registered without scopes is an identity, and gets one).
+      if (client.scopes.length === 0 && registered.length > 0)
+        throw oauthError('invalid_scope', 'The user this client acts for holds none of its scopes now');
+      return client.scopes;
+    }
     const scopes = parseScope(requested);
     const foreign = notHeld(scopes, client.scopes);
     if (foreign.length > 0) {
-      throw oauthError('invalid_scope', `The client is not registered for: ${foreign.join(' ')}`);
+      const lost = foreign.filter((scope) => notHeld([scope], registered).length === 0);
+      throw oauthError(
+        'invalid_scope',
+        lost.length === foreign.length
+          ? `The user this client acts for no longer holds: ${foreign.join(' ')}`
+          : `The client is not registered for: ${foreign.join(' ')}`,
+      );
     }
     return scopes;
   }
@@ -237,11 +257,22 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     if (!request.refreshToken) throw oauthError('invalid_request', 'refresh_token is required');
     if (caller.kind === 'principal')
       throw oauthError('invalid_request', 'Bearer credentials are not a grant');
-    // §6: a refresh token is only good in the hands of the client it was issued to.
+    // §6: a refresh token is only good in the hands of the client it was issued to. Answered like any
+    // other bad refresh token: another client learns nothing of whether it exists.
     const session = await deps.sessions.findByRefreshToken(request.refreshToken);
     const callerId = caller.kind === 'client' ? caller.client.clientId : caller.clientId;
     if (session && (session.clientId ?? FIRST_PARTY_CLIENT_ID) !== callerId) {
-      throw oauthError('invalid_grant', 'The refresh token was not issued to this client');
+      throw oauthError('invalid_grant', 'The refresh token is invalid, expired or revoked');
+    }
+    // RFC 8707 §2: a session's tokens are for this service; asking for another audience is refused,
+    // never silently ignored.
+    const requested = [...new Set([...request.audiences, ...request.resources])];
+    const foreign = requested.filter((a) => a !== deps.audience);
+    if (foreign.length > 0) {
+      throw oauthError(
+        'invalid_target',
+        `A session's tokens are for ${deps.audience} only, not ${foreign.join(' ')}`,
+      );
     }
     // §6: a narrower scope for this access token; never one beyond the original grant.
     const scope = request.scope === undefined ? undefined : parseScope(request.scope);
