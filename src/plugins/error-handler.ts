@@ -150,6 +150,17 @@ const CLIENT_ERRORS: Record<string, ErrorCode> = {
  * security headers, like every other error, and the connection is closed. Fastify's default writes
  * its own JSON shape.
  */
+/** A request target under /oauth/: origin form, or absolute form (`http://host/oauth/…`). */
+const OAUTH_TARGET = /^(?:[Hh][Tt][Tt][Pp][Ss]?:\/\/[^/\s]*)?\/oauth\//;
+
+/** The target of the refused request's line, from the bytes the parser had (empty when it had none). */
+function requestTarget(err: NodeJS.ErrnoException & { rawPacket?: unknown }): string {
+  if (!Buffer.isBuffer(err.rawPacket)) return '';
+  const line = err.rawPacket.subarray(0, 8192).toString('latin1');
+  const end = line.indexOf('\r\n');
+  return (end < 0 ? line : line.slice(0, end)).split(' ')[1] ?? '';
+}
+
 export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
   if (err.code === 'ECONNRESET' || socket.destroyed) return;
   const code = CLIENT_ERRORS[err.code ?? ''] ?? 'bad_request';
@@ -157,7 +168,11 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     code,
     code === 'bad_request' ? { detail: 'The request is not valid HTTP/1.1' } : {},
   );
-  const body = JSON.stringify(problemBody(error));
+  // Under /oauth errors are RFC 6749 §5.2's, never stored (§5.1), whatever refused the request.
+  const oauth = OAUTH_TARGET.test(requestTarget(err));
+  const body = JSON.stringify(
+    oauth ? { error: 'invalid_request', error_description: error.detail } : problemBody(error),
+  );
   // As Node's own handler does: no answer into a connection whose current response has started
   // (a malformed request pipelined behind a good one), which would corrupt that response.
   const inFlight = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
@@ -165,9 +180,12 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     const headers = Object.entries(API_SECURITY_HEADERS)
       .map(([name, value]) => `${name}: ${value}\r\n`)
       .join('');
+    const type = oauth
+      ? 'content-type: application/json; charset=utf-8\r\ncache-control: no-store\r\npragma: no-cache\r\n'
+      : `content-type: ${PROBLEM_CONTENT_TYPE}\r\n`;
     socket.write(
       `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\n${headers}` +
-        `content-type: ${PROBLEM_CONTENT_TYPE}\r\ncontent-length: ${Buffer.byteLength(body)}\r\n` +
+        `${type}content-length: ${Buffer.byteLength(body)}\r\n` +
         `connection: close\r\n\r\n${body}`,
     );
   }

@@ -109,4 +109,23 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
       expect(answer.body).toMatchObject({ status, code, type: `urn:paservices:auth:problem:${code}` });
     }
   });
+
+  it('answers what the HTTP parser refuses under /oauth in RFC 6749 form, not stored', async () => {
+    for (const [raw, status] of [
+      [`POST /oauth/token HTTP/1.1\r\nHost: auth.test\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431],
+      [
+        'POST http://auth.test/oauth/introspect HTTP/1.1\r\nHost: auth.test\r\nContent-Length: abc\r\n\r\n',
+        400,
+      ],
+    ] as const) {
+      const { received, closed } = await trickle(port, raw, 6000);
+      expect(closed).toBe(true);
+      const answer = parseAnswer(received);
+      expect(answer.status).toBe(status);
+      expect(answer.headers['content-type']).toMatch(/^application\/json/);
+      expect(answer.headers['cache-control']).toBe('no-store');
+      expect(answer.headers.pragma).toBe('no-cache');
+      expect(answer.body).toMatchObject({ error: 'invalid_request' });
+    }
+  });
 });
