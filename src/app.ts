@@ -382,6 +382,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   await app.register(authRoutes, {
     auth: services.auth,
+    users: services.users,
+    mfa: services.mfa,
     passwordReset: services.passwordReset,
     emailConfirmation: services.emailConfirmation,
     accounts: services.accounts,

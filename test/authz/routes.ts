@@ -29,6 +29,12 @@ export const AUTH_ROUTES: MatrixRoute[] = [
   { method: 'POST', route: '/v1/auth/logout', permission: 'account:read', heldNow: false },
   { method: 'GET', route: '/v1/auth/me', permission: 'account:read' },
   {
+    method: 'DELETE',
+    route: '/v1/auth/me',
+    permission: 'account:write',
+    body: () => ({ password: 'whatever-it-is' }),
+  },
+  {
     method: 'POST',
     route: '/v1/auth/password',
     permission: 'account:write',

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { forbidden, notFound } from '../../lib/errors.js';
+import { forbidden, invalidFields, notFound } from '../../lib/errors.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
@@ -12,6 +12,7 @@ import { MfaRequiredSchema } from './mfa.routes.js';
 import {
   AuthResultSchema,
   ConfirmEmailBodySchema,
+  DeleteAccountBodySchema,
   ExchangeBodySchema,
   ForgotPasswordBodySchema,
   LoginBodySchema,
@@ -27,12 +28,16 @@ import {
   toUserDto,
   UserSchema,
 } from './auth.schema.js';
+import type { UsersService } from '../users/users.service.js';
 import type { AuthService } from './auth.service.js';
+import type { MfaService } from './mfa.service.js';
 import type { EmailConfirmationService } from './email-confirmation.service.js';
 import type { PasswordResetService } from './password-reset.service.js';
 
 export interface AuthRoutesDeps {
   auth: AuthService;
+  users: Pick<UsersService, 'delete'>;
+  mfa: Pick<MfaService, 'isEnabled' | 'confirm'>;
   passwordReset: PasswordResetService;
   emailConfirmation: EmailConfirmationService;
   accounts: AccountsCache;
@@ -228,6 +233,48 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           session_id: principal.kind === 'user' ? (principal.sessionId ?? null) : null,
         },
       };
+    },
+  );
+
+  r.delete(
+    '/v1/auth/me',
+    {
+      config: { permission: 'account:write', rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'deleteOwnAccount',
+        summary: 'Delete one’s own account: profile, sessions, API keys and roles go with it',
+        description:
+          'With a signed-in session (not an API key), the current password, and with two-step ' +
+          'verification on a current code (or a recovery code). A wrong password counts toward the ' +
+          'sign-in lockout. 409 for the last administrator. An account without a password (a social ' +
+          'login through Supabase) is deleted by an administrator.',
+        security: [{ bearerAuth: [] }],
+        body: DeleteAccountBodySchema,
+        response: {
+          204: z.null().describe('Deleted'),
+          ...problems(400, 401, 403, 409, 422, 429, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      const principal = principalOf(request);
+      if (principal.kind !== 'user' || !principal.sessionId)
+        throw forbidden('An account is deleted from a signed-in session, not with an API key');
+      const context = requestContext(request);
+      const user = await deps.auth.reauthenticate(
+        principal.userId,
+        request.body.password,
+        'user.deleted',
+        context,
+      );
+      if (await deps.mfa.isEnabled(user.id)) {
+        if (!request.body.code)
+          throw invalidFields([{ field: 'body.code', message: 'is required: two-step verification is on' }]);
+        await deps.mfa.confirm(user.id, request.body.code, 'user.deleted', context);
+      }
+      await deps.users.delete(user.id, context);
+      return reply.status(204).send(null);
     },
   );
 

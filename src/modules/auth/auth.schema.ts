@@ -55,6 +55,19 @@ export const RegisterBodySchema = z
 
 export const LoginBodySchema = z.object({ email: EmailSchema, password: PasswordSchema }).strict();
 
+export const DeleteAccountBodySchema = z
+  .object({
+    password: PasswordSchema.describe('The current password'),
+    code: z
+      .string()
+      .trim()
+      .min(1)
+      .max(32)
+      .optional()
+      .describe('With two-step verification on: a code from the app, or a recovery code'),
+  })
+  .strict();
+
 export const RefreshBodySchema = z.object({ refresh_token: z.string().min(1).max(512) }).strict();
 
 export const LogoutBodySchema = z

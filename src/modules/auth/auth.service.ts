@@ -401,6 +401,28 @@ export function createAuthService(deps: AuthServiceDeps) {
       await deps.failures.reset(user.email);
     },
 
+    /**
+     * The current password again, for an action that must be the account holder's (deleting the
+     * account): a wrong one counts toward the sign-in lockout and is audited as a failure of `action`.
+     */
+    async reauthenticate(userId: string, password: string, action: string, context: RequestContext) {
+      const user = await deps.users.findById(userId);
+      if (!user) throw notFound('user');
+      await assertNotLocked(user.email);
+      if (await deps.provider.signIn(user.email, password)) return user;
+      await deps.failures.recordFailure(user.email);
+      await deps.audit.record(deps.db, context, {
+        type: action,
+        outcome: 'failure',
+        subjectId: user.id,
+        data: { reason: 'wrong_password' },
+      });
+      throw new AppError('invalid_credentials', {
+        detail: 'The password is incorrect',
+        errors: [{ field: 'body.password', message: 'is incorrect' }],
+      });
+    },
+
     async listSessions(userId: string, options: { limit: number; cursor?: string | undefined }) {
       return deps.sessions.listLive(userId, options);
     },

@@ -441,6 +441,21 @@ export function createMfaService(deps: MfaServiceDeps) {
       notice.disabled(await deps.users.findById(userId), false);
     },
 
+    /**
+     * A current code (from the app, or a recovery code, used up) for an action that must be the
+     * account holder's; a wrong one counts toward the lock and is audited as a failure of `action`.
+     */
+    async confirm(userId: string, code: string, action: string, context: RequestContext): Promise<void> {
+      await withCode(
+        userId,
+        code,
+        { recoveryCodes: true, verified: true },
+        context,
+        action,
+        async () => undefined,
+      );
+    },
+
     /** A new set of recovery codes (the old ones stop working), with a code from the app. */
     async regenerateRecoveryCodes(userId: string, code: string, context: RequestContext): Promise<string[]> {
       return withCode(

@@ -1,0 +1,111 @@
+import type { FastifyInstance } from 'fastify';
+import { Secret, TOTP } from 'otpauth';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import { PASSWORD, registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+describe('DELETE /v1/auth/me: deleting one’s own account', () => {
+  let app: FastifyInstance;
+  const clock = createTestClock();
+  beforeAll(async () => {
+    app = await buildTestApp({ deps: { clock } });
+  });
+
+  const remove = (
+    token: string,
+    payload: Record<string, unknown>,
+    headers: Record<string, string> = bearer(token),
+  ) => app.inject({ method: 'DELETE', url: '/v1/auth/me', headers, payload });
+  const signIn = (user: TestUser) =>
+    app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: user.password },
+    });
+
+  it('deletes the account with the current password: sessions, keys and profile go, audited as the user', async () => {
+    const user = await registerUser(app, 'delete-self');
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'k', scopes: ['account:read'] },
+    });
+    expect(key.statusCode).toBe(201);
+    const res = await remove(user.accessToken, { password: PASSWORD });
+    expect(res.statusCode, res.body).toBe(204);
+    expect((await signIn(user)).statusCode).toBe(401);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(401);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': key.json().key } }))
+        .statusCode,
+    ).toBe(401);
+    expect(await app.services.repos.users.findById(user.id)).toBeUndefined();
+    const [event] = await app.services.audit.list({ subjectId: user.id, type: 'user.deleted', limit: 5 });
+    expect(event).toMatchObject({ outcome: 'success', actorId: user.id });
+    // The address is free again.
+    const again = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(again.statusCode).toBe(201);
+  });
+
+  it('refuses a wrong password (401 naming it, counted, audited) and an API key (403), deleting nothing', async () => {
+    const user = await registerUser(app, 'delete-wrong');
+    const wrong = await remove(user.accessToken, { password: `${PASSWORD}!` });
+    expect(wrong.statusCode).toBe(401);
+    expect(wrong.json()).toMatchObject({ code: 'invalid_credentials', errors: [{ field: 'body.password' }] });
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'k', scopes: ['account:read', 'account:write'] },
+    });
+    const byKey = await remove('', { password: PASSWORD }, { 'x-api-key': key.json().key });
+    expect(byKey.statusCode).toBe(403);
+    expect((await remove(user.accessToken, {})).statusCode).toBe(400);
+    expect(await app.services.repos.users.findById(user.id)).toBeDefined();
+    const [event] = await app.services.audit.list({ subjectId: user.id, type: 'user.deleted', limit: 5 });
+    expect(event).toMatchObject({ outcome: 'failure', data: { reason: 'wrong_password' } });
+  });
+
+  it('asks for a current code too when two-step verification is on', async () => {
+    const user = await registerUser(app, 'delete-mfa');
+    const enrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(user.accessToken),
+    });
+    const secret = Secret.fromBase32(enrol.json().secret);
+    const code = () => new TOTP({ secret }).generate({ timestamp: clock.nowMs() });
+    const on = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers: bearer(user.accessToken),
+      payload: { code: code() },
+    });
+    expect(on.statusCode).toBe(200);
+    clock.advance(30);
+    const missing = await remove(user.accessToken, { password: PASSWORD });
+    expect(missing.statusCode).toBe(400);
+    expect(missing.json().errors).toEqual([
+      { field: 'body.code', message: expect.stringContaining('required') },
+    ]);
+    const wrong = await remove(user.accessToken, {
+      password: PASSWORD,
+      code: '000000' === code() ? '111111' : '000000',
+    });
+    expect(wrong.statusCode).toBe(400);
+    expect(wrong.json().code).toBe('invalid_mfa_code');
+    expect(await app.services.repos.users.findById(user.id)).toBeDefined();
+    const ok = await remove(user.accessToken, { password: PASSWORD, code: code() });
+    expect(ok.statusCode, ok.body).toBe(204);
+    expect(await app.services.repos.users.findById(user.id)).toBeUndefined();
+  });
+});
