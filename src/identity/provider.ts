@@ -60,4 +60,9 @@ export interface IdentityProvider {
   recoveryIdentity?(token: string): Promise<ProviderUser | undefined>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
+  /**
+   * Providers that others sign in to directly (Supabase): a disabled user is banned there too, so
+   * their provider sessions stop refreshing and apps that take the provider's tokens refuse them.
+   */
+  setBanned?(userId: string, banned: boolean): Promise<void>;
 }

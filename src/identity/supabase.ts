@@ -360,6 +360,17 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         return toProviderUser(data.user, data.user.email);
       }),
 
+    setBanned: (userId, banned) =>
+      guarded(async () => {
+        if (!UUID.test(userId)) return;
+        // About a hundred years: GoTrue has no "for ever"; "none" lifts it.
+        const { error } = await admin.auth.admin.updateUserById(userId, {
+          ban_duration: banned ? '876000h' : 'none',
+        });
+        // Gone from Supabase: nothing to ban there (a sign-in cannot bring them back either).
+        if (error && error.status !== 404) throw unavailable(error);
+      }),
+
     deleteUser: (userId) =>
       guarded(async () => {
         // auth-js throws a plain Error for a non-UUID id; no Supabase user can have one anyway.

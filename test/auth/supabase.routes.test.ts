@@ -8,7 +8,7 @@ import { AppError } from '../../src/lib/errors.js';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
-import { login, PASSWORD, registerUser } from '../support/factories.js';
+import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
 import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
 import { captureLogs } from '../support/logs.js';
@@ -396,6 +396,31 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     });
     expect(viaPassword.statusCode, viaPassword.body).toBe(200);
     expect(decodeJwt(viaPassword.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
+  });
+
+  it('disabling a user bans them in Supabase (no sign-in there either); enabling lifts it', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'sb-ban');
+    const status = (value: 'active' | 'disabled') =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${user.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: value },
+      });
+    expect((await status('disabled')).statusCode).toBe(200);
+    expect(Date.parse(gotrue.users.get(user.id)!.bannedUntil!)).toBeGreaterThan(Date.now() + 365 * 86400_000);
+    const direct = await outsideClient().auth.signInWithPassword({ email: user.email, password: PASSWORD });
+    expect(direct.error?.code).toBe('user_banned');
+    expect((await status('active')).statusCode).toBe(200);
+    expect(gotrue.users.get(user.id)!.bannedUntil).toBeNull();
+    expect((await login(app, user.email)).session.access_token).toBeTruthy();
+
+    // Supabase down: the disable is refused (503) and nothing changed here.
+    gotrue.setDown(true);
+    expectProviderUnavailable(await status('disabled'));
+    gotrue.setDown(false);
+    expect((await app.services.repos.users.findById(user.id))?.status).toBe('active');
   });
 
   it('refuses a garbage or revoked Supabase token on /exchange (401) and a malformed body (400)', async () => {

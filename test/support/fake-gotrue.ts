@@ -23,6 +23,8 @@ export interface FakeGoTrueUser {
   updatedAt: string;
   userMetadata: Record<string, unknown>;
   appMetadata: Record<string, unknown>;
+  /** Set by the admin API's `ban_duration`; a banned user gets no session (`user_banned`). */
+  bannedUntil?: string | null;
 }
 
 export interface FakeGoTrueFailure {
@@ -234,6 +236,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       ...(u.confirmationSentAt ? { confirmation_sent_at: u.confirmationSentAt } : {}),
       ...(u.emailConfirmedAt ? { confirmed_at: u.emailConfirmedAt } : {}),
       ...(u.lastSignInAt ? { last_sign_in_at: u.lastSignInAt } : {}),
+      ...(u.bannedUntil ? { banned_until: u.bannedUntil } : {}),
       app_metadata: u.appMetadata,
       user_metadata: u.userMetadata,
       identities: [identityJson(u)],
@@ -261,6 +264,9 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       is_anonymous: false,
     };
   }
+
+  const isBanned = (user: FakeGoTrueUser) =>
+    user.bannedUntil != null && Date.parse(user.bannedUntil) > Date.now();
 
   function newUser(email: string, password: string | null, data: Record<string, unknown>): FakeGoTrueUser {
     const at = now();
@@ -429,6 +435,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       if (!user || user.password === null || user.password !== password)
         throw new HttpError(400, 'invalid_credentials', 'Invalid login credentials');
       if (!user.emailConfirmedAt) throw new HttpError(400, 'email_not_confirmed', 'Email not confirmed');
+      if (isBanned(user)) throw new HttpError(400, 'user_banned', 'User is banned');
       return issueSession(user);
     }
     if (grantType === 'refresh_token') {
@@ -445,6 +452,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       const user = users.get(session.userId);
       if (!user)
         throw new HttpError(400, 'refresh_token_not_found', 'Invalid Refresh Token: Refresh Token Not Found');
+      if (isBanned(user)) throw new HttpError(400, 'user_banned', 'User is banned');
       stored.revoked = true;
       return issueSession(user, session);
     }
@@ -546,6 +554,14 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       validatePassword(body.password);
     }
     if (body.email_confirm === true && !user.emailConfirmedAt) user.emailConfirmedAt = now();
+    if (body.ban_duration !== undefined) {
+      // GoTrue: "none" lifts a ban; otherwise a Go duration ("876000h") from now.
+      const hours =
+        typeof body.ban_duration === 'string' ? /^(\d+)h$/.exec(body.ban_duration)?.[1] : undefined;
+      if (body.ban_duration === 'none') user.bannedUntil = null;
+      else if (hours) user.bannedUntil = new Date(Date.now() + Number(hours) * 3600_000).toISOString();
+      else throw new HttpError(400, 'validation_failed', 'invalid format for ban duration');
+    }
     if (isRecord(body.user_metadata)) user.userMetadata = { ...user.userMetadata, ...body.user_metadata };
     if (isRecord(body.app_metadata)) user.appMetadata = { ...user.appMetadata, ...body.app_metadata };
     if (typeof body.password === 'string') {

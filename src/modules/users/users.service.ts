@@ -89,6 +89,11 @@ export function createUsersService(deps: {
     async setStatus(id: string, status: 'active' | 'disabled', context: RequestContext): Promise<UserRow> {
       const user = await findOrThrow(id);
       if (user.status === status) return user;
+      // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
+      // client may retry. (A ban applied for a disable that then fails here is lifted again.)
+      const banned = user.provider === deps.provider.name && deps.provider.setBanned;
+      if (banned && status === 'disabled') await deps.db.transaction((tx) => assertNotLastAdmin(tx, id));
+      if (banned) await deps.provider.setBanned!(id, status === 'disabled');
       const changed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (status === 'disabled') await assertNotLastAdmin(tx, id);
         // Conditional, so of concurrent identical requests one changes the user (and is audited), and
@@ -102,6 +107,9 @@ export function createUsersService(deps: {
           subjectId: id,
         });
         return updated;
+      }).catch(async (err: unknown) => {
+        if (banned && status === 'disabled') await deps.provider.setBanned!(id, false).catch(() => undefined);
+        throw err;
       });
       return changed ?? findOrThrow(id);
     },
