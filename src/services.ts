@@ -313,6 +313,8 @@ export function createServices(deps: ServicesDeps) {
     grants,
     clients: repos.clients,
     emailTokens: repos.emailTokens,
+    mfaRequiredRoles: config.mfa.requiredRoles,
+    mfa,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });

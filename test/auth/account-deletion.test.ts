@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { Secret, TOTP } from 'otpauth';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { PASSWORD, registerUser, type TestUser } from '../support/factories.js';
@@ -18,7 +18,7 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
     payload: Record<string, unknown>,
     headers: Record<string, string> = bearer(token),
   ) => app.inject({ method: 'DELETE', url: '/v1/auth/me', headers, payload });
-  const signIn = (user: TestUser) =>
+  const signIn2 = (user: TestUser) =>
     app.inject({
       method: 'POST',
       url: '/v1/auth/login',
@@ -36,7 +36,7 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
     expect(key.statusCode).toBe(201);
     const res = await remove(user.accessToken, { password: PASSWORD });
     expect(res.statusCode, res.body).toBe(204);
-    expect((await signIn(user)).statusCode).toBe(401);
+    expect((await signIn2(user)).statusCode).toBe(401);
     expect(
       (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
     ).toBe(401);
@@ -73,6 +73,28 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
     expect(await app.services.repos.users.findById(user.id)).toBeDefined();
     const [event] = await app.services.audit.list({ subjectId: user.id, type: 'user.deleted', limit: 5 });
     expect(event).toMatchObject({ outcome: 'failure', data: { reason: 'wrong_password' } });
+  });
+
+  it('a sign-in whose password was checked as the account was deleted does not bring it back', async () => {
+    const user = await registerUser(app, 'delete-racing-login');
+    const { provider } = app.services;
+    const signIn = provider.signIn.bind(provider);
+    // The deletion commits while the password is being checked.
+    const spy = vi.spyOn(provider, 'signIn').mockImplementationOnce(async (email, password) => {
+      const identity = await signIn(email, password);
+      expect((await remove(user.accessToken, { password: PASSWORD })).statusCode).toBe(204);
+      return identity;
+    });
+    try {
+      const res = await signIn2(user);
+      expect(res.statusCode, res.body).toBe(401);
+      expect(await app.services.repos.users.findById(user.id)).toBeUndefined();
+    } finally {
+      spy.mockRestore();
+    }
+    // The same token again: the account no longer exists (401, as for any credential gone).
+    const again = await remove(user.accessToken, { password: PASSWORD });
+    expect(again.statusCode).toBe(401);
   });
 
   it('asks for a current code too when two-step verification is on', async () => {

@@ -577,6 +577,29 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     });
     expect(verified.statusCode).toBe(200);
     expect(decodeJwt(verified.json().session.access_token).roles).toEqual(['admin', 'user']);
+
+    // The role goes only to users who have a second factor: else whoever has their password would
+    // set one up and hold it.
+    const asAdmin = bearer(verified.json().session.access_token);
+    const other = await registerUser(app, 'mfa-required-grantee');
+    const grant = () =>
+      app.inject({ method: 'PUT', url: `/v1/users/${other.id}/roles/admin`, headers: asAdmin });
+    const refused = await grant();
+    expect(refused.statusCode).toBe(409);
+    expect(refused.json().detail).toContain('two-step verification');
+    const otherEnrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(other.accessToken),
+    });
+    const otherOn = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers: bearer(other.accessToken),
+      payload: { code: code(otherEnrol.json().secret) },
+    });
+    expect(otherOn.statusCode).toBe(200);
+    expect((await grant()).statusCode).toBe(200);
   });
 
   it('refuses a role name that is not one, and the user role', () => {

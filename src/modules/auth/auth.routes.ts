@@ -36,7 +36,7 @@ import type { PasswordResetService } from './password-reset.service.js';
 
 export interface AuthRoutesDeps {
   auth: AuthService;
-  users: Pick<UsersService, 'delete'>;
+  users: Pick<UsersService, 'delete' | 'assertDeletable'>;
   mfa: Pick<MfaService, 'isEnabled' | 'confirm'>;
   passwordReset: PasswordResetService;
   emailConfirmation: EmailConfirmationService;
@@ -268,6 +268,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         'user.deleted',
         context,
       );
+      // Before a code is spent on it.
+      await deps.users.assertDeletable(user.id);
       if (await deps.mfa.isEnabled(user.id)) {
         if (!request.body.code)
           throw invalidFields([{ field: 'body.code', message: 'is required: two-step verification is on' }]);

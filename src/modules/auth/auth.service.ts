@@ -126,6 +126,13 @@ export function createAuthService(deps: AuthServiceDeps) {
 
   /** ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. */
   async function signInUser(pu: ProviderUser, context: RequestContext, email: string): Promise<UserRow> {
+    // The built-in provider's users live in this database alone: one whose row is gone now was
+    // deleted while the password was checked, and does not come back (as a provider's user would).
+    if (deps.provider.name === 'local') {
+      const row = await deps.users.findById(pu.id);
+      if (!row) throw invalidCredentials();
+      return row;
+    }
     try {
       return await ensureLocalUser(pu, context);
     } catch (err) {
@@ -407,7 +414,8 @@ export function createAuthService(deps: AuthServiceDeps) {
      */
     async reauthenticate(userId: string, password: string, action: string, context: RequestContext) {
       const user = await deps.users.findById(userId);
-      if (!user) throw notFound('user');
+      // Deleted meanwhile (by a request of its own, say): the credential no longer stands.
+      if (!user) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
       await assertNotLocked(user.email);
       if (await deps.provider.signIn(user.email, password)) return user;
       await deps.failures.recordFailure(user.email);

@@ -153,9 +153,11 @@ export async function usersRoutes(
         tags: ['users'],
         operationId: 'grantRole',
         summary: 'Grant a role (idempotent); you must hold every permission it gives',
+        description:
+          '409 for a role of MFA_REQUIRED_ROLES to a user without two-step verification: they set it up first.',
         security,
         params: UserRoleParamsSchema,
-        response: { 200: UserRolesSchema, ...problems(400, 401, 403, 404) },
+        response: { 200: UserRolesSchema, ...problems(400, 401, 403, 404, 409) },
       },
     },
     async (request) => {

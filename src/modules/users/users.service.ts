@@ -13,6 +13,7 @@ import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
+import type { MfaService } from '../auth/mfa.service.js';
 
 const ADMIN_ROLE = 'admin';
 
@@ -29,6 +30,9 @@ export function createUsersService(deps: {
   clients: Pick<ClientsRepository, 'clientIdsActingFor'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
   emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
+  /** MFA_REQUIRED_ROLES: granted only to users with a second factor. */
+  mfaRequiredRoles: readonly string[];
+  mfa: Pick<MfaService, 'isEnabled'>;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -114,6 +118,11 @@ export function createUsersService(deps: {
       return changed ?? findOrThrow(id);
     },
 
+    /** 409 when deleting the user would leave no admin (checked again by `delete`). */
+    async assertDeletable(id: string): Promise<void> {
+      await deps.db.transaction((tx) => assertNotLastAdmin(tx, id));
+    },
+
     async delete(id: string, context: RequestContext): Promise<void> {
       const user = await findOrThrow(id);
       await deps.db.transaction(async (tx) => {
@@ -148,6 +157,13 @@ export function createUsersService(deps: {
         () =>
           inTransaction(deps.db, deps.events, async (tx, emit) => {
             await assertMayChangeGrant(tx, id, roleName, caller);
+            // A role that counts only with a second factor goes to users who have one: else whoever
+            // has their password would set one up and hold the role (MFA_REQUIRED_ROLES).
+            if (deps.mfaRequiredRoles.includes(roleName) && !(await deps.mfa.isEnabled(id, tx))) {
+              throw new AppError('conflict', {
+                detail: `The ${roleName} role is for users with two-step verification on: they set it up first`,
+              });
+            }
             const added = await deps.repo.assignRole(id, roleName, context.actorId, tx);
             if (added) {
               await deps.audit.record(tx, context, {
