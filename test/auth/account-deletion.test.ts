@@ -1,10 +1,10 @@
 import type { FastifyInstance } from 'fastify';
-import { Secret, TOTP } from 'otpauth';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { turnOnMfa } from '../support/mfa.js';
 
 describe('DELETE /v1/auth/me: deleting one’s own account', () => {
   let app: FastifyInstance;
@@ -99,20 +99,7 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
 
   it('asks for a current code too when two-step verification is on', async () => {
     const user = await registerUser(app, 'delete-mfa');
-    const enrol = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp',
-      headers: bearer(user.accessToken),
-    });
-    const secret = Secret.fromBase32(enrol.json().secret);
-    const code = () => new TOTP({ secret }).generate({ timestamp: clock.nowMs() });
-    const on = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp/activate',
-      headers: bearer(user.accessToken),
-      payload: { code: code() },
-    });
-    expect(on.statusCode).toBe(200);
+    const { code } = await turnOnMfa(app, user.accessToken, clock.nowMs);
     clock.advance(30);
     const missing = await remove(user.accessToken, { password: PASSWORD });
     expect(missing.statusCode).toBe(400);

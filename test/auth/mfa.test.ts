@@ -7,6 +7,7 @@ import { buildTestApp, testConfig } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { turnOnMfa } from '../support/mfa.js';
 
 describe('two-step verification (TOTP)', () => {
   let app: FastifyInstance;
@@ -62,14 +63,10 @@ describe('two-step verification (TOTP)', () => {
   /** A user with two-step verification on: their secret and recovery codes. */
   async function enrolled(tag: string) {
     const user = await registerUser(app, tag);
-    const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
-    expect(enrol.statusCode, enrol.body).toBe(201);
-    const { secret } = enrol.json();
-    const activated = await post('/v1/auth/mfa/totp/activate', user.accessToken, { code: codeOf(secret) });
-    expect(activated.statusCode, activated.body).toBe(200);
+    const { secret, recoveryCodes } = await turnOnMfa(app, user.accessToken, clock.nowMs);
     // Codes are good once: the next sign-in's code is from the next step.
     clock.advance(30);
-    return { user, secret: secret as string, recoveryCodes: activated.json().recovery_codes as string[] };
+    return { user, secret, recoveryCodes };
   }
 
   it('sets up an app in two steps; sign-ins then ask for a code and open the session with it', async () => {
@@ -525,8 +522,6 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     app = await buildTestApp({ env: { MFA_REQUIRED_ROLES: 'admin' }, deps: { clock } });
   });
 
-  const code = (secret: string) =>
-    new TOTP({ secret: Secret.fromBase32(secret) }).generate({ timestamp: clock.nowMs() });
   const users = (token: string) => app.inject({ method: 'GET', url: '/v1/users', headers: bearer(token) });
 
   it('a password-only session of an admin holds only their other roles, until it gives a code', async () => {
@@ -544,16 +539,7 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     expect((await users(pwd.json().session.access_token)).statusCode).toBe(403);
 
     // The user role is enough to set up the second factor; the session that gives it gets the role.
-    const token = pwd.json().session.access_token;
-    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: bearer(token) });
-    expect(enrol.statusCode).toBe(201);
-    const on = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp/activate',
-      headers: bearer(token),
-      payload: { code: code(enrol.json().secret) },
-    });
-    expect(on.statusCode).toBe(200);
+    const { recoveryCodes } = await turnOnMfa(app, pwd.json().session.access_token, clock.nowMs);
     const refreshed = await app.inject({
       method: 'POST',
       url: '/v1/auth/refresh',
@@ -573,7 +559,7 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     const verified = await app.inject({
       method: 'POST',
       url: '/v1/auth/mfa/verify',
-      payload: { mfa_token: login.json().mfa_token, code: on.json().recovery_codes[0] },
+      payload: { mfa_token: login.json().mfa_token, code: recoveryCodes[0] },
     });
     expect(verified.statusCode).toBe(200);
     expect(decodeJwt(verified.json().session.access_token).roles).toEqual(['admin', 'user']);
@@ -587,18 +573,7 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     const refused = await grant();
     expect(refused.statusCode).toBe(409);
     expect(refused.json().detail).toContain('two-step verification');
-    const otherEnrol = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp',
-      headers: bearer(other.accessToken),
-    });
-    const otherOn = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp/activate',
-      headers: bearer(other.accessToken),
-      payload: { code: code(otherEnrol.json().secret) },
-    });
-    expect(otherOn.statusCode).toBe(200);
+    await turnOnMfa(app, other.accessToken, clock.nowMs);
     expect((await grant()).statusCode).toBe(200);
   });
 

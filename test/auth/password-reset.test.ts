@@ -2,10 +2,10 @@ import { createHmac } from 'node:crypto';
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
-import { Secret, TOTP } from 'otpauth';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
+import { totpAt, turnOnMfa } from '../support/mfa.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
@@ -25,9 +25,6 @@ function tokenMailedTo(mailer: { sent: MailMessage[] }, email: string): string {
   expect(link, mail!.text).not.toBeNull();
   return link![1]!;
 }
-
-/** The code an authenticator app with this secret shows now (the app's clock: `clock`). */
-let totpCode: (secret: string) => string;
 
 describe('password reset (built-in provider)', () => {
   let app: FastifyInstance;
@@ -50,8 +47,8 @@ describe('password reset (built-in provider)', () => {
       payload: { token, new_password: newPassword },
     });
   const since = () => new Date(clock.nowMs() - 1000);
-  totpCode = (secret) =>
-    new TOTP({ secret: Secret.fromBase32(secret) }).generate({ timestamp: clock.nowMs() });
+  /** The code an authenticator app with this secret shows now (the app's clock: `clock`). */
+  const totpCode = (secret: string) => totpAt(secret, clock.nowMs());
 
   it('mails a link whose token sets a new password once, ends every session and is audited', async () => {
     const from = since();
@@ -279,14 +276,7 @@ describe('password reset (built-in provider)', () => {
     expect(refused.json().code).toBe('email_not_confirmed');
     // One set up while the service could not confirm addresses (no SMTP_URL then) goes at the first proof.
     await app.services.repos.users.update(squatter.id, { emailConfirmedAt: new Date() });
-    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
-    const on = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp/activate',
-      headers,
-      payload: { code: totpCode(enrol.json().secret) },
-    });
-    expect(on.statusCode, on.body).toBe(200);
+    await turnOnMfa(app, squatter.accessToken, clock.nowMs);
     await app.services.repos.users.update(squatter.id, { emailConfirmedAt: null });
     const signIn = (password: string) =>
       app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email: squatter.email, password } });
@@ -308,16 +298,7 @@ describe('password reset (built-in provider)', () => {
   it('the owner’s own second factor survives a reset, which ends the guesser’s sign-ins; notices are mailed', async () => {
     const user = await registerUser(app, 'reset-mfa-owner');
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
-    const headers = { authorization: `Bearer ${user.accessToken}` };
-    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
-    const secret: string = enrol.json().secret;
-    const on = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp/activate',
-      headers,
-      payload: { code: totpCode(secret) },
-    });
-    expect(on.statusCode).toBe(200);
+    const { secret } = await turnOnMfa(app, user.accessToken, clock.nowMs);
     await vi.waitFor(() =>
       expect(
         mailer.sent.some((m) => m.to === user.email && m.subject === 'Two-step verification is on'),

@@ -1,7 +1,6 @@
 import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { decodeJwt } from 'jose';
-import { Secret, TOTP } from 'otpauth';
 import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
@@ -11,6 +10,7 @@ import { ownDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
 import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
+import { turnOnMfa } from '../support/mfa.js';
 import { captureLogs } from '../support/logs.js';
 
 const SUPABASE_TIMEOUT_MS = 1000;
@@ -354,18 +354,9 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
 
   it('asks for the second factor set up here at both login and exchange (two-step verification is the service’s)', async () => {
     const user = await registerUser(app, 'sb-mfa');
-    const headers = bearer(user.accessToken);
-    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
-    expect(enrol.statusCode, enrol.body).toBe(201);
-    const secret = Secret.fromBase32(enrol.json().secret);
-    const code = (steps: number) => new TOTP({ secret }).generate({ timestamp: Date.now() + steps * 30_000 });
-    const on = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp/activate',
-      headers,
-      payload: { code: code(-1) },
-    });
-    expect(on.statusCode, on.body).toBe(200);
+    // Set up with the code of the step before now: the ones after are for the sign-ins below.
+    const { code } = await turnOnMfa(app, user.accessToken, () => Date.now() - 30_000);
+    const next = (steps: number) => code(steps + 1);
 
     const password = await app.inject({
       method: 'POST',
@@ -385,14 +376,14 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const done = await app.inject({
       method: 'POST',
       url: '/v1/auth/mfa/verify',
-      payload: { mfa_token: exchanged.json().mfa_token, code: code(0) },
+      payload: { mfa_token: exchanged.json().mfa_token, code: next(0) },
     });
     expect(done.statusCode, done.body).toBe(200);
     expect(decodeJwt(done.json().session.access_token).amr).toEqual(['otp', 'mfa']);
     const viaPassword = await app.inject({
       method: 'POST',
       url: '/v1/auth/mfa/verify',
-      payload: { mfa_token: password.json().mfa_token, code: code(1) },
+      payload: { mfa_token: password.json().mfa_token, code: next(1) },
     });
     expect(viaPassword.statusCode, viaPassword.body).toBe(200);
     expect(decodeJwt(viaPassword.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
