@@ -114,7 +114,7 @@ type CheckOutcome =
   | { ok: true; used: SecondFactor; step: number | null }
   | {
       ok: false;
-      /** `reused`: a right code already used (a double submit), refused but not counted. */
+      /** `code_reused`: a right code already used (a double submit), refused but not counted. */
       reason: 'wrong_code' | 'code_reused' | 'locked';
       /** Seconds the factor is locked for now (0: not locked). */
       lockSeconds: number;
@@ -127,9 +127,10 @@ type CheckOutcome =
  *
  * Guessing is bounded per factor, in the database (so across instances and restarts): five wrong
  * codes in a row lock nothing, each further one locks the factor for twice as long as the one before
- * (1 minute, 2, 4… up to an hour), whichever route the code came to. So a thief who has the password
- * gets about 30 guesses a day at a million codes (three of them good at a time). A TOTP code is good once: the newest
- * step used is kept and older or equal ones are refused (RFC 6238 §5.2).
+ * (1 minute, 2, 4… up to an hour), whichever route the code came to, and a day after the last wrong
+ * one the count starts again. So a thief who has the password gets about 30 guesses a day at a million
+ * codes (three of them good at a time). A TOTP code is good once: the newest step used is kept and
+ * older or equal ones are refused (RFC 6238 §5.2).
  */
 export function createMfaService(deps: MfaServiceDeps) {
   const recoveryHash = (code: string) => keyedHash(deps.pepper, `mfa-recovery:${normalizeCode(code)}`);
