@@ -420,6 +420,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     await scope.register(formbody, {
       bodyLimit: config.bodyLimit,
       parser: (text) => {
+        // Bytes that are not UTF-8 were decoded to U+FFFD: refused, as in a JSON body, rather than
+        // read as a value they were not (and no OAuth parameter holds U+FFFD).
+        if (text.includes('\uFFFD'))
+          throw new AppError('bad_request', { detail: 'The form body is not valid UTF-8' });
         const value = parseForm(text);
         const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
         if (fields.length > 0) throw nulError(fields);

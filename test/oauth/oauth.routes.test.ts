@@ -240,7 +240,7 @@ describe('POST /oauth/token', () => {
     expect(ok.statusCode, ok.body).toBe(200);
   });
 
-  it('refuses a form body in a charset other than UTF-8 (415), as a JSON body', async () => {
+  it('refuses a form body in a charset other than UTF-8 (415), or not UTF-8 at all (400), as a JSON body', async () => {
     for (const charset of ['utf-16', 'iso-8859-1']) {
       const res = await app.inject({
         method: 'POST',
@@ -259,6 +259,18 @@ describe('POST /oauth/token', () => {
       payload: 'grant_type=client_credentials',
     });
     expect(utf8.statusCode, utf8.body).toBe(200);
+    // Bytes that are not UTF-8 at all: 400, not a grant type read as something else.
+    const bytes = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+      payload: Buffer.concat([Buffer.from('grant_type=client_credentials'), Buffer.from([0xff])]),
+    });
+    expect(bytes.statusCode, bytes.body).toBe(400);
+    expect(bytes.json()).toMatchObject({
+      error: 'invalid_request',
+      error_description: 'The form body is not valid UTF-8',
+    });
   });
 
   it('answers RFC 6749 §5.1: Bearer, expires_in, scope; no-store; a service token, no refresh token', async () => {
