@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
-import { beforeAll, describe, expect, it, vi } from 'vitest';
+import pg from 'pg';
+import { beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp } from '../support/app.js';
 import {
@@ -537,4 +538,103 @@ describe('users and roles administration', () => {
     ).toEqual([204, 404, 404, 404, 404, 404]);
     expect((await auditEventsOf('role.deleted')).filter((e) => e.subject_id === roleName)).toHaveLength(1);
   });
+});
+
+describe('role grants against concurrent changes, and by services', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+  beforeAll(async () => {
+    app = await buildTestApp();
+    admin = await createAdmin(app);
+  });
+  const newRole = async (permissions: string[]) => {
+    const name = `race-${Math.random().toString(36).slice(2, 10)}`;
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name, permissions },
+    });
+    expect(res.statusCode, res.body).toBe(201);
+    return name;
+  };
+
+  it('a service holding roles:assign grants a role (its grant is recorded by client id in the audit)', async () => {
+    const role = await newRole(['users:read']);
+    const client = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'provisioner', scopes: ['roles:assign', 'users:read'] },
+    });
+    expect(client.statusCode, client.body).toBe(201);
+    const token = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      payload: {
+        grant_type: 'client_credentials',
+        client_id: client.json().client_id,
+        client_secret: client.json().client_secret,
+      },
+    });
+    const user = await registerUser(app, 'granted-by-service');
+    const res = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(token.json().access_token),
+    });
+    expect(res.statusCode, res.body).toBe(200);
+    expect(res.json().roles).toContain(role);
+    const [event] = await app.services.audit.list({ subjectId: user.id, type: 'role.granted', limit: 5 });
+    expect(event).toMatchObject({ actorType: 'service', actorId: client.json().client_id, data: { role } });
+  });
+
+  it.skipIf(!inject('databaseUrl'))(
+    'a grant is checked against the permissions the role gives when it commits: an edit waits for it',
+    async () => {
+      const role = await newRole(['users:read']);
+      const granter = await registerUser(app, 'race-granter');
+      // The granter holds roles:assign and users:read, and not keys:write.
+      await app.services.repos.users.assignRole(
+        granter.id,
+        await newRole(['roles:assign', 'users:read']),
+        null,
+      );
+      const token = (await login(app, granter.email)).session.access_token;
+      const target = await registerUser(app, 'race-target');
+      const other = new pg.Client({ connectionString: inject('databaseUrl') });
+      await other.connect();
+      try {
+        // Holds the grant's insert back, after its check.
+        await other.query('begin');
+        await other.query('lock table user_roles in share mode');
+        const grant = app.inject({
+          method: 'PUT',
+          url: `/v1/users/${target.id}/roles/${role}`,
+          headers: bearer(token),
+        });
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        let edited = false;
+        const edit = app
+          .inject({
+            method: 'PATCH',
+            url: `/v1/roles/${role}`,
+            headers: bearer(admin.accessToken),
+            payload: { permissions: ['users:read', 'keys:write'] },
+          })
+          .then((res) => {
+            edited = true;
+            return res;
+          });
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        // The edit waits for the grant that checked the role as it was.
+        expect(edited).toBe(false);
+        await other.query('commit');
+        expect((await grant).statusCode).toBe(200);
+        expect((await edit).statusCode).toBe(200);
+      } finally {
+        await other.end();
+      }
+    },
+  );
 });

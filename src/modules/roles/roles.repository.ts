@@ -22,6 +22,14 @@ export function createRolesRepository(db: Executor) {
       const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1);
       return row;
     },
+    /**
+     * The row share-locked for the rest of `tx`: a grant checks the permissions the role gives when
+     * it commits, since an edit or a deletion of the role (FOR UPDATE) waits for it.
+     */
+    async findForShare(name: string, tx: Executor): Promise<RoleRow | undefined> {
+      const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1).for('share');
+      return row;
+    },
     /** The row locked for the rest of `tx`, so the permissions a change checks are the ones it replaces. */
     async findForUpdate(name: string, tx: Executor): Promise<RoleRow | undefined> {
       const [row] = await tx.select().from(roles).where(eq(roles.name, name)).limit(1).for('update');

@@ -48,7 +48,7 @@ export function createUsersService(deps: {
     // Locked: a deletion racing the grant either waits for it or has happened (404), never leaving
     // the grant to refer to a user who is gone.
     if (!(await deps.repo.findByIdForKeyShare(id, tx))) throw notFound('user');
-    const role = await deps.roles.find(roleName, tx);
+    const role = await deps.roles.findForShare(roleName, tx);
     if (!role) throw notFound('role');
     await deps.grants.assertHolds(caller, ['roles:assign', ...role.permissions], tx, ROLE_REFUSAL);
   }
@@ -164,7 +164,9 @@ export function createUsersService(deps: {
                 detail: `The ${roleName} role is for users with two-step verification on: they set it up first`,
               });
             }
-            const added = await deps.repo.assignRole(id, roleName, context.actorId, tx);
+            // `granted_by` names a user; a service's grant is in the audit event, by its client id.
+            const grantedBy = context.actorType === 'service' ? null : context.actorId;
+            const added = await deps.repo.assignRole(id, roleName, grantedBy, tx);
             if (added) {
               await deps.audit.record(tx, context, {
                 type: 'role.granted',
