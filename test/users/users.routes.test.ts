@@ -638,3 +638,51 @@ describe('role grants against concurrent changes, and by services', () => {
     },
   );
 });
+
+describe('users:write reaches users who hold no more than the caller', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp();
+  });
+
+  it('a support role disables, deletes and resets the second factor of plain users, not of administrators (403, audited)', async () => {
+    const admin = await createAdmin(app);
+    const support = await registerUser(app, 'support');
+    const role = `support-${Math.random().toString(36).slice(2, 10)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name: role, permissions: ['users:read', 'users:write'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const granted = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${support.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(granted.statusCode).toBe(200);
+    const asSupport = bearer((await login(app, support.email)).session.access_token);
+    const plain = await registerUser(app, 'plain');
+
+    const calls = (id: string): InjectOptions[] => [
+      { method: 'PATCH', url: `/v1/users/${id}`, payload: { status: 'disabled' } },
+      { method: 'DELETE', url: `/v1/users/${id}/mfa` },
+      { method: 'DELETE', url: `/v1/users/${id}` },
+    ];
+    for (const call of calls(admin.id)) {
+      const res = await app.inject({ ...call, headers: asSupport });
+      expect(res.statusCode, `${call.method} ${call.url}: ${res.body}`).toBe(403);
+      expect(res.json().detail).toContain('holds permissions you do not hold');
+    }
+    expect((await app.services.repos.users.findById(admin.id))?.status).toBe('active');
+    const denied = await app.services.audit.list({ type: 'authorization.denied', limit: 20 });
+    expect(denied.some((e) => e.actorId === support.id)).toBe(true);
+
+    for (const call of calls(plain.id)) {
+      const res = await app.inject({ ...call, headers: asSupport });
+      expect(res.statusCode, `${call.method} ${call.url}: ${res.body}`).toBeLessThan(300);
+    }
+    expect(await app.services.repos.users.findById(plain.id)).toBeUndefined();
+  });
+});

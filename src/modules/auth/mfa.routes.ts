@@ -6,6 +6,7 @@ import { principalOf, requestContext } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import { AuthResultSchema, toUserDto } from './auth.schema.js';
+import type { UsersService } from '../users/users.service.js';
 import { type MfaService, RECOVERY_CODE_COUNT } from './mfa.service.js';
 
 const CodeSchema = z
@@ -97,7 +98,10 @@ const sessionUserId = (request: FastifyRequest) => sessionOf(request).userId;
 
 const userBearer: Array<Record<string, string[]>> = [{ bearerAuth: [] }];
 
-export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService }) {
+export async function mfaRoutes(
+  app: FastifyInstance,
+  deps: { mfa: MfaService; users: Pick<UsersService, 'assertMayManage'> },
+) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
   r.get(
@@ -265,6 +269,7 @@ export async function mfaRoutes(app: FastifyInstance, deps: { mfa: MfaService })
     },
     async (request, reply) => {
       const principal = principalOf(request);
+      await deps.users.assertMayManage(principal, request.params.id);
       await deps.mfa.resetByAdministrator(
         request.params.id,
         principal.kind === 'service'

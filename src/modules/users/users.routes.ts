@@ -81,7 +81,14 @@ export async function usersRoutes(
       },
     },
     async (request) =>
-      toUserDto(await deps.users.setStatus(request.params.id, request.body.status, requestContext(request))),
+      toUserDto(
+        await deps.users.setStatus(
+          request.params.id,
+          request.body.status,
+          principalOf(request),
+          requestContext(request),
+        ),
+      ),
   );
 
   r.delete(
@@ -98,7 +105,7 @@ export async function usersRoutes(
       },
     },
     async (request, reply) => {
-      await deps.users.delete(request.params.id, requestContext(request));
+      await deps.users.delete(request.params.id, requestContext(request), principalOf(request));
       return reply.status(204).send(null);
     },
   );
@@ -124,6 +131,7 @@ export async function usersRoutes(
       },
     },
     async (request, reply) => {
+      await deps.users.assertMayManage(principalOf(request), request.params.id);
       await deps.passwordReset.requestFor(request.params.id, requestContext(request));
       return reply.status(204).send(null);
     },

@@ -16,6 +16,7 @@ import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
 
 const ADMIN_ROLE = 'admin';
+const MANAGE_REFUSAL = 'You cannot act on a user who holds permissions you do not hold yourself';
 
 export function createUsersService(deps: {
   db: Database;
@@ -51,6 +52,18 @@ export function createUsersService(deps: {
     const role = await deps.roles.findForShare(roleName, tx);
     if (!role) throw notFound('role');
     await deps.grants.assertHolds(caller, ['roles:assign', ...role.permissions], tx, ROLE_REFUSAL);
+  }
+
+  /**
+   * Disabling, deleting, turning off the second factor or mailing a reset link is for a caller who
+   * holds everything the user holds: what removing their roles would need (`users:write` alone
+   * does not reach an administrator). 403 otherwise (audited as every refusal is).
+   */
+  async function assertMayManage(caller: Grantor, id: string): Promise<void> {
+    await deps.db.transaction(async (tx) => {
+      const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
+      await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
+    });
   }
 
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
@@ -90,9 +103,15 @@ export function createUsersService(deps: {
 
     get: findOrThrow,
 
-    async setStatus(id: string, status: 'active' | 'disabled', context: RequestContext): Promise<UserRow> {
+    async setStatus(
+      id: string,
+      status: 'active' | 'disabled',
+      caller: Grantor,
+      context: RequestContext,
+    ): Promise<UserRow> {
       const user = await findOrThrow(id);
       if (user.status === status) return user;
+      await assertMayManage(caller, id);
       // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
       // client may retry. (A ban applied for a disable that then fails here is lifted again.)
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
@@ -123,8 +142,12 @@ export function createUsersService(deps: {
       await deps.db.transaction((tx) => assertNotLastAdmin(tx, id));
     },
 
-    async delete(id: string, context: RequestContext): Promise<void> {
+    assertMayManage,
+
+    /** `caller` absent: the user deletes themselves (DELETE /v1/auth/me). */
+    async delete(id: string, context: RequestContext, caller?: Grantor): Promise<void> {
       const user = await findOrThrow(id);
+      if (caller) await assertMayManage(caller, id);
       await deps.db.transaction(async (tx) => {
         await assertNotLastAdmin(tx, id);
       });
