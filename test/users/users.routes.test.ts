@@ -685,4 +685,31 @@ describe('users:write reaches users who hold no more than the caller', () => {
     }
     expect(await app.services.repos.users.findById(plain.id)).toBeUndefined();
   });
+
+  it('a role’s description is rewritten only by a caller who holds what the role gives', async () => {
+    const admin = await createAdmin(app);
+    const editor = await registerUser(app, 'role-editor');
+    const role = `editor-${Math.random().toString(36).slice(2, 10)}`;
+    await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name: role, permissions: ['roles:read', 'roles:write'] },
+    });
+    await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${editor.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    const asEditor = bearer((await login(app, editor.email)).session.access_token);
+    const describe = (name: string) =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/roles/${name}`,
+        headers: asEditor,
+        payload: { description: 'legacy role - do not grant' },
+      });
+    expect((await describe('admin')).statusCode).toBe(403);
+    expect((await describe(role)).statusCode).toBe(200);
+  });
 });

@@ -93,9 +93,11 @@ export function createRolesService(deps: {
           const existing = await deps.repo.findForUpdate(name, tx);
           if (!existing) throw notFound('role');
           // Changing a role grants to (and takes from) everyone who holds it: both sides must be held.
+          // Its description too is for those who hold what it gives (what the admin role is "for" is
+          // not for a holder of roles:write alone to rewrite).
           await deps.grants.assertHolds(
             caller,
-            [MANAGE_ROLES, ...(permissions ? [...permissions, ...existing.permissions] : [])],
+            [MANAGE_ROLES, ...existing.permissions, ...(permissions ?? [])],
             tx,
             ROLE_REFUSAL,
           );
