@@ -22,6 +22,13 @@ interface Found {
 const TOO_DEEP = `must nest objects and arrays at most ${MAX_JSON_DEPTH} levels deep`;
 const NOT_FINITE = 'must be a finite number';
 const NOT_AN_OBJECT = 'must be a JSON object';
+/**
+ * A JSON escape can carry half a surrogate pair (`"\ud800"`), which no UTF-8 text holds: stored, it
+ * would come back as U+FFFD, and two different values would be one.
+ */
+const NOT_WELL_FORMED = 'must be well-formed Unicode (a lone surrogate is not)';
+const LONE_SURROGATE = /\p{Cs}/u; // in u-mode a surrogate pair is one code point: only lone halves match
+const illFormed = (item: unknown) => typeof item === 'string' && LONE_SURROGATE.test(item);
 
 /**
  * The first value breaking the rules. The recursion stops at MAX_JSON_DEPTH levels whatever the body
@@ -35,6 +42,7 @@ function find(value: unknown, level: number): Found | undefined {
   if (Array.isArray(value)) {
     for (let i = 0; i < value.length; i++) {
       const item: unknown = value[i];
+      if (illFormed(item)) return { path: [String(i)], message: NOT_WELL_FORMED };
       if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;
       const found = find(item, level + 1);
       if (found) {
@@ -45,6 +53,7 @@ function find(value: unknown, level: number): Found | undefined {
   } else {
     for (const key in value) {
       const item: unknown = (value as Record<string, unknown>)[key];
+      if (illFormed(item)) return { path: [key], message: NOT_WELL_FORMED };
       if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;
       const found = find(item, level + 1);
       if (found) {

@@ -712,4 +712,33 @@ describe('users:write reaches users who hold no more than the caller', () => {
     expect((await describe('admin')).statusCode).toBe(403);
     expect((await describe(role)).statusCode).toBe(200);
   });
+
+  it('refuses text that is not well-formed Unicode anywhere in a JSON body (400 naming it), storing nothing', async () => {
+    const admin = await createAdmin(app);
+    const name = `lone-${Math.random().toString(36).slice(2, 10)}`;
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: { ...bearer(admin.accessToken), 'content-type': 'application/json' },
+      payload: `{"name":"${name}","description":"a\\ud800b","permissions":[]}`,
+    });
+    expect(res.statusCode, res.body).toBe(400);
+    expect(res.json().errors).toEqual([
+      { field: 'body.description', message: expect.stringContaining('lone surrogate') },
+    ]);
+    const read = await app.inject({
+      method: 'GET',
+      url: `/v1/roles/${name}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(read.statusCode).toBe(404);
+    const profile = await app.inject({
+      method: 'PATCH',
+      url: '/v1/profiles/me',
+      headers: { ...bearer(admin.accessToken), 'content-type': 'application/json' },
+      payload: '{"metadata":{"tags":["ok","\\udfff"]}}',
+    });
+    expect(profile.statusCode).toBe(400);
+    expect(profile.json().errors[0].field).toBe('body.metadata.tags.1');
+  });
 });
