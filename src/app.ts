@@ -188,7 +188,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       if ((err as { code?: string } | null)?.code === 'FST_ERR_CTP_INVALID_JSON_BODY')
         return done(forbiddenKeyError(text) ?? err);
       if (err) return done(err, value);
-      const invalid = jsonBodyError(value) ?? duplicateMemberError(value, text);
+      const invalid = jsonBodyError(value, text) ?? duplicateMemberError(value, text);
       if (invalid) return done(invalid);
       if (!jsonMayHoldNul(text)) return done(null, value);
       const fields = nulFields(value, 'body');

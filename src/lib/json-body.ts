@@ -34,7 +34,7 @@ const illFormed = (item: unknown) => typeof item === 'string' && LONE_SURROGATE.
  * The first value breaking the rules. The recursion stops at MAX_JSON_DEPTH levels whatever the body
  * holds, so it cannot overflow the stack, and it allocates nothing unless it finds something.
  */
-function find(value: unknown, level: number): Found | undefined {
+function find(value: unknown, level: number, strings: boolean): Found | undefined {
   if (typeof value === 'number')
     return Number.isFinite(value) ? undefined : { path: [], message: NOT_FINITE };
   if (value === null || typeof value !== 'object') return undefined;
@@ -42,9 +42,9 @@ function find(value: unknown, level: number): Found | undefined {
   if (Array.isArray(value)) {
     for (let i = 0; i < value.length; i++) {
       const item: unknown = value[i];
-      if (illFormed(item)) return { path: [String(i)], message: NOT_WELL_FORMED };
+      if (strings && illFormed(item)) return { path: [String(i)], message: NOT_WELL_FORMED };
       if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;
-      const found = find(item, level + 1);
+      const found = find(item, level + 1, strings);
       if (found) {
         found.path.push(String(i));
         return found;
@@ -53,9 +53,9 @@ function find(value: unknown, level: number): Found | undefined {
   } else {
     for (const key in value) {
       const item: unknown = (value as Record<string, unknown>)[key];
-      if (illFormed(item)) return { path: [key], message: NOT_WELL_FORMED };
+      if (strings && illFormed(item)) return { path: [key], message: NOT_WELL_FORMED };
       if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;
-      const found = find(item, level + 1);
+      const found = find(item, level + 1, strings);
       if (found) {
         found.path.push(key);
         return found;
@@ -70,13 +70,15 @@ function find(value: unknown, level: number): Found | undefined {
  * one), nests deeper than MAX_JSON_DEPTH (both named as `body`) or holds a number that is not finite
  * (named by its path); else undefined. Fastify hands an absent body to the route as null, so the body
  * `null` must be refused here, where the two still differ: a route whose body is optional took it for
- * no body at all.
+ * no body at all. A string holding half a surrogate pair is refused too; `text`, when given, is the
+ * body the value was parsed from: such a string can only come from a `\u` escape (the bytes were
+ * checked as UTF-8), so without one the strings are not searched.
  */
-export function jsonBodyError(value: unknown): AppError | undefined {
+export function jsonBodyError(value: unknown, text?: string): AppError | undefined {
   const found =
     value === null || typeof value !== 'object' || Array.isArray(value)
       ? { path: [], message: NOT_AN_OBJECT }
-      : find(value, 1);
+      : find(value, 1, text === undefined || text.includes('\\u'));
   if (!found) return undefined;
   const field =
     found.message === TOO_DEEP || found.path.length === 0 ? 'body' : `body.${found.path.reverse().join('.')}`;

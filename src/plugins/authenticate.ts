@@ -415,3 +415,13 @@ export function userIdOf(request: FastifyRequest): string {
   if (!principal.userId) throw new AppError('forbidden', { detail: 'This route is for users, not services' });
   return principal.userId;
 }
+
+/**
+ * The user and session of a route that is for a signed-in user only (their own second factor, their
+ * account's deletion): an API key or a service token gets 403, saying `why`.
+ */
+export function signedInSession(request: FastifyRequest, why: string): { userId: string; sessionId: string } {
+  const principal = principalOf(request);
+  if (principal.kind !== 'user' || !principal.sessionId) throw new AppError('forbidden', { detail: why });
+  return { userId: principal.userId, sessionId: principal.sessionId };
+}

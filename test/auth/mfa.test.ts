@@ -8,6 +8,11 @@ import { createTestClock } from '../support/clock.js';
 import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { turnOnMfa } from '../support/mfa.js';
+import { captureLogs } from '../support/logs.js';
+import { selectRows } from '../../src/db/client.js';
+import { decrypt, keyedHash } from '../../src/lib/crypto.js';
+import { sql } from 'drizzle-orm';
+import { clientToken, createClient } from '../clients/helpers.js';
 
 describe('two-step verification (TOTP)', () => {
   let app: FastifyInstance;
@@ -464,34 +469,24 @@ describe('two-step verification (TOTP)', () => {
     expect(byKey.statusCode).toBe(403);
     // Nor an app client the caller registered, acting for them or on its own scopes.
     for (const actsForCreator of [false, true]) {
-      const client = await post('/v1/clients', admin.accessToken, {
+      const client = await createClient(app, admin.accessToken, {
         name: 'support tool',
         scopes: ['users:write'],
       });
-      expect(client.statusCode, client.body).toBe(201);
       if (actsForCreator) {
         const bound = await app.inject({
           method: 'PATCH',
-          url: `/v1/clients/${client.json().id}`,
+          url: `/v1/clients/${client.id}`,
           headers: bearer(admin.accessToken),
           payload: { acts_for_creator: true },
         });
         expect(bound.statusCode, bound.body).toBe(200);
       }
-      const issued = await app.inject({
-        method: 'POST',
-        url: '/oauth/token',
-        payload: {
-          grant_type: 'client_credentials',
-          client_id: client.json().client_id,
-          client_secret: client.json().client_secret,
-        },
-      });
-      expect(issued.statusCode, issued.body).toBe(200);
+      const issued = await clientToken(app, client);
       const byClient = await app.inject({
         method: 'DELETE',
         url: `/v1/users/${admin.id}/mfa`,
-        headers: bearer(issued.json().access_token),
+        headers: bearer(issued.access_token),
       });
       expect(byClient.statusCode).toBe(403);
     }
@@ -585,5 +580,55 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
       'admin',
       'support',
     ]);
+  });
+});
+
+describe('two-step verification secrets at rest and in the logs (SECURITY.md)', () => {
+  it('keeps the TOTP secret encrypted, the recovery codes and mfa_token as HMACs, and none of them in the log', async () => {
+    const { lines, logger } = captureLogs('debug');
+    const clock = createTestClock();
+    const app = await buildTestApp({ deps: { clock, logger } });
+    const user = await registerUser(app, 'mfa-at-rest');
+    const { secret, recoveryCodes, code } = await turnOnMfa(app, user.accessToken, clock.nowMs);
+    clock.advance(30);
+    const login = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: user.password },
+    });
+    const mfaToken: string = login.json().mfa_token;
+    // At least 128 random bits, as every secret the service hands out.
+    expect(mfaToken).toMatch(/^pmf_[0-9A-Za-z]{12}_[0-9A-Za-z]{43}[0-9A-Za-z]{6}$/);
+    const verified = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: mfaToken, code: code() },
+    });
+    expect(verified.statusCode).toBe(200);
+
+    const { secretPepper, keyEncryptionKey } = testConfig();
+    const [factor] = await selectRows<{ secret_encrypted: string }>(
+      app.services.db,
+      sql`select secret_encrypted from mfa_factors where user_id = ${user.id}`,
+    );
+    expect(factor!.secret_encrypted).not.toContain(secret);
+    expect(decrypt(keyEncryptionKey, factor!.secret_encrypted)).toBe(secret);
+    const [challenge] = await selectRows<{ token_hash: string }>(
+      app.services.db,
+      sql`select token_hash from mfa_challenges where user_id = ${user.id}`,
+    );
+    expect(challenge!.token_hash).toBe(keyedHash(secretPepper, `mfa-challenge:${mfaToken}`));
+    const stored = await selectRows<{ code_hash: string }>(
+      app.services.db,
+      sql`select code_hash from mfa_recovery_codes where user_id = ${user.id}`,
+    );
+    expect(stored.map((r) => r.code_hash).sort()).toEqual(
+      recoveryCodes.map((c) => keyedHash(secretPepper, `mfa-recovery:${c.replace('-', '')}`)).sort(),
+    );
+
+    const log = lines.join('');
+    expect(log.length).toBeGreaterThan(0);
+    for (const value of [secret, mfaToken, ...recoveryCodes, verified.json().session.refresh_token])
+      expect(log).not.toContain(value);
   });
 });

@@ -13,6 +13,7 @@ import {
   type TestUser,
 } from '../support/factories.js';
 import { allPages, bearer } from '../support/http.js';
+import { clientToken, createClient } from '../clients/helpers.js';
 
 describe('users and roles administration', () => {
   let app: FastifyInstance;
@@ -561,32 +562,21 @@ describe('role grants against concurrent changes, and by services', () => {
 
   it('a service holding roles:assign grants a role (its grant is recorded by client id in the audit)', async () => {
     const role = await newRole(['users:read']);
-    const client = await app.inject({
-      method: 'POST',
-      url: '/v1/clients',
-      headers: bearer(admin.accessToken),
-      payload: { name: 'provisioner', scopes: ['roles:assign', 'users:read'] },
+    const client = await createClient(app, admin.accessToken, {
+      name: 'provisioner',
+      scopes: ['roles:assign', 'users:read'],
     });
-    expect(client.statusCode, client.body).toBe(201);
-    const token = await app.inject({
-      method: 'POST',
-      url: '/oauth/token',
-      payload: {
-        grant_type: 'client_credentials',
-        client_id: client.json().client_id,
-        client_secret: client.json().client_secret,
-      },
-    });
+    const token = await clientToken(app, client);
     const user = await registerUser(app, 'granted-by-service');
     const res = await app.inject({
       method: 'PUT',
       url: `/v1/users/${user.id}/roles/${role}`,
-      headers: bearer(token.json().access_token),
+      headers: bearer(token.access_token),
     });
     expect(res.statusCode, res.body).toBe(200);
     expect(res.json().roles).toContain(role);
     const [event] = await app.services.audit.list({ subjectId: user.id, type: 'role.granted', limit: 5 });
-    expect(event).toMatchObject({ actorType: 'service', actorId: client.json().client_id, data: { role } });
+    expect(event).toMatchObject({ actorType: 'service', actorId: client.client_id, data: { role } });
   });
 
   it.skipIf(!inject('databaseUrl'))(

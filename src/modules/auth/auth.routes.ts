@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { forbidden, invalidFields, notFound } from '../../lib/errors.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
-import { principalOf, requestContext, userIdOf } from '../../plugins/authenticate.js';
+import { principalOf, requestContext, signedInSession, userIdOf } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { AccountsCache } from './accounts.cache.js';
@@ -258,16 +258,12 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const principal = principalOf(request);
-      if (principal.kind !== 'user' || !principal.sessionId)
-        throw forbidden('An account is deleted from a signed-in session, not with an API key');
-      const context = requestContext(request);
-      const user = await deps.auth.reauthenticate(
-        principal.userId,
-        request.body.password,
-        'user.deleted',
-        context,
+      const { userId } = signedInSession(
+        request,
+        'An account is deleted from a signed-in session, not with an API key',
       );
+      const context = requestContext(request);
+      const user = await deps.auth.reauthenticate(userId, request.body.password, 'user.deleted', context);
       // Before a code is spent on it.
       await deps.users.assertDeletable(user.id);
       if (await deps.mfa.isEnabled(user.id)) {

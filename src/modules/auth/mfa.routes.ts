@@ -1,8 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { forbidden } from '../../lib/errors.js';
-import { principalOf, requestContext } from '../../plugins/authenticate.js';
+import { principalOf, requestContext, signedInSession } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import { AuthResultSchema, toUserDto } from './auth.schema.js';
@@ -87,13 +86,11 @@ export const MfaRequiredSchema = z
   });
 
 /** Two-step verification is the user's own, set up and turned off from a signed-in session. */
-function sessionOf(request: FastifyRequest): { userId: string; sessionId: string } {
-  const principal = principalOf(request);
-  if (principal.kind !== 'user' || !principal.sessionId) {
-    throw forbidden('Two-step verification is managed with a signed-in user’s access token, not an API key');
-  }
-  return { userId: principal.userId, sessionId: principal.sessionId };
-}
+const sessionOf = (request: FastifyRequest) =>
+  signedInSession(
+    request,
+    'Two-step verification is managed with a signed-in user’s access token, not an API key',
+  );
 const sessionUserId = (request: FastifyRequest) => sessionOf(request).userId;
 
 const userBearer: Array<Record<string, string[]>> = [{ bearerAuth: [] }];
@@ -167,14 +164,17 @@ export async function mfaRoutes(
         response: { 200: RecoveryCodesSchema, ...problems(400, 401, 403, 409, 429) },
       },
     },
-    async (request) => ({
-      recovery_codes: await deps.mfa.activate(
-        sessionOf(request).userId,
-        sessionOf(request).sessionId,
-        request.body.code,
-        requestContext(request),
-      ),
-    }),
+    async (request) => {
+      const { userId, sessionId } = sessionOf(request);
+      return {
+        recovery_codes: await deps.mfa.activate(
+          userId,
+          sessionId,
+          request.body.code,
+          requestContext(request),
+        ),
+      };
+    },
   );
 
   r.post(

@@ -27,7 +27,7 @@ const TOTP_WINDOW = 1;
 /** 160 bits, RFC 4226 §4's recommended secret length. */
 const TOTP_SECRET_BYTES = 20;
 export const RECOVERY_CODE_COUNT = 10;
-/** Crockford's base32 without look-alikes: 10 characters are 50 bits, shown as `xxxxx-xxxxx`. */
+/** Crockford's base32 without look-alikes: 10 characters are 50 bits, shown as two groups of five. */
 const RECOVERY_ALPHABET = '0123456789abcdefghjkmnpqrstvwxyz';
 const RECOVERY_CODE_LENGTH = 10;
 /** Wrong codes in a row that lock nothing; each further one locks the factor, for longer every time. */

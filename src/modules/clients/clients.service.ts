@@ -88,24 +88,27 @@ const unique = (values: string[]) => [...new Set(values)].sort();
 const BASIC_KEY = 'basic';
 
 /**
- * App clients: confidential OAuth clients of other services. The secret is shown once and stored as
- * an HMAC under the server pepper; a rotation keeps the previous secret valid for a bounded grace.
- * Clients are visible to whoever registered them, and to administrators (holders of `*`): another
- * user's client answers 404 (SECURITY.md, object-level authorization).
+ * What a view of a client acting for its creator was made from: the scopes it was registered with
+ * (its own are bounded by the creator's permissions), and whether that creator is active.
  */
-/** Views of clients that act for a creator who is disabled or gone (see `actsForNobody`). */
-const withoutCreator = new WeakSet<ClientRow>();
+const viewOrigins = new WeakMap<ClientRow, { registered: string[]; creatorActive: boolean }>();
 
 /**
  * True for a client, as authentication sees it, that acts for a creator who is disabled or deleted:
  * it authenticates, but acts for nobody, and gets no tokens (`unauthorized_client`).
  */
-export const actsForNobody = (client: ClientRow): boolean => withoutCreator.has(client);
+export const actsForNobody = (client: ClientRow): boolean => viewOrigins.get(client)?.creatorActive === false;
 
 /** The scopes a client view was registered with, before its creator's permissions bounded them. */
-const registeredOf = new WeakMap<ClientRow, string[]>();
-export const registeredScopes = (client: ClientRow): string[] => registeredOf.get(client) ?? client.scopes;
+export const registeredScopes = (client: ClientRow): string[] =>
+  viewOrigins.get(client)?.registered ?? client.scopes;
 
+/**
+ * App clients: confidential OAuth clients of other services. The secret is shown once and stored as
+ * an HMAC under the server pepper; a rotation keeps the previous secret valid for a bounded grace.
+ * Clients are visible to whoever registered them, and to administrators (holders of `*`): another
+ * user's client answers 404 (SECURITY.md, object-level authorization).
+ */
 export function createClientsService(deps: ClientsServiceDeps) {
   const hash = (secret: string) => keyedHash(deps.pepper, secret);
   // Client authentication sits on the token and introspection paths; rows are cached briefly and
@@ -129,8 +132,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
     if (known && known.creator === creator) return known.view;
     const scopes = creator?.active ? intersectPermissions(row.scopes, creator.permissions) : [];
     const view = Object.freeze({ ...row, scopes });
-    if (!creator?.active) withoutCreator.add(view);
-    registeredOf.set(view, row.scopes);
+    viewOrigins.set(view, { registered: row.scopes, creatorActive: creator?.active === true });
     views.set(row, { creator, view });
     return view;
   }
