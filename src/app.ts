@@ -386,6 +386,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     mfa: services.mfa,
     passwordReset: services.passwordReset,
     emailConfirmation: services.emailConfirmation,
+    emailChange: services.emailChange,
     accounts: services.accounts,
     providerName: services.provider.name,
   });

@@ -90,6 +90,8 @@ const EnvSchema = z.object({
   EMAIL_CONFIRMATION_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   EMAIL_CONFIRMATION_TTL: z.coerce.number().int().min(300).max(604_800).default(86_400),
   REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
+  EMAIL_CHANGE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  EMAIL_CHANGE_TTL: z.coerce.number().int().min(300).max(86_400).default(3600),
   MFA_ISSUER: optionalString.pipe(
     z
       .string()
@@ -316,6 +318,8 @@ export interface Config {
    * waits for the address to be confirmed.
    */
   readonly emailConfirmation: { url: string | undefined; ttlSeconds: number; required: boolean };
+  /** Built-in provider: the page an email change's links open, and their lifetime. */
+  readonly emailChange: { url: string | undefined; ttlSeconds: number };
   /**
    * Two-step verification: the name authenticator apps show, how long a sign-in waits for a code, and
    * the roles whose permissions count only in a session that gave a second factor.
@@ -442,6 +446,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       ttlSeconds: e.EMAIL_CONFIRMATION_TTL,
       required: e.REQUIRE_EMAIL_CONFIRMATION,
     },
+    emailChange: { url: e.EMAIL_CHANGE_URL, ttlSeconds: e.EMAIL_CHANGE_TTL },
     mfa: {
       issuer: e.MFA_ISSUER ?? 'Paservices',
       challengeTtlSeconds: e.MFA_CHALLENGE_TTL,

@@ -49,6 +49,7 @@ import { createMfaRepository } from './modules/auth/mfa.repository.js';
 import { createMfaService } from './modules/auth/mfa.service.js';
 import { createEmailTokensRepository } from './modules/auth/email-tokens.repository.js';
 import { createPasswordResetService } from './modules/auth/password-reset.service.js';
+import { createEmailChangeService } from './modules/auth/email-change.service.js';
 import { createEmailConfirmationService } from './modules/auth/email-confirmation.service.js';
 import { createSigner } from './lib/signer.js';
 
@@ -259,6 +260,20 @@ export function createServices(deps: ServicesDeps) {
     ttlSeconds: config.emailConfirmation.ttlSeconds,
     logger,
   });
+  const emailChange = createEmailChangeService({
+    db,
+    users: repos.users,
+    tokens: repos.emailTokens,
+    audit,
+    events,
+    clock,
+    pepper: config.secretPepper,
+    providerName: provider.name,
+    mailer,
+    url: config.emailChange.url,
+    ttlSeconds: config.emailChange.ttlSeconds,
+    logger,
+  });
   const passwordReset = createPasswordResetService({
     db,
     users: repos.users,
@@ -438,6 +453,7 @@ export function createServices(deps: ServicesDeps) {
     auth,
     passwordReset,
     emailConfirmation,
+    emailChange,
     mfa,
     roles,
     /** The grant ceiling: what a principal holds now. */

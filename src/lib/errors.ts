@@ -11,6 +11,7 @@ export const ERROR_CATALOGUE = {
     status: 400,
     title: 'The email confirmation token is invalid, expired or used',
   },
+  invalid_email_change_token: { status: 400, title: 'The email change token is invalid, expired or used' },
   invalid_mfa_code: { status: 400, title: 'The verification code is incorrect, expired or used' },
   authentication_required: { status: 401, title: 'Authentication is required' },
   invalid_token: { status: 401, title: 'The token is invalid, expired or revoked' },

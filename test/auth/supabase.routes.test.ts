@@ -598,6 +598,25 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect((await app.services.repos.users.findById(mover.id))?.email).toBe(mover.email);
   });
 
+  it('changes addresses in Supabase, not here (404 naming updateUser); the next sign-in brings the new one', async () => {
+    const user = await registerUser(app, 'sb-moving');
+    const asked = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      headers: bearer(user.accessToken),
+      payload: { new_email: uniqueEmail('sb-moved'), password: PASSWORD },
+    });
+    expect(asked.statusCode).toBe(404);
+    expect(asked.json().detail).toContain('auth.updateUser');
+    // The frontend changed it through supabase-js, and Supabase confirmed it.
+    const moved = uniqueEmail('sb-moved');
+    gotrue.users.get(user.id)!.email = moved;
+    const res = await loginAs(moved);
+    expect(res.statusCode, res.body).toBe(200);
+    expect(res.json().user).toMatchObject({ id: user.id, email: moved });
+    expect((await me(user.accessToken)).json().user.email).toBe(moved);
+  });
+
   it('a sign-up the project does not allow is 403 registration_closed, in the service’s own words', async () => {
     const started = new Date();
     gotrue.setFailWith({

@@ -22,6 +22,7 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
   { method: 'POST', route: '/v1/auth/password/reset', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/confirm', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/resend', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/email/change/confirm', permission: 'public' },
   { method: 'POST', route: '/v1/auth/mfa/verify', permission: 'public' },
 ];
 
@@ -33,6 +34,12 @@ export const AUTH_ROUTES: MatrixRoute[] = [
     route: '/v1/auth/me',
     permission: 'account:write',
     body: () => ({ password: 'whatever-it-is' }),
+  },
+  {
+    method: 'POST',
+    route: '/v1/auth/email/change',
+    permission: 'account:write',
+    body: () => ({ new_email: 'somewhere-else@example.test', password: 'whatever-it-is' }),
   },
   {
     method: 'POST',

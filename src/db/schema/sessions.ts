@@ -67,10 +67,12 @@ export const revocations = pgTable(
 );
 
 /**
- * A token mailed to a user's address (built-in provider): a password reset link's, or an email
- * confirmation link's. One live per user and purpose, since a new mail replaces the previous one;
- * used once, then kept with `used_at` until the retention purge. Only its HMAC under the server
- * pepper is stored, as for refresh tokens; `email` is the address it was mailed to.
+ * A token mailed to a user's address (built-in provider): a password reset link's, an email
+ * confirmation link's, or an email change's. One live per user and purpose, since a new mail replaces
+ * the previous one (an email change mails two at once, to the new address and the current one: both
+ * live until the change applies); used once, then kept with `used_at` until the retention purge. Only
+ * its HMAC under the server pepper is stored, as for refresh tokens; `email` is the address it was
+ * mailed to, and `new_email` the address an email change moves the account to.
  */
 export const emailTokens = pgTable(
   'email_tokens',
@@ -79,9 +81,10 @@ export const emailTokens = pgTable(
     userId: uuid('user_id')
       .notNull()
       .references(() => users.id, { onDelete: 'cascade' }),
-    purpose: text('purpose', { enum: ['password_reset', 'email_confirmation'] }).notNull(),
+    purpose: text('purpose', { enum: ['password_reset', 'email_confirmation', 'email_change'] }).notNull(),
     tokenHash: text('token_hash').notNull().unique(),
     email: text('email').notNull(),
+    newEmail: text('new_email'),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
     expiresAt: timestamp('expires_at', { withTimezone: true, precision: 3 }).notNull(),
     usedAt: timestamp('used_at', { withTimezone: true, precision: 3 }),

@@ -7,12 +7,17 @@ import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext, signedInSession, userIdOf } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import type { RequestContext } from '../audit/audit.service.js';
 import type { AccountsCache } from './accounts.cache.js';
 import { MfaRequiredSchema } from './mfa.routes.js';
 import {
   AuthResultSchema,
+  ChangeEmailBodySchema,
   ConfirmEmailBodySchema,
+  ConfirmEmailChangeBodySchema,
   DeleteAccountBodySchema,
+  EmailChangeConfirmedSchema,
+  EmailChangeRequestedSchema,
   ExchangeBodySchema,
   ForgotPasswordBodySchema,
   LoginBodySchema,
@@ -31,6 +36,7 @@ import {
 import type { UsersService } from '../users/users.service.js';
 import type { AuthService } from './auth.service.js';
 import type { MfaService } from './mfa.service.js';
+import type { EmailChangeService } from './email-change.service.js';
 import type { EmailConfirmationService } from './email-confirmation.service.js';
 import type { PasswordResetService } from './password-reset.service.js';
 
@@ -40,12 +46,26 @@ export interface AuthRoutesDeps {
   mfa: Pick<MfaService, 'isEnabled' | 'confirm'>;
   passwordReset: PasswordResetService;
   emailConfirmation: EmailConfirmationService;
+  emailChange: EmailChangeService;
   accounts: AccountsCache;
   providerName: 'local' | 'supabase';
 }
 
 export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
+
+  /** With two-step verification on, a sensitive change also takes a current code (or a recovery code). */
+  async function confirmSecondFactor(
+    userId: string,
+    code: string | undefined,
+    action: string,
+    context: RequestContext,
+  ) {
+    if (!(await deps.mfa.isEnabled(userId))) return;
+    if (!code)
+      throw invalidFields([{ field: 'body.code', message: 'is required: two-step verification is on' }]);
+    await deps.mfa.confirm(userId, code, action, context);
+  }
 
   r.post(
     '/v1/auth/register',
@@ -266,11 +286,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       const user = await deps.auth.reauthenticate(userId, request.body.password, 'user.deleted', context);
       // Before a code is spent on it.
       await deps.users.assertDeletable(user.id);
-      if (await deps.mfa.isEnabled(user.id)) {
-        if (!request.body.code)
-          throw invalidFields([{ field: 'body.code', message: 'is required: two-step verification is on' }]);
-        await deps.mfa.confirm(user.id, request.body.code, 'user.deleted', context);
-      }
+      await confirmSecondFactor(user.id, request.body.code, 'user.deleted', context);
       await deps.users.delete(user.id, context);
       return reply.status(204).send(null);
     },
@@ -392,6 +408,84 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
     async (request, reply) => {
       await deps.emailConfirmation.resend(request.body.email, requestContext(request));
       return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/auth/email/change',
+    {
+      config: { permission: 'account:write', rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'changeEmail',
+        summary: 'Ask to move the account to another email address',
+        description:
+          'Built-in provider, from a signed-in session (not an API key), with the current password and, with ' +
+          'two-step verification on, a current code. Mails a link (`EMAIL_CHANGE_URL#token=pce_…`, ' +
+          '`EMAIL_CHANGE_TTL` seconds, once) to the new address and, when the current address was confirmed, ' +
+          'another to the current one: the change applies once every link is opened ' +
+          '(`POST /v1/auth/email/change/confirm`). A newer request replaces the links; at most one a minute ' +
+          '(429). A wrong password counts toward the sign-in lockout. 404 with Supabase (supabase-js ' +
+          '`auth.updateUser({ email })`; the service takes the new address at the next sign-in) or without ' +
+          '`SMTP_URL` in production.',
+        security: [{ bearerAuth: [] }],
+        body: ChangeEmailBodySchema,
+        response: {
+          202: EmailChangeRequestedSchema.describe('The links are on their way'),
+          ...problems(400, 401, 403, 404, 422, 429, 503),
+          409: problemResponses[409].describe('`email_taken`: the new address has an account'),
+        },
+      },
+    },
+    async (request, reply) => {
+      const { userId } = signedInSession(
+        request,
+        'The email address is changed from a signed-in session, not with an API key',
+      );
+      const context = requestContext(request);
+      const user = await deps.auth.reauthenticate(
+        userId,
+        request.body.password,
+        'user.email_change_requested',
+        context,
+      );
+      // Before a code is spent on it.
+      const newEmail = await deps.emailChange.check(user, request.body.new_email, context);
+      await confirmSecondFactor(user.id, request.body.code, 'user.email_change_requested', context);
+      const requested = await deps.emailChange.request(user, newEmail, context);
+      return reply.status(202).send({
+        new_email: requested.newEmail,
+        expires_at: requested.expiresAt.toISOString(),
+        confirm_current: requested.confirmCurrent,
+      });
+    },
+  );
+
+  r.post(
+    '/v1/auth/email/change/confirm',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'confirmEmailChange',
+        summary: 'Open one of an email change’s links',
+        description:
+          '`changed: true` once every link of the change is opened: the account has the new address, ' +
+          'confirmed, and links mailed before to the old address stop working; `changed: false` while the ' +
+          'other link is still to be opened. 400 `invalid_email_change_token` for a token that is unknown, ' +
+          'expired, used, replaced or for a disabled account; 409 `email_taken` when the new address has ' +
+          'an account by now.',
+        body: ConfirmEmailChangeBodySchema,
+        response: {
+          200: EmailChangeConfirmedSchema,
+          ...problems(400, 404, 429, 503),
+          409: problemResponses[409].describe('`email_taken`: the new address has an account by now'),
+        },
+      },
+    },
+    async (request) => {
+      const { user, changed } = await deps.emailChange.confirm(request.body.token, requestContext(request));
+      return { user: toUserDto(user), changed };
     },
   );
 

@@ -116,6 +116,51 @@ export const ConfirmEmailBodySchema = z
   })
   .strict();
 
+export const ChangeEmailBodySchema = z
+  .object({
+    new_email: EmailSchema.describe('The address the account moves to'),
+    password: PasswordSchema.describe('The current password'),
+    code: z
+      .string()
+      .trim()
+      .min(1)
+      .max(32)
+      .optional()
+      .describe('With two-step verification on: a code from the app, or a recovery code'),
+  })
+  .strict();
+
+export const EmailChangeRequestedSchema = z.object({
+  new_email: z.string().describe('The address the account moves to once the links are opened'),
+  expires_at: z.string().describe('When the links stop working (ISO 8601)'),
+  confirm_current: z
+    .boolean()
+    .describe(
+      'A link went to the current address too (it was confirmed): the change applies once both are opened',
+    ),
+});
+
+export const ConfirmEmailChangeBodySchema = z
+  .object({
+    token: z
+      .string()
+      .min(1)
+      .max(512)
+      .describe('From one of the email change’s links: the `token` in its fragment (`pce_…`)')
+      .meta({ example: 'pce_9bX4kLm2QwEr_…' }),
+  })
+  .strict();
+
+export const EmailChangeConfirmedSchema = z.object({
+  user: UserSchema,
+  changed: z
+    .boolean()
+    .describe(
+      '`true`: the account has its new address (confirmed). `false`: this link is accepted, and the ' +
+        'other address’s link is still to be opened',
+    ),
+});
+
 export const ExchangeBodySchema = z
   .object({ access_token: z.string().min(1).max(8192).describe('A Supabase-issued access token') })
   .strict();

@@ -1,11 +1,14 @@
-import { and, desc, eq, gt, isNull } from 'drizzle-orm';
+import { and, desc, eq, gt, inArray, isNull } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { emailTokens } from '../../db/schema/index.js';
 
 export type EmailTokenRow = typeof emailTokens.$inferSelect;
 export type EmailTokenPurpose = EmailTokenRow['purpose'];
 
-/** Tokens mailed to users (password reset, email confirmation): one live per user and purpose. */
+/**
+ * Tokens mailed to users (password reset, email confirmation, email change): one live per user and
+ * purpose, except an email change's pair (to the new address and the current one), made together.
+ */
 export function createEmailTokensRepository(db: Executor) {
   return {
     /** The user's newest token for `purpose`, used or not (what the one-mail-a-minute rule looks at). */
@@ -24,9 +27,28 @@ export function createEmailTokensRepository(db: Executor) {
     },
     /** Replaces every unused token of the user for this purpose with this one: only the newest works. */
     async replace(row: typeof emailTokens.$inferInsert, tx: Executor): Promise<EmailTokenRow> {
-      await this.discardUnused(row.userId, row.purpose, tx);
-      const [created] = await tx.insert(emailTokens).values(row).returning();
-      return created!;
+      return (await this.replaceWith([row], tx))[0]!;
+    },
+    /** As `replace`, with several tokens of one user and purpose made together (an email change's pair). */
+    async replaceWith(rows: (typeof emailTokens.$inferInsert)[], tx: Executor): Promise<EmailTokenRow[]> {
+      const [first] = rows;
+      if (!first) return [];
+      await this.discardUnused(first.userId, first.purpose, tx);
+      return tx.insert(emailTokens).values(rows).returning();
+    },
+    /** The tokens made together with one (the same user, purpose and instant) that are not used yet. */
+    async unusedAlongside(row: EmailTokenRow, tx: Executor): Promise<EmailTokenRow[]> {
+      return tx
+        .select()
+        .from(emailTokens)
+        .where(
+          and(
+            eq(emailTokens.userId, row.userId),
+            eq(emailTokens.purpose, row.purpose),
+            eq(emailTokens.createdAt, row.createdAt),
+            isNull(emailTokens.usedAt),
+          ),
+        );
     },
     /** Unused tokens of the user stop working: of one purpose, or (undefined) of every purpose. */
     async discardUnused(
@@ -75,6 +97,9 @@ export function createEmailTokensRepository(db: Executor) {
     },
     async deleteById(id: string, tx: Executor = db): Promise<void> {
       await tx.delete(emailTokens).where(eq(emailTokens.id, id));
+    },
+    async deleteByIds(ids: string[], tx: Executor = db): Promise<void> {
+      if (ids.length > 0) await tx.delete(emailTokens).where(inArray(emailTokens.id, ids));
     },
   };
 }

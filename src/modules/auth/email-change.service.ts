@@ -1,0 +1,281 @@
+import { sql } from 'drizzle-orm';
+import type { Logger } from 'pino';
+import type { Database } from '../../db/client.js';
+import type { Clock } from '../../lib/clock.js';
+import { EMAIL_CHANGE_FORMAT, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
+import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
+import { type EventBus, inTransaction } from '../../lib/events.js';
+import type { MailMessage, Mailer } from '../../lib/mailer.js';
+import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import { normalizeEmail } from './auth.schema.js';
+import type { EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
+import { MAIL_INTERVAL_MS, tokenParagraph } from './mailed-tokens.js';
+
+export interface EmailChangeDeps {
+  db: Database;
+  users: UsersRepository;
+  tokens: EmailTokensRepository;
+  audit: AuditService;
+  events: EventBus;
+  clock: Clock;
+  pepper: Buffer;
+  /** The built-in provider's addresses change here; Supabase changes its own (supabase-js updateUser). */
+  providerName: 'local' | 'supabase';
+  /** Undefined: the service has no way to send mail (production without SMTP_URL). */
+  mailer: Mailer | undefined;
+  /** The page the links open; the token follows in the fragment. */
+  url: string | undefined;
+  ttlSeconds: number;
+  logger?: Pick<Logger, 'warn'>;
+}
+
+const invalidChangeToken = () =>
+  new AppError('invalid_email_change_token', {
+    detail: 'The email change link is invalid, has expired or was used already; ask for the change again',
+    errors: [{ field: 'body.token', message: 'is invalid, expired or used' }],
+  });
+
+const domainOf = (email: string) => email.split('@')[1] ?? null;
+
+/** What a request for a change answers: where the account moves, until when, and whether both links are needed. */
+export interface EmailChangeRequested {
+  newEmail: string;
+  expiresAt: Date;
+  confirmCurrent: boolean;
+}
+
+/**
+ * Changing an account's email address (built-in provider). The user asks from a signed-in session
+ * with their password (routes check it, and a second factor); the service mails a link (`pce_…`) to
+ * the new address, and, when the current one was confirmed, another to the current address. The change
+ * applies when every link of the request is opened: the new address is proven, and the mailbox the
+ * account could be recovered through agrees (a stranger given a mistyped address, or a thief with the
+ * password alone, cannot move the account). Links work once, for `ttlSeconds`; a newer request
+ * replaces them, and so does anything that voids mailed links (a reset, a disable, a deletion).
+ */
+export function createEmailChangeService(deps: EmailChangeDeps) {
+  const hash = (token: string) => keyedHash(deps.pepper, token);
+
+  function mailerOrNotFound(): Mailer {
+    if (deps.providerName !== 'local')
+      throw new AppError('not_found', {
+        detail:
+          'With Supabase, Supabase changes addresses: ask it with supabase-js auth.updateUser({ email }); ' +
+          'this service takes the new address at the next sign-in',
+      });
+    if (!deps.mailer)
+      throw new AppError('not_found', {
+        detail: 'Changing the email address is off: the service has no SMTP_URL to send mail through',
+      });
+    return deps.mailer;
+  }
+
+  async function audit(
+    context: RequestContext,
+    type: string,
+    userId: string | null,
+    outcome: 'success' | 'failure',
+    data: Record<string, unknown>,
+  ) {
+    await deps.audit.record(deps.db, context, { type, outcome, subjectId: userId, data });
+  }
+
+  const toNew = (newEmail: string, token: string, both: boolean): MailMessage => ({
+    to: newEmail,
+    subject: 'Confirm your new email address',
+    text:
+      `Someone, hopefully you, asked to move an account to this address, ${newEmail}.\n\n` +
+      `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'confirm it')}\n` +
+      (both
+        ? 'The change applies once the link mailed to the account’s current address is opened too.\n'
+        : '') +
+      'If it was not you, ignore this mail: nothing changes.\n',
+  });
+  const toCurrent = (user: UserRow, newEmail: string, token: string): MailMessage => ({
+    to: user.email,
+    subject: 'Confirm the change of your email address',
+    text:
+      `Someone, hopefully you, asked to change the address of the account ${user.email} to ${newEmail}.\n\n` +
+      `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'approve it')}\n` +
+      `The change applies once the link mailed to ${newEmail} is opened too. If it was not you, ignore ` +
+      'this mail and change your password: whoever asked knew it.\n',
+  });
+  const changedNotice = (oldEmail: string, newEmail: string): MailMessage => ({
+    to: oldEmail,
+    subject: 'Your email address was changed',
+    text:
+      `The address of your account is now ${newEmail}: ${oldEmail} no longer signs in to it, and mail ` +
+      'about the account goes to the new address.\n\nIf it was not you, contact support at once.\n',
+  });
+
+  /** Refused as a client error, audited; `error` to throw. */
+  async function refusedRequest(context: RequestContext, user: UserRow, reason: string, error: AppError) {
+    await audit(context, 'user.email_change_requested', user.id, 'failure', { reason });
+    return error;
+  }
+
+  return {
+    /** 404 unless the service changes addresses (built-in provider, with a way to send mail). */
+    assertAvailable(): void {
+      mailerOrNotFound();
+    },
+
+    /**
+     * The checks a request is refused by before anything is spent on it (a second factor's code):
+     * change is on, the address is another and nobody's. Gives the address, normalized.
+     */
+    async check(user: UserRow, rawNewEmail: string, context: RequestContext): Promise<string> {
+      const newEmail = normalizeEmail(rawNewEmail);
+      if (newEmail === normalizeEmail(user.email))
+        throw invalidFields([{ field: 'body.new_email', message: 'is the account’s address already' }]);
+      // Registration tells whether an address has an account, so this tells nobody anything more.
+      const holder = await deps.users.findByEmail(newEmail);
+      if (holder && holder.id !== user.id)
+        throw await refusedRequest(context, user, 'email_taken', new AppError('email_taken'));
+      return newEmail;
+    },
+
+    /**
+     * Mails the links of a change of `user`'s address to `newEmail` (from `check`), replacing any
+     * earlier request's; 429 within a minute of the last one. A mail server failing is a 503, and
+     * nothing is kept.
+     */
+    async request(user: UserRow, newEmail: string, context: RequestContext): Promise<EmailChangeRequested> {
+      const mailer = mailerOrNotFound();
+      const tokens = { toNew: generateSecret(EMAIL_CHANGE_FORMAT).token, toCurrent: '' };
+      const confirmCurrent = user.emailConfirmedAt !== null;
+      if (confirmCurrent) tokens.toCurrent = generateSecret(EMAIL_CHANGE_FORMAT).token;
+      const made = await inTransaction(deps.db, deps.events, async (tx) => {
+        // One request at a time per account, on every instance (as mailed-tokens.ts does).
+        await tx.execute(
+          sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:email_change:${user.id}`}))`,
+        );
+        const now = deps.clock.now();
+        const latest = await deps.tokens.latestFor(user.id, 'email_change', tx);
+        const since = latest ? now.getTime() - latest.createdAt.getTime() : Number.POSITIVE_INFINITY;
+        if (since < MAIL_INTERVAL_MS) return { tooSoonMs: MAIL_INTERVAL_MS - since } as const;
+        const expiresAt = new Date(now.getTime() + deps.ttlSeconds * 1000);
+        const row = (email: string, token: string) => ({
+          userId: user.id,
+          purpose: 'email_change' as const,
+          email,
+          newEmail,
+          tokenHash: hash(token),
+          createdAt: now,
+          expiresAt,
+        });
+        const rows = await deps.tokens.replaceWith(
+          [row(newEmail, tokens.toNew), ...(confirmCurrent ? [row(user.email, tokens.toCurrent)] : [])],
+          tx,
+        );
+        return { tooSoonMs: undefined, rows, expiresAt } as const;
+      });
+      if (made.tooSoonMs !== undefined) {
+        throw await refusedRequest(
+          context,
+          user,
+          'too_soon',
+          new AppError('rate_limited', {
+            detail: 'An email change was asked for less than a minute ago; wait before asking again',
+            headers: { 'retry-after': String(Math.max(1, Math.ceil(made.tooSoonMs / 1000))) },
+          }),
+        );
+      }
+      try {
+        await mailer.send(toNew(newEmail, tokens.toNew, confirmCurrent));
+        if (confirmCurrent) await mailer.send(toCurrent(user, newEmail, tokens.toCurrent));
+      } catch (err) {
+        // Nothing half-sent stays: the retry makes a new pair at once.
+        await deps.tokens.deleteByIds(made.rows.map((r) => r.id)).catch(() => undefined);
+        await audit(context, 'user.email_change_requested', user.id, 'failure', {
+          reason: 'mail_failed',
+        }).catch(() => undefined);
+        throw err;
+      }
+      await audit(context, 'user.email_change_requested', user.id, 'success', {
+        new_email_domain: domainOf(newEmail),
+        confirm_current: confirmCurrent,
+        delivery: mailer.kind,
+      });
+      return { newEmail, expiresAt: made.expiresAt, confirmCurrent };
+    },
+
+    /**
+     * Takes one link of a change: once every link of its request is taken, the account has the new
+     * address, confirmed, and every link mailed before (to the old address) stops working.
+     */
+    async confirm(token: string, context: RequestContext): Promise<{ user: UserRow; changed: boolean }> {
+      const invalid = async (reason: string, userId: string | null) => {
+        await audit(context, 'user.email_changed', userId, 'failure', { reason });
+        return invalidChangeToken();
+      };
+      mailerOrNotFound();
+      if (!parseSecret(EMAIL_CHANGE_FORMAT, token)) throw await invalid('malformed_token', null);
+      const row = await deps.tokens.findLive(hash(token), 'email_change', deps.clock.now());
+      if (!row?.newEmail) throw await invalid('unknown_token', null);
+      const newEmail = row.newEmail;
+      const link = row.email === newEmail ? 'new_address' : 'current_address';
+      let outcome: Awaited<ReturnType<typeof apply>>;
+      try {
+        outcome = await apply(row, newEmail, link, context);
+      } catch (err) {
+        // Taken meanwhile by a registration committing with this transaction (the users_email_key index).
+        if (pgErrorCode(err) !== '23505') throw err;
+        outcome = 'taken';
+      }
+      if (outcome === 'used') throw await invalid('used_token', row.userId);
+      if (outcome === 'disabled') throw await invalid('disabled', row.userId);
+      if (outcome === 'taken') {
+        await audit(context, 'user.email_changed', row.userId, 'failure', { reason: 'email_taken' });
+        throw new AppError('email_taken', {
+          detail: 'The new address has an account now; ask for the change again with another',
+        });
+      }
+      if (outcome.changed && outcome.noticeTo) {
+        deps.mailer?.send(changedNotice(outcome.noticeTo, newEmail)).catch((err: unknown) => {
+          deps.logger?.warn({ err, userId: row.userId }, 'the notice of an email change could not be mailed');
+        });
+      }
+      return { user: outcome.user, changed: outcome.changed };
+    },
+  };
+
+  async function apply(row: EmailTokenRow, newEmail: string, link: string, context: RequestContext) {
+    return inTransaction(deps.db, deps.events, async (tx, emit) => {
+      // The token first, as a confirmation link does: of concurrent uses one takes it.
+      if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
+      const user = await deps.users.findByIdForUpdate(row.userId, tx);
+      if (user?.status !== 'active') return 'disabled' as const;
+      const actor = { ...context, actorType: 'user' as const, actorId: user.id };
+      // The other link of the request, still to be opened: read after the user row is locked, so of
+      // the two links opened at once the second to lock sees the first taken, and applies the change.
+      const waiting = await deps.tokens.unusedAlongside(row, tx);
+      await deps.audit.record(tx, actor, {
+        type: 'user.email_change_confirmed',
+        subjectId: user.id,
+        data: { link, waiting_for_other: waiting.length > 0 },
+      });
+      if (waiting.length > 0) return { user, changed: false, noticeTo: undefined };
+      const holder = await deps.users.findByEmail(newEmail, tx);
+      if (holder && holder.id !== user.id) return 'taken' as const;
+      const oldEmail = user.email;
+      const changed = await deps.users.update(
+        user.id,
+        { email: newEmail, emailConfirmedAt: deps.clock.now() },
+        tx,
+      );
+      // Links mailed to the old address (a reset's, a confirmation's) no longer lead into the account.
+      await deps.tokens.discardUnused(user.id, undefined, tx);
+      await deps.audit.record(tx, actor, {
+        type: 'user.email_changed',
+        subjectId: user.id,
+        data: { old_email_domain: domainOf(oldEmail), new_email_domain: domainOf(newEmail) },
+      });
+      emit({ type: 'user_changed', userId: user.id });
+      return { user: changed ?? user, changed: true, noticeTo: user.emailConfirmedAt ? oldEmail : undefined };
+    });
+  }
+}
+
+export type EmailChangeService = ReturnType<typeof createEmailChangeService>;

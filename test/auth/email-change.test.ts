@@ -1,0 +1,400 @@
+import type { FastifyInstance } from 'fastify';
+import { decodeJwt } from 'jose';
+import { beforeAll, describe, expect, it } from 'vitest';
+import type { MailMessage } from '../../src/lib/mailer.js';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import {
+  createAdmin,
+  login,
+  PASSWORD,
+  registerUser,
+  setUserStatus,
+  type TestUser,
+} from '../support/factories.js';
+import { bearer } from '../support/http.js';
+import { capturingMailer } from '../support/mail.js';
+import { turnOnMfa } from '../support/mfa.js';
+
+const CHANGE_URL = 'https://app.example.test/email-change';
+const TO_NEW = 'Confirm your new email address';
+const TO_CURRENT = 'Confirm the change of your email address';
+const NOTICE = 'Your email address was changed';
+
+describe('changing the email address (built-in provider)', () => {
+  let app: FastifyInstance;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { EMAIL_CHANGE_URL: CHANGE_URL }, deps: { mailer, clock } });
+  });
+
+  const mails = (to: string, subject: string) =>
+    mailer.sent.filter((m) => m.to === to && m.subject === subject);
+  /** The token of the newest mail to `to` with `subject`. */
+  const tokenIn = (to: string, subject: string): string => {
+    const mail: MailMessage | undefined = mails(to, subject).at(-1);
+    expect(mail, `a mail "${subject}" to ${to}`).toBeDefined();
+    const token = /https:\/\/app\.example\.test\/email-change#token=(pce_[0-9A-Za-z_]+)/.exec(
+      mail!.text,
+    )?.[1];
+    expect(token, mail!.text).toBeDefined();
+    return token!;
+  };
+  const ask = (user: Pick<TestUser, 'accessToken'>, payload: Record<string, unknown>) =>
+    app.inject({ method: 'POST', url: '/v1/auth/email/change', headers: bearer(user.accessToken), payload });
+  const open = (token: string) =>
+    app.inject({ method: 'POST', url: '/v1/auth/email/change/confirm', payload: { token } });
+  const me = (token: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+  const loginStatus = async (email: string, password = PASSWORD) =>
+    (await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } })).statusCode;
+  const events = async (userId: string, from: Date) =>
+    app.services.audit.list({ subjectId: userId, since: from, limit: 100 });
+
+  /** A user whose current address is confirmed (as after its confirmation link). */
+  async function confirmedUser(tag: string): Promise<TestUser> {
+    const user = await registerUser(app, tag);
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
+    return user;
+  }
+
+  it('an unconfirmed address moves with the new address’s link alone, which confirms it; sign-in follows', async () => {
+    const from = new Date(clock.nowMs() - 1000);
+    const user = await registerUser(app, 'chg-unconfirmed');
+    const next = uniqueEmail('chg-unconfirmed-new');
+    const res = await ask(user, { new_email: next.toUpperCase(), password: PASSWORD });
+    expect(res.statusCode, res.body).toBe(202);
+    expect(res.json()).toEqual({ new_email: next, expires_at: expect.any(String), confirm_current: false });
+    // EMAIL_CHANGE_TTL's default: an hour from the request.
+    expect(Date.parse(res.json().expires_at) - clock.nowMs()).toBeGreaterThan(3599_000);
+    expect(Date.parse(res.json().expires_at) - clock.nowMs()).toBeLessThanOrEqual(3600_000);
+    expect(mails(user.email, TO_CURRENT)).toHaveLength(0);
+    expect(mails(next, TO_NEW)[0]!.text).toContain('within 60 minutes');
+    // Nothing changes until the link is opened.
+    expect((await me(user.accessToken)).json().user.email).toBe(user.email);
+
+    const done = await open(tokenIn(next, TO_NEW));
+    expect(done.statusCode, done.body).toBe(200);
+    expect(done.json()).toMatchObject({ changed: true, user: { id: user.id, email: next } });
+    expect(Date.parse(done.json().user.email_confirmed_at)).toBeGreaterThan(0);
+    expect((await me(user.accessToken)).json().user).toMatchObject({ email: next });
+    // An address nobody had proven gets no notice.
+    expect(mails(user.email, NOTICE)).toHaveLength(0);
+
+    expect(await loginStatus(user.email)).toBe(401);
+    const session = await login(app, next);
+    expect(decodeJwt(session.session.access_token).email).toBe(next);
+    // The session that asked gets the new address in its next token too.
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(decodeJwt(refreshed.json().session.access_token).email).toBe(next);
+
+    const types = (await events(user.id, from)).map((e) => `${e.type}:${e.outcome}`);
+    expect(types).toEqual(
+      expect.arrayContaining([
+        'user.email_change_requested:success',
+        'user.email_change_confirmed:success',
+        'user.email_changed:success',
+      ]),
+    );
+    expect(await open(tokenIn(next, TO_NEW)).then((r) => r.statusCode)).toBe(400);
+  });
+
+  it('a confirmed address also has to approve: the change applies once both links are opened, in either order', async () => {
+    for (const order of [
+      [TO_NEW, TO_CURRENT],
+      [TO_CURRENT, TO_NEW],
+    ] as const) {
+      const user = await confirmedUser('chg-both');
+      const next = uniqueEmail('chg-both-new');
+      const res = await ask(user, { new_email: next, password: PASSWORD });
+      expect(res.statusCode, res.body).toBe(202);
+      expect(res.json().confirm_current).toBe(true);
+      expect(mails(user.email, TO_CURRENT)[0]!.text).toContain(next);
+      const tokens = { [TO_NEW]: tokenIn(next, TO_NEW), [TO_CURRENT]: tokenIn(user.email, TO_CURRENT) };
+
+      const first = await open(tokens[order[0]]);
+      expect(first.statusCode, first.body).toBe(200);
+      expect(first.json()).toMatchObject({ changed: false, user: { email: user.email } });
+      expect((await me(user.accessToken)).json().user.email).toBe(user.email);
+      expect(await loginStatus(user.email)).toBe(200);
+
+      const second = await open(tokens[order[1]]);
+      expect(second.statusCode, second.body).toBe(200);
+      expect(second.json()).toMatchObject({ changed: true, user: { email: next } });
+      expect((await me(user.accessToken)).json().user.email).toBe(next);
+      expect(await loginStatus(user.email)).toBe(401);
+      expect(await loginStatus(next)).toBe(200);
+      expect(mails(user.email, NOTICE)[0]!.text).toContain(next);
+    }
+  });
+
+  it('the new address’s link alone moves nothing when the current address was confirmed (a mistyped address)', async () => {
+    const user = await confirmedUser('chg-stranger');
+    const stranger = uniqueEmail('chg-stranger-new');
+    expect((await ask(user, { new_email: stranger, password: PASSWORD })).statusCode).toBe(202);
+    expect((await open(tokenIn(stranger, TO_NEW))).json().changed).toBe(false);
+    // The stranger now holds a used link and nothing else: a reset of their address finds no account.
+    expect(await app.services.repos.users.findByEmail(stranger)).toBeUndefined();
+    expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
+  });
+
+  it('both links opened at once apply the change once', async () => {
+    for (let i = 0; i < 3; i++) {
+      const user = await confirmedUser('chg-race');
+      const next = uniqueEmail('chg-race-new');
+      expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
+      const answers = await Promise.all([open(tokenIn(next, TO_NEW)), open(tokenIn(user.email, TO_CURRENT))]);
+      expect(answers.map((a) => a.statusCode)).toEqual([200, 200]);
+      expect(answers.map((a) => a.json().changed).sort()).toEqual([false, true]);
+      expect((await app.services.repos.users.findById(user.id))?.email).toBe(next);
+    }
+  });
+
+  it('refuses without the password, from an API key, for the same or a taken address, and changes nothing', async () => {
+    const from = new Date(clock.nowMs() - 1000);
+    const user = await registerUser(app, 'chg-refused');
+    const other = await registerUser(app, 'chg-holder');
+    const changeMails = () =>
+      mailer.sent.filter((m) => m.subject === TO_NEW || m.subject === TO_CURRENT).length;
+    const sent = changeMails();
+
+    const wrong = await ask(user, { new_email: uniqueEmail('chg-x'), password: 'not the password at all' });
+    expect(wrong.statusCode).toBe(401);
+    expect(wrong.json()).toMatchObject({ errors: [{ field: 'body.password' }] });
+
+    const same = await ask(user, { new_email: user.email.toUpperCase(), password: PASSWORD });
+    expect(same.statusCode).toBe(400);
+    expect(same.json()).toMatchObject({
+      errors: [{ field: 'body.new_email', message: 'is the account’s address already' }],
+    });
+
+    const taken = await ask(user, { new_email: other.email, password: PASSWORD });
+    expect(taken.statusCode).toBe(409);
+    expect(taken.json()).toMatchObject({ code: 'email_taken' });
+
+    for (const payload of [
+      { new_email: 'not-an-address', password: PASSWORD },
+      { new_email: uniqueEmail('chg-x'), password: PASSWORD, email_confirmed_at: '2020-01-01T00:00:00Z' },
+      { password: PASSWORD },
+    ]) {
+      const res = await ask(user, payload);
+      expect(res.statusCode, JSON.stringify(payload)).toBe(400);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+    }
+
+    const keyRes = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'chg', scopes: ['account:write', 'account:read'] },
+    });
+    expect(keyRes.statusCode, keyRes.body).toBe(201);
+    const byKey = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      headers: { 'x-api-key': keyRes.json().key },
+      payload: { new_email: uniqueEmail('chg-x'), password: PASSWORD },
+    });
+    expect(byKey.statusCode).toBe(403);
+    const anonymous = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      payload: { new_email: uniqueEmail('chg-x'), password: PASSWORD },
+    });
+    expect(anonymous.statusCode).toBe(401);
+
+    expect(changeMails()).toBe(sent);
+    expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
+    const failures = (await events(user.id, from)).filter((e) => e.outcome === 'failure').map((e) => e.data);
+    expect(failures).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({ reason: 'wrong_password' }),
+        expect.objectContaining({ reason: 'email_taken' }),
+      ]),
+    );
+  });
+
+  it('asks at most once a minute (429 with Retry-After); a newer request replaces the links of the older', async () => {
+    const user = await confirmedUser('chg-again');
+    const typo = uniqueEmail('chg-typo');
+    const meant = uniqueEmail('chg-meant');
+    expect((await ask(user, { new_email: typo, password: PASSWORD })).statusCode).toBe(202);
+    clock.advance(20);
+    const soon = await ask(user, { new_email: meant, password: PASSWORD });
+    expect(soon.statusCode).toBe(429);
+    expect(soon.headers['retry-after']).toBe('40');
+    expect(mails(meant, TO_NEW)).toHaveLength(0);
+    clock.advance(41);
+    expect((await ask(user, { new_email: meant, password: PASSWORD })).statusCode).toBe(202);
+    // The first request's links went with it.
+    expect((await open(tokenIn(typo, TO_NEW))).statusCode).toBe(400);
+    expect((await open(tokens(user.email)[0]!)).statusCode).toBe(400);
+    expect((await open(tokenIn(meant, TO_NEW))).json().changed).toBe(false);
+    expect((await open(tokenIn(user.email, TO_CURRENT))).json()).toMatchObject({
+      changed: true,
+      user: { email: meant },
+    });
+
+    function tokens(to: string) {
+      return mails(to, TO_CURRENT).map((m) => /#token=(pce_[0-9A-Za-z_]+)/.exec(m.text)![1]!);
+    }
+  });
+
+  it('with two-step verification on, needs a current code too', async () => {
+    const user = await confirmedUser('chg-mfa');
+    const mfa = await turnOnMfa(app, user.accessToken, () => clock.nowMs());
+    const next = uniqueEmail('chg-mfa-new');
+    const noCode = await ask(user, { new_email: next, password: PASSWORD });
+    expect(noCode.statusCode).toBe(400);
+    expect(noCode.json()).toMatchObject({ errors: [{ field: 'body.code' }] });
+    const badCode = await ask(user, { new_email: next, password: PASSWORD, code: '000000' });
+    expect(badCode.statusCode).toBe(400);
+    expect(badCode.json()).toMatchObject({ code: 'invalid_mfa_code' });
+    expect(mails(next, TO_NEW)).toHaveLength(0);
+    const ok = await ask(user, { new_email: next, password: PASSWORD, code: mfa.code(1) });
+    expect(ok.statusCode, ok.body).toBe(202);
+  });
+
+  it('links mailed to the old address stop working once it changes; a reset voids a change in waiting', async () => {
+    const user = await registerUser(app, 'chg-reset');
+    await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email: user.email } });
+    const resetMail = mailer.sent
+      .filter((m) => m.to === user.email && m.subject === 'Reset your password')
+      .at(-1)!;
+    const resetToken = /(prs_[0-9A-Za-z_]+)/.exec(resetMail.text)![1]!;
+    const next = uniqueEmail('chg-reset-new');
+    expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
+    expect((await open(tokenIn(next, TO_NEW))).json().changed).toBe(true);
+    const reset = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token: resetToken, new_password: 'another good password 1' },
+    });
+    expect(reset.statusCode).toBe(400);
+
+    // The other way round: a reset (the mailbox's owner) ends a change someone with the password asked for.
+    const owner = await confirmedUser('chg-owner');
+    const thief = uniqueEmail('chg-thief');
+    expect((await ask(owner, { new_email: thief, password: PASSWORD })).statusCode).toBe(202);
+    await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email: owner.email } });
+    const ownerReset = mailer.sent
+      .filter((m) => m.to === owner.email && m.subject === 'Reset your password')
+      .at(-1)!;
+    const ownerToken = /(prs_[0-9A-Za-z_]+)/.exec(ownerReset.text)![1]!;
+    const done = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token: ownerToken, new_password: 'the owner is back 42' },
+    });
+    expect(done.statusCode, done.body).toBe(204);
+    expect((await open(tokenIn(thief, TO_NEW))).statusCode).toBe(400);
+    expect((await open(tokenIn(owner.email, TO_CURRENT))).statusCode).toBe(400);
+    expect((await app.services.repos.users.findById(owner.id))?.email).toBe(owner.email);
+  });
+
+  it('an address registered meanwhile: 409, and the account keeps its address', async () => {
+    const user = await registerUser(app, 'chg-raced');
+    const next = uniqueEmail('chg-raced-new');
+    expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
+    const squatter = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email: next, password: PASSWORD },
+    });
+    expect(squatter.statusCode).toBe(201);
+    const res = await open(tokenIn(next, TO_NEW));
+    expect(res.statusCode).toBe(409);
+    expect(res.json()).toMatchObject({ code: 'email_taken' });
+    expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
+  });
+
+  it('refuses expired, malformed and disabled-account links with 400', async () => {
+    const late = await registerUser(app, 'chg-late');
+    const lateNew = uniqueEmail('chg-late-new');
+    expect((await ask(late, { new_email: lateNew, password: PASSWORD })).statusCode).toBe(202);
+    clock.advance(3601);
+    const expired = await open(tokenIn(lateNew, TO_NEW));
+    expect(expired.statusCode).toBe(400);
+    expect(expired.json()).toMatchObject({
+      code: 'invalid_email_change_token',
+      errors: [{ field: 'body.token', message: 'is invalid, expired or used' }],
+    });
+
+    const admin = await createAdmin(app);
+    const gone = await registerUser(app, 'chg-disabled');
+    const goneNew = uniqueEmail('chg-disabled-new');
+    expect((await ask(gone, { new_email: goneNew, password: PASSWORD })).statusCode).toBe(202);
+    expect((await setUserStatus(app, admin.accessToken, gone.id, 'disabled')).statusCode).toBe(200);
+    expect((await open(tokenIn(goneNew, TO_NEW))).statusCode).toBe(400);
+    expect((await app.services.repos.users.findById(gone.id))?.email).toBe(gone.email);
+
+    for (const bad of ['', 'pce_short', `pec_${'a'.repeat(12)}_${'b'.repeat(43)}`, 'x'.repeat(600)]) {
+      const res = await open(bad);
+      expect(res.statusCode, bad.slice(0, 12)).toBe(400);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+    }
+  });
+
+  it('a mail server failing is a 503 and keeps nothing: the retry mails at once', async () => {
+    const user = await confirmedUser('chg-mailfail');
+    const next = uniqueEmail('chg-mailfail-new');
+    mailer.failing = true;
+    try {
+      expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(503);
+    } finally {
+      mailer.failing = false;
+    }
+    const retry = await ask(user, { new_email: next, password: PASSWORD });
+    expect(retry.statusCode, retry.body).toBe(202);
+  });
+});
+
+describe('changing the email address, throttled', () => {
+  it('a wrong password counts toward the sign-in lockout, which then stops the change as it stops sign-in', async () => {
+    const app = await buildTestApp({
+      env: { RATE_LIMIT_ENABLED: 'true', LOGIN_MAX_FAILURES_PER_HOUR: '3' },
+      deps: { mailer: capturingMailer() },
+    });
+    const user = await registerUser(app, 'chg-lockout');
+    const ask = (password: string, address: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/email/change',
+        remoteAddress: address,
+        headers: bearer(user.accessToken),
+        payload: { new_email: uniqueEmail('chg-lockout-new'), password },
+      });
+    for (let i = 0; i < 3; i++)
+      expect((await ask(`wrong guess ${i}`, `10.2.0.${i + 1}`)).statusCode).toBe(401);
+    const locked = await ask(PASSWORD, '10.2.0.99');
+    expect(locked.statusCode, locked.body).toBe(429);
+    expect(Number(locked.headers['retry-after'])).toBeGreaterThan(0);
+    const signIn = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      remoteAddress: '10.2.0.98',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(signIn.statusCode).toBe(429);
+  });
+});
+
+describe('changing the email address without a mail server', () => {
+  it('is off in production without SMTP_URL: 404, and nothing is kept', async () => {
+    const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
+    const user = await registerUser(app, 'chg-nomail');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      headers: bearer(user.accessToken),
+      payload: { new_email: uniqueEmail('chg-nomail-new'), password: PASSWORD },
+    });
+    expect(res.statusCode).toBe(404);
+    expect(res.json().detail).toContain('SMTP_URL');
+  });
+});
