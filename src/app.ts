@@ -395,6 +395,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(usersRoutes, {
     users: services.users,
     passwordReset: services.passwordReset,
+    emailChange: services.emailChange,
     mfa: services.mfa,
   });
   await app.register(rolesRoutes, { roles: services.roles });

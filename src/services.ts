@@ -228,7 +228,6 @@ export function createServices(deps: ServicesDeps) {
     requireConfirmedEmail: provider.name === 'supabase' || mailer !== undefined,
     mailer,
     logger,
-    clients: repos.clients,
   });
   const auth = createAuthService({
     db,

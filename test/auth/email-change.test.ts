@@ -354,6 +354,85 @@ describe('changing the email address (built-in provider)', () => {
   });
 });
 
+describe('changing a user’s email address for them (support)', () => {
+  let app: FastifyInstance;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+  beforeAll(async () => {
+    app = await buildTestApp({ deps: { mailer, clock } });
+  });
+  const askFor = (token: string, userId: string, newEmail: string, headers = bearer(token)) =>
+    app.inject({
+      method: 'POST',
+      url: `/v1/users/${userId}/email-change`,
+      headers,
+      payload: { new_email: newEmail },
+    });
+  const tokenTo = (to: string) =>
+    /#token=(pce_[0-9A-Za-z_]+)|\n\n(pce_[0-9A-Za-z_]+)\n/
+      .exec(mailer.sent.filter((m) => m.to === to && m.subject === TO_NEW).at(-1)?.text ?? '')
+      ?.slice(1)
+      .find(Boolean);
+
+  it('mails the new address alone, even when the current one was confirmed; the user’s link applies it', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'chg-support');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
+    const next = uniqueEmail('chg-support-new');
+    const res = await askFor(admin.accessToken, user.id, next);
+    expect(res.statusCode, res.body).toBe(202);
+    expect(res.json()).toMatchObject({ new_email: next, confirm_current: false });
+    expect(mailer.sent.some((m) => m.to === user.email && m.subject === TO_CURRENT)).toBe(false);
+    const token = tokenTo(next);
+    expect(token).toBeDefined();
+    const done = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change/confirm',
+      payload: { token },
+    });
+    expect(done.json()).toMatchObject({ changed: true, user: { id: user.id, email: next } });
+    expect(mailer.sent.some((m) => m.to === user.email && m.subject === NOTICE)).toBe(true);
+    const asked = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'user.email_change_requested',
+      limit: 5,
+    });
+    expect(asked[0]).toMatchObject({
+      actorId: admin.id,
+      data: { by_administrator: true, confirm_current: false },
+    });
+  });
+
+  it('never one’s own (a session, or an API key), nor a disabled user; unknown users are 404', async () => {
+    const admin = await createAdmin(app);
+    const linksBefore = mailer.sent.filter((m) => m.subject === TO_NEW).length;
+    const own = await askFor(admin.accessToken, admin.id, uniqueEmail('chg-self'));
+    expect(own.statusCode).toBe(403);
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'support', scopes: ['users:write'] },
+    });
+    expect(key.statusCode, key.body).toBe(201);
+    const byKey = await askFor('', admin.id, uniqueEmail('chg-self'), {
+      'x-api-key': key.json().key,
+    } as never);
+    expect(byKey.statusCode).toBe(403);
+
+    const user = await registerUser(app, 'chg-support-off');
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+    const disabled = await askFor(admin.accessToken, user.id, uniqueEmail('chg-off'));
+    expect(disabled.statusCode).toBe(409);
+    expect(
+      await askFor(admin.accessToken, '00000000-0000-4000-8000-000000000000', uniqueEmail('x')),
+    ).toMatchObject({
+      statusCode: 404,
+    });
+    expect(mailer.sent.filter((m) => m.subject === TO_NEW)).toHaveLength(linksBefore);
+  });
+});
+
 describe('changing the email address, throttled', () => {
   it('a wrong password counts toward the sign-in lockout, which then stops the change as it stops sign-in', async () => {
     const app = await buildTestApp({

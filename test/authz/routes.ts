@@ -107,6 +107,13 @@ export const ADMIN_ROUTES: MatrixRoute[] = [
     url: (c) => `/v1/users/${c.owner.id}/password-reset`,
   },
   {
+    method: 'POST',
+    route: '/v1/users/:id/email-change',
+    permission: 'users:write',
+    url: (c) => `/v1/users/${c.owner.id}/email-change`,
+    body: () => ({ new_email: 'somewhere-else@example.test' }),
+  },
+  {
     method: 'GET',
     route: '/v1/users/:id/roles',
     permission: 'users:read',

@@ -67,7 +67,7 @@ export function createAuthService(deps: AuthServiceDeps) {
    * The provider's account and the local one disagree: the provider user's email is held here by
    * another account (a user deleted or recreated in Supabase's dashboard, an email changed there to
    * one an older local account still has). Nothing is merged or overwritten automatically: an
-   * administrator decides (delete the stale local account, or change its email).
+   * administrator decides (delete the stale local account, or change the address in Supabase).
    */
   const accountConflict = (pu: ProviderUser, cause?: unknown) => {
     deps.logger?.warn(

@@ -138,13 +138,29 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
     /**
      * Mails the links of a change of `user`'s address to `newEmail` (from `check`), replacing any
-     * earlier request's; 429 within a minute of the last one. A mail server failing is a 503, and
-     * nothing is kept.
+     * earlier request's; 429 within a minute of the last one, 409 for a disabled user. A mail server
+     * failing is a 503, and nothing is kept. `byAdministrator`: support asks for the user, and only
+     * the new address's link is mailed.
      */
-    async request(user: UserRow, newEmail: string, context: RequestContext): Promise<EmailChangeRequested> {
+    async request(
+      user: UserRow,
+      newEmail: string,
+      context: RequestContext,
+      options: { byAdministrator?: boolean } = {},
+    ): Promise<EmailChangeRequested> {
       const mailer = mailerOrNotFound();
+      const byAdministrator = options.byAdministrator === true;
+      if (user.status !== 'active')
+        throw await refusedRequest(
+          context,
+          user,
+          'disabled',
+          new AppError('conflict', { detail: 'The user is disabled: enable them first' }),
+        );
       const tokens = { toNew: generateSecret(EMAIL_CHANGE_FORMAT).token, toCurrent: '' };
-      const confirmCurrent = user.emailConfirmedAt !== null;
+      // An administrator vouches for the change (a user who lost their old mailbox): the new address
+      // alone is proven.
+      const confirmCurrent = !byAdministrator && user.emailConfirmedAt !== null;
       if (confirmCurrent) tokens.toCurrent = generateSecret(EMAIL_CHANGE_FORMAT).token;
       const made = await inTransaction(deps.db, deps.events, async (tx) => {
         // One request at a time per account, on every instance (as mailed-tokens.ts does).
@@ -196,6 +212,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       await audit(context, 'user.email_change_requested', user.id, 'success', {
         new_email_domain: domainOf(newEmail),
         confirm_current: confirmCurrent,
+        ...(byAdministrator ? { by_administrator: true } : {}),
         delivery: mailer.kind,
       });
       return { newEmail, expiresAt: made.expiresAt, confirmCurrent };

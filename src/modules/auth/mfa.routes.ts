@@ -97,7 +97,7 @@ const userBearer: Array<Record<string, string[]>> = [{ bearerAuth: [] }];
 
 export async function mfaRoutes(
   app: FastifyInstance,
-  deps: { mfa: MfaService; users: Pick<UsersService, 'assertMayManage'> },
+  deps: { mfa: MfaService; users: Pick<UsersService, 'assertMayManage' | 'assertNotOwn'> },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
@@ -269,14 +269,13 @@ export async function mfaRoutes(
     },
     async (request, reply) => {
       const principal = principalOf(request);
-      await deps.users.assertMayManage(principal, request.params.id);
-      await deps.mfa.resetByAdministrator(
+      await deps.users.assertNotOwn(
+        principal,
         request.params.id,
-        principal.kind === 'service'
-          ? { kind: 'service', clientId: principal.clientId }
-          : { kind: principal.kind, userId: principal.userId },
-        requestContext(request),
+        'Turn your own two-step verification off with a code: POST /v1/auth/mfa/totp/deactivate',
       );
+      await deps.users.assertMayManage(principal, request.params.id);
+      await deps.mfa.resetByAdministrator(request.params.id, requestContext(request));
       return reply.status(204).send(null);
     },
   );

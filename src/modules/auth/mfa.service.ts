@@ -10,12 +10,11 @@ import {
   MFA_TOKEN_FORMAT,
   parseSecret,
 } from '../../lib/crypto.js';
-import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { AppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { Logger } from 'pino';
 import type { Mailer } from '../../lib/mailer.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
-import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
@@ -37,11 +36,6 @@ const MFA_MAX_LOCK_SECONDS = 3600;
 const FAILURE_MEMORY_MS = 24 * 3600_000;
 
 export type SecondFactor = 'totp' | 'recovery_code';
-
-/** Who a credential is: a user's (token or API key), or an app client's. */
-export type CredentialOf =
-  | { kind: 'user' | 'api_key'; userId: string }
-  | { kind: 'service'; clientId: string };
 
 export interface MfaServiceDeps {
   db: Database;
@@ -67,8 +61,6 @@ export interface MfaServiceDeps {
   /** Notices to the user when two-step verification is turned on or off (not awaited). */
   mailer: Mailer | undefined;
   logger?: Pick<Logger, 'warn'>;
-  /** Who registered an app client: its creator may not turn their own factor off with it. */
-  clients: Pick<ClientsRepository, 'findByClientId'>;
 }
 
 export interface MfaStatus {
@@ -487,18 +479,8 @@ export function createMfaService(deps: MfaServiceDeps) {
      * An administrator turns a user's two-step verification off (they lost their app and their
      * recovery codes). Audited whether or not there was one; 404 for an unknown user.
      */
-    async resetByAdministrator(userId: string, caller: CredentialOf, context: RequestContext): Promise<void> {
-      // Never one's own, whatever credential holds users:write (an API key, or an app client, made
-      // before the second factor): one's own is turned off with a code.
-      const behind =
-        caller.kind === 'service'
-          ? (await deps.clients.findByClientId(caller.clientId))?.createdBy
-          : caller.userId;
-      if (behind === userId) {
-        throw forbidden(
-          'Turn your own two-step verification off with a code: POST /v1/auth/mfa/totp/deactivate',
-        );
-      }
+    /** Never the caller's own (users.assertNotOwn, checked by the route): one's own goes with a code. */
+    async resetByAdministrator(userId: string, context: RequestContext): Promise<void> {
       const user = await inTransaction(deps.db, deps.events, async (tx) => {
         const user = await deps.users.findById(userId, tx);
         if (!user) throw notFound('user');

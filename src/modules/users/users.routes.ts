@@ -3,9 +3,10 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { pageOf } from '../../lib/pagination.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
-import { toUserDto } from '../auth/auth.schema.js';
+import { EmailChangeRequestedSchema, toUserDto } from '../auth/auth.schema.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import {
+  AdminEmailChangeBodySchema,
   AuthzCheckBodySchema,
   AuthzCheckResultSchema,
   ListUsersQuerySchema,
@@ -19,10 +20,16 @@ import {
 import type { UsersService } from './users.service.js';
 import type { PasswordResetService } from '../auth/password-reset.service.js';
 import type { MfaService } from '../auth/mfa.service.js';
+import type { EmailChangeService } from '../auth/email-change.service.js';
 
 export async function usersRoutes(
   app: FastifyInstance,
-  deps: { users: UsersService; passwordReset: PasswordResetService; mfa: Pick<MfaService, 'isEnabled'> },
+  deps: {
+    users: UsersService;
+    passwordReset: PasswordResetService;
+    emailChange: EmailChangeService;
+    mfa: Pick<MfaService, 'isEnabled'>;
+  },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const security = bearerOrApiKey;
@@ -134,6 +141,50 @@ export async function usersRoutes(
       await deps.users.assertMayManage(principalOf(request), request.params.id);
       await deps.passwordReset.requestFor(request.params.id, requestContext(request));
       return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/users/:id/email-change',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'changeUserEmail',
+        summary: 'Move a user to another email address, once they confirm it (for support: a lost mailbox)',
+        description:
+          'Built-in provider. Mails the user’s new address the link of `POST /v1/auth/email/change` (its ' +
+          'current address is not asked); the address changes when the link is opened. Never one’s own ' +
+          '(403: use `POST /v1/auth/email/change`, with the password). 409 for a disabled user or an ' +
+          'address with an account; 429 within a minute of the last request; 404 with Supabase (change ' +
+          'it there) or without `SMTP_URL` in production.',
+        security,
+        params: UserIdParamsSchema,
+        body: AdminEmailChangeBodySchema,
+        response: {
+          202: EmailChangeRequestedSchema.describe('The link is on its way to the new address'),
+          ...problems(400, 401, 403, 404, 409, 429, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      deps.emailChange.assertAvailable();
+      const principal = principalOf(request);
+      const context = requestContext(request);
+      await deps.users.assertNotOwn(
+        principal,
+        request.params.id,
+        'Change your own address with your password: POST /v1/auth/email/change',
+      );
+      const user = await deps.users.get(request.params.id);
+      await deps.users.assertMayManage(principal, user.id);
+      const newEmail = await deps.emailChange.check(user, request.body.new_email, context);
+      const requested = await deps.emailChange.request(user, newEmail, context, { byAdministrator: true });
+      return reply.status(202).send({
+        new_email: requested.newEmail,
+        expires_at: requested.expiresAt.toISOString(),
+        confirm_current: requested.confirmCurrent,
+      });
     },
   );
 

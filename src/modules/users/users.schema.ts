@@ -3,7 +3,7 @@ import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 
 export { UserSchema } from '../auth/auth.schema.js';
-import { UserSchema as BaseUserSchema } from '../auth/auth.schema.js';
+import { EmailSchema, UserSchema as BaseUserSchema } from '../auth/auth.schema.js';
 
 /** A user as an administrator reads one: with whether their sign-ins ask for a second factor. */
 export const UserDetailSchema = BaseUserSchema.extend({
@@ -30,6 +30,10 @@ export const PatchUserBodySchema = z
   .object({
     status: z.enum(['active', 'disabled']).describe('disabled: sessions end, tokens and API keys stop'),
   })
+  .strict();
+
+export const AdminEmailChangeBodySchema = z
+  .object({ new_email: EmailSchema.describe('The address the user moves to, once they open its link') })
   .strict();
 
 export const UserRolesSchema = z.object({ roles: z.array(z.string()), permissions: z.array(z.string()) });

@@ -1,6 +1,6 @@
 import type { Database, Transaction } from '../../db/client.js';
 import type { IdentityProvider } from '../../identity/provider.js';
-import { AppError, notFound } from '../../lib/errors.js';
+import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
@@ -28,7 +28,7 @@ export function createUsersService(deps: {
   audit: AuditService;
   events: EventBus;
   grants: GrantCeiling;
-  clients: Pick<ClientsRepository, 'clientIdsActingFor'>;
+  clients: Pick<ClientsRepository, 'clientIdsActingFor' | 'findByClientId'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
   emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
   /** MFA_REQUIRED_ROLES: granted only to users with a second factor. */
@@ -143,6 +143,19 @@ export function createUsersService(deps: {
     },
 
     assertMayManage,
+
+    /**
+     * 403 when `caller` is `userId` themselves, whatever credential holds the permission: a session, an
+     * API key, or an app client the user registered (one made before a second factor, say). For what a
+     * user does to their own account otherwise, with their password or a code.
+     */
+    async assertNotOwn(caller: Grantor, userId: string, detail: string): Promise<void> {
+      const behind =
+        caller.kind === 'service'
+          ? (await deps.clients.findByClientId(caller.clientId))?.createdBy
+          : caller.userId;
+      if (behind === userId) throw forbidden(detail);
+    },
 
     /** `caller` absent: the user deletes themselves (DELETE /v1/auth/me). */
     async delete(id: string, context: RequestContext, caller?: Grantor): Promise<void> {
