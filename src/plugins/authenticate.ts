@@ -216,6 +216,7 @@ export function requestContext(request: FastifyRequest): RequestContext {
   return {
     actorType: p ? (p.kind === 'api_key' ? 'api_key' : p.kind) : 'anonymous',
     actorId: p ? (p.kind === 'api_key' ? p.userId : p.id) : null,
+    credentialId: p?.kind === 'api_key' ? p.id : p?.kind === 'user' ? (p.sessionId ?? null) : null,
     ip: clientAddress(request),
     userAgent: typeof userAgent === 'string' ? userAgent.slice(0, MAX_USER_AGENT_LENGTH) : null,
     requestId: request.id,

@@ -1,4 +1,5 @@
 import type { FastifyInstance } from 'fastify';
+import { decodeJwt } from 'jose';
 import type { InjectOptions } from 'light-my-request';
 import pg from 'pg';
 import { beforeAll, describe, expect, inject, it, vi } from 'vitest';
@@ -247,6 +248,51 @@ describe('users and roles administration', () => {
       headers: asAdmin(),
     });
     expect(bad.statusCode).toBe(400);
+  });
+
+  it('audit events name the credential that acted: the session of a token, or the API key', async () => {
+    const user = await registerUser(app, 'credential');
+    const sessionId = decodeJwt(admin.accessToken).sid;
+    expect(sessionId).toEqual(expect.any(String));
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: asAdmin(),
+      payload: {
+        name: 'support desk',
+        scopes: ['users:write', 'account:read', 'account:write', 'api_keys:own'],
+      },
+    });
+    expect(key.statusCode, key.body).toBe(201);
+    const enabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${user.id}`,
+      headers: { 'x-api-key': key.json().key },
+      payload: { status: 'active' },
+    });
+    expect(enabled.statusCode, enabled.body).toBe(200);
+
+    type Event = { type: string; actor_type: string; actor_id: string; credential_id: string | null };
+    const about = await allPages<Event>(app, `/v1/audit-events?subject_id=${user.id}`, asAdmin());
+    expect(about.find((e) => e.type === 'user.disabled')).toMatchObject({
+      actor_type: 'user',
+      actor_id: admin.id,
+      credential_id: sessionId,
+    });
+    expect(about.find((e) => e.type === 'user.enabled')).toMatchObject({
+      actor_type: 'api_key',
+      actor_id: admin.id,
+      credential_id: key.json().id,
+    });
+    // Sign-up happens before any credential.
+    expect(about.find((e) => e.type === 'user.registered')).toMatchObject({ credential_id: null });
+    const byKey = await allPages<Event>(
+      app,
+      `/v1/audit-events?actor_id=${admin.id}&credential_id=${key.json().id}`,
+      asAdmin(),
+    );
+    expect(byKey.map((e) => e.type)).toEqual(['user.enabled']);
   });
 
   it('deletes a user with their profile, sessions and roles; the audit log keeps the event', async () => {

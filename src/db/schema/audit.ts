@@ -8,6 +8,8 @@ export const auditEvents = pgTable(
     type: text('type').notNull(),
     actorType: text('actor_type', { enum: ['user', 'service', 'api_key', 'anonymous', 'system'] }).notNull(),
     actorId: text('actor_id'),
+    /** Which of the actor's credentials acted: the session of a user's token, or the API key. */
+    credentialId: text('credential_id'),
     subjectId: text('subject_id'),
     outcome: text('outcome', { enum: ['success', 'failure'] })
       .notNull()

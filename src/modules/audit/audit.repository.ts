@@ -16,6 +16,7 @@ export function createAuditRepository(db: Executor) {
     async list(
       filter: {
         actorId?: string;
+        credentialId?: string;
         subjectId?: string;
         type?: string;
         outcome?: 'success' | 'failure';
@@ -27,6 +28,7 @@ export function createAuditRepository(db: Executor) {
     ): Promise<AuditEventRow[]> {
       const conditions = [];
       if (filter.actorId) conditions.push(eq(auditEvents.actorId, filter.actorId));
+      if (filter.credentialId) conditions.push(eq(auditEvents.credentialId, filter.credentialId));
       if (filter.subjectId) conditions.push(eq(auditEvents.subjectId, filter.subjectId));
       if (filter.outcome) conditions.push(eq(auditEvents.outcome, filter.outcome));
       if (filter.type) conditions.push(eq(auditEvents.type, filter.type));

@@ -13,6 +13,10 @@ const AuditEventSchema = z
     outcome: z.enum(['success', 'failure']),
     actor_type: z.enum(['user', 'service', 'api_key', 'anonymous', 'system']),
     actor_id: z.string().nullable(),
+    credential_id: z
+      .string()
+      .nullable()
+      .describe('What the actor acted with: the session of a user’s token, or the API key (its id)'),
     subject_id: z.string().nullable(),
     ip: z.string().nullable(),
     user_agent: z.string().nullable(),
@@ -33,6 +37,9 @@ const auditId = () =>
 
 const AuditQuerySchema = PaginationQuerySchema.extend({
   actor_id: auditId().optional(),
+  credential_id: auditId()
+    .optional()
+    .describe('Events done with this session or API key (its id); fastest with `actor_id`'),
   subject_id: auditId().optional().describe('Events about this user, API key or client (its id)'),
   outcome: z.enum(['success', 'failure']).optional(),
   type: z.string().min(1).max(100).optional(),
@@ -59,6 +66,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
       const rows = await deps.audit.list({
         limit: q.limit,
         ...(q.actor_id ? { actorId: q.actor_id } : {}),
+        ...(q.credential_id ? { credentialId: q.credential_id } : {}),
         ...(q.subject_id ? { subjectId: q.subject_id } : {}),
         ...(q.outcome ? { outcome: q.outcome } : {}),
         ...(q.type ? { type: q.type } : {}),
@@ -73,6 +81,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
           outcome: e.outcome,
           actor_type: e.actorType,
           actor_id: e.actorId,
+          credential_id: e.credentialId,
           subject_id: e.subjectId,
           ip: e.ip,
           user_agent: e.userAgent,

@@ -6,6 +6,11 @@ import type { AuditRepository } from './audit.repository.js';
 export interface RequestContext {
   actorType: 'user' | 'service' | 'api_key' | 'anonymous' | 'system';
   actorId: string | null;
+  /**
+   * The credential the actor used, when it tells more than the actor: the session a user's token
+   * belongs to, or the API key (whose actor is its owner).
+   */
+  credentialId?: string | null;
   ip: string | null;
   userAgent: string | null;
   requestId: string | null;
@@ -72,6 +77,7 @@ export function createAuditService(deps: { repo: AuditRepository; clock: Clock }
           type: record.type,
           actorType: context.actorType,
           actorId: context.actorId,
+          credentialId: context.credentialId ?? null,
           subjectId: record.subjectId ?? null,
           outcome: record.outcome ?? 'success',
           ip: context.ip,
