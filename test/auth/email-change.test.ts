@@ -44,8 +44,14 @@ describe('changing the email address (built-in provider)', () => {
   };
   const ask = (user: Pick<TestUser, 'accessToken'>, payload: Record<string, unknown>) =>
     app.inject({ method: 'POST', url: '/v1/auth/email/change', headers: bearer(user.accessToken), payload });
-  const open = (token: string) =>
-    app.inject({ method: 'POST', url: '/v1/auth/email/change/confirm', payload: { token } });
+  /** Opens a link: signed in with `accessToken` (the new address's link of a user's own request needs it), or not. */
+  const open = (token: string, accessToken?: string) =>
+    app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change/confirm',
+      headers: accessToken ? bearer(accessToken) : {},
+      payload: { token },
+    });
   const me = (token: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
   const loginStatus = async (email: string, password = PASSWORD) =>
     (await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } })).statusCode;
@@ -74,7 +80,15 @@ describe('changing the email address (built-in provider)', () => {
     // Nothing changes until the link is opened.
     expect((await me(user.accessToken)).json().user.email).toBe(user.email);
 
-    const done = await open(tokenIn(next, TO_NEW));
+    // Opened without signing in (a stranger at a mistyped address, say): nothing, and it stays usable.
+    const anonymous = await open(tokenIn(next, TO_NEW));
+    expect(anonymous.statusCode).toBe(401);
+    expect(anonymous.json()).toMatchObject({ code: 'authentication_required' });
+    const other = await registerUser(app, 'chg-other');
+    expect((await open(tokenIn(next, TO_NEW), other.accessToken)).statusCode).toBe(401);
+    expect((await me(user.accessToken)).json().user.email).toBe(user.email);
+
+    const done = await open(tokenIn(next, TO_NEW), user.accessToken);
     expect(done.statusCode, done.body).toBe(200);
     expect(done.json()).toMatchObject({ changed: true, user: { id: user.id, email: next } });
     expect(Date.parse(done.json().user.email_confirmed_at)).toBeGreaterThan(0);
@@ -101,7 +115,7 @@ describe('changing the email address (built-in provider)', () => {
         'user.email_changed:success',
       ]),
     );
-    expect(await open(tokenIn(next, TO_NEW)).then((r) => r.statusCode)).toBe(400);
+    expect(await open(tokenIn(next, TO_NEW), user.accessToken).then((r) => r.statusCode)).toBe(400);
   });
 
   it('a confirmed address also has to approve: the change applies once both links are opened, in either order', async () => {
@@ -117,13 +131,14 @@ describe('changing the email address (built-in provider)', () => {
       expect(mails(user.email, TO_CURRENT)[0]!.text).toContain(next);
       const tokens = { [TO_NEW]: tokenIn(next, TO_NEW), [TO_CURRENT]: tokenIn(user.email, TO_CURRENT) };
 
-      const first = await open(tokens[order[0]]);
+      const first = await open(tokens[order[0]], user.accessToken);
       expect(first.statusCode, first.body).toBe(200);
-      expect(first.json()).toMatchObject({ changed: false, user: { email: user.email } });
+      // Who opens a link learns nothing of the account until it moved.
+      expect(first.json()).toEqual({ changed: false, user: null });
       expect((await me(user.accessToken)).json().user.email).toBe(user.email);
       expect(await loginStatus(user.email)).toBe(200);
 
-      const second = await open(tokens[order[1]]);
+      const second = await open(tokens[order[1]], user.accessToken);
       expect(second.statusCode, second.body).toBe(200);
       expect(second.json()).toMatchObject({ changed: true, user: { email: next } });
       expect((await me(user.accessToken)).json().user.email).toBe(next);
@@ -137,7 +152,10 @@ describe('changing the email address (built-in provider)', () => {
     const user = await confirmedUser('chg-stranger');
     const stranger = uniqueEmail('chg-stranger-new');
     expect((await ask(user, { new_email: stranger, password: PASSWORD })).statusCode).toBe(202);
-    expect((await open(tokenIn(stranger, TO_NEW))).json().changed).toBe(false);
+    expect((await open(tokenIn(stranger, TO_NEW), user.accessToken)).json()).toEqual({
+      changed: false,
+      user: null,
+    });
     // The stranger now holds a used link and nothing else: a reset of their address finds no account.
     expect(await app.services.repos.users.findByEmail(stranger)).toBeUndefined();
     expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
@@ -148,7 +166,10 @@ describe('changing the email address (built-in provider)', () => {
       const user = await confirmedUser('chg-race');
       const next = uniqueEmail('chg-race-new');
       expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
-      const answers = await Promise.all([open(tokenIn(next, TO_NEW)), open(tokenIn(user.email, TO_CURRENT))]);
+      const answers = await Promise.all([
+        open(tokenIn(next, TO_NEW), user.accessToken),
+        open(tokenIn(user.email, TO_CURRENT)),
+      ]);
       expect(answers.map((a) => a.statusCode)).toEqual([200, 200]);
       expect(answers.map((a) => a.json().changed).sort()).toEqual([false, true]);
       expect((await app.services.repos.users.findById(user.id))?.email).toBe(next);
@@ -214,6 +235,7 @@ describe('changing the email address (built-in provider)', () => {
     expect(failures).toEqual(
       expect.arrayContaining([
         expect.objectContaining({ reason: 'wrong_password' }),
+        expect.objectContaining({ reason: 'same_address' }),
         expect.objectContaining({ reason: 'email_taken' }),
       ]),
     );
@@ -232,9 +254,9 @@ describe('changing the email address (built-in provider)', () => {
     clock.advance(41);
     expect((await ask(user, { new_email: meant, password: PASSWORD })).statusCode).toBe(202);
     // The first request's links went with it.
-    expect((await open(tokenIn(typo, TO_NEW))).statusCode).toBe(400);
+    expect((await open(tokenIn(typo, TO_NEW), user.accessToken)).statusCode).toBe(400);
     expect((await open(tokens(user.email)[0]!)).statusCode).toBe(400);
-    expect((await open(tokenIn(meant, TO_NEW))).json().changed).toBe(false);
+    expect((await open(tokenIn(meant, TO_NEW), user.accessToken)).json().changed).toBe(false);
     expect((await open(tokenIn(user.email, TO_CURRENT))).json()).toMatchObject({
       changed: true,
       user: { email: meant },
@@ -243,6 +265,113 @@ describe('changing the email address (built-in provider)', () => {
     function tokens(to: string) {
       return mails(to, TO_CURRENT).map((m) => /#token=(pce_[0-9A-Za-z_]+)/.exec(m.text)![1]!);
     }
+  });
+
+  it('a request refused for coming too soon spends no code of the second factor', async () => {
+    const user = await confirmedUser('chg-mfa-soon');
+    const mfa = await turnOnMfa(app, user.accessToken, () => clock.nowMs());
+    clock.advance(30);
+    const first = await ask(user, {
+      new_email: uniqueEmail('chg-soon'),
+      password: PASSWORD,
+      code: mfa.recoveryCodes[0],
+    });
+    expect(first.statusCode, first.body).toBe(202);
+    const soon = await ask(user, {
+      new_email: uniqueEmail('chg-soon'),
+      password: PASSWORD,
+      code: mfa.recoveryCodes[1],
+    });
+    expect(soon.statusCode).toBe(429);
+    const status = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/mfa',
+      headers: bearer(user.accessToken),
+    });
+    expect(status.json().recovery_codes_remaining).toBe(9);
+  });
+
+  it('a mail server failing keeps the earlier request’s links working', async () => {
+    const user = await confirmedUser('chg-keep');
+    const first = uniqueEmail('chg-keep-first');
+    expect((await ask(user, { new_email: first, password: PASSWORD })).statusCode).toBe(202);
+    clock.advance(61);
+    mailer.failing = true;
+    try {
+      expect(
+        (await ask(user, { new_email: uniqueEmail('chg-keep-second'), password: PASSWORD })).statusCode,
+      ).toBe(503);
+    } finally {
+      mailer.failing = false;
+    }
+    expect((await open(tokenIn(first, TO_NEW), user.accessToken)).json().changed).toBe(false);
+    expect((await open(tokenIn(user.email, TO_CURRENT))).json()).toMatchObject({
+      changed: true,
+      user: { email: first },
+    });
+  });
+
+  it('a change in waiting ends with a password change, with signing out everywhere, and when the address is confirmed', async () => {
+    // Each time, whoever knew the password asked; the owner's next step voids it.
+    const endings: Array<[string, (user: TestUser) => Promise<unknown>]> = [
+      [
+        'password change',
+        (user) =>
+          app.inject({
+            method: 'POST',
+            url: '/v1/auth/password',
+            headers: bearer(user.accessToken),
+            payload: { current_password: PASSWORD, new_password: 'a different passphrase 9' },
+          }),
+      ],
+      [
+        'logout everywhere',
+        (user) =>
+          app.inject({
+            method: 'POST',
+            url: '/v1/auth/logout',
+            headers: bearer(user.accessToken),
+            payload: { scope: 'all' },
+          }),
+      ],
+      [
+        'address confirmed',
+        async (user) => {
+          const confirmation = mails(user.email, 'Confirm your email address').at(-1)!;
+          const token = /(pec_[0-9A-Za-z_]+)/.exec(confirmation.text)![1]!;
+          const res = await app.inject({ method: 'POST', url: '/v1/auth/email/confirm', payload: { token } });
+          expect(res.statusCode, res.body).toBe(200);
+        },
+      ],
+    ];
+    for (const [name, end] of endings) {
+      const user = await registerUser(app, 'chg-ended');
+      const thief = uniqueEmail('chg-ended-thief');
+      expect((await ask(user, { new_email: thief, password: PASSWORD })).statusCode, name).toBe(202);
+      await end(user);
+      // Gone, not merely waiting for a session (which would be a 401).
+      expect((await open(tokenIn(thief, TO_NEW))).statusCode, name).toBe(400);
+      expect(await app.services.repos.emailTokens.latestFor(user.id, 'email_change'), name).toBeUndefined();
+      expect((await app.services.repos.users.findById(user.id))?.email, name).toBe(user.email);
+    }
+  });
+
+  it('asks the address the account has when the request is made, not the one read before', async () => {
+    // A request whose caller read the account before a change of its own applied (or before its
+    // address was confirmed): the links follow the account as it is under the request's lock.
+    const user = await registerUser(app, 'chg-stale');
+    const stale = (await app.services.repos.users.findById(user.id))!;
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
+    const next = uniqueEmail('chg-stale-new');
+    const requested = await app.services.emailChange.request(stale, next, {
+      actorType: 'user',
+      actorId: user.id,
+      ip: null,
+      userAgent: null,
+      requestId: null,
+    });
+    expect(requested.confirmCurrent).toBe(true);
+    expect(mails(user.email, TO_CURRENT)).toHaveLength(1);
   });
 
   it('with two-step verification on, needs a current code too', async () => {
@@ -269,7 +398,7 @@ describe('changing the email address (built-in provider)', () => {
     const resetToken = /(prs_[0-9A-Za-z_]+)/.exec(resetMail.text)![1]!;
     const next = uniqueEmail('chg-reset-new');
     expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
-    expect((await open(tokenIn(next, TO_NEW))).json().changed).toBe(true);
+    expect((await open(tokenIn(next, TO_NEW), user.accessToken)).json().changed).toBe(true);
     const reset = await app.inject({
       method: 'POST',
       url: '/v1/auth/password/reset',
@@ -307,7 +436,7 @@ describe('changing the email address (built-in provider)', () => {
       payload: { email: next, password: PASSWORD },
     });
     expect(squatter.statusCode).toBe(201);
-    const res = await open(tokenIn(next, TO_NEW));
+    const res = await open(tokenIn(next, TO_NEW), user.accessToken);
     expect(res.statusCode).toBe(409);
     expect(res.json()).toMatchObject({ code: 'email_taken' });
     expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
@@ -330,7 +459,9 @@ describe('changing the email address (built-in provider)', () => {
     const goneNew = uniqueEmail('chg-disabled-new');
     expect((await ask(gone, { new_email: goneNew, password: PASSWORD })).statusCode).toBe(202);
     expect((await setUserStatus(app, admin.accessToken, gone.id, 'disabled')).statusCode).toBe(200);
+    // The disable voided the link; the user's own session ended with it (401 for the token itself).
     expect((await open(tokenIn(goneNew, TO_NEW))).statusCode).toBe(400);
+    expect((await open(tokenIn(goneNew, TO_NEW), gone.accessToken)).statusCode).toBe(401);
     expect((await app.services.repos.users.findById(gone.id))?.email).toBe(gone.email);
 
     for (const bad of ['', 'pce_short', `pec_${'a'.repeat(12)}_${'b'.repeat(43)}`, 'x'.repeat(600)]) {

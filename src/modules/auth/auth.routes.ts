@@ -432,7 +432,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         body: ChangeEmailBodySchema,
         response: {
           202: EmailChangeRequestedSchema.describe('The links are on their way'),
-          ...problems(400, 401, 403, 404, 422, 429, 503),
+          ...problems(400, 401, 403, 404, 429, 503),
           409: problemResponses[409].describe('`email_taken`: the new address has an account'),
         },
       },
@@ -471,21 +471,31 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         summary: 'Open one of an email change’s links',
         description:
           '`changed: true` once every link of the change is opened: the account has the new address, ' +
-          'confirmed, and links mailed before to the old address stop working; `changed: false` while the ' +
-          'other link is still to be opened. 400 `invalid_email_change_token` for a token that is unknown, ' +
-          'expired, used, replaced or for a disabled account; 409 `email_taken` when the new address has ' +
-          'an account by now.',
+          'confirmed, and links mailed before to the old address stop working; `changed: false` (and ' +
+          '`user: null`) while the other link is still to be opened. The new address’s link of a user’s ' +
+          'own request is opened signed in to the account (its access token as `Authorization: Bearer`; ' +
+          '401 otherwise, and the link stays usable); the current address’s link and a link of an ' +
+          'administrator’s request need no session. 400 `invalid_email_change_token` for a token that is ' +
+          'unknown, expired, used, replaced or for a disabled account; 409 `email_taken` when the new ' +
+          'address has an account by now.',
+        // Optional: the new address's link of a user's own request is opened signed in.
+        security: [{}, { bearerAuth: [] }],
         body: ConfirmEmailChangeBodySchema,
         response: {
           200: EmailChangeConfirmedSchema,
-          ...problems(400, 404, 429, 503),
+          ...problems(400, 401, 404, 429, 503),
           409: problemResponses[409].describe('`email_taken`: the new address has an account by now'),
         },
       },
     },
     async (request) => {
-      const { user, changed } = await deps.emailChange.confirm(request.body.token, requestContext(request));
-      return { user: toUserDto(user), changed };
+      // Optional here: the new address's link of a user's own request is opened signed in.
+      const principal = await app.resolvePrincipal(request);
+      const signedInAs = principal?.kind === 'user' && principal.sessionId ? principal.userId : undefined;
+      const result = await deps.emailChange.confirm(request.body.token, signedInAs, requestContext(request));
+      return result.changed
+        ? { changed: true, user: toUserDto(result.user) }
+        : { changed: false, user: null };
     },
   );
 

@@ -152,7 +152,7 @@ export const ConfirmEmailChangeBodySchema = z
   .strict();
 
 export const EmailChangeConfirmedSchema = z.object({
-  user: UserSchema,
+  user: UserSchema.nullable().describe('The account with its new address; null until it changed'),
   changed: z
     .boolean()
     .describe(

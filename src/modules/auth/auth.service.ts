@@ -336,6 +336,8 @@ export function createAuthService(deps: AuthServiceDeps) {
         if (input.scope === 'all') {
           const events = await deps.sessions.endAllSessions(tx, userId, 'logout_all');
           events.forEach(emit);
+          // Signing out everywhere (a stolen session, say) also voids an email change in waiting.
+          await deps.emailTokens.discardUnused(userId, 'email_change', tx);
           ended = events.map((e) => (e.type === 'revocation' ? e.value : ''));
         } else {
           let sessionId = currentSessionId;
@@ -403,6 +405,8 @@ export function createAuthService(deps: AuthServiceDeps) {
         }
         (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(emit);
         await deps.emailTokens.discardUnused(user.id, 'password_reset', tx);
+        // An email change asked for with the old password (by whoever else knew it) goes too.
+        await deps.emailTokens.discardUnused(user.id, 'email_change', tx);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
       await deps.failures.reset(user.email);

@@ -1,6 +1,6 @@
 import { sql } from 'drizzle-orm';
 import type { Logger } from 'pino';
-import type { Database } from '../../db/client.js';
+import type { Database, Executor } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { EMAIL_CHANGE_FORMAT, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
@@ -48,11 +48,15 @@ export interface EmailChangeRequested {
 /**
  * Changing an account's email address (built-in provider). The user asks from a signed-in session
  * with their password (routes check it, and a second factor); the service mails a link (`pce_…`) to
- * the new address, and, when the current one was confirmed, another to the current address. The change
- * applies when every link of the request is opened: the new address is proven, and the mailbox the
- * account could be recovered through agrees (a stranger given a mistyped address, or a thief with the
- * password alone, cannot move the account). Links work once, for `ttlSeconds`; a newer request
- * replaces them, and so does anything that voids mailed links (a reset, a disable, a deletion).
+ * the new address and, when the current one was confirmed, another to the current address. The change
+ * applies when every link of the request is opened, the new address's from a signed-in session of the
+ * account: the new address is proven by the account's own user (a stranger at a mistyped address, or
+ * someone an attacker's account is pushed on, opening an unsolicited link, moves nothing), and the
+ * mailbox the account could be recovered through agrees (a thief with the password and a session
+ * alone moves nothing). An administrator's request (support, for a user who lost their mailbox) mails
+ * the new address alone, whose link then needs no session. Links work once, for `ttlSeconds`; a
+ * newer request replaces them, and so does anything that voids mailed links (a reset, a password
+ * change, signing out everywhere, a disable, a deletion, the current address being confirmed).
  */
 export function createEmailChangeService(deps: EmailChangeDeps) {
   const hash = (token: string) => keyedHash(deps.pepper, token);
@@ -81,12 +85,13 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     await deps.audit.record(deps.db, context, { type, outcome, subjectId: userId, data });
   }
 
-  const toNew = (newEmail: string, token: string, both: boolean): MailMessage => ({
+  const toNew = (newEmail: string, token: string, both: boolean, byAdministrator: boolean): MailMessage => ({
     to: newEmail,
     subject: 'Confirm your new email address',
     text:
       `Someone, hopefully you, asked to move an account to this address, ${newEmail}.\n\n` +
       `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'confirm it')}\n` +
+      (byAdministrator ? '' : 'Open it signed in to the account.\n') +
       (both
         ? 'The change applies once the link mailed to the account’s current address is opened too.\n'
         : '') +
@@ -128,11 +133,20 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     async check(user: UserRow, rawNewEmail: string, context: RequestContext): Promise<string> {
       const newEmail = normalizeEmail(rawNewEmail);
       if (newEmail === normalizeEmail(user.email))
-        throw invalidFields([{ field: 'body.new_email', message: 'is the account’s address already' }]);
+        throw await refusedRequest(
+          context,
+          user,
+          'same_address',
+          invalidFields([{ field: 'body.new_email', message: 'is the account’s address already' }]),
+        );
       // Registration tells whether an address has an account, so this tells nobody anything more.
       const holder = await deps.users.findByEmail(newEmail);
       if (holder && holder.id !== user.id)
         throw await refusedRequest(context, user, 'email_taken', new AppError('email_taken'));
+      // Before a second factor's code is spent on a request that would be refused (`request` checks
+      // again under its lock).
+      const wait = await tooSoon(user.id, deps.clock.now());
+      if (wait) throw await refusedRequest(context, user, 'too_soon', wait);
       return newEmail;
     },
 
@@ -143,72 +157,74 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
      * the new address's link is mailed.
      */
     async request(
-      user: UserRow,
+      asked: UserRow,
       newEmail: string,
       context: RequestContext,
       options: { byAdministrator?: boolean } = {},
     ): Promise<EmailChangeRequested> {
       const mailer = mailerOrNotFound();
       const byAdministrator = options.byAdministrator === true;
-      if (user.status !== 'active')
-        throw await refusedRequest(
-          context,
-          user,
-          'disabled',
-          new AppError('conflict', { detail: 'The user is disabled: enable them first' }),
-        );
-      const tokens = { toNew: generateSecret(EMAIL_CHANGE_FORMAT).token, toCurrent: '' };
-      // An administrator vouches for the change (a user who lost their old mailbox): the new address
-      // alone is proven.
-      const confirmCurrent = !byAdministrator && user.emailConfirmedAt !== null;
-      if (confirmCurrent) tokens.toCurrent = generateSecret(EMAIL_CHANGE_FORMAT).token;
+      const tokens = {
+        toNew: generateSecret(EMAIL_CHANGE_FORMAT).token,
+        toCurrent: generateSecret(EMAIL_CHANGE_FORMAT).token,
+      };
       const made = await inTransaction(deps.db, deps.events, async (tx) => {
         // One request at a time per account, on every instance (as mailed-tokens.ts does).
         await tx.execute(
-          sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:email_change:${user.id}`}))`,
+          sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:email_change:${asked.id}`}))`,
         );
         const now = deps.clock.now();
-        const latest = await deps.tokens.latestFor(user.id, 'email_change', tx);
-        const since = latest ? now.getTime() - latest.createdAt.getTime() : Number.POSITIVE_INFINITY;
-        if (since < MAIL_INTERVAL_MS) return { tooSoonMs: MAIL_INTERVAL_MS - since } as const;
+        const wait = await tooSoon(asked.id, now, tx);
+        if (wait) return { refused: 'too_soon', error: wait } as const;
+        // The account as it is now, locked as a change applying locks it: the address a concurrent
+        // change just applied is the one to ask, and whether it is confirmed decides the links.
+        const user = await deps.users.findByIdForUpdate(asked.id, tx);
+        if (user?.status !== 'active') {
+          const error = new AppError('conflict', { detail: 'The user is disabled: enable them first' });
+          return { refused: 'disabled', error } as const;
+        }
+        if (normalizeEmail(user.email) === newEmail) {
+          const error = invalidFields([
+            { field: 'body.new_email', message: 'is the account’s address already' },
+          ]);
+          return { refused: 'same_address', error } as const;
+        }
+        // An administrator vouches for the change (a user who lost their old mailbox): the new address
+        // alone is proven.
+        const confirmCurrent = !byAdministrator && user.emailConfirmedAt !== null;
         const expiresAt = new Date(now.getTime() + deps.ttlSeconds * 1000);
         const row = (email: string, token: string) => ({
           userId: user.id,
           purpose: 'email_change' as const,
           email,
           newEmail,
+          requestedBy: byAdministrator ? context.actorId : null,
           tokenHash: hash(token),
           createdAt: now,
           expiresAt,
         });
-        const rows = await deps.tokens.replaceWith(
+        const rows = await deps.tokens.insertMany(
           [row(newEmail, tokens.toNew), ...(confirmCurrent ? [row(user.email, tokens.toCurrent)] : [])],
           tx,
         );
-        return { tooSoonMs: undefined, rows, expiresAt } as const;
+        return { refused: undefined, user, rows, expiresAt, confirmCurrent, now } as const;
       });
-      if (made.tooSoonMs !== undefined) {
-        throw await refusedRequest(
-          context,
-          user,
-          'too_soon',
-          new AppError('rate_limited', {
-            detail: 'An email change was asked for less than a minute ago; wait before asking again',
-            headers: { 'retry-after': String(Math.max(1, Math.ceil(made.tooSoonMs / 1000))) },
-          }),
-        );
-      }
+      if (made.refused) throw await refusedRequest(context, asked, made.refused, made.error);
+      const { user, confirmCurrent } = made;
       try {
-        await mailer.send(toNew(newEmail, tokens.toNew, confirmCurrent));
+        await mailer.send(toNew(newEmail, tokens.toNew, confirmCurrent, byAdministrator));
         if (confirmCurrent) await mailer.send(toCurrent(user, newEmail, tokens.toCurrent));
       } catch (err) {
-        // Nothing half-sent stays: the retry makes a new pair at once.
+        // Nothing half-sent stays, and the earlier request's links still work: the retry makes a
+        // new pair at once.
         await deps.tokens.deleteByIds(made.rows.map((r) => r.id)).catch(() => undefined);
         await audit(context, 'user.email_change_requested', user.id, 'failure', {
           reason: 'mail_failed',
         }).catch(() => undefined);
         throw err;
       }
+      // Mailed: the earlier request's links stop working.
+      await deps.tokens.discardUnusedBefore(user.id, 'email_change', made.now);
       await audit(context, 'user.email_change_requested', user.id, 'success', {
         new_email_domain: domainOf(newEmail),
         confirm_current: confirmCurrent,
@@ -220,9 +236,15 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
     /**
      * Takes one link of a change: once every link of its request is taken, the account has the new
-     * address, confirmed, and every link mailed before (to the old address) stops working.
+     * address, confirmed, and every link mailed before (to the old address) stops working. The new
+     * address's link of a user's own request needs `signedInAs`, the user of the session it is opened
+     * from. Answers the user only once the address changed.
      */
-    async confirm(token: string, context: RequestContext): Promise<{ user: UserRow; changed: boolean }> {
+    async confirm(
+      token: string,
+      signedInAs: string | undefined,
+      context: RequestContext,
+    ): Promise<{ changed: true; user: UserRow } | { changed: false }> {
       const invalid = async (reason: string, userId: string | null) => {
         await audit(context, 'user.email_changed', userId, 'failure', { reason });
         return invalidChangeToken();
@@ -233,6 +255,15 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       if (!row?.newEmail) throw await invalid('unknown_token', null);
       const newEmail = row.newEmail;
       const link = row.email === newEmail ? 'new_address' : 'current_address';
+      if (link === 'new_address' && row.requestedBy === null && signedInAs !== row.userId) {
+        // Left usable: the user signs in and opens it again.
+        await audit(context, 'user.email_changed', row.userId, 'failure', { reason: 'not_signed_in' });
+        throw new AppError('authentication_required', {
+          detail:
+            'Open this link signed in to the account whose address changes: send its access token ' +
+            '(Authorization: Bearer) with the token',
+        });
+      }
       let outcome: Awaited<ReturnType<typeof apply>>;
       try {
         outcome = await apply(row, newEmail, link, context);
@@ -249,31 +280,44 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
           detail: 'The new address has an account now; ask for the change again with another',
         });
       }
-      if (outcome.changed && outcome.noticeTo) {
+      if (!outcome.changed) return { changed: false };
+      if (outcome.noticeTo) {
         deps.mailer?.send(changedNotice(outcome.noticeTo, newEmail)).catch((err: unknown) => {
           deps.logger?.warn({ err, userId: row.userId }, 'the notice of an email change could not be mailed');
         });
       }
-      return { user: outcome.user, changed: outcome.changed };
+      return { changed: true, user: outcome.user };
     },
   };
 
+  /** A 429 when the account's last request is less than a minute old. */
+  async function tooSoon(userId: string, now: Date, tx?: Executor): Promise<AppError | undefined> {
+    const latest = await deps.tokens.latestFor(userId, 'email_change', tx);
+    const since = latest ? now.getTime() - latest.createdAt.getTime() : Number.POSITIVE_INFINITY;
+    if (since >= MAIL_INTERVAL_MS) return undefined;
+    return new AppError('rate_limited', {
+      detail: 'An email change was asked for less than a minute ago; wait before asking again',
+      headers: { 'retry-after': String(Math.max(1, Math.ceil((MAIL_INTERVAL_MS - since) / 1000))) },
+    });
+  }
+
   async function apply(row: EmailTokenRow, newEmail: string, link: string, context: RequestContext) {
     return inTransaction(deps.db, deps.events, async (tx, emit) => {
-      // The token first, as a confirmation link does: of concurrent uses one takes it.
-      if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
+      // The user row first, as a request locks it (and the house order): concurrent uses of the
+      // request's links take turns, and of concurrent uses of one link one takes it.
       const user = await deps.users.findByIdForUpdate(row.userId, tx);
+      if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
       if (user?.status !== 'active') return 'disabled' as const;
       const actor = { ...context, actorType: 'user' as const, actorId: user.id };
-      // The other link of the request, still to be opened: read after the user row is locked, so of
-      // the two links opened at once the second to lock sees the first taken, and applies the change.
+      // The other link of the request, still to be opened: of two links opened at once, the second to
+      // lock the user sees the first taken, and applies the change.
       const waiting = await deps.tokens.unusedAlongside(row, tx);
       await deps.audit.record(tx, actor, {
         type: 'user.email_change_confirmed',
         subjectId: user.id,
         data: { link, waiting_for_other: waiting.length > 0 },
       });
-      if (waiting.length > 0) return { user, changed: false, noticeTo: undefined };
+      if (waiting.length > 0) return { changed: false } as const;
       const holder = await deps.users.findByEmail(newEmail, tx);
       if (holder && holder.id !== user.id) return 'taken' as const;
       const oldEmail = user.email;
@@ -287,10 +331,18 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       await deps.audit.record(tx, actor, {
         type: 'user.email_changed',
         subjectId: user.id,
-        data: { old_email_domain: domainOf(oldEmail), new_email_domain: domainOf(newEmail) },
+        data: {
+          old_email_domain: domainOf(oldEmail),
+          new_email_domain: domainOf(newEmail),
+          ...(row.requestedBy ? { requested_by: row.requestedBy } : {}),
+        },
       });
       emit({ type: 'user_changed', userId: user.id });
-      return { user: changed ?? user, changed: true, noticeTo: user.emailConfirmedAt ? oldEmail : undefined };
+      return {
+        changed: true,
+        user: changed ?? user,
+        noticeTo: user.emailConfirmedAt ? oldEmail : undefined,
+      } as const;
     });
   }
 }

@@ -132,6 +132,11 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         const user = await deps.users.findByIdForUpdate(row.userId, tx);
         // The address it was mailed to must still be the account's.
         if (user?.status !== 'active' || user.email !== row.email) return 'disabled' as const;
+        if (!user.emailConfirmedAt) {
+          // An email change asked for while the address was unconfirmed mailed no link to it; with the
+          // address proven now, the change would need its approval, so it starts again.
+          await deps.tokens.discardUnused(user.id, 'email_change', tx);
+        }
         const confirmed = user.emailConfirmedAt
           ? user
           : ((await deps.users.update(user.id, { emailConfirmedAt: deps.clock.now() }, tx)) ?? user);

@@ -1,4 +1,4 @@
-import { and, desc, eq, gt, inArray, isNull } from 'drizzle-orm';
+import { and, desc, eq, gt, inArray, isNull, lt } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { emailTokens } from '../../db/schema/index.js';
 
@@ -27,14 +27,29 @@ export function createEmailTokensRepository(db: Executor) {
     },
     /** Replaces every unused token of the user for this purpose with this one: only the newest works. */
     async replace(row: typeof emailTokens.$inferInsert, tx: Executor): Promise<EmailTokenRow> {
-      return (await this.replaceWith([row], tx))[0]!;
+      await this.discardUnused(row.userId, row.purpose, tx);
+      const [created] = await tx.insert(emailTokens).values(row).returning();
+      return created!;
     },
-    /** As `replace`, with several tokens of one user and purpose made together (an email change's pair). */
-    async replaceWith(rows: (typeof emailTokens.$inferInsert)[], tx: Executor): Promise<EmailTokenRow[]> {
-      const [first] = rows;
-      if (!first) return [];
-      await this.discardUnused(first.userId, first.purpose, tx);
-      return tx.insert(emailTokens).values(rows).returning();
+    /**
+     * Several tokens of one user and purpose made together (an email change's pair), beside the
+     * earlier ones: `discardUnusedBefore` ends those once the new ones are mailed.
+     */
+    async insertMany(rows: (typeof emailTokens.$inferInsert)[], tx: Executor): Promise<EmailTokenRow[]> {
+      return rows.length ? tx.insert(emailTokens).values(rows).returning() : [];
+    },
+    /** The user's unused tokens of `purpose` made before `at` stop working. */
+    async discardUnusedBefore(userId: string, purpose: EmailTokenPurpose, at: Date, tx: Executor = db) {
+      await tx
+        .delete(emailTokens)
+        .where(
+          and(
+            eq(emailTokens.userId, userId),
+            eq(emailTokens.purpose, purpose),
+            isNull(emailTokens.usedAt),
+            lt(emailTokens.createdAt, at),
+          ),
+        );
     },
     /** The tokens made together with one (the same user, purpose and instant) that are not used yet. */
     async unusedAlongside(row: EmailTokenRow, tx: Executor): Promise<EmailTokenRow[]> {
