@@ -5,18 +5,24 @@ import { parseArgs } from 'node:util';
 import { systemContext } from '../src/modules/audit/audit.service.js';
 import { openScriptContext, runScript, UsageError } from './lib/script-context.js';
 
-const USAGE = `usage: npm run rotate-signing-key [-- --force]
+const USAGE = `usage: npm run rotate-signing-key [-- --force | --revoke-previous]
 
 Makes the published next signing key the active one; the previous key is retiring (still published
 and verifying) until every token it signed has expired. Refused (exit code 1, nothing changes) while
 the next key has been published for less than 10 minutes, as verifiers may cache the JWKS that long;
---force rotates anyway (a compromised key).`;
+--force rotates anyway. --revoke-previous (a key that leaked; implies --force) also revokes the
+previous key at once: it leaves the JWKS, and every token it signed stops verifying.`;
 
 async function main() {
   let force = false;
+  let revokePrevious = false;
   try {
     const { values } = parseArgs({
-      options: { help: { type: 'boolean', short: 'h' }, force: { type: 'boolean' } },
+      options: {
+        help: { type: 'boolean', short: 'h' },
+        force: { type: 'boolean' },
+        'revoke-previous': { type: 'boolean' },
+      },
       strict: true,
       allowPositionals: false,
     });
@@ -25,6 +31,7 @@ async function main() {
       return;
     }
     force = values.force === true;
+    revokePrevious = values['revoke-previous'] === true;
   } catch (err) {
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
@@ -34,13 +41,19 @@ async function main() {
     await services.keys.ensureKeys();
     const result = await services.keys.rotate(
       { ...systemContext, userAgent: 'scripts/rotate-signing-key' },
-      { force },
+      { force, revokePrevious },
     );
     process.stdout.write(`active signing key: ${result.kid}\n`);
     if (result.previous) {
-      const retiring = await services.keys.find(result.previous);
-      const until = retiring?.publishUntil ? `, published until ${retiring.publishUntil.toISOString()}` : '';
-      process.stdout.write(`retiring signing key: ${result.previous}${until}\n`);
+      if (revokePrevious) {
+        process.stdout.write(`revoked signing key: ${result.previous} (its tokens no longer verify)\n`);
+      } else {
+        const retiring = await services.keys.find(result.previous);
+        const until = retiring?.publishUntil
+          ? `, published until ${retiring.publishUntil.toISOString()}`
+          : '';
+        process.stdout.write(`retiring signing key: ${result.previous}${until}\n`);
+      }
     } else {
       process.stdout.write('retiring signing key: none (there was no active key)\n');
     }

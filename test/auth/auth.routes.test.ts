@@ -668,6 +668,57 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     expect(after).toContain(oldKid);
   });
 
+  it('a rotation that revokes the previous key (a leaked key) ends its tokens at once, cached or not', async () => {
+    // Its own database: revoking the shared one's key would end other files' tokens.
+    const pino = (await import('pino')).default;
+    const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const own = await buildTestApp({
+      deps: { database: await openMemoryDatabase(pino({ level: 'silent' })) },
+    });
+    const admin = await registerUser(own, 'keys-revoke');
+    await own.services.repos.users.assignRole(admin.id, 'admin', null);
+    const session = await login(own, admin.email);
+    const oldToken = session.session.access_token;
+    const oldKid = decodeProtectedHeader(oldToken).kid!;
+    const me = (token: string) => own.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+    // Verified once, so the token is in the verified-token cache.
+    expect((await me(oldToken)).statusCode).toBe(200);
+
+    const rotate = await own.inject({
+      method: 'POST',
+      url: '/v1/signing-keys/rotate',
+      headers: bearer(oldToken),
+      payload: { revoke_previous: true },
+    });
+    expect(rotate.statusCode, rotate.body).toBe(200);
+    expect(rotate.json().previous_kid).toBe(oldKid);
+
+    expect((await me(oldToken)).statusCode).toBe(401);
+    const introspected = await own.inject({
+      method: 'POST',
+      url: '/oauth/introspect',
+      headers: { authorization: bearer(oldToken).authorization },
+      payload: { token: oldToken },
+    });
+    expect(introspected.statusCode === 401 || introspected.json().active === false).toBe(true);
+    const jwks = (await own.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json();
+    expect(jwks.keys.map((k: { kid: string }) => k.kid)).not.toContain(oldKid);
+    expect((await own.services.keys.find(oldKid))?.state).toBe('retired');
+
+    // The session goes on: a refresh gets a token signed with the new key.
+    const refreshed = await own.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: session.session.refresh_token },
+    });
+    expect(refreshed.statusCode, refreshed.body).toBe(200);
+    const newToken = refreshed.json().session.access_token;
+    expect(decodeProtectedHeader(newToken).kid).toBe(rotate.json().active_kid);
+    expect((await me(newToken)).statusCode).toBe(200);
+    const events = await own.services.audit.list({ type: 'signing_key.rotated', limit: 5 });
+    expect(events[0]?.data).toMatchObject({ forced: true, revoked_previous: true, previous: [oldKid] });
+  });
+
   it('retires a retiring key once its last token has expired plus 10 minutes, and unpublishes it', async () => {
     // Its own database: retiring keys on the shared one would unpublish other files' keys.
     const pino = (await import('pino')).default;

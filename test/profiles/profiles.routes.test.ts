@@ -50,6 +50,8 @@ describe('profiles', () => {
       ['avatar_url', 'javascript:alert(1)'],
       ['avatar_url', 'https://user:secret@example.com/a.png'],
       ['avatar_url', `https://example.com/${'a'.repeat(2048)}`],
+      // Under 2048 as sent, three times that once percent-encoded (as it would be stored).
+      ['avatar_url', `https://x.test/${'‹'.repeat(2030)}`],
       ['locale', 'not a locale!'],
       ['timezone', 'Mars/Olympus'],
       ['timezone', '+05:30'],

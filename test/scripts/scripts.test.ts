@@ -312,6 +312,35 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
     },
     SPAWN_TEST_TIMEOUT,
   );
+  it.skipIf(!inject('databaseUrl'))(
+    'rotate-signing-key --revoke-previous: a running instance drops the old key and its tokens (PostgreSQL)',
+    async () => {
+      await withApp(target, async (app) => {
+        const before = app.services.keys.activeKey().kid;
+        const { token } = await app.services.tokens.issue({
+          sub: '00000000-0000-4000-8000-000000000001',
+          audience: app.services.config.issuer,
+          ttlSeconds: 600,
+          clientId: 'scripts-test',
+          permissions: [],
+        });
+        // Verified (and cached) before the revocation.
+        await app.services.tokens.verify(token);
+        const result = await run(target, 'rotate-signing-key', ['--revoke-previous']);
+        expect(result.code, result.stderr).toBe(0);
+        expect(result.stdout).toContain(`revoked signing key: ${before}`);
+        const deadline = Date.now() + 5000;
+        while (app.services.keys.verificationKey(before) && Date.now() < deadline)
+          await new Promise((r) => setTimeout(r, 25));
+        expect(app.services.keys.verificationKey(before)).toBeUndefined();
+        await expect(app.services.tokens.verify(token)).rejects.toMatchObject({ code: 'invalid_token' });
+        expect(JSON.parse(app.services.keys.jwks()).keys.map((k: { kid: string }) => k.kid)).not.toContain(
+          before,
+        );
+      });
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
 });
 
 describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {

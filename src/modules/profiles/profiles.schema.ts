@@ -74,6 +74,9 @@ export const PatchProfileBodySchema = z
       // Stored as the URL parser writes it out (`https:example.com` → `https://example.com/`, spaces
       // and quotes percent-encoded), so a frontend may put it in an attribute as it comes.
       .overwrite((v) => parseUrl(v)?.href ?? v)
+      // The limit holds for what is stored (percent-encoding can triple a length), so a profile read
+      // back is always accepted again.
+      .refine((v) => v.length <= 2048, 'must be at most 2048 characters once percent-encoded')
       .nullable()
       .optional()
       .describe('An https URL')

@@ -44,6 +44,14 @@ const RotateSigningKeyBodySchema = z
         'Rotate even though the next key has been published for less than 10 minutes (a compromised key): ' +
           'verifiers holding an older cached JWKS must refetch it to accept the new tokens',
       ),
+    revoke_previous: z
+      .boolean()
+      .optional()
+      .describe(
+        'Also revoke the previous key (implies `force`): it leaves the JWKS and every instance at once, ' +
+          'and every token it signed stops verifying here (users refresh, services request new tokens; ' +
+          'verifiers caching the JWKS drop it within 10 minutes). For a key that leaked',
+      ),
   })
   .strict()
   .meta({ id: 'RotateSigningKeyBody' });
@@ -80,7 +88,8 @@ export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: Sign
           'Rotate: the published next key starts signing; the old one verifies until its tokens expire',
         description:
           'The next key must have been in the JWKS for 10 minutes (verifiers cache it that long): before ' +
-          'that, 409 `rotation_too_soon` with `Retry-After`, and nothing changes, unless `force: true`.',
+          'that, 409 `rotation_too_soon` with `Retry-After`, and nothing changes, unless `force: true`. ' +
+          '`revoke_previous: true` also revokes the previous key at once (a leaked key).',
         security: bearerOrApiKey,
         body: RotateSigningKeyBodySchema.nullish(),
         response: {
@@ -90,7 +99,10 @@ export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: Sign
       },
     },
     async (request) => {
-      const result = await deps.keys.rotate(requestContext(request), { force: request.body?.force });
+      const result = await deps.keys.rotate(requestContext(request), {
+        force: request.body?.force,
+        revokePrevious: request.body?.revoke_previous,
+      });
       return { active_kid: result.kid, previous_kid: result.previous };
     },
   );

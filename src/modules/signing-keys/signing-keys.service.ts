@@ -92,6 +92,8 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   const verification = new Map<string, VerificationKey>();
   let jwksJson = '{"keys":[]}';
   let loaded: SigningKeyRow[] = [];
+  /** Told when a key this instance verified with is gone (revoked, or past its publication). */
+  const removedListeners: Array<() => void> = [];
 
   async function newKeyRow(state: 'next' | 'active', now: Date) {
     const kid = randomUUID();
@@ -128,11 +130,14 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       ...nextVerification.get(activeRow.kid)!,
       privateKey: createPrivateKey(decryptPrivateKey(deps.keyEncryptionKey, activeRow)),
     };
+    const removed = [...verification.keys()].some((kid) => !nextVerification.has(kid));
     verification.clear();
     for (const [k, v] of nextVerification) verification.set(k, v);
     active = nextActive;
     loaded = rows;
     jwksJson = JSON.stringify({ keys: rows.map((r) => r.publicJwk) });
+    // Tokens verified with a key that is gone (cached by the token service) stop being good.
+    if (removed) for (const listener of removedListeners) listener();
   }
 
   /** Creates the first active key and a published next key when missing; retires expired keys. */
@@ -150,7 +155,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
 
   type Rotation = { kid: string; previous: string | null } | { tooSoonBy: number; createdNext: boolean };
 
-  async function rotateIn(tx: Transaction, context: RequestContext, force: boolean): Promise<Rotation> {
+  async function rotateIn(
+    tx: Transaction,
+    context: RequestContext,
+    force: boolean,
+    revokePrevious: boolean,
+  ): Promise<Rotation> {
     await deps.repo.lock(tx);
     const now = deps.clock.now();
     const rows = await deps.repo.listPublished(now, tx);
@@ -169,11 +179,15 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     for (const c of current) {
       await deps.repo.update(
         c.kid,
-        {
-          state: 'retiring',
-          retiringAt: now,
-          publishUntil: addSeconds(now, deps.maxAccessTtl + JWKS_CACHE_SECONDS),
-        },
+        // Revoked: out of the JWKS and of every instance's keys at once, and every token it signed
+        // with it (a compromised key's forgeries too). Else it verifies until its last token expired.
+        revokePrevious
+          ? { state: 'retired', retiringAt: now, publishUntil: now }
+          : {
+              state: 'retiring',
+              retiringAt: now,
+              publishUntil: addSeconds(now, deps.maxAccessTtl + JWKS_CACHE_SECONDS),
+            },
         tx,
       );
     }
@@ -186,6 +200,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
         previous: current.map((c) => c.kid),
         alg: next.alg,
         forced: force,
+        revoked_previous: revokePrevious,
         published_for: publishedFor,
       },
     });
@@ -200,6 +215,10 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       if (!active) throw new Error('no active signing key loaded');
       return active;
     },
+    /** `listener` runs whenever a key this instance verified with is no longer published. */
+    onKeyRemoved(listener: () => void): void {
+      removedListeners.push(listener);
+    },
     /** Looks a `kid` up among the published keys, in memory. */
     verificationKey(kid: string): VerificationKey | undefined {
       return verification.get(kid);
@@ -209,12 +228,15 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     },
     /**
      * Promotes the next key. Refused with 409 `rotation_too_soon` (and Retry-After) while the next
-     * key has been published for less than JWKS_CACHE_SECONDS, unless `force`.
+     * key has been published for less than JWKS_CACHE_SECONDS, unless `force`. `revokePrevious`
+     * (which forces) retires the previous key at once instead of letting its tokens run out: for a
+     * key that leaked, whose holder could sign tokens of their own with it.
      */
-    async rotate(context: RequestContext, options: { force?: boolean } = {}) {
-      const force = options.force === true;
+    async rotate(context: RequestContext, options: { force?: boolean; revokePrevious?: boolean } = {}) {
+      const revokePrevious = options.revokePrevious === true;
+      const force = options.force === true || revokePrevious;
       const result = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const r = await rotateIn(tx, context, force);
+        const r = await rotateIn(tx, context, force, revokePrevious);
         if (!('tooSoonBy' in r) || r.createdNext) emit({ type: 'signing_keys_changed' });
         return r;
       });
@@ -228,7 +250,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
           headers: { 'retry-after': String(result.tooSoonBy) },
         });
       }
-      if (force)
+      if (revokePrevious)
+        deps.logger.warn(
+          { kid: result.kid, previous: result.previous },
+          'signing key rotated, and the previous one revoked: every token it signed stops verifying',
+        );
+      else if (force)
         deps.logger.warn({ kid: result.kid, previous: result.previous }, 'signing key rotated (forced)');
       else deps.logger.info({ kid: result.kid, previous: result.previous }, 'signing key rotated');
       return result;

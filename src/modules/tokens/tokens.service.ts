@@ -104,6 +104,9 @@ function createVerifiedTokens(max: number) {
       const key = keyOf(scope, token);
       if (entries.get(key)?.token === token) entries.delete(key);
     },
+    clear() {
+      entries.clear();
+    },
   };
 }
 
@@ -122,6 +125,12 @@ export function createTokenService(deps: {
   // audience (introspection, revocation) have a cache of their own.
   const verified = createVerifiedTokens(10_000);
   const verifiedAnyAudience = createVerifiedTokens(10_000);
+  // A key gone (revoked with a rotation, or past its publication) takes its tokens with it: they are
+  // checked again, against the keys there are now.
+  deps.keys.onKeyRemoved(() => {
+    verified.clear();
+    verifiedAnyAudience.clear();
+  });
   /** A cached token past its expiry (with jwtVerify's tolerance), by the clock read as a number. */
   const expired = (claims: AccessTokenClaims) =>
     claims.exp + CLOCK_TOLERANCE_SECONDS <= Math.floor(deps.clock.nowMs() / 1000);
