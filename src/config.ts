@@ -87,6 +87,7 @@ const EnvSchema = z.object({
   SMTP_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(10_000),
   PASSWORD_RESET_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   PASSWORD_RESET_TTL: z.coerce.number().int().min(60).max(86_400).default(1800),
+  INVITATION_TTL: z.coerce.number().int().min(3600).max(2_592_000).default(604_800),
   EMAIL_CONFIRMATION_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   EMAIL_CONFIRMATION_TTL: z.coerce.number().int().min(300).max(604_800).default(86_400),
   REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
@@ -312,7 +313,7 @@ export interface Config {
   /** The SMTP server the built-in provider's mail (password reset links) goes through. */
   readonly mail: { smtpUrl: string; from: string; timeoutMs: number } | undefined;
   /** The page a reset link opens (the token follows in its fragment), and the link's lifetime. */
-  readonly passwordReset: { url: string | undefined; ttlSeconds: number };
+  readonly passwordReset: { url: string | undefined; ttlSeconds: number; invitationTtlSeconds: number };
   /**
    * Built-in provider: the page a confirmation link opens, the link's lifetime, and whether sign-in
    * waits for the address to be confirmed.
@@ -440,7 +441,11 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       e.SMTP_URL && e.MAIL_FROM
         ? { smtpUrl: e.SMTP_URL, from: e.MAIL_FROM, timeoutMs: e.SMTP_TIMEOUT_MS }
         : undefined,
-    passwordReset: { url: e.PASSWORD_RESET_URL, ttlSeconds: e.PASSWORD_RESET_TTL },
+    passwordReset: {
+      url: e.PASSWORD_RESET_URL,
+      ttlSeconds: e.PASSWORD_RESET_TTL,
+      invitationTtlSeconds: e.INVITATION_TTL,
+    },
     emailConfirmation: {
       url: e.EMAIL_CONFIRMATION_URL,
       ttlSeconds: e.EMAIL_CONFIRMATION_TTL,

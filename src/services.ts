@@ -287,6 +287,7 @@ export function createServices(deps: ServicesDeps) {
     pepper: config.secretPepper,
     url: config.passwordReset.url,
     ttlSeconds: config.passwordReset.ttlSeconds,
+    invitationTtlSeconds: config.passwordReset.invitationTtlSeconds,
     logger,
     unproven: {
       apiKeys: repos.apiKeys,

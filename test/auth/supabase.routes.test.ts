@@ -608,6 +608,16 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     });
     expect(asked.statusCode).toBe(404);
     expect(asked.json().detail).toContain('auth.updateUser');
+    // Invitations go through Supabase too.
+    const admin = await createAdmin(app);
+    const invited = await app.inject({
+      method: 'POST',
+      url: '/v1/users',
+      headers: bearer(admin.accessToken),
+      payload: { email: uniqueEmail('sb-invited') },
+    });
+    expect(invited.statusCode).toBe(404);
+    expect(invited.json().detail).toContain('inviteUserByEmail');
     // The frontend changed it through supabase-js, and Supabase confirmed it.
     const moved = uniqueEmail('sb-moved');
     gotrue.users.get(user.id)!.email = moved;

@@ -108,6 +108,12 @@ export const ADMIN_ROUTES: MatrixRoute[] = [
   },
   {
     method: 'POST',
+    route: '/v1/users',
+    permission: 'users:write',
+    body: () => ({ email: `invited-${Math.random().toString(36).slice(2)}@example.test` }),
+  },
+  {
+    method: 'POST',
     route: '/v1/users/:id/email-change',
     permission: 'users:write',
     url: (c) => `/v1/users/${c.owner.id}/email-change`,

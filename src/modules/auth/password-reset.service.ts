@@ -34,6 +34,8 @@ export interface PasswordResetDeps {
   /** The page a reset link opens; the token follows in the fragment. */
   url: string | undefined;
   ttlSeconds: number;
+  /** How long an invitation's link (the same link, to choose a first password) works. */
+  invitationTtlSeconds: number;
   logger?: Pick<Logger, 'warn' | 'info'>;
   /**
    * What an account holds besides sessions, ended by the reset that first proves its mailbox: an
@@ -79,6 +81,16 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       `Someone, hopefully you, asked to reset the password of the account ${email}.\n\n` +
       `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'choose a new password')}\n` +
       'The link works once. If you did not ask for this, ignore this mail: your password stays as it is.\n',
+  });
+
+  const invitationMail = (email: string, token: string) => ({
+    to: email,
+    subject: 'You are invited',
+    text:
+      `An administrator made an account for you, ${email}.\n\n` +
+      `${tokenParagraph(deps.url, token, deps.invitationTtlSeconds, 'choose your password')}\n` +
+      'The link works once; after that, sign in with your address and that password. If you did not ' +
+      'expect this, ignore this mail.\n',
   });
 
   async function recordRequest(
@@ -229,6 +241,34 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   }
 
   return {
+    /**
+     * The mail of an account an administrator made (users.service `invite`): the reset link, to
+     * choose a first password, for `invitationTtlSeconds`. Built-in provider, with a mailer (the
+     * caller checks `invitationsAvailable`); throws when the mail server fails.
+     */
+    async sendInvitation(user: UserRow): Promise<void> {
+      await mailed.send(
+        user,
+        'password_reset',
+        { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.invitationTtlSeconds, mailer: deps.mailer! },
+        (token) => invitationMail(user.email, token),
+      );
+    },
+
+    /** 404 unless the service mails invitations itself (built-in provider, with a mailer). */
+    assertInvitationsAvailable(): void {
+      if (deps.provider.requestPasswordRecovery)
+        throw new AppError('not_found', {
+          detail:
+            'With Supabase, invite through Supabase (supabase.auth.admin.inviteUserByEmail); the account ' +
+            'appears here at its first sign-in',
+        });
+      if (!deps.mailer)
+        throw new AppError('not_found', {
+          detail: 'Invitations are off: the service has no SMTP_URL to send mail through',
+        });
+    },
+
     /**
      * Sends a reset link to `email` when it has an active account. Answers alike whether it has one or
      * not; a second request within a minute sends nothing.

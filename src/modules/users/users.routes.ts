@@ -7,6 +7,7 @@ import { EmailChangeRequestedSchema, toUserDto } from '../auth/auth.schema.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import {
   AdminEmailChangeBodySchema,
+  InviteUserBodySchema,
   AuthzCheckBodySchema,
   AuthzCheckResultSchema,
   ListUsersQuerySchema,
@@ -50,6 +51,42 @@ export async function usersRoutes(
     async (request) => {
       const { page, nextCursor } = await deps.users.list(request.query);
       return { data: page.map(toUserDto), next_cursor: nextCursor };
+    },
+  );
+
+  r.post(
+    '/v1/users',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'inviteUser',
+        summary: 'Make an account for someone and mail them an invitation to choose their password',
+        description:
+          'Built-in provider. The account has the `user` role and no password until its owner opens the ' +
+          'invitation (`PASSWORD_RESET_URL#token=prs_…`, valid `INVITATION_TTL` seconds) and posts a ' +
+          'password to `POST /v1/auth/password/reset`, which also confirms the address; until then sign-in ' +
+          'answers as for a wrong password, and `POST /v1/auth/password/forgot` mails a new link. The ' +
+          'caller must hold what the `user` role gives. 409 `email_taken`; 503 when the mail server fails ' +
+          '(no account is kept); 404 with Supabase (invite through Supabase) or without `SMTP_URL` in ' +
+          'production.',
+        security,
+        body: InviteUserBodySchema,
+        response: {
+          201: UserSchema.describe('Made; the invitation is on its way'),
+          ...problems(400, 401, 403, 404, 409, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      deps.passwordReset.assertInvitationsAvailable();
+      const user = await deps.users.invite(
+        { email: request.body.email, displayName: request.body.display_name },
+        principalOf(request),
+        requestContext(request),
+        (invited) => deps.passwordReset.sendInvitation(invited),
+      );
+      return reply.status(201).header('location', `/v1/users/${user.id}`).send(toUserDto(user));
     },
   );
 

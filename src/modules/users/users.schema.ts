@@ -32,6 +32,13 @@ export const PatchUserBodySchema = z
   })
   .strict();
 
+export const InviteUserBodySchema = z
+  .object({
+    email: EmailSchema,
+    display_name: z.string().trim().min(1).max(100).optional().meta({ example: 'Ada Lovelace' }),
+  })
+  .strict();
+
 export const AdminEmailChangeBodySchema = z
   .object({ new_email: EmailSchema.describe('The address the user moves to, once they open its link') })
   .strict();

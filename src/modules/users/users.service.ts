@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import type { Database, Transaction } from '../../db/client.js';
 import type { IdentityProvider } from '../../identity/provider.js';
 import { AppError, forbidden, notFound } from '../../lib/errors.js';
@@ -14,8 +15,11 @@ import type { UserRow, UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
+import { normalizeEmail } from '../auth/auth.schema.js';
 
 const ADMIN_ROLE = 'admin';
+/** The role every account has from its start. */
+const USER_ROLE = 'user';
 const MANAGE_REFUSAL = 'You cannot act on a user who holds permissions you do not hold yourself';
 
 export function createUsersService(deps: {
@@ -135,6 +139,60 @@ export function createUsersService(deps: {
         throw err;
       });
       return changed ?? findOrThrow(id);
+    },
+
+    /**
+     * An account made by an administrator (`caller`) for `email`: active, with the `user` role and a
+     * profile, no password and the address unconfirmed, until its owner opens the invitation that
+     * `deliver` mails and chooses a password (a password reset, which confirms the address). The
+     * caller must hold what the `user` role gives. Nothing stays when the mail cannot go out.
+     */
+    async invite(
+      input: { email: string; displayName?: string | undefined },
+      caller: Grantor,
+      context: RequestContext,
+      deliver: (user: UserRow) => Promise<void>,
+    ): Promise<UserRow> {
+      const email = normalizeEmail(input.email);
+      const user = await inTransaction(deps.db, deps.events, async (tx) => {
+        const role = await deps.roles.findForShare(USER_ROLE, tx);
+        await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, ROLE_REFUSAL);
+        const row = await deps.repo.insert(
+          { id: randomUUID(), email, provider: 'local', passwordHash: null, emailConfirmedAt: null },
+          tx,
+        );
+        if (!row) throw new AppError('email_taken');
+        await deps.repo.assignRole(
+          row.id,
+          USER_ROLE,
+          context.actorType === 'user' ? context.actorId : null,
+          tx,
+        );
+        await deps.repo.createProfile(row.id, input.displayName ?? null, tx);
+        await deps.audit.record(tx, context, {
+          type: 'user.invited',
+          subjectId: row.id,
+          data: { email_domain: email.split('@')[1] ?? null },
+        });
+        return row;
+      });
+      try {
+        await deliver(user);
+      } catch (err) {
+        // The invitation did not go: neither does the account, so asking again works at once.
+        await inTransaction(deps.db, deps.events, async (tx, emit) => {
+          if (!(await deps.repo.delete(user.id, tx))) return;
+          await deps.audit.record(tx, context, {
+            type: 'user.invited',
+            outcome: 'failure',
+            subjectId: user.id,
+            data: { reason: 'mail_failed' },
+          });
+          emit({ type: 'user_changed', userId: user.id });
+        }).catch(() => undefined);
+        throw err;
+      }
+      return user;
     },
 
     /** 409 when deleting the user would leave no admin (checked again by `delete`). */

@@ -1,0 +1,150 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import { createAdmin, login, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+import { capturingMailer } from '../support/mail.js';
+
+const RESET_URL = 'https://app.example.test/reset';
+const CHOSEN = 'my own chosen passphrase';
+
+describe('invitations: accounts an administrator makes', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer, clock } });
+    admin = await createAdmin(app);
+  });
+  // The tests move the clock by days: a fresh administrator's token for each.
+  beforeEach(async () => {
+    admin = { ...admin, accessToken: (await login(app, admin.email, admin.password)).session.access_token };
+  });
+
+  const invite = (payload: Record<string, unknown>, headers?: Record<string, string>) =>
+    app.inject({ method: 'POST', url: '/v1/users', headers: headers ?? bearer(admin.accessToken), payload });
+  const invitationTo = (email: string) => {
+    const mail = mailer.sent.filter((m) => m.to === email && m.subject === 'You are invited').at(-1);
+    expect(mail, `an invitation to ${email}`).toBeDefined();
+    return /reset#token=(prs_[0-9A-Za-z_]+)/.exec(mail!.text)![1]!;
+  };
+  const choose = (token: string, password = CHOSEN) =>
+    app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token, new_password: password },
+    });
+  const loginStatus = async (email: string, password = CHOSEN) =>
+    (await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } })).statusCode;
+
+  it('makes an active account without a password; the invitation’s link sets one and confirms the address', async () => {
+    const email = uniqueEmail('invited');
+    const res = await invite({ email: email.toUpperCase(), display_name: 'Ada Lovelace' });
+    expect(res.statusCode, res.body).toBe(201);
+    const user = res.json();
+    expect(user).toMatchObject({ email, status: 'active', email_confirmed_at: null });
+    expect(res.headers.location).toBe(`/v1/users/${user.id}`);
+    const mail = mailer.sent.find((m) => m.to === email && m.subject === 'You are invited')!;
+    expect(mail.text).toContain('within 168 hours');
+
+    // No password yet: sign-in answers as for a wrong one.
+    expect(await loginStatus(email)).toBe(401);
+    const roles = await app.inject({
+      method: 'GET',
+      url: `/v1/users/${user.id}/roles`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(roles.json().roles).toEqual(['user']);
+    const profile = await app.inject({
+      method: 'GET',
+      url: `/v1/profiles/${user.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(profile.json().display_name).toBe('Ada Lovelace');
+
+    // A day later (past a reset link's 30 minutes), the invitation still works, once.
+    clock.advance(86_400);
+    const token = invitationTo(email);
+    expect((await choose(token)).statusCode).toBe(204);
+    expect((await choose(token, 'another passphrase 2')).statusCode).toBe(400);
+    const session = await login(app, email, CHOSEN);
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(session.session.access_token),
+    });
+    expect(me.json().user.email_confirmed_at).not.toBeNull();
+
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'user.invited', limit: 5 });
+    expect(events[0]).toMatchObject({ actorId: admin.id, outcome: 'success' });
+  });
+
+  it('an invitation runs out after INVITATION_TTL (7 days); forgot-password mails a new link', async () => {
+    const email = uniqueEmail('invited-late');
+    expect((await invite({ email })).statusCode).toBe(201);
+    const token = invitationTo(email);
+    clock.advance(7 * 86_400 + 1);
+    expect((await choose(token)).statusCode).toBe(400);
+    expect(
+      (await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email } })).statusCode,
+    ).toBe(204);
+    const reset = mailer.sent.filter((m) => m.to === email && m.subject === 'Reset your password').at(-1)!;
+    const fresh = /reset#token=(prs_[0-9A-Za-z_]+)/.exec(reset.text)![1]!;
+    expect((await choose(fresh)).statusCode).toBe(204);
+    expect(await loginStatus(email)).toBe(200);
+  });
+
+  it('refuses a taken or bad address, and a caller who does not hold what the user role gives', async () => {
+    const email = uniqueEmail('invited-twice');
+    expect((await invite({ email })).statusCode).toBe(201);
+    const again = await invite({ email });
+    expect(again.statusCode).toBe(409);
+    expect(again.json()).toMatchObject({ code: 'email_taken' });
+    for (const payload of [{ email: 'nope' }, { email: uniqueEmail('x'), roles: ['admin'] }, {}]) {
+      const res = await invite(payload);
+      expect(res.statusCode, JSON.stringify(payload)).toBe(400);
+    }
+    // An API key with users:write alone would hand out account:* it does not hold.
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'inviter', scopes: ['users:write'] },
+    });
+    expect(key.statusCode, key.body).toBe(201);
+    const nobody = uniqueEmail('invited-by-key');
+    const byKey = await invite({ email: nobody }, { 'x-api-key': key.json().key });
+    expect(byKey.statusCode).toBe(403);
+    expect(await app.services.repos.users.findByEmail(nobody)).toBeUndefined();
+  });
+
+  it('keeps no account when the invitation cannot be mailed: asking again works at once', async () => {
+    const email = uniqueEmail('invited-nomail');
+    mailer.failing = true;
+    try {
+      expect((await invite({ email })).statusCode).toBe(503);
+    } finally {
+      mailer.failing = false;
+    }
+    expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
+    expect((await invite({ email })).statusCode).toBe(201);
+  });
+});
+
+describe('invitations without a mail server', () => {
+  it('are off in production without SMTP_URL: 404, and no account is made', async () => {
+    const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
+    const admin = await createAdmin(app);
+    const email = uniqueEmail('invited-off');
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/users',
+      headers: bearer(admin.accessToken),
+      payload: { email },
+    });
+    expect(res.statusCode).toBe(404);
+    expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
+  });
+});
