@@ -148,6 +148,45 @@ describe('changing the email address (built-in provider)', () => {
     }
   });
 
+  it('shows the change in waiting with the links still to open, and cancels it', async () => {
+    const user = await confirmedUser('chg-pending');
+    const pending = () =>
+      app.inject({ method: 'GET', url: '/v1/auth/email/change', headers: bearer(user.accessToken) });
+    const cancel = () =>
+      app.inject({ method: 'DELETE', url: '/v1/auth/email/change', headers: bearer(user.accessToken) });
+    expect((await pending()).statusCode).toBe(404);
+    const next = uniqueEmail('chg-pending-new');
+    const asked = await ask(user, { new_email: next, password: PASSWORD });
+    expect((await pending()).json()).toEqual({
+      new_email: next,
+      expires_at: asked.json().expires_at,
+      confirm_current: true,
+      waiting_for: expect.arrayContaining(['new_address', 'current_address']),
+    });
+    expect((await open(tokenIn(user.email, TO_CURRENT))).json().changed).toBe(false);
+    expect((await pending()).json().waiting_for).toEqual(['new_address']);
+
+    expect((await cancel()).statusCode).toBe(204);
+    expect((await pending()).statusCode).toBe(404);
+    expect((await cancel()).statusCode).toBe(404);
+    expect((await open(tokenIn(next, TO_NEW), user.accessToken)).statusCode).toBe(400);
+    expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
+    const cancelled = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'user.email_change_cancelled',
+      limit: 5,
+    });
+    expect(cancelled).toHaveLength(1);
+
+    // Applied: nothing waits any more.
+    clock.advance(61);
+    const again = uniqueEmail('chg-pending-again');
+    expect((await ask(user, { new_email: again, password: PASSWORD })).statusCode).toBe(202);
+    await open(tokenIn(again, TO_NEW), user.accessToken);
+    expect((await open(tokenIn(user.email, TO_CURRENT))).json().changed).toBe(true);
+    expect((await pending()).statusCode).toBe(404);
+  });
+
   it('the new address’s link alone moves nothing when the current address was confirmed (a mistyped address)', async () => {
     const user = await confirmedUser('chg-stranger');
     const stranger = uniqueEmail('chg-stranger-new');

@@ -35,6 +35,8 @@ export const AUTH_ROUTES: MatrixRoute[] = [
     permission: 'account:write',
     body: () => ({ password: 'whatever-it-is' }),
   },
+  { method: 'GET', route: '/v1/auth/email/change', permission: 'account:read' },
+  { method: 'DELETE', route: '/v1/auth/email/change', permission: 'account:write' },
   {
     method: 'POST',
     route: '/v1/auth/email/change',

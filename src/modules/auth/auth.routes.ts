@@ -18,6 +18,7 @@ import {
   DeleteAccountBodySchema,
   EmailChangeConfirmedSchema,
   EmailChangeRequestedSchema,
+  PendingEmailChangeSchema,
   ExchangeBodySchema,
   ForgotPasswordBodySchema,
   LoginBodySchema,
@@ -458,6 +459,50 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         expires_at: requested.expiresAt.toISOString(),
         confirm_current: requested.confirmCurrent,
       });
+    },
+  );
+
+  r.get(
+    '/v1/auth/email/change',
+    {
+      config: { permission: 'account:read' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'getEmailChange',
+        summary: 'The email change waiting for its links',
+        description: '404 when none waits (none asked, or it applied, expired or was voided).',
+        security: bearerOrApiKey,
+        response: { 200: PendingEmailChangeSchema, ...problems(401, 403, 404) },
+      },
+    },
+    async (request) => {
+      const pending = await deps.emailChange.pending(userIdOf(request));
+      if (!pending) throw notFound('email change');
+      return {
+        new_email: pending.newEmail,
+        expires_at: pending.expiresAt.toISOString(),
+        confirm_current: pending.confirmCurrent,
+        waiting_for: pending.waitingFor,
+      };
+    },
+  );
+
+  r.delete(
+    '/v1/auth/email/change',
+    {
+      config: { permission: 'account:write' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'cancelEmailChange',
+        summary: 'Cancel the email change waiting for its links (they stop working)',
+        security: bearerOrApiKey,
+        response: { 204: z.null().describe('Cancelled'), ...problems(401, 403, 404) },
+      },
+    },
+    async (request, reply) => {
+      if (!(await deps.emailChange.cancel(userIdOf(request), requestContext(request))))
+        throw notFound('email change');
+      return reply.status(204).send(null);
     },
   );
 

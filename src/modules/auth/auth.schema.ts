@@ -140,6 +140,10 @@ export const EmailChangeRequestedSchema = z.object({
     ),
 });
 
+export const PendingEmailChangeSchema = EmailChangeRequestedSchema.extend({
+  waiting_for: z.array(z.enum(['new_address', 'current_address'])).describe('The links not opened yet'),
+});
+
 export const ConfirmEmailChangeBodySchema = z
   .object({
     token: z

@@ -38,6 +38,14 @@ const invalidChangeToken = () =>
 
 const domainOf = (email: string) => email.split('@')[1] ?? null;
 
+/** A change waiting for its links. */
+export interface PendingEmailChange {
+  newEmail: string;
+  expiresAt: Date;
+  confirmCurrent: boolean;
+  waitingFor: Array<'new_address' | 'current_address'>;
+}
+
 /** What a request for a change answers: where the account moves, until when, and whether both links are needed. */
 export interface EmailChangeRequested {
   newEmail: string;
@@ -234,6 +242,31 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       return { newEmail, expiresAt: made.expiresAt, confirmCurrent };
     },
 
+    /** The change waiting for its links, if any: where to, until when, and which links are unopened. */
+    async pending(userId: string): Promise<PendingEmailChange | undefined> {
+      const latest = await deps.tokens.latestFor(userId, 'email_change');
+      if (!latest?.newEmail || latest.expiresAt <= deps.clock.now()) return undefined;
+      const rows = await deps.tokens.ofRequest(latest);
+      const unopened = rows.filter((r) => r.usedAt === null);
+      if (unopened.length === 0) return undefined;
+      return {
+        newEmail: latest.newEmail,
+        expiresAt: latest.expiresAt,
+        confirmCurrent: rows.some((r) => r.email !== r.newEmail),
+        waitingFor: unopened.map((r) => (r.email === r.newEmail ? 'new_address' : 'current_address')),
+      };
+    },
+
+    /** Cancels the change waiting for its links (its links stop working); false when none waits. */
+    async cancel(userId: string, context: RequestContext): Promise<boolean> {
+      if (!(await this.pending(userId))) return false;
+      await inTransaction(deps.db, deps.events, async (tx) => {
+        await deps.tokens.discardUnused(userId, 'email_change', tx);
+        await deps.audit.record(tx, context, { type: 'user.email_change_cancelled', subjectId: userId });
+      });
+      return true;
+    },
+
     /**
      * Takes one link of a change: once every link of its request is taken, the account has the new
      * address, confirmed, and every link mailed before (to the old address) stops working. The new
@@ -311,7 +344,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       const actor = { ...context, actorType: 'user' as const, actorId: user.id };
       // The other link of the request, still to be opened: of two links opened at once, the second to
       // lock the user sees the first taken, and applies the change.
-      const waiting = await deps.tokens.unusedAlongside(row, tx);
+      const waiting = (await deps.tokens.ofRequest(row, tx)).filter((r) => r.usedAt === null);
       await deps.audit.record(tx, actor, {
         type: 'user.email_change_confirmed',
         subjectId: user.id,

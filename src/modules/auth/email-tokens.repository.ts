@@ -51,8 +51,8 @@ export function createEmailTokensRepository(db: Executor) {
           ),
         );
     },
-    /** The tokens made together with one (the same user, purpose and instant) that are not used yet. */
-    async unusedAlongside(row: EmailTokenRow, tx: Executor): Promise<EmailTokenRow[]> {
+    /** The tokens made together with one (the same user, purpose and instant), used or not. */
+    async ofRequest(row: EmailTokenRow, tx: Executor = db): Promise<EmailTokenRow[]> {
       return tx
         .select()
         .from(emailTokens)
@@ -61,7 +61,6 @@ export function createEmailTokensRepository(db: Executor) {
             eq(emailTokens.userId, row.userId),
             eq(emailTokens.purpose, row.purpose),
             eq(emailTokens.createdAt, row.createdAt),
-            isNull(emailTokens.usedAt),
           ),
         );
     },
