@@ -245,7 +245,8 @@ export function createServices(deps: ServicesDeps) {
     mfa,
     requireEmailConfirmation: config.emailConfirmation.required && provider.name === 'local',
   });
-  const emailConfirmation = createEmailConfirmationService({
+  // What the services of mailed links (confirmation, email change) share.
+  const mailedLinks = {
     db,
     users: repos.users,
     tokens: repos.emailTokens,
@@ -255,24 +256,10 @@ export function createServices(deps: ServicesDeps) {
     pepper: config.secretPepper,
     providerName: provider.name,
     mailer,
-    url: config.emailConfirmation.url,
-    ttlSeconds: config.emailConfirmation.ttlSeconds,
     logger,
-  });
-  const emailChange = createEmailChangeService({
-    db,
-    users: repos.users,
-    tokens: repos.emailTokens,
-    audit,
-    events,
-    clock,
-    pepper: config.secretPepper,
-    providerName: provider.name,
-    mailer,
-    url: config.emailChange.url,
-    ttlSeconds: config.emailChange.ttlSeconds,
-    logger,
-  });
+  };
+  const emailConfirmation = createEmailConfirmationService({ ...mailedLinks, ...config.emailConfirmation });
+  const emailChange = createEmailChangeService({ ...mailedLinks, ...config.emailChange });
   const passwordReset = createPasswordResetService({
     db,
     users: repos.users,

@@ -14,6 +14,7 @@ import {
 } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
+import { createKey, withKey } from '../api-keys/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
 
 const CHANGE_URL = 'https://app.example.test/email-change';
@@ -247,17 +248,11 @@ describe('changing the email address (built-in provider)', () => {
       expect(res.headers['content-type']).toContain('application/problem+json');
     }
 
-    const keyRes = await app.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(user.accessToken),
-      payload: { name: 'chg', scopes: ['account:write', 'account:read'] },
-    });
-    expect(keyRes.statusCode, keyRes.body).toBe(201);
+    const key = await createKey(app, user.accessToken, { scopes: ['account:write', 'account:read'] });
     const byKey = await app.inject({
       method: 'POST',
       url: '/v1/auth/email/change',
-      headers: { 'x-api-key': keyRes.json().key },
+      headers: withKey(key.key),
       payload: { new_email: uniqueEmail('chg-x'), password: PASSWORD },
     });
     expect(byKey.statusCode).toBe(403);
@@ -531,7 +526,12 @@ describe('changing a user’s email address for them (support)', () => {
   beforeAll(async () => {
     app = await buildTestApp({ deps: { mailer, clock } });
   });
-  const askFor = (token: string, userId: string, newEmail: string, headers = bearer(token)) =>
+  const askFor = (
+    token: string,
+    userId: string,
+    newEmail: string,
+    headers: Record<string, string> = bearer(token),
+  ) =>
     app.inject({
       method: 'POST',
       url: `/v1/users/${userId}/email-change`,
@@ -578,16 +578,8 @@ describe('changing a user’s email address for them (support)', () => {
     const linksBefore = mailer.sent.filter((m) => m.subject === TO_NEW).length;
     const own = await askFor(admin.accessToken, admin.id, uniqueEmail('chg-self'));
     expect(own.statusCode).toBe(403);
-    const key = await app.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(admin.accessToken),
-      payload: { name: 'support', scopes: ['users:write'] },
-    });
-    expect(key.statusCode, key.body).toBe(201);
-    const byKey = await askFor('', admin.id, uniqueEmail('chg-self'), {
-      'x-api-key': key.json().key,
-    } as never);
+    const key = await createKey(app, admin.accessToken, { scopes: ['users:write'] });
+    const byKey = await askFor('', admin.id, uniqueEmail('chg-self'), withKey(key.key));
     expect(byKey.statusCode).toBe(403);
 
     const user = await registerUser(app, 'chg-support-off');

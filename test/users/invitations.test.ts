@@ -5,6 +5,7 @@ import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
+import { createKey, withKey } from '../api-keys/helpers.js';
 
 const RESET_URL = 'https://app.example.test/reset';
 const CHOSEN = 'my own chosen passphrase';
@@ -107,15 +108,9 @@ describe('invitations: accounts an administrator makes', () => {
       expect(res.statusCode, JSON.stringify(payload)).toBe(400);
     }
     // An API key with users:write alone would hand out account:* it does not hold.
-    const key = await app.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(admin.accessToken),
-      payload: { name: 'inviter', scopes: ['users:write'] },
-    });
-    expect(key.statusCode, key.body).toBe(201);
+    const key = await createKey(app, admin.accessToken, { scopes: ['users:write'] });
     const nobody = uniqueEmail('invited-by-key');
-    const byKey = await invite({ email: nobody }, { 'x-api-key': key.json().key });
+    const byKey = await invite({ email: nobody }, withKey(key.key));
     expect(byKey.statusCode).toBe(403);
     expect(await app.services.repos.users.findByEmail(nobody)).toBeUndefined();
   });

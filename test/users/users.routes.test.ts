@@ -15,6 +15,7 @@ import {
 } from '../support/factories.js';
 import { allPages, bearer } from '../support/http.js';
 import { clientToken, createClient } from '../clients/helpers.js';
+import { createKey, withKey } from '../api-keys/helpers.js';
 
 describe('users and roles administration', () => {
   let app: FastifyInstance;
@@ -255,20 +256,13 @@ describe('users and roles administration', () => {
     const sessionId = decodeJwt(admin.accessToken).sid;
     expect(sessionId).toEqual(expect.any(String));
     expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
-    const key = await app.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: asAdmin(),
-      payload: {
-        name: 'support desk',
-        scopes: ['users:write', 'account:read', 'account:write', 'api_keys:own'],
-      },
+    const key = await createKey(app, admin.accessToken, {
+      scopes: ['users:write', 'account:read', 'account:write', 'api_keys:own'],
     });
-    expect(key.statusCode, key.body).toBe(201);
     const enabled = await app.inject({
       method: 'PATCH',
       url: `/v1/users/${user.id}`,
-      headers: { 'x-api-key': key.json().key },
+      headers: withKey(key.key),
       payload: { status: 'active' },
     });
     expect(enabled.statusCode, enabled.body).toBe(200);
@@ -283,13 +277,13 @@ describe('users and roles administration', () => {
     expect(about.find((e) => e.type === 'user.enabled')).toMatchObject({
       actor_type: 'api_key',
       actor_id: admin.id,
-      credential_id: key.json().id,
+      credential_id: key.id,
     });
     // Sign-up happens before any credential.
     expect(about.find((e) => e.type === 'user.registered')).toMatchObject({ credential_id: null });
     const byKey = await allPages<Event>(
       app,
-      `/v1/audit-events?actor_id=${admin.id}&credential_id=${key.json().id}`,
+      `/v1/audit-events?actor_id=${admin.id}&credential_id=${key.id}`,
       asAdmin(),
     );
     expect(byKey.map((e) => e.type)).toEqual(['user.enabled']);

@@ -55,16 +55,19 @@ export const RegisterBodySchema = z
 
 export const LoginBodySchema = z.object({ email: EmailSchema, password: PasswordSchema }).strict();
 
+/** A sensitive change's second factor: required (by the route) when two-step verification is on. */
+const SecondFactorCodeSchema = z
+  .string()
+  .trim()
+  .min(1)
+  .max(32)
+  .optional()
+  .describe('With two-step verification on: a code from the app, or a recovery code');
+
 export const DeleteAccountBodySchema = z
   .object({
     password: PasswordSchema.describe('The current password'),
-    code: z
-      .string()
-      .trim()
-      .min(1)
-      .max(32)
-      .optional()
-      .describe('With two-step verification on: a code from the app, or a recovery code'),
+    code: SecondFactorCodeSchema,
   })
   .strict();
 
@@ -120,13 +123,7 @@ export const ChangeEmailBodySchema = z
   .object({
     new_email: EmailSchema.describe('The address the account moves to'),
     password: PasswordSchema.describe('The current password'),
-    code: z
-      .string()
-      .trim()
-      .min(1)
-      .max(32)
-      .optional()
-      .describe('With two-step verification on: a code from the app, or a recovery code'),
+    code: SecondFactorCodeSchema,
   })
   .strict();
 

@@ -1,34 +1,21 @@
 import { sql } from 'drizzle-orm';
-import type { Logger } from 'pino';
-import type { Database, Executor } from '../../db/client.js';
-import type { Clock } from '../../lib/clock.js';
+import type { Executor } from '../../db/client.js';
 import { EMAIL_CHANGE_FORMAT, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
-import { type EventBus, inTransaction } from '../../lib/events.js';
+import { inTransaction } from '../../lib/events.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
-import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { RequestContext } from '../audit/audit.service.js';
+import type { UserRow } from '../users/users.repository.js';
 import { normalizeEmail } from './auth.schema.js';
-import type { EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
+import type { EmailConfirmationDeps } from './email-confirmation.service.js';
+import type { EmailTokenRow } from './email-tokens.repository.js';
 import { MAIL_INTERVAL_MS, tokenParagraph } from './mailed-tokens.js';
 
-export interface EmailChangeDeps {
-  db: Database;
-  users: UsersRepository;
-  tokens: EmailTokensRepository;
-  audit: AuditService;
-  events: EventBus;
-  clock: Clock;
-  pepper: Buffer;
-  /** The built-in provider's addresses change here; Supabase changes its own (supabase-js updateUser). */
-  providerName: 'local' | 'supabase';
-  /** Undefined: the service has no way to send mail (production without SMTP_URL). */
-  mailer: Mailer | undefined;
-  /** The page the links open; the token follows in the fragment. */
-  url: string | undefined;
-  ttlSeconds: number;
-  logger?: Pick<Logger, 'warn'>;
-}
+/**
+ * As email confirmation's: the built-in provider's addresses change here (Supabase changes its own,
+ * supabase-js updateUser); `url` is the page the links open, `mailer` undefined when mail cannot go.
+ */
+export type EmailChangeDeps = EmailConfirmationDeps;
 
 const invalidChangeToken = () =>
   new AppError('invalid_email_change_token', {
