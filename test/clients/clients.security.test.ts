@@ -312,8 +312,12 @@ describe('app clients: security', () => {
       basic(client.client_id, client.client_secret),
     );
     expect(res.statusCode).toBe(401);
-    const events = await app.services.audit.list({ type: 'client.authentication_failed', limit: 50 });
-    const mine = events.find((e) => e.subjectId === client.id);
+    const events = await app.services.audit.list({
+      subjectId: client.id,
+      type: 'client.authentication_failed',
+      limit: 50,
+    });
+    const mine = events[0];
     expect(mine).toMatchObject({
       outcome: 'failure',
       data: { client_id: client.client_id, reason: 'disabled' },

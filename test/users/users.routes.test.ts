@@ -706,8 +706,12 @@ describe('users:write reaches users who hold no more than the caller', () => {
       expect(res.json().detail).toContain('holds permissions you do not hold');
     }
     expect((await app.services.repos.users.findById(admin.id))?.status).toBe('active');
-    const denied = await app.services.audit.list({ type: 'authorization.denied', limit: 20 });
-    expect(denied.some((e) => e.actorId === support.id)).toBe(true);
+    const denied = await app.services.audit.list({
+      actorId: support.id,
+      type: 'authorization.denied',
+      limit: 20,
+    });
+    expect(denied.length).toBeGreaterThan(0);
 
     for (const call of calls(plain.id)) {
       const res = await app.inject({ ...call, headers: asSupport });
