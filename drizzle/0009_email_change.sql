@@ -1,2 +1,2 @@
 ALTER TABLE "email_tokens" ADD COLUMN "new_email" text;--> statement-breakpoint
-ALTER TABLE "email_tokens" ADD COLUMN "requested_by" uuid;
+ALTER TABLE "email_tokens" ADD COLUMN "requested_by" text;

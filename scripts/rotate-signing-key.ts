@@ -10,8 +10,9 @@ const USAGE = `usage: npm run rotate-signing-key [-- --force | --revoke-previous
 Makes the published next signing key the active one; the previous key is retiring (still published
 and verifying) until every token it signed has expired. Refused (exit code 1, nothing changes) while
 the next key has been published for less than 10 minutes, as verifiers may cache the JWKS that long;
---force rotates anyway. --revoke-previous (a key that leaked; implies --force) also revokes the
-previous key at once: it leaves the JWKS, and every token it signed stops verifying.`;
+--force rotates anyway. --revoke-previous (a key that leaked; implies --force) revokes every key
+published so far at once and signs with a new one: they leave the JWKS, and every token they signed
+stops verifying.`;
 
 async function main() {
   let force = false;
@@ -46,7 +47,9 @@ async function main() {
     process.stdout.write(`active signing key: ${result.kid}\n`);
     if (result.previous) {
       if (revokePrevious) {
-        process.stdout.write(`revoked signing key: ${result.previous} (its tokens no longer verify)\n`);
+        process.stdout.write(
+          `revoked signing key: ${result.previous}, with every other key published before (their tokens no longer verify)\n`,
+        );
       } else {
         const retiring = await services.keys.find(result.previous);
         const until = retiring?.publishUntil

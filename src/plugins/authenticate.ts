@@ -153,7 +153,8 @@ export function sentApiKey(request: FastifyRequest): boolean {
 const BEARER_SCHEME = /^Bearer(?:\s|$)/i;
 
 /** The 401 of a request without authentication information: RFC 6750 §3.1, a challenge with no error. */
-const authenticationRequired = (detail: string) =>
+/** 401 for a request that needs a credential it did not send, with RFC 6750's challenge. */
+export const authenticationRequired = (detail: string) =>
   new AppError('authentication_required', {
     detail,
     headers: { 'www-authenticate': BEARER_CHALLENGE },

@@ -15,6 +15,7 @@ import {
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
+import { clientToken, createClient } from '../clients/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
 
 const CHANGE_URL = 'https://app.example.test/email-change';
@@ -85,6 +86,7 @@ describe('changing the email address (built-in provider)', () => {
     const anonymous = await open(tokenIn(next, TO_NEW));
     expect(anonymous.statusCode).toBe(401);
     expect(anonymous.json()).toMatchObject({ code: 'authentication_required' });
+    expect(anonymous.headers['www-authenticate']).toBe('Bearer realm="paservices"');
     const other = await registerUser(app, 'chg-other');
     expect((await open(tokenIn(next, TO_NEW), other.accessToken)).statusCode).toBe(401);
     expect((await me(user.accessToken)).json().user.email).toBe(user.email);
@@ -116,6 +118,9 @@ describe('changing the email address (built-in provider)', () => {
         'user.email_changed:success',
       ]),
     );
+    // Opened signed in: the events name the session it was opened with.
+    const applied = (await events(user.id, from)).find((e) => e.type === 'user.email_changed');
+    expect(applied).toMatchObject({ actorId: user.id, credentialId: decodeJwt(user.accessToken).sid });
     expect(await open(tokenIn(next, TO_NEW), user.accessToken).then((r) => r.statusCode)).toBe(400);
   });
 
@@ -571,6 +576,31 @@ describe('changing a user’s email address for them (support)', () => {
       actorId: admin.id,
       data: { by_administrator: true, confirm_current: false },
     });
+  });
+
+  it('a service holding users:write asks too, and its link needs no session', async () => {
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, {
+      scopes: ['users:write', 'account:read', 'account:write', 'api_keys:own'],
+    });
+    const { access_token } = await clientToken(app, client);
+    const user = await registerUser(app, 'chg-by-service');
+    const next = uniqueEmail('chg-by-service-new');
+    const res = await askFor(access_token, user.id, next);
+    expect(res.statusCode, res.body).toBe(202);
+    const token = tokenTo(next);
+    const done = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change/confirm',
+      payload: { token },
+    });
+    expect(done.json()).toMatchObject({ changed: true, user: { email: next } });
+    const changed = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'user.email_changed',
+      limit: 5,
+    });
+    expect(changed[0]?.data).toMatchObject({ requested_by: client.client_id });
   });
 
   it('never one’s own (a session, or an API key), nor a disabled user; unknown users are 404', async () => {

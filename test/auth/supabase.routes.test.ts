@@ -542,8 +542,12 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
         }),
       );
     }
-    const logins = await misconfigured.services.audit.list({ type: 'auth.login', limit: 200 });
-    expect(logins.filter((e) => e.subjectId === user.id && e.outcome === 'failure')).toEqual([]);
+    const logins = await misconfigured.services.audit.list({
+      subjectId: user.id,
+      type: 'auth.login',
+      limit: 200,
+    });
+    expect(logins.filter((e) => e.outcome === 'failure')).toEqual([]);
     const logged = lines.map(
       (l) => JSON.parse(l) as { msg: string; level: number; reqId?: string; err?: { message?: string } },
     );
@@ -561,8 +565,8 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const answers = await Promise.all(Array.from({ length: 6 }, () => loginAs(email)));
     expect(answers.map((a) => a.statusCode)).toEqual([200, 200, 200, 200, 200, 200]);
     expect(new Set(answers.map((a) => a.json().user.id))).toEqual(new Set([id]));
-    const registered = await app.services.audit.list({ type: 'user.registered', limit: 200 });
-    expect(registered.filter((e) => e.subjectId === id)).toHaveLength(1);
+    const registered = await app.services.audit.list({ subjectId: id, type: 'user.registered', limit: 200 });
+    expect(registered).toHaveLength(1);
   });
 
   it('an account recreated in Supabase under an email an older account here holds: 409 account_conflict, audited, nothing merged', async () => {

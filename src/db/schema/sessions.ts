@@ -85,8 +85,11 @@ export const emailTokens = pgTable(
     tokenHash: text('token_hash').notNull().unique(),
     email: text('email').notNull(),
     newEmail: text('new_email'),
-    /** An email change asked for by an administrator (their user id), not by the user. */
-    requestedBy: uuid('requested_by'),
+    /**
+     * An email change asked for by an administrator, not by the user: who (a user id, or a service's
+     * client id).
+     */
+    requestedBy: text('requested_by'),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
     expiresAt: timestamp('expires_at', { withTimezone: true, precision: 3 }).notNull(),
     usedAt: timestamp('used_at', { withTimezone: true, precision: 3 }),

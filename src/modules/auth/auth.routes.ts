@@ -536,6 +536,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
     async (request) => {
       // Optional here: the new address's link of a user's own request is opened signed in.
       const principal = await app.resolvePrincipal(request);
+      // In the audit: who opened it, with which session.
+      request.principal = principal;
       const signedInAs = principal?.kind === 'user' && principal.sessionId ? principal.userId : undefined;
       const result = await deps.emailChange.confirm(request.body.token, signedInAs, requestContext(request));
       return result.changed

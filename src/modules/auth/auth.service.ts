@@ -421,7 +421,16 @@ export function createAuthService(deps: AuthServiceDeps) {
       // Deleted meanwhile (by a request of its own, say): the credential no longer stands.
       if (!user) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
       await assertNotLocked(user.email);
-      if (await deps.provider.signIn(user.email, password)) return user;
+      // The provider signs in by address: the identity must be this account (an address it left by an
+      // email change may be another's by now), and an address changed since it was read is tried anew.
+      if ((await deps.provider.signIn(user.email, password))?.id === user.id) return user;
+      const now = await deps.users.findById(userId);
+      if (
+        now &&
+        now.email !== user.email &&
+        (await deps.provider.signIn(now.email, password))?.id === user.id
+      )
+        return now;
       await deps.failures.recordFailure(user.email);
       await deps.audit.record(deps.db, context, {
         type: action,

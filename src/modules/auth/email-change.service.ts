@@ -4,6 +4,7 @@ import { EMAIL_CHANGE_FORMAT, generateSecret, keyedHash, parseSecret } from '../
 import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
 import { inTransaction } from '../../lib/events.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
+import { authenticationRequired } from '../../plugins/authenticate.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import type { UserRow } from '../users/users.repository.js';
 import { normalizeEmail } from './auth.schema.js';
@@ -278,11 +279,10 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       if (link === 'new_address' && row.requestedBy === null && signedInAs !== row.userId) {
         // Left usable: the user signs in and opens it again.
         await audit(context, 'user.email_changed', row.userId, 'failure', { reason: 'not_signed_in' });
-        throw new AppError('authentication_required', {
-          detail:
-            'Open this link signed in to the account whose address changes: send its access token ' +
+        throw authenticationRequired(
+          'Open this link signed in to the account whose address changes: send its access token ' +
             '(Authorization: Bearer) with the token',
-        });
+        );
       }
       let outcome: Awaited<ReturnType<typeof apply>>;
       try {
@@ -328,7 +328,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       const user = await deps.users.findByIdForUpdate(row.userId, tx);
       if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
       if (user?.status !== 'active') return 'disabled' as const;
-      const actor = { ...context, actorType: 'user' as const, actorId: user.id };
+      // Whoever opened the link, signed in or not; the events are about the user.
+      const actor = context;
       // The other link of the request, still to be opened: of two links opened at once, the second to
       // lock the user sees the first taken, and applies the change.
       const waiting = (await deps.tokens.ofRequest(row, tx)).filter((r) => r.usedAt === null);

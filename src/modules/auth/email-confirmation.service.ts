@@ -126,10 +126,11 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
       if (row === 'malformed') throw await invalid('malformed_token', null);
       if (!row) throw await invalid('unknown_token', null);
       const confirmed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        // The token first: of concurrent confirmations (a link scanner and a click) one takes it and
-        // the others find it used, without all holding the user row and waiting on each other.
-        if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
+        // The user row first, the order every change of an account's mailed links takes (an email
+        // change applying deletes them under it); of concurrent confirmations (a link scanner and a
+        // click) one then takes the token and the others find it used.
         const user = await deps.users.findByIdForUpdate(row.userId, tx);
+        if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
         // The address it was mailed to must still be the account's.
         if (user?.status !== 'active' || user.email !== row.email) return 'disabled' as const;
         if (!user.emailConfirmedAt) {

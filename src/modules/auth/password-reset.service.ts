@@ -169,10 +169,11 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     consume: ((tx: Transaction) => Promise<boolean>) | undefined,
   ) {
     const { mfaRemoved } = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-      if (consume && !(await consume(tx))) throw invalidResetToken();
-      // Locked as the update below locks it: a disable committed meanwhile wins, and the reset does
-      // not apply; concurrent resets and confirmations take turns.
+      // Locked as the update below locks it, and before the token (the order every change of an
+      // account's mailed links takes): a disable committed meanwhile wins, and the reset does not
+      // apply; concurrent resets, confirmations and email changes take turns.
       const current = await deps.users.findByIdForUpdate(user.id, tx);
+      if (consume && !(await consume(tx))) throw invalidResetToken();
       if (!current || !active(current)) throw invalidResetToken();
       const actor = { ...context, actorType: 'user' as const, actorId: user.id };
       // The link proved the mailbox, as a confirmation link does.

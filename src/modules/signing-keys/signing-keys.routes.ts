@@ -48,9 +48,10 @@ const RotateSigningKeyBodySchema = z
       .boolean()
       .optional()
       .describe(
-        'Also revoke the previous key (implies `force`): it leaves the JWKS and every instance at once, ' +
-          'and every token it signed stops verifying here (users refresh, services request new tokens; ' +
-          'verifiers caching the JWKS drop it within 10 minutes). For a key that leaked',
+        'Revoke every key published so far, the previous one, the retiring ones and the next one, and ' +
+          'sign with a key made now (implies `force`): they leave the JWKS and every instance at once, ' +
+          'and every token they signed stops verifying here (users refresh, services request new tokens; ' +
+          'verifiers caching the JWKS drop them within 10 minutes). For a key that leaked',
       ),
   })
   .strict()
@@ -89,7 +90,8 @@ export async function signingKeysRoutes(app: FastifyInstance, deps: { keys: Sign
         description:
           'The next key must have been in the JWKS for 10 minutes (verifiers cache it that long): before ' +
           'that, 409 `rotation_too_soon` with `Retry-After`, and nothing changes, unless `force: true`. ' +
-          '`revoke_previous: true` also revokes the previous key at once (a leaked key).',
+          '`revoke_previous: true` revokes every key published so far at once and signs with a new one ' +
+          '(a leaked key).',
         security: bearerOrApiKey,
         body: RotateSigningKeyBodySchema.nullish(),
         response: {

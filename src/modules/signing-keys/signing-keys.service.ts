@@ -94,6 +94,8 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   let loaded: SigningKeyRow[] = [];
   /** Told when a key this instance verified with is gone (revoked, or past its publication). */
   const removedListeners: Array<() => void> = [];
+  /** Counts the reloads that removed a key: a verification begun before one is not to be cached. */
+  let removals = 0;
 
   async function newKeyRow(state: 'next' | 'active', now: Date) {
     const kid = randomUUID();
@@ -137,7 +139,10 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     loaded = rows;
     jwksJson = JSON.stringify({ keys: rows.map((r) => r.publicJwk) });
     // Tokens verified with a key that is gone (cached by the token service) stop being good.
-    if (removed) for (const listener of removedListeners) listener();
+    if (removed) {
+      removals++;
+      for (const listener of removedListeners) listener();
+    }
   }
 
   /** Creates the first active key and a published next key when missing; retires expired keys. */
@@ -165,6 +170,28 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     const now = deps.clock.now();
     const rows = await deps.repo.listPublished(now, tx);
     const current = rows.filter((r) => r.state === 'active');
+    if (revokePrevious) {
+      // A leaked key most likely leaked with the others (they are stored alike): every published key
+      // is revoked, the next one included, and a key made now signs. It leaves the JWKS and every
+      // instance's keys at once, and every token signed before stops verifying (forgeries too).
+      for (const r of rows)
+        await deps.repo.update(r.kid, { state: 'retired', retiringAt: now, publishUntil: now }, tx);
+      const fresh = await newKeyRow('active', now);
+      await deps.repo.insert(fresh, tx);
+      await deps.repo.insert(await newKeyRow('next', now), tx);
+      await deps.audit.record(tx, context, {
+        type: 'signing_key.rotated',
+        subjectId: fresh.kid,
+        data: {
+          previous: current.map((c) => c.kid),
+          revoked: rows.map((r) => r.kid),
+          alg: fresh.alg,
+          forced: true,
+          revoked_previous: true,
+        },
+      });
+      return { kid: fresh.kid, previous: current[0]?.kid ?? null };
+    }
     let next = rows.find((r) => r.state === 'next');
     const createdNext = !next;
     if (!next) {
@@ -179,15 +206,11 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     for (const c of current) {
       await deps.repo.update(
         c.kid,
-        // Revoked: out of the JWKS and of every instance's keys at once, and every token it signed
-        // with it (a compromised key's forgeries too). Else it verifies until its last token expired.
-        revokePrevious
-          ? { state: 'retired', retiringAt: now, publishUntil: now }
-          : {
-              state: 'retiring',
-              retiringAt: now,
-              publishUntil: addSeconds(now, deps.maxAccessTtl + JWKS_CACHE_SECONDS),
-            },
+        {
+          state: 'retiring',
+          retiringAt: now,
+          publishUntil: addSeconds(now, deps.maxAccessTtl + JWKS_CACHE_SECONDS),
+        },
         tx,
       );
     }
@@ -200,7 +223,6 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
         previous: current.map((c) => c.kid),
         alg: next.alg,
         forced: force,
-        revoked_previous: revokePrevious,
         published_for: publishedFor,
       },
     });
@@ -215,6 +237,8 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       if (!active) throw new Error('no active signing key loaded');
       return active;
     },
+    /** How many times a key was removed: unchanged across a verification, its result may be cached. */
+    removals: () => removals,
     /** `listener` runs whenever a key this instance verified with is no longer published. */
     onKeyRemoved(listener: () => void): void {
       removedListeners.push(listener);

@@ -236,16 +236,22 @@ export function createTokenService(deps: {
           throw new AppError('invalid_token', { detail: 'The access token has expired' });
         }
       } else {
-        try {
-          claims = await verifySignature(token, audience);
-        } catch (err) {
-          throw new AppError('invalid_token', {
-            detail:
-              err instanceof joseErrors.JWTExpired
-                ? 'The access token has expired'
-                : 'The access token is not valid',
-          });
-        }
+        // A key removed while the signature was being checked (a revocation's reload, which clears
+        // the cache) must not leave the result cached: checked again, against the keys there are now.
+        let removals: number;
+        do {
+          removals = deps.keys.removals();
+          try {
+            claims = await verifySignature(token, audience);
+          } catch (err) {
+            throw new AppError('invalid_token', {
+              detail:
+                err instanceof joseErrors.JWTExpired
+                  ? 'The access token has expired'
+                  : 'The access token is not valid',
+            });
+          }
+        } while (deps.keys.removals() !== removals);
         cache.set(scope, token, claims, Math.max(1, claims.exp * 1000 - deps.clock.nowMs()));
       }
       if (deps.revocations.isRevoked(claims)) {
