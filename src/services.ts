@@ -259,7 +259,11 @@ export function createServices(deps: ServicesDeps) {
     logger,
   };
   const emailConfirmation = createEmailConfirmationService({ ...mailedLinks, ...config.emailConfirmation });
-  const emailChange = createEmailChangeService({ ...mailedLinks, ...config.emailChange });
+  const emailChange = createEmailChangeService({
+    ...mailedLinks,
+    ...config.emailChange,
+    sessions: repos.sessions,
+  });
   const passwordReset = createPasswordResetService({
     db,
     users: repos.users,

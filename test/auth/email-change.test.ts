@@ -395,6 +395,33 @@ describe('changing the email address (built-in provider)', () => {
     }
   });
 
+  it('a request whose session ended meanwhile (a reset, signing out everywhere) asks nothing', async () => {
+    // The password and the session were checked; then a reset or logout-all committed before the
+    // request's transaction: the request sees the session ended under the user's lock.
+    const user = await registerUser(app, 'chg-ended-session');
+    const row = (await app.services.repos.users.findById(user.id))!;
+    const sessionId = decodeJwt(user.accessToken).sid as string;
+    await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+      payload: { scope: 'all' },
+    });
+    const next = uniqueEmail('chg-ended-session-new');
+    const context = {
+      actorType: 'user' as const,
+      actorId: user.id,
+      ip: null,
+      userAgent: null,
+      requestId: null,
+    };
+    await expect(app.services.emailChange.request(row, next, context, { sessionId })).rejects.toMatchObject({
+      code: 'invalid_token',
+    });
+    expect(mails(next, TO_NEW)).toHaveLength(0);
+    expect(await app.services.repos.emailTokens.latestFor(user.id, 'email_change')).toBeUndefined();
+  });
+
   it('asks the address the account has when the request is made, not the one read before', async () => {
     // A request whose caller read the account before a change of its own applied (or before its
     // address was confirmed): the links follow the account as it is under the request's lock.

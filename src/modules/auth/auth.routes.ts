@@ -439,7 +439,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const { userId } = signedInSession(
+      const { userId, sessionId } = signedInSession(
         request,
         'The email address is changed from a signed-in session, not with an API key',
       );
@@ -453,7 +453,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       // Before a code is spent on it.
       const newEmail = await deps.emailChange.check(user, request.body.new_email, context);
       await confirmSecondFactor(user.id, request.body.code, 'user.email_change_requested', context);
-      const requested = await deps.emailChange.request(user, newEmail, context);
+      const requested = await deps.emailChange.request(user, newEmail, context, { sessionId });
       return reply.status(202).send({
         new_email: requested.newEmail,
         expires_at: requested.expiresAt.toISOString(),

@@ -10,13 +10,17 @@ import type { UserRow } from '../users/users.repository.js';
 import { normalizeEmail } from './auth.schema.js';
 import type { EmailConfirmationDeps } from './email-confirmation.service.js';
 import type { EmailTokenRow } from './email-tokens.repository.js';
+import type { SessionsRepository } from './sessions.repository.js';
 import { MAIL_INTERVAL_MS, tokenParagraph } from './mailed-tokens.js';
 
 /**
  * As email confirmation's: the built-in provider's addresses change here (Supabase changes its own,
  * supabase-js updateUser); `url` is the page the links open, `mailer` undefined when mail cannot go.
  */
-export type EmailChangeDeps = EmailConfirmationDeps;
+export type EmailChangeDeps = EmailConfirmationDeps & {
+  /** A user's own request stands only while the session it came from does. */
+  sessions: Pick<SessionsRepository, 'findSession'>;
+};
 
 const invalidChangeToken = () =>
   new AppError('invalid_email_change_token', {
@@ -156,7 +160,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       asked: UserRow,
       newEmail: string,
       context: RequestContext,
-      options: { byAdministrator?: boolean } = {},
+      options: { byAdministrator?: boolean; sessionId?: string } = {},
     ): Promise<EmailChangeRequested> {
       const mailer = mailerOrNotFound();
       const byAdministrator = options.byAdministrator === true;
@@ -178,6 +182,15 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         if (user?.status !== 'active') {
           const error = new AppError('conflict', { detail: 'The user is disabled: enable them first' });
           return { refused: 'disabled', error } as const;
+        }
+        // Ended meanwhile (a reset, a password change, signing out everywhere: each takes this lock
+        // first), the session asks nothing: the links would outlive what was meant to void them.
+        if (options.sessionId) {
+          const session = await deps.sessions.findSession(options.sessionId, tx);
+          if (!session || session.revokedAt) {
+            const error = new AppError('invalid_token', { detail: 'The session has ended' });
+            return { refused: 'session_ended', error } as const;
+          }
         }
         if (normalizeEmail(user.email) === newEmail) {
           const error = invalidFields([
