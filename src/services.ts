@@ -321,6 +321,7 @@ export function createServices(deps: ServicesDeps) {
     emailTokens: repos.emailTokens,
     mfaRequiredRoles: config.mfa.requiredRoles,
     mfa,
+    clock,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
-import { createAdmin, login, type TestUser } from '../support/factories.js';
+import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
@@ -48,7 +48,7 @@ describe('invitations: accounts an administrator makes', () => {
     expect(user).toMatchObject({ email, status: 'active', email_confirmed_at: null });
     expect(res.headers.location).toBe(`/v1/users/${user.id}`);
     const mail = mailer.sent.find((m) => m.to === email && m.subject === 'You are invited')!;
-    expect(mail.text).toContain('within 168 hours');
+    expect(mail.text).toContain('within 7 days');
 
     // No password yet: sign-in answers as for a wrong one.
     expect(await loginStatus(email)).toBe(401);
@@ -98,9 +98,9 @@ describe('invitations: accounts an administrator makes', () => {
   });
 
   it('refuses a taken or bad address, and a caller who does not hold what the user role gives', async () => {
-    const email = uniqueEmail('invited-twice');
-    expect((await invite({ email })).statusCode).toBe(201);
-    const again = await invite({ email });
+    // Someone's own account (with a password), in any case.
+    const owner = await registerUser(app, 'invited-owner');
+    const again = await invite({ email: owner.email.toUpperCase() });
     expect(again.statusCode).toBe(409);
     expect(again.json()).toMatchObject({ code: 'email_taken' });
     for (const payload of [{ email: 'nope' }, { email: uniqueEmail('x'), roles: ['admin'] }, {}]) {
@@ -113,6 +113,53 @@ describe('invitations: accounts an administrator makes', () => {
     const byKey = await invite({ email: nobody }, withKey(key.key));
     expect(byKey.statusCode).toBe(403);
     expect(await app.services.repos.users.findByEmail(nobody)).toBeUndefined();
+  });
+
+  it('sends an invitation not yet taken again (200), at most once a minute; a taken one is an account like any other', async () => {
+    const email = uniqueEmail('invited-again');
+    const first = await invite({ email });
+    expect(first.statusCode).toBe(201);
+    const firstToken = invitationTo(email);
+    const soon = await invite({ email });
+    expect(soon.statusCode).toBe(409);
+    expect(soon.json().detail).toContain('less than a minute ago');
+    clock.advance(61);
+    const again = await invite({ email });
+    expect(again.statusCode, again.body).toBe(200);
+    expect(again.json().id).toBe(first.json().id);
+    const secondToken = invitationTo(email);
+    expect(secondToken).not.toBe(firstToken);
+    expect((await choose(firstToken)).statusCode).toBe(400);
+    expect((await choose(secondToken)).statusCode).toBe(204);
+    clock.advance(61);
+    const taken = await invite({ email });
+    expect(taken.statusCode).toBe(409);
+    expect(taken.json()).toMatchObject({ code: 'email_taken' });
+  });
+
+  it('makes nothing visible until the invitation has gone: the account and its mail commit together', async () => {
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const send = mailer.send;
+    mailer.send = async function (message) {
+      await held;
+      return send.call(this, message);
+    };
+    const email = uniqueEmail('invited-held');
+    try {
+      const pending = invite({ email });
+      await new Promise((r) => setTimeout(r, 200));
+      // While the mail is on its way nobody sees an account (no grant to it, no delete of it).
+      expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
+      release();
+      expect((await pending).statusCode).toBe(201);
+    } finally {
+      mailer.send = send;
+      release();
+    }
+    expect(await app.services.repos.users.findByEmail(email)).toBeDefined();
   });
 
   it('keeps no account when the invitation cannot be mailed: asking again works at once', async () => {

@@ -12,6 +12,7 @@ import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './
 export const MAIL_INTERVAL_MS = 60_000;
 
 function minutes(seconds: number): string {
+  if (seconds >= 172_800 && seconds % 86_400 === 0) return `${seconds / 86_400} days`;
   if (seconds >= 7200 && seconds % 3600 === 0) return `${seconds / 3600} hours`;
   const m = Math.round(seconds / 60);
   return m === 1 ? '1 minute' : `${m} minutes`;

@@ -3,7 +3,7 @@ import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
-import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
+import { generateSecret, keyedHash, PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
 import { AppError, isAppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
@@ -87,10 +87,10 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     to: email,
     subject: 'You are invited',
     text:
-      `An administrator made an account for you, ${email}.\n\n` +
+      `An account was made for you, ${email}.\n\n` +
       `${tokenParagraph(deps.url, token, deps.invitationTtlSeconds, 'choose your password')}\n` +
-      'The link works once; after that, sign in with your address and that password. If you did not ' +
-      'expect this, ignore this mail.\n',
+      'It works once; after that, sign in with your address and that password. If you did not expect ' +
+      'this, ignore this mail.\n',
   });
 
   async function recordRequest(
@@ -243,17 +243,26 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
 
   return {
     /**
-     * The mail of an account an administrator made (users.service `invite`): the reset link, to
-     * choose a first password, for `invitationTtlSeconds`. Built-in provider, with a mailer (the
-     * caller checks `invitationsAvailable`); throws when the mail server fails.
+     * The invitation of an account an administrator made (users.service `invite`), on its
+     * transaction: the reset link, to choose a first password, valid `invitationTtlSeconds`, replacing
+     * any earlier link, and its mail, sent before the transaction commits. Built-in provider, with a
+     * mailer (the caller checks `assertInvitationsAvailable`); throws when the mail server fails.
      */
-    async sendInvitation(user: UserRow): Promise<void> {
-      await mailed.send(
-        user,
-        'password_reset',
-        { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.invitationTtlSeconds, mailer: deps.mailer! },
-        (token) => invitationMail(user.email, token),
+    async sendInvitation(user: UserRow, tx: Transaction): Promise<void> {
+      const { token } = generateSecret(PASSWORD_RESET_FORMAT);
+      const now = deps.clock.now();
+      await deps.tokens.replace(
+        {
+          userId: user.id,
+          purpose: 'password_reset',
+          email: user.email,
+          tokenHash: keyedHash(deps.pepper, token),
+          createdAt: now,
+          expiresAt: new Date(now.getTime() + deps.invitationTtlSeconds * 1000),
+        },
+        tx,
       );
+      await deps.mailer!.send(invitationMail(user.email, token));
     },
 
     /** 404 unless the service mails invitations itself (built-in provider, with a mailer). */

@@ -67,26 +67,33 @@ export async function usersRoutes(
           'invitation (`PASSWORD_RESET_URL#token=prs_…`, valid `INVITATION_TTL` seconds) and posts a ' +
           'password to `POST /v1/auth/password/reset`, which also confirms the address; until then sign-in ' +
           'answers as for a wrong password, and `POST /v1/auth/password/forgot` mails a new link. The ' +
-          'caller must hold what the `user` role gives. 409 `email_taken`; 503 when the mail server fails ' +
-          '(no account is kept); 404 with Supabase (invite through Supabase) or without `SMTP_URL` in ' +
-          'production.',
+          'caller must hold what the `user` role gives. Asked again for an account that is still an ' +
+          'invitation (no password chosen), it mails a new one (200; 409 within a minute of the last). 409 ' +
+          '`email_taken` for any other account; 503 when the mail server fails (nothing is made); 404 with ' +
+          'Supabase (invite through Supabase) or without `SMTP_URL` in production.',
         security,
         body: InviteUserBodySchema,
         response: {
-          201: UserSchema.describe('Made; the invitation is on its way'),
+          201: UserSchema.describe('Made; the invitation is on its way (`Location`: the user)'),
+          200: UserSchema.describe(
+            'The address’s account is an invitation not yet taken: a new one is on its way, replacing the last',
+          ),
           ...problems(400, 401, 403, 404, 409, 503),
         },
       },
     },
     async (request, reply) => {
       deps.passwordReset.assertInvitationsAvailable();
-      const user = await deps.users.invite(
+      const { user, created } = await deps.users.invite(
         { email: request.body.email, displayName: request.body.display_name },
         principalOf(request),
         requestContext(request),
-        (invited) => deps.passwordReset.sendInvitation(invited),
+        (invited, tx) => deps.passwordReset.sendInvitation(invited, tx),
       );
-      return reply.status(201).header('location', `/v1/users/${user.id}`).send(toUserDto(user));
+      return reply
+        .status(created ? 201 : 200)
+        .header('location', `/v1/users/${user.id}`)
+        .send(toUserDto(user));
     },
   );
 

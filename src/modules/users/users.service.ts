@@ -16,10 +16,16 @@ import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
 import { normalizeEmail } from '../auth/auth.schema.js';
+import { MAIL_INTERVAL_MS } from '../auth/mailed-tokens.js';
+import type { Clock } from '../../lib/clock.js';
 
 const ADMIN_ROLE = 'admin';
 /** The role every account has from its start. */
 const USER_ROLE = 'user';
+
+/** An account an administrator made whose owner has not chosen a password yet. */
+const isInvitation = (user: UserRow) =>
+  user.provider === 'local' && user.passwordHash === null && user.status === 'active';
 const MANAGE_REFUSAL = 'You cannot act on a user who holds permissions you do not hold yourself';
 
 export function createUsersService(deps: {
@@ -34,10 +40,11 @@ export function createUsersService(deps: {
   grants: GrantCeiling;
   clients: Pick<ClientsRepository, 'clientIdsActingFor' | 'findByClientId'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
-  emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
+  emailTokens: Pick<EmailTokensRepository, 'discardUnused' | 'latestFor'>;
   /** MFA_REQUIRED_ROLES: granted only to users with a second factor. */
   mfaRequiredRoles: readonly string[];
   mfa: Pick<MfaService, 'isEnabled'>;
+  clock: Clock;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -144,55 +151,73 @@ export function createUsersService(deps: {
     /**
      * An account made by an administrator (`caller`) for `email`: active, with the `user` role and a
      * profile, no password and the address unconfirmed, until its owner opens the invitation that
-     * `deliver` mails and chooses a password (a password reset, which confirms the address). The
-     * caller must hold what the `user` role gives. Nothing stays when the mail cannot go out.
+     * `deliver` stores and mails and chooses a password (a password reset, which confirms the address).
+     * The caller must hold what the `user` role gives. The mail goes inside the transaction: when it
+     * fails, nothing was made. An address whose account is still an invitation (built-in, no password
+     * yet) gets its invitation again (`created: false`; 409 within a minute of the last mail); any
+     * other account is 409 `email_taken`.
      */
     async invite(
       input: { email: string; displayName?: string | undefined },
       caller: Grantor,
       context: RequestContext,
-      deliver: (user: UserRow) => Promise<void>,
-    ): Promise<UserRow> {
+      deliver: (user: UserRow, tx: Transaction) => Promise<void>,
+    ): Promise<{ user: UserRow; created: boolean }> {
       const email = normalizeEmail(input.email);
-      const user = await inTransaction(deps.db, deps.events, async (tx) => {
-        const role = await deps.roles.findForShare(USER_ROLE, tx);
-        await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, ROLE_REFUSAL);
-        const row = await deps.repo.insert(
-          { id: randomUUID(), email, provider: 'local', passwordHash: null, emailConfirmedAt: null },
-          tx,
-        );
-        if (!row) throw new AppError('email_taken');
-        await deps.repo.assignRole(
-          row.id,
-          USER_ROLE,
-          context.actorType === 'user' ? context.actorId : null,
-          tx,
-        );
-        await deps.repo.createProfile(row.id, input.displayName ?? null, tx);
-        await deps.audit.record(tx, context, {
-          type: 'user.invited',
-          subjectId: row.id,
-          data: { email_domain: email.split('@')[1] ?? null },
-        });
-        return row;
-      });
+      let mailing = false;
+      const mail = async (user: UserRow, tx: Transaction) => {
+        mailing = true;
+        await deliver(user, tx);
+        mailing = false;
+      };
       try {
-        await deliver(user);
-      } catch (err) {
-        // The invitation did not go: neither does the account, so asking again works at once.
-        await inTransaction(deps.db, deps.events, async (tx, emit) => {
-          if (!(await deps.repo.delete(user.id, tx))) return;
+        return await inTransaction(deps.db, deps.events, async (tx) => {
+          const role = await deps.roles.findForShare(USER_ROLE, tx);
+          await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, ROLE_REFUSAL);
+          const existing = await deps.repo.findByEmail(email, tx);
+          if (existing) {
+            const user = await deps.repo.findByIdForUpdate(existing.id, tx);
+            if (!user || !isInvitation(user)) throw new AppError('email_taken');
+            const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
+            if (last && deps.clock.nowMs() - last.createdAt.getTime() < MAIL_INTERVAL_MS)
+              throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
+            await mail(user, tx);
+            await deps.audit.record(tx, context, {
+              type: 'user.invited',
+              subjectId: user.id,
+              data: { email_domain: email.split('@')[1] ?? null, again: true },
+            });
+            return { user, created: false };
+          }
+          const row = await deps.repo.insert(
+            { id: randomUUID(), email, provider: 'local', passwordHash: null, emailConfirmedAt: null },
+            tx,
+          );
+          if (!row) throw new AppError('email_taken');
+          // `granted_by` names a user (an API key's owner); a service's grant is in the audit event.
+          const grantedBy = context.actorType === 'service' ? null : context.actorId;
+          await deps.repo.assignRole(row.id, USER_ROLE, grantedBy, tx);
+          await deps.repo.createProfile(row.id, input.displayName ?? null, tx);
+          await mail(row, tx);
           await deps.audit.record(tx, context, {
             type: 'user.invited',
-            outcome: 'failure',
-            subjectId: user.id,
-            data: { reason: 'mail_failed' },
+            subjectId: row.id,
+            data: { email_domain: email.split('@')[1] ?? null },
           });
-          emit({ type: 'user_changed', userId: user.id });
-        }).catch(() => undefined);
+          return { user: row, created: true };
+        });
+      } catch (err) {
+        if (mailing) {
+          await deps.audit
+            .record(deps.db, context, {
+              type: 'user.invited',
+              outcome: 'failure',
+              data: { email_domain: email.split('@')[1] ?? null, reason: 'mail_failed' },
+            })
+            .catch(() => undefined);
+        }
         throw err;
       }
-      return user;
     },
 
     /** 409 when deleting the user would leave no admin (checked again by `delete`). */
