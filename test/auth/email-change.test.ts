@@ -2,7 +2,11 @@ import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
-import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { sql } from 'drizzle-orm';
+import { selectRows } from '../../src/db/client.js';
+import { keyedHash } from '../../src/lib/crypto.js';
+import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
+import { captureLogs } from '../support/logs.js';
 import { createTestClock } from '../support/clock.js';
 import {
   createAdmin,
@@ -694,5 +698,54 @@ describe('changing the email address without a mail server', () => {
     });
     expect(res.statusCode).toBe(404);
     expect(res.json().detail).toContain('SMTP_URL');
+  });
+});
+
+describe('email change and invitation links at rest (SECURITY.md: secrets as HMACs, none in the log)', () => {
+  it('stores only the HMAC of each link and writes none of them to the log', async () => {
+    const { lines, logger } = captureLogs('debug');
+    const mailer = capturingMailer();
+    const app = await buildTestApp({ env: { EMAIL_CHANGE_URL: CHANGE_URL }, deps: { mailer, logger } });
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'chg-at-rest');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
+    const next = uniqueEmail('chg-at-rest-new');
+    const asked = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      headers: bearer(user.accessToken),
+      payload: { new_email: next, password: PASSWORD },
+    });
+    expect(asked.statusCode, asked.body).toBe(202);
+    const invitee = uniqueEmail('invited-at-rest');
+    const invited = await app.inject({
+      method: 'POST',
+      url: '/v1/users',
+      headers: bearer(admin.accessToken),
+      payload: { email: invitee },
+    });
+    expect(invited.statusCode, invited.body).toBe(201);
+
+    const tokens = mailer.sent
+      .filter((m) => [next, user.email, invitee].includes(m.to) && /token|code/i.test(m.text))
+      .map((m) => /(pce_|prs_)[0-9A-Za-z_]+/.exec(m.text)?.[0])
+      .filter((t): t is string => t !== undefined);
+    expect(tokens).toHaveLength(3);
+    for (const token of tokens) {
+      // At least 128 random bits, in the service's secret format.
+      expect(token).toMatch(/^(pce|prs)_[0-9A-Za-z]{12}_[0-9A-Za-z]{43}[0-9A-Za-z]{6}$/);
+    }
+    const { secretPepper } = testConfig();
+    const stored = await selectRows<{ token_hash: string }>(
+      app.services.db,
+      sql`select token_hash from email_tokens
+          where user_id in (${user.id}, ${invited.json().id}) and purpose <> 'email_confirmation'`,
+    );
+    expect(stored.map((r) => r.token_hash).sort()).toEqual(
+      tokens.map((t) => keyedHash(secretPepper, t)).sort(),
+    );
+    const log = lines.join('');
+    expect(log.length).toBeGreaterThan(0);
+    for (const token of tokens) expect(log).not.toContain(token);
   });
 });

@@ -1,6 +1,6 @@
 import { sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
-import { EMAIL_CHANGE_FORMAT, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
+import { EMAIL_CHANGE_FORMAT, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
 import { inTransaction } from '../../lib/events.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
@@ -11,7 +11,7 @@ import { normalizeEmail } from './auth.schema.js';
 import type { EmailConfirmationDeps } from './email-confirmation.service.js';
 import type { EmailTokenRow } from './email-tokens.repository.js';
 import type { SessionsRepository } from './sessions.repository.js';
-import { MAIL_INTERVAL_MS, tokenParagraph } from './mailed-tokens.js';
+import { newMailedToken, tokenParagraph, waitBeforeNextMail } from './mailed-tokens.js';
 
 /**
  * As email confirmation's: the built-in provider's addresses change here (Supabase changes its own,
@@ -59,8 +59,6 @@ export interface EmailChangeRequested {
  * change, signing out everywhere, a disable, a deletion, the current address being confirmed).
  */
 export function createEmailChangeService(deps: EmailChangeDeps) {
-  const hash = (token: string) => keyedHash(deps.pepper, token);
-
   function mailerOrNotFound(): Mailer {
     if (deps.providerName !== 'local')
       throw new AppError('not_found', {
@@ -164,10 +162,6 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     ): Promise<EmailChangeRequested> {
       const mailer = mailerOrNotFound();
       const byAdministrator = options.byAdministrator === true;
-      const tokens = {
-        toNew: generateSecret(EMAIL_CHANGE_FORMAT).token,
-        toCurrent: generateSecret(EMAIL_CHANGE_FORMAT).token,
-      };
       const made = await inTransaction(deps.db, deps.events, async (tx) => {
         // One request at a time per account, on every instance (as mailed-tokens.ts does).
         await tx.execute(
@@ -201,25 +195,29 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         // An administrator vouches for the change (a user who lost their old mailbox): the new address
         // alone is proven.
         const confirmCurrent = !byAdministrator && user.emailConfirmedAt !== null;
-        const expiresAt = new Date(now.getTime() + deps.ttlSeconds * 1000);
-        const row = (email: string, token: string) => ({
-          userId: user.id,
-          purpose: 'email_change' as const,
-          email,
-          newEmail,
-          requestedBy: byAdministrator ? context.actorId : null,
-          tokenHash: hash(token),
-          createdAt: now,
-          expiresAt,
-        });
+        const link = (email: string) => {
+          const made = newMailedToken(deps.pepper, EMAIL_CHANGE_FORMAT, {
+            userId: user.id,
+            purpose: 'email_change',
+            email,
+            now,
+            ttlSeconds: deps.ttlSeconds,
+          });
+          const requestedBy = byAdministrator ? context.actorId : null;
+          return { token: made.token, row: { ...made.row, newEmail, requestedBy } };
+        };
+        const toNewLink = link(newEmail);
+        const toCurrentLink = confirmCurrent ? link(user.email) : undefined;
         const rows = await deps.tokens.insertMany(
-          [row(newEmail, tokens.toNew), ...(confirmCurrent ? [row(user.email, tokens.toCurrent)] : [])],
+          [toNewLink.row, ...(toCurrentLink ? [toCurrentLink.row] : [])],
           tx,
         );
-        return { refused: undefined, user, rows, expiresAt, confirmCurrent, now } as const;
+        const tokens = { toNew: toNewLink.token, toCurrent: toCurrentLink?.token ?? '' };
+        const expiresAt = toNewLink.row.expiresAt;
+        return { refused: undefined, user, rows, expiresAt, confirmCurrent, now, tokens } as const;
       });
       if (made.refused) throw await refusedRequest(context, asked, made.refused, made.error);
-      const { user, confirmCurrent } = made;
+      const { user, confirmCurrent, tokens } = made;
       try {
         await mailer.send(toNew(newEmail, tokens.toNew, confirmCurrent, byAdministrator));
         if (confirmCurrent) await mailer.send(toCurrent(user, newEmail, tokens.toCurrent));
@@ -233,7 +231,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         throw err;
       }
       // Mailed: the earlier request's links stop working.
-      await deps.tokens.discardUnusedBefore(user.id, 'email_change', made.now);
+      await deps.tokens.discardUnused(user.id, 'email_change', deps.db, made.now);
       await audit(context, 'user.email_change_requested', user.id, 'success', {
         new_email_domain: domainOf(newEmail),
         confirm_current: confirmCurrent,
@@ -285,7 +283,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       };
       mailerOrNotFound();
       if (!parseSecret(EMAIL_CHANGE_FORMAT, token)) throw await invalid('malformed_token', null);
-      const row = await deps.tokens.findLive(hash(token), 'email_change', deps.clock.now());
+      const row = await deps.tokens.findLive(keyedHash(deps.pepper, token), 'email_change', deps.clock.now());
       if (!row?.newEmail) throw await invalid('unknown_token', null);
       const newEmail = row.newEmail;
       const link = row.email === newEmail ? 'new_address' : 'current_address';
@@ -325,12 +323,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
   /** A 429 when the account's last request is less than a minute old. */
   async function tooSoon(userId: string, now: Date, tx?: Executor): Promise<AppError | undefined> {
-    const latest = await deps.tokens.latestFor(userId, 'email_change', tx);
-    const since = latest ? now.getTime() - latest.createdAt.getTime() : Number.POSITIVE_INFINITY;
-    if (since >= MAIL_INTERVAL_MS) return undefined;
+    const waitMs = waitBeforeNextMail(await deps.tokens.latestFor(userId, 'email_change', tx), now);
+    if (waitMs === 0) return undefined;
     return new AppError('rate_limited', {
       detail: 'An email change was asked for less than a minute ago; wait before asking again',
-      headers: { 'retry-after': String(Math.max(1, Math.ceil((MAIL_INTERVAL_MS - since) / 1000))) },
+      headers: { 'retry-after': String(Math.max(1, Math.ceil(waitMs / 1000))) },
     });
   }
 

@@ -33,23 +33,10 @@ export function createEmailTokensRepository(db: Executor) {
     },
     /**
      * Several tokens of one user and purpose made together (an email change's pair), beside the
-     * earlier ones: `discardUnusedBefore` ends those once the new ones are mailed.
+     * earlier ones: `discardUnused` with `before` ends those once the new ones are mailed.
      */
     async insertMany(rows: (typeof emailTokens.$inferInsert)[], tx: Executor): Promise<EmailTokenRow[]> {
       return rows.length ? tx.insert(emailTokens).values(rows).returning() : [];
-    },
-    /** The user's unused tokens of `purpose` made before `at` stop working. */
-    async discardUnusedBefore(userId: string, purpose: EmailTokenPurpose, at: Date, tx: Executor = db) {
-      await tx
-        .delete(emailTokens)
-        .where(
-          and(
-            eq(emailTokens.userId, userId),
-            eq(emailTokens.purpose, purpose),
-            isNull(emailTokens.usedAt),
-            lt(emailTokens.createdAt, at),
-          ),
-        );
     },
     /** The tokens made together with one (the same user, purpose and instant), used or not. */
     async ofRequest(row: EmailTokenRow, tx: Executor = db): Promise<EmailTokenRow[]> {
@@ -64,11 +51,15 @@ export function createEmailTokensRepository(db: Executor) {
           ),
         );
     },
-    /** Unused tokens of the user stop working: of one purpose, or (undefined) of every purpose. */
+    /**
+     * Unused tokens of the user stop working: of one purpose, or (undefined) of every purpose; with
+     * `before`, only those made before it.
+     */
     async discardUnused(
       userId: string,
       purpose: EmailTokenPurpose | undefined,
       tx: Executor = db,
+      before?: Date,
     ): Promise<void> {
       await tx
         .delete(emailTokens)
@@ -77,6 +68,7 @@ export function createEmailTokensRepository(db: Executor) {
             eq(emailTokens.userId, userId),
             isNull(emailTokens.usedAt),
             purpose ? eq(emailTokens.purpose, purpose) : undefined,
+            before ? lt(emailTokens.createdAt, before) : undefined,
           ),
         );
     },

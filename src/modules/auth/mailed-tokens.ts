@@ -35,6 +35,34 @@ export function tokenParagraph(
   return `Open this link within ${lifetime} to ${action}:\n\n${link.href}\n`;
 }
 
+/** How long before another mail of a purpose may go to an account whose last one is `latest` (ms; 0: now). */
+export function waitBeforeNextMail(latest: { createdAt: Date } | undefined, now: Date): number {
+  return latest ? Math.max(0, MAIL_INTERVAL_MS - (now.getTime() - latest.createdAt.getTime())) : 0;
+}
+
+/**
+ * A new mailed token (256 random bits in `format`) and the `email_tokens` row that stores it: only
+ * its HMAC under the pepper, mailed to `fields.email`, good for `ttlSeconds` from `now`.
+ */
+export function newMailedToken(
+  pepper: Buffer,
+  format: SecretFormat,
+  fields: { userId: string; purpose: EmailTokenPurpose; email: string; now: Date; ttlSeconds: number },
+) {
+  const { token } = generateSecret(format);
+  return {
+    token,
+    row: {
+      userId: fields.userId,
+      purpose: fields.purpose,
+      email: fields.email,
+      tokenHash: keyedHash(pepper, token),
+      createdAt: fields.now,
+      expiresAt: new Date(fields.now.getTime() + fields.ttlSeconds * 1000),
+    },
+  };
+}
+
 /**
  * One-time tokens mailed to a user (`email_tokens`): made with 256 random bits in a `SecretFormat`,
  * stored only as an HMAC under the pepper, one live per user and purpose, at most one mail a minute.
@@ -47,7 +75,6 @@ export function createMailedTokens(deps: {
   pepper: Buffer;
   audit: AuditService;
 }) {
-  const hash = (token: string) => keyedHash(deps.pepper, token);
   return {
     /**
      * Mails `compose(token)` to the user with a new token of `purpose`, replacing any earlier one;
@@ -60,7 +87,7 @@ export function createMailedTokens(deps: {
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'too_soon'> {
-      const { token } = generateSecret(options.format);
+      let token = '';
       const row = await inTransaction(deps.db, deps.events, async (tx) => {
         // One at a time per account and purpose, on every instance: of concurrent requests the first
         // makes the token and the others see it and send nothing (one mail, one live link).
@@ -68,19 +95,16 @@ export function createMailedTokens(deps: {
           sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
         );
         const now = deps.clock.now();
-        const latest = await deps.tokens.latestFor(user.id, purpose, tx);
-        if (latest && now.getTime() - latest.createdAt.getTime() < MAIL_INTERVAL_MS) return undefined;
-        return deps.tokens.replace(
-          {
-            userId: user.id,
-            purpose,
-            email: user.email,
-            tokenHash: hash(token),
-            createdAt: now,
-            expiresAt: new Date(now.getTime() + options.ttlSeconds * 1000),
-          },
-          tx,
-        );
+        if (waitBeforeNextMail(await deps.tokens.latestFor(user.id, purpose, tx), now) > 0) return undefined;
+        const made = newMailedToken(deps.pepper, options.format, {
+          userId: user.id,
+          purpose,
+          email: user.email,
+          now,
+          ttlSeconds: options.ttlSeconds,
+        });
+        token = made.token;
+        return deps.tokens.replace(made.row, tx);
       });
       if (!row) return 'too_soon';
       try {
@@ -114,7 +138,7 @@ export function createMailedTokens(deps: {
       format: SecretFormat,
     ): Promise<EmailTokenRow | 'malformed' | undefined> {
       if (!parseSecret(format, token)) return 'malformed';
-      return deps.tokens.findLive(hash(token), purpose, deps.clock.now());
+      return deps.tokens.findLive(keyedHash(deps.pepper, token), purpose, deps.clock.now());
     },
   };
 }

@@ -3,7 +3,7 @@ import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
-import { generateSecret, keyedHash, PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
+import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
 import { AppError, isAppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
@@ -15,7 +15,7 @@ import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaService } from './mfa.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
 import { normalizeEmail } from './auth.schema.js';
-import { createMailedTokens, tokenParagraph } from './mailed-tokens.js';
+import { createMailedTokens, newMailedToken, tokenParagraph } from './mailed-tokens.js';
 import type { SessionsService } from './sessions.service.js';
 
 export interface PasswordResetDeps {
@@ -249,19 +249,14 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
      * mailer (the caller checks `assertInvitationsAvailable`); throws when the mail server fails.
      */
     async sendInvitation(user: UserRow, tx: Transaction): Promise<void> {
-      const { token } = generateSecret(PASSWORD_RESET_FORMAT);
-      const now = deps.clock.now();
-      await deps.tokens.replace(
-        {
-          userId: user.id,
-          purpose: 'password_reset',
-          email: user.email,
-          tokenHash: keyedHash(deps.pepper, token),
-          createdAt: now,
-          expiresAt: new Date(now.getTime() + deps.invitationTtlSeconds * 1000),
-        },
-        tx,
-      );
+      const { token, row } = newMailedToken(deps.pepper, PASSWORD_RESET_FORMAT, {
+        userId: user.id,
+        purpose: 'password_reset',
+        email: user.email,
+        now: deps.clock.now(),
+        ttlSeconds: deps.invitationTtlSeconds,
+      });
+      await deps.tokens.replace(row, tx);
       await deps.mailer!.send(invitationMail(user.email, token));
     },
 

@@ -16,7 +16,7 @@ import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
 import { normalizeEmail } from '../auth/auth.schema.js';
-import { MAIL_INTERVAL_MS } from '../auth/mailed-tokens.js';
+import { waitBeforeNextMail } from '../auth/mailed-tokens.js';
 import type { Clock } from '../../lib/clock.js';
 
 const ADMIN_ROLE = 'admin';
@@ -179,7 +179,7 @@ export function createUsersService(deps: {
             const user = await deps.repo.findByIdForUpdate(existing.id, tx);
             if (!user || !isInvitation(user)) throw new AppError('email_taken');
             const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
-            if (last && deps.clock.nowMs() - last.createdAt.getTime() < MAIL_INTERVAL_MS)
+            if (waitBeforeNextMail(last, deps.clock.now()) > 0)
               throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
             await mail(user, tx);
             await deps.audit.record(tx, context, {
