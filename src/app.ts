@@ -61,6 +61,8 @@ export interface AppDeps {
   mailer?: Mailer;
   /** How often the bootstrap admin is tried again while the identity provider is down at start. */
   bootstrapRetryMs?: number;
+  /** How often mail the mail server refused is retried (default 15 s; 0: only when `deliverDue` is called). */
+  mailRetryIntervalMs?: number;
 }
 
 export const SERVICE_VERSION = '0.1.0';
@@ -302,6 +304,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     redis: deps.redis,
     bootstrapRetryMs: deps.bootstrapRetryMs,
     mailer: deps.mailer,
+    mailRetryIntervalMs: deps.mailRetryIntervalMs,
   });
   await services.start();
   app.addHook('onClose', async () => {

@@ -37,6 +37,7 @@ import { createApiKeysService } from './modules/api-keys/api-keys.service.js';
 import { createClientsRepository } from './modules/clients/clients.repository.js';
 import { createClientsService } from './modules/clients/clients.service.js';
 import { createRetention } from './modules/housekeeping/retention.js';
+import { createMailOutbox } from './modules/mail/mail-outbox.js';
 import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
 import {
   CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
@@ -68,12 +69,16 @@ export interface ServicesDeps {
   mailer?: Mailer | undefined;
   /** How often the bootstrap admin is tried again while the provider is down (default 15 s). */
   bootstrapRetryMs?: number | undefined;
+  /** How often mail the mail server refused is looked at for a retry (default 15 s; 0: only when asked). */
+  mailRetryIntervalMs?: number | undefined;
 }
 
 /** How often caches are checked against the database, as a backstop to the change notifications. */
 const HOUSEKEEPING_INTERVAL_MS = 60_000;
 /** How often the bootstrap admin is tried again while the identity provider is unavailable at start. */
 const BOOTSTRAP_RETRY_MS = 15_000;
+/** How often queued mail is looked at for a retry (modules/mail/mail-outbox.ts). */
+const MAIL_RETRY_INTERVAL_MS = 15_000;
 /** How often expired rows are deleted (modules/housekeeping/retention.ts). */
 const PURGE_INTERVAL_MS = 3600_000;
 
@@ -212,6 +217,17 @@ export function createServices(deps: ServicesDeps) {
       : config.env === 'development'
         ? createLogMailer(logger)
         : undefined);
+  const outbox = mailer
+    ? createMailOutbox({
+        db,
+        mailer,
+        clock,
+        keyEncryptionKey: config.keyEncryptionKey,
+        logger,
+        onOutcome: (kind, outcome) => metrics.mail.inc({ kind, outcome }),
+        intervalMs: deps.mailRetryIntervalMs ?? MAIL_RETRY_INTERVAL_MS,
+      })
+    : undefined;
   const mfa = createMfaService({
     db,
     repo: repos.mfa,
@@ -226,7 +242,7 @@ export function createServices(deps: ServicesDeps) {
     challengeTtlSeconds: config.mfa.challengeTtlSeconds,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
     requireConfirmedEmail: provider.name === 'supabase' || mailer !== undefined,
-    mailer,
+    outbox,
     logger,
   });
   const auth = createAuthService({
@@ -256,6 +272,7 @@ export function createServices(deps: ServicesDeps) {
     pepper: config.secretPepper,
     providerName: provider.name,
     mailer,
+    outbox,
     logger,
   };
   const emailConfirmation = createEmailConfirmationService({ ...mailedLinks, ...config.emailConfirmation });
@@ -275,6 +292,7 @@ export function createServices(deps: ServicesDeps) {
     clock,
     failures,
     mailer,
+    outbox,
     pepper: config.secretPepper,
     url: config.passwordReset.url,
     ttlSeconds: config.passwordReset.ttlSeconds,
@@ -457,6 +475,8 @@ export function createServices(deps: ServicesDeps) {
     clients,
     oauth,
     audience,
+    /** Mail the mail server refused, kept for retries; undefined when the service sends no mail. */
+    outbox,
     /** One run of what the service does every minute (HOUSEKEEPING_INTERVAL_MS), for tests. */
     housekeeping,
     /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
@@ -465,6 +485,7 @@ export function createServices(deps: ServicesDeps) {
       await revocations.reload();
       await events.start();
       apiKeys.start();
+      outbox?.start();
       if (config.bootstrapAdmin) {
         const bootstrap = config.bootstrapAdmin;
         const retryMs = deps.bootstrapRetryMs ?? BOOTSTRAP_RETRY_MS;
@@ -503,6 +524,7 @@ export function createServices(deps: ServicesDeps) {
       if (bootstrapTimer) clearTimeout(bootstrapTimer);
       // Buffered API-key last-use times are written before the database goes away.
       await apiKeys.stop();
+      await outbox?.stop();
       await events.stop();
       await signer.stop();
       if (ownsRedis) await redis?.quit().catch(() => undefined);

@@ -25,6 +25,14 @@ export function createMetrics() {
       labelNames: ['grant'] as const,
       registers: [registry],
     }),
+    mail: new Counter({
+      name: 'auth_mail_total',
+      help:
+        'Mail the service sends, by kind and outcome: sent; queued (refused, kept for retries); retried ' +
+        '(sent from the queue); retry_failed; dropped (expired, its link used or replaced, or its account gone)',
+      labelNames: ['kind', 'outcome'] as const,
+      registers: [registry],
+    }),
     clientAuthFailures: new Counter({
       name: 'auth_client_authentication_failures_total',
       help: 'Failed OAuth client authentications by reason (throttled: refused before any check)',

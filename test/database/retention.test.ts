@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
+import { mailOutbox } from '../../src/db/schema/index.js';
 import { SESSION_END } from '../../src/modules/housekeeping/retention.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
@@ -87,12 +88,26 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       expiresAt: new Date(clock.nowMs() + 300_000),
     });
 
+    // A notice the mail server refused, kept a day for retries by an instance that has no mailer now.
+    await app.services.db.insert(mailOutbox).values({
+      kind: 'notice',
+      recipient: user.email,
+      subject: 'retention',
+      bodyEncrypted: 'sealed',
+      userId: user.id,
+      nextAttemptAt: clock.now(),
+      expiresAt: new Date(clock.nowMs() + DAY),
+      createdAt: clock.now(),
+    });
+
     // Six days on, nothing has been ended long enough; the revocations (15 min), the reset token
-    // (30 min) and the challenge have expired.
+    // (30 min), the challenge and the notice (a day) have expired.
     clock.advance(6 * DAY);
     const early = await app.services.retention.purge();
     expect(early).toMatchObject({ skipped: false, sessions: 0, emailTokens: 1, auditEvents: 0 });
     expect(early.mfaChallenges).toBeGreaterThanOrEqual(1);
+    expect(early.mail).toBeGreaterThanOrEqual(1);
+    expect(await count(sql`select count(*)::int as n from mail_outbox where user_id = ${user.id}`)).toBe(0);
     expect(await count(sql`select count(*)::int as n from mfa_challenges where id = ${challenge.id}`)).toBe(
       0,
     );

@@ -47,6 +47,9 @@ export async function buildTestApp(options: TestAppOptions = {}): Promise<Fastif
     config: testConfig(options.env),
     database,
     logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }),
+    // Apps of other files share the database: a timer of theirs would send this file's queued mail
+    // through their mailer. Tests deliver it with services.outbox.deliverDue().
+    mailRetryIntervalMs: 0,
     ...options.deps,
   });
   recordContract(app);

@@ -4,3 +4,4 @@ export * from './sessions.js';
 export * from './signing.js';
 export * from './users.js';
 export * from './mfa.js';
+export * from './mail.js';

@@ -331,7 +331,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'Built-in provider: the service mails a link to `PASSWORD_RESET_URL#token=prs_…` (or the bare ' +
           'token without it), valid for `PASSWORD_RESET_TTL` seconds and once; a newer one replaces it. 404 ' +
           'when the service has no `SMTP_URL` in production. Supabase: Supabase mails its recovery link, ' +
-          'leading to `PASSWORD_RESET_URL`.',
+          'leading to `PASSWORD_RESET_URL`. A mail server refusing the service’s mail does not change the ' +
+          'answer: the link is made and its mail waits for a retry. 503 when the database or Supabase is ' +
+          'unavailable.',
         body: ForgotPasswordBodySchema,
         response: {
           204: z.null().describe('If the address has an active account, a reset link is on its way'),
@@ -398,7 +400,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         description:
           '204 whether or not the address has an unconfirmed account, and at most one mail per account a ' +
           'minute. Built-in provider; 404 with Supabase (supabase-js `auth.resend()`) or without `SMTP_URL` in ' +
-          'production.',
+          'production. A mail server refusing the mail does not change the answer: it waits for a retry. 503 ' +
+          'only when the database is unavailable.',
         body: ForgotPasswordBodySchema,
         response: {
           204: z.null().describe('If the address has an unconfirmed account, a link is on its way'),

@@ -313,9 +313,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       }
       if (!outcome.changed) return { changed: false };
       if (outcome.noticeTo) {
-        deps.mailer?.send(changedNotice(outcome.noticeTo, newEmail)).catch((err: unknown) => {
-          deps.logger?.warn({ err, userId: row.userId }, 'the notice of an email change could not be mailed');
-        });
+        const notice = changedNotice(outcome.noticeTo, newEmail);
+        deps.outbox?.notice(outcome.user, notice.subject, notice.text, notice.to);
       }
       return { changed: true, user: outcome.user };
     },

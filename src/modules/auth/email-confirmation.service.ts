@@ -6,6 +6,7 @@ import { AppError } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { Mailer } from '../../lib/mailer.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
 import { normalizeEmail } from './auth.schema.js';
@@ -22,6 +23,11 @@ export interface EmailConfirmationDeps {
   /** Only the built-in provider's addresses are confirmed here; Supabase confirms its own. */
   providerName: 'local' | 'supabase';
   mailer: Mailer | undefined;
+  /**
+   * Keeps a confirmation mail the mail server refuses, for retries: a registration's (the account is
+   * made either way) and one asked for anonymously (a 503 would tell that the address has an account).
+   */
+  outbox?: MailOutbox | undefined;
   url: string | undefined;
   ttlSeconds: number;
   logger?: Pick<Logger, 'warn'>;
@@ -66,17 +72,23 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
     });
   }
 
-  /** Mails a confirmation link to the user's address, audited; throws when the mail server fails. */
+  /**
+   * Mails a confirmation link to the user's address, audited. A mail the server refuses waits in the
+   * outbox when there is one; without, the error is thrown.
+   */
   async function send(user: UserRow, mailer: Mailer, context: RequestContext) {
     try {
       const sent = await mailed.send(
         user,
         'email_confirmation',
-        { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
+        { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
         (token) => confirmationMail(user.email, token),
       );
       if (sent === 'too_soon') return record(context, user, user.email, 'failure', { reason: 'too_soon' });
-      await record(context, user, user.email, 'success', { delivery: mailer.kind });
+      await record(context, user, user.email, 'success', {
+        delivery: mailer.kind,
+        ...(sent === 'queued' ? { queued: true } : {}),
+      });
     } catch (err) {
       await record(context, user, user.email, 'failure', { reason: 'mail_failed' }).catch(() => undefined);
       throw err;
@@ -88,8 +100,9 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
 
   return {
     /**
-     * After a registration: the confirmation mail, when there is a way to send one. Best effort: the
-     * account is made either way, and a failed mail is logged; the user may ask for another.
+     * After a registration: the confirmation mail, when there is a way to send one. The account is made
+     * either way: a mail the server refuses waits in the outbox, and one that could not be kept either
+     * is logged (the user may ask for another).
      */
     async afterRegistration(user: UserRow, context: RequestContext): Promise<void> {
       if (!deps.mailer || !applies(user)) return;

@@ -6,6 +6,7 @@ import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { AppError } from '../../lib/errors.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
 
 /** At most one mail of a purpose per account in this long, whatever the number of requests. */
@@ -78,15 +79,16 @@ export function createMailedTokens(deps: {
   return {
     /**
      * Mails `compose(token)` to the user with a new token of `purpose`, replacing any earlier one;
-     * `too_soon` (nothing sent) within a minute of the last. When the mail fails, the token goes and
-     * the error is thrown, so a retry is not held back.
+     * `too_soon` (nothing sent) within a minute of the last. When the mail fails: with an `outbox`, the
+     * mail is kept there for retries (`queued`: the link stands, and goes out once the server takes
+     * it); without, the token goes and the error is thrown, so a retry is not held back.
      */
     async send(
       user: { id: string; email: string },
       purpose: EmailTokenPurpose,
-      options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer },
+      options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
       compose: (token: string) => MailMessage,
-    ): Promise<'sent' | 'too_soon'> {
+    ): Promise<'sent' | 'queued' | 'too_soon'> {
       let token = '';
       const row = await inTransaction(deps.db, deps.events, async (tx) => {
         // One at a time per account and purpose, on every instance: of concurrent requests the first
@@ -108,6 +110,13 @@ export function createMailedTokens(deps: {
       });
       if (!row) return 'too_soon';
       try {
+        if (options.outbox)
+          return await options.outbox.send(compose(token), {
+            kind: purpose,
+            userId: user.id,
+            emailTokenId: row.id,
+            expiresAt: row.expiresAt,
+          });
         await options.mailer.send(compose(token));
       } catch (err) {
         await deps.tokens.deleteById(row.id).catch(() => undefined);

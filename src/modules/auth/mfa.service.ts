@@ -13,7 +13,7 @@ import {
 import { AppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { Logger } from 'pino';
-import type { Mailer } from '../../lib/mailer.js';
+import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
@@ -59,7 +59,7 @@ export interface MfaServiceDeps {
    */
   requireConfirmedEmail: boolean;
   /** Notices to the user when two-step verification is turned on or off (not awaited). */
-  mailer: Mailer | undefined;
+  outbox: MailOutbox | undefined;
   logger?: Pick<Logger, 'warn'>;
 }
 
@@ -226,22 +226,19 @@ export function createMfaService(deps: MfaServiceDeps) {
       : {}),
   });
 
-  /** A notice to the user about their second factor, not awaited: a mail server failing is logged. */
-  function notify(user: Pick<UserRow, 'email'> | undefined, subject: string, text: string) {
-    if (!deps.mailer || !user) return;
-    deps.mailer.send({ to: user.email, subject, text }).catch((err: unknown) => {
-      deps.logger?.warn({ err }, 'a two-step verification notice could not be mailed');
-    });
+  /** A notice to the user about their second factor (mail-outbox.ts `notice`: not awaited, kept when refused). */
+  function notify(user: Pick<UserRow, 'id' | 'email'> | undefined, subject: string, text: string) {
+    if (user) deps.outbox?.notice(user, subject, text);
   }
   const notice = {
-    enabled: (user: Pick<UserRow, 'email'> | undefined) =>
+    enabled: (user: Pick<UserRow, 'id' | 'email'> | undefined) =>
       notify(
         user,
         'Two-step verification is on',
         'Two-step verification was turned on for your account: signing in now asks for a code from your ' +
           'authenticator app. If this was not you, reset your password and contact support.',
       ),
-    disabled: (user: Pick<UserRow, 'email'> | undefined, byAdministrator: boolean) =>
+    disabled: (user: Pick<UserRow, 'id' | 'email'> | undefined, byAdministrator: boolean) =>
       notify(
         user,
         'Two-step verification is off',
@@ -496,7 +493,7 @@ export function createMfaService(deps: MfaServiceDeps) {
     },
 
     /** The notice of a factor removed without the user (the reset that first proves the mailbox). */
-    noticeRemoved: (user: Pick<UserRow, 'email'>) => notice.disabled(user, false),
+    noticeRemoved: (user: Pick<UserRow, 'id' | 'email'>) => notice.disabled(user, false),
 
     /**
      * The sign-in's first factor passed and the user has a second: the `mfa_required` refusal, with the

@@ -11,6 +11,7 @@ import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { Mailer } from '../../lib/mailer.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaService } from './mfa.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
@@ -30,6 +31,8 @@ export interface PasswordResetDeps {
   failures: FailureCounter;
   /** Undefined: the service has no way to send mail (production without SMTP_URL). */
   mailer: Mailer | undefined;
+  /** Keeps a reset link asked for anonymously when the mail server refuses it, for retries. */
+  outbox?: MailOutbox | undefined;
   pepper: Buffer;
   /** The page a reset link opens; the token follows in the fragment. */
   url: string | undefined;
@@ -210,14 +213,16 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
 
   /**
    * Has a reset link mailed to `email`: by the provider when it mails its own, else by the service,
-   * to the account `user` (callers check there is one, and a mailer). A failed mail is audited.
+   * to the account `user` (callers check there is one, and a mailer). A failed mail is audited; with
+   * `queue`, a mail the server refuses waits in the outbox instead (`queued`).
    */
   async function deliver(
     email: string,
     user: UserRow | undefined,
     context: RequestContext,
     extra: Record<string, unknown>,
-  ): Promise<{ sent: 'sent' | 'too_soon'; delivery: string }> {
+    queue = false,
+  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon'; delivery: string }> {
     if (deps.provider.requestPasswordRecovery)
       return {
         sent: await deps.provider.requestPasswordRecovery(email, deps.url),
@@ -229,7 +234,12 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const sent = await mailed.send(
         account,
         'password_reset',
-        { format: PASSWORD_RESET_FORMAT, ttlSeconds: deps.ttlSeconds, mailer },
+        {
+          format: PASSWORD_RESET_FORMAT,
+          ttlSeconds: deps.ttlSeconds,
+          mailer,
+          outbox: queue ? deps.outbox : undefined,
+        },
         (token) => resetMail(account.email, token),
       );
       return { sent, delivery: mailer.kind };
@@ -291,10 +301,15 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         return recordRequest(context, email, null, 'failure', { reason: 'unknown_email' });
       if (user && !active(user))
         return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
-      const { sent, delivery } = await deliver(email, user, context, {});
+      // Queued, not refused, when the mail server is down: a 503 here, against the 204 of an address
+      // without an account, would tell anyone which addresses have one.
+      const { sent, delivery } = await deliver(email, user, context, {}, true);
       if (sent === 'too_soon')
         return recordRequest(context, email, user?.id ?? null, 'failure', { reason: 'too_soon' });
-      await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
+      await recordRequest(context, email, user?.id ?? null, 'success', {
+        delivery,
+        ...(sent === 'queued' ? { queued: true } : {}),
+      });
     },
 
     /**

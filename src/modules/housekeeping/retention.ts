@@ -32,13 +32,15 @@ export interface PurgeResult {
   emailTokens: number;
   /** Sign-ins that waited for a second factor, past their expiry, completed or not. */
   mfaChallenges: number;
+  /** Queued mail past its expiry that no instance dropped (one with no mail server configured any more). */
+  mail: number;
   auditEvents: number;
 }
 
 /**
  * Deletes what nothing reads any more, so the tables do not grow with every login and refresh for
  * ever: revocations past their expiry (every token they could refuse has expired), mailed tokens (password
- * reset, email confirmation) and second-factor challenges past theirs, sessions ended
+ * reset, email confirmation), second-factor challenges and queued mail past theirs, sessions ended
  * longer ago than SESSION_RETENTION_DAYS (with their refresh tokens, by cascade), and audit events
  * older than AUDIT_RETENTION_DAYS when that is set. Run from the services' housekeeping at most once
  * an hour; on several instances, whichever takes the advisory lock first does it and the others skip.
@@ -86,6 +88,7 @@ export function createRetention(deps: {
         revocations: 0,
         emailTokens: 0,
         mfaChallenges: 0,
+        mail: 0,
         auditEvents: 0,
       };
 
@@ -98,6 +101,7 @@ export function createRetention(deps: {
 
       result.emailTokens = (await deleteAll('email_tokens', sql`expires_at < ${instant(now)}`)) ?? 0;
       result.mfaChallenges = (await deleteAll('mfa_challenges', sql`expires_at < ${instant(now)}`)) ?? 0;
+      result.mail = (await deleteAll('mail_outbox', sql`expires_at < ${instant(now)}`)) ?? 0;
 
       if (deps.options.auditRetentionDays > 0) {
         const auditBefore = instant(now - deps.options.auditRetentionDays * DAY_MS);
@@ -108,6 +112,7 @@ export function createRetention(deps: {
           result.revocations +
           result.emailTokens +
           result.mfaChallenges +
+          result.mail +
           result.auditEvents >
         0
       ) {

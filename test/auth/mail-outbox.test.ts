@@ -1,0 +1,295 @@
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { selectRows } from '../../src/db/client.js';
+import { mailOutbox } from '../../src/db/schema/index.js';
+import type { MailMessage } from '../../src/lib/mailer.js';
+import { MAIL_RETRY_FIRST_MS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
+import { ownDatabase } from '../support/database.js';
+import { bearer } from '../support/http.js';
+import { capturingMailer } from '../support/mail.js';
+import { turnOnMfa } from '../support/mfa.js';
+import { createAdmin, PASSWORD, registerUser } from '../support/factories.js';
+
+const RESET_URL = 'https://app.example.test/reset-password';
+const CONFIRM_URL = 'https://app.example.test/confirm-email';
+
+const mailsTo = (mailer: { sent: MailMessage[] }, email: string, subject: string) =>
+  mailer.sent.filter((m) => m.to === email && m.subject === subject);
+
+function tokenIn(mail: MailMessage | undefined, prefix: string): string {
+  expect(mail, 'a mail').toBeDefined();
+  const found = new RegExp(`#token=(${prefix}_[0-9A-Za-z_]+)`).exec(mail!.text);
+  expect(found, mail!.text).not.toBeNull();
+  return found![1]!;
+}
+
+/*
+ * On a database of its own: delivering due mail takes every queued mail of the database, and the
+ * apps of other files would have theirs sent through this file's mailer (and this file's clock runs
+ * ahead).
+ */
+let own: Awaited<ReturnType<typeof ownDatabase>>;
+const apps: FastifyInstance[] = [];
+beforeAll(async () => {
+  own = await ownDatabase('auth_mail_outbox');
+});
+afterAll(async () => {
+  await Promise.all(apps.map((a) => a.close()));
+  await own.dispose();
+});
+const appOnOwnDatabase = async (options: Parameters<typeof buildTestApp>[0] = {}) => {
+  const app = await buildTestApp({ ...options, deps: { ...options.deps, database: own.database } });
+  apps.push(app);
+  return app;
+};
+
+describe('mail the mail server refused is kept and sent later (built-in provider)', () => {
+  let app: FastifyInstance;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+
+  beforeAll(async () => {
+    app = await appOnOwnDatabase({
+      env: { PASSWORD_RESET_URL: RESET_URL, EMAIL_CONFIRMATION_URL: CONFIRM_URL, PASSWORD_RESET_TTL: '1800' },
+      deps: { mailer, clock },
+    });
+  });
+
+  const forgot = (email: string) =>
+    app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email } });
+  const outbox = () => app.services.outbox!;
+  /** A registered user whose confirmation mail (sent after the answer, not awaited) went out. */
+  const registered = async (tag: string) => {
+    const user = await registerUser(app, tag);
+    await expect.poll(() => mailsTo(mailer, user.email, 'Confirm your email address').length).toBe(1);
+    return user;
+  };
+  const pendingFor = (userId: string) => outbox().pending(userId);
+  /** Moves the app's clock past the next retry of every mail queued now, and runs the retries. */
+  const retryLater = async (ms = MAIL_RETRY_FIRST_MS) => {
+    clock.advance(ms / 1000 + 1);
+    return outbox().deliverDue();
+  };
+  const down = async <T>(work: () => Promise<T>): Promise<T> => {
+    mailer.failing = true;
+    try {
+      return await work();
+    } finally {
+      mailer.failing = false;
+    }
+  };
+
+  it('answers a reset request during a mail outage as for an unknown address, and mails the link once the server is back', async () => {
+    const user = await registered('outbox-reset');
+    const [known, unknown] = await down(async () => [
+      await forgot(user.email),
+      await forgot(uniqueEmail('outbox-nobody')),
+    ]);
+    // Nothing tells an address with an account from one without while mail cannot go.
+    expect(known.statusCode, known.body).toBe(204);
+    expect(unknown.statusCode).toBe(204);
+    expect(known.body).toBe(unknown.body);
+    expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(0);
+
+    const [queued] = await pendingFor(user.id);
+    expect(queued).toMatchObject({ kind: 'password_reset', recipient: user.email, attempts: 1 });
+    expect(queued!.emailTokenId).toBeTruthy();
+    // The link's token is in the queued text, which is stored encrypted, never in the clear.
+    expect(queued!.bodyEncrypted).not.toContain('prs_');
+    expect(queued!.bodyEncrypted).not.toContain('reset-password');
+    const events = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'auth.password_reset_requested',
+      limit: 5,
+    });
+    expect(events[0]).toMatchObject({ outcome: 'success', data: { delivery: 'smtp', queued: true } });
+
+    // Not before its time.
+    expect(await outbox().deliverDue()).toMatchObject({ sent: 0 });
+    expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(0);
+
+    await retryLater();
+    const mail = mailsTo(mailer, user.email, 'Reset your password');
+    expect(mail).toHaveLength(1);
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    // The link it carries is the one made at the request, and it works.
+    const reset = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token: tokenIn(mail[0], 'prs'), new_password: 'a brand new passphrase here' },
+    });
+    expect(reset.statusCode, reset.body).toBe(204);
+
+    const metrics = await app.inject({ method: 'GET', url: '/metrics' });
+    expect(metrics.body).toMatch(/auth_mail_total\{kind="password_reset",outcome="queued"\} [1-9]/);
+    expect(metrics.body).toMatch(/auth_mail_total\{kind="password_reset",outcome="retried"\} [1-9]/);
+  });
+
+  it('backs off while the server keeps refusing, and gives up when the link expires', async () => {
+    const user = await registered('outbox-backoff');
+    await down(() => forgot(user.email));
+    await down(async () => {
+      expect((await retryLater()).failed).toBeGreaterThanOrEqual(1);
+    });
+    const [second] = await pendingFor(user.id);
+    expect(second!.attempts).toBe(2);
+    // The next try is a minute after the second: not 30 s.
+    expect(second!.nextAttemptAt.getTime() - clock.nowMs()).toBeGreaterThan(retryDelayMs(2) - 2000);
+    await down(() => retryLater(retryDelayMs(1)));
+    expect((await pendingFor(user.id))[0]!.attempts).toBe(2);
+
+    // PASSWORD_RESET_TTL is 30 minutes: after it, the mail is dropped, not sent with a dead link.
+    clock.advance(1800);
+    const run = await outbox().deliverDue();
+    expect(run.dropped).toBeGreaterThanOrEqual(1);
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(0);
+  });
+
+  it('drops a queued link that a newer one replaced, and sends only the newer', async () => {
+    const user = await registered('outbox-replaced');
+    await down(() => forgot(user.email));
+    expect(await pendingFor(user.id)).toHaveLength(1);
+    clock.advance(61);
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    // The newer link went at once; the older mail went with its link.
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    await retryLater();
+    expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(1);
+  });
+
+  it('drops a queued link that was used meanwhile', async () => {
+    const user = await registered('outbox-used');
+    await down(() => forgot(user.email));
+    const [queued] = await pendingFor(user.id);
+    await app.services.repos.emailTokens.consume(queued!.emailTokenId!, clock.now(), app.services.db);
+    const run = await retryLater();
+    expect(run.dropped).toBeGreaterThanOrEqual(1);
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(0);
+  });
+
+  it('keeps the confirmation mail of a registration made during an outage, and of a resend', async () => {
+    const email = uniqueEmail('outbox-register');
+    mailer.failing = true;
+    let userId: string;
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email, password: PASSWORD },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      userId = res.json().user.id;
+      // The confirmation mail goes after the answer: wait for it to be queued.
+      await expect
+        .poll(() => pendingFor(userId))
+        .toMatchObject([{ kind: 'email_confirmation', recipient: email }]);
+    } finally {
+      mailer.failing = false;
+    }
+
+    // A resend during the outage answers as for an address without an account.
+    clock.advance(61);
+    const [resent, stranger] = await down(async () => [
+      await app.inject({ method: 'POST', url: '/v1/auth/email/resend', payload: { email } }),
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/email/resend',
+        payload: { email: uniqueEmail('outbox-nobody') },
+      }),
+    ]);
+    expect(resent.statusCode, resent.body).toBe(204);
+    expect(stranger.statusCode).toBe(204);
+    // The resend replaced the registration's link: one mail waits, with the newer.
+    const waiting = await pendingFor(userId);
+    expect(waiting).toHaveLength(1);
+
+    await retryLater();
+    const mails = mailsTo(mailer, email, 'Confirm your email address');
+    expect(mails).toHaveLength(1);
+    const confirmed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/confirm',
+      payload: { token: tokenIn(mails[0], 'pec') },
+    });
+    expect(confirmed.statusCode, confirmed.body).toBe(200);
+  });
+
+  it('keeps security notices, and drops what waits for an account that is deleted', async () => {
+    const user = await registered('outbox-notice');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: clock.now() });
+    await down(async () => {
+      await turnOnMfa(app, user.accessToken, clock.nowMs);
+      // The notice is not awaited by the request: wait for it to be queued.
+      await expect.poll(async () => (await pendingFor(user.id)).map((m) => m.kind)).toEqual(['notice']);
+    });
+    await retryLater();
+    expect(mailsTo(mailer, user.email, 'Two-step verification is on')).toHaveLength(1);
+
+    const doomed = await registered('outbox-deleted');
+    await down(() => forgot(doomed.email));
+    expect(await pendingFor(doomed.id)).toHaveLength(1);
+    const admin = await createAdmin(app);
+    const gone = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${doomed.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(gone.statusCode, gone.body).toBe(204);
+    const [left] = await selectRows<{ n: number }>(
+      app.services.db,
+      sql`select count(*)::int as n from mail_outbox where recipient = ${doomed.email}`,
+    );
+    expect(left!.n).toBe(0);
+  });
+
+  it('answers 503 when the mail can neither go nor be kept, and keeps no link', async () => {
+    const user = await registered('outbox-nowhere');
+    // The database refusing the queue write as well: the request must not claim a mail is on its way.
+    const db = app.services.db;
+    const insert = db.insert.bind(db);
+    const spy = vi.spyOn(db, 'insert').mockImplementation(((table: Parameters<typeof insert>[0]) => {
+      if (table === mailOutbox) throw new Error('database refused');
+      return insert(table);
+    }) as typeof db.insert);
+    try {
+      const res = await down(() => forgot(user.email));
+      expect(res.statusCode, res.body).toBe(503);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+    } finally {
+      spy.mockRestore();
+    }
+    expect(await app.services.repos.emailTokens.latestFor(user.id, 'password_reset')).toBeUndefined();
+  });
+});
+
+describe('queued mail on several instances', () => {
+  it('is sent once, whichever instance claims it', async () => {
+    const clock = createTestClock();
+    const first = capturingMailer();
+    const second = capturingMailer();
+    const env = { PASSWORD_RESET_URL: RESET_URL };
+    const a = await appOnOwnDatabase({ env, deps: { mailer: first, clock } });
+    const b = await appOnOwnDatabase({ env, deps: { mailer: second, clock } });
+    const users = await Promise.all([1, 2, 3].map(() => registerUser(a, 'outbox-two')));
+    first.failing = true;
+    for (const user of users)
+      expect(
+        (await a.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email: user.email } }))
+          .statusCode,
+      ).toBe(204);
+    first.failing = false;
+    clock.advance(31);
+    await Promise.all([a.services.outbox!.deliverDue(), b.services.outbox!.deliverDue()]);
+    for (const user of users) {
+      const got = [...first.sent, ...second.sent].filter(
+        (m) => m.to === user.email && m.subject === 'Reset your password',
+      );
+      expect(got, user.email).toHaveLength(1);
+    }
+  });
+});
