@@ -259,6 +259,7 @@ export function createServices(deps: ServicesDeps) {
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
     emailTokens: repos.emailTokens,
     mfa,
+    outbox,
     requireEmailConfirmation: config.emailConfirmation.required && provider.name === 'local',
   });
   // What the services of mailed links (confirmation, email change) share.

@@ -94,6 +94,12 @@ describe('password reset (built-in provider)', () => {
       headers: { authorization: `Bearer ${user.accessToken}` },
     });
     expect(me.statusCode).toBe(401);
+    // The account's address is told, once the answer has gone.
+    await vi.waitFor(() =>
+      expect(
+        mailer.sent.filter((m) => m.to === user.email && m.subject === 'Your password was reset'),
+      ).toHaveLength(1),
+    );
     // Once only.
     const again = await reset(token, 'yet another long passphrase');
     expect(again.statusCode).toBe(400);
@@ -386,6 +392,12 @@ describe('password reset (built-in provider)', () => {
     expect(changed.statusCode).toBe(204);
     expect((await reset(token, 'an attacker passphrase here')).statusCode).toBe(400);
     await login(app, user.email, NEW_PASSWORD);
+    // The account's address is told (the notice goes after the answer).
+    await vi.waitFor(() =>
+      expect(
+        mailer.sent.filter((m) => m.to === user.email && m.subject === 'Your password was changed'),
+      ).toHaveLength(1),
+    );
   });
 
   it('lets an administrator have a reset link mailed to a user, never seeing it; audited', async () => {

@@ -77,6 +77,8 @@ describe('invitations: accounts an administrator makes', () => {
       headers: bearer(session.session.access_token),
     });
     expect(me.json().user.email_confirmed_at).not.toBeNull();
+    // A first password replaces none: no notice of a reset (the capturing mailer keeps a mail as it is sent).
+    expect(mailer.sent.filter((m) => m.to === email).map((m) => m.subject)).toEqual(['You are invited']);
 
     const events = await app.services.audit.list({ subjectId: user.id, type: 'user.invited', limit: 5 });
     expect(events[0]).toMatchObject({ actorId: admin.id, outcome: 'success' });

@@ -6,6 +6,7 @@ import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { Logger } from 'pino';
+import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
@@ -30,6 +31,8 @@ export interface AuthServiceDeps {
   emailTokens: Pick<EmailTokensRepository, 'discardUnused'>;
   /** A user with a second factor gets a challenge at sign-in instead of a session. */
   mfa: Pick<MfaService, 'isEnabled' | 'challenge'>;
+  /** Where the notice of a password change goes (mail-outbox.ts); undefined when the service sends no mail. */
+  outbox?: MailOutbox | undefined;
   /** REQUIRE_EMAIL_CONFIRMATION (built-in provider): sign-in waits for a confirmed address. */
   requireEmailConfirmation?: boolean;
 }
@@ -410,6 +413,13 @@ export function createAuthService(deps: AuthServiceDeps) {
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
       await deps.failures.reset(user.email);
+      deps.outbox?.notice(
+        user,
+        'Your password was changed',
+        `The password of your account ${user.email} was changed from a signed-in session, and every ` +
+          'other session was signed out.\n\nIf it was not you, reset your password with "Forgot password" ' +
+          'at once and contact support.\n',
+      );
     },
 
     /**

@@ -171,7 +171,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     context: RequestContext,
     consume: ((tx: Transaction) => Promise<boolean>) | undefined,
   ) {
-    const { mfaRemoved } = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+    const { mfaRemoved, hadPassword } = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       // Locked as the update below locks it, and before the token (the order every change of an
       // account's mailed links takes): a disable committed meanwhile wins, and the reset does not
       // apply; concurrent resets, confirmations and email changes take turns.
@@ -204,9 +204,18 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         subjectId: user.id,
         data: { provider: deps.provider.name, first_mailbox_proof: firstProof },
       });
-      return unproven;
+      // An invitation's first password replaces none (the provider's accounts keep theirs there).
+      return { ...unproven, hadPassword: deps.provider.name !== 'local' || current.passwordHash !== null };
     });
     if (mfaRemoved) deps.unproven.mfa.noticeRemoved(user);
+    if (hadPassword)
+      deps.outbox?.notice(
+        user,
+        'Your password was reset',
+        `The password of your account ${user.email} was reset with a link mailed to this address, and ` +
+          'every session was signed out.\n\nIf it was not you, someone can read your mail: secure your ' +
+          'mailbox, reset your password again and contact support.\n',
+      );
     // Whoever holds the mailbox is the owner: a lockout someone else caused no longer stands.
     await deps.failures.reset(user.email);
   }
