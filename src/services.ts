@@ -340,6 +340,7 @@ export function createServices(deps: ServicesDeps) {
     emailTokens: repos.emailTokens,
     mfaRequiredRoles: config.mfa.requiredRoles,
     mfa,
+    sessionRows: repos.sessions,
     clock,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });

@@ -12,7 +12,7 @@ import { captureLogs } from '../support/logs.js';
 import { selectRows } from '../../src/db/client.js';
 import { decrypt, keyedHash } from '../../src/lib/crypto.js';
 import { sql } from 'drizzle-orm';
-import { clientToken, createClient } from '../clients/helpers.js';
+import { clientToken, createClient, userWith } from '../clients/helpers.js';
 
 describe('two-step verification (TOTP)', () => {
   let app: FastifyInstance;
@@ -570,6 +570,69 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     expect(refused.json().detail).toContain('two-step verification');
     await turnOnMfa(app, other.accessToken, clock.nowMs);
     expect((await grant()).statusCode).toBe(200);
+  });
+
+  it('authz/check counts those roles only for a session that gave a second factor, and names the step-up', async () => {
+    const admin = await registerUser(app, 'mfa-check');
+    await app.services.repos.users.assignRole(admin.id, 'admin', null);
+    const { code } = await turnOnMfa(app, admin.accessToken, clock.nowMs);
+    // An administrator from before MFA_REQUIRED_ROLES, with no second factor: a password-only session.
+    const legacy = await registerUser(app, 'mfa-check-legacy');
+    await app.services.repos.users.assignRole(legacy.id, 'admin', null);
+    const pwdSession = decodeJwt(legacy.accessToken).sid as string;
+    clock.advance(30);
+    const login = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: admin.email, password: admin.password },
+    });
+    const verified = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      payload: { mfa_token: login.json().mfa_token, code: code() },
+    });
+    expect(verified.statusCode, verified.body).toBe(200);
+    const mfaSession = decodeJwt(verified.json().session.access_token).sid as string;
+
+    // A service's credential: the session of a user holding authz:check by a role of its own.
+    const checker = await userWith(app, ['authz:check'], 'mfa-checker');
+    const check = (body: Record<string, unknown>) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/authz/check',
+        headers: bearer(checker.accessToken),
+        payload: { subject_id: admin.id, permissions: ['users:read', 'account:read'], ...body },
+      });
+
+    // Without a session: as a session that gave no second factor, with what one would add.
+    const bare = await check({});
+    expect(bare.statusCode, bare.body).toBe(200);
+    expect(bare.json()).toEqual({ allowed: false, missing: ['users:read'], mfa_required: ['users:read'] });
+    expect((await check({ subject_id: legacy.id, session_id: pwdSession })).json()).toEqual(bare.json());
+    expect((await check({ subject_id: legacy.id })).json()).toEqual(bare.json());
+    expect((await check({ session_id: mfaSession })).json()).toEqual({ allowed: true, missing: [] });
+    // What no role of the user gives is missing, with no step-up for it.
+    expect((await check({ subject_id: checker.id })).json()).toEqual({
+      allowed: false,
+      missing: ['users:read'],
+    });
+
+    // A session that ended holds nothing; one that is not the user's is 404.
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(verified.json().session.access_token),
+      payload: {},
+    });
+    expect(out.statusCode).toBe(204);
+    expect((await check({ session_id: mfaSession })).json()).toEqual({
+      allowed: false,
+      missing: ['users:read', 'account:read'],
+    });
+    const foreign = await check({ session_id: decodeJwt(checker.accessToken).sid as string });
+    expect(foreign.statusCode).toBe(404);
+    expect(foreign.headers['content-type']).toContain('application/problem+json');
+    expect((await check({ session_id: 'not-a-uuid' })).statusCode).toBe(400);
   });
 
   it('refuses a role name that is not one, and the user role', () => {

@@ -311,6 +311,7 @@ export async function usersRoutes(
         response: { 200: AuthzCheckResultSchema, ...problems(400, 401, 403, 404) },
       },
     },
-    async (request) => deps.users.check(request.body.subject_id, request.body.permissions),
+    async (request) =>
+      deps.users.check(request.body.subject_id, request.body.permissions, request.body.session_id),
   );
 }

@@ -55,7 +55,25 @@ export const AuthzCheckBodySchema = z
       .min(1)
       .max(100)
       .meta({ example: ['users:read', 'profiles:read'] }),
+    session_id: uuidInput()
+      .optional()
+      .describe(
+        'The session the request comes from (the access token’s `sid`): the answer is what that session ' +
+          'holds. MFA_REQUIRED_ROLES count only for a session that gave a second factor; without ' +
+          '`session_id` they do not count. A session that has ended holds nothing; one that is not the ' +
+          'user’s is 404.',
+      ),
   })
   .strict();
 
-export const AuthzCheckResultSchema = z.object({ allowed: z.boolean(), missing: z.array(z.string()) });
+export const AuthzCheckResultSchema = z.object({
+  allowed: z.boolean(),
+  missing: z.array(z.string()),
+  mfa_required: z
+    .array(z.string())
+    .optional()
+    .describe(
+      'Present when some of `missing` come with a role of MFA_REQUIRED_ROLES the user holds: a session ' +
+        'that gives a second factor (step-up) would hold them',
+    ),
+});

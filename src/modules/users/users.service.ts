@@ -7,6 +7,7 @@ import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { AuthService } from '../auth/auth.service.js';
+import type { SessionsRepository } from '../auth/sessions.repository.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RolesRepository } from '../roles/roles.repository.js';
@@ -44,6 +45,8 @@ export function createUsersService(deps: {
   /** MFA_REQUIRED_ROLES: granted only to users with a second factor. */
   mfaRequiredRoles: readonly string[];
   mfa: Pick<MfaService, 'isEnabled'>;
+  /** The session an authorization check may name (its `amr`: whether it gave a second factor). */
+  sessionRows: Pick<SessionsRepository, 'findSession'>;
   clock: Clock;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
@@ -322,14 +325,38 @@ export function createUsersService(deps: {
       );
     },
 
-    /** For services deciding on a user's request: which of these permissions the user holds now. */
-    async check(subjectId: string, permissions: string[]) {
+    /**
+     * For services deciding on a user's request: which of these permissions the user holds now. The
+     * roles of MFA_REQUIRED_ROLES count only for a session that gave a second factor, as in the
+     * session's own tokens: with `sessionId` (the access token's `sid`), as that session holds them;
+     * without, as a session that did not. `mfa_required` names what is missing that a second factor
+     * would give. A session that has ended holds nothing.
+     */
+    async check(subjectId: string, permissions: string[], sessionId?: string) {
       const user = await deps.repo.findById(subjectId);
       if (!user) throw notFound('user');
-      const held =
-        user.status === 'active' ? (await deps.repo.rolesAndPermissions(subjectId)).permissions : [];
+      let secondFactor = false;
+      let live = user.status === 'active';
+      if (sessionId !== undefined) {
+        const session = await deps.sessionRows.findSession(sessionId);
+        if (!session || session.userId !== subjectId)
+          throw new AppError('not_found', {
+            detail: 'The user has no session with this id',
+            errors: [{ field: 'body.session_id', message: 'is not a session of subject_id' }],
+          });
+        const now = deps.clock.now();
+        live &&= !session.revokedAt && session.idleExpiresAt > now && session.expiresAt > now;
+        secondFactor = session.amr.includes('mfa');
+      }
+      if (!live) return { allowed: false, missing: permissions };
+      const withheld = secondFactor ? [] : deps.mfaRequiredRoles;
+      const held = (await deps.repo.rolesAndPermissions(subjectId, undefined, { except: withheld }))
+        .permissions;
       const missing = permissions.filter((p) => !hasPermission(held, p));
-      return { allowed: missing.length === 0, missing };
+      if (missing.length === 0 || withheld.length === 0) return { allowed: missing.length === 0, missing };
+      const withFactor = (await deps.repo.rolesAndPermissions(subjectId)).permissions;
+      const mfaRequired = missing.filter((p) => hasPermission(withFactor, p));
+      return { allowed: false, missing, ...(mfaRequired.length ? { mfa_required: mfaRequired } : {}) };
     },
   };
 }
