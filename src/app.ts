@@ -390,6 +390,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     passwordReset: services.passwordReset,
     emailConfirmation: services.emailConfirmation,
     emailChange: services.emailChange,
+    magicLink: services.magicLink,
     accounts: services.accounts,
     providerName: services.provider.name,
   });

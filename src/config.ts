@@ -93,6 +93,8 @@ const EnvSchema = z.object({
   REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
   EMAIL_CHANGE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   EMAIL_CHANGE_TTL: z.coerce.number().int().min(300).max(86_400).default(3600),
+  MAGIC_LINK_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  MAGIC_LINK_TTL: z.coerce.number().int().min(60).max(3600).default(900),
   MFA_ISSUER: optionalString.pipe(
     z
       .string()
@@ -321,6 +323,8 @@ export interface Config {
   readonly emailConfirmation: { url: string | undefined; ttlSeconds: number; required: boolean };
   /** Built-in provider: the page an email change's links open, and their lifetime. */
   readonly emailChange: { url: string | undefined; ttlSeconds: number };
+  /** Built-in provider: the page a sign-in link opens, and its lifetime. */
+  readonly magicLink: { url: string | undefined; ttlSeconds: number };
   /**
    * Two-step verification: the name authenticator apps show, how long a sign-in waits for a code, and
    * the roles whose permissions count only in a session that gave a second factor.
@@ -452,6 +456,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       required: e.REQUIRE_EMAIL_CONFIRMATION,
     },
     emailChange: { url: e.EMAIL_CHANGE_URL, ttlSeconds: e.EMAIL_CHANGE_TTL },
+    magicLink: { url: e.MAGIC_LINK_URL, ttlSeconds: e.MAGIC_LINK_TTL },
     mfa: {
       issuer: e.MFA_ISSUER ?? 'Paservices',
       challengeTtlSeconds: e.MFA_CHALLENGE_TTL,

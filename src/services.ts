@@ -38,6 +38,7 @@ import { createClientsRepository } from './modules/clients/clients.repository.js
 import { createClientsService } from './modules/clients/clients.service.js';
 import { createRetention } from './modules/housekeeping/retention.js';
 import { createMailOutbox } from './modules/mail/mail-outbox.js';
+import { createMagicLinkService } from './modules/auth/magic-link.service.js';
 import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
 import {
   CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
@@ -282,6 +283,14 @@ export function createServices(deps: ServicesDeps) {
     ...config.emailChange,
     sessions: repos.sessions,
   });
+  const magicLink = createMagicLinkService({
+    ...mailedLinks,
+    ...config.magicLink,
+    auth,
+    mfa,
+    failures,
+    onLogin: (outcome) => metrics.logins.inc({ outcome }),
+  });
   const passwordReset = createPasswordResetService({
     db,
     users: repos.users,
@@ -466,6 +475,7 @@ export function createServices(deps: ServicesDeps) {
     passwordReset,
     emailConfirmation,
     emailChange,
+    magicLink,
     mfa,
     roles,
     /** The grant ceiling: what a principal holds now. */

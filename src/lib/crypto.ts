@@ -121,6 +121,8 @@ export const PASSWORD_RESET_FORMAT: SecretFormat = { prefix: 'prs', lookupLength
 export const EMAIL_CONFIRMATION_FORMAT: SecretFormat = { prefix: 'pec', lookupLength: 12, secretLength: 43 };
 /** An email change's link, to the new address or to the current one. */
 export const EMAIL_CHANGE_FORMAT: SecretFormat = { prefix: 'pce', lookupLength: 12, secretLength: 43 };
+/** A mailed sign-in link (passwordless). */
+export const MAGIC_LINK_FORMAT: SecretFormat = { prefix: 'pml', lookupLength: 12, secretLength: 43 };
 /** A sign-in waiting for its second factor (`mfa_token`). */
 export const MFA_TOKEN_FORMAT: SecretFormat = { prefix: 'pmf', lookupLength: 12, secretLength: 43 };
 

@@ -7,6 +7,7 @@ export const ERROR_CATALOGUE = {
   invalid_json: { status: 400, title: 'The body is not valid JSON' },
   bad_request: { status: 400, title: 'Bad request' },
   invalid_reset_token: { status: 400, title: 'The password reset token is invalid, expired or used' },
+  invalid_magic_link: { status: 400, title: 'The sign-in link is invalid, expired or used' },
   invalid_confirmation_token: {
     status: 400,
     title: 'The email confirmation token is invalid, expired or used',

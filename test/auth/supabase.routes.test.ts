@@ -622,6 +622,16 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     });
     expect(invited.statusCode).toBe(404);
     expect(invited.json().detail).toContain('inviteUserByEmail');
+    // Sign-in links too (supabase-js signInWithOtp, then /v1/auth/exchange).
+    for (const url of ['/v1/auth/magic-link', '/v1/auth/magic-link/verify']) {
+      const link = await app.inject({
+        method: 'POST',
+        url,
+        payload: url.endsWith('verify') ? { token: 'pml_x' } : { email: user.email },
+      });
+      expect(link.statusCode, url).toBe(404);
+      expect(link.json().detail, url).toContain('signInWithOtp');
+    }
     // The frontend changed it through supabase-js, and Supabase confirmed it.
     const moved = uniqueEmail('sb-moved');
     gotrue.users.get(user.id)!.email = moved;

@@ -22,6 +22,8 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
   { method: 'POST', route: '/v1/auth/password/reset', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/confirm', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/resend', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/magic-link', permission: 'public' },
+  { method: 'POST', route: '/v1/auth/magic-link/verify', permission: 'public' },
   { method: 'POST', route: '/v1/auth/email/change/confirm', permission: 'public' },
   { method: 'POST', route: '/v1/auth/mfa/verify', permission: 'public' },
 ];

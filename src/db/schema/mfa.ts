@@ -58,7 +58,7 @@ export const mfaChallenges = pgTable(
       .references(() => users.id, { onDelete: 'cascade' }),
     tokenHash: text('token_hash').notNull().unique(),
     /** How the first factor was given: `auth.login` (password) or `auth.exchange` (provider token). */
-    via: text('via', { enum: ['auth.login', 'auth.exchange'] }).notNull(),
+    via: text('via', { enum: ['auth.login', 'auth.exchange', 'auth.magic_link'] }).notNull(),
     ip: text('ip'),
     userAgent: text('user_agent'),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),

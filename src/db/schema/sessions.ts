@@ -81,7 +81,9 @@ export const emailTokens = pgTable(
     userId: uuid('user_id')
       .notNull()
       .references(() => users.id, { onDelete: 'cascade' }),
-    purpose: text('purpose', { enum: ['password_reset', 'email_confirmation', 'email_change'] }).notNull(),
+    purpose: text('purpose', {
+      enum: ['password_reset', 'email_confirmation', 'email_change', 'magic_link'],
+    }).notNull(),
     tokenHash: text('token_hash').notNull().unique(),
     email: text('email').notNull(),
     newEmail: text('new_email'),

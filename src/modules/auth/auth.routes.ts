@@ -23,6 +23,7 @@ import {
   ForgotPasswordBodySchema,
   LoginBodySchema,
   LogoutBodySchema,
+  MagicLinkBodySchema,
   MeSchema,
   PasswordBodySchema,
   RefreshBodySchema,
@@ -39,6 +40,7 @@ import type { AuthService } from './auth.service.js';
 import type { MfaService } from './mfa.service.js';
 import type { EmailChangeService } from './email-change.service.js';
 import type { EmailConfirmationService } from './email-confirmation.service.js';
+import type { MagicLinkService } from './magic-link.service.js';
 import type { PasswordResetService } from './password-reset.service.js';
 
 export interface AuthRoutesDeps {
@@ -48,6 +50,7 @@ export interface AuthRoutesDeps {
   passwordReset: PasswordResetService;
   emailConfirmation: EmailConfirmationService;
   emailChange: EmailChangeService;
+  magicLink: MagicLinkService;
   accounts: AccountsCache;
   providerName: 'local' | 'supabase';
 }
@@ -412,6 +415,62 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
     async (request, reply) => {
       await deps.emailConfirmation.resend(request.body.email, requestContext(request));
       return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/auth/magic-link',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'requestMagicLink',
+        summary: 'Mail a sign-in link (passwordless)',
+        description:
+          '204 whether or not the address has an account. Built-in provider: when it is an active ' +
+          'account’s confirmed address, the service mails a link to `MAGIC_LINK_URL#token=pml_…`, valid for ' +
+          '`MAGIC_LINK_TTL` seconds and once (a newer one replaces it; at most one mail per account a ' +
+          'minute). An address never confirmed gets none (confirm it, or reset the password). A mail ' +
+          'server refusing the mail does not change the answer: it waits for a retry. 404 with Supabase ' +
+          '(supabase-js `auth.signInWithOtp`, then `POST /v1/auth/exchange`) or without `SMTP_URL` in production.',
+        body: ForgotPasswordBodySchema,
+        response: {
+          204: z.null().describe('If the address is an active account’s confirmed one, a link is on its way'),
+          ...problems(400, 404, 429, 503),
+        },
+      },
+    },
+    async (request, reply) => {
+      await deps.magicLink.request(request.body.email, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.post(
+    '/v1/auth/magic-link/verify',
+    {
+      config: { public: true, noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      schema: {
+        tags: ['auth'],
+        operationId: 'verifyMagicLink',
+        summary: 'Sign in with a sign-in link’s token',
+        description:
+          'The link works once. The session’s `amr` is `["email"]`. With two-step verification on, 403 ' +
+          '`mfa_required` with `mfa_token`, as after a password. 400 `invalid_magic_link` for a token that ' +
+          'is unknown, expired, used or replaced, or whose account was disabled or changed its address.',
+        body: MagicLinkBodySchema,
+        response: {
+          200: AuthResultSchema,
+          ...problems(400, 404, 429, 503),
+          403: MfaRequiredSchema.describe(
+            '`mfa_required`: finish at `POST /v1/auth/mfa/verify` with `mfa_token`',
+          ),
+        },
+      },
+    },
+    async (request) => {
+      const { user, session } = await deps.magicLink.verify(request.body.token, requestContext(request));
+      return { user: toUserDto(user), session };
     },
   );
 

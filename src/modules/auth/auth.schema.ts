@@ -119,6 +119,17 @@ export const ConfirmEmailBodySchema = z
   })
   .strict();
 
+export const MagicLinkBodySchema = z
+  .object({
+    token: z
+      .string()
+      .min(1)
+      .max(512)
+      .describe('From the sign-in link: the `token` in its fragment (`pml_…`)')
+      .meta({ example: 'pml_Vb7xQ2mK9pLz_…' }),
+  })
+  .strict();
+
 export const ChangeEmailBodySchema = z
   .object({
     new_email: EmailSchema.describe('The address the account moves to'),

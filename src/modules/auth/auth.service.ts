@@ -1,4 +1,4 @@
-import type { Database } from '../../db/client.js';
+import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
@@ -14,6 +14,7 @@ import type { EmailTokensRepository } from './email-tokens.repository.js';
 import type { MfaService } from './mfa.service.js';
 import { normalizeEmail } from './auth.schema.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
+import type { SessionRow } from './sessions.repository.js';
 
 export interface AuthServiceDeps {
   db: Database;
@@ -155,31 +156,45 @@ export function createAuthService(deps: AuthServiceDeps) {
    * second (checked under the user's row, share-locked: an activation locks it before ending sessions,
    * so a session opened meanwhile is either ended by it or not opened).
    */
+  /**
+   * A sign-in's session, on the caller's transaction: `second_factor` (nothing made) when the user has
+   * one to give first. The user's row is read FOR SHARE, as a change of their factor takes it.
+   */
+  async function startSessionIn(
+    tx: Transaction,
+    user: UserRow,
+    context: RequestContext,
+    type: string,
+    amr: readonly string[],
+  ) {
+    await deps.users.findByIdForShare(user.id, tx);
+    if (await deps.mfa.isEnabled(user.id, tx)) return 'second_factor' as const;
+    const started = await deps.sessions.start(tx, user, {
+      ip: context.ip,
+      userAgent: context.userAgent,
+      amr,
+    });
+    await deps.audit.record(
+      tx,
+      { ...context, actorType: 'user', actorId: user.id },
+      {
+        type,
+        subjectId: user.id,
+        data: { session_id: started.session.id },
+      },
+    );
+    return started;
+  }
+
   async function openSession(
     user: UserRow,
     context: RequestContext,
     type: string,
     amr: readonly string[],
   ): Promise<SessionTokens | 'second_factor'> {
-    const opened = await inTransaction(deps.db, deps.events, async (tx) => {
-      await deps.users.findByIdForShare(user.id, tx);
-      if (await deps.mfa.isEnabled(user.id, tx)) return 'second_factor' as const;
-      const started = await deps.sessions.start(tx, user, {
-        ip: context.ip,
-        userAgent: context.userAgent,
-        amr,
-      });
-      await deps.audit.record(
-        tx,
-        { ...context, actorType: 'user', actorId: user.id },
-        {
-          type,
-          subjectId: user.id,
-          data: { session_id: started.session.id },
-        },
-      );
-      return started;
-    });
+    const opened = await inTransaction(deps.db, deps.events, (tx) =>
+      startSessionIn(tx, user, context, type, amr),
+    );
     if (opened === 'second_factor') return opened;
     return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
   }
@@ -328,6 +343,11 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     refresh: (refreshToken: string, context: RequestContext) => deps.sessions.refresh(refreshToken, context),
 
+    /** For other ways of signing in (a mailed link): a session on their transaction, then its tokens. */
+    startSessionIn,
+    sessionTokens: (user: UserRow, started: { session: SessionRow; refreshToken: string }) =>
+      deps.sessions.tokensFor(user, started.session, started.refreshToken),
+
     async logout(
       userId: string,
       currentSessionId: string | undefined,
@@ -339,8 +359,10 @@ export function createAuthService(deps: AuthServiceDeps) {
         if (input.scope === 'all') {
           const events = await deps.sessions.endAllSessions(tx, userId, 'logout_all');
           events.forEach(emit);
-          // Signing out everywhere (a stolen session, say) also voids an email change in waiting.
+          // Signing out everywhere (a stolen session, say) also voids an email change in waiting, and
+          // sign-in links not yet opened.
           await deps.emailTokens.discardUnused(userId, 'email_change', tx);
+          await deps.emailTokens.discardUnused(userId, 'magic_link', tx);
           ended = events.map((e) => (e.type === 'revocation' ? e.value : ''));
         } else {
           let sessionId = currentSessionId;
@@ -410,6 +432,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         await deps.emailTokens.discardUnused(user.id, 'password_reset', tx);
         // An email change asked for with the old password (by whoever else knew it) goes too.
         await deps.emailTokens.discardUnused(user.id, 'email_change', tx);
+        await deps.emailTokens.discardUnused(user.id, 'magic_link', tx);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
       });
       await deps.failures.reset(user.email);

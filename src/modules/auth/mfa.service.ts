@@ -63,6 +63,12 @@ export interface MfaServiceDeps {
   logger?: Pick<Logger, 'warn'>;
 }
 
+/** What a sign-in's first factor adds to `amr` (RFC 8176; `email` for a mailed link, unregistered). */
+const FIRST_FACTOR_AMR: Record<string, readonly string[]> = {
+  'auth.login': ['pwd'],
+  'auth.magic_link': ['email'],
+};
+
 export interface MfaStatus {
   enabled: boolean;
   /** An enrolment begun and not yet proven by a code. */
@@ -501,7 +507,7 @@ export function createMfaService(deps: MfaServiceDeps) {
      */
     async challenge(
       user: UserRow,
-      via: 'auth.login' | 'auth.exchange',
+      via: 'auth.login' | 'auth.exchange' | 'auth.magic_link',
       context: RequestContext,
     ): Promise<AppError> {
       const { token } = generateSecret(MFA_TOKEN_FORMAT);
@@ -568,7 +574,7 @@ export function createMfaService(deps: MfaServiceDeps) {
         const started = await deps.sessions.start(tx, user, {
           ip: context.ip,
           userAgent: context.userAgent,
-          amr: challenge.via === 'auth.login' ? ['pwd', ...factors] : factors,
+          amr: [...(FIRST_FACTOR_AMR[challenge.via] ?? []), ...factors],
         });
         await deps.repo.completeChallenge(challenge.id, now, started.session.id, tx);
         await deps.audit.record(tx, subject, {

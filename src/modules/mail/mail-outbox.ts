@@ -16,7 +16,7 @@ const CLAIM_LEASE_MS = 2 * 60_000;
 /** Mails claimed per run, each sent in turn. */
 const BATCH = 20;
 
-export type MailKind = 'password_reset' | 'email_confirmation' | 'email_change' | 'notice';
+export type MailKind = 'password_reset' | 'email_confirmation' | 'email_change' | 'magic_link' | 'notice';
 export type MailOutcome = 'sent' | 'queued' | 'retried' | 'retry_failed' | 'dropped';
 
 export interface QueueOptions {
@@ -41,7 +41,7 @@ export function retryDelayMs(attempts: number): number {
 }
 
 /**
- * Mail that must not be lost when the mail server is down: a reset or confirmation link asked for
+ * Mail that must not be lost when the mail server is down: a reset, confirmation or sign-in link asked for
  * anonymously (answering 503 then, and 204 for an address without an account, would tell the two
  * apart), the confirmation mail of a registration, and the security notices. `send` tries the server
  * at once, as before; when it refuses, the message is kept in `mail_outbox` (its text encrypted under
