@@ -216,7 +216,8 @@ export const SessionInfoSchema = z
     amr: z
       .array(z.string())
       .describe(
-        'How the session began (RFC 8176): `pwd`, and `otp`/`mfa` after a second factor; empty if unknown',
+        'How the session began (RFC 8176): `pwd` (a password) or `email` (a sign-in link), and `otp`/`mfa` ' +
+          'after a second factor; empty if unknown',
       ),
     current: z.boolean(),
   })

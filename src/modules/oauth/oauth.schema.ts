@@ -74,7 +74,9 @@ export const IntrospectionSchema = z
     amr: z
       .array(z.string())
       .optional()
-      .describe('RFC 8176: how the user signed in (`mfa` after a second factor)'),
+      .describe(
+        'RFC 8176: how the user signed in (`pwd`, `email` for a sign-in link; `mfa` after a second factor)',
+      ),
     key_id: z.string().optional(),
   })
   .meta({ id: 'Introspection', description: 'RFC 7662 §2.2; only `{active: false}` for anything inactive' });
