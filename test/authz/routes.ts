@@ -99,6 +99,19 @@ export const ADMIN_ROUTES: MatrixRoute[] = [
     url: (c) => `/v1/users/${c.owner.id}`,
   },
   {
+    method: 'GET',
+    route: '/v1/users/:id/sessions',
+    permission: 'users:read',
+    url: (c) => `/v1/users/${c.owner.id}/sessions`,
+  },
+  {
+    method: 'DELETE',
+    route: '/v1/users/:id/sessions',
+    permission: 'users:write',
+    url: (c) => `/v1/users/${c.owner.id}/sessions`,
+  },
+  { method: 'DELETE', route: '/v1/users/:id/sessions/:session_id', permission: 'users:write' },
+  {
     method: 'DELETE',
     route: '/v1/users/:id/mfa',
     permission: 'users:write',

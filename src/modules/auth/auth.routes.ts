@@ -32,6 +32,7 @@ import {
   ResetPasswordBodySchema,
   SessionListSchema,
   SessionSchema,
+  toSessionInfo,
   toUserDto,
   UserSchema,
 } from './auth.schema.js';
@@ -626,17 +627,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       const current = principal.kind === 'user' ? principal.sessionId : undefined;
       const { page, nextCursor } = await deps.auth.listSessions(userIdOf(request), request.query);
       return {
-        data: page.map((s) => ({
-          id: s.id,
-          created_at: s.createdAt.toISOString(),
-          last_used_at: s.lastUsedAt.toISOString(),
-          // The idle expiry never passes the absolute one (sessions.service caps it).
-          expires_at: s.idleExpiresAt.toISOString(),
-          user_agent: s.userAgent,
-          ip: s.ip,
-          amr: s.amr,
-          current: s.id === current,
-        })),
+        data: page.map((s) => toSessionInfo(s, current)),
         next_cursor: nextCursor,
       };
     },

@@ -225,6 +225,32 @@ export const SessionInfoSchema = z
 
 export const SessionListSchema = pageOf(SessionInfoSchema);
 
+/** A live session as `SessionInfo`; `current` when it is `currentId` (the caller's own). */
+export function toSessionInfo(
+  s: {
+    id: string;
+    createdAt: Date;
+    lastUsedAt: Date;
+    idleExpiresAt: Date;
+    userAgent: string | null;
+    ip: string | null;
+    amr: string[];
+  },
+  currentId: string | undefined,
+) {
+  return {
+    id: s.id,
+    created_at: s.createdAt.toISOString(),
+    last_used_at: s.lastUsedAt.toISOString(),
+    // The idle expiry never passes the absolute one (sessions.service caps it).
+    expires_at: s.idleExpiresAt.toISOString(),
+    user_agent: s.userAgent,
+    ip: s.ip,
+    amr: s.amr,
+    current: s.id === currentId,
+  };
+}
+
 export function toUserDto(u: {
   id: string;
   email: string;

@@ -3,7 +3,13 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { pageOf } from '../../lib/pagination.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
-import { EmailChangeRequestedSchema, toUserDto } from '../auth/auth.schema.js';
+import { PaginationQuerySchema } from '../../lib/pagination.js';
+import {
+  EmailChangeRequestedSchema,
+  SessionListSchema,
+  toSessionInfo,
+  toUserDto,
+} from '../auth/auth.schema.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import {
   AdminEmailChangeBodySchema,
@@ -15,6 +21,7 @@ import {
   UserIdParamsSchema,
   UserRoleParamsSchema,
   UserRolesSchema,
+  UserSessionParamsSchema,
   UserDetailSchema,
   UserSchema,
 } from './users.schema.js';
@@ -184,6 +191,77 @@ export async function usersRoutes(
     async (request, reply) => {
       await deps.users.assertMayManage(principalOf(request), request.params.id);
       await deps.passwordReset.requestFor(request.params.id, requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.get(
+    '/v1/users/:id/sessions',
+    {
+      config: { permission: 'users:read' },
+      schema: {
+        tags: ['users'],
+        operationId: 'listUserSessions',
+        summary: 'A user’s live sessions, most recently used first (for support)',
+        security,
+        params: UserIdParamsSchema,
+        querystring: PaginationQuerySchema.strict(),
+        response: { 200: SessionListSchema, ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request) => {
+      const principal = principalOf(request);
+      const current = principal.kind === 'user' ? principal.sessionId : undefined;
+      const { page, nextCursor } = await deps.users.listSessions(request.params.id, request.query);
+      return { data: page.map((s) => toSessionInfo(s, current)), next_cursor: nextCursor };
+    },
+  );
+
+  r.delete(
+    '/v1/users/:id/sessions',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'endUserSessions',
+        summary: 'Sign a user out everywhere (for support: a stolen session, a lost device)',
+        description:
+          'Every session of the user ends, with its access tokens, as with their own `POST /v1/auth/logout ' +
+          '{scope: "all"}`; an email change in waiting and sign-in links not yet opened go too. The account ' +
+          'stays active: its password, API keys and app clients are untouched (disable the user to stop ' +
+          'those). Needs every permission the user holds.',
+        security,
+        params: UserIdParamsSchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request, reply) => {
+      await deps.users.endSessions(request.params.id, principalOf(request), requestContext(request));
+      return reply.status(204).send(null);
+    },
+  );
+
+  r.delete(
+    '/v1/users/:id/sessions/:session_id',
+    {
+      config: { permission: 'users:write' },
+      schema: {
+        tags: ['users'],
+        operationId: 'endUserSession',
+        summary: 'End one of a user’s sessions (for support)',
+        description: '404 unless it is a live session of the user. Needs every permission the user holds.',
+        security,
+        params: UserSessionParamsSchema,
+        response: { 204: z.null(), ...problems(400, 401, 403, 404) },
+      },
+    },
+    async (request, reply) => {
+      await deps.users.endSessions(
+        request.params.id,
+        principalOf(request),
+        requestContext(request),
+        request.params.session_id,
+      );
       return reply.status(204).send(null);
     },
   );

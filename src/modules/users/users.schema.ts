@@ -21,6 +21,7 @@ export const RoleNameSchema = z
 
 export const UserIdParamsSchema = z.object({ id: uuidInput() });
 export const UserRoleParamsSchema = z.object({ id: uuidInput(), role: RoleNameSchema });
+export const UserSessionParamsSchema = z.object({ id: uuidInput(), session_id: uuidInput() });
 
 export const ListUsersQuerySchema = PaginationQuerySchema.extend({
   query: z.string().trim().min(1).max(254).optional().describe('Substring of the email'),

@@ -230,6 +230,43 @@ export function createUsersService(deps: {
 
     assertMayManage,
 
+    /** A user's live sessions, most recently used first (404 for no such user). */
+    async listSessions(id: string, options: { limit: number; cursor?: string | undefined }) {
+      await findOrThrow(id);
+      return deps.auth.listSessions(id, options);
+    },
+
+    /**
+     * Signs a user out: one session (`sessionId`; 404 unless it is one of theirs, live), or every one,
+     * with their access tokens, email change in waiting and sign-in links not yet opened, as their own
+     * logout-all does. For support: a stolen session, a lost device. Needs all the user holds.
+     */
+    async endSessions(id: string, caller: Grantor, context: RequestContext, sessionId?: string) {
+      await findOrThrow(id);
+      await assertMayManage(caller, id);
+      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        let ended: string[];
+        if (sessionId) {
+          const session = await deps.sessionRows.findSession(sessionId, tx);
+          if (!session || session.userId !== id || session.revokedAt) throw notFound('session');
+          const events = await deps.sessions.endSession(tx, sessionId, 'ended_by_administrator');
+          events.forEach(emit);
+          ended = events.length ? [sessionId] : [];
+        } else {
+          const events = await deps.sessions.endAllSessions(tx, id, 'ended_by_administrator');
+          events.forEach(emit);
+          await deps.emailTokens.discardUnused(id, 'email_change', tx);
+          await deps.emailTokens.discardUnused(id, 'magic_link', tx);
+          ended = events.flatMap((e) => (e.type === 'revocation' ? [e.value] : []));
+        }
+        await deps.audit.record(tx, context, {
+          type: 'user.sessions_ended',
+          subjectId: id,
+          data: { scope: sessionId ? 'session' : 'all', sessions: ended },
+        });
+      });
+    },
+
     /**
      * 403 when `caller` is `userId` themselves, whatever credential holds the permission: a session, an
      * API key, or an app client the user registered (one made before a second factor, say). For what a
