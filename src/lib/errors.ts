@@ -117,6 +117,14 @@ const TRANSIENT_PG_CODES = new Set([
   '55P03', // lock_not_available (lock_timeout)
   '25P03', // idle_in_transaction_session_timeout
   '53300', // too_many_connections
+  '53000', // insufficient_resources
+  '53100', // disk_full
+  '53200', // out_of_memory
+  '55000', // object_not_in_prerequisite_state (e.g. the database does not allow connections)
+  '57P04', // database_dropped
+  '3D000', // invalid_catalog_name (the database does not exist)
+  '28000', // invalid_authorization_specification (the service's own login refused)
+  '28P01', // invalid_password (the service's own password refused)
   '40001', // serialization_failure
   '40P01', // deadlock_detected
 ]);

@@ -16,6 +16,16 @@ describe('toAppError', () => {
     }
   });
 
+  it('answers the database being unusable (not accepting connections, dropped, refusing the service) with a 503', () => {
+    for (const code of ['55000', '57P04', '3D000', '28P01', '53100', '57P03', '08006']) {
+      const driverError = Object.assign(new Error('database "x" is not currently accepting connections'), {
+        code,
+      });
+      const wrapped = new Error('Failed query: select ...', { cause: driverError });
+      expect(toAppError(wrapped, request), code).toMatchObject({ status: 503, code: 'service_unavailable' });
+    }
+  });
+
   it('keeps a failed query it cannot attribute to the input a 500', () => {
     const driverError = Object.assign(new Error('relation "x" does not exist'), { code: '42P01' });
     expect(toAppError(driverError, request)).toMatchObject({ status: 500, code: 'internal_error' });
