@@ -227,6 +227,8 @@ export function createServices(deps: ServicesDeps) {
         logger,
         onOutcome: (kind, outcome) => metrics.mail.inc({ kind, outcome }),
         intervalMs: deps.mailRetryIntervalMs ?? MAIL_RETRY_INTERVAL_MS,
+        // Longer than a send can take: nodemailer bounds the connection, the greeting and each exchange.
+        leaseMs: Math.max(120_000, 6 * (config.mail?.timeoutMs ?? 10_000)),
       })
     : undefined;
   const mfa = createMfaService({

@@ -2,7 +2,6 @@ import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
-import { mailOutbox } from '../../src/db/schema/index.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { MAIL_RETRY_FIRST_MS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
@@ -105,7 +104,7 @@ describe('mail the mail server refused is kept and sent later (built-in provider
       type: 'auth.password_reset_requested',
       limit: 5,
     });
-    expect(events[0]).toMatchObject({ outcome: 'success', data: { delivery: 'smtp', queued: true } });
+    expect(events[0]).toMatchObject({ outcome: 'success', data: { delivery: 'smtp' } });
 
     // Not before its time.
     expect(await outbox().deliverDue()).toMatchObject({ sent: 0 });
@@ -155,10 +154,15 @@ describe('mail the mail server refused is kept and sent later (built-in provider
     expect(await pendingFor(user.id)).toHaveLength(1);
     clock.advance(61);
     expect((await forgot(user.email)).statusCode).toBe(204);
-    // The newer link went at once; the older mail went with its link.
-    expect(await pendingFor(user.id)).toHaveLength(0);
-    await retryLater();
+    // The newer link went at once; the older mail lost its link, and is dropped, not sent, and counted.
     expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(1);
+    expect(await pendingFor(user.id)).toMatchObject([{ emailTokenId: null, carriesLink: true }]);
+    const run = await retryLater();
+    expect(run.dropped).toBeGreaterThanOrEqual(1);
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(1);
+    const metrics = await app.inject({ method: 'GET', url: '/metrics' });
+    expect(metrics.body).toMatch(/auth_mail_total\{kind="password_reset",outcome="dropped"\} [1-9]/);
   });
 
   it('drops a queued link that was used meanwhile', async () => {
@@ -204,9 +208,9 @@ describe('mail the mail server refused is kept and sent later (built-in provider
     ]);
     expect(resent.statusCode, resent.body).toBe(204);
     expect(stranger.statusCode).toBe(204);
-    // The resend replaced the registration's link: one mail waits, with the newer.
+    // The resend replaced the registration's link: the mail with the newer waits, the older lost its link.
     const waiting = await pendingFor(userId);
-    expect(waiting).toHaveLength(1);
+    expect(waiting.filter((m) => m.emailTokenId !== null)).toHaveLength(1);
 
     await retryLater();
     const mails = mailsTo(mailer, email, 'Confirm your email address');
@@ -247,23 +251,111 @@ describe('mail the mail server refused is kept and sent later (built-in provider
     expect(left!.n).toBe(0);
   });
 
-  it('answers 503 when the mail can neither go nor be kept, and keeps no link', async () => {
+  it('answers 503 when the mail cannot be written, and keeps no link', async () => {
     const user = await registered('outbox-nowhere');
-    // The database refusing the queue write as well: the request must not claim a mail is on its way.
-    const db = app.services.db;
-    const insert = db.insert.bind(db);
-    const spy = vi.spyOn(db, 'insert').mockImplementation(((table: Parameters<typeof insert>[0]) => {
-      if (table === mailOutbox) throw new Error('database refused');
-      return insert(table);
-    }) as typeof db.insert);
+    // The database failing the mail's write: the link is written with it, so neither stays.
+    const spy = vi
+      .spyOn(outbox(), 'enqueue')
+      .mockRejectedValue(
+        Object.assign(new Error('terminating connection due to administrator command'), { code: '57P01' }),
+      );
     try {
-      const res = await down(() => forgot(user.email));
+      const res = await forgot(user.email);
       expect(res.statusCode, res.body).toBe(503);
       expect(res.headers['content-type']).toContain('application/problem+json');
     } finally {
       spy.mockRestore();
     }
     expect(await app.services.repos.emailTokens.latestFor(user.id, 'password_reset')).toBeUndefined();
+  });
+
+  it('an administrator’s reset link during an outage waits too, and does not void the one already waiting', async () => {
+    const user = await registered('outbox-admin');
+    const admin = await createAdmin(app);
+    const byAdmin = () =>
+      app.inject({
+        method: 'POST',
+        url: `/v1/users/${user.id}/password-reset`,
+        headers: bearer(admin.accessToken),
+      });
+    const res = await down(byAdmin);
+    expect(res.statusCode, res.body).toBe(204);
+    expect(await pendingFor(user.id)).toMatchObject([{ kind: 'password_reset', attempts: 1 }]);
+    await retryLater();
+    const mail = mailsTo(mailer, user.email, 'Reset your password');
+    expect(mail).toHaveLength(1);
+    expect(tokenIn(mail[0], 'prs')).toMatch(/^prs_/);
+  });
+});
+
+describe('the answer does not wait for the mail server', () => {
+  /** A mail server that takes each message only when `release` is called. */
+  const context = {
+    ip: '127.0.0.1',
+    userAgent: null,
+    requestId: 'slow',
+    actorType: 'anonymous' as const,
+    actorId: null,
+  };
+  /** Registered through the service: the route would mail a confirmation, which the slow server holds. */
+  const account = async (app: FastifyInstance) => {
+    const email = uniqueEmail('outbox-slow');
+    const { user } = await app.services.auth.register({ email, password: PASSWORD }, context);
+    return user;
+  };
+
+  function slowMailer() {
+    const sent: MailMessage[] = [];
+    let release: () => void = () => undefined;
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    return {
+      kind: 'smtp' as const,
+      sent,
+      release: () => release(),
+      async send(message: MailMessage) {
+        await gate;
+        sent.push(message);
+      },
+      close() {},
+    };
+  }
+
+  it('answers forgot before the mail server has answered, and the mail goes once it does', async () => {
+    const mailer = slowMailer();
+    const app = await appOnOwnDatabase({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer } });
+    const user = await account(app);
+    // The service's own call, not the test's inject (which waits for the mail the request causes).
+    const answered = await Promise.race([
+      app.services.passwordReset.request(user.email, context).then(() => 'answered'),
+      new Promise((resolve) => setTimeout(() => resolve('waited for the mail server'), 2000)),
+    ]);
+    expect(answered).toBe('answered');
+    expect(mailer.sent).toHaveLength(0);
+    mailer.release();
+    await app.services.outbox!.idle();
+    expect(
+      mailer.sent.filter((m) => m.to === user.email && m.subject === 'Reset your password'),
+    ).toHaveLength(1);
+    expect(await app.services.outbox!.pending(user.id)).toHaveLength(0);
+  });
+
+  it('closes within a moment while a send hangs, leaving the mail for a retry', async () => {
+    const mailer = slowMailer();
+    const app = await appOnOwnDatabase({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer } });
+    const user = await account(app);
+    await app.services.passwordReset.request(user.email, context);
+    const started = Date.now();
+    await app.close();
+    expect(Date.now() - started).toBeLessThan(3000);
+    // Claimed by the instance that stopped: its lease runs out and another instance sends it.
+    const [left] = await selectRows<{ n: number }>(
+      own.database.db,
+      sql`select count(*)::int as n from mail_outbox where recipient = ${user.email} and kind = 'password_reset'`,
+    );
+    expect(left!.n).toBe(1);
+    mailer.release();
   });
 });
 

@@ -453,10 +453,11 @@ describe('password reset (built-in provider)', () => {
     expect(await app.services.outbox!.pending(user.id)).toMatchObject([
       { kind: 'password_reset', emailTokenId: token!.id },
     ]);
-    // A request after the minute mails a new link at once, and the waiting mail goes with the old one.
+    // A request after the minute mails a new link at once; the waiting mail lost its link (it is
+    // dropped, not sent, by the next retry run).
     clock.advance(61);
     expect((await forgot(user.email)).statusCode).toBe(204);
-    expect(await app.services.outbox!.pending(user.id)).toHaveLength(0);
+    expect(await app.services.outbox!.pending(user.id)).toMatchObject([{ emailTokenId: null }]);
     expect((await reset(tokenMailedTo(mailer, user.email))).statusCode).toBe(204);
   });
 });

@@ -53,6 +53,16 @@ export async function buildTestApp(options: TestAppOptions = {}): Promise<Fastif
     ...options.deps,
   });
   recordContract(app);
+  // The mail a request causes goes out after its answer (the outbox, not awaited by the request): a
+  // test reads its mailer once the answer is in, so each injected request waits for that mail too.
+  const inject = app.inject.bind(app) as (opts: unknown) => Promise<unknown>;
+  (app as unknown as { inject: (opts?: unknown) => unknown }).inject = (opts?: unknown) =>
+    opts === undefined
+      ? inject(opts)
+      : inject(opts).then(async (res) => {
+          await app.services.outbox?.idle();
+          return res;
+        });
   await options.beforeReady?.(app);
   await app.ready();
   openApps.push(app);

@@ -1,12 +1,12 @@
-import { index, integer, pgTable, text, timestamp, uuid } from 'drizzle-orm/pg-core';
+import { boolean, index, integer, pgTable, text, timestamp, uuid } from 'drizzle-orm/pg-core';
 import { emailTokens } from './sessions.js';
 import { users } from './users.js';
 
 /**
- * Mail the mail server did not take when it was sent, kept for retries (src/modules/mail/mail-outbox.ts): the
- * body is encrypted under KEY_ENCRYPTION_KEY, since it may carry a link's token. A row goes once the
- * mail is taken, once it expires, with its user, and with the link it carries (by cascade; a link used
- * meanwhile is dropped before sending).
+ * Mail on its way (src/modules/mail/mail-outbox.ts): written with what it is about, sent after the
+ * commit, kept for retries while the mail server refuses it. The body is encrypted under
+ * KEY_ENCRYPTION_KEY, since it may carry a link's token. A row goes once the mail is taken, once it
+ * expires or its link is used, replaced or discarded (dropped, logged and counted), and with its user.
  */
 export const mailOutbox = pgTable(
   'mail_outbox',
@@ -19,10 +19,12 @@ export const mailOutbox = pgTable(
     /** The text, AES-256-GCM under KEY_ENCRYPTION_KEY. */
     bodyEncrypted: text('body_encrypted').notNull(),
     userId: uuid('user_id').references(() => users.id, { onDelete: 'cascade' }),
-    /** The mailed link the mail carries: the mail is pointless once the link is used, replaced or gone. */
-    emailTokenId: uuid('email_token_id').references(() => emailTokens.id, { onDelete: 'cascade' }),
-    /** Sends tried so far, the first (the one that failed in the request) included. */
-    attempts: integer('attempts').notNull().default(1),
+    /** The mailed link the mail carries (null once it is gone: the mail is then dropped, not sent). */
+    emailTokenId: uuid('email_token_id').references(() => emailTokens.id, { onDelete: 'set null' }),
+    /** Whether the mail carries a link, so that one whose link went is told from a notice. */
+    carriesLink: boolean('carries_link').notNull().default(false),
+    /** Sends tried so far. */
+    attempts: integer('attempts').notNull().default(0),
     nextAttemptAt: timestamp('next_attempt_at', { withTimezone: true, precision: 3 }).notNull(),
     expiresAt: timestamp('expires_at', { withTimezone: true, precision: 3 }).notNull(),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),

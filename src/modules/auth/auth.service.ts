@@ -152,13 +152,10 @@ export function createAuthService(deps: AuthServiceDeps) {
   }
 
   /**
-   * Opens a session for a sign-in that gave its first factor only; `second_factor` when the user has a
-   * second (checked under the user's row, share-locked: an activation locks it before ending sessions,
-   * so a session opened meanwhile is either ended by it or not opened).
-   */
-  /**
-   * A sign-in's session, on the caller's transaction: `second_factor` (nothing made) when the user has
-   * one to give first. The user's row is read FOR SHARE, as a change of their factor takes it.
+   * A sign-in's session, on the caller's transaction, for a sign-in that gave its first factor only:
+   * `second_factor` (nothing made) when the user has one to give first (checked under the user's row,
+   * share-locked: an activation locks it before ending sessions, so a session opened meanwhile is
+   * either ended by it or not opened).
    */
   async function startSessionIn(
     tx: Transaction,

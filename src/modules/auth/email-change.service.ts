@@ -219,8 +219,10 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       if (made.refused) throw await refusedRequest(context, asked, made.refused, made.error);
       const { user, confirmCurrent, tokens } = made;
       try {
-        await mailer.send(toNew(newEmail, tokens.toNew, confirmCurrent, byAdministrator));
-        if (confirmCurrent) await mailer.send(toCurrent(user, newEmail, tokens.toCurrent));
+        const send = (mail: MailMessage) =>
+          deps.outbox ? deps.outbox.sendNow(mail, 'email_change') : mailer.send(mail);
+        await send(toNew(newEmail, tokens.toNew, confirmCurrent, byAdministrator));
+        if (confirmCurrent) await send(toCurrent(user, newEmail, tokens.toCurrent));
       } catch (err) {
         // Nothing half-sent stays, and the earlier request's links still work: the retry makes a
         // new pair at once.

@@ -85,10 +85,7 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         (token) => confirmationMail(user.email, token),
       );
       if (sent === 'too_soon') return record(context, user, user.email, 'failure', { reason: 'too_soon' });
-      await record(context, user, user.email, 'success', {
-        delivery: mailer.kind,
-        ...(sent === 'queued' ? { queued: true } : {}),
-      });
+      await record(context, user, user.email, 'success', { delivery: mailer.kind });
     } catch (err) {
       await record(context, user, user.email, 'failure', { reason: 'mail_failed' }).catch(() => undefined);
       throw err;

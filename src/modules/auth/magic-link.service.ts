@@ -98,10 +98,7 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         (token) => linkMail(user.email, token),
       );
       if (sent === 'too_soon') return record(context, user, email, 'failure', { reason: 'too_soon' });
-      await record(context, user, email, 'success', {
-        delivery: mailer.kind,
-        ...(sent === 'queued' ? { queued: true } : {}),
-      });
+      await record(context, user, email, 'success', { delivery: mailer.kind });
     },
 
     /**

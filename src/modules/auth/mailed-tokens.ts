@@ -79,9 +79,10 @@ export function createMailedTokens(deps: {
   return {
     /**
      * Mails `compose(token)` to the user with a new token of `purpose`, replacing any earlier one;
-     * `too_soon` (nothing sent) within a minute of the last. When the mail fails: with an `outbox`, the
-     * mail is kept there for retries (`queued`: the link stands, and goes out once the server takes
-     * it); without, the token goes and the error is thrown, so a retry is not held back.
+     * `too_soon` (nothing sent) within a minute of the last. With an `outbox`, the mail is written with
+     * the token and sent after the commit, retried while the server refuses it (`queued`: the caller
+     * does not wait for the server). Without, it is sent before answering (`sent`); when that fails
+     * the token goes and the error is thrown, so a retry is not held back.
      */
     async send(
       user: { id: string; email: string },
@@ -90,6 +91,7 @@ export function createMailedTokens(deps: {
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon'> {
       let token = '';
+      let mailId: string | undefined;
       const row = await inTransaction(deps.db, deps.events, async (tx) => {
         // One at a time per account and purpose, on every instance: of concurrent requests the first
         // makes the token and the others see it and send nothing (one mail, one live link).
@@ -106,17 +108,22 @@ export function createMailedTokens(deps: {
           ttlSeconds: options.ttlSeconds,
         });
         token = made.token;
-        return deps.tokens.replace(made.row, tx);
-      });
-      if (!row) return 'too_soon';
-      try {
+        const stored = await deps.tokens.replace(made.row, tx);
         if (options.outbox)
-          return await options.outbox.send(compose(token), {
+          mailId = await options.outbox.enqueue(tx, compose(token), {
             kind: purpose,
             userId: user.id,
-            emailTokenId: row.id,
-            expiresAt: row.expiresAt,
+            emailTokenId: stored.id,
+            expiresAt: stored.expiresAt,
           });
+        return stored;
+      });
+      if (!row) return 'too_soon';
+      if (options.outbox && mailId) {
+        options.outbox.kick([mailId]);
+        return 'queued';
+      }
+      try {
         await options.mailer.send(compose(token));
       } catch (err) {
         await deps.tokens.deleteById(row.id).catch(() => undefined);

@@ -31,7 +31,10 @@ export interface PasswordResetDeps {
   failures: FailureCounter;
   /** Undefined: the service has no way to send mail (production without SMTP_URL). */
   mailer: Mailer | undefined;
-  /** Keeps a reset link asked for anonymously when the mail server refuses it, for retries. */
+  /**
+   * Where reset links go out (after the commit, retried while the server refuses them: a request never
+   * waits for the server, nor fails with it); an invitation is sent at once through it.
+   */
   outbox?: MailOutbox | undefined;
   pepper: Buffer;
   /** The page a reset link opens; the token follows in the fragment. */
@@ -222,15 +225,14 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
 
   /**
    * Has a reset link mailed to `email`: by the provider when it mails its own, else by the service,
-   * to the account `user` (callers check there is one, and a mailer). A failed mail is audited; with
-   * `queue`, a mail the server refuses waits in the outbox instead (`queued`).
+   * to the account `user` (callers check there is one, and a mailer), through the outbox when there is
+   * one. A failed mail is audited.
    */
   async function deliver(
     email: string,
     user: UserRow | undefined,
     context: RequestContext,
     extra: Record<string, unknown>,
-    queue = false,
   ): Promise<{ sent: 'sent' | 'queued' | 'too_soon'; delivery: string }> {
     if (deps.provider.requestPasswordRecovery)
       return {
@@ -247,7 +249,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
           format: PASSWORD_RESET_FORMAT,
           ttlSeconds: deps.ttlSeconds,
           mailer,
-          outbox: queue ? deps.outbox : undefined,
+          outbox: deps.outbox,
         },
         (token) => resetMail(account.email, token),
       );
@@ -276,7 +278,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         ttlSeconds: deps.invitationTtlSeconds,
       });
       await deps.tokens.replace(row, tx);
-      await deps.mailer!.send(invitationMail(user.email, token));
+      const mail = invitationMail(user.email, token);
+      await (deps.outbox ? deps.outbox.sendNow(mail, 'invitation') : deps.mailer!.send(mail));
     },
 
     /** 404 unless the service mails invitations itself (built-in provider, with a mailer). */
@@ -310,15 +313,12 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         return recordRequest(context, email, null, 'failure', { reason: 'unknown_email' });
       if (user && !active(user))
         return recordRequest(context, email, user.id, 'failure', { reason: 'disabled' });
-      // Queued, not refused, when the mail server is down: a 503 here, against the 204 of an address
-      // without an account, would tell anyone which addresses have one.
-      const { sent, delivery } = await deliver(email, user, context, {}, true);
+      // Through the outbox, not awaited: a 503 or a slower answer while the mail server is down, against
+      // the 204 of an address without an account, would tell anyone which addresses have one.
+      const { sent, delivery } = await deliver(email, user, context, {});
       if (sent === 'too_soon')
         return recordRequest(context, email, user?.id ?? null, 'failure', { reason: 'too_soon' });
-      await recordRequest(context, email, user?.id ?? null, 'success', {
-        delivery,
-        ...(sent === 'queued' ? { queued: true } : {}),
-      });
+      await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
     },
 
     /**

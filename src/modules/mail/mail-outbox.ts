@@ -1,4 +1,4 @@
-import { and, asc, eq, inArray, isNotNull, lte, or, sql } from 'drizzle-orm';
+import { asc, eq, sql } from 'drizzle-orm';
 import type { Logger } from 'pino';
 import { type Database, type Executor, selectRows } from '../../db/client.js';
 import { emailTokens, mailOutbox } from '../../db/schema/index.js';
@@ -6,24 +6,28 @@ import type { Clock } from '../../lib/clock.js';
 import { decrypt, encrypt } from '../../lib/crypto.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
 
-/** The first retry comes this long after the failed send; each next one twice as long after, up to the cap. */
+/** The first retry comes this long after a refused send; each next one twice as long after, up to the cap. */
 export const MAIL_RETRY_FIRST_MS = 30_000;
-export const MAIL_RETRY_MAX_MS = 15 * 60_000;
+export const MAIL_RETRY_MAX_MS = 5 * 60_000;
 /** A notice (no link in it) is tried for this long, then dropped. */
 export const NOTICE_TTL_MS = 24 * 3600_000;
-/** A claimed mail is someone's for this long: if its instance dies mid-send, another tries it after. */
-const CLAIM_LEASE_MS = 2 * 60_000;
-/** Mails claimed per run, each sent in turn. */
-const BATCH = 20;
+/** A shutdown waits this long for a send in flight; the mail is then sent again after its lease. */
+const STOP_GRACE_MS = 1000;
 
-export type MailKind = 'password_reset' | 'email_confirmation' | 'email_change' | 'magic_link' | 'notice';
-export type MailOutcome = 'sent' | 'queued' | 'retried' | 'retry_failed' | 'dropped';
+export type MailKind =
+  | 'password_reset'
+  | 'email_confirmation'
+  | 'email_change'
+  | 'magic_link'
+  | 'invitation'
+  | 'notice';
+export type MailOutcome = 'sent' | 'queued' | 'retried' | 'retry_failed' | 'dropped' | 'failed';
 
 export interface QueueOptions {
   kind: MailKind;
   /** The account the mail is about: it goes with the account. */
   userId?: string | null;
-  /** The mailed link it carries: it goes when the link is used, replaced or discarded. */
+  /** The mailed link it carries: dropped, not sent, once the link is used, replaced or discarded. */
   emailTokenId?: string | null;
   /** When trying stops (a link's expiry; NOTICE_TTL_MS from now for a notice). */
   expiresAt?: Date;
@@ -35,20 +39,24 @@ export interface DeliveryRun {
   dropped: number;
 }
 
-/** Backoff after `attempts` sends failed: 30 s, 1 min, 2 min, … up to 15 min. */
+type OutboxRow = typeof mailOutbox.$inferSelect;
+
+/** Backoff after `attempts` sends were refused: 30 s, 1 min, 2 min, 4 min, then every 5 min. */
 export function retryDelayMs(attempts: number): number {
   return Math.min(MAIL_RETRY_MAX_MS, MAIL_RETRY_FIRST_MS * 2 ** Math.max(0, attempts - 1));
 }
 
 /**
- * Mail that must not be lost when the mail server is down: a reset, confirmation or sign-in link asked for
- * anonymously (answering 503 then, and 204 for an address without an account, would tell the two
- * apart), the confirmation mail of a registration, and the security notices. `send` tries the server
- * at once, as before; when it refuses, the message is kept in `mail_outbox` (its text encrypted under
- * KEY_ENCRYPTION_KEY) and sent again with backoff by whichever instance claims it first, until it is
- * taken or it expires. A mail whose link was used, replaced or discarded meanwhile, or whose account
- * was deleted, is dropped, not sent. Delivery is at least once: an instance dying mid-send leaves the
- * mail to be sent again after its lease.
+ * Mail whose answer must not wait for, nor depend on, the mail server (a transactional outbox): the
+ * links asked for anonymously (password reset, email confirmation, sign-in; a 503 or a slower answer
+ * for an address with an account would tell it from one without), a registration's confirmation, an
+ * administrator's reset link and the security notices. The mail is written in the transaction that
+ * makes its link (`enqueue`, its text encrypted under KEY_ENCRYPTION_KEY) and sent after the commit by
+ * the instance that wrote it (`kick`, not awaited by the request). While the server refuses it, it is
+ * retried with backoff by whichever instance claims it first (every `intervalMs`), one mail per claim
+ * (FOR UPDATE SKIP LOCKED, with a lease longer than a send can take), until it is taken or expires.
+ * A mail whose link was used, replaced or discarded meanwhile is dropped, not sent. Delivery is at
+ * least once: an instance dying mid-send leaves the mail to be sent again after its lease.
  */
 export function createMailOutbox(deps: {
   db: Database;
@@ -57,48 +65,40 @@ export function createMailOutbox(deps: {
   keyEncryptionKey: Buffer;
   logger: Pick<Logger, 'warn' | 'error' | 'info'>;
   onOutcome?: (kind: string, outcome: MailOutcome) => void;
-  /** How often due mail is looked for; 0 leaves it to `deliverDue` calls (tests). */
+  /** How often due mail is looked for; 0 leaves retries to `deliverDue` calls (tests). */
   intervalMs: number;
+  /** How long a claimed mail is its instance's: longer than a send can take (the mailer's timeouts). */
+  leaseMs: number;
 }) {
   const outcome = (kind: string, what: MailOutcome) => deps.onOutcome?.(kind, what);
   let timer: NodeJS.Timeout | undefined;
-  let running: Promise<DeliveryRun> | undefined;
+  let stopping = false;
+  let current: Promise<DeliveryRun> | undefined;
+  let next: Promise<DeliveryRun> | undefined;
+  /** Kicks and notices under way, for `idle` and `stop`. */
+  const inFlight = new Set<Promise<unknown>>();
+  const track = <T>(work: Promise<T>): Promise<T> => {
+    inFlight.add(work);
+    void work.finally(() => inFlight.delete(work)).catch(() => undefined);
+    return work;
+  };
 
   const describe = (err: unknown) =>
     String(
       (err as { cause?: { message?: unknown } })?.cause?.message ?? (err as Error)?.message ?? err,
     ).slice(0, 500);
+  const instant = (d: Date) => sql`${d.toISOString()}::timestamptz`;
+  /** The link a mail carries is still good: unused and unexpired (replaced or discarded links are deleted). */
+  const linkLive = (now: Date) =>
+    sql`exists (select 1 from ${emailTokens} t where t.id = ${mailOutbox.emailTokenId}
+        and t.used_at is null and t.expires_at > ${instant(now)})`;
 
-  async function queue(message: MailMessage, options: QueueOptions, err: unknown, tx: Executor = deps.db) {
-    const now = deps.clock.now();
-    await tx.insert(mailOutbox).values({
-      kind: options.kind,
-      recipient: message.to,
-      subject: message.subject,
-      bodyEncrypted: encrypt(deps.keyEncryptionKey, message.text),
-      userId: options.userId ?? null,
-      emailTokenId: options.emailTokenId ?? null,
-      attempts: 1,
-      nextAttemptAt: new Date(now.getTime() + retryDelayMs(1)),
-      expiresAt: options.expiresAt ?? new Date(now.getTime() + NOTICE_TTL_MS),
-      createdAt: now,
-      lastError: describe(err),
-    });
-  }
-
-  /** Drops what is no longer worth sending: expired, or carrying a link used (or gone, by cascade). */
+  /** Drops what is no longer worth sending: expired, or carrying a link that is used or gone. */
   async function dropStale(now: Date): Promise<number> {
     const dead = await deps.db
       .delete(mailOutbox)
       .where(
-        or(
-          lte(mailOutbox.expiresAt, now),
-          and(
-            isNotNull(mailOutbox.emailTokenId),
-            sql`not exists (select 1 from ${emailTokens} where ${emailTokens.id} = ${mailOutbox.emailTokenId}
-                and ${emailTokens.usedAt} is null and ${emailTokens.expiresAt} > ${now.toISOString()}::timestamptz)`,
-          ),
-        ),
+        sql`${mailOutbox.expiresAt} <= ${instant(now)} or (${mailOutbox.carriesLink} and not ${linkLive(now)})`,
       )
       .returning({
         id: mailOutbox.id,
@@ -110,145 +110,198 @@ export function createMailOutbox(deps: {
       outcome(row.kind, 'dropped');
       deps.logger.warn(
         { mail: { id: row.id, kind: row.kind, userId: row.userId, attempts: row.attempts } },
-        'a mail the mail server never took was dropped: it expired, or its link was used or replaced',
+        'a mail was dropped unsent: it expired, or its link was used, replaced or discarded',
       );
     }
     return dead.length;
   }
 
-  /** Takes up to BATCH due mails for this instance, for CLAIM_LEASE_MS (other instances skip them). */
-  async function claim(now: Date) {
-    const leaseEnd = new Date(now.getTime() + CLAIM_LEASE_MS);
-    return deps.db.transaction(async (tx) => {
-      const due = await selectRows<{ id: string }>(
-        tx,
-        sql`select id from ${mailOutbox} where ${mailOutbox.nextAttemptAt} <= ${now.toISOString()}::timestamptz
-            order by ${mailOutbox.nextAttemptAt} limit ${BATCH} for update skip locked`,
+  /** Takes one due mail (of `ids`, when given) for this instance for `leaseMs`; others skip it. */
+  async function claim(now: Date, ids?: string[]): Promise<OutboxRow | undefined> {
+    const only = ids
+      ? sql`and id in (${sql.join(
+          ids.map((id) => sql`${id}::uuid`),
+          sql`, `,
+        )})`
+      : sql``;
+    const [picked] = await selectRows<{ id: string }>(
+      deps.db,
+      sql`update ${mailOutbox} set next_attempt_at = ${instant(new Date(now.getTime() + deps.leaseMs))},
+            attempts = attempts + 1
+          where id = (
+            select id from ${mailOutbox}
+            where next_attempt_at <= ${instant(now)} and expires_at > ${instant(now)}
+              and (not carries_link or ${linkLive(now)}) ${only}
+            order by next_attempt_at limit 1 for update skip locked
+          ) returning id`,
+    );
+    if (!picked) return undefined;
+    const [row] = await deps.db.select().from(mailOutbox).where(eq(mailOutbox.id, picked.id));
+    return row;
+  }
+
+  /** Sends one claimed mail: deleted once taken, else put off by the backoff. True when taken. */
+  async function attempt(row: OutboxRow): Promise<boolean> {
+    let message: MailMessage;
+    try {
+      message = {
+        to: row.recipient,
+        subject: row.subject,
+        text: decrypt(deps.keyEncryptionKey, row.bodyEncrypted),
+      };
+    } catch (err) {
+      // Sealed under another KEY_ENCRYPTION_KEY: no instance of this one can ever send it.
+      await deps.db.delete(mailOutbox).where(eq(mailOutbox.id, row.id));
+      outcome(row.kind, 'dropped');
+      deps.logger.error(
+        { err, mail: { id: row.id, kind: row.kind } },
+        'a queued mail could not be decrypted; dropped',
       );
-      if (due.length === 0) return [];
-      return tx
+      return false;
+    }
+    try {
+      await deps.mailer.send(message);
+    } catch (err) {
+      const nextAttemptAt = new Date(deps.clock.now().getTime() + retryDelayMs(row.attempts));
+      await deps.db
         .update(mailOutbox)
-        .set({ nextAttemptAt: leaseEnd, attempts: sql`${mailOutbox.attempts} + 1` })
-        .where(
-          inArray(
-            mailOutbox.id,
-            due.map((r) => r.id),
-          ),
-        )
-        .returning()
-        .then((rows) => rows.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime()));
-    });
+        .set({ nextAttemptAt, lastError: describe(err) })
+        .where(eq(mailOutbox.id, row.id));
+      outcome(row.kind, row.attempts <= 1 ? 'queued' : 'retry_failed');
+      deps.logger.warn(
+        {
+          err,
+          mail: { id: row.id, kind: row.kind, userId: row.userId, attempts: row.attempts, nextAttemptAt },
+        },
+        'the mail server refused a mail; it will be retried',
+      );
+      return false;
+    }
+    await deps.db.delete(mailOutbox).where(eq(mailOutbox.id, row.id));
+    outcome(row.kind, row.attempts <= 1 ? 'sent' : 'retried');
+    if (row.attempts > 1)
+      deps.logger.info(
+        { mail: { id: row.id, kind: row.kind, attempts: row.attempts } },
+        'a queued mail was sent',
+      );
+    return true;
   }
 
   async function run(): Promise<DeliveryRun> {
-    const result: DeliveryRun = { sent: 0, failed: 0, dropped: await dropStale(deps.clock.now()) };
-    for (;;) {
-      const rows = await claim(deps.clock.now());
-      for (const row of rows) {
-        let message: MailMessage;
-        try {
-          message = {
-            to: row.recipient,
-            subject: row.subject,
-            text: decrypt(deps.keyEncryptionKey, row.bodyEncrypted),
-          };
-        } catch (err) {
-          // Sealed under another KEY_ENCRYPTION_KEY: no instance of this one can ever send it.
-          await deps.db.delete(mailOutbox).where(eq(mailOutbox.id, row.id));
-          outcome(row.kind, 'dropped');
-          deps.logger.error(
-            { err, mail: { id: row.id, kind: row.kind } },
-            'a queued mail could not be decrypted; dropped',
-          );
-          result.dropped += 1;
-          continue;
-        }
-        try {
-          await deps.mailer.send(message);
-        } catch (err) {
-          const next = new Date(deps.clock.now().getTime() + retryDelayMs(row.attempts));
-          await deps.db
-            .update(mailOutbox)
-            .set({ nextAttemptAt: next, lastError: describe(err) })
-            .where(eq(mailOutbox.id, row.id));
-          outcome(row.kind, 'retry_failed');
-          deps.logger.warn(
-            { err, mail: { id: row.id, kind: row.kind, attempts: row.attempts, nextAttemptAt: next } },
-            'a queued mail was refused again; it will be retried',
-          );
-          result.failed += 1;
-          continue;
-        }
-        await deps.db.delete(mailOutbox).where(eq(mailOutbox.id, row.id));
-        outcome(row.kind, 'retried');
-        deps.logger.info(
-          { mail: { id: row.id, kind: row.kind, attempts: row.attempts } },
-          'a queued mail was sent',
-        );
-        result.sent += 1;
+    const result: DeliveryRun = { sent: 0, failed: 0, dropped: 0 };
+    while (!stopping) {
+      const now = deps.clock.now();
+      result.dropped += await dropStale(now);
+      const row = await claim(now);
+      if (!row) break;
+      if (await attempt(row)) result.sent += 1;
+      else {
+        // The server refusing: the rest waits for the next run rather than for a timeout each.
+        result.failed += 1;
+        break;
       }
-      // A full batch may have more behind it; a failing server ends the run (the rest waits its turn).
-      if (rows.length < BATCH || result.failed > 0) return result;
+    }
+    return result;
+  }
+
+  /** Sends the mails `ids` just written, after their commit (the first try; retries are the runs'). */
+  async function sendNew(ids: string[]): Promise<void> {
+    for (const id of ids) {
+      if (stopping) return;
+      const row = await claim(deps.clock.now(), [id]);
+      if (row) await attempt(row);
     }
   }
 
   return {
     /**
-     * Sends `message` now; when the mail server refuses it, keeps it for retries and answers
-     * `queued`. Throws (the mail server's error) only when it could not be kept either.
+     * Writes `message` on `tx` (the transaction that makes its link), due at once; `kick` with the id
+     * once it commits. Nothing is sent if the transaction rolls back.
      */
-    async send(message: MailMessage, options: QueueOptions): Promise<'sent' | 'queued'> {
-      try {
-        await deps.mailer.send(message);
-        outcome(options.kind, 'sent');
-        return 'sent';
-      } catch (err) {
-        try {
-          await queue(message, options, err);
-        } catch (queueErr) {
-          deps.logger.error({ err: queueErr }, 'a mail the mail server refused could not be queued either');
-          throw err;
-        }
-        outcome(options.kind, 'queued');
-        deps.logger.warn(
-          { err, mail: { kind: options.kind, userId: options.userId ?? null } },
-          'the mail server refused a mail; it is queued and will be retried',
-        );
-        return 'queued';
-      }
+    async enqueue(tx: Executor, message: MailMessage, options: QueueOptions): Promise<string> {
+      const now = deps.clock.now();
+      const [row] = await tx
+        .insert(mailOutbox)
+        .values({
+          kind: options.kind,
+          recipient: message.to,
+          subject: message.subject,
+          bodyEncrypted: encrypt(deps.keyEncryptionKey, message.text),
+          userId: options.userId ?? null,
+          emailTokenId: options.emailTokenId ?? null,
+          carriesLink: Boolean(options.emailTokenId),
+          nextAttemptAt: now,
+          expiresAt: options.expiresAt ?? new Date(now.getTime() + NOTICE_TTL_MS),
+          createdAt: now,
+        })
+        .returning({ id: mailOutbox.id });
+      return row!.id;
+    },
+
+    /** Sends committed mails now, in the background: the request that wrote them does not wait. */
+    kick(ids: string[]): void {
+      track(sendNew(ids)).catch((err: unknown) =>
+        deps.logger.warn({ err }, 'a mail could not be sent at once; it waits for a retry'),
+      );
     },
 
     /**
-     * A security notice to the account's address (or `to`, e.g. the address it had), not awaited: the
-     * request that caused it does not wait for the mail server. Kept for retries when refused.
+     * A security notice to the account's address (or `to`, e.g. the address it had), written and sent
+     * in the background: the change that caused it is committed and does not wait.
      */
     notice(user: { id: string; email: string }, subject: string, text: string, to = user.email): void {
-      this.send({ to, subject, text }, { kind: 'notice', userId: user.id }).catch((err: unknown) => {
-        deps.logger.warn({ err, userId: user.id }, 'a notice could neither be mailed nor queued');
-      });
+      const work = (async () => {
+        const id = await this.enqueue(deps.db, { to, subject, text }, { kind: 'notice', userId: user.id });
+        await sendNew([id]);
+      })();
+      track(work).catch((err: unknown) =>
+        deps.logger.warn({ err, userId: user.id }, 'a notice could not be queued; it is lost'),
+      );
+    },
+
+    /**
+     * Sends now and awaits the server (for a caller who is told, and may ask again: an email change,
+     * an invitation); counted, and thrown when refused.
+     */
+    async sendNow(message: MailMessage, kind: MailKind): Promise<void> {
+      try {
+        await deps.mailer.send(message);
+      } catch (err) {
+        outcome(kind, 'failed');
+        throw err;
+      }
+      outcome(kind, 'sent');
     },
 
     /** Sends the mail that is due, dropping what went stale; one run at a time per instance. */
     deliverDue(): Promise<DeliveryRun> {
-      if (!running) running = run().finally(() => (running = undefined));
-      return running;
+      if (!current) {
+        current = run().finally(() => {
+          current = undefined;
+        });
+        return current;
+      }
+      // A run is under way: one more after it, for mail that became due meanwhile.
+      next ??= current
+        .catch(() => undefined)
+        .then(() => {
+          next = undefined;
+          return this.deliverDue();
+        });
+      return next;
     },
 
-    /** Mail waiting (for tests and the scripts), optionally of one account. */
+    /** Resolves once no send started here is under way (tests read the mailer after it). */
+    async idle(): Promise<void> {
+      while (inFlight.size > 0 || current || next) {
+        await Promise.allSettled([...inFlight, current, next]);
+      }
+    },
+
+    /** Mail waiting, optionally of one account (for tests and operators). */
     async pending(userId?: string) {
       return deps.db
-        .select({
-          id: mailOutbox.id,
-          kind: mailOutbox.kind,
-          recipient: mailOutbox.recipient,
-          subject: mailOutbox.subject,
-          userId: mailOutbox.userId,
-          emailTokenId: mailOutbox.emailTokenId,
-          attempts: mailOutbox.attempts,
-          nextAttemptAt: mailOutbox.nextAttemptAt,
-          expiresAt: mailOutbox.expiresAt,
-          bodyEncrypted: mailOutbox.bodyEncrypted,
-        })
+        .select()
         .from(mailOutbox)
         .where(userId ? eq(mailOutbox.userId, userId) : undefined)
         .orderBy(asc(mailOutbox.createdAt));
@@ -264,10 +317,13 @@ export function createMailOutbox(deps: {
       timer.unref();
     },
 
+    /** Starts nothing more, and waits a moment for a send in flight (its mail is otherwise sent again later). */
     async stop() {
+      stopping = true;
       if (timer) clearInterval(timer);
       timer = undefined;
-      await running?.catch(() => undefined);
+      const settled = Promise.allSettled([...inFlight, current, next]);
+      await Promise.race([settled, new Promise((resolve) => setTimeout(resolve, STOP_GRACE_MS).unref())]);
     },
   };
 }
