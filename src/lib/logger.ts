@@ -28,9 +28,9 @@ const SENSITIVE_PARAMETER = /token|secret|passw|key|code|assertion|credential|au
 /**
  * Values that are credentials whatever their parameter is called: a JWT (`eyJ…`, also
  * percent-encoded) or a secret of this service (`pak_` API keys, `prt_` refresh tokens, `pcs_` client
- * secrets).
+ * secrets, and the mailed links' and sign-ins' tokens: `prs_`, `pec_`, `pce_`, `pml_`, `pmf_`).
  */
-const CREDENTIAL_VALUE = /^(?:eyJ|ey%4A|pak_|prt_|pcs_)/i;
+const CREDENTIAL_VALUE = /^(?:eyJ|ey%4A|pak_|prt_|pcs_|prs_|pec_|pce_|pml_|pmf_)/i;
 
 /**
  * A request URL as it may be logged: the value of every query parameter named like a credential is
