@@ -39,6 +39,7 @@ import { createClientsService } from './modules/clients/clients.service.js';
 import { createRetention } from './modules/housekeeping/retention.js';
 import { createMailOutbox } from './modules/mail/mail-outbox.js';
 import { createMagicLinkService } from './modules/auth/magic-link.service.js';
+import { MAILS_PER_ACCOUNT_HOUR } from './modules/auth/mailed-tokens.js';
 import { apiKeysForOAuth } from './modules/oauth/oauth.api-keys.js';
 import {
   CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
@@ -186,6 +187,20 @@ export function createServices(deps: ServicesDeps) {
       : createMemoryFailureCounter(
           config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
         );
+  // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per account an hour, on every instance.
+  const mailsPerHour = !config.rateLimit.enabled
+    ? undefined
+    : redis
+      ? createSharedFailureCounter({
+          redis,
+          max: MAILS_PER_ACCOUNT_HOUR,
+          windowSeconds: 3600,
+          clock,
+          logger,
+          prefix: 'mails-per-hour:',
+          fallbackMessage: 'Redis unavailable: counting the mails per account in this instance only',
+        })
+      : createMemoryFailureCounter({ max: MAILS_PER_ACCOUNT_HOUR, windowSeconds: 3600, clock });
   const sessions = createSessionsService({
     db,
     repo: repos.sessions,
@@ -277,6 +292,7 @@ export function createServices(deps: ServicesDeps) {
     providerName: provider.name,
     mailer,
     outbox,
+    mailsPerHour,
     logger,
   };
   const emailConfirmation = createEmailConfirmationService({ ...mailedLinks, ...config.emailConfirmation });
@@ -305,6 +321,7 @@ export function createServices(deps: ServicesDeps) {
     failures,
     mailer,
     outbox,
+    mailsPerHour,
     pepper: config.secretPepper,
     url: config.passwordReset.url,
     ttlSeconds: config.passwordReset.ttlSeconds,

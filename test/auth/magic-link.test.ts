@@ -300,6 +300,44 @@ describe('sign-in links lift a lockout someone else caused', () => {
     await login(app, user.email);
   });
 
+  it('mails an account at most five links an hour, however many are asked for (rate limiting on)', async () => {
+    const mailer = capturingMailer();
+    const clock = createTestClock();
+    const app = await buildTestApp({
+      env: { MAGIC_LINK_URL: LINK_URL, RATE_LIMIT_ENABLED: 'true' },
+      deps: { mailer, clock },
+    });
+    const user = await registerUser(app, 'link-flood');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
+    const ask = () =>
+      app.inject({ method: 'POST', url: '/v1/auth/magic-link', payload: { email: user.email } });
+    const links = () => mailer.sent.filter((m) => m.to === user.email && m.subject === SUBJECT).length;
+    for (let i = 0; i < 7; i++) {
+      expect((await ask()).statusCode).toBe(204);
+      clock.advance(61);
+    }
+    expect(links()).toBe(5);
+    const [refused] = await app.services.audit.list({
+      type: 'auth.magic_link_requested',
+      subjectId: user.id,
+      limit: 1,
+    });
+    expect(refused).toMatchObject({ outcome: 'failure', data: { reason: 'too_many' } });
+    // The last link mailed still works: the refused requests did not replace it.
+    const last = mailer.sent.filter((m) => m.subject === SUBJECT && m.to === user.email).at(-1)!;
+    const token = /#token=(pml_[0-9A-Za-z_]+)/.exec(last.text)![1]!;
+    const opened = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/magic-link/verify',
+      payload: { token },
+    });
+    expect(opened.statusCode, opened.body).toBe(200);
+    // An hour on, links go again.
+    clock.advance(3600);
+    expect((await ask()).statusCode).toBe(204);
+    expect(links()).toBe(6);
+  });
+
   it('is off in production without SMTP_URL: 404', async () => {
     const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
     const res = await app.inject({

@@ -5,6 +5,7 @@ import { EMAIL_CONFIRMATION_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { Mailer } from '../../lib/mailer.js';
+import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
@@ -28,6 +29,8 @@ export interface EmailConfirmationDeps {
    * made either way) and one asked for anonymously (a 503 would tell that the address has an account).
    */
   outbox?: MailOutbox | undefined;
+  /** At most MAILS_PER_ACCOUNT_HOUR links of a purpose per account an hour (mailed-tokens.ts). */
+  mailsPerHour?: FailureCounter | undefined;
   url: string | undefined;
   ttlSeconds: number;
   logger?: Pick<Logger, 'warn'>;
@@ -46,7 +49,7 @@ const invalidConfirmationToken = () =>
  * address too: it proves the same mailbox.
  */
 export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
-  const mailed = createMailedTokens(deps);
+  const mailed = createMailedTokens({ ...deps, hourly: deps.mailsPerHour });
 
   const confirmationMail = (email: string, token: string) => ({
     to: email,
@@ -84,7 +87,8 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
         (token) => confirmationMail(user.email, token),
       );
-      if (sent === 'too_soon') return record(context, user, user.email, 'failure', { reason: 'too_soon' });
+      if (sent === 'too_soon' || sent === 'too_many')
+        return record(context, user, user.email, 'failure', { reason: sent });
       await record(context, user, user.email, 'success', { delivery: mailer.kind });
     } catch (err) {
       await record(context, user, user.email, 'failure', { reason: 'mail_failed' }).catch(() => undefined);

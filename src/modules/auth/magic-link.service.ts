@@ -36,7 +36,7 @@ const invalidMagicLink = () =>
  * and kept in the outbox when the mail server refuses it.
  */
 export function createMagicLinkService(deps: MagicLinkDeps) {
-  const mailed = createMailedTokens(deps);
+  const mailed = createMailedTokens({ ...deps, hourly: deps.mailsPerHour });
 
   const linkMail = (email: string, token: string) => ({
     to: email,
@@ -97,7 +97,8 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         { format: MAGIC_LINK_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
         (token) => linkMail(user.email, token),
       );
-      if (sent === 'too_soon') return record(context, user, email, 'failure', { reason: 'too_soon' });
+      if (sent === 'too_soon' || sent === 'too_many')
+        return record(context, user, email, 'failure', { reason: sent });
       await record(context, user, email, 'success', { delivery: mailer.kind });
     },
 

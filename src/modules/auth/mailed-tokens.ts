@@ -5,6 +5,7 @@ import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../..
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { AppError } from '../../lib/errors.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
+import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
@@ -64,9 +65,14 @@ export function newMailedToken(
   };
 }
 
+/** At most this many mails of a purpose per account in an hour (with rate limiting on): `too_many` after. */
+export const MAILS_PER_ACCOUNT_HOUR = 5;
+
 /**
  * One-time tokens mailed to a user (`email_tokens`): made with 256 random bits in a `SecretFormat`,
- * stored only as an HMAC under the pepper, one live per user and purpose, at most one mail a minute.
+ * stored only as an HMAC under the pepper, one live per user and purpose, at most one mail a minute,
+ * and (with `hourly`, shared through Redis when configured) at most MAILS_PER_ACCOUNT_HOUR an hour:
+ * anyone may ask for an account's link, and must not flood its mailbox nor keep replacing its link.
  */
 export function createMailedTokens(deps: {
   db: Database;
@@ -75,6 +81,8 @@ export function createMailedTokens(deps: {
   clock: Clock;
   pepper: Buffer;
   audit: AuditService;
+  /** Counts the mails of a purpose per account in a sliding hour (its `recordFailure` counts one). */
+  hourly?: FailureCounter | undefined;
 }) {
   return {
     /**
@@ -89,7 +97,9 @@ export function createMailedTokens(deps: {
       purpose: EmailTokenPurpose,
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
       compose: (token: string) => MailMessage,
-    ): Promise<'sent' | 'queued' | 'too_soon'> {
+    ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many'> {
+      const capKey = `${purpose}:${user.id}`;
+      if (deps.hourly && (await deps.hourly.retryAfter(capKey)) > 0) return 'too_many';
       let token = '';
       let mailId: string | undefined;
       const row = await inTransaction(deps.db, deps.events, async (tx) => {
@@ -119,6 +129,7 @@ export function createMailedTokens(deps: {
         return stored;
       });
       if (!row) return 'too_soon';
+      await deps.hourly?.recordFailure(capKey);
       if (options.outbox && mailId) {
         options.outbox.kick([mailId]);
         return 'queued';

@@ -16,7 +16,12 @@ import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaService } from './mfa.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
 import { normalizeEmail } from './auth.schema.js';
-import { createMailedTokens, newMailedToken, tokenParagraph } from './mailed-tokens.js';
+import {
+  createMailedTokens,
+  MAILS_PER_ACCOUNT_HOUR,
+  newMailedToken,
+  tokenParagraph,
+} from './mailed-tokens.js';
 import type { SessionsService } from './sessions.service.js';
 
 export interface PasswordResetDeps {
@@ -36,6 +41,8 @@ export interface PasswordResetDeps {
    * waits for the server, nor fails with it); an invitation is sent at once through it.
    */
   outbox?: MailOutbox | undefined;
+  /** At most MAILS_PER_ACCOUNT_HOUR reset links per account an hour (mailed-tokens.ts). */
+  mailsPerHour?: FailureCounter | undefined;
   pepper: Buffer;
   /** The page a reset link opens; the token follows in the fragment. */
   url: string | undefined;
@@ -78,6 +85,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     clock: deps.clock,
     pepper: deps.pepper,
     audit: deps.audit,
+    hourly: deps.mailsPerHour,
   });
 
   const resetMail = (email: string, token: string) => ({
@@ -233,7 +241,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     user: UserRow | undefined,
     context: RequestContext,
     extra: Record<string, unknown>,
-  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon'; delivery: string }> {
+  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon' | 'too_many'; delivery: string }> {
     if (deps.provider.requestPasswordRecovery)
       return {
         sent: await deps.provider.requestPasswordRecovery(email, deps.url),
@@ -316,8 +324,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       // Through the outbox, not awaited: a 503 or a slower answer while the mail server is down, against
       // the 204 of an address without an account, would tell anyone which addresses have one.
       const { sent, delivery } = await deliver(email, user, context, {});
-      if (sent === 'too_soon')
-        return recordRequest(context, email, user?.id ?? null, 'failure', { reason: 'too_soon' });
+      if (sent === 'too_soon' || sent === 'too_many')
+        return recordRequest(context, email, user?.id ?? null, 'failure', { reason: sent });
       await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
     },
 
@@ -342,6 +350,11 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const { sent, delivery } = await deliver(user.email, user, context, extra);
       if (sent === 'too_soon')
         return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon');
+      if (sent === 'too_many')
+        return refuse(
+          `${MAILS_PER_ACCOUNT_HOUR} reset links were mailed to this user in the last hour; wait before another`,
+          'too_many',
+        );
       await recordRequest(context, user.email, user.id, 'success', { delivery, ...extra });
     },
 
