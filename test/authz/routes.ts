@@ -51,6 +51,7 @@ export const AUTH_ROUTES: MatrixRoute[] = [
     permission: 'account:write',
     body: () => ({ current_password: 'whatever-it-is', new_password: 'another long passphrase' }),
   },
+  { method: 'GET', route: '/v1/auth/activity', permission: 'account:read' },
   { method: 'GET', route: '/v1/auth/sessions', permission: 'account:read' },
   {
     method: 'DELETE',

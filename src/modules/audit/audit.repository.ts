@@ -1,4 +1,4 @@
-import { and, desc, eq, gte } from 'drizzle-orm';
+import { and, desc, eq, gte, inArray } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { auditEvents } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -19,6 +19,8 @@ export function createAuditRepository(db: Executor) {
         credentialId?: string;
         subjectId?: string;
         type?: string;
+        /** Only events of these types. */
+        types?: readonly string[];
         outcome?: 'success' | 'failure';
         since?: Date;
         limit: number;
@@ -32,6 +34,7 @@ export function createAuditRepository(db: Executor) {
       if (filter.subjectId) conditions.push(eq(auditEvents.subjectId, filter.subjectId));
       if (filter.outcome) conditions.push(eq(auditEvents.outcome, filter.outcome));
       if (filter.type) conditions.push(eq(auditEvents.type, filter.type));
+      if (filter.types) conditions.push(inArray(auditEvents.type, [...filter.types]));
       if (filter.since) conditions.push(gte(auditEvents.createdAt, filter.since));
       if (filter.cursor)
         conditions.push(pastCursor(auditEvents.createdAt, auditEvents.id, filter.cursor, 'desc'));

@@ -3,6 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { InstantSchema } from '../../lib/instant.js';
 import { decodeCursor, PaginationQuerySchema, pageOf, paginate } from '../../lib/pagination.js';
+import { userIdOf } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import type { AuditService } from './audit.service.js';
 
@@ -46,7 +47,126 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
   since: InstantSchema.optional().describe('ISO 8601; events at or after'),
 }).strict();
 
+/**
+ * What a user's own activity shows: their account's sign-ins (and attempts), sign-outs, password,
+ * address and second-factor changes, and what an administrator did to it.
+ */
+export const ACCOUNT_ACTIVITY_TYPES = [
+  'user.registered',
+  'auth.login',
+  'auth.magic_link',
+  'auth.magic_link_requested',
+  'auth.exchange',
+  'auth.logout',
+  'auth.session_ended',
+  'user.sessions_ended',
+  'refresh_token.reused',
+  'auth.password_changed',
+  'auth.password_reset_requested',
+  'auth.password_reset',
+  'user.email_confirmed',
+  'user.email_change_requested',
+  'user.email_change_cancelled',
+  'user.email_changed',
+  'mfa.enabled',
+  'mfa.disabled',
+  'mfa.recovery_codes_regenerated',
+  'user.disabled',
+  'user.enabled',
+  'role.granted',
+  'role.removed',
+] as const;
+
+/** The parts of an event's data a user's activity shows (never tokens, never others' ids). */
+const ACTIVITY_DETAILS = ['reason', 'role', 'scope', 'session_id', 'mfa'] as const;
+
+const ActivityEventSchema = z
+  .object({
+    id: z.uuid(),
+    type: z.string().describe('One of the account events: auth.login, auth.password_changed, mfa.enabled, …'),
+    outcome: z.enum(['success', 'failure']),
+    by: z
+      .enum(['you', 'administrator', 'service', 'anonymous', 'system'])
+      .describe(
+        'Who did it: you (a session or API key of yours), an administrator, a service, or someone unknown',
+      ),
+    ip: z.string().nullable().describe('Where from, when it was you or someone unknown; null otherwise'),
+    user_agent: z.string().nullable(),
+    details: z
+      .object({
+        reason: z.string().optional().describe('Why it failed, or why it happened'),
+        role: z.string().optional(),
+        scope: z.string().optional(),
+        session_id: z.string().optional(),
+        mfa: z.string().optional(),
+      })
+      .describe('A few of the event’s fields; never a token'),
+    created_at: z.string(),
+  })
+  .meta({ id: 'ActivityEvent' });
+
 export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditService }) {
+  app.withTypeProvider<ZodTypeProvider>().get(
+    '/v1/auth/activity',
+    {
+      config: { permission: 'account:read' },
+      schema: {
+        tags: ['auth'],
+        operationId: 'listAccountActivity',
+        summary: 'The caller’s account activity, newest first: sign-ins and attempts, and security changes',
+        description:
+          'From the audit log: the events about the caller’s account (sign-ins and failed attempts, sign-outs, ' +
+          'password, address and two-step verification changes, roles and status set by an administrator). ' +
+          'Where it came from (`ip`, `user_agent`) is shown for what the caller or someone unknown did, not ' +
+          'for an administrator or a service.',
+        security: bearerOrApiKey,
+        querystring: PaginationQuerySchema.strict(),
+        response: { 200: pageOf(ActivityEventSchema), ...problems(400, 401, 403) },
+      },
+    },
+    async (request) => {
+      const userId = userIdOf(request);
+      const q = request.query;
+      const cursor = decodeCursor(q.cursor);
+      const rows = await deps.audit.list({
+        limit: q.limit,
+        subjectId: userId,
+        types: ACCOUNT_ACTIVITY_TYPES,
+        ...(cursor ? { cursor } : {}),
+      });
+      const { page, nextCursor } = paginate(rows, q.limit);
+      return {
+        data: page.map((e) => {
+          const by: 'you' | 'administrator' | 'service' | 'anonymous' | 'system' =
+            e.actorType === 'anonymous' || e.actorType === 'system'
+              ? e.actorType
+              : e.actorType === 'service'
+                ? 'service'
+                : e.actorId === userId
+                  ? 'you'
+                  : 'administrator';
+          const located = by === 'you' || by === 'anonymous';
+          const details: Record<string, string> = {};
+          for (const key of ACTIVITY_DETAILS) {
+            const value = e.data[key];
+            if (typeof value === 'string') details[key] = value;
+          }
+          return {
+            id: e.id,
+            type: e.type,
+            outcome: e.outcome,
+            by,
+            ip: located ? e.ip : null,
+            user_agent: located ? e.userAgent : null,
+            details,
+            created_at: e.createdAt.toISOString(),
+          };
+        }),
+        next_cursor: nextCursor,
+      };
+    },
+  );
+
   app.withTypeProvider<ZodTypeProvider>().get(
     '/v1/audit-events',
     {
