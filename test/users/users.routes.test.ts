@@ -504,6 +504,41 @@ describe('users and roles administration', () => {
     expect(ok.json()).toEqual({ allowed: true, missing: [] });
   });
 
+  it('lists users by status and by role, alone or with a search', async () => {
+    const tag = `filter${Date.now().toString(36)}`;
+    const kept = await registerUser(app, `${tag}-active`);
+    const gone = await registerUser(app, `${tag}-disabled`);
+    const holder = await registerUser(app, `${tag}-holder`);
+    expect((await setUserStatus(app, admin.accessToken, gone.id, 'disabled')).statusCode).toBe(200);
+    const role = `filter-${Date.now().toString(36)}`;
+    const made = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: role, permissions: ['profiles:read'] },
+    });
+    expect(made.statusCode, made.body).toBe(201);
+    expect(
+      (await app.inject({ method: 'PUT', url: `/v1/users/${holder.id}/roles/${role}`, headers: asAdmin() }))
+        .statusCode,
+    ).toBe(200);
+    const emails = async (query: string) =>
+      (await allPages<{ email: string; status: string }>(app, `/v1/users?${query}`, asAdmin())).map(
+        (u) => u.email,
+      );
+
+    expect(await emails(`query=${tag}&status=disabled`)).toEqual([gone.email]);
+    expect((await emails(`query=${tag}&status=active`)).sort()).toEqual([kept.email, holder.email].sort());
+    expect(await emails(`role=${role}`)).toEqual([holder.email]);
+    expect(await emails(`role=${role}&status=disabled`)).toEqual([]);
+    const disabled = await allPages<{ status: string }>(app, '/v1/users?status=disabled', asAdmin());
+    expect(disabled.every((u) => u.status === 'disabled')).toBe(true);
+    for (const bad of ['status=gone', 'role=Not%20A%20Role', 'role=']) {
+      const res = await app.inject({ method: 'GET', url: `/v1/users?${bad}`, headers: asAdmin() });
+      expect(res.statusCode, bad).toBe(400);
+    }
+  });
+
   it('authz/check refuses a malformed permission as POST /v1/roles does (400 naming the field)', async () => {
     const user = await registerUser(app, 'checked-bad');
     for (const permission of ['not a perm', 'Users:Read', 'users:', '']) {

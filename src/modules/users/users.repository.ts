@@ -104,11 +104,25 @@ export function createUsersRepository(db: Executor) {
       return rows.length > 0;
     },
     async list(
-      options: { query?: string; limit: number; cursor?: Cursor },
+      options: {
+        query?: string;
+        status?: 'active' | 'disabled';
+        role?: string;
+        limit: number;
+        cursor?: Cursor;
+      },
       tx: Executor = db,
     ): Promise<UserRow[]> {
       const conditions = [];
       if (options.query) conditions.push(ilike(users.email, `%${escapeLike(options.query)}%`));
+      if (options.status) conditions.push(eq(users.status, options.status));
+      if (options.role)
+        conditions.push(
+          inArray(
+            users.id,
+            tx.select({ id: userRoles.userId }).from(userRoles).where(eq(userRoles.roleName, options.role)),
+          ),
+        );
       if (options.cursor) conditions.push(pastCursor(users.createdAt, users.id, options.cursor, 'asc'));
       return tx
         .select()

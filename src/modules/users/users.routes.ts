@@ -49,7 +49,7 @@ export async function usersRoutes(
       schema: {
         tags: ['users'],
         operationId: 'listUsers',
-        summary: 'List users (search by email, cursor pagination)',
+        summary: 'List users (search by email, filter by status or role, cursor pagination)',
         security,
         querystring: ListUsersQuerySchema,
         response: { 200: pageOf(UserSchema), ...problems(400, 401, 403) },

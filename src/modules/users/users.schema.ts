@@ -25,6 +25,8 @@ export const UserSessionParamsSchema = z.object({ id: uuidInput(), session_id: u
 
 export const ListUsersQuerySchema = PaginationQuerySchema.extend({
   query: z.string().trim().min(1).max(254).optional().describe('Substring of the email'),
+  status: z.enum(['active', 'disabled']).optional().describe('Only users with this status'),
+  role: RoleNameSchema.optional().describe('Only users holding this role (e.g. `admin`)'),
 }).strict();
 
 export const PatchUserBodySchema = z

@@ -105,11 +105,19 @@ export function createUsersService(deps: {
   }
 
   return {
-    async list(options: { query?: string | undefined; limit: number; cursor?: string | undefined }) {
+    async list(options: {
+      query?: string | undefined;
+      status?: 'active' | 'disabled' | undefined;
+      role?: string | undefined;
+      limit: number;
+      cursor?: string | undefined;
+    }) {
       const cursor = decodeCursor(options.cursor);
       const rows = await deps.repo.list({
         limit: options.limit,
         ...(options.query ? { query: options.query } : {}),
+        ...(options.status ? { status: options.status } : {}),
+        ...(options.role ? { role: options.role } : {}),
         ...(cursor ? { cursor } : {}),
       });
       return paginate(rows, options.limit);
