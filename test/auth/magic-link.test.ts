@@ -109,6 +109,10 @@ describe('sign-in links (built-in provider)', () => {
     expect(events.find((e) => e.type === 'auth.magic_link' && e.outcome === 'success')?.data).toMatchObject({
       session_id: claims.sid,
     });
+    // The second opening is audited as such, on the user: the link was used, not unknown.
+    expect(events.find((e) => e.type === 'auth.magic_link' && e.outcome === 'failure')?.data).toMatchObject({
+      reason: 'used_token',
+    });
   });
 
   it('answers every other address alike and mails nothing: unknown, disabled, never confirmed', async () => {
@@ -145,6 +149,12 @@ describe('sign-in links (built-in provider)', () => {
     // MAGIC_LINK_TTL is 10 minutes.
     clock.advance(601);
     expect((await open(second)).statusCode).toBe(400);
+    const [expired] = await app.services.audit.list({
+      type: 'auth.magic_link',
+      subjectId: user.id,
+      limit: 1,
+    });
+    expect(expired).toMatchObject({ outcome: 'failure', data: { reason: 'expired_token' } });
   });
 
   it('asks for the second factor after the link, and the session says both', async () => {

@@ -138,7 +138,10 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         mailed.refused(context, { type: 'user.email_confirmed', reason, userId }, invalidConfirmationToken());
       const row = await mailed.find(token, 'email_confirmation', EMAIL_CONFIRMATION_FORMAT);
       if (row === 'malformed') throw await invalid('malformed_token', null);
-      if (!row) throw await invalid('unknown_token', null);
+      if (!row) {
+        const why = await mailed.whyNotLive(token, 'email_confirmation');
+        throw await invalid(why.reason, why.userId);
+      }
       const confirmed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         // The user row first, the order every change of an account's mailed links takes (an email
         // change applying deletes them under it); of concurrent confirmations (a link scanner and a

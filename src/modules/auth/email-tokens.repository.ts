@@ -72,6 +72,15 @@ export function createEmailTokensRepository(db: Executor) {
           ),
         );
     },
+    /** The token with this hash, whatever its state (used, expired): for saying why it was refused. */
+    async findByHash(tokenHash: string, purpose: EmailTokenPurpose, tx: Executor = db) {
+      const [row] = await tx
+        .select()
+        .from(emailTokens)
+        .where(and(eq(emailTokens.tokenHash, tokenHash), eq(emailTokens.purpose, purpose)))
+        .limit(1);
+      return row;
+    },
     async findLive(
       tokenHash: string,
       purpose: EmailTokenPurpose,

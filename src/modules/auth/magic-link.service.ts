@@ -114,7 +114,10 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
       };
       const row = await mailed.find(token, 'magic_link', MAGIC_LINK_FORMAT);
       if (row === 'malformed') throw await invalid('malformed_token', null);
-      if (!row) throw await invalid('unknown_token', null);
+      if (!row) {
+        const why = await mailed.whyNotLive(token, 'magic_link');
+        throw await invalid(why.reason, why.userId);
+      }
       const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
         // The user row first, the order every change of an account's mailed links takes; of two opening
         // one link at once (a mail scanner and a click), one takes the token and the other finds it used.

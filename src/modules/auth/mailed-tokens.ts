@@ -158,6 +158,19 @@ export function createMailedTokens(deps: {
       return error;
     },
 
+    /**
+     * Why `token` (well-formed, and not live) was refused, for the audit: used (or raced and lost),
+     * expired, or unknown (never made, replaced or discarded, which leave no row); with its user.
+     */
+    async whyNotLive(
+      token: string,
+      purpose: EmailTokenPurpose,
+    ): Promise<{ reason: 'used_token' | 'expired_token' | 'unknown_token'; userId: string | null }> {
+      const row = await deps.tokens.findByHash(keyedHash(deps.pepper, token), purpose);
+      if (!row) return { reason: 'unknown_token', userId: null };
+      return { reason: row.usedAt ? 'used_token' : 'expired_token', userId: row.userId };
+    },
+
     /** The live token row `token` names: undefined when malformed, unknown, expired, used or replaced. */
     async find(
       token: string,

@@ -379,7 +379,10 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       }
       const row = await mailed.find(token, 'password_reset', PASSWORD_RESET_FORMAT);
       if (row === 'malformed') throw await invalid('malformed_token', null);
-      if (!row) throw await invalid('unknown_token', null);
+      if (!row) {
+        const why = await mailed.whyNotLive(token, 'password_reset');
+        throw await invalid(why.reason, why.userId);
+      }
       const user = await deps.users.findById(row.userId);
       if (!user || !active(user)) throw await invalid('disabled', row.userId);
       checkPasswordStrength(newPassword, user.email, 'body.new_password');
