@@ -6,6 +6,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { type MigrationOptions, runMigrations } from './migrations.js';
 import * as schema from './schema/index.js';
+import { patchDrizzleTransactions } from './pg-transaction-fix.js';
 
 export type Schema = typeof schema;
 /** One Drizzle type for node-postgres and PGlite, so repositories never care which one runs. */
@@ -105,6 +106,7 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
   pool.on('connect', (client) => {
     client.on('error', (err) => options.logger.debug({ err: err.message }, 'database connection lost'));
   });
+  patchDrizzleTransactions();
   const db = drizzle(pool, { schema }) as unknown as Database;
   const listeners: pg.Client[] = [];
   let closed = false;

@@ -1,0 +1,74 @@
+import { type SQL, sql } from 'drizzle-orm';
+import { NodePgSession, NodePgTransaction } from 'drizzle-orm/node-postgres/session';
+import pg from 'pg';
+
+interface PooledSession {
+  client: unknown;
+  dialect: unknown;
+  schema: unknown;
+  options: unknown;
+}
+interface Tx {
+  execute(query: SQL): Promise<unknown>;
+  getTransactionConfigSQL(config: unknown): SQL;
+}
+type SessionCtor = new (client: unknown, dialect: unknown, schema: unknown, options: unknown) => unknown;
+type TxCtor = new (dialect: unknown, session: unknown, schema: unknown) => Tx;
+
+let patched = false;
+
+/**
+ * drizzle-orm 0.45's `NodePgSession.transaction` sends BEGIN before its `try`: a BEGIN that fails (a
+ * pooled connection lost while idle, during a database blip) never gives its client back. The pool
+ * then counts it as checked out for ever: `pool.end()` at shutdown waits for it (the process was
+ * killed at its 9 s deadline), and enough of them exhaust the pool. This is the same method with
+ * BEGIN inside, and a client whose statement failed released with the error, so the pool destroys it
+ * instead of handing a broken connection out again. Sessions on a single client (not a pool) are left
+ * to drizzle's own method.
+ */
+export function patchDrizzleTransactions(): void {
+  if (patched) return;
+  patched = true;
+  const proto = NodePgSession.prototype as unknown as {
+    transaction: (
+      this: PooledSession,
+      run: (tx: Tx) => Promise<unknown>,
+      config?: unknown,
+    ) => Promise<unknown>;
+  };
+  const original = proto.transaction;
+  proto.transaction = async function (this: PooledSession, run, config) {
+    if (!(this.client instanceof pg.Pool)) return original.call(this, run, config);
+    const client = await this.client.connect();
+    const session = new (NodePgSession as unknown as SessionCtor)(
+      client,
+      this.dialect,
+      this.schema,
+      this.options,
+    );
+    const tx = new (NodePgTransaction as unknown as TxCtor)(this.dialect, session, this.schema);
+    let broken: Error | undefined;
+    try {
+      try {
+        await tx.execute(sql`begin${config ? sql` ${tx.getTransactionConfigSQL(config)}` : undefined}`);
+      } catch (err) {
+        broken = err as Error;
+        throw err;
+      }
+      try {
+        const result = await run(tx);
+        await tx.execute(sql`commit`);
+        return result;
+      } catch (error) {
+        // The transaction's own error is what the caller sees; a rollback that fails too means the
+        // connection is gone, and the client with it.
+        await tx.execute(sql`rollback`).catch((rollbackError: unknown) => {
+          broken = rollbackError as Error;
+        });
+        throw error;
+      }
+    } finally {
+      client.release(broken);
+    }
+  };
+}
