@@ -63,6 +63,8 @@ export interface AppDeps {
   bootstrapRetryMs?: number;
   /** How often mail the mail server refused is retried (default 15 s; 0: only when `deliverDue` is called). */
   mailRetryIntervalMs?: number;
+  /** How long a queued mail's send may take before it is given up (default: 3 × SMTP_TIMEOUT_MS). */
+  mailSendTimeoutMs?: number;
 }
 
 export const SERVICE_VERSION = '0.1.0';
@@ -305,6 +307,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     bootstrapRetryMs: deps.bootstrapRetryMs,
     mailer: deps.mailer,
     mailRetryIntervalMs: deps.mailRetryIntervalMs,
+    mailSendTimeoutMs: deps.mailSendTimeoutMs,
   });
   await services.start();
   app.addHook('onClose', async () => {

@@ -73,6 +73,8 @@ export interface ServicesDeps {
   bootstrapRetryMs?: number | undefined;
   /** How often mail the mail server refused is looked at for a retry (default 15 s; 0: only when asked). */
   mailRetryIntervalMs?: number | undefined;
+  /** How long a queued mail's send may take before it is given up (default: 3 × SMTP_TIMEOUT_MS). */
+  mailSendTimeoutMs?: number | undefined;
 }
 
 /** How often caches are checked against the database, as a backstop to the change notifications. */
@@ -242,7 +244,9 @@ export function createServices(deps: ServicesDeps) {
         logger,
         onOutcome: (kind, outcome) => metrics.mail.inc({ kind, outcome }),
         intervalMs: deps.mailRetryIntervalMs ?? MAIL_RETRY_INTERVAL_MS,
-        // Longer than a send can take: nodemailer bounds the connection, the greeting and each exchange.
+        // A send is given up after three of the mailer's timeouts (connection, greeting, an exchange);
+        // the lease outlasts that, so no other instance takes a mail while it may still be going.
+        sendTimeoutMs: deps.mailSendTimeoutMs ?? 3 * (config.mail?.timeoutMs ?? 10_000),
         leaseMs: Math.max(120_000, 6 * (config.mail?.timeoutMs ?? 10_000)),
       })
     : undefined;

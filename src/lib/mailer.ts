@@ -14,6 +14,8 @@ export interface Mailer {
   readonly kind: 'smtp' | 'log';
   /** Resolves once the mail server accepted the message; throws AppError `service_unavailable` otherwise. */
   send(message: MailMessage): Promise<void>;
+  /** Drops the connections open to the server (one stuck in a send), and opens new ones on demand. */
+  reset?(): void;
   close(): void;
 }
 
@@ -28,14 +30,16 @@ export interface SmtpMailerOptions {
 
 /** Mail through an SMTP server (nodemailer), with pooled connections. */
 export function createSmtpMailer(options: SmtpMailerOptions): Mailer {
-  const transport = nodemailer.createTransport({
-    url: options.url,
-    pool: true,
-    maxConnections: 2,
-    connectionTimeout: options.timeoutMs,
-    greetingTimeout: options.timeoutMs,
-    socketTimeout: options.timeoutMs,
-  });
+  const connect = () =>
+    nodemailer.createTransport({
+      url: options.url,
+      pool: true,
+      maxConnections: 2,
+      connectionTimeout: options.timeoutMs,
+      greetingTimeout: options.timeoutMs,
+      socketTimeout: options.timeoutMs,
+    });
+  let transport = connect();
   return {
     kind: 'smtp',
     async send(message) {
@@ -50,6 +54,11 @@ export function createSmtpMailer(options: SmtpMailerOptions): Mailer {
           cause: err,
         });
       }
+    },
+    reset() {
+      const stuck = transport;
+      transport = connect();
+      stuck.close();
     },
     close: () => transport.close(),
   };

@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
+import { LINK_REQUEST_FLOOR_MS } from '../../src/modules/auth/auth.routes.js';
 import { MAIL_RETRY_FIRST_MS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
@@ -339,6 +340,56 @@ describe('the answer does not wait for the mail server', () => {
       mailer.sent.filter((m) => m.to === user.email && m.subject === 'Reset your password'),
     ).toHaveLength(1);
     expect(await app.services.outbox!.pending(user.id)).toHaveLength(0);
+  });
+
+  it('sends one mail at a time, claiming the next only when its turn comes', async () => {
+    const mailer = slowMailer();
+    const app = await appOnOwnDatabase({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer } });
+    const [a, b] = [await account(app), await account(app)];
+    await app.services.passwordReset.request(a.email, context);
+    await app.services.passwordReset.request(b.email, context);
+    await expect.poll(async () => (await app.services.outbox!.pending(a.id))[0]?.attempts).toBe(1);
+    // The second waits unclaimed (any instance may take it), not in the mailer's own queue.
+    expect((await app.services.outbox!.pending(b.id))[0]?.attempts).toBe(0);
+    mailer.release();
+    await app.services.outbox!.idle();
+    expect(mailer.sent.map((m) => m.to).sort()).toEqual([a.email, b.email].sort());
+  });
+
+  it('gives up a send the server does not finish in time, resets the mailer, and retries later', async () => {
+    const mailer = {
+      ...slowMailer(),
+      resets: 0,
+      reset() {
+        this.resets += 1;
+      },
+    };
+    const app = await appOnOwnDatabase({
+      env: { PASSWORD_RESET_URL: RESET_URL },
+      deps: { mailer, mailSendTimeoutMs: 200 },
+    });
+    const user = await account(app);
+    await app.services.passwordReset.request(user.email, context);
+    await app.services.outbox!.idle();
+    expect(mailer.resets).toBe(1);
+    const [waiting] = await app.services.outbox!.pending(user.id);
+    expect(waiting).toMatchObject({ attempts: 1, lastError: expect.stringContaining('200 ms') });
+    expect(waiting!.nextAttemptAt.getTime()).toBeGreaterThan(Date.now() + MAIL_RETRY_FIRST_MS - 5000);
+    mailer.release();
+  });
+
+  it('answers an address with an account and one without no sooner than the floor', async () => {
+    const app = await appOnOwnDatabase({
+      env: { PASSWORD_RESET_URL: RESET_URL },
+      deps: { mailer: capturingMailer() },
+    });
+    const user = await account(app);
+    for (const email of [user.email, uniqueEmail('outbox-floor')]) {
+      const started = performance.now();
+      const res = await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email } });
+      expect(res.statusCode).toBe(204);
+      expect(performance.now() - started, email).toBeGreaterThanOrEqual(LINK_REQUEST_FLOOR_MS - 1);
+    }
   });
 
   it('closes within a moment while a send hangs, leaving the mail for a retry', async () => {

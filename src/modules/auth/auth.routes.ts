@@ -56,6 +56,17 @@ export interface AuthRoutesDeps {
   providerName: 'local' | 'supabase';
 }
 
+/**
+ * The anonymous requests for a mailed link (forgot, resend, magic-link) do more for an address with an
+ * account (its link and mail are written) than for one without: each answers no sooner than this after
+ * it began, so the time does not tell them apart (a few milliseconds of difference otherwise).
+ */
+export const LINK_REQUEST_FLOOR_MS = 100;
+const answeredNoSoonerThanFloor = async (startedAt: number) => {
+  const wait = LINK_REQUEST_FLOOR_MS - (performance.now() - startedAt);
+  if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+};
+
 export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
@@ -347,7 +358,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
+      const startedAt = performance.now();
       await deps.passwordReset.request(request.body.email, requestContext(request));
+      await answeredNoSoonerThanFloor(startedAt);
       return reply.status(204).send(null);
     },
   );
@@ -414,7 +427,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
+      const startedAt = performance.now();
       await deps.emailConfirmation.resend(request.body.email, requestContext(request));
+      await answeredNoSoonerThanFloor(startedAt);
       return reply.status(204).send(null);
     },
   );
@@ -442,7 +457,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
+      const startedAt = performance.now();
       await deps.magicLink.request(request.body.email, requestContext(request));
+      await answeredNoSoonerThanFloor(startedAt);
       return reply.status(204).send(null);
     },
   );

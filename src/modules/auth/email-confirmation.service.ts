@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { EMAIL_CONFIRMATION_FORMAT } from '../../lib/crypto.js';
-import { AppError } from '../../lib/errors.js';
+import { AppError, isDatabaseUnavailable } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { Mailer } from '../../lib/mailer.js';
 import type { FailureCounter } from '../../lib/throttle.js';
@@ -87,11 +87,13 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
         (token) => confirmationMail(user.email, token),
       );
-      if (sent === 'too_soon' || sent === 'too_many')
+      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
         return record(context, user, user.email, 'failure', { reason: sent });
       await record(context, user, user.email, 'success', { delivery: mailer.kind });
     } catch (err) {
-      await record(context, user, user.email, 'failure', { reason: 'mail_failed' }).catch(() => undefined);
+      // The mail server refusing (without an outbox); the database failing is no mail failure.
+      if (!isDatabaseUnavailable(err))
+        await record(context, user, user.email, 'failure', { reason: 'mail_failed' }).catch(() => undefined);
       throw err;
     }
   }

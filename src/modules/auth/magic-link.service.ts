@@ -97,7 +97,7 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         { format: MAGIC_LINK_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
         (token) => linkMail(user.email, token),
       );
-      if (sent === 'too_soon' || sent === 'too_many')
+      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
         return record(context, user, email, 'failure', { reason: sent });
       await record(context, user, email, 'success', { delivery: mailer.kind });
     },

@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import type { Database } from '../../db/client.js';
+import { type Database, selectRows } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../../lib/crypto.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
@@ -97,7 +97,7 @@ export function createMailedTokens(deps: {
       purpose: EmailTokenPurpose,
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
       compose: (token: string) => MailMessage,
-    ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many'> {
+    ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
       const capKey = `${purpose}:${user.id}`;
       if (deps.hourly && (await deps.hourly.retryAfter(capKey)) > 0) return 'too_many';
       let token = '';
@@ -108,6 +108,13 @@ export function createMailedTokens(deps: {
         await tx.execute(
           sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
         );
+        // The account, held until the link is written: one deleted meanwhile gets none (not a 409 from
+        // the foreign key), and one being deleted waits for this.
+        const [held] = await selectRows<{ id: string }>(
+          tx,
+          sql`select id from users where id = ${user.id} for key share`,
+        );
+        if (!held) return 'gone' as const;
         const now = deps.clock.now();
         if (waitBeforeNextMail(await deps.tokens.latestFor(user.id, purpose, tx), now) > 0) return undefined;
         const made = newMailedToken(deps.pepper, options.format, {
@@ -128,6 +135,7 @@ export function createMailedTokens(deps: {
           });
         return stored;
       });
+      if (row === 'gone') return 'gone';
       if (!row) return 'too_soon';
       await deps.hourly?.recordFailure(capKey);
       if (options.outbox && mailId) {

@@ -4,7 +4,7 @@ import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
-import { AppError, isAppError, notFound } from '../../lib/errors.js';
+import { AppError, isAppError, isDatabaseUnavailable, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
@@ -241,7 +241,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     user: UserRow | undefined,
     context: RequestContext,
     extra: Record<string, unknown>,
-  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon' | 'too_many'; delivery: string }> {
+  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'; delivery: string }> {
     if (deps.provider.requestPasswordRecovery)
       return {
         sent: await deps.provider.requestPasswordRecovery(email, deps.url),
@@ -263,9 +263,11 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       );
       return { sent, delivery: mailer.kind };
     } catch (err) {
-      await recordRequest(context, email, account.id, 'failure', { reason: 'mail_failed', ...extra }).catch(
-        () => undefined,
-      );
+      // The mail server refusing (without an outbox); the database failing is no mail failure.
+      if (!isDatabaseUnavailable(err))
+        await recordRequest(context, email, account.id, 'failure', { reason: 'mail_failed', ...extra }).catch(
+          () => undefined,
+        );
       throw err;
     }
   }
@@ -324,7 +326,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       // Through the outbox, not awaited: a 503 or a slower answer while the mail server is down, against
       // the 204 of an address without an account, would tell anyone which addresses have one.
       const { sent, delivery } = await deliver(email, user, context, {});
-      if (sent === 'too_soon' || sent === 'too_many')
+      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
         return recordRequest(context, email, user?.id ?? null, 'failure', { reason: sent });
       await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
     },
@@ -350,6 +352,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const { sent, delivery } = await deliver(user.email, user, context, extra);
       if (sent === 'too_soon')
         return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon');
+      if (sent === 'gone') throw notFound('user');
       if (sent === 'too_many')
         return refuse(
           `${MAILS_PER_ACCOUNT_HOUR} reset links were mailed to this user in the last hour; wait before another`,

@@ -1,4 +1,4 @@
-import { asc, eq, sql } from 'drizzle-orm';
+import { and, asc, eq, sql } from 'drizzle-orm';
 import type { Logger } from 'pino';
 import { type Database, type Executor, selectRows } from '../../db/client.js';
 import { emailTokens, mailOutbox } from '../../db/schema/index.js';
@@ -13,6 +13,8 @@ export const MAIL_RETRY_MAX_MS = 5 * 60_000;
 export const NOTICE_TTL_MS = 24 * 3600_000;
 /** A shutdown waits this long for a send in flight; the mail is then sent again after its lease. */
 const STOP_GRACE_MS = 1000;
+/** Mails written here and waiting for this instance's send slot; beyond it, the retry runs send them. */
+const MAX_WAITING_KICKS = 50;
 
 export type MailKind =
   | 'password_reset'
@@ -67,14 +69,28 @@ export function createMailOutbox(deps: {
   onOutcome?: (kind: string, outcome: MailOutcome) => void;
   /** How often due mail is looked for; 0 leaves retries to `deliverDue` calls (tests). */
   intervalMs: number;
-  /** How long a claimed mail is its instance's: longer than a send can take (the mailer's timeouts). */
+  /** How long a claimed mail is its instance's: longer than `sendTimeoutMs`. */
   leaseMs: number;
+  /** A send not taken by then is given up (and the mailer's connections reset): a server that trickles. */
+  sendTimeoutMs: number;
 }) {
   const outcome = (kind: string, what: MailOutcome) => deps.onOutcome?.(kind, what);
   let timer: NodeJS.Timeout | undefined;
   let stopping = false;
   let current: Promise<DeliveryRun> | undefined;
   let next: Promise<DeliveryRun> | undefined;
+  /**
+   * One send at a time per instance, each claimed only when its turn comes: a mail never waits in the
+   * mailer's own queue while its lease runs out (another instance would send it too), and the mailer's
+   * other connection stays free for the mail a caller waits for (an email change, an invitation).
+   */
+  let slot: Promise<unknown> = Promise.resolve();
+  let waitingKicks = 0;
+  const inSlot = <T>(work: () => Promise<T>): Promise<T> => {
+    const turn = slot.then(work, work);
+    slot = turn.catch(() => undefined);
+    return turn;
+  };
   /** Kicks and notices under way, for `idle` and `stop`. */
   const inFlight = new Set<Promise<unknown>>();
   const track = <T>(work: Promise<T>): Promise<T> => {
@@ -98,7 +114,9 @@ export function createMailOutbox(deps: {
     const dead = await deps.db
       .delete(mailOutbox)
       .where(
-        sql`${mailOutbox.expiresAt} <= ${instant(now)} or (${mailOutbox.carriesLink} and not ${linkLive(now)})`,
+        // Only mails no instance holds: one being sent is left to its sender.
+        sql`${mailOutbox.nextAttemptAt} <= ${instant(now)} and (${mailOutbox.expiresAt} <= ${instant(now)}
+            or (${mailOutbox.carriesLink} and not ${linkLive(now)}))`,
       )
       .returning({
         id: mailOutbox.id,
@@ -140,6 +158,23 @@ export function createMailOutbox(deps: {
     return row;
   }
 
+  /** The mailer's send, given up after `sendTimeoutMs` (its connections reset, for a server that trickles). */
+  async function sendWithin(message: MailMessage): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        deps.mailer.reset?.();
+        reject(new Error(`the mail server did not take the mail within ${deps.sendTimeoutMs} ms`));
+      }, deps.sendTimeoutMs);
+      timer.unref();
+    });
+    try {
+      await Promise.race([deps.mailer.send(message), deadline]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   /** Sends one claimed mail: deleted once taken, else put off by the backoff. True when taken. */
   async function attempt(row: OutboxRow): Promise<boolean> {
     let message: MailMessage;
@@ -160,13 +195,14 @@ export function createMailOutbox(deps: {
       return false;
     }
     try {
-      await deps.mailer.send(message);
+      await sendWithin(message);
     } catch (err) {
       const nextAttemptAt = new Date(deps.clock.now().getTime() + retryDelayMs(row.attempts));
+      // Only while the claim is still this instance's: past its lease another may hold the mail.
       await deps.db
         .update(mailOutbox)
         .set({ nextAttemptAt, lastError: describe(err) })
-        .where(eq(mailOutbox.id, row.id));
+        .where(and(eq(mailOutbox.id, row.id), eq(mailOutbox.nextAttemptAt, row.nextAttemptAt)));
       outcome(row.kind, row.attempts <= 1 ? 'queued' : 'retry_failed');
       deps.logger.warn(
         {
@@ -190,11 +226,14 @@ export function createMailOutbox(deps: {
   async function run(): Promise<DeliveryRun> {
     const result: DeliveryRun = { sent: 0, failed: 0, dropped: 0 };
     while (!stopping) {
-      const now = deps.clock.now();
-      result.dropped += await dropStale(now);
-      const row = await claim(now);
-      if (!row) break;
-      if (await attempt(row)) result.sent += 1;
+      const step = await inSlot(async () => {
+        const now = deps.clock.now();
+        result.dropped += await dropStale(now);
+        const row = stopping ? undefined : await claim(now);
+        return row ? ((await attempt(row)) ? 'sent' : 'failed') : 'none';
+      });
+      if (step === 'none') break;
+      if (step === 'sent') result.sent += 1;
       else {
         // The server refusing: the rest waits for the next run rather than for a timeout each.
         result.failed += 1;
@@ -204,12 +243,14 @@ export function createMailOutbox(deps: {
     return result;
   }
 
-  /** Sends the mails `ids` just written, after their commit (the first try; retries are the runs'). */
+  /** Sends the mails `ids` just written, after their commit, each in its turn (the first try). */
   async function sendNew(ids: string[]): Promise<void> {
     for (const id of ids) {
       if (stopping) return;
-      const row = await claim(deps.clock.now(), [id]);
-      if (row) await attempt(row);
+      await inSlot(async () => {
+        const row = stopping ? undefined : await claim(deps.clock.now(), [id]);
+        if (row) await attempt(row);
+      });
     }
   }
 
@@ -240,7 +281,10 @@ export function createMailOutbox(deps: {
 
     /** Sends committed mails now, in the background: the request that wrote them does not wait. */
     kick(ids: string[]): void {
-      track(sendNew(ids)).catch((err: unknown) =>
+      // Too many waiting already (the server is slow or down): the retry runs take these, on any instance.
+      if (waitingKicks >= MAX_WAITING_KICKS) return;
+      waitingKicks += 1;
+      track(sendNew(ids).finally(() => (waitingKicks -= 1))).catch((err: unknown) =>
         deps.logger.warn({ err }, 'a mail could not be sent at once; it waits for a retry'),
       );
     },
