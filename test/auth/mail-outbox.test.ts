@@ -378,6 +378,40 @@ describe('the answer does not wait for the mail server', () => {
     mailer.release();
   });
 
+  it('a retry run goes on past a mail the server refuses, and stops after three refused in a row', async () => {
+    const refused = new Set<string>();
+    const sent: MailMessage[] = [];
+    const mailer = {
+      kind: 'smtp' as const,
+      async send(message: MailMessage) {
+        if (refused.has(message.to)) throw new Error('451 try again later');
+        sent.push(message);
+      },
+      close() {},
+    };
+    const clock = createTestClock();
+    const app = await appOnOwnDatabase({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer, clock } });
+    const users = [await account(app), await account(app), await account(app)];
+    for (const u of users) refused.add(u.email);
+    for (const u of users) await app.services.passwordReset.request(u.email, context);
+    await app.services.outbox!.idle();
+    expect(sent).toHaveLength(0);
+    // One address still refused, the others taken now: the run sends them past the refusal.
+    refused.delete(users[1]!.email);
+    refused.delete(users[2]!.email);
+    clock.advance(31);
+    const run = await app.services.outbox!.deliverDue();
+    expect(run.failed).toBeGreaterThanOrEqual(1);
+    // (The database is this file's: other tests' due mail may go in the same run.)
+    const ours = new Set(users.map((u) => u.email));
+    expect(
+      sent
+        .filter((m) => ours.has(m.to))
+        .map((m) => m.to)
+        .sort(),
+    ).toEqual([users[1]!.email, users[2]!.email].sort());
+  });
+
   it('answers an address with an account and one without no sooner than the floor', async () => {
     const app = await appOnOwnDatabase({
       env: { PASSWORD_RESET_URL: RESET_URL },

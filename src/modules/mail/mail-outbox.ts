@@ -1,6 +1,6 @@
 import { and, asc, eq, sql } from 'drizzle-orm';
 import type { Logger } from 'pino';
-import { type Database, type Executor, selectRows } from '../../db/client.js';
+import type { Database, Executor } from '../../db/client.js';
 import { emailTokens, mailOutbox } from '../../db/schema/index.js';
 import type { Clock } from '../../lib/clock.js';
 import { decrypt, encrypt } from '../../lib/crypto.js';
@@ -142,19 +142,24 @@ export function createMailOutbox(deps: {
           sql`, `,
         )})`
       : sql``;
-    const [picked] = await selectRows<{ id: string }>(
-      deps.db,
-      sql`update ${mailOutbox} set next_attempt_at = ${instant(new Date(now.getTime() + deps.leaseMs))},
-            attempts = attempts + 1
-          where id = (
-            select id from ${mailOutbox}
-            where next_attempt_at <= ${instant(now)} and expires_at > ${instant(now)}
-              and (not carries_link or ${linkLive(now)}) ${only}
-            order by next_attempt_at limit 1 for update skip locked
-          ) returning id`,
-    );
-    if (!picked) return undefined;
-    const [row] = await deps.db.select().from(mailOutbox).where(eq(mailOutbox.id, picked.id));
+    // One statement: a mail is never claimed without this instance knowing which (a read after the
+    // claim failing in a blip would leave it waiting for its whole lease).
+    const [row] = await deps.db
+      .update(mailOutbox)
+      .set({
+        nextAttemptAt: new Date(now.getTime() + deps.leaseMs),
+        attempts: sql`${mailOutbox.attempts} + 1`,
+      })
+      .where(
+        eq(
+          mailOutbox.id,
+          sql`(select id from ${mailOutbox}
+                where next_attempt_at <= ${instant(now)} and expires_at > ${instant(now)}
+                  and (not carries_link or ${linkLive(now)}) ${only}
+                order by next_attempt_at limit 1 for update skip locked)`,
+        ),
+      )
+      .returning();
     return row;
   }
 
@@ -225,6 +230,7 @@ export function createMailOutbox(deps: {
 
   async function run(): Promise<DeliveryRun> {
     const result: DeliveryRun = { sent: 0, failed: 0, dropped: 0 };
+    let refusedInARow = 0;
     while (!stopping) {
       const step = await inSlot(async () => {
         const now = deps.clock.now();
@@ -233,11 +239,14 @@ export function createMailOutbox(deps: {
         return row ? ((await attempt(row)) ? 'sent' : 'failed') : 'none';
       });
       if (step === 'none') break;
-      if (step === 'sent') result.sent += 1;
-      else {
-        // The server refusing: the rest waits for the next run rather than for a timeout each.
+      if (step === 'sent') {
+        result.sent += 1;
+        refusedInARow = 0;
+      } else {
         result.failed += 1;
-        break;
+        // A server refusing some mail goes on with the rest; one refusing everything (three in a row)
+        // leaves the rest to the next run rather than to a timeout each.
+        if (++refusedInARow >= 3) break;
       }
     }
     return result;
