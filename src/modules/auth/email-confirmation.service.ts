@@ -60,20 +60,13 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
       'If it was not you, ignore this mail: nothing more will come of it.\n',
   });
 
-  async function record(
+  const record = (
     context: RequestContext,
     user: UserRow | undefined,
     email: string,
     outcome: 'success' | 'failure',
     data: Record<string, unknown>,
-  ) {
-    await deps.audit.record(deps.db, context, {
-      type: 'auth.email_confirmation_sent',
-      outcome,
-      subjectId: user?.id ?? null,
-      data: { ...data, email_domain: email.split('@')[1] ?? null },
-    });
-  }
+  ) => mailed.requested('auth.email_confirmation_sent', context, email, user?.id ?? null, outcome, data);
 
   /**
    * Mails a confirmation link to the user's address, audited. A mail the server refuses waits in the

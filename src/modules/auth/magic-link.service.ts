@@ -33,7 +33,7 @@ const invalidMagicLink = () =>
  * (`pml_…`, 256 random bits stored as an HMAC, one live per account, at most one mail a minute, once,
  * MAGIC_LINK_TTL), whose token opens a session as a password would. A user with a second factor gives
  * it next (`mfa_required`), as after a password. Asked anonymously, so answered alike for every address,
- * and kept in the outbox when the mail server refuses it.
+ * and sent through the outbox (the answer never waits for the mail server).
  */
 export function createMagicLinkService(deps: MagicLinkDeps) {
   const mailed = createMailedTokens({ ...deps, hourly: deps.mailsPerHour });
@@ -47,20 +47,13 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
       'It works once. If it was not you, ignore this mail: nobody can use the link without reading it here.\n',
   });
 
-  async function record(
+  const record = (
     context: RequestContext,
     user: UserRow | undefined,
     email: string,
     outcome: 'success' | 'failure',
     data: Record<string, unknown>,
-  ) {
-    await deps.audit.record(deps.db, context, {
-      type: 'auth.magic_link_requested',
-      outcome,
-      subjectId: user?.id ?? null,
-      data: { ...data, email_domain: email.split('@')[1] ?? null },
-    });
-  }
+  ) => mailed.requested('auth.magic_link_requested', context, email, user?.id ?? null, outcome, data);
 
   function assertAvailable() {
     if (deps.providerName !== 'local')

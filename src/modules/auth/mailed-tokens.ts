@@ -151,6 +151,26 @@ export function createMailedTokens(deps: {
       return 'sent';
     },
 
+    /**
+     * Audits a request for a link (`type`, e.g. `auth.password_reset_requested`) about `email`: its
+     * account (null for none), the outcome and why, with the address's domain only.
+     */
+    async requested(
+      type: string,
+      context: RequestContext,
+      email: string,
+      userId: string | null,
+      outcome: 'success' | 'failure',
+      data: Record<string, unknown>,
+    ): Promise<void> {
+      await deps.audit.record(deps.db, context, {
+        type,
+        outcome,
+        subjectId: userId,
+        data: { ...data, email_domain: email.split('@')[1] ?? null },
+      });
+    },
+
     /** Audits a link refused (`type`, a failure, with why) and gives back `error`, to throw. */
     async refused(
       context: RequestContext,

@@ -107,20 +107,13 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       'this, ignore this mail.\n',
   });
 
-  async function recordRequest(
+  const recordRequest = (
     context: RequestContext,
     email: string,
     userId: string | null,
     outcome: 'success' | 'failure',
     data: Record<string, unknown>,
-  ) {
-    await deps.audit.record(deps.db, context, {
-      type: 'auth.password_reset_requested',
-      outcome,
-      subjectId: userId,
-      data: { ...data, email_domain: email.split('@')[1] ?? null },
-    });
-  }
+  ) => mailed.requested('auth.password_reset_requested', context, email, userId, outcome, data);
 
   const active = (user: UserRow | undefined) => user?.status === 'active';
 
