@@ -58,7 +58,9 @@ export function createSmtpMailer(options: SmtpMailerOptions): Mailer {
     reset() {
       const stuck = transport;
       transport = connect();
-      stuck.close();
+      // `force`: the connection in the middle of a delivery too (a plain close waits for it, and a
+      // server trickling its answer could still take the given-up mail, which is then sent again).
+      (stuck.close as (options?: { force?: boolean }) => void)({ force: true });
     },
     close: () => transport.close(),
   };

@@ -412,6 +412,34 @@ describe('the answer does not wait for the mail server', () => {
     ).toEqual([users[1]!.email, users[2]!.email].sort());
   });
 
+  it('answers an email change 503 when the mail server holds its mail past the deadline', async () => {
+    const mailer = {
+      ...slowMailer(),
+      resets: 0,
+      reset() {
+        this.resets += 1;
+      },
+    };
+    const app = await appOnOwnDatabase({
+      env: { PASSWORD_RESET_URL: RESET_URL },
+      deps: { mailer, mailSendTimeoutMs: 200 },
+    });
+    const email = uniqueEmail('outbox-change');
+    const { session } = await app.services.auth.register({ email, password: PASSWORD }, context);
+    const started = performance.now();
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      headers: bearer(session!.access_token),
+      payload: { new_email: uniqueEmail('outbox-changed'), password: PASSWORD },
+    });
+    expect(res.statusCode, res.body).toBe(503);
+    expect(res.headers['retry-after']).toBe('30');
+    expect(performance.now() - started).toBeLessThan(5000);
+    expect(mailer.resets).toBe(1);
+    mailer.release();
+  });
+
   it('answers an address with an account and one without no sooner than the floor', async () => {
     const app = await appOnOwnDatabase({
       env: { PASSWORD_RESET_URL: RESET_URL },

@@ -4,6 +4,7 @@ import type { Database, Executor } from '../../db/client.js';
 import { emailTokens, mailOutbox } from '../../db/schema/index.js';
 import type { Clock } from '../../lib/clock.js';
 import { decrypt, encrypt } from '../../lib/crypto.js';
+import { AppError } from '../../lib/errors.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
 
 /** The first retry comes this long after a refused send; each next one twice as long after, up to the cap. */
@@ -169,7 +170,13 @@ export function createMailOutbox(deps: {
     const deadline = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
         deps.mailer.reset?.();
-        reject(new Error(`the mail server did not take the mail within ${deps.sendTimeoutMs} ms`));
+        reject(
+          new AppError('service_unavailable', {
+            detail: 'The mail server is unavailable; try again later',
+            headers: { 'retry-after': '30' },
+            cause: new Error(`the mail server did not take the mail within ${deps.sendTimeoutMs} ms`),
+          }),
+        );
       }, deps.sendTimeoutMs);
       timer.unref();
     });
@@ -314,11 +321,12 @@ export function createMailOutbox(deps: {
 
     /**
      * Sends now and awaits the server (for a caller who is told, and may ask again: an email change,
-     * an invitation); counted, and thrown when refused.
+     * an invitation), given up after `sendTimeoutMs` as the outbox's own sends are; counted, and thrown
+     * when refused.
      */
     async sendNow(message: MailMessage, kind: MailKind): Promise<void> {
       try {
-        await deps.mailer.send(message);
+        await sendWithin(message);
       } catch (err) {
         outcome(kind, 'failed');
         throw err;
