@@ -323,6 +323,15 @@ describe('the answer does not wait for the mail server', () => {
     };
   }
 
+  /** A slow mail server that counts the outbox's resets of it (a send given up). */
+  const resettableSlowMailer = () => ({
+    ...slowMailer(),
+    resets: 0,
+    reset() {
+      this.resets += 1;
+    },
+  });
+
   it('answers forgot before the mail server has answered, and the mail goes once it does', async () => {
     const mailer = slowMailer();
     const app = await appOnOwnDatabase({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer } });
@@ -357,13 +366,7 @@ describe('the answer does not wait for the mail server', () => {
   });
 
   it('gives up a send the server does not finish in time, resets the mailer, and retries later', async () => {
-    const mailer = {
-      ...slowMailer(),
-      resets: 0,
-      reset() {
-        this.resets += 1;
-      },
-    };
+    const mailer = resettableSlowMailer();
     const app = await appOnOwnDatabase({
       env: { PASSWORD_RESET_URL: RESET_URL },
       deps: { mailer, mailSendTimeoutMs: 200 },
@@ -413,13 +416,7 @@ describe('the answer does not wait for the mail server', () => {
   });
 
   it('answers an email change 503 when the mail server holds its mail past the deadline', async () => {
-    const mailer = {
-      ...slowMailer(),
-      resets: 0,
-      reset() {
-        this.resets += 1;
-      },
-    };
+    const mailer = resettableSlowMailer();
     const app = await appOnOwnDatabase({
       env: { PASSWORD_RESET_URL: RESET_URL },
       deps: { mailer, mailSendTimeoutMs: 200 },

@@ -18,8 +18,3 @@ export function capturingMailer(): Mailer & { sent: MailMessage[]; failing: bool
     close() {},
   };
 }
-
-/** Waits until the mail the app sends after answering (its outbox) has gone to its mailer. */
-export async function mailSettled(app: { services: { outbox?: { idle(): Promise<void> } | undefined } }) {
-  await app.services.outbox?.idle();
-}

@@ -62,10 +62,12 @@ export interface AuthRoutesDeps {
  * it began, so the time does not tell them apart (a few milliseconds of difference otherwise).
  */
 export const LINK_REQUEST_FLOOR_MS = 100;
-const answeredNoSoonerThanFloor = async (startedAt: number) => {
+async function noSoonerThanFloor(work: () => Promise<void>): Promise<void> {
+  const startedAt = performance.now();
+  await work();
   const wait = LINK_REQUEST_FLOOR_MS - (performance.now() - startedAt);
   if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
-};
+}
 
 export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -358,9 +360,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const startedAt = performance.now();
-      await deps.passwordReset.request(request.body.email, requestContext(request));
-      await answeredNoSoonerThanFloor(startedAt);
+      await noSoonerThanFloor(() => deps.passwordReset.request(request.body.email, requestContext(request)));
       return reply.status(204).send(null);
     },
   );
@@ -427,9 +427,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const startedAt = performance.now();
-      await deps.emailConfirmation.resend(request.body.email, requestContext(request));
-      await answeredNoSoonerThanFloor(startedAt);
+      await noSoonerThanFloor(() =>
+        deps.emailConfirmation.resend(request.body.email, requestContext(request)),
+      );
       return reply.status(204).send(null);
     },
   );
@@ -457,9 +457,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const startedAt = performance.now();
-      await deps.magicLink.request(request.body.email, requestContext(request));
-      await answeredNoSoonerThanFloor(startedAt);
+      await noSoonerThanFloor(() => deps.magicLink.request(request.body.email, requestContext(request)));
       return reply.status(204).send(null);
     },
   );

@@ -78,8 +78,6 @@ export function createMailOutbox(deps: {
   const outcome = (kind: string, what: MailOutcome) => deps.onOutcome?.(kind, what);
   let timer: NodeJS.Timeout | undefined;
   let stopping = false;
-  let current: Promise<DeliveryRun> | undefined;
-  let next: Promise<DeliveryRun> | undefined;
   /**
    * One send at a time per instance, each claimed only when its turn comes: a mail never waits in the
    * mailer's own queue while its lease runs out (another instance would send it too), and the mailer's
@@ -334,29 +332,17 @@ export function createMailOutbox(deps: {
       outcome(kind, 'sent');
     },
 
-    /** Sends the mail that is due, dropping what went stale; one run at a time per instance. */
+    /**
+     * Sends the mail that is due, dropping what went stale. Runs may overlap (the timer's, a test's):
+     * each step takes the send slot and claims its own mail, so they never send one twice.
+     */
     deliverDue(): Promise<DeliveryRun> {
-      if (!current) {
-        current = run().finally(() => {
-          current = undefined;
-        });
-        return current;
-      }
-      // A run is under way: one more after it, for mail that became due meanwhile.
-      next ??= current
-        .catch(() => undefined)
-        .then(() => {
-          next = undefined;
-          return this.deliverDue();
-        });
-      return next;
+      return track(run());
     },
 
     /** Resolves once no send started here is under way (tests read the mailer after it). */
     async idle(): Promise<void> {
-      while (inFlight.size > 0 || current || next) {
-        await Promise.allSettled([...inFlight, current, next]);
-      }
+      while (inFlight.size > 0) await Promise.allSettled([...inFlight]);
     },
 
     /** Mail waiting, optionally of one account (for tests and operators). */
@@ -383,7 +369,7 @@ export function createMailOutbox(deps: {
       stopping = true;
       if (timer) clearInterval(timer);
       timer = undefined;
-      const settled = Promise.allSettled([...inFlight, current, next]);
+      const settled = Promise.allSettled([...inFlight]);
       await Promise.race([settled, new Promise((resolve) => setTimeout(resolve, STOP_GRACE_MS).unref())]);
     },
   };
