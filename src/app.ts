@@ -217,7 +217,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       noStore?: boolean;
       heldNow?: boolean;
     };
-    // A route answering with a credential gets no-store from a hook of its own (nothing on the others).
+    // Every API answer is no-store (the header set); a route answering with a credential also gets
+    // RFC 6749 §5.1's Pragma from a hook of its own.
     if (config.noStore === true) {
       const hooks = route.onRequest === undefined ? [] : [route.onRequest].flat();
       route.onRequest = [...hooks, sendNoStore];

@@ -181,7 +181,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
       .map(([name, value]) => `${name}: ${value}\r\n`)
       .join('');
     const type = oauth
-      ? 'content-type: application/json; charset=utf-8\r\ncache-control: no-store\r\npragma: no-cache\r\n'
+      ? 'content-type: application/json; charset=utf-8\r\npragma: no-cache\r\n'
       : `content-type: ${PROBLEM_CONTENT_TYPE}\r\n`;
     socket.write(
       `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\n${headers}` +

@@ -26,9 +26,13 @@ export async function helmetHeaders(options: FastifyHelmetOptions): Promise<Reco
  * The set for API answers (JSON, problem+json, JWKS, metrics): the OWASP REST Security Cheat Sheet's
  * list. A JSON document loads nothing and must never be framed, sniffed into HTML or read cross-site
  * by a no-cors request; helmet's other headers (COOP, Origin-Agent-Cluster, DNS prefetch, IE download
- * options, Flash/PDF cross-domain policies) only mean something to an HTML page.
+ * options, Flash/PDF cross-domain policies) only mean something to an HTML page. `no-store` too
+ * (ASVS 8.2.1): an answer about an account (`/v1/auth/me`, a user, a profile, the audit log) is never
+ * kept by a browser or a proxy; the public documents meant to be cached (the JWKS, the discovery
+ * metadata) set their own Cache-Control on the reply, which replaces this one.
  */
 export const API_SECURITY_HEADERS: Readonly<Record<string, string>> = Object.freeze({
+  'cache-control': 'no-store',
   'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
   'cross-origin-resource-policy': 'same-site',
   'referrer-policy': 'no-referrer',

@@ -88,16 +88,34 @@ describe('Cache-Control: no-store on every answer holding a credential', () => {
     expectNoStore(rotated, 'POST /v1/api-keys/{id}/rotate');
   });
 
-  it('only there: an answer without a credential stays cacheable by the client’s choice', async () => {
+  it('on every other API answer too (ASVS 8.2.1), errors included; the JWKS and discovery documents are cacheable', async () => {
     const user = await registerUser(app, 'no-store-me');
     const requests: InjectOptions[] = [
       { method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) },
       { method: 'GET', url: '/v1/api-keys', headers: bearer(user.accessToken) },
+      { method: 'GET', url: '/v1/profiles/me', headers: bearer(user.accessToken) },
+      { method: 'GET', url: '/v1/auth/sessions', headers: bearer(user.accessToken) },
+      { method: 'GET', url: '/v1/users', headers: bearer(admin.accessToken) },
+      { method: 'GET', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) },
+      { method: 'GET', url: '/health/ready' },
     ];
     for (const request of requests) {
       const res = await app.inject(request);
-      expect(res.statusCode).toBe(200);
-      expect(res.headers['cache-control'], request.url as string).toBeUndefined();
+      expect(res.statusCode, `${request.url}: ${res.body}`).toBe(200);
+      expect(res.headers['cache-control'], request.url as string).toBe('no-store');
+    }
+    for (const request of [
+      { method: 'GET', url: '/v1/auth/me' },
+      { method: 'GET', url: '/v1/users', headers: bearer(user.accessToken) },
+      { method: 'GET', url: '/v1/nowhere' },
+    ] as InjectOptions[]) {
+      const res = await app.inject(request);
+      expect(res.statusCode, request.url as string).toBeGreaterThanOrEqual(400);
+      expect(res.headers['cache-control'], `${request.url} ${res.statusCode}`).toBe('no-store');
+    }
+    for (const url of ['/.well-known/jwks.json', '/.well-known/openid-configuration']) {
+      const res = await app.inject({ method: 'GET', url });
+      expect(res.headers['cache-control'], url).toMatch(/^public, max-age=\d+/);
     }
   });
 
