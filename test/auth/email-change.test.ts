@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
-import { beforeAll, describe, expect, it } from 'vitest';
+import pg from 'pg';
+import { beforeAll, describe, expect, inject, it } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
@@ -26,6 +27,19 @@ const CHANGE_URL = 'https://app.example.test/email-change';
 const TO_NEW = 'Confirm your new email address';
 const TO_CURRENT = 'Confirm the change of your email address';
 const NOTICE = 'Your email address was changed';
+
+/** Waits until `count` statements of the database wait for a lock held by `holder`'s transaction, directly or behind one another. */
+async function waitForLockWaiters(holder: pg.Client, count: number): Promise<void> {
+  for (let waited = 0; waited < 15_000; waited += 20) {
+    const { rows } = await holder.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE datname = current_database() AND wait_event_type = 'Lock' AND cardinality(pg_blocking_pids(pid)) > 0`,
+    );
+    if (rows[0]!.n >= count) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`fewer than ${count} statements came to wait for the lock`);
+}
 
 describe('changing the email address (built-in provider)', () => {
   let app: FastifyInstance;
@@ -333,6 +347,44 @@ describe('changing the email address (built-in provider)', () => {
     });
     expect(status.json().recovery_codes_remaining).toBe(9);
   });
+
+  // On PostgreSQL: the test holds the account's second factor until all three requests wait for it
+  // (the first for the factor, the others for the account's row it holds), past their checks, so that
+  // they race (PGlite has one connection and no second holder).
+  it.skipIf(!inject('databaseUrl'))(
+    'three requests at once spend one code: those refused behind the first spend none',
+    async () => {
+      const user = await confirmedUser('chg-mfa-race');
+      const mfa = await turnOnMfa(app, user.accessToken, () => clock.nowMs());
+      clock.advance(30);
+      const holder = new pg.Client({ connectionString: inject('databaseUrl') });
+      await holder.connect();
+      try {
+        await holder.query('BEGIN');
+        await holder.query('SELECT 1 FROM mfa_factors WHERE user_id = $1 FOR UPDATE', [user.id]);
+        const answers = Promise.all(
+          [0, 1, 2].map((i) =>
+            ask(user, {
+              new_email: uniqueEmail(`chg-race-${i}`),
+              password: PASSWORD,
+              code: mfa.recoveryCodes[i],
+            }),
+          ),
+        );
+        await waitForLockWaiters(holder, 3);
+        await holder.query('COMMIT');
+        expect((await answers).map((a) => a.statusCode).sort()).toEqual([202, 429, 429]);
+      } finally {
+        await holder.end();
+      }
+      const status = await app.inject({
+        method: 'GET',
+        url: '/v1/auth/mfa',
+        headers: bearer(user.accessToken),
+      });
+      expect(status.json().recovery_codes_remaining).toBe(9);
+    },
+  );
 
   it('a mail server failing keeps the earlier request’s links working', async () => {
     const user = await confirmedUser('chg-keep');

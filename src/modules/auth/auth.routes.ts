@@ -47,7 +47,7 @@ import type { PasswordResetService } from './password-reset.service.js';
 export interface AuthRoutesDeps {
   auth: AuthService;
   users: Pick<UsersService, 'delete' | 'assertDeletable'>;
-  mfa: Pick<MfaService, 'isEnabled' | 'confirm'>;
+  mfa: Pick<MfaService, 'isEnabled' | 'confirm' | 'confirmWithin'>;
   passwordReset: PasswordResetService;
   emailConfirmation: EmailConfirmationService;
   emailChange: EmailChangeService;
@@ -73,16 +73,22 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
   /** With two-step verification on, a sensitive change also takes a current code (or a recovery code). */
+  /** The code to check when the user has two-step verification on (400 without one); else undefined. */
+  async function secondFactorCode(userId: string, code: string | undefined): Promise<string | undefined> {
+    if (!(await deps.mfa.isEnabled(userId))) return undefined;
+    if (!code)
+      throw invalidFields([{ field: 'body.code', message: 'is required: two-step verification is on' }]);
+    return code;
+  }
+
   async function confirmSecondFactor(
     userId: string,
     code: string | undefined,
     action: string,
     context: RequestContext,
   ) {
-    if (!(await deps.mfa.isEnabled(userId))) return;
-    if (!code)
-      throw invalidFields([{ field: 'body.code', message: 'is required: two-step verification is on' }]);
-    await deps.mfa.confirm(userId, code, action, context);
+    const current = await secondFactorCode(userId, code);
+    if (current !== undefined) await deps.mfa.confirm(userId, current, action, context);
   }
 
   r.post(
@@ -528,10 +534,17 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         'user.email_change_requested',
         context,
       );
-      // Before a code is spent on it.
+      // Before a code is spent on it; the code is then spent in the request's own transaction, so a
+      // request refused there (behind a concurrent one) spends none.
       const newEmail = await deps.emailChange.check(user, request.body.new_email, context);
-      await confirmSecondFactor(user.id, request.body.code, 'user.email_change_requested', context);
-      const requested = await deps.emailChange.request(user, newEmail, context, { sessionId });
+      const code = await secondFactorCode(user.id, request.body.code);
+      const requested = await deps.emailChange.request(user, newEmail, context, {
+        sessionId,
+        transaction:
+          code === undefined
+            ? undefined
+            : (work) => deps.mfa.confirmWithin(user.id, code, 'user.email_change_requested', context, work),
+      });
       return reply.status(202).send({
         new_email: requested.newEmail,
         expires_at: requested.expiresAt.toISOString(),

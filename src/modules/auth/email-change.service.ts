@@ -1,4 +1,3 @@
-import { sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { EMAIL_CHANGE_FORMAT, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
@@ -58,6 +57,16 @@ export interface EmailChangeRequested {
  * newer request replaces them, and so does anything that voids mailed links (a reset, a password
  * change, signing out everywhere, a disable, a deletion, the current address being confirmed).
  */
+/** A request refused inside its transaction, which rolls back (a second factor's code with it). */
+class RefusedRequest extends Error {
+  constructor(
+    readonly reason: string,
+    readonly error: AppError,
+  ) {
+    super(reason);
+  }
+}
+
 export function createEmailChangeService(deps: EmailChangeDeps) {
   function mailerOrNotFound(): Mailer {
     if (deps.providerName !== 'local')
@@ -158,40 +167,52 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       asked: UserRow,
       newEmail: string,
       context: RequestContext,
-      options: { byAdministrator?: boolean; sessionId?: string } = {},
+      options: {
+        byAdministrator?: boolean;
+        sessionId?: string;
+        /**
+         * Runs the request's transaction instead of a transaction of its own: the second factor's
+         * (`mfa.confirm`), so that a code is spent only with the request it is for, and a request
+         * refused (too soon, say, behind a concurrent one) spends none.
+         */
+        transaction?: <T>(work: (tx: Executor) => Promise<T>) => Promise<T>;
+      } = {},
     ): Promise<EmailChangeRequested> {
       const mailer = mailerOrNotFound();
       const byAdministrator = options.byAdministrator === true;
-      const made = await inTransaction(deps.db, deps.events, async (tx) => {
-        // One request at a time per account, on every instance (as mailed-tokens.ts does).
-        await tx.execute(
-          sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:email_change:${asked.id}`}))`,
-        );
+      const run =
+        options.transaction ??
+        (<T>(work: (tx: Executor) => Promise<T>) => inTransaction(deps.db, deps.events, work));
+      const refused = (reason: string, error: AppError) => new RefusedRequest(reason, error);
+      let made: Awaited<ReturnType<typeof make>>;
+      const make = async (tx: Executor) => {
+        // One request at a time per account, on every instance: the account's row, locked first as a
+        // change applying, a reset or the second factor's check lock it (the address a concurrent
+        // change just applied is the one to ask, and whether it is confirmed decides the links).
+        const user = await deps.users.findByIdForUpdate(asked.id, tx);
         const now = deps.clock.now();
         const wait = await tooSoon(asked.id, now, tx);
-        if (wait) return { refused: 'too_soon', error: wait } as const;
-        // The account as it is now, locked as a change applying locks it: the address a concurrent
-        // change just applied is the one to ask, and whether it is confirmed decides the links.
-        const user = await deps.users.findByIdForUpdate(asked.id, tx);
-        if (user?.status !== 'active') {
-          const error = new AppError('conflict', { detail: 'The user is disabled: enable them first' });
-          return { refused: 'disabled', error } as const;
-        }
+        if (wait) throw refused('too_soon', wait);
+        if (user?.status !== 'active')
+          throw refused(
+            'disabled',
+            new AppError('conflict', { detail: 'The user is disabled: enable them first' }),
+          );
         // Ended meanwhile (a reset, a password change, signing out everywhere: each takes this lock
         // first), the session asks nothing: the links would outlive what was meant to void them.
         if (options.sessionId) {
           const session = await deps.sessions.findSession(options.sessionId, tx);
-          if (!session || session.revokedAt) {
-            const error = new AppError('invalid_token', { detail: 'The session has ended' });
-            return { refused: 'session_ended', error } as const;
-          }
+          if (!session || session.revokedAt)
+            throw refused(
+              'session_ended',
+              new AppError('invalid_token', { detail: 'The session has ended' }),
+            );
         }
-        if (normalizeEmail(user.email) === newEmail) {
-          const error = invalidFields([
-            { field: 'body.new_email', message: 'is the account’s address already' },
-          ]);
-          return { refused: 'same_address', error } as const;
-        }
+        if (normalizeEmail(user.email) === newEmail)
+          throw refused(
+            'same_address',
+            invalidFields([{ field: 'body.new_email', message: 'is the account’s address already' }]),
+          );
         // An administrator vouches for the change (a user who lost their old mailbox): the new address
         // alone is proven.
         const confirmCurrent = !byAdministrator && user.emailConfirmedAt !== null;
@@ -214,9 +235,14 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         );
         const tokens = { toNew: toNewLink.token, toCurrent: toCurrentLink?.token ?? '' };
         const expiresAt = toNewLink.row.expiresAt;
-        return { refused: undefined, user, rows, expiresAt, confirmCurrent, now, tokens } as const;
-      });
-      if (made.refused) throw await refusedRequest(context, asked, made.refused, made.error);
+        return { user, rows, expiresAt, confirmCurrent, now, tokens };
+      };
+      try {
+        made = await run(make);
+      } catch (err) {
+        if (err instanceof RefusedRequest) throw await refusedRequest(context, asked, err.reason, err.error);
+        throw err;
+      }
       const { user, confirmCurrent, tokens } = made;
       try {
         const send = (mail: MailMessage) =>

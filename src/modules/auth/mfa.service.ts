@@ -442,13 +442,22 @@ export function createMfaService(deps: MfaServiceDeps) {
      * account holder's; a wrong one counts toward the lock and is audited as a failure of `action`.
      */
     async confirm(userId: string, code: string, action: string, context: RequestContext): Promise<void> {
-      await withCode(
-        userId,
-        code,
-        { recoveryCodes: true, verified: true },
-        context,
-        action,
-        async () => undefined,
+      await this.confirmWithin(userId, code, action, context, async () => undefined);
+    },
+
+    /**
+     * `confirm`, with the action's own writes (`work`) in the transaction that spends the code, the
+     * user's row locked: an action refused there, by throwing, spends no code.
+     */
+    confirmWithin<T>(
+      userId: string,
+      code: string,
+      action: string,
+      context: RequestContext,
+      work: (tx: Executor) => Promise<T>,
+    ): Promise<T> {
+      return withCode(userId, code, { recoveryCodes: true, verified: true }, context, action, (tx) =>
+        work(tx),
       );
     },
 
