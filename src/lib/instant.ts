@@ -14,7 +14,24 @@ export const isStorableInstant = (d: Date): boolean => {
   return t >= MIN_INSTANT && t <= MAX_INSTANT;
 };
 
+/**
+ * zod's ISO date-time pattern (any offset, any fraction of a second), with the `T` and `Z` RFC 3339
+ * §5.6 lets be lower case (`2026-12-06t10:00:00z`, which JSON Schema's `date-time` format and
+ * `Date.parse` take too). Taken from zod's own JSON Schema of it, so the calendar checks stay zod's.
+ */
+const RFC3339_DATE_TIME = (() => {
+  const { pattern } = z.toJSONSchema(z.iso.datetime({ offset: true })) as { pattern: string };
+  const anyCase = pattern.replace(')T(?:', ')[Tt](?:').replace('(?:Z|', '(?:[Zz]|');
+  if (anyCase.split('[Tt]').length !== 2 || anyCase.split('[Zz]').length !== 2)
+    throw new Error(`zod's date-time pattern changed: ${pattern}`);
+  return new RegExp(anyCase);
+})();
+
 /** An RFC 3339 date-time (any offset) whose instant falls in years 0001–9999 UTC. */
-export const InstantSchema = z.iso.datetime({ offset: true }).refine((s) => isStorableInstant(new Date(s)), {
-  message: 'must fall between 0001-01-01 and 9999-12-31 (UTC)',
-});
+export const InstantSchema = z
+  .string()
+  .regex(RFC3339_DATE_TIME, { message: 'must be an RFC 3339 date-time, such as 2026-12-06T10:00:00Z' })
+  .meta({ format: 'date-time' })
+  .refine((s) => isStorableInstant(new Date(s)), {
+    message: 'must fall between 0001-01-01 and 9999-12-31 (UTC)',
+  });

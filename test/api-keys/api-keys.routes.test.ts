@@ -341,6 +341,33 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
     }
   });
 
+  it('takes an RFC 3339 expiry in any of its forms: lower-case t and z, an offset, a fraction', async () => {
+    const user = await registerUser(app, 'ak-rfc3339');
+    for (const [sent, stored] of [
+      ['2099-06-01t12:00:00z', '2099-06-01T12:00:00.000Z'],
+      ['2099-06-01T14:30:00.25+02:30', '2099-06-01T12:00:00.250Z'],
+    ]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: bearer(user.accessToken),
+        payload: { name: 'rfc3339', scopes: [], expires_at: sent },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      expect(res.json().expires_at, sent).toBe(stored);
+    }
+    for (const sent of ['2099-06-01 12:00:00Z', '2099-06-01T12:00:00', '2099-02-30T12:00:00Z']) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: bearer(user.accessToken),
+        payload: { name: 'rfc3339', scopes: [], expires_at: sent },
+      });
+      expect(res.statusCode, sent).toBe(400);
+      expect(JSON.stringify(res.json().errors), sent).toContain('RFC 3339');
+    }
+  });
+
   it('refuses bad input with 4xx problem+json', async () => {
     const user = await registerUser(app, 'ak-input');
     const created = await createKey(app, user.accessToken, { scopes: [] });
