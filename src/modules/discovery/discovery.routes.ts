@@ -48,6 +48,19 @@ const MetadataSchema = z
   })
   .meta({ id: 'AuthorizationServerMetadata' });
 
+/**
+ * RFC 9110 §13.1.2: whether an If-None-Match header names `etag` (weak comparison: `W/"x"` matches
+ * `"x"`) or is `*`.
+ */
+export function matchesEtag(header: string | undefined, etag: string): boolean {
+  if (header === undefined) return false;
+  for (const raw of header.split(',')) {
+    const tag = raw.trim();
+    if (tag === '*' || tag === etag || (tag.startsWith('W/') && tag.slice(2) === etag)) return true;
+  }
+  return false;
+}
+
 /** Verifiers may cache the key set; a new key is published as `next` long before it signs. */
 const JWKS_CACHE_CONTROL = 'public, max-age=300, stale-while-revalidate=60';
 
@@ -87,16 +100,23 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
         tags: ['discovery'],
         operationId: 'jwks',
         summary: 'The public keys that sign access tokens (RFC 7517)',
-        response: { 200: JwksSchema },
+        response: {
+          200: JwksSchema,
+          304: z.null().describe('Not Modified: the key set is the one the `If-None-Match` ETag names'),
+        },
       },
     },
-    async (_request, reply) =>
-      // Pre-serialised when the key set changes: this is hit by every verifier.
-      reply
-        .header('cache-control', JWKS_CACHE_CONTROL)
+    async (request, reply) => {
+      // Pre-serialised, with its ETag, when the key set changes: this is hit by every verifier, and a
+      // verifier revalidating its copy gets a 304 without the keys until they change.
+      const etag = deps.keys.jwksEtag();
+      reply.header('cache-control', JWKS_CACHE_CONTROL).header('etag', etag);
+      if (matchesEtag(request.headers['if-none-match'], etag)) return reply.status(304).send();
+      return reply
         .type('application/json')
         .serializer((p) => p as string)
-        .send(deps.keys.jwks()),
+        .send(deps.keys.jwks());
+    },
   );
 
   for (const path of ['/.well-known/openid-configuration', '/.well-known/oauth-authorization-server']) {

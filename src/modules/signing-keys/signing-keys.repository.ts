@@ -29,7 +29,7 @@ export function createSigningKeysRepository(db: Executor) {
             ),
           ),
         )
-        .orderBy(asc(signingKeys.createdAt));
+        .orderBy(asc(signingKeys.createdAt), asc(signingKeys.kid));
     },
     /** Oldest first, kid breaking ties; `limit + 1` rows past the cursor, so the caller knows whether a page follows. */
     async list(

@@ -1,4 +1,4 @@
-import { createPrivateKey, createPublicKey, type KeyObject, randomUUID } from 'node:crypto';
+import { createHash, createPrivateKey, createPublicKey, type KeyObject, randomUUID } from 'node:crypto';
 import { exportJWK, exportPKCS8, generateKeyPair, type JWK } from 'jose';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -91,6 +91,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   let active: ActiveSigningKey | undefined;
   const verification = new Map<string, VerificationKey>();
   let jwksJson = '{"keys":[]}';
+  let jwksEtag = '""';
   let loaded: SigningKeyRow[] = [];
   /** Told when a key this instance verified with is gone (revoked, or past its publication). */
   const removedListeners: Array<() => void> = [];
@@ -116,8 +117,32 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     };
   }
 
-  /** Reads the published keys into memory: the only place `kid`s are looked up (never SQL, never files). */
-  async function reload(): Promise<void> {
+  /**
+   * Reads the published keys into memory: the only place `kid`s are looked up (never SQL, never files).
+   * One read at a time: a reload asked for while one runs is one more read after it, shared by every
+   * caller meanwhile, so an older read never lands after a newer one (a key revoked by a rotation,
+   * its notice and the minute's reload racing, came back until the next reload) and every caller
+   * sees a read begun after it asked.
+   */
+  let reading: Promise<void> | undefined;
+  let readAgain: Promise<void> | undefined;
+  function reload(): Promise<void> {
+    if (!reading) {
+      reading = readKeys().finally(() => {
+        reading = undefined;
+      });
+      return reading;
+    }
+    readAgain ??= reading
+      .catch(() => undefined)
+      .then(() => {
+        readAgain = undefined;
+        return reload();
+      });
+    return readAgain;
+  }
+
+  async function readKeys(): Promise<void> {
     const rows = await deps.repo.listPublished(deps.clock.now());
     const nextVerification = new Map<string, VerificationKey>();
     for (const row of rows) {
@@ -138,6 +163,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     active = nextActive;
     loaded = rows;
     jwksJson = JSON.stringify({ keys: rows.map((r) => r.publicJwk) });
+    jwksEtag = `"${createHash('sha256').update(jwksJson).digest('base64url').slice(0, 22)}"`;
     // Tokens verified with a key that is gone (cached by the token service) stop being good.
     if (removed) {
       removals++;
@@ -249,6 +275,10 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     },
     jwks(): string {
       return jwksJson;
+    },
+    /** The strong ETag of `jwks()` (RFC 9110 §8.8.3): a hash of its bytes, the same on every instance. */
+    jwksEtag(): string {
+      return jwksEtag;
     },
     /**
      * Promotes the next key. Refused with 409 `rotation_too_soon` (and Retry-After) while the next
