@@ -107,6 +107,11 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       sessionId,
       email: user.email,
       amr,
+      // A session's token is decided on the database, not on caches: the session was opened (or
+      // refreshed) with the account's row locked and active, and a disable ends it, revoking its
+      // tokens by `sid` whenever they were issued. So the subject's revocations this instance knows of
+      // now are ones this token was issued after (a user disabled and enabled again signs in at once).
+      revocationsSeen: deps.tokens.revocationsSeen(),
     });
     deps.onIssued?.('session');
     return issued;

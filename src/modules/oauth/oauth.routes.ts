@@ -216,6 +216,9 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     },
     async (request) => {
       const body = request.body;
+      // Before the client is authenticated: a revocation applied after this is one its caches may not
+      // have seen yet, and the token it gets counts as issued before it.
+      const revocationsSeen = deps.oauth.revocationsSeen();
       const caller = await callerOf(request, body, false);
       return deps.oauth.token(
         caller,
@@ -225,6 +228,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           audiences: asList(body.audience),
           resources: asList(body.resource),
           refreshToken: present(body.refresh_token),
+          revocationsSeen,
         },
         contextFor(request, caller),
       );

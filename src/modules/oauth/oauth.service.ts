@@ -68,6 +68,8 @@ export interface TokenRequest {
   audiences: string[];
   resources: string[];
   refreshToken: string | undefined;
+  /** `revocations.seen()` noted before the client was authenticated (tokens.issue's `revocationsSeen`). */
+  revocationsSeen?: number;
 }
 
 export interface TokenResponse {
@@ -239,6 +241,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       ttlSeconds: ttl,
       clientId: client.clientId,
       permissions: scopes,
+      revocationsSeen: request.revocationsSeen,
     });
     deps.onIssued?.('client_credentials');
     return {
@@ -349,6 +352,8 @@ export function createOAuthService(deps: OAuthServiceDeps) {
   }
 
   return {
+    /** Noted by the token endpoint before it authenticates the client (TokenRequest.revocationsSeen). */
+    revocationsSeen: () => deps.tokens.revocationsSeen(),
     /** The token endpoint (RFC 6749 §4.4 and §6). */
     async token(caller: OAuthCaller, request: TokenRequest, context: RequestContext): Promise<TokenResponse> {
       switch (request.grantType) {

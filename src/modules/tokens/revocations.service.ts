@@ -18,6 +18,17 @@ interface Entry {
 }
 
 /**
+ * How long after a subject's revocation a token of that subject is still presumed issued on what the
+ * revocation ended, unless it shows otherwise: the longest an instance takes to learn of one (the
+ * notification within 1 s; a LISTEN connection gone silent is found by its 5 s heartbeat within 10 s,
+ * then replaced, and everything reloaded). An instance that has not learned yet still authenticates
+ * the disabled client from its caches, and a token it issues then, after the revocation, would
+ * outlive it. A token issued by an instance that knew of the revocation before the request began
+ * carries its moment (`sub_revoked_at`) and is not presumed anything.
+ */
+export const REVOCATION_SETTLE_MS = 15_000;
+
+/**
  * Revoked access tokens, held in memory by every instance so verification never reads the database:
  * loaded at start, kept current by the events of every instance, reloaded after a missed-event resync
  * and every minute as a backstop. Entries expire with the last token they could concern.
@@ -35,6 +46,11 @@ export function createRevocationList(deps: {
     subject: new Map(),
   };
 
+  /** Counts the entries applied here: a request notes it when it begins (`seen`). */
+  let applied = 0;
+  /** When each subject's entry was applied here, by that count. */
+  const subjectAppliedAt = new Map<string, number>();
+
   function apply(kind: RevocationKind, value: string, entry: Entry) {
     const existing = maps[kind].get(value);
     if (!existing || existing.revokedAt < entry.revokedAt || existing.expiresAt < entry.expiresAt) {
@@ -42,12 +58,14 @@ export function createRevocationList(deps: {
         revokedAt: Math.max(existing?.revokedAt ?? 0, entry.revokedAt),
         expiresAt: Math.max(existing?.expiresAt ?? 0, entry.expiresAt),
       });
+      if (kind === 'subject') subjectAppliedAt.set(value, ++applied);
     }
   }
 
   async function reload() {
     const rows = await deps.repo.listLive(deps.clock.now());
     for (const m of Object.values(maps)) m.clear();
+    subjectAppliedAt.clear();
     for (const r of rows)
       apply(r.kind, r.value, { revokedAt: r.revokedAt.getTime(), expiresAt: r.expiresAt.getTime() });
   }
@@ -55,6 +73,7 @@ export function createRevocationList(deps: {
   function prune() {
     const now = deps.clock.nowMs();
     for (const m of Object.values(maps)) for (const [k, v] of m) if (v.expiresAt <= now) m.delete(k);
+    for (const k of subjectAppliedAt.keys()) if (!maps.subject.has(k)) subjectAppliedAt.delete(k);
   }
 
   /**
@@ -91,7 +110,7 @@ export function createRevocationList(deps: {
    * `maxAccessTtl` later and is accepted for the leeway after that, and the revocation lasts as long.
    */
   const coversEveryTokenUpTo = (revokedAt: Date) =>
-    acceptedUntil(epochSeconds(revokedAt) + deps.maxAccessTtl);
+    acceptedUntil(epochSeconds(revokedAt) + Math.ceil(REVOCATION_SETTLE_MS / 1000) + deps.maxAccessTtl);
 
   /** Revokes every token of these sessions or subjects issued until now; the events tell every instance. */
   function revokeAll(tx: Executor, kind: GroupRevocationKind, values: readonly string[]) {
@@ -117,8 +136,29 @@ export function createRevocationList(deps: {
       else if (event.type === 'resync')
         reload().catch((err: unknown) => deps.logger.warn({ err }, 'could not reload revocations'));
     },
-    /** True when a token with these claims was revoked: its jti, its session, or its subject since it was issued. */
-    isRevoked(claims: { jti?: string; sid?: string; sub?: string; iat?: number }): boolean {
+    /** Where this instance stands: a request notes it before it authenticates anyone (`knownRevocation`). */
+    seen: () => applied,
+    /**
+     * The moment of `subject`'s revocation, when this instance had applied it by `seen` (noted when
+     * the request began, before it authenticated anyone): a token issued for that request was
+     * decided on what came after the revocation, and says so (`sub_revoked_at`).
+     */
+    knownRevocation(subject: string, seen: number): number | undefined {
+      const at = subjectAppliedAt.get(subject);
+      return at !== undefined && at <= seen ? maps.subject.get(subject)?.revokedAt : undefined;
+    },
+    /**
+     * True when a token with these claims was revoked: its jti, its session, or its subject since it
+     * was issued — or within REVOCATION_SETTLE_MS after, unless the token shows its issuer knew of
+     * that revocation (`sub_revoked_at`).
+     */
+    isRevoked(claims: {
+      jti?: string;
+      sid?: string;
+      sub?: string;
+      iat?: number;
+      sub_revoked_at?: unknown;
+    }): boolean {
       if (claims.jti && maps.jti.has(claims.jti)) return true;
       if (claims.sid && maps.session.has(claims.sid)) return true;
       if (claims.sub) {
@@ -127,7 +167,9 @@ export function createRevocationList(deps: {
         // resolution revokes a token issued in the second of the revocation too.
         if (subject) {
           const issuedMs = (claims.jti ? uuidV7Ms(claims.jti) : undefined) ?? (claims.iat ?? 0) * 1000;
-          if (issuedMs <= subject.revokedAt) return true;
+          const knew =
+            typeof claims.sub_revoked_at === 'number' && claims.sub_revoked_at >= subject.revokedAt;
+          if (issuedMs <= subject.revokedAt + (knew ? 0 : REVOCATION_SETTLE_MS)) return true;
         }
       }
       return false;

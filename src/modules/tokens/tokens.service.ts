@@ -22,6 +22,8 @@ export interface AccessTokenClaims extends JWTPayload {
   sid?: string;
   email?: string;
   amr?: string[];
+  /** The subject's revocation the issuer knew of (ms since the epoch): see revocations.service.ts. */
+  sub_revoked_at?: number;
 }
 
 export interface IssueAccessToken {
@@ -35,6 +37,12 @@ export interface IssueAccessToken {
   email?: string;
   /** How the session's user authenticated (RFC 8176); absent when unknown. */
   amr?: readonly string[];
+  /**
+   * `revocations.seen()` noted when the request began, before anyone was authenticated: a revocation
+   * of `sub` applied here by then is one the token was decided after, and it says so
+   * (`sub_revoked_at`); without it, a token issued just after such a revocation counts as revoked.
+   */
+  revocationsSeen?: number;
 }
 
 /** The client id first-party logins (frontends through /v1/auth) are issued under. */
@@ -162,6 +170,8 @@ export function createTokenService(deps: {
   }
 
   return {
+    /** Where the revocation list stands (IssueAccessToken.revocationsSeen). */
+    revocationsSeen: () => deps.revocations.seen(),
     async issue(input: IssueAccessToken) {
       const key = deps.keys.activeKey();
       const now = deps.clock.now();
@@ -177,6 +187,10 @@ export function createTokenService(deps: {
       if (input.sessionId) claims.sid = input.sessionId;
       if (input.email) claims.email = input.email;
       if (input.amr?.length) claims.amr = [...input.amr];
+      if (input.revocationsSeen !== undefined) {
+        const known = deps.revocations.knownRevocation(input.sub, input.revocationsSeen);
+        if (known !== undefined) claims.sub_revoked_at = known;
+      }
       Object.assign(claims, {
         iss: deps.issuer,
         sub: input.sub,
