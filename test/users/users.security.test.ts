@@ -362,3 +362,28 @@ describe('a credential that stopped standing before its notification arrived', (
     expect(await app.services.db.select().from(apiKeys).where(eq(apiKeys.ownerId, user.id))).toHaveLength(2);
   });
 });
+
+describe('administrators changing each other at the same moment', () => {
+  // Each one's check of what the other holds waits for the other's change, which waits for it: one
+  // is ended by PostgreSQL as a deadlock, and runs again (it was a 503).
+  it('two disabling each other: never a 5xx, whatever the order', async () => {
+    const statuses: number[] = [];
+    for (let round = 0; round < 16; round++) {
+      const [a, b] = [await createAdmin(app), await createAdmin(app)];
+      const disable = (caller: TestUser, target: TestUser) =>
+        app.inject({
+          method: 'PATCH',
+          url: `/v1/users/${target.id}`,
+          headers: bearer(caller.accessToken),
+          payload: { status: 'disabled' },
+        });
+      const answers = await Promise.all([disable(a, b), disable(b, a)]);
+      statuses.push(...answers.map((r) => r.statusCode));
+      expect(
+        answers.some((r) => r.statusCode === 200),
+        answers.map((r) => r.body).join('\n'),
+      ).toBe(true);
+    }
+    expect(statuses.filter((s) => s >= 500)).toEqual([]);
+  });
+});

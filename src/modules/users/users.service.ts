@@ -71,10 +71,12 @@ export function createUsersService(deps: {
   /**
    * Disabling, deleting, turning off the second factor or mailing a reset link is for a caller who
    * holds everything the user holds: what removing their roles would need (`users:write` alone
-   * does not reach an administrator). 403 otherwise (audited as every refusal is).
+   * does not reach an administrator). 403 otherwise (audited as every refusal is). Its transaction is
+   * run again when PostgreSQL ends it for a deadlock (two administrators disabling each other: each
+   * check waits for the other's change, which waits for it), as every changing transaction is.
    */
   async function assertMayManage(caller: Grantor, id: string): Promise<void> {
-    await deps.db.transaction(async (tx) => {
+    await inTransaction(deps.db, deps.events, async (tx) => {
       const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
       await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
     });
@@ -137,7 +139,7 @@ export function createUsersService(deps: {
       // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
       // client may retry. (A ban applied for a disable that then fails here is lifted again.)
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
-      if (banned && status === 'disabled') await deps.db.transaction((tx) => assertNotLastAdmin(tx, id));
+      if (banned && status === 'disabled') await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
       if (banned) await deps.provider.setBanned!(id, status === 'disabled');
       const changed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (status === 'disabled') await assertNotLastAdmin(tx, id);
@@ -233,7 +235,7 @@ export function createUsersService(deps: {
 
     /** 409 when deleting the user would leave no admin (checked again by `delete`). */
     async assertDeletable(id: string): Promise<void> {
-      await deps.db.transaction((tx) => assertNotLastAdmin(tx, id));
+      await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
     },
 
     assertMayManage,
@@ -292,9 +294,7 @@ export function createUsersService(deps: {
     async delete(id: string, context: RequestContext, caller?: Grantor): Promise<void> {
       const user = await findOrThrow(id);
       if (caller) await assertMayManage(caller, id);
-      await deps.db.transaction(async (tx) => {
-        await assertNotLastAdmin(tx, id);
-      });
+      await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
       // The provider first: if Supabase refuses, nothing changed here and the client may retry.
       if (user.provider === deps.provider.name) await deps.provider.deleteUser(id);
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
