@@ -6,6 +6,7 @@ import { createAdmin, login, registerUser, type TestUser } from '../support/fact
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
+import { userWith } from '../clients/helpers.js';
 
 const RESET_URL = 'https://app.example.test/reset';
 const CHOSEN = 'my own chosen passphrase';
@@ -137,6 +138,26 @@ describe('invitations: accounts an administrator makes', () => {
     const taken = await invite({ email });
     expect(taken.statusCode).toBe(409);
     expect(taken.json()).toMatchObject({ code: 'email_taken' });
+  });
+
+  it('sends an invited administrator’s invitation again only for a caller who holds what they hold (403, the link mailed stays good)', async () => {
+    const email = uniqueEmail('invited-boss');
+    const first = await invite({ email });
+    expect(first.statusCode).toBe(201);
+    const granted = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${first.json().id}/roles/admin`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(granted.statusCode, granted.body).toBeLessThan(300);
+    const firstToken = invitationTo(email);
+    const manager = await userWith(app, ['users:read', 'users:write'], 'invite-manager');
+    clock.advance(61);
+    const mailed = mailer.sent.length;
+    const again = await invite({ email }, bearer(manager.accessToken));
+    expect(again.statusCode, again.body).toBe(403);
+    expect(mailer.sent.length).toBe(mailed);
+    expect((await choose(firstToken)).statusCode).toBe(204);
   });
 
   it('makes nothing visible until the invitation has gone: the account and its mail commit together', async () => {

@@ -191,6 +191,11 @@ export function createUsersService(deps: {
           if (existing) {
             const user = await deps.repo.findByIdForUpdate(existing.id, tx);
             if (!user || !isInvitation(user)) throw new AppError('email_taken');
+            // Mailing it again voids the link mailed before, as a reset link does: for a caller who
+            // holds everything the invited user holds (an invited administrator is not one for
+            // `users:write` alone), as `assertMayManage` asks.
+            const held = await deps.repo.rolesAndPermissions(user.id, tx);
+            await deps.grants.assertHolds(caller, held.permissions, tx, MANAGE_REFUSAL);
             const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
             if (waitBeforeNextMail(last, deps.clock.now()) > 0)
               throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
