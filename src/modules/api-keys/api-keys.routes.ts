@@ -133,7 +133,10 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
         { name: request.body.name, scopes: request.body.scopes, expiresAt: request.body.expires_at },
         requestContext(request),
       );
-      return reply.status(201).send({ ...toApiKeyDto(row), key });
+      return reply
+        .status(201)
+        .header('location', `/v1/api-keys/${row.id}`)
+        .send({ ...toApiKeyDto(row), key });
     },
   );
 

@@ -60,7 +60,10 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         },
         requestContext(request),
       );
-      return reply.status(201).send({ ...dto(client), client_secret: secret });
+      return reply
+        .status(201)
+        .header('location', `/v1/clients/${client.id}`)
+        .send({ ...dto(client), client_secret: secret });
     },
   );
 

@@ -144,7 +144,10 @@ export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesServ
     },
     async (request, reply) => {
       const role = await deps.roles.create(request.body, principalOf(request), requestContext(request));
-      return reply.status(201).send(toDto(role));
+      return reply
+        .status(201)
+        .header('location', `/v1/roles/${encodeURIComponent(role.name)}`)
+        .send(toDto(role));
     },
   );
 
