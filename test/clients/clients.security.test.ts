@@ -325,6 +325,31 @@ describe('app clients: security', () => {
     expect(JSON.stringify(events)).not.toContain(client.client_secret.slice(17, 60));
   });
 
+  it('audits a registered client’s failures whatever the secret: garbage, or another client’s', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: [] });
+    const other = await createClient(app, admin.accessToken, { scopes: [] });
+    for (const secret of ['wrong', `${client.client_secret}x`, other.client_secret]) {
+      const res = await form(
+        app,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(client.client_id, secret),
+      );
+      expect(res.statusCode, secret).toBe(401);
+    }
+    const events = await app.services.audit.list({
+      subjectId: client.id,
+      type: 'client.authentication_failed',
+      limit: 50,
+    });
+    expect(events.map((e) => (e.data as { reason: string }).reason).sort()).toEqual([
+      'malformed',
+      'malformed',
+      'malformed',
+    ]);
+    expect(JSON.stringify(events)).not.toContain(other.client_secret.slice(17, 60));
+  });
+
   it('a client’s token is a service principal: it carries no roles and acts within its scopes only', async () => {
     const client = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
     const { access_token } = await clientToken(app, client);

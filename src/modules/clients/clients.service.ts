@@ -420,10 +420,12 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const generation = verified.generation;
       const parsed = parseSecret(CLIENT_SECRET_FORMAT, secret);
       if (!CLIENT_ID_PATTERN.test(clientId)) return { ok: false, reason: 'unknown_client' };
-      if (!parsed || `${CLIENT_ID_PREFIX}${parsed.lookupId}` !== clientId)
-        return { ok: false, reason: 'malformed' };
       const client = await findCached(clientId);
       if (!client) return { ok: false, reason: 'unknown_client' };
+      // Not one of this client's secrets by its form (garbage, or another client's): a failure of a
+      // registered client all the same, audited as its other failures are.
+      if (!parsed || `${CLIENT_ID_PREFIX}${parsed.lookupId}` !== clientId)
+        return { ok: false, reason: 'malformed', client };
       const presented = hash(secret);
       const current = constantTimeEqual(presented, client.secretHash);
       const previous =
