@@ -154,7 +154,15 @@ const CLIENT_ERRORS: Record<string, ErrorCode> = {
 const OAUTH_TARGET = /^(?:[Hh][Tt][Tt][Pp][Ss]?:\/\/[^/\s]*)?\/oauth\//;
 
 /** The target of the refused request's line, from the bytes the parser had (empty when it had none). */
-function requestTarget(err: NodeJS.ErrnoException & { rawPacket?: unknown }): string {
+function requestTarget(err: NodeJS.ErrnoException & { rawPacket?: unknown }, socket: Duplex): string {
+  // A request whose head was parsed and whose body broke off (a half-close before Content-Length was
+  // reached): the packet is the body's, and the request is the one the socket's parser was reading.
+  // (Node keeps the last request there once it is complete: a malformed one pipelined behind it is
+  // read from its own packet.)
+  const incoming = (
+    socket as Duplex & { parser?: { incoming?: { url?: unknown; complete?: boolean } | null } | null }
+  ).parser?.incoming;
+  if (incoming?.complete === false && typeof incoming.url === 'string') return incoming.url;
   if (!Buffer.isBuffer(err.rawPacket)) return '';
   const line = err.rawPacket.subarray(0, 8192).toString('latin1');
   const end = line.indexOf('\r\n');
@@ -169,7 +177,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     code === 'bad_request' ? { detail: 'The request is not valid HTTP/1.1' } : {},
   );
   // Under /oauth errors are RFC 6749 §5.2's, never stored (§5.1), whatever refused the request.
-  const oauth = OAUTH_TARGET.test(requestTarget(err));
+  const oauth = OAUTH_TARGET.test(requestTarget(err, socket));
   const body = JSON.stringify(
     oauth ? { error: 'invalid_request', error_description: error.detail } : problemBody(error),
   );

@@ -9,6 +9,8 @@ function trickle(
   port: number,
   request: string,
   waitMs: number,
+  /** Half-closes the connection this long after writing (a body that breaks off). */
+  endAfterMs?: number,
 ): Promise<{ received: string; closed: boolean }> {
   return new Promise((resolve) => {
     const socket = connect(port, '127.0.0.1');
@@ -26,6 +28,7 @@ function trickle(
     });
     socket.on('error', () => undefined);
     socket.write(request);
+    if (endAfterMs !== undefined) setTimeout(() => socket.end(), endAfterMs);
   });
 }
 
@@ -127,5 +130,26 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
       expect(answer.headers.pragma).toBe('no-cache');
       expect(answer.body).toMatchObject({ error: 'invalid_request' });
     }
+  });
+
+  it('answers a body that breaks off (the client half-closes) by the request’s path: RFC 6749 form under /oauth', async () => {
+    const head = (path: string, type: string) =>
+      `POST ${path} HTTP/1.1\r\nHost: auth.test\r\nContent-Type: ${type}\r\nContent-Length: 100\r\n\r\n`;
+    const oauth = await trickle(
+      port,
+      `${head('/oauth/token', 'application/x-www-form-urlencoded')}grant_type=x`,
+      6000,
+      100,
+    );
+    expect(oauth.closed).toBe(true);
+    const answer = parseAnswer(oauth.received);
+    expect(answer.status).toBe(400);
+    expect(answer.headers['content-type']).toMatch(/^application\/json/);
+    expect(answer.body).toMatchObject({ error: 'invalid_request' });
+    const other = await trickle(port, `${head('/v1/auth/login', 'application/json')}{"email":`, 6000, 100);
+    expect(other.closed).toBe(true);
+    const problem = parseAnswer(other.received);
+    expect(problem.status).toBe(400);
+    expect(problem.headers['content-type']).toMatch(/^application\/problem\+json/);
   });
 });
