@@ -53,13 +53,15 @@ describe('paginated lists: roles, permissions, signing keys, sessions', () => {
     }
     sessionsUser = await registerUser(app, 'pages');
     await login(app, sessionsUser.email);
-    // More sessions than a default page, several used in the same millisecond (the id breaks the tie).
+    // More sessions than a default page, several begun in the same millisecond (the id breaks the tie).
     const hourAgo = new Date(Date.now() - 3_600_000);
     const later = new Date(Date.now() + 86_400_000);
     for (let i = 0; i < EXTRA_SESSIONS; i++) {
+      const begun = i % 2 ? hourAgo : new Date(hourAgo.getTime() - i * 1000);
       await app.services.repos.sessions.insertSession({
         userId: sessionsUser.id,
-        lastUsedAt: i % 2 ? hourAgo : new Date(hourAgo.getTime() - i * 1000),
+        createdAt: begun,
+        lastUsedAt: begun,
         idleExpiresAt: later,
         expiresAt: later,
       });
@@ -133,8 +135,8 @@ describe('paginated lists: roles, permissions, signing keys, sessions', () => {
       headers: () => bearer(sessionsUser.accessToken),
       expectedCount: 2 + EXTRA_SESSIONS,
       checkOrder: (items: Item[]) => {
-        const used = items.map((s) => Date.parse(s.last_used_at as string));
-        expect(used).toEqual([...used].sort((a, b) => b - a));
+        const begun = items.map((s) => Date.parse(s.created_at as string));
+        expect(begun).toEqual([...begun].sort((a, b) => b - a));
         // Which one is current survives paging: the caller's registration session, on one page only.
         expect(items.filter((s) => s.current)).toHaveLength(1);
       },

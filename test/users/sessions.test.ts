@@ -30,7 +30,7 @@ describe("an administrator's view of a user's sessions", () => {
   const refresh = (refreshToken: string) =>
     app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: { refresh_token: refreshToken } });
 
-  it('lists them, most recently used first, as the user sees them', async () => {
+  it('lists them, newest first, as the user sees them', async () => {
     const user = await registerUser(app, 'sessions-listed');
     const second = await login(app, user.email);
     const res = await list(user.id);
@@ -45,6 +45,31 @@ describe("an administrator's view of a user's sessions", () => {
     expect((await list('not-a-uuid')).statusCode).toBe(400);
     // users:read is needed.
     expect((await list(admin.id, user.accessToken)).statusCode).toBe(403);
+  });
+
+  it('a walk through the pages sees every session once, however they are used meanwhile', async () => {
+    const user = await registerUser(app, 'sessions-walk');
+    const logins = [await login(app, user.email), await login(app, user.email), await login(app, user.email)];
+    const first = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions?limit=2',
+      headers: bearer(user.accessToken),
+    });
+    expect(first.statusCode, first.body).toBe(200);
+    const seen: string[] = first.json().data.map((s: { id: string }) => s.id);
+    // Every session not on the first page is used now, before the second page is asked for.
+    for (const l of logins)
+      if (!seen.includes(decodeJwt(l.session.access_token).sid as string))
+        expect((await refresh(l.session.refresh_token)).statusCode).toBe(200);
+    const second = await app.inject({
+      method: 'GET',
+      url: `/v1/auth/sessions?limit=2&cursor=${encodeURIComponent(first.json().next_cursor)}`,
+      headers: bearer(user.accessToken),
+    });
+    seen.push(...second.json().data.map((s: { id: string }) => s.id));
+    expect(second.json().next_cursor).toBeNull();
+    const all = [user.accessToken, ...logins.map((l) => l.session.access_token)].map((t) => decodeJwt(t).sid);
+    expect([...seen].sort()).toEqual([...all].sort());
   });
 
   it('ends one session: its tokens stop at once, the others go on', async () => {

@@ -644,7 +644,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       schema: {
         tags: ['auth'],
         operationId: 'listSessions',
-        summary: 'The caller’s live sessions, most recently used first',
+        summary: 'The caller’s live sessions, newest first',
         security: bearerOrApiKey,
         querystring: PaginationQuerySchema.strict(),
         response: { 200: SessionListSchema, ...problems(400, 401, 403) },

@@ -59,8 +59,8 @@ export function createSessionsRepository(db: Executor) {
       return row;
     },
     /**
-     * Most recently used first, id breaking ties; `limit + 1` rows past the cursor, so the caller knows
-     * whether a page follows.
+     * Newest first, id breaking ties (by when it began, which never changes: a session used while one
+     * pages keeps its place); `limit + 1` rows past the cursor, so the caller knows whether a page follows.
      */
     async listLive(
       userId: string,
@@ -77,10 +77,10 @@ export function createSessionsRepository(db: Executor) {
             isNull(sessions.revokedAt),
             gt(sessions.expiresAt, now),
             gt(sessions.idleExpiresAt, now),
-            options.cursor ? pastCursor(sessions.lastUsedAt, sessions.id, options.cursor, 'desc') : undefined,
+            options.cursor ? pastCursor(sessions.createdAt, sessions.id, options.cursor, 'desc') : undefined,
           ),
         )
-        .orderBy(desc(sessions.lastUsedAt), desc(sessions.id))
+        .orderBy(desc(sessions.createdAt), desc(sessions.id))
         .limit(options.limit + 1);
     },
     /** Revokes live sessions of a user (all, or all but one); returns the ids it revoked. */

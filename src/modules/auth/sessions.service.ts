@@ -303,13 +303,13 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     strengthen: (tx: Executor, sessionId: string, methods: readonly string[]) =>
       deps.repo.addAmr(sessionId, methods, tx),
 
-    /** The user's live sessions, most recently used first, a page at a time. */
+    /** The user's live sessions, newest first, a page at a time. */
     async listLive(userId: string, options: { limit: number; cursor?: string | undefined }) {
       const rows = await deps.repo.listLive(userId, deps.clock.now(), {
         limit: options.limit,
         cursor: decodeCursor(options.cursor),
       });
-      return pageBy(rows, options.limit, (last) => encodeCursor({ at: last.lastUsedAt, id: last.id }));
+      return pageBy(rows, options.limit, (last) => encodeCursor({ at: last.createdAt, id: last.id }));
     },
     findSession: (id: string) => deps.repo.findSession(id),
   };

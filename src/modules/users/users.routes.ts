@@ -202,7 +202,7 @@ export async function usersRoutes(
       schema: {
         tags: ['users'],
         operationId: 'listUserSessions',
-        summary: 'A user’s live sessions, most recently used first (for support)',
+        summary: 'A user’s live sessions, newest first (for support)',
         security,
         params: UserIdParamsSchema,
         querystring: PaginationQuerySchema.strict(),

@@ -245,7 +245,7 @@ export function createUsersService(deps: {
 
     assertMayManage,
 
-    /** A user's live sessions, most recently used first (404 for no such user). */
+    /** A user's live sessions, newest first (404 for no such user). */
     async listSessions(id: string, options: { limit: number; cursor?: string | undefined }) {
       await findOrThrow(id);
       return deps.auth.listSessions(id, options);
