@@ -139,7 +139,8 @@ export function createUsersService(deps: {
       // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
       // client may retry. (A ban applied for a disable that then fails here is lifted again.)
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
-      if (banned && status === 'disabled') await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
+      if (banned && status === 'disabled')
+        await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
       if (banned) await deps.provider.setBanned!(id, status === 'disabled');
       const changed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (status === 'disabled') await assertNotLastAdmin(tx, id);
