@@ -27,6 +27,7 @@ const NOT_AN_OBJECT = 'must be a JSON object';
  * would come back as U+FFFD, and two different values would be one.
  */
 const NOT_WELL_FORMED = 'must be well-formed Unicode (a lone surrogate is not)';
+const KEY_NOT_WELL_FORMED = 'has a key that is not well-formed Unicode (a lone surrogate is not)';
 const LONE_SURROGATE = /\p{Cs}/u; // in u-mode a surrogate pair is one code point: only lone halves match
 const illFormed = (item: unknown) => typeof item === 'string' && LONE_SURROGATE.test(item);
 
@@ -52,6 +53,8 @@ function find(value: unknown, level: number, strings: boolean): Found | undefine
     }
   } else {
     for (const key in value) {
+      // Named by the object holding it: the key itself cannot be written back as it was.
+      if (strings && illFormed(key)) return { path: [], message: KEY_NOT_WELL_FORMED };
       const item: unknown = (value as Record<string, unknown>)[key];
       if (strings && illFormed(item)) return { path: [key], message: NOT_WELL_FORMED };
       if (item === null || (typeof item !== 'object' && typeof item !== 'number')) continue;

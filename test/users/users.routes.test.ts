@@ -809,5 +809,21 @@ describe('users:write reaches users who hold no more than the caller', () => {
     });
     expect(profile.statusCode).toBe(400);
     expect(profile.json().errors[0].field).toBe('body.metadata.tags.1');
+    // In a key, too: named by the object holding it.
+    for (const [payload, field] of [
+      ['{"metadata":{"x\\ud800":"v"}}', 'body.metadata'],
+      ['{"metadata":{"a":{"\\udc00":1}}}', 'body.metadata.a'],
+    ]) {
+      const keyed = await app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: { ...bearer(admin.accessToken), 'content-type': 'application/json' },
+        payload,
+      });
+      expect(keyed.statusCode, payload).toBe(400);
+      expect(keyed.json().errors, payload).toEqual([
+        { field, message: expect.stringContaining('lone surrogate') },
+      ]);
+    }
   });
 });
