@@ -30,7 +30,11 @@ const RFC3339_DATE_TIME = (() => {
 /** An RFC 3339 date-time (any offset) whose instant falls in years 0001–9999 UTC. */
 export const InstantSchema = z
   .string()
-  .regex(RFC3339_DATE_TIME, { message: 'must be an RFC 3339 date-time, such as 2026-12-06T10:00:00Z' })
+  // `abort`: a string that is no date-time is not also said to fall outside the years.
+  .regex(RFC3339_DATE_TIME, {
+    message: 'must be an RFC 3339 date-time, such as 2026-12-06T10:00:00Z',
+    abort: true,
+  })
   .meta({ format: 'date-time' })
   .refine((s) => isStorableInstant(new Date(s)), {
     message: 'must fall between 0001-01-01 and 9999-12-31 (UTC)',

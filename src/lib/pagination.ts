@@ -2,12 +2,19 @@ import { z } from 'zod';
 import { AppError } from './errors.js';
 import { InstantSchema } from './instant.js';
 
+const LIMIT_MESSAGE = 'must be a whole number from 1 to 200, in decimal digits';
+
 export const PaginationQuerySchema = z.object({
   // Decimal digits only: Number() would also take `0x10`, `1e1` and ` 1` (refused as not a number).
   limit: z
     .preprocess(
       (v) => (typeof v === 'string' && !/^[0-9]{1,3}$/.test(v) ? Number.NaN : v),
-      z.coerce.number().int().min(1).max(200).default(50),
+      z.coerce
+        .number({ error: LIMIT_MESSAGE })
+        .int({ error: LIMIT_MESSAGE })
+        .min(1, { error: LIMIT_MESSAGE })
+        .max(200, { error: LIMIT_MESSAGE })
+        .default(50),
     )
     .describe('Page size (1–200, default 50)'),
   cursor: z.string().max(512).optional().describe('Opaque cursor from the previous page’s `next_cursor`'),
