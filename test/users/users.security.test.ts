@@ -255,6 +255,28 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
     expect(await rolesOf(target.id)).not.toContain(role);
   });
 
+  it('changes what the user role gives only for an administrator: it gives it to every account', async () => {
+    const { token } = await holderOf(['roles:read', 'roles:write', 'users:read'], 'usermod');
+    const before = (await app.services.repos.roles.find('user'))!.permissions;
+    const widen = await app.inject({
+      method: 'PATCH',
+      url: '/v1/roles/user',
+      headers: bearer(token),
+      payload: { permissions: [...before, 'roles:read'] },
+    });
+    expect(widen.statusCode, widen.body).toBe(403);
+    expect(widen.json().detail).toContain('every account');
+    expect((await app.services.repos.roles.find('user'))!.permissions).toEqual(before);
+    // An administrator may (the same permissions here: the shared database keeps its user role).
+    const same = await app.inject({
+      method: 'PATCH',
+      url: '/v1/roles/user',
+      headers: bearer(admin.accessToken),
+      payload: { permissions: before },
+    });
+    expect(same.statusCode, same.body).toBe(200);
+  });
+
   it('refuses and audits role changes beyond what the caller holds now, and changes nothing', async () => {
     const { user, role, token } = await holderOf(['roles:read', 'roles:write', 'users:read'], 'rolemgr');
     // Still held: allowed.

@@ -19,6 +19,8 @@ const MANAGE_ROLES = 'roles:write';
 export const ROLE_REFUSAL = 'You cannot grant permissions you do not hold yourself';
 
 const BUILTIN_ADMIN = 'admin';
+/** The role every account is given: what it gives, it gives to everyone, accounts to come included. */
+const BUILTIN_USER = 'user';
 
 export function createRolesService(deps: {
   db: Database;
@@ -101,6 +103,13 @@ export function createRolesService(deps: {
             tx,
             ROLE_REFUSAL,
           );
+          if (permissions && existing.name === BUILTIN_USER)
+            await deps.grants.assertHolds(
+              caller,
+              ['*'],
+              tx,
+              'The user role is every account’s: only an administrator (*) changes what it gives',
+            );
           if (permissions && existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
             throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
           }
