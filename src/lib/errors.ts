@@ -37,6 +37,7 @@ export const ERROR_CATALOGUE = {
   rotation_in_progress: { status: 409, title: 'The previous secret is still in its grace period' },
   rotation_too_soon: { status: 409, title: 'The next signing key has not been published long enough' },
   payload_too_large: { status: 413, title: 'The body is too large' },
+  uri_too_long: { status: 414, title: 'The URI is too long' },
   unsupported_media_type: { status: 415, title: 'Unsupported content type' },
   headers_too_large: { status: 431, title: 'The request headers are too large' },
   weak_password: { status: 422, title: 'The password is too weak' },

@@ -39,7 +39,8 @@ export const renderProblem: ErrorRenderer = (error, request, reply) => {
   const body: Record<string, unknown> = {
     ...error.extensions,
     ...problemBody(error),
-    instance: request.url.split('?')[0],
+    // Not a URL the answer is about because it is too long: it is not written back.
+    ...(error.code === 'uri_too_long' ? {} : { instance: request.url.split('?')[0] }),
     request_id: request.id,
   };
   if (error.errors) body.errors = error.errors;
@@ -131,6 +132,9 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   if (status >= 400 && status < 500) {
     if (status === 429) return new AppError('rate_limited');
     if (status === 413) return new AppError('payload_too_large');
+    // The router's message repeats the whole URL.
+    if (status === 414)
+      return new AppError('uri_too_long', { detail: 'A path segment is over 200 characters' });
     if (status === 415) return new AppError('unsupported_media_type');
     if (status === 404) return new AppError('not_found');
     return new AppError('bad_request', { detail: e.message, status });

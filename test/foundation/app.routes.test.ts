@@ -197,7 +197,12 @@ describe('foundation: app, errors, operations', () => {
     expect(method.statusCode).toBeGreaterThanOrEqual(400);
     expect(method.statusCode).toBeLessThan(500);
     const longUrl = await app.inject({ method: 'GET', url: `/v1/users/${'a'.repeat(5000)}` });
-    expect(longUrl.statusCode).toBeLessThan(500);
+    expect(longUrl.statusCode).toBe(414);
+    expect(longUrl.json()).toMatchObject({ code: 'uri_too_long', status: 414 });
+    // Not the URL back (twice): a short answer.
+    expect(longUrl.body.length).toBeLessThan(400);
+    const oauthLong = await app.inject({ method: 'GET', url: `/oauth/${'a'.repeat(5000)}` });
+    expect(oauthLong.statusCode).toBeLessThan(500);
     const encoded = await app.inject({ method: 'GET', url: '/v1/users/%E0%A4%A' });
     expect(encoded.statusCode).toBeLessThan(500);
   });
