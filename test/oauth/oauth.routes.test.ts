@@ -940,6 +940,8 @@ describe('POST /oauth/revoke', () => {
       limit: 10,
     });
     expect(audit).toHaveLength(1);
+    // Under the client's id, as everything else about the client is audited.
+    expect(audit[0]).toMatchObject({ subjectId: mine.id, data: { client_id: mine.client_id } });
   });
 
   it('answers 200 but leaves alone tokens that are not the caller’s, and unknown tokens', async () => {

@@ -16,7 +16,12 @@ import {
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SessionsService } from '../auth/sessions.service.js';
 import type { ClientRow } from '../clients/clients.repository.js';
-import { actsForNobody, type ClientsService, registeredScopes } from '../clients/clients.service.js';
+import {
+  actsForNobody,
+  CLIENT_ID_PATTERN,
+  type ClientsService,
+  registeredScopes,
+} from '../clients/clients.service.js';
 import { BASIC_CHALLENGE } from './oauth.client-auth.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import {
@@ -489,12 +494,17 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       if (!looksLikeJwt(token)) return;
       const claims = await verifyAccessToken(token);
       if (!claims || !ownsAccessToken(caller, claims)) return;
+      // A client's token is audited under the client's id, as everything else about the client is
+      // (its `sub` is the client_id, which the data keeps).
+      const client = CLIENT_ID_PATTERN.test(claims.sub)
+        ? await deps.clients.findByClientId(claims.sub)
+        : undefined;
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         // Until the last moment any instance could still accept it (exp plus the leeway).
         emit(await deps.revocations.revokeToken(tx, claims));
         await deps.audit.record(tx, context, {
           type: 'access_token.revoked',
-          subjectId: claims.sub,
+          subjectId: client?.id ?? claims.sub,
           data: { jti: claims.jti, client_id: claims.client_id },
         });
       });
