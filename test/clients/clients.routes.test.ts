@@ -168,6 +168,8 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
       { name: 'x', scopes: ['nothing:'] },
       { name: 'x', scopes: [], audiences: ['has space'] },
       { name: 'x', scopes: [], audiences: [''] },
+      { name: 'x', scopes: [], audiences: ['*'] },
+      { name: 'x', scopes: [], audiences: ['https://*.example.com'] },
       { name: '', scopes: [] },
       { name: 'x' },
       { name: 'x', scopes: [], client_id: 'pci_chosenbyme1' },

@@ -11,6 +11,8 @@ const AudienceSchema = z
   .min(1)
   .max(255)
   .regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces')
+  // One resource server: a lax verifier could take `*` for any.
+  .refine((a) => !a.includes('*'), 'names one resource server: no wildcard')
   .describe('An audience (`aud`) the client may request, e.g. `https://orders.example.com`');
 
 const ScopesSchema = z
