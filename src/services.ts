@@ -159,6 +159,12 @@ export function createServices(deps: ServicesDeps) {
     clock,
     logger,
     maxAccessTtl: config.tokens.maxAccessTtl,
+    // A revocation the events missed: every cache may hold what it ended (a resync, as after a
+    // LISTEN reconnect).
+    onMissed: () => {
+      logger.warn('a revocation was read before its notification arrived: caches dropped');
+      events.applyLocally([{ type: 'resync' }]);
+    },
   });
   const audience = config.issuer;
   const signer = createSigner({

@@ -15,23 +15,38 @@ type RevocationEvent = Extract<AuthEvent, { type: 'revocation' }>;
 interface Entry {
   revokedAt: number;
   expiresAt: number;
+  /**
+   * A subject's only: until when a token of it issued without showing it knew of this revocation
+   * (`sub_revoked_at`) counts as revoked — REVOCATION_SETTLE_MS past the moment this instance heard of
+   * it, or past the revocation's own moment if that is later.
+   */
+  settleUntil: number;
+  /**
+   * A subject's only: the count (`seen`) at which this instance's caches were known to be past the
+   * revocation — its event was applied, with the cache invalidations of its transaction — or 0 while
+   * they are not (a revocation only read from the database).
+   */
+  seq: number;
 }
 
 /**
- * How long after a subject's revocation a token of that subject is still presumed issued on what the
- * revocation ended, unless it shows otherwise: the longest an instance takes to learn of one (the
- * notification within 1 s; a LISTEN connection gone silent is found by its 5 s heartbeat within 10 s,
- * then replaced, and everything reloaded). An instance that has not learned yet still authenticates
- * the disabled client from its caches, and a token it issues then, after the revocation, would
- * outlive it. A token issued by an instance that knew of the revocation before the request began
- * carries its moment (`sub_revoked_at`) and is not presumed anything.
+ * How long after an instance hears of a subject's revocation a token of that subject is still
+ * presumed issued on what the revocation ended, unless it shows otherwise: the longest another
+ * instance may take to hear of it after this one (the notification within 1 s; a LISTEN connection
+ * gone silent is found by its 5 s heartbeat within 10 s, then replaced, and everything reloaded). An
+ * instance that has not heard yet still authenticates the disabled client from its caches, and a token
+ * it issues then would outlive the revocation. A token issued by an instance that knew of the
+ * revocation before the request began carries its moment (`sub_revoked_at`) and is not presumed
+ * anything. Counted from when the instance heard of it, not from the revocation's own moment, which
+ * is taken inside its transaction, before whatever else that transaction waits for.
  */
 export const REVOCATION_SETTLE_MS = 15_000;
 
 /**
  * Revoked access tokens, held in memory by every instance so verification never reads the database:
- * loaded at start, kept current by the events of every instance, reloaded after a missed-event resync
- * and every minute as a backstop. Entries expire with the last token they could concern.
+ * loaded at start, kept current by the events of every instance, merged with the database after a
+ * missed-event resync and every minute as a backstop. Entries expire with the last token they could
+ * concern (revocations are never undone: a reload only adds).
  */
 export function createRevocationList(deps: {
   repo: RevocationsRepository;
@@ -39,6 +54,12 @@ export function createRevocationList(deps: {
   logger: Logger;
   /** The longest access-token lifetime (config.tokens.maxAccessTtl): how long a token can live. */
   maxAccessTtl: number;
+  /**
+   * A reload found a subject's revocation this instance had not heard of: its caches may still hold
+   * what it ended, so they are to be dropped (synchronously; a resync). Then the revocation counts as
+   * known.
+   */
+  onMissed?: () => void;
 }) {
   const maps: Record<RevocationKind, Map<string, Entry>> = {
     jti: new Map(),
@@ -46,34 +67,87 @@ export function createRevocationList(deps: {
     subject: new Map(),
   };
 
-  /** Counts the entries applied here: a request notes it when it begins (`seen`). */
+  /** Counts the subjects' revocations known here: a request notes it when it begins (`seen`). */
   let applied = 0;
-  /** When each subject's entry was applied here, by that count. */
-  const subjectAppliedAt = new Map<string, number>();
 
-  function apply(kind: RevocationKind, value: string, entry: Entry) {
+  /** The last moment a token of a subject issued at `settleUntil` is accepted: its entry lasts as long. */
+  const coversSettled = (settleUntil: number) =>
+    acceptedUntil(Math.ceil(settleUntil / 1000) + deps.maxAccessTtl).getTime();
+
+  /**
+   * Applies a revocation heard of now: from an event (`fromEvent`, applied with its transaction's
+   * cache invalidations), or read from the database. Answers whether it was news to this instance
+   * (a subject's revocation it had not heard of).
+   */
+  function apply(
+    kind: RevocationKind,
+    value: string,
+    entry: { revokedAt: number; expiresAt: number },
+    fromEvent: boolean,
+  ): boolean {
     const existing = maps[kind].get(value);
-    if (!existing || existing.revokedAt < entry.revokedAt || existing.expiresAt < entry.expiresAt) {
-      maps[kind].set(value, {
-        revokedAt: Math.max(existing?.revokedAt ?? 0, entry.revokedAt),
-        expiresAt: Math.max(existing?.expiresAt ?? 0, entry.expiresAt),
-      });
-      if (kind === 'subject') subjectAppliedAt.set(value, ++applied);
-    }
+    const news = !existing || existing.revokedAt < entry.revokedAt;
+    const settleUntil =
+      kind === 'subject' && news
+        ? Math.max(entry.revokedAt, deps.clock.nowMs()) + REVOCATION_SETTLE_MS
+        : (existing?.settleUntil ?? 0);
+    let seq = existing?.seq ?? 0;
+    if (kind === 'subject' && fromEvent && (news || seq === 0)) seq = ++applied;
+    else if (news) seq = 0;
+    const next: Entry = {
+      revokedAt: Math.max(existing?.revokedAt ?? 0, entry.revokedAt),
+      expiresAt: Math.max(
+        existing?.expiresAt ?? 0,
+        entry.expiresAt,
+        kind === 'subject' ? coversSettled(settleUntil) : 0,
+      ),
+      settleUntil: Math.max(existing?.settleUntil ?? 0, settleUntil),
+      seq,
+    };
+    if (
+      !existing ||
+      existing.revokedAt !== next.revokedAt ||
+      existing.expiresAt !== next.expiresAt ||
+      existing.settleUntil !== next.settleUntil ||
+      existing.seq !== next.seq
+    )
+      maps[kind].set(value, next);
+    return kind === 'subject' && news && !fromEvent;
   }
 
+  /**
+   * Merges the live revocations of the database in. Nothing is cleared: an event applied while the
+   * read was under way is not in what it read, and stays. A subject's revocation read here first
+   * means the events missed it (or it is a moment ahead of its notification): the caches are dropped
+   * (`onMissed`), and it counts as known from then on.
+   */
+  let loaded = false;
   async function reload() {
     const rows = await deps.repo.listLive(deps.clock.now());
-    for (const m of Object.values(maps)) m.clear();
-    subjectAppliedAt.clear();
-    for (const r of rows)
-      apply(r.kind, r.value, { revokedAt: r.revokedAt.getTime(), expiresAt: r.expiresAt.getTime() });
+    const missed: string[] = [];
+    for (const r of rows) {
+      const news = apply(
+        r.kind,
+        r.value,
+        { revokedAt: r.revokedAt.getTime(), expiresAt: r.expiresAt.getTime() },
+        false,
+      );
+      if (news) missed.push(r.value);
+    }
+    // The first read, at start, is before anything was cached: everything it read is known.
+    const first = !loaded;
+    loaded = true;
+    if (missed.length === 0 || (!first && !deps.onMissed)) return;
+    if (!first) deps.onMissed?.();
+    for (const subject of missed) {
+      const entry = maps.subject.get(subject);
+      if (entry && entry.seq === 0) entry.seq = ++applied;
+    }
   }
 
   function prune() {
     const now = deps.clock.nowMs();
     for (const m of Object.values(maps)) for (const [k, v] of m) if (v.expiresAt <= now) m.delete(k);
-    for (const k of subjectAppliedAt.keys()) if (!maps.subject.has(k)) subjectAppliedAt.delete(k);
   }
 
   /**
@@ -132,7 +206,7 @@ export function createRevocationList(deps: {
     },
     revokeAll,
     handle(event: AuthEvent) {
-      if (event.type === 'revocation') apply(event.kind, event.value, event);
+      if (event.type === 'revocation') apply(event.kind, event.value, event, true);
       else if (event.type === 'resync')
         reload().catch((err: unknown) => deps.logger.warn({ err }, 'could not reload revocations'));
     },
@@ -144,13 +218,13 @@ export function createRevocationList(deps: {
      * decided on what came after the revocation, and says so (`sub_revoked_at`).
      */
     knownRevocation(subject: string, seen: number): number | undefined {
-      const at = subjectAppliedAt.get(subject);
-      return at !== undefined && at <= seen ? maps.subject.get(subject)?.revokedAt : undefined;
+      const entry = maps.subject.get(subject);
+      return entry && entry.seq > 0 && entry.seq <= seen ? entry.revokedAt : undefined;
     },
     /**
      * True when a token with these claims was revoked: its jti, its session, or its subject since it
-     * was issued — or within REVOCATION_SETTLE_MS after, unless the token shows its issuer knew of
-     * that revocation (`sub_revoked_at`).
+     * was issued — or before its settling time ran out (REVOCATION_SETTLE_MS after this instance
+     * heard of it), unless the token shows its issuer knew of that revocation (`sub_revoked_at`).
      */
     isRevoked(claims: {
       jti?: string;
@@ -167,9 +241,10 @@ export function createRevocationList(deps: {
         // resolution revokes a token issued in the second of the revocation too.
         if (subject) {
           const issuedMs = (claims.jti ? uuidV7Ms(claims.jti) : undefined) ?? (claims.iat ?? 0) * 1000;
+          if (issuedMs <= subject.revokedAt) return true;
           const knew =
             typeof claims.sub_revoked_at === 'number' && claims.sub_revoked_at >= subject.revokedAt;
-          if (issuedMs <= subject.revokedAt + (knew ? 0 : REVOCATION_SETTLE_MS)) return true;
+          if (!knew && issuedMs <= subject.settleUntil) return true;
         }
       }
       return false;
