@@ -21,11 +21,26 @@ export interface FailureCounter {
   reset(key: string): Promise<void>;
 }
 
+/**
+ * A failure counter for guesses that take long to check (a password against its argon2id hash):
+ * each guess is counted before it is checked, so guesses sent at once cannot all be checked before
+ * any of them is counted, and one that turns out no failed guess is given back.
+ */
+export interface GuessCounter extends FailureCounter {
+  /**
+   * Seconds until the key may guess again (the guess is refused, and not counted), or 0: the guess is
+   * counted as a failure now, until `release` gives it back.
+   */
+  reserve(key: string): Promise<number>;
+  /** Gives back a guess `reserve` counted that was no failure (right, or never checked). */
+  release(key: string): Promise<void>;
+}
+
 export function createMemoryFailureCounter(options: {
   max: number;
   windowSeconds: number;
   clock: Clock;
-}): FailureCounter {
+}): GuessCounter {
   const entries = new LRUCache<string, { count: number; start: number }>({ max: 100_000 });
   const windowMs = options.windowSeconds * 1000;
   const current = (key: string) => {
@@ -48,11 +63,27 @@ export function createMemoryFailureCounter(options: {
       if (e) e.count++;
       else entries.set(key, { count: 1, start: options.clock.nowMs() });
     },
+    // Synchronous from the check to the count: nothing runs between them.
+    async reserve(key) {
+      const wait = retryAfterNow(key);
+      if (wait > 0) return wait;
+      const e = current(key);
+      if (e) e.count++;
+      else entries.set(key, { count: 1, start: options.clock.nowMs() });
+      return 0;
+    },
+    async release(key) {
+      const e = current(key);
+      if (e && e.count > 0) e.count--;
+    },
     async reset(key) {
       entries.delete(key);
     },
   };
 }
+
+/** DECR, only while the count exists (a DECR after it expired would make a count of −1 that never does). */
+const RELEASE_SCRIPT = "if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end return 0";
 
 /**
  * The Redis key of an account's failed sign-ins: the address's SHA-256, so whoever can list Redis's
@@ -67,7 +98,7 @@ export function createRedisFailureCounter(options: {
   windowSeconds: number;
   clock: Clock;
   logger: Logger;
-}): FailureCounter {
+}): GuessCounter {
   const fallback = createMemoryFailureCounter(options);
   const redisKey = loginFailuresKey;
   let warned = false;
@@ -109,6 +140,39 @@ export function createRedisFailureCounter(options: {
           if (!result) throw new Error('transaction aborted');
         },
         () => fallback.recordFailure(key),
+      ),
+    reserve: async (key) => {
+      const local = fallback.retryAfterNow!(key);
+      if (local > 0) return local;
+      return attempt(
+        async () => {
+          // Counted and read in one step (INCR), on every instance: of guesses sent at once, those past
+          // the limit see a count over it, whichever instance they reach.
+          const k = redisKey(key);
+          const result = await options.redis
+            .multi()
+            .incr(k)
+            .expire(k, options.windowSeconds, 'NX')
+            .ttl(k)
+            .exec();
+          const count = result?.[0]?.[1];
+          const ttl = result?.[2]?.[1];
+          if (!result || result.some(([err]) => err) || typeof count !== 'number')
+            throw new Error('transaction aborted');
+          if (count <= options.max) return 0;
+          // Refused: not a guess, so not counted.
+          await options.redis.eval(RELEASE_SCRIPT, 1, k).catch(() => undefined);
+          return Math.max(1, typeof ttl === 'number' ? ttl : options.windowSeconds);
+        },
+        () => fallback.reserve(key),
+      );
+    },
+    release: (key) =>
+      attempt(
+        async () => {
+          await options.redis.eval(RELEASE_SCRIPT, 1, redisKey(key));
+        },
+        () => fallback.release(key),
       ),
     reset: async (key) => {
       await fallback.reset(key);

@@ -67,13 +67,67 @@ describe('throttling of credential endpoints', () => {
       payload: { email: user.email, password: user.password },
     });
     expect(signIn.statusCode).toBe(429);
-    // Each wrong guess is in the audit log.
+    // Each wrong guess is in the audit log, and so is the attempt the lock refused.
     const failures = await app.services.audit.list({
       subjectId: user.id,
       type: 'auth.password_changed',
       limit: 50,
     });
-    expect(failures.filter((e) => e.outcome === 'failure')).toHaveLength(3);
+    expect(
+      failures
+        .filter((e) => e.outcome === 'failure')
+        .map((e) => (e.data as { reason: string }).reason)
+        .sort(),
+    ).toEqual(['locked', 'wrong_password', 'wrong_password', 'wrong_password']);
+  });
+
+  it('counts guesses sent at once before checking them: no more than the limit are checked, the right one included', async () => {
+    const user = await registerUser(app, 'locked-burst');
+    const guess = (password: string, i: number) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        remoteAddress: `10.2.${i}.1`,
+        payload: { email: user.email, password },
+      });
+    const answers = await Promise.all([
+      ...Array.from({ length: 12 }, (_, i) => guess(`wrong guess ${i}`, i)),
+      guess(user.password, 99),
+    ]);
+    const statuses = answers.map((a) => a.statusCode);
+    // At most the limit (3) were checked; the right password, sent last, met the lock.
+    expect(statuses.filter((s) => s === 401).length).toBeLessThanOrEqual(3);
+    expect(statuses.filter((s) => s === 429).length).toBeGreaterThanOrEqual(10);
+    expect(statuses.at(-1)).toBe(429);
+    // The lock's refusals are audited under the account, with their reason.
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'auth.login', limit: 50 });
+    expect(events.filter((e) => (e.data as { reason?: string }).reason === 'locked').length).toBe(
+      statuses.filter((s) => s === 429).length,
+    );
+  });
+
+  it('gives back the guess of a right password: it does not count toward the lock', async () => {
+    const user = await registerUser(app, 'not-locked');
+    // The password asked again, right each time (the request is then refused for its address: its own).
+    for (let i = 0; i < 4; i++) {
+      const again = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/email/change',
+        remoteAddress: `10.3.${i}.1`,
+        headers: { authorization: `Bearer ${user.accessToken}` },
+        payload: { new_email: user.email, password: user.password },
+      });
+      expect(again.statusCode, again.body).toBe(400);
+    }
+    const wrong = (i: number) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        remoteAddress: `10.3.9.${i}`,
+        payload: { email: user.email, password: `wrong ${i}` },
+      });
+    for (let i = 0; i < 3; i++) expect((await wrong(i)).statusCode).toBe(401);
+    expect((await wrong(3)).statusCode).toBe(429);
   });
 
   it('limits requests per IP on credential endpoints; X-Forwarded-For does not dodge it', async () => {

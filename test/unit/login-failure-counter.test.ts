@@ -1,7 +1,7 @@
 import type { Redis } from 'ioredis';
 import pino from 'pino';
-import { describe, expect, it } from 'vitest';
-import { createRedisFailureCounter } from '../../src/lib/throttle.js';
+import { afterAll, describe, expect, it } from 'vitest';
+import { createRedisFailureCounter, loginFailuresKey } from '../../src/lib/throttle.js';
 import { createTestClock } from '../support/clock.js';
 
 /**
@@ -99,5 +99,69 @@ describe('login failure counter with Redis', () => {
     for (let i = 0; i < MAX; i++) await failures.recordFailure('c@example.test');
     await failures.reset('c@example.test');
     expect(await failures.retryAfter('c@example.test')).toBe(0);
+  });
+});
+
+/**
+ * Guesses counted before they are checked, against the real Redis when one answers (TEST_REDIS_URL,
+ * default redis://127.0.0.1:6379): of guesses sent at once, only the limit's worth may be checked,
+ * whichever instance counts them, and a guess given back never leaves a count behind.
+ */
+describe('the shared login counter, reserving guesses in Redis', async () => {
+  const { Redis: RedisClient } = await import('ioredis');
+  const url = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+  const redis = new RedisClient(url, {
+    lazyConnect: true,
+    connectTimeout: 500,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  redis.on('error', () => undefined);
+  const answers = await redis
+    .connect()
+    .then(async () => (await redis.ping()) === 'PONG')
+    .catch(() => false);
+  if (!answers)
+    console.warn(`login counter: Redis does not answer at ${url}; its reservation test is not run`);
+  const instance = () =>
+    createRedisFailureCounter({
+      redis,
+      max: MAX,
+      windowSeconds: WINDOW_SECONDS,
+      clock: createTestClock(),
+      logger: pino({ level: 'silent' }),
+    });
+
+  it.skipIf(!answers)(
+    'lets the limit’s worth of guesses sent at once through two instances, and no more',
+    async () => {
+      const key = `burst-${Math.random().toString(36).slice(2)}@example.test`;
+      const [a, b] = [instance(), instance()];
+      const waits = await Promise.all(Array.from({ length: 20 }, (_, i) => (i % 2 ? a : b).reserve(key)));
+      expect(waits.filter((w) => w === 0)).toHaveLength(MAX);
+      expect(waits.filter((w) => w > 0).every((w) => w <= WINDOW_SECONDS)).toBe(true);
+      // Refused guesses were not counted; one given back lets one more through.
+      expect(Number(await redis.get(loginFailuresKey(key)))).toBe(MAX);
+      await a.release(key);
+      expect(await b.reserve(key)).toBe(0);
+      expect(await a.reserve(key)).toBeGreaterThan(0);
+      await redis.del(loginFailuresKey(key));
+    },
+  );
+
+  it.skipIf(!answers)(
+    'gives back nothing once the count has gone: no count below zero, none without an end',
+    async () => {
+      const key = `gone-${Math.random().toString(36).slice(2)}@example.test`;
+      const a = instance();
+      expect(await a.reserve(key)).toBe(0);
+      await redis.del(loginFailuresKey(key)); // its hour ran out meanwhile
+      await a.release(key);
+      expect(await redis.exists(loginFailuresKey(key))).toBe(0);
+    },
+  );
+
+  afterAll(() => {
+    redis.disconnect();
   });
 });

@@ -4,7 +4,7 @@ import type { IdentityProvider, ProviderUser } from '../../identity/provider.js'
 import type { Clock } from '../../lib/clock.js';
 import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
-import type { FailureCounter } from '../../lib/throttle.js';
+import type { GuessCounter } from '../../lib/throttle.js';
 import type { Logger } from 'pino';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
@@ -25,7 +25,7 @@ export interface AuthServiceDeps {
   audit: AuditService;
   events: EventBus;
   clock: Clock;
-  failures: FailureCounter;
+  failures: GuessCounter;
   logger?: Pick<Logger, 'warn' | 'info'>;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
   /** Reset links already mailed stop working when the password changes. */
@@ -143,7 +143,6 @@ export function createAuthService(deps: AuthServiceDeps) {
       if (isAppError(err) && err.code === 'account_conflict') {
         // Not a guessed password (the provider accepted it): audited, not counted toward the lockout.
         await recordLoginFailure(context, email, null, 'account_conflict', {
-          counted: false,
           data: { provider_user_id: pu.id },
         });
       }
@@ -196,15 +195,14 @@ export function createAuthService(deps: AuthServiceDeps) {
     return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
   }
 
+  /** Audits a refused sign-in (the guess was counted, or given back, by `passwordGuess`). */
   async function recordLoginFailure(
     context: RequestContext,
     email: string,
     userId: string | null,
     reason: string,
-    options: { counted?: boolean; data?: Record<string, unknown> } = {},
+    options: { data?: Record<string, unknown> } = {},
   ) {
-    // Counted toward the account lockout unless it was no password guess.
-    if (options.counted !== false) await deps.failures.recordFailure(email);
     await deps.audit.record(deps.db, context, {
       type: 'auth.login',
       outcome: 'failure',
@@ -230,15 +228,50 @@ export function createAuthService(deps: AuthServiceDeps) {
     });
   }
 
-  /** 429 while the account is locked by failed sign-ins (login, or a password change's current password). */
-  async function assertNotLocked(email: string) {
-    const retryAfter = await deps.failures.retryAfter(email);
+  /**
+   * A password guess for the account of `email` (a sign-in, or the current password asked again),
+   * counted toward its lockout before it is checked: guesses sent at once cannot all be checked
+   * before any of them is counted. 429 while the account is locked, audited as a failure of `action`
+   * (`locked`), and not counted. `forgive()` gives the count back for a guess that was no failed one:
+   * the right password, or one never checked (the provider failing).
+   */
+  async function passwordGuess(
+    email: string,
+    context: RequestContext,
+    action: string,
+    subjectId: () => Promise<string | null>,
+  ): Promise<{ forgive(): Promise<void> }> {
+    const retryAfter = await deps.failures.reserve(email);
     if (retryAfter > 0) {
       deps.onLogin?.('locked');
+      await deps.audit.record(deps.db, context, {
+        type: action,
+        outcome: 'failure',
+        subjectId: await subjectId(),
+        data: { reason: 'locked', retry_after: retryAfter, email_domain: email.split('@')[1] ?? null },
+      });
       throw new AppError('rate_limited', {
         detail: 'Too many failed sign-ins for this account; try again later',
         headers: { 'retry-after': String(retryAfter) },
       });
+    }
+    let counted = true;
+    return {
+      async forgive() {
+        if (!counted) return;
+        counted = false;
+        await deps.failures.release(email);
+      },
+    };
+  }
+
+  /** Runs `work`; anything it throws gives the guess back first (it was never checked, or was right). */
+  async function unlessThrown<T>(guess: { forgive(): Promise<void> }, work: () => Promise<T>): Promise<T> {
+    try {
+      return await work();
+    } catch (err) {
+      await guess.forgive();
+      throw err;
     }
   }
 
@@ -294,8 +327,10 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     async login(input: { email: string; password: string }, context: RequestContext) {
       const email = normalizeEmail(input.email);
-      await assertNotLocked(email);
-      const identity = await deps.provider.signIn(email, input.password);
+      const guess = await passwordGuess(email, context, 'auth.login', async () => {
+        return (await deps.users.findByEmail(email))?.id ?? null;
+      });
+      const identity = await unlessThrown(guess, () => deps.provider.signIn(email, input.password));
       if (!identity) {
         const known = await deps.users.findByEmail(email);
         await recordLoginFailure(
@@ -306,14 +341,16 @@ export function createAuthService(deps: AuthServiceDeps) {
         );
         throw invalidCredentials();
       }
-      const user = await signInUser(identity, context, email);
+      // Past the password: an account the provider's can not be matched with is no failed guess.
+      const user = await unlessThrown(guess, () => signInUser(identity, context, email));
       if (user.status !== 'active') {
         await recordLoginFailure(context, email, user.id, 'disabled');
         throw invalidCredentials();
       }
       if (deps.requireEmailConfirmation && !user.emailConfirmedAt) {
         // Said only after the right password: it tells nobody else whether the account exists.
-        await recordLoginFailure(context, email, user.id, 'email_not_confirmed', { counted: false });
+        await guess.forgive();
+        await recordLoginFailure(context, email, user.id, 'email_not_confirmed');
         throw new AppError('email_not_confirmed', {
           detail:
             'Confirm your email address first: follow the link mailed to it, or ask for another with POST /v1/auth/email/resend',
@@ -395,11 +432,13 @@ export function createAuthService(deps: AuthServiceDeps) {
       checkPasswordStrength(input.newPassword, user.email, 'body.new_password');
       // The current password is a password guess like a login's: the same per-account lockout counts
       // and stops it, so a stolen access token or API key is no oracle for the password.
-      await assertNotLocked(user.email);
-      const changed = await deps.provider.changePassword(
-        { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
-        input.currentPassword,
-        input.newPassword,
+      const guess = await passwordGuess(user.email, context, 'auth.password_changed', async () => user.id);
+      const changed = await unlessThrown(guess, () =>
+        deps.provider.changePassword(
+          { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
+          input.currentPassword,
+          input.newPassword,
+        ),
       );
       const incorrect = () =>
         new AppError('invalid_credentials', {
@@ -407,7 +446,6 @@ export function createAuthService(deps: AuthServiceDeps) {
           errors: [{ field: 'body.current_password', message: 'is incorrect' }],
         });
       if (!changed) {
-        await deps.failures.recordFailure(user.email);
         await deps.audit.record(deps.db, context, {
           type: 'auth.password_changed',
           outcome: 'failure',
@@ -416,6 +454,8 @@ export function createAuthService(deps: AuthServiceDeps) {
         });
         throw incorrect();
       }
+      // The password was right: whatever refuses the change now (a concurrent change won) was no guess.
+      await guess.forgive();
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         // Compare and swap: of concurrent changes that checked the same current password, the first to
         // commit wins; for the others it is no longer the current password, and nothing of theirs stays.
@@ -450,18 +490,24 @@ export function createAuthService(deps: AuthServiceDeps) {
       const user = await deps.users.findById(userId);
       // Deleted meanwhile (by a request of its own, say): the credential no longer stands.
       if (!user) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
-      await assertNotLocked(user.email);
+      const guess = await passwordGuess(user.email, context, action, async () => user.id);
       // The provider signs in by address: the identity must be this account (an address it left by an
       // email change may be another's by now), and an address changed since it was read is tried anew.
-      if ((await deps.provider.signIn(user.email, password))?.id === user.id) return user;
-      const now = await deps.users.findById(userId);
-      if (
-        now &&
-        now.email !== user.email &&
-        (await deps.provider.signIn(now.email, password))?.id === user.id
-      )
-        return now;
-      await deps.failures.recordFailure(user.email);
+      const right = await unlessThrown(guess, async () => {
+        if ((await deps.provider.signIn(user.email, password))?.id === user.id) return user;
+        const now = await deps.users.findById(userId);
+        if (
+          now &&
+          now.email !== user.email &&
+          (await deps.provider.signIn(now.email, password))?.id === user.id
+        )
+          return now;
+        return undefined;
+      });
+      if (right) {
+        await guess.forgive();
+        return right;
+      }
       await deps.audit.record(deps.db, context, {
         type: action,
         outcome: 'failure',
