@@ -83,7 +83,8 @@ export function createMemoryFailureCounter(options: {
 }
 
 /** DECR, only while the count exists (a DECR after it expired would make a count of −1 that never does). */
-const RELEASE_SCRIPT = "if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end return 0";
+const RELEASE_SCRIPT =
+  "if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end return 0";
 
 /**
  * The Redis key of an account's failed sign-ins: the address's SHA-256, so whoever can list Redis's
