@@ -207,6 +207,20 @@ describe('two-step verification (TOTP)', () => {
     expect(await status(signedIn)).toMatchObject({ enabled: true, recovery_codes_remaining: 9 });
   });
 
+  it('the same recovery code sent from several sign-ins opens one, and locks nothing: it was used, not guessed', async () => {
+    const { user, secret, recoveryCodes } = await enrolled('mfa-recovery-burst');
+    const code = recoveryCodes[5]!;
+    const tokens = await Promise.all(Array.from({ length: 8 }, () => challenge(user)));
+    const answers = await Promise.all(tokens.map((t) => verify(t, code)));
+    const statuses = answers.map((a) => a.statusCode).sort();
+    expect(statuses).toEqual([200, 400, 400, 400, 400, 400, 400, 400]);
+    for (const a of answers.filter((r) => r.statusCode === 400))
+      expect(a.json().detail).toContain('recovery code was used already');
+    // Not locked: the app's code opens the next sign-in at once.
+    const next = await verify(await challenge(user), codeOf(secret));
+    expect(next.statusCode, next.body).toBe(200);
+  });
+
   it('wrong codes in a row lock the factor for longer each time, whatever the challenge; a right code resets it', async () => {
     const { user, secret } = await enrolled('mfa-lock');
     let token = await challenge(user);

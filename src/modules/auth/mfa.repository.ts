@@ -80,6 +80,21 @@ export function createMfaRepository(db: Executor) {
         .returning({ id: mfaRecoveryCodes.id });
       return used.length > 0;
     },
+    /** Whether the code is one of the user's recovery codes that was used already. */
+    async isUsedRecoveryCode(userId: string, codeHash: string, tx: Executor): Promise<boolean> {
+      const [row] = await tx
+        .select({ id: mfaRecoveryCodes.id })
+        .from(mfaRecoveryCodes)
+        .where(
+          and(
+            eq(mfaRecoveryCodes.userId, userId),
+            eq(mfaRecoveryCodes.codeHash, codeHash),
+            isNotNull(mfaRecoveryCodes.usedAt),
+          ),
+        )
+        .limit(1);
+      return row !== undefined;
+    },
     async countUnusedRecoveryCodes(userId: string, tx: Executor = db): Promise<number> {
       const [row] = await tx
         .select({ n: sql<number>`count(*)::int` })

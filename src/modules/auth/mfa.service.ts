@@ -112,8 +112,11 @@ type CheckOutcome =
   | { ok: true; used: SecondFactor; step: number | null }
   | {
       ok: false;
-      /** `code_reused`: a right code already used (a double submit), refused but not counted. */
-      reason: 'wrong_code' | 'code_reused' | 'locked';
+      /**
+       * `code_reused`, `recovery_code_used`: a right code already used (a double submit, or the same
+       * recovery code from two sign-ins), refused but not counted.
+       */
+      reason: 'wrong_code' | 'code_reused' | 'recovery_code_used' | 'locked';
       /** Seconds the factor is locked for now (0: not locked). */
       lockSeconds: number;
     };
@@ -175,13 +178,13 @@ export function createMfaService(deps: MfaServiceDeps) {
     if (found === 'reused') return { ok: false, reason: 'code_reused', lockSeconds: 0 };
     const step = found;
     let used: SecondFactor | null = step !== null ? 'totp' : null;
-    if (
-      used === null &&
-      accept.recoveryCodes &&
-      code.length === RECOVERY_CODE_LENGTH &&
-      (await deps.repo.useRecoveryCode(factor.userId, recoveryHash(code), now, tx))
-    ) {
-      used = 'recovery_code';
+    if (used === null && accept.recoveryCodes && code.length === RECOVERY_CODE_LENGTH) {
+      const hash = recoveryHash(code);
+      if (await deps.repo.useRecoveryCode(factor.userId, hash, now, tx)) used = 'recovery_code';
+      // One of the user's own codes, spent a moment ago (the same code sent from two sign-ins, or
+      // twice): not a guess, and not counted toward the lock, as an app code used again is not.
+      else if (await deps.repo.isUsedRecoveryCode(factor.userId, hash, tx))
+        return { ok: false, reason: 'recovery_code_used', lockSeconds: 0 };
     }
     if (used === null) {
       // A count whose last wrong code is a day old starts again: an old typo is no step toward a lock.
@@ -219,9 +222,10 @@ export function createMfaService(deps: MfaServiceDeps) {
         headers: { 'retry-after': String(outcome.lockSeconds) },
       });
     }
-    return outcome.reason === 'code_reused'
-      ? invalidCode('This code was used already; wait for the next one')
-      : invalidCode();
+    if (outcome.reason === 'code_reused')
+      return invalidCode('This code was used already; wait for the next one');
+    if (outcome.reason === 'recovery_code_used') return invalidCode('This recovery code was used already');
+    return invalidCode();
   }
 
   /** What a refused check's audit event says: why, and how long it locked the factor. */
