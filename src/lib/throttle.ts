@@ -28,13 +28,14 @@ export interface FailureCounter {
  */
 export interface GuessCounter extends FailureCounter {
   /**
-   * Seconds until the key may guess again (the guess is refused, and not counted), or 0: the guess is
-   * counted as a failure now, until `release` gives it back.
+   * `retryAfter`: seconds until the key may guess again (the guess is refused, and not counted), or 0:
+   * the guess is counted as a failure now, until `release` gives it back (a guess that was no failure:
+   * right, or never checked) — from the count it went to, whichever that was.
    */
-  reserve(key: string): Promise<number>;
-  /** Gives back a guess `reserve` counted that was no failure (right, or never checked). */
-  release(key: string): Promise<void>;
+  reserve(key: string): Promise<{ retryAfter: number; release(): Promise<void> }>;
 }
+
+const NOTHING_TO_RELEASE = async () => undefined;
 
 export function createMemoryFailureCounter(options: {
   max: number;
@@ -66,15 +67,17 @@ export function createMemoryFailureCounter(options: {
     // Synchronous from the check to the count: nothing runs between them.
     async reserve(key) {
       const wait = retryAfterNow(key);
-      if (wait > 0) return wait;
-      const e = current(key);
-      if (e) e.count++;
-      else entries.set(key, { count: 1, start: options.clock.nowMs() });
-      return 0;
-    },
-    async release(key) {
-      const e = current(key);
-      if (e && e.count > 0) e.count--;
+      if (wait > 0) return { retryAfter: wait, release: NOTHING_TO_RELEASE };
+      const counted = current(key) ?? { count: 0, start: options.clock.nowMs() };
+      counted.count++;
+      entries.set(key, counted);
+      return {
+        retryAfter: 0,
+        // The window it was counted in only: a later window's count is none of its business.
+        release: async () => {
+          if (current(key) === counted && counted.count > 0) counted.count--;
+        },
+      };
     },
     async reset(key) {
       entries.delete(key);
@@ -144,7 +147,7 @@ export function createRedisFailureCounter(options: {
       ),
     reserve: async (key) => {
       const local = fallback.retryAfterNow!(key);
-      if (local > 0) return local;
+      if (local > 0) return { retryAfter: local, release: NOTHING_TO_RELEASE };
       return attempt(
         async () => {
           // Counted and read in one step (INCR), on every instance: of guesses sent at once, those past
@@ -160,21 +163,22 @@ export function createRedisFailureCounter(options: {
           const ttl = result?.[2]?.[1];
           if (!result || result.some(([err]) => err) || typeof count !== 'number')
             throw new Error('transaction aborted');
-          if (count <= options.max) return 0;
+          // Given back to Redis, where it was counted; if Redis is gone by then, it stays counted (a
+          // guess counted once too often, never a failure forgotten in the other count).
+          const release = async () => {
+            await options.redis.eval(RELEASE_SCRIPT, 1, k).catch(() => undefined);
+          };
+          if (count <= options.max) return { retryAfter: 0, release };
           // Refused: not a guess, so not counted.
-          await options.redis.eval(RELEASE_SCRIPT, 1, k).catch(() => undefined);
-          return Math.max(1, typeof ttl === 'number' ? ttl : options.windowSeconds);
+          await release();
+          return {
+            retryAfter: Math.max(1, typeof ttl === 'number' ? ttl : options.windowSeconds),
+            release: NOTHING_TO_RELEASE,
+          };
         },
         () => fallback.reserve(key),
       );
     },
-    release: (key) =>
-      attempt(
-        async () => {
-          await options.redis.eval(RELEASE_SCRIPT, 1, redisKey(key));
-        },
-        () => fallback.release(key),
-      ),
     reset: async (key) => {
       await fallback.reset(key);
       await attempt(

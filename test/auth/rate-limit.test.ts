@@ -1,4 +1,6 @@
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
+import { selectRows } from '../../src/db/client.js';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
@@ -99,11 +101,32 @@ describe('throttling of credential endpoints', () => {
     expect(statuses.filter((s) => s === 401).length).toBeLessThanOrEqual(3);
     expect(statuses.filter((s) => s === 429).length).toBeGreaterThanOrEqual(10);
     expect(statuses.at(-1)).toBe(429);
-    // The lock's refusals are audited under the account, with their reason.
+    // The lock's refusals are audited under the account, with their reason: once a minute, not once each.
     const events = await app.services.audit.list({ subjectId: user.id, type: 'auth.login', limit: 50 });
-    expect(events.filter((e) => (e.data as { reason?: string }).reason === 'locked').length).toBe(
-      statuses.filter((s) => s === 429).length,
+    expect(events.filter((e) => (e.data as { reason?: string }).reason === 'locked')).toHaveLength(1);
+    // An address without an account locks as one with (it tells nothing), and its refusals write no
+    // event (its wrong guesses do).
+    const nobody = uniqueEmail('nobody-locked');
+    const refused = await Promise.all(
+      Array.from({ length: 6 }, (_, i) =>
+        app.inject({
+          method: 'POST',
+          url: '/v1/auth/login',
+          remoteAddress: `10.4.${i}.1`,
+          payload: { email: nobody, password: `guess ${i}` },
+        }),
+      ),
     );
+    expect(refused.map((r) => r.statusCode).sort()).toEqual([401, 401, 401, 429, 429, 429]);
+    const written = await selectRows<{ reason: string }>(
+      app.services.db,
+      sql`SELECT data->>'reason' AS reason FROM audit_events
+           WHERE request_id IN (${sql.join(
+             refused.map((r) => sql`${String(r.headers['x-request-id'])}`),
+             sql`, `,
+           )})`,
+    );
+    expect(written.map((w) => w.reason)).toEqual(['unknown_email', 'unknown_email', 'unknown_email']);
   });
 
   it('gives back the guess of a right password: it does not count toward the lock', async () => {

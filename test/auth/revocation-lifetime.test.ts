@@ -1,6 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { CLOCK_TOLERANCE_SECONDS } from '../../src/modules/tokens/tokens.service.js';
+import { decodeJwt } from 'jose';
+import pino from 'pino';
+import { createRevocationList } from '../../src/modules/tokens/revocations.service.js';
+import { type AccessTokenClaims, CLOCK_TOLERANCE_SECONDS } from '../../src/modules/tokens/tokens.service.js';
 import { basic, clientToken, createClient, createTestClock, form, userWith } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
 import { atTime } from '../support/clock.js';
@@ -111,6 +114,19 @@ describe('a revocation outlives every token it covers, leeway included', () => {
       expect(res.statusCode, `${name}: ${res.body}`).toBe(401);
       expect(res.json().detail, name).toBe('The access token has been revoked');
     }
+    // An instance started now (a restart, a new one behind the load balancer) has only the database's
+    // rows to go by: they are still there, and revoke the same tokens.
+    const fresh = createRevocationList({
+      repo: app.services.repos.revocations,
+      clock,
+      logger: pino({ level: 'silent' }),
+      maxAccessTtl: maxTtl,
+    });
+    await fresh.reload();
+    for (const [name, token] of Object.entries(tokens))
+      expect(fresh.isRevoked(decodeJwt(token) as AccessTokenClaims), name).toBe(true);
+    for (const token of Object.values(controls))
+      expect(fresh.isRevoked(decodeJwt(token) as AccessTokenClaims)).toBe(false);
 
     // Past the leeway, every one of them has expired, and the revocations may go.
     clock.advance(CLOCK_TOLERANCE_SECONDS);

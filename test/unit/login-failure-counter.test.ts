@@ -29,10 +29,16 @@ function fakeRedis() {
           return chain;
         },
         expire: () => chain,
+        ttl: () => chain,
         exec: async () => {
           check();
-          counts.set(key, (counts.get(key) ?? 0) + 1);
-          return [];
+          const count = (counts.get(key) ?? 0) + 1;
+          counts.set(key, count);
+          return [
+            [null, count],
+            [null, 1],
+            [null, WINDOW_SECONDS],
+          ];
         },
       };
       return chain;
@@ -50,6 +56,14 @@ function fakeRedis() {
       check();
       counts.delete(k);
       return 1;
+    },
+    // The release script: DECR while the count exists.
+    eval: async (_script: string, _keys: number, k: string) => {
+      check();
+      const n = counts.get(k);
+      if (n === undefined) return 0;
+      counts.set(k, n - 1);
+      return n - 1;
     },
   };
   return { redis: redis as unknown as Redis, state, counts };
@@ -137,14 +151,15 @@ describe('the shared login counter, reserving guesses in Redis', async () => {
     async () => {
       const key = `burst-${Math.random().toString(36).slice(2)}@example.test`;
       const [a, b] = [instance(), instance()];
-      const waits = await Promise.all(Array.from({ length: 20 }, (_, i) => (i % 2 ? a : b).reserve(key)));
-      expect(waits.filter((w) => w === 0)).toHaveLength(MAX);
-      expect(waits.filter((w) => w > 0).every((w) => w <= WINDOW_SECONDS)).toBe(true);
+      const guesses = await Promise.all(Array.from({ length: 20 }, (_, i) => (i % 2 ? a : b).reserve(key)));
+      const through = guesses.filter((g) => g.retryAfter === 0);
+      expect(through).toHaveLength(MAX);
+      expect(guesses.every((g) => g.retryAfter <= WINDOW_SECONDS)).toBe(true);
       // Refused guesses were not counted; one given back lets one more through.
       expect(Number(await redis.get(loginFailuresKey(key)))).toBe(MAX);
-      await a.release(key);
-      expect(await b.reserve(key)).toBe(0);
-      expect(await a.reserve(key)).toBeGreaterThan(0);
+      await through[0]!.release();
+      expect((await b.reserve(key)).retryAfter).toBe(0);
+      expect((await a.reserve(key)).retryAfter).toBeGreaterThan(0);
       await redis.del(loginFailuresKey(key));
     },
   );
@@ -153,15 +168,44 @@ describe('the shared login counter, reserving guesses in Redis', async () => {
     'gives back nothing once the count has gone: no count below zero, none without an end',
     async () => {
       const key = `gone-${Math.random().toString(36).slice(2)}@example.test`;
-      const a = instance();
-      expect(await a.reserve(key)).toBe(0);
+      const guess = await instance().reserve(key);
+      expect(guess.retryAfter).toBe(0);
       await redis.del(loginFailuresKey(key)); // its hour ran out meanwhile
-      await a.release(key);
+      await guess.release();
       expect(await redis.exists(loginFailuresKey(key))).toBe(0);
     },
   );
 
   afterAll(() => {
     redis.disconnect();
+  });
+});
+
+describe('a guess given back goes back to the count it was taken from', () => {
+  it('counted in Redis, given back while Redis is away: it stays counted there, and memory loses nothing', async () => {
+    const { failures, state, counts } = counter();
+    const key = 'split-back@example.test';
+    const guess = await failures.reserve(key);
+    expect(counts.get(loginFailuresKey(key))).toBe(1);
+    state.down = true;
+    await failures.recordFailure(key); // a real failure, counted in memory meanwhile
+    await guess.release();
+    // Memory still holds that failure: MAX − 1 more lock the key while Redis is away.
+    for (let i = 0; i < MAX - 1; i++) await failures.recordFailure(key);
+    expect(await failures.retryAfter(key)).toBeGreaterThan(0);
+    state.down = false;
+    expect(counts.get(loginFailuresKey(key))).toBe(1);
+  });
+
+  it('counted in memory while Redis was away, given back when it is back: Redis’s count is untouched', async () => {
+    const { failures, state, counts } = counter();
+    const key = 'split@example.test';
+    for (let i = 0; i < MAX - 1; i++) await failures.recordFailure(key); // real failures, in Redis
+    state.down = true;
+    const guess = await failures.reserve(key); // counted in memory
+    expect(guess.retryAfter).toBe(0);
+    state.down = false;
+    await guess.release();
+    expect(counts.get(loginFailuresKey(key))).toBe(MAX - 1);
   });
 });

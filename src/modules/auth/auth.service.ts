@@ -5,6 +5,7 @@ import type { Clock } from '../../lib/clock.js';
 import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { GuessCounter } from '../../lib/throttle.js';
+import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
@@ -235,21 +236,35 @@ export function createAuthService(deps: AuthServiceDeps) {
    * (`locked`), and not counted. `forgive()` gives the count back for a guess that was no failed one:
    * the right password, or one never checked (the provider failing).
    */
+  /** When a lock's refusal was last audited, by action and address. */
+  const lockAudits = new LRUCache<string, number>({ max: 10_000 });
+
   async function passwordGuess(
     email: string,
     context: RequestContext,
     action: string,
     subjectId: () => Promise<string | null>,
   ): Promise<{ forgive(): Promise<void> }> {
-    const retryAfter = await deps.failures.reserve(email);
+    const { retryAfter, release } = await deps.failures.reserve(email);
     if (retryAfter > 0) {
       deps.onLogin?.('locked');
-      await deps.audit.record(deps.db, context, {
-        type: action,
-        outcome: 'failure',
-        subjectId: await subjectId(),
-        data: { reason: 'locked', retry_after: retryAfter, email_domain: email.split('@')[1] ?? null },
-      });
+      // Audited under the account, once a minute per account and action (every refusal is in the
+      // metrics): a refusal costs no hash, and each one written would let anyone fill the audit log,
+      // and bury the account's own activity, at the per-IP limit's pace.
+      const auditKey = `${action}\u0000${email}`;
+      const last = lockAudits.get(auditKey);
+      if (last === undefined || deps.clock.nowMs() - last >= 60_000) {
+        lockAudits.set(auditKey, deps.clock.nowMs()); // before the lookup: refusals at once write one
+        const id = await subjectId();
+        if (id !== null) {
+          await deps.audit.record(deps.db, context, {
+            type: action,
+            outcome: 'failure',
+            subjectId: id,
+            data: { reason: 'locked', retry_after: retryAfter, email_domain: email.split('@')[1] ?? null },
+          });
+        }
+      }
       throw new AppError('rate_limited', {
         detail: 'Too many failed sign-ins for this account; try again later',
         headers: { 'retry-after': String(retryAfter) },
@@ -260,7 +275,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       async forgive() {
         if (!counted) return;
         counted = false;
-        await deps.failures.release(email);
+        await release();
       },
     };
   }
@@ -493,17 +508,21 @@ export function createAuthService(deps: AuthServiceDeps) {
       const guess = await passwordGuess(user.email, context, action, async () => user.id);
       // The provider signs in by address: the identity must be this account (an address it left by an
       // email change may be another's by now), and an address changed since it was read is tried anew.
-      const right = await unlessThrown(guess, async () => {
-        if ((await deps.provider.signIn(user.email, password))?.id === user.id) return user;
-        const now = await deps.users.findById(userId);
-        if (
-          now &&
-          now.email !== user.email &&
-          (await deps.provider.signIn(now.email, password))?.id === user.id
-        )
-          return now;
-        return undefined;
-      });
+      const first = await unlessThrown(guess, () => deps.provider.signIn(user.email, password));
+      // Checked and wrong for that address: what fails from here on leaves it counted.
+      const right =
+        first?.id === user.id
+          ? user
+          : await (async () => {
+              const now = await deps.users.findById(userId);
+              if (
+                now &&
+                now.email !== user.email &&
+                (await deps.provider.signIn(now.email, password))?.id === user.id
+              )
+                return now;
+              return undefined;
+            })();
       if (right) {
         await guess.forgive();
         return right;

@@ -184,7 +184,14 @@ export function createRevocationList(deps: {
    * `maxAccessTtl` later and is accepted for the leeway after that, and the revocation lasts as long.
    */
   const coversEveryTokenUpTo = (revokedAt: Date) =>
-    acceptedUntil(epochSeconds(revokedAt) + Math.ceil(REVOCATION_SETTLE_MS / 1000) + deps.maxAccessTtl);
+    acceptedUntil(
+      epochSeconds(revokedAt) +
+        Math.ceil(REVOCATION_SETTLE_MS / 1000) +
+        // The settling time runs from when an instance hears of it, after the commit: a minute more
+        // than any transaction of the service takes, so an instance started later still reads it.
+        60 +
+        deps.maxAccessTtl,
+    );
 
   /** Revokes every token of these sessions or subjects issued until now; the events tell every instance. */
   function revokeAll(tx: Executor, kind: GroupRevocationKind, values: readonly string[]) {
