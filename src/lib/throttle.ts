@@ -37,6 +37,24 @@ export interface GuessCounter extends FailureCounter {
 
 const NOTHING_TO_RELEASE = async () => undefined;
 
+/**
+ * One more in `key`'s count, whose window of `windowSeconds` starts with its first (INCR, EXPIRE NX),
+ * read back in the same step with the milliseconds the window has left. Throws when Redis does not
+ * answer, or answers any part with an error.
+ */
+async function countInWindow(
+  redis: Redis,
+  key: string,
+  windowSeconds: number,
+): Promise<{ count: number; leftMs: number }> {
+  const result = await redis.multi().incr(key).expire(key, windowSeconds, 'NX').pttl(key).exec();
+  const count = result?.[0]?.[1];
+  const left = result?.[2]?.[1];
+  if (!result || result.some(([err]) => err) || typeof count !== 'number' || typeof left !== 'number')
+    throw new Error('transaction aborted');
+  return { count, leftMs: left > 0 ? left : windowSeconds * 1000 };
+}
+
 export function createMemoryFailureCounter(options: {
   max: number;
   windowSeconds: number;
@@ -139,9 +157,7 @@ export function createRedisFailureCounter(options: {
     recordFailure: (key) =>
       attempt(
         async () => {
-          const k = redisKey(key);
-          const result = await options.redis.multi().incr(k).expire(k, options.windowSeconds, 'NX').exec();
-          if (!result) throw new Error('transaction aborted');
+          await countInWindow(options.redis, redisKey(key), options.windowSeconds);
         },
         () => fallback.recordFailure(key),
       ),
@@ -153,16 +169,7 @@ export function createRedisFailureCounter(options: {
           // Counted and read in one step (INCR), on every instance: of guesses sent at once, those past
           // the limit see a count over it, whichever instance they reach.
           const k = redisKey(key);
-          const result = await options.redis
-            .multi()
-            .incr(k)
-            .expire(k, options.windowSeconds, 'NX')
-            .ttl(k)
-            .exec();
-          const count = result?.[0]?.[1];
-          const ttl = result?.[2]?.[1];
-          if (!result || result.some(([err]) => err) || typeof count !== 'number')
-            throw new Error('transaction aborted');
+          const { count, leftMs } = await countInWindow(options.redis, k, options.windowSeconds);
           // Given back to Redis, where it was counted; if Redis is gone by then, it stays counted (a
           // guess counted once too often, never a failure forgotten in the other count).
           const release = async () => {
@@ -172,7 +179,7 @@ export function createRedisFailureCounter(options: {
           // Refused: not a guess, so not counted.
           await release();
           return {
-            retryAfter: Math.max(1, typeof ttl === 'number' ? ttl : options.windowSeconds),
+            retryAfter: Math.max(1, Math.ceil(leftMs / 1000)),
             release: NOTHING_TO_RELEASE,
           };
         },
@@ -232,18 +239,9 @@ export function createSharedFailureCounter(options: {
     async recordFailure(key) {
       const k = options.prefix + key;
       try {
-        const result = await options.redis
-          .multi()
-          .incr(k)
-          .expire(k, options.windowSeconds, 'NX')
-          .pttl(k)
-          .exec();
-        const count = result?.[0]?.[1];
-        const ttl = result?.[2]?.[1];
-        if (!result || result.some(([err]) => err) || typeof count !== 'number' || typeof ttl !== 'number')
-          throw new Error('transaction aborted');
+        const { count, leftMs } = await countInWindow(options.redis, k, options.windowSeconds);
         warned = false;
-        known.set(key, { count, until: now() + (ttl > 0 ? ttl : windowMs) });
+        known.set(key, { count, until: now() + leftMs });
       } catch (err) {
         if (!warned) {
           options.logger.warn({ err }, options.fallbackMessage);

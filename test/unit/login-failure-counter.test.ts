@@ -29,7 +29,7 @@ function fakeRedis() {
           return chain;
         },
         expire: () => chain,
-        ttl: () => chain,
+        pttl: () => chain,
         exec: async () => {
           check();
           const count = (counts.get(key) ?? 0) + 1;
@@ -37,7 +37,7 @@ function fakeRedis() {
           return [
             [null, count],
             [null, 1],
-            [null, WINDOW_SECONDS],
+            [null, WINDOW_SECONDS * 1000],
           ];
         },
       };
