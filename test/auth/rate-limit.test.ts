@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import { selectRows } from '../../src/db/client.js';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { atTime } from '../support/clock.js';
+import { captureLogs } from '../support/logs.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, registerUser } from '../support/factories.js';
 
@@ -179,5 +180,34 @@ describe('throttling of credential endpoints', () => {
       payload: { email: uniqueEmail('ip'), password: 'whatever password' },
     });
     expect(res.statusCode).toBe(401);
+  });
+});
+
+describe('sign-ins the lock refuses, in the log (SECURITY.md: every login attempt is logged)', () => {
+  it('logs each refusal by its request id, without the address', async () => {
+    const { lines, logger } = captureLogs('info');
+    const app = await buildTestApp({
+      env: { RATE_LIMIT_ENABLED: 'true', LOGIN_MAX_FAILURES_PER_HOUR: '1' },
+      deps: { logger },
+    });
+    const email = uniqueEmail('logged-lock');
+    const attempt = (i: number) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        remoteAddress: `10.5.${i}.1`,
+        payload: { email, password: `guess ${i}` },
+      });
+    expect((await attempt(0)).statusCode).toBe(401);
+    const refused = [await attempt(1), await attempt(2)];
+    for (const r of refused) {
+      expect(r.statusCode).toBe(429);
+      const line = lines.find(
+        (l) => l.includes('the account is locked') && l.includes(String(r.headers['x-request-id'])),
+      );
+      expect(line, String(r.headers['x-request-id'])).toBeDefined();
+      expect(line).not.toContain(email);
+    }
+    await app.close();
   });
 });

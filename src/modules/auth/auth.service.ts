@@ -248,6 +248,12 @@ export function createAuthService(deps: AuthServiceDeps) {
     const { retryAfter, release } = await deps.failures.reserve(email);
     if (retryAfter > 0) {
       deps.onLogin?.('locked');
+      // Every attempt is logged (SECURITY.md), the refused ones too: by request id and action, without
+      // the address.
+      deps.logger?.info(
+        { reqId: context.requestId, action, reason: 'locked', retryAfter },
+        'password guess refused: the account is locked',
+      );
       // Audited under the account, once a minute per account and action (every refusal is in the
       // metrics): a refusal costs no hash, and each one written would let anyone fill the audit log,
       // and bury the account's own activity, at the per-IP limit's pace.
