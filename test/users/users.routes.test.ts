@@ -464,6 +464,55 @@ describe('users and roles administration', () => {
     expect(now.statusCode).toBe(204);
   });
 
+  it('an invited administrator who has not accepted is no administrator yet: the last one keeps the role until they have', async () => {
+    const pino = (await import('pino')).default;
+    const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const { capturingMailer } = await import('../support/mail.js');
+    const database = await openMemoryDatabase(pino({ level: 'silent' }));
+    const mailer = capturingMailer();
+    const solo = await buildTestApp({
+      env: { PASSWORD_RESET_URL: 'https://app.example.test/reset' },
+      deps: { database, mailer },
+    });
+    const only = await createAdmin(solo);
+    const asOnly = bearer(only.accessToken);
+    const email = 'next-admin@example.test';
+    const invited = await solo.inject({
+      method: 'POST',
+      url: '/v1/users',
+      headers: asOnly,
+      payload: { email },
+    });
+    expect(invited.statusCode, invited.body).toBe(201);
+    const granted = await solo.inject({
+      method: 'PUT',
+      url: `/v1/users/${invited.json().id}/roles/admin`,
+      headers: asOnly,
+    });
+    expect(granted.statusCode, granted.body).toBeLessThan(300);
+    const stepDown = () =>
+      solo.inject({ method: 'DELETE', url: `/v1/users/${only.id}/roles/admin`, headers: asOnly });
+    const refused = await stepDown();
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.json().code).toBe('last_admin');
+    const disable = await solo.inject({
+      method: 'PATCH',
+      url: `/v1/users/${only.id}`,
+      headers: asOnly,
+      payload: { status: 'disabled' },
+    });
+    expect(disable.statusCode).toBe(409);
+    const mail = mailer.sent.find((m) => m.to === email)!;
+    const token = /reset#token=(prs_[0-9A-Za-z_]+)/.exec(mail.text)![1]!;
+    const accepted = await solo.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token, new_password: 'the next admin’s passphrase' },
+    });
+    expect(accepted.statusCode, accepted.body).toBe(204);
+    expect((await stepDown()).statusCode).toBe(204);
+  });
+
   it('a failure in the middle of a change leaves neither the change nor its event', async () => {
     const user = await registerUser(app, 'atomic');
     const spy = vi.spyOn(app.services.audit, 'record').mockImplementationOnce(async () => {

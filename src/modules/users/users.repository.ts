@@ -1,4 +1,4 @@
-import { and, asc, count, eq, ilike, inArray, ne, sql } from 'drizzle-orm';
+import { and, asc, count, eq, ilike, inArray, isNotNull, ne, or, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { profiles, roles, userRoles, users } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -172,13 +172,23 @@ export function createUsersRepository(db: Executor) {
         .returning({ userId: userRoles.userId });
       return rows.length > 0;
     },
-    /** Active users holding the role, locked so two concurrent removals cannot both pass a last-admin check. */
+    /**
+     * Users holding the role who can use it: active, and not an invitation nobody has accepted yet (a
+     * built-in account without a password; its link may expire unopened). Locked so two concurrent
+     * removals cannot both pass a last-admin check.
+     */
     async lockRoleHolders(roleName: string, tx: Executor): Promise<string[]> {
       const rows = await tx
         .select({ userId: userRoles.userId })
         .from(userRoles)
         .innerJoin(users, eq(users.id, userRoles.userId))
-        .where(and(eq(userRoles.roleName, roleName), eq(users.status, 'active')))
+        .where(
+          and(
+            eq(userRoles.roleName, roleName),
+            eq(users.status, 'active'),
+            or(ne(users.provider, 'local'), isNotNull(users.passwordHash)),
+          ),
+        )
         .for('update');
       return rows.map((r) => r.userId);
     },
