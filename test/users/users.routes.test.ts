@@ -625,6 +625,63 @@ describe('users and roles administration', () => {
     ).toBe(400);
   });
 
+  it('a deleted role is removed from each holder’s history: one role.removed per holder, in their own activity', async () => {
+    const roleName = `going-${Date.now().toString(36)}`;
+    expect(
+      (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/roles',
+          headers: asAdmin(),
+          payload: { name: roleName, permissions: ['users:read'] },
+        })
+      ).statusCode,
+    ).toBe(201);
+    const holders = [await registerUser(app, 'holder-a'), await registerUser(app, 'holder-b')];
+    const bystander = await registerUser(app, 'holder-none');
+    for (const h of holders) {
+      const put = await app.inject({
+        method: 'PUT',
+        url: `/v1/users/${h.id}/roles/${roleName}`,
+        headers: asAdmin(),
+      });
+      expect(put.statusCode, put.body).toBeLessThan(300);
+    }
+    const deleted = await app.inject({ method: 'DELETE', url: `/v1/roles/${roleName}`, headers: asAdmin() });
+    expect(deleted.statusCode).toBe(204);
+    const requestId = deleted.headers['x-request-id'];
+    const about = async (subject: string) =>
+      (
+        await app.inject({ method: 'GET', url: `/v1/audit-events?subject_id=${subject}`, headers: asAdmin() })
+      ).json().data as Array<{ type: string; request_id: string; data: Record<string, unknown> }>;
+    expect((await about(roleName)).find((e) => e.type === 'role.deleted')).toMatchObject({
+      request_id: requestId,
+      data: { holders: 2 },
+    });
+    for (const h of holders)
+      expect((await about(h.id)).filter((e) => e.type === 'role.removed')).toEqual([
+        expect.objectContaining({ request_id: requestId, data: { role: roleName, reason: 'role_deleted' } }),
+      ]);
+    for (const h of holders) {
+      const token = (await login(app, h.email, PASSWORD)).session.access_token;
+      const activity = (
+        await app.inject({ method: 'GET', url: '/v1/auth/activity', headers: bearer(token) })
+      ).json().data as Array<{ type: string; by: string; details: Record<string, string> }>;
+      expect(activity.find((e) => e.type === 'role.removed')).toMatchObject({
+        by: 'administrator',
+        details: { role: roleName, reason: 'role_deleted' },
+      });
+    }
+    const theirs = (
+      await app.inject({
+        method: 'GET',
+        url: `/v1/audit-events?subject_id=${bystander.id}`,
+        headers: asAdmin(),
+      })
+    ).json().data as Array<{ type: string }>;
+    expect(theirs.map((e) => e.type)).not.toContain('role.removed');
+  });
+
   it('lets one of several identical concurrent deletions or disables happen, audited once', async () => {
     const concurrently = (n: number, request: InjectOptions) =>
       Promise.all(Array.from({ length: n }, () => app.inject(request))).then((r) =>

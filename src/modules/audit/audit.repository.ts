@@ -9,8 +9,10 @@ export type NewAuditEvent = typeof auditEvents.$inferInsert;
 
 export function createAuditRepository(db: Executor) {
   return {
-    async insert(event: NewAuditEvent, tx: Executor = db): Promise<void> {
-      await tx.insert(auditEvents).values(event);
+    /** One or many events; many go in statements of at most 1,000 rows (PostgreSQL takes 65,535 parameters). */
+    async insert(events: NewAuditEvent | NewAuditEvent[], tx: Executor = db): Promise<void> {
+      const all = Array.isArray(events) ? events : [events];
+      for (let i = 0; i < all.length; i += 1000) await tx.insert(auditEvents).values(all.slice(i, i + 1000));
     },
     /** Newest first; the cursor continues below the last row of the previous page. */
     async list(

@@ -70,24 +70,26 @@ export interface AuditRecord {
 
 export function createAuditService(deps: { repo: AuditRepository; clock: Clock }) {
   return {
-    /** Writes the event on `tx`, the transaction of the change it records. */
-    async record(tx: Executor, context: RequestContext, record: AuditRecord): Promise<void> {
-      await deps.repo.insert(
-        {
-          type: record.type,
-          actorType: context.actorType,
-          actorId: context.actorId,
-          credentialId: context.credentialId ?? null,
-          subjectId: record.subjectId ?? null,
-          outcome: record.outcome ?? 'success',
-          ip: context.ip,
-          userAgent: context.userAgent,
-          requestId: context.requestId,
-          data: record.data ?? {},
-          createdAt: deps.clock.now(),
-        },
-        tx,
-      );
+    /**
+     * Writes the event on `tx`, the transaction of the change it records; a list of events (one per
+     * user a change reached) is written in as few statements as it takes.
+     */
+    async record(tx: Executor, context: RequestContext, record: AuditRecord | AuditRecord[]): Promise<void> {
+      const createdAt = deps.clock.now();
+      const row = (r: AuditRecord) => ({
+        type: r.type,
+        actorType: context.actorType,
+        actorId: context.actorId,
+        credentialId: context.credentialId ?? null,
+        subjectId: r.subjectId ?? null,
+        outcome: r.outcome ?? 'success',
+        ip: context.ip,
+        userAgent: context.userAgent,
+        requestId: context.requestId,
+        data: r.data ?? {},
+        createdAt,
+      });
+      await deps.repo.insert(Array.isArray(record) ? record.map(row) : row(record), tx);
     },
     list: deps.repo.list,
   };

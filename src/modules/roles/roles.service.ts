@@ -156,11 +156,25 @@ export function createRolesService(deps: {
             throw new AppError('conflict', { detail: `The built-in role ${name} cannot be deleted` });
           // Deleting a role takes its permissions from everyone who holds it.
           await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...role.permissions], tx, ROLE_REFUSAL);
-          const holders = await deps.users.countWithRole(name, tx);
+          const holders = await deps.users.holderIds(name, tx);
           // Before the deletion: it takes the holders' assignments with it.
           await revokeActingClients(tx, name, emit);
           if (!(await deps.repo.delete(name, tx))) throw notFound('role');
-          await deps.audit.record(tx, context, { type: 'role.deleted', subjectId: name, data: { holders } });
+          await deps.audit.record(tx, context, {
+            type: 'role.deleted',
+            subjectId: name,
+            data: { holders: holders.length },
+          });
+          // Each holder's history (and their own activity) shows the role going, as a removal would.
+          await deps.audit.record(
+            tx,
+            context,
+            holders.map((userId) => ({
+              type: 'role.removed',
+              subjectId: userId,
+              data: { role: name, reason: 'role_deleted' },
+            })),
+          );
           emit({ type: 'roles_changed' });
         }),
       );

@@ -192,6 +192,14 @@ export function createUsersRepository(db: Executor) {
         .for('update');
       return rows.map((r) => r.userId);
     },
+    /** Every user holding the role, whatever their status. */
+    async holderIds(roleName: string, tx: Executor = db): Promise<string[]> {
+      const rows = await tx
+        .select({ userId: userRoles.userId })
+        .from(userRoles)
+        .where(eq(userRoles.roleName, roleName));
+      return rows.map((r) => r.userId);
+    },
     async countWithRole(roleName: string, tx: Executor = db): Promise<number> {
       const [row] = await tx.select({ n: count() }).from(userRoles).where(eq(userRoles.roleName, roleName));
       return row?.n ?? 0;
