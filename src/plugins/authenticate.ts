@@ -36,6 +36,8 @@ export type Principal =
       lookupId: string;
       /** When the key expires (null: never); a key it creates or changes may not outlive it. */
       expiresAt: Date | null;
+      /** Presented with the secret a rotation replaced, in its grace: it cannot rotate the key again. */
+      previous: boolean;
     };
 
 /** Resolves an API key string to its principal, or undefined when it is not a valid key. */

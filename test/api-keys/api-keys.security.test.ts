@@ -210,7 +210,7 @@ describe('api keys: security', () => {
     });
     expect(patch.statusCode).toBe(403);
 
-    // An admin changing someone's key still cannot give it more than its owner holds.
+    // An administrator cannot widen someone's key at all: that is its owner's to do.
     const byAdmin = await app.inject({
       method: 'PATCH',
       url: `/v1/api-keys/${created.id}`,
@@ -243,7 +243,7 @@ describe('api keys: security', () => {
     });
     expect(byAdminDenied[0]).toMatchObject({
       subjectId: created.id,
-      data: { action: 'api_key.update', missing: ['users:read'] },
+      data: { action: 'api_key.update', reason: expect.stringContaining('Only the key’s owner can widen') },
     });
   });
 
@@ -382,6 +382,92 @@ describe('api keys: security', () => {
     expect(rotated.statusCode, rotated.body).toBe(200);
   });
 
+  it('api_keys:write reaches another user’s key to rename, narrow, shorten or revoke it, never to take it over', async () => {
+    // The manager holds account:write and api_keys:own for their own account, as every user does.
+    const owner = await registerUser(app, 'aks-takeover-owner');
+    const victim = await createKey(app, owner.accessToken, { scopes: ['account:read', 'account:write'] });
+    const manager = await registerUser(app, 'aks-takeover-manager');
+    await grantRole(app, manager.id, ['api_keys:read', 'api_keys:write']);
+    const asManager = bearer((await login(app, manager.email, manager.password)).session.access_token);
+    const patch = (payload: Record<string, unknown>) =>
+      app.inject({ method: 'PATCH', url: `/v1/api-keys/${victim.id}`, headers: asManager, payload });
+
+    const refused = [
+      await patch({ scopes: ['account:read', 'account:write', 'api_keys:own'] }),
+      await app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${victim.id}/rotate`,
+        headers: asManager,
+        payload: { grace_seconds: 0 },
+      }),
+    ];
+    for (const res of refused) {
+      expect(res.statusCode, res.body).toBe(403);
+      expect(res.json().detail).toContain('Only the key’s owner');
+    }
+    // The key is untouched: its secret works, with its scopes.
+    expect(await verifyKey(app, admin.accessToken, victim.key)).toMatchObject({
+      valid: true,
+      scopes: ['account:read', 'account:write'],
+    });
+    const soon = new Date(clock.nowMs() + 3_600_000).toISOString();
+    expect((await patch({ expires_at: soon })).statusCode).toBe(200);
+    expect((await patch({ expires_at: null })).statusCode).toBe(403);
+    const narrowed = await patch({ scopes: ['account:read'], name: 'narrowed by the manager' });
+    expect(narrowed.statusCode, narrowed.body).toBe(200);
+    expect((await me(withKey(victim.key))).json().permissions).toEqual(['account:read']);
+    // The owner widens and extends their own key again.
+    const own = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${victim.id}`,
+      headers: bearer(owner.accessToken),
+      payload: { scopes: ['account:read', 'account:write'], expires_at: null },
+    });
+    expect(own.statusCode, own.body).toBe(200);
+    const revoked = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${victim.id}`,
+      headers: asManager,
+    });
+    expect(revoked.statusCode).toBe(204);
+    expect((await me(withKey(victim.key))).statusCode).toBe(401);
+  });
+
+  it('a key rotates only itself, and only with its current secret: a leaked key keeps no secret past its revocation', async () => {
+    const user = await registerUser(app, 'aks-rotate-self');
+    const leaked = await createKey(app, user.accessToken, {
+      scopes: ['account:read', 'api_keys:own'],
+      expires_at: new Date(clock.nowMs() + 60_000).toISOString(),
+    });
+    const sibling = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const rotate = (id: string, key: string, payload: Record<string, unknown> = { grace_seconds: 600 }) =>
+      app.inject({ method: 'POST', url: `/v1/api-keys/${id}/rotate`, headers: withKey(key), payload });
+
+    const sideways = await rotate(sibling.id, leaked.key, { grace_seconds: 604_800 });
+    expect(sideways.statusCode, sideways.body).toBe(403);
+    expect(sideways.json().detail).toContain('only itself');
+    expect(await verifyKey(app, admin.accessToken, sibling.key)).toMatchObject({ valid: true });
+
+    // It rotates itself; the secret it replaced works for the grace, but cannot take the key back.
+    const itself = await rotate(leaked.id, leaked.key);
+    expect(itself.statusCode, itself.body).toBe(200);
+    const fresh = itself.json().key as string;
+    expect((await me(withKey(leaked.key))).statusCode).toBe(200);
+    const back = await rotate(leaked.id, leaked.key, { grace_seconds: 0, force: true });
+    expect(back.statusCode, back.body).toBe(403);
+    expect(back.json().detail).toContain('replaced');
+    expect((await me(withKey(fresh))).statusCode).toBe(200);
+    // Forced by the new secret, the rotation says so in its event.
+    const forced = await rotate(leaked.id, fresh, { grace_seconds: 0, force: true });
+    expect(forced.statusCode, forced.body).toBe(200);
+    const [event] = await app.services.audit.list({
+      subjectId: leaked.id,
+      type: 'api_key.rotated',
+      limit: 1,
+    });
+    expect(event?.data).toMatchObject({ force: true, grace_seconds: 0 });
+  });
+
   it('a key manager who lost a permission cannot hand it out with their old token: scopes or rotation (403, audited)', async () => {
     const owner = await registerUser(app, 'aks-held-owner');
     await grantRole(app, owner.id, ['users:write']);
@@ -410,7 +496,7 @@ describe('api keys: security', () => {
       payload: { scopes: ['account:read', 'users:write'] },
     });
     expect(widen.statusCode, widen.body).toBe(403);
-    expect(widen.json().detail).toContain('users:write');
+    expect(widen.json().detail).toContain('Only the key’s owner');
     const rotate = await app.inject({
       method: 'POST',
       url: `/v1/api-keys/${key.id}/rotate`,
@@ -436,8 +522,14 @@ describe('api keys: security', () => {
       limit: 10,
     });
     expect(denied.map((e) => [e.subjectId, e.data])).toEqual([
-      [key.id, expect.objectContaining({ action: 'api_key.rotate', missing: ['users:write'] })],
-      [narrow.id, expect.objectContaining({ action: 'api_key.update', missing: ['users:write'] })],
+      [
+        key.id,
+        expect.objectContaining({ action: 'api_key.rotate', reason: expect.stringContaining('owner') }),
+      ],
+      [
+        narrow.id,
+        expect.objectContaining({ action: 'api_key.update', reason: expect.stringContaining('owner') }),
+      ],
     ]);
     expect(JSON.stringify(denied)).not.toContain(key.key.slice(17, 60));
   });

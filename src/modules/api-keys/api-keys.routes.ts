@@ -73,7 +73,9 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
   const principal = principalOf(request);
   return {
     userId: principal.userId,
-    ...(principal.kind === 'api_key' ? { key: { id: principal.id, expiresAt: principal.expiresAt } } : {}),
+    ...(principal.kind === 'api_key'
+      ? { key: { id: principal.id, expiresAt: principal.expiresAt, previous: principal.previous } }
+      : {}),
     grantor: principal,
   };
 }
@@ -92,6 +94,7 @@ export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyPrincipals 
           permissions: result.scopes,
           lookupId: result.key.lookupId,
           expiresAt: result.key.expiresAt,
+          previous: result.previous,
         }
       : undefined;
   return {

@@ -30,8 +30,11 @@ import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repos
 export interface ApiKeyActor {
   /** The user the request speaks for; undefined for a service (client-credentials) principal. */
   userId: string | undefined;
-  /** The API key the request was authenticated with, if it was. */
-  key?: { id: string; expiresAt: Date | null };
+  /**
+   * The API key the request was authenticated with, if it was; `previous` when with the secret a
+   * rotation replaced, in its grace.
+   */
+  key?: { id: string; expiresAt: Date | null; previous: boolean };
   /**
    * The request's principal: its `permissions` decide what it may see and change; what it may grant
    * is what it holds now (roles/grant-ceiling.ts).
@@ -42,7 +45,13 @@ export interface ApiKeyActor {
 export type InvalidReason = 'not_found' | 'expired' | 'revoked' | 'owner_disabled';
 
 export type Verification =
-  | { valid: true; key: ApiKeyRow; scopes: string[] }
+  | {
+      valid: true;
+      key: ApiKeyRow;
+      scopes: string[];
+      /** Presented with the secret a rotation replaced, in its grace. */
+      previous: boolean;
+    }
   | { valid: false; reason: InvalidReason };
 
 export interface ApiKeysServiceDeps {
@@ -150,16 +159,22 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   // A key's answer is made once per pair of its cached row and its owner's cached state, and shared,
   // frozen, by every use until either is reloaded (a change drops them from their caches, and neither
   // is ever changed in place); the API-key answer of the verify route is derived from it once, too.
-  const acceptedBy = new WeakMap<ApiKeyRow, { owner: OwnerState; result: Verification }>();
-  function accept(row: ApiKeyRow, owner: OwnerState, now: number): Verification {
+  const acceptedBy = new WeakMap<
+    ApiKeyRow,
+    { owner: OwnerState; current: Verification; previous: Verification }
+  >();
+  function accept(row: ApiKeyRow, owner: OwnerState, now: number, previous: boolean): Verification {
     if (!owner.active) return invalid('owner_disabled');
     usage.set(row.id, now);
-    const accepted = acceptedBy.get(row);
-    if (accepted?.owner === owner) return accepted.result;
-    const scopes = Object.freeze(intersectPermissions(row.scopes, owner.permissions)) as string[];
-    const result: Verification = Object.freeze({ valid: true, key: row, scopes });
-    acceptedBy.set(row, { owner, result });
-    return result;
+    let accepted = acceptedBy.get(row);
+    if (accepted?.owner !== owner) {
+      const scopes = Object.freeze(intersectPermissions(row.scopes, owner.permissions)) as string[];
+      const result = (previous: boolean): Verification =>
+        Object.freeze({ valid: true, key: row, scopes, previous });
+      accepted = { owner, current: result(false), previous: result(true) };
+      acceptedBy.set(row, accepted);
+    }
+    return previous ? accepted.previous : accepted.current;
   }
 
   /**
@@ -175,7 +190,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const refused = refusal(row, known.previous, now);
     if (refused) return refused;
     const owner = owners.peek(row.ownerId);
-    return owner && accept(row, owner, now);
+    return owner && accept(row, owner, now, known.previous);
   }
 
   async function verify(presented: string): Promise<Verification> {
@@ -188,7 +203,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const { row } = matched;
     const refused = refusal(row, matched.previous, now);
     if (refused) return refused;
-    return accept(row, await owners.get(row.ownerId), now);
+    return accept(row, await owners.get(row.ownerId), now, matched.previous);
   }
 
   async function flush(): Promise<void> {
@@ -239,6 +254,19 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const beyondOwner = notHeld(scopes, held.permissions);
     if (beyondOwner.length > 0)
       throw new GrantRefused('The scopes go beyond the permissions of the key’s owner', beyondOwner);
+  }
+
+  /**
+   * What only a key's owner may do to it: take a new secret (it is the owner's identity), widen its
+   * scopes or lengthen its life. A key's self-scoped permissions (`account:*`, `api_keys:own`) mean its
+   * owner's account, so another caller "holding" them proves nothing; api_keys:write reaches another
+   * user's key to see, rename, narrow, shorten or revoke it. 403 otherwise.
+   */
+  function assertOwner(actor: ApiKeyActor, row: ApiKeyRow, what: string) {
+    if (row.ownerId !== actor.userId)
+      throw forbidden(
+        `Only the key’s owner can ${what}; api_keys:write lets others rename, narrow, shorten or revoke it`,
+      );
   }
 
   /**
@@ -397,8 +425,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             if (field)
               throw expiredKey({ field: `body.${field}`, message: 'cannot change once the key has expired' });
           }
+          if (patch.scopes?.some((scope) => !current.scopes.includes(scope)))
+            assertOwner(actor, current, 'widen its scopes');
           if (patch.expiresAt !== undefined) {
             assertWithinCallerLife(actor, patch.expiresAt);
+            if (outlives(patch.expiresAt, current.expiresAt))
+              assertOwner(actor, current, 'lengthen its life');
             // A longer life is access granted anew: the caller must hold what the key gives, as for a
             // rotation (else a holder of api_keys:write could keep an administrator's key alive).
             if (outlives(patch.expiresAt, current.expiresAt))
@@ -469,6 +501,14 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       return deps.grants.audited(context, { action: 'api_key.rotate', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          assertOwner(actor, current, 'rotate it');
+          // A key rotates only itself, and only with its current secret: a leaked key that rotated a
+          // sibling, or a replaced secret in its grace that rotated again, would hold the only working
+          // secret, and revoking the leaked one would not end it.
+          if (actor.key && actor.key.id !== current.id)
+            throw forbidden('An API key can rotate only itself; rotate another key from a signed-in session');
+          if (actor.key?.previous)
+            throw forbidden('The secret a rotation replaced cannot rotate the key again; use the new secret');
           // A new secret for an expired key would be dead on arrival.
           if (hasExpired(current)) throw expiredKey();
           assertNoGraceRunning(
@@ -508,6 +548,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
               prefix: current.prefix,
               grace_seconds: graceSeconds,
               previous_secret_expires_at: graceEnds.toISOString(),
+              ...(force ? { force: true } : {}),
             },
           });
           emit(changed(rotated));
