@@ -76,6 +76,47 @@ describe('app clients: security', () => {
     await clientToken(app, client);
   });
 
+  it('an API key registers no client and takes no client secret (403, audited): a leaked key’s revocation ends what it made', async () => {
+    const { createKey, withKey } = await import('../api-keys/helpers.js');
+    const key = await createKey(app, admin.accessToken, {
+      scopes: ['clients:read', 'clients:write', 'users:read'],
+    });
+    const registered = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: withKey(key.key),
+      payload: { name: 'escape', scopes: ['users:read'] },
+    });
+    expect(registered.statusCode, registered.body).toBe(403);
+    expect(registered.json().detail).toContain('An API key cannot register a client');
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const rotated = await app.inject({
+      method: 'POST',
+      url: `/v1/clients/${client.id}/secrets`,
+      headers: withKey(key.key),
+      payload: { grace_seconds: 0 },
+    });
+    expect(rotated.statusCode, rotated.body).toBe(403);
+    // The client's secret is unchanged, and the key still manages what is not a credential.
+    expect((await clientToken(app, client)).access_token).toBeTruthy();
+    const renamed = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: withKey(key.key),
+      payload: { name: 'renamed by a key' },
+    });
+    expect(renamed.statusCode, renamed.body).toBe(200);
+    const denied = await app.services.audit.list({
+      credentialId: key.id,
+      type: 'authorization.denied',
+      limit: 5,
+    });
+    expect(denied.map((e) => (e.data as { action: string }).action)).toEqual([
+      'client.rotate_secret',
+      'client.create',
+    ]);
+  });
+
   it('never lets a creator give a client permissions they do not hold (403)', async () => {
     const creator = await userWith(app, ['clients:read', 'clients:write', 'users:read']);
     const h = bearer(creator.accessToken);

@@ -42,7 +42,8 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         summary: 'Register an app client (service-to-service); the secret is shown once',
         description:
           'The scopes must be permissions the caller holds (403 otherwise). Use `client_id` and ' +
-          '`client_secret` at POST /oauth/token with `grant_type=client_credentials`.',
+          '`client_secret` at POST /oauth/token with `grant_type=client_credentials`. Not with an API key ' +
+          '(403): a client secret would outlive the key.',
         security: bearerOrApiKey,
         body: CreateClientBodySchema,
         response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 415, 503) },
@@ -170,7 +171,8 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         summary: 'Rotate the client secret; the new one is shown once',
         description:
           'The current secret keeps working for `grace_seconds` (default 0), then stops. The caller must ' +
-          'hold every scope of the client (403 otherwise): the new secret is shown to the caller.',
+          'hold every scope of the client (403 otherwise): the new secret is shown to the caller. Not with ' +
+          'an API key (403).',
         security: bearerOrApiKey,
         params: ClientIdParamSchema,
         body: RotateSecretBodySchema.nullish(),

@@ -190,6 +190,19 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
   const findCached = (clientId: string) => cache.get(clientId);
 
+  /**
+   * A client secret is a credential that lives until revoked; an API key's request cannot be given
+   * one, or revoking a leaked key (or its expiry) would not end what it made (its own child keys end
+   * with it). Users register clients and take their secrets from a signed-in session; services with
+   * their own token. 403 otherwise.
+   */
+  function assertNotByApiKey(caller: ClientCaller, what: string) {
+    if (caller.grantor.kind === 'api_key')
+      throw forbidden(
+        `An API key cannot ${what}: a client secret would outlive the key; use a signed-in session`,
+      );
+  }
+
   return {
     async create(caller: ClientCaller, input: CreateClientInput, context: RequestContext) {
       if (caller.userId === undefined && !isAdministrator(caller)) {
@@ -204,6 +217,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const refused = { action: 'client.create', data: { scopes } };
       const client = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
+          assertNotByApiKey(caller, 'register a client');
           await assertGrantable(caller, scopes, tx);
           const row = await deps.repo.insert(
             {
@@ -342,6 +356,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const refused = { action: 'client.rotate_secret', subjectId: existing.id };
       const client = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
+          assertNotByApiKey(caller, 'take a new client secret');
           const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
           if (!locked) throw notFound('client');
           assertNoGraceRunning(
