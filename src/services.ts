@@ -375,6 +375,7 @@ export function createServices(deps: ServicesDeps) {
     events,
     grants,
     clients: repos.clients,
+    apiKeys: repos.apiKeys,
     emailTokens: repos.emailTokens,
     mfaRequiredRoles: config.mfa.requiredRoles,
     mfa,

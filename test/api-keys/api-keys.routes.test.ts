@@ -463,6 +463,40 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
     expect((await keyRow(created.id)).lastUsedAt).toBeInstanceOf(Date);
   });
 
+  it('a deleted user’s keys end with them: each audited as revoked (owner_deleted), and not_found at once', async () => {
+    const user = await registerUser(app, 'ak-owner-deleted');
+    const used = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const idle = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const revoked = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${revoked.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(await verifyKey(app, admin.accessToken, used.key)).toMatchObject({ valid: true });
+    const deleted = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(deleted.statusCode).toBe(204);
+    for (const key of [used, idle]) {
+      expect(await verifyKey(app, admin.accessToken, key.key)).toEqual({ valid: false, reason: 'not_found' });
+      const events = await app.services.audit.list({ subjectId: key.id, type: 'api_key.revoked', limit: 5 });
+      expect(events).toEqual([
+        expect.objectContaining({
+          actorId: admin.id,
+          requestId: deleted.headers['x-request-id'],
+          data: { owner_id: user.id, prefix: key.prefix, reason: 'owner_deleted' },
+        }),
+      ]);
+    }
+    // A key revoked before is not revoked twice.
+    expect(
+      await app.services.audit.list({ subjectId: revoked.id, type: 'api_key.revoked', limit: 5 }),
+    ).toHaveLength(1);
+  });
+
   it('signs its owner out everywhere only with account:write', async () => {
     const user = await registerUser(app, 'ak-logout');
     const sessions = async () =>
@@ -481,7 +515,23 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
     };
     expect(await logoutAllWith(['account:read'])).toBe(403);
     expect(await sessions()).toHaveLength(1);
+    // Without `all`, a key has no session to end: 204, nothing ended, nothing written to the log.
+    const readOnly = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    for (let i = 0; i < 2; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/logout',
+        headers: withKey(readOnly.key),
+        payload: {},
+      });
+      expect(res.statusCode).toBe(204);
+    }
+    expect(await sessions()).toHaveLength(1);
+    expect(await app.services.audit.list({ subjectId: user.id, type: 'auth.logout', limit: 5 })).toEqual([]);
     expect(await logoutAllWith(['account:read', 'account:write'])).toBe(204);
+    expect(await app.services.audit.list({ subjectId: user.id, type: 'auth.logout', limit: 5 })).toEqual([
+      expect.objectContaining({ data: { scope: 'all', sessions: [expect.any(String)] } }),
+    ]);
     expect(
       (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
     ).toBe(401);

@@ -238,6 +238,13 @@ describe('password reset (built-in provider)', () => {
     expect(key.statusCode, key.body).toBe(201);
     const withKey = { 'x-api-key': key.json().key as string };
     expect((await app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey })).statusCode).toBe(200);
+    // And a client acting for the account.
+    const { grantRole } = await import('../api-keys/helpers.js');
+    const { createClient } = await import('../clients/helpers.js');
+    await grantRole(app, squatter.id, ['clients:write', 'clients:read']);
+    const client = await createClient(app, (await login(app, squatter.email)).session.access_token, {
+      scopes: [],
+    });
     // The owner resets the password through their mailbox: the key goes with the sessions.
     clock.advance(61);
     await forgot(squatter.email);
@@ -249,6 +256,13 @@ describe('password reset (built-in provider)', () => {
       limit: 5,
     });
     expect(events[0]?.data).toMatchObject({ reason: 'first_mailbox_proof' });
+    // The client is disabled, audited under its UUID as every client event is.
+    const disabled = await app.services.audit.list({
+      type: 'client.updated',
+      subjectId: client.id,
+      limit: 5,
+    });
+    expect(disabled[0]?.data).toMatchObject({ status: 'disabled', reason: 'first_mailbox_proof' });
 
     // A later reset, of an address already proven, leaves the owner's keys alone.
     const own = await app.inject({

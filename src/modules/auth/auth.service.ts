@@ -434,6 +434,9 @@ export function createAuthService(deps: AuthServiceDeps) {
             if (events.length) ended = [sessionId];
           }
         }
+        // Ending no session (an API key has none; a refresh token of a session already ended) changes
+        // nothing and writes nothing: the caller's activity would show sign-outs that were not.
+        if (input.scope === 'session' && ended.length === 0) return;
         await deps.audit.record(tx, context, {
           type: 'auth.logout',
           subjectId: userId,

@@ -157,7 +157,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       for (const client of clients) {
         await deps.audit.record(tx, actor, {
           type: 'client.updated',
-          subjectId: client.clientId,
+          subjectId: client.id,
           data: { changed: ['status'], status: 'disabled', reason: 'first_mailbox_proof' },
         });
         emit({ type: 'client_changed', clientId: client.clientId });

@@ -14,6 +14,7 @@ import type { RolesRepository } from '../roles/roles.repository.js';
 import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
+import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
 import { normalizeEmail } from '../auth/auth.schema.js';
@@ -40,6 +41,7 @@ export function createUsersService(deps: {
   events: EventBus;
   grants: GrantCeiling;
   clients: Pick<ClientsRepository, 'clientIdsActingFor' | 'findByClientId'>;
+  apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
   emailTokens: Pick<EmailTokensRepository, 'discardUnused' | 'latestFor'>;
   /** MFA_REQUIRED_ROLES: granted only to users with a second factor. */
@@ -306,6 +308,19 @@ export function createUsersService(deps: {
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         await assertNotLastAdmin(tx, id);
         await cutOff(tx, id, 'user_deleted', emit);
+        // The keys go with the row; each one's history says how it ended, and every instance forgets
+        // it at once (a cached key would answer owner_disabled, not not_found, until it aged out).
+        const keys = await deps.apiKeys.revokeAllOfOwner(id, deps.clock.now(), tx);
+        await deps.audit.record(
+          tx,
+          context,
+          keys.map((key) => ({
+            type: 'api_key.revoked',
+            subjectId: key.id,
+            data: { owner_id: id, prefix: key.prefix, reason: 'owner_deleted' },
+          })),
+        );
+        for (const key of keys) emit({ type: 'api_key_changed', lookupId: key.lookupId });
         // Profile, sessions, refresh tokens, API keys and role grants go with the row (ON DELETE CASCADE);
         // audit events are kept: they are not foreign keys. A concurrent deletion that got there first
         // makes this one a 404, its revocations and event rolled back.
