@@ -7,6 +7,23 @@ import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-pro
 import type { ZodType } from 'zod';
 import { ProblemSchema } from '../modules/shared/shared.schema.js';
 
+/**
+ * Swagger UI's request interceptor, sent to the browser as its source text (so self-contained, plain
+ * JavaScript). Swagger UI sends every credential entered under Authorize that an operation accepts,
+ * and this service takes one per request (RFC 6750 §2: a 400 otherwise): with both a token and an
+ * API key entered, every "Try it out" would fail. The `Authorization` header wins; the key is dropped.
+ */
+export function oneCredential(request: { headers?: Record<string, unknown> }) {
+  const headers = request.headers;
+  if (headers) {
+    const names = Object.keys(headers);
+    const hasAuthorization = names.some((name) => name.toLowerCase() === 'authorization');
+    if (hasAuthorization)
+      for (const name of names) if (name.toLowerCase() === 'x-api-key') delete headers[name];
+  }
+  return request;
+}
+
 /** Where Swagger UI and its assets are served: HTML pages, unlike every other route. */
 export const DOCS_PREFIX = '/docs';
 
@@ -352,6 +369,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
       persistAuthorization: options.persistAuthorization ?? true,
       deepLinking: true,
       tryItOutEnabled: true,
+      requestInterceptor: oneCredential,
     },
     staticCSP: false,
   });

@@ -1,3 +1,4 @@
+import { runInNewContext } from 'node:vm';
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -7,6 +8,35 @@ import { buildTestApp } from '../support/app.js';
 import { testDatabase } from '../support/database.js';
 
 const ITEM_ID = '6f1c1f8e-3f0a-4c55-9d5e-0b8c2f4a7e21';
+
+/** Runs Swagger UI's initializer as the page would, and gives back the config it hands to Swagger UI. */
+function swaggerUiConfigOf(initializer: string): Record<string, unknown> {
+  let config: Record<string, unknown> = {};
+  const bundle = Object.assign(
+    (c: Record<string, unknown>) => {
+      config = c;
+      return { initOAuth: () => undefined };
+    },
+    { presets: { apis: {} }, plugins: { DownloadUrl: {} } },
+  );
+  const window: { location: { href: string }; onload?: () => void } = {
+    location: { href: 'http://127.0.0.1/docs/' },
+  };
+  const document = { createElement: () => ({ href: '' }), querySelector: () => null, body: {} };
+  class MutationObserver {
+    observe() {}
+    disconnect() {}
+  }
+  runInNewContext(initializer, {
+    window,
+    document,
+    MutationObserver,
+    SwaggerUIBundle: bundle,
+    SwaggerUIStandalonePreset: {},
+  });
+  window.onload?.();
+  return config;
+}
 
 describe('foundation: app, errors, operations', () => {
   let app: FastifyInstance;
@@ -86,6 +116,27 @@ describe('foundation: app, errors, operations', () => {
     // Outside production, what is entered under Authorize survives a reload (localStorage).
     const initializer = await app.inject({ method: 'GET', url: '/docs/static/swagger-initializer.js' });
     expect(initializer.body).toMatch(/"persistAuthorization":\s*true/);
+    // With both a token and an API key entered under Authorize, "Try it out" sends one credential
+    // (the service answers 400 to two): run the page's own initializer and its request interceptor.
+    const config = swaggerUiConfigOf(initializer.body) as {
+      requestInterceptor: (r: { headers: Record<string, string> }) => { headers: Record<string, string> };
+    };
+    const both = { headers: { Authorization: 'Bearer eyJ.x.y', 'X-API-Key': 'pak_x', Accept: '*/*' } };
+    expect(config.requestInterceptor(both).headers).toEqual({
+      Authorization: 'Bearer eyJ.x.y',
+      Accept: '*/*',
+    });
+    expect(config.requestInterceptor({ headers: { 'X-API-Key': 'pak_x' } }).headers).toEqual({
+      'X-API-Key': 'pak_x',
+    });
+    const sent = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: config.requestInterceptor({
+        headers: { Authorization: 'Bearer not-a-token', 'X-API-Key': 'pak_x' },
+      }).headers,
+    });
+    expect(sent.json().code).not.toBe('bad_request');
     const ui = await app.inject({ method: 'GET', url: '/docs/' });
     expect(ui.statusCode).toBe(200);
     expect(ui.headers['content-type']).toContain('text/html');
