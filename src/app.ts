@@ -115,6 +115,24 @@ const refuseBody: preValidationHookHandler = (request, _reply, done) => {
   );
 };
 
+/**
+ * preValidation of an API operation without query parameters: any is a 400 naming it, as the list
+ * operations' strict schemas do, rather than silently ignored (`POST /v1/api-keys?owner_id=…` made a
+ * key for the caller, not for the user named; `?key=` on verify would put a key in access logs).
+ */
+const refuseQuery: preValidationHookHandler = (request, _reply, done) => {
+  const names = Object.keys((request.query ?? {}) as object);
+  if (names.length === 0) return done();
+  done(
+    invalidFields(
+      names.map((name) => ({
+        field: `querystring.${name}`,
+        message: 'is not accepted: this operation takes no query parameters',
+      })),
+    ),
+  );
+};
+
 /** A request that arrived once the server began closing (in-flight ones finish). */
 const shuttingDownError = () =>
   new AppError('service_unavailable', {
@@ -229,6 +247,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     if (route.schema?.body === undefined && methods.some((m) => !BODILESS_METHODS.has(m))) {
       const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
       route.preValidation = [...hooks, refuseBody];
+    }
+    if (route.url.startsWith('/v1/') && route.schema?.querystring === undefined) {
+      const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
+      route.preValidation = [...hooks, refuseQuery];
     }
     for (const method of methods) {
       if (method === 'HEAD') continue;

@@ -340,6 +340,35 @@ describe('request bodies', () => {
     expect((await revoke('{}')).statusCode).toBe(204);
   });
 
+  it('refuses query parameters where an API operation takes none (400 naming them), changing nothing', async () => {
+    const other = await registerUser(app, 'no-query-other');
+    const made = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys?owner_id=${other.id}`,
+      headers: bearer(user.accessToken),
+      payload: { name: 'for whom?', scopes: ['account:read'] },
+    });
+    expect(made.statusCode, made.body).toBe(400);
+    expect(made.headers['content-type']).toContain('application/problem+json');
+    expect(made.json().errors).toEqual([
+      { field: 'querystring.owner_id', message: 'is not accepted: this operation takes no query parameters' },
+    ]);
+    const keys = await app.inject({ method: 'GET', url: '/v1/api-keys', headers: bearer(user.accessToken) });
+    expect(keys.json().data.map((k: { name: string }) => k.name)).not.toContain('for whom?');
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me?fields=all',
+      headers: bearer(user.accessToken),
+    });
+    expect(me.statusCode).toBe(400);
+    // Operations with parameters keep theirs; outside the API (JWKS, health) a cache-buster is fine.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/api-keys?limit=5', headers: bearer(user.accessToken) }))
+        .statusCode,
+    ).toBe(200);
+    expect((await app.inject({ method: 'GET', url: '/.well-known/jwks.json?v=2' })).statusCode).toBe(200);
+  });
+
   it('takes no bytes under Content-Type: application/json as no body: a DELETE goes through, a POST needing one says it is missing', async () => {
     const created = await app.inject({
       method: 'POST',
