@@ -14,6 +14,9 @@ export const ERROR_CATALOGUE = {
   },
   invalid_email_change_token: { status: 400, title: 'The email change token is invalid, expired or used' },
   invalid_mfa_code: { status: 400, title: 'The verification code is incorrect, expired or used' },
+  // Not a 401: the request's credential is good, and a 401 tells clients to sign in again (RFC 9110
+  // §15.5.2: a 401 carries a challenge the credential failed).
+  incorrect_password: { status: 400, title: 'The password given to confirm this is incorrect' },
   authentication_required: { status: 401, title: 'Authentication is required' },
   invalid_token: { status: 401, title: 'The token is invalid, expired or revoked' },
   invalid_credentials: { status: 401, title: 'Invalid email or password' },

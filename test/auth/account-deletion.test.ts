@@ -56,11 +56,13 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
     expect(again.statusCode).toBe(201);
   });
 
-  it('refuses a wrong password (401 naming it, counted, audited) and an API key (403), deleting nothing', async () => {
+  it('refuses a wrong password (400 naming it, counted, audited) and an API key (403), deleting nothing', async () => {
     const user = await registerUser(app, 'delete-wrong');
     const wrong = await remove(user.accessToken, { password: `${PASSWORD}!` });
-    expect(wrong.statusCode).toBe(401);
-    expect(wrong.json()).toMatchObject({ code: 'invalid_credentials', errors: [{ field: 'body.password' }] });
+    expect(wrong.statusCode).toBe(400);
+    // Not a 401: the session is good, and a 401 would tell the client to sign in again.
+    expect(wrong.headers['www-authenticate']).toBeUndefined();
+    expect(wrong.json()).toMatchObject({ code: 'incorrect_password', errors: [{ field: 'body.password' }] });
     const key = await app.inject({
       method: 'POST',
       url: '/v1/api-keys',

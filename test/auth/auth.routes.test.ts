@@ -326,7 +326,8 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
       headers: bearer(user.accessToken),
       payload: { current_password: 'wrong wrong wrong', new_password: 'a brand new passphrase' },
     });
-    expect(wrong.statusCode).toBe(401);
+    expect(wrong.statusCode).toBe(400);
+    expect(wrong.json().code).toBe('incorrect_password');
     const res = await app.inject({
       method: 'POST',
       url: '/v1/auth/password',
@@ -391,7 +392,7 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
       statuses.filter((s) => s === 204),
       JSON.stringify(statuses),
     ).toHaveLength(1);
-    expect(statuses.filter((s) => s === 401)).toHaveLength(2);
+    expect(statuses.filter((s) => s === 400)).toHaveLength(2);
     const winner = statuses.indexOf(204);
     // The winner's password is the password; the winner's session alone is left.
     await login(app, user.email, newPasswords[winner]);

@@ -248,7 +248,7 @@ describe('changing the email address (built-in provider)', () => {
     const sent = changeMails();
 
     const wrong = await ask(user, { new_email: uniqueEmail('chg-x'), password: 'not the password at all' });
-    expect(wrong.statusCode).toBe(401);
+    expect(wrong.statusCode).toBe(400);
     expect(wrong.json()).toMatchObject({ errors: [{ field: 'body.password' }] });
 
     const same = await ask(user, { new_email: user.email.toUpperCase(), password: PASSWORD });
@@ -724,7 +724,7 @@ describe('changing the email address, throttled', () => {
         payload: { new_email: uniqueEmail('chg-lockout-new'), password },
       });
     for (let i = 0; i < 3; i++)
-      expect((await ask(`wrong guess ${i}`, `10.2.0.${i + 1}`)).statusCode).toBe(401);
+      expect((await ask(`wrong guess ${i}`, `10.2.0.${i + 1}`)).statusCode).toBe(400);
     const locked = await ask(PASSWORD, '10.2.0.99');
     expect(locked.statusCode, locked.body).toBe(429);
     expect(Number(locked.headers['retry-after'])).toBeGreaterThan(0);

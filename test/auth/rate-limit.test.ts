@@ -58,7 +58,7 @@ describe('throttling of credential endpoints', () => {
         payload: { current_password: current, new_password: 'a brand new passphrase 7' },
       });
     for (let i = 0; i < 3; i++)
-      expect((await change(`wrong guess ${i}`, `10.1.0.${i + 1}`)).statusCode).toBe(401);
+      expect((await change(`wrong guess ${i}`, `10.1.0.${i + 1}`)).statusCode).toBe(400);
     // Locked for the password change, even with the right password, and for sign-in.
     const locked = await change(user.password, '10.1.0.99');
     expect(locked.statusCode, locked.body).toBe(429);

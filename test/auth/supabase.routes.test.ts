@@ -580,7 +580,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect(res.json()).toMatchObject({ code: 'account_conflict' });
     expect(await app.services.repos.users.findById(again.data.user!.id)).toBeUndefined();
     expect((await app.services.repos.users.findById(old.id))?.email).toBe(old.email);
-    const events = await app.services.audit.list({ type: 'auth.login', limit: 200 });
+    const events = await app.services.audit.list({ type: 'auth.login', outcome: 'failure', limit: 200 });
     expect(
       events.some(
         (e) =>
@@ -745,8 +745,8 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       headers: bearer(user.accessToken),
       payload: { current_password: 'wrong wrong wrong', new_password: 'a brand new passphrase' },
     });
-    expect(wrong.statusCode).toBe(401);
-    expect(wrong.json().code).toBe('invalid_credentials');
+    expect(wrong.statusCode).toBe(400);
+    expect(wrong.json().code).toBe('incorrect_password');
 
     const res = await app.inject({
       method: 'POST',

@@ -465,7 +465,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         ),
       );
       const incorrect = () =>
-        new AppError('invalid_credentials', {
+        new AppError('incorrect_password', {
           detail: 'The current password is incorrect',
           errors: [{ field: 'body.current_password', message: 'is incorrect' }],
         });
@@ -542,7 +542,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         subjectId: user.id,
         data: { reason: 'wrong_password' },
       });
-      throw new AppError('invalid_credentials', {
+      throw new AppError('incorrect_password', {
         detail: 'The password is incorrect',
         errors: [{ field: 'body.password', message: 'is incorrect' }],
       });
