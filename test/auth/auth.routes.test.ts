@@ -320,6 +320,20 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
   it('changes the password, ending the other sessions but not this one', async () => {
     const user = await registerUser(app);
     const other = await login(app, user.email);
+    // Not with an API key, even one holding account:write and sent with the right password.
+    const { createKey, withKey } = await import('../api-keys/helpers.js');
+    const key = await createKey(app, user.accessToken, { scopes: ['account:read', 'account:write'] });
+    for (const headers of [withKey(key.key), bearer(key.key)]) {
+      const byKey = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers,
+        payload: { current_password: PASSWORD, new_password: 'a key’s chosen passphrase' },
+      });
+      expect(byKey.statusCode, byKey.body).toBe(403);
+      expect(byKey.json().detail).toContain('signed-in session');
+    }
+    expect((await login(app, user.email)).session.access_token).toBeTruthy();
     const wrong = await app.inject({
       method: 'POST',
       url: '/v1/auth/password',

@@ -324,16 +324,23 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         tags: ['auth'],
         operationId: 'changePassword',
         summary: 'Change the password; every other session ends',
-        security: bearerOrApiKey,
+        description:
+          'From a signed-in session (an API key gets 403, as for the address, the second factor and ' +
+          'deleting the account), with the current password: a wrong one is 400 `incorrect_password` ' +
+          'and counts toward the sign-in lockout.',
+        security: [{ bearerAuth: [] }],
         body: PasswordBodySchema,
         response: { 204: z.null(), ...problems(400, 401, 403, 422, 429, 503) },
       },
     },
     async (request, reply) => {
-      const principal = principalOf(request);
+      const { userId, sessionId } = signedInSession(
+        request,
+        'The password is changed from a signed-in session, not with an API key',
+      );
       await deps.auth.changePassword(
-        userIdOf(request),
-        principal.kind === 'user' ? principal.sessionId : undefined,
+        userId,
+        sessionId,
         { currentPassword: request.body.current_password, newPassword: request.body.new_password },
         requestContext(request),
       );
