@@ -26,7 +26,8 @@ export const PERMISSIONS = {
 
 export type Permission = keyof typeof PERMISSIONS;
 
-const PERMISSION_PATTERN = /^(\*|[a-z][a-z0-9_]*:(\*|[a-z][a-z0-9_]*))$/;
+/** `*`, `resource:*` or `resource:action`, lower case; also the OpenAPI document's `pattern`. */
+export const PERMISSION_PATTERN = /^(\*|[a-z][a-z0-9_]*:(\*|[a-z][a-z0-9_]*))$/;
 
 export const isPermissionString = (p: string) => PERMISSION_PATTERN.test(p) && p.length <= 100;
 

@@ -203,6 +203,29 @@ describe('the OpenAPI document', () => {
     }
   });
 
+  it('says in its request schemas what the server checks: addresses are emails, permissions have their pattern', () => {
+    type Schema = { properties?: Record<string, Schema>; items?: Schema; format?: string; pattern?: string };
+    const bodyOf = (path: string, method: string) =>
+      (doc.paths[path]?.[method] as { requestBody?: { content: Record<string, { schema: Schema }> } })
+        ?.requestBody?.content['application/json']?.schema;
+    for (const [path, field] of [
+      ['/v1/auth/register', 'email'],
+      ['/v1/auth/login', 'email'],
+      ['/v1/auth/password/forgot', 'email'],
+      ['/v1/auth/email/change', 'new_email'],
+    ] as const)
+      expect(bodyOf(path, 'post')?.properties?.[field]?.format, path).toBe('email');
+    // The README's walk-through registers ada@example.com: the address it moves to is another.
+    expect(
+      (bodyOf('/v1/auth/email/change', 'post')?.properties?.new_email as { example?: string })?.example,
+    ).toBe('ada.lovelace@example.org');
+    const permission = bodyOf('/v1/roles', 'post')?.properties?.permissions?.items;
+    const pattern = new RegExp(permission?.pattern ?? '^$');
+    expect(['users:read', 'orders:*', '*'].every((p) => pattern.test(p))).toBe(true);
+    expect(['x', 'Users:Read', 'users:', ' users:read'].some((p) => pattern.test(p))).toBe(false);
+    expect(bodyOf('/v1/api-keys', 'post')?.properties?.scopes?.items?.pattern).toBe(permission?.pattern);
+  });
+
   it('has request examples Swagger UI can send as they are: none is refused as invalid', async () => {
     const admin = await createAdmin(app);
     type Schema = { properties?: Record<string, { example?: unknown }>; required?: string[] };

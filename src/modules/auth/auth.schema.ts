@@ -10,7 +10,8 @@ export const EmailSchema = z
   .max(254)
   .pipe(z.email())
   .describe('Email address')
-  .meta({ example: 'ada@example.com' });
+  // The document says what the pipe checks (its input side alone would be any string).
+  .meta({ example: 'ada@example.com', format: 'email' });
 /**
  * Length is checked by the service (422 weak_password), so only a hard cap lives here, and well-formed
  * Unicode: a lone surrogate (`\ud800`) is hashed as U+FFFD, so two different passwords would match.
@@ -132,7 +133,9 @@ export const MagicLinkBodySchema = z
 
 export const ChangeEmailBodySchema = z
   .object({
-    new_email: EmailSchema.describe('The address the account moves to'),
+    new_email: EmailSchema.describe('The address the account moves to').meta({
+      example: 'ada.lovelace@example.org',
+    }),
     password: PasswordSchema.describe('The current password'),
     code: SecondFactorCodeSchema,
   })

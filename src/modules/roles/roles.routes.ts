@@ -18,7 +18,10 @@ import type { RolesService } from './roles.service.js';
 const PermissionListSchema = z
   .array(PermissionSchema)
   .max(200)
-  .describe('Permission strings: catalogue entries, `resource:*` or `*`')
+  .describe(
+    'Permission strings: the catalogue’s (GET /v1/permissions), other services’ (`orders:read`), ' +
+      '`resource:*` or `*`',
+  )
   .meta({ example: ['users:read', 'audit:read'] });
 
 const RoleSchema = z

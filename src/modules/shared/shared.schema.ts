@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { isPermissionString } from '../../lib/permissions.js';
+import { PERMISSION_PATTERN } from '../../lib/permissions.js';
 
 export const ProblemSchema = z
   .object({
@@ -56,5 +56,5 @@ export const bearerOrApiKey: Array<Record<string, string[]>> = [{ bearerAuth: []
 export const PermissionSchema = z
   .string()
   .max(100)
-  .refine(isPermissionString, { message: 'not a permission (resource:action, resource:* or *)' })
+  .regex(PERMISSION_PATTERN, { message: 'not a permission (resource:action, resource:* or *)' })
   .describe('A permission: `resource:action`, `resource:*` or `*`');

@@ -43,7 +43,11 @@ export const InviteUserBodySchema = z
   .strict();
 
 export const AdminEmailChangeBodySchema = z
-  .object({ new_email: EmailSchema.describe('The address the user moves to, once they open its link') })
+  .object({
+    new_email: EmailSchema.describe('The address the user moves to, once they open its link').meta({
+      example: 'ada.lovelace@example.org',
+    }),
+  })
   .strict();
 
 export const UserRolesSchema = z.object({ roles: z.array(z.string()), permissions: z.array(z.string()) });
