@@ -334,6 +334,23 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
       expect(byKey.json().detail).toContain('signed-in session');
     }
     expect((await login(app, user.email)).session.access_token).toBeTruthy();
+    // The same password again is no change: 400 naming it, and no session ends.
+    const same = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: PASSWORD },
+    });
+    expect(same.statusCode).toBe(400);
+    expect(same.json().errors).toEqual([
+      { field: 'body.new_password', message: 'must differ from the current password' },
+    ]);
+    const otherMe = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(other.session.access_token),
+    });
+    expect(otherMe.statusCode).toBe(200);
     const wrong = await app.inject({
       method: 'POST',
       url: '/v1/auth/password',

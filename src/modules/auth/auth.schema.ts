@@ -89,8 +89,16 @@ export const LogoutBodySchema = z
   .strict();
 
 export const PasswordBodySchema = z
-  .object({ current_password: PasswordSchema, new_password: PasswordSchema })
-  .strict();
+  .object({
+    current_password: PasswordSchema,
+    new_password: PasswordSchema.meta({ example: 'copper meadow sonnet 7' }),
+  })
+  .strict()
+  // A "change" to the same password would end every other session and change nothing else.
+  .refine((b) => b.new_password !== b.current_password, {
+    path: ['new_password'],
+    message: 'must differ from the current password',
+  });
 
 export const ForgotPasswordBodySchema = z.object({ email: EmailSchema }).strict();
 
