@@ -1,3 +1,5 @@
+import { sql } from 'drizzle-orm';
+import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
@@ -160,41 +162,49 @@ describe('invitations: accounts an administrator makes', () => {
     expect((await choose(firstToken)).statusCode).toBe(204);
   });
 
-  it('makes nothing visible until the invitation has gone: the account and its mail commit together', async () => {
-    let release: () => void = () => undefined;
-    const held = new Promise<void>((resolve) => {
-      release = resolve;
-    });
+  it('sends the invitation once the account, its link and its mail have committed: nothing is held while the mail server answers', async () => {
+    const email = uniqueEmail('invited-after');
     const send = mailer.send;
+    let seenWhileSending: unknown = 'not sent';
     mailer.send = async function (message) {
-      await held;
+      // The mail server's turn: the account is committed and its row free (another connection reads
+      // and locks it at once); a send inside the transaction saw neither.
+      seenWhileSending = await app.services.db.transaction(async (tx) => {
+        const [row] = await selectRows<{ id: string }>(
+          tx,
+          sql`select id from users where email = ${email} for update nowait`,
+        );
+        return row?.id;
+      });
       return send.call(this, message);
     };
-    const email = uniqueEmail('invited-held');
     try {
-      const pending = invite({ email });
-      await new Promise((r) => setTimeout(r, 200));
-      // While the mail is on its way nobody sees an account (no grant to it, no delete of it).
-      expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
-      release();
-      expect((await pending).statusCode).toBe(201);
+      const res = await invite({ email });
+      expect(res.statusCode, res.body).toBe(201);
+      expect(seenWhileSending).toBe(res.json().id);
+      invitationTo(email);
     } finally {
       mailer.send = send;
-      release();
     }
-    expect(await app.services.repos.users.findByEmail(email)).toBeDefined();
   });
 
-  it('keeps no account when the invitation cannot be mailed: asking again works at once', async () => {
+  it('keeps the invitation when the mail server refuses it, and mails it once the server is back', async () => {
     const email = uniqueEmail('invited-nomail');
     mailer.failing = true;
+    let created: { id: string };
     try {
-      expect((await invite({ email })).statusCode).toBe(503);
+      const res = await invite({ email });
+      expect(res.statusCode, res.body).toBe(201);
+      created = res.json();
+      await expect.poll(async () => (await app.services.outbox!.pending(created.id)).length).toBe(1);
     } finally {
       mailer.failing = false;
     }
-    expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
-    expect((await invite({ email })).statusCode).toBe(201);
+    clock.advance(3600);
+    await app.services.outbox!.deliverDue();
+    const token = invitationTo(email);
+    expect((await choose(token)).statusCode).toBe(204);
+    expect(await loginStatus(email)).toBe(200);
   });
 });
 

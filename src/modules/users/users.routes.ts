@@ -76,7 +76,8 @@ export async function usersRoutes(
           'answers as for a wrong password, and `POST /v1/auth/password/forgot` mails a new link. The ' +
           'caller must hold what the `user` role gives. Asked again for an account that is still an ' +
           'invitation (no password chosen), it mails a new one (200; 409 within a minute of the last). 409 ' +
-          '`email_taken` for any other account; 503 when the mail server fails (nothing is made); 404 with ' +
+          '`email_taken` for any other account. The mail goes after the answer, retried while the mail server ' +
+          'refuses it; 404 with ' +
           'Supabase (invite through Supabase) or without `SMTP_URL` in production.',
         security,
         body: InviteUserBodySchema,
@@ -95,7 +96,7 @@ export async function usersRoutes(
         { email: request.body.email, displayName: request.body.display_name },
         principalOf(request),
         requestContext(request),
-        (invited, tx) => deps.passwordReset.sendInvitation(invited, tx),
+        (invited, tx) => deps.passwordReset.writeInvitation(invited, tx),
       );
       return reply
         .status(created ? 201 : 200)

@@ -167,78 +167,63 @@ export function createUsersService(deps: {
     /**
      * An account made by an administrator (`caller`) for `email`: active, with the `user` role and a
      * profile, no password and the address unconfirmed, until its owner opens the invitation that
-     * `deliver` stores and mails and chooses a password (a password reset, which confirms the address).
-     * The caller must hold what the `user` role gives. The mail goes inside the transaction: when it
-     * fails, nothing was made. An address whose account is still an invitation (built-in, no password
-     * yet) gets its invitation again (`created: false`; 409 within a minute of the last mail); any
-     * other account is 409 `email_taken`.
+     * `write` stores with its mail and chooses a password (a password reset, which confirms the
+     * address). The caller must hold what the `user` role gives. The account, its link and its mail
+     * commit together, and the mail goes once they have (the step `write` returns): nothing is visible
+     * before, and nothing waits for the mail server. An address whose account is still an invitation
+     * (built-in, no password yet) gets its invitation again (`created: false`; 409 within a minute of
+     * the last mail); any other account is 409 `email_taken`.
      */
     async invite(
       input: { email: string; displayName?: string | undefined },
       caller: Grantor,
       context: RequestContext,
-      deliver: (user: UserRow, tx: Transaction) => Promise<void>,
+      write: (user: UserRow, tx: Transaction) => Promise<() => void>,
     ): Promise<{ user: UserRow; created: boolean }> {
       const email = normalizeEmail(input.email);
-      let mailing = false;
-      const mail = async (user: UserRow, tx: Transaction) => {
-        mailing = true;
-        await deliver(user, tx);
-        mailing = false;
-      };
-      try {
-        return await inTransaction(deps.db, deps.events, async (tx) => {
-          const role = await deps.roles.findForShare(USER_ROLE, tx);
-          await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, ROLE_REFUSAL);
-          const existing = await deps.repo.findByEmail(email, tx);
-          if (existing) {
-            const user = await deps.repo.findByIdForUpdate(existing.id, tx);
-            if (!user || !isInvitation(user)) throw new AppError('email_taken');
-            // Mailing it again voids the link mailed before, as a reset link does: for a caller who
-            // holds everything the invited user holds (an invited administrator is not one for
-            // `users:write` alone), as `assertMayManage` asks.
-            const held = await deps.repo.rolesAndPermissions(user.id, tx);
-            await deps.grants.assertHolds(caller, held.permissions, tx, MANAGE_REFUSAL);
-            const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
-            if (waitBeforeNextMail(last, deps.clock.now()) > 0)
-              throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
-            await mail(user, tx);
-            await deps.audit.record(tx, context, {
-              type: 'user.invited',
-              subjectId: user.id,
-              data: { email_domain: email.split('@')[1] ?? null, again: true },
-            });
-            return { user, created: false };
-          }
-          const row = await deps.repo.insert(
-            { id: randomUUID(), email, provider: 'local', passwordHash: null, emailConfirmedAt: null },
-            tx,
-          );
-          if (!row) throw new AppError('email_taken');
-          // `granted_by` names a user (an API key's owner); a service's grant is in the audit event.
-          const grantedBy = context.actorType === 'service' ? null : context.actorId;
-          await deps.repo.assignRole(row.id, USER_ROLE, grantedBy, tx);
-          await deps.repo.createProfile(row.id, input.displayName ?? null, tx);
-          await mail(row, tx);
+      let send: () => void = () => undefined;
+      const invited = await inTransaction(deps.db, deps.events, async (tx) => {
+        const role = await deps.roles.findForShare(USER_ROLE, tx);
+        await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, ROLE_REFUSAL);
+        const existing = await deps.repo.findByEmail(email, tx);
+        if (existing) {
+          const user = await deps.repo.findByIdForUpdate(existing.id, tx);
+          if (!user || !isInvitation(user)) throw new AppError('email_taken');
+          // Mailing it again voids the link mailed before, as a reset link does: for a caller who
+          // holds everything the invited user holds (an invited administrator is not one for
+          // `users:write` alone), as `assertMayManage` asks.
+          const held = await deps.repo.rolesAndPermissions(user.id, tx);
+          await deps.grants.assertHolds(caller, held.permissions, tx, MANAGE_REFUSAL);
+          const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
+          if (waitBeforeNextMail(last, deps.clock.now()) > 0)
+            throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
+          send = await write(user, tx);
           await deps.audit.record(tx, context, {
             type: 'user.invited',
-            subjectId: row.id,
-            data: { email_domain: email.split('@')[1] ?? null },
+            subjectId: user.id,
+            data: { email_domain: email.split('@')[1] ?? null, again: true },
           });
-          return { user: row, created: true };
-        });
-      } catch (err) {
-        if (mailing) {
-          await deps.audit
-            .record(deps.db, context, {
-              type: 'user.invited',
-              outcome: 'failure',
-              data: { email_domain: email.split('@')[1] ?? null, reason: 'mail_failed' },
-            })
-            .catch(() => undefined);
+          return { user, created: false };
         }
-        throw err;
-      }
+        const row = await deps.repo.insert(
+          { id: randomUUID(), email, provider: 'local', passwordHash: null, emailConfirmedAt: null },
+          tx,
+        );
+        if (!row) throw new AppError('email_taken');
+        // `granted_by` names a user (an API key's owner); a service's grant is in the audit event.
+        const grantedBy = context.actorType === 'service' ? null : context.actorId;
+        await deps.repo.assignRole(row.id, USER_ROLE, grantedBy, tx);
+        await deps.repo.createProfile(row.id, input.displayName ?? null, tx);
+        send = await write(row, tx);
+        await deps.audit.record(tx, context, {
+          type: 'user.invited',
+          subjectId: row.id,
+          data: { email_domain: email.split('@')[1] ?? null },
+        });
+        return { user: row, created: true };
+      });
+      send();
+      return invited;
     },
 
     /** 409 when deleting the user would leave no admin (checked again by `delete`). */
