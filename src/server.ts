@@ -3,6 +3,7 @@ import closeWithGrace from 'close-with-grace';
 import { buildApp } from './app.js';
 import { ConfigError, loadConfig } from './config.js';
 import { DatabaseLockedError, MigrationError, openDatabase } from './db/client.js';
+import { databaseLocation, describeFailure, isOperational } from './lib/failure.js';
 import { createLogger } from './lib/logger.js';
 import { KeyEncryptionKeyMismatchError } from './modules/signing-keys/signing-keys.service.js';
 
@@ -82,6 +83,13 @@ main().catch((err: unknown) => {
     err instanceof KeyEncryptionKeyMismatchError
   ) {
     process.stderr.write(`failed to start: ${err.message}\n`);
+    process.exit(1);
+  }
+  // The operator's to mend (the database unreachable or refusing, the port taken, the data directory
+  // not one): one line, as the scripts say it. A fault of the code keeps its stack.
+  if (isOperational(err)) {
+    const line = describeFailure(err, databaseLocation(process.env.DATABASE_URL)).replace(/^error: /, '');
+    process.stderr.write(`failed to start: ${line}\n`);
     process.exit(1);
   }
   process.stderr.write(

@@ -4,10 +4,10 @@
 import 'dotenv/config';
 import { parseArgs } from 'node:util';
 import pino, { type Logger } from 'pino';
-import { ConfigError, type Config, loadConfig } from '../../src/config.js';
-import { type DatabaseHandle, MigrationError, openDatabase } from '../../src/db/client.js';
+import { type Config, loadConfig } from '../../src/config.js';
+import { type DatabaseHandle, openDatabase } from '../../src/db/client.js';
 import { systemClock } from '../../src/lib/clock.js';
-import { isAppError } from '../../src/lib/errors.js';
+import { databaseLocation, describeFailure } from '../../src/lib/failure.js';
 import { REDACTED_PATHS } from '../../src/lib/logger.js';
 import { createServices, type Services } from '../../src/services.js';
 
@@ -81,54 +81,9 @@ export async function runScript(main: () => Promise<void>, usage: string): Promi
     await main();
   } catch (err) {
     if (err instanceof UsageError) process.stderr.write(`${err.message}\n\n${usage}\n`);
-    else process.stderr.write(`${describeFailure(err)}\n`);
+    else process.stderr.write(`${describeFailure(err, databaseLocation(process.env.DATABASE_URL))}\n`);
     process.exitCode = 1;
   }
 }
 
-/** Error codes of a failed connection attempt (Node's, for the socket; PostgreSQL's, for the server). */
-const CONNECTION_FAILURES = new Set([
-  'ECONNREFUSED',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-  'ETIMEDOUT',
-  'EHOSTUNREACH',
-  'ECONNRESET',
-]);
-
-/** What went wrong, in one line: the message of the error that says it, never a stack. */
-export function describeFailure(err: unknown): string {
-  if (err instanceof ConfigError) return `invalid configuration: ${err.problems.join('; ')}`;
-  if (isAppError(err)) return `error: ${err.detail} (${err.code})`;
-  if (err instanceof MigrationError) return `error: ${err.message}`;
-  const { message, code } = innermost(err);
-  const line = message.split('\n')[0]!.trim() || code || 'unknown error';
-  if (code && CONNECTION_FAILURES.has(code)) return `error: cannot connect to the database: ${line}`;
-  // PostgreSQL's SQLSTATE (3D000 no such database, 28P01 bad password, …) helps the search for the cause.
-  return `error: ${line}${code && /^[0-9A-Z]{5}$/.test(code) && !line.includes(code) ? ` (${code})` : ''}`;
-}
-
-/**
- * The error worth reporting: drizzle wraps the driver's in a DrizzleQueryError ("Failed query: …"),
- * and a connection to a name with several addresses fails with an AggregateError whose own message
- * is empty.
- */
-function innermost(err: unknown): { message: string; code: string | undefined } {
-  let current: unknown = err;
-  for (let depth = 0; depth < 5; depth++) {
-    if (current instanceof AggregateError && current.errors.length > 0 && !current.message) {
-      current = current.errors[0];
-      continue;
-    }
-    if (current instanceof Error && current.message.startsWith('Failed query:') && current.cause) {
-      current = current.cause;
-      continue;
-    }
-    break;
-  }
-  if (current instanceof Error) {
-    const code = (current as { code?: unknown }).code ?? (err as { code?: unknown }).code;
-    return { message: current.message, code: typeof code === 'string' ? code : undefined };
-  }
-  return { message: String(current), code: undefined };
-}
+export { describeFailure };

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { sql } from 'drizzle-orm';
@@ -423,7 +423,7 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
       expectOneLineFailure(badUrl, /^invalid configuration: DATABASE_URL: must be a postgres:\/\//);
       expectOneLineFailure(
         refused,
-        /^error: cannot connect to the database: connect ECONNREFUSED 127\.0\.0\.1:1$/m,
+        /^error: cannot connect to the database at 127\.0\.0\.1:1\/auth: connect ECONNREFUSED 127\.0\.0\.1:1$/m,
       );
       if (missing)
         expectOneLineFailure(missing, /^error: database "auth_missing_\w+" does not exist \(3D000\)$/m);
@@ -433,6 +433,34 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
         openapiPath,
         /^error: ENOENT: no such file or directory, open '.*no-such-directory/,
       );
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'the server says why it cannot start in one line, exit code 1: the database refusing, the data directory not one',
+    async () => {
+      const notADirectory = join(scratchDir(), 'a-file');
+      writeFileSync(notADirectory, '');
+      const target: Target = {
+        kind: 'pglite',
+        url: undefined,
+        dataDir: notADirectory,
+        drop: async () => undefined,
+      };
+      // `scripts/../src/server` is the server itself, run as `npm start` runs it.
+      const [refused, dataDir] = await Promise.all([
+        run(target, '../src/server', [], {
+          DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth',
+          PORT: '8797',
+        }),
+        run(target, '../src/server', [], { PORT: '8798' }),
+      ]);
+      expectOneLineFailure(
+        refused,
+        /^failed to start: cannot connect to the database at 127\.0\.0\.1:1\/auth: connect ECONNREFUSED/m,
+      );
+      expectOneLineFailure(dataDir, /^failed to start: ENOTDIR: not a directory/m);
     },
     SPAWN_TEST_TIMEOUT,
   );

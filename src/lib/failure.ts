@@ -1,0 +1,82 @@
+// One line for what went wrong when a process cannot do its job (a script's failure, a server that
+// cannot start): the message of the error that says it, never a stack dump for an operator's condition.
+import { ConfigError } from '../config.js';
+import { MigrationError } from '../db/client.js';
+import { isAppError } from './errors.js';
+
+/** Error codes of a failed connection attempt (Node's, for the socket; PostgreSQL's, for the server). */
+const CONNECTION_FAILURES = new Set([
+  'ECONNREFUSED',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ECONNRESET',
+]);
+
+/** node-postgres's own words for a connection that never came up (no code: a timeout, a reset). */
+const CONNECTION_LOST = /^Connection terminated/;
+
+/**
+ * What went wrong, in one line. `database` (the DATABASE_URL's host, port and name, never its
+ * password) is named when the failure was reaching it.
+ */
+export function describeFailure(err: unknown, database?: string): string {
+  if (err instanceof ConfigError) return `invalid configuration: ${err.problems.join('; ')}`;
+  if (isAppError(err)) return `error: ${err.detail} (${err.code})`;
+  if (err instanceof MigrationError) return `error: ${err.message}`;
+  const { message, code } = innermost(err);
+  const line = message.split('\n')[0]!.trim() || code || 'unknown error';
+  if ((code && CONNECTION_FAILURES.has(code)) || CONNECTION_LOST.test(line))
+    return `error: cannot connect to the database${database ? ` at ${database}` : ''}: ${line}`;
+  // PostgreSQL's SQLSTATE (3D000 no such database, 28P01 bad password, …) helps the search for the cause.
+  return `error: ${line}${code && /^[0-9A-Z]{5}$/.test(code) && !line.includes(code) ? ` (${code})` : ''}`;
+}
+
+/**
+ * Whether a failure is the operator's to mend (the configuration, the database, the port, the disk)
+ * rather than a fault of the code: one with a system or SQLSTATE code, or node-postgres's lost
+ * connection. Those are told in one line; anything else keeps its stack.
+ */
+export function isOperational(err: unknown): boolean {
+  if (err instanceof ConfigError || err instanceof MigrationError || isAppError(err)) return true;
+  const { message, code } = innermost(err);
+  return code !== undefined || CONNECTION_LOST.test(message);
+}
+
+/** A DATABASE_URL as it may be shown: host, port and database, without the user or password. */
+export function databaseLocation(url: string | undefined): string | undefined {
+  if (!url) return undefined;
+  try {
+    const parsed = new URL(url);
+    return `${parsed.hostname}:${parsed.port || '5432'}${parsed.pathname}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The error worth reporting: drizzle wraps the driver's in a DrizzleQueryError ("Failed query: …"),
+ * and a connection to a name with several addresses fails with an AggregateError whose own message
+ * is empty.
+ */
+function innermost(err: unknown): { message: string; code: string | undefined } {
+  let current: unknown = err;
+  for (let depth = 0; depth < 5; depth++) {
+    if (current instanceof AggregateError && current.errors.length > 0 && !current.message) {
+      current = current.errors[0];
+      continue;
+    }
+    if (current instanceof Error && current.message.startsWith('Failed query:') && current.cause) {
+      current = current.cause;
+      continue;
+    }
+    break;
+  }
+  if (current instanceof Error) {
+    const code = (current as { code?: unknown }).code ?? (err as { code?: unknown }).code;
+    return { message: current.message, code: typeof code === 'string' ? code : undefined };
+  }
+  return { message: String(current), code: undefined };
+}
