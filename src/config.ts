@@ -11,7 +11,31 @@ const bool = z
   .enum(['true', 'false', '1', '0', 'yes', 'no'], { message: 'expected true or false' })
   .transform((v) => v === 'true' || v === '1' || v === 'yes');
 
-const seconds = (fallback: number) => z.coerce.number().int().positive().max(31_536_000).default(fallback);
+/**
+ * A whole number of `min` to `max` in decimal digits, or undefined when unset or empty (`PORT=` in an
+ * env file means the default, not 0). `0x1F40`, `1e3` and `1.5` are refused, as they are for `?limit=`.
+ */
+const optionalWholeNumber = (min: number, max: number) =>
+  z
+    .string()
+    .optional()
+    .transform((value, ctx): number | undefined => {
+      const text = value?.trim() ?? '';
+      if (text === '') return undefined;
+      const n = /^\d{1,15}$/.test(text) ? Number(text) : Number.NaN;
+      if (n >= min && n <= max) return n;
+      ctx.addIssue({
+        code: 'custom',
+        message: `must be a whole number from ${min} to ${max}, in decimal digits`,
+      });
+      return z.NEVER;
+    });
+
+/** The same, `fallback` when unset or empty. */
+const wholeNumber = (min: number, max: number, fallback: number) =>
+  optionalWholeNumber(min, max).transform((n): number => n ?? fallback);
+
+const seconds = (fallback: number) => wholeNumber(1, 31_536_000, fallback);
 
 const base64Key32 = z
   .string()
@@ -36,7 +60,7 @@ const optionalString = z
 
 const EnvSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
-  PORT: z.coerce.number().int().min(0).max(65535).default(8000),
+  PORT: wholeNumber(1, 65535, 8000),
   HOST: z.string().min(1).default('0.0.0.0'),
   PUBLIC_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   DATABASE_URL: optionalString.pipe(postgresUrl.optional()),
@@ -45,36 +69,36 @@ const EnvSchema = z.object({
   SUPABASE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
   SUPABASE_ANON_KEY: optionalString,
   SUPABASE_SERVICE_ROLE_KEY: optionalString,
-  SUPABASE_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(5000),
+  SUPABASE_TIMEOUT_MS: wholeNumber(100, 60_000, 5000),
   KEY_ENCRYPTION_KEY: optionalString.pipe(base64Key32.optional()),
   SECRET_PEPPER: optionalString.pipe(base64Key32.optional()),
   SIGNING_ALG: z.enum(['ES256', 'EdDSA']).default('ES256'),
   REDIS_URL: optionalString.pipe(z.url({ protocol: /^rediss?$/ }).optional()),
   RATE_LIMIT_ENABLED: bool.default(true),
-  LOGIN_MAX_FAILURES_PER_HOUR: z.coerce.number().int().min(1).max(100).default(20),
+  LOGIN_MAX_FAILURES_PER_HOUR: wholeNumber(1, 100, 20),
   ACCESS_TOKEN_TTL: seconds(900),
   REFRESH_TOKEN_IDLE_TTL: seconds(2_592_000),
   REFRESH_TOKEN_ABSOLUTE_TTL: seconds(7_776_000),
-  REFRESH_REUSE_GRACE_SECONDS: z.coerce.number().int().min(0).max(10).default(10),
+  REFRESH_REUSE_GRACE_SECONDS: wholeNumber(0, 10, 10),
   BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(z.email().optional()),
   BOOTSTRAP_ADMIN_PASSWORD: optionalString,
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   CORS_ORIGINS: z.string().default(''),
   TRUST_PROXY: z.string().default(''),
-  BODY_LIMIT: z.coerce.number().int().min(1024).max(10_485_760).default(65_536),
-  REQUEST_TIMEOUT_MS: z.coerce.number().int().min(1000).max(600_000).default(30_000),
-  SESSION_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(7),
-  AUDIT_RETENTION_DAYS: z.coerce.number().int().min(0).max(36_500).default(0),
-  DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
-  DB_CONNECT_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(2000),
-  DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
-  DB_MIGRATION_LOCK_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(5000),
-  DB_MIGRATION_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(1000).max(86_400_000).default(600_000),
-  DB_MIGRATION_RETRY_MS: z.coerce.number().int().min(0).max(3_600_000).default(60_000),
-  SHUTDOWN_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(9000),
-  SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(60_000).default(0),
-  PASSWORD_HASH_CONCURRENCY: optionalString.pipe(z.coerce.number<string>().int().min(1).max(64).optional()),
-  PASSWORD_HASH_QUEUE: z.coerce.number().int().min(0).max(10_000).default(64),
+  BODY_LIMIT: wholeNumber(1024, 10_485_760, 65_536),
+  REQUEST_TIMEOUT_MS: wholeNumber(1000, 600_000, 30_000),
+  SESSION_RETENTION_DAYS: wholeNumber(0, 3650, 7),
+  AUDIT_RETENTION_DAYS: wholeNumber(0, 36_500, 0),
+  DB_POOL_MAX: wholeNumber(1, 200, 10),
+  DB_CONNECT_TIMEOUT_MS: wholeNumber(100, 60_000, 2000),
+  DB_STATEMENT_TIMEOUT_MS: wholeNumber(100, 600_000, 5000),
+  DB_MIGRATION_LOCK_TIMEOUT_MS: wholeNumber(100, 600_000, 5000),
+  DB_MIGRATION_STATEMENT_TIMEOUT_MS: wholeNumber(1000, 86_400_000, 600_000),
+  DB_MIGRATION_RETRY_MS: wholeNumber(0, 3_600_000, 60_000),
+  SHUTDOWN_TIMEOUT_MS: wholeNumber(100, 120_000, 9000),
+  SHUTDOWN_DRAIN_MS: wholeNumber(0, 60_000, 0),
+  PASSWORD_HASH_CONCURRENCY: optionalWholeNumber(1, 64),
+  PASSWORD_HASH_QUEUE: wholeNumber(0, 10_000, 64),
   SMTP_URL: optionalString.pipe(z.url({ protocol: /^smtps?$/ }).optional()),
   MAIL_FROM: optionalString.pipe(
     z
@@ -84,17 +108,17 @@ const EnvSchema = z.object({
       })
       .optional(),
   ),
-  SMTP_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(10_000),
+  SMTP_TIMEOUT_MS: wholeNumber(100, 60_000, 10_000),
   PASSWORD_RESET_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
-  PASSWORD_RESET_TTL: z.coerce.number().int().min(60).max(86_400).default(1800),
-  INVITATION_TTL: z.coerce.number().int().min(3600).max(2_592_000).default(604_800),
+  PASSWORD_RESET_TTL: wholeNumber(60, 86_400, 1800),
+  INVITATION_TTL: wholeNumber(3600, 2_592_000, 604_800),
   EMAIL_CONFIRMATION_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
-  EMAIL_CONFIRMATION_TTL: z.coerce.number().int().min(300).max(604_800).default(86_400),
+  EMAIL_CONFIRMATION_TTL: wholeNumber(300, 604_800, 86_400),
   REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
   EMAIL_CHANGE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
-  EMAIL_CHANGE_TTL: z.coerce.number().int().min(300).max(86_400).default(3600),
+  EMAIL_CHANGE_TTL: wholeNumber(300, 86_400, 3600),
   MAGIC_LINK_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
-  MAGIC_LINK_TTL: z.coerce.number().int().min(60).max(3600).default(900),
+  MAGIC_LINK_TTL: wholeNumber(60, 3600, 900),
   MFA_ISSUER: optionalString.pipe(
     z
       .string()
@@ -104,7 +128,7 @@ const EnvSchema = z.object({
       })
       .optional(),
   ),
-  MFA_CHALLENGE_TTL: z.coerce.number().int().min(60).max(1800).default(300),
+  MFA_CHALLENGE_TTL: wholeNumber(60, 1800, 300),
   MFA_REQUIRED_ROLES: z.string().default(''),
 });
 

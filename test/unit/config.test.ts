@@ -26,6 +26,36 @@ describe('configuration', () => {
     expect(Object.isFrozen(config)).toBe(true);
   });
 
+  it('reads numbers as whole decimal numbers; an empty one is its default, never 0', () => {
+    const empty = load({ PORT: '', DB_POOL_MAX: ' ', ACCESS_TOKEN_TTL: '', PASSWORD_HASH_CONCURRENCY: '' });
+    expect(empty.port).toBe(8000);
+    expect(empty.issuer).toBe('http://localhost:8000');
+    expect(empty.db.poolMax).toBe(10);
+    expect(empty.tokens.accessTtl).toBe(900);
+    expect(load({ PORT: ' 8080 ' }).port).toBe(8080);
+    for (const [name, value] of [
+      ['PORT', '0x1F40'],
+      ['PORT', '1.5e3'],
+      ['PORT', '0'],
+      ['PORT', '80.5'],
+      ['DB_POOL_MAX', '0x10'],
+      ['ACCESS_TOKEN_TTL', '1e3'],
+      ['ACCESS_TOKEN_TTL', '-1'],
+      ['PASSWORD_HASH_CONCURRENCY', 'many'],
+    ]) {
+      let message = '';
+      try {
+        load({ [name!]: value! });
+      } catch (err) {
+        message = err instanceof ConfigError ? err.message : String(err);
+      }
+      expect(message, `${name}=${value}`).toMatch(
+        new RegExp(`${name}: must be a whole number from \\d+ to \\d+, in decimal digits`),
+      );
+      expect(message).not.toContain(value);
+    }
+  });
+
   it('names every bad variable in one error, without echoing values', () => {
     try {
       load({
