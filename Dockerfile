@@ -21,14 +21,19 @@ RUN npm ci --omit=dev --no-audit --no-fund
 FROM node:20-bookworm-slim
 ENV NODE_ENV=production PORT=8000 HOST=0.0.0.0 DATA_DIR=/app/.data
 WORKDIR /app
-COPY --from=deps --chown=node:node /app/node_modules ./node_modules
-COPY --from=build --chown=node:node /app/dist ./dist
-COPY --chown=node:node package.json ./
-COPY --chown=node:node drizzle ./drizzle
-COPY --chown=node:node data ./data
+# The code stays root's (readable, not writable, by the process); only the data directory is node's.
+COPY --from=deps /app/node_modules ./node_modules
+COPY --from=build /app/dist ./dist
+COPY package.json ./
+COPY drizzle ./drizzle
+COPY data ./data
 RUN mkdir -p /app/.data && chown node:node /app/.data
 USER node
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD node -e "fetch('http://127.0.0.1:'+(process.env.PORT||8000)+'/health/ready').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+# Liveness, not readiness: Docker's health is what restarters (Swarm, ECS, autoheal) act on, and a
+# database outage (readiness 503 on every container) must not restart them all; route traffic on
+# /health/ready at the load balancer. The start period covers the migration's retry budget
+# (DB_MIGRATION_RETRY_MS, 60 s) while the database comes up.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
+  CMD node -e "fetch('http://127.0.0.1:'+(process.env.PORT||8000)+'/health/live').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
 CMD ["node", "dist/src/server.js"]

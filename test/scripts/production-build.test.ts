@@ -93,7 +93,11 @@ describe('the production build (what the Docker image runs)', () => {
     expect(existsSync(join(outDir, 'scripts/bench.js'))).toBe(false);
     const dockerfile = readFileSync(join(ROOT, 'Dockerfile'), 'utf8');
     expect(dockerfile).toMatch(/^COPY scripts \.\/scripts\nRUN npm run build$/m);
-    expect(dockerfile).toMatch(/^COPY --from=build --chown=node:node \/app\/dist \.\/dist$/m);
+    expect(dockerfile).toMatch(/^COPY --from=build \/app\/dist \.\/dist$/m);
+    // Restarted on liveness only: a database outage must not restart every container.
+    expect(dockerfile).toMatch(/^HEALTHCHECK .*--start-period=90s/m);
+    expect(dockerfile).toMatch(/\/health\/live'\)/);
+    expect(dockerfile).not.toMatch(/--chown=node:node (\/app\/dist|\/app\/node_modules)/);
     const ignored = readFileSync(join(ROOT, '.dockerignore'), 'utf8').split('\n');
     for (const entry of [
       '.git',
