@@ -43,7 +43,7 @@ import { OAUTH_RESPONSE_HEADERS, oauthRoutes } from './modules/oauth/oauth.route
 import authenticate, { decidedOnHeldNow, requestContext } from './plugins/authenticate.js';
 import errorHandler, { answerClientError, routePathOf } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
-import openapi, { DOCS_PREFIX } from './plugins/openapi.js';
+import openapi, { DOCS_PREFIX, REDOC_HELMET, REDOC_PATH } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
 import { NO_STORE_HEADERS, responseHeaders } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
@@ -272,6 +272,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // UI's pages; all computed once at start.
   const headersFor = await responseHeaders({
     documentsPrefix: DOCS_PREFIX,
+    pages: [{ prefix: REDOC_PATH, helmet: REDOC_HELMET }],
     extra: [{ prefix: '/oauth/', headers: OAUTH_RESPONSE_HEADERS }],
     helmet: {
       contentSecurityPolicy: {

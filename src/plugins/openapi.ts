@@ -1,3 +1,4 @@
+import type { FastifyHelmetOptions } from '@fastify/helmet';
 import { STATUS_CODES } from 'node:http';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
@@ -23,6 +24,52 @@ export function oneCredential(request: { headers?: Record<string, unknown> }) {
   }
   return request;
 }
+
+/** ReDoc's reference page of the OpenAPI document (the Python service had one at /redoc too). */
+export const REDOC_PATH = '/redoc';
+
+/**
+ * ReDoc's standalone bundle, pinned to one version and checked by the browser against its hash (the
+ * npm tarball's bundles/redoc.standalone.js, which jsDelivr serves): the page loads it from the CDN,
+ * so the service carries no React stack for it.
+ */
+const REDOC_SCRIPT = {
+  src: 'https://cdn.jsdelivr.net/npm/redoc@2.5.0/bundles/redoc.standalone.js',
+  integrity: 'sha384-4vOjrBu7SuDWXcAw1qFznVLA/sKL+0l4nn+J1HY8w7cpa6twQEYuh4b0Cwuo7CyX',
+};
+
+/** ReDoc's page CSP: its script from the CDN only, its inline styles, and its search worker (blob:). */
+export const REDOC_HELMET: FastifyHelmetOptions = {
+  contentSecurityPolicy: {
+    directives: {
+      defaultSrc: ["'self'"],
+      scriptSrc: ['https://cdn.jsdelivr.net'],
+      styleSrc: ["'self'", "'unsafe-inline'"],
+      imgSrc: ["'self'", 'data:'],
+      fontSrc: ["'self'", 'data:'],
+      connectSrc: ["'self'"],
+      workerSrc: ['blob:'],
+      frameAncestors: ["'none'"],
+      formAction: ["'self'"],
+      upgradeInsecureRequests: null,
+    },
+  },
+  crossOriginResourcePolicy: { policy: 'same-site' },
+};
+
+const REDOC_PAGE = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Paservices auth service: API reference</title>
+</head>
+<body>
+<redoc spec-url="./openapi.json"></redoc>
+<script src="${REDOC_SCRIPT.src}" integrity="${REDOC_SCRIPT.integrity}" crossorigin="anonymous"></script>
+</body>
+</html>
+`;
 
 /** Where Swagger UI and its assets are served: HTML pages, unlike every other route. */
 export const DOCS_PREFIX = '/docs';
@@ -376,6 +423,9 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
 
   app.get('/openapi.json', { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>
     reply.type('application/json').send(app.swagger()),
+  );
+  app.get(REDOC_PATH, { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>
+    reply.type('text/html; charset=utf-8').send(REDOC_PAGE),
   );
 }
 

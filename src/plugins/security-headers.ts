@@ -56,6 +56,8 @@ export interface ResponseHeadersOptions {
   helmet: FastifyHelmetOptions;
   /** URL prefix of the HTML pages; everything else is an API answer. */
   documentsPrefix: string;
+  /** Other HTML pages with a helmet configuration of their own (ReDoc's CSP admits its CDN script). */
+  pages?: Array<{ prefix: string; helmet: FastifyHelmetOptions }>;
   /** Headers added to the API set under a URL prefix (the OAuth endpoints' no-store, RFC 6749 §5.1). */
   extra?: Array<{ prefix: string; headers: Readonly<Record<string, string>> }>;
 }
@@ -74,12 +76,16 @@ export async function responseHeaders(
 ): Promise<(url: string) => Readonly<Record<string, string>>> {
   const documents = await helmetHeaders(options.helmet);
   const prefix = options.documentsPrefix;
+  const pages = await Promise.all(
+    (options.pages ?? []).map(async (p) => ({ prefix: p.prefix, headers: await helmetHeaders(p.helmet) })),
+  );
   const extra = (options.extra ?? []).map((e) => ({
     prefix: e.prefix,
     headers: Object.freeze({ ...API_SECURITY_HEADERS, ...e.headers }),
   }));
   return (url) => {
     if (url.startsWith(prefix)) return documents;
+    for (const p of pages) if (url.startsWith(p.prefix)) return p.headers;
     for (const e of extra) if (url.startsWith(e.prefix)) return e.headers;
     return API_SECURITY_HEADERS;
   };

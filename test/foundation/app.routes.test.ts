@@ -320,6 +320,30 @@ describe('readiness when the database does not answer, and while shutting down',
   });
 });
 
+describe('ReDoc', () => {
+  it('serves a reference page of the document at /redoc, its pinned script checked by hash, under a CSP of its own', async () => {
+    const app = await buildTestApp();
+    const page = await app.inject({ method: 'GET', url: '/redoc' });
+    expect(page.statusCode).toBe(200);
+    expect(page.headers['content-type']).toBe('text/html; charset=utf-8');
+    expect(page.body).toContain('<redoc spec-url="./openapi.json"></redoc>');
+    expect(page.body).toMatch(
+      /<script src="https:\/\/cdn\.jsdelivr\.net\/npm\/redoc@\d+\.\d+\.\d+\/bundles\/redoc\.standalone\.js" integrity="sha384-[A-Za-z0-9+/]{64}" crossorigin="anonymous"><\/script>/,
+    );
+    const csp = String(page.headers['content-security-policy']);
+    expect(csp).toContain('script-src https://cdn.jsdelivr.net');
+    expect(csp).toContain('worker-src blob:');
+    expect(csp).toContain("frame-ancestors 'none'");
+    // The spec it reads is there, and Swagger UI's pages keep their stricter policy.
+    expect((await app.inject({ method: 'GET', url: '/openapi.json' })).statusCode).toBe(200);
+    const docs = await app.inject({ method: 'GET', url: '/docs/' });
+    expect(String(docs.headers['content-security-policy'])).not.toContain('jsdelivr');
+    // API answers keep theirs.
+    const api = await app.inject({ method: 'GET', url: '/health/live' });
+    expect(String(api.headers['content-security-policy'])).not.toContain('jsdelivr');
+  });
+});
+
 describe('Swagger UI in production', () => {
   it('keeps what is entered under Authorize in the tab only, not in localStorage', async () => {
     const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
