@@ -38,11 +38,25 @@ async function main() {
     if (err) logger.error({ err }, 'shutting down after an error');
     else logger.info({ signal, drainMs: config.shutdownDrainMs }, 'shutting down');
     app.markShuttingDown();
-    if (!err && config.shutdownDrainMs > 0) {
-      await new Promise((r) => setTimeout(r, config.shutdownDrainMs));
+    const drainMs = !err ? config.shutdownDrainMs : 0;
+    if (drainMs > 0) {
+      await new Promise((r) => setTimeout(r, drainMs));
       logger.info('drained; closing the listener');
     }
+    // Requests in flight get the time left, less a margin for the pool to close; a connection still
+    // open then (a client trickling a body, one that never reads its answer) is cut, so the exit is
+    // a clean 0 rather than close-with-grace's kill at its deadline.
+    const left = config.shutdownTimeoutMs - drainMs;
+    const cut = setTimeout(
+      () => {
+        logger.warn('requests still open at the shutdown deadline; closing their connections');
+        app.server.closeAllConnections();
+      },
+      left - Math.min(1000, left / 4),
+    );
+    cut.unref();
     await app.close();
+    clearTimeout(cut);
     await database.close();
   });
 

@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { describeOutcome, expectAcknowledgedWritesKept, summarize } from './support/checks.js';
@@ -159,6 +160,41 @@ describe.runIf(!('reason' in found))('SIGTERM under load', () => {
       await expectAcknowledgedWritesKept(cluster, 'auth_drain', { users: registered, logins: [] });
     } finally {
       await draining.stop();
+    }
+  });
+  it('cuts a connection still trickling a body at the deadline, and exits 0 within 10 s all the same', async () => {
+    await cluster.query('CREATE DATABASE auth_trickle');
+    const trickled = await startService({
+      DATABASE_URL: cluster.url('auth_trickle'),
+      LOG_LEVEL: 'info',
+      SHUTDOWN_TIMEOUT_MS: '4000',
+    });
+    const { port } = new URL(trickled.baseUrl);
+    const socket = connect(Number(port), '127.0.0.1');
+    let drip: NodeJS.Timeout | undefined;
+    try {
+      await new Promise<void>((done, fail) => {
+        socket.once('connect', () => done());
+        socket.once('error', fail);
+      });
+      socket.on('error', () => undefined);
+      // A register whose body never finishes arriving: a byte every 200 ms of a thousand promised.
+      socket.write(
+        'POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{',
+      );
+      drip = setInterval(() => socket.write(' '), 200);
+      await sleep(500);
+      const signalledAt = performance.now();
+      trickled.child.kill('SIGTERM');
+      const exit = await trickled.exited;
+      const exitMs = performance.now() - signalledAt;
+      expect(exit.code, trickled.lines.join('\n')).toBe(0);
+      expect(exitMs).toBeLessThan(4000);
+      expect(trickled.lines.join('\n')).toContain('closing their connections');
+    } finally {
+      clearInterval(drip);
+      socket.destroy();
+      await trickled.stop();
     }
   });
 });
