@@ -250,13 +250,16 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
               ? `"${entry}" has a wildcard: list each origin (scheme://host[:port])`
               : `"${entry}" is not an origin (scheme://host[:port], no path)`,
       });
-  const idle = Number(env.REFRESH_TOKEN_IDLE_TTL ?? 2_592_000);
-  const absolute = Number(env.REFRESH_TOKEN_ABSOLUTE_TTL ?? 7_776_000);
+  // As the schema reads them: empty or unset is the default (malformed ones are the schema's to name).
+  const numberOr = (raw: string | undefined, fallback: number) =>
+    raw === undefined || raw.trim() === '' ? fallback : Number(raw.trim());
+  const idle = numberOr(env.REFRESH_TOKEN_IDLE_TTL, 2_592_000);
+  const absolute = numberOr(env.REFRESH_TOKEN_ABSOLUTE_TTL, 7_776_000);
   if (idle > absolute)
     issues.push({ path: 'REFRESH_TOKEN_IDLE_TTL', message: 'must not exceed REFRESH_TOKEN_ABSOLUTE_TTL' });
   // The drain comes out of the shutdown timeout: leave at least a second for the requests in flight.
-  const drain = Number(env.SHUTDOWN_DRAIN_MS ?? 0);
-  const timeout = Number(env.SHUTDOWN_TIMEOUT_MS ?? 9000);
+  const drain = numberOr(env.SHUTDOWN_DRAIN_MS, 0);
+  const timeout = numberOr(env.SHUTDOWN_TIMEOUT_MS, 9000);
   if (drain > 0 && drain > timeout - 1000)
     issues.push({
       path: 'SHUTDOWN_DRAIN_MS',

@@ -13,7 +13,7 @@ async function main() {
     config = loadConfig(process.env);
   } catch (err) {
     if (err instanceof ConfigError) {
-      process.stderr.write(`${err.message}\n`);
+      process.stderr.write(`failed to start: ${describeFailure(err)}\n`);
       process.exit(1);
     }
     throw err;
@@ -52,7 +52,9 @@ async function main() {
         logger.warn('requests still open at the shutdown deadline; closing their connections');
         app.server.closeAllConnections();
       },
-      left - Math.min(1000, left / 4),
+      // Two seconds for what follows: the plugins' close hooks (the outbox waits a second at most for
+      // a send in flight, key usage is flushed) and the pool.
+      left - Math.min(2000, left / 4),
     );
     cut.unref();
     await app.close();

@@ -35,14 +35,23 @@ export function describeFailure(err: unknown, database?: string): string {
 }
 
 /**
+ * SQLSTATE classes that are the database's state or the operator's setup, not a query's fault:
+ * connection (08), authorization (28), no such database (3D), resources (53), operator intervention
+ * (57), system (58). A syntax or missing-column error (42) is the code's.
+ */
+const OPERATIONAL_SQLSTATE = /^(08|28|3D|53|57|58)[0-9A-Z]{3}$/;
+
+/**
  * Whether a failure is the operator's to mend (the configuration, the database, the port, the disk)
- * rather than a fault of the code: one with a system or SQLSTATE code, or node-postgres's lost
- * connection. Those are told in one line; anything else keeps its stack.
+ * rather than a fault of the code: a system call's error (`EADDRINUSE`, `ENOTDIR`, `ECONNREFUSED`…),
+ * a SQLSTATE of the database's state, or node-postgres's lost connection. Those are told in one line;
+ * anything else (Fastify's `FST_ERR_*`, Node's `ERR_*`, a query's own error) keeps its stack.
  */
 export function isOperational(err: unknown): boolean {
   if (err instanceof ConfigError || err instanceof MigrationError || isAppError(err)) return true;
   const { message, code } = innermost(err);
-  return code !== undefined || CONNECTION_LOST.test(message);
+  if (CONNECTION_LOST.test(message)) return true;
+  return code !== undefined && (/^E[A-Z]+$/.test(code) || OPERATIONAL_SQLSTATE.test(code));
 }
 
 /** A DATABASE_URL as it may be shown: host, port and database, without the user or password. */

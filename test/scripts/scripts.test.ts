@@ -449,13 +449,15 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
         drop: async () => undefined,
       };
       // `scripts/../src/server` is the server itself, run as `npm start` runs it.
-      const [refused, dataDir] = await Promise.all([
+      const [refused, dataDir, badPort] = await Promise.all([
         run(target, '../src/server', [], {
           DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth',
           PORT: '8797',
         }),
         run(target, '../src/server', [], { PORT: '8798' }),
+        run(target, '../src/server', [], { PORT: 'abc' }),
       ]);
+      expectOneLineFailure(badPort, /^failed to start: invalid configuration: PORT: must be a whole number/m);
       expectOneLineFailure(
         refused,
         /^failed to start: cannot connect to the database at 127\.0\.0\.1:1\/auth: connect ECONNREFUSED/m,

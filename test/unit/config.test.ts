@@ -33,6 +33,11 @@ describe('configuration', () => {
     expect(empty.db.poolMax).toBe(10);
     expect(empty.tokens.accessTtl).toBe(900);
     expect(load({ PORT: ' 8080 ' }).port).toBe(8080);
+    // The cross-checks read an empty one as its default too.
+    expect(load({ SHUTDOWN_TIMEOUT_MS: '', SHUTDOWN_DRAIN_MS: '5000' }).shutdownDrainMs).toBe(5000);
+    expect(
+      load({ REFRESH_TOKEN_ABSOLUTE_TTL: '', REFRESH_TOKEN_IDLE_TTL: '86400' }).tokens.refreshIdleTtl,
+    ).toBe(86_400);
     for (const [name, value] of [
       ['PORT', '0x1F40'],
       ['PORT', '1.5e3'],
