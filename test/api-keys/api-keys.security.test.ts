@@ -416,6 +416,29 @@ describe('api keys: security', () => {
     const narrowed = await patch({ scopes: ['account:read'], name: 'narrowed by the manager' });
     expect(narrowed.statusCode, narrowed.body).toBe(200);
     expect((await me(withKey(victim.key))).json().permissions).toEqual(['account:read']);
+    // Narrower is by coverage, not by name: the manager takes a colleague's key from users:* to
+    // users:read, and not back.
+    const colleague = await registerUser(app, 'aks-takeover-colleague');
+    await grantRole(app, colleague.id, ['users:*']);
+    const broad = await createKey(
+      app,
+      (await login(app, colleague.email, colleague.password)).session.access_token,
+      {
+        scopes: ['users:*'],
+      },
+    );
+    await grantRole(app, manager.id, ['users:read']);
+    const asReader = bearer((await login(app, manager.email, manager.password)).session.access_token);
+    const scopesOf = (scopes: string[]) =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/api-keys/${broad.id}`,
+        headers: asReader,
+        payload: { scopes },
+      });
+    const toRead = await scopesOf(['users:read']);
+    expect(toRead.statusCode, toRead.body).toBe(200);
+    expect((await scopesOf(['users:*'])).statusCode).toBe(403);
     // The owner widens and extends their own key again.
     const own = await app.inject({
       method: 'PATCH',
@@ -457,6 +480,15 @@ describe('api keys: security', () => {
     expect(back.statusCode, back.body).toBe(403);
     expect(back.json().detail).toContain('replaced');
     expect((await me(withKey(fresh))).statusCode).toBe(200);
+    // Nor make a key: one made with it would outlive the rotation.
+    const minted = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(leaked.key),
+      payload: { name: 'from the old secret', scopes: ['account:read'] },
+    });
+    expect(minted.statusCode, minted.body).toBe(403);
+    expect(minted.json().detail).toContain('replaced');
     // Forced by the new secret, the rotation says so in its event.
     const forced = await rotate(leaked.id, fresh, { grace_seconds: 0, force: true });
     expect(forced.statusCode, forced.body).toBe(200);

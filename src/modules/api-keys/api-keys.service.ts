@@ -324,6 +324,10 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       const row = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           assertWithinCallerLife(actor, expiresAt);
+          // A replaced secret in its grace is for the switch-over, not for minting: a key made with it
+          // would outlive the rotation meant to cut a leaked secret off.
+          if (actor.key?.previous)
+            throw forbidden('The secret a rotation replaced cannot create keys; use the new secret');
           const now = clock.now();
           // Made by a key: that key, locked, is still live. A revocation racing this either waits and
           // then revokes the new key with its parent, or has committed and this one is refused.
@@ -425,21 +429,22 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             if (field)
               throw expiredKey({ field: `body.${field}`, message: 'cannot change once the key has expired' });
           }
-          if (patch.scopes?.some((scope) => !current.scopes.includes(scope)))
+          // Wider: a scope the key's current ones do not cover (`users:*` to `users:read` is narrower).
+          if (patch.scopes?.some((scope) => !hasPermission(current.scopes, scope)))
             assertOwner(actor, current, 'widen its scopes');
           if (patch.expiresAt !== undefined) {
             assertWithinCallerLife(actor, patch.expiresAt);
-            if (outlives(patch.expiresAt, current.expiresAt))
+            // A longer life is access granted anew: the owner's, and for a caller who holds what the
+            // key gives, as for a rotation.
+            if (outlives(patch.expiresAt, current.expiresAt)) {
               assertOwner(actor, current, 'lengthen its life');
-            // A longer life is access granted anew: the caller must hold what the key gives, as for a
-            // rotation (else a holder of api_keys:write could keep an administrator's key alive).
-            if (outlives(patch.expiresAt, current.expiresAt))
               await deps.grants.assertHolds(
                 actor.grantor,
                 patch.scopes ?? current.scopes,
                 tx,
                 'Extending the life of a key needs the permissions it gives',
               );
+            }
           }
           if (patch.scopes !== undefined) await assertGrantable(actor, current.ownerId, patch.scopes, tx);
           const updated = (await repo.update(id, patch, clock.now(), tx))!;
