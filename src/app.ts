@@ -116,9 +116,9 @@ const refuseBody: preValidationHookHandler = (request, _reply, done) => {
 };
 
 /**
- * preValidation of an API operation without query parameters: any is a 400 naming it, as the list
- * operations' strict schemas do, rather than silently ignored (`POST /v1/api-keys?owner_id=…` made a
- * key for the caller, not for the user named; `?key=` on verify would put a key in access logs).
+ * preValidation of an API write without query parameters: any is a 400 naming it, rather than
+ * silently ignored (`POST /v1/api-keys?owner_id=…` made a key for the caller, not for the user named;
+ * `?key=` on verify would put a key in access logs).
  */
 const refuseQuery: preValidationHookHandler = (request, _reply, done) => {
   const names = Object.keys((request.query ?? {}) as object);
@@ -248,7 +248,13 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
       route.preValidation = [...hooks, refuseBody];
     }
-    if (route.url.startsWith('/v1/') && route.schema?.querystring === undefined) {
+    // A write only: a read ignores what it does not take (a cache-buster's `?_=…` on GET /v1/auth/me),
+    // while a write that ignored `?owner_id=` did something other than what was asked.
+    if (
+      route.url.startsWith('/v1/') &&
+      route.schema?.querystring === undefined &&
+      methods.some((m) => !BODILESS_METHODS.has(m))
+    ) {
       const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
       route.preValidation = [...hooks, refuseQuery];
     }

@@ -340,7 +340,7 @@ describe('request bodies', () => {
     expect((await revoke('{}')).statusCode).toBe(204);
   });
 
-  it('refuses query parameters where an API operation takes none (400 naming them), changing nothing', async () => {
+  it('refuses query parameters where an API write takes none (400 naming them), changing nothing; a read ignores them', async () => {
     const other = await registerUser(app, 'no-query-other');
     const made = await app.inject({
       method: 'POST',
@@ -355,13 +355,20 @@ describe('request bodies', () => {
     ]);
     const keys = await app.inject({ method: 'GET', url: '/v1/api-keys', headers: bearer(user.accessToken) });
     expect(keys.json().data.map((k: { name: string }) => k.name)).not.toContain('for whom?');
-    const me = await app.inject({
-      method: 'GET',
-      url: '/v1/auth/me?fields=all',
+    const logout = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout?all=1',
       headers: bearer(user.accessToken),
     });
-    expect(me.statusCode).toBe(400);
-    // Operations with parameters keep theirs; outside the API (JWKS, health) a cache-buster is fine.
+    expect(logout.statusCode).toBe(400);
+    // A read ignores a cache-buster; operations with parameters keep theirs; outside the API (JWKS,
+    // health) anything goes.
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me?_=1700000000',
+      headers: bearer(user.accessToken),
+    });
+    expect(me.statusCode).toBe(200);
     expect(
       (await app.inject({ method: 'GET', url: '/v1/api-keys?limit=5', headers: bearer(user.accessToken) }))
         .statusCode,
