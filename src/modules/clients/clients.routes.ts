@@ -44,7 +44,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
           'The scopes must be permissions the caller holds (403 otherwise). Use `client_id` and ' +
           '`client_secret` at POST /oauth/token with `grant_type=client_credentials`. Not with an API key ' +
           '(403): a client secret would outlive the key.',
-        security: bearerOrApiKey,
+        security: [{ bearerAuth: [] }],
         body: CreateClientBodySchema,
         response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 415, 503) },
       },
@@ -173,7 +173,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
           'The current secret keeps working for `grace_seconds` (default 0), then stops. The caller must ' +
           'hold every scope of the client (403 otherwise): the new secret is shown to the caller. Not with ' +
           'an API key (403).',
-        security: bearerOrApiKey,
+        security: [{ bearerAuth: [] }],
         params: ClientIdParamSchema,
         body: RotateSecretBodySchema.nullish(),
         response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 404, 409, 415, 503) },
