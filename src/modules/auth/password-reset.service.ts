@@ -12,6 +12,7 @@ import type { Mailer } from '../../lib/mailer.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
+import { revokeKeysOfOwner } from '../api-keys/owner-keys.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaService } from './mfa.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
@@ -140,20 +141,19 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       });
       mfaRemoved = true;
     }
-    // Until a pass finds nothing: a statement that waited for a concurrent creation's lock (a key
-    // minted by a key holds its parent) does not see the row that creation inserted; the next does,
-    // and a creation that comes later finds its parent or its session already ended.
+    // Until a pass finds nothing (owner-keys.ts): a creation that comes later finds its parent or its
+    // session already ended.
     for (let pass = 0; pass < 5; pass++) {
-      const keys = await unproven.apiKeys.revokeAllOfOwner(userId, now, tx);
+      const keys = await revokeKeysOfOwner(
+        { apiKeys: unproven.apiKeys, audit: deps.audit },
+        tx,
+        userId,
+        now,
+        actor,
+        'first_mailbox_proof',
+        emit,
+      );
       const clients = await unproven.clients.disableActingFor(userId, now, tx);
-      for (const key of keys) {
-        await deps.audit.record(tx, actor, {
-          type: 'api_key.revoked',
-          subjectId: key.id,
-          data: { owner_id: userId, prefix: key.prefix, reason: 'first_mailbox_proof' },
-        });
-        emit({ type: 'api_key_changed', lookupId: key.lookupId });
-      }
       for (const client of clients) {
         await deps.audit.record(tx, actor, {
           type: 'client.updated',
@@ -163,7 +163,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         emit({ type: 'client_changed', clientId: client.clientId });
         emit(await unproven.subjectRevocation(tx, client.clientId));
       }
-      if (keys.length === 0 && clients.length === 0) return { mfaRemoved };
+      if (keys === 0 && clients.length === 0) return { mfaRemoved };
     }
     return { mfaRemoved };
   }

@@ -15,6 +15,7 @@ import { ROLE_REFUSAL } from '../roles/roles.service.js';
 import type { UserRow, UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
+import { revokeKeysOfOwner } from '../api-keys/owner-keys.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
 import { normalizeEmail } from '../auth/auth.schema.js';
@@ -295,17 +296,9 @@ export function createUsersService(deps: {
         await cutOff(tx, id, 'user_deleted', emit);
         // The keys go with the row; each one's history says how it ended, and every instance forgets
         // it at once (a cached key would answer owner_disabled, not not_found, until it aged out).
-        const keys = await deps.apiKeys.revokeAllOfOwner(id, deps.clock.now(), tx);
-        await deps.audit.record(
-          tx,
-          context,
-          keys.map((key) => ({
-            type: 'api_key.revoked',
-            subjectId: key.id,
-            data: { owner_id: id, prefix: key.prefix, reason: 'owner_deleted' },
-          })),
-        );
-        for (const key of keys) emit({ type: 'api_key_changed', lookupId: key.lookupId });
+        const at = deps.clock.now();
+        for (let pass = 0; pass < 5; pass++)
+          if ((await revokeKeysOfOwner(deps, tx, id, at, context, 'owner_deleted', emit)) === 0) break;
         // Profile, sessions, refresh tokens, API keys and role grants go with the row (ON DELETE CASCADE);
         // audit events are kept: they are not foreign keys. A concurrent deletion that got there first
         // makes this one a 404, its revocations and event rolled back.
