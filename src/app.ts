@@ -43,7 +43,7 @@ import { OAUTH_RESPONSE_HEADERS, oauthRoutes } from './modules/oauth/oauth.route
 import authenticate, { decidedOnHeldNow, requestContext } from './plugins/authenticate.js';
 import errorHandler, { answerClientError, routePathOf } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
-import openapi, { DOCS_PREFIX, REDOC_HELMET, REDOC_PATH } from './plugins/openapi.js';
+import openapi, { DOCS_PREFIX, REDOC_HELMET, REDOC_PATH, SWAGGER_UI_HELMET } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
 import { NO_STORE_HEADERS, responseHeaders } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
@@ -99,6 +99,10 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
 
 /** Methods whose requests carry no body by their definition. */
 const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** A route's hooks of one kind (none, one or a list, as declared) with `hook` run after them. */
+const withHook = <H>(existing: H | H[] | undefined, hook: H): H[] =>
+  existing === undefined ? [hook] : ([...[existing].flat(), hook] as H[]);
 
 /** preValidation of an operation without a body: a body with fields is a 400 naming them. */
 const refuseBody: preValidationHookHandler = (request, _reply, done) => {
@@ -237,27 +241,17 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     };
     // Every API answer is no-store (the header set); a route answering with a credential also gets
     // RFC 6749 §5.1's Pragma from a hook of its own.
-    if (config.noStore === true) {
-      const hooks = route.onRequest === undefined ? [] : [route.onRequest].flat();
-      route.onRequest = [...hooks, sendNoStore];
-    }
+    if (config.noStore === true) route.onRequest = withHook(route.onRequest, sendNoStore);
     const methods = Array.isArray(route.method) ? route.method : [route.method];
+    const writes = methods.some((m) => !BODILESS_METHODS.has(m));
     // An operation that declares no body refuses one with fields, rather than ignoring what the
     // client meant by it (`{}` and no body at all are the same thing).
-    if (route.schema?.body === undefined && methods.some((m) => !BODILESS_METHODS.has(m))) {
-      const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
-      route.preValidation = [...hooks, refuseBody];
-    }
+    if (writes && route.schema?.body === undefined)
+      route.preValidation = withHook(route.preValidation, refuseBody);
     // A write only: a read ignores what it does not take (a cache-buster's `?_=…` on GET /v1/auth/me),
     // while a write that ignored `?owner_id=` did something other than what was asked.
-    if (
-      route.url.startsWith('/v1/') &&
-      route.schema?.querystring === undefined &&
-      methods.some((m) => !BODILESS_METHODS.has(m))
-    ) {
-      const hooks = route.preValidation === undefined ? [] : [route.preValidation].flat();
-      route.preValidation = [...hooks, refuseQuery];
-    }
+    if (writes && route.url.startsWith('/v1/') && route.schema?.querystring === undefined)
+      route.preValidation = withHook(route.preValidation, refuseQuery);
     for (const method of methods) {
       if (method === 'HEAD') continue;
       routeTable.push({
@@ -274,31 +268,14 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('markShuttingDown', () => {
     shuttingDown = true;
   });
-  // The REST header set on API answers (with no-store on the OAuth endpoints), helmet's on Swagger
-  // UI's pages; all computed once at start.
+  // The REST header set on API answers (with no-store on the OAuth endpoints), helmet's on the
+  // documentation pages (Swagger UI's, ReDoc's); all computed once at start.
   const headersFor = await responseHeaders({
-    documentsPrefix: DOCS_PREFIX,
-    pages: [{ prefix: REDOC_PATH, helmet: REDOC_HELMET }],
     extra: [{ prefix: '/oauth/', headers: OAUTH_RESPONSE_HEADERS }],
-    helmet: {
-      contentSecurityPolicy: {
-        directives: {
-          defaultSrc: ["'self'"],
-          // Swagger UI's bundle applies inline styles and data: images; it needs nothing else.
-          styleSrc: ["'self'", "'unsafe-inline'"],
-          imgSrc: ["'self'", 'data:'],
-          scriptSrc: ["'self'"],
-          connectSrc: ["'self'"],
-          frameAncestors: ["'none'"],
-          formAction: ["'self'"],
-          // Not helmet's upgrade-insecure-requests: on a plain-http address other than localhost (a
-          // development box on the LAN) it rewrote Swagger UI's own assets to https and broke /docs;
-          // HSTS keeps deployments behind TLS on https.
-          upgradeInsecureRequests: null,
-        },
-      },
-      crossOriginResourcePolicy: { policy: 'same-site' },
-    },
+    pages: [
+      { prefix: REDOC_PATH, helmet: REDOC_HELMET },
+      { prefix: DOCS_PREFIX, helmet: SWAGGER_UI_HELMET },
+    ],
   });
   // Everything every request gets, in one synchronous hook: an async hook costs a promise and a
   // microtask turn on every request, and each hook a turn through Fastify's hook runner.

@@ -38,6 +38,27 @@ const REDOC_SCRIPT = {
   integrity: 'sha384-4vOjrBu7SuDWXcAw1qFznVLA/sKL+0l4nn+J1HY8w7cpa6twQEYuh4b0Cwuo7CyX',
 };
 
+/** helmet's configuration for Swagger UI's pages. */
+export const SWAGGER_UI_HELMET: FastifyHelmetOptions = {
+  contentSecurityPolicy: {
+    directives: {
+      defaultSrc: ["'self'"],
+      // Swagger UI's bundle applies inline styles and data: images; it needs nothing else.
+      styleSrc: ["'self'", "'unsafe-inline'"],
+      imgSrc: ["'self'", 'data:'],
+      scriptSrc: ["'self'"],
+      connectSrc: ["'self'"],
+      frameAncestors: ["'none'"],
+      formAction: ["'self'"],
+      // Not helmet's upgrade-insecure-requests: on a plain-http address other than localhost (a
+      // development box on the LAN) it rewrote Swagger UI's own assets to https and broke /docs;
+      // HSTS keeps deployments behind TLS on https.
+      upgradeInsecureRequests: null,
+    },
+  },
+  crossOriginResourcePolicy: { policy: 'same-site' },
+};
+
 /** ReDoc's page CSP: its script from the CDN only, its inline styles, and its search worker (blob:). */
 export const REDOC_HELMET: FastifyHelmetOptions = {
   contentSecurityPolicy: {

@@ -52,19 +52,18 @@ export const NO_STORE_HEADERS: Readonly<Record<string, string>> = Object.freeze(
 });
 
 export interface ResponseHeadersOptions {
-  /** helmet's configuration for the HTML pages (Swagger UI). */
-  helmet: FastifyHelmetOptions;
-  /** URL prefix of the HTML pages; everything else is an API answer. */
-  documentsPrefix: string;
-  /** Other HTML pages with a helmet configuration of their own (ReDoc's CSP admits its CDN script). */
-  pages?: Array<{ prefix: string; helmet: FastifyHelmetOptions }>;
+  /**
+   * The HTML pages, by URL prefix, each with helmet's configuration of its own (Swagger UI's; ReDoc's
+   * CSP admits its CDN script); everything else is an API answer.
+   */
+  pages: Array<{ prefix: string; helmet: FastifyHelmetOptions }>;
   /** Headers added to the API set under a URL prefix (the OAuth endpoints' no-store, RFC 6749 §5.1). */
   extra?: Array<{ prefix: string; headers: Readonly<Record<string, string>> }>;
 }
 
 /**
  * The security headers of every response (404s and errors included), by URL: helmet's full set on
- * the HTML pages under `documentsPrefix`, the REST set everywhere else, with any `extra` headers of
+ * the HTML `pages`, the REST set everywhere else, with any `extra` headers of
  * its prefix. @fastify/helmet runs helmet's middleware factory on every request — CSP directives
  * parsed, a dozen middlewares built — to produce headers that depend only on configuration, so every
  * set is computed once at start and the app's one onRequest hook copies the one a URL gets onto its
@@ -74,17 +73,14 @@ export interface ResponseHeadersOptions {
 export async function responseHeaders(
   options: ResponseHeadersOptions,
 ): Promise<(url: string) => Readonly<Record<string, string>>> {
-  const documents = await helmetHeaders(options.helmet);
-  const prefix = options.documentsPrefix;
   const pages = await Promise.all(
-    (options.pages ?? []).map(async (p) => ({ prefix: p.prefix, headers: await helmetHeaders(p.helmet) })),
+    options.pages.map(async (p) => ({ prefix: p.prefix, headers: await helmetHeaders(p.helmet) })),
   );
   const extra = (options.extra ?? []).map((e) => ({
     prefix: e.prefix,
     headers: Object.freeze({ ...API_SECURITY_HEADERS, ...e.headers }),
   }));
   return (url) => {
-    if (url.startsWith(prefix)) return documents;
     for (const p of pages) if (url.startsWith(p.prefix)) return p.headers;
     for (const e of extra) if (url.startsWith(e.prefix)) return e.headers;
     return API_SECURITY_HEADERS;

@@ -5,6 +5,7 @@ import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { allPages, bearer, injectFetch } from '../support/http.js';
+import { createKey, withKey } from '../api-keys/helpers.js';
 
 describe('auth: register, login, me, refresh, logout (local provider)', () => {
   let app: FastifyInstance;
@@ -321,7 +322,6 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     const user = await registerUser(app);
     const other = await login(app, user.email);
     // Not with an API key, even one holding account:write and sent with the right password.
-    const { createKey, withKey } = await import('../api-keys/helpers.js');
     const key = await createKey(app, user.accessToken, { scopes: ['account:read', 'account:write'] });
     for (const headers of [withKey(key.key), bearer(key.key)]) {
       const byKey = await app.inject({

@@ -5,6 +5,8 @@ import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
+import { grantRole } from '../api-keys/helpers.js';
+import { createClient } from '../clients/helpers.js';
 import { totpAt, turnOnMfa } from '../support/mfa.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
@@ -239,8 +241,6 @@ describe('password reset (built-in provider)', () => {
     const withKey = { 'x-api-key': key.json().key as string };
     expect((await app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey })).statusCode).toBe(200);
     // And a client acting for the account.
-    const { grantRole } = await import('../api-keys/helpers.js');
-    const { createClient } = await import('../clients/helpers.js');
     await grantRole(app, squatter.id, ['clients:write', 'clients:read']);
     const client = await createClient(app, (await login(app, squatter.email)).session.access_token, {
       scopes: [],

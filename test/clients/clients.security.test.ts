@@ -6,7 +6,7 @@ import { clients, roles as rolesTable } from '../../src/db/schema/index.js';
 import { CLIENT_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
-import { grantRole, removeRole } from '../api-keys/helpers.js';
+import { createKey, grantRole, removeRole, withKey } from '../api-keys/helpers.js';
 import { createAdmin, login, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import {
@@ -77,7 +77,6 @@ describe('app clients: security', () => {
   });
 
   it('an API key registers no client and takes no client secret (403, audited): a leaked key’s revocation ends what it made', async () => {
-    const { createKey, withKey } = await import('../api-keys/helpers.js');
     const key = await createKey(app, admin.accessToken, {
       scopes: ['clients:read', 'clients:write', 'users:read'],
     });
