@@ -369,6 +369,19 @@ describe('request bodies', () => {
       headers: bearer(user.accessToken),
     });
     expect(me.statusCode).toBe(200);
+    // API.md: GET /v1/api-keys/{id} with `?owner_id=` (as the list takes it) is a read like any other.
+    const own = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'read with owner_id', scopes: ['account:read'] },
+    });
+    const read = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${own.json().id}?owner_id=${user.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(read.statusCode, read.body).toBe(200);
     expect(
       (await app.inject({ method: 'GET', url: '/v1/api-keys?limit=5', headers: bearer(user.accessToken) }))
         .statusCode,
