@@ -449,6 +449,11 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
   app.get(REDOC_PATH, { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>
     reply.type('text/html; charset=utf-8').send(REDOC_PAGE),
   );
+  // The page reads ./openapi.json, which under /redoc/ would be /redoc/openapi.json: send the
+  // address with a trailing slash to the page (relative, so a proxy's path prefix stays).
+  app.get(`${REDOC_PATH}/`, { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>
+    reply.redirect(`../${REDOC_PATH.slice(1)}`, 301),
+  );
 }
 
 export default fp(openApiPlugin, { name: 'openapi', fastify: '5.x' });

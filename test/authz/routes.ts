@@ -12,6 +12,7 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
   { method: 'GET', route: '/metrics', permission: 'public' },
   { method: 'GET', route: '/openapi.json', permission: 'public' },
   { method: 'GET', route: '/redoc', permission: 'public' },
+  { method: 'GET', route: '/redoc/', permission: 'public' },
   { method: 'GET', route: '/.well-known/jwks.json', permission: 'public' },
   { method: 'GET', route: '/.well-known/openid-configuration', permission: 'public' },
   { method: 'GET', route: '/.well-known/oauth-authorization-server', permission: 'public' },

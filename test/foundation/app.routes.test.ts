@@ -338,6 +338,10 @@ describe('ReDoc', () => {
     );
     expect(csp).toContain('worker-src blob:');
     expect(csp).toContain("frame-ancestors 'none'");
+    // With a trailing slash, ./openapi.json would miss: that address is sent to the page, relatively.
+    const slash = await app.inject({ method: 'GET', url: '/redoc/' });
+    expect(slash.statusCode).toBe(301);
+    expect(new URL(String(slash.headers.location), 'http://x/redoc/').pathname).toBe('/redoc');
     // The spec it reads is there, and Swagger UI's pages keep their stricter policy.
     expect((await app.inject({ method: 'GET', url: '/openapi.json' })).statusCode).toBe(200);
     const docs = await app.inject({ method: 'GET', url: '/docs/' });
