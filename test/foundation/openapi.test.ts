@@ -226,6 +226,39 @@ describe('the OpenAPI document', () => {
     expect(bodyOf('/v1/api-keys', 'post')?.properties?.scopes?.items?.pattern).toBe(permission?.pattern);
   });
 
+  it('says in its request schemas that a name of spaces alone is refused, as the server does', async () => {
+    type Schema = { properties?: Record<string, Schema>; anyOf?: Schema[]; pattern?: string };
+    const fieldOf = (path: string, method: string, field: string) => {
+      const body = (
+        doc.paths[path]?.[method] as { requestBody?: { content: Record<string, { schema: Schema }> } }
+      )?.requestBody?.content['application/json']?.schema;
+      const schema = body?.properties?.[field];
+      return schema?.anyOf?.find((s) => s.pattern) ?? schema;
+    };
+    for (const [path, method, field] of [
+      ['/v1/api-keys', 'post', 'name'],
+      ['/v1/api-keys/{id}', 'patch', 'name'],
+      ['/v1/clients', 'post', 'name'],
+      ['/v1/clients/{id}', 'patch', 'name'],
+      ['/v1/auth/register', 'post', 'display_name'],
+      ['/v1/users', 'post', 'display_name'],
+      ['/v1/profiles/me', 'patch', 'display_name'],
+    ] as const) {
+      const pattern = new RegExp(fieldOf(path, method, field)?.pattern ?? '^$');
+      expect(pattern.test('   '), `${method} ${path} ${field}`).toBe(false);
+      expect(pattern.test(' Ada '), `${method} ${path} ${field}`).toBe(true);
+    }
+    const admin = await createAdmin(app);
+    const blank = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: { authorization: `Bearer ${admin.accessToken}` },
+      payload: { name: '   ', scopes: [] },
+    });
+    expect(blank.statusCode).toBe(400);
+    expect(blank.json().errors).toEqual([expect.objectContaining({ field: 'body.name' })]);
+  });
+
   it('has request examples Swagger UI can send as they are: none is refused as invalid', async () => {
     const admin = await createAdmin(app);
     type Schema = { properties?: Record<string, { example?: unknown }>; required?: string[] };

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { InstantSchema } from '../../lib/instant.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
-import { PermissionSchema, uuidInput } from '../shared/shared.schema.js';
+import { nonBlank, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 
 /** Longest grace a rotation may give the old secret: a week covers any deployment cycle. */
 export const MAX_GRACE_SECONDS = 7 * 24 * 3600;
@@ -16,11 +16,7 @@ const ScopesSchema = z
   .describe('Permissions the key may use; within the creator’s own, and limited at every use to the owner’s')
   .meta({ example: ['account:read'] });
 
-const NameSchema = z
-  .string()
-  .trim()
-  .min(1)
-  .max(100)
+const NameSchema = nonBlank(100)
   .describe('A label for people, e.g. "CI deploy"')
   .meta({ example: 'CI deploy' });
 

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { pageOf } from '../../lib/pagination.js';
+import { nonBlank } from '../shared/shared.schema.js';
 
 /** An address as accounts are keyed by it: trimmed, lower case. */
 export const normalizeEmail = (email: string) => email.trim().toLowerCase();
@@ -50,7 +51,7 @@ export const RegisterBodySchema = z
   .object({
     email: EmailSchema,
     password: PasswordSchema,
-    display_name: z.string().trim().min(1).max(100).optional().meta({ example: 'Ada Lovelace' }),
+    display_name: nonBlank(100).optional().meta({ example: 'Ada Lovelace' }),
   })
   .strict();
 

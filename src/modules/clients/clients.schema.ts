@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { pageOf, PaginationQuerySchema } from '../../lib/pagination.js';
-import { isoDate, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
+import { isoDate, nonBlank, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 import type { ClientRow } from './clients.repository.js';
 import { CLIENT_ID_PATTERN, MAX_SECRET_GRACE_SECONDS } from './clients.service.js';
 
@@ -38,7 +38,7 @@ export const ClientIdParamSchema = z.object({
 
 export const CreateClientBodySchema = z
   .object({
-    name: z.string().trim().min(1).max(100).meta({ example: 'orders-service' }),
+    name: nonBlank(100).meta({ example: 'orders-service' }),
     description: z.string().trim().max(500).optional(),
     scopes: ScopesSchema,
     audiences: AudiencesSchema.optional(),
@@ -48,7 +48,7 @@ export const CreateClientBodySchema = z
 
 export const UpdateClientBodySchema = z
   .object({
-    name: z.string().trim().min(1).max(100).optional(),
+    name: nonBlank(100).optional(),
     description: z.string().trim().max(500).optional(),
     scopes: ScopesSchema.optional(),
     audiences: AudiencesSchema.optional(),

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { uuidInput } from '../shared/shared.schema.js';
+import { nonBlank, uuidInput } from '../shared/shared.schema.js';
 
 export { ProfileSchema } from '../auth/auth.schema.js';
 
@@ -61,7 +61,7 @@ function nestsDeeperThan(value: unknown, levels: number): boolean {
 
 export const PatchProfileBodySchema = z
   .object({
-    display_name: z.string().trim().min(1).max(100).nullable().optional().meta({ example: 'Ada Lovelace' }),
+    display_name: nonBlank(100).nullable().optional().meta({ example: 'Ada Lovelace' }),
     avatar_url: z
       .string()
       .max(2048)

@@ -58,3 +58,15 @@ export const PermissionSchema = z
   .max(100)
   .regex(PERMISSION_PATTERN, { message: 'not a permission (resource:action, resource:* or *)' })
   .describe('A permission: `resource:action`, `resource:*` or `*`');
+
+/**
+ * A label people read (a name, a display name): trimmed, 1 to `max` characters. The pattern says in
+ * the document what the trim enforces, so a client validating against it refuses spaces alone too.
+ */
+export const nonBlank = (max: number) =>
+  z
+    .string()
+    .trim()
+    .min(1, { message: 'must not be blank', abort: true })
+    .max(max)
+    .regex(/\S/, { message: 'must not be blank' });

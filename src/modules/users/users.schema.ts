@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
-import { PermissionSchema, uuidInput } from '../shared/shared.schema.js';
+import { nonBlank, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
 
 export { UserSchema } from '../auth/auth.schema.js';
 import { EmailSchema, UserSchema as BaseUserSchema } from '../auth/auth.schema.js';
@@ -38,7 +38,7 @@ export const PatchUserBodySchema = z
 export const InviteUserBodySchema = z
   .object({
     email: EmailSchema,
-    display_name: z.string().trim().min(1).max(100).optional().meta({ example: 'Ada Lovelace' }),
+    display_name: nonBlank(100).optional().meta({ example: 'Ada Lovelace' }),
   })
   .strict();
 
