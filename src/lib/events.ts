@@ -30,6 +30,42 @@ export type EventHandler = (event: AuthEvent) => void;
 
 export const EVENTS_CHANNEL = 'paservices_auth_events';
 
+/**
+ * PostgreSQL refuses a NOTIFY payload of 8000 bytes or more, failing the whole transaction: a user's
+ * 60 sessions ended at once (one revocation each) made "sign out everywhere", a password reset and an
+ * administrator's disable answer 500. A transaction's events go in notifications of at most this many
+ * bytes each, delivered in order at its commit.
+ */
+export const MAX_NOTIFICATION_BYTES = 7000;
+
+/** The notifications carrying `events` from `origin`, each under MAX_NOTIFICATION_BYTES. */
+export function notificationPayloads(origin: string, events: AuthEvent[]): string[] {
+  const payloads: string[] = [];
+  const envelope = Buffer.byteLength(JSON.stringify({ origin, events: [] }));
+  let batch: string[] = [];
+  let size = envelope;
+  const flush = () => {
+    if (batch.length > 0) payloads.push(`{"origin":${JSON.stringify(origin)},"events":[${batch.join(',')}]}`);
+    batch = [];
+    size = envelope;
+  };
+  for (const event of events) {
+    const json = JSON.stringify(event);
+    const bytes = Buffer.byteLength(json) + 1;
+    if (envelope + bytes > MAX_NOTIFICATION_BYTES) {
+      // No event is this big; were one, every instance drops and reloads what it caches instead.
+      flush();
+      payloads.push(JSON.stringify({ type: 'resync' }));
+      continue;
+    }
+    if (size + bytes > MAX_NOTIFICATION_BYTES) flush();
+    batch.push(json);
+    size += bytes;
+  }
+  flush();
+  return payloads;
+}
+
 export function createEventBus(deps: { database: DatabaseHandle; logger: Logger }) {
   const handlers: EventHandler[] = [];
   const instanceId = randomUUID();
@@ -70,9 +106,8 @@ export function createEventBus(deps: { database: DatabaseHandle; logger: Logger 
     },
     /** Queues the events in the transaction: other instances receive them when it commits. */
     async publish(tx: Transaction | Database, events: AuthEvent[]) {
-      if (events.length === 0) return;
-      const payload = JSON.stringify({ origin: instanceId, events });
-      await tx.execute(sql`SELECT pg_notify(${EVENTS_CHANNEL}, ${payload})`);
+      for (const payload of notificationPayloads(instanceId, events))
+        await tx.execute(sql`SELECT pg_notify(${EVENTS_CHANNEL}, ${payload})`);
     },
     /** Applies events to this instance's caches right after the commit. */
     applyLocally(events: AuthEvent[]) {

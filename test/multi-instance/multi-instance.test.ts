@@ -146,6 +146,34 @@ describe('several instances on one database: revocations reach every instance wi
     expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
   });
 
+  it('ending 80 sessions at once (past one notification’s 8000 bytes) answers 204, and B refuses every token within 1 s', async () => {
+    const user = await registerUser(a, 'mi-many');
+    const sessions = [{ access_token: user.accessToken, refresh_token: user.refreshToken }];
+    for (let batch = 0; batch < 8; batch++)
+      sessions.push(
+        ...(await Promise.all(Array.from({ length: 10 }, () => login(a, user.email)))).map((r) => r.session),
+      );
+    for (const s of [sessions[0]!, sessions[80]!]) expect((await me(b, s.access_token)).statusCode).toBe(200);
+    const out = await a.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+      payload: { scope: 'all' },
+    });
+    expect(out.statusCode, out.body).toBe(204);
+    const elapsed = await msUntil(async () => {
+      const answers = await Promise.all(sessions.map((s) => me(b, s.access_token)));
+      return answers.every((r) => r.statusCode === 401);
+    });
+    expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
+    const refreshed = await b.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: sessions[40]!.refresh_token },
+    });
+    expect(refreshed.statusCode).toBe(401);
+  });
+
   it('an access token revoked on A (POST /oauth/revoke, by its jti) is refused by B', async () => {
     const user = await registerUser(a, 'mi-jti');
     expect((await me(b, user.accessToken)).statusCode).toBe(200);
