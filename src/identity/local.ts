@@ -38,6 +38,7 @@ export function createLocalProvider(deps: {
         id: user.id,
         email: user.email,
         emailConfirmedAt: user.emailConfirmedAt,
+        checkedHash: user.passwordHash,
       } satisfies ProviderUser;
     },
     async exchange() {

@@ -8,6 +8,12 @@ export interface ProviderUser {
   id: string;
   email: string;
   emailConfirmedAt: Date | null;
+  /**
+   * Built-in provider, at sign-in: the hash the password was checked against. The session opens only
+   * while it is still the account's: a sign-in with the old password that was being checked when a
+   * reset or a change committed gets no session the change did not end.
+   */
+  checkedHash?: string;
 }
 
 export interface SignUpResult {

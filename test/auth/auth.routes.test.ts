@@ -448,6 +448,46 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(changes).toHaveLength(1);
   });
 
+  it('a sign-in with the old password checked while a change committed opens no session (401, audited)', async () => {
+    const user = await registerUser(app, 'inflight');
+    const provider = app.services.provider;
+    const signIn = provider.signIn;
+    let changed: { statusCode: number } | undefined;
+    // The change commits between the password's check and the session's opening.
+    provider.signIn = async (...args) => {
+      const result = await signIn.apply(provider, args);
+      changed ??= await app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers: bearer(user.accessToken),
+        payload: { current_password: PASSWORD, new_password: 'the passphrase after' },
+      });
+      return result;
+    };
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password: PASSWORD },
+      });
+      expect(changed?.statusCode).toBe(204);
+      expect(res.statusCode, res.body).toBe(401);
+      expect(res.json().code).toBe('invalid_credentials');
+    } finally {
+      provider.signIn = signIn;
+    }
+    const sessions = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(user.accessToken),
+    });
+    expect(sessions.json().data).toHaveLength(1);
+    const failures = await app.services.audit.list({ subjectId: user.id, outcome: 'failure', limit: 10 });
+    expect(failures.map((e) => [e.type, e.data.reason])).toEqual([['auth.login', 'password_changed']]);
+    // The new password signs in.
+    await login(app, user.email, 'the passphrase after');
+  });
+
   it('a disabled user loses every session and their tokens stop at once; login answers like a wrong password', async () => {
     const user = await registerUser(app);
     await app.services.db.transaction(async (tx) => {

@@ -45,6 +45,13 @@ const PASSWORD_AMR = ['pwd'] as const;
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
 
+/** A sign-in's password was replaced (a reset, a change) while it was checked: it opens no session. */
+class PasswordReplaced extends AppError {
+  constructor() {
+    super('invalid_credentials', { detail: 'The email or password is incorrect' });
+  }
+}
+
 export function createAuthService(deps: AuthServiceDeps) {
   /**
    * A sign-up the provider accepted but whose local account did not commit (the database failed, or
@@ -155,7 +162,9 @@ export function createAuthService(deps: AuthServiceDeps) {
    * A sign-in's session, on the caller's transaction, for a sign-in that gave its first factor only:
    * `second_factor` (nothing made) when the user has one to give first (checked under the user's row,
    * share-locked: an activation locks it before ending sessions, so a session opened meanwhile is
-   * either ended by it or not opened).
+   * either ended by it or not opened). With `checkedHash` (a password sign-in, built-in provider),
+   * PasswordReplaced when the password is no longer the one checked: a reset or a change updates the
+   * row before ending the sessions, so a session is either ended by it or not opened.
    */
   async function startSessionIn(
     tx: Transaction,
@@ -163,8 +172,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     context: RequestContext,
     type: string,
     amr: readonly string[],
+    checkedHash?: string,
   ) {
-    await deps.users.findByIdForShare(user.id, tx);
+    const row = await deps.users.findByIdForShare(user.id, tx);
+    if (checkedHash !== undefined && row?.passwordHash !== checkedHash) throw new PasswordReplaced();
     if (await deps.mfa.isEnabled(user.id, tx)) return 'second_factor' as const;
     const started = await deps.sessions.start(tx, user, {
       ip: context.ip,
@@ -188,9 +199,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     context: RequestContext,
     type: string,
     amr: readonly string[],
+    checkedHash?: string,
   ): Promise<SessionTokens | 'second_factor'> {
     const opened = await inTransaction(deps.db, deps.events, (tx) =>
-      startSessionIn(tx, user, context, type, amr),
+      startSessionIn(tx, user, context, type, amr, checkedHash),
     );
     if (opened === 'second_factor') return opened;
     return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
@@ -379,7 +391,17 @@ export function createAuthService(deps: AuthServiceDeps) {
       }
       await deps.failures.reset(email);
       // The password was right; the session waits for the second factor (its own lockout counts codes).
-      const session = await openSession(user, context, 'auth.login', PASSWORD_AMR);
+      const session = await openSession(
+        user,
+        context,
+        'auth.login',
+        PASSWORD_AMR,
+        identity.checkedHash,
+      ).catch(async (err: unknown) => {
+        if (err instanceof PasswordReplaced)
+          await recordLoginFailure(context, email, user.id, 'password_changed');
+        throw err;
+      });
       if (session === 'second_factor') throw await deps.mfa.challenge(user, 'auth.login', context);
       deps.onLogin?.('success');
       return { user, session };
