@@ -268,6 +268,36 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     }
   });
 
+  it('logout with the refresh token of a session already ended ends the current one, as an unknown token does', async () => {
+    const user = await registerUser(app, 'stale-logout');
+    const first = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+    });
+    expect(first.statusCode).toBe(204);
+    const again = await login(app, user.email);
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(again.session.access_token),
+      payload: { refresh_token: user.refreshToken },
+    });
+    expect(out.statusCode).toBe(204);
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(again.session.access_token),
+    });
+    expect(me.statusCode).toBe(401);
+    const refreshed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/refresh',
+      payload: { refresh_token: again.session.refresh_token },
+    });
+    expect(refreshed.statusCode).toBe(401);
+  });
+
   it('keeps at most 512 characters of a User-Agent on the session and the audit event', async () => {
     const user = await registerUser(app, 'long-agent');
     const agent = `agent/${'x'.repeat(10_000)}`;
