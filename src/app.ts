@@ -130,7 +130,7 @@ const refuseQuery: preValidationHookHandler = (request, _reply, done) => {
   done(
     invalidFields(
       names.map((name) => ({
-        field: `querystring.${name}`,
+        field: `query.${name}`,
         message: 'is not accepted: this operation takes no query parameters',
       })),
     ),

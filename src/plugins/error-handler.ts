@@ -53,9 +53,14 @@ const PART_NAMES: Record<string, string> = { querystring: 'query', params: 'path
 function fieldErrors(err: FastifyError & { validationContext?: string }): FieldError[] {
   const context = PART_NAMES[err.validationContext ?? 'body'] ?? err.validationContext ?? 'body';
   if (hasZodFastifySchemaValidationErrors(err)) {
-    return err.validation.map((v) => {
+    return err.validation.flatMap((v) => {
       const path = v.instancePath.replace(/^\//, '').replace(/\//g, '.');
-      return { field: path ? `${context}.${path}` : context, message: v.message ?? 'invalid' };
+      const field = path ? `${context}.${path}` : context;
+      // A strict object's unknown fields: one error naming each, as for every other field.
+      const unknown = v.keyword === 'unrecognized_keys' ? (v.params as { keys?: unknown }).keys : undefined;
+      if (Array.isArray(unknown) && unknown.length > 0)
+        return unknown.map((key) => ({ field: `${field}.${String(key)}`, message: 'is not accepted' }));
+      return [{ field, message: v.message ?? 'invalid' }];
     });
   }
   return (err.validation ?? []).map((v) => ({

@@ -186,6 +186,24 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
       expect(res.statusCode, JSON.stringify(payload)).toBe(400);
       expect(res.json().code).toBe('validation_failed');
     }
+    // An unknown field is named, as every other one is (not the whole body).
+    const unknownFields = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'x', scopes: [], status: 'disabled', owner: 'me' },
+    });
+    expect(unknownFields.json().errors).toEqual([
+      { field: 'body.status', message: 'is not accepted' },
+      { field: 'body.owner', message: 'is not accepted' },
+    ]);
+    const listed = await app.inject({
+      method: 'GET',
+      url: '/v1/clients?sort=name',
+      headers: bearer(admin.accessToken),
+    });
+    expect(listed.statusCode).toBe(400);
+    expect(listed.json().errors).toEqual([{ field: 'query.sort', message: 'is not accepted' }]);
     // Another service's permission is a well-formed scope: an admin (`*`) may give it to a client.
     const foreign = await app.inject({
       method: 'POST',

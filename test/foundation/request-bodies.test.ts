@@ -351,7 +351,7 @@ describe('request bodies', () => {
     expect(made.statusCode, made.body).toBe(400);
     expect(made.headers['content-type']).toContain('application/problem+json');
     expect(made.json().errors).toEqual([
-      { field: 'querystring.owner_id', message: 'is not accepted: this operation takes no query parameters' },
+      { field: 'query.owner_id', message: 'is not accepted: this operation takes no query parameters' },
     ]);
     const keys = await app.inject({ method: 'GET', url: '/v1/api-keys', headers: bearer(user.accessToken) });
     expect(keys.json().data.map((k: { name: string }) => k.name)).not.toContain('for whom?');
