@@ -414,6 +414,25 @@ describe('users and roles administration', () => {
     expect((await eventsOfRole()).map((e) => e.data.changed)).toEqual([['description']]);
   });
 
+  it('names no new role like a UUID: the audit log names users, keys and clients by theirs', async () => {
+    const shaped = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: admin.id.replace(/^[0-9]/, 'a'), permissions: ['roles:read'] },
+    });
+    expect(shaped.statusCode, shaped.body).toBe(400);
+    expect(shaped.json().errors).toEqual([{ field: 'body.name', message: 'must not be shaped like a UUID' }]);
+    // A name with a UUID inside it is a name.
+    const inside = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: `team-${admin.id}`.slice(0, 50), permissions: ['roles:read'] },
+    });
+    expect(inside.statusCode, inside.body).toBe(201);
+  });
+
   it('protects built-in roles and the last admin', async () => {
     expect(
       (await app.inject({ method: 'DELETE', url: '/v1/roles/admin', headers: asAdmin() })).statusCode,

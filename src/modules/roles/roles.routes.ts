@@ -35,9 +35,19 @@ const RoleSchema = z
   })
   .meta({ id: 'Role' });
 
+/**
+ * A new role's name: not shaped like a UUID, since the audit log's `subject_id` names roles by their
+ * name and users, keys and clients by their UUID (a role named as a user's id would put its events in
+ * that user's history). Roles named so before are still addressed by their name.
+ */
+const NewRoleNameSchema = RoleNameSchema.regex(
+  /^(?![0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$)/,
+  'must not be shaped like a UUID',
+);
+
 const CreateRoleBodySchema = z
   .object({
-    name: RoleNameSchema,
+    name: NewRoleNameSchema,
     description: z.string().max(500).optional(),
     permissions: PermissionListSchema,
   })
