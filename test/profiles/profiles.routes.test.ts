@@ -103,6 +103,33 @@ describe('profiles', () => {
     }
   });
 
+  it('stores a locale in its canonical form, which is accepted back as it reads', async () => {
+    const user = await registerUser(app, 'locale');
+    const patch = (locale: string) =>
+      app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: { locale },
+      });
+    const stored = await patch('EN-us-u-ca-islamicc');
+    expect(stored.statusCode, stored.body).toBe(200);
+    expect(stored.json().locale).toBe('en-US-u-ca-islamic-civil');
+    expect((await patch(stored.json().locale)).statusCode).toBe(200);
+    // 34 characters as sent, 39 as canonical: refused, rather than stored as what would be refused.
+    const longer = await patch('en-US-u-ca-islamicc-co-phonebk-x-a');
+    expect(longer.statusCode).toBe(400);
+    expect(longer.json().errors).toEqual([
+      { field: 'body.locale', message: 'is over 35 characters in its canonical form' },
+    ]);
+    const read = await app.inject({
+      method: 'GET',
+      url: '/v1/profiles/me',
+      headers: bearer(user.accessToken),
+    });
+    expect(read.json().locale).toBe('en-US-u-ca-islamic-civil');
+  });
+
   it('stores an avatar URL as the URL parser writes it out', async () => {
     const user = await registerUser(app, 'avatar');
     for (const [sent, stored] of [

@@ -44,9 +44,7 @@ export async function profilesRoutes(app: FastifyInstance, deps: { profiles: Pro
         ...(b.display_name !== undefined ? { displayName: b.display_name } : {}),
         ...(b.avatar_url !== undefined ? { avatarUrl: b.avatar_url } : {}),
         ...(b.bio !== undefined ? { bio: b.bio } : {}),
-        ...(b.locale !== undefined
-          ? { locale: b.locale === null ? null : Intl.getCanonicalLocales(b.locale)[0]! }
-          : {}),
+        ...(b.locale !== undefined ? { locale: b.locale } : {}),
         ...(b.timezone !== undefined ? { timezone: b.timezone } : {}),
         // null clears it, as it clears the other fields: metadata is always an object, so {}.
         ...(b.metadata !== undefined ? { metadata: b.metadata ?? {} } : {}),

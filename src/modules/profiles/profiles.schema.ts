@@ -84,8 +84,12 @@ export const PatchProfileBodySchema = z
     bio: z.string().max(1000).nullable().optional(),
     locale: z
       .string()
-      .max(35)
-      .refine(isBcp47, 'must be a BCP 47 language tag, e.g. en-GB')
+      .max(35, { abort: true })
+      .refine(isBcp47, { message: 'must be a BCP 47 language tag, e.g. en-GB', abort: true })
+      // Stored in its canonical form (`EN-gb` → `en-GB`), which must fit too: what is read back is
+      // accepted back (`islamicc` becomes `islamic-civil`, five characters longer).
+      .overwrite((tag) => Intl.getCanonicalLocales(tag)[0]!)
+      .max(35, 'is over 35 characters in its canonical form')
       .nullable()
       .optional()
       .meta({ example: 'en-GB' }),
