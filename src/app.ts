@@ -4,6 +4,7 @@ import formbody from '@fastify/formbody';
 import Fastify, {
   type FastifyBaseLogger,
   type FastifyInstance,
+  type FastifyRequest,
   LogController,
   type onRequestHookHandler,
   type preValidationHookHandler,
@@ -147,6 +148,20 @@ const shuttingDownError = () =>
 /** A non-empty plain object (route params). */
 const hasKeys = (value: unknown) =>
   typeof value === 'object' && value !== null && Object.keys(value).length > 0;
+
+/**
+ * What a refused request was about, as the audit log's `subject_id` names it: the user, key, client
+ * or role of the path (`/v1/users/:id`, `/v1/profiles/:user_id`, `/v1/roles/:role`), so
+ * `?subject_id=` finds the attempts on an account beside what was done to it.
+ */
+function refusalAbout(request: FastifyRequest) {
+  const params = (request.params ?? {}) as Record<string, unknown>;
+  const subject = params.id ?? params.user_id ?? params.role;
+  return {
+    subjectId: typeof subject === 'string' ? subject : null,
+    ...(hasKeys(params) ? { params } : {}),
+  };
+}
 
 /** Builds the whole service without listening and without reading the environment. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
@@ -340,15 +355,17 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     tokens: services.tokens,
     apiKeys: createApiKeyResolver(services.apiKeys),
     onForbidden: async (request, permission, reason) => {
+      const { subjectId, params } = refusalAbout(request);
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',
         outcome: 'failure',
+        subjectId,
         data: {
           permission,
           route: request.routeOptions.url,
           method: request.method,
           // The path's ids (a user, a role, a client): what the refused request was about.
-          ...(hasKeys(request.params) ? { params: request.params } : {}),
+          ...(params ? { params } : {}),
           ...(reason ? { reason } : {}),
         },
       });
@@ -365,10 +382,17 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     if (!(error instanceof AppError) || error.audited) return;
     if (error.code !== 'forbidden') return;
     try {
+      const { subjectId, params } = refusalAbout(request);
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',
         outcome: 'failure',
-        data: { route: request.routeOptions.url, method: request.method, reason: error.detail },
+        subjectId,
+        data: {
+          route: request.routeOptions.url,
+          method: request.method,
+          ...(params ? { params } : {}),
+          reason: error.detail,
+        },
       });
       error.audited = true;
     } catch (err) {

@@ -324,6 +324,119 @@ describe('the grant ceiling: what the caller holds now, not what their token sai
   });
 });
 
+describe('acting on a user who holds more than the caller', () => {
+  let admin: TestUser;
+  beforeAll(async () => {
+    admin = await createAdmin(app);
+  });
+
+  /** A fresh role with these permissions, granted to `user` by the administrator. */
+  async function grantNew(user: TestUser, permissions: string[], tag: string) {
+    const role = `${tag}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name: role, permissions },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const granted = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${user.id}/roles/${role}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(granted.statusCode, granted.body).toBe(200);
+    return role;
+  }
+
+  it('a user manager takes no role from someone holding what they do not, not even one they hold (403, audited under the target)', async () => {
+    const manager = await registerUser(app, 'strip-manager');
+    const managerRole = await grantNew(
+      manager,
+      ['users:read', 'users:write', 'roles:assign', 'roles:read'],
+      'umgr',
+    );
+    const token = (await login(app, manager.email)).session.access_token;
+    const auditor = await registerUser(app, 'strip-auditor');
+    await grantNew(auditor, ['audit:read'], 'auditor');
+    const shared = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${auditor.id}/roles/${managerRole}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(shared.statusCode).toBe(200);
+    for (const role of [managerRole, 'user']) {
+      const removed = await app.inject({
+        method: 'DELETE',
+        url: `/v1/users/${auditor.id}/roles/${role}`,
+        headers: bearer(token),
+      });
+      expect(removed.statusCode, `${role}: ${removed.body}`).toBe(403);
+      expect(removed.json().detail).toContain('audit:read');
+    }
+    const { roles } = await app.services.repos.users.rolesAndPermissions(auditor.id);
+    expect(roles).toEqual(expect.arrayContaining([managerRole, 'user']));
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: auditor.id,
+      limit: 10,
+    });
+    expect(denied.map((e) => e.data)).toEqual([
+      expect.objectContaining({ action: 'role.remove', role: 'user', missing: ['audit:read'] }),
+      expect.objectContaining({ action: 'role.remove', role: managerRole, missing: ['audit:read'] }),
+    ]);
+    // One who holds no more than the manager loses the role.
+    const peer = await registerUser(app, 'strip-peer');
+    await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${peer.id}/roles/${managerRole}`,
+      headers: bearer(admin.accessToken),
+    });
+    const taken = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${peer.id}/roles/${managerRole}`,
+      headers: bearer(token),
+    });
+    expect(taken.statusCode, taken.body).toBe(204);
+  });
+
+  it('a PATCH that would change nothing is still refused to who may not act on the user, and the refusal names them', async () => {
+    const manager = await registerUser(app, 'noop-manager');
+    await grantNew(manager, ['users:write'], 'writer');
+    const token = (await login(app, manager.email)).session.access_token;
+    const res = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${admin.id}`,
+      headers: bearer(token),
+      payload: { status: 'active' },
+    });
+    expect(res.statusCode, res.body).toBe(403);
+    expect(res.body).not.toContain(admin.email);
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: admin.id,
+      actorId: manager.id,
+      limit: 10,
+    });
+    expect(denied).toHaveLength(1);
+    expect(denied[0]!.data).toMatchObject({
+      route: '/v1/users/:id',
+      method: 'PATCH',
+      params: { id: admin.id },
+    });
+    // The route's own permission check names the user too.
+    const read = await app.inject({ method: 'GET', url: `/v1/users/${admin.id}`, headers: bearer(token) });
+    expect(read.statusCode).toBe(403);
+    const byRoute = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: admin.id,
+      actorId: manager.id,
+      limit: 10,
+    });
+    expect(byRoute[0]!.data).toMatchObject({ permission: 'users:read', params: { id: admin.id } });
+  });
+});
+
 describe('a credential that stopped standing before its notification arrived', () => {
   // The row is changed directly, with no event: what another instance sees in the moment between a
   // revocation's commit and its notification. Reads may still go by the cached credential; a change

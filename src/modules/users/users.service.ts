@@ -137,8 +137,9 @@ export function createUsersService(deps: {
       context: RequestContext,
     ): Promise<UserRow> {
       const user = await findOrThrow(id);
-      if (user.status === status) return user;
+      // Checked before the no-op: what is already so is answered only to who may change it.
       await assertMayManage(caller, id);
+      if (user.status === status) return user;
       // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
       // client may retry. (A ban applied for a disable that then fails here is lifted again.)
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
@@ -353,6 +354,10 @@ export function createUsersService(deps: {
         () =>
           inTransaction(deps.db, deps.events, async (tx, emit) => {
             await assertMayChangeGrant(tx, id, roleName, caller);
+            // Taking a role away acts on the user, as disabling does: not on one who holds more than
+            // the caller (a user manager would strip an auditor's roles, an administrator's `user`).
+            const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
+            await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
             if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
             const removed = await deps.repo.removeRole(id, roleName, tx);
             if (!removed) throw notFound('role assignment');
