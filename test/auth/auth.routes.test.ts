@@ -298,6 +298,30 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(refreshed.statusCode).toBe(401);
   });
 
+  it('bootstraps one admin when instances try at once: the one whose account loses the race finds it made', async () => {
+    const email = uniqueEmail('bootstrap-race');
+    const context = {
+      actorType: 'system' as const,
+      actorId: null,
+      credentialId: null,
+      ip: null,
+      userAgent: null,
+      requestId: null,
+    };
+    // `force`, as an empty database would: each finds no admin and no account, and makes one.
+    const results = await Promise.all(
+      [1, 2, 3].map(() =>
+        app.services.auth.bootstrapAdmin({ email, password: 'a bootstrap passphrase', force: true }, context),
+      ),
+    );
+    expect(results.filter((r) => r.created)).toHaveLength(1);
+    const ids = new Set(results.map((r) => r.user?.id));
+    expect(ids.size).toBe(1);
+    const { roles } = await app.services.repos.users.rolesAndPermissions([...ids][0]!);
+    expect(roles).toEqual(expect.arrayContaining(['admin', 'user']));
+    await login(app, email, 'a bootstrap passphrase');
+  });
+
   it('keeps at most 512 characters of a User-Agent on the session and the audit event', async () => {
     const user = await registerUser(app, 'long-agent');
     const agent = `agent/${'x'.repeat(10_000)}`;

@@ -308,6 +308,71 @@ export function createAuthService(deps: AuthServiceDeps) {
     }
   }
 
+  async function bootstrapOnce(
+    input: { email: string; password: string | undefined; force?: boolean },
+    context: RequestContext,
+  ) {
+    const email = normalizeEmail(input.email);
+    if (!input.force && (await deps.users.countWithRole('admin')) > 0) {
+      return { user: await deps.users.findByEmail(email), created: false, granted: false };
+    }
+    const existing = await deps.users.findByEmail(email);
+    if (existing) return { user: existing, created: false, granted: await grantAdmin(existing, context) };
+    if (!input.password)
+      throw new AppError('validation_failed', { detail: 'A password is needed to create the admin' });
+    checkPasswordStrength(input.password, email);
+    // Confirmed at once: the first admin has nobody to send them a confirmation mail.
+    const signedUp = await deps.provider
+      .createConfirmedUser(email, input.password)
+      .catch(async (err: unknown) => {
+        if (!(isAppError(err) && err.code === 'email_taken')) throw err;
+        // The provider has the account and this database does not (a new database on an existing
+        // Supabase project): with its password, the local account is made for it and made admin.
+        const identity = await deps.provider.signIn(email, input.password!);
+        if (!identity)
+          throw new AppError('validation_failed', {
+            detail:
+              'BOOTSTRAP_ADMIN_EMAIL has an account at the identity provider, and BOOTSTRAP_ADMIN_PASSWORD is not its password',
+          });
+        return { existing: await ensureLocalUser(identity, context) };
+      });
+    if ('existing' in signedUp) {
+      return {
+        user: signedUp.existing,
+        created: false,
+        granted: await grantAdmin(signedUp.existing, context),
+      };
+    }
+    const user = await inTransaction(deps.db, deps.events, async (tx) => {
+      const row = await deps.users.insert(
+        {
+          id: signedUp.user.id,
+          email,
+          provider: deps.provider.name,
+          passwordHash: signedUp.passwordHash,
+          emailConfirmedAt: signedUp.user.emailConfirmedAt ?? deps.clock.now(),
+        },
+        tx,
+      );
+      if (!row) throw new AppError('email_taken');
+      await deps.users.assignRole(row.id, 'user', null, tx);
+      await deps.users.assignRole(row.id, 'admin', null, tx);
+      await deps.users.createProfile(row.id, 'Administrator', tx);
+      await deps.audit.record(tx, context, {
+        type: 'user.registered',
+        subjectId: row.id,
+        data: { bootstrap: true },
+      });
+      await deps.audit.record(tx, context, {
+        type: 'role.granted',
+        subjectId: row.id,
+        data: { role: 'admin', bootstrap: true },
+      });
+      return row;
+    });
+    return { user, created: true, granted: true };
+  }
+
   return {
     async register(
       input: { email: string; password: string; displayName?: string | undefined },
@@ -593,71 +658,20 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     /**
      * Creates the admin when no admin exists (or always, with `force`; idempotent either way): a new user with the `admin` role, or
-     * the `admin` role for an existing user with that email.
+     * the `admin` role for an existing user with that email. Instances starting together on an empty
+     * database may each find no admin and make the account: the one whose insert loses finds the
+     * account made (and its admin) when it looks again.
      */
     async bootstrapAdmin(
       input: { email: string; password: string | undefined; force?: boolean },
       context: RequestContext,
     ) {
-      const email = normalizeEmail(input.email);
-      if (!input.force && (await deps.users.countWithRole('admin')) > 0) {
-        return { user: await deps.users.findByEmail(email), created: false, granted: false };
+      try {
+        return await bootstrapOnce(input, context);
+      } catch (err) {
+        if (!(isAppError(err) && err.code === 'email_taken')) throw err;
+        return bootstrapOnce(input, context);
       }
-      const existing = await deps.users.findByEmail(email);
-      if (existing) return { user: existing, created: false, granted: await grantAdmin(existing, context) };
-      if (!input.password)
-        throw new AppError('validation_failed', { detail: 'A password is needed to create the admin' });
-      checkPasswordStrength(input.password, email);
-      // Confirmed at once: the first admin has nobody to send them a confirmation mail.
-      const signedUp = await deps.provider
-        .createConfirmedUser(email, input.password)
-        .catch(async (err: unknown) => {
-          if (!(isAppError(err) && err.code === 'email_taken')) throw err;
-          // The provider has the account and this database does not (a new database on an existing
-          // Supabase project): with its password, the local account is made for it and made admin.
-          const identity = await deps.provider.signIn(email, input.password!);
-          if (!identity)
-            throw new AppError('validation_failed', {
-              detail:
-                'BOOTSTRAP_ADMIN_EMAIL has an account at the identity provider, and BOOTSTRAP_ADMIN_PASSWORD is not its password',
-            });
-          return { existing: await ensureLocalUser(identity, context) };
-        });
-      if ('existing' in signedUp) {
-        return {
-          user: signedUp.existing,
-          created: false,
-          granted: await grantAdmin(signedUp.existing, context),
-        };
-      }
-      const user = await inTransaction(deps.db, deps.events, async (tx) => {
-        const row = await deps.users.insert(
-          {
-            id: signedUp.user.id,
-            email,
-            provider: deps.provider.name,
-            passwordHash: signedUp.passwordHash,
-            emailConfirmedAt: signedUp.user.emailConfirmedAt ?? deps.clock.now(),
-          },
-          tx,
-        );
-        if (!row) throw new AppError('email_taken');
-        await deps.users.assignRole(row.id, 'user', null, tx);
-        await deps.users.assignRole(row.id, 'admin', null, tx);
-        await deps.users.createProfile(row.id, 'Administrator', tx);
-        await deps.audit.record(tx, context, {
-          type: 'user.registered',
-          subjectId: row.id,
-          data: { bootstrap: true },
-        });
-        await deps.audit.record(tx, context, {
-          type: 'role.granted',
-          subjectId: row.id,
-          data: { role: 'admin', bootstrap: true },
-        });
-        return row;
-      });
-      return { user, created: true, granted: true };
     },
 
     /**
