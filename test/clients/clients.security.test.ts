@@ -241,15 +241,13 @@ describe('app clients: security', () => {
     const service = await createClient(app, admin.accessToken, { scopes: ['*'] });
     const token = (await clientToken(app, service)).access_token;
     const other = await createClient(app, admin.accessToken, { scopes: ['clients:read'] });
-    const narrowed = await app.inject({
-      method: 'PATCH',
-      url: `/v1/clients/${service.id}`,
-      headers: bearer(admin.accessToken),
-      payload: { scopes: ['clients:read', 'clients:write'] },
-    });
-    expect(narrowed.statusCode).toBe(200);
-    // The token still says `*`; the client holds clients:write but is no administrator any more, so
-    // it registers nothing and sees no one else's client to change.
+    // Narrowed where this instance has not heard of it yet (a PATCH would revoke the token, on every
+    // instance within 1 s): the token still says `*`; the client holds clients:write but is no
+    // administrator any more, so it registers nothing and sees no one else's client to change.
+    await app.services.db
+      .update(clients)
+      .set({ scopes: ['clients:read', 'clients:write'] })
+      .where(eq(clients.id, service.id));
     const create = await app.inject({
       method: 'POST',
       url: '/v1/clients',
@@ -544,6 +542,36 @@ describe('app clients: security', () => {
     });
     expect(res.statusCode, res.body).toBe(409);
     expect(res.json().detail).toBe('This client has no recorded creator to act for');
+  });
+
+  it('a client whose scopes or audiences are narrowed loses the tokens it holds; widened or renamed, it keeps them', async () => {
+    const introspector = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const asIntrospector = basic(introspector.client_id, introspector.client_secret);
+    const active = async (token: string) => (await introspect(app, token, asIntrospector)).active;
+    const client = await createClient(app, admin.accessToken, {
+      scopes: ['users:read', 'roles:read'],
+      audiences: ['https://orders.example.com', 'https://billing.example.com'],
+      access_token_ttl: 86_400,
+    });
+    const patch = async (payload: Record<string, unknown>) => {
+      const res = await app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${client.id}`,
+        headers: bearer(admin.accessToken),
+        payload,
+      });
+      expect(res.statusCode, res.body).toBe(200);
+    };
+    const first = await clientToken(app, client);
+    await patch({ name: 'renamed', scopes: ['users:*', 'roles:read'] });
+    expect(await active(first.access_token)).toBe(true);
+    await patch({ scopes: ['roles:read'] });
+    expect(await active(first.access_token)).toBe(false);
+    const second = await clientToken(app, client);
+    expect(second.scope).toBe('roles:read');
+    await patch({ audiences: ['https://orders.example.com'] });
+    expect(await active(second.access_token)).toBe(false);
+    expect(await active((await clientToken(app, client)).access_token)).toBe(true);
   });
 
   it('a creator who loses a permission (a role removed, changed or deleted) ends their clients’ tokens', async () => {

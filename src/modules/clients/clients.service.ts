@@ -11,7 +11,7 @@ import {
 import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { type Cursor, paginate } from '../../lib/pagination.js';
-import { intersectPermissions, isSubset } from '../../lib/permissions.js';
+import { intersectPermissions, isSubset, notHeld } from '../../lib/permissions.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
@@ -302,11 +302,17 @@ export function createClientsService(deps: ClientsServiceDeps) {
             );
           const row = await deps.repo.update(existing.id, effective, deps.clock.now(), tx);
           if (!row) throw notFound('client');
-          // Disabled, or newly bound (its tokens may carry more than its creator holds now): the tokens
-          // it holds are revoked on every instance.
+          // Disabled, newly bound (its tokens may carry more than its creator holds now), or narrowed (a
+          // scope or an audience taken away, which its tokens still carry and introspection would
+          // still report): the tokens it holds are revoked on every instance, as when its creator
+          // loses a role. It asks for new ones, with what it has now.
+          const narrowed =
+            (effective.scopes !== undefined && notHeld(before.scopes, row.scopes).length > 0) ||
+            (effective.audiences !== undefined && before.audiences.some((a) => !row.audiences.includes(a)));
           if (
             (before.status === 'active' && row.status === 'disabled') ||
-            effective.actsForCreator === true
+            effective.actsForCreator === true ||
+            narrowed
           ) {
             emit(await revokeTokensOf(tx, row.clientId));
           }
