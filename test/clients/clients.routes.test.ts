@@ -170,6 +170,7 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
       { name: 'x', scopes: [], audiences: [''] },
       { name: 'x', scopes: [], audiences: ['*'] },
       { name: 'x', scopes: [], audiences: ['https://*.example.com'] },
+      { name: 'x', scopes: [], audiences: ['https://a.example.com/#frag'] },
       { name: '', scopes: [] },
       { name: 'x' },
       { name: 'x', scopes: [], client_id: 'pci_chosenbyme1' },

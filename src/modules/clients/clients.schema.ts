@@ -13,6 +13,9 @@ const AudienceSchema = z
   .regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces')
   // One resource server: a lax verifier could take `*` for any.
   .refine((a) => !a.includes('*'), 'names one resource server: no wildcard')
+  // RFC 8707 §2: a resource is named without a fragment; one registered with it could be asked
+  // for as `audience` and never as `resource`.
+  .refine((a) => !a.includes('#'), 'has no fragment (#)')
   .describe('An audience (`aud`) the client may request, e.g. `https://orders.example.com`');
 
 const ScopesSchema = z

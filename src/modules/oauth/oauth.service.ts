@@ -210,7 +210,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     for (const r of request.resources) {
       // RFC 8707 §2: an absolute URI without a fragment.
       if (!URL.canParse(r) || r.includes('#'))
-        throw oauthError('invalid_target', 'A resource must be an absolute URI');
+        throw oauthError('invalid_target', 'A resource must be an absolute URI without a fragment');
     }
     const requested = [...new Set([...request.audiences, ...request.resources])];
     const foreign = requested.filter((a) => !allowed.includes(a));
