@@ -147,6 +147,41 @@ describe('OAuth 2.0 as a standard client library sees it (openid-client)', () =>
     expect((postErr as { status: number }).status).toBe(401);
   });
 
+  it('answers an over-long client_id or secret as a wrong one, in the body as over Basic (401 invalid_client, audited)', async () => {
+    const long = 'a'.repeat(300);
+    const malformed = async () =>
+      (
+        await app.services.audit.list({
+          type: 'client.authentication_failed',
+          subjectId: client.id,
+          limit: 100,
+        })
+      ).filter((e) => e.data.reason === 'malformed').length;
+    const before = await malformed();
+    for (const [clientId, secret] of [
+      [client.client_id, long],
+      [`pci_${long}`, client.client_secret],
+    ] as const) {
+      const viaBody = await form(app, '/oauth/token', {
+        grant_type: 'client_credentials',
+        client_id: clientId,
+        client_secret: secret,
+      });
+      const viaBasic = await form(
+        app,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(clientId, secret),
+      );
+      for (const res of [viaBody, viaBasic]) {
+        expect(res.statusCode, res.body).toBe(401);
+        expect(res.json().error).toBe('invalid_client');
+      }
+    }
+    // The registered client's two (over Basic and in the body); the unknown id's none.
+    expect((await malformed()) - before).toBe(2);
+  });
+
   it('answers a scope beyond the client’s with invalid_scope', async () => {
     const config = await configure(oidc.ClientSecretBasic(client.client_secret));
     const err = await oidc

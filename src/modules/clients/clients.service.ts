@@ -428,8 +428,12 @@ export function createClientsService(deps: ClientsServiceDeps) {
     ): Promise<
       { ok: true; client: ClientRow } | { ok: false; reason: ClientAuthFailure; client?: ClientRow }
     > {
-      if (clientId.length > MAX_CLIENT_ID_LENGTH || secret.length > MAX_SECRET_LENGTH)
-        return { ok: false, reason: 'malformed' };
+      if (clientId.length > MAX_CLIENT_ID_LENGTH) return { ok: false, reason: 'malformed' };
+      if (secret.length > MAX_SECRET_LENGTH) {
+        // Not one of its secrets, for a registered client all the same: audited as its other failures.
+        const client = CLIENT_ID_PATTERN.test(clientId) ? await findCached(clientId) : undefined;
+        return client ? { ok: false, reason: 'malformed', client } : { ok: false, reason: 'malformed' };
+      }
       const now = deps.clock.now();
       const credential = verified.keyOf(clientId, secret);
       const known = verified.get(credential, now.getTime());

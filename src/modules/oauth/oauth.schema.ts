@@ -6,9 +6,13 @@ import { z } from 'zod';
  * parameters of these schemas are refused before validation (oauth.routes.ts), as §3.1 requires.
  */
 
+/**
+ * Bounded as a Basic header is (1024 characters): within that, a credential of the wrong length is a
+ * failed client authentication (401 invalid_client, counted and audited), whichever way it came.
+ */
 const ClientAuthFields = {
-  client_id: z.string().max(128).optional().describe('client_secret_post (or a public client’s id)'),
-  client_secret: z.string().max(256).optional().describe('client_secret_post; prefer HTTP Basic'),
+  client_id: z.string().max(1024).optional().describe('client_secret_post (or a public client’s id)'),
+  client_secret: z.string().max(1024).optional().describe('client_secret_post; prefer HTTP Basic'),
 };
 
 const OneOrMany = z.union([z.string().max(2048), z.array(z.string().max(2048)).max(10)]);
