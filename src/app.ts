@@ -16,7 +16,7 @@ import { type Clock, systemClock } from './lib/clock.js';
 import { AppError, invalidFields } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
-import { parseForm } from './lib/form.js';
+import { hasMalformedEscapes, parseForm } from './lib/form.js';
 import {
   declaredCharset,
   duplicateMemberError,
@@ -464,6 +464,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
         // read as a value they were not (and no OAuth parameter holds U+FFFD).
         if (text.includes('\uFFFD'))
           throw new AppError('bad_request', { detail: 'The form body is not valid UTF-8' });
+        // Nor escaped so: `%FF` (not UTF-8) or `%zz` (no escape at all) is not taken as itself.
+        if (hasMalformedEscapes(text))
+          throw new AppError('bad_request', {
+            detail: 'The form body has a malformed %-escape, or one of bytes that are not UTF-8',
+          });
         const value = parseForm(text);
         const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
         if (fields.length > 0) throw nulError(fields);

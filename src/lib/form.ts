@@ -46,3 +46,17 @@ function add(fields: FormFields, name: string, value: string) {
   else if (Array.isArray(current)) current.push(value);
   else fields[name] = [current, value];
 }
+
+/**
+ * True when a %-escape is malformed (`%zz`, a lone `%`) or escapes bytes that are not UTF-8 (`%FF`):
+ * fast-querystring keeps such text as it is, so `scope=%FF` would be read as the three characters.
+ */
+export function hasMalformedEscapes(text: string): boolean {
+  if (!text.includes('%')) return false;
+  try {
+    decodeURIComponent(text);
+    return false;
+  } catch {
+    return true;
+  }
+}

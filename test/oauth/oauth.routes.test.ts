@@ -306,6 +306,30 @@ describe('POST /oauth/token', () => {
       error: 'invalid_request',
       error_description: 'The form body is not valid UTF-8',
     });
+    // Nor escaped so, nor escaped wrongly: not read as the characters themselves.
+    for (const payload of [
+      'grant_type=client_credentials&scope=%FF',
+      'grant_type=client_credentials&foo=%zz',
+      'grant_type=client_credentials&scope=users%3',
+      'grant_type=client_credentials&scope=%C3',
+    ]) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/oauth/token',
+        headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+        payload,
+      });
+      expect(res.statusCode, payload).toBe(400);
+      expect(res.json().error, payload).toBe('invalid_request');
+    }
+    // Well-formed escapes, of UTF-8 too, are read as ever.
+    const escaped = await app.inject({
+      method: 'POST',
+      url: '/oauth/token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', ...asClient() },
+      payload: 'grant_type=client%5Fcredentials&note=%C3%A9%25',
+    });
+    expect(escaped.statusCode, escaped.body).toBe(200);
   });
 
   it('answers RFC 6749 §5.1: Bearer, expires_in, scope; no-store; a service token, no refresh token', async () => {
