@@ -171,7 +171,15 @@ export function createServices(deps: ServicesDeps) {
     onThreadFailure: (err) =>
       logger.error({ err }, 'the token-signing thread failed: signing on libuv’s pool'),
   });
-  const tokens = createTokenService({ keys, signer, revocations, clock, issuer: config.issuer, audience });
+  const tokens = createTokenService({
+    keys,
+    signer,
+    revocations,
+    clock,
+    issuer: config.issuer,
+    audience,
+    maxTtl: config.tokens.maxAccessTtl,
+  });
   const hasher = createPasswordHasher(config.passwordHashing);
   const provider: IdentityProvider =
     deps.identityProvider ??

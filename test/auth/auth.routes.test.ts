@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify';
-import { createRemoteJWKSet, customFetch, decodeProtectedHeader, jwtVerify } from 'jose';
+import { createRemoteJWKSet, customFetch, decodeProtectedHeader, jwtVerify, SignJWT } from 'jose';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
@@ -712,6 +712,30 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     expect(
       (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
     ).toBe(200);
+  });
+
+  it('refuses, even under its own key, what it never issues: iat ahead, a lifetime over the maximum, non-string ids', async () => {
+    const user = await registerUser(app, 'own-key-claims');
+    const [, p] = user.accessToken.split('.');
+    const claims = JSON.parse(Buffer.from(p!, 'base64url').toString()) as Record<string, unknown>;
+    const key = app.services.keys.activeKey();
+    const now = Math.floor(Date.now() / 1000);
+    const me = (token: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+    const sign = (changes: Record<string, unknown>) =>
+      new SignJWT({ ...claims, ...changes })
+        .setProtectedHeader({ alg: key.alg, typ: 'at+jwt', kid: key.kid })
+        .sign(key.privateKey);
+    // As issued, it passes: the check is on the claims.
+    expect((await me(await sign({}))).statusCode).toBe(200);
+    for (const [name, changes] of Object.entries({
+      iatAhead: { iat: now + 3600, nbf: now },
+      tenYears: { iat: now, exp: now + 10 * 365 * 86_400 },
+      numericJti: { jti: 12345 },
+      numericSub: { sub: 42 },
+    })) {
+      const res = await me(await sign(changes));
+      expect(res.statusCode, name).toBe(401);
+    }
   });
 
   it('refuses a tampered payload under the signature of a token it has already verified and cached', async () => {

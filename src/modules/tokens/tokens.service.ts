@@ -127,6 +127,8 @@ export function createTokenService(deps: {
   issuer: string;
   /** This service's own audience: what user tokens carry and what it accepts. */
   audience: string;
+  /** The longest lifetime it issues (config.tokens.maxAccessTtl): no token of its own lives longer. */
+  maxTtl: number;
 }) {
   // Signature checks are the expensive part; their result is cached until the token expires.
   // Revocation is checked on every use, so the cache never outlives one. Tokens checked for any
@@ -165,6 +167,18 @@ export function createTokenService(deps: {
     );
     if (typeof payload.scope !== 'string' || typeof payload.client_id !== 'string') {
       throw new joseErrors.JWTClaimValidationFailed('missing scope or client_id', payload);
+    }
+    // What this service issues, and nothing else even under its key: strings for the ids revocation
+    // goes by, issued no later than now (within the leeway), and living no longer than it issues,
+    // which is what revocations are kept for.
+    const { iat, exp, jti, sub } = payload as { iat: number; exp: number; jti: unknown; sub: unknown };
+    if (
+      typeof jti !== 'string' ||
+      typeof sub !== 'string' ||
+      iat > deps.clock.nowMs() / 1000 + CLOCK_TOLERANCE_SECONDS ||
+      exp - iat > deps.maxTtl
+    ) {
+      throw new joseErrors.JWTClaimValidationFailed('not a token this service issues', payload);
     }
     return payload as AccessTokenClaims;
   }
