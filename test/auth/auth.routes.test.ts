@@ -372,6 +372,32 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(badId.statusCode).toBe(400);
   });
 
+  it('ends one of its sessions once when asked several times at once: one 204, the others 404, one event', async () => {
+    const user = await registerUser(app, 'end-race');
+    const other = await login(app, user.email);
+    const sid = JSON.parse(
+      Buffer.from(other.session.access_token.split('.')[1]!, 'base64url').toString(),
+    ).sid;
+    const statuses = (
+      await Promise.all(
+        [1, 2, 3, 4, 5].map(() =>
+          app.inject({
+            method: 'DELETE',
+            url: `/v1/auth/sessions/${sid}`,
+            headers: bearer(user.accessToken),
+          }),
+        ),
+      )
+    ).map((r) => r.statusCode);
+    expect(statuses.sort()).toEqual([204, 404, 404, 404, 404]);
+    const events = await app.services.audit.list({
+      type: 'auth.session_ended',
+      subjectId: user.id,
+      limit: 10,
+    });
+    expect(events).toHaveLength(1);
+  });
+
   it('changes the password, ending the other sessions but not this one', async () => {
     const user = await registerUser(app);
     const other = await login(app, user.email);

@@ -96,6 +96,21 @@ describe("an administrator's view of a user's sessions", () => {
     expect(events[0]).toMatchObject({ actorId: admin.id, data: { scope: 'session', sessions: [sid] } });
   });
 
+  it('ends one session once when asked several times at once: one 204, the others 404, one event', async () => {
+    const user = await registerUser(app, 'sessions-race');
+    const sid = decodeJwt(user.accessToken).sid as string;
+    const statuses = (await Promise.all([1, 2, 3, 4, 5].map(() => end(`${user.id}/sessions/${sid}`)))).map(
+      (r) => r.statusCode,
+    );
+    expect(statuses.sort()).toEqual([204, 404, 404, 404, 404]);
+    const events = await app.services.audit.list({
+      type: 'user.sessions_ended',
+      subjectId: user.id,
+      limit: 10,
+    });
+    expect(events).toHaveLength(1);
+  });
+
   it('signs a user out everywhere, voiding links not yet opened, and leaves the account usable', async () => {
     const user = await registerUser(app, 'sessions-all');
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });

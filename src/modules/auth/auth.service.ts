@@ -647,7 +647,11 @@ export function createAuthService(deps: AuthServiceDeps) {
       // Another user's session is indistinguishable from a missing one (ASVS V8 object level).
       if (!session || session.userId !== userId || session.revokedAt) throw notFound('session');
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        (await deps.sessions.endSession(tx, sessionId, 'ended_by_user')).forEach(emit);
+        const events = await deps.sessions.endSession(tx, sessionId, 'ended_by_user');
+        // Ended meanwhile (the same request sent twice at once): as if it had been before, 404, and
+        // one event for the one ending.
+        if (events.length === 0) throw notFound('session');
+        events.forEach(emit);
         await deps.audit.record(tx, context, {
           type: 'auth.session_ended',
           subjectId: userId,

@@ -255,8 +255,10 @@ export function createUsersService(deps: {
           const session = await deps.sessionRows.findSession(sessionId, tx);
           if (!session || session.userId !== id || session.revokedAt) throw notFound('session');
           const events = await deps.sessions.endSession(tx, sessionId, 'ended_by_administrator');
+          // Ended meanwhile (the same request twice at once): 404, as after it, and one event.
+          if (events.length === 0) throw notFound('session');
           events.forEach(emit);
-          ended = events.length ? [sessionId] : [];
+          ended = [sessionId];
         } else {
           const events = await deps.sessions.endAllSessions(tx, id, 'ended_by_administrator');
           events.forEach(emit);
