@@ -18,10 +18,13 @@ export const EmailSchema = z
  * Unicode: a lone surrogate (`\ud800`) is hashed as U+FFFD, so two different passwords would match.
  */
 const LONE_SURROGATE = /\p{Cs}/u; // in u-mode a surrogate pair is one code point, so only lone ones match
+/**
+ * No length limit of its own (BODY_LIMIT bounds it): a new password over 128 characters is a 422
+ * `weak_password`, as API.md says, from the strength check, not a 400 here.
+ */
 const PasswordSchema = z
   .string()
   .min(1)
-  .max(1024)
   .refine((p) => !LONE_SURROGATE.test(p), {
     message: 'must be well-formed Unicode (a lone surrogate is not)',
   })
