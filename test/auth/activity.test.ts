@@ -4,6 +4,7 @@ import { buildTestApp } from '../support/app.js';
 import { createAdmin, login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { clientToken, createClient } from '../clients/helpers.js';
+import { turnOnMfa } from '../support/mfa.js';
 
 interface Activity {
   type: string;
@@ -78,6 +79,54 @@ describe('GET /v1/auth/activity: a user’s own account activity', () => {
     const otherEvents: Activity[] = (await activity(other.accessToken)).json().data;
     expect(otherEvents.some((e) => e.type === 'auth.password_changed')).toBe(false);
     expect(otherEvents.some((e) => e.type === 'role.granted')).toBe(false);
+  });
+
+  it('shows a sign-in waiting for its second factor (the password is known), wrong codes by someone unknown, and revoked tokens', async () => {
+    const user = await registerUser(app, 'activity-mfa');
+    const mfa = await turnOnMfa(app, user.accessToken);
+    const signedIn = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { 'x-forwarded-for': '198.51.100.7' },
+      payload: { email: user.email, password: PASSWORD },
+    });
+    expect(signedIn.statusCode).toBe(403);
+    const wrongCode = mfa.code(20) === mfa.code() ? '000000' : mfa.code(20);
+    const verify = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/verify',
+      headers: { 'x-forwarded-for': '198.51.100.7', 'user-agent': 'guesser/2.0' },
+      payload: { mfa_token: signedIn.json().mfa_token, code: wrongCode },
+    });
+    expect(verify.statusCode, verify.body).toBe(400);
+    const current = (
+      await app.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/verify',
+        // The app's current code went to turning it on (a code works once): a recovery code.
+        payload: { mfa_token: signedIn.json().mfa_token, code: mfa.recoveryCodes[0] },
+      })
+    ).json().session.access_token as string;
+    const revoked = await app.inject({
+      method: 'POST',
+      url: '/oauth/revoke',
+      headers: { ...bearer(current), 'content-type': 'application/x-www-form-urlencoded' },
+      payload: `token=${user.accessToken}`,
+    });
+    expect(revoked.statusCode).toBe(200);
+    const events = (await activity(current)).json().data as Activity[];
+    expect(events.find((e) => e.type === 'access_token.revoked')).toMatchObject({
+      outcome: 'success',
+      by: 'you',
+    });
+    expect(events.find((e) => e.type === 'auth.login' && e.outcome === 'failure')).toMatchObject({
+      by: 'anonymous',
+      user_agent: 'guesser/2.0',
+    });
+    expect(events.find((e) => e.type === 'auth.mfa_challenge')).toMatchObject({
+      outcome: 'success',
+      by: 'you',
+    });
   });
 
   it('pages with limit and cursor', async () => {

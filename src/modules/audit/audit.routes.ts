@@ -54,6 +54,7 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
 export const ACCOUNT_ACTIVITY_TYPES = [
   'user.registered',
   'auth.login',
+  'auth.mfa_challenge',
   'auth.magic_link',
   'auth.magic_link_requested',
   'auth.exchange',
@@ -61,6 +62,8 @@ export const ACCOUNT_ACTIVITY_TYPES = [
   'auth.session_ended',
   'user.sessions_ended',
   'refresh_token.reused',
+  'refresh_token.revoked',
+  'access_token.revoked',
   'auth.password_changed',
   'auth.password_reset_requested',
   'auth.password_reset',
@@ -115,7 +118,8 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
         operationId: 'listAccountActivity',
         summary: 'The caller’s account activity, newest first: sign-ins and attempts, and security changes',
         description:
-          'From the audit log: the events about the caller’s account (sign-ins and failed attempts, sign-outs, ' +
+          'From the audit log: the events about the caller’s account (sign-ins and failed attempts, a sign-in ' +
+          'waiting for its second factor, sign-outs and revoked tokens, ' +
           'password, address and two-step verification changes, roles and status set by an administrator). ' +
           'Where it came from (`ip`, `user_agent`) is shown for what the caller or someone unknown did, not ' +
           'for an administrator or a service.',
@@ -137,6 +141,8 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
       const { page, nextCursor } = paginate(rows, q.limit);
       return {
         data: page.map((e) => {
+          // Another user's failed attempt on the account (a link of its own confirmed from their
+          // session) is someone unknown's, not an administrator's.
           const by: 'you' | 'administrator' | 'service' | 'anonymous' | 'system' =
             e.actorType === 'anonymous' || e.actorType === 'system'
               ? e.actorType
@@ -144,7 +150,9 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
                 ? 'service'
                 : e.actorId === userId
                   ? 'you'
-                  : 'administrator';
+                  : e.outcome === 'failure'
+                    ? 'anonymous'
+                    : 'administrator';
           const located = by === 'you' || by === 'anonymous';
           const details: Record<string, string> = {};
           for (const key of ACTIVITY_DETAILS) {

@@ -575,7 +575,9 @@ export function createMfaService(deps: MfaServiceDeps) {
         if (user?.status !== 'active' || !factor?.verifiedAt) return { kind: 'token' as const };
         const checked = await check(tx, factor, code, { recoveryCodes: true });
         if (!checked.ok) {
-          await deps.audit.record(tx, subject, {
+          // Whoever knows the password, not yet the user: someone unknown in the account's activity,
+          // with where from, as a failed sign-in is.
+          await deps.audit.record(tx, context, {
             type: challenge.via,
             outcome: 'failure',
             subjectId: user.id,
