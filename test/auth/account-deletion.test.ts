@@ -56,6 +56,16 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
     expect(again.statusCode).toBe(201);
   });
 
+  it('sent several times at once, deletes once; the others are told the session went with it (401)', async () => {
+    const user = await registerUser(app, 'delete-race');
+    const answers = await Promise.all([1, 2, 3].map(() => remove(user.accessToken, { password: PASSWORD })));
+    const statuses = answers.map((r) => r.statusCode).sort();
+    expect(statuses).toEqual([204, 401, 401]);
+    for (const r of answers.filter((a) => a.statusCode === 401)) expect(r.json().code).toBe('invalid_token');
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'user.deleted', limit: 5 });
+    expect(events.filter((e) => e.outcome === 'success')).toHaveLength(1);
+  });
+
   it('refuses a wrong password (400 naming it, counted, audited) and an API key (403), deleting nothing', async () => {
     const user = await registerUser(app, 'delete-wrong');
     const wrong = await remove(user.accessToken, { password: `${PASSWORD}!` });

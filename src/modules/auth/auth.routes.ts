@@ -1,10 +1,16 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { forbidden, invalidFields, notFound } from '../../lib/errors.js';
+import { forbidden, invalidFields, isAppError, notFound } from '../../lib/errors.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
-import { principalOf, requestContext, signedInSession, userIdOf } from '../../plugins/authenticate.js';
+import {
+  credentialNoLongerStands,
+  principalOf,
+  requestContext,
+  signedInSession,
+  userIdOf,
+} from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../shared/shared.schema.js';
 import type { RequestContext } from '../audit/audit.service.js';
@@ -308,10 +314,17 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       );
       const context = requestContext(request);
       const user = await deps.auth.reauthenticate(userId, request.body.password, 'user.deleted', context);
-      // Before a code is spent on it.
-      await deps.users.assertDeletable(user.id);
-      await confirmSecondFactor(user.id, request.body.code, 'user.deleted', context);
-      await deps.users.delete(user.id, context);
+      try {
+        // Before a code is spent on it.
+        await deps.users.assertDeletable(user.id);
+        await confirmSecondFactor(user.id, request.body.code, 'user.deleted', context);
+        await deps.users.delete(user.id, context);
+      } catch (err) {
+        // Deleted meanwhile (the same request sent twice at once): the session went with the
+        // account, as the next request would be told.
+        if (isAppError(err) && err.code === 'not_found') throw credentialNoLongerStands();
+        throw err;
+      }
       return reply.status(204).send(null);
     },
   );
