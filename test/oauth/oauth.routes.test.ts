@@ -1003,23 +1003,29 @@ describe('POST /oauth/revoke', () => {
     expect(audit[0]).toMatchObject({ subjectId: mine.id, data: { client_id: mine.client_id } });
   });
 
-  it('answers 200 but leaves alone tokens that are not the caller’s, and unknown tokens', async () => {
+  it('refuses a live token issued to someone else (RFC 7009 §2.1: 400 unauthorized_client, nothing revoked); 200 for unknown tokens', async () => {
     const other = await clientToken(app, theirs);
     const user = await registerUser(app, 'not-yours');
-    for (const t of [
-      other.access_token,
-      user.accessToken,
-      user.refreshToken,
-      'unknown',
-      'pak_nope',
-      'a.b.c',
-    ]) {
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'not yours', scopes: ['account:read'] },
+    });
+    for (const t of [other.access_token, user.accessToken, user.refreshToken, key.json().key]) {
       const res = await revoke({ token: t }, as(mine));
-      expect(res.statusCode).toBe(200);
+      expect(res.statusCode, res.body).toBe(400);
+      expect(res.json()).toMatchObject({ error: 'unauthorized_client' });
+      expect(res.headers['cache-control']).toBe('no-store');
+    }
+    for (const t of ['unknown', 'pak_nope', 'a.b.c', `${user.refreshToken.slice(0, -1)}x`]) {
+      const res = await revoke({ token: t }, as(mine));
+      expect(res.statusCode, t).toBe(200);
     }
     expect(await active(other.access_token)).toBe(true);
     expect(await active(user.accessToken)).toBe(true);
     expect(await active(user.refreshToken)).toBe(true);
+    expect(await active(key.json().key)).toBe(true);
   });
 
   it('revokes a refresh token’s whole session, even with a wrong hint and without client authentication', async () => {
@@ -1048,7 +1054,7 @@ describe('POST /oauth/revoke', () => {
     expect(created.statusCode, created.body).toBe(201);
     const key = created.json().key as string;
 
-    expect((await revoke({ token: key }, bearer(other.accessToken))).statusCode).toBe(200);
+    expect((await revoke({ token: key }, bearer(other.accessToken))).statusCode).toBe(400);
     expect(await active(key)).toBe(true);
     expect(
       (await revoke({ token: key, token_type_hint: 'refresh_token' }, bearer(user.accessToken))).statusCode,
@@ -1057,7 +1063,7 @@ describe('POST /oauth/revoke', () => {
     const me = await app.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': key } });
     expect(me.statusCode).toBe(401);
 
-    expect((await revoke({ token: other.accessToken }, bearer(user.accessToken))).statusCode).toBe(200);
+    expect((await revoke({ token: other.accessToken }, bearer(user.accessToken))).statusCode).toBe(400);
     expect(await active(other.accessToken)).toBe(true);
   });
 

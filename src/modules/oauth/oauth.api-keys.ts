@@ -18,9 +18,10 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
         createdAt: verified.key.createdAt,
       };
     },
-    async revokeOwned(key: string, ownerId: string, context: RequestContext) {
+    async revokeOwned(key: string, ownerId: string | undefined, context: RequestContext) {
       const verified = await apiKeys.verify(key);
-      if (!verified.valid || verified.key.ownerId !== ownerId) return;
+      if (!verified.valid) return 'done' as const;
+      if (ownerId === undefined || verified.key.ownerId !== ownerId) return 'not_owned' as const;
       try {
         await apiKeys.revoke(
           { userId: ownerId, grantor: { kind: 'user', userId: ownerId, permissions: [] } },
@@ -29,9 +30,10 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
         );
       } catch (err) {
         // Revoked meanwhile by another request: RFC 7009 answers 200 all the same.
-        if (isAppError(err) && err.code === 'not_found') return;
+        if (isAppError(err) && err.code === 'not_found') return 'done' as const;
         throw err;
       }
+      return 'done' as const;
     },
   };
 }

@@ -54,8 +54,15 @@ export interface ApiKeyTokenPort {
   ): Promise<
     { keyId: string; ownerId: string; scopes: string[]; expiresAt: Date | null; createdAt: Date } | undefined
   >;
-  /** Revokes the key (audit and cross-instance event included) when `ownerId` owns it. */
-  revokeOwned(key: string, ownerId: string, context: RequestContext): Promise<void>;
+  /**
+   * Revokes the key (audit and cross-instance event included) when `ownerId` owns it: `not_owned`
+   * when it is a live key of someone else (or `ownerId` is none), `done` otherwise.
+   */
+  revokeOwned(
+    key: string,
+    ownerId: string | undefined,
+    context: RequestContext,
+  ): Promise<'done' | 'not_owned'>;
 }
 
 /** Who is calling an OAuth endpoint. */
@@ -139,6 +146,14 @@ const INACTIVE: Introspection = sharedAnswer({ active: false });
  * at least one token, separated by single spaces, with no space before or after.
  */
 const SCOPE = /^[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*$/;
+
+/**
+ * RFC 7009 §2.1: a live token issued to someone else is refused, and the caller told, rather than
+ * answered 200 as if revoked (an operator revoking a leaked token of another client would believe it
+ * done). Invalid, expired and unknown tokens still answer 200 (§2.2).
+ */
+const notIssuedToCaller = () =>
+  oauthError('unauthorized_client', 'This token was not issued to the caller: it is not revoked');
 
 const oauthError = (oauth: string, detail: string) =>
   new AppError('bad_request', { status: 400, detail, oauthError: oauth });
@@ -473,7 +488,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
           caller.kind === 'principal'
             ? caller.principal.userId === session.userId
             : (session.clientId ?? FIRST_PARTY_CLIENT_ID) === clientIdOf(caller);
-        if (!mine) return;
+        if (!mine) throw notIssuedToCaller();
         await inTransaction(deps.db, deps.events, async (tx, emit) => {
           const events = await deps.sessions.endSession(tx, session.id, 'revoked');
           if (events.length === 0) return;
@@ -487,13 +502,16 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         return;
       }
       if (token.startsWith(API_KEY_PREFIX)) {
-        if (caller.kind !== 'principal' || !caller.principal.userId || !deps.apiKeys) return;
-        await deps.apiKeys.revokeOwned(token, caller.principal.userId, context);
+        if (!deps.apiKeys) return;
+        const ownerId = caller.kind === 'principal' ? caller.principal.userId : undefined;
+        if ((await deps.apiKeys.revokeOwned(token, ownerId, context)) === 'not_owned')
+          throw notIssuedToCaller();
         return;
       }
       if (!looksLikeJwt(token)) return;
       const claims = await verifyAccessToken(token);
-      if (!claims || !ownsAccessToken(caller, claims)) return;
+      if (!claims) return;
+      if (!ownsAccessToken(caller, claims)) throw notIssuedToCaller();
       // A client's token is audited under the client's id, as everything else about the client is
       // (its `sub` is the client_id, which the data keeps).
       const client = CLIENT_ID_PATTERN.test(claims.sub)
