@@ -154,6 +154,21 @@ describe('password reset (built-in provider)', () => {
     expect((await reset(second)).statusCode).toBe(204);
   });
 
+  it('refuses a link mailed to an address the account has left, even one written as the change committed', async () => {
+    const user = await registerUser(app, 'reset-moved');
+    expect((await forgot(user.email)).statusCode).toBe(204);
+    const token = tokenMailedTo(mailer, user.email);
+    // The change committed without seeing this link (it was written a moment after the change's
+    // discard of the account's links): the address moves, the link stays.
+    const moved = uniqueEmail('reset-moved-to');
+    await app.services.db.execute(sql`UPDATE users SET email = ${moved} WHERE id = ${user.id}`);
+    const res = await reset(token);
+    expect(res.statusCode, res.body).toBe(400);
+    expect(res.json().code).toBe('invalid_reset_token');
+    // The password is the account's own still.
+    await login(app, moved);
+  });
+
   it('refuses a token past its lifetime', async () => {
     const user = await registerUser(app, 'reset-late');
     await forgot(user.email);

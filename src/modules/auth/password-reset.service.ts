@@ -174,6 +174,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     passwordHash: string | null,
     context: RequestContext,
     consume: ((tx: Transaction) => Promise<boolean>) | undefined,
+    /** The address the link was mailed to: the account's still, or the link is dead. */
+    sentTo?: string,
   ) {
     const { mfaRemoved, hadPassword } = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       // Locked as the update below locks it, and before the token (the order every change of an
@@ -182,6 +184,9 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const current = await deps.users.findByIdForUpdate(user.id, tx);
       if (consume && !(await consume(tx))) throw invalidResetToken();
       if (!current || !active(current)) throw invalidResetToken();
+      // Mailed to an address the account has left (a link written as an email change committed):
+      // whoever holds the old mailbox holds nothing of the account's any more.
+      if (sentTo !== undefined && current.email !== sentTo) throw invalidResetToken();
       const actor = { ...context, actorType: 'user' as const, actorId: user.id };
       // The link proved the mailbox, as a confirmation link does.
       const firstProof = !current.emailConfirmedAt;
@@ -407,6 +412,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         passwordHash,
         context,
         async (tx) => (await deps.tokens.consume(row.id, deps.clock.now(), tx)) !== undefined,
+        row.email,
       ).catch(async (err: unknown) => {
         // Used meanwhile by a concurrent reset, or the account disabled: refused in the transaction.
         if (isAppError(err) && err.code === 'invalid_reset_token')
