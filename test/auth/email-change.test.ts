@@ -201,6 +201,10 @@ describe('changing the email address (built-in provider)', () => {
       limit: 5,
     });
     expect(cancelled).toHaveLength(1);
+    // Cancelling does not reset the once-a-minute limit: asking and cancelling in a loop would mail
+    // any address without end.
+    const rebound = await ask(user, { new_email: next, password: PASSWORD });
+    expect(rebound.statusCode).toBe(429);
 
     // Applied: nothing waits any more.
     clock.advance(61);

@@ -271,10 +271,12 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
     /** The change waiting for its links, if any: where to, until when, and which links are unopened. */
     async pending(userId: string): Promise<PendingEmailChange | undefined> {
+      const now = deps.clock.now();
       const latest = await deps.tokens.latestFor(userId, 'email_change');
-      if (!latest?.newEmail || latest.expiresAt <= deps.clock.now()) return undefined;
+      if (!latest?.newEmail || latest.expiresAt <= now) return undefined;
       const rows = await deps.tokens.ofRequest(latest);
-      const unopened = rows.filter((r) => r.usedAt === null);
+      // A cancelled request's links expired when it was cancelled.
+      const unopened = rows.filter((r) => r.usedAt === null && r.expiresAt > now);
       if (unopened.length === 0) return undefined;
       return {
         newEmail: latest.newEmail,
@@ -288,7 +290,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     async cancel(userId: string, context: RequestContext): Promise<boolean> {
       if (!(await this.pending(userId))) return false;
       await inTransaction(deps.db, deps.events, async (tx) => {
-        await deps.tokens.discardUnused(userId, 'email_change', tx);
+        await deps.tokens.expireUnused(userId, 'email_change', deps.clock.now(), tx);
         await deps.audit.record(tx, context, { type: 'user.email_change_cancelled', subjectId: userId });
       });
       return true;

@@ -101,6 +101,24 @@ export function createEmailTokensRepository(db: Executor) {
         .limit(1);
       return row;
     },
+    /**
+     * Ends the user's unused tokens of `purpose` at `at` (they expire), keeping their rows: the
+     * one-a-minute limit still sees the request they were for (a cancelled email change, asked again
+     * and cancelled again, would otherwise mail its new address without limit).
+     */
+    async expireUnused(userId: string, purpose: EmailTokenPurpose, at: Date, tx: Executor): Promise<void> {
+      await tx
+        .update(emailTokens)
+        .set({ expiresAt: at })
+        .where(
+          and(
+            eq(emailTokens.userId, userId),
+            eq(emailTokens.purpose, purpose),
+            isNull(emailTokens.usedAt),
+            gt(emailTokens.expiresAt, at),
+          ),
+        );
+    },
     /** Marks the token used, once: of concurrent redemptions only one gets the row back. */
     async consume(id: string, at: Date, tx: Executor): Promise<EmailTokenRow | undefined> {
       const [row] = await tx
