@@ -5,6 +5,7 @@ import type { MailMessage, Mailer } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
+import { MAILS_PER_ACCOUNT_HOUR } from '../../src/modules/auth/mailed-tokens.js';
 import { PASSWORD, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
@@ -83,6 +84,37 @@ describe('email confirmation (built-in provider)', () => {
     const nobody = uniqueEmail('confirm-nobody');
     expect((await resend(nobody)).statusCode).toBe(204);
     expect(mailer.sent.some((m) => m.to === nobody)).toBe(false);
+  });
+
+  it('mails one address at most its hourly cap, however many accounts are made and deleted for it', async () => {
+    // The cap is a rate limit: on here (the file's app runs without).
+    const limited = await buildTestApp({
+      env: { EMAIL_CONFIRMATION_URL: CONFIRM_URL, RATE_LIMIT_ENABLED: 'true' },
+      deps: { mailer, clock },
+    });
+    const email = uniqueEmail('confirm-bomb');
+    for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR + 2; i++) {
+      // Each from an address of its own, under the per-address limits.
+      const remoteAddress = `192.0.2.${i + 1}`;
+      const made = await limited.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        remoteAddress,
+        payload: { email, password: PASSWORD },
+      });
+      expect(made.statusCode, made.body).toBe(201);
+      await limited.services.outbox?.idle();
+      const gone = await limited.inject({
+        method: 'DELETE',
+        url: '/v1/auth/me',
+        remoteAddress,
+        headers: bearer(made.json().session.access_token),
+        payload: { password: PASSWORD },
+      });
+      expect(gone.statusCode, gone.body).toBe(204);
+      clock.advance(61);
+    }
+    expect(confirmationsTo(mailer, email)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
   });
 
   it('confirms once for concurrent uses of one link (a scanner and a click): the others 400, quickly', async () => {

@@ -98,7 +98,9 @@ export function createMailedTokens(deps: {
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
-      const capKey = `${purpose}:${user.id}`;
+      // By the address (keyed, never stored as it is), not the account: an address registered, deleted
+      // and registered again is one mailbox, which gets no more than its cap.
+      const capKey = `${purpose}:${keyedHash(deps.pepper, `mail-cap:${user.email.toLowerCase()}`)}`;
       if (deps.hourly && (await deps.hourly.retryAfter(capKey)) > 0) return 'too_many';
       let token = '';
       let mailId: string | undefined;
