@@ -203,7 +203,7 @@ export function createServices(deps: ServicesDeps) {
       : createMemoryFailureCounter(
           config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
         );
-  // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per account an hour, on every instance.
+  // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per address an hour, on every instance.
   const mailsPerHour = !config.rateLimit.enabled
     ? undefined
     : redis
@@ -214,7 +214,8 @@ export function createServices(deps: ServicesDeps) {
           clock,
           logger,
           prefix: 'mails-per-hour:',
-          fallbackMessage: 'Redis unavailable: counting the mails per account in this instance only',
+          fallbackMessage: 'Redis unavailable: counting the mails per address in this instance only',
+          readShared: true,
         })
       : createMemoryFailureCounter({ max: MAILS_PER_ACCOUNT_HOUR, windowSeconds: 3600, clock });
   const sessions = createSessionsService({

@@ -217,6 +217,12 @@ export function createSharedFailureCounter(options: {
   prefix: string;
   /** The log line when Redis does not answer. */
   fallbackMessage: string;
+  /**
+   * `retryAfter` reads the shared count when this instance's memory does not block (one Redis read):
+   * for a limit off the hot path (mails), exact on every instance, including one that has counted
+   * nothing yet (another instance's, or one restarted). `retryAfterNow` stays memory-only.
+   */
+  readShared?: boolean;
 }): FailureCounter {
   const known = new LRUCache<string, { count: number; until: number }>({ max: 100_000 });
   const windowMs = options.windowSeconds * 1000;
@@ -234,7 +240,18 @@ export function createSharedFailureCounter(options: {
   return {
     retryAfterNow,
     async retryAfter(key) {
-      return retryAfterNow(key);
+      const local = retryAfterNow(key);
+      if (local > 0 || !options.readShared) return local;
+      try {
+        const k = options.prefix + key;
+        const [count, leftMs] = await Promise.all([options.redis.get(k), options.redis.pttl(k)]);
+        const shared = Number(count ?? 0);
+        if (shared < options.max || leftMs <= 0) return 0;
+        known.set(key, { count: shared, until: now() + leftMs });
+        return Math.max(1, Math.ceil(leftMs / 1000));
+      } catch {
+        return local;
+      }
     },
     async recordFailure(key) {
       const k = options.prefix + key;

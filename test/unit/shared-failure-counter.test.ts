@@ -42,6 +42,17 @@ function fakeRedis() {
       };
       return chain;
     },
+    async get(key: string) {
+      state.calls.push(`get ${key}`);
+      if (state.down) throw new Error('Connection is closed.');
+      const count = counts.get(key);
+      return count === undefined ? null : String(count);
+    },
+    async pttl(key: string) {
+      state.calls.push(`pttl ${key}`);
+      if (state.down) throw new Error('Connection is closed.');
+      return counts.has(key) ? WINDOW_SECONDS * 1000 : -2;
+    },
     async del(key: string) {
       state.calls.push(`del ${key}`);
       if (state.down) throw new Error('Connection is closed.');
@@ -58,7 +69,12 @@ function logLines() {
   return { logger, lines };
 }
 
-const counter = (redis: Redis, logger = pino({ level: 'silent' }), clock = createTestClock()) =>
+const counter = (
+  redis: Redis,
+  logger = pino({ level: 'silent' }),
+  clock = createTestClock(),
+  readShared = false,
+) =>
   createSharedFailureCounter({
     redis,
     max: MAX,
@@ -67,6 +83,7 @@ const counter = (redis: Redis, logger = pino({ level: 'silent' }), clock = creat
     logger,
     prefix: 'test:',
     fallbackMessage: 'Redis unavailable: counting here',
+    readShared,
   });
 
 describe('shared failure counter', () => {
@@ -92,6 +109,21 @@ describe('shared failure counter', () => {
     expect(state.calls).toEqual(['incr test:s', 'incr test:s', 'incr test:s', 'incr test:s']);
     // Other sources are not touched.
     expect(await a.retryAfter('t')).toBe(0);
+  });
+
+  it('with readShared, a check reads the shared count: an instance that counted nothing (new, restarted) blocks too', async () => {
+    const { redis, state } = fakeRedis();
+    const a = counter(redis, undefined, undefined, true);
+    for (let i = 0; i < MAX; i++) await a.recordFailure('mail');
+    const fresh = counter(redis, undefined, undefined, true);
+    expect(await fresh.retryAfter('mail')).toBe(WINDOW_SECONDS);
+    expect(await fresh.retryAfter('other')).toBe(0);
+    // Without it (the hot path's counters), memory alone answers.
+    expect(await counter(redis).retryAfter('mail')).toBe(0);
+    // Redis gone: memory answers, and nothing is thrown.
+    state.down = true;
+    expect(await counter(redis, undefined, undefined, true).retryAfter('mail')).toBe(0);
+    expect(await fresh.retryAfter('mail')).toBe(WINDOW_SECONDS);
   });
 
   it('the block ends with the window', async () => {
