@@ -149,16 +149,26 @@ const shuttingDownError = () =>
 const hasKeys = (value: unknown) =>
   typeof value === 'object' && value !== null && Object.keys(value).length > 0;
 
+/** A UUID, as users' ids are written in paths (any case). */
+const UUID_PATH_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
 /**
- * What a refused request was about, as the audit log's `subject_id` names it: the user, key, client
- * or role of the path (`/v1/users/:id`, `/v1/profiles/:user_id`, `/v1/roles/:role`), so
- * `?subject_id=` finds the attempts on an account beside what was done to it.
+ * What a refused request was about, as the audit log's `subject_id` names it: the user of the path
+ * (`/v1/users/:id…`, `/v1/profiles/:user_id`), so `?subject_id=` finds the attempts on an account
+ * beside what was done to it. Only there, and only a UUID: the check runs before the path is
+ * validated, and a role's, key's or client's path would let anyone write into a user's history by
+ * naming their id as a role or a client. Every path's ids stay in `data.params`.
  */
 function refusalAbout(request: FastifyRequest) {
   const params = (request.params ?? {}) as Record<string, unknown>;
-  const subject = params.id ?? params.user_id ?? params.role;
+  const url = request.routeOptions.url ?? '';
+  const user = url.startsWith('/v1/users/:id')
+    ? params.id
+    : url === '/v1/profiles/:user_id'
+      ? params.user_id
+      : undefined;
   return {
-    subjectId: typeof subject === 'string' ? subject : null,
+    subjectId: typeof user === 'string' && UUID_PATH_ID.test(user) ? user.toLowerCase() : null,
     ...(hasKeys(params) ? { params } : {}),
   };
 }

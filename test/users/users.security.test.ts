@@ -434,6 +434,18 @@ describe('acting on a user who holds more than the caller', () => {
       limit: 10,
     });
     expect(byRoute[0]!.data).toMatchObject({ permission: 'users:read', params: { id: admin.id } });
+    // Only a user's path names a user: an id put where a role, a client or a key goes writes nothing
+    // into that user's history (the path's ids stay in the event's data).
+    const before = byRoute.length;
+    for (const url of [`/v1/roles/${admin.id}`, `/v1/clients/${admin.id}`])
+      expect((await app.inject({ method: 'DELETE', url, headers: bearer(token) })).statusCode, url).toBe(403);
+    const after = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: admin.id,
+      actorId: manager.id,
+      limit: 10,
+    });
+    expect(after).toHaveLength(before);
   });
 });
 
