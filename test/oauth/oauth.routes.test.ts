@@ -1012,13 +1012,18 @@ describe('POST /oauth/revoke', () => {
       headers: bearer(user.accessToken),
       payload: { name: 'not yours', scopes: ['account:read'] },
     });
-    for (const t of [other.access_token, user.accessToken, user.refreshToken, key.json().key]) {
+    for (const t of [other.access_token, user.accessToken, user.refreshToken]) {
       const res = await revoke({ token: t }, as(mine));
       expect(res.statusCode, res.body).toBe(400);
       expect(res.json()).toMatchObject({ error: 'unauthorized_client' });
       expect(res.headers['cache-control']).toBe('no-store');
     }
-    for (const t of ['unknown', 'pak_nope', 'a.b.c', `${user.refreshToken.slice(0, -1)}x`]) {
+    // A session that has ended: nothing to revoke, and nothing said of whose it was.
+    const ended = await registerUser(app, 'not-yours-ended');
+    await app.inject({ method: 'POST', url: '/v1/auth/logout', headers: bearer(ended.accessToken) });
+    // An API key is a user's, never a client's: not even looked at for a client (a 400 would tell it
+    // the key is live).
+    for (const t of ['unknown', 'pak_nope', 'a.b.c', ended.refreshToken, key.json().key]) {
       const res = await revoke({ token: t }, as(mine));
       expect(res.statusCode, t).toBe(200);
     }

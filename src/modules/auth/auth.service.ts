@@ -509,14 +509,11 @@ export function createAuthService(deps: AuthServiceDeps) {
         } else {
           let sessionId = currentSessionId;
           if (input.refreshToken) {
-            const session = await deps.sessions.findByRefreshToken(input.refreshToken);
+            const session = await deps.sessions.findLiveSessionOf(input.refreshToken);
             // The refresh token names which of the caller's sessions to end. Someone else's, or one of
             // a session already ended (a frontend's leftover), is treated like an unknown one, and
             // never revealed as either: the caller's current session ends, as it would without one.
-            const now = deps.clock.now();
-            const live =
-              session && !session.revokedAt && session.idleExpiresAt > now && session.expiresAt > now;
-            if (live && session.userId === userId) sessionId = session.id;
+            if (session?.userId === userId) sessionId = session.id;
           }
           if (sessionId) {
             const events = await deps.sessions.endSession(tx, sessionId, 'logout');

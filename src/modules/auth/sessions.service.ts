@@ -60,6 +60,10 @@ type RefreshOutcome =
  * HMAC under the server pepper, and rotates on every use; presenting a rotated one after the grace
  * revokes the whole family (RFC 9700 §4.14.2).
  */
+/** A session not ended, and within its idle and absolute lifetimes at `now`. */
+const isLive = (session: SessionRow, now: Date) =>
+  !session.revokedAt && session.expiresAt > now && session.idleExpiresAt > now;
+
 export function createSessionsService(deps: SessionsServiceDeps) {
   const hash = (token: string) => keyedHash(deps.pepper, token);
 
@@ -251,6 +255,15 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     },
 
     /**
+     * The session a refresh token (current or rotated out) names, while it lasts: not ended, idle or
+     * past its lifetime. What a logout or a revocation may still end; undefined for anything else.
+     */
+    async findLiveSessionOf(refreshToken: string): Promise<SessionRow | undefined> {
+      const session = await this.findByRefreshToken(refreshToken);
+      return session && isLive(session, deps.clock.now()) ? session : undefined;
+    },
+
+    /**
      * A refresh token that would be accepted now (introspection, RFC 7662): its session is live, its
      * user active, and it has not been rotated. Undefined for anything else.
      */
@@ -261,8 +274,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       const found = await deps.repo.findByTokenHash(hash(refreshToken));
       if (!found || found.token.rotatedAt) return undefined;
       const { session } = found;
-      const now = deps.clock.now();
-      if (session.revokedAt || session.expiresAt <= now || session.idleExpiresAt <= now) return undefined;
+      if (!isLive(session, deps.clock.now())) return undefined;
       const user = await deps.users.findById(session.userId);
       if (user?.status !== 'active') return undefined;
       return {

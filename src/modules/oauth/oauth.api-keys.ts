@@ -18,10 +18,10 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
         createdAt: verified.key.createdAt,
       };
     },
-    async revokeOwned(key: string, ownerId: string | undefined, context: RequestContext) {
+    async revokeOwned(key: string, ownerId: string, context: RequestContext) {
       const verified = await apiKeys.verify(key);
       if (!verified.valid) return 'done' as const;
-      if (ownerId === undefined || verified.key.ownerId !== ownerId) return 'not_owned' as const;
+      if (verified.key.ownerId !== ownerId) return 'not_owned' as const;
       try {
         await apiKeys.revoke(
           { userId: ownerId, grantor: { kind: 'user', userId: ownerId, permissions: [] } },

@@ -282,7 +282,9 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
         summary: 'Token revocation (RFC 7009): refresh tokens, access tokens and API keys',
         description:
           'Revokes a refresh token (its whole session), an access token (its `jti`, on every instance, ' +
-          'until it expires) or an API key — only the caller’s own. 200 even for unknown tokens. ' +
+          'until it expires) or an API key — only the caller’s own. 200 for unknown, invalid, expired ' +
+          'or ended tokens; 400 `unauthorized_client` for a live token issued to someone else, which ' +
+          'stays (RFC 7009 §2.1). ' +
           'First-party refresh and access tokens can be revoked without client authentication.',
         security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }, {}],
         body: RevokeBodySchema,

@@ -56,13 +56,9 @@ export interface ApiKeyTokenPort {
   >;
   /**
    * Revokes the key (audit and cross-instance event included) when `ownerId` owns it: `not_owned`
-   * when it is a live key of someone else (or `ownerId` is none), `done` otherwise.
+   * when it is a live key of someone else, `done` otherwise.
    */
-  revokeOwned(
-    key: string,
-    ownerId: string | undefined,
-    context: RequestContext,
-  ): Promise<'done' | 'not_owned'>;
+  revokeOwned(key: string, ownerId: string, context: RequestContext): Promise<'done' | 'not_owned'>;
 }
 
 /** Who is calling an OAuth endpoint. */
@@ -476,14 +472,17 @@ export function createOAuthService(deps: OAuthServiceDeps) {
 
     /**
      * RFC 7009. Revokes a refresh token (its whole session), an access token (its jti until it
-     * expires, on every instance) or an API key — only the caller's own; anything else, unknown
-     * tokens included, is silently left alone (§2.2: 200 either way).
+     * expires, on every instance) or an API key — only the caller's own. A live token issued to
+     * someone else is refused (§2.1: 400 unauthorized_client) and stays; unknown, invalid, expired or
+     * ended tokens are 200 with nothing done (§2.2). API keys are a user's: for any other caller an
+     * API key is not looked at (200), so nobody else learns whether one is live, nor marks it used.
      */
     async revoke(caller: OAuthCaller, token: string, context: RequestContext): Promise<void> {
       if (token.length > MAX_TOKEN_LENGTH) return;
       if (token.startsWith(REFRESH_TOKEN_PREFIX)) {
-        const session = await deps.sessions.findByRefreshToken(token);
-        if (!session || session.revokedAt) return;
+        // Ended or expired: nothing to revoke, 200 whoever asks (§2.2), telling nothing of whose.
+        const session = await deps.sessions.findLiveSessionOf(token);
+        if (!session) return;
         const mine =
           caller.kind === 'principal'
             ? caller.principal.userId === session.userId
@@ -502,10 +501,9 @@ export function createOAuthService(deps: OAuthServiceDeps) {
         return;
       }
       if (token.startsWith(API_KEY_PREFIX)) {
-        if (!deps.apiKeys) return;
-        const ownerId = caller.kind === 'principal' ? caller.principal.userId : undefined;
-        if ((await deps.apiKeys.revokeOwned(token, ownerId, context)) === 'not_owned')
-          throw notIssuedToCaller();
+        if (caller.kind !== 'principal' || !caller.principal.userId || !deps.apiKeys) return;
+        const outcome = await deps.apiKeys.revokeOwned(token, caller.principal.userId, context);
+        if (outcome === 'not_owned') throw notIssuedToCaller();
         return;
       }
       if (!looksLikeJwt(token)) return;
