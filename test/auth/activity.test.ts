@@ -123,9 +123,11 @@ describe('GET /v1/auth/activity: a user’s own account activity', () => {
       by: 'anonymous',
       user_agent: 'guesser/2.0',
     });
+    // The password was given, not yet the second factor: someone (maybe not the user), with where from.
     expect(events.find((e) => e.type === 'auth.mfa_challenge')).toMatchObject({
       outcome: 'success',
-      by: 'you',
+      by: 'anonymous',
+      ip: '127.0.0.1',
     });
   });
 

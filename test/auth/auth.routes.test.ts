@@ -6,6 +6,7 @@ import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { allPages, bearer, injectFetch } from '../support/http.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
+import { turnOnMfa } from '../support/mfa.js';
 
 describe('auth: register, login, me, refresh, logout (local provider)', () => {
   let app: FastifyInstance;
@@ -566,6 +567,42 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(failures.map((e) => [e.type, e.data.reason])).toEqual([['auth.login', 'password_changed']]);
     // The new password signs in.
     await login(app, user.email, 'the passphrase after');
+  });
+
+  it('nor a second factor’s challenge, for a user who has one', async () => {
+    const user = await registerUser(app, 'inflight-mfa');
+    await turnOnMfa(app, user.accessToken);
+    const provider = app.services.provider;
+    const signIn = provider.signIn;
+    let changed: { statusCode: number } | undefined;
+    provider.signIn = async (...args) => {
+      const result = await signIn.apply(provider, args);
+      changed ??= await app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers: bearer(user.accessToken),
+        payload: { current_password: PASSWORD, new_password: 'the passphrase after' },
+      });
+      return result;
+    };
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password: PASSWORD },
+      });
+      expect(changed?.statusCode).toBe(204);
+      expect(res.statusCode, res.body).toBe(401);
+      expect(res.json()).not.toHaveProperty('mfa_token');
+    } finally {
+      provider.signIn = signIn;
+    }
+    const challenges = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'auth.mfa_challenge',
+      limit: 5,
+    });
+    expect(challenges).toHaveLength(0);
   });
 
   it('a disabled user loses every session and their tokens stop at once; login answers like a wrong password', async () => {

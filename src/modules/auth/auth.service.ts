@@ -1,3 +1,4 @@
+import { PasswordReplaced } from './password-replaced.js';
 import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
@@ -44,13 +45,6 @@ const PASSWORD_AMR = ['pwd'] as const;
 
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
-
-/** A sign-in's password was replaced (a reset, a change) while it was checked: it opens no session. */
-class PasswordReplaced extends AppError {
-  constructor() {
-    super('invalid_credentials', { detail: 'The email or password is incorrect' });
-  }
-}
 
 export function createAuthService(deps: AuthServiceDeps) {
   /**
@@ -456,18 +450,24 @@ export function createAuthService(deps: AuthServiceDeps) {
       }
       await deps.failures.reset(email);
       // The password was right; the session waits for the second factor (its own lockout counts codes).
+      // The session, or the second factor's challenge, only while the password checked is the
+      // account's: one replaced meanwhile (a reset, a change) opens neither.
+      const passwordReplaced = async (err: unknown): Promise<never> => {
+        if (err instanceof PasswordReplaced)
+          await recordLoginFailure(context, email, user.id, 'password_changed');
+        throw err;
+      };
       const session = await openSession(
         user,
         context,
         'auth.login',
         PASSWORD_AMR,
         identity.checkedHash,
-      ).catch(async (err: unknown) => {
-        if (err instanceof PasswordReplaced)
-          await recordLoginFailure(context, email, user.id, 'password_changed');
-        throw err;
-      });
-      if (session === 'second_factor') throw await deps.mfa.challenge(user, 'auth.login', context);
+      ).catch(passwordReplaced);
+      if (session === 'second_factor')
+        throw await deps.mfa
+          .challenge(user, 'auth.login', context, identity.checkedHash)
+          .catch(passwordReplaced);
       deps.onLogin?.('success');
       return { user, session };
     },

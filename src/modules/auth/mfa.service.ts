@@ -1,3 +1,4 @@
+import { PasswordReplaced } from './password-replaced.js';
 import { randomInt } from 'node:crypto';
 import { Secret, TOTP } from 'otpauth';
 import type { Database, Executor } from '../../db/client.js';
@@ -522,10 +523,16 @@ export function createMfaService(deps: MfaServiceDeps) {
       user: UserRow,
       via: 'auth.login' | 'auth.exchange' | 'auth.magic_link',
       context: RequestContext,
+      /** A password sign-in's checked hash: PasswordReplaced when it is no longer the account's. */
+      checkedHash?: string,
     ): Promise<AppError> {
       const { token } = generateSecret(MFA_TOKEN_FORMAT);
       const now = deps.clock.now();
       await inTransaction(deps.db, deps.events, async (tx) => {
+        // Under the row's share lock, as the session would be: a reset or a change committed since
+        // the password was checked finds no challenge to discard, so none is made.
+        const row = await deps.users.findByIdForShare(user.id, tx);
+        if (checkedHash !== undefined && row?.passwordHash !== checkedHash) throw new PasswordReplaced();
         await deps.repo.insertChallenge(
           {
             userId: user.id,
@@ -538,11 +545,13 @@ export function createMfaService(deps: MfaServiceDeps) {
           },
           tx,
         );
-        await deps.audit.record(
-          tx,
-          { ...context, actorType: 'user', actorId: user.id },
-          { type: 'auth.mfa_challenge', subjectId: user.id, data: { via } },
-        );
+        // By whoever gave the first factor, not yet the user (as a wrong code then is): someone
+        // unknown in the account's activity, with where from.
+        await deps.audit.record(tx, context, {
+          type: 'auth.mfa_challenge',
+          subjectId: user.id,
+          data: { via },
+        });
       });
       return new AppError('mfa_required', {
         detail: 'Enter a code from your authenticator app (or a recovery code) at POST /v1/auth/mfa/verify',
