@@ -32,7 +32,8 @@ function common(): Set<string> {
  * `field` names the password in the 422's `errors` (`body.new_password` for a change).
  */
 export function checkPasswordStrength(password: string, email?: string, field = 'body.password'): void {
-  const length = [...password].length;
+  // Over 256 UTF-16 units is over 128 code points: not counted one by one.
+  const length = password.length > 256 ? password.length : [...password].length;
   if (length < 8 || length > 128) {
     throw new AppError('weak_password', {
       detail: 'The password must be 8 to 128 characters long',

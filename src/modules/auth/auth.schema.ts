@@ -19,12 +19,14 @@ export const EmailSchema = z
  */
 const LONE_SURROGATE = /\p{Cs}/u; // in u-mode a surrogate pair is one code point, so only lone ones match
 /**
- * No length limit of its own (BODY_LIMIT bounds it): a new password over 128 characters is a 422
- * `weak_password`, as API.md says, from the strength check, not a 400 here.
+ * Up to 4096 characters here, so a new password over 128 is a 422 `weak_password` from the strength
+ * check, as API.md says, for any length a person could mean; past 4096 (nobody's password, only
+ * work for the hash) it is a 400.
  */
 const PasswordSchema = z
   .string()
   .min(1)
+  .max(4096)
   .refine((p) => !LONE_SURROGATE.test(p), {
     message: 'must be well-formed Unicode (a lone surrogate is not)',
   })
