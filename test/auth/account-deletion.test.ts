@@ -64,6 +64,22 @@ describe('DELETE /v1/auth/me: deleting one’s own account', () => {
     for (const r of answers.filter((a) => a.statusCode === 401)) expect(r.json().code).toBe('invalid_token');
     const events = await app.services.audit.list({ subjectId: user.id, type: 'user.deleted', limit: 5 });
     expect(events.filter((e) => e.outcome === 'success')).toHaveLength(1);
+    // A password change that was under way as it went is told the same (not a 404 it does not declare).
+    const context = {
+      actorType: 'user' as const,
+      actorId: user.id,
+      ip: null,
+      userAgent: null,
+      requestId: null,
+    };
+    await expect(
+      app.services.auth.changePassword(
+        user.id,
+        undefined,
+        { currentPassword: PASSWORD, newPassword: 'another long passphrase' },
+        context,
+      ),
+    ).rejects.toMatchObject({ code: 'invalid_token' });
   });
 
   it('refuses a wrong password (400 naming it, counted, audited) and an API key (403), deleting nothing', async () => {

@@ -539,7 +539,8 @@ export function createAuthService(deps: AuthServiceDeps) {
       context: RequestContext,
     ): Promise<void> {
       const user = await deps.users.findById(userId);
-      if (!user) throw notFound('user');
+      // Deleted meanwhile (by a request of its own): the session went with the account.
+      if (!user) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
       checkPasswordStrength(input.newPassword, user.email, 'body.new_password');
       // The current password is a password guess like a login's: the same per-account lockout counts
       // and stops it, so a stolen access token or API key is no oracle for the password.
