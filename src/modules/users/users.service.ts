@@ -79,10 +79,13 @@ export function createUsersService(deps: {
    * check waits for the other's change, which waits for it), as every changing transaction is.
    */
   async function assertMayManage(caller: Grantor, id: string): Promise<void> {
-    await inTransaction(deps.db, deps.events, async (tx) => {
-      const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
-      await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
-    });
+    await inTransaction(deps.db, deps.events, (tx) => assertMayManageIn(tx, caller, id));
+  }
+
+  /** assertMayManage on the caller's transaction (a change that takes its own locks first). */
+  async function assertMayManageIn(tx: Transaction, caller: Grantor, id: string): Promise<void> {
+    const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
+    await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
   }
 
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
@@ -358,8 +361,7 @@ export function createUsersService(deps: {
             await assertMayChangeGrant(tx, id, roleName, caller);
             // Taking a role away acts on the user, as disabling does: not on one who holds more than
             // the caller (a user manager would strip an auditor's roles, an administrator's `user`).
-            const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
-            await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
+            await assertMayManageIn(tx, caller, id);
             if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
             const removed = await deps.repo.removeRole(id, roleName, tx);
             if (!removed) throw notFound('role assignment');
