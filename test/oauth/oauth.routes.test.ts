@@ -1,4 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
+import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import {
   createRemoteJWKSet,
@@ -11,6 +12,7 @@ import * as oidc from 'openid-client';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
+import { clients } from '../../src/db/schema/index.js';
 import { type DatabaseHandle, openDatabase } from '../../src/db/client.js';
 import { formUrlEncode } from '../../src/modules/oauth/oauth.client-auth.js';
 import {
@@ -416,6 +418,17 @@ describe('POST /oauth/token', () => {
       asClient(),
     );
     expect(own.statusCode).toBe(200);
+    // An audience with a fragment, registered before they were refused, is granted no more.
+    await app.services.db
+      .update(clients)
+      .set({ audiences: ['https://a.test/#frag', 'billing'] })
+      .where(eq(clients.id, multi.id));
+    app.services.events.applyLocally([{ type: 'client_changed', clientId: multi.client_id }]);
+    const legacy = await token({ grant_type: 'client_credentials' }, auth);
+    expect(legacy.statusCode, legacy.body).toBe(200);
+    expect(decodeJwt(legacy.json().access_token).aud).toBe('billing');
+    const named = await token({ grant_type: 'client_credentials', audience: 'https://a.test/#frag' }, auth);
+    expect(named.json().error).toBe('invalid_target');
   });
 
   it('answers every error as {error, error_description} JSON with no-store, never problem+json', async () => {

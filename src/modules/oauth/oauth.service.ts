@@ -217,7 +217,12 @@ export function createOAuthService(deps: OAuthServiceDeps) {
   }
 
   function grantedAudience(client: ClientRow, request: TokenRequest): string | string[] {
-    const allowed = client.audiences.length > 0 ? client.audiences : [deps.audience];
+    // An audience with a fragment (registered before they were refused) is no resource's name
+    // (RFC 8707 §2): granted neither as `resource` nor as `audience`, nor by default.
+    const allowed =
+      client.audiences.length > 0 ? client.audiences.filter((a) => !a.includes('#')) : [deps.audience];
+    if (allowed.length === 0)
+      throw oauthError('invalid_target', 'The client has no audience it may be given: correct its audiences');
     for (const r of request.resources) {
       // RFC 8707 §2: an absolute URI without a fragment.
       if (!URL.canParse(r) || r.includes('#'))
