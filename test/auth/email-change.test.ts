@@ -190,6 +190,16 @@ describe('changing the email address (built-in provider)', () => {
     expect((await open(tokenIn(user.email, TO_CURRENT))).json().changed).toBe(false);
     expect((await pending()).json().waiting_for).toEqual(['new_address']);
 
+    // Not with an API key, as the change is not asked with one.
+    const key = await createKey(app, user.accessToken, { scopes: ['account:write', 'account:read'] });
+    const byKey = await app.inject({
+      method: 'DELETE',
+      url: '/v1/auth/email/change',
+      headers: withKey(key.key),
+    });
+    expect(byKey.statusCode).toBe(403);
+    expect((await pending()).json().waiting_for).toEqual(['new_address']);
+
     expect((await cancel()).statusCode).toBe(204);
     expect((await pending()).statusCode).toBe(404);
     expect((await cancel()).statusCode).toBe(404);

@@ -606,13 +606,19 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         tags: ['auth'],
         operationId: 'cancelEmailChange',
         summary: 'Cancel the email change waiting for its links (they stop working)',
-        security: bearerOrApiKey,
+        description:
+          'From a signed-in session, as the change is asked (an API key gets 403: a leaked key must not undo ' +
+          'a change support made to lock its holder out).',
+        security: [{ bearerAuth: [] }],
         response: { 204: z.null().describe('Cancelled'), ...problems(401, 403, 404) },
       },
     },
     async (request, reply) => {
-      if (!(await deps.emailChange.cancel(userIdOf(request), requestContext(request))))
-        throw notFound('email change');
+      const { userId } = signedInSession(
+        request,
+        'An email change is cancelled from a signed-in session, not with an API key',
+      );
+      if (!(await deps.emailChange.cancel(userId, requestContext(request)))) throw notFound('email change');
       return reply.status(204).send(null);
     },
   );
