@@ -129,9 +129,16 @@ describe('invitations: accounts an administrator makes', () => {
     expect(soon.statusCode).toBe(409);
     expect(soon.json().detail).toContain('less than a minute ago');
     clock.advance(61);
-    const again = await invite({ email });
+    const again = await invite({ email, display_name: 'Grace Hopper' });
     expect(again.statusCode, again.body).toBe(200);
     expect(again.json().id).toBe(first.json().id);
+    // The name given again is the invitation's now.
+    const profile = await app.inject({
+      method: 'GET',
+      url: `/v1/profiles/${first.json().id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(profile.json().display_name).toBe('Grace Hopper');
     const secondToken = invitationTo(email);
     expect(secondToken).not.toBe(firstToken);
     expect((await choose(firstToken)).statusCode).toBe(400);
@@ -140,6 +147,16 @@ describe('invitations: accounts an administrator makes', () => {
     const taken = await invite({ email });
     expect(taken.statusCode).toBe(409);
     expect(taken.json()).toMatchObject({ code: 'email_taken' });
+  });
+
+  it('of one address invited several times at once, makes one account; the others are told it was just mailed (409 conflict)', async () => {
+    const email = uniqueEmail('invited-at-once');
+    const answers = await Promise.all([1, 2, 3, 4, 5].map(() => invite({ email })));
+    expect(answers.filter((r) => r.statusCode === 201)).toHaveLength(1);
+    for (const r of answers.filter((a) => a.statusCode !== 201)) {
+      expect(r.statusCode).toBe(409);
+      expect(r.json().code).toBe('conflict');
+    }
   });
 
   it('sends an invited administrator’s invitation again only for a caller who holds what they hold (403, the link mailed stays good)', async () => {

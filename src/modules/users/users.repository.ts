@@ -207,6 +207,10 @@ export function createUsersRepository(db: Executor) {
     async createProfile(userId: string, displayName: string | null, tx: Executor = db): Promise<void> {
       await tx.insert(profiles).values({ userId, displayName }).onConflictDoNothing();
     },
+    /** The profile's display name (an invitation sent again with another). */
+    async setDisplayName(userId: string, displayName: string, at: Date, tx: Executor): Promise<void> {
+      await tx.update(profiles).set({ displayName, updatedAt: at }).where(eq(profiles.userId, userId));
+    },
     async findByIds(ids: string[], tx: Executor = db): Promise<UserRow[]> {
       if (ids.length === 0) return [];
       return tx.select().from(users).where(inArray(users.id, ids));

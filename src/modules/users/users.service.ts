@@ -202,6 +202,9 @@ export function createUsersService(deps: {
           const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
           if (waitBeforeNextMail(last, deps.clock.now()) > 0)
             throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
+          // A name given again is the one the invitation now says (nobody has signed in to set it).
+          if (input.displayName !== undefined)
+            await deps.repo.setDisplayName(user.id, input.displayName, deps.clock.now(), tx);
           send = await write(user, tx);
           await deps.audit.record(tx, context, {
             type: 'user.invited',
@@ -214,7 +217,14 @@ export function createUsersService(deps: {
           { id: randomUUID(), email, provider: 'local', passwordHash: null, emailConfirmedAt: null },
           tx,
         );
-        if (!row) throw new AppError('email_taken');
+        if (!row) {
+          // Made meanwhile (the same invitation sent twice at once, or a registration): what a
+          // request a moment later would be told.
+          const taken = await deps.repo.findByEmail(email, tx);
+          if (taken && isInvitation(taken))
+            throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
+          throw new AppError('email_taken');
+        }
         // `granted_by` names a user (an API key's owner); a service's grant is in the audit event.
         const grantedBy = context.actorType === 'service' ? null : context.actorId;
         await deps.repo.assignRole(row.id, USER_ROLE, grantedBy, tx);
