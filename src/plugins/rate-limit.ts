@@ -1,3 +1,4 @@
+import { limitedAddress } from '../lib/client-address.js';
 import rateLimit, { type FastifyRateLimitStore } from '@fastify/rate-limit';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
@@ -59,7 +60,8 @@ function sharedStoreWithFallback(redis: Redis) {
 
 /**
  * Per-IP throttling of credential endpoints (routes opt in with `config.rateLimit`). The IP is the
- * socket's unless TRUST_PROXY names the proxies, so X-Forwarded-For cannot dodge it. Counters live in
+ * socket's unless TRUST_PROXY names the proxies, so X-Forwarded-For cannot dodge it; an IPv6 client is
+ * counted by its /64 (lib/client-address.ts). Counters live in
  * Redis when configured (shared by every instance), in this instance's memory otherwise or while Redis
  * is down; the per-account failure counter applies on top.
  */
@@ -68,7 +70,7 @@ async function rateLimitPlugin(app: FastifyInstance, options: { redis?: Redis | 
     global: false,
     ...(options.redis ? { store: sharedStoreWithFallback(options.redis) } : {}),
     skipOnError: true,
-    keyGenerator: (request) => request.ip,
+    keyGenerator: (request) => limitedAddress(request.ip),
     errorResponseBuilder: (_request, context) =>
       new AppError('rate_limited', {
         detail: `Too many requests; retry in ${Math.ceil(context.ttl / 1000)} s`,
@@ -78,7 +80,10 @@ async function rateLimitPlugin(app: FastifyInstance, options: { redis?: Redis | 
   // One counter for both routes: refreshing at /oauth/token must not dodge /v1/auth/refresh's limit.
   app.decorate(
     'refreshRateLimit',
-    app.rateLimit({ ...REFRESH_RATE_LIMIT, keyGenerator: (request) => `refresh-${request.ip}` }),
+    app.rateLimit({
+      ...REFRESH_RATE_LIMIT,
+      keyGenerator: (request) => `refresh-${limitedAddress(request.ip)}`,
+    }),
   );
 }
 

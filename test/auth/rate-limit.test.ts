@@ -181,6 +181,40 @@ describe('throttling of credential endpoints', () => {
     });
     expect(res.statusCode).toBe(401);
   });
+
+  it('counts an IPv6 client by its /64, and an IPv4-mapped address as the IPv4 one', async () => {
+    const statuses: number[] = [];
+    for (let i = 0; i < 35; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        // A different address of one /64 each time, and the IPv4-mapped form of an IPv4 address too.
+        remoteAddress: i % 2 ? `2001:db8:77:1::${(i + 1).toString(16)}` : `2001:db8:77:1:${i + 1}::1`,
+        payload: { email: uniqueEmail('ipv6'), password: 'whatever password' },
+      });
+      statuses.push(res.statusCode);
+    }
+    expect(statuses.filter((s) => s === 429).length).toBeGreaterThan(0);
+    // The next /64 is another client.
+    const next = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      remoteAddress: '2001:db8:77:2::1',
+      payload: { email: uniqueEmail('ipv6'), password: 'whatever password' },
+    });
+    expect(next.statusCode).toBe(401);
+    let mapped = 0;
+    for (let i = 0; i < 35; i++) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        remoteAddress: i % 2 ? '192.0.2.99' : '::ffff:192.0.2.99',
+        payload: { email: uniqueEmail('mapped'), password: 'whatever password' },
+      });
+      if (res.statusCode === 429) mapped++;
+    }
+    expect(mapped).toBeGreaterThan(0);
+  });
 });
 
 describe('sign-ins the lock refuses, in the log (SECURITY.md: every login attempt is logged)', () => {

@@ -1,3 +1,4 @@
+import { limitedAddress } from '../../lib/client-address.js';
 import { decodeJwt } from 'jose';
 import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
@@ -157,7 +158,7 @@ const oauthError = (oauth: string, detail: string) =>
 const epoch = (d: Date) => Math.floor(d.getTime() / 1000);
 /** Whose failures a client authentication counts against: the caller's address and the client id. */
 /** The keys of the failure counters: the caller's address, and that address with the client_id. */
-const addressOf = (ip: string | null | undefined) => ip ?? 'unknown';
+const addressOf = limitedAddress;
 const sourceOf = (ip: string | null | undefined, clientId: string) =>
   `${addressOf(ip)} ${clientId.slice(0, 64)}`;
 
