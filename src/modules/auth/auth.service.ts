@@ -496,6 +496,15 @@ export function createAuthService(deps: AuthServiceDeps) {
       input: { refreshToken?: string | undefined; scope: 'session' | 'all' },
       context: RequestContext,
     ): Promise<void> {
+      // The refresh token names which of the caller's sessions to end. Someone else's, or one of a
+      // session already ended (a frontend's leftover), is treated like an unknown one, and never
+      // revealed as either: the caller's current session ends, as it would without one. Read before
+      // the transaction: a read of the pool inside it waits for its connection, which on the embedded
+      // database (one connection) is the transaction's own, for ever.
+      const named =
+        input.scope === 'session' && input.refreshToken
+          ? await deps.sessions.findLiveSessionOf(input.refreshToken)
+          : undefined;
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         let ended: string[] = [];
         if (input.scope === 'all') {
@@ -507,14 +516,7 @@ export function createAuthService(deps: AuthServiceDeps) {
           await deps.emailTokens.discardUnused(userId, 'magic_link', tx);
           ended = events.map((e) => (e.type === 'revocation' ? e.value : ''));
         } else {
-          let sessionId = currentSessionId;
-          if (input.refreshToken) {
-            const session = await deps.sessions.findLiveSessionOf(input.refreshToken);
-            // The refresh token names which of the caller's sessions to end. Someone else's, or one of
-            // a session already ended (a frontend's leftover), is treated like an unknown one, and
-            // never revealed as either: the caller's current session ends, as it would without one.
-            if (session?.userId === userId) sessionId = session.id;
-          }
+          const sessionId = named?.userId === userId ? named.id : currentSessionId;
           if (sessionId) {
             const events = await deps.sessions.endSession(tx, sessionId, 'logout');
             events.forEach(emit);
