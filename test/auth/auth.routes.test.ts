@@ -390,18 +390,30 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     const sid = JSON.parse(
       Buffer.from(other.session.access_token.split('.')[1]!, 'base64url').toString(),
     ).sid;
-    const statuses = (
-      await Promise.all(
-        [1, 2, 3, 4, 5].map(() =>
-          app.inject({
-            method: 'DELETE',
-            url: `/v1/auth/sessions/${sid}`,
-            headers: bearer(user.accessToken),
-          }),
-        ),
-      )
-    ).map((r) => r.statusCode);
-    expect(statuses.sort()).toEqual([204, 404, 404, 404, 404]);
+    const end = () =>
+      app.inject({ method: 'DELETE', url: `/v1/auth/sessions/${sid}`, headers: bearer(user.accessToken) });
+    // The second request ends the session after the first has found it live, and before the first
+    // ends it: deterministically the race of two sent at once.
+    const sessions = app.services.sessions;
+    const findSession = sessions.findSession;
+    let second: { statusCode: number } | undefined;
+    sessions.findSession = async (...args: Parameters<typeof findSession>) => {
+      const found = await findSession.apply(sessions, args);
+      if (!second) {
+        second = { statusCode: 0 };
+        second = await end();
+      }
+      return found;
+    };
+    let first: { statusCode: number };
+    try {
+      first = await end();
+    } finally {
+      sessions.findSession = findSession;
+    }
+    expect([first.statusCode, second?.statusCode]).toEqual([404, 204]);
+    const statuses = (await Promise.all([1, 2, 3].map(() => end()))).map((r) => r.statusCode);
+    expect(statuses).toEqual([404, 404, 404]);
     const events = await app.services.audit.list({
       type: 'auth.session_ended',
       subjectId: user.id,
