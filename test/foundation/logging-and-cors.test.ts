@@ -161,6 +161,12 @@ describe('CORS from configuration', () => {
       headers: { origin: 'https://evil.example.com', 'access-control-request-method': 'POST' },
     });
     expect(denied.headers['access-control-allow-origin']).toBeUndefined();
+    // Not a complete preflight: no plain-text 400.
+    for (const headers of [{}, { origin: 'https://app.example.com' }]) {
+      const partial = await app.inject({ method: 'OPTIONS', url: '/v1/auth/login', headers });
+      expect(partial.statusCode, JSON.stringify(headers)).toBe(204);
+      expect(partial.headers['content-type']).toBeUndefined();
+    }
   });
 
   it('without CORS_ORIGINS there is no CORS at all: no headers, and a preflight is a method the path does not take', async () => {
