@@ -98,6 +98,12 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
   done();
 };
 
+/** What a CORS answer to a listed origin carries besides the origin itself (and `Vary`). */
+const CORS_ANSWER_HEADERS = {
+  'access-control-allow-credentials': 'true',
+  'access-control-expose-headers': 'x-request-id,retry-after,www-authenticate',
+} as const;
+
 /** Methods whose requests carry no body by their definition. */
 const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 
@@ -216,6 +222,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // headers every API answer carries: no hook runs for it.
     frameworkErrors: (error, request, reply) => {
       reply.header('x-request-id', request.id).headers(headersFor(request.url));
+      // Nor does @fastify/cors's: a listed origin's browser reads this error as any other.
+      const origin = request.headers.origin;
+      if (origin && config.corsOrigins.includes(origin))
+        reply.headers({ ...CORS_ANSWER_HEADERS, 'access-control-allow-origin': origin, vary: 'Origin' });
       return app.errorHandler(error, request, reply);
     },
   });
@@ -360,7 +370,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       strictPreflight: false,
       methods: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'],
       allowedHeaders: ['authorization', 'content-type', 'x-api-key', 'x-request-id'],
-      exposedHeaders: ['x-request-id', 'retry-after', 'www-authenticate'],
+      exposedHeaders: CORS_ANSWER_HEADERS['access-control-expose-headers'].split(','),
     });
   }
   await app.register(metricsPlugin, { metrics: services.metrics });

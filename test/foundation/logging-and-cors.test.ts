@@ -161,6 +161,21 @@ describe('CORS from configuration', () => {
       headers: { origin: 'https://evil.example.com', 'access-control-request-method': 'POST' },
     });
     expect(denied.headers['access-control-allow-origin']).toBeUndefined();
+    // An error the router answers before any hook (a path segment over 200 characters) carries them too.
+    const long = await app.inject({
+      method: 'GET',
+      url: `/v1/users/${'a'.repeat(300)}`,
+      headers: { origin: 'https://app.example.com' },
+    });
+    expect(long.statusCode).toBe(414);
+    expect(long.headers['access-control-allow-origin']).toBe('https://app.example.com');
+    expect(long.headers['access-control-allow-credentials']).toBe('true');
+    const longElsewhere = await app.inject({
+      method: 'GET',
+      url: `/v1/users/${'a'.repeat(300)}`,
+      headers: { origin: 'https://evil.example.com' },
+    });
+    expect(longElsewhere.headers['access-control-allow-origin']).toBeUndefined();
     // Not a complete preflight: no plain-text 400.
     for (const headers of [{}, { origin: 'https://app.example.com' }]) {
       const partial = await app.inject({ method: 'OPTIONS', url: '/v1/auth/login', headers });
