@@ -8,7 +8,9 @@ import ipaddr from 'ipaddr.js';
  */
 export function limitedAddress(ip: string | null | undefined): string {
   if (!ip) return 'unknown';
-  if (!ipaddr.isValid(ip)) return ip;
+  // An IPv4 address (no colon) is its own key: no parsing on the hot path (every client
+  // authentication checks its address's throttle).
+  if (!ip.includes(':') || !ipaddr.isValid(ip)) return ip;
   const parsed = ipaddr.parse(ip);
   if (parsed.kind() === 'ipv4') return parsed.toString();
   const v6 = parsed as ipaddr.IPv6;
