@@ -7,6 +7,7 @@ import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { readJournal } from '../../src/db/migrations.js';
+import { freePort } from '../faults/support/cluster.js';
 import { scratchDatabase } from '../support/database.js';
 
 /*
@@ -113,7 +114,9 @@ describe('the production build (what the Docker image runs)', () => {
   });
 
   it('starts the compiled server on PGlite, answers, and exits 0 on SIGTERM', async () => {
-    const port = 20_000 + Math.floor(Math.random() * 20_000);
+    // One free now (a random one could be an ephemeral port a connection of another test holds:
+    // CI met EADDRINUSE).
+    const port = await freePort();
     const child = spawn(process.execPath, [join(outDir, 'src/server.js')], {
       cwd: ROOT,
       stdio: ['ignore', 'pipe', 'pipe'],
