@@ -552,12 +552,14 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(changes).toHaveLength(1);
   });
 
-  it('a sign-in with the old password checked while a change committed opens no session (401, audited)', async () => {
-    const user = await registerUser(app, 'inflight');
+  /**
+   * A sign-in with the current password, whose password is changed (by the user's session) after the
+   * provider has checked it and before anything else: the race of a sign-in and a change, made certain.
+   */
+  async function signInWhilePasswordChanges(user: TestUser) {
     const provider = app.services.provider;
     const signIn = provider.signIn;
     let changed: { statusCode: number } | undefined;
-    // The change commits between the password's check and the session's opening.
     provider.signIn = async (...args) => {
       const result = await signIn.apply(provider, args);
       changed ??= await app.inject({
@@ -575,11 +577,17 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
         payload: { email: user.email, password: PASSWORD },
       });
       expect(changed?.statusCode).toBe(204);
-      expect(res.statusCode, res.body).toBe(401);
-      expect(res.json().code).toBe('invalid_credentials');
+      return res;
     } finally {
       provider.signIn = signIn;
     }
+  }
+
+  it('a sign-in with the old password checked while a change committed opens no session (401, audited)', async () => {
+    const user = await registerUser(app, 'inflight');
+    const res = await signInWhilePasswordChanges(user);
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.json().code).toBe('invalid_credentials');
     const sessions = await app.inject({
       method: 'GET',
       url: '/v1/auth/sessions',
@@ -595,31 +603,9 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
   it('nor a second factor’s challenge, for a user who has one', async () => {
     const user = await registerUser(app, 'inflight-mfa');
     await turnOnMfa(app, user.accessToken);
-    const provider = app.services.provider;
-    const signIn = provider.signIn;
-    let changed: { statusCode: number } | undefined;
-    provider.signIn = async (...args) => {
-      const result = await signIn.apply(provider, args);
-      changed ??= await app.inject({
-        method: 'POST',
-        url: '/v1/auth/password',
-        headers: bearer(user.accessToken),
-        payload: { current_password: PASSWORD, new_password: 'the passphrase after' },
-      });
-      return result;
-    };
-    try {
-      const res = await app.inject({
-        method: 'POST',
-        url: '/v1/auth/login',
-        payload: { email: user.email, password: PASSWORD },
-      });
-      expect(changed?.statusCode).toBe(204);
-      expect(res.statusCode, res.body).toBe(401);
-      expect(res.json()).not.toHaveProperty('mfa_token');
-    } finally {
-      provider.signIn = signIn;
-    }
+    const res = await signInWhilePasswordChanges(user);
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.json()).not.toHaveProperty('mfa_token');
     const challenges = await app.services.audit.list({
       subjectId: user.id,
       type: 'auth.mfa_challenge',

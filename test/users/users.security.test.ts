@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { eq } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { apiKeys, clients, users } from '../../src/db/schema/index.js';
-import { createKey, withKey } from '../api-keys/helpers.js';
+import { createKey, grantRole, withKey } from '../api-keys/helpers.js';
 import { ADMIN_ROUTES, AUTH_ROUTES, PROFILE_ROUTES } from '../authz/routes.js';
 import { clientToken, createClient } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
@@ -330,35 +330,17 @@ describe('acting on a user who holds more than the caller', () => {
     admin = await createAdmin(app);
   });
 
-  /** A fresh role with these permissions, granted to `user` by the administrator. */
-  async function grantNew(user: TestUser, permissions: string[], tag: string) {
-    const role = `${tag}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
-    const created = await app.inject({
-      method: 'POST',
-      url: '/v1/roles',
-      headers: bearer(admin.accessToken),
-      payload: { name: role, permissions },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    const granted = await app.inject({
-      method: 'PUT',
-      url: `/v1/users/${user.id}/roles/${role}`,
-      headers: bearer(admin.accessToken),
-    });
-    expect(granted.statusCode, granted.body).toBe(200);
-    return role;
-  }
-
   it('a user manager takes no role from someone holding what they do not, not even one they hold (403, audited under the target)', async () => {
     const manager = await registerUser(app, 'strip-manager');
-    const managerRole = await grantNew(
-      manager,
-      ['users:read', 'users:write', 'roles:assign', 'roles:read'],
-      'umgr',
-    );
+    const managerRole = await grantRole(app, manager.id, [
+      'users:read',
+      'users:write',
+      'roles:assign',
+      'roles:read',
+    ]);
     const token = (await login(app, manager.email)).session.access_token;
     const auditor = await registerUser(app, 'strip-auditor');
-    await grantNew(auditor, ['audit:read'], 'auditor');
+    await grantRole(app, auditor.id, ['audit:read']);
     const shared = await app.inject({
       method: 'PUT',
       url: `/v1/users/${auditor.id}/roles/${managerRole}`,
@@ -402,7 +384,7 @@ describe('acting on a user who holds more than the caller', () => {
 
   it('a PATCH that would change nothing is still refused to who may not act on the user, and the refusal names them', async () => {
     const manager = await registerUser(app, 'noop-manager');
-    await grantNew(manager, ['users:write'], 'writer');
+    await grantRole(app, manager.id, ['users:write']);
     const token = (await login(app, manager.email)).session.access_token;
     const res = await app.inject({
       method: 'PATCH',
