@@ -162,6 +162,20 @@ describe('throttling of failed client authentication', () => {
     expect((await token(sprayer, basic(neighbour.client_id, neighbour.client_secret))).statusCode).toBe(200);
   });
 
+  it('counts an IPv6 client’s failures by its /64, whichever of its addresses they come from', async () => {
+    clock.advance(61);
+    const fromBlock = (i: number) => `2001:db8:50:7::${(i + 1).toString(16)}`;
+    for (let i = 0; i < CLIENT_AUTH_MAX_FAILURES_PER_MINUTE; i++) {
+      const res = await introspectFrom(fromBlock(i), i % 2 ? 'pcs_wrong' : oldSecret);
+      expect(res.statusCode, `attempt ${i}`).toBe(401);
+    }
+    const blocked = await postFrom(fromBlock(1000), '/oauth/introspect', client.client_secret, 'token=x.y.z');
+    expect(blocked.statusCode).toBe(429);
+    // The next /64 is another client.
+    const next = await postFrom('2001:db8:50:8::1', '/oauth/introspect', client.client_secret, 'token=x.y.z');
+    expect(next.statusCode).toBe(200);
+  });
+
   it('takes client_credentials tokens from one IP at any rate: only failures are counted', async () => {
     const service = '198.51.100.30';
     for (let i = 0; i < REFRESH_RATE_LIMIT.max + 10; i++) {
