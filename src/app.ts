@@ -111,38 +111,43 @@ const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 const withHook = <H>(existing: H | H[] | undefined, hook: H): H[] =>
   existing === undefined ? [hook] : ([...[existing].flat(), hook] as H[]);
 
-/** preValidation of an operation without a body: a body with fields is a 400 naming them. */
-const refuseBody: preValidationHookHandler = (request, _reply, done) => {
-  // The body parsers hand over an object or nothing (lib/json-body.ts refuses any other JSON).
-  const fields = request.body == null ? [] : Object.keys(request.body);
-  if (fields.length === 0) return done();
-  done(
-    invalidFields(
-      fields.map((key) => ({
-        field: `body.${key}`,
-        message: 'is not accepted: this operation takes no body',
-      })),
-    ),
-  );
-};
+/**
+ * A preValidation hook refusing, with a 400 naming each, the fields of a part of the request that an
+ * operation does not take at all.
+ */
+const refuseFieldsOf =
+  (
+    part: 'body' | 'query',
+    taken: (request: FastifyRequest) => unknown,
+    message: string,
+  ): preValidationHookHandler =>
+  (request, _reply, done) => {
+    const value = taken(request);
+    const names = value == null ? [] : Object.keys(value);
+    if (names.length === 0) return done();
+    done(invalidFields(names.map((name) => ({ field: `${part}.${name}`, message }))));
+  };
 
 /**
- * preValidation of an API write without query parameters: any is a 400 naming it, rather than
- * silently ignored (`POST /v1/api-keys?owner_id=…` made a key for the caller, not for the user named;
- * `?key=` on verify would put a key in access logs).
+ * An operation without a body: a body with fields is a 400 naming them. The body parsers hand over
+ * an object or nothing (lib/json-body.ts refuses any other JSON).
  */
-const refuseQuery: preValidationHookHandler = (request, _reply, done) => {
-  const names = Object.keys((request.query ?? {}) as object);
-  if (names.length === 0) return done();
-  done(
-    invalidFields(
-      names.map((name) => ({
-        field: `query.${name}`,
-        message: 'is not accepted: this operation takes no query parameters',
-      })),
-    ),
-  );
-};
+const refuseBody = refuseFieldsOf(
+  'body',
+  (request) => request.body,
+  'is not accepted: this operation takes no body',
+);
+
+/**
+ * An API write without query parameters: any is a 400 naming it, rather than silently ignored
+ * (`POST /v1/api-keys?owner_id=…` made a key for the caller, not for the user named; `?key=` on verify
+ * would put a key in access logs).
+ */
+const refuseQuery = refuseFieldsOf(
+  'query',
+  (request) => request.query,
+  'is not accepted: this operation takes no query parameters',
+);
 
 /** A request that arrived once the server began closing (in-flight ones finish). */
 const shuttingDownError = () =>
