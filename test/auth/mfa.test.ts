@@ -448,8 +448,16 @@ describe('two-step verification (TOTP)', () => {
     });
     expect(denied.statusCode).toBe(403);
     expect((await loginRes(user)).statusCode).toBe(403);
-    const read = () =>
-      app.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) });
+    // The answer's body goes with every status check, so a failure says what came back instead.
+    const read = async () => {
+      const got = await app.inject({
+        method: 'GET',
+        url: `/v1/users/${user.id}`,
+        headers: bearer(admin.accessToken),
+      });
+      expect(got.statusCode, got.body).toBe(200);
+      return got;
+    };
     expect((await read()).json()).toMatchObject({ id: user.id, mfa_enabled: true });
     const res = await app.inject({
       method: 'DELETE',
