@@ -79,6 +79,69 @@ describe('profiles', () => {
     expect(roles.json().roles).toEqual(['user']);
   });
 
+  it('refuses names that show nothing or other than they hold, and control characters in free text', async () => {
+    const user = await registerUser(app);
+    const admin = await createAdmin(app);
+    const patch = (payload: Record<string, unknown>) =>
+      app.inject({ method: 'PATCH', url: '/v1/profiles/me', headers: bearer(user.accessToken), payload });
+    const before = (
+      await app.inject({ method: 'GET', url: '/v1/profiles/me', headers: bearer(user.accessToken) })
+    ).json();
+    const refused: Array<[string, string, string]> = [
+      ['display_name', '\u200b', 'visible'],
+      ['display_name', '\u200b\u2060\ufeff', 'visible'],
+      ['display_name', 'a\u0001\u001b[31mred', 'control'],
+      ['display_name', 'two\nlines', 'control'],
+      ['display_name', 'abc\u202egnp.exe', 'bidirectional'],
+      ['display_name', '\u2067Ada\u2069', 'bidirectional'],
+      ['bio', 'a\u0007bell', 'control'],
+      ['bio', 'x\u0085y', 'control'],
+      ['bio', 'abc\u202egnp.exe', 'bidirectional'],
+    ];
+    for (const [field, value, word] of refused) {
+      const res = await patch({ [field]: value });
+      expect(res.statusCode, `${field}=${JSON.stringify(value)}`).toBe(400);
+      expect(res.json().errors).toEqual([{ field: `body.${field}`, message: expect.stringContaining(word) }]);
+    }
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/profiles/me', headers: bearer(user.accessToken) })).json(),
+    ).toEqual(before);
+    // What people do write still goes through: joined emoji, scripts written right to left, lines.
+    const fine = await patch({ display_name: 'عائشة 👩\u200d💻', bio: 'line one\r\nline two\tend' });
+    expect(fine.statusCode, fine.body).toBe(200);
+    expect(fine.json()).toMatchObject({ display_name: 'عائشة 👩\u200d💻', bio: 'line one\r\nline two\tend' });
+
+    // The same for the other labels and descriptions an administrator reads.
+    const role = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'spoofed', description: 'reads \u202eetirw', permissions: ['users:read'] },
+    });
+    expect(role.statusCode).toBe(400);
+    expect(role.json().errors).toEqual([
+      { field: 'body.description', message: expect.stringContaining('bidirectional') },
+    ]);
+    const client = await app.inject({
+      method: 'POST',
+      url: '/v1/clients',
+      headers: bearer(admin.accessToken),
+      payload: { name: '\u200b', description: 'ok', scopes: [] },
+    });
+    expect(client.statusCode).toBe(400);
+    expect(client.json().errors).toEqual([
+      { field: 'body.name', message: expect.stringContaining('visible') },
+    ]);
+    const key = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(admin.accessToken),
+      payload: { name: 'ci\u0000' },
+    });
+    expect(key.statusCode).toBe(400);
+    expect(key.json().errors[0].field).toBe('body.name');
+  });
+
   it('takes every IANA time zone name, links included, as browsers report them', async () => {
     const user = await registerUser(app, 'tz');
     // Names ICU resolves but Node 20's list spells otherwise (Asia/Calcutta, Europe/Kiev), links, Etc.

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { pageOf, PaginationQuerySchema } from '../../lib/pagination.js';
-import { isoDate, nonBlank, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
+import { isoDate, nonBlank, PermissionSchema, plainText, uuidInput } from '../shared/shared.schema.js';
 import type { ClientRow } from './clients.repository.js';
 import { CLIENT_ID_PATTERN, MAX_SECRET_GRACE_SECONDS } from './clients.service.js';
 
@@ -42,7 +42,7 @@ export const ClientIdParamSchema = z.object({
 export const CreateClientBodySchema = z
   .object({
     name: nonBlank(100).meta({ example: 'orders-service' }),
-    description: z.string().trim().max(500).optional(),
+    description: plainText(500, { trim: true }).optional(),
     scopes: ScopesSchema,
     audiences: AudiencesSchema.optional(),
     access_token_ttl: TtlSchema.nullable().optional(),
@@ -52,7 +52,7 @@ export const CreateClientBodySchema = z
 export const UpdateClientBodySchema = z
   .object({
     name: nonBlank(100).optional(),
-    description: z.string().trim().max(500).optional(),
+    description: plainText(500, { trim: true }).optional(),
     scopes: ScopesSchema.optional(),
     audiences: AudiencesSchema.optional(),
     access_token_ttl: TtlSchema.nullable().optional(),

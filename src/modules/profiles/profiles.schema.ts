@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { nonBlank, uuidInput } from '../shared/shared.schema.js';
+import { nonBlank, plainText, uuidInput } from '../shared/shared.schema.js';
 
 export { ProfileSchema } from '../auth/auth.schema.js';
 
@@ -81,7 +81,7 @@ export const PatchProfileBodySchema = z
       .optional()
       .describe('An https URL')
       .meta({ example: 'https://example.com/ada.png' }),
-    bio: z.string().max(1000).nullable().optional(),
+    bio: plainText(1000).nullable().optional(),
     locale: z
       .string()
       .max(35, { abort: true })

@@ -10,7 +10,7 @@ import {
 } from '../../lib/pagination.js';
 import { PERMISSIONS } from '../../lib/permissions.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, PermissionSchema, problems } from '../shared/shared.schema.js';
+import { bearerOrApiKey, PermissionSchema, plainText, problems } from '../shared/shared.schema.js';
 import { RoleNameSchema } from '../users/users.schema.js';
 import type { RoleRow } from './roles.repository.js';
 import type { RolesService } from './roles.service.js';
@@ -48,13 +48,13 @@ const NewRoleNameSchema = RoleNameSchema.regex(
 const CreateRoleBodySchema = z
   .object({
     name: NewRoleNameSchema,
-    description: z.string().max(500).optional(),
+    description: plainText(500).optional(),
     permissions: PermissionListSchema,
   })
   .strict();
 
 const PatchRoleBodySchema = z
-  .object({ description: z.string().max(500).optional(), permissions: PermissionListSchema.optional() })
+  .object({ description: plainText(500).optional(), permissions: PermissionListSchema.optional() })
   .strict();
 
 const RoleParamsSchema = z.object({ role: RoleNameSchema });

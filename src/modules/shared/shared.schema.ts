@@ -60,8 +60,31 @@ export const PermissionSchema = z
   .describe('A permission: `resource:action`, `resource:*` or `*`');
 
 /**
- * A label people read (a name, a display name): trimmed, 1 to `max` characters. The pattern says in
- * the document what the trim enforces, so a client validating against it refuses spaces alone too.
+ * Characters that change how the text around them is shown rather than being shown: the bidi
+ * embeddings, overrides and isolates and the implicit marks (`abc\u202Egnp.exe` reads `abcexe.png`).
+ */
+const BIDI_CONTROLS = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/;
+/** C0 and C1 control characters other than tab, line feed and carriage return. */
+const CONTROLS_BUT_LINES = /(?![\t\n\r])\p{Cc}/u;
+/** A character that shows: not a space, a control or a format character (zero-width, joiners). */
+const VISIBLE = /[^\s\p{Cc}\p{Cf}]/u;
+
+/**
+ * Free text people read (a bio, a description), up to `max` characters: lines are kept, but not
+ * control characters, nor bidi controls that would make an administrator's screen say other than
+ * what was stored.
+ */
+export const plainText = (max: number, { trim = false } = {}) =>
+  (trim ? z.string().trim() : z.string())
+    .max(max)
+    .refine((s) => !CONTROLS_BUT_LINES.test(s), { message: 'must not hold control characters' })
+    .refine((s) => !BIDI_CONTROLS.test(s), { message: 'must not hold bidirectional control characters' });
+
+/**
+ * A label people read (a name, a display name): trimmed, 1 to `max` characters, on one line, with
+ * something that shows (not only zero-width or format characters), and no control characters or bidi
+ * controls. The pattern says in the document what the trim enforces, so a client validating against
+ * it refuses spaces alone too.
  */
 export const nonBlank = (max: number) =>
   z
@@ -69,4 +92,7 @@ export const nonBlank = (max: number) =>
     .trim()
     .min(1, { message: 'must not be blank', abort: true })
     .max(max)
-    .regex(/\S/, { message: 'must not be blank' });
+    .regex(/\S/, { message: 'must not be blank' })
+    .refine((s) => !/\p{Cc}/u.test(s), { message: 'must not hold control characters or line breaks' })
+    .refine((s) => !BIDI_CONTROLS.test(s), { message: 'must not hold bidirectional control characters' })
+    .refine((s) => VISIBLE.test(s), { message: 'must hold a visible character' });
