@@ -457,7 +457,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     accounts: services.accounts,
     providerName: services.provider.name,
   });
-  await app.register(mfaRoutes, { mfa: services.mfa, users: services.users });
+  await app.register(mfaRoutes, { mfa: services.mfa, users: services.users, auth: services.auth });
   await app.register(signingKeysRoutes, { keys: services.keys });
   await app.register(usersRoutes, {
     users: services.users,

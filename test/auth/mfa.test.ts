@@ -74,11 +74,34 @@ describe('two-step verification (TOTP)', () => {
     return { user, secret, recoveryCodes };
   }
 
+  it('setting up an app takes the current password: a stolen access token alone puts no factor on the account', async () => {
+    const user = await registerUser(app, 'mfa-enrol-password');
+    expect((await post('/v1/auth/mfa/totp', user.accessToken)).statusCode).toBe(400);
+    const none = await post('/v1/auth/mfa/totp', user.accessToken, {});
+    expect(none.statusCode).toBe(400);
+    expect(none.json().errors).toEqual([{ field: 'body.password', message: expect.any(String) }]);
+    const wrong = await post('/v1/auth/mfa/totp', user.accessToken, { password: 'not the password at all' });
+    expect(wrong.statusCode).toBe(400);
+    expect(wrong.json()).toMatchObject({
+      code: 'incorrect_password',
+      errors: [{ field: 'body.password', message: 'is incorrect' }],
+    });
+    expect(wrong.body).not.toContain('otpauth');
+    expect(await status(user)).toMatchObject({ enabled: false, pending: false });
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.enabled', limit: 5 });
+    expect(events).toEqual([
+      expect.objectContaining({ outcome: 'failure', data: { reason: 'wrong_password' } }),
+    ]);
+    const right = await post('/v1/auth/mfa/totp', user.accessToken, { password: PASSWORD });
+    expect(right.statusCode, right.body).toBe(201);
+    expect(await status(user)).toMatchObject({ enabled: false, pending: true });
+  });
+
   it('sets up an app in two steps; sign-ins then ask for a code and open the session with it', async () => {
     const user = await registerUser(app, 'mfa');
     expect(await status(user)).toMatchObject({ enabled: false, pending: false, factor: null });
 
-    const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+    const enrol = await post('/v1/auth/mfa/totp', user.accessToken, { password: PASSWORD });
     expect(enrol.statusCode, enrol.body).toBe(201);
     expect(enrol.headers['cache-control']).toContain('no-store');
     const body = enrol.json();
@@ -111,7 +134,7 @@ describe('two-step verification (TOTP)', () => {
     for (const c of codes) expect(c).toMatch(/^[0-9a-z]{5}-[0-9a-z]{5}$/);
     expect(await status(user)).toMatchObject({ enabled: true, pending: false, recovery_codes_remaining: 10 });
     // On already: a second app is not set up beside it.
-    expect((await post('/v1/auth/mfa/totp', user.accessToken)).statusCode).toBe(409);
+    expect((await post('/v1/auth/mfa/totp', user.accessToken, { password: PASSWORD })).statusCode).toBe(409);
 
     // The sign-in stops at the password: no session yet.
     const sessionsBefore = (
@@ -280,7 +303,7 @@ describe('two-step verification (TOTP)', () => {
     'a sign-in whose password passed while the factor was being activated asks for a code',
     async () => {
       const user = await registerUser(app, 'mfa-activation-race');
-      const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+      const enrol = await post('/v1/auth/mfa/totp', user.accessToken, { password: PASSWORD });
       expect(enrol.statusCode).toBe(201);
       // Another connection holds the user's row as an activation does, and activates meanwhile.
       const other = new pg.Client({ connectionString: inject('databaseUrl') });
@@ -330,7 +353,7 @@ describe('two-step verification (TOTP)', () => {
     const user = await registerUser(app, 'mfa-others');
     const other = await loginRes(user);
     expect(other.statusCode).toBe(200);
-    const enrol = await post('/v1/auth/mfa/totp', user.accessToken);
+    const enrol = await post('/v1/auth/mfa/totp', user.accessToken, { password: PASSWORD });
     const on = await post('/v1/auth/mfa/totp/activate', user.accessToken, {
       code: codeOf(enrol.json().secret),
     });
@@ -396,7 +419,12 @@ describe('two-step verification (TOTP)', () => {
     });
     expect(key.statusCode, key.body).toBe(201);
     const headers = { 'x-api-key': key.json().key };
-    const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    const enrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers,
+      payload: { password: PASSWORD },
+    });
     expect(enrol.statusCode).toBe(403);
     expect((await app.inject({ method: 'GET', url: '/v1/auth/mfa', headers })).statusCode).toBe(403);
     expect((await app.inject({ method: 'GET', url: '/v1/auth/mfa' })).statusCode).toBe(401);

@@ -304,7 +304,12 @@ describe('password reset (built-in provider)', () => {
     const squatter = await registerUser(app, 'reset-squatted-mfa');
     const headers = { authorization: `Bearer ${squatter.accessToken}` };
     // Someone who registered an address they do not hold cannot lock its owner out with their app.
-    const refused = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers });
+    const refused = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers,
+      payload: { password: PASSWORD },
+    });
     expect(refused.statusCode).toBe(403);
     expect(refused.json().code).toBe('email_not_confirmed');
     // One set up while the service could not confirm addresses (no SMTP_URL then) goes at the first proof.

@@ -64,7 +64,12 @@ export const AUTH_ROUTES: MatrixRoute[] = [
     heldNow: false,
   },
   { method: 'GET', route: '/v1/auth/mfa', permission: 'account:read' },
-  { method: 'POST', route: '/v1/auth/mfa/totp', permission: 'account:write' },
+  {
+    method: 'POST',
+    route: '/v1/auth/mfa/totp',
+    permission: 'account:write',
+    body: () => ({ password: 'whatever-it-is' }),
+  },
   {
     method: 'POST',
     route: '/v1/auth/mfa/totp/activate',

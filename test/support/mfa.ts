@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { Secret, TOTP } from 'otpauth';
 import { expect } from 'vitest';
+import { PASSWORD } from './factories.js';
 import { bearer } from './http.js';
 
 export interface TurnedOn {
@@ -23,8 +24,14 @@ export async function turnOnMfa(
   app: FastifyInstance,
   accessToken: string,
   now: () => number = Date.now,
+  password = PASSWORD,
 ): Promise<TurnedOn> {
-  const enrol = await app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: bearer(accessToken) });
+  const enrol = await app.inject({
+    method: 'POST',
+    url: '/v1/auth/mfa/totp',
+    headers: bearer(accessToken),
+    payload: { password },
+  });
   expect(enrol.statusCode, enrol.body).toBe(201);
   const secret: string = enrol.json().secret;
   const code = (steps = 0) => totpAt(secret, now() + steps * 30_000);

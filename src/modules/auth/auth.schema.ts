@@ -78,6 +78,11 @@ export const DeleteAccountBodySchema = z
   })
   .strict();
 
+/** Setting up a second factor changes how the account signs in: the password again, as for deleting it. */
+export const EnrollTotpBodySchema = z
+  .object({ password: PasswordSchema.describe('The current password') })
+  .strict();
+
 export const RefreshBodySchema = z.object({ refresh_token: z.string().min(1).max(512) }).strict();
 
 export const LogoutBodySchema = z

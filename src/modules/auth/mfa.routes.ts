@@ -4,7 +4,8 @@ import { z } from 'zod';
 import { principalOf, requestContext, signedInSession } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
-import { AuthResultSchema, toUserDto } from './auth.schema.js';
+import { AuthResultSchema, EnrollTotpBodySchema, toUserDto } from './auth.schema.js';
+import type { AuthService } from './auth.service.js';
 import type { UsersService } from '../users/users.service.js';
 import { type MfaService, RECOVERY_CODE_COUNT } from './mfa.service.js';
 
@@ -97,7 +98,11 @@ const userBearer: Array<Record<string, string[]>> = [{ bearerAuth: [] }];
 
 export async function mfaRoutes(
   app: FastifyInstance,
-  deps: { mfa: MfaService; users: Pick<UsersService, 'assertMayManage' | 'assertNotOwn'> },
+  deps: {
+    mfa: MfaService;
+    users: Pick<UsersService, 'assertMayManage' | 'assertNotOwn'>;
+    auth: Pick<AuthService, 'reauthenticate'>;
+  },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
@@ -130,21 +135,34 @@ export async function mfaRoutes(
   r.post(
     '/v1/auth/mfa/totp',
     {
-      config: { permission: 'account:write', noStore: true },
+      config: { permission: 'account:write', noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['mfa'],
         operationId: 'enrollTotp',
         summary: 'Begin setting up an authenticator app (TOTP)',
         description:
-          'A new secret, shown once, as an `otpauth://` URI for a QR code. Nothing changes for sign-ins ' +
-          'until a code from the app confirms it (`POST /v1/auth/mfa/totp/activate`); asking again ' +
-          'replaces a set-up not yet confirmed. 409 when two-step verification is on already; 403 ' +
-          '`email_not_confirmed` where the service can confirm addresses and this one is not confirmed yet.',
+          'With the current password (a wrong one is 400 `incorrect_password`, counts toward the sign-in ' +
+          'lockout and is audited): a stolen access token alone must not put a factor of its holder’s on ' +
+          'the account and lock its owner out. A new secret, shown once, as an `otpauth://` URI for a QR ' +
+          'code. Nothing changes for sign-ins until a code from the app confirms it ' +
+          '(`POST /v1/auth/mfa/totp/activate`); asking again replaces a set-up not yet confirmed. 409 when ' +
+          'two-step verification is on already; 403 `email_not_confirmed` where the service can confirm ' +
+          'addresses and this one is not confirmed yet.',
         security: userBearer,
-        response: { 201: EnrollmentSchema, ...problems(401, 403, 409) },
+        body: EnrollTotpBodySchema,
+        response: { 201: EnrollmentSchema, ...problems(400, 401, 403, 409, 429, 503) },
       },
     },
-    async (request, reply) => reply.status(201).send(await deps.mfa.enroll(sessionUserId(request))),
+    async (request, reply) => {
+      const userId = sessionUserId(request);
+      const user = await deps.auth.reauthenticate(
+        userId,
+        request.body.password,
+        'mfa.enabled',
+        requestContext(request),
+      );
+      return reply.status(201).send(await deps.mfa.enroll(user.id));
+    },
   );
 
   r.post(
