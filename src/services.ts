@@ -279,6 +279,7 @@ export function createServices(deps: ServicesDeps) {
     challengeTtlSeconds: config.mfa.challengeTtlSeconds,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
     requireConfirmedEmail: provider.name === 'supabase' || mailer !== undefined,
+    mfaRequiredRoles: config.mfa.requiredRoles,
     outbox,
     logger,
   });

@@ -622,6 +622,30 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     expect((await grant()).statusCode).toBe(200);
   });
 
+  it('a holder of such a role does not turn their own factor off (409, no code spent); once the role is taken they do', async () => {
+    const holder = await registerUser(app, 'mfa-required-off');
+    const { recoveryCodes } = await turnOnMfa(app, holder.accessToken, clock.nowMs);
+    await app.services.repos.users.assignRole(holder.id, 'admin', null);
+    clock.advance(30);
+    const off = (value: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/totp/deactivate',
+        headers: bearer(holder.accessToken),
+        payload: { code: value },
+      });
+    const refused = await off(recoveryCodes[0]!);
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.json().detail).toContain('admin');
+    expect(await app.services.mfa.isEnabled(holder.id)).toBe(true);
+    // The code was not spent by the refusal, and a wrong one is still a wrong code.
+    expect((await off('000000')).statusCode).toBe(400);
+    await app.services.repos.users.removeRole(holder.id, 'admin');
+    const done = await off(recoveryCodes[0]!);
+    expect(done.statusCode, done.body).toBe(204);
+    expect(await app.services.mfa.isEnabled(holder.id)).toBe(false);
+  });
+
   it('authz/check counts those roles only for a session that gave a second factor, and names the step-up', async () => {
     const admin = await registerUser(app, 'mfa-check');
     await app.services.repos.users.assignRole(admin.id, 'admin', null);

@@ -18,12 +18,17 @@ export function createMfaRepository(db: Executor) {
       return row;
     },
     /** True when the user's sign-ins ask for a second factor (an enrolment proven by a code). */
-    async hasVerifiedFactor(userId: string, tx: Executor = db): Promise<boolean> {
-      const [row] = await tx
+    /**
+     * With `forShare`, the factor stays while the caller's transaction runs: a grant that depends on
+     * it waits for a turning-off in progress, or makes that turning-off wait and see the grant.
+     */
+    async hasVerifiedFactor(userId: string, tx: Executor = db, forShare = false): Promise<boolean> {
+      const query = tx
         .select({ id: mfaFactors.id })
         .from(mfaFactors)
         .where(and(eq(mfaFactors.userId, userId), isNotNull(mfaFactors.verifiedAt)))
         .limit(1);
+      const [row] = forShare ? await query.for('share') : await query;
       return row !== undefined;
     },
     /** A new, unverified factor in place of an unverified one; none when a verified one exists. */

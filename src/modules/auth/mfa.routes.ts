@@ -203,6 +203,9 @@ export async function mfaRoutes(
         tags: ['mfa'],
         operationId: 'deactivateTotp',
         summary: 'Turn two-step verification off, with a current code or a recovery code',
+        description:
+          '409 while the user holds a role of MFA_REQUIRED_ROLES (an administrator takes the role first, ' +
+          'or resets the factor for a lost app), and when it is not on; no code is spent by a 409.',
         security: userBearer,
         body: CodeBodySchema,
         response: {

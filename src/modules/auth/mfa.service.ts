@@ -59,6 +59,8 @@ export interface MfaServiceDeps {
    * first cannot lock its owner out with an authenticator of their own.
    */
   requireConfirmedEmail: boolean;
+  /** MFA_REQUIRED_ROLES: while the user holds one, they do not turn their second factor off. */
+  mfaRequiredRoles: readonly string[];
   /** Notices to the user when two-step verification is turned on or off (not awaited). */
   outbox: MailOutbox | undefined;
   logger?: Pick<Logger, 'warn'>;
@@ -343,7 +345,9 @@ export function createMfaService(deps: MfaServiceDeps) {
     },
 
     /** Whether the user's sign-ins ask for a second factor. */
-    isEnabled: (userId: string, tx?: Executor) => deps.repo.hasVerifiedFactor(userId, tx),
+    /** With `forShare` (a grant of an MFA_REQUIRED_ROLES role), the factor cannot go before `tx` ends. */
+    isEnabled: (userId: string, tx?: Executor, forShare = false) =>
+      deps.repo.hasVerifiedFactor(userId, tx, forShare),
 
     /**
      * Begins a TOTP enrolment: a new secret for the user's app (replacing one begun before and not
@@ -431,6 +435,19 @@ export function createMfaService(deps: MfaServiceDeps) {
         context,
         'mfa.disabled',
         async (tx, factor, used) => {
+          // A role of MFA_REQUIRED_ROLES goes only to users with a second factor; turning it off
+          // while holding one would leave whoever has the password to set up a factor of their own
+          // and hold the role. The factor is locked: a grant racing this waits, and is seen here.
+          const held = (await deps.users.rolesAndPermissions(userId, tx)).roles.filter((r) =>
+            deps.mfaRequiredRoles.includes(r),
+          );
+          if (held.length > 0) {
+            throw new AppError('conflict', {
+              detail:
+                `Two-step verification stays on while you hold the ${held.join(', ')} role: ` +
+                'an administrator takes the role first, or resets the factor for a lost app',
+            });
+          }
           await deps.repo.removeAll(userId, tx);
           await deps.audit.record(tx, context, {
             type: 'mfa.disabled',

@@ -341,7 +341,7 @@ export function createUsersService(deps: {
             await assertMayChangeGrant(tx, id, roleName, caller);
             // A role that counts only with a second factor goes to users who have one: else whoever
             // has their password would set one up and hold the role (MFA_REQUIRED_ROLES).
-            if (deps.mfaRequiredRoles.includes(roleName) && !(await deps.mfa.isEnabled(id, tx))) {
+            if (deps.mfaRequiredRoles.includes(roleName) && !(await deps.mfa.isEnabled(id, tx, true))) {
               throw new AppError('conflict', {
                 detail: `The ${roleName} role is for users with two-step verification on: they set it up first`,
               });
