@@ -540,6 +540,19 @@ describe('two-step verification (TOTP)', () => {
       });
       expect(byClient.statusCode).toBe(403);
     }
+    // Nor a client registered by such a client: it is the administrator's as well.
+    const registrar = await createClient(app, admin.accessToken, { name: 'registrar', scopes: ['*'] });
+    const second = await createClient(app, (await clientToken(app, registrar)).access_token, {
+      name: 'made by a client',
+      scopes: ['users:write'],
+    });
+    expect(second.created_by).toBe(admin.id);
+    const bySecond = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${admin.id}/mfa`,
+      headers: bearer((await clientToken(app, second)).access_token),
+    });
+    expect(bySecond.statusCode).toBe(403);
     const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 10 });
     expect(events[0]).toMatchObject({
       outcome: 'success',

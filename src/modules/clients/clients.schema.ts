@@ -99,7 +99,12 @@ export const ClientSchema = z
     audiences: z.array(z.string()),
     access_token_ttl: z.number().int().nullable(),
     status: z.enum(['active', 'disabled']),
-    created_by: z.uuid().nullable(),
+    created_by: z
+      .uuid()
+      .nullable()
+      .describe(
+        'The user who registered it, or whose client registered it; null for a client made by the service itself',
+      ),
     acts_for_creator: z
       .boolean()
       .describe(

@@ -219,6 +219,13 @@ export function createClientsService(deps: ClientsServiceDeps) {
         inTransaction(deps.db, deps.events, async (tx, emit) => {
           assertNotByApiKey(caller, 'register a client');
           await assertGrantable(caller, scopes, tx);
+          // A client registered by a client is its registrant's user's: the lineage decides what is
+          // "one's own" (an administrator does not turn off their own second factor through a client
+          // of a client they registered).
+          const registrant =
+            caller.grantor.kind === 'service'
+              ? ((await deps.repo.findByClientId(caller.grantor.clientId, tx))?.createdBy ?? null)
+              : null;
           const row = await deps.repo.insert(
             {
               clientId,
@@ -229,7 +236,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
               audiences: unique(input.audiences ?? []),
               accessTokenTtl: input.accessTokenTtl ?? null,
               status: 'active',
-              createdBy: caller.userId ?? null,
+              createdBy: caller.userId ?? registrant,
               // A user who is not an administrator registers a client that acts for them: it holds
               // no more than they do, and nothing once they are disabled or deleted.
               actsForCreator: caller.userId !== undefined && !isAdministrator(caller),
