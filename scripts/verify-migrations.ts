@@ -8,10 +8,7 @@
 //    definitions and validity, constraints) is what the migrations make on a fresh database.
 // The successor of the Python service's verify_migrations.py. Exit 1 on any disagreement.
 import 'dotenv/config';
-import { spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readdirSync } from 'node:fs';
 import pino from 'pino';
 import { loadConfig } from '../src/config.js';
 import { MIGRATIONS_FOLDER, openMemoryDatabase } from '../src/db/client.js';
@@ -24,6 +21,7 @@ import {
   compareWithSnapshot,
   readCatalog,
   readLatestSnapshot,
+  snapshotDrift,
 } from './lib/schema-check.js';
 import { askedForHelpOnly, runScript } from './lib/script-context.js';
 
@@ -43,35 +41,15 @@ function fail(line: string, problems: string[] = []) {
 
 /** 1. Snapshot drift: generate into a scratch copy of drizzle/ and see whether a file appears. */
 function checkSnapshot() {
-  const drizzleKit = join(PROJECT_ROOT, 'node_modules/.bin/drizzle-kit');
-  const schema = join(PROJECT_ROOT, 'src/db/schema/index.ts');
-  // The compiled scripts (the Docker image) have neither the TypeScript schema nor drizzle-kit.
-  if (!existsSync(drizzleKit) || !existsSync(schema)) {
+  const drift = snapshotDrift(PROJECT_ROOT, 'src/db/schema/index.ts');
+  if (drift.kind === 'skipped')
     note('snapshot check skipped: it needs the source tree and drizzle-kit (a dev dependency)');
-    return;
-  }
-  const scratch = mkdtempSync(join(tmpdir(), 'verify-migrations-'));
-  try {
-    cpSync(MIGRATIONS_FOLDER, scratch, { recursive: true });
-    const before = new Set(readdirSync(scratch));
-    const run = spawnSync(
-      drizzleKit,
-      ['generate', '--dialect', 'postgresql', '--schema', 'src/db/schema/index.ts', '--out', scratch],
-      { cwd: PROJECT_ROOT, encoding: 'utf8' },
+  else if (drift.kind === 'failed') fail(drift.problem, drift.output);
+  else if (drift.kind === 'drift')
+    fail(
+      `the schema has changes with no migration; run \`npm run db:generate\` (would add ${drift.added.join(', ')})`,
     );
-    if (run.status !== 0) {
-      fail('drizzle-kit generate failed', [run.stdout, run.stderr].filter(Boolean));
-      return;
-    }
-    const added = readdirSync(scratch).filter((f) => !before.has(f) && f.endsWith('.sql'));
-    if (added.length > 0)
-      fail(
-        `the schema has changes with no migration; run \`npm run db:generate\` (would add ${added.join(', ')})`,
-      );
-    else pass('drizzle/ snapshot matches src/db/schema');
-  } finally {
-    rmSync(scratch, { recursive: true, force: true });
-  }
+  else pass('drizzle/ snapshot matches src/db/schema');
 }
 
 function redact(url: string): string {

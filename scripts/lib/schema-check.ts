@@ -2,8 +2,9 @@
 // a database migrated from nothing, and a live database. Each check returns its problems as lines; an
 // empty list means it agrees.
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join, relative } from 'node:path';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import pino from 'pino';
@@ -161,6 +162,54 @@ interface SnapshotTable {
   compositePrimaryKeys: Record<string, { name: string }>;
   uniqueConstraints: Record<string, { name: string }>;
   checkConstraints?: Record<string, { name: string }>;
+}
+
+/** What drizzle-kit generate prints when the schema and the latest snapshot agree. */
+const NOTHING_TO_GENERATE = /No schema changes, nothing to migrate/;
+
+export type SnapshotDrift =
+  | { kind: 'none' }
+  | { kind: 'drift'; added: string[] }
+  | { kind: 'failed'; problem: string; output: string[] }
+  | { kind: 'skipped' };
+
+/**
+ * Whether `drizzle-kit generate` would write a migration for `schema` (relative to `root`) beside the
+ * committed ones: run on a copy of the migrations folder, so nothing is written into it.
+ */
+export function snapshotDrift(root: string, schema: string, folder = MIGRATIONS_FOLDER): SnapshotDrift {
+  const drizzleKit = join(root, 'node_modules/.bin/drizzle-kit');
+  // The compiled scripts (the Docker image) have neither the TypeScript schema nor drizzle-kit.
+  if (!existsSync(drizzleKit) || !existsSync(join(root, schema))) return { kind: 'skipped' };
+  // Inside the project, named relatively: drizzle-kit puts `./` before `--out`, so an absolute path
+  // (a directory under /tmp) was read as `.//tmp/…`, found no snapshot, and exited 0 having compared
+  // nothing. Under .data/, which git ignores.
+  mkdirSync(join(root, '.data'), { recursive: true });
+  const scratch = mkdtempSync(join(root, '.data', 'verify-migrations-'));
+  try {
+    cpSync(folder, scratch, { recursive: true });
+    const before = new Set(readdirSync(scratch));
+    const run = spawnSync(
+      drizzleKit,
+      ['generate', '--dialect', 'postgresql', '--schema', schema, '--out', relative(root, scratch)],
+      { cwd: root, encoding: 'utf8' },
+    );
+    const output = [run.stdout, run.stderr].filter(Boolean);
+    if (run.status !== 0) return { kind: 'failed', problem: 'drizzle-kit generate failed', output };
+    const added = readdirSync(scratch).filter((f) => !before.has(f) && f.endsWith('.sql'));
+    if (added.length > 0) return { kind: 'drift', added };
+    // Nothing written is a pass only when drizzle-kit says it compared and found nothing: it exits 0
+    // on some failures too.
+    if (!NOTHING_TO_GENERATE.test(run.stdout ?? ''))
+      return {
+        kind: 'failed',
+        problem: 'drizzle-kit generate neither wrote a migration nor reported the schema unchanged',
+        output,
+      };
+    return { kind: 'none' };
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
 }
 
 export interface Snapshot {

@@ -15,6 +15,7 @@ import {
   normalizeType,
   readCatalog,
   readLatestSnapshot,
+  snapshotDrift,
 } from '../../scripts/lib/schema-check.js';
 import { ownDatabase } from '../support/database.js';
 
@@ -27,6 +28,22 @@ const ROOT = resolve(import.meta.dirname, '../..');
 const databaseUrl = inject('databaseUrl');
 const entries = readJournal();
 const sqlFiles = readdirSync(MIGRATIONS_FOLDER).filter((f) => f.endsWith('.sql'));
+
+describe('the snapshot: drizzle-kit generate, on a copy of drizzle/', () => {
+  it('the committed schema needs no new migration', () => {
+    expect(snapshotDrift(ROOT, 'src/db/schema/index.ts')).toEqual({ kind: 'none' });
+  }, 60_000);
+
+  it('a table with no migration is caught, and the migration it needs named', () => {
+    const next = String(entries.length).padStart(4, '0');
+    expect(snapshotDrift(ROOT, 'test/scripts/fixtures/drifted-schema.ts')).toEqual({
+      kind: 'drift',
+      added: [expect.stringMatching(new RegExp(`^${next}_\\w+\\.sql$`))],
+    });
+    // Nothing was written beside the committed migrations.
+    expect(readdirSync(MIGRATIONS_FOLDER).filter((f) => f.endsWith('.sql'))).toEqual(sqlFiles);
+  }, 60_000);
+});
 
 describe('the journal', () => {
   it('the committed journal is in order', () => {
