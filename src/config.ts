@@ -45,13 +45,52 @@ const postgresUrl = z.string().refine(
   (v) => {
     try {
       const url = new URL(v);
-      return (url.protocol === 'postgres:' || url.protocol === 'postgresql:') && url.hostname !== '';
+      return (
+        (url.protocol === 'postgres:' || url.protocol === 'postgresql:') &&
+        url.hostname !== '' &&
+        // Without a database name libpq takes the user's (`postgres`): the service's tables would go
+        // into whatever database that is.
+        url.pathname.replace(/^\/+/, '') !== ''
+      );
     } catch {
       return false;
     }
   },
-  { message: 'must be a postgres:// or postgresql:// URL with a host' },
+  { message: 'must be a postgres:// or postgresql:// URL with a host and a database name' },
 );
+
+/**
+ * An http(s) address the service publishes or calls: a host, and no user name or password (it would
+ * go into tokens, discovery documents and logs), query or fragment (RFC 8414 §2: an issuer has
+ * neither; a base URL with them has paths appended after them). `refuse` names a path that is wrong.
+ */
+const baseUrl = (refuse?: { path: RegExp; message: string }) =>
+  z.string().superRefine((v, ctx) => {
+    let url: URL;
+    try {
+      url = new URL(v);
+    } catch {
+      ctx.addIssue({ code: 'custom', message: 'must be an http:// or https:// URL' });
+      return;
+    }
+    const problem =
+      url.protocol !== 'http:' && url.protocol !== 'https:'
+        ? 'must be an http:// or https:// URL'
+        : url.hostname === ''
+          ? 'must name a host'
+          : url.username || url.password
+            ? 'must not hold a user name or password'
+            : url.search || url.hash || v.includes('?') || v.includes('#')
+              ? 'must not have a query or a fragment'
+              : refuse?.path.test(url.pathname)
+                ? refuse.message
+                : undefined;
+    if (problem) ctx.addIssue({ code: 'custom', message: problem });
+  });
+
+/** A host name or an IP address to listen on. */
+const HOST_NAME =
+  /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
 
 const optionalString = z
   .string()
@@ -61,19 +100,33 @@ const optionalString = z
 const EnvSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   PORT: wholeNumber(1, 65535, 8000),
-  HOST: z.string().min(1).default('0.0.0.0'),
-  PUBLIC_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  HOST: z
+    .string()
+    .min(1)
+    .refine((v) => isIP(v) !== 0 || HOST_NAME.test(v), { message: 'must be a host name or an IP address' })
+    .default('0.0.0.0'),
+  PUBLIC_URL: optionalString.pipe(baseUrl().optional()),
   DATABASE_URL: optionalString.pipe(postgresUrl.optional()),
   DATA_DIR: z.string().min(1).default('.data'),
   AUTH_PROVIDER: optionalString.pipe(z.enum(['local', 'supabase']).optional()),
-  SUPABASE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  SUPABASE_URL: optionalString.pipe(
+    baseUrl({
+      path: /\/(?:auth|rest)\/v1\/?$/,
+      message: 'is the project URL (https://<project>.supabase.co), without /auth/v1',
+    }).optional(),
+  ),
   SUPABASE_ANON_KEY: optionalString,
   SUPABASE_SERVICE_ROLE_KEY: optionalString,
   SUPABASE_TIMEOUT_MS: wholeNumber(100, 60_000, 5000),
   KEY_ENCRYPTION_KEY: optionalString.pipe(base64Key32.optional()),
   SECRET_PEPPER: optionalString.pipe(base64Key32.optional()),
   SIGNING_ALG: z.enum(['ES256', 'EdDSA']).default('ES256'),
-  REDIS_URL: optionalString.pipe(z.url({ protocol: /^rediss?$/ }).optional()),
+  REDIS_URL: optionalString.pipe(
+    z
+      .url({ protocol: /^rediss?$/ })
+      .refine((v) => URL.parse(v)?.hostname !== '', { message: 'must name a host' })
+      .optional(),
+  ),
   RATE_LIMIT_ENABLED: bool.default(true),
   LOGIN_MAX_FAILURES_PER_HOUR: wholeNumber(1, 100, 20),
   ACCESS_TOKEN_TTL: seconds(900),

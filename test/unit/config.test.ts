@@ -201,5 +201,45 @@ describe('configuration', () => {
 
   it('derives the issuer from PUBLIC_URL without a trailing slash', () => {
     expect(load({ PUBLIC_URL: 'https://auth.example.com/' }).issuer).toBe('https://auth.example.com');
+    expect(load({ PUBLIC_URL: 'https://example.com/auth' }).issuer).toBe('https://example.com/auth');
+  });
+
+  it('refuses addresses that would publish a password, carry a query or point at the wrong thing', () => {
+    const supabaseKeys = { SUPABASE_ANON_KEY: 'anon', SUPABASE_SERVICE_ROLE_KEY: 'service' };
+    const refused: Array<[string, string, string]> = [
+      // Into every token's iss, the discovery document and the start-up log.
+      ['PUBLIC_URL', 'https://ops:s3cret@auth.example.com', 'user name or password'],
+      // RFC 8414 §2: an issuer has neither; paths appended after them go nowhere.
+      ['PUBLIC_URL', 'https://auth.example.com/?tenant=a', 'query or a fragment'],
+      ['PUBLIC_URL', 'https://auth.example.com/#x', 'query or a fragment'],
+      ['PUBLIC_URL', 'https://auth.example.com?', 'query or a fragment'],
+      ['PUBLIC_URL', 'ftp://auth.example.com', 'http://'],
+      // Into every log line about an unreachable Supabase.
+      ['SUPABASE_URL', 'https://user:s3cret@x.supabase.co', 'user name or password'],
+      // supabase-js adds /auth/v1: this one would answer 404 to everything, and every sign-in fail.
+      ['SUPABASE_URL', 'https://x.supabase.co/auth/v1', 'without /auth/v1'],
+      ['SUPABASE_URL', 'https://x.supabase.co/auth/v1/', 'without /auth/v1'],
+      // libpq would take the user's name for the database: the tables would go into `postgres`.
+      ['DATABASE_URL', 'postgres://postgres@127.0.0.1:5432/', 'database name'],
+      ['DATABASE_URL', 'postgres://postgres@127.0.0.1:5432', 'database name'],
+      ['REDIS_URL', 'redis://', 'host'],
+      // A listen failure, not a database one.
+      ['HOST', 'localhost ', 'host name or an IP address'],
+      ['HOST', 'not a host!', 'host name or an IP address'],
+    ];
+    for (const [name, value, words] of refused) {
+      const attempt = () => load({ [name]: value, ...(name === 'SUPABASE_URL' ? supabaseKeys : {}) });
+      expect(attempt, `${name}=${value}`).toThrow(ConfigError);
+      expect(attempt, `${name}=${value}`).toThrow(new RegExp(`${name}: .*${words.replace(/[/.]/g, '\\$&')}`));
+      expect(attempt).not.toThrow(/s3cret/);
+    }
+    expect(load({ HOST: '::' }).host).toBe('::');
+    expect(load({ HOST: 'auth-0.internal' }).host).toBe('auth-0.internal');
+    expect(load({ DATABASE_URL: 'postgresql://u@db.example.com/auth' }).databaseUrl).toBe(
+      'postgresql://u@db.example.com/auth',
+    );
+    expect(load({ SUPABASE_URL: 'https://sb.example.com/prefix', ...supabaseKeys }).authProvider).toBe(
+      'supabase',
+    );
   });
 });
