@@ -1,3 +1,5 @@
+import { AppError } from '../lib/errors.js';
+
 /**
  * Where credentials live. `local` keeps argon2id hashes in the service's own `users` table;
  * `supabase` delegates sign-up and password checks to Supabase Auth over its HTTP API. Either way
@@ -16,6 +18,19 @@ export interface ProviderUser {
   checkedHash?: string;
 }
 
+/**
+ * The right password for an account whose address is not confirmed yet, said by a provider that
+ * checks both (Supabase with "Confirm email"): a 403 `email_not_confirmed`, as the built-in provider
+ * answers, not a wrong password that counts toward the lockout.
+ */
+export class EmailNotConfirmed extends AppError {
+  constructor() {
+    super('email_not_confirmed', {
+      detail: 'Confirm your email address first: follow the link mailed to it when you registered',
+    });
+  }
+}
+
 export interface SignUpResult {
   user: ProviderUser;
   /** Local argon2id hash to store, or null when the provider keeps the credentials. */
@@ -28,7 +43,11 @@ export interface IdentityProvider {
   readonly name: 'local' | 'supabase';
   /** Throws AppError `email_taken`, `weak_password` or `provider_unavailable`. */
   signUp(email: string, password: string): Promise<SignUpResult>;
-  /** The user, or undefined for any failure a client may not tell apart (unknown email, wrong password). */
+  /**
+   * The user, or undefined for any failure a client may not tell apart (unknown email, wrong password).
+   * Throws EmailNotConfirmed for the right password of an unconfirmed address, `provider_unavailable`
+   * for anything that is not an answer about the user.
+   */
   signIn(email: string, password: string): Promise<ProviderUser | undefined>;
   /** Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid. */
   exchange(accessToken: string): Promise<ProviderUser | undefined>;

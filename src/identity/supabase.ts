@@ -3,6 +3,7 @@ import {
   createClient,
   isAuthError,
   isAuthRetryableFetchError,
+  isAuthSessionMissingError,
   isAuthWeakPasswordError,
   type SupabaseClient,
   type User,
@@ -10,7 +11,7 @@ import {
 } from '@supabase/supabase-js';
 import ws from 'ws';
 import { AppError } from '../lib/errors.js';
-import type { IdentityProvider, ProviderUser } from './provider.js';
+import { EmailNotConfirmed, type IdentityProvider, type ProviderUser } from './provider.js';
 
 export interface SupabaseProviderDeps {
   url: string;
@@ -130,14 +131,57 @@ function isOutage(error: unknown): boolean {
 
 function unavailable(cause: unknown): AppError {
   // The log says which: the error handler logs a 503's cause with the request id.
-  const reason =
-    isAuthError(cause) && isRefusedKey(cause)
+  const reason = !isAuthError(cause)
+    ? cause
+    : isRefusedKey(cause)
       ? new Error(
           `Supabase refused the service's key (${cause.status} ${cause.message}): check SUPABASE_ANON_KEY and SUPABASE_SERVICE_ROLE_KEY`,
           { cause },
         )
-      : cause;
+      : isOutage(cause)
+        ? cause
+        : new Error(
+            `Supabase answered ${cause.status} ${cause.code ?? '(no code)'} "${cause.message}", which says nothing ` +
+              'about the user: check SUPABASE_URL (the project URL) and the project’s Auth settings',
+            { cause },
+          );
   return new AppError('provider_unavailable', { headers: { ...RETRY_AFTER }, cause: reason });
+}
+
+/** GoTrue's answers to a password sign-in that are about the user: not this password, not allowed. */
+const SIGN_IN_REFUSALS = new Set([
+  'invalid_credentials',
+  'user_banned',
+  'user_not_found',
+  'validation_failed',
+]);
+
+/**
+ * What a refused password sign-in says. Only GoTrue's own "no" (and its older, code-less wording) is
+ * a wrong password; the right password of an unconfirmed address is said as such; anything else — a
+ * 404 from a URL that is not the project's, a CAPTCHA the project requires, email sign-ins turned off
+ * — is the service's fault, and must lock nobody out.
+ */
+function signInRefusal(error: AuthError): 'wrong' | 'unconfirmed' | 'outage' {
+  if (isOutage(error)) return 'outage';
+  const code = error.code ?? '';
+  if (code === 'email_not_confirmed') return 'unconfirmed';
+  if (SIGN_IN_REFUSALS.has(code)) return 'wrong';
+  if (code === '' && error.status === 400) {
+    if (/invalid login credentials/i.test(error.message)) return 'wrong';
+    if (/email not confirmed/i.test(error.message)) return 'unconfirmed';
+  }
+  return 'outage';
+}
+
+/** Signs in with a password; undefined for a wrong one (see signInRefusal for the rest). */
+async function passwordSignIn(client: SupabaseClient, email: string, password: string) {
+  const { data, error } = await client.auth.signInWithPassword({ email, password });
+  if (!error) return data;
+  const refusal = signInRefusal(error);
+  if (refusal === 'unconfirmed') throw new EmailNotConfirmed();
+  if (refusal === 'outage') throw unavailable(error);
+  return undefined;
 }
 
 /** Runs one provider operation so that nothing but an AppError can leave it. */
@@ -261,12 +305,8 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
     signIn: (email, password) =>
       guarded(async () => {
         const client = newClient(deps.anonKey);
-        const { data, error } = await client.auth.signInWithPassword({ email, password });
-        if (error) {
-          if (isOutage(error)) throw unavailable(error);
-          // invalid_credentials, email_not_confirmed, user_banned, validation_failed: all a plain "no".
-          return undefined;
-        }
+        const data = await passwordSignIn(client, email, password);
+        if (!data) return undefined;
         revoke(client, data.session.access_token);
         return toProviderUser(data.user, email);
       }),
@@ -278,7 +318,10 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         if (!COMPACT_JWS.test(accessToken)) return undefined;
         const { data, error } = await anon.auth.getUser(accessToken);
         if (error) {
-          if (isOutage(error)) throw unavailable(error);
+          // Only GoTrue refusing the token itself is a "no"; a 404 from a wrong URL is not. auth-js
+          // answers GoTrue's session_not_found as an AuthSessionMissingError without the code.
+          const refusal = USER_REFUSALS.has(error.code ?? '') || isAuthSessionMissingError(error);
+          if (isOutage(error) || !refusal) throw unavailable(error);
           return undefined;
         }
         // Accounts here are keyed by email; a phone-only Supabase user has nothing to map to.
@@ -289,20 +332,17 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
     changePassword: (user, currentPassword, newPassword) =>
       guarded(async () => {
         const client = newClient(deps.anonKey);
-        const signIn = await client.auth.signInWithPassword({ email: user.email, password: currentPassword });
-        if (signIn.error) {
-          if (isOutage(signIn.error)) throw unavailable(signIn.error);
-          return undefined;
-        }
+        const signIn = await passwordSignIn(client, user.email, currentPassword);
+        if (!signIn) return undefined;
         try {
           // The email now belongs to another Supabase user: changing that one's password would be worse.
-          if (signIn.data.user.id !== user.id) return undefined;
+          if (signIn.user.id !== user.id) return undefined;
           const { error } = await client.auth.updateUser({ password: newPassword });
           // same_password: the account already ends up with the requested password, as with local.
           if (error && error.code !== 'same_password') throw newPasswordRefused(error);
           return { passwordHash: null, replaces: null };
         } finally {
-          revoke(client, signIn.data.session.access_token);
+          revoke(client, signIn.session.access_token);
         }
       }),
 

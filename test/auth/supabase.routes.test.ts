@@ -167,13 +167,33 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const supabaseUser = [...gotrue.users.values()].find((u) => u.email === email);
     expect(body.user.id).toBe(supabaseUser!.id);
 
-    const early = await app.inject({
+    // The right password: said as it is, audited, and not counted toward the lockout.
+    for (let i = 0; i < 3; i++) {
+      const early = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email, password: PASSWORD },
+      });
+      expect(early.statusCode).toBe(403);
+      expect(early.json().code).toBe('email_not_confirmed');
+    }
+    const wrong = await app.inject({
       method: 'POST',
       url: '/v1/auth/login',
-      payload: { email, password: PASSWORD },
+      payload: { email, password: `${PASSWORD}x` },
     });
-    expect(early.statusCode).toBe(401);
-    expect(early.json().code).toBe('invalid_credentials');
+    expect(wrong.statusCode).toBe(401);
+    const failures = await app.services.audit.list({
+      subjectId: body.user.id,
+      type: 'auth.login',
+      limit: 10,
+    });
+    expect(failures.map((e) => (e.data as { reason: string }).reason).sort()).toEqual([
+      'email_not_confirmed',
+      'email_not_confirmed',
+      'email_not_confirmed',
+      'wrong_password',
+    ]);
 
     gotrue.confirm(email);
     const confirmed = await app.inject({

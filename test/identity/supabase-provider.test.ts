@@ -137,11 +137,14 @@ describe('signIn', () => {
     await expect(provider.signIn(email(), 'correct horse')).resolves.toBeUndefined();
   });
 
-  it('returns undefined until the email is confirmed', async () => {
+  it('says email_not_confirmed for the right password until the email is confirmed, and no to a wrong one', async () => {
     fake.setConfirmEmail(true);
     const address = email();
     const { user } = await provider.signUp(address, 'correct horse');
-    await expect(provider.signIn(address, 'correct horse')).resolves.toBeUndefined();
+    const early = await rejection(provider.signIn(address, 'correct horse'));
+    expect(early.code).toBe('email_not_confirmed');
+    expect(early.status).toBe(403);
+    await expect(provider.signIn(address, 'wrong horse')).resolves.toBeUndefined();
     fake.confirm(address);
     const signedIn = await provider.signIn(address, 'correct horse');
     expect(signedIn?.id).toBe(user.id);
@@ -395,6 +398,37 @@ describe('when Supabase is unavailable', () => {
     // A user's own token refused (bad_jwt, 403) stays a plain "no".
     fake.setFailWith({ status: 403, code: 'bad_jwt', message: 'invalid JWT' });
     expect(await provider.exchange('some.token.value')).toBeUndefined();
+  });
+
+  it('answers provider_unavailable for what says nothing about the user: a wrong URL, a CAPTCHA, email sign-ins off', async () => {
+    const user = await signedUp();
+    for (const failure of [
+      // SUPABASE_URL with a path the gateway does not know, or a proxy's 404.
+      { status: 404, message: 'no Route matched with those values' },
+      { status: 408, message: 'Request Timeout' },
+      { status: 400, code: 'captcha_failed', message: 'captcha protection: request disallowed' },
+      { status: 400, code: 'email_provider_disabled', message: 'Email logins are disabled' },
+      { status: 422, code: 'something_new', message: 'Internal detail: SECRET' },
+    ]) {
+      fake.setFailWith(failure);
+      const err = await rejection(provider.signIn(user.email, 'correct horse'));
+      expectUnavailable(err);
+      // The log says what Supabase said; the client does not.
+      expect((err.cause as Error).message).toContain(failure.message);
+      expect(err.detail).not.toContain('SECRET');
+      expectUnavailable(await rejection(provider.exchange('some.token.value')));
+    }
+    // GoTrue's own refusals stay a plain "no", in their current and their older, code-less wording.
+    for (const failure of [
+      { status: 400, code: 'invalid_credentials', message: 'Invalid login credentials' },
+      { status: 400, code: 'user_banned', message: 'User is banned' },
+      { status: 400, code: '', message: 'Invalid login credentials' },
+    ]) {
+      fake.setFailWith(failure);
+      await expect(provider.signIn(user.email, 'correct horse')).resolves.toBeUndefined();
+    }
+    fake.setFailWith({ status: 400, code: '', message: 'Email not confirmed' });
+    expect((await rejection(provider.signIn(user.email, 'correct horse'))).code).toBe('email_not_confirmed');
   });
 
   it('answers provider_unavailable for a 5xx or a 429 from Supabase, not a sign-in failure', async () => {

@@ -1,7 +1,7 @@
 import { PasswordReplaced } from './password-replaced.js';
 import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
-import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
+import { EmailNotConfirmed, type IdentityProvider, type ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
@@ -422,7 +422,17 @@ export function createAuthService(deps: AuthServiceDeps) {
       const guess = await passwordGuess(email, context, 'auth.login', async () => {
         return (await deps.users.findByEmail(email))?.id ?? null;
       });
-      const identity = await unlessThrown(guess, () => deps.provider.signIn(email, input.password));
+      const identity = await unlessThrown(guess, () => deps.provider.signIn(email, input.password)).catch(
+        async (err: unknown) => {
+          // The right password of an address the provider has not seen confirmed (Supabase): not a
+          // guess, and audited as the built-in provider's is.
+          if (err instanceof EmailNotConfirmed) {
+            const known = await deps.users.findByEmail(email);
+            await recordLoginFailure(context, email, known?.id ?? null, 'email_not_confirmed');
+          }
+          throw err;
+        },
+      );
       if (!identity) {
         const known = await deps.users.findByEmail(email);
         await recordLoginFailure(
