@@ -2,7 +2,7 @@ import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { decodeJwt } from 'jose';
 import ws from 'ws';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
@@ -54,6 +54,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     gotrue.setConfirmEmail(false);
     gotrue.setDown(false);
     gotrue.setDelayMs(0);
+    gotrue.setAnswerDelayMs(0);
     gotrue.setFailWith(undefined);
   });
 
@@ -432,6 +433,90 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expectProviderUnavailable(await status('disabled'));
     gotrue.setDown(false);
     expect((await app.services.repos.users.findById(user.id))?.status).toBe('active');
+  });
+
+  it('a disable Supabase applied but answered too late (503) leaves no ban behind; enabling an active user lifts one', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'sb-late-ban');
+    const status = (value: 'active' | 'disabled') =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${user.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: value },
+      });
+    gotrue.setAnswerDelayMs(SUPABASE_TIMEOUT_MS + 300);
+    expectProviderUnavailable(await status('disabled'));
+    gotrue.setAnswerDelayMs(0);
+    expect((await app.services.repos.users.findById(user.id))?.status).toBe('active');
+    // The ban it applied was lifted again (that call too was applied and answered late).
+    await vi.waitFor(() => expect(gotrue.users.get(user.id)!.bannedUntil ?? null).toBeNull(), {
+      timeout: 3000,
+    });
+    expect((await login(app, user.email)).session.access_token).toBeTruthy();
+
+    // A ban left in Supabase however it came there: enabling the (active) user lifts it.
+    gotrue.users.get(user.id)!.bannedUntil = new Date(Date.now() + 86400_000).toISOString();
+    const enabled = await status('active');
+    expect(enabled.statusCode, enabled.body).toBe(200);
+    expect(gotrue.users.get(user.id)!.bannedUntil ?? null).toBeNull();
+  });
+
+  it('two administrators deleting each other at once: one goes, the other stays, in Supabase too', async () => {
+    const own = await ownDatabase('auth_sb_admins');
+    const solo = await buildTestApp({
+      env: {
+        AUTH_PROVIDER: 'supabase',
+        SUPABASE_URL: gotrue.url,
+        SUPABASE_ANON_KEY: gotrue.anonKey,
+        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        SUPABASE_TIMEOUT_MS: String(SUPABASE_TIMEOUT_MS),
+      },
+      deps: { database: own.database },
+    });
+    try {
+      const first = await createAdmin(solo);
+      const second = await createAdmin(solo);
+      // Supabase is slow to delete: both deletions are under way at once.
+      gotrue.setDelayMs(300);
+      const results = await Promise.all([
+        solo.inject({ method: 'DELETE', url: `/v1/users/${second.id}`, headers: bearer(first.accessToken) }),
+        solo.inject({ method: 'DELETE', url: `/v1/users/${first.id}`, headers: bearer(second.accessToken) }),
+      ]);
+      gotrue.setDelayMs(0);
+      const statuses = results.map((r) => r.statusCode);
+      expect(
+        statuses.filter((s) => s === 204),
+        statuses.join(),
+      ).toHaveLength(1);
+      const survivor = statuses[0] === 204 ? first : second;
+      const gone = survivor === first ? second : first;
+      // The refused one is the last admin, or was cut off by the other's deletion a moment before.
+      expect([401, 409]).toContain(statuses[survivor === first ? 1 : 0]);
+      expect(gotrue.users.has(gone.id)).toBe(false);
+      expect(await solo.services.repos.users.findById(gone.id)).toBeUndefined();
+      // The last administrator is whole on both sides, and signs in.
+      expect(gotrue.users.has(survivor.id)).toBe(true);
+      expect((await solo.services.repos.users.findById(survivor.id))?.status).toBe('active');
+      expect((await solo.services.repos.users.rolesAndPermissions(survivor.id)).roles).toContain('admin');
+      expect((await login(solo, survivor.email)).session.access_token).toBeTruthy();
+    } finally {
+      await solo.close();
+      await own.dispose();
+    }
+  });
+
+  it('a deletion Supabase fails leaves the account usable: enabled again, nothing deleted', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'sb-delete-fails');
+    gotrue.setFailWith({ status: 500 });
+    expectProviderUnavailable(
+      await app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) }),
+    );
+    gotrue.setFailWith(undefined);
+    expect((await app.services.repos.users.findById(user.id))?.status).toBe('active');
+    expect(gotrue.users.has(user.id)).toBe(true);
+    expect((await login(app, user.email)).session.access_token).toBeTruthy();
   });
 
   it('refuses a garbage or revoked Supabase token on /exchange (401) and a malformed body (400)', async () => {

@@ -79,6 +79,11 @@ export interface FakeGoTrue {
   setDown(down: boolean): void;
   /** Delay before each request is handled. */
   setDelayMs(ms: number): void;
+  /**
+   * Applies each request at once but answers it `ms` later: what a client that timed out meanwhile
+   * cannot tell from a request that never arrived.
+   */
+  setAnswerDelayMs(ms: number): void;
   setFailWith(failure: FakeGoTrueFailure | undefined): void;
   /** Confirms the email as the link in the confirmation mail would. */
   confirm(email: string): void;
@@ -182,6 +187,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   let failWith = options.failWith;
   let down = false;
   let delayMs = 0;
+  let answerDelayMs = 0;
 
   const users = new Map<string, FakeGoTrueUser>();
   const sessions = new Map<string, Session>();
@@ -662,6 +668,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
         );
       }
       const result = await route(req, res, url);
+      if (answerDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, answerDelayMs));
       send(res, 200, result);
     } catch (err) {
       sendError(req, res, err);
@@ -726,6 +733,9 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     },
     setDelayMs(ms) {
       delayMs = ms;
+    },
+    setAnswerDelayMs(ms) {
+      answerDelayMs = ms;
     },
     setFailWith(failure) {
       failWith = failure;

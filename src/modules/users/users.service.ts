@@ -142,13 +142,23 @@ export function createUsersService(deps: {
       const user = await findOrThrow(id);
       // Checked before the no-op: what is already so is answered only to who may change it.
       await assertMayManage(caller, id);
-      if (user.status === status) return user;
-      // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
-      // client may retry. (A ban applied for a disable that then fails here is lifted again.)
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
+      if (user.status === status) {
+        // Enabling an active user lifts a ban Supabase may still hold: one a disable applied there
+        // while it answered too late (a 503 here), which nothing else would lift.
+        if (banned && status === 'active') await deps.provider.setBanned!(id, false);
+        return user;
+      }
+      // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
+      // client may retry. (A ban applied for a disable that then fails here, or that Supabase may have
+      // applied though its answer failed, is lifted again.)
       if (banned && status === 'disabled')
         await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
-      if (banned) await deps.provider.setBanned!(id, status === 'disabled');
+      if (banned)
+        await deps.provider.setBanned!(id, status === 'disabled').catch(async (err: unknown) => {
+          if (status === 'disabled') await deps.provider.setBanned!(id, false).catch(() => undefined);
+          throw err;
+        });
       const changed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (status === 'disabled') await assertNotLastAdmin(tx, id);
         // Conditional, so of concurrent identical requests one changes the user (and is audited), and
@@ -304,9 +314,30 @@ export function createUsersService(deps: {
     async delete(id: string, context: RequestContext, caller?: Grantor): Promise<void> {
       const user = await findOrThrow(id);
       if (caller) await assertMayManage(caller, id);
-      await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
-      // The provider first: if Supabase refuses, nothing changed here and the client may retry.
-      if (user.provider === deps.provider.name) await deps.provider.deleteUser(id);
+      if (user.provider === deps.provider.name && deps.provider.name !== 'local') {
+        // Supabase's deletion cannot be undone, so this one is decided here first: the user is
+        // disabled (which takes them out of the last-admin count, and ends what they hold) in a
+        // transaction that checks they are not the last admin. Two administrators deleting each other
+        // at once then see one another's, and one is refused before Supabase is asked. If Supabase
+        // fails, an account that was active is enabled again (its sessions stay ended).
+        const reserved = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+          await assertNotLastAdmin(tx, id);
+          const disabled = await deps.repo.changeStatus(id, 'disabled', tx);
+          if (disabled) await cutOff(tx, id, 'user_deleted', emit);
+          return disabled !== undefined;
+        });
+        try {
+          await deps.provider.deleteUser(id);
+        } catch (err) {
+          if (reserved)
+            await inTransaction(deps.db, deps.events, async (tx, emit) => {
+              if (await deps.repo.changeStatus(id, 'active', tx)) emit({ type: 'user_changed', userId: id });
+            }).catch(() => undefined);
+          throw err;
+        }
+      } else {
+        await inTransaction(deps.db, deps.events, (tx) => assertNotLastAdmin(tx, id));
+      }
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         await assertNotLastAdmin(tx, id);
         await cutOff(tx, id, 'user_deleted', emit);
