@@ -37,6 +37,12 @@ export interface SignUpResult {
   passwordHash: string | null;
   /** False when the provider asks the user to confirm their email before they can sign in. */
   confirmed: boolean;
+  /**
+   * False when the provider answered with a user it had before this sign-up (Supabase, for an
+   * unconfirmed address signed up earlier, perhaps by another app of the project): a sign-up that
+   * fails here must not delete it. Absent: made by this sign-up.
+   */
+  created?: boolean;
 }
 
 export interface IdentityProvider {

@@ -148,6 +148,12 @@ function unavailable(cause: unknown): AppError {
   return new AppError('provider_unavailable', { headers: { ...RETRY_AFTER }, cause: reason });
 }
 
+/**
+ * How much earlier than the sign-up request Supabase's clock may date a user the request made: a
+ * user dated before that existed already.
+ */
+const CREATED_BY_THIS_SIGN_UP_MS = 60_000;
+
 /** GoTrue's answers to a password sign-in that are about the user: not this password, not allowed. */
 const SIGN_IN_REFUSALS = new Set([
   'invalid_credentials',
@@ -288,6 +294,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
     signUp: (email, password) =>
       guarded(async () => {
         const client = newClient(deps.anonKey);
+        const started = Date.now();
         const { data, error } = await client.auth.signUp({ email, password });
         if (error) throw signUpFailure(error);
         if (!data.user) throw unavailable(new Error('Supabase answered the sign-up without a user'));
@@ -295,10 +302,14 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         // user (random id, no identities) rather than an error, so as not to reveal the account.
         if (data.user.identities?.length === 0) throw new AppError('email_taken');
         if (data.session) revoke(client, data.session.access_token);
+        // An unconfirmed address signed up before is answered with its existing user (GoTrue mails
+        // it again): made well before this request, it is not this sign-up's to undo.
+        const createdAt = Date.parse(data.user.created_at);
         return {
           user: toProviderUser(data.user, email),
           passwordHash: null,
           confirmed: data.session !== null,
+          created: !(createdAt < started - CREATED_BY_THIS_SIGN_UP_MS),
         };
       }),
 

@@ -127,6 +127,33 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect((await login(app, email)).user.id).toBe(id);
   });
 
+  it('a sign-up that fails here does not undo a Supabase user it did not make (an unconfirmed one of before)', async () => {
+    gotrue.setConfirmEmail(true);
+    const email = uniqueEmail('sb-not-ours');
+    // Another app of the project signed this address up a while ago; it was never confirmed.
+    const before = await outsideClient().auth.signUp({ email, password: 'another app’s password' });
+    const theirs = before.data.user!.id;
+    gotrue.users.get(theirs)!.createdAt = new Date(Date.now() - 10 * 60_000).toISOString();
+    const users = app.services.repos.users;
+    const insert = users.insert;
+    users.insert = async () => {
+      throw new AppError('service_unavailable', { detail: 'injected' });
+    };
+    try {
+      const failed = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email, password: PASSWORD },
+      });
+      expect(failed.statusCode, failed.body).toBe(503);
+    } finally {
+      users.insert = insert;
+    }
+    // Supabase answered with the user it had: still there, with its pending confirmation.
+    expect(gotrue.users.get(theirs)?.email).toBe(email);
+    expect(gotrue.requests.some((r) => r.method === 'DELETE' && r.path.endsWith(theirs))).toBe(false);
+  });
+
   it('keeps the Supabase user when this database has that user after all (never deletes a live account)', async () => {
     const email = uniqueEmail('sb-known');
     const provider = app.services.provider;

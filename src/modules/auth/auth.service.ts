@@ -408,8 +408,10 @@ export function createAuthService(deps: AuthServiceDeps) {
         refreshToken,
         session: opened,
       } = await local.catch(async (err: unknown) => {
-        // The local provider keeps nothing outside this database; another one may have.
-        if (deps.provider.name !== 'local') await discardProviderUser(signedUp.user.id);
+        // The local provider keeps nothing outside this database; another one may have, and only a
+        // user this sign-up made is this sign-up's to undo.
+        if (deps.provider.name !== 'local' && signedUp.created !== false)
+          await discardProviderUser(signedUp.user.id);
         throw err;
       });
       const session =
