@@ -62,6 +62,12 @@ export interface VerifierOptions {
   fetch?: FetchLike;
   /** Timeout of the discovery and JWKS requests, in milliseconds; default 5000. */
   timeoutMs?: number;
+  /**
+   * How long after its fetch the last key set keeps verifying while the JWKS cannot be fetched, in
+   * milliseconds; default STALE_KEYS_MAX_AGE_MS (an hour), 0 for not at all. Keys revoked meanwhile
+   * (a leaked key's `revoke_previous`) verify that long in an outage: lower it where that matters more.
+   */
+  staleKeysMaxAgeMs?: number;
 }
 
 /** The claims of a verified RFC 9068 access token. */
@@ -161,6 +167,10 @@ export function createVerifier(options: VerifierOptions): Verifier {
   if (!URL.canParse(options.issuer)) throw new TypeError('issuer must be the auth service’s URL');
   const fetchImpl: FetchLike = options.fetch ?? ((input, init) => fetch(input, init));
   const timeoutMs = options.timeoutMs ?? 5000;
+  const staleKeysMaxAgeMs = options.staleKeysMaxAgeMs ?? STALE_KEYS_MAX_AGE_MS;
+  if (!Number.isFinite(staleKeysMaxAgeMs) || staleKeysMaxAgeMs < 0) {
+    throw new RangeError('staleKeysMaxAgeMs must be 0 or more milliseconds');
+  }
 
   type KeyResolver = (header: JWSHeaderParameters) => Promise<CryptoKey>;
   type Discovered = {
@@ -213,7 +223,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
   /**
    * jose's remote key set, which fails every verification while a refetch fails (its cache past
    * `cacheMaxAge`, or an unknown `kid`), falling back on the last key set it fetched, for up to
-   * STALE_KEYS_MAX_AGE_MS after that fetch. A `kid` the last good set does not hold stays unanswerable
+   * `staleKeysMaxAgeMs` after that fetch. A `kid` the last good set does not hold stays unanswerable
    * while the keys cannot be fetched (it may be a key published since): the fetch's failure, a 503.
    */
   function withLastGoodKeys(remote: ReturnType<typeof createRemoteJWKSet>, cache: JWKSCacheInput) {
@@ -221,8 +231,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
     let failed: { at: number; error: unknown } | undefined;
     const lastGoodKeys = () => {
       const { uat, jwks } = cache as Partial<ExportedJWKSCache>;
-      if (uat === undefined || jwks === undefined || Date.now() - uat > STALE_KEYS_MAX_AGE_MS)
-        return undefined;
+      if (uat === undefined || jwks === undefined || Date.now() - uat > staleKeysMaxAgeMs) return undefined;
       if (stale?.uat !== uat) stale = { uat, keys: createLocalJWKSet(jwks) };
       return stale.keys;
     };
@@ -236,15 +245,24 @@ export function createVerifier(options: VerifierOptions): Verifier {
       }
     };
     return async (header: JWSHeaderParameters): Promise<CryptoKey> => {
-      // Right after a failed refetch, the next requests do not each wait for another one.
-      if (failed && Date.now() - failed.at < REFETCH_BACKOFF_MS && !remote.fresh && lastGoodKeys()) {
+      // Right after a failed refetch, the next requests do not each wait for another one, whatever
+      // asked for it (a stale cache, or a `kid` not in a fresh one): the keys in hand answer.
+      if (failed && Date.now() - failed.at < REFETCH_BACKOFF_MS && lastGoodKeys()) {
         return fromLastGood(header, failed.error);
       }
+      // jose refetches for an unknown `kid` only once 30 s have passed since its last fetch.
+      const coolingDown = remote.coolingDown;
       try {
-        const key = await remote(header);
-        failed = undefined;
-        return key;
+        return await remote(header);
       } catch (err) {
+        // Not refetched: the `kid` may be a key published since (a forced rotation signs with a new
+        // key at once). A 503, which the client retries, and not a 401, which would make it throw a
+        // good token away; after the cooldown the set is fetched again and decides.
+        if (err instanceof joseErrors.JWKSNoMatchingKey && coolingDown)
+          throw new VerifierUnavailableError(
+            'The access token names a key not in the key set fetched in the last 30 s; it is fetched again after that',
+            { cause: err },
+          );
         if (!keysUnavailable(err)) throw err;
         failed = { at: Date.now(), error: err };
         return fromLastGood(header, err);
@@ -299,7 +317,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
         });
         return toClaims(payload);
       } catch (err) {
-        if (err instanceof InvalidTokenError) throw err;
+        if (err instanceof InvalidTokenError || err instanceof VerifierUnavailableError) throw err;
         if (keysUnavailable(err)) {
           throw new VerifierUnavailableError('Could not fetch the auth service’s keys', { cause: err });
         }

@@ -1,5 +1,5 @@
 import Fastify, { type FastifyInstance } from 'fastify';
-import { generateKeyPair, SignJWT } from 'jose';
+import { decodeProtectedHeader, generateKeyPair, SignJWT } from 'jose';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import {
   type AccessTokenClaims,
@@ -91,8 +91,10 @@ describe('the bundled verifier', () => {
 
   it('refuses malformed, foreign, mis-typed and wrong-audience tokens with 401 invalid_token', async () => {
     const { privateKey } = await generateKeyPair('ES256');
+    // Signed with a key of its own under the service's key id.
+    const { kid } = decodeProtectedHeader((await clientToken(auth, reader)).access_token);
     const forged = await new SignJWT({ client_id: 'x', scope: 'users:read' })
-      .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: 'forged' })
+      .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: kid! })
       .setIssuer(ISSUER)
       .setSubject('x')
       .setAudience(ORDERS)
@@ -341,6 +343,93 @@ describe('the bundled verifier', () => {
     );
   });
 
+  describe('a key id the fetched key set does not hold', () => {
+    const JWKS_PATH = '/.well-known/jwks.json';
+    afterEach(() => {
+      vi.restoreAllMocks();
+    });
+
+    it('is a 503 within 30 s of a fetch (it may be a key published since), then decided by a refetch', async () => {
+      const { access_token } = await clientToken(auth, reader);
+      const { kid } = decodeProtectedHeader(access_token);
+      const { privateKey } = await generateKeyPair('ES256');
+      const forged = await new SignJWT({ client_id: 'x', scope: 'users:read' })
+        .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: 'never-published' })
+        .setIssuer(ISSUER)
+        .setSubject('x')
+        .setAudience(ORDERS)
+        .setIssuedAt()
+        .setJti('j')
+        .setExpirationTime('5m')
+        .sign(privateKey);
+      // The set as fetched before the token's key was published (a forced rotation signs at once).
+      const state = { hideKid: true as boolean, broken: false, jwksRequests: 0 };
+      const real = injectFetch(auth);
+      const fetch: FetchLike = async (input, init) => {
+        if (new URL(input).pathname !== JWKS_PATH) return real(input, init);
+        state.jwksRequests++;
+        if (state.broken) return new Response(null, { status: 502 });
+        const res = await real(input, init);
+        if (!state.hideKid) return res;
+        const { keys } = (await res.json()) as { keys: Array<{ kid: string }> };
+        return Response.json({ keys: keys.filter((k) => k.kid !== kid) });
+      };
+      const verifier = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch });
+      // Fetched just now and not there: not a key of the service's.
+      await expect(verifier.verify(forged)).rejects.toBeInstanceOf(InvalidTokenError);
+      expect(state.jwksRequests).toBe(1);
+      // Within jose's 30 s cooldown nothing is refetched: the good token is not called invalid.
+      await expect(verifier.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
+      expect(state.jwksRequests).toBe(1);
+      const service = Fastify();
+      await service.register(fastifyVerifier, { verifier });
+      service.get('/x', { onRequest: requirePermission('users:read') }, async () => ({ ok: true }));
+      const res = await service.inject({ method: 'GET', url: '/x', headers: bearer(access_token) });
+      expect(res.statusCode, res.body).toBe(503);
+      expect(res.headers['retry-after']).toBeDefined();
+      await service.close();
+
+      // Past it, the set is fetched again and has the key.
+      state.hideKid = false;
+      const start = Date.now();
+      const now = vi.spyOn(Date, 'now').mockReturnValue(start + 31_000);
+      expect((await verifier.verify(access_token)).sub).toBe(reader.client_id);
+      expect(state.jwksRequests).toBe(2);
+      now.mockReturnValue(start + 62_000);
+      await expect(verifier.verify(forged)).rejects.toBeInstanceOf(InvalidTokenError);
+      expect(state.jwksRequests).toBe(3);
+
+      // A refetch that fails, asked for by a key id while the cached set is still fresh, is not
+      // asked again by each request that follows; the keys in hand go on verifying.
+      state.broken = true;
+      now.mockReturnValue(start + 95_000);
+      await expect(verifier.verify(forged)).rejects.toBeInstanceOf(VerifierUnavailableError);
+      expect(state.jwksRequests).toBe(4);
+      for (let i = 0; i < 20; i++)
+        await expect(verifier.verify(forged)).rejects.toBeInstanceOf(VerifierUnavailableError);
+      expect((await verifier.verify(access_token)).sub).toBe(reader.client_id);
+      expect(state.jwksRequests).toBe(4);
+    });
+
+    it('staleKeysMaxAgeMs bounds how long the last keys verify in an outage (0: not at all)', async () => {
+      const { access_token } = await clientToken(auth, reader);
+      const state = { broken: false };
+      const real = injectFetch(auth);
+      const fetch: FetchLike = async (input, init) =>
+        state.broken && new URL(input).pathname === JWKS_PATH
+          ? new Response(null, { status: 502 })
+          : real(input, init);
+      const strict = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch, staleKeysMaxAgeMs: 0 });
+      const lenient = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch });
+      expect((await strict.verify(access_token)).sub).toBe(reader.client_id);
+      expect((await lenient.verify(access_token)).sub).toBe(reader.client_id);
+      state.broken = true;
+      vi.spyOn(Date, 'now').mockReturnValue(Date.now() + 11 * 60_000);
+      await expect(strict.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
+      expect((await lenient.verify(access_token)).sub).toBe(reader.client_id);
+    });
+  });
+
   it('pins its options: ES256/EdDSA only, at most 30 s of leeway, an audience', () => {
     const base = { issuer: ISSUER, audience: ORDERS };
     expect(() => createVerifier({ ...base, clockTolerance: 31 })).toThrow(RangeError);
@@ -349,6 +438,8 @@ describe('the bundled verifier', () => {
     expect(() => createVerifier({ ...base, algorithms: [] })).toThrow(TypeError);
     expect(() => createVerifier({ ...base, audience: '' })).toThrow(TypeError);
     expect(() => createVerifier({ ...base, issuer: 'not a url' })).toThrow(TypeError);
+    expect(() => createVerifier({ ...base, staleKeysMaxAgeMs: -1 })).toThrow(RangeError);
+    expect(() => createVerifier({ ...base, staleKeysMaxAgeMs: Number.NaN })).toThrow(RangeError);
     expect(() => createVerifier({ ...base, algorithms: ['EdDSA'], clockTolerance: 0 })).not.toThrow();
   });
 
