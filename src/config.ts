@@ -386,7 +386,12 @@ export interface Config {
     connectTimeoutMs: number;
     statementTimeoutMs: number;
     /** The migration connection's lock and statement timeouts, and how long lock conflicts are retried. */
-    migrations: { lockTimeoutMs: number; statementTimeoutMs: number; retryBudgetMs: number };
+    migrations: {
+      lockTimeoutMs: number;
+      statementTimeoutMs: number;
+      retryBudgetMs: number;
+      connectTimeoutMs: number;
+    };
   };
   readonly shutdownTimeoutMs: number;
   /** After SIGTERM: not ready, still serving, for this long, before the listener closes. */
@@ -511,6 +516,8 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
         lockTimeoutMs: e.DB_MIGRATION_LOCK_TIMEOUT_MS,
         statementTimeoutMs: e.DB_MIGRATION_STATEMENT_TIMEOUT_MS,
         retryBudgetMs: e.DB_MIGRATION_RETRY_MS,
+        // The migration connection is a connection like the pool's: DB_CONNECT_TIMEOUT_MS.
+        connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,
       },
     },
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT_MS,

@@ -15,8 +15,20 @@ const CONNECTION_FAILURES = new Set([
   'ECONNRESET',
 ]);
 
-/** node-postgres's own words for a connection that never came up (no code: a timeout, a reset). */
-const CONNECTION_LOST = /^Connection terminated/;
+/**
+ * node-postgres's own words for a connection that never came up (no code: a reset, a server that
+ * accepted the connection and never answered within the connect timeout, a server without TLS).
+ */
+const CONNECTION_LOST =
+  /^(?:Connection terminated|timeout expired|timeout exceeded when trying to connect|The server does not support SSL connections)/;
+
+/** TLS failures of a connection (a self-signed or expired certificate, another host's name). */
+const TLS_FAILURE =
+  /^(?:DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT(?:_LOCALLY)?|CERT_HAS_EXPIRED|CERT_NOT_YET_VALID|ERR_TLS_CERT_ALTNAME_INVALID|ERR_SSL_\w+)$/;
+
+const isConnectionFailure = (line: string, code: string | undefined) =>
+  (code !== undefined && (CONNECTION_FAILURES.has(code) || TLS_FAILURE.test(code))) ||
+  CONNECTION_LOST.test(line);
 
 /**
  * What went wrong, in one line. `database` (the DATABASE_URL's host, port and name, never its
@@ -28,7 +40,7 @@ export function describeFailure(err: unknown, database?: string): string {
   if (err instanceof MigrationError) return `error: ${err.message}`;
   const { message, code } = innermost(err);
   const line = message.split('\n')[0]!.trim() || code || 'unknown error';
-  if ((code && CONNECTION_FAILURES.has(code)) || CONNECTION_LOST.test(line))
+  if (isConnectionFailure(line, code))
     return `error: cannot connect to the database${database ? ` at ${database}` : ''}: ${line}`;
   // PostgreSQL's SQLSTATE (3D000 no such database, 28P01 bad password, …) helps the search for the cause.
   return `error: ${line}${code && /^[0-9A-Z]{5}$/.test(code) && !line.includes(code) ? ` (${code})` : ''}`;
@@ -50,7 +62,7 @@ const OPERATIONAL_SQLSTATE = /^(08|28|3D|53|57|58)[0-9A-Z]{3}$/;
 export function isOperational(err: unknown): boolean {
   if (err instanceof ConfigError || err instanceof MigrationError || isAppError(err)) return true;
   const { message, code } = innermost(err);
-  if (CONNECTION_LOST.test(message)) return true;
+  if (isConnectionFailure(message, code)) return true;
   return code !== undefined && (/^E[A-Z]+$/.test(code) || OPERATIONAL_SQLSTATE.test(code));
 }
 

@@ -21,6 +21,7 @@ describe('configuration', () => {
       lockTimeoutMs: 5000,
       statementTimeoutMs: 600_000,
       retryBudgetMs: 60_000,
+      connectTimeoutMs: 2000,
     });
     expect(config.keyEncryptionKey).toHaveLength(32);
     expect(Object.isFrozen(config)).toBe(true);
@@ -126,11 +127,13 @@ describe('configuration', () => {
       DB_MIGRATION_LOCK_TIMEOUT_MS: '2000',
       DB_MIGRATION_STATEMENT_TIMEOUT_MS: '3600000',
       DB_MIGRATION_RETRY_MS: '0',
+      DB_CONNECT_TIMEOUT_MS: '500',
     });
     expect(config.db.migrations).toEqual({
       lockTimeoutMs: 2000,
       statementTimeoutMs: 3_600_000,
       retryBudgetMs: 0,
+      connectTimeoutMs: 500,
     });
     expect(() => load({ DB_MIGRATION_LOCK_TIMEOUT_MS: '0' })).toThrow(/DB_MIGRATION_LOCK_TIMEOUT_MS/);
   });

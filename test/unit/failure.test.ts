@@ -13,6 +13,12 @@ describe('failures told in one line', () => {
       withCode('password authentication failed for user "x"', '28P01'),
       withCode('the database system is starting up', '57P03'),
       new Error('Connection terminated unexpectedly'),
+      // A server (or a proxy) that accepts the connection and never answers: pg's Client and Pool.
+      new Error('timeout expired'),
+      new Error('timeout exceeded when trying to connect'),
+      withCode('self-signed certificate', 'DEPTH_ZERO_SELF_SIGNED_CERT'),
+      withCode('certificate has expired', 'CERT_HAS_EXPIRED'),
+      new Error('The server does not support SSL connections'),
       new ConfigError(['PORT: must be a whole number']),
     ])
       expect(isOperational(err), String(err)).toBe(true);
@@ -30,6 +36,12 @@ describe('failures told in one line', () => {
     expect(where).toBe('db.internal:6432/auth');
     expect(describeFailure(new Error('Connection terminated unexpectedly'), where)).toBe(
       'error: cannot connect to the database at db.internal:6432/auth: Connection terminated unexpectedly',
+    );
+    expect(describeFailure(new Error('timeout expired'), where)).toBe(
+      'error: cannot connect to the database at db.internal:6432/auth: timeout expired',
+    );
+    expect(describeFailure(withCode('self-signed certificate', 'DEPTH_ZERO_SELF_SIGNED_CERT'), where)).toBe(
+      'error: cannot connect to the database at db.internal:6432/auth: self-signed certificate',
     );
     expect(describeFailure(withCode('database "x" does not exist', '3D000'))).toBe(
       'error: database "x" does not exist (3D000)',
