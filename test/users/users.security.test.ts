@@ -382,6 +382,65 @@ describe('acting on a user who holds more than the caller', () => {
     expect(taken.statusCode, taken.body).toBe(204);
   });
 
+  it('nor by deleting or narrowing the role: that takes it from every holder (403 while one holds more, audited)', async () => {
+    const manager = await registerUser(app, 'strip-role-manager');
+    await grantRole(app, manager.id, ['roles:read', 'roles:write', 'roles:assign', 'users:read']);
+    const token = (await login(app, manager.email)).session.access_token;
+    const asManager = bearer(token);
+    const helper = `strip-helper-${Date.now().toString(36)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asManager,
+      payload: { name: helper, permissions: ['users:read', 'roles:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const grant = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${admin.id}/roles/${helper}`,
+      headers: asManager,
+    });
+    expect(grant.statusCode, grant.body).toBe(200);
+    const narrowed = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${helper}`,
+      headers: asManager,
+      payload: { permissions: ['users:read'] },
+    });
+    expect(narrowed.statusCode, narrowed.body).toBe(403);
+    expect(narrowed.json().detail).toContain('*');
+    const deleted = await app.inject({ method: 'DELETE', url: `/v1/roles/${helper}`, headers: asManager });
+    expect(deleted.statusCode, deleted.body).toBe(403);
+    expect((await app.services.repos.users.rolesAndPermissions(admin.id)).roles).toContain(helper);
+    expect(await app.services.roles.get(helper)).toMatchObject({
+      permissions: ['roles:read', 'users:read'],
+    });
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: helper,
+      limit: 10,
+    });
+    expect(denied.map((e) => (e.data as { action: string }).action).sort()).toEqual([
+      'role.delete',
+      'role.update',
+    ]);
+    // Widening still needs only what it adds; and once the holders hold no more, both go through.
+    await app.services.repos.users.removeRole(admin.id, helper);
+    const narrowedNow = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${helper}`,
+      headers: asManager,
+      payload: { permissions: ['users:read'] },
+    });
+    expect(narrowedNow.statusCode, narrowedNow.body).toBe(200);
+    const deletedNow = await app.inject({
+      method: 'DELETE',
+      url: `/v1/roles/${helper}`,
+      headers: asManager,
+    });
+    expect(deletedNow.statusCode, deletedNow.body).toBe(204);
+  });
+
   it('a PATCH that would change nothing is still refused to who may not act on the user, and the refusal names them', async () => {
     const manager = await registerUser(app, 'noop-manager');
     await grantRole(app, manager.id, ['users:write']);

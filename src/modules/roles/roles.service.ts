@@ -18,6 +18,12 @@ const MANAGE_ROLES = 'roles:write';
 /** The refusal of the grant ceiling for roles: creating, changing, deleting, granting, removing. */
 export const ROLE_REFUSAL = 'You cannot grant permissions you do not hold yourself';
 
+/**
+ * Deleting a role, or narrowing what it gives, takes from everyone who holds it: as taking the role
+ * from one user, it is for a caller who holds everything those users hold.
+ */
+const HOLDERS_REFUSAL = 'You cannot take a role from users who hold permissions you do not hold yourself';
+
 const BUILTIN_ADMIN = 'admin';
 /** The role every account is given: what it gives, it gives to everyone, accounts to come included. */
 const BUILTIN_USER = 'user';
@@ -113,6 +119,14 @@ export function createRolesService(deps: {
           if (permissions && existing.name === BUILTIN_ADMIN && !permissions.includes('*')) {
             throw new AppError('conflict', { detail: 'The admin role keeps every permission (*)' });
           }
+          // Giving less takes from every holder.
+          if (permissions && notHeld(existing.permissions, permissions).length > 0)
+            await deps.grants.assertHolds(
+              caller,
+              await deps.users.permissionsOfHoldersOf(name, tx),
+              tx,
+              HOLDERS_REFUSAL,
+            );
           const changed = [
             ...(input.description !== undefined && input.description !== existing.description
               ? ['description']
@@ -156,6 +170,12 @@ export function createRolesService(deps: {
             throw new AppError('conflict', { detail: `The built-in role ${name} cannot be deleted` });
           // Deleting a role takes its permissions from everyone who holds it.
           await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...role.permissions], tx, ROLE_REFUSAL);
+          await deps.grants.assertHolds(
+            caller,
+            await deps.users.permissionsOfHoldersOf(name, tx),
+            tx,
+            HOLDERS_REFUSAL,
+          );
           const holders = await deps.users.holderIds(name, tx);
           // Before the deletion: it takes the holders' assignments with it.
           await revokeActingClients(tx, name, emit);

@@ -192,6 +192,22 @@ export function createUsersRepository(db: Executor) {
         .for('update');
       return rows.map((r) => r.userId);
     },
+    /**
+     * Every permission the holders of `roleName` hold, through any of their roles: what a caller must
+     * hold to take the role from all of them at once (deleting it, or narrowing what it gives).
+     */
+    async permissionsOfHoldersOf(roleName: string, tx: Executor = db): Promise<string[]> {
+      const holders = tx
+        .select({ userId: userRoles.userId })
+        .from(userRoles)
+        .where(eq(userRoles.roleName, roleName));
+      const rows = await tx
+        .selectDistinct({ permissions: roles.permissions })
+        .from(userRoles)
+        .innerJoin(roles, eq(userRoles.roleName, roles.name))
+        .where(inArray(userRoles.userId, holders));
+      return [...new Set(rows.flatMap((r) => r.permissions))].sort();
+    },
     /** Every user holding the role, whatever their status. */
     async holderIds(roleName: string, tx: Executor = db): Promise<string[]> {
       const rows = await tx
