@@ -139,6 +139,15 @@ describe('invitations: accounts an administrator makes', () => {
       headers: bearer(admin.accessToken),
     });
     expect(profile.json().display_name).toBe('Grace Hopper');
+    // The history says it: the name changed with this invitation, and not with one giving it again.
+    const invited = async () =>
+      (await app.services.audit.list({ subjectId: first.json().id, type: 'user.invited', limit: 10 })).map(
+        (e) => e.data,
+      );
+    expect((await invited())[0]).toMatchObject({ again: true, display_name_changed: true });
+    clock.advance(61);
+    expect((await invite({ email, display_name: 'Grace Hopper' })).statusCode).toBe(200);
+    expect((await invited())[0]).toEqual(expect.not.objectContaining({ display_name_changed: true }));
     const secondToken = invitationTo(email);
     expect(secondToken).not.toBe(firstToken);
     expect((await choose(firstToken)).statusCode).toBe(400);

@@ -224,8 +224,14 @@ export function createUsersRepository(db: Executor) {
       await tx.insert(profiles).values({ userId, displayName }).onConflictDoNothing();
     },
     /** The profile's display name (an invitation sent again with another). */
-    async setDisplayName(userId: string, displayName: string, at: Date, tx: Executor): Promise<void> {
-      await tx.update(profiles).set({ displayName, updatedAt: at }).where(eq(profiles.userId, userId));
+    /** True when it changed the name (the same name again writes nothing). */
+    async setDisplayName(userId: string, displayName: string, at: Date, tx: Executor): Promise<boolean> {
+      const rows = await tx
+        .update(profiles)
+        .set({ displayName, updatedAt: at })
+        .where(and(eq(profiles.userId, userId), sql`${profiles.displayName} is distinct from ${displayName}`))
+        .returning({ userId: profiles.userId });
+      return rows.length > 0;
     },
     async findByIds(ids: string[], tx: Executor = db): Promise<UserRow[]> {
       if (ids.length === 0) return [];

@@ -213,13 +213,19 @@ export function createUsersService(deps: {
           if (waitBeforeNextMail(last, deps.clock.now()) > 0)
             throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
           // A name given again is the one the invitation now says (nobody has signed in to set it).
-          if (input.displayName !== undefined)
-            await deps.repo.setDisplayName(user.id, input.displayName, deps.clock.now(), tx);
+          // The audit event says when it changed the name, as a profile change would.
+          const renamed =
+            input.displayName !== undefined &&
+            (await deps.repo.setDisplayName(user.id, input.displayName, deps.clock.now(), tx));
           send = await write(user, tx);
           await deps.audit.record(tx, context, {
             type: 'user.invited',
             subjectId: user.id,
-            data: { email_domain: email.split('@')[1] ?? null, again: true },
+            data: {
+              email_domain: email.split('@')[1] ?? null,
+              again: true,
+              ...(renamed ? { display_name_changed: true } : {}),
+            },
           });
           return { user, created: false };
         }
