@@ -86,6 +86,8 @@ async function main() {
       docs: `${config.publicUrl}/docs`,
       database: database.kind,
       provider: config.authProvider,
+      // What decides the production checks: a .env copied from .env.example once set it back.
+      env: config.env,
     },
     'auth service ready',
   );
