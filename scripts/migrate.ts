@@ -26,7 +26,7 @@ async function main() {
     migrate: false,
   });
   try {
-    const { applied, total } = await runMigrations(
+    const { applied, total, unknown } = await runMigrations(
       database,
       config.databaseUrl,
       logger,
@@ -37,6 +37,11 @@ async function main() {
         ? `no migrations pending (${total} applied, ${database.kind})\n`
         : `applied ${applied.length} migration${applied.length === 1 ? '' : 's'} (${database.kind}): ${applied.join(', ')}\n`,
     );
+    if (unknown > 0)
+      process.stdout.write(
+        `note: the database has ${unknown} migration${unknown === 1 ? '' : 's'} newer than this release: ` +
+          'a newer release applied them (npm run db:verify names them)\n',
+      );
   } finally {
     await database.close();
   }

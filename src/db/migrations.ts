@@ -57,6 +57,8 @@ export interface MigrationResult {
   applied: string[];
   /** Journaled migrations in all. */
   total: number;
+  /** Migrations applied to the database that this release's journal does not know (a newer one's). */
+  unknown: number;
 }
 
 /** A migration run that failed: one line saying which migration and why (the cause is attached). */
@@ -78,15 +80,40 @@ async function pendingMigrations(query: Query, journal: JournalEntry[]): Promise
   return journal.filter((entry) => entry.when > lastWhen);
 }
 
-function report(logger: Logger, applied: JournalEntry[], total: number): MigrationResult {
+/** Applied migrations dated after this release's last one: a newer release applied them. */
+async function unknownMigrations(query: Query, journal: JournalEntry[]): Promise<number> {
+  const newest = journal.at(-1)?.when ?? 0;
+  const [table] = await query(`SELECT to_regclass('drizzle.__drizzle_migrations') IS NOT NULL AS present`);
+  if (!table?.present) return 0;
+  const [row] = await query(
+    `SELECT count(*)::int AS unknown FROM drizzle.__drizzle_migrations WHERE created_at > ${Number(newest)}`,
+  );
+  return Number(row?.unknown ?? 0);
+}
+
+async function report(
+  logger: Logger,
+  query: Query,
+  journal: JournalEntry[],
+  applied: JournalEntry[],
+): Promise<MigrationResult> {
   const tags = applied.map((e) => e.tag);
+  const total = journal.length;
   if (tags.length === 0) logger.info({ total }, 'database migrations: none pending');
   else
     logger.info(
       { applied: tags, total },
       `applied ${tags.length} database migration${tags.length === 1 ? '' : 's'}: ${tags.join(', ')}`,
     );
-  return { applied: tags, total };
+  // Not a refusal: in a rolling deploy, or a rollback, the releases run side by side for a while.
+  const unknown = await unknownMigrations(query, journal);
+  if (unknown > 0)
+    logger.warn(
+      { unknown },
+      `the database has ${unknown} migration${unknown === 1 ? '' : 's'} newer than this release knows: a newer release ` +
+        'applied them, and this one may not work with the schema they made (see MIGRATIONS.md, "Upgrading")',
+    );
+  return { applied: tags, total, unknown };
 }
 
 /**
@@ -119,7 +146,7 @@ export async function runMigrations(
     } catch (err) {
       throw failure(err, pending, folder);
     }
-    return report(logger, pending, journal.length);
+    return report(logger, query, journal, pending);
   }
 
   const { drizzle } = await import('drizzle-orm/node-postgres');
@@ -151,10 +178,10 @@ export async function runMigrations(
       const started = Date.now();
       for (let attempt = 1; ; attempt++) {
         const pending = await pendingMigrations(query, journal);
-        if (pending.length === 0) return report(logger, [], journal.length);
+        if (pending.length === 0) return await report(logger, query, journal, []);
         try {
           await migrate(drizzle(client), { migrationsFolder: folder });
-          return report(logger, pending, journal.length);
+          return await report(logger, query, journal, pending);
         } catch (err) {
           const cause = databaseError(err);
           if (cause?.code !== LOCK_NOT_AVAILABLE && cause?.code !== DEADLOCK_DETECTED)
