@@ -31,6 +31,17 @@ export class EmailNotConfirmed extends AppError {
   }
 }
 
+/**
+ * The provider was asked to change a password and gave no answer (a timeout, a 5xx): it may have
+ * changed it. A 503 to the client; the service ends the other sessions all the same, as a change
+ * would, since the old password may no longer be the account's.
+ */
+export class PasswordMayHaveChanged extends AppError {
+  constructor(unavailable: AppError) {
+    super('provider_unavailable', { headers: unavailable.headers, cause: unavailable.cause });
+  }
+}
+
 export interface SignUpResult {
   user: ProviderUser;
   /** Local argon2id hash to store, or null when the provider keeps the credentials. */

@@ -11,7 +11,12 @@ import {
 } from '@supabase/supabase-js';
 import ws from 'ws';
 import { AppError } from '../lib/errors.js';
-import { EmailNotConfirmed, type IdentityProvider, type ProviderUser } from './provider.js';
+import {
+  EmailNotConfirmed,
+  type IdentityProvider,
+  PasswordMayHaveChanged,
+  type ProviderUser,
+} from './provider.js';
 
 export interface SupabaseProviderDeps {
   url: string;
@@ -350,7 +355,11 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
           if (signIn.user.id !== user.id) return undefined;
           const { error } = await client.auth.updateUser({ password: newPassword });
           // same_password: the account already ends up with the requested password, as with local.
-          if (error && error.code !== 'same_password') throw newPasswordRefused(error);
+          if (error && error.code !== 'same_password') {
+            // No answer is not "not changed": Supabase may have applied it before the timeout.
+            if (isOutage(error)) throw new PasswordMayHaveChanged(unavailable(error));
+            throw newPasswordRefused(error);
+          }
           return { passwordHash: null, replaces: null };
         } finally {
           revoke(client, signIn.session.access_token);

@@ -899,6 +899,36 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect(old.statusCode).toBe(401);
     await login(app, user.email, 'a brand new passphrase');
   });
+
+  it('a change Supabase applied but answered too late is a 503 that still ends the other sessions', async () => {
+    const user = await registerUser(app, 'sb-password-late');
+    const other = await login(app, user.email);
+    // The sign-in with the current password answers; the update is applied, and answered too late.
+    gotrue.setAnswerDelayMs(
+      SUPABASE_TIMEOUT_MS + 300,
+      (method, path) => method === 'PUT' && path.endsWith('/user'),
+    );
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: 'a late new passphrase' },
+    });
+    expectProviderUnavailable(res);
+    await vi.waitFor(() => expect(gotrue.users.get(user.id)?.password).toBe('a late new passphrase'));
+    // Whoever held the other session does not keep it through a change the owner asked for.
+    expect((await me(other.session.access_token)).statusCode).toBe(401);
+    expect((await me(user.accessToken)).statusCode).toBe(200);
+    const [event] = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'auth.password_changed',
+      limit: 1,
+    });
+    expect(event).toMatchObject({
+      outcome: 'failure',
+      data: { reason: 'provider_unavailable', other_sessions_ended: true },
+    });
+  });
 });
 
 describe('exchange on the local provider', () => {

@@ -83,7 +83,7 @@ export interface FakeGoTrue {
    * Applies each request at once but answers it `ms` later: what a client that timed out meanwhile
    * cannot tell from a request that never arrived.
    */
-  setAnswerDelayMs(ms: number): void;
+  setAnswerDelayMs(ms: number, only?: (method: string, path: string) => boolean): void;
   setFailWith(failure: FakeGoTrueFailure | undefined): void;
   /** Confirms the email as the link in the confirmation mail would. */
   confirm(email: string): void;
@@ -188,6 +188,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   let down = false;
   let delayMs = 0;
   let answerDelayMs = 0;
+  let answerDelayOnly: ((method: string, path: string) => boolean) | undefined;
 
   const users = new Map<string, FakeGoTrueUser>();
   const sessions = new Map<string, Session>();
@@ -668,7 +669,8 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
         );
       }
       const result = await route(req, res, url);
-      if (answerDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, answerDelayMs));
+      if (answerDelayMs > 0 && (answerDelayOnly?.(req.method ?? 'GET', url.pathname) ?? true))
+        await new Promise((resolve) => setTimeout(resolve, answerDelayMs));
       send(res, 200, result);
     } catch (err) {
       sendError(req, res, err);
@@ -734,8 +736,9 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     setDelayMs(ms) {
       delayMs = ms;
     },
-    setAnswerDelayMs(ms) {
+    setAnswerDelayMs(ms, only) {
       answerDelayMs = ms;
+      answerDelayOnly = only;
     },
     setFailWith(failure) {
       failWith = failure;

@@ -1,7 +1,12 @@
 import { PasswordReplaced } from './password-replaced.js';
 import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
-import { EmailNotConfirmed, type IdentityProvider, type ProviderUser } from '../../identity/provider.js';
+import {
+  EmailNotConfirmed,
+  type IdentityProvider,
+  PasswordMayHaveChanged,
+  type ProviderUser,
+} from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
@@ -565,7 +570,23 @@ export function createAuthService(deps: AuthServiceDeps) {
           input.currentPassword,
           input.newPassword,
         ),
-      );
+      ).catch(async (err: unknown) => {
+        // The provider may have changed it: the other sessions end as a change would end them (else
+        // whoever they belong to keeps them with a password the owner meant to replace). Still a 503.
+        if (err instanceof PasswordMayHaveChanged)
+          await inTransaction(deps.db, deps.events, async (tx, emit) => {
+            (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(
+              emit,
+            );
+            await deps.audit.record(tx, context, {
+              type: 'auth.password_changed',
+              outcome: 'failure',
+              subjectId: user.id,
+              data: { reason: 'provider_unavailable', other_sessions_ended: true },
+            });
+          }).catch(() => undefined);
+        throw err;
+      });
       const incorrect = () =>
         new AppError('incorrect_password', {
           detail: 'The current password is incorrect',
