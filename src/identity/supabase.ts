@@ -144,7 +144,10 @@ function unavailable(cause: unknown): AppError {
           { cause },
         )
       : isOutage(cause)
-        ? cause
+        ? // supabase-js reads a 502/503/504 as a fetch failure named `{}`: say what Supabase answered.
+          isAuthRetryableFetchError(cause) && cause.status && !/\w/.test(cause.message)
+          ? new Error(`Supabase answered ${cause.status}`, { cause })
+          : cause
         : new Error(
             `Supabase answered ${cause.status} ${cause.code ?? '(no code)'} "${cause.message}", which says nothing ` +
               'about the user: check SUPABASE_URL (the project URL) and the project’s Auth settings',

@@ -242,6 +242,14 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
       // A dependency's failure a service turned into a 503 (the identity provider down, or refusing
       // the service's key): the body stays generic, the log says why.
       request.log.warn({ err: error.cause, code: error.code }, 'dependency failed');
+    } else if (err === error && error.cause !== undefined) {
+      // A refusal a dependency gave its reasons for (Supabase refusing a sign-up for a CAPTCHA, a
+      // domain it does not mail, a closed project): the client gets the service's words, the log
+      // the dependency's.
+      request.log.info(
+        { err: error.cause, code: error.code, status: error.status },
+        'request refused by a dependency',
+      );
     } else if (error.status === 401 || error.status === 403) {
       request.log.info({ code: error.code, status: error.status }, 'request refused');
     }

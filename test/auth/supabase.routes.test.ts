@@ -650,6 +650,40 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
   const loginAs = (email: string, password = PASSWORD) =>
     app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
 
+  it('a refusal Supabase gives its reasons for is answered in the service’s words and logged in Supabase’s', async () => {
+    const { lines, logger } = captureLogs();
+    const logged = await buildTestApp({
+      env: {
+        AUTH_PROVIDER: 'supabase',
+        SUPABASE_URL: gotrue.url,
+        SUPABASE_ANON_KEY: gotrue.anonKey,
+        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+      },
+      deps: { logger },
+    });
+    try {
+      gotrue.setFailWith({
+        status: 400,
+        code: 'captcha_failed',
+        message: 'captcha protection: request disallowed',
+      });
+      const res = await logged.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email: uniqueEmail('sb-captcha'), password: PASSWORD },
+      });
+      expect(res.statusCode).toBe(422);
+      expect(res.body).not.toContain('captcha');
+      const entry = lines
+        .map((l) => JSON.parse(l) as { msg: string; reqId?: string; err?: { message?: string } })
+        .find((l) => l.msg === 'request refused by a dependency');
+      expect(entry?.err?.message).toContain('captcha protection');
+      expect(entry?.reqId).toBeTruthy();
+    } finally {
+      await logged.close();
+    }
+  });
+
   it('Supabase refusing the service’s own key is an outage (503, logged), never a wrong password: nothing locks', async () => {
     const user = await registerUser(app, 'sb-badkey');
     const { lines, logger } = captureLogs();

@@ -436,7 +436,10 @@ describe('when Supabase is unavailable', () => {
     fake.setFailWith({ status: 500 });
     expectUnavailable(await rejection(provider.signIn(user.email, 'correct horse')));
     fake.setFailWith({ status: 503, message: 'upstream down' });
-    expectUnavailable(await rejection(provider.exchange('some.token.value')));
+    const down = await rejection(provider.exchange('some.token.value'));
+    expectUnavailable(down);
+    // supabase-js names a 502/503/504 `{}`: the log says what Supabase answered instead.
+    expect((down.cause as Error).message).toBe('Supabase answered 503');
     fake.setFailWith({ status: 429, code: 'over_request_rate_limit', message: 'Request rate limit reached' });
     expectUnavailable(await rejection(provider.signIn(user.email, 'correct horse')));
     expectUnavailable(await rejection(provider.signUp(email(), 'correct horse')));
