@@ -55,6 +55,9 @@ function checkSnapshot() {
 function redact(url: string): string {
   const u = new URL(url);
   if (u.password) u.password = '***';
+  // libpq takes the password as a parameter too.
+  for (const name of [...u.searchParams.keys()])
+    if (/pass|secret|key/i.test(name)) u.searchParams.set(name, '***');
   return u.toString();
 }
 

@@ -264,6 +264,9 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
     issues.push({ path: 'MAIL_FROM', message: 'is required with SMTP_URL' });
   if (set('BOOTSTRAP_ADMIN_EMAIL') && !set('BOOTSTRAP_ADMIN_PASSWORD') && provider === 'local')
     issues.push({ path: 'BOOTSTRAP_ADMIN_PASSWORD', message: 'is required with BOOTSTRAP_ADMIN_EMAIL' });
+  // Alone it would be ignored, and the operator left to wonder why no administrator appeared.
+  if (set('BOOTSTRAP_ADMIN_PASSWORD') && !set('BOOTSTRAP_ADMIN_EMAIL'))
+    issues.push({ path: 'BOOTSTRAP_ADMIN_EMAIL', message: 'is required with BOOTSTRAP_ADMIN_PASSWORD' });
   // The password rules a registration meets, at start rather than as a stack trace after migrating.
   if (set('BOOTSTRAP_ADMIN_PASSWORD')) {
     try {

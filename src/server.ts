@@ -1,5 +1,6 @@
 import 'dotenv/config';
 import closeWithGrace from 'close-with-grace';
+import { startupWarnings } from './startup-warnings.js';
 import { buildApp } from './app.js';
 import { ConfigError, loadConfig } from './config.js';
 import { DatabaseLockedError, MigrationError, openDatabase } from './db/client.js';
@@ -62,23 +63,10 @@ async function main() {
     await database.close();
   });
 
-  if (config.env === 'production') {
-    // Allowed, but rarely what is meant: say so where an operator looks first.
-    if (!process.env.PUBLIC_URL?.trim())
-      logger.warn(
-        { publicUrl: config.publicUrl },
-        'PUBLIC_URL is not set: tokens carry this issuer and discovery points here; set it to the URL clients use',
-      );
-    if (database.kind !== 'postgres')
-      logger.warn(
-        { dataDir: config.dataDir },
-        'no DATABASE_URL: running on the embedded database, which one process alone can open; its files must be on a volume that outlives the container',
-      );
-    if (config.authProvider === 'local' && !config.mail)
-      logger.warn(
-        'no SMTP_URL: password recovery is off (POST /v1/auth/password/forgot answers 404); set SMTP_URL and MAIL_FROM to mail reset links',
-      );
-  }
+  for (const { fields, message } of await startupWarnings(config, database.kind, async (name) =>
+    Boolean(await app.services.repos.roles.find(name)),
+  ))
+    logger.warn(fields ?? {}, message);
   await app.listen({ port: config.port, host: config.host });
   logger.info(
     {

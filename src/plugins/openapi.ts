@@ -219,12 +219,18 @@ function withOptionalBodies<T>(document: T): T {
 
 /**
  * Errors as they are sent: a Problem outside /oauth is `application/problem+json` (RFC 9457), which the
- * generator writes as `application/json`; /oauth answers RFC 6749 errors as `application/json`, and
- * /health/ready its own status object.
+ * generator writes as `application/json`; /oauth answers RFC 6749 errors as `application/json`.
  */
 const PROBLEM_REF = '#/components/schemas/Problem';
-/** The problem schemas: RFC 9457's, and the sign-in's with its second-factor challenge. */
-const PROBLEM_REFS = new Set([PROBLEM_REF, '#/components/schemas/MfaRequired']);
+/**
+ * The problem schemas: RFC 9457's, the sign-in's with its second-factor challenge, and readiness's
+ * with its checks.
+ */
+const PROBLEM_REFS = new Set([
+  PROBLEM_REF,
+  '#/components/schemas/MfaRequired',
+  '#/components/schemas/NotReady',
+]);
 
 function withProblemMediaType<T>(document: T): T {
   const doc = document as {

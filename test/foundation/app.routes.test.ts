@@ -309,6 +309,14 @@ describe('readiness when the database does not answer, and while shutting down',
     healthy = false;
     const down = await app.inject({ method: 'GET', url: '/health/ready' });
     expect(down.statusCode).toBe(503);
+    // API.md: every error is problem+json; what failed is in `checks`.
+    expect(down.headers['content-type']).toMatch(/^application\/problem\+json/);
+    expect(down.json()).toMatchObject({
+      status: 503,
+      code: 'service_unavailable',
+      detail: 'Not ready: the database does not answer',
+      checks: { database: 'failing' },
+    });
     expect((await app.inject({ method: 'GET', url: '/health/live' })).statusCode).toBe(200);
     healthy = true;
     expect((await app.inject({ method: 'GET', url: '/health/ready' })).statusCode).toBe(200);
@@ -318,6 +326,7 @@ describe('readiness when the database does not answer, and while shutting down',
     app.markShuttingDown();
     const res = await app.inject({ method: 'GET', url: '/health/ready' });
     expect(res.statusCode).toBe(503);
+    expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
     expect(res.json().checks.process).toBe('shutting_down');
   });
 });

@@ -113,6 +113,10 @@ describe('configuration', () => {
       email: 'a@example.test',
       password: 'a long enough passphrase',
     });
+    // A password alone would be ignored: no administrator, and no word why.
+    expect(() => load({ BOOTSTRAP_ADMIN_PASSWORD: 'a long enough passphrase' })).toThrow(
+      /BOOTSTRAP_ADMIN_EMAIL: is required with BOOTSTRAP_ADMIN_PASSWORD/,
+    );
   });
 
   it('takes a shutdown drain only when it leaves the requests in flight a second of the timeout', () => {

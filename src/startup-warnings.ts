@@ -1,0 +1,51 @@
+import type { Config } from './config.js';
+
+export interface StartupWarning {
+  message: string;
+  fields?: Record<string, unknown>;
+}
+
+/**
+ * Settings that are allowed but rarely what is meant, said at start where an operator looks first.
+ * `roleExists` reads the roles table (the database is migrated by then); `env` is the process
+ * environment, to tell a default from a value that was set.
+ */
+export async function startupWarnings(
+  config: Config,
+  databaseKind: string,
+  roleExists: (name: string) => Promise<boolean>,
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<StartupWarning[]> {
+  const warnings: StartupWarning[] = [];
+  // A name misspelt there holds nobody back: the administrators it was meant for need no second factor.
+  for (const role of config.mfa.requiredRoles)
+    if (!(await roleExists(role)))
+      warnings.push({
+        fields: { role },
+        message: `MFA_REQUIRED_ROLES names ${role}, which is not a role (yet): it holds nobody back until it is made`,
+      });
+  if (config.env !== 'production') return warnings;
+  if (!env.PUBLIC_URL?.trim())
+    warnings.push({
+      fields: { publicUrl: config.publicUrl },
+      message:
+        'PUBLIC_URL is not set: tokens carry this issuer and discovery points here; set it to the URL clients use',
+    });
+  if (databaseKind !== 'postgres')
+    warnings.push({
+      fields: { dataDir: config.dataDir },
+      message:
+        'no DATABASE_URL: running on the embedded database, which one process alone can open; its files must be on a volume that outlives the container',
+    });
+  if (config.authProvider === 'local' && !config.mail)
+    warnings.push({
+      message:
+        'no SMTP_URL: password recovery is off (POST /v1/auth/password/forgot answers 404); set SMTP_URL and MAIL_FROM to mail reset links',
+    });
+  if (!config.rateLimit.enabled)
+    warnings.push({
+      message:
+        'RATE_LIMIT_ENABLED=false: no per-address limits and no per-account sign-in lockout; password guessing is limited by nothing but argon2',
+    });
+  return warnings;
+}

@@ -1,0 +1,39 @@
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../../src/config.js';
+import { startupWarnings } from '../../src/startup-warnings.js';
+
+const KEY = Buffer.alloc(32, 7).toString('base64');
+const load = (env: Record<string, string>) => loadConfig(env, { generateDevSecrets: false });
+const roles = new Set(['admin', 'user']);
+const exists = async (name: string) => roles.has(name);
+const messages = async (env: Record<string, string>, databaseKind = 'postgres') =>
+  (await startupWarnings(load(env), databaseKind, exists, env)).map((w) => w.message);
+
+describe('what the start warns about', () => {
+  it('a role in MFA_REQUIRED_ROLES that does not exist: it would hold nobody back', async () => {
+    expect(await messages({ MFA_REQUIRED_ROLES: 'admin' })).toEqual([]);
+    expect(await messages({ MFA_REQUIRED_ROLES: 'admin,admn' })).toEqual([
+      expect.stringMatching(/^MFA_REQUIRED_ROLES names admn, which is not a role/),
+    ]);
+  });
+
+  it('in production: no PUBLIC_URL, the embedded database, no SMTP_URL, limits turned off', async () => {
+    const production = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: KEY, SECRET_PEPPER: KEY };
+    expect(await messages({ ...production, RATE_LIMIT_ENABLED: 'false' }, 'pglite')).toEqual([
+      expect.stringMatching(/^PUBLIC_URL is not set/),
+      expect.stringMatching(/^no DATABASE_URL/),
+      expect.stringMatching(/^no SMTP_URL/),
+      expect.stringMatching(/^RATE_LIMIT_ENABLED=false/),
+    ]);
+    expect(
+      await messages({
+        ...production,
+        PUBLIC_URL: 'https://auth.example.com',
+        SMTP_URL: 'smtp://mail.example.com',
+        MAIL_FROM: 'auth@example.com',
+      }),
+    ).toEqual([]);
+    // Development says none of those.
+    expect(await messages({ RATE_LIMIT_ENABLED: 'false' }, 'pglite')).toEqual([]);
+  });
+});
