@@ -323,13 +323,22 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
     const user = await registerUser(app, 'ak-verify');
     const created = await createKey(app, user.accessToken, { scopes: [] });
     const wrongSecret = `${created.key.slice(0, 17)}${'A'.repeat(43)}`;
-    for (const key of ['', 'nonsense', 'pak_', created.key.slice(0, -1), `${created.key}x`, wrongSecret]) {
+    const long = 'x'.repeat(257);
+    for (const key of [
+      '',
+      'nonsense',
+      'pak_',
+      created.key.slice(0, -1),
+      `${created.key}x`,
+      wrongSecret,
+      long,
+    ]) {
       expect(await verifyKey(app, admin.accessToken, key), key).toEqual({
         valid: false,
         reason: 'not_found',
       });
     }
-    for (const payload of [{}, { key: 42 }, { key: 'x'.repeat(257) }, { key: created.key, extra: 1 }]) {
+    for (const payload of [{}, { key: 42 }, { key: 'x'.repeat(4097) }, { key: created.key, extra: 1 }]) {
       const res = await app.inject({
         method: 'POST',
         url: '/v1/api-keys/verify',

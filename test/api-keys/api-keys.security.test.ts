@@ -682,18 +682,27 @@ describe('api keys: security', () => {
       withTypo(created.key, 8), // in the lookup id
       withTypo(created.key, created.key.length - 1), // in the checksum
       created.key.slice(0, -1),
-      `pak_${'x'.repeat(10_000)}`,
+      `pak_${'x'.repeat(3_000)}`,
       'pak_live_4eC39HqLyjWDarjtT1zdp7dc',
+      // A user's access token sent where a key goes: a string, and no key (API.md: always 200).
+      admin.accessToken,
     ];
     for (const key of refused) {
       const res = await me(withKey(key));
       expect(res.statusCode, key).toBe(401);
-      expect((await me(bearer(key))).statusCode, key).toBe(401);
-      if (key.length <= 256)
-        expect(await verifyKey(app, admin.accessToken, key)).toEqual({ valid: false, reason: 'not_found' });
+      if (key !== admin.accessToken) expect((await me(bearer(key))).statusCode, key).toBe(401);
+      expect(await verifyKey(app, admin.accessToken, key)).toEqual({ valid: false, reason: 'not_found' });
     }
     expect(reads).not.toHaveBeenCalled();
     expect(ownerReads).not.toHaveBeenCalled();
+    // Past the body's cap, the request itself is refused.
+    const huge = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys/verify',
+      headers: bearer(admin.accessToken),
+      payload: { key: `pak_${'x'.repeat(5_000)}` },
+    });
+    expect(huge.statusCode).toBe(400);
   });
 
   it('an unknown but well-formed key is read once, then answered from the cache', async () => {

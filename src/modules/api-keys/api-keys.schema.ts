@@ -5,8 +5,14 @@ import { nonBlank, PermissionSchema, uuidInput } from '../shared/shared.schema.j
 
 /** Longest grace a rotation may give the old secret: a week covers any deployment cycle. */
 export const MAX_GRACE_SECONDS = 7 * 24 * 3600;
-/** Keys longer than this are refused by the schema, before any work (SECURITY.md: cap input length). */
+/** No key of the service's is longer: a longer string is `not_found` without a lookup. */
 export const MAX_PRESENTED_KEY_LENGTH = 256;
+/**
+ * What the verify body takes (SECURITY.md: cap input length). Between the two, a string is a key that
+ * does not exist, not a malformed request (API.md: always 200 for a well-formed request): a JWT sent
+ * where a key goes, say.
+ */
+export const MAX_VERIFIED_STRING_LENGTH = 4096;
 
 const ScopeSchema = PermissionSchema;
 
@@ -62,7 +68,9 @@ export const RotateApiKeyBodySchema = z
   .strict();
 
 export const VerifyApiKeyBodySchema = z
-  .object({ key: z.string().max(MAX_PRESENTED_KEY_LENGTH).describe('The API key presented to the caller') })
+  .object({
+    key: z.string().max(MAX_VERIFIED_STRING_LENGTH).describe('The API key presented to the caller'),
+  })
   .strict();
 
 export const ListApiKeysQuerySchema = PaginationQuerySchema.extend({

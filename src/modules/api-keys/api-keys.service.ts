@@ -25,6 +25,7 @@ import { type GrantCeiling, GrantRefused, type Grantor } from '../roles/grant-ce
 import { createOwnerStates, type OwnerState } from '../users/owner-states.js';
 import type { UsersRepository } from '../users/users.repository.js';
 import type { ApiKeyPatch, ApiKeyRow, ApiKeysRepository } from './api-keys.repository.js';
+import { MAX_PRESENTED_KEY_LENGTH } from './api-keys.schema.js';
 
 /** Who asks: the request's principal, reduced to what the rules look at. */
 export interface ApiKeyActor {
@@ -194,6 +195,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   }
 
   async function verify(presented: string): Promise<Verification> {
+    if (presented.length > MAX_PRESENTED_KEY_LENGTH) return NOT_FOUND;
     const cached = verifyCached(presented);
     if (cached) return cached;
     const now = clock.nowMs();
