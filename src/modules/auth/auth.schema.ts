@@ -23,15 +23,17 @@ const LONE_SURROGATE = /\p{Cs}/u; // in u-mode a surrogate pair is one code poin
  * check, as API.md says, for any length a person could mean; past 4096 (nobody's password, only
  * work for the hash) it is a 400.
  */
-const PasswordSchema = z
+const NewPasswordSchema = z
   .string()
-  .min(1)
   .max(4096)
   .refine((p) => !LONE_SURROGATE.test(p), {
     message: 'must be well-formed Unicode (a lone surrogate is not)',
   })
   .describe('8 to 128 characters; common passwords are refused')
   .meta({ example: 'plum lantern velvet 42' });
+
+/** A password given to be checked (a sign-in, the current one): never empty. An empty new one is 422. */
+const PasswordSchema = NewPasswordSchema.min(1);
 
 export const UserSchema = z
   .object({
@@ -55,7 +57,7 @@ export const SessionSchema = z
 export const RegisterBodySchema = z
   .object({
     email: EmailSchema,
-    password: PasswordSchema,
+    password: NewPasswordSchema,
     display_name: nonBlank(100).optional().meta({ example: 'Ada Lovelace' }),
   })
   .strict();
@@ -102,7 +104,7 @@ export const LogoutBodySchema = z
 export const PasswordBodySchema = z
   .object({
     current_password: PasswordSchema,
-    new_password: PasswordSchema.meta({ example: 'copper meadow sonnet 7' }),
+    new_password: NewPasswordSchema.meta({ example: 'copper meadow sonnet 7' }),
   })
   .strict()
   // A "change" to the same password would end every other session and change nothing else.
@@ -124,7 +126,7 @@ export const ResetPasswordBodySchema = z
           'access token of the recovery session its link opened',
       )
       .meta({ example: 'prs_3kTMd2x0aPq7_…' }),
-    new_password: PasswordSchema,
+    new_password: NewPasswordSchema,
   })
   .strict();
 
