@@ -5,6 +5,7 @@ import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { API_KEY_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
+import { ownDatabase } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -660,49 +661,62 @@ describe('api keys: security', () => {
   });
 
   it('refuses a one-character typo, a foreign string or an oversized key without a database read', async () => {
-    const user = await registerUser(app, 'aks-typo');
-    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
-    const reads = vi.spyOn(app.services.repos.apiKeys, 'findByLookupId');
-    const ownerReads = vi.spyOn(app.services.repos.users, 'rolesAndPermissions');
+    // A database of its own: another file's change, on the shared one, may drop this app's caches
+    // (a revocation read before its notification), and the reads counted here would count that.
+    const own = await ownDatabase('aks_reads');
+    const isolated = await buildTestApp({ deps: { database: own.database } });
+    try {
+      const owner = await createAdmin(isolated);
+      const user = await registerUser(isolated, 'aks-typo');
+      const created = await createKey(isolated, user.accessToken, { scopes: ['account:read'] });
+      const reads = vi.spyOn(isolated.services.repos.apiKeys, 'findByLookupId');
+      const ownerReads = vi.spyOn(isolated.services.repos.users, 'rolesAndPermissions');
 
-    // A cold cache reads once; a key seen in the last seconds is not read again (the owner neither).
-    app.services.events.applyLocally([{ type: 'resync' }]);
-    for (let i = 0; i < 3; i++)
-      expect(await verifyKey(app, admin.accessToken, created.key)).toMatchObject({ valid: true });
-    expect(reads).toHaveBeenCalledTimes(1);
-    expect(ownerReads).toHaveBeenCalledTimes(1);
-    expect((await me(withKey(created.key))).statusCode).toBe(200);
-    expect(reads).toHaveBeenCalledTimes(1);
+      // A cold cache reads once; a key seen in the last seconds is not read again (the owner neither).
+      isolated.services.events.applyLocally([{ type: 'resync' }]);
+      for (let i = 0; i < 3; i++)
+        expect(await verifyKey(isolated, owner.accessToken, created.key)).toMatchObject({ valid: true });
+      expect(reads).toHaveBeenCalledTimes(1);
+      expect(ownerReads).toHaveBeenCalledTimes(1);
+      expect((await me(withKey(created.key), isolated)).statusCode).toBe(200);
+      expect(reads).toHaveBeenCalledTimes(1);
 
-    reads.mockClear();
-    ownerReads.mockClear();
-    app.services.events.applyLocally([{ type: 'resync' }]);
-    const refused = [
-      withTypo(created.key, 30), // in the secret
-      withTypo(created.key, 8), // in the lookup id
-      withTypo(created.key, created.key.length - 1), // in the checksum
-      created.key.slice(0, -1),
-      `pak_${'x'.repeat(3_000)}`,
-      'pak_live_4eC39HqLyjWDarjtT1zdp7dc',
-      // A user's access token sent where a key goes: a string, and no key (API.md: always 200).
-      admin.accessToken,
-    ];
-    for (const key of refused) {
-      const res = await me(withKey(key));
-      expect(res.statusCode, key).toBe(401);
-      if (key !== admin.accessToken) expect((await me(bearer(key))).statusCode, key).toBe(401);
-      expect(await verifyKey(app, admin.accessToken, key)).toEqual({ valid: false, reason: 'not_found' });
+      reads.mockClear();
+      ownerReads.mockClear();
+      isolated.services.events.applyLocally([{ type: 'resync' }]);
+      const refused = [
+        withTypo(created.key, 30), // in the secret
+        withTypo(created.key, 8), // in the lookup id
+        withTypo(created.key, created.key.length - 1), // in the checksum
+        created.key.slice(0, -1),
+        `pak_${'x'.repeat(3_000)}`,
+        'pak_live_4eC39HqLyjWDarjtT1zdp7dc',
+        // A user's access token sent where a key goes: a string, and no key (API.md: always 200).
+        owner.accessToken,
+      ];
+      for (const key of refused) {
+        const res = await me(withKey(key), isolated);
+        expect(res.statusCode, key).toBe(401);
+        if (key !== owner.accessToken) expect((await me(bearer(key), isolated)).statusCode, key).toBe(401);
+        expect(await verifyKey(isolated, owner.accessToken, key)).toEqual({
+          valid: false,
+          reason: 'not_found',
+        });
+      }
+      expect(reads).not.toHaveBeenCalled();
+      expect(ownerReads).not.toHaveBeenCalled();
+      // Past the body's cap, the request itself is refused.
+      const huge = await isolated.inject({
+        method: 'POST',
+        url: '/v1/api-keys/verify',
+        headers: bearer(owner.accessToken),
+        payload: { key: `pak_${'x'.repeat(5_000)}` },
+      });
+      expect(huge.statusCode).toBe(400);
+    } finally {
+      await isolated.close();
+      await own.dispose();
     }
-    expect(reads).not.toHaveBeenCalled();
-    expect(ownerReads).not.toHaveBeenCalled();
-    // Past the body's cap, the request itself is refused.
-    const huge = await app.inject({
-      method: 'POST',
-      url: '/v1/api-keys/verify',
-      headers: bearer(admin.accessToken),
-      payload: { key: `pak_${'x'.repeat(5_000)}` },
-    });
-    expect(huge.statusCode).toBe(400);
   });
 
   it('an unknown but well-formed key is read once, then answered from the cache', async () => {
