@@ -1,4 +1,5 @@
 import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { decodeJwt } from 'jose';
 import ws from 'ws';
@@ -435,6 +436,49 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     });
     expect(viaPassword.statusCode, viaPassword.body).toBe(200);
     expect(decodeJwt(viaPassword.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
+  });
+
+  it('an account without a password (a social login) sets up an app from a sign-in of the last 5 minutes', async () => {
+    const email = uniqueEmail('sb-social-mfa');
+    const client = outsideClient();
+    await client.auth.signUp({ email, password: 'set before the social login took over' });
+    const signIn = await client.auth.signInWithPassword({
+      email,
+      password: 'set before the social login took over',
+    });
+    // From now on the account signs in through a social provider only: Supabase keeps no password.
+    gotrue.users.get(signIn.data.user!.id)!.password = null;
+    const exchanged = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/exchange',
+      payload: { access_token: signIn.data.session!.access_token },
+    });
+    expect(exchanged.statusCode, exchanged.body).toBe(200);
+    const token = exchanged.json().session.access_token;
+    const enrol = (payload: Record<string, unknown>) =>
+      app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: bearer(token), payload });
+    // The session that sign-in opened stands in for the password, while it is recent.
+    const sid = decodeJwt(token).sid as string;
+    await app.services.db.execute(
+      sql`update sessions set created_at = now() - interval '6 minutes' where id = ${sid}`,
+    );
+    const stale = await enrol({});
+    expect(stale.statusCode).toBe(400);
+    expect(stale.json().errors).toEqual([
+      { field: 'body.password', message: expect.stringContaining('5 minutes') },
+    ]);
+    await app.services.db.execute(sql`update sessions set created_at = now() where id = ${sid}`);
+    const fresh = await enrol({});
+    expect(fresh.statusCode, fresh.body).toBe(201);
+    // A password sign-in's session does not: its password is asked for.
+    const user = await registerUser(app, 'sb-pwd-mfa');
+    const withPassword = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(user.accessToken),
+      payload: {},
+    });
+    expect(withPassword.statusCode).toBe(400);
   });
 
   it('disabling a user bans them in Supabase (no sign-in there either); enabling lifts it', async () => {

@@ -82,7 +82,12 @@ export const DeleteAccountBodySchema = z
 
 /** Setting up a second factor changes how the account signs in: the password again, as for deleting it. */
 export const EnrollTotpBodySchema = z
-  .object({ password: PasswordSchema.describe('The current password') })
+  .object({
+    password: PasswordSchema.optional().describe(
+      'The current password; without one only for an account that signs in through Supabase without a ' +
+        'password, from a session its sign-in opened within 5 minutes',
+    ),
+  })
   .strict();
 
 export const RefreshBodySchema = z.object({ refresh_token: z.string().min(1).max(512) }).strict();

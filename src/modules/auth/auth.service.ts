@@ -8,7 +8,7 @@ import {
   type ProviderUser,
 } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
-import { AppError, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
+import { AppError, invalidFields, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { GuessCounter } from '../../lib/throttle.js';
 import { LRUCache } from 'lru-cache';
@@ -47,6 +47,8 @@ export interface AuthServiceDeps {
 
 /** RFC 8176: the session began with a password. */
 const PASSWORD_AMR = ['pwd'] as const;
+/** How recent a sign-in stands in for the password of an account without one. */
+const RECENT_SIGN_IN_MS = 5 * 60_000;
 
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
@@ -669,6 +671,29 @@ export function createAuthService(deps: AuthServiceDeps) {
         detail: 'The password is incorrect',
         errors: [{ field: 'body.password', message: 'is incorrect' }],
       });
+    },
+
+    /**
+     * For an account that signs in through Supabase without a password (a social login, `exchange`):
+     * the proof of a password is a session that sign-in opened moments ago. A stolen access token
+     * of an older session, or of a password sign-in, is not one.
+     */
+    async reauthenticateBySession(userId: string, sessionId: string | undefined) {
+      const session = sessionId ? await deps.sessions.findSession(sessionId) : undefined;
+      const fresh =
+        session !== undefined &&
+        session.userId === userId &&
+        !session.revokedAt &&
+        session.amr.length === 0 &&
+        deps.clock.nowMs() - session.createdAt.getTime() <= RECENT_SIGN_IN_MS;
+      if (fresh) return;
+      throw invalidFields([
+        {
+          field: 'body.password',
+          message:
+            'is required (an account without one, signed in through Supabase, signs in again and does this within 5 minutes)',
+        },
+      ]);
     },
 
     async listSessions(userId: string, options: { limit: number; cursor?: string | undefined }) {

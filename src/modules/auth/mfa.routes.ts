@@ -101,7 +101,7 @@ export async function mfaRoutes(
   deps: {
     mfa: MfaService;
     users: Pick<UsersService, 'assertMayManage' | 'assertNotOwn'>;
-    auth: Pick<AuthService, 'reauthenticate'>;
+    auth: Pick<AuthService, 'reauthenticate' | 'reauthenticateBySession'>;
   },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -143,7 +143,9 @@ export async function mfaRoutes(
         description:
           'With the current password (a wrong one is 400 `incorrect_password`, counts toward the sign-in ' +
           'lockout and is audited): a stolen access token alone must not put a factor of its holder’s on ' +
-          'the account and lock its owner out. A new secret, shown once, as an `otpauth://` URI for a QR ' +
+          'the account and lock its owner out. An account that signs in through Supabase without a ' +
+          'password (a social login) leaves it out, from a session its sign-in opened within 5 minutes. ' +
+          'A new secret, shown once, as an `otpauth://` URI for a QR ' +
           'code. Nothing changes for sign-ins until a code from the app confirms it ' +
           '(`POST /v1/auth/mfa/totp/activate`); asking again replaces a set-up not yet confirmed. 409 when ' +
           'two-step verification is on already; 403 `email_not_confirmed` where the service can confirm ' +
@@ -154,14 +156,11 @@ export async function mfaRoutes(
       },
     },
     async (request, reply) => {
-      const userId = sessionUserId(request);
-      const user = await deps.auth.reauthenticate(
-        userId,
-        request.body.password,
-        'mfa.enabled',
-        requestContext(request),
-      );
-      return reply.status(201).send(await deps.mfa.enroll(user.id));
+      const { userId, sessionId } = sessionOf(request);
+      if (request.body.password === undefined) await deps.auth.reauthenticateBySession(userId, sessionId);
+      else
+        await deps.auth.reauthenticate(userId, request.body.password, 'mfa.enabled', requestContext(request));
+      return reply.status(201).send(await deps.mfa.enroll(userId));
     },
   );
 
