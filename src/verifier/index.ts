@@ -22,6 +22,7 @@ import {
   createRemoteJWKSet,
   customFetch,
   type ExportedJWKSCache,
+  type FlattenedJWSInput,
   type JWKSCacheInput,
   type JWSHeaderParameters,
   type JWTPayload,
@@ -46,6 +47,11 @@ export const MAX_CLOCK_TOLERANCE_SECONDS = 30;
 export const STALE_KEYS_MAX_AGE_MS = 60 * 60_000;
 /** After a failed refetch, the last good key set is used without asking again for this long. */
 const REFETCH_BACKOFF_MS = 30_000;
+/**
+ * After a failed fetch with no keys in hand (never fetched, or past `staleKeysMaxAgeMs`), requests
+ * answer 503 without asking again for this long: shorter, since nothing verifies meanwhile.
+ */
+const NO_KEYS_BACKOFF_MS = 5_000;
 
 /** A fetch: the global one, or any compatible implementation (a proxy-aware one, a test double). */
 export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>;
@@ -244,11 +250,39 @@ export function createVerifier(options: VerifierOptions): Verifier {
         throw err instanceof joseErrors.JWKSNoMatchingKey ? cause : err;
       }
     };
-    return async (header: JWSHeaderParameters): Promise<CryptoKey> => {
+    /**
+     * Whether a token whose `kid` the set fetched moments ago lacks may be signed by a key published
+     * since: this issuer's, and issued after that fetch (a key in the JWKS then would be in the set).
+     * Another issuer's token, or an old one, is decided at once (401).
+     */
+    const mayBeNewerKey = (token: FlattenedJWSInput | undefined) => {
+      const fetchedAt = (cache as Partial<ExportedJWKSCache>).uat;
+      if (!token || fetchedAt === undefined) return false;
+      try {
+        const { payload } = token;
+        const text =
+          typeof payload === 'string'
+            ? Buffer.from(payload, 'base64url').toString('utf8')
+            : Buffer.from(payload).toString('utf8');
+        const { iss, iat } = JSON.parse(text) as JWTPayload;
+        return (
+          iss === options.issuer && typeof iat === 'number' && iat * 1000 >= fetchedAt - clockTolerance * 1000
+        );
+      } catch {
+        return false;
+      }
+    };
+    return async (header: JWSHeaderParameters, token?: FlattenedJWSInput): Promise<CryptoKey> => {
+      // A fetch that succeeded since (another request's) ends the back-off.
+      if (failed && ((cache as Partial<ExportedJWKSCache>).uat ?? 0) > failed.at) failed = undefined;
       // Right after a failed refetch, the next requests do not each wait for another one, whatever
-      // asked for it (a stale cache, or a `kid` not in a fresh one): the keys in hand answer.
-      if (failed && Date.now() - failed.at < REFETCH_BACKOFF_MS && lastGoodKeys()) {
-        return fromLastGood(header, failed.error);
+      // asked for it (a stale cache, or a `kid` not in a fresh one): the keys in hand answer, and with
+      // none in hand, a 503 for a few seconds.
+      if (failed) {
+        const inHand = lastGoodKeys();
+        const since = Date.now() - failed.at;
+        if (inHand && since < REFETCH_BACKOFF_MS) return fromLastGood(header, failed.error);
+        if (!inHand && since < NO_KEYS_BACKOFF_MS) throw failed.error;
       }
       // jose refetches for an unknown `kid` only once 30 s have passed since its last fetch.
       const coolingDown = remote.coolingDown;
@@ -258,7 +292,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
         // Not refetched: the `kid` may be a key published since (a forced rotation signs with a new
         // key at once). A 503, which the client retries, and not a 401, which would make it throw a
         // good token away; after the cooldown the set is fetched again and decides.
-        if (err instanceof joseErrors.JWKSNoMatchingKey && coolingDown)
+        if (err instanceof joseErrors.JWKSNoMatchingKey && coolingDown && mayBeNewerKey(token))
           throw new VerifierUnavailableError(
             'The access token names a key not in the key set fetched in the last 30 s; it is fetched again after that',
             { cause: err },

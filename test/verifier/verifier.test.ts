@@ -296,9 +296,16 @@ describe('the bundled verifier', () => {
         expect(res.json()).toMatchObject({ status: 503, code: 'verifier_unavailable' });
         await service.close();
 
-        // Once the keys can be fetched again, the same token verifies.
+        // With no keys in hand, a failure is not asked again for 5 s: requests meanwhile are 503
+        // without another fetch each.
+        const asked = state.jwksRequests;
         state.broken = undefined;
+        await expect(verifier.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
+        expect(state.jwksRequests).toBe(asked);
+        // Then the keys are fetched again, and the same token verifies.
+        vi.spyOn(Date, 'now').mockReturnValue(Date.now() + 6_000);
         expect((await verifier.verify(access_token)).sub).toBe(reader.client_id);
+        expect(state.jwksRequests).toBe(asked + 1);
       },
     );
 
@@ -388,6 +395,26 @@ describe('the bundled verifier', () => {
       expect(res.statusCode, res.body).toBe(503);
       expect(res.headers['retry-after']).toBeDefined();
       await service.close();
+
+      // Only a token that may be signed by a key published since gets the 503: this issuer's, issued
+      // after the fetch. Another issuer's, or one issued well before the fetch, is decided at once.
+      const unknownKid = (claims: { iss: string; iat: number }) =>
+        new SignJWT({ client_id: 'x', scope: 'users:read' })
+          .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: 'never-published' })
+          .setIssuer(claims.iss)
+          .setSubject('x')
+          .setAudience(ORDERS)
+          .setIssuedAt(claims.iat)
+          .setJti('j')
+          .setExpirationTime(claims.iat + 7200)
+          .sign(privateKey);
+      const nowS = Math.floor(Date.now() / 1000);
+      for (const claims of [
+        { iss: 'https://another-issuer.test', iat: nowS },
+        { iss: ISSUER, iat: nowS - 3600 },
+      ])
+        await expect(verifier.verify(await unknownKid(claims))).rejects.toBeInstanceOf(InvalidTokenError);
+      expect(state.jwksRequests).toBe(1);
 
       // Past it, the set is fetched again and has the key.
       state.hideKid = false;
