@@ -391,6 +391,7 @@ export function createServices(deps: ServicesDeps) {
     mfa,
     sessionRows: repos.sessions,
     clock,
+    logger,
   });
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });

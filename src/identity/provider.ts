@@ -38,7 +38,12 @@ export class EmailNotConfirmed extends AppError {
  */
 export class PasswordMayHaveChanged extends AppError {
   constructor(unavailable: AppError) {
-    super('provider_unavailable', { headers: unavailable.headers, cause: unavailable.cause });
+    super('provider_unavailable', {
+      detail:
+        'The identity provider did not answer: the new password may be in effect already, and your other sessions have ended',
+      headers: unavailable.headers,
+      cause: unavailable.cause,
+    });
   }
 }
 

@@ -359,8 +359,10 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
           const { error } = await client.auth.updateUser({ password: newPassword });
           // same_password: the account already ends up with the requested password, as with local.
           if (error && error.code !== 'same_password') {
-            // No answer is not "not changed": Supabase may have applied it before the timeout.
-            if (isOutage(error)) throw new PasswordMayHaveChanged(unavailable(error));
+            // No answer is not "not changed": Supabase may have applied it before the timeout or its
+            // 5xx. A 429, a refused key or a refused connection applied nothing.
+            if (isOutage(error) && (error.status ?? 0) >= 500)
+              throw new PasswordMayHaveChanged(unavailable(error));
             throw newPasswordRefused(error);
           }
           return { passwordHash: null, replaces: null };

@@ -586,7 +586,12 @@ export function createAuthService(deps: AuthServiceDeps) {
               subjectId: user.id,
               data: { reason: 'provider_unavailable', other_sessions_ended: true },
             });
-          }).catch(() => undefined);
+          }).catch((end: unknown) =>
+            deps.logger?.warn(
+              { err: end, userId: user.id },
+              'a password change Supabase may have applied: ending the other sessions failed',
+            ),
+          );
         throw err;
       });
       const incorrect = () =>

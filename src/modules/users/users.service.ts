@@ -1,3 +1,4 @@
+import type { Logger } from 'pino';
 import { randomUUID } from 'node:crypto';
 import type { Database, Transaction } from '../../db/client.js';
 import type { IdentityProvider } from '../../identity/provider.js';
@@ -51,6 +52,7 @@ export function createUsersService(deps: {
   /** The session an authorization check may name (its `amr`: whether it gave a second factor). */
   sessionRows: Pick<SessionsRepository, 'findSession'>;
   clock: Clock;
+  logger?: Pick<Logger, 'error'>;
 }) {
   async function findOrThrow(id: string): Promise<UserRow> {
     const user = await deps.repo.findById(id);
@@ -146,7 +148,13 @@ export function createUsersService(deps: {
       if (user.status === status) {
         // Enabling an active user lifts a ban Supabase may still hold: one a disable applied there
         // while it answered too late (a 503 here), which nothing else would lift.
-        if (banned && status === 'active') await deps.provider.setBanned!(id, false);
+        if (banned && status === 'active') {
+          await deps.provider.setBanned!(id, false);
+          // A disable that committed meanwhile (its ban sent before this lifted it) keeps its ban.
+          const now = await findOrThrow(id);
+          if (now.status === 'disabled') await deps.provider.setBanned!(id, true);
+          return now;
+        }
         return user;
       }
       // The provider first, as for a deletion: if Supabase refuses, nothing changed here and the
@@ -338,7 +346,13 @@ export function createUsersService(deps: {
           if (reserved)
             await inTransaction(deps.db, deps.events, async (tx, emit) => {
               if (await deps.repo.changeStatus(id, 'active', tx)) emit({ type: 'user_changed', userId: id });
-            }).catch(() => undefined);
+            }).catch((restore: unknown) =>
+              // The account stays disabled with nothing saying why but this: an administrator enables it.
+              deps.logger?.error(
+                { err: restore, userId: id },
+                'a deletion Supabase refused left the user disabled: enabling them again failed',
+              ),
+            );
           throw err;
         }
       } else {
