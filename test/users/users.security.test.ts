@@ -424,7 +424,15 @@ describe('acting on a user who holds more than the caller', () => {
       'role.delete',
       'role.update',
     ]);
-    // Widening still needs only what it adds; and once the holders hold no more, both go through.
+    // Widening takes nothing from anyone: it needs only what it adds, whoever holds the role.
+    const widened = await app.inject({
+      method: 'PATCH',
+      url: `/v1/roles/${helper}`,
+      headers: asManager,
+      payload: { permissions: ['users:read', 'roles:read', 'roles:assign'] },
+    });
+    expect(widened.statusCode, widened.body).toBe(200);
+    // Once the holders hold no more than the caller, narrowing and deleting go through.
     await app.services.repos.users.removeRole(admin.id, helper);
     const narrowedNow = await app.inject({
       method: 'PATCH',

@@ -66,8 +66,14 @@ export const PermissionSchema = z
 const BIDI_CONTROLS = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/;
 /** C0 and C1 control characters other than tab, line feed and carriage return. */
 const CONTROLS_BUT_LINES = /(?![\t\n\r])\p{Cc}/u;
-/** A character that shows: not a space, a control or a format character (zero-width, joiners). */
-const VISIBLE = /[^\s\p{Cc}\p{Cf}]/u;
+/**
+ * A character that shows: not a space, a control or a format character (zero-width, joiners), nor
+ * one of the letters that render as nothing (the Hangul fillers, the blank Braille pattern, the
+ * combining grapheme joiner).
+ */
+const VISIBLE = /(?!\u034F)[^\s\p{Cc}\p{Cf}\u115F\u1160\u2800\u3164\uFFA0]/u;
+/** Control characters and the line and paragraph separators: a label is one line. */
+const LINE_BREAKING = /[\p{Cc}\p{Zl}\p{Zp}]/u;
 
 /**
  * Free text people read (a bio, a description), up to `max` characters: lines are kept, but not
@@ -93,6 +99,6 @@ export const nonBlank = (max: number) =>
     .min(1, { message: 'must not be blank', abort: true })
     .max(max)
     .regex(/\S/, { message: 'must not be blank' })
-    .refine((s) => !/\p{Cc}/u.test(s), { message: 'must not hold control characters or line breaks' })
+    .refine((s) => !LINE_BREAKING.test(s), { message: 'must not hold control characters or line breaks' })
     .refine((s) => !BIDI_CONTROLS.test(s), { message: 'must not hold bidirectional control characters' })
     .refine((s) => VISIBLE.test(s), { message: 'must hold a visible character' });
