@@ -356,6 +356,8 @@ export interface Config {
   readonly port: number;
   readonly host: string;
   readonly publicUrl: string;
+  /** False when PUBLIC_URL was not set and `publicUrl` is the development default (a warning in production). */
+  readonly publicUrlSet: boolean;
   /** The `iss` claim and the discovery issuer: PUBLIC_URL without a trailing slash. */
   readonly issuer: string;
   readonly databaseUrl: string | undefined;
@@ -467,6 +469,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
     port: e.PORT,
     host: e.HOST,
     publicUrl,
+    publicUrlSet: e.PUBLIC_URL !== undefined,
     issuer: publicUrl,
     databaseUrl: e.DATABASE_URL,
     dataDir,

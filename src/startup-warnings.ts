@@ -7,14 +7,12 @@ export interface StartupWarning {
 
 /**
  * Settings that are allowed but rarely what is meant, said at start where an operator looks first.
- * `roleExists` reads the roles table (the database is migrated by then); `env` is the process
- * environment, to tell a default from a value that was set.
+ * `roleExists` reads the roles table (the database is migrated by then).
  */
 export async function startupWarnings(
   config: Config,
   databaseKind: string,
   roleExists: (name: string) => Promise<boolean>,
-  env: NodeJS.ProcessEnv = process.env,
 ): Promise<StartupWarning[]> {
   const warnings: StartupWarning[] = [];
   // A name misspelt there holds nobody back: the administrators it was meant for need no second factor.
@@ -25,7 +23,7 @@ export async function startupWarnings(
         message: `MFA_REQUIRED_ROLES names ${role}, which is not a role (yet): it holds nobody back until it is made`,
       });
   if (config.env !== 'production') return warnings;
-  if (!env.PUBLIC_URL?.trim())
+  if (!config.publicUrlSet)
     warnings.push({
       fields: { publicUrl: config.publicUrl },
       message:

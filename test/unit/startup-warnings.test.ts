@@ -7,7 +7,7 @@ const load = (env: Record<string, string>) => loadConfig(env, { generateDevSecre
 const roles = new Set(['admin', 'user']);
 const exists = async (name: string) => roles.has(name);
 const messages = async (env: Record<string, string>, databaseKind = 'postgres') =>
-  (await startupWarnings(load(env), databaseKind, exists, env)).map((w) => w.message);
+  (await startupWarnings(load(env), databaseKind, exists)).map((w) => w.message);
 
 describe('what the start warns about', () => {
   it('a role in MFA_REQUIRED_ROLES that does not exist: it would hold nobody back', async () => {
