@@ -97,11 +97,10 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     });
   });
 
-  it('a sign-up whose local account does not commit leaves no Supabase user behind, so it can be retried', async () => {
-    const email = uniqueEmail('sb-orphan');
+  /** Registers `email` while the local account's insert fails (503): after Supabase has answered. */
+  const registerWhileInsertFails = async (email: string) => {
     const users = app.services.repos.users;
     const insert = users.insert;
-    // The database fails at the worst moment: after Supabase created the user, before ours commits.
     users.insert = async () => {
       throw new AppError('service_unavailable', { detail: 'injected' });
     };
@@ -115,6 +114,12 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     } finally {
       users.insert = insert;
     }
+  };
+
+  it('a sign-up whose local account does not commit leaves no Supabase user behind, so it can be retried', async () => {
+    const email = uniqueEmail('sb-orphan');
+    // The database fails at the worst moment: after Supabase created the user, before ours commits.
+    await registerWhileInsertFails(email);
     expect([...gotrue.users.values()].some((u) => u.email === email)).toBe(false);
 
     const again = await app.inject({
@@ -135,21 +140,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const before = await outsideClient().auth.signUp({ email, password: 'another app’s password' });
     const theirs = before.data.user!.id;
     gotrue.users.get(theirs)!.createdAt = new Date(Date.now() - 10 * 60_000).toISOString();
-    const users = app.services.repos.users;
-    const insert = users.insert;
-    users.insert = async () => {
-      throw new AppError('service_unavailable', { detail: 'injected' });
-    };
-    try {
-      const failed = await app.inject({
-        method: 'POST',
-        url: '/v1/auth/register',
-        payload: { email, password: PASSWORD },
-      });
-      expect(failed.statusCode, failed.body).toBe(503);
-    } finally {
-      users.insert = insert;
-    }
+    await registerWhileInsertFails(email);
     // Supabase answered with the user it had: still there, with its pending confirmation.
     expect(gotrue.users.get(theirs)?.email).toBe(email);
     expect(gotrue.requests.some((r) => r.method === 'DELETE' && r.path.endsWith(theirs))).toBe(false);

@@ -27,6 +27,27 @@ import { bearer, injectFetch } from '../support/http.js';
 const ISSUER = 'http://auth.test';
 const ORDERS = 'https://orders.test';
 
+/**
+ * An access token of the service's shape signed with `key`, not the service's, under `kid`: issued
+ * now or at `iat`, by ISSUER or `iss`, valid for the next 5 minutes.
+ */
+function forgedToken(
+  key: Parameters<SignJWT['sign']>[0],
+  kid: string,
+  claims: { iss?: string; iat?: number } = {},
+) {
+  const now = Math.floor(Date.now() / 1000);
+  return new SignJWT({ client_id: 'x', scope: 'users:read' })
+    .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid })
+    .setIssuer(claims.iss ?? ISSUER)
+    .setSubject('x')
+    .setAudience(ORDERS)
+    .setIssuedAt(claims.iat ?? now)
+    .setJti('j')
+    .setExpirationTime(now + 300)
+    .sign(key);
+}
+
 describe('the bundled verifier', () => {
   let auth: FastifyInstance;
   let admin: TestUser;
@@ -93,15 +114,7 @@ describe('the bundled verifier', () => {
     const { privateKey } = await generateKeyPair('ES256');
     // Signed with a key of its own under the service's key id.
     const { kid } = decodeProtectedHeader((await clientToken(auth, reader)).access_token);
-    const forged = await new SignJWT({ client_id: 'x', scope: 'users:read' })
-      .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: kid! })
-      .setIssuer(ISSUER)
-      .setSubject('x')
-      .setAudience(ORDERS)
-      .setIssuedAt()
-      .setJti('j')
-      .setExpirationTime('5m')
-      .sign(privateKey);
+    const forged = await forgedToken(privateKey, kid!);
     const unsigned = `${Buffer.from('{"alg":"none","typ":"at+jwt"}').toString('base64url')}.${Buffer.from(
       JSON.stringify({
         iss: ISSUER,
@@ -360,15 +373,7 @@ describe('the bundled verifier', () => {
       const { access_token } = await clientToken(auth, reader);
       const { kid } = decodeProtectedHeader(access_token);
       const { privateKey } = await generateKeyPair('ES256');
-      const forged = await new SignJWT({ client_id: 'x', scope: 'users:read' })
-        .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: 'never-published' })
-        .setIssuer(ISSUER)
-        .setSubject('x')
-        .setAudience(ORDERS)
-        .setIssuedAt()
-        .setJti('j')
-        .setExpirationTime('5m')
-        .sign(privateKey);
+      const forged = await forgedToken(privateKey, 'never-published');
       // The set as fetched before the token's key was published (a forced rotation signs at once).
       const state = { hideKid: true as boolean, broken: false, jwksRequests: 0 };
       const real = injectFetch(auth);
@@ -398,22 +403,14 @@ describe('the bundled verifier', () => {
 
       // Only a token that may be signed by a key published since gets the 503: this issuer's, issued
       // after the fetch. Another issuer's, or one issued well before the fetch, is decided at once.
-      const unknownKid = (claims: { iss: string; iat: number }) =>
-        new SignJWT({ client_id: 'x', scope: 'users:read' })
-          .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: 'never-published' })
-          .setIssuer(claims.iss)
-          .setSubject('x')
-          .setAudience(ORDERS)
-          .setIssuedAt(claims.iat)
-          .setJti('j')
-          .setExpirationTime(claims.iat + 7200)
-          .sign(privateKey);
       const nowS = Math.floor(Date.now() / 1000);
       for (const claims of [
         { iss: 'https://another-issuer.test', iat: nowS },
         { iss: ISSUER, iat: nowS - 3600 },
       ])
-        await expect(verifier.verify(await unknownKid(claims))).rejects.toBeInstanceOf(InvalidTokenError);
+        await expect(
+          verifier.verify(await forgedToken(privateKey, 'never-published', claims)),
+        ).rejects.toBeInstanceOf(InvalidTokenError);
       expect(state.jwksRequests).toBe(1);
 
       // Past it, the set is fetched again and has the key.
