@@ -996,6 +996,24 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       data: { reason: 'provider_unavailable', other_sessions_ended: true },
     });
   });
+
+  it('a change Supabase refused without applying it (a 429) is a 503 that leaves the other sessions', async () => {
+    const user = await registerUser(app, 'sb-password-429');
+    const other = await login(app, user.email);
+    gotrue.setFailWith(
+      { status: 429, code: 'over_request_rate_limit', message: 'Request rate limit reached' },
+      (method, path) => method === 'PUT' && path.endsWith('/user'),
+    );
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: 'a throttled new passphrase' },
+    });
+    expectProviderUnavailable(res);
+    expect(gotrue.users.get(user.id)?.password).toBe(PASSWORD);
+    expect((await me(other.session.access_token)).statusCode).toBe(200);
+  });
 });
 
 describe('exchange on the local provider', () => {

@@ -84,7 +84,8 @@ export interface FakeGoTrue {
    * cannot tell from a request that never arrived.
    */
   setAnswerDelayMs(ms: number, only?: (method: string, path: string) => boolean): void;
-  setFailWith(failure: FakeGoTrueFailure | undefined): void;
+  /** Answers every request (or those `only` picks) with this error, after the apikey check. */
+  setFailWith(failure: FakeGoTrueFailure | undefined, only?: (method: string, path: string) => boolean): void;
   /** Confirms the email as the link in the confirmation mail would. */
   confirm(email: string): void;
   /** How many of the user's sessions are not revoked. */
@@ -185,6 +186,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   const mailMaxFrequencyMs = (options.mailMaxFrequencySeconds ?? 60) * 1000;
   let confirmEmail = options.confirmEmail ?? false;
   let failWith = options.failWith;
+  let failOnly: ((method: string, path: string) => boolean) | undefined;
   let down = false;
   let delayMs = 0;
   let answerDelayMs = 0;
@@ -660,7 +662,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     if (apikey !== anonKey && apikey !== serviceRoleKey)
       return send(res, 401, { message: 'Invalid API key' });
     try {
-      if (failWith) {
+      if (failWith && (failOnly?.(req.method ?? 'GET', url.pathname) ?? true)) {
         const { status, code, message } = failWith;
         throw new HttpError(
           status,
@@ -740,8 +742,9 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       answerDelayMs = ms;
       answerDelayOnly = only;
     },
-    setFailWith(failure) {
+    setFailWith(failure, only) {
       failWith = failure;
+      failOnly = only;
     },
     confirm(email) {
       const user = findByEmail(email);
