@@ -39,3 +39,14 @@ export const InstantSchema = z
   .refine((s) => isStorableInstant(new Date(s)), {
     message: 'must fall between 0001-01-01 and 9999-12-31 (UTC)',
   });
+
+/**
+ * The earliest millisecond instant at or after an RFC 3339 date-time. `new Date` drops the digits
+ * past the millisecond, so `…:39.2559Z` reads as `.255`, before the instant asked for: a lower bound
+ * (`since`) would then take in what happened in that part of a millisecond.
+ */
+export function atOrAfter(s: string): Date {
+  const d = new Date(s);
+  const beyondMs = /\.\d{3}(\d+)/.exec(s)?.[1];
+  return beyondMs && /[1-9]/.test(beyondMs) ? new Date(d.getTime() + 1) : d;
+}

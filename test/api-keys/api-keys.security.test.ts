@@ -9,6 +9,7 @@ import { ownDatabase } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { clientToken, createClient } from '../clients/helpers.js';
 import {
   createKey,
   createTestClock,
@@ -777,6 +778,35 @@ describe('api keys: security', () => {
       scopes: ['account:read'],
       expires_at: null,
     });
+  });
+
+  it('a service with api_keys:read lists the keys of the owner it names; naming none is a 400, not a denial', async () => {
+    const user = await registerUser(app, 'aks-service-list');
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const client = await createClient(app, admin.accessToken, { scopes: ['api_keys:read'] });
+    const service = await clientToken(app, client);
+    const named = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys?owner_id=${user.id}`,
+      headers: bearer(service.access_token),
+    });
+    expect(named.statusCode, named.body).toBe(200);
+    expect(named.json().data.map((k: { id: string }) => k.id)).toEqual([created.id]);
+
+    const unnamed = await app.inject({
+      method: 'GET',
+      url: '/v1/api-keys',
+      headers: bearer(service.access_token),
+    });
+    expect(unnamed.statusCode, unnamed.body).toBe(400);
+    expect(unnamed.json()).toMatchObject({
+      code: 'validation_failed',
+      errors: [expect.objectContaining({ field: 'query.owner_id' })],
+    });
+    // A request short of a parameter is not an attempt at something forbidden.
+    expect(
+      await app.services.audit.list({ type: 'authorization.denied', actorId: client.client_id, limit: 10 }),
+    ).toEqual([]);
   });
 
   it('a revocation on one instance is honoured by another within 1 s', async () => {

@@ -251,6 +251,27 @@ describe('users and roles administration', () => {
     expect(bad.statusCode).toBe(400);
   });
 
+  it('since= is at or after the instant to the last digit sent: a fraction past the millisecond is not rounded down', async () => {
+    const user = await registerUser(app, 'audit-since');
+    type Event = { type: string; created_at: string };
+    const [registered] = await allPages<Event>(app, `/v1/audit-events?subject_id=${user.id}`, asAdmin());
+    expect(registered?.type).toBe('user.registered');
+    const at = registered?.created_at ?? '';
+    const since = async (instant: string) =>
+      (
+        await allPages<Event>(
+          app,
+          `/v1/audit-events?subject_id=${user.id}&since=${encodeURIComponent(instant)}`,
+          asAdmin(),
+        )
+      ).map((e) => e.type);
+    // The event's own millisecond, written with more digits: still at or after.
+    expect(await since(at.replace('Z', '0000Z'))).toEqual(['user.registered']);
+    // A tenth of a millisecond later: the event is before it.
+    expect(await since(at.replace('Z', '1Z'))).toEqual([]);
+    expect(await since(at.replace('Z', '9999Z'))).toEqual([]);
+  });
+
   it('audit events name the credential that acted: the session of a token, or the API key', async () => {
     const user = await registerUser(app, 'credential');
     const sessionId = decodeJwt(admin.accessToken).sid;

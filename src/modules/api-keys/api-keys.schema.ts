@@ -76,7 +76,9 @@ export const VerifyApiKeyBodySchema = z
 export const ListApiKeysQuerySchema = PaginationQuerySchema.extend({
   owner_id: uuidInput()
     .optional()
-    .describe('Another user’s keys (needs api_keys:read); default the caller’s'),
+    .describe(
+      'Another user’s keys (needs api_keys:read); default the caller’s. Required of a service, which owns no keys',
+    ),
 }).strict();
 
 /** An allow-list: the hash, the previous hash and the secret can never be serialized. */

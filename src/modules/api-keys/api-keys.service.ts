@@ -8,7 +8,7 @@ import {
   keyedHash,
   parseSecret,
 } from '../../lib/crypto.js';
-import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { AppError, forbidden, invalidFields, notFound } from '../../lib/errors.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
@@ -383,7 +383,10 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       query: { ownerId?: string | undefined; limit: number; cursor?: string | undefined },
     ): Promise<{ rows: ApiKeyRow[]; nextCursor: string | null }> {
       const ownerId = query.ownerId ?? actor.userId;
-      if (!ownerId) throw forbidden('A service principal must name owner_id');
+      if (!ownerId)
+        throw invalidFields([
+          { field: 'query.owner_id', message: 'is required of a service principal, which owns no keys' },
+        ]);
       if (ownerId !== actor.userId && !hasPermission(actor.grantor.permissions, 'api_keys:read'))
         throw forbidden('Listing another user’s keys needs the permission api_keys:read');
       const rows = await repo.listLiveByOwner(ownerId, {

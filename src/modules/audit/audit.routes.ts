@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { InstantSchema } from '../../lib/instant.js';
+import { atOrAfter, InstantSchema } from '../../lib/instant.js';
 import { decodeCursor, PaginationQuerySchema, pageOf, paginate } from '../../lib/pagination.js';
 import { userIdOf } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
@@ -198,7 +198,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
         ...(q.subject_id ? { subjectId: q.subject_id } : {}),
         ...(q.outcome ? { outcome: q.outcome } : {}),
         ...(q.type ? { type: q.type } : {}),
-        ...(q.since ? { since: new Date(q.since) } : {}),
+        ...(q.since ? { since: atOrAfter(q.since) } : {}),
         ...(cursor ? { cursor } : {}),
       });
       const { page, nextCursor } = paginate(rows, q.limit);
