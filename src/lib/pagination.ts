@@ -62,8 +62,11 @@ export function encodeCursor(c: Cursor): string {
   return encodeKey([c.at.toISOString(), c.id]);
 }
 
-/** `id` checks the tie-breaking key: a UUID, unless the list's rows are keyed otherwise (a signing key's kid). */
-export function decodeCursor(raw: string | undefined, id: z.ZodType<string> = z.uuid()): Cursor | undefined {
+/**
+ * `id` checks the tie-breaking key: a UUID (any the database holds, as `uuidInput`), unless the list's
+ * rows are keyed otherwise (a signing key's kid).
+ */
+export function decodeCursor(raw: string | undefined, id: z.ZodType<string> = z.guid()): Cursor | undefined {
   const key = decodeKey(raw, z.tuple([InstantSchema, id]));
   return key && { at: new Date(key[0]), id: key[1] };
 }

@@ -1,8 +1,10 @@
+import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import type { InjectOptions } from 'light-my-request';
 import pg from 'pg';
 import { beforeAll, describe, expect, inject, it, vi } from 'vitest';
+import { users } from '../../src/db/schema/index.js';
 import { atTime } from '../support/clock.js';
 import { buildTestApp } from '../support/app.js';
 import {
@@ -270,6 +272,51 @@ describe('users and roles administration', () => {
     // A tenth of a millisecond later: the event is before it.
     expect(await since(at.replace('Z', '1Z'))).toEqual([]);
     expect(await since(at.replace('Z', '9999Z'))).toEqual([]);
+  });
+
+  it('users whose ids are not RFC 9562 UUIDs (imported into Supabase with their own) are addressed and paged through', async () => {
+    // Version nibble 0 and variant c: a uuid to PostgreSQL, not a version 1–8 UUID to RFC 9562.
+    const legacyId = () => {
+      const u = randomUUID().split('');
+      u[14] = '0';
+      u[19] = 'c';
+      return u.join('');
+    };
+    const tag = `legacy-${randomUUID().slice(0, 8)}`;
+    const ids = [legacyId(), legacyId()];
+    await app.services.db.insert(users).values(
+      ids.map((id, i) => ({
+        id,
+        email: `${tag}-${i}@example.test`,
+        provider: 'local' as const,
+        createdAt: new Date('2026-11-01T00:00:00Z'),
+      })),
+    );
+    const one = await app.inject({
+      method: 'GET',
+      url: `/v1/users/${ids[0]?.toUpperCase()}`,
+      headers: asAdmin(),
+    });
+    expect(one.statusCode, one.body).toBe(200);
+    expect(one.json().id).toBe(ids[0]);
+    // A page of one ends on a legacy id: the next_cursor naming it takes the walk on.
+    const first = await app.inject({
+      method: 'GET',
+      url: `/v1/users?query=${tag}&limit=1`,
+      headers: asAdmin(),
+    });
+    expect(first.statusCode, first.body).toBe(200);
+    const cursor = first.json().next_cursor as string;
+    expect(cursor).toEqual(expect.any(String));
+    const second = await app.inject({
+      method: 'GET',
+      url: `/v1/users?query=${tag}&limit=1&cursor=${encodeURIComponent(cursor)}`,
+      headers: asAdmin(),
+    });
+    expect(second.statusCode, second.body).toBe(200);
+    expect([...first.json().data, ...second.json().data].map((u: { id: string }) => u.id).sort()).toEqual(
+      [...ids].sort(),
+    );
   });
 
   it('audit events name the credential that acted: the session of a token, or the API key', async () => {

@@ -84,8 +84,8 @@ export const ListApiKeysQuerySchema = PaginationQuerySchema.extend({
 /** An allow-list: the hash, the previous hash and the secret can never be serialized. */
 export const ApiKeySchema = z
   .object({
-    id: z.uuid(),
-    owner_id: z.uuid(),
+    id: z.guid(),
+    owner_id: z.guid(),
     name: z.string(),
     prefix: z.string().describe('The public start of the key (`pak_` and the lookup id)'),
     last_four: z.string().describe('The last four characters of the key'),
@@ -96,7 +96,7 @@ export const ApiKeySchema = z
       .nullable()
       .describe('Recorded in batches: may lag actual use by up to a minute across instances'),
     parent_id: z
-      .uuid()
+      .guid()
       .nullable()
       .describe(
         'The key that created this one, when it was created by a request authenticated with an API key: ' +
@@ -117,8 +117,8 @@ export const VerifyApiKeyResultSchema = z
   .discriminatedUnion('valid', [
     z.object({
       valid: z.literal(true),
-      key_id: z.uuid(),
-      owner_id: z.uuid(),
+      key_id: z.guid(),
+      owner_id: z.guid(),
       scopes: z
         .array(z.string())
         .describe('Effective: the key’s scopes within its owner’s current permissions'),

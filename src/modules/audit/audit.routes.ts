@@ -9,7 +9,7 @@ import type { AuditService } from './audit.service.js';
 
 const AuditEventSchema = z
   .object({
-    id: z.uuid(),
+    id: z.guid(),
     type: z.string().describe('e.g. auth.login, role.granted, api_key.revoked'),
     outcome: z.enum(['success', 'failure']),
     actor_type: z.enum(['user', 'service', 'api_key', 'anonymous', 'system']),
@@ -85,7 +85,7 @@ const ACTIVITY_DETAILS = ['reason', 'role', 'scope', 'session_id', 'mfa'] as con
 
 const ActivityEventSchema = z
   .object({
-    id: z.uuid(),
+    id: z.guid(),
     type: z.string().describe('One of the account events: auth.login, auth.password_changed, mfa.enabled, …'),
     outcome: z.enum(['success', 'failure']),
     by: z

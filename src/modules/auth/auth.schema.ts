@@ -37,7 +37,7 @@ const PasswordSchema = NewPasswordSchema.min(1);
 
 export const UserSchema = z
   .object({
-    id: z.uuid(),
+    id: z.guid(),
     email: z.string(),
     status: z.enum(['active', 'disabled']),
     email_confirmed_at: z.string().nullable().describe('ISO 8601, null until confirmed'),
@@ -211,7 +211,7 @@ export const RegisterResultSchema = z.object({ user: UserSchema, session: Sessio
 
 export const ProfileSchema = z
   .object({
-    user_id: z.uuid(),
+    user_id: z.guid(),
     display_name: z.string().nullable(),
     avatar_url: z.string().nullable(),
     bio: z.string().nullable(),
@@ -236,7 +236,7 @@ export const MeSchema = z.object({
 
 export const SessionInfoSchema = z
   .object({
-    id: z.uuid(),
+    id: z.guid(),
     created_at: z.string(),
     last_used_at: z.string(),
     expires_at: z.string(),

@@ -40,7 +40,7 @@ const RecoveryCodesSchema = z
 
 const EnrollmentSchema = z
   .object({
-    factor_id: z.uuid(),
+    factor_id: z.guid(),
     type: z.literal('totp'),
     secret: z.string().describe('Base32, shown this once: for typing into an app that cannot scan'),
     otpauth_uri: z.string().describe('`otpauth://totp/…`: render it as a QR code for the app to scan'),
@@ -56,7 +56,7 @@ const StatusSchema = z
     pending: z.boolean().describe('A set-up was begun and not yet confirmed with a code'),
     factor: z
       .object({
-        id: z.uuid(),
+        id: z.guid(),
         type: z.literal('totp'),
         created_at: z.string(),
         verified_at: z.string().nullable(),

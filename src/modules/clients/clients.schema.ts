@@ -91,7 +91,7 @@ export const ClientListQuerySchema = PaginationQuerySchema.strict();
 
 export const ClientSchema = z
   .object({
-    id: z.uuid(),
+    id: z.guid(),
     client_id: z.string().describe('Public identifier, used as the OAuth `client_id` and the tokens’ `sub`'),
     name: z.string(),
     description: z.string(),
@@ -100,7 +100,7 @@ export const ClientSchema = z
     access_token_ttl: z.number().int().nullable(),
     status: z.enum(['active', 'disabled']),
     created_by: z
-      .uuid()
+      .guid()
       .nullable()
       .describe(
         'The user who registered it, or whose client registered it; null for a client made by the service itself',

@@ -37,9 +37,11 @@ export function problems<K extends keyof typeof problemResponses>(...codes: K[])
 
 /**
  * A UUID a client sends (a path, a query, a body): any case, lower-cased (RFC 9562 §4: UUIDs are read
- * case-insensitively), so it compares equal to the ids the service stores and answers.
+ * case-insensitively), so it compares equal to the ids the service stores and answers. Any 8-4-4-4-12
+ * hex, as PostgreSQL's `uuid` takes, not only RFC 9562's versions and variant: a user's id is the
+ * provider's, and Supabase keeps the ids of users imported with their own.
  */
-export const uuidInput = () => z.uuid().toLowerCase();
+export const uuidInput = () => z.guid().toLowerCase();
 
 export const UuidParamSchema = z.object({ id: uuidInput() });
 
