@@ -418,6 +418,7 @@ export function createServices(deps: ServicesDeps) {
     clock,
     pepper: config.secretPepper,
     maxAccessTtl: config.tokens.maxAccessTtl,
+    accessTtl: config.tokens.accessTtl,
     users: repos.users,
   });
   const clientAuthFailureCounter = (max: number, prefix: string) =>

@@ -172,6 +172,84 @@ describe('app clients: security', () => {
     expect(get.statusCode).toBe(200);
   });
 
+  it('a creator no longer holding the client’s scopes cannot turn it back on, widen its audiences or lengthen its tokens (403, audited)', async () => {
+    const creator = await registerUser(app, 'clients-widen');
+    const writer = await grantRole(app, creator.id, ['clients:read', 'clients:write']);
+    expect(writer).toBeTruthy();
+    const adminGrant = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${creator.id}/roles/admin`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(adminGrant.statusCode, adminGrant.body).toBe(200);
+    const asAdministrator = (await login(app, creator.email)).session.access_token;
+    // Registered by an administrator: it acts on its own scopes, whatever its creator holds later.
+    const client = await createClient(app, asAdministrator, {
+      scopes: ['users:read'],
+      audiences: ['https://orders.example.test'],
+      access_token_ttl: 300,
+    });
+    expect(client.acts_for_creator).toBe(false);
+    const demote = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}/roles/admin`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(demote.statusCode).toBe(204);
+    const disable = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disable.statusCode, disable.body).toBe(200);
+    const demoted = (await login(app, creator.email)).session.access_token;
+    const patch = (payload: Record<string, unknown>, token = demoted) =>
+      app.inject({ method: 'PATCH', url: `/v1/clients/${client.id}`, headers: bearer(token), payload });
+
+    for (const payload of [
+      { status: 'active' },
+      { audiences: ['https://orders.example.test', 'https://billing.example.test'] },
+      { access_token_ttl: 3600 },
+      { access_token_ttl: null },
+    ]) {
+      const res = await patch(payload);
+      expect(res.statusCode, JSON.stringify(payload)).toBe(403);
+      expect(res.json().detail).toContain('users:read');
+    }
+    const refused = await form(
+      app,
+      '/oauth/token',
+      { grant_type: 'client_credentials' },
+      basic(client.client_id, client.client_secret),
+    );
+    expect(refused.statusCode, refused.body).toBe(401);
+    const unchanged = await app.inject({
+      method: 'GET',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(unchanged.json()).toMatchObject({
+      status: 'disabled',
+      audiences: ['https://orders.example.test'],
+      access_token_ttl: 300,
+    });
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: client.id,
+      limit: 10,
+    });
+    expect(denied).toHaveLength(4);
+    expect(denied.every((e) => (e.data as { action?: string }).action === 'client.update')).toBe(true);
+
+    // What reaches no further stays theirs to do: a name, a shorter lifetime, an audience taken away.
+    expect((await patch({ name: 'renamed', access_token_ttl: 120 })).statusCode).toBe(200);
+    expect((await patch({ audiences: [] })).statusCode).toBe(200);
+    // An administrator, who holds the scopes, turns it back on.
+    expect((await patch({ status: 'active' }, admin.accessToken)).statusCode).toBe(200);
+    await clientToken(app, client);
+  });
+
   it('a creator who lost a scope cannot rotate the secret with their old token either (403, audited)', async () => {
     const creator = await registerUser(app, 'clients-old-token');
     const full = await grantRole(app, creator.id, ['clients:read', 'clients:write', 'orders:read']);

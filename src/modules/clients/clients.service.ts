@@ -79,6 +79,8 @@ export interface ClientsServiceDeps {
   pepper: Buffer;
   /** The longest access-token lifetime a client may be given (config.tokens.maxAccessTtl). */
   maxAccessTtl: number;
+  /** The lifetime of a client's access tokens when it sets none (config.tokens.accessTtl). */
+  accessTtl: number;
   /** Creators' current state, for the clients that act for them. */
   users: Pick<UsersRepository, 'findById' | 'rolesAndPermissions'>;
 }
@@ -173,6 +175,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
       errors: [{ field: 'body.access_token_ttl', message: `must be at most ${deps.maxAccessTtl}` }],
     });
   }
+
+  /** An access token's lifetime under a client's setting (null: the service's default). */
+  const ttlOf = (ttl: number | null) => Math.min(ttl ?? deps.accessTtl, deps.maxAccessTtl);
+  /** A change that lets the client's tokens do more: re-enabled, a new audience, a longer lifetime. */
+  const widens = (before: ClientRow, patch: ClientPatch) =>
+    (patch.status === 'active' && before.status !== 'active') ||
+    (patch.audiences !== undefined && patch.audiences.some((a) => !before.audiences.includes(a))) ||
+    (patch.accessTokenTtl !== undefined && ttlOf(patch.accessTokenTtl) > ttlOf(before.accessTokenTtl));
 
   /** The client an id names, if the caller may see it; 404 otherwise (existence is not confirmed). */
   async function visibleClient(caller: ClientCaller, idOrClientId: string): Promise<ClientRow> {
@@ -299,6 +309,16 @@ export function createClientsService(deps: ClientsServiceDeps) {
           const changed = changedFields(effective);
           if (changed.length === 0) return before;
           if (effective.scopes) await assertGrantable(caller, effective.scopes, tx);
+          // Turned back on, sent to more audiences or given longer-lived tokens, the client's scopes
+          // reach further: as with a fresh secret, a caller who has since lost one of them (a creator
+          // demoted, or undoing an administrator's disable) cannot do that.
+          else if (widens(before, effective))
+            await assertGrantable(
+              caller,
+              before.scopes,
+              tx,
+              'The client holds permissions the caller does not',
+            );
           // Bound to its creator: it can act for nobody without one recorded.
           if (effective.actsForCreator === true && !before.createdBy)
             throw new AppError('conflict', { detail: 'This client has no recorded creator to act for' });
