@@ -6,7 +6,7 @@ import { ConfigError, loadConfig } from './config.js';
 import { DatabaseLockedError, MigrationError, openDatabase } from './db/client.js';
 import { databaseLocation, describeFailure, isOperational } from './lib/failure.js';
 import { createLogger } from './lib/logger.js';
-import { KeyEncryptionKeyMismatchError } from './modules/signing-keys/signing-keys.service.js';
+import { KeyEncryptionKeyMismatchError } from './lib/crypto.js';
 
 async function main() {
   let config: ReturnType<typeof loadConfig>;

@@ -536,6 +536,7 @@ export function createServices(deps: ServicesDeps) {
     /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
     async start() {
       await keys.ensureKeys();
+      await mfa.assertSecretsReadable();
       // Listening first: a revocation committed between the read and the LISTEN would go unseen until
       // the minute's reload (the read only adds to what the events applied meanwhile).
       await events.start();

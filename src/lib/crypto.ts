@@ -57,6 +57,24 @@ export function encrypt(key: Buffer, plaintext: string): string {
   return Buffer.concat([iv, cipher.getAuthTag(), body]).toString('base64');
 }
 
+/**
+ * What is stored under KEY_ENCRYPTION_KEY (private signing keys, two-step verification secrets, queued
+ * mail) cannot be decrypted: it is not the key that encrypted it (set for the first time after running
+ * on a generated one, or changed). The message says so and what to do; the server and the scripts
+ * print it without a stack trace.
+ */
+export class KeyEncryptionKeyMismatchError extends Error {
+  override name = 'KeyEncryptionKeyMismatchError';
+}
+
+/** What else KEY_ENCRYPTION_KEY protects, for the messages that tell an operator it does not fit. */
+export const KEY_ENCRYPTION_KEY_REMEDY =
+  'Set KEY_ENCRYPTION_KEY to that key (a development setup generated one into ' +
+  'DATA_DIR/secrets/key-encryption-key). It also encrypts the private signing keys, the secrets of ' +
+  'two-step verification and queued mail: without it, starting over means deleting the rows of ' +
+  'signing_keys (every token issued so far stops verifying) and of mfa_factors (two-step verification ' +
+  'is off for those users until they set it up again)';
+
 export function decrypt(key: Buffer, sealed: string): string {
   const raw = Buffer.from(sealed, 'base64');
   const decipher = createDecipheriv('aes-256-gcm', key, raw.subarray(0, 12));

@@ -1,4 +1,4 @@
-import { and, eq, gt, isNotNull, isNull, sql } from 'drizzle-orm';
+import { and, desc, eq, gt, isNotNull, isNull, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { mfaChallenges, mfaFactors, mfaRecoveryCodes } from '../../db/schema/index.js';
 
@@ -16,6 +16,15 @@ export function createMfaRepository(db: Executor) {
       const query = tx.select().from(mfaFactors).where(eq(mfaFactors.userId, userId)).limit(1);
       const [row] = options.lock ? await query.for('update') : await query;
       return row;
+    },
+    /** The newest factor's sealed secret, if any: enough to tell whether KEY_ENCRYPTION_KEY fits. */
+    async newestSecret(): Promise<string | undefined> {
+      const [row] = await db
+        .select({ secret: mfaFactors.secretEncrypted })
+        .from(mfaFactors)
+        .orderBy(desc(mfaFactors.createdAt))
+        .limit(1);
+      return row?.secret;
     },
     /** True when the user's sign-ins ask for a second factor (an enrolment proven by a code). */
     /**

@@ -7,6 +7,8 @@ import {
   decrypt,
   encrypt,
   generateSecret,
+  KEY_ENCRYPTION_KEY_REMEDY,
+  KeyEncryptionKeyMismatchError,
   keyedHash,
   MFA_TOKEN_FORMAT,
   parseSecret,
@@ -325,6 +327,25 @@ export function createMfaService(deps: MfaServiceDeps) {
   }
 
   return {
+    /**
+     * At start: the stored factors' secrets open with this KEY_ENCRYPTION_KEY. A changed key would
+     * otherwise start a service whose users with two-step verification cannot sign in (every code an
+     * error), once new signing keys had been made after the signing keys' own refusal.
+     */
+    async assertSecretsReadable(): Promise<void> {
+      const sealed = await deps.repo.newestSecret();
+      if (sealed === undefined) return;
+      try {
+        decrypt(deps.keyEncryptionKey, sealed);
+      } catch (err) {
+        throw new KeyEncryptionKeyMismatchError(
+          'the secrets of two-step verification cannot be decrypted with KEY_ENCRYPTION_KEY: it is not ' +
+            `the key they were encrypted with. ${KEY_ENCRYPTION_KEY_REMEDY}`,
+          { cause: err },
+        );
+      }
+    },
+
     async status(userId: string): Promise<MfaStatus> {
       const factor = await deps.repo.findFactor(userId);
       const enabled = factor?.verifiedAt != null;

@@ -4,7 +4,12 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import type { Database, Transaction } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
-import { decrypt, encrypt } from '../../lib/crypto.js';
+import {
+  decrypt,
+  encrypt,
+  KEY_ENCRYPTION_KEY_REMEDY,
+  KeyEncryptionKeyMismatchError,
+} from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
@@ -61,15 +66,6 @@ export const JWKS_CACHE_SECONDS = 600;
  * next key has been published for JWKS_CACHE_SECONDS, so that no verifier's cached JWKS lacks it,
  * unless it is forced (a compromised key must stop signing now).
  */
-/**
- * The stored private signing key cannot be decrypted: KEY_ENCRYPTION_KEY is not the key it was
- * encrypted with (set for the first time after running on a generated one, or changed). The message
- * says so and what to do; the server and the scripts print it without a stack trace.
- */
-export class KeyEncryptionKeyMismatchError extends Error {
-  override name = 'KeyEncryptionKeyMismatchError';
-}
-
 function decryptPrivateKey(
   keyEncryptionKey: Buffer,
   row: Pick<SigningKeyRow, 'kid' | 'privateKeyEncrypted'>,
@@ -79,9 +75,7 @@ function decryptPrivateKey(
   } catch (err) {
     throw new KeyEncryptionKeyMismatchError(
       `the signing key ${row.kid} cannot be decrypted with KEY_ENCRYPTION_KEY: it is not the key the ` +
-        'signing keys were encrypted with. Set KEY_ENCRYPTION_KEY to that key (a development setup ' +
-        'generated one into DATA_DIR/secrets/key-encryption-key), or, to start over with new keys, ' +
-        'delete the rows of signing_keys (every token issued so far stops verifying)',
+        `signing keys were encrypted with. ${KEY_ENCRYPTION_KEY_REMEDY}`,
       { cause: err },
     );
   }
