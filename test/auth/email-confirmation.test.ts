@@ -44,6 +44,9 @@ describe('email confirmation (built-in provider)', () => {
     expect((await me(user.accessToken)).json().user.email_confirmed_at).toBeNull();
     const token = await confirmationToken(mailer, user.email);
     expect(confirmationsTo(mailer, user.email)[0]!.text).toContain('within 24 hours');
+    // Someone else's account under the owner's address is not to be confirmed: a reset takes it over.
+    expect(confirmationsTo(mailer, user.email)[0]!.text).toContain('do not confirm it');
+    expect(confirmationsTo(mailer, user.email)[0]!.text).toContain('reset its password instead');
 
     const res = await confirm(token);
     expect(res.statusCode, res.body).toBe(200);

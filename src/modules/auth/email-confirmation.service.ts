@@ -57,7 +57,9 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
     text:
       `Someone, hopefully you, made an account with the address ${email}.\n\n` +
       `${tokenParagraph(deps.url, token, deps.ttlSeconds, 'confirm it')}\n` +
-      'If it was not you, ignore this mail: nothing more will come of it.\n',
+      'If it was not you, do not confirm it: ignore this mail, and nothing more will come of it. ' +
+      'Confirming says the account is yours, and whoever made it could go on using it beside you; to ' +
+      'take such an account over, reset its password instead.\n',
   });
 
   const record = (
