@@ -117,6 +117,10 @@ describe('invitations: accounts an administrator makes', () => {
     const nobody = uniqueEmail('invited-by-key');
     const byKey = await invite({ email: nobody }, withKey(key.key));
     expect(byKey.statusCode).toBe(403);
+    expect(byKey.json().detail).toBe(
+      'You cannot invite a user: every account holds the user role, which gives permissions you do not hold ' +
+        'yourself: account:read, account:write, api_keys:own',
+    );
     expect(await app.services.repos.users.findByEmail(nobody)).toBeUndefined();
   });
 

@@ -16,7 +16,7 @@ import {
   type TestUser,
 } from '../support/factories.js';
 import { allPages, bearer } from '../support/http.js';
-import { clientToken, createClient } from '../clients/helpers.js';
+import { clientToken, createClient, userWith } from '../clients/helpers.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
 
 describe('users and roles administration', () => {
@@ -449,6 +449,49 @@ describe('users and roles administration', () => {
       payload: { name: limitedRole, permissions: [] },
     });
     expect(dup.statusCode).toBe(409);
+  });
+
+  it('a refused removal or deletion says it was one, not a grant (403, audited with the same reason)', async () => {
+    const manager = await userWith(
+      app,
+      ['roles:read', 'roles:write', 'roles:assign', 'users:read'],
+      'remover',
+    );
+    const removal = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${admin.id}/roles/admin`,
+      headers: bearer(manager.accessToken),
+    });
+    expect(removal.statusCode, removal.body).toBe(403);
+    expect(removal.json().detail).toBe(
+      'You cannot remove a role that gives permissions you do not hold yourself: *',
+    );
+    const wider = `wider-${Date.now().toString(36)}`;
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/roles',
+      headers: asAdmin(),
+      payload: { name: wider, permissions: ['users:write'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const deletion = await app.inject({
+      method: 'DELETE',
+      url: `/v1/roles/${wider}`,
+      headers: bearer(manager.accessToken),
+    });
+    expect(deletion.statusCode, deletion.body).toBe(403);
+    expect(deletion.json().detail).toBe(
+      'You cannot delete a role that gives permissions you do not hold yourself: users:write',
+    );
+    const denied = await app.services.audit.list({
+      actorId: manager.id,
+      type: 'authorization.denied',
+      limit: 10,
+    });
+    expect(denied.map((e) => [e.data.action, e.data.reason])).toEqual([
+      ['role.delete', deletion.json().detail],
+      ['role.remove', removal.json().detail],
+    ]);
   });
 
   it('a PATCH that changes nothing writes nothing: no updated_at bump, no role.updated event', async () => {

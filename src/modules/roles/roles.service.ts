@@ -15,8 +15,11 @@ import type { RoleRow, RolesRepository } from './roles.repository.js';
  */
 const MANAGE_ROLES = 'roles:write';
 
-/** The refusal of the grant ceiling for roles: creating, changing, deleting, granting, removing. */
+/** The refusal of the grant ceiling for roles: creating, changing, granting. */
 export const ROLE_REFUSAL = 'You cannot grant permissions you do not hold yourself';
+
+/** The grant ceiling's refusal, said of a deletion (it takes what the role gives). */
+const DELETION_REFUSAL = 'You cannot delete a role that gives permissions you do not hold yourself';
 
 /**
  * Deleting a role, or narrowing what it gives, takes from everyone who holds it: as taking the role
@@ -169,7 +172,7 @@ export function createRolesService(deps: {
           if (role.builtin)
             throw new AppError('conflict', { detail: `The built-in role ${name} cannot be deleted` });
           // Deleting a role takes its permissions from everyone who holds it.
-          await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...role.permissions], tx, ROLE_REFUSAL);
+          await deps.grants.assertHolds(caller, [MANAGE_ROLES, ...role.permissions], tx, DELETION_REFUSAL);
           await deps.grants.assertHolds(
             caller,
             await deps.users.permissionsOfHoldersOf(name, tx),

@@ -31,6 +31,11 @@ const USER_ROLE = 'user';
 const isInvitation = (user: UserRow) =>
   user.provider === 'local' && user.passwordHash === null && user.status === 'active';
 const MANAGE_REFUSAL = 'You cannot act on a user who holds permissions you do not hold yourself';
+/** Taking a role away takes what it gives: the grant ceiling's refusal, said of a removal. */
+const REMOVAL_REFUSAL = 'You cannot remove a role that gives permissions you do not hold yourself';
+/** An invited account is given the `user` role: the grant ceiling's refusal, said of an invitation. */
+const INVITATION_REFUSAL =
+  'You cannot invite a user: every account holds the user role, which gives permissions you do not hold yourself';
 
 export function createUsersService(deps: {
   db: Database;
@@ -62,15 +67,21 @@ export function createUsersService(deps: {
 
   /**
    * Granting or removing a role, on the transaction of the change: the user and the role exist, and
-   * the caller holds, now, roles:assign and all the role gives.
+   * the caller holds, now, roles:assign and all the role gives (else 403 saying `refusal`).
    */
-  async function assertMayChangeGrant(tx: Transaction, id: string, roleName: string, caller: Grantor) {
+  async function assertMayChangeGrant(
+    tx: Transaction,
+    id: string,
+    roleName: string,
+    caller: Grantor,
+    refusal: string,
+  ) {
     // Locked: a deletion racing the grant either waits for it or has happened (404), never leaving
     // the grant to refer to a user who is gone.
     if (!(await deps.repo.findByIdForKeyShare(id, tx))) throw notFound('user');
     const role = await deps.roles.findForShare(roleName, tx);
     if (!role) throw notFound('role');
-    await deps.grants.assertHolds(caller, ['roles:assign', ...role.permissions], tx, ROLE_REFUSAL);
+    await deps.grants.assertHolds(caller, ['roles:assign', ...role.permissions], tx, refusal);
   }
 
   /**
@@ -207,7 +218,7 @@ export function createUsersService(deps: {
       let send: () => void = () => undefined;
       const invited = await inTransaction(deps.db, deps.events, async (tx) => {
         const role = await deps.roles.findForShare(USER_ROLE, tx);
-        await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, ROLE_REFUSAL);
+        await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, INVITATION_REFUSAL);
         const existing = await deps.repo.findByEmail(email, tx);
         if (existing) {
           const user = await deps.repo.findByIdForUpdate(existing.id, tx);
@@ -389,7 +400,7 @@ export function createUsersService(deps: {
         { action: 'role.grant', subjectId: id, data: { role: roleName } },
         () =>
           inTransaction(deps.db, deps.events, async (tx, emit) => {
-            await assertMayChangeGrant(tx, id, roleName, caller);
+            await assertMayChangeGrant(tx, id, roleName, caller, ROLE_REFUSAL);
             // A role that counts only with a second factor goes to users who have one: else whoever
             // has their password would set one up and hold the role (MFA_REQUIRED_ROLES).
             if (deps.mfaRequiredRoles.includes(roleName) && !(await deps.mfa.isEnabled(id, tx, true))) {
@@ -419,7 +430,7 @@ export function createUsersService(deps: {
         { action: 'role.remove', subjectId: id, data: { role: roleName } },
         () =>
           inTransaction(deps.db, deps.events, async (tx, emit) => {
-            await assertMayChangeGrant(tx, id, roleName, caller);
+            await assertMayChangeGrant(tx, id, roleName, caller, REMOVAL_REFUSAL);
             // Taking a role away acts on the user, as disabling does: not on one who holds more than
             // the caller (a user manager would strip an auditor's roles, an administrator's `user`).
             await assertMayManageIn(tx, caller, id);
