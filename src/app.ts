@@ -41,7 +41,11 @@ import { signingKeysRoutes } from './modules/signing-keys/signing-keys.routes.js
 import { clientsRoutes } from './modules/clients/clients.routes.js';
 import { renderOAuthError } from './modules/oauth/oauth.errors.js';
 import { OAUTH_RESPONSE_HEADERS, oauthRoutes } from './modules/oauth/oauth.routes.js';
-import authenticate, { decidedOnHeldNow, requestContext } from './plugins/authenticate.js';
+import authenticate, {
+  decidedOnHeldNow,
+  type RouteCredential,
+  requestContext,
+} from './plugins/authenticate.js';
 import errorHandler, { answerClientError, routePathOf } from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX, REDOC_HELMET, REDOC_PATH, SWAGGER_UI_HELMET } from './plugins/openapi.js';
@@ -79,6 +83,8 @@ export interface RouteEntry {
   noStore?: boolean;
   /** Decided on what the caller holds now, not only on their credential (config.heldNow). */
   heldNow?: boolean;
+  /** The credential it takes, when not every one will do (config.credential). */
+  credential?: RouteCredential | undefined;
 }
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -278,6 +284,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       permission?: string | string[];
       noStore?: boolean;
       heldNow?: boolean;
+      credential?: RouteCredential;
     };
     // Every API answer is no-store (the header set); a route answering with a credential also gets
     // RFC 6749 §5.1's Pragma from a hook of its own.
@@ -301,6 +308,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
         permission: config.permission,
         noStore: config.noStore === true,
         heldNow: config.public !== true && decidedOnHeldNow(method, config.heldNow),
+        credential: config.credential,
       });
     }
   });
@@ -535,5 +543,11 @@ declare module 'fastify' {
     heldNow?: boolean;
     /** The answer holds a credential (tokens, a secret, a key): sent with `Cache-Control: no-store`. */
     noStore?: boolean;
+    /**
+     * The credential the route takes beyond its permission, when not every one will do (an API key
+     * gets 403): `user_session`, a signed-in user's access token (`signedInSession`); `access_token`,
+     * a user's or a service's. The OpenAPI document says it (plugins/openapi.ts).
+     */
+    credential?: RouteCredential;
   }
 }

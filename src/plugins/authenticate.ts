@@ -40,6 +40,13 @@ export type Principal =
       previous: boolean;
     };
 
+/**
+ * The credential a route takes beyond its permission (`config.credential`), when not every one will
+ * do: `user_session`, a signed-in user's access token (an API key or a service's token gets 403);
+ * `access_token`, a user's or a service's access token (an API key gets 403).
+ */
+export type RouteCredential = 'user_session' | 'access_token';
+
 /** Resolves an API key string to its principal, or undefined when it is not a valid key. */
 export type ApiKeyResolver = (key: string) => Promise<Principal | undefined>;
 
@@ -422,9 +429,18 @@ export function userIdOf(request: FastifyRequest): string {
 
 /**
  * The user and session of a route that is for a signed-in user only (their own second factor, their
- * account's deletion): an API key or a service token gets 403, saying `why`.
+ * account's deletion): an API key or a service token gets 403, saying `why`. The route declares it
+ * (`config.credential: 'user_session'`), so the OpenAPI document says it; one that does not serves
+ * nobody (fail closed, as a route without a permission), so its first test shows the omission.
  */
 export function signedInSession(request: FastifyRequest, why: string): { userId: string; sessionId: string } {
+  if (request.routeOptions.config.credential !== 'user_session') {
+    request.log.error(
+      { route: request.routeOptions.url },
+      "route takes signed-in sessions only but does not declare credential: 'user_session'",
+    );
+    throw new AppError('forbidden');
+  }
   const principal = principalOf(request);
   if (principal.kind !== 'user' || !principal.sessionId) throw new AppError('forbidden', { detail: why });
   return { userId: principal.userId, sessionId: principal.sessionId };

@@ -2,11 +2,12 @@ import type { FastifyHelmetOptions } from '@fastify/helmet';
 import { STATUS_CODES } from 'node:http';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifySchema } from 'fastify';
 import fp from 'fastify-plugin';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import type { ZodType } from 'zod';
 import { ProblemSchema } from '../modules/shared/shared.schema.js';
+import type { RouteCredential } from './authenticate.js';
 
 /**
  * Swagger UI's request interceptor, sent to the browser as its source text (so self-contained, plain
@@ -137,6 +138,60 @@ function declareFrameworkErrors(method: string | string[], schema: DocumentedSch
   if (schema.security && schema.security.length > 0)
     declare(400, 'Two credentials at once: Authorization and X-API-Key');
 }
+
+/** What a route's config says of its access, as the authenticate plugin reads it. */
+interface RouteAccess {
+  public?: boolean;
+  permission?: string | string[];
+  credential?: RouteCredential;
+}
+
+/** The scheme of a route that takes no API key: an access token as `Authorization: Bearer`. */
+const BEARER_ONLY = [{ bearerAuth: [] }];
+
+/** What the description of a route that takes no API key says of the credential it takes. */
+const CREDENTIAL_SENTENCES: Record<RouteCredential, string> = {
+  user_session: 'Only with a signed-in user’s access token: an API key or a service’s token gets 403.',
+  access_token: 'Only with an access token, a user’s or a service’s: an API key gets 403.',
+};
+
+/** The sentence of a route's description naming its permission (any one of several will do). */
+const permissionSentence = (permission: string | readonly string[]) =>
+  `Needs the permission ${([] as string[])
+    .concat(permission)
+    .map((p) => `\`${p}\``)
+    .join(' or ')}.`;
+
+/**
+ * Each protected operation says what it needs, from the route's own declaration (`config.permission`,
+ * `config.credential`), so the document cannot drift from what the authenticate plugin enforces: the
+ * permission as `x-required-permission` (a list when any one of several will do) and as a sentence of
+ * its description; a route that takes no API key as `x-credential` (`user_session`, `access_token`),
+ * a sentence, and `bearerAuth` alone as its security (set when the route is registered, see
+ * `declareFrameworkErrors`). test/foundation/openapi.test.ts checks every route of the route table.
+ */
+const withAccess: typeof jsonSchemaTransform = (input) => {
+  const result = jsonSchemaTransform(input);
+  const access = (input.route.config ?? {}) as RouteAccess;
+  const schema = result.schema as (FastifySchema & { hide?: boolean; description?: unknown }) | undefined;
+  if (!schema || schema.hide || access.public === true || access.permission === undefined) return result;
+  const sentences = [permissionSentence(access.permission)];
+  const documented: Record<string, unknown> = {
+    'x-required-permission':
+      typeof access.permission === 'string' || access.permission.length !== 1
+        ? access.permission
+        : access.permission[0],
+  };
+  if (access.credential) {
+    sentences.push(CREDENTIAL_SENTENCES[access.credential]);
+    documented['x-credential'] = access.credential;
+  }
+  const before = typeof schema.description === 'string' ? `${schema.description}\n\n` : '';
+  return {
+    ...result,
+    schema: { ...schema, ...documented, description: `${before}${sentences.join(' ')}` },
+  };
+};
 
 /**
  * The document without the `$id` and `$schema` keywords zod writes into each component schema
@@ -378,7 +433,11 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
         description:
           'Login and sessions for frontends; roles, permissions, profiles, API keys and app clients; ' +
           'JWT access tokens (RFC 9068) with a JWKS, OAuth 2.0 client credentials, introspection and revocation. ' +
-          'Errors are RFC 9457 problem+json, except under /oauth where they follow RFC 6749 §5.2.',
+          'Errors are RFC 9457 problem+json, except under /oauth where they follow RFC 6749 §5.2. ' +
+          'An operation behind a permission names it in `x-required-permission` (a list when any one ' +
+          'of them will do) and in its description; one that takes no API key says which credential it ' +
+          'takes in `x-credential`: `user_session` (a signed-in user’s access token) or `access_token` ' +
+          '(a user’s or a service’s).',
       },
       servers: [{ url: options.publicUrl }],
       components: {
@@ -412,7 +471,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
         { name: 'operations', description: 'Health and metrics' },
       ],
     },
-    transform: jsonSchemaTransform,
+    transform: withAccess,
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
     transformObject: (input) =>
       withWwwAuthenticate(
@@ -425,7 +484,11 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
   });
 
   app.addHook('onRoute', (route) => {
-    declareFrameworkErrors(route.method, route.schema as DocumentedSchema | undefined);
+    const schema = route.schema as DocumentedSchema | undefined;
+    // A route that takes no API key offers only `Authorization: Bearer` (before the errors: it takes
+    // a credential).
+    if (schema && (route.config as RouteAccess | undefined)?.credential) schema.security = BEARER_ONLY;
+    declareFrameworkErrors(route.method, schema);
   });
   // Swagger UI sends "Try it out" to the document's first server. The page's own origin comes first,
   // so the docs work wherever they are opened (127.0.0.1, a pod's address, a tunnel) and not only at

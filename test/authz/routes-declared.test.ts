@@ -1,6 +1,6 @@
 import Fastify, { type FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import authenticate from '../../src/plugins/authenticate.js';
+import authenticate, { signedInSession } from '../../src/plugins/authenticate.js';
 import { buildTestApp } from '../support/app.js';
 import { decidedOnHeldNow } from '../support/authz-matrix.js';
 import { ALL_ROUTES } from './routes.js';
@@ -29,6 +29,18 @@ describe('every route declares its access', () => {
     await bare.register(authenticate, { tokens: app.services.tokens });
     await expect(bare.ready()).rejects.toThrow(/no credential check: GET \/early/);
     await bare.close().catch(() => {});
+  });
+
+  it('serves nobody on a route that takes signed-in sessions only without declaring it (the document would not say)', async () => {
+    const bare = Fastify({ logger: false });
+    bare.get('/undeclared', async (request) => signedInSession(request, 'for signed-in sessions'));
+    bare.get('/declared', { config: { credential: 'user_session' } }, async (request) =>
+      signedInSession(request, 'for signed-in sessions'),
+    );
+    // Refused before the caller is looked at (a signed-in one too); declared, it asks for the session.
+    expect((await bare.inject({ url: '/undeclared' })).statusCode).toBe(403);
+    expect((await bare.inject({ url: '/declared' })).statusCode).toBe(401);
+    await bare.close();
   });
 
   it('lists every route of the app in the authorization matrix, with the same declaration', () => {

@@ -4,6 +4,9 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { createKey, withKey } from '../api-keys/helpers.js';
+import { ALL_ROUTES } from '../authz/routes.js';
+import { createClient } from '../clients/helpers.js';
 
 describe('the OpenAPI document', () => {
   let app: FastifyInstance;
@@ -161,6 +164,81 @@ describe('the OpenAPI document', () => {
     expect(declared.get('POST /oauth/token 401')).toMatch(/^`Basic/);
     // Public operations send none.
     expect([...declared.keys()].filter((k) => k.startsWith('POST /v1/auth/login '))).toEqual([]);
+  });
+
+  it('names on every protected operation the permission its route declares, and the credential when it takes no API key', () => {
+    type Operation = {
+      description?: string;
+      security?: Array<Record<string, unknown>>;
+      'x-required-permission'?: unknown;
+      'x-credential'?: unknown;
+    };
+    const operationOf = (method: string, url: string) =>
+      doc.paths[url.replace(/:([A-Za-z_]+)/g, '{$1}')]?.[method.toLowerCase()] as Operation | undefined;
+    const problems: string[] = [];
+    let checked = 0;
+    for (const route of app.routeTable) {
+      const label = `${route.method} ${route.url}`;
+      const op = operationOf(route.method, route.url);
+      if (route.public) {
+        if (op?.['x-required-permission'] !== undefined)
+          problems.push(`${label}: public, names a permission`);
+        continue;
+      }
+      if (!op) {
+        problems.push(`${label}: protected, not in the document`);
+        continue;
+      }
+      checked++;
+      const anyOf = ([] as string[]).concat(route.permission ?? []);
+      const named = op['x-required-permission'];
+      if (JSON.stringify(named) !== JSON.stringify(anyOf.length === 1 ? anyOf[0] : anyOf))
+        problems.push(`${label}: x-required-permission ${JSON.stringify(named)}, route declares ${anyOf}`);
+      const sentence = `Needs the permission ${anyOf.map((p) => `\`${p}\``).join(' or ')}.`;
+      if (!op.description?.includes(sentence)) problems.push(`${label}: its description lacks "${sentence}"`);
+      const schemes = (op.security ?? []).flatMap((requirement) => Object.keys(requirement)).sort();
+      if (route.credential) {
+        if (op['x-credential'] !== route.credential)
+          problems.push(`${label}: x-credential ${op['x-credential']}, route declares ${route.credential}`);
+        if (!/an API key (or a service’s token )?gets 403/.test(op.description ?? ''))
+          problems.push(`${label}: its description does not say an API key gets 403`);
+        if (JSON.stringify(schemes) !== '["bearerAuth"]') problems.push(`${label}: security ${schemes}`);
+      } else {
+        // An operation that offers no X-API-Key declares why: the credential it takes.
+        if (op['x-credential'] !== undefined) problems.push(`${label}: x-credential, none declared`);
+        if (!schemes.includes('apiKey')) problems.push(`${label}: takes an API key, security ${schemes}`);
+      }
+    }
+    expect(problems).toEqual([]);
+    expect(checked).toBeGreaterThan(50);
+    const users = operationOf('GET', '/v1/users');
+    expect(users?.['x-required-permission']).toBe('users:read');
+    expect(users?.description).toContain('Needs the permission `users:read`.');
+    expect(operationOf('POST', '/v1/auth/password')?.['x-credential']).toBe('user_session');
+    expect(operationOf('POST', '/v1/clients')?.['x-credential']).toBe('access_token');
+  });
+
+  it('is right about the routes that take no API key: each refuses one holding every permission (403)', async () => {
+    const admin = await createAdmin(app);
+    const key = await createKey(app, admin.accessToken, { scopes: ['*'] });
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const declared = app.routeTable.filter((r) => r.credential !== undefined);
+    expect(declared.length).toBeGreaterThanOrEqual(11);
+    for (const route of declared) {
+      const matrix = ALL_ROUTES.find((r) => r.method === route.method && r.route === route.url);
+      const url = route.url.replace(':id', client.id);
+      expect(url, 'a path parameter this test fills in').not.toContain(':');
+      for (const headers of [withKey(key.key), bearer(key.key)]) {
+        const res = await app.inject({
+          method: route.method as 'POST',
+          url,
+          headers,
+          payload: matrix?.body?.({ owner: admin, fixtures: {} }),
+        });
+        expect(res.statusCode, `${route.method} ${url}: ${res.body}`).toBe(403);
+        expect(res.json().detail).toMatch(/API key/);
+      }
+    }
   });
 
   it('describes every response (no "Default Response")', () => {

@@ -289,7 +289,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.delete(
     '/v1/auth/me',
     {
-      config: { permission: 'account:write', rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: { permission: 'account:write', credential: 'user_session', rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['auth'],
         operationId: 'deleteOwnAccount',
@@ -299,7 +299,6 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'verification on a current code (or a recovery code). A wrong password counts toward the ' +
           'sign-in lockout. 409 for the last administrator. An account without a password (a social ' +
           'login through Supabase) is deleted by an administrator.',
-        security: [{ bearerAuth: [] }],
         body: DeleteAccountBodySchema,
         response: {
           204: z.null().describe('Deleted'),
@@ -332,7 +331,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/password',
     {
-      config: { permission: 'account:write', rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: { permission: 'account:write', credential: 'user_session', rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['auth'],
         operationId: 'changePassword',
@@ -341,7 +340,6 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'From a signed-in session (an API key gets 403, as for the address, the second factor and ' +
           'deleting the account), with the current password: a wrong one is 400 `incorrect_password` ' +
           'and counts toward the sign-in lockout.',
-        security: [{ bearerAuth: [] }],
         body: PasswordBodySchema,
         response: { 204: z.null(), ...problems(400, 401, 403, 422, 429, 503) },
       },
@@ -519,7 +517,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/email/change',
     {
-      config: { permission: 'account:write', rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: { permission: 'account:write', credential: 'user_session', rateLimit: CREDENTIAL_RATE_LIMIT },
       schema: {
         tags: ['auth'],
         operationId: 'changeEmail',
@@ -533,7 +531,6 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           '(429). A wrong password counts toward the sign-in lockout. 404 with Supabase (supabase-js ' +
           '`auth.updateUser({ email })`; the service takes the new address at the next sign-in) or without ' +
           '`SMTP_URL` in production.',
-        security: [{ bearerAuth: [] }],
         body: ChangeEmailBodySchema,
         response: {
           202: EmailChangeRequestedSchema.describe('The links are on their way'),
@@ -601,7 +598,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.delete(
     '/v1/auth/email/change',
     {
-      config: { permission: 'account:write' },
+      config: { permission: 'account:write', credential: 'user_session' },
       schema: {
         tags: ['auth'],
         operationId: 'cancelEmailChange',
@@ -609,7 +606,6 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         description:
           'From a signed-in session, as the change is asked (an API key gets 403: a leaked key must not undo ' +
           'a change support made to lock its holder out).',
-        security: [{ bearerAuth: [] }],
         response: { 204: z.null().describe('Cancelled'), ...problems(401, 403, 404) },
       },
     },

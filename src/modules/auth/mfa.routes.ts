@@ -94,8 +94,6 @@ const sessionOf = (request: FastifyRequest) =>
   );
 const sessionUserId = (request: FastifyRequest) => sessionOf(request).userId;
 
-const userBearer: Array<Record<string, string[]>> = [{ bearerAuth: [] }];
-
 export async function mfaRoutes(
   app: FastifyInstance,
   deps: {
@@ -109,12 +107,11 @@ export async function mfaRoutes(
   r.get(
     '/v1/auth/mfa',
     {
-      config: { permission: 'account:read', noStore: true },
+      config: { permission: 'account:read', credential: 'user_session', noStore: true },
       schema: {
         tags: ['mfa'],
         operationId: 'getMfaStatus',
         summary: 'Whether two-step verification is on, and how many recovery codes are left',
-        security: userBearer,
         response: { 200: StatusSchema, ...problems(401, 403) },
       },
     },
@@ -135,7 +132,12 @@ export async function mfaRoutes(
   r.post(
     '/v1/auth/mfa/totp',
     {
-      config: { permission: 'account:write', noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: {
+        permission: 'account:write',
+        credential: 'user_session',
+        noStore: true,
+        rateLimit: CREDENTIAL_RATE_LIMIT,
+      },
       schema: {
         tags: ['mfa'],
         operationId: 'enrollTotp',
@@ -150,7 +152,6 @@ export async function mfaRoutes(
           '(`POST /v1/auth/mfa/totp/activate`); asking again replaces a set-up not yet confirmed. 409 when ' +
           'two-step verification is on already; 403 `email_not_confirmed` where the service can confirm ' +
           'addresses and this one is not confirmed yet.',
-        security: userBearer,
         body: EnrollTotpBodySchema,
         response: { 201: EnrollmentSchema, ...problems(400, 401, 403, 409, 429, 503) },
       },
@@ -167,7 +168,12 @@ export async function mfaRoutes(
   r.post(
     '/v1/auth/mfa/totp/activate',
     {
-      config: { permission: 'account:write', noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: {
+        permission: 'account:write',
+        credential: 'user_session',
+        noStore: true,
+        rateLimit: CREDENTIAL_RATE_LIMIT,
+      },
       schema: {
         tags: ['mfa'],
         operationId: 'activateTotp',
@@ -176,7 +182,6 @@ export async function mfaRoutes(
           `Answers ${RECOVERY_CODE_COUNT} recovery codes, shown this once. Every other session of the user ` +
           'ends; this one carries `mfa` in `amr` from its next refresh. A wrong code is 400 ' +
           '`invalid_mfa_code`; after five wrong codes in a row each further one locks for longer (429).',
-        security: userBearer,
         body: CodeBodySchema,
         response: { 200: RecoveryCodesSchema, ...problems(400, 401, 403, 409, 429) },
       },
@@ -197,7 +202,12 @@ export async function mfaRoutes(
   r.post(
     '/v1/auth/mfa/totp/deactivate',
     {
-      config: { permission: 'account:write', noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: {
+        permission: 'account:write',
+        credential: 'user_session',
+        noStore: true,
+        rateLimit: CREDENTIAL_RATE_LIMIT,
+      },
       schema: {
         tags: ['mfa'],
         operationId: 'deactivateTotp',
@@ -205,7 +215,6 @@ export async function mfaRoutes(
         description:
           '409 while the user holds a role of MFA_REQUIRED_ROLES (an administrator takes the role first, ' +
           'or resets the factor for a lost app), and when it is not on; no code is spent by a 409.',
-        security: userBearer,
         body: CodeBodySchema,
         response: {
           204: z.null().describe('Off; the recovery codes are gone'),
@@ -222,12 +231,16 @@ export async function mfaRoutes(
   r.post(
     '/v1/auth/mfa/recovery-codes',
     {
-      config: { permission: 'account:write', noStore: true, rateLimit: CREDENTIAL_RATE_LIMIT },
+      config: {
+        permission: 'account:write',
+        credential: 'user_session',
+        noStore: true,
+        rateLimit: CREDENTIAL_RATE_LIMIT,
+      },
       schema: {
         tags: ['mfa'],
         operationId: 'regenerateRecoveryCodes',
         summary: 'New recovery codes, with a code from the app; the old ones stop working',
-        security: userBearer,
         body: CodeBodySchema,
         response: { 200: RecoveryCodesSchema, ...problems(400, 401, 403, 409, 429) },
       },

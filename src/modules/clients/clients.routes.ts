@@ -35,16 +35,15 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
   r.post(
     '/v1/clients',
     {
-      config: { permission: 'clients:write', noStore: true },
+      config: { permission: 'clients:write', credential: 'access_token', noStore: true },
       schema: {
         tags: ['clients'],
         operationId: 'createClient',
         summary: 'Register an app client (service-to-service); the secret is shown once',
         description:
           'The scopes must be permissions the caller holds (403 otherwise). Use `client_id` and ' +
-          '`client_secret` at POST /oauth/token with `grant_type=client_credentials`. Not with an API key ' +
-          '(403): a client secret would outlive the key.',
-        security: [{ bearerAuth: [] }],
+          '`client_secret` at POST /oauth/token with `grant_type=client_credentials`. An API key registers ' +
+          'none: a client secret would outlive the key.',
         body: CreateClientBodySchema,
         response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 415, 503) },
       },
@@ -164,16 +163,15 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
   r.post(
     '/v1/clients/:id/secrets',
     {
-      config: { permission: 'clients:write', noStore: true },
+      config: { permission: 'clients:write', credential: 'access_token', noStore: true },
       schema: {
         tags: ['clients'],
         operationId: 'rotateClientSecret',
         summary: 'Rotate the client secret; the new one is shown once',
         description:
           'The current secret keeps working for `grace_seconds` (default 0), then stops. The caller must ' +
-          'hold every scope of the client (403 otherwise): the new secret is shown to the caller. Not with ' +
-          'an API key (403).',
-        security: [{ bearerAuth: [] }],
+          'hold every scope of the client (403 otherwise): the new secret is shown to the caller, and would ' +
+          'outlive an API key.',
         params: ClientIdParamSchema,
         body: RotateSecretBodySchema.nullish(),
         response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 404, 409, 415, 503) },
