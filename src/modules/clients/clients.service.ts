@@ -181,7 +181,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
   /** A change that lets the client's tokens do more: re-enabled, a new audience, a longer lifetime. */
   const widens = (before: ClientRow, patch: ClientPatch) =>
     (patch.status === 'active' && before.status !== 'active') ||
-    (patch.audiences !== undefined && patch.audiences.some((a) => !before.audiences.includes(a))) ||
+    patch.audiences?.some((a) => !before.audiences.includes(a)) === true ||
     (patch.accessTokenTtl !== undefined && ttlOf(patch.accessTokenTtl) > ttlOf(before.accessTokenTtl));
 
   /** The client an id names, if the caller may see it; 404 otherwise (existence is not confirmed). */
