@@ -607,6 +607,31 @@ describe('changing the email address (built-in provider)', () => {
     }
   });
 
+  it('a used or expired link is audited against its account, as used_token or expired_token', async () => {
+    const from = new Date(clock.nowMs() - 1000);
+    const user = await registerUser(app, 'chg-replay');
+    const next = uniqueEmail('chg-replay-new');
+    expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
+    const token = tokenIn(next, TO_NEW);
+    expect((await open(token, user.accessToken)).statusCode).toBe(200);
+    const replayed = await open(token, user.accessToken);
+    expect(replayed.statusCode).toBe(400);
+    expect(replayed.json()).toMatchObject({ code: 'invalid_email_change_token' });
+
+    const late = await registerUser(app, 'chg-replay-late');
+    const lateNew = uniqueEmail('chg-replay-late-new');
+    expect((await ask(late, { new_email: lateNew, password: PASSWORD })).statusCode).toBe(202);
+    clock.advance(3601);
+    expect((await open(tokenIn(lateNew, TO_NEW))).statusCode).toBe(400);
+
+    const refusals = async (userId: string) =>
+      (await events(userId, from))
+        .filter((e) => e.type === 'user.email_changed' && e.outcome === 'failure')
+        .map((e) => e.data.reason);
+    expect(await refusals(user.id)).toEqual(['used_token']);
+    expect(await refusals(late.id)).toEqual(['expired_token']);
+  });
+
   it('a mail server failing is a 503 and keeps nothing: the retry mails at once', async () => {
     const user = await confirmedUser('chg-mailfail');
     const next = uniqueEmail('chg-mailfail-new');

@@ -10,7 +10,7 @@ import { normalizeEmail } from './auth.schema.js';
 import type { EmailConfirmationDeps } from './email-confirmation.service.js';
 import type { EmailTokenRow } from './email-tokens.repository.js';
 import type { SessionsRepository } from './sessions.repository.js';
-import { newMailedToken, tokenParagraph, waitBeforeNextMail } from './mailed-tokens.js';
+import { createMailedTokens, newMailedToken, tokenParagraph, waitBeforeNextMail } from './mailed-tokens.js';
 
 /**
  * As email confirmation's: the built-in provider's addresses change here (Supabase changes its own,
@@ -68,6 +68,8 @@ class RefusedRequest extends Error {
 }
 
 export function createEmailChangeService(deps: EmailChangeDeps) {
+  const mailed = createMailedTokens(deps);
+
   function mailerOrNotFound(): Mailer {
     if (deps.providerName !== 'local')
       throw new AppError('not_found', {
@@ -314,7 +316,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       mailerOrNotFound();
       if (!parseSecret(EMAIL_CHANGE_FORMAT, token)) throw await invalid('malformed_token', null);
       const row = await deps.tokens.findLive(keyedHash(deps.pepper, token), 'email_change', deps.clock.now());
-      if (!row?.newEmail) throw await invalid('unknown_token', null);
+      if (!row?.newEmail) {
+        // A used or expired link is the account's (a replay, a late click), as for the other links.
+        const why = await mailed.whyNotLive(token, 'email_change');
+        throw await invalid(why.reason, why.userId);
+      }
       const newEmail = row.newEmail;
       const link = row.email === newEmail ? 'new_address' : 'current_address';
       if (link === 'new_address' && row.requestedBy === null && signedInAs !== row.userId) {
