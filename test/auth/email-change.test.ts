@@ -6,6 +6,7 @@ import type { MailMessage } from '../../src/lib/mailer.js';
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import { keyedHash } from '../../src/lib/crypto.js';
+import { MAILS_PER_ACCOUNT_HOUR } from '../../src/modules/auth/mailed-tokens.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { captureLogs } from '../support/logs.js';
 import { createTestClock } from '../support/clock.js';
@@ -774,6 +775,59 @@ describe('changing the email address, throttled', () => {
       payload: { email: user.email, password: PASSWORD },
     });
     expect(signIn.statusCode).toBe(429);
+  });
+
+  it('mails one new address at most its hourly cap, however many accounts ask (429 after, nothing mailed)', async () => {
+    const mailer = capturingMailer();
+    const clock = createTestClock();
+    const app = await buildTestApp({
+      env: { EMAIL_CHANGE_URL: CHANGE_URL, RATE_LIMIT_ENABLED: 'true' },
+      deps: { mailer, clock },
+    });
+    const target = uniqueEmail('chg-flood-target');
+    const toTarget = () => mailer.sent.filter((m) => m.to === target && m.subject === TO_NEW);
+    const ask = (user: TestUser, i: number) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/email/change',
+        remoteAddress: `10.3.0.${i + 1}`,
+        headers: bearer(user.accessToken),
+        payload: { new_email: target, password: PASSWORD },
+      });
+    const statuses: number[] = [];
+    let refused: Awaited<ReturnType<typeof ask>> | undefined;
+    let last: TestUser | undefined;
+    for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR + 2; i++) {
+      // Each from an account of its own, under the one-a-minute limit per account.
+      last = await registerUser(app, 'chg-flood');
+      const res = await ask(last, i);
+      statuses.push(res.statusCode);
+      if (res.statusCode === 429) refused = res;
+    }
+    expect(statuses).toEqual([...Array(MAILS_PER_ACCOUNT_HOUR).fill(202), 429, 429]);
+    expect(toTarget()).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
+    expect(refused!.headers['content-type']).toContain('application/problem+json');
+    expect(refused!.json()).toMatchObject({ code: 'rate_limited' });
+    expect(Number(refused!.headers['retry-after'])).toBeGreaterThan(0);
+    const [event] = await app.services.audit.list({
+      type: 'user.email_change_requested',
+      subjectId: last!.id,
+      limit: 1,
+    });
+    expect(event).toMatchObject({ outcome: 'failure', data: { reason: 'too_many' } });
+    // The refused request wrote nothing: no change waits.
+    const pending = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/email/change',
+      headers: bearer(last!.accessToken),
+    });
+    expect(pending.statusCode).toBe(404);
+
+    // An hour on, the address is mailed again.
+    clock.advance(3601);
+    const later = await registerUser(app, 'chg-flood-later');
+    expect((await ask(later, 99)).statusCode).toBe(202);
+    expect(toTarget()).toHaveLength(MAILS_PER_ACCOUNT_HOUR + 1);
   });
 });
 

@@ -528,7 +528,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           '`EMAIL_CHANGE_TTL` seconds, once) to the new address and, when the current address was confirmed, ' +
           'another to the current one: the change applies once every link is opened ' +
           '(`POST /v1/auth/email/change/confirm`). A newer request replaces the links; at most one a minute ' +
-          '(429). A wrong password counts toward the sign-in lockout. 404 with Supabase (supabase-js ' +
+          '(429), and a new address gets at most five changes’ links an hour, whatever accounts ask (429). ' +
+          'A wrong password counts toward the sign-in lockout. 404 with Supabase (supabase-js ' +
           '`auth.updateUser({ email })`; the service takes the new address at the next sign-in) or without ' +
           '`SMTP_URL` in production.',
         body: ChangeEmailBodySchema,

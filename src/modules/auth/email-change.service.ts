@@ -10,7 +10,14 @@ import { normalizeEmail } from './auth.schema.js';
 import type { EmailConfirmationDeps } from './email-confirmation.service.js';
 import type { EmailTokenRow } from './email-tokens.repository.js';
 import type { SessionsRepository } from './sessions.repository.js';
-import { createMailedTokens, newMailedToken, tokenParagraph, waitBeforeNextMail } from './mailed-tokens.js';
+import {
+  createMailedTokens,
+  MAILS_PER_ACCOUNT_HOUR,
+  mailCapKey,
+  newMailedToken,
+  tokenParagraph,
+  waitBeforeNextMail,
+} from './mailed-tokens.js';
 
 /**
  * As email confirmation's: the built-in provider's addresses change here (Supabase changes its own,
@@ -161,7 +168,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
     /**
      * Mails the links of a change of `user`'s address to `newEmail` (from `check`), replacing any
-     * earlier request's; 429 within a minute of the last one, 409 for a disabled user. A mail server
+     * earlier request's; 429 within a minute of the last one, or when `newEmail` was mailed
+     * MAILS_PER_ACCOUNT_HOUR changes' links in the hour (with rate limiting on), 409 for a disabled user. A mail server
      * failing is a 503, and nothing is kept. `byAdministrator`: support asks for the user, and only
      * the new address's link is mailed.
      */
@@ -182,6 +190,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     ): Promise<EmailChangeRequested> {
       const mailer = mailerOrNotFound();
       const byAdministrator = options.byAdministrator === true;
+      // The new address is anyone's, not the account's: at most MAILS_PER_ACCOUNT_HOUR changes' links an
+      // hour, whatever accounts ask (before a second factor's code is spent, or anything written).
+      const capKey = mailCapKey(deps.pepper, 'email_change', newEmail);
+      const capped = await tooMany(capKey);
+      if (capped) throw await refusedRequest(context, asked, 'too_many', capped);
       const run =
         options.transaction ??
         (<T>(work: (tx: Executor) => Promise<T>) => inTransaction(deps.db, deps.events, work));
@@ -246,6 +259,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         throw err;
       }
       const { user, confirmCurrent, tokens } = made;
+      await deps.mailsPerHour?.recordFailure(capKey);
       try {
         const send = (mail: MailMessage) =>
           deps.outbox ? deps.outbox.sendNow(mail, 'email_change') : mailer.send(mail);
@@ -363,6 +377,16 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     return new AppError('rate_limited', {
       detail: 'An email change was asked for less than a minute ago; wait before asking again',
       headers: { 'retry-after': String(Math.max(1, Math.ceil(waitMs / 1000))) },
+    });
+  }
+
+  /** A 429 when `capKey`'s address was mailed MAILS_PER_ACCOUNT_HOUR changes' links in the last hour. */
+  async function tooMany(capKey: string): Promise<AppError | undefined> {
+    const waitSeconds = (await deps.mailsPerHour?.retryAfter(capKey)) ?? 0;
+    if (waitSeconds === 0) return undefined;
+    return new AppError('rate_limited', {
+      detail: `The new address was mailed ${MAILS_PER_ACCOUNT_HOUR} email change links in the last hour; wait before asking again`,
+      headers: { 'retry-after': String(waitSeconds) },
     });
   }
 

@@ -69,6 +69,15 @@ export function newMailedToken(
 export const MAILS_PER_ACCOUNT_HOUR = 5;
 
 /**
+ * The key the hourly cap counts a purpose's mails to `email` under: by the address (keyed, never
+ * stored as it is), not the account, so an address registered, deleted and registered again, or asked
+ * for by any number of accounts, is one mailbox, which gets no more than its cap.
+ */
+export function mailCapKey(pepper: Buffer, purpose: EmailTokenPurpose, email: string): string {
+  return `${purpose}:${keyedHash(pepper, `mail-cap:${email.toLowerCase()}`)}`;
+}
+
+/**
  * One-time tokens mailed to a user (`email_tokens`): made with 256 random bits in a `SecretFormat`,
  * stored only as an HMAC under the pepper, one live per user and purpose, at most one mail a minute,
  * and (with `hourly`, shared through Redis when configured) at most MAILS_PER_ACCOUNT_HOUR an hour:
@@ -98,9 +107,7 @@ export function createMailedTokens(deps: {
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
-      // By the address (keyed, never stored as it is), not the account: an address registered, deleted
-      // and registered again is one mailbox, which gets no more than its cap.
-      const capKey = `${purpose}:${keyedHash(deps.pepper, `mail-cap:${user.email.toLowerCase()}`)}`;
+      const capKey = mailCapKey(deps.pepper, purpose, user.email);
       if (deps.hourly && (await deps.hourly.retryAfter(capKey)) > 0) return 'too_many';
       let token = '';
       let mailId: string | undefined;

@@ -279,8 +279,9 @@ export async function usersRoutes(
           'Built-in provider. Mails the user’s new address the link of `POST /v1/auth/email/change` (its ' +
           'current address is not asked); the address changes when the link is opened. Never one’s own ' +
           '(403: use `POST /v1/auth/email/change`, with the password). 409 for a disabled user or an ' +
-          'address with an account; 429 within a minute of the last request; 404 with Supabase (change ' +
-          'it there) or without `SMTP_URL` in production.',
+          'address with an account; 429 within a minute of the last request, or for a new address mailed ' +
+          'five changes’ links in the hour; 404 with Supabase (change it there) or without `SMTP_URL` in ' +
+          'production.',
         security,
         params: UserIdParamsSchema,
         body: AdminEmailChangeBodySchema,
