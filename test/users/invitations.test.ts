@@ -6,7 +6,7 @@ import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
-import { capturingMailer } from '../support/mail.js';
+import { capturingMailer, signInByLinks } from '../support/mail.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
 import { userWith } from '../clients/helpers.js';
 
@@ -160,6 +160,35 @@ describe('invitations: accounts an administrator makes', () => {
     const taken = await invite({ email });
     expect(taken.statusCode).toBe(409);
     expect(taken.json()).toMatchObject({ code: 'email_taken' });
+  });
+
+  it('an invited user who proved the address and signed in by a link holds the account: invited again, 409 email_taken', async () => {
+    const email = uniqueEmail('invited-by-link');
+    const first = await invite({ email, display_name: 'Ada Lovelace' });
+    expect(first.statusCode).toBe(201);
+    // No password chosen: the address confirmed (a confirmation link asked for again), then a sign-in link.
+    const accessToken = await signInByLinks(app, mailer, email);
+    const renamed = await app.inject({
+      method: 'PATCH',
+      url: '/v1/profiles/me',
+      headers: bearer(accessToken),
+      payload: { display_name: 'Countess of Lovelace' },
+    });
+    expect(renamed.statusCode, renamed.body).toBe(200);
+    clock.advance(61);
+    const invitations = mailer.sent.filter((m) => m.to === email && m.subject === 'You are invited').length;
+    const again = await invite({ email, display_name: 'Someone Else' });
+    expect(again.statusCode, again.body).toBe(409);
+    expect(again.json()).toMatchObject({ code: 'email_taken' });
+    expect(mailer.sent.filter((m) => m.to === email && m.subject === 'You are invited')).toHaveLength(
+      invitations,
+    );
+    const profile = await app.inject({
+      method: 'GET',
+      url: `/v1/profiles/${first.json().id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(profile.json().display_name).toBe('Countess of Lovelace');
   });
 
   it('of one address invited several times at once, makes one account; the others are told it was just mailed (409 conflict)', async () => {

@@ -643,6 +643,49 @@ describe('users and roles administration', () => {
     expect((await stepDown()).statusCode).toBe(204);
   });
 
+  it('an invited administrator who proved the address and signed in by a link counts: the last one may step down', async () => {
+    const pino = (await import('pino')).default;
+    const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const { capturingMailer, signInByLinks } = await import('../support/mail.js');
+    const database = await openMemoryDatabase(pino({ level: 'silent' }));
+    const mailer = capturingMailer();
+    const solo = await buildTestApp({ deps: { database, mailer } });
+    const only = await createAdmin(solo);
+    const asOnly = bearer(only.accessToken);
+    const email = 'linked-admin@example.test';
+    const invited = await solo.inject({
+      method: 'POST',
+      url: '/v1/users',
+      headers: asOnly,
+      payload: { email },
+    });
+    expect(invited.statusCode, invited.body).toBe(201);
+    const granted = await solo.inject({
+      method: 'PUT',
+      url: `/v1/users/${invited.json().id}/roles/admin`,
+      headers: asOnly,
+    });
+    expect(granted.statusCode, granted.body).toBeLessThan(300);
+    // No password ever chosen: the address confirmed, then a sign-in link; the role is theirs to use.
+    const accessToken = await signInByLinks(solo, mailer, email);
+    const listed = await solo.inject({ method: 'GET', url: '/v1/users', headers: bearer(accessToken) });
+    expect(listed.statusCode, listed.body).toBe(200);
+    const stepDown = await solo.inject({
+      method: 'DELETE',
+      url: `/v1/users/${only.id}/roles/admin`,
+      headers: asOnly,
+    });
+    expect(stepDown.statusCode, stepDown.body).toBe(204);
+    // They are the last now, and keep the role.
+    const last = await solo.inject({
+      method: 'DELETE',
+      url: `/v1/users/${invited.json().id}/roles/admin`,
+      headers: bearer(accessToken),
+    });
+    expect(last.statusCode, last.body).toBe(409);
+    expect(last.json().code).toBe('last_admin');
+  });
+
   it('a failure in the middle of a change leaves neither the change nor its event', async () => {
     const user = await registerUser(app, 'atomic');
     const spy = vi.spyOn(app.services.audit, 'record').mockImplementationOnce(async () => {

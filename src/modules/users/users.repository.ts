@@ -5,6 +5,15 @@ import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
 
 export type UserRow = typeof users.$inferSelect;
+
+/**
+ * An invitation nobody has taken yet: a built-in account an administrator made whose owner has neither
+ * chosen a password nor proven the address (a confirmation link, which then lets them sign in by a
+ * mailed link). Its link may expire unopened, so it holds no role anyone relies on, and inviting the
+ * address again mails a new link. Once taken it is an account like any other.
+ */
+export const isUntakenInvitation = (user: Pick<UserRow, 'provider' | 'passwordHash' | 'emailConfirmedAt'>) =>
+  user.provider === 'local' && user.passwordHash === null && user.emailConfirmedAt === null;
 export type NewUser = typeof users.$inferInsert;
 
 const escapeLike = (s: string) => s.replace(/[\\%_]/g, (c) => `\\${c}`);
@@ -173,9 +182,8 @@ export function createUsersRepository(db: Executor) {
       return rows.length > 0;
     },
     /**
-     * Users holding the role who can use it: active, and not an invitation nobody has accepted yet (a
-     * built-in account without a password; its link may expire unopened). Locked so two concurrent
-     * removals cannot both pass a last-admin check.
+     * Users holding the role who can use it: active, and not an invitation nobody has taken yet
+     * (`isUntakenInvitation`). Locked so two concurrent removals cannot both pass a last-admin check.
      */
     async lockRoleHolders(roleName: string, tx: Executor): Promise<string[]> {
       const rows = await tx
@@ -186,7 +194,7 @@ export function createUsersRepository(db: Executor) {
           and(
             eq(userRoles.roleName, roleName),
             eq(users.status, 'active'),
-            or(ne(users.provider, 'local'), isNotNull(users.passwordHash)),
+            or(ne(users.provider, 'local'), isNotNull(users.passwordHash), isNotNull(users.emailConfirmedAt)),
           ),
         )
         .for('update');

@@ -75,7 +75,8 @@ export async function usersRoutes(
           'password to `POST /v1/auth/password/reset`, which also confirms the address; until then sign-in ' +
           'answers as for a wrong password, and `POST /v1/auth/password/forgot` mails a new link. The ' +
           'caller must hold what the `user` role gives. Asked again for an account that is still an ' +
-          'invitation (no password chosen), it mails a new one (200; 409 within a minute of the last). 409 ' +
+          'invitation (no password chosen, the address not confirmed), it mails a new one (200; 409 within ' +
+          'a minute of the last). 409 ' +
           '`email_taken` for any other account. The mail goes after the answer, retried while the mail server ' +
           'refuses it; 404 with ' +
           'Supabase (invite through Supabase) or without `SMTP_URL` in production.',

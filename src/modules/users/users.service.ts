@@ -13,7 +13,7 @@ import type { SessionsService } from '../auth/sessions.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { RolesRepository } from '../roles/roles.repository.js';
 import { ROLE_REFUSAL } from '../roles/roles.service.js';
-import type { UserRow, UsersRepository } from './users.repository.js';
+import { isUntakenInvitation, type UserRow, type UsersRepository } from './users.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import { revokeKeysOfOwner } from '../api-keys/owner-keys.js';
@@ -27,9 +27,8 @@ const ADMIN_ROLE = 'admin';
 /** The role every account has from its start. */
 const USER_ROLE = 'user';
 
-/** An account an administrator made whose owner has not chosen a password yet. */
-const isInvitation = (user: UserRow) =>
-  user.provider === 'local' && user.passwordHash === null && user.status === 'active';
+/** An active account an administrator made whose owner has not taken it yet (users.repository). */
+const isInvitation = (user: UserRow) => user.status === 'active' && isUntakenInvitation(user);
 const MANAGE_REFUSAL = 'You cannot act on a user who holds permissions you do not hold yourself';
 /** Taking a role away takes what it gives: the grant ceiling's refusal, said of a removal. */
 const REMOVAL_REFUSAL = 'You cannot remove a role that gives permissions you do not hold yourself';
@@ -205,8 +204,8 @@ export function createUsersService(deps: {
      * address). The caller must hold what the `user` role gives. The account, its link and its mail
      * commit together, and the mail goes once they have (the step `write` returns): nothing is visible
      * before, and nothing waits for the mail server. An address whose account is still an invitation
-     * (built-in, no password yet) gets its invitation again (`created: false`; 409 within a minute of
-     * the last mail); any other account is 409 `email_taken`.
+     * (built-in, no password chosen nor address proven yet) gets its invitation again (`created:
+     * false`; 409 within a minute of the last mail); any other account is 409 `email_taken`.
      */
     async invite(
       input: { email: string; displayName?: string | undefined },
