@@ -8,6 +8,7 @@ import { selectRows } from '../../src/db/client.js';
 import { keyedHash } from '../../src/lib/crypto.js';
 import { MAILS_PER_ACCOUNT_HOUR } from '../../src/modules/auth/mailed-tokens.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
+import { waitForLockWaiters } from '../support/database.js';
 import { captureLogs } from '../support/logs.js';
 import { createTestClock } from '../support/clock.js';
 import {
@@ -28,19 +29,6 @@ const CHANGE_URL = 'https://app.example.test/email-change';
 const TO_NEW = 'Confirm your new email address';
 const TO_CURRENT = 'Confirm the change of your email address';
 const NOTICE = 'Your email address was changed';
-
-/** Waits until `count` statements of the database wait for a lock held by `holder`'s transaction, directly or behind one another. */
-async function waitForLockWaiters(holder: pg.Client, count: number): Promise<void> {
-  for (let waited = 0; waited < 15_000; waited += 20) {
-    const { rows } = await holder.query<{ n: number }>(
-      `SELECT count(*)::int AS n FROM pg_stat_activity
-        WHERE datname = current_database() AND wait_event_type = 'Lock' AND cardinality(pg_blocking_pids(pid)) > 0`,
-    );
-    if (rows[0]!.n >= count) return;
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-  throw new Error(`fewer than ${count} statements came to wait for the lock`);
-}
 
 describe('changing the email address (built-in provider)', () => {
   let app: FastifyInstance;

@@ -2,11 +2,13 @@ import { createHmac } from 'node:crypto';
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
-import { beforeAll, describe, expect, it } from 'vitest';
+import pg from 'pg';
+import { beforeAll, describe, expect, inject, it } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
+import { waitForLockWaiters } from '../support/database.js';
 import {
   createAdmin,
   login,
@@ -175,6 +177,56 @@ describe('sign-in links (built-in provider)', () => {
     expect(verified.statusCode, verified.body).toBe(200);
     expect(decodeJwt(verified.json().session.access_token).amr).toEqual(['email', 'otp', 'mfa']);
   });
+
+  // On PostgreSQL: signing out everywhere is sent while the link's transaction holds the account's row,
+  // and commits before anything else that opening the link does; PGlite has one connection.
+  it.skipIf(!inject('databaseUrl'))(
+    'a second factor’s challenge ends with a logout everywhere committed while the link was being opened',
+    async () => {
+      const user = await confirmed('link-mfa-logout');
+      const { code } = await turnOnMfa(app, user.accessToken, clock.nowMs);
+      clock.advance(61);
+      await ask(user.email);
+      const token = tokenMailedTo(user.email);
+      const tokens = app.services.repos.emailTokens;
+      const consume = tokens.consume;
+      const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
+      await watcher.connect();
+      let loggedOut: Promise<{ statusCode: number }> | undefined;
+      tokens.consume = async (...args) => {
+        const used = await consume.apply(tokens, args);
+        // The link is taken, its transaction holds the account's row: everywhere is signed out now,
+        // waiting for that row, and committing as soon as the link's transaction has.
+        const [holder] = await selectRows<{ pid: number }>(args[2], sql`select pg_backend_pid() as pid`);
+        loggedOut ??= app.inject({
+          method: 'POST',
+          url: '/v1/auth/logout',
+          headers: bearer(user.accessToken),
+          payload: { scope: 'all' },
+        });
+        await waitForLockWaiters(watcher, 1, holder!.pid);
+        return used;
+      };
+      let res: Awaited<ReturnType<typeof open>>;
+      try {
+        res = await open(token);
+      } finally {
+        tokens.consume = consume;
+        await watcher.end();
+      }
+      expect((await loggedOut)?.statusCode).toBe(204);
+      expect(res.statusCode, res.body).toBe(403);
+      expect(res.json()).toMatchObject({ code: 'mfa_required' });
+      clock.advance(30);
+      const verified = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/verify',
+        payload: { mfa_token: res.json().mfa_token, code: code() },
+      });
+      expect(verified.statusCode, verified.body).toBe(401);
+      expect(verified.json()).toMatchObject({ code: 'invalid_mfa_token' });
+    },
+  );
 
   it('voids links not yet opened on a password change, on signing out everywhere and on a disable', async () => {
     const admin = await createAdmin(app);

@@ -71,3 +71,25 @@ export async function ownDatabase(
     },
   };
 }
+
+/**
+ * Waits until `count` statements of the database wait for a lock (directly or behind one another),
+ * asking through `client`; with `blockedBy`, only those the backend of that pid blocks.
+ */
+export async function waitForLockWaiters(
+  client: pg.Client,
+  count: number,
+  blockedBy?: number,
+): Promise<void> {
+  for (let waited = 0; waited < 15_000; waited += 20) {
+    const { rows } = await client.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE datname = current_database() AND wait_event_type = 'Lock' AND cardinality(pg_blocking_pids(pid)) > 0
+          AND ($1::int IS NULL OR $1::int = ANY(pg_blocking_pids(pid)))`,
+      [blockedBy ?? null],
+    );
+    if (rows[0]!.n >= count) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`fewer than ${count} statements came to wait for the lock`);
+}

@@ -16,7 +16,7 @@ export const MAGIC_LINK_AMR = ['email'] as const;
 
 export type MagicLinkDeps = EmailConfirmationDeps & {
   auth: Pick<AuthService, 'startSessionIn' | 'sessionTokens'>;
-  mfa: Pick<MfaService, 'challenge'>;
+  mfa: Pick<MfaService, 'challengeIn'>;
   /** The sign-in lockout: the mailbox's owner is let in, and a lockout someone else caused lifted. */
   failures: FailureCounter;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
@@ -120,14 +120,18 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         if (user?.status !== 'active' || user.email !== row.email || !user.emailConfirmedAt)
           return 'disabled' as const;
         const started = await deps.auth.startSessionIn(tx, user, context, 'auth.magic_link', MAGIC_LINK_AMR);
+        // The second factor's challenge on this transaction, with the row still held: a reset, a
+        // password change or signing out everywhere committing meanwhile waits for it, and discards it.
+        if (started === 'second_factor')
+          return { user, challenge: await deps.mfa.challengeIn(tx, user, 'auth.magic_link', context) };
         return { user, started };
       });
       if (outcome === 'used') throw await invalid('used_token', row.userId);
       if (outcome === 'disabled') throw await invalid('disabled', row.userId);
-      const { user, started } = outcome;
       // Whoever holds the mailbox is the owner: a lockout someone else caused no longer stands.
-      await deps.failures.reset(user.email);
-      if (started === 'second_factor') throw await deps.mfa.challenge(user, 'auth.magic_link', context);
+      await deps.failures.reset(outcome.user.email);
+      if ('challenge' in outcome) throw outcome.challenge;
+      const { user, started } = outcome;
       deps.onLogin?.('success');
       return { user, session: await deps.auth.sessionTokens(user, started) };
     },

@@ -326,6 +326,40 @@ export function createMfaService(deps: MfaServiceDeps) {
     });
   }
 
+  /** Writes a sign-in's challenge on `tx` (audited) and gives the `mfa_required` refusal carrying its token. */
+  async function writeChallenge(
+    tx: Executor,
+    user: UserRow,
+    via: 'auth.login' | 'auth.exchange' | 'auth.magic_link',
+    context: RequestContext,
+  ): Promise<AppError> {
+    const { token } = generateSecret(MFA_TOKEN_FORMAT);
+    const now = deps.clock.now();
+    await deps.repo.insertChallenge(
+      {
+        userId: user.id,
+        tokenHash: challengeHash(token),
+        via,
+        ip: context.ip,
+        userAgent: context.userAgent,
+        createdAt: now,
+        expiresAt: addSeconds(now, deps.challengeTtlSeconds),
+      },
+      tx,
+    );
+    // By whoever gave the first factor, not yet the user (as a wrong code then is): someone unknown in
+    // the account's activity, with where from.
+    await deps.audit.record(tx, context, { type: 'auth.mfa_challenge', subjectId: user.id, data: { via } });
+    return new AppError('mfa_required', {
+      detail: 'Enter a code from your authenticator app (or a recovery code) at POST /v1/auth/mfa/verify',
+      extensions: {
+        mfa_token: token,
+        mfa_token_expires_in: deps.challengeTtlSeconds,
+        mfa_methods: ['totp', 'recovery_code'],
+      },
+    });
+  }
+
   return {
     /**
      * At start: the stored factors' secrets open with this KEY_ENCRYPTION_KEY. A changed key would
@@ -564,42 +598,27 @@ export function createMfaService(deps: MfaServiceDeps) {
       /** A password sign-in's checked hash: PasswordReplaced when it is no longer the account's. */
       checkedHash?: string,
     ): Promise<AppError> {
-      const { token } = generateSecret(MFA_TOKEN_FORMAT);
-      const now = deps.clock.now();
-      await inTransaction(deps.db, deps.events, async (tx) => {
+      return inTransaction(deps.db, deps.events, async (tx) => {
         // Under the row's share lock, as the session would be: a reset or a change committed since
         // the password was checked finds no challenge to discard, so none is made.
         const row = await deps.users.findByIdForShare(user.id, tx);
         if (checkedHash !== undefined && row?.passwordHash !== checkedHash) throw new PasswordReplaced();
-        await deps.repo.insertChallenge(
-          {
-            userId: user.id,
-            tokenHash: challengeHash(token),
-            via,
-            ip: context.ip,
-            userAgent: context.userAgent,
-            createdAt: now,
-            expiresAt: addSeconds(now, deps.challengeTtlSeconds),
-          },
-          tx,
-        );
-        // By whoever gave the first factor, not yet the user (as a wrong code then is): someone
-        // unknown in the account's activity, with where from.
-        await deps.audit.record(tx, context, {
-          type: 'auth.mfa_challenge',
-          subjectId: user.id,
-          data: { via },
-        });
-      });
-      return new AppError('mfa_required', {
-        detail: 'Enter a code from your authenticator app (or a recovery code) at POST /v1/auth/mfa/verify',
-        extensions: {
-          mfa_token: token,
-          mfa_token_expires_in: deps.challengeTtlSeconds,
-          mfa_methods: ['totp', 'recovery_code'],
-        },
+        return writeChallenge(tx, user, via, context);
       });
     },
+
+    /**
+     * `challenge` on the caller's transaction, which holds the user's row from the first factor's check
+     * on (a sign-in link taken under it): a reset, a password change or signing out everywhere, which
+     * lock that row to discard challenges, comes before the first factor or after the challenge is
+     * written, and discards it.
+     */
+    challengeIn: (
+      tx: Executor,
+      user: UserRow,
+      via: 'auth.login' | 'auth.exchange' | 'auth.magic_link',
+      context: RequestContext,
+    ): Promise<AppError> => writeChallenge(tx, user, via, context),
 
     /** Completes a sign-in with its challenge's token and a code: the session opens. */
     async verify(
