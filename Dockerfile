@@ -36,4 +36,6 @@ EXPOSE 8000
 # (DB_MIGRATION_RETRY_MS, 60 s) while the database comes up.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
   CMD node -e "fetch('http://127.0.0.1:'+(process.env.PORT||8000)+'/health/live').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+# node is PID 1: the kernel gives it no default action for SIGTERM, so the server listens for SIGTERM
+# and SIGINT itself from the start of main() (during the migrations too), not only once it is ready.
 CMD ["node", "dist/src/server.js"]

@@ -8,7 +8,28 @@ import { databaseLocation, describeFailure, isOperational } from './lib/failure.
 import { createLogger } from './lib/logger.js';
 import { KeyEncryptionKeyMismatchError } from './lib/crypto.js';
 
+/**
+ * Until the graceful shutdown below is in place, a SIGTERM or SIGINT ends the start at once, exit 0
+ * (a stop that was asked for), with a line saying so. In the image node is PID 1, which the kernel
+ * gives no default action for a signal it has no listener for: without this, a `docker stop` or a
+ * pod's deletion during the migrations (the advisory lock's wait, up to a minute of retries) was
+ * discarded, and the service came up anyway. A migration cut short is rolled back by PostgreSQL.
+ */
+function stopStartOnSignal(): () => void {
+  const stop = (signal: NodeJS.Signals) => {
+    process.stderr.write(`start stopped by ${signal}: the service was not ready and exits\n`);
+    process.exit(0);
+  };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+  return () => {
+    process.removeListener('SIGTERM', stop);
+    process.removeListener('SIGINT', stop);
+  };
+}
+
 async function main() {
+  const stopStartListening = stopStartOnSignal();
   let config: ReturnType<typeof loadConfig>;
   try {
     config = loadConfig(process.env);
@@ -35,6 +56,7 @@ async function main() {
   // SIGTERM: readiness turns 503 at once; for SHUTDOWN_DRAIN_MS the service keeps serving while the
   // load balancer notices and stops sending; then the server stops accepting, in-flight requests
   // finish, the pool closes and the process exits 0.
+  stopStartListening();
   closeWithGrace({ delay: config.shutdownTimeoutMs, logger }, async ({ signal, err }) => {
     if (err) logger.error({ err }, 'shutting down after an error');
     else logger.info({ signal, drainMs: config.shutdownDrainMs }, 'shutting down');

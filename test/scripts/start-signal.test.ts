@@ -1,0 +1,107 @@
+import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import pg from 'pg';
+import { lock } from 'proper-lockfile';
+import { afterAll, describe, expect, inject, it } from 'vitest';
+import { freePort } from '../faults/support/cluster.js';
+import { scratchDatabase } from '../support/database.js';
+
+/*
+ * In the image node is PID 1, and the kernel discards a signal PID 1 has no listener for: a SIGTERM
+ * (docker stop, a pod's deletion) during the start's waits was ignored and the service came up
+ * anyway. The start listens for it from its first line. Here the server is not PID 1, so a signal
+ * without a listener would kill it; what shows the listener is the way it ends: its own line and
+ * exit 0, not death by the signal.
+ */
+
+const ROOT = resolve(import.meta.dirname, '../..');
+/** src/db/migrations.ts's advisory lock. */
+const MIGRATION_LOCK_KEY = 7_344_021_118;
+
+/** Starts the server; resolves once a line matches `waitingFor`, with a way to await its exit. */
+async function startUntil(env: Record<string, string>, waitingFor: RegExp) {
+  const port = await freePort();
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+    cwd: ROOT,
+    env: {
+      PATH: process.env.PATH ?? '',
+      HOME: process.env.HOME ?? tmpdir(),
+      NODE_ENV: 'test',
+      HOST: '127.0.0.1',
+      PORT: String(port),
+      LOG_LEVEL: 'info',
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  for (const stream of [child.stdout, child.stderr])
+    stream.on('data', (chunk: Buffer) => {
+      out += chunk.toString();
+    });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((done) =>
+    child.once('exit', (code, signal) => done({ code, signal })),
+  );
+  await expect.poll(() => waitingFor.test(out), { timeout: 40_000, interval: 100 }).toBe(true);
+  return { child, exited, output: () => out };
+}
+
+describe('a SIGTERM during the start', () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'auth-start-signal-'));
+  afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+
+  it.runIf(inject('databaseUrl'))(
+    'while another instance holds the migration lock (PostgreSQL): the start stops, exit 0, not killed by the signal',
+    async () => {
+      const scratch = (await scratchDatabase('auth_start_signal'))!;
+      const holder = new pg.Client({ connectionString: scratch.url });
+      await holder.connect();
+      try {
+        await holder.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);
+        const server = await startUntil(
+          { DATABASE_URL: scratch.url, DATA_DIR: dataDir },
+          /another instance is applying database migrations; waiting/,
+        );
+        const signalledAt = performance.now();
+        server.child.kill('SIGTERM');
+        const exit = await server.exited;
+        expect(exit, server.output()).toEqual({ code: 0, signal: null });
+        expect(performance.now() - signalledAt).toBeLessThan(5000);
+        expect(server.output()).toContain('start stopped by SIGTERM');
+        expect(server.output()).not.toContain('auth service ready');
+      } finally {
+        await holder.end().catch(() => undefined);
+        await scratch.drop();
+      }
+    },
+    60_000,
+  );
+
+  it('while another process holds the embedded database: the start stops, exit 0, not killed by the signal', async () => {
+    const own = join(dataDir, 'pglite-held');
+    mkdirSync(join(own, 'pglite'), { recursive: true });
+    // What a first `npm start` holds (src/db/client.ts's lock on the directory).
+    const release = await lock(join(own, 'pglite'), {
+      lockfilePath: join(own, 'pglite.lock'),
+      realpath: false,
+      stale: 10_000,
+      update: 2_000,
+    });
+    try {
+      const server = await startUntil(
+        { DATABASE_URL: '', DATA_DIR: own },
+        /is locked by another process; waiting/,
+      );
+      const signalledAt = performance.now();
+      server.child.kill('SIGTERM');
+      const exit = await server.exited;
+      expect(exit, server.output()).toEqual({ code: 0, signal: null });
+      expect(performance.now() - signalledAt).toBeLessThan(5000);
+      expect(server.output()).toContain('start stopped by SIGTERM');
+    } finally {
+      await release();
+    }
+  }, 60_000);
+});
