@@ -137,12 +137,19 @@ const TRANSIENT_PG_CODES = new Set([
 export function isDatabaseUnavailable(err: unknown): boolean {
   let cur: unknown = err;
   for (let depth = 0; cur && depth < 5; depth++) {
-    const e = cur as { code?: unknown; message?: unknown; cause?: unknown };
+    const e = cur as { code?: unknown; message?: unknown; cause?: unknown; syscall?: unknown };
     const code = typeof e.code === 'string' ? e.code : '';
     if (TRANSIENT_PG_CODES.has(code) || code.startsWith('08')) return true;
-    if (['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH'].includes(code))
-      return true;
     const message = typeof e.message === 'string' ? e.message : '';
+    // An HTTP request whose client went away before its body arrived is an ECONNRESET too (Node's
+    // 'aborted', of no system call), not the database's: a reset of the database's connection is a
+    // socket call's ('read ECONNRESET') or a TLS handshake cut short.
+    const clientAborted = code === 'ECONNRESET' && message === 'aborted' && e.syscall === undefined;
+    if (
+      ['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH'].includes(code) &&
+      !clientAborted
+    )
+      return true;
     if (
       /Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|Client has encountered a connection error|Connection ended|the database system is (starting up|shutting down|in recovery)|terminating connection|Cannot use a pool after calling end/i.test(
         message,

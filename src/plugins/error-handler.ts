@@ -129,12 +129,14 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
       detail: 'Something this request refers to was removed meanwhile; read it again and retry',
     });
   }
-  if (isDatabaseUnavailable(err)) {
-    request.log.warn({ err }, 'database unavailable');
-    return new AppError('service_unavailable', { headers: { 'retry-after': '1' }, cause: err });
-  }
+  // A status Fastify gave is about the request, and comes before the database check: a client that
+  // closes its connection before its body has arrived is an ECONNRESET too ('aborted', a 400).
   const status = typeof e?.statusCode === 'number' ? e.statusCode : 500;
   if (status >= 400 && status < 500) {
+    if (e.code === 'ECONNRESET') {
+      request.log.info('the client closed the connection before its body arrived');
+      return new AppError('bad_request', { detail: 'The body broke off before it was complete' });
+    }
     if (status === 429) return new AppError('rate_limited');
     if (status === 413) return new AppError('payload_too_large');
     // The router's message repeats the whole URL.
@@ -143,6 +145,10 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
     if (status === 415) return new AppError('unsupported_media_type');
     if (status === 404) return new AppError('not_found');
     return new AppError('bad_request', { detail: e.message, status });
+  }
+  if (isDatabaseUnavailable(err)) {
+    request.log.warn({ err }, 'database unavailable');
+    return new AppError('service_unavailable', { headers: { 'retry-after': '1' }, cause: err });
   }
   request.log.error({ err }, 'unhandled error');
   return new AppError('internal_error');

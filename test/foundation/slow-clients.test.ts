@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
+import { captureLogs } from '../support/logs.js';
 
 /** What a raw socket receives until the server closes it (or `waitMs` passes), and whether it closed. */
 function trickle(
@@ -151,5 +152,30 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
     const problem = parseAnswer(other.received);
     expect(problem.status).toBe(400);
     expect(problem.headers['content-type']).toMatch(/^application\/problem\+json/);
+  });
+});
+
+describe('a client that closes its connection before its body has arrived', () => {
+  it('is logged as that, at info, not as the database being unavailable', async () => {
+    const logs = captureLogs('info');
+    const app = await buildTestApp({ deps: { logger: logs.logger } });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const socket = connect(port, '127.0.0.1');
+    socket.on('error', () => undefined);
+    socket.write(
+      'POST /v1/auth/login HTTP/1.1\r\nHost: auth.test\r\nContent-Type: application/json\r\n' +
+        'Content-Length: 100\r\n\r\n{"email":',
+    );
+    type Entry = { level: number; msg: string; reqId?: string };
+    const entries = () => logs.lines.map((l) => JSON.parse(l) as Entry);
+    await expect.poll(() => entries().some((entry) => entry.msg === 'incoming request')).toBe(true);
+    socket.destroy();
+    // What the service says of the request once the client has gone.
+    const outcome = () => entries().filter((entry) => entry.reqId && entry.msg !== 'incoming request');
+    await expect.poll(() => outcome().length).toBeGreaterThan(0);
+    expect(outcome()).toEqual([
+      expect.objectContaining({ level: 30, msg: 'the client closed the connection before its body arrived' }),
+    ]);
   });
 });

@@ -1,6 +1,7 @@
 import type { FastifyRequest } from 'fastify';
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
+import { isDatabaseUnavailable } from '../../src/lib/errors.js';
 import { toAppError } from '../../src/plugins/error-handler.js';
 
 const request = { log: pino({ level: 'silent' }) } as unknown as FastifyRequest;
@@ -24,6 +25,29 @@ describe('toAppError', () => {
       const wrapped = new Error('Failed query: select ...', { cause: driverError });
       expect(toAppError(wrapped, request), code).toMatchObject({ status: 503, code: 'service_unavailable' });
     }
+  });
+
+  it('answers the database connection reset under a query with a 503', () => {
+    // What node-postgres rejects a query with when the server's socket is reset.
+    const reset = Object.assign(new Error('read ECONNRESET'), {
+      code: 'ECONNRESET',
+      errno: -104,
+      syscall: 'read',
+    });
+    const wrapped = new Error('Failed query: select ...', { cause: reset });
+    expect(toAppError(wrapped, request)).toMatchObject({ status: 503, code: 'service_unavailable' });
+    // And the TLS handshake with the database cut short (no system call there).
+    const handshake = Object.assign(
+      new Error('Client network socket disconnected before secure TLS connection was established'),
+      { code: 'ECONNRESET' },
+    );
+    expect(toAppError(handshake, request)).toMatchObject({ status: 503, code: 'service_unavailable' });
+  });
+
+  it('does not take an HTTP request its client aborted (Node’s ECONNRESET “aborted”) for the database', () => {
+    const aborted = Object.assign(new Error('aborted'), { code: 'ECONNRESET' });
+    expect(isDatabaseUnavailable(aborted)).toBe(false);
+    expect(isDatabaseUnavailable(new Error('request failed', { cause: aborted }))).toBe(false);
   });
 
   it('keeps a failed query it cannot attribute to the input a 500', () => {
