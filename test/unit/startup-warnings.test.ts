@@ -17,12 +17,15 @@ describe('what the start warns about', () => {
     ]);
   });
 
-  it('in production: no PUBLIC_URL, the embedded database, no SMTP_URL, limits turned off', async () => {
+  it('in production: no PUBLIC_URL, the embedded database, no SMTP_URL, every proxy trusted, limits turned off', async () => {
     const production = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: KEY, SECRET_PEPPER: KEY };
-    expect(await messages({ ...production, RATE_LIMIT_ENABLED: 'false' }, 'pglite')).toEqual([
+    expect(
+      await messages({ ...production, TRUST_PROXY: 'true', RATE_LIMIT_ENABLED: 'false' }, 'pglite'),
+    ).toEqual([
       expect.stringMatching(/^PUBLIC_URL is not set/),
       expect.stringMatching(/^no DATABASE_URL/),
       expect.stringMatching(/^no SMTP_URL/),
+      expect.stringMatching(/^TRUST_PROXY=true: X-Forwarded-For is believed whoever sends it/),
       expect.stringMatching(/^RATE_LIMIT_ENABLED=false/),
     ]);
     expect(
@@ -31,9 +34,10 @@ describe('what the start warns about', () => {
         PUBLIC_URL: 'https://auth.example.com',
         SMTP_URL: 'smtp://mail.example.com',
         MAIL_FROM: 'auth@example.com',
+        TRUST_PROXY: '10.0.0.0/8',
       }),
     ).toEqual([]);
     // Development says none of those.
-    expect(await messages({ RATE_LIMIT_ENABLED: 'false' }, 'pglite')).toEqual([]);
+    expect(await messages({ RATE_LIMIT_ENABLED: 'false', TRUST_PROXY: 'true' }, 'pglite')).toEqual([]);
   });
 });
