@@ -272,9 +272,12 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
     try {
       checkPasswordStrength(env.BOOTSTRAP_ADMIN_PASSWORD!, env.BOOTSTRAP_ADMIN_EMAIL?.trim().toLowerCase());
     } catch (err) {
+      // Only the password rules' refusal is the password's fault; a list of common passwords that
+      // cannot be read says so itself.
+      if (!(err instanceof AppError)) throw err;
       issues.push({
         path: 'BOOTSTRAP_ADMIN_PASSWORD',
-        message: err instanceof AppError && err.detail ? err.detail : 'is not an acceptable password',
+        message: err.detail ?? 'is not an acceptable password',
       });
     }
   }

@@ -7,6 +7,7 @@ import { DatabaseLockedError, MigrationError, openDatabase } from './db/client.j
 import { databaseLocation, describeFailure, isOperational } from './lib/failure.js';
 import { createLogger } from './lib/logger.js';
 import { KeyEncryptionKeyMismatchError } from './lib/crypto.js';
+import { CommonPasswordsError, loadCommonPasswords } from './identity/passwords.js';
 
 /**
  * Until the graceful shutdown below is in place, a SIGTERM or SIGINT ends the start at once, exit 0
@@ -41,6 +42,8 @@ async function main() {
     throw err;
   }
   const logger = createLogger(config.logLevel);
+  // Before the database is opened: an install without data/ would start and answer every registration 500.
+  loadCommonPasswords();
   const database = await openDatabase({
     url: config.databaseUrl,
     dataDir: config.dataDir,
@@ -108,7 +111,8 @@ main().catch((err: unknown) => {
   if (
     err instanceof DatabaseLockedError ||
     err instanceof MigrationError ||
-    err instanceof KeyEncryptionKeyMismatchError
+    err instanceof KeyEncryptionKeyMismatchError ||
+    err instanceof CommonPasswordsError
   ) {
     process.stderr.write(`failed to start: ${err.message}\n`);
     process.exit(1);

@@ -3,7 +3,7 @@ import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import type { DatabaseHandle } from './db/client.js';
 import { createLocalProvider } from './identity/local.js';
-import { createPasswordHasher } from './identity/passwords.js';
+import { createPasswordHasher, loadCommonPasswords } from './identity/passwords.js';
 import type { IdentityProvider } from './identity/provider.js';
 import { createSupabaseProvider } from './identity/supabase.js';
 import type { Clock } from './lib/clock.js';
@@ -181,6 +181,8 @@ export function createServices(deps: ServicesDeps) {
     maxTtl: config.tokens.maxAccessTtl,
   });
   const hasher = createPasswordHasher(config.passwordHashing);
+  // Now rather than at the first registration: a missing file stops the start, naming it.
+  loadCommonPasswords();
   const provider: IdentityProvider =
     deps.identityProvider ??
     (config.authProvider === 'supabase' && config.supabase

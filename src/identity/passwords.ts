@@ -12,13 +12,34 @@ export const ARGON2_OPTIONS = {
   parallelism: 1,
 } as const;
 
-const COMMON_PASSWORDS_FILE = join(PROJECT_ROOT, 'data/common-passwords.txt');
+export const COMMON_PASSWORDS_FILE = join(PROJECT_ROOT, 'data/common-passwords.txt');
 let commonPasswords: Set<string> | undefined;
 
-function common(): Set<string> {
+/** The list of common passwords cannot be read: no password could be checked. */
+export class CommonPasswordsError extends Error {
+  override name = 'CommonPasswordsError';
+}
+
+/**
+ * data/common-passwords.txt, read once. The start reads it (createServices, and the server before it
+ * opens the database), so an install without data/ stops there naming the file, instead of starting
+ * and answering every registration and password change 500.
+ */
+export function loadCommonPasswords(): Set<string> {
   if (!commonPasswords) {
+    let text: string;
+    try {
+      text = readFileSync(COMMON_PASSWORDS_FILE, 'utf8');
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new CommonPasswordsError(
+        `cannot read the list of common passwords ${COMMON_PASSWORDS_FILE} (${code ?? (err as Error).message}): ` +
+          'it is part of the service, beside drizzle/; install data/ with it (the image copies it)',
+        { cause: err },
+      );
+    }
     commonPasswords = new Set(
-      readFileSync(COMMON_PASSWORDS_FILE, 'utf8')
+      text
         .split('\n')
         .filter((l) => l && !l.startsWith('#'))
         .map((l) => l.trim().toLowerCase()),
@@ -41,7 +62,7 @@ export function checkPasswordStrength(password: string, email?: string, field = 
     });
   }
   const lowered = password.toLowerCase();
-  if (common().has(lowered) || (email && lowered === email.toLowerCase())) {
+  if (loadCommonPasswords().has(lowered) || (email && lowered === email.toLowerCase())) {
     throw new AppError('weak_password', {
       detail: 'This password is too common; choose another',
       errors: [{ field, message: 'is a commonly used password' }],
