@@ -2,7 +2,7 @@ import type { FastifyHelmetOptions } from '@fastify/helmet';
 import { STATUS_CODES } from 'node:http';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
-import type { FastifyInstance, FastifySchema } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest, FastifySchema } from 'fastify';
 import fp from 'fastify-plugin';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import type { ZodType } from 'zod';
@@ -96,6 +96,20 @@ const REDOC_PAGE = `<!doctype html>
 
 /** Where Swagger UI and its assets are served: HTML pages, unlike every other route. */
 export const DOCS_PREFIX = '/docs';
+
+/**
+ * Swagger UI's page at /docs (no trailing slash) links its assets absolutely (/docs/static/…), and
+ * its /docs/static/index.html redirects to /docs/: behind a proxy that strips PUBLIC_URL's path
+ * (https://example.com/auth → the service's /) those miss. The page at /docs/ links them relatively,
+ * so both are sent there by a relative redirect, which keeps whatever prefix the browser used.
+ */
+async function relativeDocsRedirects(request: FastifyRequest, reply: FastifyReply) {
+  const at = request.url.indexOf('?');
+  const path = at < 0 ? request.url : request.url.slice(0, at);
+  const query = at < 0 ? '' : request.url.slice(at);
+  if (path === DOCS_PREFIX) return reply.redirect(`${DOCS_PREFIX.slice(1)}/${query}`, 301);
+  if (path === `${DOCS_PREFIX}/static/index.html`) return reply.redirect(`../${query}`, 301);
+}
 
 interface DocumentedSchema {
   hide?: boolean;
@@ -510,6 +524,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
       requestInterceptor: oneCredential,
     },
     staticCSP: false,
+    uiHooks: { onRequest: relativeDocsRedirects },
   });
 
   app.get('/openapi.json', { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>

@@ -369,3 +369,31 @@ describe('Swagger UI in production', () => {
     expect(initializer.body).toMatch(/"persistAuthorization":\s*false/);
   });
 });
+
+describe('Swagger UI behind a proxy that strips PUBLIC_URL’s path', () => {
+  it('sends /docs to docs/ relatively, and the page there links its assets relatively', async () => {
+    const app = await buildTestApp({ env: { PUBLIC_URL: 'https://example.com/auth' } });
+    // What the browser asked for, through the proxy, and where it goes from there.
+    const seen = (url: string) => `https://example.com/auth${url}`;
+    for (const [url, to] of [
+      ['/docs', '/auth/docs/'],
+      ['/docs?x=1', '/auth/docs/?x=1'],
+      ['/docs/static/index.html', '/auth/docs/'],
+    ] as const) {
+      const res = await app.inject({ method: 'GET', url });
+      expect(res.statusCode, url).toBe(301);
+      const target = new URL(String(res.headers.location), seen(url));
+      expect(`${target.pathname}${target.search}`, url).toBe(to);
+    }
+    const page = await app.inject({ method: 'GET', url: '/docs/' });
+    expect(page.statusCode).toBe(200);
+    const links = [...page.body.matchAll(/(?:href|src)="([^"]+)"/g)].map((m) => m[1]!);
+    expect(links.length).toBeGreaterThan(3);
+    for (const link of links) {
+      expect(link).toMatch(/^\.\/static\//);
+      // Each resolves, from the page's address behind the proxy, to an asset the service serves.
+      const asset = new URL(link, seen('/docs/')).pathname.replace(/^\/auth/, '');
+      expect((await app.inject({ method: 'GET', url: asset })).statusCode, asset).toBe(200);
+    }
+  });
+});
