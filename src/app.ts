@@ -467,17 +467,21 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   await app.register(mfaRoutes, { mfa: services.mfa, users: services.users, auth: services.auth });
   await app.register(signingKeysRoutes, { keys: services.keys });
+  // A 201's Location is a path as the client sees it: behind a proxy that strips PUBLIC_URL's path
+  // (https://example.com/auth), /auth/v1/roles/x, not /v1/roles/x, which would resolve outside it.
+  const basePath = new URL(config.publicUrl).pathname.replace(/\/+$/, '');
   await app.register(usersRoutes, {
+    basePath,
     users: services.users,
     passwordReset: services.passwordReset,
     emailChange: services.emailChange,
     mfa: services.mfa,
   });
-  await app.register(rolesRoutes, { roles: services.roles });
+  await app.register(rolesRoutes, { roles: services.roles, basePath });
   await app.register(profilesRoutes, { profiles: services.profiles });
   await app.register(auditRoutes, { audit: services.audit });
-  await app.register(apiKeysRoutes, { apiKeys: services.apiKeys });
-  await app.register(clientsRoutes, { clients: services.clients, clock });
+  await app.register(apiKeysRoutes, { apiKeys: services.apiKeys, basePath });
+  await app.register(clientsRoutes, { clients: services.clients, clock, basePath });
   // Form bodies (RFC 6749 §3.2) are parsed in the OAuth routes' own scope and nowhere else: every
   // other route answers one with 415, so a cross-site HTML form (which posts without a CORS preflight)
   // cannot log in, register or change anything.

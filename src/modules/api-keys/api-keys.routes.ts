@@ -111,7 +111,10 @@ const READ = ['api_keys:own', 'api_keys:read'];
 const WRITE = ['api_keys:own', 'api_keys:write'];
 const OTHERS = 'Another user’s key needs api_keys:read to see and api_keys:write to change; without it, 404.';
 
-export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKeysService }) {
+export async function apiKeysRoutes(
+  app: FastifyInstance,
+  deps: { apiKeys: ApiKeysService; basePath: string },
+) {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
   r.post(
@@ -138,7 +141,7 @@ export async function apiKeysRoutes(app: FastifyInstance, deps: { apiKeys: ApiKe
       );
       return reply
         .status(201)
-        .header('location', `/v1/api-keys/${row.id}`)
+        .header('location', `${deps.basePath}/v1/api-keys/${row.id}`)
         .send({ ...toApiKeyDto(row), key });
     },
   );

@@ -21,6 +21,8 @@ import type { ClientCaller, ClientsService } from './clients.service.js';
 export interface ClientsRoutesDeps {
   clients: ClientsService;
   clock: Clock;
+  /** PUBLIC_URL's path ('' when it has none): what a 201's Location starts with. */
+  basePath: string;
 }
 
 function callerOf(request: FastifyRequest): ClientCaller {
@@ -62,7 +64,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
       );
       return reply
         .status(201)
-        .header('location', `/v1/clients/${client.id}`)
+        .header('location', `${deps.basePath}/v1/clients/${client.id}`)
         .send({ ...dto(client), client_secret: secret });
     },
   );

@@ -81,7 +81,7 @@ function cataloguePage(query: { limit: number; cursor?: string | undefined }) {
 
 const ListQuerySchema = PaginationQuerySchema.strict();
 
-export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesService }) {
+export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesService; basePath: string }) {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const security = bearerOrApiKey;
 
@@ -159,7 +159,7 @@ export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesServ
       const role = await deps.roles.create(request.body, principalOf(request), requestContext(request));
       return reply
         .status(201)
-        .header('location', `/v1/roles/${encodeURIComponent(role.name)}`)
+        .header('location', `${deps.basePath}/v1/roles/${encodeURIComponent(role.name)}`)
         .send(toDto(role));
     },
   );

@@ -37,6 +37,8 @@ export async function usersRoutes(
     passwordReset: PasswordResetService;
     emailChange: EmailChangeService;
     mfa: Pick<MfaService, 'isEnabled'>;
+    /** PUBLIC_URL's path ('' when it has none): what a 201's Location starts with. */
+    basePath: string;
   },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -101,7 +103,7 @@ export async function usersRoutes(
       );
       return reply
         .status(created ? 201 : 200)
-        .header('location', `/v1/users/${user.id}`)
+        .header('location', `${deps.basePath}/v1/users/${user.id}`)
         .send(toUserDto(user));
     },
   );
