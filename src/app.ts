@@ -386,7 +386,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       exposedHeaders: CORS_ANSWER_HEADERS['access-control-expose-headers'].split(','),
     });
   }
-  await app.register(metricsPlugin, { metrics: services.metrics });
+  await app.register(metricsPlugin, { metrics: services.metrics, token: config.metricsToken });
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
   await app.register(authenticate, {
     tokens: services.tokens,

@@ -136,6 +136,15 @@ const EnvSchema = z.object({
   BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(z.email().optional()),
   BOOTSTRAP_ADMIN_PASSWORD: optionalString,
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  METRICS_TOKEN: optionalString.pipe(
+    z
+      .string()
+      .regex(/^[A-Za-z0-9._~+/-]{16,256}=*$/, {
+        message:
+          'must be a bearer token of 16 to 256 letters, digits and - . _ ~ + / (e.g. `openssl rand -hex 32`)',
+      })
+      .optional(),
+  ),
   CORS_ORIGINS: z.string().default(''),
   TRUST_PROXY: z.string().default(''),
   BODY_LIMIT: wholeNumber(1024, 10_485_760, 65_536),
@@ -382,6 +391,8 @@ export interface Config {
   };
   readonly bootstrapAdmin: { email: string; password: string | undefined } | undefined;
   readonly logLevel: string;
+  /** The bearer token GET /metrics asks for; undefined: it answers anyone (a warning in production). */
+  readonly metricsToken: string | undefined;
   readonly corsOrigins: string[];
   readonly trustProxy: boolean | string[];
   readonly bodyLimit: number;
@@ -506,6 +517,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       ? { email: e.BOOTSTRAP_ADMIN_EMAIL.toLowerCase(), password: e.BOOTSTRAP_ADMIN_PASSWORD }
       : undefined,
     logLevel: e.LOG_LEVEL,
+    metricsToken: e.METRICS_TOKEN,
     // As browsers send them: lower-case host, no default port, no trailing slash.
     corsOrigins: listOf(e.CORS_ORIGINS).map((o) => new URL(o).origin),
     trustProxy:

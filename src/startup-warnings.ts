@@ -50,5 +50,10 @@ export async function startupWarnings(
       message:
         'RATE_LIMIT_ENABLED=false: no per-address limits and no per-account sign-in lockout; password guessing is limited by nothing but argon2',
     });
+  if (config.metricsToken === undefined)
+    warnings.push({
+      message:
+        'no METRICS_TOKEN: GET /metrics answers anyone who reaches it, and its counters tell what the API keeps to itself (whether a reset mail went out, whether a client id exists); set it, or keep /metrics from the proxy',
+    });
   return warnings;
 }

@@ -1,6 +1,8 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { Counter, collectDefaultMetrics, Registry } from 'prom-client';
+import { AppError } from '../lib/errors.js';
 import { HttpRequestMetrics } from '../lib/http-metrics.js';
 
 /** One registry per app, so several apps in one process (tests) do not collide. */
@@ -44,8 +46,19 @@ export function createMetrics() {
 
 export type Metrics = ReturnType<typeof createMetrics>;
 
-async function metricsPlugin(app: FastifyInstance, options: { metrics: Metrics }) {
+/** `Authorization: Bearer <token>`'s token (the scheme in any case), or undefined. */
+const BEARER = /^Bearer +([^\s]+) *$/i;
+
+const digest = (value: string) => createHash('sha256').update(value).digest();
+
+async function metricsPlugin(
+  app: FastifyInstance,
+  options: { metrics: Metrics; token?: string | undefined },
+) {
   const { metrics } = options;
+  // Compared as SHA-256 digests, in constant time: neither the token's characters nor its length
+  // show in how long a refusal takes.
+  const expected = options.token === undefined ? undefined : digest(options.token);
   // Synchronous on purpose: this runs after every response, and an async hook costs a promise and a
   // microtask turn per request on the paths other services call the most.
   app.addHook('onResponse', (request, reply, done) => {
@@ -59,9 +72,20 @@ async function metricsPlugin(app: FastifyInstance, options: { metrics: Metrics }
     done();
   });
 
-  app.get('/metrics', { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>
-    reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()),
-  );
+  // Public to the authenticate plugin (no user or key holds it): METRICS_TOKEN, when set, is the check.
+  // The counters say what the API keeps to itself (whether a reset mail went out, whether a client id
+  // exists), so only the scraper may read them.
+  app.get('/metrics', { schema: { hide: true }, config: { public: true } }, async (request, reply) => {
+    if (expected !== undefined) {
+      const presented = BEARER.exec(request.headers.authorization ?? '')?.[1];
+      if (presented === undefined || !timingSafeEqual(digest(presented), expected))
+        throw new AppError('authentication_required', {
+          detail: 'GET /metrics needs Authorization: Bearer <METRICS_TOKEN>',
+          headers: { 'www-authenticate': 'Bearer realm="metrics"' },
+        });
+    }
+    return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+  });
 }
 
 export default fp(metricsPlugin, { name: 'metrics', fastify: '5.x' });

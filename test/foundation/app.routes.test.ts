@@ -295,6 +295,34 @@ describe('foundation: app, errors, operations', () => {
   });
 });
 
+describe('/metrics with METRICS_TOKEN', () => {
+  it('answers the bearer of the token only: anyone else gets 401 problem+json with a challenge', async () => {
+    const token = 'scrape-0123456789abcdef';
+    const app = await buildTestApp({ env: { METRICS_TOKEN: token } });
+    for (const authorization of [undefined, 'Bearer wrong-token-0123456789', `Basic ${token}`, 'Bearer ']) {
+      const refused = await app.inject({
+        method: 'GET',
+        url: '/metrics',
+        headers: authorization === undefined ? {} : { authorization },
+      });
+      expect(refused.statusCode, authorization).toBe(401);
+      expect(refused.headers['content-type']).toContain('application/problem+json');
+      expect(refused.headers['www-authenticate']).toBe('Bearer realm="metrics"');
+      expect(refused.json()).toMatchObject({ code: 'authentication_required', status: 401 });
+      expect(refused.body).not.toContain('http_requests_total');
+    }
+    for (const scheme of ['Bearer', 'bearer']) {
+      const scraped = await app.inject({
+        method: 'GET',
+        url: '/metrics',
+        headers: { authorization: `${scheme} ${token}` },
+      });
+      expect(scraped.statusCode).toBe(200);
+      expect(scraped.body).toContain('http_requests_total{method="GET",route="/metrics",status="401"}');
+    }
+  });
+});
+
 describe('readiness when the database does not answer, and while shutting down', () => {
   let app: FastifyInstance;
   let real: DatabaseHandle;

@@ -17,7 +17,7 @@ describe('what the start warns about', () => {
     ]);
   });
 
-  it('in production: no PUBLIC_URL, the embedded database, no SMTP_URL, every proxy trusted, limits turned off', async () => {
+  it('in production: no PUBLIC_URL, the embedded database, no SMTP_URL, every proxy trusted, limits turned off, /metrics open', async () => {
     const production = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: KEY, SECRET_PEPPER: KEY };
     expect(
       await messages({ ...production, TRUST_PROXY: 'true', RATE_LIMIT_ENABLED: 'false' }, 'pglite'),
@@ -27,6 +27,7 @@ describe('what the start warns about', () => {
       expect.stringMatching(/^no SMTP_URL/),
       expect.stringMatching(/^TRUST_PROXY=true: X-Forwarded-For is believed whoever sends it/),
       expect.stringMatching(/^RATE_LIMIT_ENABLED=false/),
+      expect.stringMatching(/^no METRICS_TOKEN: GET \/metrics answers anyone/),
     ]);
     expect(
       await messages({
@@ -35,6 +36,7 @@ describe('what the start warns about', () => {
         SMTP_URL: 'smtp://mail.example.com',
         MAIL_FROM: 'auth@example.com',
         TRUST_PROXY: '10.0.0.0/8',
+        METRICS_TOKEN: 'a'.repeat(32),
       }),
     ).toEqual([]);
     // Development says none of those.
