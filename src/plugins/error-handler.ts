@@ -1,6 +1,6 @@
 import { STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods } from 'fastify';
 import fp from 'fastify-plugin';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import {
@@ -264,9 +264,15 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
   });
 
   // A path that exists under other methods is a 405 with Allow (RFC 9110 §15.5.6), not a 404: the
-  // router is asked for each method, on unmatched requests only.
+  // router is asked for each method, on unmatched requests only. A route of the request's own method
+  // that found nothing (@fastify/static's wildcard, for a file Swagger UI does not have) called this
+  // handler itself: a 404, not a 405 naming its GET/HEAD twin.
   app.setNotFoundHandler((request, reply) => {
     const path = request.url.split('?')[0] ?? '/';
+    if (app.findRoute({ method: request.method as HTTPMethods, url: path }) !== null) {
+      const error = new AppError('not_found', { detail: `Nothing is at ${path}` });
+      return rendererFor(request.url)(error, request, reply);
+    }
     const allowed = ROUTABLE_METHODS.filter(
       (method) => method !== request.method && app.findRoute({ method, url: path }) !== null,
     );

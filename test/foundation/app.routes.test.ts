@@ -221,6 +221,18 @@ describe('foundation: app, errors, operations', () => {
     expect(token.headers['cache-control']).toBe('no-store');
     // A path no method takes is still a 404.
     expect((await app.inject({ method: 'DELETE', url: '/v1/nothing-here' })).statusCode).toBe(404);
+    // A route of the request's own method that finds nothing (a file Swagger UI does not have) is a
+    // 404, not a 405 sending GET to HEAD and HEAD to GET.
+    for (const method of ['GET', 'HEAD'] as const) {
+      const asset = await app.inject({ method, url: '/docs/static/nope.js' });
+      expect(asset.statusCode, method).toBe(404);
+      expect(asset.headers.allow, method).toBeUndefined();
+      expect(asset.headers['content-type'], method).toContain('application/problem+json');
+    }
+    expect((await app.inject({ method: 'GET', url: '/docs/static/nope.js' })).json()).toMatchObject({
+      code: 'not_found',
+      detail: 'Nothing is at /docs/static/nope.js',
+    });
   });
 
   it('answers invalid UTF-8, wrong types, unknown methods and absurd URLs with 4xx, never 5xx', async () => {
