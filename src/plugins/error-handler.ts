@@ -80,6 +80,27 @@ const INPUT_DATA_EXCEPTIONS = new Set([
   '22P05', // untranslatable_character
 ]);
 
+/**
+ * The codes of the 4xx statuses Fastify and its plugins answer with (the router, the body parsers,
+ * @fastify/static serving Swagger UI: 403 for a path out of its folder, 412, 416), each agreeing
+ * with its status.
+ */
+const FRAMEWORK_CLIENT_ERRORS: Partial<Record<number, ErrorCode>> = {
+  401: 'authentication_required',
+  403: 'forbidden',
+  404: 'not_found',
+  405: 'method_not_allowed',
+  408: 'request_timeout',
+  409: 'conflict',
+  412: 'precondition_failed',
+  413: 'payload_too_large',
+  415: 'unsupported_media_type',
+  416: 'range_not_satisfiable',
+  422: 'unprocessable',
+  429: 'rate_limited',
+  431: 'headers_too_large',
+};
+
 /** Turns anything thrown into an AppError; the cause of a 5xx stays in the log, never in the body. */
 export function toAppError(err: unknown, request: FastifyRequest): AppError {
   if (isAppError(err)) return err;
@@ -137,14 +158,17 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
       request.log.info('the client closed the connection before its body arrived');
       return new AppError('bad_request', { detail: 'The body broke off before it was complete' });
     }
-    if (status === 429) return new AppError('rate_limited');
-    if (status === 413) return new AppError('payload_too_large');
     // The router's message repeats the whole URL.
     if (status === 414)
       return new AppError('uri_too_long', { detail: 'A path segment is over 200 characters' });
-    if (status === 415) return new AppError('unsupported_media_type');
-    if (status === 404) return new AppError('not_found');
-    return new AppError('bad_request', { detail: e.message, status });
+    const code = FRAMEWORK_CLIENT_ERRORS[status];
+    // RFC 9110 §15.5.17: a 416 says the representation's length (@fastify/send hands it over).
+    const range = (e as { headers?: Record<string, unknown> }).headers?.['Content-Range'];
+    if (code === 'range_not_satisfiable' && typeof range === 'string')
+      return new AppError(code, { headers: { 'content-range': range } });
+    if (code) return new AppError(code, status === 403 ? { detail: 'Access to this path is refused' } : {});
+    // A 4xx without a code of its own is a 400: the code, the title and the status always agree.
+    return new AppError('bad_request', { detail: e.message });
   }
   if (isDatabaseUnavailable(err)) {
     request.log.warn({ err }, 'database unavailable');

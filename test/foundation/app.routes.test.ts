@@ -1,3 +1,5 @@
+import { request as httpRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { runInNewContext } from 'node:vm';
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
@@ -8,6 +10,24 @@ import { buildTestApp } from '../support/app.js';
 import { testDatabase } from '../support/database.js';
 
 const ITEM_ID = '6f1c1f8e-3f0a-4c55-9d5e-0b8c2f4a7e21';
+
+/** A GET of `path` exactly as written (no `..` resolved, as app.inject and fetch would), over a socket. */
+function getAsIs(port: number, path: string): Promise<{ status: number; type: string; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest({ host: '127.0.0.1', port, path, method: 'GET' }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => {
+        body += chunk;
+      });
+      res.on('end', () =>
+        resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }),
+      );
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
 
 /** Runs Swagger UI's initializer as the page would, and gives back the config it hands to Swagger UI. */
 function swaggerUiConfigOf(initializer: string): Record<string, unknown> {
@@ -233,6 +253,37 @@ describe('foundation: app, errors, operations', () => {
       code: 'not_found',
       detail: 'Nothing is at /docs/static/nope.js',
     });
+  });
+
+  it('answers what the documentation’s file server refuses with the code and title of its status', async () => {
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const port = (app.server.address() as AddressInfo).port;
+    // A path out of Swagger UI's folder: 403 forbidden, not a 403 calling itself bad_request.
+    for (const path of ['/docs/static/../../package.json', '/docs/static/%2e%2e/%2e%2e/package.json']) {
+      const traversal = await getAsIs(port, path);
+      expect(traversal.status, path).toBe(403);
+      expect(traversal.type).toContain('application/problem+json');
+      expect(JSON.parse(traversal.body), path).toMatchObject({
+        code: 'forbidden',
+        status: 403,
+        title: 'The principal lacks a permission this needs',
+      });
+    }
+    const range = await app.inject({
+      method: 'GET',
+      url: '/docs/static/swagger-ui.css',
+      headers: { range: 'bytes=99999999-' },
+    });
+    expect(range.statusCode).toBe(416);
+    expect(range.headers['content-range']).toMatch(/^bytes \*\/\d+$/);
+    expect(range.json()).toMatchObject({ code: 'range_not_satisfiable', status: 416 });
+    const precondition = await app.inject({
+      method: 'GET',
+      url: '/docs/static/swagger-ui.css',
+      headers: { 'if-match': '"not-this-one"' },
+    });
+    expect(precondition.statusCode).toBe(412);
+    expect(precondition.json()).toMatchObject({ code: 'precondition_failed', status: 412 });
   });
 
   it('answers invalid UTF-8, wrong types, unknown methods and absurd URLs with 4xx, never 5xx', async () => {

@@ -1,7 +1,7 @@
 import type { FastifyRequest } from 'fastify';
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
-import { isDatabaseUnavailable } from '../../src/lib/errors.js';
+import { ERROR_CATALOGUE, isDatabaseUnavailable } from '../../src/lib/errors.js';
 import { toAppError } from '../../src/plugins/error-handler.js';
 
 const request = { log: pino({ level: 'silent' }) } as unknown as FastifyRequest;
@@ -53,5 +53,26 @@ describe('toAppError', () => {
   it('keeps a failed query it cannot attribute to the input a 500', () => {
     const driverError = Object.assign(new Error('relation "x" does not exist'), { code: '42P01' });
     expect(toAppError(driverError, request)).toMatchObject({ status: 500, code: 'internal_error' });
+  });
+
+  it('gives a framework’s 4xx a code whose status and title are that status’s, whatever the status', () => {
+    for (let status = 400; status < 500; status++) {
+      const error = toAppError(Object.assign(new Error('refused'), { statusCode: status }), request);
+      expect(error.status, String(status)).toBeGreaterThanOrEqual(400);
+      expect(error.status, String(status)).toBeLessThan(500);
+      expect(ERROR_CATALOGUE[error.code], `${status} → ${error.code}`).toEqual({
+        status: error.status,
+        title: error.title,
+      });
+    }
+    for (const [status, code] of [
+      [403, 'forbidden'],
+      [404, 'not_found'],
+      [405, 'method_not_allowed'],
+      [412, 'precondition_failed'],
+      [416, 'range_not_satisfiable'],
+      [418, 'bad_request'],
+    ] as const)
+      expect(toAppError(Object.assign(new Error('x'), { statusCode: status }), request).code).toBe(code);
   });
 });
