@@ -104,10 +104,14 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
   done();
 };
 
-/** What a CORS answer to a listed origin carries besides the origin itself (and `Vary`). */
+/**
+ * What a CORS answer to a listed origin carries besides the origin itself (and `Vary`). The headers a
+ * browser app may read beyond the CORS-safelisted ones: a 201's `Location` (what it made) and a 405's
+ * `Allow` among them.
+ */
 const CORS_ANSWER_HEADERS = {
   'access-control-allow-credentials': 'true',
-  'access-control-expose-headers': 'x-request-id,retry-after,www-authenticate',
+  'access-control-expose-headers': 'x-request-id,retry-after,www-authenticate,location,allow',
 } as const;
 
 /** Methods whose requests carry no body by their definition. */

@@ -3,7 +3,8 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
-import { PASSWORD } from '../support/factories.js';
+import { createAdmin, PASSWORD } from '../support/factories.js';
+import { bearer } from '../support/http.js';
 import { captureLogs } from '../support/logs.js';
 
 const capture = captureLogs;
@@ -182,6 +183,30 @@ describe('CORS from configuration', () => {
       expect(partial.statusCode, JSON.stringify(headers)).toBe(204);
       expect(partial.headers['content-type']).toBeUndefined();
     }
+  });
+
+  it('lets the page read a 201’s Location and a 405’s Allow', async () => {
+    const origin = { origin: 'https://app.example.com' };
+    const admin = await createAdmin(app);
+    const created = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: { ...bearer(admin.accessToken), ...origin },
+      payload: { name: 'from the browser', scopes: ['users:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    expect(created.headers.location).toMatch(/^\/v1\/api-keys\//);
+    const exposed = (res: { headers: Record<string, unknown> }) =>
+      String(res.headers['access-control-expose-headers'])
+        .split(',')
+        .map((h) => h.trim().toLowerCase());
+    expect(exposed(created)).toEqual(expect.arrayContaining(['location', 'x-request-id']));
+    const refused = await app.inject({ method: 'PUT', url: '/.well-known/jwks.json', headers: origin });
+    expect(refused.statusCode).toBe(405);
+    expect(exposed(refused)).toContain('allow');
+    // The router's own refusals (a path segment over 200 characters) say the same.
+    const long = await app.inject({ method: 'GET', url: `/v1/users/${'a'.repeat(300)}`, headers: origin });
+    expect(exposed(long)).toEqual(expect.arrayContaining(['location', 'allow']));
   });
 
   it('without CORS_ORIGINS there is no CORS at all: no headers, and a preflight is a method the path does not take', async () => {
