@@ -4,6 +4,7 @@ import formbody from '@fastify/formbody';
 import Fastify, {
   type FastifyBaseLogger,
   type FastifyInstance,
+  type FastifyReply,
   type FastifyRequest,
   LogController,
   type onRequestHookHandler,
@@ -199,6 +200,20 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const { config, database } = deps;
   const clock = deps.clock ?? systemClock;
   let shuttingDown = false;
+  const requestLogging = deps.logger.isLevelEnabled('info');
+
+  /**
+   * A request the router refused before any route (and so any hook) ran: counted in the metrics as
+   * an unmatched one, and its "request completed" line written, as for every other request.
+   */
+  const completeUnrouted = (request: FastifyRequest, reply: FastifyReply) => {
+    const started = performance.now();
+    reply.raw.once('finish', () => {
+      const ms = performance.now() - started;
+      services.metrics.http.record(request.method, 'unmatched', reply.statusCode, ms / 1000);
+      if (requestLogging) request.log.info({ res: reply, responseTime: ms }, 'request completed');
+    });
+  };
 
   const app: FastifyInstance = Fastify({
     loggerInstance: deps.logger as FastifyBaseLogger,
@@ -206,7 +221,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // Fastify's own "incoming request" / "request completed" lines are info; below that level they
     // would be dropped anyway, so Fastify is told not to build them on every request. (Through its
     // log controller: the top-level `disableRequestLogging` option is deprecated since Fastify 5.12.)
-    logController: new LogController({ disableRequestLogging: !deps.logger.isLevelEnabled('info') }),
+    logController: new LogController({ disableRequestLogging: !requestLogging }),
     bodyLimit: config.bodyLimit,
     // A client that trickles its request in (slowloris) gets a 408 and its connection closed, instead
     // of holding a socket forever: Fastify's default is no limit. Node checks every second.
@@ -230,8 +245,17 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     return503OnClosing: false,
     forceCloseConnections: 'idle',
     routerOptions: { maxParamLength: 200 },
-    // What Node's HTTP parser refuses (bad syntax, oversized headers, REQUEST_TIMEOUT_MS) in problem+json.
-    clientErrorHandler: answerClientError,
+    // What Node's HTTP parser refuses (bad syntax, oversized headers, REQUEST_TIMEOUT_MS) in problem+json;
+    // counted in the metrics as an unmatched request (how long it took is not known: 0) and logged.
+    clientErrorHandler: (err, socket) =>
+      answerClientError(err, socket, ({ status, method, target, reason, remoteAddress }) => {
+        services.metrics.http.record(method, 'unmatched', status, 0);
+        if (requestLogging)
+          deps.logger.info(
+            { req: { method, url: target, ip: remoteAddress }, res: { statusCode: status }, reason },
+            'request refused by the HTTP parser',
+          );
+      }),
     // A URL the router refuses before any route runs (bad percent-encoding, a path parameter over
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
@@ -241,6 +265,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       const origin = request.headers.origin;
       if (origin && config.corsOrigins.includes(origin))
         reply.headers({ ...CORS_ANSWER_HEADERS, 'access-control-allow-origin': origin, vary: 'Origin' });
+      completeUnrouted(request, reply);
       return app.errorHandler(error, request, reply);
     },
   });

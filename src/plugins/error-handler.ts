@@ -1,4 +1,4 @@
-import { STATUS_CODES } from 'node:http';
+import { METHODS, STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods } from 'fastify';
 import fp from 'fastify-plugin';
@@ -192,23 +192,51 @@ const CLIENT_ERRORS: Record<string, ErrorCode> = {
 /** A request target under /oauth/: origin form, or absolute form (`http://host/oauth/…`). */
 const OAUTH_TARGET = /^(?:[Hh][Tt][Tt][Pp][Ss]?:\/\/[^/\s]*)?\/oauth\//;
 
-/** The target of the refused request's line, from the bytes the parser had (empty when it had none). */
-function requestTarget(err: NodeJS.ErrnoException & { rawPacket?: unknown }, socket: Duplex): string {
+/**
+ * The method and target of the refused request's line, from the bytes the parser had (empty when it
+ * had none). The method is one of HTTP's or `other`, so a metric's label stays bounded.
+ */
+function requestLine(
+  err: NodeJS.ErrnoException & { rawPacket?: unknown },
+  socket: Duplex,
+): { method: string; target: string } {
+  const known = (method: unknown) =>
+    typeof method === 'string' && METHODS.includes(method) ? method : 'other';
   // A request whose head was parsed and whose body broke off (a half-close before Content-Length was
   // reached): the packet is the body's, and the request is the one the socket's parser was reading.
   // (Node keeps the last request there once it is complete: a malformed one pipelined behind it is
   // read from its own packet.)
   const incoming = (
-    socket as Duplex & { parser?: { incoming?: { url?: unknown; complete?: boolean } | null } | null }
+    socket as Duplex & {
+      parser?: { incoming?: { url?: unknown; method?: unknown; complete?: boolean } | null } | null;
+    }
   ).parser?.incoming;
-  if (incoming?.complete === false && typeof incoming.url === 'string') return incoming.url;
-  if (!Buffer.isBuffer(err.rawPacket)) return '';
+  if (incoming?.complete === false && typeof incoming.url === 'string')
+    return { method: known(incoming.method), target: incoming.url };
+  if (!Buffer.isBuffer(err.rawPacket)) return { method: 'other', target: '' };
   const line = err.rawPacket.subarray(0, 8192).toString('latin1');
   const end = line.indexOf('\r\n');
-  return (end < 0 ? line : line.slice(0, end)).split(' ')[1] ?? '';
+  const [method, target = ''] = (end < 0 ? line : line.slice(0, end)).split(' ');
+  return { method: known(method), target };
 }
 
-export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+/** An answer answerClientError wrote: for the metrics and the log, as a request's would be. */
+export interface ClientErrorAnswer {
+  status: number;
+  /** One of HTTP's methods, or `other`. */
+  method: string;
+  /** The request line's target as sent (empty when the parser had none). */
+  target: string;
+  /** Node's reason (`HPE_INVALID_METHOD`, `HPE_HEADER_OVERFLOW`, `ERR_HTTP_REQUEST_TIMEOUT`…). */
+  reason: string | undefined;
+  remoteAddress: string | undefined;
+}
+
+export function answerClientError(
+  err: NodeJS.ErrnoException,
+  socket: Duplex,
+  onAnswered?: (answer: ClientErrorAnswer) => void,
+): void {
   if (err.code === 'ECONNRESET' || socket.destroyed) return;
   const code = CLIENT_ERRORS[err.code ?? ''] ?? 'bad_request';
   const error = new AppError(
@@ -216,7 +244,8 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     code === 'bad_request' ? { detail: 'The request is not valid HTTP/1.1' } : {},
   );
   // Under /oauth errors are RFC 6749 §5.2's, never stored (§5.1), whatever refused the request.
-  const oauth = OAUTH_TARGET.test(requestTarget(err, socket));
+  const { method, target } = requestLine(err, socket);
+  const oauth = OAUTH_TARGET.test(target);
   const body = JSON.stringify(
     oauth ? { error: 'invalid_request', error_description: error.detail } : problemBody(error),
   );
@@ -235,6 +264,13 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
         `${type}content-length: ${Buffer.byteLength(body)}\r\n` +
         `connection: close\r\n\r\n${body}`,
     );
+    onAnswered?.({
+      status: error.status,
+      method,
+      target,
+      reason: err.code,
+      remoteAddress: (socket as Duplex & { remoteAddress?: string }).remoteAddress,
+    });
   }
   socket.destroy(err);
 }

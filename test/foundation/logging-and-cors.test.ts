@@ -1,3 +1,4 @@
+import { type AddressInfo, connect } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -113,6 +114,76 @@ describe("Fastify's request lines", () => {
       process.off('warning', onWarning);
     }
     expect(warnings.filter((w) => w.includes('FSTDEP'))).toEqual([]);
+  });
+});
+
+/** Writes `request` on a fresh connection and waits for the server to close it. */
+function sendRaw(port: number, request: string): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let received = '';
+    socket.on('data', (chunk) => {
+      received += chunk.toString();
+    });
+    socket.on('close', () => resolve(received));
+    socket.on('error', () => undefined);
+    socket.write(request);
+  });
+}
+
+describe('requests refused before any route ran', () => {
+  it('are counted as unmatched and logged as completed: the router’s refusals and the HTTP parser’s', async () => {
+    const { lines, logger } = capture('info');
+    const app = await buildTestApp({ deps: { logger } });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const port = (app.server.address() as AddressInfo).port;
+    const badEscape = await app.inject({ method: 'GET', url: '/v1/users/%zz' });
+    const tooLong = await app.inject({ method: 'GET', url: `/v1/users/${'a'.repeat(201)}` });
+    expect([badEscape.statusCode, tooLong.statusCode]).toEqual([400, 414]);
+    expect(await sendRaw(port, 'BR()KEN / HTTP/1.1\r\n\r\n')).toMatch(/^HTTP\/1\.1 400 /);
+    expect(
+      await sendRaw(port, `GET /v1/auth/me HTTP/1.1\r\nHost: x\r\nX-Big: ${'b'.repeat(20_000)}\r\n\r\n`),
+    ).toMatch(/^HTTP\/1\.1 431 /);
+
+    const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+    for (const series of [
+      'http_requests_total{method="GET",route="unmatched",status="400"} 1',
+      'http_requests_total{method="GET",route="unmatched",status="414"} 1',
+      'http_requests_total{method="other",route="unmatched",status="400"} 1',
+      'http_requests_total{method="GET",route="unmatched",status="431"} 1',
+    ])
+      expect(metrics).toContain(series);
+
+    const logged = lines.map(
+      (l) =>
+        JSON.parse(l) as {
+          level: number;
+          msg: string;
+          reqId?: string;
+          res?: { statusCode?: number };
+          req?: { url?: string };
+          reason?: string;
+        },
+    );
+    for (const answer of [badEscape, tooLong]) {
+      const completed = logged.find(
+        (l) => l.msg === 'request completed' && l.reqId === answer.headers['x-request-id'],
+      );
+      expect(completed, String(answer.statusCode)).toMatchObject({
+        level: 30,
+        res: { statusCode: answer.statusCode },
+      });
+    }
+    const parser = logged.filter((l) => l.msg === 'request refused by the HTTP parser');
+    expect(parser).toEqual([
+      expect.objectContaining({ level: 30, res: { statusCode: 400 }, reason: 'HPE_INVALID_METHOD' }),
+      expect.objectContaining({
+        level: 30,
+        res: { statusCode: 431 },
+        reason: 'HPE_HEADER_OVERFLOW',
+        req: expect.objectContaining({ method: 'GET', url: '/v1/auth/me' }),
+      }),
+    ]);
   });
 });
 
