@@ -5,6 +5,7 @@ import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { allPages, bearer, injectFetch } from '../support/http.js';
+import { captureLogs } from '../support/logs.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
 
@@ -1025,8 +1026,9 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     // Its own database, so the next key's age is known: created by ensureKeys just now.
     const pino = (await import('pino')).default;
     const { openMemoryDatabase } = await import('../../src/db/client.js');
+    const { lines, logger } = captureLogs('info');
     const own = await buildTestApp({
-      deps: { database: await openMemoryDatabase(pino({ level: 'silent' })) },
+      deps: { database: await openMemoryDatabase(pino({ level: 'silent' })), logger },
     });
     const { keys } = own.services;
     await keys.ensureKeys();
@@ -1078,6 +1080,13 @@ describe('tokens: JWKS, discovery, forgeries and key rotation', () => {
     expect(forced.statusCode, forced.body).toBe(200);
     expect(keys.activeKey().kid).toBe(forced.json().active_kid);
     expect((await rotations()).map((e) => e.data.forced).sort()).toEqual([false, true]);
+    // Each rotation's log line carries the id of the request that made it, a forced one (a warning) too.
+    const logged = lines.map((l) => JSON.parse(l) as { msg: string; level: number; reqId?: string });
+    expect(logged.find((l) => l.msg === 'signing key rotated (forced)')).toMatchObject({
+      level: 40,
+      reqId: forced.headers['x-request-id'],
+    });
+    expect(logged.find((l) => l.msg === 'signing key rotated')?.reqId).toMatch(/^[0-9a-f-]{36}$/);
   });
 
   it('keeps a user without keys:write from rotating (403) and anonymous callers out (401)', async () => {

@@ -790,15 +790,33 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     ).toBe(true);
   });
 
-  it('a Supabase email changed to one another account here holds: 409 account_conflict, not a 500', async () => {
-    const stale = await registerUser(app, 'sb-stale');
-    const mover = await registerUser(app, 'sb-mover');
+  it('a Supabase email changed to one another account here holds: 409 account_conflict, not a 500, logged with the request id', async () => {
+    const { lines, logger } = captureLogs('warn');
+    const logged = await buildTestApp({
+      env: {
+        AUTH_PROVIDER: 'supabase',
+        SUPABASE_URL: gotrue.url,
+        SUPABASE_ANON_KEY: gotrue.anonKey,
+        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+      },
+      deps: { logger },
+    });
+    const stale = await registerUser(logged, 'sb-stale');
+    const mover = await registerUser(logged, 'sb-mover');
     gotrue.users.delete(stale.id);
     gotrue.users.get(mover.id)!.email = stale.email;
-    const res = await loginAs(stale.email);
+    const res = await logged.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: stale.email, password: PASSWORD },
+    });
     expect(res.statusCode, res.body).toBe(409);
     expect(res.json()).toMatchObject({ code: 'account_conflict' });
-    expect((await app.services.repos.users.findById(mover.id))?.email).toBe(mover.email);
+    expect((await logged.services.repos.users.findById(mover.id))?.email).toBe(mover.email);
+    const warning = lines
+      .map((l) => JSON.parse(l) as { msg: string; reqId?: string; providerUserId?: string })
+      .find((l) => l.msg.startsWith('the identity provider and this service disagree about an account'));
+    expect(warning).toMatchObject({ reqId: res.headers['x-request-id'], providerUserId: mover.id });
   });
 
   it('changes addresses in Supabase, not here (404 naming updateUser); the next sign-in brings the new one', async () => {

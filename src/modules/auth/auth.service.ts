@@ -61,7 +61,7 @@ export function createAuthService(deps: AuthServiceDeps) {
    * surely has no such user: if it cannot say (it is the one failing), or the row is there after all
    * (a commit whose answer was lost), the provider's user stays — a sign-in re-creates the local row.
    */
-  async function discardProviderUser(userId: string) {
+  async function discardProviderUser(userId: string, context: RequestContext) {
     let known: boolean;
     try {
       known = (await deps.users.findById(userId)) !== undefined;
@@ -72,7 +72,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     try {
       await deps.provider.deleteUser(userId);
     } catch (err) {
-      deps.logger?.warn({ err, userId }, 'could not remove the provider user of a failed sign-up');
+      deps.logger?.warn(
+        { err, userId, reqId: context.requestId },
+        'could not remove the provider user of a failed sign-up',
+      );
     }
   }
 
@@ -82,9 +85,14 @@ export function createAuthService(deps: AuthServiceDeps) {
    * one an older local account still has). Nothing is merged or overwritten automatically: an
    * administrator decides (delete the stale local account, or change the address in Supabase).
    */
-  const accountConflict = (pu: ProviderUser, cause?: unknown) => {
+  const accountConflict = (pu: ProviderUser, context: RequestContext, cause?: unknown) => {
     deps.logger?.warn(
-      { providerUserId: pu.id, emailDomain: pu.email.split('@')[1] ?? null, err: cause },
+      {
+        reqId: context.requestId,
+        providerUserId: pu.id,
+        emailDomain: pu.email.split('@')[1] ?? null,
+        err: cause,
+      },
       'the identity provider and this service disagree about an account: its email is held by another local account',
     );
     return new AppError('account_conflict', {
@@ -109,7 +117,7 @@ export function createAuthService(deps: AuthServiceDeps) {
           return updated ?? existing;
         }).catch((err: unknown) => {
           // The new email is another local account's (unique_violation).
-          if (pgErrorCode(err) === '23505') throw accountConflict(pu, err);
+          if (pgErrorCode(err) === '23505') throw accountConflict(pu, context, err);
           throw err;
         });
       }
@@ -134,7 +142,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     // Not inserted: either a concurrent first sign-in of the same user created the row (read it, once),
     // or the email belongs to another local account.
     if (again) return ensureLocalUser(pu, context, false);
-    throw accountConflict(pu);
+    throw accountConflict(pu, context);
   }
 
   /** ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. */
@@ -418,7 +426,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         // The local provider keeps nothing outside this database; another one may have, and only a
         // user this sign-up made is this sign-up's to undo.
         if (deps.provider.name !== 'local' && signedUp.created !== false)
-          await discardProviderUser(signedUp.user.id);
+          await discardProviderUser(signedUp.user.id, context);
         throw err;
       });
       const session =
@@ -588,7 +596,7 @@ export function createAuthService(deps: AuthServiceDeps) {
             });
           }).catch((end: unknown) =>
             deps.logger?.warn(
-              { err: end, userId: user.id },
+              { err: end, userId: user.id, reqId: context.requestId },
               'a password change Supabase may have applied: ending the other sessions failed',
             ),
           );

@@ -105,7 +105,10 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
     async afterRegistration(user: UserRow, context: RequestContext): Promise<void> {
       if (!deps.mailer || !applies(user)) return;
       await send(user, deps.mailer, context).catch((err: unknown) =>
-        deps.logger?.warn({ err, userId: user.id }, 'the confirmation mail of a registration was not sent'),
+        deps.logger?.warn(
+          { err, userId: user.id, reqId: context.requestId },
+          'the confirmation mail of a registration was not sent',
+        ),
       );
     },
 

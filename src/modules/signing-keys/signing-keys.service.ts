@@ -298,14 +298,15 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
           headers: { 'retry-after': String(result.tooSoonBy) },
         });
       }
+      // With the request id: the line is found beside the request that rotated (null from the script).
+      const logged = { reqId: context.requestId, kid: result.kid, previous: result.previous };
       if (revokePrevious)
         deps.logger.warn(
-          { kid: result.kid, previous: result.previous },
+          logged,
           'signing key rotated, and the previous one revoked: every token it signed stops verifying',
         );
-      else if (force)
-        deps.logger.warn({ kid: result.kid, previous: result.previous }, 'signing key rotated (forced)');
-      else deps.logger.info({ kid: result.kid, previous: result.previous }, 'signing key rotated');
+      else if (force) deps.logger.warn(logged, 'signing key rotated (forced)');
+      else deps.logger.info(logged, 'signing key rotated');
       return result;
     },
     find: (kid: string) => deps.repo.find(kid),

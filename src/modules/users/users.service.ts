@@ -359,7 +359,7 @@ export function createUsersService(deps: {
             }).catch((restore: unknown) =>
               // The account stays disabled with nothing saying why but this: an administrator enables it.
               deps.logger?.error(
-                { err: restore, userId: id },
+                { err: restore, userId: id, reqId: context.requestId },
                 'a deletion Supabase refused left the user disabled: enabling them again failed',
               ),
             );
