@@ -22,36 +22,76 @@ export const REDACTED_PATHS = [
   'secret',
 ];
 
-/** Query parameters whose values are never logged: tokens, secrets, passwords, keys, codes. */
-const SENSITIVE_PARAMETER = /token|secret|passw|key|code|assertion|credential|auth|signature|session|jwt/i;
-
 /**
- * Values that are credentials whatever their parameter is called: a JWT (`eyJ…`, also
- * percent-encoded) or a secret of this service (`pak_` API keys, `prt_` refresh tokens, `pcs_` client
- * secrets, and the mailed links' and sign-ins' tokens: `prs_`, `pec_`, `pce_`, `pml_`, `pmf_`).
+ * Query parameters whose values are never logged: tokens, secrets, passwords, keys, codes — anywhere
+ * in the name (`access_token`, `api%5Fkey`, `clientSecret`).
  */
-const CREDENTIAL_VALUE = /^(?:eyJ|ey%4A|pak_|prt_|pcs_|prs_|pec_|pce_|pml_|pmf_)/i;
+const SENSITIVE_NAME =
+  /token|secret|passw|passphrase|pwd|key|code|assertion|credential|auth|bearer|signature|session|jwt|cookie/i;
 
 /**
- * A request URL as it may be logged: the value of every query parameter named like a credential is
- * `[redacted]`. Credentials belong in headers or bodies, and the service refuses them in the query,
- * but a client that sends `?access_token=…` anyway must not leave a live token in the logs.
+ * Short credential names, as a word of the parameter's name (`pin`, `user_pin`, `userPin`, `otp`,
+ * `pass`, `sig`) rather than inside another word (`shipping`, `footprint`, `compass`). Read on the
+ * name lower-cased with its camelCase humps split.
+ */
+const SENSITIVE_WORD = /(?:^|[^a-z])(?:pass|pin|otp|totp|mfa|sig)(?:[^a-z]|$)/;
+
+/**
+ * Values that are credentials whatever their parameter is called, anywhere in the value once decoded:
+ * a JWT (a word starting `eyJ`, `{"` in base64url: `Bearer eyJ…`, `{"t":"eyJ…"}`), a secret of this
+ * service (`pak_` API keys, `prt_` refresh tokens, `pcs_` client secrets, and the mailed links' and
+ * sign-ins' tokens: `prs_`, `pec_`, `pce_`, `pml_`, `pmf_`), or a bearer credential (`Bearer …`).
+ */
+const JWT_WORD = /(?<![A-Za-z0-9])eyJ/;
+const SECRET_WORD = /(?<![A-Za-z0-9])(?:pak|prt|pcs|prs|pec|pce|pml|pmf)_|^\s*bearer\s/i;
+
+/** `text` percent-decoded (and `+` as a space) until nothing changes, at most three times. */
+function decoded(text: string): string {
+  let value = text;
+  for (let i = 0; i < 3 && value.includes('%'); i++) {
+    try {
+      value = decodeURIComponent(value.replace(/\+/g, ' '));
+    } catch {
+      break;
+    }
+  }
+  return value.replace(/\+/g, ' ');
+}
+
+const looksLikeCredential = (raw: string) => {
+  if (raw === '') return false;
+  const value = decoded(raw);
+  return JWT_WORD.test(value) || SECRET_WORD.test(value) || JWT_WORD.test(raw) || SECRET_WORD.test(raw);
+};
+
+const namedLikeCredential = (raw: string) => {
+  const name = decoded(raw);
+  return (
+    SENSITIVE_NAME.test(name) ||
+    SENSITIVE_WORD.test(name.replace(/([a-z0-9])([A-Z])/g, '$1 $2').toLowerCase())
+  );
+};
+
+/**
+ * A request URL as it may be logged: the value of every query parameter named like a credential, or
+ * looking like one, is `[redacted]`, and so is a bare parameter (no `=`) that looks like one.
+ * Credentials belong in headers or bodies, and the service refuses them in the query, but a client
+ * that sends `?access_token=…` anyway must not leave a live token in the logs.
  */
 export function loggableUrl(url: string): string {
   const query = url.indexOf('?');
   if (query < 0) return url;
-  // Each `name=value`, between `&` or `;` (which some parsers take as a separator too), kept as sent.
-  const parameters = url
-    .slice(query + 1)
-    .replace(/([^&;=]*)=([^&;]*)/g, (whole, raw: string, value: string) => {
-      let name: string;
-      try {
-        name = decodeURIComponent(raw.replace(/\+/g, ' '));
-      } catch {
-        name = raw;
-      }
-      return SENSITIVE_PARAMETER.test(name) || CREDENTIAL_VALUE.test(value) ? `${raw}=[redacted]` : whole;
-    });
+  // Each parameter, between `&` or `;` (which some parsers take as a separator too), kept as sent.
+  const parameters = url.slice(query + 1).replace(/[^&;]+/g, (parameter) => {
+    const equals = parameter.indexOf('=');
+    // A bare parameter is a value without a name (`?eyJ…`, as some clients send a token).
+    if (equals < 0) return looksLikeCredential(parameter) ? '[redacted]' : parameter;
+    const name = parameter.slice(0, equals);
+    // A name that is itself a credential's: nothing of it is kept.
+    if (looksLikeCredential(name)) return '[redacted]';
+    const value = parameter.slice(equals + 1);
+    return namedLikeCredential(name) || looksLikeCredential(value) ? `${name}=[redacted]` : parameter;
+  });
   return `${url.slice(0, query)}?${parameters}`;
 }
 

@@ -81,9 +81,32 @@ describe('logs never carry credentials', () => {
     expect(second.at(-1)?.req?.url).toBe(
       '/v1/auth/me?q=[redacted]&page=2;jwt=[redacted];x=[redacted]&y=[redacted]',
     );
+    // Short credential names, a JWT after `Bearer ` in a value, and a JWT sent as a bare parameter.
+    await app.inject({
+      method: 'GET',
+      url: `/v1/auth/me?pwd=pwd-s3cret&pass=pass-s3cret&pin=pin-s3cret&otp=otp-s3cret&bearer=bearer-s3cret&x=Bearer%20${access_token}&${access_token}&view=full`,
+    });
+    const third = lines
+      .map((l) => JSON.parse(l) as { msg: string; req?: { url?: string } })
+      .filter((l) => l.msg === 'incoming request' && l.req?.url?.startsWith('/v1/auth/me?pwd='));
+    expect(third.at(-1)?.req?.url).toBe(
+      '/v1/auth/me?pwd=[redacted]&pass=[redacted]&pin=[redacted]&otp=[redacted]&bearer=[redacted]&x=[redacted]&[redacted]&view=full',
+    );
     expect(out).toContain('"reqId"');
-    for (const secret of [PASSWORD, 'a wrong password for the log', access_token, refresh_token]) {
-      expect(out).not.toContain(secret);
+    // Everything logged, the later requests' lines included.
+    const all = lines.join('');
+    for (const secret of [
+      PASSWORD,
+      'a wrong password for the log',
+      access_token,
+      refresh_token,
+      'pwd-s3cret',
+      'pass-s3cret',
+      'pin-s3cret',
+      'otp-s3cret',
+      'bearer-s3cret',
+    ]) {
+      expect(all).not.toContain(secret);
     }
   });
 });

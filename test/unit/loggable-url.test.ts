@@ -12,4 +12,45 @@ describe('loggableUrl', () => {
     // Not a secret's look: kept.
     expect(loggableUrl('/v1/users?query=pretty_name')).toBe('/v1/users?query=pretty_name');
   });
+
+  it('redacts parameters named like credentials: as part of the name, or short names as a word of it', () => {
+    for (const name of [
+      'pwd',
+      'pass',
+      'pin',
+      'otp',
+      'bearer',
+      'passphrase',
+      'user_pin',
+      'userPin',
+      'SIG',
+      'totp',
+    ])
+      expect(loggableUrl(`/v1/auth/me?${name}=S3cret&page=2`), name).toBe(
+        `/v1/auth/me?${name}=[redacted]&page=2`,
+      );
+    // Words that merely hold those letters are kept.
+    for (const name of ['shipping', 'footprint', 'compass', 'design'])
+      expect(loggableUrl(`/v1/users?${name}=1`), name).toBe(`/v1/users?${name}=1`);
+  });
+
+  it('redacts a JWT or a secret of the service anywhere in a value, once decoded, and a bare parameter that is one', () => {
+    const jwt = 'eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl';
+    for (const value of [
+      `Bearer%20${jwt}`,
+      `Bearer+${jwt}`,
+      `bearer%20opaque-token`,
+      encodeURIComponent(JSON.stringify({ t: jwt })),
+      `%2565yJhbGciOiJFUzI1NiJ9`,
+      `x%20prt_abcdefghijkl_secret`,
+    ])
+      expect(loggableUrl(`/v1/users?x=${value}&page=2`), value).toBe('/v1/users?x=[redacted]&page=2');
+    expect(loggableUrl(`/v1/users?${jwt}&page=2`)).toBe('/v1/users?[redacted]&page=2');
+    expect(loggableUrl(`/v1/users?page=2;pak_abcdefghijkl_secret`)).toBe('/v1/users?page=2;[redacted]');
+    expect(loggableUrl(`/v1/users?${jwt}=1`)).toBe('/v1/users?[redacted]');
+    // Harmless bare parameters and words holding the letters are kept.
+    expect(loggableUrl('/v1/users?debug&sort=MoneyJar&q=keypak_x')).toBe(
+      '/v1/users?debug&sort=MoneyJar&q=keypak_x',
+    );
+  });
 });
