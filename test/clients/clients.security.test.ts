@@ -546,9 +546,19 @@ describe('app clients: security', () => {
       headers: bearer(admin.accessToken),
     });
     expect(deleted.statusCode).toBe(204);
+    // Deleted: its creator will never be active again, so it is disabled, audited, and its secret is
+    // refused as any disabled client's is; an administrator unbinding it later gives it nothing back.
     const after = await grant();
-    expect(after.statusCode).toBe(400);
-    expect(after.json().error).toBe('unauthorized_client');
+    expect(after.statusCode, after.body).toBe(401);
+    expect(after.json().error).toBe('invalid_client');
+    const row = await app.inject({
+      method: 'GET',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(row.json()).toMatchObject({ status: 'disabled', created_by: null });
+    const [event] = await app.services.audit.list({ type: 'client.updated', subjectId: client.id, limit: 1 });
+    expect(event?.data).toMatchObject({ status: 'disabled', reason: 'creator_deleted' });
   });
 
   it('a client registered by an administrator is the organisation’s: it keeps its scopes whatever becomes of them', async () => {

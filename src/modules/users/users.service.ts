@@ -46,7 +46,7 @@ export function createUsersService(deps: {
   audit: AuditService;
   events: EventBus;
   grants: GrantCeiling;
-  clients: Pick<ClientsRepository, 'clientIdsActingFor' | 'findByClientId'>;
+  clients: Pick<ClientsRepository, 'clientIdsActingFor' | 'findByClientId' | 'disableActingFor'>;
   apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
   emailTokens: Pick<EmailTokensRepository, 'discardUnused' | 'latestFor'>;
@@ -376,6 +376,22 @@ export function createUsersService(deps: {
         const at = deps.clock.now();
         for (let pass = 0; pass < 5; pass++)
           if ((await revokeKeysOfOwner(deps, tx, id, at, context, 'owner_deleted', emit)) === 0) break;
+        // The clients that act for them can never act again: disabled while they still name their
+        // creator, so their secrets are refused (invalid_client) rather than told to wait for a user
+        // who will not come back, and no later change of theirs hands the secret its scopes again.
+        for (const client of await deps.clients.disableActingFor(id, at, tx)) {
+          await deps.audit.record(tx, context, {
+            type: 'client.updated',
+            subjectId: client.id,
+            data: {
+              client_id: client.clientId,
+              changed: ['status'],
+              status: 'disabled',
+              reason: 'creator_deleted',
+            },
+          });
+          emit({ type: 'client_changed', clientId: client.clientId });
+        }
         // Profile, sessions, refresh tokens, API keys and role grants go with the row (ON DELETE CASCADE);
         // audit events are kept: they are not foreign keys. A concurrent deletion that got there first
         // makes this one a 404, its revocations and event rolled back.
