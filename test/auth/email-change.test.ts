@@ -714,6 +714,50 @@ describe('changing a user’s email address for them (support)', () => {
     expect(changed[0]?.data).toMatchObject({ requested_by: client.client_id });
   });
 
+  /** Opens the new address's link, as the user would (no session). */
+  const openLink = (token: string | undefined) =>
+    app.inject({ method: 'POST', url: '/v1/auth/email/change/confirm', payload: { token } });
+  const emailOf = async (adminToken: string, userId: string) =>
+    (await app.inject({ method: 'GET', url: `/v1/users/${userId}`, headers: bearer(adminToken) })).json()
+      .email as string;
+
+  it('a change an administrator asked for is void once they are deleted or disabled: its link is refused and audited', async () => {
+    const admin = await createAdmin(app);
+    for (const removal of ['deleted', 'disabled'] as const) {
+      const requester = await createAdmin(app);
+      const user = await registerUser(app, `chg-orphan-${removal}`);
+      const next = uniqueEmail(`chg-orphan-${removal}-new`);
+      expect((await askFor(requester.accessToken, user.id, next)).statusCode).toBe(202);
+      const removed =
+        removal === 'deleted'
+          ? await app.inject({
+              method: 'DELETE',
+              url: `/v1/users/${requester.id}`,
+              headers: bearer(admin.accessToken),
+            })
+          : await setUserStatus(app, admin.accessToken, requester.id, 'disabled');
+      expect(removed.statusCode, removed.body).toBe(removal === 'deleted' ? 204 : 200);
+
+      const opened = await openLink(tokenTo(next));
+      expect(opened.statusCode, opened.body).toBe(400);
+      expect(opened.json()).toMatchObject({ code: 'invalid_email_change_token' });
+      expect(await emailOf(admin.accessToken, user.id)).toBe(user.email);
+      const [refused] = await app.services.audit.list({
+        subjectId: user.id,
+        type: 'user.email_changed',
+        limit: 5,
+      });
+      expect(refused).toMatchObject({ outcome: 'failure', data: { reason: 'expired_token' } });
+      // Nothing waits any more in the user's view either.
+      const pending = await app.inject({
+        method: 'GET',
+        url: '/v1/auth/email/change',
+        headers: bearer(user.accessToken),
+      });
+      expect(pending.statusCode).toBe(404);
+    }
+  });
+
   it('never one’s own (a session, or an API key), nor a disabled user; unknown users are 404', async () => {
     const admin = await createAdmin(app);
     const linksBefore = mailer.sent.filter((m) => m.subject === TO_NEW).length;

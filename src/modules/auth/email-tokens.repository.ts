@@ -119,6 +119,24 @@ export function createEmailTokensRepository(db: Executor) {
           ),
         );
     },
+    /**
+     * Ends at `at` the unused email-change links an administrator or a service (`requestedBy`, the id
+     * `requested_by` holds) asked for on other users' behalf, keeping their rows: a link opened later
+     * is then audited against its account, as an expired one is.
+     */
+    async expireRequestedBy(requestedBy: string, at: Date, tx: Executor): Promise<void> {
+      await tx
+        .update(emailTokens)
+        .set({ expiresAt: at })
+        .where(
+          and(
+            eq(emailTokens.requestedBy, requestedBy),
+            eq(emailTokens.purpose, 'email_change'),
+            isNull(emailTokens.usedAt),
+            gt(emailTokens.expiresAt, at),
+          ),
+        );
+    },
     /** Marks the token used, once: of concurrent redemptions only one gets the row back. */
     async consume(id: string, at: Date, tx: Executor): Promise<EmailTokenRow | undefined> {
       const [row] = await tx

@@ -49,7 +49,7 @@ export function createUsersService(deps: {
   clients: Pick<ClientsRepository, 'clientIdsActingFor' | 'findByClientId' | 'disableActingFor'>;
   apiKeys: Pick<ApiKeysRepository, 'revokeAllOfOwner'>;
   /** Links already mailed (password reset, email confirmation) stop working when the user is cut off. */
-  emailTokens: Pick<EmailTokensRepository, 'discardUnused' | 'latestFor'>;
+  emailTokens: Pick<EmailTokensRepository, 'discardUnused' | 'latestFor' | 'expireRequestedBy'>;
   /** MFA_REQUIRED_ROLES: granted only to users with a second factor. */
   mfaRequiredRoles: readonly string[];
   mfa: Pick<MfaService, 'isEnabled'>;
@@ -112,12 +112,14 @@ export function createUsersService(deps: {
 
   /**
    * Ends everything a user holds, on every instance: sessions, access tokens (by subject), cached keys,
-   * password reset links already mailed, and the access tokens of the clients that act for them (their
-   * scopes were what the user held when issued; new ones carry none).
+   * password reset links already mailed, the email changes they asked for other users as an
+   * administrator (an address they would move after their removal), and the access tokens of the
+   * clients that act for them (their scopes were what the user held when issued; new ones carry none).
    */
   async function cutOff(tx: Transaction, userId: string, reason: string, emit: (e: AuthEvent) => void) {
     (await deps.sessions.endAllSessions(tx, userId, reason)).forEach(emit);
     await deps.emailTokens.discardUnused(userId, undefined, tx);
+    await deps.emailTokens.expireRequestedBy(userId, deps.clock.now(), tx);
     emit(await deps.auth.subjectRevocation(tx, userId));
     for (const clientId of await deps.clients.clientIdsActingFor(userId, tx))
       emit(await deps.auth.subjectRevocation(tx, clientId));
