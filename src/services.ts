@@ -302,6 +302,15 @@ export function createServices(deps: ServicesDeps) {
     outbox,
     requireEmailConfirmation: config.emailConfirmation.required && provider.name === 'local',
   });
+  const grants = createGrantCeiling({
+    db,
+    users: repos.users,
+    clients: repos.clients,
+    apiKeys: repos.apiKeys,
+    sessions: repos.sessions,
+    audit,
+    clock,
+  });
   // What the services of mailed links (confirmation, email change) share.
   const mailedLinks = {
     db,
@@ -322,6 +331,7 @@ export function createServices(deps: ServicesDeps) {
     ...mailedLinks,
     ...config.emailChange,
     sessions: repos.sessions,
+    grants,
   });
   const magicLink = createMagicLinkService({
     ...mailedLinks,
@@ -357,15 +367,6 @@ export function createServices(deps: ServicesDeps) {
     },
   });
 
-  const grants = createGrantCeiling({
-    db,
-    users: repos.users,
-    clients: repos.clients,
-    apiKeys: repos.apiKeys,
-    sessions: repos.sessions,
-    audit,
-    clock,
-  });
   const roles = createRolesService({
     db,
     repo: repos.roles,

@@ -21,7 +21,7 @@ import {
 } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
-import { createKey, withKey } from '../api-keys/helpers.js';
+import { createKey, grantRole, withKey } from '../api-keys/helpers.js';
 import { clientToken, createClient } from '../clients/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
 
@@ -756,6 +756,79 @@ describe('changing a user’s email address for them (support)', () => {
       });
       expect(pending.statusCode).toBe(404);
     }
+  });
+
+  /** The user's last `user.email_changed` event. */
+  const lastChange = async (userId: string) =>
+    (await app.services.audit.list({ subjectId: userId, type: 'user.email_changed', limit: 5 }))[0];
+
+  it('a change asked for by an administrator demoted since, or for a user who now holds more than them, is refused when opened and audited why', async () => {
+    const admin = await createAdmin(app);
+    // Demoted: the administrator loses admin, and with it users:write.
+    const demoted = await createAdmin(app);
+    const user = await registerUser(app, 'chg-demoted');
+    const next = uniqueEmail('chg-demoted-new');
+    expect((await askFor(demoted.accessToken, user.id, next)).statusCode).toBe(202);
+    const removal = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${demoted.id}/roles/admin`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removal.statusCode, removal.body).toBe(204);
+    const opened = await openLink(tokenTo(next));
+    expect(opened.statusCode, opened.body).toBe(400);
+    expect(opened.json()).toMatchObject({ code: 'invalid_email_change_token' });
+    expect(await emailOf(admin.accessToken, user.id)).toBe(user.email);
+    expect(await lastChange(user.id)).toMatchObject({
+      outcome: 'failure',
+      data: { reason: 'requester_lacks_permission', requested_by: demoted.id, missing: ['users:write'] },
+    });
+    // The link is spent: the administrator getting admin back moves nothing.
+    await app.services.repos.users.assignRole(demoted.id, 'admin', null);
+    expect((await openLink(tokenTo(next))).statusCode).toBe(400);
+
+    // The grant ceiling: a user manager asks for a plain user, who is then made an auditor.
+    const manager = await registerUser(app, 'chg-manager');
+    await grantRole(app, manager.id, ['users:write', 'users:read']);
+    const managerToken = (await login(app, manager.email)).session.access_token;
+    const promoted = await registerUser(app, 'chg-promoted');
+    const moved = uniqueEmail('chg-promoted-new');
+    expect((await askFor(managerToken, promoted.id, moved)).statusCode).toBe(202);
+    await grantRole(app, promoted.id, ['audit:read']);
+    expect((await openLink(tokenTo(moved))).statusCode).toBe(400);
+    expect(await emailOf(admin.accessToken, promoted.id)).toBe(promoted.email);
+    expect(await lastChange(promoted.id)).toMatchObject({
+      data: { reason: 'requester_lacks_permission', requested_by: manager.id, missing: ['audit:read'] },
+    });
+    // What the manager still reaches still moves.
+    const plain = await registerUser(app, 'chg-plain');
+    const plainNext = uniqueEmail('chg-plain-new');
+    expect((await askFor(managerToken, plain.id, plainNext)).statusCode).toBe(202);
+    expect((await openLink(tokenTo(plainNext))).json()).toMatchObject({ changed: true });
+  });
+
+  it('a change a service asked for is refused when opened once the service is disabled', async () => {
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, {
+      scopes: ['users:write', 'account:read', 'account:write', 'api_keys:own'],
+    });
+    const { access_token } = await clientToken(app, client);
+    const user = await registerUser(app, 'chg-service-off');
+    const next = uniqueEmail('chg-service-off-new');
+    expect((await askFor(access_token, user.id, next)).statusCode).toBe(202);
+    const disabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode, disabled.body).toBe(200);
+    expect((await openLink(tokenTo(next))).statusCode).toBe(400);
+    expect(await emailOf(admin.accessToken, user.id)).toBe(user.email);
+    expect(await lastChange(user.id)).toMatchObject({
+      outcome: 'failure',
+      data: { reason: 'requester_gone', requested_by: client.client_id },
+    });
   });
 
   it('never one’s own (a session, or an API key), nor a disabled user; unknown users are 404', async () => {

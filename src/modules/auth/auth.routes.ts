@@ -635,7 +635,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'own request is opened signed in to the account (its access token as `Authorization: Bearer`; ' +
           '401 otherwise, and the link stays usable); the current address’s link and a link of an ' +
           'administrator’s request need no session. 400 `invalid_email_change_token` for a token that is ' +
-          'unknown, expired, used, replaced or for a disabled account; 409 `email_taken` when the new ' +
+          'unknown, expired, used, replaced or for a disabled account, and for an administrator’s request ' +
+          'whose administrator (or service) no longer holds `users:write` and what the user holds; ' +
+          '409 `email_taken` when the new ' +
           'address has an account by now.',
         // Optional: the new address's link of a user's own request is opened signed in.
         security: [{}, { bearerAuth: [] }],

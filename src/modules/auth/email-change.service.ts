@@ -1,10 +1,13 @@
 import type { Executor } from '../../db/client.js';
 import { EMAIL_CHANGE_FORMAT, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, invalidFields, pgErrorCode } from '../../lib/errors.js';
+import { notHeld } from '../../lib/permissions.js';
 import { inTransaction } from '../../lib/events.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
 import { authenticationRequired } from '../../plugins/authenticate.js';
 import type { RequestContext } from '../audit/audit.service.js';
+import { CLIENT_ID_PREFIX } from '../clients/clients.service.js';
+import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { UserRow } from '../users/users.repository.js';
 import { normalizeEmail } from './auth.schema.js';
 import type { EmailConfirmationDeps } from './email-confirmation.service.js';
@@ -26,7 +29,12 @@ import {
 export type EmailChangeDeps = EmailConfirmationDeps & {
   /** A user's own request stands only while the session it came from does. */
   sessions: Pick<SessionsRepository, 'findSession'>;
+  /** What the administrator or service who asked for a change holds when its link is opened. */
+  grants: Pick<GrantCeiling, 'standing'>;
 };
+
+/** What an administrator's request needed (the route's permission); the user's permissions come too. */
+const ADMIN_CHANGE_PERMISSION = 'users:write';
 
 const invalidChangeToken = () =>
   new AppError('invalid_email_change_token', {
@@ -323,8 +331,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       signedInAs: string | undefined,
       context: RequestContext,
     ): Promise<{ changed: true; user: UserRow } | { changed: false }> {
-      const invalid = async (reason: string, userId: string | null) => {
-        await audit(context, 'user.email_changed', userId, 'failure', { reason });
+      const invalid = async (reason: string, userId: string | null, data: Record<string, unknown> = {}) => {
+        await audit(context, 'user.email_changed', userId, 'failure', { reason, ...data });
         return invalidChangeToken();
       };
       mailerOrNotFound();
@@ -361,6 +369,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
           detail: 'The new address has an account now; ask for the change again with another',
         });
       }
+      if ('refused' in outcome)
+        throw await invalid(outcome.refused, row.userId, {
+          requested_by: row.requestedBy,
+          ...(outcome.missing ? { missing: outcome.missing } : {}),
+        });
       if (!outcome.changed) return { changed: false };
       if (outcome.noticeTo) {
         const notice = changedNotice(outcome.noticeTo, newEmail);
@@ -390,13 +403,41 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     });
   }
 
+  /**
+   * Why the administrator or service who asked for a change (`requestedBy`) may no longer make it,
+   * read now on the change's transaction: gone or disabled (a client disabled or deleted), or no
+   * longer holding users:write and every permission the user holds, as the request needed
+   * (users.routes: assertMayManage). Undefined when they still may.
+   */
+  async function requesterRefusal(
+    requestedBy: string,
+    userId: string,
+    tx: Executor,
+  ): Promise<{ refused: 'requester_gone' | 'requester_lacks_permission'; missing?: string[] } | undefined> {
+    // requested_by holds the request's actor: a service's client id, else a user's id (an API key's owner).
+    const grantor: Grantor = requestedBy.startsWith(CLIENT_ID_PREFIX)
+      ? { kind: 'service', clientId: requestedBy, permissions: ['*'] }
+      : { kind: 'user', userId: requestedBy, permissions: ['*'] };
+    const holds = await deps.grants.standing(grantor, tx);
+    if (holds === null) return { refused: 'requester_gone' };
+    const { permissions } = await deps.users.rolesAndPermissions(userId, tx);
+    const missing = [...new Set(notHeld([ADMIN_CHANGE_PERMISSION, ...permissions], holds))].sort();
+    return missing.length > 0 ? { refused: 'requester_lacks_permission', missing } : undefined;
+  }
+
   async function apply(row: EmailTokenRow, newEmail: string, link: string, context: RequestContext) {
     return inTransaction(deps.db, deps.events, async (tx, emit) => {
       // The user row first, as a request locks it (and the house order): concurrent uses of the
       // request's links take turns, and of concurrent uses of one link one takes it.
       const user = await deps.users.findByIdForUpdate(row.userId, tx);
+      // An administrator's change stands only while they could still ask for it: their row is
+      // key-share locked, so a deletion or a disable either commits first (and is seen) or waits.
+      const refusal =
+        row.requestedBy && user ? await requesterRefusal(row.requestedBy, user.id, tx) : undefined;
       if (!(await deps.tokens.consume(row.id, deps.clock.now(), tx))) return 'used' as const;
       if (user?.status !== 'active') return 'disabled' as const;
+      // The link is spent: the change is void, not waiting for the requester to regain the permission.
+      if (refusal) return refusal;
       // Whoever opened the link, signed in or not; the events are about the user.
       const actor = context;
       // The other link of the request, still to be opened: of two links opened at once, the second to
