@@ -4,7 +4,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { mailOutbox } from '../../src/db/schema/index.js';
-import { SESSION_END } from '../../src/modules/housekeeping/retention.js';
+import { createRetention, SESSION_END } from '../../src/modules/housekeeping/retention.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { ownDatabase } from '../support/database.js';
@@ -198,5 +198,80 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       wallClock.mockRestore();
       purge.mockRestore();
     }
+  });
+
+  /** Records, for each row `tables` lose, the transaction that deleted it; `run` sees the log, then it goes. */
+  async function recordingDeletes<T>(tables: string[], run: () => Promise<T>) {
+    const db = app.services.db;
+    await db.execute(sql`create table retention_deletes (tbl text not null, tx bigint not null)`);
+    await db.execute(
+      sql.raw(`create function retention_deleted() returns trigger language plpgsql as $$
+        begin insert into retention_deletes values (tg_table_name, txid_current()); return old; end $$`),
+    );
+    for (const table of tables) {
+      await db.execute(
+        sql.raw(`create trigger retention_deleted after delete on ${table}
+          for each row execute function retention_deleted()`),
+      );
+    }
+    try {
+      await run();
+      return await selectRows<{ tbl: string; rows: number; most: number }>(
+        db,
+        sql`select tbl, sum(n)::int as rows, max(n)::int as most
+              from (select tbl, tx, count(*) as n from retention_deletes group by tbl, tx) per_tx
+             group by tbl order by tbl`,
+      );
+    } finally {
+      for (const table of tables) await db.execute(sql.raw(`drop trigger retention_deleted on ${table}`));
+      await db.execute(sql`drop function retention_deleted()`);
+      await db.execute(sql`drop table retention_deletes`);
+    }
+  }
+
+  it('deletes the refresh tokens of ended sessions in batches of their own, never more rows in one transaction than a batch', async () => {
+    const user = await registerUser(app, 'retention-rotated');
+    // Two sessions rotated seven times each: eight refresh tokens apiece, against a batch of three.
+    for (const first of [user.refreshToken, (await login(app, user.email)).session.refresh_token]) {
+      let refreshToken = first;
+      let accessToken = '';
+      for (let i = 0; i < 7; i++) {
+        const res = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/refresh',
+          payload: { refresh_token: refreshToken },
+        });
+        expect(res.statusCode, res.body).toBe(200);
+        refreshToken = res.json().session.refresh_token;
+        accessToken = res.json().session.access_token;
+      }
+      const out = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/logout',
+        headers: bearer(accessToken),
+        payload: {},
+      });
+      expect(out.statusCode).toBe(204);
+    }
+    expect(await refreshTokensOf(user.id)).toBe(16);
+
+    const retention = createRetention({
+      db: app.services.db,
+      clock,
+      logger: app.services.logger,
+      options: { sessionRetentionDays: 7, auditRetentionDays: 0, batchSize: 3 },
+    });
+    clock.advance(8 * DAY);
+    let result: Awaited<ReturnType<typeof retention.purge>> | undefined;
+    const deletes = await recordingDeletes(['sessions', 'refresh_tokens'], async () => {
+      result = await retention.purge();
+    });
+    expect(deletes).toEqual([
+      { tbl: 'refresh_tokens', rows: 16, most: 3 },
+      { tbl: 'sessions', rows: 2, most: 2 },
+    ]);
+    expect(result).toMatchObject({ sessions: 2, refreshTokens: 16 });
+    expect(await sessionsOf(user.id)).toBe(0);
+    expect(await refreshTokensOf(user.id)).toBe(0);
   });
 });

@@ -1,6 +1,6 @@
 import { type SQL, sql } from 'drizzle-orm';
 import type { Logger } from 'pino';
-import { type Database, selectRows } from '../../db/client.js';
+import { type Database, type Transaction, selectRows } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 
 /** An arbitrary constant shared by every instance: one of them purges at a time. */
@@ -21,12 +21,16 @@ export interface RetentionOptions {
   sessionRetentionDays: number;
   /** Days audit events are kept; 0 keeps them for ever. */
   auditRetentionDays: number;
+  /** Rows per DELETE (2,000 by default; smaller in tests). */
+  batchSize?: number;
 }
 
 export interface PurgeResult {
   /** Another instance was purging; this one did nothing. */
   skipped: boolean;
   sessions: number;
+  /** The refresh tokens of those sessions, deleted before them. */
+  refreshTokens: number;
   revocations: number;
   /** Mailed tokens (password reset, email confirmation) past their expiry, used or not. */
   emailTokens: number;
@@ -41,7 +45,7 @@ export interface PurgeResult {
  * Deletes what nothing reads any more, so the tables do not grow with every login and refresh for
  * ever: revocations past their expiry (every token they could refuse has expired), mailed tokens (password
  * reset, email confirmation), second-factor challenges and queued mail past theirs, sessions ended
- * longer ago than SESSION_RETENTION_DAYS (with their refresh tokens, by cascade), and audit events
+ * longer ago than SESSION_RETENTION_DAYS (with their refresh tokens, deleted first), and audit events
  * older than AUDIT_RETENTION_DAYS when that is set. Run from the services' housekeeping at most once
  * an hour; on several instances, whichever takes the advisory lock first does it and the others skip.
  */
@@ -51,21 +55,30 @@ export function createRetention(deps: {
   logger: Logger;
   options: RetentionOptions;
 }) {
+  const batch = deps.options.batchSize ?? BATCH;
+
+  /** Runs `work` in a transaction holding the purge lock; undefined when another instance holds it. */
+  async function locked<T>(work: (tx: Transaction) => Promise<T>): Promise<T | undefined> {
+    return deps.db.transaction(async (tx) => {
+      const [lock] = await selectRows<{ locked: boolean }>(
+        tx,
+        sql`select pg_try_advisory_xact_lock(${PURGE_LOCK}) as locked`,
+      );
+      if (!lock?.locked) return undefined;
+      return work(tx);
+    });
+  }
+
   /** Deletes `where` rows of `table` in batches; undefined when another instance holds the lock. */
   async function deleteAll(table: string, where: SQL): Promise<number | undefined> {
     let total = 0;
     for (;;) {
-      const deleted = await deps.db.transaction(async (tx) => {
-        const [lock] = await selectRows<{ locked: boolean }>(
-          tx,
-          sql`select pg_try_advisory_xact_lock(${PURGE_LOCK}) as locked`,
-        );
-        if (!lock?.locked) return undefined;
+      const deleted = await locked(async (tx) => {
         const [row] = await selectRows<{ n: number }>(
           tx,
           sql`with gone as (
                 delete from ${sql.identifier(table)} where ctid in (
-                  select ctid from ${sql.identifier(table)} where ${where} limit ${BATCH}
+                  select ctid from ${sql.identifier(table)} where ${where} limit ${batch}
                 ) returning 1
               ) select count(*)::int as n from gone`,
         );
@@ -73,7 +86,35 @@ export function createRetention(deps: {
       });
       if (deleted === undefined) return total === 0 ? undefined : total;
       total += deleted;
-      if (deleted < BATCH) return total;
+      if (deleted < batch) return total;
+    }
+  }
+
+  /**
+   * Deletes the sessions ended before `before`, a batch of them at a time, each batch's refresh tokens
+   * first in batches of their own: the cascade would delete them all in the session's statement, and a
+   * session refreshed every 15 minutes for weeks has thousands (2,000 such sessions made one statement
+   * of millions of rows, past the statement timeout, rolled back at every try).
+   */
+  async function deleteSessions(before: SQL): Promise<{ sessions: number; refreshTokens: number }> {
+    const done = { sessions: 0, refreshTokens: 0 };
+    for (;;) {
+      const ended = await locked((tx) =>
+        selectRows<{ id: string }>(
+          tx,
+          sql`select id from sessions where ${SESSION_END} < ${before} limit ${batch}`,
+        ),
+      );
+      if (!ended?.length) return done;
+      const ids = sql.join(
+        ended.map((row) => sql`${row.id}::uuid`),
+        sql`, `,
+      );
+      done.refreshTokens += (await deleteAll('refresh_tokens', sql`session_id in (${ids})`)) ?? 0;
+      // Still ended (nothing revives a session, but the condition costs nothing); a refresh token
+      // written since, which none should be, still goes by the cascade.
+      done.sessions += (await deleteAll('sessions', sql`id in (${ids}) and ${SESSION_END} < ${before}`)) ?? 0;
+      if (ended.length < batch) return done;
     }
   }
 
@@ -85,6 +126,7 @@ export function createRetention(deps: {
       const result: PurgeResult = {
         skipped: false,
         sessions: 0,
+        refreshTokens: 0,
         revocations: 0,
         emailTokens: 0,
         mfaChallenges: 0,
@@ -97,7 +139,7 @@ export function createRetention(deps: {
       result.revocations = revocations;
 
       const sessionsBefore = instant(now - deps.options.sessionRetentionDays * DAY_MS);
-      result.sessions = (await deleteAll('sessions', sql`${SESSION_END} < ${sessionsBefore}`)) ?? 0;
+      Object.assign(result, await deleteSessions(sessionsBefore));
 
       result.emailTokens = (await deleteAll('email_tokens', sql`expires_at < ${instant(now)}`)) ?? 0;
       result.mfaChallenges = (await deleteAll('mfa_challenges', sql`expires_at < ${instant(now)}`)) ?? 0;
@@ -109,6 +151,7 @@ export function createRetention(deps: {
       }
       if (
         result.sessions +
+          result.refreshTokens +
           result.revocations +
           result.emailTokens +
           result.mfaChallenges +
