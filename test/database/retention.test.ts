@@ -4,7 +4,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { mailOutbox } from '../../src/db/schema/index.js';
-import { createRetention, SESSION_END } from '../../src/modules/housekeeping/retention.js';
+import { createRetention, RetentionError, SESSION_END } from '../../src/modules/housekeeping/retention.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { ownDatabase } from '../support/database.js';
@@ -273,5 +273,92 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect(result).toMatchObject({ sessions: 2, refreshTokens: 16 });
     expect(await sessionsOf(user.id)).toBe(0);
     expect(await refreshTokensOf(user.id)).toBe(0);
+  });
+
+  it('purges every other table when one fails, logs the failure, and fails the run so that it is tried again', async () => {
+    const user = await registerUser(app, 'retention-failing');
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+      payload: {},
+    });
+    expect(out.statusCode).toBe(204);
+    await app.services.repos.emailTokens.replace(
+      {
+        userId: user.id,
+        purpose: 'password_reset',
+        email: user.email,
+        tokenHash: `retention-failing-${user.id}`,
+        createdAt: clock.now(),
+        expiresAt: new Date(clock.nowMs() + 1800_000),
+      },
+      app.services.db,
+    );
+    await app.services.repos.mfa.insertChallenge({
+      userId: user.id,
+      tokenHash: `retention-failing-${user.id}`,
+      via: 'auth.login',
+      createdAt: clock.now(),
+      expiresAt: new Date(clock.nowMs() + 300_000),
+    });
+    await app.services.db.insert(mailOutbox).values({
+      kind: 'notice',
+      recipient: user.email,
+      subject: 'retention',
+      bodyEncrypted: 'sealed',
+      userId: user.id,
+      nextAttemptAt: clock.now(),
+      expiresAt: new Date(clock.nowMs() + DAY),
+      createdAt: clock.now(),
+    });
+    const ofUser = (table: string) =>
+      count(sql`select count(*)::int as n from ${sql.identifier(table)} where user_id = ${user.id}`);
+    const auditOfUser = () =>
+      count(
+        sql`select count(*)::int as n from audit_events where actor_id = ${user.id} or subject_id = ${user.id}`,
+      );
+    expect(await auditOfUser()).toBeGreaterThan(0);
+
+    // The sessions' step, second of six, fails: every DELETE from sessions is refused.
+    const db = app.services.db;
+    await db.execute(
+      sql.raw(`create function retention_refuse() returns trigger language plpgsql as $$
+        begin raise exception 'refused by the test'; end $$`),
+    );
+    await db.execute(
+      sql.raw(
+        'create trigger retention_refuse before delete on sessions for each row execute function retention_refuse()',
+      ),
+    );
+    const logged = vi.spyOn(app.services.logger, 'error');
+    clock.advance(31 * DAY);
+    let failure: unknown;
+    let errorLines: unknown[][] = [];
+    try {
+      failure = await app.services.retention.purge().catch((err: unknown) => err);
+      errorLines = [...logged.mock.calls];
+    } finally {
+      logged.mockRestore();
+      await db.execute(sql`drop trigger retention_refuse on sessions`);
+      await db.execute(sql`drop function retention_refuse()`);
+    }
+    // The four steps after it ran all the same.
+    expect(await ofUser('email_tokens')).toBe(0);
+    expect(await ofUser('mfa_challenges')).toBe(0);
+    expect(await ofUser('mail_outbox')).toBe(0);
+    expect(await auditOfUser()).toBe(0);
+    expect(await sessionsOf(user.id)).toBe(1);
+    expect(failure).toBeInstanceOf(RetentionError);
+    expect((failure as RetentionError).message).toBe('retention: could not purge sessions');
+    expect((failure as RetentionError).result).toMatchObject({ sessions: 0, emailTokens: 1, mail: 1 });
+    expect(errorLines).toContainEqual([
+      expect.objectContaining({ table: 'sessions' }),
+      'retention: could not purge sessions; the other tables go on',
+    ]);
+
+    // Tried again, with the table answering, it purges the sessions too.
+    expect((await app.services.retention.purge()).sessions).toBeGreaterThanOrEqual(1);
+    expect(await sessionsOf(user.id)).toBe(0);
   });
 });

@@ -41,6 +41,18 @@ export interface PurgeResult {
   auditEvents: number;
 }
 
+/** A purge in which some tables failed (each logged); the others were purged, as `result` counts. */
+export class RetentionError extends AggregateError {
+  constructor(
+    errors: unknown[],
+    message: string,
+    readonly result: PurgeResult,
+  ) {
+    super(errors, message);
+    this.name = 'RetentionError';
+  }
+}
+
 /**
  * Deletes what nothing reads any more, so the tables do not grow with every login and refresh for
  * ever: revocations past their expiry (every token they could refuse has expired), mailed tokens (password
@@ -48,6 +60,7 @@ export interface PurgeResult {
  * longer ago than SESSION_RETENTION_DAYS (with their refresh tokens, deleted first), and audit events
  * older than AUDIT_RETENTION_DAYS when that is set. Run from the services' housekeeping at most once
  * an hour; on several instances, whichever takes the advisory lock first does it and the others skip.
+ * Each table is purged on its own: one that fails does not keep the others from being purged.
  */
 export function createRetention(deps: {
   db: Database;
@@ -91,13 +104,15 @@ export function createRetention(deps: {
   }
 
   /**
-   * Deletes the sessions ended before `before`, a batch of them at a time, each batch's refresh tokens
+   * Deletes the sessions ended before `before`, counting into `done` as it goes, a batch of them at a time, each batch's refresh tokens
    * first in batches of their own: the cascade would delete them all in the session's statement, and a
    * session refreshed every 15 minutes for weeks has thousands (2,000 such sessions made one statement
    * of millions of rows, past the statement timeout, rolled back at every try).
    */
-  async function deleteSessions(before: SQL): Promise<{ sessions: number; refreshTokens: number }> {
-    const done = { sessions: 0, refreshTokens: 0 };
+  async function deleteSessions(
+    before: SQL,
+    done: { sessions: number; refreshTokens: number },
+  ): Promise<void> {
     for (;;) {
       const ended = await locked((tx) =>
         selectRows<{ id: string }>(
@@ -105,7 +120,7 @@ export function createRetention(deps: {
           sql`select id from sessions where ${SESSION_END} < ${before} limit ${batch}`,
         ),
       );
-      if (!ended?.length) return done;
+      if (!ended?.length) return;
       const ids = sql.join(
         ended.map((row) => sql`${row.id}::uuid`),
         sql`, `,
@@ -114,7 +129,7 @@ export function createRetention(deps: {
       // Still ended (nothing revives a session, but the condition costs nothing); a refresh token
       // written since, which none should be, still goes by the cascade.
       done.sessions += (await deleteAll('sessions', sql`id in (${ids}) and ${SESSION_END} < ${before}`)) ?? 0;
-      if (ended.length < batch) return done;
+      if (ended.length < batch) return;
     }
   }
 
@@ -134,20 +149,43 @@ export function createRetention(deps: {
         auditEvents: 0,
       };
 
-      const revocations = await deleteAll('revocations', sql`expires_at < ${instant(now)}`);
-      if (revocations === undefined) return { ...result, skipped: true };
-      result.revocations = revocations;
+      // Each table on its own: one that fails (a statement past the timeout, a lock) is logged and
+      // the others are still purged; the run then fails as a whole, so that it is tried again.
+      const failed: { table: string; err: unknown }[] = [];
+      const step = async (table: string, purgeTable: () => Promise<void>) => {
+        try {
+          await purgeTable();
+        } catch (err) {
+          failed.push({ table, err });
+          deps.logger.error({ err, table }, `retention: could not purge ${table}; the other tables go on`);
+        }
+      };
+
+      let skipped = false;
+      await step('revocations', async () => {
+        const revocations = await deleteAll('revocations', sql`expires_at < ${instant(now)}`);
+        if (revocations === undefined) skipped = true;
+        else result.revocations = revocations;
+      });
+      if (skipped) return { ...result, skipped: true };
 
       const sessionsBefore = instant(now - deps.options.sessionRetentionDays * DAY_MS);
-      Object.assign(result, await deleteSessions(sessionsBefore));
+      await step('sessions', () => deleteSessions(sessionsBefore, result));
 
-      result.emailTokens = (await deleteAll('email_tokens', sql`expires_at < ${instant(now)}`)) ?? 0;
-      result.mfaChallenges = (await deleteAll('mfa_challenges', sql`expires_at < ${instant(now)}`)) ?? 0;
-      result.mail = (await deleteAll('mail_outbox', sql`expires_at < ${instant(now)}`)) ?? 0;
-
+      await step('email_tokens', async () => {
+        result.emailTokens = (await deleteAll('email_tokens', sql`expires_at < ${instant(now)}`)) ?? 0;
+      });
+      await step('mfa_challenges', async () => {
+        result.mfaChallenges = (await deleteAll('mfa_challenges', sql`expires_at < ${instant(now)}`)) ?? 0;
+      });
+      await step('mail_outbox', async () => {
+        result.mail = (await deleteAll('mail_outbox', sql`expires_at < ${instant(now)}`)) ?? 0;
+      });
       if (deps.options.auditRetentionDays > 0) {
         const auditBefore = instant(now - deps.options.auditRetentionDays * DAY_MS);
-        result.auditEvents = (await deleteAll('audit_events', sql`created_at < ${auditBefore}`)) ?? 0;
+        await step('audit_events', async () => {
+          result.auditEvents = (await deleteAll('audit_events', sql`created_at < ${auditBefore}`)) ?? 0;
+        });
       }
       if (
         result.sessions +
@@ -160,6 +198,13 @@ export function createRetention(deps: {
         0
       ) {
         deps.logger.info(result, 'retention: deleted rows past their retention');
+      }
+      if (failed.length > 0) {
+        throw new RetentionError(
+          failed.map((f) => f.err),
+          `retention: could not purge ${failed.map((f) => f.table).join(', ')}`,
+          result,
+        );
       }
       return result;
     },
