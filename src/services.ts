@@ -85,6 +85,8 @@ const BOOTSTRAP_RETRY_MS = 15_000;
 const MAIL_RETRY_INTERVAL_MS = 15_000;
 /** How often expired rows are deleted (modules/housekeeping/retention.ts). */
 const PURGE_INTERVAL_MS = 3600_000;
+/** The first wait after a failed purge; it doubles with each failure in a row, up to PURGE_INTERVAL_MS. */
+const PURGE_RETRY_MS = 60_000;
 
 /**
  * Wires every repository and service once. The HTTP app and the scripts (create-admin,
@@ -481,7 +483,9 @@ export function createServices(deps: ServicesDeps) {
   });
 
   const retention = createRetention({ db, clock, logger, options: config.retention });
-  let lastPurge = Number.NEGATIVE_INFINITY;
+  /** When the next purge is due (wall clock), and how long the last failed one made it wait. */
+  let nextPurge = Number.NEGATIVE_INFINITY;
+  let purgeBackoff = 0;
   let timer: NodeJS.Timeout | undefined;
   let bootstrapTimer: NodeJS.Timeout | undefined;
   async function housekeeping() {
@@ -492,10 +496,19 @@ export function createServices(deps: ServicesDeps) {
     // not purge, from a timer, the rows other tests on the same database wrote moments ago.
     // (In production the two are the same clock.)
     const wallNow = Date.now();
-    if (wallNow - lastPurge >= PURGE_INTERVAL_MS) {
-      // Only once it is done: a purge the database refused is tried again on the next run, not in an hour.
-      await retention.purge(new Date(wallNow));
-      lastPurge = wallNow;
+    if (wallNow >= nextPurge) {
+      try {
+        await retention.purge(new Date(wallNow));
+      } catch (err) {
+        // A purge the database refused is tried again sooner than in an hour, but not every minute
+        // for ever: a failure that stays (a batch past the statement timeout) would redo its work
+        // each time. 1, 2, 4… minutes, up to the hour.
+        purgeBackoff = Math.min(Math.max(purgeBackoff * 2, PURGE_RETRY_MS), PURGE_INTERVAL_MS);
+        nextPurge = wallNow + purgeBackoff;
+        throw err;
+      }
+      purgeBackoff = 0;
+      nextPurge = wallNow + PURGE_INTERVAL_MS;
     }
   }
 

@@ -171,7 +171,7 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect(plan).toContain('sessions_ended_idx');
   });
 
-  it('housekeeping purges at most once an hour by the wall clock, and tries a failed purge again on its next run', async () => {
+  it('housekeeping purges at most once an hour by the wall clock, and tries a failed purge again after 1, 2, 4… minutes up to the hour', async () => {
     const purge = vi.spyOn(app.services.retention, 'purge');
     const wallClock = vi.spyOn(Date, 'now');
     const start = Date.now() + 1000 * DAY;
@@ -186,14 +186,33 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       await app.services.housekeeping();
       expect(purge).toHaveBeenCalledTimes(1);
 
-      wallClock.mockReturnValue(start + 3600_000);
+      // A failed purge is tried again after 1, 2, 4… minutes (not at every run), then hourly once it passes.
+      let at = start + 3600_000;
+      let calls = 1;
+      for (const waitMinutes of [1, 2, 4, 8, 16, 32, 60, 60]) {
+        wallClock.mockReturnValue(at);
+        purge.mockRejectedValueOnce(new Error('connection terminated'));
+        await expect(app.services.housekeeping()).rejects.toThrow('connection terminated');
+        expect(purge).toHaveBeenCalledTimes(++calls);
+        wallClock.mockReturnValue(at + waitMinutes * 60_000 - 1);
+        await app.services.housekeeping();
+        expect(purge).toHaveBeenCalledTimes(calls);
+        at += waitMinutes * 60_000;
+      }
+      wallClock.mockReturnValue(at);
+      await app.services.housekeeping();
+      expect(purge).toHaveBeenCalledTimes(++calls);
+      wallClock.mockReturnValue(at + 3600_000 - 1);
+      await app.services.housekeeping();
+      expect(purge).toHaveBeenCalledTimes(calls);
+
+      // The next failure after a success waits a minute again.
+      wallClock.mockReturnValue(at + 3600_000);
       purge.mockRejectedValueOnce(new Error('connection terminated'));
       await expect(app.services.housekeeping()).rejects.toThrow('connection terminated');
-      expect(purge).toHaveBeenCalledTimes(2);
+      wallClock.mockReturnValue(at + 3600_000 + 60_000);
       await app.services.housekeeping();
-      expect(purge).toHaveBeenCalledTimes(3);
-      await app.services.housekeeping();
-      expect(purge).toHaveBeenCalledTimes(3);
+      expect(purge).toHaveBeenCalledTimes(calls + 2);
     } finally {
       wallClock.mockRestore();
       purge.mockRestore();
