@@ -171,6 +171,18 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect(plan).toContain('sessions_ended_idx');
   });
 
+  it('finds expired mail through mail_outbox_expires_idx', async () => {
+    const plan = await app.services.db.transaction(async (tx) => {
+      await tx.execute(sql`set local enable_seqscan = off`);
+      const [row] = await selectRows<{ 'QUERY PLAN': unknown }>(
+        tx,
+        sql`explain (format json) select ctid from mail_outbox where expires_at < now() limit 2000`,
+      );
+      return JSON.stringify(row?.['QUERY PLAN']);
+    });
+    expect(plan).toContain('mail_outbox_expires_idx');
+  });
+
   it('housekeeping purges at most once an hour by the wall clock, and tries a failed purge again after 1, 2, 4… minutes up to the hour', async () => {
     const purge = vi.spyOn(app.services.retention, 'purge');
     const wallClock = vi.spyOn(Date, 'now');

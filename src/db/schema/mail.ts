@@ -34,5 +34,7 @@ export const mailOutbox = pgTable(
     index('mail_outbox_due_idx').on(t.nextAttemptAt),
     index('mail_outbox_user_idx').on(t.userId),
     index('mail_outbox_token_idx').on(t.emailTokenId),
+    // What the hourly retention purge looks for (src/modules/housekeeping/retention.ts), without a scan.
+    index('mail_outbox_expires_idx').on(t.expiresAt),
   ],
 );

@@ -1,0 +1,1 @@
+CREATE INDEX "mail_outbox_expires_idx" ON "mail_outbox" USING btree ("expires_at");
