@@ -88,14 +88,19 @@ const PURGE_INTERVAL_MS = 3600_000;
 /** The first wait after a failed purge; it doubles with each failure in a row, up to PURGE_INTERVAL_MS. */
 const PURGE_RETRY_MS = 60_000;
 
-/**
- * Wires every repository and service once. The HTTP app and the scripts (create-admin,
- * rotate-signing-key) share it, so a rule lives in one place whichever door it is reached by.
- */
 /** Redis key prefix of the shared counts of failed client authentications, per IP and client_id. */
 export const CLIENT_AUTH_FAILURES_PREFIX = 'paservices:auth:client-auth-failures:';
 export const CLIENT_AUTH_IP_FAILURES_PREFIX = 'paservices:auth:client-auth-ip-failures:';
 
+/** The bootstrap admin cannot be made with the configured email and password; the start stops. */
+export class BootstrapAdminError extends Error {
+  override name = 'BootstrapAdminError';
+}
+
+/**
+ * Wires every repository and service once. The HTTP app and the scripts (create-admin,
+ * rotate-signing-key) share it, so a rule lives in one place whichever door it is reached by.
+ */
 export function createServices(deps: ServicesDeps) {
   const { config, database, logger, clock } = deps;
   const db = database.db;
@@ -579,6 +584,13 @@ export function createServices(deps: ServicesDeps) {
           bootstrapTimer.unref();
         };
         await attempt().catch((err: unknown) => {
+          // A refusal of the operator's settings (an unconfirmed address, a wrong or weak password):
+          // one line naming the variables, not a request's problem with a stack trace.
+          if (isAppError(err) && err.code !== 'provider_unavailable')
+            throw new BootstrapAdminError(
+              `the bootstrap admin (BOOTSTRAP_ADMIN_EMAIL ${bootstrap.email}) cannot be made: ${err.detail}`,
+              { cause: err },
+            );
           if (!(isAppError(err) && err.code === 'provider_unavailable')) throw err;
           logger.warn(
             { err, retryInMs: retryMs },

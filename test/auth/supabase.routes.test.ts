@@ -6,6 +6,7 @@ import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
 import { atTime } from '../support/clock.js';
+import { BootstrapAdminError } from '../../src/services.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
@@ -938,6 +939,29 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       const row = await booted.services.repos.users.findByEmail(email);
       expect(row?.id).toBe(signUp.data.user!.id);
       expect(await rolesOf(booted, email)).toEqual(expect.arrayContaining(['admin', 'user']));
+    });
+
+    it('already in Supabase with an unconfirmed address: the start stops with one message naming BOOTSTRAP_ADMIN_EMAIL', async () => {
+      gotrue.setConfirmEmail(true);
+      const email = uniqueEmail('sb-boot-unconfirmed');
+      const signUp = await outsideClient().auth.signUp({ email, password: 'bootstrap passphrase 42' });
+      expect(signUp.error).toBeNull();
+      const own = await ownDatabase('auth_bootstrap');
+      try {
+        const failure = await buildTestApp({
+          env: bootstrapEnv(email),
+          deps: { database: own.database, bootstrapRetryMs: 50 },
+        }).then(
+          () => undefined,
+          (err: unknown) => err,
+        );
+        expect(failure).toBeInstanceOf(BootstrapAdminError);
+        expect((failure as Error).message).toBe(
+          `the bootstrap admin (BOOTSTRAP_ADMIN_EMAIL ${email}) cannot be made: Confirm your email address first: follow the link mailed to it when you registered`,
+        );
+      } finally {
+        await own.dispose();
+      }
     });
 
     it('Supabase down at start does not keep the service down: the admin is made once it answers', async () => {
