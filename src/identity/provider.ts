@@ -32,15 +32,17 @@ export class EmailNotConfirmed extends AppError {
 }
 
 /**
- * The provider was asked to change a password and gave no answer (a timeout, a 5xx): it may have
- * changed it. A 503 to the client; the service ends the other sessions all the same, as a change
- * would, since the old password may no longer be the account's.
+ * The provider was asked to change (or, for a reset, set) a password and gave no answer (a timeout,
+ * a 5xx): it may have changed it. A 503 to the client; the service ends the other sessions (a reset:
+ * all of them) all the same, as a change would, since the old password may no longer be the account's.
  */
 export class PasswordMayHaveChanged extends AppError {
-  constructor(unavailable: AppError) {
+  constructor(
+    unavailable: AppError,
+    detail = 'The identity provider did not answer: the new password may be in effect already, and your other sessions have ended',
+  ) {
     super('provider_unavailable', {
-      detail:
-        'The identity provider did not answer: the new password may be in effect already, and your other sessions have ended',
+      detail,
       headers: unavailable.headers,
       cause: unavailable.cause,
     });
@@ -102,9 +104,11 @@ export interface IdentityProvider {
   requestPasswordRecovery?(email: string, redirectTo: string | undefined): Promise<'sent' | 'too_soon'>;
   /**
    * With requestPasswordRecovery: the user a recovery link's token was issued to, or undefined when it
-   * is not a valid recovery token. The token stops working once read.
+   * is not a valid recovery token. The token still works: endRecovery ends it.
    */
   recoveryIdentity?(token: string): Promise<ProviderUser | undefined>;
+  /** With recoveryIdentity: the recovery token stops working (best effort, never throws). */
+  endRecovery?(token: string): Promise<void>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
   /**

@@ -383,7 +383,15 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       guarded(async () => {
         const { error } = await admin.auth.admin.updateUserById(user.id, { password: newPassword });
         // same_password: the account already ends up with the requested password.
-        if (error && error.code !== 'same_password') throw newPasswordRefused(error);
+        if (error && error.code !== 'same_password') {
+          // As for a change: no answer (a timeout, a 5xx) is not "not set", Supabase may have set it.
+          if (isOutage(error) && (error.status ?? 0) >= 500)
+            throw new PasswordMayHaveChanged(
+              unavailable(error),
+              'The identity provider did not answer: the new password may be in effect already, and every session of the account has ended; try again (with a new link if this one no longer works)',
+            );
+          throw newPasswordRefused(error);
+        }
         return { passwordHash: null };
       }),
 
@@ -420,10 +428,15 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
           return undefined;
         }
         if (!data.user.email) return undefined;
-        // Used once: the recovery session ends before the password is set.
-        await admin.auth.admin.signOut(token, 'local').catch(() => undefined);
+        // Not signed out yet: the reset does it once the password is set (endRecovery), so that a
+        // password Supabase did not answer about can be set again with the same link.
         return toProviderUser(data.user, data.user.email);
       }),
+
+    endRecovery: async (token) => {
+      // Best effort: GoTrue ends every session of the user when the password is set anyway.
+      await admin.auth.admin.signOut(token, 'local').catch(() => undefined);
+    },
 
     setBanned: (userId, banned) =>
       guarded(async () => {

@@ -56,6 +56,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
   afterEach(() => {
     gotrue.setDown(false);
     gotrue.setFailWith(undefined);
+    gotrue.setAnswerDelayMs(0);
   });
 
   afterAll(async () => {
@@ -306,6 +307,67 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
 
     expect(recoveriesOf(other.email)).toHaveLength(0);
     expect((await reset(token)).statusCode).toBe(204);
+    await login(app, user.email, NEW_PASSWORD);
+  });
+
+  const setPasswordCall = (method: string, path: string) =>
+    method === 'PUT' && path.startsWith('/auth/v1/admin/users/');
+
+  /** A reset Supabase did not answer: 503, every session here ended, audited as a failed reset. */
+  async function expectUnansweredReset(
+    res: LightMyRequestResponse,
+    user: { id: string; refreshToken: string; accessToken: string },
+    other: { session: { refresh_token: string } },
+    from: Date,
+  ) {
+    expectProviderUnavailable(res);
+    expect(res.json().detail).toMatch(/may be in effect already/);
+    for (const refreshToken of [user.refreshToken, other.session.refresh_token])
+      expect((await refresh(refreshToken)).statusCode).toBe(401);
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: { authorization: `Bearer ${user.accessToken}` },
+    });
+    expect(me.statusCode).toBe(401);
+    const events = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'auth.password_reset',
+      since: from,
+      limit: 10,
+    });
+    expect(events).toEqual([
+      expect.objectContaining({
+        outcome: 'failure',
+        data: expect.objectContaining({ reason: 'provider_unavailable', sessions_ended: true }),
+      }),
+    ]);
+  }
+
+  it('ends every session when Supabase answers the new password too late (it set it), audited as a failed reset', async () => {
+    const from = since();
+    const user = await registerUser(app, 'sbr-late-answer');
+    const other = await login(app, user.email);
+    const token = await recoveryToken(user.email);
+    gotrue.setAnswerDelayMs(1500, setPasswordCall);
+    await expectUnansweredReset(await reset(token), user, other, from);
+    gotrue.setAnswerDelayMs(0);
+    // Supabase did set it: the new password is the one that signs in.
+    expect(gotrue.users.get(user.id)!.password).toBe(NEW_PASSWORD);
+    await login(app, user.email, NEW_PASSWORD);
+  });
+
+  it('ends every session when Supabase answers the new password 500, and keeps the link for another try', async () => {
+    const from = since();
+    const user = await registerUser(app, 'sbr-500-answer');
+    const other = await login(app, user.email);
+    const token = await recoveryToken(user.email);
+    gotrue.setFailWith({ status: 500 }, setPasswordCall);
+    await expectUnansweredReset(await reset(token), user, other, from);
+    gotrue.setFailWith(undefined);
+    // Nothing was set, and the link was not used up: it resets once Supabase answers.
+    expect((await reset(token)).statusCode).toBe(204);
+    expect((await loginAs(user.email, PASSWORD)).statusCode).toBe(401);
     await login(app, user.email, NEW_PASSWORD);
   });
 });

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
-import type { IdentityProvider, ProviderUser } from '../../identity/provider.js';
+import { type IdentityProvider, PasswordMayHaveChanged, type ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { PASSWORD_RESET_FORMAT } from '../../lib/crypto.js';
 import { AppError, isAppError, isDatabaseUnavailable, notFound } from '../../lib/errors.js';
@@ -230,6 +230,33 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
   }
 
   /**
+   * A reset the provider did not answer (it may have set the password): every session of the account
+   * ends and the links mailed before go, as the reset would have done, audited as a failed reset. Best
+   * effort: the client gets the provider's 503 either way.
+   */
+  async function endAfterUnansweredReset(user: UserRow, context: RequestContext) {
+    await inTransaction(deps.db, deps.events, async (tx, emit) => {
+      (await deps.sessions.endAllSessions(tx, user.id, 'password_reset')).forEach(emit);
+      await deps.tokens.discardUnused(user.id, undefined, tx);
+      await deps.audit.record(
+        tx,
+        { ...context, actorType: 'user', actorId: user.id },
+        {
+          type: 'auth.password_reset',
+          outcome: 'failure',
+          subjectId: user.id,
+          data: { provider: deps.provider.name, reason: 'provider_unavailable', sessions_ended: true },
+        },
+      );
+    }).catch((err: unknown) =>
+      deps.logger?.warn(
+        { err, userId: user.id, reqId: context.requestId },
+        'a password reset Supabase may have applied: ending the sessions failed',
+      ),
+    );
+  }
+
+  /**
    * Has a reset link mailed to `email`: by the provider when it mails its own, else by the service,
    * to the account `user` (callers check there is one, and a mailer), through the outbox when there is
    * one. A failed mail is audited.
@@ -378,18 +405,29 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const invalid = (reason: string, userId: string | null) =>
         mailed.refused(context, { type: 'auth.password_reset', reason, userId }, invalidResetToken());
       if (deps.provider.recoveryIdentity) {
-        // recoveryIdentity ends the recovery session, so whatever can be checked without the account
-        // (length, the common list) is checked first: a weak password must not use the link up. Only
-        // the rule against the email itself has to wait for the account.
+        // Once read, the recovery session is ended whatever comes of it, so whatever can be checked
+        // without the account (length, the common list) is checked first: a weak password must not
+        // use the link up. Only the rule against the email itself has to wait for the account.
         checkPasswordStrength(newPassword, undefined, 'body.new_password');
         const identity = await deps.provider.recoveryIdentity(token);
         if (!identity) throw await invalid('invalid_recovery_token', null);
-        const user = await deps.users.findById(identity.id);
-        if (user && !active(user)) throw await invalid('disabled', user.id);
-        checkPasswordStrength(newPassword, identity.email, 'body.new_password');
-        await deps.provider.setPassword(identity, newPassword);
-        // A user Supabase knows and this database does not yet: their first sign-in creates the row.
-        if (user) await applyReset(user, null, context, undefined);
+        // Except when Supabase was not there to set the password: the user tries again with the link.
+        let keepLink = false;
+        try {
+          const user = await deps.users.findById(identity.id);
+          if (user && !active(user)) throw await invalid('disabled', user.id);
+          checkPasswordStrength(newPassword, identity.email, 'body.new_password');
+          await deps.provider.setPassword(identity, newPassword).catch(async (err: unknown) => {
+            if (isAppError(err) && err.code === 'provider_unavailable') keepLink = true;
+            // Supabase may have set it: every session ends, as the reset would have ended them.
+            if (err instanceof PasswordMayHaveChanged && user) await endAfterUnansweredReset(user, context);
+            throw err;
+          });
+          // A user Supabase knows and this database does not yet: their first sign-in creates the row.
+          if (user) await applyReset(user, null, context, undefined);
+        } finally {
+          if (!keepLink) await deps.provider.endRecovery?.(token);
+        }
         return;
       }
       const row = await mailed.find(token, 'password_reset', PASSWORD_RESET_FORMAT);
