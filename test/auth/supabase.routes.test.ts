@@ -857,6 +857,24 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect(res.statusCode, res.body).toBe(200);
     expect(res.json().user).toMatchObject({ id: user.id, email: moved });
     expect((await me(user.accessToken)).json().user.email).toBe(moved);
+    // The user's activity shows the change, as theirs.
+    const activity = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/activity?limit=5',
+      headers: bearer(user.accessToken),
+    });
+    expect(activity.statusCode, activity.body).toBe(200);
+    expect(activity.json().data).toContainEqual(
+      expect.objectContaining({ type: 'user.email_changed', outcome: 'success', by: 'you' }),
+    );
+    const events = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'user.email_changed',
+      limit: 5,
+    });
+    expect(events.map((e) => e.data)).toEqual([
+      { via: 'provider', old_email_domain: 'example.test', new_email_domain: 'example.test' },
+    ]);
   });
 
   it('a sign-up the project does not allow is 403 registration_closed, in the service’s own words', async () => {

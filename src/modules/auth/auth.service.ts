@@ -113,6 +113,22 @@ export function createAuthService(deps: AuthServiceDeps) {
             { email: pu.email, emailConfirmedAt: pu.emailConfirmedAt },
             tx,
           );
+          // An address changed in Supabase (by the user, through supabase-js): in their activity too.
+          if (existing.email !== pu.email)
+            await deps.audit.record(
+              tx,
+              // At a sign-in, the user who just proved it; otherwise whoever's request found it.
+              context.actorType === 'anonymous' ? { ...context, actorType: 'user', actorId: pu.id } : context,
+              {
+                type: 'user.email_changed',
+                subjectId: existing.id,
+                data: {
+                  via: 'provider',
+                  old_email_domain: existing.email.split('@')[1] ?? null,
+                  new_email_domain: pu.email.split('@')[1] ?? null,
+                },
+              },
+            );
           emit({ type: 'user_changed', userId: existing.id });
           return updated ?? existing;
         }).catch((err: unknown) => {
