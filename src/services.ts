@@ -366,6 +366,7 @@ export function createServices(deps: ServicesDeps) {
     ttlSeconds: config.passwordReset.ttlSeconds,
     invitationTtlSeconds: config.passwordReset.invitationTtlSeconds,
     logger,
+    withCurrentEmail: auth.withCurrentEmail,
     unproven: {
       apiKeys: repos.apiKeys,
       clients: repos.clients,

@@ -109,6 +109,11 @@ export interface IdentityProvider {
   recoveryIdentity?(token: string): Promise<ProviderUser | undefined>;
   /** With recoveryIdentity: the recovery token stops working (best effort, never throws). */
   endRecovery?(token: string): Promise<void>;
+  /**
+   * Providers whose users change their address there (Supabase): the user as the provider has them
+   * now, by id; undefined when it has no such user. Throws `provider_unavailable`.
+   */
+  currentUser?(userId: string): Promise<ProviderUser | undefined>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
   /**

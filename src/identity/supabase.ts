@@ -438,6 +438,18 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       await admin.auth.admin.signOut(token, 'local').catch(() => undefined);
     },
 
+    currentUser: (userId) =>
+      guarded(async () => {
+        if (!UUID.test(userId)) return undefined;
+        const { data, error } = await admin.auth.admin.getUserById(userId);
+        if (error) {
+          if (error.status === 404) return undefined;
+          throw unavailable(error);
+        }
+        if (!data.user.email) return undefined;
+        return toProviderUser(data.user, data.user.email);
+      }),
+
     setBanned: (userId, banned) =>
       guarded(async () => {
         if (!UUID.test(userId)) return;

@@ -877,6 +877,65 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     ]);
   });
 
+  it('checks a password against the address the user changed to in Supabase since signing in here, not a wrong password', async () => {
+    const admin = await createAdmin(app);
+    /** A signed-in user who then changed their address through supabase-js (confirmed there). */
+    const movedUser = async (tag: string) => {
+      const user = await registerUser(app, tag);
+      const moved = uniqueEmail(`${tag}-new`);
+      gotrue.users.get(user.id)!.email = moved;
+      return { ...user, moved };
+    };
+    const wrongPasswordEvents = async (userId: string) =>
+      (await app.services.audit.list({ subjectId: userId, outcome: 'failure', limit: 10 })).filter(
+        (e) => e.data.reason === 'wrong_password',
+      );
+
+    const changing = await movedUser('sb-moved-pw');
+    const changed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(changing.accessToken),
+      payload: { current_password: PASSWORD, new_password: 'a brand new passphrase 77' },
+    });
+    expect(changed.statusCode, changed.body).toBe(204);
+    expect((await me(changing.accessToken)).json().user.email).toBe(changing.moved);
+    expect(gotrue.users.get(changing.id)!.password).toBe('a brand new passphrase 77');
+    expect(await wrongPasswordEvents(changing.id)).toEqual([]);
+
+    const enrolling = await movedUser('sb-moved-mfa');
+    const enrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(enrolling.accessToken),
+      payload: { password: PASSWORD },
+    });
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    expect(await wrongPasswordEvents(enrolling.id)).toEqual([]);
+
+    const leaving = await movedUser('sb-moved-delete');
+    const deleted = await app.inject({
+      method: 'DELETE',
+      url: '/v1/auth/me',
+      headers: bearer(leaving.accessToken),
+      payload: { password: PASSWORD },
+    });
+    expect(deleted.statusCode, deleted.body).toBe(204);
+    expect(gotrue.users.has(leaving.id)).toBe(false);
+
+    // An administrator's reset link goes to the address the user has now.
+    const locked = await movedUser('sb-moved-reset');
+    const asked = await app.inject({
+      method: 'POST',
+      url: `/v1/users/${locked.id}/password-reset`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(asked.statusCode, asked.body).toBe(204);
+    expect(gotrue.recoveries.filter((r) => r.userId === locked.id).map((r) => r.email)).toEqual([
+      locked.moved,
+    ]);
+  });
+
   it('a sign-up the project does not allow is 403 registration_closed, in the service’s own words', async () => {
     const started = new Date();
     gotrue.setFailWith({

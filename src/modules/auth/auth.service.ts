@@ -161,6 +161,20 @@ export function createAuthService(deps: AuthServiceDeps) {
     throw accountConflict(pu, context);
   }
 
+  /**
+   * The account as it stands, its address included, before a password of it is checked by address:
+   * with Supabase, where the user may have changed their address (supabase-js updateUser) since they
+   * last signed in here, the row takes the one Supabase has now, as a sign-in would (a conflict is 409
+   * `account_conflict`); a sign-in with the old one would be refused, and counted, as a wrong password.
+   */
+  async function withCurrentEmail(user: UserRow, context: RequestContext): Promise<UserRow> {
+    if (!deps.provider.currentUser) return user;
+    const current = await deps.provider.currentUser(user.id);
+    // Gone from the provider: its sign-in refuses the password anyway.
+    if (!current || current.email === user.email) return user;
+    return ensureLocalUser(current, context);
+  }
+
   /** ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. */
   async function signInUser(pu: ProviderUser, context: RequestContext, email: string): Promise<UserRow> {
     // The built-in provider's users live in this database alone: one whose row is gone now was
@@ -528,6 +542,9 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     refresh: (refreshToken: string, context: RequestContext) => deps.sessions.refresh(refreshToken, context),
 
+    /** The user's row with the address the provider has for them now (for a reset link asked by id). */
+    withCurrentEmail,
+
     /** For other ways of signing in (a mailed link): a session on their transaction, then its tokens. */
     startSessionIn,
     sessionTokens: (user: UserRow, started: { session: SessionRow; refreshToken: string }) =>
@@ -583,9 +600,10 @@ export function createAuthService(deps: AuthServiceDeps) {
       input: { currentPassword: string; newPassword: string },
       context: RequestContext,
     ): Promise<void> {
-      const user = await deps.users.findById(userId);
+      const found = await deps.users.findById(userId);
       // Deleted meanwhile (by a request of its own): the session went with the account.
-      if (!user) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
+      if (!found) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
+      const user = await withCurrentEmail(found, context);
       checkPasswordStrength(input.newPassword, user.email, 'body.new_password');
       // The current password is a password guess like a login's: the same per-account lockout counts
       // and stops it, so a stolen access token or API key is no oracle for the password.
@@ -665,9 +683,10 @@ export function createAuthService(deps: AuthServiceDeps) {
      * account): a wrong one counts toward the sign-in lockout and is audited as a failure of `action`.
      */
     async reauthenticate(userId: string, password: string, action: string, context: RequestContext) {
-      const user = await deps.users.findById(userId);
+      const found = await deps.users.findById(userId);
       // Deleted meanwhile (by a request of its own, say): the credential no longer stands.
-      if (!user) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
+      if (!found) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
+      const user = await withCurrentEmail(found, context);
       const guess = await passwordGuess(user.email, context, action, async () => user.id);
       // The provider signs in by address: the identity must be this account (an address it left by an
       // email change may be another's by now), and an address changed since it was read is tried anew.

@@ -52,6 +52,11 @@ export interface PasswordResetDeps {
   invitationTtlSeconds: number;
   logger?: Pick<Logger, 'warn' | 'info'>;
   /**
+   * The user's row with the address the provider has for them now (auth.service): a link an
+   * administrator asks for goes to the address the user changed to in Supabase, not the one before.
+   */
+  withCurrentEmail?: (user: UserRow, context: RequestContext) => Promise<UserRow>;
+  /**
    * What an account holds besides sessions, ended by the reset that first proves its mailbox: an
    * account whose address nobody had proven may have been made by someone else, in wait for its
    * owner (pre-hijacking), with keys and clients that would outlive the owner's reset.
@@ -375,8 +380,9 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
      * such user, 409 for a disabled one, a recovery that is off, or a link mailed less than a minute ago.
      */
     async requestFor(userId: string, context: RequestContext): Promise<void> {
-      const user = await deps.users.findById(userId);
-      if (!user) throw notFound('user');
+      const found = await deps.users.findById(userId);
+      if (!found) throw notFound('user');
+      const user = deps.withCurrentEmail ? await deps.withCurrentEmail(found, context) : found;
       const extra = { by_administrator: true };
       const refuse = async (detail: string, reason: string) => {
         await recordRequest(context, user.email, user.id, 'failure', { reason, ...extra });
