@@ -186,7 +186,7 @@ describe('app clients: security', () => {
     // Registered by an administrator: it acts on its own scopes, whatever its creator holds later.
     const client = await createClient(app, asAdministrator, {
       scopes: ['users:read'],
-      audiences: ['https://orders.example.test'],
+      audiences: ['https://orders.example.test', 'https://stock.example.test'],
       access_token_ttl: 300,
     });
     expect(client.acts_for_creator).toBe(false);
@@ -210,6 +210,8 @@ describe('app clients: security', () => {
     for (const payload of [
       { status: 'active' },
       { audiences: ['https://orders.example.test', 'https://billing.example.test'] },
+      // None: this service's own audience, which the list did not allow.
+      { audiences: [] },
       { access_token_ttl: 3600 },
       { access_token_ttl: null },
     ]) {
@@ -217,6 +219,11 @@ describe('app clients: security', () => {
       expect(res.statusCode, JSON.stringify(payload)).toBe(403);
       expect(res.json().detail).toContain('users:read');
     }
+    // Emptying its scopes in the same change does not make turning it back on theirs to do: an
+    // organisation's client, once disabled, is an administrator's to enable.
+    const emptied = await patch({ status: 'active', scopes: [] });
+    expect(emptied.statusCode, emptied.body).toBe(403);
+    expect(emptied.json().detail).toContain('Only an administrator');
     const refused = await form(
       app,
       '/oauth/token',
@@ -231,7 +238,8 @@ describe('app clients: security', () => {
     });
     expect(unchanged.json()).toMatchObject({
       status: 'disabled',
-      audiences: ['https://orders.example.test'],
+      scopes: ['users:read'],
+      audiences: ['https://orders.example.test', 'https://stock.example.test'],
       access_token_ttl: 300,
     });
     const denied = await app.services.audit.list({
@@ -239,12 +247,12 @@ describe('app clients: security', () => {
       subjectId: client.id,
       limit: 10,
     });
-    expect(denied).toHaveLength(4);
+    expect(denied).toHaveLength(6);
     expect(denied.every((e) => (e.data as { action?: string }).action === 'client.update')).toBe(true);
 
     // What reaches no further stays theirs to do: a name, a shorter lifetime, an audience taken away.
     expect((await patch({ name: 'renamed', access_token_ttl: 120 })).statusCode).toBe(200);
-    expect((await patch({ audiences: [] })).statusCode).toBe(200);
+    expect((await patch({ audiences: ['https://orders.example.test'] })).statusCode).toBe(200);
     // An administrator, who holds the scopes, turns it back on.
     expect((await patch({ status: 'active' }, admin.accessToken)).statusCode).toBe(200);
     await clientToken(app, client);

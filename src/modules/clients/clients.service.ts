@@ -178,10 +178,16 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
   /** An access token's lifetime under a client's setting (null: the service's default). */
   const ttlOf = (ttl: number | null) => Math.min(ttl ?? deps.accessTtl, deps.maxAccessTtl);
-  /** A change that lets the client's tokens do more: re-enabled, a new audience, a longer lifetime. */
+  /**
+   * A change that lets the client's tokens do more: re-enabled, a new audience or none (none means
+   * this service's own, which a list of others did not allow), a longer lifetime.
+   */
   const widens = (before: ClientRow, patch: ClientPatch) =>
     (patch.status === 'active' && before.status !== 'active') ||
-    patch.audiences?.some((a) => !before.audiences.includes(a)) === true ||
+    (patch.audiences !== undefined &&
+      (patch.audiences.length === 0
+        ? before.audiences.length > 0
+        : patch.audiences.some((a) => !before.audiences.includes(a)))) ||
     (patch.accessTokenTtl !== undefined && ttlOf(patch.accessTokenTtl) > ttlOf(before.accessTokenTtl));
 
   /** The client an id names, if the caller may see it; 404 otherwise (existence is not confirmed). */
@@ -309,16 +315,26 @@ export function createClientsService(deps: ClientsServiceDeps) {
           const changed = changedFields(effective);
           if (changed.length === 0) return before;
           if (effective.scopes) await assertGrantable(caller, effective.scopes, tx);
-          // Turned back on, sent to more audiences or given longer-lived tokens, the client's scopes
+          // Turned back on, sent to other audiences or given longer-lived tokens, the client's scopes
           // reach further: as with a fresh secret, a caller who has since lost one of them (a creator
-          // demoted, or undoing an administrator's disable) cannot do that.
-          else if (widens(before, effective))
+          // demoted) cannot do that, whatever else the same change does to its scopes.
+          if (widens(before, effective))
             await assertGrantable(
               caller,
-              before.scopes,
+              effective.scopes ?? before.scopes,
               tx,
               'The client holds permissions the caller does not',
             );
+          // A client that acts on its own scopes is the organisation's: once disabled, only an
+          // administrator turns it back on (its creator, since demoted, could otherwise empty its scopes
+          // and have it identify the service again). One that acts for its creator is bounded by them.
+          if (
+            effective.status === 'active' &&
+            before.status !== 'active' &&
+            !(effective.actsForCreator ?? before.actsForCreator) &&
+            !isAdministrator(caller)
+          )
+            throw forbidden('Only an administrator turns a client that acts on its own scopes back on');
           // Bound to its creator: it can act for nobody without one recorded.
           if (effective.actsForCreator === true && !before.createdBy)
             throw new AppError('conflict', { detail: 'This client has no recorded creator to act for' });
