@@ -557,8 +557,10 @@ export function createServices(deps: ServicesDeps) {
     housekeeping,
     /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
     async start() {
-      await keys.ensureKeys();
+      // Before any key is made: a start refused for the key would otherwise leave signing keys written
+      // under it, which the right key then cannot open either.
       await mfa.assertSecretsReadable();
+      await keys.ensureKeys();
       // Listening first: a revocation committed between the read and the LISTEN would go unseen until
       // the minute's reload (the read only adds to what the events applied meanwhile).
       await events.start();
