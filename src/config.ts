@@ -139,9 +139,9 @@ const EnvSchema = z.object({
   METRICS_TOKEN: optionalString.pipe(
     z
       .string()
-      .regex(/^[A-Za-z0-9._~+/-]{16,256}=*$/, {
+      .regex(/^[A-Za-z0-9._~+/-]{16,256}={0,2}$/, {
         message:
-          'must be a bearer token of 16 to 256 letters, digits and - . _ ~ + / (e.g. `openssl rand -hex 32`)',
+          'must be a bearer token of 16 to 256 letters, digits and - . _ ~ + /, and up to two = at the end (e.g. `openssl rand -hex 32`)',
       })
       .optional(),
   ),

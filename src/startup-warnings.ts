@@ -40,10 +40,16 @@ export async function startupWarnings(
       message:
         'no SMTP_URL: password recovery is off (POST /v1/auth/password/forgot answers 404); set SMTP_URL and MAIL_FROM to mail reset links',
     });
-  if (config.trustProxy === true)
+  // `true`, or a range as wide as every address (0.0.0.0/0, ::/0): every hop is a proxy.
+  const everyHop =
+    config.trustProxy === true
+      ? 'true'
+      : config.trustProxy === false
+        ? undefined
+        : config.trustProxy.find((p) => /\/0$/.test(p.trim()));
+  if (everyHop !== undefined)
     warnings.push({
-      message:
-        "TRUST_PROXY=true: X-Forwarded-For is believed whoever sends it, so any client chooses the address the per-IP limits and the audit log see; set TRUST_PROXY to the proxies' addresses or range",
+      message: `TRUST_PROXY=${everyHop}: X-Forwarded-For is believed whoever sends it, so any client chooses the address the per-IP limits and the audit log see; set TRUST_PROXY to the proxies' addresses or range`,
     });
   if (!config.rateLimit.enabled)
     warnings.push({

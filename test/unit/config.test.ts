@@ -254,7 +254,12 @@ describe('configuration', () => {
     expect(load({}).metricsToken).toBeUndefined();
     expect(load({ METRICS_TOKEN: '' }).metricsToken).toBeUndefined();
     expect(load({ METRICS_TOKEN: 'c2NyYXBlLXRva2VuLTAx+/==' }).metricsToken).toBe('c2NyYXBlLXRva2VuLTAx+/==');
-    for (const value of ['short-s3cret', 'has a s3cret space in it', 's3cret,with,commas,0123']) {
+    for (const value of [
+      'short-s3cret',
+      'has a s3cret space in it',
+      's3cret,with,commas,0123',
+      'c2NyYXBlLXRva2VuLTAx+/s3cret===',
+    ]) {
       expect(() => load({ METRICS_TOKEN: value }), value).toThrow(/METRICS_TOKEN: must be a bearer token/);
       expect(() => load({ METRICS_TOKEN: value })).not.toThrow(/s3cret/);
     }

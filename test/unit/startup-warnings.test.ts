@@ -39,6 +39,23 @@ describe('what the start warns about', () => {
         METRICS_TOKEN: 'a'.repeat(32),
       }),
     ).toEqual([]);
+    // A range of every address trusts every hop as `true` does.
+    for (const everyAddress of ['0.0.0.0/0', '10.0.0.1, ::/0'])
+      expect(
+        await messages({
+          ...production,
+          PUBLIC_URL: 'https://auth.example.com',
+          SMTP_URL: 'smtp://mail.example.com',
+          MAIL_FROM: 'auth@example.com',
+          TRUST_PROXY: everyAddress,
+          METRICS_TOKEN: 'a'.repeat(32),
+        }),
+        everyAddress,
+      ).toEqual([
+        expect.stringMatching(
+          /^TRUST_PROXY=(0\.0\.0\.0|::)\/0: X-Forwarded-For is believed whoever sends it/,
+        ),
+      ]);
     // Development says none of those.
     expect(await messages({ RATE_LIMIT_ENABLED: 'false', TRUST_PROXY: 'true' }, 'pglite')).toEqual([]);
   });
