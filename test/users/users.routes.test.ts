@@ -594,19 +594,19 @@ describe('users and roles administration', () => {
     expect(now.statusCode).toBe(204);
   });
 
-  it('an invited administrator who has not accepted is no administrator yet: the last one keeps the role until they have', async () => {
+  /**
+   * A database of its own with one administrator, who invites `email` and grants them admin: the
+   * invited one does not count toward the last-admin check until they hold the account.
+   */
+  async function soloWithInvitedAdmin(email: string, env: Record<string, string> = {}) {
     const pino = (await import('pino')).default;
     const { openMemoryDatabase } = await import('../../src/db/client.js');
     const { capturingMailer } = await import('../support/mail.js');
     const database = await openMemoryDatabase(pino({ level: 'silent' }));
     const mailer = capturingMailer();
-    const solo = await buildTestApp({
-      env: { PASSWORD_RESET_URL: 'https://app.example.test/reset' },
-      deps: { database, mailer },
-    });
+    const solo = await buildTestApp({ env, deps: { database, mailer } });
     const only = await createAdmin(solo);
     const asOnly = bearer(only.accessToken);
-    const email = 'next-admin@example.test';
     const invited = await solo.inject({
       method: 'POST',
       url: '/v1/users',
@@ -614,12 +614,21 @@ describe('users and roles administration', () => {
       payload: { email },
     });
     expect(invited.statusCode, invited.body).toBe(201);
+    const invitedId: string = invited.json().id;
     const granted = await solo.inject({
       method: 'PUT',
-      url: `/v1/users/${invited.json().id}/roles/admin`,
+      url: `/v1/users/${invitedId}/roles/admin`,
       headers: asOnly,
     });
     expect(granted.statusCode, granted.body).toBeLessThan(300);
+    return { solo, mailer, only, asOnly, invitedId };
+  }
+
+  it('an invited administrator who has not accepted is no administrator yet: the last one keeps the role until they have', async () => {
+    const email = 'next-admin@example.test';
+    const { solo, mailer, only, asOnly } = await soloWithInvitedAdmin(email, {
+      PASSWORD_RESET_URL: 'https://app.example.test/reset',
+    });
     const stepDown = () =>
       solo.inject({ method: 'DELETE', url: `/v1/users/${only.id}/roles/admin`, headers: asOnly });
     const refused = await stepDown();
@@ -644,28 +653,9 @@ describe('users and roles administration', () => {
   });
 
   it('an invited administrator who proved the address and signed in by a link counts: the last one may step down', async () => {
-    const pino = (await import('pino')).default;
-    const { openMemoryDatabase } = await import('../../src/db/client.js');
-    const { capturingMailer, signInByLinks } = await import('../support/mail.js');
-    const database = await openMemoryDatabase(pino({ level: 'silent' }));
-    const mailer = capturingMailer();
-    const solo = await buildTestApp({ deps: { database, mailer } });
-    const only = await createAdmin(solo);
-    const asOnly = bearer(only.accessToken);
+    const { signInByLinks } = await import('../support/mail.js');
     const email = 'linked-admin@example.test';
-    const invited = await solo.inject({
-      method: 'POST',
-      url: '/v1/users',
-      headers: asOnly,
-      payload: { email },
-    });
-    expect(invited.statusCode, invited.body).toBe(201);
-    const granted = await solo.inject({
-      method: 'PUT',
-      url: `/v1/users/${invited.json().id}/roles/admin`,
-      headers: asOnly,
-    });
-    expect(granted.statusCode, granted.body).toBeLessThan(300);
+    const { solo, mailer, only, asOnly, invitedId } = await soloWithInvitedAdmin(email);
     // No password ever chosen: the address confirmed, then a sign-in link; the role is theirs to use.
     const accessToken = await signInByLinks(solo, mailer, email);
     const listed = await solo.inject({ method: 'GET', url: '/v1/users', headers: bearer(accessToken) });
@@ -679,7 +669,7 @@ describe('users and roles administration', () => {
     // They are the last now, and keep the role.
     const last = await solo.inject({
       method: 'DELETE',
-      url: `/v1/users/${invited.json().id}/roles/admin`,
+      url: `/v1/users/${invitedId}/roles/admin`,
       headers: bearer(accessToken),
     });
     expect(last.statusCode, last.body).toBe(409);
