@@ -168,14 +168,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     expect((await loginAs(user.email, PASSWORD)).statusCode).toBe(401);
     await login(app, user.email, NEW_PASSWORD);
     // Every session here ended too.
-    for (const refreshToken of [user.refreshToken, other.session.refresh_token])
-      expect((await refresh(refreshToken)).statusCode).toBe(401);
-    const me = await app.inject({
-      method: 'GET',
-      url: '/v1/auth/me',
-      headers: { authorization: `Bearer ${user.accessToken}` },
-    });
-    expect(me.statusCode).toBe(401);
+    await expectSignedOutHere(user, other);
 
     const events = await app.services.audit.list({
       subjectId: user.id,
@@ -314,14 +307,11 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     method === 'PUT' && path.startsWith('/auth/v1/admin/users/');
 
   /** A reset Supabase did not answer: 503, every session here ended, audited as a failed reset. */
-  async function expectUnansweredReset(
-    res: LightMyRequestResponse,
-    user: { id: string; refreshToken: string; accessToken: string },
+  /** The user's sessions here have ended: neither refresh token refreshes, the access token is refused. */
+  async function expectSignedOutHere(
+    user: { refreshToken: string; accessToken: string },
     other: { session: { refresh_token: string } },
-    from: Date,
   ) {
-    expectProviderUnavailable(res);
-    expect(res.json().detail).toMatch(/may be in effect already/);
     for (const refreshToken of [user.refreshToken, other.session.refresh_token])
       expect((await refresh(refreshToken)).statusCode).toBe(401);
     const me = await app.inject({
@@ -330,6 +320,17 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
       headers: { authorization: `Bearer ${user.accessToken}` },
     });
     expect(me.statusCode).toBe(401);
+  }
+
+  async function expectUnansweredReset(
+    res: LightMyRequestResponse,
+    user: { id: string; refreshToken: string; accessToken: string },
+    other: { session: { refresh_token: string } },
+    from: Date,
+  ) {
+    expectProviderUnavailable(res);
+    expect(res.json().detail).toMatch(/may be in effect already/);
+    await expectSignedOutHere(user, other);
     const events = await app.services.audit.list({
       subjectId: user.id,
       type: 'auth.password_reset',

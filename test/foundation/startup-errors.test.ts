@@ -1,11 +1,19 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { KeyEncryptionKeyMismatchError } from '../../src/lib/crypto.js';
+import type { DatabaseHandle } from '../../src/db/client.js';
 import { signingKeys } from '../../src/db/schema/index.js';
 import { buildTestApp, closeTestApps } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
 import { registerUser } from '../support/factories.js';
 import { turnOnMfa } from '../support/mfa.js';
+
+/** What a start of the app on `database` with another KEY_ENCRYPTION_KEY throws (undefined: it started). */
+const failedStart = (key: string, database: DatabaseHandle) =>
+  buildTestApp({ env: { KEY_ENCRYPTION_KEY: key }, deps: { database } }).then(
+    () => undefined,
+    (err: unknown) => err,
+  );
 
 describe('a start that cannot work says why, in words an operator can act on', () => {
   it('a KEY_ENCRYPTION_KEY that is not the one the signing keys were encrypted with', async () => {
@@ -15,13 +23,7 @@ describe('a start that cannot work says why, in words an operator can act on', (
     try {
       await buildTestApp({ deps: { database: own.database } });
       const other = randomBytes(32).toString('base64');
-      const failure = await buildTestApp({
-        env: { KEY_ENCRYPTION_KEY: other },
-        deps: { database: own.database },
-      }).then(
-        () => undefined,
-        (err: unknown) => err,
-      );
+      const failure = await failedStart(other, own.database);
       expect(failure).toBeInstanceOf(KeyEncryptionKeyMismatchError);
       expect((failure as Error).message).toMatch(
         /^the signing key \S+ cannot be decrypted with KEY_ENCRYPTION_KEY: it is not the key the signing keys were encrypted with/,
@@ -44,13 +46,7 @@ describe('a start that cannot work says why, in words an operator can act on', (
       const other = randomBytes(32).toString('base64');
       // Starting over with new signing keys alone would leave every code of that user an error.
       await own.database.db.delete(signingKeys);
-      const failure = await buildTestApp({
-        env: { KEY_ENCRYPTION_KEY: other },
-        deps: { database: own.database },
-      }).then(
-        () => undefined,
-        (err: unknown) => err,
-      );
+      const failure = await failedStart(other, own.database);
       expect(failure).toBeInstanceOf(KeyEncryptionKeyMismatchError);
       expect((failure as Error).message).toMatch(
         /^the secrets of two-step verification cannot be decrypted with KEY_ENCRYPTION_KEY: it is not the key they were encrypted with/,

@@ -48,6 +48,19 @@ async function startUntil(env: Record<string, string>, waitingFor: RegExp) {
   return { child, exited, output: () => out };
 }
 
+/**
+ * SIGTERM to a start that is waiting: it stops at once with its own line and exit 0, not killed by the
+ * signal (which, as PID 1 in the image, would have been discarded instead).
+ */
+async function expectStoppedBySigterm(server: Awaited<ReturnType<typeof startUntil>>) {
+  const signalledAt = performance.now();
+  server.child.kill('SIGTERM');
+  const exit = await server.exited;
+  expect(exit, server.output()).toEqual({ code: 0, signal: null });
+  expect(performance.now() - signalledAt).toBeLessThan(5000);
+  expect(server.output()).toContain('start stopped by SIGTERM');
+}
+
 describe('a SIGTERM during the start', () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'auth-start-signal-'));
   afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
@@ -64,12 +77,7 @@ describe('a SIGTERM during the start', () => {
           { DATABASE_URL: scratch.url, DATA_DIR: dataDir },
           /another instance is applying database migrations; waiting/,
         );
-        const signalledAt = performance.now();
-        server.child.kill('SIGTERM');
-        const exit = await server.exited;
-        expect(exit, server.output()).toEqual({ code: 0, signal: null });
-        expect(performance.now() - signalledAt).toBeLessThan(5000);
-        expect(server.output()).toContain('start stopped by SIGTERM');
+        await expectStoppedBySigterm(server);
         expect(server.output()).not.toContain('auth service ready');
       } finally {
         await holder.end().catch(() => undefined);
@@ -94,12 +102,7 @@ describe('a SIGTERM during the start', () => {
         { DATABASE_URL: '', DATA_DIR: own },
         /is locked by another process; waiting/,
       );
-      const signalledAt = performance.now();
-      server.child.kill('SIGTERM');
-      const exit = await server.exited;
-      expect(exit, server.output()).toEqual({ code: 0, signal: null });
-      expect(performance.now() - signalledAt).toBeLessThan(5000);
-      expect(server.output()).toContain('start stopped by SIGTERM');
+      await expectStoppedBySigterm(server);
     } finally {
       await release();
     }
