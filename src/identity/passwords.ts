@@ -42,17 +42,29 @@ export function loadCommonPasswords(): Set<string> {
       text
         .split('\n')
         .filter((l) => l && !l.startsWith('#'))
-        .map((l) => l.trim().toLowerCase()),
+        .map((l) => normalizePassword(l.trim()).toLowerCase()),
     );
   }
   return commonPasswords;
 }
 
 /**
- * ASVS 6.2: 8..128 characters (code points, no truncation), no composition rules, not a common password.
- * `field` names the password in the 422's `errors` (`body.new_password` for a change).
+ * A password as it is hashed and checked: Unicode NFKC (NIST SP 800-63B 5.1.1.2, ASVS 2.1), so that
+ * one typed as "é" (U+00E9) on one keyboard and as "e" + U+0301 on another is the same password, as
+ * are a full-width "Ａ" and "A". The providers apply it to every password they are given; the
+ * strength check measures the normalised form.
  */
-export function checkPasswordStrength(password: string, email?: string, field = 'body.password'): void {
+export const normalizePassword = (password: string): string => password.normalize('NFKC');
+
+/**
+ * ASVS 6.2: 8..128 characters (code points of the NFKC form, no truncation), no composition rules,
+ * not a common password. `field` names the password in the 422's `errors` (`body.new_password` for a
+ * change).
+ */
+export function checkPasswordStrength(raw: string, email?: string, field = 'body.password'): void {
+  // What is hashed is the normalised form: its length is the password's, and a common password
+  // typed in other code points (full-width letters, say) is still that password.
+  const password = normalizePassword(raw);
   // Over 256 UTF-16 units is over 128 code points: not counted one by one.
   const length = password.length > 256 ? password.length : [...password].length;
   if (length < 8 || length > 128) {
@@ -62,7 +74,7 @@ export function checkPasswordStrength(password: string, email?: string, field = 
     });
   }
   const lowered = password.toLowerCase();
-  if (loadCommonPasswords().has(lowered) || (email && lowered === email.toLowerCase())) {
+  if (loadCommonPasswords().has(lowered) || (email && lowered === normalizePassword(email).toLowerCase())) {
     throw new AppError('weak_password', {
       detail: 'This password is too common; choose another',
       errors: [{ field, message: 'is a commonly used password' }],

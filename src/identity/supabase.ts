@@ -11,6 +11,7 @@ import {
 } from '@supabase/supabase-js';
 import ws from 'ws';
 import { AppError } from '../lib/errors.js';
+import { normalizePassword } from './passwords.js';
 import {
   EmailNotConfirmed,
   type IdentityProvider,
@@ -188,14 +189,38 @@ function signInRefusal(error: AuthError): 'wrong' | 'unconfirmed' | 'outage' {
   return 'outage';
 }
 
-/** Signs in with a password; undefined for a wrong one (see signInRefusal for the rest). */
-async function passwordSignIn(client: SupabaseClient, email: string, password: string) {
+/** GoTrue's "not this password" itself (not a ban, nor an unknown user): another form may be right. */
+function isInvalidCredentials(error: AuthError): boolean {
+  const code = error.code ?? '';
+  return (
+    code === 'invalid_credentials' ||
+    (code === '' && error.status === 400 && /invalid login credentials/i.test(error.message))
+  );
+}
+
+/** One password sign-in: the session, or the refusal when it is a wrong password. */
+async function signInOnce(client: SupabaseClient, email: string, password: string) {
   const { data, error } = await client.auth.signInWithPassword({ email, password });
-  if (!error) return data;
+  if (!error) return { data };
   const refusal = signInRefusal(error);
   if (refusal === 'unconfirmed') throw new EmailNotConfirmed();
   if (refusal === 'outage') throw unavailable(error);
-  return undefined;
+  return { refused: error };
+}
+
+/**
+ * Signs in with a password; undefined for a wrong one (see signInRefusal for the rest). The NFKC form
+ * is what the service sets in Supabase; a password set before passwords were normalised is the string
+ * as typed then, so a password NFKC changes that Supabase calls invalid is tried once more as typed.
+ * Not set again in its normalised form: GoTrue ends the user's other Supabase sessions and voids their
+ * mailed links when a password is set, which nobody asked for here (README, Passwords).
+ */
+async function passwordSignIn(client: SupabaseClient, email: string, password: string) {
+  const normalized = normalizePassword(password);
+  const first = await signInOnce(client, email, normalized);
+  if (first.data) return first.data;
+  if (normalized === password || !isInvalidCredentials(first.refused)) return undefined;
+  return (await signInOnce(client, email, password)).data;
 }
 
 /** Runs one provider operation so that nothing but an AppError can leave it. */
@@ -303,7 +328,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       guarded(async () => {
         const client = newClient(deps.anonKey);
         const started = Date.now();
-        const { data, error } = await client.auth.signUp({ email, password });
+        const { data, error } = await client.auth.signUp({ email, password: normalizePassword(password) });
         if (error) throw signUpFailure(error);
         if (!data.user) throw unavailable(new Error('Supabase answered the sign-up without a user'));
         // With email confirmation on, GoTrue answers a sign-up for a confirmed address with a made-up
@@ -356,7 +381,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         try {
           // The email now belongs to another Supabase user: changing that one's password would be worse.
           if (signIn.user.id !== user.id) return undefined;
-          const { error } = await client.auth.updateUser({ password: newPassword });
+          const { error } = await client.auth.updateUser({ password: normalizePassword(newPassword) });
           // same_password: the account already ends up with the requested password, as with local.
           if (error && error.code !== 'same_password') {
             // No answer is not "not changed": Supabase may have applied it before the timeout or its
@@ -373,7 +398,11 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
 
     createConfirmedUser: (email, password) =>
       guarded(async () => {
-        const { data, error } = await admin.auth.admin.createUser({ email, password, email_confirm: true });
+        const { data, error } = await admin.auth.admin.createUser({
+          email,
+          password: normalizePassword(password),
+          email_confirm: true,
+        });
         if (error) throw signUpFailure(error);
         if (!data.user) throw unavailable(new Error('Supabase created the user without answering it'));
         return { user: toProviderUser(data.user, email), passwordHash: null, confirmed: true };
@@ -381,7 +410,9 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
 
     setPassword: (user, newPassword) =>
       guarded(async () => {
-        const { error } = await admin.auth.admin.updateUserById(user.id, { password: newPassword });
+        const { error } = await admin.auth.admin.updateUserById(user.id, {
+          password: normalizePassword(newPassword),
+        });
         // same_password: the account already ends up with the requested password.
         if (error && error.code !== 'same_password') {
           // As for a change: no answer (a timeout, a 5xx) is not "not set", Supabase may have set it.

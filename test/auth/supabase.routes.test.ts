@@ -276,6 +276,56 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect(wrong.json().code).toBe('invalid_credentials');
   });
 
+  it('sets passwords in Supabase in their NFKC form; one set as typed before still signs in, tried so only when NFKC changes it', async () => {
+    const composed = 'caf\u00e9 cr\u00e8me br\u00fbl\u00e9e 42';
+    const decomposed = composed.normalize('NFD');
+    const signIns = () =>
+      gotrue.requests.filter((r) => r.method === 'POST' && r.path === '/auth/v1/token').length;
+    const attempt = (email: string, password: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
+
+    // Registered with "é" as two code points, signs in with it as one: Supabase has the NFKC form.
+    const user = await registerUser(app, 'sb-nfkc', decomposed);
+    expect(gotrue.users.get(user.id)?.password).toBe(composed);
+    await login(app, user.email, composed);
+    await login(app, user.email, decomposed);
+
+    // A password Supabase has as it was typed, before passwords were normalised.
+    const legacy = await registerUser(app, 'sb-nfkc-legacy');
+    gotrue.users.get(legacy.id)!.password = decomposed;
+    let before = signIns();
+    await login(app, legacy.email, decomposed);
+    // The NFKC form first, refused as invalid credentials, then the password as typed.
+    expect(signIns() - before).toBe(2);
+    // Not set again in Supabase (that would end the user's other Supabase sessions).
+    expect(gotrue.users.get(legacy.id)?.password).toBe(decomposed);
+
+    // A wrong password NFKC changes is tried in both forms; one NFKC leaves alone, once.
+    before = signIns();
+    expect((await attempt(legacy.email, 'wr\u00f4ng passphrase'.normalize('NFD'))).statusCode).toBe(401);
+    expect(signIns() - before).toBe(2);
+    before = signIns();
+    expect((await attempt(legacy.email, 'a wrong passphrase')).statusCode).toBe(401);
+    expect((await attempt(legacy.email, composed)).statusCode).toBe(401);
+    expect(signIns() - before).toBe(2);
+    // One failure each.
+    const failures = (await app.services.audit.list({ subjectId: legacy.id, type: 'auth.login', limit: 50 }))
+      .filter((e) => e.outcome === 'failure')
+      .map((e) => (e.data as { reason?: string }).reason);
+    expect(failures).toEqual(['wrong_password', 'wrong_password', 'wrong_password']);
+
+    // The password as typed is the current one of a change, which sets the new one's NFKC form.
+    const changed = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(legacy.accessToken),
+      payload: { current_password: decomposed, new_password: `${decomposed} encore` },
+    });
+    expect(changed.statusCode, changed.body).toBe(204);
+    expect(gotrue.users.get(legacy.id)?.password).toBe(`${composed} encore`);
+    await login(app, legacy.email, `${composed} encore`);
+  });
+
   it('login → me → refresh rotates; replaying the old refresh token after the grace kills the family', async () => {
     const user = await registerUser(app, 'sb-refresh');
     const session = (await login(app, user.email)).session;

@@ -41,6 +41,15 @@ describe('local provider: the same work for unknown emails and wrong passwords',
     expect(verifyDummy).not.toHaveBeenCalled();
   });
 
+  it('a password NFKC changes is checked in both forms, for an unknown email as for a wrong password', async () => {
+    const { provider, verify, verifyDummy } = await setup();
+    const typed = 'cr\u00e8me br\u00fbl\u00e9e'.normalize('NFD');
+    expect(await provider.signIn('ghost@example.test', typed)).toBeUndefined();
+    expect(verifyDummy).toHaveBeenCalledTimes(2);
+    expect(await provider.signIn('known@example.test', typed)).toBeUndefined();
+    expect(verify).toHaveBeenCalledTimes(2);
+  });
+
   it('hashes with argon2id at the OWASP floor (m=19456 KiB, t=2, p=1)', async () => {
     const hasher = createPasswordHasher({ concurrency: 1, queue: 1 });
     expect(await hasher.hash('another passphrase')).toMatch(/^\$argon2id\$v=19\$m=19456,t=2,p=1\$/);

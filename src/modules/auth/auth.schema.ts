@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { normalizePassword } from '../../identity/passwords.js';
 import { pageOf } from '../../lib/pagination.js';
 import { nonBlank } from '../shared/shared.schema.js';
 
@@ -112,8 +113,9 @@ export const PasswordBodySchema = z
     new_password: NewPasswordSchema.meta({ example: 'copper meadow sonnet 7' }),
   })
   .strict()
-  // A "change" to the same password would end every other session and change nothing else.
-  .refine((b) => b.new_password !== b.current_password, {
+  // A "change" to the same password would end every other session and change nothing else: the
+  // same once normalised ("é" as one code point or two) is the same password.
+  .refine((b) => normalizePassword(b.new_password) !== normalizePassword(b.current_password), {
     path: ['new_password'],
     message: 'must differ from the current password',
   });
