@@ -147,10 +147,33 @@ export function credentialOf(request: FastifyRequest): string | undefined {
     return key.startsWith(API_KEY_PREFIX) && !key.includes(',') ? key : undefined;
   }
   const header = request.headers.authorization;
-  if (typeof header !== 'string') return undefined;
+  if (typeof header !== 'string' || repeatedAuthorization(request)) return undefined;
   const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
   return match?.[1];
 }
+
+/**
+ * Whether the request has more than one Authorization field line. RFC 9110 §5.3 allows one (it is no
+ * list); Node keeps the first and drops the others unseen, so a request with two (two users' tokens,
+ * a Bearer and a Basic) would act for whichever came first. Refused as ambiguous, as two X-API-Key
+ * headers are. A walk over the raw header names: no allocation on the hot path.
+ */
+export function repeatedAuthorization(request: FastifyRequest): boolean {
+  const raw = request.raw.rawHeaders;
+  let seen = false;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!;
+    if (name.length === 13 && name.toLowerCase() === 'authorization') {
+      if (seen) return true;
+      seen = true;
+    }
+  }
+  return false;
+}
+
+/** The 400 of a request with more than one Authorization header (`repeatedAuthorization`). */
+export const REPEATED_AUTHORIZATION_DETAIL =
+  'Send one Authorization header: with several, which one counts is left open (RFC 9110 §5.3)';
 
 /** Whether the request sent an X-API-Key header; an empty one counts as absent, as in `credentialOf`. */
 export function sentApiKey(request: FastifyRequest): boolean {
@@ -180,6 +203,12 @@ function refusal(request: FastifyRequest): AppError | undefined {
   if (hasApiKey && request.headers.authorization !== undefined) {
     return new AppError('bad_request', {
       detail: 'Send one credential: an Authorization header or an X-API-Key header, not both',
+      headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID_REQUEST },
+    });
+  }
+  if (request.headers.authorization !== undefined && repeatedAuthorization(request)) {
+    return new AppError('bad_request', {
+      detail: REPEATED_AUTHORIZATION_DETAIL,
       headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID_REQUEST },
     });
   }

@@ -387,6 +387,19 @@ const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
 /** RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=". */
 const B64TOKEN = /^[A-Za-z0-9\-._~+/]+=*$/;
 
+/** Whether the raw headers (name, value, …) hold more than one Authorization field line. */
+function repeatedAuthorization(raw: readonly string[]): boolean {
+  let seen = false;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!;
+    if (name.length === 13 && name.toLowerCase() === 'authorization') {
+      if (seen) return true;
+      seen = true;
+    }
+  }
+  return false;
+}
+
 function problem(reply: FastifyReply, status: number, code: string, title: string, detail: string) {
   return reply
     .status(status)
@@ -411,6 +424,12 @@ async function guard(request: FastifyRequest, reply: FastifyReply, permissions: 
   const { verifier, realm } = stateOf(request);
   if (!request.auth) {
     const header = request.headers.authorization;
+    // RFC 9110 §5.3: one Authorization field line. Node keeps the first of several and drops the
+    // rest, so the request would be decided on whichever came first (a Basic in front of a Bearer too).
+    if (header !== undefined && repeatedAuthorization(request.raw.rawHeaders)) {
+      reply.header('www-authenticate', `Bearer realm="${realm}", error="invalid_request"`);
+      return problem(reply, 400, 'invalid_request', 'Bad Request', 'Send one Authorization header');
+    }
     // RFC 6750 §3.1: no authentication information — no header, or one of another scheme — is a
     // challenge without an error code; a Bearer header without one token is a malformed request.
     if (header === undefined || !BEARER_SCHEME.test(header)) {

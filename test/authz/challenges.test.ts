@@ -54,6 +54,45 @@ describe('WWW-Authenticate challenges (RFC 6750 §3)', () => {
     }
   });
 
+  it('two Authorization headers: 400 invalid_request, whichever comes first (Node keeps it and drops the rest)', async () => {
+    const user = await registerUser(app, 'second-authorization');
+    // RFC 9110 §5.3: Authorization is one field line. Node keeps the first of several and drops the
+    // others, so the request would act for whichever came first: an administrator's token in front of
+    // a user's, or the reverse, was answered as that one alone.
+    const pairs = {
+      'admin, user': [`Bearer ${admin.accessToken}`, `Bearer ${user.accessToken}`],
+      'user, admin': [`Bearer ${user.accessToken}`, `Bearer ${admin.accessToken}`],
+      'admin twice': [`Bearer ${admin.accessToken}`, `Bearer ${admin.accessToken}`],
+      'admin, Basic': [`Bearer ${admin.accessToken}`, 'Basic Og=='],
+    };
+    for (const [label, authorization] of Object.entries(pairs)) {
+      const res = await app.inject({
+        method: 'GET',
+        url: '/v1/users?limit=1',
+        headers: { authorization: authorization as unknown as string },
+      });
+      expect(res.statusCode, label).toBe(400);
+      expect(res.headers['www-authenticate']).toBe('Bearer realm="paservices", error="invalid_request"');
+      expect(res.json()).toMatchObject({
+        code: 'bad_request',
+        detail: 'Send one Authorization header: with several, which one counts is left open (RFC 9110 §5.3)',
+      });
+    }
+    // Nothing changes under it either.
+    const logout = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: {
+        authorization: [`Bearer ${user.accessToken}`, `Bearer ${admin.accessToken}`] as unknown as string,
+      },
+      payload: { scope: 'all' },
+    });
+    expect(logout.statusCode).toBe(400);
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(200);
+  });
+
   it('a token that does not verify: 401 invalid_token, as before', async () => {
     for (const token of ['garbage', 'x.y.z', 'pak_nope']) {
       const res = await users(bearer(token));

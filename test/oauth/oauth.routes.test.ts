@@ -1109,6 +1109,44 @@ describe('POST /oauth/revoke', () => {
     expect(empty.statusCode).toBe(200);
   });
 
+  it('refuses two Authorization headers (invalid_request) instead of acting for the first, which Node alone keeps', async () => {
+    const user = await registerUser(app, 'two-authorizations');
+    const own = await clientToken(app, mine);
+    const two = (...values: string[]) => ({ authorization: values as unknown as string });
+    // Each first header alone would be obeyed: `mine` revoking its token, the user theirs, the
+    // auditor seeing `theirs`'s token, `mine` getting a token.
+    const cases: Array<[string, Record<string, string>, Record<string, string>]> = [
+      ['/oauth/revoke', { token: own.access_token }, two(as(mine).authorization, as(theirs).authorization)],
+      [
+        '/oauth/revoke',
+        { token: user.accessToken },
+        two(bearer(user.accessToken).authorization, as(mine).authorization),
+      ],
+      [
+        '/oauth/introspect',
+        { token: own.access_token },
+        two(as(auditor).authorization, as(mine).authorization),
+      ],
+      [
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        two(as(mine).authorization, as(mine).authorization),
+      ],
+    ];
+    for (const [url, params, headers] of cases) {
+      const res = await form(app, url, params, headers);
+      expect(res.statusCode, `${url} ${res.body}`).toBe(400);
+      expect(res.json()).toEqual({
+        error: 'invalid_request',
+        error_description:
+          'Send one Authorization header: with several, which one counts is left open (RFC 9110 5.3)',
+      });
+      expect(res.headers['cache-control']).toBe('no-store');
+    }
+    expect(await active(own.access_token)).toBe(true);
+    expect(await active(user.accessToken)).toBe(true);
+  });
+
   it('refuses bad client credentials with invalid_client and a missing token with invalid_request', async () => {
     const own = await clientToken(app, mine);
     const wrong = await revoke({ token: own.access_token }, basic(mine.client_id, theirs.client_secret));

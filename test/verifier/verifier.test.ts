@@ -165,6 +165,27 @@ describe('the bundled verifier', () => {
     }
   });
 
+  it('refuses two Authorization headers with invalid_request rather than verifying the first (RFC 9110 §5.3)', async () => {
+    const readerToken = (await clientToken(auth, reader)).access_token;
+    const writerToken = (await clientToken(auth, writer)).access_token;
+    // Node keeps the first Authorization header and drops the rest: the route would act for it alone.
+    for (const authorization of [
+      [`Bearer ${readerToken}`, `Bearer ${writerToken}`],
+      [`Bearer ${readerToken}`, `Bearer ${readerToken}`],
+      [`Bearer ${readerToken}`, 'Basic Og=='],
+      ['Basic Og==', `Bearer ${readerToken}`],
+    ]) {
+      const res = await orders.inject({
+        method: 'GET',
+        url: '/orders',
+        headers: { authorization: authorization as unknown as string },
+      });
+      expect(res.statusCode).toBe(400);
+      expect(res.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_request"');
+      expect(res.json()).toMatchObject({ status: 400, code: 'invalid_request' });
+    }
+  });
+
   it('refuses an expired token', async () => {
     // Issued an hour ago by the auth service's clock: expired well past the 30 s leeway.
     clock.advance(-3600);

@@ -2,7 +2,14 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { AppError, isAppError } from '../../lib/errors.js';
-import { BEARER_CHALLENGE, clientAddress, requestContext, sentApiKey } from '../../plugins/authenticate.js';
+import {
+  BEARER_CHALLENGE,
+  clientAddress,
+  REPEATED_AUTHORIZATION_DETAIL,
+  repeatedAuthorization,
+  requestContext,
+  sentApiKey,
+} from '../../plugins/authenticate.js';
 import { NO_STORE_HEADERS } from '../../plugins/security-headers.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import { FIRST_PARTY_CLIENT_ID } from '../tokens/tokens.service.js';
@@ -137,6 +144,11 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
     bearer: boolean,
   ): OAuthCaller | Promise<OAuthCaller> {
     const authorization = request.headers.authorization;
+    // Two Authorization headers (two clients' Basic, Basic and Bearer) are two methods too; Node
+    // would show only the first.
+    if (authorization !== undefined && repeatedAuthorization(request)) {
+      throw invalidRequest(REPEATED_AUTHORIZATION_DETAIL);
+    }
     const basic = isBasicAuthorization(authorization);
     const secret = present(params.client_secret);
     const clientId = present(params.client_id);
