@@ -133,6 +133,7 @@ const EnvSchema = z.object({
   REFRESH_TOKEN_IDLE_TTL: seconds(2_592_000),
   REFRESH_TOKEN_ABSOLUTE_TTL: seconds(7_776_000),
   REFRESH_REUSE_GRACE_SECONDS: wholeNumber(0, 10, 10),
+  MAX_SESSIONS_PER_USER: wholeNumber(1, 10_000, 100),
   BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(z.email().optional()),
   BOOTSTRAP_ADMIN_PASSWORD: optionalString,
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
@@ -389,6 +390,11 @@ export interface Config {
     /** The longest lifetime any access token may have (per-client lifetimes are capped to it). */
     maxAccessTtl: number;
   };
+  /**
+   * The most live sessions a user has (MAX_SESSIONS_PER_USER): a sign-in beyond it ends their least
+   * recently used ones.
+   */
+  readonly sessions: { maxPerUser: number };
   readonly bootstrapAdmin: { email: string; password: string | undefined } | undefined;
   readonly logLevel: string;
   /** The bearer token GET /metrics asks for; undefined: it answers anyone (a warning in production). */
@@ -513,6 +519,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       reuseGraceSeconds: e.REFRESH_REUSE_GRACE_SECONDS,
       maxAccessTtl: Math.max(e.ACCESS_TOKEN_TTL, 86_400),
     },
+    sessions: { maxPerUser: e.MAX_SESSIONS_PER_USER },
     bootstrapAdmin: e.BOOTSTRAP_ADMIN_EMAIL
       ? { email: e.BOOTSTRAP_ADMIN_EMAIL.toLowerCase(), password: e.BOOTSTRAP_ADMIN_PASSWORD }
       : undefined,

@@ -246,6 +246,7 @@ export function createServices(deps: ServicesDeps) {
     },
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     mfaRequiredRoles: config.mfa.requiredRoles,
+    maxPerUser: config.sessions.maxPerUser,
   });
   const ownsMailer = !deps.mailer;
   const mailer =

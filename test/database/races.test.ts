@@ -4,6 +4,7 @@ import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { profiles, users } from '../../src/db/schema/index.js';
 import { type AuthEvent, inTransaction } from '../../src/lib/events.js';
+import { systemContext } from '../../src/modules/audit/audit.service.js';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -152,8 +153,13 @@ describe('races that must leave nothing live behind', () => {
     });
     expect(disabled.statusCode).toBe(200);
     await expect(
-      inTransaction(app.services.db, app.services.events, (tx) =>
-        app.services.sessions.start(tx, readBeforeDisabling, { ip: null, userAgent: null, amr: [] }),
+      inTransaction(app.services.db, app.services.events, (tx, emit) =>
+        app.services.sessions.start(
+          tx,
+          readBeforeDisabling,
+          { ip: null, userAgent: null, amr: [] },
+          { context: systemContext, emit },
+        ),
       ),
     ).rejects.toMatchObject({ code: 'invalid_credentials' });
   });

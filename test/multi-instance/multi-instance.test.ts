@@ -373,6 +373,25 @@ if (!databaseUrl)
       'advisory locks); not run on PGlite. Set TEST_DATABASE_URL (or have Docker) to run it.',
   );
 
+describe('several instances with MAX_SESSIONS_PER_USER: a session a sign-in on A ends is refused by B', () => {
+  let a: FastifyInstance;
+  let b: FastifyInstance;
+  beforeAll(async () => {
+    ({ a, b } = await buildInstances({ MAX_SESSIONS_PER_USER: '2' }));
+  });
+
+  it('the third sign-in on A ends the first session, and B refuses its access token within 1 s', async () => {
+    const user = await registerUser(a, 'mi-cap');
+    const second = await login(b, user.email);
+    expect((await me(b, user.accessToken)).statusCode).toBe(200);
+    await sleep(5); // the sessions told apart by when they were last used
+    const third = await login(a, user.email);
+    expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+    for (const session of [second.session, third.session])
+      expect((await me(b, session.access_token)).statusCode).toBe(200);
+  });
+});
+
 describe.runIf(databaseUrl)('several instances starting together on an empty PostgreSQL database', () => {
   it('both come up, and the migrations and the first signing keys are made once', async () => {
     const scratch = (await scratchDatabase('auth_mi'))!;

@@ -142,6 +142,19 @@ describe('configuration', () => {
     expect(() => load({ DB_MIGRATION_LOCK_TIMEOUT_MS: '0' })).toThrow(/DB_MIGRATION_LOCK_TIMEOUT_MS/);
   });
 
+  it('takes MAX_SESSIONS_PER_USER from 1 to 10000 (100 by default), and names anything else', () => {
+    expect(load({}).sessions.maxPerUser).toBe(100);
+    expect(load({ MAX_SESSIONS_PER_USER: '' }).sessions.maxPerUser).toBe(100);
+    expect(load({ MAX_SESSIONS_PER_USER: '1' }).sessions.maxPerUser).toBe(1);
+    expect(load({ MAX_SESSIONS_PER_USER: '10000' }).sessions.maxPerUser).toBe(10_000);
+    // 0 is no "unlimited": there is none, and a limit of no session would refuse every sign-in.
+    for (const value of ['0', '10001', '-5', '2.5', '1e2', 'unlimited']) {
+      expect(() => load({ MAX_SESSIONS_PER_USER: value }), value).toThrow(
+        'MAX_SESSIONS_PER_USER: must be a whole number from 1 to 10000, in decimal digits',
+      );
+    }
+  });
+
   it('requires KEY_ENCRYPTION_KEY in production', () => {
     expect(() =>
       load({ NODE_ENV: 'production', SECRET_PEPPER: Buffer.alloc(32, 1).toString('base64') }),

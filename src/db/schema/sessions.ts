@@ -27,6 +27,10 @@ export const sessions = pgTable(
   },
   (t) => [
     index('sessions_user_idx').on(t.userId),
+    // A user's sessions not ended by a revocation, least recently used first: what a sign-in reads to
+    // keep the user within MAX_SESSIONS_PER_USER (src/modules/auth/sessions.service.ts), without the
+    // sessions it ended before (evicted, signed out), which stay until the retention purge.
+    index('sessions_user_live_idx').on(t.userId, t.lastUsedAt).where(sql`${t.revokedAt} is null`),
     // When the session ended (the first of its revocation, idle expiry and absolute expiry): what the
     // hourly retention purge looks for (src/modules/housekeeping/retention.ts), without a scan.
     index('sessions_ended_idx').on(

@@ -9,7 +9,7 @@ import {
 } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
 import { AppError, invalidFields, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
-import { type EventBus, inTransaction } from '../../lib/events.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { GuessCounter } from '../../lib/throttle.js';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
@@ -207,6 +207,7 @@ export function createAuthService(deps: AuthServiceDeps) {
    */
   async function startSessionIn(
     tx: Transaction,
+    emit: (event: AuthEvent) => void,
     user: UserRow,
     context: RequestContext,
     type: string,
@@ -216,11 +217,12 @@ export function createAuthService(deps: AuthServiceDeps) {
     const row = await deps.users.findByIdForShare(user.id, tx);
     if (checkedHash !== undefined && row?.passwordHash !== checkedHash) throw new PasswordReplaced();
     if (await deps.mfa.isEnabled(user.id, tx)) return 'second_factor' as const;
-    const started = await deps.sessions.start(tx, user, {
-      ip: context.ip,
-      userAgent: context.userAgent,
-      amr,
-    });
+    const started = await deps.sessions.start(
+      tx,
+      user,
+      { ip: context.ip, userAgent: context.userAgent, amr },
+      { context, emit },
+    );
     await deps.audit.record(
       tx,
       { ...context, actorType: 'user', actorId: user.id },
@@ -240,8 +242,8 @@ export function createAuthService(deps: AuthServiceDeps) {
     amr: readonly string[],
     checkedHash?: string,
   ): Promise<SessionTokens | 'second_factor'> {
-    const opened = await inTransaction(deps.db, deps.events, (tx) =>
-      startSessionIn(tx, user, context, type, amr, checkedHash),
+    const opened = await inTransaction(deps.db, deps.events, (tx, emit) =>
+      startSessionIn(tx, emit, user, context, type, amr, checkedHash),
     );
     if (opened === 'second_factor') return opened;
     return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
@@ -420,7 +422,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       const email = normalizeEmail(input.email);
       checkPasswordStrength(input.password, email);
       const signedUp = await deps.provider.signUp(email, input.password);
-      const local = inTransaction(deps.db, deps.events, async (tx) => {
+      const local = inTransaction(deps.db, deps.events, async (tx, emit) => {
         const row = await deps.users.insert(
           {
             id: signedUp.user.id,
@@ -441,11 +443,12 @@ export function createAuthService(deps: AuthServiceDeps) {
           data: { provider: deps.provider.name, confirmed: signedUp.confirmed },
         });
         if (!signedUp.confirmed) return { user: row, refreshToken: null, session: null };
-        const started = await deps.sessions.start(tx, row, {
-          ip: context.ip,
-          userAgent: context.userAgent,
-          amr: PASSWORD_AMR,
-        });
+        const started = await deps.sessions.start(
+          tx,
+          row,
+          { ip: context.ip, userAgent: context.userAgent, amr: PASSWORD_AMR },
+          { context: actor, emit },
+        );
         return { user: row, refreshToken: started.refreshToken, session: started.session };
       });
       const {

@@ -111,7 +111,7 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         const why = await mailed.whyNotLive(token, 'magic_link');
         throw await invalid(why.reason, why.userId);
       }
-      const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
+      const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         // The user row first, the order every change of an account's mailed links takes; of two opening
         // one link at once (a mail scanner and a click), one takes the token and the other finds it used.
         const user = await deps.users.findByIdForUpdate(row.userId, tx);
@@ -119,7 +119,14 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         // Mailed to the account's address of then, which must still be its own, confirmed.
         if (user?.status !== 'active' || user.email !== row.email || !user.emailConfirmedAt)
           return 'disabled' as const;
-        const started = await deps.auth.startSessionIn(tx, user, context, 'auth.magic_link', MAGIC_LINK_AMR);
+        const started = await deps.auth.startSessionIn(
+          tx,
+          emit,
+          user,
+          context,
+          'auth.magic_link',
+          MAGIC_LINK_AMR,
+        );
         // The second factor's challenge on this transaction, with the row still held: a reset, a
         // password change or signing out everywhere committing meanwhile waits for it, and discards it.
         if (started === 'second_factor')

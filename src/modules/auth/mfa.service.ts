@@ -627,7 +627,7 @@ export function createMfaService(deps: MfaServiceDeps) {
       context: RequestContext,
     ): Promise<{ user: UserRow; session: SessionTokens }> {
       if (!parseSecret(MFA_TOKEN_FORMAT, mfaToken)) throw invalidMfaToken();
-      const outcome = await inTransaction(deps.db, deps.events, async (tx) => {
+      const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         const now = deps.clock.now();
         const tokenHash = challengeHash(mfaToken);
         // The user's row before the challenge's, the order a reset or a disable takes them in.
@@ -652,11 +652,16 @@ export function createMfaService(deps: MfaServiceDeps) {
           return { kind: 'refused' as const, checked };
         }
         const factors = checked.used === 'totp' ? ['otp', 'mfa'] : ['mfa'];
-        const started = await deps.sessions.start(tx, user, {
-          ip: context.ip,
-          userAgent: context.userAgent,
-          amr: [...(FIRST_FACTOR_AMR[challenge.via] ?? []), ...factors],
-        });
+        const started = await deps.sessions.start(
+          tx,
+          user,
+          {
+            ip: context.ip,
+            userAgent: context.userAgent,
+            amr: [...(FIRST_FACTOR_AMR[challenge.via] ?? []), ...factors],
+          },
+          { context, emit },
+        );
         await deps.repo.completeChallenge(challenge.id, now, started.session.id, tx);
         await deps.audit.record(tx, subject, {
           type: challenge.via,

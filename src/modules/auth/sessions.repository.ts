@@ -1,4 +1,4 @@
-import { and, desc, eq, gt, isNull, ne } from 'drizzle-orm';
+import { and, desc, eq, gt, inArray, isNull, ne, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { pastCursor } from '../../db/keyset.js';
 import { mfaChallenges, refreshTokens, sessions } from '../../db/schema/index.js';
@@ -99,6 +99,51 @@ export function createSessionsRepository(db: Executor) {
         .where(and(...conditions))
         .returning({ id: sessions.id });
       return rows.map((r) => r.id);
+    },
+    /**
+     * Sign-ins of one user take turns, on every instance, until their transactions end (a
+     * transaction-scoped advisory lock): each then sees the sessions the one before opened.
+     */
+    async lockOpeningFor(userId: string, tx: Executor): Promise<void> {
+      await tx.execute(sql`select pg_advisory_xact_lock(hashtext(${`sessions:${userId}`}))`);
+    },
+    /**
+     * Revokes the user's live sessions but the `keep` most recently used (by `last_used_at`: opened or
+     * last refreshed; then the newest opened), through `sessions_user_live_idx`; returns the ids it
+     * revoked, least recently used first.
+     */
+    async revokeLeastRecentlyUsed(
+      userId: string,
+      now: Date,
+      keep: number,
+      reason: string,
+      tx: Executor,
+    ): Promise<string[]> {
+      const beyond = tx
+        .select({ id: sessions.id })
+        .from(sessions)
+        .where(
+          and(
+            eq(sessions.userId, userId),
+            isNull(sessions.revokedAt),
+            gt(sessions.expiresAt, now),
+            gt(sessions.idleExpiresAt, now),
+          ),
+        )
+        .orderBy(desc(sessions.lastUsedAt), desc(sessions.createdAt), desc(sessions.id))
+        .offset(keep);
+      const rows = await tx
+        .update(sessions)
+        .set({ revokedAt: now, revokedReason: reason })
+        // Ended meanwhile (a logout committed while this waited for the row): not ended again.
+        .where(and(inArray(sessions.id, beyond), isNull(sessions.revokedAt)))
+        .returning({ id: sessions.id, lastUsedAt: sessions.lastUsedAt, createdAt: sessions.createdAt });
+      return rows
+        .sort(
+          (a, b) =>
+            a.lastUsedAt.getTime() - b.lastUsedAt.getTime() || a.createdAt.getTime() - b.createdAt.getTime(),
+        )
+        .map((r) => r.id);
     },
     /** Adds authentication methods to a live session's `amr` (its next access tokens carry them). */
     async addAmr(id: string, methods: readonly string[], tx: Executor): Promise<void> {

@@ -45,7 +45,15 @@ export interface SessionsServiceDeps {
   onIssued?: (grant: string) => void;
   /** MFA_REQUIRED_ROLES: roles whose permissions count only in a session that gave a second factor. */
   mfaRequiredRoles?: readonly string[];
+  /**
+   * MAX_SESSIONS_PER_USER: the most live sessions a user has; a sign-in beyond it ends the least
+   * recently used ones.
+   */
+  maxPerUser: number;
 }
+
+/** Why a session ended when a sign-in took the user past MAX_SESSIONS_PER_USER (`revoked_reason`, audit). */
+const SESSION_LIMIT_REASON = 'session_limit';
 
 type Held = { roles: string[]; permissions: string[] };
 
@@ -122,7 +130,14 @@ export function createSessionsService(deps: SessionsServiceDeps) {
   }
 
   return {
-    /** Opens a session on `tx`; the refresh token is returned once and only its hash is kept. */
+    /**
+     * Opens a session on `tx`; the refresh token is returned once and only its hash is kept. A user
+     * who would have more than `maxPerUser` live sessions with it loses the least recently used
+     * others (opened or refreshed longest ago), ended as any session end is — refresh tokens
+     * refused, access tokens revoked on every instance (`emit`), audited as `auth.session_ended`
+     * (`reason: session_limit`) by the user signing in (`context`) — so the sign-in itself never fails
+     * for the limit.
+     */
     async start(
       tx: Executor,
       user: UserRow,
@@ -133,13 +148,36 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         /** How the user authenticated (RFC 8176), carried by the session's access tokens. */
         amr: readonly string[];
       },
+      opening: { context: RequestContext; emit: (event: AuthEvent) => void },
     ): Promise<{ session: SessionRow; refreshToken: string }> {
       // A disable racing the login either waits for this session (and ends it) or has committed,
       // and the login fails as it would for a disabled account.
       if ((await deps.users.findByIdForShare(user.id, tx))?.status !== 'active') {
         throw new AppError('invalid_credentials');
       }
+      // Concurrent sign-ins of the user take turns here (the row lock above is shared): each counts
+      // the sessions the others opened, and the user never stays above the limit.
+      await deps.repo.lockOpeningFor(user.id, tx);
       const now = deps.clock.now();
+      const ended = await deps.repo.revokeLeastRecentlyUsed(
+        user.id,
+        now,
+        deps.maxPerUser - 1,
+        SESSION_LIMIT_REASON,
+        tx,
+      );
+      if (ended.length > 0) {
+        for (const event of await revocationEvents(tx, ended)) opening.emit(event);
+        await deps.audit.record(
+          tx,
+          { ...opening.context, actorType: 'user', actorId: user.id, credentialId: null },
+          ended.map((id) => ({
+            type: 'auth.session_ended',
+            subjectId: user.id,
+            data: { session_id: id, reason: SESSION_LIMIT_REASON, limit: deps.maxPerUser },
+          })),
+        );
+      }
       const session = await deps.repo.insertSession(
         {
           userId: user.id,

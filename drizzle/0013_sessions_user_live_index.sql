@@ -1,0 +1,1 @@
+CREATE INDEX IF NOT EXISTS "sessions_user_live_idx" ON "sessions" USING btree ("user_id","last_used_at") WHERE "sessions"."revoked_at" is null;
