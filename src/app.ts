@@ -440,7 +440,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   // Every authorization failure is audited (SECURITY.md): the route's permission check and the grant
   // ceiling write their own, richer event and mark the error; any other 403 a service raises (a key
-  // that may not log out every session, a service that may not own keys), and a `forbidden` answered
+  // that may not log out every session, a service that may not own keys), a credential a route does
+  // not take (`config.credential`, refused by the authenticate plugin), and a `forbidden` answered
   // with another status (introspection's 401, RFC 7662 §2.3), gets one here. A 403 that is no
   // authorization decision (`registration_closed`: the provider takes no sign-ups) is not one. Runs
   // only for requests that failed, after the change's transaction has rolled back.
@@ -578,8 +579,11 @@ declare module 'fastify' {
     noStore?: boolean;
     /**
      * The credential the route takes beyond its permission, when not every one will do (an API key
-     * gets 403): `user_session`, a signed-in user's access token (`signedInSession`); `access_token`,
-     * a user's or a service's. The OpenAPI document says it (plugins/openapi.ts).
+     * gets 403): `user_session`, a signed-in user's access token; `access_token`, a user's or a
+     * service's. The authenticate plugin refuses any other (403) before the permission, the body or
+     * the handler; a handler relying on it takes its principal with `principalTaking` (or
+     * `signedInSession`), which serves nobody on a route not declaring it. The OpenAPI document says
+     * it (plugins/openapi.ts).
      */
     credential?: RouteCredential;
   }

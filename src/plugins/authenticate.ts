@@ -47,6 +47,50 @@ export type Principal =
  */
 export type RouteCredential = 'user_session' | 'access_token';
 
+const ROUTE_CREDENTIALS: ReadonlySet<string> = new Set<RouteCredential>(['user_session', 'access_token']);
+
+/** The principal a route declaring `config.credential` serves. */
+export interface CredentialPrincipal {
+  user_session: Extract<Principal, { kind: 'user' }> & { sessionId: string };
+  access_token: Exclude<Principal, { kind: 'api_key' }>;
+}
+
+/**
+ * Whether a principal is a credential a route declaring `credential` takes: the one test both the
+ * route's check and a handler's `principalTaking` make, so they cannot disagree.
+ */
+export function takesCredential<C extends RouteCredential>(
+  credential: C,
+  principal: Principal,
+): principal is CredentialPrincipal[C] {
+  return credential === 'user_session'
+    ? principal.kind === 'user' && !!principal.sessionId
+    : principal.kind !== 'api_key';
+}
+
+/**
+ * The 403 of a credential a route does not take (`config.credential`), naming what it takes and what
+ * came. No challenge: no other token of the same scheme would do (an API key sent as Bearer is still
+ * an API key), and none of what the route needs is a scope. Audited as every other 403 a route
+ * answers (app.ts, onError), with this as its `reason`.
+ */
+export function credentialRefused(credential: RouteCredential, principal: Principal): AppError {
+  const came =
+    principal.kind === 'api_key'
+      ? 'an API key'
+      : principal.kind === 'service'
+        ? 'a service’s token'
+        : undefined;
+  const detail =
+    credential === 'user_session'
+      ? came
+        ? `This is done from a signed-in session (a user’s access token), not with ${came}`
+        : 'This is done from a signed-in session (a user’s access token): this token belongs to none'
+      : 'An API key cannot do this, for what it makes would outlive the key: use a signed-in session ' +
+        'or a service’s token';
+  return new AppError('forbidden', { detail });
+}
+
 /** Resolves an API key string to its principal, or undefined when it is not a valid key. */
 export type ApiKeyResolver = (key: string) => Promise<Principal | undefined>;
 
@@ -345,6 +389,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     request: FastifyRequest,
     anyOf: readonly string[],
     changes: boolean,
+    credential: RouteCredential | undefined,
   ): Promise<void> {
     const principal = await resolve(request);
     if (!principal) {
@@ -353,6 +398,12 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       );
     }
     request.principal = principal;
+    // The credential the route takes (`config.credential`), decided here for every route that
+    // declares one, before its permission, its body or its handler: no permission makes an API key a
+    // signed-in session, and the refusal says what would do.
+    if (credential !== undefined && !takesCredential(credential, principal)) {
+      throw credentialRefused(credential, principal);
+    }
     if (anyOf.length === 0) {
       // Fail closed: a route that forgot to declare its permission serves nobody.
       request.log.error({ route: request.routeOptions.url }, 'route declares no permission');
@@ -393,8 +444,23 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       public?: boolean;
       permission?: string | string[];
       heldNow?: boolean;
+      credential?: unknown;
     };
+    // Fail closed at registration: a credential this check does not know, or one on a public route
+    // (which has no check), would be declared, and documented, but not enforced.
+    const { credential } = config;
+    if (
+      credential !== undefined &&
+      (config.public === true || typeof credential !== 'string' || !ROUTE_CREDENTIALS.has(credential))
+    ) {
+      throw new Error(
+        `${route.url}: config.credential ${JSON.stringify(credential)} ${
+          config.public === true ? 'on a public route' : 'is none of user_session, access_token'
+        }`,
+      );
+    }
     if (config.public === true) return;
+    const takes = credential as RouteCredential | undefined;
     const anyOf = Object.freeze(
       config.permission === undefined ? [] : ([] as string[]).concat(config.permission),
     );
@@ -406,11 +472,15 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       // A credential verified before and allowed here is settled without a promise; anything else
       // (a new, expired or revoked token or key, a refusal, a change) takes the full path.
       const known = changes ? undefined : knownPrincipal(request);
-      if (known && anyOf.some((p) => hasPermission(known.permissions, p))) {
+      if (
+        known &&
+        (takes === undefined || takesCredential(takes, known)) &&
+        anyOf.some((p) => hasPermission(known.permissions, p))
+      ) {
         request.principal = known;
         return done();
       }
-      authorize(request, anyOf, changes).then(() => done(), done);
+      authorize(request, anyOf, changes, takes).then(() => done(), done);
     };
     const existing = route.onRequest;
     route.onRequest =
@@ -457,20 +527,41 @@ export function userIdOf(request: FastifyRequest): string {
 }
 
 /**
- * The user and session of a route that is for a signed-in user only (their own second factor, their
- * account's deletion): an API key or a service token gets 403, saying `why`. The route declares it
- * (`config.credential: 'user_session'`), so the OpenAPI document says it; one that does not serves
- * nobody (fail closed, as a route without a permission), so its first test shows the omission.
+ * The principal of a route that takes only `credential`, for a handler (or the service it calls) that
+ * relies on it: the route's check has refused every other credential (`config.credential`), by the
+ * same test, before the request's body was read. A route that does not declare it serves nobody
+ * (fail closed, as a route without a permission): the declaration is the rule, and the OpenAPI
+ * document says it, so a handler relying on an undeclared rule is caught by its first test.
  */
-export function signedInSession(request: FastifyRequest, why: string): { userId: string; sessionId: string } {
-  if (request.routeOptions.config.credential !== 'user_session') {
+export function principalTaking<C extends RouteCredential>(
+  request: FastifyRequest,
+  credential: C,
+): CredentialPrincipal[C] {
+  if (request.routeOptions.config.credential !== credential) {
     request.log.error(
       { route: request.routeOptions.url },
-      "route takes signed-in sessions only but does not declare credential: 'user_session'",
+      `route takes ${credential} only but does not declare credential: '${credential}'`,
     );
     throw new AppError('forbidden');
   }
   const principal = principalOf(request);
-  if (principal.kind !== 'user' || !principal.sessionId) throw new AppError('forbidden', { detail: why });
-  return { userId: principal.userId, sessionId: principal.sessionId };
+  if (!takesCredential(credential, principal)) {
+    // The route's check decides by the same test, so this is never reached unless the check was
+    // bypassed: still refused, as the check would have, and said loudly.
+    request.log.error(
+      { route: request.routeOptions.url, credential },
+      'the route’s credential check let through a credential the route does not take',
+    );
+    throw credentialRefused(credential, principal);
+  }
+  return principal;
+}
+
+/**
+ * The user and session of a route that is for a signed-in user only (their own second factor, their
+ * account's deletion), declared `config.credential: 'user_session'` (see `principalTaking`).
+ */
+export function signedInSession(request: FastifyRequest): { userId: string; sessionId: string } {
+  const { userId, sessionId } = principalTaking(request, 'user_session');
+  return { userId, sessionId };
 }

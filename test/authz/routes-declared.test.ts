@@ -1,6 +1,6 @@
 import Fastify, { type FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import authenticate, { signedInSession } from '../../src/plugins/authenticate.js';
+import authenticate, { principalTaking, signedInSession } from '../../src/plugins/authenticate.js';
 import { buildTestApp } from '../support/app.js';
 import { decidedOnHeldNow } from '../support/authz-matrix.js';
 import { ALL_ROUTES } from './routes.js';
@@ -31,14 +31,19 @@ describe('every route declares its access', () => {
     await bare.close().catch(() => {});
   });
 
-  it('serves nobody on a route that takes signed-in sessions only without declaring it (the document would not say)', async () => {
+  it('serves nobody on a route whose handler relies on a credential the route does not declare (the document would not say)', async () => {
     const bare = Fastify({ logger: false });
-    bare.get('/undeclared', async (request) => signedInSession(request, 'for signed-in sessions'));
+    bare.get('/undeclared', async (request) => signedInSession(request));
+    bare.get('/other', { config: { credential: 'access_token' } }, async (request) =>
+      signedInSession(request),
+    );
+    bare.get('/tokens', async (request) => principalTaking(request, 'access_token'));
     bare.get('/declared', { config: { credential: 'user_session' } }, async (request) =>
-      signedInSession(request, 'for signed-in sessions'),
+      signedInSession(request),
     );
     // Refused before the caller is looked at (a signed-in one too); declared, it asks for the session.
-    expect((await bare.inject({ url: '/undeclared' })).statusCode).toBe(403);
+    for (const url of ['/undeclared', '/other', '/tokens'])
+      expect((await bare.inject({ url })).statusCode, url).toBe(403);
     expect((await bare.inject({ url: '/declared' })).statusCode).toBe(401);
     await bare.close();
   });

@@ -307,10 +307,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const { userId } = signedInSession(
-        request,
-        'An account is deleted from a signed-in session, not with an API key',
-      );
+      const { userId } = signedInSession(request);
       const context = requestContext(request);
       const user = await deps.auth.reauthenticate(userId, request.body.password, 'user.deleted', context);
       try {
@@ -345,10 +342,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const { userId, sessionId } = signedInSession(
-        request,
-        'The password is changed from a signed-in session, not with an API key',
-      );
+      const { userId, sessionId } = signedInSession(request);
       await deps.auth.changePassword(
         userId,
         sessionId,
@@ -541,10 +535,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const { userId, sessionId } = signedInSession(
-        request,
-        'The email address is changed from a signed-in session, not with an API key',
-      );
+      const { userId, sessionId } = signedInSession(request);
       const context = requestContext(request);
       const user = await deps.auth.reauthenticate(
         userId,
@@ -611,10 +602,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
-      const { userId } = signedInSession(
-        request,
-        'An email change is cancelled from a signed-in session, not with an API key',
-      );
+      const { userId } = signedInSession(request);
       if (!(await deps.emailChange.cancel(userId, requestContext(request)))) throw notFound('email change');
       return reply.status(204).send(null);
     },

@@ -87,11 +87,7 @@ export const MfaRequiredSchema = z
   });
 
 /** Two-step verification is the user's own, set up and turned off from a signed-in session. */
-const sessionOf = (request: FastifyRequest) =>
-  signedInSession(
-    request,
-    'Two-step verification is managed with a signed-in user’s access token, not an API key',
-  );
+const sessionOf = (request: FastifyRequest) => signedInSession(request);
 const sessionUserId = (request: FastifyRequest) => sessionOf(request).userId;
 
 export async function mfaRoutes(

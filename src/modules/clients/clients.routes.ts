@@ -3,7 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { Clock } from '../../lib/clock.js';
 import { decodeCursor } from '../../lib/pagination.js';
-import { principalOf, requestContext } from '../../plugins/authenticate.js';
+import { principalOf, principalTaking, requestContext } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import {
   ClientIdParamSchema,
@@ -16,7 +16,7 @@ import {
   toClientDto,
   UpdateClientBodySchema,
 } from './clients.schema.js';
-import type { ClientCaller, ClientsService } from './clients.service.js';
+import type { ClientCaller, ClientsService, TokenClientCaller } from './clients.service.js';
 
 export interface ClientsRoutesDeps {
   clients: ClientsService;
@@ -27,6 +27,12 @@ export interface ClientsRoutesDeps {
 
 function callerOf(request: FastifyRequest): ClientCaller {
   const principal = principalOf(request);
+  return { userId: principal.userId, grantor: principal };
+}
+
+/** The caller of a route that gives a client secret: declared `credential: 'access_token'`. */
+function tokenCallerOf(request: FastifyRequest): TokenClientCaller {
+  const principal = principalTaking(request, 'access_token');
   return { userId: principal.userId, grantor: principal };
 }
 
@@ -52,7 +58,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
     },
     async (request, reply) => {
       const { client, secret } = await deps.clients.create(
-        callerOf(request),
+        tokenCallerOf(request),
         {
           name: request.body.name,
           description: request.body.description,
@@ -181,7 +187,7 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
     },
     async (request, reply) => {
       const { client, secret } = await deps.clients.rotateSecret(
-        callerOf(request),
+        tokenCallerOf(request),
         request.params.id,
         request.body?.grace_seconds ?? 0,
         requestContext(request),

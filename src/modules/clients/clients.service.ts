@@ -48,6 +48,17 @@ export interface ClientCaller {
   grantor: Grantor;
 }
 
+/**
+ * Who may register a client or take a new secret for one: a user's or a service's access token, never
+ * an API key. A client secret lives until revoked, so revoking a leaked key (or its expiry) would not
+ * end a client it made (the keys a key makes end with it). The routes declare it
+ * (`config.credential: 'access_token'`), the authenticate plugin refuses an API key there (403), and
+ * the caller is made by `principalTaking`, whose type carries no API key.
+ */
+export interface TokenClientCaller extends ClientCaller {
+  grantor: Exclude<Grantor, { kind: 'api_key' }>;
+}
+
 export interface CreateClientInput {
   name: string;
   description?: string | undefined;
@@ -206,21 +217,8 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
   const findCached = (clientId: string) => cache.get(clientId);
 
-  /**
-   * A client secret is a credential that lives until revoked; an API key's request cannot be given
-   * one, or revoking a leaked key (or its expiry) would not end what it made (its own child keys end
-   * with it). Users register clients and take their secrets from a signed-in session; services with
-   * their own token. 403 otherwise.
-   */
-  function assertNotByApiKey(caller: ClientCaller, what: string) {
-    if (caller.grantor.kind === 'api_key')
-      throw forbidden(
-        `An API key cannot ${what}: a client secret would outlive the key; use a signed-in session`,
-      );
-  }
-
   return {
-    async create(caller: ClientCaller, input: CreateClientInput, context: RequestContext) {
+    async create(caller: TokenClientCaller, input: CreateClientInput, context: RequestContext) {
       if (caller.userId === undefined && !isAdministrator(caller)) {
         throw forbidden('App clients are registered by users (or by administrators)');
       }
@@ -233,7 +231,6 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const refused = { action: 'client.create', data: { scopes } };
       const client = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
-          assertNotByApiKey(caller, 'register a client');
           await assertGrantable(caller, scopes, tx);
           // A client registered by a client is its registrant's user's: the lineage decides what is
           // "one's own" (an administrator does not turn off their own second factor through a client
@@ -392,7 +389,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
     /** A new secret, shown once; the current one keeps working for `graceSeconds` (0: not at all). */
     async rotateSecret(
-      caller: ClientCaller,
+      caller: TokenClientCaller,
       idOrClientId: string,
       graceSeconds: number,
       context: RequestContext,
@@ -405,7 +402,6 @@ export function createClientsService(deps: ClientsServiceDeps) {
       const refused = { action: 'client.rotate_secret', subjectId: existing.id };
       const client = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
-          assertNotByApiKey(caller, 'take a new client secret');
           const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
           if (!locked) throw notFound('client');
           assertNoGraceRunning(
