@@ -9,10 +9,12 @@ import {
   readFileSync,
   rmSync,
 } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
+import { freePort } from '../../support/spawn-server.js';
+
+export { freePort };
 
 /**
  * A throwaway PostgreSQL cluster for the fault suite: initdb and pg_ctl from the machine's PostgreSQL
@@ -51,20 +53,6 @@ export function findPostgres(): { binaries: Binaries } | { reason: string } {
     runAs = 'postgres';
   }
   return { binaries: { initdb: join(bin, 'initdb'), pgCtl: join(bin, 'pg_ctl'), runAs } };
-}
-
-/** A TCP port nothing listens on right now. */
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.unref();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      const port = typeof address === 'object' && address ? address.port : 0;
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 const running = new Set<PostgresCluster>();
