@@ -1,12 +1,11 @@
-import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import pg from 'pg';
 import { lock } from 'proper-lockfile';
 import { afterAll, describe, expect, inject, it } from 'vitest';
-import { freePort } from '../faults/support/cluster.js';
 import { scratchDatabase } from '../support/database.js';
+import { type SpawnedProcess, spawnServer } from '../support/spawn-server.js';
 
 /*
  * In the image node is PID 1, and the kernel discards a signal PID 1 has no listener for: a SIGTERM
@@ -16,49 +15,31 @@ import { scratchDatabase } from '../support/database.js';
  * exit 0, not death by the signal.
  */
 
-const ROOT = resolve(import.meta.dirname, '../..');
 /** src/db/migrations.ts's advisory lock. */
 const MIGRATION_LOCK_KEY = 7_344_021_118;
 
-/** Starts the server; resolves once a line matches `waitingFor`, with a way to await its exit. */
+/** Starts the server; resolves once a line matches `waitingFor`. */
 async function startUntil(env: Record<string, string>, waitingFor: RegExp) {
-  const port = await freePort();
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
-    cwd: ROOT,
-    env: {
-      PATH: process.env.PATH ?? '',
-      HOME: process.env.HOME ?? tmpdir(),
-      NODE_ENV: 'test',
-      HOST: '127.0.0.1',
-      PORT: String(port),
-      LOG_LEVEL: 'info',
-      ...env,
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
+  const server = await spawnServer({
+    tsx: 'src/server.ts',
+    listen: true,
+    env: { LOG_LEVEL: 'info', ...env },
   });
-  let out = '';
-  for (const stream of [child.stdout, child.stderr])
-    stream.on('data', (chunk: Buffer) => {
-      out += chunk.toString();
-    });
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((done) =>
-    child.once('exit', (code, signal) => done({ code, signal })),
-  );
-  await expect.poll(() => waitingFor.test(out), { timeout: 40_000, interval: 100 }).toBe(true);
-  return { child, exited, output: () => out };
+  await server.waitForLine(waitingFor, 40_000);
+  return server;
 }
 
 /**
  * SIGTERM to a start that is waiting: it stops at once with its own line and exit 0, not killed by the
  * signal (which, as PID 1 in the image, would have been discarded instead).
  */
-async function expectStoppedBySigterm(server: Awaited<ReturnType<typeof startUntil>>) {
+async function expectStoppedBySigterm(server: SpawnedProcess) {
   const signalledAt = performance.now();
-  server.child.kill('SIGTERM');
+  server.kill('SIGTERM');
   const exit = await server.exited;
-  expect(exit, server.output()).toEqual({ code: 0, signal: null });
+  expect(exit, server.output).toEqual({ code: 0, signal: null });
   expect(performance.now() - signalledAt).toBeLessThan(5000);
-  expect(server.output()).toContain('start stopped by SIGTERM');
+  expect(server.output).toContain('start stopped by SIGTERM');
 }
 
 describe('a SIGTERM during the start', () => {
@@ -78,7 +59,7 @@ describe('a SIGTERM during the start', () => {
           /another instance is applying database migrations; waiting/,
         );
         await expectStoppedBySigterm(server);
-        expect(server.output()).not.toContain('auth service ready');
+        expect(server.output).not.toContain('auth service ready');
       } finally {
         await holder.end().catch(() => undefined);
         await scratch.drop();
