@@ -1,9 +1,8 @@
-import { spawn } from 'node:child_process';
 import { cpSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { freePort } from '../faults/support/cluster.js';
+import { spawnServer } from '../support/spawn-server.js';
 
 /*
  * data/common-passwords.txt is part of the service, as drizzle/ is. An install without it (a copy
@@ -14,37 +13,25 @@ import { freePort } from '../faults/support/cluster.js';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 
-interface Outcome {
-  code: number | null;
-  output: string;
-}
-
 /** Runs `file` in `cwd` until it exits, or until it says the service is ready (then stops it). */
-function runUntilExit(cwd: string, file: string, env: Record<string, string>): Promise<Outcome> {
-  return new Promise((done, fail) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', file], {
-      cwd,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: {
-        PATH: process.env.PATH ?? '',
-        HOME: process.env.HOME ?? tmpdir(),
-        NODE_ENV: 'test',
-        LOG_LEVEL: 'info',
-        DATABASE_URL: '',
-        DATA_DIR: join(cwd, '.data'),
-        ...env,
-      },
-    });
-    let output = '';
-    for (const stream of [child.stdout, child.stderr])
-      stream.on('data', (chunk: Buffer) => {
-        output += chunk.toString();
-        // Started without its list: what this test is against; no need to wait any longer.
-        if (output.includes('auth service ready')) child.kill('SIGKILL');
-      });
-    child.on('error', fail);
-    child.on('close', (code) => done({ code, output }));
+async function runUntilExit(
+  cwd: string,
+  file: string,
+  options: { listen?: boolean; env?: Record<string, string> },
+) {
+  const child = await spawnServer({
+    tsx: file,
+    cwd,
+    listen: options.listen,
+    env: { LOG_LEVEL: 'info', DATABASE_URL: '', DATA_DIR: join(cwd, '.data'), ...options.env },
   });
+  // Started without its list: what this test is against; no need to wait any longer.
+  child.waitForLine(/auth service ready/, 60_000).then(
+    () => child.kill('SIGKILL'),
+    () => undefined,
+  );
+  const { code } = await child.exited;
+  return { code, output: child.output };
 }
 
 describe('an install without data/common-passwords.txt', () => {
@@ -57,11 +44,7 @@ describe('an install without data/common-passwords.txt', () => {
   const missing = join(copy, 'data/common-passwords.txt');
 
   it('does not start: one line naming the file, exit 1', async () => {
-    const port = await freePort();
-    const { code, output } = await runUntilExit(copy, 'src/server.ts', {
-      HOST: '127.0.0.1',
-      PORT: String(port),
-    });
+    const { code, output } = await runUntilExit(copy, 'src/server.ts', { listen: true });
     expect(output).not.toContain('auth service ready');
     expect(code, output).toBe(1);
     expect(output).toContain(`failed to start: cannot read the list of common passwords ${missing} (ENOENT)`);
@@ -69,8 +52,10 @@ describe('an install without data/common-passwords.txt', () => {
 
   it('with BOOTSTRAP_ADMIN_PASSWORD, a script says the file is missing, not that the password is not acceptable', async () => {
     const { code, output } = await runUntilExit(copy, 'scripts/migrate.ts', {
-      BOOTSTRAP_ADMIN_EMAIL: 'admin@example.test',
-      BOOTSTRAP_ADMIN_PASSWORD: 'a long enough passphrase 7',
+      env: {
+        BOOTSTRAP_ADMIN_EMAIL: 'admin@example.test',
+        BOOTSTRAP_ADMIN_PASSWORD: 'a long enough passphrase 7',
+      },
     });
     expect(code, output).toBe(1);
     expect(output).toContain(`error: cannot read the list of common passwords ${missing} (ENOENT)`);
