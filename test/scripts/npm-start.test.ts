@@ -1,22 +1,9 @@
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-
-const ROOT = resolve(import.meta.dirname, '../..');
-
-/** A port nobody listens on now. */
-const freePort = () =>
-  new Promise<number>((done, fail) => {
-    const probe = createServer();
-    probe.once('error', fail);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address() as { port: number };
-      probe.close(() => done(port));
-    });
-  });
+import { spawnServer } from '../support/spawn-server.js';
 
 const alive = (pid: number) => {
   try {
@@ -32,15 +19,12 @@ describe('npm start under a supervisor', () => {
   afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
 
   it('a SIGTERM sent to npm reaches the server: it shuts down and exits, leaving no process behind', async () => {
-    const port = await freePort();
-    const npm = spawn('npm', ['start', '--silent'], {
-      cwd: ROOT,
-      stdio: ['ignore', 'pipe', 'pipe'],
+    const npm = await spawnServer({
+      command: 'npm',
+      args: ['start', '--silent'],
+      listen: true,
       env: {
-        ...process.env,
         NODE_ENV: 'development',
-        PORT: String(port),
-        HOST: '127.0.0.1',
         DATABASE_URL: '',
         DATA_DIR: dataDir,
         REDIS_URL: '',
@@ -50,30 +34,21 @@ describe('npm start under a supervisor', () => {
         LOG_LEVEL: 'info',
       },
     });
-    let out = '';
-    npm.stdout.on('data', (chunk: Buffer) => {
-      out += chunk.toString();
-    });
-    npm.stderr.on('data', (chunk: Buffer) => {
-      out += chunk.toString();
-    });
-    const exited = new Promise<number | null>((done) => npm.on('exit', (code) => done(code)));
-    await expect
-      .poll(() => out.includes('auth service ready'), { timeout: 60_000, interval: 200 })
-      .toBe(true);
-    const serverPid = Number(/"pid":(\d+)/.exec(out)?.[1]);
+    const { port } = npm;
+    await npm.waitForLine(/auth service ready/, 60_000);
+    const serverPid = Number(/"pid":(\d+)/.exec(npm.output)?.[1]);
     expect(serverPid).toBeGreaterThan(0);
 
     // What a supervisor does: signal the process it started, npm.
     npm.kill('SIGTERM');
-    await exited;
+    await npm.exited;
     try {
       await expect.poll(() => alive(serverPid), { timeout: 15_000, interval: 100 }).toBe(false);
     } finally {
       // Left running (the failure this test is for): not past the test.
       if (alive(serverPid)) process.kill(serverPid, 'SIGKILL');
     }
-    expect(out).toContain('shutting down');
+    expect(npm.output).toContain('shutting down');
     // The port is free again: nothing orphaned holds it.
     const again = createServer();
     await new Promise<void>((done, fail) => {
