@@ -1,14 +1,12 @@
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { promisify } from 'node:util';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { readJournal } from '../../src/db/migrations.js';
-import { freePort } from '../faults/support/cluster.js';
 import { scratchDatabase } from '../support/database.js';
+import { ROOT, runUntilExit, spawnServer } from '../support/spawn-server.js';
 
 /*
  * The Docker image runs what `npm run build` compiles (`node dist/src/server.js`, and the operator
@@ -19,9 +17,6 @@ import { scratchDatabase } from '../support/database.js';
  * (dist, drizzle, data, package*.json and `npm ci --omit=dev`: no tsx, no TypeScript, no source).
  * That last one runs `npm ci`, so it needs the npm registry or a warm npm cache.
  */
-
-const ROOT = resolve(import.meta.dirname, '../..');
-const run = promisify(execFile);
 
 function filesUnder(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((entry) =>
@@ -41,11 +36,12 @@ const packageOf = (specifier: string) =>
 const outDir = join(ROOT, '.data', `build-${randomBytes(4).toString('hex')}`);
 
 beforeAll(async () => {
-  await run(
-    process.execPath,
-    [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json', '--outDir', outDir],
-    { cwd: ROOT },
-  );
+  await runUntilExit({
+    node: join(ROOT, 'node_modules/typescript/bin/tsc'),
+    args: ['-p', 'tsconfig.build.json', '--outDir', outDir],
+    timeoutMs: 120_000,
+    mustSucceed: true,
+  });
 }, 120_000);
 
 afterAll(() => {
@@ -54,10 +50,8 @@ afterAll(() => {
 
 describe('the production build (what the Docker image runs)', () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'auth-build-'));
-  let server: ChildProcess | undefined;
 
   afterAll(() => {
-    server?.kill('SIGKILL');
     rmSync(dataDir, { recursive: true, force: true });
   });
 
@@ -114,18 +108,12 @@ describe('the production build (what the Docker image runs)', () => {
   });
 
   it('starts the compiled server on PGlite, answers, and exits 0 on SIGTERM', async () => {
-    // One free now (a random one could be an ephemeral port a connection of another test holds:
-    // CI met EADDRINUSE).
-    const port = await freePort();
-    const child = spawn(process.execPath, [join(outDir, 'src/server.js')], {
-      cwd: ROOT,
-      stdio: ['ignore', 'pipe', 'pipe'],
+    const server = await spawnServer({
+      node: join(outDir, 'src/server.js'),
+      listen: true,
+      publicUrl: true,
       env: {
-        ...process.env,
         NODE_ENV: 'production',
-        PORT: String(port),
-        HOST: '127.0.0.1',
-        PUBLIC_URL: `http://127.0.0.1:${port}`,
         DATA_DIR: dataDir,
         DATABASE_URL: '',
         REDIS_URL: '',
@@ -136,23 +124,10 @@ describe('the production build (what the Docker image runs)', () => {
         SECRET_PEPPER: randomBytes(32).toString('base64'),
       },
     });
-    server = child;
-    let output = '';
-    child.stdout?.on('data', (c: Buffer) => (output += c.toString()));
-    child.stderr?.on('data', (c: Buffer) => (output += c.toString()));
-    const exited = new Promise<number | null>((done) => child.on('exit', (code) => done(code)));
 
-    const base = `http://127.0.0.1:${port}`;
-    const deadline = Date.now() + 30_000;
-    let ready = 0;
-    while (Date.now() < deadline && ready !== 200) {
-      ready = await fetch(`${base}/health/ready`).then(
-        (r) => r.status,
-        () => 0,
-      );
-      if (ready !== 200) await new Promise((r) => setTimeout(r, 250));
-    }
-    expect(ready, output).toBe(200);
+    const base = server.baseUrl;
+    const ready = await server.waitForReady(30_000);
+    expect(ready, server.output).toBe(200);
     const jwks = await fetch(`${base}/.well-known/jwks.json`);
     expect(jwks.status).toBe(200);
     expect(((await jwks.json()) as { keys: unknown[] }).keys.length).toBeGreaterThan(0);
@@ -165,9 +140,8 @@ describe('the production build (what the Docker image runs)', () => {
     });
     expect(register.status, await register.clone().text()).toBe(201);
 
-    child.kill('SIGTERM');
-    expect(await exited, output).toBe(0);
-    server = undefined;
+    server.kill('SIGTERM');
+    expect((await server.exited).code, server.output).toBe(0);
   }, 60_000);
 });
 
@@ -181,9 +155,8 @@ describe('the operator scripts in a production install (dist + drizzle + data + 
     KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
     SECRET_PEPPER: randomBytes(32).toString('base64'),
   };
-  /** The environment of the image: no npm_* of the test run, NODE_ENV=production. */
-  const env = (): NodeJS.ProcessEnv => ({
-    ...Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('npm_'))),
+  /** The environment of the image (none of the test run's), NODE_ENV=production. */
+  const env = () => ({
     NODE_ENV: 'production',
     LOG_LEVEL: 'warn',
     DATABASE_URL: database.url ?? '',
@@ -196,18 +169,31 @@ describe('the operator scripts in a production install (dist + drizzle + data + 
     ADMIN_PASSWORD: '',
     ...keys,
   });
+  /** Runs `command` in the install; a non-zero exit throws (with its code, stdout and stderr). */
   const inApp = (command: string, args: string[], extra: Record<string, string> = {}) =>
-    run(command, args, { cwd: app, env: { ...env(), ...extra }, timeout: 60_000 });
+    runUntilExit({
+      command,
+      args,
+      cwd: app,
+      env: { ...env(), ...extra },
+      timeoutMs: 60_000,
+      mustSucceed: true,
+    });
 
   beforeAll(async () => {
     // What the image holds: the build, the migrations, the data files, the manifest.
     cpSync(outDir, join(app, 'dist'), { recursive: true });
     for (const entry of ['drizzle', 'data', 'package.json', 'package-lock.json'])
       cpSync(join(ROOT, entry), join(app, entry), { recursive: true });
-    await run('npm', ['ci', '--omit=dev', '--prefer-offline', '--no-audit', '--no-fund'], {
+    // npm's own settings (a registry, a proxy) are kept; the test run's npm_* are not.
+    await runUntilExit({
+      command: 'npm',
+      args: ['ci', '--omit=dev', '--prefer-offline', '--no-audit', '--no-fund'],
       cwd: app,
+      inheritEnv: (name) => !name.startsWith('npm_'),
       env: env(),
-      timeout: 300_000,
+      timeoutMs: 300_000,
+      mustSucceed: true,
     });
     if (inject('databaseUrl')) database = (await scratchDatabase('auth_prod_scripts'))!;
   }, 400_000);

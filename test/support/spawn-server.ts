@@ -83,7 +83,10 @@ export interface SpawnedProcess {
   stop(graceMs?: number): Promise<Exit>;
 }
 
-/** A TCP port nothing listens on right now. */
+/**
+ * A TCP port nothing listens on right now (a random one could be an ephemeral port a connection of
+ * another test holds: CI met EADDRINUSE).
+ */
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = createServer();
