@@ -1,8 +1,7 @@
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
@@ -22,8 +21,8 @@ import { testConfig, uniqueEmail } from '../support/app.js';
 import { scratchDatabase } from '../support/database.js';
 import { PASSWORD } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { type RunResult, runUntilExit } from '../support/spawn-server.js';
 
-const ROOT = resolve(import.meta.dirname, '../..');
 /** Each run starts tsx and opens the database (PGlite takes a few seconds): generous, not slow. */
 const SPAWN_TEST_TIMEOUT = 60_000;
 const logger = pino({ level: 'silent' });
@@ -31,12 +30,6 @@ const logger = pino({ level: 'silent' });
 // The scripts and the in-process app must share these: the app decrypts the signing keys a script made.
 const KEY_ENCRYPTION_KEY = randomBytes(32).toString('base64');
 const SECRET_PEPPER = randomBytes(32).toString('base64');
-
-interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
 
 /**
  * The database the scripts run against, thrown away afterwards: a database of its own on the test
@@ -68,39 +61,25 @@ async function createTarget(): Promise<Target> {
 }
 
 function run(target: Target, script: string, args: string[], env: Record<string, string> = {}) {
-  return new Promise<RunResult>((done, fail) => {
-    // What `npx tsx scripts/<name>.ts` runs, without npx's lookup (half a second per run).
-    const child = spawn(process.execPath, ['--import', 'tsx', `scripts/${script}.ts`, ...args], {
-      cwd: ROOT,
-      // stdin is not a terminal: create-admin must not wait for a password prompt.
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: {
-        ...process.env,
-        NODE_ENV: 'test',
-        LOG_LEVEL: 'warn',
-        DATABASE_URL: target.url ?? '',
-        DATA_DIR: target.dataDir,
-        KEY_ENCRYPTION_KEY,
-        SECRET_PEPPER,
-        AUTH_PROVIDER: 'local',
-        SUPABASE_URL: '',
-        REDIS_URL: '',
-        BOOTSTRAP_ADMIN_EMAIL: '',
-        BOOTSTRAP_ADMIN_PASSWORD: '',
-        ADMIN_PASSWORD: '',
-        ...env,
-      },
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk: Buffer) => {
-      stdout += chunk.toString();
-    });
-    child.stderr.on('data', (chunk: Buffer) => {
-      stderr += chunk.toString();
-    });
-    child.on('error', fail);
-    child.on('close', (code) => done({ code, stdout, stderr }));
+  // What `npx tsx scripts/<name>.ts` runs, without npx's lookup (half a second per run); stdin is not a
+  // terminal, so create-admin does not wait for a password prompt.
+  return runUntilExit({
+    tsx: `scripts/${script}.ts`,
+    args,
+    env: {
+      LOG_LEVEL: 'warn',
+      DATABASE_URL: target.url ?? '',
+      DATA_DIR: target.dataDir,
+      KEY_ENCRYPTION_KEY,
+      SECRET_PEPPER,
+      AUTH_PROVIDER: 'local',
+      SUPABASE_URL: '',
+      REDIS_URL: '',
+      BOOTSTRAP_ADMIN_EMAIL: '',
+      BOOTSTRAP_ADMIN_PASSWORD: '',
+      ADMIN_PASSWORD: '',
+      ...env,
+    },
   });
 }
 
