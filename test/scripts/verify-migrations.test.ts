@@ -1,6 +1,4 @@
-import { spawn } from 'node:child_process';
 import { readdirSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
@@ -18,13 +16,13 @@ import {
   snapshotDrift,
 } from '../../scripts/lib/schema-check.js';
 import { ownDatabase } from '../support/database.js';
+import { ROOT, runUntilExit } from '../support/spawn-server.js';
 
 /*
  * `npm run db:verify` (scripts/verify-migrations.ts, scripts/lib/schema-check.ts): each kind of drift
  * it exists to catch, made on purpose, is caught and named.
  */
 
-const ROOT = resolve(import.meta.dirname, '../..');
 const databaseUrl = inject('databaseUrl');
 const entries = readJournal();
 const sqlFiles = readdirSync(MIGRATIONS_FOLDER).filter((f) => f.endsWith('.sql'));
@@ -300,19 +298,7 @@ describe.runIf(databaseUrl)('a live database (DATABASE_URL) against a fresh one 
 });
 
 function verify(env: Record<string, string>) {
-  return new Promise<{ code: number | null; stdout: string; stderr: string }>((done, fail) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/verify-migrations.ts'], {
-      cwd: ROOT,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, NODE_ENV: 'test', LOG_LEVEL: 'warn', ...env },
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    child.on('error', fail);
-    child.on('close', (code) => done({ code, stdout, stderr }));
-  });
+  return runUntilExit({ tsx: 'scripts/verify-migrations.ts', env: { LOG_LEVEL: 'warn', ...env } });
 }
 
 describe('npm run db:verify', () => {
