@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { describeOutcome, summarize } from './support/checks.js';
-import { findPostgres, freePort, PostgresCluster } from './support/cluster.js';
+import { freePort } from '../support/spawn-server.js';
+import { findPostgres, PostgresCluster } from './support/cluster.js';
 import { type Outcome, send } from './support/http.js';
 import { LOAD_PASSWORD } from './support/load.js';
 import { type ServiceProcess, startService } from './support/service.js';

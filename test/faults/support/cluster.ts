@@ -14,8 +14,6 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { freePort } from '../../support/spawn-server.js';
 
-export { freePort };
-
 /**
  * A throwaway PostgreSQL cluster for the fault suite: initdb and pg_ctl from the machine's PostgreSQL
  * binaries, a data directory in a fresh temporary directory, a free port on 127.0.0.1, trust
