@@ -47,7 +47,11 @@ import authenticate, {
   type RouteCredential,
   requestContext,
 } from './plugins/authenticate.js';
-import errorHandler, { answerClientError, routePathOf } from './plugins/error-handler.js';
+import errorHandler, {
+  answerClientError,
+  refuseOtherMethodsOfLiteralPaths,
+  routePathOf,
+} from './plugins/error-handler.js';
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX, REDOC_HELMET, REDOC_PATH, SWAGGER_UI_HELMET } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
@@ -415,6 +419,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       exposedHeaders: CORS_ANSWER_HEADERS['access-control-expose-headers'].split(','),
     });
   }
+  // GET /v1/api-keys/verify is a 405 (the path takes POST), not GET /v1/api-keys/{id} with a bad id.
+  refuseOtherMethodsOfLiteralPaths(app, routeTable);
   await app.register(metricsPlugin, { metrics: services.metrics, token: config.metricsToken });
   if (config.rateLimit.enabled) await app.register(rateLimit, { redis: services.redis });
   await app.register(authenticate, {

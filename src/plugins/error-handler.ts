@@ -1,6 +1,6 @@
 import { METHODS, STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import {
@@ -290,6 +290,91 @@ export function routePathOf(request: FastifyRequest): string {
 /** The methods a route of this API may take, in the order an Allow header lists them. */
 const ROUTABLE_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'] as const;
 
+/**
+ * The methods of the resource at `path`: those whose route matches it with the fewest path
+ * parameters. A literal path beside a parametrised one is a resource of its own (the router prefers
+ * it too): `/v1/api-keys/verify` takes POST, and is not `/v1/api-keys/{id}` with the id `verify` for
+ * the methods it does not take.
+ */
+function resourceMethods(app: FastifyInstance, path: string): string[] {
+  let fewest = Number.POSITIVE_INFINITY;
+  let methods: string[] = [];
+  for (const method of ROUTABLE_METHODS) {
+    const found = app.findRoute({ method, url: path });
+    if (found === null) continue;
+    const count = Object.keys(found.params ?? {}).length;
+    if (count < fewest) {
+      fewest = count;
+      methods = [method];
+    } else if (count === fewest) methods.push(method);
+  }
+  return methods;
+}
+
+/** The route pattern of `method` that, with `params` put in, is `path` (undefined when none is). */
+function patternOf(
+  routes: ReadonlyArray<{ method: string; url: string }>,
+  method: string,
+  params: Record<string, string | undefined>,
+  path: string,
+): string | undefined {
+  return routes.find(
+    (route) =>
+      route.method === method &&
+      route.url.replace(/:(\w+)|\*/g, (token, name?: string) => params[name ?? '*'] ?? token) === path,
+  )?.url;
+}
+
+/**
+ * A method a literal path does not take, on a path a parametrised route of that method also matches
+ * (`GET /v1/api-keys/verify`, matched by `GET /v1/api-keys/:id` with the id `verify`), is answered by
+ * the not-found handler, as a method no route of the path takes is: a 405 with the literal path's
+ * Allow, rather than the parametrised route's 400 about an id no one meant. Those pairs are found once
+ * the routes are all in (onReady); the onRequest hook this adds compares the matched route and its
+ * parameters with them, before any credential is checked (the not-found handler asks for none). Added
+ * after the CORS plugin, so a listed origin's browser reads the 405 as any other.
+ */
+export function refuseOtherMethodsOfLiteralPaths(
+  app: FastifyInstance,
+  routes: ReadonlyArray<{ method: string; url: string }>,
+): void {
+  /** The parametrised pattern → the methods and parameters with which it matches a literal path. */
+  const shadowed = new Map<string, Array<{ method: string; params: Record<string, string | undefined> }>>();
+  app.addHook('onReady', (done) => {
+    const literal = new Set(routes.map((r) => r.url).filter((url) => !/[:*]/.test(url)));
+    for (const path of literal) {
+      const taken = resourceMethods(app, path);
+      for (const method of ROUTABLE_METHODS) {
+        if (taken.includes(method)) continue;
+        const found = app.findRoute({ method, url: path });
+        if (found === null) continue;
+        const params = found.params as Record<string, string | undefined>;
+        // HEAD is GET's, unless a route declares one of its own.
+        const pattern =
+          patternOf(routes, method, params, path) ??
+          (method === 'HEAD' ? patternOf(routes, 'GET', params, path) : undefined);
+        if (pattern === undefined) continue;
+        const entries = shadowed.get(pattern) ?? [];
+        entries.push({ method, params });
+        shadowed.set(pattern, entries);
+      }
+    }
+    done();
+  });
+  app.addHook('onRequest', (request, reply, done) => {
+    if (shadowed.size === 0) return done();
+    const entries = shadowed.get(request.routeOptions.url ?? '');
+    if (entries === undefined) return done();
+    const params = request.params as Record<string, string | undefined>;
+    const literal = entries.some(
+      (e) => e.method === request.method && Object.entries(e.params).every(([k, v]) => params[k] === v),
+    );
+    // No route of this method is at the path: answered (and counted) as an unmatched request.
+    if (literal) reply.callNotFound();
+    else done();
+  });
+}
+
 export interface ErrorHandlerOptions {
   /** The first renderer whose prefix the URL starts with wins; the default is problem+json. */
   renderers?: Array<{ prefix: string; render: ErrorRenderer }>;
@@ -326,20 +411,19 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
   // A path that exists under other methods is a 405 with Allow (RFC 9110 §15.5.6), not a 404: the
   // router is asked for each method, on unmatched requests only. A route of the request's own method
   // that found nothing (@fastify/static's wildcard, for a file Swagger UI does not have) called this
-  // handler itself: a 404, not a 405 naming its GET/HEAD twin.
+  // handler itself: a 404, not a 405 naming its GET/HEAD twin. One of that method that matched the
+  // path only as a parameter (refuseOtherMethodsOfLiteralPaths) is no route of the path: a 405.
   app.setNotFoundHandler((request, reply) => {
     const path = request.url.split('?')[0] ?? '/';
-    if (app.findRoute({ method: request.method as HTTPMethods, url: path }) !== null) {
+    const taken = resourceMethods(app, path);
+    if (taken.includes(request.method)) {
       const error = new AppError('not_found', { detail: `Nothing is at ${path}` });
       return rendererFor(request.url)(error, request, reply);
     }
-    const allowed = ROUTABLE_METHODS.filter(
-      (method) => method !== request.method && app.findRoute({ method, url: path }) !== null,
-    );
-    if (allowed.length > 0) {
+    if (taken.length > 0) {
       const error = new AppError('method_not_allowed', {
-        detail: `${request.method} is not allowed on ${path}; it takes ${allowed.join(', ')}`,
-        headers: { allow: allowed.join(', ') },
+        detail: `${request.method} is not allowed on ${path}; it takes ${taken.join(', ')}`,
+        headers: { allow: taken.join(', ') },
       });
       for (const [name, value] of Object.entries(error.headers)) reply.header(name, value);
       return rendererFor(request.url)(error, request, reply);

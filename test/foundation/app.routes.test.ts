@@ -255,6 +255,48 @@ describe('foundation: app, errors, operations', () => {
     });
   });
 
+  it('answers a method a literal path does not take with 405 and its Allow, though a parametrised path of that method matches it', async () => {
+    // GET /v1/api-keys/{id} matched GET /v1/api-keys/verify, with the id "verify": a 400 about an id.
+    for (const method of ['GET', 'HEAD', 'PATCH', 'DELETE', 'PUT'] as const) {
+      const verify = await app.inject({ method, url: '/v1/api-keys/verify?x=1' });
+      expect(verify.statusCode, method).toBe(405);
+      expect(verify.headers.allow, method).toBe('POST');
+      if (method !== 'HEAD')
+        expect(verify.json(), method).toMatchObject({
+          code: 'method_not_allowed',
+          detail: `${method} is not allowed on /v1/api-keys/verify; it takes POST`,
+        });
+    }
+    // Every literal path of the service, whatever is beside it: each method it does not take is a
+    // 405 naming the ones it takes, before any credential is asked for.
+    const order = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'] as const;
+    const literal = new Map<string, Set<string>>();
+    for (const { method, url } of app.routeTable) {
+      if (/[:*]/.test(url) || method === 'OPTIONS') continue;
+      const methods = literal.get(url) ?? new Set<string>();
+      methods.add(method);
+      if (method === 'GET') methods.add('HEAD');
+      literal.set(url, methods);
+    }
+    expect(literal.has('/v1/profiles/me')).toBe(true);
+    for (const [path, methods] of literal) {
+      const allow = order.filter((m) => methods.has(m)).join(', ');
+      for (const method of order.filter((m) => !methods.has(m))) {
+        const res = await app.inject({ method, url: path });
+        expect(res.statusCode, `${method} ${path}`).toBe(405);
+        expect(res.headers.allow, `${method} ${path}`).toBe(allow);
+      }
+    }
+    // Counted as what it is, a request no route of its method took: not as one of GET /v1/api-keys/:id.
+    const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+    expect(metrics).toContain('http_requests_total{method="GET",route="unmatched",status="405"}');
+    expect(metrics).not.toMatch(/route="\/v1\/api-keys\/:id",status="405"/);
+    // The parametrised path keeps its own methods.
+    const key = await app.inject({ method: 'PUT', url: `/v1/api-keys/${ITEM_ID}` });
+    expect(key.statusCode).toBe(405);
+    expect(key.headers.allow).toBe('GET, HEAD, PATCH, DELETE');
+  });
+
   it('answers what the documentation’s file server refuses with the code and title of its status', async () => {
     await app.listen({ port: 0, host: '127.0.0.1' });
     const port = (app.server.address() as AddressInfo).port;

@@ -305,6 +305,12 @@ describe('CORS from configuration', () => {
     const refused = await app.inject({ method: 'PUT', url: '/.well-known/jwks.json', headers: origin });
     expect(refused.statusCode).toBe(405);
     expect(exposed(refused)).toContain('allow');
+    // So does the 405 of a method a literal path beside a parametrised one does not take.
+    const verify = await app.inject({ method: 'GET', url: '/v1/api-keys/verify', headers: origin });
+    expect(verify.statusCode).toBe(405);
+    expect(verify.headers.allow).toBe('POST');
+    expect(verify.headers['access-control-allow-origin']).toBe('https://app.example.com');
+    expect(exposed(verify)).toContain('allow');
     // The router's own refusals (a path segment over 200 characters) say the same.
     const long = await app.inject({ method: 'GET', url: `/v1/users/${'a'.repeat(300)}`, headers: origin });
     expect(exposed(long)).toEqual(expect.arrayContaining(['location', 'allow']));
