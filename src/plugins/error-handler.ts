@@ -82,12 +82,11 @@ const INPUT_DATA_EXCEPTIONS = new Set([
 
 /**
  * The codes of the 4xx statuses Fastify and its plugins answer with (the router, the body parsers,
- * @fastify/static serving Swagger UI: 403 for a path out of its folder, 412, 416), each agreeing
- * with its status.
+ * @fastify/static serving Swagger UI: 412, 416), each agreeing with its status. (Its 403, for a path
+ * out of its folder, is answered as a 404: toAppError.)
  */
 const FRAMEWORK_CLIENT_ERRORS: Partial<Record<number, ErrorCode>> = {
   401: 'authentication_required',
-  403: 'forbidden',
   404: 'not_found',
   405: 'method_not_allowed',
   408: 'request_timeout',
@@ -161,12 +160,17 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
     // The router's message repeats the whole URL.
     if (status === 414)
       return new AppError('uri_too_long', { detail: 'A path segment is over 200 characters' });
+    // The one 403 a plugin gives is @fastify/static's, for a path that climbs out of Swagger UI's folder
+    // (`/docs/static/../../package.json`): no decision about who asks (the catalogue's 403 is a missing
+    // permission), and nothing is served there, so it is answered as a file that is not there is.
+    if (status === 403)
+      return new AppError('not_found', { detail: `Nothing is at ${request.url.split('?')[0]}` });
     const code = FRAMEWORK_CLIENT_ERRORS[status];
     // RFC 9110 §15.5.17: a 416 says the representation's length (@fastify/send hands it over).
     const range = (e as { headers?: Record<string, unknown> }).headers?.['Content-Range'];
     if (code === 'range_not_satisfiable' && typeof range === 'string')
       return new AppError(code, { headers: { 'content-range': range } });
-    if (code) return new AppError(code, status === 403 ? { detail: 'Access to this path is refused' } : {});
+    if (code) return new AppError(code);
     // A 4xx without a code of its own is a 400: the code, the title and the status always agree.
     return new AppError('bad_request', { detail: e.message });
   }

@@ -297,18 +297,24 @@ describe('foundation: app, errors, operations', () => {
     expect(key.headers.allow).toBe('GET, HEAD, PATCH, DELETE');
   });
 
-  it('answers what the documentation’s file server refuses with the code and title of its status', async () => {
+  it('answers a path out of the documentation’s folder as a file it does not have, and what its file server refuses with the code and title of its status', async () => {
     await app.listen({ port: 0, host: '127.0.0.1' });
     const port = (app.server.address() as AddressInfo).port;
-    // A path out of Swagger UI's folder: 403 forbidden, not a 403 calling itself bad_request.
-    for (const path of ['/docs/static/../../package.json', '/docs/static/%2e%2e/%2e%2e/package.json']) {
+    // A path out of Swagger UI's folder: nothing is there, a 404 as for a file Swagger UI does not
+    // have, not a 403 whose title speaks of a missing permission.
+    for (const path of [
+      '/docs/static/../../package.json',
+      '/docs/static/%2e%2e/%2e%2e/package.json',
+      '/docs/static/..',
+    ]) {
       const traversal = await getAsIs(port, path);
-      expect(traversal.status, path).toBe(403);
+      expect(traversal.status, path).toBe(404);
       expect(traversal.type).toContain('application/problem+json');
       expect(JSON.parse(traversal.body), path).toMatchObject({
-        code: 'forbidden',
-        status: 403,
-        title: 'The principal lacks a permission this needs',
+        code: 'not_found',
+        status: 404,
+        title: 'Not found',
+        detail: `Nothing is at ${path}`,
       });
     }
     const range = await app.inject({
