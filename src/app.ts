@@ -402,8 +402,15 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     await services.stop();
   });
 
+  // A path as the client sees it: behind a proxy that strips PUBLIC_URL's path
+  // (https://example.com/auth), /auth/v1/roles/x, not /v1/roles/x, which would resolve outside it. A
+  // 201's Location is one, and so is a problem's `instance`.
+  const basePath = new URL(config.publicUrl).pathname.replace(/\/+$/, '');
   // RFC 6749 §5.2 errors under /oauth; problem+json everywhere else.
-  await app.register(errorHandler, { renderers: [{ prefix: '/oauth/', render: renderOAuthError }] });
+  await app.register(errorHandler, {
+    renderers: [{ prefix: '/oauth/', render: renderOAuthError }],
+    basePath,
+  });
   // Browsers on the configured origins only. With none, there is no CORS at all: no headers, no
   // preflight route (OPTIONS answers 405, a method no route takes), and no per-request CORS work.
   if (config.corsOrigins.length > 0) {
@@ -503,9 +510,6 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   });
   await app.register(mfaRoutes, { mfa: services.mfa, users: services.users, auth: services.auth });
   await app.register(signingKeysRoutes, { keys: services.keys });
-  // A 201's Location is a path as the client sees it: behind a proxy that strips PUBLIC_URL's path
-  // (https://example.com/auth), /auth/v1/roles/x, not /v1/roles/x, which would resolve outside it.
-  const basePath = new URL(config.publicUrl).pathname.replace(/\/+$/, '');
   await app.register(usersRoutes, {
     basePath,
     users: services.users,

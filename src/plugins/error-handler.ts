@@ -35,17 +35,23 @@ function problemBody(error: AppError): Record<string, unknown> {
   };
 }
 
-export const renderProblem: ErrorRenderer = (error, request, reply) => {
-  const body: Record<string, unknown> = {
-    ...error.extensions,
-    ...problemBody(error),
-    // Not a URL the answer is about because it is too long: it is not written back.
-    ...(error.code === 'uri_too_long' ? {} : { instance: request.url.split('?')[0] }),
-    request_id: request.id,
+/**
+ * RFC 9457 problem+json. `instance` is the request's path as the client sent it: under `basePath`
+ * (PUBLIC_URL's path, which a proxy strips before the request arrives here), as a 201's Location is.
+ */
+export const problemRenderer =
+  (basePath = ''): ErrorRenderer =>
+  (error, request, reply) => {
+    const body: Record<string, unknown> = {
+      ...error.extensions,
+      ...problemBody(error),
+      // Not a URL the answer is about because it is too long: it is not written back.
+      ...(error.code === 'uri_too_long' ? {} : { instance: basePath + request.url.split('?')[0] }),
+      request_id: request.id,
+    };
+    if (error.errors) body.errors = error.errors;
+    return reply.status(error.status).type(PROBLEM_CONTENT_TYPE).serializer(JSON.stringify).send(body);
   };
-  if (error.errors) body.errors = error.errors;
-  return reply.status(error.status).type(PROBLEM_CONTENT_TYPE).serializer(JSON.stringify).send(body);
-};
 
 /** Fastify's names of the request's parts, as a client reads them in `errors[].field`. */
 const PART_NAMES: Record<string, string> = { querystring: 'query', params: 'path' };
@@ -382,10 +388,13 @@ export function refuseOtherMethodsOfLiteralPaths(
 export interface ErrorHandlerOptions {
   /** The first renderer whose prefix the URL starts with wins; the default is problem+json. */
   renderers?: Array<{ prefix: string; render: ErrorRenderer }>;
+  /** PUBLIC_URL's path without its trailing slash (`/auth`, or empty): problem+json's `instance` starts with it. */
+  basePath?: string;
 }
 
 async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOptions) {
   const renderers = options.renderers ?? [];
+  const renderProblem = problemRenderer(options.basePath);
   const rendererFor = (url: string) =>
     renderers.find((r) => url.startsWith(r.prefix))?.render ?? renderProblem;
 

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
-import { describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -18,17 +18,21 @@ describe('201 Created answers carry the Location of what they made', () => {
     { url: '/v1/clients', payload: { name: 'made', scopes: ['users:read'] } },
   ];
 
-  it.each([
+  describe.each([
     { prefix: '', publicUrl: 'http://auth.test' },
     { prefix: '/auth', publicUrl: 'https://example.com/auth' },
-  ])(
-    'a user, a role, an API key and an app client, under PUBLIC_URL $publicUrl: GET on the Location (as the proxy forwards it) gives it back',
-    async ({ prefix, publicUrl }) => {
-      const app: FastifyInstance = await buildTestApp({
+  ])('under PUBLIC_URL $publicUrl', ({ prefix, publicUrl }) => {
+    let app: FastifyInstance;
+    let admin: Awaited<ReturnType<typeof createAdmin>>;
+    beforeAll(async () => {
+      app = await buildTestApp({
         env: { PUBLIC_URL: publicUrl, PASSWORD_RESET_URL: 'https://app.example.test/reset' },
         deps: { mailer: capturingMailer() },
       });
-      const admin = await createAdmin(app);
+      admin = await createAdmin(app);
+    });
+
+    it('a user, a role, an API key and an app client: GET on the Location (as the proxy forwards it) gives it back', async () => {
       const origin = new URL(publicUrl).origin;
       for (const { url, payload } of creations()) {
         const created = await app.inject({
@@ -49,6 +53,27 @@ describe('201 Created answers carry the Location of what they made', () => {
         const key = url === '/v1/roles' ? 'name' : 'id';
         expect(read.json()[key], location).toBe(created.json()[key]);
       }
-    },
-  );
+    });
+
+    it('a problem’s instance is the path the client sent, under the prefix as Location is', async () => {
+      const id = randomUUID();
+      const answers = [
+        // A service's refusal, the authenticate plugin's, a validation error (the query left out), and
+        // the not-found handler's 404 and 405.
+        await app.inject({ method: 'GET', url: `/v1/users/${id}`, headers: bearer(admin.accessToken) }),
+        await app.inject({ method: 'GET', url: `/v1/users/${id}` }),
+        await app.inject({ method: 'GET', url: '/v1/users?limit=0', headers: bearer(admin.accessToken) }),
+        await app.inject({ method: 'GET', url: '/v1/nothing-here' }),
+        await app.inject({ method: 'PUT', url: `/v1/users/${id}` }),
+      ];
+      expect(answers.map((a) => a.statusCode)).toEqual([404, 401, 400, 404, 405]);
+      expect(answers.map((a) => a.json().instance)).toEqual([
+        `${prefix}/v1/users/${id}`,
+        `${prefix}/v1/users/${id}`,
+        `${prefix}/v1/users`,
+        `${prefix}/v1/nothing-here`,
+        `${prefix}/v1/users/${id}`,
+      ]);
+    });
+  });
 });

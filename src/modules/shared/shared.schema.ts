@@ -8,7 +8,10 @@ export const ProblemSchema = z
     status: z.number().int().meta({ example: 400 }),
     detail: z.string(),
     code: z.string().describe('Stable machine-readable code, e.g. `invalid_credentials`'),
-    instance: z.string().optional(),
+    instance: z
+      .string()
+      .optional()
+      .describe('The path of the request, under PUBLIC_URL’s path when it has one (`/auth/v1/…`)'),
     request_id: z.string().optional(),
     errors: z.array(z.object({ field: z.string(), message: z.string() })).optional(),
   })
