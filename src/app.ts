@@ -119,6 +119,18 @@ const CORS_ANSWER_HEADERS = {
   'access-control-expose-headers': 'x-request-id,retry-after,www-authenticate,location,allow',
 } as const;
 
+/**
+ * The CORS headers of an answer no hook of @fastify/cors wrote (the router's and the HTTP parser's
+ * refusals), as it writes them: for a listed origin only (compared exactly, so the value written is
+ * one of the configured origins).
+ */
+const corsHeadersFor =
+  (origins: readonly string[]) =>
+  (origin: string): Readonly<Record<string, string>> | undefined =>
+    origins.includes(origin)
+      ? { ...CORS_ANSWER_HEADERS, 'access-control-allow-origin': origin, vary: 'Origin' }
+      : undefined;
+
 /** Methods whose requests carry no body by their definition. */
 const BODILESS_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 
@@ -205,6 +217,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const clock = deps.clock ?? systemClock;
   let shuttingDown = false;
   const requestLogging = deps.logger.isLevelEnabled('info');
+  const corsHeaders = corsHeadersFor(config.corsOrigins);
 
   /**
    * A request the router refused before any route (and so any hook) ran: counted in the metrics as
@@ -252,23 +265,27 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // What Node's HTTP parser refuses (bad syntax, oversized headers, REQUEST_TIMEOUT_MS) in problem+json;
     // counted in the metrics as an unmatched request (how long it took is not known: 0) and logged.
     clientErrorHandler: (err, socket) =>
-      answerClientError(err, socket, ({ status, method, target, reason, remoteAddress }) => {
-        services.metrics.http.record(method, 'unmatched', status, 0);
-        if (requestLogging)
-          deps.logger.info(
-            { req: { method, url: target, ip: remoteAddress }, res: { statusCode: status }, reason },
-            'request refused by the HTTP parser',
-          );
-      }),
+      answerClientError(
+        err,
+        socket,
+        ({ status, method, target, reason, remoteAddress }) => {
+          services.metrics.http.record(method, 'unmatched', status, 0);
+          if (requestLogging)
+            deps.logger.info(
+              { req: { method, url: target, ip: remoteAddress }, res: { statusCode: status }, reason },
+              'request refused by the HTTP parser',
+            );
+        },
+        corsHeaders,
+      ),
     // A URL the router refuses before any route runs (bad percent-encoding, a path parameter over
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
     frameworkErrors: (error, request, reply) => {
       reply.header('x-request-id', request.id).headers(headersFor(request.url));
       // Nor does @fastify/cors's: a listed origin's browser reads this error as any other.
-      const origin = request.headers.origin;
-      if (origin && config.corsOrigins.includes(origin))
-        reply.headers({ ...CORS_ANSWER_HEADERS, 'access-control-allow-origin': origin, vary: 'Origin' });
+      const cors = request.headers.origin ? corsHeaders(request.headers.origin) : undefined;
+      if (cors) reply.headers(cors);
       completeUnrouted(request, reply);
       return app.errorHandler(error, request, reply);
     },

@@ -230,6 +230,38 @@ function requestLine(
   return { method: known(method), target };
 }
 
+/** A header line naming the Origin (RFC 6454 §7), its value trimmed. */
+const ORIGIN_LINE = /^origin:[ \t]*(.*?)[ \t]*$/i;
+
+/**
+ * The Origin of the refused request, when it can be read: from the head Node had parsed (a body that
+ * broke off or took too long), or else from the bytes the parser had when it refused (headers over
+ * the limit), in the first head there, present once. A head that reached Node in pieces has its
+ * earlier pieces gone, the Origin line with them: then none. It only ever chooses between CORS
+ * headers for a listed origin and none (answerClientError), and a browser compares those with the
+ * page's own origin, which a page cannot write into its request: a wrong reading makes no answer
+ * readable where the CORS policy would not.
+ */
+function refusedOrigin(err: NodeJS.ErrnoException & { rawPacket?: unknown }, socket: Duplex) {
+  const incoming = (
+    socket as Duplex & {
+      parser?: { incoming?: { headers?: Record<string, unknown>; complete?: boolean } | null } | null;
+    }
+  ).parser?.incoming;
+  if (incoming?.complete === false && incoming.headers !== undefined) {
+    const origin = incoming.headers.origin;
+    return typeof origin === 'string' ? origin : undefined;
+  }
+  if (!Buffer.isBuffer(err.rawPacket)) return undefined;
+  const bytes = err.rawPacket.subarray(0, 65_536).toString('latin1');
+  const end = bytes.indexOf('\r\n\r\n');
+  const origins = (end < 0 ? bytes : bytes.slice(0, end))
+    .split('\r\n')
+    .slice(1)
+    .flatMap((line) => ORIGIN_LINE.exec(line)?.[1] ?? []);
+  return origins.length === 1 ? origins[0] : undefined;
+}
+
 /** An answer answerClientError wrote: for the metrics and the log, as a request's would be. */
 export interface ClientErrorAnswer {
   status: number;
@@ -246,6 +278,8 @@ export function answerClientError(
   err: NodeJS.ErrnoException,
   socket: Duplex,
   onAnswered?: (answer: ClientErrorAnswer) => void,
+  /** The CORS headers of an answer to this Origin (none for an origin not listed). */
+  corsHeaders?: (origin: string) => Readonly<Record<string, string>> | undefined,
 ): void {
   if (err.code === 'ECONNRESET' || socket.destroyed) return;
   const code = CLIENT_ERRORS[err.code ?? ''] ?? 'bad_request';
@@ -263,7 +297,9 @@ export function answerClientError(
   // (a malformed request pipelined behind a good one), which would corrupt that response.
   const inFlight = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
   if (socket.writable && !inFlight?.headersSent) {
-    const headers = Object.entries(API_SECURITY_HEADERS)
+    // A listed origin's page reads the refusal (a 431 for its cookies) as any other error.
+    const origin = corsHeaders && refusedOrigin(err, socket);
+    const headers = Object.entries({ ...API_SECURITY_HEADERS, ...(origin ? corsHeaders(origin) : {}) })
       .map(([name, value]) => `${name}: ${value}\r\n`)
       .join('');
     const type = oauth

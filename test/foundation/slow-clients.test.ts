@@ -47,7 +47,9 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
   let app: FastifyInstance;
   let port: number;
   beforeAll(async () => {
-    app = await buildTestApp({ env: { REQUEST_TIMEOUT_MS: '1000' } });
+    app = await buildTestApp({
+      env: { REQUEST_TIMEOUT_MS: '1000', CORS_ORIGINS: 'https://app.example.com' },
+    });
     await app.listen({ port: 0, host: '127.0.0.1' });
     port = (app.server.address() as AddressInfo).port;
   });
@@ -131,6 +133,41 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
       expect(answer.headers.pragma).toBe('no-cache');
       expect(answer.body).toMatchObject({ error: 'invalid_request' });
     }
+  });
+
+  it('lets a listed origin’s page read what the parser refused: headers over the limit sent in one piece, a body that took too long', async () => {
+    const bigHead = (origins: string[]) =>
+      `GET /v1/auth/me HTTP/1.1\r\nHost: auth.test\r\n${origins.map((o) => `Origin: ${o}\r\n`).join('')}` +
+      `Cookie: ${'c'.repeat(20_000)}\r\n\r\n`;
+    const listed = parseAnswer((await trickle(port, bigHead(['https://app.example.com']), 6000)).received);
+    expect(listed.status).toBe(431);
+    expect(listed.headers).toMatchObject({
+      'access-control-allow-origin': 'https://app.example.com',
+      'access-control-allow-credentials': 'true',
+      vary: 'Origin',
+    });
+    expect(listed.headers['access-control-expose-headers']).toContain('x-request-id');
+    expect(listed.body).toMatchObject({ status: 431, code: 'headers_too_large' });
+    // An origin not listed, none, or two: no CORS headers, as @fastify/cors would answer.
+    for (const origins of [
+      ['https://evil.example.com'],
+      [],
+      ['https://app.example.com', 'https://evil.example.com'],
+    ]) {
+      const answer = parseAnswer((await trickle(port, bigHead(origins), 6000)).received);
+      expect(answer.status, origins.join()).toBe(431);
+      expect(answer.headers['access-control-allow-origin'], origins.join()).toBeUndefined();
+    }
+    // A body that never finishes: the head was read, its Origin with it.
+    const slow = await trickle(
+      port,
+      'POST /v1/auth/login HTTP/1.1\r\nHost: auth.test\r\nOrigin: https://app.example.com\r\n' +
+        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"email":',
+      8000,
+    );
+    const timedOut = parseAnswer(slow.received);
+    expect(timedOut.status).toBe(408);
+    expect(timedOut.headers['access-control-allow-origin']).toBe('https://app.example.com');
   });
 
   it('answers a body that breaks off (the client half-closes) by the request’s path: RFC 6749 form under /oauth', async () => {

@@ -63,6 +63,30 @@ describe('answerClientError', () => {
     expect(written.join('')).toMatch(/^HTTP\/1\.1 400 /);
   });
 
+  it('adds CORS headers for an Origin it can read in the first head of the refused bytes, and only there', () => {
+    const cors = (origin: string) =>
+      origin === 'https://app.example.com' ? { 'access-control-allow-origin': origin } : undefined;
+    const answerTo = (rawPacket: string) => {
+      const { socket, written } = fakeSocket();
+      const err = Object.assign(parserError('HPE_HEADER_OVERFLOW'), { rawPacket: Buffer.from(rawPacket) });
+      answerClientError(err, socket, undefined, cors);
+      return written.join('');
+    };
+    const big = 'c'.repeat(100);
+    expect(answerTo(`GET / HTTP/1.1\r\norigin:  https://app.example.com \r\nCookie: ${big}`)).toContain(
+      'access-control-allow-origin: https://app.example.com\r\n',
+    );
+    for (const raw of [
+      // A later piece of a head that reached Node in pieces: the Origin line was in an earlier one.
+      `${big}\r\nX-More: ${big}`,
+      // Past the head's end (a body, a request behind it), or not a header line of its own.
+      `GET / HTTP/1.1\r\nCookie: ${big}\r\n\r\nOrigin: https://app.example.com\r\n`,
+      `GET / HTTP/1.1\r\nX-Origin: https://app.example.com\r\nCookie: ${big}`,
+      `GET / HTTP/1.1\r\nX: a origin: https://app.example.com\r\nCookie: ${big}`,
+    ])
+      expect(answerTo(raw), raw.slice(0, 40)).not.toContain('access-control-allow-origin');
+  });
+
   it('leaves a connection the client reset to Node', () => {
     const { socket, written } = fakeSocket();
     answerClientError(parserError('ECONNRESET'), socket);
