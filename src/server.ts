@@ -6,7 +6,7 @@ import { ConfigError, loadConfig } from './config.js';
 import { DatabaseLockedError, MigrationError, openDatabase } from './db/client.js';
 import { databaseLocation, describeFailure, isOperational } from './lib/failure.js';
 import { createLogger } from './lib/logger.js';
-import { BootstrapAdminError } from './services.js';
+import { BootstrapAdminError, RedisDatabaseError } from './services.js';
 import { KeyEncryptionKeyMismatchError } from './lib/crypto.js';
 import { CommonPasswordsError, loadCommonPasswords } from './identity/passwords.js';
 
@@ -114,7 +114,8 @@ main().catch((err: unknown) => {
     err instanceof MigrationError ||
     err instanceof KeyEncryptionKeyMismatchError ||
     err instanceof CommonPasswordsError ||
-    err instanceof BootstrapAdminError
+    err instanceof BootstrapAdminError ||
+    err instanceof RedisDatabaseError
   ) {
     process.stderr.write(`failed to start: ${err.message}\n`);
     process.exit(1);

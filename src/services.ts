@@ -97,6 +97,14 @@ export class BootstrapAdminError extends Error {
   override name = 'BootstrapAdminError';
 }
 
+/** REDIS_URL names a database the Redis server refuses: no wait and no restart mends it. */
+export class RedisDatabaseError extends Error {
+  override name = 'RedisDatabaseError';
+}
+
+/** How long the start waits for Redis's first answer (or its absence) before going on without it. */
+const REDIS_FIRST_ANSWER_MS = 2000;
+
 /**
  * Wires every repository and service once. The HTTP app and the scripts (create-admin,
  * rotate-signing-key) share it, so a rule lives in one place whichever door it is reached by.
@@ -118,11 +126,41 @@ export function createServices(deps: ServicesDeps) {
           commandTimeout: 500,
         })
       : undefined);
+  // A database REDIS_URL names that the server does not have (`/99` where it has 16): ioredis reports
+  // the SELECT's refusal as an error and goes on, on database 0, among other applications' keys. The
+  // client is closed then, before any command (they wait for `ready`, which comes after), so nothing
+  // is counted there, and the limits stay in this instance's memory as with Redis down. At the start
+  // it stops the start (start() below), with one line naming REDIS_URL; later (Redis restarted with
+  // fewer databases) it is logged as an error.
+  let redisRefused: RedisDatabaseError | undefined;
+  let redisChecked = false;
+  const redisFirstAnswer = redis
+    ? new Promise<void>((resolve) => {
+        if (redis.status === 'ready') return resolve();
+        for (const event of ['ready', 'close', 'end'] as const) redis.once(event, () => resolve());
+        setTimeout(resolve, REDIS_FIRST_ANSWER_MS).unref();
+      })
+    : Promise.resolve();
   // One line when Redis goes away and one when it is back, not one per reconnect attempt. Meanwhile
   // the rate limits and login-failure counts fall back to this instance's memory (README "Failure
   // behaviour"); ioredis keeps reconnecting by itself.
   let redisDown = false;
-  redis?.on('error', (err: Error) => {
+  redis?.on('error', (err: Error & { command?: { name?: string; args?: unknown[] } }) => {
+    if (err.command?.name === 'select') {
+      redis.disconnect();
+      const location = URL.parse(config.redisUrl ?? '');
+      redisRefused = new RedisDatabaseError(
+        `REDIS_URL names database ${String(err.command.args?.[0])}, which the Redis server` +
+          `${location ? ` at ${location.host}` : ''} refuses (${err.message}): name one it has ` +
+          '(0 to one below its `databases` setting, 16 by default)',
+      );
+      if (redisChecked)
+        logger.error(
+          { err: err.message },
+          `${redisRefused.message}; rate limits stay in this instance's memory until it restarts`,
+        );
+      return;
+    }
     if (redisDown) return;
     redisDown = true;
     logger.warn(
@@ -558,6 +596,11 @@ export function createServices(deps: ServicesDeps) {
     housekeeping,
     /** Loads keys and revocations, starts listening for other instances' changes, bootstraps the admin. */
     async start() {
+      // Redis down at the start does not keep the service down (README "Redis down"); a database it
+      // refuses does, for it never works.
+      await redisFirstAnswer;
+      redisChecked = true;
+      if (redisRefused) throw redisRefused;
       // Before any key is made: a start refused for the key would otherwise leave signing keys written
       // under it, which the right key then cannot open either.
       await mfa.assertSecretsReadable();
