@@ -502,6 +502,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // Keeping what was entered under Authorize across reloads is a developer's convenience; in
     // production a token or key typed into the docs stays in that tab only, not in localStorage.
     persistAuthorization: config.env !== 'production',
+    rateLimits: config.rateLimit.enabled,
   });
 
   await app.register(healthRoutes, {

@@ -8,6 +8,7 @@ import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-pro
 import type { ZodType } from 'zod';
 import { ProblemSchema } from '../modules/shared/shared.schema.js';
 import type { RouteCredential } from './authenticate.js';
+import { type PerIpLimit, perIpLimitOf } from './rate-limit.js';
 
 /**
  * Swagger UI's request interceptor, sent to the browser as its source text (so self-contained, plain
@@ -206,6 +207,61 @@ const withAccess: typeof jsonSchemaTransform = (input) => {
     schema: { ...schema, ...documented, description: `${before}${sentences.join(' ')}` },
   };
 };
+
+/**
+ * The per-IP limit an operation counts against, from the route's own declaration (`config.rateLimit`,
+ * `config.refreshRateLimit`: what plugins/rate-limit.ts applies), as `x-rate-limit`; its answers'
+ * headers are declared from it (withRateLimitHeaders). Only when the limits are on (RATE_LIMIT_ENABLED):
+ * otherwise no answer carries them.
+ */
+const withPerIpLimit =
+  (on: boolean, transform: typeof jsonSchemaTransform): typeof jsonSchemaTransform =>
+  (input) => {
+    const result = transform(input);
+    const limit = on ? perIpLimitOf(input.route.config) : undefined;
+    const schema = result.schema as (FastifySchema & { hide?: boolean }) | undefined;
+    if (!limit || !schema || schema.hide) return result;
+    return { ...result, schema: { ...schema, 'x-rate-limit': limit } };
+  };
+
+/**
+ * @fastify/rate-limit's headers on every answer of an operation with a per-IP limit (`x-rate-limit`),
+ * its 429 included (whose `Retry-After` withRetryAfter declares): sent on each answer to a request
+ * that was counted, which is every one past the checks that come first (a body with a NUL, a
+ * compressed body, an instance shutting down).
+ */
+function withRateLimitHeaders<T>(document: T): T {
+  const doc = document as {
+    paths?: Record<
+      string,
+      Record<
+        string,
+        { 'x-rate-limit'?: PerIpLimit; responses?: Record<string, ResponseObject & { headers?: object }> }
+      >
+    >;
+  };
+  const integer = { type: 'integer', minimum: 0 };
+  for (const item of Object.values(doc.paths ?? {})) {
+    for (const operation of Object.values(item)) {
+      const limit = operation['x-rate-limit'];
+      if (!limit) continue;
+      const headers = {
+        'X-RateLimit-Limit': {
+          description: `Requests an address may make in the window: ${limit.max} in ${limit.window_seconds} s (${limit.counter})`,
+          schema: integer,
+        },
+        'X-RateLimit-Remaining': {
+          description: 'Requests the address has left in the current window (0: the next one is a 429)',
+          schema: integer,
+        },
+        'X-RateLimit-Reset': { description: 'Seconds until the current window ends', schema: integer },
+      };
+      for (const response of Object.values(operation.responses ?? {}))
+        response.headers = { ...response.headers, ...headers };
+    }
+  }
+  return document;
+}
 
 /**
  * The document without the `$id` and `$schema` keywords zod writes into each component schema
@@ -435,6 +491,8 @@ export interface OpenApiOptions {
   version: string;
   /** Swagger UI keeps the credentials entered under Authorize in localStorage (default true). */
   persistAuthorization?: boolean;
+  /** The per-IP limits are on (RATE_LIMIT_ENABLED): their operations say so, and their headers. */
+  rateLimits?: boolean;
 }
 
 async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
@@ -451,7 +509,9 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
           'An operation behind a permission names it in `x-required-permission` (a list when any one ' +
           'of them will do) and in its description; one that takes no API key says which credential it ' +
           'takes in `x-credential`: `user_session` (a signed-in user’s access token) or `access_token` ' +
-          '(a user’s or a service’s).',
+          '(a user’s or a service’s). An operation limited per client address says its limit in ' +
+          '`x-rate-limit` (`max` requests in `window_seconds`, and which counter), and its answers ' +
+          'carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`.',
       },
       servers: [{ url: options.publicUrl }],
       components: {
@@ -485,13 +545,17 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
         { name: 'operations', description: 'Health and metrics' },
       ],
     },
-    transform: withAccess,
+    transform: withPerIpLimit(options.rateLimits ?? false, withAccess),
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
     transformObject: (input) =>
       withWwwAuthenticate(
-        withRetryAfter(
-          withProblemMediaType(
-            withOptionalBodies(withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input)))),
+        withRateLimitHeaders(
+          withRetryAfter(
+            withProblemMediaType(
+              withOptionalBodies(
+                withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
+              ),
+            ),
           ),
         ),
       ),

@@ -77,14 +77,25 @@ async function rateLimitPlugin(app: FastifyInstance, options: { redis?: Redis | 
         headers: { 'retry-after': String(Math.ceil(context.ttl / 1000)) },
       }),
   });
-  // One counter for both routes: refreshing at /oauth/token must not dodge /v1/auth/refresh's limit.
-  app.decorate(
-    'refreshRateLimit',
-    app.rateLimit({
+  // One counter for every route that declares it: refreshing at /oauth/token must not dodge
+  // /v1/auth/refresh's limit.
+  const refreshLimit = app
+    .rateLimit({
       ...REFRESH_RATE_LIMIT,
       keyGenerator: (request) => `refresh-${limitedAddress(request.ip)}`,
-    }),
-  );
+    })
+    .bind(app);
+  // The refresh_token grant is known once the body is read: a preHandler, for that grant only.
+  const refreshGrantLimit = (request: FastifyRequest, reply: FastifyReply) =>
+    (request.body as { grant_type?: unknown } | undefined)?.grant_type === 'refresh_token'
+      ? refreshLimit(request, reply)
+      : Promise.resolve();
+  app.addHook('onRoute', (route) => {
+    const spends = (route.config as { refreshRateLimit?: RefreshRateLimitUse } | undefined)?.refreshRateLimit;
+    if (spends === 'always') route.onRequest = [...[route.onRequest ?? []].flat(), refreshLimit];
+    else if (spends === 'refresh_token_grant')
+      route.preHandler = [...[route.preHandler ?? []].flat(), refreshGrantLimit];
+  });
 }
 
 export default fp(rateLimitPlugin, { name: 'rate-limit', fastify: '5.x' });
@@ -93,13 +104,56 @@ export default fp(rateLimitPlugin, { name: 'rate-limit', fastify: '5.x' });
 export const CREDENTIAL_RATE_LIMIT = { max: 30, timeWindow: '1 minute' } as const;
 export const REFRESH_RATE_LIMIT = { max: 120, timeWindow: '1 minute' } as const;
 
+/** When a route spends the shared refresh budget: on every request, or on the refresh_token grant's. */
+export type RefreshRateLimitUse = 'always' | 'refresh_token_grant';
+
+/** The per-IP limit a route's answers count against, as the OpenAPI document says it (`x-rate-limit`). */
+export interface PerIpLimit {
+  /** Requests one address may make in the window. */
+  max: number;
+  /** The window, in seconds. */
+  window_seconds: number;
+  /** What shares the counter, when not the operation alone; and when the operation spends it. */
+  counter: string;
+}
+
+const SECONDS = { second: 1, minute: 60, hour: 3600 } as const;
+const windowSeconds = (window: string) => {
+  const [count, unit] = window.split(' ');
+  return Number(count) * SECONDS[(unit ?? '').replace(/s$/, '') as keyof typeof SECONDS];
+};
+
+/**
+ * The per-IP limit a route's config declares, read where the limits are applied: its own counter
+ * (`config.rateLimit`, @fastify/rate-limit's) or the refresh budget (`config.refreshRateLimit`, above).
+ */
+export function perIpLimitOf(config: unknown): PerIpLimit | undefined {
+  const { rateLimit, refreshRateLimit } = (config ?? {}) as {
+    rateLimit?: unknown;
+    refreshRateLimit?: RefreshRateLimitUse;
+  };
+  if (refreshRateLimit !== undefined)
+    return {
+      max: REFRESH_RATE_LIMIT.max,
+      window_seconds: windowSeconds(REFRESH_RATE_LIMIT.timeWindow),
+      counter:
+        'one per address, shared by every refresh-token redemption (/v1/auth/refresh and the ' +
+        'refresh_token grant of /oauth/token)' +
+        (refreshRateLimit === 'refresh_token_grant' ? '; spent by the refresh_token grant only' : ''),
+    };
+  if (typeof rateLimit === 'object' && rateLimit !== null) {
+    const { max, timeWindow } = rateLimit as { max: number; timeWindow: string };
+    return { max, window_seconds: windowSeconds(timeWindow), counter: 'one per address for this operation' };
+  }
+  return undefined;
+}
+
 declare module 'fastify' {
-  interface FastifyInstance {
+  interface FastifyContextConfig {
     /**
-     * The per-IP budget of refresh-token redemptions (REFRESH_RATE_LIMIT), one counter shared by every
-     * route that redeems them (/v1/auth/refresh, the refresh_token grant); a hook that answers 429
-     * past it. Absent when rate limits are off.
+     * The route spends the per-IP budget of refresh-token redemptions (REFRESH_RATE_LIMIT), one counter
+     * shared by every route that declares it: on every request, or on the refresh_token grant's only.
      */
-    refreshRateLimit?: (request: FastifyRequest, reply: FastifyReply) => Promise<unknown>;
+    refreshRateLimit?: RefreshRateLimitUse;
   }
 }

@@ -1,4 +1,5 @@
 import { Validator } from '@seriousme/openapi-schema-validator';
+import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
@@ -376,5 +377,85 @@ describe('the OpenAPI document', () => {
       }
     }
     expect(tried).toBeGreaterThanOrEqual(6);
+  });
+});
+
+describe('the per-IP rate limits in the OpenAPI document', () => {
+  type Operation = {
+    'x-rate-limit'?: { max: number; window_seconds: number; counter: string };
+    responses?: Record<string, { headers?: Record<string, unknown> }>;
+  };
+  const RATE_LIMIT_HEADERS = ['X-RateLimit-Limit', 'X-RateLimit-Remaining', 'X-RateLimit-Reset'];
+  const documentOf = async (app: FastifyInstance) =>
+    (await app.inject({ method: 'GET', url: '/openapi.json' })).json() as {
+      paths: Record<string, Record<string, Operation>>;
+    };
+
+  it('says which operations count requests per address, with their limit, and the headers on every answer of theirs', async () => {
+    const app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'true' } });
+    const doc = await documentOf(app);
+    const validator = new Validator();
+    expect((await validator.validate(structuredClone(doc))).errors ?? []).toEqual([]);
+    expect(doc.paths['/v1/auth/login']!.post!['x-rate-limit']).toMatchObject({ max: 30, window_seconds: 60 });
+    expect(doc.paths['/v1/auth/refresh']!.post!['x-rate-limit']).toMatchObject({
+      max: 120,
+      window_seconds: 60,
+    });
+    expect(doc.paths['/oauth/token']!.post!['x-rate-limit']?.counter).toContain('refresh_token grant only');
+    // What the service sends, operation by operation: an anonymous request (the refresh_token grant
+    // at /oauth/token), from an address of its own, carries the headers exactly where the document
+    // declares them, with the limit it names.
+    let limited = 0;
+    for (const [path, item] of Object.entries(doc.paths)) {
+      for (const [method, operation] of Object.entries(item)) {
+        const declared = operation['x-rate-limit'];
+        for (const response of Object.values(operation.responses ?? {}))
+          for (const header of RATE_LIMIT_HEADERS)
+            expect(response.headers?.[header] !== undefined, `${method} ${path} ${header}`).toBe(
+              declared !== undefined,
+            );
+        const oauthToken = path === '/oauth/token';
+        const res = await app.inject({
+          method: method.toUpperCase() as 'POST',
+          url: path.replace(/\{[^}]+\}/g, randomUUID()),
+          remoteAddress: `10.77.${Math.floor(Math.random() * 250)}.${Math.floor(Math.random() * 250)}`,
+          ...(oauthToken
+            ? {
+                headers: { 'content-type': 'application/x-www-form-urlencoded' },
+                payload: 'grant_type=refresh_token&refresh_token=x',
+              }
+            : method === 'get'
+              ? {}
+              : { payload: {} }),
+        });
+        const where = `${method.toUpperCase()} ${path} → ${res.statusCode}`;
+        expect(res.headers['x-ratelimit-limit'], where).toBe(declared ? String(declared.max) : undefined);
+        if (declared) {
+          limited++;
+          expect(
+            operation.responses?.[String(res.statusCode)]?.headers?.['X-RateLimit-Limit'],
+            where,
+          ).toBeDefined();
+          expect(res.headers['x-ratelimit-remaining'], where).toBe(String(declared.max - 1));
+        }
+      }
+    }
+    expect(limited).toBeGreaterThanOrEqual(15);
+  });
+
+  it('says nothing of them when the limits are off (RATE_LIMIT_ENABLED=false), as no answer carries them', async () => {
+    const app = await buildTestApp();
+    const doc = await documentOf(app);
+    const found = Object.values(doc.paths).flatMap((item) =>
+      Object.values(item).flatMap((operation) => [
+        ...(operation['x-rate-limit'] ? ['x-rate-limit'] : []),
+        ...Object.values(operation.responses ?? {}).flatMap((r) =>
+          RATE_LIMIT_HEADERS.filter((h) => r.headers?.[h] !== undefined),
+        ),
+      ]),
+    );
+    expect(found).toEqual([]);
+    const login = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: {} });
+    expect(login.headers['x-ratelimit-limit']).toBeUndefined();
   });
 });

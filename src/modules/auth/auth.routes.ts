@@ -171,8 +171,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/refresh',
     {
-      config: { public: true, noStore: true },
-      ...(app.refreshRateLimit ? { onRequest: app.refreshRateLimit } : {}),
+      config: { public: true, noStore: true, refreshRateLimit: 'always' },
       schema: {
         tags: ['auth'],
         operationId: 'refresh',

@@ -198,20 +198,11 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
   // times a second from one address. Failed client authentications are throttled per IP and per
   // client (the service), and the refresh_token grant spends the per-IP refresh budget it shares with
   // /v1/auth/refresh (checked once the body says which grant it is).
-  const refreshRateLimit = app.refreshRateLimit;
   r.post(
     '/oauth/token',
     {
-      config: { public: true },
+      config: { public: true, refreshRateLimit: 'refresh_token_grant' },
       preValidation: refuseRepeated(TokenBodySchema),
-      ...(refreshRateLimit
-        ? {
-            preHandler: (request: FastifyRequest, reply: FastifyReply) =>
-              (request.body as { grant_type?: unknown }).grant_type === 'refresh_token'
-                ? refreshRateLimit(request, reply)
-                : Promise.resolve(),
-          }
-        : {}),
       schema: {
         tags: ['oauth'],
         consumes: OAUTH_CONTENT_TYPES,
