@@ -630,6 +630,75 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect((await login(app, user.email)).session.access_token).toBeTruthy();
   });
 
+  it('a deletion Supabase refuses leaves a user disabled meanwhile (or before) disabled, never enabled again', async () => {
+    const admin = await createAdmin(app);
+    const status = (id: string, value: 'active' | 'disabled') =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/users/${id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: value },
+      });
+    const deletionOf = (id: string) => (method: string, path: string) =>
+      method === 'DELETE' && path === `/auth/v1/admin/users/${id}`;
+    /** The deletion `start` asks for reaches Supabase; an administrator disables the user then; it refuses. */
+    const disabledWhileDeleting = async (id: string, start: () => Promise<LightMyRequestResponse>) => {
+      gotrue.setFailWith({ status: 500 }, deletionOf(id));
+      const held = gotrue.hold(deletionOf(id));
+      const deletion = start();
+      await held.arrived;
+      const disabled = await status(id, 'disabled');
+      expect(disabled.statusCode, disabled.body).toBe(200);
+      expect(disabled.json().status).toBe('disabled');
+      held.release();
+      expectProviderUnavailable(await deletion);
+      gotrue.setFailWith(undefined);
+      expect(gotrue.users.has(id)).toBe(true);
+      expect((await app.services.repos.users.findById(id))?.status).toBe('disabled');
+      // Disabled as by any disable: banned in Supabase, refused here, audited as the administrator's.
+      expect(Date.parse(gotrue.users.get(id)!.bannedUntil ?? '')).toBeGreaterThan(Date.now());
+      expect((await loginAs(gotrue.users.get(id)!.email)).statusCode).toBe(401);
+      const events = await app.services.audit.list({ subjectId: id, type: 'user.disabled', limit: 5 });
+      expect(events).toHaveLength(1);
+      expect(events[0]).toMatchObject({ outcome: 'success', actorId: admin.id });
+    };
+
+    // By an administrator.
+    const user = await registerUser(app, 'sb-delete-disabled');
+    await disabledWhileDeleting(user.id, () =>
+      app.inject({ method: 'DELETE', url: `/v1/users/${user.id}`, headers: bearer(admin.accessToken) }),
+    );
+    // Enabling brings them back whole.
+    expect((await status(user.id, 'active')).statusCode).toBe(200);
+    expect(gotrue.users.get(user.id)!.bannedUntil ?? null).toBeNull();
+    expect((await login(app, user.email)).session.access_token).toBeTruthy();
+
+    // By the user themselves.
+    const self = await registerUser(app, 'sb-delete-self-disabled');
+    await disabledWhileDeleting(self.id, () =>
+      app.inject({
+        method: 'DELETE',
+        url: '/v1/auth/me',
+        headers: bearer(self.accessToken),
+        payload: { password: PASSWORD },
+      }),
+    );
+
+    // Disabled before: the refused deletion leaves them so.
+    const before = await registerUser(app, 'sb-delete-was-disabled');
+    expect((await status(before.id, 'disabled')).statusCode).toBe(200);
+    gotrue.setFailWith({ status: 500 }, deletionOf(before.id));
+    expectProviderUnavailable(
+      await app.inject({
+        method: 'DELETE',
+        url: `/v1/users/${before.id}`,
+        headers: bearer(admin.accessToken),
+      }),
+    );
+    gotrue.setFailWith(undefined);
+    expect((await app.services.repos.users.findById(before.id))?.status).toBe('disabled');
+  });
+
   it('refuses a garbage or revoked Supabase token on /exchange (401) and a malformed body (400)', async () => {
     const garbage = await app.inject({
       method: 'POST',

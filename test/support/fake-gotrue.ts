@@ -59,6 +59,11 @@ export interface FakeGoTrueRecovery {
   state: 'sent' | 'used' | 'void';
 }
 
+export interface FakeGoTrueHold {
+  arrived: Promise<void>;
+  release(): void;
+}
+
 export interface CompleteRecoveryOptions {
   /** Backdates the session, as if the link had been opened this many seconds ago. Default 0. */
   openedSecondsAgo?: number;
@@ -84,6 +89,12 @@ export interface FakeGoTrue {
    * cannot tell from a request that never arrived.
    */
   setAnswerDelayMs(ms: number, only?: (method: string, path: string) => boolean): void;
+  /**
+   * Holds the next request `only` picks (recorded in `requests`, not handled yet) until `release()`:
+   * what happens here while Supabase has a request in hand. `arrived` resolves when it comes; the
+   * request is then handled as any other (`setFailWith` as it stands at the release).
+   */
+  hold(only: (method: string, path: string) => boolean): FakeGoTrueHold;
   /** Answers every request (or those `only` picks) with this error, after the apikey check. */
   setFailWith(failure: FakeGoTrueFailure | undefined, only?: (method: string, path: string) => boolean): void;
   /** Confirms the email as the link in the confirmation mail would. */
@@ -191,6 +202,12 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   let delayMs = 0;
   let answerDelayMs = 0;
   let answerDelayOnly: ((method: string, path: string) => boolean) | undefined;
+  const holds: Array<{
+    only: (method: string, path: string) => boolean;
+    arrive: () => void;
+    released: Promise<void>;
+    release: () => void;
+  }> = [];
 
   const users = new Map<string, FakeGoTrueUser>();
   const sessions = new Map<string, Session>();
@@ -684,13 +701,20 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       req.socket.destroy();
       return;
     }
-    requests.push({
-      method: req.method ?? 'GET',
-      path: new URL(req.url ?? '/', 'http://fake-gotrue').pathname,
-    });
-    const run = () => {
+    const method = req.method ?? 'GET';
+    const path = new URL(req.url ?? '/', 'http://fake-gotrue').pathname;
+    requests.push({ method, path });
+    const handleNow = () => {
       handle(req, res).catch((err: unknown) => sendError(req, res, err));
     };
+    const held = holds.findIndex((h) => h.only(method, path));
+    const hold = held >= 0 ? holds.splice(held, 1)[0] : undefined;
+    const run = hold
+      ? () => {
+          hold.arrive();
+          void hold.released.then(handleNow);
+        }
+      : handleNow;
     if (delayMs <= 0) return run();
     const timer = setTimeout(run, delayMs);
     res.on('close', () => clearTimeout(timer));
@@ -741,6 +765,18 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     setAnswerDelayMs(ms, only) {
       answerDelayMs = ms;
       answerDelayOnly = only;
+    },
+    hold(only) {
+      let arrive: () => void = () => {};
+      let release: () => void = () => {};
+      const arrived = new Promise<void>((resolve) => {
+        arrive = () => resolve();
+      });
+      const released = new Promise<void>((resolve) => {
+        release = () => resolve();
+      });
+      holds.push({ only, arrive, released, release });
+      return { arrived, release };
     },
     setFailWith(failure, only) {
       failWith = failure;

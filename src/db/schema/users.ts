@@ -22,6 +22,12 @@ export const users = pgTable(
     provider: text('provider', { enum: ['local', 'supabase'] }).notNull(),
     passwordHash: text('password_hash'),
     emailConfirmedAt: timestamp('email_confirmed_at', { withTimezone: true, precision: 3 }),
+    /**
+     * Set with `status` 'disabled' by a deletion that disabled an active user while it asks the identity
+     * provider (Supabase) to delete them: if the provider refuses, that deletion enables them again, only
+     * while this is still its own value. Any status change clears it.
+     */
+    deletingSince: timestamp('deleting_since', { withTimezone: true, precision: 3 }),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
     updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
   },

@@ -95,16 +95,54 @@ export function createUsersRepository(db: Executor) {
         .returning({ id: users.id });
       return rows.length > 0;
     },
-    /** Sets the status if it differs; undefined when the user is gone or already had it. */
+    /**
+     * Sets the status if it differs, or disables a user a deletion in progress disabled (`deletingSince`):
+     * theirs then stays when the provider refuses the deletion. Undefined when the user is gone or
+     * already had it.
+     */
     async changeStatus(
       id: string,
       status: UserRow['status'],
       tx: Executor = db,
     ): Promise<UserRow | undefined> {
+      const differs =
+        status === 'disabled'
+          ? or(ne(users.status, status), isNotNull(users.deletingSince))
+          : ne(users.status, status);
       const [row] = await tx
         .update(users)
-        .set({ status, updatedAt: new Date() })
-        .where(and(eq(users.id, id), ne(users.status, status)))
+        .set({ status, deletingSince: null, updatedAt: new Date() })
+        .where(and(eq(users.id, id), differs))
+        .returning();
+      return row;
+    },
+    /**
+     * A deletion asking the provider: disables an active user, marked as the deletion's (`deletingSince`).
+     * Undefined when the user is gone or not active.
+     */
+    async disableForDeletion(id: string, tx: Executor = db): Promise<UserRow | undefined> {
+      const at = new Date();
+      const [row] = await tx
+        .update(users)
+        .set({ status: 'disabled', deletingSince: at, updatedAt: at })
+        .where(and(eq(users.id, id), eq(users.status, 'active')))
+        .returning();
+      return row;
+    },
+    /**
+     * The provider refused the deletion: enables the user again, only while they are still as that
+     * deletion (`since`, its `deletingSince`) left them. Undefined when anything changed their status
+     * meanwhile (an administrator disabled or enabled them, another deletion) or they are gone.
+     */
+    async enableAfterRefusedDeletion(
+      id: string,
+      since: Date,
+      tx: Executor = db,
+    ): Promise<UserRow | undefined> {
+      const [row] = await tx
+        .update(users)
+        .set({ status: 'active', deletingSince: null, updatedAt: new Date() })
+        .where(and(eq(users.id, id), eq(users.status, 'disabled'), eq(users.deletingSince, since)))
         .returning();
       return row;
     },

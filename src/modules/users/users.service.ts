@@ -157,7 +157,10 @@ export function createUsersService(deps: {
       // Checked before the no-op: what is already so is answered only to who may change it.
       await assertMayManage(caller, id);
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
-      if (user.status === status) {
+      // Disabled by a deletion still asking Supabase (`delete`): disabling them is a change, which that
+      // deletion, if Supabase refuses it, leaves in place rather than enabling them again.
+      const deleting = user.status === 'disabled' && user.deletingSince !== null;
+      if (user.status === status && !(status === 'disabled' && deleting)) {
         // Enabling an active user lifts a ban Supabase may still hold: one a disable applied there
         // while it answered too late (a 503 here), which nothing else would lift.
         if (banned && status === 'active') {
@@ -345,19 +348,21 @@ export function createUsersService(deps: {
         // disabled (which takes them out of the last-admin count, and ends what they hold) in a
         // transaction that checks they are not the last admin. Two administrators deleting each other
         // at once then see one another's, and one is refused before Supabase is asked. If Supabase
-        // fails, an account that was active is enabled again (its sessions stay ended).
+        // fails, an account that was active is enabled again (its sessions stay ended), unless its
+        // status changed meanwhile: an administrator who disabled it (or enabled it) has the last word.
         const reserved = await inTransaction(deps.db, deps.events, async (tx, emit) => {
           await assertNotLastAdmin(tx, id);
-          const disabled = await deps.repo.changeStatus(id, 'disabled', tx);
+          const disabled = await deps.repo.disableForDeletion(id, tx);
           if (disabled) await cutOff(tx, id, 'user_deleted', emit);
-          return disabled !== undefined;
+          return disabled?.deletingSince ?? undefined;
         });
         try {
           await deps.provider.deleteUser(id);
         } catch (err) {
           if (reserved)
             await inTransaction(deps.db, deps.events, async (tx, emit) => {
-              if (await deps.repo.changeStatus(id, 'active', tx)) emit({ type: 'user_changed', userId: id });
+              if (await deps.repo.enableAfterRefusedDeletion(id, reserved, tx))
+                emit({ type: 'user_changed', userId: id });
             }).catch((restore: unknown) =>
               // The account stays disabled with nothing saying why but this: an administrator enables it.
               deps.logger?.error(
