@@ -5,6 +5,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
 import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { bearer } from '../support/http.js';
 
 const NEW_PASSWORD = 'a fresh and long passphrase';
 const RESET_URL = 'https://app.example.test/reset-password';
@@ -150,6 +151,41 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     // The password at Supabase is what it was.
     expect((await setUserStatus(app, admin.accessToken, user.id, 'active')).statusCode).toBe(200);
     await login(app, user.email, PASSWORD);
+  });
+
+  it('an administrator’s reset link for a disabled user is 409 whether Supabase is up or down: decided here, nothing asked of Supabase', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'sbr-admin-disabled');
+    expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+    const ask = () =>
+      app.inject({
+        method: 'POST',
+        url: `/v1/users/${user.id}/password-reset`,
+        headers: bearer(admin.accessToken),
+      });
+    const from = since();
+    const calls = gotrue.requests.length;
+    const up = await ask();
+    expect(up.statusCode, up.body).toBe(409);
+    expect(up.json()).toMatchObject({ code: 'conflict', detail: 'The user is disabled: enable them first' });
+    gotrue.setDown(true);
+    const down = await ask();
+    expect(down.statusCode, down.body).toBe(409);
+    expect(down.json()).toMatchObject({
+      code: 'conflict',
+      detail: 'The user is disabled: enable them first',
+    });
+    gotrue.setDown(false);
+    expect(gotrue.requests.slice(calls)).toEqual([]);
+    const events = await app.services.audit.list({
+      subjectId: user.id,
+      type: 'auth.password_reset_requested',
+      since: from,
+      limit: 10,
+    });
+    const refusal = { outcome: 'failure', data: expect.objectContaining({ reason: 'disabled' }) };
+    expect(events).toEqual([expect.objectContaining(refusal), expect.objectContaining(refusal)]);
+    expect(recoveriesOf(user.email)).toEqual([]);
   });
 
   it('resets with the recovery session’s access token: the new password signs in, the old does not, every session ended, audited; the token works once', async () => {

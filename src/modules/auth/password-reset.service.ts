@@ -382,26 +382,31 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     async requestFor(userId: string, context: RequestContext): Promise<void> {
       const found = await deps.users.findById(userId);
       if (!found) throw notFound('user');
-      const user = deps.withCurrentEmail ? await deps.withCurrentEmail(found, context) : found;
       const extra = { by_administrator: true };
-      const refuse = async (detail: string, reason: string) => {
-        await recordRequest(context, user.email, user.id, 'failure', { reason, ...extra });
+      const refuse = async (detail: string, reason: string, email = found.email) => {
+        await recordRequest(context, email, found.id, 'failure', { reason, ...extra });
         throw new AppError('conflict', { detail });
       };
-      if (!active(user)) return refuse('The user is disabled: enable them first', 'disabled');
+      // What this database decides is refused before Supabase is asked for the address: an outage
+      // there must not turn these 409s into a 503.
+      if (!active(found)) return refuse('The user is disabled: enable them first', 'disabled');
       if (!deps.provider.requestPasswordRecovery && !deps.mailer)
         return refuse(
           'Password recovery is off: the service has no SMTP_URL to send mail through',
           'no_mailer',
         );
+      const user = deps.withCurrentEmail ? await deps.withCurrentEmail(found, context) : found;
+      // Disabled while Supabase answered (the row read again when it has another address now).
+      if (!active(user)) return refuse('The user is disabled: enable them first', 'disabled', user.email);
       const { sent, delivery } = await deliver(user.email, user, context, extra);
       if (sent === 'too_soon')
-        return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon');
+        return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon', user.email);
       if (sent === 'gone') throw notFound('user');
       if (sent === 'too_many')
         return refuse(
           `${MAILS_PER_ACCOUNT_HOUR} reset links were mailed to this user in the last hour; wait before another`,
           'too_many',
+          user.email,
         );
       await recordRequest(context, user.email, user.id, 'success', { delivery, ...extra });
     },
