@@ -1205,6 +1205,32 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     await login(app, user.email, 'a brand new passphrase');
   });
 
+  it('a new password too short or too common is 422 with Supabase down too: checked before Supabase is asked', async () => {
+    const user = await registerUser(app, 'sb-password-weak');
+    gotrue.setDown(true);
+    const calls = gotrue.requests.length;
+    for (const weak of ['short', 'password123']) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers: bearer(user.accessToken),
+        payload: { current_password: PASSWORD, new_password: weak },
+      });
+      expect(res.statusCode, res.body).toBe(422);
+      expect(res.json()).toMatchObject({ code: 'weak_password', errors: [{ field: 'body.new_password' }] });
+    }
+    // The address itself is no password either: checked against the one Supabase has, once it answers.
+    gotrue.setDown(false);
+    const own = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password',
+      headers: bearer(user.accessToken),
+      payload: { current_password: PASSWORD, new_password: user.email },
+    });
+    expect(own.statusCode, own.body).toBe(422);
+    expect(gotrue.requests.slice(calls).some((r) => r.path === '/auth/v1/token')).toBe(false);
+  });
+
   it('a change Supabase applied but answered too late is a 503 that still ends the other sessions', async () => {
     const user = await registerUser(app, 'sb-password-late');
     const other = await login(app, user.email);

@@ -606,6 +606,9 @@ export function createAuthService(deps: AuthServiceDeps) {
       const found = await deps.users.findById(userId);
       // Deleted meanwhile (by a request of its own): the session went with the account.
       if (!found) throw new AppError('invalid_token', { detail: 'The account no longer exists' });
+      // What needs no address (the length, the common list) is refused before Supabase is asked for
+      // it: an outage there must not make a weak password a 503. Then against the address it has.
+      checkPasswordStrength(input.newPassword, undefined, 'body.new_password');
       const user = await withCurrentEmail(found, context);
       checkPasswordStrength(input.newPassword, user.email, 'body.new_password');
       // The current password is a password guess like a login's: the same per-account lockout counts
