@@ -121,8 +121,8 @@ const CORS_ANSWER_HEADERS = {
 
 /**
  * The CORS headers of an answer no hook of @fastify/cors wrote (the router's and the HTTP parser's
- * refusals), as it writes them: for a listed origin only (compared exactly, so the value written is
- * one of the configured origins).
+ * refusals, and the errors of the first onRequest hook, which runs before its), as it writes them:
+ * for a listed origin only (compared exactly, so the value written is one of the configured origins).
  */
 const corsHeadersFor =
   (origins: readonly string[]) =>
@@ -282,10 +282,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
     frameworkErrors: (error, request, reply) => {
+      // Nor does @fastify/cors's: the error handler writes a listed origin's CORS headers.
       reply.header('x-request-id', request.id).headers(headersFor(request.url));
-      // Nor does @fastify/cors's: a listed origin's browser reads this error as any other.
-      const cors = request.headers.origin ? corsHeaders(request.headers.origin) : undefined;
-      if (cors) reply.headers(cors);
       completeUnrouted(request, reply);
       return app.errorHandler(error, request, reply);
     },
@@ -376,7 +374,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     ],
   });
   // Everything every request gets, in one synchronous hook: an async hook costs a promise and a
-  // microtask turn on every request, and each hook a turn through Fastify's hook runner.
+  // microtask turn on every request, and each hook a turn through Fastify's hook runner. It runs
+  // before @fastify/cors's: the error handler gives the errors it raises a listed origin's CORS headers.
   let closing = false;
   app.addHook('preClose', (done) => {
     closing = true;
@@ -427,6 +426,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(errorHandler, {
     renderers: [{ prefix: '/oauth/', render: renderOAuthError }],
     basePath,
+    // Errors raised before @fastify/cors's hook ran (the router's, the hook above's) carry a listed
+    // origin's CORS headers too.
+    corsHeaders: config.corsOrigins.length > 0 ? corsHeaders : undefined,
   });
   // Browsers on the configured origins only. With none, there is no CORS at all: no headers, no
   // preflight route (OPTIONS answers 405, a method no route takes), and no per-request CORS work.

@@ -426,11 +426,39 @@ export interface ErrorHandlerOptions {
   renderers?: Array<{ prefix: string; render: ErrorRenderer }>;
   /** PUBLIC_URL's path without its trailing slash (`/auth`, or empty): problem+json's `instance` starts with it. */
   basePath?: string;
+  /**
+   * The CORS headers of an answer to this Origin (none for an origin not listed), for the errors
+   * raised where @fastify/cors has not written them: the router's refusals, and a hook that runs
+   * before its own (the first global onRequest hook's 503 while closing, its 415 and its 400).
+   * Absent when CORS_ORIGINS lists none.
+   */
+  corsHeaders?: ((origin: string) => Readonly<Record<string, string>> | undefined) | undefined;
+}
+
+/**
+ * Writes the CORS headers of a listed origin onto an error answer that lacks them, so its page reads
+ * the problem rather than a network error. An answer @fastify/cors wrote them on is left as it is;
+ * a request without an Origin costs one property read. Vary keeps what it named already.
+ */
+function addMissingCorsHeaders(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  corsHeaders: (origin: string) => Readonly<Record<string, string>> | undefined,
+): void {
+  const origin = request.headers.origin;
+  if (origin === undefined || reply.hasHeader('access-control-allow-origin')) return;
+  const headers = corsHeaders(origin);
+  if (headers === undefined) return;
+  const vary = reply.getHeader('vary');
+  reply.headers(headers);
+  if (vary !== undefined && vary !== '')
+    reply.header('vary', /(?:^|,)\s*origin\s*(?:,|$)/i.test(String(vary)) ? vary : `${vary}, Origin`);
 }
 
 async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOptions) {
   const renderers = options.renderers ?? [];
   const renderProblem = problemRenderer(options.basePath);
+  const corsHeaders = options.corsHeaders;
   const rendererFor = (url: string) =>
     renderers.find((r) => url.startsWith(r.prefix))?.render ?? renderProblem;
 
@@ -454,6 +482,7 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
       request.log.info({ code: error.code, status: error.status }, 'request refused');
     }
     for (const [name, value] of Object.entries(error.headers)) reply.header(name, value);
+    if (corsHeaders) addMissingCorsHeaders(request, reply, corsHeaders);
     return rendererFor(routePathOf(request))(error, request, reply);
   });
 

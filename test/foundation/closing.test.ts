@@ -44,3 +44,55 @@ it('answers a request arriving while the server closes with a 503 problem+json, 
   expect(head).toMatch(/\r\nconnection: close\r\n/i);
   expect(JSON.parse(payload)).toMatchObject({ status: 503, code: 'service_unavailable' });
 });
+
+/** Opens a connection with a login in flight (headers read, body still coming); `finish` sends the rest. */
+function loginInFlight(port: number) {
+  const body = JSON.stringify({ email: 'nobody@example.test', password: 'not the right password' });
+  const socket = connect(port, '127.0.0.1');
+  let received = '';
+  socket.on('data', (chunk) => {
+    received += chunk.toString();
+  });
+  const ended = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+  socket.write(
+    `POST /v1/auth/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body.slice(0, 10)}`,
+  );
+  return {
+    /** Sends the rest of the body and `next` behind it; the connection's answers, once it closed. */
+    async finish(next: string): Promise<string[]> {
+      socket.write(`${body.slice(10)}${next}`);
+      await Promise.race([ended, sleep(5000)]);
+      socket.destroy();
+      return received.split(/(?=HTTP\/1\.1 )/);
+    },
+  };
+}
+
+it('gives that 503 a listed origin’s CORS headers, so its page reads it, and no other origin’s', async () => {
+  const app = await buildTestApp({ env: { CORS_ORIGINS: 'https://app.example.com' } });
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const { port } = app.server.address() as AddressInfo;
+  const listed = loginInFlight(port);
+  const other = loginInFlight(port);
+  await sleep(100);
+  const closed = app.close();
+  await sleep(100);
+  const next = (origin: string) => `GET /v1/auth/me HTTP/1.1\r\nHost: localhost\r\nOrigin: ${origin}\r\n\r\n`;
+  const [fromListed, fromOther] = await Promise.all([
+    listed.finish(next('https://app.example.com')),
+    other.finish(next('https://evil.example.com')),
+  ]);
+  await closed;
+
+  const head = (responses: string[]) => {
+    expect(responses, responses.join('')).toHaveLength(2);
+    expect(responses[1]).toMatch(/^HTTP\/1\.1 503 /);
+    return responses[1]!.split('\r\n\r\n')[0]!;
+  };
+  const listedHead = head(fromListed);
+  expect(listedHead).toMatch(/\r\naccess-control-allow-origin: https:\/\/app\.example\.com\r\n/i);
+  expect(listedHead).toMatch(/\r\naccess-control-allow-credentials: true\r\n/i);
+  expect(listedHead).toMatch(/\r\nvary: Origin\r\n/i);
+  expect(listedHead).toMatch(/\r\naccess-control-expose-headers: [^\r]*retry-after/i);
+  expect(head(fromOther)).not.toMatch(/access-control-allow-origin/i);
+});

@@ -316,6 +316,38 @@ describe('CORS from configuration', () => {
     expect(exposed(long)).toEqual(expect.arrayContaining(['location', 'allow']));
   });
 
+  it('gives the refusals of the hook that runs before the CORS plugin’s its headers too: a compressed body, a NUL', async () => {
+    const refusals = (origin?: string) => {
+      const headers = origin ? { origin } : {};
+      return Promise.all([
+        app.inject({
+          method: 'POST',
+          url: '/v1/auth/login',
+          headers: { ...headers, 'content-type': 'application/json', 'content-encoding': 'gzip' },
+          payload: '{}',
+        }),
+        app.inject({ method: 'GET', url: '/v1/roles/admin%00', headers }),
+        app.inject({ method: 'GET', url: '/v1/audit-events?type=login%00', headers }),
+        app.inject({ method: 'POST', url: '/oauth/token?x=%00', headers }),
+      ]);
+    };
+    const listed = await refusals('https://app.example.com');
+    expect(listed.map((r) => r.statusCode)).toEqual([415, 400, 400, 400]);
+    for (const res of listed) {
+      expect(res.headers['access-control-allow-origin'], res.body).toBe('https://app.example.com');
+      expect(res.headers['access-control-allow-credentials']).toBe('true');
+      expect(res.headers.vary).toBe('Origin');
+      expect(String(res.headers['access-control-expose-headers'])).toContain('x-request-id');
+    }
+    expect(listed[0]?.headers['content-type']).toContain('application/problem+json');
+    expect(listed[3]?.json()).toMatchObject({ error: 'invalid_request' });
+    for (const res of [...(await refusals('https://evil.example.com')), ...(await refusals())]) {
+      expect(res.statusCode).toBeGreaterThanOrEqual(400);
+      expect(res.headers['access-control-allow-origin']).toBeUndefined();
+      expect(res.headers['access-control-allow-credentials']).toBeUndefined();
+    }
+  });
+
   it('without CORS_ORIGINS there is no CORS at all: no headers, and a preflight is a method the path does not take', async () => {
     const closed = await buildTestApp();
     const preflight = await closed.inject({
