@@ -111,12 +111,13 @@ const sendNoStore: onRequestHookHandler = (_request, reply, done) => {
 
 /**
  * What a CORS answer to a listed origin carries besides the origin itself (and `Vary`). The headers a
- * browser app may read beyond the CORS-safelisted ones: a 201's `Location` (what it made) and a 405's
- * `Allow` among them.
+ * browser app may read beyond the CORS-safelisted ones: a 201's `Location` (what it made), a 405's
+ * `Allow`, and the per-IP limits' `X-RateLimit-*` (what is left, and when it resets) among them.
  */
 const CORS_ANSWER_HEADERS = {
   'access-control-allow-credentials': 'true',
-  'access-control-expose-headers': 'x-request-id,retry-after,www-authenticate,location,allow',
+  'access-control-expose-headers':
+    'x-request-id,retry-after,www-authenticate,location,allow,x-ratelimit-limit,x-ratelimit-remaining,x-ratelimit-reset',
 } as const;
 
 /**
@@ -442,7 +443,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       strictPreflight: false,
       methods: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'],
       allowedHeaders: ['authorization', 'content-type', 'x-api-key', 'x-request-id'],
-      exposedHeaders: CORS_ANSWER_HEADERS['access-control-expose-headers'].split(','),
+      // As a string, written as it is: a list is joined again on every answer.
+      exposedHeaders: CORS_ANSWER_HEADERS['access-control-expose-headers'],
     });
   }
   // GET /v1/api-keys/verify is a 405 (the path takes POST), not GET /v1/api-keys/{id} with a bad id.

@@ -348,6 +348,33 @@ describe('CORS from configuration', () => {
     }
   });
 
+  it('lets the page read the per-IP limit’s X-RateLimit-* headers and a 429’s Retry-After', async () => {
+    const limited = await buildTestApp({
+      env: { CORS_ORIGINS: 'https://app.example.com', RATE_LIMIT_ENABLED: 'true' },
+    });
+    const res = await limited.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      headers: { origin: 'https://app.example.com' },
+      payload: { email: uniqueEmail('cors-limit'), password: 'not the right password' },
+    });
+    expect(res.statusCode).toBe(401);
+    expect(res.headers['access-control-allow-origin']).toBe('https://app.example.com');
+    expect(res.headers['x-ratelimit-limit']).toBeDefined();
+    const exposed = String(res.headers['access-control-expose-headers'])
+      .split(',')
+      .map((h) => h.trim().toLowerCase());
+    expect(exposed).toEqual(
+      expect.arrayContaining([
+        'x-ratelimit-limit',
+        'x-ratelimit-remaining',
+        'x-ratelimit-reset',
+        'retry-after',
+        'www-authenticate',
+      ]),
+    );
+  });
+
   it('without CORS_ORIGINS there is no CORS at all: no headers, and a preflight is a method the path does not take', async () => {
     const closed = await buildTestApp();
     const preflight = await closed.inject({
