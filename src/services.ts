@@ -521,11 +521,8 @@ export function createServices(deps: ServicesDeps) {
   events.subscribe((event) => clients.handle(event));
   // User, role and profile changes drop the cached /v1/auth/me views.
   events.subscribe((event) => accounts.handle(event));
-  events.subscribe((event) => {
-    if (event.type === 'signing_keys_changed' || event.type === 'resync') {
-      keys.reload().catch((err: unknown) => logger.warn({ err }, 'could not reload signing keys'));
-    }
-  });
+  // Key changes and resyncs read the signing keys again; keys revoked elsewhere are dropped at once.
+  events.subscribe((event) => keys.handle(event));
 
   const retention = createRetention({ db, clock, logger, options: config.retention });
   /** When the next purge is due (wall clock), and how long the last failed one made it wait. */
@@ -571,6 +568,8 @@ export function createServices(deps: ServicesDeps) {
     revocations,
     retention,
     tokens,
+    /** The token signatures' thread (tests hold a signature back through it). */
+    signer,
     hasher,
     provider,
     sessions,

@@ -21,7 +21,11 @@ export type AuthEvent =
   | { type: 'api_key_changed'; lookupId: string }
   | { type: 'user_changed'; userId: string }
   | { type: 'roles_changed' }
-  | { type: 'signing_keys_changed' }
+  /**
+   * `revoked`: the kids an emergency rotation revoked (`revoke_previous`). An instance drops them at
+   * once, and signs nothing more with its active key if it is one of them, before reading the keys.
+   */
+  | { type: 'signing_keys_changed'; revoked?: string[] }
   | { type: 'client_changed'; clientId: string }
   /** The listener reconnected and may have missed events: drop or reload everything cached. */
   | { type: 'resync' };
@@ -127,11 +131,15 @@ const TRANSACTION_ATTEMPTS = 3;
  * to this instance once it has committed. A change, its audit event and its notification commit
  * together or not at all. `work` may run again (up to three times) when PostgreSQL ends the
  * transaction for a deadlock or a serialization failure: it must do nothing outside the transaction.
+ * `committed` runs with its result as soon as the commit is answered (in the same turn of the event
+ * loop, before the events are applied here): for what this instance must hold from the moment of the
+ * commit on (the signing keys a rotation left).
  */
 export async function inTransaction<T>(
   db: Database,
   bus: EventBus,
   work: (tx: Transaction, emit: (event: AuthEvent) => void) => Promise<T>,
+  committed?: (result: T) => void,
 ): Promise<T> {
   for (let attempt = 1; ; attempt++) {
     const emitted: AuthEvent[] = [];
@@ -141,7 +149,12 @@ export async function inTransaction<T>(
         await bus.publish(tx, emitted);
         return value;
       });
-      bus.applyLocally(emitted);
+      // Committed: whatever `committed` throws, the events are applied and nothing runs again.
+      try {
+        committed?.(result);
+      } finally {
+        bus.applyLocally(emitted);
+      }
       return result;
     } catch (err) {
       // PostgreSQL ended this transaction to let a concurrent one through (a deadlock, e.g. a refresh

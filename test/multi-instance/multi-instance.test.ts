@@ -367,6 +367,92 @@ describe('several instances on one database: revocations reach every instance wi
   });
 });
 
+describe('an emergency signing-key rotation on A, while B issues tokens', () => {
+  let a: FastifyInstance;
+  let b: FastifyInstance;
+  /** How long B's reads of the signing keys outside a transaction (its reloads) take while slow. */
+  const SLOW_READ_MS = 300;
+  let slowReadsOnB = false;
+  // Instances of their own: the rotation here revokes every key they share.
+  beforeAll(async () => {
+    ({ a, b } = await buildInstances());
+    const repo = b.services.repos.signingKeys;
+    const listPublished = repo.listPublished;
+    repo.listPublished = async (now, tx) => {
+      if (slowReadsOnB && tx === undefined) await sleep(SLOW_READ_MS);
+      return listPublished(now, tx);
+    };
+  });
+
+  it('B hands out no token signed with a revoked key once it has heard of the revocation, though its reload is slow', async () => {
+    const admin = await createAdmin(a);
+    const client = await createClient(a, admin.accessToken, { scopes: ['users:read'] });
+    const auth = basic(client.client_id, client.client_secret);
+    // When each of B's issuances ended, and when B heard of the rotation.
+    const issuedAt = new Map<string, number>();
+    const { tokens } = b.services;
+    const issue = tokens.issue.bind(tokens);
+    tokens.issue = async (input) => {
+      const issued = await issue(input);
+      issuedAt.set(issued.token, performance.now());
+      return issued;
+    };
+    let heardAt: number | undefined;
+    b.services.events.subscribe((event) => {
+      if (event.type === 'signing_keys_changed') heardAt ??= performance.now();
+    });
+    const issuedOnB: string[] = [];
+    let stopAt = Number.POSITIVE_INFINITY;
+    const issuing = (async () => {
+      while (performance.now() < stopAt) {
+        await Promise.all(
+          Array.from({ length: 8 }, async () => {
+            const res = await form(b, '/oauth/token', { grant_type: 'client_credentials' }, auth);
+            expect(res.statusCode, res.body).toBe(200);
+            issuedOnB.push(res.json().access_token);
+          }),
+        );
+      }
+    })();
+    try {
+      // Tokens on both sides of the rotation: some are issued before it.
+      while (issuedOnB.length < 16) await Promise.race([sleep(10), issuing]);
+      slowReadsOnB = true;
+      const rotated = await a.inject({
+        method: 'POST',
+        url: '/v1/signing-keys/rotate',
+        headers: bearer(admin.accessToken),
+        payload: { revoke_previous: true },
+      });
+      expect(rotated.statusCode, rotated.body).toBe(200);
+      expect(await msUntil(async () => heardAt !== undefined)).toBeLessThan(PROPAGATION_LIMIT_MS);
+      stopAt = performance.now() + 2 * SLOW_READ_MS;
+      await issuing;
+      const { active_kid: newKid, previous_kid: oldKid } = rotated.json();
+
+      const before = issuedOnB.filter((token) => issuedAt.get(token)! < heardAt!);
+      const after = issuedOnB.filter((token) => issuedAt.get(token)! > heardAt!);
+      expect(before.length).toBeGreaterThan(0);
+      expect(after.length).toBeGreaterThan(0);
+      expect(decodeProtectedHeader(before[0]!).kid).toBe(oldKid);
+      // B signs with the new key only once its own JWKS shows it.
+      expect(JSON.parse(b.services.keys.jwks()).keys.map((k: { kid: string }) => k.kid)).toContain(newKid);
+      const dead: string[] = [];
+      for (const token of after) {
+        const introspected = await form(a, '/oauth/introspect', { token }, auth);
+        if (decodeProtectedHeader(token).kid !== newKid || introspected.json().active !== true)
+          dead.push(token);
+      }
+      expect(dead, `${dead.length} of ${after.length} tokens B issued after it heard`).toEqual([]);
+    } finally {
+      stopAt = 0;
+      await issuing.catch(() => undefined);
+      slowReadsOnB = false;
+      tokens.issue = issue;
+    }
+  });
+});
+
 if (!databaseUrl)
   console.info(
     'multi-instance: two instances starting on an empty database is a PostgreSQL case (CREATE DATABASE, ' +

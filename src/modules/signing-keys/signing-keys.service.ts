@@ -11,7 +11,7 @@ import {
   KeyEncryptionKeyMismatchError,
 } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
-import { type EventBus, inTransaction } from '../../lib/events.js';
+import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SigningKeyRow, SigningKeysRepository } from './signing-keys.repository.js';
@@ -91,6 +91,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   const removedListeners: Array<() => void> = [];
   /** Counts the reloads that removed a key: a verification begun before one is not to be cached. */
   let removals = 0;
+  /**
+   * Counts the changes made to the keys in memory other than by a read: a rotation of this
+   * instance's applied at its commit, a revocation heard of. A read begun before one may have read
+   * the keys from before it, and is dropped (the one asked for after it applies).
+   */
+  let changes = 0;
 
   async function newKeyRow(state: 'next' | 'active', now: Date) {
     const kid = randomUUID();
@@ -137,7 +143,14 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   }
 
   async function readKeys(): Promise<void> {
+    const seen = changes;
     const rows = await deps.repo.listPublished(deps.clock.now());
+    if (changes !== seen) return;
+    apply(rows);
+  }
+
+  /** Makes `rows` (every published key) the keys this instance signs, verifies and publishes with. */
+  function apply(rows: SigningKeyRow[]): void {
     const nextVerification = new Map<string, VerificationKey>();
     for (const row of rows) {
       const key = createPublicKey({ key: row.publicJwk as JWK & { kty: string }, format: 'jwk' });
@@ -155,15 +168,39 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     verification.clear();
     for (const [k, v] of nextVerification) verification.set(k, v);
     active = nextActive;
+    publish(rows);
+    if (removed) keysRemoved();
+  }
+
+  function publish(rows: SigningKeyRow[]): void {
     loaded = rows;
     jwksJson = JSON.stringify({ keys: rows.map((r) => r.publicJwk) });
     jwksEtag = `"${createHash('sha256').update(jwksJson).digest('base64url').slice(0, 22)}"`;
-    // Tokens verified with a key that is gone (cached by the token service) stop being good.
-    if (removed) {
-      removals++;
-      for (const listener of removedListeners) listener();
-    }
   }
+
+  /** Tokens verified with a key that is gone (cached by the token service) stop being good. */
+  function keysRemoved(): void {
+    removals++;
+    for (const listener of removedListeners) listener();
+  }
+
+  /**
+   * Another instance (or the script) revoked these keys: they stop verifying and leave the JWKS here
+   * at once, and if the active key is one of them nothing more is signed with it (`signingKey()`
+   * waits for the read of its successor), instead of both going on until that read lands.
+   */
+  function dropRevoked(kids: readonly string[]): void {
+    let removed = false;
+    for (const kid of kids) removed = verification.delete(kid) || removed;
+    if (!removed) return;
+    changes++;
+    publish(loaded.filter((r) => verification.has(r.kid)));
+    keysRemoved();
+  }
+
+  /** The active key, unless it was revoked since it was read. */
+  const usableActive = (): ActiveSigningKey | undefined =>
+    active && verification.has(active.kid) ? active : undefined;
 
   /** Creates the first active key and a published next key when missing; retires expired keys. */
   async function ensureKeys(): Promise<void> {
@@ -178,7 +215,11 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     await reload();
   }
 
-  type Rotation = { kid: string; previous: string | null } | { tooSoonBy: number; createdNext: boolean };
+  /** `published`: every key published once it commits, when it changed any. */
+  type Rotation = (
+    | { kid: string; previous: string | null; revoked?: string[] }
+    | { tooSoonBy: number; createdNext: boolean }
+  ) & { published?: SigningKeyRow[] };
 
   async function rotateIn(
     tx: Transaction,
@@ -210,7 +251,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
           revoked_previous: true,
         },
       });
-      return { kid: fresh.kid, previous: current[0]?.kid ?? null };
+      return {
+        kid: fresh.kid,
+        previous: current[0]?.kid ?? null,
+        revoked: rows.map((r) => r.kid),
+        published: await deps.repo.listPublished(now, tx),
+      };
     }
     let next = rows.find((r) => r.state === 'next');
     const createdNext = !next;
@@ -222,7 +268,11 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     const publishedFor = Math.floor((now.getTime() - next.createdAt.getTime()) / 1000);
     // Refused, not thrown: a next key created just now is kept (committed) for the later rotation.
     if (!force && publishedFor < JWKS_CACHE_SECONDS)
-      return { tooSoonBy: JWKS_CACHE_SECONDS - publishedFor, createdNext };
+      return {
+        tooSoonBy: JWKS_CACHE_SECONDS - publishedFor,
+        createdNext,
+        published: createdNext ? await deps.repo.listPublished(now, tx) : undefined,
+      };
     for (const c of current) {
       await deps.repo.update(
         c.kid,
@@ -246,16 +296,39 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
         published_for: publishedFor,
       },
     });
-    return { kid: next.kid, previous: current[0]?.kid ?? null };
+    return {
+      kid: next.kid,
+      previous: current[0]?.kid ?? null,
+      published: await deps.repo.listPublished(now, tx),
+    };
   }
 
   return {
     ensureKeys,
     reload,
-    /** The key new tokens are signed with. */
+    /** The active key as last read (it may have been revoked since: tokens are signed with `signingKey`). */
     activeKey(): ActiveSigningKey {
       if (!active) throw new Error('no active signing key loaded');
       return active;
+    },
+    /** The key new tokens are signed with now; undefined while its revocation is known and its successor is read. */
+    signingKeyNow: usableActive,
+    /**
+     * The key new tokens are signed with: after a revocation of the active key heard from another
+     * instance, the one read after it (never the revoked key, whose tokens would be refused at once).
+     */
+    async signingKey(): Promise<ActiveSigningKey> {
+      // Each read is begun after the call; one is dropped only for a change that asks for another.
+      for (let reads = 0; reads < 3 && !usableActive(); reads++) await reload();
+      const key = usableActive();
+      if (!key) throw new Error('no usable signing key loaded: the active one was revoked');
+      return key;
+    },
+    /** Applies a change of the keys another instance (or the script) made: see AuthEvent. */
+    handle(event: AuthEvent): void {
+      if (event.type !== 'signing_keys_changed' && event.type !== 'resync') return;
+      if (event.type === 'signing_keys_changed' && event.revoked) dropRevoked(event.revoked);
+      reload().catch((err: unknown) => deps.logger.warn({ err }, 'could not reload signing keys'));
     },
     /** How many times a key was removed: unchanged across a verification, its result may be cached. */
     removals: () => removals,
@@ -283,12 +356,29 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     async rotate(context: RequestContext, options: { force?: boolean; revokePrevious?: boolean } = {}) {
       const revokePrevious = options.revokePrevious === true;
       const force = options.force === true || revokePrevious;
-      const result = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const r = await rotateIn(tx, context, force, revokePrevious);
-        if (!('tooSoonBy' in r) || r.createdNext) emit({ type: 'signing_keys_changed' });
-        return r;
-      });
-      await reload();
+      const result = await inTransaction(
+        deps.db,
+        deps.events,
+        async (tx, emit) => {
+          const r = await rotateIn(tx, context, force, revokePrevious);
+          if (r.published)
+            emit(
+              'revoked' in r && r.revoked
+                ? { type: 'signing_keys_changed', revoked: r.revoked }
+                : { type: 'signing_keys_changed' },
+            );
+          return r;
+        },
+        // This instance signs with the new key from the commit on, and verifies and publishes what
+        // the rotation left, without waiting for a read: a revoked key signs nothing here after its
+        // revocation committed (those tokens would be refused at once), and the key it signs with
+        // is in its JWKS already. A read begun before the commit is dropped when it lands.
+        (r) => {
+          if (!r.published) return;
+          changes++;
+          apply(r.published);
+        },
+      );
       if ('tooSoonBy' in result) {
         throw new AppError('rotation_too_soon', {
           detail:
@@ -307,7 +397,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
         );
       else if (force) deps.logger.warn(logged, 'signing key rotated (forced)');
       else deps.logger.info(logged, 'signing key rotated');
-      return result;
+      return { kid: result.kid, previous: result.previous };
     },
     find: (kid: string) => deps.repo.find(kid),
     /** Every key, oldest first, a page at a time. */

@@ -187,7 +187,7 @@ export function createTokenService(deps: {
     /** Where the revocation list stands (IssueAccessToken.revocationsSeen). */
     revocationsSeen: () => deps.revocations.seen(),
     async issue(input: IssueAccessToken) {
-      const key = deps.keys.activeKey();
+      let key = deps.keys.signingKeyNow() ?? (await deps.keys.signingKey());
       const now = deps.clock.now();
       const iat = epochSeconds(now);
       const exp = iat + input.ttlSeconds;
@@ -214,12 +214,14 @@ export function createTokenService(deps: {
         exp,
         jti,
       });
-      const token = await signCompact(
-        deps.signer,
-        { alg: key.alg, kid: key.kid, typ: 'at+jwt' },
-        claims,
-        key,
-      );
+      let token = await signCompact(deps.signer, { alg: key.alg, kid: key.kid, typ: 'at+jwt' }, claims, key);
+      // An emergency rotation committed while it was being signed: its key is revoked, and the token
+      // would be refused at once everywhere. It is signed again with the key that replaced it.
+      for (let again = 0; !deps.keys.verificationKey(key.kid); again++) {
+        if (again === 2) throw new Error('the signing key was revoked while each signature was made');
+        key = await deps.keys.signingKey();
+        token = await signCompact(deps.signer, { alg: key.alg, kid: key.kid, typ: 'at+jwt' }, claims, key);
+      }
       return { token, jti, expiresIn: input.ttlSeconds, expiresAt: new Date(exp * 1000) };
     },
 
