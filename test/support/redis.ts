@@ -1,0 +1,30 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Redis } from 'ioredis';
+
+/** The Redis the tests that need one use: TEST_REDIS_URL, else the local default. */
+export const TEST_REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+/** True when Redis answers a PING within 500 ms. */
+export async function redisAnswers(url: string = TEST_REDIS_URL): Promise<boolean> {
+  const client = new Redis(url, {
+    lazyConnect: true,
+    connectTimeout: 500,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  client.on('error', () => undefined);
+  try {
+    return await Promise.race([
+      client.connect().then(async () => (await client.ping()) === 'PONG'),
+      sleep(500).then(() => false),
+    ]);
+  } catch {
+    return false;
+  } finally {
+    client.disconnect();
+  }
+}
+
+/** A client address of its own per test, so the per-IP counters other runs left in Redis do not apply. */
+export const randomAddress = () => `10.${[0, 0, 0].map(() => Math.floor(Math.random() * 250) + 1).join('.')}`;
