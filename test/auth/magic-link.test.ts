@@ -3,9 +3,10 @@ import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import pg from 'pg';
-import { beforeAll, describe, expect, inject, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
+import { MAILS_PER_ACCOUNT_HOUR, mailCapKey } from '../../src/modules/auth/mailed-tokens.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { waitForLockWaiters } from '../support/database.js';
@@ -18,10 +19,16 @@ import {
   type TestUser,
 } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { randomAddress, redisAnswers, TEST_REDIS_URL } from '../support/redis.js';
 import { capturingMailer } from '../support/mail.js';
 import { turnOnMfa } from '../support/mfa.js';
 
 const LINK_URL = 'https://app.example.test/sign-in';
+const redisAvailable = await redisAnswers();
+if (!redisAvailable)
+  console.warn(
+    `magic links: Redis does not answer at ${TEST_REDIS_URL}; the cap through Redis is not tested`,
+  );
 const SUBJECT = 'Your sign-in link';
 
 describe('sign-in links (built-in provider)', () => {
@@ -409,5 +416,94 @@ describe('sign-in links lift a lockout someone else caused', () => {
     });
     expect(res.statusCode).toBe(404);
     expect(res.json().detail).toContain('SMTP_URL');
+  });
+});
+
+/**
+ * A link's place under the address's hourly cap is taken before anything is made, and given back when
+ * nothing is mailed: requests at once see each other's, in memory and through Redis.
+ */
+describe.each([
+  { counts: 'in memory', env: {} as Record<string, string>, skip: false },
+  {
+    counts: 'through Redis',
+    env: { REDIS_URL: TEST_REDIS_URL } as Record<string, string>,
+    skip: !redisAvailable,
+  },
+])('the hourly cap of sign-in links, counted $counts', ({ env, skip }) => {
+  let app: FastifyInstance;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+  const keys: string[] = [];
+
+  beforeAll(async () => {
+    if (skip) return;
+    app = await buildTestApp({
+      env: { MAGIC_LINK_URL: LINK_URL, RATE_LIMIT_ENABLED: 'true', ...env },
+      deps: { mailer, clock },
+    });
+  });
+  afterAll(async () => {
+    // Counts in Redis end with their hour; these are taken out now.
+    for (const key of keys)
+      await app?.services.redis?.del(`mails-per-hour:${key}`, `mails-per-hour-checking:${key}`);
+  });
+
+  /** A user with a confirmed address; how to ask for their link, and how many were mailed. */
+  async function linkUser() {
+    const user = await registerUser(app, 'link-cap');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
+    keys.push(mailCapKey(app.services.config.secretPepper, 'magic_link', user.email));
+    return {
+      user,
+      // Addresses of their own: the per-IP limits may be counted in Redis, by other runs too.
+      ask: () =>
+        app.inject({
+          method: 'POST',
+          url: '/v1/auth/magic-link',
+          remoteAddress: randomAddress(),
+          payload: { email: user.email },
+        }),
+      links: () => mailer.sent.filter((m) => m.to === user.email && m.subject === SUBJECT).length,
+    };
+  }
+
+  it.skipIf(skip)(
+    'links asked for at once past the hour’s cap get its answer (too_many) before any is made',
+    async () => {
+      const { user, ask, links } = await linkUser();
+      for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR - 1; i++) {
+        expect((await ask()).statusCode).toBe(204);
+        clock.advance(61);
+      }
+      const at = new Date(clock.nowMs() - 1000);
+      const answers = await Promise.all(Array.from({ length: 6 }, ask));
+      expect(answers.map((a) => a.statusCode)).toEqual(Array(6).fill(204));
+      expect(links()).toBe(MAILS_PER_ACCOUNT_HOUR);
+      // The one that took the last place mailed; the others met the cap before anything was made.
+      const events = await app.services.audit.list({
+        type: 'auth.magic_link_requested',
+        subjectId: user.id,
+        since: at,
+        limit: 10,
+      });
+      expect(events.map((e) => e.data.reason ?? 'mailed').sort()).toEqual([
+        'mailed',
+        ...Array(5).fill('too_many'),
+      ]);
+    },
+  );
+
+  it.skipIf(skip)('a request that mails nothing (too soon) gives its place back', async () => {
+    const { ask, links } = await linkUser();
+    expect((await ask()).statusCode).toBe(204);
+    // Within the minute: nothing mailed, and nothing spent of the cap.
+    for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR; i++) expect((await ask()).statusCode).toBe(204);
+    expect(links()).toBe(1);
+    for (let i = 1; i < MAILS_PER_ACCOUNT_HOUR; i++) {
+      clock.advance(61);
+      expect((await ask()).statusCode).toBe(204);
+    }
+    expect(links()).toBe(MAILS_PER_ACCOUNT_HOUR);
   });
 });

@@ -200,9 +200,12 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       const byAdministrator = options.byAdministrator === true;
       // The new address is anyone's, not the account's: at most MAILS_PER_ACCOUNT_HOUR changes' links an
       // hour, whatever accounts ask (before a second factor's code is spent, or anything written).
+      // Its place is taken now, before anything else (requests at once, from any accounts, see each
+      // other's), and given back if nothing is mailed to it.
       const capKey = mailCapKey(deps.pepper, 'email_change', newEmail);
-      const capped = await tooMany(capKey);
-      if (capped) throw await refusedRequest(context, asked, 'too_many', capped);
+      const slot = await deps.mailsPerHour?.reserve(capKey);
+      if (slot && slot.retryAfter > 0)
+        throw await refusedRequest(context, asked, 'too_many', tooMany(slot.retryAfter));
       const run =
         options.transaction ??
         (<T>(work: (tx: Executor) => Promise<T>) => inTransaction(deps.db, deps.events, work));
@@ -263,17 +266,22 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       try {
         made = await run(make);
       } catch (err) {
+        await slot?.release();
         if (err instanceof RefusedRequest) throw await refusedRequest(context, asked, err.reason, err.error);
         throw err;
       }
       const { user, confirmCurrent, tokens } = made;
-      await deps.mailsPerHour?.recordFailure(capKey);
+      let mailedNew = false;
       try {
         const send = (mail: MailMessage) =>
           deps.outbox ? deps.outbox.sendNow(mail, 'email_change') : mailer.send(mail);
         await send(toNew(newEmail, tokens.toNew, confirmCurrent, byAdministrator));
+        mailedNew = true;
+        await slot?.confirm();
         if (confirmCurrent) await send(toCurrent(user, newEmail, tokens.toCurrent));
       } catch (err) {
+        // The new address was mailed, or its place goes back.
+        if (!mailedNew) await slot?.release();
         // Nothing half-sent stays, and the earlier request's links still work: the retry makes a
         // new pair at once.
         await deps.tokens.deleteByIds(made.rows.map((r) => r.id)).catch(() => undefined);
@@ -393,10 +401,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     });
   }
 
-  /** A 429 when `capKey`'s address was mailed MAILS_PER_ACCOUNT_HOUR changes' links in the last hour. */
-  async function tooMany(capKey: string): Promise<AppError | undefined> {
-    const waitSeconds = (await deps.mailsPerHour?.retryAfter(capKey)) ?? 0;
-    if (waitSeconds === 0) return undefined;
+  /** The 429 of an address mailed MAILS_PER_ACCOUNT_HOUR changes' links in the last hour. */
+  function tooMany(waitSeconds: number): AppError {
     return new AppError('rate_limited', {
       detail: `The new address was mailed ${MAILS_PER_ACCOUNT_HOUR} email change links in the last hour; wait before asking again`,
       headers: { 'retry-after': String(waitSeconds) },

@@ -5,7 +5,7 @@ import { EMAIL_CONFIRMATION_FORMAT } from '../../lib/crypto.js';
 import { AppError, isDatabaseUnavailable } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { Mailer } from '../../lib/mailer.js';
-import type { FailureCounter } from '../../lib/throttle.js';
+import type { GuessCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
@@ -30,7 +30,7 @@ export interface EmailConfirmationDeps {
    */
   outbox?: MailOutbox | undefined;
   /** At most MAILS_PER_ACCOUNT_HOUR links of a purpose per account an hour (mailed-tokens.ts). */
-  mailsPerHour?: FailureCounter | undefined;
+  mailsPerHour?: GuessCounter | undefined;
   url: string | undefined;
   ttlSeconds: number;
   logger?: Pick<Logger, 'warn'>;

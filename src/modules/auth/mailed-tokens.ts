@@ -5,7 +5,7 @@ import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../..
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { AppError } from '../../lib/errors.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
-import type { FailureCounter } from '../../lib/throttle.js';
+import type { GuessCounter, Reservation } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
@@ -90,8 +90,12 @@ export function createMailedTokens(deps: {
   clock: Clock;
   pepper: Buffer;
   audit: AuditService;
-  /** Counts the mails of a purpose per account in a sliding hour (its `recordFailure` counts one). */
-  hourly?: FailureCounter | undefined;
+  /**
+   * Counts the mails of a purpose per address in a sliding hour: each request takes its place before
+   * anything is made (requests at once, from any accounts, see each other), and gives it back when
+   * nothing was mailed.
+   */
+  hourly?: GuessCounter | undefined;
 }) {
   return {
     /**
@@ -108,46 +112,57 @@ export function createMailedTokens(deps: {
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
       const capKey = mailCapKey(deps.pepper, purpose, user.email);
-      if (deps.hourly && (await deps.hourly.retryAfter(capKey)) > 0) return 'too_many';
+      const slot: Reservation | undefined = await deps.hourly?.reserve(capKey);
+      if (slot && slot.retryAfter > 0) return 'too_many';
       let token = '';
       let mailId: string | undefined;
-      const row = await inTransaction(deps.db, deps.events, async (tx) => {
-        // One at a time per account and purpose, on every instance: of concurrent requests the first
-        // makes the token and the others see it and send nothing (one mail, one live link).
-        await tx.execute(
-          sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
-        );
-        // The account, held until the link is written: one deleted meanwhile gets none (not a 409 from
-        // the foreign key), and one being deleted waits for this.
-        const [held] = await selectRows<{ id: string }>(
-          tx,
-          sql`select id from users where id = ${user.id} for key share`,
-        );
-        if (!held) return 'gone' as const;
-        const now = deps.clock.now();
-        if (waitBeforeNextMail(await deps.tokens.latestFor(user.id, purpose, tx), now) > 0) return undefined;
-        const made = newMailedToken(deps.pepper, options.format, {
-          userId: user.id,
-          purpose,
-          email: user.email,
-          now,
-          ttlSeconds: options.ttlSeconds,
-        });
-        token = made.token;
-        const stored = await deps.tokens.replace(made.row, tx);
-        if (options.outbox)
-          mailId = await options.outbox.enqueue(tx, compose(token), {
-            kind: purpose,
+      let row: EmailTokenRow | 'gone' | undefined;
+      try {
+        row = await inTransaction(deps.db, deps.events, async (tx) => {
+          // One at a time per account and purpose, on every instance: of concurrent requests the first
+          // makes the token and the others see it and send nothing (one mail, one live link).
+          await tx.execute(
+            sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
+          );
+          // The account, held until the link is written: one deleted meanwhile gets none (not a 409 from
+          // the foreign key), and one being deleted waits for this.
+          const [held] = await selectRows<{ id: string }>(
+            tx,
+            sql`select id from users where id = ${user.id} for key share`,
+          );
+          if (!held) return 'gone' as const;
+          const now = deps.clock.now();
+          if (waitBeforeNextMail(await deps.tokens.latestFor(user.id, purpose, tx), now) > 0)
+            return undefined;
+          const made = newMailedToken(deps.pepper, options.format, {
             userId: user.id,
-            emailTokenId: stored.id,
-            expiresAt: stored.expiresAt,
+            purpose,
+            email: user.email,
+            now,
+            ttlSeconds: options.ttlSeconds,
           });
-        return stored;
-      });
-      if (row === 'gone') return 'gone';
-      if (!row) return 'too_soon';
-      await deps.hourly?.recordFailure(capKey);
+          token = made.token;
+          const stored = await deps.tokens.replace(made.row, tx);
+          if (options.outbox)
+            mailId = await options.outbox.enqueue(tx, compose(token), {
+              kind: purpose,
+              userId: user.id,
+              emailTokenId: stored.id,
+              expiresAt: stored.expiresAt,
+            });
+          return stored;
+        });
+      } catch (err) {
+        await slot?.release();
+        throw err;
+      }
+      // Nothing mailed: the place goes back.
+      if (row === 'gone' || !row) {
+        await slot?.release();
+        return row === 'gone' ? 'gone' : 'too_soon';
+      }
       if (options.outbox && mailId) {
+        await slot?.confirm();
         options.outbox.kick([mailId]);
         return 'queued';
       }
@@ -155,8 +170,10 @@ export function createMailedTokens(deps: {
         await options.mailer.send(compose(token));
       } catch (err) {
         await deps.tokens.deleteById(row.id).catch(() => undefined);
+        await slot?.release();
         throw err;
       }
+      await slot?.confirm();
       return 'sent';
     },
 

@@ -9,7 +9,7 @@ import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.j
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { Mailer } from '../../lib/mailer.js';
-import type { FailureCounter } from '../../lib/throttle.js';
+import type { FailureCounter, GuessCounter } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import { revokeKeysOfOwner } from '../api-keys/owner-keys.js';
@@ -43,7 +43,7 @@ export interface PasswordResetDeps {
    */
   outbox?: MailOutbox | undefined;
   /** At most MAILS_PER_ACCOUNT_HOUR reset links per account an hour (mailed-tokens.ts). */
-  mailsPerHour?: FailureCounter | undefined;
+  mailsPerHour?: GuessCounter | undefined;
   pepper: Buffer;
   /** The page a reset link opens; the token follows in the fragment. */
   url: string | undefined;
