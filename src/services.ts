@@ -500,9 +500,8 @@ export function createServices(deps: ServicesDeps) {
     accessTtl: config.tokens.accessTtl,
     maxAccessTtl: config.tokens.maxAccessTtl,
     apiKeys: apiKeysForOAuth(apiKeys),
-    // Shared through Redis when there is one, but read from memory: only failures reach Redis, and the
-    // attempts of a source that failed within the minute (counted there before their check), so
-    // introspections from a source that does not fail never wait for it.
+    // Shared through Redis when there is one, but read from memory: only failures reach Redis, so
+    // introspections that authenticate never wait for it.
     clientAuthFailures: clientAuthFailureCounter(
       CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
       CLIENT_AUTH_FAILURES_PREFIX,

@@ -4,7 +4,7 @@ import type { Database } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { REFRESH_TOKEN_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
-import type { GuessCounter } from '../../lib/throttle.js';
+import type { FailureCounter } from '../../lib/throttle.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission, isPermissionString, notHeld } from '../../lib/permissions.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
@@ -127,13 +127,11 @@ export interface OAuthServiceDeps {
    * count, so a resource server introspecting on every request is never slowed; past the limit that
    * client_id from that IP gets 429 before any lookup, which also bounds the audit rows failures
    * write. Keyed by the pair, not the IP alone: services behind one NAT or proxy share an address, and
-   * one of them retrying a stale secret must not lock the others out. Each authentication is counted
-   * before its secret is checked, and given back when it succeeds: authentications sent at once are not
-   * all checked before any of them is counted.
+   * one of them retrying a stale secret must not lock the others out.
    */
-  clientAuthFailures: GuessCounter;
+  clientAuthFailures: FailureCounter;
   /** Failed client authentications per caller IP, any client_id: the same rules, a higher limit. */
-  clientAuthFailuresByIp: GuessCounter;
+  clientAuthFailuresByIp: FailureCounter;
   onIssued?: (grant: string) => void;
   /** A client authentication failed: its reason, or `throttled` when refused before any check. */
   onClientAuthFailure?: (reason: string) => void;
@@ -559,17 +557,11 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     ): Promise<OAuthCaller> {
       const source = sourceOf(context.ip, clientId);
       const address = addressOf(context.ip);
-      // Counted before the check, in both counts (failures at once see each other), and given back if
-      // it succeeds. Either throttle answers 429 even for the right secret: otherwise guessing could go
-      // on, the success showing through.
-      const perClient = await deps.clientAuthFailures.reserve(source);
-      const perAddress =
-        perClient.retryAfter > 0 ? undefined : await deps.clientAuthFailuresByIp.reserve(address);
-      const wait = perClient.retryAfter;
-      const addressWait = perAddress?.retryAfter ?? 0;
+      // Either throttle answers 429 even for the right secret: otherwise guessing could go on, the
+      // success showing through.
+      const wait = await deps.clientAuthFailures.retryAfter(source);
+      const addressWait = wait > 0 ? 0 : await deps.clientAuthFailuresByIp.retryAfter(address);
       if (wait > 0 || addressWait > 0) {
-        // Never checked: the per-client count taken for it goes back.
-        if (addressWait > 0) await perClient.release();
         deps.onClientAuthFailure?.('throttled');
         throw new AppError('rate_limited', {
           detail:
@@ -579,19 +571,10 @@ export function createOAuthService(deps: OAuthServiceDeps) {
           headers: { 'retry-after': String(Math.max(wait, addressWait)) },
         });
       }
-      const giveBack = () => Promise.all([perClient.release(), perAddress?.release()]);
-      let result: Awaited<ReturnType<typeof deps.clients.authenticate>>;
-      try {
-        result = await deps.clients.authenticate(clientId, secret, basicHeader);
-      } catch (err) {
-        await giveBack(); // never checked (the database failing, say)
-        throw err;
-      }
-      if (result.ok) {
-        await giveBack();
-        return { kind: 'client', client: result.client };
-      }
-      await Promise.all([perClient.confirm(), perAddress?.confirm()]);
+      const result = await deps.clients.authenticate(clientId, secret, basicHeader);
+      if (result.ok) return { kind: 'client', client: result.client };
+      await deps.clientAuthFailures.recordFailure(source);
+      await deps.clientAuthFailuresByIp.recordFailure(address);
       deps.onClientAuthFailure?.(result.reason);
       if (result.client) {
         await deps.audit.record(deps.db, context, {
