@@ -23,6 +23,7 @@ async function main() {
     poolMax: 1,
     connectTimeoutMs: config.db.connectTimeoutMs,
     statementTimeoutMs: config.db.statementTimeoutMs,
+    transactionTimeoutMs: config.db.transactionTimeoutMs,
     migrate: false,
   });
   try {

@@ -155,6 +155,7 @@ const EnvSchema = z.object({
   DB_POOL_MAX: wholeNumber(1, 200, 10),
   DB_CONNECT_TIMEOUT_MS: wholeNumber(100, 60_000, 2000),
   DB_STATEMENT_TIMEOUT_MS: wholeNumber(100, 600_000, 5000),
+  DB_TRANSACTION_TIMEOUT_MS: wholeNumber(1000, 600_000, 15_000),
   DB_MIGRATION_LOCK_TIMEOUT_MS: wholeNumber(100, 600_000, 5000),
   DB_MIGRATION_STATEMENT_TIMEOUT_MS: wholeNumber(1000, 86_400_000, 600_000),
   DB_MIGRATION_RETRY_MS: wholeNumber(0, 3_600_000, 60_000),
@@ -410,6 +411,8 @@ export interface Config {
     poolMax: number;
     connectTimeoutMs: number;
     statementTimeoutMs: number;
+    /** A transaction still open this long after its BEGIN is rolled back instead of committed. */
+    transactionTimeoutMs: number;
     /** The migration connection's lock and statement timeouts, and how long lock conflicts are retried. */
     migrations: {
       lockTimeoutMs: number;
@@ -540,6 +543,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       poolMax: e.DB_POOL_MAX,
       connectTimeoutMs: e.DB_CONNECT_TIMEOUT_MS,
       statementTimeoutMs: e.DB_STATEMENT_TIMEOUT_MS,
+      transactionTimeoutMs: e.DB_TRANSACTION_TIMEOUT_MS,
       migrations: {
         lockTimeoutMs: e.DB_MIGRATION_LOCK_TIMEOUT_MS,
         statementTimeoutMs: e.DB_MIGRATION_STATEMENT_TIMEOUT_MS,

@@ -52,6 +52,7 @@ async function main() {
     poolMax: config.db.poolMax,
     connectTimeoutMs: config.db.connectTimeoutMs,
     statementTimeoutMs: config.db.statementTimeoutMs,
+    transactionTimeoutMs: config.db.transactionTimeoutMs,
     migrate: true,
     migrations: config.db.migrations,
   });

@@ -57,6 +57,7 @@ export async function openScriptContext(): Promise<ScriptContext> {
     poolMax: 2,
     connectTimeoutMs: config.db.connectTimeoutMs,
     statementTimeoutMs: config.db.statementTimeoutMs,
+    transactionTimeoutMs: config.db.transactionTimeoutMs,
     migrate: true,
     migrations: config.db.migrations,
   });

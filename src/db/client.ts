@@ -6,7 +6,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { type MigrationOptions, runMigrations } from './migrations.js';
 import * as schema from './schema/index.js';
-import { patchDrizzleTransactions } from './pg-transaction-fix.js';
+import { patchDrizzleTransactions, setTransactionTimeout } from './pg-transaction-fix.js';
 
 export type Schema = typeof schema;
 /** One Drizzle type for node-postgres and PGlite, so repositories never care which one runs. */
@@ -18,6 +18,15 @@ export type Executor = Database | Transaction;
 export interface DatabaseHandle {
   readonly db: Database;
   readonly kind: 'postgres' | 'pglite';
+  /**
+   * The longest after it is stamped that a row another transaction writes can still become visible,
+   * in milliseconds: what a reader of rows stamped by the writer's clock (the audit log's
+   * `created_at`) must stay behind to read none of them late. On PostgreSQL, a transaction commits
+   * at most `transactionTimeoutMs` after its BEGIN (or is rolled back), and its COMMIT, like a
+   * statement outside a transaction, gets a connection within `connectTimeoutMs` and runs within
+   * `statementTimeoutMs`. PGlite runs one statement or transaction at a time: 0.
+   */
+  readonly visibleWithinMs: number;
   /** Resolves true when the database answers `SELECT 1` within the timeout. */
   ping(timeoutMs: number): Promise<boolean>;
   /**
@@ -35,6 +44,13 @@ export interface OpenDatabaseOptions {
   poolMax?: number;
   connectTimeoutMs?: number;
   statementTimeoutMs?: number;
+  /**
+   * How long after its BEGIN a transaction on the pool may still commit (default 15 s): one still
+   * running then is rolled back instead (SQLSTATE 25P04, a 503). PostgreSQL 15 has no such setting
+   * of its own (`transaction_timeout` came in 17); statement_timeout and
+   * idle_in_transaction_session_timeout bound each statement and each wait between them, not their sum.
+   */
+  transactionTimeoutMs?: number;
   /** Apply pending migrations (under an advisory lock) before returning. */
   migrate?: boolean;
   /** Lock and statement timeouts and the retry budget of that migration run (src/db/migrations.ts). */
@@ -85,9 +101,11 @@ export async function openDatabase(options: OpenDatabaseOptions): Promise<Databa
 async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<DatabaseHandle> {
   const { drizzle } = await import('drizzle-orm/node-postgres');
   const statementTimeout = options.statementTimeoutMs ?? 5000;
+  const connectTimeout = options.connectTimeoutMs ?? 2000;
+  const transactionTimeout = options.transactionTimeoutMs ?? 15_000;
   const connectionOptions: pg.PoolConfig = {
     connectionString: url,
-    connectionTimeoutMillis: options.connectTimeoutMs ?? 2000,
+    connectionTimeoutMillis: connectTimeout,
     statement_timeout: statementTimeout,
     lock_timeout: statementTimeout,
     idle_in_transaction_session_timeout: statementTimeout * 2,
@@ -107,6 +125,7 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
     client.on('error', (err) => options.logger.debug({ err: err.message }, 'database connection lost'));
   });
   patchDrizzleTransactions();
+  setTransactionTimeout(pool, transactionTimeout);
   const db = drizzle(pool, { schema }) as unknown as Database;
   const listeners: pg.Client[] = [];
   let closed = false;
@@ -192,6 +211,10 @@ async function openPostgres(url: string, options: OpenDatabaseOptions): Promise<
   return {
     db,
     kind: 'postgres',
+    // A row stamped in a transaction: its COMMIT is sent within transactionTimeout of the BEGIN, which
+    // came before the stamp. Stamped outside one: its statement waits for a connection (connectTimeout)
+    // and runs (statementTimeout). Either way the COMMIT itself, a statement, runs within statementTimeout.
+    visibleWithinMs: Math.max(transactionTimeout, connectTimeout) + statementTimeout,
     async ping(timeoutMs) {
       try {
         await withTimeout(pool.query('SELECT 1'), timeoutMs);
@@ -235,6 +258,7 @@ async function openPglite(options: OpenDatabaseOptions): Promise<DatabaseHandle>
   return {
     db,
     kind: 'pglite',
+    visibleWithinMs: 0,
     async ping(timeoutMs) {
       try {
         await withTimeout(client.query('SELECT 1'), timeoutMs);
@@ -312,6 +336,7 @@ export async function openMemoryDatabase(logger: Logger): Promise<DatabaseHandle
   const handle: DatabaseHandle = {
     db,
     kind: 'pglite',
+    visibleWithinMs: 0,
     ping: async () => true,
     listen: async (channel, handler) => {
       const unlisten = await client.listen(channel, handler);

@@ -16,6 +16,26 @@ type SessionCtor = new (client: unknown, dialect: unknown, schema: unknown, opti
 type TxCtor = new (dialect: unknown, session: unknown, schema: unknown) => Tx;
 
 let patched = false;
+const transactionTimeouts = new WeakMap<pg.Pool, number>();
+
+/**
+ * A transaction on `pool` still running `ms` after its BEGIN is rolled back rather than committed: its
+ * `run` finished too late (it fails with SQLSTATE 25P04, PostgreSQL 17's transaction_timeout, a 503).
+ * So what a transaction writes is visible within that time of its BEGIN or never, which the audit
+ * log's `complete_until` counts on: PostgreSQL 15 bounds each statement and each wait between
+ * statements, not the transaction.
+ */
+export function setTransactionTimeout(pool: pg.Pool, ms: number): void {
+  transactionTimeouts.set(pool, ms);
+}
+
+export class TransactionTimeoutError extends Error {
+  readonly code = '25P04';
+  constructor(ms: number, tookMs: number) {
+    super(`transaction rolled back: still running ${Math.round(tookMs)} ms after its BEGIN (limit ${ms} ms)`);
+    this.name = 'TransactionTimeoutError';
+  }
+}
 
 /**
  * drizzle-orm 0.45's `NodePgSession.transaction` sends BEGIN before its `try`: a BEGIN that fails (a
@@ -23,8 +43,8 @@ let patched = false;
  * then counts it as checked out for ever: `pool.end()` at shutdown waits for it (the process was
  * killed at its 9 s deadline), and enough of them exhaust the pool. This is the same method with
  * BEGIN inside, and a client whose statement failed released with the error, so the pool destroys it
- * instead of handing a broken connection out again. Sessions on a single client (not a pool) are left
- * to drizzle's own method.
+ * instead of handing a broken connection out again. It also holds the pool's transaction timeout
+ * (setTransactionTimeout). Sessions on a single client (not a pool) are left to drizzle's own method.
  */
 export function patchDrizzleTransactions(): void {
   if (patched) return;
@@ -47,6 +67,8 @@ export function patchDrizzleTransactions(): void {
       this.options,
     );
     const tx = new (NodePgTransaction as unknown as TxCtor)(this.dialect, session, this.schema);
+    const timeout = transactionTimeouts.get(this.client);
+    const begun = performance.now();
     let broken: Error | undefined;
     try {
       try {
@@ -57,6 +79,8 @@ export function patchDrizzleTransactions(): void {
       }
       try {
         const result = await run(tx);
+        const took = performance.now() - begun;
+        if (timeout !== undefined && took > timeout) throw new TransactionTimeoutError(timeout, took);
         await tx.execute(sql`commit`);
         return result;
       } catch (error) {

@@ -122,6 +122,7 @@ const TRANSIENT_PG_CODES = new Set([
   '57014', // query_canceled (statement_timeout)
   '55P03', // lock_not_available (lock_timeout)
   '25P03', // idle_in_transaction_session_timeout
+  '25P04', // transaction_timeout (PostgreSQL 17; DB_TRANSACTION_TIMEOUT_MS, src/db/pg-transaction-fix.ts)
   '53300', // too_many_connections
   '53000', // insufficient_resources
   '53100', // disk_full
