@@ -187,7 +187,7 @@ export function createServices(deps: ServicesDeps) {
     emailTokens: createEmailTokensRepository(db),
     mfa: createMfaRepository(db),
   };
-  const audit = createAuditService({ repo: repos.audit, clock });
+  const audit = createAuditService({ repo: repos.audit, clock, visibleWithinMs: database.visibleWithinMs });
   const keys = createSigningKeysService({
     db,
     repo: repos.signingKeys,

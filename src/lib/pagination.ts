@@ -71,6 +71,25 @@ export function decodeCursor(raw: string | undefined, id: z.ZodType<string> = z.
   return key && { at: new Date(key[0]), id: key[1] };
 }
 
+/**
+ * A (created_at, id) cursor that carries an instant of the read it continues as well, so that every
+ * page of the read answers the same one (the audit log's `complete_until`). Decoding takes the plain
+ * two-part cursor too (`within` is then undefined).
+ */
+export function encodeCursorWithin(c: Cursor, within: Date): string {
+  return encodeKey([c.at.toISOString(), c.id, within.toISOString()]);
+}
+
+export function decodeCursorWithin(raw: string | undefined): (Cursor & { within?: Date }) | undefined {
+  const key = decodeKey(
+    raw,
+    z.union([z.tuple([InstantSchema, z.guid()]), z.tuple([InstantSchema, z.guid(), InstantSchema])]),
+  );
+  if (!key) return undefined;
+  const [at, id, within] = key;
+  return { at: new Date(at), id, ...(within !== undefined ? { within: new Date(within) } : {}) };
+}
+
 /** Cursor of a list ordered by a unique name (roles, the permission catalogue): the last name served. */
 export function encodeNameCursor(name: string): string {
   return encodeKey([name]);

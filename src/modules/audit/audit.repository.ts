@@ -1,4 +1,4 @@
-import { and, desc, eq, gte, inArray } from 'drizzle-orm';
+import { and, desc, eq, gte, inArray, lt } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { auditEvents } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -25,6 +25,8 @@ export function createAuditRepository(db: Executor) {
         types?: readonly string[];
         outcome?: 'success' | 'failure';
         since?: Date;
+        /** Only events stamped before this instant. */
+        before?: Date;
         limit: number;
         cursor?: Cursor;
       },
@@ -38,6 +40,7 @@ export function createAuditRepository(db: Executor) {
       if (filter.type) conditions.push(eq(auditEvents.type, filter.type));
       if (filter.types) conditions.push(inArray(auditEvents.type, [...filter.types]));
       if (filter.since) conditions.push(gte(auditEvents.createdAt, filter.since));
+      if (filter.before) conditions.push(lt(auditEvents.createdAt, filter.before));
       if (filter.cursor)
         conditions.push(pastCursor(auditEvents.createdAt, auditEvents.id, filter.cursor, 'desc'));
       return tx

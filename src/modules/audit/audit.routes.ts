@@ -2,7 +2,15 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { atOrAfter, InstantSchema } from '../../lib/instant.js';
-import { decodeCursor, PaginationQuerySchema, pageOf, paginate } from '../../lib/pagination.js';
+import {
+  decodeCursor,
+  decodeCursorWithin,
+  encodeCursorWithin,
+  PaginationQuerySchema,
+  pageBy,
+  pageOf,
+  paginate,
+} from '../../lib/pagination.js';
 import { userIdOf } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import type { AuditService } from './audit.service.js';
@@ -44,8 +52,30 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
   subject_id: auditId().optional().describe('Events about this user, API key or client (its id)'),
   outcome: z.enum(['success', 'failure']).optional(),
   type: z.string().min(1).max(100).optional(),
-  since: InstantSchema.optional().describe('ISO 8601; events at or after'),
+  since: InstantSchema.optional().describe(
+    'ISO 8601; events at or after. With it the list stops at `complete_until` unless `settled=false`: ' +
+      'to follow the log, send the answer’s `complete_until` as the next read’s `since`',
+  ),
+  settled: z
+    .enum(['true', 'false'])
+    .optional()
+    .describe(
+      '`true`: only events stamped before `complete_until`, which no event can still join (an event is ' +
+        'stamped inside the transaction that writes it, so one may commit after a later-stamped one). ' +
+        '`false`: up to now, the newest events included. Default: `true` with `since`, `false` without',
+    ),
 }).strict();
+
+const AuditPageSchema = pageOf(AuditEventSchema).extend({
+  complete_until: z
+    .string()
+    .describe(
+      'Every event stamped before this instant has committed: this read (this page and the pages its ' +
+        '`next_cursor` leads to) holds all of them that match, and none will appear later. The same on ' +
+        'every page of a read. A consumer following the log sends it as the next read’s `since` (or ' +
+        'keeps its `since` when that is later)',
+    ),
+});
 
 /**
  * What a user's own activity shows: their account's sign-ins (and attempts), sign-outs, password,
@@ -183,25 +213,37 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
         tags: ['audit'],
         operationId: 'listAuditEvents',
         summary: 'The audit log, newest first',
+        description:
+          'Events are stamped (`created_at`) inside the transaction that writes them, so one can commit a ' +
+          'moment after an event stamped later. Read with `since`, the list holds only the events stamped ' +
+          'before `complete_until` (behind now by the longest an event can take to commit: about 20 s by default), ' +
+          'all of which have committed: a consumer that sends each answer’s `complete_until` as the next ' +
+          'read’s `since` misses none and reads none twice. `settled=false` reads up to now.',
         security: bearerOrApiKey,
         querystring: AuditQuerySchema,
-        response: { 200: pageOf(AuditEventSchema), ...problems(400, 401, 403) },
+        response: { 200: AuditPageSchema, ...problems(400, 401, 403) },
       },
     },
     async (request) => {
       const q = request.query;
-      const cursor = decodeCursor(q.cursor);
+      const cursor = decodeCursorWithin(q.cursor);
+      // Taken before the read, and kept by its later pages: what the read holds all of.
+      const completeUntil = cursor?.within ?? deps.audit.completeUntil();
+      const settled = q.settled === undefined ? q.since !== undefined : q.settled === 'true';
       const rows = await deps.audit.list({
         limit: q.limit,
+        ...(settled ? { before: completeUntil } : {}),
         ...(q.actor_id ? { actorId: q.actor_id } : {}),
         ...(q.credential_id ? { credentialId: q.credential_id } : {}),
         ...(q.subject_id ? { subjectId: q.subject_id } : {}),
         ...(q.outcome ? { outcome: q.outcome } : {}),
         ...(q.type ? { type: q.type } : {}),
         ...(q.since ? { since: atOrAfter(q.since) } : {}),
-        ...(cursor ? { cursor } : {}),
+        ...(cursor ? { cursor: { at: cursor.at, id: cursor.id } } : {}),
       });
-      const { page, nextCursor } = paginate(rows, q.limit);
+      const { page, nextCursor } = pageBy(rows, q.limit, (last) =>
+        encodeCursorWithin({ at: last.createdAt, id: last.id }, completeUntil),
+      );
       return {
         data: page.map((e) => ({
           id: e.id,
@@ -218,6 +260,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
           created_at: e.createdAt.toISOString(),
         })),
         next_cursor: nextCursor,
+        complete_until: completeUntil.toISOString(),
       };
     },
   );

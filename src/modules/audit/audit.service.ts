@@ -68,8 +68,35 @@ export interface AuditRecord {
   data?: Record<string, unknown>;
 }
 
-export function createAuditService(deps: { repo: AuditRepository; clock: Clock }) {
+/**
+ * How far apart the clocks of the instances (and the database's) may be, in milliseconds: events are
+ * stamped by the clock of the instance that writes them, and `complete_until` is read off the clock of
+ * the one answering.
+ */
+export const CLOCK_SKEW_MS = 1000;
+
+export function createAuditService(deps: {
+  repo: AuditRepository;
+  clock: Clock;
+  /**
+   * How long after its stamp an event can still commit (DatabaseHandle.visibleWithinMs): what
+   * `completeUntil` stays behind the clock.
+   */
+  visibleWithinMs: number;
+}) {
+  const settleMs = deps.visibleWithinMs > 0 ? deps.visibleWithinMs + CLOCK_SKEW_MS : 0;
   return {
+    /** How far `completeUntil` stays behind the clock. */
+    settleMs,
+    /**
+     * The instant before which the log is complete: every event stamped earlier has committed (or
+     * never will), so a read now holds all of them, and one stamped earlier never appears later.
+     * Events stamped in a transaction still open (the stamp is taken inside it, the commit comes
+     * after) are what it stays behind for.
+     */
+    completeUntil(): Date {
+      return new Date(deps.clock.nowMs() - settleMs);
+    },
     /**
      * Writes the event on `tx`, the transaction of the change it records; a list of events (one per
      * user a change reached) is written in as few statements as it takes.
