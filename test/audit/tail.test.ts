@@ -64,7 +64,7 @@ describe('following the audit log with since=: no event is missed for committing
     do {
       const res = await app.inject({
         method: 'GET',
-        url: `/v1/audit-events?${query}&since=${encodeURIComponent(since)}&limit=1${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`,
+        url: `/v1/audit-events?${query}&settled=true&since=${encodeURIComponent(since)}&limit=1${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`,
         headers: bearer(admin.accessToken),
       });
       expect(res.statusCode, res.body).toBe(200);
@@ -133,11 +133,11 @@ describe('following the audit log with since=: no event is missed for committing
   const read = (query: string) =>
     app.inject({ method: 'GET', url: `/v1/audit-events?${query}`, headers: bearer(admin.accessToken) });
 
-  it('complete_until stays behind the clock by as long as an event can take to commit; since= stops there unless settled=false', async () => {
+  it('complete_until stays behind the clock by as long as an event can take to commit; settled=true stops there, the default reads up to now', async () => {
     const user = await registerUser(app, 'tail-fresh');
     const since = new Date(clock.nowMs() - 1000).toISOString();
     const before = clock.nowMs();
-    const settled = await read(`subject_id=${user.id}&since=${encodeURIComponent(since)}`);
+    const settled = await read(`subject_id=${user.id}&settled=true&since=${encodeURIComponent(since)}`);
     const after = clock.nowMs();
     expect(settled.statusCode, settled.body).toBe(200);
     const completeUntil = Date.parse(settled.json().complete_until);
@@ -150,9 +150,11 @@ describe('following the audit log with since=: no event is missed for committing
     const types = (res: { json(): { data: AuditEvent[] } }) => res.json().data.map((e) => e.type);
     // Just written: within the window on PostgreSQL, so not in the settled answer yet.
     expect(types(settled)).toEqual(inject('databaseUrl') ? [] : ['user.registered']);
-    // Up to now on asking, and without since= as before.
+    // Up to now on asking, and by default, with since= or without, as before.
     const now = await read(`subject_id=${user.id}&since=${encodeURIComponent(since)}&settled=false`);
     expect(types(now)).toEqual(['user.registered']);
+    const byDefault = await read(`subject_id=${user.id}&since=${encodeURIComponent(since)}`);
+    expect(types(byDefault)).toEqual(['user.registered']);
     const all = await read(`subject_id=${user.id}`);
     expect(types(all)).toEqual(['user.registered']);
     expect(all.json().complete_until).toEqual(expect.any(String));
@@ -161,9 +163,9 @@ describe('following the audit log with since=: no event is missed for committing
     expect(types(upTo)).toEqual(inject('databaseUrl') ? [] : ['user.registered']);
     // Once the window has passed, the settled read has it.
     clock.advance(settleMs / 1000 + 1);
-    expect(types(await read(`subject_id=${user.id}&since=${encodeURIComponent(since)}`))).toEqual([
-      'user.registered',
-    ]);
+    expect(
+      types(await read(`subject_id=${user.id}&settled=true&since=${encodeURIComponent(since)}`)),
+    ).toEqual(['user.registered']);
     const bad = await read('settled=yes');
     expect(bad.statusCode).toBe(400);
     expect(bad.json().errors).toEqual([expect.objectContaining({ field: 'query.settled' })]);
@@ -177,7 +179,7 @@ describe('following the audit log with since=: no event is missed for committing
     }
     const since = new Date(clock.nowMs() - 60_000).toISOString();
     clock.advance(120);
-    const query = `subject_id=${user.id}&since=${encodeURIComponent(since)}&limit=1`;
+    const query = `subject_id=${user.id}&settled=true&since=${encodeURIComponent(since)}&limit=1`;
     const pages: Array<{ data: AuditEvent[]; next_cursor: string | null; complete_until: string }> = [];
     let cursor: string | null = null;
     do {
@@ -198,7 +200,7 @@ describe('following the audit log with since=: no event is missed for committing
     ]);
     expect(new Set(pages.map((p) => p.complete_until)).size).toBe(1);
     const next = await read(
-      `subject_id=${user.id}&since=${encodeURIComponent(pages.at(-1)!.complete_until)}`,
+      `subject_id=${user.id}&settled=true&since=${encodeURIComponent(pages.at(-1)!.complete_until)}`,
     );
     expect(next.json().data.map((e: AuditEvent) => e.type)).toEqual(['user.disabled']);
   });

@@ -53,8 +53,8 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
   outcome: z.enum(['success', 'failure']).optional(),
   type: z.string().min(1).max(100).optional(),
   since: InstantSchema.optional().describe(
-    'ISO 8601; events at or after. With it the list stops at `complete_until` unless `settled=false`: ' +
-      'to follow the log, send the answer’s `complete_until` as the next read’s `since`',
+    'ISO 8601; events at or after. To follow the log without missing an event, read with ' +
+      '`settled=true` and send each answer’s `complete_until` as the next read’s `since`',
   ),
   settled: z
     .enum(['true', 'false'])
@@ -62,7 +62,7 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
     .describe(
       '`true`: only events stamped before `complete_until`, which no event can still join (an event is ' +
         'stamped inside the transaction that writes it, so one may commit after a later-stamped one). ' +
-        '`false`: up to now, the newest events included. Default: `true` with `since`, `false` without',
+        '`false` (the default): up to now, the newest events included',
     ),
 }).strict();
 
@@ -215,10 +215,11 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
         summary: 'The audit log, newest first',
         description:
           'Events are stamped (`created_at`) inside the transaction that writes them, so one can commit a ' +
-          'moment after an event stamped later. Read with `since`, the list holds only the events stamped ' +
+          'moment after an event stamped later. With `settled=true` the list holds only the events stamped ' +
           'before `complete_until` (behind now by the longest an event can take to commit: about 20 s by default), ' +
-          'all of which have committed: a consumer that sends each answer’s `complete_until` as the next ' +
-          'read’s `since` misses none and reads none twice. `settled=false` reads up to now.',
+          'all of which have committed: a consumer that reads with `settled=true` and sends each answer’s ' +
+          '`complete_until` as the next read’s `since` misses none and reads none twice. Without it the ' +
+          'list reads up to now.',
         security: bearerOrApiKey,
         querystring: AuditQuerySchema,
         response: { 200: AuditPageSchema, ...problems(400, 401, 403) },
@@ -229,7 +230,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
       const cursor = decodeCursorWithin(q.cursor);
       // Taken before the read, and kept by its later pages: what the read holds all of.
       const completeUntil = cursor?.within ?? deps.audit.completeUntil();
-      const settled = q.settled === undefined ? q.since !== undefined : q.settled === 'true';
+      const settled = q.settled === 'true';
       const rows = await deps.audit.list({
         limit: q.limit,
         ...(settled ? { before: completeUntil } : {}),
