@@ -13,6 +13,7 @@ import {
   createMemoryFailureCounter,
   createRedisFailureCounter,
   createSharedFailureCounter,
+  loginFailuresKey,
 } from './lib/throttle.js';
 import { createAuditRepository } from './modules/audit/audit.repository.js';
 import { createAuditService, systemContext } from './modules/audit/audit.service.js';
@@ -246,7 +247,13 @@ export function createServices(deps: ServicesDeps) {
   const failureOptions = { max: config.rateLimit.maxLoginFailuresPerHour, windowSeconds: 3600, clock };
   const failures =
     config.rateLimit.enabled && redis
-      ? createRedisFailureCounter({ ...failureOptions, redis, logger })
+      ? createRedisFailureCounter({
+          ...failureOptions,
+          redis,
+          logger,
+          redisKey: loginFailuresKey,
+          fallbackMessage: 'Redis unavailable: counting login failures in this instance only',
+        })
       : createMemoryFailureCounter(
           config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
         );
@@ -254,15 +261,14 @@ export function createServices(deps: ServicesDeps) {
   const mailsPerHour = !config.rateLimit.enabled
     ? undefined
     : redis
-      ? createSharedFailureCounter({
+      ? createRedisFailureCounter({
           redis,
           max: MAILS_PER_ACCOUNT_HOUR,
           windowSeconds: 3600,
           clock,
           logger,
-          prefix: 'mails-per-hour:',
+          redisKey: (key) => `mails-per-hour:${key}`,
           fallbackMessage: 'Redis unavailable: counting the mails per address in this instance only',
-          readShared: true,
         })
       : createMemoryFailureCounter({ max: MAILS_PER_ACCOUNT_HOUR, windowSeconds: 3600, clock });
   const sessions = createSessionsService({

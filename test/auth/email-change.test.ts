@@ -979,7 +979,7 @@ describe.each([
     if (!redis) return;
     for (const target of targets) {
       const key = mailCapKey(app.services.config.secretPepper, 'email_change', target);
-      await redis.del(`mails-per-hour:${key}`, `mails-per-hour-checking:${key}`);
+      await redis.del(`mails-per-hour:${key}`);
     }
   });
 

@@ -5,9 +5,10 @@ import { createRedisFailureCounter, loginFailuresKey } from '../../src/lib/throt
 import { createTestClock } from '../support/clock.js';
 
 /**
- * The login lockout counter shared through Redis, against a stand-in for Redis that can stop answering:
- * a lockout reached while Redis was away must outlast its return (a black-box audit found the account
- * open again the moment Redis answered, with a fresh allowance of guesses).
+ * The login lockout counter shared through Redis (the hourly mail caps count alike), against a
+ * stand-in for Redis that can stop answering: a lockout reached while Redis was away must outlast its
+ * return (a black-box audit found the account open again the moment Redis answered, with a fresh
+ * allowance of guesses).
  */
 
 const MAX = 3;
@@ -78,6 +79,8 @@ function counter() {
     windowSeconds: WINDOW_SECONDS,
     clock,
     logger: pino({ level: 'silent' }),
+    redisKey: loginFailuresKey,
+    fallbackMessage: 'Redis unavailable: counting here',
   });
   return { ...fake, clock, failures };
 }
@@ -137,13 +140,15 @@ describe('the shared login counter, reserving guesses in Redis', async () => {
     .catch(() => false);
   if (!answers)
     console.warn(`login counter: Redis does not answer at ${url}; its reservation test is not run`);
-  const instance = () =>
+  const instance = (redisKey = loginFailuresKey) =>
     createRedisFailureCounter({
       redis,
       max: MAX,
       windowSeconds: WINDOW_SECONDS,
       clock: createTestClock(),
       logger: pino({ level: 'silent' }),
+      redisKey,
+      fallbackMessage: 'Redis unavailable: counting here',
     });
 
   it.skipIf(!answers)(
@@ -175,6 +180,21 @@ describe('the shared login counter, reserving guesses in Redis', async () => {
       expect(await redis.exists(loginFailuresKey(key))).toBe(0);
     },
   );
+
+  // The hourly mail caps count so too, under their own keys: an instance that has counted nothing
+  // (another one, or one restarted) refuses once the others' mails reach the cap.
+  it.skipIf(!answers)('an instance that counted nothing sees the others’ reservations', async () => {
+    const mailKey = (key: string) => `test:mails-per-hour:${key}`;
+    const key = `cap-${Math.random().toString(36).slice(2)}`;
+    const [a, b] = [instance(mailKey), instance(mailKey)];
+    const onA = await Promise.all(Array.from({ length: MAX - 1 }, () => a.reserve(key)));
+    expect(onA.every((t) => t.retryAfter === 0)).toBe(true);
+    const onB = await Promise.all([b.reserve(key), b.reserve(key)]);
+    expect(onB.map((t) => t.retryAfter === 0).sort()).toEqual([false, true]);
+    expect(Number(await redis.get(mailKey(key)))).toBe(MAX);
+    expect((await instance(mailKey).reserve(key)).retryAfter).toBeGreaterThan(0);
+    await redis.del(mailKey(key));
+  });
 
   afterAll(() => {
     redis.disconnect();

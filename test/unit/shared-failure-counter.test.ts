@@ -1,9 +1,8 @@
 import type { Redis } from 'ioredis';
 import pino from 'pino';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { createSharedFailureCounter } from '../../src/lib/throttle.js';
 import { createTestClock } from '../support/clock.js';
-import { TEST_REDIS_URL } from '../support/redis.js';
 
 /**
  * The shared failure counter against a stand-in for Redis that records what it is asked (the real
@@ -43,27 +42,11 @@ function fakeRedis() {
       };
       return chain;
     },
-    async get(key: string) {
-      state.calls.push(`get ${key}`);
-      if (state.down) throw new Error('Connection is closed.');
-      const count = counts.get(key);
-      return count === undefined ? null : String(count);
-    },
-    async pttl(key: string) {
-      state.calls.push(`pttl ${key}`);
-      if (state.down) throw new Error('Connection is closed.');
-      return counts.has(key) ? WINDOW_SECONDS * 1000 : -2;
-    },
     async del(key: string) {
       state.calls.push(`del ${key}`);
       if (state.down) throw new Error('Connection is closed.');
       counts.delete(key);
       return 1;
-    },
-    // The reservation scripts run on the real Redis only (below): here, only as a Redis that is down.
-    async eval() {
-      state.calls.push('eval');
-      throw new Error(state.down ? 'Connection is closed.' : 'not in this stand-in');
     },
   };
   return { redis: redis as unknown as Redis, counts, state };
@@ -75,12 +58,7 @@ function logLines() {
   return { logger, lines };
 }
 
-const counter = (
-  redis: Redis,
-  logger = pino({ level: 'silent' }),
-  clock = createTestClock(),
-  readShared = false,
-) =>
+const counter = (redis: Redis, logger = pino({ level: 'silent' }), clock = createTestClock()) =>
   createSharedFailureCounter({
     redis,
     max: MAX,
@@ -89,7 +67,6 @@ const counter = (
     logger,
     prefix: 'test:',
     fallbackMessage: 'Redis unavailable: counting here',
-    readShared,
   });
 
 describe('shared failure counter', () => {
@@ -115,21 +92,6 @@ describe('shared failure counter', () => {
     expect(state.calls).toEqual(['incr test:s', 'incr test:s', 'incr test:s', 'incr test:s']);
     // Other sources are not touched.
     expect(await a.retryAfter('t')).toBe(0);
-  });
-
-  it('with readShared, a check reads the shared count: an instance that counted nothing (new, restarted) blocks too', async () => {
-    const { redis, state } = fakeRedis();
-    const a = counter(redis, undefined, undefined, true);
-    for (let i = 0; i < MAX; i++) await a.recordFailure('mail');
-    const fresh = counter(redis, undefined, undefined, true);
-    expect(await fresh.retryAfter('mail')).toBe(WINDOW_SECONDS);
-    expect(await fresh.retryAfter('other')).toBe(0);
-    // Without it (the hot path's counters), memory alone answers.
-    expect(await counter(redis).retryAfter('mail')).toBe(0);
-    // Redis gone: memory answers, and nothing is thrown.
-    state.down = true;
-    expect(await counter(redis, undefined, undefined, true).retryAfter('mail')).toBe(0);
-    expect(await fresh.retryAfter('mail')).toBe(WINDOW_SECONDS);
   });
 
   it('the block ends with the window', async () => {
@@ -172,138 +134,4 @@ describe('shared failure counter', () => {
     await c.recordFailure('t');
     expect(lines).toHaveLength(2);
   });
-});
-
-describe('shared failure counter: attempts reserved before they are checked', () => {
-  it('counts the attempts under way in memory: of those at once, the limit’s worth go through, and all come back', async () => {
-    const { redis, state } = fakeRedis();
-    const c = counter(redis);
-    const attempts = await Promise.all(Array.from({ length: 3 * MAX }, () => c.reserve('s')));
-    expect(attempts.filter((a) => a.retryAfter === 0)).toHaveLength(MAX);
-    expect(attempts.filter((a) => a.retryAfter > 0).every((a) => a.retryAfter <= WINDOW_SECONDS)).toBe(true);
-    expect(await c.retryAfter('s')).toBeGreaterThan(0);
-    // Right, all of them: given back, without a word to Redis, and nothing counted.
-    for (const a of attempts) await a.release();
-    expect(await c.retryAfter('s')).toBe(0);
-    // Nothing was counted in Redis: the first went without it, and the others, under way beside it,
-    // were offered to a Redis that does not take the scripts here (so counted in memory instead).
-    expect(state.calls.filter((call) => call !== 'eval')).toEqual([]);
-  });
-
-  it('when Redis does not answer, reserves and counts failures in memory, still blocks, logs once and never throws', async () => {
-    const { redis, state } = fakeRedis();
-    state.down = true;
-    const { logger, lines } = logLines();
-    const c = counter(redis, logger);
-    const first = await c.reserve('s');
-    await first.confirm();
-    const rest = await Promise.all(Array.from({ length: 2 * MAX }, () => c.reserve('s')));
-    const through = rest.filter((a) => a.retryAfter === 0);
-    expect(through).toHaveLength(MAX - 1);
-    for (const a of through) await a.confirm();
-    expect((await c.reserve('s')).retryAfter).toBe(WINDOW_SECONDS);
-    expect(lines).toEqual(['Redis unavailable: counting here']);
-  });
-});
-
-/**
- * The same against the real Redis when one answers (TEST_REDIS_URL, default redis://127.0.0.1:6379): of
- * attempts at once through two instances, only the limit’s worth are checked, and an attempt given back
- * leaves nothing counted.
- */
-describe('shared failure counter: reservations in Redis', async () => {
-  const { Redis: RedisClient } = await import('ioredis');
-  const redis = new RedisClient(TEST_REDIS_URL, {
-    lazyConnect: true,
-    connectTimeout: 500,
-    maxRetriesPerRequest: 0,
-    retryStrategy: () => null,
-  });
-  redis.on('error', () => undefined);
-  const answers = await redis
-    .connect()
-    .then(async () => (await redis.ping()) === 'PONG')
-    .catch(() => false);
-  if (!answers)
-    console.warn(
-      `shared counter: Redis does not answer at ${TEST_REDIS_URL}; its reservation tests are not run`,
-    );
-  const prefix = `test:shared-${Math.random().toString(36).slice(2)}:`;
-  const instance = (readShared = false) =>
-    createSharedFailureCounter({
-      redis,
-      max: MAX,
-      windowSeconds: WINDOW_SECONDS,
-      clock: createTestClock(),
-      logger: pino({ level: 'silent' }),
-      prefix,
-      fallbackMessage: 'Redis unavailable: counting here',
-      readShared,
-    });
-  const checking = async (key: string) =>
-    Number((await redis.get(`${prefix.slice(0, -1)}-checking:${key}`)) ?? 0);
-  const failures = async (key: string) => Number((await redis.get(prefix + key)) ?? 0);
-
-  afterAll(async () => {
-    if (answers) {
-      const keys = [
-        ...(await redis.keys(`${prefix}*`)),
-        ...(await redis.keys(`${prefix.slice(0, -1)}-checking:*`)),
-      ];
-      if (keys.length > 0) await redis.del(...keys);
-    }
-    redis.disconnect();
-  });
-
-  it.skipIf(!answers)(
-    'lets the limit’s worth of attempts at once through two instances, and no more',
-    async () => {
-      const [a, b] = [instance(), instance()];
-      const attempts = await Promise.all(
-        Array.from({ length: 20 }, (_, i) => (i % 2 ? a : b).reserve('burst')),
-      );
-      const through = attempts.filter((t) => t.retryAfter === 0);
-      expect(through).toHaveLength(MAX);
-      // Each under way is counted in Redis as being checked, not as a failure.
-      expect(await checking('burst')).toBe(MAX);
-      expect(await failures('burst')).toBe(0);
-      for (const t of through) await t.confirm();
-      expect(await checking('burst')).toBe(0);
-      expect(await failures('burst')).toBe(MAX);
-      // Both instances block now, from memory or from Redis's answer.
-      expect((await a.reserve('burst')).retryAfter).toBeGreaterThan(0);
-      expect((await b.reserve('burst')).retryAfter).toBeGreaterThan(0);
-      expect(await checking('burst')).toBe(0);
-    },
-  );
-
-  it.skipIf(!answers)('an attempt given back leaves nothing counted, and lets another through', async () => {
-    const [a, b] = [instance(), instance()];
-    await (await a.reserve('back')).confirm(); // a failure: a counts this source's attempts in Redis
-    const held = await Promise.all(Array.from({ length: MAX }, () => a.reserve('back')));
-    expect(held.map((t) => t.retryAfter)).toEqual([0, 0, WINDOW_SECONDS]);
-    // b knows no failure of it: its first attempt is counted in its memory, until another comes.
-    const onB = await b.reserve('back');
-    expect(onB.retryAfter).toBe(0);
-    expect((await b.reserve('back')).retryAfter).toBeGreaterThan(0);
-    for (const t of [...held, onB]) await t.release();
-    expect(await checking('back')).toBe(0);
-    expect(await failures('back')).toBe(1);
-    expect((await b.reserve('back')).retryAfter).toBe(0);
-  });
-
-  it.skipIf(!answers)(
-    'with readShared, every attempt is counted in Redis: an instance that counted nothing sees the others’',
-    async () => {
-      const [a, b] = [instance(true), instance(true)];
-      const onA = await Promise.all(Array.from({ length: MAX - 1 }, () => a.reserve('mail')));
-      expect(onA.every((t) => t.retryAfter === 0)).toBe(true);
-      const onB = await Promise.all([b.reserve('mail'), b.reserve('mail')]);
-      expect(onB.map((t) => t.retryAfter === 0)).toEqual([true, false]);
-      for (const t of [...onA, ...onB]) await t.confirm();
-      expect(await failures('mail')).toBe(MAX);
-      expect(await checking('mail')).toBe(0);
-      expect(await instance(true).retryAfter('mail')).toBe(WINDOW_SECONDS);
-    },
-  );
 });

@@ -277,7 +277,6 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
           deps.outbox ? deps.outbox.sendNow(mail, 'email_change') : mailer.send(mail);
         await send(toNew(newEmail, tokens.toNew, confirmCurrent, byAdministrator));
         mailedNew = true;
-        await slot?.confirm();
         if (confirmCurrent) await send(toCurrent(user, newEmail, tokens.toCurrent));
       } catch (err) {
         // The new address was mailed, or its place goes back.

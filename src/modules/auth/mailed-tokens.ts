@@ -162,7 +162,6 @@ export function createMailedTokens(deps: {
         return row === 'gone' ? 'gone' : 'too_soon';
       }
       if (options.outbox && mailId) {
-        await slot?.confirm();
         options.outbox.kick([mailId]);
         return 'queued';
       }
@@ -173,7 +172,6 @@ export function createMailedTokens(deps: {
         await slot?.release();
         throw err;
       }
-      await slot?.confirm();
       return 'sent';
     },
 
