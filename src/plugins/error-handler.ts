@@ -1,6 +1,12 @@
 import { METHODS, STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type {
+  FastifyError,
+  FastifyInstance,
+  FastifyReply,
+  FastifyRequest,
+  onRequestHookHandler,
+} from 'fastify';
 import fp from 'fastify-plugin';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import {
@@ -376,9 +382,10 @@ function patternOf(
  * (`GET /v1/api-keys/verify`, matched by `GET /v1/api-keys/:id` with the id `verify`), is answered by
  * the not-found handler, as a method no route of the path takes is: a 405 with the literal path's
  * Allow, rather than the parametrised route's 400 about an id no one meant. Those pairs are found once
- * the routes are all in (onReady); the onRequest hook this adds compares the matched route and its
- * parameters with them, before any credential is checked (the not-found handler asks for none). Added
- * after the CORS plugin, so a listed origin's browser reads the 405 as any other.
+ * the routes are all in (onReady); the onRequest hook this puts on each parametrised route compares the
+ * matched route and its parameters with them, before any credential is checked (the not-found handler
+ * asks for none). Route hooks run after the global ones, CORS's among them, so a listed origin's
+ * browser reads the 405 as any other. Call it before the routes are registered.
  */
 export function refuseOtherMethodsOfLiteralPaths(
   app: FastifyInstance,
@@ -407,8 +414,7 @@ export function refuseOtherMethodsOfLiteralPaths(
     }
     done();
   });
-  app.addHook('onRequest', (request, reply, done) => {
-    if (shadowed.size === 0) return done();
+  const refuse: onRequestHookHandler = (request, reply, done) => {
     const entries = shadowed.get(request.routeOptions.url ?? '');
     if (entries === undefined) return done();
     const params = request.params as Record<string, string | undefined>;
@@ -418,6 +424,16 @@ export function refuseOtherMethodsOfLiteralPaths(
     // No route of this method is at the path: answered (and counted) as an unmatched request.
     if (literal) reply.callNotFound();
     else done();
+  };
+  // Only a parametrised route can match a literal path it was not meant for: the hook goes on those
+  // alone, first of their own hooks (before the rate limit and the credential check, which add theirs
+  // after), so the paths other services call on every request (JWKS, introspection, verification,
+  // /me) run no hook for it.
+  app.addHook('onRoute', (route) => {
+    if (!/[:*]/.test(route.url)) return;
+    const existing = route.onRequest;
+    route.onRequest =
+      existing === undefined ? [refuse] : [refuse, ...(Array.isArray(existing) ? existing : [existing])];
   });
 }
 

@@ -297,6 +297,25 @@ describe('foundation: app, errors, operations', () => {
     expect(key.headers.allow).toBe('GET, HEAD, PATCH, DELETE');
   });
 
+  it('runs the literal-path check on parametrised routes only: the paths other services call on every request run no hook for it', async () => {
+    // printRoutes lists each route (its full path and method) and, under it, its hooks by name.
+    const lines = app.printRoutes({ includeHooks: true, commonPrefix: false }).split('\n');
+    const hooksOf = (route: string) => {
+      const at = lines.findIndex((l) => l.includes(` ${route}`));
+      expect(at, route).toBeGreaterThanOrEqual(0);
+      const hooks: string[] = [];
+      for (const line of lines.slice(at + 1)) {
+        if (!line.includes('• (')) break;
+        hooks.push(line);
+      }
+      return hooks.join('\n');
+    };
+    // The JWKS runs one onRequest hook: the app's own first one (closing, NUL characters, encodings).
+    expect(hooksOf('/.well-known/jwks.json (GET)')).toMatch(/\(onRequest\) \["anonymous\(\)"\]/);
+    // And the check is there on the parametrised routes.
+    expect(lines.some((l) => l.includes('(onRequest)') && l.includes('refuse()'))).toBe(true);
+  });
+
   it('answers a path out of the documentation’s folder as a file it does not have, and what its file server refuses with the code and title of its status', async () => {
     await app.listen({ port: 0, host: '127.0.0.1' });
     const port = (app.server.address() as AddressInfo).port;
