@@ -7,6 +7,17 @@ import type { Cursor } from '../../lib/pagination.js';
 export type SessionRow = typeof sessions.$inferSelect;
 export type RefreshTokenRow = typeof refreshTokens.$inferSelect;
 
+/**
+ * A user's live sessions at `now`: not ended by a revocation, nor past their idle or absolute expiry.
+ * What the user's list shows and what MAX_SESSIONS_PER_USER counts: one definition for both.
+ */
+const liveSessionsOf = (userId: string, now: Date) => [
+  eq(sessions.userId, userId),
+  isNull(sessions.revokedAt),
+  gt(sessions.expiresAt, now),
+  gt(sessions.idleExpiresAt, now),
+];
+
 export function createSessionsRepository(db: Executor) {
   return {
     async insertSession(row: typeof sessions.$inferInsert, tx: Executor = db): Promise<SessionRow> {
@@ -73,10 +84,7 @@ export function createSessionsRepository(db: Executor) {
         .from(sessions)
         .where(
           and(
-            eq(sessions.userId, userId),
-            isNull(sessions.revokedAt),
-            gt(sessions.expiresAt, now),
-            gt(sessions.idleExpiresAt, now),
+            ...liveSessionsOf(userId, now),
             options.cursor ? pastCursor(sessions.createdAt, sessions.id, options.cursor, 'desc') : undefined,
           ),
         )
@@ -122,14 +130,7 @@ export function createSessionsRepository(db: Executor) {
       const beyond = tx
         .select({ id: sessions.id })
         .from(sessions)
-        .where(
-          and(
-            eq(sessions.userId, userId),
-            isNull(sessions.revokedAt),
-            gt(sessions.expiresAt, now),
-            gt(sessions.idleExpiresAt, now),
-          ),
-        )
+        .where(and(...liveSessionsOf(userId, now)))
         .orderBy(desc(sessions.lastUsedAt), desc(sessions.createdAt), desc(sessions.id))
         .offset(keep);
       const rows = await tx
