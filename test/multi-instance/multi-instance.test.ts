@@ -2,7 +2,6 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyInstance } from 'fastify';
-import { Redis } from 'ioredis';
 import { decodeProtectedHeader } from 'jose';
 import pg from 'pg';
 import pino from 'pino';
@@ -21,6 +20,7 @@ import { testConfig, uniqueEmail } from '../support/app.js';
 import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { randomAddress, redisAnswers, TEST_REDIS_URL } from '../support/redis.js';
 
 /**
  * Two instances of the service on one database, as behind a load balancer: what one instance revokes,
@@ -31,7 +31,7 @@ import { bearer } from '../support/http.js';
 
 const PROPAGATION_LIMIT_MS = 1000;
 const POLL_INTERVAL_MS = 50;
-const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+const REDIS_URL = TEST_REDIS_URL;
 
 const databaseUrl = inject('databaseUrl');
 const silent = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
@@ -525,36 +525,11 @@ describe.runIf(databaseUrl)('several instances starting together on an empty Pos
   });
 });
 
-/** True when Redis answers a PING within 500 ms. */
-async function redisAnswers(url: string): Promise<boolean> {
-  const client = new Redis(url, {
-    lazyConnect: true,
-    connectTimeout: 500,
-    enableOfflineQueue: false,
-    maxRetriesPerRequest: 0,
-    retryStrategy: () => null,
-  });
-  client.on('error', () => undefined);
-  try {
-    return await Promise.race([
-      client.connect().then(async () => (await client.ping()) === 'PONG'),
-      sleep(500).then(() => false),
-    ]);
-  } catch {
-    return false;
-  } finally {
-    client.disconnect();
-  }
-}
-
 const redisAvailable = await redisAnswers(REDIS_URL);
 if (!redisAvailable)
   console.warn(
     `multi-instance: Redis does not answer at ${REDIS_URL}; the shared rate-limit test is not run`,
   );
-
-/** A client address of its own per test, so the per-IP counters other runs left in Redis do not apply. */
-const randomAddress = () => `10.${[0, 0, 0].map(() => Math.floor(Math.random() * 250) + 1).join('.')}`;
 
 describe.runIf(redisAvailable)('several instances share rate-limit counters through Redis', () => {
   let a: FastifyInstance;
