@@ -1,5 +1,6 @@
 import { type AddressInfo, connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { FastifyInstance } from 'fastify';
 import { expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
 
@@ -13,27 +14,16 @@ it('answers a request arriving while the server closes with a 503 problem+json, 
   await app.listen({ port: 0, host: '127.0.0.1' });
   const { port } = app.server.address() as AddressInfo;
 
-  const body = JSON.stringify({ email: 'nobody@example.test', password: 'not the right password' });
-  const socket = connect(port, '127.0.0.1');
-  let received = '';
-  socket.on('data', (chunk) => {
-    received += chunk.toString();
-  });
-  const ended = new Promise<void>((resolve) => socket.on('close', () => resolve()));
-  // In flight: the headers are read, the body is still coming.
-  socket.write(
-    `POST /v1/auth/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body.slice(0, 10)}`,
-  );
-  await sleep(100);
+  const arrived = headsRead(app, 1);
+  const login = loginInFlight(port);
+  await arrived;
   const closed = app.close();
-  await sleep(100);
+  await refusingNewRequests(app);
   // The rest of the body, and a second request behind it on the same connection.
-  socket.write(`${body.slice(10)}GET /v1/auth/me HTTP/1.1\r\nHost: localhost\r\n\r\n`);
-  await Promise.race([ended, sleep(5000)]);
+  const responses = await login.finish('GET /v1/auth/me HTTP/1.1\r\nHost: localhost\r\n\r\n');
   await closed;
-  socket.destroy();
 
-  const responses = received.split(/(?=HTTP\/1\.1 )/);
+  const received = responses.join('');
   expect(responses, received).toHaveLength(2);
   // The login in flight got its real answer (no such account).
   expect(responses[0]).toMatch(/^HTTP\/1\.1 401 /);
@@ -44,6 +34,31 @@ it('answers a request arriving while the server closes with a 503 problem+json, 
   expect(head).toMatch(/\r\nconnection: close\r\n/i);
   expect(JSON.parse(payload)).toMatchObject({ status: 503, code: 'service_unavailable' });
 });
+
+/**
+ * Resolves once the server has read the heads of `count` more requests (their bodies may still be
+ * coming): what a fixed wait guessed at, and missed on a busy machine.
+ */
+function headsRead(app: FastifyInstance, count: number): Promise<void> {
+  return new Promise((resolve) => {
+    let seen = 0;
+    const onRequest = () => {
+      if (++seen < count) return;
+      app.server.off('request', onRequest);
+      resolve();
+    };
+    app.server.on('request', onRequest);
+  });
+}
+
+/**
+ * Resolves once `app.close()` has got as far as refusing new requests: its preClose hooks have run
+ * (the app's marks it closing), and only then does Fastify stop the server listening.
+ */
+async function refusingNewRequests(app: FastifyInstance): Promise<void> {
+  for (const deadline = Date.now() + 10_000; app.server.listening; await sleep(10))
+    if (Date.now() > deadline) throw new Error('the app did not start closing within 10 s');
+}
 
 /** Opens a connection with a login in flight (headers read, body still coming); `finish` sends the rest. */
 function loginInFlight(port: number) {
@@ -72,11 +87,12 @@ it('gives that 503 a listed origin’s CORS headers, so its page reads it, and n
   const app = await buildTestApp({ env: { CORS_ORIGINS: 'https://app.example.com' } });
   await app.listen({ port: 0, host: '127.0.0.1' });
   const { port } = app.server.address() as AddressInfo;
+  const arrived = headsRead(app, 2);
   const listed = loginInFlight(port);
   const other = loginInFlight(port);
-  await sleep(100);
+  await arrived;
   const closed = app.close();
-  await sleep(100);
+  await refusingNewRequests(app);
   const next = (origin: string) => `GET /v1/auth/me HTTP/1.1\r\nHost: localhost\r\nOrigin: ${origin}\r\n\r\n`;
   const [fromListed, fromOther] = await Promise.all([
     listed.finish(next('https://app.example.com')),
