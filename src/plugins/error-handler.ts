@@ -414,23 +414,26 @@ export function refuseOtherMethodsOfLiteralPaths(
     }
     done();
   });
-  const refuse: onRequestHookHandler = (request, reply, done) => {
-    const entries = shadowed.get(request.routeOptions.url ?? '');
-    if (entries === undefined) return done();
-    const params = request.params as Record<string, string | undefined>;
-    const literal = entries.some(
-      (e) => e.method === request.method && Object.entries(e.params).every(([k, v]) => params[k] === v),
-    );
-    // No route of this method is at the path: answered (and counted) as an unmatched request.
-    if (literal) reply.callNotFound();
-    else done();
-  };
+  // One per route, its pattern bound (request.routeOptions would build an object on every request).
+  const refuseOn = (pattern: string): onRequestHookHandler =>
+    function refuse(request, reply, done) {
+      const entries = shadowed.get(pattern);
+      if (entries === undefined) return done();
+      const params = request.params as Record<string, string | undefined>;
+      const literal = entries.some(
+        (e) => e.method === request.method && Object.entries(e.params).every(([k, v]) => params[k] === v),
+      );
+      // No route of this method is at the path: answered (and counted) as an unmatched request.
+      if (literal) reply.callNotFound();
+      else done();
+    };
   // Only a parametrised route can match a literal path it was not meant for: the hook goes on those
   // alone, first of their own hooks (before the rate limit and the credential check, which add theirs
   // after), so the paths other services call on every request (JWKS, introspection, verification,
   // /me) run no hook for it.
   app.addHook('onRoute', (route) => {
     if (!/[:*]/.test(route.url)) return;
+    const refuse = refuseOn(route.url);
     const existing = route.onRequest;
     route.onRequest =
       existing === undefined ? [refuse] : [refuse, ...(Array.isArray(existing) ? existing : [existing])];
