@@ -22,7 +22,9 @@ describe.skipIf(!inject('databaseUrl'))(
         dataDir: '.data/test',
         logger: pino({ level: 'silent' }),
         migrate: true,
-        transactionTimeoutMs: 1000,
+        // Long enough that the set-up's and the last grant's transactions finish within it on a busy
+        // machine, short enough for a test.
+        transactionTimeoutMs: 3000,
       });
       app = await buildApp({ config: testConfig(), database, logger: pino({ level: 'silent' }) });
       await app.ready();
@@ -36,7 +38,7 @@ describe.skipIf(!inject('databaseUrl'))(
     it('a transaction still running past it is rolled back, its audit event with it: 503', async () => {
       // What a row it writes can take to become visible: the longer of this timeout and the connect
       // timeout (2 s, a statement outside a transaction waiting for a connection), then a statement (5 s).
-      expect(database.visibleWithinMs).toBe(2000 + 5000);
+      expect(database.visibleWithinMs).toBe(3000 + 5000);
       const user = await registerUser(app, 'slow-grant');
       // The grant writes its audit event, then its transaction waits past the timeout.
       const repo = app.services.repos.audit;
@@ -49,7 +51,7 @@ describe.skipIf(!inject('databaseUrl'))(
         await insert.call(repo, events, tx);
         if ([events].flat().some((e) => e.subjectId === user.id)) {
           held();
-          await new Promise((resolve) => setTimeout(resolve, 1200));
+          await new Promise((resolve) => setTimeout(resolve, 3300));
         }
       };
       const grant = app.inject({
