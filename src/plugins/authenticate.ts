@@ -5,6 +5,7 @@ import { AppError } from '../lib/errors.js';
 import { hasPermission } from '../lib/permissions.js';
 import type { RequestContext } from '../modules/audit/audit.service.js';
 import type { AccessTokenClaims, TokenService } from '../modules/tokens/tokens.service.js';
+import { repeatedAuthorization as repeatedAuthorizationIn } from '../verifier/raw-headers.js';
 
 /** Whoever a request speaks for: a user (access token), a service (client token) or an API key. */
 export type Principal =
@@ -197,22 +198,12 @@ export function credentialOf(request: FastifyRequest): string | undefined {
 }
 
 /**
- * Whether the request has more than one Authorization field line. RFC 9110 §5.3 allows one (it is no
- * list); Node keeps the first and drops the others unseen, so a request with two (two users' tokens,
- * a Bearer and a Basic) would act for whichever came first. Refused as ambiguous, as two X-API-Key
- * headers are. A walk over the raw header names: no allocation on the hot path.
+ * Whether the request has more than one Authorization field line (RFC 9110 §5.3 allows one), which
+ * is refused as ambiguous, as two X-API-Key headers are. The verifier's own walk over the raw header
+ * names, so the two cannot disagree.
  */
 export function repeatedAuthorization(request: FastifyRequest): boolean {
-  const raw = request.raw.rawHeaders;
-  let seen = false;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i]!;
-    if (name.length === 13 && name.toLowerCase() === 'authorization') {
-      if (seen) return true;
-      seen = true;
-    }
-  }
-  return false;
+  return repeatedAuthorizationIn(request.raw.rawHeaders);
 }
 
 /** The 400 of a request with more than one Authorization header (`repeatedAuthorization`). */

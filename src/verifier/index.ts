@@ -30,6 +30,7 @@ import {
   jwksCache,
   jwtVerify,
 } from 'jose';
+import { repeatedAuthorization } from './raw-headers.js';
 
 /** The algorithms the auth service signs with; nothing else (never `none`, never HS*) is accepted. */
 export const SUPPORTED_ALGORITHMS = ['ES256', 'EdDSA'] as const;
@@ -386,19 +387,6 @@ const BEARER_SCHEME = /^Bearer(?:[ \t]|$)/i;
 const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
 /** RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=". */
 const B64TOKEN = /^[A-Za-z0-9\-._~+/]+=*$/;
-
-/** Whether the raw headers (name, value, …) hold more than one Authorization field line. */
-function repeatedAuthorization(raw: readonly string[]): boolean {
-  let seen = false;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i]!;
-    if (name.length === 13 && name.toLowerCase() === 'authorization') {
-      if (seen) return true;
-      seen = true;
-    }
-  }
-  return false;
-}
 
 function problem(reply: FastifyReply, status: number, code: string, title: string, detail: string) {
   return reply
