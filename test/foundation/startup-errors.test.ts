@@ -1,5 +1,4 @@
 import { randomBytes } from 'node:crypto';
-import { Redis } from 'ioredis';
 import { describe, expect, it } from 'vitest';
 import { KeyEncryptionKeyMismatchError } from '../../src/lib/crypto.js';
 import type { DatabaseHandle } from '../../src/db/client.js';
@@ -9,6 +8,9 @@ import { buildTestApp, closeTestApps } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
 import { registerUser } from '../support/factories.js';
 import { turnOnMfa } from '../support/mfa.js';
+import { redisAnswers, redisDatabaseCount, TEST_REDIS_URL } from '../support/redis.js';
+
+const redisAvailable = await redisAnswers();
 
 /** What a start of the app on `database` with another KEY_ENCRYPTION_KEY throws (undefined: it started). */
 const failedStart = (key: string, database: DatabaseHandle) =>
@@ -63,36 +65,26 @@ describe('a start that cannot work says why, in words an operator can act on', (
     }
   });
 
-  it('a REDIS_URL naming a database the Redis server does not have (it went on on database 0)', async (ctx) => {
-    const redisUrl = new URL(process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379');
-    const probe = new Redis(redisUrl.href, {
-      lazyConnect: true,
-      connectTimeout: 500,
-      enableOfflineQueue: false,
-      maxRetriesPerRequest: 0,
-      retryStrategy: () => null,
-    });
-    probe.on('error', () => undefined);
-    // The first index past the server's own count (16 by default).
-    const databases = await probe
-      .connect()
-      .then(() => probe.config('GET', 'databases'))
-      .then((reply) => Number((reply as string[])[1]))
-      .catch(() => undefined)
-      .finally(() => probe.disconnect());
-    if (databases === undefined) return ctx.skip('Redis does not answer');
-    redisUrl.pathname = `/${databases}`;
-    const failure = await buildTestApp({ env: { REDIS_URL: redisUrl.href } }).then(
-      () => undefined,
-      (err: unknown) => err,
-    );
-    expect(failure).toBeInstanceOf(RedisDatabaseError);
-    expect((failure as Error).message).toBe(
-      `REDIS_URL names database ${databases}, which the Redis server at ${redisUrl.host} refuses ` +
-        '(ERR DB index is out of range): name one it has (0 to one below its `databases` setting, 16 by default)',
-    );
-    // One it has starts (the tests' own, 9).
-    redisUrl.pathname = '/9';
-    await buildTestApp({ env: { REDIS_URL: redisUrl.href } });
-  });
+  it.skipIf(!redisAvailable)(
+    'a REDIS_URL naming a database the Redis server does not have (it went on on database 0)',
+    async () => {
+      const redisUrl = new URL(TEST_REDIS_URL);
+      // The first index past the server's own count (16 by default).
+      const databases = await redisDatabaseCount();
+      expect(databases, 'Redis answered a PING a moment ago').toBeGreaterThan(0);
+      redisUrl.pathname = `/${databases}`;
+      const failure = await buildTestApp({ env: { REDIS_URL: redisUrl.href } }).then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      expect(failure).toBeInstanceOf(RedisDatabaseError);
+      expect((failure as Error).message).toBe(
+        `REDIS_URL names database ${databases}, which the Redis server at ${redisUrl.host} refuses ` +
+          '(ERR DB index is out of range): name one it has (0 to one below its `databases` setting, 16 by default)',
+      );
+      // One it has starts (the tests' own, 9).
+      redisUrl.pathname = '/9';
+      await buildTestApp({ env: { REDIS_URL: redisUrl.href } });
+    },
+  );
 });

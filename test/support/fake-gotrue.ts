@@ -88,15 +88,15 @@ export interface FakeGoTrue {
    * Applies each request at once but answers it `ms` later: what a client that timed out meanwhile
    * cannot tell from a request that never arrived.
    */
-  setAnswerDelayMs(ms: number, only?: (method: string, path: string) => boolean): void;
+  setAnswerDelayMs(ms: number, picks?: (method: string, path: string) => boolean): void;
   /**
-   * Holds the next request `only` picks (recorded in `requests`, not handled yet) until `release()`:
+   * Holds the next request `picks` chooses (recorded in `requests`, not handled yet) until `release()`:
    * what happens here while Supabase has a request in hand. `arrived` resolves when it comes; the
    * request is then handled as any other (`setFailWith` as it stands at the release).
    */
-  hold(only: (method: string, path: string) => boolean): FakeGoTrueHold;
-  /** Answers every request (or those `only` picks) with this error, after the apikey check. */
-  setFailWith(failure: FakeGoTrueFailure | undefined, only?: (method: string, path: string) => boolean): void;
+  hold(picks: (method: string, path: string) => boolean): FakeGoTrueHold;
+  /** Answers every request (or those `picks` chooses) with this error, after the apikey check. */
+  setFailWith(failure: FakeGoTrueFailure | undefined, picks?: (method: string, path: string) => boolean): void;
   /** Confirms the email as the link in the confirmation mail would. */
   confirm(email: string): void;
   /** How many of the user's sessions are not revoked. */
@@ -203,7 +203,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   let answerDelayMs = 0;
   let answerDelayOnly: ((method: string, path: string) => boolean) | undefined;
   const holds: Array<{
-    only: (method: string, path: string) => boolean;
+    picks: (method: string, path: string) => boolean;
     arrive: () => void;
     released: Promise<void>;
     release: () => void;
@@ -707,7 +707,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     const handleNow = () => {
       handle(req, res).catch((err: unknown) => sendError(req, res, err));
     };
-    const held = holds.findIndex((h) => h.only(method, path));
+    const held = holds.findIndex((h) => h.picks(method, path));
     const hold = held >= 0 ? holds.splice(held, 1)[0] : undefined;
     const run = hold
       ? () => {
@@ -762,11 +762,11 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     setDelayMs(ms) {
       delayMs = ms;
     },
-    setAnswerDelayMs(ms, only) {
+    setAnswerDelayMs(ms, picks) {
       answerDelayMs = ms;
-      answerDelayOnly = only;
+      answerDelayOnly = picks;
     },
-    hold(only) {
+    hold(picks) {
       let arrive: () => void = () => {};
       let release: () => void = () => {};
       const arrived = new Promise<void>((resolve) => {
@@ -775,12 +775,12 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       const released = new Promise<void>((resolve) => {
         release = () => resolve();
       });
-      holds.push({ only, arrive, released, release });
+      holds.push({ picks, arrive, released, release });
       return { arrived, release };
     },
-    setFailWith(failure, only) {
+    setFailWith(failure, picks) {
       failWith = failure;
-      failOnly = only;
+      failOnly = picks;
     },
     confirm(email) {
       const user = findByEmail(email);
