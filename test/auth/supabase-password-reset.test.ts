@@ -79,6 +79,9 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
   const recoveriesOf = (email: string) => gotrue.recoveries.filter((r) => r.email === email);
   const recoverCalls = () => gotrue.requests.filter((r) => r.path === '/auth/v1/recover').length;
   const since = () => new Date(Date.now() - 1000);
+  /** The user's `auth.password_reset` events since `from`. */
+  const resetEvents = (userId: string, from: Date) =>
+    app.services.audit.list({ subjectId: userId, type: 'auth.password_reset', since: from, limit: 10 });
 
   /** What the user does: asks for a link here, then opens the one Supabase mailed. */
   async function recoveryToken(email: string, options?: { openedSecondsAgo?: number }) {
@@ -141,12 +144,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
 
     const from = since();
     expectInvalidResetToken(await reset(token));
-    const events = await app.services.audit.list({
-      subjectId: user.id,
-      type: 'auth.password_reset',
-      since: from,
-      limit: 10,
-    });
+    const events = await resetEvents(user.id, from);
     expect(events).toEqual([expect.objectContaining({ outcome: 'failure', data: { reason: 'disabled' } })]);
     // The password at Supabase is what it was.
     expect((await setUserStatus(app, admin.accessToken, user.id, 'active')).statusCode).toBe(200);
@@ -206,12 +204,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     // Every session here ended too.
     await expectSignedOutHere(user, other);
 
-    const events = await app.services.audit.list({
-      subjectId: user.id,
-      type: 'auth.password_reset',
-      since: from,
-      limit: 10,
-    });
+    const events = await resetEvents(user.id, from);
     expect(events).toEqual([
       expect.objectContaining({
         outcome: 'success',
@@ -367,12 +360,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     expectProviderUnavailable(res);
     expect(res.json().detail).toMatch(/may be in effect already/);
     await expectSignedOutHere(user, other);
-    const events = await app.services.audit.list({
-      subjectId: user.id,
-      type: 'auth.password_reset',
-      since: from,
-      limit: 10,
-    });
+    const events = await resetEvents(user.id, from);
     expect(events).toEqual([
       expect.objectContaining({
         outcome: 'failure',

@@ -44,6 +44,42 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       sql`select count(*)::int as n from refresh_tokens r join sessions s on s.id = r.session_id where s.user_id = ${userId}`,
     );
 
+  /**
+   * A row in each short-lived table, for `user`: a password reset token (30 min), a sign-in waiting
+   * for a second factor (5 min), and a notice the mail server refused, kept a day for retries.
+   */
+  async function leaveShortLivedRows(user: { id: string; email: string }, tag: string) {
+    await app.services.repos.emailTokens.replace(
+      {
+        userId: user.id,
+        purpose: 'password_reset',
+        email: user.email,
+        tokenHash: `${tag}-${user.id}`,
+        createdAt: clock.now(),
+        expiresAt: new Date(clock.nowMs() + 1800_000),
+      },
+      app.services.db,
+    );
+    const challenge = await app.services.repos.mfa.insertChallenge({
+      userId: user.id,
+      tokenHash: `${tag}-${user.id}`,
+      via: 'auth.login',
+      createdAt: clock.now(),
+      expiresAt: new Date(clock.nowMs() + 300_000),
+    });
+    await app.services.db.insert(mailOutbox).values({
+      kind: 'notice',
+      recipient: user.email,
+      subject: 'retention',
+      bodyEncrypted: 'sealed',
+      userId: user.id,
+      nextAttemptAt: clock.now(),
+      expiresAt: new Date(clock.nowMs() + DAY),
+      createdAt: clock.now(),
+    });
+    return { challenge };
+  }
+
   it('deletes sessions ended longer ago than the retention (with their refresh tokens), expired revocations and old audit events; keeps the rest', async () => {
     const user = await registerUser(app, 'retention');
     const second = await login(app, user.email);
@@ -66,39 +102,10 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     const revocationsBefore = await count(sql`select count(*)::int as n from revocations`);
     expect(revocationsBefore).toBeGreaterThan(0);
 
-    // A password reset token, expired by the time of the purge below.
-    await app.services.repos.emailTokens.replace(
-      {
-        userId: user.id,
-        purpose: 'password_reset',
-        email: user.email,
-        tokenHash: `retention-${user.id}`,
-        createdAt: clock.now(),
-        expiresAt: new Date(clock.nowMs() + 1800_000),
-      },
-      app.services.db,
-    );
-
-    // A sign-in waiting for a second factor (5 min).
-    const challenge = await app.services.repos.mfa.insertChallenge({
-      userId: user.id,
-      tokenHash: `retention-${user.id}`,
-      via: 'auth.login',
-      createdAt: clock.now(),
-      expiresAt: new Date(clock.nowMs() + 300_000),
-    });
-
-    // A notice the mail server refused, kept a day for retries by an instance that has no mailer now.
-    await app.services.db.insert(mailOutbox).values({
-      kind: 'notice',
-      recipient: user.email,
-      subject: 'retention',
-      bodyEncrypted: 'sealed',
-      userId: user.id,
-      nextAttemptAt: clock.now(),
-      expiresAt: new Date(clock.nowMs() + DAY),
-      createdAt: clock.now(),
-    });
+    // A password reset token, expired by the time of the purge below; a sign-in waiting for a second
+    // factor (5 min); a notice the mail server refused, kept a day for retries by an instance that has
+    // no mailer now.
+    const { challenge } = await leaveShortLivedRows(user, 'retention');
 
     // Six days on, nothing has been ended long enough; the revocations (15 min), the reset token
     // (30 min), the challenge and the notice (a day) have expired.
@@ -315,34 +322,7 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       payload: {},
     });
     expect(out.statusCode).toBe(204);
-    await app.services.repos.emailTokens.replace(
-      {
-        userId: user.id,
-        purpose: 'password_reset',
-        email: user.email,
-        tokenHash: `retention-failing-${user.id}`,
-        createdAt: clock.now(),
-        expiresAt: new Date(clock.nowMs() + 1800_000),
-      },
-      app.services.db,
-    );
-    await app.services.repos.mfa.insertChallenge({
-      userId: user.id,
-      tokenHash: `retention-failing-${user.id}`,
-      via: 'auth.login',
-      createdAt: clock.now(),
-      expiresAt: new Date(clock.nowMs() + 300_000),
-    });
-    await app.services.db.insert(mailOutbox).values({
-      kind: 'notice',
-      recipient: user.email,
-      subject: 'retention',
-      bodyEncrypted: 'sealed',
-      userId: user.id,
-      nextAttemptAt: clock.now(),
-      expiresAt: new Date(clock.nowMs() + DAY),
-      createdAt: clock.now(),
-    });
+    await leaveShortLivedRows(user, 'retention-failing');
     const ofUser = (table: string) =>
       count(sql`select count(*)::int as n from ${sql.identifier(table)} where user_id = ${user.id}`);
     const auditOfUser = () =>
