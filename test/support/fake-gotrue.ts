@@ -96,7 +96,10 @@ export interface FakeGoTrue {
    */
   hold(picks: (method: string, path: string) => boolean): FakeGoTrueHold;
   /** Answers every request (or those `picks` chooses) with this error, after the apikey check. */
-  setFailWith(failure: FakeGoTrueFailure | undefined, picks?: (method: string, path: string) => boolean): void;
+  setFailWith(
+    failure: FakeGoTrueFailure | undefined,
+    picks?: (method: string, path: string) => boolean,
+  ): void;
   /** Confirms the email as the link in the confirmation mail would. */
   confirm(email: string): void;
   /** How many of the user's sessions are not revoked. */
