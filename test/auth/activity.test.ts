@@ -1,6 +1,8 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { encodeCursor } from '../../src/lib/pagination.js';
 import { buildTestApp } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { clientToken, createClient } from '../clients/helpers.js';
@@ -166,5 +168,129 @@ describe('GET /v1/auth/activity: a user’s own account activity', () => {
     const client = await createClient(app, admin.accessToken, { scopes: ['account:read'] });
     const service = await clientToken(app, client);
     expect((await activity(service.access_token)).statusCode).toBe(403);
+  });
+});
+
+describe('GET /v1/auth/activity?since=&settled=: followed as the audit log is, with complete_until', () => {
+  const clock = createTestClock();
+  let app: FastifyInstance;
+
+  beforeAll(async () => {
+    app = await buildTestApp({ deps: { clock } });
+  });
+
+  interface Page {
+    data: Array<Activity & { id: string; created_at: string }>;
+    next_cursor: string | null;
+    complete_until: string;
+  }
+
+  const read = (token: string, query: string) =>
+    app.inject({ method: 'GET', url: `/v1/auth/activity?${query}`, headers: bearer(token) });
+  const at = (instant: string) => encodeURIComponent(instant);
+
+  it('since= reads what happened at or after the instant, newest first, page by page; every page answers the complete_until of the first', async () => {
+    const user = await registerUser(app, 'activity-since');
+    clock.advance(10);
+    const since = clock.now().toISOString();
+    for (let i = 0; i < 3; i++) {
+      clock.advance(1);
+      await login(app, user.email);
+    }
+    const pages: Page[] = [];
+    let cursor: string | null = null;
+    do {
+      const res = await read(
+        user.accessToken,
+        `since=${at(since)}&limit=2${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`,
+      );
+      expect(res.statusCode, res.body).toBe(200);
+      pages.push(res.json());
+      cursor = pages.at(-1)!.next_cursor;
+      // Written while the read goes on: a later read's, not this one's complete_until.
+      if (pages.length === 1) clock.advance(60);
+    } while (cursor);
+    expect(pages).toHaveLength(2);
+    const events = pages.flatMap((p) => p.data);
+    // The registration came before `since`.
+    expect(events.map((e) => e.type)).toEqual(['auth.login', 'auth.login', 'auth.login']);
+    const stamps = events.map((e) => e.created_at);
+    expect(stamps).toEqual([...stamps].sort().reverse());
+    expect(new Set(pages.map((p) => p.complete_until)).size).toBe(1);
+    // At or after to the last digit sent: a fraction past the newest event's millisecond leaves it out.
+    const newest = stamps[0]!;
+    const past = await read(user.accessToken, `since=${at(newest.replace('Z', '1Z'))}`);
+    expect(past.json().data).toEqual([]);
+    expect((await read(user.accessToken, `since=${at(newest)}`)).json().data).toHaveLength(1);
+  });
+
+  it('settled=true stops at complete_until, the default reads up to now; every answer says complete_until, and following it misses nothing', async () => {
+    const user = await registerUser(app, 'activity-settled');
+    const since = new Date(clock.nowMs() - 1000).toISOString();
+    const before = clock.nowMs();
+    const settled = await read(user.accessToken, `settled=true&since=${at(since)}`);
+    const after = clock.nowMs();
+    expect(settled.statusCode, settled.body).toBe(200);
+    const settleMs = app.services.audit.settleMs;
+    const completeUntil = Date.parse(settled.json().complete_until);
+    expect(completeUntil).toBeGreaterThanOrEqual(before - settleMs);
+    expect(completeUntil).toBeLessThanOrEqual(after - settleMs);
+    const types = (res: { json(): Page }) => res.json().data.map((e) => e.type);
+    // Just written: within the window on PostgreSQL, not yet settled (PGlite has none).
+    expect(types(settled)).toEqual(settleMs > 0 ? [] : ['user.registered']);
+    expect(types(await read(user.accessToken, 'settled=true'))).toEqual(
+      settleMs > 0 ? [] : ['user.registered'],
+    );
+    // Up to now by default, with since= or without, and with settled=false.
+    for (const query of [`since=${at(since)}`, `since=${at(since)}&settled=false`, '']) {
+      const res = await read(user.accessToken, query);
+      expect(types(res), query).toEqual(['user.registered']);
+      expect(res.json().complete_until, query).toEqual(expect.any(String));
+    }
+    // Followed: each read from the last one's complete_until (or its own since when later).
+    clock.advance(settleMs / 1000 + 1);
+    const first = await read(user.accessToken, `settled=true&since=${at(since)}`);
+    expect(types(first)).toEqual(['user.registered']);
+    clock.advance(1);
+    await login(app, user.email);
+    clock.advance(settleMs / 1000 + 1);
+    const next = [since, first.json().complete_until].sort().at(-1)!;
+    expect(types(await read(user.accessToken, `settled=true&since=${at(next)}`))).toEqual(['auth.login']);
+  });
+
+  it('a cursor of the plain (created_at, id) kind, as the feed gave before, still pages', async () => {
+    const user = await registerUser(app, 'activity-old-cursor');
+    clock.advance(1);
+    await login(app, user.email);
+    const all = (await read(user.accessToken, '')).json() as Page;
+    expect(all.data.map((e) => e.type)).toEqual(['auth.login', 'user.registered']);
+    const newest = all.data[0]!;
+    const cursor = encodeCursor({ at: new Date(newest.created_at), id: newest.id });
+    const rest = await read(user.accessToken, `cursor=${encodeURIComponent(cursor)}`);
+    expect(rest.statusCode, rest.body).toBe(200);
+    expect(rest.json().data.map((e: { type: string }) => e.type)).toEqual(['user.registered']);
+  });
+
+  it('refuses a since or settled it cannot read (400 naming it), as the audit log does', async () => {
+    const user = await registerUser(app, 'activity-bad-since');
+    const admin = await createAdmin(app);
+    for (const [query, field] of [
+      ['since=yesterday', 'query.since'],
+      ['since=2026-13-01T00:00:00Z', 'query.since'],
+      [`since=${at('9999-12-31T23:59:59-23:59')}`, 'query.since'],
+      ['settled=yes', 'query.settled'],
+      ['until=2026-01-01T00:00:00Z', 'query.until'],
+    ]) {
+      const res = await read(user.accessToken, query!);
+      expect(res.statusCode, query).toBe(400);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+      expect(res.json().errors, query).toEqual([expect.objectContaining({ field })]);
+      const audit = await app.inject({
+        method: 'GET',
+        url: `/v1/audit-events?${query}`,
+        headers: bearer(admin.accessToken),
+      });
+      expect(audit.json().errors, `audit: ${query}`).toEqual(res.json().errors);
+    }
   });
 });

@@ -3,13 +3,11 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { atOrAfter, InstantSchema } from '../../lib/instant.js';
 import {
-  decodeCursor,
   decodeCursorWithin,
   encodeCursorWithin,
   PaginationQuerySchema,
   pageBy,
   pageOf,
-  paginate,
 } from '../../lib/pagination.js';
 import { userIdOf } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
@@ -44,14 +42,11 @@ const auditId = () =>
     .max(200)
     .overwrite((id) => (UUID_SHAPE.test(id) ? id.toLowerCase() : id));
 
-const AuditQuerySchema = PaginationQuerySchema.extend({
-  actor_id: auditId().optional(),
-  credential_id: auditId()
-    .optional()
-    .describe('Events done with this session or API key (its id); fastest with `actor_id`'),
-  subject_id: auditId().optional().describe('Events about this user, API key or client (its id)'),
-  outcome: z.enum(['success', 'failure']).optional(),
-  type: z.string().min(1).max(100).optional(),
+/**
+ * Reading the log from an instant (`since`), up to now or only as far as it has settled (`settled`):
+ * the audit list's and a user's activity's, with the same meaning. Read by `readFollowable`.
+ */
+const FollowQuerySchema = z.object({
   since: InstantSchema.optional().describe(
     'ISO 8601; events at or after. To follow the log without missing an event, read with ' +
       '`settled=true` and send each answer’s `complete_until` as the next read’s `since`',
@@ -64,18 +59,60 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
         'stamped inside the transaction that writes it, so one may commit after a later-stamped one). ' +
         '`false` (the default): up to now, the newest events included',
     ),
+});
+
+const AuditQuerySchema = PaginationQuerySchema.extend({
+  actor_id: auditId().optional(),
+  credential_id: auditId()
+    .optional()
+    .describe('Events done with this session or API key (its id); fastest with `actor_id`'),
+  subject_id: auditId().optional().describe('Events about this user, API key or client (its id)'),
+  outcome: z.enum(['success', 'failure']).optional(),
+  type: z.string().min(1).max(100).optional(),
+  ...FollowQuerySchema.shape,
 }).strict();
 
-const AuditPageSchema = pageOf(AuditEventSchema).extend({
-  complete_until: z
-    .string()
-    .describe(
-      'Every event stamped before this instant has committed: this read (this page and the pages its ' +
-        '`next_cursor` leads to) holds all of them that match, and none will appear later. The same on ' +
-        'every page of a read. A consumer following the log sends it as the next read’s `since` (or ' +
-        'keeps its `since` when that is later)',
-    ),
-});
+/** A page of the log read by `readFollowable`: with the `complete_until` its read holds all of. */
+const followablePageOf = <T extends z.ZodType>(item: T) =>
+  pageOf(item).extend({
+    complete_until: z
+      .string()
+      .describe(
+        'Every event stamped before this instant has committed: this read (this page and the pages its ' +
+          '`next_cursor` leads to) holds all of them that match, and none will appear later. The same on ' +
+          'every page of a read. A consumer following the log sends it as the next read’s `since` (or ' +
+          'keeps its `since` when that is later)',
+      ),
+  });
+
+type ListFilter = Parameters<AuditService['list']>[0];
+
+/**
+ * One page of the events matching `filter`, newest first, from `since` when asked and only up to
+ * `complete_until` with `settled=true`. `complete_until` is taken before the read and carried by its
+ * cursors, so every page of a read answers its first page's; a plain (created_at, id) cursor is taken
+ * too, and starts a new `complete_until`.
+ */
+async function readFollowable(
+  audit: AuditService,
+  q: z.infer<typeof PaginationQuerySchema> & z.infer<typeof FollowQuerySchema>,
+  filter: Omit<ListFilter, 'limit' | 'since' | 'before' | 'cursor'>,
+) {
+  const cursor = decodeCursorWithin(q.cursor);
+  // Taken before the read, and kept by its later pages: what the read holds all of.
+  const completeUntil = cursor?.within ?? audit.completeUntil();
+  const rows = await audit.list({
+    ...filter,
+    limit: q.limit,
+    ...(q.settled === 'true' ? { before: completeUntil } : {}),
+    ...(q.since ? { since: atOrAfter(q.since) } : {}),
+    ...(cursor ? { cursor: { at: cursor.at, id: cursor.id } } : {}),
+  });
+  const { page, nextCursor } = pageBy(rows, q.limit, (last) =>
+    encodeCursorWithin({ at: last.createdAt, id: last.id }, completeUntil),
+  );
+  return { page, nextCursor, completeUntil: completeUntil.toISOString() };
+}
 
 /**
  * What a user's own activity shows: their account's sign-ins (and attempts), sign-outs, password,
@@ -152,23 +189,20 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
           'waiting for its second factor, sign-outs and revoked tokens, ' +
           'password, address and two-step verification changes, roles and status set by an administrator). ' +
           'Where it came from (`ip`, `user_agent`) is shown for what the caller or someone unknown did, not ' +
-          'for an administrator or a service.',
+          'for an administrator or a service. `since`, `settled` and `complete_until` as at ' +
+          'GET /v1/audit-events: a feed that reads with `settled=true` and sends each answer’s ' +
+          '`complete_until` as the next read’s `since` misses no event and reads none twice.',
         security: bearerOrApiKey,
-        querystring: PaginationQuerySchema.strict(),
-        response: { 200: pageOf(ActivityEventSchema), ...problems(400, 401, 403) },
+        querystring: PaginationQuerySchema.extend(FollowQuerySchema.shape).strict(),
+        response: { 200: followablePageOf(ActivityEventSchema), ...problems(400, 401, 403) },
       },
     },
     async (request) => {
       const userId = userIdOf(request);
-      const q = request.query;
-      const cursor = decodeCursor(q.cursor);
-      const rows = await deps.audit.list({
-        limit: q.limit,
+      const { page, nextCursor, completeUntil } = await readFollowable(deps.audit, request.query, {
         subjectId: userId,
         types: ACCOUNT_ACTIVITY_TYPES,
-        ...(cursor ? { cursor } : {}),
       });
-      const { page, nextCursor } = paginate(rows, q.limit);
       return {
         data: page.map((e) => {
           // Another user's failed attempt on the account (a link of its own confirmed from their
@@ -201,6 +235,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
           };
         }),
         next_cursor: nextCursor,
+        complete_until: completeUntil,
       };
     },
   );
@@ -222,29 +257,18 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
           'list reads up to now.',
         security: bearerOrApiKey,
         querystring: AuditQuerySchema,
-        response: { 200: AuditPageSchema, ...problems(400, 401, 403) },
+        response: { 200: followablePageOf(AuditEventSchema), ...problems(400, 401, 403) },
       },
     },
     async (request) => {
       const q = request.query;
-      const cursor = decodeCursorWithin(q.cursor);
-      // Taken before the read, and kept by its later pages: what the read holds all of.
-      const completeUntil = cursor?.within ?? deps.audit.completeUntil();
-      const settled = q.settled === 'true';
-      const rows = await deps.audit.list({
-        limit: q.limit,
-        ...(settled ? { before: completeUntil } : {}),
+      const { page, nextCursor, completeUntil } = await readFollowable(deps.audit, q, {
         ...(q.actor_id ? { actorId: q.actor_id } : {}),
         ...(q.credential_id ? { credentialId: q.credential_id } : {}),
         ...(q.subject_id ? { subjectId: q.subject_id } : {}),
         ...(q.outcome ? { outcome: q.outcome } : {}),
         ...(q.type ? { type: q.type } : {}),
-        ...(q.since ? { since: atOrAfter(q.since) } : {}),
-        ...(cursor ? { cursor: { at: cursor.at, id: cursor.id } } : {}),
       });
-      const { page, nextCursor } = pageBy(rows, q.limit, (last) =>
-        encodeCursorWithin({ at: last.createdAt, id: last.id }, completeUntil),
-      );
       return {
         data: page.map((e) => ({
           id: e.id,
@@ -261,7 +285,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
           created_at: e.createdAt.toISOString(),
         })),
         next_cursor: nextCursor,
-        complete_until: completeUntil.toISOString(),
+        complete_until: completeUntil,
       };
     },
   );
