@@ -4,6 +4,7 @@ import fp from 'fastify-plugin';
 import { Counter, collectDefaultMetrics, Registry } from 'prom-client';
 import { AppError } from '../lib/errors.js';
 import { HttpRequestMetrics } from '../lib/http-metrics.js';
+import { REPEATED_AUTHORIZATION_DETAIL, repeatedAuthorization } from './authenticate.js';
 
 /** One registry per app, so several apps in one process (tests) do not collide. */
 export function createMetrics() {
@@ -77,7 +78,16 @@ async function metricsPlugin(
   // exists), so only the scraper may read them.
   app.get('/metrics', { schema: { hide: true }, config: { public: true } }, async (request, reply) => {
     if (expected !== undefined) {
-      const presented = BEARER.exec(request.headers.authorization ?? '')?.[1];
+      const authorization = request.headers.authorization;
+      // Node keeps the first of several Authorization headers and drops the others: refused, as
+      // everywhere else, rather than scraped for whichever came first. Checked here, in this route
+      // alone, so no other request pays for it.
+      if (authorization !== undefined && repeatedAuthorization(request))
+        throw new AppError('bad_request', {
+          detail: REPEATED_AUTHORIZATION_DETAIL,
+          headers: { 'www-authenticate': 'Bearer realm="metrics", error="invalid_request"' },
+        });
+      const presented = BEARER.exec(authorization ?? '')?.[1];
       if (presented === undefined || !timingSafeEqual(digest(presented), expected))
         throw new AppError('authentication_required', {
           detail: 'GET /metrics needs Authorization: Bearer <METRICS_TOKEN>',

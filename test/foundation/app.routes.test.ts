@@ -451,6 +451,41 @@ describe('/metrics with METRICS_TOKEN', () => {
       expect(scraped.body).toContain('http_requests_total{method="GET",route="/metrics",status="401"}');
     }
   });
+
+  it('two Authorization headers: 400 invalid_request, as everywhere else, whichever comes first (Node keeps only it)', async () => {
+    const token = 'scrape-0123456789abcdef';
+    const app = await buildTestApp({ env: { METRICS_TOKEN: token } });
+    const pairs = {
+      'token, wrong': [`Bearer ${token}`, 'Bearer wrong-token-0123456789'],
+      'wrong, token': ['Bearer wrong-token-0123456789', `Bearer ${token}`],
+      'token twice': [`Bearer ${token}`, `Bearer ${token}`],
+      'token, Basic': [`Bearer ${token}`, 'Basic Og=='],
+    };
+    for (const [label, authorization] of Object.entries(pairs)) {
+      const res = await app.inject({
+        method: 'GET',
+        url: '/metrics',
+        headers: { authorization: authorization as unknown as string },
+      });
+      expect(res.statusCode, label).toBe(400);
+      expect(res.headers['content-type'], label).toContain('application/problem+json');
+      expect(res.headers['www-authenticate'], label).toBe('Bearer realm="metrics", error="invalid_request"');
+      expect(res.json(), label).toMatchObject({
+        code: 'bad_request',
+        status: 400,
+        detail: 'Send one Authorization header: with several, which one counts is left open (RFC 9110 §5.3)',
+      });
+      expect(res.body, label).not.toContain('http_requests_total');
+    }
+    // Without METRICS_TOKEN nothing reads Authorization: open to anyone, as any public route.
+    const open = await buildTestApp();
+    const scraped = await open.inject({
+      method: 'GET',
+      url: '/metrics',
+      headers: { authorization: pairs['wrong, token'] as unknown as string },
+    });
+    expect(scraped.statusCode).toBe(200);
+  });
 });
 
 describe('readiness when the database does not answer, and while shutting down', () => {
