@@ -1,7 +1,8 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { Counter, collectDefaultMetrics, Registry } from 'prom-client';
+import { constantTimeEqual } from '../lib/crypto.js';
 import { AppError } from '../lib/errors.js';
 import { HttpRequestMetrics } from '../lib/http-metrics.js';
 import { REPEATED_AUTHORIZATION_DETAIL, repeatedAuthorization } from './authenticate.js';
@@ -50,15 +51,15 @@ export type Metrics = ReturnType<typeof createMetrics>;
 /** `Authorization: Bearer <token>`'s token (the scheme in any case), or undefined. */
 const BEARER = /^Bearer +([^\s]+) *$/i;
 
-const digest = (value: string) => createHash('sha256').update(value).digest();
+const digest = (value: string) => createHash('sha256').update(value).digest('base64url');
 
 async function metricsPlugin(
   app: FastifyInstance,
   options: { metrics: Metrics; token?: string | undefined },
 ) {
   const { metrics } = options;
-  // Compared as SHA-256 digests, in constant time: neither the token's characters nor its length
-  // show in how long a refusal takes.
+  // Compared as SHA-256 digests (always of one length) by the service's constant-time compare: neither
+  // the token's characters nor its length show in how long a refusal takes.
   const expected = options.token === undefined ? undefined : digest(options.token);
   // Synchronous on purpose: this runs after every response, and an async hook costs a promise and a
   // microtask turn per request on the paths other services call the most.
@@ -88,7 +89,7 @@ async function metricsPlugin(
           headers: { 'www-authenticate': 'Bearer realm="metrics", error="invalid_request"' },
         });
       const presented = BEARER.exec(authorization ?? '')?.[1];
-      if (presented === undefined || !timingSafeEqual(digest(presented), expected))
+      if (presented === undefined || !constantTimeEqual(digest(presented), expected))
         throw new AppError('authentication_required', {
           detail: 'GET /metrics needs Authorization: Bearer <METRICS_TOKEN>',
           headers: { 'www-authenticate': 'Bearer realm="metrics"' },
