@@ -55,6 +55,33 @@ describe('201 Created answers carry the Location of what they made', () => {
       }
     });
 
+    it('a client’s new secret names no Location: a secret has no URL of its own', async () => {
+      const created = await app.inject({
+        method: 'POST',
+        url: '/v1/clients',
+        headers: bearer(admin.accessToken),
+        payload: { name: 'rotated', scopes: ['users:read'] },
+      });
+      expect(created.statusCode, created.body).toBe(201);
+      const rotated = await app.inject({
+        method: 'POST',
+        url: `/v1/clients/${created.json().id}/secrets`,
+        headers: bearer(admin.accessToken),
+        payload: {},
+      });
+      expect(rotated.statusCode, rotated.body).toBe(201);
+      expect(rotated.json().client_secret).toEqual(expect.any(String));
+      expect(rotated.headers.location).toBeUndefined();
+      // Nothing reads a secret back: the path posted to takes POST alone.
+      const read = await app.inject({
+        method: 'GET',
+        url: `/v1/clients/${created.json().id}/secrets`,
+        headers: bearer(admin.accessToken),
+      });
+      expect(read.statusCode).toBe(405);
+      expect(read.headers.allow).toBe('POST');
+    });
+
     it('a problem’s instance is the path the client sent, under the prefix as Location is', async () => {
       const id = randomUUID();
       const answers = [

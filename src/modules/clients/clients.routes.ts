@@ -182,7 +182,13 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
           'outlive an API key.',
         params: ClientIdParamSchema,
         body: RotateSecretBodySchema.nullish(),
-        response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 404, 409, 415, 503) },
+        response: {
+          201: ClientWithSecretSchema.describe(
+            'The client with its new secret, shown once. No `Location`: a secret has no URL of its own ' +
+              '(nothing reads or deletes one), and the client is the parent of the path posted to',
+          ),
+          ...problems(400, 401, 403, 404, 409, 415, 503),
+        },
       },
     },
     async (request, reply) => {
