@@ -1,6 +1,5 @@
 import { randomUUID } from 'node:crypto';
 import cors from '@fastify/cors';
-import formbody from '@fastify/formbody';
 import Fastify, {
   type FastifyBaseLogger,
   type FastifyInstance,
@@ -17,7 +16,7 @@ import { type Clock, systemClock } from './lib/clock.js';
 import { AppError, invalidFields } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
-import { hasMalformedEscapes, parseForm } from './lib/form.js';
+import { parseFormBody } from './lib/form.js';
 import {
   declaredCharset,
   duplicateMemberError,
@@ -548,36 +547,20 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // other route answers one with 415, so a cross-site HTML form (which posts without a CORS preflight)
   // cannot log in, register or change anything.
   await app.register(async (scope) => {
-    // A form body in another charset would be read as UTF-8 and mean something else (a client id or
-    // secret in Latin-1): refused, as a JSON body's is.
-    scope.addHook('onRequest', async (request) => {
-      const type = request.headers['content-type'];
-      if (!type?.toLowerCase().startsWith('application/x-www-form-urlencoded')) return;
-      const charset = declaredCharset(type);
-      if (charset !== undefined && !['utf-8', 'utf8', 'us-ascii'].includes(charset)) {
-        throw new AppError('unsupported_media_type', {
-          detail: 'Form bodies are UTF-8: send charset=utf-8, or no charset',
-        });
-      }
-    });
-    await scope.register(formbody, {
-      bodyLimit: config.bodyLimit,
-      parser: (text) => {
-        // Bytes that are not UTF-8 were decoded to U+FFFD: refused, as in a JSON body, rather than
-        // read as a value they were not (and no OAuth parameter holds U+FFFD).
-        if (text.includes('\uFFFD'))
-          throw new AppError('bad_request', { detail: 'The form body is not valid UTF-8' });
-        // Nor escaped so: `%FF` (not UTF-8) or `%zz` (no escape at all) is not taken as itself.
-        if (hasMalformedEscapes(text))
-          throw new AppError('bad_request', {
-            detail: 'The form body has a malformed %-escape, or one of bytes that are not UTF-8',
-          });
-        const value = parseForm(text);
-        const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
-        if (fields.length > 0) throw nulError(fields);
-        return value;
+    // The form parser is registered here, not by a plugin: it needs the request's Content-Type, which
+    // a parser of the text alone (@fastify/formbody's) does not see, and a hook reading it would run on
+    // every /oauth request, the introspections other services send on every call of theirs included.
+    scope.addContentTypeParser(
+      'application/x-www-form-urlencoded',
+      { parseAs: 'buffer', bodyLimit: config.bodyLimit },
+      (request, body, done) => {
+        try {
+          done(null, parseFormBody(request.headers['content-type'], body as Buffer));
+        } catch (err) {
+          done(err as Error, undefined);
+        }
       },
-    });
+    );
     await scope.register(oauthRoutes, { oauth: services.oauth });
   });
 

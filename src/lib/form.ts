@@ -1,4 +1,7 @@
 import { parse as parseEncoded } from 'fast-querystring';
+import { AppError } from './errors.js';
+import { declaredCharset } from './json-body.js';
+import { nulError, nulFields, urlEncodedMayHoldNul } from './nul-characters.js';
 
 /** A parsed `application/x-www-form-urlencoded` body: a repeated name holds every value in order. */
 export type FormFields = Record<string, string | string[]>;
@@ -59,4 +62,34 @@ export function hasMalformedEscapes(text: string): boolean {
   } catch {
     return true;
   }
+}
+
+/** The charsets a form body may declare: what it is read as (US-ASCII is within UTF-8). */
+const FORM_CHARSETS = new Set(['utf-8', 'utf8', 'us-ascii']);
+
+/**
+ * The fields of an `application/x-www-form-urlencoded` body (the /oauth endpoints'), or the AppError
+ * that refuses it: another declared charset is a 415 (a client id or secret in Latin-1 would be read
+ * as UTF-8 and mean something else), and text that is not UTF-8, a malformed %-escape or a NUL a 400.
+ */
+export function parseFormBody(contentType: string | undefined, body: Buffer): FormFields {
+  const charset = declaredCharset(contentType);
+  if (charset !== undefined && !FORM_CHARSETS.has(charset))
+    throw new AppError('unsupported_media_type', {
+      detail: 'Form bodies are UTF-8: send charset=utf-8, or no charset',
+    });
+  const text = body.toString();
+  // Bytes that are not UTF-8 were decoded to U+FFFD: refused, as in a JSON body, rather than read as
+  // a value they were not (and no OAuth parameter holds U+FFFD).
+  if (text.includes('\uFFFD'))
+    throw new AppError('bad_request', { detail: 'The form body is not valid UTF-8' });
+  // Nor escaped so: `%FF` (not UTF-8) or `%zz` (no escape at all) is not taken as itself.
+  if (hasMalformedEscapes(text))
+    throw new AppError('bad_request', {
+      detail: 'The form body has a malformed %-escape, or one of bytes that are not UTF-8',
+    });
+  const value = parseForm(text);
+  const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
+  if (fields.length > 0) throw nulError(fields);
+  return value;
 }
