@@ -12,7 +12,7 @@ import * as oidc from 'openid-client';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
-import { clients } from '../../src/db/schema/index.js';
+import { apiKeys, clients } from '../../src/db/schema/index.js';
 import { type DatabaseHandle, openDatabase } from '../../src/db/client.js';
 import { formUrlEncode } from '../../src/modules/oauth/oauth.client-auth.js';
 import {
@@ -938,6 +938,60 @@ describe('POST /oauth/introspect', () => {
       key_id: created.json().id,
     });
     expect(await introspect(app, key, as(mine))).toEqual({ active: false });
+  });
+
+  it('gives a rotated-out API key secret the exp of its grace, not of the key (RFC 7662 §2.2)', async () => {
+    const user = await registerUser(app, 'keyrotation');
+    const inMonth = new Date(Date.now() + 30 * 86_400_000).toISOString();
+    const make = async (expiresAt?: string) => {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: bearer(user.accessToken),
+        payload: {
+          name: 'rotated',
+          scopes: ['account:read'],
+          ...(expiresAt ? { expires_at: expiresAt } : {}),
+        },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      return res.json() as { id: string; key: string };
+    };
+    const rotate = async (id: string, grace: number) => {
+      const res = await app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${id}/rotate`,
+        headers: bearer(user.accessToken),
+        payload: { grace_seconds: grace },
+      });
+      expect(res.statusCode, res.body).toBe(200);
+      const [row] = await app.services.db.select().from(apiKeys).where(eq(apiKeys.id, id));
+      return {
+        key: res.json().key as string,
+        graceEnds: Math.floor(row!.previousSecretExpiresAt!.getTime() / 1000),
+      };
+    };
+    const epoch = (iso: string) => Math.floor(Date.parse(iso) / 1000);
+
+    // A key that never expires: its replaced secret stops at the end of the grace, and says so.
+    const forever = await make();
+    const renewed = await rotate(forever.id, 60);
+    const old = await introspect(app, forever.key, as(auditor));
+    expect(old).toMatchObject({ active: true, key_id: forever.id, exp: renewed.graceEnds });
+    expect(await introspect(app, renewed.key, as(auditor))).not.toHaveProperty('exp');
+
+    // A key that expires before the grace would end: the key's expiry, the earlier of the two.
+    const soon = new Date(Date.now() + 120_000).toISOString();
+    const short = await make(soon);
+    const shortRenewed = await rotate(short.id, 3600);
+    expect(await introspect(app, short.key, as(auditor))).toMatchObject({ active: true, exp: epoch(soon) });
+    expect(await introspect(app, shortRenewed.key, as(auditor))).toMatchObject({ exp: epoch(soon) });
+
+    // A key that expires after the grace: the grace, for the replaced secret only.
+    const month = await make(inMonth);
+    const monthRenewed = await rotate(month.id, 60);
+    expect(await introspect(app, month.key, as(auditor))).toMatchObject({ exp: monthRenewed.graceEnds });
+    expect(await introspect(app, monthRenewed.key, as(auditor))).toMatchObject({ exp: epoch(inMonth) });
   });
 
   it('needs an authenticated caller: 401 invalid_client without one, 401 insufficient_scope for a bearer lacking the permission', async () => {

@@ -9,12 +9,16 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
     async inspect(key: string) {
       const verified = await apiKeys.verify(key);
       if (!verified.valid) return undefined;
+      const { expiresAt, previousSecretExpiresAt: graceEnds } = verified.key;
       return {
         keyId: verified.key.id,
         ownerId: verified.key.ownerId,
         // What the key may do now: its scopes within its owner's current permissions.
         scopes: verified.scopes,
-        expiresAt: verified.key.expiresAt,
+        // When this string stops working (RFC 7662 §2.2 `exp`): a secret a rotation replaced ends with
+        // its grace, or with the key if that comes first; a resource server caches no longer than that.
+        expiresAt:
+          verified.previous && graceEnds && (!expiresAt || graceEnds < expiresAt) ? graceEnds : expiresAt,
         createdAt: verified.key.createdAt,
       };
     },
