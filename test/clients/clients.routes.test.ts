@@ -260,10 +260,10 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
     expect(await auditOf(client.id)).toContain('client.secret_rotated');
   });
 
-  it('rotates without a grace: the old secret stops at once', async () => {
+  it('rotates without a grace: the old secret stops at once, the tokens it got do not', async () => {
     const client = await createClient(app, admin.accessToken, { scopes: [] });
     // Used first, so this instance remembers it (its header included) until the rotation.
-    await clientToken(app, client);
+    const before = await clientToken(app, client);
     const res = await app.inject({
       method: 'POST',
       url: `/v1/clients/${client.id}/secrets`,
@@ -279,6 +279,18 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
     );
     expect(old.statusCode).toBe(401);
     await clientToken(app, { client_id: client.client_id, client_secret: res.json().client_secret });
+    // A rotation revokes nothing already issued (README): disabling the client does.
+    const watcher = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const asWatcher = basic(watcher.client_id, watcher.client_secret);
+    expect((await introspect(app, before.access_token, asWatcher)).active).toBe(true);
+    const disabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/clients/${client.id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode, disabled.body).toBe(200);
+    expect((await introspect(app, before.access_token, asWatcher)).active).toBe(false);
   });
 
   it('disables a client: its secret is refused and the tokens it holds stop working', async () => {

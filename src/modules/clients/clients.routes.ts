@@ -177,7 +177,8 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         operationId: 'rotateClientSecret',
         summary: 'Rotate the client secret; the new one is shown once',
         description:
-          'The current secret keeps working for `grace_seconds` (default 0), then stops. The caller must ' +
+          'The current secret keeps working for `grace_seconds` (default 0), then stops; access tokens ' +
+          'already issued stay valid until they expire (disable the client to revoke them). The caller must ' +
           'hold every scope of the client (403 otherwise): the new secret is shown to the caller, and would ' +
           'outlive an API key.',
         params: ClientIdParamSchema,
