@@ -358,7 +358,23 @@ export function createAuthService(deps: AuthServiceDeps) {
       return { user: await deps.users.findByEmail(email), created: false, granted: false };
     }
     const existing = await deps.users.findByEmail(email);
-    if (existing) return { user: existing, created: false, granted: await grantAdmin(existing, context) };
+    if (existing) {
+      // At start (not `force`, the command line's explicit grant), the address is all the operator
+      // named, and on a database with no admin yet anyone may have registered it first (without the
+      // mailbox, where sign-in does not wait for a confirmed address): the account is made admin only
+      // when BOOTSTRAP_ADMIN_PASSWORD is its password, as for an account only Supabase has (below).
+      if (!input.force) {
+        const proven = input.password ? await deps.provider.signIn(email, input.password) : undefined;
+        if (proven?.id !== existing.id)
+          throw new AppError('validation_failed', {
+            detail:
+              'BOOTSTRAP_ADMIN_EMAIL has an account, and BOOTSTRAP_ADMIN_PASSWORD is not its password: ' +
+              'someone else may have registered the address; grant admin with npm run create-admin ' +
+              'once you know whose account it is',
+          });
+      }
+      return { user: existing, created: false, granted: await grantAdmin(existing, context) };
+    }
     if (!input.password)
       throw new AppError('validation_failed', { detail: 'A password is needed to create the admin' });
     checkPasswordStrength(input.password, email);
@@ -774,7 +790,8 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     /**
      * Creates the admin when no admin exists (or always, with `force`; idempotent either way): a new user with the `admin` role, or
-     * the `admin` role for an existing user with that email. Instances starting together on an empty
+     * the `admin` role for an existing user with that email (without `force`, only one whose password
+     * `password` is: see bootstrapOnce). Instances starting together on an empty
      * database may each find no admin and make the account: the one whose insert loses finds the
      * account made (and its admin) when it looks again.
      */

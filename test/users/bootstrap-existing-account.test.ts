@@ -1,0 +1,89 @@
+import type { FastifyInstance } from 'fastify';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { DatabaseHandle } from '../../src/db/client.js';
+import { BootstrapAdminError } from '../../src/services.js';
+import { buildTestApp, uniqueEmail } from '../support/app.js';
+import { ownDatabase } from '../support/database.js';
+import { login, PASSWORD, registerUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/**
+ * BOOTSTRAP_ADMIN_EMAIL naming an address that already has an account: on a database with no admin
+ * yet, anyone could have registered that address first (registration is open, and with
+ * REQUIRE_EMAIL_CONFIRMATION=false they sign in without owning the mailbox). The start makes that
+ * account admin only when BOOTSTRAP_ADMIN_PASSWORD is its password, as with an account Supabase has.
+ */
+describe('the bootstrap admin, for an address that already has an account', () => {
+  const OPERATOR_PASSWORD = 'the operator’s bootstrap passphrase';
+  const disposals: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    for (const dispose of disposals.splice(0)) await dispose();
+  });
+
+  /** A database of its own (the bootstrap acts only where no admin exists), with one account on it. */
+  async function databaseWithAccount(password: string) {
+    const own = await ownDatabase('authz_boot');
+    disposals.push(() => own.dispose());
+    const before = await buildTestApp({ deps: { database: own.database } });
+    const account = await registerUser(before, 'boot-existing', password);
+    await before.close();
+    return { own, account };
+  }
+
+  const start = (database: DatabaseHandle, env: Record<string, string>) =>
+    buildTestApp({ env, deps: { database } }).then((app) => {
+      disposals.unshift(() => app.close());
+      return app;
+    });
+
+  const rolesAt = async (app: FastifyInstance, email: string, password: string) => {
+    const session = await login(app, email, password);
+    const me = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/me',
+      headers: bearer(session.session.access_token),
+    });
+    expect(me.statusCode, me.body).toBe(200);
+    return me.json().roles as string[];
+  };
+
+  it('registered by someone else (another password): the start stops naming BOOTSTRAP_ADMIN_EMAIL, and nobody is made admin', async () => {
+    const { own, account } = await databaseWithAccount(PASSWORD);
+    const failure = await start(own.database, {
+      BOOTSTRAP_ADMIN_EMAIL: account.email,
+      BOOTSTRAP_ADMIN_PASSWORD: OPERATOR_PASSWORD,
+    }).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    expect(failure).toBeInstanceOf(BootstrapAdminError);
+    expect((failure as Error).message).toMatch(
+      new RegExp(`^the bootstrap admin \\(BOOTSTRAP_ADMIN_EMAIL ${account.email}\\) cannot be made: `),
+    );
+    expect((failure as Error).message).toContain('BOOTSTRAP_ADMIN_PASSWORD is not its password');
+    // Whoever registered the address holds what every account holds, and no more.
+    const after = await start(own.database, {});
+    expect(await rolesAt(after, account.email, PASSWORD)).toEqual(['user']);
+    expect(await after.services.repos.users.countWithRole('admin')).toBe(0);
+  });
+
+  it('the operator’s own account (BOOTSTRAP_ADMIN_PASSWORD is its password): made admin, as before', async () => {
+    const { own, account } = await databaseWithAccount(OPERATOR_PASSWORD);
+    const app = await start(own.database, {
+      BOOTSTRAP_ADMIN_EMAIL: account.email.toUpperCase(),
+      BOOTSTRAP_ADMIN_PASSWORD: OPERATOR_PASSWORD,
+    });
+    expect(await rolesAt(app, account.email, OPERATOR_PASSWORD)).toEqual(['admin', 'user']);
+  });
+
+  it('an address nobody has yet is made as before', async () => {
+    const own = await ownDatabase('authz_boot');
+    disposals.push(() => own.dispose());
+    const email = uniqueEmail('boot-new');
+    const app = await start(own.database, {
+      BOOTSTRAP_ADMIN_EMAIL: email,
+      BOOTSTRAP_ADMIN_PASSWORD: OPERATOR_PASSWORD,
+    });
+    expect(await rolesAt(app, email, OPERATOR_PASSWORD)).toEqual(['admin', 'user']);
+  });
+});
