@@ -759,6 +759,37 @@ describe('changing a user’s email address for them (support)', () => {
     }
   });
 
+  it('an API key signing its owner out everywhere does not void a change in waiting: cancelling takes a session', async () => {
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'chg-key-logout');
+    const next = uniqueEmail('chg-key-logout-new');
+    expect((await askFor(admin.accessToken, user.id, next)).statusCode).toBe(202);
+    // A leaked key that may sign its owner out (account:write) is no way around DELETE
+    // /v1/auth/email/change's refusal of keys: support's change stands.
+    const key = await createKey(app, user.accessToken, { scopes: ['account:read', 'account:write'] });
+    const out = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: withKey(key.key),
+      payload: { scope: 'all' },
+    });
+    expect(out.statusCode, out.body).toBe(204);
+    // It did sign the owner out.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
+    ).toBe(401);
+    const pending = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/email/change',
+      headers: withKey(key.key),
+    });
+    expect(pending.statusCode, pending.body).toBe(200);
+    expect(pending.json()).toMatchObject({ new_email: next, waiting_for: ['new_address'] });
+    const opened = await openLink(tokenTo(next));
+    expect(opened.statusCode, opened.body).toBe(200);
+    expect(opened.json()).toMatchObject({ changed: true, user: { id: user.id, email: next } });
+  });
+
   /** The user's last `user.email_changed` event. */
   const lastChange = async (userId: string) =>
     (await app.services.audit.list({ subjectId: userId, type: 'user.email_changed', limit: 5 }))[0];

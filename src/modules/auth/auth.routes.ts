@@ -227,7 +227,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         security: bearerOrApiKey,
         body: LogoutBodySchema.nullish(),
         description:
-          'With `scope: "all"` every session of the user ends; an API key needs `account:write` for that.',
+          'With `scope: "all"` every session of the user ends, with sign-in links not yet opened, and (from ' +
+          'a signed-in session, not an API key) an email change in waiting; an API key needs `account:write` for that.',
         response: { 204: z.null().describe('Logged out'), ...problems(400, 401, 403) },
       },
     },
@@ -246,7 +247,11 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       await deps.auth.logout(
         userIdOf(request),
         principal.kind === 'user' ? principal.sessionId : undefined,
-        { refreshToken: body.refresh_token, scope: body.scope ?? 'session' },
+        {
+          refreshToken: body.refresh_token,
+          scope: body.scope ?? 'session',
+          bySession: principal.kind === 'user',
+        },
         requestContext(request),
       );
       return reply.status(204).send(null);

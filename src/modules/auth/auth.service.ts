@@ -572,7 +572,16 @@ export function createAuthService(deps: AuthServiceDeps) {
     async logout(
       userId: string,
       currentSessionId: string | undefined,
-      input: { refreshToken?: string | undefined; scope: 'session' | 'all' },
+      input: {
+        refreshToken?: string | undefined;
+        scope: 'session' | 'all';
+        /**
+         * Asked from a signed-in session, not with an API key: only then does signing out everywhere
+         * cancel an email change in waiting, as only a session cancels one (DELETE
+         * /v1/auth/email/change), so a leaked key undoes no change, support's least of all.
+         */
+        bySession: boolean;
+      },
       context: RequestContext,
     ): Promise<void> {
       // The refresh token names which of the caller's sessions to end. Someone else's, or one of a
@@ -589,9 +598,9 @@ export function createAuthService(deps: AuthServiceDeps) {
         if (input.scope === 'all') {
           const events = await deps.sessions.endAllSessions(tx, userId, 'logout_all');
           events.forEach(emit);
-          // Signing out everywhere (a stolen session, say) also voids an email change in waiting, and
-          // sign-in links not yet opened.
-          await deps.emailTokens.discardUnused(userId, 'email_change', tx);
+          // Signing out everywhere (a stolen session, say) also voids sign-in links not yet opened, and,
+          // from a session, an email change in waiting.
+          if (input.bySession) await deps.emailTokens.discardUnused(userId, 'email_change', tx);
           await deps.emailTokens.discardUnused(userId, 'magic_link', tx);
           ended = events.map((e) => (e.type === 'revocation' ? e.value : ''));
         } else {
