@@ -7,7 +7,8 @@ import { buildTestApp, testConfig } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
-import { turnOnMfa } from '../support/mfa.js';
+import { capturingMailer } from '../support/mail.js';
+import { totpAt, turnOnMfa } from '../support/mfa.js';
 import { captureLogs } from '../support/logs.js';
 import { selectRows } from '../../src/db/client.js';
 import { decrypt, keyedHash } from '../../src/lib/crypto.js';
@@ -730,6 +731,36 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
       'admin',
       'support',
     ]);
+  });
+});
+
+describe('two-step verification notices (when the service sends mail)', () => {
+  it('tells the user of new recovery codes, as of the factor turned on: codes made by someone else would pass the app', async () => {
+    const mailer = capturingMailer();
+    const clock = createTestClock();
+    const app = await buildTestApp({ deps: { mailer, clock } });
+    const user = await registerUser(app, 'mfa-regen-notice');
+    // Where the service sends mail, a second factor takes a confirmed address.
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
+    const { secret } = await turnOnMfa(app, user.accessToken, clock.nowMs);
+    const subjects = () => mailer.sent.filter((m) => m.to === user.email).map((m) => m.subject);
+    expect(subjects()).toContain('Two-step verification is on');
+    clock.advance(30);
+    // Whoever holds this session and one code from the app (a phished one) makes codes of their own.
+    const fresh = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/recovery-codes',
+      headers: bearer(user.accessToken),
+      payload: { code: totpAt(secret, clock.nowMs()) },
+    });
+    expect(fresh.statusCode, fresh.body).toBe(200);
+    const notice = mailer.sent.find(
+      (m) => m.to === user.email && m.subject === 'New recovery codes for two-step verification',
+    );
+    expect(notice, JSON.stringify(subjects())).toBeDefined();
+    expect(notice!.text).toContain('the earlier ones no longer work');
+    // The notice names no code.
+    for (const code of fresh.json().recovery_codes as string[]) expect(notice!.text).not.toContain(code);
   });
 });
 

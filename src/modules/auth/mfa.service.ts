@@ -260,6 +260,14 @@ export function createMfaService(deps: MfaServiceDeps) {
         `Two-step verification was turned off for your account${byAdministrator ? ' by an administrator' : ''}: ` +
           'signing in asks for your password only. If this was not you, reset your password and contact support.',
       ),
+    recoveryCodes: (user: Pick<UserRow, 'id' | 'email'> | undefined) =>
+      notify(
+        user,
+        'New recovery codes for two-step verification',
+        'New recovery codes were made for your account: the earlier ones no longer work. Whoever has them ' +
+          'can sign in without your authenticator app. If this was not you, sign out everywhere, make new ' +
+          'recovery codes, reset your password and contact support.',
+      ),
   };
 
   /** Serializes one user's MFA changes (two enrolments at once would both find no factor). */
@@ -538,9 +546,13 @@ export function createMfaService(deps: MfaServiceDeps) {
       );
     },
 
-    /** A new set of recovery codes (the old ones stop working), with a code from the app. */
+    /**
+     * A new set of recovery codes (the old ones stop working), with a code from the app. The user hears
+     * of it, as of the factor turned on or off: codes made by whoever held a session and one code
+     * would sign in past the app for as long as they last.
+     */
     async regenerateRecoveryCodes(userId: string, code: string, context: RequestContext): Promise<string[]> {
-      return withCode(
+      const codes = await withCode(
         userId,
         code,
         { recoveryCodes: false, verified: true },
@@ -556,6 +568,8 @@ export function createMfaService(deps: MfaServiceDeps) {
           return codes;
         },
       );
+      notice.recoveryCodes(await deps.users.findById(userId));
+      return codes;
     },
 
     /**
