@@ -243,6 +243,50 @@ describe('changing the email address (built-in provider)', () => {
     }
   });
 
+  it.skipIf(!inject('databaseUrl'))(
+    'a cancel and the last link opened at once: the cancel answers 204 only when the change did not apply',
+    async () => {
+      // An unconfirmed address: the new address's link alone applies the change.
+      const user = await registerUser(app, 'chg-cancel-race');
+      const next = uniqueEmail('chg-cancel-race-new');
+      expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode).toBe(202);
+      const holder = new pg.Client({ connectionString: inject('databaseUrl') });
+      await holder.connect();
+      let answers: [Awaited<ReturnType<typeof open>>, Awaited<ReturnType<typeof open>>];
+      try {
+        // The link's row held, so both the link's opening and the cancel come to wait for it, in
+        // that order: the cancel has seen the change waiting by then.
+        await holder.query('BEGIN');
+        await holder.query(
+          "SELECT 1 FROM email_tokens WHERE user_id = $1 AND purpose = 'email_change' FOR UPDATE",
+          [user.id],
+        );
+        const opening = open(tokenIn(next, TO_NEW), user.accessToken);
+        await waitForLockWaiters(holder, 1);
+        const cancelling = app.inject({
+          method: 'DELETE',
+          url: '/v1/auth/email/change',
+          headers: bearer(user.accessToken),
+        });
+        // The cancel waits behind the opening (on the user's row, or on the link's).
+        await waitForLockWaiters(holder, 2);
+        await holder.query('COMMIT');
+        answers = await Promise.all([opening, cancelling]);
+      } finally {
+        await holder.end();
+      }
+      const [opened, cancelled] = answers;
+      expect(opened.statusCode, opened.body).toBe(200);
+      expect(opened.json()).toMatchObject({ changed: true, user: { email: next } });
+      // The address did change: a 204 would tell the user they stopped it.
+      expect((await app.services.repos.users.findById(user.id))?.email).toBe(next);
+      expect(cancelled.statusCode, cancelled.body).toBe(404);
+      expect(
+        await app.services.audit.list({ subjectId: user.id, type: 'user.email_change_cancelled', limit: 5 }),
+      ).toEqual([]);
+    },
+  );
+
   it('refuses without the password, from an API key, for the same or a taken address, and changes nothing', async () => {
     const from = new Date(clock.nowMs() - 1000);
     const user = await registerUser(app, 'chg-refused');

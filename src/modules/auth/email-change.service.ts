@@ -301,11 +301,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     },
 
     /** The change waiting for its links, if any: where to, until when, and which links are unopened. */
-    async pending(userId: string): Promise<PendingEmailChange | undefined> {
+    async pending(userId: string, tx?: Executor): Promise<PendingEmailChange | undefined> {
       const now = deps.clock.now();
-      const latest = await deps.tokens.latestFor(userId, 'email_change');
+      const latest = await deps.tokens.latestFor(userId, 'email_change', tx);
       if (!latest?.newEmail || latest.expiresAt <= now) return undefined;
-      const rows = await deps.tokens.ofRequest(latest);
+      const rows = await deps.tokens.ofRequest(latest, tx);
       // A cancelled request's links expired when it was cancelled.
       const unopened = rows.filter((r) => r.usedAt === null && r.expiresAt > now);
       if (unopened.length === 0) return undefined;
@@ -319,12 +319,16 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
     /** Cancels the change waiting for its links (its links stop working); false when none waits. */
     async cancel(userId: string, context: RequestContext): Promise<boolean> {
-      if (!(await this.pending(userId))) return false;
-      await inTransaction(deps.db, deps.events, async (tx) => {
+      return inTransaction(deps.db, deps.events, async (tx) => {
+        // The user's row first, as a link applying the change locks it: a cancel and the last link
+        // opened at once take turns, and the cancel finds the change still waiting, or applied (404).
+        // Read before, a change that applied meanwhile was answered 204 "cancelled".
+        await deps.users.findByIdForUpdate(userId, tx);
+        if (!(await this.pending(userId, tx))) return false;
         await deps.tokens.expireUnused(userId, 'email_change', deps.clock.now(), tx);
         await deps.audit.record(tx, context, { type: 'user.email_change_cancelled', subjectId: userId });
+        return true;
       });
-      return true;
     },
 
     /**
