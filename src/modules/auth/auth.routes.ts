@@ -227,8 +227,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         security: bearerOrApiKey,
         body: LogoutBodySchema.nullish(),
         description:
-          'With `scope: "all"` every session of the user ends, with sign-in links not yet opened, and (from ' +
-          'a signed-in session, not an API key) an email change in waiting; an API key needs `account:write` for that.',
+          'With `scope: "all"` every session of the user ends, with sign-in links not yet opened and, when a ' +
+          'signed-in session asks (not an API key), an email change in waiting; an API key needs ' +
+          '`account:write` for that.',
         response: { 204: z.null().describe('Logged out'), ...problems(400, 401, 403) },
       },
     },
