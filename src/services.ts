@@ -663,6 +663,9 @@ export function createServices(deps: ServicesDeps) {
       await apiKeys.stop();
       await outbox?.stop();
       await events.stop();
+      // Nor are the reads a resync asked for tried again.
+      revocations.stop();
+      keys.stop();
       await signer.stop();
       if (ownsRedis) await redis?.quit().catch(() => undefined);
       if (ownsMailer) mailer?.close();

@@ -73,7 +73,7 @@ async function buildInstances(env: Record<string, string> = {}, envA: Record<str
       await scratch.drop();
     }
   });
-  return { a: apps[0]!, b: apps[1]! };
+  return { a: apps[0]!, b: apps[1]!, url: scratch?.url };
 }
 
 // An afterAll registered while a beforeAll runs is never called (vitest 4), so the instances built in
@@ -477,6 +477,150 @@ describe('several instances with MAX_SESSIONS_PER_USER: a session a sign-in on A
       expect((await me(b, session.access_token)).statusCode).toBe(200);
   });
 });
+
+/**
+ * Ends the LISTEN connections of the instances on the database at `url` (their last statement is the
+ * LISTEN or the heartbeat's SELECT 1): each reconnects after 250 ms and resyncs. What commits meanwhile
+ * is a notification nobody hears. The number ended.
+ */
+async function endListeners(url: string): Promise<number> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    const ended = await client.query(
+      `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+          AND (query LIKE 'LISTEN %' OR query = 'SELECT 1')`,
+    );
+    return ended.rowCount ?? 0;
+  } finally {
+    await client.end();
+  }
+}
+
+/** The next call of `repo[method]` outside a transaction (a reload) fails, as on a dead pooled connection. */
+function failNextRead<R extends Record<M, (...args: never[]) => Promise<unknown>>, M extends keyof R>(
+  repo: R,
+  method: M,
+): { failed: () => boolean } {
+  const original = repo[method];
+  let failed = false;
+  repo[method] = (async (...args: never[]) => {
+    // A read on a transaction (the minute's ensureKeys) has its own connection: not this one.
+    if (!failed && args[1] === undefined) {
+      failed = true;
+      repo[method] = original;
+      throw new Error('Connection terminated unexpectedly');
+    }
+    return original.apply(repo, args);
+  }) as R[M];
+  return { failed: () => failed };
+}
+
+describe.runIf(databaseUrl)(
+  'B’s LISTEN connection dropped while A changes things: B catches up once it is back',
+  () => {
+    let a: FastifyInstance;
+    let b: FastifyInstance;
+    let url: string;
+    let admin: Awaited<ReturnType<typeof createAdmin>>;
+    /** Within the reconnect's 250 ms backoff, its connection, and the reads of the resync. */
+    const RECONNECTED_LIMIT_MS = 1500;
+    beforeAll(async () => {
+      const built = await buildInstances();
+      ({ a, b } = built);
+      url = built.url!;
+      admin = await createAdmin(a);
+    });
+
+    it('an API key revoked, a client disabled and an owner disabled while B was deaf: B answers each anew', async () => {
+      const user = await registerUser(a, 'mi-deaf');
+      const created = await a.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: bearer(user.accessToken),
+        payload: { name: 'deaf', scopes: ['account:read'] },
+      });
+      expect(created.statusCode, created.body).toBe(201);
+      const { id, key } = created.json() as { id: string; key: string };
+      const owner = await registerUser(a, 'mi-deaf-owner');
+      const ownersKey = (
+        await a.inject({
+          method: 'POST',
+          url: '/v1/api-keys',
+          headers: bearer(owner.accessToken),
+          payload: { name: 'deaf owner', scopes: ['account:read'] },
+        })
+      ).json().key as string;
+      const client = await createClient(a, admin.accessToken, { scopes: ['tokens:introspect'] });
+      const withKey = (k: string) =>
+        b.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': k } });
+      const introspectOnB = () =>
+        form(b, '/oauth/introspect', { token: 'x.y.z' }, basic(client.client_id, client.client_secret));
+      // Cached on B, the client's secret remembered too.
+      for (let i = 0; i < 2; i++) {
+        expect((await withKey(key)).statusCode).toBe(200);
+        expect((await withKey(ownersKey)).statusCode).toBe(200);
+        expect((await introspectOnB()).statusCode).toBe(200);
+      }
+
+      expect(await endListeners(url)).toBe(2);
+      const changes = await Promise.all([
+        a.inject({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: bearer(user.accessToken) }),
+        a.inject({
+          method: 'PATCH',
+          url: `/v1/clients/${client.id}`,
+          headers: bearer(admin.accessToken),
+          payload: { status: 'disabled' },
+        }),
+        a.inject({
+          method: 'PATCH',
+          url: `/v1/users/${owner.id}`,
+          headers: bearer(admin.accessToken),
+          payload: { status: 'disabled' },
+        }),
+      ]);
+      for (const change of changes) expect(change.statusCode, change.body).toBeLessThan(300);
+      const elapsed = await msUntil(async () => {
+        const answers = await Promise.all([withKey(key), withKey(ownersKey), introspectOnB()]);
+        return answers.every((r) => r.statusCode === 401);
+      });
+      expect(elapsed).toBeLessThan(RECONNECTED_LIMIT_MS);
+    });
+
+    it('the resync’s read of the revocations fails: it is tried again, and a token revoked meanwhile is refused', async () => {
+      const user = await registerUser(a, 'mi-resync-revocations');
+      expect((await me(b, user.accessToken)).statusCode).toBe(200);
+      const read = failNextRead(b.services.repos.revocations, 'listLive');
+      expect(await endListeners(url)).toBe(2);
+      const revoked = await form(a, '/oauth/revoke', { token: user.accessToken }, bearer(user.accessToken));
+      expect(revoked.statusCode, revoked.body).toBe(200);
+      expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(RECONNECTED_LIMIT_MS);
+      expect(read.failed()).toBe(true);
+    });
+
+    it('the resync’s read of the signing keys fails: it is tried again, and keys revoked meanwhile stop verifying', async () => {
+      const user = await registerUser(a, 'mi-resync-keys');
+      const onB = (await login(b, user.email)).session.access_token;
+      expect((await me(b, onB)).statusCode).toBe(200);
+      const read = failNextRead(b.services.repos.signingKeys, 'listPublished');
+      expect(await endListeners(url)).toBe(2);
+      const rotated = await a.inject({
+        method: 'POST',
+        url: '/v1/signing-keys/rotate',
+        headers: bearer(admin.accessToken),
+        payload: { revoke_previous: true },
+      });
+      expect(rotated.statusCode, rotated.body).toBe(200);
+      expect(decodeProtectedHeader(onB).kid).not.toBe(rotated.json().active_kid);
+      expect(await msUntilRefused(b, onB)).toBeLessThan(RECONNECTED_LIMIT_MS);
+      expect(read.failed()).toBe(true);
+      // And B signs with the new key.
+      const fresh = (await login(b, user.email)).session.access_token;
+      expect(decodeProtectedHeader(fresh).kid).toBe(rotated.json().active_kid);
+    });
+  },
+);
 
 describe.runIf(databaseUrl)('several instances starting together on an empty PostgreSQL database', () => {
   it('both come up, and the migrations and the first signing keys are made once', async () => {

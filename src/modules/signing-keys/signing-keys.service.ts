@@ -13,6 +13,7 @@ import {
 import { AppError } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
+import { createRetryingRead } from '../../lib/retrying-read.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { SigningKeyRow, SigningKeysRepository } from './signing-keys.repository.js';
 
@@ -141,6 +142,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       });
     return readAgain;
   }
+
+  const changedRead = createRetryingRead({
+    read: reload,
+    logger: deps.logger,
+    what: 'the signing keys after a change or a resync',
+  });
 
   async function readKeys(): Promise<void> {
     const seen = changes;
@@ -324,12 +331,18 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       if (!key) throw new Error('no usable signing key loaded: the active one was revoked');
       return key;
     },
-    /** Applies a change of the keys another instance (or the script) made: see AuthEvent. */
+    /**
+     * Applies a change of the keys another instance (or the script) made: see AuthEvent. The read it
+     * asks for is tried again until it succeeds, rather than leave keys revoked meanwhile verifying
+     * (and the active one signing) until the minute's reload.
+     */
     handle(event: AuthEvent): void {
       if (event.type !== 'signing_keys_changed' && event.type !== 'resync') return;
       if (event.type === 'signing_keys_changed' && event.revoked) dropRevoked(event.revoked);
-      reload().catch((err: unknown) => deps.logger.warn({ err }, 'could not reload signing keys'));
+      changedRead.request();
     },
+    /** Stops a read asked for by an event from being tried again (the service is stopping). */
+    stop: () => changedRead.stop(),
     /** How many times a key was removed: unchanged across a verification, its result may be cached. */
     removals: () => removals,
     /** `listener` runs whenever a key this instance verified with is no longer published. */

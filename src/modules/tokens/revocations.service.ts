@@ -3,6 +3,7 @@ import type { Executor } from '../../db/client.js';
 import { type Clock, epochSeconds } from '../../lib/clock.js';
 import { uuidV7Ms } from '../../lib/crypto.js';
 import type { AuthEvent } from '../../lib/events.js';
+import { createRetryingRead } from '../../lib/retrying-read.js';
 import type { RevocationsRepository } from './revocations.repository.js';
 import { acceptedUntil } from './tokens.service.js';
 
@@ -145,6 +146,14 @@ export function createRevocationList(deps: {
     }
   }
 
+  // A resync's read is tried again until it succeeds: what the notifications missed is in no other
+  // read before the minute's.
+  const resyncRead = createRetryingRead({
+    read: reload,
+    logger: deps.logger,
+    what: 'the revocations after a resync',
+  });
+
   function prune() {
     const now = deps.clock.nowMs();
     for (const m of Object.values(maps)) for (const [k, v] of m) if (v.expiresAt <= now) m.delete(k);
@@ -214,9 +223,10 @@ export function createRevocationList(deps: {
     revokeAll,
     handle(event: AuthEvent) {
       if (event.type === 'revocation') apply(event.kind, event.value, event, true);
-      else if (event.type === 'resync')
-        reload().catch((err: unknown) => deps.logger.warn({ err }, 'could not reload revocations'));
+      else if (event.type === 'resync') resyncRead.request();
     },
+    /** Stops a resync's read from being tried again (the service is stopping). */
+    stop: () => resyncRead.stop(),
     /** Where this instance stands: a request notes it before it authenticates anyone (`knownRevocation`). */
     seen: () => applied,
     /**
