@@ -611,8 +611,12 @@ export function createServices(deps: ServicesDeps) {
       await mfa.assertSecretsReadable();
       await keys.ensureKeys();
       // Listening first: a revocation committed between the read and the LISTEN would go unseen until
-      // the minute's reload (the read only adds to what the events applied meanwhile).
+      // the minute's reload (the read only adds to what the events applied meanwhile). The keys are
+      // read again once listening for the same reason: an emergency rotation committed since
+      // ensureKeys read them would otherwise leave the keys it revoked verifying here, and the revoked
+      // active key signing, until the minute's reload.
       await events.start();
+      await keys.reload();
       await revocations.reload();
       apiKeys.start();
       outbox?.start();

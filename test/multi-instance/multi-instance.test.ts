@@ -622,6 +622,52 @@ describe.runIf(databaseUrl)(
   },
 );
 
+describe.runIf(databaseUrl)('an instance starting while another revokes the signing keys', () => {
+  it('B, whose keys were read just before it listened, drops the keys A revoked in between within 1 s', async () => {
+    const scratch = (await scratchDatabase('auth_mi'))!;
+    const handles: DatabaseHandle[] = [];
+    const apps: FastifyInstance[] = [];
+    try {
+      handles.push(await openTestDatabase(scratch.url));
+      const a = await buildApp({ config: testConfig(), database: handles[0]!, logger: silent });
+      apps.push(a);
+      await a.ready();
+      const admin = await createAdmin(a);
+      const user = await registerUser(a, 'mi-start');
+      // B reads the keys at its start, then listens; A's emergency rotation commits in between, so its
+      // notification reaches nobody on B.
+      const database = await openTestDatabase(scratch.url);
+      handles.push(database);
+      const listen = database.listen.bind(database);
+      let rotated: { active_kid: string } | undefined;
+      database.listen = async (channel, handler) => {
+        const res = await a.inject({
+          method: 'POST',
+          url: '/v1/signing-keys/rotate',
+          headers: bearer(admin.accessToken),
+          payload: { revoke_previous: true },
+        });
+        expect(res.statusCode, res.body).toBe(200);
+        rotated = res.json();
+        return listen(channel, handler);
+      };
+      const b = await buildApp({ config: testConfig(), database, logger: silent });
+      apps.push(b);
+      await b.ready();
+      expect(rotated).toBeDefined();
+      expect(decodeProtectedHeader(user.accessToken).kid).not.toBe(rotated!.active_kid);
+      expect((await me(a, user.accessToken)).statusCode).toBe(401);
+      expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+      const fresh = (await login(b, user.email)).session.access_token;
+      expect(decodeProtectedHeader(fresh).kid).toBe(rotated!.active_kid);
+    } finally {
+      await Promise.all(apps.map((app) => app.close()));
+      await Promise.all(handles.map((h) => h.close()));
+      await scratch.drop();
+    }
+  });
+});
+
 describe.runIf(databaseUrl)('several instances starting together on an empty PostgreSQL database', () => {
   it('both come up, and the migrations and the first signing keys are made once', async () => {
     const scratch = (await scratchDatabase('auth_mi'))!;
