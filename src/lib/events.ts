@@ -96,8 +96,11 @@ export function createEventBus(deps: { database: DatabaseHandle; logger: Logger 
         try {
           const message = JSON.parse(payload) as { origin?: string; events?: AuthEvent[]; type?: string };
           if (message.type === 'resync') return dispatch({ type: 'resync' });
-          // Our own events were applied locally at commit already.
-          if (message.origin === instanceId) return;
+          // Our own events too, though they were applied here at the commit: a commit whose answer
+          // was lost (the connection dropped with it, or the client-side timeout fired as the server
+          // committed) applied nothing here, and this notification is then the only word of it. Every
+          // handler takes an event twice as once: it drops again what it dropped, or reads again, or
+          // finds the revocation known.
           for (const event of message.events ?? []) dispatch(event);
         } catch (err) {
           deps.logger.warn({ err }, 'ignoring a malformed event notification');

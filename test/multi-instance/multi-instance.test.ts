@@ -622,6 +622,66 @@ describe.runIf(databaseUrl)(
   },
 );
 
+describe.runIf(databaseUrl)('a change whose COMMIT answer A never got, though it committed', () => {
+  let a: FastifyInstance;
+  let b: FastifyInstance;
+  beforeAll(async () => {
+    ({ a, b } = await buildInstances());
+  });
+
+  /**
+   * A's next transaction commits, and A is told it failed (its connection lost with the COMMIT's
+   * answer, or the client-side timeout firing as the server committed): A applies none of its events.
+   */
+  function loseNextCommitAnswer(app: FastifyInstance) {
+    const db = app.services.db;
+    const transaction = db.transaction;
+    db.transaction = (async (...args: Parameters<typeof transaction>) => {
+      db.transaction = transaction;
+      await transaction.apply(db, args);
+      throw new Error('Connection terminated unexpectedly');
+    }) as typeof transaction;
+  }
+
+  it('A learns of its own revocation from its notification: the token is refused on A as on B', async () => {
+    const user = await registerUser(a, 'mi-lost-commit');
+    expect((await me(a, user.accessToken)).statusCode).toBe(200);
+    expect((await me(b, user.accessToken)).statusCode).toBe(200);
+    loseNextCommitAnswer(a);
+    const logout = await a.inject({
+      method: 'POST',
+      url: '/v1/auth/logout',
+      headers: bearer(user.accessToken),
+    });
+    expect(logout.statusCode).toBeGreaterThanOrEqual(500);
+    // It did commit: B, which heard the notification, refuses the token.
+    expect(await msUntilRefused(b, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+    expect(await msUntilRefused(a, user.accessToken)).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('A learns of its own API-key revocation from its notification: the key stops working on A', async () => {
+    const user = await registerUser(a, 'mi-lost-commit-key');
+    const created = await a.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(user.accessToken),
+      payload: { name: 'lost commit', scopes: ['account:read'] },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    const { id, key } = created.json() as { id: string; key: string };
+    const onA = () => a.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': key } });
+    expect((await onA()).statusCode).toBe(200);
+    loseNextCommitAnswer(a);
+    const revoked = await a.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(revoked.statusCode).toBeGreaterThanOrEqual(500);
+    expect(await msUntil(async () => (await onA()).statusCode === 401)).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+});
+
 describe.runIf(databaseUrl)('an instance starting while another revokes the signing keys', () => {
   it('B, whose keys were read just before it listened, drops the keys A revoked in between within 1 s', async () => {
     const scratch = (await scratchDatabase('auth_mi'))!;
