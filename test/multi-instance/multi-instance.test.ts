@@ -14,8 +14,9 @@ import {
 } from '../../src/modules/oauth/oauth.service.js';
 import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
 import { loginFailuresKey } from '../../src/lib/throttle.js';
+import { systemContext } from '../../src/modules/audit/audit.service.js';
 import { CLIENT_AUTH_FAILURES_PREFIX, CLIENT_AUTH_IP_FAILURES_PREFIX } from '../../src/services.js';
-import { basic, createClient, form } from '../clients/helpers.js';
+import { basic, createClient, form, userWith } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
 import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
@@ -309,6 +310,173 @@ describe('several instances on one database: revocations reach every instance wi
     });
     expect(rotated.statusCode, rotated.body).toBeLessThan(300);
     expect(await msUntil(async () => (await tokenOnB()).statusCode === 401)).toBeLessThan(
+      PROPAGATION_LIMIT_MS,
+    );
+  });
+
+  /** An API key of `token`'s user, with these scopes. */
+  async function apiKey(token: string, scopes: string[]) {
+    const created = await a.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: bearer(token),
+      payload: { name: 'multi-instance', scopes },
+    });
+    expect(created.statusCode, created.body).toBe(201);
+    return created.json() as { id: string; key: string };
+  }
+  /** The role `userWith` made for `userId`. */
+  const testRoleOf = async (userId: string) =>
+    (await a.services.repos.users.rolesAndPermissions(userId)).roles.find((r) => r.startsWith('test-'))!;
+
+  it('a role narrowed or deleted on A: its holders’ API keys on B lose what it gave', async () => {
+    const admin = await createAdmin(a);
+    const [narrowed, deleted] = await Promise.all([
+      userWith(a, ['users:read', 'account:read'], 'mi-role-narrowed'),
+      userWith(a, ['users:read'], 'mi-role-deleted'),
+    ]);
+    const keys = await Promise.all([narrowed, deleted].map((u) => apiKey(u.accessToken, ['users:read'])));
+    const readOnB = (i: number) =>
+      b.inject({
+        method: 'GET',
+        url: `/v1/users/${[narrowed, deleted][i]!.id}`,
+        headers: { 'x-api-key': keys[i]!.key },
+      });
+    for (const i of [0, 1]) expect((await readOnB(i)).statusCode).toBe(200);
+    const changes = await Promise.all([
+      a.inject({
+        method: 'PATCH',
+        url: `/v1/roles/${await testRoleOf(narrowed.id)}`,
+        headers: bearer(admin.accessToken),
+        payload: { permissions: ['account:read'] },
+      }),
+      a.inject({
+        method: 'DELETE',
+        url: `/v1/roles/${await testRoleOf(deleted.id)}`,
+        headers: bearer(admin.accessToken),
+      }),
+    ]);
+    for (const change of changes) expect(change.statusCode, change.body).toBeLessThan(300);
+    const elapsed = await msUntil(async () =>
+      (await Promise.all([readOnB(0), readOnB(1)])).every((r) => r.statusCode === 403),
+    );
+    expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('a user deleted on A, by an administrator or by themselves: B answers their API keys not_found', async () => {
+    const admin = await createAdmin(a);
+    const [removed, leaving] = await Promise.all([
+      registerUser(a, 'mi-deleted'),
+      registerUser(a, 'mi-leaving'),
+    ]);
+    const keys = await Promise.all([removed, leaving].map((u) => apiKey(u.accessToken, ['account:read'])));
+    const verifyOnB = (key: string) =>
+      b.inject({
+        method: 'POST',
+        url: '/v1/api-keys/verify',
+        headers: bearer(admin.accessToken),
+        payload: { key },
+      });
+    for (const { key } of keys) expect((await verifyOnB(key)).json()).toMatchObject({ valid: true });
+    const deletions = await Promise.all([
+      a.inject({ method: 'DELETE', url: `/v1/users/${removed.id}`, headers: bearer(admin.accessToken) }),
+      a.inject({
+        method: 'DELETE',
+        url: '/v1/auth/me',
+        headers: bearer(leaving.accessToken),
+        payload: { password: PASSWORD },
+      }),
+    ]);
+    for (const deletion of deletions) expect(deletion.statusCode, deletion.body).toBe(204);
+    const elapsed = await msUntil(async () =>
+      (await Promise.all(keys.map(({ key }) => verifyOnB(key)))).every(
+        (r) => r.json().valid === false && r.json().reason === 'not_found',
+      ),
+    );
+    expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('a client disabled, deleted or narrowed on A: B refuses the secrets it remembered, and narrows its tokens', async () => {
+    const admin = await createAdmin(a);
+    const [disabled, deleted, narrowed] = await Promise.all([
+      createClient(a, admin.accessToken, { scopes: ['tokens:introspect'] }),
+      createClient(a, admin.accessToken, { scopes: ['tokens:introspect'] }),
+      createClient(a, admin.accessToken, { scopes: ['tokens:introspect', 'users:read'] }),
+    ]);
+    // Introspection with the same Basic header twice: B remembers it (answered from memory after).
+    const introspectOnB = (client: { client_id: string; client_secret: string }) =>
+      form(b, '/oauth/introspect', { token: 'x.y.z' }, basic(client.client_id, client.client_secret));
+    const tokenOnB = () =>
+      form(
+        b,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(narrowed.client_id, narrowed.client_secret),
+      );
+    for (let i = 0; i < 2; i++)
+      for (const client of [disabled, deleted]) expect((await introspectOnB(client)).statusCode).toBe(200);
+    expect((await tokenOnB()).json().scope).toBe('tokens:introspect users:read');
+    const changes = await Promise.all([
+      a.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${disabled.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: 'disabled' },
+      }),
+      a.inject({ method: 'DELETE', url: `/v1/clients/${deleted.id}`, headers: bearer(admin.accessToken) }),
+      a.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${narrowed.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { scopes: ['tokens:introspect'] },
+      }),
+    ]);
+    for (const change of changes) expect(change.statusCode, change.body).toBeLessThan(300);
+    const elapsed = await msUntil(async () => {
+      const refused = await Promise.all([introspectOnB(disabled), introspectOnB(deleted)]);
+      return (
+        refused.every((r) => r.statusCode === 401) && (await tokenOnB()).json().scope === 'tokens:introspect'
+      );
+    });
+    expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
+  });
+
+  it('the creator of a client acting for them loses a role on A: B’s tokens for the client carry less', async () => {
+    const admin = await createAdmin(a);
+    const creator = await userWith(a, ['clients:write', 'users:read', 'account:read'], 'mi-creator');
+    const client = await createClient(a, creator.accessToken, { scopes: ['users:read', 'account:read'] });
+    expect(client.acts_for_creator).toBe(true);
+    const tokenOnB = () =>
+      form(
+        b,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(client.client_id, client.client_secret),
+      );
+    expect((await tokenOnB()).json().scope).toBe('account:read users:read');
+    // What the creator keeps: the `user` role's account:read.
+    const removed = await a.inject({
+      method: 'DELETE',
+      url: `/v1/users/${creator.id}/roles/${await testRoleOf(creator.id)}`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(removed.statusCode, removed.body).toBe(204);
+    expect(await msUntil(async () => (await tokenOnB()).json().scope === 'account:read')).toBeLessThan(
+      PROPAGATION_LIMIT_MS,
+    );
+  });
+
+  it('create-admin granting admin to an existing user (bootstrapAdmin, forced) reaches B’s /v1/auth/me', async () => {
+    const user = await registerUser(a, 'mi-create-admin');
+    const rolesOnB = async () => (await me(b, user.accessToken)).json().roles as string[];
+    expect(await rolesOnB()).toEqual(['user']);
+    // What scripts/create-admin.ts runs: its own services, which do not listen, send the same NOTIFY.
+    const granted = await a.services.auth.bootstrapAdmin(
+      { email: user.email, password: undefined, force: true },
+      { ...systemContext, userAgent: 'scripts/create-admin' },
+    );
+    expect(granted).toMatchObject({ created: false, granted: true });
+    expect(await msUntil(async () => (await rolesOnB()).includes('admin'))).toBeLessThan(
       PROPAGATION_LIMIT_MS,
     );
   });
