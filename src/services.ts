@@ -49,6 +49,7 @@ import {
 } from './modules/oauth/oauth.service.js';
 import { createMetrics } from './plugins/metrics.js';
 import { createLogMailer, createSmtpMailer, type Mailer } from './lib/mailer.js';
+import { createRedisLink } from './lib/redis-link.js';
 import { createMfaRepository } from './modules/auth/mfa.repository.js';
 import { createMfaService } from './modules/auth/mfa.service.js';
 import { createEmailTokensRepository } from './modules/auth/email-tokens.repository.js';
@@ -142,13 +143,16 @@ export function createServices(deps: ServicesDeps) {
         setTimeout(resolve, REDIS_FIRST_ANSWER_MS).unref();
       })
     : Promise.resolve();
-  // One line when Redis goes away and one when it is back, not one per reconnect attempt. Meanwhile
-  // the rate limits and login-failure counts fall back to this instance's memory (README "Failure
-  // behaviour"); ioredis keeps reconnecting by itself.
-  let redisDown = false;
+  // Whether Redis answers, for every counter kept there: one line when it goes away (a connection
+  // error, or a command failed or unanswered within commandTimeout: a hung Redis keeps its connection)
+  // and one when it is back, not one per reconnect attempt. Meanwhile the rate limits and failure
+  // counts stay in this instance's memory without asking it (README "Failure behaviour"); ioredis
+  // keeps reconnecting by itself, and the link asks again every second.
+  const redisLink = redis ? createRedisLink(redis, logger) : undefined;
   redis?.on('error', (err: Error & { command?: { name?: string; args?: unknown[] } }) => {
     if (err.command?.name === 'select') {
       redis.disconnect();
+      redisLink?.close();
       const location = URL.parse(config.redisUrl ?? '');
       redisRefused = new RedisDatabaseError(
         `REDIS_URL names database ${String(err.command.args?.[0])}, which the Redis server` +
@@ -162,18 +166,11 @@ export function createServices(deps: ServicesDeps) {
         );
       return;
     }
-    if (redisDown) return;
-    redisDown = true;
-    logger.warn(
-      { err: err.message },
-      'Redis unavailable: rate limits fall back to in-process counters of this instance until it answers',
-    );
+    redisLink?.failed(err);
   });
-  redis?.on('ready', () => {
-    if (!redisDown) return;
-    redisDown = false;
-    logger.warn('Redis answers again: rate limits are shared across instances');
-  });
+  // A connection lost without an error (Redis stopped or restarted): commands would fail at once.
+  redis?.on('close', () => redisLink?.failed(new Error('connection closed')));
+  redis?.on('ready', () => redisLink?.answered());
 
   const repos = {
     users: createUsersRepository(db),
@@ -250,6 +247,7 @@ export function createServices(deps: ServicesDeps) {
       ? createRedisFailureCounter({
           ...failureOptions,
           redis,
+          link: redisLink,
           logger,
           redisKey: loginFailuresKey,
           fallbackMessage: 'Redis unavailable: counting login failures in this instance only',
@@ -263,6 +261,7 @@ export function createServices(deps: ServicesDeps) {
     : redis
       ? createRedisFailureCounter({
           redis,
+          link: redisLink,
           max: MAILS_PER_ACCOUNT_HOUR,
           windowSeconds: 3600,
           clock,
@@ -481,6 +480,7 @@ export function createServices(deps: ServicesDeps) {
     config.rateLimit.enabled && redis
       ? createSharedFailureCounter({
           redis,
+          link: redisLink,
           max,
           windowSeconds: 60,
           clock,
@@ -568,6 +568,8 @@ export function createServices(deps: ServicesDeps) {
     metrics,
     events,
     redis,
+    /** Whether Redis answers, shared by everything counted there; undefined without Redis. */
+    redisLink,
     repos,
     audit,
     keys,
@@ -671,6 +673,7 @@ export function createServices(deps: ServicesDeps) {
       revocations.stop();
       keys.stop();
       await signer.stop();
+      redisLink?.close();
       if (ownsRedis) await redis?.quit().catch(() => undefined);
       if (ownsMailer) mailer?.close();
     },

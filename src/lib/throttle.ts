@@ -3,6 +3,10 @@ import type { Redis } from 'ioredis';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import type { Clock } from './clock.js';
+import type { RedisLink } from './redis-link.js';
+
+/** What a counter needs of the shared RedisLink: whether to ask Redis, and where to report a failure. */
+export type RedisAvailability = Pick<RedisLink, 'answering' | 'failed'>;
 
 /**
  * Counts failed logins per account in a sliding hour (SECURITY.md: at most 100 per account per
@@ -124,7 +128,8 @@ export const loginFailuresKey = (email: string) =>
 /**
  * A guess counter shared through Redis, read and written there on every call (the login lockout, the
  * hourly mail caps): exact on every instance, including one that has counted nothing yet. When Redis
- * does not answer, this instance's memory counts (logged once) and still blocks.
+ * does not answer, this instance's memory counts (logged once) and still blocks; while the `link`
+ * knows it does not, Redis is not asked (nothing waits for its command timeout).
  */
 export function createRedisFailureCounter(options: {
   redis: Redis;
@@ -136,16 +141,20 @@ export function createRedisFailureCounter(options: {
   redisKey: (key: string) => string;
   /** The log line when Redis does not answer. */
   fallbackMessage: string;
+  /** Shared knowledge that Redis does not answer: while it does not, it is not asked. */
+  link?: RedisAvailability | undefined;
 }): GuessCounter {
   const fallback = createMemoryFailureCounter(options);
-  const { redisKey } = options;
+  const { redisKey, link } = options;
   let warned = false;
   async function attempt<T>(work: () => Promise<T>, onFallback: () => Promise<T>): Promise<T> {
+    if (link && !link.answering()) return onFallback();
     try {
       const value = await work();
       warned = false;
       return value;
     } catch (err) {
+      link?.failed(err);
       if (!warned) {
         options.logger.warn({ err }, options.fallbackMessage);
         warned = true;
@@ -189,7 +198,8 @@ export function createRedisFailureCounter(options: {
           // Given back to Redis, where it was counted; if Redis is gone by then, it stays counted (a
           // guess counted once too often, never a failure forgotten in the other count).
           const release = async () => {
-            await options.redis.eval(RELEASE_SCRIPT, 1, k).catch(() => undefined);
+            if (link && !link.answering()) return;
+            await options.redis.eval(RELEASE_SCRIPT, 1, k).catch((err: unknown) => link?.failed(err));
           };
           if (count <= options.max) return { retryAfter: 0, release };
           // Refused: not a guess, so not counted.
@@ -218,7 +228,8 @@ export function createRedisFailureCounter(options: {
  * authentication on every introspection) never wait for Redis, and a source spreading failures over
  * N instances is stopped after at most `max` + N − 1 of them in a window: each instance blocks it once
  * its own next failure reports the shared count over the limit. When Redis does not answer, failures
- * are counted in this instance's memory (logged once) and still block.
+ * are counted in this instance's memory (logged once) and still block; while the `link` knows it does
+ * not, Redis is not asked.
  */
 export function createSharedFailureCounter(options: {
   redis: Redis;
@@ -230,7 +241,10 @@ export function createSharedFailureCounter(options: {
   prefix: string;
   /** The log line when Redis does not answer. */
   fallbackMessage: string;
+  /** Shared knowledge that Redis does not answer: while it does not, it is not asked. */
+  link?: RedisAvailability | undefined;
 }): FailureCounter {
+  const { link } = options;
   const known = new LRUCache<string, { count: number; until: number }>({ max: 100_000 });
   const windowMs = options.windowSeconds * 1000;
   const now = () => options.clock.nowMs();
@@ -251,26 +265,33 @@ export function createSharedFailureCounter(options: {
     },
     async recordFailure(key) {
       const k = options.prefix + key;
+      const countHere = () => {
+        const e = current(key);
+        if (e) e.count++;
+        else known.set(key, { count: 1, until: now() + windowMs });
+      };
+      if (link && !link.answering()) return countHere();
       try {
         const { count, leftMs } = await countInWindow(options.redis, k, options.windowSeconds);
         warned = false;
         known.set(key, { count, until: now() + leftMs });
       } catch (err) {
+        link?.failed(err);
         if (!warned) {
           options.logger.warn({ err }, options.fallbackMessage);
           warned = true;
         }
-        const e = current(key);
-        if (e) e.count++;
-        else known.set(key, { count: 1, until: now() + windowMs });
+        countHere();
       }
     },
     async reset(key) {
       known.delete(key);
+      if (link && !link.answering()) return;
       try {
         await options.redis.del(options.prefix + key);
-      } catch {
+      } catch (err) {
         // The shared count ends with its window.
+        link?.failed(err);
       }
     },
   };

@@ -2,18 +2,21 @@ import { limitedAddress } from '../lib/client-address.js';
 import rateLimit, { type FastifyRateLimitStore } from '@fastify/rate-limit';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
-import type { Redis } from 'ioredis';
 import { LRUCache } from 'lru-cache';
 import { AppError } from '../lib/errors.js';
+import type { RedisLink } from '../lib/redis-link.js';
 
 type IncrCallback = (error: Error | null, result?: { current: number; ttl: number }) => void;
 
 /**
  * Fixed-window counters in Redis, shared by every instance. While Redis does not answer, this
  * instance counts on its own (the documented policy: the limits stay on, per instance, rather than
- * failing open), and goes back to Redis as soon as it answers; services.ts logs both transitions.
+ * failing open), without asking Redis while the link knows it does not answer (a hung Redis would
+ * cost each request the command timeout), and goes back to Redis as soon as it answers; the link
+ * logs both transitions.
  */
-function sharedStoreWithFallback(redis: Redis) {
+function sharedStoreWithFallback(link: RedisLink) {
+  const { redis } = link;
   return class SharedRateLimitStore implements FastifyRateLimitStore {
     private readonly local = new LRUCache<string, { current: number; resetAt: number }>({ max: 10_000 });
 
@@ -24,6 +27,10 @@ function sharedStoreWithFallback(redis: Redis) {
 
     incr(key: string, callback: IncrCallback, timeWindow = 60_000): void {
       const k = this.prefix + key;
+      if (!link.answering()) {
+        callback(null, this.countLocally(k, timeWindow));
+        return;
+      }
       redis
         .multi()
         .incr(k)
@@ -38,7 +45,10 @@ function sharedStoreWithFallback(redis: Redis) {
           if (current === undefined || ttl === undefined) throw new Error('rate-limit transaction aborted');
           callback(null, { current, ttl });
         })
-        .catch(() => callback(null, this.countLocally(k, timeWindow)));
+        .catch((err: unknown) => {
+          link.failed(err);
+          callback(null, this.countLocally(k, timeWindow));
+        });
     }
 
     private countLocally(key: string, timeWindow: number) {
@@ -65,7 +75,7 @@ function sharedStoreWithFallback(redis: Redis) {
  * Redis when configured (shared by every instance), in this instance's memory otherwise or while Redis
  * is down; the per-account failure counter applies on top.
  */
-async function rateLimitPlugin(app: FastifyInstance, options: { redis?: Redis | undefined }) {
+async function rateLimitPlugin(app: FastifyInstance, options: { redis?: RedisLink | undefined }) {
   await app.register(rateLimit, {
     global: false,
     ...(options.redis ? { store: sharedStoreWithFallback(options.redis) } : {}),
