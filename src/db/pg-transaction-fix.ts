@@ -15,6 +15,25 @@ interface Tx {
 type SessionCtor = new (client: unknown, dialect: unknown, schema: unknown, options: unknown) => unknown;
 type TxCtor = new (dialect: unknown, session: unknown, schema: unknown) => Tx;
 
+/**
+ * node-postgres's words for a connection that carries nothing more: its query_timeout passed (a
+ * server that stopped answering altogether), or it ended. A ROLLBACK there would wait a query_timeout
+ * again, or fail: the client is dropped instead, and the server rolls the transaction back when the
+ * connection closes (what it never got a COMMIT for, it never commits).
+ */
+const CONNECTION_GONE =
+  /^(?:Query read timeout|Connection terminated|Client has encountered a connection error)/;
+
+function connectionGone(err: unknown): boolean {
+  let cur: unknown = err;
+  for (let depth = 0; cur && depth < 5; depth++) {
+    const message = (cur as { message?: unknown }).message;
+    if (typeof message === 'string' && CONNECTION_GONE.test(message)) return true;
+    cur = (cur as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
 let patched = false;
 const transactionTimeouts = new WeakMap<pg.Pool, number>();
 
@@ -43,8 +62,9 @@ export class TransactionTimeoutError extends Error {
  * then counts it as checked out for ever: `pool.end()` at shutdown waits for it (the process was
  * killed at its 9 s deadline), and enough of them exhaust the pool. This is the same method with
  * BEGIN inside, and a client whose statement failed released with the error, so the pool destroys it
- * instead of handing a broken connection out again. It also holds the pool's transaction timeout
- * (setTransactionTimeout). Sessions on a single client (not a pool) are left to drizzle's own method.
+ * instead of handing a broken connection out again (one whose statement met the client-side timeout
+ * is dropped without a ROLLBACK, which would only wait as long again). It also holds the pool's
+ * transaction timeout (setTransactionTimeout). Sessions on a single client (not a pool) are left to drizzle's own method.
  */
 export function patchDrizzleTransactions(): void {
   if (patched) return;
@@ -85,7 +105,12 @@ export function patchDrizzleTransactions(): void {
         return result;
       } catch (error) {
         // The transaction's own error is what the caller sees; a rollback that fails too means the
-        // connection is gone, and the client with it.
+        // connection is gone, and the client with it. One already known gone gets no rollback: the
+        // request answers (503) within the one client-side timeout, not two.
+        if (connectionGone(error)) {
+          broken = error as Error;
+          throw error;
+        }
         await tx.execute(sql`rollback`).catch((rollbackError: unknown) => {
           broken = rollbackError as Error;
         });

@@ -19,6 +19,13 @@ import { FAIL_FAST_MS, type ServiceProcess, startService } from './support/servi
 
 const RESUME_WITHIN_MS = 5000;
 const DATABASE = 'auth';
+/**
+ * From the moment a database stops answering altogether, a request on it answers 503 within the
+ * client-side timeout (the statement timeout plus one second), and nothing more is waited for (no
+ * ROLLBACK sent to a server that does not answer, which would wait as long again); a second of slack
+ * for a busy machine.
+ */
+const HUNG_FAIL_MS = FAIL_FAST_MS + 1000;
 
 const found = findPostgres();
 if ('reason' in found) console.warn(`fault suite not run: ${found.reason}`);
@@ -96,8 +103,16 @@ describe.runIf(!('reason' in found))('database faults under load (throwaway Post
     return { load: result, live, ready, window, resumedMs };
   }
 
-  /** What every database fault must leave true. */
-  async function expectSurvived(name: string, result: ScenarioResult) {
+  /**
+   * What every database fault must leave true; a 503 within `failFastMs` of `since` (by default, of
+   * its request's start).
+   */
+  async function expectSurvived(
+    name: string,
+    result: ScenarioResult,
+    failFastMs = FAIL_FAST_MS,
+    since: (o: Outcome) => number = (o) => o.start,
+  ) {
     summarize(name, result.load.outcomes, {
       'fault ms': result.window.upAt - result.window.downAt,
       'resumed after ms': result.resumedMs,
@@ -120,7 +135,7 @@ describe.runIf(!('reason' in found))('database faults under load (throwaway Post
         expect(o.contentType, describeOutcome(o)).toMatch(/^application\/problem\+json/);
         expect(o.body).toMatchObject({ status: 503, code: 'service_unavailable' });
         expect(o.headers['retry-after']).toBeTruthy();
-        expect(o.ms, describeOutcome(o)).toBeLessThan(FAIL_FAST_MS);
+        expect(o.end - since(o), describeOutcome(o)).toBeLessThan(failFastMs);
       }
     }
     expect(result.resumedMs).toBeLessThan(RESUME_WITHIN_MS);
@@ -258,5 +273,68 @@ describe.runIf(!('reason' in found))('database faults under load (throwaway Post
     const settled = readyDuring.filter((p) => p.start - result.window.downAt > 1500);
     expect(settled.length).toBeGreaterThan(0);
     for (const p of settled) expect(p.status, describeOutcome(p)).toBe(503);
+  });
+
+  it('answers 503 within the client-side timeout while PostgreSQL hangs (every process stopped), and resumes', async () => {
+    const email = `hang-${randomUUID().slice(0, 8)}@example.test`;
+    const reg = await send(service.baseUrl, 'POST', '/v1/auth/register', {
+      body: { email, password: LOAD_PASSWORD },
+    });
+    expect(reg.status, describeOutcome(reg)).toBe(201);
+    const holder = await cluster.connect(DATABASE);
+    let midTransaction: Promise<Outcome>[] = [];
+    const result = await underLoad(async () => {
+      // Sign-ins caught inside their transaction when the server stops: each waits on its audit
+      // event's insert (a lock held here) as everything stops, so it meets the client-side timeout
+      // mid-transaction, where a ROLLBACK would wait as long again for the same silent server.
+      await holder.query('BEGIN');
+      await holder.query('LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE');
+      midTransaction = [0, 1].map(() =>
+        send(service.baseUrl, 'POST', '/v1/auth/login', {
+          op: 'login',
+          body: { email, password: LOAD_PASSWORD },
+        }),
+      );
+      // Stopped once one of them (or of the load's writes) waits on the lock, within the lock timeout.
+      const waiting = async () => {
+        const { rows } = await cluster.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM pg_stat_activity
+            WHERE application_name = 'paservices-auth' AND wait_event_type = 'Lock' AND xact_start IS NOT NULL`,
+        );
+        return (rows[0]?.n ?? 0) > 0;
+      };
+      const deadline = performance.now() + 1500;
+      let caught = false;
+      while (!caught && performance.now() < deadline) {
+        caught = await waiting();
+        if (!caught) await sleep(20);
+      }
+      expect(caught, 'no transaction waited on the lock').toBe(true);
+      const downAt = performance.now();
+      cluster.hang();
+      await sleep(6000);
+      const upAt = performance.now();
+      cluster.resume();
+      await holder.query('COMMIT');
+      return { downAt, upAt };
+    });
+    await holder.end();
+    // Timed from the stop: what they did before it (the wait for the lock included) is not the hang's.
+    const sinceStop = (o: Outcome) => Math.max(o.start, result.window.downAt);
+    for (const o of await Promise.all(midTransaction)) {
+      expect(o.status, describeOutcome(o)).toBe(503);
+      expect(o.end - sinceStop(o), describeOutcome(o)).toBeLessThan(HUNG_FAIL_MS);
+    }
+    await expectSurvived('hang', result, HUNG_FAIL_MS, sinceStop);
+    const during = result.load.outcomes.filter((o) => within(o, result.window));
+    expect(during.filter((o) => o.status === 503).length).toBeGreaterThanOrEqual(3);
+    for (const o of during) expect(answersDuringOutage(o), describeOutcome(o)).toContain(o.status);
+    // Readiness's own 1 s deadline: 503 throughout, once the probes in flight at the stop are answered.
+    const settled = result.ready.filter(
+      (p) => within(p, result.window) && p.start - result.window.downAt > 1500,
+    );
+    expect(settled.length).toBeGreaterThan(2);
+    for (const p of settled) expect(p.status, describeOutcome(p)).toBe(503);
+    expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
   });
 });

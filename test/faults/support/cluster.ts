@@ -216,7 +216,55 @@ export class PostgresCluster {
     }
   }
 
+  /** The postmaster and the processes it started (backends, checkpointer, …), the postmaster first. */
+  private processes(): number[] {
+    const postmaster = Number(readFileSync(join(this.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+    const children: number[] = [];
+    for (const entry of readdirSync('/proc')) {
+      if (!/^\d+$/.test(entry)) continue;
+      try {
+        // pid (comm) state ppid …: comm may hold spaces and parentheses, so read after the last ')'.
+        const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+        const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+        if (ppid === postmaster) children.push(Number(entry));
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+    return [postmaster, ...children];
+  }
+
+  private signalAll(signal: NodeJS.Signals) {
+    for (const pid of this.processes()) {
+      try {
+        process.kill(pid, signal);
+      } catch {
+        // Exited meanwhile.
+      }
+    }
+  }
+
+  /**
+   * A database that hangs: SIGSTOP to the postmaster (so it starts no backend: a new connection is
+   * accepted by the kernel and never answered), then to every process it started (each open connection
+   * stops answering). Linux only (/proc).
+   */
+  hang() {
+    this.hung = true;
+    this.signalAll('SIGSTOP');
+  }
+
+  /** SIGCONT to the same processes: everything goes on where it stopped. */
+  resume() {
+    this.signalAll('SIGCONT');
+    this.hung = false;
+  }
+
+  private hung = false;
+
   private killNow() {
+    // A stopped postmaster would not act on pg_ctl's signal.
+    if (this.hung) this.resume();
     const args = ['stop', '-D', this.dataDir, '-m', 'immediate', '-w'];
     const [file, argv] = this.binaries.runAs
       ? ['runuser', ['-u', this.binaries.runAs, '--', this.binaries.pgCtl, ...args]]
