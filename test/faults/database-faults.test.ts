@@ -26,6 +26,9 @@ const DATABASE = 'auth';
  * for a busy machine.
  */
 const HUNG_FAIL_MS = FAIL_FAST_MS + 1000;
+/** The pool's size (DB_POOL_MAX's default). */
+const POOL_MAX = 10;
+const ADMIN = { email: 'admin@example.test', password: 'a long admin passphrase 42' };
 
 const found = findPostgres();
 if ('reason' in found) console.warn(`fault suite not run: ${found.reason}`);
@@ -60,7 +63,11 @@ describe.runIf(!('reason' in found))('database faults under load (throwaway Post
   beforeAll(async () => {
     cluster = await PostgresCluster.create();
     await cluster.query(`CREATE DATABASE ${DATABASE}`);
-    service = await startService({ DATABASE_URL: cluster.url(DATABASE) });
+    service = await startService({
+      DATABASE_URL: cluster.url(DATABASE),
+      BOOTSTRAP_ADMIN_EMAIL: ADMIN.email,
+      BOOTSTRAP_ADMIN_PASSWORD: ADMIN.password,
+    });
   });
 
   afterAll(async () => {
@@ -336,5 +343,93 @@ describe.runIf(!('reason' in found))('database faults under load (throwaway Post
     expect(settled.length).toBeGreaterThan(2);
     for (const p of settled) expect(p.status, describeOutcome(p)).toBe(503);
     expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
+  });
+
+  it('keeps answering what needs no database while every pooled connection waits on a lock', async () => {
+    const admin = await send(service.baseUrl, 'POST', '/v1/auth/login', { body: ADMIN });
+    expect(admin.status, describeOutcome(admin)).toBe(200);
+    const adminToken = (admin.body as { session: { access_token: string } }).session.access_token;
+    const created = await send(service.baseUrl, 'POST', '/v1/clients', {
+      token: adminToken,
+      body: { name: 'resource server', scopes: ['users:read'] },
+    });
+    expect(created.status, describeOutcome(created)).toBe(201);
+    const { client_id, client_secret } = created.body as { client_id: string; client_secret: string };
+    const basic = {
+      authorization: `Basic ${Buffer.from(`${client_id}:${client_secret}`).toString('base64')}`,
+    };
+    const issued = await send(service.baseUrl, 'POST', '/oauth/token', {
+      headers: basic,
+      body: { grant_type: 'client_credentials' },
+    });
+    expect(issued.status, describeOutcome(issued)).toBe(200);
+    const clientToken = (issued.body as { access_token: string }).access_token;
+    const email = `pool-${randomUUID().slice(0, 8)}@example.test`;
+    const reg = await send(service.baseUrl, 'POST', '/v1/auth/register', {
+      body: { email, password: LOAD_PASSWORD },
+    });
+    expect(reg.status, describeOutcome(reg)).toBe(201);
+    const userToken = (reg.body as { session: { access_token: string } }).session.access_token;
+    // What is served from memory: the key set, discovery, an account's /me and a token's introspection
+    // once cached (each asked once first).
+    const fromMemory = [
+      () => send(service.baseUrl, 'GET', '/.well-known/jwks.json', { op: 'jwks' }),
+      () => send(service.baseUrl, 'GET', '/.well-known/openid-configuration', { op: 'discovery' }),
+      () => send(service.baseUrl, 'GET', '/v1/auth/me', { op: 'me', token: userToken }),
+      () =>
+        send(service.baseUrl, 'POST', '/oauth/introspect', {
+          op: 'introspect',
+          headers: basic,
+          body: { token: clientToken },
+        }),
+    ];
+    for (const ask of fromMemory) {
+      const o = await ask();
+      expect(o.status, describeOutcome(o)).toBe(200);
+    }
+
+    const holder = await cluster.connect(DATABASE);
+    await holder.query('BEGIN');
+    await holder.query('LOCK TABLE users IN ACCESS EXCLUSIVE MODE');
+    const lockedAt = performance.now();
+    // Listings of users (no password hashing to pile up afterwards), each holding a pooled connection
+    // on the lock for the lock timeout: several times the pool's worth at once, and more every 50 ms.
+    const flood: Promise<Outcome>[] = [];
+    let flooding = true;
+    const list = () =>
+      flood.push(send(service.baseUrl, 'GET', '/v1/users?limit=1', { op: 'list users', token: adminToken }));
+    for (let i = 0; i < 3 * POOL_MAX; i++) list();
+    const flooder = (async () => {
+      while (flooding) {
+        list();
+        await sleep(50);
+      }
+    })();
+    const answers: Outcome[] = [];
+    try {
+      await sleep(300);
+      while (performance.now() - lockedAt < 3000) for (const ask of fromMemory) answers.push(await ask());
+    } finally {
+      flooding = false;
+      await flooder;
+      await holder.query('COMMIT');
+      await holder.end();
+    }
+    const listings = await Promise.all(flood);
+    summarize('pool exhausted', [...listings, ...answers], { 'requests at once': 3 * POOL_MAX });
+    // The pool was exhausted: listings answered 503 after waiting for a connection (the connect
+    // timeout, 1 s), sooner than the lock timeout (2 s) could end any of them.
+    expect(listings.filter((o) => o.status === 503 && o.ms < 1800).length).toBeGreaterThan(0);
+    for (const o of listings) {
+      expect([200, 503], describeOutcome(o)).toContain(o.status);
+      // A connection within the connect timeout, then a statement within the lock timeout.
+      if (o.status === 503) expect(o.ms, describeOutcome(o)).toBeLessThan(FAIL_FAST_MS + 1000);
+    }
+    expect(answers.length).toBeGreaterThan(8);
+    for (const o of answers) {
+      expect(o.status, describeOutcome(o)).toBe(200);
+      expect(o.ms, describeOutcome(o)).toBeLessThan(500);
+    }
+    expect(service.isRunning()).toBe(true);
   });
 });

@@ -18,6 +18,8 @@ export interface Outcome {
 export interface SendOptions {
   body?: unknown;
   token?: string;
+  /** Sent as they are (an HTTP Basic client authentication, say); after `token`'s. */
+  headers?: Record<string, string>;
   op?: string;
   /** A request still unanswered after this is recorded as a hang. */
   timeoutMs?: number;
@@ -33,6 +35,7 @@ export function send(baseUrl: string, method: string, path: string, options: Sen
   const headers: Record<string, string> = {};
   if (payload !== undefined) headers['content-type'] = 'application/json';
   if (options.token) headers.authorization = `Bearer ${options.token}`;
+  Object.assign(headers, options.headers);
   const op = options.op ?? `${method} ${path}`;
   return new Promise<Outcome>((resolve) => {
     let settled = false;
