@@ -246,6 +246,50 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
     expect(audit.filter((e) => e.type === 'api_key.rotated')).toHaveLength(2);
   });
 
+  it('verify gives a rotated-out secret the expires_at of its grace, or of the key when that comes first', async () => {
+    const user = await registerUser(app, 'ak-rotated-expiry');
+    const rotate = async (id: string, grace: number) => {
+      const res = await app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${id}/rotate`,
+        headers: bearer(user.accessToken),
+        payload: { grace_seconds: grace },
+      });
+      expect(res.statusCode, res.body).toBe(200);
+      const graceEnds = (await keyRow(id)).previousSecretExpiresAt!.toISOString();
+      return { key: res.json().key as string, graceEnds };
+    };
+    const expiresAt = async (key: string) => {
+      const answer = await verifyKey(app, admin.accessToken, key);
+      expect(answer.valid, JSON.stringify(answer)).toBe(true);
+      return answer.expires_at;
+    };
+    const inSeconds = (s: number) => new Date(clock.now().getTime() + s * 1000).toISOString();
+
+    // A key that never expires: its replaced secret stops at the end of the grace, and says so, even
+    // when that secret's verification was answered (and cached) before the rotation.
+    const forever = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    expect(await expiresAt(forever.key)).toBeNull();
+    const renewed = await rotate(forever.id, 300);
+    expect(await expiresAt(forever.key)).toBe(renewed.graceEnds);
+    expect(await expiresAt(forever.key)).toBe(renewed.graceEnds);
+    expect(await expiresAt(renewed.key)).toBeNull();
+
+    // A key that expires before the grace would end: the key's expiry, the earlier of the two.
+    const soon = inSeconds(120);
+    const short = await createKey(app, user.accessToken, { scopes: ['account:read'], expires_at: soon });
+    const shortRenewed = await rotate(short.id, 3600);
+    expect(await expiresAt(short.key)).toBe(soon);
+    expect(await expiresAt(shortRenewed.key)).toBe(soon);
+
+    // A key that expires after the grace: the grace, for the replaced secret only.
+    const month = inSeconds(30 * 86_400);
+    const long = await createKey(app, user.accessToken, { scopes: ['account:read'], expires_at: month });
+    const longRenewed = await rotate(long.id, 60);
+    expect(await expiresAt(long.key)).toBe(longRenewed.graceEnds);
+    expect(await expiresAt(longRenewed.key)).toBe(month);
+  });
+
   it('revokes: 204, then the key fails with revoked and disappears from the owner’s view', async () => {
     const user = await registerUser(app, 'ak-revoke');
     const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });

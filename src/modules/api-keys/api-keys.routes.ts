@@ -27,7 +27,13 @@ import {
   VerifyApiKeyResultSchema,
 } from './api-keys.schema.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
-import type { ApiKeyActor, ApiKeysService, InvalidReason, Verification } from './api-keys.service.js';
+import {
+  type ApiKeyActor,
+  type ApiKeysService,
+  type InvalidReason,
+  presentedExpiresAt,
+  type Verification,
+} from './api-keys.service.js';
 
 export function toApiKeyDto(k: ApiKeyRow) {
   return {
@@ -62,7 +68,8 @@ function verificationDto(result: Verification): VerificationDto {
       key_id: result.key.id,
       owner_id: result.key.ownerId,
       scopes: result.scopes,
-      expires_at: isoDate(result.key.expiresAt),
+      // When the presented string stops working: a secret a rotation replaced ends with its grace.
+      expires_at: isoDate(presentedExpiresAt(result.key, result.previous)),
     });
     verificationDtos.set(result, dto);
   }
@@ -179,8 +186,9 @@ export async function apiKeysRoutes(
         summary: 'Verify an API key presented to another service',
         description:
           'Always 200 for a well-formed request: `valid: true` with the key’s id, owner, effective scopes ' +
-          'and expiry, or `valid: false` with a reason. A secret replaced by a rotation answers `expired` ' +
-          'once its grace is over.',
+          'and `expires_at`, when the presented key stops working, or `valid: false` with a reason. A ' +
+          'secret replaced by a rotation answers `expired` once its grace is over, and until then its ' +
+          '`expires_at` is the end of the grace (or the key’s expiry when that comes first).',
         security: bearerOrApiKey,
         body: VerifyApiKeyBodySchema,
         response: { 200: VerifyApiKeyResultSchema, ...problems(400, 401, 403, 503) },

@@ -122,7 +122,13 @@ export const VerifyApiKeyResultSchema = z
       scopes: z
         .array(z.string())
         .describe('Effective: the key’s scopes within its owner’s current permissions'),
-      expires_at: z.string().nullable(),
+      expires_at: z
+        .string()
+        .nullable()
+        .describe(
+          'When the presented key stops working (null: never): the key’s expiry, or for a secret a ' +
+            'rotation replaced, the end of its grace when that comes first',
+        ),
     }),
     z.object({
       valid: z.literal(false),

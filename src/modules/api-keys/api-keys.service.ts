@@ -75,6 +75,16 @@ const DEFAULT_CACHE_MAX = 10_000;
 const DEFAULT_CACHE_TTL_MS = 5_000;
 const DEFAULT_FLUSH_INTERVAL_MS = 60_000;
 
+/**
+ * When the string a valid verification was made with stops working, for whoever caches the answer
+ * (the verify route's `expires_at`, introspection's `exp`): the key's expiry (null: never), or, for
+ * the secret a rotation replaced, the end of its grace when that comes first.
+ */
+export function presentedExpiresAt(key: ApiKeyRow, previous: boolean): Date | null {
+  const { expiresAt, previousSecretExpiresAt: graceEnds } = key;
+  return previous && graceEnds && (!expiresAt || graceEnds < expiresAt) ? graceEnds : expiresAt;
+}
+
 const invalid = (reason: InvalidReason): Verification => ({ valid: false, reason });
 const NOT_FOUND = invalid('not_found');
 

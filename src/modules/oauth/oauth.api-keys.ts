@@ -1,6 +1,6 @@
 import { isAppError } from '../../lib/errors.js';
 import type { RequestContext } from '../audit/audit.service.js';
-import type { ApiKeysService } from '../api-keys/api-keys.service.js';
+import { type ApiKeysService, presentedExpiresAt } from '../api-keys/api-keys.service.js';
 import type { ApiKeyTokenPort } from './oauth.service.js';
 
 /** API keys as introspection and revocation see them, over the API-keys module's own verification. */
@@ -9,7 +9,6 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
     async inspect(key: string) {
       const verified = await apiKeys.verify(key);
       if (!verified.valid) return undefined;
-      const { expiresAt, previousSecretExpiresAt: graceEnds } = verified.key;
       return {
         keyId: verified.key.id,
         ownerId: verified.key.ownerId,
@@ -17,8 +16,7 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
         scopes: verified.scopes,
         // When this string stops working (RFC 7662 §2.2 `exp`): a secret a rotation replaced ends with
         // its grace, or with the key if that comes first; a resource server caches no longer than that.
-        expiresAt:
-          verified.previous && graceEnds && (!expiresAt || graceEnds < expiresAt) ? graceEnds : expiresAt,
+        expiresAt: presentedExpiresAt(verified.key, verified.previous),
         createdAt: verified.key.createdAt,
       };
     },
