@@ -13,7 +13,8 @@ const USAGE = `usage: npm run create-admin -- --email <email> [--password <passw
 
 Creates the user with the admin role, or grants admin to the existing user with that email.
 The password is needed only to create the user; it may also come from ADMIN_PASSWORD, or is asked
-for when run on a terminal.`;
+for when run on a terminal. Given for an existing user, it must be that user's password (otherwise
+nothing changes, exit code 1); without one, the existing user is granted admin as it is.`;
 
 function parseInput(): { email: string; password: string | undefined } {
   let values: { email?: string | undefined; password?: string | undefined; help?: boolean | undefined };
@@ -85,8 +86,6 @@ async function main() {
     if (result.created) process.stdout.write(`created admin ${who}\n`);
     else if (result.granted) process.stdout.write(`granted the admin role to the existing user ${who}\n`);
     else process.stdout.write(`${who} already holds the admin role; nothing changed\n`);
-    if (!result.created && input.password !== undefined)
-      process.stdout.write('the existing password was left unchanged\n');
     if (user && user.status !== 'active')
       process.stdout.write(`note: the account is ${user.status}; it cannot sign in until it is activated\n`);
   } finally {

@@ -205,6 +205,49 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
   );
 
   it(
+    'create-admin refuses an existing user when the password given is not theirs, granting nobody',
+    async () => {
+      const email = uniqueEmail('cli-other-password');
+      const userId = await withApp(target, async (app) => {
+        const res = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/register',
+          payload: { email, password: PASSWORD },
+        });
+        expect(res.statusCode, res.body).toBe(201);
+        return res.json().user.id as string;
+      });
+      const roles = () =>
+        withDatabase(
+          target,
+          async (database) => (await createUsersRepository(database.db).rolesAndPermissions(userId)).roles,
+        );
+
+      const other = 'the operator’s own passphrase';
+      for (const refused of [
+        await run(target, 'create-admin', ['--email', email, '--password', other]),
+        await run(target, 'create-admin', ['--email', email.toUpperCase()], { ADMIN_PASSWORD: other }),
+      ]) {
+        expect(refused.code, refused.stdout).toBe(1);
+        expect(refused.stdout).toBe('');
+        const lines = refused.stderr.trim().split('\n');
+        expect(lines, refused.stderr).toHaveLength(1);
+        expect(lines[0]).toContain(
+          `error: ${email} has an account, and the password given is not its password: nobody was made admin`,
+        );
+      }
+      expect(await roles()).toEqual(['user']);
+
+      // Its own password proves the account: granted, as without a password.
+      const granted = await run(target, 'create-admin', ['--email', email], { ADMIN_PASSWORD: PASSWORD });
+      expect(granted.code, granted.stderr).toBe(0);
+      expect(granted.stdout).toContain(`granted the admin role to the existing user ${email}`);
+      expect(await roles()).toEqual(['admin', 'user']);
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
     'create-admin refuses bad input with a message and exit code 1, creating nobody',
     async () => {
       const weakEmail = uniqueEmail('cli-weak');

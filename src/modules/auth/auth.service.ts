@@ -359,18 +359,23 @@ export function createAuthService(deps: AuthServiceDeps) {
     }
     const existing = await deps.users.findByEmail(email);
     if (existing) {
-      // At start (not `force`, the command line's explicit grant), the address is all the operator
-      // named, and on a database with no admin yet anyone may have registered it first (without the
-      // mailbox, where sign-in does not wait for a confirmed address): the account is made admin only
-      // when BOOTSTRAP_ADMIN_PASSWORD is its password, as for an account only Supabase has (below).
-      if (!input.force) {
+      // At start (not `force`), the address is all the operator named, and on a database with no admin
+      // yet anyone may have registered it first (without the mailbox, where sign-in does not wait for
+      // a confirmed address): the account is made admin only when BOOTSTRAP_ADMIN_PASSWORD is its
+      // password, as for an account only Supabase has (below). The command line's `force` without a
+      // password is the operator's explicit grant to the account as it is; with one, the password must
+      // be the account's there too, or the operator meant another account than the one found.
+      if (!input.force || input.password) {
         const proven = input.password ? await deps.provider.signIn(email, input.password) : undefined;
         if (proven?.id !== existing.id)
           throw new AppError('validation_failed', {
-            detail:
-              'BOOTSTRAP_ADMIN_EMAIL has an account, and BOOTSTRAP_ADMIN_PASSWORD is not its password: ' +
-              'someone else may have registered the address; grant admin with npm run create-admin ' +
-              'once you know whose account it is',
+            detail: input.force
+              ? `${email} has an account, and the password given is not its password: nobody was made ` +
+                'admin (someone else may have registered the address); to grant admin to that account ' +
+                'as it is, run again without a password (no --password, ADMIN_PASSWORD unset)'
+              : 'BOOTSTRAP_ADMIN_EMAIL has an account, and BOOTSTRAP_ADMIN_PASSWORD is not its password: ' +
+                'someone else may have registered the address; grant admin with npm run create-admin ' +
+                'once you know whose account it is',
           });
       }
       return { user: existing, created: false, granted: await grantAdmin(existing, context) };
@@ -799,8 +804,8 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     /**
      * Creates the admin when no admin exists (or always, with `force`; idempotent either way): a new user with the `admin` role, or
-     * the `admin` role for an existing user with that email (without `force`, only one whose password
-     * `password` is: see bootstrapOnce). Instances starting together on an empty
+     * the `admin` role for an existing user with that email (only one whose password `password` is,
+     * unless `force` is given without a password: see bootstrapOnce). Instances starting together on an empty
      * database may each find no admin and make the account: the one whose insert loses finds the
      * account made (and its admin) when it looks again.
      */
