@@ -35,7 +35,10 @@ export type Principal =
       userId: string;
       permissions: string[];
       lookupId: string;
-      /** When the key expires (null: never); a key it creates or changes may not outlive it. */
+      /**
+       * When the presented secret stops (null: never): the key's expiry, or for a secret a rotation
+       * replaced the end of its grace if sooner. A key it creates or changes may not outlive it.
+       */
       expiresAt: Date | null;
       /** Presented with the secret a rotation replaced, in its grace: it cannot rotate the key again. */
       previous: boolean;

@@ -502,6 +502,47 @@ describe('api keys: security', () => {
     expect(event?.data).toMatchObject({ force: true, grace_seconds: 0 });
   });
 
+  it('a secret a rotation replaced lives only to the end of its grace, and lengthens no sibling key past it', async () => {
+    const user = await registerUser(app, 'aks-grace-life');
+    // Neither key expires of itself: only the grace bounds the replaced secret.
+    const leaked = await createKey(app, user.accessToken, { scopes: ['account:read', 'api_keys:own'] });
+    const sibling = await createKey(app, user.accessToken, {
+      scopes: ['account:read'],
+      expires_at: new Date(clock.nowMs() + 3_600_000).toISOString(),
+    });
+    const rotated = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${leaked.id}/rotate`,
+      headers: withKey(leaked.key),
+      payload: { grace_seconds: 600 },
+    });
+    expect(rotated.statusCode, rotated.body).toBe(200);
+    const patchSibling = (key: string, expiresAt: string | null) =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/api-keys/${sibling.id}`,
+        headers: withKey(key),
+        payload: { expires_at: expiresAt },
+      });
+    // The old secret, in its grace, cannot give the sibling a life past that grace: not none, not a day.
+    for (const later of [null, new Date(clock.nowMs() + 86_400_000).toISOString()]) {
+      const res = await patchSibling(leaked.key, later);
+      expect(res.statusCode, res.body).toBe(403);
+      expect(res.json().detail).toContain('expires at');
+    }
+    const unchanged = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${sibling.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(unchanged.json().expires_at).toBe(sibling.expires_at);
+    // Within the grace it may still shorten one, and the new secret is bound by the key's own life.
+    const shorter = await patchSibling(leaked.key, new Date(clock.nowMs() + 300_000).toISOString());
+    expect(shorter.statusCode, shorter.body).toBe(200);
+    const byFresh = await patchSibling(rotated.json().key as string, null);
+    expect(byFresh.statusCode, byFresh.body).toBe(200);
+  });
+
   it('a key manager who lost a permission cannot hand it out with their old token: scopes or rotation (403, audited)', async () => {
     const owner = await registerUser(app, 'aks-held-owner');
     await grantRole(app, owner.id, ['users:write']);

@@ -100,7 +100,9 @@ export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyPrincipals 
           userId: result.key.ownerId,
           permissions: result.scopes,
           lookupId: result.key.lookupId,
-          expiresAt: result.key.expiresAt,
+          // When the presented secret stops: a replaced one at the end of its grace. What it creates
+          // or changes is held within that (assertWithinCallerLife), a sibling's life included.
+          expiresAt: presentedExpiresAt(result.key, result.previous),
           previous: result.previous,
         }
       : undefined;
