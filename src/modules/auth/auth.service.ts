@@ -101,8 +101,15 @@ export function createAuthService(deps: AuthServiceDeps) {
     });
   };
 
-  /** The local row of a provider user, created (with the `user` role and a profile) when missing. */
-  async function ensureLocalUser(pu: ProviderUser, context: RequestContext, again = true): Promise<UserRow> {
+  /**
+   * The local row of a provider user, created (with the `user` role and a profile) when missing;
+   * undefined when it is missing because the account was deleted (see below).
+   */
+  async function ensureLocalUser(
+    pu: ProviderUser,
+    context: RequestContext,
+    again = true,
+  ): Promise<UserRow | undefined> {
     const existing = await deps.users.findById(pu.id);
     if (existing) {
       if (existing.email !== pu.email || +(existing.emailConfirmedAt ?? 0) !== +(pu.emailConfirmedAt ?? 0)) {
@@ -139,6 +146,10 @@ export function createAuthService(deps: AuthServiceDeps) {
       }
       return existing;
     }
+    // No row: the user's first sign-in here, or an account deleted after the provider vouched for it
+    // (a deletion removes the provider's user first, then the row). Only a user the provider has now
+    // is given one: a sign-in under way as an administrator deleted the account does not bring it back.
+    if (deps.provider.currentUser && (await deps.provider.currentUser(pu.id)) === undefined) return undefined;
     const created = await inTransaction(deps.db, deps.events, async (tx) => {
       const row = await deps.users.insert(
         { id: pu.id, email: pu.email, provider: deps.provider.name, emailConfirmedAt: pu.emailConfirmedAt },
@@ -172,18 +183,21 @@ export function createAuthService(deps: AuthServiceDeps) {
     const current = await deps.provider.currentUser(user.id);
     // Gone from the provider: its sign-in refuses the password anyway.
     if (!current || current.email === user.email) return user;
-    return ensureLocalUser(current, context);
+    return (await ensureLocalUser(current, context)) ?? user;
   }
 
-  /** ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. */
-  async function signInUser(pu: ProviderUser, context: RequestContext, email: string): Promise<UserRow> {
+  /**
+   * ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. Undefined
+   * for an account deleted while the credential was checked, which does not come back.
+   */
+  async function signInUser(
+    pu: ProviderUser,
+    context: RequestContext,
+    email: string,
+  ): Promise<UserRow | undefined> {
     // The built-in provider's users live in this database alone: one whose row is gone now was
-    // deleted while the password was checked, and does not come back (as a provider's user would).
-    if (deps.provider.name === 'local') {
-      const row = await deps.users.findById(pu.id);
-      if (!row) throw invalidCredentials();
-      return row;
-    }
+    // deleted while the password was checked.
+    if (deps.provider.name === 'local') return deps.users.findById(pu.id);
     try {
       return await ensureLocalUser(pu, context);
     } catch (err) {
@@ -396,7 +410,13 @@ export function createAuthService(deps: AuthServiceDeps) {
             detail:
               'BOOTSTRAP_ADMIN_EMAIL has an account at the identity provider, and BOOTSTRAP_ADMIN_PASSWORD is not its password',
           });
-        return { existing: await ensureLocalUser(identity, context) };
+        const existing = await ensureLocalUser(identity, context);
+        if (!existing)
+          throw new AppError('validation_failed', {
+            detail:
+              'BOOTSTRAP_ADMIN_EMAIL has an account at the identity provider that was deleted meanwhile',
+          });
+        return { existing };
       });
     if ('existing' in signedUp) {
       return {
@@ -515,7 +535,11 @@ export function createAuthService(deps: AuthServiceDeps) {
         throw invalidCredentials();
       }
       // Past the password: an account the provider's can not be matched with is no failed guess.
-      const user = await unlessThrown(guess, () => signInUser(identity, context, email));
+      const user = await unlessThrown(guess, async () => {
+        const row = await signInUser(identity, context, email);
+        if (!row) throw invalidCredentials();
+        return row;
+      });
       if (user.status !== 'active') {
         await recordLoginFailure(context, email, user.id, 'disabled');
         throw invalidCredentials();
@@ -557,6 +581,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       const identity = await deps.provider.exchange(accessToken);
       if (!identity) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       const user = await signInUser(identity, context, identity.email);
+      if (!user) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       if (user.status !== 'active')
         throw new AppError('invalid_token', { detail: 'The account is disabled' });
       const session = await openSession(user, context, 'auth.exchange', []);
