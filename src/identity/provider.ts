@@ -16,6 +16,13 @@ export interface ProviderUser {
    * reset or a change committed gets no session the change did not end.
    */
   checkedHash?: string;
+  /**
+   * exchange: when the user signed in to the provider for the token exchanged (Supabase: the newest
+   * `amr` timestamp, which a refresh of its session does not move), never later than now; null when
+   * the token does not say. A token is no proof of a recent sign-in by being valid: supabase-js keeps
+   * a session alive for days by refreshing it.
+   */
+  signedInAt?: Date | null;
 }
 
 /**

@@ -68,6 +68,31 @@ function provedMailboxRecently(jwt: string, maxAgeSeconds: number): boolean {
   }
 }
 
+/**
+ * When the user signed in for the session of a JWT GoTrue has verified (getUser answered with its
+ * user, `userId`): the newest `amr` timestamp (GoTrue keeps them through refreshes; a step-up adds
+ * one), never later than now; null when the token names another user or carries none.
+ */
+function signedInAt(jwt: string, userId: string): Date | null {
+  try {
+    const payload = JSON.parse(Buffer.from(jwt.split('.')[1] ?? '', 'base64url').toString('utf8')) as {
+      sub?: unknown;
+      amr?: unknown;
+    };
+    if (payload.sub !== userId || !Array.isArray(payload.amr)) return null;
+    let newest = Number.NEGATIVE_INFINITY;
+    for (const entry of payload.amr as unknown[]) {
+      const timestamp = (entry as { timestamp?: unknown } | null)?.timestamp;
+      if (typeof timestamp === 'number' && Number.isFinite(timestamp) && timestamp > newest)
+        newest = timestamp;
+    }
+    if (newest === Number.NEGATIVE_INFINITY) return null;
+    return new Date(Math.min(newest * 1000, Date.now()));
+  } catch {
+    return null;
+  }
+}
+
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 function failureReason(err: unknown): string {
@@ -370,7 +395,10 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         }
         // Accounts here are keyed by email; a phone-only Supabase user has nothing to map to.
         if (!data.user.email) return undefined;
-        return toProviderUser(data.user, data.user.email);
+        return {
+          ...toProviderUser(data.user, data.user.email),
+          signedInAt: signedInAt(accessToken, data.user.id),
+        };
       }),
 
     changePassword: (user, currentPassword, newPassword) =>

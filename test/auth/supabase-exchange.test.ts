@@ -56,6 +56,50 @@ describe('exchanging a Supabase access token', () => {
     await gotrue?.close();
   });
 
+  it('a session exchanged from a Supabase sign-in of long ago stands in for no password: a stolen token sets up no app', async () => {
+    const { id, client, session } = await signedInAtSupabase('sb-stale-signin');
+    const enrol = (accessToken: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/mfa/totp', headers: bearer(accessToken), payload: {} });
+
+    // The frontend signed in an hour ago and supabase-js has kept the session alive since: a refreshed
+    // access token, minted a moment ago, of a sign-in an hour old (its amr says when).
+    gotrue.backdateSignIns(id, 3600);
+    const refreshed = await client.auth.refreshSession({ refresh_token: session.refresh_token });
+    expect(refreshed.error).toBeNull();
+    const exchanged = await exchange(refreshed.data.session!.access_token);
+    // Signing in with it still works, as before.
+    expect(exchanged.statusCode, exchanged.body).toBe(200);
+    const stale = await enrol(exchanged.json().session.access_token);
+    expect(stale.statusCode, stale.body).toBe(400);
+    expect(stale.json().errors).toEqual([
+      { field: 'body.password', message: expect.stringContaining('5 minutes') },
+    ]);
+    // Exchanged again and again, it is still that sign-in of an hour ago.
+    const again = await exchange(refreshed.data.session!.access_token);
+    expect((await enrol(again.json().session.access_token)).statusCode).toBe(400);
+
+    // The window runs from the sign-in at Supabase: four minutes ago still counts, six do not.
+    const recent = await client.auth.signInWithPassword({
+      email: refreshed.data.user!.email!,
+      password: PASSWORD,
+    });
+    gotrue.backdateSignIns(id, 4 * 60);
+    const fourMinutes = await client.auth.refreshSession({
+      refresh_token: recent.data.session!.refresh_token,
+    });
+    const withinWindow = await exchange(fourMinutes.data.session!.access_token);
+    expect(withinWindow.statusCode, withinWindow.body).toBe(200);
+    const fresh = await enrol(withinWindow.json().session.access_token);
+    expect(fresh.statusCode, fresh.body).toBe(201);
+    gotrue.backdateSignIns(id, 2 * 60);
+    const sixMinutes = await client.auth.refreshSession({
+      refresh_token: fourMinutes.data.session!.refresh_token,
+    });
+    const pastWindow = await exchange(sixMinutes.data.session!.access_token);
+    expect(pastWindow.statusCode, pastWindow.body).toBe(200);
+    expect((await enrol(pastWindow.json().session.access_token)).statusCode).toBe(400);
+  });
+
   it('a token Supabase vouched for while an administrator deleted the account does not bring the account back', async () => {
     const admin = await createAdmin(app);
     const { id, session } = await signedInAtSupabase('sb-deleted-meanwhile');

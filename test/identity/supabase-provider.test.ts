@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -188,6 +189,56 @@ describe('exchange', () => {
     const token = data.session?.access_token ?? '';
     await client.auth.signOut();
     await expect(provider.exchange(token)).resolves.toBeUndefined();
+  });
+
+  it('says when the user signed in at Supabase: the newest amr timestamp, kept through refreshes, never later than now', async () => {
+    const address = email();
+    const user = await signedUp(address);
+    const client = outsideClient();
+    const { data } = await client.auth.signInWithPassword({ email: address, password: 'correct horse' });
+    const signedIn = (await provider.exchange(data.session?.access_token ?? ''))?.signedInAt;
+    expect(Math.abs(signedIn!.getTime() - Date.now())).toBeLessThan(5_000);
+    fake.backdateSignIns(user.id, 3600);
+    const refreshed = await client.auth.refreshSession({ refresh_token: data.session?.refresh_token ?? '' });
+    const later = (await provider.exchange(refreshed.data.session?.access_token ?? ''))?.signedInAt;
+    expect(Math.abs(later!.getTime() - (Date.now() - 3600_000))).toBeLessThan(5_000);
+
+    // What GoTrue vouches for is the token; what it says of its sign-in is read from it. A token that
+    // says nothing (no amr, no timestamp), or names another user than GoTrue's answer, says null.
+    const claims = (payload: Record<string, unknown>) =>
+      `e30.${Buffer.from(JSON.stringify(payload)).toString('base64url')}.c2ln`;
+    const userJson = await (
+      await fetch(`${fake.url}/auth/v1/admin/users/${user.id}`, {
+        headers: { apikey: fake.serviceRoleKey, authorization: `Bearer ${fake.serviceRoleKey}` },
+      })
+    ).json();
+    const vouching = createSupabaseProvider({
+      url: fake.url,
+      anonKey: fake.anonKey,
+      serviceRoleKey: fake.serviceRoleKey,
+      timeoutMs: 2000,
+      fetch: async (input, init) =>
+        String(input).endsWith('/auth/v1/user')
+          ? new Response(JSON.stringify(userJson), { headers: { 'content-type': 'application/json' } })
+          : fetch(input, init),
+    });
+    const now = Math.floor(Date.now() / 1000);
+    const signedInWith = async (payload: Record<string, unknown>) =>
+      (await vouching.exchange(claims(payload)))?.signedInAt;
+    expect(await signedInWith({ sub: user.id })).toBeNull();
+    expect(await signedInWith({ sub: user.id, amr: [{ method: 'oauth' }] })).toBeNull();
+    expect(await signedInWith({ sub: randomUUID(), amr: [{ method: 'oauth', timestamp: now }] })).toBeNull();
+    expect(
+      await signedInWith({
+        sub: user.id,
+        amr: [
+          { method: 'password', timestamp: now - 3600 },
+          { method: 'totp', timestamp: now - 60 },
+        ],
+      }),
+    ).toEqual(new Date((now - 60) * 1000));
+    const future = await signedInWith({ sub: user.id, amr: [{ method: 'oauth', timestamp: now + 86_400 }] });
+    expect(future!.getTime()).toBeLessThanOrEqual(Date.now());
   });
 
   it('returns undefined for the token of a deleted user', async () => {

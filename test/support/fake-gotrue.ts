@@ -114,6 +114,11 @@ export interface FakeGoTrue {
    * answers an invalid or used one with an error in the redirect.
    */
   completeRecovery(email: string, options?: CompleteRecoveryOptions): Promise<string>;
+  /**
+   * Moves every sign-in of the user's sessions `seconds` into the past, as if they had signed in that
+   * long ago: the access tokens of a later refresh carry the older `amr` timestamps, as GoTrue's do.
+   */
+  backdateSignIns(userId: string, seconds: number): void;
 }
 
 interface AmrEntry {
@@ -805,6 +810,10 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       const method = link.flow === 'pkce' ? 'recovery' : 'otp';
       const session = await issueSession(user, undefined, { method, ageSeconds: openedSecondsAgo });
       return session.access_token;
+    },
+    backdateSignIns(userId, seconds) {
+      for (const session of sessions.values())
+        if (session.userId === userId) for (const entry of session.amr) entry.timestamp -= seconds;
     },
   };
 }

@@ -24,6 +24,13 @@ export const sessions = pgTable(
      * carried as the `amr` claim of every access token the session issues.
      */
     amr: text('amr').array().notNull().default(sql`'{}'::text[]`),
+    /**
+     * A session opened by exchanging a Supabase access token: when the user signed in at Supabase
+     * (the newest `amr` timestamp of that token, which Supabase's refreshes keep), what a recent
+     * sign-in is measured from where it stands in for a password. Null for every other session, and
+     * for a token that does not say.
+     */
+    authenticatedAt: timestamp('authenticated_at', { withTimezone: true, precision: 3 }),
   },
   (t) => [
     index('sessions_user_idx').on(t.userId),

@@ -86,7 +86,7 @@ export const EnrollTotpBodySchema = z
   .object({
     password: PasswordSchema.optional().describe(
       'The current password; without one only for an account that signs in through Supabase without a ' +
-        'password, from a session its sign-in opened within 5 minutes',
+        'password, from a session `exchange` opened from a sign-in at Supabase of the last 5 minutes',
     ),
   })
   .strict();

@@ -218,6 +218,7 @@ export function createAuthService(deps: AuthServiceDeps) {
    * either ended by it or not opened). With `checkedHash` (a password sign-in, built-in provider),
    * PasswordReplaced when the password is no longer the one checked: a reset or a change updates the
    * row before ending the sessions, so a session is either ended by it or not opened.
+   * `authenticatedAt`: an exchange's, when the user signed in at the provider.
    */
   async function startSessionIn(
     tx: Transaction,
@@ -227,6 +228,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     type: string,
     amr: readonly string[],
     checkedHash?: string,
+    authenticatedAt?: Date | null,
   ) {
     const row = await deps.users.findByIdForShare(user.id, tx);
     if (checkedHash !== undefined && row?.passwordHash !== checkedHash) throw new PasswordReplaced();
@@ -234,7 +236,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     const started = await deps.sessions.start(
       tx,
       user,
-      { ip: context.ip, userAgent: context.userAgent, amr },
+      { ip: context.ip, userAgent: context.userAgent, amr, authenticatedAt },
       { context, emit },
     );
     await deps.audit.record(
@@ -255,9 +257,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     type: string,
     amr: readonly string[],
     checkedHash?: string,
+    authenticatedAt?: Date | null,
   ): Promise<SessionTokens | 'second_factor'> {
     const opened = await inTransaction(deps.db, deps.events, (tx, emit) =>
-      startSessionIn(tx, emit, user, context, type, amr, checkedHash),
+      startSessionIn(tx, emit, user, context, type, amr, checkedHash, authenticatedAt),
     );
     if (opened === 'second_factor') return opened;
     return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
@@ -584,7 +587,16 @@ export function createAuthService(deps: AuthServiceDeps) {
       if (!user) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       if (user.status !== 'active')
         throw new AppError('invalid_token', { detail: 'The account is disabled' });
-      const session = await openSession(user, context, 'auth.exchange', []);
+      // Its session stands in for a password while the sign-in at Supabase is recent (not the
+      // exchange: a token refreshed days after its sign-in, or stolen, is exchanged as often as asked).
+      const session = await openSession(
+        user,
+        context,
+        'auth.exchange',
+        [],
+        undefined,
+        identity.signedInAt ?? null,
+      );
       if (session === 'second_factor') throw await deps.mfa.challenge(user, 'auth.exchange', context);
       return { user, session };
     },
@@ -785,22 +797,27 @@ export function createAuthService(deps: AuthServiceDeps) {
     /**
      * For an account that signs in through Supabase without a password (a social login, `exchange`):
      * the proof of a password is a session that sign-in opened moments ago. A stolen access token
-     * of an older session, or of a password sign-in, is not one.
+     * of an older session, or of a password sign-in, is not one; nor is a session exchanged from a
+     * Supabase token whose sign-in at Supabase was not moments ago (supabase-js refreshes one for
+     * days, and a token is exchanged as often as asked), or that does not say when it was.
      */
     async reauthenticateBySession(userId: string, sessionId: string | undefined) {
       const session = sessionId ? await deps.sessions.findSession(sessionId) : undefined;
+      const recent = (at: Date | null) =>
+        at !== null && deps.clock.nowMs() - at.getTime() <= RECENT_SIGN_IN_MS;
       const fresh =
         session !== undefined &&
         session.userId === userId &&
         !session.revokedAt &&
         session.amr.length === 0 &&
-        deps.clock.nowMs() - session.createdAt.getTime() <= RECENT_SIGN_IN_MS;
+        recent(session.createdAt) &&
+        recent(session.authenticatedAt);
       if (fresh) return;
       throw invalidFields([
         {
           field: 'body.password',
           message:
-            'is required (an account without one, signed in through Supabase, signs in again and does this within 5 minutes)',
+            'is required (an account without one, signed in through Supabase, signs in there again and does this within 5 minutes)',
         },
       ]);
     },

@@ -142,7 +142,8 @@ export async function mfaRoutes(
           'With the current password (a wrong one is 400 `incorrect_password`, counts toward the sign-in ' +
           'lockout and is audited): a stolen access token alone must not put a factor of its holder’s on ' +
           'the account and lock its owner out. An account that signs in through Supabase without a ' +
-          'password (a social login) leaves it out, from a session its sign-in opened within 5 minutes. ' +
+          'password (a social login) leaves it out, from a session `exchange` opened within 5 minutes of ' +
+          'a sign-in at Supabase (the exchanged token’s `amr` says when; not a Supabase session refreshed since). ' +
           'A new secret, shown once, as an `otpauth://` URI for a QR ' +
           'code. Nothing changes for sign-ins until a code from the app confirms it ' +
           '(`POST /v1/auth/mfa/totp/activate`); asking again replaces a set-up not yet confirmed. 409 when ' +

@@ -147,6 +147,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         clientId?: string | null;
         /** How the user authenticated (RFC 8176), carried by the session's access tokens. */
         amr: readonly string[];
+        /** An exchanged Supabase token: when the user signed in at Supabase (sessions.authenticated_at). */
+        authenticatedAt?: Date | null;
       },
       opening: { context: RequestContext; emit: (event: AuthEvent) => void },
     ): Promise<{ session: SessionRow; refreshToken: string }> {
@@ -189,6 +191,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
           idleExpiresAt: addSeconds(now, Math.min(deps.ttl.refreshIdle, deps.ttl.refreshAbsolute)),
           expiresAt: addSeconds(now, deps.ttl.refreshAbsolute),
           amr: [...meta.amr],
+          authenticatedAt: meta.authenticatedAt ?? null,
         },
         tx,
       );
