@@ -75,10 +75,10 @@ function sharedStoreWithFallback(link: RedisLink) {
  * Redis when configured (shared by every instance), in this instance's memory otherwise or while Redis
  * is down; the per-account failure counter applies on top.
  */
-async function rateLimitPlugin(app: FastifyInstance, options: { redis?: RedisLink | undefined }) {
+async function rateLimitPlugin(app: FastifyInstance, options: { link?: RedisLink | undefined }) {
   await app.register(rateLimit, {
     global: false,
-    ...(options.redis ? { store: sharedStoreWithFallback(options.redis) } : {}),
+    ...(options.link ? { store: sharedStoreWithFallback(options.link) } : {}),
     skipOnError: true,
     keyGenerator: (request) => limitedAddress(request.ip),
     errorResponseBuilder: (_request, context) =>
