@@ -3,7 +3,8 @@ import Fastify from 'fastify';
 
 /*
  * The benchmark's floor: bare Fastify answering a request of an endpoint's shape (method, headers,
- * body, parsed by Fastify's own JSON parser or @fastify/formbody as the service does) with a recorded
+ * body, parsed by Fastify's own JSON parser or by @fastify/formbody: the service's JSON parser and its
+ * own form parser, src/lib/form.ts, check more, on the same fast-querystring) with a recorded
  * answer of that endpoint (status, headers, bytes), and doing nothing else. No service on Fastify can
  * answer that request faster on this machine, so its ratio to the hello world says how much of an
  * endpoint's gap is Fastify and Node, and how much is the service's own work.

@@ -64,7 +64,8 @@ export class TransactionTimeoutError extends Error {
  * BEGIN inside, and a client whose statement failed released with the error, so the pool destroys it
  * instead of handing a broken connection out again (one whose statement met the client-side timeout
  * is dropped without a ROLLBACK, which would only wait as long again). It also holds the pool's
- * transaction timeout (setTransactionTimeout). Sessions on a single client (not a pool) are left to drizzle's own method.
+ * transaction timeout (setTransactionTimeout). Sessions on a single client (not a pool) are left to
+ * drizzle's own method.
  */
 export function patchDrizzleTransactions(): void {
   if (patched) return;

@@ -111,7 +111,10 @@ export function createEventBus(deps: { database: DatabaseHandle; logger: Logger 
       await stopListening?.();
       stopListening = undefined;
     },
-    /** Queues the events in the transaction: other instances receive them when it commits. */
+    /**
+     * Queues the events in the transaction: every listening instance receives them when it commits,
+     * this one too (which applied them at the commit already: see `start`).
+     */
     async publish(tx: Transaction | Database, events: AuthEvent[]) {
       for (const payload of notificationPayloads(instanceId, events))
         await tx.execute(sql`SELECT pg_notify(${EVENTS_CHANNEL}, ${payload})`);
