@@ -16,6 +16,7 @@ import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../src/plugins/rat
 import { loginFailuresKey } from '../../src/lib/throttle.js';
 import { systemContext } from '../../src/modules/audit/audit.service.js';
 import { CLIENT_AUTH_FAILURES_PREFIX, CLIENT_AUTH_IP_FAILURES_PREFIX } from '../../src/services.js';
+import { createKey, verifyKey, withKey } from '../api-keys/helpers.js';
 import { basic, createClient, form, userWith } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
 import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
@@ -205,38 +206,22 @@ describe('several instances on one database: revocations reach every instance wi
 
   it('an API key revoked on A stops working on B', async () => {
     const user = await registerUser(a, 'mi-apikey');
-    const created = await a.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(user.accessToken),
-      payload: { name: 'multi-instance', scopes: ['account:read'] },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    const { id, key } = created.json() as { id: string; key: string };
-    const withKey = () => b.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': key } });
-    expect((await withKey()).statusCode).toBe(200); // B has looked the key up (and cached it)
+    const { id, key } = await createKey(a, user.accessToken, { scopes: ['account:read'] });
+    const meOnB = () => b.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(key) });
+    expect((await meOnB()).statusCode).toBe(200); // B has looked the key up (and cached it)
     const revoked = await a.inject({
       method: 'DELETE',
       url: `/v1/api-keys/${id}`,
       headers: bearer(user.accessToken),
     });
     expect(revoked.statusCode).toBe(204);
-    expect(await msUntil(async () => (await withKey()).statusCode === 401)).toBeLessThan(
-      PROPAGATION_LIMIT_MS,
-    );
+    expect(await msUntil(async () => (await meOnB()).statusCode === 401)).toBeLessThan(PROPAGATION_LIMIT_MS);
   });
 
   it('an API key rotated on A without grace: B refuses the old secret (it had remembered) and takes the new', async () => {
     const user = await registerUser(a, 'mi-apikey-rotate');
-    const created = await a.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(user.accessToken),
-      payload: { name: 'multi-instance rotation', scopes: ['account:read'] },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    const { id, key } = created.json() as { id: string; key: string };
-    const onB = (k: string) => b.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': k } });
+    const { id, key } = await createKey(a, user.accessToken, { scopes: ['account:read'] });
+    const onB = (k: string) => b.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(k) });
     // B verifies the secret and remembers that it matched.
     expect((await onB(key)).statusCode).toBe(200);
     expect((await onB(key)).statusCode).toBe(200);
@@ -268,16 +253,8 @@ describe('several instances on one database: revocations reach every instance wi
     });
     expect(granted.statusCode, granted.body).toBeLessThan(300);
     const fresh = await login(a, user.email);
-    const created = await a.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(fresh.session.access_token),
-      payload: { name: 'reader', scopes: ['users:read'] },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    const { key } = created.json() as { key: string };
-    const readOnB = () =>
-      b.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: { 'x-api-key': key } });
+    const { key } = await createKey(a, fresh.session.access_token, { scopes: ['users:read'] });
+    const readOnB = () => b.inject({ method: 'GET', url: `/v1/users/${user.id}`, headers: withKey(key) });
     expect((await readOnB()).statusCode).toBe(200);
 
     const removed = await a.inject({
@@ -314,17 +291,6 @@ describe('several instances on one database: revocations reach every instance wi
     );
   });
 
-  /** An API key of `token`'s user, with these scopes. */
-  async function apiKey(token: string, scopes: string[]) {
-    const created = await a.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(token),
-      payload: { name: 'multi-instance', scopes },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    return created.json() as { id: string; key: string };
-  }
   /** The role `userWith` made for `userId`. */
   const testRoleOf = async (userId: string) =>
     (await a.services.repos.users.rolesAndPermissions(userId)).roles.find((r) => r.startsWith('test-'))!;
@@ -335,12 +301,14 @@ describe('several instances on one database: revocations reach every instance wi
       userWith(a, ['users:read', 'account:read'], 'mi-role-narrowed'),
       userWith(a, ['users:read'], 'mi-role-deleted'),
     ]);
-    const keys = await Promise.all([narrowed, deleted].map((u) => apiKey(u.accessToken, ['users:read'])));
+    const keys = await Promise.all(
+      [narrowed, deleted].map((u) => createKey(a, u.accessToken, { scopes: ['users:read'] })),
+    );
     const readOnB = (i: number) =>
       b.inject({
         method: 'GET',
         url: `/v1/users/${[narrowed, deleted][i]!.id}`,
-        headers: { 'x-api-key': keys[i]!.key },
+        headers: withKey(keys[i]!.key),
       });
     for (const i of [0, 1]) expect((await readOnB(i)).statusCode).toBe(200);
     const changes = await Promise.all([
@@ -369,15 +337,11 @@ describe('several instances on one database: revocations reach every instance wi
       registerUser(a, 'mi-deleted'),
       registerUser(a, 'mi-leaving'),
     ]);
-    const keys = await Promise.all([removed, leaving].map((u) => apiKey(u.accessToken, ['account:read'])));
-    const verifyOnB = (key: string) =>
-      b.inject({
-        method: 'POST',
-        url: '/v1/api-keys/verify',
-        headers: bearer(admin.accessToken),
-        payload: { key },
-      });
-    for (const { key } of keys) expect((await verifyOnB(key)).json()).toMatchObject({ valid: true });
+    const keys = await Promise.all(
+      [removed, leaving].map((u) => createKey(a, u.accessToken, { scopes: ['account:read'] })),
+    );
+    const verifyOnB = (key: string) => verifyKey(b, admin.accessToken, key);
+    for (const { key } of keys) expect(await verifyOnB(key)).toMatchObject({ valid: true });
     const deletions = await Promise.all([
       a.inject({ method: 'DELETE', url: `/v1/users/${removed.id}`, headers: bearer(admin.accessToken) }),
       a.inject({
@@ -390,7 +354,7 @@ describe('several instances on one database: revocations reach every instance wi
     for (const deletion of deletions) expect(deletion.statusCode, deletion.body).toBe(204);
     const elapsed = await msUntil(async () =>
       (await Promise.all(keys.map(({ key }) => verifyOnB(key)))).every(
-        (r) => r.json().valid === false && r.json().reason === 'not_found',
+        (r) => r.valid === false && r.reason === 'not_found',
       ),
     );
     expect(elapsed).toBeLessThan(PROPAGATION_LIMIT_MS);
@@ -703,32 +667,17 @@ describe.runIf(databaseUrl)(
 
     it('an API key revoked, a client disabled and an owner disabled while B was deaf: B answers each anew', async () => {
       const user = await registerUser(a, 'mi-deaf');
-      const created = await a.inject({
-        method: 'POST',
-        url: '/v1/api-keys',
-        headers: bearer(user.accessToken),
-        payload: { name: 'deaf', scopes: ['account:read'] },
-      });
-      expect(created.statusCode, created.body).toBe(201);
-      const { id, key } = created.json() as { id: string; key: string };
+      const { id, key } = await createKey(a, user.accessToken, { scopes: ['account:read'] });
       const owner = await registerUser(a, 'mi-deaf-owner');
-      const ownersKey = (
-        await a.inject({
-          method: 'POST',
-          url: '/v1/api-keys',
-          headers: bearer(owner.accessToken),
-          payload: { name: 'deaf owner', scopes: ['account:read'] },
-        })
-      ).json().key as string;
+      const ownersKey = (await createKey(a, owner.accessToken, { scopes: ['account:read'] })).key;
       const client = await createClient(a, admin.accessToken, { scopes: ['tokens:introspect'] });
-      const withKey = (k: string) =>
-        b.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': k } });
+      const meOnB = (k: string) => b.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(k) });
       const introspectOnB = () =>
         form(b, '/oauth/introspect', { token: 'x.y.z' }, basic(client.client_id, client.client_secret));
       // Cached on B, the client's secret remembered too.
       for (let i = 0; i < 2; i++) {
-        expect((await withKey(key)).statusCode).toBe(200);
-        expect((await withKey(ownersKey)).statusCode).toBe(200);
+        expect((await meOnB(key)).statusCode).toBe(200);
+        expect((await meOnB(ownersKey)).statusCode).toBe(200);
         expect((await introspectOnB()).statusCode).toBe(200);
       }
 
@@ -750,7 +699,7 @@ describe.runIf(databaseUrl)(
       ]);
       for (const change of changes) expect(change.statusCode, change.body).toBeLessThan(300);
       const elapsed = await msUntil(async () => {
-        const answers = await Promise.all([withKey(key), withKey(ownersKey), introspectOnB()]);
+        const answers = await Promise.all([meOnB(key), meOnB(ownersKey), introspectOnB()]);
         return answers.every((r) => r.statusCode === 401);
       });
       expect(elapsed).toBeLessThan(RECONNECTED_LIMIT_MS);
@@ -829,15 +778,8 @@ describe.runIf(databaseUrl)('a change whose COMMIT answer A never got, though it
 
   it('A learns of its own API-key revocation from its notification: the key stops working on A', async () => {
     const user = await registerUser(a, 'mi-lost-commit-key');
-    const created = await a.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(user.accessToken),
-      payload: { name: 'lost commit', scopes: ['account:read'] },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    const { id, key } = created.json() as { id: string; key: string };
-    const onA = () => a.inject({ method: 'GET', url: '/v1/auth/me', headers: { 'x-api-key': key } });
+    const { id, key } = await createKey(a, user.accessToken, { scopes: ['account:read'] });
+    const onA = () => a.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(key) });
     expect((await onA()).statusCode).toBe(200);
     loseNextCommitAnswer(a);
     const revoked = await a.inject({

@@ -24,6 +24,7 @@ import {
   form,
   introspect,
 } from '../clients/helpers.js';
+import { createKey } from '../api-keys/helpers.js';
 import { buildTestApp, testConfig } from '../support/app.js';
 import { testDatabase } from '../support/database.js';
 import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
@@ -943,20 +944,11 @@ describe('POST /oauth/introspect', () => {
   it('gives a rotated-out API key secret the exp of its grace, not of the key (RFC 7662 §2.2)', async () => {
     const user = await registerUser(app, 'keyrotation');
     const inMonth = new Date(Date.now() + 30 * 86_400_000).toISOString();
-    const make = async (expiresAt?: string) => {
-      const res = await app.inject({
-        method: 'POST',
-        url: '/v1/api-keys',
-        headers: bearer(user.accessToken),
-        payload: {
-          name: 'rotated',
-          scopes: ['account:read'],
-          ...(expiresAt ? { expires_at: expiresAt } : {}),
-        },
+    const make = (expiresAt?: string) =>
+      createKey(app, user.accessToken, {
+        scopes: ['account:read'],
+        ...(expiresAt ? { expires_at: expiresAt } : {}),
       });
-      expect(res.statusCode, res.body).toBe(201);
-      return res.json() as { id: string; key: string };
-    };
     const rotate = async (id: string, grace: number) => {
       const res = await app.inject({
         method: 'POST',
