@@ -258,19 +258,20 @@ export function createSharedFailureCounter(options: {
     if (!e || e.count < options.max) return 0;
     return Math.max(1, Math.ceil((e.until - now()) / 1000));
   };
+  /** A failure counted in this instance's memory alone (Redis does not answer). */
+  const countHere = (key: string) => {
+    const e = current(key);
+    if (e) e.count++;
+    else known.set(key, { count: 1, until: now() + windowMs });
+  };
   return {
     retryAfterNow,
     async retryAfter(key) {
       return retryAfterNow(key);
     },
     async recordFailure(key) {
+      if (link && !link.answering()) return countHere(key);
       const k = options.prefix + key;
-      const countHere = () => {
-        const e = current(key);
-        if (e) e.count++;
-        else known.set(key, { count: 1, until: now() + windowMs });
-      };
-      if (link && !link.answering()) return countHere();
       try {
         const { count, leftMs } = await countInWindow(options.redis, k, options.windowSeconds);
         warned = false;
@@ -281,7 +282,7 @@ export function createSharedFailureCounter(options: {
           options.logger.warn({ err }, options.fallbackMessage);
           warned = true;
         }
-        countHere();
+        countHere(key);
       }
     },
     async reset(key) {
