@@ -1160,6 +1160,47 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       }
     });
 
+    it('named alone (a social-login account, no password): made admin when Supabase confirmed its address; otherwise the start stops, naming what would prove it', async () => {
+      const { BOOTSTRAP_ADMIN_PASSWORD: _, ...emailOnly } = bootstrapEnv('');
+      const withAccount = async (tag: string) => {
+        const email = uniqueEmail(tag);
+        const signUp = await outsideClient().auth.signUp({ email, password: 'bootstrap passphrase 42' });
+        expect(signUp.error).toBeNull();
+        const own = await ownDatabase('auth_bootstrap');
+        disposals.push(() => own.dispose());
+        // Its local account, made by its first sign-in here.
+        const before = await buildTestApp({
+          env: { ...emailOnly, BOOTSTRAP_ADMIN_EMAIL: '' },
+          deps: { database: own.database },
+        });
+        await login(before, email, 'bootstrap passphrase 42');
+        await before.close();
+        return { email, own };
+      };
+      const confirmed = await withAccount('sb-boot-alone');
+      const booted = await buildTestApp({
+        env: { ...emailOnly, BOOTSTRAP_ADMIN_EMAIL: confirmed.email },
+        deps: { database: confirmed.own.database },
+      });
+      disposals.unshift(() => booted.close());
+      expect(await rolesOf(booted, confirmed.email)).toEqual(expect.arrayContaining(['admin', 'user']));
+
+      const unconfirmed = await withAccount('sb-boot-alone-unconfirmed');
+      await unconfirmed.own.database.db.execute(
+        sql`update users set email_confirmed_at = null where email = ${unconfirmed.email}`,
+      );
+      const failure = await buildTestApp({
+        env: { ...emailOnly, BOOTSTRAP_ADMIN_EMAIL: unconfirmed.email },
+        deps: { database: unconfirmed.own.database },
+      }).then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      expect(failure).toBeInstanceOf(BootstrapAdminError);
+      expect((failure as Error).message).toContain('address is not confirmed');
+      expect((failure as Error).message).not.toContain('is not its password');
+    });
+
     it('Supabase down at start does not keep the service down: the admin is made once it answers', async () => {
       const email = uniqueEmail('sb-boot-down');
       gotrue.setDown(true);

@@ -382,7 +382,19 @@ export function createAuthService(deps: AuthServiceDeps) {
       // password, as for an account only Supabase has (below). The command line's `force` without a
       // password is the operator's explicit grant to the account as it is; with one, the password must
       // be the account's there too, or the operator meant another account than the one found.
-      if (!input.force || input.password) {
+      if (!input.force && !input.password) {
+        // Only with Supabase (the built-in provider's start needs BOOTSTRAP_ADMIN_PASSWORD): an account
+        // that signs in without a password (a social login) is the operator's when Supabase confirmed
+        // its address, which a squatter of the address cannot do.
+        if (!existing.emailConfirmedAt)
+          throw new AppError('validation_failed', {
+            detail:
+              'BOOTSTRAP_ADMIN_EMAIL has an account whose address is not confirmed, and no ' +
+              'BOOTSTRAP_ADMIN_PASSWORD proves it is yours: someone else may have registered the address; ' +
+              'confirm it, set BOOTSTRAP_ADMIN_PASSWORD to its password, or grant admin with npm run ' +
+              'create-admin once you know whose account it is',
+          });
+      } else if (!input.force || input.password) {
         const proven = input.password ? await deps.provider.signIn(email, input.password) : undefined;
         if (proven?.id !== existing.id)
           throw new AppError('validation_failed', {
