@@ -1,8 +1,16 @@
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 
-/** How long after a failure Redis is asked again (a PING), and again after each unanswered one. */
+/** How long after a failure Redis is asked again (a probe), and again after each unanswered one. */
 export const REDIS_PROBE_INTERVAL_MS = 1000;
+
+/**
+ * What a probe writes (for a few seconds): a write, not a PING, because a Redis that answers but
+ * refuses writes (READONLY after a failover, OOM under `noeviction`, MISCONF) answers a PING, and the
+ * link would then be given back every second only for the next counter to fail again.
+ */
+const PROBE_KEY = 'paservices:auth:link-probe';
+const PROBE_TTL_MS = 5000;
 
 /**
  * Whether Redis answers, as this instance last saw it, for everything that counts there (the per-IP
@@ -10,9 +18,9 @@ export const REDIS_PROBE_INTERVAL_MS = 1000;
  * connection gone, or unanswered within the client's command timeout: a Redis that accepts
  * connections and hangs, which ioredis still calls `ready`) makes Redis unavailable, and the counters
  * then count in this instance's memory without asking it: a hung Redis costs the requests in flight
- * one command timeout, not every request one per command for as long as it hangs. A PING asks again
- * every REDIS_PROBE_INTERVAL_MS (its own timeout added); its answer, or a connection made ready,
- * shares the counts again. Each change is logged once (README "Failure behaviour").
+ * one command timeout, not every request one per command for as long as it hangs. A probe (a write of
+ * one short-lived key, as the counters write) asks again every REDIS_PROBE_INTERVAL_MS (its own
+ * timeout added); its answer, or a connection made ready, shares the counts again. Each change is logged once (README "Failure behaviour").
  */
 export interface RedisLink {
   readonly redis: Redis;
@@ -49,7 +57,7 @@ export function createRedisLink(
       probing = false;
       return;
     }
-    redis.ping().then(
+    redis.set(PROBE_KEY, '1', 'PX', PROBE_TTL_MS).then(
       () => {
         probing = false;
         link.answered();

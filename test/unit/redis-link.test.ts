@@ -8,7 +8,7 @@ import { createTestClock } from '../support/clock.js';
 
 /**
  * Whether Redis answers, shared by every counter kept there: after one failure nothing asks Redis
- * until a probe (PING) is answered, so a Redis that hangs costs one command timeout, not one per
+ * until a probe (a write) is answered, so a Redis that hangs costs one command timeout, not one per
  * command for as long as it hangs (test/faults/redis-hang.test.ts shows it on the real service).
  */
 
@@ -20,16 +20,27 @@ function logLines() {
   return { logger, lines };
 }
 
-/** PING and every counter command: recorded, and failing while `down`. */
+/**
+ * The probe and every counter command: recorded, and failing while `down`. `readOnly`: a Redis that
+ * answers but refuses writes (a replica after a failover): PING answers, every write is refused.
+ */
 function fakeRedis() {
-  const state = { down: true, calls: [] as string[] };
+  const state = { down: true, readOnly: false, calls: [] as string[] };
   const answer = async <T>(name: string, value: T) => {
     state.calls.push(name);
     if (state.down) throw new Error('Command timed out');
     return value;
   };
+  const write = async <T>(name: string, value: T) => {
+    if (state.readOnly) {
+      state.calls.push(name);
+      throw new Error("READONLY You can't write against a read only replica.");
+    }
+    return answer(name, value);
+  };
   const redis = {
     ping: () => answer('ping', 'PONG'),
+    set: () => write('set', 'OK'),
     multi() {
       const chain = {
         incr: () => chain,
@@ -65,9 +76,9 @@ describe('Redis link', () => {
     expect(link.answering()).toBe(false);
     // Probes go on, one at a time (none oftener than every PROBE_MS), while nothing answers; nothing
     // more is logged.
-    const pings = () => state.calls.filter((c) => c === 'ping').length;
-    await vi.waitFor(() => expect(pings()).toBeGreaterThan(1));
-    expect(pings()).toBeLessThanOrEqual(Math.floor((performance.now() - failedAt) / PROBE_MS) + 1);
+    const probes = () => state.calls.filter((c) => c === 'set').length;
+    await vi.waitFor(() => expect(probes()).toBeGreaterThan(1));
+    expect(probes()).toBeLessThanOrEqual(Math.floor((performance.now() - failedAt) / PROBE_MS) + 1);
     expect(link.answering()).toBe(false);
     state.down = false;
     await vi.waitFor(() => expect(link.answering()).toBe(true));
@@ -79,6 +90,27 @@ describe('Redis link', () => {
     const after = state.calls.length;
     await sleep(PROBE_MS * 3);
     expect(state.calls.length).toBe(after);
+    link.close();
+  });
+
+  it('a Redis that answers but refuses writes (READONLY) stays unavailable, logged once, until it takes writes again', async () => {
+    const { redis, state } = fakeRedis();
+    state.down = false;
+    state.readOnly = true;
+    const { logger, lines } = logLines();
+    const link = createRedisLink(redis, logger, PROBE_MS);
+    link.failed(new Error("READONLY You can't write against a read only replica."));
+    // Several probe intervals, each probe refused as the counters' writes are: the link is not given
+    // back (a PING would answer, and the next counter fail again, every second).
+    await sleep(PROBE_MS * 5);
+    expect(link.answering()).toBe(false);
+    expect(state.calls.length).toBeGreaterThan(1);
+    state.readOnly = false;
+    await vi.waitFor(() => expect(link.answering()).toBe(true));
+    expect(lines).toEqual([
+      'Redis unavailable: rate limits fall back to in-process counters of this instance until it answers',
+      'Redis answers again: rate limits are shared across instances',
+    ]);
     link.close();
   });
 
