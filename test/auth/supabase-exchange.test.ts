@@ -1,10 +1,8 @@
-import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import type { FastifyInstance } from 'fastify';
-import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, PASSWORD } from '../support/factories.js';
-import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
 
 /**
@@ -16,11 +14,7 @@ describe('exchanging a Supabase access token', () => {
   let gotrue: FakeGoTrue;
   let app: FastifyInstance;
 
-  const outsideClient = () =>
-    createClient(gotrue.url, gotrue.anonKey, {
-      auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
-      realtime: { transport: ws as unknown as WebSocketLikeConstructor },
-    });
+  const outsideClient = () => projectClient(gotrue);
 
   const exchange = (accessToken: string) =>
     app.inject({ method: 'POST', url: '/v1/auth/exchange', payload: { access_token: accessToken } });
@@ -39,10 +33,7 @@ describe('exchanging a Supabase access token', () => {
     gotrue = await startFakeGoTrue();
     app = await buildTestApp({
       env: {
-        AUTH_PROVIDER: 'supabase',
-        SUPABASE_URL: gotrue.url,
-        SUPABASE_ANON_KEY: gotrue.anonKey,
-        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        ...supabaseEnv(gotrue),
         SUPABASE_TIMEOUT_MS: '2000',
       },
     });

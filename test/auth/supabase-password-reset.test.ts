@@ -1,10 +1,8 @@
-import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
-import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
-import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
 
 const NEW_PASSWORD = 'a fresh and long passphrase';
@@ -28,11 +26,8 @@ function expectInvalidResetToken(res: LightMyRequestResponse) {
   });
 }
 
-const supabaseEnv = (gotrue: FakeGoTrue) => ({
-  AUTH_PROVIDER: 'supabase',
-  SUPABASE_URL: gotrue.url,
-  SUPABASE_ANON_KEY: gotrue.anonKey,
-  SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+const resetEnv = (gotrue: FakeGoTrue) => ({
+  ...supabaseEnv(gotrue),
   SUPABASE_TIMEOUT_MS: '1000',
   PASSWORD_RESET_URL: RESET_URL,
   PASSWORD_RESET_TTL: String(RESET_TTL),
@@ -43,15 +38,11 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
   let app: FastifyInstance;
 
   /** Some other client of the same Supabase project, e.g. the frontend. */
-  const outsideClient = (flowType: 'implicit' | 'pkce' = 'implicit') =>
-    createClient(gotrue.url, gotrue.anonKey, {
-      auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false, flowType },
-      realtime: { transport: ws as unknown as WebSocketLikeConstructor },
-    });
+  const outsideClient = (flowType: 'implicit' | 'pkce' = 'implicit') => projectClient(gotrue, flowType);
 
   beforeAll(async () => {
     gotrue = await startFakeGoTrue();
-    app = await buildTestApp({ env: supabaseEnv(gotrue) });
+    app = await buildTestApp({ env: resetEnv(gotrue) });
   });
 
   afterEach(() => {
@@ -401,7 +392,7 @@ describe('password reset through Supabase with a stricter password policy there'
   it('answers Supabase refusing the new password 422 naming body.new_password, and changes nothing', async () => {
     const gotrue = await startFakeGoTrue({ minPasswordLength: 12 });
     try {
-      const app = await buildTestApp({ env: supabaseEnv(gotrue) });
+      const app = await buildTestApp({ env: resetEnv(gotrue) });
       const email = uniqueEmail('sbr-policy');
       const signUp = await app.inject({
         method: 'POST',

@@ -1,8 +1,6 @@
-import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { decodeJwt } from 'jose';
-import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { AppError } from '../../src/lib/errors.js';
 import { atTime } from '../support/clock.js';
@@ -10,7 +8,7 @@ import { BootstrapAdminError } from '../../src/services.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
 import { createAdmin, login, PASSWORD, registerUser } from '../support/factories.js';
-import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
 import { turnOnMfa } from '../support/mfa.js';
 import { captureLogs } from '../support/logs.js';
@@ -30,11 +28,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
   let app: FastifyInstance;
 
   /** Some other client of the same Supabase project, e.g. a frontend after a social login. */
-  const outsideClient = () =>
-    createClient(gotrue.url, gotrue.anonKey, {
-      auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
-      realtime: { transport: ws as unknown as WebSocketLikeConstructor },
-    });
+  const outsideClient = () => projectClient(gotrue);
 
   const me = (accessToken: string) =>
     app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(accessToken) });
@@ -43,10 +37,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     gotrue = await startFakeGoTrue();
     app = await buildTestApp({
       env: {
-        AUTH_PROVIDER: 'supabase',
-        SUPABASE_URL: gotrue.url,
-        SUPABASE_ANON_KEY: gotrue.anonKey,
-        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        ...supabaseEnv(gotrue),
         SUPABASE_TIMEOUT_MS: String(SUPABASE_TIMEOUT_MS),
       },
     });
@@ -577,10 +568,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const own = await ownDatabase('auth_sb_admins');
     const solo = await buildTestApp({
       env: {
-        AUTH_PROVIDER: 'supabase',
-        SUPABASE_URL: gotrue.url,
-        SUPABASE_ANON_KEY: gotrue.anonKey,
-        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        ...supabaseEnv(gotrue),
         SUPABASE_TIMEOUT_MS: String(SUPABASE_TIMEOUT_MS),
       },
       deps: { database: own.database },
@@ -807,10 +795,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const { lines, logger } = captureLogs();
     const logged = await buildTestApp({
       env: {
-        AUTH_PROVIDER: 'supabase',
-        SUPABASE_URL: gotrue.url,
-        SUPABASE_ANON_KEY: gotrue.anonKey,
-        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        ...supabaseEnv(gotrue),
       },
       deps: { logger },
     });
@@ -914,10 +899,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     const { lines, logger } = captureLogs('warn');
     const logged = await buildTestApp({
       env: {
-        AUTH_PROVIDER: 'supabase',
-        SUPABASE_URL: gotrue.url,
-        SUPABASE_ANON_KEY: gotrue.anonKey,
-        SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+        ...supabaseEnv(gotrue),
       },
       deps: { logger },
     });
@@ -1088,10 +1070,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
 
   describe('the bootstrap admin', () => {
     const bootstrapEnv = (email: string) => ({
-      AUTH_PROVIDER: 'supabase',
-      SUPABASE_URL: gotrue.url,
-      SUPABASE_ANON_KEY: gotrue.anonKey,
-      SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+      ...supabaseEnv(gotrue),
       BOOTSTRAP_ADMIN_EMAIL: email,
       BOOTSTRAP_ADMIN_PASSWORD: 'bootstrap passphrase 42',
     });

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { basicAuthorization } from '../../src/modules/oauth/oauth.client-auth.js';
 import { createClient } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
-import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { type FakeGoTrue, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
 import { ownDatabase } from '../support/database.js';
 import { createAdmin } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -221,10 +221,7 @@ describe.each(['local', 'supabase'] as const)(
       gotrue = provider === 'supabase' ? await startFakeGoTrue() : undefined;
       const supabase: Record<string, string> = gotrue
         ? {
-            AUTH_PROVIDER: 'supabase',
-            SUPABASE_URL: gotrue.url,
-            SUPABASE_ANON_KEY: gotrue.anonKey,
-            SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+            ...supabaseEnv(gotrue),
           }
         : {};
       app = await buildTestApp({

@@ -1,11 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
-import ws from 'ws';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { IdentityProvider, ProviderUser } from '../../src/identity/provider.js';
 import { createSupabaseProvider } from '../../src/identity/supabase.js';
 import { AppError } from '../../src/lib/errors.js';
-import { type FakeGoTrue, startFakeGoTrue } from '../support/fake-gotrue.js';
+import { type FakeGoTrue, projectClient, startFakeGoTrue } from '../support/fake-gotrue.js';
 
 let fake: FakeGoTrue;
 let provider: IdentityProvider;
@@ -24,10 +22,7 @@ async function rejection(promise: Promise<unknown>): Promise<AppError> {
 
 /** A client of the kind some other app (a social login, a mobile app) would hold the token from. */
 function outsideClient() {
-  return createClient(fake.url, fake.anonKey, {
-    auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
-    realtime: { transport: ws as unknown as WebSocketLikeConstructor },
-  });
+  return projectClient(fake);
 }
 
 async function signedUp(address = email(), password = 'correct horse'): Promise<ProviderUser> {

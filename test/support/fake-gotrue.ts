@@ -1,7 +1,9 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
+import { createClient, type WebSocketLikeConstructor } from '@supabase/supabase-js';
 import { errors as joseErrors, jwtVerify, SignJWT } from 'jose';
+import ws from 'ws';
 
 /**
  * A stand-in for Supabase Auth (GoTrue) behind the Supabase API gateway, speaking the HTTP API that
@@ -197,6 +199,25 @@ async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> 
 
 const str = (body: Record<string, unknown>, key: string): string =>
   typeof body[key] === 'string' ? (body[key] as string) : '';
+
+/** The environment that points the service at this fake: AUTH_PROVIDER=supabase and its three values. */
+export const supabaseEnv = (gotrue: FakeGoTrue) => ({
+  AUTH_PROVIDER: 'supabase',
+  SUPABASE_URL: gotrue.url,
+  SUPABASE_ANON_KEY: gotrue.anonKey,
+  SUPABASE_SERVICE_ROLE_KEY: gotrue.serviceRoleKey,
+});
+
+/**
+ * Some other client of the same Supabase project (a frontend, a social login, a mobile app), holding
+ * its own Supabase session: supabase-js with nothing stored or refreshed, on the ws package (Node 20
+ * has no WebSocket).
+ */
+export const projectClient = (gotrue: FakeGoTrue, flowType: 'implicit' | 'pkce' = 'implicit') =>
+  createClient(gotrue.url, gotrue.anonKey, {
+    auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false, flowType },
+    realtime: { transport: ws as unknown as WebSocketLikeConstructor },
+  });
 
 export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<FakeGoTrue> {
   const secret = randomBytes(32);
