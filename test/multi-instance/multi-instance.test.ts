@@ -88,6 +88,10 @@ afterAll(async () => {
 const me = (app: FastifyInstance, token: string) =>
   app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
 
+/** POST /v1/signing-keys/rotate on `app` with an administrator's token. */
+const rotateKeys = (app: FastifyInstance, token: string, payload: Record<string, unknown>) =>
+  app.inject({ method: 'POST', url: '/v1/signing-keys/rotate', headers: bearer(token), payload });
+
 /** Resolves once the token is refused by `app`; the time it took. */
 const msUntilRefused = (app: FastifyInstance, token: string) =>
   msUntil(async () => (await me(app, token)).statusCode === 401);
@@ -473,12 +477,8 @@ describe('several instances on one database: revocations reach every instance wi
     };
     const oldKid = await signOnB();
 
-    const rotate = await a.inject({
-      method: 'POST',
-      url: '/v1/signing-keys/rotate',
-      headers: bearer(admin.accessToken),
-      payload: { force: true }, // the next key was published seconds ago, at the instances' start
-    });
+    // force: the next key was published seconds ago, at the instances' start.
+    const rotate = await rotateKeys(a, admin.accessToken, { force: true });
     expect(rotate.statusCode, rotate.body).toBe(200);
     const newKid = rotate.json().active_kid as string;
     expect(newKid).not.toBe(oldKid);
@@ -550,12 +550,7 @@ describe('an emergency signing-key rotation on A, while B issues tokens', () => 
       // Tokens on both sides of the rotation: some are issued before it.
       while (issuedOnB.length < 16) await Promise.race([sleep(10), issuing]);
       slowReadsOnB = true;
-      const rotated = await a.inject({
-        method: 'POST',
-        url: '/v1/signing-keys/rotate',
-        headers: bearer(admin.accessToken),
-        payload: { revoke_previous: true },
-      });
+      const rotated = await rotateKeys(a, admin.accessToken, { revoke_previous: true });
       expect(rotated.statusCode, rotated.body).toBe(200);
       expect(await msUntil(async () => heardAt !== undefined)).toBeLessThan(PROPAGATION_LIMIT_MS);
       stopAt = performance.now() + 2 * SLOW_READ_MS;
@@ -722,12 +717,7 @@ describe.runIf(databaseUrl)(
       expect((await me(b, onB)).statusCode).toBe(200);
       const read = failNextRead(b.services.repos.signingKeys, 'listPublished');
       expect(await endListeners(url)).toBe(2);
-      const rotated = await a.inject({
-        method: 'POST',
-        url: '/v1/signing-keys/rotate',
-        headers: bearer(admin.accessToken),
-        payload: { revoke_previous: true },
-      });
+      const rotated = await rotateKeys(a, admin.accessToken, { revoke_previous: true });
       expect(rotated.statusCode, rotated.body).toBe(200);
       expect(decodeProtectedHeader(onB).kid).not.toBe(rotated.json().active_kid);
       expect(await msUntilRefused(b, onB)).toBeLessThan(RECONNECTED_LIMIT_MS);
@@ -811,12 +801,7 @@ describe.runIf(databaseUrl)('an instance starting while another revokes the sign
       const listen = database.listen.bind(database);
       let rotated: { active_kid: string } | undefined;
       database.listen = async (channel, handler) => {
-        const res = await a.inject({
-          method: 'POST',
-          url: '/v1/signing-keys/rotate',
-          headers: bearer(admin.accessToken),
-          payload: { revoke_previous: true },
-        });
+        const res = await rotateKeys(a, admin.accessToken, { revoke_previous: true });
         expect(res.statusCode, res.body).toBe(200);
         rotated = res.json();
         return listen(channel, handler);

@@ -123,6 +123,26 @@ async function countUsers(db: Database, email: string): Promise<number> {
   return Number(rows[0]?.n ?? 0);
 }
 
+/** A user registered through the API on the target database (password PASSWORD); their id. */
+async function registered(target: Target, email: string): Promise<string> {
+  return withApp(target, async (app) => {
+    const res = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/register',
+      payload: { email, password: PASSWORD },
+    });
+    expect(res.statusCode, res.body).toBe(201);
+    return res.json().user.id as string;
+  });
+}
+
+/** The roles a user holds on the target database. */
+const rolesOf = (target: Target, userId: string) =>
+  withDatabase(
+    target,
+    async (database) => (await createUsersRepository(database.db).rolesAndPermissions(userId)).roles,
+  );
+
 async function expectLogin(app: FastifyInstance, email: string, password: string) {
   const res = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
   expect(res.statusCode, res.body).toBe(200);
@@ -181,25 +201,16 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
     'create-admin grants admin to an existing user without a password',
     async () => {
       const email = uniqueEmail('cli-existing');
-      const userId = await withApp(target, async (app) => {
-        const res = await app.inject({
-          method: 'POST',
-          url: '/v1/auth/register',
-          payload: { email, password: PASSWORD },
-        });
-        expect(res.statusCode, res.body).toBe(201);
-        return res.json().user.id as string;
-      });
+      const userId = await registered(target, email);
 
       const result = await run(target, 'create-admin', ['--email', email]);
       expect(result.code, result.stderr).toBe(0);
       expect(result.stdout).toContain(`granted the admin role to the existing user ${email}`);
 
       await withDatabase(target, async (database) => {
-        const users = createUsersRepository(database.db);
-        expect((await users.rolesAndPermissions(userId)).roles).toEqual(['admin', 'user']);
         expect(await countUsers(database.db, email)).toBe(1);
       });
+      expect(await rolesOf(target, userId)).toEqual(['admin', 'user']);
     },
     SPAWN_TEST_TIMEOUT,
   );
@@ -208,20 +219,8 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
     'create-admin refuses an existing user when the password given is not theirs, granting nobody',
     async () => {
       const email = uniqueEmail('cli-other-password');
-      const userId = await withApp(target, async (app) => {
-        const res = await app.inject({
-          method: 'POST',
-          url: '/v1/auth/register',
-          payload: { email, password: PASSWORD },
-        });
-        expect(res.statusCode, res.body).toBe(201);
-        return res.json().user.id as string;
-      });
-      const roles = () =>
-        withDatabase(
-          target,
-          async (database) => (await createUsersRepository(database.db).rolesAndPermissions(userId)).roles,
-        );
+      const userId = await registered(target, email);
+      const roles = () => rolesOf(target, userId);
 
       const other = 'the operator’s own passphrase';
       for (const refused of [
