@@ -92,20 +92,28 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
  * `resolveCached` answers without waiting when the key's rows are in memory, and undefined otherwise.
  */
 export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyPrincipals {
-  const principal = (result: Verification): Principal | undefined =>
-    result.valid
-      ? {
-          kind: 'api_key',
-          id: result.key.id,
-          userId: result.key.ownerId,
-          permissions: result.scopes,
-          lookupId: result.key.lookupId,
-          // When the presented secret stops: a replaced one at the end of its grace. What it creates
-          // or changes is held within that (assertWithinCallerLife), a sibling's life included.
-          expiresAt: presentedExpiresAt(result.key, result.previous),
-          previous: result.previous,
-        }
-      : undefined;
+  // The service hands back the same frozen verification for a key as long as its rows and owner stay
+  // cached, so its principal is made once per verification, as a token's is per claims.
+  const principals = new WeakMap<Verification, Principal>();
+  const principal = (result: Verification): Principal | undefined => {
+    if (!result.valid) return undefined;
+    let made = principals.get(result);
+    if (!made) {
+      made = Object.freeze({
+        kind: 'api_key',
+        id: result.key.id,
+        userId: result.key.ownerId,
+        permissions: result.scopes,
+        lookupId: result.key.lookupId,
+        // When the presented secret stops: a replaced one at the end of its grace. What it creates
+        // or changes is held within that (assertWithinCallerLife), a sibling's life included.
+        expiresAt: presentedExpiresAt(result.key, result.previous),
+        previous: result.previous,
+      } satisfies Principal);
+      principals.set(result, made);
+    }
+    return made;
+  };
   return {
     resolve: async (presented) => principal(await apiKeys.verify(presented)),
     resolveCached: (presented) => {
