@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import cors from '@fastify/cors';
 import Fastify, {
   type FastifyBaseLogger,
@@ -48,6 +49,8 @@ import authenticate, {
 } from './plugins/authenticate.js';
 import errorHandler, {
   answerClientError,
+  answerExpectationFailed,
+  type ClientErrorAnswer,
   refuseOtherMethodsOfLiteralPaths,
   routePathOf,
 } from './plugins/error-handler.js';
@@ -235,6 +238,21 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     });
   };
 
+  /**
+   * A request answered before Fastify had it (by the HTTP parser's handler, or Node's server): counted
+   * in the metrics as an unmatched request (how long it took is not known: 0) and logged.
+   */
+  const recordRefusal =
+    (message: string) =>
+    ({ status, method, target, reason, remoteAddress }: ClientErrorAnswer) => {
+      services.metrics.http.record(method, 'unmatched', status, 0);
+      if (requestLogging)
+        deps.logger.info(
+          { req: { method, url: target, ip: remoteAddress }, res: { statusCode: status }, reason },
+          message,
+        );
+    };
+
   const app: FastifyInstance = Fastify({
     loggerInstance: deps.logger as FastifyBaseLogger,
     childLoggerFactory: (logger, bindings, options) => lazyChildLogger(logger as Logger, bindings, options),
@@ -268,19 +286,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // What Node's HTTP parser refuses (bad syntax, oversized headers, REQUEST_TIMEOUT_MS) in problem+json;
     // counted in the metrics as an unmatched request (how long it took is not known: 0) and logged.
     clientErrorHandler: (err, socket) =>
-      answerClientError(
-        err,
-        socket,
-        ({ status, method, target, reason, remoteAddress }) => {
-          services.metrics.http.record(method, 'unmatched', status, 0);
-          if (requestLogging)
-            deps.logger.info(
-              { req: { method, url: target, ip: remoteAddress }, res: { statusCode: status }, reason },
-              'request refused by the HTTP parser',
-            );
-        },
-        corsHeaders,
-      ),
+      answerClientError(err, socket, recordRefusal('request refused by the HTTP parser'), corsHeaders),
     // A URL the router refuses before any route runs (bad percent-encoding, a path parameter over
     // maxParamLength) is answered by the service's own error handler, in its error format, with the
     // headers every API answer carries: no hook runs for it.
@@ -291,6 +297,16 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       return app.errorHandler(error, request, reply);
     },
   });
+  // An `Expect` other than 100-continue: Node answers it before Fastify sees the request, and without
+  // this listener with a bare 417. Node emits it for those requests alone.
+  app.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) =>
+    answerExpectationFailed(
+      request,
+      response,
+      recordRefusal('request refused: an expectation it cannot meet'),
+      corsHeaders,
+    ),
+  );
   // JSON everywhere (and form bodies under /oauth, in its scope below); anything else is a 415.
   app.removeContentTypeParser('text/plain');
   // Fastify's own JSON parser (with the poisoning checks above), then the depth and number checks of

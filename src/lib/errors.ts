@@ -44,6 +44,7 @@ export const ERROR_CATALOGUE = {
   uri_too_long: { status: 414, title: 'The URI is too long' },
   unsupported_media_type: { status: 415, title: 'Unsupported content type' },
   range_not_satisfiable: { status: 416, title: 'The requested range is not satisfiable' },
+  expectation_failed: { status: 417, title: 'The expectation cannot be met' },
   headers_too_large: { status: 431, title: 'The request headers are too large' },
   weak_password: { status: 422, title: 'The password is too weak' },
   unprocessable: { status: 422, title: 'The request cannot be processed' },

@@ -1,4 +1,4 @@
-import { METHODS, STATUS_CODES } from 'node:http';
+import { type IncomingMessage, METHODS, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type {
   FastifyError,
@@ -280,6 +280,35 @@ export interface ClientErrorAnswer {
   remoteAddress: string | undefined;
 }
 
+/**
+ * The headers (but the framing ones) and body of a refusal written without Fastify, which no request
+ * reached: under /oauth RFC 6749 §5.2's error, never stored (§5.1); elsewhere problem+json. Both with
+ * the API's security headers, and a listed origin's CORS headers (none for an origin not listed).
+ */
+function refusalWithoutFastify(
+  error: AppError,
+  target: string,
+  origin: string | undefined,
+  corsHeaders: ((origin: string) => Readonly<Record<string, string>> | undefined) | undefined,
+): { headers: Record<string, string>; body: string } {
+  const oauth = OAUTH_TARGET.test(target);
+  const body = JSON.stringify(
+    oauth ? { error: 'invalid_request', error_description: error.detail } : problemBody(error),
+  );
+  const cors = origin !== undefined && corsHeaders ? corsHeaders(origin) : undefined;
+  return {
+    headers: {
+      ...API_SECURITY_HEADERS,
+      ...cors,
+      ...error.headers,
+      ...(oauth
+        ? { 'content-type': 'application/json; charset=utf-8', pragma: 'no-cache' }
+        : { 'content-type': PROBLEM_CONTENT_TYPE }),
+    },
+    body,
+  };
+}
+
 export function answerClientError(
   err: NodeJS.ErrnoException,
   socket: Duplex,
@@ -293,27 +322,21 @@ export function answerClientError(
     code,
     code === 'bad_request' ? { detail: 'The request is not valid HTTP/1.1' } : {},
   );
-  // Under /oauth errors are RFC 6749 §5.2's, never stored (§5.1), whatever refused the request.
+  // The target says the error's format: RFC 6749 §5.2's under /oauth, whatever refused the request.
   const { method, target } = requestLine(err, socket);
-  const oauth = OAUTH_TARGET.test(target);
-  const body = JSON.stringify(
-    oauth ? { error: 'invalid_request', error_description: error.detail } : problemBody(error),
-  );
   // As Node's own handler does: no answer into a connection whose current response has started
   // (a malformed request pipelined behind a good one), which would corrupt that response.
   const inFlight = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
   if (socket.writable && !inFlight?.headersSent) {
     // A listed origin's page reads the refusal (a 431 for its cookies) as any other error.
     const origin = corsHeaders && refusedOrigin(err, socket);
-    const headers = Object.entries({ ...API_SECURITY_HEADERS, ...(origin ? corsHeaders(origin) : {}) })
+    const { headers, body } = refusalWithoutFastify(error, target, origin || undefined, corsHeaders);
+    const head = Object.entries(headers)
       .map(([name, value]) => `${name}: ${value}\r\n`)
       .join('');
-    const type = oauth
-      ? 'content-type: application/json; charset=utf-8\r\npragma: no-cache\r\n'
-      : `content-type: ${PROBLEM_CONTENT_TYPE}\r\n`;
     socket.write(
-      `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\n${headers}` +
-        `${type}content-length: ${Buffer.byteLength(body)}\r\n` +
+      `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\n${head}` +
+        `content-length: ${Buffer.byteLength(body)}\r\n` +
         `connection: close\r\n\r\n${body}`,
     );
     onAnswered?.({
@@ -325,6 +348,39 @@ export function answerClientError(
     });
   }
   socket.destroy(err);
+}
+
+/**
+ * Node's `checkExpectation`: an HTTP/1.1 request whose `Expect` is not `100-continue` (RFC 9110
+ * §10.1.1) never reaches Fastify; without a listener Node answers it 417 with no body and none of
+ * the API's headers. It gets the 417 in the error format of its path, with the API's security
+ * headers and a listed origin's CORS headers, and the connection is closed (the body the client may
+ * send anyway is not read). Only such requests reach it: no other request pays for it.
+ */
+export function answerExpectationFailed(
+  request: IncomingMessage,
+  response: ServerResponse,
+  onAnswered?: (answer: ClientErrorAnswer) => void,
+  corsHeaders?: (origin: string) => Readonly<Record<string, string>> | undefined,
+): void {
+  const error = new AppError('expectation_failed', {
+    detail: 'Expect can only be 100-continue: no other expectation is met here',
+  });
+  const target = request.url ?? '';
+  const { headers, body } = refusalWithoutFastify(error, target, request.headers.origin, corsHeaders);
+  response.writeHead(error.status, {
+    ...headers,
+    'content-length': Buffer.byteLength(body),
+    connection: 'close',
+  });
+  response.end(body);
+  onAnswered?.({
+    status: error.status,
+    method: METHODS.includes(request.method ?? '') ? (request.method as string) : 'other',
+    target,
+    reason: 'expectation_failed',
+    remoteAddress: request.socket.remoteAddress,
+  });
 }
 
 /**

@@ -171,6 +171,13 @@ describe('requests refused before any route ran', () => {
         `GET /v1/auth/me?access_token=${LEAKED_JWT} HTTP/1.1\r\nHost: x\r\nX-Big: ${'b'.repeat(20_000)}\r\n\r\n`,
       ),
     ).toMatch(/^HTTP\/1\.1 431 /);
+    // Node's server answers an Expect it cannot meet before Fastify has the request.
+    expect(
+      await sendRaw(
+        port,
+        'PUT /v1/profiles/me HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\nContent-Length: 0\r\n\r\n',
+      ),
+    ).toMatch(/^HTTP\/1\.1 417 /);
 
     const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body;
     for (const series of [
@@ -178,6 +185,7 @@ describe('requests refused before any route ran', () => {
       'http_requests_total{method="GET",route="unmatched",status="414"} 1',
       'http_requests_total{method="other",route="unmatched",status="400"} 1',
       'http_requests_total{method="GET",route="unmatched",status="431"} 1',
+      'http_requests_total{method="PUT",route="unmatched",status="417"} 1',
     ])
       expect(metrics).toContain(series);
 
@@ -211,6 +219,14 @@ describe('requests refused before any route ran', () => {
         // The parser's line goes through the same redaction as every request's (SECURITY.md: tokens
         // are never logged).
         req: expect.objectContaining({ method: 'GET', url: '/v1/auth/me?access_token=[redacted]' }),
+      }),
+    ]);
+    expect(logged.filter((l) => l.msg === 'request refused: an expectation it cannot meet')).toEqual([
+      expect.objectContaining({
+        level: 30,
+        res: { statusCode: 417 },
+        reason: 'expectation_failed',
+        req: expect.objectContaining({ method: 'PUT', url: '/v1/profiles/me' }),
       }),
     ]);
     expect(lines.join('\n')).not.toContain(LEAKED_JWT);

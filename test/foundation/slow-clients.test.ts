@@ -194,6 +194,69 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
   });
 });
 
+describe('an Expect other than 100-continue (RFC 9110 §10.1.1), which Node answers before Fastify', () => {
+  let app: FastifyInstance;
+  let port: number;
+  beforeAll(async () => {
+    app = await buildTestApp({ env: { CORS_ORIGINS: 'https://app.example.com' } });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    port = (app.server.address() as AddressInfo).port;
+  });
+  const expecting = (path: string, origin?: string) =>
+    `POST ${path} HTTP/1.1\r\nHost: auth.test\r\n${origin ? `Origin: ${origin}\r\n` : ''}` +
+    'Content-Type: application/json\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}';
+
+  it('is a 417 in problem+json with the API headers, not Node’s bare one, and the connection is closed', async () => {
+    const { received, closed } = await trickle(port, expecting('/v1/auth/login'), 6000);
+    const answer = parseAnswer(received);
+    expect(answer.status).toBe(417);
+    expect(closed).toBe(true);
+    expect(answer.headers).toMatchObject({
+      'content-type': 'application/problem+json; charset=utf-8',
+      'cache-control': 'no-store',
+      'x-content-type-options': 'nosniff',
+      'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
+    });
+    expect(answer.headers['access-control-allow-origin']).toBeUndefined();
+    expect(answer.body).toMatchObject({
+      status: 417,
+      code: 'expectation_failed',
+      type: 'urn:paservices:auth:problem:expectation_failed',
+    });
+  });
+
+  it('is RFC 6749’s error under /oauth, never stored; a listed origin’s page reads it, another’s does not', async () => {
+    const oauth = parseAnswer(
+      (await trickle(port, expecting('/oauth/token', 'https://app.example.com'), 6000)).received,
+    );
+    expect(oauth.status).toBe(417);
+    expect(oauth.headers).toMatchObject({
+      'content-type': 'application/json; charset=utf-8',
+      'cache-control': 'no-store',
+      pragma: 'no-cache',
+      'access-control-allow-origin': 'https://app.example.com',
+      'access-control-allow-credentials': 'true',
+      vary: 'Origin',
+    });
+    expect(oauth.body).toMatchObject({ error: 'invalid_request' });
+    const other = parseAnswer(
+      (await trickle(port, expecting('/v1/auth/login', 'https://evil.example.com'), 6000)).received,
+    );
+    expect(other.status).toBe(417);
+    expect(other.headers['access-control-allow-origin']).toBeUndefined();
+  });
+
+  it('leaves 100-continue to Node: the request goes on', async () => {
+    const { received } = await trickle(
+      port,
+      'POST /v1/auth/login HTTP/1.1\r\nHost: auth.test\r\nContent-Type: application/json\r\n' +
+        'Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}',
+      6000,
+    );
+    expect(received).toMatch(/^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 400 /);
+  });
+});
+
 describe('a client that closes its connection before its body has arrived', () => {
   it('is logged as that, at info, not as the database being unavailable', async () => {
     const logs = captureLogs('info');
