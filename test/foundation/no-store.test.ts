@@ -5,6 +5,7 @@ import { createClient } from '../clients/helpers.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { totpAt } from '../support/mfa.js';
 
 /** RFC 6749 §5.1, SECURITY.md: an answer holding a credential is never stored by a browser or a proxy. */
 function expectNoStore(res: LightMyRequestResponse, what: string) {
@@ -86,6 +87,35 @@ describe('Cache-Control: no-store on every answer holding a credential', () => {
       headers: bearer(admin.accessToken),
     });
     expectNoStore(rotated, 'POST /v1/api-keys/{id}/rotate');
+  });
+
+  it('on setting up an authenticator app and confirming it (a TOTP secret, then recovery codes)', async () => {
+    const user = await registerUser(app, 'no-store-mfa');
+    const enrolled = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(user.accessToken),
+      payload: { password: PASSWORD },
+    });
+    expectNoStore(enrolled, 'POST /v1/auth/mfa/totp');
+    const secret: string = enrolled.json().secret;
+    const wrong = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers: bearer(user.accessToken),
+      payload: { code: totpAt(secret, Date.now()) === '000000' ? '111111' : '000000' },
+    });
+    expect(wrong.statusCode, wrong.body).toBe(400);
+    expect(wrong.headers['cache-control']).toBe('no-store');
+    expect(wrong.headers.pragma).toBe('no-cache');
+    const activated = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/activate',
+      headers: bearer(user.accessToken),
+      payload: { code: totpAt(secret, Date.now()) },
+    });
+    expectNoStore(activated, 'POST /v1/auth/mfa/totp/activate');
+    expect(activated.json().recovery_codes).toHaveLength(10);
   });
 
   it('on every other API answer too (ASVS 8.2.1), errors included; the JWKS and discovery documents are cacheable', async () => {
