@@ -48,6 +48,9 @@ export const SWAGGER_UI_HELMET: FastifyHelmetOptions = {
       // Swagger UI's bundle applies inline styles and data: images; it needs nothing else.
       styleSrc: ["'self'", "'unsafe-inline'"],
       imgSrc: ["'self'", 'data:'],
+      // It loads no font at all (its CSS names system families): not helmet's default, which admits
+      // fonts from any https: origin.
+      fontSrc: ["'self'", 'data:'],
       scriptSrc: ["'self'"],
       connectSrc: ["'self'"],
       frameAncestors: ["'none'"],
@@ -59,6 +62,9 @@ export const SWAGGER_UI_HELMET: FastifyHelmetOptions = {
     },
   },
   crossOriginResourcePolicy: { policy: 'same-site' },
+  // As frame-ancestors 'none' says, for browsers that read only X-Frame-Options (helmet's default is
+  // SAMEORIGIN, which would let a page of this origin frame the docs there).
+  frameguard: { action: 'deny' },
 };
 
 /** ReDoc's page CSP: its script from the CDN only, its inline styles, and its search worker (blob:). */
@@ -79,6 +85,7 @@ export const REDOC_HELMET: FastifyHelmetOptions = {
     },
   },
   crossOriginResourcePolicy: { policy: 'same-site' },
+  frameguard: { action: 'deny' },
 };
 
 const REDOC_PAGE = `<!doctype html>

@@ -540,6 +540,7 @@ describe('ReDoc', () => {
     );
     expect(csp).toContain('worker-src blob:');
     expect(csp).toContain("frame-ancestors 'none'");
+    expect(page.headers['x-frame-options']).toBe('DENY');
     // With a trailing slash, ./openapi.json would miss: that address is sent to the page, relatively.
     const slash = await app.inject({ method: 'GET', url: '/redoc/' });
     expect(slash.statusCode).toBe(301);
