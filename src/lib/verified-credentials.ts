@@ -12,18 +12,30 @@ import { LRUCache } from 'lru-cache';
  * still checks X's state (revoked, expired, disabled, grace over) on every use. Entries of X are
  * dropped when X changes, and an answer that was being computed while a change came in is not
  * remembered (the generation check), so a rotation or revocation is never outlived.
+ *
+ * `stored`, when given, is X's stored hash the credential matched: the caller compares it with X's
+ * row as it reads it now, so a secret changed without this instance hearing of it (a lost
+ * notification) stops when the row's own cache entry ages out, not when this entry does.
  */
 export interface VerifiedCredentials {
   /** The cache key of a credential: the SHA-256 of its parts. */
   keyOf(...parts: string[]): string;
   /** Whose credential this is, when it was verified and is still remembered. */
-  get(key: string, nowMs: number): { owner: string; previous: boolean } | undefined;
+  get(
+    key: string,
+    nowMs: number,
+  ): { owner: string; previous: boolean; stored: string | undefined } | undefined;
   /** The generation to pass to `remember` — read it before reading the owner's row. */
   readonly generation: number;
   /** `endsAtMs`: when the credential stops working by itself (a previous secret's grace). */
   remember(
     key: string,
-    entry: { owner: string; previous: boolean; endsAtMs?: number | undefined },
+    entry: {
+      owner: string;
+      previous: boolean;
+      endsAtMs?: number | undefined;
+      stored?: string | undefined;
+    },
     generation: number,
     nowMs: number,
   ): void;
@@ -33,7 +45,10 @@ export interface VerifiedCredentials {
 }
 
 export function createVerifiedCredentials(options: { max: number; ttlMs: number }): VerifiedCredentials {
-  const entries = new LRUCache<string, { owner: string; previous: boolean; validUntilMs: number }>({
+  const entries = new LRUCache<
+    string,
+    { owner: string; previous: boolean; validUntilMs: number; stored: string | undefined }
+  >({
     max: options.max,
   });
   let generation = 0;
@@ -54,7 +69,7 @@ export function createVerifiedCredentials(options: { max: number; ttlMs: number 
     remember(key, entry, at, nowMs) {
       if (at !== generation) return;
       const validUntilMs = Math.min(entry.endsAtMs ?? Number.POSITIVE_INFINITY, nowMs + options.ttlMs);
-      entries.set(key, { owner: entry.owner, previous: entry.previous, validUntilMs });
+      entries.set(key, { owner: entry.owner, previous: entry.previous, validUntilMs, stored: entry.stored });
     },
     forget(owner) {
       generation++;

@@ -649,6 +649,28 @@ describe('api keys: security', () => {
     expect((await me(withKey(created.key))).json().permissions).toEqual(['account:read']);
   });
 
+  it('even without an event, a rotation reaches a cached key once the cache entry ages out', async () => {
+    const user = await registerUser(app, 'aks-ttl-rotate');
+    const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    // Used on routes and verified: the key's row is cached and its digest remembered.
+    expect((await me(withKey(created.key))).statusCode).toBe(200);
+    expect(await verifyKey(app, admin.accessToken, created.key)).toMatchObject({ valid: true });
+    // Another instance rotates it with no grace, and its notification never arrives here.
+    const row = (await app.services.repos.apiKeys.findById(created.id))!;
+    await app.services.repos.apiKeys.update(
+      created.id,
+      {
+        secretHash: 'rotated-elsewhere',
+        previousSecretHash: row.secretHash,
+        previousSecretExpiresAt: clock.now(),
+      },
+      clock.now(),
+    );
+    clock.advance(6);
+    expect((await me(withKey(created.key))).statusCode).toBe(401);
+    expect(await verifyKey(app, admin.accessToken, created.key)).toEqual({ valid: false, reason: 'expired' });
+  });
+
   it('another user cannot see, change, rotate or revoke a key (404); api_keys:read/write can', async () => {
     const owner = await registerUser(app, 'aks-owner');
     const stranger = await registerUser(app, 'aks-stranger');

@@ -129,6 +129,16 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     }
   }
 
+  /**
+   * Whether a remembered match holds for the key's row as read now: the stored hash the string matched
+   * is still its current (or previous) one. A rotation this instance did not hear of (a notification
+   * lost) is then honoured once the row's cache entry ages out (5 s, the documented backstop), not
+   * only once the remembered match does (60 s). Both are strings of the cached row, so this costs an
+   * equality test and nothing more.
+   */
+  const stillMatches = (row: ApiKeyRow, known: { previous: boolean; stored: string | undefined }) =>
+    (known.previous ? row.previousSecretHash : row.secretHash) === known.stored;
+
   /** The key a presented string is the current or previous secret of, or undefined. */
   async function match(
     presented: string,
@@ -138,7 +148,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const known = verifiedKeys.get(credential, now);
     if (known) {
       const row = await keys.get(known.owner);
-      if (row) return { row, previous: known.previous };
+      if (row && stillMatches(row, known)) return { row, previous: known.previous };
     }
     const generation = verifiedKeys.generation;
     const parsed = parseSecret(API_KEY_FORMAT, presented);
@@ -153,7 +163,8 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       previous = true;
     }
     // Only "whose secret this is" is remembered; its state is checked on every use below.
-    verifiedKeys.remember(credential, { owner: parsed.lookupId, previous }, generation, now);
+    const stored = previous ? row.previousSecretHash! : row.secretHash;
+    verifiedKeys.remember(credential, { owner: parsed.lookupId, previous, stored }, generation, now);
     return { row, previous };
   }
 
@@ -197,7 +208,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const now = clock.nowMs();
     const known = verifiedKeys.get(verifiedKeys.keyOf(presented), now);
     const row = known && keys.peek(known.owner)?.value;
-    if (!known || !row) return undefined;
+    if (!known || !row || !stillMatches(row, known)) return undefined;
     const refused = refusal(row, known.previous, now);
     if (refused) return refused;
     const owner = owners.peek(row.ownerId);
