@@ -44,12 +44,24 @@ export interface VerifiedCredentials {
   clear(): void;
 }
 
+type Entry = { owner: string; previous: boolean; validUntilMs: number; stored: string | undefined };
+
 export function createVerifiedCredentials(options: { max: number; ttlMs: number }): VerifiedCredentials {
-  const entries = new LRUCache<
-    string,
-    { owner: string; previous: boolean; validUntilMs: number; stored: string | undefined }
-  >({
+  /**
+   * The keys remembered for each owner, so `forget` costs the owner's own entries: it runs once per
+   * changed credential on every instance (a user's deletion revokes each of their keys), and a scan of
+   * the whole cache per event held the event loop for seconds when one owner had thousands.
+   */
+  const byOwner = new Map<string, Set<string>>();
+  const unindex = (owner: string, key: string) => {
+    const keys = byOwner.get(owner);
+    if (keys?.delete(key) && keys.size === 0) byOwner.delete(owner);
+  };
+  const entries = new LRUCache<string, Entry>({
     max: options.max,
+    // Whatever drops an entry (eviction, replacement, expiry on read, `forget`, `clear`) drops it from
+    // its owner's set too. Not called on a read that finds a live entry.
+    dispose: (entry, key) => unindex(entry.owner, key),
   });
   let generation = 0;
   return {
@@ -70,18 +82,21 @@ export function createVerifiedCredentials(options: { max: number; ttlMs: number 
       if (at !== generation) return;
       const validUntilMs = Math.min(entry.endsAtMs ?? Number.POSITIVE_INFINITY, nowMs + options.ttlMs);
       entries.set(key, { owner: entry.owner, previous: entry.previous, validUntilMs, stored: entry.stored });
+      const keys = byOwner.get(entry.owner);
+      if (keys) keys.add(key);
+      else byOwner.set(entry.owner, new Set([key]));
     },
     forget(owner) {
       generation++;
-      const mine: string[] = [];
-      entries.forEach((entry, key) => {
-        if (entry.owner === owner) mine.push(key);
-      });
-      for (const key of mine) entries.delete(key);
+      const keys = byOwner.get(owner);
+      if (!keys) return;
+      byOwner.delete(owner);
+      for (const key of keys) entries.delete(key);
     },
     clear() {
       generation++;
       entries.clear();
+      byOwner.clear();
     },
   };
 }

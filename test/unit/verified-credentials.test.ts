@@ -42,4 +42,42 @@ describe('verified credentials (by digest, dropped on change)', () => {
     cache.clear();
     expect(cache.get('y1', now)).toBeUndefined();
   });
+
+  it('forgets an owner in the time of its own entries, not of the whole cache', () => {
+    // One event per key a transaction revoked (a user's deletion, a parent key's descendants): a
+    // scan of all 10 000 entries per event held every instance's event loop ~0.8 ms each, seconds
+    // for a user with thousands of keys.
+    const cache = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
+    for (let i = 0; i < 10_000; i++)
+      cache.remember(`k${i}`, { owner: `o${i}`, previous: false }, cache.generation, now);
+    const started = performance.now();
+    for (let i = 0; i < 2_000; i++) cache.forget(`gone${i}`);
+    expect(performance.now() - started).toBeLessThan(150);
+    expect(cache.get('k1', now)).toBeDefined();
+  });
+
+  it('keeps its owner index in step with entries replaced, evicted, expired and cleared', () => {
+    const cache = createVerifiedCredentials({ max: 2, ttlMs: 60_000 });
+    cache.remember('a', { owner: 'x', previous: false }, cache.generation, now);
+    // Replaced under another owner: forgetting the first owner leaves it.
+    cache.remember('a', { owner: 'y', previous: false }, cache.generation, now);
+    cache.forget('x');
+    expect(cache.get('a', now)?.owner).toBe('y');
+    // Evicted (max 2), then remembered again: forgetting its owner drops it.
+    cache.remember('b', { owner: 'y', previous: false }, cache.generation, now);
+    cache.remember('c', { owner: 'z', previous: false }, cache.generation, now);
+    expect(cache.get('a', now)).toBeUndefined();
+    cache.remember('a', { owner: 'y', previous: false }, cache.generation, now);
+    cache.forget('y');
+    expect(cache.get('a', now)).toBeUndefined();
+    expect(cache.get('b', now)).toBeUndefined();
+    // Expired on read, then remembered again under the same owner.
+    cache.remember('d', { owner: 'z', previous: true, endsAtMs: now + 1 }, cache.generation, now);
+    expect(cache.get('d', now + 1)).toBeUndefined();
+    cache.remember('d', { owner: 'z', previous: false }, cache.generation, now);
+    cache.clear();
+    cache.remember('e', { owner: 'z', previous: false }, cache.generation, now);
+    cache.forget('z');
+    expect(cache.get('e', now)).toBeUndefined();
+  });
 });
