@@ -18,6 +18,8 @@ import { FAIL_FAST_MS, type ServiceProcess, startService } from './support/servi
  */
 
 const RESUME_WITHIN_MS = 5000;
+/** How long a crashed PostgreSQL stays down before it is started again (and recovers). */
+const CRASH_DOWN_MS = 1000;
 const DATABASE = 'auth';
 /**
  * From the moment a database stops answering altogether, a request on it answers 503 within the
@@ -221,6 +223,31 @@ describe.runIf(!('reason' in found))('database faults under load (throwaway Post
     for (const p of readyDuring) expect(p.status, describeOutcome(p)).toBe(503);
     const during = result.load.outcomes.filter((o) => within(o, result.window));
     expect(during.filter((o) => o.status === 503).length).toBeGreaterThan(10);
+    for (const o of during) expect(answersDuringOutage(o), describeOutcome(o)).toContain(o.status);
+    expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
+  });
+
+  it('survives a PostgreSQL crash (pg_ctl stop -m immediate, WAL recovery at the start) under load', async () => {
+    const logFrom = cluster.log().length;
+    const result = await underLoad(async () => {
+      // Immediate: every server process quits at once, nothing is checkpointed, the transactions in
+      // flight are cut off; the start then replays the WAL from the last checkpoint first.
+      await cluster.stop('immediate');
+      const downAt = performance.now();
+      await sleep(CRASH_DOWN_MS);
+      // Timed from when it accepts a connection again, past its recovery, not from the start's call.
+      const [, upAt] = await Promise.all([cluster.start(), cluster.acceptsConnections(DATABASE)]);
+      return { downAt, upAt };
+    });
+    const log = cluster.log().slice(logFrom);
+    expect(log, log).toContain('database system was not properly shut down; automatic recovery in progress');
+    expect(log, log).toMatch(/redo done at/);
+    await expectSurvived('crash', result);
+    const readyDuring = result.ready.filter((p) => within(p, result.window));
+    expect(readyDuring.length).toBeGreaterThan(5);
+    for (const p of readyDuring) expect(p.status, describeOutcome(p)).toBe(503);
+    const during = result.load.outcomes.filter((o) => within(o, result.window));
+    expect(during.filter((o) => o.status === 503).length).toBeGreaterThan(5);
     for (const o of during) expect(answersDuringOutage(o), describeOutcome(o)).toContain(o.status);
     expect(await msUntilForeignRevocationHonoured()).toBeLessThan(RESUME_WITHIN_MS);
   });

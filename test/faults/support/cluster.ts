@@ -11,6 +11,7 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { freePort } from '../../support/spawn-server.js';
 
@@ -180,6 +181,34 @@ export class PostgresCluster {
       '-t',
       '30',
     ]);
+  }
+
+  /**
+   * Tries a new connection every 20 ms until one is accepted: performance.now() at that moment. After
+   * a crash the postmaster listens before it accepts anyone: while it replays the WAL, a connection
+   * is refused with "the database system is starting up" (57P03), so this comes later than pg_ctl
+   * start's beginning, and may come before pg_ctl (which looks every 100 ms) returns.
+   */
+  async acceptsConnections(database = 'postgres', timeoutMs = 60_000): Promise<number> {
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      const client = new pg.Client({
+        connectionString: this.url(database),
+        application_name: 'faults-harness',
+        connectionTimeoutMillis: 1000,
+      });
+      client.on('error', () => undefined);
+      try {
+        await client.connect();
+        return performance.now();
+      } catch (err) {
+        if (performance.now() > deadline)
+          throw new Error(`no connection accepted within ${timeoutMs} ms: ${(err as Error).message}`);
+      } finally {
+        await client.end().catch(() => undefined);
+      }
+      await sleep(20);
+    }
   }
 
   /** Runs one statement on a fresh connection (never one of the service's). */

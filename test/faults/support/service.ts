@@ -17,6 +17,8 @@ export const FAIL_FAST_MS = Number(FAULT_ENV.DB_STATEMENT_TIMEOUT_MS) + 1000;
 
 export interface ServiceProcess {
   baseUrl: string;
+  /** Its DATA_DIR (the generated KEY_ENCRYPTION_KEY and SECRET_PEPPER are in it). */
+  dataDir: string;
   child: ChildProcess;
   /** Every line the service wrote (pino JSON at LOG_LEVEL=warn, and anything on stderr). */
   lines: string[];
@@ -24,16 +26,22 @@ export interface ServiceProcess {
   isRunning(): boolean;
   /** performance.now() when a line matching `pattern` is written (at once if one was already). */
   waitForLine(pattern: RegExp, timeoutMs?: number): Promise<number>;
-  /** SIGTERM, then SIGKILL (its process group) after 15 s; removes its data directory. */
+  /** SIGTERM, then SIGKILL (its process group) after 15 s; removes its data directory (if it made it). */
   stop(): Promise<void>;
 }
 
 /**
  * Starts the real service (src/server.ts, through tsx's loader in one node process, so signals
- * reach the server itself) on 127.0.0.1 and waits until /health/ready answers 200.
+ * reach the server itself) on 127.0.0.1 and waits until /health/ready answers 200. On a new data
+ * directory, or on `options.dataDir` (a restart of an earlier one: the same secrets), which is then
+ * left for its maker to remove.
  */
-export async function startService(env: Record<string, string>): Promise<ServiceProcess> {
-  const dataDir = mkdtempSync(join(tmpdir(), 'paservices-faults-data-'));
+export async function startService(
+  env: Record<string, string>,
+  options: { dataDir?: string } = {},
+): Promise<ServiceProcess> {
+  const ownsDataDir = options.dataDir === undefined;
+  const dataDir = options.dataDir ?? mkdtempSync(join(tmpdir(), 'paservices-faults-data-'));
   // Only what the service needs: nothing from the test runner's environment leaks in.
   const server = await spawnServer({
     tsx: 'src/server.ts',
@@ -43,6 +51,7 @@ export async function startService(env: Record<string, string>): Promise<Service
   });
   const service: ServiceProcess = {
     baseUrl: server.baseUrl,
+    dataDir,
     child: server.child,
     lines: server.lines,
     exited: server.exited,
@@ -50,7 +59,7 @@ export async function startService(env: Record<string, string>): Promise<Service
     waitForLine: (pattern, timeoutMs) => server.waitForLine(pattern, timeoutMs),
     async stop() {
       await server.stop(15_000);
-      rmSync(dataDir, { recursive: true, force: true });
+      if (ownsDataDir) rmSync(dataDir, { recursive: true, force: true });
     },
   };
 
