@@ -66,52 +66,167 @@ async function countInWindow(
   return { count, leftMs: left > 0 ? left : windowSeconds * 1000 };
 }
 
+/** How many keys a counter keeps in memory at most (FailureCounts). */
+export const MEMORY_COUNTS_CAPACITY = 100_000;
+
+/** One key's failures in its window: how many, and when the first and the last were counted. */
+export interface CountedFailures {
+  readonly key: string;
+  count: number;
+  readonly start: number;
+  last: number;
+}
+
+/** Counts of this many failures and more are kept alike: the priority of every count from the limit on. */
+const TOP_LEVEL = 100;
+
+/**
+ * The failure counts an instance keeps in memory, at most `capacity` keys. When it is full, a new key
+ * takes the place of the lowest count there (the longest kept of them first), after any count whose
+ * window has ended: so failures spread over ever new keys (addresses cycled by the hundred thousand)
+ * push out single failures, but a count of n goes only once every other key there holds n or more.
+ * Forgetting a lock of `max` (an hour's allowance of guesses anew) then takes `capacity` × `max`
+ * failures in its hour, where a least-recently-used cache forgot it after `capacity`.
+ */
+export class FailureCounts {
+  private readonly byKey = new Map<string, CountedFailures>();
+  /** By min(count, top): each in the order its entries reached that count. */
+  private readonly levels: Map<string, CountedFailures>[];
+  private readonly top: number;
+
+  constructor(private readonly options: { windowMs: number; clock: Clock; max: number; capacity?: number }) {
+    this.top = Math.max(1, Math.min(options.max, TOP_LEVEL));
+    this.levels = Array.from({ length: this.top + 1 }, () => new Map());
+  }
+
+  get size(): number {
+    return this.byKey.size;
+  }
+
+  private levelOf(count: number) {
+    return Math.min(Math.max(count, 0), this.top);
+  }
+
+  private expired(e: CountedFailures) {
+    return this.options.clock.nowMs() - e.start >= this.options.windowMs;
+  }
+
+  /** The key's count in its window, if one is kept. */
+  get(key: string): CountedFailures | undefined {
+    const e = this.byKey.get(key);
+    if (!e) return undefined;
+    if (this.expired(e)) {
+      this.delete(key);
+      return undefined;
+    }
+    return e;
+  }
+
+  /** One more failure of `key`: its count, made when it had none in a window. */
+  increment(key: string): CountedFailures {
+    const e = this.get(key);
+    const now = this.options.clock.nowMs();
+    if (e) {
+      this.setCount(e, e.count + 1);
+      e.last = now;
+      return e;
+    }
+    if (this.byKey.size >= (this.options.capacity ?? MEMORY_COUNTS_CAPACITY)) this.evictOne();
+    const made: CountedFailures = { key, count: 1, start: now, last: now };
+    this.byKey.set(key, made);
+    this.levels[this.levelOf(1)]!.set(key, made);
+    return made;
+  }
+
+  /** Sets the count of `e`, while it is still the one kept for its key (not ended, nor dropped). */
+  setCount(e: CountedFailures, count: number): void {
+    if (this.byKey.get(e.key) !== e) return;
+    const from = this.levelOf(e.count);
+    const to = this.levelOf(count);
+    e.count = count;
+    if (from === to) return;
+    this.levels[from]!.delete(e.key);
+    this.levels[to]!.set(e.key, e);
+  }
+
+  delete(key: string): void {
+    const e = this.byKey.get(key);
+    if (!e) return;
+    this.byKey.delete(key);
+    this.levels[this.levelOf(e.count)]!.delete(key);
+  }
+
+  /** Every count kept, its window not ended. */
+  *entries(): IterableIterator<CountedFailures> {
+    for (const e of [...this.byKey.values()]) if (!this.expired(e)) yield e;
+  }
+
+  /**
+   * Makes room for one: the first-kept count of some level whose window has ended, else the first-kept
+   * of the lowest level. At most one look per level (101): only when full.
+   */
+  private evictOne() {
+    let lowest: CountedFailures | undefined;
+    for (const level of this.levels) {
+      const first = level.values().next().value;
+      if (!first) continue;
+      if (this.expired(first)) return this.delete(first.key);
+      lowest ??= first;
+    }
+    if (lowest) this.delete(lowest.key);
+  }
+}
+
 export function createMemoryFailureCounter(options: {
   max: number;
   windowSeconds: number;
   clock: Clock;
+  /** At most this many keys kept (MEMORY_COUNTS_CAPACITY). */
+  capacity?: number;
 }): GuessCounter {
-  const entries = new LRUCache<string, { count: number; start: number }>({ max: 100_000 });
+  return memoryFailureCounter(options).counter;
+}
+
+/** The memory counter and the counts it keeps (which the Redis counter carries into Redis). */
+function memoryFailureCounter(options: {
+  max: number;
+  windowSeconds: number;
+  clock: Clock;
+  capacity?: number;
+}): { counter: GuessCounter & { retryAfterNow(key: string): number }; counts: FailureCounts } {
   const windowMs = options.windowSeconds * 1000;
-  const current = (key: string) => {
-    const e = entries.get(key);
-    if (!e || options.clock.nowMs() - e.start >= windowMs) return undefined;
-    return e;
-  };
+  const counts = new FailureCounts({ ...options, windowMs });
   const retryAfterNow = (key: string) => {
-    const e = current(key);
+    const e = counts.get(key);
     if (!e || e.count < options.max) return 0;
     return Math.max(1, Math.ceil((e.start + windowMs - options.clock.nowMs()) / 1000));
   };
-  return {
+  const counter = {
     retryAfterNow,
-    async retryAfter(key) {
+    async retryAfter(key: string) {
       return retryAfterNow(key);
     },
-    async recordFailure(key) {
-      const e = current(key);
-      if (e) e.count++;
-      else entries.set(key, { count: 1, start: options.clock.nowMs() });
+    async recordFailure(key: string) {
+      counts.increment(key);
     },
     // Synchronous from the check to the count: nothing runs between them.
-    async reserve(key) {
+    async reserve(key: string): Promise<Reservation> {
       const wait = retryAfterNow(key);
       if (wait > 0) return refusedFor(wait);
-      const counted = current(key) ?? { count: 0, start: options.clock.nowMs() };
-      counted.count++;
-      entries.set(key, counted);
+      const counted = counts.increment(key);
       return {
         retryAfter: 0,
         // The window it was counted in only: a later window's count is none of its business.
         release: async () => {
-          if (current(key) === counted && counted.count > 0) counted.count--;
+          if (counts.get(key) === counted && counted.count > 0) counts.setCount(counted, counted.count - 1);
         },
       };
     },
-    async reset(key) {
-      entries.delete(key);
+    async reset(key: string) {
+      counts.delete(key);
     },
   };
+  return { counter, counts };
 }
 
 /** DECR, only while the count exists (a DECR after it expired would make a count of −1 that never does). */
