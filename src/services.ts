@@ -251,6 +251,7 @@ export function createServices(deps: ServicesDeps) {
           logger,
           redisKey: loginFailuresKey,
           fallbackMessage: 'Redis unavailable: counting login failures in this instance only',
+          label: 'Login failures',
         })
       : createMemoryFailureCounter(
           config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
@@ -268,6 +269,7 @@ export function createServices(deps: ServicesDeps) {
           logger,
           redisKey: (key) => `mails-per-hour:${key}`,
           fallbackMessage: 'Redis unavailable: counting the mails per address in this instance only',
+          label: 'Mails per address',
         })
       : createMemoryFailureCounter({ max: MAILS_PER_ACCOUNT_HOUR, windowSeconds: 3600, clock });
   const sessions = createSessionsService({

@@ -30,6 +30,11 @@ export interface RedisLink {
   failed(err: unknown): void;
   /** Redis answers (a probe did, or the connection is ready again). */
   answered(): void;
+  /**
+   * `listener` is called each time Redis answers again after it did not (after the line saying so):
+   * the login and mail counters carry what they counted in memory meanwhile into it.
+   */
+  onAnswered(listener: () => void): void;
   /** No more probes or commands: at shutdown, or for a Redis never to be used (a database it refuses). */
   close(): void;
 }
@@ -46,6 +51,7 @@ export function createRedisLink(
   /** A probe is waiting or in flight: one at a time. */
   let probing = false;
   let timer: NodeJS.Timeout | undefined;
+  const listeners: Array<() => void> = [];
 
   const probeLater = () => {
     timer = setTimeout(probe, probeIntervalMs);
@@ -90,6 +96,16 @@ export function createRedisLink(
       if (closed || up) return;
       up = true;
       logger.warn('Redis answers again: rate limits are shared across instances');
+      for (const listener of listeners) {
+        try {
+          listener();
+        } catch (err) {
+          logger.error({ err }, 'a listener of Redis answering again failed');
+        }
+      }
+    },
+    onAnswered(listener) {
+      listeners.push(listener);
     },
     close() {
       closed = true;

@@ -5,8 +5,12 @@ import type { Logger } from 'pino';
 import type { Clock } from './clock.js';
 import type { RedisLink } from './redis-link.js';
 
-/** What a counter needs of the shared RedisLink: whether to ask Redis, and where to report a failure. */
-export type RedisAvailability = Pick<RedisLink, 'answering' | 'failed'>;
+/**
+ * What a counter needs of the shared RedisLink: whether to ask Redis, where to report a failure, and
+ * (the Redis failure counter, to carry its memory counts into it) when it answers again.
+ */
+export type RedisAvailability = Pick<RedisLink, 'answering' | 'failed'> &
+  Partial<Pick<RedisLink, 'onAnswered'>>;
 
 /**
  * Counts failed logins per account in a sliding hour (SECURITY.md: at most 100 per account per
@@ -111,6 +115,11 @@ export class FailureCounts {
     return this.options.clock.nowMs() - e.start >= this.options.windowMs;
   }
 
+  /** Whether a count of the key is kept (its window ended or not). */
+  has(key: string): boolean {
+    return this.byKey.has(key);
+  }
+
   /** The key's count in its window, if one is kept. */
   get(key: string): CountedFailures | undefined {
     const e = this.byKey.get(key);
@@ -156,9 +165,14 @@ export class FailureCounts {
     this.levels[this.levelOf(e.count)]!.delete(key);
   }
 
-  /** Every count kept, its window not ended. */
-  *entries(): IterableIterator<CountedFailures> {
-    for (const e of [...this.byKey.values()]) if (!this.expired(e)) yield e;
+  /** Every count kept whose window has not ended (those that have are dropped on the way). */
+  entries(): CountedFailures[] {
+    const live: CountedFailures[] = [];
+    for (const e of [...this.byKey.values()]) {
+      if (this.expired(e)) this.delete(e.key);
+      else live.push(e);
+    }
+    return live;
   }
 
   /**
@@ -240,11 +254,64 @@ const RELEASE_SCRIPT =
 export const loginFailuresKey = (email: string) =>
   `paservices:auth:login-failures:${createHash('sha256').update(email).digest('base64url')}`;
 
+/** The Redis key, next to a count's, of the times its resets and carried counts were made (a hash). */
+export const failureTimesKey = (countKey: string) => `${countKey}:times`;
+
+/**
+ * Carries a count kept in one instance's memory while Redis was away into Redis (`INCRBY`; its window
+ * the longer of the two), unless a reset recorded there (`reset`, ms) came at or after its last failure
+ * (ARGV[3]): then a reset on another instance, or one replayed from it, outweighs it. Failures on both
+ * sides of such a reset are all carried (which came before it is not known). Records the carried last
+ * failure (`carried`), which a reset replayed later leaves standing. 1 when carried, 0 when outweighed.
+ * KEYS: the count, its times. ARGV: the count, ms left of its window, its last failure (ms), window (ms).
+ */
+const CARRY_SCRIPT = `
+local reset = tonumber(redis.call('hget', KEYS[2], 'reset') or '0')
+local last = tonumber(ARGV[3])
+if reset >= last then return 0 end
+redis.call('incrby', KEYS[1], ARGV[1])
+redis.call('pexpire', KEYS[1], ARGV[2], 'NX')
+redis.call('pexpire', KEYS[1], ARGV[2], 'GT')
+if tonumber(redis.call('hget', KEYS[2], 'carried') or '0') < last then
+  redis.call('hset', KEYS[2], 'carried', ARGV[3])
+end
+redis.call('pexpire', KEYS[2], ARGV[4])
+return 1`;
+
+/**
+ * A reset that leaves its time (ARGV[1], ms) next to the count, for counts still to be carried: those
+ * failed at or before it are then not. The count is deleted unless it holds failures known to be later
+ * (carried ones, or a window begun after it: a reset replayed from an outage does not clear what was
+ * counted since). KEYS: the count, its times. ARGV: the reset's time, window (ms), now (ms).
+ */
+const RESET_SCRIPT = `
+local at = tonumber(ARGV[1])
+local carried = tonumber(redis.call('hget', KEYS[2], 'carried') or '0')
+local left = redis.call('pttl', KEYS[1])
+local began = tonumber(ARGV[3]) - (tonumber(ARGV[2]) - left)
+if carried <= at and (left < 0 or began <= at) then redis.call('del', KEYS[1]) end
+if tonumber(redis.call('hget', KEYS[2], 'reset') or '0') < at then
+  redis.call('hset', KEYS[2], 'reset', ARGV[1])
+end
+redis.call('pexpire', KEYS[2], ARGV[2])
+return 1`;
+
+/** Scripts in flight at once while carrying counts into Redis. */
+const CARRY_BATCH = 500;
+
 /**
  * A guess counter shared through Redis, read and written there on every call (the login lockout, the
- * hourly mail caps): exact on every instance, including one that has counted nothing yet. When Redis
- * does not answer, this instance's memory counts (logged once) and still blocks; while the `link`
- * knows it does not, Redis is not asked (nothing waits for its command timeout).
+ * hourly mail caps): exact on every instance, including one that has counted nothing yet.
+ *
+ * While Redis does not answer (the `link` knows it, or a command fails), this instance counts and
+ * checks in its memory alone (logged once), and a reset there is kept to be replayed. When it answers
+ * again (the link says so, or the counter's next command finds it), the resets made meanwhile are
+ * replayed and the memory counts carried into it (CARRY_SCRIPT), then dropped; a key memory still
+ * holds waits for that before Redis is asked about it. Memory is never consulted while Redis answers,
+ * so a reset on any instance lifts a lock on all of them, and an outage is still no fresh allowance
+ * of guesses. For a window after an outage
+ * this instance saw, its resets also leave their time in Redis (RESET_SCRIPT; a plain DEL otherwise),
+ * so counts another instance carries later do not bring back a lock a reset lifted.
  */
 export function createRedisFailureCounter(options: {
   redis: Redis;
@@ -256,19 +323,101 @@ export function createRedisFailureCounter(options: {
   redisKey: (key: string) => string;
   /** The log line when Redis does not answer. */
   fallbackMessage: string;
+  /** What is counted, for the line saying what was carried into Redis ("Login failures"). */
+  label?: string;
   /** Shared knowledge that Redis does not answer: while it does not, it is not asked. */
   link?: RedisAvailability | undefined;
+  /** At most this many keys kept in memory (MEMORY_COUNTS_CAPACITY). */
+  capacity?: number;
 }): GuessCounter {
-  const fallback = createMemoryFailureCounter(options);
-  const { redisKey, link } = options;
+  const { counter: fallback, counts } = memoryFailureCounter(options);
+  const { redis, redisKey, link } = options;
+  const windowMs = options.windowSeconds * 1000;
+  const now = () => options.clock.nowMs();
+  /** Resets made while Redis did not answer, by key: when, to be replayed there. Bounded as the counts. */
+  const resetsMeanwhile = new LRUCache<string, number>({ max: options.capacity ?? MEMORY_COUNTS_CAPACITY });
+  /** When this instance last went without Redis (or saw it answer again): resets leave their time for a window after. */
+  let lastWithoutRedis = Number.NEGATIVE_INFINITY;
   let warned = false;
-  async function attempt<T>(work: () => Promise<T>, onFallback: () => Promise<T>): Promise<T> {
-    if (link && !link.answering()) return onFallback();
+  let carrying: Promise<void> | undefined;
+
+  async function carry() {
+    let replayed = 0;
+    let carried = 0;
+    const resets = [...resetsMeanwhile.entries()];
+    for (let i = 0; i < resets.length; i += CARRY_BATCH) {
+      await Promise.all(
+        resets.slice(i, i + CARRY_BATCH).map(async ([key, at]) => {
+          const k = redisKey(key);
+          await redis.eval(RESET_SCRIPT, 2, k, failureTimesKey(k), at, windowMs, now());
+          if (resetsMeanwhile.peek(key) === at) resetsMeanwhile.delete(key);
+          replayed++;
+        }),
+      );
+    }
+    const kept = counts.entries();
+    for (let i = 0; i < kept.length; i += CARRY_BATCH) {
+      await Promise.all(
+        kept.slice(i, i + CARRY_BATCH).map(async (e) => {
+          const n = e.count;
+          const left = e.start + windowMs - now();
+          if (n > 0 && left > 0) {
+            const k = redisKey(e.key);
+            await redis.eval(CARRY_SCRIPT, 2, k, failureTimesKey(k), n, Math.ceil(left), e.last, windowMs);
+            carried++;
+          }
+          // Counted here meanwhile (Redis failed again while this ran): that much stays.
+          if (e.count > n) counts.setCount(e, e.count - n);
+          else if (counts.get(e.key) === e) counts.delete(e.key);
+        }),
+      );
+    }
+    if (replayed || carried)
+      options.logger.warn(
+        { counts: carried, resets: replayed },
+        `${options.label ?? 'Counts'} kept in this instance's memory while Redis was away: carried into it`,
+      );
+  }
+
+  /**
+   * Carries what memory holds into Redis, once at a time (a failure makes Redis unavailable again);
+   * undefined when it holds nothing.
+   */
+  function carried(): Promise<void> | undefined {
+    if (counts.size === 0 && resetsMeanwhile.size === 0) return undefined;
+    if (!carrying) {
+      const started = carry().finally(() => {
+        carrying = undefined;
+      });
+      started.catch((err: unknown) => {
+        lastWithoutRedis = now();
+        link?.failed(err);
+      });
+      carrying = started;
+    }
+    return carrying;
+  }
+
+  link?.onAnswered?.(() => {
+    lastWithoutRedis = now();
+    carried();
+  });
+
+  async function attempt<T>(key: string, work: () => Promise<T>, onFallback: () => Promise<T>): Promise<T> {
+    if (link && !link.answering()) {
+      lastWithoutRedis = now();
+      return onFallback();
+    }
     try {
+      // Only a key memory still holds waits for the carrying: the others' counts in Redis are whole.
+      // (A reset does not wait: the time it leaves outweighs its count should that be carried after.)
+      const carrying = carried();
+      if (carrying && (counts.has(key) || resetsMeanwhile.has(key))) await carrying;
       const value = await work();
       warned = false;
       return value;
     } catch (err) {
+      lastWithoutRedis = now();
       link?.failed(err);
       if (!warned) {
         options.logger.warn({ err }, options.fallbackMessage);
@@ -278,59 +427,62 @@ export function createRedisFailureCounter(options: {
     }
   }
   return {
-    retryAfter: async (key) => {
-      // Failures counted here while Redis was away still block when it is back: a lockout reached
-      // during an outage lasts its hour, and an outage is no fresh allowance of guesses.
-      const local = await fallback.retryAfter(key);
-      return attempt(
+    retryAfter: (key) =>
+      attempt(
+        key,
         async () => {
-          const [count, ttl] = await Promise.all([
-            options.redis.get(redisKey(key)),
-            options.redis.ttl(redisKey(key)),
-          ]);
-          if (!count || Number(count) < options.max) return local;
-          return Math.max(1, ttl, local);
+          const [count, ttl] = await Promise.all([redis.get(redisKey(key)), redis.ttl(redisKey(key))]);
+          if (!count || Number(count) < options.max) return 0;
+          return Math.max(1, ttl);
         },
-        async () => local,
-      );
-    },
+        async () => fallback.retryAfterNow(key),
+      ),
     recordFailure: (key) =>
       attempt(
+        key,
         async () => {
-          await countInWindow(options.redis, redisKey(key), options.windowSeconds);
+          await countInWindow(redis, redisKey(key), options.windowSeconds);
         },
         () => fallback.recordFailure(key),
       ),
-    reserve: async (key) => {
-      const local = fallback.retryAfterNow!(key);
-      if (local > 0) return refusedFor(local);
-      return attempt(
+    reserve: (key) =>
+      attempt(
+        key,
         async () => {
           // Counted and read in one step (INCR), on every instance: of guesses sent at once, those past
           // the limit see a count over it, whichever instance they reach.
           const k = redisKey(key);
-          const { count, leftMs } = await countInWindow(options.redis, k, options.windowSeconds);
+          const { count, leftMs } = await countInWindow(redis, k, options.windowSeconds);
           // Given back to Redis, where it was counted; if Redis is gone by then, it stays counted (a
           // guess counted once too often, never a failure forgotten in the other count).
           const release = async () => {
             if (link && !link.answering()) return;
-            await options.redis.eval(RELEASE_SCRIPT, 1, k).catch((err: unknown) => link?.failed(err));
+            await redis.eval(RELEASE_SCRIPT, 1, k).catch((err: unknown) => link?.failed(err));
           };
           if (count <= options.max) return { retryAfter: 0, release };
           // Refused: not a guess, so not counted.
           await release();
           return refusedFor(Math.max(1, Math.ceil(leftMs / 1000)));
         },
+        // Given back to memory, where it was counted, unless carried into Redis by then (it then stays
+        // counted there).
         () => fallback.reserve(key),
-      );
-    },
+      ),
     reset: async (key) => {
       await fallback.reset(key);
+      const at = now();
       await attempt(
+        key,
         async () => {
-          await options.redis.del(redisKey(key));
+          const k = redisKey(key);
+          // Within a window of an outage, counts kept in memory somewhere may still be carried in.
+          if (at - lastWithoutRedis < windowMs)
+            await redis.eval(RESET_SCRIPT, 2, k, failureTimesKey(k), at, windowMs, now());
+          else await redis.del(k);
         },
-        async () => undefined,
+        async () => {
+          resetsMeanwhile.set(key, at);
+        },
       );
     },
   };

@@ -114,6 +114,26 @@ describe('Redis link', () => {
     link.close();
   });
 
+  it('tells its listeners each time Redis answers again after it did not, and only then', async () => {
+    const { redis, state } = fakeRedis();
+    const link = createRedisLink(redis, pino({ level: 'silent' }), PROBE_MS);
+    let told = 0;
+    link.onAnswered(() => told++);
+    link.answered();
+    expect(told).toBe(0);
+    for (const round of [1, 2]) {
+      state.down = true;
+      link.failed(new Error('Command timed out'));
+      await sleep(PROBE_MS * 2);
+      expect(told).toBe(round - 1);
+      state.down = false;
+      await vi.waitFor(() => expect(told).toBe(round));
+    }
+    link.answered();
+    expect(told).toBe(2);
+    link.close();
+  });
+
   it('once closed, is never available again and probes no more', async () => {
     const { redis, state } = fakeRedis();
     const link = createRedisLink(redis, pino({ level: 'silent' }), PROBE_MS);
