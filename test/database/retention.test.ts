@@ -190,6 +190,25 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect(plan).toContain('mail_outbox_expires_idx');
   });
 
+  it('every foreign key into a table the purge deletes from is indexed, so a deleted row finds what refers to it without a scan', async () => {
+    // A DELETE fires each foreign key's action once per deleted row (ON DELETE SET NULL / CASCADE):
+    // without an index on the referencing column, each is a scan of that table. mfa_challenges
+    // .session_id had none: a batch of 2,000 sessions against 20,000 challenges took 5.7 s on
+    // PostgreSQL 15, past DB_STATEMENT_TIMEOUT_MS, and the sessions' purge then failed every run.
+    const unindexed = await selectRows<{ fk: string }>(
+      app.services.db,
+      sql`select c.conrelid::regclass::text || '.' || a.attname || ' -> ' || c.confrelid::regclass::text as fk
+            from pg_constraint c
+            join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+           where c.contype = 'f'
+             and c.confrelid::regclass::text in
+                 ('sessions', 'refresh_tokens', 'revocations', 'email_tokens', 'mfa_challenges', 'mail_outbox', 'audit_events')
+             and not exists (select 1 from pg_index i where i.indrelid = c.conrelid and i.indkey[0] = c.conkey[1])
+           order by 1`,
+    );
+    expect(unindexed.map((r) => r.fk)).toEqual([]);
+  });
+
   it('housekeeping purges at most once an hour by the wall clock, and tries a failed purge again after 1, 2, 4… minutes up to the hour', async () => {
     const purge = vi.spyOn(app.services.retention, 'purge');
     const wallClock = vi.spyOn(Date, 'now');

@@ -1,0 +1,1 @@
+CREATE INDEX "mfa_challenges_session_idx" ON "mfa_challenges" USING btree ("session_id");
