@@ -2,6 +2,7 @@ import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
+import { mailOutbox } from '../../src/db/schema/index.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { LINK_REQUEST_FLOOR_MS } from '../../src/modules/auth/auth.routes.js';
 import { MAIL_RETRY_FIRST_MS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
@@ -175,6 +176,66 @@ describe('mail the mail server refused is kept and sent later (built-in provider
     expect(run.dropped).toBeGreaterThanOrEqual(1);
     expect(await pendingFor(user.id)).toHaveLength(0);
     expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(0);
+  });
+
+  it('drops a backlog of stale mail one claimed mail at a time, each logged and counted: no statement takes them all', async () => {
+    // Notices the server refused until they expired: each one due, and stale.
+    const user = await registered('outbox-stale-backlog');
+    const db = app.services.db;
+    await db.insert(mailOutbox).values(
+      Array.from({ length: 5 }, (_, i) => ({
+        kind: 'notice',
+        recipient: user.email,
+        subject: `stale ${i}`,
+        bodyEncrypted: 'sealed',
+        userId: user.id,
+        attempts: 3,
+        nextAttemptAt: clock.now(),
+        expiresAt: clock.now(),
+        createdAt: clock.now(),
+      })),
+    );
+    // Rows deleted from mail_outbox, by transaction (each statement here is its own).
+    await db.execute(sql`create table outbox_deletes (tx bigint not null)`);
+    await db.execute(
+      sql.raw(`create function outbox_deleted() returns trigger language plpgsql as $$
+        begin insert into outbox_deletes values (txid_current()); return old; end $$`),
+    );
+    await db.execute(
+      sql.raw(
+        'create trigger outbox_deleted after delete on mail_outbox for each row execute function outbox_deleted()',
+      ),
+    );
+    const warned = vi.spyOn(app.services.logger, 'warn');
+    let run: Awaited<ReturnType<ReturnType<typeof outbox>['deliverDue']>>;
+    let most: number;
+    let drops: unknown[][];
+    try {
+      clock.advance(1);
+      run = await outbox().deliverDue();
+      drops = warned.mock.calls.filter((call) => String(call[1]).startsWith('a mail was dropped unsent'));
+      [{ most }] = (await selectRows<{ most: number }>(
+        db,
+        sql`select coalesce(max(n), 0)::int as most from (select count(*) as n from outbox_deletes group by tx) t`,
+      )) as [{ most: number }];
+    } finally {
+      warned.mockRestore();
+      await db.execute(sql`drop trigger outbox_deleted on mail_outbox`);
+      await db.execute(sql`drop function outbox_deleted()`);
+      await db.execute(sql`drop table outbox_deletes`);
+    }
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    expect(run.dropped).toBeGreaterThanOrEqual(5);
+    expect(mailsTo(mailer, user.email, 'stale 0')).toHaveLength(0);
+    // A stale mail is claimed like any other due mail (one, by mail_outbox_due_idx) and then dropped:
+    // a step's cost does not grow with the backlog, nor does one DELETE return all of it.
+    expect(most).toBe(1);
+    const ours = drops.filter(
+      (call) => (call[0] as { mail: { userId: string } }).mail.userId === user.id,
+    ) as [{ mail: { kind: string; attempts: number } }, string][];
+    expect(ours).toHaveLength(5);
+    // The attempts made, not counting the claim that found it stale.
+    expect(ours[0]![0].mail).toMatchObject({ kind: 'notice', attempts: 3 });
   });
 
   it('keeps the confirmation mail of a registration made during an outage, and of a resend', async () => {
