@@ -442,6 +442,33 @@ describe('the answer does not wait for the mail server', () => {
     mailer.release();
   });
 
+  it('starts no retry run from its timer while the previous one goes on: a hung mail server does not pile them up', async () => {
+    const mailer = slowMailer();
+    const app = await appOnOwnDatabase({
+      env: { PASSWORD_RESET_URL: RESET_URL },
+      deps: { mailer, mailRetryIntervalMs: 20, mailSendTimeoutMs: 60_000 },
+    });
+    const outbox = app.services.outbox!;
+    // The server holds this mail: the send slot stays taken, so a run the timer starts waits in it.
+    const user = await account(app);
+    await app.services.passwordReset.request(user.email, context);
+    await expect.poll(async () => (await outbox.pending(user.id))[0]?.attempts).toBe(1);
+    const runs = vi.spyOn(outbox, 'deliverDue');
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      // Every 20 ms a run was started, each waiting for the slot behind the others, for as long as
+      // the server hung (four a minute with the default 15 s; a run lasts up to three send
+      // timeouts). One at a time now: the one waiting already, or one more.
+      expect(runs.mock.calls.length).toBeLessThanOrEqual(1);
+    } finally {
+      mailer.release();
+      runs.mockRestore();
+      // Its timer would otherwise send the other tests' mail through this mailer.
+      apps.splice(apps.indexOf(app), 1);
+      await app.close();
+    }
+  });
+
   it('a retry run goes on past a mail the server refuses, and stops after three refused in a row', async () => {
     const refused = new Set<string>();
     const sent: MailMessage[] = [];

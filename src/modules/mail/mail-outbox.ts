@@ -361,10 +361,19 @@ export function createMailOutbox(deps: {
 
     start() {
       if (deps.intervalMs <= 0) return;
+      /** The timer's run under way: the next tick starts none until it ends. */
+      let running = false;
       timer = setInterval(() => {
-        this.deliverDue().catch((err: unknown) =>
-          deps.logger.warn({ err }, 'mail retries failed; will try again'),
-        );
+        // A run outlasts the interval while the server is slow or hangs (up to three send timeouts)
+        // or the backlog is long; runs started meanwhile only queued for the send slot behind it,
+        // one more every tick for as long as that lasted.
+        if (running) return;
+        running = true;
+        this.deliverDue()
+          .catch((err: unknown) => deps.logger.warn({ err }, 'mail retries failed; will try again'))
+          .finally(() => {
+            running = false;
+          });
       }, deps.intervalMs);
       timer.unref();
     },
