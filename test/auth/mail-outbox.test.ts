@@ -5,7 +5,7 @@ import { selectRows } from '../../src/db/client.js';
 import { mailOutbox } from '../../src/db/schema/index.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { LINK_REQUEST_FLOOR_MS } from '../../src/modules/auth/auth.routes.js';
-import { MAIL_RETRY_FIRST_MS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
+import { MAIL_RETRY_FIRST_MS, MAX_WAITING_KICKS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { ownDatabase } from '../support/database.js';
@@ -467,6 +467,51 @@ describe('the answer does not wait for the mail server', () => {
       apps.splice(apps.indexOf(app), 1);
       await app.close();
     }
+  });
+
+  it('holds no more notices than kicked mail waiting for the send slot: past the bound they wait for the retry runs', async () => {
+    const mailer = slowMailer();
+    const app = await appOnOwnDatabase({ env: { PASSWORD_RESET_URL: RESET_URL }, deps: { mailer } });
+    const outbox = app.services.outbox!;
+    const user = await account(app);
+    const extra = 5;
+    // The server hangs: the first notice holds the slot, the others wait for it.
+    for (let i = 0; i < MAX_WAITING_KICKS + extra; i++)
+      outbox.notice(user, `notice ${i}`, 'Something changed on your account.');
+    await expect.poll(async () => (await outbox.pending(user.id)).length).toBe(MAX_WAITING_KICKS + extra);
+    mailer.release();
+    await outbox.idle();
+    // As many as a kick may hold went; the rest are written, and the next retry run sends them.
+    expect(mailer.sent.filter((m) => m.to === user.email)).toHaveLength(MAX_WAITING_KICKS);
+    expect(await outbox.pending(user.id)).toHaveLength(extra);
+  });
+
+  it('a notice written but not sent at once (the database failing the claim) is said to wait for a retry, not lost', async () => {
+    const app = await appOnOwnDatabase({
+      env: { PASSWORD_RESET_URL: RESET_URL },
+      deps: { mailer: capturingMailer() },
+    });
+    const outbox = app.services.outbox!;
+    const user = await account(app);
+    const warned = vi.spyOn(app.services.logger, 'warn');
+    // The claim's UPDATE fails once, after the notice is written.
+    const update = vi.spyOn(app.services.db, 'update').mockImplementationOnce(() => {
+      throw Object.assign(new Error('terminating connection due to administrator command'), {
+        code: '57P01',
+      });
+    });
+    let messages: unknown[];
+    try {
+      outbox.notice(user, 'a notice', 'Something changed on your account.');
+      await outbox.idle();
+      messages = warned.mock.calls.map((call) => call[1]);
+    } finally {
+      update.mockRestore();
+      warned.mockRestore();
+    }
+    expect(await outbox.pending(user.id)).toHaveLength(1);
+    expect(messages).toContain('a mail could not be sent at once; it waits for a retry');
+    expect(messages).not.toContain('a notice could not be queued; it is lost');
   });
 
   it('a retry run goes on past a mail the server refuses, and stops after three refused in a row', async () => {

@@ -15,7 +15,7 @@ export const NOTICE_TTL_MS = 24 * 3600_000;
 /** A shutdown waits this long for a send in flight; the mail is then sent again after its lease. */
 const STOP_GRACE_MS = 1000;
 /** Mails written here and waiting for this instance's send slot; beyond it, the retry runs send them. */
-const MAX_WAITING_KICKS = 50;
+export const MAX_WAITING_KICKS = 50;
 
 export type MailKind =
   | 'password_reset'
@@ -313,10 +313,11 @@ export function createMailOutbox(deps: {
      * in the background: the change that caused it is committed and does not wait.
      */
     notice(user: { id: string; email: string }, subject: string, text: string, to = user.email): void {
-      const work = (async () => {
-        const id = await this.enqueue(deps.db, { to, subject, text }, { kind: 'notice', userId: user.id });
-        await sendNew([id]);
-      })();
+      // Once written it is sent as a kick is: within the bound on what waits for the send slot, and a
+      // failure then leaves it for the retry runs (it is not lost).
+      const work = this.enqueue(deps.db, { to, subject, text }, { kind: 'notice', userId: user.id }).then(
+        (id) => this.kick([id]),
+      );
       track(work).catch((err: unknown) =>
         deps.logger.warn({ err, userId: user.id }, 'a notice could not be queued; it is lost'),
       );
