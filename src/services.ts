@@ -538,7 +538,15 @@ export function createServices(deps: ServicesDeps) {
   let purgeBackoff = 0;
   let timer: NodeJS.Timeout | undefined;
   let bootstrapTimer: NodeJS.Timeout | undefined;
-  async function housekeeping() {
+  /** The housekeeping under way: the next minute's joins it rather than starting a second purge beside it. */
+  let housekeepingRun: Promise<void> | undefined;
+  function housekeeping(): Promise<void> {
+    housekeepingRun ??= housekeepOnce().finally(() => {
+      housekeepingRun = undefined;
+    });
+    return housekeepingRun;
+  }
+  async function housekeepOnce() {
     revocations.prune();
     await keys.ensureKeys();
     await revocations.reload();
@@ -660,6 +668,8 @@ export function createServices(deps: ServicesDeps) {
         });
       }
       timer = setInterval(() => {
+        // A run that outlasts the minute (a long purge): its failure is logged once, by its own tick.
+        if (housekeepingRun) return;
         housekeeping().catch((err: unknown) => logger.warn({ err }, 'housekeeping failed; will retry'));
       }, HOUSEKEEPING_INTERVAL_MS);
       timer.unref();
@@ -667,6 +677,9 @@ export function createServices(deps: ServicesDeps) {
     async stop() {
       if (timer) clearInterval(timer);
       if (bootstrapTimer) clearTimeout(bootstrapTimer);
+      // A purge under way ends with its batch in flight (at most a statement), before the pool closes.
+      retention.stop();
+      await housekeepingRun?.catch(() => undefined);
       // Buffered API-key last-use times are written before the database goes away.
       await apiKeys.stop();
       await outbox?.stop();

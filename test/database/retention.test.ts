@@ -7,7 +7,7 @@ import { mailOutbox } from '../../src/db/schema/index.js';
 import { createRetention, RetentionError, SESSION_END } from '../../src/modules/housekeeping/retention.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
-import { ownDatabase } from '../support/database.js';
+import { openTestDatabase, ownDatabase, scratchDatabase } from '../support/database.js';
 import { login, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
@@ -391,4 +391,91 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect((await app.services.retention.purge()).sessions).toBeGreaterThanOrEqual(1);
     expect(await sessionsOf(user.id)).toBe(0);
   });
+});
+
+describe('housekeeping runs one at a time, and a stop ends a purge at its next batch', () => {
+  it('a housekeeping asked for while one runs shares it: one purge, not two side by side', async () => {
+    const app = await buildTestApp();
+    const purge = vi.spyOn(app.services.retention, 'purge');
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    purge.mockImplementationOnce(async () => {
+      await held;
+      return {
+        skipped: false,
+        sessions: 0,
+        refreshTokens: 0,
+        revocations: 0,
+        emailTokens: 0,
+        mfaChallenges: 0,
+        mail: 0,
+        auditEvents: 0,
+      };
+    });
+    try {
+      // The first purge of this app (its next purge is due at once) outlasts the minute: the next
+      // minute's run found it still due, and started another beside it.
+      const first = app.services.housekeeping();
+      await expect.poll(() => purge.mock.calls.length).toBe(1);
+      const second = app.services.housekeeping();
+      // Time for the second to read the keys and revocations and reach the purge (a few queries).
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      release();
+      await Promise.all([first, second]);
+      expect(purge).toHaveBeenCalledTimes(1);
+    } finally {
+      purge.mockRestore();
+      await app.close();
+    }
+  });
+
+  it.runIf(inject('databaseUrl'))(
+    'a stop (SIGTERM) during a purge waits for the batch in flight and starts no other: nothing fails, nothing is logged as failed',
+    async () => {
+      const scratch = (await scratchDatabase('auth_retention_stop'))!;
+      const database = await openTestDatabase(scratch.url);
+      const app = await buildTestApp({ deps: { database } });
+      const other = new pg.Client({ connectionString: scratch.url });
+      await other.connect();
+      try {
+        // 5,000 expired revocations: three batches of 2,000, each held 300 ms by a trigger.
+        await other.query(`insert into revocations (kind, value, revoked_at, expires_at)
+          select 'jti', 'stop-' || g, now() - interval '2 hours', now() - interval '1 hour'
+            from generate_series(1, 5000) g`);
+        await other.query(`create function retention_slow() returns trigger language plpgsql as $$
+          begin perform pg_sleep(0.3); return null; end $$`);
+        await other.query(
+          'create trigger retention_slow before delete on revocations for each statement execute function retention_slow()',
+        );
+        const left = async () =>
+          Number(
+            (await other.query(`select count(*) as n from revocations where value like 'stop-%'`)).rows[0].n,
+          );
+        const errors = vi.spyOn(app.services.logger, 'error');
+        const warnings = vi.spyOn(app.services.logger, 'warn');
+        const run = app.services.housekeeping().then(
+          () => 'done',
+          (err: unknown) => err,
+        );
+        await expect.poll(left, { interval: 20, timeout: 5000 }).toBeLessThan(5000);
+        // What server.ts does on SIGTERM: the app closes (the services stop), then the pool.
+        await app.close();
+        await database.close();
+        const logged = [...errors.mock.calls, ...warnings.mock.calls].map((call) => call[1]);
+        errors.mockRestore();
+        warnings.mockRestore();
+        expect(await run).toBe('done');
+        expect(logged).toEqual([]);
+        // It stopped: the batch after the one in flight was never started.
+        expect(await left()).toBeGreaterThan(0);
+      } finally {
+        await other.end();
+        await app.close();
+        await database.close().catch(() => undefined);
+        await scratch.drop();
+      }
+    },
+  );
 });

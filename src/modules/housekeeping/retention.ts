@@ -69,6 +69,8 @@ export function createRetention(deps: {
   options: RetentionOptions;
 }) {
   const batch = deps.options.batchSize ?? BATCH;
+  /** Set by `stop`: no batch is started after the ones in flight. */
+  let stopping = false;
 
   /** Runs `work` in a transaction holding the purge lock; undefined when another instance holds it. */
   async function locked<T>(work: (tx: Transaction) => Promise<T>): Promise<T | undefined> {
@@ -86,6 +88,7 @@ export function createRetention(deps: {
   async function deleteAll(table: string, where: SQL): Promise<number | undefined> {
     let total = 0;
     for (;;) {
+      if (stopping) return total;
       const deleted = await locked(async (tx) => {
         const [row] = await selectRows<{ n: number }>(
           tx,
@@ -114,6 +117,7 @@ export function createRetention(deps: {
     done: { sessions: number; refreshTokens: number },
   ): Promise<void> {
     for (;;) {
+      if (stopping) return;
       const ended = await locked((tx) =>
         selectRows<{ id: string }>(
           tx,
@@ -134,6 +138,15 @@ export function createRetention(deps: {
   }
 
   return {
+    /**
+     * At shutdown: a purge under way ends once its batch in flight has (each batch is its own
+     * transaction: nothing is left half-done), and none starts after. Its next batches were otherwise
+     * started on a pool being closed, each table's failure logged as an error and the run as one to
+     * be retried.
+     */
+    stop() {
+      stopping = true;
+    },
     /** Deletes what is past its retention at `at` (the service's clock by default). */
     async purge(at: Date = deps.clock.now()): Promise<PurgeResult> {
       const now = at.getTime();
