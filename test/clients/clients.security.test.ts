@@ -262,6 +262,80 @@ describe('app clients: security', () => {
     await clientToken(app, client);
   });
 
+  it('a client an administrator disabled stays disabled: its creator cannot turn it back on (403, audited)', async () => {
+    const creator = await userWith(app, ['clients:read', 'clients:write', 'users:read'], 'clients-admin-off');
+    const client = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    expect(client).toMatchObject({ acts_for_creator: true, disabled_by_administrator: false });
+    const patch = (payload: Record<string, unknown>, token = creator.accessToken) =>
+      app.inject({ method: 'PATCH', url: `/v1/clients/${client.id}`, headers: bearer(token), payload });
+    const statusOf = async () =>
+      (
+        await app.inject({
+          method: 'GET',
+          url: `/v1/clients/${client.id}`,
+          headers: bearer(admin.accessToken),
+        })
+      ).json() as { status: string; disabled_by_administrator: boolean };
+
+    // Their own disable is theirs to lift.
+    expect((await patch({ status: 'disabled' })).json()).toMatchObject({
+      status: 'disabled',
+      disabled_by_administrator: false,
+    });
+    expect((await patch({ status: 'active' })).statusCode).toBe(200);
+    await clientToken(app, client);
+
+    // An administrator's is not, whatever else the same change does.
+    const off = await patch({ status: 'disabled' }, admin.accessToken);
+    expect(off.json()).toMatchObject({ status: 'disabled', disabled_by_administrator: true });
+    for (const payload of [{ status: 'active' }, { status: 'active', name: 'back', scopes: [] }]) {
+      const res = await patch(payload);
+      expect(res.statusCode, res.body).toBe(403);
+      expect(res.json().detail).toBe(
+        'Only an administrator turns back on a client an administrator disabled',
+      );
+    }
+    // Disabling it again themselves is no change, and does not make it theirs.
+    expect((await patch({ status: 'disabled' })).statusCode).toBe(200);
+    expect(await statusOf()).toMatchObject({ status: 'disabled', disabled_by_administrator: true });
+    expect((await patch({ status: 'active' })).statusCode).toBe(403);
+    const refused = await form(
+      app,
+      '/oauth/token',
+      { grant_type: 'client_credentials' },
+      basic(client.client_id, client.client_secret),
+    );
+    expect(refused.statusCode, refused.body).toBe(401);
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: client.id,
+      limit: 10,
+    });
+    expect(denied).toHaveLength(3);
+    expect(denied.every((e) => (e.data as { action?: string }).action === 'client.update')).toBe(true);
+    const disabledEvents = await app.services.audit.list({
+      type: 'client.updated',
+      subjectId: client.id,
+      limit: 10,
+    });
+    expect(disabledEvents.map((e) => e.data)).toContainEqual(
+      expect.objectContaining({ status: 'disabled', disabled_by_administrator: true }),
+    );
+
+    // An administrator turns it back on; from then on it is its creator's again.
+    expect((await patch({ status: 'active' }, admin.accessToken)).json()).toMatchObject({
+      status: 'active',
+      disabled_by_administrator: false,
+    });
+    await clientToken(app, client);
+    expect((await patch({ status: 'disabled' })).statusCode).toBe(200);
+    // An administrator's disable sent to a client its creator disabled already makes it theirs.
+    const locked = await patch({ status: 'disabled' }, admin.accessToken);
+    expect(locked.json()).toMatchObject({ status: 'disabled', disabled_by_administrator: true });
+    expect((await patch({ status: 'active' })).statusCode).toBe(403);
+    expect((await patch({ status: 'active' }, admin.accessToken)).statusCode).toBe(200);
+  });
+
   it('a creator who lost a scope cannot rotate the secret with their old token either (403, audited)', async () => {
     const creator = await registerUser(app, 'clients-old-token');
     const full = await grantRole(app, creator.id, ['clients:read', 'clients:write', 'orders:read']);

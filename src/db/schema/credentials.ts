@@ -58,6 +58,11 @@ export const clients = pgTable('clients', {
    * permissions (nothing once the creator is disabled or deleted), as an API key does.
    */
   actsForCreator: boolean('acts_for_creator').notNull().default(false),
+  /**
+   * Disabled by an administrator (a holder of `*`): only an administrator turns it back on. False
+   * while active, and for a client its creator (or the service, for a creator deleted) disabled.
+   */
+  disabledByAdministrator: boolean('disabled_by_administrator').notNull().default(false),
   createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
 });

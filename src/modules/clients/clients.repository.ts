@@ -16,6 +16,7 @@ export type ClientPatch = Partial<
     | 'accessTokenTtl'
     | 'status'
     | 'actsForCreator'
+    | 'disabledByAdministrator'
     | 'secretHash'
     | 'previousSecretHash'
     | 'previousSecretExpiresAt'
@@ -93,7 +94,7 @@ export function createClientsRepository(db: Executor) {
     async disableActingFor(userId: string, at: Date, tx: Executor): Promise<ClientRow[]> {
       return tx
         .update(clients)
-        .set({ status: 'disabled', updatedAt: at })
+        .set({ status: 'disabled', disabledByAdministrator: false, updatedAt: at })
         .where(
           and(eq(clients.createdBy, userId), eq(clients.actsForCreator, true), eq(clients.status, 'active')),
         )

@@ -110,6 +110,11 @@ export const ClientSchema = z
       .describe(
         'Registered by a user who is not an administrator: its tokens carry only the scopes its creator still holds (none once the creator is disabled or deleted)',
       ),
+    disabled_by_administrator: z
+      .boolean()
+      .describe(
+        'Disabled by an administrator: only an administrator turns it back on (its creator cannot). False while it is active',
+      ),
     created_at: z.string(),
     updated_at: z.string(),
     previous_secret_expires_at: z
@@ -137,6 +142,7 @@ export function toClientDto(c: ClientRow, now: Date) {
     status: c.status,
     created_by: c.createdBy,
     acts_for_creator: c.actsForCreator,
+    disabled_by_administrator: c.status === 'disabled' && c.disabledByAdministrator,
     created_at: c.createdAt.toISOString(),
     updated_at: c.updatedAt.toISOString(),
     previous_secret_expires_at:

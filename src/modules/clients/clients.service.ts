@@ -309,8 +309,26 @@ export function createClientsService(deps: ClientsServiceDeps) {
           if (!before) throw notFound('client');
           // What is already so is no change: nothing written, no event, nothing granted.
           const effective = effectivePatch(patch, before);
+          // Who turned it off decides who turns it back on: an administrator's disable holds against
+          // its creator, also one sent to a client its creator had disabled already (which makes it
+          // the administrator's). A creator's own disable never lifts an administrator's.
+          const byAdministrator =
+            effective.status === 'active'
+              ? false
+              : patch.status === 'disabled' && isAdministrator(caller)
+                ? true
+                : effective.status === 'disabled'
+                  ? false
+                  : undefined;
+          const lock =
+            byAdministrator === undefined
+              ? {}
+              : effectivePatch({ disabledByAdministrator: byAdministrator }, before);
+          // The fields the caller changed; the record of who disabled it goes with its status.
           const changed = changedFields(effective);
-          if (changed.length === 0) return before;
+          if (changed.length === 0 && lock.disabledByAdministrator === undefined) return before;
+          if (changed.length === 0) changed.push('disabled_by_administrator');
+          Object.assign(effective, lock);
           if (effective.scopes) await assertGrantable(caller, effective.scopes, tx);
           // Turned back on, sent to other audiences or given longer-lived tokens, the client's scopes
           // reach further: as with a fresh secret, a caller who has since lost one of them (a creator
@@ -324,14 +342,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
             );
           // A client that acts on its own scopes is the organisation's: once disabled, only an
           // administrator turns it back on (its creator, since demoted, could otherwise empty its scopes
-          // and have it identify the service again). One that acts for its creator is bounded by them.
-          if (
-            effective.status === 'active' &&
-            before.status !== 'active' &&
-            !(effective.actsForCreator ?? before.actsForCreator) &&
-            !isAdministrator(caller)
-          )
-            throw forbidden('Only an administrator turns a client that acts on its own scopes back on');
+          // and have it identify the service again). One that acts for its creator is bounded by them,
+          // and theirs to turn back on, unless an administrator turned it off.
+          if (effective.status === 'active' && before.status !== 'active' && !isAdministrator(caller)) {
+            if (!(effective.actsForCreator ?? before.actsForCreator))
+              throw forbidden('Only an administrator turns a client that acts on its own scopes back on');
+            if (before.disabledByAdministrator)
+              throw forbidden('Only an administrator turns back on a client an administrator disabled');
+          }
           // Bound to its creator: it can act for nobody without one recorded.
           if (effective.actsForCreator === true && !before.createdBy)
             throw new AppError('conflict', { detail: 'This client has no recorded creator to act for' });
@@ -364,6 +382,9 @@ export function createClientsService(deps: ClientsServiceDeps) {
               changed,
               ...(effective.scopes ? { scopes: row.scopes } : {}),
               ...(effective.status ? { status: row.status } : {}),
+              ...(row.status === 'disabled' && effective.disabledByAdministrator !== undefined
+                ? { disabled_by_administrator: row.disabledByAdministrator }
+                : {}),
               ...(effective.actsForCreator !== undefined ? { acts_for_creator: row.actsForCreator } : {}),
             },
           });

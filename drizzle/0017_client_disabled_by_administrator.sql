@@ -1,0 +1,1 @@
+ALTER TABLE "clients" ADD COLUMN "disabled_by_administrator" boolean DEFAULT false NOT NULL;
