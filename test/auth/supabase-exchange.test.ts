@@ -91,6 +91,32 @@ describe('exchanging a Supabase access token', () => {
     expect((await enrol(pastWindow.json().session.access_token)).statusCode).toBe(400);
   });
 
+  it('a disabled account’s exchange is refused and audited, as its password sign-in is', async () => {
+    const admin = await createAdmin(app);
+    const { id, email, session } = await signedInAtSupabase('sb-exchange-disabled');
+    expect((await exchange(session.access_token)).statusCode).toBe(200);
+    const disabled = await app.inject({
+      method: 'PATCH',
+      url: `/v1/users/${id}`,
+      headers: bearer(admin.accessToken),
+      payload: { status: 'disabled' },
+    });
+    expect(disabled.statusCode, disabled.body).toBe(200);
+
+    // Supabase still vouches for the token (a ban ends no session there): refused here.
+    const res = await exchange(session.access_token);
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.json()).toMatchObject({ code: 'invalid_token', detail: 'The account is disabled' });
+    // What a disabled account's password sign-in leaves (auth.login), under the exchange's own type.
+    const refusal = {
+      outcome: 'failure',
+      subjectId: id,
+      data: { reason: 'disabled', email_domain: email.split('@')[1] },
+    };
+    const exchanges = await app.services.audit.list({ type: 'auth.exchange', subjectId: id, limit: 10 });
+    expect(exchanges.filter((e) => e.outcome === 'failure')).toEqual([expect.objectContaining(refusal)]);
+  });
+
   it('a token Supabase vouched for while an administrator deleted the account does not bring the account back', async () => {
     const admin = await createAdmin(app);
     const { id, session } = await signedInAtSupabase('sb-deleted-meanwhile');

@@ -266,6 +266,23 @@ export function createAuthService(deps: AuthServiceDeps) {
     return deps.sessions.tokensFor(user, opened.session, opened.refreshToken);
   }
 
+  /** Audits a refused sign-in of one kind (`auth.login`, `auth.exchange`): who, why, the address's domain. */
+  function recordSignInFailure(
+    type: 'auth.login' | 'auth.exchange',
+    context: RequestContext,
+    email: string,
+    userId: string | null,
+    reason: string,
+    options: { data?: Record<string, unknown> } = {},
+  ) {
+    return deps.audit.record(deps.db, context, {
+      type,
+      outcome: 'failure',
+      subjectId: userId,
+      data: { reason, ...options.data, email_domain: email.split('@')[1] ?? null },
+    });
+  }
+
   /** Audits a refused sign-in (the guess was counted, or given back, by `passwordGuess`). */
   async function recordLoginFailure(
     context: RequestContext,
@@ -274,12 +291,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     reason: string,
     options: { data?: Record<string, unknown> } = {},
   ) {
-    await deps.audit.record(deps.db, context, {
-      type: 'auth.login',
-      outcome: 'failure',
-      subjectId: userId,
-      data: { reason, ...options.data, email_domain: email.split('@')[1] ?? null },
-    });
+    await recordSignInFailure('auth.login', context, email, userId, reason, options);
     deps.onLogin?.('failure');
   }
 
@@ -597,8 +609,11 @@ export function createAuthService(deps: AuthServiceDeps) {
       if (!identity) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       const user = await signInUser(identity, context, identity.email);
       if (!user) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
-      if (user.status !== 'active')
+      if (user.status !== 'active') {
+        // Audited as a disabled account's sign-in with a password is (the account's activity shows it).
+        await recordSignInFailure('auth.exchange', context, identity.email, user.id, 'disabled');
         throw new AppError('invalid_token', { detail: 'The account is disabled' });
+      }
       // Its session stands in for a password while the sign-in at Supabase is recent (not the
       // exchange: a token refreshed days after its sign-in, or stolen, is exchanged as often as asked).
       const session = await openSession(
