@@ -38,15 +38,33 @@ export function keyedHash(pepper: Buffer, value: string): string {
   return createHmac('sha256', pepper).update(value).digest('base64url');
 }
 
+/** What `constantTimeEqual` hashes both sides under: random, and this process's alone. */
+const COMPARISON_KEY = randomBytes(32);
+
+/**
+ * Whether two strings are equal, in a time that tells neither where they differ nor whether their
+ * lengths do: both are reduced to an HMAC-SHA-256 under a per-process random key, and the two 32-byte
+ * digests compared with timingSafeEqual (a comparison of the strings themselves is only constant-time
+ * for equal lengths). About two HMACs' cost: for two digests of one fixed length, `digestsEqual`.
+ */
 export function constantTimeEqual(a: string, b: string): boolean {
+  return timingSafeEqual(
+    createHmac('sha256', COMPARISON_KEY).update(a).digest(),
+    createHmac('sha256', COMPARISON_KEY).update(b).digest(),
+  );
+}
+
+/**
+ * Two digests of one fixed length (keyedHash outputs, checksums), compared in constant time without
+ * hashing them again: the secret and credential checks, where a key or a client is verified. Each
+ * caller brings what was presented to that length first (an HMAC of it, a checksum of a token whose
+ * length was checked), so lengths differ only for a malformed stored value, and the early `false` then
+ * tells a caller nothing about what is compared.
+ */
+export function digestsEqual(a: string, b: string): boolean {
   const ab = Buffer.from(a);
   const bb = Buffer.from(b);
-  if (ab.length !== bb.length) {
-    // Compare anyway so the time does not depend on where the lengths differ.
-    timingSafeEqual(ab, ab);
-    return false;
-  }
-  return timingSafeEqual(ab, bb);
+  return ab.length === bb.length && timingSafeEqual(ab, bb);
 }
 
 /** AES-256-GCM; the output is base64(iv | tag | ciphertext). */
@@ -125,7 +143,7 @@ export function parseSecret(format: SecretFormat, token: string): ParsedSecret |
   if (token.length !== expectedLength || !token.startsWith(`${format.prefix}_`)) return undefined;
   const body = token.slice(0, -CHECKSUM_LENGTH);
   if (!/^[0-9A-Za-z]+$/.test(body.slice(format.prefix.length + 1).replace('_', ''))) return undefined;
-  if (!constantTimeEqual(checksum(body), token.slice(-CHECKSUM_LENGTH))) return undefined;
+  if (!digestsEqual(checksum(body), token.slice(-CHECKSUM_LENGTH))) return undefined;
   const lookupId = body.slice(format.prefix.length + 1, format.prefix.length + 1 + format.lookupLength);
   if (body[format.prefix.length + 1 + format.lookupLength] !== '_') return undefined;
   return { lookupId, secret: body.slice(format.prefix.length + 2 + format.lookupLength) };

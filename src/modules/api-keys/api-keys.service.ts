@@ -1,13 +1,7 @@
 import type { Logger } from 'pino';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
-import {
-  API_KEY_FORMAT,
-  constantTimeEqual,
-  generateSecret,
-  keyedHash,
-  parseSecret,
-} from '../../lib/crypto.js';
+import { API_KEY_FORMAT, digestsEqual, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, forbidden, invalidFields, notFound } from '../../lib/errors.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
@@ -157,9 +151,8 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     if (!row) return undefined;
     const presentedHash = hash(parsed.secret);
     let previous = false;
-    if (!constantTimeEqual(presentedHash, row.secretHash)) {
-      if (!row.previousSecretHash || !constantTimeEqual(presentedHash, row.previousSecretHash))
-        return undefined;
+    if (!digestsEqual(presentedHash, row.secretHash)) {
+      if (!row.previousSecretHash || !digestsEqual(presentedHash, row.previousSecretHash)) return undefined;
       previous = true;
     }
     // Only "whose secret this is" is remembered; its state is checked on every use below.

@@ -2,7 +2,7 @@ import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import {
   CLIENT_SECRET_FORMAT,
-  constantTimeEqual,
+  digestsEqual,
   generateSecret,
   keyedHash,
   parseSecret,
@@ -512,12 +512,12 @@ export function createClientsService(deps: ClientsServiceDeps) {
       if (!parsed || `${CLIENT_ID_PREFIX}${parsed.lookupId}` !== clientId)
         return { ok: false, reason: 'malformed', client };
       const presented = hash(secret);
-      const current = constantTimeEqual(presented, client.secretHash);
+      const current = digestsEqual(presented, client.secretHash);
       const previous =
         client.previousSecretHash !== null &&
         client.previousSecretExpiresAt !== null &&
         client.previousSecretExpiresAt > now &&
-        constantTimeEqual(presented, client.previousSecretHash);
+        digestsEqual(presented, client.previousSecretHash);
       if (!current && !previous) return { ok: false, reason: 'wrong_secret', client };
       if (client.status !== 'active') return { ok: false, reason: 'disabled', client };
       const entry = {
