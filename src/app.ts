@@ -552,8 +552,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     magicLink: services.magicLink,
     accounts: services.accounts,
     providerName: services.provider.name,
+    basePath,
   });
-  await app.register(mfaRoutes, { mfa: services.mfa, users: services.users, auth: services.auth });
+  await app.register(mfaRoutes, { mfa: services.mfa, users: services.users, auth: services.auth, basePath });
   await app.register(signingKeysRoutes, { keys: services.keys });
   await app.register(usersRoutes, {
     basePath,

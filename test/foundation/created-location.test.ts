@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
-import { createAdmin } from '../support/factories.js';
+import { createAdmin, PASSWORD } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 
@@ -53,6 +53,49 @@ describe('201 Created answers carry the Location of what they made', () => {
         const key = url === '/v1/roles' ? 'name' : 'id';
         expect(read.json()[key], location).toBe(created.json()[key]);
       }
+    });
+
+    it('a registration names the user it made, and a set-up of an authenticator app where its factor is read', async () => {
+      const email = `registered-${randomUUID().slice(0, 8)}@example.test`;
+      const registered = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email, password: PASSWORD },
+      });
+      expect(registered.statusCode, registered.body).toBe(201);
+      const user = registered.json().user as { id: string };
+      // The user's URL, as a user an administrator makes is named (/v1/auth/me is whoever asks).
+      expect(registered.headers.location).toBe(`${prefix}/v1/users/${user.id}`);
+      const read = await app.inject({
+        method: 'GET',
+        url: (registered.headers.location as string).slice(prefix.length),
+        headers: bearer(admin.accessToken),
+      });
+      expect(read.statusCode, read.body).toBe(200);
+      expect(read.json().id).toBe(user.id);
+
+      // Where the service can confirm addresses, a factor is set up for a confirmed one.
+      await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
+      const token = registered.json().session.access_token as string;
+      const enrolled = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/totp',
+        headers: bearer(token),
+        payload: { password: PASSWORD },
+      });
+      expect(enrolled.statusCode, enrolled.body).toBe(201);
+      expect(enrolled.headers.location).toBe(`${prefix}/v1/auth/mfa`);
+      const status = await app.inject({
+        method: 'GET',
+        url: (enrolled.headers.location as string).slice(prefix.length),
+        headers: bearer(token),
+      });
+      expect(status.statusCode, status.body).toBe(200);
+      expect(status.json()).toMatchObject({
+        enabled: false,
+        pending: true,
+        factor: { id: enrolled.json().factor_id, type: 'totp', verified_at: null },
+      });
     });
 
     it('a client’s new secret names no Location: a secret has no URL of its own', async () => {

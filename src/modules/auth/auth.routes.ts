@@ -60,6 +60,8 @@ export interface AuthRoutesDeps {
   magicLink: MagicLinkService;
   accounts: AccountsCache;
   providerName: 'local' | 'supabase';
+  /** PUBLIC_URL's path ('' when it has none): what a 201's Location starts with. */
+  basePath: string;
 }
 
 /**
@@ -111,7 +113,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'confirmation link when it can send mail (`POST /v1/auth/email/confirm`).',
         body: RegisterBodySchema,
         response: {
-          201: RegisterResultSchema.describe('Registered and signed in'),
+          201: RegisterResultSchema.describe(
+            'Registered and signed in (`Location`: the user, `/v1/users/{id}`, as for a user an administrator makes)',
+          ),
           202: RegisterResultSchema.describe(
             'Registered; the provider asks for the email to be confirmed first (`session: null`)',
           ),
@@ -133,7 +137,12 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       );
       // Not awaited: the account is made whatever the mail server does (the user may ask again).
       void deps.emailConfirmation.afterRegistration(user, requestContext(request));
-      return reply.status(session ? 201 : 202).send({ user: toUserDto(user), session });
+      if (!session) return reply.status(202).send({ user: toUserDto(user), session });
+      // The user's own URL, as POST /v1/users names it: /v1/auth/me is whoever's credential asks.
+      return reply
+        .status(201)
+        .header('location', `${deps.basePath}/v1/users/${user.id}`)
+        .send({ user: toUserDto(user), session });
     },
   );
 

@@ -96,6 +96,8 @@ export async function mfaRoutes(
     mfa: MfaService;
     users: Pick<UsersService, 'assertMayManage' | 'assertNotOwn'>;
     auth: Pick<AuthService, 'reauthenticate' | 'reauthenticateBySession'>;
+    /** PUBLIC_URL's path ('' when it has none): what a 201's Location starts with. */
+    basePath: string;
   },
 ) {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -150,7 +152,13 @@ export async function mfaRoutes(
           'two-step verification is on already; 403 `email_not_confirmed` where the service can confirm ' +
           'addresses and this one is not confirmed yet.',
         body: EnrollTotpBodySchema,
-        response: { 201: EnrollmentSchema, ...problems(400, 401, 403, 409, 429, 503) },
+        response: {
+          201: EnrollmentSchema.describe(
+            'Begun: the factor, with its secret shown this once. `Location`: `/v1/auth/mfa`, where the ' +
+              'factor is read (`factor.id`, `pending: true`); it has no URL of its own',
+          ),
+          ...problems(400, 401, 403, 409, 429, 503),
+        },
       },
     },
     async (request, reply) => {
@@ -158,7 +166,8 @@ export async function mfaRoutes(
       if (request.body.password === undefined) await deps.auth.reauthenticateBySession(userId, sessionId);
       else
         await deps.auth.reauthenticate(userId, request.body.password, 'mfa.enabled', requestContext(request));
-      return reply.status(201).send(await deps.mfa.enroll(userId));
+      const enrollment = await deps.mfa.enroll(userId);
+      return reply.status(201).header('location', `${deps.basePath}/v1/auth/mfa`).send(enrollment);
     },
   );
 
