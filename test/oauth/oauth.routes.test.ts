@@ -986,6 +986,49 @@ describe('POST /oauth/introspect', () => {
     expect(await introspect(app, monthRenewed.key, as(auditor))).toMatchObject({ exp: epoch(inMonth) });
   });
 
+  it('gives an API key secret the iat of its own issue: the key’s creation, or the rotation that made it', async () => {
+    const user = await registerUser(app, 'keyissued');
+    const epoch = (iso: string) => Math.floor(Date.parse(iso) / 1000);
+    const rotate = async (id: string, payload: Record<string, unknown>) => {
+      const res = await app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${id}/rotate`,
+        headers: bearer(user.accessToken),
+        payload,
+      });
+      expect(res.statusCode, res.body).toBe(200);
+      // The rotation's moment, as the key's row says it.
+      return { key: res.json().key as string, at: epoch(res.json().updated_at) };
+    };
+    const iat = async (key: string) => {
+      const answer = await introspect(app, key, as(auditor));
+      expect(answer.active, JSON.stringify(answer)).toBe(true);
+      return answer.iat;
+    };
+    const first = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    const created = epoch(first.created_at);
+    expect(await iat(first.key)).toBe(created);
+    let moved = 0;
+    try {
+      clock.advance(120);
+      moved += 120;
+      const second = await rotate(first.id, { grace_seconds: 3600 });
+      expect(second.at).toBeGreaterThanOrEqual(created + 120);
+      // The new secret was issued by the rotation; the one it replaced, in its grace, at the key's creation.
+      expect(await iat(second.key)).toBe(second.at);
+      expect(await iat(first.key)).toBe(created);
+      clock.advance(60);
+      moved += 60;
+      const third = await rotate(first.id, { grace_seconds: 600, force: true });
+      expect(await iat(third.key)).toBe(third.at);
+      // Replaced in its turn: still the rotation that issued it, not the key's creation.
+      expect(await iat(second.key)).toBe(second.at);
+      expect(await introspect(app, first.key, as(auditor))).toEqual({ active: false });
+    } finally {
+      clock.advance(-moved);
+    }
+  });
+
   it('needs an authenticated caller: 401 invalid_client without one, 401 insufficient_scope for a bearer lacking the permission', async () => {
     const own = await clientToken(app, mine);
     const anonymous = await form(app, '/oauth/introspect', { token: own.access_token });

@@ -24,6 +24,13 @@ export const apiKeys = pgTable(
     secretHash: text('secret_hash').notNull(),
     previousSecretHash: text('previous_secret_hash'),
     previousSecretExpiresAt: timestamp('previous_secret_expires_at', { withTimezone: true, precision: 3 }),
+    /**
+     * When the current secret was issued: the key's creation, or its last rotation. Null for a key
+     * made before it was recorded (its creation, unless it was rotated then).
+     */
+    secretIssuedAt: timestamp('secret_issued_at', { withTimezone: true, precision: 3 }),
+    /** When the secret the last rotation replaced was issued (null: not recorded). */
+    previousSecretIssuedAt: timestamp('previous_secret_issued_at', { withTimezone: true, precision: 3 }),
     prefix: text('prefix').notNull(),
     lastFour: text('last_four').notNull(),
     scopes: text('scopes').array().notNull().default(sql`'{}'::text[]`),

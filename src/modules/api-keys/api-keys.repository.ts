@@ -15,6 +15,8 @@ export type ApiKeyPatch = Partial<
     | 'secretHash'
     | 'previousSecretHash'
     | 'previousSecretExpiresAt'
+    | 'secretIssuedAt'
+    | 'previousSecretIssuedAt'
     | 'lastFour'
     | 'revokedAt'
   >

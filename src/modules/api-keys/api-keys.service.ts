@@ -79,6 +79,16 @@ export function presentedExpiresAt(key: ApiKeyRow, previous: boolean): Date | nu
   return previous && graceEnds && (!expiresAt || graceEnds < expiresAt) ? graceEnds : expiresAt;
 }
 
+/**
+ * When the secret a valid verification was made with was issued (introspection's `iat`): the current
+ * secret at the key's creation or its last rotation, the one a rotation replaced when that one was
+ * issued. A key made, or a secret replaced, before this was recorded (migration 0017) answers the key's
+ * creation: never later than the truth.
+ */
+export function presentedIssuedAt(key: ApiKeyRow, previous: boolean): Date {
+  return (previous ? key.previousSecretIssuedAt : key.secretIssuedAt) ?? key.createdAt;
+}
+
 const invalid = (reason: InvalidReason): Verification => ({ valid: false, reason });
 const NOT_FOUND = invalid('not_found');
 
@@ -367,6 +377,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
               scopes,
               expiresAt,
               parentId: actor.key?.id ?? null,
+              secretIssuedAt: now,
               createdAt: now,
               updatedAt: now,
             },
@@ -559,6 +570,9 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
               secretHash: hash(secret),
               previousSecretHash: current.secretHash,
               previousSecretExpiresAt: graceEnds,
+              secretIssuedAt: now,
+              // Null (not recorded: made before 0017) stays so; read as the key's creation.
+              previousSecretIssuedAt: current.secretIssuedAt,
               lastFour: token.slice(-4),
             },
             now,

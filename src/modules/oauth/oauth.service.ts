@@ -50,10 +50,16 @@ const MAX_TOKEN_LENGTH = 8192;
  */
 export interface ApiKeyTokenPort {
   /** The key a string names when it would be accepted now (unexpired, unrevoked, owner active). */
-  inspect(
-    key: string,
-  ): Promise<
-    { keyId: string; ownerId: string; scopes: string[]; expiresAt: Date | null; createdAt: Date } | undefined
+  inspect(key: string): Promise<
+    | {
+        keyId: string;
+        ownerId: string;
+        scopes: string[];
+        expiresAt: Date | null;
+        /** When the secret presented was issued (the key's creation, or the rotation that made it). */
+        issuedAt: Date;
+      }
+    | undefined
   >;
   /**
    * Revokes the key (audit and cross-instance event included) when `ownerId` owns it: `not_owned`
@@ -447,7 +453,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
           active: true,
           sub: key.ownerId,
           scope: key.scopes.join(' '),
-          iat: epoch(key.createdAt),
+          iat: epoch(key.issuedAt),
           ...(key.expiresAt ? { exp: epoch(key.expiresAt) } : {}),
           key_id: key.keyId,
           token_type: 'Bearer',
