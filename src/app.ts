@@ -541,6 +541,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     issuer: config.issuer,
     audience: services.audience,
     keys: services.keys,
+    basePath,
   });
   await app.register(authRoutes, {
     auth: services.auth,

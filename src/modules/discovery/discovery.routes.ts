@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { PERMISSIONS } from '../../lib/permissions.js';
 import type { SigningKeysService } from '../signing-keys/signing-keys.service.js';
@@ -7,6 +7,8 @@ export interface DiscoveryDeps {
   issuer: string;
   audience: string;
   keys: SigningKeysService;
+  /** PUBLIC_URL's path ('' when it has none): the issuer's path, which RFC 8414 §3.1 appends to its metadata's URL. */
+  basePath: string;
 }
 
 const JwksSchema = z
@@ -119,6 +121,15 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
     },
   );
 
+  const sendMetadata = async (_request: FastifyRequest, reply: FastifyReply) =>
+    reply
+      .header('cache-control', 'public, max-age=3600')
+      .type('application/json')
+      .serializer((p) => p as string)
+      .send(metadataJson);
+
+  // The issuer followed by the well-known path: OpenID Connect Discovery's place, and the one RFC 8414
+  // §5 keeps for openid-configuration; under an issuer with a path, a proxy that strips it brings both here.
   for (const path of ['/.well-known/openid-configuration', '/.well-known/oauth-authorization-server']) {
     r.get(
       path,
@@ -133,12 +144,35 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
           response: { 200: MetadataSchema },
         },
       },
-      async (_request, reply) =>
-        reply
-          .header('cache-control', 'public, max-age=3600')
-          .type('application/json')
-          .serializer((p) => p as string)
-          .send(metadataJson),
+      sendMetadata,
     );
   }
+
+  // RFC 8414 §3.1: for an issuer with a path (https://host/auth) the metadata lives at the host's root,
+  // the path after the well-known part (https://host/.well-known/oauth-authorization-server/auth):
+  // outside the prefix a proxy sends here, so it arrives only by a rule of the proxy's that forwards
+  // that path as it is (README). Out of the OpenAPI document, whose paths are under PUBLIC_URL.
+  const issuerPath = routeOf(deps.basePath);
+  if (issuerPath)
+    r.get(
+      `/.well-known/oauth-authorization-server${issuerPath}`,
+      { config: { public: true }, schema: { hide: true } },
+      sendMetadata,
+    );
+}
+
+/**
+ * A URL's path as a route that matches it literally: decoded, as the router matches requests, with
+ * `:` escaped (`::`); undefined for none ('') or one no route can match literally (a `*`, a broken
+ * escape).
+ */
+export function routeOf(path: string): string | undefined {
+  if (path === '') return undefined;
+  let decoded: string;
+  try {
+    decoded = decodeURIComponent(path);
+  } catch {
+    return undefined;
+  }
+  return decoded.includes('*') ? undefined : decoded.replaceAll(':', '::');
 }
