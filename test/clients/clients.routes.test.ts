@@ -293,6 +293,51 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
     expect((await introspect(app, before.access_token, asWatcher)).active).toBe(false);
   });
 
+  it('even without an event, a rotation reaches a remembered secret once the client’s row is read again', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const asBasic = basic(client.client_id, client.client_secret);
+    const asPost = { client_id: client.client_id, client_secret: client.client_secret };
+    const introspectAs = (params: Record<string, string>, headers: Record<string, string> = {}) =>
+      form(app, '/oauth/introspect', { token: 'not-a-token', ...params }, headers);
+    try {
+      // The row is cached first (a failed attempt reads it), the secret remembered 30 s later: the
+      // remembered match outlives the row's cache entry by 30 s.
+      const failed = await form(
+        app,
+        '/oauth/token',
+        { grant_type: 'client_credentials' },
+        basic(client.client_id, 'nope'),
+      );
+      expect(failed.statusCode).toBe(401);
+      clock.advance(30);
+      await clientToken(app, client);
+      expect((await introspectAs(asPost)).statusCode).toBe(200);
+      expect((await introspectAs({}, asBasic)).statusCode).toBe(200);
+      // Another instance rotates it with no grace, and its notification never arrives here.
+      const row = (await app.services.repos.clients.findById(client.id))!;
+      await app.services.repos.clients.update(
+        client.id,
+        {
+          secretHash: 'rotated-elsewhere',
+          previousSecretHash: row.secretHash,
+          previousSecretExpiresAt: clock.now(),
+        },
+        clock.now(),
+      );
+      // Past the row's 60 s backstop, within the remembered match's minute.
+      clock.advance(31);
+      const old = await form(app, '/oauth/token', { grant_type: 'client_credentials' }, asBasic);
+      expect(old.statusCode).toBe(401);
+      expect(old.json().error).toBe('invalid_client');
+      const oldPost = await form(app, '/oauth/token', { grant_type: 'client_credentials', ...asPost });
+      expect(oldPost.statusCode).toBe(401);
+      expect((await introspectAs({}, asBasic)).statusCode).toBe(401);
+      expect((await introspectAs(asPost)).statusCode).toBe(401);
+    } finally {
+      clock.advance(-61);
+    }
+  });
+
   it('disables a client: its secret is refused and the tokens it holds stop working', async () => {
     const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
     const token = await clientToken(app, client);

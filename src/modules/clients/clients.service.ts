@@ -134,6 +134,15 @@ export function createClientsService(deps: ClientsServiceDeps) {
   });
   // Secrets that matched, by digest, so a client authenticating on every request costs no HMAC.
   const verified = createVerifiedCredentials({ max: 10_000, ttlMs: 60_000 });
+  /**
+   * Whether a remembered match holds for the client's row as read now: the stored hash the secret
+   * matched is still its current (or previous) one. A rotation this instance did not hear of (a
+   * notification lost) is then honoured once the row's cache entry ages out, not up to a minute after
+   * (a remembered match can be younger than the row). Both are strings of the cached row: an equality
+   * test, no allocation.
+   */
+  const stillMatches = (row: ClientRow, known: { previous: boolean; stored: string | undefined }) =>
+    (known.previous ? row.previousSecretHash : row.secretHash) === known.stored;
 
   // What the creators of clients that act for them hold now, dropped by event from any instance.
   const creators = createOwnerStates({ users: deps.users, max: 10_000, ttlMs: 60_000, clock: deps.clock });
@@ -476,8 +485,9 @@ export function createClientsService(deps: ClientsServiceDeps) {
      */
     rememberedBasic(header: string): ClientRow | undefined {
       const known = verified.get(verified.keyOf(BASIC_KEY, header), deps.clock.nowMs());
-      const client = known && cache.peek(known.owner)?.value;
-      return client?.status === 'active' ? actingNow(client) : undefined;
+      if (!known) return undefined;
+      const client = cache.peek(known.owner)?.value;
+      return client?.status === 'active' && stillMatches(client, known) ? actingNow(client) : undefined;
     },
 
     /** `basicHeader`: the Authorization header the id and secret came in, remembered with them. */
@@ -500,7 +510,8 @@ export function createClientsService(deps: ClientsServiceDeps) {
       if (known?.owner === clientId) {
         const client = await findCached(clientId);
         // A previous secret's entry ends with its grace; the client's state is checked every time.
-        if (client?.status === 'active') return { ok: true, client: await acting(client) };
+        if (client?.status === 'active' && stillMatches(client, known))
+          return { ok: true, client: await acting(client) };
       }
       const generation = verified.generation;
       const parsed = parseSecret(CLIENT_SECRET_FORMAT, secret);
@@ -524,6 +535,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
         owner: clientId,
         previous: !current,
         endsAtMs: current ? undefined : client.previousSecretExpiresAt?.getTime(),
+        stored: current ? client.secretHash : client.previousSecretHash!,
       };
       verified.remember(credential, entry, generation, now.getTime());
       if (basicHeader !== undefined)
