@@ -23,21 +23,42 @@ export function createReadThroughCache<V>(options: {
   ttlMs: number;
   /** TTLs follow this clock, read on every check, so tests can step past them. */
   clock: Clock;
+  /**
+   * When given, absent values (null, undefined: a lookup that found nothing) are kept apart, in an
+   * LRU of at most this many entries, so that lookups of keys that do not exist — a flood of made-up
+   * ones, say — cannot push out what was found. Without it they share `max` with the rest.
+   */
+  maxAbsent?: number;
 }): ReadThroughCache<V> {
-  // Boxed, so that "absent" values (null, undefined) are cached like any other.
-  const entries = new LRUCache<string, { value: V }>({
-    max: options.max,
-    ttl: options.ttlMs,
-    perf: { now: () => options.clock.nowMs() },
-    ttlResolution: 0,
-  });
+  const lru = (max: number) =>
+    // Boxed, so that "absent" values (null, undefined) are cached like any other.
+    new LRUCache<string, { value: V }>({
+      max,
+      ttl: options.ttlMs,
+      perf: { now: () => options.clock.nowMs() },
+      ttlResolution: 0,
+    });
+  const entries = lru(options.max);
+  const absent = options.maxAbsent === undefined ? entries : lru(options.maxAbsent);
+  /** Keeps a value read; with two LRUs, a key is only ever in one of them. */
+  const store = (key: string, value: V) => {
+    if (absent === entries) {
+      entries.set(key, { value });
+    } else if (value === undefined || value === null) {
+      entries.delete(key);
+      absent.set(key, { value });
+    } else {
+      absent.delete(key);
+      entries.set(key, { value });
+    }
+  };
   const loading = new Map<string, Promise<V>>();
   /** Bumped by every invalidation; a read started before one is not cached. */
   let generation = 0;
 
   return {
     async get(key) {
-      const hit = entries.get(key);
+      const hit = entries.get(key) ?? (absent === entries ? undefined : absent.get(key));
       if (hit) return hit.value;
       const pending = loading.get(key);
       if (pending) return pending;
@@ -45,7 +66,7 @@ export function createReadThroughCache<V>(options: {
       const promise = options
         .load(key)
         .then((value) => {
-          if (generation === started) entries.set(key, { value });
+          if (generation === started) store(key, value);
           return value;
         })
         .finally(() => {
@@ -55,20 +76,22 @@ export function createReadThroughCache<V>(options: {
       return promise;
     },
     peek(key) {
-      return entries.get(key);
+      return entries.get(key) ?? (absent === entries ? undefined : absent.get(key));
     },
     delete(key) {
       generation++;
       entries.delete(key);
+      absent.delete(key);
       loading.delete(key);
     },
     clear() {
       generation++;
       entries.clear();
+      absent.clear();
       loading.clear();
     },
     get size() {
-      return entries.size;
+      return absent === entries ? entries.size : entries.size + absent.size;
     },
   };
 }

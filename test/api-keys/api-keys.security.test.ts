@@ -3,6 +3,7 @@ import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
+import { API_KEY_FORMAT, generateSecret } from '../../src/lib/crypto.js';
 import { API_KEY_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
@@ -802,6 +803,51 @@ describe('api keys: security', () => {
         reason: 'not_found',
       });
     expect(reads).toHaveBeenCalledTimes(1);
+  });
+
+  it('a flood of well-formed keys with made-up lookup ids does not push a real key out of the cache', async () => {
+    // A database of its own (another file's change may drop this app's caches), and a clock that
+    // stands still, so the 5 s expiry plays no part however slow the machine is.
+    const own = await ownDatabase('aks_flood');
+    const at = Date.now();
+    const isolated = await buildTestApp({
+      deps: { database: own.database, clock: { now: () => new Date(at), nowMs: () => at } },
+    });
+    try {
+      const user = await registerUser(isolated, 'aks-flood');
+      // The key's creation is applied here at its commit and again when its notification comes back:
+      // the row is cached once both are in.
+      let heard = 0;
+      const bothHeard = new Promise<void>((resolve) =>
+        isolated.services.events.subscribe((event) => {
+          if (event.type === 'api_key_changed' && ++heard === 2) resolve();
+        }),
+      );
+      const created = await createKey(isolated, user.accessToken, { scopes: ['account:read'] });
+      const lookupId = created.prefix.slice(4);
+      await bothHeard;
+      expect((await me(withKey(created.key), isolated)).statusCode).toBe(200);
+      const repo = isolated.services.repos.apiKeys;
+      const findByLookupId = repo.findByLookupId.bind(repo);
+      // The made-up ones are answered without the database, so the flood costs the test no time.
+      const reads = vi
+        .spyOn(repo, 'findByLookupId')
+        .mockImplementation(async (id, ...rest) =>
+          id === lookupId ? findByLookupId(id, ...rest) : undefined,
+        );
+      // More made-up keys than the whole cache holds, each with a valid checksum.
+      for (let i = 0; i < 10_001; i++) {
+        const { token } = generateSecret(API_KEY_FORMAT);
+        expect((await isolated.services.apiKeys.verify(token)).valid).toBe(false);
+      }
+      expect(reads).toHaveBeenCalledTimes(10_001);
+      reads.mockClear();
+      expect((await me(withKey(created.key), isolated)).statusCode).toBe(200);
+      expect(reads).not.toHaveBeenCalled();
+    } finally {
+      await isolated.close();
+      await own.dispose();
+    }
   });
 
   it('the verify endpoint needs api_keys:verify (403 otherwise), by token or by key', async () => {

@@ -78,4 +78,34 @@ describe('read-through cache (the hot paths’ rows, dropped by change events)',
     expect(await third).toBe('v3');
     expect(reads).toEqual(['k', 'k', 'k']);
   });
+
+  it('with maxAbsent, keeps what was found apart from lookups that found nothing, which cannot push it out', async () => {
+    const clock = createTestClock();
+    const reads: string[] = [];
+    const cache = createReadThroughCache<string | undefined>({
+      load: async (key) => {
+        reads.push(key);
+        return key.startsWith('real') ? `row of ${key}` : undefined;
+      },
+      max: 3,
+      maxAbsent: 2,
+      ttlMs: 5_000,
+      clock,
+    });
+    expect(await cache.get('real-1')).toBe('row of real-1');
+    for (let i = 0; i < 50; i++) expect(await cache.get(`made-up-${i}`)).toBeUndefined();
+    expect(cache.peek('real-1')).toEqual({ value: 'row of real-1' });
+    expect(await cache.get('real-1')).toBe('row of real-1');
+    // The last absent ones are still answered from memory; older ones are read again.
+    expect(cache.peek('made-up-49')).toEqual({ value: undefined });
+    expect(cache.peek('made-up-0')).toBeUndefined();
+    expect(cache.size).toBe(3);
+    expect(reads.filter((k) => k === 'real-1')).toHaveLength(1);
+    // Dropped and cleared from both.
+    cache.delete('made-up-49');
+    expect(cache.peek('made-up-49')).toBeUndefined();
+    cache.clear();
+    expect(cache.size).toBe(0);
+    expect(cache.peek('real-1')).toBeUndefined();
+  });
 });

@@ -60,12 +60,14 @@ export interface ApiKeysServiceDeps {
   logger: Logger;
   pepper: Buffer;
   /** Cache bounds; the TTL is only a backstop, since every change invalidates by event. */
-  cache?: { max?: number; ttlMs?: number };
+  cache?: { max?: number; maxAbsent?: number; ttlMs?: number };
   /** How often buffered last-use times are written (API.md: not a write per request). */
   flushIntervalMs?: number;
 }
 
 const DEFAULT_CACHE_MAX = 10_000;
+/** Lookup ids with no key, kept apart so that made-up keys cannot push real ones out. */
+const DEFAULT_ABSENT_MAX = 1_000;
 const DEFAULT_CACHE_TTL_MS = 5_000;
 const DEFAULT_FLUSH_INTERVAL_MS = 60_000;
 
@@ -106,9 +108,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     ttlMs: deps.cache?.ttlMs ?? DEFAULT_CACHE_TTL_MS,
     clock,
   };
-  // A lookup id with no key is cached too (undefined), so repeated unknown keys stay off the database.
+  // A lookup id with no key is cached too (undefined), so repeated unknown keys stay off the database,
+  // but in an LRU of its own: well-formed keys with made-up lookup ids (anyone can compute the
+  // checksum) would otherwise evict real keys' rows, each of which would then cost a read again.
   const keys = createReadThroughCache<ApiKeyRow | undefined>({
     ...cacheOptions,
+    maxAbsent: deps.cache?.maxAbsent ?? DEFAULT_ABSENT_MAX,
     load: (lookupId) => repo.findByLookupId(lookupId),
   });
   const owners = createOwnerStates({ ...cacheOptions, users: deps.users });
