@@ -134,6 +134,7 @@ const EnvSchema = z.object({
   REFRESH_TOKEN_ABSOLUTE_TTL: seconds(7_776_000),
   REFRESH_REUSE_GRACE_SECONDS: wholeNumber(0, 10, 10),
   MAX_SESSIONS_PER_USER: wholeNumber(1, 10_000, 100),
+  MAX_API_KEYS_PER_USER: wholeNumber(1, 10_000, 100),
   BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(z.email().optional()),
   BOOTSTRAP_ADMIN_PASSWORD: optionalString,
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
@@ -396,6 +397,11 @@ export interface Config {
    * recently used ones.
    */
   readonly sessions: { maxPerUser: number };
+  /**
+   * The most live (unrevoked, unexpired) API keys a user owns (MAX_API_KEYS_PER_USER): a creation
+   * beyond it is refused (409).
+   */
+  readonly apiKeys: { maxPerUser: number };
   readonly bootstrapAdmin: { email: string; password: string | undefined } | undefined;
   readonly logLevel: string;
   /** The bearer token GET /metrics asks for; undefined: it answers anyone (a warning in production). */
@@ -523,6 +529,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
       maxAccessTtl: Math.max(e.ACCESS_TOKEN_TTL, 86_400),
     },
     sessions: { maxPerUser: e.MAX_SESSIONS_PER_USER },
+    apiKeys: { maxPerUser: e.MAX_API_KEYS_PER_USER },
     bootstrapAdmin: e.BOOTSTRAP_ADMIN_EMAIL
       ? { email: e.BOOTSTRAP_ADMIN_EMAIL.toLowerCase(), password: e.BOOTSTRAP_ADMIN_PASSWORD }
       : undefined,

@@ -463,6 +463,7 @@ export function createServices(deps: ServicesDeps) {
     clock,
     logger,
     pepper: config.secretPepper,
+    maxPerOwner: config.apiKeys.maxPerUser,
   });
 
   const clients = createClientsService({

@@ -1,4 +1,4 @@
-import { and, asc, eq, isNull, sql } from 'drizzle-orm';
+import { and, asc, eq, gt, isNull, or, sql } from 'drizzle-orm';
 import type { Database, Executor } from '../../db/client.js';
 import { apiKeys } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -56,6 +56,33 @@ export function createApiKeysRepository(db: Database) {
     async findByIdForUpdate(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
       const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('update');
       return row;
+    },
+    /**
+     * Creations of keys for one owner take turns, on every instance, until their transactions end (a
+     * transaction-scoped advisory lock): each then counts the keys the one before created.
+     */
+    async lockCreationFor(ownerId: string, tx: Executor): Promise<void> {
+      await tx.execute(sql`select pg_advisory_xact_lock(hashtext(${`api_keys:${ownerId}`}))`);
+    },
+    /**
+     * How many live keys (unrevoked, unexpired at `now`) the owner has, counting no further than
+     * `upTo` (through `api_keys_owner_idx`).
+     */
+    async countLiveOfOwner(ownerId: string, now: Date, upTo: number, tx: Executor): Promise<number> {
+      const live = tx
+        .select({ one: sql`1` })
+        .from(apiKeys)
+        .where(
+          and(
+            eq(apiKeys.ownerId, ownerId),
+            isNull(apiKeys.revokedAt),
+            or(isNull(apiKeys.expiresAt), gt(apiKeys.expiresAt, now)),
+          ),
+        )
+        .limit(upTo)
+        .as('live');
+      const [row] = await tx.select({ n: sql<number>`count(*)::int` }).from(live);
+      return row?.n ?? 0;
     },
     /** Live (unrevoked) keys of an owner, oldest first, `limit + 1` rows for pagination. */
     async listLiveByOwner(

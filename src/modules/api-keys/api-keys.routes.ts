@@ -144,10 +144,17 @@ export async function apiKeysRoutes(
         summary: 'Create an API key for the caller; the key is shown in this response only',
         description:
           'Scopes must be within the caller’s permissions (403 otherwise). At every use the key is further ' +
-          'limited to its owner’s current permissions.',
+          'limited to its owner’s current permissions. An owner has at most MAX_API_KEYS_PER_USER live ' +
+          '(unrevoked, unexpired) keys (409 beyond it).',
         security: bearerOrApiKey,
         body: CreateApiKeyBodySchema,
-        response: { 201: ApiKeyWithSecretSchema, ...problems(400, 401, 403, 503) },
+        response: {
+          201: ApiKeyWithSecretSchema,
+          ...problems(400, 401, 403, 503),
+          409: problemResponses[409].describe(
+            'The owner has MAX_API_KEYS_PER_USER live keys already (the limit is in `detail`)',
+          ),
+        },
       },
     },
     async (request, reply) => {

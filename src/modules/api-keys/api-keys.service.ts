@@ -59,6 +59,8 @@ export interface ApiKeysServiceDeps {
   clock: Clock;
   logger: Logger;
   pepper: Buffer;
+  /** The most live (unrevoked, unexpired) keys an owner may have (MAX_API_KEYS_PER_USER). */
+  maxPerOwner: number;
   /** Cache bounds; the TTL is only a backstop, since every change invalidates by event. */
   cache?: { max?: number; maxAbsent?: number; ttlMs?: number };
   /** How often buffered last-use times are written (API.md: not a write per request). */
@@ -371,6 +373,14 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             }
           }
           await assertGrantable(actor, ownerId, scopes, tx);
+          // Creations for one owner take turns from here to their commit, so two at the limit cannot
+          // both count the same keys and both go in.
+          await repo.lockCreationFor(ownerId, tx);
+          if ((await repo.countLiveOfOwner(ownerId, now, deps.maxPerOwner, tx)) >= deps.maxPerOwner) {
+            throw new AppError('conflict', {
+              detail: `This account has ${deps.maxPerOwner} live API keys, the most one may have: revoke one before creating another`,
+            });
+          }
           const created = await repo.insert(
             {
               lookupId,
