@@ -1,10 +1,13 @@
 import { randomUUID } from 'node:crypto';
 import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { clients, roles as rolesTable } from '../../src/db/schema/index.js';
+import { CLIENT_SECRET_FORMAT, generateSecret } from '../../src/lib/crypto.js';
+import { CLIENT_ID_PREFIX } from '../../src/modules/clients/clients.service.js';
 import { CLIENT_ROUTES } from '../authz/routes.js';
 import { buildTestApp } from '../support/app.js';
+import { ownDatabase } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createKey, grantRole, removeRole, withKey } from '../api-keys/helpers.js';
 import { createAdmin, login, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
@@ -28,6 +31,56 @@ describe('app clients: security', () => {
   });
 
   authorizationMatrix('app clients', () => app, CLIENT_ROUTES);
+
+  it('a flood of made-up client_ids does not push a real client out of the cache', async () => {
+    // A database of its own (another file's change may drop this app's caches), and a clock that
+    // stands still, so the cache's expiry plays no part however slow the machine is.
+    const own = await ownDatabase('clients_flood');
+    const at = Date.now();
+    const isolated = await buildTestApp({
+      deps: { database: own.database, clock: { now: () => new Date(at), nowMs: () => at } },
+    });
+    try {
+      const owner = await userWith(isolated, ['clients:read', 'clients:write', 'users:read']);
+      // The client's creation is applied here at its commit and again when its notification comes
+      // back: its row is cached once both are in.
+      let heard = 0;
+      const bothHeard = new Promise<void>((resolve) =>
+        isolated.services.events.subscribe((event) => {
+          if (event.type === 'client_changed' && ++heard === 2) resolve();
+        }),
+      );
+      const client = await createClient(isolated, owner.accessToken, { scopes: ['users:read'] });
+      await bothHeard;
+      const service = isolated.services.clients;
+      expect((await service.authenticate(client.client_id, client.client_secret)).ok).toBe(true);
+      const repo = isolated.services.repos.clients;
+      const findByClientId = repo.findByClientId.bind(repo);
+      // The made-up ones are answered without the database, so the flood costs the test no time.
+      const reads = vi
+        .spyOn(repo, 'findByClientId')
+        .mockImplementation(async (id, ...rest) =>
+          id === client.client_id ? findByClientId(id, ...rest) : undefined,
+        );
+      try {
+        // More made-up ids of the right form than the whole cache holds.
+        for (let i = 0; i < 10_001; i++) {
+          const { lookupId } = generateSecret(CLIENT_SECRET_FORMAT);
+          const made = await service.authenticate(`${CLIENT_ID_PREFIX}${lookupId}`, 'x');
+          expect(made).toEqual({ ok: false, reason: 'unknown_client' });
+        }
+        expect(reads).toHaveBeenCalledTimes(10_001);
+        reads.mockClear();
+        expect((await service.authenticate(client.client_id, client.client_secret)).ok).toBe(true);
+        expect(reads).not.toHaveBeenCalled();
+      } finally {
+        reads.mockRestore();
+      }
+    } finally {
+      await isolated.close();
+      await own.dispose();
+    }
+  });
 
   it('hides another user’s clients (404, never 403) and lists only one’s own', async () => {
     const owner = await userWith(app, ['clients:read', 'clients:write', 'users:read']);

@@ -126,9 +126,12 @@ export function createClientsService(deps: ClientsServiceDeps) {
   const hash = (secret: string) => keyedHash(deps.pepper, secret);
   // Client authentication sits on the token and introspection paths; rows are cached briefly and
   // dropped on `client_changed` from any instance (or everything on `resync`).
+  // A client_id with no client is cached too, in an LRU of its own: ids of the right form are anyone's
+  // to make up, and a flood of them would otherwise push real clients' rows out.
   const cache = createReadThroughCache<ClientRow | undefined>({
     load: (clientId) => deps.repo.findByClientId(clientId),
     max: 10_000,
+    maxAbsent: 1_000,
     ttlMs: 60_000,
     clock: deps.clock,
   });
