@@ -57,7 +57,7 @@ import errorHandler, {
 import metricsPlugin from './plugins/metrics.js';
 import openapi, { DOCS_PREFIX, REDOC_HELMET, REDOC_PATH, SWAGGER_UI_HELMET } from './plugins/openapi.js';
 import rateLimit from './plugins/rate-limit.js';
-import { NO_STORE_HEADERS, responseHeaders } from './plugins/security-headers.js';
+import { isAtOrUnder, NO_STORE_HEADERS, responseHeaders } from './plugins/security-headers.js';
 import { createServices, type Services } from './services.js';
 import type { Mailer } from './lib/mailer.js';
 
@@ -342,9 +342,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('routeTable', routeTable);
   app.addHook('onRoute', (route) => {
     // CORS preflights carry no credentials by design (the cors plugin answers them), and Swagger UI's
-    // own routes (HTML, assets) are public documentation. Marked here, in the first onRoute hook, so
-    // the authenticate plugin sees it.
-    if (route.method === 'OPTIONS' || route.url.startsWith(DOCS_PREFIX))
+    // own routes (HTML, assets) are public documentation: /docs and what is under /docs/, not any path
+    // that merely starts with those letters (/docsX). Marked here, in the first onRoute hook, so the
+    // authenticate plugin sees it.
+    if (route.method === 'OPTIONS' || isAtOrUnder(route.url, DOCS_PREFIX))
       route.config = { ...(route.config ?? {}), public: true };
     const config = (route.config ?? {}) as {
       public?: boolean;

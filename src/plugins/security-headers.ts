@@ -51,10 +51,21 @@ export const NO_STORE_HEADERS: Readonly<Record<string, string>> = Object.freeze(
   pragma: 'no-cache',
 });
 
+/**
+ * Whether `url` (a path, perhaps with its query) is `path` itself or a path under `path/`: `/docs`,
+ * `/docs?x=1` and `/docs/static/x.js` are, `/docsX` and `/docs.json` are not.
+ */
+export function isAtOrUnder(url: string, path: string): boolean {
+  if (!url.startsWith(path)) return false;
+  const next = url.charCodeAt(path.length);
+  return Number.isNaN(next) || next === 47 /* / */ || next === 63 /* ? */;
+}
+
 export interface ResponseHeadersOptions {
   /**
-   * The HTML pages, by URL prefix, each with helmet's configuration of its own (Swagger UI's; ReDoc's
-   * CSP admits its CDN script); everything else is an API answer.
+   * The HTML pages, by path (the path itself and everything under it, see `isAtOrUnder`), each with
+   * helmet's configuration of its own (Swagger UI's; ReDoc's CSP admits its CDN script); everything
+   * else is an API answer.
    */
   pages: Array<{ prefix: string; helmet: FastifyHelmetOptions }>;
   /** Headers added to the API set under a URL prefix (the OAuth endpoints' no-store, RFC 6749 §5.1). */
@@ -81,7 +92,7 @@ export async function responseHeaders(
     headers: Object.freeze({ ...API_SECURITY_HEADERS, ...e.headers }),
   }));
   return (url) => {
-    for (const p of pages) if (url.startsWith(p.prefix)) return p.headers;
+    for (const p of pages) if (isAtOrUnder(url, p.prefix)) return p.headers;
     for (const e of extra) if (url.startsWith(e.prefix)) return e.headers;
     return API_SECURITY_HEADERS;
   };

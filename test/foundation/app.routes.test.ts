@@ -591,3 +591,43 @@ describe('Swagger UI behind a proxy that strips PUBLIC_URL’s path', () => {
     }
   });
 });
+
+describe('the documentation’s paths are /docs and /redoc exactly, and what is under them', () => {
+  let app: FastifyInstance;
+  beforeAll(async () => {
+    app = await buildTestApp({
+      beforeReady: (a) => {
+        // A route that only starts with the letters of /docs: an API route like any other.
+        a.get('/docsX', { schema: { hide: true }, config: { permission: 'users:read' } }, async () => ({
+          ok: true,
+        }));
+      },
+    });
+  });
+
+  it('gives a path that only starts with their letters the API answers’ headers, not the pages’', async () => {
+    for (const url of ['/docsX', '/docs.json', '/redocX', '/redoc.html?x=1']) {
+      const res = await app.inject({ method: 'GET', url });
+      expect(res.headers['content-security-policy'], url).toBe("default-src 'none'; frame-ancestors 'none'");
+      expect(res.headers['cache-control'], url).toBe('no-store');
+      expect(res.headers['cross-origin-opener-policy'], url).toBeUndefined();
+    }
+    // The pages themselves, with or without a query, and what is under them keep helmet's set.
+    for (const url of ['/docs', '/docs?x=1', '/docs/', '/docs/static/swagger-ui.css', '/redoc', '/redoc/']) {
+      const res = await app.inject({ method: 'GET', url });
+      expect(String(res.headers['content-security-policy']), url).toContain("default-src 'self'");
+      expect(res.headers['cross-origin-opener-policy'], url).toBe('same-origin');
+    }
+  });
+
+  it('does not make a route public because its path starts with /docs', async () => {
+    const anonymous = await app.inject({ method: 'GET', url: '/docsX' });
+    expect(anonymous.statusCode, anonymous.body).toBe(401);
+    expect(app.routeTable.find((r) => r.url === '/docsX')).toMatchObject({ public: false });
+    for (const url of ['/docs', '/docs/static/index.html', '/docs/json'])
+      expect(
+        app.routeTable.find((r) => r.url === url),
+        url,
+      ).toMatchObject({ public: true });
+  });
+});
