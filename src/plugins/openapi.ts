@@ -115,8 +115,18 @@ async function relativeDocsRedirects(request: FastifyRequest, reply: FastifyRepl
   const at = request.url.indexOf('?');
   const path = at < 0 ? request.url : request.url.slice(0, at);
   const query = at < 0 ? '' : request.url.slice(at);
-  if (path === DOCS_PREFIX) return reply.redirect(`${DOCS_PREFIX.slice(1)}/${query}`, 301);
-  if (path === `${DOCS_PREFIX}/static/index.html`) return reply.redirect(`../${query}`, 301);
+  if (path === DOCS_PREFIX) return uncachedRedirect(reply, `${DOCS_PREFIX.slice(1)}/${query}`);
+  if (path === `${DOCS_PREFIX}/static/index.html`) return uncachedRedirect(reply, `../${query}`);
+}
+
+/**
+ * A 301 that no browser keeps: without Cache-Control a 301 is cacheable by default (RFC 9111 §4.2.2)
+ * and browsers keep it with no end, so a page moved later (or a route taking the address) would go
+ * on being skipped by everyone who opened the docs once. These pages are opened rarely; asking again
+ * costs nothing.
+ */
+function uncachedRedirect(reply: FastifyReply, to: string) {
+  return reply.header('cache-control', 'no-store').redirect(to, 301);
 }
 
 interface DocumentedSchema {
@@ -607,7 +617,7 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
   // The page reads ./openapi.json, which under /redoc/ would be /redoc/openapi.json: send the
   // address with a trailing slash to the page (relative, so a proxy's path prefix stays).
   app.get(`${REDOC_PATH}/`, { schema: { hide: true }, config: { public: true } }, async (_request, reply) =>
-    reply.redirect(`../${REDOC_PATH.slice(1)}`, 301),
+    uncachedRedirect(reply, `../${REDOC_PATH.slice(1)}`),
   );
 }
 

@@ -631,3 +631,17 @@ describe('the documentation’s paths are /docs and /redoc exactly, and what is 
       ).toMatchObject({ public: true });
   });
 });
+
+describe('the documentation’s redirects', () => {
+  it('are not kept by browsers: a 301 without Cache-Control would be, with no end', async () => {
+    const app = await buildTestApp();
+    for (const url of ['/docs', '/docs?x=1', '/docs/static/index.html', '/redoc/']) {
+      const res = await app.inject({ method: 'GET', url });
+      expect(res.statusCode, url).toBe(301);
+      expect(res.headers['cache-control'], url).toBe('no-store');
+    }
+    // The pages they lead to are what they were.
+    expect((await app.inject({ method: 'GET', url: '/docs/' })).statusCode).toBe(200);
+    expect((await app.inject({ method: 'GET', url: '/redoc' })).statusCode).toBe(200);
+  });
+});
