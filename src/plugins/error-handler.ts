@@ -574,6 +574,11 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
       return rendererFor(request.url)(error, request, reply);
     }
     if (taken.length > 0) {
+      // OPTIONS when a route answers it at this path (@fastify/cors's preflight route, with
+      // CORS_ORIGINS set): Allow names every method the resource takes (RFC 9110 §10.2.1), and a
+      // client told "POST" alone would not know its preflight is answered. Only unmatched requests
+      // pay for the lookup.
+      if (app.findRoute({ method: 'OPTIONS', url: path }) !== null) taken.push('OPTIONS');
       const error = new AppError('method_not_allowed', {
         detail: `${request.method} is not allowed on ${path}; it takes ${taken.join(', ')}`,
         headers: { allow: taken.join(', ') },

@@ -327,12 +327,33 @@ describe('CORS from configuration', () => {
     // So does the 405 of a method a literal path beside a parametrised one does not take.
     const verify = await app.inject({ method: 'GET', url: '/v1/api-keys/verify', headers: origin });
     expect(verify.statusCode).toBe(405);
-    expect(verify.headers.allow).toBe('POST');
+    expect(verify.headers.allow).toBe('POST, OPTIONS');
     expect(verify.headers['access-control-allow-origin']).toBe('https://app.example.com');
     expect(exposed(verify)).toContain('allow');
     // The router's own refusals (a path segment over 200 characters) say the same.
     const long = await app.inject({ method: 'GET', url: `/v1/users/${'a'.repeat(300)}`, headers: origin });
     expect(exposed(long)).toEqual(expect.arrayContaining(['location', 'allow']));
+  });
+
+  it('names OPTIONS in a 405’s Allow, as every path answers it (the preflight route)', async () => {
+    for (const [method, url, allow] of [
+      ['GET', '/v1/api-keys/verify', 'POST, OPTIONS'],
+      ['PUT', '/.well-known/jwks.json', 'GET, HEAD, OPTIONS'],
+      ['PUT', '/v1/users/6f1c1f8e-3f0a-4c55-9d5e-0b8c2f4a7e21', 'GET, HEAD, PATCH, DELETE, OPTIONS'],
+      ['DELETE', '/oauth/token', 'POST, OPTIONS'],
+    ] as const) {
+      const refused = await app.inject({ method, url });
+      expect(refused.statusCode, `${method} ${url}`).toBe(405);
+      expect(refused.headers.allow, `${method} ${url}`).toBe(allow);
+      // What it says is so: OPTIONS is answered there, a preflight or not.
+      const options = await app.inject({ method: 'OPTIONS', url });
+      expect(options.statusCode, `OPTIONS ${url}`).toBe(204);
+    }
+    expect((await app.inject({ method: 'GET', url: '/v1/api-keys/verify' })).json().detail).toBe(
+      'GET is not allowed on /v1/api-keys/verify; it takes POST, OPTIONS',
+    );
+    // A path no method takes is still a 404, though OPTIONS is answered there too.
+    expect((await app.inject({ method: 'GET', url: '/v1/nothing-here' })).statusCode).toBe(404);
   });
 
   it('gives the refusals of the hook that runs before the CORS plugin’s its headers too: a compressed body, a NUL', async () => {
@@ -402,6 +423,7 @@ describe('CORS from configuration', () => {
       headers: { origin: 'https://app.example.com', 'access-control-request-method': 'POST' },
     });
     expect(preflight.statusCode).toBe(405);
+    // OPTIONS is not answered here, so Allow does not name it.
     expect(preflight.headers.allow).toBe('POST');
     expect(preflight.headers['content-type']).toContain('application/problem+json');
     expect(preflight.headers['access-control-allow-origin']).toBeUndefined();
