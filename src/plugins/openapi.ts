@@ -435,6 +435,85 @@ function withRetryAfter<T>(document: T): T {
   return document;
 }
 
+/** A 201's (or a re-invitation's 200) `Location`: the path of what was made. */
+const LOCATION = {
+  description:
+    'The path of what was made (RFC 9110 §10.2.2), under PUBLIC_URL’s path when it has one (`/auth/v1/…`)',
+  schema: { type: 'string', format: 'uri-reference' },
+};
+const JWKS_HEADERS = {
+  ETag: {
+    description:
+      'The key set’s strong validator, the same on every instance: send it back as `If-None-Match`',
+    schema: { type: 'string' },
+  },
+  'Cache-Control': {
+    description:
+      'How long a verifier may keep the key set (`public, max-age=300, stale-while-revalidate=60`)',
+    schema: { type: 'string' },
+  },
+};
+const METADATA_HEADERS = {
+  'Cache-Control': {
+    description: 'How long a client may keep the metadata (`public, max-age=3600`)',
+    schema: { type: 'string' },
+  },
+};
+
+/**
+ * The headers an answer carries that a client acts on, beyond `Retry-After` and `WWW-Authenticate`
+ * (declared by rule, below): a creation's `Location`, the JWKS's `ETag` and the discovery documents'
+ * `Cache-Control`; by path, method and status. test/support/contract.ts fails any answer of the
+ * suite carrying `Location`, `ETag`, `Retry-After` or `WWW-Authenticate` where the document does not
+ * declare it.
+ */
+const RESPONSE_HEADERS: Record<string, Record<string, Record<string, Record<string, object>>>> = {
+  '/v1/users': { post: { 200: { Location: LOCATION }, 201: { Location: LOCATION } } },
+  '/v1/roles': { post: { 201: { Location: LOCATION } } },
+  '/v1/api-keys': { post: { 201: { Location: LOCATION } } },
+  '/v1/clients': { post: { 201: { Location: LOCATION } } },
+  '/.well-known/jwks.json': { get: { 200: JWKS_HEADERS, 304: JWKS_HEADERS } },
+  '/.well-known/openid-configuration': { get: { 200: METADATA_HEADERS } },
+  '/.well-known/oauth-authorization-server': { get: { 200: METADATA_HEADERS } },
+};
+
+/**
+ * The JWKS's conditional request (RFC 9110 §13.1.2), declared here rather than as a `headers` schema
+ * of the route, which would have Fastify validate the headers of every verifier's request.
+ */
+const IF_NONE_MATCH = {
+  name: 'If-None-Match',
+  in: 'header',
+  required: false,
+  description: 'The `ETag` of the key set held: a 304 without the keys while it is still the current one',
+  schema: { type: 'string' },
+};
+
+function withResponseHeaders<T>(document: T): T {
+  const doc = document as {
+    paths?: Record<
+      string,
+      Record<
+        string,
+        { parameters?: object[]; responses?: Record<string, ResponseObject & { headers?: object }> }
+      >
+    >;
+  };
+  for (const [path, methods] of Object.entries(RESPONSE_HEADERS)) {
+    for (const [method, statuses] of Object.entries(methods)) {
+      const operation = doc.paths?.[path]?.[method];
+      if (!operation) continue;
+      for (const [status, headers] of Object.entries(statuses)) {
+        const response = operation.responses?.[status];
+        if (response) response.headers = { ...response.headers, ...headers };
+      }
+    }
+  }
+  const jwks = doc.paths?.['/.well-known/jwks.json']?.get;
+  if (jwks) jwks.parameters = [...(jwks.parameters ?? []), IF_NONE_MATCH];
+  return document;
+}
+
 type SecuredOperation = {
   security?: Array<Record<string, unknown>>;
   responses?: Record<string, ResponseObject & { headers?: object }>;
@@ -568,9 +647,11 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
       withWwwAuthenticate(
         withRateLimitHeaders(
           withRetryAfter(
-            withProblemMediaType(
-              withOptionalBodies(
-                withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
+            withResponseHeaders(
+              withProblemMediaType(
+                withOptionalBodies(
+                  withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
+                ),
               ),
             ),
           ),

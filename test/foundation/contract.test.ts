@@ -32,6 +32,11 @@ describe('the suite-wide OpenAPI contract check', () => {
               return reply.type('application/json').send('{"name":"ada"}');
             case 'text':
               return reply.type('text/plain').send('ada');
+            case 'location':
+              return reply
+                .header('location', '/probe/answer/1')
+                .type('application/json')
+                .send('{"name":"ada","count":1}');
             case 'teapot':
               return reply.status(418).type('application/json').send('{"name":"ada","count":1}');
             default:
@@ -63,6 +68,13 @@ describe('the suite-wide OpenAPI contract check', () => {
     await get('/probe/answer?as=text');
     expect(takeContractViolations()).toEqual([
       'GET /probe/answer → 200: sent as text/plain, declared as application/json',
+    ]);
+  });
+
+  it('names a header a client acts on that the document does not declare for the status', async () => {
+    await get('/probe/answer?as=location');
+    expect(takeContractViolations()).toEqual([
+      'GET /probe/answer → 200: sends location where the document declares none',
     ]);
   });
 

@@ -136,6 +136,34 @@ describe('the OpenAPI document', () => {
     expect(declared.filter((d) => d.startsWith('GET /health/'))).toEqual([]);
   });
 
+  it('declares the Location of what a 201 made, and the JWKS’s ETag, Cache-Control and If-None-Match', async () => {
+    type Operation = {
+      parameters?: Array<{ name: string; in: string }>;
+      responses: Record<string, { headers?: Record<string, unknown> }>;
+    };
+    const op = (path: string, method: string) => doc.paths[path]![method] as unknown as Operation;
+    for (const path of ['/v1/users', '/v1/roles', '/v1/api-keys', '/v1/clients'])
+      expect(op(path, 'post').responses['201']!.headers?.Location, path).toBeDefined();
+    // A re-invitation (200) names the user too; a client's new secret has no URL of its own.
+    expect(op('/v1/users', 'post').responses['200']!.headers?.Location).toBeDefined();
+    expect(op('/v1/clients/{id}/secrets', 'post').responses['201']!.headers?.Location).toBeUndefined();
+    const jwks = op('/.well-known/jwks.json', 'get');
+    for (const status of ['200', '304'])
+      expect(Object.keys(jwks.responses[status]!.headers ?? {}), status).toEqual(['ETag', 'Cache-Control']);
+    expect(jwks.parameters).toContainEqual(expect.objectContaining({ name: 'If-None-Match', in: 'header' }));
+    // And the conditional request it documents works.
+    const first = await app.inject({ method: 'GET', url: '/.well-known/jwks.json' });
+    const again = await app.inject({
+      method: 'GET',
+      url: '/.well-known/jwks.json',
+      headers: { 'if-none-match': String(first.headers.etag) },
+    });
+    expect(again.statusCode).toBe(304);
+    expect(
+      op('/.well-known/openid-configuration', 'get').responses['200']!.headers?.['Cache-Control'],
+    ).toBeDefined();
+  });
+
   it('declares WWW-Authenticate on every 401 of an operation that takes credentials, and on a bearer credential’s 400 and 403', () => {
     const missing: string[] = [];
     const declared = new Map<string, string>();

@@ -6,8 +6,10 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
  * The whole suite as a contract test of the OpenAPI document: every answer any test receives from an
  * app built by buildTestApp is checked against what the document says the operation answers — the
  * status is declared, the media type is one declared for that status, and the body validates against
- * the declared schema (JSON Schema 2020-12, as OpenAPI 3.1 uses). What a developer reads in Swagger
- * UI is then what the service does, for every status the tests reach, not only the ones a test names.
+ * the declared schema (JSON Schema 2020-12, as OpenAPI 3.1 uses), and each header a client acts on
+ * (`Location`, `ETag`, `Retry-After`, `WWW-Authenticate`) that the answer carries is declared on that
+ * status. What a developer reads in Swagger UI, and what a client generated from the document reads,
+ * is then what the service does, for every status the tests reach, not only the ones a test names.
  *
  * Violations are collected per test file and asserted by test/support/setup.ts when the file ends,
  * so a drifting answer fails the file that produced it, with the request that showed it.
@@ -20,6 +22,7 @@ interface MediaType {
 }
 interface ResponseObject {
   content?: Record<string, MediaType>;
+  headers?: Record<string, unknown>;
 }
 interface Operation {
   responses?: Record<string, ResponseObject>;
@@ -29,6 +32,9 @@ interface Document {
 }
 
 const violations = new Set<string>();
+
+/** The headers a client acts on, which the document must declare where they are sent (lower case). */
+const DECLARED_HEADERS = ['location', 'etag', 'retry-after', 'www-authenticate'];
 const documents = new WeakMap<FastifyInstance, Checker>();
 
 /** Fastify's `/v1/users/:id` as the document's `/v1/users/{id}`. */
@@ -45,7 +51,8 @@ class Checker {
     this.ajv.addSchema(doc as unknown as Schema, 'openapi');
   }
 
-  check(method: string, url: string, status: number, contentType: string | undefined, payload: unknown) {
+  check(method: string, url: string, status: number, headers: Record<string, unknown>, payload: unknown) {
+    const contentType = headers['content-type'] as string | undefined;
     const path = documentPath(url);
     const operation = this.doc.paths[path]?.[method.toLowerCase()];
     // Routes outside the document (Swagger UI's files) and probe routes a test adds (under /test/) are
@@ -58,6 +65,10 @@ class Checker {
       violations.add(`${where}: status not declared (declared: ${Object.keys(responses).join(', ')})`);
       return;
     }
+    const declaredHeaders = new Set(Object.keys(responses[key]?.headers ?? {}).map((h) => h.toLowerCase()));
+    for (const header of DECLARED_HEADERS)
+      if (headers[header] !== undefined && !declaredHeaders.has(header))
+        violations.add(`${where}: sends ${header} where the document declares none`);
     const content = responses[key]?.content;
     const body = payload === undefined || payload === null ? '' : String(payload);
     // Fastify drops a 204's or a 304's body on the way out, whatever the handler gave.
@@ -120,8 +131,7 @@ export function recordContract(app: FastifyInstance): void {
         checker = new Checker(structuredClone(app.swagger()) as unknown as Document);
         documents.set(app, checker);
       }
-      const contentType = reply.getHeader('content-type');
-      checker.check(request.method, url, reply.statusCode, contentType as string | undefined, payload);
+      checker.check(request.method, url, reply.statusCode, reply.getHeaders(), payload);
     }
     done(null, payload);
   });
