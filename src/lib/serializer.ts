@@ -15,14 +15,7 @@ import { isSharedAnswer } from './shared-answer.js';
 export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema, method, url }) => {
   const zod = zodSchemaOf(schema);
   if (!zod) throw new Error(`${method} ${url}: a response schema must be a zod schema`);
-  const jsonSchema = toJSONSchema(zod, {
-    target: 'draft-7',
-    io: 'output',
-    unrepresentable: 'any',
-    cycles: 'ref',
-    reused: 'inline',
-  });
-  const stringify = fastJsonStringify(shapeOnly(jsonSchema) as Parameters<typeof fastJsonStringify>[0]) as (
+  const stringify = fastJsonStringify(writtenSchemaOf(zod) as Parameters<typeof fastJsonStringify>[0]) as (
     data: unknown,
   ) => string;
   const write = (data: unknown) => {
@@ -44,6 +37,18 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
     return text;
   };
 };
+
+/** The JSON Schema fast-json-stringify writes a response schema's answers by: its shape only. */
+export function writtenSchemaOf(zod: $ZodType): unknown {
+  const jsonSchema = toJSONSchema(zod, {
+    target: 'draft-7',
+    io: 'output',
+    unrepresentable: 'any',
+    cycles: 'ref',
+    reused: 'inline',
+  });
+  return shapeOnly(jsonSchema);
+}
 
 /** An answer its route's response schema cannot write (a handler bug): a generic 500, the cause logged. */
 export class ResponseSchemaError extends Error {
@@ -92,7 +97,26 @@ function shapeOnly(schema: unknown, names = false): unknown {
     if ((key === 'additionalProperties' && value === false) || VALUE_CHECKS.has(key)) continue;
     shape[key] = shapeOnly(value, key === 'properties' || key === 'definitions');
   }
-  return shape;
+  return names ? shape : withTypeUnions(shape);
+}
+
+/**
+ * A union of bare types (`anyOf: [{type: 'string'}, {type: 'null'}]`, what a nullable timestamp is once
+ * its `format` is gone) as the one schema it means, `type: ['string', 'null']`: fast-json-stringify
+ * writes that by the value's type, where a union is decided by running ajv on the value for each
+ * branch.
+ */
+function withTypeUnions(shape: Record<string, unknown>): Record<string, unknown> {
+  const { anyOf, ...rest } = shape;
+  if (!Array.isArray(anyOf) || rest.type !== undefined) return shape;
+  const types: string[] = [];
+  for (const branch of anyOf) {
+    const keys = branch !== null && typeof branch === 'object' ? Object.keys(branch) : [];
+    const type = (branch as { type?: unknown } | null)?.type;
+    if (keys.length !== 1 || typeof type !== 'string' || types.includes(type)) return shape;
+    types.push(type);
+  }
+  return { type: types, ...rest };
 }
 
 function zodSchemaOf(schema: unknown): $ZodType | undefined {

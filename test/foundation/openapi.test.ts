@@ -310,6 +310,40 @@ describe('the OpenAPI document', () => {
     }
   });
 
+  it('declares its answers’ timestamps as date-time and their addresses as email, so generated clients type them', () => {
+    // Every property of a response schema (or a component) named like a timestamp or an address.
+    const untyped: string[] = [];
+    let seen = 0;
+    const formatOf = (schema: Record<string, unknown>): unknown =>
+      schema.format ??
+      (schema.anyOf as Array<Record<string, unknown>> | undefined)?.find((s) => s.type !== 'null')?.format;
+    const walk = (node: unknown, at: string) => {
+      if (Array.isArray(node)) {
+        for (const [i, item] of node.entries()) walk(item, `${at}/${i}`);
+      } else if (node !== null && typeof node === 'object') {
+        const properties = (node as { properties?: Record<string, Record<string, unknown>> }).properties;
+        for (const [name, schema] of Object.entries(properties ?? {})) {
+          const expected = /_at$/.test(name)
+            ? 'date-time'
+            : /^(email|new_email)$/.test(name)
+              ? 'email'
+              : null;
+          if (!expected || schema.$ref) continue;
+          seen++;
+          if (formatOf(schema) !== expected)
+            untyped.push(`${at}/properties/${name}: ${JSON.stringify(schema)}`);
+        }
+        for (const [key, value] of Object.entries(node)) walk(value, `${at}/${key}`);
+      }
+    };
+    const full = doc as unknown as { components: { schemas: object }; paths: object };
+    walk(full.components.schemas, '#/components/schemas');
+    for (const [path, item] of Object.entries(doc.paths))
+      for (const [method, op] of Object.entries(item)) walk(op.responses, `${method.toUpperCase()} ${path}`);
+    expect(untyped).toEqual([]);
+    expect(seen).toBeGreaterThan(30);
+  });
+
   it('says in its request schemas what the server checks: addresses are emails, permissions have their pattern', () => {
     type Schema = { properties?: Record<string, Schema>; items?: Schema; format?: string; pattern?: string };
     const bodyOf = (path: string, method: string) =>

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { InstantSchema } from '../../lib/instant.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
-import { nonBlank, PermissionSchema, uuidInput } from '../shared/shared.schema.js';
+import { nonBlank, PermissionSchema, timestamp, uuidInput } from '../shared/shared.schema.js';
 
 /** Longest grace a rotation may give the old secret: a week covers any deployment cycle. */
 export const MAX_GRACE_SECONDS = 7 * 24 * 3600;
@@ -90,9 +90,8 @@ export const ApiKeySchema = z
     prefix: z.string().describe('The public start of the key (`pak_` and the lookup id)'),
     last_four: z.string().describe('The last four characters of the key'),
     scopes: z.array(z.string()).describe('The scopes as granted; each use is further limited by the owner'),
-    expires_at: z.string().nullable(),
-    last_used_at: z
-      .string()
+    expires_at: timestamp().nullable(),
+    last_used_at: timestamp()
       .nullable()
       .describe('Recorded in batches: may lag actual use by up to a minute across instances'),
     parent_id: z
@@ -102,8 +101,8 @@ export const ApiKeySchema = z
         'The key that created this one, when it was created by a request authenticated with an API key: ' +
           'revoking that key revokes this one, and this one expires no later than it',
       ),
-    created_at: z.string(),
-    updated_at: z.string(),
+    created_at: timestamp(),
+    updated_at: timestamp(),
   })
   .meta({ id: 'ApiKey' });
 
@@ -122,8 +121,7 @@ export const VerifyApiKeyResultSchema = z
       scopes: z
         .array(z.string())
         .describe('Effective: the key’s scopes within its owner’s current permissions'),
-      expires_at: z
-        .string()
+      expires_at: timestamp()
         .nullable()
         .describe(
           'When the presented key stops working (null: never): the key’s expiry, or for a secret a ' +

@@ -10,7 +10,7 @@ import {
   pageOf,
 } from '../../lib/pagination.js';
 import { userIdOf } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import { bearerOrApiKey, problems, timestamp } from '../shared/shared.schema.js';
 import type { AuditService } from './audit.service.js';
 
 const AuditEventSchema = z
@@ -29,7 +29,7 @@ const AuditEventSchema = z
     user_agent: z.string().nullable(),
     request_id: z.string().nullable(),
     data: z.record(z.string(), z.unknown()),
-    created_at: z.string(),
+    created_at: timestamp(),
   })
   .meta({ id: 'AuditEvent' });
 
@@ -171,7 +171,7 @@ const ActivityEventSchema = z
         mfa: z.string().optional(),
       })
       .describe('A few of the event’s fields; never a token'),
-    created_at: z.string(),
+    created_at: timestamp(),
   })
   .meta({ id: 'ActivityEvent' });
 

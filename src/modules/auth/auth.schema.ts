@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { normalizePassword } from '../../identity/passwords.js';
 import { pageOf } from '../../lib/pagination.js';
-import { nonBlank } from '../shared/shared.schema.js';
+import { emailAddress, nonBlank, timestamp } from '../shared/shared.schema.js';
 
 /** An address as accounts are keyed by it: trimmed, lower case. */
 export const normalizeEmail = (email: string) => email.trim().toLowerCase();
@@ -39,10 +39,10 @@ const PasswordSchema = NewPasswordSchema.min(1);
 export const UserSchema = z
   .object({
     id: z.guid(),
-    email: z.string(),
+    email: emailAddress(),
     status: z.enum(['active', 'disabled']),
-    email_confirmed_at: z.string().nullable().describe('ISO 8601, null until confirmed'),
-    created_at: z.string(),
+    email_confirmed_at: timestamp().nullable().describe('ISO 8601, null until confirmed'),
+    created_at: timestamp(),
   })
   .meta({ id: 'User' });
 
@@ -170,8 +170,8 @@ export const ChangeEmailBodySchema = z
   .strict();
 
 export const EmailChangeRequestedSchema = z.object({
-  new_email: z.string().describe('The address the account moves to once the links are opened'),
-  expires_at: z.string().describe('When the links stop working (ISO 8601)'),
+  new_email: emailAddress().describe('The address the account moves to once the links are opened'),
+  expires_at: timestamp().describe('When the links stop working (ISO 8601)'),
   confirm_current: z
     .boolean()
     .describe(
@@ -220,7 +220,7 @@ export const ProfileSchema = z
     locale: z.string().nullable(),
     timezone: z.string().nullable(),
     metadata: z.record(z.string(), z.unknown()),
-    updated_at: z.string(),
+    updated_at: timestamp(),
   })
   .meta({ id: 'Profile' });
 
@@ -239,9 +239,9 @@ export const MeSchema = z.object({
 export const SessionInfoSchema = z
   .object({
     id: z.guid(),
-    created_at: z.string(),
-    last_used_at: z.string(),
-    expires_at: z.string(),
+    created_at: timestamp(),
+    last_used_at: timestamp(),
+    expires_at: timestamp(),
     user_agent: z.string().nullable(),
     ip: z.string().nullable(),
     amr: z

@@ -3,7 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { principalOf, requestContext, signedInSession } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
-import { isoDate, problems, UuidParamSchema } from '../shared/shared.schema.js';
+import { isoDate, problems, timestamp, UuidParamSchema } from '../shared/shared.schema.js';
 import { AuthResultSchema, EnrollTotpBodySchema, toUserDto } from './auth.schema.js';
 import type { AuthService } from './auth.service.js';
 import type { UsersService } from '../users/users.service.js';
@@ -58,9 +58,9 @@ const StatusSchema = z
       .object({
         id: z.guid(),
         type: z.literal('totp'),
-        created_at: z.string(),
-        verified_at: z.string().nullable(),
-        last_used_at: z.string().nullable(),
+        created_at: timestamp(),
+        verified_at: timestamp().nullable(),
+        last_used_at: timestamp().nullable(),
       })
       .nullable(),
     recovery_codes_remaining: z.number().int(),

@@ -1,6 +1,13 @@
 import { z } from 'zod';
 import { pageOf, PaginationQuerySchema } from '../../lib/pagination.js';
-import { isoDate, nonBlank, PermissionSchema, plainText, uuidInput } from '../shared/shared.schema.js';
+import {
+  isoDate,
+  nonBlank,
+  PermissionSchema,
+  plainText,
+  timestamp,
+  uuidInput,
+} from '../shared/shared.schema.js';
 import type { ClientRow } from './clients.repository.js';
 import { CLIENT_ID_PATTERN, MAX_SECRET_GRACE_SECONDS } from './clients.service.js';
 
@@ -115,10 +122,9 @@ export const ClientSchema = z
       .describe(
         'Disabled by an administrator: only an administrator turns it back on (its creator cannot). False while it is active',
       ),
-    created_at: z.string(),
-    updated_at: z.string(),
-    previous_secret_expires_at: z
-      .string()
+    created_at: timestamp(),
+    updated_at: timestamp(),
+    previous_secret_expires_at: timestamp()
       .nullable()
       .describe('Until when the secret replaced by the last rotation still works'),
   })

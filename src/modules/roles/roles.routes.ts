@@ -10,7 +10,7 @@ import {
 } from '../../lib/pagination.js';
 import { PERMISSIONS } from '../../lib/permissions.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, PermissionSchema, plainText, problems } from '../shared/shared.schema.js';
+import { bearerOrApiKey, PermissionSchema, plainText, problems, timestamp } from '../shared/shared.schema.js';
 import { RoleNameSchema } from '../users/users.schema.js';
 import type { RoleRow } from './roles.repository.js';
 import type { RolesService } from './roles.service.js';
@@ -30,8 +30,8 @@ const RoleSchema = z
     description: z.string(),
     permissions: z.array(z.string()),
     builtin: z.boolean(),
-    created_at: z.string(),
-    updated_at: z.string(),
+    created_at: timestamp(),
+    updated_at: timestamp(),
   })
   .meta({ id: 'Role' });
 

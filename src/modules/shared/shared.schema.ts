@@ -50,6 +50,16 @@ export const UuidParamSchema = z.object({ id: uuidInput() });
 
 export const isoDate = (d: Date | null | undefined) => (d ? d.toISOString() : null);
 
+/**
+ * An instant in an answer: ISO 8601 in UTC, as `Date.toISOString()` writes it (`isoDate`). Declared
+ * `format: date-time`, so a client generated from the document reads a date-time (a `Date`, not a bare
+ * string); not checked on the way out (answers are written by their shape, lib/serializer.ts).
+ */
+export const timestamp = () => z.string().meta({ format: 'date-time' });
+
+/** An account's address in an answer (as EmailSchema took it): declared `format: email`. */
+export const emailAddress = () => z.string().meta({ format: 'email' });
+
 /** OpenAPI security of routes that take an access token or an API key. */
 export const bearerOrApiKey: Array<Record<string, string[]>> = [{ bearerAuth: [] }, { apiKey: [] }];
 

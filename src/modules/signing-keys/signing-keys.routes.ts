@@ -3,7 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { PaginationQuerySchema, pageOf } from '../../lib/pagination.js';
 import { requestContext } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import { bearerOrApiKey, problems, timestamp } from '../shared/shared.schema.js';
 import type { SigningKeyRow } from './signing-keys.repository.js';
 import type { SigningKeysService } from './signing-keys.service.js';
 
@@ -17,9 +17,9 @@ const SigningKeySchema = z
         'next: published, signs after the next rotation; retiring: published until its tokens expire',
       ),
     public_jwk: z.record(z.string(), z.unknown()),
-    created_at: z.string(),
-    activated_at: z.string().nullable(),
-    retiring_at: z.string().nullable(),
+    created_at: timestamp(),
+    activated_at: timestamp().nullable(),
+    retiring_at: timestamp().nullable(),
     published_until: z.string().nullable(),
   })
   .meta({ id: 'SigningKey' });
