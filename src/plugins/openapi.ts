@@ -582,6 +582,39 @@ function withWwwAuthenticate<T>(document: T): T {
   return document;
 }
 
+/**
+ * The component schemas the operations use, and no others. fastify-type-provider-zod registers each
+ * named schema twice, as answered and as taken (`User` and `UserInput`), and most are only ever one of
+ * them: the 26 unused twins made openapi-generator write a model class each (`UserInput`,
+ * `ProblemInput`, …) and openapi-typescript a type each, beside the ones clients use. A schema
+ * reached from an operation, directly or through another component, stays.
+ */
+function withoutUnusedSchemas<T>(document: T): T {
+  const doc = document as { paths?: unknown; components?: { schemas?: Record<string, unknown> } };
+  const schemas = doc.components?.schemas;
+  if (!schemas) return document;
+  const PREFIX = '#/components/schemas/';
+  const used = new Set<string>();
+  const walk = (node: unknown): void => {
+    if (Array.isArray(node)) {
+      for (const item of node) walk(item);
+    } else if (node !== null && typeof node === 'object') {
+      for (const [key, value] of Object.entries(node)) {
+        if (key === '$ref' && typeof value === 'string' && value.startsWith(PREFIX)) {
+          const name = value.slice(PREFIX.length);
+          if (!used.has(name)) {
+            used.add(name);
+            walk(schemas[name]);
+          }
+        } else walk(value);
+      }
+    }
+  };
+  walk(doc.paths);
+  for (const name of Object.keys(schemas)) if (!used.has(name)) delete schemas[name];
+  return document;
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -644,13 +677,15 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
     transform: withPerIpLimit(options.rateLimits ?? false, withAccess),
     // Registers schemas named with `.meta({ id })` (User, Session, Problem, …) as components.
     transformObject: (input) =>
-      withWwwAuthenticate(
-        withRateLimitHeaders(
-          withRetryAfter(
-            withResponseHeaders(
-              withProblemMediaType(
-                withOptionalBodies(
-                  withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
+      withoutUnusedSchemas(
+        withWwwAuthenticate(
+          withRateLimitHeaders(
+            withRetryAfter(
+              withResponseHeaders(
+                withProblemMediaType(
+                  withOptionalBodies(
+                    withResponseDescriptions(withoutSchemaIds(jsonSchemaTransformObject(input))),
+                  ),
                 ),
               ),
             ),

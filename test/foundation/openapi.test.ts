@@ -49,6 +49,34 @@ describe('the OpenAPI document', () => {
     expect(found).toEqual([]);
   });
 
+  it('holds the component schemas its operations use and no others (a generator writes a model for each)', () => {
+    const { components } = doc as unknown as { components: { schemas: Record<string, unknown> } };
+    const text = JSON.stringify(doc.paths);
+    const used = new Set<string>();
+    const reach = (json: string) => {
+      for (const [, name] of json.matchAll(/"#\/components\/schemas\/([^"]+)"/g))
+        if (!used.has(name!)) {
+          used.add(name!);
+          reach(JSON.stringify(components.schemas[name!] ?? null));
+        }
+    };
+    reach(text);
+    expect(Object.keys(components.schemas).filter((name) => !used.has(name))).toEqual([]);
+    // Every reference resolves.
+    expect([...used].filter((name) => !(name in components.schemas))).toEqual([]);
+    expect(Object.keys(components.schemas)).toEqual(
+      expect.arrayContaining([
+        'Problem',
+        'User',
+        'Session',
+        'ApiKey',
+        'Client',
+        'TokenResponse',
+        'OAuthError',
+      ]),
+    );
+  });
+
   it('marks optional bodies optional, never as a required body that may be null (the parser refuses null)', async () => {
     const nullable: string[] = [];
     for (const [path, item] of Object.entries(doc.paths)) {
