@@ -26,6 +26,17 @@ export const PERMISSIONS = {
 
 export type Permission = keyof typeof PERMISSIONS;
 
+/**
+ * The permissions of one's own account, held by a user's token or API key: a service has no account,
+ * so its token reaches nothing with them (403, "This route is for users, not services"). The OpenAPI
+ * document offers a service's token (the `clientCredentials` scheme) on the others only.
+ */
+export const SELF_SERVICE_PERMISSIONS: ReadonlySet<string> = new Set<Permission>([
+  'account:read',
+  'account:write',
+  'api_keys:own',
+]);
+
 /** `*`, `resource:*` or `resource:action`, lower case; also the OpenAPI document's `pattern`. */
 export const PERMISSION_PATTERN = /^(\*|[a-z][a-z0-9_]*:(\*|[a-z][a-z0-9_]*))$/;
 

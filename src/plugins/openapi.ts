@@ -6,6 +6,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest, FastifySchema } fro
 import fp from 'fastify-plugin';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import type { ZodType } from 'zod';
+import { PERMISSIONS, SELF_SERVICE_PERMISSIONS } from '../lib/permissions.js';
 import { ProblemSchema } from '../modules/shared/shared.schema.js';
 import type { RouteCredential } from './authenticate.js';
 import { type PerIpLimit, perIpLimitOf } from './rate-limit.js';
@@ -195,12 +196,29 @@ const permissionSentence = (permission: string | readonly string[]) =>
     .join(' or ')}.`;
 
 /**
+ * The security requirements a service's token (OAuth 2.0 client credentials, which Swagger UI fetches
+ * itself under Authorize) meets on an operation: one per permission that would do, each naming it as
+ * the scope (any one of them will do, as any of the requirements will); none for a permission of
+ * one's own account, which a service's token reaches nothing with (SELF_SERVICE_PERMISSIONS), nor on
+ * a route for a signed-in user only.
+ */
+function clientCredentialsFor(access: RouteAccess): Array<Record<string, string[]>> {
+  if (access.permission === undefined || access.credential === 'user_session') return [];
+  return ([] as string[])
+    .concat(access.permission)
+    .filter((p) => !SELF_SERVICE_PERMISSIONS.has(p))
+    .map((p) => ({ clientCredentials: [p] }));
+}
+
+/**
  * Each protected operation says what it needs, from the route's own declaration (`config.permission`,
  * `config.credential`), so the document cannot drift from what the authenticate plugin enforces: the
  * permission as `x-required-permission` (a list when any one of several will do) and as a sentence of
  * its description; a route that takes no API key as `x-credential` (`user_session`, `access_token`),
  * a sentence, and `bearerAuth` alone as its security (set when the route is registered, see
- * `declareFrameworkErrors`). test/foundation/openapi.test.ts checks every route of the route table.
+ * `declareFrameworkErrors`); and, beside `bearerAuth`, the `clientCredentials` requirements of a
+ * service's token (clientCredentialsFor). test/foundation/openapi.test.ts checks every route of the
+ * route table.
  */
 const withAccess: typeof jsonSchemaTransform = (input) => {
   const result = jsonSchemaTransform(input);
@@ -219,6 +237,9 @@ const withAccess: typeof jsonSchemaTransform = (input) => {
     documented['x-credential'] = access.credential;
   }
   const before = typeof schema.description === 'string' ? `${schema.description}\n\n` : '';
+  const security = schema.security as Array<Record<string, unknown>> | undefined;
+  if (security?.some((requirement) => 'bearerAuth' in requirement))
+    documented.security = [...security, ...clientCredentialsFor(access)];
   return {
     ...result,
     schema: { ...schema, ...documented, description: `${before}${sentences.join(' ')}` },
@@ -615,6 +636,29 @@ function withoutUnusedSchemas<T>(document: T): T {
   return document;
 }
 
+/** The document with the clientCredentials flow's token URL replaced (a copy: the document is shared). */
+function withTokenUrl<T extends Record<string, unknown>>(spec: T, tokenUrl: string): T {
+  const components = spec.components as
+    | { securitySchemes?: Record<string, { flows?: { clientCredentials?: object } }> }
+    | undefined;
+  const scheme = components?.securitySchemes?.clientCredentials;
+  const flow = scheme?.flows?.clientCredentials;
+  if (!components || !scheme || !flow) return spec;
+  return {
+    ...spec,
+    components: {
+      ...components,
+      securitySchemes: {
+        ...components.securitySchemes,
+        clientCredentials: {
+          ...scheme,
+          flows: { ...scheme.flows, clientCredentials: { ...flow, tokenUrl } },
+        },
+      },
+    },
+  };
+}
+
 export interface OpenApiOptions {
   publicUrl: string;
   version: string;
@@ -656,6 +700,17 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
             type: 'http',
             scheme: 'basic',
             description: 'OAuth client authentication (client_secret_basic) for /oauth endpoints.',
+          },
+          clientCredentials: {
+            type: 'oauth2',
+            description:
+              'A service’s access token, from POST /oauth/token with `grant_type=client_credentials` ' +
+              '(RFC 6749 §4.4): an app client’s id and secret (HTTP Basic or form fields). The scopes ' +
+              'are permissions; the token carries those asked for within the client’s (all of them ' +
+              'when none is asked for). Sent as `Authorization: Bearer`, as `bearerAuth` is.',
+            flows: {
+              clientCredentials: { tokenUrl: `${options.publicUrl}/oauth/token`, scopes: { ...PERMISSIONS } },
+            },
           },
         },
       },
@@ -705,15 +760,23 @@ async function openApiPlugin(app: FastifyInstance, options: OpenApiOptions) {
   // so the docs work wherever they are opened (127.0.0.1, a pod's address, a tunnel) and not only at
   // PUBLIC_URL: another origin would be refused by the page's `connect-src 'self'` and by CORS.
   const basePath = new URL(options.publicUrl).pathname.replace(/\/+$/, '') || '/';
+  // Authorize's client-credentials flow posts to the token URL from the page, so it is the page's own
+  // origin too (a path, resolved by Swagger UI against the first server): PUBLIC_URL's would be
+  // refused by `connect-src 'self'` wherever else the docs are open.
+  const pageTokenUrl = `${basePath === '/' ? '' : basePath}/oauth/token`;
   await app.register(swaggerUi, {
     routePrefix: DOCS_PREFIX,
-    transformSpecification: (spec) => ({
-      ...spec,
-      servers: [
-        { url: basePath, description: 'This server, where these docs are open' },
-        { url: options.publicUrl, description: 'PUBLIC_URL' },
-      ],
-    }),
+    transformSpecification: (spec) =>
+      withTokenUrl(
+        {
+          ...spec,
+          servers: [
+            { url: basePath, description: 'This server, where these docs are open' },
+            { url: options.publicUrl, description: 'PUBLIC_URL' },
+          ],
+        },
+        pageTokenUrl,
+      ),
     uiConfig: {
       persistAuthorization: options.persistAuthorization ?? true,
       deepLinking: true,

@@ -579,6 +579,12 @@ describe('Swagger UI behind a proxy that strips PUBLIC_URL’s path', () => {
       const target = new URL(String(res.headers.location), seen(url));
       expect(`${target.pathname}${target.search}`, url).toBe(to);
     }
+    // Authorize's client-credentials flow posts from the page too: to the path the browser sees.
+    const tokenUrlOf = async (url: string) =>
+      (await app.inject({ method: 'GET', url })).json().components.securitySchemes.clientCredentials.flows
+        .clientCredentials.tokenUrl;
+    expect(await tokenUrlOf('/docs/json')).toBe('/auth/oauth/token');
+    expect(await tokenUrlOf('/openapi.json')).toBe('https://example.com/auth/oauth/token');
     const page = await app.inject({ method: 'GET', url: '/docs/' });
     expect(page.statusCode).toBe(200);
     const links = [...page.body.matchAll(/(?:href|src)="([^"]+)"/g)].map((m) => m[1]!);

@@ -6,8 +6,9 @@ import { buildTestApp } from '../support/app.js';
 import { createAdmin, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
+import { PERMISSIONS } from '../../src/lib/permissions.js';
 import { ALL_ROUTES } from '../authz/routes.js';
-import { createClient } from '../clients/helpers.js';
+import { basic, clientToken, createClient } from '../clients/helpers.js';
 
 describe('the OpenAPI document', () => {
   let app: FastifyInstance;
@@ -259,7 +260,11 @@ describe('the OpenAPI document', () => {
           problems.push(`${label}: x-credential ${op['x-credential']}, route declares ${route.credential}`);
         if (!/an API key (or a service’s token )?gets 403/.test(op.description ?? ''))
           problems.push(`${label}: its description does not say an API key gets 403`);
-        if (JSON.stringify(schemes) !== '["bearerAuth"]') problems.push(`${label}: security ${schemes}`);
+        // An access token only: a user's, and (but for a signed-in user's routes) a service's.
+        const expected =
+          route.credential === 'access_token' ? '["bearerAuth","clientCredentials"]' : '["bearerAuth"]';
+        if (JSON.stringify([...new Set(schemes)]) !== expected)
+          problems.push(`${label}: security ${schemes}`);
       } else {
         // An operation that offers no X-API-Key declares why: the credential it takes.
         if (op['x-credential'] !== undefined) problems.push(`${label}: x-credential, none declared`);
@@ -296,6 +301,136 @@ describe('the OpenAPI document', () => {
         expect(res.json().detail).toMatch(/API key/);
       }
     }
+  });
+
+  it('offers a service’s token (OAuth 2.0 client credentials) on the operations that take one, with their permission as the scope', () => {
+    const { securitySchemes } = (
+      doc as unknown as { components: { securitySchemes: Record<string, unknown> } }
+    ).components;
+    expect(securitySchemes.clientCredentials).toEqual({
+      type: 'oauth2',
+      description: expect.stringContaining('/oauth/token'),
+      flows: {
+        clientCredentials: { tokenUrl: 'http://auth.test/oauth/token', scopes: { ...PERMISSIONS } },
+      },
+    });
+    type Operation = { security?: Array<Record<string, string[]>> };
+    const problems: string[] = [];
+    for (const route of app.routeTable) {
+      const op = doc.paths[route.url.replace(/:([A-Za-z_]+)/g, '{$1}')]?.[route.method.toLowerCase()] as
+        | Operation
+        | undefined;
+      if (!op || route.public) continue;
+      const offered = (op.security ?? [])
+        .filter((r) => 'clientCredentials' in r)
+        .map((r) => r.clientCredentials);
+      // One requirement per permission that would do, but one's own account's, which a service has not.
+      const expected =
+        route.credential === 'user_session'
+          ? []
+          : ([] as string[])
+              .concat(route.permission ?? [])
+              .filter((p) => !['account:read', 'account:write', 'api_keys:own'].includes(p))
+              .map((p) => [p]);
+      if (JSON.stringify(offered) !== JSON.stringify(expected))
+        problems.push(
+          `${route.method} ${route.url}: ${JSON.stringify(offered)}, expected ${JSON.stringify(expected)}`,
+        );
+    }
+    expect(problems).toEqual([]);
+    const securityOf = (path: string, method: string) => (doc.paths[path]![method] as Operation).security;
+    expect(securityOf('/v1/users', 'get')).toContainEqual({ clientCredentials: ['users:read'] });
+    expect(securityOf('/v1/profiles/{user_id}', 'get')).toContainEqual({
+      clientCredentials: ['profiles:read'],
+    });
+    expect(securityOf('/oauth/introspect', 'post')).toContainEqual({
+      clientCredentials: ['tokens:introspect'],
+    });
+    expect(securityOf('/oauth/revoke', 'post')).toContainEqual({ clientCredentials: [] });
+    expect(securityOf('/oauth/token', 'post')).not.toContainEqual(
+      expect.objectContaining({ clientCredentials: [] }),
+    );
+  });
+
+  it('is right about where a service’s token works: refused (403) where not offered, let through where offered', async () => {
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, { scopes: ['*'] });
+    const token = (await clientToken(app, client)).access_token as string;
+    type Operation = { security?: Array<Record<string, string[]>> };
+    let refused = 0;
+    let taken = 0;
+    for (const route of app.routeTable) {
+      const op = doc.paths[route.url.replace(/:([A-Za-z_]+)/g, '{$1}')]?.[route.method.toLowerCase()] as
+        | Operation
+        | undefined;
+      const schemes = (op?.security ?? []).flatMap((r) => Object.keys(r));
+      if (!op || route.public || !schemes.includes('bearerAuth')) continue;
+      const offered = schemes.includes('clientCredentials');
+      // What is offered is tried where trying changes nothing (a read); what is not, everywhere.
+      if (offered && route.method !== 'GET') continue;
+      const matrix = ALL_ROUTES.find((r) => r.method === route.method && r.route === route.url);
+      const res = await app.inject({
+        method: route.method as 'POST',
+        url: route.url.replace(/:([a-z_]+)/g, (_m, name: string) =>
+          name === 'role' ? 'user' : randomUUID(),
+        ),
+        headers: bearer(token),
+        payload: matrix?.body?.({ owner: admin, fixtures: {} }),
+      });
+      const where = `${route.method} ${route.url} → ${res.statusCode}: ${res.body.slice(0, 120)}`;
+      if (offered) {
+        taken++;
+        expect([401, 403], where).not.toContain(res.statusCode);
+      } else {
+        refused++;
+        expect(res.statusCode, where).toBe(403);
+      }
+    }
+    expect(refused).toBeGreaterThanOrEqual(15);
+    expect(taken).toBeGreaterThanOrEqual(10);
+  });
+
+  it('lets Swagger UI’s Authorize fetch a service’s token from the page’s own origin and send it', async () => {
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read', 'roles:read'] });
+    const ui = (await app.inject({ method: 'GET', url: '/docs/json' })).json() as {
+      servers: Array<{ url: string }>;
+      components: {
+        securitySchemes: { clientCredentials: { flows: { clientCredentials: { tokenUrl: string } } } };
+      };
+    };
+    const tokenUrl = ui.components.securitySchemes.clientCredentials.flows.clientCredentials.tokenUrl;
+    // Swagger UI resolves it against the selected server (the first: the page's origin); the page's
+    // `connect-src 'self'` refuses any other origin.
+    expect(tokenUrl).toBe('/oauth/token');
+    const url = new URL(tokenUrl, `http://127.0.0.1:8000${ui.servers[0]!.url}`);
+    expect(url.origin).toBe('http://127.0.0.1:8000');
+    // What Swagger UI sends (client authentication "Basic auth header", one scope ticked).
+    const res = await app.inject({
+      method: 'POST',
+      url: url.pathname,
+      headers: {
+        ...basic(client.client_id, client.client_secret),
+        'content-type': 'application/x-www-form-urlencoded',
+        accept: 'application/json, text/plain, */*',
+        'x-requested-with': 'XMLHttpRequest',
+      },
+      payload: 'grant_type=client_credentials&scope=users%3Aread',
+    });
+    expect(res.statusCode, res.body).toBe(200);
+    const { access_token: accessToken, token_type: tokenType, scope } = res.json();
+    expect(tokenType).toBe('Bearer');
+    expect(scope).toBe('users:read');
+    // It sends `Authorization: Bearer` on the operations naming the scheme.
+    const users = await app.inject({ method: 'GET', url: '/v1/users', headers: bearer(accessToken) });
+    expect(users.statusCode, users.body).toBe(200);
+    // The served copy differs from /openapi.json in the servers and the token URL alone.
+    const { servers: _s, components: uiComponents, ...uiRest } = ui as unknown as Record<string, unknown>;
+    const { servers: _d, components: docComponents, ...docRest } = doc as unknown as Record<string, unknown>;
+    expect(uiRest).toEqual(docRest);
+    expect(JSON.stringify(uiComponents).replace('"/oauth/token"', '"http://auth.test/oauth/token"')).toBe(
+      JSON.stringify(docComponents),
+    );
   });
 
   it('describes every response (no "Default Response")', () => {

@@ -252,7 +252,12 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           'For an authenticated client (it sees the tokens issued to it) or a bearer token / API key ' +
           'holding tokens:introspect (it sees every token). Anything invalid, expired, revoked or not ' +
           'the caller’s to see answers `{"active": false}`.',
-        security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }],
+        security: [
+          { clientBasic: [] },
+          { bearerAuth: [] },
+          { apiKey: [] },
+          { clientCredentials: ['tokens:introspect'] },
+        ],
         body: IntrospectBodySchema,
         response: {
           200: IntrospectionSchema,
@@ -289,7 +294,7 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           'or ended tokens; 400 `unauthorized_client` for a live token issued to someone else, which ' +
           'stays (RFC 7009 §2.1). ' +
           'First-party refresh and access tokens can be revoked without client authentication.',
-        security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }, {}],
+        security: [{ clientBasic: [] }, { bearerAuth: [] }, { apiKey: [] }, { clientCredentials: [] }, {}],
         body: RevokeBodySchema,
         response: {
           200: z.null().describe('Revoked, or nothing to revoke'),
