@@ -493,6 +493,9 @@ const RESPONSE_HEADERS: Record<string, Record<string, Record<string, Record<stri
   '/v1/roles': { post: { 201: { Location: LOCATION } } },
   '/v1/api-keys': { post: { 201: { Location: LOCATION } } },
   '/v1/clients': { post: { 201: { Location: LOCATION } } },
+  // A registration names the user made; an authenticator app set up, where its pending factor is shown.
+  '/v1/auth/register': { post: { 201: { Location: LOCATION } } },
+  '/v1/auth/mfa/totp': { post: { 201: { Location: LOCATION } } },
   '/.well-known/jwks.json': { get: { 200: JWKS_HEADERS, 304: JWKS_HEADERS } },
   '/.well-known/openid-configuration': { get: { 200: METADATA_HEADERS } },
   '/.well-known/oauth-authorization-server': { get: { 200: METADATA_HEADERS } },

@@ -171,7 +171,14 @@ describe('the OpenAPI document', () => {
       responses: Record<string, { headers?: Record<string, unknown> }>;
     };
     const op = (path: string, method: string) => doc.paths[path]![method] as unknown as Operation;
-    for (const path of ['/v1/users', '/v1/roles', '/v1/api-keys', '/v1/clients'])
+    for (const path of [
+      '/v1/users',
+      '/v1/roles',
+      '/v1/api-keys',
+      '/v1/clients',
+      '/v1/auth/register',
+      '/v1/auth/mfa/totp',
+    ])
       expect(op(path, 'post').responses['201']!.headers?.Location, path).toBeDefined();
     // A re-invitation (200) names the user too; a client's new secret has no URL of its own.
     expect(op('/v1/users', 'post').responses['200']!.headers?.Location).toBeDefined();
