@@ -1,9 +1,11 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { ExtractTablesWithRelations, SQL } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
 import pg from 'pg';
 import type { Logger } from 'pino';
+import { acquireDirectoryLock } from './directory-lock.js';
 import { type MigrationOptions, runMigrations } from './migrations.js';
 import * as schema from './schema/index.js';
 import { patchDrizzleTransactions, setTransactionTimeout } from './pg-transaction-fix.js';
@@ -288,43 +290,38 @@ export class DatabaseLockedError extends Error {
 /**
  * PGlite is PostgreSQL in this process: a second process opening the same directory (a second
  * `npm start`) would run its own server on the same files, and the last one to close would silently
- * overwrite the other's writes. So the directory is locked for as long as it is open. The lock's
- * mtime is refreshed every few seconds, so one left by a crashed process goes stale within 10 s; a
- * start finding it held waits that long before giving up.
+ * overwrite the other's writes. So the directory is locked for as long as it is open
+ * (src/db/directory-lock.ts). The lock names the process holding it, and is taken over at once when
+ * that process is gone, however long ago it last refreshed the lock: PGlite's start blocks this
+ * process's event loop for seconds (over 10 on a loaded machine), and the lock stays held meanwhile.
+ * Only a lock from another host or container is judged by its age (stale 10 s after its holder last
+ * refreshed it). A start finding it held waits `lockWaitMs` (12 s) before giving up.
  */
 async function lockDataDirectory(dir: string, options: OpenDatabaseOptions): Promise<() => Promise<void>> {
-  const { lock } = await import('proper-lockfile');
+  const lockPath = `${dir}.lock`;
   const lockOptions = {
-    lockfilePath: `${dir}.lock`,
-    realpath: false,
-    stale: 10_000,
-    update: 2_000,
     onCompromised: (err: Error) =>
       options.logger.error(
         { err: err.message },
         `lost the lock on ${dir}: another process may have opened it`,
       ),
   };
-  try {
-    return await lock(dir, lockOptions);
-  } catch (err) {
-    if ((err as { code?: string }).code !== 'ELOCKED') throw err;
-  }
+  let attempt = await acquireDirectoryLock(lockPath, lockOptions);
+  if (attempt.acquired) return attempt.release;
   const waitMs = options.lockWaitMs ?? 12_000;
-  options.logger.warn(`${dir} is locked by another process; waiting up to ${Math.round(waitMs / 1000)} s`);
-  const retries = Math.floor(waitMs / 500);
-  try {
-    return await lock(dir, {
-      ...lockOptions,
-      retries: { retries, factor: 1, minTimeout: 500, maxTimeout: 500 },
-    });
-  } catch (err) {
-    if ((err as { code?: string }).code !== 'ELOCKED') throw err;
-    throw new DatabaseLockedError(
-      `Another process is using the embedded database in ${dir} (the lock ${dir}.lock is held). ` +
-        'Stop it, or give this one its own DATA_DIR or a DATABASE_URL.',
-    );
+  options.logger.warn(
+    `${dir} is locked by another process; waiting up to ${Math.round(waitMs / 1000)} s (held by ${attempt.holder})`,
+  );
+  const deadline = Date.now() + waitMs;
+  while (Date.now() < deadline) {
+    await sleep(Math.min(500, deadline - Date.now()));
+    attempt = await acquireDirectoryLock(lockPath, lockOptions);
+    if (attempt.acquired) return attempt.release;
   }
+  throw new DatabaseLockedError(
+    `Another process is using the embedded database in ${dir} (the lock ${lockPath} is held by ` +
+      `${attempt.holder}). Stop it, or give this one its own DATA_DIR or a DATABASE_URL.`,
+  );
 }
 
 /** Opens an in-memory PGlite database (tests, benchmarks). */

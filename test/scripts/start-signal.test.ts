@@ -2,8 +2,8 @@ import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
-import { lock } from 'proper-lockfile';
 import { afterAll, describe, expect, inject, it } from 'vitest';
+import { acquireDirectoryLock } from '../../src/db/directory-lock.js';
 import { scratchDatabase } from '../support/database.js';
 import { type SpawnedProcess, spawnServer } from '../support/spawn-server.js';
 
@@ -72,12 +72,8 @@ describe('a SIGTERM during the start', () => {
     const own = join(dataDir, 'pglite-held');
     mkdirSync(join(own, 'pglite'), { recursive: true });
     // What a first `npm start` holds (src/db/client.ts's lock on the directory).
-    const release = await lock(join(own, 'pglite'), {
-      lockfilePath: join(own, 'pglite.lock'),
-      realpath: false,
-      stale: 10_000,
-      update: 2_000,
-    });
+    const held = await acquireDirectoryLock(join(own, 'pglite.lock'), { onCompromised: () => undefined });
+    if (!held.acquired) throw new Error(`held by ${held.holder}`);
     try {
       const server = await startUntil(
         { DATABASE_URL: '', DATA_DIR: own },
@@ -85,7 +81,7 @@ describe('a SIGTERM during the start', () => {
       );
       await expectStoppedBySigterm(server);
     } finally {
-      await release();
+      await held.release();
     }
   }, 60_000);
 });
