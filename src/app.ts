@@ -19,7 +19,6 @@ import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseFormBody } from './lib/form.js';
 import {
-  declaredCharset,
   duplicateMemberError,
   forbiddenKeyError,
   jsonBodyError,
