@@ -22,6 +22,14 @@ export type ApiKeyPatch = Partial<
   >
 >;
 
+/** A key descended from `id`: created by it, or by one it created, … (through api_keys_parent_idx). */
+const descendantOf = (id: string) => sql`${apiKeys.id} in (
+  with recursive tree(id) as (
+    select id from api_keys where parent_id = ${id}
+    union
+    select k.id from api_keys k join tree t on k.parent_id = t.id
+  ) select id from tree)`;
+
 /** Rows per UPDATE when flushing last-use times: well under PostgreSQL's 65535 bind parameters. */
 const TOUCH_CHUNK = 5000;
 
@@ -128,15 +136,22 @@ export function createApiKeysRepository(db: Database) {
       return tx
         .update(apiKeys)
         .set({ revokedAt: at, updatedAt: at })
+        .where(and(isNull(apiKeys.revokedAt), descendantOf(id)))
+        .returning();
+    },
+    /**
+     * Brings every live key descended from `id` that would outlive `expiresAt` (a later expiry, or
+     * none) to `expiresAt`: a key expires no later than the key that minted it. The rows changed.
+     */
+    async capDescendantsExpiry(id: string, expiresAt: Date, at: Date, tx: Executor): Promise<ApiKeyRow[]> {
+      return tx
+        .update(apiKeys)
+        .set({ expiresAt, updatedAt: at })
         .where(
           and(
             isNull(apiKeys.revokedAt),
-            sql`${apiKeys.id} in (
-              with recursive tree(id) as (
-                select id from api_keys where parent_id = ${id}
-                union
-                select k.id from api_keys k join tree t on k.parent_id = t.id
-              ) select id from tree)`,
+            or(isNull(apiKeys.expiresAt), gt(apiKeys.expiresAt, expiresAt)),
+            descendantOf(id),
           ),
         )
         .returning();

@@ -99,7 +99,8 @@ export const ApiKeySchema = z
       .nullable()
       .describe(
         'The key that created this one, when it was created by a request authenticated with an API key: ' +
-          'revoking that key revokes this one, and this one expires no later than it',
+          'revoking that key revokes this one, and this one expires no later than it (giving that key a ' +
+          'shorter expiry brings this one to it; rotating it changes nothing here)',
       ),
     created_at: timestamp(),
     updated_at: timestamp(),

@@ -306,8 +306,11 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
    * A request authenticated by a key that expires cannot give any key a longer life (nor none): a
    * leaked key could otherwise outlive itself. 403 otherwise.
    */
-  function assertWithinCallerLife(actor: ApiKeyActor, expiresAt: Date | null) {
-    const limit = actor.key?.expiresAt;
+  function assertWithinCallerLife(
+    actor: ApiKeyActor,
+    expiresAt: Date | null,
+    limit: Date | null | undefined = actor.key?.expiresAt,
+  ) {
     if (!limit || (expiresAt && expiresAt.getTime() <= limit.getTime())) return;
     throw forbidden(
       `The calling API key expires at ${limit.toISOString()}: a key it creates or changes must expire by then`,
@@ -350,28 +353,32 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       if (!ownerId) throw forbidden('API keys belong to users; a service principal cannot own one');
       const scopes = unique(input.scopes);
       assertFuture(input.expiresAt);
-      // Created by a key: it expires with its parent unless told sooner, and is revoked with it.
-      const expiresAt = input.expiresAt ?? actor.key?.expiresAt ?? null;
       const { token, lookupId, secret } = generateSecret(API_KEY_FORMAT);
       const refused = { action: 'api_key.create', subjectId: ownerId, data: { scopes } };
       const row = await deps.grants.audited(context, refused, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
-          assertWithinCallerLife(actor, expiresAt);
           // A replaced secret in its grace is for the switch-over, not for minting: a key made with it
           // would outlive the rotation meant to cut a leaked secret off.
           if (actor.key?.previous)
             throw forbidden('The secret a rotation replaced cannot create keys; use the new secret');
           const now = clock.now();
           // Made by a key: that key, locked, is still live. A revocation racing this either waits and
-          // then revokes the new key with its parent, or has committed and this one is refused.
+          // then revokes the new key with its parent, or has committed and this one is refused; so
+          // does a change to its expiry, which then brings the new key to it, or has committed and is
+          // read here.
+          let parent: ApiKeyRow | undefined;
           if (actor.key) {
-            const parent = await repo.findByIdForShare(actor.key.id, tx);
+            parent = await repo.findByIdForShare(actor.key.id, tx);
             if (!parent || parent.revokedAt || (parent.expiresAt && parent.expiresAt <= now)) {
               throw new AppError('invalid_token', {
                 detail: 'The API key was revoked while this request ran',
               });
             }
           }
+          // Created by a key: it expires with its parent (as the locked row has it, not as the request
+          // found it) unless told sooner, and is revoked with it.
+          const expiresAt = input.expiresAt ?? parent?.expiresAt ?? null;
+          assertWithinCallerLife(actor, expiresAt, parent?.expiresAt);
           await assertGrantable(actor, ownerId, scopes, tx);
           // Creations for one owner take turns from here to their commit, so two at the limit cannot
           // both count the same keys and both go in.
@@ -492,21 +499,48 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             }
           }
           if (patch.scopes !== undefined) await assertGrantable(actor, current.ownerId, patch.scopes, tx);
-          const updated = (await repo.update(id, patch, clock.now(), tx))!;
-          await deps.audit.record(tx, context, {
-            type: 'api_key.updated',
-            subjectId: id,
-            data: {
-              owner_id: current.ownerId,
-              prefix: current.prefix,
-              changed: changedFields(patch),
-              ...(patch.scopes ? { scopes: patch.scopes, previous_scopes: current.scopes } : {}),
-              ...(patch.expiresAt !== undefined
-                ? { expires_at: patch.expiresAt?.toISOString() ?? null }
-                : {}),
+          const now = clock.now();
+          const updated = (await repo.update(id, patch, now, tx))!;
+          // The keys it minted (and theirs) expire no later than it: those that would outlive its new
+          // expiry are brought to it. Passes until one finds none: a pass that waited for a creation
+          // under one of them (which holds its parent) does not see the key made; the next pass does,
+          // and a creation that comes later reads its parent's new expiry.
+          const capped: ApiKeyRow[] = [];
+          if (patch.expiresAt) {
+            for (;;) {
+              const pass = await repo.capDescendantsExpiry(id, patch.expiresAt, now, tx);
+              if (pass.length === 0) break;
+              capped.push(...pass);
+            }
+          }
+          await deps.audit.record(tx, context, [
+            {
+              type: 'api_key.updated',
+              subjectId: id,
+              data: {
+                owner_id: current.ownerId,
+                prefix: current.prefix,
+                changed: changedFields(patch),
+                ...(patch.scopes ? { scopes: patch.scopes, previous_scopes: current.scopes } : {}),
+                ...(patch.expiresAt !== undefined
+                  ? { expires_at: patch.expiresAt?.toISOString() ?? null }
+                  : {}),
+              },
             },
-          });
+            ...capped.map((child) => ({
+              type: 'api_key.updated',
+              subjectId: child.id,
+              data: {
+                owner_id: child.ownerId,
+                prefix: child.prefix,
+                changed: ['expires_at'],
+                expires_at: child.expiresAt?.toISOString() ?? null,
+                with_ancestor: id,
+              },
+            })),
+          ]);
           emit(changed(updated));
+          for (const child of capped) emit(changed(child));
           return updated;
         }),
       );

@@ -1,0 +1,266 @@
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import pg from 'pg';
+import { beforeAll, describe, expect, inject, it } from 'vitest';
+import { selectRows } from '../../src/db/client.js';
+import { buildTestApp } from '../support/app.js';
+import { waitForLockWaiters } from '../support/database.js';
+import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+import { createKey, createTestClock, verifyKey, withKey } from './helpers.js';
+
+/**
+ * A key minted by a key (api_keys:own, `parent_id`) expires no later than its parent: not only when
+ * it is made, but when the parent's expiry is shortened later, or at the same moment.
+ */
+describe('api keys: a key expires no later than the key that minted it', () => {
+  const clock = createTestClock();
+  let app: FastifyInstance;
+  let admin: TestUser;
+
+  beforeAll(async () => {
+    app = await buildTestApp({ deps: { clock } });
+    admin = await createAdmin(app);
+  });
+
+  const inHours = (hours: number) => new Date(clock.nowMs() + hours * 3_600_000).toISOString();
+  const mint = (key: string, body: Record<string, unknown> = {}) =>
+    app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(key),
+      payload: { name: 'minted', scopes: ['api_keys:own', 'account:read'], ...body },
+    });
+  const minted = async (key: string, body: Record<string, unknown> = {}) => {
+    const res = await mint(key, body);
+    expect(res.statusCode, res.body).toBe(201);
+    return res.json() as { id: string; key: string; expires_at: string | null; parent_id: string };
+  };
+  const patchExpiry = (user: TestUser, id: string, expiresAt: string | null) =>
+    app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${id}`,
+      headers: bearer(user.accessToken),
+      payload: { expires_at: expiresAt },
+    });
+  const expiryOf = async (user: TestUser, id: string) => {
+    const res = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(res.statusCode, res.body).toBe(200);
+    return res.json().expires_at as string | null;
+  };
+  const parentOf = (user: TestUser, body: Record<string, unknown> = {}) =>
+    createKey(app, user.accessToken, { scopes: ['api_keys:own', 'account:read'], ...body });
+
+  it('shortening a key’s expiry, or giving it one, brings every live key it minted (and theirs) to it', async () => {
+    const user = await registerUser(app, 'ake-cascade');
+    const parent = await parentOf(user);
+    const child = await minted(parent.key);
+    const grandchild = await minted(child.key);
+    const early = await minted(parent.key, { expires_at: inHours(1) });
+    const revoked = await minted(parent.key);
+    expect(
+      (
+        await app.inject({
+          method: 'DELETE',
+          url: `/v1/api-keys/${revoked.id}`,
+          headers: bearer(user.accessToken),
+        })
+      ).statusCode,
+    ).toBe(204);
+    const sibling = await parentOf(user);
+    // Verified once, so that every instance's caches hold them as they are.
+    for (const k of [child.key, grandchild.key])
+      expect(await verifyKey(app, admin.accessToken, k)).toMatchObject({ valid: true, expires_at: null });
+
+    // Given an expiry where it had none: the child and grandchild go no later.
+    const inADay = inHours(24);
+    expect((await patchExpiry(user, parent.id, inADay)).statusCode).toBe(200);
+    for (const k of [child, grandchild]) {
+      expect(await expiryOf(user, k.id)).toBe(inADay);
+      expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({
+        valid: true,
+        expires_at: inADay,
+      });
+    }
+    // One that already expired sooner keeps its own; a revoked one and a key made otherwise are untouched.
+    expect(await expiryOf(user, early.id)).toBe(early.expires_at);
+    expect(await expiryOf(user, sibling.id)).toBeNull();
+    const [revokedRow] = await selectRows<{ expires_at: Date | null }>(
+      app.services.db,
+      sql`select expires_at from api_keys where id = ${revoked.id}`,
+    );
+    expect(revokedRow!.expires_at).toBeNull();
+
+    // Each key brought to it is audited, naming the key whose change reached it.
+    const events = await app.services.audit.list({ type: 'api_key.updated', limit: 100 });
+    const about = (id: string) => events.filter((e) => e.subjectId === id);
+    for (const k of [child, grandchild]) {
+      expect(about(k.id)).toHaveLength(1);
+      expect(about(k.id)[0]!.data).toEqual({
+        owner_id: user.id,
+        prefix: expect.stringMatching(/^pak_/),
+        changed: ['expires_at'],
+        expires_at: inADay,
+        with_ancestor: parent.id,
+      });
+      expect(about(k.id)[0]!.actorId).toBe(user.id);
+    }
+    for (const k of [early, revoked, sibling]) expect(about(k.id)).toHaveLength(0);
+
+    // Shortened again: again; lengthened, or made to never expire: the keys it minted stay as they are.
+    const inTwoHours = inHours(2);
+    expect((await patchExpiry(user, parent.id, inTwoHours)).statusCode).toBe(200);
+    for (const k of [child, grandchild]) expect(await expiryOf(user, k.id)).toBe(inTwoHours);
+    expect(await expiryOf(user, early.id)).toBe(early.expires_at);
+    for (const later of [inHours(72), null]) {
+      expect((await patchExpiry(user, parent.id, later)).statusCode).toBe(200);
+      for (const k of [child, grandchild]) expect(await expiryOf(user, k.id)).toBe(inTwoHours);
+    }
+    // Past it they stop; the parent, which no longer expires, does not.
+    const me = (key: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(key) });
+    clock.advance(2 * 3600 + 1);
+    try {
+      for (const k of [child, grandchild]) expect((await me(k.key)).statusCode).toBe(401);
+      expect((await me(parent.key)).statusCode).toBe(200);
+    } finally {
+      clock.advance(-(2 * 3600 + 1));
+    }
+  });
+
+  it('rotating a key leaves the keys it minted as they are: a new secret, not a new authority', async () => {
+    const user = await registerUser(app, 'ake-rotate');
+    const expiresAt = inHours(24);
+    const parent = await parentOf(user, { expires_at: expiresAt });
+    const child = await minted(parent.key);
+    const rotated = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${parent.id}/rotate`,
+      headers: bearer(user.accessToken),
+      payload: { grace_seconds: 0 },
+    });
+    expect(rotated.statusCode, rotated.body).toBe(200);
+    expect(await verifyKey(app, admin.accessToken, child.key)).toMatchObject({
+      valid: true,
+      expires_at: expiresAt,
+    });
+    expect(await verifyKey(app, admin.accessToken, parent.key)).toMatchObject({
+      valid: false,
+      reason: 'expired',
+    });
+    // Still the parent's: revoking it ends the child.
+    expect(
+      (
+        await app.inject({
+          method: 'DELETE',
+          url: `/v1/api-keys/${parent.id}`,
+          headers: bearer(user.accessToken),
+        })
+      ).statusCode,
+    ).toBe(204);
+    expect(await verifyKey(app, admin.accessToken, child.key)).toMatchObject({
+      valid: false,
+      reason: 'revoked',
+    });
+  });
+
+  // On PostgreSQL, with a deterministic order: one side holds its transaction open at a chosen step
+  // until the other waits on its lock. PGlite has one connection and runs them one after the other.
+  describe.skipIf(!inject('databaseUrl'))('a key minted while its parent’s expiry is shortened', () => {
+    /**
+     * Runs `first`; when it calls `method` of the key repository with `when` true, it holds its
+     * transaction there until `second` (started then) waits on a lock it holds.
+     */
+    async function ordered<M extends 'insert' | 'update'>(
+      method: M,
+      when: (args: unknown[]) => boolean,
+      first: () => ReturnType<typeof mint>,
+      second: () => ReturnType<typeof mint>,
+    ) {
+      const repo = app.services.repos.apiKeys as unknown as Record<
+        M,
+        (...args: unknown[]) => Promise<unknown>
+      >;
+      const original = repo[method];
+      const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
+      await watcher.connect();
+      let started: ReturnType<typeof second> | undefined;
+      repo[method] = async (...args: unknown[]) => {
+        const result = await original.apply(repo, args);
+        if (!started && when(args)) {
+          const tx = args.find((a) => a !== null && typeof a === 'object' && 'execute' in a) as never;
+          const [holder] = await selectRows<{ pid: number }>(tx, sql`select pg_backend_pid() as pid`);
+          started = second();
+          await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), started]);
+        }
+        return result;
+      };
+      try {
+        const firstDone = await first();
+        expect(firstDone.statusCode, firstDone.body).toBeLessThan(300);
+      } finally {
+        repo[method] = original;
+        await watcher.end();
+      }
+      expect(started, 'the second request never started').toBeDefined();
+      const secondDone = await started!;
+      expect(secondDone.statusCode, secondDone.body).toBeLessThan(300);
+      return secondDone;
+    }
+
+    it('the shortening first: the key made waits for it and takes the new expiry', async () => {
+      const user = await registerUser(app, 'ake-race-patch');
+      const parent = await parentOf(user);
+      const soon = inHours(1);
+      const made = await ordered(
+        'update',
+        (args) => args[0] === parent.id,
+        () => patchExpiry(user, parent.id, soon),
+        () => mint(parent.key),
+      );
+      expect(made.json()).toMatchObject({ parent_id: parent.id, expires_at: soon });
+      expect(await expiryOf(user, made.json().id)).toBe(soon);
+    });
+
+    it('the key made first: the shortening waits for it and brings it to the new expiry', async () => {
+      const user = await registerUser(app, 'ake-race-mint');
+      const parent = await parentOf(user);
+      const soon = inHours(1);
+      let made: { id: string } | undefined;
+      await ordered(
+        'insert',
+        () => true,
+        async () => {
+          const res = await mint(parent.key);
+          made = res.json();
+          return res;
+        },
+        () => patchExpiry(user, parent.id, soon),
+      );
+      expect(await expiryOf(user, made!.id)).toBe(soon);
+    });
+
+    it('a grandchild made first: the shortening waits for it and brings it to the new expiry too', async () => {
+      const user = await registerUser(app, 'ake-race-grand');
+      const parent = await parentOf(user);
+      const child = await minted(parent.key);
+      const soon = inHours(1);
+      let made: { id: string } | undefined;
+      await ordered(
+        'insert',
+        () => true,
+        async () => {
+          const res = await mint(child.key);
+          made = res.json();
+          return res;
+        },
+        () => patchExpiry(user, parent.id, soon),
+      );
+      expect(await expiryOf(user, child.id)).toBe(soon);
+      expect(await expiryOf(user, made!.id)).toBe(soon);
+    });
+  });
+});
