@@ -335,6 +335,54 @@ describe('api keys: security', () => {
     expect(audited).toHaveLength(3);
   });
 
+  it('revoking a key writes the events of its whole line in one insert, each there', async () => {
+    const user = await registerUser(app, 'aks-line-audit');
+    const scopes = ['api_keys:own', 'account:read'];
+    const parent = await createKey(app, user.accessToken, { scopes });
+    const mint = async (key: string) => {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/api-keys',
+        headers: withKey(key),
+        payload: { name: 'line', scopes },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      return res.json() as { id: string; key: string };
+    };
+    const children = [];
+    for (let i = 0; i < 20; i++) children.push(await mint(parent.key));
+    const grandchildren = [];
+    for (let i = 0; i < 10; i++) grandchildren.push(await mint(children[0]!.key));
+    const line = [...children, ...grandchildren].map((k) => k.id);
+
+    const inserts = vi.spyOn(app.services.repos.audit, 'insert');
+    const revoked = await app.inject({
+      method: 'DELETE',
+      url: `/v1/api-keys/${parent.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(revoked.statusCode).toBe(204);
+    // One statement (up to 1,000 rows each), not one per key.
+    expect(inserts).toHaveBeenCalledTimes(1);
+    expect(inserts.mock.calls[0]![0]).toHaveLength(1 + line.length);
+
+    const events = await app.services.audit.list({ type: 'api_key.revoked', limit: 100 });
+    const own = events.filter((e) => e.subjectId === parent.id);
+    expect(own).toHaveLength(1);
+    expect(own[0]!.data).toEqual({ owner_id: user.id, prefix: parent.prefix });
+    const cascaded = events.filter((e) => line.includes(e.subjectId ?? ''));
+    expect(cascaded.map((e) => e.subjectId).sort()).toEqual([...line].sort());
+    for (const e of cascaded) {
+      expect(e.data).toMatchObject({ owner_id: user.id, with_ancestor: parent.id });
+      expect(e.actorId).toBe(user.id);
+    }
+    for (const k of [children[5]!, grandchildren[9]!])
+      expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({
+        valid: false,
+        reason: 'revoked',
+      });
+  });
+
   it('rotation gives the new secret only to a caller who holds everything the key gives', async () => {
     let user = await registerUser(app, 'aks-rotate');
     const role = await grantRole(app, user.id, ['users:read', 'audit:read']);

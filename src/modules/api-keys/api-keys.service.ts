@@ -552,21 +552,23 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
         const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
         const now = clock.now();
         const revoked = (await repo.update(id, { revokedAt: now }, now, tx))!;
-        await deps.audit.record(tx, context, {
-          type: 'api_key.revoked',
-          subjectId: id,
-          data: { owner_id: current.ownerId, prefix: current.prefix },
-        });
-        emit(changed(revoked));
         // The keys it minted (and theirs) go with it: a leaked key cannot outlive its revocation.
-        for (const child of await repo.revokeDescendants(id, now, tx)) {
-          await deps.audit.record(tx, context, {
+        const descendants = await repo.revokeDescendants(id, now, tx);
+        // One insert for all their events, however many keys the line holds (as an owner's are).
+        await deps.audit.record(tx, context, [
+          {
+            type: 'api_key.revoked',
+            subjectId: id,
+            data: { owner_id: current.ownerId, prefix: current.prefix },
+          },
+          ...descendants.map((child) => ({
             type: 'api_key.revoked',
             subjectId: child.id,
             data: { owner_id: child.ownerId, prefix: child.prefix, with_ancestor: id },
-          });
-          emit(changed(child));
-        }
+          })),
+        ]);
+        emit(changed(revoked));
+        for (const child of descendants) emit(changed(child));
       });
     },
 
