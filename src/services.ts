@@ -14,6 +14,7 @@ import {
   createRedisFailureCounter,
   createSharedFailureCounter,
   loginFailuresKey,
+  mailsPerHourKey,
 } from './lib/throttle.js';
 import { createAuditRepository } from './modules/audit/audit.repository.js';
 import { createAuditService, systemContext } from './modules/audit/audit.service.js';
@@ -267,7 +268,7 @@ export function createServices(deps: ServicesDeps) {
           windowSeconds: 3600,
           clock,
           logger,
-          redisKey: (key) => `mails-per-hour:${key}`,
+          redisKey: mailsPerHourKey,
           fallbackMessage: 'Redis unavailable: counting the mails per address in this instance only',
           label: 'Mails per address',
         })

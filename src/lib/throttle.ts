@@ -254,6 +254,13 @@ const RELEASE_SCRIPT =
 export const loginFailuresKey = (email: string) =>
   `paservices:auth:login-failures:${createHash('sha256').update(email).digest('base64url')}`;
 
+/**
+ * The Redis key of the hourly mail cap of one address and purpose, from `mailCapKey`'s
+ * `<purpose>:<HMAC of the address under SECRET_PEPPER>`: no address in clear either, and, keyed,
+ * none found by hashing guesses without the pepper.
+ */
+export const mailsPerHourKey = (capKey: string) => `paservices:auth:mails-per-hour:${capKey}`;
+
 /** The Redis key, next to a count's, of the times its resets and carried counts were made (a hash). */
 export const failureTimesKey = (countKey: string) => `${countKey}:times`;
 

@@ -6,6 +6,7 @@ import type { MailMessage } from '../../src/lib/mailer.js';
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import { keyedHash } from '../../src/lib/crypto.js';
+import { mailsPerHourKey } from '../../src/lib/throttle.js';
 import { MAILS_PER_ACCOUNT_HOUR, mailCapKey } from '../../src/modules/auth/mailed-tokens.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { waitForLockWaiters } from '../support/database.js';
@@ -1054,7 +1055,7 @@ describe.each([
     if (!redis) return;
     for (const target of targets) {
       const key = mailCapKey(app.services.config.secretPepper, 'email_change', target);
-      await redis.del(`mails-per-hour:${key}`);
+      await redis.del(mailsPerHourKey(key));
     }
   });
 
