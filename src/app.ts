@@ -18,12 +18,7 @@ import { AppError, invalidFields } from './lib/errors.js';
 import { lazyChildLogger } from './lib/logger.js';
 import { serializerCompiler } from './lib/serializer.js';
 import { parseFormBody } from './lib/form.js';
-import {
-  duplicateMemberError,
-  forbiddenKeyError,
-  jsonBodyError,
-  jsonBodyText,
-} from './lib/json-body.js';
+import { duplicateMemberError, forbiddenKeyError, jsonBodyError, jsonBodyText } from './lib/json-body.js';
 import { jsonMayHoldNul, nulError, nulFields, urlEncodedMayHoldNul } from './lib/nul-characters.js';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
