@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
-import { createAdmin, PASSWORD } from '../support/factories.js';
+import { createAdmin, PASSWORD, registerUser } from '../support/factories.js';
 import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
 
@@ -115,6 +115,34 @@ describe('exchanging a Supabase access token', () => {
     };
     const exchanges = await app.services.audit.list({ type: 'auth.exchange', subjectId: id, limit: 10 });
     expect(exchanges.filter((e) => e.outcome === 'failure')).toEqual([expect.objectContaining(refusal)]);
+  });
+
+  it('an account conflict met by an exchange is audited as a failed auth.exchange, as its other refusals are', async () => {
+    const old = await registerUser(app, 'sb-exchange-conflict');
+    // Deleted and made again in Supabase's dashboard: a new Supabase id for an email an account here holds.
+    gotrue.users.delete(old.id);
+    const client = outsideClient();
+    expect((await client.auth.signUp({ email: old.email, password: PASSWORD })).error).toBeNull();
+    const signIn = await client.auth.signInWithPassword({ email: old.email, password: PASSWORD });
+    const newId = signIn.data.user!.id;
+
+    const res = await exchange(signIn.data.session!.access_token);
+    expect(res.statusCode, res.body).toBe(409);
+    expect(res.json()).toMatchObject({ code: 'account_conflict' });
+    const mine = (e: { data: Record<string, unknown> }) => e.data.provider_user_id === newId;
+    const exchanges = await app.services.audit.list({
+      type: 'auth.exchange',
+      outcome: 'failure',
+      limit: 200,
+    });
+    expect(exchanges.filter(mine)).toEqual([
+      expect.objectContaining({
+        subjectId: null,
+        data: { reason: 'account_conflict', provider_user_id: newId, email_domain: old.email.split('@')[1] },
+      }),
+    ]);
+    const logins = await app.services.audit.list({ type: 'auth.login', outcome: 'failure', limit: 200 });
+    expect(logins.filter(mine)).toEqual([]);
   });
 
   it('a token Supabase vouched for while an administrator deleted the account does not bring the account back', async () => {

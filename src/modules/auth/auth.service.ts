@@ -187,13 +187,15 @@ export function createAuthService(deps: AuthServiceDeps) {
   }
 
   /**
-   * ensureLocalUser for a sign-in: a conflict is refused like a failed sign-in, and audited. Undefined
-   * for an account deleted while the credential was checked, which does not come back.
+   * ensureLocalUser for a sign-in of kind `type` (a login, an exchange): a conflict is refused like a
+   * failed sign-in of that kind, and audited as one. Undefined for an account deleted while the
+   * credential was checked, which does not come back.
    */
   async function signInUser(
     pu: ProviderUser,
     context: RequestContext,
     email: string,
+    type: 'auth.login' | 'auth.exchange',
   ): Promise<UserRow | undefined> {
     // The built-in provider's users live in this database alone: one whose row is gone now was
     // deleted while the password was checked.
@@ -203,9 +205,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     } catch (err) {
       if (isAppError(err) && err.code === 'account_conflict') {
         // Not a guessed password (the provider accepted it): audited, not counted toward the lockout.
-        await recordLoginFailure(context, email, null, 'account_conflict', {
-          data: { provider_user_id: pu.id },
-        });
+        const options = { data: { provider_user_id: pu.id } };
+        if (type === 'auth.login')
+          await recordLoginFailure(context, email, null, 'account_conflict', options);
+        else await recordSignInFailure(type, context, email, null, 'account_conflict', options);
       }
       throw err;
     }
@@ -563,7 +566,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       }
       // Past the password: an account the provider's can not be matched with is no failed guess.
       const user = await unlessThrown(guess, async () => {
-        const row = await signInUser(identity, context, email);
+        const row = await signInUser(identity, context, email, 'auth.login');
         if (!row) throw invalidCredentials();
         return row;
       });
@@ -607,7 +610,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     async exchange(accessToken: string, context: RequestContext) {
       const identity = await deps.provider.exchange(accessToken);
       if (!identity) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
-      const user = await signInUser(identity, context, identity.email);
+      const user = await signInUser(identity, context, identity.email, 'auth.exchange');
       if (!user) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       if (user.status !== 'active') {
         // Audited as a disabled account's sign-in with a password is (the account's activity shows it).
