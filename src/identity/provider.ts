@@ -39,6 +39,18 @@ export class EmailNotConfirmed extends AppError {
 }
 
 /**
+ * The provider refuses the account itself, whatever the password (Supabase: a user banned there,
+ * which GoTrue answers 400 `user_banned` before it checks the password). The service answers it as
+ * the built-in provider answers a disabled account (401 `invalid_credentials`, audited `disabled`);
+ * left unhandled, it is that same 401.
+ */
+export class AccountDisabled extends AppError {
+  constructor() {
+    super('invalid_credentials', { detail: 'The email or password is incorrect' });
+  }
+}
+
+/**
  * The provider was asked to change (or, for a reset, set) a password and gave no answer (a timeout,
  * a 5xx): it may have changed it. A 503 to the client; the service ends the other sessions (a reset:
  * all of them) all the same, as a change would, since the old password may no longer be the account's.
@@ -76,8 +88,9 @@ export interface IdentityProvider {
   signUp(email: string, password: string): Promise<SignUpResult>;
   /**
    * The user, or undefined for any failure a client may not tell apart (unknown email, wrong password).
-   * Throws EmailNotConfirmed for the right password of an unconfirmed address, `provider_unavailable`
-   * for anything that is not an answer about the user.
+   * Throws EmailNotConfirmed for the right password of an unconfirmed address, AccountDisabled for an
+   * account the provider refuses whatever the password, `provider_unavailable` for anything that is
+   * not an answer about the user.
    */
   signIn(email: string, password: string): Promise<ProviderUser | undefined>;
   /** Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid. */

@@ -13,6 +13,7 @@ import ws from 'ws';
 import { AppError } from '../lib/errors.js';
 import { normalizePassword } from './passwords.js';
 import {
+  AccountDisabled,
   EmailNotConfirmed,
   type IdentityProvider,
   PasswordMayHaveChanged,
@@ -188,24 +189,22 @@ function unavailable(cause: unknown): AppError {
  */
 const CREATED_BY_THIS_SIGN_UP_MS = 60_000;
 
-/** GoTrue's answers to a password sign-in that are about the user: not this password, not allowed. */
-const SIGN_IN_REFUSALS = new Set([
-  'invalid_credentials',
-  'user_banned',
-  'user_not_found',
-  'validation_failed',
-]);
+/** GoTrue's answers to a password sign-in that are about the user: not this password. */
+const SIGN_IN_REFUSALS = new Set(['invalid_credentials', 'user_not_found', 'validation_failed']);
 
 /**
  * What a refused password sign-in says. Only GoTrue's own "no" (and its older, code-less wording) is
- * a wrong password; the right password of an unconfirmed address is said as such; anything else — a
- * 404 from a URL that is not the project's, a CAPTCHA the project requires, email sign-ins turned off
- * — is the service's fault, and must lock nobody out.
+ * a wrong password; the right password of an unconfirmed address is said as such; a banned user
+ * (`user_banned`, answered before GoTrue checks the password, so for any password) is a disabled
+ * account; anything else — a 404 from a URL that is not the project's, a CAPTCHA the project
+ * requires, email sign-ins turned off — is the service's fault, and must lock nobody out. (GoTrue
+ * before its error codes answered a ban "Invalid login credentials": a wrong password, as it said.)
  */
-function signInRefusal(error: AuthError): 'wrong' | 'unconfirmed' | 'outage' {
+function signInRefusal(error: AuthError): 'wrong' | 'unconfirmed' | 'disabled' | 'outage' {
   if (isOutage(error)) return 'outage';
   const code = error.code ?? '';
   if (code === 'email_not_confirmed') return 'unconfirmed';
+  if (code === 'user_banned') return 'disabled';
   if (SIGN_IN_REFUSALS.has(code)) return 'wrong';
   if (code === '' && error.status === 400) {
     if (/invalid login credentials/i.test(error.message)) return 'wrong';
@@ -223,18 +222,19 @@ function isInvalidCredentials(error: AuthError): boolean {
   );
 }
 
-/** One password sign-in: the session, or the refusal when it is a wrong password. */
+/** One password sign-in: the session, or the refusal when it is a wrong password or a banned user. */
 async function signInOnce(client: SupabaseClient, email: string, password: string) {
   const { data, error } = await client.auth.signInWithPassword({ email, password });
   if (!error) return { data };
   const refusal = signInRefusal(error);
   if (refusal === 'unconfirmed') throw new EmailNotConfirmed();
   if (refusal === 'outage') throw unavailable(error);
-  return { refused: error };
+  return { refused: error, disabled: refusal === 'disabled' };
 }
 
 /**
- * Signs in with a password; undefined for a wrong one (see signInRefusal for the rest). The NFKC form
+ * Signs in with a password; undefined for a wrong one, `disabled` for a user banned at Supabase (see
+ * signInRefusal for the rest). The NFKC form
  * is what the service sets in Supabase; a password set before passwords were normalised is the string
  * as typed then, so a password NFKC changes that Supabase calls invalid is tried once more as typed.
  * Not set again in its normalised form: GoTrue ends the user's other Supabase sessions and voids their
@@ -244,8 +244,10 @@ async function passwordSignIn(client: SupabaseClient, email: string, password: s
   const normalized = normalizePassword(password);
   const first = await signInOnce(client, email, normalized);
   if (first.data) return first.data;
+  if (first.disabled) return 'disabled' as const;
   if (normalized === password || !isInvalidCredentials(first.refused)) return undefined;
-  return (await signInOnce(client, email, password)).data;
+  const again = await signInOnce(client, email, password);
+  return again.data ?? (again.disabled ? ('disabled' as const) : undefined);
 }
 
 /** Runs one provider operation so that nothing but an AppError can leave it. */
@@ -375,6 +377,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       guarded(async () => {
         const client = newClient(deps.anonKey);
         const data = await passwordSignIn(client, email, password);
+        if (data === 'disabled') throw new AccountDisabled();
         if (!data) return undefined;
         revoke(client, data.session.access_token);
         return toProviderUser(data.user, email);
@@ -405,7 +408,8 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       guarded(async () => {
         const client = newClient(deps.anonKey);
         const signIn = await passwordSignIn(client, user.email, currentPassword);
-        if (!signIn) return undefined;
+        // A user banned at Supabase: no password of theirs is checked there, so none is the current one.
+        if (!signIn || signIn === 'disabled') return undefined;
         try {
           // The email now belongs to another Supabase user: changing that one's password would be worse.
           if (signIn.user.id !== user.id) return undefined;

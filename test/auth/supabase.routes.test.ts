@@ -537,6 +537,65 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect((await app.services.repos.users.findById(user.id))?.status).toBe('active');
   });
 
+  it('a user banned at Supabase is refused as the built-in provider refuses a disabled account: same 401, same lockout, audited `disabled`', async () => {
+    const limits = { RATE_LIMIT_ENABLED: 'true', LOGIN_MAX_FAILURES_PER_HOUR: '3' };
+    const builtIn = await buildTestApp({ env: limits });
+    const limited = await buildTestApp({ env: { ...supabaseEnv(gotrue), ...limits } });
+    try {
+      /** Four sign-ins, right, wrong, right, right, each from its own address: answers and statuses. */
+      const attempts = async (target: FastifyInstance, email: string) => {
+        const answers: LightMyRequestResponse[] = [];
+        for (const [i, password] of [PASSWORD, 'not the password at all', PASSWORD, PASSWORD].entries())
+          answers.push(
+            await target.inject({
+              method: 'POST',
+              url: '/v1/auth/login',
+              remoteAddress: `10.8.${answers.length}.${i + 1}`,
+              payload: { email, password },
+            }),
+          );
+        const strip = (b: Record<string, unknown>) => ({ ...b, request_id: undefined });
+        return { statuses: answers.map((a) => a.statusCode), first: strip(answers[0]!.json()) };
+      };
+
+      const local = await registerUser(builtIn, 'local-disabled');
+      await builtIn.services.repos.users.update(local.id, { status: 'disabled' });
+      const expected = await attempts(builtIn, local.email);
+      // The built-in provider's disabled account: a wrong password's 401, counted toward the lockout.
+      expect(expected.statuses).toEqual([401, 401, 401, 429]);
+      expect(expected.first).toMatchObject({ code: 'invalid_credentials' });
+
+      // Disabled here (so banned there), and banned in Supabase alone (its dashboard, say).
+      const admin = await createAdmin(limited);
+      const disabled = await registerUser(limited, 'sb-disabled-login');
+      const patched = await limited.inject({
+        method: 'PATCH',
+        url: `/v1/users/${disabled.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { status: 'disabled' },
+      });
+      expect(patched.statusCode, patched.body).toBe(200);
+      const banned = await registerUser(limited, 'sb-banned-login');
+      gotrue.users.get(banned.id)!.bannedUntil = new Date(Date.now() + 86400_000).toISOString();
+
+      for (const user of [disabled, banned]) {
+        expect(await attempts(limited, user.email)).toEqual(expected);
+        const events = await limited.services.audit.list({
+          subjectId: user.id,
+          type: 'auth.login',
+          limit: 20,
+        });
+        // GoTrue checks no password of a banned user: every refusal is the account's, none a guess's.
+        expect(
+          events.filter((e) => e.outcome === 'failure').map((e) => (e.data as { reason: string }).reason),
+        ).toEqual(['locked', 'disabled', 'disabled', 'disabled']);
+      }
+    } finally {
+      await builtIn.close();
+      await limited.close();
+    }
+  });
+
   it('a disable Supabase applied but answered too late (503) leaves no ban behind; enabling an active user lifts one', async () => {
     const admin = await createAdmin(app);
     const user = await registerUser(app, 'sb-late-ban');

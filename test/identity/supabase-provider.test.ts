@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import type { IdentityProvider, ProviderUser } from '../../src/identity/provider.js';
+import { AccountDisabled, type IdentityProvider, type ProviderUser } from '../../src/identity/provider.js';
 import { createSupabaseProvider } from '../../src/identity/supabase.js';
 import { AppError } from '../../src/lib/errors.js';
 import { type FakeGoTrue, projectClient, startFakeGoTrue } from '../support/fake-gotrue.js';
@@ -469,12 +469,14 @@ describe('when Supabase is unavailable', () => {
     // GoTrue's own refusals stay a plain "no", in their current and their older, code-less wording.
     for (const failure of [
       { status: 400, code: 'invalid_credentials', message: 'Invalid login credentials' },
-      { status: 400, code: 'user_banned', message: 'User is banned' },
       { status: 400, code: '', message: 'Invalid login credentials' },
     ]) {
       fake.setFailWith(failure);
       await expect(provider.signIn(user.email, 'correct horse')).resolves.toBeUndefined();
     }
+    // A ban refuses the account whatever the password: a disabled account, not a wrong password.
+    fake.setFailWith({ status: 400, code: 'user_banned', message: 'User is banned' });
+    await expect(provider.signIn(user.email, 'correct horse')).rejects.toBeInstanceOf(AccountDisabled);
     fake.setFailWith({ status: 400, code: '', message: 'Email not confirmed' });
     expect((await rejection(provider.signIn(user.email, 'correct horse'))).code).toBe('email_not_confirmed');
   });

@@ -25,7 +25,10 @@ export interface FakeGoTrueUser {
   updatedAt: string;
   userMetadata: Record<string, unknown>;
   appMetadata: Record<string, unknown>;
-  /** Set by the admin API's `ban_duration`; a banned user gets no session (`user_banned`). */
+  /**
+   * Set by the admin API's `ban_duration`; a banned user gets no session (`user_banned`): a password
+   * sign-in is refused so whatever the password, as GoTrue checks none for a banned user.
+   */
   bannedUntil?: string | null;
 }
 
@@ -487,10 +490,14 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
           'Only an email address or phone number should be provided',
         );
       const user = findByEmail(email);
-      if (!user || user.password === null || user.password !== password)
+      if (!user || user.password === null)
+        throw new HttpError(400, 'invalid_credentials', 'Invalid login credentials');
+      // GoTrue's ResourceOwnerPasswordGrant: a banned user is refused before the password is checked,
+      // so for any password, and before the address's confirmation.
+      if (isBanned(user)) throw new HttpError(400, 'user_banned', 'User is banned');
+      if (user.password !== password)
         throw new HttpError(400, 'invalid_credentials', 'Invalid login credentials');
       if (!user.emailConfirmedAt) throw new HttpError(400, 'email_not_confirmed', 'Email not confirmed');
-      if (isBanned(user)) throw new HttpError(400, 'user_banned', 'User is banned');
       return issueSession(user);
     }
     if (grantType === 'refresh_token') {

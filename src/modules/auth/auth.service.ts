@@ -2,6 +2,7 @@ import { PasswordReplaced } from './password-replaced.js';
 import type { Database, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import {
+  AccountDisabled,
   EmailNotConfirmed,
   type IdentityProvider,
   PasswordMayHaveChanged,
@@ -52,6 +53,21 @@ const RECENT_SIGN_IN_MS = 5 * 60_000;
 
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
+
+/** A login's password check: a user the provider refuses whatever the password (AccountDisabled) says so. */
+const disabledAtProvider = (err: unknown): 'disabled' => {
+  if (err instanceof AccountDisabled) return 'disabled';
+  throw err;
+};
+
+/**
+ * A password check that is not a login (the password asked again, the bootstrap admin's): an account
+ * the provider refuses whatever the password is no match, as a wrong password.
+ */
+const noMatchIfDisabled = (err: unknown): undefined => {
+  if (err instanceof AccountDisabled) return undefined;
+  throw err;
+};
 
 export function createAuthService(deps: AuthServiceDeps) {
   /**
@@ -410,7 +426,9 @@ export function createAuthService(deps: AuthServiceDeps) {
               'create-admin once you know whose account it is',
           });
       } else if (!input.force || input.password) {
-        const proven = input.password ? await deps.provider.signIn(email, input.password) : undefined;
+        const proven = input.password
+          ? await deps.provider.signIn(email, input.password).catch(noMatchIfDisabled)
+          : undefined;
         if (proven?.id !== existing.id)
           throw new AppError('validation_failed', {
             detail: input.force
@@ -434,7 +452,7 @@ export function createAuthService(deps: AuthServiceDeps) {
         if (!(isAppError(err) && err.code === 'email_taken')) throw err;
         // The provider has the account and this database does not (a new database on an existing
         // Supabase project): with its password, the local account is made for it and made admin.
-        const identity = await deps.provider.signIn(email, input.password!);
+        const identity = await deps.provider.signIn(email, input.password!).catch(noMatchIfDisabled);
         if (!identity)
           throw new AppError('validation_failed', {
             detail:
@@ -543,17 +561,25 @@ export function createAuthService(deps: AuthServiceDeps) {
       const guess = await passwordGuess(email, context, 'auth.login', async () => {
         return (await deps.users.findByEmail(email))?.id ?? null;
       });
-      const identity = await unlessThrown(guess, () => deps.provider.signIn(email, input.password)).catch(
-        async (err: unknown) => {
-          // The right password of an address the provider has not seen confirmed (Supabase): not a
-          // guess, and audited as the built-in provider's is.
-          if (err instanceof EmailNotConfirmed) {
-            const known = await deps.users.findByEmail(email);
-            await recordLoginFailure(context, email, known?.id ?? null, 'email_not_confirmed');
-          }
-          throw err;
-        },
-      );
+      const identity = await unlessThrown(guess, () =>
+        deps.provider.signIn(email, input.password).catch(disabledAtProvider),
+      ).catch(async (err: unknown) => {
+        // The right password of an address the provider has not seen confirmed (Supabase): not a
+        // guess, and audited as the built-in provider's is.
+        if (err instanceof EmailNotConfirmed) {
+          const known = await deps.users.findByEmail(email);
+          await recordLoginFailure(context, email, known?.id ?? null, 'email_not_confirmed');
+        }
+        throw err;
+      });
+      if (identity === 'disabled') {
+        // Refused by the provider whatever the password (Supabase: banned there; GoTrue checks no
+        // password of a banned user): answered, audited and counted as the built-in provider's
+        // disabled account is, so that the answer and the lockout tell nobody the account is disabled.
+        const known = await deps.users.findByEmail(email);
+        await recordLoginFailure(context, email, known?.id ?? null, 'disabled');
+        throw invalidCredentials();
+      }
       if (!identity) {
         const known = await deps.users.findByEmail(email);
         await recordLoginFailure(
@@ -793,7 +819,9 @@ export function createAuthService(deps: AuthServiceDeps) {
       const guess = await passwordGuess(user.email, context, action, async () => user.id);
       // The provider signs in by address: the identity must be this account (an address it left by an
       // email change may be another's by now), and an address changed since it was read is tried anew.
-      const first = await unlessThrown(guess, () => deps.provider.signIn(user.email, password));
+      const first = await unlessThrown(guess, () =>
+        deps.provider.signIn(user.email, password).catch(noMatchIfDisabled),
+      );
       // Checked and wrong for that address: what fails from here on leaves it counted.
       const right =
         first?.id === user.id
@@ -803,7 +831,7 @@ export function createAuthService(deps: AuthServiceDeps) {
               if (
                 now &&
                 now.email !== user.email &&
-                (await deps.provider.signIn(now.email, password))?.id === user.id
+                (await deps.provider.signIn(now.email, password).catch(noMatchIfDisabled))?.id === user.id
               )
                 return now;
               return undefined;
