@@ -40,12 +40,13 @@ export class EmailNotConfirmed extends AppError {
 
 /**
  * The provider refuses the account itself, whatever the password (Supabase: a user banned there,
- * which GoTrue answers 400 `user_banned` before it checks the password). The service answers it as
- * the built-in provider answers a disabled account (401 `invalid_credentials`, audited `disabled`);
- * left unhandled, it is that same 401.
+ * which GoTrue answers 400 `user_banned` before it checks the password), or holds it banned though
+ * its token still verifies (exchange: `user`, the account the token is for). The service answers it
+ * as the built-in provider answers a disabled account (401, audited `disabled`); left unhandled, it
+ * is a wrong password's 401.
  */
 export class AccountDisabled extends AppError {
-  constructor() {
+  constructor(readonly user?: Pick<ProviderUser, 'id' | 'email'>) {
     super('invalid_credentials', { detail: 'The email or password is incorrect' });
   }
 }
@@ -93,7 +94,10 @@ export interface IdentityProvider {
    * not an answer about the user.
    */
   signIn(email: string, password: string): Promise<ProviderUser | undefined>;
-  /** Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid. */
+  /**
+   * Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid.
+   * Throws AccountDisabled (with the user) for a valid token of a user the provider holds banned.
+   */
   exchange(accessToken: string): Promise<ProviderUser | undefined>;
   /**
    * Changes the password after checking the current one. Returns the new local hash and the hash it

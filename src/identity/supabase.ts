@@ -398,6 +398,10 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         }
         // Accounts here are keyed by email; a phone-only Supabase user has nothing to map to.
         if (!data.user.email) return undefined;
+        // Banned there (disabled here, or in Supabase's dashboard): GoTrue still verifies the tokens it
+        // issued before, until they expire; one exchanged here would open a session that outlives them.
+        const bannedUntil = Date.parse(data.user.banned_until ?? '');
+        if (bannedUntil > Date.now()) throw new AccountDisabled({ id: data.user.id, email: data.user.email });
         return {
           ...toProviderUser(data.user, data.user.email),
           signedInAt: signedInAt(accessToken, data.user.id),

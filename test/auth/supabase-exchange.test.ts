@@ -117,6 +117,39 @@ describe('exchanging a Supabase access token', () => {
     expect(exchanges.filter((e) => e.outcome === 'failure')).toEqual([expect.objectContaining(refusal)]);
   });
 
+  it('a token of a user banned in Supabase alone, which GoTrue still verifies, is refused as a disabled account’s', async () => {
+    const banUntil = new Date(Date.now() + 86400_000).toISOString();
+    // Known here (exchanged before), then banned in Supabase's dashboard; its token still verifies there.
+    const known = await signedInAtSupabase('sb-exchange-banned');
+    expect((await exchange(known.session.access_token)).statusCode).toBe(200);
+    gotrue.users.get(known.id)!.bannedUntil = banUntil;
+    expect((await known.client.auth.getUser(known.session.access_token)).error).toBeNull();
+    const res = await exchange(known.session.access_token);
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.json()).toMatchObject({ code: 'invalid_token', detail: 'The account is disabled' });
+    const exchanges = await app.services.audit.list({
+      type: 'auth.exchange',
+      subjectId: known.id,
+      limit: 10,
+    });
+    expect(exchanges.filter((e) => e.outcome === 'failure')).toEqual([
+      expect.objectContaining({ data: { reason: 'disabled', email_domain: known.email.split('@')[1] } }),
+    ]);
+    expect((await app.services.repos.users.findById(known.id))?.status).toBe('active');
+
+    // Never seen here: refused the same, and no account is made for it.
+    const stranger = await signedInAtSupabase('sb-exchange-banned-new');
+    gotrue.users.get(stranger.id)!.bannedUntil = banUntil;
+    const refused = await exchange(stranger.session.access_token);
+    expect(refused.statusCode, refused.body).toBe(401);
+    expect(refused.json()).toMatchObject({ code: 'invalid_token', detail: 'The account is disabled' });
+    expect(await app.services.repos.users.findById(stranger.id)).toBeUndefined();
+
+    // The ban lifted (or run out): exchanged again.
+    gotrue.users.get(known.id)!.bannedUntil = null;
+    expect((await exchange(known.session.access_token)).statusCode).toBe(200);
+  });
+
   it('an account conflict met by an exchange is audited as a failed auth.exchange, as its other refusals are', async () => {
     const old = await registerUser(app, 'sb-exchange-conflict');
     // Deleted and made again in Supabase's dashboard: a new Supabase id for an email an account here holds.

@@ -634,14 +634,24 @@ export function createAuthService(deps: AuthServiceDeps) {
     },
 
     async exchange(accessToken: string, context: RequestContext) {
-      const identity = await deps.provider.exchange(accessToken);
+      const accountDisabled = () => new AppError('invalid_token', { detail: 'The account is disabled' });
+      const identity = await deps.provider.exchange(accessToken).catch(async (err: unknown) => {
+        // Banned at the provider though its token still verifies: refused as a disabled account here
+        // is, before any local account is made for it.
+        if (err instanceof AccountDisabled && err.user) {
+          const known = await deps.users.findById(err.user.id);
+          await recordSignInFailure('auth.exchange', context, err.user.email, known?.id ?? null, 'disabled');
+          throw accountDisabled();
+        }
+        throw err;
+      });
       if (!identity) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       const user = await signInUser(identity, context, identity.email, 'auth.exchange');
       if (!user) throw new AppError('invalid_token', { detail: 'The provider token is not valid' });
       if (user.status !== 'active') {
         // Audited as a disabled account's sign-in with a password is (the account's activity shows it).
         await recordSignInFailure('auth.exchange', context, identity.email, user.id, 'disabled');
-        throw new AppError('invalid_token', { detail: 'The account is disabled' });
+        throw accountDisabled();
       }
       // Its session stands in for a password while the sign-in at Supabase is recent (not the
       // exchange: a token refreshed days after its sign-in, or stolen, is exchanged as often as asked).
