@@ -211,6 +211,22 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       return secondDone;
     }
 
+    /** A key minted with `key`, holding its insert until `shorten` waits on it; the key made. */
+    async function mintedBeforeShortening(key: string, shorten: () => ReturnType<typeof mint>) {
+      let made: { id: string } | undefined;
+      await ordered(
+        'insert',
+        () => true,
+        async () => {
+          const res = await mint(key);
+          made = res.json();
+          return res;
+        },
+        shorten,
+      );
+      return made!;
+    }
+
     it('the shortening first: the key made waits for it and takes the new expiry', async () => {
       const user = await registerUser(app, 'ake-race-patch');
       const parent = await parentOf(user);
@@ -229,18 +245,8 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       const user = await registerUser(app, 'ake-race-mint');
       const parent = await parentOf(user);
       const soon = inHours(1);
-      let made: { id: string } | undefined;
-      await ordered(
-        'insert',
-        () => true,
-        async () => {
-          const res = await mint(parent.key);
-          made = res.json();
-          return res;
-        },
-        () => patchExpiry(user, parent.id, soon),
-      );
-      expect(await expiryOf(user, made!.id)).toBe(soon);
+      const made = await mintedBeforeShortening(parent.key, () => patchExpiry(user, parent.id, soon));
+      expect(await expiryOf(user, made.id)).toBe(soon);
     });
 
     it('a grandchild made first: the shortening waits for it and brings it to the new expiry too', async () => {
@@ -248,19 +254,9 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       const parent = await parentOf(user);
       const child = await minted(parent.key);
       const soon = inHours(1);
-      let made: { id: string } | undefined;
-      await ordered(
-        'insert',
-        () => true,
-        async () => {
-          const res = await mint(child.key);
-          made = res.json();
-          return res;
-        },
-        () => patchExpiry(user, parent.id, soon),
-      );
+      const made = await mintedBeforeShortening(child.key, () => patchExpiry(user, parent.id, soon));
       expect(await expiryOf(user, child.id)).toBe(soon);
-      expect(await expiryOf(user, made!.id)).toBe(soon);
+      expect(await expiryOf(user, made.id)).toBe(soon);
     });
   });
 });
