@@ -5,7 +5,7 @@ import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { API_KEY_FORMAT, generateSecret } from '../../src/lib/crypto.js';
 import { API_KEY_ROUTES } from '../authz/routes.js';
-import { buildTestApp } from '../support/app.js';
+import { appliedChanges, buildTestApp } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
@@ -863,17 +863,12 @@ describe('api keys: security', () => {
     });
     try {
       const user = await registerUser(isolated, 'aks-flood');
-      // The key's creation is applied here at its commit and again when its notification comes back:
-      // the row is cached once both are in.
-      let heard = 0;
-      const bothHeard = new Promise<void>((resolve) =>
-        isolated.services.events.subscribe((event) => {
-          if (event.type === 'api_key_changed' && ++heard === 2) resolve();
-        }),
-      );
+      // The row is cached once the key's creation is applied here both at its commit and from its
+      // notification.
+      const keys = appliedChanges(isolated, (e) => (e.type === 'api_key_changed' ? e.lookupId : undefined));
       const created = await createKey(isolated, user.accessToken, { scopes: ['account:read'] });
       const lookupId = created.prefix.slice(4);
-      await bothHeard;
+      await keys.bothHeard(lookupId);
       expect((await me(withKey(created.key), isolated)).statusCode).toBe(200);
       const repo = isolated.services.repos.apiKeys;
       const findByLookupId = repo.findByLookupId.bind(repo);

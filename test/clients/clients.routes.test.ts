@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { buildTestApp } from '../support/app.js';
+import { appliedChanges, buildTestApp } from '../support/app.js';
 import { createAdmin, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { basic, clientToken, createClient, createTestClock, form, introspect, userWith } from './helpers.js';
@@ -294,7 +294,11 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
   });
 
   it('even without an event, a rotation reaches a remembered secret once the client’s row is read again', async () => {
+    // The row is cached below only once the creation is applied here both at its commit and from its
+    // notification (which would otherwise drop the row the failed attempt cached).
+    const changes = appliedChanges(app, (e) => (e.type === 'client_changed' ? e.clientId : undefined));
     const client = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    await changes.bothHeard(client.client_id);
     const asBasic = basic(client.client_id, client.client_secret);
     const asPost = { client_id: client.client_id, client_secret: client.client_secret };
     const introspectAs = (params: Record<string, string>, headers: Record<string, string> = {}) =>

@@ -6,7 +6,7 @@ import { clients, roles as rolesTable } from '../../src/db/schema/index.js';
 import { CLIENT_SECRET_FORMAT, generateSecret } from '../../src/lib/crypto.js';
 import { CLIENT_ID_PREFIX } from '../../src/modules/clients/clients.service.js';
 import { CLIENT_ROUTES } from '../authz/routes.js';
-import { buildTestApp } from '../support/app.js';
+import { appliedChanges, buildTestApp } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createKey, grantRole, removeRole, withKey } from '../api-keys/helpers.js';
@@ -42,16 +42,11 @@ describe('app clients: security', () => {
     });
     try {
       const owner = await userWith(isolated, ['clients:read', 'clients:write', 'users:read']);
-      // The client's creation is applied here at its commit and again when its notification comes
-      // back: its row is cached once both are in.
-      let heard = 0;
-      const bothHeard = new Promise<void>((resolve) =>
-        isolated.services.events.subscribe((event) => {
-          if (event.type === 'client_changed' && ++heard === 2) resolve();
-        }),
-      );
+      // The row is cached once the client's creation is applied here both at its commit and from its
+      // notification.
+      const changes = appliedChanges(isolated, (e) => (e.type === 'client_changed' ? e.clientId : undefined));
       const client = await createClient(isolated, owner.accessToken, { scopes: ['users:read'] });
-      await bothHeard;
+      await changes.bothHeard(client.client_id);
       const service = isolated.services.clients;
       expect((await service.authenticate(client.client_id, client.client_secret)).ok).toBe(true);
       const repo = isolated.services.repos.clients;

@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { type AppDeps, buildApp } from '../../src/app.js';
 import { loadConfig } from '../../src/config.js';
+import type { AuthEvent } from '../../src/lib/events.js';
 import { recordContract } from './contract.js';
 import { testDatabase } from './database.js';
 
@@ -70,3 +71,28 @@ export async function buildTestApp(options: TestAppOptions = {}): Promise<Fastif
 }
 
 export const uniqueEmail = (tag = 'user') => `${tag}-${randomUUID().slice(0, 12)}@example.test`;
+
+/**
+ * Events of one kind the app applies, counted by the id `idOf` gives. An instance applies its own
+ * change at the commit and again when its notification comes back, and each drops the cached rows:
+ * `bothHeard(id)` resolves once both are in, so a row cached after it stays cached (unless something
+ * else changes it). Subscribe before making the change.
+ */
+export function appliedChanges(app: FastifyInstance, idOf: (event: AuthEvent) => string | undefined) {
+  const counts = new Map<string, number>();
+  const waiting = new Map<string, () => void>();
+  app.services.events.subscribe((event) => {
+    const id = idOf(event);
+    if (id === undefined) return;
+    const count = (counts.get(id) ?? 0) + 1;
+    counts.set(id, count);
+    if (count >= 2) waiting.get(id)?.();
+  });
+  return {
+    bothHeard: (id: string) =>
+      new Promise<void>((resolve) => {
+        if ((counts.get(id) ?? 0) >= 2) resolve();
+        else waiting.set(id, resolve);
+      }),
+  };
+}
