@@ -31,7 +31,10 @@ export function createSessionsRepository(db: Executor) {
     /**
      * The token and its session. With `lock` (inside a transaction) the session row is locked, so
      * concurrent refreshes of its tokens take turns, and in the order a logout or a user's deletion
-     * takes them (the session, then its tokens): the other way round, they deadlocked.
+     * takes them (the session, then its tokens): the other way round, they deadlocked. The token is
+     * then read again: a lock waited for gives the locked row as it is now, but the row joined to it
+     * as the statement first saw it, so a refresh that waited for the one rotating the token would
+     * see it unrotated, and a replay passed for a first use.
      */
     async findByTokenHash(
       tokenHash: string,
@@ -44,8 +47,16 @@ export function createSessionsRepository(db: Executor) {
         .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
         .where(eq(refreshTokens.tokenHash, tokenHash))
         .limit(1);
-      const [row] = options.lock ? await query.for('update', { of: sessions }) : await query;
-      return row;
+      if (!options.lock) return (await query)[0];
+      const [row] = await query.for('update', { of: sessions });
+      if (!row) return undefined;
+      // Every change to a token is made under its session's lock, now ours: this read is current.
+      const [token] = await tx
+        .select()
+        .from(refreshTokens)
+        .where(eq(refreshTokens.id, row.token.id))
+        .limit(1);
+      return token && { token, session: row.session };
     },
     /** Once: a token rotated again (within its grace) keeps the time of its first rotation. */
     async markRotated(tokenId: string, at: Date, tx: Executor): Promise<void> {
