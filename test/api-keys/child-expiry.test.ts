@@ -11,7 +11,8 @@ import { createKey, createTestClock, verifyKey, withKey } from './helpers.js';
 
 /**
  * A key minted by a key (api_keys:own, `parent_id`) expires no later than its parent: not only when
- * it is made, but when the parent's expiry is shortened later, or at the same moment.
+ * it is made, but when the parent's expiry is shortened later, or at the same moment. And it is
+ * revoked with any of its ancestors, even when minted while that revocation runs.
  */
 describe('api keys: a key expires no later than the key that minted it', () => {
   const clock = createTestClock();
@@ -169,94 +170,150 @@ describe('api keys: a key expires no later than the key that minted it', () => {
 
   // On PostgreSQL, with a deterministic order: one side holds its transaction open at a chosen step
   // until the other waits on its lock. PGlite has one connection and runs them one after the other.
-  describe.skipIf(!inject('databaseUrl'))('a key minted while its parent’s expiry is shortened', () => {
-    /**
-     * Runs `first`; when it calls `method` of the key repository with `when` true, it holds its
-     * transaction there until `second` (started then) waits on a lock it holds.
-     */
-    async function ordered<M extends 'insert' | 'update'>(
-      method: M,
-      when: (args: unknown[]) => boolean,
-      first: () => ReturnType<typeof mint>,
-      second: () => ReturnType<typeof mint>,
-    ) {
-      const repo = app.services.repos.apiKeys as unknown as Record<
-        M,
-        (...args: unknown[]) => Promise<unknown>
-      >;
-      const original = repo[method];
-      const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
-      await watcher.connect();
-      let started: ReturnType<typeof second> | undefined;
-      repo[method] = async (...args: unknown[]) => {
-        const result = await original.apply(repo, args);
-        if (!started && when(args)) {
-          const tx = args.find((a) => a !== null && typeof a === 'object' && 'execute' in a) as never;
-          const [holder] = await selectRows<{ pid: number }>(tx, sql`select pg_backend_pid() as pid`);
-          started = second();
-          await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), started]);
+  describe.skipIf(!inject('databaseUrl'))(
+    'a key minted while its parent’s expiry is shortened, or an ancestor revoked',
+    () => {
+      /**
+       * Runs `first`; when it calls `method` of the key repository with `when` true, it holds its
+       * transaction there until `second` (started then) waits on a lock it holds.
+       */
+      async function ordered<M extends 'insert' | 'update' | 'revokeDescendants'>(
+        method: M,
+        when: (args: unknown[]) => boolean,
+        first: () => ReturnType<typeof mint>,
+        second: () => ReturnType<typeof mint>,
+        secondStatus: (status: number) => boolean = (status) => status < 300,
+      ) {
+        const repo = app.services.repos.apiKeys as unknown as Record<
+          M,
+          (...args: unknown[]) => Promise<unknown>
+        >;
+        const original = repo[method];
+        const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
+        await watcher.connect();
+        let started: ReturnType<typeof second> | undefined;
+        repo[method] = async (...args: unknown[]) => {
+          const result = await original.apply(repo, args);
+          if (!started && when(args)) {
+            const tx = args.find((a) => a !== null && typeof a === 'object' && 'execute' in a) as never;
+            const [holder] = await selectRows<{ pid: number }>(tx, sql`select pg_backend_pid() as pid`);
+            started = second();
+            await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), started]);
+          }
+          return result;
+        };
+        try {
+          const firstDone = await first();
+          expect(firstDone.statusCode, firstDone.body).toBeLessThan(300);
+        } finally {
+          repo[method] = original;
+          await watcher.end();
         }
-        return result;
-      };
-      try {
-        const firstDone = await first();
-        expect(firstDone.statusCode, firstDone.body).toBeLessThan(300);
-      } finally {
-        repo[method] = original;
-        await watcher.end();
+        expect(started, 'the second request never started').toBeDefined();
+        const secondDone = await started!;
+        expect(secondStatus(secondDone.statusCode), secondDone.body).toBe(true);
+        return secondDone;
       }
-      expect(started, 'the second request never started').toBeDefined();
-      const secondDone = await started!;
-      expect(secondDone.statusCode, secondDone.body).toBeLessThan(300);
-      return secondDone;
-    }
 
-    /** A key minted with `key`, holding its insert until `shorten` waits on it; the key made. */
-    async function mintedBeforeShortening(key: string, shorten: () => ReturnType<typeof mint>) {
-      let made: { id: string } | undefined;
-      await ordered(
-        'insert',
-        () => true,
-        async () => {
-          const res = await mint(key);
-          made = res.json();
-          return res;
-        },
-        shorten,
-      );
-      return made!;
-    }
+      /** A key minted with `key`, holding its insert until `change` waits on it; the key made. */
+      async function mintedBefore(key: string, change: () => ReturnType<typeof mint>) {
+        let made: { id: string; key: string } | undefined;
+        await ordered(
+          'insert',
+          () => true,
+          async () => {
+            const res = await mint(key);
+            made = res.json();
+            return res;
+          },
+          change,
+        );
+        return made!;
+      }
 
-    it('the shortening first: the key made waits for it and takes the new expiry', async () => {
-      const user = await registerUser(app, 'ake-race-patch');
-      const parent = await parentOf(user);
-      const soon = inHours(1);
-      const made = await ordered(
-        'update',
-        (args) => args[0] === parent.id,
-        () => patchExpiry(user, parent.id, soon),
-        () => mint(parent.key),
-      );
-      expect(made.json()).toMatchObject({ parent_id: parent.id, expires_at: soon });
-      expect(await expiryOf(user, made.json().id)).toBe(soon);
-    });
+      it('the shortening first: the key made waits for it and takes the new expiry', async () => {
+        const user = await registerUser(app, 'ake-race-patch');
+        const parent = await parentOf(user);
+        const soon = inHours(1);
+        const made = await ordered(
+          'update',
+          (args) => args[0] === parent.id,
+          () => patchExpiry(user, parent.id, soon),
+          () => mint(parent.key),
+        );
+        expect(made.json()).toMatchObject({ parent_id: parent.id, expires_at: soon });
+        expect(await expiryOf(user, made.json().id)).toBe(soon);
+      });
 
-    it('the key made first: the shortening waits for it and brings it to the new expiry', async () => {
-      const user = await registerUser(app, 'ake-race-mint');
-      const parent = await parentOf(user);
-      const soon = inHours(1);
-      const made = await mintedBeforeShortening(parent.key, () => patchExpiry(user, parent.id, soon));
-      expect(await expiryOf(user, made.id)).toBe(soon);
-    });
+      it('the key made first: the shortening waits for it and brings it to the new expiry', async () => {
+        const user = await registerUser(app, 'ake-race-mint');
+        const parent = await parentOf(user);
+        const soon = inHours(1);
+        const made = await mintedBefore(parent.key, () => patchExpiry(user, parent.id, soon));
+        expect(await expiryOf(user, made.id)).toBe(soon);
+      });
 
-    it('a grandchild made first: the shortening waits for it and brings it to the new expiry too', async () => {
-      const user = await registerUser(app, 'ake-race-grand');
-      const parent = await parentOf(user);
-      const child = await minted(parent.key);
-      const soon = inHours(1);
-      const made = await mintedBeforeShortening(child.key, () => patchExpiry(user, parent.id, soon));
-      expect(await expiryOf(user, child.id)).toBe(soon);
-      expect(await expiryOf(user, made.id)).toBe(soon);
-    });
-  });
+      it('a grandchild made first: the shortening waits for it and brings it to the new expiry too', async () => {
+        const user = await registerUser(app, 'ake-race-grand');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key);
+        const soon = inHours(1);
+        const made = await mintedBefore(child.key, () => patchExpiry(user, parent.id, soon));
+        expect(await expiryOf(user, child.id)).toBe(soon);
+        expect(await expiryOf(user, made.id)).toBe(soon);
+      });
+
+      const revoke = (user: TestUser, id: string) =>
+        app.inject({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: bearer(user.accessToken) });
+      const me = (key: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(key) });
+
+      it('a key made first: the revocation waits for it and revokes it with its parent', async () => {
+        const user = await registerUser(app, 'akr-race-mint');
+        const parent = await parentOf(user);
+        const made = await mintedBefore(parent.key, () => revoke(user, parent.id));
+        expect(await verifyKey(app, admin.accessToken, made.key)).toMatchObject({
+          valid: false,
+          reason: 'revoked',
+        });
+      });
+
+      it('a grandchild made first: revoking its grandparent waits for it and revokes it too', async () => {
+        const user = await registerUser(app, 'akr-race-grand');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key);
+        const made = await mintedBefore(child.key, () => revoke(user, parent.id));
+        for (const k of [child.key, made.key]) {
+          expect(await verifyKey(app, admin.accessToken, k)).toMatchObject({
+            valid: false,
+            reason: 'revoked',
+          });
+          expect((await me(k)).statusCode).toBe(401);
+        }
+        // Audited once, as revoked with the key whose revocation reached it.
+        const events = await app.services.audit.list({ type: 'api_key.revoked', limit: 100 });
+        const about = events.filter((e) => e.subjectId === made.id);
+        expect(about).toHaveLength(1);
+        expect(about[0]!.data).toMatchObject({ owner_id: user.id, with_ancestor: parent.id });
+      });
+
+      it('the revocation first: a grandchild’s creation waits for it and is refused', async () => {
+        const user = await registerUser(app, 'akr-race-revoke');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key);
+        const refused = await ordered(
+          'revokeDescendants',
+          (args) => args[0] === parent.id,
+          () => revoke(user, parent.id),
+          () => mint(child.key),
+          (status) => status === 401,
+        );
+        expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+        const [row] = await selectRows<{ n: number }>(
+          app.services.db,
+          sql`select count(*)::int as n from api_keys where owner_id = ${user.id} and revoked_at is null`,
+        );
+        expect(row!.n).toBe(0);
+      });
+    },
+  );
 });

@@ -130,7 +130,9 @@ export function createApiKeysRepository(db: Database) {
     },
     /**
      * Revokes every live key descended from `id` (created by it, or by one it created, …): a key that
-     * is revoked takes the keys it minted with it. The revoked rows.
+     * is revoked takes the keys it minted with it. The revoked rows. One pass: callers repeat it until
+     * one revokes none, since a pass that waited on a key locked by a creation under it does not see
+     * the key that creation made.
      */
     async revokeDescendants(id: string, at: Date, tx: Executor = db): Promise<ApiKeyRow[]> {
       return tx

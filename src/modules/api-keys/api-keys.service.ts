@@ -553,7 +553,15 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
         const now = clock.now();
         const revoked = (await repo.update(id, { revokedAt: now }, now, tx))!;
         // The keys it minted (and theirs) go with it: a leaked key cannot outlive its revocation.
-        const descendants = await repo.revokeDescendants(id, now, tx);
+        // Passes until one finds none, as for an expiry: a pass that waited for a creation under one
+        // of them (which holds its parent) does not see the key made; the next pass does, and a
+        // creation that comes later finds its parent revoked.
+        const descendants: ApiKeyRow[] = [];
+        for (;;) {
+          const pass = await repo.revokeDescendants(id, now, tx);
+          if (pass.length === 0) break;
+          descendants.push(...pass);
+        }
         // One insert for all their events, however many keys the line holds (as an owner's are).
         await deps.audit.record(tx, context, [
           {
