@@ -132,6 +132,56 @@ describe('api keys: a key expires no later than the key that minted it', () => {
     }
   });
 
+  it('a key minted by a key cannot be given a later expiry than it, nor none, by its owner either', async () => {
+    const user = await registerUser(app, 'ake-lengthen');
+    const inADay = inHours(24);
+    const parent = await parentOf(user, { expires_at: inADay });
+    const child = await minted(parent.key, { expires_at: inHours(1) });
+    const grandchild = await minted(child.key);
+    // Another key of the owner's that never expires, holding what the child gives: it may lengthen
+    // the owner's keys, but not past what minted them either.
+    const sibling = await parentOf(user);
+    const before = (await app.services.audit.list({ type: 'api_key.updated', limit: 100 })).length;
+    const patchWith = (headers: Record<string, string>, id: string, expires_at: string | null) =>
+      app.inject({ method: 'PATCH', url: `/v1/api-keys/${id}`, headers, payload: { expires_at } });
+    for (const headers of [bearer(user.accessToken), withKey(sibling.key)]) {
+      for (const [id, later, bound] of [
+        [child.id, inHours(48), inADay],
+        [child.id, null, inADay],
+        [grandchild.id, inHours(2), child.expires_at],
+        [grandchild.id, null, child.expires_at],
+      ] as const) {
+        const res = await patchWith(headers, id, later);
+        expect(res.statusCode, res.body).toBe(400);
+        expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+        expect(res.json()).toMatchObject({
+          code: 'validation_failed',
+          errors: [
+            {
+              field: 'body.expires_at',
+              message: `must be no later than the expiry of the key that minted this one (parent_id), ${bound}`,
+            },
+          ],
+        });
+      }
+    }
+    // Nothing changed, nothing audited.
+    expect(await expiryOf(user, child.id)).toBe(child.expires_at);
+    expect(await expiryOf(user, grandchild.id)).toBe(child.expires_at);
+    expect(await app.services.audit.list({ type: 'api_key.updated', limit: 100 })).toHaveLength(before);
+    // Up to the parent's expiry it may go; and further once the parent itself goes further.
+    expect((await patchExpiry(user, child.id, inADay)).statusCode).toBe(200);
+    expect((await patchExpiry(user, grandchild.id, inADay)).statusCode).toBe(200);
+    expect((await patchExpiry(user, parent.id, null)).statusCode).toBe(200);
+    const inTwoDays = inHours(48);
+    expect((await patchExpiry(user, child.id, inTwoDays)).statusCode).toBe(200);
+    expect(await verifyKey(app, admin.accessToken, child.key)).toMatchObject({
+      valid: true,
+      expires_at: inTwoDays,
+    });
+    expect((await patchExpiry(user, child.id, null)).statusCode).toBe(200);
+  });
+
   it('rotating a key leaves the keys it minted as they are: a new secret, not a new authority', async () => {
     const user = await registerUser(app, 'ake-rotate');
     const expiresAt = inHours(24);
@@ -261,6 +311,43 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         const made = await mintedBefore(child.key, () => patchExpiry(user, parent.id, soon));
         expect(await expiryOf(user, child.id)).toBe(soon);
         expect(await expiryOf(user, made.id)).toBe(soon);
+      });
+
+      it('a key given a later expiry within its parent’s while the parent is shortened: brought to the new one', async () => {
+        const user = await registerUser(app, 'ake-race-lengthen');
+        const parent = await parentOf(user, { expires_at: inHours(24) });
+        const child = await minted(parent.key, { expires_at: inHours(1) });
+        const soon = inHours(2);
+        // The child's change holds its parent's row (shared), then its own; the parent's shortening waits.
+        await ordered(
+          'update',
+          (args) => args[0] === child.id,
+          () => patchExpiry(user, child.id, inHours(12)),
+          () => patchExpiry(user, parent.id, soon),
+        );
+        expect(await expiryOf(user, parent.id)).toBe(soon);
+        expect(await expiryOf(user, child.id)).toBe(soon);
+      });
+
+      it('the parent shortened first: a later expiry for the key it minted waits for it and is refused', async () => {
+        const user = await registerUser(app, 'ake-race-shorten');
+        const parent = await parentOf(user, { expires_at: inHours(24) });
+        const child = await minted(parent.key, { expires_at: inHours(1) });
+        const soon = inHours(2);
+        const refused = await ordered(
+          'update',
+          (args) => args[0] === parent.id,
+          () => patchExpiry(user, parent.id, soon),
+          () => patchExpiry(user, child.id, inHours(12)),
+          (status) => status === 400,
+        );
+        expect(refused.json().errors).toEqual([
+          {
+            field: 'body.expires_at',
+            message: `must be no later than the expiry of the key that minted this one (parent_id), ${soon}`,
+          },
+        ]);
+        expect(await expiryOf(user, child.id)).toBe(child.expires_at);
       });
 
       const revoke = (user: TestUser, id: string) =>

@@ -317,6 +317,23 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     );
   }
 
+  /**
+   * A key minted by a key (`parent_id`) expires no later than it, as when it was made: a later expiry
+   * (or none) than its parent's is a 400 naming the field, whoever asks (the parent, read on `tx`).
+   */
+  function assertWithinParent(parent: ApiKeyRow, expiresAt: Date | null) {
+    if (!outlives(expiresAt, parent.expiresAt)) return;
+    throw new AppError('validation_failed', {
+      detail: 'A key minted by a key cannot outlive it',
+      errors: [
+        {
+          field: 'body.expires_at',
+          message: `must be no later than the expiry of the key that minted this one (parent_id), ${parent.expiresAt!.toISOString()}`,
+        },
+      ],
+    });
+  }
+
   const hasExpired = (key: ApiKeyRow) => key.expiresAt !== null && key.expiresAt.getTime() <= clock.nowMs();
   const expiredKey = (error?: { field: string; message: string }) =>
     new AppError('conflict', {
@@ -461,6 +478,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       assertFuture(input.expiresAt);
       const row = await deps.grants.audited(context, { action: 'api_key.update', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
+          // A new expiry for a key minted by a key is bounded by its parent (`parent_id`, which never
+          // changes), held first (shared) as a creation holds it, then the key: a change to the
+          // parent's expiry either waits for this one and then brings the key to it, or has committed
+          // and is read here.
+          const parentId = input.expiresAt !== undefined ? (await repo.findById(id, tx))?.parentId : null;
+          const parent = parentId ? await repo.findByIdForShare(parentId, tx) : undefined;
           const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
           const requested: ApiKeyPatch = {};
           if (input.name !== undefined) requested.name = input.name;
@@ -496,6 +519,8 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
                 tx,
                 'Extending the life of a key needs the permissions it gives',
               );
+              // Nor past the key that minted it, whoever asks.
+              if (parent) assertWithinParent(parent, patch.expiresAt);
             }
           }
           if (patch.scopes !== undefined) await assertGrantable(actor, current.ownerId, patch.scopes, tx);
