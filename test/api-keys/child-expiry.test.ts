@@ -11,8 +11,9 @@ import { createKey, createTestClock, verifyKey, withKey } from './helpers.js';
 
 /**
  * A key minted by a key (api_keys:own, `parent_id`) expires no later than its parent: not only when
- * it is made, but when the parent's expiry is shortened later, or at the same moment. And it is
- * revoked with any of its ancestors, even when minted while that revocation runs.
+ * it is made, but when the parent's expiry is shortened later, or at the same moment, and nobody can
+ * give it a later one, nor a scope the parent lacks. And it is revoked with any of its ancestors,
+ * even when minted while that revocation runs.
  */
 describe('api keys: a key expires no later than the key that minted it', () => {
   const clock = createTestClock();
@@ -180,6 +181,59 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       expires_at: inTwoDays,
     });
     expect((await patchExpiry(user, child.id, null)).statusCode).toBe(200);
+  });
+
+  it('a key minted by a key cannot be given a scope it lacks, by its owner either', async () => {
+    const user = await registerUser(app, 'ake-widen');
+    const parent = await parentOf(user, { expires_at: inHours(24) });
+    const child = await minted(parent.key, { scopes: ['api_keys:own'] });
+    const sibling = await parentOf(user, { scopes: ['api_keys:own', 'account:read', 'account:write'] });
+    const patchScopes = (headers: Record<string, string>, scopes: string[]) =>
+      app.inject({ method: 'PATCH', url: `/v1/api-keys/${child.id}`, headers, payload: { scopes } });
+    for (const headers of [bearer(user.accessToken), withKey(sibling.key)]) {
+      const res = await patchScopes(headers, ['account:read', 'account:write', 'api_keys:own']);
+      expect(res.statusCode, res.body).toBe(400);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json()).toMatchObject({
+        code: 'validation_failed',
+        errors: [
+          {
+            field: 'body.scopes',
+            message: 'go beyond the scopes of the key that minted this one (parent_id): account:write',
+          },
+        ],
+      });
+    }
+    // A later expiry too: both are named.
+    const both = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${child.id}`,
+      headers: bearer(user.accessToken),
+      payload: { scopes: ['account:write', 'api_keys:own'], expires_at: null },
+    });
+    expect(both.statusCode, both.body).toBe(400);
+    expect(both.json().errors.map((e: { field: string }) => e.field)).toEqual([
+      'body.expires_at',
+      'body.scopes',
+    ]);
+    expect(await verifyKey(app, admin.accessToken, child.key)).toMatchObject({ scopes: ['api_keys:own'] });
+    // Within the parent's it may widen; and further once the parent itself holds more.
+    expect((await patchScopes(bearer(user.accessToken), ['account:read', 'api_keys:own'])).statusCode).toBe(
+      200,
+    );
+    const parentWidened = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${parent.id}`,
+      headers: bearer(user.accessToken),
+      payload: { scopes: ['account:read', 'account:write', 'api_keys:own'] },
+    });
+    expect(parentWidened.statusCode, parentWidened.body).toBe(200);
+    const widened = await patchScopes(bearer(user.accessToken), [
+      'account:read',
+      'account:write',
+      'api_keys:own',
+    ]);
+    expect(widened.statusCode, widened.body).toBe(200);
   });
 
   it('rotating a key leaves the keys it minted as they are: a new secret, not a new authority', async () => {

@@ -247,9 +247,9 @@ export async function apiKeysRoutes(
         description:
           'New scopes must be within the caller’s and the owner’s permissions, and a later expiry (or none) ' +
           `within the caller’s (403); an expired key’s expiry and scopes cannot change (409). A key minted ` +
-          'by a key (`parent_id`) cannot be given a later expiry than that key’s, nor none (400, ' +
-          '`body.expires_at`). A new expiry brings the keys the key minted (and theirs) that would outlive ' +
-          'it to it, in the same change. ' +
+          'by a key (`parent_id`) cannot be given a later expiry than that key’s, nor none, nor a scope ' +
+          'that key’s do not cover (400, `body.expires_at`, `body.scopes`). A new expiry brings the keys ' +
+          'the key minted (and theirs) that would outlive it to it, in the same change. ' +
           OTHERS,
         security: bearerOrApiKey,
         params: UuidParamSchema,

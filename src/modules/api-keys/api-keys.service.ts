@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import { API_KEY_FORMAT, digestsEqual, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
-import { AppError, forbidden, invalidFields, notFound } from '../../lib/errors.js';
+import { AppError, type FieldError, forbidden, invalidFields, notFound } from '../../lib/errors.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
@@ -318,20 +318,34 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   }
 
   /**
-   * A key minted by a key (`parent_id`) expires no later than it, as when it was made: a later expiry
-   * (or none) than its parent's is a 400 naming the field, whoever asks (the parent, read on `tx`).
+   * A key minted by a key (`parent_id`) stays within it, as when it was made: a new expiry later than
+   * its parent's (or none where the parent has one), or a new scope its current ones do not cover and
+   * its parent's do not either, is a 400 naming the field, whoever asks (the parent, read on `tx`).
+   * A shortening or a narrowing is never refused.
    */
-  function assertWithinParent(parent: ApiKeyRow, expiresAt: Date | null) {
-    if (!outlives(expiresAt, parent.expiresAt)) return;
-    throw new AppError('validation_failed', {
-      detail: 'A key minted by a key cannot outlive it',
-      errors: [
-        {
-          field: 'body.expires_at',
-          message: `must be no later than the expiry of the key that minted this one (parent_id), ${parent.expiresAt!.toISOString()}`,
-        },
-      ],
-    });
+  function assertWithinParent(parent: ApiKeyRow, current: ApiKeyRow, patch: ApiKeyPatch) {
+    const errors: FieldError[] = [];
+    if (
+      patch.expiresAt !== undefined &&
+      outlives(patch.expiresAt, current.expiresAt) &&
+      outlives(patch.expiresAt, parent.expiresAt)
+    )
+      errors.push({
+        field: 'body.expires_at',
+        message: `must be no later than the expiry of the key that minted this one (parent_id), ${parent.expiresAt!.toISOString()}`,
+      });
+    const widened = patch.scopes?.filter((scope) => !hasPermission(current.scopes, scope)) ?? [];
+    const beyond = notHeld(widened, parent.scopes);
+    if (beyond.length > 0)
+      errors.push({
+        field: 'body.scopes',
+        message: `go beyond the scopes of the key that minted this one (parent_id): ${beyond.join(', ')}`,
+      });
+    if (errors.length > 0)
+      throw new AppError('validation_failed', {
+        detail: 'A key minted by a key cannot outlive it nor hold a scope it lacks',
+        errors,
+      });
   }
 
   const hasExpired = (key: ApiKeyRow) => key.expiresAt !== null && key.expiresAt.getTime() <= clock.nowMs();
@@ -478,11 +492,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       assertFuture(input.expiresAt);
       const row = await deps.grants.audited(context, { action: 'api_key.update', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
-          // A new expiry for a key minted by a key is bounded by its parent (`parent_id`, which never
-          // changes), held first (shared) as a creation holds it, then the key: a change to the
-          // parent's expiry either waits for this one and then brings the key to it, or has committed
-          // and is read here.
-          const parentId = input.expiresAt !== undefined ? (await repo.findById(id, tx))?.parentId : null;
+          // A new expiry or scopes for a key minted by a key are bounded by its parent (`parent_id`,
+          // which never changes), held first (shared) as a creation holds it, then the key: a change to
+          // the parent's expiry either waits for this one and then brings the key to it, or has
+          // committed and is read here.
+          const bounded = input.expiresAt !== undefined || input.scopes !== undefined;
+          const parentId = bounded ? (await repo.findById(id, tx))?.parentId : null;
           const parent = parentId ? await repo.findByIdForShare(parentId, tx) : undefined;
           const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
           const requested: ApiKeyPatch = {};
@@ -519,11 +534,11 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
                 tx,
                 'Extending the life of a key needs the permissions it gives',
               );
-              // Nor past the key that minted it, whoever asks.
-              if (parent) assertWithinParent(parent, patch.expiresAt);
             }
           }
           if (patch.scopes !== undefined) await assertGrantable(actor, current.ownerId, patch.scopes, tx);
+          // Nor past the key that minted it, whoever asks.
+          if (parent) assertWithinParent(parent, current, patch);
           const now = clock.now();
           const updated = (await repo.update(id, patch, now, tx))!;
           // The keys it minted (and theirs) expire no later than it: those that would outlive its new
