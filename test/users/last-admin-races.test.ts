@@ -77,3 +77,30 @@ describe('two administrators, each taking the other’s admin at the same moment
     }
   });
 });
+
+describe('three administrators, each acting on every one of them (themselves too) at the same moment', () => {
+  it('never a 5xx, and one active admin is left', async () => {
+    const acts = [removeAdmin, disable, remove];
+    for (let round = 0; round < 3; round++) {
+      await own.database.db.execute(sql`DELETE FROM user_roles WHERE role_name = 'admin'`);
+      const admins = [await createAdmin(app), await createAdmin(app), await createAdmin(app)];
+      // Nine changes at once, each kind on each admin: removals wait on a disable's or a deletion's
+      // lock of the admins, and those on a removal's. Each takes that lock before any other, so none
+      // waits on another that waits on it (a deadlock, retried until the statement timeout: 503).
+      const answers = await Promise.all(
+        admins.flatMap((caller, i) =>
+          admins.map((target, j) => acts[(round + i + j) % acts.length]!(caller, target)),
+        ),
+      );
+      const statuses = answers.map((r) => r.statusCode);
+      expect(
+        statuses.filter((s) => s >= 500),
+        answers
+          .filter((r) => r.statusCode >= 500)
+          .map((r) => r.body)
+          .join('\n'),
+      ).toEqual([]);
+      expect(await activeAdmins(), statuses.join(' ')).toBe(1);
+    }
+  });
+});

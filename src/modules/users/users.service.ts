@@ -102,7 +102,11 @@ export function createUsersService(deps: {
 
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
   async function assertNotLastAdmin(tx: Transaction, userId: string): Promise<void> {
-    const admins = await deps.repo.lockRoleHolders(ADMIN_ROLE, tx);
+    refuseLastAdmin(await deps.repo.lockRoleHolders(ADMIN_ROLE, tx), userId);
+  }
+
+  /** The 409 of taking `userId` out of `admins`, the active admins as locked (lockRoleHolders), if it is the last. */
+  function refuseLastAdmin(admins: readonly string[], userId: string): void {
     if (admins.includes(userId) && admins.length <= 1) {
       throw new AppError('last_admin', {
         detail: 'This is the last active admin; grant admin to someone else first',
@@ -452,11 +456,16 @@ export function createUsersService(deps: {
         { action: 'role.remove', subjectId: id, data: { role: roleName } },
         () =>
           inTransaction(deps.db, deps.events, async (tx, emit) => {
+            // The admins are locked first, as every change that may take the last one does (a disable,
+            // a deletion): taken after the locks the checks below take (the caller's session, the
+            // user's row), two administrators acting on each other waited on each other's.
+            const admins =
+              roleName === ADMIN_ROLE ? await deps.repo.lockRoleHolders(ADMIN_ROLE, tx) : undefined;
             await assertMayChangeGrant(tx, id, roleName, caller, REMOVAL_REFUSAL);
             // Taking a role away acts on the user, as disabling does: not on one who holds more than
             // the caller (a user manager would strip an auditor's roles, an administrator's `user`).
             await assertMayManageIn(tx, caller, id);
-            if (roleName === ADMIN_ROLE) await assertNotLastAdmin(tx, id);
+            if (admins) refuseLastAdmin(admins, id);
             const removed = await deps.repo.removeRole(id, roleName, tx);
             if (!removed) throw notFound('role assignment');
             // The clients acting for them carry what they held in tokens of up to a day: those end.
