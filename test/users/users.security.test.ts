@@ -583,3 +583,45 @@ describe('administrators changing each other at the same moment', () => {
     expect(statuses.filter((s) => s >= 500)).toEqual([]);
   });
 });
+
+describe('granting a role is no way to read a user’s roles', () => {
+  // Reading a user's roles and permissions needs users:read (GET /v1/users/{id}/roles); granting one
+  // needs roles:assign. A grant the user already has changes nothing and writes no event, so an
+  // answer carrying the user's roles let a holder of roles:assign alone read anyone's, unseen.
+  it('answers 204 to a caller without users:read, and the roles to one with it', async () => {
+    const admin = await createAdmin(app);
+    const assigner = await registerUser(app, 'assign-only');
+    await grantRole(app, assigner.id, ['roles:assign']);
+    const token = (await login(app, assigner.email)).session.access_token;
+    const read = await app.inject({
+      method: 'GET',
+      url: `/v1/users/${admin.id}/roles`,
+      headers: bearer(token),
+    });
+    expect(read.statusCode).toBe(403);
+
+    // The `user` role: every account holds it, and it gives only what every account holds.
+    const granted = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${admin.id}/roles/user`,
+      headers: bearer(token),
+    });
+    expect(granted.statusCode, granted.body).toBe(204);
+    expect(granted.body).toBe('');
+    expect(granted.body).not.toContain('admin');
+
+    const reader = await registerUser(app, 'assign-and-read');
+    await grantRole(app, reader.id, ['roles:assign', 'users:read']);
+    const readerToken = (await login(app, reader.email)).session.access_token;
+    const answered = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${admin.id}/roles/user`,
+      headers: bearer(readerToken),
+    });
+    expect(answered.statusCode, answered.body).toBe(200);
+    expect(answered.json()).toEqual({
+      roles: ['admin', 'user'],
+      permissions: ['*', 'account:read', 'account:write', 'api_keys:own'],
+    });
+  });
+});

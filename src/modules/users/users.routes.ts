@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { pageOf } from '../../lib/pagination.js';
+import { hasPermission } from '../../lib/permissions.js';
 import { principalOf, requestContext } from '../../plugins/authenticate.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
 import {
@@ -340,19 +341,25 @@ export async function usersRoutes(
         operationId: 'grantRole',
         summary: 'Grant a role (idempotent); you must hold every permission it gives',
         description:
+          'Answers the user’s roles and permissions (200) to a caller who may read them (`users:read`, as ' +
+          'for `GET /v1/users/{id}/roles`), and 204 to one who may not. ' +
           '409 for a role of MFA_REQUIRED_ROLES to a user without two-step verification: they set it up first.',
         security,
         params: UserRoleParamsSchema,
-        response: { 200: UserRolesSchema, ...problems(400, 401, 403, 404, 409) },
+        response: {
+          200: UserRolesSchema.describe('Granted (or held already): the user’s roles now'),
+          204: z.null().describe('Granted (or held already); the caller does not hold users:read'),
+          ...problems(400, 401, 403, 404, 409),
+        },
       },
     },
-    async (request) => {
-      await deps.users.grantRole(
-        request.params.id,
-        request.params.role,
-        principalOf(request),
-        requestContext(request),
-      );
+    async (request, reply) => {
+      const principal = principalOf(request);
+      await deps.users.grantRole(request.params.id, request.params.role, principal, requestContext(request));
+      // A user's roles are for users:read to read: a grant the user already had changes nothing and
+      // writes no event, so answering them to roles:assign alone would let it read anyone's, unseen.
+      // The permissions are what the caller holds now (the route's check of a change).
+      if (!hasPermission(principal.permissions, 'users:read')) return reply.status(204).send(null);
       return deps.users.rolesOf(request.params.id);
     },
   );
