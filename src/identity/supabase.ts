@@ -280,6 +280,28 @@ function newPasswordRefused(error: AuthError): AppError {
   });
 }
 
+/**
+ * GoTrue keeps a password (or address) update of a user with a verified MFA factor for an aal2 session
+ * (`insufficient_aal`, 401 in its UserUpdate; some gateways and versions answer 403), and checks it
+ * before it changes anything. The service signs in with the password alone, so its session is aal1
+ * and never will be more: the user changes the password where Supabase asks for that factor. Neither
+ * an outage nor the service's key refused (the 401/403 reading of isRefusedKey), nor a wrong password.
+ */
+function secondFactorRequiredThere(error: AuthError): AppError {
+  return new AppError('provider_mfa_required', {
+    detail:
+      'Your account has a second factor (MFA) at the identity provider, which allows a password change ' +
+      'only from a session that gave it: change your password in the app where you sign in with that ' +
+      'second factor. Nothing was changed',
+    cause: new Error(
+      `Supabase answered ${error.status} insufficient_aal "${error.message}": the user has a verified MFA ` +
+        'factor in Supabase, and GoTrue changes their password only from an aal2 session, which a ' +
+        "password sign-in (this service's) is not; nothing was changed",
+      { cause: error },
+    ),
+  });
+}
+
 /** Sign-up closed in the Supabase project's settings. */
 const SIGN_UP_CLOSED = new Set(['signup_disabled', 'email_provider_disabled']);
 
@@ -420,6 +442,8 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
           const { error } = await client.auth.updateUser({ password: normalizePassword(newPassword) });
           // same_password: the account already ends up with the requested password, as with local.
           if (error && error.code !== 'same_password') {
+            // Refused before anything changed, whatever the status: not PasswordMayHaveChanged.
+            if (error.code === 'insufficient_aal') throw secondFactorRequiredThere(error);
             // No answer is not "not changed": Supabase may have applied it before the timeout or its
             // 5xx. A 429, a refused key or a refused connection applied nothing.
             if (isOutage(error) && (error.status ?? 0) >= 500)

@@ -27,6 +27,12 @@ export const ERROR_CATALOGUE = {
   registration_closed: { status: 403, title: 'Sign-up is closed' },
   email_not_confirmed: { status: 403, title: 'The email address is not confirmed yet' },
   mfa_required: { status: 403, title: 'A second factor is needed to finish signing in' },
+  // Supabase: the user has a second factor there, and it changes their password only from a session
+  // that gave it, which the service (signing in with the password alone) never holds.
+  provider_mfa_required: {
+    status: 403,
+    title: 'The identity provider asks for a second factor for this change',
+  },
   not_found: { status: 404, title: 'Not found' },
   method_not_allowed: { status: 405, title: 'Method not allowed' },
   request_timeout: { status: 408, title: 'The request took too long to arrive' },

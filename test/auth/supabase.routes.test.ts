@@ -12,6 +12,7 @@ import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '..
 import { bearer } from '../support/http.js';
 import { turnOnMfa } from '../support/mfa.js';
 import { captureLogs } from '../support/logs.js';
+import { capturingMailer } from '../support/mail.js';
 
 const SUPABASE_TIMEOUT_MS = 1000;
 
@@ -26,6 +27,9 @@ function expectProviderUnavailable(res: LightMyRequestResponse) {
 describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)', () => {
   let gotrue: FakeGoTrue;
   let app: FastifyInstance;
+  /** What the service mails (security notices: with Supabase, Supabase mails its own links). */
+  const mailer = capturingMailer();
+  const mailsTo = (email: string) => mailer.sent.filter((m) => m.to === email).map((m) => m.subject);
 
   /** Some other client of the same Supabase project, e.g. a frontend after a social login. */
   const outsideClient = () => projectClient(gotrue);
@@ -1356,6 +1360,83 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expectProviderUnavailable(res);
     expect(gotrue.users.get(user.id)?.password).toBe(PASSWORD);
     expect((await me(other.session.access_token)).statusCode).toBe(200);
+  });
+
+  it('a change Supabase keeps for a second factor enrolled there (insufficient_aal) is a 403 saying so, logged as such; nothing changed, ended or mailed', async () => {
+    const { lines, logger } = captureLogs();
+    const logged = await buildTestApp({ env: supabaseEnv(gotrue), deps: { logger, mailer } });
+    try {
+      const user = await registerUser(logged, 'sb-password-aal');
+      const other = await login(logged, user.email);
+      // An MFA factor the user verified in Supabase (through supabase-js, in another app of the project).
+      gotrue.users.get(user.id)!.mfaVerified = true;
+      const change = () =>
+        logged.inject({
+          method: 'POST',
+          url: '/v1/auth/password',
+          headers: bearer(user.accessToken),
+          payload: { current_password: PASSWORD, new_password: 'a second-factor passphrase' },
+        });
+      const expectSecondFactorThere = (res: LightMyRequestResponse) => {
+        expect(res.statusCode, res.body).toBe(403);
+        expect(res.headers['content-type']).toContain('application/problem+json');
+        expect(res.json()).toMatchObject({ status: 403, code: 'provider_mfa_required' });
+        expect(res.json().detail).toMatch(/second factor.*Nothing was changed/);
+        expect(res.headers['retry-after']).toBeUndefined();
+      };
+      const calls = gotrue.requests.length;
+      expectSecondFactorThere(await change());
+      // Supabase was asked (and refused, 401 insufficient_aal, as GoTrue's UserUpdate does).
+      expect(gotrue.requests.slice(calls).some((r) => r.method === 'PUT' && r.path === '/auth/v1/user')).toBe(
+        true,
+      );
+      // The status some versions and gateways answer it with: the code says what it is.
+      gotrue.setFailWith(
+        {
+          status: 403,
+          code: 'insufficient_aal',
+          message: 'AAL2 session is required to update email or password when MFA is enabled.',
+        },
+        (method, path) => method === 'PUT' && path === '/auth/v1/user',
+      );
+      expectSecondFactorThere(await change());
+      gotrue.setFailWith(undefined);
+
+      // Nothing changed: the password, the other session, no notice.
+      expect(gotrue.users.get(user.id)!.password).toBe(PASSWORD);
+      const otherMe = await logged.inject({
+        method: 'GET',
+        url: '/v1/auth/me',
+        headers: bearer(other.session.access_token),
+      });
+      expect(otherMe.statusCode).toBe(200);
+      expect(mailsTo(user.email)).toEqual([]);
+      const events = await logged.services.audit.list({
+        subjectId: user.id,
+        type: 'auth.password_changed',
+        limit: 10,
+      });
+      expect(events.map((e) => [e.outcome, e.data])).toEqual([
+        ['failure', { reason: 'provider_mfa_required' }],
+        ['failure', { reason: 'provider_mfa_required' }],
+      ]);
+      // Logged for what it is, with the request id: no outage, no refused key.
+      const entries = lines.map(
+        (l) => JSON.parse(l) as { msg: string; reqId?: string; err?: { message?: string } },
+      );
+      expect(entries.filter((l) => l.msg === 'dependency failed')).toEqual([]);
+      const refused = entries.filter((l) => l.msg === 'request refused by a dependency');
+      expect(refused).toHaveLength(2);
+      for (const entry of refused) {
+        expect(entry.err?.message).toMatch(/insufficient_aal.*verified MFA factor in Supabase/);
+        expect(entry.reqId).toBeTruthy();
+      }
+      // The password was right: the refusals locked nothing; the change goes through once the factor is gone.
+      gotrue.users.get(user.id)!.mfaVerified = false;
+      expect((await change()).statusCode).toBe(204);
+    } finally {
+      await logged.close();
+    }
   });
 });
 

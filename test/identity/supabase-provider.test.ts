@@ -271,6 +271,17 @@ describe('changePassword', () => {
     expect(err.code).toBe('weak_password');
     expect(err.errors).toEqual([{ field: 'body.new_password', message: err.detail }]);
   });
+
+  it('says provider_mfa_required (403, not an outage) for a user with a second factor at Supabase', async () => {
+    const user = await signedUp();
+    fake.users.get(user.id)!.mfaVerified = true;
+    const err = await rejection(provider.changePassword(user, 'correct horse', 'battery staple'));
+    expect([err.code, err.status]).toEqual(['provider_mfa_required', 403]);
+    expect((err.cause as Error).message).toMatch(/insufficient_aal/);
+    // The current password is still checked first: a wrong one is a wrong one.
+    await expect(provider.changePassword(user, 'wrong horse', 'battery staple')).resolves.toBeUndefined();
+    expect(fake.users.get(user.id)!.password).toBe('correct horse');
+  });
 });
 
 describe('password recovery', () => {

@@ -30,6 +30,12 @@ export interface FakeGoTrueUser {
    * sign-in is refused so whatever the password, as GoTrue checks none for a banned user.
    */
   bannedUntil?: string | null;
+  /**
+   * Has a verified MFA factor enrolled in Supabase: GoTrue then changes the password (or the address)
+   * only from an aal2 session, and refuses it from an aal1 one — every session the fake opens — with
+   * 401 `insufficient_aal`, before it changes anything.
+   */
+  mfaVerified?: boolean;
 }
 
 export interface FakeGoTrueFailure {
@@ -525,6 +531,15 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
     const { user } = await authenticatedUser(req);
     if (body.email !== undefined && body.email !== user.email)
       throw new HttpError(400, 'validation_failed', 'The fake GoTrue does not support email changes');
+    // GoTrue's UserUpdate (after the password's strength): a user with a verified factor, aal1 session.
+    if (typeof body.password === 'string' && body.password !== '' && user.mfaVerified) {
+      validatePassword(body.password);
+      throw new HttpError(
+        401,
+        'insufficient_aal',
+        'AAL2 session is required to update email or password when MFA is enabled.',
+      );
+    }
     if (typeof body.password === 'string') {
       if (body.password === user.password)
         throw new HttpError(422, 'same_password', 'New password should be different from the old password.');

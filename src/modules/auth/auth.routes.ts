@@ -350,7 +350,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         description:
           'From a signed-in session (an API key gets 403, as for the address, the second factor and ' +
           'deleting the account), with the current password: a wrong one is 400 `incorrect_password` ' +
-          'and counts toward the sign-in lockout.',
+          'and counts toward the sign-in lockout. With Supabase, 403 `provider_mfa_required` for a user ' +
+          'with a second factor enrolled there (Supabase changes the password only from a session that ' +
+          'gave it; nothing is changed).',
         body: PasswordBodySchema,
         response: { 204: z.null(), ...problems(400, 401, 403, 422, 429, 503) },
       },

@@ -747,6 +747,13 @@ export function createAuthService(deps: AuthServiceDeps) {
       // The current password is a password guess like a login's: the same per-account lockout counts
       // and stops it, so a stolen access token or API key is no oracle for the password.
       const guess = await passwordGuess(user.email, context, 'auth.password_changed', async () => user.id);
+      const failed = (reason: string, data: Record<string, unknown> = {}) =>
+        deps.audit.record(deps.db, context, {
+          type: 'auth.password_changed',
+          outcome: 'failure',
+          subjectId: user.id,
+          data: { reason, ...data },
+        });
       const changed = await unlessThrown(guess, () =>
         deps.provider.changePassword(
           { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
@@ -773,6 +780,9 @@ export function createAuthService(deps: AuthServiceDeps) {
               'a password change Supabase may have applied: ending the other sessions failed',
             ),
           );
+        // Supabase keeps the change for a session that gave its second factor: the password was
+        // right (given back by unlessThrown), nothing changed; audited, not a 503.
+        if (isAppError(err) && err.code === 'provider_mfa_required') await failed('provider_mfa_required');
         throw err;
       });
       const incorrect = () =>
@@ -781,12 +791,7 @@ export function createAuthService(deps: AuthServiceDeps) {
           errors: [{ field: 'body.current_password', message: 'is incorrect' }],
         });
       if (!changed) {
-        await deps.audit.record(deps.db, context, {
-          type: 'auth.password_changed',
-          outcome: 'failure',
-          subjectId: user.id,
-          data: { reason: 'wrong_password' },
-        });
+        await failed('wrong_password');
         throw incorrect();
       }
       // The password was right: whatever refuses the change now (a concurrent change won) was no guess.
