@@ -102,9 +102,10 @@ export interface IdentityProvider {
   /**
    * Changes the password after checking the current one. Returns the new local hash and the hash it
    * checked the current password against (local), or nulls (supabase); undefined when the current
-   * password is wrong. Throws `provider_mfa_required` when the provider keeps the change for a
-   * session that gave a second factor there (Supabase, a user with MFA enrolled: nothing changed),
-   * PasswordMayHaveChanged when it gave no answer.
+   * password is wrong. Throws AccountDisabled for an account the provider refuses whatever the
+   * password (its current one cannot be checked), `provider_mfa_required` when the provider keeps
+   * the change for a session that gave a second factor there (Supabase, a user with MFA enrolled:
+   * nothing changed), PasswordMayHaveChanged when it gave no answer.
    */
   changePassword(
     user: ProviderUser,

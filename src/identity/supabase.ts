@@ -434,8 +434,9 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
       guarded(async () => {
         const client = newClient(deps.anonKey);
         const signIn = await passwordSignIn(client, user.email, currentPassword);
-        // A user banned at Supabase: no password of theirs is checked there, so none is the current one.
-        if (!signIn || signIn === 'disabled') return undefined;
+        // A user banned at Supabase: GoTrue checks no password of theirs, whatever it is (as at login).
+        if (signIn === 'disabled') throw new AccountDisabled();
+        if (!signIn) return undefined;
         try {
           // The email now belongs to another Supabase user: changing that one's password would be worse.
           if (signIn.user.id !== user.id) return undefined;

@@ -1438,6 +1438,55 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       await logged.close();
     }
   });
+
+  it('a user banned at Supabase who gives their password again (deleting the account, a new password, an app) is answered as a disabled account: 401, audited `disabled`, counted toward the lockout', async () => {
+    const limited = await buildTestApp({
+      env: { ...supabaseEnv(gotrue), RATE_LIMIT_ENABLED: 'true', LOGIN_MAX_FAILURES_PER_HOUR: '3' },
+    });
+    try {
+      const user = await registerUser(limited, 'sb-banned-reauth');
+      // Banned in Supabase alone (its dashboard, say): the session here stands, the password is right.
+      gotrue.users.get(user.id)!.bannedUntil = new Date(Date.now() + 86400_000).toISOString();
+      const asks = [
+        { method: 'DELETE', url: '/v1/auth/me', payload: { password: PASSWORD }, action: 'user.deleted' },
+        {
+          method: 'POST',
+          url: '/v1/auth/password',
+          payload: { current_password: PASSWORD, new_password: 'a banned new passphrase' },
+          action: 'auth.password_changed',
+        },
+        { method: 'POST', url: '/v1/auth/mfa/totp', payload: { password: PASSWORD }, action: 'mfa.enabled' },
+      ] as const;
+      const ask = (i: number, { method, url, payload }: (typeof asks)[number]) =>
+        limited.inject({
+          method,
+          url,
+          remoteAddress: `10.7.${i}.1`,
+          headers: bearer(user.accessToken),
+          payload,
+        });
+      for (const [i, a] of asks.entries()) {
+        const res = await ask(i, a);
+        // As an exchange of a banned user's token is answered, not as a wrong password.
+        expect(res.statusCode, `${a.method} ${a.url}: ${res.body}`).toBe(401);
+        expect(res.json()).toMatchObject({ code: 'invalid_token', detail: 'The account is disabled' });
+      }
+      // Each counted, as a login of the account is: the fourth is refused for the lockout.
+      expect((await ask(3, asks[1])).statusCode).toBe(429);
+      for (const a of asks) {
+        const events = await limited.services.audit.list({ subjectId: user.id, type: a.action, limit: 10 });
+        expect(
+          events.filter((e) => e.outcome === 'failure').map((e) => (e.data as { reason: string }).reason),
+          a.action,
+        ).toEqual(a.action === 'auth.password_changed' ? ['locked', 'disabled'] : ['disabled']);
+      }
+      // Nothing done: the account is here, its password at Supabase as it was.
+      expect(await limited.services.repos.users.findById(user.id)).toBeDefined();
+      expect(gotrue.users.get(user.id)!.password).toBe(PASSWORD);
+    } finally {
+      await limited.close();
+    }
+  });
 });
 
 describe('exchange on the local provider', () => {

@@ -272,6 +272,16 @@ describe('changePassword', () => {
     expect(err.errors).toEqual([{ field: 'body.new_password', message: err.detail }]);
   });
 
+  it('says AccountDisabled for a user banned at Supabase, whatever the current password', async () => {
+    const user = await signedUp();
+    fake.users.get(user.id)!.bannedUntil = new Date(Date.now() + 3600_000).toISOString();
+    for (const current of ['correct horse', 'wrong horse'])
+      await expect(provider.changePassword(user, current, 'battery staple')).rejects.toBeInstanceOf(
+        AccountDisabled,
+      );
+    expect(fake.users.get(user.id)!.password).toBe('correct horse');
+  });
+
   it('says provider_mfa_required (403, not an outage) for a user with a second factor at Supabase', async () => {
     const user = await signedUp();
     fake.users.get(user.id)!.mfaVerified = true;

@@ -352,7 +352,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'deleting the account), with the current password: a wrong one is 400 `incorrect_password` ' +
           'and counts toward the sign-in lockout. With Supabase, 403 `provider_mfa_required` for a user ' +
           'with a second factor enrolled there (Supabase changes the password only from a session that ' +
-          'gave it; nothing is changed).',
+          'gave it; nothing is changed), and 401 `invalid_token` for a user banned there.',
         body: PasswordBodySchema,
         response: { 204: z.null(), ...problems(400, 401, 403, 422, 429, 503) },
       },

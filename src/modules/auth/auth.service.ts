@@ -54,15 +54,25 @@ const RECENT_SIGN_IN_MS = 5 * 60_000;
 const invalidCredentials = () =>
   new AppError('invalid_credentials', { detail: 'The email or password is incorrect' });
 
-/** A login's password check: a user the provider refuses whatever the password (AccountDisabled) says so. */
+/**
+ * A password check (a login, the password asked again, a change's current one): a user the provider
+ * refuses whatever the password (AccountDisabled) says so.
+ */
 const disabledAtProvider = (err: unknown): 'disabled' => {
   if (err instanceof AccountDisabled) return 'disabled';
   throw err;
 };
 
 /**
- * A password check that is not a login (the password asked again, the bootstrap admin's): an account
- * the provider refuses whatever the password is no match, as a wrong password.
+ * The answer to a signed-in caller whose account the provider refuses whatever the password (a user
+ * banned at Supabase), as an exchange answers one: the caller holds the account's own credential, so
+ * saying so tells nobody else anything, and a wrong password it is not.
+ */
+const accountDisabled = () => new AppError('invalid_token', { detail: 'The account is disabled' });
+
+/**
+ * The bootstrap admin's password check: an account the provider refuses whatever the password is no
+ * match, as a wrong password.
  */
 const noMatchIfDisabled = (err: unknown): undefined => {
   if (err instanceof AccountDisabled) return undefined;
@@ -634,7 +644,6 @@ export function createAuthService(deps: AuthServiceDeps) {
     },
 
     async exchange(accessToken: string, context: RequestContext) {
-      const accountDisabled = () => new AppError('invalid_token', { detail: 'The account is disabled' });
       const identity = await deps.provider.exchange(accessToken).catch(async (err: unknown) => {
         // Banned at the provider though its token still verifies: refused as a disabled account here
         // is, before any local account is made for it.
@@ -755,11 +764,13 @@ export function createAuthService(deps: AuthServiceDeps) {
           data: { reason, ...data },
         });
       const changed = await unlessThrown(guess, () =>
-        deps.provider.changePassword(
-          { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
-          input.currentPassword,
-          input.newPassword,
-        ),
+        deps.provider
+          .changePassword(
+            { id: user.id, email: user.email, emailConfirmedAt: user.emailConfirmedAt },
+            input.currentPassword,
+            input.newPassword,
+          )
+          .catch(disabledAtProvider),
       ).catch(async (err: unknown) => {
         // The provider may have changed it: the other sessions end as a change would end them (else
         // whoever they belong to keeps them with a password the owner meant to replace). Still a 503.
@@ -790,6 +801,12 @@ export function createAuthService(deps: AuthServiceDeps) {
           detail: 'The current password is incorrect',
           errors: [{ field: 'body.current_password', message: 'is incorrect' }],
         });
+      if (changed === 'disabled') {
+        // Refused by the provider whatever the password (Supabase: banned there): audited and counted
+        // toward the lockout as a login of the account is, and answered as a disabled account.
+        await failed('disabled');
+        throw accountDisabled();
+      }
       if (!changed) {
         await failed('wrong_password');
         throw incorrect();
@@ -825,6 +842,8 @@ export function createAuthService(deps: AuthServiceDeps) {
     /**
      * The current password again, for an action that must be the account holder's (deleting the
      * account): a wrong one counts toward the sign-in lockout and is audited as a failure of `action`.
+     * An account the provider refuses whatever the password (banned at Supabase) counts and is audited
+     * alike, with `reason: disabled`, and is answered as a disabled account (401), not as a wrong password.
      */
     async reauthenticate(userId: string, password: string, action: string, context: RequestContext) {
       const found = await deps.users.findById(userId);
@@ -834,33 +853,29 @@ export function createAuthService(deps: AuthServiceDeps) {
       const guess = await passwordGuess(user.email, context, action, async () => user.id);
       // The provider signs in by address: the identity must be this account (an address it left by an
       // email change may be another's by now), and an address changed since it was read is tried anew.
-      const first = await unlessThrown(guess, () =>
-        deps.provider.signIn(user.email, password).catch(noMatchIfDisabled),
-      );
+      // A user the provider refuses whatever the password (banned at Supabase) is `disabled`.
+      const check = (email: string) => deps.provider.signIn(email, password).catch(disabledAtProvider);
+      const answer = (identity: ProviderUser | 'disabled' | undefined, row: UserRow) =>
+        identity === 'disabled' ? identity : identity?.id === user.id ? row : undefined;
+      let outcome = answer(await unlessThrown(guess, () => check(user.email)), user);
       // Checked and wrong for that address: what fails from here on leaves it counted.
-      const right =
-        first?.id === user.id
-          ? user
-          : await (async () => {
-              const now = await deps.users.findById(userId);
-              if (
-                now &&
-                now.email !== user.email &&
-                (await deps.provider.signIn(now.email, password).catch(noMatchIfDisabled))?.id === user.id
-              )
-                return now;
-              return undefined;
-            })();
-      if (right) {
+      if (outcome !== user) {
+        const now = await deps.users.findById(userId);
+        // The account's address now decides.
+        if (now && now.email !== user.email) outcome = answer(await check(now.email), now);
+      }
+      if (outcome !== undefined && outcome !== 'disabled') {
         await guess.forgive();
-        return right;
+        return outcome;
       }
       await deps.audit.record(deps.db, context, {
         type: action,
         outcome: 'failure',
         subjectId: user.id,
-        data: { reason: 'wrong_password' },
+        data: { reason: outcome ?? 'wrong_password' },
       });
+      // Counted toward the lockout, as a login of the account is; answered as a disabled account.
+      if (outcome === 'disabled') throw accountDisabled();
       throw new AppError('incorrect_password', {
         detail: 'The password is incorrect',
         errors: [{ field: 'body.password', message: 'is incorrect' }],
