@@ -4,6 +4,7 @@ import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
 import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
 import { bearer } from '../support/http.js';
+import { capturingMailer } from '../support/mail.js';
 
 const NEW_PASSWORD = 'a fresh and long passphrase';
 const RESET_URL = 'https://app.example.test/reset-password';
@@ -36,13 +37,16 @@ const resetEnv = (gotrue: FakeGoTrue) => ({
 describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)', () => {
   let gotrue: FakeGoTrue;
   let app: FastifyInstance;
+  /** What the service mails itself (the notices; Supabase mails its links). */
+  const mailer = capturingMailer();
+  const noticesTo = (email: string) => mailer.sent.filter((m) => m.to === email).map((m) => m.subject);
 
   /** Some other client of the same Supabase project, e.g. the frontend. */
   const outsideClient = (flowType: 'implicit' | 'pkce' = 'implicit') => projectClient(gotrue, flowType);
 
   beforeAll(async () => {
     gotrue = await startFakeGoTrue();
-    app = await buildTestApp({ env: resetEnv(gotrue) });
+    app = await buildTestApp({ env: resetEnv(gotrue), deps: { mailer } });
   });
 
   afterEach(() => {
@@ -326,7 +330,6 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
   const setPasswordCall = (method: string, path: string) =>
     method === 'PUT' && path.startsWith('/auth/v1/admin/users/');
 
-  /** A reset Supabase did not answer: 503, every session here ended, audited as a failed reset. */
   /** The user's sessions here have ended: neither refresh token refreshes, the access token is refused. */
   async function expectSignedOutHere(
     user: { refreshToken: string; accessToken: string },
@@ -342,9 +345,13 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     expect(me.statusCode).toBe(401);
   }
 
+  /**
+   * A reset Supabase did not answer: 503, every session here ended, audited as a failed reset, and the
+   * owner told the password may have been reset.
+   */
   async function expectUnansweredReset(
     res: LightMyRequestResponse,
-    user: { id: string; refreshToken: string; accessToken: string },
+    user: { id: string; email: string; refreshToken: string; accessToken: string },
     other: { session: { refresh_token: string } },
     from: Date,
   ) {
@@ -358,9 +365,14 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
         data: expect.objectContaining({ reason: 'provider_unavailable', sessions_ended: true }),
       }),
     ]);
+    // The reset's notice, through the same outbox, saying it may have happened.
+    expect(noticesTo(user.email)).toEqual(['Your password may have been reset']);
+    const notice = mailer.sent.find((m) => m.to === user.email)!;
+    expect(notice.text).toContain('may be in effect already, and every session was signed out');
+    expect(notice.text).toContain('If it was not you, someone can read your mail');
   }
 
-  it('ends every session when Supabase answers the new password too late (it set it), audited as a failed reset', async () => {
+  it('ends every session when Supabase answers the new password too late (it set it), audited as a failed reset, and tells the owner', async () => {
     const from = since();
     const user = await registerUser(app, 'sbr-late-answer');
     const other = await login(app, user.email);
@@ -373,7 +385,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     await login(app, user.email, NEW_PASSWORD);
   });
 
-  it('ends every session when Supabase answers the new password 500, and keeps the link for another try', async () => {
+  it('ends every session when Supabase answers the new password 500, tells the owner it may be reset, and keeps the link for another try', async () => {
     const from = since();
     const user = await registerUser(app, 'sbr-500-answer');
     const other = await login(app, user.email);
@@ -383,6 +395,7 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     gotrue.setFailWith(undefined);
     // Nothing was set, and the link was not used up: it resets once Supabase answers.
     expect((await reset(token)).statusCode).toBe(204);
+    expect(noticesTo(user.email)).toEqual(['Your password may have been reset', 'Your password was reset']);
     expect((await loginAs(user.email, PASSWORD)).statusCode).toBe(401);
     await login(app, user.email, NEW_PASSWORD);
   });

@@ -44,6 +44,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
         ...supabaseEnv(gotrue),
         SUPABASE_TIMEOUT_MS: String(SUPABASE_TIMEOUT_MS),
       },
+      deps: { mailer },
     });
   });
 
@@ -1314,7 +1315,7 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect(gotrue.requests.slice(calls).some((r) => r.path === '/auth/v1/token')).toBe(false);
   });
 
-  it('a change Supabase applied but answered too late is a 503 that still ends the other sessions', async () => {
+  it('a change Supabase applied but answered too late is a 503 that still ends the other sessions, and tells the owner', async () => {
     const user = await registerUser(app, 'sb-password-late');
     const other = await login(app, user.email);
     // The sign-in with the current password answers; the update is applied, and answered too late.
@@ -1342,6 +1343,11 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
       outcome: 'failure',
       data: { reason: 'provider_unavailable', other_sessions_ended: true },
     });
+    // The notice a change sends, saying the password may have changed (it did).
+    expect(mailsTo(user.email)).toEqual(['Your password may have been changed']);
+    const notice = mailer.sent.find((m) => m.to === user.email)!;
+    expect(notice.text).toContain('may be in effect already, and every other session was signed out');
+    expect(notice.text).toContain('If it was not you, reset your password');
   });
 
   it('a change Supabase refused without applying it (a 429) is a 503 that leaves the other sessions', async () => {
@@ -1360,6 +1366,8 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expectProviderUnavailable(res);
     expect(gotrue.users.get(user.id)?.password).toBe(PASSWORD);
     expect((await me(other.session.access_token)).statusCode).toBe(200);
+    // Nothing changed: nothing to tell.
+    expect(mailsTo(user.email)).toEqual([]);
   });
 
   it('a change Supabase keeps for a second factor enrolled there (insufficient_aal) is a 403 saying so, logged as such; nothing changed, ended or mailed', async () => {

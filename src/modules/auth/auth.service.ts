@@ -773,9 +773,10 @@ export function createAuthService(deps: AuthServiceDeps) {
           .catch(disabledAtProvider),
       ).catch(async (err: unknown) => {
         // The provider may have changed it: the other sessions end as a change would end them (else
-        // whoever they belong to keeps them with a password the owner meant to replace). Still a 503.
-        if (err instanceof PasswordMayHaveChanged)
-          await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        // whoever they belong to keeps them with a password the owner meant to replace), and the owner
+        // is told, as of a change. Still a 503.
+        if (err instanceof PasswordMayHaveChanged) {
+          const ended = await inTransaction(deps.db, deps.events, async (tx, emit) => {
             (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(
               emit,
             );
@@ -785,12 +786,24 @@ export function createAuthService(deps: AuthServiceDeps) {
               subjectId: user.id,
               data: { reason: 'provider_unavailable', other_sessions_ended: true },
             });
-          }).catch((end: unknown) =>
+            return true;
+          }).catch((end: unknown) => {
             deps.logger?.warn(
               { err: end, userId: user.id, reqId: context.requestId },
               'a password change Supabase may have applied: ending the other sessions failed',
-            ),
+            );
+            return false;
+          });
+          deps.outbox?.notice(
+            user,
+            'Your password may have been changed',
+            `A change of the password of your account ${user.email} was asked from a signed-in session, ` +
+              'and the identity provider did not answer it: the new password may be in effect already' +
+              (ended ? ', and every other session was signed out' : '') +
+              '.\n\nIf it was not you, reset your password with "Forgot password" at once and contact ' +
+              'support.\n',
           );
+        }
         // Supabase keeps the change for a session that gave its second factor: the password was
         // right (given back by unlessThrown), nothing changed; audited, not a 503.
         if (isAppError(err) && err.code === 'provider_mfa_required') await failed('provider_mfa_required');

@@ -236,11 +236,12 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
 
   /**
    * A reset the provider did not answer (it may have set the password): every session of the account
-   * ends and the links mailed before go, as the reset would have done, audited as a failed reset. Best
+   * ends and the links mailed before go, as the reset would have done, audited as a failed reset, and
+   * the account's address gets the reset's notice, saying the password may have been reset. Best
    * effort: the client gets the provider's 503 either way.
    */
   async function endAfterUnansweredReset(user: UserRow, context: RequestContext) {
-    await inTransaction(deps.db, deps.events, async (tx, emit) => {
+    const ended = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       (await deps.sessions.endAllSessions(tx, user.id, 'password_reset')).forEach(emit);
       await deps.tokens.discardUnused(user.id, undefined, tx);
       await deps.audit.record(
@@ -253,11 +254,22 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
           data: { provider: deps.provider.name, reason: 'provider_unavailable', sessions_ended: true },
         },
       );
-    }).catch((err: unknown) =>
+      return true;
+    }).catch((err: unknown) => {
       deps.logger?.warn(
         { err, userId: user.id, reqId: context.requestId },
         'a password reset Supabase may have applied: ending the sessions failed',
-      ),
+      );
+      return false;
+    });
+    deps.outbox?.notice(
+      user,
+      'Your password may have been reset',
+      `The password of your account ${user.email} was being reset with a link mailed to this address, ` +
+        'and the identity provider did not answer: the new password may be in effect already' +
+        (ended ? ', and every session was signed out' : '') +
+        '.\n\nIf it was not you, someone can read your mail: secure your mailbox, reset your password ' +
+        'again and contact support.\n',
     );
   }
 
