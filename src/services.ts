@@ -691,7 +691,13 @@ export function createServices(deps: ServicesDeps) {
       keys.stop();
       await signer.stop();
       redisLink?.close();
-      if (ownsRedis) await redis?.quit().catch(() => undefined);
+      if (ownsRedis && redis) {
+        // QUIT goes over a live connection. With Redis down (the client reconnecting) it fails at once,
+        // having no offline queue, and the client went on reconnecting, holding the process open: a
+        // script that had done its work never exited. Whatever QUIT did, the client ends here.
+        await redis.quit().catch(() => undefined);
+        if (redis.status !== 'end') redis.disconnect();
+      }
       if (ownsMailer) mailer?.close();
     },
   };

@@ -279,6 +279,34 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
   );
 
   it(
+    'create-admin and rotate-signing-key exit once done while REDIS_URL does not answer',
+    async () => {
+      // Redis is only for the service's shared counters: a script that did its work with Redis down
+      // must end, exit code 0 (the client kept reconnecting and held the process open for ever).
+      const redisDown = { REDIS_URL: 'redis://127.0.0.1:1' };
+      const email = uniqueEmail('cli-redis-down');
+      const created = await run(
+        target,
+        'create-admin',
+        ['--email', email, '--password', PASSWORD],
+        redisDown,
+      );
+      expect(created.stdout).toContain(`created admin ${email}`);
+      expect({ code: created.code, signal: created.signal }, created.stderr).toEqual({
+        code: 0,
+        signal: null,
+      });
+      const rotated = await run(target, 'rotate-signing-key', ['--force'], redisDown);
+      expect(rotated.stdout).toMatch(/active signing key: \S+/);
+      expect({ code: rotated.code, signal: rotated.signal }, rotated.stderr).toEqual({
+        code: 0,
+        signal: null,
+      });
+    },
+    SPAWN_TEST_TIMEOUT * 2,
+  );
+
+  it(
     'rotate-signing-key makes a new key active and leaves the old one retiring',
     async () => {
       // The first run also creates the keys on a database that has none yet.
