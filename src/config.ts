@@ -6,6 +6,7 @@ import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import { checkPasswordStrength } from './identity/passwords.js';
 import { AppError } from './lib/errors.js';
+import { EmailSchema } from './modules/auth/auth.schema.js';
 
 const bool = z
   .enum(['true', 'false', '1', '0', 'yes', 'no'], { message: 'expected true or false' })
@@ -135,7 +136,8 @@ const EnvSchema = z.object({
   REFRESH_REUSE_GRACE_SECONDS: wholeNumber(0, 10, 10),
   MAX_SESSIONS_PER_USER: wholeNumber(1, 10_000, 100),
   MAX_API_KEYS_PER_USER: wholeNumber(1, 10_000, 100),
-  BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(z.email().optional()),
+  // The address rule of registration and sign-in: an admin made with one they refuse could never sign in.
+  BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(EmailSchema.optional()),
   BOOTSTRAP_ADMIN_PASSWORD: optionalString,
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   METRICS_TOKEN: optionalString.pipe(

@@ -262,13 +262,29 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       expect(malformed.code).toBe(1);
       expect(malformed.stderr).toContain('not an email address');
 
+      // 261 characters: a well-formed address over RFC 5321's 254, which registration and sign-in refuse,
+      // so an admin made with it could never sign in.
+      const tooLong = `${'a'.repeat(64)}@${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(63)}.test`;
+      const long = await run(target, 'create-admin', ['--email', tooLong, '--password', PASSWORD]);
+      expect(long.code, long.stdout).toBe(1);
+      expect(long.stderr).toContain(`not an email address: ${tooLong}`);
+      await withApp(target, async (app) => {
+        const login = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/login',
+          payload: { email: tooLong, password: PASSWORD },
+        });
+        expect(login.json().errors).toEqual([{ field: 'body.email', message: expect.any(String) }]);
+        expect(await countUsers(app.services.db, tooLong)).toBe(0);
+      });
+
       const weak = await run(target, 'create-admin', ['--email', weakEmail, '--password', 'short']);
       expect(weak.code).toBe(1);
       expect(weak.stderr).toContain('weak_password');
       const noPassword = await run(target, 'create-admin', ['--email', noPasswordEmail]);
       expect(noPassword.code).toBe(1);
       expect(noPassword.stderr).toContain('a password is needed');
-      for (const r of [missing, malformed, weak, noPassword]) expect(r.stdout).toBe('');
+      for (const r of [missing, malformed, long, weak, noPassword]) expect(r.stdout).toBe('');
 
       await withDatabase(target, async (database) => {
         expect(await countUsers(database.db, weakEmail)).toBe(0);
@@ -498,14 +514,22 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
         drop: async () => undefined,
       };
       // `scripts/../src/server` is the server itself, run as `npm start` runs it.
-      const [refused, dataDir, badPort] = await Promise.all([
+      const tooLong = `${'a'.repeat(64)}@${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(63)}.test`;
+      const [refused, dataDir, badPort, longAdmin] = await Promise.all([
         run(target, '../src/server', [], {
           DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth',
           PORT: '8797',
         }),
         run(target, '../src/server', [], { PORT: '8798' }),
         run(target, '../src/server', [], { PORT: 'abc' }),
+        // An address sign-in refuses (over 254 characters): the admin made with it could never sign in.
+        run(target, '../src/server', [], {
+          PORT: '8799',
+          BOOTSTRAP_ADMIN_EMAIL: tooLong,
+          BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
+        }),
       ]);
+      expectOneLineFailure(longAdmin, /^failed to start: invalid configuration: BOOTSTRAP_ADMIN_EMAIL: /m);
       expectOneLineFailure(badPort, /^failed to start: invalid configuration: PORT: must be a whole number/m);
       expectOneLineFailure(
         refused,
