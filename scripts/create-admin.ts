@@ -17,12 +17,14 @@ for when run on a terminal. Given for an existing user, it must be that user's p
 nothing changes, exit code 1); without one, the existing user is granted admin as it is.`;
 
 function parseInput(): { email: string; password: string | undefined } {
-  let values: { email?: string | undefined; password?: string | undefined; help?: boolean | undefined };
+  let values: { email?: string[] | undefined; password?: string[] | undefined; help?: boolean | undefined };
   try {
     ({ values } = parseArgs({
       options: {
-        email: { type: 'string' },
-        password: { type: 'string' },
+        // Taken as lists only to refuse a second one: parseArgs keeps the last silently, and
+        // `--email a --email b` would make b an administrator whichever the operator meant.
+        email: { type: 'string', multiple: true },
+        password: { type: 'string', multiple: true },
         help: { type: 'boolean', short: 'h' },
       },
       strict: true,
@@ -31,16 +33,20 @@ function parseInput(): { email: string; password: string | undefined } {
   } catch (err) {
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
+  for (const name of ['email', 'password'] as const) {
+    const given = values[name]?.length ?? 0;
+    if (given > 1) throw new UsageError(`--${name} is given ${given} times: give it once`);
+  }
   if (values.help) {
     process.stdout.write(`${USAGE}\n`);
     process.exit(0);
   }
-  const email = values.email?.trim();
+  const email = values.email?.[0]?.trim();
   if (!email) throw new UsageError('--email is required');
   // Registration's and sign-in's rule (at most 254 characters, RFC 5321): an admin made with an
   // address they refuse could never sign in.
   if (!EmailSchema.safeParse(email).success) throw new UsageError(`not an email address: ${email}`);
-  const password = values.password ?? process.env.ADMIN_PASSWORD;
+  const password = values.password?.[0] ?? process.env.ADMIN_PASSWORD;
   return { email, password: password === '' ? undefined : password };
 }
 

@@ -252,10 +252,16 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       const weakEmail = uniqueEmail('cli-weak');
       const noPasswordEmail = uniqueEmail('cli-nopass');
       // Usage errors are found before the database is opened, so these two may run side by side.
-      const [missing, malformed] = await Promise.all([
+      const [firstEmail, secondEmail] = [uniqueEmail('cli-twice'), uniqueEmail('cli-twice')];
+      const [missing, malformed, twice] = await Promise.all([
         run(target, 'create-admin', []),
         run(target, 'create-admin', ['--email', 'not-an-email', '--password', PASSWORD]),
+        // Which of the two did the operator mean? Neither is made an administrator.
+        run(target, 'create-admin', ['--email', firstEmail, '--email', secondEmail, '--password', PASSWORD]),
       ]);
+      expect(twice.code, twice.stdout).toBe(1);
+      expect(twice.stderr).toContain('--email is given 2 times: give it once');
+      expect(twice.stderr).toContain('usage:');
       expect(missing.code).toBe(1);
       expect(missing.stderr).toContain('--email is required');
       expect(missing.stderr).toContain('usage:');
@@ -284,9 +290,11 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       const noPassword = await run(target, 'create-admin', ['--email', noPasswordEmail]);
       expect(noPassword.code).toBe(1);
       expect(noPassword.stderr).toContain('a password is needed');
-      for (const r of [missing, malformed, long, weak, noPassword]) expect(r.stdout).toBe('');
+      for (const r of [missing, malformed, twice, long, weak, noPassword]) expect(r.stdout).toBe('');
 
       await withDatabase(target, async (database) => {
+        expect(await countUsers(database.db, firstEmail)).toBe(0);
+        expect(await countUsers(database.db, secondEmail)).toBe(0);
         expect(await countUsers(database.db, weakEmail)).toBe(0);
         expect(await countUsers(database.db, noPasswordEmail)).toBe(0);
       });
