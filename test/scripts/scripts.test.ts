@@ -549,6 +549,69 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
   );
 
   it(
+    'every script: --help is its usage (exit 0); a bad option, missing production secrets or an unreachable database are one line, exit 1',
+    async () => {
+      const target: Target = {
+        kind: 'pglite',
+        url: undefined,
+        dataDir: scratchDir(),
+        drop: async () => undefined,
+      };
+      const scripts = [
+        'create-admin',
+        'rotate-signing-key',
+        'migrate',
+        'verify-migrations',
+        'export-openapi',
+      ];
+      const unreachable = { DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth' };
+      const noSecrets = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: '', SECRET_PEPPER: '' };
+      const adminArgs = ['--email', uniqueEmail('cli-unreachable'), '--password', PASSWORD];
+      // None of these opens the embedded database, so they may run side by side: a few at a time, as
+      // each starts tsx.
+      const help = await Promise.all(scripts.map((script) => run(target, script, ['--help'])));
+      const badOption = await Promise.all(scripts.map((script) => run(target, script, ['--no-such-option'])));
+      const [adminNoSecrets, rotateNoSecrets] = await Promise.all([
+        run(target, 'create-admin', adminArgs, { ...unreachable, ...noSecrets }),
+        run(target, 'rotate-signing-key', ['--force'], { ...unreachable, ...noSecrets }),
+      ]);
+      const unreachableRuns = await Promise.all([
+        run(target, 'create-admin', adminArgs, unreachable),
+        run(target, 'rotate-signing-key', ['--force'], unreachable),
+        run(target, 'verify-migrations', [], unreachable),
+      ]);
+      for (const [i, script] of scripts.entries()) {
+        expect(help[i]!.code, `${script} --help: ${help[i]!.stderr}`).toBe(0);
+        expect(help[i]!.stdout, script).toMatch(/^usage: npm run /);
+        expect(help[i]!.stderr, script).toBe('');
+        const bad = badOption[i]!;
+        expect(bad.code, `${script} --no-such-option: ${bad.stdout}`).toBe(1);
+        expect(bad.stdout, script).toBe('');
+        expect(bad.stderr, script).toMatch(/^Unknown option '--no-such-option'.*\n\nusage: npm run /s);
+        expect(bad.stderr, script).not.toMatch(/^\s+at /m);
+      }
+      for (const result of [adminNoSecrets, rotateNoSecrets])
+        expectOneLineFailure(
+          result,
+          /^invalid configuration: KEY_ENCRYPTION_KEY: is required in production; SECRET_PEPPER: is required in production$/m,
+        );
+      const [adminUnreachable, rotateUnreachable, verifyUnreachable] = unreachableRuns;
+      for (const result of [adminUnreachable!, rotateUnreachable!])
+        expectOneLineFailure(
+          result,
+          /^error: cannot connect to the database at 127\.0\.0\.1:1\/auth: connect ECONNREFUSED 127\.0\.0\.1:1$/m,
+        );
+      // db:verify has checked the code and the journal by then (its ✓ lines on stdout); the database is
+      // one line on stderr, exit 1.
+      expect(verifyUnreachable!.code, verifyUnreachable!.stderr).toBe(1);
+      expect(verifyUnreachable!.stderr.trim().split('\n')).toEqual([
+        'error: cannot connect to the database at 127.0.0.1:1/auth: connect ECONNREFUSED 127.0.0.1:1',
+      ]);
+    },
+    SPAWN_TEST_TIMEOUT * 3,
+  );
+
+  it(
     'openapi writes the document with NODE_ENV=production and no production secrets',
     async () => {
       const dataDir = scratchDir();
