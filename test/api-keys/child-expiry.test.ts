@@ -1,9 +1,9 @@
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
-import { beforeAll, describe, expect, inject, it } from 'vitest';
+import { beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
-import { buildTestApp } from '../support/app.js';
+import { appliedChanges, buildTestApp } from '../support/app.js';
 import { waitForLockWaiters } from '../support/database.js';
 import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -12,8 +12,9 @@ import { createKey, createTestClock, verifyKey, withKey } from './helpers.js';
 /**
  * A key minted by a key (api_keys:own, `parent_id`) expires no later than its parent: not only when
  * it is made, but when the parent's expiry is shortened later, or at the same moment, and nobody can
- * give it a later one, nor a scope the parent lacks. And it is revoked with any of its ancestors,
- * even when minted while that revocation runs.
+ * give it a later one, nor a scope the parent lacks. Narrowing the parent's scopes narrows it (and
+ * revokes it when nothing is left), at once or while it is being minted. And it is revoked with any
+ * of its ancestors, even when minted while that revocation runs.
  */
 describe('api keys: a key expires no later than the key that minted it', () => {
   const clock = createTestClock();
@@ -36,7 +37,13 @@ describe('api keys: a key expires no later than the key that minted it', () => {
   const minted = async (key: string, body: Record<string, unknown> = {}) => {
     const res = await mint(key, body);
     expect(res.statusCode, res.body).toBe(201);
-    return res.json() as { id: string; key: string; expires_at: string | null; parent_id: string };
+    return res.json() as {
+      id: string;
+      key: string;
+      prefix: string;
+      expires_at: string | null;
+      parent_id: string;
+    };
   };
   const patchExpiry = (user: TestUser, id: string, expiresAt: string | null) =>
     app.inject({
@@ -56,6 +63,20 @@ describe('api keys: a key expires no later than the key that minted it', () => {
   };
   const parentOf = (user: TestUser, body: Record<string, unknown> = {}) =>
     createKey(app, user.accessToken, { scopes: ['api_keys:own', 'account:read'], ...body });
+  const patchScopes = (user: TestUser, id: string, scopes: string[]) =>
+    app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${id}`,
+      headers: bearer(user.accessToken),
+      payload: { scopes },
+    });
+  const scopesOf = async (id: string) => {
+    const [row] = await selectRows<{ scopes: string[] }>(
+      app.services.db,
+      sql`select scopes from api_keys where id = ${id}`,
+    );
+    return row!.scopes;
+  };
 
   it('shortening a key’s expiry, or giving it one, brings every live key it minted (and theirs) to it', async () => {
     const user = await registerUser(app, 'ake-cascade');
@@ -236,6 +257,135 @@ describe('api keys: a key expires no later than the key that minted it', () => {
     expect(widened.statusCode, widened.body).toBe(200);
   });
 
+  it('narrowing a key’s scopes narrows every live key it minted (and theirs) at once; one left with nothing is revoked', async () => {
+    const user = await registerUser(app, 'aks-narrow');
+    const all = ['account:read', 'account:write', 'api_keys:own'];
+    const parent = await parentOf(user, { scopes: all });
+    const child = await minted(parent.key, { scopes: all });
+    const grandchild = await minted(child.key, { scopes: ['account:read', 'account:write'] });
+    // Left with nothing by the narrowing: revoked, with the key it minted.
+    const writer = await minted(parent.key, { scopes: ['account:write', 'api_keys:own'] });
+    const writersChild = await minted(writer.key, { scopes: ['api_keys:own'] });
+    // Given a scope its parent lacks, as its owner could before 4d920f0: what is left of it under
+    // the narrowed key (account:read) goes with its parent all the same.
+    await app.services.db.execute(
+      sql`update api_keys set scopes = '{account:read,api_keys:own}' where id = ${writersChild.id}`,
+    );
+    // Made with no scopes: nothing to narrow, left as it is. Expired, revoked, or not minted by it: untouched.
+    const empty = await minted(parent.key, { scopes: [] });
+    const expired = await minted(parent.key, {
+      scopes: ['account:write'],
+      expires_at: new Date(clock.nowMs() + 2_000).toISOString(),
+    });
+    const revoked = await minted(parent.key, { scopes: ['account:write'] });
+    expect(
+      (
+        await app.inject({
+          method: 'DELETE',
+          url: `/v1/api-keys/${revoked.id}`,
+          headers: bearer(user.accessToken),
+        })
+      ).statusCode,
+    ).toBe(204);
+    const sibling = await parentOf(user, { scopes: all });
+    // Verified once, so that every instance's caches hold them as they are.
+    for (const k of [child, writer, writersChild])
+      expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({ valid: true });
+    expect(await verifyKey(app, admin.accessToken, grandchild.key)).toMatchObject({
+      valid: true,
+      scopes: ['account:read', 'account:write'],
+    });
+    const me = (key: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(key) });
+    expect((await me(grandchild.key)).json().permissions).toEqual(['account:read', 'account:write']);
+
+    const heard = appliedChanges(app, (e) => (e.type === 'api_key_changed' ? e.lookupId : undefined));
+    const inserts = vi.spyOn(app.services.repos.audit, 'insert');
+    clock.advance(3);
+    try {
+      const narrowed = await patchScopes(user, parent.id, ['account:read']);
+      expect(narrowed.statusCode, narrowed.body).toBe(200);
+      expect(narrowed.json().scopes).toEqual(['account:read']);
+      // Every event of the change, the parent's and those of the keys it reached, in one insert.
+      expect(inserts).toHaveBeenCalledTimes(1);
+      expect(inserts.mock.calls[0]![0]).toHaveLength(5);
+    } finally {
+      inserts.mockRestore();
+      clock.advance(-3);
+    }
+
+    // At once, on this instance: verification, /v1/auth/me and introspection answer the narrowed scopes.
+    for (const k of [child, grandchild]) {
+      expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({
+        valid: true,
+        scopes: ['account:read'],
+      });
+      expect(await scopesOf(k.id)).toEqual(['account:read']);
+    }
+    expect((await me(grandchild.key)).json().permissions).toEqual(['account:read']);
+    const introspected = await app.inject({
+      method: 'POST',
+      url: '/oauth/introspect',
+      headers: bearer(admin.accessToken),
+      payload: { token: child.key },
+    });
+    expect(introspected.json()).toMatchObject({ active: true, scope: 'account:read' });
+    // The child no longer holds api_keys:own: it mints nothing more.
+    expect((await mint(child.key, { scopes: ['account:read'] })).statusCode).toBe(403);
+    for (const k of [writer, writersChild]) {
+      expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({
+        valid: false,
+        reason: 'revoked',
+      });
+      expect((await me(k.key)).statusCode).toBe(401);
+    }
+    expect(await scopesOf(empty.id)).toEqual([]);
+    expect(await verifyKey(app, admin.accessToken, empty.key)).toMatchObject({ valid: true, scopes: [] });
+    for (const k of [expired, revoked]) expect(await scopesOf(k.id)).toEqual(['account:write']);
+    expect(await scopesOf(sibling.id)).toEqual(all);
+
+    // Audited, each naming the key whose change reached it, as the actor's.
+    const updated = await app.services.audit.list({ type: 'api_key.updated', limit: 100 });
+    const revocations = await app.services.audit.list({ type: 'api_key.revoked', limit: 100 });
+    const about = (events: typeof updated, id: string) => events.filter((e) => e.subjectId === id);
+    for (const [k, previous] of [
+      [child, all],
+      [grandchild, ['account:read', 'account:write']],
+    ] as const) {
+      expect(about(updated, k.id)).toHaveLength(1);
+      expect(about(updated, k.id)[0]!.data).toEqual({
+        owner_id: user.id,
+        prefix: k.prefix,
+        changed: ['scopes'],
+        scopes: ['account:read'],
+        previous_scopes: previous,
+        with_ancestor: parent.id,
+      });
+      expect(about(updated, k.id)[0]!.actorId).toBe(user.id);
+    }
+    for (const k of [writer, writersChild]) {
+      expect(about(revocations, k.id)).toHaveLength(1);
+      expect(about(revocations, k.id)[0]!.data).toEqual({
+        owner_id: user.id,
+        prefix: k.prefix,
+        with_ancestor: parent.id,
+        reason: 'scopes_narrowed',
+      });
+      expect(about(revocations, k.id)[0]!.actorId).toBe(user.id);
+    }
+    for (const k of [empty, expired, revoked, sibling]) expect(about(updated, k.id)).toHaveLength(0);
+    expect(about(revocations, revoked.id)).toHaveLength(1); // its own DELETE's
+    for (const k of [empty, expired, sibling]) expect(about(revocations, k.id)).toHaveLength(0);
+    // Sent to every instance: each change's notification came back to this one, as it reaches all.
+    await Promise.all(
+      [child, grandchild, writer, writersChild].map((k) => heard.bothHeard(k.prefix.slice('pak_'.length))),
+    );
+
+    // Widened again: the keys it minted are not (their owner widens them, within it).
+    expect((await patchScopes(user, parent.id, all)).statusCode).toBe(200);
+    for (const k of [child, grandchild]) expect(await scopesOf(k.id)).toEqual(['account:read']);
+    expect(await verifyKey(app, admin.accessToken, writer.key)).toMatchObject({ valid: false });
+  });
+
   it('rotating a key leaves the keys it minted as they are: a new secret, not a new authority', async () => {
     const user = await registerUser(app, 'ake-rotate');
     const expiresAt = inHours(24);
@@ -319,14 +469,18 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         return secondDone;
       }
 
-      /** A key minted with `key`, holding its insert until `change` waits on it; the key made. */
-      async function mintedBefore(key: string, change: () => ReturnType<typeof mint>) {
+      /** A key minted with `key` (and `body`), holding its insert until `change` waits on it; the key made. */
+      async function mintedBefore(
+        key: string,
+        change: () => ReturnType<typeof mint>,
+        body: Record<string, unknown> = {},
+      ) {
         let made: { id: string; key: string } | undefined;
         await ordered(
           'insert',
           () => true,
           async () => {
-            const res = await mint(key);
+            const res = await mint(key, body);
             made = res.json();
             return res;
           },
@@ -402,6 +556,72 @@ describe('api keys: a key expires no later than the key that minted it', () => {
           },
         ]);
         expect(await expiryOf(user, child.id)).toBe(child.expires_at);
+      });
+
+      it('the narrowing first: a key minted with a scope it took waits for it and is refused', async () => {
+        const user = await registerUser(app, 'aks-race-narrow');
+        const parent = await parentOf(user);
+        const refused = await ordered(
+          'update',
+          (args) => args[0] === parent.id,
+          () => patchScopes(user, parent.id, ['api_keys:own']),
+          () => mint(parent.key, { scopes: ['account:read', 'api_keys:own'] }),
+          (status) => status === 403,
+        );
+        expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+        expect(refused.json().detail).toMatch(/account:read/);
+        const [row] = await selectRows<{ n: number }>(
+          app.services.db,
+          sql`select count(*)::int as n from api_keys where parent_id = ${parent.id}`,
+        );
+        expect(row!.n).toBe(0);
+      });
+
+      it('the key made first: the narrowing waits for it and narrows it', async () => {
+        const user = await registerUser(app, 'aks-race-mint');
+        const parent = await parentOf(user);
+        const made = await mintedBefore(parent.key, () => patchScopes(user, parent.id, ['api_keys:own']));
+        expect(await scopesOf(made.id)).toEqual(['api_keys:own']);
+        expect(await verifyKey(app, admin.accessToken, made.key)).toMatchObject({
+          valid: true,
+          scopes: ['api_keys:own'],
+        });
+      });
+
+      it('a grandchild made first: the narrowing waits for it and narrows it too', async () => {
+        const user = await registerUser(app, 'aks-race-grand');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key);
+        const made = await mintedBefore(child.key, () => patchScopes(user, parent.id, ['api_keys:own']));
+        for (const k of [child, made]) {
+          expect(await scopesOf(k.id)).toEqual(['api_keys:own']);
+          expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({
+            valid: true,
+            scopes: ['api_keys:own'],
+          });
+        }
+        const events = await app.services.audit.list({ type: 'api_key.updated', limit: 100 });
+        const about = events.filter((e) => e.subjectId === made.id);
+        expect(about).toHaveLength(1);
+        expect(about[0]!.data).toMatchObject({ changed: ['scopes'], with_ancestor: parent.id });
+      });
+
+      it('a grandchild made first under a key the narrowing leaves with nothing: revoked with it', async () => {
+        const user = await registerUser(app, 'aks-race-empty');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key, { scopes: ['api_keys:own'] });
+        const made = await mintedBefore(child.key, () => patchScopes(user, parent.id, ['account:read']), {
+          scopes: ['api_keys:own'],
+        });
+        for (const k of [child, made])
+          expect(await verifyKey(app, admin.accessToken, k.key)).toMatchObject({
+            valid: false,
+            reason: 'revoked',
+          });
+        expect(await verifyKey(app, admin.accessToken, parent.key)).toMatchObject({
+          valid: true,
+          scopes: ['account:read'],
+        });
       });
 
       const revoke = (user: TestUser, id: string) =>

@@ -239,6 +239,42 @@ describe('several instances on one database: revocations reach every instance wi
     expect((await onB(rotated.json().key)).statusCode).toBe(200);
   });
 
+  it('a key narrowed on A: the key it minted, cached on B, is narrowed on B by the same notification', async () => {
+    const admin = await createAdmin(a);
+    const user = await registerUser(a, 'mi-apikey-narrow');
+    const parent = await createKey(a, user.accessToken, { scopes: ['account:read', 'api_keys:own'] });
+    const minted = await a.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(parent.key),
+      payload: { name: 'minted', scopes: ['account:read', 'api_keys:own'] },
+    });
+    expect(minted.statusCode, minted.body).toBe(201);
+    const child = minted.json() as { key: string };
+    const meOnB = () => b.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(child.key) });
+    expect((await meOnB()).statusCode).toBe(200); // B has looked the key up (and cached it)
+    // The parent's change and the child's travel in one notification (one transaction), in that order,
+    // and B applies all of its events at once: once B has the parent's, it has the child's.
+    const heard = new Promise<void>((resolve) =>
+      b.services.events.subscribe((e) => {
+        if (e.type === 'api_key_changed' && e.lookupId === parent.prefix.slice('pak_'.length)) resolve();
+      }),
+    );
+    const narrowed = await a.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${parent.id}`,
+      headers: bearer(user.accessToken),
+      payload: { scopes: ['api_keys:own'] },
+    });
+    expect(narrowed.statusCode, narrowed.body).toBe(200);
+    await heard;
+    expect((await meOnB()).statusCode).toBe(403);
+    expect(await verifyKey(b, admin.accessToken, child.key)).toMatchObject({
+      valid: true,
+      scopes: ['api_keys:own'],
+    });
+  });
+
   it('a role removed on A takes its permission from the owner’s API key on B', async () => {
     const admin = await createAdmin(a);
     const role = `mi-readers-${randomUUID().slice(0, 8)}`;

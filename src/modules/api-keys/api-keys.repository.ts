@@ -1,4 +1,4 @@
-import { and, asc, eq, gt, isNull, or, sql } from 'drizzle-orm';
+import { and, asc, eq, gt, inArray, isNull, or, sql } from 'drizzle-orm';
 import type { Database, Executor } from '../../db/client.js';
 import { apiKeys } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -22,10 +22,16 @@ export type ApiKeyPatch = Partial<
   >
 >;
 
-/** A key descended from `id`: created by it, or by one it created, … (through api_keys_parent_idx). */
-const descendantOf = (id: string) => sql`${apiKeys.id} in (
+/**
+ * A key descended from `id` (or from any of `id`s): created by it, or by one it created, … (through
+ * api_keys_parent_idx).
+ */
+const descendantOf = (id: string | readonly string[]) => sql`${apiKeys.id} in (
   with recursive tree(id) as (
-    select id from api_keys where parent_id = ${id}
+    select id from api_keys where parent_id in (${sql.join(
+      (typeof id === 'string' ? [id] : id).map((one) => sql`${one}::uuid`),
+      sql`, `,
+    )})
     union
     select k.id from api_keys k join tree t on k.parent_id = t.id
   ) select id from tree)`;
@@ -134,7 +140,11 @@ export function createApiKeysRepository(db: Database) {
      * one revokes none, since a pass that waited on a key locked by a creation under it does not see
      * the key that creation made.
      */
-    async revokeDescendants(id: string, at: Date, tx: Executor = db): Promise<ApiKeyRow[]> {
+    async revokeDescendants(
+      id: string | readonly string[],
+      at: Date,
+      tx: Executor = db,
+    ): Promise<ApiKeyRow[]> {
       return tx
         .update(apiKeys)
         .set({ revokedAt: at, updatedAt: at })
@@ -156,6 +166,65 @@ export function createApiKeysRepository(db: Database) {
             descendantOf(id),
           ),
         )
+        .returning();
+    },
+    /**
+     * Every live key (unrevoked, unexpired at `now`) descended from `id`, as the statement finds them,
+     * unlocked: what a change to its scopes looks at before locking the ones it changes.
+     */
+    async liveDescendants(id: string, now: Date, tx: Executor): Promise<ApiKeyRow[]> {
+      return tx
+        .select()
+        .from(apiKeys)
+        .where(
+          and(
+            isNull(apiKeys.revokedAt),
+            or(isNull(apiKeys.expiresAt), gt(apiKeys.expiresAt, now)),
+            descendantOf(id),
+          ),
+        );
+    },
+    /** The unrevoked keys among `ids`, locked for the rest of `tx` and read as they are once locked. */
+    async findUnrevokedForUpdate(ids: readonly string[], tx: Executor): Promise<ApiKeyRow[]> {
+      if (ids.length === 0) return [];
+      return tx
+        .select()
+        .from(apiKeys)
+        .where(and(inArray(apiKeys.id, [...ids]), isNull(apiKeys.revokedAt)))
+        .orderBy(asc(apiKeys.id))
+        .for('update');
+    },
+    /** Gives each unrevoked key of `changes` its scopes, in one statement; the rows changed. */
+    async setScopes(
+      changes: ReadonlyArray<{ id: string; scopes: readonly string[] }>,
+      at: Date,
+      tx: Executor,
+    ): Promise<ApiKeyRow[]> {
+      if (changes.length === 0) return [];
+      const values = sql.join(
+        changes.map(
+          (c) =>
+            sql`(${c.id}::uuid, array[${sql.join(
+              c.scopes.map((s) => sql`${s}`),
+              sql`, `,
+            )}]::text[])`,
+        ),
+        sql`, `,
+      );
+      return tx
+        .update(apiKeys)
+        .set({ scopes: sql`v.scopes`, updatedAt: at })
+        .from(sql`(values ${values}) as v(id, scopes)`)
+        .where(and(eq(apiKeys.id, sql`v.id`), isNull(apiKeys.revokedAt)))
+        .returning();
+    },
+    /** Revokes the unrevoked keys among `ids`; the rows revoked. */
+    async revokeMany(ids: readonly string[], at: Date, tx: Executor): Promise<ApiKeyRow[]> {
+      if (ids.length === 0) return [];
+      return tx
+        .update(apiKeys)
+        .set({ revokedAt: at, updatedAt: at })
+        .where(and(inArray(apiKeys.id, [...ids]), isNull(apiKeys.revokedAt)))
         .returning();
     },
     /** Records last-use times in one statement per chunk; never moves a time backwards. */

@@ -249,7 +249,9 @@ export async function apiKeysRoutes(
           `within the caller’s (403); an expired key’s expiry and scopes cannot change (409). A key minted ` +
           'by a key (`parent_id`) cannot be given a later expiry than that key’s, nor none, nor a scope ' +
           'that key’s do not cover (400, `body.expires_at`, `body.scopes`). A new expiry brings the keys ' +
-          'the key minted (and theirs) that would outlive it to it, in the same change. ' +
+          'the key minted (and theirs) that would outlive it to it, and new scopes narrow them to what ' +
+          'those cover, revoking any (with the keys it minted) left with none, in the same change; none ' +
+          'is ever lengthened or widened with it. ' +
           OTHERS,
         security: bearerOrApiKey,
         params: UuidParamSchema,

@@ -100,8 +100,9 @@ export const ApiKeySchema = z
       .describe(
         'The key that created this one, when it was created by a request authenticated with an API key: ' +
           'revoking that key revokes this one, and this one expires no later than it (giving that key a ' +
-          'shorter expiry brings this one to it; this one cannot be given a later one, nor a scope that ' +
-          'key lacks; rotating that key changes nothing here)',
+          'shorter expiry brings this one to it, and narrowing its scopes narrows this one’s, revoking it ' +
+          'when none is left; this one cannot be given a later one, nor a scope that key lacks; rotating ' +
+          'that key changes nothing here)',
       ),
     created_at: timestamp(),
     updated_at: timestamp(),

@@ -370,6 +370,57 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
 
   const changed = (row: ApiKeyRow): AuthEvent => ({ type: 'api_key_changed', lookupId: row.lookupId });
   const unique = (scopes: string[]) => [...new Set(scopes)].sort();
+  const sameScopes = (a: readonly string[], b: readonly string[]) =>
+    a.length === b.length && unique([...a]).join(' ') === unique([...b]).join(' ');
+
+  /**
+   * After the scopes of key `id` changed to `scopes`: every live (unrevoked, unexpired) key descended
+   * from it keeps only what `scopes` cover (their intersection, `users:*` to `users:read`), in `tx`. A
+   * key that would be left with nothing is revoked instead, with the keys it minted (and theirs): a
+   * key that may do nothing still verifies as valid for its owner. A key that had no scopes to begin
+   * with is left as it is. Passes until one finds nothing to change: a pass that waited for a creation
+   * under one of them (which holds its parent) does not see the key made; the next pass does, and a
+   * creation that comes later is within its parent's new scopes (the grant ceiling reads them).
+   */
+  async function narrowDescendants(id: string, scopes: readonly string[], now: Date, tx: Executor) {
+    const narrowed = new Map<string, { row: ApiKeyRow; previousScopes: string[] }>();
+    const revoked: ApiKeyRow[] = [];
+    const within = (key: ApiKeyRow) => intersectPermissions(key.scopes, scopes);
+    const wider = (key: ApiKeyRow) => !sameScopes(within(key), key.scopes);
+    for (;;) {
+      const found = (await repo.liveDescendants(id, now, tx)).filter(wider);
+      if (found.length === 0) break;
+      // Decided on each as it is once locked (a concurrent change to it has committed by then).
+      const locked = (
+        await repo.findUnrevokedForUpdate(
+          found.map((key) => key.id),
+          tx,
+        )
+      ).filter(wider);
+      const emptied = new Set(locked.filter((key) => within(key).length === 0).map((key) => key.id));
+      if (emptied.size > 0) {
+        revoked.push(...(await repo.revokeMany([...emptied], now, tx)));
+        for (;;) {
+          const pass = await repo.revokeDescendants([...emptied], now, tx);
+          if (pass.length === 0) break;
+          revoked.push(...pass);
+        }
+      }
+      // The rest in one statement; any just revoked with an emptied ancestor is left out there.
+      const before = new Map(locked.map((key) => [key.id, key.scopes]));
+      const rows = await repo.setScopes(
+        locked.filter((key) => !emptied.has(key.id)).map((key) => ({ id: key.id, scopes: within(key) })),
+        now,
+        tx,
+      );
+      for (const row of rows)
+        narrowed.set(row.id, {
+          row,
+          previousScopes: narrowed.get(row.id)?.previousScopes ?? before.get(row.id)!,
+        });
+    }
+    return { narrowed: [...narrowed.values()], revoked };
+  }
 
   return {
     verify,
@@ -545,14 +596,21 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           // expiry are brought to it. Passes until one finds none: a pass that waited for a creation
           // under one of them (which holds its parent) does not see the key made; the next pass does,
           // and a creation that comes later reads its parent's new expiry.
-          const capped: ApiKeyRow[] = [];
+          const cascaded = new Map<string, { row: ApiKeyRow; expiry: boolean; previousScopes?: string[] }>();
           if (patch.expiresAt) {
             for (;;) {
               const pass = await repo.capDescendantsExpiry(id, patch.expiresAt, now, tx);
               if (pass.length === 0) break;
-              capped.push(...pass);
+              for (const row of pass) cascaded.set(row.id, { row, expiry: true });
             }
           }
+          // Nor hold a scope it no longer has: narrowing a key narrows them to what it keeps, and revokes
+          // those left with nothing (narrowDescendants). Never widened with it.
+          const { narrowed, revoked } = patch.scopes
+            ? await narrowDescendants(id, patch.scopes, now, tx)
+            : { narrowed: [], revoked: [] };
+          for (const { row, previousScopes } of narrowed)
+            cascaded.set(row.id, { row, expiry: cascaded.has(row.id), previousScopes });
           await deps.audit.record(tx, context, [
             {
               type: 'api_key.updated',
@@ -567,20 +625,32 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
                   : {}),
               },
             },
-            ...capped.map((child) => ({
+            ...[...cascaded.values()].map(({ row: child, expiry, previousScopes }) => ({
               type: 'api_key.updated',
               subjectId: child.id,
               data: {
                 owner_id: child.ownerId,
                 prefix: child.prefix,
-                changed: ['expires_at'],
-                expires_at: child.expiresAt?.toISOString() ?? null,
+                changed: [...(expiry ? ['expires_at'] : []), ...(previousScopes ? ['scopes'] : [])],
+                ...(previousScopes ? { scopes: child.scopes, previous_scopes: previousScopes } : {}),
+                ...(expiry ? { expires_at: child.expiresAt?.toISOString() ?? null } : {}),
                 with_ancestor: id,
+              },
+            })),
+            ...revoked.map((child) => ({
+              type: 'api_key.revoked',
+              subjectId: child.id,
+              data: {
+                owner_id: child.ownerId,
+                prefix: child.prefix,
+                with_ancestor: id,
+                reason: 'scopes_narrowed',
               },
             })),
           ]);
           emit(changed(updated));
-          for (const child of capped) emit(changed(child));
+          for (const { row: child } of cascaded.values()) emit(changed(child));
+          for (const child of revoked) emit(changed(child));
           return updated;
         }),
       );
