@@ -49,8 +49,9 @@ export const STALE_KEYS_MAX_AGE_MS = 60 * 60_000;
 /** After a failed refetch, the last good key set is used without asking again for this long. */
 const REFETCH_BACKOFF_MS = 30_000;
 /**
- * After a failed fetch with no keys in hand (never fetched, or past `staleKeysMaxAgeMs`), requests
- * answer 503 without asking again for this long: shorter, since nothing verifies meanwhile.
+ * After a failed fetch with no keys in hand (a failed discovery, keys never fetched, or past
+ * `staleKeysMaxAgeMs`), requests answer 503 without asking again for this long: shorter, since
+ * nothing verifies meanwhile.
  */
 const NO_KEYS_BACKOFF_MS = 5_000;
 
@@ -305,13 +306,26 @@ export function createVerifier(options: VerifierOptions): Verifier {
     };
   }
 
+  /** The last failed discovery: answered again, without asking, for NO_KEYS_BACKOFF_MS. */
+  let discoveryFailed: { at: number; error: unknown } | undefined;
   function discovered(): Promise<Discovered> {
     if (!discovery) {
-      discovery = discover();
-      // A failure is not remembered: the next request tries again.
-      discovery.catch(() => {
-        discovery = undefined;
-      });
+      // With no keys in hand, a failure is asked again after a few seconds, not by every request
+      // meanwhile (a fleet of them at an auth service that is down or coming back up).
+      if (discoveryFailed && Date.now() - discoveryFailed.at < NO_KEYS_BACKOFF_MS) {
+        return Promise.reject(discoveryFailed.error);
+      }
+      const attempt = discover();
+      discovery = attempt;
+      attempt.then(
+        () => {
+          discoveryFailed = undefined;
+        },
+        (error: unknown) => {
+          discovery = undefined;
+          discoveryFailed = { at: Date.now(), error };
+        },
+      );
     }
     return discovery;
   }

@@ -265,6 +265,53 @@ describe('the bundled verifier', () => {
     await service.close();
   });
 
+  describe('when discovery fails', () => {
+    afterEach(() => {
+      vi.restoreAllMocks();
+    });
+
+    it.each([
+      ['502', () => new Response('<html>502 Bad Gateway</html>', { status: 502 })],
+      ['another issuer', () => Response.json({ issuer: 'https://elsewhere.test', jwks_uri: ISSUER })],
+    ])(
+      'a failed discovery (%s) is asked again after 5 s, not by every request meanwhile',
+      async (_label, answer) => {
+        const state = { broken: true, discoveries: 0 };
+        const real = injectFetch(auth);
+        const fetch: FetchLike = async (input, init) => {
+          if (new URL(input).pathname.startsWith('/.well-known/openid-configuration')) {
+            state.discoveries++;
+            if (state.broken) return answer();
+          }
+          return real(input, init);
+        };
+        const service = Fastify();
+        await service.register(fastifyVerifier, { issuer: ISSUER, audience: ORDERS, fetch });
+        service.get('/x', { onRequest: requirePermission('users:read') }, async () => ({ ok: true }));
+        const { access_token } = await clientToken(auth, reader);
+        const get = () => service.inject({ method: 'GET', url: '/x', headers: bearer(access_token) });
+        try {
+          for (let i = 0; i < 20; i++) {
+            const res = await get();
+            expect(res.statusCode, res.body).toBe(503);
+            expect(res.json()).toMatchObject({ code: 'verifier_unavailable' });
+          }
+          // One request to the auth service for the twenty: the rest were answered from the failure.
+          expect(state.discoveries).toBe(1);
+
+          // After the 5 s it is asked again, and the keys are back.
+          state.broken = false;
+          vi.spyOn(Date, 'now').mockReturnValue(Date.now() + 6_000);
+          const res = await get();
+          expect(res.statusCode, res.body).toBe(200);
+          expect(state.discoveries).toBe(2);
+        } finally {
+          await service.close();
+        }
+      },
+    );
+  });
+
   describe('when the JWKS cannot be fetched', () => {
     // What a load balancer or a broken deployment answers for the key set instead of the keys.
     const failures: Array<[string, () => Response]> = [
