@@ -55,6 +55,9 @@ const REFETCH_BACKOFF_MS = 30_000;
  */
 const NO_KEYS_BACKOFF_MS = 5_000;
 
+/** The longest `timeoutMs`: AbortSignal.timeout takes no more (2^31 - 1 ms, about 24 days). */
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
 /** A fetch: the global one, or any compatible implementation (a proxy-aware one, a test double). */
 export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>;
 
@@ -68,7 +71,7 @@ export interface VerifierOptions {
   /** Clock leeway in seconds for `exp`, `nbf` and `iat`; 0..30, default 30. */
   clockTolerance?: number;
   fetch?: FetchLike;
-  /** Timeout of the discovery and JWKS requests, in milliseconds; default 5000. */
+  /** Timeout of the discovery and JWKS requests, in whole milliseconds (1 or more); default 5000. */
   timeoutMs?: number;
   /**
    * How long after its fetch the last key set keeps verifying while the JWKS cannot be fetched, in
@@ -175,6 +178,11 @@ export function createVerifier(options: VerifierOptions): Verifier {
   if (!URL.canParse(options.issuer)) throw new TypeError('issuer must be the auth service’s URL');
   const fetchImpl: FetchLike = options.fetch ?? ((input, init) => fetch(input, init));
   const timeoutMs = options.timeoutMs ?? 5000;
+  // Checked here, not at the first request: jose and AbortSignal.timeout refuse anything else there,
+  // and each request would then answer 503.
+  if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_TIMEOUT_MS) {
+    throw new RangeError(`timeoutMs must be a whole number of milliseconds from 1 to ${MAX_TIMEOUT_MS}`);
+  }
   const staleKeysMaxAgeMs = options.staleKeysMaxAgeMs ?? STALE_KEYS_MAX_AGE_MS;
   if (!Number.isFinite(staleKeysMaxAgeMs) || staleKeysMaxAgeMs < 0) {
     throw new RangeError('staleKeysMaxAgeMs must be 0 or more milliseconds');

@@ -533,6 +533,32 @@ describe('the bundled verifier', () => {
     expect(() => createVerifier({ ...base, staleKeysMaxAgeMs: -1 })).toThrow(RangeError);
     expect(() => createVerifier({ ...base, staleKeysMaxAgeMs: Number.NaN })).toThrow(RangeError);
     expect(() => createVerifier({ ...base, algorithms: ['EdDSA'], clockTolerance: 0 })).not.toThrow();
+    // A timeout AbortSignal.timeout and jose refuse (or, past 2^31 - 1 ms, turn into 1 ms) is refused
+    // here, not with a 503 on every request.
+    for (const timeoutMs of [Number.NaN, 0, -1, 1.5, 2 ** 31, Number.POSITIVE_INFINITY])
+      expect(() => createVerifier({ ...base, timeoutMs }), String(timeoutMs)).toThrow(RangeError);
+    expect(() => createVerifier({ ...base, timeoutMs: 2 ** 31 - 1 })).not.toThrow();
+  });
+
+  it('refuses a bad timeoutMs at registration, instead of answering 503 to every request', async () => {
+    const service = Fastify();
+    try {
+      const registered = await service
+        .register(fastifyVerifier, {
+          issuer: ISSUER,
+          audience: ORDERS,
+          fetch: injectFetch(auth),
+          timeoutMs: 1.5,
+        })
+        .then(
+          () => 'registered',
+          (err: unknown) => err,
+        );
+      expect(registered).toBeInstanceOf(RangeError);
+      expect(String(registered)).toContain('timeoutMs');
+    } finally {
+      await service.close().catch(() => undefined);
+    }
   });
 
   it('honours pinned algorithms: an ES256 token fails a verifier that allows EdDSA only', async () => {
