@@ -55,6 +55,12 @@ const REFETCH_BACKOFF_MS = 30_000;
  */
 const NO_KEYS_BACKOFF_MS = 5_000;
 
+/**
+ * The most of a discovery document or key set that is read: a key set of a few keys is a few
+ * kilobytes. A larger answer is the keys unavailable (a 503), and is not read further.
+ */
+export const MAX_RESPONSE_BYTES = 1024 * 1024;
+
 /** The longest `timeoutMs`: AbortSignal.timeout takes no more (2^31 - 1 ms, about 24 days). */
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
@@ -141,10 +147,33 @@ export function hasPermission(claims: Pick<AccessTokenClaims, 'permissions'>, re
 const MAX_TOKEN_LENGTH = 8192;
 
 /**
+ * `response` with its body read, up to MAX_RESPONSE_BYTES; a larger one fails, read no further. Any
+ * answer but a 200 is left as it is: it is refused unread.
+ */
+async function bounded(response: Response, url: string): Promise<Response> {
+  if (response.status !== 200 || response.body === null) return response;
+  const reader = response.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > MAX_RESPONSE_BYTES) {
+      await reader.cancel().catch(() => undefined);
+      throw new Error(`The answer of ${url} is larger than ${MAX_RESPONSE_BYTES} bytes`);
+    }
+    chunks.push(value);
+  }
+  return new Response(Buffer.concat(chunks), { status: 200, headers: response.headers });
+}
+
+/**
  * Whether jose failed for want of the keys rather than over the token: the JWKS request timed out or
- * failed (no connection: not a JOSEError), answered other than 200 or with a body that is not JSON
- * (a plain JOSEError, ERR_JOSE_GENERIC — a load balancer's 502 page), or with JSON that is not a key
- * set (JWKSInvalid). Each is the auth service unreachable for its keys, a 503; never the token's fault.
+ * failed (no connection, or an answer over MAX_RESPONSE_BYTES: not a JOSEError), answered other than
+ * 200 or with a body that is not JSON (a plain JOSEError, ERR_JOSE_GENERIC — a load balancer's 502
+ * page), or with JSON that is not a key set (JWKSInvalid). Each is the auth service unreachable for
+ * its keys, a 503; never the token's fault.
  */
 function keysUnavailable(err: unknown): boolean {
   if (!(err instanceof joseErrors.JOSEError)) return true;
@@ -176,7 +205,9 @@ export function createVerifier(options: VerifierOptions): Verifier {
     throw new TypeError('audience is required: the identifier this service accepts tokens for');
   }
   if (!URL.canParse(options.issuer)) throw new TypeError('issuer must be the auth service’s URL');
-  const fetchImpl: FetchLike = options.fetch ?? ((input, init) => fetch(input, init));
+  const given: FetchLike = options.fetch ?? ((input, init) => fetch(input, init));
+  // Only the discovery and the key set are fetched, each read up to MAX_RESPONSE_BYTES.
+  const fetchImpl: FetchLike = async (input, init) => bounded(await given(input, init), input);
   const timeoutMs = options.timeoutMs ?? 5000;
   // Checked here, not at the first request: jose and AbortSignal.timeout refuse anything else there,
   // and each request would then answer 503.

@@ -7,6 +7,7 @@ import {
   type FetchLike,
   fastifyVerifier,
   InvalidTokenError,
+  MAX_RESPONSE_BYTES,
   requirePermission,
   STALE_KEYS_MAX_AGE_MS,
   VerifierUnavailableError,
@@ -273,6 +274,16 @@ describe('the bundled verifier', () => {
     it.each([
       ['502', () => new Response('<html>502 Bad Gateway</html>', { status: 502 })],
       ['another issuer', () => Response.json({ issuer: 'https://elsewhere.test', jwks_uri: ISSUER })],
+      // The right metadata, and more than a discovery document ever weighs: not read whole.
+      [
+        'over MAX_RESPONSE_BYTES',
+        () =>
+          Response.json({
+            issuer: ISSUER,
+            jwks_uri: `${ISSUER}/.well-known/jwks.json`,
+            padding: 'x'.repeat(MAX_RESPONSE_BYTES),
+          }),
+      ],
     ])(
       'a failed discovery (%s) is asked again after 5 s, not by every request meanwhile',
       async (_label, answer) => {
@@ -328,6 +339,15 @@ describe('the bundled verifier', () => {
         '200 with a body that is not JSON',
         () =>
           new Response('<html>maintenance</html>', { status: 200, headers: { 'content-type': 'text/html' } }),
+      ],
+      // The service's keys, and more than a key set ever weighs: not read whole.
+      [
+        '200 with a key set over MAX_RESPONSE_BYTES',
+        () =>
+          Response.json({
+            ...(JSON.parse(auth.services.keys.jwks()) as object),
+            padding: 'x'.repeat(MAX_RESPONSE_BYTES),
+          }),
       ],
       [
         '200 with JSON that is not a key set',
