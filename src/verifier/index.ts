@@ -369,10 +369,21 @@ export function createVerifier(options: VerifierOptions): Verifier {
     return discovery;
   }
 
+  /**
+   * The claims jwtVerify does not check, as the auth service checks them on its own tokens: `scope`,
+   * `client_id`, `sub` and `jti` strings, and `iat` (which jose only checks is a number) no later
+   * than now plus the leeway.
+   */
   function toClaims(payload: JWTPayload): AccessTokenClaims {
-    const { scope, client_id: clientId, roles } = payload as Record<string, unknown>;
+    const { scope, client_id: clientId, roles, sub, jti, iat } = payload as Record<string, unknown>;
     if (typeof scope !== 'string' || typeof clientId !== 'string') {
       throw new InvalidTokenError('The access token lacks scope or client_id');
+    }
+    if (typeof sub !== 'string' || typeof jti !== 'string') {
+      throw new InvalidTokenError('The access token has a malformed sub or jti');
+    }
+    if ((iat as number) > Math.floor(Date.now() / 1000) + clockTolerance) {
+      throw new InvalidTokenError('The access token was issued in the future');
     }
     if (roles !== undefined && !(Array.isArray(roles) && roles.every((r) => typeof r === 'string'))) {
       throw new InvalidTokenError('The access token has malformed roles');

@@ -141,6 +141,37 @@ describe('the bundled verifier', () => {
     expect(oddToken.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_token"');
   });
 
+  it('refuses what the auth service itself refuses under its own key: iat ahead of the leeway, sub or jti not strings', async () => {
+    // Signed with the service's active key, as only a leaked key or an issuer fault could: the
+    // service issues none of these, and refuses them itself (tokens.service verifySignature).
+    const key = auth.services.keys.activeKey();
+    const now = Math.floor(Date.now() / 1000);
+    const signed = (claims: Record<string, unknown>) =>
+      new SignJWT({
+        iss: ISSUER,
+        sub: reader.client_id,
+        aud: ORDERS,
+        iat: now,
+        exp: now + 300,
+        jti: 'j',
+        client_id: reader.client_id,
+        scope: 'users:read',
+        ...claims,
+      })
+        .setProtectedHeader({ alg: key.alg, kid: key.kid, typ: 'at+jwt' })
+        .sign(key.privateKey);
+    // The same key, the right claims: accepted, so what follows is refused for its claim alone.
+    const good = await call('/orders', bearer(await signed({})));
+    expect(good.statusCode, good.body).toBe(200);
+    // Within the 30 s leeway, as a clock a little ahead would make it: accepted.
+    expect((await call('/orders', bearer(await signed({ iat: now + 20 })))).statusCode).toBe(200);
+    for (const claims of [{ iat: now + 3600 }, { iat: now + 60 }, { sub: 42 }, { jti: ['j'] }]) {
+      const res = await call('/orders', bearer(await signed(claims)));
+      expect(res.statusCode, JSON.stringify(claims)).toBe(401);
+      expect(res.headers['www-authenticate']).toBe('Bearer realm="api", error="invalid_token"');
+    }
+  });
+
   it('challenges a request without Bearer credentials without an error code, and a malformed Bearer header with invalid_request (RFC 6750 §3.1)', async () => {
     // Another scheme, or an empty header: no authentication information, so no error code.
     for (const authorization of [
