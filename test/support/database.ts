@@ -74,7 +74,10 @@ export async function ownDatabase(
 
 /**
  * Waits until `count` statements of the database wait for a lock (directly or behind one another),
- * asking through `client`; with `blockedBy`, only those the backend of that pid blocks.
+ * asking through `client`; with `blockedBy`, only those the backend of that pid blocks. `client` may
+ * be in a transaction (the one holding the lock, typically): PostgreSQL then keeps the
+ * pg_stat_activity it read first for the rest of the transaction, so each poll clears that snapshot
+ * first (pg_stat_clear_snapshot) and reads the backends as they are now.
  */
 export async function waitForLockWaiters(
   client: pg.Client,
@@ -82,6 +85,7 @@ export async function waitForLockWaiters(
   blockedBy?: number,
 ): Promise<void> {
   for (let waited = 0; waited < 15_000; waited += 20) {
+    await client.query('SELECT pg_stat_clear_snapshot()');
     const { rows } = await client.query<{ n: number }>(
       `SELECT count(*)::int AS n FROM pg_stat_activity
         WHERE datname = current_database() AND wait_event_type = 'Lock' AND cardinality(pg_blocking_pids(pid)) > 0
