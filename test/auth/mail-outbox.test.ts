@@ -1,6 +1,7 @@
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { mailOutbox } from '../../src/db/schema/index.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
@@ -8,14 +9,15 @@ import { LINK_REQUEST_FLOOR_MS } from '../../src/modules/auth/auth.routes.js';
 import { MAIL_RETRY_FIRST_MS, MAX_WAITING_KICKS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
-import { ownDatabase } from '../support/database.js';
+import { ownDatabase, waitForLockWaiters } from '../support/database.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
-import { turnOnMfa } from '../support/mfa.js';
+import { totpAt, turnOnMfa } from '../support/mfa.js';
 import { createAdmin, PASSWORD, registerUser } from '../support/factories.js';
 
 const RESET_URL = 'https://app.example.test/reset-password';
 const CONFIRM_URL = 'https://app.example.test/confirm-email';
+const CHANGE_URL = 'https://app.example.test/email-change';
 
 const mailsTo = (mailer: { sent: MailMessage[] }, email: string, subject: string) =>
   mailer.sent.filter((m) => m.to === email && m.subject === subject);
@@ -350,6 +352,203 @@ describe('mail the mail server refused is kept and sent later (built-in provider
   });
 });
 
+/*
+ * A crash between a change's commit and the write of its mail (the process killed, the database
+ * connection lost) must not leave a change acknowledged whose mail is gone: the mail is written in
+ * the change's own transaction, so it commits or rolls back with it. Here the crash is the end of the
+ * connection whose statement is the mail's write: a trigger holds every INSERT into mail_outbox on an
+ * advisory lock the test holds, the change is asked for, and the one statement that comes to wait
+ * there has its connection ended, as a crash would end it.
+ */
+describe.skipIf(!inject('databaseUrl'))('a change and its mail commit together', () => {
+  let app: FastifyInstance;
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+  /** The advisory lock the gate's trigger waits for. */
+  const GATE = 740_033_101;
+
+  beforeAll(async () => {
+    app = await appOnOwnDatabase({
+      env: {
+        PASSWORD_RESET_URL: RESET_URL,
+        EMAIL_CONFIRMATION_URL: CONFIRM_URL,
+        EMAIL_CHANGE_URL: CHANGE_URL,
+      },
+      deps: { mailer, clock },
+    });
+  });
+
+  /**
+   * `request`'s answer, its mail's write cut off: each INSERT into mail_outbox made to wait for the
+   * lock GATE (a trigger; the links' deletions, which update mail_outbox through its foreign key, do
+   * not wait), the statement that comes to wait has its connection ended, then the gate goes.
+   */
+  async function cutAtMailWrite<T>(request: () => Promise<T>): Promise<T> {
+    const { db } = app.services;
+    const holder = new pg.Client({ connectionString: own.url });
+    await holder.connect();
+    await db.execute(
+      sql.raw(`create function outbox_gate() returns trigger language plpgsql as $$
+        begin perform pg_advisory_xact_lock(${GATE}); return new; end $$`),
+    );
+    await db.execute(
+      sql.raw(
+        'create trigger outbox_gate before insert on mail_outbox for each row execute function outbox_gate()',
+      ),
+    );
+    try {
+      await holder.query('SELECT pg_advisory_lock($1)', [GATE]);
+      const { rows } = await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+      const holderPid = rows[0]!.pid;
+      const answer = request();
+      await waitForLockWaiters(holder, 1, holderPid);
+      const { rows: waiting } = await holder.query<{ pid: number }>(
+        'SELECT pid FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))',
+        [holderPid],
+      );
+      expect(waiting).toHaveLength(1);
+      await holder.query('SELECT pg_terminate_backend($1::int)', [waiting[0]!.pid]);
+      await holder.query('SELECT pg_advisory_unlock($1)', [GATE]);
+      return await answer;
+    } finally {
+      await holder.end();
+      await db.execute(sql`drop trigger outbox_gate on mail_outbox`);
+      await db.execute(sql`drop function outbox_gate()`);
+    }
+  }
+
+  const noticesTo = (email: string, subject: string) =>
+    selectRows<{ n: number }>(
+      app.services.db,
+      sql`select count(*)::int as n from mail_outbox where recipient = ${email} and subject = ${subject}`,
+    ).then((rows) => rows[0]!.n + mailsTo(mailer, email, subject).length);
+  /** A registered user whose confirmation mail went out (nothing of the registration still writes). */
+  const registered = async (tag: string) => {
+    const user = await registerUser(app, tag);
+    await expect.poll(() => mailsTo(mailer, user.email, 'Confirm your email address').length).toBe(1);
+    return user;
+  };
+  const signIn = (email: string, password: string) =>
+    app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
+
+  it('a password change: cut off before its notice is written, it is not made; made, its notice is there', async () => {
+    const user = await registered('outbox-cut-password');
+    const NEW_PASSWORD = 'another long passphrase 77';
+    const change = () =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/password',
+        headers: bearer(user.accessToken),
+        payload: { current_password: PASSWORD, new_password: NEW_PASSWORD },
+      });
+    const cut = await cutAtMailWrite(change);
+    // Not acknowledged: the change rolled back with its notice, and the old password still stands.
+    expect(cut.statusCode, cut.body).toBe(503);
+    expect((await signIn(user.email, PASSWORD)).statusCode).toBe(200);
+    expect(await noticesTo(user.email, 'Your password was changed')).toBe(0);
+
+    const made = await change();
+    expect(made.statusCode, made.body).toBe(204);
+    expect((await signIn(user.email, NEW_PASSWORD)).statusCode).toBe(200);
+    expect(await noticesTo(user.email, 'Your password was changed')).toBe(1);
+  });
+
+  it('a password reset: cut off before its notice is written, it is not made, and its link still works', async () => {
+    const user = await registered('outbox-cut-reset');
+    expect(
+      (await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email: user.email } }))
+        .statusCode,
+    ).toBe(204);
+    const token = tokenIn(mailsTo(mailer, user.email, 'Reset your password').at(-1), 'prs');
+    const NEW_PASSWORD = 'a reset long passphrase 88';
+    const reset = () =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/password/reset',
+        payload: { token, new_password: NEW_PASSWORD },
+      });
+    const cut = await cutAtMailWrite(reset);
+    expect(cut.statusCode, cut.body).toBe(503);
+    expect((await signIn(user.email, PASSWORD)).statusCode).toBe(200);
+    expect(await noticesTo(user.email, 'Your password was reset')).toBe(0);
+
+    const made = await reset();
+    expect(made.statusCode, made.body).toBe(204);
+    expect((await signIn(user.email, NEW_PASSWORD)).statusCode).toBe(200);
+    expect(await noticesTo(user.email, 'Your password was reset')).toBe(1);
+  });
+
+  it('two-step verification turned on: cut off before its notice is written, it stays off', async () => {
+    const user = await registered('outbox-cut-mfa');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: clock.now() });
+    const enrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(user.accessToken),
+      payload: { password: PASSWORD },
+    });
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    const secret: string = enrol.json().secret;
+    const activate = () =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/totp/activate',
+        headers: bearer(user.accessToken),
+        payload: { code: totpAt(secret, clock.nowMs()) },
+      });
+    const status = async () =>
+      (await app.inject({ method: 'GET', url: '/v1/auth/mfa', headers: bearer(user.accessToken) })).json();
+    const cut = await cutAtMailWrite(activate);
+    expect(cut.statusCode, cut.body).toBe(503);
+    expect(await status()).toMatchObject({ enabled: false, pending: true });
+    expect(await noticesTo(user.email, 'Two-step verification is on')).toBe(0);
+
+    const made = await activate();
+    expect(made.statusCode, made.body).toBe(200);
+    expect(await status()).toMatchObject({ enabled: true });
+    expect(await noticesTo(user.email, 'Two-step verification is on')).toBe(1);
+  });
+
+  it('an email change: cut off before the old address’s notice is written, the address stays', async () => {
+    const user = await registered('outbox-cut-change');
+    // A proven address: the change needs its approval, and the notice goes to it.
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: clock.now() });
+    const next = uniqueEmail('outbox-cut-changed');
+    const asked = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/email/change',
+      headers: bearer(user.accessToken),
+      payload: { new_email: next, password: PASSWORD },
+    });
+    expect(asked.statusCode, asked.body).toBe(202);
+    const link = (to: string, subject: string) => {
+      const text = mailsTo(mailer, to, subject).at(-1)?.text ?? '';
+      const token = /#token=(pce_[0-9A-Za-z_]+)/.exec(text)?.[1];
+      expect(token, text).toBeDefined();
+      return token!;
+    };
+    const open = (token: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/email/change/confirm',
+        headers: bearer(user.accessToken),
+        payload: { token },
+      });
+    const first = await open(link(user.email, 'Confirm the change of your email address'));
+    expect(first.json(), first.body).toMatchObject({ changed: false });
+    const last = link(next, 'Confirm your new email address');
+    const cut = await cutAtMailWrite(() => open(last));
+    expect(cut.statusCode, cut.body).toBe(503);
+    expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
+    expect(await noticesTo(user.email, 'Your email address was changed')).toBe(0);
+
+    const made = await open(last);
+    expect(made.statusCode, made.body).toBe(200);
+    expect(made.json()).toMatchObject({ changed: true });
+    expect(await noticesTo(user.email, 'Your email address was changed')).toBe(1);
+  });
+});
+
 describe('the answer does not wait for the mail server', () => {
   /** A mail server that takes each message only when `release` is called. */
   const context = {
@@ -477,7 +676,9 @@ describe('the answer does not wait for the mail server', () => {
     const extra = 5;
     // The server hangs: the first notice holds the slot, the others wait for it.
     for (let i = 0; i < MAX_WAITING_KICKS + extra; i++)
-      outbox.notice(user, `notice ${i}`, 'Something changed on your account.');
+      outbox.kick([
+        await outbox.notice(app.services.db, user, `notice ${i}`, 'Something changed on your account.'),
+      ]);
     await expect.poll(async () => (await outbox.pending(user.id)).length).toBe(MAX_WAITING_KICKS + extra);
     mailer.release();
     await outbox.idle();
@@ -486,7 +687,7 @@ describe('the answer does not wait for the mail server', () => {
     expect(await outbox.pending(user.id)).toHaveLength(extra);
   });
 
-  it('a notice written but not sent at once (the database failing the claim) is said to wait for a retry, not lost', async () => {
+  it('a notice written but not sent at once (the database failing the claim) is said to wait for a retry', async () => {
     const app = await appOnOwnDatabase({
       env: { PASSWORD_RESET_URL: RESET_URL },
       deps: { mailer: capturingMailer() },
@@ -502,7 +703,9 @@ describe('the answer does not wait for the mail server', () => {
     });
     let messages: unknown[];
     try {
-      outbox.notice(user, 'a notice', 'Something changed on your account.');
+      outbox.kick([
+        await outbox.notice(app.services.db, user, 'a notice', 'Something changed on your account.'),
+      ]);
       await outbox.idle();
       messages = warned.mock.calls.map((call) => call[1]);
     } finally {
@@ -511,7 +714,6 @@ describe('the answer does not wait for the mail server', () => {
     }
     expect(await outbox.pending(user.id)).toHaveLength(1);
     expect(messages).toContain('a mail could not be sent at once; it waits for a retry');
-    expect(messages).not.toContain('a notice could not be queued; it is lost');
   });
 
   it('a retry run goes on past a mail the server refuses, and stops after three refused in a row', async () => {

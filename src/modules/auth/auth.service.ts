@@ -826,7 +826,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       }
       // The password was right: whatever refuses the change now (a concurrent change won) was no guess.
       await guess.forgive();
-      await inTransaction(deps.db, deps.events, async (tx, emit) => {
+      const mails = await inTransaction(deps.db, deps.events, async (tx, emit) => {
         // Compare and swap: of concurrent changes that checked the same current password, the first to
         // commit wins; for the others it is no longer the current password, and nothing of theirs stays.
         if (changed.passwordHash && changed.replaces) {
@@ -841,15 +841,21 @@ export function createAuthService(deps: AuthServiceDeps) {
         await deps.emailTokens.discardUnused(user.id, 'email_change', tx);
         await deps.emailTokens.discardUnused(user.id, 'magic_link', tx);
         await deps.audit.record(tx, context, { type: 'auth.password_changed', subjectId: user.id });
+        // The notice, with the change: it is not acknowledged without it (sent once it commits).
+        if (!deps.outbox) return [];
+        return [
+          await deps.outbox.notice(
+            tx,
+            user,
+            'Your password was changed',
+            `The password of your account ${user.email} was changed from a signed-in session, and every ` +
+              'other session was signed out.\n\nIf it was not you, reset your password with "Forgot ' +
+              'password" at once and contact support.\n',
+          ),
+        ];
       });
+      deps.outbox?.kick(mails);
       await deps.failures.reset(user.email);
-      deps.outbox?.notice(
-        user,
-        'Your password was changed',
-        `The password of your account ${user.email} was changed from a signed-in session, and every ` +
-          'other session was signed out.\n\nIf it was not you, reset your password with "Forgot password" ' +
-          'at once and contact support.\n',
-      );
     },
 
     /**

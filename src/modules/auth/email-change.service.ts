@@ -386,10 +386,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
           ...(outcome.missing ? { missing: outcome.missing } : {}),
         });
       if (!outcome.changed) return { changed: false };
-      if (outcome.noticeTo) {
-        const notice = changedNotice(outcome.noticeTo, newEmail);
-        deps.outbox?.notice(outcome.user, notice.subject, notice.text, notice.to);
-      }
+      // The notice to the old address was written with the change: sent now it has committed.
+      deps.outbox?.kick(outcome.mails);
       return { changed: true, user: outcome.user };
     },
   };
@@ -478,11 +476,14 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         },
       });
       emit({ type: 'user_changed', userId: user.id });
-      return {
-        changed: true,
-        user: changed ?? user,
-        noticeTo: user.emailConfirmedAt ? oldEmail : undefined,
-      } as const;
+      // The old address, if it was proven, hears of it: written with the change, so the change is not
+      // acknowledged without its notice (a crash after the commit would have lost one written after).
+      const mails: string[] = [];
+      if (user.emailConfirmedAt && deps.outbox) {
+        const notice = changedNotice(oldEmail, newEmail);
+        mails.push(await deps.outbox.notice(tx, user, notice.subject, notice.text, notice.to));
+      }
+      return { changed: true, user: changed ?? user, mails } as const;
     });
   }
 }

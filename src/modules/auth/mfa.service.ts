@@ -241,27 +241,39 @@ export function createMfaService(deps: MfaServiceDeps) {
       : {}),
   });
 
-  /** A notice to the user about their second factor (mail-outbox.ts `notice`: not awaited, kept when refused). */
-  function notify(user: Pick<UserRow, 'id' | 'email'> | undefined, subject: string, text: string) {
-    if (user) deps.outbox?.notice(user, subject, text);
+  /**
+   * A notice to the user about their second factor, written on `tx`, the change's transaction
+   * (mail-outbox.ts `notice`): the ids to `kick` once it commits (none without an outbox).
+   */
+  async function notify(
+    tx: Executor,
+    user: Pick<UserRow, 'id' | 'email'> | undefined,
+    subject: string,
+    text: string,
+  ): Promise<string[]> {
+    if (!user || !deps.outbox) return [];
+    return [await deps.outbox.notice(tx, user, subject, text)];
   }
   const notice = {
-    enabled: (user: Pick<UserRow, 'id' | 'email'> | undefined) =>
+    enabled: (tx: Executor, user: Pick<UserRow, 'id' | 'email'> | undefined) =>
       notify(
+        tx,
         user,
         'Two-step verification is on',
         'Two-step verification was turned on for your account: signing in now asks for a code from your ' +
           'authenticator app. If this was not you, reset your password and contact support.',
       ),
-    disabled: (user: Pick<UserRow, 'id' | 'email'> | undefined, byAdministrator: boolean) =>
+    disabled: (tx: Executor, user: Pick<UserRow, 'id' | 'email'> | undefined, byAdministrator: boolean) =>
       notify(
+        tx,
         user,
         'Two-step verification is off',
         `Two-step verification was turned off for your account${byAdministrator ? ' by an administrator' : ''}: ` +
           'signing in asks for your password only. If this was not you, reset your password and contact support.',
       ),
-    recoveryCodes: (user: Pick<UserRow, 'id' | 'email'> | undefined) =>
+    recoveryCodes: (tx: Executor, user: Pick<UserRow, 'id' | 'email'> | undefined) =>
       notify(
+        tx,
         user,
         'New recovery codes for two-step verification',
         'New recovery codes were made for your account: the earlier ones no longer work. Whoever has them ' +
@@ -304,10 +316,12 @@ export function createMfaService(deps: MfaServiceDeps) {
       factor: MfaFactorRow,
       used: SecondFactor,
       emit: (event: AuthEvent) => void,
+      /** The user, as locked for the change (for its notice). */
+      user: UserRow | undefined,
     ) => Promise<T>,
   ): Promise<T> {
     const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
-      await lockUser(tx, userId);
+      const user = await lockUser(tx, userId);
       const factor = await deps.repo.findFactor(userId, { lock: true }, tx);
       if (!factor || (factor.verifiedAt !== null) !== accept.verified)
         return { kind: 'state' as const, factor };
@@ -321,7 +335,7 @@ export function createMfaService(deps: MfaServiceDeps) {
         });
         return { kind: 'refused' as const, checked };
       }
-      return { kind: 'done' as const, value: await work(tx, factor, checked.used, emit) };
+      return { kind: 'done' as const, value: await work(tx, factor, checked.used, emit, user) };
     });
     if (outcome.kind === 'done') return outcome.value;
     if (outcome.kind === 'refused') throw refusal(outcome.checked);
@@ -465,13 +479,13 @@ export function createMfaService(deps: MfaServiceDeps) {
       code: string,
       context: RequestContext,
     ): Promise<string[]> {
-      const codes = await withCode(
+      const { codes, mails } = await withCode(
         userId,
         code,
         { recoveryCodes: false, verified: false },
         context,
         'mfa.enabled',
-        async (tx, factor, _used, emit) => {
+        async (tx, factor, _used, emit, user) => {
           await deps.repo.updateFactor(factor.id, { verifiedAt: deps.clock.now() }, tx);
           const codes = await newRecoveryCodes(tx, userId);
           const ended = await deps.sessions.endAllSessions(tx, userId, 'mfa_enabled', sessionId);
@@ -482,22 +496,22 @@ export function createMfaService(deps: MfaServiceDeps) {
             subjectId: userId,
             data: { factor_id: factor.id, type: factor.type, other_sessions_ended: ended.length > 0 },
           });
-          return codes;
+          return { codes, mails: await notice.enabled(tx, user) };
         },
       );
-      notice.enabled(await deps.users.findById(userId));
+      deps.outbox?.kick(mails);
       return codes;
     },
 
     /** Turns two-step verification off, with a current code (from the app, or a recovery code). */
     async deactivate(userId: string, code: string, context: RequestContext): Promise<void> {
-      await withCode(
+      const mails = await withCode(
         userId,
         code,
         { recoveryCodes: true, verified: true },
         context,
         'mfa.disabled',
-        async (tx, factor, used) => {
+        async (tx, factor, used, _emit, user) => {
           // A role of MFA_REQUIRED_ROLES goes only to users with a second factor; turning it off
           // while holding one would leave whoever has the password to set up a factor of their own
           // and hold the role. The factor is locked: a grant racing this waits, and is seen here.
@@ -517,9 +531,10 @@ export function createMfaService(deps: MfaServiceDeps) {
             subjectId: userId,
             data: { factor_id: factor.id, with: used },
           });
+          return notice.disabled(tx, user, false);
         },
       );
-      notice.disabled(await deps.users.findById(userId), false);
+      deps.outbox?.kick(mails);
     },
 
     /**
@@ -552,23 +567,23 @@ export function createMfaService(deps: MfaServiceDeps) {
      * would sign in past the app for as long as they last.
      */
     async regenerateRecoveryCodes(userId: string, code: string, context: RequestContext): Promise<string[]> {
-      const codes = await withCode(
+      const { codes, mails } = await withCode(
         userId,
         code,
         { recoveryCodes: false, verified: true },
         context,
         'mfa.recovery_codes_regenerated',
-        async (tx, factor) => {
+        async (tx, factor, _used, _emit, user) => {
           const codes = await newRecoveryCodes(tx, userId);
           await deps.audit.record(tx, context, {
             type: 'mfa.recovery_codes_regenerated',
             subjectId: userId,
             data: { factor_id: factor.id },
           });
-          return codes;
+          return { codes, mails: await notice.recoveryCodes(tx, user) };
         },
       );
-      notice.recoveryCodes(await deps.users.findById(userId));
+      deps.outbox?.kick(mails);
       return codes;
     },
 
@@ -584,7 +599,7 @@ export function createMfaService(deps: MfaServiceDeps) {
      */
     /** Never the caller's own (users.assertNotOwn, checked by the route): one's own goes with a code. */
     async resetByAdministrator(userId: string, context: RequestContext): Promise<void> {
-      const user = await inTransaction(deps.db, deps.events, async (tx) => {
+      const mails = await inTransaction(deps.db, deps.events, async (tx) => {
         const user = await deps.users.findById(userId, tx);
         if (!user) throw notFound('user');
         const removed = await removeFactor(tx, userId);
@@ -593,13 +608,16 @@ export function createMfaService(deps: MfaServiceDeps) {
           subjectId: userId,
           data: { by_administrator: true, had_factor: removed },
         });
-        return removed ? user : undefined;
+        return removed ? notice.disabled(tx, user, true) : [];
       });
-      notice.disabled(user, true);
+      deps.outbox?.kick(mails);
     },
 
-    /** The notice of a factor removed without the user (the reset that first proves the mailbox). */
-    noticeRemoved: (user: Pick<UserRow, 'id' | 'email'>) => notice.disabled(user, false),
+    /**
+     * The notice of a factor removed without the user (the reset that first proves the mailbox),
+     * written on the reset's transaction `tx`: the ids to `kick` once it commits.
+     */
+    noticeRemoved: (tx: Executor, user: Pick<UserRow, 'id' | 'email'>) => notice.disabled(tx, user, false),
 
     /**
      * The sign-in's first factor passed and the user has a second: the `mfa_required` refusal, with the

@@ -182,7 +182,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     /** The address the link was mailed to: the account's still, or the link is dead. */
     sentTo?: string,
   ) {
-    const { mfaRemoved, hadPassword } = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+    const mails = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       // Locked as the update below locks it, and before the token (the order every change of an
       // account's mailed links takes): a disable committed meanwhile wins, and the reset does not
       // apply; concurrent resets, confirmations and email changes take turns.
@@ -218,18 +218,24 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         subjectId: user.id,
         data: { provider: deps.provider.name, first_mailbox_proof: firstProof },
       });
+      // The notices, with the reset: it is not acknowledged without them (sent once it commits).
+      const mails = unproven.mfaRemoved ? await deps.unproven.mfa.noticeRemoved(tx, current) : [];
       // An invitation's first password replaces none (the provider's accounts keep theirs there).
-      return { ...unproven, hadPassword: deps.provider.name !== 'local' || current.passwordHash !== null };
+      const hadPassword = deps.provider.name !== 'local' || current.passwordHash !== null;
+      if (hadPassword && deps.outbox)
+        mails.push(
+          await deps.outbox.notice(
+            tx,
+            current,
+            'Your password was reset',
+            `The password of your account ${current.email} was reset with a link mailed to this address, ` +
+              'and every session was signed out.\n\nIf it was not you, someone can read your mail: secure ' +
+              'your mailbox, reset your password again and contact support.\n',
+          ),
+        );
+      return mails;
     });
-    if (mfaRemoved) deps.unproven.mfa.noticeRemoved(user);
-    if (hadPassword)
-      deps.outbox?.notice(
-        user,
-        'Your password was reset',
-        `The password of your account ${user.email} was reset with a link mailed to this address, and ` +
-          'every session was signed out.\n\nIf it was not you, someone can read your mail: secure your ' +
-          'mailbox, reset your password again and contact support.\n',
-      );
+    deps.outbox?.kick(mails);
     // Whoever holds the mailbox is the owner: a lockout someone else caused no longer stands.
     await deps.failures.reset(user.email);
   }

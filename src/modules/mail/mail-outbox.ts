@@ -55,8 +55,10 @@ export function retryDelayMs(attempts: number): number {
  * links asked for anonymously (password reset, email confirmation, sign-in; a 503 or a slower answer
  * for an address with an account would tell it from one without), a registration's confirmation, an
  * administrator's reset link and the security notices. The mail is written in the transaction that
- * makes its link (`enqueue`, its text encrypted under KEY_ENCRYPTION_KEY) and sent after the commit by
- * the instance that wrote it (`kick`, not awaited by the request). While the server refuses it, it is
+ * makes its link (`enqueue`, its text encrypted under KEY_ENCRYPTION_KEY), a notice in the transaction
+ * of the change it tells of (`notice`), so that it commits or rolls back with it (no change is
+ * acknowledged whose mail a crash after the commit would lose), and sent after the commit by the
+ * instance that wrote it (`kick`, not awaited by the request). While the server refuses it, it is
  * retried with backoff by whichever instance claims it first (every `intervalMs`), one mail per claim
  * (FOR UPDATE SKIP LOCKED, with a lease longer than a send can take), until it is taken or expires.
  * A mail whose link was used, replaced or discarded meanwhile, or that expired, is dropped, not sent,
@@ -300,6 +302,7 @@ export function createMailOutbox(deps: {
 
     /** Sends committed mails now, in the background: the request that wrote them does not wait. */
     kick(ids: string[]): void {
+      if (ids.length === 0) return;
       // Too many waiting already (the server is slow or down): the retry runs take these, on any instance.
       if (waitingKicks >= MAX_WAITING_KICKS) return;
       waitingKicks += 1;
@@ -309,18 +312,19 @@ export function createMailOutbox(deps: {
     },
 
     /**
-     * A security notice to the account's address (or `to`, e.g. the address it had), written and sent
-     * in the background: the change that caused it is committed and does not wait.
+     * A security notice to the account's address (or `to`, e.g. the address it had), written on `tx`,
+     * the transaction of the change it tells of: it commits with the change, or rolls back with it,
+     * so no change is acknowledged whose notice a crash after the commit could lose. `kick` the id
+     * once the transaction has committed (the change does not wait for the mail server).
      */
-    notice(user: { id: string; email: string }, subject: string, text: string, to = user.email): void {
-      // Once written it is sent as a kick is: within the bound on what waits for the send slot, and a
-      // failure then leaves it for the retry runs (it is not lost).
-      const work = this.enqueue(deps.db, { to, subject, text }, { kind: 'notice', userId: user.id }).then(
-        (id) => this.kick([id]),
-      );
-      track(work).catch((err: unknown) =>
-        deps.logger.warn({ err, userId: user.id }, 'a notice could not be queued; it is lost'),
-      );
+    notice(
+      tx: Executor,
+      user: { id: string; email: string },
+      subject: string,
+      text: string,
+      to = user.email,
+    ): Promise<string> {
+      return this.enqueue(tx, { to, subject, text }, { kind: 'notice', userId: user.id });
     },
 
     /**
