@@ -6,12 +6,15 @@ import { selectRows } from '../../src/db/client.js';
 import { mailOutbox } from '../../src/db/schema/index.js';
 import type { MailMessage } from '../../src/lib/mailer.js';
 import { LINK_REQUEST_FLOOR_MS } from '../../src/modules/auth/auth.routes.js';
+import { mailsPerHourKey } from '../../src/lib/throttle.js';
+import { MAILS_PER_ACCOUNT_HOUR, mailCapKey } from '../../src/modules/auth/mailed-tokens.js';
 import { MAIL_RETRY_FIRST_MS, MAX_WAITING_KICKS, retryDelayMs } from '../../src/modules/mail/mail-outbox.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { ownDatabase, waitForLockWaiters } from '../support/database.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
+import { randomAddress, redisAnswers, TEST_REDIS_URL } from '../support/redis.js';
 import { totpAt, turnOnMfa } from '../support/mfa.js';
 import { createAdmin, PASSWORD, registerUser } from '../support/factories.js';
 
@@ -431,6 +434,52 @@ describe.skipIf(!inject('databaseUrl'))('a change and its mail commit together',
   const signIn = (email: string, password: string) =>
     app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
 
+  it('a registration: cut off before its confirmation mail is written, no account is made; made, its mail is there', async () => {
+    const email = uniqueEmail('outbox-cut-register');
+    const register = () =>
+      app.inject({ method: 'POST', url: '/v1/auth/register', payload: { email, password: PASSWORD } });
+    const cut = await cutAtMailWrite(register);
+    // Not acknowledged: the account rolled back with its mail, and the address may register again.
+    expect(cut.statusCode, cut.body).toBe(503);
+    expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
+    expect(await noticesTo(email, 'Confirm your email address')).toBe(0);
+
+    const made = await register();
+    expect(made.statusCode, made.body).toBe(201);
+    expect(await noticesTo(email, 'Confirm your email address')).toBe(1);
+  });
+
+  it('a registration whose process dies after the commit: its confirmation mail is committed, and another instance sends it', async () => {
+    const email = uniqueEmail('outbox-crash-register');
+    // The commit's aftermath never runs (the process is gone): nothing is sent by this instance.
+    const kick = vi.spyOn(app.services.outbox!, 'kick').mockImplementation(() => undefined);
+    let userId: string;
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        payload: { email, password: PASSWORD },
+      });
+      expect(res.statusCode, res.body).toBe(201);
+      userId = res.json().user.id;
+    } finally {
+      kick.mockRestore();
+    }
+    // Committed with the account, read right after the answer: due now, never tried.
+    expect(await app.services.outbox!.pending(userId)).toMatchObject([
+      { kind: 'email_confirmation', recipient: email, attempts: 0 },
+    ]);
+    expect(mailsTo(mailer, email, 'Confirm your email address')).toHaveLength(0);
+    const other = capturingMailer();
+    const next = await appOnOwnDatabase({
+      env: { EMAIL_CONFIRMATION_URL: CONFIRM_URL },
+      deps: { mailer: other, clock },
+    });
+    await next.services.outbox!.deliverDue();
+    expect(mailsTo(other, email, 'Confirm your email address')).toHaveLength(1);
+    expect(await app.services.outbox!.pending(userId)).toHaveLength(0);
+  });
+
   it('a password change: cut off before its notice is written, it is not made; made, its notice is there', async () => {
     const user = await registered('outbox-cut-password');
     const NEW_PASSWORD = 'another long passphrase 77';
@@ -546,6 +595,100 @@ describe.skipIf(!inject('databaseUrl'))('a change and its mail commit together',
     expect(made.statusCode, made.body).toBe(200);
     expect(made.json()).toMatchObject({ changed: true });
     expect(await noticesTo(user.email, 'Your email address was changed')).toBe(1);
+  });
+});
+
+const redisAvailable = await redisAnswers();
+if (!redisAvailable)
+  console.warn(
+    `mail outbox: Redis does not answer at ${TEST_REDIS_URL}; its cap tests through Redis are not run`,
+  );
+
+/**
+ * A registration takes its confirmation mail's place under the address's hourly cap before its
+ * transaction, and gives it back when that transaction fails: here at its commit, after the mail was
+ * written (a deferred trigger refuses the commit), as many times as the cap allows mails. The
+ * registration that then commits still has its mail. In memory, and through Redis.
+ */
+describe.each([
+  { counts: 'in memory', env: {} as Record<string, string>, skip: false },
+  {
+    counts: 'through Redis',
+    env: { REDIS_URL: TEST_REDIS_URL } as Record<string, string>,
+    skip: !redisAvailable,
+  },
+])('a registration rolled back, its mail counted $counts', ({ env, skip }) => {
+  const mailer = capturingMailer();
+  const emails: string[] = [];
+  let app: FastifyInstance;
+
+  beforeAll(async () => {
+    if (skip) return;
+    app = await appOnOwnDatabase({
+      env: { EMAIL_CONFIRMATION_URL: CONFIRM_URL, RATE_LIMIT_ENABLED: 'true', ...env },
+      deps: { mailer },
+    });
+  });
+  afterAll(async () => {
+    // Counts in Redis end with their hour; these are taken out now.
+    const redis = app?.services.redis;
+    if (!redis) return;
+    for (const email of emails)
+      await redis.del(
+        mailsPerHourKey(mailCapKey(app.services.config.secretPepper, 'email_confirmation', email)),
+      );
+  });
+
+  it.skipIf(skip)('leaves no account and no mail, and gives the cap’s place back', async () => {
+    const email = uniqueEmail('outbox-rollback');
+    emails.push(email);
+    const { db } = app.services;
+    const register = () =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/register',
+        remoteAddress: randomAddress(),
+        payload: { email, password: PASSWORD },
+      });
+    // The commit of a transaction that wrote mail to this address fails (the database gone at the
+    // commit, as far as the service can tell).
+    await db.execute(
+      sql.raw(`create function outbox_refuse_commit() returns trigger language plpgsql as $$
+        begin
+          if new.recipient = '${email}' then
+            raise exception 'the commit was refused' using errcode = '08006';
+          end if;
+          return new;
+        end $$`),
+    );
+    await db.execute(
+      sql.raw(`create constraint trigger outbox_refuse_commit after insert on mail_outbox
+        deferrable initially deferred for each row execute function outbox_refuse_commit()`),
+    );
+    const refused: number[] = [];
+    try {
+      for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR + 1; i++) refused.push((await register()).statusCode);
+    } finally {
+      await db.execute(sql`drop trigger outbox_refuse_commit on mail_outbox`);
+      await db.execute(sql`drop function outbox_refuse_commit()`);
+    }
+    expect(refused).toEqual(Array(MAILS_PER_ACCOUNT_HOUR + 1).fill(503));
+    expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
+    const [left] = await selectRows<{ n: number }>(
+      db,
+      sql`select count(*)::int as n from mail_outbox where recipient = ${email}`,
+    );
+    expect(left!.n).toBe(0);
+    expect(mailsTo(mailer, email, 'Confirm your email address')).toHaveLength(0);
+    const redis = app.services.redis;
+    const key = mailsPerHourKey(mailCapKey(app.services.config.secretPepper, 'email_confirmation', email));
+    if (redis) expect(Number((await redis.get(key)) ?? 0)).toBe(0);
+
+    // Every place came back: the registration that commits is mailed.
+    const made = await register();
+    expect(made.statusCode, made.body).toBe(201);
+    expect(mailsTo(mailer, email, 'Confirm your email address')).toHaveLength(1);
+    if (redis) expect(Number(await redis.get(key))).toBe(1);
   });
 });
 

@@ -127,6 +127,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       },
     },
     async (request, reply) => {
+      // The confirmation mail is written with the account, and sent after the answer (the outbox):
+      // the account is made whatever the mail server does.
       const { user, session } = await deps.auth.register(
         {
           email: request.body.email,
@@ -134,9 +136,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           displayName: request.body.display_name,
         },
         requestContext(request),
+        { confirmation: deps.emailConfirmation },
       );
-      // Not awaited: the account is made whatever the mail server does (the user may ask again).
-      void deps.emailConfirmation.afterRegistration(user, requestContext(request));
       if (!session) return reply.status(202).send({ user: toUserDto(user), session });
       // The user's own URL, as POST /v1/users names it: /v1/auth/me is whoever's credential asks.
       return reply

@@ -18,6 +18,7 @@ import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { EmailConfirmationService } from './email-confirmation.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
 import type { MfaService } from './mfa.service.js';
 import { normalizeEmail } from './auth.schema.js';
@@ -517,10 +518,17 @@ export function createAuthService(deps: AuthServiceDeps) {
     async register(
       input: { email: string; password: string; displayName?: string | undefined },
       context: RequestContext,
+      options: {
+        /** The confirmation mail, written with the account (the route's; tests may go without). */
+        confirmation?: Pick<EmailConfirmationService, 'registration'>;
+      } = {},
     ): Promise<{ user: UserRow; session: SessionTokens | null }> {
       const email = normalizeEmail(input.email);
       checkPasswordStrength(input.password, email);
       const signedUp = await deps.provider.signUp(email, input.password);
+      // The confirmation mail's place under the address's hourly cap, taken before the transaction
+      // that writes the mail with the account, and given back if it fails.
+      const mail = await options.confirmation?.registration(email);
       const local = inTransaction(deps.db, deps.events, async (tx, emit) => {
         const row = await deps.users.insert(
           {
@@ -541,6 +549,8 @@ export function createAuthService(deps: AuthServiceDeps) {
           subjectId: row.id,
           data: { provider: deps.provider.name, confirmed: signedUp.confirmed },
         });
+        // With the account: a registration answered 201/202 has its confirmation mail committed.
+        await mail?.write(tx, row, context);
         if (!signedUp.confirmed) return { user: row, refreshToken: null, session: null };
         const started = await deps.sessions.start(
           tx,
@@ -555,12 +565,15 @@ export function createAuthService(deps: AuthServiceDeps) {
         refreshToken,
         session: opened,
       } = await local.catch(async (err: unknown) => {
+        await mail?.failed();
         // The local provider keeps nothing outside this database; another one may have, and only a
         // user this sign-up made is this sign-up's to undo.
         if (deps.provider.name !== 'local' && signedUp.created !== false)
           await discardProviderUser(signedUp.user.id, context);
         throw err;
       });
+      // Sent after the commit, not awaited (the outbox retries what the server refuses).
+      await mail?.committed();
       const session =
         refreshToken && opened ? await deps.sessions.tokensFor(user, opened, refreshToken) : null;
       return { user, session };

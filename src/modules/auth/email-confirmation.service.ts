@@ -1,5 +1,4 @@
-import type { Logger } from 'pino';
-import type { Database } from '../../db/client.js';
+import type { Database, Executor } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { EMAIL_CONFIRMATION_FORMAT } from '../../lib/crypto.js';
 import { AppError, isDatabaseUnavailable } from '../../lib/errors.js';
@@ -25,15 +24,28 @@ export interface EmailConfirmationDeps {
   providerName: 'local' | 'supabase';
   mailer: Mailer | undefined;
   /**
-   * Keeps a confirmation mail the mail server refuses, for retries: a registration's (the account is
-   * made either way) and one asked for anonymously (a 503 would tell that the address has an account).
+   * Where confirmation mail is written and kept while the mail server refuses it: a registration's
+   * (written with the account; no registration mail without it) and one asked for anonymously (a 503
+   * would tell that the address has an account).
    */
   outbox?: MailOutbox | undefined;
   /** At most MAILS_PER_ACCOUNT_HOUR links of a purpose per account an hour (mailed-tokens.ts). */
   mailsPerHour?: GuessCounter | undefined;
   url: string | undefined;
   ttlSeconds: number;
-  logger?: Pick<Logger, 'warn'>;
+}
+
+/**
+ * A registration's confirmation mail, written in the registration's transaction (see
+ * `EmailConfirmationService.registration`).
+ */
+export interface RegistrationMail {
+  /** In the registration's transaction, once the account's row is written: the link and its mail. */
+  write(tx: Executor, user: UserRow, context: RequestContext): Promise<void>;
+  /** After the commit: sends the mail (not awaited), or gives the cap's place back when none was written. */
+  committed(): Promise<void>;
+  /** The transaction failed (nothing of it stays): the cap's place goes back. */
+  failed(): Promise<void>;
 }
 
 const invalidConfirmationToken = () =>
@@ -68,7 +80,8 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
     email: string,
     outcome: 'success' | 'failure',
     data: Record<string, unknown>,
-  ) => mailed.requested('auth.email_confirmation_sent', context, email, user?.id ?? null, outcome, data);
+    tx?: Executor,
+  ) => mailed.requested('auth.email_confirmation_sent', context, email, user?.id ?? null, outcome, data, tx);
 
   /**
    * Mails a confirmation link to the user's address, audited. A mail the server refuses waits in the
@@ -98,18 +111,42 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
 
   return {
     /**
-     * After a registration: the confirmation mail, when there is a way to send one. The account is made
-     * either way: a mail the server refuses waits in the outbox, and one that could not be kept either
-     * is logged (the user may ask for another).
+     * The confirmation mail of a registration of `email`, written in the registration's transaction
+     * so that it commits, or rolls back, with the account: no account is answered 201/202 whose mail a
+     * crash right after the commit would lose. Called before that transaction, it takes the address's
+     * place under the hourly cap (MAILS_PER_ACCOUNT_HOUR, mailed-tokens.ts), which `failed` gives back.
+     * Undefined when no mail goes: another provider confirms its own addresses, or no mail is sent.
      */
-    async afterRegistration(user: UserRow, context: RequestContext): Promise<void> {
-      if (!deps.mailer || !applies(user)) return;
-      await send(user, deps.mailer, context).catch((err: unknown) =>
-        deps.logger?.warn(
-          { err, userId: user.id, reqId: context.requestId },
-          'the confirmation mail of a registration was not sent',
-        ),
-      );
+    async registration(email: string): Promise<RegistrationMail | undefined> {
+      const { mailer, outbox } = deps;
+      if (deps.providerName !== 'local' || !mailer || !outbox) return undefined;
+      const slot = await mailed.reserve('email_confirmation', email);
+      let mailId: string | undefined;
+      return {
+        async write(tx, user, context) {
+          // Again from nothing when the transaction runs again (a deadlock): only its last run commits.
+          mailId = undefined;
+          if (!applies(user)) return;
+          if (slot && slot.retryAfter > 0)
+            return record(context, user, user.email, 'failure', { reason: 'too_many' }, tx);
+          mailId = await mailed.write(
+            tx,
+            user,
+            'email_confirmation',
+            { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, outbox },
+            (token) => confirmationMail(user.email, token),
+          );
+          await record(context, user, user.email, 'success', { delivery: mailer.kind }, tx);
+        },
+        async committed() {
+          if (mailId) outbox.kick([mailId]);
+          // Nothing mailed: the place goes back.
+          else await slot?.release();
+        },
+        async failed() {
+          await slot?.release();
+        },
+      };
     },
 
     /** Mails a new link to `email` when it has an unconfirmed account; answers alike otherwise. */

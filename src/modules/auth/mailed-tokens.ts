@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { type Database, selectRows } from '../../db/client.js';
+import { type Database, type Executor, selectRows } from '../../db/client.js';
 import type { Clock } from '../../lib/clock.js';
 import { generateSecret, keyedHash, parseSecret, type SecretFormat } from '../../lib/crypto.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
@@ -97,7 +97,56 @@ export function createMailedTokens(deps: {
    */
   hourly?: GuessCounter | undefined;
 }) {
+  /** A new token of `purpose` for `user` on `tx`, replacing any earlier one: the token and its row. */
+  async function makeToken(
+    tx: Executor,
+    user: { id: string; email: string },
+    purpose: EmailTokenPurpose,
+    options: { format: SecretFormat; ttlSeconds: number },
+    now = deps.clock.now(),
+  ) {
+    const made = newMailedToken(deps.pepper, options.format, {
+      userId: user.id,
+      purpose,
+      email: user.email,
+      now,
+      ttlSeconds: options.ttlSeconds,
+    });
+    return { token: made.token, stored: await deps.tokens.replace(made.row, tx) };
+  }
+  const reserve = (purpose: EmailTokenPurpose, email: string): Promise<Reservation> | undefined =>
+    deps.hourly?.reserve(mailCapKey(deps.pepper, purpose, email));
+
   return {
+    /**
+     * The address's place under the hourly cap for a mail of `purpose`, taken before the transaction
+     * that writes the mail (requests at once see each other's); `release` gives it back when that
+     * transaction fails or mails nothing. `retryAfter > 0`: the address had its cap, nothing is
+     * taken. Undefined without a cap (rate limiting off).
+     */
+    reserve,
+
+    /**
+     * Writes a new token of `purpose` for `user` on `tx` (the transaction of the change the mail
+     * belongs to, e.g. the account's creation), replacing any earlier one, and `compose(token)` to
+     * `outbox` with it: the mail's id, to `kick` once `tx` commits. The caller holds the cap's place.
+     */
+    async write(
+      tx: Executor,
+      user: { id: string; email: string },
+      purpose: EmailTokenPurpose,
+      options: { format: SecretFormat; ttlSeconds: number; outbox: MailOutbox },
+      compose: (token: string) => MailMessage,
+    ): Promise<string> {
+      const { token, stored } = await makeToken(tx, user, purpose, options);
+      return options.outbox.enqueue(tx, compose(token), {
+        kind: purpose,
+        userId: user.id,
+        emailTokenId: stored.id,
+        expiresAt: stored.expiresAt,
+      });
+    },
+
     /**
      * Mails `compose(token)` to the user with a new token of `purpose`, replacing any earlier one;
      * `too_soon` (nothing sent) within a minute of the last. With an `outbox`, the mail is written with
@@ -111,8 +160,7 @@ export function createMailedTokens(deps: {
       options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
-      const capKey = mailCapKey(deps.pepper, purpose, user.email);
-      const slot: Reservation | undefined = await deps.hourly?.reserve(capKey);
+      const slot: Reservation | undefined = await reserve(purpose, user.email);
       if (slot && slot.retryAfter > 0) return 'too_many';
       let token = '';
       let mailId: string | undefined;
@@ -134,15 +182,9 @@ export function createMailedTokens(deps: {
           const now = deps.clock.now();
           if (waitBeforeNextMail(await deps.tokens.latestFor(user.id, purpose, tx), now) > 0)
             return undefined;
-          const made = newMailedToken(deps.pepper, options.format, {
-            userId: user.id,
-            purpose,
-            email: user.email,
-            now,
-            ttlSeconds: options.ttlSeconds,
-          });
+          const made = await makeToken(tx, user, purpose, options, now);
           token = made.token;
-          const stored = await deps.tokens.replace(made.row, tx);
+          const { stored } = made;
           if (options.outbox)
             mailId = await options.outbox.enqueue(tx, compose(token), {
               kind: purpose,
@@ -186,8 +228,10 @@ export function createMailedTokens(deps: {
       userId: string | null,
       outcome: 'success' | 'failure',
       data: Record<string, unknown>,
+      /** The transaction of the change it is part of; the pool by default. */
+      tx: Executor = deps.db,
     ): Promise<void> {
-      await deps.audit.record(deps.db, context, {
+      await deps.audit.record(tx, context, {
         type,
         outcome,
         subjectId: userId,
