@@ -947,6 +947,34 @@ describe('the answer does not wait for the mail server', () => {
   });
 });
 
+describe('an instance that starts', () => {
+  it('sends the mail left due (by a process that died after its commit) at once, not a retry interval later', async () => {
+    const writer = await appOnOwnDatabase({ deps: { mailer: capturingMailer() } });
+    const email = uniqueEmail('outbox-left');
+    // Written and committed, never kicked: what a process killed right after a commit leaves.
+    const id = await writer.services.outbox!.enqueue(
+      writer.services.db,
+      { to: email, subject: 'Left due', text: 'Something changed on your account.' },
+      { kind: 'notice' },
+    );
+    const mailer = capturingMailer();
+    // Its timer's first run is an hour away: only the start's run can send it.
+    const started = await appOnOwnDatabase({ deps: { mailer, mailRetryIntervalMs: 3600_000 } });
+    try {
+      await started.services.outbox!.idle();
+      expect(mailsTo(mailer, email, 'Left due')).toHaveLength(1);
+      const [left] = await selectRows<{ n: number }>(
+        own.database.db,
+        sql`select count(*)::int as n from mail_outbox where id = ${id}`,
+      );
+      expect(left!.n).toBe(0);
+    } finally {
+      apps.splice(apps.indexOf(started), 1);
+      await started.close();
+    }
+  });
+});
+
 describe('queued mail on several instances', () => {
   it('is sent once, whichever instance claims it', async () => {
     const clock = createTestClock();

@@ -319,8 +319,8 @@ describe.runIf(!('reason' in found))('SIGTERM and SIGKILL under load', () => {
       );
       expect(orphans.rows[0]?.n).toBe(0);
 
-      // The mail left due is sent by the new process's retry run (every 15 s); the one cut off
-      // mid-send is left alone until its lease ends (the dead process's send might still be under
+      // The mail left due is sent by the new process's retry run at its start (then every 15 s); the
+      // one cut off mid-send is left alone until its lease ends (the dead process's send might still be under
       // way, as far as anyone can tell), then sent again: at least once.
       const dueIds = due.map((r) => String(r.id));
       let waiting = dueIds.length;

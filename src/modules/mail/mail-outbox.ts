@@ -364,11 +364,16 @@ export function createMailOutbox(deps: {
         .orderBy(asc(mailOutbox.createdAt));
     },
 
+    /**
+     * Runs the retries every `intervalMs`, and once now: mail a crashed process left (written, never
+     * sent, or cut off mid-send and past its lease) goes at the start, not an interval later. Not
+     * awaited: the start does not wait for the mail server.
+     */
     start() {
       if (deps.intervalMs <= 0) return;
-      /** The timer's run under way: the next tick starts none until it ends. */
+      /** The run under way (the start's, or a tick's): the next tick starts none until it ends. */
       let running = false;
-      timer = setInterval(() => {
+      const runOnce = () => {
         // A run outlasts the interval while the server is slow or hangs (up to three send timeouts)
         // or the backlog is long; runs started meanwhile only queued for the send slot behind it,
         // one more every tick for as long as that lasted.
@@ -379,7 +384,9 @@ export function createMailOutbox(deps: {
           .finally(() => {
             running = false;
           });
-      }, deps.intervalMs);
+      };
+      runOnce();
+      timer = setInterval(runOnce, deps.intervalMs);
       timer.unref();
     },
 
