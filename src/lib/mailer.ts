@@ -19,6 +19,42 @@ export interface Mailer {
   close(): void;
 }
 
+/** A mail server's refusal of one mail for good: its reply code (5yz), and the reply as it came. */
+export interface PermanentRefusal {
+  code: number;
+  /** The command refused: `RCPT TO` (the recipient) or `DATA` (the message). */
+  command: string;
+  reply: string;
+}
+
+/**
+ * The permanent refusal (RFC 5321: a 5yz reply) of the recipient (RCPT TO) or of the message (DATA)
+ * that `err`, a failed send, carries (nodemailer's error, the AppError's cause): sending that mail
+ * again would meet the same answer. Undefined for anything else — a 4yz (try again later), a
+ * connection or a timeout, a refused login or sender (MAIL FROM: the service's own settings, which
+ * every mail would meet).
+ */
+export function permanentRefusal(err: unknown): PermanentRefusal | undefined {
+  let cur: unknown = err;
+  for (let depth = 0; cur && depth < 5; depth++) {
+    const e = cur as { responseCode?: unknown; command?: unknown; response?: unknown; cause?: unknown };
+    if (
+      typeof e.responseCode === 'number' &&
+      e.responseCode >= 500 &&
+      e.responseCode < 600 &&
+      typeof e.command === 'string' &&
+      /^(RCPT TO|DATA)\b/.test(e.command)
+    )
+      return {
+        code: e.responseCode,
+        command: e.command,
+        reply: String(e.response ?? e.responseCode).slice(0, 500),
+      };
+    cur = e.cause;
+  }
+  return undefined;
+}
+
 export interface SmtpMailerOptions {
   /** `smtp://` or `smtps://`, with the user and password in it when the server asks for them. */
   url: string;

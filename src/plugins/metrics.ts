@@ -33,7 +33,8 @@ export function createMetrics() {
       name: 'auth_mail_total',
       help:
         'Mail the service sends, by kind and outcome: sent; queued (refused, kept for retries); retried ' +
-        '(sent from the queue); retry_failed; dropped (expired, its link used or replaced, or its account gone)',
+        '(sent from the queue); retry_failed; dropped (expired, its link used or replaced, its account gone, ' +
+        'or refused for good by the mail server: a 5xx to RCPT TO or DATA)',
       labelNames: ['kind', 'outcome'] as const,
       registers: [registry],
     }),

@@ -148,11 +148,28 @@ describe('mail the mail server refused is kept and sent later (built-in provider
     expect((await pendingFor(user.id))[0]!.attempts).toBe(2);
 
     // PASSWORD_RESET_TTL is 30 minutes: after it, the mail is dropped, not sent with a dead link.
+    const { lastError } = (await pendingFor(user.id))[0]!;
+    expect(lastError).toBeTruthy();
     clock.advance(1800);
-    const run = await outbox().deliverDue();
+    const warned = vi.spyOn(app.services.logger, 'warn');
+    let run: Awaited<ReturnType<ReturnType<typeof outbox>['deliverDue']>>;
+    let drops: unknown[][];
+    try {
+      run = await outbox().deliverDue();
+      drops = warned.mock.calls.filter(
+        (call) =>
+          String(call[1]).startsWith('a mail was dropped unsent') &&
+          (call[0] as { mail: { userId: string } }).mail.userId === user.id,
+      );
+    } finally {
+      warned.mockRestore();
+    }
     expect(run.dropped).toBeGreaterThanOrEqual(1);
     expect(await pendingFor(user.id)).toHaveLength(0);
     expect(mailsTo(mailer, user.email, 'Reset your password')).toHaveLength(0);
+    // The drop says why the tries before failed.
+    expect(drops).toHaveLength(1);
+    expect(drops[0]![0]).toMatchObject({ mail: { kind: 'password_reset', attempts: 2, lastError } });
   });
 
   it('drops a queued link that a newer one replaced, and sends only the newer', async () => {

@@ -5,7 +5,7 @@ import { emailTokens, mailOutbox } from '../../db/schema/index.js';
 import type { Clock } from '../../lib/clock.js';
 import { decrypt, encrypt } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
-import type { MailMessage, Mailer } from '../../lib/mailer.js';
+import { type MailMessage, type Mailer, permanentRefusal } from '../../lib/mailer.js';
 
 /** The first retry comes this long after a refused send; each next one twice as long after, up to the cap. */
 export const MAIL_RETRY_FIRST_MS = 30_000;
@@ -159,8 +159,17 @@ export function createMailOutbox(deps: {
       .where(and(eq(mailOutbox.id, row.id), eq(mailOutbox.nextAttemptAt, row.nextAttemptAt)));
     outcome(row.kind, 'dropped');
     deps.logger.warn(
-      // The claim counted an attempt that was not made.
-      { mail: { id: row.id, kind: row.kind, userId: row.userId, attempts: row.attempts - 1 } },
+      {
+        mail: {
+          id: row.id,
+          kind: row.kind,
+          userId: row.userId,
+          // The claim counted an attempt that was not made.
+          attempts: row.attempts - 1,
+          // Why the tries before failed (a server refusing it until it expired), null if none did.
+          lastError: row.lastError,
+        },
+      },
       'a mail was dropped unsent: it expired, or its link was used, replaced or discarded',
     );
   }
@@ -188,8 +197,11 @@ export function createMailOutbox(deps: {
     }
   }
 
-  /** Sends one claimed mail: deleted once taken, else put off by the backoff. True when taken. */
-  async function attempt(row: OutboxRow): Promise<boolean> {
+  /**
+   * Sends one claimed mail: deleted once taken; put off by the backoff when refused for now; deleted
+   * (`dropped`) when refused for good (a 5yz to its recipient or its message).
+   */
+  async function attempt(row: OutboxRow): Promise<'sent' | 'failed' | 'dropped'> {
     let message: MailMessage;
     try {
       message = {
@@ -205,11 +217,28 @@ export function createMailOutbox(deps: {
         { err, mail: { id: row.id, kind: row.kind } },
         'a queued mail could not be decrypted; dropped',
       );
-      return false;
+      return 'dropped';
     }
     try {
       await sendWithin(message);
     } catch (err) {
+      const refusal = permanentRefusal(err);
+      if (refusal) {
+        // The server will answer every retry the same (no such mailbox, a message it will not take):
+        // dropped now, not retried until it expires. Only while the claim is still this instance's.
+        await deps.db
+          .delete(mailOutbox)
+          .where(and(eq(mailOutbox.id, row.id), eq(mailOutbox.nextAttemptAt, row.nextAttemptAt)));
+        outcome(row.kind, 'dropped');
+        deps.logger.warn(
+          {
+            mail: { id: row.id, kind: row.kind, userId: row.userId, attempts: row.attempts },
+            smtp: refusal,
+          },
+          `the mail server refused a mail for good (${refusal.code} to ${refusal.command}); dropped, not retried`,
+        );
+        return 'dropped';
+      }
       const nextAttemptAt = new Date(deps.clock.now().getTime() + retryDelayMs(row.attempts));
       // Only while the claim is still this instance's: past its lease another may hold the mail.
       await deps.db
@@ -224,7 +253,7 @@ export function createMailOutbox(deps: {
         },
         'the mail server refused a mail; it will be retried',
       );
-      return false;
+      return 'failed';
     }
     await deps.db.delete(mailOutbox).where(eq(mailOutbox.id, row.id));
     outcome(row.kind, row.attempts <= 1 ? 'sent' : 'retried');
@@ -233,7 +262,7 @@ export function createMailOutbox(deps: {
         { mail: { id: row.id, kind: row.kind, attempts: row.attempts } },
         'a queued mail was sent',
       );
-    return true;
+    return 'sent';
   }
 
   /** Claims the next due mail (of `ids`) and sends it, or drops it when stale. */
@@ -244,7 +273,7 @@ export function createMailOutbox(deps: {
       await drop(row);
       return 'dropped';
     }
-    return (await attempt(row)) ? 'sent' : 'failed';
+    return attempt(row);
   }
 
   async function run(): Promise<DeliveryRun> {
