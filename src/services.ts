@@ -314,6 +314,7 @@ export function createServices(deps: ServicesDeps) {
         keyEncryptionKey: config.keyEncryptionKey,
         logger,
         onOutcome: (kind, outcome) => metrics.mail.inc({ kind, outcome }),
+        onWaiting: (count) => metrics.mailOutboxWaiting.set(count),
         intervalMs: deps.mailRetryIntervalMs ?? MAIL_RETRY_INTERVAL_MS,
         // A send is given up after three of the mailer's timeouts (connection, greeting, an exchange);
         // the lease outlasts that, so no other instance takes a mail while it may still be going.

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
-import { Counter, collectDefaultMetrics, Registry } from 'prom-client';
+import { Counter, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 import { constantTimeEqual } from '../lib/crypto.js';
 import { AppError } from '../lib/errors.js';
 import { HttpRequestMetrics } from '../lib/http-metrics.js';
@@ -36,6 +36,13 @@ export function createMetrics() {
         '(sent from the queue); retry_failed; dropped (expired, its link used or replaced, its account gone, ' +
         'or refused for good by the mail server: a 5xx to RCPT TO or DATA)',
       labelNames: ['kind', 'outcome'] as const,
+      registers: [registry],
+    }),
+    mailOutboxWaiting: new Gauge({
+      name: 'auth_mail_outbox_waiting',
+      help:
+        "Mails waiting in the outbox (mail_outbox: due, or backing off after a refusal; every instance's), " +
+        'counted at the end of each retry run of this instance',
       registers: [registry],
     }),
     clientAuthFailures: new Counter({

@@ -172,6 +172,31 @@ describe('mail the mail server refused is kept and sent later (built-in provider
     expect(drops[0]![0]).toMatchObject({ mail: { kind: 'password_reset', attempts: 2, lastError } });
   });
 
+  it('reports the mail waiting in the outbox at the end of each retry run (auth_mail_outbox_waiting)', async () => {
+    const user = await registered('outbox-gauge');
+    await down(() => forgot(user.email));
+    const waiting = async () =>
+      (await selectRows<{ n: number }>(app.services.db, sql`select count(*)::int as n from mail_outbox`))[0]!
+        .n;
+    const gauge = async () => {
+      const metrics = await app.inject({ method: 'GET', url: '/metrics' });
+      const found = /^auth_mail_outbox_waiting (\d+)$/m.exec(metrics.body);
+      expect(found, 'auth_mail_outbox_waiting in /metrics').not.toBeNull();
+      return Number(found![1]);
+    };
+    // A run that finds nothing due yet (the reset mail backs off for 30 s) still counts what waits.
+    await outbox().deliverDue();
+    const before = await gauge();
+    expect(before).toBeGreaterThanOrEqual(1);
+    expect(before).toBe(await waiting());
+    // Sent by the next run: counted out.
+    await retryLater();
+    expect(await pendingFor(user.id)).toHaveLength(0);
+    const after = await gauge();
+    expect(after).toBe(await waiting());
+    expect(after).toBeLessThan(before);
+  });
+
   it('drops a queued link that a newer one replaced, and sends only the newer', async () => {
     const user = await registered('outbox-replaced');
     await down(() => forgot(user.email));

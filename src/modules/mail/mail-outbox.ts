@@ -73,6 +73,8 @@ export function createMailOutbox(deps: {
   keyEncryptionKey: Buffer;
   logger: Pick<Logger, 'warn' | 'error' | 'info'>;
   onOutcome?: (kind: string, outcome: MailOutcome) => void;
+  /** How many mails wait in the outbox (every instance's, due or backing off), after each retry run. */
+  onWaiting?: (count: number) => void;
   /** How often due mail is looked for; 0 leaves retries to `deliverDue` calls (tests). */
   intervalMs: number;
   /** How long a claimed mail is its instance's: longer than `sendTimeoutMs`. */
@@ -276,6 +278,17 @@ export function createMailOutbox(deps: {
     return attempt(row);
   }
 
+  /** Counts the mail waiting in the outbox for `onWaiting` (one count per run, not per mail). */
+  async function reportWaiting(): Promise<void> {
+    if (!deps.onWaiting || stopping) return;
+    try {
+      const [row] = await deps.db.select({ n: sql<number>`count(*)::int` }).from(mailOutbox);
+      deps.onWaiting(row?.n ?? 0);
+    } catch (err) {
+      deps.logger.warn({ err }, 'the mail waiting in the outbox could not be counted');
+    }
+  }
+
   async function run(): Promise<DeliveryRun> {
     const result: DeliveryRun = { sent: 0, failed: 0, dropped: 0 };
     let refusedInARow = 0;
@@ -293,6 +306,7 @@ export function createMailOutbox(deps: {
         if (++refusedInARow >= 3) break;
       }
     }
+    await reportWaiting();
     return result;
   }
 
