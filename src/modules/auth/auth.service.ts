@@ -789,7 +789,15 @@ export function createAuthService(deps: AuthServiceDeps) {
         // whoever they belong to keeps them with a password the owner meant to replace), and the owner
         // is told, as of a change. Still a 503.
         if (err instanceof PasswordMayHaveChanged) {
-          const ended = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+          const subject = 'Your password may have been changed';
+          const text = (ended: boolean) =>
+            `A change of the password of your account ${user.email} was asked from a signed-in session, ` +
+            'and the identity provider did not answer it: the new password may be in effect already' +
+            (ended ? ', and every other session was signed out' : '') +
+            '.\n\nIf it was not you, reset your password with "Forgot password" at once and contact ' +
+            'support.\n';
+          // The notice commits with the sessions' end; if that failed, it is written on its own.
+          const mails = await inTransaction(deps.db, deps.events, async (tx, emit) => {
             (await deps.sessions.endAllSessions(tx, user.id, 'password_changed', currentSessionId)).forEach(
               emit,
             );
@@ -799,23 +807,23 @@ export function createAuthService(deps: AuthServiceDeps) {
               subjectId: user.id,
               data: { reason: 'provider_unavailable', other_sessions_ended: true },
             });
-            return true;
-          }).catch((end: unknown) => {
-            deps.logger?.warn(
-              { err: end, userId: user.id, reqId: context.requestId },
-              'a password change Supabase may have applied: ending the other sessions failed',
-            );
-            return false;
-          });
-          deps.outbox?.notice(
-            user,
-            'Your password may have been changed',
-            `A change of the password of your account ${user.email} was asked from a signed-in session, ` +
-              'and the identity provider did not answer it: the new password may be in effect already' +
-              (ended ? ', and every other session was signed out' : '') +
-              '.\n\nIf it was not you, reset your password with "Forgot password" at once and contact ' +
-              'support.\n',
-          );
+            return deps.outbox ? [await deps.outbox.notice(tx, user, subject, text(true))] : [];
+          })
+            .catch(async (end: unknown) => {
+              deps.logger?.warn(
+                { err: end, userId: user.id, reqId: context.requestId },
+                'a password change Supabase may have applied: ending the other sessions failed',
+              );
+              return deps.outbox ? [await deps.outbox.notice(deps.db, user, subject, text(false))] : [];
+            })
+            .catch((unwritten: unknown) => {
+              deps.logger?.warn(
+                { err: unwritten, userId: user.id, reqId: context.requestId },
+                'a password change Supabase may have applied: its notice could not be written',
+              );
+              return [];
+            });
+          deps.outbox?.kick(mails);
         }
         // Supabase keeps the change for a session that gave its second factor: the password was
         // right (given back by unlessThrown), nothing changed; audited, not a 503.

@@ -247,7 +247,15 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
    * effort: the client gets the provider's 503 either way.
    */
   async function endAfterUnansweredReset(user: UserRow, context: RequestContext) {
-    const ended = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+    const subject = 'Your password may have been reset';
+    const text = (ended: boolean) =>
+      `The password of your account ${user.email} was being reset with a link mailed to this address, ` +
+      'and the identity provider did not answer: the new password may be in effect already' +
+      (ended ? ', and every session was signed out' : '') +
+      '.\n\nIf it was not you, someone can read your mail: secure your mailbox, reset your password ' +
+      'again and contact support.\n';
+    // The notice commits with the sessions' end; if that failed, it is written on its own.
+    const mails = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       (await deps.sessions.endAllSessions(tx, user.id, 'password_reset')).forEach(emit);
       await deps.tokens.discardUnused(user.id, undefined, tx);
       await deps.audit.record(
@@ -260,23 +268,23 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
           data: { provider: deps.provider.name, reason: 'provider_unavailable', sessions_ended: true },
         },
       );
-      return true;
-    }).catch((err: unknown) => {
-      deps.logger?.warn(
-        { err, userId: user.id, reqId: context.requestId },
-        'a password reset Supabase may have applied: ending the sessions failed',
-      );
-      return false;
-    });
-    deps.outbox?.notice(
-      user,
-      'Your password may have been reset',
-      `The password of your account ${user.email} was being reset with a link mailed to this address, ` +
-        'and the identity provider did not answer: the new password may be in effect already' +
-        (ended ? ', and every session was signed out' : '') +
-        '.\n\nIf it was not you, someone can read your mail: secure your mailbox, reset your password ' +
-        'again and contact support.\n',
-    );
+      return deps.outbox ? [await deps.outbox.notice(tx, user, subject, text(true))] : [];
+    })
+      .catch(async (err: unknown) => {
+        deps.logger?.warn(
+          { err, userId: user.id, reqId: context.requestId },
+          'a password reset Supabase may have applied: ending the sessions failed',
+        );
+        return deps.outbox ? [await deps.outbox.notice(deps.db, user, subject, text(false))] : [];
+      })
+      .catch((err: unknown) => {
+        deps.logger?.warn(
+          { err, userId: user.id, reqId: context.requestId },
+          'a password reset Supabase may have applied: its notice could not be written',
+        );
+        return [];
+      });
+    deps.outbox?.kick(mails);
   }
 
   /**
