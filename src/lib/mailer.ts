@@ -32,7 +32,10 @@ export interface PermanentRefusal {
  * that `err`, a failed send, carries (nodemailer's error, the AppError's cause): sending that mail
  * again would meet the same answer. Undefined for anything else — a 4yz (try again later), a
  * connection or a timeout, a refused login or sender (MAIL FROM: the service's own settings, which
- * every mail would meet).
+ * every mail would meet). At RCPT TO only a refusal of the address itself counts (an RFC 3463
+ * enhanced code 5.1.x, addressing, or 5.2.x, the mailbox): a server that refuses to relay or wants a
+ * login answers 550 too (5.7.1 "Relaying denied", or no enhanced code), to every mail, and a
+ * misconfiguration must not drop the outbox at once: those wait for their retries, as before.
  */
 export function permanentRefusal(err: unknown): PermanentRefusal | undefined {
   let cur: unknown = err;
@@ -43,7 +46,8 @@ export function permanentRefusal(err: unknown): PermanentRefusal | undefined {
       e.responseCode >= 500 &&
       e.responseCode < 600 &&
       typeof e.command === 'string' &&
-      /^(RCPT TO|DATA)\b/.test(e.command)
+      (e.command.startsWith('DATA') ||
+        (/^RCPT TO\b/.test(e.command) && /^5\d\d[ -]5\.[12]\.\d{1,3}\b/.test(String(e.response ?? ''))))
     )
       return {
         code: e.responseCode,

@@ -15,7 +15,8 @@ const reply = (code: number, text: string) => Object.assign(new Error(text), { r
 /**
  * An SMTP server on a loopback port that answers by the recipient's local part: `bounce-…` is refused
  * at RCPT TO for good (550), `defer-…` for now (451), `spam-…` has its message refused for good after
- * DATA (554); anything else is taken.
+ * DATA (554), `relay-…` and `bare-…` get a 550 that refuses the server's use, not the address (5.7.1
+ * "Relaying denied", or no enhanced code); anything else is taken.
  */
 async function startRefusingServer() {
   const taken: string[] = [];
@@ -26,6 +27,8 @@ async function startRefusingServer() {
     onRcptTo(address, _session, callback) {
       if (address.address.startsWith('bounce-')) return callback(reply(550, '5.1.1 No such mailbox here'));
       if (address.address.startsWith('defer-')) return callback(reply(451, '4.3.0 Try again later'));
+      if (address.address.startsWith('relay-')) return callback(reply(550, '5.7.1 Relaying denied'));
+      if (address.address.startsWith('bare-')) return callback(reply(550, 'Not allowed'));
       callback();
     },
     onData(stream, session, callback) {
@@ -124,6 +127,16 @@ describe('a mail the mail server refuses for good (a 5xx to RCPT TO or DATA)', (
       });
       clock.advance(3600);
       expect(await app.services.outbox!.deliverDue()).toMatchObject({ sent: 0, failed: 0 });
+    },
+  );
+
+  it.each(['relay', 'bare'])(
+    'keeps a mail whose 550 to RCPT TO does not name the address (%s) for its retry: a server that will not relay refuses every mail',
+    async (tag) => {
+      const userId = await register(uniqueEmail(tag));
+      expect(await app.services.outbox!.pending(userId)).toMatchObject([
+        { kind: 'email_confirmation', attempts: 1, lastError: expect.stringContaining('550') },
+      ]);
     },
   );
 
