@@ -497,20 +497,24 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // with another status (introspection's 401, RFC 7662 §2.3), gets one here. A 403 that is no
   // authorization decision (`registration_closed`: the provider takes no sign-ups) is not one. Runs
   // only for requests that failed, after the change's transaction has rolled back.
+  // A 404 that hid something of another's (`notYours`: a profile, an API key, a session, a client
+  // the caller may not see) is one too: the same one event, written here, the answer unchanged.
   app.addHook('onError', async (request, _reply, error) => {
     if (!(error instanceof AppError) || error.audited) return;
-    if (error.code !== 'forbidden') return;
+    const concealed = error.code === 'not_found' ? error.concealed : undefined;
+    if (error.code !== 'forbidden' && !concealed) return;
     try {
       const { subjectId, params } = refusalAbout(request);
       await services.audit.record(services.db, requestContext(request), {
         type: 'authorization.denied',
         outcome: 'failure',
-        subjectId,
+        subjectId: concealed ? concealed.subjectId : subjectId,
         data: {
+          ...(concealed ? { action: concealed.action, ...concealed.data } : {}),
           route: request.routeOptions.url,
           method: request.method,
           ...(params ? { params } : {}),
-          reason: error.detail,
+          reason: concealed ? 'not_owner' : error.detail,
         },
       });
       error.audited = true;

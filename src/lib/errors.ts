@@ -96,6 +96,12 @@ export class AppError extends Error {
    * onError hook, which audits every other 403, does not write a second one.
    */
   audited = false;
+  /**
+   * Set on a 404 that answers for something that exists but is another's (ASVS V8: answered as a
+   * missing one, so existence is not revealed): the app's onError hook writes its
+   * `authorization.denied` event once the request has failed, outside any transaction it rolled back.
+   */
+  concealed: ConcealedDenial | undefined = undefined;
 
   constructor(code: ErrorCode, options: AppErrorOptions = {}) {
     const entry = ERROR_CATALOGUE[code];
@@ -120,6 +126,28 @@ export const invalidFields = (errors: FieldError[]) =>
 
 export const notFound = (what = 'resource') =>
   new AppError('not_found', { detail: `The ${what} does not exist` });
+/**
+ * What a 404 hid: the caller asked for something of another's they may not see. Written as an
+ * `authorization.denied` event (`reason: not_owner`); the answer stays the missing one's.
+ */
+export interface ConcealedDenial {
+  /** e.g. `api_key.read`, `client.update`, `session.end`. */
+  action: string;
+  /** The resource's id as the audit log names it (a key's or client's UUID, a user's for a profile). */
+  subjectId: string;
+  /** What else identifies it (its owner), never a secret. */
+  data?: Record<string, unknown> | undefined;
+}
+
+/**
+ * The 404 of something that exists but is another's: the same answer as `notFound(what)`, byte for
+ * byte, and no other work than the audit event's insert.
+ */
+export const notYours = (what: string, denial: ConcealedDenial) => {
+  const error = notFound(what);
+  error.concealed = denial;
+  return error;
+};
 export const forbidden = (detail?: string) => new AppError('forbidden', detail ? { detail } : {});
 
 const TRANSIENT_PG_CODES = new Set([

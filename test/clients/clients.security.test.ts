@@ -480,7 +480,14 @@ describe('app clients: security', () => {
       actorId: service.client_id,
       limit: 10,
     });
-    expect(denied[0]).toMatchObject({ actorType: 'service', data: { route: '/v1/clients', method: 'POST' } });
+    // The 403, then the 404 for a client it may no longer see, audited as not its own.
+    expect(denied[1]).toMatchObject({ actorType: 'service', data: { route: '/v1/clients', method: 'POST' } });
+    expect(denied[0]).toMatchObject({
+      actorType: 'service',
+      subjectId: other.id,
+      data: { action: 'client.update', reason: 'not_owner', route: '/v1/clients/:id', method: 'PATCH' },
+    });
+    expect(denied).toHaveLength(2);
   });
 
   it('keeps only a keyed hash of the secret, and shows the secret in no later answer', async () => {

@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import { API_KEY_FORMAT, digestsEqual, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
-import { AppError, type FieldError, forbidden, invalidFields, notFound } from '../../lib/errors.js';
+import { AppError, type FieldError, forbidden, invalidFields, notFound, notYours } from '../../lib/errors.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
@@ -264,11 +264,20 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     return { ...row, lastUsedAt: new Date(pending) };
   }
 
-  /** Another user's key is invisible (404, not 403) unless the actor holds `othersPermission`. */
-  function assertVisible(actor: ApiKeyActor, row: ApiKeyRow | undefined, othersPermission: string) {
-    if (!row || row.revokedAt) throw notFound('API key');
+  /**
+   * Another user's key is invisible (404, not 403) unless the actor holds `othersPermission`: the
+   * missing key's answer, and an `authorization.denied` event for `action` (`notYours`), revoked or not.
+   */
+  function assertVisible(
+    actor: ApiKeyActor,
+    row: ApiKeyRow | undefined,
+    othersPermission: string,
+    action: string,
+  ) {
+    if (!row) throw notFound('API key');
     if (row.ownerId !== actor.userId && !hasPermission(actor.grantor.permissions, othersPermission))
-      throw notFound('API key');
+      throw notYours('API key', { action, subjectId: row.id, data: { owner_id: row.ownerId } });
+    if (row.revokedAt) throw notFound('API key');
     return row;
   }
 
@@ -527,7 +536,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     },
 
     async get(actor: ApiKeyActor, id: string): Promise<ApiKeyRow> {
-      return withPendingUse(assertVisible(actor, await repo.findById(id), 'api_keys:read'));
+      return withPendingUse(assertVisible(actor, await repo.findById(id), 'api_keys:read', 'api_key.read'));
     },
 
     async update(
@@ -550,7 +559,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           const bounded = input.expiresAt !== undefined || input.scopes !== undefined;
           const parentId = bounded ? (await repo.findById(id, tx))?.parentId : null;
           const parent = parentId ? await repo.findByIdForShare(parentId, tx) : undefined;
-          const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          const current = assertVisible(
+            actor,
+            await repo.findByIdForUpdate(id, tx),
+            'api_keys:write',
+            'api_key.update',
+          );
           const requested: ApiKeyPatch = {};
           if (input.name !== undefined) requested.name = input.name;
           if (input.expiresAt !== undefined) requested.expiresAt = input.expiresAt;
@@ -659,7 +673,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
 
     async revoke(actor: ApiKeyActor, id: string, context: RequestContext): Promise<void> {
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+        const current = assertVisible(
+          actor,
+          await repo.findByIdForUpdate(id, tx),
+          'api_keys:write',
+          'api_key.revoke',
+        );
         const now = clock.now();
         const revoked = (await repo.update(id, { revokedAt: now }, now, tx))!;
         // The keys it minted (and theirs) go with it: a leaked key cannot outlive its revocation.
@@ -704,7 +723,12 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     ): Promise<{ row: ApiKeyRow; key: string }> {
       return deps.grants.audited(context, { action: 'api_key.rotate', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
-          const current = assertVisible(actor, await repo.findByIdForUpdate(id, tx), 'api_keys:write');
+          const current = assertVisible(
+            actor,
+            await repo.findByIdForUpdate(id, tx),
+            'api_keys:write',
+            'api_key.rotate',
+          );
           assertOwner(actor, current, 'rotate it');
           // A key rotates only itself, and only with its current secret: a leaked key that rotated a
           // sibling, or a replaced secret in its grace that rotated again, would hold the only working

@@ -9,7 +9,7 @@ import {
   type ProviderUser,
 } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
-import { AppError, invalidFields, isAppError, notFound, pgErrorCode } from '../../lib/errors.js';
+import { AppError, invalidFields, isAppError, notFound, notYours, pgErrorCode } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { GuessCounter } from '../../lib/throttle.js';
 import { LRUCache } from 'lru-cache';
@@ -956,8 +956,15 @@ export function createAuthService(deps: AuthServiceDeps) {
 
     async endSession(userId: string, sessionId: string, context: RequestContext): Promise<void> {
       const session = await deps.sessions.findSession(sessionId);
-      // Another user's session is indistinguishable from a missing one (ASVS V8 object level).
-      if (!session || session.userId !== userId || session.revokedAt) throw notFound('session');
+      // Another user's session (ended or not) is indistinguishable from a missing one (ASVS V8 object
+      // level), and the attempt is audited (`notYours`).
+      if (session && session.userId !== userId)
+        throw notYours('session', {
+          action: 'session.end',
+          subjectId: session.userId,
+          data: { session_id: sessionId },
+        });
+      if (!session || session.revokedAt) throw notFound('session');
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         const events = await deps.sessions.endSession(tx, sessionId, 'ended_by_user');
         // Ended meanwhile (the same request sent twice at once): as if it had been before, 404, and

@@ -8,7 +8,7 @@ import {
   parseSecret,
   randomBase62,
 } from '../../lib/crypto.js';
-import { AppError, forbidden, notFound } from '../../lib/errors.js';
+import { AppError, forbidden, notFound, notYours } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { type Cursor, paginate } from '../../lib/pagination.js';
 import { intersectPermissions, isSubset, notHeld } from '../../lib/permissions.js';
@@ -213,12 +213,25 @@ export function createClientsService(deps: ClientsServiceDeps) {
         : patch.audiences.some((a) => !before.audiences.includes(a)))) ||
     (patch.accessTokenTtl !== undefined && ttlOf(patch.accessTokenTtl) > ttlOf(before.accessTokenTtl));
 
-  /** The client an id names, if the caller may see it; 404 otherwise (existence is not confirmed). */
-  async function visibleClient(caller: ClientCaller, idOrClientId: string): Promise<ClientRow> {
+  /**
+   * The client an id names, if the caller may see it; 404 otherwise (existence is not confirmed). One
+   * that exists but is another's is audited as an `authorization.denied` of `action` (`notYours`).
+   */
+  async function visibleClient(
+    caller: ClientCaller,
+    idOrClientId: string,
+    action: string,
+  ): Promise<ClientRow> {
     const row = CLIENT_ID_PATTERN.test(idOrClientId)
       ? await deps.repo.findByClientId(idOrClientId)
       : await deps.repo.findById(idOrClientId);
-    if (!row || !visibleTo(caller, row)) throw notFound('client');
+    if (!row) throw notFound('client');
+    if (!visibleTo(caller, row))
+      throw notYours('client', {
+        action,
+        subjectId: row.id,
+        data: { client_id: row.clientId, owner_id: row.createdBy },
+      });
     return row;
   }
 
@@ -294,7 +307,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       return paginate(rows, options.limit);
     },
 
-    get: visibleClient,
+    get: (caller: ClientCaller, idOrClientId: string) => visibleClient(caller, idOrClientId, 'client.read'),
 
     async update(
       caller: ClientCaller,
@@ -302,7 +315,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       input: UpdateClientInput,
       context: RequestContext,
     ) {
-      const existing = await visibleClient(caller, idOrClientId);
+      const existing = await visibleClient(caller, idOrClientId, 'client.update');
       const patch: ClientPatch = {};
       if (input.name !== undefined) patch.name = input.name;
       if (input.description !== undefined) patch.description = input.description;
@@ -407,7 +420,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
     },
 
     async remove(caller: ClientCaller, idOrClientId: string, context: RequestContext): Promise<void> {
-      const existing = await visibleClient(caller, idOrClientId);
+      const existing = await visibleClient(caller, idOrClientId, 'client.delete');
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         if (!(await deps.repo.delete(existing.id, tx))) throw notFound('client');
         emit(await revokeTokensOf(tx, existing.clientId));
@@ -428,7 +441,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
       context: RequestContext,
       force = false,
     ) {
-      const existing = await visibleClient(caller, idOrClientId);
+      const existing = await visibleClient(caller, idOrClientId, 'client.rotate_secret');
       const lookupId = existing.clientId.slice(CLIENT_ID_PREFIX.length);
       const { token: secret } = generateSecret(CLIENT_SECRET_FORMAT, lookupId);
       const now = deps.clock.now();

@@ -1,5 +1,5 @@
 import type { Database } from '../../db/client.js';
-import { notFound } from '../../lib/errors.js';
+import { notFound, notYours } from '../../lib/errors.js';
 import { type EventBus, inTransaction } from '../../lib/events.js';
 import { hasPermission } from '../../lib/permissions.js';
 import {
@@ -23,13 +23,17 @@ export function createProfilesService(deps: {
       return profile;
     },
 
-    /** Another user's profile needs profiles:read; without it, it does not exist (no IDOR oracle). */
+    /**
+     * Another user's profile needs profiles:read; without it, it does not exist (no IDOR oracle),
+     * and the attempt is audited (`notYours`). Nothing is looked up for it, so whether that user
+     * exists changes neither the answer nor the work: an id of nobody's is recorded all the same.
+     */
     async getFor(
       viewer: { userId: string | undefined; permissions: string[] },
       userId: string,
     ): Promise<ProfileRow> {
       if (viewer.userId !== userId && !hasPermission(viewer.permissions, 'profiles:read'))
-        throw notFound('profile');
+        throw notYours('profile', { action: 'profile.read', subjectId: userId });
       const profile = await deps.repo.findByUserId(userId);
       if (!profile) throw notFound('profile');
       return profile;
