@@ -206,7 +206,9 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
       return {
         data: page.map((e) => {
           // Another user's failed attempt on the account (a link of its own confirmed from their
-          // session) is someone unknown's, not an administrator's.
+          // session) is someone unknown's, not an administrator's; a refused request an administrator
+          // made about it (a reset link asked for again within the minute) says so
+          // (`by_administrator`), and is theirs, shown without where they were.
           const by: 'you' | 'administrator' | 'service' | 'anonymous' | 'system' =
             e.actorType === 'anonymous' || e.actorType === 'system'
               ? e.actorType
@@ -214,7 +216,7 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
                 ? 'service'
                 : e.actorId === userId
                   ? 'you'
-                  : e.outcome === 'failure'
+                  : e.outcome === 'failure' && e.data.by_administrator !== true
                     ? 'anonymous'
                     : 'administrator';
           const located = by === 'you' || by === 'anonymous';

@@ -138,9 +138,21 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       'about the account goes to the new address.\n\nIf it was not you, contact support at once.\n',
   });
 
-  /** Refused as a client error, audited; `error` to throw. */
-  async function refusedRequest(context: RequestContext, user: UserRow, reason: string, error: AppError) {
-    await audit(context, 'user.email_change_requested', user.id, 'failure', { reason });
+  /**
+   * Refused as a client error, audited; `error` to throw. `byAdministrator`: support asked, and the
+   * event says so (the user's activity shows it as an administrator's, not someone unknown's).
+   */
+  async function refusedRequest(
+    context: RequestContext,
+    user: UserRow,
+    reason: string,
+    error: AppError,
+    byAdministrator = false,
+  ) {
+    await audit(context, 'user.email_change_requested', user.id, 'failure', {
+      reason,
+      ...(byAdministrator ? { by_administrator: true } : {}),
+    });
     return error;
   }
 
@@ -153,8 +165,15 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
     /**
      * The checks a request is refused by before anything is spent on it (a second factor's code):
      * change is on, the address is another and nobody's. Gives the address, normalized.
+     * `byAdministrator` as at `request`.
      */
-    async check(user: UserRow, rawNewEmail: string, context: RequestContext): Promise<string> {
+    async check(
+      user: UserRow,
+      rawNewEmail: string,
+      context: RequestContext,
+      options: { byAdministrator?: boolean } = {},
+    ): Promise<string> {
+      const byAdministrator = options.byAdministrator === true;
       const newEmail = normalizeEmail(rawNewEmail);
       if (newEmail === normalizeEmail(user.email))
         throw await refusedRequest(
@@ -162,15 +181,22 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
           user,
           'same_address',
           invalidFields([{ field: 'body.new_email', message: 'is the account’s address already' }]),
+          byAdministrator,
         );
       // Registration tells whether an address has an account, so this tells nobody anything more.
       const holder = await deps.users.findByEmail(newEmail);
       if (holder && holder.id !== user.id)
-        throw await refusedRequest(context, user, 'email_taken', new AppError('email_taken'));
+        throw await refusedRequest(
+          context,
+          user,
+          'email_taken',
+          new AppError('email_taken'),
+          byAdministrator,
+        );
       // Before a second factor's code is spent on a request that would be refused (`request` checks
       // again under its lock).
       const wait = await tooSoon(user.id, deps.clock.now());
-      if (wait) throw await refusedRequest(context, user, 'too_soon', wait);
+      if (wait) throw await refusedRequest(context, user, 'too_soon', wait, byAdministrator);
       return newEmail;
     },
 
@@ -205,7 +231,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       const capKey = mailCapKey(deps.pepper, 'email_change', newEmail);
       const slot = await deps.mailsPerHour?.reserve(capKey);
       if (slot && slot.retryAfter > 0)
-        throw await refusedRequest(context, asked, 'too_many', tooMany(slot.retryAfter));
+        throw await refusedRequest(context, asked, 'too_many', tooMany(slot.retryAfter), byAdministrator);
       const run =
         options.transaction ??
         (<T>(work: (tx: Executor) => Promise<T>) => inTransaction(deps.db, deps.events, work));
@@ -267,7 +293,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         made = await run(make);
       } catch (err) {
         await slot?.release();
-        if (err instanceof RefusedRequest) throw await refusedRequest(context, asked, err.reason, err.error);
+        if (err instanceof RefusedRequest)
+          throw await refusedRequest(context, asked, err.reason, err.error, byAdministrator);
         throw err;
       }
       const { user, confirmCurrent, tokens } = made;
@@ -286,6 +313,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         await deps.tokens.deleteByIds(made.rows.map((r) => r.id)).catch(() => undefined);
         await audit(context, 'user.email_change_requested', user.id, 'failure', {
           reason: 'mail_failed',
+          ...(byAdministrator ? { by_administrator: true } : {}),
         }).catch(() => undefined);
         throw err;
       }

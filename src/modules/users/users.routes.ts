@@ -306,7 +306,9 @@ export async function usersRoutes(
       );
       const user = await deps.users.get(request.params.id);
       await deps.users.assertMayManage(principal, user.id);
-      const newEmail = await deps.emailChange.check(user, request.body.new_email, context);
+      const newEmail = await deps.emailChange.check(user, request.body.new_email, context, {
+        byAdministrator: true,
+      });
       const requested = await deps.emailChange.request(user, newEmail, context, { byAdministrator: true });
       return reply.status(202).send({
         new_email: requested.newEmail,
