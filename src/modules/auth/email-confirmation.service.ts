@@ -92,12 +92,18 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
       const sent = await mailed.send(
         user,
         'email_confirmation',
-        { format: EMAIL_CONFIRMATION_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
+        {
+          format: EMAIL_CONFIRMATION_FORMAT,
+          ttlSeconds: deps.ttlSeconds,
+          mailer,
+          outbox: deps.outbox,
+          // Written with the link, in its transaction.
+          audit: { type: 'auth.email_confirmation_sent', context, data: { delivery: mailer.kind } },
+        },
         (token) => confirmationMail(user.email, token),
       );
       if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
         return record(context, user, user.email, 'failure', { reason: sent });
-      await record(context, user, user.email, 'success', { delivery: mailer.kind });
     } catch (err) {
       // The mail server refusing (without an outbox); the database failing is no mail failure.
       if (!isDatabaseUnavailable(err))

@@ -87,12 +87,18 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
       const sent = await mailed.send(
         user,
         'magic_link',
-        { format: MAGIC_LINK_FORMAT, ttlSeconds: deps.ttlSeconds, mailer, outbox: deps.outbox },
+        {
+          format: MAGIC_LINK_FORMAT,
+          ttlSeconds: deps.ttlSeconds,
+          mailer,
+          outbox: deps.outbox,
+          // Written with the link, in its transaction.
+          audit: { type: 'auth.magic_link_requested', context, data: { delivery: mailer.kind } },
+        },
         (token) => linkMail(user.email, token),
       );
       if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
         return record(context, user, email, 'failure', { reason: sent });
-      await record(context, user, email, 'success', { delivery: mailer.kind });
     },
 
     /**

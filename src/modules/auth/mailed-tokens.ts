@@ -153,13 +153,33 @@ export function createMailedTokens(deps: {
      * the token and sent after the commit, retried while the server refuses it (`queued`: the caller
      * does not wait for the server). Without, it is sent before answering (`sent`); when that fails
      * the token goes and the error is thrown, so a retry is not held back.
+     *
+     * `audit`: the success event of the request (as `requested` writes it), written with the token
+     * and the queued mail in their transaction, so that no link is made without its event (SECURITY.md:
+     * a change and its event commit together, or neither does); without an outbox, once the mail has
+     * gone. The caller audits the other outcomes.
      */
     async send(
       user: { id: string; email: string },
       purpose: EmailTokenPurpose,
-      options: { format: SecretFormat; ttlSeconds: number; mailer: Mailer; outbox?: MailOutbox | undefined },
+      options: {
+        format: SecretFormat;
+        ttlSeconds: number;
+        mailer: Mailer;
+        outbox?: MailOutbox | undefined;
+        audit?: { type: string; context: RequestContext; data: Record<string, unknown> };
+      },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
+      const audited = options.audit;
+      const recordSent = async (tx: Executor) => {
+        if (audited)
+          await deps.audit.record(tx, audited.context, {
+            type: audited.type,
+            subjectId: user.id,
+            data: { ...audited.data, email_domain: user.email.split('@')[1] ?? null },
+          });
+      };
       const slot: Reservation | undefined = await reserve(purpose, user.email);
       if (slot && slot.retryAfter > 0) return 'too_many';
       let token = '';
@@ -192,6 +212,7 @@ export function createMailedTokens(deps: {
               emailTokenId: stored.id,
               expiresAt: stored.expiresAt,
             });
+          if (mailId) await recordSent(tx);
           return stored;
         });
       } catch (err) {
@@ -214,6 +235,7 @@ export function createMailedTokens(deps: {
         await slot?.release();
         throw err;
       }
+      await recordSent(deps.db);
       return 'sent';
     },
 

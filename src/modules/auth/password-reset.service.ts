@@ -70,6 +70,9 @@ export interface PasswordResetDeps {
   };
 }
 
+/** The event of a request for a reset link. */
+const RESET_REQUESTED = 'auth.password_reset_requested';
+
 const invalidResetToken = () =>
   new AppError('invalid_reset_token', {
     detail: 'The password reset link is invalid, has expired or was used already; ask for a new one',
@@ -119,7 +122,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     userId: string | null,
     outcome: 'success' | 'failure',
     data: Record<string, unknown>,
-  ) => mailed.requested('auth.password_reset_requested', context, email, userId, outcome, data);
+  ) => mailed.requested(RESET_REQUESTED, context, email, userId, outcome, data);
 
   const active = (user: UserRow | undefined) => user?.status === 'active';
 
@@ -314,6 +317,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
           ttlSeconds: deps.ttlSeconds,
           mailer,
           outbox: deps.outbox,
+          audit: { type: RESET_REQUESTED, context, data: { delivery: mailer.kind, ...extra } },
         },
         (token) => resetMail(account.email, token),
       );
@@ -398,7 +402,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const { sent, delivery } = await deliver(email, user, context, {});
       if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
         return recordRequest(context, email, user?.id ?? null, 'failure', { reason: sent });
-      await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
+      // The service's own mail was audited with its link (mailed.send); the provider's is here.
+      if (!ownMail) await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
     },
 
     /**
@@ -434,7 +439,8 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
           'too_many',
           user.email,
         );
-      await recordRequest(context, user.email, user.id, 'success', { delivery, ...extra });
+      if (deps.provider.requestPasswordRecovery)
+        await recordRequest(context, user.email, user.id, 'success', { delivery, ...extra });
     },
 
     /** Sets `newPassword` for the account the token was issued to; ends every session of it. */
