@@ -184,14 +184,20 @@ export class PostgresCluster {
   }
 
   /**
-   * Tries a new connection every 20 ms until one is accepted: performance.now() at that moment. After
+   * Tries a new connection every 20 ms until one is accepted: performance.now() at that moment, and at
+   * the start of the last refused try (before it, the database surely took no one). After
    * a crash the postmaster listens before it accepts anyone: while it replays the WAL, a connection
    * is refused with "the database system is starting up" (57P03), so this comes later than pg_ctl
    * start's beginning, and may come before pg_ctl (which looks every 100 ms) returns.
    */
-  async acceptsConnections(database = 'postgres', timeoutMs = 60_000): Promise<number> {
+  async acceptsConnections(
+    database = 'postgres',
+    timeoutMs = 60_000,
+  ): Promise<{ acceptedAt: number; lastRefusedAt: number | undefined }> {
     const deadline = performance.now() + timeoutMs;
+    let lastRefusedAt: number | undefined;
     for (;;) {
+      const triedAt = performance.now();
       const client = new pg.Client({
         connectionString: this.url(database),
         application_name: 'faults-harness',
@@ -200,8 +206,9 @@ export class PostgresCluster {
       client.on('error', () => undefined);
       try {
         await client.connect();
-        return performance.now();
+        return { acceptedAt: performance.now(), lastRefusedAt };
       } catch (err) {
+        lastRefusedAt = triedAt;
         if (performance.now() > deadline)
           throw new Error(`no connection accepted within ${timeoutMs} ms: ${(err as Error).message}`);
       } finally {
