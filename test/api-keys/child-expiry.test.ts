@@ -45,6 +45,8 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       parent_id: string;
     };
   };
+  const revoke = (user: TestUser, id: string) =>
+    app.inject({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: bearer(user.accessToken) });
   const patchExpiry = (user: TestUser, id: string, expiresAt: string | null) =>
     app.inject({
       method: 'PATCH',
@@ -85,15 +87,7 @@ describe('api keys: a key expires no later than the key that minted it', () => {
     const grandchild = await minted(child.key);
     const early = await minted(parent.key, { expires_at: inHours(1) });
     const revoked = await minted(parent.key);
-    expect(
-      (
-        await app.inject({
-          method: 'DELETE',
-          url: `/v1/api-keys/${revoked.id}`,
-          headers: bearer(user.accessToken),
-        })
-      ).statusCode,
-    ).toBe(204);
+    expect((await revoke(user, revoked.id)).statusCode).toBe(204);
     const sibling = await parentOf(user);
     // Verified once, so that every instance's caches hold them as they are.
     for (const k of [child.key, grandchild.key])
@@ -287,15 +281,7 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       expires_at: new Date(clock.nowMs() + 2_000).toISOString(),
     });
     const revoked = await minted(parent.key, { scopes: ['account:write'] });
-    expect(
-      (
-        await app.inject({
-          method: 'DELETE',
-          url: `/v1/api-keys/${revoked.id}`,
-          headers: bearer(user.accessToken),
-        })
-      ).statusCode,
-    ).toBe(204);
+    expect((await revoke(user, revoked.id)).statusCode).toBe(204);
     const sibling = await parentOf(user, { scopes: all });
     // Verified once, so that every instance's caches hold them as they are.
     for (const k of [child, writer, writersChild])
@@ -416,15 +402,7 @@ describe('api keys: a key expires no later than the key that minted it', () => {
       reason: 'expired',
     });
     // Still the parent's: revoking it ends the child.
-    expect(
-      (
-        await app.inject({
-          method: 'DELETE',
-          url: `/v1/api-keys/${parent.id}`,
-          headers: bearer(user.accessToken),
-        })
-      ).statusCode,
-    ).toBe(204);
+    expect((await revoke(user, parent.id)).statusCode).toBe(204);
     expect(await verifyKey(app, admin.accessToken, child.key)).toMatchObject({
       valid: false,
       reason: 'revoked',
@@ -633,8 +611,6 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         });
       });
 
-      const revoke = (user: TestUser, id: string) =>
-        app.inject({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: bearer(user.accessToken) });
       const me = (key: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: withKey(key) });
 
       it('a key made first: the revocation waits for it and revokes it with its parent', async () => {
