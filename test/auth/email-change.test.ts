@@ -22,7 +22,7 @@ import {
 } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
-import { randomAddress, redisAnswers, TEST_REDIS_URL } from '../support/redis.js';
+import { capCountings, randomAddress } from '../support/redis.js';
 import { createKey, grantRole, withKey } from '../api-keys/helpers.js';
 import { clientToken, createClient } from '../clients/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
@@ -1013,142 +1013,132 @@ describe('changing the email address, throttled', () => {
   });
 });
 
-const redisAvailable = await redisAnswers();
-if (!redisAvailable)
-  console.warn(
-    `email change: Redis does not answer at ${TEST_REDIS_URL}; its cap tests through Redis are not run`,
-  );
-
 /**
  * The new address's place under its hourly cap is taken before anything else and given back when
  * nothing reaches it: requests sent at once, from as many accounts, all passed the cap's check before
  * any was counted (a third party's mailbox flooded past its cap). In memory, and through Redis.
  */
-describe.each([
-  { counts: 'in memory', env: {} as Record<string, string>, skip: false },
-  {
-    counts: 'through Redis',
-    env: { REDIS_URL: TEST_REDIS_URL } as Record<string, string>,
-    skip: !redisAvailable,
-  },
-])('changes to one address asked at once, counted $counts', ({ env, skip }) => {
-  let app: FastifyInstance;
-  const mailer = capturingMailer();
-  const targets: string[] = [];
+describe.each(await capCountings('email change'))(
+  'changes to one address asked at once, counted $counts',
+  ({ env, skip }) => {
+    let app: FastifyInstance;
+    const mailer = capturingMailer();
+    const targets: string[] = [];
 
-  beforeAll(async () => {
-    if (skip) return;
-    app = await buildTestApp({
-      // Passwords checked side by side: the requests reach their mails together, not one at a time.
-      env: {
-        EMAIL_CHANGE_URL: CHANGE_URL,
-        RATE_LIMIT_ENABLED: 'true',
-        PASSWORD_HASH_CONCURRENCY: '16',
-        ...env,
-      },
-      deps: { mailer },
-    });
-  });
-  afterAll(async () => {
-    // Counts in Redis end with their hour; these are taken out now.
-    const redis = app?.services.redis;
-    if (!redis) return;
-    for (const target of targets) {
-      const key = mailCapKey(app.services.config.secretPepper, 'email_change', target);
-      await redis.del(mailsPerHourKey(key));
-    }
-  });
-
-  /** An address no account has, whose mails are counted from nothing. */
-  const newTarget = () => {
-    const target = uniqueEmail('chg-burst-target');
-    targets.push(target);
-    return target;
-  };
-  const toTarget = (target: string) => mailer.sent.filter((m) => m.to === target && m.subject === TO_NEW);
-  const ask = (user: TestUser, target: string, i: number) =>
-    app.inject({
-      method: 'POST',
-      url: '/v1/auth/email/change',
-      remoteAddress: `10.4.${i}.${Math.floor(Math.random() * 250) + 1}`,
-      headers: bearer(user.accessToken),
-      payload: { new_email: target, password: PASSWORD },
-    });
-  /** Accounts of their own, registered from addresses of their own (the per-IP limits may count in Redis). */
-  const accounts = async (n: number) => {
-    const users: TestUser[] = [];
-    for (let i = 0; i < n; i++) {
-      const email = uniqueEmail('chg-burst');
-      const res = await app.inject({
-        method: 'POST',
-        url: '/v1/auth/register',
-        remoteAddress: randomAddress(),
-        payload: { email, password: PASSWORD },
+    beforeAll(async () => {
+      if (skip) return;
+      app = await buildTestApp({
+        // Passwords checked side by side: the requests reach their mails together, not one at a time.
+        env: {
+          EMAIL_CHANGE_URL: CHANGE_URL,
+          RATE_LIMIT_ENABLED: 'true',
+          PASSWORD_HASH_CONCURRENCY: '16',
+          ...env,
+        },
+        deps: { mailer },
       });
-      expect(res.statusCode, res.body).toBe(201);
-      const { user, session } = res.json();
-      users.push({
-        id: user.id,
-        email,
-        password: PASSWORD,
-        accessToken: session.access_token,
-        refreshToken: session.refresh_token,
-      });
-    }
-    return users;
-  };
-
-  it.skipIf(skip)(
-    'mails the address at most its cap, however many accounts ask at once: the others get the 429, nothing written',
-    async () => {
-      const target = newTarget();
-      const users = await accounts(MAILS_PER_ACCOUNT_HOUR + 4);
-      const answers = await Promise.all(users.map((user, i) => ask(user, target, i)));
-      const statuses = answers.map((a) => a.statusCode);
-      expect(statuses.filter((s) => s === 202)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
-      expect(statuses.filter((s) => s === 429)).toHaveLength(4);
-      expect(toTarget(target)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
-      for (const [i, res] of answers.entries()) {
-        const [event] = await app.services.audit.list({
-          type: 'user.email_change_requested',
-          subjectId: users[i]!.id,
-          limit: 1,
-        });
-        if (res.statusCode === 202) {
-          expect(event).toMatchObject({ outcome: 'success' });
-          continue;
-        }
-        expect(res.json()).toMatchObject({ code: 'rate_limited' });
-        expect(Number(res.headers['retry-after'])).toBeGreaterThan(0);
-        expect(event).toMatchObject({ outcome: 'failure', data: { reason: 'too_many' } });
-        const pending = await app.inject({
-          method: 'GET',
-          url: '/v1/auth/email/change',
-          headers: bearer(users[i]!.accessToken),
-        });
-        expect(pending.statusCode).toBe(404);
+    });
+    afterAll(async () => {
+      // Counts in Redis end with their hour; these are taken out now.
+      const redis = app?.services.redis;
+      if (!redis) return;
+      for (const target of targets) {
+        const key = mailCapKey(app.services.config.secretPepper, 'email_change', target);
+        await redis.del(mailsPerHourKey(key));
       }
-    },
-  );
+    });
 
-  it.skipIf(skip)('a request whose mail the server refused gives its place back', async () => {
-    const target = newTarget();
-    const users = await accounts(MAILS_PER_ACCOUNT_HOUR * 2 + 1);
-    mailer.failing = true;
-    try {
-      for (const [i, user] of users.slice(0, MAILS_PER_ACCOUNT_HOUR).entries())
-        expect((await ask(user, target, i)).statusCode).toBe(503);
-    } finally {
-      mailer.failing = false;
-    }
-    // Nothing reached the address: its cap is whole.
-    for (const [i, user] of users.slice(MAILS_PER_ACCOUNT_HOUR).entries()) {
-      const res = await ask(user, target, MAILS_PER_ACCOUNT_HOUR + i);
-      expect(res.statusCode, `request ${i}`).toBe(i < MAILS_PER_ACCOUNT_HOUR ? 202 : 429);
-    }
-    expect(toTarget(target)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
-  });
-});
+    /** An address no account has, whose mails are counted from nothing. */
+    const newTarget = () => {
+      const target = uniqueEmail('chg-burst-target');
+      targets.push(target);
+      return target;
+    };
+    const toTarget = (target: string) => mailer.sent.filter((m) => m.to === target && m.subject === TO_NEW);
+    const ask = (user: TestUser, target: string, i: number) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/auth/email/change',
+        remoteAddress: `10.4.${i}.${Math.floor(Math.random() * 250) + 1}`,
+        headers: bearer(user.accessToken),
+        payload: { new_email: target, password: PASSWORD },
+      });
+    /** Accounts of their own, registered from addresses of their own (the per-IP limits may count in Redis). */
+    const accounts = async (n: number) => {
+      const users: TestUser[] = [];
+      for (let i = 0; i < n; i++) {
+        const email = uniqueEmail('chg-burst');
+        const res = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/register',
+          remoteAddress: randomAddress(),
+          payload: { email, password: PASSWORD },
+        });
+        expect(res.statusCode, res.body).toBe(201);
+        const { user, session } = res.json();
+        users.push({
+          id: user.id,
+          email,
+          password: PASSWORD,
+          accessToken: session.access_token,
+          refreshToken: session.refresh_token,
+        });
+      }
+      return users;
+    };
+
+    it.skipIf(skip)(
+      'mails the address at most its cap, however many accounts ask at once: the others get the 429, nothing written',
+      async () => {
+        const target = newTarget();
+        const users = await accounts(MAILS_PER_ACCOUNT_HOUR + 4);
+        const answers = await Promise.all(users.map((user, i) => ask(user, target, i)));
+        const statuses = answers.map((a) => a.statusCode);
+        expect(statuses.filter((s) => s === 202)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
+        expect(statuses.filter((s) => s === 429)).toHaveLength(4);
+        expect(toTarget(target)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
+        for (const [i, res] of answers.entries()) {
+          const [event] = await app.services.audit.list({
+            type: 'user.email_change_requested',
+            subjectId: users[i]!.id,
+            limit: 1,
+          });
+          if (res.statusCode === 202) {
+            expect(event).toMatchObject({ outcome: 'success' });
+            continue;
+          }
+          expect(res.json()).toMatchObject({ code: 'rate_limited' });
+          expect(Number(res.headers['retry-after'])).toBeGreaterThan(0);
+          expect(event).toMatchObject({ outcome: 'failure', data: { reason: 'too_many' } });
+          const pending = await app.inject({
+            method: 'GET',
+            url: '/v1/auth/email/change',
+            headers: bearer(users[i]!.accessToken),
+          });
+          expect(pending.statusCode).toBe(404);
+        }
+      },
+    );
+
+    it.skipIf(skip)('a request whose mail the server refused gives its place back', async () => {
+      const target = newTarget();
+      const users = await accounts(MAILS_PER_ACCOUNT_HOUR * 2 + 1);
+      mailer.failing = true;
+      try {
+        for (const [i, user] of users.slice(0, MAILS_PER_ACCOUNT_HOUR).entries())
+          expect((await ask(user, target, i)).statusCode).toBe(503);
+      } finally {
+        mailer.failing = false;
+      }
+      // Nothing reached the address: its cap is whole.
+      for (const [i, user] of users.slice(MAILS_PER_ACCOUNT_HOUR).entries()) {
+        const res = await ask(user, target, MAILS_PER_ACCOUNT_HOUR + i);
+        expect(res.statusCode, `request ${i}`).toBe(i < MAILS_PER_ACCOUNT_HOUR ? 202 : 429);
+      }
+      expect(toTarget(target)).toHaveLength(MAILS_PER_ACCOUNT_HOUR);
+    });
+  },
+);
 
 describe('changing the email address without a mail server', () => {
   it('is off in production without SMTP_URL: 404, and nothing is kept', async () => {

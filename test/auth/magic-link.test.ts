@@ -20,16 +20,11 @@ import {
   type TestUser,
 } from '../support/factories.js';
 import { bearer } from '../support/http.js';
-import { randomAddress, redisAnswers, TEST_REDIS_URL } from '../support/redis.js';
+import { capCountings, randomAddress } from '../support/redis.js';
 import { capturingMailer } from '../support/mail.js';
 import { turnOnMfa } from '../support/mfa.js';
 
 const LINK_URL = 'https://app.example.test/sign-in';
-const redisAvailable = await redisAnswers();
-if (!redisAvailable)
-  console.warn(
-    `magic links: Redis does not answer at ${TEST_REDIS_URL}; the cap through Redis is not tested`,
-  );
 const SUBJECT = 'Your sign-in link';
 
 describe('sign-in links (built-in provider)', () => {
@@ -424,120 +419,118 @@ describe('sign-in links lift a lockout someone else caused', () => {
  * A link's place under the address's hourly cap is taken before anything is made, and given back when
  * nothing is mailed: requests at once see each other's, in memory and through Redis.
  */
-describe.each([
-  { counts: 'in memory', env: {} as Record<string, string>, skip: false },
-  {
-    counts: 'through Redis',
-    env: { REDIS_URL: TEST_REDIS_URL } as Record<string, string>,
-    skip: !redisAvailable,
-  },
-])('the hourly cap of sign-in links, counted $counts', ({ env, skip }) => {
-  let app: FastifyInstance;
-  const mailer = capturingMailer();
-  const clock = createTestClock();
-  const keys: string[] = [];
+describe.each(await capCountings('magic links'))(
+  'the hourly cap of sign-in links, counted $counts',
+  ({ env, skip }) => {
+    let app: FastifyInstance;
+    const mailer = capturingMailer();
+    const clock = createTestClock();
+    const keys: string[] = [];
 
-  beforeAll(async () => {
-    if (skip) return;
-    app = await buildTestApp({
-      env: { MAGIC_LINK_URL: LINK_URL, RATE_LIMIT_ENABLED: 'true', ...env },
-      deps: { mailer, clock },
-    });
-  });
-  afterAll(async () => {
-    // Counts in Redis end with their hour; these are taken out now.
-    for (const key of keys) await app?.services.redis?.del(mailsPerHourKey(key));
-  });
-
-  /** A user with a confirmed address; how to ask for their link, and how many were mailed. */
-  async function linkUser() {
-    const user = await registerUser(app, 'link-cap');
-    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
-    keys.push(mailCapKey(app.services.config.secretPepper, 'magic_link', user.email));
-    return {
-      user,
-      // Addresses of their own: the per-IP limits may be counted in Redis, by other runs too.
-      ask: () =>
-        app.inject({
-          method: 'POST',
-          url: '/v1/auth/magic-link',
-          remoteAddress: randomAddress(),
-          payload: { email: user.email },
-        }),
-      links: () => mailer.sent.filter((m) => m.to === user.email && m.subject === SUBJECT).length,
-    };
-  }
-
-  it.skipIf(skip)(
-    'links asked for at once past the hour’s cap get its answer (too_many) before any is made',
-    async () => {
-      const { user, ask, links } = await linkUser();
-      for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR - 1; i++) {
-        expect((await ask()).statusCode).toBe(204);
-        clock.advance(61);
-      }
-      const at = new Date(clock.nowMs() - 1000);
-      const answers = await Promise.all(Array.from({ length: 6 }, ask));
-      expect(answers.map((a) => a.statusCode)).toEqual(Array(6).fill(204));
-      expect(links()).toBe(MAILS_PER_ACCOUNT_HOUR);
-      // The one that took the last place mailed; the others met the cap before anything was made.
-      const events = await app.services.audit.list({
-        type: 'auth.magic_link_requested',
-        subjectId: user.id,
-        since: at,
-        limit: 10,
+    beforeAll(async () => {
+      if (skip) return;
+      app = await buildTestApp({
+        env: { MAGIC_LINK_URL: LINK_URL, RATE_LIMIT_ENABLED: 'true', ...env },
+        deps: { mailer, clock },
       });
-      expect(events.map((e) => e.data.reason ?? 'mailed').sort()).toEqual([
-        'mailed',
-        ...Array(5).fill('too_many'),
-      ]);
-    },
-  );
+    });
+    afterAll(async () => {
+      // Counts in Redis end with their hour; these are taken out now.
+      for (const key of keys) await app?.services.redis?.del(mailsPerHourKey(key));
+    });
 
-  it.skipIf(skip || !env.REDIS_URL)(
-    'counts in Redis under the service’s prefix, with no address in clear',
-    async () => {
-      // A Redis command that timed out on a loaded machine (the start's, say) has counts kept in
-      // memory until Redis's next answer: the count looked at here is one written to Redis, so the
-      // link must answer throughout the request (else another account tries again).
-      const answering = () => app.services.redisLink?.answering() === true;
-      let user: TestUser | undefined;
-      for (let attempt = 0; attempt < 3 && !user; attempt++) {
-        const asked = await linkUser();
-        await vi.waitFor(() => expect(answering()).toBe(true), { timeout: 15_000 });
-        expect((await asked.ask()).statusCode).toBe(204);
-        expect(asked.links()).toBe(1);
-        if (answering()) user = asked.user;
-      }
-      if (!user) throw new Error('Redis kept timing out');
-      const redis = app.services.redis!;
-      const capKey = mailCapKey(app.services.config.secretPepper, 'magic_link', user.email);
-      expect(await redis.get(`paservices:auth:mails-per-hour:${capKey}`)).toBe('1');
-      expect(await redis.exists(`mails-per-hour:${capKey}`)).toBe(0);
-      // The address (its local part, unique to this test) is in no key, nor in any key's value.
-      const local = user.email.split('@')[0]!;
-      expect(await redis.keys(`*${local}*`)).toEqual([]);
-      // Its count, and the times of its resets beside it when it has some, all under the prefix.
-      const named = (await redis.keys(`*${capKey}*`)).sort();
-      expect(named[0]).toBe(`paservices:auth:mails-per-hour:${capKey}`);
-      for (const key of named) {
-        expect([capKey, `${capKey}:times`].map((k) => `paservices:auth:mails-per-hour:${k}`)).toContain(key);
-        const value = (await redis.type(key)) === 'hash' ? await redis.hgetall(key) : await redis.get(key);
-        expect(JSON.stringify(value)).not.toContain(local);
-      }
-    },
-  );
-
-  it.skipIf(skip)('a request that mails nothing (too soon) gives its place back', async () => {
-    const { ask, links } = await linkUser();
-    expect((await ask()).statusCode).toBe(204);
-    // Within the minute: nothing mailed, and nothing spent of the cap.
-    for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR; i++) expect((await ask()).statusCode).toBe(204);
-    expect(links()).toBe(1);
-    for (let i = 1; i < MAILS_PER_ACCOUNT_HOUR; i++) {
-      clock.advance(61);
-      expect((await ask()).statusCode).toBe(204);
+    /** A user with a confirmed address; how to ask for their link, and how many were mailed. */
+    async function linkUser() {
+      const user = await registerUser(app, 'link-cap');
+      await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });
+      keys.push(mailCapKey(app.services.config.secretPepper, 'magic_link', user.email));
+      return {
+        user,
+        // Addresses of their own: the per-IP limits may be counted in Redis, by other runs too.
+        ask: () =>
+          app.inject({
+            method: 'POST',
+            url: '/v1/auth/magic-link',
+            remoteAddress: randomAddress(),
+            payload: { email: user.email },
+          }),
+        links: () => mailer.sent.filter((m) => m.to === user.email && m.subject === SUBJECT).length,
+      };
     }
-    expect(links()).toBe(MAILS_PER_ACCOUNT_HOUR);
-  });
-});
+
+    it.skipIf(skip)(
+      'links asked for at once past the hour’s cap get its answer (too_many) before any is made',
+      async () => {
+        const { user, ask, links } = await linkUser();
+        for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR - 1; i++) {
+          expect((await ask()).statusCode).toBe(204);
+          clock.advance(61);
+        }
+        const at = new Date(clock.nowMs() - 1000);
+        const answers = await Promise.all(Array.from({ length: 6 }, ask));
+        expect(answers.map((a) => a.statusCode)).toEqual(Array(6).fill(204));
+        expect(links()).toBe(MAILS_PER_ACCOUNT_HOUR);
+        // The one that took the last place mailed; the others met the cap before anything was made.
+        const events = await app.services.audit.list({
+          type: 'auth.magic_link_requested',
+          subjectId: user.id,
+          since: at,
+          limit: 10,
+        });
+        expect(events.map((e) => e.data.reason ?? 'mailed').sort()).toEqual([
+          'mailed',
+          ...Array(5).fill('too_many'),
+        ]);
+      },
+    );
+
+    it.skipIf(skip || !env.REDIS_URL)(
+      'counts in Redis under the service’s prefix, with no address in clear',
+      async () => {
+        // A Redis command that timed out on a loaded machine (the start's, say) has counts kept in
+        // memory until Redis's next answer: the count looked at here is one written to Redis, so the
+        // link must answer throughout the request (else another account tries again).
+        const answering = () => app.services.redisLink?.answering() === true;
+        let user: TestUser | undefined;
+        for (let attempt = 0; attempt < 3 && !user; attempt++) {
+          const asked = await linkUser();
+          await vi.waitFor(() => expect(answering()).toBe(true), { timeout: 15_000 });
+          expect((await asked.ask()).statusCode).toBe(204);
+          expect(asked.links()).toBe(1);
+          if (answering()) user = asked.user;
+        }
+        if (!user) throw new Error('Redis kept timing out');
+        const redis = app.services.redis!;
+        const capKey = mailCapKey(app.services.config.secretPepper, 'magic_link', user.email);
+        expect(await redis.get(`paservices:auth:mails-per-hour:${capKey}`)).toBe('1');
+        expect(await redis.exists(`mails-per-hour:${capKey}`)).toBe(0);
+        // The address (its local part, unique to this test) is in no key, nor in any key's value.
+        const local = user.email.split('@')[0]!;
+        expect(await redis.keys(`*${local}*`)).toEqual([]);
+        // Its count, and the times of its resets beside it when it has some, all under the prefix.
+        const named = (await redis.keys(`*${capKey}*`)).sort();
+        expect(named[0]).toBe(`paservices:auth:mails-per-hour:${capKey}`);
+        for (const key of named) {
+          expect([capKey, `${capKey}:times`].map((k) => `paservices:auth:mails-per-hour:${k}`)).toContain(
+            key,
+          );
+          const value = (await redis.type(key)) === 'hash' ? await redis.hgetall(key) : await redis.get(key);
+          expect(JSON.stringify(value)).not.toContain(local);
+        }
+      },
+    );
+
+    it.skipIf(skip)('a request that mails nothing (too soon) gives its place back', async () => {
+      const { ask, links } = await linkUser();
+      expect((await ask()).statusCode).toBe(204);
+      // Within the minute: nothing mailed, and nothing spent of the cap.
+      for (let i = 0; i < MAILS_PER_ACCOUNT_HOUR; i++) expect((await ask()).statusCode).toBe(204);
+      expect(links()).toBe(1);
+      for (let i = 1; i < MAILS_PER_ACCOUNT_HOUR; i++) {
+        clock.advance(61);
+        expect((await ask()).statusCode).toBe(204);
+      }
+      expect(links()).toBe(MAILS_PER_ACCOUNT_HOUR);
+    });
+  },
+);

@@ -32,6 +32,26 @@ export async function redisAnswers(url: string = TEST_REDIS_URL): Promise<boolea
   }
 }
 
+/**
+ * The two ways an hourly mail cap is counted, for `describe.each`: in memory, and through Redis
+ * (skipped, with a warning naming `suite`, where Redis does not answer).
+ */
+export async function capCountings(suite: string) {
+  const available = await redisAnswers();
+  if (!available)
+    console.warn(
+      `${suite}: Redis does not answer at ${TEST_REDIS_URL}; its cap tests through Redis are not run`,
+    );
+  return [
+    { counts: 'in memory', env: {} as Record<string, string>, skip: false },
+    {
+      counts: 'through Redis',
+      env: { REDIS_URL: TEST_REDIS_URL } as Record<string, string>,
+      skip: !available,
+    },
+  ];
+}
+
 /** A client address of its own per test, so the per-IP counters other runs left in Redis do not apply. */
 export const randomAddress = () => `10.${[0, 0, 0].map(() => Math.floor(Math.random() * 250) + 1).join('.')}`;
 
