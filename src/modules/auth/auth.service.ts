@@ -964,7 +964,9 @@ export function createAuthService(deps: AuthServiceDeps) {
           subjectId: session.userId,
           data: { session_id: sessionId },
         });
-      if (!session || session.revokedAt) throw notFound('session');
+      // One past its idle or absolute expiry has ended already, as one revoked has: it is not listed,
+      // and ending it again would audit an end that changed nothing.
+      if (!session || !deps.sessions.isLive(session)) throw notFound('session');
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         const events = await deps.sessions.endSession(tx, sessionId, 'ended_by_user');
         // Ended meanwhile (the same request sent twice at once): as if it had been before, 404, and

@@ -365,6 +365,11 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       return pageBy(rows, options.limit, (last) => encodeCursor({ at: last.createdAt, id: last.id }));
     },
     findSession: (id: string) => deps.repo.findSession(id),
+    /**
+     * Whether a session is live now: not ended, nor past its idle or absolute expiry. What the list
+     * shows, and what can still be ended (one past its expiry has ended already).
+     */
+    isLive: (session: SessionRow) => isLive(session, deps.clock.now()),
   };
 }
 
