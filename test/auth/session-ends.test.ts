@@ -2,10 +2,11 @@ import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { sessions } from '../../src/db/schema/index.js';
+import { refreshTokens, sessions } from '../../src/db/schema/index.js';
 import { buildTestApp } from '../support/app.js';
 import { login, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { basic, createClient, form, userWith } from '../clients/helpers.js';
 
 /** Where a session ends, and which client it was issued to. */
 describe('a session’s end and its client', () => {
@@ -15,6 +16,8 @@ describe('a session’s end and its client', () => {
   });
 
   const sidOf = (accessToken: string) => decodeJwt(accessToken).sid as string;
+  const refresh = (token: string) =>
+    app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: { refresh_token: token } });
   const setSession = (id: string, values: Partial<typeof sessions.$inferInsert>) =>
     app.services.db.update(sessions).set(values).where(eq(sessions.id, id));
 
@@ -50,5 +53,40 @@ describe('a session’s end and its client', () => {
       limit: 10,
     });
     expect(events).toHaveLength(0);
+  });
+
+  it('/v1/auth/refresh refuses a refresh token of a session issued to another client, and leaves it unrotated', async () => {
+    const user = await registerUser(app, 'refresh-client');
+    const sid = sidOf(user.accessToken);
+    await setSession(sid, { clientId: 'cli_another_app' });
+    const res = await refresh(user.refreshToken);
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.json()).toMatchObject({
+      code: 'invalid_refresh_token',
+      detail: 'The refresh token is invalid, expired or revoked',
+    });
+    const tokens = await app.services.db.select().from(refreshTokens).where(eq(refreshTokens.sessionId, sid));
+    expect(tokens).toHaveLength(1);
+    expect(tokens[0]!.rotatedAt).toBeNull();
+    // The first-party client's own sessions (client_id null, or its id) refresh as ever.
+    await setSession(sid, { clientId: 'paservices-frontend' });
+    expect((await refresh(user.refreshToken)).statusCode).toBe(200);
+  });
+
+  it('/oauth/token refreshes a session issued to a confidential client for that client, authenticated, and for nobody else', async () => {
+    const manager = await userWith(app, ['clients:write', 'users:read'], 'refresh-client-owner');
+    const client = await createClient(app, manager.accessToken, { scopes: ['users:read'] });
+    const user = await registerUser(app, 'refresh-confidential');
+    await setSession(sidOf(user.accessToken), { clientId: client.client_id });
+    const grant = (token: string, headers: Record<string, string> = {}) =>
+      form(app, '/oauth/token', { grant_type: 'refresh_token', refresh_token: token }, headers);
+    // Without the client's authentication (the public first-party client), and at /v1/auth/refresh.
+    expect((await grant(user.refreshToken)).json().error).toBe('invalid_grant');
+    expect((await refresh(user.refreshToken)).statusCode).toBe(401);
+    const own = await grant(user.refreshToken, basic(client.client_id, client.client_secret));
+    expect(own.statusCode, own.body).toBe(200);
+    expect(own.json().refresh_token).toMatch(/^prt_/);
+    // Its access token names the client it was issued to (RFC 9068 §2.2).
+    expect(decodeJwt(own.json().access_token).client_id).toBe(client.client_id);
   });
 });

@@ -107,13 +107,19 @@ export function createSessionsService(deps: SessionsServiceDeps) {
   const rolesWithheld = (amr: readonly string[]) =>
     amr.includes('mfa') ? [] : (deps.mfaRequiredRoles ?? []);
 
-  async function accessTokenFor(user: UserRow, sessionId: string, amr: readonly string[], held?: Held) {
+  async function accessTokenFor(
+    user: UserRow,
+    session: Pick<SessionRow, 'id' | 'amr' | 'clientId'>,
+    held?: Held,
+  ) {
+    const { id: sessionId, amr } = session;
     const { roles, permissions } = held ?? (await heldBy(user.id, amr));
     const issued = await deps.tokens.issue({
       sub: user.id,
       audience: deps.audience,
       ttlSeconds: deps.ttl.access,
-      clientId: FIRST_PARTY_CLIENT_ID,
+      // RFC 9068 §2.2: the client the session (and so the token) was issued to.
+      clientId: session.clientId ?? FIRST_PARTY_CLIENT_ID,
       permissions,
       roles,
       sessionId,
@@ -201,11 +207,11 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     /** The `session` object of API.md: a fresh access token with the user's current roles. */
     async tokensFor(
       user: UserRow,
-      session: Pick<SessionRow, 'id' | 'amr'>,
+      session: Pick<SessionRow, 'id' | 'amr' | 'clientId'>,
       refreshToken: string,
       held?: Held,
     ): Promise<SessionTokens> {
-      const access = await accessTokenFor(user, session.id, session.amr, held);
+      const access = await accessTokenFor(user, session, held);
       return {
         access_token: access.token,
         token_type: 'Bearer',
@@ -219,11 +225,17 @@ export function createSessionsService(deps: SessionsServiceDeps) {
      * with `scope` (RFC 6749 §6, the OAuth refresh grant): a subset of them, for this access token
      * only — the session keeps its whole grant. A scope beyond it is `invalid_scope` and changes
      * nothing (the token is not rotated).
+     *
+     * `clientId`: the client presenting it (RFC 6749 §6: the refresh token must have been issued to
+     * it); by default the first-party frontend client, the one /v1/auth/refresh serves, which has no
+     * credentials. A token of a session issued to another client is refused as an unknown one is, and
+     * nothing of its session changes: a confidential client's refresh token is good only with that
+     * client's authentication (/oauth/token), never at an endpoint that asks for none.
      */
     async refresh(
       refreshToken: string,
       context: RequestContext,
-      options: { scope?: readonly string[] } = {},
+      options: { scope?: readonly string[]; clientId?: string } = {},
     ): Promise<SessionTokens> {
       if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) {
         throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
@@ -232,6 +244,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         const found = await deps.repo.findByTokenHash(hash(refreshToken), { lock: true }, tx);
         if (!found) return { kind: 'invalid' };
         const { token, session } = found;
+        if ((session.clientId ?? FIRST_PARTY_CLIENT_ID) !== (options.clientId ?? FIRST_PARTY_CLIENT_ID))
+          return { kind: 'invalid' };
         const now = deps.clock.now();
         if (session.revokedAt || session.expiresAt <= now || session.idleExpiresAt <= now)
           return { kind: 'invalid' };

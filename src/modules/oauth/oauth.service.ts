@@ -307,7 +307,10 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     }
     // §6: a narrower scope for this access token; never one beyond the original grant.
     const scope = request.scope === undefined ? undefined : parseScope(request.scope);
-    const tokens = await deps.sessions.refresh(request.refreshToken, context, scope ? { scope } : {});
+    const tokens = await deps.sessions.refresh(request.refreshToken, context, {
+      clientId: callerId,
+      ...(scope ? { scope } : {}),
+    });
     const claims = decodeJwt(tokens.access_token);
     return { ...tokens, scope: typeof claims.scope === 'string' ? claims.scope : '' };
   }
