@@ -4,6 +4,7 @@ import { decodeJwt } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { refreshTokens, sessions } from '../../src/db/schema/index.js';
 import { buildTestApp } from '../support/app.js';
+import { atTime } from '../support/clock.js';
 import { login, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { basic, createClient, form, userWith } from '../clients/helpers.js';
@@ -88,5 +89,25 @@ describe('a session’s end and its client', () => {
     expect(own.json().refresh_token).toMatch(/^prt_/);
     // Its access token names the client it was issued to (RFC 9068 §2.2).
     expect(decodeJwt(own.json().access_token).client_id).toBe(client.client_id);
+  });
+
+  it('no access token outlives its session: one refreshed a minute before the absolute end expires with it', async () => {
+    const user = await registerUser(app, 'token-at-end');
+    const sid = sidOf(user.accessToken);
+    const end = new Date(Math.floor(Date.now() / 1000) * 1000 + 60_000);
+    await setSession(sid, { expiresAt: end, idleExpiresAt: end });
+    const res = await refresh(user.refreshToken);
+    expect(res.statusCode, res.body).toBe(200);
+    const { access_token: token, expires_in: expiresIn } = res.json().session;
+    const claims = decodeJwt(token);
+    expect(claims.exp).toBe(end.getTime() / 1000);
+    expect(expiresIn).toBe(claims.exp! - claims.iat!);
+    expect(expiresIn).toBeLessThanOrEqual(60);
+    const me = () => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+    expect((await me()).statusCode).toBe(200);
+    // Past the session's end and the verification leeway (30 s), the token is refused too.
+    await atTime(app, new Date(end.getTime() + 31_000), async () => {
+      expect((await me()).statusCode).toBe(401);
+    });
   });
 });

@@ -63,6 +63,9 @@ type RefreshOutcome =
   | { kind: 'invalid' }
   | { kind: 'scope'; foreign: string[] };
 
+/** What a session's access token is decided by: its id, client, `amr` and when it ends. */
+type SessionEnds = Pick<SessionRow, 'id' | 'amr' | 'clientId' | 'expiresAt' | 'idleExpiresAt'>;
+
 /**
  * Sessions are refresh-token families. A refresh token is opaque (≥ 256 random bits), stored as an
  * HMAC under the server pepper, and rotates on every use; presenting a rotated one after the grace
@@ -107,11 +110,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
   const rolesWithheld = (amr: readonly string[]) =>
     amr.includes('mfa') ? [] : (deps.mfaRequiredRoles ?? []);
 
-  async function accessTokenFor(
-    user: UserRow,
-    session: Pick<SessionRow, 'id' | 'amr' | 'clientId'>,
-    held?: Held,
-  ) {
+  async function accessTokenFor(user: UserRow, session: SessionEnds, held?: Held) {
     const { id: sessionId, amr } = session;
     const { roles, permissions } = held ?? (await heldBy(user.id, amr));
     const issued = await deps.tokens.issue({
@@ -125,6 +124,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       sessionId,
       email: user.email,
       amr,
+      // No later than the session's end, whichever of its lifetimes comes first.
+      notAfter: new Date(Math.min(session.expiresAt.getTime(), session.idleExpiresAt.getTime())),
       // A session's token is decided on the database, not on caches: the session was opened (or
       // refreshed) with the account's row locked and active, and a disable ends it, revoking its
       // tokens by `sid` whenever they were issued. So the subject's revocations this instance knows of
@@ -207,7 +208,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     /** The `session` object of API.md: a fresh access token with the user's current roles. */
     async tokensFor(
       user: UserRow,
-      session: Pick<SessionRow, 'id' | 'amr' | 'clientId'>,
+      session: SessionEnds,
       refreshToken: string,
       held?: Held,
     ): Promise<SessionTokens> {
@@ -283,7 +284,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
         await deps.repo.touchSession(session.id, now, idleExpiresAt, tx);
         // A successor handed out before (within the grace) is already stored; it is not stored again.
         const successor = await mintRefreshToken(session.id, tx, successorOf(refreshToken));
-        return { kind: 'ok', user, session, held, refreshToken: successor };
+        return { kind: 'ok', user, session: { ...session, idleExpiresAt }, held, refreshToken: successor };
       });
       if (outcome.kind === 'scope') {
         throw new AppError('bad_request', {

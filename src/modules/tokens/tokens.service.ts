@@ -38,6 +38,12 @@ export interface IssueAccessToken {
   /** How the session's user authenticated (RFC 8176); absent when unknown. */
   amr?: readonly string[];
   /**
+   * The end of the session the token is issued for: it expires then at the latest (a second after
+   * it is issued at the soonest), so no access token outlives its session's idle or absolute
+   * lifetime, as Keycloak caps tokens at its session's.
+   */
+  notAfter?: Date;
+  /**
    * `revocations.seen()` noted when the request began, before anyone was authenticated: a revocation
    * of `sub` applied here by then is one the token was decided after, and it says so
    * (`sub_revoked_at`); without it, a token issued just after such a revocation counts as revoked.
@@ -190,7 +196,10 @@ export function createTokenService(deps: {
       let key = deps.keys.signingKeyNow() ?? (await deps.keys.signingKey());
       const now = deps.clock.now();
       const iat = epochSeconds(now);
-      const exp = iat + input.ttlSeconds;
+      const exp =
+        input.notAfter === undefined
+          ? iat + input.ttlSeconds
+          : Math.max(iat + 1, Math.min(iat + input.ttlSeconds, epochSeconds(input.notAfter)));
       // Issued when, to the millisecond: what a subject's revocation is compared with.
       const jti = uuidV7(now.getTime());
       const claims: Record<string, unknown> = {
@@ -222,7 +231,7 @@ export function createTokenService(deps: {
         key = await deps.keys.signingKey();
         token = await signCompact(deps.signer, { alg: key.alg, kid: key.kid, typ: 'at+jwt' }, claims, key);
       }
-      return { token, jti, expiresIn: input.ttlSeconds, expiresAt: new Date(exp * 1000) };
+      return { token, jti, expiresIn: exp - iat, expiresAt: new Date(exp * 1000) };
     },
 
     /**
