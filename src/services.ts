@@ -35,6 +35,7 @@ import { createGrantCeiling } from './modules/roles/grant-ceiling.js';
 import { createRolesService } from './modules/roles/roles.service.js';
 import { createProfilesService } from './modules/profiles/profiles.service.js';
 import { createApiKeysRepository } from './modules/api-keys/api-keys.repository.js';
+import { API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE } from './modules/api-keys/api-keys.schema.js';
 import { createApiKeysService } from './modules/api-keys/api-keys.service.js';
 import { createClientsRepository } from './modules/clients/clients.repository.js';
 import { createClientsService } from './modules/clients/clients.service.js';
@@ -94,6 +95,8 @@ const PURGE_RETRY_MS = 60_000;
 /** Redis key prefix of the shared counts of failed client authentications, per IP and client_id. */
 export const CLIENT_AUTH_FAILURES_PREFIX = 'paservices:auth:client-auth-failures:';
 export const CLIENT_AUTH_IP_FAILURES_PREFIX = 'paservices:auth:client-auth-ip-failures:';
+/** Redis key prefix of the shared counts, per IP, of API keys presented that name no key. */
+export const API_KEY_IP_FAILURES_PREFIX = 'paservices:auth:api-key-ip-failures:';
 
 /** The bootstrap admin cannot be made with the configured email and password; the start stops. */
 export class BootstrapAdminError extends Error {
@@ -481,7 +484,11 @@ export function createServices(deps: ServicesDeps) {
     accessTtl: config.tokens.accessTtl,
     users: repos.users,
   });
-  const clientAuthFailureCounter = (max: number, prefix: string) =>
+  const clientAuthFailureCounter = (
+    max: number,
+    prefix: string,
+    counted = 'failed client authentications',
+  ) =>
     config.rateLimit.enabled && redis
       ? createSharedFailureCounter({
           redis,
@@ -491,7 +498,7 @@ export function createServices(deps: ServicesDeps) {
           clock,
           logger,
           prefix,
-          fallbackMessage: 'Redis unavailable: counting failed client authentications in this instance only',
+          fallbackMessage: `Redis unavailable: counting ${counted} in this instance only`,
         })
       : createMemoryFailureCounter({
           max: config.rateLimit.enabled ? max : Number.MAX_SAFE_INTEGER,
@@ -524,6 +531,14 @@ export function createServices(deps: ServicesDeps) {
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     onClientAuthFailure: (reason) => metrics.clientAuthFailures.inc({ reason }),
   });
+
+  // API keys presented as a credential that name no key, per client address (api-keys.routes.ts):
+  // read from memory, as the client-authentication counts are, so a valid key waits for nothing.
+  const apiKeyFailuresByIp = clientAuthFailureCounter(
+    API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
+    API_KEY_IP_FAILURES_PREFIX,
+    'API keys that name no key',
+  );
 
   events.subscribe((event) => revocations.handle(event));
   // Key changes, the owners' role and status changes, and resyncs drop cached keys and permissions.
@@ -607,6 +622,8 @@ export function createServices(deps: ServicesDeps) {
     profiles,
     accounts,
     apiKeys,
+    /** API keys presented as a credential that named no key, per client address. */
+    apiKeyFailuresByIp,
     clients,
     oauth,
     audience,

@@ -1,5 +1,6 @@
 import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify';
 import fp from 'fastify-plugin';
+import { limitedAddress } from '../lib/client-address.js';
 import { API_KEY_FORMAT } from '../lib/crypto.js';
 import { AppError } from '../lib/errors.js';
 import { hasPermission } from '../lib/permissions.js';
@@ -95,8 +96,12 @@ export function credentialRefused(credential: RouteCredential, principal: Princi
   return new AppError('forbidden', { detail });
 }
 
-/** Resolves an API key string to its principal, or undefined when it is not a valid key. */
-export type ApiKeyResolver = (key: string) => Promise<Principal | undefined>;
+/**
+ * Resolves an API key string to its principal, or undefined when it is not a valid key; `address`, the
+ * client's as the per-address limits count it (lib/client-address.ts), for the throttle of keys that
+ * name no key (429).
+ */
+export type ApiKeyResolver = (key: string, address: string) => Promise<Principal | undefined>;
 
 export interface ApiKeyPrincipals {
   resolve: ApiKeyResolver;
@@ -312,7 +317,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     }
     try {
       if (credential.startsWith(API_KEY_PREFIX)) {
-        const principal = await options.apiKeys?.resolve(credential);
+        const principal = await options.apiKeys?.resolve(credential, limitedAddress(request.ip));
         if (!principal) throw new AppError('invalid_token', { detail: 'The API key is not valid' });
         return principal;
       }

@@ -7,6 +7,7 @@ import fp from 'fastify-plugin';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 import type { ZodType } from 'zod';
 import { PERMISSIONS, SELF_SERVICE_PERMISSIONS } from '../lib/permissions.js';
+import { API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE } from '../modules/api-keys/api-keys.schema.js';
 import { ProblemSchema } from '../modules/shared/shared.schema.js';
 import type { RouteCredential } from './authenticate.js';
 import { type PerIpLimit, perIpLimitOf } from './rate-limit.js';
@@ -168,8 +169,14 @@ function declareFrameworkErrors(method: string | string[], schema: DocumentedSch
   declare(500, 'An unexpected fault of the service; `request_id` names it in the logs');
   declare(503, 'A dependency is unavailable, or this instance is shutting down; retry later');
   // The authenticate plugin refuses Authorization and X-API-Key sent together (RFC 6750 §2).
-  if (schema.security && schema.security.length > 0)
+  if (schema.security && schema.security.length > 0) {
     declare(400, 'Two credentials at once: Authorization and X-API-Key');
+    // The throttle of API keys that name no key (api-keys.routes.ts), as Bearer or X-API-Key.
+    declare(
+      429,
+      `Too many API keys that name no key from this address (${API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE} a minute); see \`Retry-After\``,
+    );
+  }
 }
 
 /** What a route's config says of its access, as the authenticate plugin reads it. */

@@ -14,6 +14,13 @@ export const MAX_PRESENTED_KEY_LENGTH = 256;
  */
 export const MAX_VERIFIED_STRING_LENGTH = 4096;
 
+/**
+ * Keys that name no key (`not_found`: made up, mistyped, another key's lookup id with a wrong secret)
+ * one client address may present as its credential in a minute; past it, 429 until the minute ends
+ * (api-keys.routes.ts, createApiKeyResolver).
+ */
+export const API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE = 60;
+
 const ScopeSchema = PermissionSchema;
 
 const ScopesSchema = z

@@ -225,6 +225,20 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     return owner && accept(row, owner, now, known.previous);
   }
 
+  /**
+   * Whether the string is a key in use here: one this instance matched to a key's secret within the
+   * last minute (by its digest: one SHA-256), or one whose lookup id names a key whose row is in
+   * memory (its verification then reads nothing). A throttle of keys that name no key lets these
+   * through, so that others' made-up keys from the same address do not stop a key in use. Says nothing
+   * of the key's state or its secret; `verify` still decides.
+   */
+  function inUse(presented: string): boolean {
+    if (presented.length > MAX_PRESENTED_KEY_LENGTH) return false;
+    if (verifiedKeys.get(verifiedKeys.keyOf(presented), clock.nowMs())) return true;
+    const parsed = parseSecret(API_KEY_FORMAT, presented);
+    return !!parsed && !!keys.peek(parsed.lookupId)?.value;
+  }
+
   async function verify(presented: string): Promise<Verification> {
     if (presented.length > MAX_PRESENTED_KEY_LENGTH) return NOT_FOUND;
     const cached = verifyCached(presented);
@@ -434,6 +448,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   return {
     verify,
     verifyCached,
+    inUse,
 
     async create(
       actor: ApiKeyActor,

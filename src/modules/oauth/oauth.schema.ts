@@ -95,7 +95,9 @@ const OAUTH_ERROR_MEANINGS: Record<number, string> = {
   401: '`invalid_client`: client authentication failed (`WWW-Authenticate: Basic` when Basic was used)',
   413: '`invalid_request`: body over the size limit',
   415: '`invalid_request`: send application/x-www-form-urlencoded (or JSON)',
-  429: '`temporarily_unavailable`: too many failed client authentications; see `Retry-After`',
+  429:
+    '`temporarily_unavailable`: too many failed client authentications, or (a bearer API key) too many ' +
+    'API keys that name no key, from this address; see `Retry-After`',
   503: '`temporarily_unavailable`: a dependency is down; see `Retry-After`',
 };
 
