@@ -181,7 +181,15 @@ describe('changing the email address (built-in provider)', () => {
     expect((await open(tokenIn(user.email, TO_CURRENT))).json().changed).toBe(false);
     expect((await pending()).json().waiting_for).toEqual(['new_address']);
 
-    // Not with an API key, as the change is not asked with one.
+    // Not read with an API key, even one that may read the account (a delegated credential): the
+    // address the account is moving to is the signed-in user's to see, as the change is theirs to ask.
+    const reader = await createKey(app, user.accessToken, { scopes: ['account:read'] });
+    for (const headers of [withKey(reader.key), bearer(reader.key)]) {
+      const read = await app.inject({ method: 'GET', url: '/v1/auth/email/change', headers });
+      expect(read.statusCode, read.body).toBe(403);
+      expect(read.body).not.toContain(next);
+    }
+    // Nor cancelled with one, as the change is not asked with one.
     const key = await createKey(app, user.accessToken, { scopes: ['account:write', 'account:read'] });
     const byKey = await app.inject({
       method: 'DELETE',
@@ -823,13 +831,18 @@ describe('changing a user’s email address for them (support)', () => {
     expect(
       (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) })).statusCode,
     ).toBe(401);
+    // Nor does the key read where the account is going (a session's business, 403).
     const pending = await app.inject({
       method: 'GET',
       url: '/v1/auth/email/change',
       headers: withKey(key.key),
     });
-    expect(pending.statusCode, pending.body).toBe(200);
-    expect(pending.json()).toMatchObject({ new_email: next, waiting_for: ['new_address'] });
+    expect(pending.statusCode, pending.body).toBe(403);
+    expect(pending.body).not.toContain(next);
+    expect(await app.services.emailChange.pending(user.id)).toMatchObject({
+      newEmail: next,
+      waitingFor: ['new_address'],
+    });
     const opened = await openLink(tokenTo(next));
     expect(opened.statusCode, opened.body).toBe(200);
     expect(opened.json()).toMatchObject({ changed: true, user: { id: user.id, email: next } });

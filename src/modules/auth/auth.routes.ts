@@ -582,18 +582,21 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.get(
     '/v1/auth/email/change',
     {
-      config: { permission: 'account:read' },
+      // From a signed-in session, as the change is asked and cancelled: the address an account is
+      // moving to is not for a delegated credential (an API key with account:read), which would learn
+      // where a user who lost their mailbox, or support for them, is taking it. The audit log and the
+      // activity keep only its domain.
+      config: { permission: 'account:read', credential: 'user_session' },
       schema: {
         tags: ['auth'],
         operationId: 'getEmailChange',
         summary: 'The email change waiting for its links',
         description: '404 when none waits (none asked, or it applied, expired or was voided).',
-        security: bearerOrApiKey,
         response: { 200: PendingEmailChangeSchema, ...problems(401, 403, 404) },
       },
     },
     async (request) => {
-      const pending = await deps.emailChange.pending(userIdOf(request));
+      const pending = await deps.emailChange.pending(signedInSession(request).userId);
       if (!pending) throw notFound('email change');
       return {
         new_email: pending.newEmail,
