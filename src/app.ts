@@ -471,7 +471,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   if (config.rateLimit.enabled) await app.register(rateLimit, { link: services.redisLink });
   await app.register(authenticate, {
     tokens: services.tokens,
-    apiKeys: createApiKeyResolver(services.apiKeys, services.apiKeyFailuresByIp),
+    apiKeys: createApiKeyResolver(services.apiKeys),
     onForbidden: async (request, permission, reason) => {
       const { subjectId, params } = refusalAbout(request);
       await services.audit.record(services.db, requestContext(request), {

@@ -458,32 +458,6 @@ export function createServices(deps: ServicesDeps) {
   const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
 
-  const apiKeys = createApiKeysService({
-    db,
-    repo: repos.apiKeys,
-    users: repos.users,
-    audit,
-    events,
-    grants,
-    clock,
-    logger,
-    pepper: config.secretPepper,
-    maxPerOwner: config.apiKeys.maxPerUser,
-  });
-
-  const clients = createClientsService({
-    db,
-    repo: repos.clients,
-    audit,
-    events,
-    grants,
-    revocations,
-    clock,
-    pepper: config.secretPepper,
-    maxAccessTtl: config.tokens.maxAccessTtl,
-    accessTtl: config.tokens.accessTtl,
-    users: repos.users,
-  });
   const clientAuthFailureCounter = (
     max: number,
     prefix: string,
@@ -505,6 +479,42 @@ export function createServices(deps: ServicesDeps) {
           windowSeconds: 60,
           clock,
         });
+  // API keys their holder presents that name no key, per client address (api-keys.service.ts,
+  // `verifyPresented`): read from memory, as the client-authentication counts are, so a valid key
+  // waits for nothing.
+  const apiKeyFailuresByIp = clientAuthFailureCounter(
+    API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
+    API_KEY_IP_FAILURES_PREFIX,
+    'API keys that name no key',
+  );
+
+  const apiKeys = createApiKeysService({
+    db,
+    repo: repos.apiKeys,
+    users: repos.users,
+    audit,
+    events,
+    grants,
+    clock,
+    logger,
+    pepper: config.secretPepper,
+    maxPerOwner: config.apiKeys.maxPerUser,
+    unknownKeysByAddress: apiKeyFailuresByIp,
+  });
+
+  const clients = createClientsService({
+    db,
+    repo: repos.clients,
+    audit,
+    events,
+    grants,
+    revocations,
+    clock,
+    pepper: config.secretPepper,
+    maxAccessTtl: config.tokens.maxAccessTtl,
+    accessTtl: config.tokens.accessTtl,
+    users: repos.users,
+  });
   const oauth = createOAuthService({
     db,
     clients,
@@ -531,14 +541,6 @@ export function createServices(deps: ServicesDeps) {
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     onClientAuthFailure: (reason) => metrics.clientAuthFailures.inc({ reason }),
   });
-
-  // API keys presented as a credential that name no key, per client address (api-keys.routes.ts):
-  // read from memory, as the client-authentication counts are, so a valid key waits for nothing.
-  const apiKeyFailuresByIp = clientAuthFailureCounter(
-    API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
-    API_KEY_IP_FAILURES_PREFIX,
-    'API keys that name no key',
-  );
 
   events.subscribe((event) => revocations.handle(event));
   // Key changes, the owners' role and status changes, and resyncs drop cached keys and permissions.
@@ -622,8 +624,6 @@ export function createServices(deps: ServicesDeps) {
     profiles,
     accounts,
     apiKeys,
-    /** API keys presented as a credential that named no key, per client address. */
-    apiKeyFailuresByIp,
     clients,
     oauth,
     audience,

@@ -117,6 +117,31 @@ describe('api keys: keys that name no key are throttled per address', () => {
     expect((await meFrom(app, from, withKey(madeUp()))).statusCode).toBe(429);
   });
 
+  it('counts the keys a caller revokes at /oauth/revoke that name no key, as its holder presents them', async () => {
+    // Anyone may register and revoke their own keys: a made-up key there cost a read each too.
+    const from = randomAddress();
+    const revoke = (token: string) =>
+      app.inject({
+        method: 'POST',
+        url: '/oauth/revoke',
+        remoteAddress: from,
+        headers: { ...bearer(user.accessToken), 'content-type': 'application/x-www-form-urlencoded' },
+        payload: `token=${token}`,
+      });
+    const reads = vi.spyOn(app.services.repos.apiKeys, 'findByLookupId');
+    for (let i = 0; i < API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE; i++)
+      expect((await revoke(madeUp())).statusCode).toBe(200);
+    expect(reads).toHaveBeenCalledTimes(API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE);
+    reads.mockClear();
+    const refused = await revoke(madeUp());
+    expect(refused.statusCode, refused.body).toBe(429);
+    expect(refused.json()).toMatchObject({ error: 'temporarily_unavailable' });
+    expect(Number(refused.headers['retry-after'])).toBeGreaterThan(0);
+    expect(reads).not.toHaveBeenCalled();
+    // The same count as a request's credential.
+    expect((await meFrom(app, from, withKey(madeUp()))).statusCode).toBe(429);
+  });
+
   it('does not throttle the keys a service verifies for its own clients (the verify endpoint, introspection)', async () => {
     // The caller's address is the service's: counting its clients' keys against it would let anyone
     // who reaches that service stop every new key from verifying there.

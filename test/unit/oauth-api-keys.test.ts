@@ -26,6 +26,9 @@ describe('API keys as introspection sees them', () => {
         verifications.push(key);
         return answer;
       },
+      verifyPresented: async () => {
+        throw new Error('introspection verifies for the caller’s clients, not as their holder');
+      },
       revoke: async () => undefined as never,
     });
     const first = await port.inspect('pak_current');

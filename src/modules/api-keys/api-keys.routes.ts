@@ -26,9 +26,7 @@ import {
   VerifyApiKeyBodySchema,
   VerifyApiKeyResultSchema,
 } from './api-keys.schema.js';
-import { AppError } from '../../lib/errors.js';
 import { sharedAnswer } from '../../lib/shared-answer.js';
-import type { FailureCounter } from '../../lib/throttle.js';
 import {
   type ApiKeyActor,
   type ApiKeysService,
@@ -89,26 +87,14 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
   };
 }
 
-/** The 429 of an address past API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE (api-keys.schema.ts). */
-const tooManyUnknownKeys = (wait: number) =>
-  new AppError('rate_limited', {
-    detail: `Too many API keys that name no key from this address; retry in ${wait} s`,
-    headers: { 'retry-after': String(wait) },
-  });
-
 /**
  * The seam of the authenticate plugin: a valid key becomes its owner's principal, within its scopes.
  * `resolveCached` answers without waiting when the key's rows are in memory, and undefined otherwise.
  *
- * `failures`, per client address: every key presented as a credential that names no key is counted
- * (one may have cost a database read: anyone can make up a well-formed key with a lookup id nobody
- * has), and an address past API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE gets 429 before anything is
- * read — except for a key in use here (matched within the last minute, or its row in memory:
- * `inUse`), so one client's made-up keys do not stop another's behind the same address. A key whose
- * answer is in memory never gets here (`resolveCached`), and the check on the way is a read of this
- * instance's memory: nothing is added for a valid key.
+ * `resolve` counts keys that name no key against the client's address (`verifyPresented`: 429 past
+ * the limit).
  */
-export function createApiKeyResolver(apiKeys: ApiKeysService, failures?: FailureCounter): ApiKeyPrincipals {
+export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyPrincipals {
   // The service hands back the same frozen verification for a key as long as its rows and owner stay
   // cached, so its principal is made once per verification, as a token's is per claims.
   const principals = new WeakMap<Verification, Principal>();
@@ -132,15 +118,7 @@ export function createApiKeyResolver(apiKeys: ApiKeysService, failures?: Failure
     return made;
   };
   return {
-    resolve: async (presented, address) => {
-      if (failures) {
-        const wait = failures.retryAfterNow?.(address) ?? (await failures.retryAfter(address));
-        if (wait > 0 && !apiKeys.inUse(presented)) throw tooManyUnknownKeys(wait);
-      }
-      const result = await apiKeys.verify(presented);
-      if (failures && !result.valid && result.reason === 'not_found') await failures.recordFailure(address);
-      return principal(result);
-    },
+    resolve: async (presented, address) => principal(await apiKeys.verifyPresented(presented, address)),
     resolveCached: (presented) => {
       const result = apiKeys.verifyCached(presented);
       return result && principal(result);

@@ -7,6 +7,7 @@ import { assertNoGraceRunning } from '../../lib/rotation.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, notHeld } from '../../lib/permissions.js';
+import type { FailureCounter } from '../../lib/throttle.js';
 import { createReadThroughCache } from '../../lib/read-through-cache.js';
 import { createVerifiedCredentials } from '../../lib/verified-credentials.js';
 import {
@@ -65,6 +66,11 @@ export interface ApiKeysServiceDeps {
   cache?: { max?: number; maxAbsent?: number; ttlMs?: number };
   /** How often buffered last-use times are written (API.md: not a write per request). */
   flushIntervalMs?: number;
+  /**
+   * Keys their holder presented that named no key, per client address (`verifyPresented`): past
+   * API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE, 429. Without it nothing is counted.
+   */
+  unknownKeysByAddress?: FailureCounter;
 }
 
 const DEFAULT_CACHE_MAX = 10_000;
@@ -251,6 +257,31 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const refused = refusal(row, matched.previous, now);
     if (refused) return refused;
     return accept(row, await owners.get(row.ownerId), now, matched.previous);
+  }
+
+  /**
+   * `verify` for a key its holder presents (a request's credential, a key revoked at /oauth/revoke),
+   * from `address` (lib/client-address.ts). A key that names no key (`not_found`: made up, mistyped,
+   * malformed, a wrong secret) is counted against the address: a made-up lookup id is new to every
+   * cache, so each may cost a database read. Past API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE in a minute
+   * the address gets 429 before anything is read, except for a key in use here (`inUse`), so one
+   * client's made-up keys do not stop another's behind the same address. Valid, revoked and expired
+   * keys never count. Not for a key a service verifies for its own clients (the verify endpoint,
+   * introspection): the address there is the service's. The check is a read of this instance's
+   * memory; a key whose answer is in memory is answered before it (`verifyCached`).
+   */
+  async function verifyPresented(presented: string, address: string): Promise<Verification> {
+    const failures = deps.unknownKeysByAddress;
+    if (!failures) return verify(presented);
+    const wait = failures.retryAfterNow?.(address) ?? (await failures.retryAfter(address));
+    if (wait > 0 && !inUse(presented))
+      throw new AppError('rate_limited', {
+        detail: `Too many API keys that name no key from this address; retry in ${wait} s`,
+        headers: { 'retry-after': String(wait) },
+      });
+    const result = await verify(presented);
+    if (!result.valid && result.reason === 'not_found') await failures.recordFailure(address);
+    return result;
   }
 
   async function flush(): Promise<void> {
@@ -448,7 +479,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   return {
     verify,
     verifyCached,
-    inUse,
+    verifyPresented,
 
     async create(
       actor: ApiKeyActor,

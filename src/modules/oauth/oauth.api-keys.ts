@@ -1,3 +1,4 @@
+import { limitedAddress } from '../../lib/client-address.js';
 import { isAppError } from '../../lib/errors.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import {
@@ -11,7 +12,9 @@ import type { ApiKeyTokenPort } from './oauth.service.js';
 type Inspected = NonNullable<Awaited<ReturnType<ApiKeyTokenPort['inspect']>>>;
 
 /** API keys as introspection and revocation see them, over the API-keys module's own verification. */
-export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke'>): ApiKeyTokenPort {
+export function apiKeysForOAuth(
+  apiKeys: Pick<ApiKeysService, 'verify' | 'verifyPresented' | 'revoke'>,
+): ApiKeyTokenPort {
   // The service hands back the same frozen verification while the key's rows and owner stay cached:
   // what introspection reads of it is made once per verification, as the key's principal is.
   const inspected = new WeakMap<Verification, Inspected>();
@@ -37,7 +40,9 @@ export function apiKeysForOAuth(apiKeys: Pick<ApiKeysService, 'verify' | 'revoke
       return made;
     },
     async revokeOwned(key: string, ownerId: string, context: RequestContext) {
-      const verified = await apiKeys.verify(key);
+      // Its holder presents it (not a service for its clients, as in `inspect`): one that names no key
+      // counts against the caller's address, as a request's credential does.
+      const verified = await apiKeys.verifyPresented(key, limitedAddress(context.ip));
       if (!verified.valid) return 'done' as const;
       if (verified.key.ownerId !== ownerId) return 'not_owned' as const;
       try {
