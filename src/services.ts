@@ -481,12 +481,14 @@ export function createServices(deps: ServicesDeps) {
         });
   // API keys their holder presents that name no key, per client address (api-keys.service.ts,
   // `verifyPresented`): read from memory, as the client-authentication counts are, so a valid key
-  // waits for nothing.
-  const apiKeyFailuresByIp = clientAuthFailureCounter(
-    API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
-    API_KEY_IP_FAILURES_PREFIX,
-    'API keys that name no key',
-  );
+  // waits for nothing. Not counted at all without RATE_LIMIT_ENABLED.
+  const apiKeyFailuresByIp = config.rateLimit.enabled
+    ? clientAuthFailureCounter(
+        API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
+        API_KEY_IP_FAILURES_PREFIX,
+        'API keys that name no key',
+      )
+    : undefined;
 
   const apiKeys = createApiKeysService({
     db,
