@@ -171,7 +171,8 @@ function declareFrameworkErrors(method: string | string[], schema: DocumentedSch
   // The authenticate plugin refuses Authorization and X-API-Key sent together (RFC 6750 §2).
   if (schema.security && schema.security.length > 0) {
     declare(400, 'Two credentials at once: Authorization and X-API-Key');
-    // The throttle of API keys that name no key (api-keys.routes.ts), as Bearer or X-API-Key.
+    // The throttle of API keys that name no key (api-keys.service.ts, verifyPresented), sent as
+    // Bearer or X-API-Key.
     declare(
       429,
       `Too many API keys that name no key from this address (${API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE} a minute); see \`Retry-After\``,

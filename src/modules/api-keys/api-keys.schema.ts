@@ -16,8 +16,8 @@ export const MAX_VERIFIED_STRING_LENGTH = 4096;
 
 /**
  * Keys that name no key (`not_found`: made up, mistyped, another key's lookup id with a wrong secret)
- * one client address may present as its credential in a minute; past it, 429 until the minute ends
- * (api-keys.routes.ts, createApiKeyResolver).
+ * one client address may present (as its credential, or to revoke) in a minute; past it, 429 until
+ * the minute ends (api-keys.service.ts, verifyPresented).
  */
 export const API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE = 60;
 
