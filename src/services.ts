@@ -659,7 +659,13 @@ export function createServices(deps: ServicesDeps) {
         const retryMs = deps.bootstrapRetryMs ?? BOOTSTRAP_RETRY_MS;
         const attempt = async () => {
           const result = await auth.bootstrapAdmin(bootstrap, systemContext);
-          if (result.created || result.granted)
+          // An existing account made admin (or already one) that is disabled: no admin can sign in yet.
+          if (!('ignored' in result) && result.user && result.user.status !== 'active')
+            logger.warn(
+              { email: bootstrap.email, userId: result.user.id },
+              'the bootstrap admin’s account is disabled: it holds admin but cannot sign in, and no active admin exists',
+            );
+          else if (result.created || result.granted)
             logger.info({ email: bootstrap.email }, 'bootstrap admin ready');
         };
         // The identity provider down at start (Supabase unreachable) does not keep the service down:

@@ -413,8 +413,10 @@ export function createAuthService(deps: AuthServiceDeps) {
     context: RequestContext,
   ) {
     const email = normalizeEmail(input.email);
-    if (!input.force && (await deps.users.countWithRole('admin')) > 0) {
-      return { user: await deps.users.findByEmail(email), created: false, granted: false };
+    // An admin someone can act as: holders of the role who are disabled, or invitations nobody has
+    // taken (which may expire unopened), leave the service without one, and the bootstrap admin is made.
+    if (!input.force && (await deps.users.countUsableHolders('admin')) > 0) {
+      return { user: await deps.users.findByEmail(email), created: false, granted: false, ignored: true };
     }
     const existing = await deps.users.findByEmail(email);
     if (existing) {

@@ -18,6 +18,16 @@ export type NewUser = typeof users.$inferInsert;
 
 const escapeLike = (s: string) => s.replace(/[\\%_]/g, (c) => `\\${c}`);
 
+/**
+ * A user who can act on what their roles give: active, and not an invitation nobody has taken yet
+ * (`isUntakenInvitation`, in SQL).
+ */
+const usable = () =>
+  and(
+    eq(users.status, 'active'),
+    or(ne(users.provider, 'local'), isNotNull(users.passwordHash), isNotNull(users.emailConfirmedAt)),
+  );
+
 export function createUsersRepository(db: Executor) {
   return {
     /** Reads a row of `users`: it waits when the table is locked, which `SELECT 1` would not notice. */
@@ -228,15 +238,21 @@ export function createUsersRepository(db: Executor) {
         .select({ userId: userRoles.userId })
         .from(userRoles)
         .innerJoin(users, eq(users.id, userRoles.userId))
-        .where(
-          and(
-            eq(userRoles.roleName, roleName),
-            eq(users.status, 'active'),
-            or(ne(users.provider, 'local'), isNotNull(users.passwordHash), isNotNull(users.emailConfirmedAt)),
-          ),
-        )
+        .where(and(eq(userRoles.roleName, roleName), usable()))
         .for('update');
       return rows.map((r) => r.userId);
+    },
+    /**
+     * How many users hold the role and can use it (as `lockRoleHolders` counts them, unlocked): whether
+     * the service has an administrator anyone can act as (the bootstrap admin is made when it has none).
+     */
+    async countUsableHolders(roleName: string, tx: Executor = db): Promise<number> {
+      const [row] = await tx
+        .select({ n: count() })
+        .from(userRoles)
+        .innerJoin(users, eq(users.id, userRoles.userId))
+        .where(and(eq(userRoles.roleName, roleName), usable()));
+      return row?.n ?? 0;
     },
     /**
      * Every permission the holders of `roleName` hold, through any of their roles: what a caller must
@@ -262,6 +278,7 @@ export function createUsersRepository(db: Executor) {
         .where(eq(userRoles.roleName, roleName));
       return rows.map((r) => r.userId);
     },
+    /** Every user holding the role, whatever their status (`countUsableHolders`: those who can use it). */
     async countWithRole(roleName: string, tx: Executor = db): Promise<number> {
       const [row] = await tx.select({ n: count() }).from(userRoles).where(eq(userRoles.roleName, roleName));
       return row?.n ?? 0;
