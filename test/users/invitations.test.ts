@@ -1,7 +1,7 @@
 import { sql } from 'drizzle-orm';
 import { selectRows } from '../../src/db/client.js';
 import type { FastifyInstance } from 'fastify';
-import { beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
@@ -280,5 +280,89 @@ describe('invitations without a mail server', () => {
     });
     expect(res.statusCode).toBe(404);
     expect(await app.services.repos.users.findByEmail(email)).toBeUndefined();
+  });
+});
+
+/**
+ * An invitation sent again mails the address a new link each minute: with rate limiting on, each one
+ * takes the address's place under the hourly cap of its reset links (MAILS_PER_ACCOUNT_HOUR, 5), as
+ * `forgot` and an administrator's reset link do, so nobody holding users:write floods a mailbox.
+ */
+describe('invitations sent again, with rate limiting on', () => {
+  const mailer = capturingMailer();
+  const clock = createTestClock();
+  let app: FastifyInstance;
+  let admin: TestUser;
+  beforeAll(async () => {
+    app = await buildTestApp({
+      env: { PASSWORD_RESET_URL: RESET_URL, RATE_LIMIT_ENABLED: 'true' },
+      deps: { mailer, clock },
+    });
+    admin = await createAdmin(app);
+  });
+
+  const invite = (email: string) =>
+    app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.accessToken), payload: { email } });
+  const mailsTo = (email: string) => mailer.sent.filter((m) => m.to === email).length;
+
+  it('at most five mails to the address an hour, counted with the reset links anyone may ask for', async () => {
+    admin = { ...admin, accessToken: (await login(app, admin.email, admin.password)).session.access_token };
+    const email = uniqueEmail('invited-often');
+    expect((await invite(email)).statusCode).toBe(201);
+    for (let i = 0; i < 4; i++) {
+      clock.advance(61);
+      const again = await invite(email);
+      expect(again.statusCode, again.body).toBe(200);
+    }
+    expect(mailsTo(email)).toBe(5);
+    const lastLink = mailer.sent.filter((m) => m.to === email).at(-1)!.text;
+    clock.advance(61);
+    const sixth = await invite(email);
+    expect(sixth.statusCode, sixth.body).toBe(409);
+    expect(sixth.json()).toMatchObject({ code: 'conflict' });
+    expect(sixth.json().detail).toContain('in the last hour');
+    // Nothing mailed, nothing replaced: the last link still sets the password.
+    expect(mailsTo(email)).toBe(5);
+    const forgot = await app.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: { email } });
+    expect(forgot.statusCode).toBe(204);
+    expect(mailsTo(email)).toBe(5);
+    const token = /reset#token=(prs_[0-9A-Za-z_]+)/.exec(lastLink)![1]!;
+    const chosen = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token, new_password: CHOSEN },
+    });
+    expect(chosen.statusCode, chosen.body).toBe(204);
+  });
+
+  it('an hour later, sends it again; an invitation refused (a minute too soon) or failed takes no place', async () => {
+    const email = uniqueEmail('invited-later');
+    expect((await invite(email)).statusCode).toBe(201);
+    // Asked again within the minute many times: 409 each time, and none of them counts.
+    for (let i = 0; i < 6; i++) expect((await invite(email)).statusCode).toBe(409);
+    for (let i = 0; i < 4; i++) {
+      clock.advance(61);
+      expect((await invite(email)).statusCode).toBe(200);
+    }
+    clock.advance(61);
+    expect((await invite(email)).statusCode).toBe(409);
+    clock.advance(3600);
+    // One that fails after taking its place (the database, say) gives it back.
+    admin = { ...admin, accessToken: (await login(app, admin.email, admin.password)).session.access_token };
+    const failing = vi
+      .spyOn(app.services.audit, 'record')
+      .mockImplementation(async (_tx, _context, event) => {
+        if (!Array.isArray(event) && event.type === 'user.invited') throw new Error('disk full');
+      });
+    try {
+      for (let i = 0; i < 6; i++) {
+        clock.advance(61);
+        expect((await invite(email)).statusCode).toBe(500);
+      }
+    } finally {
+      failing.mockRestore();
+    }
+    admin = { ...admin, accessToken: (await login(app, admin.email, admin.password)).session.access_token };
+    expect((await invite(email)).statusCode).toBe(200);
   });
 });

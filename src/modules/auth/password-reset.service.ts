@@ -9,7 +9,7 @@ import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.j
 import type { ApiKeysRepository } from '../api-keys/api-keys.repository.js';
 import type { ClientsRepository } from '../clients/clients.repository.js';
 import type { Mailer } from '../../lib/mailer.js';
-import type { FailureCounter, GuessCounter } from '../../lib/throttle.js';
+import type { FailureCounter, GuessCounter, Reservation } from '../../lib/throttle.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import { revokeKeysOfOwner } from '../api-keys/owner-keys.js';
@@ -364,6 +364,15 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         expiresAt: stored.expiresAt,
       });
       return () => outbox.kick([id]);
+    },
+
+    /**
+     * The address's place under the hourly cap of its reset links (MAILS_PER_ACCOUNT_HOUR, shared with
+     * `forgot`) for an invitation about to be written (`writeInvitation`): `retryAfter > 0` when it had
+     * its cap; `release` when the invitation does not commit. Undefined with rate limiting off.
+     */
+    reserveInvitation(email: string): Promise<Reservation | undefined> {
+      return mailed.reserve('password_reset', email) ?? Promise.resolve(undefined);
     },
 
     /** 404 unless the service mails invitations itself (built-in provider, with a mailer). */

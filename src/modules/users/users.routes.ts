@@ -79,7 +79,7 @@ export async function usersRoutes(
           'answers as for a wrong password, and `POST /v1/auth/password/forgot` mails a new link. The ' +
           'caller must hold what the `user` role gives. Asked again for an account that is still an ' +
           'invitation (no password chosen, the address not confirmed), it mails a new one (200; 409 within ' +
-          'a minute of the last). 409 ' +
+          'a minute of the last, or once the address was mailed five invitations or reset links in the hour). 409 ' +
           '`email_taken` for any other account. The mail goes after the answer, retried while the mail server ' +
           'refuses it; 404 with ' +
           'Supabase (invite through Supabase) or without `SMTP_URL` in production.',
@@ -100,7 +100,10 @@ export async function usersRoutes(
         { email: request.body.email, displayName: request.body.display_name },
         principalOf(request),
         requestContext(request),
-        (invited, tx) => deps.passwordReset.writeInvitation(invited, tx),
+        {
+          write: (invited, tx) => deps.passwordReset.writeInvitation(invited, tx),
+          reserve: (email) => deps.passwordReset.reserveInvitation(email),
+        },
       );
       return reply
         .status(created ? 201 : 200)

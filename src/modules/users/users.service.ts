@@ -20,7 +20,8 @@ import { revokeKeysOfOwner } from '../api-keys/owner-keys.js';
 import type { EmailTokensRepository } from '../auth/email-tokens.repository.js';
 import type { MfaService } from '../auth/mfa.service.js';
 import { normalizeEmail } from '../auth/auth.schema.js';
-import { waitBeforeNextMail } from '../auth/mailed-tokens.js';
+import { MAILS_PER_ACCOUNT_HOUR, waitBeforeNextMail } from '../auth/mailed-tokens.js';
+import type { Reservation } from '../../lib/throttle.js';
 import type { Clock } from '../../lib/clock.js';
 
 const ADMIN_ROLE = 'admin';
@@ -214,16 +215,33 @@ export function createUsersService(deps: {
      * commit together, and the mail goes once they have (the step `write` returns): nothing is visible
      * before, and nothing waits for the mail server. An address whose account is still an invitation
      * (built-in, no password chosen nor address proven yet) gets its invitation again (`created:
-     * false`; 409 within a minute of the last mail); any other account is 409 `email_taken`.
+     * false`; 409 within a minute of the last mail); any other account is 409 `email_taken`. Each
+     * invitation mailed takes the address's place under the hourly cap of its links (`reserve`, shared
+     * with the reset links anyone may ask for: MAILS_PER_ACCOUNT_HOUR, with rate limiting on): 409 once
+     * the address had its cap, and an administrator sending it again every minute floods no mailbox.
      */
     async invite(
       input: { email: string; displayName?: string | undefined },
       caller: Grantor,
       context: RequestContext,
-      write: (user: UserRow, tx: Transaction) => Promise<() => void>,
+      mail: {
+        write: (user: UserRow, tx: Transaction) => Promise<() => void>;
+        reserve: (email: string) => Promise<Reservation | undefined>;
+      },
     ): Promise<{ user: UserRow; created: boolean }> {
       const email = normalizeEmail(input.email);
       let send: () => void = () => undefined;
+      // Taken once the request is known to mail (after the checks that refuse it), once however often
+      // the transaction is run, and given back when it does not commit.
+      let place: Promise<Reservation | undefined> | undefined;
+      const takePlace = async () => {
+        place ??= mail.reserve(email);
+        const slot = await place;
+        if (slot && slot.retryAfter > 0)
+          throw new AppError('conflict', {
+            detail: `${MAILS_PER_ACCOUNT_HOUR} invitations or reset links were mailed to this address in the last hour; wait before another`,
+          });
+      };
       const invited = await inTransaction(deps.db, deps.events, async (tx) => {
         const role = await deps.roles.findForShare(USER_ROLE, tx);
         await deps.grants.assertHolds(caller, role?.permissions ?? [], tx, INVITATION_REFUSAL);
@@ -239,12 +257,13 @@ export function createUsersService(deps: {
           const last = await deps.emailTokens.latestFor(user.id, 'password_reset', tx);
           if (waitBeforeNextMail(last, deps.clock.now()) > 0)
             throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
+          await takePlace();
           // A name given again is the one the invitation now says (nobody has signed in to set it).
           // The audit event says when it changed the name, as a profile change would.
           const renamed =
             input.displayName !== undefined &&
             (await deps.repo.setDisplayName(user.id, input.displayName, deps.clock.now(), tx));
-          send = await write(user, tx);
+          send = await mail.write(user, tx);
           await deps.audit.record(tx, context, {
             type: 'user.invited',
             subjectId: user.id,
@@ -268,17 +287,22 @@ export function createUsersService(deps: {
             throw new AppError('conflict', { detail: 'An invitation was mailed less than a minute ago' });
           throw new AppError('email_taken');
         }
+        await takePlace();
         // `granted_by` names a user (an API key's owner); a service's grant is in the audit event.
         const grantedBy = context.actorType === 'service' ? null : context.actorId;
         await deps.repo.assignRole(row.id, USER_ROLE, grantedBy, tx);
         await deps.repo.createProfile(row.id, input.displayName ?? null, tx);
-        send = await write(row, tx);
+        send = await mail.write(row, tx);
         await deps.audit.record(tx, context, {
           type: 'user.invited',
           subjectId: row.id,
           data: { email_domain: email.split('@')[1] ?? null },
         });
         return { user: row, created: true };
+      }).catch(async (err: unknown) => {
+        const slot = await place?.catch(() => undefined);
+        if (slot && slot.retryAfter === 0) await slot.release();
+        throw err;
       });
       send();
       return invited;
