@@ -1,7 +1,9 @@
 import { randomUUID } from 'node:crypto';
+import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { sessions } from '../../src/db/schema/index.js';
 import { buildTestApp } from '../support/app.js';
 import { userWith } from '../clients/helpers.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
@@ -70,6 +72,32 @@ describe("an administrator's view of a user's sessions", () => {
     expect(second.json().next_cursor).toBeNull();
     const all = [user.accessToken, ...logins.map((l) => l.session.access_token)].map((t) => decodeJwt(t).sid);
     expect([...seen].sort()).toEqual([...all].sort());
+  });
+
+  it('a session past its idle or absolute end is 404, as a revoked one: nothing is changed or audited', async () => {
+    const user = await registerUser(app, 'sessions-expired');
+    const absolute = await login(app, user.email);
+    const idle = await login(app, user.email);
+    const past = new Date(Date.now() - 1000);
+    const sidOf = (token: string) => decodeJwt(token).sid as string;
+    const setSession = (sid: string, values: Partial<typeof sessions.$inferInsert>) =>
+      app.services.db.update(sessions).set(values).where(eq(sessions.id, sid));
+    await setSession(sidOf(absolute.session.access_token), { expiresAt: past, idleExpiresAt: past });
+    await setSession(sidOf(idle.session.access_token), { idleExpiresAt: past });
+    for (const ended of [absolute, idle]) {
+      const sid = sidOf(ended.session.access_token);
+      const res = await end(`${user.id}/sessions/${sid}`);
+      expect(res.statusCode, res.body).toBe(404);
+      expect(res.json().code).toBe('not_found');
+      const [row] = await app.services.db.select().from(sessions).where(eq(sessions.id, sid));
+      expect(row!.revokedAt).toBeNull();
+    }
+    const events = await app.services.audit.list({
+      type: 'user.sessions_ended',
+      subjectId: user.id,
+      limit: 10,
+    });
+    expect(events).toHaveLength(0);
   });
 
   it('ends one session: its tokens stop at once, the others go on', async () => {

@@ -333,7 +333,8 @@ export function createUsersService(deps: {
         let ended: string[];
         if (sessionId) {
           const session = await deps.sessionRows.findSession(sessionId, tx);
-          if (!session || session.userId !== id || session.revokedAt) throw notFound('session');
+          // Live, as the list shows them: one past its idle or absolute end is 404, as a revoked one.
+          if (!session || session.userId !== id || !deps.sessions.isLive(session)) throw notFound('session');
           const events = await deps.sessions.endSession(tx, sessionId, 'ended_by_administrator');
           // Ended meanwhile (the same request twice at once): 404, as after it, and one event.
           if (events.length === 0) throw notFound('session');
