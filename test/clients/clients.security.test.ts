@@ -1,13 +1,14 @@
 import { randomUUID } from 'node:crypto';
 import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import { beforeAll, describe, expect, it, vi } from 'vitest';
+import pg from 'pg';
+import { beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { clients, roles as rolesTable } from '../../src/db/schema/index.js';
 import { CLIENT_SECRET_FORMAT, generateSecret } from '../../src/lib/crypto.js';
 import { CLIENT_ID_PREFIX } from '../../src/modules/clients/clients.service.js';
 import { CLIENT_ROUTES } from '../authz/routes.js';
 import { appliedChanges, buildTestApp } from '../support/app.js';
-import { ownDatabase } from '../support/database.js';
+import { ownDatabase, waitForLockWaiters } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createKey, grantRole, removeRole, withKey } from '../api-keys/helpers.js';
 import { createAdmin, login, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
@@ -383,6 +384,86 @@ describe('app clients: security', () => {
     expect((await patch({ status: 'active' })).statusCode).toBe(403);
     expect((await patch({ status: 'active' }, admin.accessToken)).statusCode).toBe(200);
   });
+
+  it('nor can its creator delete a client an administrator disabled (403, audited); one they disabled is theirs to delete', async () => {
+    const creator = await userWith(app, ['clients:read', 'clients:write', 'users:read'], 'clients-admin-del');
+    const patch = (id: string, status: string, token: string) =>
+      app.inject({ method: 'PATCH', url: `/v1/clients/${id}`, headers: bearer(token), payload: { status } });
+    const remove = (id: string, token = creator.accessToken) =>
+      app.inject({ method: 'DELETE', url: `/v1/clients/${id}`, headers: bearer(token) });
+    const exists = async (id: string) =>
+      (await app.inject({ method: 'GET', url: `/v1/clients/${id}`, headers: bearer(admin.accessToken) }))
+        .statusCode;
+
+    const client = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    expect((await patch(client.id, 'disabled', admin.accessToken)).statusCode).toBe(200);
+    for (const id of [client.id, client.client_id]) {
+      const res = await remove(id);
+      expect(res.statusCode, res.body).toBe(403);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json().detail).toBe('Only an administrator deletes a client an administrator disabled');
+    }
+    expect(await exists(client.id)).toBe(200);
+    const denied = await app.services.audit.list({
+      type: 'authorization.denied',
+      subjectId: client.id,
+      limit: 10,
+    });
+    expect(denied.map((e) => e.data)).toEqual([
+      expect.objectContaining({ action: 'client.delete', client_id: client.client_id }),
+      expect.objectContaining({ action: 'client.delete', client_id: client.client_id }),
+    ]);
+    expect(await app.services.audit.list({ type: 'client.deleted', subjectId: client.id, limit: 1 })).toEqual(
+      [],
+    );
+    // Enabled again by an administrator, it is its creator's to delete.
+    expect((await patch(client.id, 'active', admin.accessToken)).statusCode).toBe(200);
+    expect((await remove(client.id)).statusCode).toBe(204);
+
+    // One its creator disabled is theirs to delete; an administrator deletes either.
+    const own = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    expect((await patch(own.id, 'disabled', creator.accessToken)).statusCode).toBe(200);
+    expect((await remove(own.id)).statusCode).toBe(204);
+    const locked = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    expect((await patch(locked.id, 'disabled', admin.accessToken)).statusCode).toBe(200);
+    expect((await remove(locked.id, admin.accessToken)).statusCode).toBe(204);
+    expect(await exists(locked.id)).toBe(404);
+  });
+
+  // On PostgreSQL: the administrator's disable holds the client's row, uncommitted, when the creator's
+  // delete comes; PGlite has one connection, and runs them one after the other anyway.
+  it.skipIf(!inject('databaseUrl'))(
+    'a creator’s delete racing an administrator’s disable waits for it, and is refused (403)',
+    async () => {
+      const creator = await userWith(app, ['clients:read', 'clients:write'], 'clients-del-race');
+      const client = await createClient(app, creator.accessToken, { scopes: [] });
+      const holder = new pg.Client({ connectionString: inject('databaseUrl') });
+      await holder.connect();
+      let deleting: Promise<Awaited<ReturnType<typeof app.inject>>> | undefined;
+      try {
+        await holder.query('BEGIN');
+        // As the administrator's PATCH writes it.
+        await holder.query(
+          `UPDATE clients SET status = 'disabled', disabled_by_administrator = true WHERE id = $1`,
+          [client.id],
+        );
+        const { rows } = await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+        deleting = app.inject({
+          method: 'DELETE',
+          url: `/v1/clients/${client.id}`,
+          headers: bearer(creator.accessToken),
+        });
+        await Promise.race([waitForLockWaiters(holder, 1, rows[0]!.pid), deleting]);
+        await holder.query('COMMIT');
+      } finally {
+        await holder.end();
+      }
+      const res = await deleting!;
+      expect(res.statusCode, res.body).toBe(403);
+      const [row] = await app.services.db.select().from(clients).where(eq(clients.id, client.id));
+      expect(row).toMatchObject({ status: 'disabled', disabledByAdministrator: true });
+    },
+  );
 
   it('a creator who lost a scope cannot rotate the secret with their old token either (403, audited)', async () => {
     const creator = await registerUser(app, 'clients-old-token');

@@ -157,6 +157,9 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         tags: ['clients'],
         operationId: 'deleteClient',
         summary: 'Delete an app client; the access tokens it holds are revoked',
+        description:
+          'A client an administrator disabled (`disabled_by_administrator: true`) is deleted by an ' +
+          'administrator only (403 for its creator): the disable is theirs to lift.',
         security: bearerOrApiKey,
         params: ClientIdParamSchema,
         response: { 204: z.null().describe('Deleted'), ...problems(400, 401, 403, 404, 503) },

@@ -421,16 +421,30 @@ export function createClientsService(deps: ClientsServiceDeps) {
 
     async remove(caller: ClientCaller, idOrClientId: string, context: RequestContext): Promise<void> {
       const existing = await visibleClient(caller, idOrClientId, 'client.delete');
-      await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        if (!(await deps.repo.delete(existing.id, tx))) throw notFound('client');
-        emit(await revokeTokensOf(tx, existing.clientId));
-        await deps.audit.record(tx, context, {
-          type: 'client.deleted',
-          subjectId: existing.id,
-          data: { client_id: existing.clientId, name: existing.name },
-        });
-        emit({ type: 'client_changed', clientId: existing.clientId });
-      });
+      const refused = {
+        action: 'client.delete',
+        subjectId: existing.id,
+        data: { client_id: existing.clientId },
+      };
+      await deps.grants.audited(context, refused, () =>
+        inTransaction(deps.db, deps.events, async (tx, emit) => {
+          // Locked, so an administrator's disable committing meanwhile is seen here, not deleted over.
+          const locked = await deps.repo.findByIdForUpdate(existing.id, tx);
+          if (!locked) throw notFound('client');
+          // An administrator's disable holds against its creator (as for turning it back on): deleting
+          // the client would end the record of it, and let them register it afresh.
+          if (locked.status === 'disabled' && locked.disabledByAdministrator && !isAdministrator(caller))
+            throw forbidden('Only an administrator deletes a client an administrator disabled');
+          if (!(await deps.repo.delete(existing.id, tx))) throw notFound('client');
+          emit(await revokeTokensOf(tx, existing.clientId));
+          await deps.audit.record(tx, context, {
+            type: 'client.deleted',
+            subjectId: existing.id,
+            data: { client_id: existing.clientId, name: locked.name },
+          });
+          emit({ type: 'client_changed', clientId: existing.clientId });
+        }),
+      );
     },
 
     /** A new secret, shown once; the current one keeps working for `graceSeconds` (0: not at all). */
