@@ -136,6 +136,7 @@ const EnvSchema = z.object({
   REFRESH_REUSE_GRACE_SECONDS: wholeNumber(0, 10, 10),
   MAX_SESSIONS_PER_USER: wholeNumber(1, 10_000, 100),
   MAX_API_KEYS_PER_USER: wholeNumber(1, 10_000, 100),
+  MAX_CLIENTS_PER_USER: wholeNumber(1, 10_000, 100),
   // The address rule of registration and sign-in: an admin made with one they refuse could never sign in.
   BOOTSTRAP_ADMIN_EMAIL: optionalString.pipe(EmailSchema.optional()),
   BOOTSTRAP_ADMIN_PASSWORD: optionalString,
@@ -404,6 +405,11 @@ export interface Config {
    * beyond it is refused (409).
    */
   readonly apiKeys: { maxPerUser: number };
+  /**
+   * The most app clients registered by (or on behalf of) one user, active or disabled
+   * (MAX_CLIENTS_PER_USER): a registration beyond it is refused (409).
+   */
+  readonly clients: { maxPerUser: number };
   readonly bootstrapAdmin: { email: string; password: string | undefined } | undefined;
   readonly logLevel: string;
   /** The bearer token GET /metrics asks for; undefined: it answers anyone (a warning in production). */
@@ -532,6 +538,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
     },
     sessions: { maxPerUser: e.MAX_SESSIONS_PER_USER },
     apiKeys: { maxPerUser: e.MAX_API_KEYS_PER_USER },
+    clients: { maxPerUser: e.MAX_CLIENTS_PER_USER },
     bootstrapAdmin: e.BOOTSTRAP_ADMIN_EMAIL
       ? { email: e.BOOTSTRAP_ADMIN_EMAIL.toLowerCase(), password: e.BOOTSTRAP_ADMIN_PASSWORD }
       : undefined,

@@ -516,6 +516,7 @@ export function createServices(deps: ServicesDeps) {
     maxAccessTtl: config.tokens.maxAccessTtl,
     accessTtl: config.tokens.accessTtl,
     users: repos.users,
+    maxPerCreator: config.clients.maxPerUser,
   });
   const oauth = createOAuthService({
     db,

@@ -168,6 +168,18 @@ describe('configuration', () => {
     }
   });
 
+  it('takes MAX_CLIENTS_PER_USER from 1 to 10000 (100 by default), and names anything else', () => {
+    expect(load({}).clients.maxPerUser).toBe(100);
+    expect(load({ MAX_CLIENTS_PER_USER: '' }).clients.maxPerUser).toBe(100);
+    expect(load({ MAX_CLIENTS_PER_USER: '1' }).clients.maxPerUser).toBe(1);
+    expect(load({ MAX_CLIENTS_PER_USER: '10000' }).clients.maxPerUser).toBe(10_000);
+    for (const value of ['0', '10001', '-5', '2.5', '1e2', 'unlimited']) {
+      expect(() => load({ MAX_CLIENTS_PER_USER: value }), value).toThrow(
+        'MAX_CLIENTS_PER_USER: must be a whole number from 1 to 10000, in decimal digits',
+      );
+    }
+  });
+
   it('requires KEY_ENCRYPTION_KEY in production', () => {
     expect(() =>
       load({ NODE_ENV: 'production', SECRET_PEPPER: Buffer.alloc(32, 1).toString('base64') }),

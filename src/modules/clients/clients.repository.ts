@@ -1,4 +1,4 @@
-import { and, asc, eq, inArray } from 'drizzle-orm';
+import { and, asc, eq, inArray, sql } from 'drizzle-orm';
 import type { Executor } from '../../db/client.js';
 import { clients, userRoles } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
@@ -41,6 +41,25 @@ export function createClientsRepository(db: Executor) {
     async findByIdForUpdate(id: string, tx: Executor): Promise<ClientRow | undefined> {
       const [row] = await tx.select().from(clients).where(eq(clients.id, id)).limit(1).for('update');
       return row;
+    },
+    /**
+     * Registrations of clients for one creator take turns, on every instance, until their
+     * transactions end (a transaction-scoped advisory lock): each then counts the clients the one
+     * before registered.
+     */
+    async lockCreationFor(userId: string, tx: Executor): Promise<void> {
+      await tx.execute(sql`select pg_advisory_xact_lock(hashtext(${`clients:${userId}`}))`);
+    },
+    /** How many clients (active or disabled) the user registered, counting no further than `upTo`. */
+    async countOfCreator(userId: string, upTo: number, tx: Executor): Promise<number> {
+      const mine = tx
+        .select({ one: sql`1` })
+        .from(clients)
+        .where(eq(clients.createdBy, userId))
+        .limit(upTo)
+        .as('mine');
+      const [row] = await tx.select({ n: sql<number>`count(*)::int` }).from(mine);
+      return row?.n ?? 0;
     },
     /** The client ids of the clients that act for this user (acts_for_creator). */
     async clientIdsActingFor(userId: string, tx: Executor = db): Promise<string[]> {

@@ -4,7 +4,7 @@ import { z } from 'zod';
 import type { Clock } from '../../lib/clock.js';
 import { decodeCursor } from '../../lib/pagination.js';
 import { principalOf, principalTaking, requestContext } from '../../plugins/authenticate.js';
-import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
+import { bearerOrApiKey, problemResponses, problems } from '../shared/shared.schema.js';
 import {
   ClientIdParamSchema,
   ClientListQuerySchema,
@@ -51,9 +51,16 @@ export async function clientsRoutes(app: FastifyInstance, deps: ClientsRoutesDep
         description:
           'The scopes must be permissions the caller holds (403 otherwise). Use `client_id` and ' +
           '`client_secret` at POST /oauth/token with `grant_type=client_credentials`. An API key registers ' +
-          'none: a client secret would outlive the key.',
+          'none: a client secret would outlive the key. A user has at most MAX_CLIENTS_PER_USER clients, ' +
+          'active or disabled (409 beyond it).',
         body: CreateClientBodySchema,
-        response: { 201: ClientWithSecretSchema, ...problems(400, 401, 403, 415, 503) },
+        response: {
+          201: ClientWithSecretSchema,
+          ...problems(400, 401, 403, 415, 503),
+          409: problemResponses[409].describe(
+            'The user has MAX_CLIENTS_PER_USER clients already (the limit is in `detail`)',
+          ),
+        },
       },
     },
     async (request, reply) => {

@@ -94,6 +94,8 @@ export interface ClientsServiceDeps {
   accessTtl: number;
   /** Creators' current state, for the clients that act for them. */
   users: Pick<UsersRepository, 'findById' | 'rolesAndPermissions'>;
+  /** The most clients, active or disabled, registered for one user (MAX_CLIENTS_PER_USER). */
+  maxPerCreator: number;
 }
 
 const unique = (values: string[]) => [...new Set(values)].sort();
@@ -264,6 +266,16 @@ export function createClientsService(deps: ClientsServiceDeps) {
             caller.grantor.kind === 'service'
               ? ((await deps.repo.findByClientId(caller.grantor.clientId, tx))?.createdBy ?? null)
               : null;
+          const createdBy = caller.userId ?? registrant;
+          if (createdBy !== null) {
+            // Registrations for one user take turns from here to their commit, so two at the limit
+            // cannot both count the same clients and both go in.
+            await deps.repo.lockCreationFor(createdBy, tx);
+            if ((await deps.repo.countOfCreator(createdBy, deps.maxPerCreator, tx)) >= deps.maxPerCreator)
+              throw new AppError('conflict', {
+                detail: `This account has ${deps.maxPerCreator} app clients, the most one may have: delete one before registering another`,
+              });
+          }
           const row = await deps.repo.insert(
             {
               clientId,
@@ -274,7 +286,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
               audiences: unique(input.audiences ?? []),
               accessTokenTtl: input.accessTokenTtl ?? null,
               status: 'active',
-              createdBy: caller.userId ?? registrant,
+              createdBy,
               // A user who is not an administrator registers a client that acts for them: it holds
               // no more than they do, and nothing once they are disabled or deleted.
               actsForCreator: caller.userId !== undefined && !isAdministrator(caller),
