@@ -260,6 +260,41 @@ describe('app clients: registration, listing, changes, rotation, deletion', () =
     expect(await auditOf(client.id)).toContain('client.secret_rotated');
   });
 
+  it('audits a rotation with its grace, and a forced one with the grace it ended', async () => {
+    const client = await createClient(app, admin.accessToken, { scopes: [] });
+    const rotate = (payload: object) =>
+      app.inject({
+        method: 'POST',
+        url: `/v1/clients/${client.id}/secrets`,
+        headers: bearer(admin.accessToken),
+        payload,
+      });
+    const first = await rotate({ grace_seconds: 600 });
+    expect(first.statusCode, first.body).toBe(201);
+    const forced = await rotate({ grace_seconds: 60, force: true });
+    expect(forced.statusCode, forced.body).toBe(201);
+    const events = await app.services.audit.list({
+      type: 'client.secret_rotated',
+      subjectId: client.id,
+      limit: 10,
+    });
+    // Newest first.
+    expect(events.map((e) => e.data)).toEqual([
+      {
+        client_id: client.client_id,
+        grace_seconds: 60,
+        previous_secret_expires_at: forced.json().previous_secret_expires_at,
+        force: true,
+        ended_grace_until: first.json().previous_secret_expires_at,
+      },
+      {
+        client_id: client.client_id,
+        grace_seconds: 600,
+        previous_secret_expires_at: first.json().previous_secret_expires_at,
+      },
+    ]);
+  });
+
   it('rotates without a grace: the old secret stops at once, the tokens it got do not', async () => {
     const client = await createClient(app, admin.accessToken, { scopes: [] });
     // Used first, so this instance remembers it (its header included) until the rotation.

@@ -502,10 +502,22 @@ export function createClientsService(deps: ClientsServiceDeps) {
             tx,
           );
           if (!row) throw notFound('client');
+          // A forced rotation ends the grace of the secret the last one replaced: the trail says so, and
+          // until when that secret would have worked.
+          const cutShort =
+            locked.previousSecretHash !== null &&
+            locked.previousSecretExpiresAt !== null &&
+            locked.previousSecretExpiresAt > now;
           await deps.audit.record(tx, context, {
             type: 'client.secret_rotated',
             subjectId: row.id,
-            data: { client_id: row.clientId, grace_seconds: graceSeconds },
+            data: {
+              client_id: row.clientId,
+              grace_seconds: graceSeconds,
+              previous_secret_expires_at: row.previousSecretExpiresAt?.toISOString() ?? null,
+              ...(force ? { force: true } : {}),
+              ...(cutShort ? { ended_grace_until: locked.previousSecretExpiresAt!.toISOString() } : {}),
+            },
           });
           emit({ type: 'client_changed', clientId: row.clientId });
           return row;
