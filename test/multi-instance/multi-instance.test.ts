@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { decodeProtectedHeader } from 'jose';
 import pg from 'pg';
@@ -613,6 +614,35 @@ describe('an emergency signing-key rotation on A, while B issues tokens', () => 
       slowReadsOnB = false;
       tokens.issue = issue;
     }
+  });
+});
+
+describe('a next signing key made by A’s ensureKeys (none was left)', () => {
+  let a: FastifyInstance;
+  let b: FastifyInstance;
+  // Instances of their own: the next key they share is retired here.
+  beforeAll(async () => {
+    ({ a, b } = await buildInstances());
+  });
+
+  it('B publishes it within 1 s, through the notification, not at its minute’s reload', async () => {
+    const jwksKids = (app: FastifyInstance) =>
+      (JSON.parse(app.services.keys.jwks()).keys as Array<{ kid: string }>).map((k) => k.kid);
+    const next = () => a.services.keys.loadedKeys().find((k) => k.state === 'next')?.kid;
+    const before = next();
+    expect(before).toBeDefined();
+    // No next key left (as on a database an operator edited): the minute's ensureKeys makes one.
+    await a.services.db.execute(
+      sql`UPDATE signing_keys SET state = 'retired', publish_until = now() WHERE state = 'next'`,
+    );
+    await a.services.keys.ensureKeys();
+    const made = next();
+    expect(made).toBeDefined();
+    expect(made).not.toBe(before);
+    // It counts as published from its creation: a rotation 10 minutes on signs with it, and B's JWKS
+    // must have been showing it all along, not from B's next reload (up to a minute later).
+    expect(await msUntil(async () => jwksKids(b).includes(made!))).toBeLessThan(PROPAGATION_LIMIT_MS);
+    expect(jwksKids(b)).not.toContain(before);
   });
 });
 

@@ -209,15 +209,21 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   const usableActive = (): ActiveSigningKey | undefined =>
     active && verification.has(active.kid) ? active : undefined;
 
-  /** Creates the first active key and a published next key when missing; retires expired keys. */
+  /**
+   * Creates the first active key and a published next key when missing; retires expired keys. A key
+   * it creates is announced to the other instances in its transaction (NOTIFY), as a rotation's are:
+   * a next key counts as published from its `createdAt`, and a rotation may promote it 10 minutes
+   * later, so the others must publish it then, not at their next minute's reload.
+   */
   async function ensureKeys(): Promise<void> {
-    await deps.db.transaction(async (tx) => {
+    await inTransaction(deps.db, deps.events, async (tx, emit) => {
       await deps.repo.lock(tx);
       const now = deps.clock.now();
       await deps.repo.retireExpired(now, tx);
       const rows = await deps.repo.listPublished(now, tx);
-      if (!rows.some((r) => r.state === 'active')) await deps.repo.insert(await newKeyRow('active', now), tx);
-      if (!rows.some((r) => r.state === 'next')) await deps.repo.insert(await newKeyRow('next', now), tx);
+      const missing = (['active', 'next'] as const).filter((state) => !rows.some((r) => r.state === state));
+      for (const state of missing) await deps.repo.insert(await newKeyRow(state, now), tx);
+      if (missing.length > 0) emit({ type: 'signing_keys_changed' });
     });
     await reload();
   }
