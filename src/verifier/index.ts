@@ -46,6 +46,11 @@ export const MAX_CLOCK_TOLERANCE_SECONDS = 30;
  * verifier answers 503.
  */
 export const STALE_KEYS_MAX_AGE_MS = 60 * 60_000;
+/**
+ * How long a fetched key set is used without asking again (jose's cache), unless a token names a
+ * `kid` it lacks: the service's own JWKS `max-age` and `stale-while-revalidate` fit in it.
+ */
+const KEYS_CACHE_MAX_AGE_MS = 10 * 60_000;
 /** After a failed refetch, the last good key set is used without asking again for this long. */
 const REFETCH_BACKOFF_MS = 30_000;
 /**
@@ -81,8 +86,10 @@ export interface VerifierOptions {
   timeoutMs?: number;
   /**
    * How long after its fetch the last key set keeps verifying while the JWKS cannot be fetched, in
-   * milliseconds; default STALE_KEYS_MAX_AGE_MS (an hour), 0 for not at all. Keys revoked meanwhile
-   * (a leaked key's `revoke_previous`) verify that long in an outage: lower it where that matters more.
+   * milliseconds; default STALE_KEYS_MAX_AGE_MS (an hour), 0 for not past the 10-minute cache. A set
+   * fetched less than 10 minutes ago always verifies (it is not stale: it is used without asking
+   * again anyway), so any value up to 10 minutes means the same as 0. Keys revoked meanwhile (a
+   * leaked key's `revoke_previous`) verify that long in an outage: lower it where that matters more.
    */
   staleKeysMaxAgeMs?: number;
 }
@@ -259,7 +266,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
     const remote = createRemoteJWKSet(jwksUrl, {
       timeoutDuration: timeoutMs,
       // The service publishes a new key long before it signs with it, and keeps retired keys published.
-      cacheMaxAge: 10 * 60_000,
+      cacheMaxAge: KEYS_CACHE_MAX_AGE_MS,
       cooldownDuration: 30_000,
       [customFetch]: (input, init) => fetchImpl(input, init),
       [jwksCache]: lastGood,
@@ -276,9 +283,14 @@ export function createVerifier(options: VerifierOptions): Verifier {
   function withLastGoodKeys(remote: ReturnType<typeof createRemoteJWKSet>, cache: JWKSCacheInput) {
     let stale: { uat: number; keys: ReturnType<typeof createLocalJWKSet> } | undefined;
     let failed: { at: number; error: unknown } | undefined;
+    // A set still within jose's cache is in hand whatever `staleKeysMaxAgeMs` says: a refetch failed
+    // for a `kid` it lacks (any request can name one) left every token a 503 for NO_KEYS_BACKOFF_MS
+    // when the option was under 10 minutes, though jose itself would have verified them from it.
     const lastGoodKeys = () => {
       const { uat, jwks } = cache as Partial<ExportedJWKSCache>;
-      if (uat === undefined || jwks === undefined || Date.now() - uat > staleKeysMaxAgeMs) return undefined;
+      if (uat === undefined || jwks === undefined) return undefined;
+      const age = Date.now() - uat;
+      if (age >= KEYS_CACHE_MAX_AGE_MS && age > staleKeysMaxAgeMs) return undefined;
       if (stale?.uat !== uat) stale = { uat, keys: createLocalJWKSet(jwks) };
       return stale.keys;
     };

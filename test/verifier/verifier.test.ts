@@ -571,6 +571,38 @@ describe('the bundled verifier', () => {
       await expect(strict.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
       expect((await lenient.verify(access_token)).sub).toBe(reader.client_id);
     });
+    it('staleKeysMaxAgeMs under the 10-minute cache: a refetch failed for an unknown kid stops no fresh key verifying', async () => {
+      const { access_token } = await clientToken(auth, reader);
+      const { privateKey } = await generateKeyPair('ES256');
+      const state = { broken: false, jwksRequests: 0 };
+      const real = injectFetch(auth);
+      const fetch: FetchLike = async (input, init) => {
+        if (new URL(input).pathname !== JWKS_PATH) return real(input, init);
+        state.jwksRequests++;
+        return state.broken ? new Response(null, { status: 502 }) : real(input, init);
+      };
+      for (const staleKeysMaxAgeMs of [0, 60_000]) {
+        const verifier = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch, staleKeysMaxAgeMs });
+        const start = Date.now();
+        const asked = state.jwksRequests;
+        expect((await verifier.verify(access_token)).sub).toBe(reader.client_id);
+        // Two minutes on, the set is within jose's cache (10 minutes) but past its cooldown (30 s): a
+        // token naming a key it lacks (anyone can send one) makes it refetch, and the JWKS is down.
+        state.broken = true;
+        const now = vi.spyOn(Date, 'now').mockReturnValue(start + 2 * 60_000);
+        const unknown = await forgedToken(privateKey, 'not-in-the-set', { iat: Math.floor(start / 1000) });
+        await expect(verifier.verify(unknown)).rejects.toBeInstanceOf(VerifierUnavailableError);
+        expect(state.jwksRequests).toBe(asked + 2);
+        // The set fetched two minutes ago is no stale set: its tokens go on verifying, as they did
+        // before that request (not a 503 for everyone for 5 s after each such token).
+        expect((await verifier.verify(access_token)).sub, String(staleKeysMaxAgeMs)).toBe(reader.client_id);
+        // Past the cache, it is the option that decides: not at all for these values.
+        now.mockReturnValue(start + 11 * 60_000);
+        await expect(verifier.verify(access_token)).rejects.toBeInstanceOf(VerifierUnavailableError);
+        now.mockRestore();
+        state.broken = false;
+      }
+    });
   });
 
   it('pins its options: ES256/EdDSA only, at most 30 s of leeway, an audience', () => {
