@@ -12,7 +12,20 @@ and verifying) until every token it signed has expired. Refused (exit code 1, no
 the next key has been published for less than 10 minutes, as verifiers may cache the JWKS that long;
 --force rotates anyway. --revoke-previous (a key that leaked; implies --force) revokes every key
 published so far at once and signs with a new one: they leave the JWKS, and every token they signed
-stops verifying.`;
+stops verifying. On a database without an active signing key (the service never started on it) it
+exits with code 1 and changes nothing: the service makes the first keys at its start.`;
+
+/** Refused, exit code 1, nothing written. */
+class NoActiveKeyError extends Error {
+  override name = 'NoActiveKeyError';
+  constructor() {
+    super(
+      'there is no active signing key to rotate: the service makes the first keys at its first start, ' +
+        'and has not started on this database (is DATABASE_URL, or DATA_DIR, the service’s?); no key ' +
+        'was made',
+    );
+  }
+}
 
 async function main() {
   let force = false;
@@ -38,8 +51,12 @@ async function main() {
   }
   const { services, close } = await openScriptContext();
   try {
-    // A fresh database has no keys yet; the service would create them at its first start.
-    await services.keys.ensureKeys();
+    // Nothing signs on a database without an active key (a fresh one): there is nothing to rotate.
+    // The service makes the first keys at its first start, under its lock; made here, a rotation
+    // forced right after would retire a key that never signed, and an unforced one would be refused
+    // after having written keys, though a refusal changes nothing.
+    const published = await services.repos.signingKeys.listPublished(new Date());
+    if (!published.some((k) => k.state === 'active')) throw new NoActiveKeyError();
     const result = await services.keys.rotate(
       { ...systemContext, userAgent: 'scripts/rotate-signing-key' },
       { force, revokePrevious },

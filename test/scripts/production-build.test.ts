@@ -232,8 +232,26 @@ describe('the operator scripts in a production install (dist + drizzle + data + 
     expect(granted.stdout).toContain(`${email} (id `);
     expect(granted.stdout).toContain('already holds the admin role; nothing changed');
 
+    // No key to rotate before the service has started on the database: refused, nothing written.
+    const early = await inApp('npm', ['run', '--silent', 'rotate-signing-key:prod', '--', '--force']).then(
+      () => undefined,
+      (err: { code?: number; stderr?: string }) => err,
+    );
+    expect(early?.code).toBe(1);
+    expect(early?.stderr).toMatch(/^error: there is no active signing key to rotate: /m);
+    // The compiled server's start makes the first keys.
+    const server = await spawnServer({
+      node: 'dist/src/server.js',
+      cwd: app,
+      listen: true,
+      publicUrl: true,
+      env: env(),
+    });
+    expect(await server.waitForReady(60_000), server.output).toBe(200);
+    expect((await server.stop()).code, server.output).toBe(0);
     const rotated = await inApp('npm', ['run', '--silent', 'rotate-signing-key:prod', '--', '--force']);
     expect(rotated.stdout).toMatch(/^active signing key: \S+\n/);
+    expect(rotated.stdout).toMatch(/^retiring signing key: \S+, published until /m);
 
     // A failure is one line and exit code 1 here too.
     const refused = await inApp(process.execPath, ['dist/scripts/create-admin.js', '--email', 'nope']).then(

@@ -162,7 +162,9 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
   let target: Target;
   beforeAll(async () => {
     target = await createTarget();
-  });
+    // The service's first start makes the signing keys the rotations below rotate.
+    await withApp(target, async () => undefined);
+  }, SPAWN_TEST_TIMEOUT);
   afterAll(async () => {
     await target?.drop();
   });
@@ -333,7 +335,6 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
   it(
     'rotate-signing-key makes a new key active and leaves the old one retiring',
     async () => {
-      // The first run also creates the keys on a database that has none yet.
       const first = await run(target, 'rotate-signing-key', ['--force']);
       expect(first.code, first.stderr).toBe(0);
       const firstKid = /active signing key: (\S+)/.exec(first.stdout)?.[1];
@@ -413,6 +414,43 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       });
     },
     SPAWN_TEST_TIMEOUT,
+  );
+});
+
+describe('scripts/rotate-signing-key.ts on a database the service never started on', () => {
+  let target: Target;
+  beforeAll(async () => {
+    target = await createTarget();
+  });
+  afterAll(async () => {
+    await target?.drop();
+  });
+
+  it(
+    'refuses with exit code 1 and one line, and writes no key, forced or not',
+    async () => {
+      for (const args of [[], ['--force'], ['--revoke-previous']]) {
+        const result = await run(target, 'rotate-signing-key', args);
+        expect(result.code, `${args.join(' ')}: ${result.stderr}`).toBe(1);
+        expect(result.stdout).toBe('');
+        const lines = result.stderr.trim().split('\n');
+        expect(lines, result.stderr).toHaveLength(1);
+        expect(lines[0]).toBe(
+          'error: there is no active signing key to rotate: the service makes the first keys at its ' +
+            'first start, and has not started on this database (is DATABASE_URL, or DATA_DIR, the ' +
+            'service’s?); no key was made',
+        );
+      }
+      await withDatabase(target, async (database) => {
+        expect(await createSigningKeysRepository(database.db).list({ limit: 10 })).toEqual([]);
+      });
+      // Once the service has started on it, the same command rotates.
+      await withApp(target, async () => undefined);
+      const rotated = await run(target, 'rotate-signing-key', ['--force']);
+      expect(rotated.code, rotated.stderr).toBe(0);
+      expect(rotated.stdout).toMatch(/retiring signing key: \S+, published until/);
+    },
+    SPAWN_TEST_TIMEOUT * 2,
   );
 });
 
