@@ -8,6 +8,7 @@ import { databaseLocation, describeFailure, isOperational } from './lib/failure.
 import { createLogger } from './lib/logger.js';
 import { BootstrapAdminError, RedisDatabaseError } from './services.js';
 import { KeyEncryptionKeyMismatchError } from './lib/crypto.js';
+import { SigningKeyMismatchError } from './modules/signing-keys/signing-keys.service.js';
 import { CommonPasswordsError, loadCommonPasswords } from './identity/passwords.js';
 
 /**
@@ -114,6 +115,7 @@ main().catch((err: unknown) => {
     err instanceof DatabaseLockedError ||
     err instanceof MigrationError ||
     err instanceof KeyEncryptionKeyMismatchError ||
+    err instanceof SigningKeyMismatchError ||
     err instanceof CommonPasswordsError ||
     err instanceof BootstrapAdminError ||
     err instanceof RedisDatabaseError

@@ -82,6 +82,39 @@ function decryptPrivateKey(
   }
 }
 
+/**
+ * A signing key's stored private key is not the one its row's public key (and `alg`) belongs to: the
+ * row was altered (its private_key_encrypted copied from another key's row, say). Signing with it
+ * would hand out tokens that verify nowhere, so it is refused: a start fails with this message, a
+ * reload keeps the keys it had, a rotation does not promote it.
+ */
+export class SigningKeyMismatchError extends Error {
+  override name = 'SigningKeyMismatchError';
+}
+
+/** Whether `key` is a key of `alg`: a P-256 key for ES256, an Ed25519 key for EdDSA. */
+function fitsAlg(key: KeyObject, alg: SigningAlg): boolean {
+  if (alg === 'EdDSA') return key.asymmetricKeyType === 'ed25519';
+  return key.asymmetricKeyType === 'ec' && key.asymmetricKeyDetails?.namedCurve === 'prime256v1';
+}
+
+/**
+ * The private key of `row`, decrypted, once it is known to be the one its public key belongs to. The
+ * ciphertext carries nothing of its row, so one copied from another row decrypts: the comparison with
+ * the row's public key is what tells (a few microseconds, when the active key is read).
+ */
+function openPrivateKey(keyEncryptionKey: Buffer, row: SigningKeyRow, publicKey: KeyObject): KeyObject {
+  const privateKey = createPrivateKey(decryptPrivateKey(keyEncryptionKey, row));
+  if (!fitsAlg(privateKey, row.alg) || !createPublicKey(privateKey).equals(publicKey))
+    throw new SigningKeyMismatchError(
+      `the private key stored for the signing key ${row.kid} is not the one its public key (${row.alg}) ` +
+        'belongs to: its row was altered (private_key_encrypted copied from another row?). Tokens signed ' +
+        'with it would verify nowhere. Restore the row, or revoke every published key and sign with a ' +
+        'new one: `npm run rotate-signing-key -- --revoke-previous`',
+    );
+  return privateKey;
+}
+
 export function createSigningKeysService(deps: SigningKeysServiceDeps) {
   let active: ActiveSigningKey | undefined;
   const verification = new Map<string, VerificationKey>();
@@ -167,9 +200,10 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     const activeRow = rows
       .filter((r) => r.state === 'active')
       .sort((a, b) => activatedAt(b) - activatedAt(a))[0];
-    const nextActive = activeRow && {
-      ...nextVerification.get(activeRow.kid)!,
-      privateKey: createPrivateKey(decryptPrivateKey(deps.keyEncryptionKey, activeRow)),
+    const activeKey = activeRow && nextVerification.get(activeRow.kid)!;
+    const nextActive: ActiveSigningKey | undefined = activeRow && {
+      ...activeKey!,
+      privateKey: openPrivateKey(deps.keyEncryptionKey, activeRow, activeKey!.key),
     };
     const removed = [...verification.keys()].some((kid) => !nextVerification.has(kid));
     verification.clear();
@@ -225,7 +259,14 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       for (const state of missing) await deps.repo.insert(await newKeyRow(state, now), tx);
       if (missing.length > 0) emit({ type: 'signing_keys_changed' });
     });
-    await reload();
+    try {
+      await reload();
+    } catch (err) {
+      // A running instance keeps the keys it had, and the minute's housekeeping goes on to the
+      // revocations and the purge; at the start (nothing loaded yet) the start is refused.
+      if (!(err instanceof SigningKeyMismatchError) || !active) throw err;
+      deps.logger.error({ err }, 'the signing keys were not reloaded: the keys read before are kept');
+    }
   }
 
   /** `published`: every key published once it commits, when it changed any. */
@@ -286,6 +327,14 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
         createdNext,
         published: createdNext ? await deps.repo.listPublished(now, tx) : undefined,
       };
+    // Not promoted unless it can sign: a next key whose row was altered would leave every instance
+    // failing to read its keys once the rotation committed, still signing with the old one.
+    if (!createdNext)
+      openPrivateKey(
+        deps.keyEncryptionKey,
+        next,
+        createPublicKey({ key: next.publicJwk as JWK & { kty: string }, format: 'jwk' }),
+      );
     for (const c of current) {
       await deps.repo.update(
         c.kid,
