@@ -305,12 +305,16 @@ export function createVerifier(options: VerifierOptions): Verifier {
     };
     /**
      * Whether a token whose `kid` the set fetched moments ago lacks may be signed by a key published
-     * since: this issuer's, and issued after that fetch (a key in the JWKS then would be in the set).
-     * Another issuer's token, or an old one, is decided at once (401).
+     * since: this issuer's, issued after that fetch (a key in the JWKS then would be in the set), and
+     * naming a key id the set does not hold (the service never reuses one: a known kid under another
+     * algorithm, or a `kid` that is no string, is a token it did not sign). Another issuer's token, an
+     * old one or such a `kid` is decided at once (401).
      */
-    const mayBeNewerKey = (token: FlattenedJWSInput | undefined) => {
-      const fetchedAt = (cache as Partial<ExportedJWKSCache>).uat;
+    const mayBeNewerKey = (header: JWSHeaderParameters, token: FlattenedJWSInput | undefined) => {
+      const { uat: fetchedAt, jwks } = cache as Partial<ExportedJWKSCache>;
       if (!token || fetchedAt === undefined) return false;
+      const { kid } = header as { kid?: unknown };
+      if (typeof kid !== 'string' || jwks?.keys.some((k) => k.kid === kid)) return false;
       try {
         const { payload } = token;
         const text =
@@ -345,7 +349,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
         // Not refetched: the `kid` may be a key published since (a forced rotation signs with a new
         // key at once). A 503, which the client retries, and not a 401, which would make it throw a
         // good token away; after the cooldown the set is fetched again and decides.
-        if (err instanceof joseErrors.JWKSNoMatchingKey && coolingDown && mayBeNewerKey(token))
+        if (err instanceof joseErrors.JWKSNoMatchingKey && coolingDown && mayBeNewerKey(header, token))
           throw new VerifierUnavailableError(
             'The access token names a key not in the key set fetched in the last 30 s; it is fetched again after that',
             { cause: err },

@@ -554,6 +554,36 @@ describe('the bundled verifier', () => {
       expect(state.jwksRequests).toBe(4);
     });
 
+    it('is a 401 at once when the kid is one the set holds (under another algorithm) or not a key id at all', async () => {
+      const { access_token } = await clientToken(auth, reader);
+      const { kid, alg } = decodeProtectedHeader(access_token);
+      const verifier = createVerifier({ issuer: ISSUER, audience: ORDERS, fetch: injectFetch(auth) });
+      expect((await verifier.verify(access_token)).sub).toBe(reader.client_id);
+      // Within the cooldown, issued now, by this issuer: only the key named decides. A kid the set
+      // holds is no key published since (kids are never reused), nor is a kid that is not a string.
+      const other = alg === 'ES256' ? 'EdDSA' : 'ES256';
+      const { privateKey } = await generateKeyPair(other, { crv: 'Ed25519' });
+      const now = Math.floor(Date.now() / 1000);
+      const token = (header: { alg: string; kid: unknown }) =>
+        new SignJWT({ client_id: 'x', scope: 'users:read' })
+          .setProtectedHeader({ typ: 'at+jwt', ...header } as { alg: string })
+          .setIssuer(ISSUER)
+          .setSubject('x')
+          .setAudience(ORDERS)
+          .setIssuedAt(now)
+          .setJti('j')
+          .setExpirationTime(now + 300)
+          .sign(privateKey);
+      for (const header of [
+        { alg: other, kid },
+        { alg: other, kid: [kid] },
+        { alg: other, kid: { id: kid } },
+      ])
+        await expect(verifier.verify(await token(header)), JSON.stringify(header)).rejects.toBeInstanceOf(
+          InvalidTokenError,
+        );
+    });
+
     it('staleKeysMaxAgeMs bounds how long the last keys verify in an outage (0: not at all)', async () => {
       const { access_token } = await clientToken(auth, reader);
       const state = { broken: false };
