@@ -486,7 +486,11 @@ describe.each(['local', 'supabase'] as const)(
         });
         expect(text.statusCode, text.body).toBe(200);
         expect(text.json().bio).toBe('C: \\u0000 is not a NUL');
-        const query = await app.inject({ method: 'GET', url: '/v1/audit-events?type=%2500', headers: auth });
+        const query = await app.inject({
+          method: 'GET',
+          url: '/v1/audit-events?actor_id=%2500',
+          headers: auth,
+        });
         expect(query.statusCode, query.body).toBe(200);
       },
     );

@@ -686,7 +686,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
               },
             },
             ...[...cascaded.values()].map(({ row: child, expiry, previousScopes }) => ({
-              type: 'api_key.updated',
+              type: 'api_key.updated' as const,
               subjectId: child.id,
               data: {
                 owner_id: child.ownerId,
@@ -698,7 +698,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
               },
             })),
             ...revoked.map((child) => ({
-              type: 'api_key.revoked',
+              type: 'api_key.revoked' as const,
               subjectId: child.id,
               data: {
                 owner_id: child.ownerId,
@@ -745,7 +745,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             data: { owner_id: current.ownerId, prefix: current.prefix },
           },
           ...descendants.map((child) => ({
-            type: 'api_key.revoked',
+            type: 'api_key.revoked' as const,
             subjectId: child.id,
             data: { owner_id: child.ownerId, prefix: child.prefix, with_ancestor: id },
           })),

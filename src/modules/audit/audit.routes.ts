@@ -11,7 +11,7 @@ import {
 } from '../../lib/pagination.js';
 import { userIdOf } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems, timestamp } from '../shared/shared.schema.js';
-import type { AuditService } from './audit.service.js';
+import { AUDIT_EVENT_TYPES, type AuditEventType, type AuditService } from './audit.service.js';
 
 const AuditEventSchema = z
   .object({
@@ -68,7 +68,10 @@ const AuditQuerySchema = PaginationQuerySchema.extend({
     .describe('Events done with this session or API key (its id); fastest with `actor_id`'),
   subject_id: auditId().optional().describe('Events about this user, API key or client (its id)'),
   outcome: z.enum(['success', 'failure']).optional(),
-  type: z.string().min(1).max(100).optional(),
+  type: z
+    .enum(AUDIT_EVENT_TYPES, { error: `must be one of the event types: ${AUDIT_EVENT_TYPES.join(', ')}` })
+    .optional()
+    .describe('Events of this type (one of the types the service writes; any other is a 400)'),
   ...FollowQuerySchema.shape,
 }).strict();
 
@@ -145,7 +148,7 @@ export const ACCOUNT_ACTIVITY_TYPES = [
   'user.enabled',
   'role.granted',
   'role.removed',
-] as const;
+] as const satisfies readonly AuditEventType[];
 
 /** The parts of an event's data a user's activity shows (never tokens, never others' ids). */
 const ACTIVITY_DETAILS = ['reason', 'role', 'scope', 'session_id', 'mfa'] as const;

@@ -61,8 +61,63 @@ export function effectivePatch<P extends object>(patch: P, current: object): Par
   return out;
 }
 
+/**
+ * Every type of event the service writes (`AuditRecord.type` takes no other, so a new one is added
+ * here or does not compile): what `GET /v1/audit-events?type=` accepts and its document lists, so a
+ * mistyped filter is a 400 naming these rather than an empty page.
+ */
+export const AUDIT_EVENT_TYPES = [
+  'access_token.revoked',
+  'api_key.created',
+  'api_key.revoked',
+  'api_key.rotated',
+  'api_key.updated',
+  'auth.email_confirmation_sent',
+  'auth.exchange',
+  'auth.login',
+  'auth.logout',
+  'auth.magic_link',
+  'auth.magic_link_requested',
+  'auth.mfa_challenge',
+  'auth.password_changed',
+  'auth.password_reset',
+  'auth.password_reset_requested',
+  'auth.session_ended',
+  'authorization.denied',
+  'client.authentication_failed',
+  'client.created',
+  'client.deleted',
+  'client.secret_rotated',
+  'client.updated',
+  'mfa.disabled',
+  'mfa.enabled',
+  'mfa.recovery_codes_regenerated',
+  'profile.updated',
+  'refresh_token.reused',
+  'refresh_token.revoked',
+  'role.created',
+  'role.deleted',
+  'role.granted',
+  'role.removed',
+  'role.updated',
+  'signing_key.rotated',
+  'user.deleted',
+  'user.disabled',
+  'user.email_change_cancelled',
+  'user.email_change_confirmed',
+  'user.email_change_requested',
+  'user.email_changed',
+  'user.email_confirmed',
+  'user.enabled',
+  'user.invited',
+  'user.registered',
+  'user.sessions_ended',
+] as const;
+
+export type AuditEventType = (typeof AUDIT_EVENT_TYPES)[number];
+
 export interface AuditRecord {
-  type: string;
+  type: AuditEventType;
   subjectId?: string | null;
   outcome?: 'success' | 'failure';
   data?: Record<string, unknown>;

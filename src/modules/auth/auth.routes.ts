@@ -13,7 +13,7 @@ import {
 } from '../../plugins/authenticate.js';
 import { CREDENTIAL_RATE_LIMIT } from '../../plugins/rate-limit.js';
 import { bearerOrApiKey, problemResponses, problems, UuidParamSchema } from '../shared/shared.schema.js';
-import type { RequestContext } from '../audit/audit.service.js';
+import type { AuditEventType, RequestContext } from '../audit/audit.service.js';
 import type { AccountsCache } from './accounts.cache.js';
 import { MfaRequiredSchema } from './mfa.routes.js';
 import {
@@ -92,7 +92,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   async function confirmSecondFactor(
     userId: string,
     code: string | undefined,
-    action: string,
+    action: AuditEventType,
     context: RequestContext,
   ) {
     const current = await secondFactorCode(userId, code);

@@ -15,7 +15,7 @@ import type { GuessCounter } from '../../lib/throttle.js';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import type { MailOutbox } from '../mail/mail-outbox.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { AuditEventType, AuditService, RequestContext } from '../audit/audit.service.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { EmailConfirmationService } from './email-confirmation.service.js';
@@ -255,7 +255,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     emit: (event: AuthEvent) => void,
     user: UserRow,
     context: RequestContext,
-    type: string,
+    type: AuditEventType,
     amr: readonly string[],
     checkedHash?: string,
     authenticatedAt?: Date | null,
@@ -284,7 +284,7 @@ export function createAuthService(deps: AuthServiceDeps) {
   async function openSession(
     user: UserRow,
     context: RequestContext,
-    type: string,
+    type: AuditEventType,
     amr: readonly string[],
     checkedHash?: string,
     authenticatedAt?: Date | null,
@@ -354,7 +354,7 @@ export function createAuthService(deps: AuthServiceDeps) {
   async function passwordGuess(
     email: string,
     context: RequestContext,
-    action: string,
+    action: AuditEventType,
     subjectId: () => Promise<string | null>,
   ): Promise<{ forgive(): Promise<void> }> {
     const { retryAfter, release } = await deps.failures.reserve(email);
@@ -887,7 +887,7 @@ export function createAuthService(deps: AuthServiceDeps) {
      * An account the provider refuses whatever the password (banned at Supabase) counts and is audited
      * alike, with `reason: disabled`, and is answered as a disabled account (401), not as a wrong password.
      */
-    async reauthenticate(userId: string, password: string, action: string, context: RequestContext) {
+    async reauthenticate(userId: string, password: string, action: AuditEventType, context: RequestContext) {
       const found = await deps.users.findById(userId);
       // Deleted meanwhile (by a request of its own, say): the credential no longer stands.
       if (!found) throw new AppError('invalid_token', { detail: 'The account no longer exists' });

@@ -5,7 +5,7 @@ import { notHeld } from '../../lib/permissions.js';
 import { inTransaction } from '../../lib/events.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
 import { authenticationRequired } from '../../plugins/authenticate.js';
-import type { RequestContext } from '../audit/audit.service.js';
+import type { AuditEventType, RequestContext } from '../audit/audit.service.js';
 import { CLIENT_ID_PREFIX } from '../clients/clients.service.js';
 import type { GrantCeiling, Grantor } from '../roles/grant-ceiling.js';
 import type { UserRow } from '../users/users.repository.js';
@@ -101,7 +101,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
 
   async function audit(
     context: RequestContext,
-    type: string,
+    type: AuditEventType,
     userId: string | null,
     outcome: 'success' | 'failure',
     data: Record<string, unknown>,

@@ -6,7 +6,7 @@ import { type EventBus, inTransaction } from '../../lib/events.js';
 import type { AppError } from '../../lib/errors.js';
 import type { MailMessage, Mailer } from '../../lib/mailer.js';
 import type { GuessCounter, Reservation } from '../../lib/throttle.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { AuditEventType, AuditService, RequestContext } from '../audit/audit.service.js';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './email-tokens.repository.js';
 
@@ -167,7 +167,7 @@ export function createMailedTokens(deps: {
         ttlSeconds: number;
         mailer: Mailer;
         outbox?: MailOutbox | undefined;
-        audit?: { type: string; context: RequestContext; data: Record<string, unknown> };
+        audit?: { type: AuditEventType; context: RequestContext; data: Record<string, unknown> };
       },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
@@ -244,7 +244,7 @@ export function createMailedTokens(deps: {
      * account (null for none), the outcome and why, with the address's domain only.
      */
     async requested(
-      type: string,
+      type: AuditEventType,
       context: RequestContext,
       email: string,
       userId: string | null,
@@ -264,7 +264,7 @@ export function createMailedTokens(deps: {
     /** Audits a link refused (`type`, a failure, with why) and gives back `error`, to throw. */
     async refused(
       context: RequestContext,
-      event: { type: string; reason: string; userId: string | null },
+      event: { type: AuditEventType; reason: string; userId: string | null },
       error: AppError,
     ): Promise<AppError> {
       await deps.audit.record(deps.db, context, {

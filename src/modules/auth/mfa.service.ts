@@ -17,7 +17,7 @@ import { AppError, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { Logger } from 'pino';
 import type { MailOutbox } from '../mail/mail-outbox.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { AuditEventType, AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
 import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
@@ -310,7 +310,7 @@ export function createMfaService(deps: MfaServiceDeps) {
     code: string,
     accept: { recoveryCodes: boolean; verified: boolean },
     context: RequestContext,
-    action: string,
+    action: AuditEventType,
     work: (
       tx: Executor,
       factor: MfaFactorRow,
@@ -541,7 +541,12 @@ export function createMfaService(deps: MfaServiceDeps) {
      * A current code (from the app, or a recovery code, used up) for an action that must be the
      * account holder's; a wrong one counts toward the lock and is audited as a failure of `action`.
      */
-    async confirm(userId: string, code: string, action: string, context: RequestContext): Promise<void> {
+    async confirm(
+      userId: string,
+      code: string,
+      action: AuditEventType,
+      context: RequestContext,
+    ): Promise<void> {
       await this.confirmWithin(userId, code, action, context, async () => undefined);
     },
 
@@ -552,7 +557,7 @@ export function createMfaService(deps: MfaServiceDeps) {
     confirmWithin<T>(
       userId: string,
       code: string,
-      action: string,
+      action: AuditEventType,
       context: RequestContext,
       work: (tx: Executor) => Promise<T>,
     ): Promise<T> {

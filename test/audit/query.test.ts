@@ -1,0 +1,80 @@
+import type { FastifyInstance } from 'fastify';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { AUDIT_EVENT_TYPES } from '../../src/modules/audit/audit.service.js';
+import { buildTestApp } from '../support/app.js';
+import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
+import { bearer } from '../support/http.js';
+
+/** A cursor as the audit log's pages write it: base64url JSON of [created_at, id, complete_until]. */
+const cursorOf = (key: unknown) => Buffer.from(JSON.stringify(key)).toString('base64url');
+const NOBODY = '00000000-0000-0000-0000-000000000000';
+
+describe('GET /v1/audit-events: what the query may say', () => {
+  let app: FastifyInstance;
+  let admin: TestUser;
+
+  beforeAll(async () => {
+    app = await buildTestApp();
+    admin = await createAdmin(app);
+  });
+
+  const read = (url: string, token = admin.accessToken) =>
+    app.inject({ method: 'GET', url, headers: bearer(token) });
+
+  it('refuses a type the service never writes (a typo) with a 400 naming the known types', async () => {
+    for (const type of ['auth.logins', 'Auth.Login', 'login', 'profile.update']) {
+      const res = await read(`/v1/audit-events?type=${encodeURIComponent(type)}`);
+      expect(res.statusCode, type).toBe(400);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json()).toMatchObject({ code: 'validation_failed' });
+      const errors = res.json().errors as Array<{ field: string; message: string }>;
+      expect(errors.map((e) => e.field)).toEqual(['query.type']);
+      expect(errors[0]!.message).toContain('auth.login, auth.logout');
+      expect(errors[0]!.message).toContain('profile.updated');
+    }
+    // Every known type is still taken, an event of it or none yet.
+    const user = await registerUser(app, 'audit-query-type');
+    const registered = await read(`/v1/audit-events?type=user.registered&subject_id=${user.id}`);
+    expect(registered.statusCode, registered.body).toBe(200);
+    expect(registered.json().data.map((e: { type: string }) => e.type)).toEqual(['user.registered']);
+    for (const type of AUDIT_EVENT_TYPES) {
+      const res = await read(`/v1/audit-events?type=${type}&subject_id=${NOBODY}`);
+      expect(res.statusCode, `${type}: ${res.body}`).toBe(200);
+    }
+  });
+
+  it('lists the known types in the OpenAPI document', async () => {
+    const document = (await app.inject({ method: 'GET', url: '/openapi.json' })).json();
+    const parameter = document.paths['/v1/audit-events'].get.parameters.find(
+      (p: { name: string }) => p.name === 'type',
+    );
+    expect(parameter.schema.enum).toEqual([...AUDIT_EVENT_TYPES]);
+  });
+
+  it('answers any other forged cursor with a 400 or a page, never a 500', async () => {
+    const forged: unknown[] = [
+      ['0001-01-01T00:00:00Z', NOBODY, '0001-01-01T00:00:00Z'],
+      ['9999-12-31T23:59:59.999+00:00', NOBODY.replaceAll('0', 'F')],
+      ['9999-12-31T23:59:59-23:59', NOBODY],
+      ['2026-01-01t00:00:00.123456789z', NOBODY, '2026-01-01T00:00:00.1234567Z'],
+      ['0000-12-31T23:59:59Z', NOBODY],
+      ['2026-02-30T00:00:00Z', NOBODY],
+      ['2026-01-01T00:00:00Z', 'not-a-uuid'],
+      ['2026-01-01T00:00:00Z', NOBODY, '2026-01-01T00:00:00Z', 'extra'],
+      ['2026-01-01T00:00:00Z', NOBODY, 1e308],
+      [1_700_000_000_000, NOBODY],
+      ['2026-01-01T00:00:00Z'],
+      { at: '2026-01-01T00:00:00Z', id: NOBODY },
+      '2026-01-01T00:00:00Z',
+      null,
+    ];
+    for (const key of forged) {
+      for (const route of ['/v1/audit-events?settled=true&', '/v1/auth/activity?']) {
+        const res = await read(`${route}cursor=${cursorOf(key)}`);
+        expect([200, 400], `${route} ${JSON.stringify(key)}: ${res.body}`).toContain(res.statusCode);
+        if (res.statusCode === 400)
+          expect(res.json().errors).toEqual([{ field: 'query.cursor', message: 'invalid cursor' }]);
+      }
+    }
+  });
+});
