@@ -42,11 +42,16 @@ function decodeKey<T>(raw: string | undefined, schema: z.ZodType<T>): T | undefi
       throw new Error('NUL in a cursor');
     return schema.parse(key);
   } catch {
-    throw new AppError('validation_failed', {
-      detail: 'The cursor is not one this service issued',
-      errors: [{ field: 'query.cursor', message: 'invalid cursor' }],
-    });
+    throw invalidCursor();
   }
+}
+
+/** The 400 for a cursor this service did not issue: a malformed one, or a well-formed one a list refuses. */
+export function invalidCursor(): AppError {
+  return new AppError('validation_failed', {
+    detail: 'The cursor is not one this service issued',
+    errors: [{ field: 'query.cursor', message: 'invalid cursor' }],
+  });
 }
 
 /**

@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { AUDIT_EVENT_TYPES } from '../../src/modules/audit/audit.service.js';
+import { AUDIT_EVENT_TYPES, CLOCK_SKEW_MS } from '../../src/modules/audit/audit.service.js';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -49,6 +49,50 @@ describe('GET /v1/audit-events: what the query may say', () => {
       (p: { name: string }) => p.name === 'type',
     );
     expect(parameter.schema.enum).toEqual([...AUDIT_EVENT_TYPES]);
+  });
+
+  it('refuses a cursor carrying a complete_until later than any instance can have answered: it would read past settled=true’s bound', async () => {
+    const user = await registerUser(app, 'audit-query-cursor');
+    // Just written: on PostgreSQL after complete_until, so not in a settled read.
+    const settled = await read(`/v1/audit-events?subject_id=${user.id}&settled=true`);
+    expect(settled.statusCode, settled.body).toBe(200);
+    const completeUntil = Date.parse(settled.json().complete_until);
+    const top = ['9999-12-31T23:59:59.999Z', NOBODY];
+    for (const within of [
+      new Date(Date.now() + 60_000).toISOString(),
+      '9999-12-31T23:59:59.999Z',
+      new Date(app.services.audit.completeUntil().getTime() + CLOCK_SKEW_MS + 1000).toISOString(),
+    ]) {
+      for (const url of [
+        `/v1/audit-events?subject_id=${user.id}&settled=true&cursor=${cursorOf([...top, within])}`,
+        `/v1/audit-events?subject_id=${user.id}&cursor=${cursorOf([...top, within])}`,
+      ]) {
+        const res = await read(url);
+        expect(res.statusCode, `${within}: ${res.body}`).toBe(400);
+        expect(res.json().errors).toEqual([{ field: 'query.cursor', message: 'invalid cursor' }]);
+      }
+      const activity = await read(
+        `/v1/auth/activity?settled=true&cursor=${cursorOf([...top, within])}`,
+        user.accessToken,
+      );
+      expect(activity.statusCode, activity.body).toBe(400);
+      expect(activity.json().errors).toEqual([{ field: 'query.cursor', message: 'invalid cursor' }]);
+    }
+    // What an instance whose clock runs ahead of this one's (within the skew allowed) answered is taken,
+    // and is what the page answers; one from the past reads up to it.
+    for (const within of [
+      new Date(app.services.audit.completeUntil().getTime() + CLOCK_SKEW_MS / 2).toISOString(),
+      new Date(completeUntil).toISOString(),
+      '0001-01-01T00:00:00.000Z',
+    ]) {
+      const res = await read(
+        `/v1/audit-events?subject_id=${user.id}&settled=true&cursor=${cursorOf([...top, within])}`,
+      );
+      expect(res.statusCode, `${within}: ${res.body}`).toBe(200);
+      expect(res.json().complete_until).toBe(within);
+      for (const e of res.json().data as Array<{ created_at: string }>)
+        expect(Date.parse(e.created_at)).toBeLessThan(Date.parse(within));
+    }
   });
 
   it('answers any other forged cursor with a 400 or a page, never a 500', async () => {

@@ -5,13 +5,14 @@ import { atOrAfter, InstantSchema } from '../../lib/instant.js';
 import {
   decodeCursorWithin,
   encodeCursorWithin,
+  invalidCursor,
   PaginationQuerySchema,
   pageBy,
   pageOf,
 } from '../../lib/pagination.js';
 import { userIdOf } from '../../plugins/authenticate.js';
 import { bearerOrApiKey, problems, timestamp } from '../shared/shared.schema.js';
-import { AUDIT_EVENT_TYPES, type AuditEventType, type AuditService } from './audit.service.js';
+import { AUDIT_EVENT_TYPES, type AuditEventType, type AuditService, CLOCK_SKEW_MS } from './audit.service.js';
 
 const AuditEventSchema = z
   .object({
@@ -102,8 +103,15 @@ async function readFollowable(
   filter: Omit<ListFilter, 'limit' | 'since' | 'before' | 'cursor'>,
 ) {
   const cursor = decodeCursorWithin(q.cursor);
+  const completeNow = audit.completeUntil();
+  // No instance issues a `complete_until` later than its clock allows, which is at most the clocks'
+  // skew ahead of this one's. A later one is forged: with `settled=true` it would read events that
+  // earlier-stamped ones may still join, and answer it as complete_until (a follower sending it back
+  // as `since` would skip everything up to it). Refused as any cursor this service did not issue.
+  if (cursor?.within && cursor.within.getTime() > completeNow.getTime() + CLOCK_SKEW_MS)
+    throw invalidCursor();
   // Taken before the read, and kept by its later pages: what the read holds all of.
-  const completeUntil = cursor?.within ?? audit.completeUntil();
+  const completeUntil = cursor?.within ?? completeNow;
   const rows = await audit.list({
     ...filter,
     limit: q.limit,
