@@ -231,6 +231,64 @@ describe('profiles', () => {
     expect(cleared.json()).toMatchObject({ metadata: {}, bio: null });
   });
 
+  it('replaces metadata whole on PATCH (no merge), as the document says', async () => {
+    const user = await registerUser(app, 'meta-whole');
+    const patch = (body: Record<string, unknown>) =>
+      app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: body,
+      });
+    await patch({ metadata: { theme: 'dark', shortcuts: { save: 'ctrl+s', quit: 'ctrl+q' } } });
+    const replaced = await patch({ metadata: { shortcuts: { save: 'cmd+s' }, beta: null } });
+    expect(replaced.statusCode, replaced.body).toBe(200);
+    expect(replaced.json().metadata).toEqual({ shortcuts: { save: 'cmd+s' }, beta: null });
+    // A PATCH without metadata leaves it as it is.
+    expect((await patch({ bio: 'hi' })).json().metadata).toEqual({
+      shortcuts: { save: 'cmd+s' },
+      beta: null,
+    });
+
+    const document = (await app.inject({ method: 'GET', url: '/openapi.json' })).json();
+    const operation = document.paths['/v1/profiles/me'].patch;
+    const body = operation.requestBody.content['application/json'].schema;
+    expect(operation.description).toMatch(/`metadata`.*replaced whole.*not merged/s);
+    expect(body.properties.metadata.description).toMatch(/Replaced whole, not merged/);
+  });
+
+  it('says in the document that avatar_url is https, with the refusal as it was', async () => {
+    const document = (await app.inject({ method: 'GET', url: '/openapi.json' })).json();
+    const avatar =
+      document.paths['/v1/profiles/me'].patch.requestBody.content['application/json'].schema.properties
+        .avatar_url;
+    const text = avatar.anyOf.find((s: { type: string }) => s.type === 'string');
+    expect(avatar.description).toMatch(/https URL/);
+    const pattern = new RegExp(text.pattern);
+    const user = await registerUser(app, 'avatar-doc');
+    for (const [sent, accepted] of [
+      ['https://cdn.example.com/a.png', true],
+      ['HTTPS://Example.COM/a', true],
+      ['https:example.com', true],
+      ['http://cdn.example.com/a.png', false],
+      ['ftp://example.com/a.png', false],
+      ['javascript:alert(1)', false],
+      ['//example.com/a.png', false],
+    ] as const) {
+      expect(pattern.test(sent), sent).toBe(accepted);
+      const res = await app.inject({
+        method: 'PATCH',
+        url: '/v1/profiles/me',
+        headers: bearer(user.accessToken),
+        payload: { avatar_url: sent },
+      });
+      expect(res.statusCode, `${sent}: ${res.body}`).toBe(accepted ? 200 : 400);
+      if (accepted) expect(res.json().avatar_url).toMatch(pattern);
+      // One error, the URL check's: the pattern is the document's, not a second check.
+      else expect(res.json().errors).toEqual([{ field: 'body.avatar_url', message: 'must be an https URL' }]);
+    }
+  });
+
   it('reads user ids in any case (RFC 9562 §4)', async () => {
     const user = await registerUser(app, 'upper');
     const res = await app.inject({

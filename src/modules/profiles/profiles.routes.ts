@@ -33,6 +33,11 @@ export async function profilesRoutes(app: FastifyInstance, deps: { profiles: Pro
         tags: ['profiles'],
         operationId: 'updateMyProfile',
         summary: 'Change the caller’s profile',
+        description:
+          'Changes the fields sent and leaves the others as they are; null clears a field. `metadata` is ' +
+          'the exception to field-by-field: it is replaced whole by the object sent, not merged into the ' +
+          'stored one (no RFC 7396 merge), so send all of it. A change that sets what is already so ' +
+          'writes nothing.',
         security,
         body: PatchProfileBodySchema,
         response: { 200: ProfileSchema, ...problems(400, 401, 403, 404) },

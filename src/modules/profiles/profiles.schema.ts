@@ -65,6 +65,9 @@ export const PatchProfileBodySchema = z
     avatar_url: z
       .string()
       .max(2048)
+      // What the document says of the https rule the URL check below enforces (a pattern zod does not
+      // check: the refusal stays that check's one `must be an https URL`).
+      .meta({ pattern: '^[Hh][Tt][Tt][Pp][Ss]:' })
       .pipe(z.url({ protocol: /^https$/, message: 'must be an https URL' }))
       // Zod runs these after a failed check too: a string that is no URL must not throw in them.
       .refine((v) => {
@@ -79,7 +82,10 @@ export const PatchProfileBodySchema = z
       .refine((v) => v.length <= 2048, 'must be at most 2048 characters once percent-encoded')
       .nullable()
       .optional()
-      .describe('An https URL')
+      .describe(
+        'An https URL (`https://…`; any other scheme is refused), without a user name or password, at ' +
+          'most 2048 characters once percent-encoded; stored as the URL parser writes it out. null clears it',
+      )
       .meta({ example: 'https://example.com/ada.png' }),
     bio: plainText(1000).nullable().optional(),
     locale: z
@@ -113,7 +119,12 @@ export const PatchProfileBodySchema = z
       })
       .nullable()
       .optional()
-      .describe('A JSON object (≤ 4 KiB, ≤ 4 levels) for the frontend’s own use; null clears it to {}'),
+      .describe(
+        'A JSON object (≤ 4 KiB, ≤ 4 levels) for the frontend’s own use. Replaced whole, not merged (this ' +
+          'PATCH is no RFC 7396 merge patch): the object sent becomes the metadata, so a key left out is ' +
+          'gone, and a key set to null is kept as null. To change one key, read the profile and send all of ' +
+          'it back. null clears it to {}',
+      ),
   })
   .strict()
   .describe('Only these fields; `id`, `user_id`, `roles`, `status` and the like are refused (closed schema)');
