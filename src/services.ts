@@ -15,6 +15,7 @@ import {
   createSharedFailureCounter,
   loginFailuresKey,
   mailsPerHourKey,
+  profileChangesKey,
 } from './lib/throttle.js';
 import { createAuditRepository } from './modules/audit/audit.repository.js';
 import { createAuditService, systemContext } from './modules/audit/audit.service.js';
@@ -33,7 +34,7 @@ import { createUsersService } from './modules/users/users.service.js';
 import { createRolesRepository } from './modules/roles/roles.repository.js';
 import { createGrantCeiling } from './modules/roles/grant-ceiling.js';
 import { createRolesService } from './modules/roles/roles.service.js';
-import { createProfilesService } from './modules/profiles/profiles.service.js';
+import { createProfilesService, PROFILE_CHANGES_PER_MINUTE } from './modules/profiles/profiles.service.js';
 import { createApiKeysRepository } from './modules/api-keys/api-keys.repository.js';
 import { API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE } from './modules/api-keys/api-keys.schema.js';
 import { createApiKeysService } from './modules/api-keys/api-keys.service.js';
@@ -455,7 +456,29 @@ export function createServices(deps: ServicesDeps) {
     clock,
     logger,
   });
-  const profiles = createProfilesService({ db, repo: repos.profiles, audit, events });
+  // At most PROFILE_CHANGES_PER_MINUTE profile changes a minute per user, on every instance.
+  const profileChanges = !config.rateLimit.enabled
+    ? undefined
+    : redis
+      ? createRedisFailureCounter({
+          redis,
+          link: redisLink,
+          max: PROFILE_CHANGES_PER_MINUTE,
+          windowSeconds: 60,
+          clock,
+          logger,
+          redisKey: profileChangesKey,
+          fallbackMessage: 'Redis unavailable: counting profile changes in this instance only',
+          label: 'Profile changes',
+        })
+      : createMemoryFailureCounter({ max: PROFILE_CHANGES_PER_MINUTE, windowSeconds: 60, clock });
+  const profiles = createProfilesService({
+    db,
+    repo: repos.profiles,
+    audit,
+    events,
+    changes: profileChanges,
+  });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
 
   const clientAuthFailureCounter = (

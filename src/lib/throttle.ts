@@ -261,6 +261,9 @@ export const loginFailuresKey = (email: string) =>
  */
 export const mailsPerHourKey = (capKey: string) => `paservices:auth:mails-per-hour:${capKey}`;
 
+/** The Redis key of a user's profile changes in the current minute (their id: no address, no name). */
+export const profileChangesKey = (userId: string) => `paservices:auth:profile-changes:${userId}`;
+
 /** The Redis key, next to a count's, of the times its resets and carried counts were made (a hash). */
 export const failureTimesKey = (countKey: string) => `${countKey}:times`;
 

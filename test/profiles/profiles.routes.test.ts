@@ -1,8 +1,11 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { PROFILE_CHANGES_PER_MINUTE } from '../../src/modules/profiles/profiles.service.js';
 import { buildTestApp } from '../support/app.js';
+import { createTestClock } from '../support/clock.js';
 import { createAdmin, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { capCountings } from '../support/redis.js';
 
 describe('profiles', () => {
   let app: FastifyInstance;
@@ -346,3 +349,59 @@ describe('profiles', () => {
     ).toBe(400);
   });
 });
+
+describe.each(await capCountings('profile changes'))(
+  'profile changes per user, counted $counts',
+  ({ counts, env, skip }) => {
+    const clock = createTestClock();
+    let app: FastifyInstance;
+    beforeAll(async () => {
+      if (skip) return;
+      app = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'true', ...env }, deps: { clock } });
+    });
+
+    it.skipIf(skip)(
+      `takes ${PROFILE_CHANGES_PER_MINUTE} changes a minute per user, then 429 with Retry-After, writing nothing`,
+      async () => {
+        const [user, other] = [await registerUser(app, 'busy'), await registerUser(app, 'other')];
+        const patch = (token: string, payload: Record<string, unknown>) =>
+          app.inject({ method: 'PATCH', url: '/v1/profiles/me', headers: bearer(token), payload });
+        for (let i = 0; i < PROFILE_CHANGES_PER_MINUTE; i++) {
+          const res = await patch(user.accessToken, { display_name: `name ${i}` });
+          expect(res.statusCode, `${i}: ${res.body}`).toBe(200);
+          // Setting what is already so is no change, and not counted.
+          if (i < 5)
+            expect((await patch(user.accessToken, { display_name: `name ${i}` })).statusCode).toBe(200);
+        }
+        const refused = await patch(user.accessToken, { display_name: 'one too many', metadata: { a: 1 } });
+        expect(refused.statusCode, refused.body).toBe(429);
+        expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+        expect(refused.json().code).toBe('rate_limited');
+        expect(Number(refused.headers['retry-after'])).toBeGreaterThan(0);
+        expect(Number(refused.headers['retry-after'])).toBeLessThanOrEqual(60);
+        const mine = await app.inject({
+          method: 'GET',
+          url: '/v1/profiles/me',
+          headers: bearer(user.accessToken),
+        });
+        expect(mine.json()).toMatchObject({
+          display_name: `name ${PROFILE_CHANGES_PER_MINUTE - 1}`,
+          metadata: {},
+        });
+        const events = await app.services.audit.list({
+          subjectId: user.id,
+          type: 'profile.updated',
+          limit: 200,
+        });
+        expect(events).toHaveLength(PROFILE_CHANGES_PER_MINUTE);
+        // Per user: another's changes go through.
+        expect((await patch(other.accessToken, { display_name: 'unhurried' })).statusCode).toBe(200);
+        // And the next minute, theirs again (Redis ends its window by its own clock, not the test's).
+        if (counts !== 'in memory') return;
+        clock.advance(61);
+        const later = await patch(user.accessToken, { display_name: 'a minute later' });
+        expect(later.statusCode, later.body).toBe(200);
+      },
+    );
+  },
+);

@@ -4,7 +4,7 @@ import { principalOf, requestContext, userIdOf } from '../../plugins/authenticat
 import { bearerOrApiKey, problems } from '../shared/shared.schema.js';
 import { toProfileDto } from './profiles.repository.js';
 import { PatchProfileBodySchema, ProfileParamsSchema, ProfileSchema } from './profiles.schema.js';
-import type { ProfilesService } from './profiles.service.js';
+import { PROFILE_CHANGES_PER_MINUTE, type ProfilesService } from './profiles.service.js';
 
 export async function profilesRoutes(app: FastifyInstance, deps: { profiles: ProfilesService }) {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -37,10 +37,11 @@ export async function profilesRoutes(app: FastifyInstance, deps: { profiles: Pro
           'Changes the fields sent and leaves the others as they are; null clears a field. `metadata` is ' +
           'the exception to field-by-field: it is replaced whole by the object sent, not merged into the ' +
           'stored one (no RFC 7396 merge), so send all of it. A change that sets what is already so ' +
-          'writes nothing.',
+          `writes nothing. With the rate limits on, a user makes at most ${PROFILE_CHANGES_PER_MINUTE} changes a minute (429 with ` +
+          '`Retry-After` beyond; a change that sets what is already so does not count).',
         security,
         body: PatchProfileBodySchema,
-        response: { 200: ProfileSchema, ...problems(400, 401, 403, 404) },
+        response: { 200: ProfileSchema, ...problems(400, 401, 403, 404, 429) },
       },
     },
     async (request) => {
