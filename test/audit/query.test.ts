@@ -95,6 +95,33 @@ describe('GET /v1/audit-events: what the query may say', () => {
     }
   });
 
+  it('refuses a since= whose last fraction of a millisecond rounds past year 9999 (was a 500)', async () => {
+    const user = await registerUser(app, 'audit-query-since');
+    for (const since of [
+      '9999-12-31T23:59:59.9999Z',
+      '9999-12-31T23:59:59.999000001+00:00',
+      '9999-12-31T23:59:59-23:59',
+    ]) {
+      for (const [url, token] of [
+        [`/v1/audit-events?since=${encodeURIComponent(since)}`, admin.accessToken],
+        [`/v1/auth/activity?since=${encodeURIComponent(since)}`, user.accessToken],
+      ] as const) {
+        const res = await read(url, token);
+        expect(res.statusCode, `${url}: ${res.body}`).toBe(400);
+        expect(res.json().errors).toEqual([{ field: 'query.since', message: expect.any(String) }]);
+      }
+    }
+    // The last millisecond itself, and any fraction within the range, are read as before.
+    for (const since of [
+      '9999-12-31T23:59:59.999Z',
+      '9999-12-31T23:59:59.9989Z',
+      '0001-01-01T00:00:00.0001Z',
+    ]) {
+      const res = await read(`/v1/audit-events?subject_id=${user.id}&since=${encodeURIComponent(since)}`);
+      expect(res.statusCode, `${since}: ${res.body}`).toBe(200);
+    }
+  });
+
   it('answers any other forged cursor with a 400 or a page, never a 500', async () => {
     const forged: unknown[] = [
       ['0001-01-01T00:00:00Z', NOBODY, '0001-01-01T00:00:00Z'],

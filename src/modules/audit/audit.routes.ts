@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { atOrAfter, InstantSchema } from '../../lib/instant.js';
+import { atOrAfter, InstantSchema, isStorableInstant } from '../../lib/instant.js';
 import {
   decodeCursorWithin,
   encodeCursorWithin,
@@ -48,10 +48,18 @@ const auditId = () =>
  * the audit list's and a user's activity's, with the same meaning. Read by `readFollowable`.
  */
 const FollowQuerySchema = z.object({
-  since: InstantSchema.optional().describe(
-    'ISO 8601; events at or after. To follow the log without missing an event, read with ' +
-      '`settled=true` and send each answer’s `complete_until` as the next read’s `since`',
-  ),
+  since: InstantSchema
+    // Read to the millisecond at or after it (atOrAfter): the last millisecond's later fractions
+    // (`9999-12-31T23:59:59.9999Z`) round up into year 10000, which no query can be given (a 500).
+    // Checked only when the instant itself is in range, which InstantSchema says otherwise.
+    .refine((s) => !isStorableInstant(new Date(s)) || isStorableInstant(atOrAfter(s)), {
+      message: 'must be at or before 9999-12-31T23:59:59.999Z (UTC), to the millisecond',
+    })
+    .optional()
+    .describe(
+      'ISO 8601; events at or after. To follow the log without missing an event, read with ' +
+        '`settled=true` and send each answer’s `complete_until` as the next read’s `since`',
+    ),
   settled: z
     .enum(['true', 'false'])
     .optional()
