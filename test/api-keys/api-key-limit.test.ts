@@ -1,10 +1,7 @@
-import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import pg from 'pg';
 import { beforeAll, describe, expect, inject, it } from 'vitest';
-import { selectRows } from '../../src/db/client.js';
 import { buildTestApp } from '../support/app.js';
-import { waitForLockWaiters } from '../support/database.js';
+import { secondWhileFirstInserts } from '../support/database.js';
 import { registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { createKey, createTestClock, withKey } from './helpers.js';
@@ -94,33 +91,14 @@ describe('MAX_API_KEYS_PER_USER: an owner has at most so many live keys; one mor
     async () => {
       const user = await registerUser(app, 'akl-race');
       for (let i = 0; i < CAP - 1; i++) await createKey(app, user.accessToken, { scopes: [] });
-      const repo = app.services.repos.apiKeys;
-      const insert = repo.insert;
-      const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
-      await watcher.connect();
-      let second: ReturnType<typeof create> | undefined;
-      repo.insert = async (...args) => {
-        const created = await insert.apply(repo, args);
-        if (!second) {
-          // The first creation has counted and inserted its key, uncommitted: the second starts now,
-          // and the first commits once the second waits on it (or, were nothing to wait for, once the
-          // second is done).
-          const [holder] = await selectRows<{ pid: number }>(args[1]!, sql`select pg_backend_pid() as pid`);
-          second = create(bearer(user.accessToken), { name: 'second' });
-          await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), second]);
-        }
-        return created;
-      };
-      let first: Awaited<ReturnType<typeof create>>;
-      try {
-        first = await create(bearer(user.accessToken), { name: 'first' });
-      } finally {
-        repo.insert = insert;
-        await watcher.end();
-      }
-      const secondDone = await second!;
+      const { first, second } = await secondWhileFirstInserts(
+        inject('databaseUrl')!,
+        app.services.repos.apiKeys,
+        () => create(bearer(user.accessToken), { name: 'first' }),
+        () => create(bearer(user.accessToken), { name: 'second' }),
+      );
       expect(first.statusCode, first.body).toBe(201);
-      expectRefused(secondDone);
+      expectRefused(second);
       expect(await liveIds(user)).toHaveLength(CAP);
     },
   );

@@ -2,7 +2,14 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import pino from 'pino';
 import { inject } from 'vitest';
-import { type DatabaseHandle, openDatabase, openMemoryDatabase } from '../../src/db/client.js';
+import { sql } from 'drizzle-orm';
+import {
+  type DatabaseHandle,
+  type Executor,
+  openDatabase,
+  openMemoryDatabase,
+  selectRows,
+} from '../../src/db/client.js';
 
 let shared: Promise<DatabaseHandle> | undefined;
 const silent = pino({ level: 'silent' });
@@ -96,4 +103,39 @@ export async function waitForLockWaiters(
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
   throw new Error(`fewer than ${count} statements came to wait for the lock`);
+}
+
+/**
+ * Two requests at once at a limit, on PostgreSQL: `first` runs, and once its transaction has called
+ * `repo.insert` (counted and inserted, uncommitted) `second` starts; the first commits once the
+ * second waits on its lock (or, were there nothing to wait for, once the second is done). The
+ * repository's insert is put back afterwards. Answers both results.
+ */
+export async function secondWhileFirstInserts<V, T, R>(
+  databaseUrl: string,
+  repo: { insert: (values: V, tx: Executor) => Promise<T> },
+  first: () => Promise<R>,
+  second: () => Promise<R>,
+): Promise<{ first: R; second: R }> {
+  const insert = repo.insert;
+  const watcher = new pg.Client({ connectionString: databaseUrl });
+  await watcher.connect();
+  let started: Promise<R> | undefined;
+  repo.insert = async (values, tx) => {
+    const created = await insert.call(repo, values, tx);
+    if (!started) {
+      const [holder] = await selectRows<{ pid: number }>(tx, sql`select pg_backend_pid() as pid`);
+      started = second();
+      await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), started]);
+    }
+    return created;
+  };
+  let firstDone: R;
+  try {
+    firstDone = await first();
+  } finally {
+    repo.insert = insert;
+    await watcher.end();
+  }
+  return { first: firstDone, second: await started! };
 }
