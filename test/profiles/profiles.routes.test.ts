@@ -13,6 +13,10 @@ describe('profiles', () => {
     app = await buildTestApp();
   });
 
+  /** PATCH /v1/profiles/me with the body as given. */
+  const patchMe = (token: string, payload: Record<string, unknown>) =>
+    app.inject({ method: 'PATCH', url: '/v1/profiles/me', headers: bearer(token), payload });
+
   it('creates a profile at registration and lets the user read and change it', async () => {
     const user = await registerUser(app);
     const mine = await app.inject({
@@ -218,13 +222,7 @@ describe('profiles', () => {
 
   it('clears metadata with null, as the other fields', async () => {
     const user = await registerUser(app, 'meta-null');
-    const patch = (body: Record<string, unknown>) =>
-      app.inject({
-        method: 'PATCH',
-        url: '/v1/profiles/me',
-        headers: bearer(user.accessToken),
-        payload: body,
-      });
+    const patch = (body: Record<string, unknown>) => patchMe(user.accessToken, body);
     expect((await patch({ metadata: { theme: 'dark' }, bio: 'hello' })).json()).toMatchObject({
       metadata: { theme: 'dark' },
       bio: 'hello',
@@ -236,13 +234,7 @@ describe('profiles', () => {
 
   it('replaces metadata whole on PATCH (no merge), as the document says', async () => {
     const user = await registerUser(app, 'meta-whole');
-    const patch = (body: Record<string, unknown>) =>
-      app.inject({
-        method: 'PATCH',
-        url: '/v1/profiles/me',
-        headers: bearer(user.accessToken),
-        payload: body,
-      });
+    const patch = (body: Record<string, unknown>) => patchMe(user.accessToken, body);
     await patch({ metadata: { theme: 'dark', shortcuts: { save: 'ctrl+s', quit: 'ctrl+q' } } });
     const replaced = await patch({ metadata: { shortcuts: { save: 'cmd+s' }, beta: null } });
     expect(replaced.statusCode, replaced.body).toBe(200);
