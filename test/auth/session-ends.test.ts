@@ -5,7 +5,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { refreshTokens, sessions } from '../../src/db/schema/index.js';
 import { buildTestApp } from '../support/app.js';
 import { atTime } from '../support/clock.js';
-import { login, registerUser } from '../support/factories.js';
+import { expiredSessions, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { basic, createClient, form, userWith } from '../clients/helpers.js';
 
@@ -24,11 +24,7 @@ describe('a session’s end and its client', () => {
 
   it('DELETE of a session past its absolute or idle expiry is 404, as of an ended one: nothing changes, nothing is audited', async () => {
     const user = await registerUser(app, 'end-expired');
-    const absolute = await login(app, user.email);
-    const idle = await login(app, user.email);
-    const past = new Date(Date.now() - 1000);
-    await setSession(sidOf(absolute.session.access_token), { expiresAt: past, idleExpiresAt: past });
-    await setSession(sidOf(idle.session.access_token), { idleExpiresAt: past });
+    const ended = await expiredSessions(app, user.email);
     // Neither is listed: the list is of live sessions.
     const listed = await app.inject({
       method: 'GET',
@@ -36,8 +32,7 @@ describe('a session’s end and its client', () => {
       headers: bearer(user.accessToken),
     });
     expect(listed.json().data.map((s: { id: string }) => s.id)).toEqual([sidOf(user.accessToken)]);
-    for (const ended of [absolute, idle]) {
-      const sid = sidOf(ended.session.access_token);
+    for (const sid of ended) {
       const res = await app.inject({
         method: 'DELETE',
         url: `/v1/auth/sessions/${sid}`,

@@ -1,5 +1,8 @@
+import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
+import { decodeJwt } from 'jose';
 import { expect } from 'vitest';
+import { sessions } from '../../src/db/schema/index.js';
 import { uniqueEmail } from './app.js';
 
 export const PASSWORD = 'correct horse battery staple';
@@ -58,4 +61,21 @@ export async function createAdmin(app: FastifyInstance): Promise<TestUser> {
   await app.services.repos.users.assignRole(user.id, 'admin', null);
   const session = await login(app, user.email, user.password);
   return { ...user, accessToken: session.session.access_token, refreshToken: session.session.refresh_token };
+}
+
+/**
+ * Two new sessions of the user, signed in and then set past their end: the first past its absolute
+ * end, the second past its idle end (neither revoked). Their ids, in that order.
+ */
+export async function expiredSessions(app: FastifyInstance, email: string): Promise<[string, string]> {
+  const past = new Date(Date.now() - 1000);
+  const sidOf = async () => decodeJwt((await login(app, email)).session.access_token).sid as string;
+  const absolute = await sidOf();
+  const idle = await sidOf();
+  await app.services.db
+    .update(sessions)
+    .set({ expiresAt: past, idleExpiresAt: past })
+    .where(eq(sessions.id, absolute));
+  await app.services.db.update(sessions).set({ idleExpiresAt: past }).where(eq(sessions.id, idle));
+  return [absolute, idle];
 }

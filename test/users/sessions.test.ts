@@ -6,7 +6,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { sessions } from '../../src/db/schema/index.js';
 import { buildTestApp } from '../support/app.js';
 import { userWith } from '../clients/helpers.js';
-import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
+import { createAdmin, expiredSessions, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 
@@ -76,16 +76,7 @@ describe("an administrator's view of a user's sessions", () => {
 
   it('a session past its idle or absolute end is 404, as a revoked one: nothing is changed or audited', async () => {
     const user = await registerUser(app, 'sessions-expired');
-    const absolute = await login(app, user.email);
-    const idle = await login(app, user.email);
-    const past = new Date(Date.now() - 1000);
-    const sidOf = (token: string) => decodeJwt(token).sid as string;
-    const setSession = (sid: string, values: Partial<typeof sessions.$inferInsert>) =>
-      app.services.db.update(sessions).set(values).where(eq(sessions.id, sid));
-    await setSession(sidOf(absolute.session.access_token), { expiresAt: past, idleExpiresAt: past });
-    await setSession(sidOf(idle.session.access_token), { idleExpiresAt: past });
-    for (const ended of [absolute, idle]) {
-      const sid = sidOf(ended.session.access_token);
+    for (const sid of await expiredSessions(app, user.email)) {
       const res = await end(`${user.id}/sessions/${sid}`);
       expect(res.statusCode, res.body).toBe(404);
       expect(res.json().code).toBe('not_found');
