@@ -288,13 +288,10 @@ export function createOAuthService(deps: OAuthServiceDeps) {
     if (!request.refreshToken) throw oauthError('invalid_request', 'refresh_token is required');
     if (caller.kind === 'principal')
       throw oauthError('invalid_request', 'Bearer credentials are not a grant');
-    // §6: a refresh token is only good in the hands of the client it was issued to. Answered like any
-    // other bad refresh token: another client learns nothing of whether it exists.
-    const session = await deps.sessions.findByRefreshToken(request.refreshToken);
+    // §6: a refresh token is only good in the hands of the client it was issued to. sessions.refresh
+    // checks that inside its locked transaction and answers another client's token as it answers an
+    // unknown one (invalid_grant), so another client learns nothing of whether it exists.
     const callerId = caller.kind === 'client' ? caller.client.clientId : caller.clientId;
-    if (session && (session.clientId ?? FIRST_PARTY_CLIENT_ID) !== callerId) {
-      throw oauthError('invalid_grant', 'The refresh token is invalid, expired or revoked');
-    }
     // RFC 8707 §2: a session's tokens are for this service; asking for another audience is refused,
     // never silently ignored.
     const requested = [...new Set([...request.audiences, ...request.resources])];
