@@ -723,6 +723,34 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
     expect((await check({ session_id: 'not-a-uuid' })).statusCode).toBe(400);
   });
 
+  it('granting such a role to a holder without a second factor is idempotent: held already (200), not 409', async () => {
+    // An administrator from before MFA_REQUIRED_ROLES, with no second factor.
+    const legacy = await registerUser(app, 'mfa-required-regrant');
+    await app.services.repos.users.assignRole(legacy.id, 'admin', null);
+    const granter = await userWith(app, ['*'], 'mfa-required-granter');
+    const grant = () =>
+      app.inject({
+        method: 'PUT',
+        url: `/v1/users/${legacy.id}/roles/admin`,
+        headers: bearer(granter.accessToken),
+      });
+    const again = await grant();
+    expect(again.statusCode, again.body).toBe(200);
+    expect(again.json().roles).toEqual(['admin', 'user']);
+    expect(await app.services.audit.list({ subjectId: legacy.id, type: 'role.granted', limit: 5 })).toEqual(
+      [],
+    );
+    // A new grant to a user without a second factor is still refused, and leaves no assignment.
+    const fresh = await registerUser(app, 'mfa-required-fresh');
+    const refused = await app.inject({
+      method: 'PUT',
+      url: `/v1/users/${fresh.id}/roles/admin`,
+      headers: bearer(granter.accessToken),
+    });
+    expect(refused.statusCode).toBe(409);
+    expect((await app.services.repos.users.rolesAndPermissions(fresh.id)).roles).toEqual(['user']);
+  });
+
   it('refuses a role name that is not one, and the user role', () => {
     for (const value of ['Admin!', 'user', 'admin,user']) {
       expect(() => testConfig({ MFA_REQUIRED_ROLES: value }), value).toThrow(/MFA_REQUIRED_ROLES/);

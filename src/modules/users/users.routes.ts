@@ -348,7 +348,8 @@ export async function usersRoutes(
         description:
           'Answers the user’s roles and permissions (200) to a caller who may read them (`users:read`, as ' +
           'for `GET /v1/users/{id}/roles`), and 204 to one who may not. ' +
-          '409 for a role of MFA_REQUIRED_ROLES to a user without two-step verification: they set it up first.',
+          '409 for a role of MFA_REQUIRED_ROLES to a user without two-step verification who does not hold it ' +
+          'yet: they set it up first (one who holds it already gets the answer of any role held already).',
         security,
         params: UserRoleParamsSchema,
         response: {

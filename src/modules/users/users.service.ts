@@ -452,16 +452,22 @@ export function createUsersService(deps: {
         () =>
           inTransaction(deps.db, deps.events, async (tx, emit) => {
             await assertMayChangeGrant(tx, id, roleName, caller, ROLE_REFUSAL);
+            // `granted_by` names a user; a service's grant is in the audit event, by its client id.
+            const grantedBy = context.actorType === 'service' ? null : context.actorId;
+            const added = await deps.repo.assignRole(id, roleName, grantedBy, tx);
             // A role that counts only with a second factor goes to users who have one: else whoever
-            // has their password would set one up and hold the role (MFA_REQUIRED_ROLES).
-            if (deps.mfaRequiredRoles.includes(roleName) && !(await deps.mfa.isEnabled(id, tx, true))) {
+            // has their password would set one up and hold the role (MFA_REQUIRED_ROLES). Asked of a
+            // new assignment only (refused, it rolls back): the PUT is idempotent, so a role held
+            // already (granted before MFA_REQUIRED_ROLES named it) is "held already", not a 409.
+            if (
+              added &&
+              deps.mfaRequiredRoles.includes(roleName) &&
+              !(await deps.mfa.isEnabled(id, tx, true))
+            ) {
               throw new AppError('conflict', {
                 detail: `The ${roleName} role is for users with two-step verification on: they set it up first`,
               });
             }
-            // `granted_by` names a user; a service's grant is in the audit event, by its client id.
-            const grantedBy = context.actorType === 'service' ? null : context.actorId;
-            const added = await deps.repo.assignRole(id, roleName, grantedBy, tx);
             if (added) {
               await deps.audit.record(tx, context, {
                 type: 'role.granted',
