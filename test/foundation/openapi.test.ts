@@ -480,6 +480,19 @@ describe('the OpenAPI document', () => {
     }
   });
 
+  it('declares for the role operations the statuses they answer: no 422, which none of them sends', () => {
+    const statuses = (path: string, method: string) =>
+      Object.keys((doc.paths[path]?.[method]?.responses ?? {}) as object).filter((s) => /^4/.test(s));
+    // A role's name and permissions are checked by the schema (400), the ceiling (403), its existence
+    // (404) and the state (409: a name taken, the admin role without `*`, a built-in role deleted).
+    expect(statuses('/v1/roles', 'post')).not.toContain('422');
+    expect(statuses('/v1/roles/{role}', 'patch')).not.toContain('422');
+    expect(statuses('/v1/roles', 'post')).toEqual(expect.arrayContaining(['400', '401', '403', '409']));
+    expect(statuses('/v1/roles/{role}', 'patch')).toEqual(
+      expect.arrayContaining(['400', '401', '403', '404', '409']),
+    );
+  });
+
   it('declares its answers’ timestamps as date-time and their addresses as email, so generated clients type them', () => {
     // Every property of a response schema (or a component) named like a timestamp or an address.
     const untyped: string[] = [];

@@ -152,7 +152,7 @@ export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesServ
         summary: 'Create a role (you must hold every permission it gives)',
         security,
         body: CreateRoleBodySchema,
-        response: { 201: RoleSchema, ...problems(400, 401, 403, 409, 422) },
+        response: { 201: RoleSchema, ...problems(400, 401, 403, 409) },
       },
     },
     async (request, reply) => {
@@ -175,7 +175,7 @@ export async function rolesRoutes(app: FastifyInstance, deps: { roles: RolesServ
         security,
         params: RoleParamsSchema,
         body: PatchRoleBodySchema,
-        response: { 200: RoleSchema, ...problems(400, 401, 403, 404, 409, 422) },
+        response: { 200: RoleSchema, ...problems(400, 401, 403, 404, 409) },
       },
     },
     async (request) =>
