@@ -111,30 +111,46 @@ export async function waitForLockWaiters(
  * second waits on its lock (or, were there nothing to wait for, once the second is done). The
  * repository's insert is put back afterwards. Answers both results.
  */
-export async function secondWhileFirstInserts<V, T, R>(
+export function secondWhileFirstInserts<V, T, R>(
   databaseUrl: string,
   repo: { insert: (values: V, tx: Executor) => Promise<T> },
   first: () => Promise<R>,
   second: () => Promise<R>,
 ): Promise<{ first: R; second: R }> {
-  const insert = repo.insert;
+  return secondWhileFirstCalls(databaseUrl, repo, 'insert', first, second);
+}
+
+/**
+ * secondWhileFirstInserts for any repository method whose last argument is the transaction: `second`
+ * starts once `first`'s transaction has called `repo[method]` (a grant's `assignRole`, say).
+ */
+export async function secondWhileFirstCalls<M extends string, R>(
+  databaseUrl: string,
+  repo: { [K in M]: (...args: never[]) => Promise<unknown> },
+  method: M,
+  first: () => Promise<R>,
+  second: () => Promise<R>,
+): Promise<{ first: R; second: R }> {
+  const original = repo[method];
   const watcher = new pg.Client({ connectionString: databaseUrl });
   await watcher.connect();
   let started: Promise<R> | undefined;
-  repo.insert = async (values, tx) => {
-    const created = await insert.call(repo, values, tx);
+  const wrapped = async (...args: never[]) => {
+    const done = await original.apply(repo, args);
     if (!started) {
+      const tx = args.at(-1) as unknown as Executor;
       const [holder] = await selectRows<{ pid: number }>(tx, sql`select pg_backend_pid() as pid`);
       started = second();
       await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), started]);
     }
-    return created;
+    return done;
   };
+  repo[method] = wrapped as (typeof repo)[M];
   let firstDone: R;
   try {
     firstDone = await first();
   } finally {
-    repo.insert = insert;
+    repo[method] = original;
     await watcher.end();
   }
   return { first: firstDone, second: await started! };

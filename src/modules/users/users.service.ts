@@ -159,7 +159,8 @@ export function createUsersService(deps: {
       context: RequestContext,
     ): Promise<UserRow> {
       const user = await findOrThrow(id);
-      // Checked before the no-op: what is already so is answered only to who may change it.
+      // Checked before the no-op: what is already so is answered only to who may change it; and before
+      // Supabase is asked (a ban is no part of the transaction). Checked again in the change's.
       await assertMayManage(caller, id);
       const banned = user.provider === deps.provider.name && deps.provider.setBanned;
       // Disabled by a deletion still asking Supabase (`delete`): disabling them is a change, which that
@@ -188,7 +189,11 @@ export function createUsersService(deps: {
           throw err;
         });
       const changed = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        // As removeRole: the admins locked first, then what the user holds, on the transaction that
+        // changes them. A role granted them since the check above (an admin's grant, which holds its
+        // granter's row until it commits, is waited for) is seen: not disabled by who lacks it.
         if (status === 'disabled') await assertNotLastAdmin(tx, id);
+        await assertMayManageIn(tx, caller, id);
         // Conditional, so of concurrent identical requests one changes the user (and is audited), and
         // the others find it done.
         const updated = await deps.repo.changeStatus(id, status, tx);
@@ -371,8 +376,11 @@ export function createUsersService(deps: {
     /** `caller` absent: the user deletes themselves (DELETE /v1/auth/me). */
     async delete(id: string, context: RequestContext, caller?: Grantor): Promise<void> {
       const user = await findOrThrow(id);
+      // Checked before Supabase is asked, and again (as removeRole does: after the admins' lock) in the
+      // transaction that decides the deletion, which sees a role granted the user meanwhile.
       if (caller) await assertMayManage(caller, id);
-      if (user.provider === deps.provider.name && deps.provider.name !== 'local') {
+      const supabase = user.provider === deps.provider.name && deps.provider.name !== 'local';
+      if (supabase) {
         // Supabase's deletion cannot be undone, so this one is decided here first: the user is
         // disabled (which takes them out of the last-admin count, and ends what they hold) in a
         // transaction that checks they are not the last admin. Two administrators deleting each other
@@ -381,6 +389,7 @@ export function createUsersService(deps: {
         // status changed meanwhile: an administrator who disabled it (or enabled it) has the last word.
         const reserved = await inTransaction(deps.db, deps.events, async (tx, emit) => {
           await assertNotLastAdmin(tx, id);
+          if (caller) await assertMayManageIn(tx, caller, id);
           const disabled = await deps.repo.disableForDeletion(id, tx);
           if (disabled) await cutOff(tx, id, 'user_deleted', emit);
           return disabled?.deletingSince ?? undefined;
@@ -406,6 +415,8 @@ export function createUsersService(deps: {
       }
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
         await assertNotLastAdmin(tx, id);
+        // Supabase's deletion, done, was decided in its own transaction (above): not refused after it.
+        if (caller && !supabase) await assertMayManageIn(tx, caller, id);
         await cutOff(tx, id, 'user_deleted', emit);
         // The keys go with the row; each one's history says how it ended, and every instance forgets
         // it at once (a cached key would answer owner_disabled, not not_found, until it aged out).
