@@ -1,0 +1,1 @@
+CREATE INDEX IF NOT EXISTS "clients_created_by_idx" ON "clients" USING btree ("created_by","created_at","id");
