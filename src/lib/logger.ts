@@ -37,6 +37,16 @@ const SENSITIVE_NAME =
 const SENSITIVE_WORD = /(?:^|[^a-z])(?:pass|pin|otp|totp|mfa|sig)(?:[^a-z]|$)/;
 
 /**
+ * Query parameters whose values are personal data, never logged either: a search (`GET /v1/users?query=`
+ * is a part of an email address), an address (`mail` anywhere in the name: `email`, `e-mail`,
+ * `userEmail`), a login, a name or a phone number. The others are read as words of the name, as
+ * SENSITIVE_WORD is (`search_term`, `displayName`, `q`; not `filename`, `technique`, `frequency`).
+ */
+const PERSONAL_NAME = /mail/;
+const PERSONAL_WORD =
+  /(?:^|[^a-z])(?:q|query|search|filter|term|keywords?|login|username|name|phone|tel|mobile)(?:[^a-z]|$)/;
+
+/**
  * Values that are credentials whatever their parameter is called, anywhere in the value once decoded:
  * a JWT (a word starting `eyJ`, `{"` in base64url: `Bearer eyJ…`, `{"t":"eyJ…"}`), a secret of this
  * service (`pak_` API keys, `prt_` refresh tokens, `pcs_` client secrets, and the mailed links' and
@@ -64,19 +74,32 @@ const looksLikeCredential = (raw: string) => {
   return JWT_WORD.test(value) || SECRET_WORD.test(value) || JWT_WORD.test(raw) || SECRET_WORD.test(raw);
 };
 
+/** An email address, or a part of one (`alice@`, `@example.com`): an `@` anywhere once decoded. */
+const looksLikeEmail = (raw: string) => raw.includes('@') || decoded(raw).includes('@');
+
+/** A name's words, lower-cased with its camelCase humps split (`userPin` → `user pin`). */
+const wordsOf = (name: string) => name.replace(/([a-z0-9])([A-Z])/g, '$1 $2').toLowerCase();
+
 const namedLikeCredential = (raw: string) => {
   const name = decoded(raw);
-  return (
-    SENSITIVE_NAME.test(name) ||
-    SENSITIVE_WORD.test(name.replace(/([a-z0-9])([A-Z])/g, '$1 $2').toLowerCase())
-  );
+  return SENSITIVE_NAME.test(name) || SENSITIVE_WORD.test(wordsOf(name));
 };
 
+const namedLikePersonalData = (raw: string) => {
+  const words = wordsOf(decoded(raw));
+  return PERSONAL_NAME.test(words) || PERSONAL_WORD.test(words);
+};
+
+/** What a parameter's value, or a bare parameter, must not be logged as: a credential or an address. */
+const mayNotBeLogged = (raw: string) => looksLikeCredential(raw) || looksLikeEmail(raw);
+
 /**
- * A request URL as it may be logged: the value of every query parameter named like a credential, or
- * looking like one, is `[redacted]`, and so is a bare parameter (no `=`) that looks like one.
+ * A request URL as it may be logged: the value of every query parameter named like a credential or
+ * like personal data (a search, an email address, a login, a name), or looking like a credential or
+ * an email address, is `[redacted]`, and so is a bare parameter (no `=`) that looks like one.
  * Credentials belong in headers or bodies, and the service refuses them in the query, but a client
- * that sends `?access_token=…` anyway must not leave a live token in the logs.
+ * that sends `?access_token=…` anyway must not leave a live token in the logs; and the users' search
+ * (`?query=`, a part of an address) must not leave who was looked for.
  */
 export function loggableUrl(url: string): string {
   const query = url.indexOf('?');
@@ -85,12 +108,14 @@ export function loggableUrl(url: string): string {
   const parameters = url.slice(query + 1).replace(/[^&;]+/g, (parameter) => {
     const equals = parameter.indexOf('=');
     // A bare parameter is a value without a name (`?eyJ…`, as some clients send a token).
-    if (equals < 0) return looksLikeCredential(parameter) ? '[redacted]' : parameter;
+    if (equals < 0) return mayNotBeLogged(parameter) ? '[redacted]' : parameter;
     const name = parameter.slice(0, equals);
-    // A name that is itself a credential's: nothing of it is kept.
-    if (looksLikeCredential(name)) return '[redacted]';
+    // A name that is itself a credential or an address: nothing of it is kept.
+    if (mayNotBeLogged(name)) return '[redacted]';
     const value = parameter.slice(equals + 1);
-    return namedLikeCredential(name) || looksLikeCredential(value) ? `${name}=[redacted]` : parameter;
+    return namedLikeCredential(name) || namedLikePersonalData(name) || mayNotBeLogged(value)
+      ? `${name}=[redacted]`
+      : parameter;
   });
   return `${url.slice(0, query)}?${parameters}`;
 }

@@ -111,6 +111,47 @@ describe('logs never carry credentials', () => {
   });
 });
 
+describe('request lines never carry whom a search or a parameter named', () => {
+  it('redacts the users search (`?query=`), parameters named like an address or a search, and values holding an @', async () => {
+    const { lines, logger } = capture();
+    const app = await buildTestApp({ deps: { logger } });
+    const admin = await createAdmin(app);
+    const sought = uniqueEmail('sought-person');
+    const localPart = sought.split('@')[0]!;
+    const urlOf = (prefix: string) =>
+      lines
+        .map((l) => JSON.parse(l) as { msg: string; req?: { url?: string } })
+        .filter((l) => l.msg === 'incoming request' && l.req?.url?.startsWith(prefix))
+        .at(-1)?.req?.url;
+
+    const search = await app.inject({
+      method: 'GET',
+      url: `/v1/users?query=${encodeURIComponent(sought)}&status=active&limit=5`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(search.statusCode, search.body).toBe(200);
+    expect(urlOf('/v1/users?query=')).toBe('/v1/users?query=[redacted]&status=active&limit=5');
+    // A part of an address, which is what a search usually is, goes as well.
+    await app.inject({
+      method: 'GET',
+      url: `/v1/users?query=${localPart}&limit=5`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(urlOf(`/v1/users?query=`)).toBe('/v1/users?query=[redacted]&limit=5');
+    // Whatever a client sends: names of an address, a search or a login, and values (or bare
+    // parameters) holding an @, raw or percent-encoded; harmless parameters are kept.
+    await app.inject({
+      method: 'GET',
+      url: `/v1/auth/me?email=${localPart}&q=${localPart}-q&userName=${localPart}-u&view=full&x=${localPart}%40example.org&${localPart}@example.net`,
+    });
+    expect(urlOf('/v1/auth/me?email=')).toBe(
+      '/v1/auth/me?email=[redacted]&q=[redacted]&userName=[redacted]&view=full&x=[redacted]&[redacted]',
+    );
+    expect(lines.join('')).not.toContain(localPart);
+    await app.close();
+  });
+});
+
 describe("Fastify's request lines", () => {
   const messagesOf = (lines: string[]) => lines.map((l) => (JSON.parse(l) as { msg: string }).msg);
 

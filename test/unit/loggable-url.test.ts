@@ -10,7 +10,7 @@ describe('loggableUrl', () => {
       );
     }
     // Not a secret's look: kept.
-    expect(loggableUrl('/v1/users?query=pretty_name')).toBe('/v1/users?query=pretty_name');
+    expect(loggableUrl('/v1/users?role=pretty_name')).toBe('/v1/users?role=pretty_name');
   });
 
   it('redacts parameters named like credentials: as part of the name, or short names as a word of it', () => {
@@ -49,8 +49,39 @@ describe('loggableUrl', () => {
     expect(loggableUrl(`/v1/users?page=2;pak_abcdefghijkl_secret`)).toBe('/v1/users?page=2;[redacted]');
     expect(loggableUrl(`/v1/users?${jwt}=1`)).toBe('/v1/users?[redacted]');
     // Harmless bare parameters and words holding the letters are kept.
-    expect(loggableUrl('/v1/users?debug&sort=MoneyJar&q=keypak_x')).toBe(
-      '/v1/users?debug&sort=MoneyJar&q=keypak_x',
+    expect(loggableUrl('/v1/users?debug&sort=MoneyJar&role=keypak_x')).toBe(
+      '/v1/users?debug&sort=MoneyJar&role=keypak_x',
     );
+  });
+
+  it('redacts personal data: parameters named like a search, an address, a login or a name, and any @', () => {
+    for (const name of [
+      'query',
+      'q',
+      'search',
+      'search_term',
+      'filter',
+      'email',
+      'E-Mail',
+      'userEmail',
+      'mail_to',
+      'login',
+      'username',
+      'displayName',
+      'name',
+      'phone',
+    ])
+      expect(loggableUrl(`/v1/users?${name}=alice&limit=2`), name).toBe(
+        `/v1/users?${name}=[redacted]&limit=2`,
+      );
+    // An address, or a part of one, in any value, raw or percent-encoded (twice), or as a bare parameter.
+    for (const value of ['alice@example.com', 'alice%40example.com', '%2540example.com', 'alice@'])
+      expect(loggableUrl(`/v1/users?x=${value}&limit=2`), value).toBe('/v1/users?x=[redacted]&limit=2');
+    expect(loggableUrl('/v1/users?alice@example.com&limit=2')).toBe('/v1/users?[redacted]&limit=2');
+    expect(loggableUrl('/v1/users?alice%40example.com=1&limit=2')).toBe('/v1/users?[redacted]&limit=2');
+    // Words that merely hold those letters, and the list filters that name no one, are kept.
+    expect(
+      loggableUrl('/v1/users?status=active&role=admin&limit=5&cursor=abc&filename=a&technique=b&frequency=c'),
+    ).toBe('/v1/users?status=active&role=admin&limit=5&cursor=abc&filename=a&technique=b&frequency=c');
   });
 });
