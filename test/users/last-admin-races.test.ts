@@ -1,12 +1,10 @@
-import { randomUUID } from 'node:crypto';
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
-import { roles } from '../../src/db/schema/index.js';
 import { buildTestApp } from '../support/app.js';
 import { ownDatabase } from '../support/database.js';
-import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
+import { createAdmin, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 
 /**
@@ -103,60 +101,6 @@ describe('three administrators, each acting on every one of them (themselves too
           .join('\n'),
       ).toEqual([]);
       expect(await activeAdmins(), statuses.join(' ')).toBe(1);
-    }
-  });
-});
-
-describe.skipIf(!inject('databaseUrl'))('the lock of the last-admin check (PostgreSQL)', () => {
-  it('keeps out changes of the admins only: an administrator grants a role and makes an API key while it is held', async () => {
-    const admin = await createAdmin(app);
-    const plain = await registerUser(app, 'last-admin-lock-plain');
-    const role = `lock-${randomUUID().slice(0, 8)}`;
-    await own.database.db
-      .insert(roles)
-      .values({ name: role, description: 'test role', permissions: ['users:read'] });
-    let release!: () => void;
-    const held = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    let locked!: () => void;
-    const lockTaken = new Promise<void>((resolve) => {
-      locked = resolve;
-    });
-    // A removal, disable or deletion of an admin holds this lock from its check to its commit.
-    const holder = own.database.db.transaction(async (tx) => {
-      await app.services.repos.users.lockRoleHolders('admin', tx);
-      locked();
-      await held;
-    });
-    await lockTaken;
-    try {
-      const within = async (work: Promise<LightMyRequestResponse>) =>
-        Promise.race([
-          work.then((r) => r.statusCode),
-          new Promise<'still waiting'>((r) => setTimeout(() => r('still waiting'), 4000)),
-        ]);
-      const [granted, keyMade] = await Promise.all([
-        within(
-          app.inject({
-            method: 'PUT',
-            url: `/v1/users/${plain.id}/roles/${role}`,
-            headers: bearer(admin.accessToken),
-          }),
-        ),
-        within(
-          app.inject({
-            method: 'POST',
-            url: '/v1/api-keys',
-            headers: bearer(admin.accessToken),
-            payload: { name: 'during the check', scopes: ['users:read'] },
-          }),
-        ),
-      ]);
-      expect({ granted, keyMade }).toEqual({ granted: 200, keyMade: 201 });
-    } finally {
-      release();
-      await holder;
     }
   });
 });

@@ -232,10 +232,6 @@ export function createUsersRepository(db: Executor) {
     /**
      * Users holding the role who can use it: active, and not an invitation nobody has taken yet
      * (`isUntakenInvitation`). Locked so two concurrent removals cannot both pass a last-admin check.
-     * FOR NO KEY UPDATE: it conflicts with every change that can take a holder out of the count (this
-     * lock again, a status change, an invitation taken, a role removed, a deletion), but not with the
-     * key-share locks of foreign keys and of the grant ceiling, so an administrator signing in,
-     * granting a role or making a key does not wait behind (or deadlock with) a last-admin check.
      */
     async lockRoleHolders(roleName: string, tx: Executor): Promise<string[]> {
       const rows = await tx
@@ -243,7 +239,7 @@ export function createUsersRepository(db: Executor) {
         .from(userRoles)
         .innerJoin(users, eq(users.id, userRoles.userId))
         .where(and(eq(userRoles.roleName, roleName), usable()))
-        .for('no key update');
+        .for('update');
       return rows.map((r) => r.userId);
     },
     /**
