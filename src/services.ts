@@ -13,6 +13,8 @@ import {
   createMemoryFailureCounter,
   createRedisFailureCounter,
   createSharedFailureCounter,
+  type FailureCounter,
+  type GuessCounter,
   loginFailuresKey,
   mailsPerHourKey,
   profileChangesKey,
@@ -261,22 +263,54 @@ export function createServices(deps: ServicesDeps) {
       : createMemoryFailureCounter(
           config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
         );
-  // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per address an hour, on every instance.
-  const mailsPerHour = !config.rateLimit.enabled
-    ? undefined
-    : redis
+  /** What every limit of `counterOf` has: its count and what it counts. */
+  type Limit = {
+    max: number;
+    windowSeconds: number;
+    /** For the line when Redis does not answer: "Redis unavailable: counting <what> in this instance only". */
+    what: string;
+  };
+  /**
+   * A limit's counter, undefined without RATE_LIMIT_ENABLED: at most `max` per key in a window, shared
+   * through Redis when there is one, in this instance's memory while it does not answer (logged once)
+   * or when there is none. With `redisKey`, read and written in Redis on every call (exact on every
+   * instance; createRedisFailureCounter), `label` naming what is counted when memory's counts are
+   * carried into Redis. With `prefix`, read from memory and only failures sent to Redis (nothing to
+   * wait for on a hot path: createSharedFailureCounter).
+   */
+  function counterOf(
+    limit: Limit & { redisKey: (key: string) => string; label: string },
+  ): GuessCounter | undefined;
+  function counterOf(limit: Limit & { prefix: string }): FailureCounter | undefined;
+  function counterOf(
+    limit: Limit & ({ redisKey: (key: string) => string; label: string } | { prefix: string }),
+  ): GuessCounter | FailureCounter | undefined {
+    if (!config.rateLimit.enabled) return undefined;
+    const { max, windowSeconds } = limit;
+    const common = { link: redisLink, max, windowSeconds, clock, logger };
+    const fallbackMessage = `Redis unavailable: counting ${limit.what} in this instance only`;
+    if ('prefix' in limit)
+      return redis
+        ? createSharedFailureCounter({ ...common, redis, prefix: limit.prefix, fallbackMessage })
+        : createMemoryFailureCounter({ max, windowSeconds, clock });
+    return redis
       ? createRedisFailureCounter({
+          ...common,
           redis,
-          link: redisLink,
-          max: MAILS_PER_ACCOUNT_HOUR,
-          windowSeconds: 3600,
-          clock,
-          logger,
-          redisKey: mailsPerHourKey,
-          fallbackMessage: 'Redis unavailable: counting the mails per address in this instance only',
-          label: 'Mails per address',
+          redisKey: limit.redisKey,
+          fallbackMessage,
+          label: limit.label,
         })
-      : createMemoryFailureCounter({ max: MAILS_PER_ACCOUNT_HOUR, windowSeconds: 3600, clock });
+      : createMemoryFailureCounter({ max, windowSeconds, clock });
+  }
+  // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per address an hour, on every instance.
+  const mailsPerHour = counterOf({
+    max: MAILS_PER_ACCOUNT_HOUR,
+    windowSeconds: 3600,
+    redisKey: mailsPerHourKey,
+    what: 'the mails per address',
+    label: 'Mails per address',
+  });
   const sessions = createSessionsService({
     db,
     repo: repos.sessions,
@@ -457,21 +491,13 @@ export function createServices(deps: ServicesDeps) {
     logger,
   });
   // At most PROFILE_CHANGES_PER_MINUTE profile changes a minute per user, on every instance.
-  const profileChanges = !config.rateLimit.enabled
-    ? undefined
-    : redis
-      ? createRedisFailureCounter({
-          redis,
-          link: redisLink,
-          max: PROFILE_CHANGES_PER_MINUTE,
-          windowSeconds: 60,
-          clock,
-          logger,
-          redisKey: profileChangesKey,
-          fallbackMessage: 'Redis unavailable: counting profile changes in this instance only',
-          label: 'Profile changes',
-        })
-      : createMemoryFailureCounter({ max: PROFILE_CHANGES_PER_MINUTE, windowSeconds: 60, clock });
+  const profileChanges = counterOf({
+    max: PROFILE_CHANGES_PER_MINUTE,
+    windowSeconds: 60,
+    redisKey: profileChangesKey,
+    what: 'profile changes',
+    label: 'Profile changes',
+  });
   const profiles = createProfilesService({
     db,
     repo: repos.profiles,
@@ -481,37 +507,20 @@ export function createServices(deps: ServicesDeps) {
   });
   const accounts = createAccountsCache({ users: repos.users, profiles: repos.profiles, clock });
 
-  const clientAuthFailureCounter = (
-    max: number,
-    prefix: string,
-    counted = 'failed client authentications',
-  ) =>
-    config.rateLimit.enabled && redis
-      ? createSharedFailureCounter({
-          redis,
-          link: redisLink,
-          max,
-          windowSeconds: 60,
-          clock,
-          logger,
-          prefix,
-          fallbackMessage: `Redis unavailable: counting ${counted} in this instance only`,
-        })
-      : createMemoryFailureCounter({
-          max: config.rateLimit.enabled ? max : Number.MAX_SAFE_INTEGER,
-          windowSeconds: 60,
-          clock,
-        });
   // API keys their holder presents that name no key, per client address (api-keys.service.ts,
   // `verifyPresented`): read from memory, as the client-authentication counts are, so a valid key
   // waits for nothing. Not counted at all without RATE_LIMIT_ENABLED.
-  const apiKeyFailuresByIp = config.rateLimit.enabled
-    ? clientAuthFailureCounter(
-        API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
-        API_KEY_IP_FAILURES_PREFIX,
-        'API keys that name no key',
-      )
-    : undefined;
+  const apiKeyFailuresByIp = counterOf({
+    max: API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
+    windowSeconds: 60,
+    prefix: API_KEY_IP_FAILURES_PREFIX,
+    what: 'API keys that name no key',
+  });
+  // Failed client authentications a minute (oauth.service.ts): without RATE_LIMIT_ENABLED, counted
+  // in memory against no limit.
+  const clientAuthFailureCounter = (limit: Limit & { prefix: string }) =>
+    counterOf(limit) ??
+    createMemoryFailureCounter({ max: Number.MAX_SAFE_INTEGER, windowSeconds: limit.windowSeconds, clock });
 
   const apiKeys = createApiKeysService({
     db,
@@ -556,14 +565,18 @@ export function createServices(deps: ServicesDeps) {
     apiKeys: apiKeysForOAuth(apiKeys),
     // Shared through Redis when there is one, but read from memory: only failures reach Redis, so
     // introspections that authenticate never wait for it.
-    clientAuthFailures: clientAuthFailureCounter(
-      CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
-      CLIENT_AUTH_FAILURES_PREFIX,
-    ),
-    clientAuthFailuresByIp: clientAuthFailureCounter(
-      CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
-      CLIENT_AUTH_IP_FAILURES_PREFIX,
-    ),
+    clientAuthFailures: clientAuthFailureCounter({
+      max: CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
+      windowSeconds: 60,
+      prefix: CLIENT_AUTH_FAILURES_PREFIX,
+      what: 'failed client authentications',
+    }),
+    clientAuthFailuresByIp: clientAuthFailureCounter({
+      max: CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
+      windowSeconds: 60,
+      prefix: CLIENT_AUTH_IP_FAILURES_PREFIX,
+      what: 'failed client authentications',
+    }),
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     onClientAuthFailure: (reason) => metrics.clientAuthFailures.inc({ reason }),
   });
