@@ -52,7 +52,7 @@ import {
   CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
   createOAuthService,
 } from './modules/oauth/oauth.service.js';
-import { createMetrics } from './plugins/metrics.js';
+import { createMetrics, type RateLimiter } from './plugins/metrics.js';
 import { createLogMailer, createSmtpMailer, type Mailer } from './lib/mailer.js';
 import { createRedisLink } from './lib/redis-link.js';
 import { createMfaRepository } from './modules/auth/mfa.repository.js';
@@ -263,8 +263,9 @@ export function createServices(deps: ServicesDeps) {
       : createMemoryFailureCounter(
           config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
         );
-  /** What every limit of `counterOf` has: its count and what it counts. */
+  /** What every limit of `counterOf` has: its name in the metrics, its count and what it counts. */
   type Limit = {
+    limiter: RateLimiter;
     max: number;
     windowSeconds: number;
     /** For the line when Redis does not answer: "Redis unavailable: counting <what> in this instance only". */
@@ -273,10 +274,11 @@ export function createServices(deps: ServicesDeps) {
   /**
    * A limit's counter, undefined without RATE_LIMIT_ENABLED: at most `max` per key in a window, shared
    * through Redis when there is one, in this instance's memory while it does not answer (logged once)
-   * or when there is none. With `redisKey`, read and written in Redis on every call (exact on every
-   * instance; createRedisFailureCounter), `label` naming what is counted when memory's counts are
-   * carried into Redis. With `prefix`, read from memory and only failures sent to Redis (nothing to
-   * wait for on a hot path: createSharedFailureCounter).
+   * or when there is none. Its refusals are counted in auth_rate_limit_refusals_total under `limiter`.
+   * With `redisKey`, read and written in Redis on every call (exact on every instance), and every
+   * `reserve` it refuses counted here; `label` names what is counted when memory's counts are carried
+   * into Redis. With `prefix`, read from memory and only failures sent to Redis (nothing to wait for on
+   * a hot path: createSharedFailureCounter), and its caller tells it a refusal (`refused`).
    */
   function counterOf(
     limit: Limit & { redisKey: (key: string) => string; label: string },
@@ -286,14 +288,19 @@ export function createServices(deps: ServicesDeps) {
     limit: Limit & ({ redisKey: (key: string) => string; label: string } | { prefix: string }),
   ): GuessCounter | FailureCounter | undefined {
     if (!config.rateLimit.enabled) return undefined;
-    const { max, windowSeconds } = limit;
+    const { limiter, max, windowSeconds } = limit;
     const common = { link: redisLink, max, windowSeconds, clock, logger };
     const fallbackMessage = `Redis unavailable: counting ${limit.what} in this instance only`;
-    if ('prefix' in limit)
-      return redis
+    // At 0 from the start, so a rate over it has a series to start from.
+    metrics.rateLimitRefusals.inc({ limiter }, 0);
+    const refused = () => metrics.rateLimitRefusals.inc({ limiter });
+    if ('prefix' in limit) {
+      const counter: FailureCounter = redis
         ? createSharedFailureCounter({ ...common, redis, prefix: limit.prefix, fallbackMessage })
         : createMemoryFailureCounter({ max, windowSeconds, clock });
-    return redis
+      return { ...counter, refused };
+    }
+    const counter = redis
       ? createRedisFailureCounter({
           ...common,
           redis,
@@ -302,9 +309,18 @@ export function createServices(deps: ServicesDeps) {
           label: limit.label,
         })
       : createMemoryFailureCounter({ max, windowSeconds, clock });
+    return {
+      ...counter,
+      async reserve(key: string) {
+        const slot = await counter.reserve(key);
+        if (slot.retryAfter > 0) refused();
+        return slot;
+      },
+    };
   }
   // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per address an hour, on every instance.
   const mailsPerHour = counterOf({
+    limiter: 'mails_per_address',
     max: MAILS_PER_ACCOUNT_HOUR,
     windowSeconds: 3600,
     redisKey: mailsPerHourKey,
@@ -492,6 +508,7 @@ export function createServices(deps: ServicesDeps) {
   });
   // At most PROFILE_CHANGES_PER_MINUTE profile changes a minute per user, on every instance.
   const profileChanges = counterOf({
+    limiter: 'profile_changes',
     max: PROFILE_CHANGES_PER_MINUTE,
     windowSeconds: 60,
     redisKey: profileChangesKey,
@@ -511,6 +528,7 @@ export function createServices(deps: ServicesDeps) {
   // `verifyPresented`): read from memory, as the client-authentication counts are, so a valid key
   // waits for nothing. Not counted at all without RATE_LIMIT_ENABLED.
   const apiKeyFailuresByIp = counterOf({
+    limiter: 'unknown_api_keys_per_ip',
     max: API_KEY_MAX_FAILURES_PER_IP_PER_MINUTE,
     windowSeconds: 60,
     prefix: API_KEY_IP_FAILURES_PREFIX,
@@ -566,12 +584,14 @@ export function createServices(deps: ServicesDeps) {
     // Shared through Redis when there is one, but read from memory: only failures reach Redis, so
     // introspections that authenticate never wait for it.
     clientAuthFailures: clientAuthFailureCounter({
+      limiter: 'client_auth_failures',
       max: CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
       windowSeconds: 60,
       prefix: CLIENT_AUTH_FAILURES_PREFIX,
       what: 'failed client authentications',
     }),
     clientAuthFailuresByIp: clientAuthFailureCounter({
+      limiter: 'client_auth_failures_per_ip',
       max: CLIENT_AUTH_MAX_FAILURES_PER_IP_PER_MINUTE,
       windowSeconds: 60,
       prefix: CLIENT_AUTH_IP_FAILURES_PREFIX,

@@ -27,6 +27,11 @@ export interface FailureCounter {
   retryAfterNow?(key: string): number;
   recordFailure(key: string): Promise<void>;
   reset(key: string): Promise<void>;
+  /**
+   * Where present, the caller calls it for each attempt it refused on this counter's answer (counted in
+   * the metrics): a counter read on hot paths (`retryAfterNow`) cannot tell a refusal from a look.
+   */
+  refused?(): void;
 }
 
 /**

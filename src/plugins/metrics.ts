@@ -51,8 +51,28 @@ export function createMetrics() {
       labelNames: ['reason'] as const,
       registers: [registry],
     }),
+    rateLimitRefusals: new Counter({
+      name: 'auth_rate_limit_refusals_total',
+      help:
+        'Attempts a rate limit refused, by limiter: answered 429 (409 for an invitation or a reset link an ' +
+        "administrator asks for), or, for a link mailed at anyone's request, the usual answer and no mail",
+      labelNames: ['limiter'] as const,
+      registers: [registry],
+    }),
   };
 }
+
+/**
+ * The limits counted in auth_rate_limit_refusals_total (services.ts, `counterOf`): a fixed set, no
+ * user data. Mails of a purpose per address an hour; profile changes per user a minute; failed client
+ * authentications per IP and client_id, and per IP, a minute; API keys naming no key per IP a minute.
+ */
+export type RateLimiter =
+  | 'mails_per_address'
+  | 'profile_changes'
+  | 'client_auth_failures'
+  | 'client_auth_failures_per_ip'
+  | 'unknown_api_keys_per_ip';
 
 export type Metrics = ReturnType<typeof createMetrics>;
 

@@ -274,11 +274,13 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     const failures = deps.unknownKeysByAddress;
     if (!failures) return verify(presented);
     const wait = failures.retryAfterNow?.(address) ?? (await failures.retryAfter(address));
-    if (wait > 0 && !inUse(presented))
+    if (wait > 0 && !inUse(presented)) {
+      failures.refused?.();
       throw new AppError('rate_limited', {
         detail: `Too many API keys that name no key from this address; retry in ${wait} s`,
         headers: { 'retry-after': String(wait) },
       });
+    }
     const result = await verify(presented);
     if (!result.valid && result.reason === 'not_found') await failures.recordFailure(address);
     return result;

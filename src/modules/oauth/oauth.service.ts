@@ -569,6 +569,7 @@ export function createOAuthService(deps: OAuthServiceDeps) {
       const addressWait = wait > 0 ? 0 : await deps.clientAuthFailuresByIp.retryAfter(address);
       if (wait > 0 || addressWait > 0) {
         deps.onClientAuthFailure?.('throttled');
+        (wait > 0 ? deps.clientAuthFailures : deps.clientAuthFailuresByIp).refused?.();
         throw new AppError('rate_limited', {
           detail:
             wait > 0
