@@ -10,6 +10,7 @@ import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 import { totpAt, turnOnMfa } from '../support/mfa.js';
 import { captureLogs } from '../support/logs.js';
+import { waitForLockWaiters } from '../support/database.js';
 import { selectRows } from '../../src/db/client.js';
 import { decrypt, keyedHash } from '../../src/lib/crypto.js';
 import { sql } from 'drizzle-orm';
@@ -321,6 +322,77 @@ describe('two-step verification (TOTP)', () => {
         expect(res.json().code).toBe('mfa_required');
       } finally {
         await other.end();
+      }
+    },
+  );
+
+  it.skipIf(!inject('databaseUrl'))(
+    'a change whose session ends while it waits for the account changes nothing: 401, the factor as it was',
+    async () => {
+      /**
+       * Sends `request` while another connection holds the user's row, and ends every session of the
+       * user there (as signing out everywhere, a password change or a disable does: the row, then the
+       * sessions) before letting it go: the request was authenticated before its session ended.
+       */
+      async function endedWhileWaiting(
+        userId: string,
+        request: () => Promise<{ statusCode: number; json(): { code?: string } }>,
+      ) {
+        const other = new pg.Client({ connectionString: inject('databaseUrl') });
+        await other.connect();
+        try {
+          await other.query('begin');
+          await other.query('select 1 from users where id = $1 for no key update', [userId]);
+          const answer = request();
+          await waitForLockWaiters(other, 1);
+          await other.query(
+            "update sessions set revoked_at = now(), revoked_reason = 'logout_all' where user_id = $1",
+            [userId],
+          );
+          await other.query('commit');
+          const res = await answer;
+          expect(res.statusCode).toBe(401);
+          expect(res.json().code).toBe('invalid_token');
+        } finally {
+          await other.end();
+        }
+      }
+      const codes = (userId: string) =>
+        selectRows<{ code_hash: string }>(
+          app.services.db,
+          sql`select code_hash from mfa_recovery_codes where user_id = ${userId} order by code_hash`,
+        );
+
+      // A set-up: no secret is handed out, nothing is pending.
+      const fresh = await registerUser(app, 'mfa-ended-enrol');
+      await endedWhileWaiting(fresh.id, () =>
+        post('/v1/auth/mfa/totp', fresh.accessToken, { password: PASSWORD }),
+      );
+      expect(await app.services.mfa.status(fresh.id)).toMatchObject({ enabled: false, pending: false });
+
+      // An activation: the factor stays pending, and no recovery codes are handed out.
+      const pending = await registerUser(app, 'mfa-ended-activation');
+      const enrol = await post('/v1/auth/mfa/totp', pending.accessToken, { password: PASSWORD });
+      expect(enrol.statusCode).toBe(201);
+      await endedWhileWaiting(pending.id, () =>
+        post('/v1/auth/mfa/totp/activate', pending.accessToken, { code: codeOf(enrol.json().secret) }),
+      );
+      expect(await app.services.mfa.status(pending.id)).toMatchObject({ enabled: false, pending: true });
+      expect(await codes(pending.id)).toEqual([]);
+
+      // New recovery codes: the old ones stay; turning it off: it stays on.
+      for (const [tag, url] of [
+        ['mfa-ended-codes', '/v1/auth/mfa/recovery-codes'],
+        ['mfa-ended-off', '/v1/auth/mfa/totp/deactivate'],
+      ] as const) {
+        const { user, secret } = await enrolled(tag);
+        const before = await codes(user.id);
+        await endedWhileWaiting(user.id, () => post(url, user.accessToken, { code: codeOf(secret) }));
+        expect(await app.services.mfa.status(user.id)).toMatchObject({
+          enabled: true,
+          recovery_codes_remaining: 10,
+        });
+        expect(await codes(user.id)).toEqual(before);
       }
     },
   );

@@ -14,6 +14,7 @@ import {
   parseSecret,
 } from '../../lib/crypto.js';
 import { AppError, notFound } from '../../lib/errors.js';
+import { credentialNoLongerStands } from '../../plugins/authenticate.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import type { Logger } from 'pino';
 import type { MailOutbox } from '../mail/mail-outbox.js';
@@ -290,6 +291,29 @@ export function createMfaService(deps: MfaServiceDeps) {
    */
   const lockUser = (tx: Executor, userId: string) => deps.users.findByIdForUpdate(userId, tx);
 
+  /**
+   * Whether the request's credential still stands, read under the user's row lock (taken first, as
+   * ending every session and a disable take it): the user active, and the session its token belongs
+   * to (`sessionId`, when it has one) live, share-locked until the change commits. The request was
+   * authenticated before it waited for that lock: a sign-out (everywhere or of this session), a
+   * password change or reset, or a disable committed meanwhile would otherwise not stop it, and a
+   * session that had just ended turned a factor on, off, or was handed new recovery codes.
+   */
+  async function assertStands(
+    tx: Executor,
+    user: UserRow | undefined,
+    sessionId: string | null | undefined,
+  ): Promise<void> {
+    if (user?.status !== 'active') throw credentialNoLongerStands();
+    if (sessionId == null) return;
+    const session = await deps.sessions.liveForShare(tx, sessionId);
+    if (session?.userId !== user.id) throw credentialNoLongerStands();
+  }
+
+  /** The session a user's request came with (`RequestContext.credentialId`), if any. */
+  const sessionOf = (context: RequestContext) =>
+    context.actorType === 'user' ? context.credentialId : undefined;
+
   async function removeFactor(tx: Executor, userId: string): Promise<boolean> {
     await lockUser(tx, userId);
     return deps.repo.removeAll(userId, tx);
@@ -322,6 +346,7 @@ export function createMfaService(deps: MfaServiceDeps) {
   ): Promise<T> {
     const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       const user = await lockUser(tx, userId);
+      await assertStands(tx, user, sessionOf(context));
       const factor = await deps.repo.findFactor(userId, { lock: true }, tx);
       if (!factor || (factor.verifiedAt !== null) !== accept.verified)
         return { kind: 'state' as const, factor };
@@ -430,7 +455,7 @@ export function createMfaService(deps: MfaServiceDeps) {
      * Begins a TOTP enrolment: a new secret for the user's app (replacing one begun before and not
      * proven). The secret is shown this once; sign-ins ask for codes only after `activate`.
      */
-    async enroll(userId: string) {
+    async enroll(userId: string, sessionId: string) {
       const user = await deps.users.findById(userId);
       if (!user) throw notFound('user');
       if (deps.requireConfirmedEmail && !user.emailConfirmedAt) {
@@ -440,7 +465,7 @@ export function createMfaService(deps: MfaServiceDeps) {
       }
       const secret = new Secret({ size: TOTP_SECRET_BYTES });
       const factor = await inTransaction(deps.db, deps.events, async (tx) => {
-        await lockUser(tx, user.id);
+        await assertStands(tx, await lockUser(tx, user.id), sessionId);
         return deps.repo.replacePending(
           {
             userId: user.id,

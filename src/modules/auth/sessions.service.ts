@@ -381,6 +381,14 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     },
     findSession: (id: string) => deps.repo.findSession(id),
     /**
+     * The session on `tx`, share-locked until it ends, while it is live (undefined otherwise): a
+     * change made with one of its tokens commits before the session can end, or sees it ended.
+     */
+    async liveForShare(tx: Executor, id: string): Promise<SessionRow | undefined> {
+      const session = await deps.repo.findSessionForShare(id, tx);
+      return session && isLive(session, deps.clock.now()) ? session : undefined;
+    },
+    /**
      * Whether a session is live now: not ended, nor past its idle or absolute expiry. What the list
      * shows, and what can still be ended (one past its expiry has ended already).
      */
