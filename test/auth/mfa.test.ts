@@ -864,6 +864,37 @@ describe('two-step verification notices (when the service sends mail)', () => {
   });
 });
 
+describe('a set-up never confirmed, removed', () => {
+  it('by an administrator tells nobody of two-step verification turned off, and is audited as what it was', async () => {
+    const mailer = capturingMailer();
+    const clock = createTestClock();
+    const app = await buildTestApp({ deps: { mailer, clock } });
+    const admin = await createAdmin(app);
+    const user = await registerUser(app, 'mfa-pending-reset');
+    await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
+    const enrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: bearer(user.accessToken),
+      payload: { password: PASSWORD },
+    });
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    const reset = await app.inject({
+      method: 'DELETE',
+      url: `/v1/users/${user.id}/mfa`,
+      headers: bearer(admin.accessToken),
+    });
+    expect(reset.statusCode, reset.body).toBe(204);
+    expect(await app.services.mfa.status(user.id)).toMatchObject({ enabled: false, pending: false });
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 5 });
+    expect(events.map((e) => e.data)).toEqual([
+      { by_administrator: true, had_factor: false, pending_set_up_removed: true },
+    ]);
+    const subjects = mailer.sent.filter((m) => m.to === user.email).map((m) => m.subject);
+    expect(subjects).not.toContain('Two-step verification is off');
+  });
+});
+
 describe('two-step verification secrets at rest and in the logs (SECURITY.md)', () => {
   it('keeps the TOTP secret encrypted, the recovery codes and mfa_token as HMACs, and none of them in the log', async () => {
     const { lines, logger } = captureLogs('debug');

@@ -333,6 +333,30 @@ describe('password reset (built-in provider)', () => {
     );
   });
 
+  it('a set-up never confirmed goes with the first proof too, and is told of as nothing turned off', async () => {
+    const squatter = await registerUser(app, 'reset-squatted-pending');
+    await app.services.repos.users.update(squatter.id, { emailConfirmedAt: new Date() });
+    const enrol = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp',
+      headers: { authorization: `Bearer ${squatter.accessToken}` },
+      payload: { password: PASSWORD },
+    });
+    expect(enrol.statusCode, enrol.body).toBe(201);
+    await app.services.repos.users.update(squatter.id, { emailConfirmedAt: null });
+    clock.advance(61);
+    await forgot(squatter.email);
+    expect((await reset(tokenMailedTo(mailer, squatter.email))).statusCode).toBe(204);
+    expect(await app.services.mfa.status(squatter.id)).toMatchObject({ enabled: false, pending: false });
+    expect(await app.services.audit.list({ type: 'mfa.disabled', subjectId: squatter.id, limit: 5 })).toEqual(
+      [],
+    );
+    await app.services.outbox?.idle();
+    const subjects = mailer.sent.filter((m) => m.to === squatter.email).map((m) => m.subject);
+    expect(subjects).toContain('Your password was reset');
+    expect(subjects).not.toContain('Two-step verification is off');
+  });
+
   it('the owner’s own second factor survives a reset, which ends the guesser’s sign-ins; notices are mailed', async () => {
     const user = await registerUser(app, 'reset-mfa-owner');
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date() });

@@ -63,15 +63,19 @@ export function createMfaRepository(db: Executor) {
     ): Promise<void> {
       await tx.update(mfaFactors).set(patch).where(eq(mfaFactors.id, id));
     },
-    /** Removes the user's factor, recovery codes and waiting sign-ins; whether a factor was there. */
-    async removeAll(userId: string, tx: Executor): Promise<boolean> {
-      const removed = await tx
+    /**
+     * Removes the user's factor, recovery codes and waiting sign-ins: which factor was there, `on` (a
+     * verified one: sign-ins asked for it), `pending` (a set-up never confirmed) or none.
+     */
+    async removeAll(userId: string, tx: Executor): Promise<'on' | 'pending' | undefined> {
+      const [removed] = await tx
         .delete(mfaFactors)
         .where(eq(mfaFactors.userId, userId))
-        .returning({ id: mfaFactors.id });
+        .returning({ verifiedAt: mfaFactors.verifiedAt });
       await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));
       await tx.delete(mfaChallenges).where(eq(mfaChallenges.userId, userId));
-      return removed.length > 0;
+      if (!removed) return undefined;
+      return removed.verifiedAt ? 'on' : 'pending';
     },
     async replaceRecoveryCodes(userId: string, codeHashes: string[], at: Date, tx: Executor): Promise<void> {
       await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));

@@ -314,7 +314,7 @@ export function createMfaService(deps: MfaServiceDeps) {
   const sessionOf = (context: RequestContext) =>
     context.actorType === 'user' ? context.credentialId : undefined;
 
-  async function removeFactor(tx: Executor, userId: string): Promise<boolean> {
+  async function removeFactor(tx: Executor, userId: string): Promise<'on' | 'pending' | undefined> {
     await lockUser(tx, userId);
     return deps.repo.removeAll(userId, tx);
   }
@@ -618,10 +618,11 @@ export function createMfaService(deps: MfaServiceDeps) {
     },
 
     /**
-     * Removes the user's second factor without a code (an administrator, for a user who lost their
-     * app and codes; or the reset that first proves the mailbox). True when there was one.
+     * Removes the user's second factor without a code (the reset that first proves the mailbox): true
+     * when two-step verification was on. A set-up never confirmed goes too, and is no factor turned
+     * off (sign-ins never asked for it): false, so that nobody is told of one turned off.
      */
-    remove: (tx: Executor, userId: string) => removeFactor(tx, userId),
+    remove: async (tx: Executor, userId: string) => (await removeFactor(tx, userId)) === 'on',
 
     /**
      * An administrator turns a user's two-step verification off (they lost their app and their
@@ -633,12 +634,18 @@ export function createMfaService(deps: MfaServiceDeps) {
         const user = await deps.users.findById(userId, tx);
         if (!user) throw notFound('user');
         const removed = await removeFactor(tx, userId);
+        // `had_factor`: two-step verification was on. A set-up never confirmed goes too, and is said
+        // as such: the user is told of nothing turned off, since sign-ins never asked for it.
         await deps.audit.record(tx, context, {
           type: 'mfa.disabled',
           subjectId: userId,
-          data: { by_administrator: true, had_factor: removed },
+          data: {
+            by_administrator: true,
+            had_factor: removed === 'on',
+            ...(removed === 'pending' ? { pending_set_up_removed: true } : {}),
+          },
         });
-        return removed ? notice.disabled(tx, user, true) : [];
+        return removed === 'on' ? notice.disabled(tx, user, true) : [];
       });
       deps.outbox?.kick(mails);
     },
