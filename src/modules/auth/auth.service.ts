@@ -289,6 +289,8 @@ export function createAuthService(deps: AuthServiceDeps) {
     checkedHash?: string,
     authenticatedAt?: Date | null,
   ): Promise<SessionTokens | 'second_factor'> {
+    // No key can sign (503): said before the session is opened, rather than leave one nobody holds.
+    await deps.sessions.signingReady();
     const opened = await inTransaction(deps.db, deps.events, (tx, emit) =>
       startSessionIn(tx, emit, user, context, type, amr, checkedHash, authenticatedAt),
     );
@@ -527,6 +529,8 @@ export function createAuthService(deps: AuthServiceDeps) {
     ): Promise<{ user: UserRow; session: SessionTokens | null }> {
       const email = normalizeEmail(input.email);
       checkPasswordStrength(input.password, email);
+      // No key can sign (503): said before the account is made, not after (a retry would be a 409).
+      await deps.sessions.signingReady();
       const signedUp = await deps.provider.signUp(email, input.password);
       // The confirmation mail's place under the address's hourly cap, taken before the transaction
       // that writes the mail with the account, and given back if it fails.

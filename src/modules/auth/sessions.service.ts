@@ -205,6 +205,9 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       return { session, refreshToken: await mintRefreshToken(session.id, tx) };
     },
 
+    /** Resolves once a key can sign; 503 while none can: asked before a session is opened. */
+    signingReady: () => deps.tokens.signingReady(),
+
     /** The `session` object of API.md: a fresh access token with the user's current roles. */
     async tokensFor(
       user: UserRow,
@@ -241,6 +244,9 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) {
         throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
       }
+      // No key can sign (503): said before the token is rotated, not after, when a retry of it would
+      // be a replay once the grace is over, and end the session.
+      await deps.tokens.signingReady();
       const outcome = await inTransaction<RefreshOutcome>(deps.db, deps.events, async (tx, emit) => {
         const found = await deps.repo.findByTokenHash(hash(refreshToken), { lock: true }, tx);
         if (!found) return { kind: 'invalid' };

@@ -14,7 +14,7 @@ import { AppError } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
 import { createRetryingRead } from '../../lib/retrying-read.js';
-import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import { type AuditService, type RequestContext, systemContext } from '../audit/audit.service.js';
 import type { SigningKeyRow, SigningKeysRepository } from './signing-keys.repository.js';
 
 export type SigningAlg = 'ES256' | 'EdDSA';
@@ -61,6 +61,17 @@ export interface SigningKeysServiceDeps {
 export const JWKS_CACHE_SECONDS = 600;
 
 /**
+ * When no active key is left (an operator retired it): how long the next key must have been
+ * published (its row committed with its NOTIFY) before it is made active without a rotation. The
+ * other instances apply the notification within milliseconds, and one whose LISTEN connection dropped
+ * reads its keys again within a few seconds; meanwhile issuance answers 503 with Retry-After.
+ */
+export const REPLACEMENT_PUBLISHED_SECONDS = 5;
+
+/** How long issuance answers 503 from memory after no key could be made active (an altered next key). */
+const REPLACEMENT_FAILED_RETRY_SECONDS = 30;
+
+/**
  * Signing keys: next (published, not signing) → active → retiring (published until its last token
  * expired + 10 min) → retired. Because the next key is published from its creation, a rotation only
  * ever starts signing with a key verifiers have already been shown; and a rotation waits until the
@@ -91,6 +102,10 @@ function decryptPrivateKey(
 export class SigningKeyMismatchError extends Error {
   override name = 'SigningKeyMismatchError';
 }
+
+/** A stored key that cannot sign (an altered row, another KEY_ENCRYPTION_KEY): not the request's fault. */
+const cannotSign = (err: unknown) =>
+  err instanceof SigningKeyMismatchError || err instanceof KeyEncryptionKeyMismatchError;
 
 /** Whether `key` is a key of `alg`: a P-256 key for ES256, an Ed25519 key for EdDSA. */
 function fitsAlg(key: KeyObject, alg: SigningAlg): boolean {
@@ -131,6 +146,13 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
    * the keys from before it, and is dropped (the one asked for after it applies).
    */
   let changes = 0;
+  /**
+   * While no key can sign: until when (clock ms) issuance answers 503 from memory rather than try
+   * again, and why (one log line when that changes). Cleared once a key signs.
+   */
+  let unavailable: { until: number; why: 'publishing' | 'cannot_sign' } | undefined;
+  /** The replacement of a missing active key under way (replaceActive): shared by the requests meanwhile. */
+  let replacing: Promise<void> | undefined;
 
   async function newKeyRow(state: 'next' | 'active', now: Date) {
     const kid = randomUUID();
@@ -211,6 +233,10 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     active = nextActive;
     publish(rows);
     if (removed) keysRemoved();
+    if (active && unavailable) {
+      unavailable = undefined;
+      deps.logger.info({ kid: active.kid }, 'a signing key signs again: token issuance resumes');
+    }
   }
 
   function publish(rows: SigningKeyRow[]): void {
@@ -244,21 +270,77 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     active && verification.has(active.kid) ? active : undefined;
 
   /**
-   * Creates the first active key and a published next key when missing; retires expired keys. A key
-   * it creates is announced to the other instances in its transaction (NOTIFY), as a rotation's are:
-   * a next key counts as published from its `createdAt`, and a rotation may promote it 10 minutes
-   * later, so the others must publish it then, not at their next minute's reload.
+   * No active key among `rows` (every published key, read under the lock): the published next key is
+   * made active once it has been published for REPLACEMENT_PUBLISHED_SECONDS, and a new next key
+   * made, as a rotation does; with no next key, one is made (and announced) that signs once it has
+   * been published that long. Never a key made now that signs at once: the other instances would
+   * refuse its tokens until they heard of it. `waitSeconds`: how long until a key can sign.
+   */
+  async function replaceActiveIn(
+    tx: Transaction,
+    rows: SigningKeyRow[],
+    now: Date,
+    emit: (event: AuthEvent) => void,
+  ): Promise<{ kid: string; publishedFor: number } | { waitSeconds: number }> {
+    const next = rows.find((r) => r.state === 'next');
+    if (!next) {
+      await deps.repo.insert(await newKeyRow('next', now), tx);
+      emit({ type: 'signing_keys_changed' });
+      return { waitSeconds: REPLACEMENT_PUBLISHED_SECONDS };
+    }
+    const publishedMs = now.getTime() - next.createdAt.getTime();
+    if (publishedMs < REPLACEMENT_PUBLISHED_SECONDS * 1000)
+      return { waitSeconds: Math.ceil((REPLACEMENT_PUBLISHED_SECONDS * 1000 - publishedMs) / 1000) };
+    // Not made active unless it can sign (its row unaltered): SigningKeyMismatchError otherwise.
+    openPrivateKey(
+      deps.keyEncryptionKey,
+      next,
+      createPublicKey({ key: next.publicJwk as JWK & { kty: string }, format: 'jwk' }),
+    );
+    const publishedFor = Math.floor(publishedMs / 1000);
+    await deps.repo.update(next.kid, { state: 'active', activatedAt: now }, tx);
+    await deps.repo.insert(await newKeyRow('next', now), tx);
+    await deps.audit.record(tx, systemContext, {
+      type: 'signing_key.rotated',
+      subjectId: next.kid,
+      data: { previous: [], alg: next.alg, forced: false, published_for: publishedFor, no_active_key: true },
+    });
+    emit({ type: 'signing_keys_changed' });
+    return { kid: next.kid, publishedFor };
+  }
+
+  /**
+   * Creates the first active key and a published next key on a database that never had a key;
+   * creates a published next key when missing; makes the next key active when no active key is left
+   * (replaceActiveIn); retires expired keys. A key it creates is announced to the other instances in
+   * its transaction (NOTIFY), as a rotation's are: a next key counts as published from its
+   * `createdAt`, and a rotation may promote it 10 minutes later, so the others must publish it then,
+   * not at their next minute's reload.
    */
   async function ensureKeys(): Promise<void> {
-    await inTransaction(deps.db, deps.events, async (tx, emit) => {
+    const promoted = await inTransaction(deps.db, deps.events, async (tx, emit) => {
       await deps.repo.lock(tx);
       const now = deps.clock.now();
       await deps.repo.retireExpired(now, tx);
       const rows = await deps.repo.listPublished(now, tx);
-      const missing = (['active', 'next'] as const).filter((state) => !rows.some((r) => r.state === state));
-      for (const state of missing) await deps.repo.insert(await newKeyRow(state, now), tx);
-      if (missing.length > 0) emit({ type: 'signing_keys_changed' });
+      if (rows.length === 0 && (await deps.repo.list({ limit: 1 }, tx)).length === 0) {
+        // The first start on this database: nothing has signed yet, and no instance has a key.
+        for (const state of ['active', 'next'] as const)
+          await deps.repo.insert(await newKeyRow(state, now), tx);
+        emit({ type: 'signing_keys_changed' });
+        return undefined;
+      }
+      if (!rows.some((r) => r.state === 'active')) {
+        const replaced = await replaceActiveIn(tx, rows, now, emit);
+        return 'kid' in replaced ? replaced : undefined;
+      }
+      if (!rows.some((r) => r.state === 'next')) {
+        await deps.repo.insert(await newKeyRow('next', now), tx);
+        emit({ type: 'signing_keys_changed' });
+      }
+      return undefined;
     });
+    if (promoted) logPromoted(promoted);
     try {
       await reload();
     } catch (err) {
@@ -267,6 +349,81 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       if (!(err instanceof SigningKeyMismatchError) || !active) throw err;
       deps.logger.error({ err }, 'the signing keys were not reloaded: the keys read before are kept');
     }
+  }
+
+  function logPromoted(promoted: { kid: string; publishedFor: number }): void {
+    deps.logger.warn(
+      { kid: promoted.kid, publishedFor: promoted.publishedFor },
+      'no active signing key was left: the published next key signs now',
+    );
+  }
+
+  function becomeUnavailable(why: 'publishing' | 'cannot_sign', seconds: number, err?: unknown): void {
+    if (unavailable?.why !== why) {
+      if (why === 'publishing')
+        deps.logger.warn(
+          { waitSeconds: seconds },
+          'no signing key can sign: the next key signs once it has been published long enough; token ' +
+            'issuance answers 503 meanwhile',
+        );
+      else
+        deps.logger.error(
+          { err },
+          'no signing key can sign, and none can be made active: token issuance answers 503. Revoke every ' +
+            'published key and sign with a new one: POST /v1/signing-keys/rotate {"revoke_previous": true}',
+        );
+    }
+    unavailable = { until: deps.clock.nowMs() + seconds * 1000, why };
+  }
+
+  /** What issuance answers while no key can sign: 503, and when to try again. */
+  function noSigningKey(): AppError {
+    const seconds = Math.max(1, Math.ceil(((unavailable?.until ?? 0) - deps.clock.nowMs()) / 1000));
+    return new AppError('service_unavailable', {
+      detail: `No signing key can sign tokens at the moment: retry in ${seconds} s.`,
+      headers: { 'retry-after': String(seconds) },
+    });
+  }
+
+  /**
+   * Makes a key active when none is (replaceActiveIn), under the lock; this instance holds the keys it
+   * left from its commit on. One at a time on this instance: requests meanwhile share it.
+   */
+  function replaceActive(): Promise<void> {
+    replacing ??= (async () => {
+      try {
+        const result = await inTransaction(
+          deps.db,
+          deps.events,
+          async (tx, emit) => {
+            await deps.repo.lock(tx);
+            const now = deps.clock.now();
+            const rows = await deps.repo.listPublished(now, tx);
+            // Another instance (or the minute's housekeeping) made one active meanwhile: read here.
+            const replaced = rows.some((r) => r.state === 'active')
+              ? undefined
+              : await replaceActiveIn(tx, rows, now, emit);
+            if (replaced && 'waitSeconds' in replaced) return replaced;
+            return { promoted: replaced, published: await deps.repo.listPublished(now, tx) };
+          },
+          (r) => {
+            if (!('published' in r)) return;
+            changes++;
+            apply(r.published);
+          },
+        );
+        if ('waitSeconds' in result) becomeUnavailable('publishing', result.waitSeconds);
+        else if (result.promoted) logPromoted(result.promoted);
+      } catch (err) {
+        if (!cannotSign(err)) throw err;
+        // The next key cannot sign (its row altered, or KEY_ENCRYPTION_KEY not its key): an
+        // operator's matter; issuance answers 503 and tries again now and then.
+        becomeUnavailable('cannot_sign', REPLACEMENT_FAILED_RETRY_SECONDS, err);
+      } finally {
+        replacing = undefined;
+      }
+    })();
+    return replacing;
   }
 
   /** `published`: every key published once it commits, when it changed any. */
@@ -378,12 +535,27 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     /**
      * The key new tokens are signed with: after a revocation of the active key heard from another
      * instance, the one read after it (never the revoked key, whose tokens would be refused at once).
+     * With no active key in the database (an operator retired it), the published next key is made
+     * active (replaceActiveIn); until one can sign, AppError `service_unavailable` (503, Retry-After).
      */
     async signingKey(): Promise<ActiveSigningKey> {
-      // Each read is begun after the call; one is dropped only for a change that asks for another.
-      for (let reads = 0; reads < 3 && !usableActive(); reads++) await reload();
+      const current = usableActive();
+      if (current) return current;
+      // No key could be made active a moment ago: answered from memory until it can be tried again.
+      if (unavailable && deps.clock.nowMs() < unavailable.until) throw noSigningKey();
+      try {
+        // Each read is begun after the call; one is dropped only for a change that asks for another.
+        for (let reads = 0; reads < 3 && !usableActive(); reads++) await reload();
+        // None in the database either (an operator retired it): the published next key is made
+        // active, or, not published long enough yet, 503 until it is.
+        if (!usableActive()) await replaceActive();
+      } catch (err) {
+        if (!cannotSign(err)) throw err;
+        // The active key read cannot sign (its row altered): 503, not a 500, until that changes.
+        becomeUnavailable('cannot_sign', REPLACEMENT_FAILED_RETRY_SECONDS, err);
+      }
       const key = usableActive();
-      if (!key) throw new Error('no usable signing key loaded: the active one was revoked');
+      if (!key) throw noSigningKey();
       return key;
     },
     /**

@@ -192,6 +192,14 @@ export function createTokenService(deps: {
   return {
     /** Where the revocation list stands (IssueAccessToken.revocationsSeen). */
     revocationsSeen: () => deps.revocations.seen(),
+    /**
+     * Resolves once a key can sign (from memory, while one can); AppError `service_unavailable` (503,
+     * Retry-After) while none can. Asked before a change a token is issued after (a session opened, a
+     * refresh token rotated), so that such a 503 comes before the change, not after it.
+     */
+    signingReady(): Promise<unknown> | undefined {
+      return deps.keys.signingKeyNow() ? undefined : deps.keys.signingKey();
+    },
     async issue(input: IssueAccessToken) {
       let key = deps.keys.signingKeyNow() ?? (await deps.keys.signingKey());
       const now = deps.clock.now();
