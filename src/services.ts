@@ -625,10 +625,31 @@ export function createServices(deps: ServicesDeps) {
     });
     return housekeepingRun;
   }
+  /**
+   * The minute's work. Each step runs whatever became of the ones before it (a failed ensureKeys must
+   * not leave the revocations unread, nor the purge undone); the run then fails with the step's
+   * error, or an AggregateError of the steps' errors, for the timer's one log line.
+   */
   async function housekeepOnce() {
     revocations.prune();
-    await keys.ensureKeys();
-    await revocations.reload();
+    const failures: unknown[] = [];
+    const step = (work: () => Promise<void>) =>
+      work().catch((err: unknown) => {
+        failures.push(err);
+      });
+    await step(() => keys.ensureKeys());
+    await step(() => revocations.reload());
+    await step(purgeIfDue);
+    if (failures.length === 1) throw failures[0];
+    if (failures.length > 1)
+      throw new AggregateError(
+        failures,
+        `housekeeping: ${failures.length} steps failed: ${failures
+          .map((err) => (err instanceof Error ? err.message : String(err)))
+          .join('; ')}`,
+      );
+  }
+  async function purgeIfDue() {
     // By the wall clock, not the injectable one: a test that moves its app's clock days ahead must
     // not purge, from a timer, the rows other tests on the same database wrote moments ago.
     // (In production the two are the same clock.)

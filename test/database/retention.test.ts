@@ -257,6 +257,51 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     }
   });
 
+  it('housekeeping runs each step on its own: a failed ensureKeys skips neither the revocations’ reload nor the purge', async () => {
+    const { keys, revocations, retention } = app.services;
+    const ensureKeys = vi.spyOn(keys, 'ensureKeys');
+    const reload = vi.spyOn(revocations, 'reload');
+    const purge = vi.spyOn(retention, 'purge').mockResolvedValue(undefined as never);
+    const wallClock = vi.spyOn(Date, 'now');
+    // Past every purge the test above made due, and each run a purge later.
+    let at = Date.now() + 10_000 * DAY;
+    try {
+      wallClock.mockReturnValue(at);
+      ensureKeys.mockRejectedValueOnce(new Error('could not serialize access'));
+      await expect(app.services.housekeeping()).rejects.toThrow('could not serialize access');
+      expect(reload).toHaveBeenCalledTimes(1);
+      expect(purge).toHaveBeenCalledTimes(1);
+
+      at += 2 * 3600_000;
+      wallClock.mockReturnValue(at);
+      reload.mockRejectedValueOnce(new Error('connection terminated'));
+      await expect(app.services.housekeeping()).rejects.toThrow('connection terminated');
+      expect(ensureKeys).toHaveBeenCalledTimes(2);
+      expect(purge).toHaveBeenCalledTimes(2);
+
+      // Two failures at once: both are told, and the purge still runs.
+      at += 2 * 3600_000;
+      wallClock.mockReturnValue(at);
+      ensureKeys.mockRejectedValueOnce(new Error('could not serialize access'));
+      reload.mockRejectedValueOnce(new Error('connection terminated'));
+      const both = await app.services.housekeeping().then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      expect(both).toBeInstanceOf(AggregateError);
+      expect((both as AggregateError).errors.map((e: Error) => e.message)).toEqual([
+        'could not serialize access',
+        'connection terminated',
+      ]);
+      expect(purge).toHaveBeenCalledTimes(3);
+    } finally {
+      wallClock.mockRestore();
+      purge.mockRestore();
+      reload.mockRestore();
+      ensureKeys.mockRestore();
+    }
+  });
+
   /** Records, for each row `tables` lose, the transaction that deleted it; `run` sees the log, then it goes. */
   async function recordingDeletes<T>(tables: string[], run: () => Promise<T>) {
     const db = app.services.db;
