@@ -3,6 +3,8 @@ import type { Logger } from 'pino';
 /** The first wait after a failed read, doubled after each failure in a row up to RETRY_MAX_MS. */
 const RETRY_FIRST_MS = 250;
 const RETRY_MAX_MS = 2000;
+/** The longest wait after a lasting failure (`lasting`): one an operator must mend, not the database. */
+export const RETRY_LASTING_MAX_MS = 60_000;
 
 export interface RetryingRead {
   /**
@@ -25,12 +27,19 @@ export function createRetryingRead(options: {
   logger: Logger;
   /** What is read and why, for the log: `the revocations after a resync`. */
   what: string;
+  /**
+   * A failure the database coming back does not mend (a signing key's row altered): tried again with
+   * waits doubling up to RETRY_LASTING_MAX_MS instead of every 2 s, and logged as such.
+   */
+  lasting?: (err: unknown) => boolean;
 }) {
   let asked = 0;
   let running = false;
   let stopped = false;
   let wake: (() => void) | undefined;
   let timer: NodeJS.Timeout | undefined;
+  /** Waiting after a lasting failure: a request (something changed, perhaps the mend) reads at once. */
+  let waitingOnLasting = false;
 
   const pause = (ms: number) =>
     new Promise<void>((resolve) => {
@@ -42,6 +51,8 @@ export function createRetryingRead(options: {
   async function loop(): Promise<void> {
     let delay = RETRY_FIRST_MS;
     let failures = 0;
+    /** The kind of the last failure logged: one line when a run of failures starts or changes kind. */
+    let logged: 'transient' | 'lasting' | undefined;
     for (;;) {
       const covered = asked;
       try {
@@ -49,6 +60,7 @@ export function createRetryingRead(options: {
         if (failures > 0)
           options.logger.info({ failures }, `read ${options.what} once the database answered`);
         failures = 0;
+        logged = undefined;
         delay = RETRY_FIRST_MS;
         // Decided and cleared in one turn: a request coming after this starts a loop of its own.
         if (asked === covered || stopped) {
@@ -60,13 +72,26 @@ export function createRetryingRead(options: {
           running = false;
           return;
         }
-        if (failures++ === 0)
-          options.logger.warn(
-            { err, retryInMs: delay },
-            `could not read ${options.what}; trying again until the database answers`,
-          );
+        failures++;
+        const kind = options.lasting?.(err) ? 'lasting' : 'transient';
+        if (kind !== logged) {
+          logged = kind;
+          if (kind === 'lasting')
+            options.logger.error(
+              { err, retryInMs: delay, failures },
+              `could not read ${options.what}, and reading again will not mend it; trying again now ` +
+                `and then (up to every ${RETRY_LASTING_MAX_MS / 1000} s) until it is mended`,
+            );
+          else
+            options.logger.warn(
+              { err, retryInMs: delay, failures },
+              `could not read ${options.what}; trying again until the database answers`,
+            );
+        }
+        waitingOnLasting = kind === 'lasting';
         await pause(delay);
-        delay = Math.min(delay * 2, RETRY_MAX_MS);
+        waitingOnLasting = false;
+        delay = Math.min(delay * 2, kind === 'lasting' ? RETRY_LASTING_MAX_MS : RETRY_MAX_MS);
         if (stopped) {
           running = false;
           return;
@@ -78,6 +103,11 @@ export function createRetryingRead(options: {
   return {
     request() {
       asked++;
+      if (waitingOnLasting && !stopped) {
+        waitingOnLasting = false;
+        if (timer) clearTimeout(timer);
+        wake?.();
+      }
       if (running || stopped) return;
       running = true;
       loop().catch(() => {

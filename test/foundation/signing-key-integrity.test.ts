@@ -1,5 +1,6 @@
 import { sql } from 'drizzle-orm';
 import { decodeProtectedHeader } from 'jose';
+import pino from 'pino';
 import { afterAll, describe, expect, it } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { systemContext } from '../../src/modules/audit/audit.service.js';
@@ -24,7 +25,9 @@ describe('a signing key whose stored private key is another key’s', () => {
 
   it('is not signed with: a reload keeps the keys it had, a start is refused, a rotation does not promote it', async () => {
     const { database } = await own;
-    const app = await buildTestApp({ deps: { database } });
+    const lines: Array<{ level: number; msg: string }> = [];
+    const logger = pino({ level: 'info' }, { write: (line: string) => lines.push(JSON.parse(line)) });
+    const app = await buildTestApp({ deps: { database, logger } });
     const user = await registerUser(app, 'key-integrity');
     const rows = () =>
       selectRows<{ kid: string; state: string; private_key_encrypted: string }>(
@@ -52,8 +55,12 @@ describe('a signing key whose stored private key is another key’s', () => {
     );
     expect((refused as Error).message).toContain('npm run rotate-signing-key -- --revoke-previous');
 
-    // The minute's housekeeping logs it and goes on (the revocations' reload, the purge).
+    // The minute's housekeeping logs it and goes on (the revocations' reload, the purge): once, not
+    // every minute while it lasts.
     await app.services.housekeeping();
+    await app.services.housekeeping();
+    await app.services.housekeeping();
+    expect(lines.filter((l) => l.msg.startsWith('the signing keys were not reloaded'))).toHaveLength(1);
 
     // The instance goes on signing with the key it had, whose tokens verify.
     const fresh = (await login(app, user.email)).session.access_token;

@@ -151,6 +151,8 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
    * again, and why (one log line when that changes). Cleared once a key signs.
    */
   let unavailable: { until: number; why: 'publishing' | 'cannot_sign' } | undefined;
+  /** The error the minute's reload last kept the previous keys for (logged once); cleared by a read. */
+  let keptSince: string | undefined;
   /** The replacement of a missing active key under way (replaceActive): shared by the requests meanwhile. */
   let replacing: Promise<void> | undefined;
 
@@ -202,6 +204,8 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     read: reload,
     logger: deps.logger,
     what: 'the signing keys after a change or a resync',
+    // A key row that cannot sign (altered, or under another KEY_ENCRYPTION_KEY) stays so until mended.
+    lasting: cannotSign,
   });
 
   async function readKeys(): Promise<void> {
@@ -231,6 +235,7 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
     verification.clear();
     for (const [k, v] of nextVerification) verification.set(k, v);
     active = nextActive;
+    keptSince = undefined;
     publish(rows);
     if (removed) keysRemoved();
     if (active && unavailable) {
@@ -347,6 +352,9 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       // A running instance keeps the keys it had, and the minute's housekeeping goes on to the
       // revocations and the purge; at the start (nothing loaded yet) the start is refused.
       if (!(err instanceof SigningKeyMismatchError) || !active) throw err;
+      // Once, not every minute while it lasts: again only when it says something else.
+      if (keptSince === err.message) return;
+      keptSince = err.message;
       deps.logger.error({ err }, 'the signing keys were not reloaded: the keys read before are kept');
     }
   }
