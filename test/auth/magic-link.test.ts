@@ -273,6 +273,84 @@ describe('sign-in links (built-in provider)', () => {
     }
   });
 
+  describe('a disable that comes while a link is being made', () => {
+    const liveLinks = async (userId: string) => {
+      const [row] = await selectRows<{ n: number }>(
+        app.services.db,
+        sql`select count(*)::int as n from email_tokens where user_id = ${userId}
+              and purpose = 'magic_link' and used_at is null and expires_at > ${clock.now().toISOString()}::timestamptz`,
+      );
+      return row!.n;
+    };
+    /** After the account is enabled again, no link made around its disable opens it. */
+    const expectNoLinkOutlivedTheDisable = async (admin: TestUser, user: TestUser) => {
+      expect((await setUserStatus(app, admin.accessToken, user.id, 'active')).statusCode).toBe(200);
+      expect(await liveLinks(user.id)).toBe(0);
+      for (const mail of linksTo(user.email)) {
+        const token = /#token=(pml_[0-9A-Za-z_]+)/.exec(mail.text)![1]!;
+        expect((await open(token)).statusCode).toBe(400);
+      }
+    };
+
+    it('makes none when the disable commits after the address was looked up', async () => {
+      const admin = await createAdmin(app);
+      const user = await confirmed('link-disable-read');
+      const users = app.services.repos.users;
+      const findByEmail = users.findByEmail;
+      users.findByEmail = async (...args) => {
+        const found = await findByEmail.apply(users, args);
+        // Read as active; disabled (its links voided) before the link's transaction begins.
+        if (found?.id === user.id)
+          expect((await setUserStatus(app, admin.accessToken, user.id, 'disabled')).statusCode).toBe(200);
+        return found;
+      };
+      try {
+        expect((await ask(user.email)).statusCode).toBe(204);
+      } finally {
+        users.findByEmail = findByEmail;
+      }
+      const [event] = await app.services.audit.list({
+        type: 'auth.magic_link_requested',
+        subjectId: user.id,
+        limit: 1,
+      });
+      expect(event).toMatchObject({ outcome: 'failure', data: { reason: 'disabled' } });
+      await expectNoLinkOutlivedTheDisable(admin, user);
+    });
+
+    // On PostgreSQL: the disable is sent while the link's transaction holds the account's row.
+    it.skipIf(!inject('databaseUrl'))(
+      'voids one whose transaction held the account as the disable came',
+      async () => {
+        const admin = await createAdmin(app);
+        const user = await confirmed('link-disable-tx');
+        const tokens = app.services.repos.emailTokens;
+        const latestFor = tokens.latestFor;
+        const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
+        await watcher.connect();
+        let disabled: Promise<{ statusCode: number }> | undefined;
+        tokens.latestFor = async (...args) => {
+          const latest = await latestFor.apply(tokens, args);
+          if (args[0] === user.id && args[2] && !disabled) {
+            const [holder] = await selectRows<{ pid: number }>(args[2], sql`select pg_backend_pid() as pid`);
+            disabled = setUserStatus(app, admin.accessToken, user.id, 'disabled');
+            // It waits for the link's transaction, or (were the row not held) is done first.
+            await Promise.race([waitForLockWaiters(watcher, 1, holder!.pid), disabled]);
+          }
+          return latest;
+        };
+        try {
+          expect((await ask(user.email)).statusCode).toBe(204);
+        } finally {
+          tokens.latestFor = latestFor;
+          await watcher.end();
+        }
+        expect((await disabled)?.statusCode).toBe(200);
+        await expectNoLinkOutlivedTheDisable(admin, user);
+      },
+    );
+  });
+
   it('refuses a link whose account changed its address since it was mailed', async () => {
     const user = await confirmed('link-moved');
     await ask(user.email);

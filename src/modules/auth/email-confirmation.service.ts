@@ -102,7 +102,7 @@ export function createEmailConfirmationService(deps: EmailConfirmationDeps) {
         },
         (token) => confirmationMail(user.email, token),
       );
-      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
+      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone' || sent === 'disabled')
         return record(context, user, user.email, 'failure', { reason: sent });
     } catch (err) {
       // The mail server refusing (without an outbox); the database failing is no mail failure.

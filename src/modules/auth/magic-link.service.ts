@@ -97,7 +97,7 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         },
         (token) => linkMail(user.email, token),
       );
-      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
+      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone' || sent === 'disabled')
         return record(context, user, email, 'failure', { reason: sent });
     },
 

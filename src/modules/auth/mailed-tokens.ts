@@ -149,7 +149,8 @@ export function createMailedTokens(deps: {
 
     /**
      * Mails `compose(token)` to the user with a new token of `purpose`, replacing any earlier one;
-     * `too_soon` (nothing sent) within a minute of the last. With an `outbox`, the mail is written with
+     * `too_soon` (nothing sent) within a minute of the last; `gone` or `disabled` (nothing sent) for an
+     * account deleted or disabled since the caller read it. With an `outbox`, the mail is written with
      * the token and sent after the commit, retried while the server refuses it (`queued`: the caller
      * does not wait for the server). Without, it is sent before answering (`sent`); when that fails
      * the token goes and the error is thrown, so a retry is not held back.
@@ -170,7 +171,7 @@ export function createMailedTokens(deps: {
         audit?: { type: AuditEventType; context: RequestContext; data: Record<string, unknown> };
       },
       compose: (token: string) => MailMessage,
-    ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'> {
+    ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone' | 'disabled'> {
       const audited = options.audit;
       const recordSent = async (tx: Executor) => {
         if (audited)
@@ -184,7 +185,7 @@ export function createMailedTokens(deps: {
       if (slot && slot.retryAfter > 0) return 'too_many';
       let token = '';
       let mailId: string | undefined;
-      let row: EmailTokenRow | 'gone' | undefined;
+      let row: EmailTokenRow | 'gone' | 'disabled' | undefined;
       try {
         row = await inTransaction(deps.db, deps.events, async (tx) => {
           // One at a time per account and purpose, on every instance: of concurrent requests the first
@@ -193,12 +194,16 @@ export function createMailedTokens(deps: {
             sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
           );
           // The account, held until the link is written: one deleted meanwhile gets none (not a 409 from
-          // the foreign key), and one being deleted waits for this.
-          const [held] = await selectRows<{ id: string }>(
+          // the foreign key), and one disabled meanwhile none either (its disable voided the links it
+          // found). Share-locked, not key-share: what voids an account's links (a disable, a deletion, a
+          // password change or reset, signing out everywhere, an email change applying) locks its row
+          // first, so it waits for this link and voids it too, or has committed and is read here.
+          const [held] = await selectRows<{ id: string; status: string }>(
             tx,
-            sql`select id from users where id = ${user.id} for key share`,
+            sql`select id, status from users where id = ${user.id} for share`,
           );
           if (!held) return 'gone' as const;
+          if (held.status !== 'active') return 'disabled' as const;
           const now = deps.clock.now();
           if (waitBeforeNextMail(await deps.tokens.latestFor(user.id, purpose, tx), now) > 0)
             return undefined;
@@ -220,9 +225,9 @@ export function createMailedTokens(deps: {
         throw err;
       }
       // Nothing mailed: the place goes back.
-      if (row === 'gone' || !row) {
+      if (row === 'gone' || row === 'disabled' || !row) {
         await slot?.release();
-        return row === 'gone' ? 'gone' : 'too_soon';
+        return row ?? 'too_soon';
       }
       if (options.outbox && mailId) {
         options.outbox.kick([mailId]);

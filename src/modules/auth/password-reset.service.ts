@@ -300,7 +300,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     user: UserRow | undefined,
     context: RequestContext,
     extra: Record<string, unknown>,
-  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone'; delivery: string }> {
+  ): Promise<{ sent: 'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone' | 'disabled'; delivery: string }> {
     if (deps.provider.requestPasswordRecovery)
       return {
         sent: await deps.provider.requestPasswordRecovery(email, deps.url),
@@ -409,7 +409,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       // Through the outbox, not awaited: a 503 or a slower answer while the mail server is down, against
       // the 204 of an address without an account, would tell anyone which addresses have one.
       const { sent, delivery } = await deliver(email, user, context, {});
-      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone')
+      if (sent === 'too_soon' || sent === 'too_many' || sent === 'gone' || sent === 'disabled')
         return recordRequest(context, email, user?.id ?? null, 'failure', { reason: sent });
       // The service's own mail was audited with its link (mailed.send); the provider's is here.
       if (!ownMail) await recordRequest(context, email, user?.id ?? null, 'success', { delivery });
@@ -442,6 +442,9 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       if (sent === 'too_soon')
         return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon', user.email);
       if (sent === 'gone') throw notFound('user');
+      // Disabled after the check above, before the link was written.
+      if (sent === 'disabled')
+        return refuse('The user is disabled: enable them first', 'disabled', user.email);
       if (sent === 'too_many')
         return refuse(
           `${MAILS_PER_ACCOUNT_HOUR} reset links were mailed to this user in the last hour; wait before another`,
