@@ -40,6 +40,12 @@ export async function startupWarnings(
       message:
         'no SMTP_URL: password recovery is off (POST /v1/auth/password/forgot answers 404); set SMTP_URL and MAIL_FROM to mail reset links',
     });
+  // A sign-in link is an out-of-band authenticator: ASVS (v4 2.7.2, 5.0 6.5.5) gives it 10 minutes at most.
+  if (config.authProvider === 'local' && config.magicLink.ttlSeconds > 600)
+    warnings.push({
+      fields: { magicLinkTtl: config.magicLink.ttlSeconds },
+      message: `MAGIC_LINK_TTL=${config.magicLink.ttlSeconds}: a sign-in link works for longer than the 10 minutes OWASP ASVS allows a mailed sign-in token (V2.7.2); a link read from a mailbox later still signs in. Leave it at 600 or below`,
+    });
   // `true`, or a range as wide as every address (0.0.0.0/0, ::/0): every hop is a proxy.
   const everyHop =
     config.trustProxy === true

@@ -49,4 +49,22 @@ describe('what the start warns about', () => {
     // Development says none of those.
     expect(await messages({ RATE_LIMIT_ENABLED: 'false', TRUST_PROXY: 'true' }, 'pglite')).toEqual([]);
   });
+
+  it('a sign-in link that works past the 10 minutes ASVS V2.7.2 allows, by default none', async () => {
+    const production = {
+      NODE_ENV: 'production',
+      KEY_ENCRYPTION_KEY: KEY,
+      SECRET_PEPPER: KEY,
+      PUBLIC_URL: 'https://auth.example.com',
+      SMTP_URL: 'smtp://mail.example.com',
+      MAIL_FROM: 'auth@example.com',
+      METRICS_TOKEN: 'a'.repeat(32),
+    };
+    expect(load(production).magicLink.ttlSeconds).toBe(600);
+    expect(await messages(production)).toEqual([]);
+    expect(await messages({ ...production, MAGIC_LINK_TTL: '600' })).toEqual([]);
+    expect(await messages({ ...production, MAGIC_LINK_TTL: '900' })).toEqual([
+      expect.stringMatching(/^MAGIC_LINK_TTL=900: a sign-in link works for longer than the 10 minutes/),
+    ]);
+  });
 });
