@@ -23,6 +23,11 @@ export interface ProviderUser {
    * a session alive for days by refreshing it.
    */
   signedInAt?: Date | null;
+  /**
+   * recoveryIdentity: the user has a verified second factor at the provider, and the recovery session
+   * has not given it (Supabase: aal1). The provider itself would not set their password from it.
+   */
+  secondFactorMissing?: boolean;
 }
 
 /**
@@ -131,7 +136,9 @@ export interface IdentityProvider {
   requestPasswordRecovery?(email: string, redirectTo: string | undefined): Promise<'sent' | 'too_soon'>;
   /**
    * With requestPasswordRecovery: the user a recovery link's token was issued to, or undefined when it
-   * is not a valid recovery token. The token still works: endRecovery ends it.
+   * is not a valid recovery token; `secondFactorMissing` when the provider keeps the user's password
+   * for a session that gave their second factor and this one has not. The token still works:
+   * endRecovery ends it.
    */
   recoveryIdentity?(token: string): Promise<ProviderUser | undefined>;
   /** With recoveryIdentity: the recovery token stops working (best effort, never throws). */

@@ -70,6 +70,20 @@ function provedMailboxRecently(jwt: string, maxAgeSeconds: number): boolean {
 }
 
 /**
+ * Whether the session of a JWT GoTrue has verified gave a second factor: its `aal` claim is `aal2`.
+ */
+function gaveSecondFactor(jwt: string): boolean {
+  try {
+    const payload = JSON.parse(Buffer.from(jwt.split('.')[1] ?? '', 'base64url').toString('utf8')) as {
+      aal?: unknown;
+    };
+    return payload.aal === 'aal2';
+  } catch {
+    return false;
+  }
+}
+
+/**
  * When the user signed in for the session of a JWT GoTrue has verified (getUser answered with its
  * user, `userId`): the newest `amr` timestamp (GoTrue keeps them through refreshes; a step-up adds
  * one), never later than now; null when the token names another user or carries none.
@@ -522,7 +536,17 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         if (!data.user.email) return undefined;
         // Not signed out yet: the reset does it once the password is set (endRecovery), so that a
         // password Supabase did not answer about can be set again with the same link.
-        return toProviderUser(data.user, data.user.email);
+        // GoTrue sets the password of a user with a verified factor only from an aal2 session (its
+        // UserUpdate's insufficient_aal); the reset sets it with the service-role key, which GoTrue does
+        // not hold to that, so the rule is kept here: the mailbox alone must not replace the password
+        // Supabase guards with the second factor (a new password signs in here with no factor asked).
+        const secondFactorMissing =
+          (data.user.factors ?? []).some((factor) => factor.status === 'verified') &&
+          !gaveSecondFactor(token);
+        return {
+          ...toProviderUser(data.user, data.user.email),
+          ...(secondFactorMissing ? { secondFactorMissing } : {}),
+        };
       }),
 
     endRecovery: async (token) => {

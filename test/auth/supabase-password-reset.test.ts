@@ -79,7 +79,10 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     app.services.audit.list({ subjectId: userId, type: 'auth.password_reset', since: from, limit: 10 });
 
   /** What the user does: asks for a link here, then opens the one Supabase mailed. */
-  async function recoveryToken(email: string, options?: { openedSecondsAgo?: number }) {
+  async function recoveryToken(
+    email: string,
+    options?: { openedSecondsAgo?: number; secondFactor?: boolean },
+  ) {
     const res = await forgot(email);
     expect(res.statusCode, res.body).toBe(204);
     return gotrue.completeRecovery(email, options);
@@ -262,6 +265,32 @@ describe('password reset through Supabase (AUTH_PROVIDER=supabase against the fa
     );
     expect((await reset(token)).statusCode).toBe(204);
     await login(app, user.email, NEW_PASSWORD);
+  });
+
+  it('holds a user with a second factor in Supabase to it, as GoTrue does: the mailbox alone resets nothing', async () => {
+    const from = since();
+    const user = await registerUser(app, 'sbr-mfa');
+    const other = await login(app, user.email);
+    gotrue.users.get(user.id)!.mfaVerified = true;
+    // Their own Supabase refuses the new password from this (aal1) recovery session.
+    const token = await recoveryToken(user.email);
+    const refused = await reset(token);
+    expect(refused.statusCode, refused.body).toBe(403);
+    expect(refused.headers['content-type']).toContain('application/problem+json');
+    expect(refused.json()).toMatchObject({ code: 'provider_mfa_required' });
+    // Nothing changed: the password, the sessions here, and the recovery session (to give the factor on).
+    await login(app, user.email, PASSWORD);
+    expect((await refresh(other.session.refresh_token)).statusCode).toBe(200);
+    expect((await outsideClient().auth.getUser(token)).error).toBeNull();
+    expect(await resetEvents(user.id, from)).toEqual([
+      expect.objectContaining({ outcome: 'failure', data: { reason: 'provider_mfa_required' } }),
+    ]);
+    // A recovery session the factor was given on (aal2) resets, as Supabase would let it.
+    const stepping = await registerUser(app, 'sbr-mfa-aal2');
+    gotrue.users.get(stepping.id)!.mfaVerified = true;
+    const done = await reset(await recoveryToken(stepping.email, { secondFactor: true }));
+    expect(done.statusCode, done.body).toBe(204);
+    await login(app, stepping.email, NEW_PASSWORD);
   });
 
   it('refuses garbage and foreign tokens with 400', async () => {

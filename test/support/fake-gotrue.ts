@@ -78,6 +78,11 @@ export interface FakeGoTrueHold {
 export interface CompleteRecoveryOptions {
   /** Backdates the session, as if the link had been opened this many seconds ago. Default 0. */
   openedSecondsAgo?: number;
+  /**
+   * The user then gave their verified factor on the recovery session (supabase-js mfa.challenge and
+   * mfa.verify): the session is aal2, and its amr adds `totp`. Default false.
+   */
+  secondFactor?: boolean;
 }
 
 export interface FakeGoTrue {
@@ -143,6 +148,8 @@ interface Session {
   revoked: boolean;
   /** How the session was opened; every access token of the session carries it (GoTrue's amr claims). */
   amr: AmrEntry[];
+  /** aal2 once a verified factor was given on it; aal1 otherwise. */
+  aal?: 'aal1' | 'aal2';
 }
 
 interface RefreshToken {
@@ -304,6 +311,21 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       app_metadata: u.appMetadata,
       user_metadata: u.userMetadata,
       identities: [identityJson(u)],
+      // GoTrue lists the user's factors (when there are any) with the user.
+      ...(u.mfaVerified
+        ? {
+            factors: [
+              {
+                id: `${u.id.slice(0, 24)}factor000000`,
+                friendly_name: 'authenticator',
+                factor_type: 'totp',
+                status: 'verified',
+                created_at: u.createdAt,
+                updated_at: u.updatedAt,
+              },
+            ],
+          }
+        : {}),
       created_at: u.createdAt,
       updated_at: u.updatedAt,
       is_anonymous: false,
@@ -354,14 +376,19 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   async function issueSession(
     user: FakeGoTrueUser,
     existing?: Session,
-    { method = 'password', ageSeconds = 0 }: { method?: string; ageSeconds?: number } = {},
+    {
+      method = 'password',
+      ageSeconds = 0,
+      secondFactor = false,
+    }: { method?: string; ageSeconds?: number; secondFactor?: boolean } = {},
   ) {
     const iat = Math.floor(Date.now() / 1000) - ageSeconds;
-    const session = existing ?? {
+    const session: Session = existing ?? {
       id: randomUUID(),
       userId: user.id,
       revoked: false,
-      amr: [{ method, timestamp: iat }],
+      amr: [...(secondFactor ? [{ method: 'totp', timestamp: iat }] : []), { method, timestamp: iat }],
+      aal: secondFactor ? 'aal2' : 'aal1',
     };
     sessions.set(session.id, session);
     const refreshToken = randomBytes(9).toString('base64url');
@@ -372,7 +399,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       app_metadata: user.appMetadata,
       user_metadata: user.userMetadata,
       role: 'authenticated',
-      aal: 'aal1',
+      aal: session.aal ?? 'aal1',
       amr: session.amr,
       session_id: session.id,
       is_anonymous: false,
@@ -528,11 +555,16 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
   }
 
   async function updateUser(req: IncomingMessage, body: Record<string, unknown>) {
-    const { user } = await authenticatedUser(req);
+    const { user, session } = await authenticatedUser(req);
     if (body.email !== undefined && body.email !== user.email)
       throw new HttpError(400, 'validation_failed', 'The fake GoTrue does not support email changes');
     // GoTrue's UserUpdate (after the password's strength): a user with a verified factor, aal1 session.
-    if (typeof body.password === 'string' && body.password !== '' && user.mfaVerified) {
+    if (
+      typeof body.password === 'string' &&
+      body.password !== '' &&
+      user.mfaVerified &&
+      session?.aal !== 'aal2'
+    ) {
       validatePassword(body.password);
       throw new HttpError(
         401,
@@ -843,7 +875,7 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       return [...sessions.values()].filter((s) => s.userId === userId && !s.revoked).length;
     },
     recoveries,
-    async completeRecovery(email, { openedSecondsAgo = 0 } = {}) {
+    async completeRecovery(email, { openedSecondsAgo = 0, secondFactor = false } = {}) {
       const link = recoveries.filter((r) => r.email === email.toLowerCase()).at(-1);
       const user = link && users.get(link.userId);
       if (link?.state !== 'sent' || !user) throw new Error(`fake GoTrue: no live recovery link for ${email}`);
@@ -851,7 +883,11 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
       // Opening the link proves the mailbox: an unconfirmed address counts as confirmed from then on.
       user.emailConfirmedAt ??= now();
       const method = link.flow === 'pkce' ? 'recovery' : 'otp';
-      const session = await issueSession(user, undefined, { method, ageSeconds: openedSecondsAgo });
+      const session = await issueSession(user, undefined, {
+        method,
+        ageSeconds: openedSecondsAgo,
+        secondFactor,
+      });
       return session.access_token;
     },
     backdateSignIns(userId, seconds) {

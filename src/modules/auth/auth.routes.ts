@@ -410,9 +410,17 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         summary: 'Choose a new password with a reset link’s token; every session ends',
         description:
           'The token works once. Every session of the account ends, and a sign-in lockout is lifted. 400 ' +
-          '`invalid_reset_token` for a token that is unknown, expired, used or for a disabled account.',
+          '`invalid_reset_token` for a token that is unknown, expired, used or for a disabled account. With ' +
+          'Supabase, 403 `provider_mfa_required` for a user with a second factor enrolled there whose recovery ' +
+          'session has not given it (aal1), as Supabase refuses it: nothing changes and the link still works.',
         body: ResetPasswordBodySchema,
-        response: { 204: z.null().describe('The password is changed'), ...problems(400, 422, 429, 503) },
+        response: {
+          204: z.null().describe('The password is changed'),
+          ...problems(400, 422, 429, 503),
+          403: problemResponses[403].describe(
+            '`provider_mfa_required`: Supabase, a user with a second factor there; give it on the recovery session first',
+          ),
+        },
       },
     },
     async (request, reply) => {

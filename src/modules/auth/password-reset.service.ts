@@ -80,6 +80,18 @@ const invalidResetToken = () =>
   });
 
 /**
+ * A Supabase recovery session of a user with a second factor there, which has not given it (aal1):
+ * Supabase itself sets such a user's password only from a session that gave it.
+ */
+const recoverySecondFactorRequired = () =>
+  new AppError('provider_mfa_required', {
+    detail:
+      'Your account has a second factor (MFA) at the identity provider: give it on the session the reset ' +
+      'link opened (supabase-js auth.mfa.challenge and auth.mfa.verify), then send that session’s new ' +
+      'access token as the token. Nothing was changed, and the link still works',
+  });
+
+/**
  * "Forgot password": a reset link by mail, then a new password with the link's token. With the
  * built-in provider the service makes the token (`prs_…`, 256 random bits, stored as an HMAC under
  * the pepper, one live per account, used once) and mails it; a provider that mails its own links
@@ -466,6 +478,14 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
         checkPasswordStrength(newPassword, undefined, 'body.new_password');
         const identity = await deps.provider.recoveryIdentity(token);
         if (!identity) throw await invalid('invalid_recovery_token', null);
+        // Refused as Supabase refuses it, before anything is set or ended: the user gives the factor on
+        // this recovery session (supabase-js mfa.challenge and mfa.verify) and posts its new token.
+        if (identity.secondFactorMissing)
+          throw await mailed.refused(
+            context,
+            { type: 'auth.password_reset', reason: 'provider_mfa_required', userId: identity.id },
+            recoverySecondFactorRequired(),
+          );
         // Except when Supabase was not there to set the password: the user tries again with the link.
         let keepLink = false;
         try {
