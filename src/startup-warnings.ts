@@ -40,6 +40,20 @@ export async function startupWarnings(
       message:
         'no SMTP_URL: password recovery is off (POST /v1/auth/password/forgot answers 404); set SMTP_URL and MAIL_FROM to mail reset links',
     });
+  // The pages mailed links open carry the token (in the fragment): over plain HTTP, anyone on the path
+  // can rewrite the page to send it elsewhere (ASVS V2.7.4: a secure channel).
+  const linkPages: Array<[string, string | undefined]> = [
+    ['PASSWORD_RESET_URL', config.passwordReset.url],
+    ['EMAIL_CONFIRMATION_URL', config.emailConfirmation.url],
+    ['EMAIL_CHANGE_URL', config.emailChange.url],
+    ['MAGIC_LINK_URL', config.magicLink.url],
+  ];
+  for (const [name, url] of linkPages)
+    if (url?.toLowerCase().startsWith('http:'))
+      warnings.push({
+        fields: { [name]: url },
+        message: `${name} is plain http: the mailed links' tokens reach a page anyone on the way can rewrite to send them elsewhere; use https`,
+      });
   // A sign-in link is an out-of-band authenticator: ASVS (v4 2.7.2, 5.0 6.5.5) gives it 10 minutes at most.
   if (config.authProvider === 'local' && config.magicLink.ttlSeconds > 600)
     warnings.push({

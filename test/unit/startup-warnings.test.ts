@@ -67,4 +67,36 @@ describe('what the start warns about', () => {
       expect.stringMatching(/^MAGIC_LINK_TTL=900: a sign-in link works for longer than the 10 minutes/),
     ]);
   });
+
+  it('a page for mailed links (their tokens) on plain http, in production', async () => {
+    const production = {
+      NODE_ENV: 'production',
+      KEY_ENCRYPTION_KEY: KEY,
+      SECRET_PEPPER: KEY,
+      PUBLIC_URL: 'https://auth.example.com',
+      SMTP_URL: 'smtp://mail.example.com',
+      MAIL_FROM: 'auth@example.com',
+      METRICS_TOKEN: 'a'.repeat(32),
+    };
+    const pages = {
+      PASSWORD_RESET_URL: 'https://app.example.com/reset',
+      EMAIL_CONFIRMATION_URL: 'https://app.example.com/confirm',
+      EMAIL_CHANGE_URL: 'https://app.example.com/email',
+      MAGIC_LINK_URL: 'https://app.example.com/sign-in',
+    };
+    expect(await messages({ ...production, ...pages })).toEqual([]);
+    expect(
+      await messages({
+        ...production,
+        ...pages,
+        PASSWORD_RESET_URL: 'http://app.example.com/reset',
+        MAGIC_LINK_URL: 'HTTP://app.example.com/sign-in',
+      }),
+    ).toEqual([
+      expect.stringMatching(/^PASSWORD_RESET_URL is plain http: the mailed links' tokens/),
+      expect.stringMatching(/^MAGIC_LINK_URL is plain http/),
+    ]);
+    // Development (a page on localhost) says nothing.
+    expect(await messages({ PASSWORD_RESET_URL: 'http://localhost:3000/reset' })).toEqual([]);
+  });
 });
