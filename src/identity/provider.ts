@@ -24,8 +24,11 @@ export interface ProviderUser {
    */
   signedInAt?: Date | null;
   /**
-   * recoveryIdentity: the user has a verified second factor at the provider, and the recovery session
-   * has not given it (Supabase: aal1). The provider itself would not set their password from it.
+   * The user has a verified second factor at the provider, and the session that vouched for them has
+   * not given it (Supabase: aal1): signIn's (a password sign-in there is never more), exchange's (the
+   * token's), recoveryIdentity's (the recovery session's). The provider itself would grant such a
+   * session neither what the factor guards nor a new password; the service opens no session and sets
+   * no password from it (403 `provider_mfa_required`).
    */
   secondFactorMissing?: boolean;
 }
@@ -93,14 +96,17 @@ export interface IdentityProvider {
   /** Throws AppError `email_taken`, `weak_password` or `provider_unavailable`. */
   signUp(email: string, password: string): Promise<SignUpResult>;
   /**
-   * The user, or undefined for any failure a client may not tell apart (unknown email, wrong password).
+   * The user, or undefined for any failure a client may not tell apart (unknown email, wrong password);
+   * `secondFactorMissing` for the right password of a user with a second factor at the provider.
    * Throws EmailNotConfirmed for the right password of an unconfirmed address, AccountDisabled for an
    * account the provider refuses whatever the password, `provider_unavailable` for anything that is
    * not an answer about the user.
    */
   signIn(email: string, password: string): Promise<ProviderUser | undefined>;
   /**
-   * Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid.
+   * Verifies a token the provider issued elsewhere (e.g. a social login); undefined when invalid;
+   * `secondFactorMissing` when the user has a second factor at the provider and its session has not
+   * given it.
    * Throws AccountDisabled (with the user) for a valid token of a user the provider holds banned.
    */
   exchange(accessToken: string): Promise<ProviderUser | undefined>;

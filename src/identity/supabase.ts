@@ -361,6 +361,16 @@ function toProviderUser(user: User, fallbackEmail: string): ProviderUser {
 }
 
 /**
+ * `pu` with `secondFactorMissing` when `user` (as GoTrue answered it, factors included) has a verified
+ * factor and the session of `jwt` (one GoTrue issued or verified) has not given it: not aal2.
+ */
+function withSecondFactor(pu: ProviderUser, user: User, jwt: string): ProviderUser {
+  const missing =
+    (user.factors ?? []).some((factor) => factor.status === 'verified') && !gaveSecondFactor(jwt);
+  return missing ? { ...pu, secondFactorMissing: true } : pu;
+}
+
+/**
  * Supabase Auth as the identity provider, through supabase-js. Calls that sign in use a client of their
  * own, so no Supabase session is ever shared between requests; the sessions they open are revoked at
  * once in the background, since the service mints its own tokens.
@@ -416,7 +426,10 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         if (data === 'disabled') throw new AccountDisabled();
         if (!data) return undefined;
         revoke(client, data.session.access_token);
-        return toProviderUser(data.user, email);
+        // GoTrue answers the password grant with the user, its factors included (supabase-js reads
+        // them there for mfa.getAuthenticatorAssuranceLevel): no other call. A password sign-in is
+        // aal1; Supabase grants a user with a verified factor nothing more until it is given (aal2).
+        return withSecondFactor(toProviderUser(data.user, email), data.user, data.session.access_token);
       }),
 
     exchange: (accessToken) =>
@@ -438,10 +451,15 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         // issued before, until they expire; one exchanged here would open a session that outlives them.
         const bannedUntil = Date.parse(data.user.banned_until ?? '');
         if (bannedUntil > Date.now()) throw new AccountDisabled({ id: data.user.id, email: data.user.email });
-        return {
-          ...toProviderUser(data.user, data.user.email),
-          signedInAt: signedInAt(accessToken, data.user.id),
-        };
+        // getUser answers with the user's factors, and has verified the token whose `aal` is read.
+        return withSecondFactor(
+          {
+            ...toProviderUser(data.user, data.user.email),
+            signedInAt: signedInAt(accessToken, data.user.id),
+          },
+          data.user,
+          accessToken,
+        );
       }),
 
     changePassword: (user, currentPassword, newPassword) =>
@@ -539,14 +557,8 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         // GoTrue sets the password of a user with a verified factor only from an aal2 session (its
         // UserUpdate's insufficient_aal); the reset sets it with the service-role key, which GoTrue does
         // not hold to that, so the rule is kept here: the mailbox alone must not replace the password
-        // Supabase guards with the second factor (a new password signs in here with no factor asked).
-        const secondFactorMissing =
-          (data.user.factors ?? []).some((factor) => factor.status === 'verified') &&
-          !gaveSecondFactor(token);
-        return {
-          ...toProviderUser(data.user, data.user.email),
-          ...(secondFactorMissing ? { secondFactorMissing } : {}),
-        };
+        // Supabase guards with the second factor.
+        return withSecondFactor(toProviderUser(data.user, data.user.email), data.user, token);
       }),
 
     endRecovery: async (token) => {

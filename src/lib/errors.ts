@@ -27,11 +27,11 @@ export const ERROR_CATALOGUE = {
   registration_closed: { status: 403, title: 'Sign-up is closed' },
   email_not_confirmed: { status: 403, title: 'The email address is not confirmed yet' },
   mfa_required: { status: 403, title: 'A second factor is needed to finish signing in' },
-  // Supabase: the user has a second factor there, and it changes their password only from a session
-  // that gave it, which the service (signing in with the password alone) never holds.
+  // Supabase: the user has a second factor there, and it grants a session that has not given it (aal1)
+  // neither a password change nor a sign-in here (a password login, an exchange of an aal1 token).
   provider_mfa_required: {
     status: 403,
-    title: 'The identity provider asks for a second factor for this change',
+    title: 'The identity provider asks for a second factor first',
   },
   not_found: { status: 404, title: 'Not found' },
   method_not_allowed: { status: 405, title: 'Method not allowed' },

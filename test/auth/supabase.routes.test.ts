@@ -474,6 +474,62 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
     expect(decodeJwt(viaPassword.json().session.access_token).amr).toEqual(['pwd', 'otp', 'mfa']);
   });
 
+  it('holds a user with a second factor in Supabase to it at login and exchange, as Supabase does: an aal1 session opens none here', async () => {
+    const user = await registerUser(app, 'sb-provider-mfa');
+    gotrue.users.get(user.id)!.mfaVerified = true;
+    const sessions = async () =>
+      (
+        await app.inject({ method: 'GET', url: '/v1/auth/sessions', headers: bearer(user.accessToken) })
+      ).json().data as unknown[];
+    const events = async (type: 'auth.login' | 'auth.exchange') =>
+      (await app.services.audit.list({ subjectId: user.id, type, limit: 10 })).filter(
+        (e) => e.outcome === 'failure',
+      );
+    const refused = (res: LightMyRequestResponse) => {
+      expect(res.statusCode, res.body).toBe(403);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+      expect(res.json()).toMatchObject({ code: 'provider_mfa_required' });
+      expect(res.json().detail).toContain('/v1/auth/exchange');
+      expect(res.json().mfa_token).toBeUndefined();
+    };
+
+    // The password alone: Supabase's own sign-in is aal1, and that is all it gives.
+    const before = gotrue.requests.length;
+    const password = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/login',
+      payload: { email: user.email, password: PASSWORD },
+    });
+    refused(password);
+    // One call to GoTrue (the factors come with the user it answers); its session is signed out.
+    expect(gotrue.requests.slice(before).filter((r) => r.path !== '/auth/v1/logout')).toEqual([
+      { method: 'POST', path: '/auth/v1/token' },
+    ]);
+    expect(await events('auth.login')).toEqual([
+      expect.objectContaining({ data: expect.objectContaining({ reason: 'provider_mfa_required' }) }),
+    ]);
+
+    // A token of the same aal1 sign-in, at the exchange.
+    const signIn = await outsideClient().auth.signInWithPassword({ email: user.email, password: PASSWORD });
+    const aal1 = signIn.data.session!.access_token;
+    const exchange = (accessToken: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/exchange', payload: { access_token: accessToken } });
+    refused(await exchange(aal1));
+    expect(await events('auth.exchange')).toEqual([
+      expect.objectContaining({ data: expect.objectContaining({ reason: 'provider_mfa_required' }) }),
+    ]);
+    expect(await sessions()).toHaveLength(1);
+
+    // The factor given with Supabase (aal2): the exchange opens the session.
+    const exchanged = await exchange(await gotrue.giveSecondFactor(aal1));
+    expect(exchanged.statusCode, exchanged.body).toBe(200);
+    expect(exchanged.json().user.id).toBe(user.id);
+    expect(await sessions()).toHaveLength(2);
+    // Without a verified factor in Supabase (removed there), the password signs in again.
+    gotrue.users.get(user.id)!.mfaVerified = false;
+    await login(app, user.email);
+  });
+
   it('an account without a password (a social login) sets up an app from a sign-in of the last 5 minutes', async () => {
     const email = uniqueEmail('sb-social-mfa');
     const client = outsideClient();

@@ -135,6 +135,12 @@ export interface FakeGoTrue {
    * long ago: the access tokens of a later refresh carry the older `amr` timestamps, as GoTrue's do.
    */
   backdateSignIns(userId: string, seconds: number): void;
+  /**
+   * The user of `accessToken`'s session gives their verified factor on it, as supabase-js
+   * auth.mfa.challenge and auth.mfa.verify do: the session becomes aal2 (its amr adds `totp`), and
+   * this returns its new access token. Throws for a user without a verified factor, as GoTrue would.
+   */
+  giveSecondFactor(accessToken: string): Promise<string>;
 }
 
 interface AmrEntry {
@@ -889,6 +895,16 @@ export async function startFakeGoTrue(options: FakeGoTrueOptions = {}): Promise<
         secondFactor,
       });
       return session.access_token;
+    },
+    async giveSecondFactor(accessToken) {
+      const claims = await verify(accessToken);
+      const user = claims.sub ? users.get(claims.sub) : undefined;
+      const session = typeof claims.session_id === 'string' ? sessions.get(claims.session_id) : undefined;
+      if (!user?.mfaVerified || !session || session.revoked)
+        throw new Error('fake GoTrue: no live session of a user with a verified factor');
+      session.aal = 'aal2';
+      session.amr = [{ method: 'totp', timestamp: Math.floor(Date.now() / 1000) }, ...session.amr];
+      return (await issueSession(user, session)).access_token;
     },
     backdateSignIns(userId, seconds) {
       for (const session of sessions.values())

@@ -157,14 +157,18 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         summary: 'Sign in with email and password',
         description:
           'Unknown email, wrong password and disabled account all answer the same 401. With Supabase, ' +
-          '409 `account_conflict` when the provider’s account has an email another account here holds.',
+          '409 `account_conflict` when the provider’s account has an email another account here holds, and ' +
+          '403 `provider_mfa_required` for a user with a second factor enrolled there (a password sign-in ' +
+          'there is aal1): give it with Supabase and use `POST /v1/auth/exchange`; no session is opened.',
         body: LoginBodySchema,
         response: {
           200: AuthResultSchema,
           ...problems(400, 401, 429, 503),
           403: MfaRequiredSchema.describe(
             '`mfa_required` (two-step verification is on: finish at `POST /v1/auth/mfa/verify` with ' +
-              '`mfa_token`), or `email_not_confirmed` (REQUIRE_EMAIL_CONFIRMATION); after the right password only',
+              '`mfa_token`), `email_not_confirmed` (REQUIRE_EMAIL_CONFIRMATION), or with Supabase ' +
+              '`provider_mfa_required` (a second factor enrolled there: give it with Supabase and use ' +
+              '`POST /v1/auth/exchange`); after the right password only',
           ),
           409: problemResponses[409].describe(
             '`account_conflict`: the provider’s account has an email another account here holds',
@@ -205,13 +209,18 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         tags: ['auth'],
         operationId: 'exchangeProviderToken',
         summary: 'Exchange a Supabase access token (e.g. after a social login) for a session',
-        description: 'Only with AUTH_PROVIDER=supabase; 404 otherwise.',
+        description:
+          'Only with AUTH_PROVIDER=supabase; 404 otherwise. A user with a second factor enrolled in Supabase ' +
+          'is exchanged only from a token whose session gave it (`aal` `aal2`): an aal1 one is 403 ' +
+          '`provider_mfa_required`, and no session is opened.',
         body: ExchangeBodySchema,
         response: {
           200: AuthResultSchema,
           ...problems(400, 401, 404, 429, 503),
           403: MfaRequiredSchema.describe(
-            '`mfa_required`: two-step verification is on; finish at `POST /v1/auth/mfa/verify` with `mfa_token`',
+            '`mfa_required`: two-step verification is on; finish at `POST /v1/auth/mfa/verify` with `mfa_token`. ' +
+              '`provider_mfa_required`: a second factor enrolled in Supabase that the token’s session has not ' +
+              'given (aal1); give it with Supabase and exchange the new token',
           ),
           409: problemResponses[409].describe(
             '`account_conflict`: the provider’s account has an email another account here holds',

@@ -72,6 +72,22 @@ const disabledAtProvider = (err: unknown): 'disabled' => {
 const accountDisabled = () => new AppError('invalid_token', { detail: 'The account is disabled' });
 
 /**
+ * A sign-in at Supabase that has not given the user's second factor there (aal1): Supabase itself
+ * grants such a session nothing the factor guards, so neither does the service. The user signs in
+ * with Supabase, gives the factor there, and exchanges that (aal2) session's access token.
+ */
+const providerSecondFactorRequired = (via: 'login' | 'exchange') =>
+  new AppError('provider_mfa_required', {
+    detail:
+      (via === 'login'
+        ? 'Your account has a second factor (MFA) at the identity provider, which a password alone does not give: '
+        : 'Your account has a second factor (MFA) at the identity provider, and the session of this token has not ' +
+          'given it: ') +
+      'complete the second factor with Supabase (supabase-js auth.mfa.challenge and auth.mfa.verify) and use ' +
+      'that session’s access token at POST /v1/auth/exchange. No session was opened',
+  });
+
+/**
  * The bootstrap admin's password check: an account the provider refuses whatever the password is no
  * match, as a wrong password.
  */
@@ -638,6 +654,13 @@ export function createAuthService(deps: AuthServiceDeps) {
             'Confirm your email address first: follow the link mailed to it, or ask for another with POST /v1/auth/email/resend',
         });
       }
+      if (identity.secondFactorMissing) {
+        // The right password (not counted), of a user Supabase holds to a second factor the password
+        // sign-in did not give: no session, as Supabase itself would grant that session no more.
+        await guess.forgive();
+        await recordLoginFailure(context, email, user.id, 'provider_mfa_required');
+        throw providerSecondFactorRequired('login');
+      }
       await deps.failures.reset(email);
       // The password was right; the session waits for the second factor (its own lockout counts codes).
       // The session, or the second factor's challenge, only while the password checked is the
@@ -680,6 +703,11 @@ export function createAuthService(deps: AuthServiceDeps) {
         // Audited as a disabled account's sign-in with a password is (the account's activity shows it).
         await recordSignInFailure('auth.exchange', context, identity.email, user.id, 'disabled');
         throw accountDisabled();
+      }
+      // A user with a second factor at Supabase: only a token whose session gave it (aal2).
+      if (identity.secondFactorMissing) {
+        await recordSignInFailure('auth.exchange', context, identity.email, user.id, 'provider_mfa_required');
+        throw providerSecondFactorRequired('exchange');
       }
       // Its session stands in for a password while the sign-in at Supabase is recent (not the
       // exchange: a token refreshed days after its sign-in, or stolen, is exchanged as often as asked).

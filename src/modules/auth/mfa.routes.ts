@@ -74,7 +74,11 @@ export const MfaRequiredSchema = z
     title: z.string(),
     status: z.literal(403),
     detail: z.string(),
-    code: z.string().describe('`mfa_required` (or, without the other members, `email_not_confirmed`)'),
+    code: z
+      .string()
+      .describe(
+        '`mfa_required` (or, without the other members, `email_not_confirmed` or `provider_mfa_required`)',
+      ),
     instance: z.string().optional(),
     request_id: z.string().optional(),
     mfa_token: z.string().optional().describe('Give it to `POST /v1/auth/mfa/verify` with a code'),
