@@ -98,6 +98,19 @@ const optionalString = z
   .optional()
   .transform((v) => (v === undefined || v.trim() === '' ? undefined : v));
 
+/**
+ * The frontend page a mailed link opens (tokenLink): an http(s) URL; a fragment (a hash-routed page)
+ * is kept and the token added to it, so it must not carry a `token` parameter of its own already.
+ */
+const linkPage = optionalString.pipe(
+  z
+    .url({ protocol: /^https?$/ })
+    .refine((v) => !/(^|[?&])token=/.test(URL.parse(v)?.hash.slice(1) ?? ''), {
+      message: 'must not have a token parameter in its fragment: the service adds the token there',
+    })
+    .optional(),
+);
+
 const EnvSchema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   PORT: wholeNumber(1, 65535, 8000),
@@ -177,15 +190,15 @@ const EnvSchema = z.object({
       .optional(),
   ),
   SMTP_TIMEOUT_MS: wholeNumber(100, 60_000, 10_000),
-  PASSWORD_RESET_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  PASSWORD_RESET_URL: linkPage,
   PASSWORD_RESET_TTL: wholeNumber(60, 86_400, 1800),
   INVITATION_TTL: wholeNumber(3600, 2_592_000, 604_800),
-  EMAIL_CONFIRMATION_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  EMAIL_CONFIRMATION_URL: linkPage,
   EMAIL_CONFIRMATION_TTL: wholeNumber(300, 604_800, 86_400),
   REQUIRE_EMAIL_CONFIRMATION: bool.default(false),
-  EMAIL_CHANGE_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  EMAIL_CHANGE_URL: linkPage,
   EMAIL_CHANGE_TTL: wholeNumber(300, 86_400, 3600),
-  MAGIC_LINK_URL: optionalString.pipe(z.url({ protocol: /^https?$/ }).optional()),
+  MAGIC_LINK_URL: linkPage,
   // 10 minutes: the longest ASVS gives an out-of-band authentication token (v4 2.7.2, 5.0 6.5.5).
   MAGIC_LINK_TTL: wholeNumber(60, 3600, 600),
   MFA_ISSUER: optionalString.pipe(

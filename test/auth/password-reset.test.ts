@@ -550,6 +550,35 @@ describe('password reset lifts a sign-in lockout', () => {
 });
 
 describe('password reset without a mail server', () => {
+  it('keeps the fragment of a hash-routed reset page, the token added to its query', async () => {
+    const hashMailer = capturingMailer();
+    const hashApp = await buildTestApp({
+      env: { PASSWORD_RESET_URL: 'https://app.example.test/#/reset?lang=en' },
+      deps: { mailer: hashMailer },
+    });
+    const user = await registerUser(hashApp, 'reset-hash');
+    expect(
+      (
+        await hashApp.inject({
+          method: 'POST',
+          url: '/v1/auth/password/forgot',
+          payload: { email: user.email },
+        })
+      ).statusCode,
+    ).toBe(204);
+    const mail = resetMailsTo(hashMailer, user.email).at(-1);
+    const link = /https:\/\/app\.example\.test\/#\/reset\?lang=en&token=(prs_[0-9A-Za-z_]+)\n/.exec(
+      mail?.text ?? '',
+    );
+    expect(link, mail?.text).not.toBeNull();
+    const done = await hashApp.inject({
+      method: 'POST',
+      url: '/v1/auth/password/reset',
+      payload: { token: link![1], new_password: NEW_PASSWORD },
+    });
+    expect(done.statusCode, done.body).toBe(204);
+  });
+
   it('is off in production without SMTP_URL: 404, and nothing is kept', async () => {
     const app = await buildTestApp({ env: { NODE_ENV: 'production' } });
     const user = await registerUser(app, 'reset-nomail');

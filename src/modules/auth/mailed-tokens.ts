@@ -21,8 +21,26 @@ function minutes(seconds: number): string {
 }
 
 /**
- * The part of a mail that carries the token: a link to `url` with the token in its fragment (which
- * browsers send neither to the page's server nor in a Referer), or the bare token without a page.
+ * The link a mail carries: `url` with the token in its fragment (which browsers send neither to the
+ * page's server nor in a Referer). Without a fragment in `url`: `url#token=…`. A fragment already
+ * there (a hash-routed page, `https://app.example/#/reset`) is kept, and the token added as a
+ * parameter of it: `#/reset?token=…`, or `#/reset?lang=en&token=…` when it has a query already.
+ */
+export function tokenLink(url: string, token: string): string {
+  const link = new URL(url);
+  const fragment = link.hash.slice(1);
+  if (!fragment) {
+    link.hash = `token=${token}`;
+    return link.href;
+  }
+  const separator = !fragment.includes('?') ? '?' : /[?&]$/.test(fragment) ? '' : '&';
+  link.hash = `${fragment}${separator}token=${token}`;
+  return link.href;
+}
+
+/**
+ * The part of a mail that carries the token: a link to `url` with the token in its fragment
+ * (tokenLink), or the bare token without a page.
  */
 export function tokenParagraph(
   url: string | undefined,
@@ -32,9 +50,7 @@ export function tokenParagraph(
 ): string {
   const lifetime = minutes(ttlSeconds);
   if (!url) return `Use this code within ${lifetime} to ${action}:\n\n${token}\n`;
-  const link = new URL(url);
-  link.hash = `token=${token}`;
-  return `Open this link within ${lifetime} to ${action}:\n\n${link.href}\n`;
+  return `Open this link within ${lifetime} to ${action}:\n\n${tokenLink(url, token)}\n`;
 }
 
 /** How long before another mail of a purpose may go to an account whose last one is `latest` (ms; 0: now). */
