@@ -436,7 +436,7 @@ describe('scripts/rotate-signing-key.ts on a database the service never started 
         const lines = result.stderr.trim().split('\n');
         expect(lines, result.stderr).toHaveLength(1);
         expect(lines[0]).toBe(
-          'error: there is no active signing key to rotate: the service makes the first keys at its ' +
+          'error: there is no signing key to rotate: the service makes the first keys at its ' +
             'first start, and has not started on this database (is DATABASE_URL, or DATA_DIR, the ' +
             'service’s?); no key was made',
         );
@@ -451,6 +451,120 @@ describe('scripts/rotate-signing-key.ts on a database the service never started 
       expect(rotated.stdout).toMatch(/retiring signing key: \S+, published until/);
     },
     SPAWN_TEST_TIMEOUT * 2,
+  );
+});
+
+describe('scripts/rotate-signing-key.ts with keys but none active (an operator retired the active key)', () => {
+  let target: Target;
+  beforeAll(async () => {
+    target = await createTarget();
+    await withApp(target, async () => undefined);
+  }, SPAWN_TEST_TIMEOUT);
+  afterAll(async () => {
+    await target?.drop();
+  });
+
+  const onTarget = (statement: ReturnType<typeof sql>) =>
+    withDatabase(target, async (database) => {
+      await database.db.execute(statement);
+    });
+  /** What an operator does by hand: the keys in `states` retired. */
+  const retire = (...states: string[]) =>
+    onTarget(
+      sql`UPDATE signing_keys SET state = 'retired', retiring_at = now(), publish_until = now()
+          WHERE state IN (${sql.join(
+            states.map((s) => sql`${s}`),
+            sql`, `,
+          )})`,
+    );
+  /** The active and next keys, oldest first. */
+  const keys = () =>
+    withDatabase(target, (database) =>
+      selectRows<{ kid: string; state: string }>(
+        database.db,
+        sql`SELECT kid, state FROM signing_keys WHERE state IN ('active', 'next') ORDER BY created_at, kid`,
+      ),
+    );
+  const refusal = (result: RunResult) => {
+    expect(result.code, result.stderr).toBe(1);
+    expect(result.stdout).toBe('');
+    const lines = result.stderr.trim().split('\n');
+    expect(lines, result.stderr).toHaveLength(1);
+    return lines[0]!;
+  };
+
+  it(
+    'makes the published next key active as the service does, or says exactly why not',
+    async () => {
+      const [active, next] = (await keys()).map((k) => k.kid);
+      expect((await keys()).map((k) => k.state)).toEqual(['active', 'next']);
+      await retire('active');
+
+      // The next key published (as far as the database knows) only now: running instances may lack it.
+      await onTarget(
+        sql`UPDATE signing_keys SET created_at = now() + interval '1 minute' WHERE kid = ${next!}`,
+      );
+      expect(refusal(await run(target, 'rotate-signing-key', ['--force']))).toMatch(
+        new RegExp(
+          `^error: there is no active signing key, and the next key ${next} has been published for less ` +
+            'than 5 s .*: it can be made active in \\d+ s .*; nothing was changed$',
+        ),
+      );
+      expect(await keys()).toEqual([{ kid: next, state: 'next' }]);
+
+      // Published long enough, but its row holds the retired key's private key: it cannot sign.
+      const [saved] = await withDatabase(target, (database) =>
+        selectRows<{ private_key_encrypted: string }>(
+          database.db,
+          sql`SELECT private_key_encrypted FROM signing_keys WHERE kid = ${next!}`,
+        ),
+      );
+      await onTarget(
+        sql`UPDATE signing_keys SET created_at = now() - interval '1 minute', private_key_encrypted =
+              (SELECT private_key_encrypted FROM signing_keys WHERE kid = ${active!})
+            WHERE kid = ${next!}`,
+      );
+      const cannot = refusal(await run(target, 'rotate-signing-key', []));
+      expect(cannot).toMatch(
+        /^error: there is no active signing key, and the published next key cannot be made active: the private key stored for the signing key/,
+      );
+      expect(cannot).toContain('npm run rotate-signing-key -- --revoke-previous');
+      expect(await keys()).toEqual([{ kid: next, state: 'next' }]);
+
+      // Restored: it is made active, a new next key made, and audited as the service's recovery.
+      await onTarget(
+        sql`UPDATE signing_keys SET private_key_encrypted = ${saved!.private_key_encrypted} WHERE kid = ${next!}`,
+      );
+      const promoted = await run(target, 'rotate-signing-key', []);
+      expect(promoted.code, promoted.stderr).toBe(0);
+      expect(promoted.stdout).toBe(
+        `active signing key: ${next}\nretiring signing key: none (there was no active key: the published next key was made active)\n`,
+      );
+      const after = await keys();
+      expect(after.map((k) => k.state)).toEqual(['active', 'next']);
+      expect(after[0]!.kid).toBe(next);
+      const audited = await withDatabase(target, (database) =>
+        selectRows<{ data: Record<string, unknown> }>(
+          database.db,
+          sql`SELECT data FROM audit_events WHERE type = 'signing_key.rotated' AND subject_id = ${next!}`,
+        ),
+      );
+      expect(audited).toHaveLength(1);
+      expect(audited[0]!.data).toMatchObject({ no_active_key: true, previous: [] });
+
+      // No next key either: one is made (and announced), to be made active 5 s later.
+      await retire('active', 'next');
+      expect(refusal(await run(target, 'rotate-signing-key', []))).toMatch(
+        /^error: there is no active signing key, and no next key was published: a new next key was made and announced; it can be made active in 5 s/,
+      );
+      expect((await keys()).map((k) => k.state)).toEqual(['next']);
+
+      // --revoke-previous (the way out of a next key that cannot sign) is not refused without an active key.
+      const revoked = await run(target, 'rotate-signing-key', ['--revoke-previous']);
+      expect(revoked.code, revoked.stderr).toBe(0);
+      expect((await keys()).map((k) => k.state).sort()).toEqual(['active', 'next']);
+    },
+    SPAWN_TEST_TIMEOUT * 3,
   );
 });
 

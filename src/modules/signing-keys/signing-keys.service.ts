@@ -395,33 +395,53 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
 
   /**
    * Makes a key active when none is (replaceActiveIn), under the lock; this instance holds the keys it
-   * left from its commit on. One at a time on this instance: requests meanwhile share it.
+   * left from its commit on. `active`: a key is active already (another instance, or the minute's
+   * housekeeping, made one meanwhile), read here; `waitSeconds`: none can sign yet, `next` the next key
+   * that will once published long enough (undefined: there was none, and one was made). Throws
+   * SigningKeyMismatchError or KeyEncryptionKeyMismatchError when the next key cannot sign.
+   */
+  async function replaceActiveNow(): Promise<
+    | { active: string }
+    | { promoted: { kid: string; publishedFor: number } }
+    | { waitSeconds: number; next: string | undefined }
+  > {
+    type Replaced =
+      | { active: string; published: SigningKeyRow[] }
+      | { promoted: { kid: string; publishedFor: number }; published: SigningKeyRow[] }
+      | { waitSeconds: number; next: string | undefined };
+    const result = await inTransaction(
+      deps.db,
+      deps.events,
+      async (tx, emit): Promise<Replaced> => {
+        await deps.repo.lock(tx);
+        const now = deps.clock.now();
+        const rows = await deps.repo.listPublished(now, tx);
+        const current = rows.find((r) => r.state === 'active');
+        if (current) return { active: current.kid, published: rows };
+        const replaced = await replaceActiveIn(tx, rows, now, emit);
+        if ('waitSeconds' in replaced)
+          return { waitSeconds: replaced.waitSeconds, next: rows.find((r) => r.state === 'next')?.kid };
+        return { promoted: replaced, published: await deps.repo.listPublished(now, tx) };
+      },
+      (r) => {
+        if (!('published' in r)) return;
+        changes++;
+        apply(r.published);
+      },
+    );
+    if ('promoted' in result) logPromoted(result.promoted);
+    return result;
+  }
+
+  /**
+   * replaceActiveNow for issuance: a next key not published long enough, or one that cannot sign,
+   * makes issuance answer 503 for a while. One at a time on this instance: requests meanwhile share it.
    */
   function replaceActive(): Promise<void> {
     replacing ??= (async () => {
       try {
-        const result = await inTransaction(
-          deps.db,
-          deps.events,
-          async (tx, emit) => {
-            await deps.repo.lock(tx);
-            const now = deps.clock.now();
-            const rows = await deps.repo.listPublished(now, tx);
-            // Another instance (or the minute's housekeeping) made one active meanwhile: read here.
-            const replaced = rows.some((r) => r.state === 'active')
-              ? undefined
-              : await replaceActiveIn(tx, rows, now, emit);
-            if (replaced && 'waitSeconds' in replaced) return replaced;
-            return { promoted: replaced, published: await deps.repo.listPublished(now, tx) };
-          },
-          (r) => {
-            if (!('published' in r)) return;
-            changes++;
-            apply(r.published);
-          },
-        );
+        const result = await replaceActiveNow();
         if ('waitSeconds' in result) becomeUnavailable('publishing', result.waitSeconds);
-        else if (result.promoted) logPromoted(result.promoted);
       } catch (err) {
         if (!cannotSign(err)) throw err;
         // The next key cannot sign (its row altered, or KEY_ENCRYPTION_KEY not its key): an
@@ -647,6 +667,12 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
       else deps.logger.info(logged, 'signing key rotated');
       return { kid: result.kid, previous: result.previous };
     },
+    /**
+     * What issuance does when no active key is left (replaceActiveNow), for `npm run
+     * rotate-signing-key`: the published next key made active once published
+     * REPLACEMENT_PUBLISHED_SECONDS, or why not.
+     */
+    replaceMissingActive: replaceActiveNow,
     find: (kid: string) => deps.repo.find(kid),
     /** Every key, oldest first, a page at a time. */
     async list(options: { limit: number; cursor?: string | undefined }) {
