@@ -477,12 +477,12 @@ describe('scripts/rotate-signing-key.ts with keys but none active (an operator r
             sql`, `,
           )})`,
     );
-  /** The active and next keys, oldest first. */
+  /** The active and next keys: the active one first (a key made with it has the same created_at). */
   const keys = () =>
     withDatabase(target, (database) =>
       selectRows<{ kid: string; state: string }>(
         database.db,
-        sql`SELECT kid, state FROM signing_keys WHERE state IN ('active', 'next') ORDER BY created_at, kid`,
+        sql`SELECT kid, state FROM signing_keys WHERE state IN ('active', 'next') ORDER BY state = 'next', created_at, kid`,
       ),
     );
   const refusal = (result: RunResult) => {
