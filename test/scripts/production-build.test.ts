@@ -238,7 +238,7 @@ describe('the operator scripts in a production install (dist + drizzle + data + 
       (err: { code?: number; stderr?: string }) => err,
     );
     expect(early?.code).toBe(1);
-    expect(early?.stderr).toMatch(/^error: there is no active signing key to rotate: /m);
+    expect(early?.stderr).toMatch(/^error: there is no signing key to rotate: /m);
     // The compiled server's start makes the first keys.
     const server = await spawnServer({
       node: 'dist/src/server.js',
