@@ -8,7 +8,7 @@ import { createTestClock } from '../support/clock.js';
 import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
-import { totpAt, turnOnMfa } from '../support/mfa.js';
+import { startMfaSetUp, totpAt, turnOnMfa } from '../support/mfa.js';
 import { captureLogs } from '../support/logs.js';
 import { waitForLockWaiters } from '../support/database.js';
 import { selectRows } from '../../src/db/client.js';
@@ -872,13 +872,7 @@ describe('a set-up never confirmed, removed', () => {
     const admin = await createAdmin(app);
     const user = await registerUser(app, 'mfa-pending-reset');
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
-    const enrol = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp',
-      headers: bearer(user.accessToken),
-      payload: { password: PASSWORD },
-    });
-    expect(enrol.statusCode, enrol.body).toBe(201);
+    await startMfaSetUp(app, user.accessToken);
     const reset = await app.inject({
       method: 'DELETE',
       url: `/v1/users/${user.id}/mfa`,

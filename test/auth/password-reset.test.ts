@@ -7,7 +7,7 @@ import type { MailMessage } from '../../src/lib/mailer.js';
 import { capturingMailer } from '../support/mail.js';
 import { grantRole } from '../api-keys/helpers.js';
 import { createClient } from '../clients/helpers.js';
-import { totpAt, turnOnMfa } from '../support/mfa.js';
+import { startMfaSetUp, totpAt, turnOnMfa } from '../support/mfa.js';
 import { buildTestApp, testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
 import { createAdmin, login, PASSWORD, registerUser, setUserStatus } from '../support/factories.js';
@@ -336,13 +336,7 @@ describe('password reset (built-in provider)', () => {
   it('a set-up never confirmed goes with the first proof too, and is told of as nothing turned off', async () => {
     const squatter = await registerUser(app, 'reset-squatted-pending');
     await app.services.repos.users.update(squatter.id, { emailConfirmedAt: new Date() });
-    const enrol = await app.inject({
-      method: 'POST',
-      url: '/v1/auth/mfa/totp',
-      headers: { authorization: `Bearer ${squatter.accessToken}` },
-      payload: { password: PASSWORD },
-    });
-    expect(enrol.statusCode, enrol.body).toBe(201);
+    await startMfaSetUp(app, squatter.accessToken);
     await app.services.repos.users.update(squatter.id, { emailConfirmedAt: null });
     clock.advance(61);
     await forgot(squatter.email);

@@ -17,6 +17,25 @@ export const totpAt = (secret: string, timestamp: number) =>
   new TOTP({ secret: Secret.fromBase32(secret) }).generate({ timestamp });
 
 /**
+ * Starts setting up an authenticator app for the session of `accessToken` (201), not yet confirmed:
+ * the base32 secret the app would hold.
+ */
+export async function startMfaSetUp(
+  app: FastifyInstance,
+  accessToken: string,
+  password = PASSWORD,
+): Promise<string> {
+  const enrol = await app.inject({
+    method: 'POST',
+    url: '/v1/auth/mfa/totp',
+    headers: bearer(accessToken),
+    payload: { password },
+  });
+  expect(enrol.statusCode, enrol.body).toBe(201);
+  return enrol.json().secret as string;
+}
+
+/**
  * Turns two-step verification on for the session of `accessToken`, through the API (set-up, then a
  * code from the app at `now()`, the app's clock: the test's, or the wall clock).
  */
@@ -26,14 +45,7 @@ export async function turnOnMfa(
   now: () => number = Date.now,
   password = PASSWORD,
 ): Promise<TurnedOn> {
-  const enrol = await app.inject({
-    method: 'POST',
-    url: '/v1/auth/mfa/totp',
-    headers: bearer(accessToken),
-    payload: { password },
-  });
-  expect(enrol.statusCode, enrol.body).toBe(201);
-  const secret: string = enrol.json().secret;
+  const secret = await startMfaSetUp(app, accessToken, password);
   const code = (steps = 0) => totpAt(secret, now() + steps * 30_000);
   const on = await app.inject({
     method: 'POST',

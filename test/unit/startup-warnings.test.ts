@@ -6,6 +6,16 @@ const KEY = Buffer.alloc(32, 7).toString('base64');
 const load = (env: Record<string, string>) => loadConfig(env, { generateDevSecrets: false });
 const roles = new Set(['admin', 'user']);
 const exists = async (name: string) => roles.has(name);
+/** Production with only the secrets it cannot start without. */
+const PRODUCTION = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: KEY, SECRET_PEPPER: KEY };
+/** Production as it should be set: nothing to warn about. */
+const CONFIGURED_PRODUCTION = {
+  ...PRODUCTION,
+  PUBLIC_URL: 'https://auth.example.com',
+  SMTP_URL: 'smtp://mail.example.com',
+  MAIL_FROM: 'auth@example.com',
+  METRICS_TOKEN: 'a'.repeat(32),
+};
 const messages = async (env: Record<string, string>, databaseKind = 'postgres') =>
   (await startupWarnings(load(env), databaseKind, exists)).map((w) => w.message);
 
@@ -18,7 +28,7 @@ describe('what the start warns about', () => {
   });
 
   it('in production: no PUBLIC_URL, the embedded database, no SMTP_URL, every proxy trusted, limits turned off, /metrics open', async () => {
-    const production = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: KEY, SECRET_PEPPER: KEY };
+    const production = PRODUCTION;
     expect(
       await messages({ ...production, TRUST_PROXY: 'true', RATE_LIMIT_ENABLED: 'false' }, 'pglite'),
     ).toEqual([
@@ -30,14 +40,7 @@ describe('what the start warns about', () => {
       expect.stringMatching(/^no METRICS_TOKEN: GET \/metrics answers anyone/),
     ]);
     // Production as it should be set: nothing to say.
-    const configured = {
-      ...production,
-      PUBLIC_URL: 'https://auth.example.com',
-      SMTP_URL: 'smtp://mail.example.com',
-      MAIL_FROM: 'auth@example.com',
-      TRUST_PROXY: '10.0.0.0/8',
-      METRICS_TOKEN: 'a'.repeat(32),
-    };
+    const configured = { ...CONFIGURED_PRODUCTION, TRUST_PROXY: '10.0.0.0/8' };
     expect(await messages(configured)).toEqual([]);
     // A range of every address trusts every hop as `true` does.
     for (const everyAddress of ['0.0.0.0/0', '10.0.0.1, ::/0'])
@@ -51,15 +54,7 @@ describe('what the start warns about', () => {
   });
 
   it('a sign-in link that works past the 10 minutes ASVS V2.7.2 allows, by default none', async () => {
-    const production = {
-      NODE_ENV: 'production',
-      KEY_ENCRYPTION_KEY: KEY,
-      SECRET_PEPPER: KEY,
-      PUBLIC_URL: 'https://auth.example.com',
-      SMTP_URL: 'smtp://mail.example.com',
-      MAIL_FROM: 'auth@example.com',
-      METRICS_TOKEN: 'a'.repeat(32),
-    };
+    const production = CONFIGURED_PRODUCTION;
     expect(load(production).magicLink.ttlSeconds).toBe(600);
     expect(await messages(production)).toEqual([]);
     expect(await messages({ ...production, MAGIC_LINK_TTL: '600' })).toEqual([]);
@@ -69,15 +64,7 @@ describe('what the start warns about', () => {
   });
 
   it('a page for mailed links (their tokens) on plain http, in production', async () => {
-    const production = {
-      NODE_ENV: 'production',
-      KEY_ENCRYPTION_KEY: KEY,
-      SECRET_PEPPER: KEY,
-      PUBLIC_URL: 'https://auth.example.com',
-      SMTP_URL: 'smtp://mail.example.com',
-      MAIL_FROM: 'auth@example.com',
-      METRICS_TOKEN: 'a'.repeat(32),
-    };
+    const production = CONFIGURED_PRODUCTION;
     const pages = {
       PASSWORD_RESET_URL: 'https://app.example.com/reset',
       EMAIL_CONFIRMATION_URL: 'https://app.example.com/confirm',
