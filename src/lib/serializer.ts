@@ -15,9 +15,7 @@ import { isSharedAnswer } from './shared-answer.js';
 export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema, method, url }) => {
   const zod = zodSchemaOf(schema);
   if (!zod) throw new Error(`${method} ${url}: a response schema must be a zod schema`);
-  const stringify = fastJsonStringify(writtenSchemaOf(zod) as Parameters<typeof fastJsonStringify>[0]) as (
-    data: unknown,
-  ) => string;
+  const stringify = stringifierOf(zod);
   const write = (data: unknown) => {
     try {
       return stringify(data);
@@ -37,6 +35,27 @@ export const serializerCompiler: FastifySerializerCompiler<unknown> = ({ schema,
     return text;
   };
 };
+
+type Stringify = (data: unknown) => string;
+
+/**
+ * Compiled writers by zod schema, for the process: a zod schema is immutable, so its writer is the
+ * same whichever app or route compiles it. The routes' schemas are module constants, so an app built
+ * again in the same process (the test suite builds hundreds, the scripts one each) reuses them instead
+ * of compiling every route again, which is most of the time an app takes to get ready.
+ */
+const stringifiers = new WeakMap<$ZodType, Stringify>();
+
+export function stringifierOf(zod: $ZodType): Stringify {
+  let stringify = stringifiers.get(zod);
+  if (!stringify) {
+    stringify = fastJsonStringify(
+      writtenSchemaOf(zod) as Parameters<typeof fastJsonStringify>[0],
+    ) as Stringify;
+    stringifiers.set(zod, stringify);
+  }
+  return stringify;
+}
 
 /** The JSON Schema fast-json-stringify writes a response schema's answers by: its shape only. */
 export function writtenSchemaOf(zod: $ZodType): unknown {

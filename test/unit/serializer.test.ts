@@ -1,6 +1,11 @@
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { ResponseSchemaError, serializerCompiler, writtenSchemaOf } from '../../src/lib/serializer.js';
+import {
+  ResponseSchemaError,
+  serializerCompiler,
+  stringifierOf,
+  writtenSchemaOf,
+} from '../../src/lib/serializer.js';
 import { timestamp } from '../../src/modules/shared/shared.schema.js';
 import { sharedAnswer } from '../../src/lib/shared-answer.js';
 
@@ -26,6 +31,19 @@ function counted(how: 'shared' | 'frozen' | 'plain') {
 }
 
 describe('serializerCompiler', () => {
+  it('compiles a schema once for the process: another route or app with the same schema reuses its writer', () => {
+    const Other = z.object({ name: z.string() });
+    expect(stringifierOf(Answer)).toBe(stringifierOf(Answer));
+    expect(stringifierOf(Other)).not.toBe(stringifierOf(Answer));
+    // Each route still names itself when its answer does not fit, and writes only its own fields.
+    const first = compile();
+    const second = serializerCompiler({ schema: Answer, method: 'POST', url: '/u', httpStatus: '200' }) as (
+      data: unknown,
+    ) => string;
+    expect(first({ name: 'n', scopes: [], extra: 1 })).toBe('{"name":"n","scopes":[]}');
+    expect(() => second({ scopes: [] })).toThrow(/POST \/u/);
+  });
+
   it('writes only the listed fields and refuses an answer missing a required one', () => {
     const write = compile();
     expect(JSON.parse(write({ name: 'n', scopes: [], secretHash: 'x' }))).toEqual({ name: 'n', scopes: [] });
