@@ -45,13 +45,23 @@ type Stringify = (data: unknown) => string;
  * of compiling every route again, which is most of the time an app takes to get ready.
  */
 const stringifiers = new WeakMap<$ZodType, Stringify>();
+/**
+ * The same by the JSON Schema written: a route that builds its schema when it is registered (`z.null()`
+ * for a 204, a framework error described again) has a new zod object per app, but the same shape. The
+ * shapes are the routes' own, a few hundred at most, so the map stays small.
+ */
+const stringifiersByShape = new Map<string, Stringify>();
 
 export function stringifierOf(zod: $ZodType): Stringify {
   let stringify = stringifiers.get(zod);
   if (!stringify) {
-    stringify = fastJsonStringify(
-      writtenSchemaOf(zod) as Parameters<typeof fastJsonStringify>[0],
-    ) as Stringify;
+    const written = writtenSchemaOf(zod);
+    const shape = JSON.stringify(written);
+    stringify = stringifiersByShape.get(shape);
+    if (!stringify) {
+      stringify = fastJsonStringify(written as Parameters<typeof fastJsonStringify>[0]) as Stringify;
+      stringifiersByShape.set(shape, stringify);
+    }
     stringifiers.set(zod, stringify);
   }
   return stringify;

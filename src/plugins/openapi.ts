@@ -151,12 +151,32 @@ interface DocumentedSchema {
  * route's own 400 shape: problem+json, or RFC 6749 under /oauth. test/foundation/bad-input.test.ts
  * checks every status it provokes is declared, and test/support/contract.ts every answer of the suite.
  */
+/**
+ * `schema.describe(description)`, made once per schema and description for the process: every route
+ * declares the same few framework errors, and an app built again (the tests build hundreds) then
+ * hands the serializer the schemas it has compiled already (lib/serializer.ts).
+ */
+const describedSchemas = new WeakMap<ZodType, Map<string, ZodType>>();
+function described(schema: ZodType, description: string): ZodType {
+  let byDescription = describedSchemas.get(schema);
+  if (!byDescription) {
+    byDescription = new Map();
+    describedSchemas.set(schema, byDescription);
+  }
+  let made = byDescription.get(description);
+  if (!made) {
+    made = schema.describe(description);
+    byDescription.set(description, made);
+  }
+  return made;
+}
+
 function declareFrameworkErrors(method: string | string[], schema: DocumentedSchema | undefined) {
   const responses = schema?.response;
   if (!schema || schema.hide || !responses) return;
   const errorShape = responses[400] ?? ProblemSchema;
   const declare = (status: number, description: string) => {
-    if (!(status in responses)) responses[status] = (errorShape as ZodType).describe(description);
+    if (!(status in responses)) responses[status] = described(errorShape as ZodType, description);
   };
   const methods = Array.isArray(method) ? method : [method];
   if (methods.some((m) => m !== 'GET' && m !== 'HEAD')) {
