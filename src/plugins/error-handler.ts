@@ -18,7 +18,7 @@ import {
   isDatabaseUnavailable,
   pgErrorCode,
 } from '../lib/errors.js';
-import { API_SECURITY_HEADERS } from './security-headers.js';
+import { API_SECURITY_HEADERS, NO_STORE_HEADERS } from './security-headers.js';
 import { ResponseSchemaError } from '../lib/serializer.js';
 
 /** Renders an AppError for one part of the URL space (RFC 9457 by default; RFC 6749 under /oauth). */
@@ -44,6 +44,9 @@ function problemBody(error: AppError): Record<string, unknown> {
 /**
  * RFC 9457 problem+json. `instance` is the request's path as the client sent it: under `basePath`
  * (PUBLIC_URL's path, which a proxy strips before the request arrives here), as a 201's Location is.
+ * Never stored, with RFC 6749 §5.1's Pragma too, whatever refused the request: a credential route's
+ * own no-store hook has not run for a refusal of the router or of the first onRequest hook, and a
+ * documentation page's header set (or a JWKS answer's Cache-Control) says nothing of no-store.
  */
 export const problemRenderer =
   (basePath = ''): ErrorRenderer =>
@@ -56,7 +59,12 @@ export const problemRenderer =
       request_id: request.id,
     };
     if (error.errors) body.errors = error.errors;
-    return reply.status(error.status).type(PROBLEM_CONTENT_TYPE).serializer(JSON.stringify).send(body);
+    return reply
+      .status(error.status)
+      .headers(NO_STORE_HEADERS)
+      .type(PROBLEM_CONTENT_TYPE)
+      .serializer(JSON.stringify)
+      .send(body);
   };
 
 /** Fastify's names of the request's parts, as a client reads them in `errors[].field`. */
@@ -282,8 +290,9 @@ export interface ClientErrorAnswer {
 
 /**
  * The headers (but the framing ones) and body of a refusal written without Fastify, which no request
- * reached: under /oauth RFC 6749 §5.2's error, never stored (§5.1); elsewhere problem+json. Both with
- * the API's security headers, and a listed origin's CORS headers (none for an origin not listed).
+ * reached: under /oauth RFC 6749 §5.2's error, elsewhere problem+json; both never stored (with §5.1's
+ * Pragma, as every error answer), with the API's security headers, and a listed origin's CORS headers
+ * (none for an origin not listed).
  */
 function refusalWithoutFastify(
   error: AppError,
@@ -301,9 +310,8 @@ function refusalWithoutFastify(
       ...API_SECURITY_HEADERS,
       ...cors,
       ...error.headers,
-      ...(oauth
-        ? { 'content-type': 'application/json; charset=utf-8', pragma: 'no-cache' }
-        : { 'content-type': PROBLEM_CONTENT_TYPE }),
+      ...NO_STORE_HEADERS,
+      'content-type': oauth ? 'application/json; charset=utf-8' : PROBLEM_CONTENT_TYPE,
     },
     body,
   };

@@ -6,6 +6,7 @@ import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, PASSWORD, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { totpAt } from '../support/mfa.js';
+import { CREDENTIAL_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
 
 /** RFC 6749 §5.1, SECURITY.md: an answer holding a credential is never stored by a browser or a proxy. */
 function expectNoStore(res: LightMyRequestResponse, what: string) {
@@ -147,6 +148,36 @@ describe('Cache-Control: no-store on every answer holding a credential', () => {
       const res = await app.inject({ method: 'GET', url });
       expect(res.headers['cache-control'], url).toMatch(/^public, max-age=\d+/);
     }
+  });
+
+  it('on every problem+json answer, whichever hook or handler refused the request', async () => {
+    // The first onRequest hook's refusals (a content coding, a NUL) come before a credential route's
+    // own hook, the router's before any hook; the docs' 404 carries the pages' header set.
+    const login = { method: 'POST', url: '/v1/auth/login', payload: { email: 'a@b.test', password: 'x' } };
+    const refused: Array<[InjectOptions, number]> = [
+      [{ ...login, headers: { 'content-encoding': 'gzip' } } as InjectOptions, 415],
+      [{ ...login, url: '/v1/auth/login?x=%00' } as InjectOptions, 400],
+      [{ method: 'GET', url: '/v1/roles/%E0%A4%A' }, 400],
+      [{ method: 'GET', url: '/v1/auth/me' }, 401],
+      [{ method: 'GET', url: '/v1/nowhere' }, 404],
+      [{ method: 'GET', url: '/docs/static/nothing.css' }, 404],
+    ];
+    for (const [request, status] of refused) {
+      const res = await app.inject(request);
+      const what = `${request.method} ${request.url} ${res.statusCode}`;
+      expect(res.statusCode, `${what}: ${res.body}`).toBe(status);
+      expect(res.headers['content-type'], what).toMatch(/^application\/problem\+json/);
+      expect(res.headers['cache-control'], what).toBe('no-store');
+      expect(res.headers.pragma, what).toBe('no-cache');
+    }
+    // The per-IP limit's 429, on an app with the limits on.
+    const limited = await buildTestApp({ env: { RATE_LIMIT_ENABLED: 'true' } });
+    let last: LightMyRequestResponse | undefined;
+    for (let i = 0; i <= CREDENTIAL_RATE_LIMIT.max; i++)
+      last = await limited.inject({ method: 'POST', url: '/v1/auth/password/forgot', payload: {} });
+    expect(last?.statusCode, last?.body).toBe(429);
+    expect(last?.headers['cache-control']).toBe('no-store');
+    expect(last?.headers.pragma).toBe('no-cache');
   });
 
   it('is declared on every operation whose answer holds a credential (outside /oauth, which has it by prefix)', async () => {

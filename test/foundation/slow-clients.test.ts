@@ -114,6 +114,9 @@ describe('slow and malformed clients (REQUEST_TIMEOUT_MS, HTTP parser errors)', 
       const answer = parseAnswer(received);
       expect(answer.status).toBe(status);
       expect(answer.headers['content-type']).toMatch(/^application\/problem\+json/);
+      // Never stored, as every error answer (Pragma too).
+      expect(answer.headers['cache-control']).toBe('no-store');
+      expect(answer.headers.pragma).toBe('no-cache');
       expect(answer.body).toMatchObject({ status, code, type: `urn:paservices:auth:problem:${code}` });
     }
   });
@@ -214,6 +217,7 @@ describe('an Expect other than 100-continue (RFC 9110 §10.1.1), which Node answ
     expect(answer.headers).toMatchObject({
       'content-type': 'application/problem+json; charset=utf-8',
       'cache-control': 'no-store',
+      pragma: 'no-cache',
       'x-content-type-options': 'nosniff',
       'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
     });
