@@ -511,6 +511,37 @@ describe.each(['local', 'supabase'] as const)(
     );
 
     it.runIf(provider === 'local')(
+      'decodes a path once: %25 is a % in the value, never the start of another escape; a broken escape is a 400',
+      async () => {
+        const admin = await createAdmin(app);
+        const auth = bearer(admin.accessToken);
+        const get = (url: string) => app.inject({ method: 'GET', url, headers: auth });
+        expect((await get('/v1/roles/%61dmin')).json()).toMatchObject({ name: 'admin' });
+        // The admin's id with its first character written as %25 and its code: `%3X…` once decoded.
+        const id = `%25${admin.id.charCodeAt(0).toString(16)}${admin.id.slice(1)}`;
+        for (const [method, url, field] of [
+          ['GET', '/v1/roles/%2561dmin', 'path.role'],
+          ['GET', `/v1/users/${id}`, 'path.id'],
+          ['PUT', `/v1/users/${admin.id}/roles/%2561dmin`, 'path.role'],
+          ['DELETE', `/v1/users/${admin.id}/roles/%2561dmin`, 'path.role'],
+        ] as const) {
+          const res = await app.inject({ method, url, headers: auth });
+          expect(res.statusCode, `${method} ${url}: ${res.body}`).toBe(400);
+          expect(res.json().errors.map((e: { field: string }) => e.field)).toEqual([field]);
+        }
+        // Swagger UI's files (@fastify/static re-encodes what it decodes before sending).
+        expect((await get('/docs/static/%73wagger-ui.css')).statusCode).toBe(200);
+        expect((await get('/docs/static/%2573wagger-ui.css')).statusCode).toBe(404);
+        for (const url of ['/v1/roles/%E0%A4%A', '/v1/roles/a%2', '/v1/roles/%C0%80', '/v1/users/%zz']) {
+          const res = await get(url);
+          expect(res.statusCode, url).toBe(400);
+          expect(res.headers['content-type'], url).toMatch(/^application\/problem\+json/);
+          expect(res.json(), url).toMatchObject({ code: 'bad_request' });
+        }
+      },
+    );
+
+    it.runIf(provider === 'local')(
       'refuses instants outside years 0001–9999 UTC, and cursors it did not issue, naming the field',
       async () => {
         const admin = await createAdmin(app);
