@@ -1,6 +1,11 @@
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { AUDIT_EVENT_TYPES, CLOCK_SKEW_MS } from '../../src/modules/audit/audit.service.js';
+import { randomUUID } from 'node:crypto';
+import {
+  AUDIT_EVENT_TYPES,
+  type AuditEventType,
+  CLOCK_SKEW_MS,
+} from '../../src/modules/audit/audit.service.js';
 import { buildTestApp } from '../support/app.js';
 import { createAdmin, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
@@ -119,6 +124,44 @@ describe('GET /v1/audit-events: what the query may say', () => {
     ]) {
       const res = await read(`/v1/audit-events?subject_id=${user.id}&since=${encodeURIComponent(since)}`);
       expect(res.statusCode, `${since}: ${res.body}`).toBe(200);
+    }
+  });
+
+  it('pages through events that share one millisecond each once, newest first and then by id', async () => {
+    // One change reaching many users writes its events with one stamp (a role deleted from its holders).
+    const user = await registerUser(app, 'audit-query-ties');
+    const actorId = randomUUID();
+    const types = [
+      'role.removed',
+      'auth.session_ended',
+      'user.sessions_ended',
+      'role.granted',
+      'auth.logout',
+    ];
+    await app.services.audit.record(
+      app.services.db,
+      { actorType: 'user', actorId, ip: null, userAgent: null, requestId: null },
+      types.map((type) => ({ type: type as AuditEventType, subjectId: user.id })),
+    );
+    const pages = async (url: string, token: string) => {
+      const seen: Array<{ id: string; created_at: string }> = [];
+      let cursor: string | null = null;
+      do {
+        const res = await read(`${url}&limit=2${cursor ? `&cursor=${cursor}` : ''}`, token);
+        expect(res.statusCode, res.body).toBe(200);
+        seen.push(...res.json().data);
+        cursor = res.json().next_cursor;
+      } while (cursor !== null);
+      return seen;
+    };
+    for (const seen of [
+      await pages(`/v1/audit-events?actor_id=${actorId}`, admin.accessToken),
+      await pages('/v1/auth/activity?', user.accessToken),
+    ]) {
+      // The newest events are the five, once each, in descending id order: the keyset the cursor continues.
+      const ids = seen.filter((e) => e.created_at === seen[0]!.created_at).map((e) => e.id);
+      expect(new Set(ids).size).toBe(types.length);
+      expect(ids).toEqual([...ids].sort().reverse());
     }
   });
 
