@@ -103,6 +103,13 @@ export class SigningKeyMismatchError extends Error {
   override name = 'SigningKeyMismatchError';
 }
 
+/** What token issuance answers while no key can sign: 503 problem+json, and when to try again. */
+export const signingUnavailable = (seconds: number): AppError =>
+  new AppError('service_unavailable', {
+    detail: `No signing key can sign tokens at the moment: retry in ${seconds} s.`,
+    headers: { 'retry-after': String(seconds) },
+  });
+
 /** A stored key that cannot sign (an altered row, another KEY_ENCRYPTION_KEY): not the request's fault. */
 const cannotSign = (err: unknown) =>
   err instanceof SigningKeyMismatchError || err instanceof KeyEncryptionKeyMismatchError;
@@ -386,11 +393,9 @@ export function createSigningKeysService(deps: SigningKeysServiceDeps) {
 
   /** What issuance answers while no key can sign: 503, and when to try again. */
   function noSigningKey(): AppError {
-    const seconds = Math.max(1, Math.ceil(((unavailable?.until ?? 0) - deps.clock.nowMs()) / 1000));
-    return new AppError('service_unavailable', {
-      detail: `No signing key can sign tokens at the moment: retry in ${seconds} s.`,
-      headers: { 'retry-after': String(seconds) },
-    });
+    return signingUnavailable(
+      Math.max(1, Math.ceil(((unavailable?.until ?? 0) - deps.clock.nowMs()) / 1000)),
+    );
   }
 
   /**

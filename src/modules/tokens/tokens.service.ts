@@ -4,7 +4,11 @@ import { LRUCache } from 'lru-cache';
 import { type Clock, epochSeconds } from '../../lib/clock.js';
 import { AppError } from '../../lib/errors.js';
 import type { Signer } from '../../lib/signer.js';
-import type { SigningAlg, SigningKeysService } from '../signing-keys/signing-keys.service.js';
+import {
+  type SigningAlg,
+  type SigningKeysService,
+  signingUnavailable,
+} from '../signing-keys/signing-keys.service.js';
 import type { RevocationList } from './revocations.service.js';
 import { uuidV7 } from '../../lib/crypto.js';
 
@@ -233,9 +237,10 @@ export function createTokenService(deps: {
       });
       let token = await signCompact(deps.signer, { alg: key.alg, kid: key.kid, typ: 'at+jwt' }, claims, key);
       // An emergency rotation committed while it was being signed: its key is revoked, and the token
-      // would be refused at once everywhere. It is signed again with the key that replaced it.
+      // would be refused at once everywhere. It is signed again with the key that replaced it; revoked
+      // during each of three signatures, the keys are changing too fast to sign now: 503, not a 500.
       for (let again = 0; !deps.keys.verificationKey(key.kid); again++) {
-        if (again === 2) throw new Error('the signing key was revoked while each signature was made');
+        if (again === 2) throw signingUnavailable(1);
         key = await deps.keys.signingKey();
         token = await signCompact(deps.signer, { alg: key.alg, kid: key.kid, typ: 'at+jwt' }, claims, key);
       }
