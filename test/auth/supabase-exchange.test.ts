@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { signingUnavailable } from '../../src/modules/signing-keys/signing-keys.service.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
 import { createAdmin, PASSWORD, registerUser } from '../support/factories.js';
 import { type FakeGoTrue, projectClient, startFakeGoTrue, supabaseEnv } from '../support/fake-gotrue.js';
@@ -89,6 +90,30 @@ describe('exchanging a Supabase access token', () => {
     const pastWindow = await exchange(sixMinutes.data.session!.access_token);
     expect(pastWindow.statusCode, pastWindow.body).toBe(200);
     expect((await enrol(pastWindow.json().session.access_token)).statusCode).toBe(400);
+  });
+
+  it('with no key that can sign, an exchange answers 503 before it opens a session; it opens one once a key signs', async () => {
+    const { id, session } = await signedInAtSupabase('sb-exchange-no-key');
+    expect((await exchange(session.access_token)).statusCode).toBe(200);
+    const live = async () => (await app.services.sessions.listLive(id, { limit: 10 })).page.map((s) => s.id);
+    const before = await live();
+    // What the signing keys answer while none can sign (an operator retired the active one).
+    const { keys } = app.services;
+    const spies = [
+      vi.spyOn(keys, 'signingKeyNow').mockReturnValue(undefined),
+      vi.spyOn(keys, 'signingKey').mockRejectedValue(signingUnavailable(5)),
+    ];
+    try {
+      const refused = await exchange(session.access_token);
+      expect(refused.statusCode, refused.body).toBe(503);
+      expect(refused.headers['retry-after']).toBe('5');
+    } finally {
+      for (const spy of spies) spy.mockRestore();
+    }
+    expect(await live()).toEqual(before);
+    const exchanged = await exchange(session.access_token);
+    expect(exchanged.statusCode, exchanged.body).toBe(200);
+    expect(await live()).toHaveLength(before.length + 1);
   });
 
   it('a disabled account’s exchange is refused and audited, as its password sign-in is', async () => {

@@ -158,7 +158,7 @@ describe('races that must leave nothing live behind', () => {
     });
     expect(disabled.statusCode).toBe(200);
     await expect(
-      inTransaction(app.services.db, app.services.events, (tx, emit) =>
+      app.services.sessions.issuingTransaction((tx, emit) =>
         app.services.sessions.start(
           tx,
           readBeforeDisabling,

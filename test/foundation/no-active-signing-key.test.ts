@@ -11,6 +11,8 @@ import { createTestClock } from '../support/clock.js';
 import { openTestDatabase, scratchDatabase, testDatabase } from '../support/database.js';
 import { createAdmin, PASSWORD, registerUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
+import { capturingMailer } from '../support/mail.js';
+import { turnOnMfa } from '../support/mfa.js';
 
 /** How long a key must have been published to sign when none is active (REPLACEMENT_PUBLISHED_SECONDS). */
 const REPLACEMENT_PUBLISHED_SECONDS = 5;
@@ -23,6 +25,7 @@ const REPLACEMENT_PUBLISHED_SECONDS = 5;
  */
 describe('no active signing key left', () => {
   const clock = createTestClock();
+  const mailer = capturingMailer();
   let a: FastifyInstance;
   let b: FastifyInstance;
   const cleanups: Array<() => Promise<void>> = [];
@@ -36,10 +39,14 @@ describe('no active signing key left', () => {
     const apps: FastifyInstance[] = [];
     for (const database of handles) {
       const app = await buildApp({
-        config: testConfig({ REFRESH_REUSE_GRACE_SECONDS: '0' }),
+        config: testConfig({
+          REFRESH_REUSE_GRACE_SECONDS: '0',
+          MAGIC_LINK_URL: 'https://app.example.test/sign-in',
+        }),
         database,
         logger: pino({ level: 'silent' }),
         clock,
+        mailer,
         mailRetryIntervalMs: 0,
       });
       await app.ready();
@@ -85,6 +92,14 @@ describe('no active signing key left', () => {
     app.inject({ method: 'POST', url: '/v1/auth/login', payload: { email, password } });
   const refreshOn = (app: FastifyInstance, refreshToken: string) =>
     app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: { refresh_token: refreshToken } });
+  /** How many sessions the user has had opened, ended ones included. */
+  const sessionsOf = async (userId: string) =>
+    (
+      await selectRows<{ n: number }>(
+        a.services.db,
+        sql`SELECT count(*)::int AS n FROM sessions WHERE user_id = ${userId}`,
+      )
+    )[0]!.n;
 
   it('the published next key signs at once: login, refresh and /oauth/token answer 200, and the tokens verify on both instances', async () => {
     const admin = await createAdmin(a);
@@ -133,14 +148,7 @@ describe('no active signing key left', () => {
     const admin = await createAdmin(a);
     const client = await createClient(a, admin.accessToken, { scopes: ['users:read'] });
     const user = await registerUser(a, 'no-key');
-    const sessionsOf = async () =>
-      (
-        await selectRows<{ n: number }>(
-          a.services.db,
-          sql`SELECT count(*)::int AS n FROM sessions WHERE user_id = ${user.id}`,
-        )
-      )[0]!.n;
-    const sessionsBefore = await sessionsOf();
+    const sessionsBefore = await sessionsOf(user.id);
     await retire('active', 'next');
 
     const refused = await loginOn(a, user.email, user.password);
@@ -172,7 +180,7 @@ describe('no active signing key left', () => {
     expect((await register()).statusCode).toBe(503);
     // The other instance, answering from its own keys, says the same.
     expect((await loginOn(b, user.email, user.password)).statusCode).toBe(503);
-    expect(await sessionsOf()).toBe(sessionsBefore);
+    expect(await sessionsOf(user.id)).toBe(sessionsBefore);
 
     // The key made then is published, on both instances, before it signs anything.
     const [made] = await keyRows();
@@ -240,6 +248,60 @@ describe('no active signing key left', () => {
       const loggedIn = await loginOn(app, user.email, user.password);
       expect(loggedIn.statusCode, loggedIn.body).toBe(200);
       expect(decodeProtectedHeader(loggedIn.json().session.access_token).kid).toBe(kid);
+    }
+  });
+
+  it('a sign-in link and a second factor answered 503 are not spent and open no session: each signs in once a key signs', async () => {
+    // A sign-in link mailed to a confirmed address.
+    const linked = await registerUser(a, 'no-key-link');
+    await a.services.repos.users.update(linked.id, { emailConfirmedAt: clock.now() });
+    const asked = await a.inject({
+      method: 'POST',
+      url: '/v1/auth/magic-link',
+      payload: { email: linked.email },
+    });
+    expect(asked.statusCode, asked.body).toBe(204);
+    await a.services.outbox?.idle();
+    const mail = mailer.sent.filter((m) => m.to === linked.email).at(-1);
+    const link = /#token=(pml_[0-9A-Za-z_]+)/.exec(mail?.text ?? '')?.[1];
+    expect(link, mail?.text).toBeDefined();
+    // A password sign-in waiting for its second factor.
+    const twoStep = await registerUser(a, 'no-key-mfa');
+    await a.services.repos.users.update(twoStep.id, { emailConfirmedAt: clock.now() });
+    const { code } = await turnOnMfa(a, twoStep.accessToken, clock.nowMs);
+    clock.advance(30); // the activation's code is spent
+    const challenged = await loginOn(a, twoStep.email, twoStep.password);
+    expect(challenged.statusCode, challenged.body).toBe(403);
+    const mfaToken = challenged.json().mfa_token as string;
+    const sessionsBefore = [await sessionsOf(linked.id), await sessionsOf(twoStep.id)];
+    await retire('active', 'next');
+
+    const openLink = () =>
+      a.inject({ method: 'POST', url: '/v1/auth/magic-link/verify', payload: { token: link } });
+    const giveCode = () =>
+      a.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/verify',
+        payload: { mfa_token: mfaToken, code: code() },
+      });
+    for (const refused of [await openLink(), await giveCode()]) {
+      expect(refused.statusCode, refused.body).toBe(503);
+      expect(refused.json()).toMatchObject({ code: 'service_unavailable' });
+      expect(Number(refused.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    }
+    expect([await sessionsOf(linked.id), await sessionsOf(twoStep.id)]).toEqual(sessionsBefore);
+
+    // The link and the challenge are still good: each opens its session once a key signs.
+    clock.advance(REPLACEMENT_PUBLISHED_SECONDS);
+    const opened = await openLink();
+    expect(opened.statusCode, opened.body).toBe(200);
+    const verified = await giveCode();
+    expect(verified.statusCode, verified.body).toBe(200);
+    for (const signedIn of [opened, verified]) {
+      const access = signedIn.json().session.access_token as string;
+      expect(
+        (await a.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(access) })).statusCode,
+      ).toBe(200);
     }
   });
 });

@@ -1,5 +1,5 @@
 import { PasswordReplaced } from './password-replaced.js';
-import type { Database, Transaction } from '../../db/client.js';
+import type { Database } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import {
   AccountDisabled,
@@ -22,7 +22,7 @@ import type { EmailConfirmationService } from './email-confirmation.service.js';
 import type { EmailTokensRepository } from './email-tokens.repository.js';
 import type { MfaService } from './mfa.service.js';
 import { normalizeEmail } from './auth.schema.js';
-import type { SessionsService, SessionTokens } from './sessions.service.js';
+import type { IssuingTransaction, SessionsService, SessionTokens } from './sessions.service.js';
 import type { SessionRow } from './sessions.repository.js';
 
 export interface AuthServiceDeps {
@@ -267,7 +267,7 @@ export function createAuthService(deps: AuthServiceDeps) {
    * `authenticatedAt`: an exchange's, when the user signed in at the provider.
    */
   async function startSessionIn(
-    tx: Transaction,
+    tx: IssuingTransaction,
     emit: (event: AuthEvent) => void,
     user: UserRow,
     context: RequestContext,
@@ -305,9 +305,7 @@ export function createAuthService(deps: AuthServiceDeps) {
     checkedHash?: string,
     authenticatedAt?: Date | null,
   ): Promise<SessionTokens | 'second_factor'> {
-    // No key can sign (503): said before the session is opened, rather than leave one nobody holds.
-    await deps.sessions.signingReady();
-    const opened = await inTransaction(deps.db, deps.events, (tx, emit) =>
+    const opened = await deps.sessions.issuingTransaction((tx, emit) =>
       startSessionIn(tx, emit, user, context, type, amr, checkedHash, authenticatedAt),
     );
     if (opened === 'second_factor') return opened;
@@ -551,7 +549,7 @@ export function createAuthService(deps: AuthServiceDeps) {
       // The confirmation mail's place under the address's hourly cap, taken before the transaction
       // that writes the mail with the account, and given back if it fails.
       const mail = await options.confirmation?.registration(email);
-      const local = inTransaction(deps.db, deps.events, async (tx, emit) => {
+      const local = deps.sessions.issuingTransaction(async (tx, emit) => {
         const row = await deps.users.insert(
           {
             id: signedUp.user.id,
@@ -728,7 +726,11 @@ export function createAuthService(deps: AuthServiceDeps) {
     /** The user's row with the address the provider has for them now (for a reset link asked by id). */
     withCurrentEmail,
 
-    /** For other ways of signing in (a mailed link): a session on their transaction, then its tokens. */
+    /**
+     * For other ways of signing in (a mailed link): a transaction begun once a key can sign, a session
+     * on it, then its tokens.
+     */
+    issuingTransaction: deps.sessions.issuingTransaction,
     startSessionIn,
     sessionTokens: (user: UserRow, started: { session: SessionRow; refreshToken: string }) =>
       deps.sessions.tokensFor(user, started.session, started.refreshToken),

@@ -1,6 +1,5 @@
 import { MAGIC_LINK_FORMAT } from '../../lib/crypto.js';
 import { AppError } from '../../lib/errors.js';
-import { inTransaction } from '../../lib/events.js';
 import type { FailureCounter } from '../../lib/throttle.js';
 import type { RequestContext } from '../audit/audit.service.js';
 import type { UserRow } from '../users/users.repository.js';
@@ -15,7 +14,7 @@ import type { SessionTokens } from './sessions.service.js';
 export const MAGIC_LINK_AMR = ['email'] as const;
 
 export type MagicLinkDeps = EmailConfirmationDeps & {
-  auth: Pick<AuthService, 'startSessionIn' | 'sessionTokens'>;
+  auth: Pick<AuthService, 'issuingTransaction' | 'startSessionIn' | 'sessionTokens'>;
   mfa: Pick<MfaService, 'challengeIn'>;
   /** The sign-in lockout: the mailbox's owner is let in, and a lockout someone else caused lifted. */
   failures: FailureCounter;
@@ -117,7 +116,8 @@ export function createMagicLinkService(deps: MagicLinkDeps) {
         const why = await mailed.whyNotLive(token, 'magic_link');
         throw await invalid(why.reason, why.userId);
       }
-      const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+      // Begun once a key can sign: a 503 for no key leaves the link unspent and no session opened.
+      const outcome = await deps.auth.issuingTransaction(async (tx, emit) => {
         // The user row first, the order every change of an account's mailed links takes; of two opening
         // one link at once (a mail scanner and a click), one takes the token and the other finds it used.
         const user = await deps.users.findByIdForUpdate(row.userId, tx);

@@ -696,7 +696,9 @@ export function createMfaService(deps: MfaServiceDeps) {
       context: RequestContext,
     ): Promise<{ user: UserRow; session: SessionTokens }> {
       if (!parseSecret(MFA_TOKEN_FORMAT, mfaToken)) throw invalidMfaToken();
-      const outcome = await inTransaction(deps.db, deps.events, async (tx, emit) => {
+      // Begun once a key can sign: a 503 for no key leaves the challenge and the code unspent, and no
+      // session opened.
+      const outcome = await deps.sessions.issuingTransaction(async (tx, emit) => {
         const now = deps.clock.now();
         const tokenHash = challengeHash(mfaToken);
         // The user's row before the challenge's, the order a reset or a disable takes them in.

@@ -1,5 +1,5 @@
 import { createHmac } from 'node:crypto';
-import type { Database, Executor } from '../../db/client.js';
+import type { Database, Executor, Transaction } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import {
   derivedSecret,
@@ -51,6 +51,13 @@ export interface SessionsServiceDeps {
    */
   maxPerUser: number;
 }
+
+declare const keyCouldSign: unique symbol;
+/**
+ * A transaction begun by `issuingTransaction`, once a key could sign: the only kind a session is
+ * opened on (`start`), so that no way of signing in writes its session before a 503 for no key.
+ */
+export type IssuingTransaction = Transaction & { readonly [keyCouldSign]: true };
 
 /** Why a session ended when a sign-in took the user past MAX_SESSIONS_PER_USER (`revoked_reason`, audit). */
 const SESSION_LIMIT_REASON = 'session_limit';
@@ -146,7 +153,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
      * for the limit.
      */
     async start(
-      tx: Executor,
+      tx: IssuingTransaction,
       user: UserRow,
       meta: {
         ip: string | null;
@@ -205,8 +212,22 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       return { session, refreshToken: await mintRefreshToken(session.id, tx) };
     },
 
-    /** Resolves once a key can sign; 503 while none can: asked before a session is opened. */
+    /** Resolves once a key can sign; 503 while none can (for a change made before the transaction). */
     signingReady: () => deps.tokens.signingReady(),
+
+    /**
+     * A transaction whose change an access token is issued after (a session opened, a refresh token
+     * rotated), begun once a key can sign: a 503 for no key (tokens.signingReady, from memory while a
+     * key signs) comes before anything is written, not after the commit, when the token is signed —
+     * no session nobody holds, no mailed link or second factor's challenge spent, no refresh token
+     * rotated that a retry would present as a replay.
+     */
+    async issuingTransaction<T>(
+      work: (tx: IssuingTransaction, emit: (event: AuthEvent) => void) => Promise<T>,
+    ): Promise<T> {
+      await deps.tokens.signingReady();
+      return inTransaction(deps.db, deps.events, (tx, emit) => work(tx as IssuingTransaction, emit));
+    },
 
     /** The `session` object of API.md: a fresh access token with the user's current roles. */
     async tokensFor(
@@ -244,10 +265,7 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) {
         throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
       }
-      // No key can sign (503): said before the token is rotated, not after, when a retry of it would
-      // be a replay once the grace is over, and end the session.
-      await deps.tokens.signingReady();
-      const outcome = await inTransaction<RefreshOutcome>(deps.db, deps.events, async (tx, emit) => {
+      const outcome = await this.issuingTransaction<RefreshOutcome>(async (tx, emit) => {
         const found = await deps.repo.findByTokenHash(hash(refreshToken), { lock: true }, tx);
         if (!found) return { kind: 'invalid' };
         const { token, session } = found;
