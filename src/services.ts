@@ -565,6 +565,7 @@ export function createServices(deps: ServicesDeps) {
     pepper: config.secretPepper,
     maxAccessTtl: config.tokens.maxAccessTtl,
     accessTtl: config.tokens.accessTtl,
+    audience,
     users: repos.users,
     maxPerCreator: config.clients.maxPerUser,
   });

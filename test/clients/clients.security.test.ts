@@ -884,6 +884,42 @@ describe('app clients: security', () => {
     expect(await active((await clientToken(app, client)).access_token)).toBe(true);
   });
 
+  it('a client registered without audiences, then given others, loses this service’s audience and the tokens carrying it', async () => {
+    const introspector = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });
+    const active = async (token: string) =>
+      (await introspect(app, token, basic(introspector.client_id, introspector.client_secret))).active;
+    const setAudiences = async (client: { id: string }, audiences: string[]) => {
+      const res = await app.inject({
+        method: 'PATCH',
+        url: `/v1/clients/${client.id}`,
+        headers: bearer(admin.accessToken),
+        payload: { audiences },
+      });
+      expect(res.statusCode, res.body).toBe(200);
+    };
+    // None registered: its tokens are for this service, and work here.
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const ours = (await clientToken(app, client)).access_token;
+    const users = () => app.inject({ method: 'GET', url: '/v1/users?limit=1', headers: bearer(ours) });
+    expect((await users()).statusCode).toBe(200);
+    // Only another one now: this service is no longer its tokens' audience, and the token it has goes.
+    await setAudiences(client, ['https://orders.example.com']);
+    expect(await active(ours)).toBe(false);
+    expect((await users()).statusCode).toBe(401);
+    const refused = await form(
+      app,
+      '/oauth/token',
+      { grant_type: 'client_credentials', audience: 'http://auth.test' },
+      basic(client.client_id, client.client_secret),
+    );
+    expect(refused.json().error).toBe('invalid_target');
+    // This service's audience listed with another takes nothing away: the token stays.
+    const listed = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const kept = (await clientToken(app, listed)).access_token;
+    await setAudiences(listed, ['http://auth.test', 'https://orders.example.com']);
+    expect(await active(kept)).toBe(true);
+  });
+
   it('a creator who loses a permission (a role removed, changed or deleted) ends their clients’ tokens', async () => {
     const asAdmin = bearer(admin.accessToken);
     const introspector = await createClient(app, admin.accessToken, { scopes: ['tokens:introspect'] });

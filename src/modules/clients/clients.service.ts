@@ -92,6 +92,8 @@ export interface ClientsServiceDeps {
   maxAccessTtl: number;
   /** The lifetime of a client's access tokens when it sets none (config.tokens.accessTtl). */
   accessTtl: number;
+  /** This service's own audience: what the tokens of a client registered with no audiences are for. */
+  audience: string;
   /** Creators' current state, for the clients that act for them. */
   users: Pick<UsersRepository, 'findById' | 'rolesAndPermissions'>;
   /** The most clients, active or disabled, registered for one user (MAX_CLIENTS_PER_USER). */
@@ -201,6 +203,8 @@ export function createClientsService(deps: ClientsServiceDeps) {
     });
   }
 
+  /** The audiences a client's tokens may be for under its setting (none: this service's own). */
+  const audiencesOf = (audiences: string[]) => (audiences.length > 0 ? audiences : [deps.audience]);
   /** An access token's lifetime under a client's setting (null: the service's default). */
   const ttlOf = (ttl: number | null) => Math.min(ttl ?? deps.accessTtl, deps.maxAccessTtl);
   /**
@@ -398,12 +402,14 @@ export function createClientsService(deps: ClientsServiceDeps) {
           const row = await deps.repo.update(existing.id, effective, deps.clock.now(), tx);
           if (!row) throw notFound('client');
           // Disabled, newly bound (its tokens may carry more than its creator holds now), or narrowed (a
-          // scope or an audience taken away, which its tokens still carry and introspection would
-          // still report): the tokens it holds are revoked on every instance, as when its creator
-          // loses a role. It asks for new ones, with what it has now.
+          // scope or an audience taken away, this service's own included when none were registered,
+          // which its tokens still carry and introspection would still report): the tokens it holds
+          // are revoked on every instance, as when its creator loses a role. It asks for new ones,
+          // with what it has now.
           const narrowed =
             (effective.scopes !== undefined && notHeld(before.scopes, row.scopes).length > 0) ||
-            (effective.audiences !== undefined && before.audiences.some((a) => !row.audiences.includes(a)));
+            (effective.audiences !== undefined &&
+              audiencesOf(before.audiences).some((a) => !audiencesOf(row.audiences).includes(a)));
           if (
             (before.status === 'active' && row.status === 'disabled') ||
             effective.actsForCreator === true ||
