@@ -3,12 +3,12 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { buildTestApp } from '../support/app.js';
-import { createAdmin, registerUser } from '../support/factories.js';
+import { createAdmin, registerUser, setUserStatus } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
 import { PERMISSIONS } from '../../src/lib/permissions.js';
 import { ALL_ROUTES } from '../authz/routes.js';
-import { basic, clientToken, createClient } from '../clients/helpers.js';
+import { basic, clientToken, createClient, form, userWith } from '../clients/helpers.js';
 
 describe('the OpenAPI document', () => {
   let app: FastifyInstance;
@@ -453,6 +453,51 @@ describe('the OpenAPI document', () => {
       }
     }
     expect(undescribed).toEqual([]);
+  });
+
+  it('names in each OAuth error status’s description the errors that endpoint answers with it, and no other', async () => {
+    const admin = await createAdmin(app);
+    const client = await createClient(app, admin.accessToken, { scopes: ['users:read'] });
+    const other = await clientToken(app, await createClient(app, admin.accessToken, { scopes: [] }));
+    const asClient = basic(client.client_id, client.client_secret);
+    // A client acting for a user who has been disabled since.
+    const creator = await userWith(app, ['clients:write', 'users:read'], 'openapi-oauth');
+    const bound = await createClient(app, creator.accessToken, { scopes: ['users:read'] });
+    expect((await setUserStatus(app, admin.accessToken, creator.id, 'disabled')).statusCode).toBe(200);
+    const user = await registerUser(app, 'openapi-oauth-user');
+    const cases: Array<[string, Record<string, string>, Record<string, string>]> = [
+      ['/oauth/token', { grant_type: 'client_credentials' }, {}],
+      ['/oauth/token', {}, asClient],
+      ['/oauth/token', { grant_type: 'refresh_token', refresh_token: 'prt_nope' }, {}],
+      ['/oauth/token', { grant_type: 'client_credentials', scope: 'audit:read' }, asClient],
+      ['/oauth/token', { grant_type: 'client_credentials', audience: 'https://elsewhere.test' }, asClient],
+      ['/oauth/token', { grant_type: 'client_credentials' }, basic(bound.client_id, bound.client_secret)],
+      ['/oauth/token', { grant_type: 'password' }, asClient],
+      ['/oauth/introspect', {}, asClient],
+      ['/oauth/introspect', { token: 'x' }, {}],
+      ['/oauth/introspect', { token: 'x' }, bearer('a.b.c')],
+      ['/oauth/introspect', { token: 'x' }, bearer(user.accessToken)],
+      ['/oauth/revoke', {}, asClient],
+      ['/oauth/revoke', { token: other.access_token }, asClient],
+      ['/oauth/revoke', { token: 'x' }, basic(client.client_id, 'wrong')],
+      ['/oauth/revoke', { token: 'x' }, bearer('a.b.c')],
+    ];
+    const answered = new Map<string, Set<string>>();
+    for (const [path, params, headers] of cases) {
+      const res = await form(app, path, params, headers);
+      const key = `${path} ${res.statusCode}`;
+      answered.set(key, (answered.get(key) ?? new Set()).add(res.json().error));
+    }
+    const described = (path: string, status: string) =>
+      (doc.paths[path]!.post!.responses as Record<string, { description: string }>)[status]!.description;
+    // The error names quoted in it (`audience` or `token` name parameters, not errors).
+    const named = (description: string) => new Set(description.match(/(?<=`)[a-z]+_[a-z_]+(?=`)/g));
+    // The cases reach every 400 and 401 error of these endpoints.
+    for (const path of ['/oauth/token', '/oauth/introspect', '/oauth/revoke'])
+      for (const status of ['400', '401'])
+        expect([...named(described(path, status))].sort(), `${path} ${status}`).toEqual(
+          [...(answered.get(`${path} ${status}`) ?? [])].sort(),
+        );
   });
 
   it('gives every operation a unique operationId, a tag, a summary and its responses', () => {

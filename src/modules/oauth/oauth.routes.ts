@@ -17,7 +17,6 @@ import { BASIC_CHALLENGE, isBasicAuthorization, parseBasicCredentials } from './
 import {
   IntrospectBodySchema,
   IntrospectionSchema,
-  OAuthErrorSchema,
   oauthErrors,
   RevokeBodySchema,
   TokenBodySchema,
@@ -68,6 +67,11 @@ const CREDENTIAL_PARAM_SET = new Set(CREDENTIAL_PARAMS);
  * app.ts puts them on every response under /oauth/ in its one onRequest hook, before anything can fail.
  */
 export const OAUTH_RESPONSE_HEADERS: Readonly<Record<string, string>> = NO_STORE_HEADERS;
+
+/** The 429 of the endpoints that take a client's credentials or a bearer one. */
+const CREDENTIAL_FAILURES_429 =
+  '`temporarily_unavailable`: too many failed client authentications, or (a bearer API key) too many ' +
+  'API keys that name no key, from this address; see `Retry-After`';
 
 /** RFC 6749 §3.2 asks for form bodies; JSON is accepted as well. */
 const OAUTH_CONTENT_TYPES = ['application/x-www-form-urlencoded', 'application/json'];
@@ -214,7 +218,20 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
           'in the body. Errors follow RFC 6749 §5.2.',
         security: [{ clientBasic: [] }, {}],
         body: TokenBodySchema,
-        response: { 200: TokenResponseSchema, ...oauthErrors(400, 401, 413, 415, 429, 503) },
+        response: {
+          200: TokenResponseSchema,
+          ...oauthErrors([400, 401, 413, 415, 429, 503], {
+            400:
+              '`invalid_request`; `invalid_grant`: the refresh token is unknown, used, expired or not the ' +
+              'client’s; `invalid_scope`; `invalid_target`: an `audience` or `resource` the client may not ' +
+              'have (RFC 8707); `unauthorized_client`: the client acts for a user who is disabled or ' +
+              'deleted; `unsupported_grant_type`',
+            401: '`invalid_client`: client authentication failed (`WWW-Authenticate: Basic`)',
+            429:
+              '`temporarily_unavailable`: too many failed client authentications, or refresh_token ' +
+              'grants, from this address; see `Retry-After`',
+          }),
+        },
       },
     },
     async (request) => {
@@ -261,11 +278,13 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
         body: IntrospectBodySchema,
         response: {
           200: IntrospectionSchema,
-          ...oauthErrors(400, 401, 413, 415, 429, 503),
-          401: OAuthErrorSchema.describe(
-            '`invalid_client`: no caller, or client authentication failed; `invalid_token`: the bearer ' +
+          ...oauthErrors([400, 401, 413, 415, 429, 503], {
+            400: '`invalid_request`: no `token`, a parameter repeated, or more than one way of authenticating',
+            401:
+              '`invalid_client`: no caller, or client authentication failed; `invalid_token`: the bearer ' +
               'credential does not verify; `insufficient_scope`: it lacks tokens:introspect (RFC 7662 §2.3)',
-          ),
+            429: CREDENTIAL_FAILURES_429,
+          }),
         },
       },
     },
@@ -298,7 +317,16 @@ export async function oauthRoutes(app: FastifyInstance, deps: OAuthRoutesDeps) {
         body: RevokeBodySchema,
         response: {
           200: z.null().describe('Revoked, or nothing to revoke'),
-          ...oauthErrors(400, 401, 413, 415, 429, 503),
+          ...oauthErrors([400, 401, 413, 415, 429, 503], {
+            400:
+              '`invalid_request`: no `token`, a parameter repeated, or more than one way of ' +
+              'authenticating; `unauthorized_client`: a live token issued to someone else, which stays ' +
+              '(RFC 7009 §2.1)',
+            401:
+              '`invalid_client`: client authentication failed (or a client other than the first-party ' +
+              'one sent no secret); `invalid_token`: the bearer credential does not verify',
+            429: CREDENTIAL_FAILURES_429,
+          }),
         },
       },
     },

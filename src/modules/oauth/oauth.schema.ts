@@ -89,19 +89,21 @@ export const OAuthErrorSchema = z
   .object({ error: z.string(), error_description: z.string().optional() })
   .meta({ id: 'OAuthError', description: 'RFC 6749 §5.2' });
 
-/** What each status means on the OAuth endpoints (RFC 6749 §5.2, RFC 7662, RFC 7009). */
+/** What each status means on every OAuth endpoint (RFC 6749 §5.2, RFC 7662, RFC 7009). */
 const OAUTH_ERROR_MEANINGS: Record<number, string> = {
-  400: '`invalid_request`, `invalid_grant`, `invalid_scope` or `unsupported_grant_type`',
-  401: '`invalid_client`: client authentication failed (`WWW-Authenticate: Basic` when Basic was used)',
   413: '`invalid_request`: body over the size limit',
   415: '`invalid_request`: send application/x-www-form-urlencoded (or JSON)',
-  429:
-    '`temporarily_unavailable`: too many failed client authentications, or (a bearer API key) too many ' +
-    'API keys that name no key, from this address; see `Retry-After`',
   503: '`temporarily_unavailable`: a dependency is down; see `Retry-After`',
 };
 
-export const oauthErrors = <K extends number>(...codes: K[]) =>
+/**
+ * The error answers of an OAuth endpoint: each status described by `meanings` (the errors that
+ * endpoint answers with it), or else by what it means on every endpoint.
+ */
+export const oauthErrors = <K extends number>(codes: K[], meanings: Partial<Record<K, string>> = {}) =>
   Object.fromEntries(
-    codes.map((c) => [c, OAuthErrorSchema.describe(OAUTH_ERROR_MEANINGS[c] ?? 'An RFC 6749 error')]),
+    codes.map((c) => [
+      c,
+      OAuthErrorSchema.describe(meanings[c] ?? OAUTH_ERROR_MEANINGS[c] ?? 'An RFC 6749 error'),
+    ]),
   ) as Record<K, typeof OAuthErrorSchema>;
