@@ -306,6 +306,14 @@ describe('app clients: security', () => {
     // What reaches no further stays theirs to do: a name, a shorter lifetime, an audience taken away.
     expect((await patch({ name: 'renamed', access_token_ttl: 120 })).statusCode).toBe(200);
     expect((await patch({ audiences: ['https://orders.example.test'] })).statusCode).toBe(200);
+    // Audiences compare by what they allow, none meaning this service's own: listing this service
+    // beside it reaches further, and so is refused...
+    const withOurs = { audiences: ['http://auth.test', 'https://orders.example.test'] };
+    expect((await patch(withOurs)).statusCode).toBe(403);
+    expect((await patch(withOurs, admin.accessToken)).statusCode).toBe(200);
+    // ...while none in its place takes the other away, and this service alone changes nothing.
+    expect((await patch({ audiences: [] })).statusCode).toBe(200);
+    expect((await patch({ audiences: ['http://auth.test'] })).statusCode).toBe(200);
     // An administrator, who holds the scopes, turns it back on.
     expect((await patch({ status: 'active' }, admin.accessToken)).statusCode).toBe(200);
     await clientToken(app, client);

@@ -207,16 +207,16 @@ export function createClientsService(deps: ClientsServiceDeps) {
   const audiencesOf = (audiences: string[]) => (audiences.length > 0 ? audiences : [deps.audience]);
   /** An access token's lifetime under a client's setting (null: the service's default). */
   const ttlOf = (ttl: number | null) => Math.min(ttl ?? deps.accessTtl, deps.maxAccessTtl);
+  /** Whether audiences `to` allow one that `from` did not (`audiencesOf`: none is this service's own). */
+  const reachesFurther = (from: string[], to: string[]) =>
+    audiencesOf(to).some((a) => !audiencesOf(from).includes(a));
   /**
-   * A change that lets the client's tokens do more: re-enabled, a new audience or none (none means
-   * this service's own, which a list of others did not allow), a longer lifetime.
+   * A change that lets the client's tokens do more: re-enabled, an audience it did not have (this
+   * service's own included, which none means), a longer lifetime.
    */
   const widens = (before: ClientRow, patch: ClientPatch) =>
     (patch.status === 'active' && before.status !== 'active') ||
-    (patch.audiences !== undefined &&
-      (patch.audiences.length === 0
-        ? before.audiences.length > 0
-        : patch.audiences.some((a) => !before.audiences.includes(a)))) ||
+    (patch.audiences !== undefined && reachesFurther(before.audiences, patch.audiences)) ||
     (patch.accessTokenTtl !== undefined && ttlOf(patch.accessTokenTtl) > ttlOf(before.accessTokenTtl));
 
   /**
@@ -408,8 +408,7 @@ export function createClientsService(deps: ClientsServiceDeps) {
           // with what it has now.
           const narrowed =
             (effective.scopes !== undefined && notHeld(before.scopes, row.scopes).length > 0) ||
-            (effective.audiences !== undefined &&
-              audiencesOf(before.audiences).some((a) => !audiencesOf(row.audiences).includes(a)));
+            (effective.audiences !== undefined && reachesFurther(row.audiences, before.audiences));
           if (
             (before.status === 'active' && row.status === 'disabled') ||
             effective.actsForCreator === true ||
