@@ -248,24 +248,10 @@ export function createServices(deps: ServicesDeps) {
           hasher,
           requireEmailConfirmation: config.emailConfirmation.required,
         }));
-  const failureOptions = { max: config.rateLimit.maxLoginFailuresPerHour, windowSeconds: 3600, clock };
-  const failures =
-    config.rateLimit.enabled && redis
-      ? createRedisFailureCounter({
-          ...failureOptions,
-          redis,
-          link: redisLink,
-          logger,
-          redisKey: loginFailuresKey,
-          fallbackMessage: 'Redis unavailable: counting login failures in this instance only',
-          label: 'Login failures',
-        })
-      : createMemoryFailureCounter(
-          config.rateLimit.enabled ? failureOptions : { ...failureOptions, max: Number.MAX_SAFE_INTEGER },
-        );
   /** What every limit of `counterOf` has: its name in the metrics, its count and what it counts. */
   type Limit = {
-    limiter: RateLimiter;
+    /** Absent for the login lock alone: its refusals are auth_logins_total's `locked`. */
+    limiter?: RateLimiter;
     max: number;
     windowSeconds: number;
     /** For the line when Redis does not answer: "Redis unavailable: counting <what> in this instance only". */
@@ -274,11 +260,12 @@ export function createServices(deps: ServicesDeps) {
   /**
    * A limit's counter, undefined without RATE_LIMIT_ENABLED: at most `max` per key in a window, shared
    * through Redis when there is one, in this instance's memory while it does not answer (logged once)
-   * or when there is none. Its refusals are counted in auth_rate_limit_refusals_total under `limiter`.
-   * With `redisKey`, read and written in Redis on every call (exact on every instance), and every
-   * `reserve` it refuses counted here; `label` names what is counted when memory's counts are carried
-   * into Redis. With `prefix`, read from memory and only failures sent to Redis (nothing to wait for on
-   * a hot path: createSharedFailureCounter), and its caller tells it a refusal (`refused`).
+   * or when there is none. Its refusals are counted in auth_rate_limit_refusals_total under `limiter`,
+   * where it has one. With `redisKey`, read and written in Redis on every call (exact on every
+   * instance), and every `reserve` it refuses counted here; `label` names what is counted when
+   * memory's counts are carried into Redis. With `prefix`, read from memory and only failures sent to
+   * Redis (nothing to wait for on a hot path: createSharedFailureCounter), and its caller tells it a
+   * refusal (`refused`).
    */
   function counterOf(
     limit: Limit & { redisKey: (key: string) => string; label: string },
@@ -292,13 +279,13 @@ export function createServices(deps: ServicesDeps) {
     const common = { link: redisLink, max, windowSeconds, clock, logger };
     const fallbackMessage = `Redis unavailable: counting ${limit.what} in this instance only`;
     // At 0 from the start, so a rate over it has a series to start from.
-    metrics.rateLimitRefusals.inc({ limiter }, 0);
-    const refused = () => metrics.rateLimitRefusals.inc({ limiter });
+    if (limiter) metrics.rateLimitRefusals.inc({ limiter }, 0);
+    const refused = limiter ? () => metrics.rateLimitRefusals.inc({ limiter }) : undefined;
     if ('prefix' in limit) {
       const counter: FailureCounter = redis
         ? createSharedFailureCounter({ ...common, redis, prefix: limit.prefix, fallbackMessage })
         : createMemoryFailureCounter({ max, windowSeconds, clock });
-      return { ...counter, refused };
+      return refused ? { ...counter, refused } : counter;
     }
     const counter = redis
       ? createRedisFailureCounter({
@@ -309,6 +296,7 @@ export function createServices(deps: ServicesDeps) {
           label: limit.label,
         })
       : createMemoryFailureCounter({ max, windowSeconds, clock });
+    if (!refused) return counter;
     return {
       ...counter,
       async reserve(key: string) {
@@ -318,6 +306,19 @@ export function createServices(deps: ServicesDeps) {
       },
     };
   }
+  /** A counter that refuses nothing, where a limit's count is needed without RATE_LIMIT_ENABLED. */
+  const unlimited = (windowSeconds: number) =>
+    createMemoryFailureCounter({ max: Number.MAX_SAFE_INTEGER, windowSeconds, clock });
+  // Failed sign-ins per account an hour (the lockout, auth.service.ts): without RATE_LIMIT_ENABLED,
+  // counted in memory against no limit.
+  const failures =
+    counterOf({
+      max: config.rateLimit.maxLoginFailuresPerHour,
+      windowSeconds: 3600,
+      redisKey: loginFailuresKey,
+      what: 'login failures',
+      label: 'Login failures',
+    }) ?? unlimited(3600);
   // At most MAILS_PER_ACCOUNT_HOUR links of a purpose per address an hour, on every instance.
   const mailsPerHour = counterOf({
     limiter: 'mails_per_address',
@@ -537,8 +538,7 @@ export function createServices(deps: ServicesDeps) {
   // Failed client authentications a minute (oauth.service.ts): without RATE_LIMIT_ENABLED, counted
   // in memory against no limit.
   const clientAuthFailureCounter = (limit: Limit & { prefix: string }) =>
-    counterOf(limit) ??
-    createMemoryFailureCounter({ max: Number.MAX_SAFE_INTEGER, windowSeconds: limit.windowSeconds, clock });
+    counterOf(limit) ?? unlimited(limit.windowSeconds);
 
   const apiKeys = createApiKeysService({
     db,
