@@ -468,7 +468,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   // GET /v1/api-keys/verify is a 405 (the path takes POST), not GET /v1/api-keys/{id} with a bad id.
   refuseOtherMethodsOfLiteralPaths(app, routeTable);
   await app.register(metricsPlugin, { metrics: services.metrics, token: config.metricsToken });
-  if (config.rateLimit.enabled) await app.register(rateLimit, { link: services.redisLink });
+  if (config.rateLimit.enabled)
+    await app.register(rateLimit, { link: services.redisLink, metrics: services.metrics });
   await app.register(authenticate, {
     tokens: services.tokens,
     apiKeys: createApiKeyResolver(services.apiKeys),

@@ -278,9 +278,7 @@ export function createServices(deps: ServicesDeps) {
     const { limiter, max, windowSeconds } = limit;
     const common = { link: redisLink, max, windowSeconds, clock, logger };
     const fallbackMessage = `Redis unavailable: counting ${limit.what} in this instance only`;
-    // At 0 from the start, so a rate over it has a series to start from.
-    if (limiter) metrics.rateLimitRefusals.inc({ limiter }, 0);
-    const refused = limiter ? () => metrics.rateLimitRefusals.inc({ limiter }) : undefined;
+    const refused = limiter ? metrics.refusalsOf(limiter) : undefined;
     if ('prefix' in limit) {
       const counter: FailureCounter = redis
         ? createSharedFailureCounter({ ...common, redis, prefix: limit.prefix, fallbackMessage })

@@ -11,6 +11,14 @@ import { REPEATED_AUTHORIZATION_DETAIL, repeatedAuthorization } from './authenti
 export function createMetrics() {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
+  const rateLimitRefusals = new Counter({
+    name: 'auth_rate_limit_refusals_total',
+    help:
+      'Attempts a rate limit refused, by limiter: answered 429 (409 for an invitation or a reset link an ' +
+      "administrator asks for), or, for a link mailed at anyone's request, the usual answer and no mail",
+    labelNames: ['limiter'] as const,
+    registers: [registry],
+  });
   return {
     registry,
     http: new HttpRequestMetrics(
@@ -51,28 +59,34 @@ export function createMetrics() {
       labelNames: ['reason'] as const,
       registers: [registry],
     }),
-    rateLimitRefusals: new Counter({
-      name: 'auth_rate_limit_refusals_total',
-      help:
-        'Attempts a rate limit refused, by limiter: answered 429 (409 for an invitation or a reset link an ' +
-        "administrator asks for), or, for a link mailed at anyone's request, the usual answer and no mail",
-      labelNames: ['limiter'] as const,
-      registers: [registry],
-    }),
+    rateLimitRefusals,
+    /**
+     * What counts one refusal of `limiter` in auth_rate_limit_refusals_total; its series is at 0 from
+     * now on, so a rate over it has a series to start from. Called once per limiter, where it is made.
+     */
+    refusalsOf(limiter: RateLimiter): () => void {
+      rateLimitRefusals.inc({ limiter }, 0);
+      return () => rateLimitRefusals.inc({ limiter });
+    },
   };
 }
 
 /**
- * The limits counted in auth_rate_limit_refusals_total (services.ts, `counterOf`): a fixed set, no
- * user data. Mails of a purpose per address an hour; profile changes per user a minute; failed client
- * authentications per IP and client_id, and per IP, a minute; API keys naming no key per IP a minute.
+ * The limits counted in auth_rate_limit_refusals_total: a fixed set, no user data. Those of
+ * services.ts (`counterOf`): mails of a purpose per address an hour; profile changes per user a
+ * minute; failed client authentications per IP and client_id, and per IP, a minute; API keys naming no
+ * key per IP a minute. Those of plugins/rate-limit.ts (@fastify/rate-limit): the requests per IP a
+ * minute to a route with its own limit (`config.rateLimit`, any such route), and the refresh-token
+ * redemptions per IP a minute (`config.refreshRateLimit`).
  */
 export type RateLimiter =
   | 'mails_per_address'
   | 'profile_changes'
   | 'client_auth_failures'
   | 'client_auth_failures_per_ip'
-  | 'unknown_api_keys_per_ip';
+  | 'unknown_api_keys_per_ip'
+  | 'routes_per_ip'
+  | 'refreshes_per_ip';
 
 export type Metrics = ReturnType<typeof createMetrics>;
 

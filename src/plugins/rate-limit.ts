@@ -5,6 +5,7 @@ import fp from 'fastify-plugin';
 import { LRUCache } from 'lru-cache';
 import { AppError } from '../lib/errors.js';
 import type { RedisLink } from '../lib/redis-link.js';
+import type { Metrics } from './metrics.js';
 
 type IncrCallback = (error: Error | null, result?: { current: number; ttl: number }) => void;
 
@@ -75,12 +76,17 @@ function sharedStoreWithFallback(link: RedisLink) {
  * Redis when configured (shared by every instance), in this instance's memory otherwise or while Redis
  * is down; the per-account failure counter applies on top.
  */
-async function rateLimitPlugin(app: FastifyInstance, options: { link?: RedisLink | undefined }) {
+async function rateLimitPlugin(
+  app: FastifyInstance,
+  options: { link?: RedisLink | undefined; metrics: Pick<Metrics, 'refusalsOf'> },
+) {
   await app.register(rateLimit, {
     global: false,
     ...(options.link ? { store: sharedStoreWithFallback(options.link) } : {}),
     skipOnError: true,
     keyGenerator: (request) => limitedAddress(request.ip),
+    // Called on a refusal only (auth_rate_limit_refusals_total): nothing on a request it lets through.
+    onExceeded: options.metrics.refusalsOf('routes_per_ip'),
     errorResponseBuilder: (_request, context) =>
       new AppError('rate_limited', {
         detail: `Too many requests; retry in ${Math.ceil(context.ttl / 1000)} s`,
@@ -93,6 +99,7 @@ async function rateLimitPlugin(app: FastifyInstance, options: { link?: RedisLink
     .rateLimit({
       ...REFRESH_RATE_LIMIT,
       keyGenerator: (request) => `refresh-${limitedAddress(request.ip)}`,
+      onExceeded: options.metrics.refusalsOf('refreshes_per_ip'),
     })
     .bind(app);
   // The refresh_token grant is known once the body is read: a preHandler, for that grant only.

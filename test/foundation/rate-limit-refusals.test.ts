@@ -9,6 +9,7 @@ import {
   CLIENT_AUTH_MAX_FAILURES_PER_MINUTE,
 } from '../../src/modules/oauth/oauth.service.js';
 import { PROFILE_CHANGES_PER_MINUTE } from '../../src/modules/profiles/profiles.service.js';
+import { CREDENTIAL_RATE_LIMIT, REFRESH_RATE_LIMIT } from '../../src/plugins/rate-limit.js';
 import { withKey } from '../api-keys/helpers.js';
 import { basic, createClient, createTestClock } from '../clients/helpers.js';
 import { buildTestApp } from '../support/app.js';
@@ -22,6 +23,8 @@ const LIMITERS = [
   'client_auth_failures_per_ip',
   'mails_per_address',
   'profile_changes',
+  'refreshes_per_ip',
+  'routes_per_ip',
   'unknown_api_keys_per_ip',
 ];
 
@@ -34,8 +37,9 @@ async function refusals(app: FastifyInstance): Promise<Record<string, number>> {
 const series = (limiter: string) => `limiter="${limiter}"`;
 
 /**
- * Every refusal of the limits counted in Redis or in memory (services.ts, `counterOf`) is counted in
- * auth_rate_limit_refusals_total, by limiter: once per refused attempt, under a fixed set of names.
+ * Every refusal of the limits counted in Redis or in memory (services.ts, `counterOf`, and the per-IP
+ * limits of plugins/rate-limit.ts) is counted in auth_rate_limit_refusals_total, by limiter: once per
+ * refused attempt, under a fixed set of names.
  */
 describe.each(await capCountings('rate-limit refusals'))(
   'refusals of the rate limits in /metrics, counted $counts',
@@ -170,6 +174,47 @@ describe.each(await capCountings('rate-limit refusals'))(
       });
       expect(counted).toEqual({ [series('unknown_api_keys_per_ip')]: 2 });
     });
+
+    it.skipIf(skip)(
+      'counts each 429 of a route’s own per-IP limit, under one name for every route',
+      async () => {
+        const address = randomAddress();
+        // Refused before the body is read (an empty one is a 400 while the limit lets it through).
+        const post = (url: string) =>
+          app.inject({ method: 'POST', url, remoteAddress: address, payload: {} });
+        const counted = await added(async () => {
+          for (let i = 0; i < CREDENTIAL_RATE_LIMIT.max; i++)
+            expect((await post('/v1/auth/register')).statusCode).toBe(400);
+          for (let i = 0; i < 2; i++) expect((await post('/v1/auth/register')).statusCode).toBe(429);
+          for (let i = 0; i < CREDENTIAL_RATE_LIMIT.max; i++)
+            expect((await post('/v1/auth/password/forgot')).statusCode).toBe(400);
+          expect((await post('/v1/auth/password/forgot')).statusCode).toBe(429);
+        });
+        expect(counted).toEqual({ [series('routes_per_ip')]: 3 });
+      },
+    );
+
+    it.skipIf(skip)(
+      'counts each 429 of the per-IP refresh budget, at either route that spends it',
+      async () => {
+        const address = randomAddress();
+        const refresh = () =>
+          app.inject({ method: 'POST', url: '/v1/auth/refresh', remoteAddress: address, payload: {} });
+        const counted = await added(async () => {
+          for (let i = 0; i < REFRESH_RATE_LIMIT.max; i++) expect((await refresh()).statusCode).toBe(400);
+          for (let i = 0; i < 2; i++) expect((await refresh()).statusCode).toBe(429);
+          const grant = await app.inject({
+            method: 'POST',
+            url: '/oauth/token',
+            remoteAddress: address,
+            headers: { 'content-type': 'application/x-www-form-urlencoded' },
+            payload: 'grant_type=refresh_token&refresh_token=prt_refused',
+          });
+          expect(grant.statusCode).toBe(429);
+        });
+        expect(counted).toEqual({ [series('refreshes_per_ip')]: 3 });
+      },
+    );
   },
 );
 
