@@ -1077,16 +1077,20 @@ describe('api keys: a request that outlives its session', () => {
     });
   });
 
-  it('makes no key once the session its token belongs to has ended (logout everywhere, reset)', async () => {
-    const user = await registerUser(app, 'aks-late');
+  /**
+   * Sends `request` with the user's token, holds it once authenticated, ends every session of the
+   * user (logout everywhere), then lets it reach its change, which must be refused as the token's is.
+   */
+  async function afterSessionEnds(
+    user: TestUser,
+    request: { method: 'POST' | 'PATCH'; url: string; payload: object },
+  ) {
     const arrived = new Promise<void>((resolve) => {
       reached = resolve;
     });
-    const creating = app.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
+    const pending = app.inject({
+      ...request,
       headers: { ...bearer(user.accessToken), 'x-test-pause': '1' },
-      payload: { name: 'late', scopes: ['account:read'] },
     });
     await arrived;
     const out = await app.inject({
@@ -1097,13 +1101,58 @@ describe('api keys: a request that outlives its session', () => {
     });
     expect(out.statusCode).toBe(204);
     release();
-    const res = await creating;
+    const res = await pending;
     expect(res.statusCode, res.body).toBe(401);
     expect(res.json().code).toBe('invalid_token');
-    const [keys] = await selectRows<{ n: number }>(
-      app.services.db,
-      sql`select count(*)::int as n from api_keys where owner_id = ${user.id}`,
+  }
+
+  const keyCount = async (ownerId: string) =>
+    (
+      await selectRows<{ n: number }>(
+        app.services.db,
+        sql`select count(*)::int as n from api_keys where owner_id = ${ownerId}`,
+      )
+    )[0]?.n;
+
+  // A key with no scopes gives nothing to check against what the caller holds, but it is still a
+  // working key: POST /v1/api-keys/verify answers it valid, with its owner.
+  it.each([
+    ['with scopes', ['account:read']],
+    ['with none', []],
+  ])(
+    'makes no key once the session its token belongs to has ended (logout everywhere, reset), %s',
+    async (_, scopes) => {
+      const user = await registerUser(app, 'aks-late');
+      await afterSessionEnds(user, {
+        method: 'POST',
+        url: '/v1/api-keys',
+        payload: { name: 'late', scopes },
+      });
+      expect(await keyCount(user.id)).toBe(0);
+    },
+  );
+
+  it('gives a key that gives nothing no new secret nor a longer life once the session has ended', async () => {
+    const user = await registerUser(app, 'aks-late-key');
+    const created = await createKey(app, user.accessToken, {
+      scopes: [],
+      expires_at: new Date(Date.now() + 86_400_000).toISOString(),
+    });
+    const row = async () =>
+      (
+        await selectRows<{ secret_hash: string; expires_at: Date | null }>(
+          app.services.db,
+          sql`select secret_hash, expires_at from api_keys where id = ${created.id}`,
+        )
+      )[0];
+    const before = await row();
+    const url = `/v1/api-keys/${created.id}`;
+    await afterSessionEnds(user, { method: 'POST', url: `${url}/rotate`, payload: {} });
+    const again = await login(app, user.email);
+    await afterSessionEnds(
+      { ...user, accessToken: again.session.access_token },
+      { method: 'PATCH', url, payload: { expires_at: null } },
     );
-    expect(keys?.n).toBe(0);
+    expect(await row()).toEqual(before);
   });
 });

@@ -127,7 +127,8 @@ export function createGrantCeiling(deps: GrantCeilingDeps) {
      * the grantor's credential no longer stands at all.
      */
     async assertHolds(grantor: Grantor, granted: readonly string[], tx: Executor, refusal: string) {
-      if (granted.length === 0) return;
+      // Even when nothing is granted: what is made or changed (an API key with no scopes, which still
+      // verifies as its owner's) must not outlive a credential that ended while the request ran.
       const holds = await standing(grantor, tx);
       if (holds === null) throw credentialNoLongerStands();
       const missing = [...new Set(notHeld(granted, holds))].sort();
