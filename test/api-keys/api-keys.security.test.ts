@@ -1054,6 +1054,30 @@ describe('api keys: expiry is final', () => {
       200,
     );
   });
+
+  it('its owner may lengthen the life of a key whose scopes they no longer all hold: it gives only what they do', async () => {
+    const user = await registerUser(app, 'aks-expiry-demoted');
+    const role = await grantRole(app, user.id, ['roles:read']);
+    const token = (await login(app, user.email, user.password)).session.access_token;
+    const inDays = (days: number) => new Date(clock.nowMs() + days * 86_400_000).toISOString();
+    const key = await createKey(app, token, {
+      scopes: ['account:read', 'roles:read'],
+      expires_at: inDays(1),
+    });
+    await removeRole(app, user.id, role);
+    // What the key gives now is account:read, which the owner holds: as for a rotation.
+    const later = inDays(30);
+    const lengthened = await app.inject({
+      method: 'PATCH',
+      url: `/v1/api-keys/${key.id}`,
+      headers: bearer(token),
+      payload: { expires_at: later },
+    });
+    expect(lengthened.statusCode, lengthened.body).toBe(200);
+    expect(lengthened.json().expires_at).toBe(later);
+    const roles = await app.inject({ method: 'GET', url: '/v1/roles', headers: withKey(key.key) });
+    expect(roles.statusCode).toBe(403);
+  });
 });
 
 describe('api keys: a request that outlives its session', () => {

@@ -346,6 +346,15 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   }
 
   /**
+   * What a key with `scopes` gives now: the scopes within its owner's current permissions (read on
+   * `tx`), as every use limits it. What a caller must hold to give the key a new secret or a longer life.
+   */
+  async function givenNow(scopes: readonly string[], ownerId: string, tx: Executor) {
+    const owner = await deps.users.rolesAndPermissions(ownerId, tx);
+    return intersectPermissions(scopes, owner.permissions);
+  }
+
+  /**
    * What only a key's owner may do to it: take a new secret (it is the owner's identity), widen its
    * scopes or lengthen its life. A key's self-scoped permissions (`account:*`, `api_keys:own`) mean its
    * owner's account, so another caller "holding" them proves nothing; api_keys:write reaches another
@@ -643,7 +652,7 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
               assertOwner(actor, current, 'lengthen its life');
               await deps.grants.assertHolds(
                 actor.grantor,
-                patch.scopes ?? current.scopes,
+                await givenNow(patch.scopes ?? current.scopes, current.ownerId, tx),
                 tx,
                 'Extending the life of a key needs the permissions it gives',
               );
@@ -795,10 +804,9 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           // The new secret goes to the caller, so the caller must already hold what it gives: otherwise a
           // narrow key could rotate a broader sibling, or a holder of api_keys:write an admin's key, and
           // come away with more than they have.
-          const owner = await deps.users.rolesAndPermissions(current.ownerId, tx);
           await deps.grants.assertHolds(
             actor.grantor,
-            intersectPermissions(current.scopes, owner.permissions),
+            await givenNow(current.scopes, current.ownerId, tx),
             tx,
             'The key’s scopes go beyond the permissions of the caller',
           );
