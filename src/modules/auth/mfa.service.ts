@@ -626,14 +626,16 @@ export function createMfaService(deps: MfaServiceDeps) {
 
     /**
      * An administrator turns a user's two-step verification off (they lost their app and their
-     * recovery codes). Audited whether or not there was one; 404 for an unknown user.
+     * recovery codes). Audited whether or not there was one; 404 for an unknown user. Never the
+     * caller's own (users.assertNotOwn, checked by the route): one's own goes with a code.
      */
-    /** Never the caller's own (users.assertNotOwn, checked by the route): one's own goes with a code. */
     async resetByAdministrator(userId: string, context: RequestContext): Promise<void> {
       const mails = await inTransaction(deps.db, deps.events, async (tx) => {
-        const user = await deps.users.findById(userId, tx);
+        // Read under the lock: an email change applying meanwhile is waited for, and the notice goes
+        // to the address the account has now, not the one it left.
+        const user = await lockUser(tx, userId);
         if (!user) throw notFound('user');
-        const removed = await removeFactor(tx, userId);
+        const removed = await deps.repo.removeAll(userId, tx);
         // `had_factor`: two-step verification was on. A set-up never confirmed goes too, and is said
         // as such: the user is told of nothing turned off, since sign-ins never asked for it.
         await deps.audit.record(tx, context, {
