@@ -213,6 +213,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       context: RequestContext,
       options: {
         byAdministrator?: boolean;
+        /**
+         * Whether the administrator may still ask (they hold all the user holds), first thing on the
+         * request's transaction: throwing refuses it, nothing written.
+         */
+        authorize?: (tx: Executor) => Promise<unknown>;
         sessionId?: string;
         /**
          * Runs the request's transaction instead of a transaction of its own: the second factor's
@@ -241,6 +246,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
         // One request at a time per account, on every instance: the account's row, locked first as a
         // change applying, a reset or the second factor's check lock it (the address a concurrent
         // change just applied is the one to ask, and whether it is confirmed decides the links).
+        await options.authorize?.(tx);
         const user = await deps.users.findByIdForUpdate(asked.id, tx);
         const now = deps.clock.now();
         const wait = await tooSoon(asked.id, now, tx);

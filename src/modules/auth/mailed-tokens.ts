@@ -185,6 +185,11 @@ export function createMailedTokens(deps: {
         mailer: Mailer;
         outbox?: MailOutbox | undefined;
         audit?: { type: AuditEventType; context: RequestContext; data: Record<string, unknown> };
+        /**
+         * Whether the caller may still have it mailed, asked on the transaction that writes it (an
+         * administrator's request: they hold all the user holds); throwing refuses it, nothing written.
+         */
+        authorize?: ((tx: Executor) => Promise<unknown>) | undefined;
       },
       compose: (token: string) => MailMessage,
     ): Promise<'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone' | 'disabled'> {
@@ -209,6 +214,7 @@ export function createMailedTokens(deps: {
           await tx.execute(
             sql`select pg_advisory_xact_lock(hashtext(${`email_tokens:${purpose}:${user.id}`}))`,
           );
+          await options.authorize?.(tx);
           // The account, held until the link is written: one deleted meanwhile gets none (not a 409 from
           // the foreign key), and one disabled meanwhile none either (its disable voided the links it
           // found). Share-locked, not key-share: what voids an account's links (a disable, a deletion, a

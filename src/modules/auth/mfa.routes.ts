@@ -98,7 +98,7 @@ export async function mfaRoutes(
   app: FastifyInstance,
   deps: {
     mfa: MfaService;
-    users: Pick<UsersService, 'assertMayManage' | 'assertNotOwn'>;
+    users: Pick<UsersService, 'assertMayManageLocked' | 'assertNotOwn'>;
     auth: Pick<AuthService, 'reauthenticate' | 'reauthenticateBySession'>;
     /** PUBLIC_URL's path ('' when it has none): what a 201's Location starts with. */
     basePath: string;
@@ -317,8 +317,10 @@ export async function mfaRoutes(
         request.params.id,
         'Turn your own two-step verification off with a code: POST /v1/auth/mfa/totp/deactivate',
       );
-      await deps.users.assertMayManage(principal, request.params.id);
-      await deps.mfa.resetByAdministrator(request.params.id, requestContext(request));
+      const { id } = request.params;
+      await deps.mfa.resetByAdministrator(id, requestContext(request), (tx) =>
+        deps.users.assertMayManageLocked(tx, principal, id),
+      );
       return reply.status(204).send(null);
     },
   );

@@ -628,9 +628,16 @@ export function createMfaService(deps: MfaServiceDeps) {
      * An administrator turns a user's two-step verification off (they lost their app and their
      * recovery codes). Audited whether or not there was one; 404 for an unknown user. Never the
      * caller's own (users.assertNotOwn, checked by the route): one's own goes with a code.
+     * `authorize`: whether the administrator may (they hold all the user holds), asked first on the
+     * reset's transaction; throwing refuses it, nothing changed.
      */
-    async resetByAdministrator(userId: string, context: RequestContext): Promise<void> {
+    async resetByAdministrator(
+      userId: string,
+      context: RequestContext,
+      authorize: (tx: Executor) => Promise<unknown>,
+    ): Promise<void> {
       const mails = await inTransaction(deps.db, deps.events, async (tx) => {
+        await authorize(tx);
         // Read under the lock: an email change applying meanwhile is waited for, and the notice goes
         // to the address the account has now, not the one it left.
         const user = await lockUser(tx, userId);

@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import type { Database, Transaction } from '../../db/client.js';
+import type { Database, Executor, Transaction } from '../../db/client.js';
 import { checkPasswordStrength } from '../../identity/passwords.js';
 import { type IdentityProvider, PasswordMayHaveChanged, type ProviderUser } from '../../identity/provider.js';
 import type { Clock } from '../../lib/clock.js';
@@ -312,6 +312,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     user: UserRow | undefined,
     context: RequestContext,
     extra: Record<string, unknown>,
+    authorize?: (tx: Executor) => Promise<unknown>,
   ): Promise<{ sent: 'sent' | 'queued' | 'too_soon' | 'too_many' | 'gone' | 'disabled'; delivery: string }> {
     if (deps.provider.requestPasswordRecovery)
       return {
@@ -330,13 +331,15 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
           mailer,
           outbox: deps.outbox,
           audit: { type: RESET_REQUESTED, context, data: { delivery: mailer.kind, ...extra } },
+          authorize,
         },
         (token) => resetMail(account.email, token),
       );
       return { sent, delivery: mailer.kind };
     } catch (err) {
-      // The mail server refusing (without an outbox); the database failing is no mail failure.
-      if (!isDatabaseUnavailable(err))
+      // The mail server refusing (without an outbox); the database failing is no mail failure, nor
+      // the caller refused (`authorize`: a 401 or 403, audited as such).
+      if (!isDatabaseUnavailable(err) && !(isAppError(err) && err.status < 500))
         await recordRequest(context, email, account.id, 'failure', { reason: 'mail_failed', ...extra }).catch(
           () => undefined,
         );
@@ -430,8 +433,14 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
     /**
      * An administrator has a reset link mailed to a user (who called support, locked out): 404 for no
      * such user, 409 for a disabled one, a recovery that is off, or a link mailed less than a minute ago.
+     * `authorize`: whether the administrator may still, asked on the transaction that writes the link
+     * (the service's own mail; a provider mailing its own links is asked outside any).
      */
-    async requestFor(userId: string, context: RequestContext): Promise<void> {
+    async requestFor(
+      userId: string,
+      context: RequestContext,
+      authorize?: (tx: Executor) => Promise<unknown>,
+    ): Promise<void> {
       const found = await deps.users.findById(userId);
       if (!found) throw notFound('user');
       const extra = { by_administrator: true };
@@ -450,7 +459,7 @@ export function createPasswordResetService(deps: PasswordResetDeps) {
       const user = deps.withCurrentEmail ? await deps.withCurrentEmail(found, context) : found;
       // Disabled while Supabase answered (the row read again when it has another address now).
       if (!active(user)) return refuse('The user is disabled: enable them first', 'disabled', user.email);
-      const { sent, delivery } = await deliver(user.email, user, context, extra);
+      const { sent, delivery } = await deliver(user.email, user, context, extra, authorize);
       if (sent === 'too_soon')
         return refuse('A reset link was mailed to this user less than a minute ago', 'too_soon', user.email);
       if (sent === 'gone') throw notFound('user');

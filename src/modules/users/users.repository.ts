@@ -59,6 +59,15 @@ export function createUsersRepository(db: Executor) {
       const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1).for('no key update');
       return row;
     },
+    /**
+     * The user, locked FOR UPDATE: unlike FOR NO KEY UPDATE, it waits for the key-share locks of a
+     * transaction adding rows that refer to the user, a role granted them above all (whose grant
+     * key-share locks the row from its start to its commit), so what is read next sees the grant.
+     */
+    async findByIdForKeyUpdate(id: string, tx: Executor): Promise<UserRow | undefined> {
+      const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1).for('update');
+      return row;
+    },
     async findById(id: string, tx: Executor = db): Promise<UserRow | undefined> {
       const [row] = await tx.select().from(users).where(eq(users.id, id)).limit(1);
       return row;

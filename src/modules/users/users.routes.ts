@@ -197,8 +197,13 @@ export async function usersRoutes(
       },
     },
     async (request, reply) => {
-      await deps.users.assertMayManage(principalOf(request), request.params.id);
-      await deps.passwordReset.requestFor(request.params.id, requestContext(request));
+      const caller = principalOf(request);
+      const { id } = request.params;
+      // Before Supabase is asked for the address, and again on the transaction that writes the link.
+      await deps.users.assertMayManage(caller, id);
+      await deps.passwordReset.requestFor(id, requestContext(request), (tx) =>
+        deps.users.assertMayManageLocked(tx, caller, id),
+      );
       return reply.status(204).send(null);
     },
   );
@@ -308,11 +313,15 @@ export async function usersRoutes(
         'Change your own address with your password: POST /v1/auth/email/change',
       );
       const user = await deps.users.get(request.params.id);
+      // Before anything is refused for the address (and audited), and again on the request's transaction.
       await deps.users.assertMayManage(principal, user.id);
       const newEmail = await deps.emailChange.check(user, request.body.new_email, context, {
         byAdministrator: true,
       });
-      const requested = await deps.emailChange.request(user, newEmail, context, { byAdministrator: true });
+      const requested = await deps.emailChange.request(user, newEmail, context, {
+        byAdministrator: true,
+        authorize: (tx) => deps.users.assertMayManageLocked(tx, principal, user.id),
+      });
       return reply.status(202).send({
         new_email: requested.newEmail,
         expires_at: requested.expiresAt.toISOString(),

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import { randomUUID } from 'node:crypto';
-import type { Database, Transaction } from '../../db/client.js';
+import type { Database, Executor, Transaction } from '../../db/client.js';
 import type { IdentityProvider } from '../../identity/provider.js';
 import { AppError, forbidden, notFound } from '../../lib/errors.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
@@ -96,9 +96,23 @@ export function createUsersService(deps: {
   }
 
   /** assertMayManage on the caller's transaction (a change that takes its own locks first). */
-  async function assertMayManageIn(tx: Transaction, caller: Grantor, id: string): Promise<void> {
+  async function assertMayManageIn(tx: Executor, caller: Grantor, id: string): Promise<void> {
     const { permissions } = await deps.repo.rolesAndPermissions(id, tx);
     await deps.grants.assertHolds(caller, permissions, tx, MANAGE_REFUSAL);
+  }
+
+  /**
+   * assertMayManageIn on the transaction of an administrator's change to the user that takes no
+   * admins' lock (ending their sessions, mailing a reset link, moving their address, turning their
+   * second factor off), first thing, after locking the user's row FOR UPDATE: a role granted them
+   * meanwhile (whose grant key-share locks that row until it commits) is waited for and seen, so who
+   * lacks it is refused (403) and nothing changes. 404 for no such user; else the user, as locked.
+   */
+  async function assertMayManageLocked(tx: Executor, caller: Grantor, id: string): Promise<UserRow> {
+    const user = await deps.repo.findByIdForKeyUpdate(id, tx);
+    if (!user) throw notFound('user');
+    await assertMayManageIn(tx, caller, id);
+    return user;
   }
 
   /** Refuses a change that would leave no active admin (API.md: removing the last admin → 409). */
@@ -320,6 +334,8 @@ export function createUsersService(deps: {
 
     assertMayManage,
 
+    assertMayManageLocked,
+
     /** A user's live sessions, newest first (404 for no such user). */
     async listSessions(id: string, options: { limit: number; cursor?: string | undefined }) {
       await findOrThrow(id);
@@ -332,9 +348,8 @@ export function createUsersService(deps: {
      * logout-all does. For support: a stolen session, a lost device. Needs all the user holds.
      */
     async endSessions(id: string, caller: Grantor, context: RequestContext, sessionId?: string) {
-      await findOrThrow(id);
-      await assertMayManage(caller, id);
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
+        await assertMayManageLocked(tx, caller, id);
         let ended: string[];
         if (sessionId) {
           const session = await deps.sessionRows.findSession(sessionId, tx);
