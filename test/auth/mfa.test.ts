@@ -99,6 +99,31 @@ describe('two-step verification (TOTP)', () => {
     expect(await status(user)).toMatchObject({ enabled: false, pending: true });
   });
 
+  it('starting a set-up is audited (mfa.setup_started), by the session that started it, without the secret', async () => {
+    const user = await registerUser(app, 'mfa-setup-audit');
+    const secret = await startMfaSetUp(app, user.accessToken);
+    const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.setup_started', limit: 5 });
+    const { factor } = await status(user);
+    expect(events).toEqual([
+      expect.objectContaining({
+        outcome: 'success',
+        actorId: user.id,
+        credentialId: expect.any(String),
+        data: { factor_id: factor.id, type: 'totp' },
+      }),
+    ]);
+    expect(JSON.stringify(events)).not.toContain(secret);
+    // The user sees it in their account's activity.
+    const activity = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/activity',
+      headers: bearer(user.accessToken),
+    });
+    expect(activity.json().data).toContainEqual(
+      expect.objectContaining({ type: 'mfa.setup_started', outcome: 'success', by: 'you' }),
+    );
+  });
+
   it('sets up an app in two steps; sign-ins then ask for a code and open the session with it', async () => {
     const user = await registerUser(app, 'mfa');
     expect(await status(user)).toMatchObject({ enabled: false, pending: false, factor: null });

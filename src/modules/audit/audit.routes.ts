@@ -157,6 +157,7 @@ export const ACCOUNT_ACTIVITY_TYPES = [
   'user.email_change_requested',
   'user.email_change_cancelled',
   'user.email_changed',
+  'mfa.setup_started',
   'mfa.enabled',
   'mfa.disabled',
   'mfa.recovery_codes_regenerated',

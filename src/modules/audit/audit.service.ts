@@ -92,6 +92,7 @@ export const AUDIT_EVENT_TYPES = [
   'mfa.disabled',
   'mfa.enabled',
   'mfa.recovery_codes_regenerated',
+  'mfa.setup_started',
   'profile.updated',
   'refresh_token.reused',
   'refresh_token.revoked',

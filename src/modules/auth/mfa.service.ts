@@ -453,9 +453,11 @@ export function createMfaService(deps: MfaServiceDeps) {
 
     /**
      * Begins a TOTP enrolment: a new secret for the user's app (replacing one begun before and not
-     * proven). The secret is shown this once; sign-ins ask for codes only after `activate`.
+     * proven). The secret is shown this once; sign-ins ask for codes only after `activate`. Audited
+     * (`mfa.setup_started`, never the secret): whoever holds the session and the password can begin
+     * one, and the account's activity shows it.
      */
-    async enroll(userId: string, sessionId: string) {
+    async enroll(userId: string, sessionId: string, context: RequestContext) {
       const user = await deps.users.findById(userId);
       if (!user) throw notFound('user');
       if (deps.requireConfirmedEmail && !user.emailConfirmedAt) {
@@ -466,7 +468,7 @@ export function createMfaService(deps: MfaServiceDeps) {
       const secret = new Secret({ size: TOTP_SECRET_BYTES });
       const factor = await inTransaction(deps.db, deps.events, async (tx) => {
         await assertStands(tx, await lockUser(tx, user.id), sessionId);
-        return deps.repo.replacePending(
+        const started = await deps.repo.replacePending(
           {
             userId: user.id,
             type: 'totp',
@@ -475,6 +477,13 @@ export function createMfaService(deps: MfaServiceDeps) {
           },
           tx,
         );
+        if (started)
+          await deps.audit.record(tx, context, {
+            type: 'mfa.setup_started',
+            subjectId: user.id,
+            data: { factor_id: started.id, type: started.type },
+          });
+        return started;
       });
       if (!factor) {
         throw new AppError('conflict', {
