@@ -211,6 +211,9 @@ const EnvSchema = z.object({
       .optional(),
   ),
   MFA_CHALLENGE_TTL: wholeNumber(60, 1800, 300),
+  // 15 minutes: a set-up is confirmed with the app at hand, and a secret shown and never confirmed
+  // is no standing invitation to whoever saw it.
+  MFA_SETUP_TTL: wholeNumber(60, 86_400, 900),
   MFA_REQUIRED_ROLES: z.string().default(''),
 });
 
@@ -467,10 +470,16 @@ export interface Config {
   /** Built-in provider: the page a sign-in link opens, and its lifetime. */
   readonly magicLink: { url: string | undefined; ttlSeconds: number };
   /**
-   * Two-step verification: the name authenticator apps show, how long a sign-in waits for a code, and
-   * the roles whose permissions count only in a session that gave a second factor.
+   * Two-step verification: the name authenticator apps show, how long a sign-in waits for a code, how
+   * long a set-up waits for its first code, and the roles whose permissions count only in a session
+   * that gave a second factor.
    */
-  readonly mfa: { issuer: string; challengeTtlSeconds: number; requiredRoles: string[] };
+  readonly mfa: {
+    issuer: string;
+    challengeTtlSeconds: number;
+    setupTtlSeconds: number;
+    requiredRoles: string[];
+  };
 }
 
 export interface LoadConfigOptions {
@@ -609,6 +618,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
     mfa: {
       issuer: e.MFA_ISSUER ?? 'Paservices',
       challengeTtlSeconds: e.MFA_CHALLENGE_TTL,
+      setupTtlSeconds: e.MFA_SETUP_TTL,
       requiredRoles: listOf(e.MFA_REQUIRED_ROLES),
     },
   };

@@ -387,6 +387,7 @@ export function createServices(deps: ServicesDeps) {
     keyEncryptionKey: config.keyEncryptionKey,
     issuer: config.mfa.issuer,
     challengeTtlSeconds: config.mfa.challengeTtlSeconds,
+    setupTtlSeconds: config.mfa.setupTtlSeconds,
     onLogin: (outcome) => metrics.logins.inc({ outcome }),
     requireConfirmedEmail: provider.name === 'supabase' || mailer !== undefined,
     mfaRequiredRoles: config.mfa.requiredRoles,
@@ -610,7 +611,12 @@ export function createServices(deps: ServicesDeps) {
   // Key changes and resyncs read the signing keys again; keys revoked elsewhere are dropped at once.
   events.subscribe((event) => keys.handle(event));
 
-  const retention = createRetention({ db, clock, logger, options: config.retention });
+  const retention = createRetention({
+    db,
+    clock,
+    logger,
+    options: { ...config.retention, mfaSetupTtlSeconds: config.mfa.setupTtlSeconds },
+  });
   /** When the next purge is due (wall clock), and how long the last failed one made it wait. */
   let nextPurge = Number.NEGATIVE_INFINITY;
   let purgeBackoff = 0;

@@ -914,6 +914,39 @@ describe('a set-up never confirmed, removed', () => {
   });
 });
 
+describe('a set-up never confirmed, expired', () => {
+  it('after MFA_SETUP_TTL (900 s): activating it is 409 and it shows as none; a new one begins and is confirmed within it', async () => {
+    const clock = createTestClock();
+    const app = await buildTestApp({ deps: { clock } });
+    const user = await registerUser(app, 'mfa-setup-expiry');
+    const post = (url: string, token: string | null, payload: object) =>
+      app.inject({ method: 'POST', url, ...(token ? { headers: bearer(token) } : {}), payload });
+    const status = async (token: string) =>
+      (await app.inject({ method: 'GET', url: '/v1/auth/mfa', headers: bearer(token) })).json();
+    const stale = await startMfaSetUp(app, user.accessToken);
+    clock.advance(901);
+    // The access token (900 s) expired too; the session goes on.
+    const refreshed = await post('/v1/auth/refresh', null, { refresh_token: user.refreshToken });
+    expect(refreshed.statusCode, refreshed.body).toBe(200);
+    const token: string = refreshed.json().session.access_token;
+    const late = await post('/v1/auth/mfa/totp/activate', token, { code: totpAt(stale, clock.nowMs()) });
+    expect(late.statusCode, late.body).toBe(409);
+    expect(late.headers['content-type']).toContain('application/problem+json');
+    expect(late.json()).toMatchObject({
+      code: 'conflict',
+      detail: expect.stringMatching(/expired.*15 minutes.*POST \/v1\/auth\/mfa\/totp/),
+    });
+    expect(await status(token)).toMatchObject({ enabled: false, pending: false, factor: null });
+    // Begun again, and confirmed within its lifetime.
+    const fresh = await startMfaSetUp(app, token);
+    expect(await status(token)).toMatchObject({ enabled: false, pending: true });
+    clock.advance(899);
+    const on = await post('/v1/auth/mfa/totp/activate', token, { code: totpAt(fresh, clock.nowMs()) });
+    expect(on.statusCode, on.body).toBe(200);
+    expect(await status(token)).toMatchObject({ enabled: true, pending: false });
+  });
+});
+
 describe('two-step verification secrets at rest and in the logs (SECURITY.md)', () => {
   it('keeps the TOTP secret encrypted, the recovery codes and mfa_token as HMACs, and none of them in the log', async () => {
     const { lines, logger } = captureLogs('debug');

@@ -178,6 +178,41 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
     expect(plan).toContain('sessions_ended_idx');
   });
 
+  it('removes set-ups of two-step verification not confirmed within MFA_SETUP_TTL (900 s); keeps newer ones and factors turned on', async () => {
+    const stale = await registerUser(app, 'retention-setup-stale');
+    const fresh = await registerUser(app, 'retention-setup-fresh');
+    const on = await registerUser(app, 'retention-setup-on');
+    const begin = async (userId: string) =>
+      (await app.services.repos.mfa.replacePending(
+        { userId, type: 'totp', secretEncrypted: 'sealed', createdAt: clock.now() },
+        app.services.db,
+      ))!;
+    await begin(stale.id);
+    const turnedOn = await begin(on.id);
+    await app.services.repos.mfa.updateFactor(turnedOn.id, { verifiedAt: clock.now() }, app.services.db);
+    clock.advance(901);
+    await begin(fresh.id);
+    const factorsOf = (userId: string) =>
+      count(sql`select count(*)::int as n from mfa_factors where user_id = ${userId}`);
+    const result = await app.services.retention.purge();
+    expect(result.mfaSetUps).toBeGreaterThanOrEqual(1);
+    expect(await factorsOf(stale.id)).toBe(0);
+    expect(await factorsOf(fresh.id)).toBe(1);
+    expect(await factorsOf(on.id)).toBe(1);
+  });
+
+  it('finds expired set-ups of two-step verification through mfa_factors_pending_idx', async () => {
+    const plan = await app.services.db.transaction(async (tx) => {
+      await tx.execute(sql`set local enable_seqscan = off`);
+      const [row] = await selectRows<{ 'QUERY PLAN': unknown }>(
+        tx,
+        sql`explain (format json) select ctid from mfa_factors where verified_at is null and created_at < now() limit 2000`,
+      );
+      return JSON.stringify(row?.['QUERY PLAN']);
+    });
+    expect(plan).toContain('mfa_factors_pending_idx');
+  });
+
   it('finds expired mail through mail_outbox_expires_idx', async () => {
     const plan = await app.services.db.transaction(async (tx) => {
       await tx.execute(sql`set local enable_seqscan = off`);
@@ -202,7 +237,7 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
             join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
            where c.contype = 'f'
              and c.confrelid::regclass::text in
-                 ('sessions', 'refresh_tokens', 'revocations', 'email_tokens', 'mfa_challenges', 'mail_outbox', 'audit_events')
+                 ('sessions', 'refresh_tokens', 'revocations', 'email_tokens', 'mfa_challenges', 'mfa_factors', 'mail_outbox', 'audit_events')
              and not exists (select 1 from pg_index i where i.indrelid = c.conrelid and i.indkey[0] = c.conkey[1])
            order by 1`,
     );
@@ -361,7 +396,7 @@ describe('retention (SESSION_RETENTION_DAYS, AUDIT_RETENTION_DAYS)', () => {
       db: app.services.db,
       clock,
       logger: app.services.logger,
-      options: { sessionRetentionDays: 7, auditRetentionDays: 0, batchSize: 3 },
+      options: { sessionRetentionDays: 7, auditRetentionDays: 0, mfaSetupTtlSeconds: 900, batchSize: 3 },
     });
     clock.advance(8 * DAY);
     let result: Awaited<ReturnType<typeof retention.purge>> | undefined;
@@ -455,6 +490,7 @@ describe('housekeeping runs one at a time, and a stop ends a purge at its next b
         revocations: 0,
         emailTokens: 0,
         mfaChallenges: 0,
+        mfaSetUps: 0,
         mail: 0,
         auditEvents: 0,
       };

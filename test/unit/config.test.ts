@@ -155,6 +155,18 @@ describe('configuration', () => {
     }
   });
 
+  it('takes MFA_SETUP_TTL from 60 to 86400 seconds (900 by default), and names anything else', () => {
+    expect(load({}).mfa.setupTtlSeconds).toBe(900);
+    expect(load({ MFA_SETUP_TTL: '' }).mfa.setupTtlSeconds).toBe(900);
+    expect(load({ MFA_SETUP_TTL: '60' }).mfa.setupTtlSeconds).toBe(60);
+    expect(load({ MFA_SETUP_TTL: '86400' }).mfa.setupTtlSeconds).toBe(86_400);
+    for (const value of ['0', '59', '86401', '2.5', 'forever']) {
+      expect(() => load({ MFA_SETUP_TTL: value }), value).toThrow(
+        'MFA_SETUP_TTL: must be a whole number from 60 to 86400, in decimal digits',
+      );
+    }
+  });
+
   it('takes MAX_API_KEYS_PER_USER from 1 to 10000 (100 by default), and names anything else', () => {
     expect(load({}).apiKeys.maxPerUser).toBe(100);
     expect(load({ MAX_API_KEYS_PER_USER: '' }).apiKeys.maxPerUser).toBe(100);

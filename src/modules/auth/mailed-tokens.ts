@@ -13,7 +13,8 @@ import type { EmailTokenPurpose, EmailTokenRow, EmailTokensRepository } from './
 /** At most one mail of a purpose per account in this long, whatever the number of requests. */
 export const MAIL_INTERVAL_MS = 60_000;
 
-function minutes(seconds: number): string {
+/** A lifetime as a mail or a message says it: `15 minutes`, `2 hours`, `7 days`. */
+export function minutes(seconds: number): string {
   if (seconds >= 172_800 && seconds % 86_400 === 0) return `${seconds / 86_400} days`;
   if (seconds >= 7200 && seconds % 3600 === 0) return `${seconds / 3600} hours`;
   const m = Math.round(seconds / 60);

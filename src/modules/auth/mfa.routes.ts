@@ -191,7 +191,9 @@ export async function mfaRoutes(
         description:
           `Answers ${RECOVERY_CODE_COUNT} recovery codes, shown this once. Every other session of the user ` +
           'ends; this one carries `mfa` in `amr` from its next refresh. A wrong code is 400 ' +
-          '`invalid_mfa_code`; after five wrong codes in a row each further one locks for longer (429).',
+          '`invalid_mfa_code`; after five wrong codes in a row each further one locks for longer (429). A ' +
+          'set-up not confirmed within MFA_SETUP_TTL (15 minutes by default) of its start has expired: 409, ' +
+          'begin again.',
         body: CodeBodySchema,
         response: { 200: RecoveryCodesSchema, ...problems(400, 401, 403, 409, 429) },
       },

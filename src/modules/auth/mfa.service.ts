@@ -1,4 +1,5 @@
 import { PasswordReplaced } from './password-replaced.js';
+import { minutes } from './mailed-tokens.js';
 import { randomInt } from 'node:crypto';
 import { Secret, TOTP } from 'otpauth';
 import type { Database, Executor } from '../../db/client.js';
@@ -55,6 +56,8 @@ export interface MfaServiceDeps {
   issuer: string;
   /** How long a sign-in waits for its second factor (MFA_CHALLENGE_TTL). */
   challengeTtlSeconds: number;
+  /** How long a set-up waits for the code that confirms it (MFA_SETUP_TTL); then it is as if never begun. */
+  setupTtlSeconds: number;
   onLogin?: (outcome: 'success' | 'failure' | 'locked') => void;
   /**
    * Whether the service can prove an address (Supabase does, or a mailer sends confirmation links):
@@ -142,6 +145,9 @@ type CheckOutcome =
 export function createMfaService(deps: MfaServiceDeps) {
   const recoveryHash = (code: string) => keyedHash(deps.pepper, `mfa-recovery:${normalizeCode(code)}`);
   const challengeHash = (token: string) => keyedHash(deps.pepper, `mfa-challenge:${token}`);
+  /** A set-up not confirmed within MFA_SETUP_TTL: not activated, not shown, purged by the housekeeping. */
+  const setUpExpired = (factor: MfaFactorRow, now: Date) =>
+    factor.verifiedAt === null && now.getTime() - factor.createdAt.getTime() >= deps.setupTtlSeconds * 1000;
 
   const totpOf = (factor: Pick<MfaFactorRow, 'secretEncrypted'>, label: string) =>
     new TOTP({
@@ -350,6 +356,8 @@ export function createMfaService(deps: MfaServiceDeps) {
       const factor = await deps.repo.findFactor(userId, { lock: true }, tx);
       if (!factor || (factor.verifiedAt !== null) !== accept.verified)
         return { kind: 'state' as const, factor };
+      // Before the code is looked at: an expired set-up's secret proves nothing, and counts nothing.
+      if (setUpExpired(factor, deps.clock.now())) return { kind: 'expired' as const };
       const checked = await check(tx, factor, code, accept);
       if (!checked.ok) {
         await deps.audit.record(tx, context, {
@@ -364,6 +372,13 @@ export function createMfaService(deps: MfaServiceDeps) {
     });
     if (outcome.kind === 'done') return outcome.value;
     if (outcome.kind === 'refused') throw refusal(outcome.checked);
+    if (outcome.kind === 'expired') {
+      throw new AppError('conflict', {
+        detail:
+          `The set-up expired: it is confirmed within ${minutes(deps.setupTtlSeconds)} of its start. ` +
+          'Begin again: POST /v1/auth/mfa/totp',
+      });
+    }
     throw new AppError('conflict', {
       detail: accept.verified
         ? 'Two-step verification is not on for this account'
@@ -428,7 +443,8 @@ export function createMfaService(deps: MfaServiceDeps) {
     },
 
     async status(userId: string): Promise<MfaStatus> {
-      const factor = await deps.repo.findFactor(userId);
+      const found = await deps.repo.findFactor(userId);
+      const factor = found && !setUpExpired(found, deps.clock.now()) ? found : undefined;
       const enabled = factor?.verifiedAt != null;
       return {
         enabled,

@@ -21,6 +21,8 @@ export interface RetentionOptions {
   sessionRetentionDays: number;
   /** Days audit events are kept; 0 keeps them for ever. */
   auditRetentionDays: number;
+  /** Seconds a set-up of two-step verification waits for its first code (MFA_SETUP_TTL); older ones go. */
+  mfaSetupTtlSeconds: number;
   /** Rows per DELETE (2,000 by default; smaller in tests). */
   batchSize?: number;
 }
@@ -36,6 +38,8 @@ export interface PurgeResult {
   emailTokens: number;
   /** Sign-ins that waited for a second factor, past their expiry, completed or not. */
   mfaChallenges: number;
+  /** Set-ups of two-step verification never confirmed, past MFA_SETUP_TTL. */
+  mfaSetUps: number;
   /** Queued mail past its expiry that no instance dropped (one with no mail server configured any more). */
   mail: number;
   auditEvents: number;
@@ -56,7 +60,8 @@ export class RetentionError extends AggregateError {
 /**
  * Deletes what nothing reads any more, so the tables do not grow with every login and refresh for
  * ever: revocations past their expiry (every token they could refuse has expired), mailed tokens (password
- * reset, email confirmation), second-factor challenges and queued mail past theirs, sessions ended
+ * reset, email confirmation), second-factor challenges, set-ups of a second factor never confirmed and
+ * queued mail past theirs, sessions ended
  * longer ago than SESSION_RETENTION_DAYS (with their refresh tokens, deleted first), and audit events
  * older than AUDIT_RETENTION_DAYS when that is set. Run from the services' housekeeping at most once
  * an hour; on several instances, whichever takes the advisory lock first does it and the others skip.
@@ -158,6 +163,7 @@ export function createRetention(deps: {
         revocations: 0,
         emailTokens: 0,
         mfaChallenges: 0,
+        mfaSetUps: 0,
         mail: 0,
         auditEvents: 0,
       };
@@ -191,6 +197,12 @@ export function createRetention(deps: {
       await step('mfa_challenges', async () => {
         result.mfaChallenges = (await deleteAll('mfa_challenges', sql`expires_at < ${instant(now)}`)) ?? 0;
       });
+      // Through mfa_factors_pending_idx (created_at where verified_at is null): factors turned on stay.
+      const setUpsBefore = instant(now - deps.options.mfaSetupTtlSeconds * 1000);
+      await step('mfa_factors', async () => {
+        result.mfaSetUps =
+          (await deleteAll('mfa_factors', sql`verified_at is null and created_at <= ${setUpsBefore}`)) ?? 0;
+      });
       await step('mail_outbox', async () => {
         result.mail = (await deleteAll('mail_outbox', sql`expires_at < ${instant(now)}`)) ?? 0;
       });
@@ -206,6 +218,7 @@ export function createRetention(deps: {
           result.revocations +
           result.emailTokens +
           result.mfaChallenges +
+          result.mfaSetUps +
           result.mail +
           result.auditEvents >
         0

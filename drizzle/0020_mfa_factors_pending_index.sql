@@ -1,0 +1,1 @@
+CREATE INDEX IF NOT EXISTS "mfa_factors_pending_idx" ON "mfa_factors" USING btree ("created_at") WHERE "mfa_factors"."verified_at" is null;
