@@ -860,14 +860,19 @@ describe('MFA_REQUIRED_ROLES: roles that count only in a session that gave a sec
 });
 
 describe('two-step verification notices (when the service sends mail)', () => {
-  it('tells the user of new recovery codes, as of the factor turned on: codes made by someone else would pass the app', async () => {
+  /** An app that sends mail (to `mailer`) on its own clock, and a user of it with two-step verification on. */
+  async function turnedOnWithMail(tag: string) {
     const mailer = capturingMailer();
     const clock = createTestClock();
     const app = await buildTestApp({ deps: { mailer, clock } });
-    const user = await registerUser(app, 'mfa-regen-notice');
+    const user = await registerUser(app, tag);
     // Where the service sends mail, a second factor takes a confirmed address.
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
-    const { secret } = await turnOnMfa(app, user.accessToken, clock.nowMs);
+    return { mailer, clock, app, user, ...(await turnOnMfa(app, user.accessToken, clock.nowMs)) };
+  }
+
+  it('tells the user of new recovery codes, as of the factor turned on: codes made by someone else would pass the app', async () => {
+    const { mailer, clock, app, user, secret } = await turnedOnWithMail('mfa-regen-notice');
     const subjects = () => mailer.sent.filter((m) => m.to === user.email).map((m) => m.subject);
     expect(subjects()).toContain('Two-step verification is on');
     clock.advance(30);
@@ -886,6 +891,53 @@ describe('two-step verification notices (when the service sends mail)', () => {
     expect(notice!.text).toContain('the earlier ones no longer work');
     // The notice names no code.
     for (const code of fresh.json().recovery_codes as string[]) expect(notice!.text).not.toContain(code);
+  });
+
+  it('tells the holder of an app code sent again (ASVS 2.8.5), at most once in 15 minutes however many replays, and audits it', async () => {
+    const { mailer, clock, app, user, code } = await turnedOnWithMail('mfa-reuse-notice');
+    const notices = () =>
+      mailer.sent.filter(
+        (m) => m.to === user.email && m.subject === 'A used two-step verification code was entered again',
+      );
+    const challenge = async () =>
+      (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/auth/login',
+          payload: { email: user.email, password: user.password },
+        })
+      ).json().mfa_token as string;
+    const verify = (mfaToken: string, c: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/mfa/verify', payload: { mfa_token: mfaToken, code: c } });
+    const reuses = async () =>
+      (await app.services.audit.list({ subjectId: user.id, type: 'auth.login', limit: 20 }))
+        .filter((e) => e.outcome === 'failure')
+        .map((e) => e.data);
+
+    clock.advance(30);
+    const used = code();
+    expect((await verify(await challenge(), used)).statusCode).toBe(200);
+    const token = await challenge();
+    expect((await verify(token, used)).statusCode).toBe(400);
+    expect(notices()).toHaveLength(1);
+    expect(notices()[0]!.text).not.toContain(used);
+    // Replayed again within the window: refused and audited, no second mail.
+    expect((await verify(token, used)).statusCode).toBe(400);
+    expect(notices()).toHaveLength(1);
+    expect(await reuses()).toEqual(
+      expect.arrayContaining([
+        { reason: 'mfa_code_reused', user_notified: true },
+        { reason: 'mfa_code_reused' },
+      ]),
+    );
+    expect(await reuses()).toHaveLength(2);
+
+    // Past the window, a code sent again is told of again.
+    clock.advance(15 * 60);
+    const later = code();
+    expect((await verify(await challenge(), later)).statusCode).toBe(200);
+    expect((await verify(await challenge(), later)).statusCode).toBe(400);
+    expect(notices()).toHaveLength(2);
   });
 });
 

@@ -27,6 +27,8 @@ export const mfaFactors = pgTable(
     /** The last wrong code: a count a day older starts again. */
     lastFailedAt: timestamp('last_failed_at', { withTimezone: true, precision: 3 }),
     lockedUntil: timestamp('locked_until', { withTimezone: true, precision: 3 }),
+    /** The last notice to the user of a code sent again (ASVS 2.8.5): at most one in a window. */
+    reuseNoticedAt: timestamp('reuse_noticed_at', { withTimezone: true, precision: 3 }),
   },
   (t) => [
     uniqueIndex('mfa_factors_user_key').on(t.userId),

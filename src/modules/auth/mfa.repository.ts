@@ -56,7 +56,13 @@ export function createMfaRepository(db: Executor) {
       patch: Partial<
         Pick<
           MfaFactorRow,
-          'verifiedAt' | 'lastUsedAt' | 'lastUsedStep' | 'failedAttempts' | 'lastFailedAt' | 'lockedUntil'
+          | 'verifiedAt'
+          | 'lastUsedAt'
+          | 'lastUsedStep'
+          | 'failedAttempts'
+          | 'lastFailedAt'
+          | 'lockedUntil'
+          | 'reuseNoticedAt'
         >
       >,
       tx: Executor,

@@ -39,6 +39,8 @@ export const MFA_FREE_ATTEMPTS = 5;
 const MFA_MAX_LOCK_SECONDS = 3600;
 /** How long a wrong code counts toward the lock. */
 const FAILURE_MEMORY_MS = 24 * 3600_000;
+/** At most one notice of a code sent again per user in this long, however many replays (no mail bomb). */
+const REUSE_NOTICE_INTERVAL_MS = 15 * 60_000;
 
 export type SecondFactor = 'totp' | 'recovery_code';
 
@@ -128,6 +130,8 @@ type CheckOutcome =
       reason: 'wrong_code' | 'code_reused' | 'recovery_code_used' | 'locked';
       /** Seconds the factor is locked for now (0: not locked). */
       lockSeconds: number;
+      /** The notice of a code sent again, written on the check's transaction: to `kick` once it commits. */
+      mails?: string[];
     };
 
 /**
@@ -179,6 +183,7 @@ export function createMfaService(deps: MfaServiceDeps) {
     factor: MfaFactorRow,
     rawCode: string,
     accept: { recoveryCodes: boolean },
+    user: Pick<UserRow, 'id' | 'email'> | undefined,
   ): Promise<CheckOutcome> {
     const now = deps.clock.now();
     if (factor.lockedUntil && factor.lockedUntil > now) {
@@ -187,7 +192,13 @@ export function createMfaService(deps: MfaServiceDeps) {
     }
     const code = normalizeCode(rawCode);
     const found = totpStep(factor, code, now.getTime());
-    if (found === 'reused') return { ok: false, reason: 'code_reused', lockSeconds: 0 };
+    if (found === 'reused')
+      return {
+        ok: false,
+        reason: 'code_reused',
+        lockSeconds: 0,
+        mails: await noticeReuse(tx, factor, user, now),
+      };
     const step = found;
     let used: SecondFactor | null = step !== null ? 'totp' : null;
     if (used === null && accept.recoveryCodes && code.length === RECOVERY_CODE_LENGTH) {
@@ -226,6 +237,24 @@ export function createMfaService(deps: MfaServiceDeps) {
     return { ok: true, used, step };
   }
 
+  /**
+   * ASVS 2.8.5: the holder hears of an app code sent again (whoever saw it, with the password or a
+   * session, may be replaying it), at most once per REUSE_NOTICE_INTERVAL_MS: the factor's row is
+   * locked by the caller, so concurrent replays see each other's mark, on every instance.
+   */
+  async function noticeReuse(
+    tx: Executor,
+    factor: MfaFactorRow,
+    user: Pick<UserRow, 'id' | 'email'> | undefined,
+    now: Date,
+  ): Promise<string[]> {
+    if (!user || !deps.outbox) return [];
+    if (factor.reuseNoticedAt && now.getTime() - factor.reuseNoticedAt.getTime() < REUSE_NOTICE_INTERVAL_MS)
+      return [];
+    await deps.repo.updateFactor(factor.id, { reuseNoticedAt: now }, tx);
+    return notice.codeReused(tx, user);
+  }
+
   /** The error of a failed check: 429 while locked (the code that locks included), else 400 naming the code. */
   function refusal(outcome: Exclude<CheckOutcome, { ok: true }>): AppError {
     if (outcome.lockSeconds > 0) {
@@ -246,6 +275,7 @@ export function createMfaService(deps: MfaServiceDeps) {
     ...(outcome.reason === 'wrong_code' && outcome.lockSeconds > 0
       ? { locked_for_seconds: outcome.lockSeconds }
       : {}),
+    ...(outcome.mails?.length ? { user_notified: true } : {}),
   });
 
   /**
@@ -277,6 +307,16 @@ export function createMfaService(deps: MfaServiceDeps) {
         'Two-step verification is off',
         `Two-step verification was turned off for your account${byAdministrator ? ' by an administrator' : ''}: ` +
           'signing in asks for your password only. If this was not you, reset your password and contact support.',
+      ),
+    codeReused: (tx: Executor, user: Pick<UserRow, 'id' | 'email'>) =>
+      notify(
+        tx,
+        user,
+        'A used two-step verification code was entered again',
+        'A code from your authenticator app that had been used already was entered again for your account, ' +
+          'and refused: each code works once. If you sent it twice yourself, there is nothing to do. If not, ' +
+          'someone who saw the code may also have your password or a signed-in session: change your password, ' +
+          'sign out everywhere and contact support.',
       ),
     recoveryCodes: (tx: Executor, user: Pick<UserRow, 'id' | 'email'> | undefined) =>
       notify(
@@ -358,7 +398,7 @@ export function createMfaService(deps: MfaServiceDeps) {
         return { kind: 'state' as const, factor };
       // Before the code is looked at: an expired set-up's secret proves nothing, and counts nothing.
       if (setUpExpired(factor, deps.clock.now())) return { kind: 'expired' as const };
-      const checked = await check(tx, factor, code, accept);
+      const checked = await check(tx, factor, code, accept, user);
       if (!checked.ok) {
         await deps.audit.record(tx, context, {
           type: action,
@@ -371,7 +411,10 @@ export function createMfaService(deps: MfaServiceDeps) {
       return { kind: 'done' as const, value: await work(tx, factor, checked.used, emit, user) };
     });
     if (outcome.kind === 'done') return outcome.value;
-    if (outcome.kind === 'refused') throw refusal(outcome.checked);
+    if (outcome.kind === 'refused') {
+      deps.outbox?.kick(outcome.checked.mails ?? []);
+      throw refusal(outcome.checked);
+    }
     if (outcome.kind === 'expired') {
       throw new AppError('conflict', {
         detail:
@@ -744,7 +787,7 @@ export function createMfaService(deps: MfaServiceDeps) {
         const subject = { ...context, actorType: 'user' as const, actorId: challenge.userId };
         const factor = await deps.repo.findFactor(challenge.userId, { lock: true }, tx);
         if (user?.status !== 'active' || !factor?.verifiedAt) return { kind: 'token' as const };
-        const checked = await check(tx, factor, code, { recoveryCodes: true });
+        const checked = await check(tx, factor, code, { recoveryCodes: true }, user);
         if (!checked.ok) {
           // Whoever knows the password, not yet the user: someone unknown in the account's activity,
           // with where from, as a failed sign-in is.
@@ -777,6 +820,7 @@ export function createMfaService(deps: MfaServiceDeps) {
       });
       if (outcome.kind === 'token') throw invalidMfaToken();
       if (outcome.kind === 'refused') {
+        deps.outbox?.kick(outcome.checked.mails ?? []);
         deps.onLogin?.(outcome.checked.reason === 'locked' ? 'locked' : 'failure');
         throw refusal(outcome.checked);
       }

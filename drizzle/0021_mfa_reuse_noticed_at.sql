@@ -1,0 +1,1 @@
+ALTER TABLE "mfa_factors" ADD COLUMN "reuse_noticed_at" timestamp (3) with time zone;
