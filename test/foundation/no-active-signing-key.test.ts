@@ -5,6 +5,7 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { type DatabaseHandle, selectRows } from '../../src/db/client.js';
+import { createKey } from '../api-keys/helpers.js';
 import { basic, createClient, form } from '../clients/helpers.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
@@ -206,14 +207,7 @@ describe('no active signing key left', () => {
   it('with a next key that cannot sign (its row altered): 503, not 500, until an emergency rotation replaces every key', async () => {
     const admin = await createAdmin(a);
     // An API key: the administrator's access tokens stop verifying with the keys that signed them.
-    const created = await a.inject({
-      method: 'POST',
-      url: '/v1/api-keys',
-      headers: bearer(admin.accessToken),
-      payload: { name: 'keys', scopes: ['keys:write'] },
-    });
-    expect(created.statusCode, created.body).toBe(201);
-    const apiKey = created.json().key as string;
+    const { key: apiKey } = await createKey(a, admin.accessToken, { name: 'keys', scopes: ['keys:write'] });
     const user = await registerUser(a, 'no-key-altered');
     clock.advance(REPLACEMENT_PUBLISHED_SECONDS);
     // The next key's row holds the active key's ciphertext: it would sign tokens that verify nowhere.
