@@ -1,5 +1,7 @@
+import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { profiles } from '../../src/db/schema/index.js';
 import { PROFILE_CHANGES_PER_MINUTE } from '../../src/modules/profiles/profiles.service.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
@@ -220,6 +222,91 @@ describe('profiles', () => {
     }
   });
 
+  it('refuses an avatar URL whose host is an address, localhost or a name without a dot, in any spelling', async () => {
+    const user = await registerUser(app, 'avatar-host');
+    const kept = await patchMe(user.accessToken, { avatar_url: 'https://cdn.example.com/kept.png' });
+    expect(kept.statusCode, kept.body).toBe(200);
+    for (const sent of [
+      'https://localhost/a.png',
+      'https://LOCALHOST/a.png',
+      'https://localhost./a.png',
+      'https://localhost../a.png',
+      'https://localhost%2e/a.png',
+      'https://ｌｏｃａｌｈｏｓｔ/a.png',
+      'https://api.localhost/a.png',
+      'https://Foo.Bar.LocalHost./a.png',
+      'https://localhost:8443/a.png',
+      'https://127.0.0.1/a.png',
+      'https://127.0.0.1./a.png',
+      'https://127.1/a.png',
+      'https://2130706433/a.png',
+      'https://0x7f.1/a.png',
+      'https://0x7F000001/a.png',
+      'https://017700000001/a.png',
+      'https://%31%32%37.0.0.1/a.png',
+      'https://１２７.０.０.１/a.png',
+      'https://0/a.png',
+      'https://10.0.0.5/a.png',
+      'https://192.168.1.1/a.png',
+      'https://169.254.169.254/latest/meta-data/',
+      'https://8.8.8.8/a.png',
+      'https://[::1]/a.png',
+      'https://[0:0:0:0:0:0:0:1]/a.png',
+      'https://[::ffff:127.0.0.1]/a.png',
+      'https://[fe80::1]/a.png',
+      'https://[2001:db8::1]/a.png',
+      'https://intranet/a.png',
+      'https://INTRANET./a.png',
+      'https://.example/a.png',
+      'https://a..b/a.png',
+    ]) {
+      const res = await patchMe(user.accessToken, { avatar_url: sent });
+      expect(res.statusCode, `${sent}: ${res.body}`).toBe(400);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json().errors, sent).toEqual([
+        { field: 'body.avatar_url', message: 'must be a public host name' },
+      ]);
+    }
+    const mine = await app.inject({
+      method: 'GET',
+      url: '/v1/profiles/me',
+      headers: bearer(user.accessToken),
+    });
+    expect(mine.json().avatar_url).toBe('https://cdn.example.com/kept.png');
+    // Public names still pass, a trailing dot, a port, a name with digits and a punycode one included.
+    for (const [sent, stored] of [
+      ['https://cdn.example.com/a.png', 'https://cdn.example.com/a.png'],
+      ['https://EXAMPLE.com./a.png', 'https://example.com./a.png'],
+      ['https://img.example.org:8443/a.png', 'https://img.example.org:8443/a.png'],
+      ['https://127.0.0.1.example.com/a.png', 'https://127.0.0.1.example.com/a.png'],
+      ['https://bücher.example/a.png', 'https://xn--bcher-kva.example/a.png'],
+      ['https://localhost.example.com/a.png', 'https://localhost.example.com/a.png'],
+    ]) {
+      const res = await patchMe(user.accessToken, { avatar_url: sent });
+      expect(res.statusCode, `${sent}: ${res.body}`).toBe(200);
+      expect(res.json().avatar_url).toBe(stored);
+    }
+  });
+
+  it('keeps serving and changing a profile whose stored avatar URL predates the host rule', async () => {
+    const user = await registerUser(app, 'avatar-stored');
+    await app.services.db
+      .update(profiles)
+      .set({ avatarUrl: 'https://127.0.0.1/old.png' })
+      .where(eq(profiles.userId, user.id));
+    const read = await app.inject({
+      method: 'GET',
+      url: '/v1/profiles/me',
+      headers: bearer(user.accessToken),
+    });
+    expect(read.statusCode, read.body).toBe(200);
+    expect(read.json().avatar_url).toBe('https://127.0.0.1/old.png');
+    // A change to another field leaves it as it is.
+    const changed = await patchMe(user.accessToken, { bio: 'still here' });
+    expect(changed.statusCode, changed.body).toBe(200);
+    expect(changed.json()).toMatchObject({ bio: 'still here', avatar_url: 'https://127.0.0.1/old.png' });
+  });
+
   it('clears metadata with null, as the other fields', async () => {
     const user = await registerUser(app, 'meta-null');
     const patch = (body: Record<string, unknown>) => patchMe(user.accessToken, body);
@@ -259,6 +346,9 @@ describe('profiles', () => {
         .avatar_url;
     const text = avatar.anyOf.find((s: { type: string }) => s.type === 'string');
     expect(avatar.description).toMatch(/https URL/);
+    expect(avatar.description).toMatch(
+      /public host name \(not an IP address.*not `localhost`.*without a dot\)/,
+    );
     const pattern = new RegExp(text.pattern);
     const user = await registerUser(app, 'avatar-doc');
     for (const [sent, accepted] of [

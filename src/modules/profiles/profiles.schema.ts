@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { z } from 'zod';
 import { nonBlank, plainText, uuidInput } from '../shared/shared.schema.js';
 
@@ -44,6 +45,25 @@ function parseUrl(text: string): URL | undefined {
   }
 }
 
+/**
+ * Whether a URL's host, as the URL parser writes it out, is a public host name: two or more labels,
+ * not an IP address and not `localhost` or a name under it. The parser has already written the other
+ * spellings of an address as the address (`2130706433` and `0x7f.1` as `127.0.0.1`, full-width digits
+ * too; v6 in brackets) and the name in lower case; a trailing dot (`localhost.`) is the same name.
+ * What a name resolves to is the DNS's, not checked here.
+ */
+function isPublicHostName(hostname: string): boolean {
+  const name = hostname.replace(/\.+$/, '');
+  const labels = name.split('.');
+  return (
+    !name.startsWith('[') &&
+    isIP(name) === 0 &&
+    labels.length >= 2 &&
+    labels.every((label) => label !== '') &&
+    labels.at(-1) !== 'localhost'
+  );
+}
+
 const MAX_METADATA_BYTES = 4096;
 const MAX_METADATA_DEPTH = 4;
 
@@ -74,6 +94,12 @@ export const PatchProfileBodySchema = z
         const url = parseUrl(v);
         return !url || (url.username === '' && url.password === '');
       }, 'must not carry a user name or password')
+      // Frontends and other services fetch it: never an address of their own network. Judged of an
+      // https URL only (any other is refused above, once).
+      .refine((v) => {
+        const url = parseUrl(v);
+        return url?.protocol !== 'https:' || isPublicHostName(url.hostname);
+      }, 'must be a public host name')
       // Stored as the URL parser writes it out (`https:example.com` → `https://example.com/`, spaces
       // and quotes percent-encoded), so a frontend may put it in an attribute as it comes.
       .overwrite((v) => parseUrl(v)?.href ?? v)
@@ -83,8 +109,10 @@ export const PatchProfileBodySchema = z
       .nullable()
       .optional()
       .describe(
-        'An https URL (`https://…`; any other scheme is refused), without a user name or password, at ' +
-          'most 2048 characters once percent-encoded; stored as the URL parser writes it out. null clears it',
+        'An https URL (`https://…`; any other scheme is refused) whose host is a public host name (not an ' +
+          'IP address in any spelling, not `localhost` or a name under it, not a name without a dot), ' +
+          'without a user name or password, at most 2048 characters once percent-encoded; stored as the ' +
+          'URL parser writes it out. null clears it',
       )
       .meta({ example: 'https://example.com/ada.png' }),
     bio: plainText(1000).nullable().optional(),
