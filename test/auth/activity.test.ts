@@ -14,7 +14,7 @@ interface Activity {
   by: string;
   ip: string | null;
   user_agent: string | null;
-  details: Record<string, string>;
+  details: Record<string, string | string[]>;
 }
 
 describe('GET /v1/auth/activity: a user’s own account activity', () => {
@@ -131,6 +131,36 @@ describe('GET /v1/auth/activity: a user’s own account activity', () => {
       by: 'anonymous',
       ip: '127.0.0.1',
     });
+  });
+
+  it('shows the user’s profile changes with which fields changed, not their values, and not in another user’s feed', async () => {
+    const user = await registerUser(app, 'activity-profile');
+    const other = await registerUser(app, 'activity-profile-other');
+    const changed = await app.inject({
+      method: 'PATCH',
+      url: '/v1/profiles/me',
+      headers: { ...bearer(user.accessToken), 'user-agent': 'profile-editor/1.0' },
+      payload: { display_name: 'Secret Name', bio: 'private bio' },
+    });
+    expect(changed.statusCode, changed.body).toBe(200);
+
+    const res = await activity(user.accessToken);
+    expect(res.statusCode, res.body).toBe(200);
+    const events: Activity[] = res.json().data;
+    expect(events[0]).toEqual({
+      id: expect.any(String),
+      type: 'profile.updated',
+      outcome: 'success',
+      by: 'you',
+      ip: '127.0.0.1',
+      user_agent: 'profile-editor/1.0',
+      details: { fields: ['display_name', 'bio'] },
+      created_at: expect.any(String),
+    });
+    expect(res.body).not.toContain('Secret Name');
+    expect(res.body).not.toContain('private bio');
+    const otherEvents: Activity[] = (await activity(other.accessToken)).json().data;
+    expect(otherEvents.map((e) => e.type)).not.toContain('profile.updated');
   });
 
   it('pages with limit and cursor', async () => {

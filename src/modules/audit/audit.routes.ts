@@ -135,7 +135,7 @@ async function readFollowable(
 
 /**
  * What a user's own activity shows: their account's sign-ins (and attempts), sign-outs, password,
- * address and second-factor changes, and what an administrator did to it.
+ * address and second-factor changes, profile changes, and what an administrator did to it.
  */
 export const ACCOUNT_ACTIVITY_TYPES = [
   'user.registered',
@@ -161,6 +161,7 @@ export const ACCOUNT_ACTIVITY_TYPES = [
   'mfa.enabled',
   'mfa.disabled',
   'mfa.recovery_codes_regenerated',
+  'profile.updated',
   'user.disabled',
   'user.enabled',
   'role.granted',
@@ -169,6 +170,8 @@ export const ACCOUNT_ACTIVITY_TYPES = [
 
 /** The parts of an event's data a user's activity shows (never tokens, never others' ids). */
 const ACTIVITY_DETAILS = ['reason', 'role', 'scope', 'session_id', 'mfa'] as const;
+/** The lists of names it shows: which fields a change changed (their names, not their values). */
+const ACTIVITY_LISTS = ['fields'] as const;
 
 const ActivityEventSchema = z
   .object({
@@ -189,6 +192,10 @@ const ActivityEventSchema = z
         scope: z.string().optional(),
         session_id: z.string().optional(),
         mfa: z.string().optional(),
+        fields: z
+          .array(z.string())
+          .optional()
+          .describe('Which fields changed (profile.updated): their names, never their values'),
       })
       .describe('A few of the event’s fields; never a token'),
     created_at: timestamp(),
@@ -203,11 +210,13 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
       schema: {
         tags: ['auth'],
         operationId: 'listAccountActivity',
-        summary: 'The caller’s account activity, newest first: sign-ins and attempts, and security changes',
+        summary:
+          'The caller’s account activity, newest first: sign-ins and attempts, security and profile changes',
         description:
           'From the audit log: the events about the caller’s account (sign-ins and failed attempts, a sign-in ' +
           'waiting for its second factor, sign-outs and revoked tokens, ' +
-          'password, address and two-step verification changes, roles and status set by an administrator). ' +
+          'password, address and two-step verification changes, profile changes (which fields, not their ' +
+          'values), roles and status set by an administrator). ' +
           'Where it came from (`ip`, `user_agent`) is shown for what the caller or someone unknown did, not ' +
           'for an administrator or a service. `since`, `settled` and `complete_until` as at ' +
           'GET /v1/audit-events: a feed that reads with `settled=true` and sends each answer’s ' +
@@ -240,10 +249,14 @@ export async function auditRoutes(app: FastifyInstance, deps: { audit: AuditServ
                     ? 'anonymous'
                     : 'administrator';
           const located = by === 'you' || by === 'anonymous';
-          const details: Record<string, string> = {};
+          const details: Record<string, string | string[]> = {};
           for (const key of ACTIVITY_DETAILS) {
             const value = e.data[key];
             if (typeof value === 'string') details[key] = value;
+          }
+          for (const key of ACTIVITY_LISTS) {
+            const value = e.data[key];
+            if (Array.isArray(value) && value.every((name) => typeof name === 'string')) details[key] = value;
           }
           return {
             id: e.id,
