@@ -18,6 +18,9 @@ describe('profiles', () => {
   /** PATCH /v1/profiles/me with the body as given. */
   const patchMe = (token: string, payload: Record<string, unknown>) =>
     app.inject({ method: 'PATCH', url: '/v1/profiles/me', headers: bearer(token), payload });
+  /** GET /v1/profiles/me. */
+  const getMe = (token: string) =>
+    app.inject({ method: 'GET', url: '/v1/profiles/me', headers: bearer(token) });
 
   it('creates a profile at registration and lets the user read and change it', async () => {
     const user = await registerUser(app);
@@ -267,12 +270,7 @@ describe('profiles', () => {
         { field: 'body.avatar_url', message: 'must be a public host name' },
       ]);
     }
-    const mine = await app.inject({
-      method: 'GET',
-      url: '/v1/profiles/me',
-      headers: bearer(user.accessToken),
-    });
-    expect(mine.json().avatar_url).toBe('https://cdn.example.com/kept.png');
+    expect((await getMe(user.accessToken)).json().avatar_url).toBe('https://cdn.example.com/kept.png');
     // Public names still pass, a trailing dot, a port, a name with digits and a punycode one included.
     for (const [sent, stored] of [
       ['https://cdn.example.com/a.png', 'https://cdn.example.com/a.png'],
@@ -294,11 +292,7 @@ describe('profiles', () => {
       .update(profiles)
       .set({ avatarUrl: 'https://127.0.0.1/old.png' })
       .where(eq(profiles.userId, user.id));
-    const read = await app.inject({
-      method: 'GET',
-      url: '/v1/profiles/me',
-      headers: bearer(user.accessToken),
-    });
+    const read = await getMe(user.accessToken);
     expect(read.statusCode, read.body).toBe(200);
     expect(read.json().avatar_url).toBe('https://127.0.0.1/old.png');
     // A change to another field leaves it as it is.
