@@ -42,14 +42,11 @@ export const API_SECURITY_HEADERS: Readonly<Record<string, string>> = Object.fre
 });
 
 /**
- * RFC 6749 §5.1 for every answer holding a credential (a token, a client secret, an API key): never
- * stored by a browser or a proxy. Under /oauth on every answer (app.ts, by prefix); elsewhere on the
- * routes declaring `config.noStore`.
+ * Never stored (Cache-Control and Pragma): under /oauth on every answer (app.ts, by prefix); elsewhere
+ * on the routes declaring `config.noStore` and on every error answer (error-handler.ts). Defined with
+ * the verifier, whose error answers carry it too.
  */
-export const NO_STORE_HEADERS: Readonly<Record<string, string>> = Object.freeze({
-  'cache-control': 'no-store',
-  pragma: 'no-cache',
-});
+export { NO_STORE_HEADERS } from '../verifier/no-store.js';
 
 /**
  * Whether `url` (a path, perhaps with its query) is `path` itself or a path under `path/`: `/docs`,

@@ -30,6 +30,7 @@ import {
   jwksCache,
   jwtVerify,
 } from 'jose';
+import { NO_STORE_HEADERS } from './no-store.js';
 import { repeatedAuthorization } from './raw-headers.js';
 
 /** The algorithms the auth service signs with; nothing else (never `none`, never HS*) is accepted. */
@@ -468,9 +469,11 @@ const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
 /** RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=". */
 const B64TOKEN = /^[A-Za-z0-9\-._~+/]+=*$/;
 
+/** An RFC 9457 problem, never stored by a browser or a proxy, as the auth service's own errors are. */
 function problem(reply: FastifyReply, status: number, code: string, title: string, detail: string) {
   return reply
     .status(status)
+    .headers(NO_STORE_HEADERS)
     .type('application/problem+json; charset=utf-8')
     .serializer(JSON.stringify)
     .send({ type: 'about:blank', title, status, detail, code });

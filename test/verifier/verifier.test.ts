@@ -218,6 +218,35 @@ describe('the bundled verifier', () => {
     }
   });
 
+  it('never lets an error answer be stored (Cache-Control: no-store and Pragma), as the auth service does', async () => {
+    const writerToken = (await clientToken(auth, writer)).access_token;
+    // A verifier whose auth service is down: the 503.
+    const down = Fastify();
+    await down.register(fastifyVerifier, {
+      issuer: ISSUER,
+      audience: ORDERS,
+      fetch: async () => new Response('nope', { status: 502 }),
+    });
+    down.get('/x', { onRequest: requirePermission('users:read') }, async () => ({ ok: true }));
+    try {
+      const answers: Array<[number, Awaited<ReturnType<typeof call>>]> = [
+        [401, await call('/orders')],
+        [401, await call('/orders', bearer('not.a.token'))],
+        [400, await call('/orders', { authorization: 'Bearer a b' })],
+        [403, await call('/orders', bearer(writerToken))],
+        [503, await down.inject({ method: 'GET', url: '/x', headers: bearer(writerToken) })],
+      ];
+      for (const [status, res] of answers) {
+        expect(res.statusCode, res.body).toBe(status);
+        expect(res.headers['content-type'], res.body).toContain('application/problem+json');
+        expect(res.headers['cache-control'], `${status}`).toBe('no-store');
+        expect(res.headers.pragma, `${status}`).toBe('no-cache');
+      }
+    } finally {
+      await down.close();
+    }
+  });
+
   it('refuses an expired token', async () => {
     // Issued an hour ago by the auth service's clock: expired well past the 30 s leeway.
     clock.advance(-3600);
