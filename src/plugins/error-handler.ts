@@ -564,6 +564,9 @@ async function errorHandlerPlugin(app: FastifyInstance, options: ErrorHandlerOpt
     } else if (error.status === 401 || error.status === 403) {
       request.log.info({ code: error.code, status: error.status }, 'request refused');
     }
+    // A handler that failed after naming its document's validator (the JWKS's ETag, set before the
+    // key set is read) answers with an error, not that document: a cache would file the error under it.
+    reply.removeHeader('etag');
     for (const [name, value] of Object.entries(error.headers)) reply.header(name, value);
     if (corsHeaders) addMissingCorsHeaders(request, reply, corsHeaders);
     return rendererFor(routePathOf(request))(error, request, reply);

@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { openMemoryDatabase } from '../../src/db/client.js';
 import { createSigningKeysService } from '../../src/modules/signing-keys/signing-keys.service.js';
 import { matchesEtag } from '../../src/modules/discovery/discovery.routes.js';
@@ -54,6 +54,28 @@ describe('the JWKS: an ETag, and 304 to a verifier whose copy is current', () =>
     expect(after.headers.etag).not.toBe(before.headers.etag);
     expect(after.json().keys.map((k: { kid: string }) => k.kid)).toContain(rotated.kid);
     expect((await jwks({ 'if-none-match': after.headers.etag as string })).statusCode).toBe(304);
+  });
+
+  it('answers a failure after its ETag was set without that ETag, never stored', async () => {
+    const good = await jwks();
+    // The ETag is set before the key set is read: a read that throws then is a 500 about no document.
+    const failing = vi.spyOn(app.services.keys, 'jwks').mockImplementation(() => {
+      throw new Error('the key set cannot be read');
+    });
+    try {
+      for (const headers of [{}, { 'if-none-match': '"other"' }] as Array<Record<string, string>>) {
+        const res = await jwks(headers);
+        expect(res.statusCode, res.body).toBe(500);
+        expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+        expect(res.headers.etag, res.body).toBeUndefined();
+        expect(res.headers['cache-control']).toBe('no-store');
+      }
+      expect(failing).toHaveBeenCalledTimes(2);
+    } finally {
+      failing.mockRestore();
+    }
+    // The same ETag as before once the keys read again.
+    expect((await jwks()).headers.etag).toBe(good.headers.etag);
   });
 
   it('never lets a slow read of the keys land after a newer one (a revoked key would come back)', async () => {
