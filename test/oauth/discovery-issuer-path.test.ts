@@ -57,13 +57,67 @@ describe('discovery under an issuer with a path', () => {
     ).toBe(404);
   });
 
-  it('makes a literal route of any issuer path it can', () => {
+  it('makes a literal route of every segment it can, a parameter of the others', () => {
+    const literal = (url: string) => ({ url, params: {} });
     expect(routeOf('')).toBeUndefined();
-    expect(routeOf('/auth')).toBe('/auth');
-    expect(routeOf('/tenants/a:b')).toBe('/tenants/a::b');
-    expect(routeOf('/%C3%A9t%C3%A9')).toBe('/été');
-    expect(routeOf('/a*b')).toBeUndefined();
+    expect(routeOf('/auth')).toEqual(literal('/auth'));
+    expect(routeOf('/tenants/a:b')).toEqual(literal('/tenants/a::b'));
+    expect(routeOf('/%C3%A9t%C3%A9')).toEqual(literal('/été'));
+    // The router matches a request's %25 with a route's `%`.
+    expect(routeOf('/100%25')).toEqual(literal('/100%'));
+    // Escapes it keeps as they are, and a `*`, are matched by a parameter holding them decoded.
+    expect(routeOf('/t%2Fa/x/%40team')).toEqual({ url: '/:s1/x/:s3', params: { s1: 't/a', s3: '@team' } });
+    expect(routeOf('/a*b/%3a')).toEqual({ url: '/:s1/:s2', params: { s1: 'a*b', s2: ':' } });
     expect(routeOf('/%zz')).toBeUndefined();
+  });
+});
+
+describe('discovery under an issuer whose path holds escapes the router keeps (%2F, %40, %25…)', () => {
+  const metadataAt = (app: FastifyInstance, path: string) =>
+    app.inject({ method: 'GET', url: `/.well-known/oauth-authorization-server${path}` });
+
+  it("serves the RFC 8414 path as a client writes it from the issuer, and not another issuer's", async () => {
+    // The router keeps `%2F` and `%40` escaped and `%25` as itself, and decodes the other escapes
+    // (`%61` is `a`), in either case of hex; a segment holding a kept escape is matched by its value
+    // decoded whole (a parameter's), so `@team` is `%40team`, while `t/a` is two segments, not `t%2Fa`.
+    const issuer = 'https://example.com/t%2Fa/%40team/b%25c/plain';
+    const app = await buildTestApp({ env: { PUBLIC_URL: issuer } });
+    for (const path of [
+      '/t%2Fa/%40team/b%25c/plain',
+      '/t%2fa/%40team/b%25c/plain',
+      '/t%2F%61/%40team/b%25c/pl%61in',
+      '/t%2Fa/@team/b%25c/plain',
+    ]) {
+      const res = await metadataAt(app, path);
+      expect(res.statusCode, `${path}: ${res.body}`).toBe(200);
+      expect(res.json().issuer, path).toBe(issuer);
+      expect(res.headers['cache-control'], path).toBe('public, max-age=3600');
+    }
+    // Other issuers' paths: the escapes decoded, or another segment.
+    for (const path of [
+      '/t/a/%40team/b%25c/plain',
+      '/t%2Fa/%40team/b%c/plain',
+      '/t%2Fa/%40team/b%2525c/plain',
+      '/t%2Fb/%40team/b%25c/plain',
+      '/t%2Fa/%40team/b%25c/other',
+    ]) {
+      const res = await metadataAt(app, path);
+      expect(res.statusCode, path).toBe(path === '/t%2Fa/%40team/b%c/plain' ? 400 : 404);
+      expect(res.headers['content-type'], path).toMatch(/^application\/problem\+json/);
+    }
+  });
+
+  it('still serves a plain issuer path, and one with only a %25, at their own place alone', async () => {
+    for (const [issuer, path, other] of [
+      ['https://example.com/tenants/acme', '/tenants/acme', '/tenants/acm%65x'],
+      ['https://example.com/100%25', '/100%25', '/100%2525'],
+    ] as const) {
+      const app = await buildTestApp({ env: { PUBLIC_URL: issuer } });
+      const res = await metadataAt(app, path);
+      expect(res.statusCode, `${issuer}: ${res.body}`).toBe(200);
+      expect(res.json().issuer).toBe(issuer);
+      expect((await metadataAt(app, other)).statusCode, other).toBe(404);
+    }
   });
 });
 

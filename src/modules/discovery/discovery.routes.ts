@@ -152,27 +152,53 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
   // the path after the well-known part (https://host/.well-known/oauth-authorization-server/auth):
   // outside the prefix a proxy sends here, so it arrives only by a rule of the proxy's that forwards
   // that path as it is (README). Out of the OpenAPI document, whose paths are under PUBLIC_URL.
-  const issuerPath = routeOf(deps.basePath);
-  if (issuerPath)
+  const issuerRoute = routeOf(deps.basePath);
+  if (issuerRoute) {
+    const expected = Object.entries(issuerRoute.params);
     r.get(
-      `/.well-known/oauth-authorization-server${issuerPath}`,
+      `/.well-known/oauth-authorization-server${issuerRoute.url}`,
       { config: { public: true }, schema: { hide: true } },
-      sendMetadata,
+      expected.length === 0
+        ? sendMetadata
+        : async (request, reply) => {
+            const params = request.params as Record<string, string | undefined>;
+            // Another issuer's path, that only the parameters matched: nothing is there.
+            if (expected.some(([name, value]) => params[name] !== value)) return reply.callNotFound();
+            return sendMetadata(request, reply);
+          },
     );
+  }
 }
 
 /**
- * A URL's path as a route that matches it literally: decoded, as the router matches requests, with
- * `:` escaped (`::`); undefined for none ('') or one no route can match literally (a `*`, a broken
- * escape).
+ * What the router (find-my-way) keeps %-escaped in a request's path when it matches it: the escapes
+ * decodeURI leaves (RFC 3986's reserved characters) and `%25`. A static route cannot hold the first
+ * kind: the router writes each `%` of a route as `%25`, so a route's `%` matches a request's `%25`.
  */
-export function routeOf(path: string): string | undefined {
+const KEPT_ESCAPE = /%(?:2[346BCF]|3[ABDF]|40)/i;
+
+/**
+ * A URL's path as a route that matches it, and only its equivalent spellings, as the router matches
+ * requests: each segment decoded, with `:` escaped (`::`), where a static route can hold it; a segment
+ * that it cannot (a `*`, an escaped `/`, `@`, `:`…, which the router compares escaped) is a parameter,
+ * whose decoded value (the router's, too) must be `params`'. Undefined for none ('') or a broken escape.
+ */
+export function routeOf(path: string): { url: string; params: Record<string, string> } | undefined {
   if (path === '') return undefined;
-  let decoded: string;
-  try {
-    decoded = decodeURIComponent(path);
-  } catch {
-    return undefined;
+  const params: Record<string, string> = {};
+  const segments: string[] = [];
+  for (const segment of path.split('/')) {
+    let decoded: string;
+    try {
+      decoded = decodeURIComponent(segment);
+    } catch {
+      return undefined;
+    }
+    if (KEPT_ESCAPE.test(segment) || decoded.includes('*')) {
+      const name = `s${segments.length}`;
+      params[name] = decoded;
+      segments.push(`:${name}`);
+    } else segments.push(decoded.replaceAll(':', '::'));
   }
-  return decoded.includes('*') ? undefined : decoded.replaceAll(':', '::');
+  return { url: segments.join('/'), params };
 }
