@@ -64,6 +64,13 @@ export function hasMalformedEscapes(text: string): boolean {
   }
 }
 
+/** The 400 for text `hasMalformedEscapes` refuses: `what` names it (`The form body`, `The query string`). */
+export function malformedEscapesError(what: string): AppError {
+  return new AppError('bad_request', {
+    detail: `${what} has a malformed %-escape, or one of bytes that are not UTF-8`,
+  });
+}
+
 /** The charsets a form body may declare: what it is read as (US-ASCII is within UTF-8). */
 const FORM_CHARSETS = new Set(['utf-8', 'utf8', 'us-ascii']);
 
@@ -84,10 +91,7 @@ export function parseFormBody(contentType: string | undefined, body: Buffer): Fo
   if (text.includes('\uFFFD'))
     throw new AppError('bad_request', { detail: 'The form body is not valid UTF-8' });
   // Nor escaped so: `%FF` (not UTF-8) or `%zz` (no escape at all) is not taken as itself.
-  if (hasMalformedEscapes(text))
-    throw new AppError('bad_request', {
-      detail: 'The form body has a malformed %-escape, or one of bytes that are not UTF-8',
-    });
+  if (hasMalformedEscapes(text)) throw malformedEscapesError('The form body');
   const value = parseForm(text);
   const fields = urlEncodedMayHoldNul(text) ? nulFields(value, 'body') : [];
   if (fields.length > 0) throw nulError(fields);

@@ -146,8 +146,8 @@ interface DocumentedSchema {
  * there is a path parameter. Every method but GET and HEAD may carry a body, declared or not, so
  * those two (and 400, for a body that is not JSON) go on all the others; and 400 on every operation
  * that takes a credential (two at once). Every operation may also answer 400 (a NUL character in the
- * path or the query string, refused before routing), 500 (a fault of the service's own, with the
- * request id to quote) and 503 (a dependency down, or this instance shutting down). They take the
+ * path or the query string, or a malformed %-escape in the query string, refused before any handler),
+ * 500 (a fault of the service's own, with the request id to quote) and 503 (a dependency down, or this instance shutting down). They take the
  * route's own 400 shape: problem+json, or RFC 6749 under /oauth. test/foundation/bad-input.test.ts
  * checks every status it provokes is declared, and test/support/contract.ts every answer of the suite.
  */
@@ -185,7 +185,10 @@ function declareFrameworkErrors(method: string | string[], schema: DocumentedSch
     declare(415, 'Unsupported content type');
   }
   if (schema.params) declare(414, 'A path segment over 200 characters');
-  declare(400, 'A NUL character in the path or the query string');
+  declare(
+    400,
+    'A NUL character in the path or the query string, or a malformed %-escape in the query string',
+  );
   declare(500, 'An unexpected fault of the service; `request_id` names it in the logs');
   declare(503, 'A dependency is unavailable, or this instance is shutting down; retry later');
   // The authenticate plugin refuses Authorization and X-API-Key sent together (RFC 6750 §2).
