@@ -1519,7 +1519,12 @@ describe('auth through Supabase (AUTH_PROVIDER=supabase against the fake GoTrue)
           payload: { current_password: PASSWORD, new_password: 'a banned new passphrase' },
           action: 'auth.password_changed',
         },
-        { method: 'POST', url: '/v1/auth/mfa/totp', payload: { password: PASSWORD }, action: 'mfa.enabled' },
+        {
+          method: 'POST',
+          url: '/v1/auth/mfa/totp',
+          payload: { password: PASSWORD },
+          action: 'mfa.setup_started',
+        },
       ] as const;
       const ask = (i: number, { method, url, payload }: (typeof asks)[number]) =>
         limited.inject({

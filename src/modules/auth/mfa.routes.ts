@@ -169,7 +169,12 @@ export async function mfaRoutes(
       const { userId, sessionId } = sessionOf(request);
       if (request.body.password === undefined) await deps.auth.reauthenticateBySession(userId, sessionId);
       else
-        await deps.auth.reauthenticate(userId, request.body.password, 'mfa.enabled', requestContext(request));
+        await deps.auth.reauthenticate(
+          userId,
+          request.body.password,
+          'mfa.setup_started',
+          requestContext(request),
+        );
       const enrollment = await deps.mfa.enroll(userId, sessionId, requestContext(request));
       return reply.status(201).header('location', `${deps.basePath}/v1/auth/mfa`).send(enrollment);
     },
