@@ -944,14 +944,19 @@ describe('two-step verification notices (when the service sends mail)', () => {
 });
 
 describe('a set-up never confirmed, removed', () => {
-  it('by an administrator tells nobody of two-step verification turned off, and is audited as what it was', async () => {
+  /**
+   * A user with a set-up begun and never confirmed (MFA_SETUP_TTL 60 s), `after` seconds later reset by
+   * an administrator (204): the reset's `mfa.disabled` data, and the subjects mailed to the user.
+   */
+  async function resetAfter(after: number) {
     const mailer = capturingMailer();
     const clock = createTestClock();
-    const app = await buildTestApp({ deps: { mailer, clock } });
+    const app = await buildTestApp({ env: { MFA_SETUP_TTL: '60' }, deps: { mailer, clock } });
     const admin = await createAdmin(app);
     const user = await registerUser(app, 'mfa-pending-reset');
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
     await startMfaSetUp(app, user.accessToken);
+    clock.advance(after);
     const reset = await app.inject({
       method: 'DELETE',
       url: `/v1/users/${user.id}/mfa`,
@@ -960,10 +965,19 @@ describe('a set-up never confirmed, removed', () => {
     expect(reset.statusCode, reset.body).toBe(204);
     expect(await app.services.mfa.status(user.id)).toMatchObject({ enabled: false, pending: false });
     const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 5 });
-    expect(events.map((e) => e.data)).toEqual([
-      { by_administrator: true, had_factor: false, pending_set_up_removed: true },
-    ]);
     const subjects = mailer.sent.filter((m) => m.to === user.email).map((m) => m.subject);
+    return { data: events.map((e) => e.data), subjects };
+  }
+
+  it('by an administrator tells nobody of two-step verification turned off, and is audited as what it was', async () => {
+    const { data, subjects } = await resetAfter(59);
+    expect(data).toEqual([{ by_administrator: true, had_factor: false, pending_set_up_removed: true }]);
+    expect(subjects).not.toContain('Two-step verification is off');
+  });
+
+  it('by an administrator once expired (MFA_SETUP_TTL) is no set-up removed: it was as if never begun', async () => {
+    const { data, subjects } = await resetAfter(60);
+    expect(data).toEqual([{ by_administrator: true, had_factor: false }]);
     expect(subjects).not.toContain('Two-step verification is off');
   });
 });

@@ -70,18 +70,20 @@ export function createMfaRepository(db: Executor) {
       await tx.update(mfaFactors).set(patch).where(eq(mfaFactors.id, id));
     },
     /**
-     * Removes the user's factor, recovery codes and waiting sign-ins: which factor was there, `on` (a
-     * verified one: sign-ins asked for it), `pending` (a set-up never confirmed) or none.
+     * Removes the user's factor, recovery codes and waiting sign-ins: the factor that was there (when
+     * it was begun, and verified or not), if any.
      */
-    async removeAll(userId: string, tx: Executor): Promise<'on' | 'pending' | undefined> {
+    async removeAll(
+      userId: string,
+      tx: Executor,
+    ): Promise<Pick<MfaFactorRow, 'createdAt' | 'verifiedAt'> | undefined> {
       const [removed] = await tx
         .delete(mfaFactors)
         .where(eq(mfaFactors.userId, userId))
-        .returning({ verifiedAt: mfaFactors.verifiedAt });
+        .returning({ createdAt: mfaFactors.createdAt, verifiedAt: mfaFactors.verifiedAt });
       await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));
       await tx.delete(mfaChallenges).where(eq(mfaChallenges.userId, userId));
-      if (!removed) return undefined;
-      return removed.verifiedAt ? 'on' : 'pending';
+      return removed;
     },
     async replaceRecoveryCodes(userId: string, codeHashes: string[], at: Date, tx: Executor): Promise<void> {
       await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));

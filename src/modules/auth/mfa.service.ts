@@ -150,8 +150,20 @@ export function createMfaService(deps: MfaServiceDeps) {
   const recoveryHash = (code: string) => keyedHash(deps.pepper, `mfa-recovery:${normalizeCode(code)}`);
   const challengeHash = (token: string) => keyedHash(deps.pepper, `mfa-challenge:${token}`);
   /** A set-up not confirmed within MFA_SETUP_TTL: not activated, not shown, purged by the housekeeping. */
-  const setUpExpired = (factor: MfaFactorRow, now: Date) =>
+  const setUpExpired = (factor: Pick<MfaFactorRow, 'createdAt' | 'verifiedAt'>, now: Date) =>
     factor.verifiedAt === null && now.getTime() - factor.createdAt.getTime() >= deps.setupTtlSeconds * 1000;
+  /**
+   * What a removal (`repo.removeAll`) took: `on` (a verified factor: sign-ins asked for it), `pending`
+   * (a set-up still under way), `expired` (a set-up past MFA_SETUP_TTL, as if never begun, which the
+   * purge had not reached yet) or nothing.
+   */
+  const removedAs = (
+    factor: Pick<MfaFactorRow, 'createdAt' | 'verifiedAt'> | undefined,
+  ): 'on' | 'pending' | 'expired' | undefined => {
+    if (!factor) return undefined;
+    if (factor.verifiedAt) return 'on';
+    return setUpExpired(factor, deps.clock.now()) ? 'expired' : 'pending';
+  };
 
   const totpOf = (factor: Pick<MfaFactorRow, 'secretEncrypted'>, label: string) =>
     new TOTP({
@@ -360,9 +372,9 @@ export function createMfaService(deps: MfaServiceDeps) {
   const sessionOf = (context: RequestContext) =>
     context.actorType === 'user' ? context.credentialId : undefined;
 
-  async function removeFactor(tx: Executor, userId: string): Promise<'on' | 'pending' | undefined> {
+  async function removeFactor(tx: Executor, userId: string) {
     await lockUser(tx, userId);
-    return deps.repo.removeAll(userId, tx);
+    return removedAs(await deps.repo.removeAll(userId, tx));
   }
 
   async function newRecoveryCodes(tx: Executor, userId: string): Promise<string[]> {
@@ -710,9 +722,11 @@ export function createMfaService(deps: MfaServiceDeps) {
         // to the address the account has now, not the one it left.
         const user = await lockUser(tx, userId);
         if (!user) throw notFound('user');
-        const removed = await deps.repo.removeAll(userId, tx);
+        const removed = removedAs(await deps.repo.removeAll(userId, tx));
         // `had_factor`: two-step verification was on. A set-up never confirmed goes too, and is said
-        // as such: the user is told of nothing turned off, since sign-ins never asked for it.
+        // as such when it was still under way (`pending_set_up_removed`): the user is told of nothing
+        // turned off, since sign-ins never asked for it. One past MFA_SETUP_TTL was as if never begun
+        // (not shown, not activated), waiting only for the purge: nothing is said of it.
         await deps.audit.record(tx, context, {
           type: 'mfa.disabled',
           subjectId: userId,
