@@ -13,6 +13,7 @@ import { captureLogs } from '../support/logs.js';
 import { waitForLockWaiters } from '../support/database.js';
 import { selectRows } from '../../src/db/client.js';
 import { decrypt, keyedHash } from '../../src/lib/crypto.js';
+import { recoveryCodeHash } from '../../src/modules/auth/mfa.service.js';
 import { sql } from 'drizzle-orm';
 import { clientToken, createClient, userWith } from '../clients/helpers.js';
 
@@ -257,6 +258,61 @@ describe('two-step verification (TOTP)', () => {
     expect(again.statusCode).toBe(400);
     const signedIn = { ...user, accessToken: res.json().session.access_token };
     expect(await status(signedIn)).toMatchObject({ enabled: true, recovery_codes_remaining: 9 });
+  });
+
+  /** The user's stored recovery codes. */
+  const storedCodes = (userId: string) =>
+    selectRows<{ id: string; code_hash: string; salt: string | null; used_at: Date | null }>(
+      app.services.db,
+      sql`select id, code_hash, salt, used_at from mfa_recovery_codes where user_id = ${userId}`,
+    );
+
+  it('each recovery code is stored with a random salt of its own, hashed with it (ASVS 2.6.2), and works once', async () => {
+    const { user, recoveryCodes } = await enrolled('mfa-recovery-salt');
+    const { secretPepper } = testConfig();
+    const rows = await storedCodes(user.id);
+    expect(rows).toHaveLength(10);
+    const salts = rows.map((r) => r.salt);
+    // 50-bit codes are under the 112 bits that need no salt: 128 random bits each, none shared.
+    for (const salt of salts) expect(Buffer.from(salt ?? '', 'base64url')).toHaveLength(16);
+    expect(new Set(salts).size).toBe(10);
+    // Each code is the hash of exactly one row's salt and the code, and no row is the code's unsalted hash.
+    for (const code of recoveryCodes) {
+      const matching = rows.filter((r) => r.code_hash === recoveryCodeHash(secretPepper, code, r.salt));
+      expect(matching, code).toHaveLength(1);
+      expect(rows.map((r) => r.code_hash)).not.toContain(recoveryCodeHash(secretPepper, code, null));
+    }
+    const code = recoveryCodes[7]!;
+    const res = await verify(await challenge(user), code);
+    expect(res.statusCode, res.body).toBe(200);
+    expect(decodeJwt(res.json().session.access_token).amr).toEqual(['pwd', 'mfa']);
+    const again = await verify(await challenge(user), code);
+    expect(again.statusCode).toBe(400);
+    expect(again.json().detail).toContain('recovery code was used already');
+    expect((await storedCodes(user.id)).filter((r) => r.used_at !== null)).toHaveLength(1);
+  });
+
+  it('a recovery code stored before salts (salt null, the HMAC of the code alone) still signs in, once', async () => {
+    const { user, recoveryCodes } = await enrolled('mfa-recovery-unsalted');
+    const { secretPepper } = testConfig();
+    const [old, salted] = [recoveryCodes[2]!, recoveryCodes[4]!];
+    // As the release before migration 0022 stored it (and still does, running side by side).
+    const row = (await storedCodes(user.id)).find(
+      (r) => r.code_hash === recoveryCodeHash(secretPepper, old, r.salt),
+    )!;
+    await app.services.db.execute(
+      sql`update mfa_recovery_codes set salt = null, code_hash = ${keyedHash(secretPepper, `mfa-recovery:${old.replace('-', '')}`)} where id = ${row.id}`,
+    );
+    const res = await verify(await challenge(user), old.toUpperCase());
+    expect(res.statusCode, res.body).toBe(200);
+    expect(decodeJwt(res.json().session.access_token).amr).toEqual(['pwd', 'mfa']);
+    const again = await verify(await challenge(user), old);
+    expect(again.statusCode).toBe(400);
+    expect(again.json().detail).toContain('recovery code was used already');
+    // The salted codes beside it work as before.
+    expect((await verify(await challenge(user), salted)).statusCode).toBe(200);
+    const signedIn = { ...user, accessToken: res.json().session.access_token };
+    expect(await status(signedIn)).toMatchObject({ recovery_codes_remaining: 8 });
   });
 
   it('the same recovery code sent from several sign-ins opens one, and locks nothing: it was used, not guessed', async () => {
@@ -1050,17 +1106,30 @@ describe('two-step verification secrets at rest and in the logs (SECURITY.md)', 
       sql`select token_hash from mfa_challenges where user_id = ${user.id}`,
     );
     expect(challenge!.token_hash).toBe(keyedHash(secretPepper, `mfa-challenge:${mfaToken}`));
-    const stored = await selectRows<{ code_hash: string }>(
+    const stored = await selectRows<{ code_hash: string; salt: string }>(
       app.services.db,
-      sql`select code_hash from mfa_recovery_codes where user_id = ${user.id}`,
+      sql`select code_hash, salt from mfa_recovery_codes where user_id = ${user.id}`,
     );
     expect(stored.map((r) => r.code_hash).sort()).toEqual(
-      recoveryCodes.map((c) => keyedHash(secretPepper, `mfa-recovery:${c.replace('-', '')}`)).sort(),
+      recoveryCodes
+        .map((c) => stored.find((r) => r.code_hash === recoveryCodeHash(secretPepper, c, r.salt))?.code_hash)
+        .sort(),
     );
 
     const log = lines.join('');
     expect(log.length).toBeGreaterThan(0);
     for (const value of [secret, mfaToken, ...recoveryCodes, verified.json().session.refresh_token])
       expect(log).not.toContain(value);
+  });
+
+  it('a recovery code hashes differently under two salts, and alike however it is typed', () => {
+    const { secretPepper } = testConfig();
+    const [a, b] = ['c2VsZi1zYWx0LW9uZQ', 'c2VsZi1zYWx0LXR3bw'];
+    const hashes = [a, b, null].map((salt) => recoveryCodeHash(secretPepper, 'abcde-12345', salt));
+    expect(new Set(hashes).size).toBe(3);
+    expect(recoveryCodeHash(secretPepper, 'ABCDE 12345', a)).toBe(hashes[0]);
+    expect(recoveryCodeHash(secretPepper, 'abcde12345', null)).toBe(
+      keyedHash(secretPepper, 'mfa-recovery:abcde12345'),
+    );
   });
 });

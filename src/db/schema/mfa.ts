@@ -38,7 +38,10 @@ export const mfaFactors = pgTable(
   ],
 );
 
-/** One-use recovery codes for a lost authenticator, kept as HMACs under the pepper. */
+/**
+ * One-use recovery codes for a lost authenticator, kept as HMACs under the pepper. A code is 50
+ * bits, under the 112 that ASVS 2.6.2 lets go unsalted: each has its own random salt, hashed with it.
+ */
 export const mfaRecoveryCodes = pgTable(
   'mfa_recovery_codes',
   {
@@ -46,7 +49,13 @@ export const mfaRecoveryCodes = pgTable(
     userId: uuid('user_id')
       .notNull()
       .references(() => users.id, { onDelete: 'cascade' }),
+    /** HMAC-SHA-256 under the pepper of the salt and the code (of the code alone with no salt). */
     codeHash: text('code_hash').notNull(),
+    /**
+     * The code's own random salt (128 bits, base64url). Null for a code made before 0022 (or by that
+     * release, side by side), whose hash is of the code alone: checked so until used or replaced.
+     */
+    salt: text('salt'),
     createdAt: timestamp('created_at', { withTimezone: true, precision: 3 }).notNull().defaultNow(),
     usedAt: timestamp('used_at', { withTimezone: true, precision: 3 }),
   },

@@ -4,6 +4,7 @@ import { mfaChallenges, mfaFactors, mfaRecoveryCodes } from '../../db/schema/ind
 
 export type MfaFactorRow = typeof mfaFactors.$inferSelect;
 export type MfaChallengeRow = typeof mfaChallenges.$inferSelect;
+export type MfaRecoveryCodeRow = typeof mfaRecoveryCodes.$inferSelect;
 
 /** Second factors (TOTP), their recovery codes, and the sign-ins waiting for one. */
 export function createMfaRepository(db: Executor) {
@@ -85,41 +86,32 @@ export function createMfaRepository(db: Executor) {
       await tx.delete(mfaChallenges).where(eq(mfaChallenges.userId, userId));
       return removed;
     },
-    async replaceRecoveryCodes(userId: string, codeHashes: string[], at: Date, tx: Executor): Promise<void> {
+    async replaceRecoveryCodes(
+      userId: string,
+      codes: { codeHash: string; salt: string }[],
+      at: Date,
+      tx: Executor,
+    ): Promise<void> {
       await tx.delete(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));
       await tx
         .insert(mfaRecoveryCodes)
-        .values(codeHashes.map((codeHash) => ({ userId, codeHash, createdAt: at })));
+        .values(codes.map(({ codeHash, salt }) => ({ userId, codeHash, salt, createdAt: at })));
     },
-    /** Marks one unused recovery code used; false when the user has no such unused code. */
-    async useRecoveryCode(userId: string, codeHash: string, at: Date, tx: Executor): Promise<boolean> {
+    /**
+     * The user's recovery codes, used or not (ten at most): each is salted on its own, so a code typed
+     * is hashed with each row's salt to be found.
+     */
+    async recoveryCodes(userId: string, tx: Executor): Promise<MfaRecoveryCodeRow[]> {
+      return tx.select().from(mfaRecoveryCodes).where(eq(mfaRecoveryCodes.userId, userId));
+    },
+    /** Marks the recovery code used; false when it was used already. */
+    async useRecoveryCode(id: string, at: Date, tx: Executor): Promise<boolean> {
       const used = await tx
         .update(mfaRecoveryCodes)
         .set({ usedAt: at })
-        .where(
-          and(
-            eq(mfaRecoveryCodes.userId, userId),
-            eq(mfaRecoveryCodes.codeHash, codeHash),
-            isNull(mfaRecoveryCodes.usedAt),
-          ),
-        )
+        .where(and(eq(mfaRecoveryCodes.id, id), isNull(mfaRecoveryCodes.usedAt)))
         .returning({ id: mfaRecoveryCodes.id });
       return used.length > 0;
-    },
-    /** Whether the code is one of the user's recovery codes that was used already. */
-    async isUsedRecoveryCode(userId: string, codeHash: string, tx: Executor): Promise<boolean> {
-      const [row] = await tx
-        .select({ id: mfaRecoveryCodes.id })
-        .from(mfaRecoveryCodes)
-        .where(
-          and(
-            eq(mfaRecoveryCodes.userId, userId),
-            eq(mfaRecoveryCodes.codeHash, codeHash),
-            isNotNull(mfaRecoveryCodes.usedAt),
-          ),
-        )
-        .limit(1);
-      return row !== undefined;
     },
     async countUnusedRecoveryCodes(userId: string, tx: Executor = db): Promise<number> {
       const [row] = await tx

@@ -1,11 +1,12 @@
 import { PasswordReplaced } from './password-replaced.js';
 import { minutes } from './mailed-tokens.js';
-import { randomInt } from 'node:crypto';
+import { randomBytes, randomInt } from 'node:crypto';
 import { Secret, TOTP } from 'otpauth';
 import type { Database, Executor } from '../../db/client.js';
 import { addSeconds, type Clock } from '../../lib/clock.js';
 import {
   decrypt,
+  digestsEqual,
   encrypt,
   generateSecret,
   KEY_ENCRYPTION_KEY_REMEDY,
@@ -21,7 +22,7 @@ import type { Logger } from 'pino';
 import type { MailOutbox } from '../mail/mail-outbox.js';
 import type { AuditEventType, AuditService, RequestContext } from '../audit/audit.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
-import type { MfaFactorRow, MfaRepository } from './mfa.repository.js';
+import type { MfaFactorRow, MfaRecoveryCodeRow, MfaRepository } from './mfa.repository.js';
 import type { SessionsService, SessionTokens } from './sessions.service.js';
 
 /** RFC 6238 as every authenticator app reads it: SHA-1, six digits, 30-second steps. */
@@ -34,6 +35,8 @@ export const RECOVERY_CODE_COUNT = 10;
 /** Crockford's base32 without look-alikes: 10 characters are 50 bits, shown as two groups of five. */
 const RECOVERY_ALPHABET = '0123456789abcdefghjkmnpqrstvwxyz';
 const RECOVERY_CODE_LENGTH = 10;
+/** Each recovery code's own salt: 128 random bits (ASVS 2.6.2 asks for 32 at least). */
+const RECOVERY_SALT_BYTES = 16;
 /** Wrong codes in a row that lock nothing; each further one locks the factor, for longer every time. */
 export const MFA_FREE_ATTEMPTS = 5;
 const MFA_MAX_LOCK_SECONDS = 3600;
@@ -103,6 +106,18 @@ export function lockSeconds(failures: number): number {
   return Math.min(60 * 2 ** (failures - MFA_FREE_ATTEMPTS - 1), MFA_MAX_LOCK_SECONDS);
 }
 
+/**
+ * What a recovery code is stored as: HMAC-SHA-256 under the pepper of its salt and the code as typed
+ * (normalized), ASVS 2.6.2 for a secret under 112 bits. `salt` null: a code stored before salts
+ * (migration 0022), hashed as it was then, of the code alone.
+ */
+export function recoveryCodeHash(pepper: Buffer, code: string, salt: string | null): string {
+  const typed = normalizeCode(code);
+  return salt === null
+    ? keyedHash(pepper, `mfa-recovery:${typed}`)
+    : keyedHash(pepper, `mfa-recovery-salted:${salt}:${typed}`);
+}
+
 function newRecoveryCode(): string {
   let code = '';
   for (let i = 0; i < RECOVERY_CODE_LENGTH; i++)
@@ -147,7 +162,6 @@ type CheckOutcome =
  * older or equal ones are refused (RFC 6238 §5.2).
  */
 export function createMfaService(deps: MfaServiceDeps) {
-  const recoveryHash = (code: string) => keyedHash(deps.pepper, `mfa-recovery:${normalizeCode(code)}`);
   const challengeHash = (token: string) => keyedHash(deps.pepper, `mfa-challenge:${token}`);
   /** A set-up not confirmed within MFA_SETUP_TTL: not activated, not shown, purged by the housekeeping. */
   const setUpExpired = (factor: Pick<MfaFactorRow, 'createdAt' | 'verifiedAt'>, now: Date) =>
@@ -214,12 +228,12 @@ export function createMfaService(deps: MfaServiceDeps) {
     const step = found;
     let used: SecondFactor | null = step !== null ? 'totp' : null;
     if (used === null && accept.recoveryCodes && code.length === RECOVERY_CODE_LENGTH) {
-      const hash = recoveryHash(code);
-      if (await deps.repo.useRecoveryCode(factor.userId, hash, now, tx)) used = 'recovery_code';
+      const match = await findRecoveryCode(tx, factor.userId, code);
+      if (match?.usedAt === null && (await deps.repo.useRecoveryCode(match.id, now, tx)))
+        used = 'recovery_code';
       // One of the user's own codes, spent a moment ago (the same code sent from two sign-ins, or
       // twice): not a guess, and not counted toward the lock, as an app code used again is not.
-      else if (await deps.repo.isUsedRecoveryCode(factor.userId, hash, tx))
-        return { ok: false, reason: 'recovery_code_used', lockSeconds: 0 };
+      else if (match) return { ok: false, reason: 'recovery_code_used', lockSeconds: 0 };
     }
     if (used === null) {
       // A count whose last wrong code is a day old starts again: an old typo is no step toward a lock.
@@ -247,6 +261,24 @@ export function createMfaService(deps: MfaServiceDeps) {
       tx,
     );
     return { ok: true, used, step };
+  }
+
+  /**
+   * The user's recovery code that `code` is, used or not (an unused one first), if any. Each is
+   * salted on its own, so the code is hashed with every row's salt and compared in constant time with
+   * every row, whichever matched (ten at most): how long it takes tells nothing of which, or whether.
+   */
+  async function findRecoveryCode(
+    tx: Executor,
+    userId: string,
+    code: string,
+  ): Promise<MfaRecoveryCodeRow | undefined> {
+    let match: MfaRecoveryCodeRow | undefined;
+    for (const row of await deps.repo.recoveryCodes(userId, tx)) {
+      const equal = digestsEqual(recoveryCodeHash(deps.pepper, code, row.salt), row.codeHash);
+      if (equal && (match === undefined || match.usedAt !== null)) match = row;
+    }
+    return match;
   }
 
   /**
@@ -379,7 +411,11 @@ export function createMfaService(deps: MfaServiceDeps) {
 
   async function newRecoveryCodes(tx: Executor, userId: string): Promise<string[]> {
     const codes = Array.from({ length: RECOVERY_CODE_COUNT }, newRecoveryCode);
-    await deps.repo.replaceRecoveryCodes(userId, codes.map(recoveryHash), deps.clock.now(), tx);
+    const stored = codes.map((code) => {
+      const salt = randomBytes(RECOVERY_SALT_BYTES).toString('base64url');
+      return { salt, codeHash: recoveryCodeHash(deps.pepper, code, salt) };
+    });
+    await deps.repo.replaceRecoveryCodes(userId, stored, deps.clock.now(), tx);
     return codes;
   }
 
