@@ -144,6 +144,84 @@ describe('api keys: create, use, list, get, update, rotate, revoke, verify', () 
     expect(badCursor.statusCode).toBe(400);
   });
 
+  it('leaves expired keys out of the list unless include_expired=true, and pages past them', async () => {
+    const user = await registerUser(app, 'ak-list-expired');
+    const inAMinute = () => new Date(clock.nowMs() + 60_000).toISOString();
+    // Live, expiring, live, expiring: an expired key between two pages, and one after the last.
+    const made = [];
+    for (const expires of [false, true, false, true])
+      made.push(
+        await createKey(app, user.accessToken, {
+          scopes: [],
+          ...(expires ? { expires_at: inAMinute() } : {}),
+        }),
+      );
+    const order = [...made]
+      .sort((x, y) =>
+        x.created_at === y.created_at ? (x.id < y.id ? -1 : 1) : x.created_at < y.created_at ? -1 : 1,
+      )
+      .map((k) => k.id);
+    const expiring = new Set(made.filter((k) => k.expires_at !== null).map((k) => k.id));
+    /** Every page of the list, one key a page, following next_cursor; the ids of each page. */
+    const pages = async (query: string) => {
+      const out: string[][] = [];
+      let cursor: string | null = null;
+      do {
+        const res: Awaited<ReturnType<typeof app.inject>> = await app.inject({
+          method: 'GET',
+          url: `/v1/api-keys?limit=1${query}${cursor ? `&cursor=${cursor}` : ''}`,
+          headers: bearer(user.accessToken),
+        });
+        expect(res.statusCode, res.body).toBe(200);
+        const page = res.json() as { data: Array<{ id: string }>; next_cursor: string | null };
+        out.push(page.data.map((k) => k.id));
+        cursor = page.next_cursor;
+      } while (cursor && out.length < 10);
+      return out;
+    };
+    // Before they expire, every key is live.
+    expect(await pages('')).toEqual(order.map((id) => [id]));
+    clock.advance(61);
+    try {
+      // Each live key once, in order; no page for an expired one, none empty after the last.
+      const live = order.filter((id) => !expiring.has(id));
+      expect(await pages('')).toEqual(live.map((id) => [id]));
+      expect(await pages('&include_expired=false')).toEqual(live.map((id) => [id]));
+      expect(await pages('&include_expired=true')).toEqual(order.map((id) => [id]));
+      const all = await app.inject({
+        method: 'GET',
+        url: '/v1/api-keys?include_expired=true',
+        headers: bearer(user.accessToken),
+      });
+      expect(
+        all
+          .json()
+          .data.filter((k: { id: string }) => expiring.has(k.id))
+          .map((k: { expires_at: string }) => k.expires_at),
+      ).toEqual(made.filter((k) => expiring.has(k.id)).map((k) => k.expires_at));
+      // A revoked key stays out either way.
+      const revoked = await app.inject({
+        method: 'DELETE',
+        url: `/v1/api-keys/${live[0]}`,
+        headers: bearer(user.accessToken),
+      });
+      expect(revoked.statusCode).toBe(204);
+      expect(await pages('&include_expired=true')).toEqual(
+        order.filter((id) => id !== live[0]).map((id) => [id]),
+      );
+      const bad = await app.inject({
+        method: 'GET',
+        url: '/v1/api-keys?include_expired=yes',
+        headers: bearer(user.accessToken),
+      });
+      expect(bad.statusCode).toBe(400);
+      expect(bad.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(bad.json().errors.map((e: { field: string }) => e.field)).toEqual(['query.include_expired']);
+    } finally {
+      clock.advance(-61);
+    }
+  });
+
   it('gets and updates a key (name, scopes, expiry) and audits the change', async () => {
     const user = await registerUser(app, 'ak-update');
     const created = await createKey(app, user.accessToken, { scopes: ['account:read'] });

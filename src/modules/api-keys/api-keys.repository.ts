@@ -98,13 +98,19 @@ export function createApiKeysRepository(db: Database) {
       const [row] = await tx.select({ n: sql<number>`count(*)::int` }).from(live);
       return row?.n ?? 0;
     },
-    /** Live (unrevoked) keys of an owner, oldest first, `limit + 1` rows for pagination. */
-    async listLiveByOwner(
+    /**
+     * Unrevoked keys of an owner, oldest first, `limit + 1` rows for pagination: with `liveAt`, only
+     * those unexpired at that instant, left out by the query itself so that the cursor after a page
+     * continues past them.
+     */
+    async listUnrevokedByOwner(
       ownerId: string,
-      options: { limit: number; cursor?: Cursor | undefined },
+      options: { limit: number; cursor?: Cursor | undefined; liveAt?: Date | undefined },
       tx: Executor = db,
     ): Promise<ApiKeyRow[]> {
       const conditions = [eq(apiKeys.ownerId, ownerId), isNull(apiKeys.revokedAt)];
+      if (options.liveAt)
+        conditions.push(or(isNull(apiKeys.expiresAt), gt(apiKeys.expiresAt, options.liveAt))!);
       if (options.cursor) conditions.push(pastCursor(apiKeys.createdAt, apiKeys.id, options.cursor, 'asc'));
       return tx
         .select()

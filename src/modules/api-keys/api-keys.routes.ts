@@ -181,6 +181,9 @@ export async function apiKeysRoutes(
         tags: ['api-keys'],
         operationId: 'listApiKeys',
         summary: 'The caller’s live API keys (or, with api_keys:read, another user’s)',
+        description:
+          'Live: neither revoked nor expired, oldest first. Expired keys are listed only with ' +
+          '`include_expired=true`; revoked keys never are.',
         security: bearerOrApiKey,
         querystring: ListApiKeysQuerySchema,
         response: { 200: ApiKeyPageSchema, ...problems(400, 401, 403) },
@@ -191,6 +194,7 @@ export async function apiKeysRoutes(
         ownerId: request.query.owner_id,
         limit: request.query.limit,
         cursor: request.query.cursor,
+        includeExpired: request.query.include_expired === 'true',
       });
       return { data: rows.map(toApiKeyDto), next_cursor: nextCursor };
     },

@@ -86,6 +86,13 @@ export const ListApiKeysQuerySchema = PaginationQuerySchema.extend({
     .describe(
       'Another user’s keys (needs api_keys:read); default the caller’s. Required of a service, which owns no keys',
     ),
+  include_expired: z
+    .enum(['true', 'false'])
+    .optional()
+    .describe(
+      '`true`: expired keys too, among the live ones in the same order (an expired key can still be ' +
+        'read and renamed, not used). `false` (the default): live keys only. Revoked keys are never listed',
+    ),
 }).strict();
 
 /** An allow-list: the hash, the previous hash and the secret can never be serialized. */

@@ -573,9 +573,18 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       return { row, key: token };
     },
 
+    /**
+     * An owner's live keys (unrevoked, unexpired), oldest first; with `includeExpired`, their expired
+     * keys too, which `get` still answers. Revoked keys are never listed.
+     */
     async list(
       actor: ApiKeyActor,
-      query: { ownerId?: string | undefined; limit: number; cursor?: string | undefined },
+      query: {
+        ownerId?: string | undefined;
+        limit: number;
+        cursor?: string | undefined;
+        includeExpired?: boolean | undefined;
+      },
     ): Promise<{ rows: ApiKeyRow[]; nextCursor: string | null }> {
       const ownerId = query.ownerId ?? actor.userId;
       if (!ownerId)
@@ -584,9 +593,10 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
         ]);
       if (ownerId !== actor.userId && !hasPermission(actor.grantor.permissions, 'api_keys:read'))
         throw forbidden('Listing another user’s keys needs the permission api_keys:read');
-      const rows = await repo.listLiveByOwner(ownerId, {
+      const rows = await repo.listUnrevokedByOwner(ownerId, {
         limit: query.limit,
         cursor: decodeCursor(query.cursor),
+        liveAt: query.includeExpired ? undefined : clock.now(),
       });
       const { page, nextCursor } = paginate(rows, query.limit);
       return { rows: page.map(withPendingUse), nextCursor };
