@@ -43,6 +43,11 @@ export type Principal =
       expiresAt: Date | null;
       /** Presented with the secret a rotation replaced, in its grace: it cannot rotate the key again. */
       previous: boolean;
+      /**
+       * The stored hash the presented secret matched (never serialized): a key minted with it is
+       * refused once the key's row, locked, holds another secret (a rotation while the request ran).
+       */
+      secretHash: string;
     };
 
 /**

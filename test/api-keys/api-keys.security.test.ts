@@ -1156,6 +1156,50 @@ describe('api keys: a request that outlives its session', () => {
     },
   );
 
+  // Held after authentication as above, the rotation commits in between: the secret the request came
+  // with is now the replaced one (working still for a grace, or not at all), which mints nothing.
+  it.each([0, 600])(
+    'makes no key with a secret a rotation replaced while the request ran (grace %i s): 401, nothing written',
+    async (grace) => {
+      const user = await registerUser(app, 'aks-late-rotated');
+      const parent = await createKey(app, user.accessToken, { scopes: ['account:read', 'api_keys:own'] });
+      const mint = (key: string, pause: boolean) =>
+        app.inject({
+          method: 'POST',
+          url: '/v1/api-keys',
+          headers: { ...withKey(key), ...(pause ? { 'x-test-pause': '1' } : {}) },
+          payload: { name: 'minted', scopes: ['account:read'] },
+        });
+      const arrived = new Promise<void>((resolve) => {
+        reached = resolve;
+      });
+      const pending = mint(parent.key, true);
+      await arrived;
+      const rotated = await app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${parent.id}/rotate`,
+        headers: bearer(user.accessToken),
+        payload: { grace_seconds: grace },
+      });
+      expect(rotated.statusCode, rotated.body).toBe(200);
+      release();
+      const res = await pending;
+      expect(res.statusCode, res.body).toBe(401);
+      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(res.json()).toMatchObject({
+        code: 'invalid_token',
+        detail: expect.stringContaining('rotation'),
+      });
+      expect(await keyCount(user.id)).toBe(1);
+      const created = await app.services.audit.list({ actorId: user.id, type: 'api_key.created', limit: 10 });
+      expect(created.map((e) => e.subjectId)).toEqual([parent.id]);
+      // The new secret mints as before.
+      const fresh = await mint(rotated.json().key as string, false);
+      expect(fresh.statusCode, fresh.body).toBe(201);
+      expect(fresh.json().parent_id).toBe(parent.id);
+    },
+  );
+
   it('gives a key that gives nothing no new secret nor a longer life once the session has ended', async () => {
     const user = await registerUser(app, 'aks-late-key');
     const created = await createKey(app, user.accessToken, {

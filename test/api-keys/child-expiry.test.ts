@@ -412,7 +412,7 @@ describe('api keys: a key expires no later than the key that minted it', () => {
   // On PostgreSQL, with a deterministic order: one side holds its transaction open at a chosen step
   // until the other waits on its lock. PGlite has one connection and runs them one after the other.
   describe.skipIf(!inject('databaseUrl'))(
-    'a key minted while its parent’s expiry is shortened, or an ancestor revoked',
+    'a key minted while its parent’s expiry is shortened, an ancestor revoked or its parent rotated',
     () => {
       /**
        * Runs `first`; when it calls `method` of the key repository with `when` true, it holds its
@@ -640,6 +640,33 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         const about = events.filter((e) => e.subjectId === made.id);
         expect(about).toHaveLength(1);
         expect(about[0]!.data).toMatchObject({ owner_id: user.id, with_ancestor: parent.id });
+      });
+
+      it('a rotation first: a key minted with the secret it replaces waits for it and is refused', async () => {
+        const user = await registerUser(app, 'akr-race-rotate');
+        const parent = await parentOf(user);
+        // Verified once, so the mint authenticates from memory while the rotation holds the row.
+        expect(await verifyKey(app, admin.accessToken, parent.key)).toMatchObject({ valid: true });
+        const refused = await ordered(
+          'update',
+          (args) => args[0] === parent.id,
+          () =>
+            app.inject({
+              method: 'POST',
+              url: `/v1/api-keys/${parent.id}/rotate`,
+              headers: bearer(user.accessToken),
+              payload: { grace_seconds: 600 },
+            }),
+          () => mint(parent.key),
+          (status) => status === 401,
+        );
+        expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+        expect(refused.json().code).toBe('invalid_token');
+        const [row] = await selectRows<{ n: number }>(
+          app.services.db,
+          sql`select count(*)::int as n from api_keys where parent_id = ${parent.id}`,
+        );
+        expect(row!.n).toBe(0);
       });
 
       it('the revocation first: a grandchild’s creation waits for it and is refused', async () => {

@@ -81,7 +81,14 @@ function actorOf(request: FastifyRequest): ApiKeyActor {
   return {
     userId: principal.userId,
     ...(principal.kind === 'api_key'
-      ? { key: { id: principal.id, expiresAt: principal.expiresAt, previous: principal.previous } }
+      ? {
+          key: {
+            id: principal.id,
+            expiresAt: principal.expiresAt,
+            previous: principal.previous,
+            secretHash: principal.secretHash,
+          },
+        }
       : {}),
     grantor: principal,
   };
@@ -112,6 +119,7 @@ export function createApiKeyResolver(apiKeys: ApiKeysService): ApiKeyPrincipals 
         // or changes is held within that (assertWithinCallerLife), a sibling's life included.
         expiresAt: presentedExpiresAt(result.key, result.previous),
         previous: result.previous,
+        secretHash: result.previous ? result.key.previousSecretHash! : result.key.secretHash,
       } satisfies Principal);
       principals.set(result, made);
     }

@@ -28,9 +28,9 @@ export interface ApiKeyActor {
   userId: string | undefined;
   /**
    * The API key the request was authenticated with, if it was; `previous` when with the secret a
-   * rotation replaced, in its grace.
+   * rotation replaced, in its grace; `secretHash`, the stored hash of the secret it came with.
    */
-  key?: { id: string; expiresAt: Date | null; previous: boolean };
+  key?: { id: string; expiresAt: Date | null; previous: boolean; secretHash: string };
   /**
    * The request's principal: its `permissions` decide what it may see and change; what it may grant
    * is what it holds now (roles/grant-ceiling.ts).
@@ -520,6 +520,14 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             if (!parent || parent.revokedAt || (parent.expiresAt && parent.expiresAt <= now)) {
               throw new AppError('invalid_token', {
                 detail: 'The API key was revoked while this request ran',
+              });
+            }
+            // And still with the secret the request came with: a rotation that committed while it ran
+            // (or that this waited for) made that secret the replaced one, which mints nothing, as
+            // above; a rotation meant to cut off a leaked secret must not leave a key it made behind.
+            if (parent.secretHash !== actor.key.secretHash) {
+              throw new AppError('invalid_token', {
+                detail: 'The API key’s secret was replaced by a rotation while this request ran',
               });
             }
           }
