@@ -381,6 +381,59 @@ describe('api keys: a key expires no later than the key that minted it', () => {
     expect(await verifyKey(app, admin.accessToken, writer.key)).toMatchObject({ valid: false });
   });
 
+  it('one PATCH of a key’s expiry and its scopes writes one event naming both, as does each key it reaches', async () => {
+    const user = await registerUser(app, 'ake-both');
+    const all = ['account:read', 'account:write', 'api_keys:own'];
+    const parent = await parentOf(user, { scopes: all });
+    const child = await minted(parent.key, { scopes: all });
+    const patch = (body: Record<string, unknown>) =>
+      app.inject({
+        method: 'PATCH',
+        url: `/v1/api-keys/${parent.id}`,
+        headers: bearer(user.accessToken),
+        payload: body,
+      });
+    const updatedEvents = async (id: string) =>
+      (await app.services.audit.list({ subjectId: id, type: 'api_key.updated', limit: 10 })).map((e) => ({
+        actorId: e.actorId,
+        data: e.data,
+      }));
+
+    /** An api_key.updated event of the user's about `key`: its owner, its prefix and `data`. */
+    const event = (key: { prefix: string }, data: Record<string, unknown>) => ({
+      actorId: user.id,
+      data: { owner_id: user.id, prefix: key.prefix, ...data },
+    });
+
+    // Shortened (given one where it had none) and narrowed at once: the child is brought to both.
+    const soon = inHours(1);
+    const both = await patch({ expires_at: soon, scopes: ['api_keys:own', 'account:read'] });
+    expect(both.statusCode, both.body).toBe(200);
+    const shortenedAndNarrowed = {
+      changed: ['expires_at', 'scopes'],
+      scopes: ['account:read', 'api_keys:own'],
+      previous_scopes: all,
+      expires_at: soon,
+    };
+    expect(await updatedEvents(parent.id)).toEqual([event(parent, shortenedAndNarrowed)]);
+    expect(await updatedEvents(child.id)).toEqual([
+      event(child, { ...shortenedAndNarrowed, with_ancestor: parent.id }),
+    ]);
+
+    // Prolonged and narrowed at once: one event naming both; the child is narrowed, never prolonged.
+    const later = inHours(48);
+    const prolonged = await patch({ expires_at: later, scopes: ['account:read'] });
+    expect(prolonged.statusCode, prolonged.body).toBe(200);
+    const narrowed = { scopes: ['account:read'], previous_scopes: ['account:read', 'api_keys:own'] };
+    expect((await updatedEvents(parent.id))[0]).toEqual(
+      event(parent, { changed: ['expires_at', 'scopes'], ...narrowed, expires_at: later }),
+    );
+    expect((await updatedEvents(child.id))[0]).toEqual(
+      event(child, { changed: ['scopes'], ...narrowed, with_ancestor: parent.id }),
+    );
+    expect(await expiryOf(user, child.id)).toBe(soon);
+  });
+
   it('rotating a key leaves the keys it minted as they are: a new secret, not a new authority', async () => {
     const user = await registerUser(app, 'ake-rotate');
     const expiresAt = inHours(24);
