@@ -86,6 +86,8 @@ export interface RouteEntry {
   heldNow?: boolean;
   /** The credential it takes, when not every one will do (config.credential). */
   credential?: RouteCredential | undefined;
+  /** A signed-in user's token ends its own session here without the permission (config.ownSession). */
+  ownSession?: boolean;
 }
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -347,6 +349,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       noStore?: boolean;
       heldNow?: boolean;
       credential?: RouteCredential;
+      ownSession?: boolean;
     };
     // Every API answer is no-store (the header set); a route answering with a credential also gets
     // RFC 6749 §5.1's Pragma from a hook of its own.
@@ -371,6 +374,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
         noStore: config.noStore === true,
         heldNow: config.public !== true && decidedOnHeldNow(method, config.heldNow),
         credential: config.credential,
+        ownSession: config.public !== true && config.ownSession === true,
       });
     }
   });
@@ -638,5 +642,13 @@ declare module 'fastify' {
      * it (plugins/openapi.ts).
      */
     credential?: RouteCredential;
+    /**
+     * `true`: the route ends the caller's own session (logout), which a signed-in user's access token
+     * may always do, whatever its scope (one narrowed at a refresh, one whose roles were taken): that
+     * token needs no `permission` here; any other credential (an API key, a token of no session)
+     * still does, and what goes beyond the token's own session is the handler's to decide. The
+     * OpenAPI document says it (plugins/openapi.ts).
+     */
+    ownSession?: boolean;
   }
 }

@@ -389,11 +389,25 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     throw refusal;
   }
 
+  /**
+   * Whether `permissions` let the principal in: any one of `anyOf`, or, on a route that ends the
+   * caller's own session (`config.ownSession`), none at all for a signed-in user's token.
+   */
+  const permits = (
+    anyOf: readonly string[],
+    ownSession: boolean,
+    principal: Principal,
+    permissions: readonly string[],
+  ) =>
+    anyOf.some((p) => hasPermission(permissions, p)) ||
+    (ownSession && takesCredential('user_session', principal));
+
   async function authorize(
     request: FastifyRequest,
     anyOf: readonly string[],
     changes: boolean,
     credential: RouteCredential | undefined,
+    ownSession: boolean,
   ): Promise<void> {
     const principal = await resolve(request);
     if (!principal) {
@@ -414,7 +428,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       throw new AppError('forbidden');
     }
     const needed = anyOf.join(' or ');
-    if (!anyOf.some((p) => hasPermission(principal.permissions, p))) {
+    if (!permits(anyOf, ownSession, principal, principal.permissions)) {
       await refuse(request, anyOf, `This needs the permission ${needed}`);
     }
     // An access token keeps its permissions until it expires (15 minutes at most), and an API key
@@ -426,7 +440,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       // Dead since it was cached or issued (the revocation's notification not yet here): a 401, as
       // the same credential gets once every instance has heard, not a 403 that says to ask for a role.
       if (now === null) throw credentialNoLongerStands();
-      if (!anyOf.some((p) => hasPermission(now, p))) {
+      if (!permits(anyOf, ownSession, principal, now)) {
         await refuse(
           request,
           anyOf,
@@ -449,6 +463,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       permission?: string | string[];
       heldNow?: boolean;
       credential?: unknown;
+      ownSession?: boolean;
     };
     // Fail closed at registration: a credential this check does not know, or one on a public route
     // (which has no check), would be declared, and documented, but not enforced.
@@ -472,6 +487,7 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
     // A route that changes something (any method but a read, unless it declares `heldNow: false`) is
     // decided on what its caller holds now.
     const changes = methods.some((m) => decidedOnHeldNow(m, config.heldNow));
+    const ownSession = config.ownSession === true;
     const check: onRequestHookHandler = (request, _reply, done) => {
       // A credential verified before and allowed here is settled without a promise; anything else
       // (a new, expired or revoked token or key, a refusal, a change) takes the full path.
@@ -479,12 +495,12 @@ async function authenticatePlugin(app: FastifyInstance, options: AuthenticateOpt
       if (
         known &&
         (takes === undefined || takesCredential(takes, known)) &&
-        anyOf.some((p) => hasPermission(known.permissions, p))
+        permits(anyOf, ownSession, known, known.permissions)
       ) {
         request.principal = known;
         return done();
       }
-      authorize(request, anyOf, changes, takes).then(() => done(), done);
+      authorize(request, anyOf, changes, takes, ownSession).then(() => done(), done);
     };
     const existing = route.onRequest;
     route.onRequest =

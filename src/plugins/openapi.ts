@@ -208,6 +208,7 @@ interface RouteAccess {
   public?: boolean;
   permission?: string | string[];
   credential?: RouteCredential;
+  ownSession?: boolean;
 }
 
 /** The scheme of a route that takes no API key: an access token as `Authorization: Bearer`. */
@@ -218,6 +219,10 @@ const CREDENTIAL_SENTENCES: Record<RouteCredential, string> = {
   user_session: 'Only with a signed-in user’s access token: an API key or a service’s token gets 403.',
   access_token: 'Only with an access token, a user’s or a service’s: an API key gets 403.',
 };
+
+/** What the description of a route that ends the caller's own session (config.ownSession) adds. */
+export const OWN_SESSION_SENTENCE =
+  'A signed-in user’s access token needs none of it to end its own session, whatever its scope.';
 
 /** The sentence of a route's description naming its permission (any one of several will do). */
 const permissionSentence = (permission: string | readonly string[]) =>
@@ -243,9 +248,10 @@ function clientCredentialsFor(access: RouteAccess): Array<Record<string, string[
 
 /**
  * Each protected operation says what it needs, from the route's own declaration (`config.permission`,
- * `config.credential`), so the document cannot drift from what the authenticate plugin enforces: the
- * permission as `x-required-permission` (a list when any one of several will do) and as a sentence of
- * its description; a route that takes no API key as `x-credential` (`user_session`, `access_token`),
+ * `config.credential`, `config.ownSession`), so the document cannot drift from what the authenticate
+ * plugin enforces: the permission as `x-required-permission` (a list when any one of several will do)
+ * and as a sentence of its description, with another when a signed-in user's token needs none to end
+ * its own session; a route that takes no API key as `x-credential` (`user_session`, `access_token`),
  * a sentence, and `bearerAuth` alone as its security (set when the route is registered, see
  * `declareFrameworkErrors`); and, beside `bearerAuth`, the `clientCredentials` requirements of a
  * service's token (clientCredentialsFor). test/foundation/openapi.test.ts checks every route of the
@@ -257,6 +263,7 @@ const withAccess: typeof jsonSchemaTransform = (input) => {
   const schema = result.schema as (FastifySchema & { hide?: boolean; description?: unknown }) | undefined;
   if (!schema || schema.hide || access.public === true || access.permission === undefined) return result;
   const sentences = [permissionSentence(access.permission)];
+  if (access.ownSession === true) sentences.push(OWN_SESSION_SENTENCE);
   const documented: Record<string, unknown> = {
     'x-required-permission':
       typeof access.permission === 'string' || access.permission.length !== 1

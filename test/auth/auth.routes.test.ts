@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify';
-import { createRemoteJWKSet, customFetch, decodeProtectedHeader, jwtVerify, SignJWT } from 'jose';
+import { createRemoteJWKSet, customFetch, decodeJwt, decodeProtectedHeader, jwtVerify, SignJWT } from 'jose';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { atTime } from '../support/clock.js';
 import { buildTestApp, uniqueEmail } from '../support/app.js';
@@ -7,6 +7,7 @@ import { login, PASSWORD, registerUser, type TestUser } from '../support/factori
 import { allPages, bearer, injectFetch } from '../support/http.js';
 import { captureLogs } from '../support/logs.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
+import { form } from '../clients/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
 
 describe('auth: register, login, me, refresh, logout (local provider)', () => {
@@ -310,6 +311,70 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
       payload: { refresh_token: again.session.refresh_token },
     });
     expect(refreshed.statusCode).toBe(401);
+  });
+
+  it('a session’s token without account:read (narrowed at a refresh, or of a user holding nothing) ends its own session, and only it', async () => {
+    const user = await registerUser(app, 'narrowed-logout');
+    const other = await login(app, user.email);
+    // RFC 6749 §6: the refresh grant narrows that one access token to part of the user's permissions.
+    const narrowing = await form(app, '/oauth/token', {
+      grant_type: 'refresh_token',
+      refresh_token: user.refreshToken,
+      scope: 'api_keys:own',
+    });
+    expect(narrowing.statusCode, narrowing.body).toBe(200);
+    const narrowed = narrowing.json() as { access_token: string; refresh_token: string };
+    const logout = (token: string, payload?: Record<string, string>) =>
+      app.inject({ method: 'POST', url: '/v1/auth/logout', headers: bearer(token), payload });
+    const me = (token: string) => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(token) });
+    expect((await me(narrowed.access_token)).statusCode).toBe(403); // no account:read
+
+    // An API key has no session of its own: without account:read it ends none, even one it names.
+    const writeOnly = await createKey(app, other.session.access_token, { scopes: ['account:write'] });
+    for (const payload of [{ refresh_token: other.session.refresh_token }, { scope: 'all' }]) {
+      const byKey = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/logout',
+        headers: withKey(writeOnly.key),
+        payload,
+      });
+      expect(byKey.statusCode, byKey.body).toBe(403);
+    }
+    // Not every session: that takes account:read, named in the challenge; nothing ends.
+    const all = await logout(narrowed.access_token, { scope: 'all' });
+    expect(all.statusCode, all.body).toBe(403);
+    expect(all.headers['www-authenticate']).toBe(
+      'Bearer realm="paservices", error="insufficient_scope", scope="account:read"',
+    );
+    expect((await me(other.session.access_token)).statusCode).toBe(200);
+    // Its own session, even when a refresh token names another one of the user's.
+    const out = await logout(narrowed.access_token, { refresh_token: other.session.refresh_token });
+    expect(out.statusCode, out.body).toBe(204);
+    expect((await logout(narrowed.access_token)).statusCode).toBe(401);
+    for (const refreshToken of [narrowed.refresh_token, user.refreshToken]) {
+      const refreshed = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/refresh',
+        payload: { refresh_token: refreshToken },
+      });
+      expect(refreshed.statusCode, refreshed.body).toBe(401);
+    }
+    const left = await app.inject({
+      method: 'GET',
+      url: '/v1/auth/sessions',
+      headers: bearer(other.session.access_token),
+    });
+    expect((left.json().data as Array<{ current: boolean }>).map((s) => s.current)).toEqual([true]);
+    const [event] = await app.services.audit.list({ subjectId: user.id, type: 'auth.logout', limit: 5 });
+    expect(event?.data).toEqual({ scope: 'session', sessions: [decodeJwt(narrowed.access_token).sid] });
+
+    // A user who holds no permission at all signs out too.
+    const bare = await registerUser(app, 'holds-nothing');
+    await app.services.repos.users.removeRole(bare.id, 'user');
+    const signedIn = await login(app, bare.email);
+    expect(decodeJwt(signedIn.session.access_token).scope ?? '').toBe('');
+    expect((await logout(signedIn.session.access_token)).statusCode).toBe(204);
+    expect((await logout(signedIn.session.access_token)).statusCode).toBe(401);
   });
 
   it('bootstraps one admin when instances try at once: the one whose account loses the race finds it made', async () => {

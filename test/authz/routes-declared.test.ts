@@ -49,12 +49,13 @@ describe('every route declares its access', () => {
   });
 
   it('lists every route of the app in the authorization matrix, with the same declaration', () => {
-    // The permission, and whether a change is decided on what is held now (`heldNow: false` marks the
-    // changing routes decided on the credential alone).
+    // The permission, whether a change is decided on what is held now (`heldNow: false` marks the
+    // changing routes decided on the credential alone), and whether a signed-in user's token needs no
+    // permission to end its own session there (`ownSession`).
     const declared = new Map(
       ALL_ROUTES.map((r) => [
         `${r.method} ${r.route}`,
-        { permission: r.permission, heldNow: decidedOnHeldNow(r) },
+        { permission: r.permission, heldNow: decidedOnHeldNow(r), ownSession: r.ownSession === true },
       ]),
     );
     const problems: string[] = [];
@@ -63,7 +64,11 @@ describe('every route declares its access', () => {
       if (!declared.has(key)) problems.push(`${key}: missing from test/authz/routes.ts`);
       else {
         const expected = declared.get(key);
-        const actual = { permission: r.public ? 'public' : r.permission, heldNow: r.heldNow === true };
+        const actual = {
+          permission: r.public ? 'public' : r.permission,
+          heldNow: r.heldNow === true,
+          ownSession: r.ownSession === true,
+        };
         if (JSON.stringify(expected) !== JSON.stringify(actual))
           problems.push(
             `${key}: declares ${JSON.stringify(actual)}, matrix says ${JSON.stringify(expected)}`,

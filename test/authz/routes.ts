@@ -31,7 +31,7 @@ export const PUBLIC_ROUTES: MatrixRoute[] = [
 ];
 
 export const AUTH_ROUTES: MatrixRoute[] = [
-  { method: 'POST', route: '/v1/auth/logout', permission: 'account:read', heldNow: false },
+  { method: 'POST', route: '/v1/auth/logout', permission: 'account:read', heldNow: false, ownSession: true },
   { method: 'GET', route: '/v1/auth/me', permission: 'account:read' },
   {
     method: 'DELETE',

@@ -7,6 +7,7 @@ import { createAdmin, registerUser, setUserStatus } from '../support/factories.j
 import { bearer } from '../support/http.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
 import { PERMISSIONS } from '../../src/lib/permissions.js';
+import { OWN_SESSION_SENTENCE } from '../../src/plugins/openapi.js';
 import { ALL_ROUTES } from '../authz/routes.js';
 import { basic, clientToken, createClient, form, userWith } from '../clients/helpers.js';
 
@@ -261,6 +262,8 @@ describe('the OpenAPI document', () => {
         problems.push(`${label}: x-required-permission ${JSON.stringify(named)}, route declares ${anyOf}`);
       const sentence = `Needs the permission ${anyOf.map((p) => `\`${p}\``).join(' or ')}.`;
       if (!op.description?.includes(sentence)) problems.push(`${label}: its description lacks "${sentence}"`);
+      if (op.description?.includes(OWN_SESSION_SENTENCE) !== (route.ownSession === true))
+        problems.push(`${label}: ${route.ownSession ? 'lacks' : 'has'} "${OWN_SESSION_SENTENCE}"`);
       const schemes = (op.security ?? []).flatMap((requirement) => Object.keys(requirement)).sort();
       if (route.credential) {
         if (op['x-credential'] !== route.credential)

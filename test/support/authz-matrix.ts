@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { InjectOptions } from 'light-my-request';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createKey } from '../api-keys/helpers.js';
 import { createAdmin, login, registerUser, type TestUser } from './factories.js';
 import { bearer } from './http.js';
 
@@ -31,6 +32,12 @@ export interface MatrixRoute {
    * the caller holds now.
    */
   heldNow?: false;
+  /**
+   * `true` for a route that ends the caller's own session (config.ownSession): a signed-in user's
+   * token needs no permission there, so its 403 is checked with another principal holding none, an
+   * API key without scopes.
+   */
+  ownSession?: true;
 }
 
 /** Whether the app decides this route on what its caller holds now (as plugins/authenticate.ts does). */
@@ -61,6 +68,8 @@ export function authorizationMatrix(
     let powerless: TestUser;
     let stranger: TestUser;
     let demoted: TestUser;
+    /** An API key of the owner's with no scopes: a principal holding nothing that has no session. */
+    let scopeless: string;
 
     beforeAll(async () => {
       app = getApp();
@@ -75,6 +84,7 @@ export function authorizationMatrix(
       // An administrator's token (scope `*`) whose every role was removed after it was issued.
       demoted = await createAdmin(app);
       for (const role of ['admin', 'user']) await app.services.repos.users.removeRole(demoted.id, role);
+      scopeless = (await createKey(app, owner.accessToken, { scopes: [] })).key;
     });
 
     const protectedRoutes = routes.filter((r) => r.permission !== 'public');
@@ -99,7 +109,7 @@ export function authorizationMatrix(
         const res = await app.inject({
           method: route.method,
           url: urlOf(route, ctx),
-          headers: bearer(powerless.accessToken),
+          headers: bearer(route.ownSession ? scopeless : powerless.accessToken),
           payload: route.body?.(ctx),
         });
         expect(res.statusCode, res.body).toBe(403);

@@ -1,11 +1,12 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { forbidden, invalidFields, isAppError, notFound } from '../../lib/errors.js';
+import { AppError, forbidden, invalidFields, isAppError, notFound } from '../../lib/errors.js';
 import { PaginationQuerySchema } from '../../lib/pagination.js';
 import { hasPermission } from '../../lib/permissions.js';
 import {
   credentialNoLongerStands,
+  insufficientScope,
   principalOf,
   requestContext,
   signedInSession,
@@ -238,7 +239,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
   r.post(
     '/v1/auth/logout',
     {
-      config: { permission: 'account:read', heldNow: false },
+      config: { permission: 'account:read', heldNow: false, ownSession: true },
       schema: {
         tags: ['auth'],
         operationId: 'logout',
@@ -248,15 +249,26 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         description:
           'With `scope: "all"` every session of the user ends, with sign-in links not yet opened and, when a ' +
           'signed-in session asks (not an API key), an email change in waiting; an API key needs ' +
-          '`account:write` for that.',
+          '`account:write` for that. A session’s token without `account:read` (its scope narrowed at a ' +
+          'refresh) ends its own session, whatever `refresh_token` names; `scope: "all"` is 403 for it.',
         response: { 204: z.null().describe('Logged out'), ...problems(400, 401, 403) },
       },
     },
     async (request, reply) => {
       const principal = principalOf(request);
       const body = request.body ?? {};
-      // Every user token may end its own sessions; an API key reaches them all only with account:write,
-      // so a read-only key cannot sign its owner out everywhere.
+      // A signed-in session's token ends its own session whatever its scope (config.ownSession); one
+      // without account:read (narrowed to what a part of an app needs) ends that one only: not every
+      // session, nor another one a refresh token names. Every other caller holds account:read here.
+      const beyondOwn = hasPermission(principal.permissions, 'account:read');
+      if (body.scope === 'all' && !beyondOwn) {
+        throw new AppError('forbidden', {
+          detail: 'Ending every session needs account:read: this token ends its own session only',
+          headers: { 'www-authenticate': insufficientScope(['account:read']) },
+        });
+      }
+      // An API key reaches every session only with account:write, so a read-only key cannot sign its
+      // owner out everywhere.
       if (
         body.scope === 'all' &&
         principal.kind !== 'user' &&
@@ -268,7 +280,7 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         userIdOf(request),
         principal.kind === 'user' ? principal.sessionId : undefined,
         {
-          refreshToken: body.refresh_token,
+          refreshToken: beyondOwn ? body.refresh_token : undefined,
           scope: body.scope ?? 'session',
           bySession: principal.kind === 'user',
         },
