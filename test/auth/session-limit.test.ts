@@ -1,12 +1,11 @@
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { decodeJwt } from 'jose';
-import pg from 'pg';
 import { beforeAll, describe, expect, inject, it } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { buildTestApp } from '../support/app.js';
 import { createTestClock } from '../support/clock.js';
-import { waitForLockWaiters } from '../support/database.js';
+import { secondWhileFirstCalls } from '../support/database.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { turnOnMfa } from '../support/mfa.js';
@@ -245,45 +244,32 @@ describe('MAX_SESSIONS_PER_USER: a sign-in beyond it ends the user’s least rec
     'two sign-ins at once leave the user at the limit, not above it: the second waits and counts the first’s session',
     async () => {
       const { user } = await userWithSessions('cap-race', CAP);
-      const repo = app.services.repos.sessions;
-      const insertSession = repo.insertSession;
-      const watcher = new pg.Client({ connectionString: inject('databaseUrl') });
-      await watcher.connect();
-      let second: Promise<{ statusCode: number; body: string }> | undefined;
-      repo.insertSession = async (...args) => {
-        const created = await insertSession.apply(repo, args);
-        if (!second) {
-          // The first sign-in has counted and opened its session, uncommitted: the second starts now,
-          // and the first commits once the second waits on it.
-          const [holder] = await selectRows<{ pid: number }>(args[1]!, sql`select pg_backend_pid() as pid`);
-          second = app.inject({
-            method: 'POST',
-            url: '/v1/auth/login',
-            payload: { email: user.email, password: user.password },
-          });
-          await waitForLockWaiters(watcher, 1, holder!.pid);
-        }
-        return created;
-      };
-      let first: { statusCode: number; body: string };
-      try {
-        clock.advance(1);
-        first = await app.inject({
+      const byPassword = () =>
+        app.inject({
           method: 'POST',
           url: '/v1/auth/login',
           payload: { email: user.email, password: user.password },
         });
-      } finally {
-        repo.insertSession = insertSession;
-      }
-      const secondDone = await second!;
-      await watcher.end();
+      clock.advance(1);
+      // The first sign-in has counted and opened its session, uncommitted, when the second starts;
+      // the first commits once the second waits on it.
+      const { first, second } = await secondWhileFirstCalls(
+        inject('databaseUrl')!,
+        app.services.repos.sessions,
+        'insertSession',
+        byPassword,
+        byPassword,
+      );
       expect(first.statusCode, first.body).toBe(200);
-      expect(secondDone.statusCode, secondDone.body).toBe(200);
+      expect(second.statusCode, second.body).toBe(200);
       const live = await liveIds(user.id);
       expect(live).toHaveLength(CAP);
       expect(live).toContain(decodeJwt(JSON.parse(first.body).session.access_token).sid);
-      expect(live).toContain(decodeJwt(JSON.parse(secondDone.body).session.access_token).sid);
+      expect(live).toContain(decodeJwt(JSON.parse(second.body).session.access_token).sid);
+      // Each pushed out a session of its own: two ended, neither twice.
+      const ended = (await endedEvents(user.id)).map((e) => e.data.session_id);
+      expect(ended).toHaveLength(2);
+      expect(new Set(ended).size).toBe(2);
     },
   );
 });
