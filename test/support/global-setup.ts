@@ -1,9 +1,16 @@
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
 import type { TestProject } from 'vitest/node';
 
 declare module 'vitest' {
   export interface ProvidedContext {
     databaseUrl: string | undefined;
     databaseSource: 'TEST_DATABASE_URL' | 'testcontainers' | 'pglite';
+    /** src/ and scripts/ compiled for this run (test/support/spawn-server.ts runs them), or undefined. */
+    compiledDir: string | undefined;
   }
 }
 
@@ -20,16 +27,62 @@ async function dockerAnswers(): Promise<boolean> {
   }
 }
 
+const ROOT = resolve(import.meta.dirname, '../..');
+
+/** A test file that runs the server or a script as a child process through tsx, from the project. */
+const SPAWNS_SOURCE = /\btsx:\s*['"`](?:src|scripts)\//;
+
 /**
- * Chooses the test database once for the run: TEST_DATABASE_URL when set, else a PostgreSQL
- * testcontainer when Docker answers, else embedded PGlite (each worker opens its own).
+ * The run's copy of what `npm run build` compiles (src/ and scripts/, tsconfig.build.json), made once
+ * for the run when one of its files starts the server or a script: node alone starts one in half the
+ * CPU that node with tsx's loader takes, and scripts.test.ts alone starts dozens. Not type-checked
+ * here (tsc --noEmit does that, and production-build.test.ts runs the real build). Under .data/ (git
+ * and Docker ignore it), inside the project so that the compiled code finds package.json, drizzle/,
+ * data/ and node_modules above it. None in watch mode, where it would go stale at the first edit, nor
+ * when the compile fails: the child processes then run through tsx, as they would without it.
+ */
+async function compileSources(project: TestProject): Promise<string | undefined> {
+  if (project.vitest.config.watch) return undefined;
+  const spawning = project.vitest.state.getPaths().some((file) => {
+    try {
+      return SPAWNS_SOURCE.test(readFileSync(file, 'utf8'));
+    } catch {
+      return false;
+    }
+  });
+  if (!spawning) return undefined;
+  const dir = join(ROOT, '.data', `test-build-${randomBytes(4).toString('hex')}`);
+  rmSync(dir, { recursive: true, force: true });
+  const tsc = join(ROOT, 'node_modules/typescript/bin/tsc');
+  try {
+    await promisify(execFile)(
+      process.execPath,
+      [tsc, '-p', 'tsconfig.build.json', '--outDir', dir, '--noCheck'],
+      { cwd: ROOT },
+    );
+    return dir;
+  } catch {
+    rmSync(dir, { recursive: true, force: true });
+    return undefined;
+  }
+}
+
+/**
+ * Compiles the sources when the run needs them (compileSources), and chooses the test database once
+ * for the run: TEST_DATABASE_URL when set, else a PostgreSQL testcontainer when Docker answers, else
+ * embedded PGlite (each worker opens its own).
  */
 export default async function setup(project: TestProject) {
+  const compiledDir = await compileSources(project);
+  project.provide('compiledDir', compiledDir);
+  const removeCompiled = () => {
+    if (compiledDir) rmSync(compiledDir, { recursive: true, force: true });
+  };
   const fromEnv = process.env.TEST_DATABASE_URL;
   if (fromEnv) {
     project.provide('databaseUrl', fromEnv);
     project.provide('databaseSource', 'TEST_DATABASE_URL');
-    return;
+    return removeCompiled;
   }
   if (await dockerAnswers()) {
     const { PostgreSqlContainer } = await import('@testcontainers/postgresql');
@@ -38,9 +91,10 @@ export default async function setup(project: TestProject) {
     project.provide('databaseSource', 'testcontainers');
     return async () => {
       await container.stop();
+      removeCompiled();
     };
   }
   project.provide('databaseUrl', undefined);
   project.provide('databaseSource', 'pglite');
-  return undefined;
+  return removeCompiled;
 }

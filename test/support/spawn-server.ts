@@ -1,10 +1,11 @@
 import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { request } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { resolve } from 'node:path';
+import { join, relative, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { onTestFinished } from 'vitest';
+import { inject, onTestFinished } from 'vitest';
 
 /*
  * One way for the tests to run the server, a script or a tool as a child process: a small
@@ -18,7 +19,11 @@ export const ROOT = resolve(import.meta.dirname, '../..');
 
 /** What to run, from `cwd`. */
 export type Program =
-  /** A TypeScript file through tsx's loader, in one node process (so a signal reaches it). */
+  /**
+   * A TypeScript file through tsx's loader, in one node process (so a signal reaches it). From the
+   * project, a file of src/ or scripts/ runs as the run's compiled copy instead when there is one
+   * (test/support/global-setup.ts): the same code, without the loader's second or two of CPU.
+   */
   | { tsx: string }
   /** A JavaScript file (the build) run by node. */
   | { node: string }
@@ -167,9 +172,23 @@ function environment(options: SpawnOptions, port: number): Record<string, string
   };
 }
 
+/** The run's compiled copy of `file`, run from `cwd`: only from the project, and only when it exists. */
+function compiledCopy(file: string, cwd: string): string | undefined {
+  const dir = inject('compiledDir');
+  if (!dir || resolve(cwd) !== ROOT) return undefined;
+  const source = relative(ROOT, resolve(ROOT, file));
+  if (!/^(src|scripts)\/.*\.ts$/.test(source)) return undefined;
+  const compiled = join(dir, source.replace(/\.ts$/, '.js'));
+  return existsSync(compiled) ? compiled : undefined;
+}
+
 function commandLine(options: SpawnOptions): [string, string[]] {
   const args = options.args ?? [];
-  if ('tsx' in options) return [process.execPath, ['--import', 'tsx', options.tsx, ...args]];
+  if ('tsx' in options) {
+    const compiled = compiledCopy(options.tsx, options.cwd ?? ROOT);
+    if (compiled) return [process.execPath, [compiled, ...args]];
+    return [process.execPath, ['--import', 'tsx', options.tsx, ...args]];
+  }
   if ('node' in options) return [process.execPath, [options.node, ...args]];
   return [options.command, args];
 }
