@@ -31,11 +31,14 @@ const packageOf = (specifier: string) =>
     .slice(0, specifier.startsWith('@') ? 2 : 1)
     .join('/');
 
-// What `npm run build` writes, once for the file. Inside the project, so the compiled code finds
-// package.json, drizzle/ and node_modules above it.
-const outDir = join(ROOT, '.data', `build-${randomBytes(4).toString('hex')}`);
+// What `npm run build` writes: the run's (test/support/global-setup.ts runs the same command once for
+// the run, when other files need it), else built here, once for the file. Inside the project, so the
+// compiled code finds package.json, drizzle/ and node_modules above it.
+const runBuild = inject('compiledDir');
+const outDir = runBuild ?? join(ROOT, '.data', `build-${randomBytes(4).toString('hex')}`);
 
 beforeAll(async () => {
+  if (runBuild) return;
   await runUntilExit({
     node: join(ROOT, 'node_modules/typescript/bin/tsc'),
     args: ['-p', 'tsconfig.build.json', '--outDir', outDir],
@@ -45,7 +48,7 @@ beforeAll(async () => {
 }, 120_000);
 
 afterAll(() => {
-  rmSync(outDir, { recursive: true, force: true });
+  if (!runBuild) rmSync(outDir, { recursive: true, force: true });
 });
 
 describe('the production build (what the Docker image runs)', () => {

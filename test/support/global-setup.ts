@@ -9,7 +9,7 @@ declare module 'vitest' {
   export interface ProvidedContext {
     databaseUrl: string | undefined;
     databaseSource: 'TEST_DATABASE_URL' | 'testcontainers' | 'pglite';
-    /** src/ and scripts/ compiled for this run (test/support/spawn-server.ts runs them), or undefined. */
+    /** `npm run build`'s output for this run (spawn-server.ts runs it, production-build.test.ts checks it), or undefined. */
     compiledDir: string | undefined;
   }
 }
@@ -33,13 +33,14 @@ const ROOT = resolve(import.meta.dirname, '../..');
 const SPAWNS_SOURCE = /\btsx:\s*['"`](?:src|scripts)\//;
 
 /**
- * The run's copy of what `npm run build` compiles (src/ and scripts/, tsconfig.build.json), made once
- * for the run when one of its files starts the server or a script: node alone starts one in half the
- * CPU that node with tsx's loader takes, and scripts.test.ts alone starts dozens. Not type-checked
- * here (tsc --noEmit does that, and production-build.test.ts runs the real build). Under .data/ (git
- * and Docker ignore it), inside the project so that the compiled code finds package.json, drizzle/,
- * data/ and node_modules above it. None in watch mode, where it would go stale at the first edit, nor
- * when the compile fails: the child processes then run through tsx, as they would without it.
+ * The run's copy of what `npm run build` compiles (src/ and scripts/, tsconfig.build.json, the same
+ * command but for --outDir), made once for the run when one of its files starts the server or a
+ * script: node alone starts one in half the CPU that node with tsx's loader takes, and scripts.test.ts
+ * alone starts dozens; production-build.test.ts takes it as the build instead of compiling its own.
+ * Under .data/ (git and Docker ignore it), inside the project so that the compiled code finds
+ * package.json, drizzle/, data/ and node_modules above it. None in watch mode, where it would go stale
+ * at the first edit, nor when the build fails (a type error): the child processes then run through
+ * tsx, as they would without it, and production-build.test.ts runs the build itself, and fails.
  */
 async function compileSources(project: TestProject): Promise<string | undefined> {
   if (project.vitest.config.watch) return undefined;
@@ -55,11 +56,9 @@ async function compileSources(project: TestProject): Promise<string | undefined>
   rmSync(dir, { recursive: true, force: true });
   const tsc = join(ROOT, 'node_modules/typescript/bin/tsc');
   try {
-    await promisify(execFile)(
-      process.execPath,
-      [tsc, '-p', 'tsconfig.build.json', '--outDir', dir, '--noCheck'],
-      { cwd: ROOT },
-    );
+    await promisify(execFile)(process.execPath, [tsc, '-p', 'tsconfig.build.json', '--outDir', dir], {
+      cwd: ROOT,
+    });
     return dir;
   } catch {
     rmSync(dir, { recursive: true, force: true });
