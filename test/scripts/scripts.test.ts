@@ -23,7 +23,7 @@ import { PASSWORD } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { type RunResult, runUntilExit } from '../support/spawn-server.js';
 
-/** Each run starts tsx and opens the database (PGlite takes a few seconds): generous, not slow. */
+/** Each run starts node (tsx's loader when there is no compiled copy) and opens the database: generous, not slow. */
 const SPAWN_TEST_TIMEOUT = 60_000;
 const logger = pino({ level: 'silent' });
 
@@ -61,8 +61,9 @@ async function createTarget(): Promise<Target> {
 }
 
 function run(target: Target, script: string, args: string[], env: Record<string, string> = {}) {
-  // What `npx tsx scripts/<name>.ts` runs, without npx's lookup (half a second per run); stdin is not a
-  // terminal, so create-admin does not wait for a password prompt.
+  // What `npx tsx scripts/<name>.ts` runs, without npx's lookup (half a second per run), or the run's
+  // compiled copy of it (test/support/spawn-server.ts); stdin is not a terminal, so create-admin does
+  // not wait for a password prompt.
   return runUntilExit({
     tsx: `scripts/${script}.ts`,
     args,
@@ -720,7 +721,7 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
       const noSecrets = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: '', SECRET_PEPPER: '' };
       const adminArgs = ['--email', uniqueEmail('cli-unreachable'), '--password', PASSWORD];
       // None of these opens the embedded database, so they may run side by side: a few at a time, as
-      // each starts tsx.
+      // each starts a node process.
       const help = await Promise.all(scripts.map((script) => run(target, script, ['--help'])));
       const badOption = await Promise.all(scripts.map((script) => run(target, script, ['--no-such-option'])));
       const [adminNoSecrets, rotateNoSecrets] = await Promise.all([
