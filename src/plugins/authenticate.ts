@@ -156,13 +156,16 @@ export const insufficientScope = (permissions: readonly string[]) =>
 
 /**
  * A credential that was good when this instance last heard and no longer stands (revoked, expired,
- * its user or client disabled or gone), found on the way to a change (the held-now check, the grant
- * ceiling): the 401 it gets everywhere once the news has arrived, not a 403 that sends the caller off
- * to ask for a permission.
+ * its user or client disabled or gone, an API key's secret replaced by a rotation), found on the way
+ * to a change (the held-now check, the grant ceiling, a key's own row locked in the change's
+ * transaction): the 401 it gets everywhere once the news has arrived, not a 403 that sends the caller
+ * off to ask for a permission. `detail` says what happened when the caller knows.
  */
-export const credentialNoLongerStands = () =>
+export const credentialNoLongerStands = (
+  detail = 'This credential has been revoked or its account disabled',
+) =>
   new AppError('invalid_token', {
-    detail: 'This credential has been revoked or its account disabled',
+    detail,
     headers: { 'www-authenticate': WWW_AUTHENTICATE_INVALID },
   });
 

@@ -1156,6 +1156,42 @@ describe('api keys: a request that outlives its session', () => {
     },
   );
 
+  /**
+   * Sends `request` with `key`, holds it once authenticated, lets the owner rotate the key `rotatedId`
+   * (with `grace`), then lets it reach its change: 401 `invalid_token` with its challenge. The owner's
+   * rotation, as it answered.
+   */
+  async function afterRotation(
+    user: TestUser,
+    key: string,
+    rotatedId: string,
+    grace: number,
+    request: { method: 'POST' | 'PATCH'; url: string; payload: object },
+  ) {
+    const arrived = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    const pending = app.inject({ ...request, headers: { ...withKey(key), 'x-test-pause': '1' } });
+    await arrived;
+    const rotated = await app.inject({
+      method: 'POST',
+      url: `/v1/api-keys/${rotatedId}/rotate`,
+      headers: bearer(user.accessToken),
+      payload: { grace_seconds: grace },
+    });
+    expect(rotated.statusCode, rotated.body).toBe(200);
+    release();
+    const res = await pending;
+    expect(res.statusCode, res.body).toBe(401);
+    expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
+    expect(res.json()).toMatchObject({ code: 'invalid_token', detail: expect.stringContaining('rotation') });
+    expect(res.headers['www-authenticate']).toBe('Bearer realm="paservices", error="invalid_token"');
+    return rotated.json() as { key: string };
+  }
+
+  const eventsOf = (type: string, subjectId: string) =>
+    app.services.audit.list({ type, subjectId, limit: 10 });
+
   // Held after authentication as above, the rotation commits in between: the secret the request came
   // with is now the replaced one (working still for a grace, or not at all), which mints nothing.
   it.each([0, 600])(
@@ -1163,42 +1199,100 @@ describe('api keys: a request that outlives its session', () => {
     async (grace) => {
       const user = await registerUser(app, 'aks-late-rotated');
       const parent = await createKey(app, user.accessToken, { scopes: ['account:read', 'api_keys:own'] });
-      const mint = (key: string, pause: boolean) =>
-        app.inject({
-          method: 'POST',
-          url: '/v1/api-keys',
-          headers: { ...withKey(key), ...(pause ? { 'x-test-pause': '1' } : {}) },
-          payload: { name: 'minted', scopes: ['account:read'] },
-        });
-      const arrived = new Promise<void>((resolve) => {
-        reached = resolve;
-      });
-      const pending = mint(parent.key, true);
-      await arrived;
-      const rotated = await app.inject({
-        method: 'POST',
-        url: `/v1/api-keys/${parent.id}/rotate`,
-        headers: bearer(user.accessToken),
-        payload: { grace_seconds: grace },
-      });
-      expect(rotated.statusCode, rotated.body).toBe(200);
-      release();
-      const res = await pending;
-      expect(res.statusCode, res.body).toBe(401);
-      expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
-      expect(res.json()).toMatchObject({
-        code: 'invalid_token',
-        detail: expect.stringContaining('rotation'),
-      });
+      const request = {
+        method: 'POST' as const,
+        url: '/v1/api-keys',
+        payload: { name: 'minted', scopes: ['account:read'] },
+      };
+      const rotated = await afterRotation(user, parent.key, parent.id, grace, request);
       expect(await keyCount(user.id)).toBe(1);
       const created = await app.services.audit.list({ actorId: user.id, type: 'api_key.created', limit: 10 });
       expect(created.map((e) => e.subjectId)).toEqual([parent.id]);
       // The new secret mints as before.
-      const fresh = await mint(rotated.json().key as string, false);
+      const fresh = await app.inject({ ...request, headers: withKey(rotated.key) });
       expect(fresh.statusCode, fresh.body).toBe(201);
       expect(fresh.json().parent_id).toBe(parent.id);
     },
   );
+
+  // A leaked secret queued behind the owner's rotation (forced, so no running grace stops it) would
+  // otherwise take the new secret that rotation made, and with it the key.
+  it.each([0, 600])(
+    'a key does not rotate itself with a secret a rotation replaced while the request ran (grace %i s)',
+    async (grace) => {
+      const user = await registerUser(app, 'aks-late-self-rotate');
+      const key = await createKey(app, user.accessToken, { scopes: ['account:read', 'api_keys:own'] });
+      const url = `/v1/api-keys/${key.id}/rotate`;
+      const owners = await afterRotation(user, key.key, key.id, grace, {
+        method: 'POST',
+        url,
+        payload: { grace_seconds: 0, force: true },
+      });
+      expect(await eventsOf('api_key.rotated', key.id)).toHaveLength(1);
+      // The key is the owner's new secret's: it works, and it is the only rotation there was.
+      const own = await app.inject({
+        method: 'GET',
+        url: `/v1/api-keys/${key.id}`,
+        headers: withKey(owners.key),
+      });
+      expect(own.statusCode, own.body).toBe(200);
+      expect(own.json().last_four).toBe(owners.key.slice(-4));
+    },
+  );
+
+  // With no grace the secret is dead once the rotation commits: the key's name, scopes and expiry are
+  // the owner's to change with the new one, not the old one's.
+  it('a key does not change itself with a secret a rotation replaced while the request ran', async () => {
+    const user = await registerUser(app, 'aks-late-self-update');
+    const key = await createKey(app, user.accessToken, {
+      name: 'mine',
+      scopes: ['account:read', 'api_keys:own'],
+    });
+    await afterRotation(user, key.key, key.id, 0, {
+      method: 'PATCH',
+      url: `/v1/api-keys/${key.id}`,
+      payload: { name: 'taken', scopes: ['api_keys:own'] },
+    });
+    const after = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${key.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(after.json()).toMatchObject({ name: 'mine', scopes: ['account:read', 'api_keys:own'] });
+    expect(await eventsOf('api_key.updated', key.id)).toEqual([]);
+  });
+
+  // The key that minted another bounds its life: with its secret replaced (in a 10-minute grace) it may
+  // give it no later expiry than the grace's end, which a request that began before the rotation must
+  // not escape.
+  it('a key does not prolong the key it minted with a secret a rotation replaced while the request ran', async () => {
+    const user = await registerUser(app, 'aks-late-prolong');
+    const parent = await createKey(app, user.accessToken, {
+      scopes: ['account:read', 'api_keys:own'],
+      expires_at: new Date(Date.now() + 48 * 3_600_000).toISOString(),
+    });
+    const soon = new Date(Date.now() + 3_600_000).toISOString();
+    const made = await app.inject({
+      method: 'POST',
+      url: '/v1/api-keys',
+      headers: withKey(parent.key),
+      payload: { name: 'minted', scopes: ['account:read'], expires_at: soon },
+    });
+    expect(made.statusCode, made.body).toBe(201);
+    const child = made.json() as { id: string; expires_at: string };
+    await afterRotation(user, parent.key, parent.id, 600, {
+      method: 'PATCH',
+      url: `/v1/api-keys/${child.id}`,
+      payload: { expires_at: new Date(Date.now() + 47 * 3_600_000).toISOString() },
+    });
+    const after = await app.inject({
+      method: 'GET',
+      url: `/v1/api-keys/${child.id}`,
+      headers: bearer(user.accessToken),
+    });
+    expect(after.json().expires_at).toBe(child.expires_at);
+    expect(await eventsOf('api_key.updated', child.id)).toEqual([]);
+  });
 
   it('gives a key that gives nothing no new secret nor a longer life once the session has ended', async () => {
     const user = await registerUser(app, 'aks-late-key');

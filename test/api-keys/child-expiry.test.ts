@@ -722,6 +722,46 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         expect(row!.n).toBe(0);
       });
 
+      // A leaked secret that rotates its key while the owner's rotation holds the row (forced, so the
+      // owner's grace does not stop it) would take the secret the owner's rotation just made.
+      it('a rotation first: a key rotating itself with the secret it replaces waits for it and is refused', async () => {
+        const user = await registerUser(app, 'akr-race-self-rotate');
+        const key = await parentOf(user);
+        // Verified once, so the second rotation authenticates from memory while the first holds the row.
+        expect(await verifyKey(app, admin.accessToken, key.key)).toMatchObject({ valid: true });
+        let owners = '';
+        const rotate = (headers: Record<string, string>, payload: object) => async () => {
+          const res = await app.inject({
+            method: 'POST',
+            url: `/v1/api-keys/${key.id}/rotate`,
+            headers,
+            payload,
+          });
+          if (res.statusCode === 200 && !owners) owners = res.json().key;
+          return res;
+        };
+        const refused = await ordered(
+          'update',
+          (args) => args[0] === key.id,
+          rotate(bearer(user.accessToken), { grace_seconds: 600 }),
+          rotate(withKey(key.key), { grace_seconds: 0, force: true }),
+          (status) => status === 401,
+        );
+        expect(refused.json().code).toBe('invalid_token');
+        expect(refused.headers['www-authenticate']).toBe('Bearer realm="paservices", error="invalid_token"');
+        // The owner's new secret is the key's, and theirs was the only rotation.
+        expect(await verifyKey(app, admin.accessToken, owners)).toMatchObject({
+          valid: true,
+          key_id: key.id,
+        });
+        const rotations = await app.services.audit.list({
+          type: 'api_key.rotated',
+          subjectId: key.id,
+          limit: 10,
+        });
+        expect(rotations).toHaveLength(1);
+      });
+
       it('the revocation first: a grandchild’s creation waits for it and is refused', async () => {
         const user = await registerUser(app, 'akr-race-revoke');
         const parent = await parentOf(user);
@@ -734,6 +774,8 @@ describe('api keys: a key expires no later than the key that minted it', () => {
           (status) => status === 401,
         );
         expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+        // The challenge of a credential that no longer stands, as once every instance has heard.
+        expect(refused.headers['www-authenticate']).toBe('Bearer realm="paservices", error="invalid_token"');
         const [row] = await selectRows<{ n: number }>(
           app.services.db,
           sql`select count(*)::int as n from api_keys where owner_id = ${user.id} and revoked_at is null`,

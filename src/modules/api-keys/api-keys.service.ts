@@ -4,6 +4,7 @@ import { addSeconds, type Clock } from '../../lib/clock.js';
 import { API_KEY_FORMAT, digestsEqual, generateSecret, keyedHash, parseSecret } from '../../lib/crypto.js';
 import { AppError, type FieldError, forbidden, invalidFields, notFound, notYours } from '../../lib/errors.js';
 import { assertNoGraceRunning } from '../../lib/rotation.js';
+import { credentialNoLongerStands } from '../../plugins/authenticate.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, paginate } from '../../lib/pagination.js';
 import { hasPermission, intersectPermissions, notHeld } from '../../lib/permissions.js';
@@ -368,6 +369,24 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   }
 
   /**
+   * When `row`, read in the change's transaction (locked, so a rotation either waits for the change
+   * or has committed), is the key the request was authenticated with: it still holds the secret the
+   * request came with, as it came with it (current, or in a grace the replaced one), compared as
+   * `stillMatches` compares a remembered match. A rotation that committed while the request ran, or
+   * that the change waited for, made it the replaced one (or ended it): what the request was allowed
+   * as the current secret it is no longer allowed, so nothing is made, rotated or changed with it;
+   * a 401, as the secret gets from then on for what only the current one may do. Another key's row
+   * says nothing of the request's secret.
+   */
+  function assertSecretStands(actor: ApiKeyActor, row: ApiKeyRow) {
+    if (!actor.key || actor.key.id !== row.id) return;
+    if (!stillMatches(row, { previous: actor.key.previous, stored: actor.key.secretHash }))
+      throw credentialNoLongerStands(
+        'The API key’s secret was replaced by a rotation while this request ran',
+      );
+  }
+
+  /**
    * A request authenticated by a key that expires cannot give any key a longer life (nor none): a
    * leaked key could otherwise outlive itself. 403 otherwise.
    */
@@ -517,19 +536,11 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           let parent: ApiKeyRow | undefined;
           if (actor.key) {
             parent = await repo.findByIdForShare(actor.key.id, tx);
-            if (!parent || parent.revokedAt || (parent.expiresAt && parent.expiresAt <= now)) {
-              throw new AppError('invalid_token', {
-                detail: 'The API key was revoked while this request ran',
-              });
-            }
-            // And still with the secret the request came with: a rotation that committed while it ran
-            // (or that this waited for) made that secret the replaced one, which mints nothing, as
-            // above; a rotation meant to cut off a leaked secret must not leave a key it made behind.
-            if (parent.secretHash !== actor.key.secretHash) {
-              throw new AppError('invalid_token', {
-                detail: 'The API key’s secret was replaced by a rotation while this request ran',
-              });
-            }
+            if (!parent || parent.revokedAt || (parent.expiresAt && parent.expiresAt <= now))
+              throw credentialNoLongerStands('The API key was revoked while this request ran');
+            // And still with the secret the request came with: a rotation meant to cut off a leaked
+            // secret must not leave a key it made behind.
+            assertSecretStands(actor, parent);
           }
           // Created by a key: it expires with its parent (as the locked row has it, not as the request
           // found it) unless told sooner, and is revoked with it.
@@ -640,6 +651,10 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             'api_keys:write',
             'api_key.update',
           );
+          // Changed by the key itself, or by the key that minted it (whose life and scopes bound the
+          // change): with the secret the request came with still the one it came as.
+          assertSecretStands(actor, current);
+          if (parent) assertSecretStands(actor, parent);
           const requested: ApiKeyPatch = {};
           if (input.name !== undefined) requested.name = input.name;
           if (input.expiresAt !== undefined) requested.expiresAt = input.expiresAt;
@@ -812,6 +827,9 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             throw forbidden('An API key can rotate only itself; rotate another key from a signed-in session');
           if (actor.key?.previous)
             throw forbidden('The secret a rotation replaced cannot rotate the key again; use the new secret');
+          // Nor one a rotation replaced while this request ran (or that this one waited for): a leaked
+          // secret queued behind the owner's rotation would otherwise take the new secret it made.
+          assertSecretStands(actor, current);
           // A new secret for an expired key would be dead on arrival.
           if (hasExpired(current)) throw expiredKey();
           assertNoGraceRunning(
