@@ -315,7 +315,15 @@ function crossChecks(env: NodeJS.ProcessEnv, needsSecrets: boolean): Issue[] {
   }
   const proxies = listOf(env.TRUST_PROXY);
   for (const entry of proxies)
-    if (!['true', 'false'].includes(entry) && !isProxyAddress(entry))
+    if (/^\d+$/.test(entry))
+      issues.push({
+        path: 'TRUST_PROXY',
+        message:
+          `"${entry}" is a hop count, which Fastify no longer honours (5.12.1: a client reaching the ` +
+          'service directly could forge the hops); name the load balancer by its address or range ' +
+          '(its subnet, or uniquelocal for a private network)',
+      });
+    else if (!['true', 'false'].includes(entry) && !isProxyAddress(entry))
       issues.push({
         path: 'TRUST_PROXY',
         message: `"${entry}" is not an IP address, a CIDR range, loopback, linklocal or uniquelocal`,
@@ -523,7 +531,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
   const dataDir = resolve(e.DATA_DIR);
   const authProvider = e.AUTH_PROVIDER ?? (e.SUPABASE_URL ? 'supabase' : 'local');
   const generate = needsSecrets && (options.generateDevSecrets ?? true);
-  const trustProxyRaw = e.TRUST_PROXY.trim();
+  const proxies = listOf(e.TRUST_PROXY);
   const config: Config = {
     env: e.NODE_ENV,
     port: e.PORT,
@@ -569,12 +577,9 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
     metricsToken: e.METRICS_TOKEN,
     // As browsers send them: lower-case host, no default port, no trailing slash.
     corsOrigins: listOf(e.CORS_ORIGINS).map((o) => new URL(o).origin),
+    // Read from the same entries the check read, so `true,` is true rather than an address "true".
     trustProxy:
-      trustProxyRaw === '' || trustProxyRaw === 'false'
-        ? false
-        : trustProxyRaw === 'true'
-          ? true
-          : listOf(trustProxyRaw),
+      proxies.length === 0 || proxies.join() === 'false' ? false : proxies.join() === 'true' ? true : proxies,
     bodyLimit: e.BODY_LIMIT,
     requestTimeoutMs: e.REQUEST_TIMEOUT_MS,
     retention: { sessionRetentionDays: e.SESSION_RETENTION_DAYS, auditRetentionDays: e.AUDIT_RETENTION_DAYS },

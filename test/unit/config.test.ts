@@ -243,6 +243,15 @@ describe('configuration', () => {
     for (const bad of ['garbage', '10.0.0.0/33', '10.0.0.1/8/1', 'true,10.0.0.1', 'fd00::/129'])
       expect(() => load({ TRUST_PROXY: bad }), bad).toThrow(/TRUST_PROXY: /);
     expect(() => load({ TRUST_PROXY: 'garbage' })).toThrow(/"garbage" is not an IP address/);
+    // A trailing comma leaves the single word as it is, not an address named "true".
+    expect(load({ TRUST_PROXY: 'true,' }).trustProxy).toBe(true);
+    expect(load({ TRUST_PROXY: ' false , ' }).trustProxy).toBe(false);
+    // Fastify 5.12.1 ignores a hop count (it trusts no forwarded hop), which would silently put every
+    // client behind the load balancer's one address: refused, saying what to set instead.
+    for (const hops of ['1', '2', '1, 10.0.0.0/8'])
+      expect(() => load({ TRUST_PROXY: hops }), hops).toThrow(
+        /TRUST_PROXY: "\d+" is a hop count.*address or range/,
+      );
   });
 
   it('takes CORS_ORIGINS as origins, normalized as browsers send them; refuses * and paths', () => {
