@@ -1,6 +1,10 @@
-import { existsSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { describe, expect, inject, it } from 'vitest';
+import type { TestProject } from 'vitest/node';
+import { describe, expect, inject, it, vi } from 'vitest';
+import setup from '../support/global-setup.js';
 import { ROOT, spawnServer } from '../support/spawn-server.js';
 
 /*
@@ -13,9 +17,10 @@ import { ROOT, spawnServer } from '../support/spawn-server.js';
 describe('the run’s compiled copy of src/ and scripts/', () => {
   const dir = inject('compiledDir');
 
-  it('is made for the run, under .data/ in the project, which git ignores', () => {
+  it('is made for the run, under .data/ in the project, which git ignores, named by the run’s pid', () => {
     expect(dir).toBeDefined();
-    expect(relative(ROOT, dir!)).toMatch(/^\.data\/test-build-[0-9a-f]{8}$/);
+    // The run: vitest's main process, whose child this worker is (pool: 'forks').
+    expect(relative(ROOT, dir!)).toMatch(new RegExp(`^\\.data/test-build-${process.ppid}-[0-9a-f]{8}$`));
     expect(existsSync(join(dir!, 'src/server.js'))).toBe(true);
     expect(existsSync(join(dir!, 'scripts/migrate.js'))).toBe(true);
     expect(readFileSync(join(ROOT, '.gitignore'), 'utf8').split('\n')).toContain('.data/');
@@ -34,4 +39,45 @@ describe('the run’s compiled copy of src/ and scripts/', () => {
     expect(script.child.spawnargs).toEqual([process.execPath, '--import', 'tsx', 'migrate.ts', '--help']);
     expect(script.stdout).toMatch(/^usage: npm run db:migrate\n/);
   }, 30_000);
+});
+
+describe('the copies of runs killed before their teardown', () => {
+  it('are removed when a run starts; a live run’s, and what is named otherwise, are kept', async () => {
+    // A process that has ended: its pid answers nothing.
+    const gone = spawnSync(process.execPath, ['-e', '']).pid;
+    const make = (name: string) => {
+      const made = join(ROOT, '.data', name);
+      mkdirSync(join(made, 'src'), { recursive: true });
+      writeFileSync(join(made, 'src/server.js'), '');
+      return made;
+    };
+    const hex = () => randomBytes(4).toString('hex');
+    const killed = make(`test-build-${gone}-${hex()}`);
+    const kept = [make(`test-build-${process.pid}-${hex()}`), make(`test-build-${hex()}`)];
+    const provided: Record<string, unknown> = {};
+    const project = {
+      vitest: { config: { watch: true } },
+      provide: (key: string, value: unknown) => {
+        provided[key] = value;
+      },
+    } as unknown as TestProject;
+    vi.stubEnv('TEST_DATABASE_URL', 'postgres://unused.invalid/db');
+    try {
+      const teardown = await setup(project);
+      await teardown();
+      expect(existsSync(killed)).toBe(false);
+      for (const made of kept) expect(existsSync(join(made, 'src/server.js')), made).toBe(true);
+      // The run's own copy, made by its setup, is there still.
+      const own = inject('compiledDir');
+      if (own) expect(existsSync(join(own, 'src/server.js'))).toBe(true);
+      expect(provided).toEqual({
+        compiledDir: undefined,
+        databaseUrl: 'postgres://unused.invalid/db',
+        databaseSource: 'TEST_DATABASE_URL',
+      });
+    } finally {
+      vi.unstubAllEnvs();
+      for (const made of [killed, ...kept]) rmSync(made, { recursive: true, force: true });
+    }
+  });
 });

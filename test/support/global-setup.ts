@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import type { TestProject } from 'vitest/node';
@@ -29,6 +29,41 @@ async function dockerAnswers(): Promise<boolean> {
 
 const ROOT = resolve(import.meta.dirname, '../..');
 
+/** Where a run's compiled copy goes: `test-build-<pid of the run>-<random>` (compileSources). */
+const BUILDS = join(ROOT, '.data');
+const BUILD_NAME = /^test-build-(\d+)-[0-9a-f]{8}$/;
+
+/** Whether the process `pid` still runs (EPERM: it does, as another user's). */
+function running(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
+}
+
+/**
+ * Removes the compiled copies in `dir` that a run left behind when it was killed before its teardown:
+ * those whose run (the pid in the name) is gone. A live run's is kept, another `npm test` beside this
+ * one in the same checkout included; so is a directory of another name (an older release's copy,
+ * `test-build-<random>`, whose run cannot be told).
+ */
+export function removeStaleBuilds(dir: string = BUILDS): string[] {
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const stale = names.filter((name) => {
+    const pid = BUILD_NAME.exec(name)?.[1];
+    return pid !== undefined && !running(Number(pid));
+  });
+  for (const name of stale) rmSync(join(dir, name), { recursive: true, force: true });
+  return stale;
+}
+
 /** A test file that runs the server or a script as a child process through tsx, from the project. */
 const SPAWNS_SOURCE = /\btsx:\s*['"`](?:src|scripts)\//;
 
@@ -52,8 +87,8 @@ async function compileSources(project: TestProject): Promise<string | undefined>
     }
   });
   if (!spawning) return undefined;
-  const dir = join(ROOT, '.data', `test-build-${randomBytes(4).toString('hex')}`);
-  rmSync(dir, { recursive: true, force: true });
+  // The run's pid in the name: a run killed before its teardown leaves it, and the next removes it.
+  const dir = join(BUILDS, `test-build-${process.pid}-${randomBytes(4).toString('hex')}`);
   const tsc = join(ROOT, 'node_modules/typescript/bin/tsc');
   try {
     await promisify(execFile)(process.execPath, [tsc, '-p', 'tsconfig.build.json', '--outDir', dir], {
@@ -67,11 +102,12 @@ async function compileSources(project: TestProject): Promise<string | undefined>
 }
 
 /**
- * Compiles the sources when the run needs them (compileSources), and chooses the test database once
- * for the run: TEST_DATABASE_URL when set, else a PostgreSQL testcontainer when Docker answers, else
- * embedded PGlite (each worker opens its own).
+ * Removes the copies killed runs left (removeStaleBuilds), compiles the sources when the run needs
+ * them (compileSources), and chooses the test database once for the run: TEST_DATABASE_URL when set,
+ * else a PostgreSQL testcontainer when Docker answers, else embedded PGlite (each worker opens its own).
  */
 export default async function setup(project: TestProject) {
+  removeStaleBuilds();
   const compiledDir = await compileSources(project);
   project.provide('compiledDir', compiledDir);
   const removeCompiled = () => {
