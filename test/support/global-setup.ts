@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
+import type { ProvidedContext } from 'vitest';
 import type { TestProject } from 'vitest/node';
 
 declare module 'vitest' {
@@ -101,35 +102,64 @@ async function compileSources(project: TestProject): Promise<string | undefined>
   }
 }
 
+/** The test database, chosen once for the run; `stop` ends what was started for it. */
+interface RunDatabase {
+  url: string | undefined;
+  source: ProvidedContext['databaseSource'];
+  stop?: () => Promise<void>;
+}
+
 /**
- * Removes the copies killed runs left (removeStaleBuilds), compiles the sources when the run needs
- * them (compileSources), and chooses the test database once for the run: TEST_DATABASE_URL when set,
- * else a PostgreSQL testcontainer when Docker answers, else embedded PGlite (each worker opens its own).
+ * TEST_DATABASE_URL when set, else a PostgreSQL testcontainer when Docker answers, else embedded
+ * PGlite (each worker opens its own).
  */
-export default async function setup(project: TestProject) {
-  removeStaleBuilds();
-  const compiledDir = await compileSources(project);
-  project.provide('compiledDir', compiledDir);
-  const removeCompiled = () => {
-    if (compiledDir) rmSync(compiledDir, { recursive: true, force: true });
-  };
+async function chooseDatabase(): Promise<RunDatabase> {
   const fromEnv = process.env.TEST_DATABASE_URL;
-  if (fromEnv) {
-    project.provide('databaseUrl', fromEnv);
-    project.provide('databaseSource', 'TEST_DATABASE_URL');
-    return removeCompiled;
-  }
+  if (fromEnv) return { url: fromEnv, source: 'TEST_DATABASE_URL' };
   if (await dockerAnswers()) {
     const { PostgreSqlContainer } = await import('@testcontainers/postgresql');
     const container = await new PostgreSqlContainer('postgres:15-alpine').start();
-    project.provide('databaseUrl', container.getConnectionUri());
-    project.provide('databaseSource', 'testcontainers');
-    return async () => {
-      await container.stop();
-      removeCompiled();
+    return {
+      url: container.getConnectionUri(),
+      source: 'testcontainers',
+      stop: async () => {
+        await container.stop();
+      },
     };
   }
-  project.provide('databaseUrl', undefined);
-  project.provide('databaseSource', 'pglite');
-  return removeCompiled;
+  return { url: undefined, source: 'pglite' };
+}
+
+/**
+ * Removes the copies killed runs left (removeStaleBuilds), then compiles the sources when the run
+ * needs them (compileSources) while it chooses the test database (chooseDatabase): the two are
+ * independent, and each takes seconds. Should either fail, what the other made is undone and the
+ * failure is the run's error, as it was (a failed compile is no failure: the run goes through tsx).
+ */
+export default async function setup(project: TestProject) {
+  removeStaleBuilds();
+  const [compiled, database] = await Promise.allSettled([compileSources(project), chooseDatabase()]);
+  const removeCompiled = () => {
+    if (compiled.status === 'fulfilled' && compiled.value)
+      rmSync(compiled.value, { recursive: true, force: true });
+  };
+  if (database.status === 'rejected') {
+    removeCompiled();
+    throw database.reason;
+  }
+  const { url, source, stop } = database.value;
+  if (compiled.status === 'rejected') {
+    await stop?.();
+    throw compiled.reason;
+  }
+  project.provide('compiledDir', compiled.value);
+  project.provide('databaseUrl', url);
+  project.provide('databaseSource', source);
+  return async () => {
+    try {
+      await stop?.();
+    } finally {
+      removeCompiled();
+    }
+  };
 }
