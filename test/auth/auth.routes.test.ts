@@ -7,7 +7,7 @@ import { login, PASSWORD, registerUser, type TestUser } from '../support/factori
 import { allPages, bearer, injectFetch } from '../support/http.js';
 import { captureLogs } from '../support/logs.js';
 import { createKey, withKey } from '../api-keys/helpers.js';
-import { form } from '../clients/helpers.js';
+import { clientToken, createClient, form, userWith } from '../clients/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
 
 describe('auth: register, login, me, refresh, logout (local provider)', () => {
@@ -375,6 +375,30 @@ describe('auth: register, login, me, refresh, logout (local provider)', () => {
     expect(decodeJwt(signedIn.session.access_token).scope ?? '').toBe('');
     expect((await logout(signedIn.session.access_token)).statusCode).toBe(204);
     expect((await logout(signedIn.session.access_token)).statusCode).toBe(401);
+  });
+
+  it('a service’s token has no session to end: logout is 403 for it, worded for a service, whatever the scope', async () => {
+    const owner = await userWith(app, ['clients:write'], 'service-logout');
+    for (const scopes of [['account:read'], ['account:read', 'account:write']]) {
+      const client = await createClient(app, owner.accessToken, { scopes });
+      const { access_token } = await clientToken(app, client);
+      for (const payload of [{ scope: 'all' }, { scope: 'session' }, {}]) {
+        const res = await app.inject({
+          method: 'POST',
+          url: '/v1/auth/logout',
+          headers: bearer(access_token),
+          payload,
+        });
+        const label = `${scopes.join(' ')} ${JSON.stringify(payload)}`;
+        expect(res.statusCode, label).toBe(403);
+        expect(res.json().detail, label).toBe('This route is for users, not services');
+      }
+    }
+    // Its creator's sessions were not its to end.
+    expect(
+      (await app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(owner.accessToken) }))
+        .statusCode,
+    ).toBe(200);
   });
 
   it('bootstraps one admin when instances try at once: the one whose account loses the race finds it made', async () => {

@@ -250,12 +250,16 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
           'With `scope: "all"` every session of the user ends, with sign-in links not yet opened and, when a ' +
           'signed-in session asks (not an API key), an email change in waiting; an API key needs ' +
           '`account:write` for that. A session’s token without `account:read` (its scope narrowed at a ' +
-          'refresh) ends its own session, whatever `refresh_token` names; `scope: "all"` is 403 for it.',
+          'refresh) ends its own session, whatever `refresh_token` names; `scope: "all"` is 403 for it. A ' +
+          'service’s token has no session to end: 403.',
         response: { 204: z.null().describe('Logged out'), ...problems(400, 401, 403) },
       },
     },
     async (request, reply) => {
       const principal = principalOf(request);
+      // A service's token (client credentials) has no user, and so no session to end, whatever the
+      // scope asked: refused as on every route that is for users, before the scope is looked at.
+      const userId = userIdOf(request);
       const body = request.body ?? {};
       // A signed-in session's token ends its own session whatever its scope (config.ownSession); one
       // without account:read (narrowed to what a part of an app needs) ends that one only: not every
@@ -271,13 +275,13 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
       // owner out everywhere.
       if (
         body.scope === 'all' &&
-        principal.kind !== 'user' &&
+        principal.kind === 'api_key' &&
         !hasPermission(principal.permissions, 'account:write')
       ) {
         throw forbidden('Ending every session with an API key needs account:write');
       }
       await deps.auth.logout(
-        userIdOf(request),
+        userId,
         principal.kind === 'user' ? principal.sessionId : undefined,
         {
           refreshToken: beyondOwn ? body.refresh_token : undefined,
