@@ -440,6 +440,7 @@ export function createServices(deps: ServicesDeps) {
     ...mailedLinks,
     ...config.emailChange,
     sessions: repos.sessions,
+    sessionEnds: sessions,
     grants,
   });
   const magicLink = createMagicLinkService({

@@ -26,6 +26,7 @@ import { capCountings, randomAddress } from '../support/redis.js';
 import { createKey, grantRole, withKey } from '../api-keys/helpers.js';
 import { clientToken, createClient } from '../clients/helpers.js';
 import { turnOnMfa } from '../support/mfa.js';
+import { expectSessionEnded, expectSessionLive, tokensOf } from '../support/sessions.js';
 
 const CHANGE_URL = 'https://app.example.test/email-change';
 const TO_NEW = 'Confirm your new email address';
@@ -215,12 +216,13 @@ describe('changing the email address (built-in provider)', () => {
     const rebound = await ask(user, { new_email: next, password: PASSWORD });
     expect(rebound.statusCode).toBe(429);
 
-    // Applied: nothing waits any more.
+    // Applied: nothing waits any more. The last link opened signed in, so that this session stays
+    // (opened without one, the change would end it with the others).
     clock.advance(61);
     const again = uniqueEmail('chg-pending-again');
     expect((await ask(user, { new_email: again, password: PASSWORD })).statusCode).toBe(202);
     await open(tokenIn(again, TO_NEW), user.accessToken);
-    expect((await open(tokenIn(user.email, TO_CURRENT))).json().changed).toBe(true);
+    expect((await open(tokenIn(user.email, TO_CURRENT), user.accessToken)).json().changed).toBe(true);
     expect((await pending()).statusCode).toBe(404);
   });
 
@@ -235,6 +237,41 @@ describe('changing the email address (built-in provider)', () => {
     // The stranger now holds a used link and nothing else: a reset of their address finds no account.
     expect(await app.services.repos.users.findByEmail(stranger)).toBeUndefined();
     expect((await app.services.repos.users.findById(user.id))?.email).toBe(user.email);
+  });
+
+  it('the change ends every other session of the user, keeping the one of theirs that opened the last link, if any', async () => {
+    const admin = await createAdmin(app);
+    // The current address's link last, opened signed in or not; the new address's link last.
+    for (const last of ['current signed in', 'current without a session', 'new signed in'] as const) {
+      const from = new Date(clock.nowMs() - 1000);
+      const user = await confirmedUser('chg-sessions');
+      const asking = tokensOf({ access_token: user.accessToken, refresh_token: user.refreshToken });
+      const elsewhere = tokensOf((await login(app, user.email)).session);
+      const next = uniqueEmail('chg-sessions-new');
+      expect((await ask(user, { new_email: next, password: PASSWORD })).statusCode, last).toBe(202);
+      const [first, second] =
+        last === 'new signed in'
+          ? [tokenIn(user.email, TO_CURRENT), tokenIn(next, TO_NEW)]
+          : [tokenIn(next, TO_NEW), tokenIn(user.email, TO_CURRENT)];
+      expect((await open(first, user.accessToken)).json().changed, last).toBe(false);
+      // Nothing ends while the change waits for its other link.
+      await expectSessionLive(app, elsewhere, admin.accessToken);
+      const signedIn = last !== 'current without a session';
+      const done = await open(second, signedIn ? user.accessToken : undefined);
+      expect(done.json(), last).toMatchObject({ changed: true, user: { email: next } });
+
+      await expectSessionEnded(app, elsewhere, admin.accessToken);
+      if (signedIn) await expectSessionLive(app, asking, admin.accessToken);
+      else await expectSessionEnded(app, asking, admin.accessToken);
+      // Whoever ended up signed out signs in with the new address.
+      expect(await loginStatus(next)).toBe(200);
+      // Audited as before: the change, by whoever opened the last link (the sessions' end is part of it).
+      const changed = (await events(user.id, from)).find((e) => e.type === 'user.email_changed');
+      expect(changed, last).toMatchObject({
+        actorId: signedIn ? user.id : null,
+        credentialId: signedIn ? decodeJwt(user.accessToken).sid : null,
+      });
+    }
   });
 
   it('both links opened at once apply the change once', async () => {

@@ -671,7 +671,8 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         summary: 'Open one of an email change’s links',
         description:
           '`changed: true` once every link of the change is opened: the account has the new address, ' +
-          'confirmed, and links mailed before to the old address stop working; `changed: false` (and ' +
+          'confirmed, links mailed before to the old address stop working, and every other session of ' +
+          'the user ends (all of them when the link is opened without a session of theirs); `changed: false` (and ' +
           '`user: null`) while the other link is still to be opened. The new address’s link of a user’s ' +
           'own request is opened signed in to the account (its access token as `Authorization: Bearer`; ' +
           '401 otherwise, and the link stays usable); the current address’s link and a link of an ' +

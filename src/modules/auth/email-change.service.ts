@@ -13,6 +13,7 @@ import { normalizeEmail } from './auth.schema.js';
 import type { EmailConfirmationDeps } from './email-confirmation.service.js';
 import type { EmailTokenRow } from './email-tokens.repository.js';
 import type { SessionsRepository } from './sessions.repository.js';
+import type { SessionsService } from './sessions.service.js';
 import {
   createMailedTokens,
   MAILS_PER_ACCOUNT_HOUR,
@@ -29,6 +30,8 @@ import {
 export type EmailChangeDeps = EmailConfirmationDeps & {
   /** A user's own request stands only while the session it came from does. */
   sessions: Pick<SessionsRepository, 'findSession'>;
+  /** Ends the user's other sessions once the address changes, as a password change does. */
+  sessionEnds: Pick<SessionsService, 'endAllSessions'>;
   /** What the administrator or service who asked for a change holds when its link is opened. */
   grants: Pick<GrantCeiling, 'standing'>;
 };
@@ -500,6 +503,11 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       );
       // Links mailed to the old address (a reset's, a confirmation's) no longer lead into the account.
       await deps.tokens.discardUnused(user.id, undefined, tx);
+      // The address the account signs in with changed: every other session ends, as after a password
+      // change (ASVS 3.3.3), on every instance. The session of the user's that opened this link stays;
+      // a link opened without one (the current address's, an administrator's request) ends them all.
+      const keep = actor.actorType === 'user' && actor.actorId === user.id ? actor.credentialId : null;
+      (await deps.sessionEnds.endAllSessions(tx, user.id, 'email_changed', keep ?? undefined)).forEach(emit);
       await deps.audit.record(tx, actor, {
         type: 'user.email_changed',
         subjectId: user.id,
