@@ -9,6 +9,7 @@ import { createAdmin, PASSWORD, registerUser, setUserStatus, type TestUser } fro
 import { bearer } from '../support/http.js';
 import { capturingMailer } from '../support/mail.js';
 import { startMfaSetUp, totpAt, turnOnMfa } from '../support/mfa.js';
+import { expectSessionEnded, expectSessionLive, tokensOf } from '../support/sessions.js';
 import { captureLogs } from '../support/logs.js';
 import { ownDatabase, waitForLockWaiters } from '../support/database.js';
 import { selectRows } from '../../src/db/client.js';
@@ -620,6 +621,29 @@ describe('two-step verification (TOTP)', () => {
     );
     const events = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 10 });
     expect(events.map((e) => e.outcome).sort()).toEqual(['failure', 'success']);
+  });
+
+  it('turning it off ends every other session; the one that turned it off stays', async () => {
+    // The session that turned it on, and two that signed in with a code since.
+    const { user, secret } = await enrolled('mfa-off-others');
+    const enrolling = tokensOf({ access_token: user.accessToken, refresh_token: user.refreshToken });
+    const acting = tokensOf((await verify(await challenge(user), codeOf(secret))).json().session);
+    clock.advance(30);
+    const elsewhere = tokensOf((await verify(await challenge(user), codeOf(secret))).json().session);
+    clock.advance(30);
+    const off = await post('/v1/auth/mfa/totp/deactivate', acting.accessToken, { code: codeOf(secret) });
+    expect(off.statusCode, off.body).toBe(204);
+    // An administrator's token of now (this file's clock runs ahead of the one made at the start).
+    const introspector = (await loginRes(admin)).json().session.access_token as string;
+    await expectSessionEnded(app, enrolling, introspector);
+    await expectSessionEnded(app, elsewhere, introspector);
+    await expectSessionLive(app, acting, introspector);
+    const [event] = await app.services.audit.list({ subjectId: user.id, type: 'mfa.disabled', limit: 5 });
+    expect(event).toMatchObject({
+      outcome: 'success',
+      credentialId: decodeJwt(acting.accessToken).sid,
+      data: { with: 'totp', other_sessions_ended: true },
+    });
   });
 
   it('new recovery codes take a code from the app, and the old ones stop working', async () => {

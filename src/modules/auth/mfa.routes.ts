@@ -230,8 +230,9 @@ export async function mfaRoutes(
         operationId: 'deactivateTotp',
         summary: 'Turn two-step verification off, with a current code or a recovery code',
         description:
-          '409 while the user holds a role of MFA_REQUIRED_ROLES (an administrator takes the role first, ' +
-          'or resets the factor for a lost app), and when it is not on; no code is spent by a 409.',
+          'Every other session of the user ends, as when it is turned on; this one stays. 409 while the ' +
+          'user holds a role of MFA_REQUIRED_ROLES (an administrator takes the role first, or resets the ' +
+          'factor for a lost app), and when it is not on; no code is spent by a 409.',
         body: CodeBodySchema,
         response: {
           204: z.null().describe('Off; the recovery codes are gone'),
@@ -240,7 +241,8 @@ export async function mfaRoutes(
       },
     },
     async (request, reply) => {
-      await deps.mfa.deactivate(sessionUserId(request), request.body.code, requestContext(request));
+      const { userId, sessionId } = sessionOf(request);
+      await deps.mfa.deactivate(userId, sessionId, request.body.code, requestContext(request));
       return reply.status(204).send(null);
     },
   );

@@ -644,15 +644,23 @@ export function createMfaService(deps: MfaServiceDeps) {
       return codes;
     },
 
-    /** Turns two-step verification off, with a current code (from the app, or a recovery code). */
-    async deactivate(userId: string, code: string, context: RequestContext): Promise<void> {
+    /**
+     * Turns two-step verification off, with a current code (from the app, or a recovery code). Every
+     * other session of the user ends, as when it is turned on; this one, which gave the code, stays.
+     */
+    async deactivate(
+      userId: string,
+      sessionId: string,
+      code: string,
+      context: RequestContext,
+    ): Promise<void> {
       const mails = await withCode(
         userId,
         code,
         { recoveryCodes: true, verified: true },
         context,
         'mfa.disabled',
-        async (tx, factor, used, _emit, user) => {
+        async (tx, factor, used, emit, user) => {
           // A role of MFA_REQUIRED_ROLES goes only to users with a second factor; turning it off
           // while holding one would leave whoever has the password to set up a factor of their own
           // and hold the role. The factor is locked: a grant racing this waits, and is seen here.
@@ -667,10 +675,12 @@ export function createMfaService(deps: MfaServiceDeps) {
             });
           }
           await deps.repo.removeAll(userId, tx);
+          const ended = await deps.sessions.endAllSessions(tx, userId, 'mfa_disabled', sessionId);
+          ended.forEach(emit);
           await deps.audit.record(tx, context, {
             type: 'mfa.disabled',
             subjectId: userId,
-            data: { factor_id: factor.id, with: used },
+            data: { factor_id: factor.id, with: used, other_sessions_ended: ended.length > 0 },
           });
           return notice.disabled(tx, user, false);
         },
