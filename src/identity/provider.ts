@@ -77,6 +77,9 @@ export class PasswordMayHaveChanged extends AppError {
   }
 }
 
+/** What a provider says of a user it is asked about by id (IdentityProvider.standing). */
+export type ProviderStanding = 'active' | 'banned' | 'gone';
+
 export interface SignUpResult {
   user: ProviderUser;
   /** Local argon2id hash to store, or null when the provider keeps the credentials. */
@@ -154,6 +157,13 @@ export interface IdentityProvider {
    * now, by id; undefined when it has no such user. Throws `provider_unavailable`.
    */
   currentUser?(userId: string): Promise<ProviderUser | undefined>;
+  /**
+   * Providers where a user can be banned or deleted directly (Supabase: its dashboard, its admin API),
+   * not through this service: whether the provider still holds the user, by id — `banned` (banned
+   * until later than now), `gone` (no such user), `active` otherwise. Throws `provider_unavailable`
+   * for anything that is not an answer about the user.
+   */
+  standing?(userId: string): Promise<ProviderStanding>;
   /** Removes the user from the provider (no-op for local: the row is deleted by the service). */
   deleteUser(userId: string): Promise<void>;
   /**

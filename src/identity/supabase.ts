@@ -351,6 +351,9 @@ function signUpFailure(error: AuthError): AppError {
   return new AppError('unprocessable', { detail: 'The identity provider refused the sign-up', cause: error });
 }
 
+/** The user is banned at Supabase now: `banned_until` later than now (null or past: not banned). */
+const bannedNow = (user: User) => Date.parse(user.banned_until ?? '') > Date.now();
+
 function toProviderUser(user: User, fallbackEmail: string): ProviderUser {
   const confirmedAt = user.email_confirmed_at ? new Date(user.email_confirmed_at) : null;
   return {
@@ -388,6 +391,22 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
   // Only stateless calls (a token or the service role key in each request) go through shared clients.
   const anon = newClient(deps.anonKey);
   const admin = newClient(deps.serviceRoleKey);
+
+  /**
+   * The user by id (the admin API, with the service-role key); undefined for an id no Supabase user
+   * can have, or when GoTrue's refusal is one `notFound` takes for "no such user". Throws
+   * `provider_unavailable` for any other failure.
+   */
+  const userById = async (userId: string, notFound: (error: AuthError) => boolean) => {
+    // auth-js throws a plain Error for a non-UUID id; no Supabase user can have one anyway.
+    if (!UUID.test(userId)) return undefined;
+    const { data, error } = await admin.auth.admin.getUserById(userId);
+    if (error) {
+      if (notFound(error)) return undefined;
+      throw unavailable(error);
+    }
+    return data.user;
+  };
 
   const revoke = (client: SupabaseClient, accessToken: string) => {
     // Best effort: a session left behind only expires on its own; it must not fail or slow the caller.
@@ -449,8 +468,7 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
         if (!data.user.email) return undefined;
         // Banned there (disabled here, or in Supabase's dashboard): GoTrue still verifies the tokens it
         // issued before, until they expire; one exchanged here would open a session that outlives them.
-        const bannedUntil = Date.parse(data.user.banned_until ?? '');
-        if (bannedUntil > Date.now()) throw new AccountDisabled({ id: data.user.id, email: data.user.email });
+        if (bannedNow(data.user)) throw new AccountDisabled({ id: data.user.id, email: data.user.email });
         // getUser answers with the user's factors, and has verified the token whose `aal` is read.
         return withSecondFactor(
           {
@@ -568,14 +586,18 @@ export function createSupabaseProvider(deps: SupabaseProviderDeps): IdentityProv
 
     currentUser: (userId) =>
       guarded(async () => {
-        if (!UUID.test(userId)) return undefined;
-        const { data, error } = await admin.auth.admin.getUserById(userId);
-        if (error) {
-          if (error.status === 404) return undefined;
-          throw unavailable(error);
-        }
-        if (!data.user.email) return undefined;
-        return toProviderUser(data.user, data.user.email);
+        const user = await userById(userId, (error) => error.status === 404);
+        if (!user?.email) return undefined;
+        return toProviderUser(user, user.email);
+      }),
+
+    standing: (userId) =>
+      guarded(async () => {
+        // Only GoTrue's own "no such user" is one: a 404 from a SUPABASE_URL that is not the
+        // project's would otherwise end the sessions of everyone who refreshes.
+        const user = await userById(userId, (error) => error.code === 'user_not_found');
+        if (!user) return 'gone';
+        return bannedNow(user) ? 'banned' : 'active';
       }),
 
     setBanned: (userId, banned) =>

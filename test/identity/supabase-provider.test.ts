@@ -364,6 +364,37 @@ describe('deleteUser', () => {
   });
 });
 
+describe('standing', () => {
+  it('says active, banned (banned_until later than now) or gone, by id with the service role key', async () => {
+    const user = await signedUp();
+    expect(await provider.standing!(user.id)).toBe('active');
+    fake.users.get(user.id)!.bannedUntil = new Date(Date.now() - 1000).toISOString();
+    expect(await provider.standing!(user.id)).toBe('active');
+    fake.users.get(user.id)!.bannedUntil = new Date(Date.now() + 3600_000).toISOString();
+    expect(await provider.standing!(user.id)).toBe('banned');
+    fake.users.delete(user.id);
+    expect(await provider.standing!(user.id)).toBe('gone');
+    expect(await provider.standing!('not-a-uuid')).toBe('gone');
+  });
+
+  it('takes only GoTrue’s own user_not_found for gone: any other failure is provider_unavailable', async () => {
+    const user = await signedUp();
+    for (const failure of [
+      // SUPABASE_URL with a path the gateway does not know: a 404 that says nothing about the user.
+      { status: 404, message: 'no Route matched with those values' },
+      { status: 500 },
+      { status: 403, code: 'not_admin', message: 'User not allowed' },
+    ]) {
+      fake.setFailWith(failure);
+      const err = await rejection(provider.standing!(user.id));
+      expect(err.code).toBe('provider_unavailable');
+    }
+    fake.setFailWith(undefined);
+    fake.setDown(true);
+    expect((await rejection(provider.standing!(user.id))).code).toBe('provider_unavailable');
+  });
+});
+
 describe('createConfirmedUser', () => {
   it('creates a user who signs in at once, even while Supabase asks sign-ups to confirm their email', async () => {
     fake.setConfirmEmail(true);
