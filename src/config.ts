@@ -132,6 +132,7 @@ const EnvSchema = z.object({
   SUPABASE_ANON_KEY: optionalString,
   SUPABASE_SERVICE_ROLE_KEY: optionalString,
   SUPABASE_TIMEOUT_MS: wholeNumber(100, 60_000, 5000),
+  SUPABASE_USER_RECHECK_SECONDS: wholeNumber(0, 86_400, 300),
   KEY_ENCRYPTION_KEY: optionalString.pipe(base64Key32.optional()),
   SECRET_PEPPER: optionalString.pipe(base64Key32.optional()),
   SIGNING_ALG: z.enum(['ES256', 'EdDSA']).default('ES256'),
@@ -406,7 +407,19 @@ export interface Config {
   readonly databaseUrl: string | undefined;
   readonly dataDir: string;
   readonly authProvider: 'local' | 'supabase';
-  readonly supabase: { url: string; anonKey: string; serviceRoleKey: string; timeoutMs: number } | undefined;
+  readonly supabase:
+    | {
+        url: string;
+        anonKey: string;
+        serviceRoleKey: string;
+        timeoutMs: number;
+        /**
+         * SUPABASE_USER_RECHECK_SECONDS: a refresh asks Supabase about its user (banned, deleted?) when
+         * it has not confirmed them for this long; 0: at every refresh.
+         */
+        userRecheckSeconds: number;
+      }
+    | undefined;
   readonly keyEncryptionKey: Buffer;
   readonly secretPepper: Buffer;
   readonly signingAlg: 'ES256' | 'EdDSA';
@@ -549,6 +562,7 @@ export function loadConfig(source: NodeJS.ProcessEnv, options: LoadConfigOptions
             anonKey: e.SUPABASE_ANON_KEY,
             serviceRoleKey: e.SUPABASE_SERVICE_ROLE_KEY,
             timeoutMs: e.SUPABASE_TIMEOUT_MS,
+            userRecheckSeconds: e.SUPABASE_USER_RECHECK_SECONDS,
           }
         : undefined,
     keyEncryptionKey: e.KEY_ENCRYPTION_KEY

@@ -24,6 +24,7 @@ import { createAuditService, systemContext } from './modules/audit/audit.service
 import { createAccountsCache } from './modules/auth/accounts.cache.js';
 import { createAuthService } from './modules/auth/auth.service.js';
 import { createSessionsRepository } from './modules/auth/sessions.repository.js';
+import { createProviderStanding } from './modules/auth/provider-standing.js';
 import { createSessionsService } from './modules/auth/sessions.service.js';
 import { createProfilesRepository } from './modules/profiles/profiles.repository.js';
 import { createSigningKeysRepository } from './modules/signing-keys/signing-keys.repository.js';
@@ -346,6 +347,12 @@ export function createServices(deps: ServicesDeps) {
     onIssued: (grant) => metrics.tokensIssued.inc({ grant }),
     mfaRequiredRoles: config.mfa.requiredRoles,
     maxPerUser: config.sessions.maxPerUser,
+    providerStanding: createProviderStanding({
+      provider,
+      clock,
+      logger,
+      recheckSeconds: config.supabase?.userRecheckSeconds ?? 0,
+    }),
   });
   const ownsMailer = !deps.mailer;
   const mailer =

@@ -226,6 +226,25 @@ describe('configuration', () => {
     expect(config.supabase?.serviceRoleKey).toBe('service');
   });
 
+  it('takes SUPABASE_USER_RECHECK_SECONDS from 0 (every refresh) to 86400 (300 by default), and names anything else', () => {
+    const supabase = {
+      SUPABASE_URL: 'https://x.supabase.co',
+      SUPABASE_ANON_KEY: 'anon',
+      SUPABASE_SERVICE_ROLE_KEY: 'service',
+    };
+    expect(load(supabase).supabase?.userRecheckSeconds).toBe(300);
+    expect(load({ ...supabase, SUPABASE_USER_RECHECK_SECONDS: '' }).supabase?.userRecheckSeconds).toBe(300);
+    expect(load({ ...supabase, SUPABASE_USER_RECHECK_SECONDS: '0' }).supabase?.userRecheckSeconds).toBe(0);
+    expect(load({ ...supabase, SUPABASE_USER_RECHECK_SECONDS: '86400' }).supabase?.userRecheckSeconds).toBe(
+      86_400,
+    );
+    for (const value of ['86401', '-1', '2.5', '5m']) {
+      expect(() => load({ ...supabase, SUPABASE_USER_RECHECK_SECONDS: value }), value).toThrow(
+        'SUPABASE_USER_RECHECK_SECONDS: must be a whole number from 0 to 86400, in decimal digits',
+      );
+    }
+  });
+
   it('checks TRUST_PROXY entries as Fastify reads them, naming each bad one', () => {
     for (const good of [
       '',

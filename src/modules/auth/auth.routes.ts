@@ -192,7 +192,9 @@ export async function authRoutes(app: FastifyInstance, deps: AuthRoutesDeps) {
         operationId: 'refresh',
         summary: 'Exchange a refresh token for new tokens (the refresh token rotates)',
         description:
-          'A rotated refresh token presented again after a grace of at most 10 s ends the whole session.',
+          'A rotated refresh token presented again after a grace of at most 10 s ends the whole session. ' +
+          'With Supabase, a user banned or deleted there (not through this service) is refused (401) at their ' +
+          'next refresh past SUPABASE_USER_RECHECK_SECONDS, and every session of theirs ends.',
         body: RefreshBodySchema,
         response: { 200: z.object({ session: SessionSchema }), ...problems(400, 401, 429, 503) },
       },

@@ -13,9 +13,11 @@ import { isSubset, notHeld } from '../../lib/permissions.js';
 import { type AuthEvent, type EventBus, inTransaction } from '../../lib/events.js';
 import { decodeCursor, encodeCursor, pageBy } from '../../lib/pagination.js';
 import type { AuditService, RequestContext } from '../audit/audit.service.js';
+import type { ProviderStanding } from '../../identity/provider.js';
 import type { RevocationList } from '../tokens/revocations.service.js';
 import { FIRST_PARTY_CLIENT_ID, type TokenService } from '../tokens/tokens.service.js';
 import type { UserRow, UsersRepository } from '../users/users.repository.js';
+import type { ProviderStandingCheck } from './provider-standing.js';
 import type { SessionRow, SessionsRepository } from './sessions.repository.js';
 
 export interface SessionTokens {
@@ -50,6 +52,12 @@ export interface SessionsServiceDeps {
    * recently used ones.
    */
   maxPerUser: number;
+  /**
+   * With Supabase (provider-standing.ts): a refresh of a user the provider has not confirmed within
+   * SUPABASE_USER_RECHECK_SECONDS asks it first; one banned or deleted there is refused, and their
+   * sessions end.
+   */
+  providerStanding?: ProviderStandingCheck | undefined;
 }
 
 declare const keyCouldSign: unique symbol;
@@ -62,10 +70,26 @@ export type IssuingTransaction = Transaction & { readonly [keyCouldSign]: true }
 /** Why a session ended when a sign-in took the user past MAX_SESSIONS_PER_USER (`revoked_reason`, audit). */
 const SESSION_LIMIT_REASON = 'session_limit';
 
+/** Why a user's sessions ended at a refresh the provider refused them at (`revoked_reason`, audit). */
+const PROVIDER_REFUSAL_REASONS: Record<Exclude<ProviderStanding, 'active'>, string> = {
+  banned: 'banned_at_provider',
+  gone: 'deleted_at_provider',
+};
+
+/** A refresh token refused: unknown, expired, revoked, its user disabled (or, `reused`, replayed). */
+const invalidRefreshToken = (reused = false) =>
+  new AppError('invalid_refresh_token', {
+    detail: reused
+      ? 'The refresh token was already used; the session has been ended'
+      : 'The refresh token is invalid, expired or revoked',
+    oauthError: 'invalid_grant',
+  });
+
 type Held = { roles: string[]; permissions: string[] };
 
 type RefreshOutcome =
   | { kind: 'ok'; user: UserRow; session: SessionRow; refreshToken: string; held: Held }
+  | { kind: 'confirm'; userId: string }
   | { kind: 'reused' }
   | { kind: 'invalid' }
   | { kind: 'scope'; foreign: string[] };
@@ -141,6 +165,40 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     });
     deps.onIssued?.('session');
     return issued;
+  }
+
+  /** Ends every live session of a user (but `except`) on `tx`: their ids, and the events to emit. */
+  async function endAllOf(tx: Executor, userId: string, reason: string, except?: string) {
+    // The user's row first: a sign-in opening a session holds it (share-locked) until it commits, so
+    // that session is there to be ended; one of a second factor's verification too.
+    await deps.users.findByIdForUpdate(userId, tx);
+    const ids = await deps.repo.revokeForUser(userId, deps.clock.now(), reason, except ? { except } : {}, tx);
+    await deps.repo.discardMfaChallenges(userId, tx);
+    return { ids, events: await revocationEvents(tx, ids) };
+  }
+
+  /**
+   * A refresh of a user the provider has not confirmed recently (providerStanding.due): asks it. A user
+   * it holds banned, or has no more, is refused as a disabled account's refresh is (invalid_grant),
+   * and every session of theirs ends, their access tokens revoked on every instance, audited as
+   * `user.sessions_ended` (`reason`) by the service. No answer lets the refresh through.
+   */
+  async function confirmAtProvider(userId: string, context: RequestContext): Promise<void> {
+    const standing = (await deps.providerStanding?.check(userId, context.requestId)) ?? 'active';
+    if (standing === 'active') return;
+    const reason = PROVIDER_REFUSAL_REASONS[standing];
+    await inTransaction(deps.db, deps.events, async (tx, emit) => {
+      const { ids, events } = await endAllOf(tx, userId, reason);
+      // Ended already (a refresh of another of their sessions got here first): audited once.
+      if (ids.length === 0) return;
+      events.forEach(emit);
+      await deps.audit.record(
+        tx,
+        { ...context, actorType: 'system', actorId: null, credentialId: null },
+        { type: 'user.sessions_ended', subjectId: userId, data: { scope: 'all', sessions: ids, reason } },
+      );
+    });
+    throw invalidRefreshToken();
   }
 
   return {
@@ -256,6 +314,9 @@ export function createSessionsService(deps: SessionsServiceDeps) {
      * credentials. A token of a session issued to another client is refused as an unknown one is, and
      * nothing of its session changes: a confidential client's refresh token is good only with that
      * client's authentication (/oauth/token), never at an endpoint that asks for none.
+     *
+     * With Supabase, a user it has not confirmed within SUPABASE_USER_RECHECK_SECONDS is asked about
+     * first (confirmAtProvider): one banned or deleted there is refused, and their sessions end.
      */
     async refresh(
       refreshToken: string,
@@ -265,66 +326,68 @@ export function createSessionsService(deps: SessionsServiceDeps) {
       if (!parseSecret(REFRESH_TOKEN_FORMAT, refreshToken)) {
         throw new AppError('invalid_refresh_token', { oauthError: 'invalid_grant' });
       }
-      const outcome = await this.issuingTransaction<RefreshOutcome>(async (tx, emit) => {
-        const found = await deps.repo.findByTokenHash(hash(refreshToken), { lock: true }, tx);
-        if (!found) return { kind: 'invalid' };
-        const { token, session } = found;
-        if ((session.clientId ?? FIRST_PARTY_CLIENT_ID) !== (options.clientId ?? FIRST_PARTY_CLIENT_ID))
-          return { kind: 'invalid' };
-        const now = deps.clock.now();
-        if (session.revokedAt || session.expiresAt <= now || session.idleExpiresAt <= now)
-          return { kind: 'invalid' };
-        const user = await deps.users.findById(session.userId, tx);
-        if (user?.status !== 'active') return { kind: 'invalid' };
-        if (token.rotatedAt) {
-          const sinceRotation = now.getTime() - token.rotatedAt.getTime();
-          if (sinceRotation > deps.ttl.reuseGrace * 1000) {
-            // A rotated token came back: it was stolen or replayed. End the whole family.
-            await deps.repo.revokeSession(session.id, now, 'refresh_token_reused', tx);
-            for (const e of await revocationEvents(tx, [session.id])) emit(e);
-            await deps.audit.record(tx, context, {
-              type: 'refresh_token.reused',
-              subjectId: user.id,
-              outcome: 'failure',
-              data: { session_id: session.id },
-            });
-            return { kind: 'reused' };
+      // `confirmed`: the provider has just been asked about the user, and said nothing against them.
+      const attempt = (confirmed: boolean) =>
+        this.issuingTransaction<RefreshOutcome>(async (tx, emit) => {
+          const found = await deps.repo.findByTokenHash(hash(refreshToken), { lock: true }, tx);
+          if (!found) return { kind: 'invalid' };
+          const { token, session } = found;
+          if ((session.clientId ?? FIRST_PARTY_CLIENT_ID) !== (options.clientId ?? FIRST_PARTY_CLIENT_ID))
+            return { kind: 'invalid' };
+          const now = deps.clock.now();
+          if (session.revokedAt || session.expiresAt <= now || session.idleExpiresAt <= now)
+            return { kind: 'invalid' };
+          const user = await deps.users.findById(session.userId, tx);
+          if (user?.status !== 'active') return { kind: 'invalid' };
+          if (token.rotatedAt) {
+            const sinceRotation = now.getTime() - token.rotatedAt.getTime();
+            if (sinceRotation > deps.ttl.reuseGrace * 1000) {
+              // A rotated token came back: it was stolen or replayed. End the whole family.
+              await deps.repo.revokeSession(session.id, now, 'refresh_token_reused', tx);
+              for (const e of await revocationEvents(tx, [session.id])) emit(e);
+              await deps.audit.record(tx, context, {
+                type: 'refresh_token.reused',
+                subjectId: user.id,
+                outcome: 'failure',
+                data: { session_id: session.id },
+              });
+              return { kind: 'reused' };
+            }
+            // Within the grace, a repeated refresh of the same token gets the same successor again
+            // (successorOf), instead of a spurious logout or a second chain.
           }
-          // Within the grace, a repeated refresh of the same token gets the same successor again
-          // (successorOf), instead of a spurious logout or a second chain.
-        }
-        const held = await heldBy(user.id, session.amr, tx);
-        if (options.scope) {
-          const foreign = notHeld(options.scope, held.permissions);
-          if (foreign.length > 0) return { kind: 'scope', foreign };
-          // A narrowed token names no roles: a service deciding by role would read more than its scope.
-          if (!isSubset(held.permissions, options.scope)) held.roles = [];
-          held.permissions = [...options.scope];
-        }
-        if (!token.rotatedAt) await deps.repo.markRotated(token.id, now, tx);
-        const idleExpiresAt = new Date(
-          Math.min(addSeconds(now, deps.ttl.refreshIdle).getTime(), session.expiresAt.getTime()),
-        );
-        await deps.repo.touchSession(session.id, now, idleExpiresAt, tx);
-        // A successor handed out before (within the grace) is already stored; it is not stored again.
-        const successor = await mintRefreshToken(session.id, tx, successorOf(refreshToken));
-        return { kind: 'ok', user, session: { ...session, idleExpiresAt }, held, refreshToken: successor };
-      });
+          // Nothing written yet: the provider is asked outside any transaction (no lock held while it
+          // answers), and the refresh is tried again once it has.
+          if (!confirmed && deps.providerStanding?.due(user)) return { kind: 'confirm', userId: user.id };
+          const held = await heldBy(user.id, session.amr, tx);
+          if (options.scope) {
+            const foreign = notHeld(options.scope, held.permissions);
+            if (foreign.length > 0) return { kind: 'scope', foreign };
+            // A narrowed token names no roles: a service deciding by role would read more than its scope.
+            if (!isSubset(held.permissions, options.scope)) held.roles = [];
+            held.permissions = [...options.scope];
+          }
+          if (!token.rotatedAt) await deps.repo.markRotated(token.id, now, tx);
+          const idleExpiresAt = new Date(
+            Math.min(addSeconds(now, deps.ttl.refreshIdle).getTime(), session.expiresAt.getTime()),
+          );
+          await deps.repo.touchSession(session.id, now, idleExpiresAt, tx);
+          // A successor handed out before (within the grace) is already stored; it is not stored again.
+          const successor = await mintRefreshToken(session.id, tx, successorOf(refreshToken));
+          return { kind: 'ok', user, session: { ...session, idleExpiresAt }, held, refreshToken: successor };
+        });
+      let outcome = await attempt(false);
+      if (outcome.kind === 'confirm') {
+        await confirmAtProvider(outcome.userId, context);
+        outcome = await attempt(true);
+      }
       if (outcome.kind === 'scope') {
         throw new AppError('bad_request', {
           detail: `The scope exceeds what the refresh token grants: ${outcome.foreign.join(' ')}`,
           oauthError: 'invalid_scope',
         });
       }
-      if (outcome.kind !== 'ok') {
-        throw new AppError('invalid_refresh_token', {
-          detail:
-            outcome.kind === 'reused'
-              ? 'The refresh token was already used; the session has been ended'
-              : 'The refresh token is invalid, expired or revoked',
-          oauthError: 'invalid_grant',
-        });
-      }
+      if (outcome.kind !== 'ok') throw invalidRefreshToken(outcome.kind === 'reused');
       return this.tokensFor(outcome.user, outcome.session, outcome.refreshToken, outcome.held);
     },
 
@@ -371,25 +434,8 @@ export function createSessionsService(deps: SessionsServiceDeps) {
     },
 
     /** Ends every live session of a user (but `except`) on `tx`. */
-    async endAllSessions(
-      tx: Executor,
-      userId: string,
-      reason: string,
-      except?: string,
-    ): Promise<AuthEvent[]> {
-      // The user's row first: a sign-in opening a session holds it (share-locked) until it commits, so
-      // that session is there to be ended; one of a second factor's verification too.
-      await deps.users.findByIdForUpdate(userId, tx);
-      const ids = await deps.repo.revokeForUser(
-        userId,
-        deps.clock.now(),
-        reason,
-        except ? { except } : {},
-        tx,
-      );
-      await deps.repo.discardMfaChallenges(userId, tx);
-      return revocationEvents(tx, ids);
-    },
+    endAllSessions: async (tx: Executor, userId: string, reason: string, except?: string) =>
+      (await endAllOf(tx, userId, reason, except)).events,
 
     /** The session's user proved more (a second factor): its next access tokens say so in `amr`. */
     strengthen: (tx: Executor, sessionId: string, methods: readonly string[]) =>
