@@ -61,12 +61,12 @@ export function createApiKeysRepository(db: Database) {
       const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1);
       return row;
     },
-    /** The row locked for the rest of `tx`, so concurrent rotations and revocations take turns. */
     /** Share-locked: a revocation waits for what is decided on it (a key it creates), or is read here. */
     async findByIdForShare(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
       const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('share');
       return row;
     },
+    /** The row locked for the rest of `tx`, so concurrent rotations and revocations take turns. */
     async findByIdForUpdate(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
       const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('update');
       return row;
