@@ -1,11 +1,12 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { sql } from 'drizzle-orm';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { selectRows } from '../../src/db/client.js';
 import { API_KEY_FORMAT, generateSecret } from '../../src/lib/crypto.js';
 import { API_KEY_ROUTES } from '../authz/routes.js';
 import { appliedChanges, buildTestApp } from '../support/app.js';
+import { atTime } from '../support/clock.js';
 import { ownDatabase } from '../support/database.js';
 import { authorizationMatrix } from '../support/authz-matrix.js';
 import { createAdmin, login, registerUser, type TestUser } from '../support/factories.js';
@@ -20,6 +21,13 @@ import {
   withKey,
   withTypo,
 } from './helpers.js';
+
+/** A key minted with `key` (which holds api_keys:own): 201, and the key made. */
+async function mintWith(app: FastifyInstance, key: string, payload: { name: string; scopes: string[] }) {
+  const res = await app.inject({ method: 'POST', url: '/v1/api-keys', headers: withKey(key), payload });
+  expect(res.statusCode, res.body).toBe(201);
+  return res.json() as { id: string; key: string };
+}
 
 describe('api keys: security', () => {
   let app: FastifyInstance;
@@ -339,16 +347,7 @@ describe('api keys: security', () => {
     const user = await registerUser(app, 'aks-line-audit');
     const scopes = ['api_keys:own', 'account:read'];
     const parent = await createKey(app, user.accessToken, { scopes });
-    const mint = async (key: string) => {
-      const res = await app.inject({
-        method: 'POST',
-        url: '/v1/api-keys',
-        headers: withKey(key),
-        payload: { name: 'line', scopes },
-      });
-      expect(res.statusCode, res.body).toBe(201);
-      return res.json() as { id: string; key: string };
-    };
+    const mint = (key: string) => mintWith(app, key, { name: 'line', scopes });
     const children = [];
     for (let i = 0; i < 20; i++) children.push(await mint(parent.key));
     const grandchildren = [];
@@ -1170,36 +1169,59 @@ describe('api keys: a request that outlives its session', () => {
     },
   );
 
+  type HeldRequest = { method: 'POST' | 'PATCH' | 'DELETE'; url: string; payload?: object };
+
   /**
-   * Sends `request` with `key`, holds it once authenticated, lets the owner rotate the key `rotatedId`
-   * (with `grace`), then lets it reach its change: 401 `invalid_token` with its challenge. The owner's
-   * rotation, as it answered.
+   * Sends `request` with `key`, holds it once authenticated, runs `meanwhile` (which must succeed),
+   * then lets it reach its change (through `resume`: at once, or e.g. at a later time): 401
+   * `invalid_token` with its challenge, its `detail` naming what happened (`what`). What `meanwhile`
+   * answered.
    */
-  async function afterRotation(
-    user: TestUser,
+  async function heldWhile(
     key: string,
-    rotatedId: string,
-    grace: number,
-    request: { method: 'POST' | 'PATCH'; url: string; payload: object },
+    request: HeldRequest,
+    what: string,
+    meanwhile: () => Promise<LightMyRequestResponse>,
+    resume: (go: () => Promise<LightMyRequestResponse>) => Promise<LightMyRequestResponse> = (go) => go(),
   ) {
     const arrived = new Promise<void>((resolve) => {
       reached = resolve;
     });
     const pending = app.inject({ ...request, headers: { ...withKey(key), 'x-test-pause': '1' } });
     await arrived;
-    const rotated = await app.inject({
-      method: 'POST',
-      url: `/v1/api-keys/${rotatedId}/rotate`,
-      headers: bearer(user.accessToken),
-      payload: { grace_seconds: grace },
+    const done = await meanwhile();
+    expect(done.statusCode, done.body).toBeLessThan(300);
+    const res = await resume(() => {
+      release();
+      return pending;
     });
-    expect(rotated.statusCode, rotated.body).toBe(200);
-    release();
-    const res = await pending;
     expect(res.statusCode, res.body).toBe(401);
     expect(res.headers['content-type']).toMatch(/^application\/problem\+json/);
-    expect(res.json()).toMatchObject({ code: 'invalid_token', detail: expect.stringContaining('rotation') });
+    expect(res.json()).toMatchObject({ code: 'invalid_token', detail: expect.stringContaining(what) });
     expect(res.headers['www-authenticate']).toBe('Bearer realm="paservices", error="invalid_token"');
+    return done;
+  }
+
+  /**
+   * `heldWhile` the owner rotates the key `rotatedId` (with `grace`): the request is refused as made
+   * with a secret a rotation replaced. The owner's rotation, as it answered.
+   */
+  async function afterRotation(
+    user: TestUser,
+    key: string,
+    rotatedId: string,
+    grace: number,
+    request: HeldRequest,
+  ) {
+    const rotated = await heldWhile(key, request, 'replaced by a rotation', () =>
+      app.inject({
+        method: 'POST',
+        url: `/v1/api-keys/${rotatedId}/rotate`,
+        headers: bearer(user.accessToken),
+        payload: { grace_seconds: grace },
+      }),
+    );
+    expect(rotated.statusCode, rotated.body).toBe(200);
     return rotated.json() as { key: string };
   }
 
@@ -1306,6 +1328,81 @@ describe('api keys: a request that outlives its session', () => {
     });
     expect(after.json().expires_at).toBe(child.expires_at);
     expect(await eventsOf('api_key.updated', child.id)).toEqual([]);
+  });
+
+  // Any key a key may change or revoke besides itself (one it minted, one minted under that, a sibling
+  // of the same owner): not with a secret a rotation replaced while the request ran, in its grace or
+  // not, as for the key itself.
+  it.each([
+    ['rename the key it minted', 'child', 'PATCH', { name: 'taken' }, 0],
+    ['revoke the key it minted', 'child', 'DELETE', undefined, 600],
+    ['shorten a key minted under the one it minted', 'grandchild', 'PATCH', { expires_at: 'soon' }, 600],
+    ['revoke a key minted under the one it minted', 'grandchild', 'DELETE', undefined, 0],
+    ['rename a sibling', 'sibling', 'PATCH', { name: 'taken' }, 600],
+    ['revoke a sibling', 'sibling', 'DELETE', undefined, 0],
+  ] as const)(
+    'a key does not %s (%s) with a secret a rotation replaced while the request ran',
+    async (_, target, method, payload, grace) => {
+      const user = await registerUser(app, `aks-late-${target}`);
+      const scopes = ['account:read', 'api_keys:own'];
+      const inHours = (hours: number) => new Date(Date.now() + hours * 3_600_000).toISOString();
+      const acting = await createKey(app, user.accessToken, { scopes, expires_at: inHours(48) });
+      const mint = (key: string) => mintWith(app, key, { name: 'minted', scopes });
+      const changed =
+        target === 'sibling'
+          ? await createKey(app, user.accessToken, { name: 'sibling', scopes })
+          : target === 'child'
+            ? await mint(acting.key)
+            : await mint((await mint(acting.key)).key);
+      const url = `/v1/api-keys/${changed.id}`;
+      const read = async () => {
+        const res = await app.inject({ method: 'GET', url, headers: bearer(user.accessToken) });
+        expect(res.statusCode, res.body).toBe(200);
+        return res.json();
+      };
+      const before = await read();
+      await afterRotation(user, acting.key, acting.id, grace, {
+        method,
+        url,
+        ...(payload ? { payload: 'expires_at' in payload ? { expires_at: inHours(1) } : payload } : {}),
+      });
+      expect(await read()).toEqual(before);
+      expect(await eventsOf('api_key.updated', changed.id)).toEqual([]);
+      expect(await eventsOf('api_key.revoked', changed.id)).toEqual([]);
+    },
+  );
+
+  // Revoked meanwhile, the key's own rotation is refused as any other request made with a credential
+  // that no longer stands: 401 with its challenge, not a 404 saying the key is gone.
+  it('a key revoked while the request ran does not rotate itself: 401, as for any change made with it', async () => {
+    const user = await registerUser(app, 'aks-late-revoked-rotate');
+    const key = await createKey(app, user.accessToken, { scopes: ['account:read', 'api_keys:own'] });
+    await heldWhile(
+      key.key,
+      { method: 'POST', url: `/v1/api-keys/${key.id}/rotate`, payload: {} },
+      'revoked',
+      () =>
+        app.inject({ method: 'DELETE', url: `/v1/api-keys/${key.id}`, headers: bearer(user.accessToken) }),
+    );
+    expect(await eventsOf('api_key.rotated', key.id)).toEqual([]);
+  });
+
+  // Expired while the request ran: the mint's refusal says so, rather than that the key was revoked.
+  it('a key that expired while the request ran mints nothing, and the 401 says it expired', async () => {
+    const user = await registerUser(app, 'aks-late-expired-mint');
+    const expiresAt = new Date(Date.now() + 3_600_000);
+    const key = await createKey(app, user.accessToken, {
+      scopes: ['account:read', 'api_keys:own'],
+      expires_at: expiresAt.toISOString(),
+    });
+    await heldWhile(
+      key.key,
+      { method: 'POST', url: '/v1/api-keys', payload: { name: 'late', scopes: ['account:read'] } },
+      'expired',
+      () => app.inject({ method: 'GET', url: '/v1/auth/me', headers: bearer(user.accessToken) }),
+      (go) => atTime(app, new Date(expiresAt.getTime() + 1000), go),
+    );
+    expect(await keyCount(user.id)).toBe(1);
   });
 
   it('gives a key that gives nothing no new secret nor a longer life once the session has ended', async () => {

@@ -695,6 +695,24 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         expect(about[0]!.data).toMatchObject({ owner_id: user.id, with_ancestor: parent.id });
       });
 
+      /** Key `id` renamed 'taken' with `key`. */
+      const rename = (key: string, id: string) =>
+        app.inject({
+          method: 'PATCH',
+          url: `/v1/api-keys/${id}`,
+          headers: withKey(key),
+          payload: { name: 'taken' },
+        });
+
+      /** Key `id` rotated by its owner, with a grace of ten minutes. */
+      const rotatedByOwner = (user: TestUser, id: string) =>
+        app.inject({
+          method: 'POST',
+          url: `/v1/api-keys/${id}/rotate`,
+          headers: bearer(user.accessToken),
+          payload: { grace_seconds: 600 },
+        });
+
       it('a rotation first: a key minted with the secret it replaces waits for it and is refused', async () => {
         const user = await registerUser(app, 'akr-race-rotate');
         const parent = await parentOf(user);
@@ -703,13 +721,7 @@ describe('api keys: a key expires no later than the key that minted it', () => {
         const refused = await ordered(
           'update',
           (args) => args[0] === parent.id,
-          () =>
-            app.inject({
-              method: 'POST',
-              url: `/v1/api-keys/${parent.id}/rotate`,
-              headers: bearer(user.accessToken),
-              payload: { grace_seconds: 600 },
-            }),
+          () => rotatedByOwner(user, parent.id),
           () => mint(parent.key),
           (status) => status === 401,
         );
@@ -760,6 +772,66 @@ describe('api keys: a key expires no later than the key that minted it', () => {
           limit: 10,
         });
         expect(rotations).toHaveLength(1);
+      });
+
+      // A key changing one it minted holds its own row (shared, as a creation does) before that key's:
+      // while the owner's rotation holds it, the change waits, then finds its secret replaced.
+      it('a rotation first: a key renaming the key it minted with the secret it replaces waits for it and is refused', async () => {
+        const user = await registerUser(app, 'akr-race-rename-child');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key);
+        // Verified once, so the rename authenticates from memory while the rotation holds the row.
+        expect(await verifyKey(app, admin.accessToken, parent.key)).toMatchObject({ valid: true });
+        const refused = await ordered(
+          'update',
+          (args) => args[0] === parent.id,
+          () => rotatedByOwner(user, parent.id),
+          () => rename(parent.key, child.id),
+          (status) => status === 401,
+        );
+        expect(refused.json()).toMatchObject({
+          code: 'invalid_token',
+          detail: expect.stringContaining('rotation'),
+        });
+        expect(refused.headers['www-authenticate']).toBe('Bearer realm="paservices", error="invalid_token"');
+        const [row] = await selectRows<{ name: string }>(
+          app.services.db,
+          sql`select name from api_keys where id = ${child.id}`,
+        );
+        expect(row!.name).toBe('minted');
+      });
+
+      // A key changing one it descends from holds that key first, then its own row: the revocation of
+      // the ancestor (that key, then the keys under it) takes them in the same order, so neither waits
+      // for the other in a circle; the change then finds the key it came with revoked.
+      it('the revocation first: a key renaming the key that minted it waits for it and is refused', async () => {
+        const user = await registerUser(app, 'akr-race-rename-parent');
+        const parent = await parentOf(user);
+        const child = await minted(parent.key);
+        expect(await verifyKey(app, admin.accessToken, child.key)).toMatchObject({ valid: true });
+        const locks = vi.spyOn(app.services.repos.apiKeys, 'findByIdForUpdate');
+        try {
+          const refused = await ordered(
+            'update',
+            (args) => args[0] === parent.id,
+            () => revoke(user, parent.id),
+            () => rename(child.key, parent.id),
+            (status) => status === 401,
+          );
+          expect(refused.json()).toMatchObject({
+            code: 'invalid_token',
+            detail: expect.stringContaining('revoked'),
+          });
+          expect(refused.headers['www-authenticate']).toBe(
+            'Bearer realm="paservices", error="invalid_token"',
+          );
+          // Each transaction ran once: had the change held its own key first, the revocation (waiting
+          // on it to revoke that key) and the change (waiting on the parent) would have deadlocked, and
+          // PostgreSQL would have ended one of them to run again.
+          expect(locks.mock.calls.filter(([id]) => id === parent.id)).toHaveLength(2);
+        } finally {
+          locks.mockRestore();
+        }
       });
 
       it('the revocation first: a grandchild’s creation waits for it and is refused', async () => {

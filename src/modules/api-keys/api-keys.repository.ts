@@ -1,5 +1,5 @@
 import { and, asc, eq, gt, inArray, isNull, or, sql } from 'drizzle-orm';
-import type { Database, Executor } from '../../db/client.js';
+import { type Database, type Executor, selectRows } from '../../db/client.js';
 import { apiKeys } from '../../db/schema/index.js';
 import { pastCursor } from '../../db/keyset.js';
 import type { Cursor } from '../../lib/pagination.js';
@@ -70,6 +70,21 @@ export function createApiKeysRepository(db: Database) {
     async findByIdForUpdate(id: string, tx: Executor): Promise<ApiKeyRow | undefined> {
       const [row] = await tx.select().from(apiKeys).where(eq(apiKeys.id, id)).limit(1).for('update');
       return row;
+    },
+    /**
+     * Whether `ancestorId` minted `id`, or minted a key that did, … (up `id`'s line of `parent_id`s,
+     * which never change: read unlocked).
+     */
+    async isAncestor(ancestorId: string, id: string, tx: Executor): Promise<boolean> {
+      const rows = await selectRows<{ one: number }>(
+        tx,
+        sql`with recursive line(id, parent_id) as (
+          select id, parent_id from api_keys where id = ${id}::uuid
+          union
+          select k.id, k.parent_id from api_keys k join line l on k.id = l.parent_id
+        ) select 1 as one from line where parent_id = ${ancestorId}::uuid limit 1`,
+      );
+      return rows.length > 0;
     },
     /**
      * Creations of keys for one owner take turns, on every instance, until their transactions end (a

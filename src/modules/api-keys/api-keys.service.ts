@@ -387,6 +387,40 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
   }
 
   /**
+   * `row`, the key the request was authenticated with as read (locked) in the change's transaction,
+   * still stands: neither revoked nor expired while the request ran, and, with `secret`, still with
+   * the secret the request came with (`assertSecretStands`). A 401 with its challenge otherwise, saying
+   * which, whatever the change and whichever key it is made to: the answer of a credential that no
+   * longer stands, not the 404 of a key that is gone. Nothing when the request came with no key.
+   */
+  function assertActingKeyStands(actor: ApiKeyActor, row: ApiKeyRow | undefined, secret = true) {
+    if (!actor.key) return;
+    if (!row || row.revokedAt)
+      throw credentialNoLongerStands('The API key was revoked while this request ran');
+    if (hasExpired(row)) throw credentialNoLongerStands('The API key expired while this request ran');
+    if (secret) assertSecretStands(actor, row);
+  }
+
+  /**
+   * For a change to key `id` made with another key (one that minted it, or a sibling, or any it may
+   * manage): that key's row, share-locked in `tx` as a creation holds it, so that a rotation or
+   * revocation of it either waits for the change or has committed and is read here. Rows are taken
+   * as every change here takes them, a key before the keys it minted (and theirs): the acting key is
+   * held `before` when it is an ancestor of `id` (read now, before `id`'s parent and `id`), and
+   * otherwise `after` `id` is held (a descendant of `id`, which the change may reach, or a key of
+   * another line). `after(row)` answers the acting key's row: `row` itself (`id`'s, or undefined)
+   * when the request came with no other key.
+   */
+  async function holdActingKey(actor: ApiKeyActor, id: string, tx: Executor) {
+    const other = actor.key && actor.key.id !== id ? actor.key.id : undefined;
+    const before =
+      other && (await repo.isAncestor(other, id, tx)) ? await repo.findByIdForShare(other, tx) : undefined;
+    const after = async (row: ApiKeyRow | undefined) =>
+      other ? (before ?? (await repo.findByIdForShare(other, tx))) : row;
+    return { before, other: other !== undefined, after };
+  }
+
+  /**
    * A request authenticated by a key that expires cannot give any key a longer life (nor none): a
    * leaked key could otherwise outlive itself. 403 otherwise.
    */
@@ -536,11 +570,9 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
           let parent: ApiKeyRow | undefined;
           if (actor.key) {
             parent = await repo.findByIdForShare(actor.key.id, tx);
-            if (!parent || parent.revokedAt || (parent.expiresAt && parent.expiresAt <= now))
-              throw credentialNoLongerStands('The API key was revoked while this request ran');
             // And still with the secret the request came with: a rotation meant to cut off a leaked
             // secret must not leave a key it made behind.
-            assertSecretStands(actor, parent);
+            assertActingKeyStands(actor, parent);
           }
           // Created by a key: it expires with its parent (as the locked row has it, not as the request
           // found it) unless told sooner, and is revoked with it.
@@ -638,23 +670,24 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
       assertFuture(input.expiresAt);
       const row = await deps.grants.audited(context, { action: 'api_key.update', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
+          // Changed with a key, itself or another: that key (held before the parent when it is an
+          // ancestor of the key changed, after the key otherwise) still stands, with the secret the
+          // request came with still the one it came as.
+          const acting = await holdActingKey(actor, id, tx);
           // A new expiry or scopes for a key minted by a key are bounded by its parent (`parent_id`,
           // which never changes), held first (shared) as a creation holds it, then the key: a change to
           // the parent's expiry either waits for this one and then brings the key to it, or has
           // committed and is read here.
           const bounded = input.expiresAt !== undefined || input.scopes !== undefined;
           const parentId = bounded ? (await repo.findById(id, tx))?.parentId : null;
-          const parent = parentId ? await repo.findByIdForShare(parentId, tx) : undefined;
-          const current = assertVisible(
-            actor,
-            await repo.findByIdForUpdate(id, tx),
-            'api_keys:write',
-            'api_key.update',
-          );
-          // Changed by the key itself, or by the key that minted it (whose life and scopes bound the
-          // change): with the secret the request came with still the one it came as.
-          assertSecretStands(actor, current);
-          if (parent) assertSecretStands(actor, parent);
+          const parent = !parentId
+            ? undefined
+            : parentId === acting.before?.id
+              ? acting.before
+              : await repo.findByIdForShare(parentId, tx);
+          const found = await repo.findByIdForUpdate(id, tx);
+          assertActingKeyStands(actor, await acting.after(found));
+          const current = assertVisible(actor, found, 'api_keys:write', 'api_key.update');
           const requested: ApiKeyPatch = {};
           if (input.name !== undefined) requested.name = input.name;
           if (input.expiresAt !== undefined) requested.expiresAt = input.expiresAt;
@@ -763,12 +796,14 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
 
     async revoke(actor: ApiKeyActor, id: string, context: RequestContext): Promise<void> {
       await inTransaction(deps.db, deps.events, async (tx, emit) => {
-        const current = assertVisible(
-          actor,
-          await repo.findByIdForUpdate(id, tx),
-          'api_keys:write',
-          'api_key.revoke',
-        );
+        const acting = await holdActingKey(actor, id, tx);
+        const found = await repo.findByIdForUpdate(id, tx);
+        // Revoked with a key: that key still stands; and, revoking another key (one it minted, a
+        // sibling), still with the secret the request came with, as for a change. A key revoking
+        // itself may do so with a secret a rotation replaced meanwhile: that only takes away (both
+        // secrets and the keys it minted), as the replaced secret may in its grace anyway.
+        assertActingKeyStands(actor, await acting.after(found), acting.other);
+        const current = assertVisible(actor, found, 'api_keys:write', 'api_key.revoke');
         const now = clock.now();
         const revoked = (await repo.update(id, { revokedAt: now }, now, tx))!;
         // The keys it minted (and theirs) go with it: a leaked key cannot outlive its revocation.
@@ -813,12 +848,13 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
     ): Promise<{ row: ApiKeyRow; key: string }> {
       return deps.grants.audited(context, { action: 'api_key.rotate', subjectId: id }, () =>
         inTransaction(deps.db, deps.events, async (tx, emit) => {
-          const current = assertVisible(
-            actor,
-            await repo.findByIdForUpdate(id, tx),
-            'api_keys:write',
-            'api_key.rotate',
-          );
+          const found = await repo.findByIdForUpdate(id, tx);
+          // A key rotating itself that was revoked or expired, or whose secret a rotation replaced,
+          // while this request ran (or that this one waited for): a 401, as for any change made with
+          // it, not the 404 of a key that is gone nor the 409 of a session rotating an expired key. A
+          // leaked secret queued behind the owner's rotation would otherwise take the new secret it made.
+          if (actor.key?.id === id) assertActingKeyStands(actor, found);
+          const current = assertVisible(actor, found, 'api_keys:write', 'api_key.rotate');
           assertOwner(actor, current, 'rotate it');
           // A key rotates only itself, and only with its current secret: a leaked key that rotated a
           // sibling, or a replaced secret in its grace that rotated again, would hold the only working
@@ -827,9 +863,6 @@ export function createApiKeysService(deps: ApiKeysServiceDeps) {
             throw forbidden('An API key can rotate only itself; rotate another key from a signed-in session');
           if (actor.key?.previous)
             throw forbidden('The secret a rotation replaced cannot rotate the key again; use the new secret');
-          // Nor one a rotation replaced while this request ran (or that this one waited for): a leaked
-          // secret queued behind the owner's rotation would otherwise take the new secret it made.
-          assertSecretStands(actor, current);
           // A new secret for an expired key would be dead on arrival.
           if (hasExpired(current)) throw expiredKey();
           assertNoGraceRunning(
