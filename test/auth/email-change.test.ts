@@ -261,6 +261,10 @@ describe('changing the email address (built-in provider)', () => {
       expect(done.json(), last).toMatchObject({ changed: true, user: { email: next } });
 
       await expectSessionEnded(app, elsewhere, admin.accessToken);
+      // The old address hears of the sessions' end with the change.
+      expect(mails(user.email, NOTICE)[0]?.text, last).toContain(
+        'goes to the new address, and every other session was signed out.',
+      );
       if (signedIn) await expectSessionLive(app, asking, admin.accessToken);
       else await expectSessionEnded(app, asking, admin.accessToken);
       // Whoever ended up signed out signs in with the new address.

@@ -992,6 +992,41 @@ describe('two-step verification notices (when the service sends mail)', () => {
     for (const code of fresh.json().recovery_codes as string[]) expect(notice!.text).not.toContain(code);
   });
 
+  it('tells of two-step verification turned off, and that every other session was signed out', async () => {
+    const { mailer, clock, app, user, secret } = await turnedOnWithMail('mfa-off-notice');
+    const signIn = async () => {
+      clock.advance(30);
+      const login = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/login',
+        payload: { email: user.email, password: user.password },
+      });
+      const verified = await app.inject({
+        method: 'POST',
+        url: '/v1/auth/mfa/verify',
+        payload: { mfa_token: login.json().mfa_token, code: totpAt(secret, clock.nowMs()) },
+      });
+      expect(verified.statusCode, verified.body).toBe(200);
+      return verified.json().session.access_token as string;
+    };
+    const acting = await signIn();
+    await signIn();
+    clock.advance(30);
+    const off = await app.inject({
+      method: 'POST',
+      url: '/v1/auth/mfa/totp/deactivate',
+      headers: bearer(acting),
+      payload: { code: totpAt(secret, clock.nowMs()) },
+    });
+    expect(off.statusCode, off.body).toBe(204);
+    const notice = mailer.sent.find(
+      (m) => m.to === user.email && m.subject === 'Two-step verification is off',
+    );
+    expect(notice?.text).toContain(
+      'signing in asks for your password only, and every other session was signed out.',
+    );
+  });
+
   it('tells the holder of an app code sent again (ASVS 2.8.5), at most once in 15 minutes however many replays, and audits it', async () => {
     const { mailer, clock, app, user, code } = await turnedOnWithMail('mfa-reuse-notice');
     const notices = () =>

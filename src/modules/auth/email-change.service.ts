@@ -133,12 +133,14 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       `The change applies once the link mailed to ${newEmail} is opened too. If it was not you, ignore ` +
       'this mail and change your password: whoever asked knew it.\n',
   });
-  const changedNotice = (oldEmail: string, newEmail: string): MailMessage => ({
+  const changedNotice = (oldEmail: string, newEmail: string, signedOut: boolean): MailMessage => ({
     to: oldEmail,
     subject: 'Your email address was changed',
     text:
       `The address of your account is now ${newEmail}: ${oldEmail} no longer signs in to it, and mail ` +
-      'about the account goes to the new address.\n\nIf it was not you, contact support at once.\n',
+      'about the account goes to the new address' +
+      (signedOut ? ', and every other session was signed out' : '') +
+      '.\n\nIf it was not you, contact support at once.\n',
   });
 
   /**
@@ -507,7 +509,8 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       // change (ASVS 3.3.3), on every instance. The session of the user's that opened this link stays;
       // a link opened without one (the current address's, an administrator's request) ends them all.
       const keep = actor.actorType === 'user' && actor.actorId === user.id ? actor.credentialId : null;
-      (await deps.sessionEnds.endAllSessions(tx, user.id, 'email_changed', keep ?? undefined)).forEach(emit);
+      const ended = await deps.sessionEnds.endAllSessions(tx, user.id, 'email_changed', keep ?? undefined);
+      ended.forEach(emit);
       await deps.audit.record(tx, actor, {
         type: 'user.email_changed',
         subjectId: user.id,
@@ -522,7 +525,7 @@ export function createEmailChangeService(deps: EmailChangeDeps) {
       // acknowledged without its notice (a crash after the commit would have lost one written after).
       const mails: string[] = [];
       if (user.emailConfirmedAt && deps.outbox) {
-        const notice = changedNotice(oldEmail, newEmail);
+        const notice = changedNotice(oldEmail, newEmail, ended.length > 0);
         mails.push(await deps.outbox.notice(tx, user, notice.subject, notice.text, notice.to));
       }
       return { changed: true, user: changed ?? user, mails } as const;

@@ -344,13 +344,20 @@ export function createMfaService(deps: MfaServiceDeps) {
         'Two-step verification was turned on for your account: signing in now asks for a code from your ' +
           'authenticator app. If this was not you, reset your password and contact support.',
       ),
-    disabled: (tx: Executor, user: Pick<UserRow, 'id' | 'email'> | undefined, byAdministrator: boolean) =>
+    disabled: (
+      tx: Executor,
+      user: Pick<UserRow, 'id' | 'email'> | undefined,
+      byAdministrator: boolean,
+      signedOut = false,
+    ) =>
       notify(
         tx,
         user,
         'Two-step verification is off',
         `Two-step verification was turned off for your account${byAdministrator ? ' by an administrator' : ''}: ` +
-          'signing in asks for your password only. If this was not you, reset your password and contact support.',
+          'signing in asks for your password only' +
+          (signedOut ? ', and every other session was signed out' : '') +
+          '. If this was not you, reset your password and contact support.',
       ),
     codeReused: (tx: Executor, user: Pick<UserRow, 'id' | 'email'>) =>
       notify(
@@ -682,7 +689,7 @@ export function createMfaService(deps: MfaServiceDeps) {
             subjectId: userId,
             data: { factor_id: factor.id, with: used, other_sessions_ended: ended.length > 0 },
           });
-          return notice.disabled(tx, user, false);
+          return notice.disabled(tx, user, false, ended.length > 0);
         },
       );
       deps.outbox?.kick(mails);
