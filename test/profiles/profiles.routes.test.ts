@@ -88,7 +88,7 @@ describe('profiles', () => {
       ['avatar_url', 'https://user:secret@example.com/a.png'],
       ['avatar_url', `https://example.com/${'a'.repeat(2048)}`],
       // Under 2048 as sent, three times that once percent-encoded (as it would be stored).
-      ['avatar_url', `https://x.test/${'‹'.repeat(2030)}`],
+      ['avatar_url', `https://x.example.com/${'‹'.repeat(2020)}`],
       ['locale', 'not a locale!'],
       ['timezone', 'Mars/Olympus'],
       ['timezone', '+05:30'],
@@ -291,10 +291,43 @@ describe('profiles', () => {
       ['https://EXAMPLE.com./a.png', 'https://example.com./a.png'],
       ['https://img.example.org:8443/a.png', 'https://img.example.org:8443/a.png'],
       ['https://127.0.0.1.example.com/a.png', 'https://127.0.0.1.example.com/a.png'],
-      ['https://bücher.example/a.png', 'https://xn--bcher-kva.example/a.png'],
+      ['https://bücher.example.com/a.png', 'https://xn--bcher-kva.example.com/a.png'],
       ['https://localhost.example.com/a.png', 'https://localhost.example.com/a.png'],
     ] as const)
       await expectStored(user.accessToken, sent, stored);
+  });
+
+  it('refuses an avatar URL under a special-use or private domain', async () => {
+    const user = await expectNotPublicHosts('avatar-domain', [
+      // Special-use and private-use domains in any case or width, with trailing dots, and the domain itself.
+      'https://printer.local/a.png',
+      'https://PRINTER.Local./a.png',
+      'https://ｐｒｉｎｔｅｒ。ｌｏｃａｌ/a.png',
+      'https://printer.local%2e/a.png',
+      'https://a.b.local../a.png',
+      'https://metadata.google.internal/computeMetadata/v1/',
+      'https://vault.INTERNAL./a.png',
+      'https://router.home.arpa/a.png',
+      'https://home.arpa/a.png',
+      'https://cdn.test/a.png',
+      'https://cdn.invalid/a.png',
+      'https://cdn.example/a.png',
+      'https://bücher.example/a.png',
+      'https://duckduckgogg42xjoc72x3sjasowoarfbgcmvfimaftt6twagswzczad.onion/a.png',
+      // The names networks conventionally give themselves.
+      'https://nas.lan/a.png',
+      'https://wiki.intranet/a.png',
+      'https://files.corp/a.png',
+      'https://nas.home./a.png',
+    ]);
+    // A domain is matched by whole labels.
+    for (const sent of [
+      'https://cdn.local.example.com/a.png',
+      'https://test.com/a.png',
+      'https://mylocal.com/a.png',
+      'https://home.arpa.example.com/a.png',
+    ])
+      await expectStored(user.accessToken, sent, sent);
   });
 
   it('keeps serving and changing a profile whose stored avatar URL predates the host rule', async () => {
@@ -354,6 +387,7 @@ describe('profiles', () => {
     expect(avatar.description).toMatch(
       /public host name \(not an IP address.*not `localhost`.*without a dot\)/,
     );
+    expect(avatar.description).toMatch(/special-use or private-use name, `printer\.local`/);
     const pattern = new RegExp(text.pattern);
     const user = await registerUser(app, 'avatar-doc');
     for (const [sent, accepted] of [

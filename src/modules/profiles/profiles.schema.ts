@@ -46,22 +46,44 @@ function parseUrl(text: string): URL | undefined {
 }
 
 /**
+ * Domains no public host is under: the special-use `localhost`, `local` (multicast DNS, RFC 6762),
+ * `test`, `invalid` and `example` (RFC 2606), `onion` (Tor, RFC 7686) and `home.arpa` (home networks,
+ * RFC 8375), `internal` (reserved by ICANN for private use), and `lan`, `intranet`, `corp` and
+ * `home`, the names networks conventionally give themselves (RFC 6762 appendix G lists them; ICANN
+ * withholds `corp` and `home` from the root for that reason; none of the four is delegated), so
+ * refusing them refuses no public site.
+ */
+const NON_PUBLIC_DOMAINS = [
+  'localhost',
+  'local',
+  'test',
+  'invalid',
+  'example',
+  'onion',
+  'home.arpa',
+  'internal',
+  'lan',
+  'intranet',
+  'corp',
+  'home',
+];
+
+/** Whether `name` is `domain` or a name under it. */
+const isUnder = (name: string, domain: string) => name === domain || name.endsWith(`.${domain}`);
+
+/**
  * Whether a URL's host, as the URL parser writes it out, is a public host name: two or more labels,
- * not an IP address and not `localhost` or a name under it. The parser has already written the other
- * spellings of an address as the address (`2130706433` and `0x7f.1` as `127.0.0.1`, full-width digits
- * too; v6 in brackets) and the name in lower case; a trailing dot (`localhost.`) is the same name.
- * What a name resolves to is the DNS's, not checked here.
+ * not an IP address, not under a domain of NON_PUBLIC_DOMAINS. The parser has already written the
+ * other spellings of an address as the address (`2130706433` and `0x7f.1` as `127.0.0.1`, full-width
+ * digits too; v6 in brackets) and the name in lower case, full-width letters and ideographic full
+ * stops as ASCII; a trailing dot (`printer.local.`) is the same name. What a name resolves to is the
+ * DNS's, not checked here.
  */
 function isPublicHostName(hostname: string): boolean {
   const name = hostname.replace(/\.+$/, '');
   const labels = name.split('.');
-  return (
-    !name.startsWith('[') &&
-    isIP(name) === 0 &&
-    labels.length >= 2 &&
-    labels.every((label) => label !== '') &&
-    labels.at(-1) !== 'localhost'
-  );
+  if (name.startsWith('[') || isIP(name) !== 0 || labels.length < 2 || labels.includes('')) return false;
+  return !NON_PUBLIC_DOMAINS.some((domain) => isUnder(name, domain));
 }
 
 const MAX_METADATA_BYTES = 4096;
@@ -110,7 +132,8 @@ export const PatchProfileBodySchema = z
       .optional()
       .describe(
         'An https URL (`https://…`; any other scheme is refused) whose host is a public host name (not an ' +
-          'IP address in any spelling, not `localhost` or a name under it, not a name without a dot), ' +
+          'IP address in any spelling; not `localhost`, a special-use or private-use name, ' +
+          '`printer.local`, `metadata.google.internal`, `cdn.test`; not a name without a dot), ' +
           'without a user name or password, at most 2048 characters once percent-encoded; stored as the ' +
           'URL parser writes it out. null clears it',
       )
