@@ -297,7 +297,7 @@ describe('profiles', () => {
       await expectStored(user.accessToken, sent, stored);
   });
 
-  it('refuses an avatar URL under a special-use or private domain', async () => {
+  it('refuses an avatar URL under a special-use or private domain, or a wildcard-DNS name of an address', async () => {
     const user = await expectNotPublicHosts('avatar-domain', [
       // Special-use and private-use domains in any case or width, with trailing dots, and the domain itself.
       'https://printer.local/a.png',
@@ -319,13 +319,33 @@ describe('profiles', () => {
       'https://wiki.intranet/a.png',
       'https://files.corp/a.png',
       'https://nas.home./a.png',
+      // Wildcard-DNS names of an address, in dots or dashes, anywhere in front of the service's domain.
+      'https://127.0.0.1.nip.io/a.png',
+      'https://app.127.0.0.1.nip.io/a.png',
+      'https://APP.10.0.0.1.NIP.IO./a.png',
+      'https://10-0-0-1.sslip.io/a.png',
+      'https://www-192-168-0-1.sslip.io/a.png',
+      'https://127.0.0.1.app.sslip.io/a.png',
+      'https://192.168.1.1.xip.io/a.png',
+      'https://magic-169-254-169-254.nip.io/latest/meta-data/',
+      'https://172-16-0-1.traefik.me/a.png',
+      'https://010.000.000.001.nip.io/a.png',
+      // Any address, as the address itself is refused.
+      'https://8.8.8.8.nip.io/a.png',
+      // localtest.me is 127.0.0.1 whatever is in front.
+      'https://localtest.me/a.png',
+      'https://app.LocalTest.me./a.png',
     ]);
-    // A domain is matched by whole labels.
+    // A domain is matched by whole labels, and an address only under the services listed.
     for (const sent of [
       'https://cdn.local.example.com/a.png',
       'https://test.com/a.png',
       'https://mylocal.com/a.png',
       'https://home.arpa.example.com/a.png',
+      'https://mynip.io/a.png',
+      'https://nip.io.example.com/a.png',
+      'https://10-0-0-1.example.com/a.png',
+      'https://notlocaltest.me/a.png',
     ])
       await expectStored(user.accessToken, sent, sent);
   });
@@ -387,7 +407,7 @@ describe('profiles', () => {
     expect(avatar.description).toMatch(
       /public host name \(not an IP address.*not `localhost`.*without a dot\)/,
     );
-    expect(avatar.description).toMatch(/special-use or private-use name, `printer\.local`/);
+    expect(avatar.description).toMatch(/wildcard-DNS name.*special-use or private-use name.*`localtest\.me`/);
     const pattern = new RegExp(text.pattern);
     const user = await registerUser(app, 'avatar-doc');
     for (const [sent, accepted] of [

@@ -68,22 +68,54 @@ const NON_PUBLIC_DOMAINS = [
   'home',
 ];
 
+/**
+ * Public wildcard-DNS services, whose names answer with an address of whoever writes the name, a
+ * private one as readily as any: under `addressInName`, with the IPv4 address the labels in front
+ * spell in dots or dashes (`app.10.0.0.1.nip.io`, `app-10-0-0-1.sslip.io`); under `loopback`, every
+ * name with 127.0.0.1. A known-list defence, not a resolver: this service never resolves or fetches
+ * an avatar URL (it stores it and hands it out), so it refuses the names it knows to answer so, and a
+ * name of another such service, or of one's own DNS, can still point anywhere.
+ */
+const WILDCARD_DNS = {
+  addressInName: ['nip.io', 'sslip.io', 'xip.io', 'traefik.me'],
+  loopback: ['localtest.me'],
+} as const;
+
 /** Whether `name` is `domain` or a name under it. */
 const isUnder = (name: string, domain: string) => name === domain || name.endsWith(`.${domain}`);
 
 /**
+ * The IPv4 addresses `labels` spell as wildcard DNS reads them: four numbers of 0 to 255 in a row,
+ * separated by dots or dashes, anywhere (`app.127.0.0.1`, `magic-10-0-0-1`), leading zeros allowed.
+ */
+function addressesSpelledIn(labels: string): string[] {
+  const parts = labels.split(/[.-]/);
+  const found: string[] = [];
+  for (let i = 0; i + 4 <= parts.length; i++) {
+    const octets = parts.slice(i, i + 4);
+    if (octets.every((o) => /^\d{1,3}$/.test(o) && Number(o) <= 255))
+      found.push(octets.map(Number).join('.'));
+  }
+  return found;
+}
+
+/**
  * Whether a URL's host, as the URL parser writes it out, is a public host name: two or more labels,
- * not an IP address, not under a domain of NON_PUBLIC_DOMAINS. The parser has already written the
- * other spellings of an address as the address (`2130706433` and `0x7f.1` as `127.0.0.1`, full-width
- * digits too; v6 in brackets) and the name in lower case, full-width letters and ideographic full
- * stops as ASCII; a trailing dot (`printer.local.`) is the same name. What a name resolves to is the
- * DNS's, not checked here.
+ * not an IP address, not under a domain of NON_PUBLIC_DOMAINS or `localtest.me`, and, under a
+ * wildcard-DNS service that answers with the address a name spells, spelling none that is not public
+ * itself (an address never is: `127.0.0.1.nip.io` is judged as `127.0.0.1`). The parser has already
+ * written the other spellings of an address as the address (`2130706433` and `0x7f.1` as
+ * `127.0.0.1`, full-width digits too; v6 in brackets) and the name in lower case, full-width letters
+ * and ideographic full stops as ASCII; a trailing dot (`printer.local.`) is the same name. What a name
+ * resolves to is the DNS's, not checked here.
  */
 function isPublicHostName(hostname: string): boolean {
   const name = hostname.replace(/\.+$/, '');
   const labels = name.split('.');
   if (name.startsWith('[') || isIP(name) !== 0 || labels.length < 2 || labels.includes('')) return false;
-  return !NON_PUBLIC_DOMAINS.some((domain) => isUnder(name, domain));
+  if ([...NON_PUBLIC_DOMAINS, ...WILDCARD_DNS.loopback].some((domain) => isUnder(name, domain))) return false;
+  const wildcard = WILDCARD_DNS.addressInName.find((domain) => isUnder(name, domain));
+  return !wildcard || addressesSpelledIn(name.slice(0, -wildcard.length)).every(isPublicHostName);
 }
 
 const MAX_METADATA_BYTES = 4096;
@@ -132,8 +164,9 @@ export const PatchProfileBodySchema = z
       .optional()
       .describe(
         'An https URL (`https://…`; any other scheme is refused) whose host is a public host name (not an ' +
-          'IP address in any spelling; not `localhost`, a special-use or private-use name, ' +
-          '`printer.local`, `metadata.google.internal`, `cdn.test`; not a name without a dot), ' +
+          'IP address in any spelling, nor a wildcard-DNS name spelling one, `10-0-0-1.nip.io`; not ' +
+          '`localhost`, a special-use or private-use name, `printer.local`, `metadata.google.internal`, ' +
+          '`cdn.test`, or a name under `localtest.me`; not a name without a dot), ' +
           'without a user name or password, at most 2048 characters once percent-encoded; stored as the ' +
           'URL parser writes it out. null clears it',
       )
