@@ -12,13 +12,12 @@ import {
   type DatabaseHandle,
   MIGRATIONS_FOLDER,
   openDatabase,
-  openMemoryDatabase,
   selectRows,
 } from '../../src/db/client.js';
 import { createSigningKeysRepository } from '../../src/modules/signing-keys/signing-keys.repository.js';
 import { createUsersRepository } from '../../src/modules/users/users.repository.js';
 import { testConfig, uniqueEmail } from '../support/app.js';
-import { scratchDatabase } from '../support/database.js';
+import { ownDatabase, scratchDatabase } from '../support/database.js';
 import { PASSWORD } from '../support/factories.js';
 import { bearer } from '../support/http.js';
 import { type RunResult, runUntilExit } from '../support/spawn-server.js';
@@ -82,6 +81,20 @@ function run(target: Target, script: string, args: string[], env: Record<string,
       ...env,
     },
   });
+}
+
+/**
+ * `runs`, side by side on PostgreSQL, one after another on PGlite (its directory admits one process at
+ * a time): their results in order. For scripts that open the database and whose order does not matter.
+ */
+async function togetherWherePossible<T extends unknown[]>(
+  target: Target,
+  runs: [...{ [K in keyof T]: () => Promise<T[K]> }],
+): Promise<T> {
+  if (target.kind === 'postgres') return (await Promise.all(runs.map((start) => start()))) as T;
+  const results: unknown[] = [];
+  for (const start of runs) results.push(await start());
+  return results as T;
 }
 
 /** The app on a given database (not the worker's shared one), closed by the caller. */
@@ -226,10 +239,10 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       const roles = () => rolesOf(target, userId);
 
       const other = 'the operator’s own passphrase';
-      for (const refused of [
-        await run(target, 'create-admin', ['--email', email, '--password', other]),
-        await run(target, 'create-admin', ['--email', email.toUpperCase()], { ADMIN_PASSWORD: other }),
-      ]) {
+      for (const refused of await togetherWherePossible(target, [
+        () => run(target, 'create-admin', ['--email', email, '--password', other]),
+        () => run(target, 'create-admin', ['--email', email.toUpperCase()], { ADMIN_PASSWORD: other }),
+      ])) {
         expect(refused.code, refused.stdout).toBe(1);
         expect(refused.stdout).toBe('');
         const lines = refused.stderr.trim().split('\n');
@@ -254,13 +267,17 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
     async () => {
       const weakEmail = uniqueEmail('cli-weak');
       const noPasswordEmail = uniqueEmail('cli-nopass');
-      // Usage errors are found before the database is opened, so these two may run side by side.
+      // Usage errors are found before the database is opened, so these may run side by side.
       const [firstEmail, secondEmail] = [uniqueEmail('cli-twice'), uniqueEmail('cli-twice')];
-      const [missing, malformed, twice] = await Promise.all([
+      // 261 characters: a well-formed address over RFC 5321's 254, which registration and sign-in refuse,
+      // so an admin made with it could never sign in.
+      const tooLong = `${'a'.repeat(64)}@${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(63)}.test`;
+      const [missing, malformed, twice, long] = await Promise.all([
         run(target, 'create-admin', []),
         run(target, 'create-admin', ['--email', 'not-an-email', '--password', PASSWORD]),
         // Which of the two did the operator mean? Neither is made an administrator.
         run(target, 'create-admin', ['--email', firstEmail, '--email', secondEmail, '--password', PASSWORD]),
+        run(target, 'create-admin', ['--email', tooLong, '--password', PASSWORD]),
       ]);
       expect(twice.code, twice.stdout).toBe(1);
       expect(twice.stderr).toContain('--email is given 2 times: give it once');
@@ -271,10 +288,6 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       expect(malformed.code).toBe(1);
       expect(malformed.stderr).toContain('not an email address');
 
-      // 261 characters: a well-formed address over RFC 5321's 254, which registration and sign-in refuse,
-      // so an admin made with it could never sign in.
-      const tooLong = `${'a'.repeat(64)}@${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(63)}.test`;
-      const long = await run(target, 'create-admin', ['--email', tooLong, '--password', PASSWORD]);
       expect(long.code, long.stdout).toBe(1);
       expect(long.stderr).toContain(`not an email address: ${tooLong}`);
       await withApp(target, async (app) => {
@@ -287,10 +300,13 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
         expect(await countUsers(app.services.db, tooLong)).toBe(0);
       });
 
-      const weak = await run(target, 'create-admin', ['--email', weakEmail, '--password', 'short']);
+      // These two open the database to look the address up.
+      const [weak, noPassword] = await togetherWherePossible(target, [
+        () => run(target, 'create-admin', ['--email', weakEmail, '--password', 'short']),
+        () => run(target, 'create-admin', ['--email', noPasswordEmail]),
+      ]);
       expect(weak.code).toBe(1);
       expect(weak.stderr).toContain('weak_password');
-      const noPassword = await run(target, 'create-admin', ['--email', noPasswordEmail]);
       expect(noPassword.code).toBe(1);
       expect(noPassword.stderr).toContain('a password is needed');
       for (const r of [missing, malformed, twice, long, weak, noPassword]) expect(r.stdout).toBe('');
@@ -312,18 +328,16 @@ describe('scripts/create-admin.ts and scripts/rotate-signing-key.ts', () => {
       // must end, exit code 0 (the client kept reconnecting and held the process open for ever).
       const redisDown = { REDIS_URL: 'redis://127.0.0.1:1' };
       const email = uniqueEmail('cli-redis-down');
-      const created = await run(
-        target,
-        'create-admin',
-        ['--email', email, '--password', PASSWORD],
-        redisDown,
-      );
+      // Each waits for Redis to give up before it exits: side by side where the database allows.
+      const [created, rotated] = await togetherWherePossible(target, [
+        () => run(target, 'create-admin', ['--email', email, '--password', PASSWORD], redisDown),
+        () => run(target, 'rotate-signing-key', ['--force'], redisDown),
+      ]);
       expect(created.stdout).toContain(`created admin ${email}`);
       expect({ code: created.code, signal: created.signal }, created.stderr).toEqual({
         code: 0,
         signal: null,
       });
-      const rotated = await run(target, 'rotate-signing-key', ['--force'], redisDown);
       expect(rotated.stdout).toMatch(/active signing key: \S+/);
       expect({ code: rotated.code, signal: rotated.signal }, rotated.stderr).toEqual({
         code: 0,
@@ -430,8 +444,13 @@ describe('scripts/rotate-signing-key.ts on a database the service never started 
   it(
     'refuses with exit code 1 and one line, and writes no key, forced or not',
     async () => {
-      for (const args of [[], ['--force'], ['--revoke-previous']]) {
-        const result = await run(target, 'rotate-signing-key', args);
+      const argsTried = [[], ['--force'], ['--revoke-previous']];
+      const results = await togetherWherePossible(
+        target,
+        argsTried.map((args) => () => run(target, 'rotate-signing-key', args)),
+      );
+      for (const [i, result] of results.entries()) {
+        const args = argsTried[i]!;
         expect(result.code, `${args.join(' ')}: ${result.stderr}`).toBe(1);
         expect(result.stdout).toBe('');
         const lines = result.stderr.trim().split('\n');
@@ -721,18 +740,20 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
       const noSecrets = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: '', SECRET_PEPPER: '' };
       const adminArgs = ['--email', uniqueEmail('cli-unreachable'), '--password', PASSWORD];
       // None of these opens the embedded database, so they may run side by side: a few at a time, as
-      // each starts a node process.
+      // each starts a node process. db:verify, the longest by far (it checks the snapshot and migrates
+      // an in-memory database before it tries DATABASE_URL), runs beside all the others.
+      const verifying = run(target, 'verify-migrations', [], unreachable);
+      // Awaited below; a failure before then must not surface as an unhandled rejection too.
+      verifying.catch(() => undefined);
       const help = await Promise.all(scripts.map((script) => run(target, script, ['--help'])));
       const badOption = await Promise.all(scripts.map((script) => run(target, script, ['--no-such-option'])));
-      const [adminNoSecrets, rotateNoSecrets] = await Promise.all([
+      const [adminNoSecrets, rotateNoSecrets, adminUnreachable, rotateUnreachable] = await Promise.all([
         run(target, 'create-admin', adminArgs, { ...unreachable, ...noSecrets }),
         run(target, 'rotate-signing-key', ['--force'], { ...unreachable, ...noSecrets }),
-      ]);
-      const unreachableRuns = await Promise.all([
         run(target, 'create-admin', adminArgs, unreachable),
         run(target, 'rotate-signing-key', ['--force'], unreachable),
-        run(target, 'verify-migrations', [], unreachable),
       ]);
+      const verifyUnreachable = await verifying;
       for (const [i, script] of scripts.entries()) {
         expect(help[i]!.code, `${script} --help: ${help[i]!.stderr}`).toBe(0);
         expect(help[i]!.stdout, script).toMatch(/^usage: npm run /);
@@ -748,16 +769,15 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
           result,
           /^invalid configuration: KEY_ENCRYPTION_KEY: is required in production; SECRET_PEPPER: is required in production$/m,
         );
-      const [adminUnreachable, rotateUnreachable, verifyUnreachable] = unreachableRuns;
-      for (const result of [adminUnreachable!, rotateUnreachable!])
+      for (const result of [adminUnreachable, rotateUnreachable])
         expectOneLineFailure(
           result,
           /^error: cannot connect to the database at 127\.0\.0\.1:1\/auth: connect ECONNREFUSED 127\.0\.0\.1:1$/m,
         );
       // db:verify has checked the code and the journal by then (its ✓ lines on stdout); the database is
       // one line on stderr, exit 1.
-      expect(verifyUnreachable!.code, verifyUnreachable!.stderr).toBe(1);
-      expect(verifyUnreachable!.stderr.trim().split('\n')).toEqual([
+      expect(verifyUnreachable.code, verifyUnreachable.stderr).toBe(1);
+      expect(verifyUnreachable.stderr.trim().split('\n')).toEqual([
         'error: cannot connect to the database at 127.0.0.1:1/auth: connect ECONNREFUSED 127.0.0.1:1',
       ]);
     },
@@ -789,7 +809,9 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
 describe('BOOTSTRAP_ADMIN_EMAIL / BOOTSTRAP_ADMIN_PASSWORD', () => {
   it('creates the first admin at start, once, and does nothing once an admin exists', async () => {
     // A database of its own: bootstrap acts only when no admin exists, and the shared one has admins.
-    const database = await openMemoryDatabase(logger);
+    // A scratch one on the test PostgreSQL server (an in-process PGlite takes seconds to start).
+    const own = await ownDatabase('auth_bootstrap');
+    const { database } = own;
     const email = uniqueEmail('bootstrap');
     const env = { BOOTSTRAP_ADMIN_EMAIL: email, BOOTSTRAP_ADMIN_PASSWORD: PASSWORD };
     try {
@@ -821,7 +843,7 @@ describe('BOOTSTRAP_ADMIN_EMAIL / BOOTSTRAP_ADMIN_PASSWORD', () => {
         await app.close();
       }
     } finally {
-      await database.close();
+      await own.dispose();
     }
   });
 });
