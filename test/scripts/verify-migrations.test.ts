@@ -1,5 +1,4 @@
 import { readdirSync } from 'node:fs';
-import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { MIGRATIONS_FOLDER } from '../../src/db/client.js';
@@ -15,7 +14,7 @@ import {
   readLatestSnapshot,
   snapshotDrift,
 } from '../../scripts/lib/schema-check.js';
-import { ownDatabase } from '../support/database.js';
+import { migratedTemplate, ownDatabase, type ScratchDatabase, scratchDatabase } from '../support/database.js';
 import { ROOT, runUntilExit } from '../support/spawn-server.js';
 
 /*
@@ -147,25 +146,47 @@ describe('the migrations from nothing against the code schema (the latest snapsh
   });
 });
 
+/**
+ * One database migrated by the service (on PostgreSQL), of which each live database below is a copy:
+ * the same database, without migrating each from nothing. (What db:verify compares them with, its
+ * own scratch database, it still migrates from nothing each time.)
+ */
+let migrated: ScratchDatabase | undefined;
+beforeAll(async () => {
+  if (databaseUrl) migrated = await migratedTemplate('auth_verify_migrated');
+});
+afterAll(async () => {
+  await migrated?.drop();
+});
+
+/** A copy of the database migrated by the service, on PostgreSQL, to drift; `drop()` removes it. */
+const migratedCopy = async (prefix: string) => (await scratchDatabase(prefix, { template: migrated!.name }))!;
+
+/**
+ * Runs `drift` on the database at `url`: one statement at a time, outside a transaction (CREATE INDEX
+ * CONCURRENTLY needs that); a concurrent build is expected to fail, leaving its index behind.
+ */
+async function driftDatabase(url: string, drift: string[]) {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    for (const statement of drift)
+      await client.query(statement).catch((err: unknown) => {
+        if (!statement.includes(' CONCURRENTLY ')) throw err;
+      });
+  } finally {
+    await client.end();
+  }
+}
+
 /** A scratch database migrated by the service, drifted by `drift`, then checked as a live database. */
 async function checkDrifted(drift: string[]) {
-  const own = await ownDatabase('auth_verify_live');
+  const own = await migratedCopy('auth_verify_live');
   try {
-    const client = new pg.Client({ connectionString: own.url });
-    await client.connect();
-    try {
-      // One statement at a time, outside a transaction (CREATE INDEX CONCURRENTLY needs that); a
-      // concurrent build is expected to fail, leaving its index behind.
-      for (const statement of drift)
-        await client.query(statement).catch((err: unknown) => {
-          if (!statement.includes(' CONCURRENTLY ')) throw err;
-        });
-    } finally {
-      await client.end();
-    }
-    return await checkLiveDatabase(own.url!, { entries });
+    await driftDatabase(own.url, drift);
+    return await checkLiveDatabase(own.url, { entries });
   } finally {
-    await own.dispose();
+    await own.drop();
   }
 }
 
@@ -323,10 +344,10 @@ describe('npm run db:verify', () => {
   it.runIf(databaseUrl)(
     'with DATABASE_URL, a drifted database fails it with exit code 1, naming the drift',
     async () => {
-      const own = await ownDatabase('auth_verify_cli');
-      drifted.push(own.dispose);
-      await own.database.db.execute(sql.raw('DROP INDEX api_keys_parent_idx'));
-      const url = new URL(own.url!);
+      const own = await migratedCopy('auth_verify_cli');
+      drifted.push(own.drop);
+      await driftDatabase(own.url, ['DROP INDEX api_keys_parent_idx']);
+      const url = new URL(own.url);
       url.password = 'not-shown';
       const result = await verify({ DATABASE_URL: url.toString() });
       expect(result.code, result.stdout).toBe(1);
