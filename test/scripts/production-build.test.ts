@@ -215,6 +215,12 @@ describe('the operator scripts in a production install (dist + drizzle + data + 
 
   it('migrates, creates an admin and rotates the signing key, by node dist/scripts/… and by npm run …:prod', async () => {
     const journaled = readJournal().length;
+    // A failure is one line and exit code 1 here too: a usage error, found before the database is
+    // opened, so it runs beside the rest.
+    const refusing = inApp(process.execPath, ['dist/scripts/create-admin.js', '--email', 'nope']).then(
+      () => undefined,
+      (err: { code?: number; stderr?: string }) => err,
+    );
     const migrated = await inApp(process.execPath, ['dist/scripts/migrate.js']);
     expect(migrated.stdout).toMatch(
       new RegExp(`^applied ${journaled} migrations \\((postgres|pglite)\\): 0000_init, `),
@@ -256,11 +262,7 @@ describe('the operator scripts in a production install (dist + drizzle + data + 
     expect(rotated.stdout).toMatch(/^active signing key: \S+\n/);
     expect(rotated.stdout).toMatch(/^retiring signing key: \S+, published until /m);
 
-    // A failure is one line and exit code 1 here too.
-    const refused = await inApp(process.execPath, ['dist/scripts/create-admin.js', '--email', 'nope']).then(
-      () => undefined,
-      (err: { code?: number; stderr?: string }) => err,
-    );
+    const refused = await refusing;
     expect(refused?.code).toBe(1);
     expect(refused?.stderr).toMatch(/^not an email address: nope\n/);
   }, 120_000);
