@@ -319,6 +319,9 @@ describe('profiles', () => {
       'https://wiki.intranet/a.png',
       'https://files.corp/a.png',
       'https://nas.home./a.png',
+      'https://nas.private/a.png',
+      'https://wallet.ALT/a.png',
+      'https://webmail.mail./a.png',
       // Wildcard-DNS names of an address, in dots or dashes, anywhere in front of the service's domain.
       'https://127.0.0.1.nip.io/a.png',
       'https://app.127.0.0.1.nip.io/a.png',
@@ -342,6 +345,8 @@ describe('profiles', () => {
       'https://test.com/a.png',
       'https://mylocal.com/a.png',
       'https://home.arpa.example.com/a.png',
+      'https://mail.example.com/a.png',
+      'https://private.alt.example.com/a.png',
       'https://mynip.io/a.png',
       'https://nip.io.example.com/a.png',
       'https://10-0-0-1.example.com/a.png',

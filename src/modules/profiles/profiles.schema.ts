@@ -48,10 +48,11 @@ function parseUrl(text: string): URL | undefined {
 /**
  * Domains no public host is under: the special-use `localhost`, `local` (multicast DNS, RFC 6762),
  * `test`, `invalid` and `example` (RFC 2606), `onion` (Tor, RFC 7686) and `home.arpa` (home networks,
- * RFC 8375), `internal` (reserved by ICANN for private use), and `lan`, `intranet`, `corp` and
- * `home`, the names networks conventionally give themselves (RFC 6762 appendix G lists them; ICANN
- * withholds `corp` and `home` from the root for that reason; none of the four is delegated), so
- * refusing them refuses no public site.
+ * RFC 8375), `internal` (reserved by ICANN for private use), `alt` (RFC 9476, for names outside
+ * the DNS), and `lan`, `intranet`, `private`, `corp`, `home` and `mail`, the names networks
+ * conventionally give themselves (RFC 6762 appendix G lists all but `mail`; ICANN withholds `corp`,
+ * `home` and `mail` from the root for that reason, name collisions, board resolution of February
+ * 2018; none of the six is delegated), so refusing them refuses no public site.
  */
 const NON_PUBLIC_DOMAINS = [
   'localhost',
@@ -62,10 +63,13 @@ const NON_PUBLIC_DOMAINS = [
   'onion',
   'home.arpa',
   'internal',
+  'alt',
   'lan',
   'intranet',
+  'private',
   'corp',
   'home',
+  'mail',
 ];
 
 /**
