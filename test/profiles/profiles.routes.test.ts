@@ -335,9 +335,15 @@ describe('profiles', () => {
       'https://010.000.000.001.nip.io/a.png',
       // Any address, as the address itself is refused.
       'https://8.8.8.8.nip.io/a.png',
-      // localtest.me is 127.0.0.1 whatever is in front.
+      // localtest.me, lvh.me, vcap.me and localho.st are 127.0.0.1 whatever is in front.
       'https://localtest.me/a.png',
       'https://app.LocalTest.me./a.png',
+      'https://lvh.me/a.png',
+      'https://api.lvh.me/a.png',
+      'https://vcap.me/a.png',
+      'https://uaa.vcap.me/a.png',
+      'https://localho.st/a.png',
+      'https://app.LOCALHO.ST./a.png',
     ]);
     // A domain is matched by whole labels, and an address only under the services listed.
     for (const sent of [
@@ -351,6 +357,8 @@ describe('profiles', () => {
       'https://nip.io.example.com/a.png',
       'https://10-0-0-1.example.com/a.png',
       'https://notlocaltest.me/a.png',
+      'https://mylvh.me/a.png',
+      'https://lvh.me.example.com/a.png',
     ])
       await expectStored(user.accessToken, sent, sent);
   });
@@ -412,7 +420,9 @@ describe('profiles', () => {
     expect(avatar.description).toMatch(
       /public host name \(not an IP address.*not `localhost`.*without a dot\)/,
     );
-    expect(avatar.description).toMatch(/wildcard-DNS name.*special-use or private-use name.*`localtest\.me`/);
+    expect(avatar.description).toMatch(
+      /wildcard-DNS name.*special-use or private-use name.*`localtest\.me`, `lvh\.me`, `vcap\.me` or `localho\.st`/,
+    );
     const pattern = new RegExp(text.pattern);
     const user = await registerUser(app, 'avatar-doc');
     for (const [sent, accepted] of [

@@ -82,7 +82,7 @@ const NON_PUBLIC_DOMAINS = [
  */
 const WILDCARD_DNS = {
   addressInName: ['nip.io', 'sslip.io', 'xip.io', 'traefik.me'],
-  loopback: ['localtest.me'],
+  loopback: ['localtest.me', 'lvh.me', 'vcap.me', 'localho.st'],
 } as const;
 
 /** Whether `name` is `domain` or a name under it. */
@@ -105,7 +105,7 @@ function addressesSpelledIn(labels: string): string[] {
 
 /**
  * Whether a URL's host, as the URL parser writes it out, is a public host name: two or more labels,
- * not an IP address, not under a domain of NON_PUBLIC_DOMAINS or `localtest.me`, and, under a
+ * not an IP address, not under a domain of NON_PUBLIC_DOMAINS or WILDCARD_DNS.loopback, and, under a
  * wildcard-DNS service that answers with the address a name spells, spelling none that is not public
  * itself (an address never is: `127.0.0.1.nip.io` is judged as `127.0.0.1`). The parser has already
  * written the other spellings of an address as the address (`2130706433` and `0x7f.1` as
@@ -170,7 +170,8 @@ export const PatchProfileBodySchema = z
         'An https URL (`https://…`; any other scheme is refused) whose host is a public host name (not an ' +
           'IP address in any spelling, nor a wildcard-DNS name spelling one, `10-0-0-1.nip.io`; not ' +
           '`localhost`, a special-use or private-use name, `printer.local`, `metadata.google.internal`, ' +
-          '`cdn.test`, or a name under `localtest.me`; not a name without a dot), ' +
+          '`cdn.test`, or a name under `localtest.me`, `lvh.me`, `vcap.me` or `localho.st`; not a name ' +
+          'without a dot), ' +
           'without a user name or password, at most 2048 characters once percent-encoded; stored as the ' +
           'URL parser writes it out. null clears it',
       )
