@@ -333,6 +333,11 @@ describe('profiles', () => {
       'https://magic-169-254-169-254.nip.io/latest/meta-data/',
       'https://172-16-0-1.traefik.me/a.png',
       'https://010.000.000.001.nip.io/a.png',
+      // An IPv4 address in 8 hex digits, a label or a dash-separated part of one.
+      'https://c0a80101.sslip.io/a.png',
+      'https://app-c0a80101.nip.io/a.png',
+      'https://7F000001-app.NIP.IO./a.png',
+      'https://a9fea9fe.cdn.sslip.io/latest/meta-data/',
       // Any address, as the address itself is refused.
       'https://8.8.8.8.nip.io/a.png',
       // localtest.me, lvh.me, vcap.me and localho.st are 127.0.0.1 whatever is in front.
@@ -359,6 +364,10 @@ describe('profiles', () => {
       'https://notlocaltest.me/a.png',
       'https://mylvh.me/a.png',
       'https://lvh.me.example.com/a.png',
+      'https://c0a80101.example.com/a.png',
+      'https://c0a8010.nip.io/a.png',
+      'https://app-c0a801011.sslip.io/a.png',
+      'https://my-app.sslip.io/a.png',
     ])
       await expectStored(user.accessToken, sent, sent);
   });
