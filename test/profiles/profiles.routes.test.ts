@@ -338,6 +338,13 @@ describe('profiles', () => {
       'https://app-c0a80101.nip.io/a.png',
       'https://7F000001-app.NIP.IO./a.png',
       'https://a9fea9fe.cdn.sslip.io/latest/meta-data/',
+      // An IPv6 address with dashes for colons, a label or a dash-separated run of one.
+      'https://--1.sslip.io/a.png',
+      'https://fe80--1.sslip.io/a.png',
+      'https://2001-db8--1.sslip.io/a.png',
+      'https://APP.FE80--1.SSLIP.IO./a.png',
+      'https://www-2001-db8--1.sslip.io/a.png',
+      'https://--ffff-a9fe-a9fe.sslip.io/latest/meta-data/',
       // Any address, as the address itself is refused.
       'https://8.8.8.8.nip.io/a.png',
       // localtest.me, lvh.me, vcap.me and localho.st are 127.0.0.1 whatever is in front.
@@ -368,6 +375,9 @@ describe('profiles', () => {
       'https://c0a8010.nip.io/a.png',
       'https://app-c0a801011.sslip.io/a.png',
       'https://my-app.sslip.io/a.png',
+      'https://cafe-babe.sslip.io/a.png',
+      'https://xn--bcher-kva.sslip.io/a.png',
+      'https://fe80--1.example.com/a.png',
     ])
       await expectStored(user.accessToken, sent, sent);
   });
@@ -430,7 +440,7 @@ describe('profiles', () => {
       /public host name \(not an IP address.*not `localhost`.*without a dot\)/,
     );
     expect(avatar.description).toMatch(
-      /wildcard-DNS name.*special-use or private-use name.*`localtest\.me`, `lvh\.me`, `vcap\.me` or `localho\.st`/,
+      /wildcard-DNS name.*`fe80--1\.sslip\.io`.*special-use or private-use name.*`localtest\.me`, `lvh\.me`, `vcap\.me` or `localho\.st`/,
     );
     const pattern = new RegExp(text.pattern);
     const user = await registerUser(app, 'avatar-doc');

@@ -76,8 +76,9 @@ const NON_PUBLIC_DOMAINS = [
  * Public wildcard-DNS services, whose names answer with an address of whoever writes the name, a
  * private one as readily as any: under `addressInName`, with the IPv4 address the labels in front
  * spell in dots or dashes (`app.10.0.0.1.nip.io`, `app-10-0-0-1.sslip.io`) or in 8 hex digits
- * (`app-c0a80101.nip.io`; every spelling is judged under each of these, though not each reads them
- * all, the simpler rule and the safer side); under `loopback`, every
+ * (`app-c0a80101.nip.io`), or the IPv6 address they spell with dashes for colons (`--1.sslip.io`;
+ * every spelling is judged under each of these, though not each reads them all, the simpler rule and
+ * the safer side); under `loopback`, every
  * name with 127.0.0.1. A known-list defence, not a resolver: this service never resolves or fetches
  * an avatar URL (it stores it and hands it out), so it refuses the names it knows to answer so, and a
  * name of another such service, or of one's own DNS, can still point anywhere.
@@ -94,7 +95,10 @@ const isUnder = (name: string, domain: string) => name === domain || name.endsWi
  * The IPv4 addresses `labels` spell as wildcard DNS reads them: four numbers of 0 to 255 in a row,
  * separated by dots or dashes, anywhere (`app.127.0.0.1`, `magic-10-0-0-1`), leading zeros allowed;
  * and a label, or a dash-separated part of one, of exactly 8 hex digits, the address's four bytes
- * (`c0a80101`, `app-7f000001`: nip.io's hex notation).
+ * (`c0a80101`, `app-7f000001`: nip.io's hex notation). And the IPv6 addresses a label, or a run of
+ * its dash-separated parts, reads as once its dashes are colons (`--1` is ::1, `fe80--1`,
+ * `app-2001-db8--1`: sslip.io's), so a name like `cafe--1` is one too while `my-app` is none. A run
+ * is of 2 to 9 parts (eight groups and the empty one of `::` at most), so a long label costs little.
  */
 function addressesSpelledIn(labels: string): string[] {
   const parts = labels.split(/[.-]/);
@@ -107,6 +111,14 @@ function addressesSpelledIn(labels: string): string[] {
   for (const part of parts)
     if (/^[0-9a-f]{8}$/.test(part))
       found.push([0, 2, 4, 6].map((at) => Number.parseInt(part.slice(at, at + 2), 16)).join('.'));
+  for (const label of labels.split('.')) {
+    const pieces = label.split('-');
+    for (let i = 0; i < pieces.length; i++)
+      for (let j = i + 2; j <= Math.min(pieces.length, i + 9); j++) {
+        const run = pieces.slice(i, j).join(':');
+        if (isIP(run) === 6) found.push(run);
+      }
+  }
   return found;
 }
 
@@ -176,7 +188,7 @@ export const PatchProfileBodySchema = z
       .describe(
         'An https URL (`https://…`; any other scheme is refused) whose host is a public host name (not an ' +
           'IP address in any spelling, nor a wildcard-DNS name spelling one, `10-0-0-1.nip.io`, ' +
-          '`app-c0a80101.nip.io`; not ' +
+          '`app-c0a80101.nip.io`, `fe80--1.sslip.io`; not ' +
           '`localhost`, a special-use or private-use name, `printer.local`, `metadata.google.internal`, ' +
           '`cdn.test`, or a name under `localtest.me`, `lvh.me`, `vcap.me` or `localho.st`; not a name ' +
           'without a dot), ' +
