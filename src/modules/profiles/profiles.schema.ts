@@ -188,10 +188,9 @@ export const PatchProfileBodySchema = z
       .describe(
         'An https URL (`https://…`; any other scheme is refused) whose host is a public host name (not an ' +
           'IP address in any spelling, nor a wildcard-DNS name spelling one, `10-0-0-1.nip.io`, ' +
-          '`app-c0a80101.nip.io`, `fe80--1.sslip.io`; not ' +
-          '`localhost`, a special-use or private-use name, `printer.local`, `metadata.google.internal`, ' +
-          '`cdn.test`, or a name under `localtest.me`, `lvh.me`, `vcap.me` or `localho.st`; not a name ' +
-          'without a dot), ' +
+          '`app-c0a80101.nip.io`, `fe80--1.sslip.io`; not `localhost`, a special-use or private-use ' +
+          'name, `printer.local`, `metadata.google.internal`, `cdn.test`, or a name under ' +
+          '`localtest.me`, `lvh.me`, `vcap.me` or `localho.st`; not a name without a dot), ' +
           'without a user name or password, at most 2048 characters once percent-encoded; stored as the ' +
           'URL parser writes it out. null clears it',
       )
