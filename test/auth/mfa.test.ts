@@ -967,7 +967,26 @@ describe('two-step verification notices (when the service sends mail)', () => {
     const user = await registerUser(app, tag);
     // Where the service sends mail, a second factor takes a confirmed address.
     await app.services.repos.users.update(user.id, { emailConfirmedAt: new Date(clock.nowMs()) });
-    return { mailer, clock, app, user, ...(await turnOnMfa(app, user.accessToken, clock.nowMs)) };
+    /** A sign-in's password step: the mfa_token it answers with. */
+    const challenge = async () =>
+      (
+        await app.inject({
+          method: 'POST',
+          url: '/v1/auth/login',
+          payload: { email: user.email, password: user.password },
+        })
+      ).json().mfa_token as string;
+    const verify = (mfaToken: string, c: string) =>
+      app.inject({ method: 'POST', url: '/v1/auth/mfa/verify', payload: { mfa_token: mfaToken, code: c } });
+    return {
+      mailer,
+      clock,
+      app,
+      user,
+      challenge,
+      verify,
+      ...(await turnOnMfa(app, user.accessToken, clock.nowMs)),
+    };
   }
 
   it('tells the user of new recovery codes, as of the factor turned on: codes made by someone else would pass the app', async () => {
@@ -993,19 +1012,10 @@ describe('two-step verification notices (when the service sends mail)', () => {
   });
 
   it('tells of two-step verification turned off, and that every other session was signed out', async () => {
-    const { mailer, clock, app, user, secret } = await turnedOnWithMail('mfa-off-notice');
+    const { mailer, clock, app, user, secret, challenge, verify } = await turnedOnWithMail('mfa-off-notice');
     const signIn = async () => {
       clock.advance(30);
-      const login = await app.inject({
-        method: 'POST',
-        url: '/v1/auth/login',
-        payload: { email: user.email, password: user.password },
-      });
-      const verified = await app.inject({
-        method: 'POST',
-        url: '/v1/auth/mfa/verify',
-        payload: { mfa_token: login.json().mfa_token, code: totpAt(secret, clock.nowMs()) },
-      });
+      const verified = await verify(await challenge(), totpAt(secret, clock.nowMs()));
       expect(verified.statusCode, verified.body).toBe(200);
       return verified.json().session.access_token as string;
     };
@@ -1028,21 +1038,11 @@ describe('two-step verification notices (when the service sends mail)', () => {
   });
 
   it('tells the holder of an app code sent again (ASVS 2.8.5), at most once in 15 minutes however many replays, and audits it', async () => {
-    const { mailer, clock, app, user, code } = await turnedOnWithMail('mfa-reuse-notice');
+    const { mailer, clock, app, user, code, challenge, verify } = await turnedOnWithMail('mfa-reuse-notice');
     const notices = () =>
       mailer.sent.filter(
         (m) => m.to === user.email && m.subject === 'A used two-step verification code was entered again',
       );
-    const challenge = async () =>
-      (
-        await app.inject({
-          method: 'POST',
-          url: '/v1/auth/login',
-          payload: { email: user.email, password: user.password },
-        })
-      ).json().mfa_token as string;
-    const verify = (mfaToken: string, c: string) =>
-      app.inject({ method: 'POST', url: '/v1/auth/mfa/verify', payload: { mfa_token: mfaToken, code: c } });
     const reuses = async () =>
       (await app.services.audit.list({ subjectId: user.id, type: 'auth.login', limit: 20 }))
         .filter((e) => e.outcome === 'failure')
