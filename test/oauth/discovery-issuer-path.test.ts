@@ -8,6 +8,20 @@ import { injectFetch } from '../support/http.js';
 const ISSUER = 'https://example.com/auth';
 const RFC8414_PATH = '/.well-known/oauth-authorization-server/auth';
 
+/** The methods the discovery documents do not take. */
+const OTHER_METHODS = ['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const;
+
+/** `url` is a 404 problem+json for every method, without an Allow. */
+async function expectNothingAt(app: FastifyInstance, url: string) {
+  for (const method of ['GET', 'HEAD', ...OTHER_METHODS] as const) {
+    const res = await app.inject({ method, url });
+    expect(res.statusCode, `${method} ${url}`).toBe(404);
+    expect(res.headers.allow, `${method} ${url}`).toBeUndefined();
+    expect(res.headers['content-type'], `${method} ${url}`).toMatch(/^application\/problem\+json/);
+    if (method !== 'HEAD') expect(res.json(), `${method} ${url}`).toMatchObject({ code: 'not_found' });
+  }
+}
+
 /**
  * An issuer with a path (PUBLIC_URL https://example.com/auth) behind a proxy that strips it: the
  * metadata at the issuer followed by the well-known path (OpenID Connect Discovery) and, by the proxy
@@ -52,22 +66,33 @@ describe('discovery under an issuer with a path', () => {
     expect(rfc.headers['cache-control']).toBe('public, max-age=3600');
     expect(rfc.headers['content-type']).toMatch(/^application\/json/);
     // Another issuer's path on the same host is not this one's.
-    expect(
-      (await app.inject({ method: 'GET', url: '/.well-known/oauth-authorization-server/other' })).statusCode,
-    ).toBe(404);
+    // Another issuer's path on the same host is not this one's, for any method; well-known documents
+    // the service does not serve are nothing either. The served ones' other methods are a 405.
+    for (const path of [
+      '/.well-known/oauth-authorization-server/other',
+      '/.well-known/oauth-authorization-server/auth/x',
+      '/.well-known/foo',
+      '/.well-known/security.txt',
+    ])
+      await expectNothingAt(app, path);
+    for (const method of OTHER_METHODS) {
+      const other = await app.inject({ method, url: RFC8414_PATH });
+      expect(other.statusCode, method).toBe(405);
+      expect(other.headers.allow, method).toBe('GET, HEAD');
+    }
   });
 
-  it('makes a literal route of every segment it can, a parameter of the others', () => {
-    const literal = (url: string) => ({ url, params: {} });
+  it('makes a literal route of every segment it can, a parameter admitting its value alone of the others', () => {
     expect(routeOf('')).toBeUndefined();
-    expect(routeOf('/auth')).toEqual(literal('/auth'));
-    expect(routeOf('/tenants/a:b')).toEqual(literal('/tenants/a::b'));
-    expect(routeOf('/%C3%A9t%C3%A9')).toEqual(literal('/été'));
+    expect(routeOf('/auth')).toBe('/auth');
+    expect(routeOf('/tenants/a:b')).toBe('/tenants/a::b');
+    expect(routeOf('/%C3%A9t%C3%A9')).toBe('/été');
     // The router matches a request's %25 with a route's `%`.
-    expect(routeOf('/100%25')).toEqual(literal('/100%'));
-    // Escapes it keeps as they are, and a `*`, are matched by a parameter holding them decoded.
-    expect(routeOf('/t%2Fa/x/%40team')).toEqual({ url: '/:s1/x/:s3', params: { s1: 't/a', s3: '@team' } });
-    expect(routeOf('/a*b/%3a')).toEqual({ url: '/:s1/:s2', params: { s1: 'a*b', s2: ':' } });
+    expect(routeOf('/100%25')).toBe('/100%');
+    // Escapes it keeps as they are, and a `*`, are matched by a parameter whose expression admits the
+    // value decoded, and nothing else.
+    expect(routeOf('/t%2Fa/x/%40team')).toBe('/:s1(^t\\/a$)/x/:s3(^@team$)');
+    expect(routeOf('/a*b/%3a')).toBe('/:s1(^a\\*b$)/:s2(^:$)');
     expect(routeOf('/%zz')).toBeUndefined();
   });
 });
@@ -92,6 +117,12 @@ describe('discovery under an issuer whose path holds escapes the router keeps (%
       expect(res.statusCode, `${path}: ${res.body}`).toBe(200);
       expect(res.json().issuer, path).toBe(issuer);
       expect(res.headers['cache-control'], path).toBe('public, max-age=3600');
+      // Its other methods: a 405 naming GET and HEAD.
+      for (const method of OTHER_METHODS) {
+        const other = await app.inject({ method, url: `/.well-known/oauth-authorization-server${path}` });
+        expect(other.statusCode, `${method} ${path}`).toBe(405);
+        expect(other.headers.allow, `${method} ${path}`).toBe('GET, HEAD');
+      }
     }
     // Other issuers' paths: the escapes decoded, or another segment.
     for (const path of [
@@ -105,6 +136,9 @@ describe('discovery under an issuer whose path holds escapes the router keeps (%
       expect(res.statusCode, path).toBe(path === '/t%2Fa/%40team/b%c/plain' ? 400 : 404);
       expect(res.headers['content-type'], path).toMatch(/^application\/problem\+json/);
     }
+    // Nothing is there for any method: not a 405 naming GET, which only the parameters matched.
+    for (const path of ['/t%2Fb/%40team/b%25c/plain', '/t%2Fa/%40other/b%25c/plain', '/t%2Fa//b%25c/plain'])
+      await expectNothingAt(app, `/.well-known/oauth-authorization-server${path}`);
   });
 
   it('still serves a plain issuer path, and one with only a %25, at their own place alone', async () => {

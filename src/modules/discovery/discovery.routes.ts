@@ -153,21 +153,12 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
   // outside the prefix a proxy sends here, so it arrives only by a rule of the proxy's that forwards
   // that path as it is (README). Out of the OpenAPI document, whose paths are under PUBLIC_URL.
   const issuerRoute = routeOf(deps.basePath);
-  if (issuerRoute) {
-    const expected = Object.entries(issuerRoute.params);
+  if (issuerRoute)
     r.get(
-      `/.well-known/oauth-authorization-server${issuerRoute.url}`,
+      `/.well-known/oauth-authorization-server${issuerRoute}`,
       { config: { public: true }, schema: { hide: true } },
-      expected.length === 0
-        ? sendMetadata
-        : async (request, reply) => {
-            const params = request.params as Record<string, string | undefined>;
-            // Another issuer's path, that only the parameters matched: nothing is there.
-            if (expected.some(([name, value]) => params[name] !== value)) return reply.callNotFound();
-            return sendMetadata(request, reply);
-          },
+      sendMetadata,
     );
-  }
 }
 
 /**
@@ -177,15 +168,19 @@ export async function discoveryRoutes(app: FastifyInstance, deps: DiscoveryDeps)
  */
 const KEPT_ESCAPE = /%(?:2[346BCF]|3[ABDF]|40)/i;
 
+/** `value` as a regular expression matching it alone. */
+const exactly = (value: string) => `^${value.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`;
+
 /**
  * A URL's path as a route that matches it, and only its equivalent spellings, as the router matches
  * requests: each segment decoded, with `:` escaped (`::`), where a static route can hold it; a segment
- * that it cannot (a `*`, an escaped `/`, `@`, `:`…, which the router compares escaped) is a parameter,
- * whose decoded value (the router's, too) must be `params`'. Undefined for none ('') or a broken escape.
+ * that it cannot (a `*`, an escaped `/`, `@`, `:`…, which the router compares escaped) is a parameter
+ * whose regular expression admits its decoded value alone (the router tests the value decoded), so
+ * another issuer's path is no route at all, for any method: a 404, not a 405 naming GET. Undefined for
+ * none ('') or a broken escape.
  */
-export function routeOf(path: string): { url: string; params: Record<string, string> } | undefined {
+export function routeOf(path: string): string | undefined {
   if (path === '') return undefined;
-  const params: Record<string, string> = {};
   const segments: string[] = [];
   for (const segment of path.split('/')) {
     let decoded: string;
@@ -194,11 +189,9 @@ export function routeOf(path: string): { url: string; params: Record<string, str
     } catch {
       return undefined;
     }
-    if (KEPT_ESCAPE.test(segment) || decoded.includes('*')) {
-      const name = `s${segments.length}`;
-      params[name] = decoded;
-      segments.push(`:${name}`);
-    } else segments.push(decoded.replaceAll(':', '::'));
+    if (KEPT_ESCAPE.test(segment) || decoded.includes('*'))
+      segments.push(`:s${segments.length}(${exactly(decoded)})`);
+    else segments.push(decoded.replaceAll(':', '::'));
   }
-  return { url: segments.join('/'), params };
+  return segments.join('/');
 }
