@@ -5,8 +5,6 @@
 import { createInterface } from 'node:readline/promises';
 import { Writable } from 'node:stream';
 import { parseArgs } from 'node:util';
-import { systemContext } from '../src/modules/audit/audit.service.js';
-import { EmailSchema } from '../src/modules/auth/auth.schema.js';
 import { openScriptContext, runScript, UsageError } from './lib/script-context.js';
 
 const USAGE = `usage: npm run create-admin -- --email <email> [--password <password>]
@@ -16,7 +14,7 @@ The password is needed only to create the user; it may also come from ADMIN_PASS
 for when run on a terminal. Given for an existing user, it must be that user's password (otherwise
 nothing changes, exit code 1); without one, the existing user is granted admin as it is.`;
 
-function parseInput(): { email: string; password: string | undefined } {
+async function parseInput(): Promise<{ email: string; password: string | undefined }> {
   let values: { email?: string[] | undefined; password?: string[] | undefined; help?: boolean | undefined };
   try {
     ({ values } = parseArgs({
@@ -44,7 +42,9 @@ function parseInput(): { email: string; password: string | undefined } {
   const email = values.email?.[0]?.trim();
   if (!email) throw new UsageError('--email is required');
   // Registration's and sign-in's rule (at most 254 characters, RFC 5321): an admin made with an
-  // address they refuse could never sign in.
+  // address they refuse could never sign in. Loaded only now: --help and a malformed command line
+  // are answered without it.
+  const { EmailSchema } = await import('../src/modules/auth/auth.schema.js');
   if (!EmailSchema.safeParse(email).success) throw new UsageError(`not an email address: ${email}`);
   const password = values.password?.[0] ?? process.env.ADMIN_PASSWORD;
   return { email, password: password === '' ? undefined : password };
@@ -75,7 +75,8 @@ async function askPassword(email: string): Promise<string> {
 }
 
 async function main() {
-  const input = parseInput();
+  const input = await parseInput();
+  const { systemContext } = await import('../src/modules/audit/audit.service.js');
   const { services, close } = await openScriptContext();
   try {
     let password = input.password;

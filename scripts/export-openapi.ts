@@ -2,10 +2,6 @@
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import pino from 'pino';
-import { buildApp } from '../src/app.js';
-import { loadConfig } from '../src/config.js';
-import { openMemoryDatabase } from '../src/db/client.js';
 import { runScript, UsageError } from './lib/script-context.js';
 
 const USAGE = `usage: npm run openapi [-- <file>]
@@ -30,6 +26,12 @@ async function main() {
   } catch (err) {
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
+  const [{ default: pino }, { buildApp }, { loadConfig }, { openMemoryDatabase }] = await Promise.all([
+    import('pino'),
+    import('../src/app.js'),
+    import('../src/config.js'),
+    import('../src/db/client.js'),
+  ]);
   const logger = pino({ level: 'silent' });
   // The document is built in memory and nothing is signed or stored: throwaway secrets, whatever
   // NODE_ENV says, rather than demanding production's.

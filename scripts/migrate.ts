@@ -1,9 +1,7 @@
 // Applies pending migrations in drizzle/ to DATABASE_URL (or the embedded database under DATA_DIR),
 // under the same advisory lock, timeouts and retries as the service at start: `npm run db:migrate`.
 import 'dotenv/config';
-import { loadConfig } from '../src/config.js';
-import { openDatabase, runMigrations } from '../src/db/client.js';
-import { askedForHelpOnly, runScript, scriptLogger } from './lib/script-context.js';
+import { askedForHelpOnly, runScript } from './lib/script-context.js';
 
 const USAGE = `usage: npm run db:migrate
 
@@ -13,6 +11,11 @@ its locks within DB_MIGRATION_RETRY_MS fails with exit code 1 (see MIGRATIONS.md
 
 async function main() {
   if (askedForHelpOnly(USAGE)) return;
+  const [{ loadConfig }, { openDatabase, runMigrations }, { scriptLogger }] = await Promise.all([
+    import('../src/config.js'),
+    import('../src/db/client.js'),
+    import('./lib/script-logger.js'),
+  ]);
   // Migrating encrypts and hashes nothing: production's secrets are not needed for it.
   const config = loadConfig(process.env, { needsSecrets: false });
   const logger = scriptLogger(config.logLevel);

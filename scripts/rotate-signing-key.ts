@@ -2,13 +2,7 @@
 // signing; the old one keeps verifying until its last token has expired. Running instances learn of
 // it through the NOTIFY sent in the rotation's transaction and reload their keys.
 import { parseArgs } from 'node:util';
-import { KeyEncryptionKeyMismatchError } from '../src/lib/crypto.js';
-import { systemContext } from '../src/modules/audit/audit.service.js';
-import {
-  REPLACEMENT_PUBLISHED_SECONDS,
-  SigningKeyMismatchError,
-  type SigningKeysService,
-} from '../src/modules/signing-keys/signing-keys.service.js';
+import type { SigningKeysService } from '../src/modules/signing-keys/signing-keys.service.js';
 import { openScriptContext, runScript, UsageError } from './lib/script-context.js';
 
 const USAGE = `usage: npm run rotate-signing-key [-- --force | --revoke-previous]
@@ -50,6 +44,12 @@ class NotReplacedError extends Error {
  * is told: the active key's kid once one is active (`promoted`: this run made it so).
  */
 async function replaceMissingActive(keys: SigningKeysService): Promise<{ kid: string; promoted: boolean }> {
+  // Loaded already (by the services): only named here.
+  const [{ KeyEncryptionKeyMismatchError }, { REPLACEMENT_PUBLISHED_SECONDS, SigningKeyMismatchError }] =
+    await Promise.all([
+      import('../src/lib/crypto.js'),
+      import('../src/modules/signing-keys/signing-keys.service.js'),
+    ]);
   let result: Awaited<ReturnType<typeof keys.replaceMissingActive>>;
   try {
     result = await keys.replaceMissingActive();
@@ -96,6 +96,7 @@ async function main() {
   } catch (err) {
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
+  const { systemContext } = await import('../src/modules/audit/audit.service.js');
   const { services, close } = await openScriptContext();
   try {
     // Nothing signs on a database without any key (a fresh one): there is nothing to rotate. The

@@ -9,20 +9,8 @@
 // The successor of the Python service's verify_migrations.py. Exit 1 on any disagreement.
 import 'dotenv/config';
 import { readdirSync } from 'node:fs';
-import pino from 'pino';
-import { loadConfig } from '../src/config.js';
-import { MIGRATIONS_FOLDER, openMemoryDatabase } from '../src/db/client.js';
-import { readJournal } from '../src/db/migrations.js';
 import { PROJECT_ROOT } from '../src/lib/paths.js';
-import {
-  type Catalog,
-  checkJournal,
-  checkLiveDatabase,
-  compareWithSnapshot,
-  readCatalog,
-  readLatestSnapshot,
-  snapshotDrift,
-} from './lib/schema-check.js';
+import type { Catalog, snapshotDrift } from './lib/schema-check.js';
 import { askedForHelpOnly, runScript } from './lib/script-context.js';
 
 const USAGE = `usage: npm run db:verify
@@ -40,8 +28,7 @@ function fail(line: string, problems: string[] = []) {
 }
 
 /** 1. Snapshot drift: generate into a scratch copy of drizzle/ and see whether a file appears. */
-function checkSnapshot() {
-  const drift = snapshotDrift(PROJECT_ROOT, 'src/db/schema/index.ts');
+function checkSnapshot(drift: ReturnType<typeof snapshotDrift>) {
   if (drift.kind === 'skipped')
     note('snapshot check skipped: it needs the source tree and drizzle-kit (a dev dependency)');
   else if (drift.kind === 'failed') fail(drift.problem, drift.output);
@@ -63,10 +50,23 @@ function redact(url: string): string {
 
 async function main() {
   if (askedForHelpOnly(USAGE)) return;
+  const [
+    { default: pino },
+    { loadConfig },
+    { MIGRATIONS_FOLDER, openMemoryDatabase },
+    { readJournal },
+    { checkJournal, checkLiveDatabase, compareWithSnapshot, readCatalog, readLatestSnapshot, snapshotDrift },
+  ] = await Promise.all([
+    import('pino'),
+    import('../src/config.js'),
+    import('../src/db/client.js'),
+    import('../src/db/migrations.js'),
+    import('./lib/schema-check.js'),
+  ]);
   // Only DATABASE_URL (and the connect timeout) matter here; no secret is used.
   const config = loadConfig(process.env, { needsSecrets: false });
 
-  checkSnapshot();
+  checkSnapshot(snapshotDrift(PROJECT_ROOT, 'src/db/schema/index.ts'));
 
   // 2. The journal.
   const entries = readJournal();

@@ -1,15 +1,15 @@
 // What the operator scripts share: one way to fail (runScript: one line on stderr, exit code 1), logs
 // on stderr, and for create-admin and rotate-signing-key the configuration, the migrated database and
 // the services wired exactly as the HTTP app wires them, so a rule holds whichever door it is reached by.
+// Light on purpose: only `node:` modules and dotenv load with it, so that `--help` and a usage error
+// are answered at once; the configuration, the database layer and the services (a second of CPU) are
+// loaded with `await import` once the arguments are known good, here and in the scripts.
 import 'dotenv/config';
 import { parseArgs } from 'node:util';
-import pino, { type Logger } from 'pino';
-import { type Config, loadConfig } from '../../src/config.js';
-import { type DatabaseHandle, openDatabase } from '../../src/db/client.js';
-import { systemClock } from '../../src/lib/clock.js';
-import { databaseLocation, describeFailure } from '../../src/lib/failure.js';
-import { REDACTED_PATHS } from '../../src/lib/logger.js';
-import { createServices, type Services } from '../../src/services.js';
+import type { Logger } from 'pino';
+import type { Config } from '../../src/config.js';
+import type { DatabaseHandle } from '../../src/db/client.js';
+import type { Services } from '../../src/services.js';
 
 /** Bad command-line input: reported with the usage text, exit code 1. */
 export class UsageError extends Error {
@@ -39,15 +39,15 @@ export interface ScriptContext {
   close(): Promise<void>;
 }
 
-/** The service's JSON logs, on stderr, so that stdout carries only the script's answer. */
-export function scriptLogger(level: string): Logger {
-  return pino(
-    { level, redact: { paths: REDACTED_PATHS, censor: '[redacted]' } },
-    pino.destination({ fd: 2, sync: true }),
-  );
-}
-
 export async function openScriptContext(): Promise<ScriptContext> {
+  const [{ loadConfig }, { openDatabase }, { systemClock }, { createServices }, { scriptLogger }] =
+    await Promise.all([
+      import('../../src/config.js'),
+      import('../../src/db/client.js'),
+      import('../../src/lib/clock.js'),
+      import('../../src/services.js'),
+      import('./script-logger.js'),
+    ]);
   const config = loadConfig(process.env);
   const logger = scriptLogger(config.logLevel);
   const database = await openDatabase({
@@ -81,10 +81,11 @@ export async function runScript(main: () => Promise<void>, usage: string): Promi
   try {
     await main();
   } catch (err) {
-    if (err instanceof UsageError) process.stderr.write(`${err.message}\n\n${usage}\n`);
-    else process.stderr.write(`${describeFailure(err, databaseLocation(process.env.DATABASE_URL))}\n`);
     process.exitCode = 1;
+    if (err instanceof UsageError) process.stderr.write(`${err.message}\n\n${usage}\n`);
+    else {
+      const { databaseLocation, describeFailure } = await import('../../src/lib/failure.js');
+      process.stderr.write(`${describeFailure(err, databaseLocation(process.env.DATABASE_URL))}\n`);
+    }
   }
 }
-
-export { describeFailure };

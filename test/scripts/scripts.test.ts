@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
@@ -20,7 +20,7 @@ import { testConfig, uniqueEmail } from '../support/app.js';
 import { ownDatabase, scratchDatabase } from '../support/database.js';
 import { PASSWORD } from '../support/factories.js';
 import { bearer } from '../support/http.js';
-import { type RunResult, runUntilExit } from '../support/spawn-server.js';
+import { ROOT, type RunResult, runUntilExit } from '../support/spawn-server.js';
 
 /** Each run starts node (tsx's loader when there is no compiled copy) and opens the database: generous, not slow. */
 const SPAWN_TEST_TIMEOUT = 60_000;
@@ -588,6 +588,9 @@ describe('scripts/rotate-signing-key.ts with keys but none active (an operator r
   );
 });
 
+/** The operator scripts (scripts/bench*.ts are a development tool). */
+const SCRIPTS = ['create-admin', 'rotate-signing-key', 'migrate', 'verify-migrations', 'export-openapi'];
+
 describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
   const journaled = (
     JSON.parse(readFileSync(join(MIGRATIONS_FOLDER, 'meta/_journal.json'), 'utf8')) as { entries: unknown[] }
@@ -729,13 +732,7 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
         dataDir: scratchDir(),
         drop: async () => undefined,
       };
-      const scripts = [
-        'create-admin',
-        'rotate-signing-key',
-        'migrate',
-        'verify-migrations',
-        'export-openapi',
-      ];
+      const scripts = SCRIPTS;
       const unreachable = { DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth' };
       const noSecrets = { NODE_ENV: 'production', KEY_ENCRYPTION_KEY: '', SECRET_PEPPER: '' };
       const adminArgs = ['--email', uniqueEmail('cli-unreachable'), '--password', PASSWORD];
@@ -783,6 +780,36 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
     },
     SPAWN_TEST_TIMEOUT * 3,
   );
+
+  it('every script reads its arguments before it loads the configuration, the database or the services', () => {
+    // What a script imports statically loads before a line of it runs, --help included: node's modules,
+    // dotenv (ADMIN_PASSWORD may come from .env), the arguments' code; the rest with `await import`.
+    const light = ['scripts/lib/script-context.ts', 'src/lib/paths.ts'];
+    const staticImport = /^import\s+(?!type\b)(?:[^'";]*?\sfrom\s*)?['"]([^'"]+)['"]/gm;
+    for (const script of SCRIPTS) {
+      const files = new Set<string>();
+      const packages = new Set<string>();
+      const visit = (file: string) => {
+        if (files.has(file)) return;
+        files.add(file);
+        for (const [, specifier] of readFileSync(join(ROOT, file), 'utf8').matchAll(staticImport)) {
+          if (specifier!.startsWith('.'))
+            visit(relative(ROOT, join(ROOT, dirname(file), specifier!.replace(/\.js$/, '.ts'))));
+          else if (!specifier!.startsWith('node:')) packages.add(specifier!);
+        }
+      };
+      visit(`scripts/${script}.ts`);
+      files.delete(`scripts/${script}.ts`);
+      expect(
+        [...files].filter((file) => !light.includes(file)),
+        script,
+      ).toEqual([]);
+      expect(
+        [...packages].filter((name) => name !== 'dotenv/config'),
+        script,
+      ).toEqual([]);
+    }
+  });
 
   it(
     'openapi writes the document with NODE_ENV=production and no production secrets',
