@@ -656,9 +656,8 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
       const serverUrl = inject('databaseUrl');
       const missingDatabase = serverUrl ? new URL(serverUrl) : undefined;
       if (missingDatabase) missingDatabase.pathname = `/auth_missing_${randomBytes(4).toString('hex')}`;
-      const unwritable = join(scratchDir(), 'no-such-directory', 'openapi.json');
       // None of these opens the embedded database, so they may run side by side.
-      const [badUrl, refused, missing, badPort, openapiPort, openapiPath] = await Promise.all([
+      const [badUrl, refused, missing, badPort, openapiPort] = await Promise.all([
         run(target, 'migrate', [], { DATABASE_URL: 'mysql://db.example.test/auth' }),
         run(target, 'migrate', [], { DATABASE_URL: 'postgres://postgres@127.0.0.1:1/auth' }),
         missingDatabase
@@ -666,7 +665,6 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
           : undefined,
         run(target, 'migrate', [], { PORT: 'abc' }),
         run(target, 'export-openapi', [join(scratchDir(), 'openapi.json')], { PORT: 'abc' }),
-        run(target, 'export-openapi', [unwritable]),
       ]);
       expectOneLineFailure(badUrl, /^invalid configuration: DATABASE_URL: must be a postgres:\/\//);
       expectOneLineFailure(
@@ -677,10 +675,32 @@ describe('scripts/migrate.ts and scripts/export-openapi.ts', () => {
         expectOneLineFailure(missing, /^error: database "auth_missing_\w+" does not exist \(3D000\)$/m);
       expectOneLineFailure(badPort, /^invalid configuration: PORT: /);
       expectOneLineFailure(openapiPort, /^invalid configuration: PORT: /);
-      expectOneLineFailure(
-        openapiPath,
-        /^error: ENOENT: no such file or directory, open '.*no-such-directory/,
-      );
+    },
+    SPAWN_TEST_TIMEOUT,
+  );
+
+  it(
+    'openapi refuses an output file it cannot write as a usage error, before it builds anything',
+    async () => {
+      const dir = scratchDir();
+      const target: Target = { kind: 'pglite', url: undefined, dataDir: dir, drop: async () => undefined };
+      const missingDir = join(dir, 'no-such-directory');
+      const missing = join(missingDir, 'openapi.json');
+      // PORT=abc fails the configuration, read before the app is built: the path is refused before it.
+      const [noDirectory, aDirectory] = await Promise.all([
+        run(target, 'export-openapi', [missing], { PORT: 'abc' }),
+        run(target, 'export-openapi', [dir], { PORT: 'abc' }),
+      ]);
+      for (const [result, problem] of [
+        [noDirectory, `cannot write ${missing}: the directory ${missingDir} does not exist`],
+        [aDirectory, `cannot write ${dir}: it is a directory`],
+      ] as const) {
+        expect(result.code, result.stderr).toBe(1);
+        expect(result.stdout).toBe('');
+        // The usage error's form, as for a bad option: the problem, a blank line, the usage.
+        expect(result.stderr.split('\n\n')[0]).toBe(problem);
+        expect(result.stderr).toContain('\n\nusage: npm run openapi [-- <file>]\n');
+      }
     },
     SPAWN_TEST_TIMEOUT,
   );
