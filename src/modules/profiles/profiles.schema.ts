@@ -92,41 +92,34 @@ const WILDCARD_DNS = {
 const isUnder = (name: string, domain: string) => name === domain || name.endsWith(`.${domain}`);
 
 /**
- * The IPv4 addresses `labels` spell as wildcard DNS reads them: four numbers of 0 to 255 in a row,
- * separated by dots or dashes, anywhere (`app.127.0.0.1`, `magic-10-0-0-1`), leading zeros allowed;
- * and a label, or a dash-separated part of one, of exactly 8 hex digits, the address's four bytes
- * (`c0a80101`, `app-7f000001`: nip.io's hex notation). And the IPv6 addresses a label, or a run of
- * its dash-separated parts, reads as once its dashes are colons (`--1` is ::1, `fe80--1`,
- * `app-2001-db8--1`: sslip.io's), so a name like `cafe--1` is one too while `my-app` is none. A run
- * is of 2 to 9 parts (eight groups and the empty one of `::` at most), so a long label costs little.
+ * Whether `labels` spell an IP address as wildcard DNS reads them (any address: none is a public host
+ * name, as a literal is none): four numbers of 0 to 255 in a row, separated by dots or dashes, anywhere
+ * (`app.127.0.0.1`, `magic-10-0-0-1`), leading zeros allowed; a label, or a dash-separated part of one,
+ * of exactly 8 hex digits, the address's four bytes (`c0a80101`, `app-7f000001`: nip.io's hex
+ * notation); or a label, or a run of its dash-separated parts, that reads as an IPv6 address once its
+ * dashes are colons (`--1` is ::1, `fe80--1`, `app-2001-db8--1`: sslip.io's), so a name like `cafe--1`
+ * is one too while `my-app` is none. A run is of 2 to 9 parts (eight groups and the empty one of `::`
+ * at most), so a long label costs little.
  */
-function addressesSpelledIn(labels: string): string[] {
+function spellsAnAddress(labels: string): boolean {
   const parts = labels.split(/[.-]/);
-  const found: string[] = [];
-  for (let i = 0; i + 4 <= parts.length; i++) {
-    const octets = parts.slice(i, i + 4);
-    if (octets.every((o) => /^\d{1,3}$/.test(o) && Number(o) <= 255))
-      found.push(octets.map(Number).join('.'));
-  }
-  for (const part of parts)
-    if (/^[0-9a-f]{8}$/.test(part))
-      found.push([0, 2, 4, 6].map((at) => Number.parseInt(part.slice(at, at + 2), 16)).join('.'));
-  for (const label of labels.split('.')) {
+  const octet = (o: string) => /^\d{1,3}$/.test(o) && Number(o) <= 255;
+  for (let i = 0; i + 4 <= parts.length; i++) if (parts.slice(i, i + 4).every(octet)) return true;
+  if (parts.some((part) => /^[0-9a-f]{8}$/.test(part))) return true;
+  return labels.split('.').some((label) => {
     const pieces = label.split('-');
     for (let i = 0; i < pieces.length; i++)
-      for (let j = i + 2; j <= Math.min(pieces.length, i + 9); j++) {
-        const run = pieces.slice(i, j).join(':');
-        if (isIP(run) === 6) found.push(run);
-      }
-  }
-  return found;
+      for (let j = i + 2; j <= Math.min(pieces.length, i + 9); j++)
+        if (isIP(pieces.slice(i, j).join(':')) === 6) return true;
+    return false;
+  });
 }
 
 /**
  * Whether a URL's host, as the URL parser writes it out, is a public host name: two or more labels,
  * not an IP address, not under a domain of NON_PUBLIC_DOMAINS or WILDCARD_DNS.loopback, and, under a
- * wildcard-DNS service that answers with the address a name spells, spelling none that is not public
- * itself (an address never is: `127.0.0.1.nip.io` is judged as `127.0.0.1`). The parser has already
+ * wildcard-DNS service that answers with the address a name spells, spelling none (an address is no
+ * public host name: `127.0.0.1.nip.io` is judged as `127.0.0.1`). The parser has already
  * written the other spellings of an address as the address (`2130706433` and `0x7f.1` as
  * `127.0.0.1`, full-width digits too; v6 in brackets) and the name in lower case, full-width letters
  * and ideographic full stops as ASCII; a trailing dot (`printer.local.`) is the same name. What a name
@@ -138,7 +131,7 @@ function isPublicHostName(hostname: string): boolean {
   if (name.startsWith('[') || isIP(name) !== 0 || labels.length < 2 || labels.includes('')) return false;
   if ([...NON_PUBLIC_DOMAINS, ...WILDCARD_DNS.loopback].some((domain) => isUnder(name, domain))) return false;
   const wildcard = WILDCARD_DNS.addressInName.find((domain) => isUnder(name, domain));
-  return !wildcard || addressesSpelledIn(name.slice(0, -wildcard.length)).every(isPublicHostName);
+  return !wildcard || !spellsAnAddress(name.slice(0, -wildcard.length));
 }
 
 const MAX_METADATA_BYTES = 4096;
